@@ -1,0 +1,100 @@
+// Bindings of log_normalize, resample, pool_select and mh_accept.
+#include <cstdint>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "common.hpp"
+
+namespace tiltsmc::bindings {
+namespace {
+
+template <typename T>
+std::tuple<CArray<T>, CArray<double>, CArray<double>> bind_log_normalize(const CArray<T>& logw,
+                                                                           bool allow_zero_rows) {
+    if (logw.ndim() != 2) throw py::value_error("logw: expected a 2-D array");
+    const std::int64_t rows = logw.shape(0), n = logw.shape(1);
+    CArray<T> normalised({rows, n});
+    CArray<double> log_mean_w(rows), ess(rows);
+    const T* in = logw.data();
+    T* out = normalised.mutable_data();
+    double* lm = log_mean_w.mutable_data();
+    double* e = ess.mutable_data();
+    Status status;
+    {
+        py::gil_scoped_release release;
+        status = log_normalize(in, rows, n, allow_zero_rows, out, lm, e);
+    }
+    check(status, "logw");
+    return {normalised, log_mean_w, ess};
+}
+
+template <typename T>
+CArray<std::int64_t> bind_resample(const CArray<T>& logw, int scheme, std::int64_t num, std::uint64_t key) {
+    if (logw.ndim() != 2) throw py::value_error("logw: expected a 2-D array");
+    if (scheme < 0 || scheme > 3) throw py::value_error("scheme: unknown scheme code");
+    if (num < 1) throw py::value_error("num: must be >= 1");
+    const std::int64_t rows = logw.shape(0), n = logw.shape(1);
+    CArray<std::int64_t> ancestors({rows, num});
+    const T* in = logw.data();
+    std::int64_t* out = ancestors.mutable_data();
+    Status status;
+    {
+        py::gil_scoped_release release;
+        status = resample(in, rows, n, static_cast<Scheme>(scheme), num, key, out);
+    }
+    check(status, "logw");
+    return ancestors;
+}
+
+template <typename T>
+std::tuple<CArray<std::int64_t>, CArray<double>> bind_pool_select(const CArray<T>& logw, std::uint64_t key) {
+    if (logw.ndim() != 2) throw py::value_error("logw: expected a 2-D array");
+    const std::int64_t rows = logw.shape(0), n = logw.shape(1);
+    CArray<std::int64_t> index(rows);
+    CArray<double> log_mean_w(rows);
+    const T* in = logw.data();
+    std::int64_t* idx = index.mutable_data();
+    double* lm = log_mean_w.mutable_data();
+    Status status;
+    {
+        py::gil_scoped_release release;
+        status = pool_select(in, rows, n, key, idx, lm);
+    }
+    check(status, "logw");
+    return {index, log_mean_w};
+}
+
+CArray<bool> bind_mh_accept(const CArray<double>& current, const CArray<double>& proposed, std::uint64_t key) {
+    if (current.ndim() != 1 || proposed.ndim() != 1 || current.shape(0) != proposed.shape(0))
+        throw py::value_error("log_z_proposed: shape does not match log_z_current");
+    const std::int64_t rows = current.shape(0);
+    std::vector<std::uint8_t> accept(static_cast<std::size_t>(rows));
+    const Status status = mh_accept(current.data(), proposed.data(), rows, key, accept.data());
+    if (!status.ok()) {
+        const std::string name = status.index == 0 ? "log_z_current" : "log_z_proposed";
+        const std::string what = status.code == StatusCode::nan_weight ? ": NaN" : ": +inf";
+        throw py::value_error(name + what + " at row " + std::to_string(status.row));
+    }
+    CArray<bool> result(rows);
+    bool* out = result.mutable_data();
+    for (std::int64_t r = 0; r < rows; ++r) out[r] = accept[static_cast<std::size_t>(r)] != 0;
+    return result;
+}
+
+template <typename T>
+void register_dtype(py::module_& m) {
+    m.def("log_normalize", &bind_log_normalize<T>, py::arg("logw"), py::arg("allow_zero_rows"));
+    m.def("resample", &bind_resample<T>, py::arg("logw"), py::arg("scheme"), py::arg("num"), py::arg("key"));
+    m.def("pool_select", &bind_pool_select<T>, py::arg("logw"), py::arg("key"));
+}
+
+}  // namespace
+
+void register_weights(py::module_& m) {
+    register_dtype<double>(m);
+    register_dtype<float>(m);
+    m.def("mh_accept", &bind_mh_accept, py::arg("log_z_current"), py::arg("log_z_proposed"), py::arg("key"));
+}
+
+}  // namespace tiltsmc::bindings

@@ -1,0 +1,65 @@
+// The tiltsmc core: batched kernels on plain pointers and sizes, no Python.
+//
+// Every kernel takes `rows` independent rows of `n` particles stored row-major. Log-weights are
+// unnormalised natural logs of non-negative weights: -inf is weight zero, NaN and +inf are errors.
+// Kernels validate their whole input before writing any output and report problems through Status;
+// they never read or write outside the ranges their size arguments describe.
+#pragma once
+
+#include <cstdint>
+
+namespace tiltsmc {
+
+enum class StatusCode : int {
+    ok = 0,
+    nan_weight,          // a NaN log-weight at (row, index)
+    positive_infinity,   // a +inf log-weight at (row, index)
+    zero_row,            // every weight of `row` is zero
+    index_out_of_range,  // ancestors[row, index] is outside [0, n)
+    bad_size,            // a size argument is negative or inconsistent
+};
+
+struct Status {
+    StatusCode code = StatusCode::ok;
+    std::int64_t row = -1;
+    std::int64_t index = -1;
+    bool ok() const { return code == StatusCode::ok; }
+};
+
+enum class Scheme : int { multinomial = 0, stratified = 1, systematic = 2, residual = 3 };
+
+// normalised[r, i] = logw[r, i] - logsumexp(logw[r, :]);
+// log_mean_w[r] = logsumexp(logw[r, :]) - log(n);  ess[r] = 1 / sum_i w_ri^2 with w normalised.
+// A row of zero weights is an error unless allow_zero_rows, which reports it as normalised = -inf,
+// log_mean_w = -inf, ess = 0.
+template <typename T>
+Status log_normalize(const T* logw, std::int64_t rows, std::int64_t n, bool allow_zero_rows, T* normalised,
+                     double* log_mean_w, double* ess);
+
+// Draws m ancestors per row (ascending within the row) into ancestors[rows * m]; unbiased:
+// E[#children of i] = m w_i. Row r uses the Philox stream (key, r).
+template <typename T>
+Status resample(const T* logw, std::int64_t rows, std::int64_t n, Scheme scheme, std::int64_t m,
+                std::uint64_t key, std::int64_t* ancestors);
+
+// One index per row drawn with probability w_i, and the row's log mean weight.
+template <typename T>
+Status pool_select(const T* logw, std::int64_t rows, std::int64_t n, std::uint64_t key, std::int64_t* index,
+                   double* log_mean_w);
+
+// accept[r] = u_r < exp(log_z_proposed[r] - log_z_current[r]); a current -inf is always left, otherwise
+// a proposed -inf is always rejected. NaN and +inf are errors (index = which argument: 0 current, 1 proposed).
+Status mh_accept(const double* log_z_current, const double* log_z_proposed, std::int64_t rows,
+                 std::uint64_t key, std::uint8_t* accept);
+
+// out[r, j, :] = x[r, ancestors[r, j], :] for rows of n items of item_bytes bytes and m ancestors per row.
+// out == x reorders in place (needs m == n) and copies only items whose ancestor is not themselves;
+// otherwise out must not overlap x. Every ancestor is checked before anything is written.
+Status gather(const std::uint8_t* x, std::int64_t rows, std::int64_t n, std::int64_t item_bytes,
+              const std::int64_t* ancestors, std::int64_t m, std::uint8_t* out);
+
+// Threads that large calls may use; results never depend on it.
+void set_num_threads(int num_threads);
+int get_num_threads();
+
+}  // namespace tiltsmc

@@ -1,0 +1,227 @@
+// Shared row machinery: validation + max, exp(x - max) with its sums, over fixed-size chunks.
+//
+// Partial results are always formed per chunk of kChunk elements and combined in chunk order, so a
+// row's figures (and hence every draw) are bit-identical whether its chunks run on one thread or many.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "tiltsmc/kernels.hpp"
+#include "tiltsmc/parallel.hpp"
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64)) && !defined(__clang__) && \
+    !defined(__SANITIZE_ADDRESS__) && !defined(TILTSMC_NO_MULTIVERSION)
+// Compiled for AVX-512, AVX2+FMA and baseline x86-64; the loader picks the best the CPU supports.
+#define TILTSMC_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define TILTSMC_SIMD_CLONES
+#endif
+
+namespace tiltsmc {
+
+constexpr std::int64_t kChunk = 8192;
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+// Eight doubles processed together (GCC/Clang vector extensions: one AVX-512 register, two AVX2 or
+// four SSE2 registers, whatever the clone was compiled for).
+typedef double Vec8 __attribute__((vector_size(64)));
+typedef std::int64_t Mask8 __attribute__((vector_size(64)));
+constexpr int kLanes = 8;
+
+template <typename T>
+__attribute__((always_inline)) inline Vec8 load8(const T* x) {
+    if constexpr (std::is_same_v<T, double>) {
+        Vec8 v;
+        std::memcpy(&v, x, sizeof v);
+        return v;
+    } else {
+        typedef T Narrow __attribute__((vector_size(kLanes * sizeof(T))));
+        Narrow v;
+        std::memcpy(&v, x, sizeof v);
+        return __builtin_convertvector(v, Vec8);
+    }
+}
+
+__attribute__((always_inline)) inline Vec8 splat(double value) { return Vec8{} + value; }
+
+// exp(x) for x <= 0 (including -inf), lane by lane with no branches. Range reduction x = k ln2 + r,
+// |r| <= ln2/2, then a degree-13 Taylor polynomial (truncation error below 1e-17 relative) and a scale
+// by 2^k built in the exponent bits. Results below exp(-708) (about 3e-308) are flushed to zero: a
+// weight that small relative to the row's largest is never drawn in practice.
+__attribute__((always_inline)) inline Vec8 exp_nonpositive(Vec8 x) {
+    const Vec8 floor_value = splat(-708.0);
+    const Mask8 underflow = x < floor_value;
+    const Vec8 clamped = underflow ? floor_value : x;
+    const Vec8 shifter = splat(6755399441055744.0);  // 1.5 * 2^52: adding it rounds to an integer
+    const Vec8 shifted = clamped * 1.4426950408889634 + shifter;
+    const Vec8 k = shifted - shifter;
+    const Vec8 r = (clamped - k * 0.6931471805599453) - k * 2.3190468138462996e-17;
+    Vec8 p = splat(1.0 / 6227020800.0);
+    p = p * r + 1.0 / 479001600.0;
+    p = p * r + 1.0 / 39916800.0;
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    const Mask8 exponent = (reinterpret_cast<const Mask8&>(shifted) - std::int64_t{0x4338000000000000}) + 1023;
+    const Mask8 scale_bits = exponent << 52;
+    const Vec8 scaled = p * reinterpret_cast<const Vec8&>(scale_bits);
+    return underflow ? splat(0.0) : scaled;
+}
+
+inline double exp_nonpositive(double x) {
+    const Vec8 result = exp_nonpositive(splat(x));
+    return result[0];
+}
+
+// Largest value of x[0, len) and whether any element is NaN or +inf.
+template <typename T>
+TILTSMC_SIMD_CLONES inline double chunk_max(const T* x, std::int64_t len, bool* bad) {
+    Vec8 best = splat(-kInf);
+    Mask8 finite_or_minus_inf = Mask8{} - 1;  // all lanes true
+    std::int64_t i = 0;
+    for (; i + kLanes <= len; i += kLanes) {
+        const Vec8 v = load8(x + i);
+        finite_or_minus_inf &= v < kInf;  // false for NaN and +inf
+        best = v > best ? v : best;
+    }
+    double result = -kInf;
+    bool any_bad = false;
+    for (int k = 0; k < kLanes; ++k) {
+        result = best[k] > result ? best[k] : result;
+        any_bad |= finite_or_minus_inf[k] == 0;
+    }
+    for (; i < len; ++i) {
+        const double v = static_cast<double>(x[i]);
+        any_bad |= !(v < kInf);
+        result = v > result ? v : result;
+    }
+    *bad = any_bad;
+    return result;
+}
+
+// Sums of w_i = exp(x_i - shift) and of w_i^2 over x[0, len); with StoreWeights, also w itself.
+template <bool StoreWeights, typename T>
+TILTSMC_SIMD_CLONES inline void chunk_exp_sums(const T* x, std::int64_t len, double shift, double* w_out,
+                                               double* sum, double* sum_squares) {
+    Vec8 acc = splat(0.0), acc2 = splat(0.0);
+    std::int64_t i = 0;
+    for (; i + kLanes <= len; i += kLanes) {
+        const Vec8 w = exp_nonpositive(load8(x + i) - shift);
+        if constexpr (StoreWeights) std::memcpy(w_out + i, &w, sizeof w);
+        acc += w;
+        acc2 += w * w;
+    }
+    double s = 0, s2 = 0;
+    for (int k = 0; k < kLanes; ++k) {
+        s += acc[k];
+        s2 += acc2[k];
+    }
+    for (; i < len; ++i) {
+        const double w = exp_nonpositive(static_cast<double>(x[i]) - shift);
+        if constexpr (StoreWeights) w_out[i] = w;
+        s += w;
+        s2 += w * w;
+    }
+    *sum = s;
+    *sum_squares = s2;
+}
+
+// Position of the first NaN or +inf in x[0, len) (slow path, after chunk_max reported one).
+template <typename T>
+Status locate_bad(const T* x, std::int64_t len, std::int64_t row) {
+    for (std::int64_t i = 0; i < len; ++i) {
+        const double v = static_cast<double>(x[i]);
+        if (std::isnan(v)) return {StatusCode::nan_weight, row, i};
+        if (!(v < kInf)) return {StatusCode::positive_infinity, row, i};
+    }
+    return {};
+}
+
+// The figures of one row that every kernel needs: shift = max, sums of w = exp(x - shift), and the
+// cumulative sum of w at each chunk's start (chunk_offset[c]), its last positive weight's index.
+struct RowWeights {
+    Status status;
+    double shift = -kInf;
+    double sum = 0;
+    double sum_squares = 0;
+    std::int64_t last_positive = -1;
+    std::vector<double> chunk_offset;  // size chunks + 1
+};
+
+// Computes RowWeights of x[0, n). When w is given it receives exp(x - shift) for every element.
+// With split = true the chunks are spread over threads (for one long row); figures are identical.
+template <typename T>
+RowWeights row_weights(const T* x, std::int64_t n, std::int64_t row, double* w, bool split) {
+    RowWeights rw;
+    const std::int64_t chunks = (n + kChunk - 1) / kChunk;
+    std::vector<double> maxes(static_cast<std::size_t>(chunks));
+    std::vector<unsigned char> bad(static_cast<std::size_t>(chunks));
+    auto for_chunks = [&](auto&& body) {
+        if (split) {
+            parallel_for(chunks, n, [&](std::int64_t begin, std::int64_t end) {
+                for (std::int64_t c = begin; c < end; ++c) body(c);
+            });
+        } else {
+            for (std::int64_t c = 0; c < chunks; ++c) body(c);
+        }
+    };
+    for_chunks([&](std::int64_t c) {
+        bool b = false;
+        const std::int64_t begin = c * kChunk, len = std::min(kChunk, n - begin);
+        maxes[static_cast<std::size_t>(c)] = chunk_max(x + begin, len, &b);
+        bad[static_cast<std::size_t>(c)] = b;
+    });
+    for (std::int64_t c = 0; c < chunks; ++c) {
+        if (bad[static_cast<std::size_t>(c)]) {
+            const std::int64_t begin = c * kChunk;
+            rw.status = locate_bad(x + begin, std::min(kChunk, n - begin), row);
+            rw.status.index += begin;
+            return rw;
+        }
+        rw.shift = std::max(rw.shift, maxes[static_cast<std::size_t>(c)]);
+    }
+    if (rw.shift == -kInf) {
+        rw.status = {StatusCode::zero_row, row, -1};
+        return rw;
+    }
+    std::vector<double> sums(static_cast<std::size_t>(chunks)), squares(static_cast<std::size_t>(chunks));
+    for_chunks([&](std::int64_t c) {
+        const std::int64_t begin = c * kChunk, len = std::min(kChunk, n - begin);
+        double* sum = &sums[static_cast<std::size_t>(c)];
+        double* square = &squares[static_cast<std::size_t>(c)];
+        if (w)
+            chunk_exp_sums<true>(x + begin, len, rw.shift, w + begin, sum, square);
+        else
+            chunk_exp_sums<false>(x + begin, len, rw.shift, nullptr, sum, square);
+    });
+    rw.chunk_offset.assign(static_cast<std::size_t>(chunks + 1), 0.0);
+    for (std::int64_t c = 0; c < chunks; ++c) {
+        rw.chunk_offset[static_cast<std::size_t>(c + 1)] = rw.chunk_offset[static_cast<std::size_t>(c)] +
+                                                           sums[static_cast<std::size_t>(c)];
+        rw.sum_squares += squares[static_cast<std::size_t>(c)];
+    }
+    rw.sum = rw.chunk_offset[static_cast<std::size_t>(chunks)];
+    // The maximum has weight exp(0) = 1, so a positive weight exists; find the last one.
+    for (std::int64_t i = n - 1; i >= 0; --i) {
+        if (static_cast<double>(x[i]) - rw.shift >= -708.0) {
+            rw.last_positive = i;
+            break;
+        }
+    }
+    return rw;
+}
+
+}  // namespace tiltsmc

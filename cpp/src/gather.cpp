@@ -1,0 +1,74 @@
+// Reordering particle state by ancestors, out of place or in place.
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "tiltsmc/kernels.hpp"
+#include "tiltsmc/parallel.hpp"
+
+namespace tiltsmc {
+namespace {
+
+// In place: item j takes item a_j. Items that are both overwritten and read by another item are saved
+// first; items whose ancestor is themselves are never touched.
+void gather_row_in_place(std::uint8_t* x, std::int64_t n, std::int64_t item_bytes, const std::int64_t* a,
+                         std::vector<std::int64_t>& saved_slot, std::vector<std::uint8_t>& saved) {
+    saved_slot.assign(static_cast<std::size_t>(n), -1);
+    bool any_change = false;
+    for (std::int64_t j = 0; j < n; ++j) {
+        if (a[j] != j) {
+            saved_slot[static_cast<std::size_t>(a[j])] = 0;  // read by another item
+            any_change = true;
+        }
+    }
+    if (!any_change) return;
+    std::int64_t num_saved = 0;
+    for (std::int64_t j = 0; j < n; ++j) {
+        std::int64_t& slot = saved_slot[static_cast<std::size_t>(j)];
+        slot = (slot == 0 && a[j] != j) ? num_saved++ : -1;
+    }
+    saved.resize(static_cast<std::size_t>(num_saved * item_bytes));
+    for (std::int64_t j = 0; j < n; ++j) {
+        const std::int64_t slot = saved_slot[static_cast<std::size_t>(j)];
+        if (slot >= 0) std::memcpy(saved.data() + slot * item_bytes, x + j * item_bytes, item_bytes);
+    }
+    for (std::int64_t j = 0; j < n; ++j) {
+        if (a[j] == j) continue;
+        const std::int64_t slot = saved_slot[static_cast<std::size_t>(a[j])];
+        const std::uint8_t* source = slot >= 0 ? saved.data() + slot * item_bytes : x + a[j] * item_bytes;
+        std::memcpy(x + j * item_bytes, source, item_bytes);
+    }
+}
+
+}  // namespace
+
+Status gather(const std::uint8_t* x, std::int64_t rows, std::int64_t n, std::int64_t item_bytes,
+              const std::int64_t* ancestors, std::int64_t m, std::uint8_t* out) {
+    if (rows < 0 || n < 1 || m < 0 || item_bytes < 0) return {StatusCode::bad_size, -1, -1};
+    const bool in_place = out == x;
+    if (in_place && m != n) return {StatusCode::bad_size, -1, -1};
+    for (std::int64_t r = 0; r < rows; ++r) {
+        const std::int64_t* a = ancestors + r * m;
+        for (std::int64_t j = 0; j < m; ++j)
+            if (a[j] < 0 || a[j] >= n) return {StatusCode::index_out_of_range, r, j};
+    }
+    const std::int64_t work = rows * m * std::max<std::int64_t>(item_bytes, 1) / 16;
+    parallel_for(rows, work, [&](std::int64_t begin, std::int64_t end) {
+        std::vector<std::int64_t> saved_slot;
+        std::vector<std::uint8_t> saved;
+        for (std::int64_t r = begin; r < end; ++r) {
+            const std::int64_t* a = ancestors + r * m;
+            if (in_place) {
+                gather_row_in_place(out + r * n * item_bytes, n, item_bytes, a, saved_slot, saved);
+                continue;
+            }
+            const std::uint8_t* source = x + r * n * item_bytes;
+            std::uint8_t* target = out + r * m * item_bytes;
+            for (std::int64_t j = 0; j < m; ++j)
+                std::memcpy(target + j * item_bytes, source + a[j] * item_bytes, item_bytes);
+        }
+    });
+    return {};
+}
+
+}  // namespace tiltsmc

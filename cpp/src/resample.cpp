@@ -1,0 +1,210 @@
+// Resampling: systematic, stratified, multinomial and residual, each O(n + m) per row.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "tiltsmc/kernels.hpp"
+#include "tiltsmc/philox.hpp"
+#include "tiltsmc/row_weights.hpp"
+
+namespace tiltsmc {
+namespace {
+
+// Ancestors for ascending points p_0 <= p_1 <= ... (on the scale of the unnormalised cumulative
+// weights C_i = w_0 + ... + w_i): ancestor(p) is the first i with C_i > p, never past last_positive,
+// so weight-zero particles are never chosen.
+template <typename Points>
+void walk_points(const double* w, std::int64_t last_positive, std::int64_t count, Points&& point,
+                 std::int64_t* out) {
+    std::int64_t i = 0;
+    double cumulative = w[0];
+    for (std::int64_t j = 0; j < count; ++j) {
+        const double p = point(j);
+        while (cumulative <= p && i < last_positive) cumulative += w[++i];
+        out[j] = i;
+    }
+}
+
+// Number of systematic points (j + u) / m * total, j in [0, m), lying below cumulative weight c:
+// clamp(ceil(c * m / total - u), 0, m), with ceil done by truncation so it stays branch-free.
+inline std::int64_t points_below(double c, double scale, double u, std::int64_t m) {
+    const double x = c * scale - u;
+    const double positive = x > 0.0 ? x : 0.0;
+    const double capped = positive < static_cast<double>(m) ? positive : static_cast<double>(m);
+    const std::int64_t whole = static_cast<std::int64_t>(capped);
+    return whole + (static_cast<double>(whole) < capped ? 1 : 0);
+}
+
+// Systematic: particle i owns output slots [points_below(C_{i-1}), points_below(C_i)). Chunk c covers
+// its particles and the slots their cumulative range owns, so chunks run independently.
+//
+// Branch-free emission: every particle writes its index to the first two slots it would own; a later
+// particle overwrites slots it owns, so only runs of three or more children need a loop. Cumulative
+// sums are formed in blocks of 8 (a local prefix added to the block's base) so the dependency chain
+// is one addition per block; min(., chunk_end) keeps them monotone and ends each chunk exactly.
+void systematic_row(const double* w, std::int64_t n, const RowWeights& rw, std::int64_t m, double u,
+                    std::int64_t* out, bool split) {
+    const std::int64_t chunks = static_cast<std::int64_t>(rw.chunk_offset.size()) - 1;
+    const double scale = static_cast<double>(m) / rw.sum;
+    auto chunk = [&](std::int64_t c) {
+        const std::int64_t begin = c * kChunk, end = std::min(n, begin + kChunk);
+        const double chunk_end = rw.chunk_offset[static_cast<std::size_t>(c + 1)];
+        double base = rw.chunk_offset[static_cast<std::size_t>(c)];
+        std::int64_t start = points_below(base, scale, u, m);
+        // Slots this chunk owns end at `limit`; speculative writes past it go to `spill`, so chunks on
+        // different threads never write the same slot.
+        const std::int64_t limit =
+            rw.last_positive < end ? m : points_below(chunk_end, scale, u, m);
+        std::int64_t spill = 0;
+        auto emit = [&](std::int64_t i, std::int64_t next) {
+            *(start < limit ? out + start : &spill) = i;
+            *(start + 1 < limit ? out + start + 1 : &spill) = i;
+            for (std::int64_t j = start + 2; j < next; ++j) out[j] = i;
+            start = next > start ? next : start;
+        };
+        // The block loop stops before the chunk's final particle and before the last positive one.
+        const std::int64_t last = std::min(end - 1, rw.last_positive);
+        std::int64_t i = begin;
+        for (; i + 8 <= last; i += 8) {
+            double prefix[8];
+            double running = 0.0;
+            for (int k = 0; k < 8; ++k) prefix[k] = running += w[i + k];
+            std::int64_t next[8];
+            for (int k = 0; k < 8; ++k) {
+                const double cumulative = std::min(base + prefix[k], chunk_end);
+                next[k] = points_below(cumulative, scale, u, m);
+            }
+            base = std::min(base + prefix[7], chunk_end);
+            for (int k = 0; k < 8; ++k) emit(i + k, next[k]);
+        }
+        for (; i < end && i <= rw.last_positive; ++i) {
+            base = std::min(base + w[i], chunk_end);
+            const bool final_particle = i == rw.last_positive;
+            emit(i, final_particle ? m : points_below(i + 1 == end ? chunk_end : base, scale, u, m));
+        }
+    };
+    if (split) {
+        parallel_for(chunks, n + m, [&](std::int64_t b, std::int64_t e) {
+            for (std::int64_t c = b; c < e; ++c) chunk(c);
+        });
+    } else {
+        for (std::int64_t c = 0; c < chunks; ++c) chunk(c);
+    }
+}
+
+// Multinomial from sorted uniforms: with E_0..E_m iid Exp(1) and S_j = E_0 + ... + E_j, the points
+// S_j / S_m (j < m) are distributed as m sorted iid uniforms. The partial sums are kept in the
+// output buffer (as doubles) and overwritten by ancestors as the walk passes them.
+void multinomial_draws(const double* w, std::int64_t last_positive, double total, std::int64_t m,
+                       UniformStream& stream, std::int64_t* out) {
+    static_assert(sizeof(double) == sizeof(std::int64_t), "points are stored in the ancestor buffer");
+    double running = 0.0;
+    for (std::int64_t j = 0; j < m; ++j) {
+        running += -std::log(stream.next_open_zero());
+        std::memcpy(out + j, &running, sizeof running);
+    }
+    running += -std::log(stream.next_open_zero());
+    const double scale = total / running;
+    walk_points(
+        w, last_positive, m,
+        [&](std::int64_t j) {
+            double s;
+            std::memcpy(&s, out + j, sizeof s);
+            return s * scale;
+        },
+        out);
+}
+
+// Residual: floor(m w_i) copies of i, then the remaining r = m - sum floor(m w_i) drawn multinomially
+// from the residual weights m w_i - floor(m w_i).
+void residual_row(double* w, std::int64_t n, const RowWeights& rw, std::int64_t m, UniformStream& stream,
+                  std::int64_t* out) {
+    const double scale = static_cast<double>(m) / rw.sum;
+    std::vector<std::int64_t> copies(static_cast<std::size_t>(n), 0);
+    std::int64_t assigned = 0;
+    std::int64_t last_residual = -1;
+    for (std::int64_t i = 0; i < n; ++i) {
+        const double expected = w[i] * scale;
+        const std::int64_t whole =
+            std::min(static_cast<std::int64_t>(std::floor(expected)), m - assigned);
+        copies[static_cast<std::size_t>(i)] = whole;
+        assigned += whole;
+        w[i] = std::max(expected - static_cast<double>(whole), 0.0);
+        if (w[i] > 0.0 && i <= rw.last_positive) last_residual = i;
+    }
+    const std::int64_t remaining = m - assigned;
+    if (remaining > 0) {
+        if (last_residual < 0) {
+            // Rounding left no residual mass: give the rest to the last positive particle.
+            copies[static_cast<std::size_t>(rw.last_positive)] += remaining;
+        } else {
+            double residual_total = 0.0;
+            for (std::int64_t i = 0; i <= last_residual; ++i) residual_total += w[i];
+            multinomial_draws(w, last_residual, residual_total, remaining, stream, out);
+            for (std::int64_t j = 0; j < remaining; ++j) copies[static_cast<std::size_t>(out[j])] += 1;
+        }
+    }
+    std::int64_t position = 0;
+    for (std::int64_t i = 0; i < n; ++i)
+        for (std::int64_t k = 0; k < copies[static_cast<std::size_t>(i)]; ++k) out[position++] = i;
+}
+
+template <typename T>
+Status resample_row(const T* x, std::int64_t n, Scheme scheme, std::int64_t m, std::uint64_t key,
+                    std::int64_t row, std::int64_t* out, std::vector<double>& w, bool split) {
+    w.resize(static_cast<std::size_t>(n));
+    const RowWeights rw = row_weights(x, n, row, w.data(), split);
+    if (!rw.status.ok()) return rw.status;
+    UniformStream stream(key, static_cast<std::uint64_t>(row));
+    switch (scheme) {
+        case Scheme::systematic:
+            systematic_row(w.data(), n, rw, m, stream.next(), out, split);
+            break;
+        case Scheme::stratified: {
+            const double scale = rw.sum / static_cast<double>(m);
+            walk_points(
+                w.data(), rw.last_positive, m,
+                [&](std::int64_t j) { return (static_cast<double>(j) + stream.next()) * scale; }, out);
+            break;
+        }
+        case Scheme::multinomial:
+            multinomial_draws(w.data(), rw.last_positive, rw.sum, m, stream, out);
+            break;
+        case Scheme::residual:
+            residual_row(w.data(), n, rw, m, stream, out);
+            break;
+    }
+    return {};
+}
+
+}  // namespace
+
+template <typename T>
+Status resample(const T* logw, std::int64_t rows, std::int64_t n, Scheme scheme, std::int64_t m,
+                std::uint64_t key, std::int64_t* ancestors) {
+    if (rows < 0 || n < 1 || m < 1) return {StatusCode::bad_size, -1, -1};
+    // One long row: split its chunks over threads (systematic and the shared passes); many rows:
+    // split the rows. Either way each row's arithmetic is the same, so results do not depend on it.
+    if (rows == 1) {
+        // Kept between calls: a fresh multi-megabyte buffer would cost a page fault per 4 KiB.
+        static thread_local std::vector<double> w;
+        return resample_row(logw, n, scheme, m, key, 0, ancestors, w, true);
+    }
+    std::vector<Status> statuses(static_cast<std::size_t>(rows));
+    parallel_for(rows, rows * (n + m), [&](std::int64_t begin, std::int64_t end) {
+        std::vector<double> w;
+        for (std::int64_t r = begin; r < end; ++r)
+            statuses[static_cast<std::size_t>(r)] =
+                resample_row(logw + r * n, n, scheme, m, key, r, ancestors + r * m, w, false);
+    });
+    for (const Status& status : statuses)
+        if (!status.ok()) return status;
+    return {};
+}
+
+template Status resample<float>(const float*, std::int64_t, std::int64_t, Scheme, std::int64_t, std::uint64_t,
+                                std::int64_t*);
+template Status resample<double>(const double*, std::int64_t, std::int64_t, Scheme, std::int64_t,
+                                 std::uint64_t, std::int64_t*);
+
+}  // namespace tiltsmc

@@ -1,0 +1,133 @@
+// Weight normalisation, pool selection and Metropolis-Hastings acceptance.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "tiltsmc/kernels.hpp"
+#include "tiltsmc/philox.hpp"
+#include "tiltsmc/row_weights.hpp"
+
+namespace tiltsmc {
+namespace {
+
+template <typename T>
+TILTSMC_SIMD_CLONES void subtract(const T* x, std::int64_t len, double shift, T* out) {
+    for (std::int64_t i = 0; i < len; ++i) out[i] = static_cast<T>(static_cast<double>(x[i]) - shift);
+}
+
+template <typename T>
+Status normalize_row(const T* x, std::int64_t n, std::int64_t row, bool allow_zero_rows, bool split,
+                     T* normalised, double* log_mean_w, double* ess) {
+    const RowWeights rw = row_weights(x, n, row, nullptr, split);
+    if (rw.status.code == StatusCode::zero_row && allow_zero_rows) {
+        std::fill(normalised, normalised + n, static_cast<T>(-kInf));
+        *log_mean_w = -kInf;
+        *ess = 0.0;
+        return {};
+    }
+    if (!rw.status.ok()) return rw.status;
+    const double log_sum = rw.shift + std::log(rw.sum);
+    *log_mean_w = log_sum - std::log(static_cast<double>(n));
+    *ess = rw.sum * rw.sum / rw.sum_squares;
+    const std::int64_t chunks = static_cast<std::int64_t>(rw.chunk_offset.size()) - 1;
+    auto chunk = [&](std::int64_t c) {
+        const std::int64_t begin = c * kChunk;
+        subtract(x + begin, std::min(kChunk, n - begin), log_sum, normalised + begin);
+    };
+    if (split) {
+        parallel_for(chunks, n, [&](std::int64_t b, std::int64_t e) {
+            for (std::int64_t c = b; c < e; ++c) chunk(c);
+        });
+    } else {
+        for (std::int64_t c = 0; c < chunks; ++c) chunk(c);
+    }
+    return {};
+}
+
+template <typename T>
+Status select_row(const T* x, std::int64_t n, std::int64_t row, std::uint64_t key, std::int64_t* index,
+                  double* log_mean_w) {
+    const RowWeights rw = row_weights(x, n, row, nullptr, false);
+    if (!rw.status.ok()) return rw.status;
+    *log_mean_w = rw.shift + std::log(rw.sum) - std::log(static_cast<double>(n));
+    UniformStream stream(key, static_cast<std::uint64_t>(row));
+    const double target = stream.next() * rw.sum;
+    double cumulative = 0.0;
+    std::int64_t i = 0;
+    for (; i < rw.last_positive; ++i) {
+        cumulative += exp_nonpositive(static_cast<double>(x[i]) - rw.shift);
+        if (cumulative > target) break;
+    }
+    *index = i;
+    return {};
+}
+
+template <typename Body>
+Status for_rows(std::int64_t rows, std::int64_t work, const Body& body) {
+    std::vector<Status> statuses(static_cast<std::size_t>(rows));
+    parallel_for(rows, work, [&](std::int64_t begin, std::int64_t end) {
+        for (std::int64_t r = begin; r < end; ++r) statuses[static_cast<std::size_t>(r)] = body(r);
+    });
+    for (const Status& status : statuses)
+        if (!status.ok()) return status;
+    return {};
+}
+
+}  // namespace
+
+template <typename T>
+Status log_normalize(const T* logw, std::int64_t rows, std::int64_t n, bool allow_zero_rows, T* normalised,
+                     double* log_mean_w, double* ess) {
+    if (rows < 0 || n < 1) return {StatusCode::bad_size, -1, -1};
+    if (rows == 1) return normalize_row(logw, n, 0, allow_zero_rows, true, normalised, log_mean_w, ess);
+    return for_rows(rows, rows * n, [&](std::int64_t r) {
+        return normalize_row(logw + r * n, n, r, allow_zero_rows, false, normalised + r * n, log_mean_w + r,
+                             ess + r);
+    });
+}
+
+template <typename T>
+Status pool_select(const T* logw, std::int64_t rows, std::int64_t n, std::uint64_t key, std::int64_t* index,
+                   double* log_mean_w) {
+    if (rows < 0 || n < 1) return {StatusCode::bad_size, -1, -1};
+    return for_rows(rows, rows * n, [&](std::int64_t r) {
+        return select_row(logw + r * n, n, r, key, index + r, log_mean_w + r);
+    });
+}
+
+Status mh_accept(const double* log_z_current, const double* log_z_proposed, std::int64_t rows,
+                 std::uint64_t key, std::uint8_t* accept) {
+    if (rows < 0) return {StatusCode::bad_size, -1, -1};
+    for (std::int64_t r = 0; r < rows; ++r) {
+        for (int which = 0; which < 2; ++which) {
+            const double v = which == 0 ? log_z_current[r] : log_z_proposed[r];
+            if (std::isnan(v)) return {StatusCode::nan_weight, r, which};
+            if (v == kInf) return {StatusCode::positive_infinity, r, which};
+        }
+    }
+    for (std::int64_t r = 0; r < rows; ++r) {
+        const double u = UniformStream(key, static_cast<std::uint64_t>(r)).next();
+        const double current = log_z_current[r], proposed = log_z_proposed[r];
+        bool take;
+        if (current == -kInf) {
+            take = true;
+        } else if (proposed == -kInf) {
+            take = false;
+        } else {
+            const double log_ratio = proposed - current;
+            take = log_ratio >= 0.0 || u < std::exp(log_ratio);
+        }
+        accept[r] = take ? 1 : 0;
+    }
+    return {};
+}
+
+template Status log_normalize<float>(const float*, std::int64_t, std::int64_t, bool, float*, double*, double*);
+template Status log_normalize<double>(const double*, std::int64_t, std::int64_t, bool, double*, double*,
+                                      double*);
+template Status pool_select<float>(const float*, std::int64_t, std::int64_t, std::uint64_t, std::int64_t*,
+                                   double*);
+template Status pool_select<double>(const double*, std::int64_t, std::int64_t, std::uint64_t, std::int64_t*,
+                                    double*);
+
+}  // namespace tiltsmc

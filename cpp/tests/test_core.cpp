@@ -1,0 +1,268 @@
+// Unit tests of the C++ core on its own (no Python), run under AddressSanitizer and
+// UndefinedBehaviorSanitizer in CI: every kernel on edge sizes, bad input, chunk boundaries, threads.
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "tiltsmc/kernels.hpp"
+#include "tiltsmc/philox.hpp"
+
+using namespace tiltsmc;
+
+namespace {
+
+int failures = 0;
+
+#define EXPECT(condition)                                                        \
+    do {                                                                         \
+        if (!(condition)) {                                                      \
+            std::fprintf(stderr, "%s:%d: expected %s\n", __FILE__, __LINE__, #condition); \
+            ++failures;                                                          \
+        }                                                                        \
+    } while (0)
+
+constexpr double inf = std::numeric_limits<double>::infinity();
+const Scheme schemes[] = {Scheme::multinomial, Scheme::stratified, Scheme::systematic, Scheme::residual};
+
+// Checks ancestors are in range, ascending, and never pick a zero weight.
+bool valid_ancestors(const std::vector<double>& logw, std::int64_t rows, std::int64_t n,
+                     const std::vector<std::int64_t>& a, std::int64_t m) {
+    for (std::int64_t r = 0; r < rows; ++r) {
+        for (std::int64_t j = 0; j < m; ++j) {
+            const std::int64_t i = a[r * m + j];
+            if (i < 0 || i >= n) return false;
+            if (logw[r * n + i] == -inf) return false;
+            if (j > 0 && i < a[r * m + j - 1]) return false;
+        }
+    }
+    return true;
+}
+
+void test_philox_known_answer() {
+    // Random123's known-answer test for philox4x32_10 with counter and key all zero.
+    Philox4x32 gen(0);
+    std::uint32_t out[4];
+    gen.block(0, 0, 0, 0, out);
+    EXPECT(out[0] == 0x6627e8d5u && out[1] == 0xe169c58du && out[2] == 0xbc57ac4cu && out[3] == 0x9b00dbd8u);
+    UniformStream stream(7, 3);
+    for (int k = 0; k < 1000; ++k) {
+        const double u = stream.next();
+        EXPECT(u >= 0.0 && u < 1.0);
+    }
+}
+
+void test_log_normalize() {
+    std::vector<double> logw = {0.0, std::log(3.0), -inf, 1e4, 1e4, -inf};
+    std::vector<double> out(6), log_mean_w(2), ess(2);
+    EXPECT(log_normalize(logw.data(), 2, 3, false, out.data(), log_mean_w.data(), ess.data()).ok());
+    EXPECT(std::fabs(out[0] - std::log(0.25)) < 1e-12 && std::fabs(out[1] - std::log(0.75)) < 1e-12);
+    EXPECT(out[2] == -inf);
+    EXPECT(std::fabs(log_mean_w[0] - std::log(4.0 / 3.0)) < 1e-12);
+    EXPECT(std::fabs(ess[0] - 1.0 / (0.0625 + 0.5625)) < 1e-12);
+    EXPECT(std::fabs(log_mean_w[1] - (1e4 + std::log(2.0 / 3.0))) < 1e-9 && std::fabs(ess[1] - 2.0) < 1e-12);
+
+    std::vector<double> zero = {-inf, -inf};
+    Status status = log_normalize(zero.data(), 1, 2, false, out.data(), log_mean_w.data(), ess.data());
+    EXPECT(status.code == StatusCode::zero_row && status.row == 0);
+    EXPECT(log_normalize(zero.data(), 1, 2, true, out.data(), log_mean_w.data(), ess.data()).ok());
+    EXPECT(log_mean_w[0] == -inf && ess[0] == 0.0 && out[0] == -inf);
+
+    std::vector<double> bad = {0.0, 1.0, std::nan(""), 2.0};
+    status = log_normalize(bad.data(), 2, 2, false, out.data(), log_mean_w.data(), ess.data());
+    EXPECT(status.code == StatusCode::nan_weight && status.row == 1 && status.index == 0);
+    bad[2] = inf;
+    status = log_normalize(bad.data(), 2, 2, false, out.data(), log_mean_w.data(), ess.data());
+    EXPECT(status.code == StatusCode::positive_infinity && status.row == 1 && status.index == 0);
+    EXPECT(log_normalize(bad.data(), 1, 0, false, out.data(), log_mean_w.data(), ess.data()).code ==
+           StatusCode::bad_size);
+
+    std::vector<float> single = {-3.5f};
+    std::vector<float> single_out(1);
+    EXPECT(log_normalize(single.data(), 1, 1, false, single_out.data(), log_mean_w.data(), ess.data()).ok());
+    EXPECT(single_out[0] == 0.0f && ess[0] == 1.0);
+}
+
+void test_resample_edges() {
+    std::mt19937_64 engine(1);
+    std::uniform_real_distribution<double> uniform(-5.0, 5.0);
+    for (const Scheme scheme : schemes) {
+        for (std::int64_t n : {1, 2, 7, 64}) {
+            for (std::int64_t m : {1, 3, 64, 200}) {
+                const std::int64_t rows = 3;
+                std::vector<double> logw(static_cast<std::size_t>(rows * n));
+                for (auto& v : logw) v = uniform(engine) < -3.0 && n > 1 ? -inf : uniform(engine);
+                for (std::int64_t r = 0; r < rows; ++r) logw[static_cast<std::size_t>(r * n)] = 0.0;
+                std::vector<std::int64_t> a(static_cast<std::size_t>(rows * m), -7);
+                EXPECT(resample(logw.data(), rows, n, scheme, m, 11, a.data()).ok());
+                EXPECT(valid_ancestors(logw, rows, n, a, m));
+            }
+        }
+        // One-hot weights, with the positive weight at the very end (after zero weights).
+        std::vector<double> one_hot = {-inf, -inf, -inf, 2.0};
+        std::vector<std::int64_t> a(5);
+        EXPECT(resample(one_hot.data(), 1, 4, scheme, 5, 3, a.data()).ok());
+        for (std::int64_t i : a) EXPECT(i == 3);
+        one_hot = {2.0, -inf, -inf, -inf};
+        EXPECT(resample(one_hot.data(), 1, 4, scheme, 5, 3, a.data()).ok());
+        for (std::int64_t i : a) EXPECT(i == 0);
+        // Huge magnitudes: only the differences matter.
+        std::vector<double> big = {1e4, 1e4 - 1e3, -1e4};
+        EXPECT(resample(big.data(), 1, 3, scheme, 5, 3, a.data()).ok());
+        for (std::int64_t i : a) EXPECT(i == 0);
+        // Bad input.
+        std::vector<double> zero = {-inf, -inf, 0.0, 1.0};
+        a.resize(8);
+        const Status status = resample(zero.data(), 2, 2, scheme, 4, 1, a.data());
+        EXPECT(status.code == StatusCode::zero_row && status.row == 0);
+        std::vector<double> nan_row = {0.0, std::nan("")};
+        EXPECT(resample(nan_row.data(), 1, 2, scheme, 4, 1, a.data()).code == StatusCode::nan_weight);
+        EXPECT(resample(nan_row.data(), 1, 2, scheme, 0, 1, a.data()).code == StatusCode::bad_size);
+    }
+}
+
+void test_systematic_floor_ceil_and_threads() {
+    // A long row crossing many chunk boundaries: threads must not change a single ancestor, and every
+    // particle gets floor or ceil of m w_i children.
+    const std::int64_t n = 3 * 8192 + 77, m = n + 1000;
+    std::mt19937_64 engine(5);
+    std::normal_distribution<double> normal(0.0, 2.0);
+    std::vector<double> logw(static_cast<std::size_t>(n));
+    for (auto& v : logw) v = normal(engine);
+    logw[100] = -inf;
+    for (const Scheme scheme : schemes) {
+        std::vector<std::int64_t> one(static_cast<std::size_t>(m)), two(static_cast<std::size_t>(m));
+        set_num_threads(1);
+        EXPECT(resample(logw.data(), 1, n, scheme, m, 99, one.data()).ok());
+        set_num_threads(2);
+        EXPECT(resample(logw.data(), 1, n, scheme, m, 99, two.data()).ok());
+        EXPECT(one == two);
+        EXPECT(valid_ancestors(logw, 1, n, one, m));
+        if (scheme == Scheme::systematic) {
+            double total = 0;
+            for (double v : logw) total += std::exp(v);
+            std::vector<std::int64_t> children(static_cast<std::size_t>(n), 0);
+            for (std::int64_t i : one) ++children[static_cast<std::size_t>(i)];
+            bool all_floor_or_ceil = true;
+            for (std::int64_t i = 0; i < n; ++i) {
+                const double expected = static_cast<double>(m) * std::exp(logw[static_cast<std::size_t>(i)]) / total;
+                const auto c = static_cast<double>(children[static_cast<std::size_t>(i)]);
+                all_floor_or_ceil &= c >= std::floor(expected - 1e-9) && c <= std::ceil(expected + 1e-9);
+            }
+            EXPECT(all_floor_or_ceil);
+        }
+    }
+    set_num_threads(0);
+}
+
+void test_pool_select_and_mh() {
+    std::vector<double> logw = {-inf, 0.0, -inf, -inf, -inf, 5.0};
+    std::vector<std::int64_t> index(2);
+    std::vector<double> log_mean_w(2);
+    for (std::uint64_t key = 0; key < 200; ++key) {
+        EXPECT(pool_select(logw.data(), 2, 3, key, index.data(), log_mean_w.data()).ok());
+        EXPECT(index[0] == 1 && index[1] == 2);
+    }
+    EXPECT(std::fabs(log_mean_w[0] - std::log(1.0 / 3.0)) < 1e-12);
+    std::vector<double> zero = {-inf, -inf};
+    EXPECT(pool_select(zero.data(), 1, 2, 1, index.data(), log_mean_w.data()).code == StatusCode::zero_row);
+
+    std::vector<double> current = {0.0, 0.0, -inf, -inf, 1.0};
+    std::vector<double> proposed = {1.0, -inf, -inf, 3.0, 1.0};
+    std::vector<std::uint8_t> accept(5);
+    EXPECT(mh_accept(current.data(), proposed.data(), 5, 4, accept.data()).ok());
+    EXPECT(accept[0] == 1 && accept[1] == 0 && accept[2] == 1 && accept[3] == 1 && accept[4] == 1);
+    proposed[1] = std::nan("");
+    const Status status = mh_accept(current.data(), proposed.data(), 5, 4, accept.data());
+    EXPECT(status.code == StatusCode::nan_weight && status.row == 1 && status.index == 1);
+}
+
+void test_gather() {
+    const std::int64_t rows = 2, n = 4, item = 3;
+    std::vector<std::uint8_t> x(static_cast<std::size_t>(rows * n * item));
+    for (std::size_t k = 0; k < x.size(); ++k) x[k] = static_cast<std::uint8_t>(k);
+    const std::vector<std::int64_t> a = {3, 3, 0, 1, 0, 1, 2, 3};
+    std::vector<std::uint8_t> out(x.size());
+    EXPECT(gather(x.data(), rows, n, item, a.data(), n, out.data()).ok());
+    for (std::int64_t r = 0; r < rows; ++r)
+        for (std::int64_t j = 0; j < n; ++j)
+            EXPECT(std::memcmp(&out[static_cast<std::size_t>((r * n + j) * item)],
+                               &x[static_cast<std::size_t>((r * n + a[static_cast<std::size_t>(r * n + j)]) * item)],
+                               static_cast<std::size_t>(item)) == 0);
+    std::vector<std::uint8_t> in_place = x;
+    EXPECT(gather(in_place.data(), rows, n, item, a.data(), n, in_place.data()).ok());
+    EXPECT(in_place == out);
+    // A cycle in place: every item both read and overwritten.
+    const std::vector<std::int64_t> cycle = {1, 2, 3, 0, 3, 2, 1, 0};
+    in_place = x;
+    EXPECT(gather(x.data(), rows, n, item, cycle.data(), n, out.data()).ok());
+    EXPECT(gather(in_place.data(), rows, n, item, cycle.data(), n, in_place.data()).ok());
+    EXPECT(in_place == out);
+    // Out-of-range ancestors: reported, nothing written.
+    const std::vector<std::int64_t> bad = {0, 1, 2, 3, 0, 4, 0, 0};
+    in_place = x;
+    const Status status = gather(in_place.data(), rows, n, item, bad.data(), n, in_place.data());
+    EXPECT(status.code == StatusCode::index_out_of_range && status.row == 1 && status.index == 1);
+    EXPECT(in_place == x);
+    const std::vector<std::int64_t> negative = {0, -1};
+    EXPECT(gather(x.data(), 1, n, item, negative.data(), 2, out.data()).code == StatusCode::index_out_of_range);
+    EXPECT(gather(in_place.data(), 1, n, item, negative.data(), 2, in_place.data()).code == StatusCode::bad_size);
+    // m != n out of place, and zero-byte items.
+    const std::vector<std::int64_t> many = {0, 0, 0, 0, 0, 0, 3};
+    std::vector<std::uint8_t> wide(7 * static_cast<std::size_t>(item));
+    EXPECT(gather(x.data(), 1, n, item, many.data(), 7, wide.data()).ok());
+    EXPECT(wide[18] == x[9]);
+    EXPECT(gather(x.data(), 1, n, 0, many.data(), 7, wide.data()).ok());
+}
+
+void test_random_sizes() {
+    // Random shapes and values: kernels either succeed with valid output or report a status.
+    std::mt19937_64 engine(17);
+    for (int trial = 0; trial < 300; ++trial) {
+        const std::int64_t rows = static_cast<std::int64_t>(engine() % 4);
+        const std::int64_t n = 1 + static_cast<std::int64_t>(engine() % 50);
+        const std::int64_t m = 1 + static_cast<std::int64_t>(engine() % 90);
+        std::vector<float> logw(static_cast<std::size_t>(rows * n));
+        for (auto& v : logw) {
+            const auto pick = engine() % 20;
+            v = pick == 0 ? -std::numeric_limits<float>::infinity()
+                : pick == 1 && trial % 7 == 0 ? std::numeric_limits<float>::quiet_NaN()
+                : static_cast<float>(static_cast<double>(engine() % 20001) - 10000.0);
+        }
+        std::vector<std::int64_t> a(static_cast<std::size_t>(rows * m));
+        for (const Scheme scheme : schemes) {
+            const Status status = resample(logw.data(), rows, n, scheme, m, engine(), a.data());
+            if (status.ok()) {
+                std::vector<double> wide(logw.begin(), logw.end());
+                EXPECT(valid_ancestors(wide, rows, n, a, m));
+            }
+        }
+        std::vector<std::int64_t> index(static_cast<std::size_t>(rows));
+        std::vector<double> log_mean_w(static_cast<std::size_t>(rows));
+        const Status status = pool_select(logw.data(), rows, n, engine(), index.data(), log_mean_w.data());
+        if (status.ok())
+            for (std::int64_t r = 0; r < rows; ++r)
+                EXPECT(index[static_cast<std::size_t>(r)] >= 0 && index[static_cast<std::size_t>(r)] < n);
+    }
+}
+
+}  // namespace
+
+int main() {
+    test_philox_known_answer();
+    test_log_normalize();
+    test_resample_edges();
+    test_systematic_floor_ceil_and_threads();
+    test_pool_select_and_mh();
+    test_gather();
+    test_random_sizes();
+    if (failures) {
+        std::fprintf(stderr, "%d check(s) failed\n", failures);
+        return 1;
+    }
+    std::printf("tiltsmc core tests: all checks passed\n");
+    return 0;
+}

@@ -1,0 +1,241 @@
+"""Batched particle-weight kernels: thin, typed wrappers over the C++ core ``tiltsmc._core``.
+
+Every kernel works on ``B`` independent rows of ``N`` particles. Log-weights are unnormalised natural
+logarithms of non-negative weights: ``-inf`` is weight zero; NaN and ``+inf`` are input errors. With
+``w_i = exp(logw_i) / sum_j exp(logw_j)`` the normalised weights of a row:
+
+* ``log_mean_w = logsumexp(logw) - log N`` (the log of the mean unnormalised weight),
+* ``ess = 1 / sum_i w_i**2`` (between 1 and N),
+* a resampling scheme draws ``M`` ancestors with ``E[#children of i] = M w_i``.
+
+Randomness is counter-based (Philox4x32-10). Each call draws one 64-bit key from ``rng`` (anything
+:func:`numpy.random.default_rng` accepts); row ``b`` uses the stream keyed by that key with counter ``b``,
+so results depend on the seed only, never on the thread count, and rows are independent.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import numpy as np
+import numpy.typing as npt
+
+from . import _core
+from ._rng import RNGLike, draw_key
+
+__all__ = [
+    "SCHEMES",
+    "gather",
+    "get_num_threads",
+    "log_normalize",
+    "mh_accept",
+    "pool_select",
+    "resample",
+    "set_num_threads",
+]
+
+Scheme = Literal["multinomial", "stratified", "systematic", "residual"]
+SCHEMES: tuple[str, ...] = ("multinomial", "stratified", "systematic", "residual")
+
+FloatArray = npt.NDArray[np.floating]
+
+
+def _as_log_weights(logw: npt.ArrayLike, name: str = "logw") -> tuple[np.ndarray, bool]:
+    """Validate log-weights: float32/float64, 1-D or 2-D, non-empty rows; returns a C-contiguous 2-D view.
+
+    Lossless conversions only: float16 becomes float32 and non-contiguous input is copied; integer,
+    boolean, complex and object input is refused.
+    """
+    array = np.asarray(logw)
+    if array.dtype == np.float16:
+        array = array.astype(np.float32)
+    if array.dtype not in (np.float32, np.float64):
+        raise TypeError(f"{name}: expected float32 or float64 log-weights, got dtype {array.dtype}")
+    if array.ndim not in (1, 2):
+        raise ValueError(f"{name}: expected shape (N,) or (B, N), got {array.ndim}-D shape {array.shape}")
+    one_row = array.ndim == 1
+    rows = array.reshape(1, -1) if one_row else array
+    if rows.shape[1] == 0:
+        raise ValueError(f"{name}: rows must hold at least one particle, got shape {array.shape}")
+    return np.ascontiguousarray(rows), one_row
+
+
+def log_normalize(
+    logw: npt.ArrayLike, *, zero_rows: Literal["raise", "report"] = "raise"
+) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """Normalise log-weights row by row.
+
+    Returns ``(logw - logsumexp(logw), logsumexp(logw) - log N, 1 / sum(w**2))``; the first has the
+    input's dtype and shape, the other two are float64 of shape ``(B,)`` (scalars' arrays of shape ``()``
+    for 1-D input). A row whose weights are all zero (all ``-inf``) raises ``ValueError`` unless
+    ``zero_rows="report"``, which returns it as normalised ``-inf``, ``log_mean_w = -inf`` and ``ess = 0``.
+    """
+    if zero_rows not in ("raise", "report"):
+        raise ValueError(f"zero_rows: expected 'raise' or 'report', got {zero_rows!r}")
+    rows, one_row = _as_log_weights(logw)
+    normalised, log_mean_w, ess = _core.log_normalize(rows, zero_rows == "report")
+    if one_row:
+        return normalised[0], log_mean_w[0, ...], ess[0, ...]
+    return normalised, log_mean_w, ess
+
+
+def resample(
+    logw: npt.ArrayLike,
+    scheme: Scheme = "systematic",
+    num: Optional[int] = None,
+    rng: RNGLike = None,
+) -> npt.NDArray[np.int64]:
+    """Draw ``num`` (default ``N``) ancestor indices per row, ascending within a row.
+
+    All schemes are unbiased, ``E[#children of i] = num * w_i``; ``systematic`` gives every particle
+    ``floor`` or ``ceil`` of ``num * w_i`` children, ``stratified`` likewise for particles whose cumulative
+    weight interval spans the strata it touches, ``residual`` at least ``floor(num * w_i)``; ``multinomial``
+    draws ``num`` independent indices (sorted uniforms from normalised exponential spacings, O(N + num)).
+    Particles of weight zero are never chosen.
+    """
+    if not isinstance(scheme, str) or scheme not in SCHEMES:
+        raise ValueError(f"scheme: expected one of {', '.join(SCHEMES)}, got {scheme!r}")
+    rows, one_row = _as_log_weights(logw)
+    if num is None:
+        num = rows.shape[1]
+    if isinstance(num, (bool, np.bool_)) or not isinstance(num, (int, np.integer)):
+        raise TypeError(f"num: expected a positive int, got {num!r}")
+    if num < 1:
+        raise ValueError(f"num: must be >= 1, got {num}")
+    ancestors = _core.resample(rows, SCHEMES.index(scheme), int(num), draw_key(rng))
+    return ancestors[0] if one_row else ancestors
+
+
+def pool_select(
+    logw: npt.ArrayLike, rng: RNGLike = None
+) -> tuple[npt.NDArray[np.int64], FloatArray]:
+    """Pick one index per row with probability ``w_i``, and return it with the row's ``log_mean_w``.
+
+    This is the resampling-pool step of single-particle guided SMC: all ``K`` offspring go to one
+    ancestor drawn by weight, and the estimate of ``Z`` is multiplied by the mean pool weight.
+    """
+    rows, one_row = _as_log_weights(logw)
+    index, log_mean_w = _core.pool_select(rows, draw_key(rng))
+    if one_row:
+        return index[0, ...], log_mean_w[0, ...]
+    return index, log_mean_w
+
+
+def _as_log_z(value: npt.ArrayLike, name: str) -> np.ndarray:
+    array = np.asarray(value)
+    if array.dtype in (np.float16, np.float32) or np.issubdtype(array.dtype, np.integer):
+        array = array.astype(np.float64)
+    if array.dtype != np.float64:
+        raise TypeError(f"{name}: expected float log-values, got dtype {array.dtype}")
+    if array.ndim > 1:
+        raise ValueError(f"{name}: expected a scalar or shape (B,), got shape {array.shape}")
+    return np.ascontiguousarray(array.reshape(-1))
+
+
+def mh_accept(
+    log_z_current: npt.ArrayLike, log_z_proposed: npt.ArrayLike, rng: RNGLike = None
+) -> npt.NDArray[np.bool_]:
+    """Metropolis-Hastings acceptance per row: ``u < exp(log_z_proposed - log_z_current)``, ``u ~ U[0, 1)``.
+
+    Conventions: a current state of weight zero (``-inf``) is always left; otherwise a proposal of
+    weight zero is always rejected. NaN and ``+inf`` are errors.
+    """
+    current = _as_log_z(log_z_current, "log_z_current")
+    proposed = _as_log_z(log_z_proposed, "log_z_proposed")
+    if current.shape != proposed.shape:
+        raise ValueError(
+            f"log_z_proposed: shape {np.shape(log_z_proposed)} does not match "
+            f"log_z_current's {np.shape(log_z_current)}"
+        )
+    if current.size == 0:
+        raise ValueError("log_z_current: expected at least one row, got an empty array")
+    accept = _core.mh_accept(current, proposed, draw_key(rng))
+    return accept.reshape(np.shape(log_z_current))
+
+
+def gather(
+    x: npt.ArrayLike, ancestors: npt.ArrayLike, out: Optional[np.ndarray] = None
+) -> np.ndarray:
+    """Reorder particles: ``out[b, m] = x[b, ancestors[b, m]]`` (or ``out[m] = x[ancestors[m]]`` for 1-D).
+
+    ``x`` has shape ``(B, N, ...)`` with ``ancestors`` ``(B, M)``, or ``(N, ...)`` with ``ancestors``
+    ``(M,)``; any dtype without Python objects and any trailing shape. ``out=x`` reorders in place
+    (needs ``M == N`` and a C-contiguous, writeable ``x``): rows whose ancestor is themselves are not
+    touched, so near-identity ancestries copy little. Every index is checked before anything is written.
+    """
+    index = np.asarray(ancestors)
+    if not np.issubdtype(index.dtype, np.integer):
+        raise TypeError(f"ancestors: expected an integer array, got dtype {index.dtype}")
+    if index.dtype == np.uint64 and index.size and int(index.max()) > np.iinfo(np.int64).max:
+        raise ValueError("ancestors: index out of range (larger than int64)")
+    index = np.ascontiguousarray(index, dtype=np.int64)
+    in_place = out is not None and out is x
+    if in_place:
+        assert isinstance(x, np.ndarray)
+        source = x
+        if not source.flags.c_contiguous or not source.flags.writeable:
+            raise ValueError("out: in-place gather (out=x) needs a C-contiguous, writeable x")
+    else:
+        source = np.ascontiguousarray(x)
+    if source.dtype.hasobject:
+        raise TypeError(f"x: dtype {source.dtype} holds Python objects, which gather cannot copy")
+    if index.ndim not in (1, 2):
+        raise ValueError(f"ancestors: expected shape (M,) or (B, M), got shape {index.shape}")
+    one_row = index.ndim == 1
+    if source.ndim < index.ndim:
+        raise ValueError(
+            f"x: expected at least {index.ndim} dimensions to match ancestors of shape {index.shape}, "
+            f"got shape {source.shape}"
+        )
+    index2 = index.reshape(1, -1) if one_row else index
+    source3 = source.reshape((1, *source.shape)) if one_row else source
+    batch, num_particles = source3.shape[0], source3.shape[1]
+    if index2.shape[0] != batch:
+        raise ValueError(f"ancestors: {index2.shape[0]} rows do not match x's {batch} rows")
+    if num_particles == 0:
+        raise ValueError(f"x: rows must hold at least one particle, got shape {source.shape}")
+    trailing = source3.shape[2:]
+    out_shape = (*((batch,) if not one_row else ()), index2.shape[1], *trailing)
+    row_bytes = source.dtype.itemsize * int(np.prod(trailing, dtype=np.int64))
+    if in_place:
+        if index2.shape[1] != num_particles:
+            raise ValueError(
+                f"out: in-place gather needs as many ancestors as particles, got {index2.shape[1]} and "
+                f"{num_particles}"
+            )
+        target = source
+    elif out is None:
+        target = np.empty(out_shape, dtype=source.dtype)
+    else:
+        if not isinstance(out, np.ndarray):
+            raise TypeError(f"out: expected a numpy array, got {type(out).__name__}")
+        if out.shape != out_shape or out.dtype != source.dtype:
+            raise ValueError(
+                f"out: expected shape {out_shape} and dtype {source.dtype}, got {out.shape} and {out.dtype}"
+            )
+        if not out.flags.c_contiguous or not out.flags.writeable:
+            raise ValueError("out: must be C-contiguous and writeable")
+        if np.shares_memory(out, source):
+            raise ValueError("out: overlaps x without being x itself; pass out=x to reorder in place")
+        target = out
+    if row_bytes == 0 or index2.shape[1] == 0 or batch == 0:
+        return target
+    source_bytes = source3.reshape(batch, num_particles, -1).view(np.uint8)
+    target_bytes = target.reshape(batch, index2.shape[1], -1).view(np.uint8)
+    _core.gather(source_bytes, index2, target_bytes)
+    return target
+
+
+def set_num_threads(num_threads: int) -> None:
+    """Set how many threads large kernel calls may use (results never depend on it)."""
+    if isinstance(num_threads, (bool, np.bool_)) or not isinstance(num_threads, (int, np.integer)):
+        raise TypeError(f"num_threads: expected a positive int, got {num_threads!r}")
+    if num_threads < 1:
+        raise ValueError(f"num_threads: must be >= 1, got {num_threads}")
+    _core.set_num_threads(int(num_threads))
+
+
+def get_num_threads() -> int:
+    """How many threads large kernel calls may use (default: the machine's hardware threads)."""
+    return int(_core.get_num_threads())
+

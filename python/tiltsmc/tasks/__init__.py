@@ -1,0 +1,12 @@
+"""Tasks with exact answers (DESIGN.md, section 2): the test bed of the samplers and diagnostics.
+
+:class:`MarkovDFATask` is a Markov base policy over a small vocabulary with a reward computed by a finite
+automaton; ``V*``, ``Z``, the target's marginals and the Bellman error of any twist are exact (dynamic
+programming in the log domain) for any horizon. It needs only NumPy.
+"""
+
+from __future__ import annotations
+
+from .markov_dfa import BellmanError, MarkovDFATask
+
+__all__ = ["BellmanError", "MarkovDFATask"]
