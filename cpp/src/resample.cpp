@@ -120,7 +120,9 @@ void multinomial_draws(const double* w, std::int64_t last_positive, double total
 void residual_row(double* w, std::int64_t n, const RowWeights& rw, std::int64_t m, UniformStream& stream,
                   std::int64_t* out) {
     const double scale = static_cast<double>(m) / rw.sum;
-    std::vector<std::int64_t> copies(static_cast<std::size_t>(n), 0);
+    static thread_local std::vector<std::int64_t> scratch_copies;
+    std::vector<std::int64_t>& copies = scratch_copies;
+    copies.assign(static_cast<std::size_t>(n), 0);
     std::int64_t assigned = 0;
     std::int64_t last_residual = -1;
     for (std::int64_t i = 0; i < n; ++i) {
@@ -153,7 +155,9 @@ template <typename T>
 Status resample_row(const T* x, std::int64_t n, Scheme scheme, std::int64_t m, std::uint64_t key,
                     std::int64_t row, std::int64_t* out, std::vector<double>& w, bool split) {
     w.resize(static_cast<std::size_t>(n));
-    const RowWeights rw = row_weights(x, n, row, w.data(), split);
+    static thread_local RowWeights scratch;
+    RowWeights& rw = scratch;
+    row_weights(x, n, row, w.data(), split, rw);
     if (!rw.status.ok()) return rw.status;
     UniformStream stream(key, static_cast<std::uint64_t>(row));
     switch (scheme) {

@@ -18,7 +18,9 @@ TILTSMC_SIMD_CLONES void subtract(const T* x, std::int64_t len, double shift, T*
 template <typename T>
 Status normalize_row(const T* x, std::int64_t n, std::int64_t row, bool allow_zero_rows, bool split,
                      T* normalised, double* log_mean_w, double* ess) {
-    const RowWeights rw = row_weights(x, n, row, nullptr, split);
+    static thread_local RowWeights scratch;
+    RowWeights& rw = scratch;
+    row_weights(x, n, row, nullptr, split, rw);
     if (rw.status.code == StatusCode::zero_row && allow_zero_rows) {
         std::fill(normalised, normalised + n, static_cast<T>(-kInf));
         *log_mean_w = -kInf;
@@ -47,7 +49,9 @@ Status normalize_row(const T* x, std::int64_t n, std::int64_t row, bool allow_ze
 template <typename T>
 Status select_row(const T* x, std::int64_t n, std::int64_t row, std::uint64_t key, std::int64_t* index,
                   double* log_mean_w) {
-    const RowWeights rw = row_weights(x, n, row, nullptr, false);
+    static thread_local RowWeights scratch;
+    RowWeights& rw = scratch;
+    row_weights(x, n, row, nullptr, false, rw);
     if (!rw.status.ok()) return rw.status;
     *log_mean_w = rw.shift + std::log(rw.sum) - std::log(static_cast<double>(n));
     UniformStream stream(key, static_cast<std::uint64_t>(row));

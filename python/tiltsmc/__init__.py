@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
-from . import core
+from . import core, diagnostics, models, tasks
+from .samplers import Compute, SamplerResult, best_of_n, mh, rejection, smc, sp_gsmc
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "core"]
+__all__ = [
+    "Compute",
+    "SamplerResult",
+    "__version__",
+    "best_of_n",
+    "core",
+    "diagnostics",
+    "mh",
+    "models",
+    "rejection",
+    "smc",
+    "sp_gsmc",
+    "tasks",
+]

@@ -17,7 +17,9 @@ _fresh_entropy = np.random.default_rng()
 def as_generator(rng: RNGLike) -> np.random.Generator:
     """Normalise ``rng`` with :func:`numpy.random.default_rng` (a ``Generator`` is used as is)."""
     if isinstance(rng, (bool, np.bool_)):
-        raise TypeError("rng: expected None, an int, a SeedSequence, a BitGenerator or a Generator, got a bool")
+        raise TypeError(
+            "rng: expected None, an int, a SeedSequence, a BitGenerator or a Generator, got a bool"
+        )
     try:
         return np.random.default_rng(rng)
     except (TypeError, ValueError) as error:

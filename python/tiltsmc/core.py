@@ -15,6 +15,7 @@ so results depend on the seed only, never on the thread count, and rows are inde
 
 from __future__ import annotations
 
+import math
 from typing import Literal, Optional
 
 import numpy as np
@@ -106,9 +107,7 @@ def resample(
     return ancestors[0] if one_row else ancestors
 
 
-def pool_select(
-    logw: npt.ArrayLike, rng: RNGLike = None
-) -> tuple[npt.NDArray[np.int64], FloatArray]:
+def pool_select(logw: npt.ArrayLike, rng: RNGLike = None) -> tuple[npt.NDArray[np.int64], FloatArray]:
     """Pick one index per row with probability ``w_i``, and return it with the row's ``log_mean_w``.
 
     This is the resampling-pool step of single-particle guided SMC: all ``K`` offspring go to one
@@ -122,14 +121,15 @@ def pool_select(
 
 
 def _as_log_z(value: npt.ArrayLike, name: str) -> np.ndarray:
-    array = np.asarray(value)
-    if array.dtype in (np.float16, np.float32) or np.issubdtype(array.dtype, np.integer):
-        array = array.astype(np.float64)
+    """A scalar or ``(B,)`` of float64 log-values (ints and narrower floats converted)."""
+    array = value if type(value) is np.ndarray else np.asarray(value)
     if array.dtype != np.float64:
-        raise TypeError(f"{name}: expected float log-values, got dtype {array.dtype}")
+        if array.dtype.kind not in "iuf":
+            raise TypeError(f"{name}: expected float log-values, got dtype {array.dtype}")
+        array = array.astype(np.float64)
     if array.ndim > 1:
         raise ValueError(f"{name}: expected a scalar or shape (B,), got shape {array.shape}")
-    return np.ascontiguousarray(array.reshape(-1))
+    return array
 
 
 def mh_accept(
@@ -138,24 +138,23 @@ def mh_accept(
     """Metropolis-Hastings acceptance per row: ``u < exp(log_z_proposed - log_z_current)``, ``u ~ U[0, 1)``.
 
     Conventions: a current state of weight zero (``-inf``) is always left; otherwise a proposal of
-    weight zero is always rejected. NaN and ``+inf`` are errors.
+    weight zero is always rejected. NaN and ``+inf`` are errors. Returns the inputs' shape.
     """
     current = _as_log_z(log_z_current, "log_z_current")
     proposed = _as_log_z(log_z_proposed, "log_z_proposed")
     if current.shape != proposed.shape:
         raise ValueError(
-            f"log_z_proposed: shape {np.shape(log_z_proposed)} does not match "
-            f"log_z_current's {np.shape(log_z_current)}"
+            f"log_z_proposed: shape {proposed.shape} does not match log_z_current's {current.shape}"
         )
     if current.size == 0:
         raise ValueError("log_z_current: expected at least one row, got an empty array")
-    accept = _core.mh_accept(current, proposed, draw_key(rng))
-    return accept.reshape(np.shape(log_z_current))
+    accept = _core.mh_accept(
+        np.ascontiguousarray(current.reshape(-1)), np.ascontiguousarray(proposed.reshape(-1)), draw_key(rng)
+    )
+    return accept.reshape(current.shape)
 
 
-def gather(
-    x: npt.ArrayLike, ancestors: npt.ArrayLike, out: Optional[np.ndarray] = None
-) -> np.ndarray:
+def gather(x: npt.ArrayLike, ancestors: npt.ArrayLike, out: Optional[np.ndarray] = None) -> np.ndarray:
     """Reorder particles: ``out[b, m] = x[b, ancestors[b, m]]`` (or ``out[m] = x[ancestors[m]]`` for 1-D).
 
     ``x`` has shape ``(B, N, ...)`` with ``ancestors`` ``(B, M)``, or ``(N, ...)`` with ``ancestors``
@@ -164,14 +163,19 @@ def gather(
     touched, so near-identity ancestries copy little. Every index is checked before anything is written.
     """
     index = np.asarray(ancestors)
-    if not np.issubdtype(index.dtype, np.integer):
+    if index.dtype.kind not in "iu":
         raise TypeError(f"ancestors: expected an integer array, got dtype {index.dtype}")
     if index.dtype == np.uint64 and index.size and int(index.max()) > np.iinfo(np.int64).max:
         raise ValueError("ancestors: index out of range (larger than int64)")
+    if index.ndim not in (1, 2):
+        raise ValueError(f"ancestors: expected shape (M,) or (B, M), got shape {index.shape}")
     index = np.ascontiguousarray(index, dtype=np.int64)
     in_place = out is not None and out is x
     if in_place:
-        assert isinstance(x, np.ndarray)
+        if not isinstance(x, np.ndarray):
+            raise TypeError(
+                f"out: in-place gather (out=x) needs x to be a numpy array, got {type(x).__name__}"
+            )
         source = x
         if not source.flags.c_contiguous or not source.flags.writeable:
             raise ValueError("out: in-place gather (out=x) needs a C-contiguous, writeable x")
@@ -179,8 +183,6 @@ def gather(
         source = np.ascontiguousarray(x)
     if source.dtype.hasobject:
         raise TypeError(f"x: dtype {source.dtype} holds Python objects, which gather cannot copy")
-    if index.ndim not in (1, 2):
-        raise ValueError(f"ancestors: expected shape (M,) or (B, M), got shape {index.shape}")
     one_row = index.ndim == 1
     if source.ndim < index.ndim:
         raise ValueError(
@@ -196,7 +198,7 @@ def gather(
         raise ValueError(f"x: rows must hold at least one particle, got shape {source.shape}")
     trailing = source3.shape[2:]
     out_shape = (*((batch,) if not one_row else ()), index2.shape[1], *trailing)
-    row_bytes = source.dtype.itemsize * int(np.prod(trailing, dtype=np.int64))
+    row_bytes = source.dtype.itemsize * math.prod(trailing)
     if in_place:
         if index2.shape[1] != num_particles:
             raise ValueError(
@@ -215,10 +217,14 @@ def gather(
             )
         if not out.flags.c_contiguous or not out.flags.writeable:
             raise ValueError("out: must be C-contiguous and writeable")
-        if np.shares_memory(out, source):
+        if np.may_share_memory(out, source) and np.shares_memory(out, source):
             raise ValueError("out: overlaps x without being x itself; pass out=x to reorder in place")
         target = out
     if row_bytes == 0 or index2.shape[1] == 0 or batch == 0:
+        # Nothing to copy, but the ancestors are still checked.
+        if index2.size and (index2.min() < 0 or index2.max() >= num_particles):
+            b, m = np.argwhere((index2 < 0) | (index2 >= num_particles))[0]
+            raise ValueError(f"ancestors: index out of range at row {b}, index {m}")
         return target
     source_bytes = source3.reshape(batch, num_particles, -1).view(np.uint8)
     target_bytes = target.reshape(batch, index2.shape[1], -1).view(np.uint8)
@@ -238,4 +244,3 @@ def set_num_threads(num_threads: int) -> None:
 def get_num_threads() -> int:
     """How many threads large kernel calls may use (default: the machine's hardware threads)."""
     return int(_core.get_num_threads())
-

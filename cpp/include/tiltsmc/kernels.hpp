@@ -58,7 +58,7 @@ Status mh_accept(const double* log_z_current, const double* log_z_proposed, std:
 Status gather(const std::uint8_t* x, std::int64_t rows, std::int64_t n, std::int64_t item_bytes,
               const std::int64_t* ancestors, std::int64_t m, std::uint8_t* out);
 
-// Threads that large calls may use; results never depend on it.
+// Threads that large calls may use (0: the hardware's count); results never depend on it.
 void set_num_threads(int num_threads);
 int get_num_threads();
 

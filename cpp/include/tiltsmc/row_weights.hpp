@@ -161,14 +161,26 @@ struct RowWeights {
     std::vector<double> chunk_offset;  // size chunks + 1
 };
 
-// Computes RowWeights of x[0, n). When w is given it receives exp(x - shift) for every element.
-// With split = true the chunks are spread over threads (for one long row); figures are identical.
+// Computes the RowWeights of x[0, n) into rw (whose buffers are reused: no allocation per row once
+// warm). When w is given it receives exp(x - shift) for every element. With split = true the chunks
+// are spread over threads (for one long row); the figures are identical either way.
 template <typename T>
-RowWeights row_weights(const T* x, std::int64_t n, std::int64_t row, double* w, bool split) {
-    RowWeights rw;
+void row_weights(const T* x, std::int64_t n, std::int64_t row, double* w, bool split, RowWeights& rw) {
+    rw.status = Status{};
+    rw.shift = -kInf;
+    rw.sum = rw.sum_squares = 0.0;
+    rw.last_positive = -1;
     const std::int64_t chunks = (n + kChunk - 1) / kChunk;
-    std::vector<double> maxes(static_cast<std::size_t>(chunks));
-    std::vector<unsigned char> bad(static_cast<std::size_t>(chunks));
+    // Per-thread scratch, bound to references here: lambdas run on worker threads must reach this
+    // thread's buffers, not their own thread_local instances.
+    static thread_local std::vector<double> scratch_maxes, scratch_sums, scratch_squares;
+    static thread_local std::vector<unsigned char> scratch_bad;
+    std::vector<double>& maxes = scratch_maxes;
+    std::vector<double>& sums = scratch_sums;
+    std::vector<double>& squares = scratch_squares;
+    std::vector<unsigned char>& bad = scratch_bad;
+    maxes.resize(static_cast<std::size_t>(chunks));
+    bad.resize(static_cast<std::size_t>(chunks));
     auto for_chunks = [&](auto&& body) {
         if (split) {
             parallel_for(chunks, n, [&](std::int64_t begin, std::int64_t end) {
@@ -189,15 +201,16 @@ RowWeights row_weights(const T* x, std::int64_t n, std::int64_t row, double* w, 
             const std::int64_t begin = c * kChunk;
             rw.status = locate_bad(x + begin, std::min(kChunk, n - begin), row);
             rw.status.index += begin;
-            return rw;
+            return;
         }
         rw.shift = std::max(rw.shift, maxes[static_cast<std::size_t>(c)]);
     }
     if (rw.shift == -kInf) {
         rw.status = {StatusCode::zero_row, row, -1};
-        return rw;
+        return;
     }
-    std::vector<double> sums(static_cast<std::size_t>(chunks)), squares(static_cast<std::size_t>(chunks));
+    sums.resize(static_cast<std::size_t>(chunks));
+    squares.resize(static_cast<std::size_t>(chunks));
     for_chunks([&](std::int64_t c) {
         const std::int64_t begin = c * kChunk, len = std::min(kChunk, n - begin);
         double* sum = &sums[static_cast<std::size_t>(c)];
@@ -221,7 +234,6 @@ RowWeights row_weights(const T* x, std::int64_t n, std::int64_t row, double* w, 
             break;
         }
     }
-    return rw;
 }
 
 }  // namespace tiltsmc

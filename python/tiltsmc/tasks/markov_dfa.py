@@ -44,10 +44,13 @@ import math
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from .models import MarkovPolicy, TableTwist
 
 __all__ = ["BellmanError", "MarkovDFATask"]
 
@@ -576,6 +579,27 @@ class MarkovDFATask:
         return best
 
     # ------------------------------------------------------------------ sampling and enumeration
+
+    def policy(self) -> MarkovPolicy:
+        """The base Markov chain as a token policy for the samplers."""
+        from .models import MarkovPolicy
+
+        return MarkovPolicy(self)
+
+    def twist(self, noise: float = 0.0, rng: RNGLike = None) -> TableTwist:
+        """A twist model: exact ``V*`` at ``noise = 0``, else :meth:`twist_tables` ``(noise, rng)``."""
+        from .models import TableTwist
+
+        return TableTwist(self, self.twist_tables(noise, rng))
+
+    def unguided(self) -> TableTwist:
+        """No guidance: ``Vh_t = 1`` for ``t < T`` and ``Vh_T = r`` (plain importance weighting by ``r``)."""
+        from .models import TableTwist
+
+        shape = (self.vocab_size, self.num_states)
+        levels: LogTables = [0.0] + [np.zeros(shape) for _ in range(self.horizon - 1)]
+        levels.append(np.broadcast_to(self.log_reward, shape).copy())
+        return TableTwist(self, levels)
 
     def sample_exact(self, num: int, rng: RNGLike = None) -> IntArray:
         r"""``(num, T)`` int64 array of independent exact draws from ``pi ∝ p r``.

@@ -1,0 +1,80 @@
+"""The particle batch that policies grow, reward models score and samplers reorder."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .. import core
+
+__all__ = ["Particles"]
+
+
+@dataclass
+class Particles:
+    """``B`` prompts x ``N`` particles, with every per-particle array laid out ``(B, N, ...)``.
+
+    ``tokens[b, i, :lengths[b, i]]`` are the steps generated so far (prompt excluded); ``finished`` marks
+    absorbed particles (never extended again). Models keep any further per-particle state (DFA states, KV
+    caches, attention masks) in ``state`` under their own keys, with the same leading ``(B, N)`` axes, so
+    that :meth:`reorder` carries it through resampling without the models ever resampling themselves.
+    """
+
+    prompts: list[Any]
+    tokens: npt.NDArray[np.int64]
+    lengths: npt.NDArray[np.int64]
+    finished: npt.NDArray[np.bool_]
+    state: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls, prompts: Sequence[Any], num_particles: int, capacity: int) -> Particles:
+        """A batch with no steps yet and room for ``capacity`` tokens per particle."""
+        batch = len(prompts)
+        return cls(
+            prompts=list(prompts),
+            tokens=np.zeros((batch, num_particles, capacity), dtype=np.int64),
+            lengths=np.zeros((batch, num_particles), dtype=np.int64),
+            finished=np.zeros((batch, num_particles), dtype=bool),
+        )
+
+    @property
+    def num_prompts(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def num_particles(self) -> int:
+        return int(self.tokens.shape[1])
+
+    def reorder(self, ancestors: npt.NDArray[np.int64]) -> None:
+        """Particle ``i`` of prompt ``b`` becomes a copy of particle ``ancestors[b, i]`` (in place)."""
+        core.gather(self.tokens, ancestors, out=self.tokens)
+        core.gather(self.lengths, ancestors, out=self.lengths)
+        core.gather(self.finished, ancestors, out=self.finished)
+        for name, array in self.state.items():
+            if array.shape[:2] != self.lengths.shape:
+                raise ValueError(
+                    f"Particles.state[{name!r}]: leading axes {array.shape[:2]} are not (B, N) = "
+                    f"{self.lengths.shape}"
+                )
+            if array.flags.c_contiguous and array.flags.writeable:
+                core.gather(array, ancestors, out=array)
+            else:
+                self.state[name] = core.gather(array, ancestors)
+
+    def take(self, ancestors: npt.NDArray[np.int64]) -> Particles:
+        """A new batch whose particle ``j`` of prompt ``b`` copies particle ``ancestors[b, j]`` (any count)."""
+        return Particles(
+            prompts=list(self.prompts),
+            tokens=core.gather(self.tokens, ancestors),
+            lengths=core.gather(self.lengths, ancestors),
+            finished=core.gather(self.finished, ancestors),
+            state={name: core.gather(array, ancestors) for name, array in self.state.items()},
+        )
+
+    def sequences(self, prompt: int) -> list[npt.NDArray[np.int64]]:
+        """The generated steps of every particle of one prompt, each trimmed to its length."""
+        return [self.tokens[prompt, i, : self.lengths[prompt, i]].copy() for i in range(self.num_particles)]

@@ -1,0 +1,120 @@
+"""Shared machinery of the samplers: timed model calls, argument checks, log-sum-exp helpers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import numpy as np
+import numpy.typing as npt
+
+from ..models.particles import Particles
+from ..models.protocols import Policy, RewardModel, TokenPolicy, TwistModel
+from .result import Compute
+
+FloatArray = npt.NDArray[np.float64]
+
+
+def check_count(value: Any, name: str, minimum: int = 1) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: expected an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name}: must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def logsumexp(a: FloatArray, axis: int = -1) -> FloatArray:
+    """Stable log(sum(exp(a))) along ``axis``; all -inf gives -inf (no warnings)."""
+    shift = np.max(a, axis=axis, keepdims=True)
+    shift = np.where(np.isfinite(shift), shift, 0.0)
+    with np.errstate(divide="ignore"):
+        return np.log(np.sum(np.exp(a - shift), axis=axis)) + np.squeeze(shift, axis=axis)
+
+
+class Models:
+    """The policy and reward model of one run, with every call counted and timed into ``compute``."""
+
+    def __init__(self, policy: Policy, reward: RewardModel, compute: Compute) -> None:
+        if not isinstance(policy, Policy):
+            raise TypeError(f"policy: {type(policy).__name__} does not implement start() and propose()")
+        if not isinstance(reward, RewardModel):
+            raise TypeError(
+                f"reward: {type(reward).__name__} does not implement initial_log_value() and log_value()"
+            )
+        self.policy = policy
+        self.reward = reward
+        self.compute = compute
+
+    def supports_optimal_proposal(self) -> bool:
+        return isinstance(self.policy, TokenPolicy) and isinstance(self.reward, TwistModel)
+
+    def start(self, prompts: Optional[Sequence[Any]], num_particles: int) -> Particles:
+        began = time.perf_counter()
+        particles = self.policy.start(prompts, num_particles)
+        self.compute.policy_seconds += time.perf_counter() - began
+        return particles
+
+    def propose(self, particles: Particles, rng: np.random.Generator) -> FloatArray:
+        live = int(np.count_nonzero(~particles.finished))
+        began = time.perf_counter()
+        log_p = np.asarray(self.policy.propose(particles, rng), dtype=np.float64)
+        self.compute.policy_seconds += time.perf_counter() - began
+        self.compute.policy_calls += 1
+        self.compute.policy_steps += live
+        return log_p
+
+    def next_log_probs(self, particles: Particles) -> FloatArray:
+        assert isinstance(self.policy, TokenPolicy)
+        began = time.perf_counter()
+        log_p = np.asarray(self.policy.next_log_probs(particles), dtype=np.float64)
+        self.compute.policy_seconds += time.perf_counter() - began
+        self.compute.policy_calls += 1
+        self.compute.policy_steps += int(np.count_nonzero(~particles.finished))
+        return log_p
+
+    def append(self, particles: Particles, tokens: npt.NDArray[np.int64]) -> None:
+        assert isinstance(self.policy, TokenPolicy)
+        began = time.perf_counter()
+        self.policy.append(particles, tokens)
+        self.compute.policy_seconds += time.perf_counter() - began
+
+    def initial_log_value(self, particles: Particles) -> FloatArray:
+        began = time.perf_counter()
+        value = np.asarray(self.reward.initial_log_value(particles), dtype=np.float64)
+        self.compute.reward_seconds += time.perf_counter() - began
+        if value.shape != (particles.num_prompts,):
+            raise ValueError(
+                f"reward: initial_log_value returned shape {value.shape}, expected ({particles.num_prompts},)"
+            )
+        return check_log_values(value, "initial_log_value")
+
+    def log_value(self, particles: Particles) -> FloatArray:
+        began = time.perf_counter()
+        value = np.asarray(self.reward.log_value(particles), dtype=np.float64)
+        self.compute.reward_seconds += time.perf_counter() - began
+        self.compute.reward_calls += 1
+        self.compute.reward_evaluations += value.size
+        if value.shape != particles.lengths.shape:
+            raise ValueError(
+                f"reward: log_value returned shape {value.shape}, expected (B, N) = {particles.lengths.shape}"
+                " (do the policy and the reward model agree on the batch?)"
+            )
+        return check_log_values(value, "log_value")
+
+    def next_log_values(self, particles: Particles) -> FloatArray:
+        assert isinstance(self.reward, TwistModel)
+        began = time.perf_counter()
+        value = np.asarray(self.reward.next_log_values(particles), dtype=np.float64)
+        self.compute.reward_seconds += time.perf_counter() - began
+        self.compute.reward_calls += 1
+        self.compute.reward_evaluations += value.size
+        return check_log_values(value, "next_log_values")
+
+
+def check_log_values(value: FloatArray, name: str) -> FloatArray:
+    """Log-values are finite or -inf (a zero value); NaN or +inf means a broken reward model."""
+    if not np.all(value < np.inf):
+        what = "NaN" if np.isnan(value).any() else "+inf"
+        raise ValueError(f"reward: {name} returned {what} (log-values must be finite or -inf: r >= 0)")
+    return value
