@@ -66,7 +66,7 @@ class Particles:
                 self.state[name] = core.gather(array, ancestors)
 
     def take(self, ancestors: npt.NDArray[np.int64]) -> Particles:
-        """A new batch whose particle ``j`` of prompt ``b`` copies particle ``ancestors[b, j]`` (any count)."""
+        """A new batch: particle ``j`` of prompt ``b`` copies particle ``ancestors[b, j]`` (any count)."""
         return Particles(
             prompts=list(self.prompts),
             tokens=core.gather(self.tokens, ancestors),
