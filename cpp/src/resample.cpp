@@ -1,6 +1,7 @@
 // Resampling: systematic, stratified, multinomial and residual, each O(n + m) per row.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "tiltsmc/kernels.hpp"
@@ -26,62 +27,88 @@ void walk_points(const double* w, std::int64_t last_positive, std::int64_t count
 }
 
 // Number of systematic points (j + u) / m * total, j in [0, m), lying below cumulative weight c:
-// clamp(ceil(c * m / total - u), 0, m), with ceil done by truncation so it stays branch-free.
+// clamp(ceil(c * m / total - u), 0, m).
 inline std::int64_t points_below(double c, double scale, double u, std::int64_t m) {
-    const double x = c * scale - u;
-    const double positive = x > 0.0 ? x : 0.0;
-    const double capped = positive < static_cast<double>(m) ? positive : static_cast<double>(m);
-    const std::int64_t whole = static_cast<std::int64_t>(capped);
-    return whole + (static_cast<double>(whole) < capped ? 1 : 0);
+    const double x = std::min(std::max(c * scale - u, 0.0), static_cast<double>(m));
+    const double rounded = (x + 4503599627370496.0) - 4503599627370496.0;  // nearest integer (x < 2^52)
+    return static_cast<std::int64_t>(rounded) + (rounded < x ? 1 : 0);
+}
+
+// points_below for the eight cumulative weights base + (inclusive prefix sums of w[0..8)), written as
+// int64 over w itself; returns the last cumulative weight. Branch-free: an in-register scan and the
+// 2^52 rounding trick for ceil.
+TILTSMC_SIMD_CLONES void points_below_block(double* w, std::int64_t count, double base, double chunk_end,
+                                            double scale, double u, std::int64_t m, double* last) {
+    const Vec8 zero = splat(0.0), two52 = splat(4503599627370496.0), limit = splat(static_cast<double>(m));
+    std::int64_t i = 0;
+    for (; i + kLanes <= count; i += kLanes) {
+        Vec8 s = load8(w + i);
+        s += __builtin_shufflevector(s, zero, 8, 0, 1, 2, 3, 4, 5, 6);
+        s += __builtin_shufflevector(s, zero, 8, 8, 0, 1, 2, 3, 4, 5);
+        s += __builtin_shufflevector(s, zero, 8, 8, 8, 8, 0, 1, 2, 3);
+        Vec8 c = base + s;
+        c = c < chunk_end ? c : splat(chunk_end);
+        base = c[7];
+        Vec8 x = c * scale - u;
+        x = x > zero ? x : zero;
+        x = x < limit ? x : limit;
+        const Vec8 shifted = x + two52;
+        const Vec8 rounded = shifted - two52;
+        const Mask8 next =
+            (reinterpret_cast<const Mask8&>(shifted) - std::int64_t{0x4330000000000000}) - (rounded < x);
+        std::memcpy(w + i, &next, sizeof next);
+    }
+    for (; i < count; ++i) {
+        base = std::min(base + w[i], chunk_end);
+        const std::int64_t next = points_below(base, scale, u, m);
+        std::memcpy(w + i, &next, sizeof next);
+    }
+    *last = base;
+}
+
+// Writes particle i into out[start_i, stop_i) for i in [begin, end), where stop_i is stored (as int64)
+// over w[i] and start_i = stop_{i-1} (first: `start`); slots at or past `limit` belong to another chunk.
+// Every particle writes its index to the first four slots it would own and a later particle
+// overwrites the slots it owns, so only runs of five or more children take a loop (no branch on the
+// child count, which is random). Plain pointer arguments let the compiler keep everything in registers.
+void write_children(const double* __restrict w, std::int64_t begin, std::int64_t end, std::int64_t start,
+                    std::int64_t limit, std::int64_t* __restrict out) {
+    std::int64_t spill[4];
+    for (std::int64_t i = begin; i < end; ++i) {
+        std::int64_t stop;
+        std::memcpy(&stop, w + i, sizeof stop);
+        for (int k = 0; k < 4; ++k) *(start + k < limit ? out + start + k : spill + k) = i;
+        for (std::int64_t j = start + 4; j < stop; ++j) out[j] = i;
+        start = stop > start ? stop : start;
+    }
 }
 
 // Systematic: particle i owns output slots [points_below(C_{i-1}), points_below(C_i)). Chunk c covers
-// its particles and the slots their cumulative range owns, so chunks run independently.
-//
-// Branch-free emission: every particle writes its index to the first two slots it would own; a later
-// particle overwrites slots it owns, so only runs of three or more children need a loop. Cumulative
-// sums are formed in blocks of 8 (a local prefix added to the block's base) so the dependency chain
-// is one addition per block; min(., chunk_end) keeps them monotone and ends each chunk exactly.
-void systematic_row(const double* w, std::int64_t n, const RowWeights& rw, std::int64_t m, double u,
+// its particles and the slots their cumulative range owns, so chunks run independently. First the
+// slot boundaries of the whole chunk (vectorised, stored over w), then the writes.
+void systematic_row(double* w, std::int64_t n, const RowWeights& rw, std::int64_t m, double u,
                     std::int64_t* out, bool split) {
     const std::int64_t chunks = static_cast<std::int64_t>(rw.chunk_offset.size()) - 1;
     const double scale = static_cast<double>(m) / rw.sum;
     auto chunk = [&](std::int64_t c) {
         const std::int64_t begin = c * kChunk, end = std::min(n, begin + kChunk);
+        if (begin > rw.last_positive) return;  // owns no slots
+        const double chunk_start = rw.chunk_offset[static_cast<std::size_t>(c)];
         const double chunk_end = rw.chunk_offset[static_cast<std::size_t>(c + 1)];
-        double base = rw.chunk_offset[static_cast<std::size_t>(c)];
-        std::int64_t start = points_below(base, scale, u, m);
-        // Slots this chunk owns end at `limit`; speculative writes past it go to `spill`, so chunks on
-        // different threads never write the same slot.
-        const std::int64_t limit =
-            rw.last_positive < end ? m : points_below(chunk_end, scale, u, m);
-        std::int64_t spill = 0;
-        auto emit = [&](std::int64_t i, std::int64_t next) {
-            *(start < limit ? out + start : &spill) = i;
-            *(start + 1 < limit ? out + start + 1 : &spill) = i;
-            for (std::int64_t j = start + 2; j < next; ++j) out[j] = i;
-            start = next > start ? next : start;
+        double last;
+        points_below_block(w + begin, end - begin, chunk_start, chunk_end, scale, u, m, &last);
+        auto next = [&](std::int64_t i) {  // the boundaries, stored over w
+            std::int64_t value;
+            std::memcpy(&value, w + i, sizeof value);
+            return value;
         };
-        // The block loop stops before the chunk's final particle and before the last positive one.
-        const std::int64_t last = std::min(end - 1, rw.last_positive);
-        std::int64_t i = begin;
-        for (; i + 8 <= last; i += 8) {
-            double prefix[8];
-            double running = 0.0;
-            for (int k = 0; k < 8; ++k) prefix[k] = running += w[i + k];
-            std::int64_t next[8];
-            for (int k = 0; k < 8; ++k) {
-                const double cumulative = std::min(base + prefix[k], chunk_end);
-                next[k] = points_below(cumulative, scale, u, m);
-            }
-            base = std::min(base + prefix[7], chunk_end);
-            for (int k = 0; k < 8; ++k) emit(i + k, next[k]);
-        }
-        for (; i < end && i <= rw.last_positive; ++i) {
-            base = std::min(base + w[i], chunk_end);
-            const bool final_particle = i == rw.last_positive;
-            emit(i, final_particle ? m : points_below(i + 1 == end ? chunk_end : base, scale, u, m));
-        }
+        auto set_next = [&](std::int64_t i, std::int64_t value) { std::memcpy(w + i, &value, sizeof value); };
+        // The chunk ends exactly at its offset; the last positive particle takes every slot left.
+        const bool owns_tail = rw.last_positive < end;
+        if (!owns_tail) set_next(end - 1, points_below(chunk_end, scale, u, m));
+        for (std::int64_t i = std::max(begin, rw.last_positive); i < end; ++i) set_next(i, m);
+        const std::int64_t limit = owns_tail ? m : next(end - 1);
+        write_children(w, begin, end, points_below(chunk_start, scale, u, m), limit, out);
     };
     if (split) {
         parallel_for(chunks, n + m, [&](std::int64_t b, std::int64_t e) {

@@ -118,6 +118,32 @@ TILTSMC_SIMD_CLONES inline void chunk_exp_sums(const T* x, std::int64_t len, dou
                                                double* sum, double* sum_squares) {
     Vec8 acc = splat(0.0), acc2 = splat(0.0);
     std::int64_t i = 0;
+    // Four independent vectors per iteration: the polynomial is a long dependency chain, so
+    // interleaving chains keeps the vector units busy.
+    Vec8 acc_b = splat(0.0), acc2_b = splat(0.0), acc_c = splat(0.0), acc2_c = splat(0.0);
+    Vec8 acc_d = splat(0.0), acc2_d = splat(0.0);
+    for (; i + 4 * kLanes <= len; i += 4 * kLanes) {
+        const Vec8 w0 = exp_nonpositive(load8(x + i) - shift);
+        const Vec8 w1 = exp_nonpositive(load8(x + i + kLanes) - shift);
+        const Vec8 w2 = exp_nonpositive(load8(x + i + 2 * kLanes) - shift);
+        const Vec8 w3 = exp_nonpositive(load8(x + i + 3 * kLanes) - shift);
+        if constexpr (StoreWeights) {
+            std::memcpy(w_out + i, &w0, sizeof w0);
+            std::memcpy(w_out + i + kLanes, &w1, sizeof w1);
+            std::memcpy(w_out + i + 2 * kLanes, &w2, sizeof w2);
+            std::memcpy(w_out + i + 3 * kLanes, &w3, sizeof w3);
+        }
+        acc += w0;
+        acc2 += w0 * w0;
+        acc_b += w1;
+        acc2_b += w1 * w1;
+        acc_c += w2;
+        acc2_c += w2 * w2;
+        acc_d += w3;
+        acc2_d += w3 * w3;
+    }
+    acc += (acc_b + acc_c) + acc_d;
+    acc2 += (acc2_b + acc2_c) + acc2_d;
     for (; i + kLanes <= len; i += kLanes) {
         const Vec8 w = exp_nonpositive(load8(x + i) - shift);
         if constexpr (StoreWeights) std::memcpy(w_out + i, &w, sizeof w);
