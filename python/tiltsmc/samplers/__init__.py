@@ -1,8 +1,12 @@
-"""Samplers of the reward-tilted distribution ``pi ∝ p r`` (DESIGN.md §1), model-agnostic and batched."""
+"""Samplers of the reward-tilted distribution ``pi ∝ p r`` (DESIGN.md §1), model-agnostic and batched.
 
-from .mh import mh
+``sequential``: SMC and single-particle guided SMC; ``correction``: the resampling-pool MH / PIMH
+correction; ``baselines``: rejection sampling and best-of-N.
+"""
+
+from .baselines import best_of_n, rejection
+from .correction import mh
 from .result import Compute, SamplerResult
-from .simple import best_of_n, rejection
-from .smc import smc, sp_gsmc
+from .sequential import smc, sp_gsmc
 
 __all__ = ["Compute", "SamplerResult", "best_of_n", "mh", "rejection", "smc", "sp_gsmc"]

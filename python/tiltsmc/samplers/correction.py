@@ -20,7 +20,7 @@ from .._rng import RNGLike, as_generator
 from ..models.protocols import Policy, RewardModel
 from ._engine import Models, check_count, logsumexp
 from .result import Compute, SamplerResult
-from .smc import _check_common, _run_pool, _run_smc
+from .sequential import _check_common, _run_pool, _run_smc
 
 __all__ = ["mh"]
 
