@@ -88,6 +88,13 @@ class SamplerResult:
         """Normalised weights of one prompt's samples."""
         return np.exp(self.log_weights[prompt])
 
+    def weight_histogram(
+        self, prompt: int, bins: int = 20
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+        """Histogram of one prompt's normalised weights, as ``numpy.histogram`` returns it (counts, edges)."""
+        counts, edges = np.histogram(self.weights(prompt), bins=bins, range=(0.0, 1.0))
+        return counts.astype(np.int64), edges
+
     def collapse_warnings(self) -> list[str]:
         return [
             f"prompt {b}: every particle weight became zero (particle collapse); log_z = -inf"

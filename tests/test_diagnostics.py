@@ -1,0 +1,101 @@
+"""The Bellman-error estimator against the exact dynamic programme of the test-bed task."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tiltsmc
+from tiltsmc.tasks import MarkovDFATask
+from tiltsmc.tasks.models import TableTwist
+
+
+@pytest.fixture(scope="module")
+def task() -> MarkovDFATask:
+    # V=3, Q=3, T=4: at most 9 (token, state) summaries per level, so 3000 rollouts visit every
+    # reachable prefix summary (the rarest has probability well above 1e-2 for this seed).
+    return MarkovDFATask.random(3, 3, 4, rng=11, zero_reward_fraction=0.0)
+
+
+def test_exact_method_equals_the_dynamic_programme(task: MarkovDFATask) -> None:
+    tables = task.twist_tables(0.4, rng=5)
+    exact = task.bellman_error(tables)
+    estimate = tiltsmc.diagnostics.bellman_error(
+        task.policy(), TableTwist(task, tables), num_prefixes=3000, rng=1
+    )
+    assert estimate.method == "exact"
+    np.testing.assert_allclose(estimate.per_step, exact.per_step, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(estimate.gauge_per_step, exact.gauge_per_step, rtol=1e-9, atol=1e-12)
+    assert estimate.eps == pytest.approx(exact.eps, rel=1e-9)
+    assert estimate.ratio_bound == pytest.approx(exact.ratio_bound, rel=1e-9)
+    assert estimate.eps_low == estimate.eps == estimate.eps_high
+
+
+def test_exact_twist_has_zero_error(task: MarkovDFATask) -> None:
+    estimate = tiltsmc.diagnostics.bellman_error(task.policy(), task.twist(), num_prefixes=500, rng=2)
+    assert estimate.eps < 1e-9
+
+
+def test_few_prefixes_never_overstate_the_exact_supremum(task: MarkovDFATask) -> None:
+    tables = task.twist_tables(0.4, rng=5)
+    exact = task.bellman_error(tables)
+    estimate = tiltsmc.diagnostics.bellman_error(
+        task.policy(), TableTwist(task, tables), num_prefixes=3, rng=3
+    )
+    assert np.all(estimate.per_step <= exact.per_step + 1e-12)
+
+
+def test_sampled_method_brackets_the_exact_value(task: MarkovDFATask) -> None:
+    # Each visited prefix's ratio is estimated from 400 continuations with a z = 4 normal interval
+    # (delta method on the log); with every summary visited, the exact supremum lies in
+    # [max of lower ends, max of upper ends] unless one of ~40 intervals misses (probability ~1e-3).
+    tables = task.twist_tables(0.4, rng=5)
+    exact = task.bellman_error(tables)
+    estimate = tiltsmc.diagnostics.bellman_error(
+        task.policy(),
+        TableTwist(task, tables),
+        num_prefixes=200,
+        samples_per_prefix=400,
+        method="sampled",
+        z=4.0,
+        rng=4,
+    )
+    assert estimate.method == "sampled" and estimate.samples_per_prefix == 400
+    assert np.all(estimate.per_step_low <= exact.per_step + 1e-12)
+    assert np.all(exact.per_step <= estimate.per_step_high + 1e-12)
+    assert estimate.eps_low <= exact.eps <= estimate.eps_high
+
+
+def test_bad_arguments(task: MarkovDFATask) -> None:
+    with pytest.raises(ValueError, match="num_prefixes"):
+        tiltsmc.diagnostics.bellman_error(task.policy(), task.twist(), num_prefixes=0)
+    with pytest.raises(ValueError, match="method"):
+        tiltsmc.diagnostics.bellman_error(task.policy(), task.twist(), method="guess")  # type: ignore[arg-type]
+
+    class ValueOnly:
+        def __init__(self, twist: TableTwist) -> None:
+            self.twist = twist
+
+        def initial_log_value(self, particles):  # type: ignore[no-untyped-def]
+            return self.twist.initial_log_value(particles)
+
+        def log_value(self, particles):  # type: ignore[no-untyped-def]
+            return self.twist.log_value(particles)
+
+    with pytest.raises(ValueError, match="twist head"):
+        tiltsmc.diagnostics.bellman_error(task.policy(), ValueOnly(task.twist()), method="exact")
+    estimate = tiltsmc.diagnostics.bellman_error(
+        task.policy(), ValueOnly(task.twist()), num_prefixes=50, samples_per_prefix=20, rng=0
+    )
+    assert estimate.method == "sampled"
+    assert estimate.to_dict()["method"] == "sampled"
+
+
+def test_result_weight_histogram_and_collapse_warnings(task: MarkovDFATask) -> None:
+    result = tiltsmc.smc(task.policy(), task.twist(0.3, rng=1), prompts=[()] * 2, num_particles=50, rng=0)
+    counts, edges = result.weight_histogram(0, bins=10)
+    assert counts.sum() == 50 and edges[0] == 0.0 and edges[-1] == 1.0
+    assert result.collapse_warnings() == []
+    needle = MarkovDFATask.needle(4, 10, rng=0)
+    collapsed = tiltsmc.smc(needle.policy(), needle.unguided(), num_particles=4, rng=0)
+    assert collapsed.collapsed[0]
+    assert "collapse" in collapsed.collapse_warnings()[0]
