@@ -14,6 +14,7 @@ namespace {
 // Ancestors for ascending points p_0 <= p_1 <= ... (on the scale of the unnormalised cumulative
 // weights C_i = w_0 + ... + w_i): ancestor(p) is the first i with C_i > p, never past last_positive,
 // so weight-zero particles are never chosen.
+// point(j) may read storage that out[j] overwrites: it is read before the write.
 template <typename Points>
 void walk_points(const double* w, std::int64_t last_positive, std::int64_t count, Points&& point,
                  std::int64_t* out) {
@@ -119,16 +120,43 @@ void systematic_row(double* w, std::int64_t n, const RowWeights& rw, std::int64_
     }
 }
 
+// Stratified: point j is (j + u_j) / m * total. Below cumulative weight c (x = c m / total) lie the
+// floor(x) strata wholly below x, plus stratum k = floor(x) when u_k < x - k. Particle i owns the
+// slots between the counts at C_{i-1} and C_i, written as for systematic resampling.
+void stratified_row(double* w, std::int64_t n, const RowWeights& rw, std::int64_t m, UniformStream& stream,
+                    std::int64_t* out) {
+    static thread_local std::vector<double> scratch_uniforms;
+    std::vector<double>& u = scratch_uniforms;
+    u.resize(static_cast<std::size_t>(m));
+    stream.fill(u.data(), m);
+    const double scale = static_cast<double>(m) / rw.sum;
+    auto below = [&](double c) -> std::int64_t {
+        const double x = std::min(std::max(c * scale, 0.0), static_cast<double>(m));
+        const auto k = static_cast<std::int64_t>(x);
+        if (k >= m) return m;
+        return k + (u[static_cast<std::size_t>(k)] < x - static_cast<double>(k) ? 1 : 0);
+    };
+    double cumulative = 0.0;
+    for (std::int64_t i = 0; i < n; ++i) {
+        cumulative += w[i];
+        const std::int64_t next = i >= rw.last_positive ? m : below(std::min(cumulative, rw.sum));
+        std::memcpy(w + i, &next, sizeof next);
+    }
+    write_children(w, 0, n, 0, m, out);
+}
+
 // Multinomial from sorted uniforms: with E_0..E_m iid Exp(1) and S_j = E_0 + ... + E_j, the points
 // S_j / S_m (j < m) are distributed as m sorted iid uniforms. The partial sums are kept in the
 // output buffer (as doubles) and overwritten by ancestors as the walk passes them.
 void multinomial_draws(const double* w, std::int64_t last_positive, double total, std::int64_t m,
                        UniformStream& stream, std::int64_t* out) {
-    static_assert(sizeof(double) == sizeof(std::int64_t), "points are stored in the ancestor buffer");
+    static_assert(sizeof(double) == sizeof(std::int64_t), "uniforms are staged in the ancestor buffer");
+    double* staged = reinterpret_cast<double*>(out);
+    stream.fill(staged, m);
     double running = 0.0;
     for (std::int64_t j = 0; j < m; ++j) {
-        running += -std::log(stream.next_open_zero());
-        std::memcpy(out + j, &running, sizeof running);
+        running += -std::log(1.0 - staged[j]);  // 1 - u lies in (0, 1]
+        staged[j] = running;
     }
     running += -std::log(stream.next_open_zero());
     const double scale = total / running;
@@ -191,13 +219,9 @@ Status resample_row(const T* x, std::int64_t n, Scheme scheme, std::int64_t m, s
         case Scheme::systematic:
             systematic_row(w.data(), n, rw, m, stream.next(), out, split);
             break;
-        case Scheme::stratified: {
-            const double scale = rw.sum / static_cast<double>(m);
-            walk_points(
-                w.data(), rw.last_positive, m,
-                [&](std::int64_t j) { return (static_cast<double>(j) + stream.next()) * scale; }, out);
+        case Scheme::stratified:
+            stratified_row(w.data(), n, rw, m, stream, out);
             break;
-        }
         case Scheme::multinomial:
             multinomial_draws(w.data(), rw.last_positive, rw.sum, m, stream, out);
             break;

@@ -13,7 +13,12 @@ def mh_accept(
     log_z_current: npt.NDArray[np.float64], log_z_proposed: npt.NDArray[np.float64], key: int
 ) -> npt.NDArray[np.bool_]: ...
 def gather(
-    x: npt.NDArray[np.uint8], ancestors: npt.NDArray[np.int64], out: npt.NDArray[np.uint8]
+    x: np.ndarray,
+    ancestors: npt.NDArray[np.int64],
+    out: np.ndarray,
+    rows: int,
+    num_particles: int,
+    item_bytes: int,
 ) -> None: ...
 def set_num_threads(num_threads: int) -> None: ...
 def get_num_threads() -> int: ...

@@ -37,6 +37,7 @@ __all__ = [
 
 Scheme = Literal["multinomial", "stratified", "systematic", "residual"]
 SCHEMES: tuple[str, ...] = ("multinomial", "stratified", "systematic", "residual")
+_SCHEME_CODES = {name: code for code, name in enumerate(SCHEMES)}  # the core's Scheme enum
 
 FloatArray = npt.NDArray[np.floating]
 
@@ -47,18 +48,23 @@ def _as_log_weights(logw: npt.ArrayLike, name: str = "logw") -> tuple[np.ndarray
     Lossless conversions only: float16 becomes float32 and non-contiguous input is copied; integer,
     boolean, complex and object input is refused.
     """
-    array = np.asarray(logw)
-    if array.dtype == np.float16:
+    array = logw if type(logw) is np.ndarray else np.asarray(logw)
+    kind = array.dtype.char  # comparing characters is much cheaper than comparing dtypes
+    if kind == "e":
         array = array.astype(np.float32)
-    if array.dtype not in (np.float32, np.float64):
+    elif kind not in "fd":
         raise TypeError(f"{name}: expected float32 or float64 log-weights, got dtype {array.dtype}")
-    if array.ndim not in (1, 2):
-        raise ValueError(f"{name}: expected shape (N,) or (B, N), got {array.ndim}-D shape {array.shape}")
-    one_row = array.ndim == 1
-    rows = array.reshape(1, -1) if one_row else array
+    elif not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))  # byte-swapped input: lossless conversion
+    ndim = array.ndim
+    if ndim != 1 and ndim != 2:
+        raise ValueError(f"{name}: expected shape (N,) or (B, N), got {ndim}-D shape {array.shape}")
+    rows = array.reshape(1, -1) if ndim == 1 else array
     if rows.shape[1] == 0:
         raise ValueError(f"{name}: rows must hold at least one particle, got shape {array.shape}")
-    return np.ascontiguousarray(rows), one_row
+    if not rows.flags.c_contiguous:
+        rows = np.ascontiguousarray(rows)
+    return rows, ndim == 1
 
 
 def log_normalize(
@@ -94,16 +100,19 @@ def resample(
     draws ``num`` independent indices (sorted uniforms from normalised exponential spacings, O(N + num)).
     Particles of weight zero are never chosen.
     """
-    if not isinstance(scheme, str) or scheme not in SCHEMES:
+    code = _SCHEME_CODES.get(scheme) if isinstance(scheme, str) else None
+    if code is None:
         raise ValueError(f"scheme: expected one of {', '.join(SCHEMES)}, got {scheme!r}")
     rows, one_row = _as_log_weights(logw)
     if num is None:
         num = rows.shape[1]
-    if isinstance(num, (bool, np.bool_)) or not isinstance(num, (int, np.integer)):
-        raise TypeError(f"num: expected a positive int, got {num!r}")
+    elif type(num) is not int:
+        if isinstance(num, (bool, np.bool_)) or not isinstance(num, (int, np.integer)):
+            raise TypeError(f"num: expected a positive int, got {num!r}")
+        num = int(num)
     if num < 1:
         raise ValueError(f"num: must be >= 1, got {num}")
-    ancestors = _core.resample(rows, SCHEMES.index(scheme), int(num), draw_key(rng))
+    ancestors = _core.resample(rows, code, num, draw_key(rng))
     return ancestors[0] if one_row else ancestors
 
 
@@ -162,14 +171,15 @@ def gather(x: npt.ArrayLike, ancestors: npt.ArrayLike, out: Optional[np.ndarray]
     (needs ``M == N`` and a C-contiguous, writeable ``x``): rows whose ancestor is themselves are not
     touched, so near-identity ancestries copy little. Every index is checked before anything is written.
     """
-    index = np.asarray(ancestors)
+    index = ancestors if type(ancestors) is np.ndarray else np.asarray(ancestors)
     if index.dtype.kind not in "iu":
         raise TypeError(f"ancestors: expected an integer array, got dtype {index.dtype}")
     if index.dtype == np.uint64 and index.size and int(index.max()) > np.iinfo(np.int64).max:
         raise ValueError("ancestors: index out of range (larger than int64)")
     if index.ndim not in (1, 2):
         raise ValueError(f"ancestors: expected shape (M,) or (B, M), got shape {index.shape}")
-    index = np.ascontiguousarray(index, dtype=np.int64)
+    if index.dtype != np.int64 or not index.flags.c_contiguous:
+        index = np.ascontiguousarray(index, dtype=np.int64)
     in_place = out is not None and out is x
     if in_place:
         if not isinstance(x, np.ndarray):
@@ -179,6 +189,8 @@ def gather(x: npt.ArrayLike, ancestors: npt.ArrayLike, out: Optional[np.ndarray]
         source = x
         if not source.flags.c_contiguous or not source.flags.writeable:
             raise ValueError("out: in-place gather (out=x) needs a C-contiguous, writeable x")
+    elif type(x) is np.ndarray and x.flags.c_contiguous:
+        source = x
     else:
         source = np.ascontiguousarray(x)
     if source.dtype.hasobject:
@@ -226,9 +238,7 @@ def gather(x: npt.ArrayLike, ancestors: npt.ArrayLike, out: Optional[np.ndarray]
             b, m = np.argwhere((index2 < 0) | (index2 >= num_particles))[0]
             raise ValueError(f"ancestors: index out of range at row {b}, index {m}")
         return target
-    source_bytes = source3.reshape(batch, num_particles, -1).view(np.uint8)
-    target_bytes = target.reshape(batch, index2.shape[1], -1).view(np.uint8)
-    _core.gather(source_bytes, index2, target_bytes)
+    _core.gather(source, index2, target, batch, num_particles, row_bytes)
     return target
 
 

@@ -1,18 +1,23 @@
-// Static work splitting over std::thread for large calls; small calls run inline (no thread start-up).
+// Static work splitting for large calls over a small persistent thread pool; small calls run inline.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 #include <exception>
-#include <thread>
+#include <functional>
 #include <vector>
 
 #include "tiltsmc/kernels.hpp"
 
 namespace tiltsmc {
 
-// Below this many elements (or bytes for gather) of work a call stays on the calling thread.
+// Below this many elements (or bytes / 16 for gather) of work a call stays on the calling thread.
 constexpr std::int64_t kParallelThreshold = std::int64_t{1} << 16;
+
+// Runs part(t) for t in [0, parts) at once on the calling thread and up to parts - 1 pool workers;
+// returns false (running nothing) when the pool is unavailable: busy with another caller, or called
+// from inside a pool worker. Exceptions from parts are rethrown on the calling thread.
+bool run_on_pool(int parts, const std::function<void(int)>& part);
 
 // Calls body(begin, end) on contiguous ranges covering [0, tasks): on the calling thread when the
 // work is small, otherwise split over up to get_num_threads() threads. Bodies must write disjoint data.
@@ -20,26 +25,14 @@ template <typename Body>
 void parallel_for(std::int64_t tasks, std::int64_t work, const Body& body) {
     const std::int64_t threads =
         std::min<std::int64_t>(get_num_threads(), std::max<std::int64_t>(tasks, 1));
-    if (threads <= 1 || work < kParallelThreshold) {
-        if (tasks > 0) body(std::int64_t{0}, tasks);
-        return;
-    }
-    std::vector<std::thread> workers;
-    std::vector<std::exception_ptr> errors(static_cast<std::size_t>(threads));
-    workers.reserve(static_cast<std::size_t>(threads - 1));
-    auto run = [&](std::int64_t t) {
-        const std::int64_t begin = tasks * t / threads, end = tasks * (t + 1) / threads;
-        try {
+    if (threads > 1 && work >= kParallelThreshold) {
+        const bool ran = run_on_pool(static_cast<int>(threads), [&](int t) {
+            const std::int64_t begin = tasks * t / threads, end = tasks * (t + 1) / threads;
             if (begin < end) body(begin, end);
-        } catch (...) {
-            errors[static_cast<std::size_t>(t)] = std::current_exception();
-        }
-    };
-    for (std::int64_t t = 1; t < threads; ++t) workers.emplace_back(run, t);
-    run(0);
-    for (auto& worker : workers) worker.join();
-    for (auto& error : errors)
-        if (error) std::rethrow_exception(error);
+        });
+        if (ran) return;
+    }
+    if (tasks > 0) body(std::int64_t{0}, tasks);
 }
 
 }  // namespace tiltsmc
