@@ -68,19 +68,42 @@ TILTSMC_SIMD_CLONES void points_below_block(double* w, std::int64_t count, doubl
 }
 
 // Writes particle i into out[start_i, stop_i) for i in [begin, end), where stop_i is stored (as int64)
-// over w[i] and start_i = stop_{i-1} (first: `start`); slots at or past `limit` belong to another chunk.
-// Every particle writes its index to the first four slots it would own and a later particle
-// overwrites the slots it owns, so only runs of five or more children take a loop (no branch on the
-// child count, which is random). Plain pointer arguments let the compiler keep everything in registers.
-void write_children(const double* __restrict w, std::int64_t begin, std::int64_t end, std::int64_t start,
-                    std::int64_t limit, std::int64_t* __restrict out) {
-    std::int64_t spill[4];
+// over w[i], start_i = stop_{i-1}, and this chunk owns the slots [start, limit).
+//
+// Slot j's ancestor is the first i with stop_i > j, i.e. one more than the last i with stop_i <= j.
+// So: clear the owned slots, write i + 1 at slot stop_i (later particles win), and take a running
+// maximum, starting from `begin` (every earlier particle stops at or before `start`). No branch
+// depends on the random child counts, and the running maximum is vectorised.
+TILTSMC_SIMD_CLONES void write_children(const double* __restrict w, std::int64_t begin, std::int64_t end,
+                                        std::int64_t start, std::int64_t limit, std::int64_t* __restrict out) {
+    if (start >= limit) return;
+    std::memset(out + start, 0, static_cast<std::size_t>(limit - start) * sizeof(std::int64_t));
+    std::int64_t spill = 0;
     for (std::int64_t i = begin; i < end; ++i) {
         std::int64_t stop;
         std::memcpy(&stop, w + i, sizeof stop);
-        for (int k = 0; k < 4; ++k) *(start + k < limit ? out + start + k : spill + k) = i;
-        for (std::int64_t j = start + 4; j < stop; ++j) out[j] = i;
-        start = stop > start ? stop : start;
+        *(stop < limit ? out + stop : &spill) = i + 1;
+    }
+    const Mask8 none = Mask8{};
+    Mask8 running = none + begin;
+    std::int64_t j = start;
+    for (; j + kLanes <= limit; j += kLanes) {
+        Mask8 v;
+        std::memcpy(&v, out + j, sizeof v);
+        Mask8 shifted = __builtin_shufflevector(v, none, 8, 0, 1, 2, 3, 4, 5, 6);
+        v = v > shifted ? v : shifted;
+        shifted = __builtin_shufflevector(v, none, 8, 8, 0, 1, 2, 3, 4, 5);
+        v = v > shifted ? v : shifted;
+        shifted = __builtin_shufflevector(v, none, 8, 8, 8, 8, 0, 1, 2, 3);
+        v = v > shifted ? v : shifted;
+        v = v > running ? v : running;
+        running = none + v[kLanes - 1];
+        std::memcpy(out + j, &v, sizeof v);
+    }
+    std::int64_t last = running[0];
+    for (; j < limit; ++j) {
+        last = out[j] > last ? out[j] : last;
+        out[j] = last;
     }
 }
 

@@ -210,11 +210,20 @@ void row_weights(const T* x, std::int64_t n, std::int64_t row, double* w, bool s
             for (std::int64_t c = 0; c < chunks; ++c) body(c);
         }
     };
+    sums.resize(static_cast<std::size_t>(chunks));
+    squares.resize(static_cast<std::size_t>(chunks));
+    // Without w (no weights to store), one pass: each chunk's sums are taken against its own maximum
+    // while the chunk is still in cache, and rescaled to the row's maximum below.
+    const bool fused = w == nullptr;
     for_chunks([&](std::int64_t c) {
         bool b = false;
         const std::int64_t begin = c * kChunk, len = std::min(kChunk, n - begin);
-        maxes[static_cast<std::size_t>(c)] = chunk_max(x + begin, len, &b);
+        const double chunk_shift = chunk_max(x + begin, len, &b);
+        maxes[static_cast<std::size_t>(c)] = chunk_shift;
         bad[static_cast<std::size_t>(c)] = b;
+        if (fused && !b && chunk_shift > -kInf)
+            chunk_exp_sums<false>(x + begin, len, chunk_shift, nullptr, &sums[static_cast<std::size_t>(c)],
+                                  &squares[static_cast<std::size_t>(c)]);
     });
     for (std::int64_t c = 0; c < chunks; ++c) {
         if (bad[static_cast<std::size_t>(c)]) {
@@ -229,17 +238,21 @@ void row_weights(const T* x, std::int64_t n, std::int64_t row, double* w, bool s
         rw.status = {StatusCode::zero_row, row, -1};
         return;
     }
-    sums.resize(static_cast<std::size_t>(chunks));
-    squares.resize(static_cast<std::size_t>(chunks));
-    for_chunks([&](std::int64_t c) {
-        const std::int64_t begin = c * kChunk, len = std::min(kChunk, n - begin);
-        double* sum = &sums[static_cast<std::size_t>(c)];
-        double* square = &squares[static_cast<std::size_t>(c)];
-        if (w)
-            chunk_exp_sums<true>(x + begin, len, rw.shift, w + begin, sum, square);
-        else
-            chunk_exp_sums<false>(x + begin, len, rw.shift, nullptr, sum, square);
-    });
+    if (fused) {
+        for (std::int64_t c = 0; c < chunks; ++c) {
+            const double chunk_shift = maxes[static_cast<std::size_t>(c)];
+            const double rescale = chunk_shift > -kInf ? std::exp(chunk_shift - rw.shift) : 0.0;
+            sums[static_cast<std::size_t>(c)] = chunk_shift > -kInf ? sums[static_cast<std::size_t>(c)] * rescale : 0.0;
+            squares[static_cast<std::size_t>(c)] =
+                chunk_shift > -kInf ? squares[static_cast<std::size_t>(c)] * rescale * rescale : 0.0;
+        }
+    } else {
+        for_chunks([&](std::int64_t c) {
+            const std::int64_t begin = c * kChunk, len = std::min(kChunk, n - begin);
+            chunk_exp_sums<true>(x + begin, len, rw.shift, w + begin, &sums[static_cast<std::size_t>(c)],
+                                 &squares[static_cast<std::size_t>(c)]);
+        });
+    }
     rw.chunk_offset.assign(static_cast<std::size_t>(chunks + 1), 0.0);
     for (std::int64_t c = 0; c < chunks; ++c) {
         rw.chunk_offset[static_cast<std::size_t>(c + 1)] = rw.chunk_offset[static_cast<std::size_t>(c)] +
