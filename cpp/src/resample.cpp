@@ -176,9 +176,10 @@ void multinomial_draws(const double* w, std::int64_t last_positive, double total
     static_assert(sizeof(double) == sizeof(std::int64_t), "uniforms are staged in the ancestor buffer");
     double* staged = reinterpret_cast<double*>(out);
     stream.fill(staged, m);
+    exponentials_from_uniforms(staged, m);
     double running = 0.0;
     for (std::int64_t j = 0; j < m; ++j) {
-        running += -std::log(1.0 - staged[j]);  // 1 - u lies in (0, 1]
+        running += staged[j];
         staged[j] = running;
     }
     running += -std::log(stream.next_open_zero());
@@ -224,9 +225,12 @@ void residual_row(double* w, std::int64_t n, const RowWeights& rw, std::int64_t 
             for (std::int64_t j = 0; j < remaining; ++j) copies[static_cast<std::size_t>(out[j])] += 1;
         }
     }
-    std::int64_t position = 0;
-    for (std::int64_t i = 0; i < n; ++i)
-        for (std::int64_t k = 0; k < copies[static_cast<std::size_t>(i)]; ++k) out[position++] = i;
+    std::int64_t stop = 0;  // particle i owns slots [stop_{i-1}, stop_i), stored over w for the writes
+    for (std::int64_t i = 0; i < n; ++i) {
+        stop += copies[static_cast<std::size_t>(i)];
+        std::memcpy(w + i, &stop, sizeof stop);
+    }
+    write_children(w, 0, n, 0, m, out);
 }
 
 template <typename T>

@@ -10,6 +10,7 @@
 
 #include "tiltsmc/kernels.hpp"
 #include "tiltsmc/philox.hpp"
+#include "tiltsmc/row_weights.hpp"
 
 using namespace tiltsmc;
 
@@ -63,6 +64,25 @@ void test_philox_known_answer() {
         bulk.fill(got.data() + 37, 63);
         EXPECT(got == expected);
     }
+}
+
+void test_exponentials_from_uniforms() {
+    // The vectorised -log(1 - u) against std::log, across the range, including u = 0 and 1 - 2^-53.
+    std::mt19937_64 engine(3);
+    std::vector<double> u(1001);
+    for (std::size_t k = 0; k < u.size(); ++k) u[k] = static_cast<double>(engine() >> 11) * 0x1.0p-53;
+    u[0] = 0.0;
+    u[1] = 1.0 - 0x1.0p-53;
+    u[2] = 0.5;
+    std::vector<double> e = u;
+    exponentials_from_uniforms(e.data(), static_cast<std::int64_t>(e.size()));
+    double worst = 0.0;
+    for (std::size_t k = 0; k < u.size(); ++k) {
+        const double expected = -std::log(1.0 - u[k]);
+        worst = std::max(worst, std::fabs(e[k] - expected) / std::max(std::fabs(expected), 1e-300));
+    }
+    EXPECT(e[0] == 0.0);
+    EXPECT(worst < 1e-15);
 }
 
 void test_log_normalize() {
@@ -263,6 +283,7 @@ void test_random_sizes() {
 
 int main() {
     test_philox_known_answer();
+    test_exponentials_from_uniforms();
     test_log_normalize();
     test_resample_edges();
     test_systematic_floor_ceil_and_threads();
