@@ -9,8 +9,36 @@
 namespace tiltsmc {
 namespace {
 
-// In place: item j takes item a_j. Items that are both overwritten and read by another item are saved
-// first; items whose ancestor is themselves are never touched.
+// Items of at most this many bytes are gathered in place through a copy of the row: cheaper than
+// finding which items must be saved, since every item is a register move.
+constexpr std::int64_t kSmallItem = 64;
+
+// target[j] = source[a[j]] for j < m, items of item_bytes bytes. Fixed sizes for the common cases: a
+// memcpy of a constant size is a single move (and safe for unaligned items), a call per item is not.
+template <std::size_t Bytes>
+void copy_items(const std::uint8_t* source, const std::int64_t* a, std::int64_t m, std::uint8_t* target) {
+    for (std::int64_t j = 0; j < m; ++j)
+        std::memcpy(target + j * static_cast<std::int64_t>(Bytes), source + a[j] * static_cast<std::int64_t>(Bytes),
+                    Bytes);
+}
+
+void gather_items(const std::uint8_t* source, const std::int64_t* a, std::int64_t m, std::int64_t item_bytes,
+                  std::uint8_t* target) {
+    switch (item_bytes) {
+        case 1: return copy_items<1>(source, a, m, target);
+        case 2: return copy_items<2>(source, a, m, target);
+        case 4: return copy_items<4>(source, a, m, target);
+        case 8: return copy_items<8>(source, a, m, target);
+        case 16: return copy_items<16>(source, a, m, target);
+        default:
+            for (std::int64_t j = 0; j < m; ++j)
+                std::memcpy(target + j * item_bytes, source + a[j] * item_bytes, static_cast<std::size_t>(item_bytes));
+    }
+}
+
+// In place, large items: item j takes item a_j. Items that are both overwritten and read by another
+// item are saved first; items whose ancestor is themselves are never touched, so a near-identity
+// ancestry copies little.
 void gather_row_in_place(std::uint8_t* x, std::int64_t n, std::int64_t item_bytes, const std::int64_t* a,
                          std::vector<std::int64_t>& saved_slot, std::vector<std::uint8_t>& saved) {
     saved_slot.assign(static_cast<std::size_t>(n), -1);
@@ -58,14 +86,15 @@ Status gather(const std::uint8_t* x, std::int64_t rows, std::int64_t n, std::int
         std::vector<std::uint8_t> saved;
         for (std::int64_t r = begin; r < end; ++r) {
             const std::int64_t* a = ancestors + r * m;
-            if (in_place) {
-                gather_row_in_place(out + r * n * item_bytes, n, item_bytes, a, saved_slot, saved);
-                continue;
-            }
-            const std::uint8_t* source = x + r * n * item_bytes;
             std::uint8_t* target = out + r * m * item_bytes;
-            for (std::int64_t j = 0; j < m; ++j)
-                std::memcpy(target + j * item_bytes, source + a[j] * item_bytes, item_bytes);
+            if (!in_place) {
+                gather_items(x + r * n * item_bytes, a, m, item_bytes, target);
+            } else if (item_bytes > kSmallItem) {
+                gather_row_in_place(target, n, item_bytes, a, saved_slot, saved);
+            } else {
+                saved.assign(target, target + n * item_bytes);
+                gather_items(saved.data(), a, n, item_bytes, target);
+            }
         }
     });
     return {};

@@ -1,6 +1,19 @@
-"""Model protocols and the particle batch they share with the samplers."""
+"""Model protocols, the particle batch they share with the samplers, and ONNX Runtime models.
 
+ONNX Runtime itself is imported only when an ONNX model is built.
+"""
+
+from .onnx_lm import OnnxCausalLM
+from .onnx_reward import OnnxRewardModel
 from .particles import Particles
 from .protocols import Policy, RewardModel, TokenPolicy, TwistModel
 
-__all__ = ["Particles", "Policy", "RewardModel", "TokenPolicy", "TwistModel"]
+__all__ = [
+    "OnnxCausalLM",
+    "OnnxRewardModel",
+    "Particles",
+    "Policy",
+    "RewardModel",
+    "TokenPolicy",
+    "TwistModel",
+]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import numpy.typing as npt
@@ -18,10 +18,13 @@ __all__ = ["Particles"]
 class Particles:
     """``B`` prompts x ``N`` particles, with every per-particle array laid out ``(B, N, ...)``.
 
-    ``tokens[b, i, :lengths[b, i]]`` are the steps generated so far (prompt excluded); ``finished`` marks
-    absorbed particles (never extended again). Models keep any further per-particle state (DFA states, KV
-    caches, attention masks) in ``state`` under their own keys, with the same leading ``(B, N)`` axes, so
-    that :meth:`reorder` carries it through resampling without the models ever resampling themselves.
+    ``tokens[b, i, :lengths[b, i]]`` are the tokens generated so far (prompt excluded); ``finished`` marks
+    absorbed particles (never extended again). ``prompt_tokens[b]`` holds prompt ``b``'s token ids where
+    the policy tokenises prompts; ``errors[b]`` says why prompt ``b`` could not run (its particles start
+    finished and the samplers report it as failed, while the other prompts go on). Models keep any further
+    per-particle state (DFA states, KV caches, attention masks) in ``state`` under their own keys, with
+    the same leading ``(B, N)`` axes, so that :meth:`reorder` carries it through resampling without the
+    models ever resampling themselves.
     """
 
     prompts: list[Any]
@@ -29,6 +32,8 @@ class Particles:
     lengths: npt.NDArray[np.int64]
     finished: npt.NDArray[np.bool_]
     state: dict[str, np.ndarray] = field(default_factory=dict)
+    prompt_tokens: Optional[list[npt.NDArray[np.int64]]] = None
+    errors: dict[int, str] = field(default_factory=dict)
 
     @classmethod
     def empty(cls, prompts: Sequence[Any], num_particles: int, capacity: int) -> Particles:
@@ -73,6 +78,8 @@ class Particles:
             lengths=core.gather(self.lengths, ancestors),
             finished=core.gather(self.finished, ancestors),
             state={name: core.gather(array, ancestors) for name, array in self.state.items()},
+            prompt_tokens=self.prompt_tokens,
+            errors=dict(self.errors),
         )
 
     def sequences(self, prompt: int) -> list[npt.NDArray[np.int64]]:

@@ -42,12 +42,16 @@ class Models:
             raise TypeError(
                 f"reward: {type(reward).__name__} does not implement initial_log_value() and log_value()"
             )
+        check_policy = getattr(reward, "check_policy", None)
+        if callable(check_policy):
+            check_policy(policy)  # e.g. refuses a reward model with another vocabulary
         self.policy = policy
         self.reward = reward
         self.compute = compute
 
     def supports_optimal_proposal(self) -> bool:
-        return isinstance(self.policy, TokenPolicy) and isinstance(self.reward, TwistModel)
+        token_level = bool(getattr(self.policy, "token_level", True))
+        return token_level and isinstance(self.policy, TokenPolicy) and isinstance(self.reward, TwistModel)
 
     def start(self, prompts: Optional[Sequence[Any]], num_particles: int) -> Particles:
         began = time.perf_counter()
@@ -110,6 +114,20 @@ class Models:
         self.compute.reward_calls += 1
         self.compute.reward_evaluations += value.size
         return check_log_values(value, "next_log_values")
+
+
+def failed_prompts(particles: Particles) -> npt.NDArray[np.bool_]:
+    """Prompts the policy could not start (``particles.errors``): reported as collapsed, never run."""
+    failed = np.zeros(particles.num_prompts, dtype=bool)
+    failed[list(particles.errors)] = True
+    return failed
+
+
+def decode_texts(policy: Any, samples: list[Any]) -> Optional[list[list[str]]]:
+    """Each sample decoded to text where the policy has a tokenizer (``policy.decode``), else None."""
+    if getattr(policy, "tokenizer", None) is None or not callable(getattr(policy, "decode", None)):
+        return None
+    return [[policy.decode(sequence) for sequence in per_prompt] for per_prompt in samples]
 
 
 def check_log_values(value: FloatArray, name: str) -> FloatArray:

@@ -12,7 +12,7 @@ import numpy as np
 from .._rng import RNGLike, as_generator
 from ..models.particles import Particles
 from ..models.protocols import Policy, RewardModel
-from ._engine import FloatArray, Models, check_count, logsumexp
+from ._engine import FloatArray, Models, check_count, decode_texts, failed_prompts, logsumexp
 from .result import Compute, SamplerResult
 
 __all__ = ["best_of_n", "rejection"]
@@ -34,7 +34,9 @@ def _rollout(
     else:
         if not particles.finished.all():
             raise RuntimeError(f"max_steps: trajectories still unfinished after {max_steps} steps")
-    return particles, models.log_value(particles)
+    log_r = models.log_value(particles)
+    log_r[failed_prompts(particles)] = -np.inf  # prompts the policy could not start draw nothing
+    return particles, log_r
 
 
 def _empty_trace(batch: int) -> dict[str, Any]:
@@ -87,12 +89,18 @@ def rejection(
     accepted: list[list[np.ndarray]] = [[] for _ in range(batch)]
     tries = np.zeros(batch, dtype=np.int64)
     log_r_sums = np.full(batch, -np.inf)
+    errors: dict[int, str] = {}
     while True:
-        waiting = [b for b in range(batch) if len(accepted[b]) < num_samples and tries[b] < max_tries]
+        waiting = [
+            b
+            for b in range(batch)
+            if len(accepted[b]) < num_samples and tries[b] < max_tries and b not in errors
+        ]
         if not waiting:
             break
         count = int(min(batch_size, max_tries - tries[waiting].max()))
         particles, log_r = _rollout(models, [prompt_list[b] for b in waiting], count, generator, max_steps)
+        errors.update({waiting[row]: message for row, message in particles.errors.items()})
         over = log_r > log_bound + 1e-12
         if over.any():
             worst = float(np.exp(log_r[over].max() - log_bound))
@@ -107,9 +115,12 @@ def rejection(
             for i in np.flatnonzero(keep[row])[: num_samples - len(accepted[b])]:
                 accepted[b].append(particles.tokens[row, i, : particles.lengths[row, i]].copy())
     compute.total_seconds = time.perf_counter() - began
+    samples = [_stack(found) for found in accepted]
     return SamplerResult(
         sampler="rejection",
-        samples=[_stack(found) for found in accepted],
+        samples=samples,
+        texts=decode_texts(policy, samples),
+        errors=errors,
         log_weights=[
             np.full(len(found), -np.log(len(found))) if found else np.zeros(0) for found in accepted
         ],
@@ -142,12 +153,14 @@ def best_of_n(
     best = np.argmax(log_r, axis=1)
     batch = particles.num_prompts
     compute.total_seconds = time.perf_counter() - began
+    samples = [
+        particles.tokens[b, best[b], : particles.lengths[b, best[b]]][None, :].copy() for b in range(batch)
+    ]
     return SamplerResult(
         sampler="best_of_n",
-        samples=[
-            particles.tokens[b, best[b], : particles.lengths[b, best[b]]][None, :].copy()
-            for b in range(batch)
-        ],
+        samples=samples,
+        texts=decode_texts(policy, samples),
+        errors=particles.errors,
         log_weights=[np.zeros(1) for _ in range(batch)],
         log_z=logsumexp(log_r) - np.log(n),
         collapsed=np.all(log_r == -np.inf, axis=1),

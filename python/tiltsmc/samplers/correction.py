@@ -18,7 +18,7 @@ import numpy as np
 from .. import core
 from .._rng import RNGLike, as_generator
 from ..models.protocols import Policy, RewardModel
-from ._engine import Models, check_count, logsumexp
+from ._engine import Models, check_count, decode_texts, logsumexp
 from .result import Compute, SamplerResult
 from .sequential import _check_common, _run_pool, _run_smc
 
@@ -59,6 +59,8 @@ def mh(
     else:
         pool_size = check_count(pool_size, "pool_size")
 
+    errors: dict[int, str] = {}
+
     def draw() -> tuple[list[Any], np.ndarray]:
         if num_particles > 1:
             particles, log_w, log_z, collapsed, _ = _run_smc(
@@ -87,6 +89,7 @@ def mh(
             particles.tokens[b, pick[b], : particles.lengths[b, pick[b]]].copy()
             for b in range(particles.num_prompts)
         ]
+        errors.update(particles.errors)
         return trajectories, log_z
 
     state, log_z_state = draw()
@@ -105,9 +108,12 @@ def mh(
     log_z = logsumexp(all_estimates) - np.log(all_estimates.shape[1])
     batch = len(state)
     compute.total_seconds = time.perf_counter() - began
+    samples = [trajectory[None, :] for trajectory in state]
     return SamplerResult(
         sampler="mh",
-        samples=[trajectory[None, :] for trajectory in state],
+        samples=samples,
+        texts=decode_texts(policy, samples),
+        errors=errors,
         log_weights=[np.zeros(1) for _ in range(batch)],
         log_z=log_z,
         ess=np.ones((batch, 0)),

@@ -79,6 +79,7 @@ class SamplerResult:
     tries: Optional[npt.NDArray[np.int64]] = None
     ancestry: Optional[npt.NDArray[np.int64]] = None
     texts: Optional[list[list[str]]] = None
+    errors: dict[int, str] = field(default_factory=dict)
 
     @property
     def num_prompts(self) -> int:
@@ -133,6 +134,8 @@ class SamplerResult:
             value = getattr(self, name)
             if value is not None:
                 record[name] = plain(value)
+        if self.errors:
+            record["errors"] = {str(b): message for b, message in self.errors.items()}
         return record
 
     def to_json(self) -> str:

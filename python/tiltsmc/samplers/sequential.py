@@ -27,7 +27,7 @@ from .._rng import RNGLike, as_generator
 from ..models.particles import Particles
 from ..models.protocols import Policy, RewardModel
 from ..tasks.models import sample_categorical
-from ._engine import FloatArray, Models, check_count, logsumexp
+from ._engine import FloatArray, Models, check_count, decode_texts, failed_prompts, logsumexp
 from .result import Compute, SamplerResult
 
 __all__ = ["smc", "sp_gsmc"]
@@ -64,6 +64,8 @@ def _unique_counts(ancestors: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
 
 def _samples(particles: Particles, rows: Optional[npt.NDArray[np.int64]] = None) -> list[Any]:
     """Per prompt, an ``(N, T)`` int array when every trajectory has the same length, else a list."""
+    if rows is None and particles.lengths.size and np.all(particles.lengths == particles.lengths.flat[0]):
+        return list(particles.tokens[:, :, : particles.lengths.flat[0]].copy())  # one copy for every prompt
     out: list[Any] = []
     for b in range(particles.num_prompts):
         lengths = particles.lengths[b] if rows is None else particles.lengths[b, rows[b]]
@@ -100,7 +102,8 @@ def _run_smc(
     log_v_prev = np.repeat(log_v0[:, None], num_particles, axis=1)
     log_z = log_v0.copy()
     log_w = np.zeros((batch, num_particles))
-    collapsed = log_v0 == -np.inf
+    log_total = np.full(batch, np.log(num_particles))  # logsumexp of each row of log_w
+    collapsed = (log_v0 == -np.inf) | failed_prompts(particles)
     trace = _Trace()
     identity = np.broadcast_to(np.arange(num_particles, dtype=np.int64), (batch, num_particles))
     for _ in range(max_steps):
@@ -123,26 +126,33 @@ def _run_smc(
             increment = _safe_increment(log_sum, log_v_prev)
         increment = np.where(live, increment, 0.0)
         log_v_prev = np.where(live, log_v, log_v_prev)
-        previous_total = logsumexp(log_w)
         log_w = log_w + increment
-        step_increment = _safe_increment(logsumexp(log_w), previous_total)
+        _, log_mean_w, ess = core.log_normalize(log_w, zero_rows="report")
+        new_total = log_mean_w + np.log(num_particles)
+        step_increment = _safe_increment(new_total, log_total)
+        log_total = new_total
         log_z = log_z + step_increment
-        _, _, ess = core.log_normalize(log_w, zero_rows="report")
         collapsed |= ess == 0.0
         resample_rows = ~collapsed & ((ess < ess_threshold * num_particles) | (ess_threshold >= 1.0))
         if particles.finished.all():
             resample_rows[:] = False  # keep the final weighted sample
         ancestors = identity
-        if resample_rows.any():
+        unique = np.full(batch, num_particles, dtype=np.int64)
+        if resample_rows.all():
+            ancestors = core.resample(log_w, scheme, rng=generator)
+        elif resample_rows.any():
             rows = np.flatnonzero(resample_rows)
             ancestors = identity.copy()
             ancestors[rows] = core.resample(log_w[rows], scheme, rng=generator)
+        if resample_rows.any():
             particles.reorder(ancestors)
             log_v_prev = core.gather(log_v_prev, ancestors)
-            log_w[rows] = 0.0
+            log_w[resample_rows] = 0.0
+            log_total[resample_rows] = np.log(num_particles)
+            unique = np.where(resample_rows, _unique_counts(ancestors), num_particles)
         trace.ess.append(ess)
         trace.resampled.append(resample_rows)
-        trace.unique.append(np.where(resample_rows, _unique_counts(ancestors), num_particles))
+        trace.unique.append(unique)
         trace.increments.append(step_increment)
         if record_ancestry:
             trace.ancestry.append(np.array(ancestors))
@@ -208,9 +218,12 @@ def smc(
     )
     normalised, _, _ = core.log_normalize(log_w, zero_rows="report")
     compute.total_seconds = time.perf_counter() - began
+    samples = _samples(particles)
     return SamplerResult(
         sampler="smc",
-        samples=_samples(particles),
+        samples=samples,
+        texts=decode_texts(policy, samples),
+        errors=particles.errors,
         log_weights=list(normalised),
         log_z=log_z,
         collapsed=collapsed,
@@ -232,7 +245,7 @@ def _run_pool(
     batch = particles.num_prompts
     log_v_prev = models.initial_log_value(particles)
     log_z = log_v_prev.copy()
-    collapsed = log_v_prev == -np.inf
+    collapsed = (log_v_prev == -np.inf) | failed_prompts(particles)
     trace = _Trace()
     rows = np.arange(batch)
     for _ in range(max_steps):
@@ -294,9 +307,12 @@ def sp_gsmc(
         particles, log_z, collapsed, trace = _run_pool(models, prompts, pool_size, generator, max_steps)
     compute.total_seconds = time.perf_counter() - began
     first = np.zeros((particles.num_prompts, 1), dtype=np.int64)
+    samples = _samples(particles, first)
     return SamplerResult(
         sampler="sp_gsmc",
-        samples=_samples(particles, first),
+        samples=samples,
+        texts=decode_texts(policy, samples),
+        errors=particles.errors,
         log_weights=[np.zeros(1) for _ in range(particles.num_prompts)],
         log_z=log_z,
         collapsed=collapsed,

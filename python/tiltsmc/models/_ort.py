@@ -1,0 +1,107 @@
+"""ONNX Runtime sessions: provider choice that prints nothing on CPU machines, threads, graph checks."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import importlib.metadata
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+__all__ = ["cuda_device_usable", "make_session"]
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_device_usable() -> tuple[bool, str]:
+    """Whether a CUDA device can really be used (driver present, initialised, at least one device).
+
+    Asked of the driver library directly, so a machine without a GPU never sees ONNX Runtime's
+    provider-loading errors. Returns ``(usable, reason)``.
+    """
+    names = ["libcuda.so.1", "libcuda.so", ctypes.util.find_library("cuda") or ""]
+    driver = None
+    for name in names:
+        if not name:
+            continue
+        try:
+            driver = ctypes.CDLL(name)
+            break
+        except OSError:
+            continue
+    if driver is None:
+        return False, "no CUDA driver library (libcuda) found"
+    try:
+        if driver.cuInit(0) != 0:
+            return False, "the CUDA driver failed to initialise (cuInit)"
+        count = ctypes.c_int(0)
+        if driver.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value < 1:
+            return False, "the CUDA driver reports no device"
+    except AttributeError:
+        return False, "the CUDA driver library lacks cuInit/cuDeviceGetCount"
+    return True, f"{count.value} CUDA device(s)"
+
+
+def _warn_if_both_runtimes_installed() -> None:
+    installed = set()
+    for name in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            importlib.metadata.version(name)
+            installed.add(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    if len(installed) == 2:
+        warnings.warn(
+            "both onnxruntime and onnxruntime-gpu are installed; they share one module and the GPU build "
+            "breaks: uninstall both, then install only onnxruntime-gpu",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def make_session(
+    model_path: Path,
+    providers: Optional[Sequence[Any]] = None,
+    *,
+    intra_op_num_threads: Optional[int] = None,
+    inter_op_num_threads: Optional[int] = None,
+    require_gpu: bool = False,
+) -> Any:
+    """An ``onnxruntime.InferenceSession`` on CUDA where a device is usable, else on the CPU.
+
+    An explicit ``providers`` list is used as given. ``require_gpu`` raises instead of falling back.
+    """
+    import onnxruntime as ort
+
+    _warn_if_both_runtimes_installed()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: provider fallbacks are handled here
+    if intra_op_num_threads is not None:
+        options.intra_op_num_threads = int(intra_op_num_threads)
+    if inter_op_num_threads is not None:
+        options.inter_op_num_threads = int(inter_op_num_threads)
+    if providers is not None:
+        return ort.InferenceSession(os.fspath(model_path), sess_options=options, providers=list(providers))
+    usable, reason = cuda_device_usable()
+    if usable and "CUDAExecutionProvider" in ort.get_available_providers():
+        try:
+            session = ort.InferenceSession(
+                os.fspath(model_path),
+                sess_options=options,
+                providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
+            )
+            if "CUDAExecutionProvider" in session.get_providers():
+                return session
+            reason = "ONNX Runtime could not start its CUDA provider"
+        except Exception as error:  # the CUDA provider failed to load: retry on the CPU alone
+            reason = f"ONNX Runtime's CUDA provider failed: {error}"
+    elif usable:
+        reason = "this ONNX Runtime build has no CUDA provider (install onnxruntime-gpu)"
+    if require_gpu:
+        raise RuntimeError(f"require_gpu: no usable GPU for {model_path.name}: {reason}")
+    return ort.InferenceSession(
+        os.fspath(model_path), sess_options=options, providers=["CPUExecutionProvider"]
+    )

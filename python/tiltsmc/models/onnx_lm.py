@@ -1,0 +1,410 @@
+r"""A decoder-only language model exported to ONNX (Hugging Face ``optimum`` layout) as the base policy.
+
+The graph takes ``input_ids``, ``attention_mask``, optionally ``position_ids`` and ``use_cache_branch``
+(merged decoders), and ``past_key_values.{i}.key`` / ``.value`` of shape
+``(batch, kv_heads, past, head_dim)``; it returns ``logits`` and ``present.{i}.key`` / ``.value``.
+Prompts are run once (left-padded, one row per prompt) and their cache is copied to every particle;
+each later call feeds one new token per particle with the cache, so a step costs one batched session
+call for all prompts x particles. The caches, masks and next-token logits live in ``Particles.state``
+with leading ``(B, N)`` axes, so resampling reorders them with :func:`tiltsmc.core.gather` and nothing
+is re-run.
+
+The base policy ``p`` is exactly the law sampled: ``softmax(logits / temperature)`` restricted to the
+``top_k`` most likely tokens and to the smallest set of probability at least ``top_p`` (then
+renormalised); ``log p(step)`` is returned as sampled. A *step* is one token (``step="token"``) or a run
+of tokens ending at a delimiter (a string, e.g. ``"\n\n"``, or a set of token ids), generated token by
+token here while the samplers see a single step. The cache stays in host memory between steps (ONNX
+Runtime copies it to the device and back each step where a GPU is used) until device-resident gather
+lands with the CUDA core: a documented fallback, correct but slower on a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import numpy.typing as npt
+
+from ..tasks.models import sample_categorical
+from ._ort import make_session
+from .particles import Particles
+from .tokenizer import Tokenizer, load_tokenizer
+
+__all__ = ["OnnxCausalLM"]
+
+MODEL_FILES = ("model.onnx", "decoder_model_merged.onnx", "decoder_with_past_model.onnx")
+_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+FloatArray = npt.NDArray[np.float64]
+
+
+def resolve_model_file(path: Union[str, os.PathLike[str]], argument: str = "path") -> tuple[Path, Path]:
+    """``(model file, its folder)`` for a folder holding a known model file, or an .onnx file."""
+    location = Path(path)
+    if location.is_dir():
+        for name in MODEL_FILES:
+            if (location / name).is_file():
+                return location / name, location
+        found = sorted(p.name for p in location.iterdir())
+        raise FileNotFoundError(
+            f"{argument}: no {' / '.join(MODEL_FILES)} in {location} (found: {', '.join(found) or 'nothing'})"
+        )
+    if location.is_file():
+        if location.suffix != ".onnx":
+            raise ValueError(f"{argument}: expected a folder or an .onnx file, got {location}")
+        return location, location.parent
+    raise FileNotFoundError(f"{argument}: {location} does not exist")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        with path.open(encoding="utf-8") as handle:
+            value = json.load(handle)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path.name}: cannot read {path}: {error}") from error
+    return value if isinstance(value, dict) else {}
+
+
+def log_softmax(logits: npt.ArrayLike) -> FloatArray:
+    z = np.asarray(logits, dtype=np.float64)
+    shift = np.max(z, axis=-1, keepdims=True)
+    shift = np.where(np.isfinite(shift), shift, 0.0)
+    with np.errstate(divide="ignore"):
+        return z - shift - np.log(np.sum(np.exp(z - shift), axis=-1, keepdims=True))
+
+
+class OnnxCausalLM:
+    """Base policy from an ONNX decoder with KV cache (see the module docstring for the exact law).
+
+    ``path``: a folder (model.onnx, optionally config.json, generation_config.json, tokenizer.json) or an
+    .onnx file. ``tokenizer``: a tokenizer.json path or a ``tokenizers.Tokenizer`` (default: the folder's
+    tokenizer.json, if any; without one, prompts must be token-id sequences). ``eos_token_id`` (default from
+    the configs) ends a trajectory, as does ``max_new_tokens``.
+    """
+
+    def __init__(
+        self,
+        path: Union[str, os.PathLike[str]],
+        tokenizer: Any = None,
+        max_new_tokens: int = 64,
+        eos_token_id: Optional[Union[int, Sequence[int]]] = None,
+        step: Union[str, Iterable[int]] = "token",
+        temperature: float = 1.0,
+        providers: Optional[Sequence[Any]] = None,
+        *,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        bos_token_id: Optional[int] = None,
+        pad_token_id: Optional[int] = None,
+        max_length: Optional[int] = None,
+        intra_op_num_threads: Optional[int] = None,
+        inter_op_num_threads: Optional[int] = None,
+        require_gpu: bool = False,
+    ) -> None:
+        self.model_file, model_dir = resolve_model_file(path)
+        config = read_json(model_dir / "config.json")
+        generation = read_json(model_dir / "generation_config.json")
+        self.tokenizer: Optional[Tokenizer] = load_tokenizer(tokenizer, model_dir)
+        if (
+            isinstance(max_new_tokens, bool)
+            or not isinstance(max_new_tokens, (int, np.integer))
+            or max_new_tokens < 1
+        ):
+            raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
+        self.max_new_tokens = int(max_new_tokens)
+        temperature = float(temperature)
+        if not (np.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature: expected a positive number, got {temperature!r}")
+        self.temperature = temperature
+        if top_k is not None and (isinstance(top_k, bool) or int(top_k) < 1):
+            raise ValueError(f"top_k: expected an int >= 1 or None, got {top_k!r}")
+        self.top_k = None if top_k is None else int(top_k)
+        if top_p is not None and not 0.0 < float(top_p) <= 1.0:
+            raise ValueError(f"top_p: expected a fraction in (0, 1] or None, got {top_p!r}")
+        self.top_p = None if top_p is None else float(top_p)
+
+        self.session = make_session(
+            self.model_file,
+            providers,
+            intra_op_num_threads=intra_op_num_threads,
+            inter_op_num_threads=inter_op_num_threads,
+            require_gpu=require_gpu,
+        )
+        inputs = {node.name: node for node in self.session.get_inputs()}
+        outputs = [node.name for node in self.session.get_outputs()]
+        missing = [name for name in ("input_ids", "attention_mask") if name not in inputs]
+        layers = sorted({int(m.group(1)) for m in (_PAST.match(name) for name in inputs) if m})
+        if not layers:
+            missing.append("past_key_values.{i}.key/.value")
+        if "logits" not in outputs:
+            missing.append("logits (output)")
+        absent_present = [
+            f"present.{i}.{kind}"
+            for i in layers
+            for kind in ("key", "value")
+            if f"present.{i}.{kind}" not in outputs
+        ]
+        if missing or absent_present:
+            raise ValueError(
+                f"path: {self.model_file} is not a decoder with KV cache in the optimum layout: missing "
+                f"{', '.join(missing + absent_present)}; inputs found: {', '.join(inputs)}; outputs found: "
+                f"{', '.join(outputs)}"
+            )
+        if layers != list(range(len(layers))):
+            raise ValueError(f"path: past_key_values layers are not numbered 0..L-1: found {layers}")
+        self.num_layers = len(layers)
+        self.has_position_ids = "position_ids" in inputs
+        self.has_cache_branch = "use_cache_branch" in inputs
+        past = inputs["past_key_values.0.key"]
+        self.cache_dtype = _NUMPY_TYPES.get(past.type, np.float32)
+        heads = config.get("num_key_value_heads") or config.get("num_attention_heads") or config.get("n_head")
+        hidden = config.get("hidden_size") or config.get("n_embd")
+        self.kv_heads = int(past.shape[1]) if isinstance(past.shape[1], int) else int(heads or 0)
+        head_dim = config.get("head_dim") or (
+            hidden // (config.get("num_attention_heads") or config.get("n_head")) if hidden else None
+        )
+        self.head_dim = int(past.shape[3]) if isinstance(past.shape[3], int) else int(head_dim or 0)
+        if self.kv_heads < 1 or self.head_dim < 1:
+            raise ValueError(
+                f"path: cannot tell the cache's heads and head size from {self.model_file.name} "
+                f"(shape {past.shape}) or config.json"
+            )
+        vocab = config.get("vocab_size")
+        logits_node = next(node for node in self.session.get_outputs() if node.name == "logits")
+        if isinstance(logits_node.shape[-1], int):
+            vocab = logits_node.shape[-1]
+        if vocab is None and self.tokenizer is not None:
+            vocab = self.tokenizer.vocab_size
+        if vocab is None:
+            raise ValueError(
+                "path: cannot tell the vocabulary size (no static logits size, config.json or tokenizer)"
+            )
+        self.vocab_size = int(vocab)
+        if self.tokenizer is not None and self.tokenizer.vocab_size > self.vocab_size:
+            raise ValueError(
+                f"tokenizer: {self.tokenizer.vocab_size} tokens but the model has {self.vocab_size} logits"
+            )
+        self.max_length = int(
+            max_length or config.get("max_position_embeddings") or config.get("n_positions") or 1 << 30
+        )
+        eos = eos_token_id
+        if eos is None:
+            eos = generation.get("eos_token_id", config.get("eos_token_id"))
+        self.eos_token_ids = frozenset(
+            []
+            if eos is None
+            else [int(e) for e in (eos if isinstance(eos, (list, tuple, set, frozenset)) else [eos])]
+        )
+        bos = (
+            bos_token_id
+            if bos_token_id is not None
+            else generation.get("bos_token_id", config.get("bos_token_id"))
+        )
+        self.bos_token_id = None if bos is None else int(bos)
+        pad = pad_token_id if pad_token_id is not None else config.get("pad_token_id")
+        self.pad_token_id = (
+            int(pad) if pad is not None else (min(self.eos_token_ids) if self.eos_token_ids else 0)
+        )
+
+        self.step_ids: Optional[frozenset[int]] = None
+        self.step_text: Optional[str] = None
+        if isinstance(step, str):
+            if step != "token":
+                if self.tokenizer is None:
+                    raise ValueError("step: a text delimiter needs a tokenizer (or give a set of token ids)")
+                self.step_text = step
+        else:
+            ids = frozenset(int(i) for i in step)
+            if not ids or min(ids) < 0 or max(ids) >= self.vocab_size:
+                raise ValueError(f"step: expected token ids in [0, {self.vocab_size}), got {sorted(ids)}")
+            self.step_ids = ids
+        self.token_level = self.step_text is None and self.step_ids is None
+        self._cache_names = [
+            (f"past_key_values.{i}.{kind}", f"present.{i}.{kind}", f"lm.cache.{i}.{kind}")
+            for i in range(self.num_layers)
+            for kind in ("key", "value")
+        ]
+
+    # -- prompts -----------------------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: Any) -> npt.NDArray[np.int64]:
+        """Token ids of one prompt (a string with a tokenizer, or a sequence of ids); raises on bad input."""
+        if prompt is None or (isinstance(prompt, str) and prompt == ""):
+            ids = np.zeros(0, dtype=np.int64)
+        elif isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer: pass tokenizer= or token ids")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = np.asarray(prompt)
+            if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
+                raise ValueError(f"expected a string or a 1-D sequence of token ids, got {prompt!r:.80}")
+            ids = ids.astype(np.int64)
+            if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+                raise ValueError(f"token ids must lie in [0, {self.vocab_size})")
+        if ids.size == 0:
+            if self.bos_token_id is None:
+                raise ValueError("an empty prompt needs a bos_token_id (none in the configs)")
+            ids = np.array([self.bos_token_id], dtype=np.int64)
+        if ids.size + self.max_new_tokens > self.max_length:
+            raise ValueError(
+                f"{ids.size} prompt tokens + max_new_tokens {self.max_new_tokens} exceed the model's context "
+                f"of {self.max_length}"
+            )
+        return ids
+
+    def decode(self, ids: npt.ArrayLike) -> str:
+        if self.tokenizer is None:
+            raise ValueError("decode: this policy has no tokenizer")
+        return self.tokenizer.decode(ids)
+
+    # -- the session ------------------------------------------------------------------------------------
+
+    def _run(
+        self,
+        input_ids: npt.NDArray[np.int64],
+        attention_mask: npt.NDArray[np.int64],
+        position_ids: npt.NDArray[np.int64],
+        past: Optional[list[np.ndarray]],
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        rows = input_ids.shape[0]
+        feeds: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.has_position_ids:
+            feeds["position_ids"] = position_ids
+        if self.has_cache_branch:
+            feeds["use_cache_branch"] = np.array([past is not None])
+        for k, (name, _, _) in enumerate(self._cache_names):
+            feeds[name] = (
+                past[k]
+                if past is not None
+                else np.zeros((rows, self.kv_heads, 0, self.head_dim), dtype=self.cache_dtype)
+            )
+        output_names = ["logits"] + [present for _, present, _ in self._cache_names]
+        results = self.session.run(output_names, feeds)
+        return results[0], results[1:]
+
+    # -- the Policy protocol ----------------------------------------------------------------------------
+
+    def start(self, prompts: Optional[Sequence[Any]], num_particles: int) -> Particles:
+        prompt_list = [None] if prompts is None else list(prompts)
+        if not prompt_list:
+            raise ValueError("prompts: expected at least one prompt, got an empty sequence")
+        encoded: list[npt.NDArray[np.int64]] = []
+        errors: dict[int, str] = {}
+        for b, prompt in enumerate(prompt_list):
+            try:
+                encoded.append(self.encode_prompt(prompt))
+            except ValueError as error:
+                errors[b] = f"prompt {b}: {error}"
+                encoded.append(np.array([self.pad_token_id], dtype=np.int64))
+        batch, width = len(encoded), max(len(ids) for ids in encoded)
+        input_ids = np.full((batch, width), self.pad_token_id, dtype=np.int64)
+        mask = np.zeros((batch, width), dtype=np.int64)
+        for b, ids in enumerate(encoded):  # left padding: every prompt ends at the last column
+            input_ids[b, width - len(ids) :] = ids
+            mask[b, width - len(ids) :] = 1
+        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+        logits, present = self._run(input_ids, mask, positions, None)
+        particles = Particles.empty(prompt_list, num_particles, self.max_new_tokens)
+        particles.prompt_tokens = encoded
+        particles.errors = errors
+        for b in errors:
+            particles.finished[b] = True
+        repeat = lambda a: np.ascontiguousarray(np.repeat(a[:, None], num_particles, axis=1))  # noqa: E731
+        particles.state["lm.mask"] = repeat(mask)
+        particles.state["lm.logits"] = repeat(np.asarray(logits[:, -1, :], dtype=np.float32))
+        for (_, _, key), cache in zip(self._cache_names, present):
+            particles.state[key] = repeat(cache)
+        return particles
+
+    def next_log_probs(self, particles: Particles) -> FloatArray:
+        """``log p(v | prefix)`` of every token, ``(B, N, vocab)``: the sampled law, filters included."""
+        log_probs = log_softmax(particles.state["lm.logits"] / self.temperature)
+        if self.top_k is not None and self.top_k < self.vocab_size:
+            kth = np.partition(log_probs, -self.top_k, axis=-1)[..., -self.top_k][..., None]
+            log_probs = np.where(log_probs >= kth, log_probs, -np.inf)
+            log_probs = log_softmax(log_probs)
+        if self.top_p is not None and self.top_p < 1.0:
+            order = np.argsort(-log_probs, axis=-1, kind="stable")
+            sorted_probs = np.exp(np.take_along_axis(log_probs, order, axis=-1))
+            before = np.cumsum(sorted_probs, axis=-1) - sorted_probs  # mass of the tokens ranked above
+            keep_sorted = before < self.top_p
+            keep = np.empty_like(keep_sorted)
+            np.put_along_axis(keep, order, keep_sorted, axis=-1)
+            log_probs = log_softmax(np.where(keep, log_probs, -np.inf))
+        return log_probs
+
+    def append(self, particles: Particles, tokens: npt.NDArray[np.int64]) -> None:
+        """Extend every unfinished particle by one token (``(B, N)``) and run the model one step."""
+        self._advance(particles, np.asarray(tokens, dtype=np.int64), ~particles.finished)
+
+    def _advance(
+        self, particles: Particles, tokens: npt.NDArray[np.int64], active: npt.NDArray[np.bool_]
+    ) -> None:
+        """Append ``tokens`` where ``active``; feed every row one position (padding, masked, elsewhere)."""
+        if np.any(active & (particles.lengths >= self.max_new_tokens)):
+            raise ValueError("particles: a trajectory is already max_new_tokens long")
+        b_index, i_index = np.nonzero(active)
+        particles.tokens[b_index, i_index, particles.lengths[b_index, i_index]] = tokens[b_index, i_index]
+        particles.lengths[active] += 1
+        ended = active & (particles.lengths >= self.max_new_tokens)
+        if self.eos_token_ids:
+            ended |= active & np.isin(tokens, list(self.eos_token_ids))
+        particles.finished |= ended
+        still = active & ~particles.finished
+        if not still.any():
+            return
+        batch, count = particles.lengths.shape
+        rows = batch * count
+        mask = particles.state["lm.mask"]
+        new_mask = np.concatenate([mask, still[..., None].astype(np.int64)], axis=2)
+        positions = mask.sum(axis=2).reshape(rows, 1)
+        feed_tokens = np.where(still, tokens, self.pad_token_id).reshape(rows, 1)
+        past = [
+            particles.state[key].reshape(rows, self.kv_heads, -1, self.head_dim)
+            for _, _, key in self._cache_names
+        ]
+        logits, present = self._run(feed_tokens, new_mask.reshape(rows, -1), positions, past)
+        particles.state["lm.mask"] = new_mask
+        old_logits = particles.state["lm.logits"]
+        particles.state["lm.logits"] = np.where(
+            still[..., None],
+            np.asarray(logits[:, -1, :], dtype=np.float32).reshape(old_logits.shape),
+            old_logits,
+        )
+        for (_, _, key), cache in zip(self._cache_names, present):
+            particles.state[key] = cache.reshape(batch, count, *cache.shape[1:])
+
+    def propose(self, particles: Particles, rng: np.random.Generator) -> FloatArray:
+        """Draw one step for every unfinished particle; returns ``log p(step)`` (0 where finished)."""
+        in_step = ~particles.finished
+        step_start = particles.lengths.copy()
+        total = np.zeros(particles.lengths.shape)
+        while in_step.any():
+            log_probs = self.next_log_probs(particles)
+            tokens = sample_categorical(np.where(in_step[..., None], log_probs, 0.0), rng)
+            chosen = np.take_along_axis(log_probs, tokens[..., None], axis=-1)[..., 0]
+            total += np.where(in_step, chosen, 0.0)
+            self._advance(particles, tokens, in_step)
+            if self.token_level:
+                break
+            done = particles.finished.copy()
+            if self.step_ids is not None:
+                done |= np.isin(tokens, list(self.step_ids))
+            else:
+                assert self.step_text is not None and self.tokenizer is not None
+                for b, i in zip(*np.nonzero(in_step & ~done)):
+                    text = self.tokenizer.decode(
+                        particles.tokens[b, i, step_start[b, i] : particles.lengths[b, i]]
+                    )
+                    done[b, i] = text.endswith(self.step_text)
+            in_step &= ~done
+        return total

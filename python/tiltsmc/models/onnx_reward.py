@@ -1,0 +1,200 @@
+r"""A process reward model or value model exported to ONNX, read as ``log Vh`` of each prefix.
+
+The graph takes ``input_ids`` and ``attention_mask`` (and ``position_ids`` where it has that input) for
+the prefix prompt + generated steps, and returns one score per row (``(batch,)`` or ``(batch, 1)``) or per
+position (``(batch, seq)`` or ``(batch, seq, 1)``), read at the last real token (``position="last"``).
+``kind`` says what the score is: ``"log_value"`` (``log Vh`` itself), ``"prob"`` (``Vh`` in [0, 1]) or
+``"logit"`` (``Vh = sigmoid(score)``). On finished trajectories the terminal reward ``r`` is the model's
+value unless a ``verifier(prompt, text) -> r >= 0`` is given. Prefixes are scored in one batched call per
+step, and only those that changed since they were last scored (values follow resampling in
+``Particles.state``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, Optional, Union
+
+import numpy as np
+import numpy.typing as npt
+
+from ._ort import make_session
+from .onnx_lm import read_json, resolve_model_file
+from .particles import Particles
+from .tokenizer import Tokenizer, load_tokenizer
+
+__all__ = ["OnnxRewardModel"]
+
+FloatArray = npt.NDArray[np.float64]
+KINDS = ("log_value", "prob", "logit")
+
+
+class OnnxRewardModel:
+    """``log Vh`` from an ONNX scoring model (see the module docstring)."""
+
+    def __init__(
+        self,
+        path: Union[str, os.PathLike[str]],
+        output: Optional[str] = None,
+        kind: Literal["log_value", "prob", "logit"] = "log_value",
+        position: Literal["last"] = "last",
+        *,
+        tokenizer: Any = None,
+        verifier: Optional[Callable[[Any, str], float]] = None,
+        token_map: Optional[npt.ArrayLike] = None,
+        providers: Optional[Sequence[Any]] = None,
+        intra_op_num_threads: Optional[int] = None,
+        inter_op_num_threads: Optional[int] = None,
+        require_gpu: bool = False,
+        pad_token_id: int = 0,
+    ) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+        if position != "last":
+            raise ValueError(f"position: only 'last' is supported, got {position!r}")
+        self.kind = kind
+        self.model_file, model_dir = resolve_model_file(path)
+        self.config = read_json(model_dir / "config.json")
+        self.tokenizer: Optional[Tokenizer] = load_tokenizer(tokenizer, model_dir)
+        self.verifier = verifier
+        self.pad_token_id = int(pad_token_id)
+        self.session = make_session(
+            self.model_file,
+            providers,
+            intra_op_num_threads=intra_op_num_threads,
+            inter_op_num_threads=inter_op_num_threads,
+            require_gpu=require_gpu,
+        )
+        inputs = [node.name for node in self.session.get_inputs()]
+        outputs = [node.name for node in self.session.get_outputs()]
+        missing = [name for name in ("input_ids", "attention_mask") if name not in inputs]
+        unsupported = [name for name in inputs if name not in ("input_ids", "attention_mask", "position_ids")]
+        if missing or unsupported:
+            raise ValueError(
+                f"path: {self.model_file} needs inputs input_ids and attention_mask (optionally "
+                f"position_ids): missing {missing or 'none'}, unexpected {unsupported or 'none'}; inputs "
+                f"found: {', '.join(inputs)}"
+            )
+        self.has_position_ids = "position_ids" in inputs
+        if output is None:
+            output = outputs[0]
+        elif output not in outputs:
+            raise ValueError(
+                f"output: {output!r} is not an output of {self.model_file.name}: found {outputs}"
+            )
+        self.output = output
+        self.vocab_size = self.config.get("vocab_size")
+        self.token_map = None if token_map is None else np.asarray(token_map, dtype=np.int64)
+
+    def check_policy(self, policy: Any) -> None:
+        """Refuse a policy whose vocabulary differs from this model's, unless a ``token_map`` is given."""
+        if self.token_map is not None:
+            if self.token_map.ndim != 1 or self.token_map.size < int(getattr(policy, "vocab_size", 0)):
+                raise ValueError("token_map: expected one reward-model id per policy token id")
+            return
+        theirs = getattr(policy, "tokenizer", None)
+        if self.tokenizer is not None and theirs is not None:
+            if self.tokenizer.vocabulary() != theirs.vocabulary():
+                raise ValueError(
+                    "reward: the reward model's tokenizer differs from the policy's (vocabulary sizes "
+                    f"{self.tokenizer.vocab_size} and {theirs.vocab_size}); pass token_map= to translate ids"
+                )
+        elif self.vocab_size is not None and getattr(policy, "vocab_size", None) not in (
+            None,
+            self.vocab_size,
+        ):
+            raise ValueError(
+                f"reward: vocabulary size {self.vocab_size} differs from the policy's {policy.vocab_size}; "
+                "pass token_map= to translate ids"
+            )
+
+    # -- scoring --------------------------------------------------------------------------------------------
+
+    def _score(self, sequences: list[npt.NDArray[np.int64]]) -> FloatArray:
+        """``log Vh`` of each token sequence, in one session call (right padding, read at the last token)."""
+        width = max(len(s) for s in sequences)
+        ids = np.full((len(sequences), width), self.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(sequences), width), dtype=np.int64)
+        for row, sequence in enumerate(sequences):
+            mapped = sequence if self.token_map is None else self.token_map[sequence]
+            ids[row, : len(sequence)] = mapped
+            mask[row, : len(sequence)] = 1
+        feeds: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+        if self.has_position_ids:
+            feeds["position_ids"] = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+        (scores,) = self.session.run([self.output], feeds)
+        scores = np.asarray(scores, dtype=np.float64)
+        if scores.ndim == 3 and scores.shape[2] == 1:
+            scores = scores[..., 0]
+        if scores.ndim == 2 and scores.shape[1] == 1 and width != 1:
+            scores = scores[:, 0]
+        if scores.ndim == 2:
+            lengths = mask.sum(axis=1)
+            scores = scores[np.arange(len(sequences)), lengths - 1]
+        if scores.shape != (len(sequences),):
+            raise ValueError(
+                f"output: {self.output!r} has shape {scores.shape}; expected (batch,) or (batch, seq)"
+            )
+        if np.isnan(scores).any():
+            raise ValueError(
+                f"reward: {self.model_file.name} returned NaN for {int(np.isnan(scores).sum())} prefix(es)"
+            )
+        if self.kind == "log_value":
+            return scores
+        if self.kind == "prob":
+            if (scores < 0).any() or (scores > 1).any():
+                raise ValueError("reward: kind='prob' but the model returned values outside [0, 1]")
+            with np.errstate(divide="ignore"):
+                return np.log(scores)
+        return -np.logaddexp(0.0, -scores)  # log sigmoid
+
+    @staticmethod
+    def _prompt(particles: Particles, b: int) -> npt.NDArray[np.int64]:
+        if particles.prompt_tokens is None:
+            return np.zeros(0, dtype=np.int64)
+        return particles.prompt_tokens[b]
+
+    def initial_log_value(self, particles: Particles) -> FloatArray:
+        """``log Vh_0``: the model's value of each prompt."""
+        sequences = [self._prompt(particles, b) for b in range(particles.num_prompts)]
+        if any(len(s) == 0 for s in sequences):
+            return np.zeros(particles.num_prompts)
+        return self._score(sequences)
+
+    def log_value(self, particles: Particles) -> FloatArray:
+        batch, count = particles.lengths.shape
+        values = particles.state.get("rm.log_value")
+        scored = particles.state.get("rm.scored_length")
+        if values is None or scored is None:
+            values = np.zeros((batch, count))
+            scored = np.full((batch, count), -1, dtype=np.int64)
+        stale = scored != particles.lengths
+        if stale.any():
+            rows = np.argwhere(stale)
+            sequences = [
+                np.concatenate(
+                    [self._prompt(particles, b), particles.tokens[b, i, : particles.lengths[b, i]]]
+                )
+                for b, i in rows
+            ]
+            fresh = self._score(sequences)
+            if self.verifier is not None:
+                for k, (b, i) in enumerate(rows):
+                    if particles.finished[b, i]:
+                        fresh[k] = self._verify(particles, b, i)
+            values = values.copy()
+            values[stale] = fresh
+            scored = np.where(stale, particles.lengths, scored)
+        particles.state["rm.log_value"] = values
+        particles.state["rm.scored_length"] = scored
+        return values
+
+    def _verify(self, particles: Particles, b: int, i: int) -> float:
+        assert self.verifier is not None
+        generated = particles.tokens[b, i, : particles.lengths[b, i]]
+        text: Any = self.tokenizer.decode(generated) if self.tokenizer is not None else generated
+        reward = float(self.verifier(particles.prompts[b], text))
+        if not (reward >= 0.0) or reward == np.inf:
+            raise ValueError(f"verifier: returned {reward!r} for prompt {b}; rewards must be finite and >= 0")
+        return float(np.log(reward)) if reward > 0 else -np.inf
