@@ -1,0 +1,248 @@
+"""``tiltsmc`` on the command line: ``tiltsmc run`` samples ONNX models with any sampler.
+
+Results are JSON lines, one per prompt (samples, texts, log-weights, the log Z estimate, the ESS trace,
+timings), written to ``--json`` atomically (a temporary file renamed at the end, so an interrupted run
+leaves nothing half-written) or to standard output. A progress bar goes to standard error on a
+terminal; piped, the run is quiet apart from a summary line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional, TextIO
+
+import numpy as np
+
+from . import core
+from .samplers import best_of_n, mh, rejection, smc, sp_gsmc
+from .samplers.result import SamplerResult
+
+SAMPLERS = ("smc", "sp-gsmc", "mh", "best-of-n", "rejection")
+
+
+class Progress:
+    """A one-line progress bar on a terminal; silent when the stream is not one."""
+
+    def __init__(self, total: int, label: str, stream: TextIO = sys.stderr) -> None:
+        self.total, self.label, self.stream = total, label, stream
+        self.enabled = stream.isatty()
+        self.started = time.perf_counter()
+        self.update(0)
+
+    def update(self, done: int) -> None:
+        if not self.enabled:
+            return
+        width = 30
+        filled = int(width * done / max(self.total, 1))
+        elapsed = time.perf_counter() - self.started
+        self.stream.write(
+            f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} {elapsed:6.1f}s"
+        )
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tiltsmc", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="sample an ONNX policy guided by an ONNX reward model")
+    run.add_argument("--policy", required=True, help="folder (or .onnx file) of the decoder LM")
+    run.add_argument("--reward", required=True, help="folder (or .onnx file) of the reward model")
+    prompts = run.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    prompts.add_argument("--prompts", help="a file of prompts, one per line")
+    run.add_argument("--sampler", choices=SAMPLERS, default="smc")
+    run.add_argument(
+        "--particles", type=_positive_int, default=16, help="particles (smc, mh PIMH) or n (best-of-n)"
+    )
+    run.add_argument("--resample", choices=core.SCHEMES, default="systematic")
+    run.add_argument("--ess-threshold", type=float, default=0.5)
+    run.add_argument("--pool-size", type=_positive_int, default=8, help="sp-gsmc / mh resampling pool")
+    run.add_argument("--mh-steps", type=int, default=4)
+    run.add_argument("--bound", type=float, default=1.0, help="rejection: an upper bound on the reward")
+    run.add_argument("--num-samples", type=_positive_int, default=1, help="rejection: samples per prompt")
+    run.add_argument("--max-tries", type=_positive_int, default=10_000, help="rejection: draws per prompt")
+    run.add_argument("--max-new-tokens", type=_positive_int, default=32)
+    run.add_argument("--step", default="token", help="'token' or a delimiter ending each step, e.g. '\\n'")
+    run.add_argument("--temperature", type=float, default=1.0)
+    run.add_argument("--top-k", type=_positive_int, default=None)
+    run.add_argument("--top-p", type=float, default=None)
+    run.add_argument("--reward-kind", choices=("log_value", "prob", "logit"), default="logit")
+    run.add_argument("--reward-output", default=None, help="reward graph output to read (default: first)")
+    run.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per batched run")
+    run.add_argument(
+        "--threads", type=_positive_int, default=None, help="threads for ONNX Runtime and the core"
+    )
+    run.add_argument("--cpu", action="store_true", help="use the CPU even where a GPU is usable")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--json", dest="json_path", default=None, help="write JSON lines here (default: stdout)")
+    return parser
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    if args.prompt is not None:
+        return list(args.prompt)
+    path = Path(args.prompts)
+    if not path.is_file():
+        raise SystemExit(f"tiltsmc: --prompts: no such file: {path}")
+    lines = [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines()]
+    prompts = [line for line in lines if line.strip()]
+    if not prompts:
+        raise SystemExit(f"tiltsmc: --prompts: {path} holds no prompt")
+    return prompts
+
+
+def _sample(
+    args: argparse.Namespace, policy: Any, reward: Any, prompts: list[str], seed: Any
+) -> SamplerResult:
+    if args.sampler == "smc":
+        return smc(
+            policy,
+            reward,
+            prompts,
+            num_particles=args.particles,
+            resample=args.resample,
+            ess_threshold=args.ess_threshold,
+            rng=seed,
+        )
+    if args.sampler == "sp-gsmc":
+        return sp_gsmc(policy, reward, prompts, pool_size=args.pool_size, rng=seed)
+    if args.sampler == "mh":
+        return mh(policy, reward, prompts, pool_size=args.pool_size, steps=args.mh_steps, rng=seed)
+    if args.sampler == "best-of-n":
+        return best_of_n(policy, reward, prompts, n=args.particles, rng=seed)
+    return rejection(
+        policy,
+        reward,
+        prompts,
+        bound=args.bound,
+        num_samples=args.num_samples,
+        max_tries=args.max_tries,
+        rng=seed,
+    )
+
+
+def _records(result: SamplerResult, prompts: list[str], offset: int) -> list[dict[str, Any]]:
+    whole = result.to_dict()
+    records = []
+    for b, prompt in enumerate(prompts):
+        record: dict[str, Any] = {"prompt_index": offset + b, "prompt": prompt, "sampler": whole["sampler"]}
+        for key in (
+            "samples",
+            "texts",
+            "log_weights",
+            "log_z",
+            "ess",
+            "resampled",
+            "collapsed",
+            "acceptance_rate",
+            "tries",
+        ):
+            if key in whole:
+                record[key] = whole[key][b]
+        if str(b) in whole.get("errors", {}):
+            record["error"] = whole["errors"][str(b)]
+        record["compute"] = whole["compute"]  # for the whole batch this prompt ran in
+        records.append(record)
+    return records
+
+
+def run(args: argparse.Namespace) -> int:
+    from .models import OnnxCausalLM, OnnxRewardModel
+
+    if args.threads is not None:
+        core.set_num_threads(args.threads)
+    providers = ["CPUExecutionProvider"] if args.cpu else None
+    step: Any = args.step.encode().decode("unicode_escape") if args.step != "token" else "token"
+    try:
+        policy = OnnxCausalLM(
+            args.policy,
+            max_new_tokens=args.max_new_tokens,
+            step=step,
+            temperature=args.temperature,
+            providers=providers,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            intra_op_num_threads=args.threads,
+        )
+        reward = OnnxRewardModel(
+            args.reward,
+            output=args.reward_output,
+            kind=args.reward_kind,
+            providers=providers,
+            intra_op_num_threads=args.threads,
+        )
+    except (OSError, ValueError) as error:
+        print(f"tiltsmc: {error}", file=sys.stderr)
+        return 2
+    prompts = _read_prompts(args)
+    seed = np.random.default_rng(args.seed)
+    target: Optional[Path] = Path(args.json_path) if args.json_path else None
+    if target is not None and not target.parent.exists():
+        print(f"tiltsmc: --json: folder {target.parent} does not exist", file=sys.stderr)
+        return 2
+    handle, temporary = (None, None)
+    if target is not None:
+        descriptor, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        handle = os.fdopen(descriptor, "w", encoding="utf-8")
+    out = handle if handle is not None else sys.stdout
+    progress = Progress(len(prompts), f"tiltsmc {args.sampler}")
+    began = time.perf_counter()
+    failed = 0
+    try:
+        for start in range(0, len(prompts), args.batch_size):
+            batch = prompts[start : start + args.batch_size]
+            result = _sample(args, policy, reward, batch, seed)
+            for record in _records(result, batch, start):
+                failed += "error" in record
+                out.write(json.dumps(record) + "\n")
+            progress.update(min(start + args.batch_size, len(prompts)))
+        progress.close()
+        if handle is not None:
+            handle.close()
+            os.replace(temporary, target)  # type: ignore[arg-type]
+    except BaseException:
+        progress.close()
+        if handle is not None:
+            handle.close()
+            os.unlink(temporary)  # type: ignore[arg-type]
+        raise
+    where = f" to {target}" if target is not None else ""
+    print(
+        f"tiltsmc: {len(prompts)} prompt(s), {failed} failed, {time.perf_counter() - began:.2f}s{where}",
+        file=sys.stderr,
+    )
+    return 1 if failed == len(prompts) else 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return run(args)
+    except KeyboardInterrupt:
+        print("tiltsmc: interrupted; no result file written", file=sys.stderr)
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,93 @@
+"""``tiltsmc run`` end to end on the tiny fixture models."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from tiltsmc.cli import main
+
+FIXTURES = Path(__file__).parent / "fixtures" / "models"
+POLICY, REWARD = str(FIXTURES / "llama-tiny"), str(FIXTURES / "prm-tiny")
+
+
+def run(tmp_path: Path, *extra: str) -> tuple[int, list[dict]]:
+    out = tmp_path / "out.jsonl"
+    code = main(
+        ["run", "--policy", POLICY, "--reward", REWARD, "--max-new-tokens", "4", "--json", str(out), *extra]
+    )
+    lines = out.read_text().splitlines() if out.exists() else []
+    return code, [json.loads(line) for line in lines]
+
+
+@pytest.mark.parametrize("sampler", ["smc", "sp-gsmc", "mh", "best-of-n", "rejection"])
+def test_every_sampler_writes_one_json_line_per_prompt(tmp_path: Path, sampler: str, capfd) -> None:
+    extra = ["--bound", "1.0", "--max-tries", "200"] if sampler == "rejection" else []
+    code, records = run(
+        tmp_path,
+        "--sampler",
+        sampler,
+        "--prompt",
+        "hello",
+        "--prompt",
+        "ab",
+        "--particles",
+        "4",
+        "--seed",
+        "3",
+        *extra,
+    )
+    assert code == 0
+    assert [r["prompt"] for r in records] == ["hello", "ab"]
+    for record in records:
+        assert record["sampler"] == sampler.replace("-", "_")
+        assert len(record["texts"]) == len(record["samples"])
+        assert isinstance(record["log_z"], float) or record["log_z"] in ("-inf",)
+        assert record["compute"]["policy_calls"] > 0
+    # piped (not a terminal): no progress bar, one summary line on stderr
+    captured = capfd.readouterr()
+    assert "\r" not in captured.err and "2 prompt(s), 0 failed" in captured.err
+
+
+def test_same_seed_same_output_and_a_bad_prompt_is_reported(tmp_path: Path) -> None:
+    first = run(tmp_path, "--prompt", "hi", "--prompt", "x" * 200, "--seed", "5")
+    second = run(tmp_path, "--prompt", "hi", "--prompt", "x" * 200, "--seed", "5")
+    without_timings = [
+        [{k: v for k, v in r.items() if k != "compute"} for r in rs] for _, rs in (first, second)
+    ]
+    assert without_timings[0] == without_timings[1]
+    code, records = first
+    assert code == 0
+    assert "context" in records[1]["error"] and records[1]["collapsed"] is True
+    assert "error" not in records[0] and math.isfinite(records[0]["log_z"])
+
+
+def test_prompts_file_and_errors(tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("one\n\ntwo\n")
+    code, records = run(tmp_path, "--prompts", str(prompts), "--sampler", "best-of-n")
+    assert code == 0 and [r["prompt"] for r in records] == ["one", "two"]
+    assert main(["run", "--policy", str(tmp_path / "missing"), "--reward", REWARD, "--prompt", "a"]) == 2
+    assert (
+        main(
+            [
+                "run",
+                "--policy",
+                POLICY,
+                "--reward",
+                REWARD,
+                "--prompt",
+                "a",
+                "--json",
+                str(tmp_path / "no" / "such" / "dir.jsonl"),
+            ]
+        )
+        == 2
+    )
+    with pytest.raises(SystemExit):
+        main(["run", "--policy", POLICY, "--reward", REWARD, "--prompts", str(tmp_path / "absent.txt")])
+    with pytest.raises(SystemExit):
+        main(["run", "--policy", POLICY, "--reward", REWARD, "--prompt", "a", "--particles", "0"])
+    assert not list(tmp_path.glob(".out.jsonl.*"))  # no temporary file left behind
