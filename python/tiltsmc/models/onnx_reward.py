@@ -113,13 +113,18 @@ class OnnxRewardModel:
 
     def _score(self, sequences: list[npt.NDArray[np.int64]]) -> FloatArray:
         """``log Vh`` of each token sequence, in one session call (right padding, read at the last token)."""
-        width = max(len(s) for s in sequences)
-        ids = np.full((len(sequences), width), self.pad_token_id, dtype=np.int64)
-        mask = np.zeros((len(sequences), width), dtype=np.int64)
+        lengths = np.array([len(s) for s in sequences], dtype=np.int64)
+        ids = np.full((len(sequences), int(lengths.max())), self.pad_token_id, dtype=np.int64)
         for row, sequence in enumerate(sequences):
-            mapped = sequence if self.token_map is None else self.token_map[sequence]
-            ids[row, : len(sequence)] = mapped
-            mask[row, : len(sequence)] = 1
+            ids[row, : len(sequence)] = sequence
+        return self._score_padded(ids, lengths)
+
+    def _score_padded(self, ids: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64]) -> FloatArray:
+        """``log Vh`` of right-padded rows ``ids[r, :lengths[r]]``."""
+        width = ids.shape[1]
+        mask = (np.arange(width) < lengths[:, None]).astype(np.int64)
+        if self.token_map is not None:
+            ids = np.where(mask == 1, self.token_map[ids], self.pad_token_id)
         feeds: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
         if self.has_position_ids:
             feeds["position_ids"] = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
@@ -131,8 +136,8 @@ class OnnxRewardModel:
             scores = scores[:, 0]
         if scores.ndim == 2:
             lengths = mask.sum(axis=1)
-            scores = scores[np.arange(len(sequences)), lengths - 1]
-        if scores.shape != (len(sequences),):
+            scores = scores[np.arange(len(ids)), lengths - 1]
+        if scores.shape != (len(ids),):
             raise ValueError(
                 f"output: {self.output!r} has shape {scores.shape}; expected (batch,) or (batch, seq)"
             )
@@ -172,13 +177,7 @@ class OnnxRewardModel:
         stale = scored != particles.lengths
         if stale.any():
             rows = np.argwhere(stale)
-            sequences = [
-                np.concatenate(
-                    [self._prompt(particles, b), particles.tokens[b, i, : particles.lengths[b, i]]]
-                )
-                for b, i in rows
-            ]
-            fresh = self._score(sequences)
+            fresh = self._score_padded(*self._prefixes(particles, rows))
             if self.verifier is not None:
                 for k, (b, i) in enumerate(rows):
                     if particles.finished[b, i]:
@@ -189,6 +188,27 @@ class OnnxRewardModel:
         particles.state["rm.log_value"] = values
         particles.state["rm.scored_length"] = scored
         return values
+
+    def _prefixes(
+        self, particles: Particles, rows: npt.NDArray[np.int64]
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """Prompt + generated tokens of the particles ``rows`` (pairs ``(b, i)``), right-padded; lengths."""
+        b, i = rows[:, 0], rows[:, 1]
+        prompt_lengths = np.array(
+            [len(self._prompt(particles, k)) for k in range(particles.num_prompts)], dtype=np.int64
+        )
+        generated = particles.lengths[b, i]
+        lengths = prompt_lengths[b] + generated
+        ids = np.full((len(rows), int(lengths.max())), self.pad_token_id, dtype=np.int64)
+        for k in np.unique(b):  # the prompt: one slice per prompt
+            ids[b == k, : prompt_lengths[k]] = self._prompt(particles, int(k))
+        width = int(generated.max())
+        if width:  # the generated tokens, shifted by each row's prompt length
+            columns = prompt_lengths[b][:, None] + np.arange(width)
+            valid = np.arange(width) < generated[:, None]
+            row_index = np.broadcast_to(np.arange(len(rows))[:, None], columns.shape)
+            ids[row_index[valid], columns[valid]] = particles.tokens[b, i, :width][valid]
+        return ids, lengths
 
     def _verify(self, particles: Particles, b: int, i: int) -> float:
         assert self.verifier is not None

@@ -1,0 +1,206 @@
+"""Benchmark of SMC on the ONNX fixture models: where a step's time goes, and what the KV cache saves.
+
+For each decoder fixture (with prm-tiny as the reward model), one seeded SMC run of ``--prompts`` prompts
+x ``--particles`` particles for ``--tokens`` tokens, timed three ways in the same run:
+
+* ONNX Runtime: the time inside ``session.run`` of the policy and the reward model (the model itself);
+* tiltsmc: everything else (the samplers' weights, resampling and reordering, and the models' Python
+  glue: feeds, masks, sampling, cache reshapes);
+* the same run with a naive policy that re-encodes every prefix from scratch at each step (no cache, no
+  gather), which is what a implementation without cache-following resampling does.
+
+Prints a table and writes JSON to bench/results/models_<host>.json. Not a test: figures depend on the
+machine; run it on a quiet one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tiltsmc
+from tiltsmc.models import OnnxCausalLM, OnnxRewardModel
+
+FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "models"
+
+
+class SessionTimer:
+    """Wraps ``session.run`` of a model to add up the seconds spent inside ONNX Runtime."""
+
+    def __init__(self, model: Any) -> None:
+        self.seconds = 0.0
+        self.calls = 0
+        inner = model.session.run
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            began = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - began
+                self.calls += 1
+
+        model.session.run = timed  # instance attribute shadows the method
+
+
+class RecomputingLM(OnnxCausalLM):
+    """The naive policy: each step re-runs the whole prefix without a cache (same law, same draws)."""
+
+    def _advance(self, particles: Any, tokens: Any, active: Any) -> None:
+        b_index, i_index = np.nonzero(active)
+        particles.tokens[b_index, i_index, particles.lengths[b_index, i_index]] = tokens[b_index, i_index]
+        particles.lengths[active] += 1
+        ended = active & (particles.lengths >= self.max_new_tokens)
+        if self.eos_token_ids:
+            ended |= active & np.isin(tokens, list(self.eos_token_ids))
+        particles.finished |= ended
+        if not (active & ~particles.finished).any():
+            return
+        batch, count = particles.lengths.shape
+        prompts = particles.prompt_tokens
+        sequences = [
+            np.concatenate([prompts[b], particles.tokens[b, i, : particles.lengths[b, i]]])
+            for b in range(batch)
+            for i in range(count)
+        ]
+        width = max(len(s) for s in sequences)
+        ids = np.full((len(sequences), width), self.pad_token_id, dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for row, sequence in enumerate(sequences):  # left padding, as at the start
+            ids[row, width - len(sequence) :] = sequence
+            mask[row, width - len(sequence) :] = 1
+        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+        logits, _ = self._run(ids, mask, positions, None)
+        still = active & ~particles.finished
+        fresh = np.asarray(logits[:, -1, :], dtype=np.float32).reshape(batch, count, -1)
+        particles.state["lm.logits"] = np.where(still[..., None], fresh, particles.state["lm.logits"])
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import onnxruntime
+
+    return {
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "numpy": np.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "tiltsmc_threads": tiltsmc.core.get_num_threads(),
+        "load_average": os.getloadavg(),
+    }
+
+
+def one_run(policy_class: type, fixture: str, args: argparse.Namespace) -> dict[str, Any]:
+    policy = policy_class(
+        FIXTURES / fixture, max_new_tokens=args.tokens, eos_token_id=[], providers=["CPUExecutionProvider"]
+    )
+    reward = OnnxRewardModel(FIXTURES / "prm-tiny", kind="logit", providers=["CPUExecutionProvider"])
+    policy_timer, reward_timer = SessionTimer(policy), SessionTimer(reward)
+    prompts = [f"question {k}: what is {k} + {k + 1}?" for k in range(args.prompts)]
+    began = time.perf_counter()
+    result = tiltsmc.smc(
+        policy, reward, prompts, num_particles=args.particles, ess_threshold=args.ess_threshold, rng=args.seed
+    )
+    total = time.perf_counter() - began
+    steps = result.ess.shape[1]
+    onnx = policy_timer.seconds + reward_timer.seconds
+    return {
+        "fixture": fixture,
+        "policy": policy_class.__name__,
+        "steps": steps,
+        "resampling_steps": int(result.resampled.sum(axis=1).max()),
+        "total_seconds": total,
+        "onnx_seconds": onnx,
+        "policy_session_seconds": policy_timer.seconds,
+        "reward_session_seconds": reward_timer.seconds,
+        "tiltsmc_seconds": total - onnx,
+        "sampler_bookkeeping_seconds": result.compute.bookkeeping_seconds,
+        "per_step_ms": 1e3 * total / steps,
+        "tiltsmc_share": (total - onnx) / total,
+        "bookkeeping_share": result.compute.bookkeeping_seconds / total,
+        "log_z": result.log_z.tolist(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--particles", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=24)
+    parser.add_argument("--ess-threshold", type=float, default=0.5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="smaller run, for a smoke test")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if args.quick:
+        args.prompts, args.particles, args.tokens = 2, 16, 8
+    rows = []
+    for fixture in ("gpt2-tiny", "llama-tiny"):
+        cached = one_run(OnnxCausalLM, fixture, args)
+        naive = one_run(RecomputingLM, fixture, args)
+        rows.append(
+            {
+                "cached": cached,
+                "recompute": naive,
+                "recompute_over_cached": naive["total_seconds"] / cached["total_seconds"],
+                "policy_recompute_over_cached": naive["policy_session_seconds"]
+                / cached["policy_session_seconds"],
+            }
+        )
+    print(f"{args.prompts} prompts x {args.particles} particles, {args.tokens} tokens, CPU provider")
+    header = (
+        f"{'fixture':<11} {'policy':<14} {'ms/step':>8} {'onnx ms':>8} {'tiltsmc ms':>10} {'share':>6} "
+        f"{'bookkeeping':>11}"
+    )
+    print(header)
+    for row in rows:
+        for key in ("cached", "recompute"):
+            r = row[key]
+            print(
+                f"{r['fixture']:<11} {key:<14} {r['per_step_ms']:8.2f} "
+                f"{1e3 * r['onnx_seconds'] / r['steps']:8.2f} "
+                f"{1e3 * r['tiltsmc_seconds'] / r['steps']:10.2f} {100 * r['tiltsmc_share']:5.1f}% "
+                f"{100 * r['bookkeeping_share']:10.1f}%"
+            )
+        print(
+            f"{'':<11} re-encoding / cached = {row['recompute_over_cached']:.2f}x for the whole step, "
+            f"{row['policy_recompute_over_cached']:.2f}x for the policy's ONNX time alone"
+        )
+    for row in rows:
+        share = row["cached"]["tiltsmc_share"]
+        verdict = "PASS" if share <= 0.05 else "FAIL"
+        print(
+            f"{verdict}  {row['cached']['fixture']}: tiltsmc share of a step = {100 * share:.1f}% "
+            "(bar <= 5%); "
+            f"sampler bookkeeping alone {100 * row['cached']['bookkeeping_share']:.1f}%"
+        )
+    out = (
+        Path(args.out)
+        if args.out
+        else Path(__file__).parent / "results" / f"models_{socket.gethostname()}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": machine(), "args": vars(args), "rows": rows}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
