@@ -67,8 +67,12 @@ def measure(fn: Callable[[], object], budget: float) -> dict[str, float]:
         sample = _run(fn, number)
     samples = [sample] + [_run(fn, number) for _ in range(max(2, round(budget / sample) - 1))]
     per_call = [s / number for s in samples]
-    return {"median": statistics.median(per_call), "min": min(per_call), "repeats": len(samples),
-            "calls_per_repeat": number}
+    return {
+        "median": statistics.median(per_call),
+        "min": min(per_call),
+        "repeats": len(samples),
+        "calls_per_repeat": number,
+    }
 
 
 # ---------------------------------------------------------------- particles, as a user would call it today
@@ -115,44 +119,106 @@ def cases(rng: np.random.Generator) -> list[Case]:
         for dtype in DTYPES:
             logw = rng.standard_normal(shape).astype(dtype)
             copy, name = p(np.copy, logw), np.dtype(dtype).name
-            out.append(("log_normalize", shape, name, {
-                "tiltsmc": use_ts and p(ts.log_normalize, logw), "numpy": p(ref.log_normalize, logw),
-                "copy": copy}))
+            out.append(
+                (
+                    "log_normalize",
+                    shape,
+                    name,
+                    {
+                        "tiltsmc": use_ts and p(ts.log_normalize, logw),
+                        "numpy": p(ref.log_normalize, logw),
+                        "copy": copy,
+                    },
+                )
+            )
             # particles accumulates W in its own dtype (no bounds check): float64 only
             use_pr = pr is not None and dtype == np.float64
             weights = np.exp(logw - logw.max(axis=1, keepdims=True))
             weights /= weights.sum(axis=1, keepdims=True)
             for scheme in SCHEMES:
-                out.append((f"resample:{scheme}", shape, name, {
-                    "tiltsmc": use_ts and p(ts.resample, logw, scheme, rng=gen),
-                    "numpy": p(ref.resample, logw, scheme, shape[1], gen),
-                    "particles": use_pr and p(particles_resample, scheme, logw),
-                    "particles_W": use_pr and p(particles_resample_w, scheme, weights),
-                    "copy": copy}))
-            out.append(("pool_select", shape, name, {
-                "tiltsmc": use_ts and p(ts.pool_select, logw, rng=gen),
-                "numpy": p(ref.pool_select, logw, gen), "copy": copy}))
+                out.append(
+                    (
+                        f"resample:{scheme}",
+                        shape,
+                        name,
+                        {
+                            "tiltsmc": use_ts and p(ts.resample, logw, scheme, rng=gen),
+                            "numpy": p(ref.resample, logw, scheme, shape[1], gen),
+                            "particles": use_pr and p(particles_resample, scheme, logw),
+                            "particles_W": use_pr and p(particles_resample_w, scheme, weights),
+                            "copy": copy,
+                        },
+                    )
+                )
+            out.append(
+                (
+                    "pool_select",
+                    shape,
+                    name,
+                    {
+                        "tiltsmc": use_ts and p(ts.pool_select, logw, rng=gen),
+                        "numpy": p(ref.pool_select, logw, gen),
+                        "copy": copy,
+                    },
+                )
+            )
             if dtype == np.float64:  # gather the log-weights themselves, with resampler-like ancestors
                 ancestors = ref.resample(logw, "systematic", shape[1], rng)
-                out.append(("gather", shape, name, {
-                    "tiltsmc": use_ts and p(ts.gather, logw, ancestors),
-                    "numpy": p(ref.gather, logw, ancestors), "copy": copy}))
+                out.append(
+                    (
+                        "gather",
+                        shape,
+                        name,
+                        {
+                            "tiltsmc": use_ts and p(ts.gather, logw, ancestors),
+                            "numpy": p(ref.gather, logw, ancestors),
+                            "copy": copy,
+                        },
+                    )
+                )
     for batch in sorted({shape[0] for shape in SHAPES} | {2**20}):  # mh_accept works on (B,) log Z
         current, proposed = rng.standard_normal(batch), rng.standard_normal(batch)
-        out.append(("mh_accept", (batch,), "float64", {
-            "tiltsmc": use_ts and p(ts.mh_accept, current, proposed, rng=gen),
-            "numpy": p(ref.mh_accept, current, proposed, gen), "copy": p(np.copy, current)}))
+        out.append(
+            (
+                "mh_accept",
+                (batch,),
+                "float64",
+                {
+                    "tiltsmc": use_ts and p(ts.mh_accept, current, proposed, rng=gen),
+                    "numpy": p(ref.mh_accept, current, proposed, gen),
+                    "copy": p(np.copy, current),
+                },
+            )
+        )
     block = rng.standard_normal(BLOCK).astype(np.float32)
     ancestors = ref.resample(rng.standard_normal(BLOCK[:2]), "systematic", BLOCK[1], rng)
-    out.append(("gather", BLOCK, "float32", {
-        "tiltsmc": use_ts and p(ts.gather, block, ancestors), "numpy": p(ref.gather, block, ancestors),
-        "numpy_fancy": p(block.__getitem__, (np.arange(BLOCK[0])[:, None], ancestors)),
-        "copy": p(np.copy, block)}))
+    out.append(
+        (
+            "gather",
+            BLOCK,
+            "float32",
+            {
+                "tiltsmc": use_ts and p(ts.gather, block, ancestors),
+                "numpy": p(ref.gather, block, ancestors),
+                "numpy_fancy": p(block.__getitem__, (np.arange(BLOCK[0])[:, None], ancestors)),
+                "copy": p(np.copy, block),
+            },
+        )
+    )
     near = mostly_identity(BLOCK[0], BLOCK[1], 2, rng)
     in_place = block.copy()
-    out.append(("gather:in-place,2/16 moved", BLOCK, "float32", {
-        "tiltsmc": use_ts and p(ts.gather, in_place, near, out=in_place), "numpy": p(ref.gather, block, near),
-        "copy": p(np.copy, block)}))
+    out.append(
+        (
+            "gather:in-place,2/16 moved",
+            BLOCK,
+            "float32",
+            {
+                "tiltsmc": use_ts and p(ts.gather, in_place, near, out=in_place),
+                "numpy": p(ref.gather, block, near),
+                "copy": p(np.copy, block),
+            },
+        )
+    )
     return out
 
 
@@ -181,24 +247,61 @@ def bars(rows: list[dict]) -> list[dict]:
     block = find(rows, "gather", BLOCK, "float32")
     block_ip = find(rows, "gather:in-place,2/16 moved", BLOCK, "float32")
     out = [
-        bar("(1,2^20) systematic: particles (+exp-normalise) / tiltsmc", median(sys_big, "particles"),
-            median(sys_big, "tiltsmc"), ">=", 10),
-        bar("(1,2^20) systematic: tiltsmc / numpy.copy(logw)", median(sys_big, "tiltsmc"),
-            median(sys_big, "copy"), "<=", 3),
-        bar("(4096,64) systematic: particles row loop (+exp-normalise) / one tiltsmc call",
-            median(sys_wide, "particles"), median(sys_wide, "tiltsmc"), ">=", 50),
-        bar("(1,2^20) log_normalize: tiltsmc / numpy.copy(logw)", median(lognorm, "tiltsmc"),
-            median(lognorm, "copy"), "<=", 3),
+        bar(
+            "(1,2^20) systematic: particles (+exp-normalise) / tiltsmc",
+            median(sys_big, "particles"),
+            median(sys_big, "tiltsmc"),
+            ">=",
+            10,
+        ),
+        bar(
+            "(1,2^20) systematic: tiltsmc / numpy.copy(logw)",
+            median(sys_big, "tiltsmc"),
+            median(sys_big, "copy"),
+            "<=",
+            3,
+        ),
+        bar(
+            "(4096,64) systematic: particles row loop (+exp-normalise) / one tiltsmc call",
+            median(sys_wide, "particles"),
+            median(sys_wide, "tiltsmc"),
+            ">=",
+            50,
+        ),
+        bar(
+            "(1,2^20) log_normalize: tiltsmc / numpy.copy(logw)",
+            median(lognorm, "tiltsmc"),
+            median(lognorm, "copy"),
+            "<=",
+            3,
+        ),
     ]
     for row in rows:  # every kernel at (1, 64); mh_accept's single row is (1,)
         if tuple(row["shape"]) in (small, (1,)):
-            out.append(bar(f"{small} {row['kernel']} {row['dtype']}: tiltsmc seconds per call / 3 us",
-                           median(row, "tiltsmc"), 3e-6, "<=", 1))
+            out.append(
+                bar(
+                    f"{small} {row['kernel']} {row['dtype']}: tiltsmc seconds per call / 3 us",
+                    median(row, "tiltsmc"),
+                    3e-6,
+                    "<=",
+                    1,
+                )
+            )
     out += [
-        bar(f"{BLOCK} float32 gather: take_along_axis / tiltsmc", median(block, "numpy"),
-            median(block, "tiltsmc"), ">=", 1),
-        bar(f"{BLOCK} float32 gather out=x, 2/16 moved: take_along_axis / tiltsmc", median(block_ip, "numpy"),
-            median(block_ip, "tiltsmc"), ">=", 3),
+        bar(
+            f"{BLOCK} float32 gather: take_along_axis / tiltsmc",
+            median(block, "numpy"),
+            median(block, "tiltsmc"),
+            ">=",
+            1,
+        ),
+        bar(
+            f"{BLOCK} float32 gather out=x, 2/16 moved: take_along_axis / tiltsmc",
+            median(block_ip, "numpy"),
+            median(block_ip, "tiltsmc"),
+            ">=",
+            3,
+        ),
     ]
     return out
 
@@ -222,9 +325,18 @@ def print_table(rows: list[dict]) -> None:
     lines = []
     for r in rows:
         m = {impl: median(r, impl) for impl in IMPLS}
-        lines.append([r["kernel"], "x".join(map(str, r["shape"])), r["dtype"], *[fmt_us(m[i]) for i in IMPLS],
-                      fmt_ratio(m["numpy"], m["tiltsmc"]), fmt_ratio(m["particles"], m["tiltsmc"]),
-                      fmt_ratio(m["particles_W"], m["tiltsmc"]), fmt_ratio(m["tiltsmc"], m["copy"])])
+        lines.append(
+            [
+                r["kernel"],
+                "x".join(map(str, r["shape"])),
+                r["dtype"],
+                *[fmt_us(m[i]) for i in IMPLS],
+                fmt_ratio(m["numpy"], m["tiltsmc"]),
+                fmt_ratio(m["particles"], m["tiltsmc"]),
+                fmt_ratio(m["particles_W"], m["tiltsmc"]),
+                fmt_ratio(m["tiltsmc"], m["copy"]),
+            ]
+        )
     widths = [max(len(str(x[i])) for x in [head, *lines]) for i in range(len(head))]
     for i, line in enumerate([head, *lines]):
         print("  ".join(c.ljust(w) if j < 3 else c.rjust(w) for j, (c, w) in enumerate(zip(line, widths))))
@@ -248,10 +360,13 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         pass
     return {
-        "hostname": socket.gethostname(), "platform": platform.platform(), "cpu_model": cpu,
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "cpu_model": cpu,
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "python": platform.python_version(), "numpy": np.__version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
         "particles": importlib.metadata.version("particles") if pr is not None else None,
         "tiltsmc_num_threads": ts.get_num_threads() if ts is not None else None,
         "tiltsmc_build": _build_stamp(),
@@ -289,8 +404,12 @@ def check() -> bool:
                 counts = np.stack([np.bincount(r, minlength=8) for r in a])
                 sd = np.sqrt(np.maximum(num * w * (1 - w), 0.25) / len(rows))
                 z = np.max(np.abs(counts.mean(axis=0) - num * w) / sd)
-                good = (a.shape == (len(rows), num) and (np.diff(a, axis=1) >= 0).all() and z < 6
-                        and counts[:, w == 0].sum() == 0)
+                good = (
+                    a.shape == (len(rows), num)
+                    and (np.diff(a, axis=1) >= 0).all()
+                    and z < 6
+                    and counts[:, w == 0].sum() == 0
+                )
                 if scheme == "systematic":
                     good &= bool(np.all(np.abs(counts - num * w) < 1))
                 report(f"{who} resample {scheme} num={num}", good, f"(max |z| of mean counts {z:.2f})")
@@ -301,16 +420,21 @@ def check() -> bool:
     d = np.log(0.3)
     rate = ref.mh_accept(np.zeros(100000), np.full(100000, d), rng).mean()
     edge = ref.mh_accept(np.array([-np.inf, -np.inf, 0.0]), np.array([-np.inf, 0.0, -np.inf]), rng)
-    report("reference mh_accept", abs(rate - 0.3) < 0.01 and edge.tolist() == [True, True, False],
-           f"(rate {rate:.4f} for 0.3)")
+    report(
+        "reference mh_accept",
+        abs(rate - 0.3) < 0.01 and edge.tolist() == [True, True, False],
+        f"(rate {rate:.4f} for 0.3)",
+    )
     if ts is None:
         print(TS_MISSING)
         return ok
     for shape, dtype in [((64, 16, 4096), np.float32), ((3, 7), np.float64), ((5, 9, 2, 3), np.int16)]:
         x = (rng.standard_normal(shape) * 100).astype(dtype)
-        for name, anc in [("random", rng.integers(0, shape[1], shape[:2])),
-                          ("sorted", np.sort(rng.integers(0, shape[1], shape[:2]), axis=1)),
-                          ("2 moved", mostly_identity(shape[0], shape[1], 2, rng))]:
+        for name, anc in [
+            ("random", rng.integers(0, shape[1], shape[:2])),
+            ("sorted", np.sort(rng.integers(0, shape[1], shape[:2]), axis=1)),
+            ("2 moved", mostly_identity(shape[0], shape[1], 2, rng)),
+        ]:
             expected = np.take_along_axis(x, anc.reshape(anc.shape + (1,) * (x.ndim - 2)), axis=1)
             y = x.copy()
             ts.gather(y, anc, out=y)
@@ -339,8 +463,10 @@ def main(argv: list[str] | None = None) -> int:
     budget = 0.02 if args.quick else 0.2
     np.random.seed(SEED)  # noqa: NPY002 (particles draws from numpy's global state)
     info = machine_info()
-    print(f"{info['cpu_model']} ({info['cpus_usable']} usable cpus), numpy {info['numpy']}, particles "
-          f"{info['particles']}, tiltsmc threads {info['tiltsmc_num_threads']}, budget {budget} s\n")
+    print(
+        f"{info['cpu_model']} ({info['cpus_usable']} usable cpus), numpy {info['numpy']}, particles "
+        f"{info['particles']}, tiltsmc threads {info['tiltsmc_num_threads']}, budget {budget} s\n"
+    )
     rows = []
     for kernel, shape, dtype, impls in cases(np.random.default_rng(SEED)):
         times = {name: measure(fn, budget) for name, fn in impls.items() if fn}
@@ -348,8 +474,10 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows)
     fancy = find(rows, "gather", BLOCK, "float32")
     fancy_s = median(fancy, "numpy_fancy")
-    print(f"\nnote: gather {BLOCK} float32 by numpy fancy indexing x[arange(B)[:, None], a]: "
-          f"{fmt_us(fancy_s)} us (fancy/tiltsmc = {fmt_ratio(fancy_s, median(fancy, 'tiltsmc'))})")
+    print(
+        f"\nnote: gather {BLOCK} float32 by numpy fancy indexing x[arange(B)[:, None], a]: "
+        f"{fmt_us(fancy_s)} us (fancy/tiltsmc = {fmt_ratio(fancy_s, median(fancy, 'tiltsmc'))})"
+    )
     results = bars(rows)
     print("\nbars (medians):")
     for b in results:
@@ -362,8 +490,12 @@ def main(argv: list[str] | None = None) -> int:
     args_json = {"quick": args.quick, "threads": args.threads, "budget_s": budget, "seed": SEED}
     notes = [m for m in (TS_MISSING, PR_MISSING) if m]
     info["loadavg_after"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-    out.write_text(json.dumps({"machine": info, "args": args_json, "notes": notes, "results": rows,
-                               "bars": results}, indent=1) + "\n")
+    out.write_text(
+        json.dumps(
+            {"machine": info, "args": args_json, "notes": notes, "results": rows, "bars": results}, indent=1
+        )
+        + "\n"
+    )
     print(f"\nwrote {out}")
     return 0
 
