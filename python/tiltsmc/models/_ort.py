@@ -84,7 +84,13 @@ def make_session(
     if inter_op_num_threads is not None:
         options.inter_op_num_threads = int(inter_op_num_threads)
     if providers is not None:
-        return ort.InferenceSession(os.fspath(model_path), sess_options=options, providers=list(providers))
+        session = ort.InferenceSession(os.fspath(model_path), sess_options=options, providers=list(providers))
+        if require_gpu and "CUDAExecutionProvider" not in session.get_providers():
+            raise RuntimeError(
+                f"require_gpu: {model_path.name} runs on {session.get_providers()}, not on CUDA "
+                f"({cuda_device_usable()[1]})"
+            )
+        return session
     usable, reason = cuda_device_usable()
     if usable and "CUDAExecutionProvider" in ort.get_available_providers():
         try:

@@ -124,7 +124,9 @@ class OnnxCausalLM:
         if not (np.isfinite(temperature) and temperature > 0):
             raise ValueError(f"temperature: expected a positive number, got {temperature!r}")
         self.temperature = temperature
-        if top_k is not None and (isinstance(top_k, bool) or int(top_k) < 1):
+        if top_k is not None and (
+            isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or int(top_k) < 1
+        ):
             raise ValueError(f"top_k: expected an int >= 1 or None, got {top_k!r}")
         self.top_k = None if top_k is None else int(top_k)
         if top_p is not None and not 0.0 < float(top_p) <= 1.0:

@@ -84,8 +84,18 @@ class OnnxRewardModel:
                 f"output: {output!r} is not an output of {self.model_file.name}: found {outputs}"
             )
         self.output = output
-        self.vocab_size = self.config.get("vocab_size")
-        self.token_map = None if token_map is None else np.asarray(token_map, dtype=np.int64)
+        self.vocab_size = self.config.get("vocab_size") or (
+            self.tokenizer.vocab_size if self.tokenizer is not None else None
+        )
+        self.token_map = None
+        if token_map is not None:
+            mapping = np.asarray(token_map)
+            if mapping.ndim != 1 or mapping.dtype.kind not in "iu":
+                raise ValueError(f"token_map: expected a 1-D array of token ids, got shape {mapping.shape}")
+            upper = self.vocab_size if self.vocab_size is not None else np.iinfo(np.int64).max
+            if mapping.size and (mapping.min() < 0 or mapping.max() >= upper):
+                raise ValueError(f"token_map: ids must lie in [0, {upper}) of the reward model's vocabulary")
+            self.token_map = mapping.astype(np.int64)
 
     def check_policy(self, policy: Any) -> None:
         """Refuse a policy whose vocabulary differs from this model's, unless a ``token_map`` is given."""
@@ -187,7 +197,7 @@ class OnnxRewardModel:
             scored = np.where(stale, particles.lengths, scored)
         particles.state["rm.log_value"] = values
         particles.state["rm.scored_length"] = scored
-        return values
+        return values.copy()  # the stored array follows resampling in place
 
     def _prefixes(
         self, particles: Particles, rows: npt.NDArray[np.int64]

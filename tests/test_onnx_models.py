@@ -1,0 +1,771 @@
+"""The ONNX Runtime policy and reward model on the tiny optimum-exported fixtures (tests/fixtures/models).
+
+Covers: cached decoding against a full recompute (also after resampling), padding invariance, exactness in
+distribution of SMC against the enumerated target, delimiter steps, top-k / top-p / temperature, errors on
+bad input, provider choice, and the reward model scoring only the prefixes that changed. CPU only.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tiltsmc
+from tiltsmc.models import OnnxCausalLM, OnnxRewardModel, Particles
+from tiltsmc.models._ort import cuda_device_usable
+from tiltsmc.models.onnx_lm import log_softmax
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("tokenizers")
+
+FIXTURES = Path(__file__).parent / "fixtures" / "models"
+GPT2 = FIXTURES / "gpt2-tiny"
+LLAMA = FIXTURES / "llama-tiny"
+PRM = FIXTURES / "prm-tiny"
+DECODERS = [pytest.param(GPT2, id="gpt2-tiny"), pytest.param(LLAMA, id="llama-tiny")]
+VOCAB = 64
+EOS = 0
+SPACE = 39
+NEWLINE = 55
+
+# Ragged prompts, text and token ids mixed (left padding in one batch).
+RAGGED = ["hello world", [5, 6, 7], "a", list(range(2, 30)), "the cat sat."]
+
+
+# -- helpers ---------------------------------------------------------------------------------------------
+
+
+# Cache geometry of each decoder, from tests/fixtures/models/README.md: (KV heads, head dim).
+CACHE_SHAPES = {"gpt2-tiny": (2, 16), "llama-tiny": (2, 8)}
+
+
+def session_logits(policy: OnnxCausalLM, ids: Any) -> np.ndarray:
+    """Logits ``(rows, seq, vocab)`` of unpadded rows of equal length, straight from ``policy.session``: no
+    cache (past tensors ``(rows, kv_heads, 0, head_dim)``), all-ones mask, ``position_ids = arange``."""
+    ids = np.atleast_2d(np.asarray(ids, dtype=np.int64))
+    rows, length = ids.shape
+    heads, head_dim = CACHE_SHAPES[policy.model_file.parent.name]
+    feeds: dict[str, np.ndarray] = {
+        "input_ids": ids,
+        "attention_mask": np.ones((rows, length), dtype=np.int64),
+        "position_ids": np.broadcast_to(np.arange(length, dtype=np.int64), (rows, length)).copy(),
+    }
+    for node in policy.session.get_inputs():
+        if node.name.startswith("past_key_values."):
+            feeds[node.name] = np.zeros((rows, heads, 0, head_dim), dtype=np.float32)
+    assert set(feeds) == {node.name for node in policy.session.get_inputs()}
+    (logits,) = policy.session.run(["logits"], feeds)
+    return np.asarray(logits, dtype=np.float64)
+
+
+def full_logits(policy: OnnxCausalLM, ids: Any) -> np.ndarray:
+    """Logits ``(seq, vocab)`` of one unpadded sequence, run from scratch (empty cache, positions 0..L-1)."""
+    return session_logits(policy, np.asarray(ids, dtype=np.int64)[None, :])[0]
+
+
+def full_sequence(particles: Particles, b: int, i: int) -> np.ndarray:
+    assert particles.prompt_tokens is not None
+    generated = particles.tokens[b, i, : particles.lengths[b, i]]
+    return np.concatenate([particles.prompt_tokens[b], generated])
+
+
+def assert_cache_matches_recompute(policy: OnnxCausalLM, particles: Particles) -> int:
+    """Every unfinished particle's next-token logits equal a full recompute without cache (1e-4)."""
+    checked = 0
+    for b, i in zip(*np.nonzero(~particles.finished)):
+        expected = full_logits(policy, full_sequence(particles, b, i))[-1]
+        np.testing.assert_allclose(
+            particles.state["lm.logits"][b, i], expected, atol=1e-4, rtol=0, err_msg=f"particle ({b}, {i})"
+        )
+        checked += 1
+    return checked
+
+
+def decode_all(policy: OnnxCausalLM, samples: list[Any]) -> list[list[str]]:
+    return [[policy.decode(sequence) for sequence in per_prompt] for per_prompt in samples]
+
+
+@pytest.fixture(scope="module")
+def llama() -> OnnxCausalLM:
+    return OnnxCausalLM(LLAMA, max_new_tokens=2)
+
+
+@pytest.fixture(scope="module")
+def prm() -> OnnxRewardModel:
+    return OnnxRewardModel(PRM, kind="logit")
+
+
+# -- 1. cached decoding equals a full recompute, also after resampling ------------------------------------
+
+
+@pytest.mark.parametrize("path", DECODERS)
+def test_cached_decode_matches_full_recompute(path: Path) -> None:
+    policy = OnnxCausalLM(path, max_new_tokens=10)
+    rng = np.random.default_rng(11)
+    particles = policy.start(RAGGED, 4)
+    assert not particles.errors
+    assert particles.prompt_tokens is not None
+    assert [len(p) for p in particles.prompt_tokens] == [11, 3, 1, 28, 12]
+    assert assert_cache_matches_recompute(policy, particles) == len(RAGGED) * 4
+    checked = 0
+    for _ in range(5):
+        log_p = policy.propose(particles, rng)
+        assert np.all(np.isfinite(log_p))
+        checked += assert_cache_matches_recompute(policy, particles)
+    assert checked > 50  # most particles still run after five steps
+    # The cache follows resampling: arbitrary (unsorted, repeated) ancestors, then one more step.
+    ancestors = rng.integers(0, 4, size=particles.lengths.shape).astype(np.int64)
+    before = copy.deepcopy(particles)
+    particles.reorder(ancestors)
+    rows = np.arange(len(RAGGED))[:, None]
+    np.testing.assert_array_equal(particles.tokens, before.tokens[rows, ancestors])
+    for name, array in before.state.items():
+        np.testing.assert_array_equal(particles.state[name], array[rows, ancestors], err_msg=name)
+    assert assert_cache_matches_recompute(policy, particles) > 0
+    for _ in range(2):
+        policy.propose(particles, rng)
+        assert assert_cache_matches_recompute(policy, particles) > 0
+
+
+@pytest.mark.parametrize("path", DECODERS)
+def test_take_copies_cache_for_any_particle_count(path: Path) -> None:
+    policy = OnnxCausalLM(path, max_new_tokens=6)
+    rng = np.random.default_rng(5)
+    particles = policy.start(RAGGED[:3], 3)
+    policy.propose(particles, rng)
+    taken = particles.take(np.array([[2, 2, 0, 1, 1], [0, 0, 0, 0, 0], [1, 2, 1, 2, 0]]))
+    assert taken.lengths.shape == (3, 5)
+    policy.propose(taken, rng)
+    policy.propose(taken, rng)
+    assert assert_cache_matches_recompute(policy, taken) > 0
+
+
+# -- 2. padding does not leak -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", DECODERS)
+def test_prompt_alone_equals_prompt_in_ragged_batch(path: Path) -> None:
+    policy = OnnxCausalLM(path, max_new_tokens=8)
+    for position, prompt in enumerate(RAGGED):
+        alone = policy.start([prompt], 2)
+        together = policy.start(RAGGED, 2)
+        np.testing.assert_allclose(
+            together.state["lm.logits"][position], alone.state["lm.logits"][0], atol=1e-4, rtol=0
+        )
+        # The same tokens appended to both: still the same logits (padding masked on cached steps too).
+        rng = np.random.default_rng(position)
+        for _ in range(4):
+            tokens = rng.integers(2, VOCAB, size=(len(RAGGED), 2))  # no EOS: nobody finishes
+            alone_tokens = tokens[position : position + 1]
+            policy.append(together, tokens)
+            policy.append(alone, alone_tokens)
+            np.testing.assert_allclose(
+                together.state["lm.logits"][position], alone.state["lm.logits"][0], atol=1e-4, rtol=0
+            )
+    assert assert_cache_matches_recompute(policy, together) == len(RAGGED) * 2
+
+
+# -- 3. SMC is exact in distribution on the ONNX models ----------------------------------------------------
+
+
+def logsumexp(a: np.ndarray) -> float:
+    shift = float(np.max(a))
+    return shift + float(np.log(np.sum(np.exp(a - shift))))
+
+
+def enumerate_target(
+    policy: OnnxCausalLM, reward: OnnxRewardModel, prompt: str
+) -> tuple[list[tuple[int, ...]], np.ndarray, np.ndarray, float, float, np.ndarray]:
+    """Every trajectory of llama-tiny with max_new_tokens=2: (0,) or (x1, x2) with x1 != 0.
+
+    Returns the cells, ``log p``, ``log r`` of each cell, ``log Z = log E_p[r]``, ``log Vh_0`` and the
+    intermediate target of the first step, ``pi_1(x1) ∝ p(x1) Vh_1(x1)`` (64 values).
+    """
+    ids = policy.encode_prompt(prompt)
+    log_p1 = log_softmax(full_logits(policy, ids)[-1])
+    batch = np.column_stack([np.repeat(ids[None, :], VOCAB, axis=0), np.arange(VOCAB)])
+    logits = session_logits(policy, batch)
+    log_p2 = log_softmax(logits[:, -1, :])  # row x1: log p(x2 | prompt, x1)
+    cells: list[tuple[int, ...]] = [(EOS,)] + [(a, b) for a in range(1, VOCAB) for b in range(VOCAB)]
+    log_p = np.array([log_p1[c[0]] if len(c) == 1 else log_p1[c[0]] + log_p2[c[0], c[1]] for c in cells])
+    log_r = reward._score([np.concatenate([ids, np.array(c, dtype=np.int64)]) for c in cells])
+    log_v0 = float(reward._score([ids])[0])
+    log_v1 = reward._score([np.concatenate([ids, [x1]]) for x1 in range(VOCAB)])
+    pi_1 = np.exp(log_p1 + log_v1 - logsumexp(log_p1 + log_v1))
+    return cells, log_p, log_r, logsumexp(log_p + log_r), log_v0, pi_1
+
+
+def cell_index(sequence: Any) -> int:
+    sequence = [int(t) for t in sequence]
+    if len(sequence) == 1:
+        assert sequence[0] == EOS, sequence
+        return 0
+    assert len(sequence) == 2 and sequence[0] != EOS, sequence
+    return 1 + (sequence[0] - 1) * VOCAB + sequence[1]
+
+
+def x1_of_cells(cells: list[tuple[int, ...]], values: np.ndarray) -> np.ndarray:
+    """Aggregate a per-cell array (last axis) into the marginal of the first token."""
+    first = np.array([c[0] for c in cells])
+    out = np.zeros((*values.shape[:-1], VOCAB))
+    for v in range(VOCAB):
+        out[..., v] = values[..., first == v].sum(axis=-1)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("resample", "ess_threshold", "seed"), [("systematic", 0.5, 2024), ("multinomial", 1.0, 7)]
+)
+def test_smc_exact_in_distribution(
+    llama: OnnxCausalLM, prm: OnnxRewardModel, resample: str, ess_threshold: float, seed: int
+) -> None:
+    prompt = "ab"
+    cells, log_p, log_r, log_z_exact, log_v0, pi_1 = enumerate_target(llama, prm, prompt)
+    assert np.isclose(np.exp(log_p).sum(), 1.0, atol=1e-9)
+    pi = np.exp(log_p + log_r - log_z_exact)
+    replicates, count = 400, 64
+    res = tiltsmc.smc(
+        llama,
+        prm,
+        prompts=[prompt] * replicates,
+        num_particles=count,
+        resample=resample,  # type: ignore[arg-type]
+        ess_threshold=ess_threshold,
+        rng=seed,
+    )
+    assert not res.collapsed.any() and not res.errors
+    assert np.all(np.isfinite(res.log_z))
+    # Derivation. Replicate b is an independent SMC run: final normalised weights W_bi on trajectories x_bi
+    # and the estimate Zh_b = exp(log_z_b). SMC's unnormalised measure is unbiased whatever the (adaptive)
+    # resampling: E[Zh_b * sum_i W_bi f(x_bi)] = Z * pi(f) for every f, where Zh_b includes log Vh_0
+    # (smc adds it back) so that it estimates Z = E_p[r] for the terminal reward r (DESIGN.md §1). With the
+    # exact Z, Y_b(f) = (Zh_b / Z) * sum_i W_bi f(x_bi) is therefore an exactly unbiased estimate of pi(f):
+    # no O(1/N) self-normalisation bias. The Y_b are i.i.d. over b, so their mean is within a few standard
+    # errors sd_b(Y_b) / sqrt(R) of pi(f) (CLT). We test f = indicator of each frequent x1 value, of the
+    # most probable full sequences, and f = 1 (i.e. E[Zh] = Z), each within 5 standard errors.
+    scale = np.exp(res.log_z - log_z_exact)
+    y = np.zeros((replicates, len(cells)))
+    for b in range(replicates):
+        weights = np.exp(res.log_weights[b])
+        assert weights.shape == (count,) and np.isclose(weights.sum(), 1.0)
+        for i, sequence in enumerate(res.samples[b]):
+            y[b, cell_index(sequence)] += weights[i]
+        y[b] *= scale[b]
+    assert res.texts is not None and res.texts == decode_all(llama, res.samples)
+
+    def check(estimates: np.ndarray, exact: np.ndarray, what: str) -> np.ndarray:
+        mean = estimates.mean(axis=0)
+        se = estimates.std(axis=0, ddof=1) / np.sqrt(replicates)
+        z = np.abs(mean - exact) / np.maximum(se, 1e-12)
+        assert np.all(z < 5.0), f"{what}: worst |mean - pi| = {z.max():.2f} standard errors"
+        return se
+
+    pi_x1 = x1_of_cells(cells, pi[None, :])[0]
+    p_x1 = x1_of_cells(cells, np.exp(log_p)[None, :])[0]
+    y_x1 = x1_of_cells(cells, y)
+    # The replicate spread estimates the standard error well only for a cell that many independent events
+    # populate, at the final step and at the intermediate one where resampling happens: a first token of
+    # tiny Vh_1 (here token 37, Vh_1 = e^-5) survives resampling in ~1 run in 200 and then carries a huge
+    # weight r / Vh_1, a heavy tail that a few hundred replicates cannot resolve (unbiased all the same).
+    tested = np.minimum(pi_x1, pi_1) * replicates * count >= 100
+    assert tested.sum() >= 20
+    se_x1 = check(y_x1[:, tested], pi_x1[tested], "x1 marginal")
+    # Power: the base policy's marginal is many standard errors away, so the test tells pi from p.
+    assert np.max(np.abs(p_x1[tested] - pi_x1[tested]) / se_x1) > 10
+    first = np.array([c[0] for c in cells])
+    top = [c for c in np.argsort(pi)[::-1][:12] if tested[first[c]]]
+    assert len(top) >= 8
+    check(y[:, top], pi[top], "most probable sequences")
+    check(scale[:, None], np.ones(1), "E[Zh] / Z")
+    # log_z includes log Vh_0 (the prm's value at the prompt, about -0.07 here): the E[Zh] / Z check above
+    # would see a 7% shift (over 10 standard errors) if it were left out.
+    assert abs(log_v0) > 0.03
+    assert abs(np.mean(res.log_z) - log_z_exact) < 0.1
+
+
+def test_other_samplers_run_on_onnx_models(llama: OnnxCausalLM, prm: OnnxRewardModel) -> None:
+    prompts = ["ab", [5, 6, 7], "hello"]
+    results = [
+        tiltsmc.best_of_n(llama, prm, prompts=prompts, n=8, rng=1),
+        tiltsmc.sp_gsmc(llama, prm, prompts=prompts, pool_size=4, rng=2),
+        tiltsmc.mh(llama, prm, prompts=prompts, pool_size=4, steps=3, rng=3),
+        tiltsmc.mh(llama, prm, prompts=prompts, num_particles=4, steps=2, rng=4),
+    ]
+    for res in results:
+        assert not res.errors and not res.collapsed.any(), res.sampler
+        assert np.all(np.isfinite(res.log_z)), res.sampler
+        assert len(res.samples) == len(prompts)
+        assert res.texts is not None and res.texts == decode_all(llama, res.samples), res.sampler
+        for per_prompt in res.samples:
+            assert len(per_prompt) == 1
+            cell_index(per_prompt[0])  # a valid trajectory: (EOS,) or (x1 != EOS, x2)
+    # best-of-n returns the highest reward of its n draws, so at least their mean reward (its log_z).
+    best = results[0]
+    for b, prompt in enumerate(prompts):
+        ids = llama.encode_prompt(prompt)
+        log_r_best = prm._score([np.concatenate([ids, best.samples[b][0]])])[0]
+        assert log_r_best >= best.log_z[b] - 1e-9
+
+
+# -- 4. delimiter steps -----------------------------------------------------------------------------------
+
+
+def step_ended(policy: OnnxCausalLM, appended: np.ndarray) -> bool:
+    if policy.step_ids is not None:
+        return int(appended[-1]) in policy.step_ids
+    assert policy.step_text is not None
+    ended = policy.decode(appended).endswith(policy.step_text)
+    if policy.step_text == "\n":  # one character, one token
+        assert ended == (int(appended[-1]) == NEWLINE)
+    return ended
+
+
+@pytest.mark.parametrize(
+    ("path", "step"),
+    [
+        pytest.param(LLAMA, "\n", id="llama-newline-text"),
+        pytest.param(GPT2, {SPACE}, id="gpt2-space-id"),
+        pytest.param(LLAMA, {SPACE, 5, 9}, id="llama-id-set"),
+    ],
+)
+def test_delimiter_steps(path: Path, step: Any) -> None:
+    max_new = 12
+    policy = OnnxCausalLM(path, max_new_tokens=max_new, step=step)
+    assert not policy.token_level
+    rng = np.random.default_rng(3)
+    particles = policy.start(["hi there", [7, 8], "x"], 24)
+    reasons = {"delimiter": 0, "eos": 0, "max": 0}
+    untouched_checked = 0
+    for _ in range(max_new + 1):
+        if particles.finished.all():
+            break
+        before = copy.deepcopy(particles)
+        log_p = policy.propose(particles, rng)
+        in_step = ~before.finished
+        # Particles not in the step are untouched.
+        assert np.all(log_p[~in_step] == 0.0)
+        np.testing.assert_array_equal(particles.tokens[~in_step], before.tokens[~in_step])
+        np.testing.assert_array_equal(particles.lengths[~in_step], before.lengths[~in_step])
+        np.testing.assert_array_equal(particles.finished[~in_step], True)
+        np.testing.assert_array_equal(
+            particles.state["lm.logits"][~in_step], before.state["lm.logits"][~in_step]
+        )
+        untouched_checked += int(np.count_nonzero(~in_step))
+        # Replay the same tokens one at a time on the copy, with the policy's own per-token law.
+        added = particles.lengths - before.lengths
+        assert np.all(added[in_step] >= 1) and np.all(added[~in_step] == 0)
+        step_start = before.lengths.copy()
+        replay = np.zeros(particles.lengths.shape)
+        for k in range(int(added.max())):
+            active = added > k
+            column = np.minimum(step_start + k, max_new - 1)
+            tokens = np.take_along_axis(particles.tokens, column[..., None], axis=2)[..., 0]
+            chosen = np.take_along_axis(policy.next_log_probs(before), tokens[..., None], axis=2)[..., 0]
+            replay += np.where(active, chosen, 0.0)
+            policy._advance(before, tokens, active)
+        np.testing.assert_allclose(log_p, replay, atol=1e-6, rtol=0)
+        np.testing.assert_array_equal(before.tokens, particles.tokens)
+        np.testing.assert_array_equal(before.finished, particles.finished)
+        for b, i in zip(*np.nonzero(in_step)):
+            appended = particles.tokens[b, i, step_start[b, i] : particles.lengths[b, i]]
+            # log p(step) = the sum of the token log-probs of a full recompute without cache (to ~1e-5).
+            sequence = full_sequence(particles, b, i)
+            logits = full_logits(policy, sequence[:-1])
+            offset = len(sequence) - len(appended) - 1
+            token_log_p = [log_softmax(logits[offset + k])[t] for k, t in enumerate(appended)]
+            assert log_p[b, i] == pytest.approx(float(np.sum(token_log_p)), abs=1e-4)
+            # The step ends at the first delimiter, EOS or max_new_tokens, and nowhere earlier.
+            for k in range(1, len(appended)):
+                assert not step_ended(policy, appended[:k]) and appended[k - 1] != EOS
+            if appended[-1] == EOS:
+                reasons["eos"] += 1
+                assert particles.finished[b, i]
+            elif step_ended(policy, appended):
+                reasons["delimiter"] += 1
+                assert particles.finished[b, i] == (particles.lengths[b, i] == max_new)
+            else:
+                reasons["max"] += 1
+                assert particles.lengths[b, i] == max_new and particles.finished[b, i]
+    assert particles.finished.all()
+    assert reasons["delimiter"] > 0 and reasons["max"] > 0, reasons
+    assert untouched_checked > 0
+
+
+def test_optimal_proposal_refused_for_delimiter_steps() -> None:
+    class FlatTwist:
+        """A twist head that is constant: enough for smc(..., proposal='optimal') to accept it."""
+
+        vocab_size = VOCAB
+
+        def initial_log_value(self, particles: Particles) -> np.ndarray:
+            return np.zeros(particles.num_prompts)
+
+        def log_value(self, particles: Particles) -> np.ndarray:
+            return np.zeros(particles.lengths.shape)
+
+        def next_log_values(self, particles: Particles) -> np.ndarray:
+            return np.zeros((*particles.lengths.shape, VOCAB))
+
+    token_policy = OnnxCausalLM(LLAMA, max_new_tokens=3)
+    res = tiltsmc.smc(token_policy, FlatTwist(), prompts=["ab"], num_particles=4, proposal="optimal", rng=0)
+    assert np.allclose(res.log_z, 0.0, atol=1e-6)  # a flat twist gives Z = 1 exactly
+    for step in ("\n", {SPACE}):
+        policy = OnnxCausalLM(LLAMA, max_new_tokens=3, step=step)
+        with pytest.raises(ValueError, match="token-level"):
+            tiltsmc.smc(policy, FlatTwist(), prompts=["ab"], num_particles=4, proposal="optimal", rng=0)
+        with pytest.raises(ValueError, match="token-level"):
+            tiltsmc.sp_gsmc(policy, FlatTwist(), prompts=["ab"], pool_size=None, rng=0)
+    # An ONNX reward model has no twist head: refused even for a token-level policy.
+    with pytest.raises(ValueError, match="twist head"):
+        tiltsmc.smc(token_policy, OnnxRewardModel(PRM), prompts=["ab"], num_particles=4, proposal="optimal")
+
+
+# -- 5. top_k / top_p / temperature ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 2.5])
+def test_temperature_scales_logits(temperature: float) -> None:
+    policy = OnnxCausalLM(LLAMA, max_new_tokens=4, temperature=temperature)
+    particles = policy.start(RAGGED, 2)
+    expected = log_softmax(particles.state["lm.logits"].astype(np.float64) / temperature)
+    np.testing.assert_allclose(policy.next_log_probs(particles), expected, atol=1e-6)  # float32 division
+
+
+def test_top_k_keeps_exactly_k() -> None:
+    policy = OnnxCausalLM(LLAMA, max_new_tokens=6, top_k=5, temperature=0.8)
+    rng = np.random.default_rng(21)
+    particles = policy.start(RAGGED, 16)
+    for _ in range(5):
+        live = ~particles.finished
+        log_probs = policy.next_log_probs(particles)
+        logits = particles.state["lm.logits"].astype(np.float64) / 0.8
+        for b, i in zip(*np.nonzero(live)):
+            row = logits[b, i]
+            kept = np.isfinite(log_probs[b, i])
+            assert np.sort(row)[-5] > np.sort(row)[-6]  # no tie at the boundary (the models are random)
+            assert kept.sum() == 5
+            np.testing.assert_array_equal(np.flatnonzero(kept), np.sort(np.argsort(row)[-5:]))
+            np.testing.assert_allclose(log_probs[b, i, kept], log_softmax(row[kept]), atol=1e-6)
+        before = particles.lengths.copy()
+        log_p = policy.propose(particles, rng)
+        b_index, i_index = np.nonzero(live)
+        picked = particles.tokens[b_index, i_index, before[live]]
+        assert np.all(np.isfinite(log_probs[b_index, i_index, picked]))
+        np.testing.assert_allclose(log_p[live], log_probs[b_index, i_index, picked], atol=1e-12)
+
+
+@pytest.mark.parametrize("top_k", [None, 12])
+@pytest.mark.parametrize("top_p", [0.3, 0.75, 0.95])
+def test_top_p_keeps_smallest_set_reaching_p(top_p: float, top_k: Any) -> None:
+    policy = OnnxCausalLM(GPT2, max_new_tokens=5, top_p=top_p, top_k=top_k)
+    rng = np.random.default_rng(int(top_p * 100))
+    particles = policy.start(RAGGED, 12)
+    for _ in range(4):
+        live = ~particles.finished
+        log_probs = policy.next_log_probs(particles)
+        base = log_softmax(particles.state["lm.logits"].astype(np.float64))
+        if top_k is not None:
+            kth = np.sort(base, axis=-1)[..., -top_k][..., None]
+            base = log_softmax(np.where(base >= kth, base, -np.inf))
+        for b, i in zip(*np.nonzero(live)):
+            probs = np.exp(base[b, i])
+            kept = np.isfinite(log_probs[b, i])
+            order = np.argsort(-probs)
+            size = int(kept.sum())
+            # The kept set is the `size` most probable tokens, reaching top_p, and no smaller prefix does.
+            assert set(np.flatnonzero(kept)) == set(order[:size])
+            assert probs[kept].sum() >= top_p - 1e-12
+            assert probs[order[: size - 1]].sum() < top_p
+            np.testing.assert_allclose(np.exp(log_probs[b, i, kept]).sum(), 1.0, atol=1e-12)
+            np.testing.assert_allclose(
+                log_probs[b, i, kept], base[b, i, kept] - np.log(probs[kept].sum()), atol=1e-9
+            )
+        before = particles.lengths.copy()
+        policy.propose(particles, rng)
+        b_index, i_index = np.nonzero(live)
+        picked = particles.tokens[b_index, i_index, before[live]]
+        assert np.all(np.isfinite(log_probs[b_index, i_index, picked]))  # only kept tokens are sampled
+
+
+# -- 6. bad input -----------------------------------------------------------------------------------------
+
+
+def test_missing_paths(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        OnnxCausalLM(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        OnnxRewardModel(tmp_path / "nowhere.onnx")
+    folder = tmp_path / "empty-model"
+    folder.mkdir()
+    shutil.copy(LLAMA / "config.json", folder)
+    shutil.copy(LLAMA / "tokenizer.json", folder)
+    with pytest.raises(FileNotFoundError, match=r"model\.onnx.*found: config\.json, tokenizer\.json"):
+        OnnxCausalLM(folder)
+    with pytest.raises(FileNotFoundError, match=r"found: config\.json"):
+        OnnxRewardModel(folder)
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(FileNotFoundError, match="found: nothing"):
+        OnnxCausalLM(tmp_path / "bare")
+    with pytest.raises(ValueError, match=r"\.onnx"):
+        OnnxCausalLM(LLAMA / "config.json")
+    with pytest.raises(FileNotFoundError, match="tokenizer"):
+        OnnxCausalLM(LLAMA, tokenizer=tmp_path / "no-tokenizer.json")
+
+
+def test_graph_without_expected_inputs() -> None:
+    with pytest.raises(ValueError, match=r"missing.*past_key_values.*found: input_ids, attention_mask"):
+        OnnxCausalLM(PRM)
+    with pytest.raises(ValueError, match=r"unexpected.*past_key_values"):
+        OnnxRewardModel(LLAMA)
+    with pytest.raises(ValueError, match="output"):
+        OnnxRewardModel(PRM, output="no_such_output")
+    with pytest.raises(ValueError, match="kind"):
+        OnnxRewardModel(PRM, kind="sigmoid")  # type: ignore[arg-type]
+
+
+def test_vocabulary_mismatch_needs_token_map(tmp_path: Path) -> None:
+    folder = tmp_path / "prm-other-vocab"
+    folder.mkdir()
+    for name in ("model.onnx", "config.json"):
+        shutil.copy(PRM / name, folder)
+    tokenizer = json.loads((PRM / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = tokenizer["model"]["vocab"]
+    vocab["~"] = vocab.pop("_")  # same size, one entry renamed
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer), encoding="utf-8")
+    policy = OnnxCausalLM(LLAMA, max_new_tokens=3)
+    reward = OnnxRewardModel(folder, kind="logit")
+    assert reward.tokenizer is not None and reward.tokenizer.vocab_size == VOCAB
+    with pytest.raises(ValueError, match="token_map"):
+        reward.check_policy(policy)
+    with pytest.raises(ValueError, match="token_map"):
+        tiltsmc.smc(policy, reward, prompts=["ab"], num_particles=4, rng=0)
+    mapped = OnnxRewardModel(folder, kind="logit", token_map=np.arange(VOCAB))
+    res = tiltsmc.smc(policy, mapped, prompts=["ab"], num_particles=4, rng=0)
+    assert np.isfinite(res.log_z[0]) and not res.errors
+    with pytest.raises(ValueError, match="token_map"):
+        tiltsmc.smc(policy, OnnxRewardModel(folder, token_map=np.arange(10)), prompts=["ab"], num_particles=4)
+
+
+@pytest.mark.parametrize("bad", [-1, VOCAB + 36], ids=["negative", "too-large"])
+def test_token_map_out_of_range_refused(llama: OnnxCausalLM, bad: int) -> None:
+    token_map = np.arange(VOCAB)
+    token_map[-1] = bad
+    with pytest.raises(ValueError, match="token_map"):
+        reward = OnnxRewardModel(PRM, kind="logit", token_map=token_map)
+        tiltsmc.smc(llama, reward, prompts=["ab"], num_particles=8, rng=0)
+
+
+def test_prob_kind_out_of_range_refused(llama: OnnxCausalLM) -> None:
+    reward = OnnxRewardModel(PRM, kind="prob")  # prm-tiny's raw scores are logits, many outside [0, 1]
+    with pytest.raises(ValueError, match=r"prob.*\[0, 1\]"):
+        tiltsmc.smc(llama, reward, prompts=["ab"], num_particles=4, rng=0)
+
+
+def test_prompt_longer_than_context_fails_alone(llama: OnnxCausalLM, prm: OnnxRewardModel) -> None:
+    prompts = ["ab", "x" * 200, [5, 6, 7]]
+    res = tiltsmc.smc(llama, prm, prompts=prompts, num_particles=8, rng=5)
+    assert list(res.errors) == [1]
+    assert "prompt 1" in res.errors[1] and "context" in res.errors[1] and "128" in res.errors[1]
+    np.testing.assert_array_equal(res.collapsed, [False, True, False])
+    assert res.log_z[1] == -np.inf and np.all(np.isfinite(res.log_z[[0, 2]]))
+    assert res.texts is not None
+    for b in (0, 2):
+        assert len(res.samples[b]) == 8
+        for sequence in res.samples[b]:
+            cell_index(sequence)  # finished normally: (EOS,) or two tokens
+    # Exactly at the limit is fine (prompt + max_new_tokens == context).
+    ok = tiltsmc.smc(llama, prm, prompts=["x" * 126], num_particles=2, rng=0)
+    assert not ok.errors and not ok.collapsed.any()
+    for sampler in (tiltsmc.best_of_n, tiltsmc.sp_gsmc):
+        other = sampler(llama, prm, prompts, rng=1)
+        assert list(other.errors) == [1] and other.collapsed[1] and not other.collapsed[[0, 2]].any()
+
+
+@pytest.mark.parametrize("value", [float("nan"), -0.5, float("inf")])
+def test_bad_verifier_values(llama: OnnxCausalLM, value: float) -> None:
+    reward = OnnxRewardModel(PRM, kind="logit", verifier=lambda prompt, text: value)
+    with pytest.raises(ValueError, match="verifier"):
+        tiltsmc.smc(llama, reward, prompts=["ab"], num_particles=4, rng=0)
+
+
+def test_verifier_gives_terminal_reward(llama: OnnxCausalLM) -> None:
+    seen: list[tuple[Any, str]] = []
+
+    def verifier(prompt: Any, text: str) -> float:
+        seen.append((prompt, text))
+        return 1.0 if text.startswith("e") else 0.25
+
+    reward = OnnxRewardModel(PRM, kind="logit", verifier=verifier)
+    replicates = 100
+    res = tiltsmc.smc(llama, reward, prompts=["ab"] * replicates, num_particles=16, rng=3)
+    assert seen and all(prompt == "ab" and isinstance(text, str) for prompt, text in seen)
+    # log_z estimates log E_p[r] for the verifier's r (the prm only guides): Z = 0.25 + 0.75 p(x1 = "e").
+    p_e = np.exp(log_softmax(full_logits(llama, llama.encode_prompt("ab"))[-1]))[llama.encode_prompt("e")[0]]
+    z_exact = 0.25 + 0.75 * p_e
+    z_hat = np.exp(res.log_z)
+    assert abs(z_hat.mean() - z_exact) < 5 * z_hat.std(ddof=1) / np.sqrt(replicates)
+
+
+def test_text_prompt_without_tokenizer(tmp_path: Path, prm: OnnxRewardModel) -> None:
+    shutil.copy(LLAMA / "model.onnx", tmp_path / "model.onnx")
+    policy = OnnxCausalLM(tmp_path / "model.onnx", max_new_tokens=3, eos_token_id=EOS, tokenizer=None)
+    assert policy.tokenizer is None and policy.vocab_size == VOCAB
+    res = tiltsmc.smc(policy, prm, prompts=["hello", [5, 6, 7]], num_particles=4, rng=0)
+    assert list(res.errors) == [0] and "tokenizer" in res.errors[0]
+    np.testing.assert_array_equal(res.collapsed, [True, False])
+    assert res.texts is None
+    with pytest.raises(ValueError, match="no tokenizer"):
+        policy.decode([3, 4])
+    # The fixture folder's tokenizer.json is found beside the .onnx file.
+    assert OnnxCausalLM(LLAMA / "model.onnx").tokenizer is not None
+    # A text delimiter needs a tokenizer too.
+    with pytest.raises(ValueError, match="step"):
+        OnnxCausalLM(tmp_path / "model.onnx", step="\n")
+
+
+@pytest.mark.parametrize(
+    ("arguments", "match"),
+    [
+        ({"temperature": 0.0}, "temperature"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"top_k": 0}, "top_k"),
+        ({"top_k": -3}, "top_k"),
+        ({"top_k": True}, "top_k"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_p": float("nan")}, "top_p"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_new_tokens": 2.5}, "max_new_tokens"),
+        ({"max_new_tokens": True}, "max_new_tokens"),
+        ({"step": set()}, "step"),
+        ({"step": {VOCAB}}, "step"),
+    ],
+)
+def test_bad_generation_arguments(arguments: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        OnnxCausalLM(LLAMA, **arguments)
+
+
+def test_fractional_top_k_refused() -> None:
+    with pytest.raises((ValueError, TypeError), match="top_k"):
+        OnnxCausalLM(LLAMA, top_k=2.5)  # type: ignore[arg-type]
+
+
+def test_bad_prompts_reported_per_prompt(llama: OnnxCausalLM) -> None:
+    particles = llama.start(["ab", [3, VOCAB], [[1, 2]], [-1], "", None], 2)
+    assert sorted(particles.errors) == [1, 2, 3]
+    assert "[0, 64)" in particles.errors[1] and "[0, 64)" in particles.errors[3]
+    assert particles.finished[[1, 2, 3]].all() and not particles.finished[[0, 4, 5]].any()
+    assert particles.prompt_tokens is not None
+    assert list(particles.prompt_tokens[4]) == [0] and list(particles.prompt_tokens[5]) == [0]  # BOS
+    with pytest.raises(ValueError, match="prompts"):
+        llama.start([], 2)
+
+
+# -- 7. providers -----------------------------------------------------------------------------------------
+
+
+def test_cpu_provider_and_quiet_construction(capfd: pytest.CaptureFixture[str]) -> None:
+    capfd.readouterr()
+    policy = OnnxCausalLM(GPT2)
+    reward = OnnxRewardModel(PRM)
+    out, err = capfd.readouterr()
+    assert err == "" and out == ""
+    if not cuda_device_usable()[0]:
+        assert policy.session.get_providers() == ["CPUExecutionProvider"]
+        assert reward.session.get_providers() == ["CPUExecutionProvider"]
+    explicit = OnnxCausalLM(LLAMA, providers=["CPUExecutionProvider"], intra_op_num_threads=1)
+    assert explicit.session.get_providers() == ["CPUExecutionProvider"]
+    assert explicit.start(["ab"], 2).state["lm.logits"].shape == (1, 2, VOCAB)
+    explicit_reward = OnnxRewardModel(PRM, providers=["CPUExecutionProvider"])
+    assert explicit_reward.session.get_providers() == ["CPUExecutionProvider"]
+
+
+def test_quiet_in_a_fresh_process() -> None:
+    """ONNX Runtime prints provider errors once per process: check construction in a new one."""
+    code = (
+        "import sys; from tiltsmc.models import OnnxCausalLM, OnnxRewardModel\n"
+        f"p = OnnxCausalLM({os.fspath(LLAMA)!r}); r = OnnxRewardModel({os.fspath(PRM)!r})\n"
+        "print(p.session.get_providers()[-1])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert done.stdout.strip() == "CPUExecutionProvider"
+
+
+def test_require_gpu_without_gpu() -> None:
+    if cuda_device_usable()[0]:
+        pytest.skip("a CUDA device is usable here: require_gpu succeeds")
+    with pytest.raises(RuntimeError, match="require_gpu"):
+        OnnxCausalLM(LLAMA, require_gpu=True)
+    with pytest.raises(RuntimeError, match="require_gpu"):
+        OnnxRewardModel(PRM, require_gpu=True)
+
+
+def test_require_gpu_with_explicit_providers_without_gpu() -> None:
+    if cuda_device_usable()[0]:
+        pytest.skip("a CUDA device is usable here")
+    with pytest.raises(RuntimeError, match="require_gpu"):
+        OnnxCausalLM(LLAMA, providers=["CUDAExecutionProvider", "CPUExecutionProvider"], require_gpu=True)
+
+
+# -- 8. the reward model scores only changed prefixes -----------------------------------------------------
+
+
+@pytest.mark.parametrize("ess_threshold", [1.0, 0.0])
+def test_reward_scores_only_changed_prefixes(ess_threshold: float) -> None:
+    policy = OnnxCausalLM(LLAMA, max_new_tokens=6)
+    reward = OnnxRewardModel(PRM, kind="logit")
+    rows_scored: list[int] = []
+    live_before_step: list[int] = []
+    run = reward.session.run
+    propose = policy.propose
+
+    def spy_run(names: Any, feeds: dict[str, np.ndarray], *args: Any, **kwargs: Any) -> Any:
+        rows_scored.append(int(feeds["input_ids"].shape[0]))
+        return run(names, feeds, *args, **kwargs)
+
+    def spy_propose(particles: Particles, rng: np.random.Generator) -> np.ndarray:
+        live_before_step.append(int(np.count_nonzero(~particles.finished)))
+        return propose(particles, rng)
+
+    reward.session.run = spy_run
+    policy.propose = spy_propose  # type: ignore[method-assign]
+    prompts = ["ab", [5, 6, 7], "hello"]
+    res = tiltsmc.smc(policy, reward, prompts=prompts, num_particles=16, ess_threshold=ess_threshold, rng=9)
+    assert np.all(np.isfinite(res.log_z))
+    assert len(live_before_step) >= 3 and live_before_step[0] == len(prompts) * 16
+    assert live_before_step[-1] < live_before_step[0]  # particles finish along the way (EOS)
+    # One call for Vh_0 (a row per prompt), then one per step with a row per particle that moved.
+    assert rows_scored == [len(prompts), *live_before_step]
+    if ess_threshold == 1.0:
+        assert res.resampled[:, :-1].all()
+
+    # Direct: scoring again, or after a reorder, costs nothing; one new token costs one row per particle.
+    rows_scored.clear()
+    particles = policy.start(prompts, 4)
+    propose(particles, np.random.default_rng(0))
+    first = reward.log_value(particles).copy()  # the returned array is the state's, reordered in place
+    assert rows_scored == [12]
+    assert np.array_equal(reward.log_value(particles), first) and rows_scored == [12]
+    ancestors = np.array([[3, 3, 0, 1], [2, 2, 2, 2], [0, 1, 2, 3]])
+    particles.reorder(ancestors)
+    again = reward.log_value(particles)
+    assert rows_scored == [12]
+    np.testing.assert_array_equal(again, first[np.arange(3)[:, None], ancestors])
+    # The values read from the state equal a fresh score of each prefix.
+    fresh = reward._score([full_sequence(particles, b, i) for b in range(3) for i in range(4)])
+    np.testing.assert_allclose(again.ravel(), fresh, atol=1e-6)
