@@ -45,9 +45,9 @@ def test_few_prefixes_never_overstate_the_exact_supremum(task: MarkovDFATask) ->
 
 
 def test_sampled_method_brackets_the_exact_value(task: MarkovDFATask) -> None:
-    # Each visited prefix's ratio is estimated from 400 continuations with a z = 4 normal interval
-    # (delta method on the log); with every summary visited, the exact supremum lies in
-    # [max of lower ends, max of upper ends] unless one of ~40 intervals misses (probability ~1e-3).
+    # Each visited prefix's ratio is estimated from 400 continuations with normal intervals (delta method
+    # on the log) at a joint 99% level (Bonferroni over all of them); with every summary visited, the
+    # exact supremum lies in [max of lower ends, max of upper ends] unless an interval misses (<= 1%).
     tables = task.twist_tables(0.4, rng=5)
     exact = task.bellman_error(tables)
     estimate = tiltsmc.diagnostics.bellman_error(
@@ -56,7 +56,7 @@ def test_sampled_method_brackets_the_exact_value(task: MarkovDFATask) -> None:
         num_prefixes=200,
         samples_per_prefix=400,
         method="sampled",
-        z=4.0,
+        confidence=0.99,
         rng=4,
     )
     assert estimate.method == "sampled" and estimate.samples_per_prefix == 400

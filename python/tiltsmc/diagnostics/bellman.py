@@ -9,8 +9,10 @@ reward model has ``next_log_values``) or estimated from ``M`` sampled continuati
 ``eps_t`` is the supremum over prefixes of ``max(rho, 1/rho) - 1`` (DESIGN.md §1); here the supremum runs
 over the visited prefixes, so it converges to the exact value from below as prefixes cover the reachable
 ones, while noise in sampled ratios pushes it up. Confidence intervals: for sampled continuations each
-ratio gets a normal interval on its mean (``z`` standard errors, delta method on the log), and the
-per-step supremum's interval is ``[max of lower ends, max of upper ends]`` of ``|log rho|``. Also reported:
+ratio gets a normal interval on its mean (delta method on the log; the sd of a prefix is floored at
+the step's pooled within-prefix sd, so agreeing continuations give no zero-width interval), at a level
+corrected for the number of intervals (Bonferroni), and the per-step supremum's interval is
+``[max of lower ends, max of upper ends]`` of ``|log rho|``. Also reported:
 the gauge-minimised ``eps`` (rescaling level ``t`` by a constant shifts every ``log rho_t`` alike, so the
 best constant leaves ``(max - min) / 2``) and the ratio bound ``L`` of the observed potentials.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Any, Literal, Optional
 
 import numpy as np
@@ -87,16 +90,19 @@ def bellman_error(
     rng: RNGLike = None,
     *,
     method: Literal["auto", "exact", "sampled"] = "auto",
-    z: float = 3.0,
+    confidence: float = 0.95,
     max_steps: int = 1_000_000,
 ) -> BellmanEstimate:
     """Estimate the Bellman error of ``reward`` under ``policy`` from ``num_prefixes`` rollouts per prompt.
 
     ``method="exact"`` sums over the vocabulary with the twist head; ``"sampled"`` averages ``Vh_t`` over
     ``samples_per_prefix`` continuations of each prefix; ``"auto"`` takes the exact one where available.
-    ``z`` sets the width of the intervals (standard errors). Prefixes of value zero are skipped.
+    ``confidence`` is the joint level of the intervals (Bonferroni over every scored prefix of every step).
+    Prefixes of value zero are skipped.
     """
     num_prefixes = check_count(num_prefixes, "num_prefixes")
+    if not 0.0 < float(confidence) < 1.0:
+        raise ValueError(f"confidence: expected a level in (0, 1), got {confidence!r}")
     samples_per_prefix = check_count(samples_per_prefix, "samples_per_prefix")
     if method not in ("auto", "exact", "sampled"):
         raise ValueError(f"method: expected 'auto', 'exact' or 'sampled', got {method!r}")
@@ -110,7 +116,10 @@ def bellman_error(
     log_v_prev = np.repeat(
         np.asarray(reward.initial_log_value(particles), dtype=float)[:, None], num_prefixes, 1
     )
-    log_sup, log_low, log_high, gauge, log_ratio_bound = [], [], [], [], 0.0
+    # Per step: |log rho| and the relative standard error of each scored prefix (None: an infinite step).
+    steps: list[Optional[tuple[FloatArray, FloatArray]]] = []
+    gauge: list[float] = []
+    log_ratio_bound = 0.0
     for _ in range(max_steps):
         if particles.finished.all():
             break
@@ -121,7 +130,7 @@ def bellman_error(
                 reward.next_log_values(particles), float
             )
             log_mean = logsumexp(joint)
-            half_width = np.zeros_like(log_mean)
+            relative_error = np.zeros_like(log_mean)
         else:
             repeats = np.repeat(np.arange(num_prefixes), samples_per_prefix)
             continuations = particles.take(np.broadcast_to(repeats, (batch, repeats.size)).copy())
@@ -130,32 +139,24 @@ def bellman_error(
                 batch, num_prefixes, samples_per_prefix
             )
             mean = values.mean(axis=2)
-            standard_error = (
-                values.std(axis=2, ddof=1) / np.sqrt(samples_per_prefix) if samples_per_prefix > 1 else 0
-            )
+            spread = values.std(axis=2, ddof=1) if samples_per_prefix > 1 else np.zeros_like(mean)
+            # A prefix whose few continuations happened to agree gets no zero-width interval: its sd is
+            # floored at the pooled within-prefix sd of the step.
+            pooled = float(np.sqrt(np.mean(spread[scored] ** 2))) if scored.any() else 0.0
+            standard_error = np.maximum(spread, pooled) / np.sqrt(samples_per_prefix)
             with np.errstate(divide="ignore"):
                 log_mean = np.log(mean)
-                # Delta method: sd(log mean) ~ se / mean.
-                half_width = np.where(mean > 0, z * standard_error / np.where(mean > 0, mean, 1.0), np.inf)
+            # Delta method: sd(log mean) ~ se / mean.
+            relative_error = np.where(mean > 0, standard_error / np.where(mean > 0, mean, 1.0), np.inf)
         with np.errstate(invalid="ignore"):
             log_rho = np.where(scored, log_mean - log_v_prev, np.nan)
         if np.any(scored & (log_mean == -np.inf)):
-            log_sup.append(np.inf)
-            log_low.append(np.inf)
-            log_high.append(np.inf)
+            steps.append(None)
             gauge.append(np.inf)
-        elif scored.any():
-            values_here = log_rho[scored]
-            spread = half_width[scored]
-            log_sup.append(float(np.max(np.abs(values_here))))
-            log_low.append(float(np.max(np.maximum(np.abs(values_here) - spread, 0.0))))
-            log_high.append(float(np.max(np.abs(values_here) + spread)))
-            gauge.append(float((values_here.max() - values_here.min()) / 2))
         else:
-            log_sup.append(0.0)
-            log_low.append(0.0)
-            log_high.append(0.0)
-            gauge.append(0.0)
+            values_here = log_rho[scored]
+            steps.append((np.abs(values_here), relative_error[scored]))
+            gauge.append(float((values_here.max() - values_here.min()) / 2) if values_here.size else 0.0)
         live = ~particles.finished
         policy.propose(particles, generator)
         log_v = np.asarray(reward.log_value(particles), float)
@@ -163,6 +164,24 @@ def bellman_error(
         if positive.any():
             log_ratio_bound = max(log_ratio_bound, float(np.max(np.abs(log_v - log_v_prev)[positive])))
         log_v_prev = np.where(live, log_v, log_v_prev)
+    # Simultaneous intervals: Bonferroni over every scored prefix of every step.
+    scored_total = sum(len(step[0]) for step in steps if step is not None)
+    z = NormalDist().inv_cdf(1.0 - (1.0 - confidence) / (2.0 * max(scored_total, 1)))
+    bounds = []  # (sup, lower end, upper end) of |log rho| per step
+    for step in steps:
+        if step is None:
+            bounds.append((np.inf, np.inf, np.inf))
+        elif step[0].size == 0:
+            bounds.append((0.0, 0.0, 0.0))
+        else:
+            magnitude, half_width = step[0], z * step[1]
+            lower = np.maximum(magnitude - half_width, 0.0)
+            bounds.append((float(magnitude.max()), float(lower.max()), float(np.max(magnitude + half_width))))
+    log_sup, log_low, log_high = (
+        (np.array(column, dtype=float) for column in zip(*bounds))
+        if bounds
+        else (np.zeros(0), np.zeros(0), np.zeros(0))
+    )
     log_per_step = np.array(log_sup)
     per_step = np.expm1(log_per_step)
     per_step_low, per_step_high = np.expm1(np.array(log_low)), np.expm1(np.array(log_high))
