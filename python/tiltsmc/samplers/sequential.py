@@ -79,9 +79,12 @@ def _samples(particles: Particles, rows: Optional[npt.NDArray[np.int64]] = None)
 
 def _safe_increment(log_new: FloatArray, log_old: FloatArray) -> FloatArray:
     """``log_new - log_old`` with ``-inf - -inf`` (a particle already of weight zero) read as ``-inf``."""
-    with np.errstate(invalid="ignore"):
-        difference = log_new - log_old
-    return np.where(np.isnan(difference), -np.inf, difference)
+    old_zero = log_old == -np.inf
+    if not old_zero.any():
+        return np.subtract(log_new, log_old)
+    difference = np.subtract(log_new, np.where(old_zero, 0.0, log_old))
+    difference[np.broadcast_to(old_zero, difference.shape)] = -np.inf
+    return difference
 
 
 def _run_smc(

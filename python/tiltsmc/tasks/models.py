@@ -87,7 +87,7 @@ def sample_categorical(log_probs: npt.ArrayLike, rng: np.random.Generator) -> np
 class TableTwist:
     """``log Vh_t(prefix) = tables[t][last token, DFA state]`` with ``tables[0] = log Vh_0``.
 
-    The DFA state of each particle is kept in ``particles.state["dfa_state"]`` and follows resampling.
+    The DFA state of each particle is kept in ``particles.state["dfa"]`` and follows resampling.
     """
 
     def __init__(self, task: MarkovDFATask, tables: Sequence[Union[float, npt.ArrayLike]]) -> None:
@@ -98,11 +98,17 @@ class TableTwist:
             raise ValueError(f"tables: expected {task.horizon + 1} levels, got {len(self.tables)}")
 
     def _states(self, particles: Particles) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-        """DFA state after each prefix, advanced over the tokens appended since the last call."""
-        if "dfa_state" not in particles.state:
-            particles.state["dfa_state"] = np.full(particles.lengths.shape, self.task.start, dtype=np.int64)
-            particles.state["dfa_length"] = np.zeros(particles.lengths.shape, dtype=np.int64)
-        states, read = particles.state["dfa_state"], particles.state["dfa_length"]
+        """DFA state after each prefix, advanced over the tokens appended since the last call.
+
+        Kept as one ``(B, N, 2)`` array ``[state, tokens read]`` in ``particles.state["dfa"]``: one reorder
+        per resampling step instead of two.
+        """
+        if "dfa" not in particles.state:
+            dfa = np.zeros((*particles.lengths.shape, 2), dtype=np.int64)
+            dfa[..., 0] = self.task.start
+            particles.state["dfa"] = dfa
+        dfa = particles.state["dfa"]
+        states, read = dfa[..., 0], dfa[..., 1]
         while True:
             behind = read < particles.lengths
             if not behind.any():
