@@ -193,9 +193,8 @@ def estimator_notes(check: dict[str, Any]) -> list[str]:
                 notes.append(
                     f"{name}: interval [{low:.3g}, {high:.3g}] does NOT cover the exact eps {exact_eps:.3g} "
                     f"(per-step coverage {est['per_step_coverage']:.2f}): the sup of noisy ratios is biased "
-                    "upward, and the per-ratio normal intervals (z=3, no correction for the number of "
-                    "prefixes) are too narrow for skewed, few-valued continuation values; the sup's interval "
-                    "inherits the worst miss"
+                    "upward, and a normal interval on a mean of skewed, few-valued continuation values can "
+                    "still miss; the sup's interval inherits the worst miss"
                 )
             else:
                 notes.append(
@@ -239,7 +238,7 @@ def plot(summary: dict[str, Any], check: dict[str, Any], path: Path) -> None:
                 yerr=[per - low, high - per],
                 fmt=".",
                 capsize=2,
-                label=f"sampled, M={est['samples_per_prefix']} (3 s.e.)",
+                label=f"sampled, M={est['samples_per_prefix']} (simultaneous 95%)",
             )
     bx.set_yscale("log")
     bx.set_xlabel("step t")
