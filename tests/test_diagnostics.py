@@ -99,3 +99,20 @@ def test_result_weight_histogram_and_collapse_warnings(task: MarkovDFATask) -> N
     collapsed = tiltsmc.smc(needle.policy(), needle.unguided(), num_particles=4, rng=0)
     assert collapsed.collapsed[0]
     assert "collapse" in collapsed.collapse_warnings()[0]
+
+
+def test_task_bellman_error_takes_the_twist_model(task: MarkovDFATask) -> None:
+    twist = task.twist(0.3, rng=2)
+    from_model, from_tables = task.bellman_error(twist), task.bellman_error(twist.tables)
+    assert from_model.eps == from_tables.eps and from_model.eps > 0
+    np.testing.assert_array_equal(from_model.per_step, from_tables.per_step)
+    other = MarkovDFATask.random(3, 3, 4, rng=12)
+    with pytest.raises(ValueError, match="another task"):
+        other.bellman_error(twist)
+
+
+def test_compute_counts_tokens_as_well_as_steps(task: MarkovDFATask) -> None:
+    result = tiltsmc.smc(task.policy(), task.twist(), prompts=[()] * 3, num_particles=5, rng=0)
+    assert result.compute.policy_tokens == result.compute.policy_steps == 3 * 5 * task.horizon
+    optimal = tiltsmc.smc(task.policy(), task.twist(), num_particles=5, proposal="optimal", rng=0)
+    assert optimal.compute.policy_tokens == 5 * task.horizon

@@ -61,11 +61,13 @@ class Models:
 
     def propose(self, particles: Particles, rng: np.random.Generator) -> FloatArray:
         live = int(np.count_nonzero(~particles.finished))
+        tokens_before = int(particles.lengths.sum())
         began = time.perf_counter()
         log_p = np.asarray(self.policy.propose(particles, rng), dtype=np.float64)
         self.compute.policy_seconds += time.perf_counter() - began
         self.compute.policy_calls += 1
         self.compute.policy_steps += live
+        self.compute.policy_tokens += int(particles.lengths.sum()) - tokens_before
         return log_p
 
     def next_log_probs(self, particles: Particles) -> FloatArray:
@@ -79,9 +81,11 @@ class Models:
 
     def append(self, particles: Particles, tokens: npt.NDArray[np.int64]) -> None:
         assert isinstance(self.policy, TokenPolicy)
+        tokens_before = int(particles.lengths.sum())
         began = time.perf_counter()
         self.policy.append(particles, tokens)
         self.compute.policy_seconds += time.perf_counter() - began
+        self.compute.policy_tokens += int(particles.lengths.sum()) - tokens_before
 
     def initial_log_value(self, particles: Particles) -> FloatArray:
         began = time.perf_counter()

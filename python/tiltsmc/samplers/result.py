@@ -19,6 +19,7 @@ class Compute:
 
     policy_calls: int = 0
     policy_steps: int = 0  # particle-steps proposed (one step of one particle counts once)
+    policy_tokens: int = 0  # tokens those steps appended (more than the steps where a step spans tokens)
     reward_calls: int = 0
     reward_evaluations: int = 0  # prefixes scored
     policy_seconds: float = 0.0
@@ -34,6 +35,7 @@ class Compute:
         return {
             "policy_calls": self.policy_calls,
             "policy_steps": self.policy_steps,
+            "policy_tokens": self.policy_tokens,
             "reward_calls": self.reward_calls,
             "reward_evaluations": self.reward_evaluations,
             "policy_seconds": self.policy_seconds,

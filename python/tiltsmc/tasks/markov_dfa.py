@@ -508,8 +508,9 @@ class MarkovDFATask:
             levels.append(level)
         return root, levels
 
-    def bellman_error(self, tables: Sequence[npt.ArrayLike]) -> BellmanError:
-        r"""Exact Bellman error of the twist ``tables`` (layout of :meth:`log_v_star`): :class:`BellmanError`.
+    def bellman_error(self, tables: Union[TableTwist, Sequence[npt.ArrayLike]]) -> BellmanError:
+        r"""Exact Bellman error of a twist: a :meth:`twist` model or its ``tables`` (layout of
+        :meth:`log_v_star`). Returns a :class:`BellmanError`.
 
         For ``t = 1..T`` and every reachable summary ``(v, q)`` of a prefix of length ``t-1`` with
         ``Vh_{t-1}(v, q) > 0``,
@@ -517,6 +518,12 @@ class MarkovDFATask:
         the empty prefix, with ``init`` and ``log Vh_0 = tables[0]``). ``tables[T]`` is used as given (it
         should be ``log r`` for the potentials to telescope to ``r / Vh_0``). Exact ``V*`` gives 0.
         """
+        from .models import TableTwist
+
+        if isinstance(tables, TableTwist):
+            if tables.task is not self:
+                raise ValueError("tables: this twist belongs to another task")
+            tables = tables.tables
         root, levels = self._check_tables(tables)
         T = self._T
         alpha = self._forward_tables()
