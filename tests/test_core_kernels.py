@@ -833,3 +833,17 @@ def test_gather_in_place_on_a_list_raises_type_error() -> None:
     values = [1.0, 2.0, 3.0]
     with pytest.raises(TypeError, match=r"^out: "):
         core.gather(values, [0, 1, 2], out=values)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_row_statistics_match_log_normalize(dtype: type) -> None:
+    rng = np.random.default_rng(8)
+    logw = rng.normal(scale=3.0, size=(7, 33)).astype(dtype)
+    logw[2] = -np.inf  # a zero row is reported, as with zero_rows="report"
+    logw[4, ::2] = -np.inf
+    _, log_mean_w, ess = core.log_normalize(logw, zero_rows="report")
+    got_mean, got_ess = core.row_statistics(logw)
+    np.testing.assert_array_equal(got_mean, log_mean_w)
+    np.testing.assert_array_equal(got_ess, ess)
+    one_mean, one_ess = core.row_statistics(logw[0])
+    assert one_mean.shape == () and one_mean == log_mean_w[0] and one_ess == ess[0]

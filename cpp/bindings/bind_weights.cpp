@@ -29,6 +29,24 @@ std::tuple<CArray<T>, CArray<double>, CArray<double>> bind_log_normalize(const C
     return {normalised, log_mean_w, ess};
 }
 
+// log_mean_w and ess only (no normalised copy): the samplers' per-step statistics.
+template <typename T>
+std::tuple<CArray<double>, CArray<double>> bind_row_statistics(const CArray<T>& logw) {
+    if (logw.ndim() != 2) throw py::value_error("logw: expected a 2-D array");
+    const std::int64_t rows = logw.shape(0), n = logw.shape(1);
+    CArray<double> log_mean_w(rows), ess(rows);
+    const T* in = logw.data();
+    double* lm = log_mean_w.mutable_data();
+    double* e = ess.mutable_data();
+    Status status;
+    {
+        py::gil_scoped_release release;
+        status = log_normalize<T>(in, rows, n, true, nullptr, lm, e);
+    }
+    check(status, "logw");
+    return {log_mean_w, ess};
+}
+
 template <typename T>
 CArray<std::int64_t> bind_resample(const CArray<T>& logw, int scheme, std::int64_t num, std::uint64_t key) {
     if (logw.ndim() != 2) throw py::value_error("logw: expected a 2-D array");
@@ -85,6 +103,7 @@ CArray<bool> bind_mh_accept(const CArray<double>& current, const CArray<double>&
 template <typename T>
 void register_dtype(py::module_& m) {
     m.def("log_normalize", &bind_log_normalize<T>, py::arg("logw"), py::arg("allow_zero_rows"));
+    m.def("row_statistics", &bind_row_statistics<T>, py::arg("logw"));
     m.def("resample", &bind_resample<T>, py::arg("logw"), py::arg("scheme"), py::arg("num"), py::arg("key"));
     m.def("pool_select", &bind_pool_select<T>, py::arg("logw"), py::arg("key"));
 }

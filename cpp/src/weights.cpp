@@ -22,7 +22,7 @@ Status normalize_row(const T* x, std::int64_t n, std::int64_t row, bool allow_ze
     RowWeights& rw = scratch;
     row_weights(x, n, row, nullptr, split, rw);
     if (rw.status.code == StatusCode::zero_row && allow_zero_rows) {
-        std::fill(normalised, normalised + n, static_cast<T>(-kInf));
+        if (normalised) std::fill(normalised, normalised + n, static_cast<T>(-kInf));
         *log_mean_w = -kInf;
         *ess = 0.0;
         return {};
@@ -31,6 +31,7 @@ Status normalize_row(const T* x, std::int64_t n, std::int64_t row, bool allow_ze
     const double log_sum = rw.shift + std::log(rw.sum);
     *log_mean_w = log_sum - std::log(static_cast<double>(n));
     *ess = rw.sum * rw.sum / rw.sum_squares;
+    if (!normalised) return {};
     const std::int64_t chunks = static_cast<std::int64_t>(rw.chunk_offset.size()) - 1;
     auto chunk = [&](std::int64_t c) {
         const std::int64_t begin = c * kChunk;
@@ -85,7 +86,8 @@ Status log_normalize(const T* logw, std::int64_t rows, std::int64_t n, bool allo
     if (rows < 0 || n < 1) return {StatusCode::bad_size, -1, -1};
     if (rows == 1) return normalize_row(logw, n, 0, allow_zero_rows, true, normalised, log_mean_w, ess);
     return for_rows(rows, rows * n, [&](std::int64_t r) {
-        return normalize_row(logw + r * n, n, r, allow_zero_rows, false, normalised + r * n, log_mean_w + r,
+        return normalize_row(logw + r * n, n, r, allow_zero_rows, false, normalised ? normalised + r * n : nullptr,
+                             log_mean_w + r,
                              ess + r);
     });
 }

@@ -110,6 +110,13 @@ void test_log_normalize() {
     EXPECT(log_normalize(bad.data(), 1, 0, false, out.data(), log_mean_w.data(), ess.data()).code ==
            StatusCode::bad_size);
 
+    // Statistics only (no normalised output), several rows, a zero row reported.
+    std::vector<double> three = {0.0, std::log(3.0), -inf, -inf, 1.0, 1.0};
+    std::vector<double> means(3), sizes(3);
+    EXPECT(log_normalize<double>(three.data(), 3, 2, true, nullptr, means.data(), sizes.data()).ok());
+    EXPECT(std::fabs(means[0] - std::log(2.0)) < 1e-12 && means[1] == -inf && sizes[1] == 0.0);
+    EXPECT(std::fabs(sizes[2] - 2.0) < 1e-12);
+
     std::vector<float> single = {-3.5f};
     std::vector<float> single_out(1);
     EXPECT(log_normalize(single.data(), 1, 1, false, single_out.data(), log_mean_w.data(), ess.data()).ok());

@@ -5,6 +5,9 @@ import numpy.typing as npt
 def log_normalize(
     logw: npt.NDArray[np.floating], allow_zero_rows: bool
 ) -> tuple[npt.NDArray[np.floating], npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
+def row_statistics(
+    logw: npt.NDArray[np.floating],
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
 def resample(logw: npt.NDArray[np.floating], scheme: int, num: int, key: int) -> npt.NDArray[np.int64]: ...
 def pool_select(
     logw: npt.NDArray[np.floating], key: int

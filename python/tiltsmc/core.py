@@ -32,6 +32,7 @@ __all__ = [
     "mh_accept",
     "pool_select",
     "resample",
+    "row_statistics",
     "set_num_threads",
 ]
 
@@ -84,6 +85,16 @@ def log_normalize(
     if one_row:
         return normalised[0], log_mean_w[0, ...], ess[0, ...]
     return normalised, log_mean_w, ess
+
+
+def row_statistics(logw: npt.ArrayLike) -> tuple[FloatArray, FloatArray]:
+    """``(log_mean_w, ess)`` per row, as :func:`log_normalize` gives them (all-zero rows: ``-inf``, 0),
+    without the normalised copy: what a sampler needs at each step."""
+    rows, one_row = _as_log_weights(logw)
+    log_mean_w, ess = _core.row_statistics(rows)
+    if one_row:
+        return log_mean_w[0, ...], ess[0, ...]
+    return log_mean_w, ess
 
 
 def resample(

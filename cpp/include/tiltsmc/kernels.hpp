@@ -31,7 +31,7 @@ enum class Scheme : int { multinomial = 0, stratified = 1, systematic = 2, resid
 // normalised[r, i] = logw[r, i] - logsumexp(logw[r, :]);
 // log_mean_w[r] = logsumexp(logw[r, :]) - log(n);  ess[r] = 1 / sum_i w_ri^2 with w normalised.
 // A row of zero weights is an error unless allow_zero_rows, which reports it as normalised = -inf,
-// log_mean_w = -inf, ess = 0.
+// log_mean_w = -inf, ess = 0. With normalised == nullptr only log_mean_w and ess are computed.
 template <typename T>
 Status log_normalize(const T* logw, std::int64_t rows, std::int64_t n, bool allow_zero_rows, T* normalised,
                      double* log_mean_w, double* ess);

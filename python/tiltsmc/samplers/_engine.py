@@ -61,13 +61,14 @@ class Models:
 
     def propose(self, particles: Particles, rng: np.random.Generator) -> FloatArray:
         live = int(np.count_nonzero(~particles.finished))
-        tokens_before = int(particles.lengths.sum())
+        one_token = getattr(self.policy, "token_level", False) is True  # then a step is one token
+        tokens_before = 0 if one_token else int(particles.lengths.sum())
         began = time.perf_counter()
         log_p = np.asarray(self.policy.propose(particles, rng), dtype=np.float64)
         self.compute.policy_seconds += time.perf_counter() - began
         self.compute.policy_calls += 1
         self.compute.policy_steps += live
-        self.compute.policy_tokens += int(particles.lengths.sum()) - tokens_before
+        self.compute.policy_tokens += live if one_token else int(particles.lengths.sum()) - tokens_before
         return log_p
 
     def next_log_probs(self, particles: Particles) -> FloatArray:

@@ -65,7 +65,8 @@ def _unique_counts(ancestors: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
 def _samples(particles: Particles, rows: Optional[npt.NDArray[np.int64]] = None) -> list[Any]:
     """Per prompt, an ``(N, T)`` int array when every trajectory has the same length, else a list."""
     if rows is None and particles.lengths.size and np.all(particles.lengths == particles.lengths.flat[0]):
-        return list(particles.tokens[:, :, : particles.lengths.flat[0]].copy())  # one copy for every prompt
+        # Views, not copies: the run's particle buffers are not used after it returns.
+        return list(particles.tokens[:, :, : particles.lengths.flat[0]])
     out: list[Any] = []
     for b in range(particles.num_prompts):
         lengths = particles.lengths[b] if rows is None else particles.lengths[b, rows[b]]
@@ -127,10 +128,13 @@ def _run_smc(
             models.append(particles, tokens)
             log_v = np.take_along_axis(next_log_values, tokens[..., None], -1)[..., 0]
             increment = _safe_increment(log_sum, log_v_prev)
-        increment = np.where(live, increment, 0.0)
-        log_v_prev = np.where(live, log_v, log_v_prev)
+        if live.all():  # the common case: no masking needed
+            log_v_prev = log_v
+        else:
+            increment = np.where(live, increment, 0.0)
+            log_v_prev = np.where(live, log_v, log_v_prev)
         log_w = log_w + increment
-        _, log_mean_w, ess = core.log_normalize(log_w, zero_rows="report")
+        log_mean_w, ess = core.row_statistics(log_w)
         new_total = log_mean_w + np.log(num_particles)
         step_increment = _safe_increment(new_total, log_total)
         log_total = new_total

@@ -36,6 +36,8 @@ def _prompts(prompts: Optional[Sequence[Any]]) -> list[Any]:
 class MarkovPolicy:
     """``p(x_0) = init``, ``p(x_i | x_{i-1}) = P_i[x_{i-1}]``; finished after ``horizon`` tokens."""
 
+    token_level = True  # a step is one token
+
     def __init__(self, task: MarkovDFATask) -> None:
         self.task = task
         self.vocab_size = task.vocab_size
