@@ -847,3 +847,35 @@ def test_row_statistics_match_log_normalize(dtype: type) -> None:
     np.testing.assert_array_equal(got_ess, ess)
     one_mean, one_ess = core.row_statistics(logw[0])
     assert one_mean.shape == () and one_mean == log_mean_w[0] and one_ess == ess[0]
+
+
+@pytest.mark.parametrize("scheme", core.SCHEMES)
+def test_smc_step_is_row_statistics_plus_resample(scheme: str) -> None:
+    rng = np.random.default_rng(9)
+    logw = rng.normal(scale=2.0, size=(6, 40))
+    logw[1] = -np.inf  # collapsed: reported, never resampled
+    logw[3] = 0.0  # equal weights: ESS = N, resampled only at threshold 1
+    log_mean_w, ess = core.row_statistics(logw)
+    every = logw.copy()
+    ancestors, resampled, got_mean, got_ess, unique = core.smc_step(every, 1.0, scheme, rng=42)
+    np.testing.assert_array_equal(got_mean, log_mean_w)
+    np.testing.assert_array_equal(got_ess, ess)
+    assert resampled.tolist() == [True, False, True, True, True, True]
+    live = [0, 2, 3, 4, 5]
+    for row in live:  # row r uses the stream (key, r), as core.resample does for the whole batch
+        single = logw.copy()
+        single[1] = 0.0  # core.resample refuses zero rows; the other rows' draws do not depend on it
+        np.testing.assert_array_equal(ancestors[row], core.resample(single, scheme, rng=42)[row])
+        assert unique[row] == len(np.unique(ancestors[row]))
+    np.testing.assert_array_equal(ancestors[1], np.arange(40))
+    assert np.all(every[live] == 0.0) and np.all(every[1] == -np.inf)
+    half = logw.copy()
+    _, resampled_half, *_ = core.smc_step(half, 0.5, scheme, rng=42)
+    np.testing.assert_array_equal(resampled_half, (ess < 0.5 * 40) & (ess > 0))
+    np.testing.assert_array_equal(half[~resampled_half], logw[~resampled_half])
+    with pytest.raises(ValueError, match="log_w"):
+        core.smc_step(np.asfortranarray(np.zeros((3, 4))), 0.5)
+    with pytest.raises(TypeError, match="log_w"):
+        core.smc_step(np.zeros(4), 0.5)
+    with pytest.raises(ValueError, match="NaN"):
+        core.smc_step(np.array([[0.0, np.nan]]), 0.5)

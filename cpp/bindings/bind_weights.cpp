@@ -101,9 +101,36 @@ CArray<bool> bind_mh_accept(const CArray<double>& current, const CArray<double>&
 }
 
 template <typename T>
+py::tuple bind_smc_step(CArray<T>& log_w, double threshold, int scheme, std::uint64_t key) {
+    if (log_w.ndim() != 2) throw py::value_error("log_w: expected a 2-D array");
+    if (!log_w.writeable()) throw py::value_error("log_w: must be writeable (resampled rows are reset)");
+    if (scheme < 0 || scheme > 3) throw py::value_error("scheme: unknown scheme code");
+    const std::int64_t rows = log_w.shape(0), n = log_w.shape(1);
+    CArray<std::int64_t> ancestors({rows, n}), unique(rows);
+    CArray<bool> resampled(rows);
+    CArray<double> log_mean_w(rows), ess(rows);
+    std::vector<std::uint8_t> flags(static_cast<std::size_t>(rows));
+    T* x = log_w.mutable_data();
+    std::int64_t* a = ancestors.mutable_data();
+    std::int64_t* u = unique.mutable_data();
+    double* lm = log_mean_w.mutable_data();
+    double* e = ess.mutable_data();
+    Status status;
+    {
+        py::gil_scoped_release release;
+        status = smc_step(x, rows, n, threshold, static_cast<Scheme>(scheme), key, a, flags.data(), lm, e, u);
+    }
+    check(status, "log_w");
+    bool* r = resampled.mutable_data();
+    for (std::int64_t k = 0; k < rows; ++k) r[k] = flags[static_cast<std::size_t>(k)] != 0;
+    return py::make_tuple(ancestors, resampled, log_mean_w, ess, unique);
+}
+
+template <typename T>
 void register_dtype(py::module_& m) {
     m.def("log_normalize", &bind_log_normalize<T>, py::arg("logw"), py::arg("allow_zero_rows"));
     m.def("row_statistics", &bind_row_statistics<T>, py::arg("logw"));
+    m.def("smc_step", &bind_smc_step<T>, py::arg("log_w"), py::arg("threshold"), py::arg("scheme"), py::arg("key"));
     m.def("resample", &bind_resample<T>, py::arg("logw"), py::arg("scheme"), py::arg("num"), py::arg("key"));
     m.def("pool_select", &bind_pool_select<T>, py::arg("logw"), py::arg("key"));
 }

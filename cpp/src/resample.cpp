@@ -233,6 +233,9 @@ void residual_row(double* w, std::int64_t n, const RowWeights& rw, std::int64_t 
     write_children(w, 0, n, 0, m, out);
 }
 
+void draw_ancestors(double* w, std::int64_t n, const RowWeights& rw, Scheme scheme, std::int64_t m,
+                    std::uint64_t key, std::int64_t row, std::int64_t* out, bool split);
+
 template <typename T>
 Status resample_row(const T* x, std::int64_t n, Scheme scheme, std::int64_t m, std::uint64_t key,
                     std::int64_t row, std::int64_t* out, std::vector<double>& w, bool split) {
@@ -241,22 +244,28 @@ Status resample_row(const T* x, std::int64_t n, Scheme scheme, std::int64_t m, s
     RowWeights& rw = scratch;
     row_weights(x, n, row, w.data(), split, rw);
     if (!rw.status.ok()) return rw.status;
+    draw_ancestors(w.data(), n, rw, scheme, m, key, row, out, split);
+    return {};
+}
+
+// Draws m ancestors of a row whose weights w = exp(x - shift) and figures rw are already computed.
+void draw_ancestors(double* w, std::int64_t n, const RowWeights& rw, Scheme scheme, std::int64_t m,
+                    std::uint64_t key, std::int64_t row, std::int64_t* out, bool split) {
     UniformStream stream(key, static_cast<std::uint64_t>(row));
     switch (scheme) {
         case Scheme::systematic:
-            systematic_row(w.data(), n, rw, m, stream.next(), out, split);
+            systematic_row(w, n, rw, m, stream.next(), out, split);
             break;
         case Scheme::stratified:
-            stratified_row(w.data(), n, rw, m, stream, out);
+            stratified_row(w, n, rw, m, stream, out);
             break;
         case Scheme::multinomial:
-            multinomial_draws(w.data(), rw.last_positive, rw.sum, m, stream, out);
+            multinomial_draws(w, rw.last_positive, rw.sum, m, stream, out);
             break;
         case Scheme::residual:
-            residual_row(w.data(), n, rw, m, stream, out);
+            residual_row(w, n, rw, m, stream, out);
             break;
     }
-    return {};
 }
 
 }  // namespace
@@ -283,6 +292,53 @@ Status resample(const T* logw, std::int64_t rows, std::int64_t n, Scheme scheme,
         if (!status.ok()) return status;
     return {};
 }
+
+template <typename T>
+Status smc_step(T* log_w, std::int64_t rows, std::int64_t n, double threshold, Scheme scheme, std::uint64_t key,
+                std::int64_t* ancestors, std::uint8_t* resampled, double* log_mean_w, double* ess,
+                std::int64_t* unique) {
+    if (rows < 0 || n < 1) return {StatusCode::bad_size, -1, -1};
+    std::vector<Status> statuses(static_cast<std::size_t>(rows));
+    parallel_for(rows, rows * n * 2, [&](std::int64_t begin, std::int64_t end) {
+        std::vector<double> w(static_cast<std::size_t>(n));
+        static thread_local RowWeights scratch;
+        RowWeights& rw = scratch;
+        for (std::int64_t r = begin; r < end; ++r) {
+            T* x = log_w + r * n;
+            std::int64_t* a = ancestors + r * n;
+            row_weights(x, n, r, w.data(), false, rw);
+            resampled[r] = 0;
+            unique[r] = n;
+            for (std::int64_t i = 0; i < n; ++i) a[i] = i;
+            if (rw.status.code == StatusCode::zero_row) {  // collapsed: reported, never resampled
+                log_mean_w[r] = -kInf;
+                ess[r] = 0.0;
+                continue;
+            }
+            if (!rw.status.ok()) {
+                statuses[static_cast<std::size_t>(r)] = rw.status;
+                continue;
+            }
+            log_mean_w[r] = rw.shift + std::log(rw.sum) - std::log(static_cast<double>(n));
+            ess[r] = rw.sum * rw.sum / rw.sum_squares;
+            if (!(threshold >= 1.0 || ess[r] < threshold * static_cast<double>(n))) continue;
+            draw_ancestors(w.data(), n, rw, scheme, n, key, r, a, false);
+            resampled[r] = 1;
+            std::int64_t distinct = 1;
+            for (std::int64_t i = 1; i < n; ++i) distinct += a[i] != a[i - 1];
+            unique[r] = distinct;
+            for (std::int64_t i = 0; i < n; ++i) x[i] = T(0);
+        }
+    });
+    for (const Status& status : statuses)
+        if (!status.ok()) return status;
+    return {};
+}
+
+template Status smc_step<float>(float*, std::int64_t, std::int64_t, double, Scheme, std::uint64_t, std::int64_t*,
+                                std::uint8_t*, double*, double*, std::int64_t*);
+template Status smc_step<double>(double*, std::int64_t, std::int64_t, double, Scheme, std::uint64_t,
+                                 std::int64_t*, std::uint8_t*, double*, double*, std::int64_t*);
 
 template Status resample<float>(const float*, std::int64_t, std::int64_t, Scheme, std::int64_t, std::uint64_t,
                                 std::int64_t*);

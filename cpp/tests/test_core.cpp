@@ -217,6 +217,26 @@ void test_pool_select_and_mh() {
     EXPECT(status.code == StatusCode::nan_weight && status.row == 1 && status.index == 1);
 }
 
+void test_smc_step() {
+    // Row 0: unequal weights; row 1: all zero (reported, identity); row 2: equal weights.
+    std::vector<double> log_w = {0.0, -3.0, 1.0, -inf, -inf, -inf, 2.0, 2.0, 2.0};
+    std::vector<std::int64_t> ancestors(9, -1), unique(3);
+    std::vector<std::uint8_t> resampled(3);
+    std::vector<double> log_mean_w(3), ess(3);
+    EXPECT(smc_step(log_w.data(), 3, 3, 0.9, Scheme::systematic, 5, ancestors.data(), resampled.data(),
+                    log_mean_w.data(), ess.data(), unique.data())
+               .ok());
+    EXPECT(resampled[0] == 1 && resampled[1] == 0 && resampled[2] == 0);
+    EXPECT(log_w[0] == 0.0 && log_w[1] == 0.0 && log_w[2] == 0.0 && log_w[3] == -inf && log_w[6] == 2.0);
+    EXPECT(ess[1] == 0.0 && log_mean_w[1] == -inf && std::fabs(ess[2] - 3.0) < 1e-12);
+    EXPECT(ancestors[3] == 0 && ancestors[4] == 1 && ancestors[5] == 2 && ancestors[6] == 0 && ancestors[8] == 2);
+    EXPECT(unique[1] == 3 && unique[0] >= 1 && unique[0] <= 3);
+    std::vector<double> bad = {0.0, std::nan("")};
+    EXPECT(smc_step(bad.data(), 1, 2, 1.0, Scheme::systematic, 5, ancestors.data(), resampled.data(),
+                    log_mean_w.data(), ess.data(), unique.data())
+               .code == StatusCode::nan_weight);
+}
+
 void test_gather() {
     const std::int64_t rows = 2, n = 4, item = 3;
     std::vector<std::uint8_t> x(static_cast<std::size_t>(rows * n * item));
@@ -295,6 +315,7 @@ int main() {
     test_resample_edges();
     test_systematic_floor_ceil_and_threads();
     test_pool_select_and_mh();
+    test_smc_step();
     test_gather();
     test_random_sizes();
     if (failures) {

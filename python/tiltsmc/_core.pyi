@@ -8,6 +8,15 @@ def log_normalize(
 def row_statistics(
     logw: npt.NDArray[np.floating],
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
+def smc_step(
+    log_w: npt.NDArray[np.floating], threshold: float, scheme: int, key: int
+) -> tuple[
+    npt.NDArray[np.int64],
+    npt.NDArray[np.bool_],
+    npt.NDArray[np.float64],
+    npt.NDArray[np.float64],
+    npt.NDArray[np.int64],
+]: ...
 def resample(logw: npt.NDArray[np.floating], scheme: int, num: int, key: int) -> npt.NDArray[np.int64]: ...
 def pool_select(
     logw: npt.NDArray[np.floating], key: int

@@ -34,6 +34,7 @@ __all__ = [
     "resample",
     "row_statistics",
     "set_num_threads",
+    "smc_step",
 ]
 
 Scheme = Literal["multinomial", "stratified", "systematic", "residual"]
@@ -95,6 +96,32 @@ def row_statistics(logw: npt.ArrayLike) -> tuple[FloatArray, FloatArray]:
     if one_row:
         return log_mean_w[0, ...], ess[0, ...]
     return log_mean_w, ess
+
+
+def smc_step(
+    log_w: np.ndarray, ess_threshold: float, scheme: Scheme = "systematic", rng: RNGLike = None
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_], FloatArray, FloatArray, npt.NDArray[np.int64]]:
+    """One SMC bookkeeping step for a ``(B, N)`` C-contiguous float32/float64 array, in one pass.
+
+    Per row: ``log_mean_w`` and ``ess`` as :func:`log_normalize` gives them; rows with
+    ``ess < ess_threshold * N`` (every row at ``ess_threshold >= 1``) are resampled with ``scheme`` (the
+    same draws as :func:`resample` with the same ``rng``) and their log-weights reset to 0 **in place**;
+    the others keep the identity. Rows of zero weight are reported (``ess = 0``), never resampled.
+    Returns ``(ancestors (B, N), resampled (B,), log_mean_w, ess, unique_ancestors)``.
+    """
+    if not isinstance(log_w, np.ndarray) or log_w.ndim != 2 or log_w.dtype.char not in "fd":
+        raise TypeError("log_w: expected a 2-D float32 or float64 numpy array")
+    if not log_w.flags.c_contiguous or not log_w.flags.writeable:
+        raise ValueError("log_w: must be C-contiguous and writeable (resampled rows are reset in place)")
+    if log_w.shape[1] == 0:
+        raise ValueError(f"log_w: rows must hold at least one particle, got shape {log_w.shape}")
+    code = _SCHEME_CODES.get(scheme) if isinstance(scheme, str) else None
+    if code is None:
+        raise ValueError(f"scheme: expected one of {', '.join(SCHEMES)}, got {scheme!r}")
+    threshold = float(ess_threshold)
+    if not threshold >= 0.0:
+        raise ValueError(f"ess_threshold: expected a fraction >= 0, got {ess_threshold!r}")
+    return tuple(_core.smc_step(log_w, threshold, code, draw_key(rng)))  # type: ignore[return-value]
 
 
 def resample(

@@ -42,6 +42,16 @@ template <typename T>
 Status resample(const T* logw, std::int64_t rows, std::int64_t n, Scheme scheme, std::int64_t m,
                 std::uint64_t key, std::int64_t* ancestors);
 
+// One SMC bookkeeping step for every row, in one pass over the weights: log_mean_w and ess as in
+// log_normalize; rows with ess < threshold * n (every row when threshold >= 1) are resampled: n
+// ancestors drawn with `scheme` from the row's stream (key, row), resampled[r] = 1, unique[r] = the
+// number of distinct ancestors, and the row's log-weights reset to 0 in place. Other rows get the
+// identity. A row of zero weights is reported (log_mean_w = -inf, ess = 0) and never resampled.
+template <typename T>
+Status smc_step(T* log_w, std::int64_t rows, std::int64_t n, double threshold, Scheme scheme, std::uint64_t key,
+                std::int64_t* ancestors, std::uint8_t* resampled, double* log_mean_w, double* ess,
+                std::int64_t* unique);
+
 // One index per row drawn with probability w_i, and the row's log mean weight.
 template <typename T>
 Status pool_select(const T* logw, std::int64_t rows, std::int64_t n, std::uint64_t key, std::int64_t* index,

@@ -57,9 +57,11 @@ class Particles:
     def reorder(self, ancestors: npt.NDArray[np.int64]) -> None:
         """Particle ``i`` of prompt ``b`` becomes a copy of particle ``ancestors[b, i]`` (in place)."""
         core.gather(self.tokens, ancestors, out=self.tokens)
-        for flags in (self.lengths, self.finished):
-            if flags.size and flags.min() != flags.max():  # a uniform array is its own reordering
-                core.gather(flags, ancestors, out=flags)
+        # A uniform array is its own reordering (all lengths equal, none or all finished: the usual case).
+        if self.lengths.size and self.lengths.min() != self.lengths.max():
+            core.gather(self.lengths, ancestors, out=self.lengths)
+        if self.finished.any() and not self.finished.all():
+            core.gather(self.finished, ancestors, out=self.finished)
         for name, array in self.state.items():
             if array.shape[:2] != self.lengths.shape:
                 raise ValueError(

@@ -137,7 +137,7 @@ def decode_texts(policy: Any, samples: list[Any]) -> Optional[list[list[str]]]:
 
 def check_log_values(value: FloatArray, name: str) -> FloatArray:
     """Log-values are finite or -inf (a zero value); NaN or +inf means a broken reward model."""
-    if not np.all(value < np.inf):
+    if value.size and not value.max() < np.inf:  # NaN propagates through max
         what = "NaN" if np.isnan(value).any() else "+inf"
         raise ValueError(f"reward: {name} returned {what} (log-values must be finite or -inf: r >= 0)")
     return value

@@ -57,11 +57,6 @@ class _Trace:
         }
 
 
-def _unique_counts(ancestors: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-    """Distinct ancestors per row of row-sorted ancestors."""
-    return 1 + np.count_nonzero(np.diff(ancestors, axis=1), axis=1)
-
-
 def _samples(particles: Particles, rows: Optional[npt.NDArray[np.int64]] = None) -> list[Any]:
     """Per prompt, an ``(N, T)`` int array when every trajectory has the same length, else a list."""
     if rows is None and particles.lengths.size and np.all(particles.lengths == particles.lengths.flat[0]):
@@ -105,11 +100,11 @@ def _run_smc(
     log_v0 = models.initial_log_value(particles)
     log_v_prev = np.repeat(log_v0[:, None], num_particles, axis=1)
     log_z = log_v0.copy()
-    log_w = np.zeros((batch, num_particles))
-    log_total = np.full(batch, np.log(num_particles))  # logsumexp of each row of log_w
     collapsed = (log_v0 == -np.inf) | failed_prompts(particles)
+    log_w = np.zeros((batch, num_particles))
+    log_w[collapsed] = -np.inf  # weight zero: reported by the core, never resampled
+    log_total = np.where(collapsed, -np.inf, np.log(num_particles))  # logsumexp of each row of log_w
     trace = _Trace()
-    identity = np.broadcast_to(np.arange(num_particles, dtype=np.int64), (batch, num_particles))
     for _ in range(max_steps):
         if particles.finished.all():
             break
@@ -133,30 +128,19 @@ def _run_smc(
         else:
             increment = np.where(live, increment, 0.0)
             log_v_prev = np.where(live, log_v, log_v_prev)
-        log_w = log_w + increment
-        log_mean_w, ess = core.row_statistics(log_w)
+        log_w += increment
+        # One core call: ESS, the adaptive decision, resampling and the reset of resampled rows' weights
+        # (never after the last step: the final sample stays weighted).
+        threshold = 0.0 if particles.finished.all() else ess_threshold
+        ancestors, resample_rows, log_mean_w, ess, unique = core.smc_step(log_w, threshold, scheme, generator)
         new_total = log_mean_w + np.log(num_particles)
         step_increment = _safe_increment(new_total, log_total)
-        log_total = new_total
+        log_total = np.where(resample_rows, np.log(num_particles), new_total)
         log_z = log_z + step_increment
         collapsed |= ess == 0.0
-        resample_rows = ~collapsed & ((ess < ess_threshold * num_particles) | (ess_threshold >= 1.0))
-        if particles.finished.all():
-            resample_rows[:] = False  # keep the final weighted sample
-        ancestors = identity
-        unique = np.full(batch, num_particles, dtype=np.int64)
-        if resample_rows.all():
-            ancestors = core.resample(log_w, scheme, rng=generator)
-        elif resample_rows.any():
-            rows = np.flatnonzero(resample_rows)
-            ancestors = identity.copy()
-            ancestors[rows] = core.resample(log_w[rows], scheme, rng=generator)
         if resample_rows.any():
             particles.reorder(ancestors)
             log_v_prev = core.gather(log_v_prev, ancestors)
-            log_w[resample_rows] = 0.0
-            log_total[resample_rows] = np.log(num_particles)
-            unique = np.where(resample_rows, _unique_counts(ancestors), num_particles)
         trace.ess.append(ess)
         trace.resampled.append(resample_rows)
         trace.unique.append(unique)
