@@ -5,17 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
-import re
-import socket
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _machine import machine_info  # bench/ is on the path of its scripts
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -28,35 +24,12 @@ def parse_args(description: str, default_seed: int) -> argparse.Namespace:
     return parser.parse_args()
 
 
-def machine_info() -> dict[str, Any]:
-    """Platform, CPU model (from /proc/cpuinfo), core counts and library versions."""
-    cpu = platform.processor()
-    try:
-        match = re.search(r"^model name\s*:\s*(.*)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
-        cpu = match.group(1) if match else cpu
-    except OSError:
-        pass
-    import tiltsmc
-
+def _matplotlib_version() -> str | None:
     try:
         import matplotlib
-
-        mpl_version: str | None = matplotlib.__version__
     except ImportError:
-        mpl_version = None
-    return {
-        "hostname": socket.gethostname(),
-        "platform": platform.platform(),
-        "cpu_model": cpu,
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "matplotlib": mpl_version,
-        "tiltsmc": tiltsmc.__version__,
-        "tiltsmc_num_threads": tiltsmc.core.get_num_threads(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+        return None
+    return str(matplotlib.__version__)
 
 
 def plain(value: Any) -> Any:
@@ -92,7 +65,7 @@ def header(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "mode": "quick" if args.quick else "full",
         "seed": args.seed,
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "machine": machine_info(),
+        "machine": machine_info(matplotlib=_matplotlib_version()),
     }
 
 

@@ -12,7 +12,6 @@ import functools
 import importlib.metadata
 import json
 import os
-import platform
 import re
 import socket
 import statistics
@@ -25,6 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reference as ref
+from _machine import machine_info
 
 try:
     from tiltsmc import core as ts
@@ -344,40 +344,6 @@ def print_table(rows: list[dict]) -> None:
             print("  ".join("-" * w for w in widths))
 
 
-def _build_stamp() -> str | None:
-    """The compiled module measured, with its modification time (the core may be rebuilt between runs)."""
-    if ts is None:
-        return None
-    path = Path(sys.modules[ts.__name__.rsplit(".", 1)[0] + "._core"].__file__ or "")
-    return f"{path} ({time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(path.stat().st_mtime))})"
-
-
-def machine_info() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        match = re.search(r"^model name\s*:\s*(.*)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
-        cpu = match.group(1) if match else cpu
-    except OSError:
-        pass
-    return {
-        "hostname": socket.gethostname(),
-        "platform": platform.platform(),
-        "cpu_model": cpu,
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "particles": importlib.metadata.version("particles") if pr is not None else None,
-        "tiltsmc_num_threads": ts.get_num_threads() if ts is not None else None,
-        "tiltsmc_build": _build_stamp(),
-        "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-
-
-# ---------------------------------------------------------------- --check
-
-
 def check() -> bool:
     """Sanity of the references (unbiased-looking, sorted, in range) and of tiltsmc's gather."""
     rng, ok = np.random.default_rng(SEED), True
@@ -462,7 +428,9 @@ def main(argv: list[str] | None = None) -> int:
         ts.set_num_threads(args.threads)
     budget = 0.02 if args.quick else 0.2
     np.random.seed(SEED)  # noqa: NPY002 (particles draws from numpy's global state)
-    info = machine_info()
+    info = machine_info(
+        particles=importlib.metadata.version("particles") if pr is not None else None,
+    )
     print(
         f"{info['cpu_model']} ({info['cpus_usable']} usable cpus), numpy {info['numpy']}, particles "
         f"{info['particles']}, tiltsmc threads {info['tiltsmc_num_threads']}, budget {budget} s\n"

@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tiltsmc
+from _machine import machine_info
 from tiltsmc.models import OnnxCausalLM, OnnxRewardModel
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "models"
@@ -84,28 +82,10 @@ class RecomputingLM(OnnxCausalLM):
         particles.state["lm.logits"] = np.where(still[..., None], fresh, particles.state["lm.logits"])
 
 
-def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+def _onnxruntime_version() -> str:
     import onnxruntime
 
-    return {
-        "host": socket.gethostname(),
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": sys.version.split()[0],
-        "numpy": np.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "tiltsmc_threads": tiltsmc.core.get_num_threads(),
-        "load_average": os.getloadavg(),
-    }
+    return str(onnxruntime.__version__)
 
 
 def one_run(policy_class: type, fixture: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -198,7 +178,12 @@ def main() -> None:
         else Path(__file__).parent / "results" / f"models_{socket.gethostname()}.json"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine(), "args": vars(args), "rows": rows}, indent=1))
+    out.write_text(
+        json.dumps(
+            {"machine": machine_info(onnxruntime=_onnxruntime_version()), "args": vars(args), "rows": rows},
+            indent=1,
+        )
+    )
     print(f"wrote {out}")
 
 

@@ -33,7 +33,6 @@ import json
 import linecache
 import math
 import os
-import platform
 import pstats
 import re
 import socket
@@ -46,6 +45,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import tiltsmc
+from _machine import load_average, machine_info
 from tiltsmc import core
 from tiltsmc.tasks import MarkovDFATask
 
@@ -56,42 +56,6 @@ TOP = 15
 
 
 # ---------------------------------------------------------------- machine (as bench_core.py, copied)
-
-
-def _build_stamp() -> Optional[str]:
-    """The compiled module measured, with its modification time (the core may be rebuilt between runs)."""
-    path = Path(sys.modules["tiltsmc._core"].__file__ or "")
-    return f"{path} ({time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(path.stat().st_mtime))})"
-
-
-def _loadavg() -> Optional[tuple[float, float, float]]:
-    return os.getloadavg() if hasattr(os, "getloadavg") else None
-
-
-def machine_info() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        match = re.search(r"^model name\s*:\s*(.*)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
-        cpu = match.group(1) if match else cpu
-    except OSError:
-        pass
-    return {
-        "hostname": socket.gethostname(),
-        "platform": platform.platform(),
-        "cpu_model": cpu,
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "tiltsmc": tiltsmc.__version__,
-        "tiltsmc_num_threads": core.get_num_threads(),
-        "tiltsmc_build": _build_stamp(),
-        "loadavg": _loadavg(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-
-
-# ---------------------------------------------------------------- SMC runs
 
 
 def run_smc(
@@ -439,7 +403,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "standard_normal": time_reference(gen, tokens, 1.0, repeats - half),
     }
     recorded_after = time_recorded_gather(tokens, ancestry, repeats - half)
-    loadavg_after = _loadavg()
+    loadavg_after = load_average()
 
     reference: dict[str, Any] = {}
     for name in ("matched", "standard_normal"):

@@ -206,8 +206,18 @@ def main() -> None:
         for K, res in results.items()
     ]
     text += "\n" + _plot.table(
-        ["K", "TV sp_gsmc", "TV H=0", "fit on H", "rate/step", "R^2", "local rates (H pairs)", "w*=sup Zh/Z",
-         "1-1/w*", "H to 1.2x floor"],
+        [
+            "K",
+            "TV sp_gsmc",
+            "TV H=0",
+            "fit on H",
+            "rate/step",
+            "R^2",
+            "local rates (H pairs)",
+            "w*=sup Zh/Z",
+            "1-1/w*",
+            "H to 1.2x floor",
+        ],
         summary_rows,
         title=f"Geometric contraction fitted on the points with TV > {ABOVE_FLOOR:g} x floor",
     )

@@ -408,7 +408,8 @@ def verdicts(fitted: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
             beyond = min(f["T_beyond_cap"]) if f["T_beyond_cap"] else "-"
             close = abs(rate - expected) <= 0.25 * expected
             out.append(
-                f"{label}: " + ("exponential as claimed" if exponential and close else "claim NOT reproduced")
+                f"{label}: "
+                + ("exponential as claimed" if exponential and close else "claim NOT reproduced")
                 + f" - rate {_plot.fmt(rate)}/step vs {_plot.fmt(expected)} expected; better fit "
                 f"{f['better_fit']}; beyond the cap from T={beyond}; {fit_text}"
             )
