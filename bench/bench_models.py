@@ -53,14 +53,8 @@ class RecomputingLM(OnnxCausalLM):
     """The naive policy: each step re-runs the whole prefix without a cache (same law, same draws)."""
 
     def _advance(self, particles: Any, tokens: Any, active: Any) -> None:
-        b_index, i_index = np.nonzero(active)
-        particles.tokens[b_index, i_index, particles.lengths[b_index, i_index]] = tokens[b_index, i_index]
-        particles.lengths[active] += 1
-        ended = active & (particles.lengths >= self.max_new_tokens)
-        if self.eos_token_ids:
-            ended |= active & np.isin(tokens, list(self.eos_token_ids))
-        particles.finished |= ended
-        if not (active & ~particles.finished).any():
+        still = self._append_tokens(particles, tokens, active)
+        if not still.any():
             return
         batch, count = particles.lengths.shape
         prompts = particles.prompt_tokens
@@ -77,7 +71,6 @@ class RecomputingLM(OnnxCausalLM):
             mask[row, width - len(sequence) :] = 1
         positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
         logits, _ = self._run(ids, mask, positions, None)
-        still = active & ~particles.finished
         fresh = np.asarray(logits[:, -1, :], dtype=np.float32).reshape(batch, count, -1)
         particles.state["lm.logits"] = np.where(still[..., None], fresh, particles.state["lm.logits"])
 

@@ -352,16 +352,7 @@ class OnnxCausalLM:
         self, particles: Particles, tokens: npt.NDArray[np.int64], active: npt.NDArray[np.bool_]
     ) -> None:
         """Append ``tokens`` where ``active``; feed every row one position (padding, masked, elsewhere)."""
-        if np.any(active & (particles.lengths >= self.max_new_tokens)):
-            raise ValueError("particles: a trajectory is already max_new_tokens long")
-        b_index, i_index = np.nonzero(active)
-        particles.tokens[b_index, i_index, particles.lengths[b_index, i_index]] = tokens[b_index, i_index]
-        particles.lengths[active] += 1
-        ended = active & (particles.lengths >= self.max_new_tokens)
-        if self.eos_token_ids:
-            ended |= active & np.isin(tokens, list(self.eos_token_ids))
-        particles.finished |= ended
-        still = active & ~particles.finished
+        still = self._append_tokens(particles, tokens, active)
         if not still.any():
             return
         batch, count = particles.lengths.shape
@@ -384,6 +375,21 @@ class OnnxCausalLM:
         )
         for (_, _, key), cache in zip(self._cache_names, present):
             particles.state[key] = cache.reshape(batch, count, *cache.shape[1:])
+
+    def _append_tokens(
+        self, particles: Particles, tokens: npt.NDArray[np.int64], active: npt.NDArray[np.bool_]
+    ) -> npt.NDArray[np.bool_]:
+        """Write ``tokens`` where ``active`` and mark ended trajectories; returns the rows still going."""
+        if np.any(active & (particles.lengths >= self.max_new_tokens)):
+            raise ValueError("particles: a trajectory is already max_new_tokens long")
+        b_index, i_index = np.nonzero(active)
+        particles.tokens[b_index, i_index, particles.lengths[b_index, i_index]] = tokens[b_index, i_index]
+        particles.lengths[active] += 1
+        ended = active & (particles.lengths >= self.max_new_tokens)
+        if self.eos_token_ids:
+            ended |= active & np.isin(tokens, list(self.eos_token_ids))
+        particles.finished |= ended
+        return active & ~particles.finished
 
     def propose(self, particles: Particles, rng: np.random.Generator) -> FloatArray:
         """Draw one step for every unfinished particle; returns ``log p(step)`` (0 where finished)."""

@@ -49,6 +49,8 @@ from typing import TYPE_CHECKING, Any, Union
 import numpy as np
 import numpy.typing as npt
 
+from .._rng import RNGLike, as_generator
+
 if TYPE_CHECKING:
     from .models import MarkovPolicy, TableTwist
 
@@ -57,7 +59,6 @@ __all__ = ["BellmanError", "MarkovDFATask"]
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
-RNGLike = Union[None, int, np.integer, np.random.SeedSequence, np.random.BitGenerator, np.random.Generator]
 LogTables = list[Union[float, FloatArray]]
 """``[log Vh_0 (float), log Vh_1 (V, Q), ..., log Vh_T (V, Q)]``."""
 
@@ -68,20 +69,6 @@ _CHUNK_ELEMENTS = 1 << 21  # bound on the temporaries of the chunked log-sum-exp
 
 # ----------------------------------------------------------------------------------------------------------
 # helpers
-
-
-def _as_generator(rng: RNGLike) -> np.random.Generator:
-    """SPEC 7: normalise ``rng`` with :func:`numpy.random.default_rng`."""
-    if isinstance(rng, (bool, np.bool_)):
-        raise TypeError(
-            "rng: expected None, an int, a SeedSequence, a BitGenerator or a Generator, got a bool"
-        )
-    try:
-        return np.random.default_rng(rng)
-    except (TypeError, ValueError) as error:
-        raise type(error)(
-            f"rng: expected None, an int, a SeedSequence, a BitGenerator or a Generator, got {rng!r}"
-        ) from error
 
 
 def _as_index(value: Any, name: str) -> int:
@@ -478,7 +465,7 @@ class MarkovDFATask:
         tables = self.log_v_star()
         if noise_f == 0.0:
             return tables
-        gen = _as_generator(rng)
+        gen = as_generator(rng)
         tables[0] = float(tables[0]) + float(gen.uniform(-noise_f, noise_f))
         for t in range(1, self._T):
             level = np.asarray(tables[t])
@@ -622,7 +609,7 @@ class MarkovDFATask:
             raise ValueError(f"num: expected num >= 0, got {n}")
         if self.exact_log_z() == -np.inf:
             raise ValueError("cannot sample the target: Z = E_p[r] = 0")
-        gen = _as_generator(rng)
+        gen = as_generator(rng)
         vstar = self._vstar_tables()
         out = np.empty((n, self._T), dtype=np.int64)
         if n == 0:
@@ -708,7 +695,7 @@ class MarkovDFATask:
         reward_f = _as_real(reward, "reward")
         if not (math.isfinite(reward_f) and reward_f >= 0):
             raise ValueError(f"reward: expected a finite value >= 0, got {reward_f!r}")
-        target = _as_generator(rng).integers(0, V, size=T)
+        target = as_generator(rng).integers(0, V, size=T)
         dead = T + 1
         dfa = np.full((T + 2, V), dead, dtype=np.int64)
         dfa[np.arange(T), target] = np.arange(1, T + 1)
@@ -756,7 +743,7 @@ class MarkovDFATask:
             if not 0.0 <= f <= 1.0:
                 raise ValueError(f"{name}: expected a value in [0, 1], got {f!r}")
             fractions[name] = f
-        gen = _as_generator(rng)
+        gen = as_generator(rng)
 
         def rows(shape: tuple[int, ...]) -> FloatArray:
             probs = gen.dirichlet(np.full(V, alpha), size=shape)
