@@ -769,3 +769,33 @@ def test_reward_scores_only_changed_prefixes(ess_threshold: float) -> None:
     # The values read from the state equal a fresh score of each prefix.
     fresh = reward._score([full_sequence(particles, b, i) for b in range(3) for i in range(4)])
     np.testing.assert_allclose(again.ravel(), fresh, atol=1e-6)
+
+
+def test_reward_read_at_the_last_step_delimiter() -> None:
+    """position='delimiter': the score at the last delimiter of the generated text (else the prompt's end)."""
+    space = 39  # the character tokenizer's id of " " (checked below)
+    plain = OnnxRewardModel(PRM, kind="log_value")
+    assert plain.tokenizer is not None and plain.tokenizer.token_id(" ") == space
+    reward = OnnxRewardModel(PRM, kind="log_value", position="delimiter", delimiter_ids=[space])
+    policy = OnnxCausalLM(LLAMA, max_new_tokens=8, eos_token_id=[])
+    particles = policy.start(["ab", "hello"], 6)
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        policy.propose(particles, rng)
+    values = reward.log_value(particles)
+    for b in range(2):
+        prompt = particles.prompt_tokens[b]
+        for i in range(6):
+            generated = particles.tokens[b, i, : particles.lengths[b, i]]
+            sequence = np.concatenate([prompt, generated])
+            (scores,) = plain.session.run(
+                ["logits"],
+                {"input_ids": sequence[None], "attention_mask": np.ones((1, len(sequence)), np.int64)},
+            )
+            where = np.flatnonzero(generated == space)
+            position = len(prompt) + where[-1] if where.size else len(prompt) - 1
+            assert values[b, i] == pytest.approx(float(scores[0, position, 0]), abs=1e-5)
+    with pytest.raises(ValueError, match="delimiter_ids"):
+        OnnxRewardModel(PRM, position="delimiter")
+    with pytest.raises(ValueError, match="position"):
+        OnnxRewardModel(PRM, position="everywhere")  # type: ignore[arg-type]

@@ -2,7 +2,10 @@ r"""A process reward model or value model exported to ONNX, read as ``log Vh`` o
 
 The graph takes ``input_ids`` and ``attention_mask`` (and ``position_ids`` where it has that input) for
 the prefix prompt + generated steps, and returns one score per row (``(batch,)`` or ``(batch, 1)``) or per
-position (``(batch, seq)`` or ``(batch, seq, 1)``), read at the last real token (``position="last"``).
+position (``(batch, seq)`` or ``(batch, seq, 1)``), read at the last real token (``position="last"``) or,
+for a process reward model scoring steps at their delimiter, at the last step delimiter of the generated
+text (``position="delimiter"`` with ``delimiter_ids``; the last prompt token before the first delimiter, the
+last token once the trajectory is finished).
 ``kind`` says what the score is: ``"log_value"`` (``log Vh`` itself), ``"prob"`` (``Vh`` in [0, 1]) or
 ``"logit"`` (``Vh = sigmoid(score)``). On finished trajectories the terminal reward ``r`` is the model's
 value unless a ``verifier(prompt, text) -> r >= 0`` is given. Prefixes are scored in one batched call per
@@ -38,7 +41,7 @@ class OnnxRewardModel:
         path: Union[str, os.PathLike[str]],
         output: Optional[str] = None,
         kind: Literal["log_value", "prob", "logit"] = "log_value",
-        position: Literal["last"] = "last",
+        position: Literal["last", "delimiter"] = "last",
         *,
         tokenizer: Any = None,
         verifier: Optional[Callable[[Any, str], float]] = None,
@@ -48,11 +51,16 @@ class OnnxRewardModel:
         inter_op_num_threads: Optional[int] = None,
         require_gpu: bool = False,
         pad_token_id: int = 0,
+        delimiter_ids: Optional[Sequence[int]] = None,
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
-        if position != "last":
-            raise ValueError(f"position: only 'last' is supported, got {position!r}")
+        if position not in ("last", "delimiter"):
+            raise ValueError(f"position: expected 'last' or 'delimiter', got {position!r}")
+        if position == "delimiter" and not delimiter_ids:
+            raise ValueError("delimiter_ids: position='delimiter' needs the token ids that end a step")
+        self.position = position
+        self.delimiter_ids = np.array(sorted({int(i) for i in delimiter_ids or ()}), dtype=np.int64)
         self.kind = kind
         self.model_file, model_dir = resolve_model_file(path)
         self.config = read_json(model_dir / "config.json")
@@ -129,8 +137,14 @@ class OnnxRewardModel:
             ids[row, : len(sequence)] = sequence
         return self._score_padded(ids, lengths)
 
-    def _score_padded(self, ids: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64]) -> FloatArray:
-        """``log Vh`` of right-padded rows ``ids[r, :lengths[r]]``."""
+    def _score_padded(
+        self,
+        ids: npt.NDArray[np.int64],
+        lengths: npt.NDArray[np.int64],
+        read_at: Optional[npt.NDArray[np.int64]] = None,
+    ) -> FloatArray:
+        """``log Vh`` of right-padded rows ``ids[r, :lengths[r]]``, read at ``read_at[r]`` (default: the last
+        token) where the model scores every position."""
         width = ids.shape[1]
         mask = (np.arange(width) < lengths[:, None]).astype(np.int64)
         if self.token_map is not None:
@@ -145,8 +159,8 @@ class OnnxRewardModel:
         if scores.ndim == 2 and scores.shape[1] == 1 and width != 1:
             scores = scores[:, 0]
         if scores.ndim == 2:
-            lengths = mask.sum(axis=1)
-            scores = scores[np.arange(len(ids)), lengths - 1]
+            positions = lengths - 1 if read_at is None else read_at
+            scores = scores[np.arange(len(ids)), positions]
         if scores.shape != (len(ids),):
             raise ValueError(
                 f"output: {self.output!r} has shape {scores.shape}; expected (batch,) or (batch, seq)"
@@ -187,7 +201,11 @@ class OnnxRewardModel:
         stale = scored != particles.lengths
         if stale.any():
             rows = np.argwhere(stale)
-            fresh = self._score_padded(*self._prefixes(particles, rows))
+            ids, lengths = self._prefixes(particles, rows)
+            read_at = None
+            if self.position == "delimiter":
+                read_at = self._last_delimiter(particles, rows, ids, lengths)
+            fresh = self._score_padded(ids, lengths, read_at)
             if self.verifier is not None:
                 for k, (b, i) in enumerate(rows):
                     if particles.finished[b, i]:
@@ -219,6 +237,24 @@ class OnnxRewardModel:
             row_index = np.broadcast_to(np.arange(len(rows))[:, None], columns.shape)
             ids[row_index[valid], columns[valid]] = particles.tokens[b, i, :width][valid]
         return ids, lengths
+
+    def _last_delimiter(
+        self,
+        particles: Particles,
+        rows: npt.NDArray[np.int64],
+        ids: npt.NDArray[np.int64],
+        lengths: npt.NDArray[np.int64],
+    ) -> npt.NDArray[np.int64]:
+        """Per row: the last delimiter among the generated tokens (else the last prompt token); the last
+        token for finished trajectories."""
+        b, i = rows[:, 0], rows[:, 1]
+        prompt_lengths = lengths - particles.lengths[b, i]
+        columns = np.arange(ids.shape[1])
+        generated = (columns >= prompt_lengths[:, None]) & (columns < lengths[:, None])
+        is_delimiter = generated & np.isin(ids, self.delimiter_ids)
+        last = np.where(is_delimiter, columns, -1).max(axis=1)
+        read_at = np.where(last >= 0, last, np.maximum(prompt_lengths - 1, 0))
+        return np.where(particles.finished[b, i], lengths - 1, read_at)
 
     def _verify(self, particles: Particles, b: int, i: int) -> float:
         assert self.verifier is not None
