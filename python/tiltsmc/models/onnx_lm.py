@@ -78,7 +78,8 @@ def log_softmax(logits: npt.ArrayLike) -> FloatArray:
     shift = np.max(z, axis=-1, keepdims=True)
     shift = np.where(np.isfinite(shift), shift, 0.0)
     with np.errstate(divide="ignore"):
-        return z - shift - np.log(np.sum(np.exp(z - shift), axis=-1, keepdims=True))
+        result: FloatArray = z - shift - np.log(np.sum(np.exp(z - shift), axis=-1, keepdims=True))
+    return result
 
 
 class OnnxCausalLM:
@@ -203,7 +204,7 @@ class OnnxCausalLM:
         self.eos_token_ids = frozenset(
             []
             if eos is None
-            else [int(e) for e in (eos if isinstance(eos, (list, tuple, set, frozenset)) else [eos])]
+            else [int(e) for e in (eos if isinstance(eos, (list, tuple, set, frozenset)) else [eos])]  # type: ignore[arg-type]
         )
         bos = (
             bos_token_id
@@ -320,7 +321,10 @@ class OnnxCausalLM:
         particles.errors = errors
         for b in errors:
             particles.finished[b] = True
-        repeat = lambda a: np.ascontiguousarray(np.repeat(a[:, None], num_particles, axis=1))  # noqa: E731
+
+        def repeat(a: np.ndarray) -> np.ndarray:
+            return np.ascontiguousarray(np.repeat(a[:, None], num_particles, axis=1))
+
         particles.state["lm.mask"] = repeat(mask)
         particles.state["lm.logits"] = repeat(np.asarray(logits[:, -1, :], dtype=np.float32))
         for (_, _, key), cache in zip(self._cache_names, present):

@@ -175,8 +175,10 @@ class OnnxRewardModel:
             if (scores < 0).any() or (scores > 1).any():
                 raise ValueError("reward: kind='prob' but the model returned values outside [0, 1]")
             with np.errstate(divide="ignore"):
-                return np.log(scores)
-        return -np.logaddexp(0.0, -scores)  # log sigmoid
+                logs: FloatArray = np.log(scores)
+            return logs
+        log_sigmoid: FloatArray = -np.logaddexp(0.0, -scores)
+        return log_sigmoid
 
     @staticmethod
     def _prompt(particles: Particles, b: int) -> npt.NDArray[np.int64]:

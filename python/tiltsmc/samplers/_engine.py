@@ -29,7 +29,8 @@ def logsumexp(a: FloatArray, axis: int = -1) -> FloatArray:
     shift = np.max(a, axis=axis, keepdims=True)
     shift = np.where(np.isfinite(shift), shift, 0.0)
     with np.errstate(divide="ignore"):
-        return np.log(np.sum(np.exp(a - shift), axis=axis)) + np.squeeze(shift, axis=axis)
+        total: FloatArray = np.log(np.sum(np.exp(a - shift), axis=axis)) + np.squeeze(shift, axis=axis)
+    return total
 
 
 class Models:

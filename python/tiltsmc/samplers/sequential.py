@@ -132,7 +132,12 @@ def _run_smc(
         # One core call: ESS, the adaptive decision, resampling and the reset of resampled rows' weights
         # (never after the last step: the final sample stays weighted).
         threshold = 0.0 if particles.finished.all() else ess_threshold
-        ancestors, resample_rows, log_mean_w, ess, unique = core.smc_step(log_w, threshold, scheme, generator)
+        ancestors, resample_rows, log_mean_w, ess, unique = core.smc_step(
+            log_w,
+            threshold,
+            scheme,  # type: ignore[arg-type]  # a scheme name, checked in _check_common
+            generator,
+        )
         new_total = log_mean_w + np.log(num_particles)
         step_increment = _safe_increment(new_total, log_total)
         log_total = np.where(resample_rows, np.log(num_particles), new_total)
@@ -141,7 +146,7 @@ def _run_smc(
         if resample_rows.any():
             particles.reorder(ancestors)
             log_v_prev = core.gather(log_v_prev, ancestors)
-        trace.ess.append(ess)
+        trace.ess.append(np.asarray(ess, dtype=np.float64))
         trace.resampled.append(resample_rows)
         trace.unique.append(unique)
         trace.increments.append(step_increment)
@@ -257,7 +262,7 @@ def _run_pool(
         ancestors = np.repeat(chosen[:, None], pool_size, axis=1)
         particles.reorder(ancestors)
         log_v_prev = log_v[rows, chosen]
-        trace.ess.append(ess)
+        trace.ess.append(np.asarray(ess, dtype=np.float64))
         trace.resampled.append(np.ones(batch, dtype=bool))
         trace.unique.append(np.ones(batch, dtype=np.int64))
         trace.increments.append(log_mean)

@@ -83,7 +83,8 @@ def sample_categorical(log_probs: npt.ArrayLike, rng: np.random.Generator) -> np
     index = np.sum(cumulative <= u, axis=-1)
     # Rounding can put u at the total; the last token of positive weight takes it.
     last_positive = logits.shape[-1] - 1 - np.argmax((weights > 0)[..., ::-1], axis=-1)
-    return np.minimum(index, last_positive).astype(np.int64)
+    chosen: npt.NDArray[np.int64] = np.minimum(index, last_positive).astype(np.int64)
+    return chosen
 
 
 class TableTwist:
@@ -95,7 +96,8 @@ class TableTwist:
     def __init__(self, task: MarkovDFATask, tables: Sequence[Union[float, npt.ArrayLike]]) -> None:
         self.task = task
         self.vocab_size = task.vocab_size
-        self.tables = [float(tables[0])] + [np.asarray(t, dtype=np.float64) for t in tables[1:]]
+        self.tables: list[Union[float, FloatArray]] = [float(np.asarray(tables[0]))]
+        self.tables += [np.asarray(t, dtype=np.float64) for t in tables[1:]]
         if len(self.tables) != task.horizon + 1:
             raise ValueError(f"tables: expected {task.horizon + 1} levels, got {len(self.tables)}")
 
