@@ -1,9 +1,14 @@
 #!/usr/bin/env python3
 """Build (and check) the tiny random-weight ONNX model fixtures under tests/fixtures/models/.
 
-Three fixtures, each in the exact on-disk layout of a Hugging Face ``optimum`` ONNX export:
+Four fixtures, each in the exact on-disk layout of a Hugging Face ``optimum`` ONNX export:
 
 * ``gpt2-tiny``  GPT2LMHeadModel, exported as ``text-generation-with-past`` (decoder with KV cache).
+* ``gpt2-merged-tiny`` the same GPT-2 (same config, seed and weights) in the *merged* decoder layout:
+  one ``decoder_model_merged.onnx`` with a boolean ``use_cache_branch`` input (shape (1,)) that picks
+  the no-cache branch (False, first call, empty past) or the cached branch (True). This is what
+  optimum wrote up to 1.13 (later 1.x with ``legacy=True``); optimum-onnx 0.1 no longer exposes it,
+  so the export restores the decoder / decoder-with-past split (see ``_merged_decoder_export``).
 * ``llama-tiny`` LlamaForCausalLM with grouped-query attention (4 query heads, 2 KV heads),
   exported as ``text-generation-with-past``.
 * ``prm-tiny``   Qwen2ForTokenClassification with one label: a per-position reward head,
@@ -25,14 +30,16 @@ Do it in a throw-away virtual environment so the project's own Python is left al
     #  optimum deduplicate GPT-2's tied weights, as in the committed export)
     python scripts/make_fixtures.py            # writes tests/fixtures/models/*
     python scripts/make_fixtures.py --verify   # checks them
+    python scripts/make_fixtures.py --only gpt2-merged-tiny   # just one
 
 Generation is deterministic (fixed seeds, CPU, fp32): re-running it with the same package
-versions gives byte-identical model.onnx files.
+versions gives byte-identical .onnx files.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -54,13 +61,28 @@ CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789 ") + list(".,!?'\"-+*/=():;\n
 VOCAB = SPECIAL_TOKENS + CHARS
 VOCAB_SIZE = len(VOCAB)  # 64
 
-FIXTURES = ("gpt2-tiny", "llama-tiny", "prm-tiny")
-# optimum task, layers, and for the decoders KV heads and head dim of the past_key_values tensors
+FIXTURES = ("gpt2-tiny", "llama-tiny", "prm-tiny", "gpt2-merged-tiny")
+# optimum task, layers, and for the decoders KV heads and head dim of the past_key_values tensors;
+# "file": the ONNX file kept (default model.onnx); "merged": exported as decoder_model_merged.onnx;
+# "same_as": a fixture built from the same torch model (verify checks both give the same outputs)
 SPECS = {
     "gpt2-tiny": {"task": "text-generation-with-past", "layers": 2, "kv_heads": 2, "head_dim": 16},
     "llama-tiny": {"task": "text-generation-with-past", "layers": 2, "kv_heads": 2, "head_dim": 8},
     "prm-tiny": {"task": "token-classification", "layers": 2},
+    "gpt2-merged-tiny": {
+        "task": "text-generation-with-past",
+        "layers": 2,
+        "kv_heads": 2,
+        "head_dim": 16,
+        "file": "decoder_model_merged.onnx",
+        "merged": True,
+        "same_as": "gpt2-tiny",
+    },
 }
+
+
+def model_file(out: Path, name: str) -> Path:
+    return out / name / SPECS[name].get("file", "model.onnx")
 
 
 # --------------------------------------------------------------------------- generation
@@ -99,7 +121,7 @@ def build_model(name: str):
     import transformers as tf
 
     common = dict(bos_token_id=EOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, initializer_range=INIT_RANGE)
-    if name == "gpt2-tiny":
+    if name in ("gpt2-tiny", "gpt2-merged-tiny"):  # the same config, seed and so weights
         cfg = tf.GPT2Config(
             vocab_size=VOCAB_SIZE, n_positions=MAX_POS, n_embd=32, n_layer=2, n_head=2, n_inner=64, **common
         )
@@ -150,6 +172,45 @@ def build_model(name: str):
     return model
 
 
+@contextlib.contextmanager
+def _merged_decoder_export(enabled: bool):
+    """Make ``main_export`` write the merged decoder (``decoder_model_merged.onnx``, ``use_cache_branch``).
+
+    optimum up to 1.13 (later 1.x with ``legacy=True``) exported a decoder-only model as two graphs,
+    ``decoder_model.onnx`` (no past inputs, but ``present.*`` outputs) and ``decoder_with_past_model.onnx``,
+    and its post-processing merged them into one graph whose ``If`` node on ``use_cache_branch`` picks the
+    branch. optimum-onnx 0.1 exports only the with-past graph, but ``TextDecoderOnnxConfig`` still
+    merges (``post_process_exported_models``) and validates both branches against PyTorch when it is
+    handed the two sub-models: this restores the two-sub-model split of optimum 1.x for one export.
+    """
+    if not enabled:
+        yield
+        return
+    import optimum.exporters.utils as exporter_utils
+    from optimum.exporters.onnx.constants import ONNX_DECODER_NAME, ONNX_DECODER_WITH_PAST_NAME
+
+    def split(model, config):
+        assert config.use_past, "the merged layout needs a -with-past task"
+        kwargs = dict(task=config.task, int_dtype=config.int_dtype, float_dtype=config.float_dtype)
+        return {
+            ONNX_DECODER_NAME: (
+                model,
+                config.__class__(model.config, use_past=True, use_past_in_inputs=False, **kwargs),
+            ),
+            ONNX_DECODER_WITH_PAST_NAME: (
+                model,
+                config.__class__(model.config, use_past=True, use_past_in_inputs=True, **kwargs),
+            ),
+        }
+
+    original = exporter_utils.get_decoder_models_for_export
+    exporter_utils.get_decoder_models_for_export = split
+    try:
+        yield
+    finally:
+        exporter_utils.get_decoder_models_for_export = original
+
+
 def generate(out: Path, names) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -172,22 +233,38 @@ def generate(out: Path, names) -> None:
             save_tokenizer(tok, src)
             exp = Path(tmp) / "onnx"
             torch.manual_seed(SEED)
-            main_export(
-                str(src),
-                str(exp),
-                task=SPECS[name]["task"],
-                device="cpu",
-                do_validation=True,
-                library_name="transformers",
-            )
+            with _merged_decoder_export(SPECS[name].get("merged", False)):
+                main_export(
+                    str(src),
+                    str(exp),
+                    task=SPECS[name]["task"],
+                    device="cpu",
+                    do_validation=True,
+                    library_name="transformers",
+                )
+            keep = SPECS[name].get("file", "model.onnx")
+            _check_single_file(exp / keep)
             dest = out / name
             if dest.exists():
                 shutil.rmtree(dest)
             dest.mkdir(parents=True)
             for f in sorted(exp.iterdir()):
+                # the merged export also leaves decoder_model.onnx and decoder_with_past_model.onnx
+                if f.suffix == ".onnx" and f.name != keep:
+                    continue
                 shutil.copy2(f, dest / f.name)
         print(f"wrote {dest}: {', '.join(sorted(p.name for p in dest.iterdir()))}")
     write_manifest(out)
+
+
+def _check_single_file(path: Path) -> None:
+    """The ONNX file holds all its weights (no external data file to ship alongside)."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    m = onnx.load(str(path), load_external_data=False)
+    external = [t.name for t in _get_all_tensors(m) if uses_external_data(t)]
+    assert not external, f"{path.name}: weights stored outside the file: {external[:5]}"
 
 
 def write_manifest(out: Path) -> None:
@@ -203,11 +280,12 @@ def write_manifest(out: Path) -> None:
             info[pkg] = None
     models = {}
     for name in FIXTURES:
-        p = out / name / "model.onnx"
+        p = model_file(out, name)
         if not p.exists():
             continue
         m = onnx.load(str(p))
         models[name] = {
+            **({"file": p.name} if p.name != "model.onnx" else {}),
             "opset": max(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")),
             "producer": f"{m.producer_name} {m.producer_version}",
             "inputs": [_io(v) for v in m.graph.input],
@@ -275,12 +353,17 @@ def _positions(mask):
 
 
 def _run_decoder(sess, spec, ids, mask, past=None):
-    """One decoder call; ``past`` None means an empty cache (past_seq = 0)."""
+    """One decoder call; ``past`` None means an empty cache (past_seq = 0).
+
+    A merged decoder gets ``use_cache_branch`` False with the empty cache, True with a real one.
+    """
     import numpy as np
 
     names = {i.name for i in sess.get_inputs()}
     b = ids.shape[0]
     feed = {"input_ids": ids, "attention_mask": mask}
+    if "use_cache_branch" in names:
+        feed["use_cache_branch"] = np.array([past is not None])
     if "position_ids" in names:
         feed["position_ids"] = _positions(mask)[:, -ids.shape[1] :]
     for i in range(spec["layers"]):
@@ -298,7 +381,7 @@ def verify_decoder(out: Path, name: str, tol: float) -> float:
     import numpy as np
 
     spec = SPECS[name]
-    sess = _sess(out / name / "model.onnx")
+    sess = _sess(model_file(out, name))
     cfg = json.loads((out / name / "config.json").read_text())
     gen = json.loads((out / name / "generation_config.json").read_text())
     assert cfg["vocab_size"] == VOCAB_SIZE and cfg["eos_token_id"] == EOS_ID and gen["eos_token_id"] == EOS_ID
@@ -307,9 +390,14 @@ def verify_decoder(out: Path, name: str, tol: float) -> float:
     pkv = [f"past_key_values.{i}.{kv}" for i in range(spec["layers"]) for kv in ("key", "value")]
     prs = [f"present.{i}.{kv}" for i in range(spec["layers"]) for kv in ("key", "value")]
     # optimum orders them input_ids, past_key_values.*, attention_mask, position_ids; match by name
-    assert sorted(ins) == sorted(["input_ids", "attention_mask", "position_ids", *pkv]), ins
+    # (the merged decoder: input_ids, attention_mask, position_ids, past_key_values.*, use_cache_branch)
+    flag = ["use_cache_branch"] if spec.get("merged") else []
+    assert sorted(ins) == sorted(["input_ids", "attention_mask", "position_ids", *pkv, *flag]), ins
     assert outs == ["logits", *prs], outs
     for i in sess.get_inputs():
+        if i.name == "use_cache_branch":
+            assert i.type == "tensor(bool)" and i.shape == [1], (i.name, i.type, i.shape)
+            continue
         assert i.type == ("tensor(float)" if i.name.startswith("past_") else "tensor(int64)"), (
             i.name,
             i.type,
@@ -351,6 +439,19 @@ def verify_decoder(out: Path, name: str, tol: float) -> float:
     spread = float(r1["logits"][1].std())
     assert worst <= tol, f"{name}: cached vs recomputed differ by {worst:.3g} > {tol}"
     print(f"{name}: OK  max|cached - recomputed| = {worst:.2e}  (logit std {spread:.2f})")
+    same_as = spec.get("same_as")
+    if same_as and model_file(out, same_as).exists():
+        # built from the same torch model: both graphs give the same logits and cache
+        other = _sess(model_file(out, same_as))
+        o1 = _run_decoder(other, SPECS[same_as], ids, mask)
+        oc = _run_decoder(other, SPECS[same_as], chunk, m2, o1)
+        diff = max(
+            max(float(np.abs(r1[k] - o1[k]).max()) for k in ["logits", *prs]),
+            float(np.abs(cached["logits"] - oc["logits"]).max()),
+        )
+        assert diff <= tol, f"{name}: differs from {same_as} by {diff:.3g} > {tol}"
+        print(f"{name}: OK  max|{name} - {same_as}| = {diff:.2e}  (no-cache call and a cached chunk)")
+        worst = max(worst, diff)
     return worst
 
 

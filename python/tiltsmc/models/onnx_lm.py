@@ -13,7 +13,9 @@ The base policy ``p`` is exactly the law sampled: ``softmax(logits / temperature
 ``top_k`` most likely tokens and to the smallest set of probability at least ``top_p`` (then
 renormalised); ``log p(step)`` is returned as sampled. A *step* is one token (``step="token"``) or a run
 of tokens ending at a delimiter (a string, e.g. ``"\n\n"``, or a set of token ids), generated token by
-token here while the samplers see a single step. The cache stays in host memory between steps (ONNX
+token here while the samplers see a single step. Ragged prompts are left-padded, so the graph must take
+``position_ids`` (optimum's current exports do; a graph without them numbers positions itself, which is
+only right when every prompt of a batch has the same length). The cache stays in host memory between steps (ONNX
 Runtime copies it to the device and back each step where a GPU is used) until device-resident gather
 lands with the CUDA core: a documented fallback, correct but slower on a GPU.
 """

@@ -1,0 +1,179 @@
+"""OnnxCausalLM on a *merged* optimum decoder (tests/fixtures/models/gpt2-merged-tiny).
+
+``decoder_model_merged.onnx`` is one graph with a boolean ``use_cache_branch`` input (shape (1,)): False
+runs the no-cache branch (first call, empty past), True the cached one. The fixture is the same GPT-2 as
+gpt2-tiny (same config, seed and weights) in that layout. CPU only, a few seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tiltsmc
+from tiltsmc.models import OnnxCausalLM, OnnxRewardModel, Particles
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("tokenizers")
+
+FIXTURES = Path(__file__).parent / "fixtures" / "models"
+MERGED = FIXTURES / "gpt2-merged-tiny"
+GPT2 = FIXTURES / "gpt2-tiny"
+PRM = FIXTURES / "prm-tiny"
+VOCAB = 64
+LAYERS, KV_HEADS, HEAD_DIM = 2, 2, 16  # tests/fixtures/models/README.md
+PAST = [f"past_key_values.{i}.{kind}" for i in range(LAYERS) for kind in ("key", "value")]
+PRESENT = [f"present.{i}.{kind}" for i in range(LAYERS) for kind in ("key", "value")]
+
+# Ragged prompts, text and token ids mixed (left padding in one batch).
+RAGGED = ["hello world", [5, 6, 7], "a", "the cat sat."]
+
+
+@pytest.fixture(scope="module")
+def policy() -> OnnxCausalLM:
+    return OnnxCausalLM(MERGED, max_new_tokens=6)
+
+
+def recompute(policy: OnnxCausalLM, ids: Any) -> np.ndarray:
+    """Logits ``(seq, vocab)`` of one unpadded sequence straight from the session: the no-cache branch
+    (``use_cache_branch = [False]``), empty past ``(1, kv_heads, 0, head_dim)``, positions 0..L-1."""
+    ids = np.asarray(ids, dtype=np.int64)[None, :]
+    length = ids.shape[1]
+    feeds: dict[str, np.ndarray] = {
+        "input_ids": ids,
+        "attention_mask": np.ones((1, length), dtype=np.int64),
+        "position_ids": np.arange(length, dtype=np.int64)[None, :],
+        "use_cache_branch": np.array([False]),
+    }
+    for name in PAST:
+        feeds[name] = np.zeros((1, KV_HEADS, 0, HEAD_DIM), dtype=np.float32)
+    assert set(feeds) == {node.name for node in policy.session.get_inputs()}
+    (logits,) = policy.session.run(["logits"], feeds)
+    return np.asarray(logits[0], dtype=np.float64)
+
+
+def full_sequence(particles: Particles, b: int, i: int) -> np.ndarray:
+    assert particles.prompt_tokens is not None
+    return np.concatenate([particles.prompt_tokens[b], particles.tokens[b, i, : particles.lengths[b, i]]])
+
+
+def assert_cache_matches_recompute(policy: OnnxCausalLM, particles: Particles) -> int:
+    """Every unfinished particle's next-token logits equal a full recompute without cache (1e-4)."""
+    checked = 0
+    for b, i in zip(*np.nonzero(~particles.finished)):
+        expected = recompute(policy, full_sequence(particles, b, i))[-1]
+        np.testing.assert_allclose(
+            particles.state["lm.logits"][b, i], expected, atol=1e-4, rtol=0, err_msg=f"particle ({b}, {i})"
+        )
+        checked += 1
+    return checked
+
+
+def test_merged_file_is_loaded_with_its_cache_branch(policy: OnnxCausalLM) -> None:
+    assert policy.model_file.name == "decoder_model_merged.onnx"
+    assert policy.has_cache_branch is True
+    assert policy.has_position_ids is True
+    assert (policy.num_layers, policy.kv_heads, policy.head_dim, policy.vocab_size) == (
+        LAYERS,
+        KV_HEADS,
+        HEAD_DIM,
+        VOCAB,
+    )
+    inputs = {node.name: node for node in policy.session.get_inputs()}
+    assert set(inputs) == {"input_ids", "attention_mask", "position_ids", "use_cache_branch", *PAST}
+    assert inputs["use_cache_branch"].type == "tensor(bool)"
+    assert inputs["use_cache_branch"].shape == [1]
+    assert [node.name for node in policy.session.get_outputs()] == ["logits", *PRESENT]
+
+
+def test_cached_decode_matches_full_recompute(policy: OnnxCausalLM) -> None:
+    rng = np.random.default_rng(5)
+    particles = policy.start(RAGGED, 4)
+    assert not particles.errors
+    assert particles.prompt_tokens is not None
+    assert [len(p) for p in particles.prompt_tokens] == [11, 3, 1, 12]
+    assert particles.state["lm.cache.0.key"].shape == (len(RAGGED), 4, KV_HEADS, 12, HEAD_DIM)
+    assert assert_cache_matches_recompute(policy, particles) == len(RAGGED) * 4
+    checked = 0
+    for _ in range(4):
+        log_p = policy.propose(particles, rng)
+        assert np.all(np.isfinite(log_p))
+        checked += assert_cache_matches_recompute(policy, particles)
+    assert checked > 30  # most particles still run after four steps (of at most six)
+    assert particles.state["lm.cache.0.key"].shape[3] == 12 + 4
+    # The cache follows resampling (unsorted, repeated ancestors), then one more cached step.
+    ancestors = rng.integers(0, 4, size=particles.lengths.shape).astype(np.int64)
+    before = copy.deepcopy(particles)
+    particles.reorder(ancestors)
+    rows = np.arange(len(RAGGED))[:, None]
+    for name, array in before.state.items():
+        np.testing.assert_array_equal(particles.state[name], array[rows, ancestors], err_msg=name)
+    policy.propose(particles, rng)
+    assert assert_cache_matches_recompute(policy, particles) > 0
+
+
+class RecordingSession:
+    """Wraps an InferenceSession and records, per call, the fed branch flag and past length."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.calls: list[tuple[bool, int]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.session, name)
+
+    def run(self, output_names: Any, feeds: dict[str, np.ndarray]) -> Any:
+        flag = feeds["use_cache_branch"]
+        assert flag.dtype == np.bool_ and flag.shape == (1,)
+        self.calls.append((bool(flag[0]), int(feeds["past_key_values.0.key"].shape[2])))
+        return self.session.run(output_names, feeds)
+
+
+def test_branch_flag_false_on_the_prompt_true_with_a_cache() -> None:
+    """Both branches give the same logits on an empty past, so check the fed flag itself."""
+    policy = OnnxCausalLM(MERGED, max_new_tokens=6)
+    recorder = RecordingSession(policy.session)
+    policy.session = recorder
+    particles = policy.start(["ab", "hello"], 2)
+    rng = np.random.default_rng(3)
+    for _ in range(3):
+        policy.propose(particles, rng)
+    assert recorder.calls[0] == (False, 0)
+    assert len(recorder.calls) > 1
+    assert all(flag and past > 0 for flag, past in recorder.calls[1:]), recorder.calls
+
+
+def test_same_draws_and_logits_as_the_unmerged_export(policy: OnnxCausalLM) -> None:
+    """gpt2-tiny is the same model exported as one with-past graph: same seed, same trajectories."""
+    plain = OnnxCausalLM(GPT2, max_new_tokens=6)
+    assert plain.has_cache_branch is False
+    merged_particles = policy.start(RAGGED, 3)
+    plain_particles = plain.start(RAGGED, 3)
+    merged_rng, plain_rng = np.random.default_rng(9), np.random.default_rng(9)
+    for _ in range(6):
+        np.testing.assert_allclose(
+            merged_particles.state["lm.logits"], plain_particles.state["lm.logits"], atol=1e-5, rtol=0
+        )
+        np.testing.assert_allclose(
+            policy.propose(merged_particles, merged_rng), plain.propose(plain_particles, plain_rng), atol=1e-6
+        )
+        np.testing.assert_array_equal(merged_particles.tokens, plain_particles.tokens)
+    assert merged_particles.finished.all()
+
+
+def test_smc_runs_on_the_merged_decoder(policy: OnnxCausalLM) -> None:
+    prompts = ["ab", "hello"]
+    res = tiltsmc.smc(policy, OnnxRewardModel(PRM, kind="logit"), prompts=prompts, num_particles=8, rng=0)
+    assert not res.errors
+    assert np.asarray(res.log_z).shape == (len(prompts),)
+    assert np.all(np.isfinite(res.log_z))
+    assert len(res.samples) == len(prompts)
+    assert res.texts is not None and len(res.texts) == len(prompts)
+    for per_prompt, texts in zip(res.samples, res.texts):
+        assert len(per_prompt) == len(texts) > 0
+        for sequence, text in zip(per_prompt, texts):
+            assert isinstance(text, str) and text == policy.decode(sequence)
+            assert 1 <= len(sequence) <= 6
