@@ -15,9 +15,9 @@ renormalised); ``log p(step)`` is returned as sampled. A *step* is one token (``
 of tokens ending at a delimiter (a string, e.g. ``"\n\n"``, or a set of token ids), generated token by
 token here while the samplers see a single step. Ragged prompts are left-padded, so the graph must take
 ``position_ids`` (optimum's current exports do; a graph without them numbers positions itself, which is
-only right when every prompt of a batch has the same length). The cache stays in host memory between steps (ONNX
-Runtime copies it to the device and back each step where a GPU is used) until device-resident gather
-lands with the CUDA core: a documented fallback, correct but slower on a GPU.
+only right when every prompt of a batch has the same length). The cache stays in host memory between
+steps (ONNX Runtime copies it to the device and back each step where a GPU is used) until device-resident
+gather lands with the CUDA core: a documented fallback, correct but slower on a GPU.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from typing import Any, Optional, Union
 import numpy as np
 import numpy.typing as npt
 
-from ..tasks.models import sample_categorical
 from ._ort import make_session
 from .particles import Particles
+from .sampling import sample_categorical
 from .tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["OnnxCausalLM"]

@@ -26,7 +26,7 @@ from .. import core
 from .._rng import RNGLike, as_generator
 from ..models.particles import Particles
 from ..models.protocols import Policy, RewardModel
-from ..tasks.models import sample_categorical
+from ..models.sampling import sample_categorical
 from ._engine import FloatArray, Models, check_count, decode_texts, failed_prompts, logsumexp
 from .result import Compute, SamplerResult
 

@@ -9,6 +9,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..models.particles import Particles
+from ..models.sampling import sample_categorical
 
 if TYPE_CHECKING:
     from .markov_dfa import MarkovDFATask
@@ -71,20 +72,6 @@ class MarkovPolicy:
         tokens = sample_categorical(log_probs, rng)
         self.append(particles, tokens)
         return np.take_along_axis(log_probs, tokens[..., None], axis=-1)[..., 0]
-
-
-def sample_categorical(log_probs: npt.ArrayLike, rng: np.random.Generator) -> npt.NDArray[np.int64]:
-    """One draw per row of the last axis from ``softmax(log_probs)`` by inversion of the CDF."""
-    logits = np.asarray(log_probs, dtype=np.float64)
-    shift = np.max(logits, axis=-1, keepdims=True)
-    weights = np.exp(logits - shift)
-    cumulative = np.cumsum(weights, axis=-1)
-    u = rng.random((*logits.shape[:-1], 1)) * cumulative[..., -1:]
-    index = np.sum(cumulative <= u, axis=-1)
-    # Rounding can put u at the total; the last token of positive weight takes it.
-    last_positive = logits.shape[-1] - 1 - np.argmax((weights > 0)[..., ::-1], axis=-1)
-    chosen: npt.NDArray[np.int64] = np.minimum(index, last_positive).astype(np.int64)
-    return chosen
 
 
 class TableTwist:
