@@ -879,3 +879,22 @@ def test_smc_step_is_row_statistics_plus_resample(scheme: str) -> None:
         core.smc_step(np.zeros(4), 0.5)
     with pytest.raises(ValueError, match="NaN"):
         core.smc_step(np.array([[0.0, np.nan]]), 0.5)
+
+
+def test_concurrent_calls_from_python_threads_match_serial_results() -> None:
+    """The GIL is released: calls from several threads share the core's thread pool (or run inline while
+    it is busy) and must give exactly the results of the same calls made one after another."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(12)
+    inputs = [rng.normal(size=(1, 1 << 17)) for _ in range(3)] + [
+        rng.normal(size=(512, 64)) for _ in range(3)
+    ]
+    expected = [core.resample(logw, "systematic", rng=k) for k, logw in enumerate(inputs)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for _ in range(3):
+            got = list(
+                pool.map(lambda pair: core.resample(pair[1], "systematic", rng=pair[0]), enumerate(inputs))
+            )
+            for a, b in zip(got, expected):
+                np.testing.assert_array_equal(a, b)
