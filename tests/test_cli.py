@@ -91,3 +91,56 @@ def test_prompts_file_and_errors(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         main(["run", "--policy", POLICY, "--reward", REWARD, "--prompt", "a", "--particles", "0"])
     assert not list(tmp_path.glob(".out.jsonl.*"))  # no temporary file left behind
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "openpty"), reason="needs a pseudo-terminal")
+def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    leader, follower = os.openpty()
+    out = tmp_path / "out.jsonl"
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tiltsmc.cli",
+            "run",
+            "--policy",
+            POLICY,
+            "--reward",
+            REWARD,
+            "--prompt",
+            "hi",
+            "--prompt",
+            "ab",
+            "--batch-size",
+            "1",
+            "--max-new-tokens",
+            "3",
+            "--particles",
+            "2",
+            "--json",
+            str(out),
+        ],
+        stderr=follower,
+        stdout=subprocess.DEVNULL,
+        timeout=120,
+        check=False,
+    )
+    os.close(follower)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(leader)
+    assert completed.returncode == 0
+    text = shown.decode()
+    assert "\r" in text and "2/2" in text and "#" in text  # a redrawn bar that reaches the end
+    assert len(out.read_text().splitlines()) == 2
