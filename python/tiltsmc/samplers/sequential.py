@@ -258,7 +258,7 @@ def _run_pool(
             chosen[alive], log_mean[alive] = core.pool_select(potentials[alive], rng=generator)
         collapsed |= ~alive
         log_z = log_z + log_mean
-        _, _, ess = core.log_normalize(potentials, zero_rows="report")
+        _, ess = core.row_statistics(potentials)  # ESS of the pool (no normalised copy needed)
         ancestors = np.repeat(chosen[:, None], pool_size, axis=1)
         particles.reorder(ancestors)
         log_v_prev = log_v[rows, chosen]
