@@ -1,0 +1,126 @@
+// One long row split over many blocks ("segments" of kSegment particles): the per-segment figures, their
+// combination into the row's figures and the cumulative weight at each segment's start. Used for rows
+// too long for one block to read quickly (log_normalize, systematic and stratified resampling).
+#pragma once
+
+#include "device_common.cuh"
+
+namespace tiltsmc::cuda::device {
+
+constexpr int kSegmentThreads = 256;
+constexpr int kSegmentItems = 8;
+constexpr std::int64_t kSegment = kSegmentThreads * kSegmentItems;
+
+struct SegmentStats {
+    double top;      // the segment's largest log-weight
+    double sum;      // sum of exp(x - top) over the segment
+    double squares;  // sum of exp(x - top)^2
+    std::int64_t bad;  // first NaN or +inf (row index), kNoIndex if none
+};
+
+// Block (row * segments + s) computes the SegmentStats of segment s of its row in one read.
+template <typename T>
+__global__ void __launch_bounds__(kSegmentThreads)
+    segment_stats(const T* x, std::int64_t n, std::int64_t segments, SegmentStats* stats) {
+    const BlockGroup<kSegmentThreads> g;
+    const std::int64_t row = blockIdx.x / segments, segment = blockIdx.x % segments;
+    const T* xr = x + row * n;
+    const std::int64_t begin = segment * kSegment;
+    const std::int64_t end = begin + kSegment < n ? begin + kSegment : n;
+    double v[kSegmentItems];
+    double top = -kInf;
+    std::int64_t bad = kNoIndex;
+#pragma unroll
+    for (int k = 0; k < kSegmentItems; ++k) {
+        const std::int64_t i = begin + k * kSegmentThreads + g.rank();
+        v[k] = i < end ? load(xr, i) : -kInf;
+        if (!(v[k] < kInf)) {
+            bad = bad < i ? bad : i;
+            v[k] = -kInf;
+        }
+        top = v[k] > top ? v[k] : top;
+    }
+    bad = g.reduce(bad, Min());
+    top = g.reduce(top, Max());
+    double sum = 0.0, squares = 0.0;
+    if (top > -kInf) {
+#pragma unroll
+        for (int k = 0; k < kSegmentItems; ++k) {
+            const double w = exp_nonpositive(v[k] - top);
+            sum += w;
+            squares += w * w;
+        }
+    }
+    sum = g.reduce(sum, Sum());
+    squares = g.reduce(squares, Sum());
+    if (g.rank() == 0) stats[blockIdx.x] = SegmentStats{top, sum, squares, bad};
+}
+
+// Block `row` combines its segments as the CPU combines chunks: the row's shift, sums rescaled to it,
+// offsets[s] = cumulative weight before segment s (ascending; offsets[segments] = sum), the last
+// positive weight. Writes figures[row]; log_mean_w and ess when given. Errors are recorded here.
+template <typename T>
+__global__ void __launch_bounds__(kSegmentThreads)
+    combine_segments(const T* x, std::int64_t n, std::int64_t segments, const SegmentStats* stats,
+                     bool allow_zero_rows, double* offsets, RowFigures* figures, double* log_mean_w, double* ess,
+                     ErrorRecord* record) {
+    const BlockGroup<kSegmentThreads> g;
+    const std::int64_t row = blockIdx.x;
+    const SegmentStats* s = stats + row * segments;
+    const T* xr = x + row * n;
+    double* offset = offsets + row * (segments + 1);
+    std::int64_t bad = kNoIndex;
+    double top = -kInf;
+    for (std::int64_t b = g.rank(); b < segments; b += kSegmentThreads) {
+        bad = s[b].bad < bad ? s[b].bad : bad;
+        top = s[b].top > top ? s[b].top : top;
+    }
+    bad = g.reduce(bad, Min());
+    top = g.reduce(top, Max());
+    const double nan = __longlong_as_double(0x7ff8000000000000LL);
+    if (bad != kNoIndex || top == -kInf) {
+        if (g.rank() == 0) {
+            const bool zero = bad == kNoIndex;
+            if (!zero) record_error(record, row * n + bad, isnan(load(xr, bad)) ? nan_weight : positive_infinity);
+            else if (!allow_zero_rows) record_error(record, row * n + n - 1, zero_row);
+            figures[row] = RowFigures{-kInf, 0.0, 0.0, -1, zero ? row_zero : row_bad};
+            if (log_mean_w) log_mean_w[row] = zero ? -kInf : nan;
+            if (ess) ess[row] = zero ? 0.0 : nan;
+        }
+        return;
+    }
+    double carry = 0.0, squares = 0.0;
+    std::int64_t last_segment = -1;
+    for (std::int64_t tile = 0; tile < segments; tile += kSegmentThreads) {
+        const std::int64_t b = tile + g.rank();
+        double sum_b = 0.0;
+        // A segment whose every weight is flushed to zero against the row's maximum (as the resampling
+        // kernels compute them) gets no cumulative weight, so it can own no slots.
+        if (b < segments && s[b].top - top >= -708.0) {
+            const double rescale = exp(s[b].top - top);
+            sum_b = s[b].sum * rescale;
+            squares += s[b].squares * rescale * rescale;
+            last_segment = b;
+        }
+        double cumulative = g.inclusive_scan(sum_b, Sum()) + carry;
+        cumulative = g.inclusive_scan(cumulative, Max());  // ascending whatever the rounding
+        if (b < segments) offset[b + 1] = cumulative;
+        carry = g.last(cumulative);
+    }
+    squares = g.reduce(squares, Sum());
+    last_segment = g.reduce(last_segment, Max());
+    std::int64_t last = -1;
+    const std::int64_t begin = last_segment * kSegment;
+    const std::int64_t end = begin + kSegment < n ? begin + kSegment : n;
+    for (std::int64_t i = begin + g.rank(); i < end; i += kSegmentThreads)
+        if (load(xr, i) - top >= -708.0) last = i;
+    last = g.reduce(last, Max());
+    if (g.rank() == 0) {
+        offset[0] = 0.0;
+        figures[row] = RowFigures{top, carry, squares, last, row_ok};
+        if (log_mean_w) log_mean_w[row] = top + log(carry) - log(static_cast<double>(n));
+        if (ess) ess[row] = carry * carry / squares;
+    }
+}
+
+}  // namespace tiltsmc::cuda::device
