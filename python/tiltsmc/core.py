@@ -11,21 +11,37 @@ logarithms of non-negative weights: ``-inf`` is weight zero; NaN and ``+inf`` ar
 Randomness is counter-based (Philox4x32-10). Each call draws one 64-bit key from ``rng`` (anything
 :func:`numpy.random.default_rng` accepts); row ``b`` uses the stream keyed by that key with counter ``b``,
 so results depend on the seed only, never on the thread count, and rows are independent.
+
+Device arrays. Every kernel also runs on an NVIDIA GPU when its array argument lives there: anything with
+``__cuda_array_interface__`` (CuPy arrays, PyTorch CUDA tensors, Numba device arrays, :class:`DeviceArray`)
+or an ONNX Runtime ``OrtValue`` on a CUDA device. Outputs are then device arrays on the same device (CuPy
+arrays for CuPy input, PyTorch tensors for PyTorch input, :class:`DeviceArray` otherwise), computed on
+``stream`` (default: the input library's current stream, else the legacy default stream). The GPU draws
+from the same Philox streams as the CPU, so for the same ``rng`` it returns the same ancestors, except
+where a uniform falls within rounding of a cumulative-weight boundary (the sums are formed in another
+order). Device arrays must be C-contiguous and all on one device; input errors raise the same exceptions
+as on the CPU (which needs one wait for the stream per call; :func:`smc_step` can skip it). Whether the
+GPU kernels are usable here, and why not: :func:`cuda_available`. This build's own GPU module,
+``tiltsmc._cuda``, is optional: without it (or a driver, or a device) everything works on the CPU.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import numpy as np
 import numpy.typing as npt
 
-from . import _core
+from . import _core, _device
+from ._device import CudaAvailability, DeviceArray, cuda_available
 from ._rng import RNGLike, draw_key
 
 __all__ = [
     "SCHEMES",
+    "CudaAvailability",
+    "DeviceArray",
+    "cuda_available",
     "gather",
     "get_num_threads",
     "log_normalize",
@@ -70,7 +86,7 @@ def _as_log_weights(logw: npt.ArrayLike, name: str = "logw") -> tuple[np.ndarray
 
 
 def log_normalize(
-    logw: npt.ArrayLike, *, zero_rows: Literal["raise", "report"] = "raise"
+    logw: npt.ArrayLike, *, zero_rows: Literal["raise", "report"] = "raise", stream: Any = None
 ) -> tuple[FloatArray, FloatArray, FloatArray]:
     """Normalise log-weights row by row.
 
@@ -81,6 +97,8 @@ def log_normalize(
     """
     if zero_rows not in ("raise", "report"):
         raise ValueError(f"zero_rows: expected 'raise' or 'report', got {zero_rows!r}")
+    if type(logw) is not np.ndarray and _device.is_device_array(logw):
+        return _log_normalize_device(logw, zero_rows == "report", True, stream)
     rows, one_row = _as_log_weights(logw)
     normalised, log_mean_w, ess = _core.log_normalize(rows, zero_rows == "report")
     if one_row:
@@ -88,9 +106,12 @@ def log_normalize(
     return normalised, log_mean_w, ess
 
 
-def row_statistics(logw: npt.ArrayLike) -> tuple[FloatArray, FloatArray]:
+def row_statistics(logw: npt.ArrayLike, *, stream: Any = None) -> tuple[FloatArray, FloatArray]:
     """``(log_mean_w, ess)`` per row, as :func:`log_normalize` gives them (all-zero rows: ``-inf``, 0),
     without the normalised copy: what a sampler needs at each step."""
+    if type(logw) is not np.ndarray and _device.is_device_array(logw):
+        _, log_mean_w, ess = _log_normalize_device(logw, True, False, stream)
+        return log_mean_w, ess
     rows, one_row = _as_log_weights(logw)
     log_mean_w, ess = _core.row_statistics(rows)
     if one_row:
@@ -99,7 +120,13 @@ def row_statistics(logw: npt.ArrayLike) -> tuple[FloatArray, FloatArray]:
 
 
 def smc_step(
-    log_w: np.ndarray, ess_threshold: float, scheme: Scheme = "systematic", rng: RNGLike = None
+    log_w: np.ndarray,
+    ess_threshold: float,
+    scheme: Scheme = "systematic",
+    rng: RNGLike = None,
+    *,
+    stream: Any = None,
+    check: bool = True,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_], FloatArray, FloatArray, npt.NDArray[np.int64]]:
     """One SMC bookkeeping step for a ``(B, N)`` C-contiguous float32/float64 array, in one pass.
 
@@ -108,20 +135,37 @@ def smc_step(
     same draws as :func:`resample` with the same ``rng``) and their log-weights reset to 0 **in place**;
     the others keep the identity. Rows of zero weight are reported (``ess = 0``), never resampled.
     Returns ``(ancestors (B, N), resampled (B,), log_mean_w, ess, unique_ancestors)``.
+
+    On a device array the whole step is one kernel launch, and its outputs stay on the device. With
+    ``check=False`` (device arrays only) the call does not wait for the GPU at all: input errors are then
+    not raised, and a row holding a NaN or ``+inf`` log-weight comes back with ``log_mean_w = ess = NaN``,
+    the identity and its weights untouched.
     """
+    if type(log_w) is not np.ndarray and _device.is_device_array(log_w):
+        return _smc_step_device(log_w, ess_threshold, scheme, rng, stream, check)  # type: ignore[no-any-return]
     if not isinstance(log_w, np.ndarray) or log_w.ndim != 2 or log_w.dtype.char not in "fd":
         raise TypeError("log_w: expected a 2-D float32 or float64 numpy array")
     if not log_w.flags.c_contiguous or not log_w.flags.writeable:
         raise ValueError("log_w: must be C-contiguous and writeable (resampled rows are reset in place)")
     if log_w.shape[1] == 0:
         raise ValueError(f"log_w: rows must hold at least one particle, got shape {log_w.shape}")
+    code, threshold = _step_arguments(scheme, ess_threshold)
+    return tuple(_core.smc_step(log_w, threshold, code, draw_key(rng)))  # type: ignore[return-value]
+
+
+def _scheme_code(scheme: object) -> int:
     code = _SCHEME_CODES.get(scheme) if isinstance(scheme, str) else None
     if code is None:
         raise ValueError(f"scheme: expected one of {', '.join(SCHEMES)}, got {scheme!r}")
+    return code
+
+
+def _step_arguments(scheme: object, ess_threshold: float) -> tuple[int, float]:
+    code = _scheme_code(scheme)
     threshold = float(ess_threshold)
     if not threshold >= 0.0:
         raise ValueError(f"ess_threshold: expected a fraction >= 0, got {ess_threshold!r}")
-    return tuple(_core.smc_step(log_w, threshold, code, draw_key(rng)))  # type: ignore[return-value]
+    return code, threshold
 
 
 def resample(
@@ -129,6 +173,8 @@ def resample(
     scheme: Scheme = "systematic",
     num: Optional[int] = None,
     rng: RNGLike = None,
+    *,
+    stream: Any = None,
 ) -> npt.NDArray[np.int64]:
     """Draw ``num`` (default ``N``) ancestor indices per row, ascending within a row.
 
@@ -141,25 +187,36 @@ def resample(
     code = _SCHEME_CODES.get(scheme) if isinstance(scheme, str) else None
     if code is None:
         raise ValueError(f"scheme: expected one of {', '.join(SCHEMES)}, got {scheme!r}")
+    if type(logw) is not np.ndarray and _device.is_device_array(logw):
+        return _resample_device(logw, code, num, rng, stream)  # type: ignore[no-any-return]
     rows, one_row = _as_log_weights(logw)
+    num = _as_num(num, rows.shape[1])
+    ancestors = _core.resample(rows, code, num, draw_key(rng))
+    return ancestors[0] if one_row else ancestors
+
+
+def _as_num(num: Optional[int], default: int) -> int:
     if num is None:
-        num = rows.shape[1]
-    elif type(num) is not int:
+        return default
+    if type(num) is not int:
         if isinstance(num, (bool, np.bool_)) or not isinstance(num, (int, np.integer)):
             raise TypeError(f"num: expected a positive int, got {num!r}")
         num = int(num)
     if num < 1:
         raise ValueError(f"num: must be >= 1, got {num}")
-    ancestors = _core.resample(rows, code, num, draw_key(rng))
-    return ancestors[0] if one_row else ancestors
+    return num
 
 
-def pool_select(logw: npt.ArrayLike, rng: RNGLike = None) -> tuple[npt.NDArray[np.int64], FloatArray]:
+def pool_select(
+    logw: npt.ArrayLike, rng: RNGLike = None, *, stream: Any = None
+) -> tuple[npt.NDArray[np.int64], FloatArray]:
     """Pick one index per row with probability ``w_i``, and return it with the row's ``log_mean_w``.
 
     This is the resampling-pool step of single-particle guided SMC: all ``K`` offspring go to one
     ancestor drawn by weight, and the estimate of ``Z`` is multiplied by the mean pool weight.
     """
+    if type(logw) is not np.ndarray and _device.is_device_array(logw):
+        return _pool_select_device(logw, rng, stream)  # type: ignore[no-any-return]
     rows, one_row = _as_log_weights(logw)
     index, log_mean_w = _core.pool_select(rows, draw_key(rng))
     if one_row:
@@ -180,13 +237,15 @@ def _as_log_z(value: npt.ArrayLike, name: str) -> np.ndarray:
 
 
 def mh_accept(
-    log_z_current: npt.ArrayLike, log_z_proposed: npt.ArrayLike, rng: RNGLike = None
+    log_z_current: npt.ArrayLike, log_z_proposed: npt.ArrayLike, rng: RNGLike = None, *, stream: Any = None
 ) -> npt.NDArray[np.bool_]:
     """Metropolis-Hastings acceptance per row: ``u < exp(log_z_proposed - log_z_current)``, ``u ~ U[0, 1)``.
 
     Conventions: a current state of weight zero (``-inf``) is always left; otherwise a proposal of
     weight zero is always rejected. NaN and ``+inf`` are errors. Returns the inputs' shape.
     """
+    if _either_on_device(log_z_current, log_z_proposed):
+        return _mh_accept_device(log_z_current, log_z_proposed, rng, stream)  # type: ignore[no-any-return]
     current = _as_log_z(log_z_current, "log_z_current")
     proposed = _as_log_z(log_z_proposed, "log_z_proposed")
     if current.shape != proposed.shape:
@@ -201,14 +260,25 @@ def mh_accept(
     return accept.reshape(current.shape)
 
 
-def gather(x: npt.ArrayLike, ancestors: npt.ArrayLike, out: Optional[np.ndarray] = None) -> np.ndarray:
+def gather(
+    x: npt.ArrayLike, ancestors: npt.ArrayLike, out: Optional[np.ndarray] = None, *, stream: Any = None
+) -> np.ndarray:
     """Reorder particles: ``out[b, m] = x[b, ancestors[b, m]]`` (or ``out[m] = x[ancestors[m]]`` for 1-D).
 
     ``x`` has shape ``(B, N, ...)`` with ``ancestors`` ``(B, M)``, or ``(N, ...)`` with ``ancestors``
     ``(M,)``; any dtype without Python objects and any trailing shape. ``out=x`` reorders in place
     (needs ``M == N`` and a C-contiguous, writeable ``x``): rows whose ancestor is themselves are not
     touched, so near-identity ancestries copy little. Every index is checked before anything is written.
+
+    On the device (``x``, ``ancestors`` and ``out`` all device arrays, ``ancestors`` int64) the same holds:
+    the indices are checked on the GPU before any write, and ``out=x`` copies only the items whose ancestor
+    is not themselves, saving first those another item still reads (KV caches of shape
+    ``(B, N, heads, seq, head_dim)`` or ``(N, heads, seq, head_dim)`` reorder in place).
     """
+    if _either_on_device(x, ancestors) or (
+        out is not None and type(out) is not np.ndarray and _device.is_device_array(out)
+    ):
+        return _gather_device(x, ancestors, out, stream)  # type: ignore[no-any-return]
     index = ancestors if type(ancestors) is np.ndarray else np.asarray(ancestors)
     if index.dtype.kind not in "iu":
         raise TypeError(f"ancestors: expected an integer array, got dtype {index.dtype}")
@@ -292,3 +362,254 @@ def set_num_threads(num_threads: int) -> None:
 def get_num_threads() -> int:
     """How many threads large kernel calls may use (default: the machine's hardware threads)."""
     return int(_core.get_num_threads())
+
+
+# --------------------------------------------------------------------------------------------------------
+# Device arrays: the same checks as above, then tiltsmc._cuda on raw pointers
+# --------------------------------------------------------------------------------------------------------
+
+
+def _either_on_device(a: object, b: object) -> bool:
+    return (type(a) is not np.ndarray and _device.is_device_array(a)) or (
+        type(b) is not np.ndarray and _device.is_device_array(b)
+    )
+
+
+def _device_argument(
+    value: object, name: str, other: str, other_view: Optional[_device.DeviceView] = None
+) -> Any:
+    """The DeviceView of ``value``, refusing a host array beside a device one (naming both arguments)."""
+    if not _device.is_device_array(value):
+        where = f"CUDA device {other_view.device}" if other_view is not None else "a CUDA device"
+        raise ValueError(
+            f"{name}: a host array, but {other} is on {where}; pass both on one device "
+            "(copy with cupy.asarray / torch.as_tensor, or .get() / .cpu())"
+        )
+    return _device.device_view(value, name)
+
+
+def _pointer(array: Any) -> int:
+    return int(array.__cuda_array_interface__["data"][0])
+
+
+def _device_log_weights(logw: object, name: str) -> tuple[_device.DeviceView, int, int, bool]:
+    """The checks of :func:`_as_log_weights` for a device array (which is never converted or copied)."""
+    view = _device.device_view(logw, name)
+    kind = view.dtype.char
+    if kind not in "fd" or not view.dtype.isnative:
+        hint = " (convert float16 to float32 first)" if kind == "e" else ""
+        raise TypeError(f"{name}: expected float32 or float64 log-weights, got dtype {view.dtype}{hint}")
+    ndim = len(view.shape)
+    if ndim != 1 and ndim != 2:
+        raise ValueError(f"{name}: expected shape (N,) or (B, N), got {ndim}-D shape {view.shape}")
+    rows, n = (1, view.shape[0]) if ndim == 1 else view.shape
+    if n == 0:
+        raise ValueError(f"{name}: rows must hold at least one particle, got shape {view.shape}")
+    return view, rows, n, ndim == 1
+
+
+def _log_normalize_device(
+    logw: object, allow_zero_rows: bool, normalised: bool, stream: Any
+) -> tuple[Any, Any, Any]:
+    view, rows, n, one_row = _device_log_weights(logw, "logw")
+    cuda = _device.require_cuda()
+    handle = _device.stream_handle(stream, view)
+    out = _device.empty_like_kind(view, (rows, n), view.dtype, handle) if normalised else None
+    log_mean_w = _device.empty_like_kind(view, (rows,), np.float64, handle)
+    ess = _device.empty_like_kind(view, (rows,), np.float64, handle)
+    cuda.log_normalize(
+        view.pointer,
+        rows,
+        n,
+        view.dtype.char == "d",
+        allow_zero_rows,
+        _pointer(out) if out is not None else 0,
+        _pointer(log_mean_w),
+        _pointer(ess),
+        view.device,
+        handle,
+    )
+    if one_row:
+        return (out.reshape(n) if out is not None else None), log_mean_w.reshape(()), ess.reshape(())
+    return out, log_mean_w, ess
+
+
+def _smc_step_device(
+    log_w: object, ess_threshold: float, scheme: object, rng: RNGLike, stream: Any, check: bool
+) -> Any:
+    view = _device.device_view(log_w, "log_w")
+    if len(view.shape) != 2 or view.dtype.char not in "fd" or not view.dtype.isnative:
+        raise TypeError("log_w: expected a 2-D float32 or float64 array")
+    if view.readonly:
+        raise ValueError("log_w: must be C-contiguous and writeable (resampled rows are reset in place)")
+    rows, n = view.shape
+    if n == 0:
+        raise ValueError(f"log_w: rows must hold at least one particle, got shape {view.shape}")
+    code, threshold = _step_arguments(scheme, ess_threshold)
+    cuda = _device.require_cuda()
+    handle = _device.stream_handle(stream, view)
+    ancestors = _device.empty_like_kind(view, (rows, n), np.int64, handle)
+    resampled = _device.empty_like_kind(view, (rows,), np.bool_, handle)
+    log_mean_w = _device.empty_like_kind(view, (rows,), np.float64, handle)
+    ess = _device.empty_like_kind(view, (rows,), np.float64, handle)
+    unique = _device.empty_like_kind(view, (rows,), np.int64, handle)
+    cuda.smc_step(
+        view.pointer,
+        rows,
+        n,
+        view.dtype.char == "d",
+        threshold,
+        code,
+        draw_key(rng),
+        _pointer(ancestors),
+        _pointer(resampled),
+        _pointer(log_mean_w),
+        _pointer(ess),
+        _pointer(unique),
+        view.device,
+        handle,
+        bool(check),
+    )
+    return ancestors, resampled, log_mean_w, ess, unique
+
+
+def _resample_device(logw: object, code: int, num: Optional[int], rng: RNGLike, stream: Any) -> Any:
+    view, rows, n, one_row = _device_log_weights(logw, "logw")
+    num = _as_num(num, n)
+    cuda = _device.require_cuda()
+    handle = _device.stream_handle(stream, view)
+    ancestors = _device.empty_like_kind(view, (rows, num), np.int64, handle)
+    cuda.resample(
+        view.pointer,
+        rows,
+        n,
+        view.dtype.char == "d",
+        code,
+        num,
+        draw_key(rng),
+        _pointer(ancestors),
+        view.device,
+        handle,
+    )
+    return ancestors.reshape(num) if one_row else ancestors
+
+
+def _pool_select_device(logw: object, rng: RNGLike, stream: Any) -> Any:
+    view, rows, n, one_row = _device_log_weights(logw, "logw")
+    cuda = _device.require_cuda()
+    handle = _device.stream_handle(stream, view)
+    index = _device.empty_like_kind(view, (rows,), np.int64, handle)
+    log_mean_w = _device.empty_like_kind(view, (rows,), np.float64, handle)
+    cuda.pool_select(
+        view.pointer,
+        rows,
+        n,
+        view.dtype.char == "d",
+        draw_key(rng),
+        _pointer(index),
+        _pointer(log_mean_w),
+        view.device,
+        handle,
+    )
+    if one_row:
+        return index.reshape(()), log_mean_w.reshape(())
+    return index, log_mean_w
+
+
+def _mh_accept_device(log_z_current: object, log_z_proposed: object, rng: RNGLike, stream: Any) -> Any:
+    if _device.is_device_array(log_z_current):
+        current = _device.device_view(log_z_current, "log_z_current")
+        proposed = _device_argument(log_z_proposed, "log_z_proposed", "log_z_current", current)
+    else:
+        proposed = _device.device_view(log_z_proposed, "log_z_proposed")
+        current = _device_argument(log_z_current, "log_z_current", "log_z_proposed", proposed)
+    device = _device.same_device([("log_z_current", current), ("log_z_proposed", proposed)])
+    for name, view in (("log_z_current", current), ("log_z_proposed", proposed)):
+        if view.dtype != np.float64:
+            raise TypeError(f"{name}: expected float64 log-values on the device, got dtype {view.dtype}")
+        if len(view.shape) > 1:
+            raise ValueError(f"{name}: expected a scalar or shape (B,), got shape {view.shape}")
+    if current.shape != proposed.shape:
+        raise ValueError(
+            f"log_z_proposed: shape {proposed.shape} does not match log_z_current's {current.shape}"
+        )
+    rows = math.prod(current.shape)
+    if rows == 0:
+        raise ValueError("log_z_current: expected at least one row, got an empty array")
+    cuda = _device.require_cuda()
+    handle = _device.stream_handle(stream, current)
+    accept = _device.empty_like_kind(current, current.shape, np.bool_, handle)
+    cuda.mh_accept(current.pointer, proposed.pointer, rows, draw_key(rng), _pointer(accept), device, handle)
+    return accept
+
+
+def _gather_device(x: object, ancestors: object, out: object, stream: Any) -> Any:
+    if _device.is_device_array(x):
+        source = _device.device_view(x, "x")
+        index = _device_argument(ancestors, "ancestors", "x", source)
+    else:
+        index = _device.device_view(ancestors, "ancestors")
+        source = _device_argument(x, "x", "ancestors", index)
+    views = [("x", source), ("ancestors", index)]
+    in_place = out is not None and out is x
+    target = None
+    if out is not None and not in_place:
+        target = _device_argument(out, "out", "x", source)
+        views.append(("out", target))
+    device = _device.same_device(views)
+    if index.dtype != np.int64:
+        raise TypeError(
+            f"ancestors: expected int64 indices on the device, got dtype {index.dtype} (convert with .astype)"
+        )
+    if len(index.shape) not in (1, 2):
+        raise ValueError(f"ancestors: expected shape (M,) or (B, M), got shape {index.shape}")
+    one_row = len(index.shape) == 1
+    if len(source.shape) < len(index.shape):
+        raise ValueError(
+            f"x: expected at least {len(index.shape)} dimensions to match ancestors of shape {index.shape}, "
+            f"got shape {source.shape}"
+        )
+    index_rows, num = (1, index.shape[0]) if one_row else index.shape
+    shape3 = (1, *source.shape) if one_row else source.shape
+    batch, num_particles, trailing = shape3[0], shape3[1], shape3[2:]
+    if index_rows != batch:
+        raise ValueError(f"ancestors: {index_rows} rows do not match x's {batch} rows")
+    if num_particles == 0:
+        raise ValueError(f"x: rows must hold at least one particle, got shape {source.shape}")
+    out_shape = (*((batch,) if not one_row else ()), num, *trailing)
+    row_bytes = source.dtype.itemsize * math.prod(trailing)
+    handle = _device.stream_handle(stream, source)
+    cuda = _device.require_cuda()
+    if in_place:
+        if num != num_particles:
+            raise ValueError(
+                f"out: in-place gather needs as many ancestors as particles, got {num} and {num_particles}"
+            )
+        if source.readonly:
+            raise ValueError("out: in-place gather (out=x) needs a C-contiguous, writeable x")
+        result, target_pointer = x, source.pointer
+    elif target is None:
+        result = _device.empty_like_kind(source, out_shape, source.dtype, handle)
+        target_pointer = _pointer(result)
+    else:
+        if target.shape != out_shape or target.dtype != source.dtype:
+            raise ValueError(
+                f"out: expected shape {out_shape} and dtype {source.dtype}, "
+                f"got {target.shape} and {target.dtype}"
+            )
+        if target.readonly:
+            raise ValueError("out: must be C-contiguous and writeable")
+        if (
+            target.nbytes
+            and source.nbytes
+            and (
+                target.pointer < source.pointer + source.nbytes
+                and source.pointer < target.pointer + target.nbytes
+            )
+        ):
+            raise ValueError("out: overlaps x without being x itself; pass out=x to reorder in place")
+        result, target_pointer = out, target.pointer
+    cuda.gather(
+        source.pointer, batch, num_particles, row_bytes, index.pointer, num, target_pointer, device, handle
+    )
+    return result
