@@ -188,6 +188,17 @@ __device__ RowFigures row_figures(const Group& g, const T* x, std::int64_t n, st
     return f;
 }
 
+// Cumulative weights of the tile's particles (i = tile + rank): carry + inclusive sum of w, ascending and
+// unchanged across zero weights; carry becomes the tile's last value.
+template <typename Group>
+__device__ inline double cumulative_weight(const Group& g, double w, double& carry) {
+    double c = g.inclusive_scan(w, Sum()) + carry;
+    c = w > 0.0 ? c : carry;
+    c = g.inclusive_scan(c, Max());
+    carry = g.last(c);
+    return c;
+}
+
 // Number of systematic points (j + u) / m * total, j in [0, m), below cumulative weight c, as the CPU:
 // clamp(ceil(c * m / total - u), 0, m).
 __device__ inline std::int64_t points_below(double c, double scale, double u, std::int64_t m) {

@@ -13,17 +13,6 @@ namespace tiltsmc::cuda {
 namespace device {
 namespace {
 
-// Cumulative weights of the tile's particles (i = tile + rank): carry + inclusive sum of w, ascending and
-// unchanged across zero weights; carry becomes the tile's last value.
-template <typename Group>
-__device__ double cumulative_weight(const Group& g, double w, double& carry) {
-    double c = g.inclusive_scan(w, Sum()) + carry;
-    c = w > 0.0 ? c : carry;
-    c = g.inclusive_scan(c, Max());
-    carry = g.last(c);
-    return c;
-}
-
 // Particles tile + k (k < group size) own the output slots [stop_{k-1}, stop_k) with stop_{-1} = lo:
 // each thread takes slots in turn and finds their owner by bisection. Returns the tile's last stop.
 template <typename Group>

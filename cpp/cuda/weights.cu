@@ -68,8 +68,7 @@ __global__ void __launch_bounds__(detail::GroupLayout<Group>::kBlockThreads)
     for (std::int64_t tile = 0; tile < f.last_positive; tile += Group::kSize) {
         const std::int64_t i = tile + g.rank();
         const double w = i < n ? exp_nonpositive(load(x, i) - f.shift) : 0.0;
-        const double cumulative = g.inclusive_scan(w, Sum()) + carry;
-        carry = g.last(cumulative);
+        const double cumulative = cumulative_weight(g, w, carry);  // flat across zero weights
         found = g.reduce(i < f.last_positive && cumulative > target ? i : kNoIndex, Min());
         if (found != kNoIndex) break;
     }

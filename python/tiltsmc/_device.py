@@ -184,12 +184,13 @@ def stream_handle(stream: Any, view: DeviceView) -> int:
         raise TypeError("stream: expected a CUDA stream, got a bool")
     if isinstance(stream, (int, np.integer)):
         handle = int(stream)
-    elif hasattr(stream, "__cuda_stream__"):
-        handle = int(stream.__cuda_stream__()[1])
     elif hasattr(stream, "cuda_stream"):  # torch.cuda.Stream
         handle = int(stream.cuda_stream)
     elif hasattr(stream, "ptr"):  # cupy.cuda.Stream
         handle = int(stream.ptr)
+    elif hasattr(stream, "__cuda_stream__"):  # the CUDA Python stream protocol: (version, handle)
+        protocol = stream.__cuda_stream__
+        handle = int((protocol() if callable(protocol) else protocol)[1])
     else:
         raise TypeError(f"stream: expected a CUDA stream (handle, CuPy or PyTorch stream), got {stream!r}")
     if handle < 0:
