@@ -77,6 +77,72 @@ __global__ void write_in_place(Unit* x, const std::int64_t* ancestors, std::int6
     }
 }
 
+// Items of at least kBigItemUnits units: block (item, chunk) copies one chunk of one item, so the
+// item and its ancestor are found once per block, and each thread has kChunkLoads loads in flight.
+constexpr int kCopyThreads = 256;
+constexpr int kChunkLoads = 4;
+constexpr std::int64_t kChunkUnits = kCopyThreads * kChunkLoads;
+
+struct ChunkPlace {
+    std::int64_t item, begin, end;
+};
+
+__device__ inline ChunkPlace chunk_place(std::int64_t units_per_item, std::int64_t chunks_per_item) {
+    const std::int64_t item = blockIdx.x / chunks_per_item;
+    const std::int64_t begin = (blockIdx.x - item * chunks_per_item) * kChunkUnits;
+    return {item, begin, begin + kChunkUnits < units_per_item ? begin + kChunkUnits : units_per_item};
+}
+
+template <typename Unit>
+__device__ inline void copy_chunk(const Unit* __restrict__ source, Unit* __restrict__ target, std::int64_t begin,
+                                  std::int64_t end) {
+    Unit v[kChunkLoads];
+#pragma unroll
+    for (int k = 0; k < kChunkLoads; ++k) {
+        const std::int64_t u = begin + k * kCopyThreads + threadIdx.x;
+        if (u < end) v[k] = source[u];
+    }
+#pragma unroll
+    for (int k = 0; k < kChunkLoads; ++k) {
+        const std::int64_t u = begin + k * kCopyThreads + threadIdx.x;
+        if (u < end) target[u] = v[k];
+    }
+}
+
+template <typename Unit>
+__global__ void __launch_bounds__(kCopyThreads)
+    copy_big_items(const Unit* x, const std::int64_t* ancestors, std::int64_t n, std::int64_t m,
+                   std::int64_t units_per_item, std::int64_t chunks_per_item, Unit* out, const ErrorRecord* record) {
+    if (!record_clear(record)) return;
+    const ChunkPlace place = chunk_place(units_per_item, chunks_per_item);
+    const std::int64_t row = place.item / m;
+    copy_chunk(x + (row * n + ancestors[place.item]) * units_per_item, out + place.item * units_per_item, place.begin,
+               place.end);
+}
+
+template <typename Unit>
+__global__ void __launch_bounds__(kCopyThreads)
+    save_big_items(const Unit* x, std::int64_t units_per_item, std::int64_t chunks_per_item, const std::int64_t* slot,
+                   Unit* saved) {
+    const ChunkPlace place = chunk_place(units_per_item, chunks_per_item);
+    const std::int64_t s = slot[place.item];
+    if (s < 0) return;
+    copy_chunk(x + place.item * units_per_item, saved + s * units_per_item, place.begin, place.end);
+}
+
+template <typename Unit>
+__global__ void __launch_bounds__(kCopyThreads)
+    write_big_in_place(Unit* x, const std::int64_t* ancestors, std::int64_t n, std::int64_t units_per_item,
+                       std::int64_t chunks_per_item, const std::int64_t* slot, const Unit* saved) {
+    const ChunkPlace place = chunk_place(units_per_item, chunks_per_item);
+    const std::int64_t a = ancestors[place.item], j = place.item % n;
+    if (a == j) return;  // items that keep their own state are not touched
+    const std::int64_t source = place.item - j + a;
+    const std::int64_t s = slot[source];
+    const Unit* from = s >= 0 ? saved + s * units_per_item : x + source * units_per_item;
+    copy_chunk(from, x + place.item * units_per_item, place.begin, place.end);
+}
+
 }  // namespace
 }  // namespace device
 
@@ -84,6 +150,9 @@ namespace {
 
 using detail::check_launch;
 using detail::grid_size;
+
+// Items of at least this many units take one block per chunk of kChunkUnits units.
+constexpr std::int64_t kBigItemUnits = 256;
 
 std::int64_t blocks_for(std::int64_t work) {
     return std::max<std::int64_t>(1, std::min<std::int64_t>((work + 255) / 256, 8192));
@@ -128,9 +197,16 @@ void gather(const std::uint8_t* x, std::int64_t rows, std::int64_t n, std::int64
         if (units_per_item == 0) return;
         with_unit(width, [&](auto unit) {
             using Unit = decltype(unit);
-            device::copy_items<Unit><<<grid_size(blocks_for(items * units_per_item)), 256, 0, stream>>>(
-                reinterpret_cast<const Unit*>(x), ancestors, rows, n, m, units_per_item, reinterpret_cast<Unit*>(out),
-                record);
+            const auto* source = reinterpret_cast<const Unit*>(x);
+            auto* target = reinterpret_cast<Unit*>(out);
+            if (units_per_item >= kBigItemUnits) {
+                const std::int64_t chunks = (units_per_item + device::kChunkUnits - 1) / device::kChunkUnits;
+                device::copy_big_items<Unit><<<grid_size(items * chunks), device::kCopyThreads, 0, stream>>>(
+                    source, ancestors, n, m, units_per_item, chunks, target, record);
+            } else {
+                device::copy_items<Unit><<<grid_size(blocks_for(items * units_per_item)), 256, 0, stream>>>(
+                    source, ancestors, rows, n, m, units_per_item, target, record);
+            }
         });
         check_launch("tiltsmc::cuda::copy_items (gather)");
         return;
@@ -162,6 +238,18 @@ void gather(const std::uint8_t* x, std::int64_t rows, std::int64_t n, std::int64
     with_unit(width, [&](auto unit) {
         using Unit = decltype(unit);
         auto* data = reinterpret_cast<Unit*>(out);
+        if (units_per_item >= kBigItemUnits) {
+            const std::int64_t chunks = (units_per_item + device::kChunkUnits - 1) / device::kChunkUnits;
+            const unsigned grid = grid_size(items * chunks);
+            if (host[1] > 0) {
+                device::save_big_items<Unit><<<grid, device::kCopyThreads, 0, stream>>>(
+                    data, units_per_item, chunks, slot.as<std::int64_t>(), saved.as<Unit>());
+                check_launch("tiltsmc::cuda::save_big_items (gather in place)");
+            }
+            device::write_big_in_place<Unit><<<grid, device::kCopyThreads, 0, stream>>>(
+                data, ancestors, n, units_per_item, chunks, slot.as<std::int64_t>(), saved.as<Unit>());
+            return;
+        }
         if (host[1] > 0) {
             device::save_items<Unit><<<grid_size(blocks_for(items * units_per_item)), 256, 0, stream>>>(
                 data, items, units_per_item, slot.as<std::int64_t>(), saved.as<Unit>());

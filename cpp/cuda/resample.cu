@@ -338,7 +338,7 @@ void resample(const T* logw, std::int64_t rows, std::int64_t n, Scheme scheme, s
         segment_stats<T><<<grid_size(rows * segments), kSegmentThreads, 0, stream>>>(logw, n, segments,
                                                                                   stats.as<SegmentStats>());
         check_launch("tiltsmc::cuda::segment_stats (resample)");
-        combine_segments<T><<<grid_size(rows), kSegmentThreads, 0, stream>>>(
+        combine_segments<T><<<grid_size(rows), kCombineThreads, 0, stream>>>(
             logw, n, segments, stats.as<SegmentStats>(), false, offsets.as<double>(), figures.as<RowFigures>(),
             nullptr, nullptr, record);
         check_launch("tiltsmc::cuda::combine_segments (resample)");

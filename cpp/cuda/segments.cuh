@@ -56,22 +56,29 @@ __global__ void __launch_bounds__(kSegmentThreads)
     if (g.rank() == 0) stats[blockIdx.x] = SegmentStats{top, sum, squares, bad};
 }
 
+constexpr int kCombineThreads = 1024;
+
 // Block `row` combines its segments as the CPU combines chunks: the row's shift, sums rescaled to it,
 // offsets[s] = cumulative weight before segment s (ascending; offsets[segments] = sum), the last
 // positive weight. Writes figures[row]; log_mean_w and ess when given. Errors are recorded here.
+// Each thread takes a contiguous run of segments (one block-wide scan in all, whatever their number).
 template <typename T>
-__global__ void __launch_bounds__(kSegmentThreads)
+__global__ void __launch_bounds__(kCombineThreads)
     combine_segments(const T* x, std::int64_t n, std::int64_t segments, const SegmentStats* stats,
                      bool allow_zero_rows, double* offsets, RowFigures* figures, double* log_mean_w, double* ess,
                      ErrorRecord* record) {
-    const BlockGroup<kSegmentThreads> g;
+    __shared__ double thread_end[kCombineThreads];
+    const BlockGroup<kCombineThreads> g;
     const std::int64_t row = blockIdx.x;
     const SegmentStats* s = stats + row * segments;
     const T* xr = x + row * n;
     double* offset = offsets + row * (segments + 1);
+    const std::int64_t per = (segments + kCombineThreads - 1) / kCombineThreads;
+    const std::int64_t first = g.rank() * per;
+    const std::int64_t stop = first + per < segments ? first + per : segments;
     std::int64_t bad = kNoIndex;
     double top = -kInf;
-    for (std::int64_t b = g.rank(); b < segments; b += kSegmentThreads) {
+    for (std::int64_t b = first; b < stop; ++b) {
         bad = s[b].bad < bad ? s[b].bad : bad;
         top = s[b].top > top ? s[b].top : top;
     }
@@ -89,37 +96,69 @@ __global__ void __launch_bounds__(kSegmentThreads)
         }
         return;
     }
-    double carry = 0.0, squares = 0.0;
+    // A segment whose every weight is flushed to zero against the row's maximum (as the resampling
+    // kernels compute them) gets no cumulative weight, so it can own no slots.
+    auto rescaled_sum = [&](std::int64_t b) {
+        return s[b].top - top >= -708.0 ? s[b].sum * exp(s[b].top - top) : 0.0;
+    };
+    double local = 0.0, squares = 0.0;
     std::int64_t last_segment = -1;
-    for (std::int64_t tile = 0; tile < segments; tile += kSegmentThreads) {
-        const std::int64_t b = tile + g.rank();
-        double sum_b = 0.0;
-        // A segment whose every weight is flushed to zero against the row's maximum (as the resampling
-        // kernels compute them) gets no cumulative weight, so it can own no slots.
-        if (b < segments && s[b].top - top >= -708.0) {
-            const double rescale = exp(s[b].top - top);
-            sum_b = s[b].sum * rescale;
-            squares += s[b].squares * rescale * rescale;
-            last_segment = b;
-        }
-        double cumulative = g.inclusive_scan(sum_b, Sum()) + carry;
-        cumulative = g.inclusive_scan(cumulative, Max());  // ascending whatever the rounding
-        if (b < segments) offset[b + 1] = cumulative;
-        carry = g.last(cumulative);
+    for (std::int64_t b = first; b < stop; ++b) {
+        if (s[b].top - top < -708.0) continue;
+        const double rescale = exp(s[b].top - top);
+        local += s[b].sum * rescale;
+        squares += s[b].squares * rescale * rescale;
+        last_segment = b;
+    }
+    // Offsets: the thread's own sums in order from the end of the threads before it, then raised to
+    // the largest value any earlier thread wrote, so that they ascend across threads too.
+    const double through = g.inclusive_scan(local, Sum());
+    thread_end[g.rank()] = through;
+    g.sync();
+    const double base = g.rank() > 0 ? thread_end[g.rank() - 1] : 0.0;
+    double c = base;
+    for (std::int64_t b = first; b < stop; ++b) c += rescaled_sum(b);
+    const double upto = g.inclusive_scan(c, Max());  // (its barriers: every thread has read base)
+    thread_end[g.rank()] = upto;
+    g.sync();
+    const double floor_value = g.rank() > 0 ? thread_end[g.rank() - 1] : 0.0;
+    c = base;
+    for (std::int64_t b = first; b < stop; ++b) {
+        c += rescaled_sum(b);
+        offset[b + 1] = c > floor_value ? c : floor_value;
     }
     squares = g.reduce(squares, Sum());
     last_segment = g.reduce(last_segment, Max());
     std::int64_t last = -1;
     const std::int64_t begin = last_segment * kSegment;
     const std::int64_t end = begin + kSegment < n ? begin + kSegment : n;
-    for (std::int64_t i = begin + g.rank(); i < end; i += kSegmentThreads)
+    for (std::int64_t i = begin + g.rank(); i < end; i += kCombineThreads)
         if (load(xr, i) - top >= -708.0) last = i;
-    last = g.reduce(last, Max());
+    last = g.reduce(last, Max());  // its barriers also make the offsets written above visible
     if (g.rank() == 0) {
         offset[0] = 0.0;
-        figures[row] = RowFigures{top, carry, squares, last, row_ok};
-        if (log_mean_w) log_mean_w[row] = top + log(carry) - log(static_cast<double>(n));
-        if (ess) ess[row] = carry * carry / squares;
+        const double sum = offset[segments];
+        figures[row] = RowFigures{top, sum, squares, last, row_ok};
+        if (log_mean_w) log_mean_w[row] = top + log(sum) - log(static_cast<double>(n));
+        if (ess) ess[row] = sum * sum / squares;
+    }
+}
+
+// normalised = x - log(sum) for segment s of a row (block row * segments + s).
+template <typename T>
+__global__ void __launch_bounds__(kSegmentThreads)
+    normalize_segments(const T* logw, std::int64_t n, std::int64_t segments, const RowFigures* figures,
+                       T* normalised) {
+    const std::int64_t row = blockIdx.x / segments, segment = blockIdx.x % segments;
+    const RowFigures f = figures[row];
+    if (f.state == row_bad) return;
+    const double log_sum = f.state == row_ok ? f.shift + log(f.sum) : kInf;  // zero rows: -inf throughout
+    const std::int64_t begin = row * n + segment * kSegment;
+    const std::int64_t end = row * n + (segment * kSegment + kSegment < n ? segment * kSegment + kSegment : n);
+#pragma unroll
+    for (int k = 0; k < kSegmentItems; ++k) {
+        const std::int64_t e = begin + k * kSegmentThreads + threadIdx.x;
+        if (e < end) normalised[e] = static_cast<T>(load(logw, e) - log_sum);
     }
 }
 

@@ -35,19 +35,6 @@ __global__ void __launch_bounds__(detail::GroupLayout<Group>::kBlockThreads)
     for (std::int64_t i = g.rank(); i < n; i += Group::kSize) out[i] = static_cast<T>(load(x, i) - log_sum);
 }
 
-// normalised = x - log(sum), every element its own thread (the rows' figures are known).
-template <typename T>
-__global__ void normalize_elements(const T* logw, std::int64_t rows, std::int64_t n, const RowFigures* figures,
-                                   T* normalised) {
-    const std::int64_t total = rows * n;
-    for (std::int64_t e = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; e < total;
-         e += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
-        const RowFigures& f = figures[e / n];
-        if (f.state == row_ok) normalised[e] = static_cast<T>(load(logw, e) - (f.shift + log(f.sum)));
-        else if (f.state == row_zero) normalised[e] = static_cast<T>(-kInf);
-    }
-}
-
 template <typename Group, typename T>
 __global__ void __launch_bounds__(detail::GroupLayout<Group>::kBlockThreads)
     pool_select_rows(const T* logw, std::int64_t rows, std::int64_t n, std::uint64_t key, std::int64_t* index,
@@ -124,15 +111,14 @@ void log_normalize(const T* logw, std::int64_t rows, std::int64_t n, bool allow_
         segment_stats<T><<<grid_size(rows * segments), kSegmentThreads, 0, stream>>>(logw, n, segments,
                                                                                   stats.as<SegmentStats>());
         check_launch("tiltsmc::cuda::segment_stats (log_normalize)");
-        combine_segments<T><<<grid_size(rows), kSegmentThreads, 0, stream>>>(
+        combine_segments<T><<<grid_size(rows), kCombineThreads, 0, stream>>>(
             logw, n, segments, stats.as<SegmentStats>(), allow_zero_rows, offsets.as<double>(),
             figures.as<RowFigures>(), log_mean_w, ess, record);
         check_launch("tiltsmc::cuda::combine_segments (log_normalize)");
         if (normalised != nullptr) {
-            const std::int64_t blocks = std::min<std::int64_t>((rows * n + 255) / 256, 65536);
-            normalize_elements<T><<<grid_size(blocks), 256, 0, stream>>>(logw, rows, n, figures.as<RowFigures>(),
-                                                                       normalised);
-            check_launch("tiltsmc::cuda::normalize_elements (log_normalize)");
+            normalize_segments<T><<<grid_size(rows * segments), kSegmentThreads, 0, stream>>>(
+                logw, n, segments, figures.as<RowFigures>(), normalised);
+            check_launch("tiltsmc::cuda::normalize_segments (log_normalize)");
         }
         return;
     }
