@@ -116,3 +116,18 @@ def test_compute_counts_tokens_as_well_as_steps(task: MarkovDFATask) -> None:
     assert result.compute.policy_tokens == result.compute.policy_steps == 3 * 5 * task.horizon
     optimal = tiltsmc.smc(task.policy(), task.twist(), num_particles=5, proposal="optimal", rng=0)
     assert optimal.compute.policy_tokens == 5 * task.horizon
+
+
+def test_average_error_of_a_rescaled_exact_twist_is_the_level_ratio(task: MarkovDFATask) -> None:
+    # Vh_t = c_t V*_t (c_0 = 1; the last level is r itself): every prefix has rho_t = c_t / c_{t-1}
+    # exactly, so the weighted mean of |rho_t - 1| is |c_t / c_{t-1} - 1| whatever prefixes are visited.
+    tables = task.log_v_star()
+    scale = np.array([0.0, 0.3, -0.2, 0.5, 0.0])  # log c_t for t = 0..T (T = 4)
+    rescaled = [tables[0]] + [np.asarray(tables[t]) + scale[t] for t in range(1, 5)]
+    estimate = tiltsmc.diagnostics.bellman_error(
+        task.policy(), TableTwist(task, rescaled), num_prefixes=50, rng=6, method="exact"
+    )
+    expected = np.abs(np.exp(np.diff(scale)) - 1.0)
+    np.testing.assert_allclose(estimate.average_per_step, expected, rtol=1e-9)
+    assert estimate.average_eps == pytest.approx(expected.max(), rel=1e-9)
+    assert estimate.to_dict()["average_per_step"] == list(estimate.average_per_step)

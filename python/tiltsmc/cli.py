@@ -1,4 +1,5 @@
-"""``tiltsmc`` on the command line: ``tiltsmc run`` samples ONNX models with any sampler.
+"""``tiltsmc`` on the command line: ``tiltsmc run`` samples ONNX models with any sampler; ``tiltsmc demo``
+compares the samplers on the bundled reasoning task (see :mod:`tiltsmc.demo`).
 
 Results are JSON lines, one per prompt (samples, texts, log-weights, the log Z estimate, the ESS trace,
 timings), written to ``--json`` atomically (a temporary file renamed at the end, so an interrupted run
@@ -94,6 +95,37 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cpu", action="store_true", help="use the CPU even where a GPU is usable")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--json", dest="json_path", default=None, help="write JSON lines here (default: stdout)")
+
+    demo = commands.add_parser(
+        "demo",
+        help="guided SMC vs best-of-N on the bundled arithmetic task (table, plot, JSON)",
+        description="Accuracy of best-of-N, SMC, SP-gSMC and SP-gSMC + MH at equal policy compute on the "
+        "bundled arithmetic-chain task, guided by its learned process reward model and by a degraded one, "
+        "and the reward models' Bellman error. Writes demo.txt, demo.json and demo.png to --out.",
+    )
+    demo.add_argument(
+        "--levels",
+        type=_positive_int,
+        nargs="+",
+        default=[4, 8, 12, 16],
+        metavar="T",
+        help="numbers of reasoning steps (1..16)",
+    )
+    demo.add_argument(
+        "--budgets",
+        type=_positive_int,
+        nargs="+",
+        default=[2, 4, 8],
+        metavar="C",
+        help="policy steps per reasoning step: best-of-N's N, SMC's particles, the pool size",
+    )
+    demo.add_argument("--problems", type=_positive_int, default=24, help="problems per level")
+    demo.add_argument(
+        "--noise", type=float, default=2.0, help="sd of the degraded reward model's log-value noise"
+    )
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--threads", type=_positive_int, default=None, help="ONNX Runtime threads")
+    demo.add_argument("--out", default="tiltsmc-demo", help="output folder (created if needed)")
     return parser
 
 
@@ -233,11 +265,51 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed == len(prompts) else 0
 
 
+def demo(args: argparse.Namespace) -> int:
+    from . import demo as demo_module
+
+    config = demo_module.DemoConfig(
+        levels=tuple(args.levels),
+        budgets=tuple(args.budgets),
+        problems=args.problems,
+        seed=args.seed,
+        noise=args.noise,
+        threads=args.threads,
+    )
+    out = Path(args.out)
+    try:
+        config.validate()
+        demo_module.check_output_folder(out)
+    except ValueError as error:
+        print(f"tiltsmc demo: --{error}", file=sys.stderr)
+        return 2
+    if args.threads is not None:
+        core.set_num_threads(args.threads)
+    progress = Progress(1, "tiltsmc demo")
+
+    def report(done: int, total: int) -> None:
+        progress.total = total
+        progress.update(done)
+
+    try:
+        record = demo_module.run_demo(config, progress=report)
+    finally:
+        progress.close()
+    written = demo_module.write_outputs(record, out)
+    print(demo_module.render_table(record))
+    print(
+        f"tiltsmc demo: {record['seconds']:.0f}s; wrote {', '.join(str(p) for p in written)}", file=sys.stderr
+    )
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
             return run(args)
+        if args.command == "demo":
+            return demo(args)
     except KeyboardInterrupt:
         print("tiltsmc: interrupted; no result file written", file=sys.stderr)
         return 130

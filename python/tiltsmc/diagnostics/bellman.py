@@ -20,7 +20,7 @@ best constant leaves ``(max - min) / 2``) and the ratio bound ``L`` of the obser
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import Any, Literal, Optional
 
@@ -44,6 +44,13 @@ class BellmanEstimate:
     ``per_step_low`` / ``per_step_high`` bound it (equal for the exact method); ``gauge_per_step`` is
     ``exp((max - min) / 2) - 1`` of ``log rho_t``; ``ratio_bound`` is the largest ``max(G, 1/G)`` of the
     positive potentials ``G_t = Vh_t / Vh_{t-1}`` seen along the rollouts.
+
+    ``average_per_step[t-1]`` is the typical rather than the worst error: the mean of ``|rho_t - 1|`` over
+    the visited prefixes weighted by ``Vh_{t-1}``, i.e. under the twisted path law ``p Vh_{t-1}`` that
+    guided particles follow, which equals ``E_p|E_p[Vh_t | .] - Vh_{t-1}| / E_p[Vh_{t-1}]``. It stays finite
+    where the supremum does not (a prefix with ``Vh_{t-1} > 0`` whose continuations all have value ``0``
+    gives ``eps_t = inf``: a learned model that never says exactly 0 meets an exact 0/1 verifier).
+    Sampled continuations bias it upward by about their relative standard error.
     """
 
     eps: float
@@ -59,6 +66,12 @@ class BellmanEstimate:
     method: str
     num_prefixes: int
     samples_per_prefix: int
+    average_per_step: FloatArray = field(default_factory=lambda: np.zeros(0))
+
+    @property
+    def average_eps(self) -> float:
+        """The largest per-step ``average_per_step`` (0 with no steps)."""
+        return float(self.average_per_step.max()) if self.average_per_step.size else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         def plain(value: Any) -> Any:
@@ -78,6 +91,8 @@ class BellmanEstimate:
             "method": self.method,
             "num_prefixes": self.num_prefixes,
             "samples_per_prefix": self.samples_per_prefix,
+            "average_eps": self.average_eps,
+            "average_per_step": plain(self.average_per_step),
         }
 
 
@@ -119,6 +134,7 @@ def bellman_error(
     # Per step: |log rho| and the relative standard error of each scored prefix (None: an infinite step).
     steps: list[Optional[tuple[FloatArray, FloatArray]]] = []
     gauge: list[float] = []
+    average: list[float] = []  # Vh_{t-1}-weighted mean of |rho_t - 1|
     log_ratio_bound = 0.0
     for _ in range(max_steps):
         if particles.finished.all():
@@ -150,6 +166,13 @@ def bellman_error(
             relative_error = np.where(mean > 0, standard_error / np.where(mean > 0, mean, 1.0), np.inf)
         with np.errstate(invalid="ignore"):
             log_rho = np.where(scored, log_mean - log_v_prev, np.nan)
+        if scored.any():
+            weights = np.exp(log_v_prev[scored] - log_v_prev[scored].max())
+            with np.errstate(over="ignore"):
+                rho = np.exp(log_rho[scored])
+            average.append(float(np.sum(weights * np.abs(rho - 1.0)) / np.sum(weights)))
+        else:
+            average.append(0.0)
         if np.any(scored & (log_mean == -np.inf)):
             steps.append(None)
             gauge.append(np.inf)
@@ -184,7 +207,8 @@ def bellman_error(
     )
     log_per_step = np.array(log_sup)
     per_step = np.expm1(log_per_step)
-    per_step_low, per_step_high = np.expm1(np.array(log_low)), np.expm1(np.array(log_high))
+    with np.errstate(over="ignore"):  # a huge interval end is +inf, as it should be
+        per_step_low, per_step_high = np.expm1(np.array(log_low)), np.expm1(np.array(log_high))
     gauge_per_step = np.expm1(np.array(gauge))
     return BellmanEstimate(
         eps=float(per_step.max()) if per_step.size else 0.0,
@@ -200,4 +224,5 @@ def bellman_error(
         method="exact" if exact else "sampled",
         num_prefixes=num_prefixes,
         samples_per_prefix=0 if exact else samples_per_prefix,
+        average_per_step=np.array(average, dtype=float),
     )

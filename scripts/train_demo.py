@@ -1,0 +1,518 @@
+#!/usr/bin/env python3
+"""Train and export the bundled demo models: an arithmetic-chain policy and its process reward model.
+
+Stages (each reads the previous stage's output from ``--work``; ``all`` runs them in order):
+
+1. ``policy``   a small Llama-style decoder (grouped-query attention, character tokenizer) trained on
+   solutions written by a *noisy* solver: a line with a carry or borrow is wrong with probability
+   ``P_ERROR_CARRY`` (mostly the forgotten carry, ``±10``), any other line with ``P_ERROR_PLAIN``
+   (``±1``); a wrong value is carried on to the next line. The trained model imitates that solver
+   (plus its own capacity errors), so it reasons imperfectly and its all-correct rate falls with ``T``.
+2. ``rollouts`` the trained policy's own solutions, sampled exactly from ``softmax(logits)``, labelled by
+   the exact verifier (``tiltsmc.tasks.arithmetic.verify``).
+3. ``prm``      a Qwen2-style token classifier with one logit, trained by binary cross-entropy at every
+   step boundary (the newline ending the prompt and each line) against the rollout's outcome: a Monte
+   Carlo target whose conditional mean given the prefix is ``V*_t``, so the model is an approximate
+   ``V*`` (``sigmoid(logit)``).
+4. ``export``   both models through optimum's ONNX exporter (``text-generation-with-past`` for the policy,
+   ``token-classification`` for the reward model; validated against PyTorch), with the tokenizer, into
+   ``--out`` (default ``python/tiltsmc/tasks/arithmetic_models``), plus ``training.json`` (settings,
+   versions, measured error rates).
+
+Everything is seeded (``--seed``); on the CPU, with the same package versions, a rerun gives the same
+models. It needs torch, transformers, optimum-onnx, onnx and tokenizers (none is a runtime dependency of
+tiltsmc); use the throw-away environment described in scripts/make_fixtures.py::
+
+    /tmp/fixenv/bin/python scripts/train_demo.py all            # about 25 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO / "python" / "tiltsmc" / "tasks" / "arithmetic_models"
+
+# The task module needs only NumPy: load it by path, without importing tiltsmc (and its C++ core).
+_spec = importlib.util.spec_from_file_location("arithmetic", REPO / "python/tiltsmc/tasks/arithmetic.py")
+assert _spec is not None and _spec.loader is not None
+task = importlib.util.module_from_spec(_spec)
+sys.modules["arithmetic"] = task
+_spec.loader.exec_module(task)
+
+P_ERROR_CARRY = 0.4
+P_ERROR_PLAIN = 0.05
+P_FORGOT_CARRY = 0.7  # share of carry errors that drop the carry (±10); the rest are ±1 slips
+MAX_POSITIONS = 256
+TOKENS_PER_BATCH = 8192
+PRM_LR = 0.05
+
+
+# --------------------------------------------------------------------------- tokenizer and data
+
+
+def build_tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(task.VOCAB)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token a character
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(["<pad>", "<eos>", "<unk>"])
+    return tok
+
+
+def save_tokenizer(tok, path: Path) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=MAX_POSITIONS,
+        clean_up_tokenization_spaces=False,
+    ).save_pretrained(path)
+
+
+def carries(before: int, sign: str, digit: int) -> bool:
+    units = before % 10
+    return units + digit >= 10 if sign == "+" else units - digit < 0
+
+
+def noisy_solution(problem, rng: np.random.Generator) -> str:
+    """A solution by the noisy solver (see the module docstring); values are written modulo 100."""
+    lines, value = [], problem.start
+    for t, (sign, digit) in enumerate(problem.operations):
+        right = (value + digit if sign == "+" else value - digit) % 100
+        result = right
+        if carries(value, sign, digit):
+            if rng.random() < P_ERROR_CARRY:
+                if rng.random() < P_FORGOT_CARRY:
+                    result = (right + (-10 if sign == "+" else 10)) % 100
+                else:
+                    result = (right + int(rng.choice((-1, 1)))) % 100
+        elif rng.random() < P_ERROR_PLAIN:
+            result = (right + int(rng.choice((-1, 1)))) % 100
+        lines.append(task.format_line(t, value, sign, digit, result))
+        value = result
+    return "\n".join(lines)
+
+
+def encode(text: str) -> list[int]:
+    index = {t: i for i, t in enumerate(task.VOCAB)}
+    return [index[c] for c in text]
+
+
+def policy_batch(rng: np.random.Generator):
+    """Token ids and labels (prompt positions masked) of one batch; every problem in it has the same T."""
+    import torch
+
+    num_steps = int(rng.integers(1, task.MAX_STEPS + 1))
+    length = len(task.make_problems(num_steps, 1, rng)[0].prompt) + 10 * num_steps
+    size = max(8, TOKENS_PER_BATCH // length)
+    ids, labels = [], []
+    for problem in task.make_problems(num_steps, size, rng):
+        prompt = encode(problem.prompt)
+        solution = [*encode(noisy_solution(problem, rng)), task.EOS_ID]
+        ids.append(prompt + solution)
+        labels.append([-100] * len(prompt) + solution)
+    return torch.tensor(ids), torch.tensor(labels)
+
+
+# --------------------------------------------------------------------------- models
+
+
+def policy_model():
+    import transformers as tf
+
+    config = tf.LlamaConfig(
+        vocab_size=len(task.VOCAB),
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=MAX_POSITIONS,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=task.EOS_ID,
+        eos_token_id=task.EOS_ID,
+        pad_token_id=task.PAD_ID,
+    )
+    return tf.LlamaForCausalLM(config)
+
+
+def prm_module(policy_dir: Path):
+    """The reward model: the trained policy's decoder, frozen, and a learned logistic head.
+
+    At each position the head reads the policy's last hidden state and two error features computed in
+    the graph from the policy's own predictions: ``k`` = the number of generated tokens (after the
+    prompt's newline) that differ from the policy's most likely token at that point, as ``log(1 + k)``
+    and ``[k > 0]``. The policy knows the arithmetic (its most likely digit is the right one; it writes a
+    wrong one by sampling its imitation of the noisy solver), so a written digit it would not have
+    picked first marks a likely mistake. Only the head (hidden size + 2 weights and a bias) is trained,
+    by binary cross-entropy against the rollouts' outcomes. A Qwen2 token classifier trained end to end
+    on the same targets, from scratch or from the policy's weights, did not learn to spot a wrong line
+    within a 2-core training budget; its values moved with the position only.
+    """
+    import torch
+    from transformers import LlamaForCausalLM
+
+    newline = task.VOCAB.index("\n")
+
+    class Module(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.policy = LlamaForCausalLM.from_pretrained(policy_dir).eval()
+            for parameter in self.policy.parameters():
+                parameter.requires_grad_(False)
+            self.head = torch.nn.Linear(self.policy.config.hidden_size + 2, 1)
+
+        def features(self, input_ids, attention_mask):
+            out = self.policy(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+            hidden = out.hidden_states[-1]
+            predicted = out.logits.argmax(-1)
+            differs = (predicted[:, :-1] != input_ids[:, 1:]) & (attention_mask[:, 1:] > 0)
+            differs = torch.cat([torch.zeros_like(differs[:, :1]), differs], dim=1)
+            is_newline = input_ids == newline
+            generated = (torch.cumsum(is_newline.long(), dim=1) - is_newline.long()) > 0
+            count = torch.cumsum((differs & generated).float(), dim=1)
+            return torch.cat([hidden, torch.log1p(count)[..., None], (count > 0).float()[..., None]], dim=-1)
+
+        def forward(self, input_ids, attention_mask):
+            return self.head(self.features(input_ids, attention_mask))  # (batch, seq, 1) logits
+
+    return Module()
+
+
+def schedule(step: int, total: int, peak: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def train_policy(work: Path, seed: int, steps: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng([seed, 1])
+    model = policy_model().train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01, betas=(0.9, 0.98))
+    began, smoothed = time.time(), None
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = schedule(step, steps, 3e-3)
+        ids, labels = policy_batch(rng)
+        loss = model(input_ids=ids, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        smoothed = loss.item() if smoothed is None else 0.98 * smoothed + 0.02 * loss.item()
+        if step % 100 == 0 or step == steps - 1:
+            print(f"policy step {step:5d}  loss {smoothed:.4f}  {time.time() - began:6.0f}s", flush=True)
+    model.eval().save_pretrained(work / "policy")
+    model.generation_config.save_pretrained(work / "policy")
+    save_tokenizer(build_tokenizer(), work / "policy")
+
+
+def sample_solutions(model, problems, rng_seed: int) -> list[str]:
+    """The policy's own solutions, drawn exactly from softmax(logits) (no top-k/top-p), one per problem."""
+    import torch
+
+    torch.manual_seed(rng_seed)
+    prompt = torch.tensor([encode(p.prompt) for p in problems])
+    steps = problems[0].num_steps
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            do_sample=True,
+            top_k=0,
+            top_p=1.0,
+            temperature=1.0,
+            max_new_tokens=10 * steps + 2,
+            eos_token_id=task.EOS_ID,
+            pad_token_id=task.PAD_ID,
+        )
+    texts = []
+    for row in out[:, prompt.shape[1] :].tolist():
+        if task.EOS_ID in row:
+            row = row[: row.index(task.EOS_ID)]
+        texts.append("".join(task.VOCAB[i] for i in row if i >= 3))
+    return texts
+
+
+def line_errors(problem, text: str) -> tuple[int, int, bool]:
+    """(wrong lines, lines checked, well formed): a line is wrong when its result is not its own
+    ``before ± digit`` (so an earlier error is not counted twice)."""
+    lines = text.split("\n")
+    wrong, checked, formed = 0, 0, len(lines) == problem.num_steps
+    for t, line in enumerate(lines[: problem.num_steps]):
+        sign, digit = problem.operations[t]
+        try:
+            label, rest = line.split(":")
+            before, result = int(rest[:2]), int(rest.split("=")[1])
+            ok_form = label == task.LABELS[t] and rest[2] == sign and int(rest[3]) == digit
+        except (ValueError, IndexError):
+            formed = False
+            continue
+        formed &= ok_form
+        checked += 1
+        wrong += result != (before + digit if sign == "+" else before - digit) % 100
+    return wrong, checked, formed
+
+
+def evaluate_policy(work: Path, seed: int, per_level: int = 256) -> dict:
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(work / "policy").eval()
+    report = {}
+    for steps in (1, 2, 4, 8, 12, 16):
+        problems = task.make_problems(steps, per_level, np.random.default_rng([seed, 2, steps]))
+        texts = sample_solutions(model, problems, seed + steps)
+        counts = np.array([line_errors(p, x)[:2] for p, x in zip(problems, texts)])
+        formed = np.mean([line_errors(p, x)[2] for p, x in zip(problems, texts)])
+        correct = np.mean([task.verify(p, x) for p, x in zip(problems, texts)])
+        expected = np.mean(
+            [
+                np.prod(
+                    [
+                        1 - (P_ERROR_CARRY if carries(v, s, d) else P_ERROR_PLAIN)
+                        for v, (s, d) in zip(p.values, p.operations)
+                    ]
+                )
+                for p in problems
+            ]
+        )
+        report[str(steps)] = {
+            "line_error_rate": float(counts[:, 0].sum() / max(1, counts[:, 1].sum())),
+            "well_formed": float(formed),
+            "all_correct": float(correct),
+            "noisy_solver_all_correct": float(expected),
+        }
+        print(f"T={steps:2d}  {report[str(steps)]}", flush=True)
+    return report
+
+
+def make_rollouts(work: Path, seed: int, per_level: int) -> None:
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(work / "policy").eval()
+    records, began = [], time.time()
+    for steps in range(1, task.MAX_STEPS + 1):
+        rng = np.random.default_rng([seed, 3, steps])
+        for chunk in range(0, per_level, 256):
+            problems = task.make_problems(steps, min(256, per_level - chunk), rng)
+            texts = sample_solutions(model, problems, seed * 1000 + steps * 100 + chunk // 256)
+            for problem, text in zip(problems, texts):
+                records.append({"prompt": problem.prompt, "text": text, "reward": task.verify(problem, text)})
+        rate = np.mean([r["reward"] for r in records if r["prompt"].count(" ") == steps])
+        print(
+            f"rollouts T={steps:2d}: {per_level} solutions, {rate:.3f} correct  {time.time() - began:5.0f}s"
+        )
+    (work / "rollouts.json").write_text(json.dumps(records))
+
+
+def prm_examples(records: list[dict]) -> list[tuple[list[int], list[int], float]]:
+    """(ids, boundary positions, outcome): the boundaries are the newlines ending the prompt and each line."""
+    newline = task.VOCAB.index("\n")
+    examples = []
+    for record in records:
+        ids = encode(record["prompt"] + record["text"])
+        boundaries = [i for i, token in enumerate(ids) if token == newline]
+        examples.append((ids, boundaries, float(record["reward"])))
+    return examples
+
+
+def train_prm(work: Path, seed: int, steps: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng([seed, 4])
+    examples = prm_examples(json.loads((work / "rollouts.json").read_text()))
+    model = prm_module(work / "policy")
+    # The backbone is frozen: compute every boundary's features once, then fit the head.
+    features, targets = [], []
+    began = time.time()
+    by_length = sorted(examples, key=lambda e: len(e[0]))
+    with torch.no_grad():
+        for start in range(0, len(by_length), 256):
+            items = by_length[start : start + 256]
+            width = max(len(ids) for ids, _, _ in items)
+            ids = torch.full((len(items), width), task.PAD_ID)
+            mask = torch.zeros((len(items), width), dtype=torch.long)
+            for row, (tokens, _, _) in enumerate(items):
+                ids[row, : len(tokens)] = torch.tensor(tokens)
+                mask[row, : len(tokens)] = 1
+            values = model.features(ids, mask)
+            for row, (_, boundaries, outcome) in enumerate(items):
+                features.append(values[row, boundaries])
+                targets.append(torch.full((len(boundaries),), outcome))
+    print(f"prm features of {len(examples)} rollouts: {time.time() - began:.0f}s", flush=True)
+    order = torch.from_numpy(rng.permutation(len(features)))
+    held_out = set(order[:2000].tolist())
+    train_x = torch.cat([f for i, f in enumerate(features) if i not in held_out])
+    train_y = torch.cat([t for i, t in enumerate(targets) if i not in held_out])
+    test_x = torch.cat([f for i, f in enumerate(features) if i in held_out])
+    test_y = torch.cat([t for i, t in enumerate(targets) if i in held_out])
+    optimizer = torch.optim.Adam(model.head.parameters(), lr=PRM_LR)
+    for step in range(steps):  # full-batch: the head is a logistic regression
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model.head(train_x)[:, 0], train_y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 500 == 0 or step == steps - 1:
+            print(f"prm step {step:5d}  loss {loss.item():.4f}", flush=True)
+    with torch.no_grad():
+        held = torch.nn.functional.binary_cross_entropy_with_logits(model.head(test_x)[:, 0], test_y).item()
+        base = torch.nn.functional.binary_cross_entropy(
+            torch.full_like(test_y, train_y.mean()), test_y
+        ).item()
+    print(f"prm held-out BCE {held:.4f} (a constant at the base rate: {base:.4f})")
+    torch.save(model.head.state_dict(), work / "prm_head.pt")
+    (work / "prm_eval.json").write_text(json.dumps({"held_out_bce": held, "base_rate_bce": base}))
+
+
+def export_prm(work: Path, dest: Path) -> None:
+    """The reward model as one ONNX graph: input_ids, attention_mask -> logits (batch, seq, 1)."""
+    import torch
+
+    model = prm_module(work / "policy")
+    model.head.load_state_dict(torch.load(work / "prm_head.pt"))
+    model.eval()
+    ids = torch.tensor([encode("57 a+8 b-3\na:57+8=65\n"), encode("57 a+8 b-3\na:57+8=55\n")])
+    mask = torch.ones_like(ids)
+    dest.mkdir(parents=True)
+    torch.onnx.export(
+        model,
+        (ids, mask),
+        str(dest / "model.onnx"),
+        input_names=["input_ids", "attention_mask"],
+        output_names=["logits"],
+        dynamic_axes={
+            "input_ids": {0: "batch", 1: "sequence"},
+            "attention_mask": {0: "batch", 1: "sequence"},
+            "logits": {0: "batch", 1: "sequence"},
+        },
+        opset_version=17,
+        dynamo=True,
+    )
+    import onnx
+    import onnxruntime
+
+    graph = onnx.load(str(dest / "model.onnx"))  # one self-contained file: weights inside the graph
+    for extra in dest.glob("model.onnx*"):
+        extra.unlink()
+    onnx.save(graph, str(dest / "model.onnx"), save_as_external_data=False)
+    session = onnxruntime.InferenceSession(str(dest / "model.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = model(ids, mask).numpy()
+    got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    assert np.allclose(got, expected, atol=1e-4), np.abs(got - expected).max()
+    print(
+        f"prm: ONNX matches PyTorch to {np.abs(got - expected).max():.2e}; "
+        f"values {1 / (1 + np.exp(-got[:, -1, 0]))}"
+    )
+    (dest / "config.json").write_text(
+        json.dumps(
+            {"model_type": "tiltsmc-prm", "vocab_size": len(task.VOCAB), "pad_token_id": task.PAD_ID},
+            indent=1,
+        )
+    )
+    save_tokenizer(build_tokenizer(), dest)
+
+
+def export(work: Path, out: Path, seed: int, report: dict) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from optimum.exporters.onnx import main_export
+
+    torch.manual_seed(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, kind in (("policy", "text-generation-with-past"),):
+        with tempfile.TemporaryDirectory() as tmp:
+            main_export(
+                str(work / name),
+                tmp,
+                task=kind,
+                device="cpu",
+                do_validation=True,
+                library_name="transformers",
+            )
+            dest = out / name
+            if dest.exists():
+                shutil.rmtree(dest)
+            dest.mkdir()
+            for f in sorted(Path(tmp).iterdir()):
+                shutil.copy2(f, dest / f.name)
+        print(f"wrote {dest}: {', '.join(sorted(p.name for p in dest.iterdir()))}")
+    if (out / "prm").exists():
+        shutil.rmtree(out / "prm")
+    export_prm(work, out / "prm")
+    import importlib.metadata as md
+
+    versions = {}
+    for package in ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "tokenizers"):
+        try:
+            versions[package] = md.version(package)
+        except md.PackageNotFoundError:
+            versions[package] = None
+    (out / "training.json").write_text(
+        json.dumps({"seed": seed, "versions": versions, **report}, indent=1) + "\n"
+    )
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("stage", choices=("policy", "evaluate", "rollouts", "prm", "export", "all"))
+    parser.add_argument("--work", type=Path, default=Path("/tmp/tiltsmc-demo-train"))
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--policy-steps", type=int, default=2000)
+    parser.add_argument("--prm-steps", type=int, default=2000)
+    parser.add_argument("--rollouts-per-level", type=int, default=2048)
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.use_deterministic_algorithms(True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    report_file = args.work / "report.json"
+    report = json.loads(report_file.read_text()) if report_file.exists() else {}
+    stages = ["policy", "evaluate", "rollouts", "prm", "export"] if args.stage == "all" else [args.stage]
+    for stage in stages:
+        if stage == "policy":
+            train_policy(args.work, args.seed, args.policy_steps)
+            report["policy"] = {"steps": args.policy_steps}
+        elif stage == "evaluate":
+            report["policy_evaluation"] = evaluate_policy(args.work, args.seed)
+        elif stage == "rollouts":
+            make_rollouts(args.work, args.seed, args.rollouts_per_level)
+            report["rollouts_per_level"] = args.rollouts_per_level
+        elif stage == "prm":
+            train_prm(args.work, args.seed, args.prm_steps)
+            report["prm"] = {"steps": args.prm_steps, **json.loads((args.work / "prm_eval.json").read_text())}
+        else:
+            report["noise"] = {"carry": P_ERROR_CARRY, "plain": P_ERROR_PLAIN, "forgot_carry": P_FORGOT_CARRY}
+            export(args.work, args.out, args.seed, report)
+        report_file.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

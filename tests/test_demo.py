@@ -1,0 +1,247 @@
+"""The bundled arithmetic task, its trained ONNX models, and ``tiltsmc demo``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tiltsmc
+from tiltsmc import cli
+from tiltsmc import demo as demo_module
+from tiltsmc.samplers.result import SamplerResult
+from tiltsmc.tasks import arithmetic
+
+# --------------------------------------------------------------------------- the task
+
+
+@pytest.mark.parametrize("steps", [1, 5, 16])
+def test_problems_stay_in_range_and_their_solutions_verify(steps: int) -> None:
+    for problem in arithmetic.make_problems(steps, 50, rng=steps):
+        assert problem.num_steps == steps
+        assert all(0 <= v <= 99 for v in problem.values) and 10 <= problem.start <= 89
+        prompt = problem.prompt
+        assert prompt.endswith("\n") and prompt.count(" ") == steps
+        solution = problem.solution()
+        assert len(solution.split("\n")) == steps
+        assert arithmetic.verify(prompt, solution) == 1.0
+        assert arithmetic.verify(problem, solution) == 1.0
+        assert arithmetic.parse_answer(solution) == problem.answer
+
+
+def test_verify_rejects_wrong_answers_and_wrong_line_counts() -> None:
+    problem = arithmetic.make_problems(3, 1, rng=0)[0]
+    lines = problem.solution().split("\n")
+    wrong = [*lines[:-1], lines[-1][:-2] + f"{(problem.answer + 1) % 100:02d}"]
+    assert arithmetic.verify(problem.prompt, "\n".join(wrong)) == 0.0
+    assert arithmetic.verify(problem.prompt, "\n".join(lines[:-1])) == 0.0  # a line short
+    assert arithmetic.verify(problem.prompt, "\n".join([*lines, lines[-1]])) == 0.0  # a line too many
+    assert arithmetic.verify(problem.prompt, "") == 0.0
+    assert arithmetic.verify(problem.prompt, problem.solution() + "\n") == 1.0  # a trailing newline is fine
+    assert arithmetic.parse_answer("a:12+3=1") is None and arithmetic.parse_answer("") is None
+
+
+def test_a_known_problem_reads_as_written() -> None:
+    problem = arithmetic.Problem(57, (("+", 8), ("-", 3), ("+", 9)))
+    assert problem.prompt == "57 a+8 b-3 c+9\n"
+    assert problem.solution() == "a:57+8=65\nb:65-3=62\nc:62+9=71"
+    assert problem.values == (57, 65, 62, 71)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [((0, 3), "num_steps"), ((17, 3), "num_steps"), ((3, 0), "count"), ((True, 3), "num_steps")],
+)
+def test_make_problems_bad_input(args: tuple[int, int], message: str) -> None:
+    with pytest.raises((ValueError, TypeError), match=message):
+        arithmetic.make_problems(*args)
+
+
+def test_verify_names_a_malformed_prompt() -> None:
+    with pytest.raises(ValueError, match="prompt"):
+        arithmetic.verify("hello\n", "a:12+3=15")
+    with pytest.raises(ValueError, match="operation 2"):
+        arithmetic.verify("12 a+3 c+4\n", "a:12+3=15")
+
+
+# --------------------------------------------------------------------------- the bundled models
+
+
+@pytest.fixture(scope="module")
+def models() -> tuple[tiltsmc.models.OnnxCausalLM, tiltsmc.models.OnnxRewardModel]:
+    return arithmetic.load_models(intra_op_num_threads=1)
+
+
+def test_bundled_models_are_small_and_in_the_export_layout() -> None:
+    files = [p for p in arithmetic.MODELS_DIR.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 5 * 2**20
+    for name in ("policy", "prm"):
+        for required in ("model.onnx", "config.json", "tokenizer.json"):
+            assert (arithmetic.MODELS_DIR / name / required).is_file()
+    training = json.loads((arithmetic.MODELS_DIR / "training.json").read_text())
+    assert training["seed"] == 0 and "policy_evaluation" in training
+
+
+def test_the_policy_writes_well_formed_but_imperfect_solutions(models) -> None:
+    policy, reward = models
+    problems = arithmetic.make_problems(6, 16, rng=1)
+    result = tiltsmc.best_of_n(policy, reward, [p.prompt for p in problems], n=8, rng=2)
+    z = np.exp(result.log_z)  # the mean verified reward of 8 draws per problem
+    assert result.texts is not None
+    for texts in result.texts:
+        for line_index, line in enumerate(texts[0].split("\n")):
+            assert line[:2] == f"{arithmetic.LABELS[line_index]}:" and line[4] in "+-" and line[6] == "="
+    # Imperfect: over 128 six-step solutions some are right and some wrong (the trained policy's
+    # one-sample accuracy at T = 6 is about 0.3: both events have probability > 1 - 1e-12).
+    assert 0.0 < z.mean() < 1.0
+
+
+def test_the_reward_model_rates_a_slip_below_the_right_line(models) -> None:
+    # After a wrong line the answer is lost (V* ~ 0); after a right one V* is the chance of finishing,
+    # well above 0. The learned model must tell them apart on most problems.
+    policy, reward = models
+    problems = arithmetic.make_problems(8, 20, rng=3)
+    ranked = 0
+    for problem in problems:
+        lines = problem.solution().split("\n")
+        right = lines[:4]
+        wrong = [*lines[:3], lines[3][:-2] + f"{(problem.values[4] + 10) % 100:02d}"]
+        values = []
+        for prefix in (right, wrong):
+            ids = policy.tokenizer.encode(problem.prompt + "\n".join(prefix) + "\n")
+            values.append(float(reward._score([ids])[0]))
+        ranked += values[0] > values[1] + np.log(4)
+    assert ranked >= 18
+
+
+# --------------------------------------------------------------------------- the demo's parts
+
+
+def test_noisy_reward_is_a_fixed_function_of_the_prefix_and_keeps_r(models) -> None:
+    policy, reward = models
+    problems = arithmetic.make_problems(2, 2, rng=4)
+    prompts = [p.prompt for p in problems]
+    particles = policy.start(prompts, 3)
+    rng = np.random.default_rng(5)
+    policy.propose(particles, rng)
+    noisy = demo_module.NoisyReward(reward, 1.5, seed=7)
+    first = noisy.log_value(particles)
+    base = reward.log_value(particles)
+    assert np.array_equal(first, noisy.log_value(particles))  # deterministic
+    assert not np.allclose(first, base)
+    assert np.array_equal(demo_module.NoisyReward(reward, 0.0).log_value(particles), base)
+    while not particles.finished.all():
+        policy.propose(particles, rng)
+    assert np.array_equal(noisy.log_value(particles), reward.log_value(particles))  # r is untouched
+
+
+def _result(texts: list[list[str]], log_weights: list[np.ndarray], collapsed: list[bool]) -> SamplerResult:
+    batch = len(texts)
+    return SamplerResult(
+        sampler="smc",
+        samples=[[] for _ in texts],
+        log_weights=log_weights,
+        log_z=np.zeros(batch),
+        ess=np.zeros((batch, 0)),
+        resampled=np.zeros((batch, 0), dtype=bool),
+        unique_ancestors=np.zeros((batch, 0), dtype=np.int64),
+        log_z_increments=np.zeros((batch, 0)),
+        collapsed=np.array(collapsed),
+        texts=texts,
+    )
+
+
+def test_accuracy_is_the_weighted_share_of_right_solutions() -> None:
+    problems = arithmetic.make_problems(2, 2, rng=6)
+    right = [p.solution() for p in problems]
+    wrong = right[0][:-2] + f"{(problems[0].answer + 1) % 100:02d}"
+    result = _result(
+        [[right[0], wrong, right[0]], [right[1]]],
+        [np.log([0.5, 0.3, 0.2]), np.zeros(1)],
+        [False, True],
+    )
+    np.testing.assert_allclose(demo_module.accuracy(result, problems), [0.7, 0.0])
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("levels", (0,), "levels"),
+        ("levels", (17,), "levels"),
+        ("budgets", (), "budgets"),
+        ("problems", 0, "problems"),
+        ("noise", -1.0, "noise"),
+        ("noise", float("nan"), "noise"),
+        ("bellman_samples", 0, "bellman_samples"),
+    ],
+)
+def test_demo_config_bad_values(field: str, value: object, message: str) -> None:
+    config = demo_module.DemoConfig(**{field: value})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=message):
+        config.validate()
+
+
+def test_a_small_demo_run_records_every_sampler(models, tmp_path: Path) -> None:
+    config = demo_module.DemoConfig(
+        levels=(2,), budgets=(2, 4), problems=3, bellman_prompts=1, bellman_prefixes=2, bellman_samples=2
+    )
+    calls = []
+    record = demo_module.run_demo(config, models=models, progress=lambda d, t: calls.append((d, t)))
+    assert calls[-1][0] == calls[-1][1] == len(calls)
+    names = {(row["sampler"], row["reward_model"], row["budget"]) for row in record["results"]}
+    # SP-gSMC + MH needs C >= 4 (H = 3 proposals and the first run, each with a pool of C / 4)
+    assert ("sp-gsmc+mh", "learned", 2) not in names and ("sp-gsmc+mh", "learned", 4) in names
+    assert {("smc", "degraded", 2), ("best-of-n", "learned", 4), ("sp-gsmc", "degraded", 4)} <= names
+    for row in record["results"]:
+        assert 0.0 <= row["accuracy"] <= 1.0
+        assert row["policy_steps_per_problem"] > 0
+    assert set(record["bellman_error"]["2"]) == {"learned", "degraded"}
+    table = demo_module.render_table(record)
+    assert "best-of-N" in table and "Bellman error" in table
+    written = demo_module.write_outputs(record, tmp_path / "out")
+    assert {p.name for p in written} >= {"demo.json", "demo.txt"}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in written)
+    assert json.loads((tmp_path / "out" / "demo.json").read_text())["config"]["levels"] == [2]
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def test_cli_demo_refuses_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["demo", "--levels", "20", "--out", str(tmp_path / "x")]) == 2
+    assert "levels" in capsys.readouterr().err
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert cli.main(["demo", "--out", str(blocker / "sub")]) == 2
+    assert "out: cannot write" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--problems", "0"])
+
+
+def test_cli_demo_interrupted_leaves_no_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo_module, "run_demo", interrupted)
+    out = tmp_path / "out"
+    assert cli.main(["demo", "--out", str(out)]) == 130
+    assert list(out.iterdir()) == []
+    assert "interrupted" in capsys.readouterr().err
+
+
+def test_write_outputs_interrupted_midway_leaves_no_files(tmp_path: Path, monkeypatch, models) -> None:
+    config = demo_module.DemoConfig(
+        levels=(1,), budgets=(1,), problems=1, bellman_prompts=1, bellman_prefixes=1, bellman_samples=1
+    )
+    record = demo_module.run_demo(config, models=models)
+
+    def broken(*args: object, **kwargs: object) -> str:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo_module, "render_table", broken)  # demo.txt is written second
+    with pytest.raises(KeyboardInterrupt):
+        demo_module.write_outputs(record, tmp_path)
+    assert list(tmp_path.iterdir()) == []
