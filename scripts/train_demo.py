@@ -286,8 +286,8 @@ def evaluate_policy(work: Path, seed: int, per_level: int = 256) -> dict:
     for steps in (1, 2, 4, 8, 12, 16):
         problems = task.make_problems(steps, per_level, np.random.default_rng([seed, 2, steps]))
         texts = sample_solutions(model, problems, seed + steps)
-        counts = np.array([line_errors(p, x)[:2] for p, x in zip(problems, texts)])
-        formed = np.mean([line_errors(p, x)[2] for p, x in zip(problems, texts)])
+        checks = np.array([line_errors(p, x) for p, x in zip(problems, texts)])
+        counts, formed = checks[:, :2], checks[:, 2].mean()
         correct = np.mean([task.verify(p, x) for p, x in zip(problems, texts)])
         expected = np.mean(
             [
@@ -445,23 +445,22 @@ def export(work: Path, out: Path, seed: int, report: dict) -> None:
 
     torch.manual_seed(seed)
     out.mkdir(parents=True, exist_ok=True)
-    for name, kind in (("policy", "text-generation-with-past"),):
-        with tempfile.TemporaryDirectory() as tmp:
-            main_export(
-                str(work / name),
-                tmp,
-                task=kind,
-                device="cpu",
-                do_validation=True,
-                library_name="transformers",
-            )
-            dest = out / name
-            if dest.exists():
-                shutil.rmtree(dest)
-            dest.mkdir()
-            for f in sorted(Path(tmp).iterdir()):
-                shutil.copy2(f, dest / f.name)
-        print(f"wrote {dest}: {', '.join(sorted(p.name for p in dest.iterdir()))}")
+    with tempfile.TemporaryDirectory() as tmp:  # the policy through optimum's exporter
+        main_export(
+            str(work / "policy"),
+            tmp,
+            task="text-generation-with-past",
+            device="cpu",
+            do_validation=True,
+            library_name="transformers",
+        )
+        dest = out / "policy"
+        if dest.exists():
+            shutil.rmtree(dest)
+        dest.mkdir()
+        for f in sorted(Path(tmp).iterdir()):
+            shutil.copy2(f, dest / f.name)
+    print(f"wrote {dest}: {', '.join(sorted(p.name for p in dest.iterdir()))}")
     if (out / "prm").exists():
         shutil.rmtree(out / "prm")
     export_prm(work, out / "prm")

@@ -42,6 +42,7 @@ from .diagnostics import bellman_error
 from .models.particles import Particles
 from .models.protocols import RewardModel
 from .samplers import SamplerResult, best_of_n, mh, smc, sp_gsmc
+from .samplers.result import _finite
 from .tasks import arithmetic
 
 __all__ = ["DemoConfig", "NoisyReward", "render_table", "run_demo", "write_outputs"]
@@ -244,17 +245,6 @@ def run_demo(
         "results": rows,
         "bellman_error": bellman,
     }
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no infinities: +-inf becomes the strings "inf" / "-inf"."""
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    if isinstance(value, float) and not np.isfinite(value):
-        return "nan" if np.isnan(value) else ("inf" if value > 0 else "-inf")
-    return value
 
 
 def _machine() -> dict[str, Any]:

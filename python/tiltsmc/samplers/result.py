@@ -145,7 +145,10 @@ class SamplerResult:
 
 
 def _finite(value: Any) -> Any:
-    """JSON has no infinities: -inf (a zero weight) becomes the string "-inf", likewise inf and nan."""
+    """JSON has no infinities: -inf (a zero weight) becomes the string "-inf", likewise inf and nan
+    (in lists and dict values too)."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_finite(v) for v in value]
     if isinstance(value, float) and not np.isfinite(value):
