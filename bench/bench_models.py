@@ -31,13 +31,16 @@ FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "mode
 
 
 class SessionTimer:
-    """Wraps ``session.run`` of a model to add up the seconds spent inside ONNX Runtime."""
+    """Wraps ``session.run`` and ``session.run_with_iobinding`` of a model to add up the seconds spent
+    inside ONNX Runtime (with the CUDA provider, a call returns once the device is done)."""
 
     def __init__(self, model: Any) -> None:
         self.seconds = 0.0
         self.calls = 0
-        inner = model.session.run
+        for method in ("run", "run_with_iobinding"):
+            setattr(model.session, method, self._timed(getattr(model.session, method)))
 
+    def _timed(self, inner: Any) -> Any:
         def timed(*args: Any, **kwargs: Any) -> Any:
             began = time.perf_counter()
             try:
@@ -46,7 +49,7 @@ class SessionTimer:
                 self.seconds += time.perf_counter() - began
                 self.calls += 1
 
-        model.session.run = timed  # instance attribute shadows the method
+        return timed  # an instance attribute shadows the method
 
 
 class RecomputingLM(OnnxCausalLM):
@@ -81,11 +84,27 @@ def _onnxruntime_version() -> str:
     return str(onnxruntime.__version__)
 
 
-def one_run(policy_class: type, fixture: str, num_prompts: int, args: argparse.Namespace) -> dict[str, Any]:
+PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider"]}
+
+
+def one_run(
+    policy_class: type,
+    fixture: str,
+    num_prompts: int,
+    args: argparse.Namespace,
+    device_cache: Any = None,
+) -> dict[str, Any]:
+    providers = PROVIDERS[args.provider]
     policy = policy_class(
-        FIXTURES / fixture, max_new_tokens=args.tokens, eos_token_id=[], providers=["CPUExecutionProvider"]
+        FIXTURES / fixture,
+        max_new_tokens=args.tokens,
+        eos_token_id=[],
+        providers=providers,
+        device_cache=device_cache,
     )
-    reward = OnnxRewardModel(FIXTURES / "prm-tiny", kind="logit", providers=["CPUExecutionProvider"])
+    reward = OnnxRewardModel(FIXTURES / "prm-tiny", kind="logit", providers=providers)
+    if args.provider == "cuda":  # warm-up: the CUDA provider's first calls pick kernels and allocate
+        tiltsmc.smc(policy, reward, ["warm up"], num_particles=args.particles, rng=0)
     policy_timer, reward_timer = SessionTimer(policy), SessionTimer(reward)
     prompts = [f"question {k}: what is {k} + {k + 1}?" for k in range(num_prompts)]
     began = time.perf_counter()
@@ -99,6 +118,8 @@ def one_run(policy_class: type, fixture: str, num_prompts: int, args: argparse.N
         "fixture": fixture,
         "prompts": num_prompts,
         "policy": policy_class.__name__,
+        "provider": policy.session.get_providers()[0],
+        "device_cache": policy.device_cache,
         "steps": steps,
         "resampling_steps": int(result.resampled.sum(axis=1).max()),
         "total_seconds": total,
@@ -126,6 +147,13 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=24)
     parser.add_argument("--ess-threshold", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--provider",
+        choices=sorted(PROVIDERS),
+        default="cpu",
+        help="ONNX Runtime provider; with cuda the KV cache stays on the GPU, and a third run keeps it "
+        "on the host (ORT copies it each step) for comparison",
+    )
     parser.add_argument("--quick", action="store_true", help="smaller run, for a smoke test")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -136,23 +164,31 @@ def main() -> None:
     for fixture, num_prompts in [(f, k) for k in prompt_counts for f in ("gpt2-tiny", "llama-tiny")]:
         cached = one_run(OnnxCausalLM, fixture, num_prompts, args)
         naive = one_run(RecomputingLM, fixture, num_prompts, args)
-        rows.append(
-            {
-                "cached": cached,
-                "recompute": naive,
-                "recompute_over_cached": naive["total_seconds"] / cached["total_seconds"],
-                "policy_recompute_over_cached": naive["policy_session_seconds"]
-                / cached["policy_session_seconds"],
-            }
-        )
-    print(f"prompts {args.prompts} x {args.particles} particles, {args.tokens} tokens, CPU provider")
+        row = {
+            "cached": cached,
+            "recompute": naive,
+            "recompute_over_cached": naive["total_seconds"] / cached["total_seconds"],
+            "policy_recompute_over_cached": naive["policy_session_seconds"]
+            / cached["policy_session_seconds"],
+        }
+        if args.provider == "cuda":
+            host = one_run(OnnxCausalLM, fixture, num_prompts, args, device_cache=False)
+            row["host_cache"] = host
+            row["host_cache_over_device_cache"] = host["total_seconds"] / cached["total_seconds"]
+        rows.append(row)
+    print(
+        f"prompts {args.prompts} x {args.particles} particles, {args.tokens} tokens, "
+        f"{PROVIDERS[args.provider][0]}"
+    )
     header = (
         f"{'fixture':<11} {'prompts':>7} {'policy':<14} {'ms/step':>8} {'onnx ms':>8} {'tiltsmc ms':>10} "
         f"{'share':>6} {'bookkeeping':>11}"
     )
     print(header)
     for row in rows:
-        for key in ("cached", "recompute"):
+        for key in ("cached", "recompute", "host_cache"):
+            if key not in row:
+                continue
             r = row[key]
             print(
                 f"{r['fixture']:<11} {r['prompts']:>7} {key:<14} {r['per_step_ms']:8.2f} "
@@ -164,6 +200,8 @@ def main() -> None:
             f"{'':<11} re-encoding / cached = {row['recompute_over_cached']:.2f}x for the whole step, "
             f"{row['policy_recompute_over_cached']:.2f}x for the policy's ONNX time alone"
         )
+        if "host_cache" in row:
+            print(f"{'':<11} host cache / device cache = {row['host_cache_over_device_cache']:.2f}x")
     for row in rows:
         share = row["cached"]["tiltsmc_share"]
         verdict = "PASS" if share <= 0.05 else "FAIL"
@@ -176,7 +214,9 @@ def main() -> None:
     out = (
         Path(args.out)
         if args.out
-        else Path(__file__).parent / "results" / f"models_{socket.gethostname()}.json"
+        else Path(__file__).parent
+        / "results"
+        / f"models_{socket.gethostname()}{'' if args.provider == 'cpu' else '_' + args.provider}.json"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(

@@ -219,7 +219,24 @@ def test_same_ancestors_as_cpu_on_exact_weights(scheme: str, dtype: Any, shape: 
         expected = core.resample(logw, scheme, num, rng=11)
         got = host(core.resample(dev(logw), scheme, num, rng=11))
         assert_valid_ancestors(got, logw, num)
-        np.testing.assert_array_equal(got, expected)
+        if scheme in ("systematic", "stratified"):
+            np.testing.assert_array_equal(got, expected)
+        else:
+            assert_same_up_to_rounding(got, expected, logw)
+
+
+def assert_same_up_to_rounding(got: np.ndarray, expected: np.ndarray, logw: np.ndarray) -> None:
+    """Multinomial and residual points are sums of exponential spacings scaled by their total, and residual
+    weights m w_i - floor(m w_i) are not exact: summed in another order (a parallel scan), a point that
+    lies within rounding of a boundary between two particles may fall on the other side. Such a point
+    moves to the next positive particle, and it is rare: 1e-5 of the draws is far above the rate of
+    ~N * 1e-16 per draw that rounding allows, and far below any real disagreement."""
+    differ = np.argwhere(got != expected)
+    assert len(differ) <= 1 + got.size // 100_000, f"{len(differ)} of {got.size} ancestors differ"
+    for row, j in differ:
+        low, high = sorted((int(got[row, j]), int(expected[row, j])))
+        between = logw[row, low + 1 : high]
+        assert not np.any(between > NINF), f"row {row} slot {j}: {got[row, j]} vs {expected[row, j]}"
 
 
 @on_gpu

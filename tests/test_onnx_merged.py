@@ -32,6 +32,19 @@ PRESENT = [f"present.{i}.{kind}" for i in range(LAYERS) for kind in ("key", "val
 RAGGED = ["hello world", [5, 6, 7], "a", "the cat sat."]
 
 
+def cache_shape(particles: Any) -> tuple[int, ...]:
+    """Shape of layer 0's key cache, ``(B, N, heads, seq, head_dim)``, on the host or the GPU."""
+    if "lm.cache" in particles.state:  # DeviceKVCache: (B, N, tensors, heads, seq, head_dim)
+        batch, count, _, heads, length, head_dim = particles.state["lm.cache"].shape
+        return (batch, count, heads, length, head_dim)
+    return tuple(particles.state["lm.cache.0.key"].shape)
+
+
+def on_host(array: Any) -> np.ndarray:
+    """A state array as numpy (a KV cache kept on the GPU is copied to the host)."""
+    return array if isinstance(array, np.ndarray) else array.get()
+
+
 @pytest.fixture(scope="module")
 def policy() -> OnnxCausalLM:
     return OnnxCausalLM(MERGED, max_new_tokens=6)
@@ -95,7 +108,7 @@ def test_cached_decode_matches_full_recompute(policy: OnnxCausalLM) -> None:
     assert not particles.errors
     assert particles.prompt_tokens is not None
     assert [len(p) for p in particles.prompt_tokens] == [11, 3, 1, 12]
-    assert particles.state["lm.cache.0.key"].shape == (len(RAGGED), 4, KV_HEADS, 12, HEAD_DIM)
+    assert cache_shape(particles) == (len(RAGGED), 4, KV_HEADS, 12, HEAD_DIM)
     assert assert_cache_matches_recompute(policy, particles) == len(RAGGED) * 4
     checked = 0
     for _ in range(4):
@@ -103,14 +116,16 @@ def test_cached_decode_matches_full_recompute(policy: OnnxCausalLM) -> None:
         assert np.all(np.isfinite(log_p))
         checked += assert_cache_matches_recompute(policy, particles)
     assert checked > 30  # most particles still run after four steps (of at most six)
-    assert particles.state["lm.cache.0.key"].shape[3] == 12 + 4
+    assert cache_shape(particles)[3] == 12 + 4
     # The cache follows resampling (unsorted, repeated ancestors), then one more cached step.
     ancestors = rng.integers(0, 4, size=particles.lengths.shape).astype(np.int64)
     before = copy.deepcopy(particles)
     particles.reorder(ancestors)
     rows = np.arange(len(RAGGED))[:, None]
     for name, array in before.state.items():
-        np.testing.assert_array_equal(particles.state[name], array[rows, ancestors], err_msg=name)
+        np.testing.assert_array_equal(
+            on_host(particles.state[name]), on_host(array)[rows, ancestors], err_msg=name
+        )
     policy.propose(particles, rng)
     assert assert_cache_matches_recompute(policy, particles) > 0
 
@@ -130,6 +145,39 @@ class RecordingSession:
         assert flag.dtype == np.bool_ and flag.shape == (1,)
         self.calls.append((bool(flag[0]), int(feeds["past_key_values.0.key"].shape[2])))
         return self.session.run(output_names, feeds)
+
+    def io_binding(self) -> Any:  # the policy's path with the KV cache on the GPU
+        return RecordingBinding(self.session.io_binding())
+
+    def run_with_iobinding(self, binding: Any, *args: Any) -> Any:
+        assert binding.flag is not None and binding.past is not None
+        self.calls.append((binding.flag, binding.past))
+        return self.session.run_with_iobinding(binding.binding, *args)
+
+
+class RecordingBinding:
+    """Wraps an IOBinding and keeps the bound branch flag and layer 0's past length."""
+
+    def __init__(self, binding: Any) -> None:
+        self.binding = binding
+        self.flag: Any = None
+        self.past: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.binding, name)
+
+    def bind_cpu_input(self, name: str, array: np.ndarray) -> None:
+        if name == "use_cache_branch":
+            assert array.dtype == np.bool_ and array.shape == (1,)
+            self.flag = bool(array[0])
+        if name == "past_key_values.0.key":
+            self.past = int(array.shape[2])
+        self.binding.bind_cpu_input(name, array)
+
+    def bind_input(self, name: str, *args: Any) -> None:  # device, id, element type, shape, pointer
+        if name == "past_key_values.0.key":
+            self.past = int(args[3][2])
+        self.binding.bind_input(name, *args)
 
 
 def test_branch_flag_false_on_the_prompt_true_with_a_cache() -> None:

@@ -208,6 +208,26 @@ void copy_bytes(std::uintptr_t target, std::uintptr_t source, std::int64_t nbyte
     cu::check_cuda(cudaStreamSynchronize(s), "cudaStreamSynchronize");
 }
 
+// Copies nbytes within device memory, waiting for the stream.
+void copy_device(std::uintptr_t target, std::uintptr_t source, std::int64_t nbytes, int device,
+                 std::uintptr_t stream) {
+    py::gil_scoped_release release;
+    DeviceScope scope(device);
+    const cudaStream_t s = as_stream(stream);
+    cu::check_cuda(cudaMemcpyAsync(as_pointer<void>(target), as_pointer<const void>(source),
+                                   static_cast<std::size_t>(nbytes), cudaMemcpyDeviceToDevice, s),
+                   "cudaMemcpyAsync");
+    cu::check_cuda(cudaStreamSynchronize(s), "cudaStreamSynchronize");
+}
+
+// Waits until everything queued on the stream has run (e.g. stream-ordered allocations, before another
+// library's stream uses the memory).
+void synchronize(int device, std::uintptr_t stream) {
+    py::gil_scoped_release release;
+    DeviceScope scope(device);
+    cu::check_cuda(cudaStreamSynchronize(as_stream(stream)), "cudaStreamSynchronize");
+}
+
 }  // namespace
 }  // namespace tiltsmc::bindings
 
@@ -243,6 +263,9 @@ PYBIND11_MODULE(_cuda, m) {
           py::arg("ancestors"), py::arg("m"), py::arg("out"), py::arg("device"), py::arg("stream"));
     m.def("copy_bytes", &tb::copy_bytes, py::arg("target"), py::arg("source"), py::arg("nbytes"), py::arg("to_host"),
           py::arg("device"), py::arg("stream"));
+    m.def("copy_device", &tb::copy_device, py::arg("target"), py::arg("source"), py::arg("nbytes"), py::arg("device"),
+          py::arg("stream"));
+    m.def("synchronize", &tb::synchronize, py::arg("device"), py::arg("stream"));
     py::class_<tb::DeviceBuffer>(m, "DeviceBuffer")
         .def(py::init<std::int64_t, int, std::uintptr_t>(), py::arg("nbytes"), py::arg("device"), py::arg("stream"))
         .def_property_readonly("ptr", &tb::DeviceBuffer::pointer)

@@ -51,8 +51,11 @@ template <typename T>
 Status select_row(const T* x, std::int64_t n, std::int64_t row, std::uint64_t key, std::int64_t* index,
                   double* log_mean_w) {
     static thread_local RowWeights scratch;
+    static thread_local std::vector<double> scratch_weights;  // w_i = exp(x_i - max), vectorised once
     RowWeights& rw = scratch;
-    row_weights(x, n, row, nullptr, false, rw);
+    std::vector<double>& w = scratch_weights;
+    w.resize(static_cast<std::size_t>(n));
+    row_weights(x, n, row, w.data(), false, rw);
     if (!rw.status.ok()) return rw.status;
     *log_mean_w = rw.shift + std::log(rw.sum) - std::log(static_cast<double>(n));
     UniformStream stream(key, static_cast<std::uint64_t>(row));
@@ -60,7 +63,7 @@ Status select_row(const T* x, std::int64_t n, std::int64_t row, std::uint64_t ke
     double cumulative = 0.0;
     std::int64_t i = 0;
     for (; i < rw.last_positive; ++i) {
-        cumulative += exp_nonpositive(static_cast<double>(x[i]) - rw.shift);
+        cumulative += w[static_cast<std::size_t>(i)];
         if (cumulative > target) break;
     }
     *index = i;

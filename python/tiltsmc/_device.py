@@ -17,7 +17,7 @@ from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
-__all__ = ["CudaAvailability", "DeviceArray", "cuda_available", "is_device_array"]
+__all__ = ["CudaAvailability", "DeviceArray", "cuda_available", "is_device_array", "to_device"]
 
 _ORT_DTYPES = {
     "tensor(float)": "<f4",
@@ -122,7 +122,8 @@ def device_view(x: Any, name: str) -> DeviceView:
     if type(x).__name__ == "OrtValue":
         dtype = np.dtype(_ORT_DTYPES.get(str(x.data_type()), "V1"))
         shape = tuple(int(d) for d in x.shape())
-        return DeviceView(int(x.data_ptr()), shape, dtype, int(x.device_id()), False, "other", x)
+        pointer = int(x.data_ptr())
+        return DeviceView(pointer, shape, dtype, _device_of(x, pointer, "other"), False, "other", x)
     interface = x.__cuda_array_interface__
     pointer, readonly = interface["data"]
     shape = tuple(int(d) for d in interface["shape"])
@@ -227,6 +228,16 @@ class DeviceArray:
         )
         self._offset = 0
 
+    @classmethod
+    def wrap(cls, owner: Any) -> DeviceArray:
+        """A view of device memory that ``owner`` holds (an OrtValue on a CUDA device, or any object with
+        ``__cuda_array_interface__``), kept alive by the view; no copy. Writes through it change ``owner``."""
+        view = device_view(owner, "owner")
+        wrapped = cls.__new__(cls)
+        wrapped.shape, wrapped.dtype, wrapped._offset = view.shape, view.dtype, 0
+        wrapped._buffer = _BorrowedBuffer(owner, view.pointer, view.device)
+        return wrapped
+
     @property
     def device(self) -> int:
         return int(self._buffer.device)
@@ -270,6 +281,16 @@ class DeviceArray:
         view.shape, view.dtype, view._buffer, view._offset = new_shape, self.dtype, self._buffer, self._offset
         return view
 
+    def copy(self) -> DeviceArray:
+        """A new array on the same device with the same contents (waits for the copy)."""
+        result = DeviceArray(self.shape, self.dtype, self.device)
+        if self.nbytes:
+            require_cuda().copy_device(result.ptr, self.ptr, self.nbytes, self.device, 0)
+        return result
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> DeviceArray:
+        return self.copy()
+
     def get(self) -> np.ndarray:
         """A NumPy copy (waits for the stream the array was made on)."""
         host = np.empty(self.shape, dtype=self.dtype)
@@ -286,6 +307,24 @@ class DeviceArray:
 
     def __repr__(self) -> str:
         return f"DeviceArray(shape={self.shape}, dtype={self.dtype}, device={self.device})"
+
+
+class _BorrowedBuffer(NamedTuple):
+    """Device memory held by another object (kept alive here), in the shape of a ``DeviceBuffer``."""
+
+    owner: Any
+    ptr: int
+    device: int
+    stream: int = 0
+
+
+def to_device(host: Any, device: int, stream: int = 0) -> DeviceArray:
+    """A copy of a host array in ``device``'s memory (C order; returns once the copy is done)."""
+    source = np.ascontiguousarray(host)
+    result = DeviceArray(source.shape, source.dtype, device, stream)
+    if source.nbytes:
+        require_cuda().copy_bytes(result.ptr, source.ctypes.data, source.nbytes, False, device, stream)
+    return result
 
 
 def empty_like_kind(view: DeviceView, shape: tuple[int, ...], dtype: Any, stream: int) -> Any:

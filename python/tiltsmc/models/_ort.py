@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
 import importlib.metadata
+import io
 import os
 import warnings
 from collections.abc import Sequence
@@ -62,6 +64,31 @@ def _warn_if_both_runtimes_installed() -> None:
         )
 
 
+@functools.lru_cache(maxsize=1)
+def _preload_cuda_libraries() -> None:
+    """Load CUDA and cuDNN from the ``nvidia-*`` wheels (pip's CUDA, as PyTorch and
+    ``onnxruntime-gpu[cuda,cudnn]`` install it) so that the CUDA provider finds them without
+    LD_LIBRARY_PATH; ONNX Runtime's own ``preload_dlls``, silenced: where they are missing, the provider
+    falls back to the system's libraries or fails, and that is reported when the session is made."""
+    import onnxruntime as ort
+
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(Exception):
+        preload()
+
+
+# Float32 matrix products in full float32: ONNX Runtime's CUDA provider otherwise rounds their inputs to
+# TF32 (10-bit mantissa), and a cached decode then differs from a full recompute by ~1e-3 in the logits.
+CUDA_DEFAULTS = {"use_tf32": "0"}
+
+
+def _with_cuda_defaults(providers: Sequence[Any]) -> list[Any]:
+    """A bare ``"CUDAExecutionProvider"`` gets tiltsmc's defaults; a ``(name, options)`` pair is kept."""
+    return [(p, dict(CUDA_DEFAULTS)) if p == "CUDAExecutionProvider" else p for p in providers]
+
+
 def make_session(
     model_path: Path,
     providers: Optional[Sequence[Any]] = None,
@@ -72,7 +99,9 @@ def make_session(
 ) -> Any:
     """An ``onnxruntime.InferenceSession`` on CUDA where a device is usable, else on the CPU.
 
-    An explicit ``providers`` list is used as given. ``require_gpu`` raises instead of falling back.
+    An explicit ``providers`` list is used as given, except that a bare ``"CUDAExecutionProvider"`` runs
+    float32 in full precision (``use_tf32=0``; pass ``("CUDAExecutionProvider", {...})`` to choose other
+    options). ``require_gpu`` raises instead of falling back.
     """
     import onnxruntime as ort
 
@@ -84,7 +113,11 @@ def make_session(
     if inter_op_num_threads is not None:
         options.inter_op_num_threads = int(inter_op_num_threads)
     if providers is not None:
-        session = ort.InferenceSession(os.fspath(model_path), sess_options=options, providers=list(providers))
+        if any("CUDA" in str(p if isinstance(p, str) else p[0]) for p in providers):
+            _preload_cuda_libraries()
+        session = ort.InferenceSession(
+            os.fspath(model_path), sess_options=options, providers=_with_cuda_defaults(providers)
+        )
         if require_gpu and "CUDAExecutionProvider" not in session.get_providers():
             raise RuntimeError(
                 f"require_gpu: {model_path.name} runs on {session.get_providers()}, not on CUDA "
@@ -93,11 +126,12 @@ def make_session(
         return session
     usable, reason = cuda_device_usable()
     if usable and "CUDAExecutionProvider" in ort.get_available_providers():
+        _preload_cuda_libraries()
         try:
             session = ort.InferenceSession(
                 os.fspath(model_path),
                 sess_options=options,
-                providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
+                providers=_with_cuda_defaults(["CUDAExecutionProvider", "CPUExecutionProvider"]),
             )
             if "CUDAExecutionProvider" in session.get_providers():
                 return session

@@ -15,9 +15,17 @@ renormalised); ``log p(step)`` is returned as sampled. A *step* is one token (``
 of tokens ending at a delimiter (a string, e.g. ``"\n\n"``, or a set of token ids), generated token by
 token here while the samplers see a single step. Ragged prompts are left-padded, so the graph must take
 ``position_ids`` (optimum's current exports do; a graph without them numbers positions itself, which is
-only right when every prompt of a batch has the same length). The cache stays in host memory between
-steps (ONNX Runtime copies it to the device and back each step where a GPU is used) until device-resident
-gather lands with the CUDA core: a documented fallback, correct but slower on a GPU.
+only right when every prompt of a batch has the same length).
+
+Where the session runs on ONNX Runtime's CUDA provider and tiltsmc's CUDA kernels are usable
+(``device_cache=None``, the default, or ``True`` to insist), the KV cache stays on the GPU: the session
+is run with an IO binding that writes ``present.*`` into one device buffer for all layers (a
+:class:`~tiltsmc.models.device_cache.DeviceKVCache` in ``Particles.state["lm.cache"]``) and reads the
+next step's ``past_key_values.*`` from it by pointer, and resampling reorders it there with one CUDA
+:func:`tiltsmc.core.gather` for every layer. Per step only the new tokens, mask and positions go to the
+device and the new logits come back. Elsewhere (CPU provider, or a build without the CUDA kernels) the
+cache lives in host memory, and on a GPU ONNX Runtime copies it to the device and back at every step:
+correct, but slower; ``device_cache=False`` asks for that explicitly.
 """
 
 from __future__ import annotations
@@ -32,9 +40,10 @@ from typing import Any, Optional, Union
 import numpy as np
 import numpy.typing as npt
 
+from .. import core
 from ._ort import make_session
+from .device_cache import DeviceKVCache
 from .particles import Particles
-from .sampling import sample_categorical
 from .tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["OnnxCausalLM"]
@@ -111,6 +120,7 @@ class OnnxCausalLM:
         intra_op_num_threads: Optional[int] = None,
         inter_op_num_threads: Optional[int] = None,
         require_gpu: bool = False,
+        device_cache: Optional[bool] = None,
     ) -> None:
         self.model_file, model_dir = resolve_model_file(path)
         config = read_json(model_dir / "config.json")
@@ -232,6 +242,23 @@ class OnnxCausalLM:
                 raise ValueError(f"step: expected token ids in [0, {self.vocab_size}), got {sorted(ids)}")
             self.step_ids = ids
         self.token_level = self.step_text is None and self.step_ids is None
+        on_cuda = "CUDAExecutionProvider" in self.session.get_providers()
+        if device_cache is None:
+            device_cache = on_cuda and bool(core.cuda_available())
+        elif device_cache:
+            if not on_cuda:
+                raise ValueError(
+                    f"device_cache: the session runs on {self.session.get_providers()}, not on CUDA; "
+                    "pass providers=['CUDAExecutionProvider'] or device_cache=False"
+                )
+            availability = core.cuda_available()
+            if not availability:
+                raise ValueError(
+                    f"device_cache: tiltsmc's CUDA kernels are not usable: {availability.reason}"
+                )
+        self.device_cache = bool(device_cache)
+        options = self.session.get_provider_options().get("CUDAExecutionProvider", {})
+        self.device_id = int(options.get("device_id", 0) or 0)
         self._cache_names = [
             (f"past_key_values.{i}.{kind}", f"present.{i}.{kind}", f"lm.cache.{i}.{kind}")
             for i in range(self.num_layers)
@@ -278,8 +305,11 @@ class OnnxCausalLM:
         input_ids: npt.NDArray[np.int64],
         attention_mask: npt.NDArray[np.int64],
         position_ids: npt.NDArray[np.int64],
-        past: Optional[list[np.ndarray]],
-    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        past: Any,
+    ) -> tuple[np.ndarray, Any]:
+        """Logits and the new cache: per-tensor host arrays, or a :class:`DeviceKVCache` on the GPU."""
+        if self.device_cache:
+            return self._run_on_device(input_ids, attention_mask, position_ids, past)
         rows = input_ids.shape[0]
         feeds: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.has_position_ids:
@@ -295,6 +325,50 @@ class OnnxCausalLM:
         output_names = ["logits"] + [present for _, present, _ in self._cache_names]
         results = self.session.run(output_names, feeds)
         return results[0], results[1:]
+
+    def _run_on_device(
+        self,
+        input_ids: npt.NDArray[np.int64],
+        attention_mask: npt.NDArray[np.int64],
+        position_ids: npt.NDArray[np.int64],
+        past: Optional[DeviceKVCache],
+    ) -> tuple[np.ndarray, DeviceKVCache]:
+        """One session call with the cache in device memory. ``past`` (or nothing, for prompts) is bound by
+        pointer; ``present`` is written by the session straight into a new cache of ``past``'s particles
+        (``(rows, 1)`` for prompts), each tensor ``past + new tokens`` long; only ``logits`` come back to
+        the host."""
+        rows, width = input_ids.shape
+        batch, count = (rows, 1) if past is None else past.shape[:2]
+        length = width + (0 if past is None else past.length)
+        present = DeviceKVCache.empty(
+            2 * self.num_layers, batch, count, self.kv_heads, length, self.head_dim, self.cache_dtype,
+            self.device_id,
+        )  # fmt: skip
+        binding = self.session.io_binding()
+        binding.bind_output("logits", "cpu")  # first: get_outputs() lists outputs in binding order
+        binding.bind_cpu_input("input_ids", input_ids)
+        binding.bind_cpu_input("attention_mask", attention_mask)
+        if self.has_position_ids:
+            binding.bind_cpu_input("position_ids", position_ids)
+        if self.has_cache_branch:
+            binding.bind_cpu_input("use_cache_branch", np.array([past is not None]))
+        for k, (name, present_name, _) in enumerate(self._cache_names):
+            if past is None:
+                empty = np.zeros((rows, self.kv_heads, 0, self.head_dim), dtype=self.cache_dtype)
+                binding.bind_cpu_input(name, empty)
+            else:
+                pointer, shape = past.tensor(k)
+                binding.bind_input(name, "cuda", self.device_id, self.cache_dtype, shape, pointer)
+            pointer, shape = present.tensor(k)
+            binding.bind_output(present_name, "cuda", self.device_id, self.cache_dtype, shape, pointer)
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as error:
+            raise RuntimeError(
+                f"{self.model_file.name} failed with the KV cache on the GPU ({error}); the device cache "
+                "expects each present.* to be past + new tokens long (device_cache=False lifts that)"
+            ) from error
+        return binding.get_outputs()[0].numpy(), present
 
     # -- the Policy protocol ----------------------------------------------------------------------------
 
@@ -329,6 +403,9 @@ class OnnxCausalLM:
 
         particles.state["lm.mask"] = repeat(mask)
         particles.state["lm.logits"] = repeat(np.asarray(logits[:, -1, :], dtype=np.float32))
+        if isinstance(present, DeviceKVCache):  # every particle of prompt b copies its prompt's cache
+            particles.state["lm.cache"] = present.take(np.zeros((batch, num_particles), dtype=np.int64))
+            return particles
         for (_, _, key), cache in zip(self._cache_names, present):
             particles.state[key] = repeat(cache)
         return particles
@@ -350,6 +427,31 @@ class OnnxCausalLM:
             log_probs = log_softmax(np.where(keep, log_probs, -np.inf))
         return log_probs
 
+    def _draw(
+        self, particles: Particles, rng: np.random.Generator
+    ) -> tuple[npt.NDArray[np.int64], FloatArray]:
+        """One token per particle from :meth:`next_log_probs`'s law, and its log-probability, ``(B, N)``.
+
+        :func:`tiltsmc.core.pool_select` draws index ``v`` of a row of scores ``s`` with probability
+        ``exp(s_v) / sum_u exp(s_u)`` and returns ``log mean_u exp(s_u)``, so without top-k / top-p the
+        scores are ``logits / temperature`` and ``log p(v) = s_v - log mean - log V``, in one core call.
+        """
+        shape = particles.lengths.shape
+        if self.top_k is None and self.top_p is None:
+            scores = particles.state["lm.logits"].astype(np.float64).reshape(-1, self.vocab_size)
+            if self.temperature != 1.0:
+                scores /= self.temperature
+            try:
+                index, log_mean = core.pool_select(scores, rng)
+            except ValueError as error:  # NaN or +inf logits
+                raise ValueError(f"logits: {self.model_file.name} returned bad logits: {error}") from error
+            chosen = scores[np.arange(len(index)), index] - log_mean - np.log(self.vocab_size)
+        else:
+            scores = self.next_log_probs(particles).reshape(-1, self.vocab_size)
+            index, _ = core.pool_select(scores, rng)
+            chosen = scores[np.arange(len(index)), index]
+        return index.reshape(shape), chosen.reshape(shape)
+
     def append(self, particles: Particles, tokens: npt.NDArray[np.int64]) -> None:
         """Extend every unfinished particle by one token (``(B, N)``) and run the model one step."""
         self._advance(particles, np.asarray(tokens, dtype=np.int64), ~particles.finished)
@@ -367,10 +469,14 @@ class OnnxCausalLM:
         new_mask = np.concatenate([mask, still[..., None].astype(np.int64)], axis=2)
         positions = mask.sum(axis=2).reshape(rows, 1)
         feed_tokens = np.where(still, tokens, self.pad_token_id).reshape(rows, 1)
-        past = [
-            particles.state[key].reshape(rows, self.kv_heads, -1, self.head_dim)
-            for _, _, key in self._cache_names
-        ]
+        past: Any = (
+            particles.state["lm.cache"]
+            if self.device_cache
+            else [
+                particles.state[key].reshape(rows, self.kv_heads, -1, self.head_dim)
+                for _, _, key in self._cache_names
+            ]
+        )
         logits, present = self._run(feed_tokens, new_mask.reshape(rows, -1), positions, past)
         particles.state["lm.mask"] = new_mask
         old_logits = particles.state["lm.logits"]
@@ -379,6 +485,9 @@ class OnnxCausalLM:
             np.asarray(logits[:, -1, :], dtype=np.float32).reshape(old_logits.shape),
             old_logits,
         )
+        if isinstance(present, DeviceKVCache):
+            particles.state["lm.cache"] = present
+            return
         for (_, _, key), cache in zip(self._cache_names, present):
             particles.state[key] = cache.reshape(batch, count, *cache.shape[1:])
 
@@ -403,9 +512,7 @@ class OnnxCausalLM:
         step_start = particles.lengths.copy()
         total = np.zeros(particles.lengths.shape)
         while in_step.any():
-            log_probs = self.next_log_probs(particles)
-            tokens = sample_categorical(np.where(in_step[..., None], log_probs, 0.0), rng)
-            chosen = np.take_along_axis(log_probs, tokens[..., None], axis=-1)[..., 0]
+            tokens, chosen = self._draw(particles, rng)
             total += np.where(in_step, chosen, 0.0)
             self._advance(particles, tokens, in_step)
             if self.token_level:

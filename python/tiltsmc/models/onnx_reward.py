@@ -146,12 +146,14 @@ class OnnxRewardModel:
         """``log Vh`` of right-padded rows ``ids[r, :lengths[r]]``, read at ``read_at[r]`` (default: the last
         token) where the model scores every position."""
         width = ids.shape[1]
-        mask = (np.arange(width) < lengths[:, None]).astype(np.int64)
+        columns = np.arange(width)
+        valid = columns < lengths[:, None]
+        mask = valid.astype(np.int64)
         if self.token_map is not None:
-            ids = np.where(mask == 1, self.token_map[ids], self.pad_token_id)
+            ids = np.where(valid, self.token_map[ids], self.pad_token_id)
         feeds: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
-        if self.has_position_ids:
-            feeds["position_ids"] = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+        if self.has_position_ids:  # right padding: 0, 1, ..., length - 1, then length - 1 repeated
+            feeds["position_ids"] = np.minimum(columns, np.maximum(lengths - 1, 0)[:, None])
         (scores,) = self.session.run([self.output], feeds)
         scores = np.asarray(scores, dtype=np.float64)
         if scores.ndim == 3 and scores.shape[2] == 1:
@@ -227,6 +229,8 @@ class OnnxRewardModel:
         prompt_lengths = np.array(
             [len(self._prompt(particles, k)) for k in range(particles.num_prompts)], dtype=np.int64
         )
+        if len(rows) == particles.lengths.size:  # every particle (the usual step): slices per prompt
+            return self._all_prefixes(particles, prompt_lengths)
         generated = particles.lengths[b, i]
         lengths = prompt_lengths[b] + generated
         ids = np.full((len(rows), int(lengths.max())), self.pad_token_id, dtype=np.int64)
@@ -239,6 +243,22 @@ class OnnxRewardModel:
             row_index = np.broadcast_to(np.arange(len(rows))[:, None], columns.shape)
             ids[row_index[valid], columns[valid]] = particles.tokens[b, i, :width][valid]
         return ids, lengths
+
+    def _all_prefixes(
+        self, particles: Particles, prompt_lengths: npt.NDArray[np.int64]
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """:meth:`_prefixes` of every particle, rows in ``(b, i)`` order."""
+        batch, count = particles.lengths.shape
+        lengths = prompt_lengths[:, None] + particles.lengths
+        width = int(lengths.max())
+        generated = int(particles.lengths.max())
+        ids = np.empty((batch, count, width), dtype=np.int64)
+        for k in range(batch):
+            start = int(prompt_lengths[k])
+            ids[k, :, :start] = self._prompt(particles, k)
+            ids[k, :, start : start + generated] = particles.tokens[k, :, :generated]
+        ids[np.arange(width) >= lengths[..., None]] = self.pad_token_id
+        return ids.reshape(batch * count, width), lengths.reshape(-1)
 
     def _last_delimiter(
         self,

@@ -9,7 +9,8 @@ from typing import Any, Optional
 import numpy as np
 import numpy.typing as npt
 
-from .. import core
+from .. import _device, core
+from .device_cache import DeviceKVCache
 
 __all__ = ["Particles"]
 
@@ -24,14 +25,16 @@ class Particles:
     finished and the samplers report it as failed, while the other prompts go on). Models keep any further
     per-particle state (DFA states, KV caches, attention masks) in ``state`` under their own keys, with
     the same leading ``(B, N)`` axes, so that :meth:`reorder` carries it through resampling without the
-    models ever resampling themselves.
+    models ever resampling themselves. A state array may live in CUDA device memory: it is then reordered
+    where it lies, with the ancestors copied to its device once per call; a
+    :class:`~tiltsmc.models.device_cache.DeviceKVCache` reorders all its layers in one gather.
     """
 
     prompts: list[Any]
     tokens: npt.NDArray[np.int64]
     lengths: npt.NDArray[np.int64]
     finished: npt.NDArray[np.bool_]
-    state: dict[str, np.ndarray] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)
     prompt_tokens: Optional[list[npt.NDArray[np.int64]]] = None
     errors: dict[int, str] = field(default_factory=dict)
 
@@ -62,25 +65,39 @@ class Particles:
             core.gather(self.lengths, ancestors, out=self.lengths)
         if self.finished.any() and not self.finished.all():
             core.gather(self.finished, ancestors, out=self.finished)
+        on_device: dict[int, Any] = {}
         for name, array in self.state.items():
-            if array.shape[:2] != self.lengths.shape:
+            if tuple(array.shape[:2]) != self.lengths.shape:
                 raise ValueError(
-                    f"Particles.state[{name!r}]: leading axes {array.shape[:2]} are not (B, N) = "
+                    f"Particles.state[{name!r}]: leading axes {tuple(array.shape[:2])} are not (B, N) = "
                     f"{self.lengths.shape}"
                 )
-            if array.flags.c_contiguous and array.flags.writeable:
+            if isinstance(array, DeviceKVCache):
+                array.reorder(ancestors)
+            elif type(array) is not np.ndarray and _device.is_device_array(array):
+                core.gather(array, _ancestors_on(array, ancestors, on_device), out=array)
+            elif array.flags.c_contiguous and array.flags.writeable:
                 core.gather(array, ancestors, out=array)
             else:
                 self.state[name] = core.gather(array, ancestors)
 
     def take(self, ancestors: npt.NDArray[np.int64]) -> Particles:
         """A new batch: particle ``j`` of prompt ``b`` copies particle ``ancestors[b, j]`` (any count)."""
+        on_device: dict[int, Any] = {}
+        state: dict[str, Any] = {}
+        for name, array in self.state.items():
+            if isinstance(array, DeviceKVCache):
+                state[name] = array.take(ancestors)
+            elif type(array) is not np.ndarray and _device.is_device_array(array):
+                state[name] = core.gather(array, _ancestors_on(array, ancestors, on_device))
+            else:
+                state[name] = core.gather(array, ancestors)
         return Particles(
             prompts=list(self.prompts),
             tokens=core.gather(self.tokens, ancestors),
             lengths=core.gather(self.lengths, ancestors),
             finished=core.gather(self.finished, ancestors),
-            state={name: core.gather(array, ancestors) for name, array in self.state.items()},
+            state=state,
             prompt_tokens=self.prompt_tokens,
             errors=dict(self.errors),
         )
@@ -88,3 +105,11 @@ class Particles:
     def sequences(self, prompt: int) -> list[npt.NDArray[np.int64]]:
         """The generated steps of every particle of one prompt, each trimmed to its length."""
         return [self.tokens[prompt, i, : self.lengths[prompt, i]].copy() for i in range(self.num_particles)]
+
+
+def _ancestors_on(array: Any, ancestors: npt.NDArray[np.int64], uploaded: dict[int, Any]) -> Any:
+    """``ancestors`` (int64) on the CUDA device of ``array``, copied there once per device and call."""
+    device = _device.device_view(array, "Particles.state").device
+    if device not in uploaded:
+        uploaded[device] = _device.to_device(np.asarray(ancestors, dtype=np.int64), device)
+    return uploaded[device]

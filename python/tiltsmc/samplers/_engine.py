@@ -33,6 +33,24 @@ def logsumexp(a: FloatArray, axis: int = -1) -> FloatArray:
     return total
 
 
+def survivors_stay(ancestors: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """The same offspring counts with every surviving particle kept in its own slot.
+
+    Particles are exchangeable after resampling, so any arrangement of a row's ancestors gives the same
+    particle system. Here particle ``i`` with ``c_i >= 1`` children keeps slot ``i`` and its ``c_i - 1``
+    extra copies fill the slots of the particles that died (in order), so reordering in place moves only
+    the dead particles' slots: on average ``N - unique`` rows instead of nearly all of them.
+    """
+    batch, count = ancestors.shape
+    children = np.zeros(batch * count, dtype=np.int64)
+    flat = (ancestors + (np.arange(batch) * count)[:, None]).ravel()
+    np.add.at(children, flat, 1)
+    arranged = np.tile(np.arange(count, dtype=np.int64), batch)
+    extra_parents = np.repeat(np.arange(batch * count), np.maximum(children - 1, 0))
+    arranged[children == 0] = extra_parents % count  # both in (row, index) order, as many per row
+    return arranged.reshape(batch, count)
+
+
 class Models:
     """The policy and reward model of one run, with every call counted and timed into ``compute``."""
 

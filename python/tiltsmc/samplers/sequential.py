@@ -27,7 +27,15 @@ from .._rng import RNGLike, as_generator
 from ..models.particles import Particles
 from ..models.protocols import Policy, RewardModel
 from ..models.sampling import sample_categorical
-from ._engine import FloatArray, Models, check_count, decode_texts, failed_prompts, logsumexp
+from ._engine import (
+    FloatArray,
+    Models,
+    check_count,
+    decode_texts,
+    failed_prompts,
+    logsumexp,
+    survivors_stay,
+)
 from .result import Compute, SamplerResult
 
 __all__ = ["smc", "sp_gsmc"]
@@ -144,6 +152,7 @@ def _run_smc(
         log_z = log_z + step_increment
         collapsed |= ess == 0.0
         if resample_rows.any():
+            ancestors = survivors_stay(ancestors)
             particles.reorder(ancestors)
             log_v_prev = core.gather(log_v_prev, ancestors)
         trace.ess.append(np.asarray(ess, dtype=np.float64))
