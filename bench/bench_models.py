@@ -84,6 +84,23 @@ def _onnxruntime_version() -> str:
     return str(onnxruntime.__version__)
 
 
+def _gpu_name() -> str:
+    """The GPU's name as nvidia-smi gives it ('' where there is none)."""
+    import subprocess
+
+    try:
+        done = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout.strip().splitlines()[0] if done.returncode == 0 and done.stdout.strip() else ""
+
+
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider"]}
 
 
@@ -229,7 +246,11 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps(
-            {"machine": machine_info(onnxruntime=_onnxruntime_version()), "args": vars(args), "rows": rows},
+            {
+                "machine": machine_info(onnxruntime=_onnxruntime_version(), gpu=_gpu_name()),
+                "args": vars(args),
+                "rows": rows,
+            },
             indent=1,
         )
     )
