@@ -96,6 +96,8 @@ def cache_keys(particles: Any) -> list[str]:
 def test_device_cache_refused_without_cuda_session() -> None:
     with pytest.raises(ValueError, match="device_cache"):
         OnnxCausalLM(FIXTURES / "llama-tiny", providers=["CPUExecutionProvider"], device_cache=True)
+    with pytest.raises(TypeError, match="device_cache"):
+        OnnxCausalLM(FIXTURES / "llama-tiny", providers=["CPUExecutionProvider"], device_cache="yes")  # type: ignore[arg-type]
     policy = OnnxCausalLM(FIXTURES / "llama-tiny", providers=["CPUExecutionProvider"])
     assert policy.device_cache is False
     particles = policy.start(["ab"], 3)

@@ -243,6 +243,8 @@ class OnnxCausalLM:
             self.step_ids = ids
         self.token_level = self.step_text is None and self.step_ids is None
         on_cuda = "CUDAExecutionProvider" in self.session.get_providers()
+        if device_cache is not None and not isinstance(device_cache, (bool, np.bool_)):
+            raise TypeError(f"device_cache: expected None, True or False, got {device_cache!r}")
         if device_cache is None:
             device_cache = on_cuda and bool(core.cuda_available())
         elif device_cache:
