@@ -1,5 +1,6 @@
 // The thread count and a persistent pool of worker threads (started on first use, grown on demand).
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <memory>
 #include <mutex>
@@ -17,6 +18,34 @@ namespace {
 std::atomic<int> g_num_threads{0};  // 0: the hardware's count
 thread_local bool t_in_worker = false;
 
+// Waking a sleeping thread costs tens of microseconds on a virtual machine (a futex wake-up is an
+// interrupt to a halted virtual CPU), as much as a whole 2^20-element pass. So both sides spin for a
+// short while before sleeping: the caller while the workers finish, the workers after a job, waiting
+// for the next (back-to-back calls, and the several passes of one kernel, then start at once).
+constexpr auto kWorkerSpin = std::chrono::microseconds(200);
+constexpr auto kCallerSpin = std::chrono::milliseconds(2);
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#else
+    std::this_thread::yield();
+#endif
+}
+
+// Spins until done() or for about `limit`; true if done() was seen.
+template <typename Done, typename Duration>
+bool spin_until(const Done& done, Duration limit) {
+    const auto deadline = std::chrono::steady_clock::now() + limit;
+    for (;;) {
+        for (int k = 0; k < 64; ++k) {
+            if (done()) return true;
+            cpu_relax();
+        }
+        if (std::chrono::steady_clock::now() >= deadline) return done();
+    }
+}
+
 class Pool {
 public:
     // Runs part(0) here and part(1..parts-1) on workers; false if another caller holds the pool.
@@ -29,13 +58,13 @@ public:
             while (static_cast<int>(workers_.size()) < parts - 1) {
                 const int index = static_cast<int>(workers_.size()) + 1;
                 workers_.emplace_back([this, index] { work(index); });
-                workers_.back().detach();  // never joined: they wait on the condition until exit
+                workers_.back().detach();  // never joined: they wait for work until exit
             }
             part_ = &part;
-            parts_ = parts;
-            pending_ = parts - 1;
+            parts_.store(parts, std::memory_order_relaxed);
             errors_.assign(static_cast<std::size_t>(parts), nullptr);
-            ++generation_;
+            pending_.store(parts - 1, std::memory_order_relaxed);
+            generation_.fetch_add(1, std::memory_order_release);  // publishes the fields above
         }
         wake_.notify_all();
         try {
@@ -43,8 +72,12 @@ public:
         } catch (...) {
             first_error = std::current_exception();
         }
+        auto finished = [this] { return pending_.load(std::memory_order_acquire) == 0; };
+        if (!spin_until(finished, kCallerSpin)) {
+            std::unique_lock<std::mutex> lock(mutex_);
+            done_.wait(lock, finished);
+        }
         std::unique_lock<std::mutex> lock(mutex_);
-        done_.wait(lock, [this] { return pending_ == 0; });
         part_ = nullptr;
         for (auto& error : errors_)
             if (error && !first_error) first_error = error;
@@ -57,22 +90,28 @@ private:
     void work(int index) {
         t_in_worker = true;
         std::uint64_t seen = 0;
-        std::unique_lock<std::mutex> lock(mutex_);
         for (;;) {
-            wake_.wait(lock, [&] { return generation_ != seen; });
-            seen = generation_;
-            if (index >= parts_) continue;
+            auto published = [&] { return generation_.load(std::memory_order_acquire) != seen; };
+            if (!spin_until(published, kWorkerSpin)) {
+                std::unique_lock<std::mutex> lock(mutex_);
+                wake_.wait(lock, published);
+            }
+            seen = generation_.load(std::memory_order_acquire);
+            if (index >= parts_.load(std::memory_order_relaxed)) continue;
             const std::function<void(int)>* part = part_;
-            lock.unlock();
             std::exception_ptr error;
             try {
                 (*part)(index);
             } catch (...) {
                 error = std::current_exception();
             }
-            lock.lock();
             errors_[static_cast<std::size_t>(index)] = error;
-            if (--pending_ == 0) done_.notify_one();
+            if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+                // The caller may be about to sleep: take the mutex so the notification cannot fall
+                // between its check and its wait.
+                { std::lock_guard<std::mutex> lock(mutex_); }
+                done_.notify_one();
+            }
         }
     }
 
@@ -82,9 +121,9 @@ private:
     std::condition_variable done_;
     std::vector<std::thread> workers_;
     const std::function<void(int)>* part_ = nullptr;
-    int parts_ = 0;
-    int pending_ = 0;
-    std::uint64_t generation_ = 0;
+    std::atomic<int> parts_{0};
+    std::atomic<int> pending_{0};
+    std::atomic<std::uint64_t> generation_{0};
     std::vector<std::exception_ptr> errors_;
 };
 

@@ -47,9 +47,12 @@ TILTSMC_SIMD_CLONES void points_below_block(double* w, std::int64_t count, doubl
         s += __builtin_shufflevector(s, zero, 8, 0, 1, 2, 3, 4, 5, 6);
         s += __builtin_shufflevector(s, zero, 8, 8, 0, 1, 2, 3, 4, 5);
         s += __builtin_shufflevector(s, zero, 8, 8, 8, 8, 0, 1, 2, 3);
+        // The running total is the only dependency between iterations: keep it a scalar add (its
+        // broadcast and the clamp to chunk_end are off that chain; clamping later changes nothing, as
+        // the totals only grow).
         Vec8 c = base + s;
+        base += s[7];  // the same addition as c[7]
         c = c < chunk_end ? c : splat(chunk_end);
-        base = c[7];
         Vec8 x = c * scale - u;
         x = x > zero ? x : zero;
         x = x < limit ? x : limit;
@@ -59,6 +62,7 @@ TILTSMC_SIMD_CLONES void points_below_block(double* w, std::int64_t count, doubl
             (reinterpret_cast<const Mask8&>(shifted) - std::int64_t{0x4330000000000000}) - (rounded < x);
         std::memcpy(w + i, &next, sizeof next);
     }
+    base = std::min(base, chunk_end);
     for (; i < count; ++i) {
         base = std::min(base + w[i], chunk_end);
         const std::int64_t next = points_below(base, scale, u, m);
@@ -85,7 +89,7 @@ TILTSMC_SIMD_CLONES void write_children(const double* __restrict w, std::int64_t
         *(stop < limit ? out + stop : &spill) = i + 1;
     }
     const Mask8 none = Mask8{};
-    Mask8 running = none + begin;
+    Mask8 running = none + begin;  // the running maximum, in every lane
     std::int64_t j = start;
     for (; j + kLanes <= limit; j += kLanes) {
         Mask8 v;
@@ -96,8 +100,10 @@ TILTSMC_SIMD_CLONES void write_children(const double* __restrict w, std::int64_t
         v = v > shifted ? v : shifted;
         shifted = __builtin_shufflevector(v, none, 8, 8, 8, 8, 0, 1, 2, 3);
         v = v > shifted ? v : shifted;
+        // Only the maximum is carried from one block to the next (its broadcast is off that chain).
+        const Mask8 top = __builtin_shufflevector(v, v, 7, 7, 7, 7, 7, 7, 7, 7);
         v = v > running ? v : running;
-        running = none + v[kLanes - 1];
+        running = top > running ? top : running;
         std::memcpy(out + j, &v, sizeof v);
     }
     std::int64_t last = running[0];

@@ -85,6 +85,79 @@ void test_exponentials_from_uniforms() {
     EXPECT(worst < 1e-15);
 }
 
+// Distance in units in the last place of the expected value (0 when equal).
+double ulps(double got, double expected) {
+    if (got == expected) return 0.0;
+    const double ulp = std::nextafter(std::fabs(expected), inf) - std::fabs(expected);
+    return std::fabs(got - expected) / ulp;
+}
+
+// Values x <= 0 across the whole range exp_nonpositive handles: -inf, 0, -tiny, table and reduction
+// boundaries, and the -708 flush (std::exp is correctly rounded to within 1 ulp on glibc).
+std::vector<double> exp_test_points() {
+    std::vector<double> x = {0.0, -0.0, -inf, -0x1.0p-1074, -1e-300, -1e-17, -1e-10, -0.5, -1.0,
+                             -std::log(2.0), -std::log(2.0) / 32, -std::log(2.0) / 16, -700.0,
+                             -707.9999999999, -708.0, std::nextafter(-708.0, -inf), -708.5, -709.0,
+                             -709.78, -740.0, -745.0, -745.2, -746.0, -1e6, -1e300};
+    std::mt19937_64 engine(17);
+    std::uniform_real_distribution<double> range(-760.0, 0.0), small(-1.0, 0.0);
+    for (int k = 0; k < 200000; ++k) x.push_back(range(engine));
+    for (int k = 0; k < 50000; ++k) x.push_back(small(engine));
+    for (int e = -1074; e <= 9; ++e) x.push_back(-std::ldexp(1.0, e) * 1.2345);  // every scale
+    for (int k = -16 * 1022; k <= 0; k += 7) x.push_back(k * std::log(2.0) / 16);  // table entries
+    while (x.size() % 8) x.push_back(-1.0);
+    return x;
+}
+
+void check_exp(double (*fn)(double), const char* name) {
+    double worst = 0.0;
+    for (const double v : exp_test_points()) {
+        const double expected = v < -708.0 ? 0.0 : std::exp(v);
+        const double got = fn(v);
+        worst = std::max(worst, ulps(got, expected));
+        if (v < -708.0) EXPECT(got == 0.0);
+    }
+    if (worst > 2.0) std::fprintf(stderr, "%s: worst error %.2f ulp\n", name, worst);
+    EXPECT(worst <= 2.0);
+}
+
+void test_exp_accuracy() {
+    check_exp([](double v) { return exp_nonpositive(v); }, "exp_nonpositive");
+    // The weights' exp as the kernels compute it (chunk_exp_sums stores them), portable and AVX-512.
+    const std::vector<double> x = exp_test_points();
+    const auto n = static_cast<std::int64_t>(x.size());
+    for (const int simd : {0, 1}) {
+        g_avx512_override = simd;
+        std::vector<double> w(x.size());
+        double sum = 0.0, squares = 0.0;
+        chunk_exp_sums<true>(x.data(), n, 0.0, w.data(), &sum, &squares);
+        double worst = 0.0;
+        for (std::size_t k = 0; k < x.size(); ++k) {
+            const double expected = x[k] < -708.0 ? 0.0 : std::exp(x[k]);
+            worst = std::max(worst, ulps(w[k], expected));
+            if (x[k] < -708.0) EXPECT(w[k] == 0.0);
+            if (x[k] == 0.0) EXPECT(w[k] == 1.0);
+        }
+        if (worst > 2.0) std::fprintf(stderr, "chunk_exp_sums (avx512=%d): worst error %.2f ulp\n", simd, worst);
+        EXPECT(worst <= 2.0);
+        // A shifted row: exp(x - shift), float input, a partial last vector.
+        std::vector<float> xf = {0.0f, -1.5f, -std::numeric_limits<float>::infinity(), -700.25f, -3.0f};
+        std::vector<double> wf(xf.size());
+        chunk_exp_sums<true>(xf.data(), static_cast<std::int64_t>(xf.size()), 1.0, wf.data(), &sum, &squares);
+        for (std::size_t k = 0; k < xf.size(); ++k) {
+            const double v = static_cast<double>(xf[k]) - 1.0;
+            EXPECT(ulps(wf[k], v < -708.0 ? 0.0 : std::exp(v)) <= 2.0);
+        }
+        double expected_sum = 0.0;
+        for (const double v : wf) expected_sum += v;
+        EXPECT(std::fabs(sum - expected_sum) <= 1e-15 * expected_sum);
+    }
+    g_avx512_override = -1;
+#if TILTSMC_HAVE_AVX512_PATH
+    if (cpu_has_avx512()) std::printf("exp: AVX-512 path checked\n");
+#endif
+}
+
 void test_log_normalize() {
     std::vector<double> logw = {0.0, std::log(3.0), -inf, 1e4, 1e4, -inf};
     std::vector<double> out(6), log_mean_w(2), ess(2);
@@ -311,13 +384,18 @@ void test_random_sizes() {
 int main() {
     test_philox_known_answer();
     test_exponentials_from_uniforms();
-    test_log_normalize();
-    test_resample_edges();
-    test_systematic_floor_ceil_and_threads();
-    test_pool_select_and_mh();
-    test_smc_step();
-    test_gather();
-    test_random_sizes();
+    test_exp_accuracy();
+    for (const int simd : {1, 0}) {  // the AVX-512 kernels (where the CPU has them), then the portable ones
+        g_avx512_override = simd;
+        test_log_normalize();
+        test_resample_edges();
+        test_systematic_floor_ceil_and_threads();
+        test_pool_select_and_mh();
+        test_smc_step();
+        test_gather();
+        test_random_sizes();
+    }
+    g_avx512_override = -1;
     if (failures) {
         std::fprintf(stderr, "%d check(s) failed\n", failures);
         return 1;
