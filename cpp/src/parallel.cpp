@@ -19,11 +19,14 @@ std::atomic<int> g_num_threads{0};  // 0: the hardware's count
 thread_local bool t_in_worker = false;
 
 // Waking a sleeping thread costs tens of microseconds on a virtual machine (a futex wake-up is an
-// interrupt to a halted virtual CPU), as much as a whole 2^20-element pass. So both sides spin for a
-// short while before sleeping: the caller while the workers finish, the workers after a job, waiting
-// for the next (back-to-back calls, and the several passes of one kernel, then start at once).
-constexpr auto kWorkerSpin = std::chrono::microseconds(200);
-constexpr auto kCallerSpin = std::chrono::milliseconds(2);
+// interrupt to a halted virtual CPU), as much as a whole 2^20-element pass. So workers spin briefly after
+// a job, waiting for the next one (the passes of one kernel, and back-to-back calls, then start at once),
+// and the caller spins briefly while they finish. Both spins are short because tiltsmc shares the cores
+// with a model runtime between its calls: with 200 us / 2 ms spins, tiltsmc's share of an SMC step on the
+// ONNX fixtures (bench_models.py, 2-core VM) doubled (5% -> 11%); 50 us / 20 us keep the kernels' figures
+// of the long spins (bench_core.py) and the step's figures of no spinning.
+constexpr auto kWorkerSpin = std::chrono::microseconds(50);
+constexpr auto kCallerSpin = std::chrono::microseconds(20);
 
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
