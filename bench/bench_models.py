@@ -1,16 +1,19 @@
 """Benchmark of SMC on the ONNX fixture models: where a step's time goes, and what the KV cache saves.
 
 For each decoder fixture (with prm-tiny as the reward model), one seeded SMC run of ``--prompts`` prompts
-x ``--particles`` particles for ``--tokens`` tokens, timed three ways in the same run:
+x ``--particles`` particles for ``--tokens`` tokens (after one untimed run of the same), timed so:
 
-* ONNX Runtime: the time inside ``session.run`` of the policy and the reward model (the model itself);
-* tiltsmc: everything else (the samplers' weights, resampling and reordering, and the models' Python
-  glue: feeds, masks, sampling, cache reshapes);
+* ONNX Runtime: the time inside ``session.run`` / ``run_with_iobinding`` of the policy and the reward
+  model (the models themselves);
+* tiltsmc: everything else, split into the models' Python glue (feeds, masks, drawing tokens, building
+  reward prefixes) and the rest (the samplers' weights, resampling, reordering particles and caches);
 * the same run with a naive policy that re-encodes every prefix from scratch at each step (no cache, no
-  gather), which is what a implementation without cache-following resampling does.
+  gather), which is what an implementation without cache-following resampling does;
+* with ``--provider cuda``, also the run with the KV cache kept on the host (``device_cache=False``:
+  ONNX Runtime copies it to the GPU and back at every step) beside the default device cache.
 
-Prints a table and writes JSON to bench/results/models_<host>.json. Not a test: figures depend on the
-machine; run it on a quiet one.
+Prints a table and writes JSON to bench/results/models_<host>[_cuda].json. Not a test: figures depend on
+the machine; run it on a quiet one.
 """
 
 from __future__ import annotations
