@@ -41,17 +41,33 @@ inline std::int64_t points_below(double c, double scale, double u, std::int64_t 
 TILTSMC_SIMD_CLONES void points_below_block(double* w, std::int64_t count, double base, double chunk_end,
                                             double scale, double u, std::int64_t m, double* last) {
     const Vec8 zero = splat(0.0), two52 = splat(4503599627370496.0), limit = splat(static_cast<double>(m));
+    const Vec8 neg_inf = splat(-kInf);
     std::int64_t i = 0;
     for (; i + kLanes <= count; i += kLanes) {
-        Vec8 s = load8(w + i);
+        const Vec8 weights = load8(w + i);
+        Vec8 s = weights;
         s += __builtin_shufflevector(s, zero, 8, 0, 1, 2, 3, 4, 5, 6);
         s += __builtin_shufflevector(s, zero, 8, 8, 0, 1, 2, 3, 4, 5);
         s += __builtin_shufflevector(s, zero, 8, 8, 8, 8, 0, 1, 2, 3);
         // The running total is the only dependency between iterations: keep it a scalar add (its
         // broadcast and the clamp to chunk_end are off that chain; clamping later changes nothing, as
         // the totals only grow).
-        Vec8 c = base + s;
+        const Vec8 before = splat(base);
+        Vec8 c = before + s;
         base += s[7];  // the same addition as c[7]
+        // The scan adds in another order for each lane, so C_i and C_{i-1} may differ by an ulp even
+        // where w_i = 0, and a point could then land on a zero-weight particle (rare, but by a rough
+        // estimate once in ~1e5 calls on a 2^20 row with half its weights zero). As on the GPU: a zero-weight particle takes the
+        // cumulative weight before it, and the sums are made non-decreasing (a running maximum over the
+        // lanes, from the previous block's total).
+        c = weights > zero ? c : neg_inf;
+        Vec8 earlier = __builtin_shufflevector(c, neg_inf, 8, 0, 1, 2, 3, 4, 5, 6);
+        c = c > earlier ? c : earlier;
+        earlier = __builtin_shufflevector(c, neg_inf, 8, 8, 0, 1, 2, 3, 4, 5);
+        c = c > earlier ? c : earlier;
+        earlier = __builtin_shufflevector(c, neg_inf, 8, 8, 8, 8, 0, 1, 2, 3);
+        c = c > earlier ? c : earlier;
+        c = c > before ? c : before;
         c = c < chunk_end ? c : splat(chunk_end);
         Vec8 x = c * scale - u;
         x = x > zero ? x : zero;
