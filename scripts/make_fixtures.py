@@ -121,43 +121,30 @@ def build_model(name: str):
     import transformers as tf
 
     common = dict(bos_token_id=EOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, initializer_range=INIT_RANGE)
+    # Llama and Qwen2 fixtures: the same grouped-query decoder sizes
+    gqa_decoder = dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=MAX_POS,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        **common,
+    )
     if name in ("gpt2-tiny", "gpt2-merged-tiny"):  # the same config, seed and so weights
         cfg = tf.GPT2Config(
             vocab_size=VOCAB_SIZE, n_positions=MAX_POS, n_embd=32, n_layer=2, n_head=2, n_inner=64, **common
         )
         cls = tf.GPT2LMHeadModel
     elif name == "llama-tiny":
-        cfg = tf.LlamaConfig(
-            vocab_size=VOCAB_SIZE,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=MAX_POS,
-            rms_norm_eps=1e-6,
-            rope_theta=10000.0,
-            tie_word_embeddings=False,
-            **common,
-        )
+        cfg = tf.LlamaConfig(**gqa_decoder)
         cls = tf.LlamaForCausalLM
     elif name == "prm-tiny":
-        cfg = tf.Qwen2Config(
-            vocab_size=VOCAB_SIZE,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=MAX_POS,
-            rms_norm_eps=1e-6,
-            rope_theta=10000.0,
-            tie_word_embeddings=False,
-            num_labels=1,
-            id2label={0: "reward"},
-            label2id={"reward": 0},
-            **common,
-        )
+        cfg = tf.Qwen2Config(num_labels=1, id2label={0: "reward"}, label2id={"reward": 0}, **gqa_decoder)
         cls = tf.Qwen2ForTokenClassification
     else:
         raise ValueError(name)
