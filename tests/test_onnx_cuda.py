@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import tiltsmc
+from onnx_helpers import assert_cache_matches_recompute, assert_state_follows, on_host
 from tiltsmc import _device, core
 from tiltsmc.models import OnnxCausalLM, OnnxRewardModel
 from tiltsmc.models._ort import cuda_device_usable
@@ -44,46 +45,8 @@ WHY_NOT = _why_not()
 gpu = pytest.mark.skipif(bool(WHY_NOT), reason=WHY_NOT or "runs on a GPU")
 
 
-def on_host(array: Any) -> np.ndarray:
-    return array if isinstance(array, np.ndarray) else array.get()
-
-
-def full_last_logits(policy: OnnxCausalLM, ids: np.ndarray) -> np.ndarray:
-    """Next-token logits of one unpadded sequence, run from scratch without a cache (host feeds)."""
-    ids = np.asarray(ids, dtype=np.int64)[None, :]
-    length = ids.shape[1]
-    feeds: dict[str, Any] = {
-        "input_ids": ids,
-        "attention_mask": np.ones_like(ids),
-    }
-    names = {node.name for node in policy.session.get_inputs()}
-    if "position_ids" in names:
-        feeds["position_ids"] = np.arange(length, dtype=np.int64)[None, :]
-    if "use_cache_branch" in names:
-        feeds["use_cache_branch"] = np.array([False])
-    for name in names:
-        if name.startswith("past_key_values."):
-            feeds[name] = np.zeros((1, policy.kv_heads, 0, policy.head_dim), dtype=policy.cache_dtype)
-    (logits,) = policy.session.run(["logits"], feeds)
-    return np.asarray(logits[0, -1], dtype=np.float64)
-
-
 def assert_matches_recompute(policy: OnnxCausalLM, particles: Any) -> int:
-    checked = 0
-    assert particles.prompt_tokens is not None
-    for b, i in zip(*np.nonzero(~particles.finished)):
-        sequence = np.concatenate(
-            [particles.prompt_tokens[b], particles.tokens[b, i, : particles.lengths[b, i]]]
-        )
-        np.testing.assert_allclose(
-            particles.state["lm.logits"][b, i],
-            full_last_logits(policy, sequence),
-            atol=1e-4,
-            rtol=0,
-            err_msg=f"particle ({b}, {i})",
-        )
-        checked += 1
-    return checked
+    return assert_cache_matches_recompute(policy, particles, policy.kv_heads, policy.head_dim)
 
 
 def cache_keys(particles: Any) -> list[str]:
@@ -155,11 +118,7 @@ def test_device_cache_decode_matches_recompute_after_reorder_and_take(path: Path
     ancestors = rng.integers(0, 4, size=particles.lengths.shape).astype(np.int64)
     before = copy.deepcopy(particles)  # the device cache copies itself on the device
     particles.reorder(ancestors)
-    rows = np.arange(len(RAGGED))[:, None]
-    for name, array in before.state.items():
-        np.testing.assert_array_equal(
-            on_host(particles.state[name]), on_host(array)[rows, ancestors], err_msg=name
-        )
+    assert_state_follows(before, particles, ancestors)
     policy.propose(particles, rng)
     assert assert_matches_recompute(policy, particles) > 0
     taken = particles.take(np.array([[3, 3, 0, 1, 2, 2]] * len(RAGGED)))

@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx_helpers
 import pytest
 import tiltsmc
+from onnx_helpers import assert_state_follows
 from tiltsmc.models import OnnxCausalLM, OnnxRewardModel, Particles
 
 pytest.importorskip("onnxruntime")
@@ -40,49 +42,16 @@ def cache_shape(particles: Any) -> tuple[int, ...]:
     return tuple(particles.state["lm.cache.0.key"].shape)
 
 
-def on_host(array: Any) -> np.ndarray:
-    """A state array as numpy (a KV cache kept on the GPU is copied to the host)."""
-    return array if isinstance(array, np.ndarray) else array.get()
-
-
 @pytest.fixture(scope="module")
 def policy() -> OnnxCausalLM:
     return OnnxCausalLM(MERGED, max_new_tokens=6)
 
 
-def recompute(policy: OnnxCausalLM, ids: Any) -> np.ndarray:
-    """Logits ``(seq, vocab)`` of one unpadded sequence straight from the session: the no-cache branch
-    (``use_cache_branch = [False]``), empty past ``(1, kv_heads, 0, head_dim)``, positions 0..L-1."""
-    ids = np.asarray(ids, dtype=np.int64)[None, :]
-    length = ids.shape[1]
-    feeds: dict[str, np.ndarray] = {
-        "input_ids": ids,
-        "attention_mask": np.ones((1, length), dtype=np.int64),
-        "position_ids": np.arange(length, dtype=np.int64)[None, :],
-        "use_cache_branch": np.array([False]),
-    }
-    for name in PAST:
-        feeds[name] = np.zeros((1, KV_HEADS, 0, HEAD_DIM), dtype=np.float32)
-    assert set(feeds) == {node.name for node in policy.session.get_inputs()}
-    (logits,) = policy.session.run(["logits"], feeds)
-    return np.asarray(logits[0], dtype=np.float64)
-
-
-def full_sequence(particles: Particles, b: int, i: int) -> np.ndarray:
-    assert particles.prompt_tokens is not None
-    return np.concatenate([particles.prompt_tokens[b], particles.tokens[b, i, : particles.lengths[b, i]]])
-
-
 def assert_cache_matches_recompute(policy: OnnxCausalLM, particles: Particles) -> int:
-    """Every unfinished particle's next-token logits equal a full recompute without cache (1e-4)."""
-    checked = 0
-    for b, i in zip(*np.nonzero(~particles.finished)):
-        expected = recompute(policy, full_sequence(particles, b, i))[-1]
-        np.testing.assert_allclose(
-            particles.state["lm.logits"][b, i], expected, atol=1e-4, rtol=0, err_msg=f"particle ({b}, {i})"
-        )
-        checked += 1
-    return checked
+    """Every unfinished particle's next-token logits equal a full recompute on the no-cache branch
+    (``use_cache_branch = [False]``, empty past) to 1e-4."""
+    assert policy.has_cache_branch and policy.has_position_ids
+    return onnx_helpers.assert_cache_matches_recompute(policy, particles, KV_HEADS, HEAD_DIM)
 
 
 def test_merged_file_is_loaded_with_its_cache_branch(policy: OnnxCausalLM) -> None:
@@ -121,11 +90,7 @@ def test_cached_decode_matches_full_recompute(policy: OnnxCausalLM) -> None:
     ancestors = rng.integers(0, 4, size=particles.lengths.shape).astype(np.int64)
     before = copy.deepcopy(particles)
     particles.reorder(ancestors)
-    rows = np.arange(len(RAGGED))[:, None]
-    for name, array in before.state.items():
-        np.testing.assert_array_equal(
-            on_host(particles.state[name]), on_host(array)[rows, ancestors], err_msg=name
-        )
+    assert_state_follows(before, particles, ancestors)
     policy.propose(particles, rng)
     assert assert_cache_matches_recompute(policy, particles) > 0
 

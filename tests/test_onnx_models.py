@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx_helpers
 import pytest
 import tiltsmc
+from onnx_helpers import assert_state_follows, full_sequence
 from tiltsmc.models import OnnxCausalLM, OnnxRewardModel, Particles
 from tiltsmc.models._ort import cuda_device_usable
 from tiltsmc.models.onnx_lm import log_softmax
@@ -47,28 +49,10 @@ RAGGED = ["hello world", [5, 6, 7], "a", list(range(2, 30)), "the cat sat."]
 CACHE_SHAPES = {"gpt2-tiny": (2, 16), "llama-tiny": (2, 8)}
 
 
-def on_host(array: Any) -> np.ndarray:
-    """A state array as numpy (a KV cache kept on the GPU is copied to the host)."""
-    return array if isinstance(array, np.ndarray) else array.get()
-
-
 def session_logits(policy: OnnxCausalLM, ids: Any) -> np.ndarray:
-    """Logits ``(rows, seq, vocab)`` of unpadded rows of equal length, straight from ``policy.session``: no
-    cache (past tensors ``(rows, kv_heads, 0, head_dim)``), all-ones mask, ``position_ids = arange``."""
-    ids = np.atleast_2d(np.asarray(ids, dtype=np.int64))
-    rows, length = ids.shape
-    heads, head_dim = CACHE_SHAPES[policy.model_file.parent.name]
-    feeds: dict[str, np.ndarray] = {
-        "input_ids": ids,
-        "attention_mask": np.ones((rows, length), dtype=np.int64),
-        "position_ids": np.broadcast_to(np.arange(length, dtype=np.int64), (rows, length)).copy(),
-    }
-    for node in policy.session.get_inputs():
-        if node.name.startswith("past_key_values."):
-            feeds[node.name] = np.zeros((rows, heads, 0, head_dim), dtype=np.float32)
-    assert set(feeds) == {node.name for node in policy.session.get_inputs()}
-    (logits,) = policy.session.run(["logits"], feeds)
-    return np.asarray(logits, dtype=np.float64)
+    """Logits ``(rows, seq, vocab)`` straight from the session, without cache (see onnx_helpers)."""
+    assert policy.has_position_ids  # both fixtures take position_ids: they are fed as arange
+    return onnx_helpers.session_logits(policy, ids, *CACHE_SHAPES[policy.model_file.parent.name])
 
 
 def full_logits(policy: OnnxCausalLM, ids: Any) -> np.ndarray:
@@ -76,22 +60,11 @@ def full_logits(policy: OnnxCausalLM, ids: Any) -> np.ndarray:
     return session_logits(policy, np.asarray(ids, dtype=np.int64)[None, :])[0]
 
 
-def full_sequence(particles: Particles, b: int, i: int) -> np.ndarray:
-    assert particles.prompt_tokens is not None
-    generated = particles.tokens[b, i, : particles.lengths[b, i]]
-    return np.concatenate([particles.prompt_tokens[b], generated])
-
-
 def assert_cache_matches_recompute(policy: OnnxCausalLM, particles: Particles) -> int:
     """Every unfinished particle's next-token logits equal a full recompute without cache (1e-4)."""
-    checked = 0
-    for b, i in zip(*np.nonzero(~particles.finished)):
-        expected = full_logits(policy, full_sequence(particles, b, i))[-1]
-        np.testing.assert_allclose(
-            particles.state["lm.logits"][b, i], expected, atol=1e-4, rtol=0, err_msg=f"particle ({b}, {i})"
-        )
-        checked += 1
-    return checked
+    assert policy.has_position_ids
+    shape = CACHE_SHAPES[policy.model_file.parent.name]
+    return onnx_helpers.assert_cache_matches_recompute(policy, particles, *shape)
 
 
 def decode_all(policy: OnnxCausalLM, samples: list[Any]) -> list[list[str]]:
@@ -132,10 +105,7 @@ def test_cached_decode_matches_full_recompute(path: Path) -> None:
     particles.reorder(ancestors)
     rows = np.arange(len(RAGGED))[:, None]
     np.testing.assert_array_equal(particles.tokens, before.tokens[rows, ancestors])
-    for name, array in before.state.items():
-        np.testing.assert_array_equal(
-            on_host(particles.state[name]), on_host(array)[rows, ancestors], err_msg=name
-        )
+    assert_state_follows(before, particles, ancestors)
     assert assert_cache_matches_recompute(policy, particles) > 0
     for _ in range(2):
         policy.propose(particles, rng)

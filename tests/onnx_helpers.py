@@ -1,0 +1,68 @@
+"""Shared by the ONNX model tests: logits recomputed from scratch straight from a policy's session, the
+check that cached decoding gives them, and host copies of ``Particles.state`` entries."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from tiltsmc.models import OnnxCausalLM, Particles
+
+
+def on_host(array: Any) -> np.ndarray:
+    """A state array as numpy (a KV cache kept on the GPU is copied to the host)."""
+    return array if isinstance(array, np.ndarray) else array.get()
+
+
+def assert_state_follows(before: Particles, after: Particles, ancestors: np.ndarray) -> None:
+    """Every state entry of ``after`` is ``before``'s reordered by ``ancestors`` (``(B, N)``)."""
+    rows = np.arange(ancestors.shape[0])[:, None]
+    for name, array in before.state.items():
+        np.testing.assert_array_equal(
+            on_host(after.state[name]), on_host(array)[rows, ancestors], err_msg=name
+        )
+
+
+def session_logits(policy: OnnxCausalLM, ids: Any, kv_heads: int, head_dim: int) -> np.ndarray:
+    """Logits ``(rows, seq, vocab)`` of unpadded rows of equal length, straight from ``policy.session``: no
+    cache (past tensors ``(rows, kv_heads, 0, head_dim)``), all-ones mask, ``position_ids = arange`` and
+    ``use_cache_branch = [False]`` where the graph takes them. Every input of the graph must be fed."""
+    ids = np.atleast_2d(np.asarray(ids, dtype=np.int64))
+    rows, length = ids.shape
+    inputs = {node.name for node in policy.session.get_inputs()}
+    feeds: dict[str, np.ndarray] = {
+        "input_ids": ids,
+        "attention_mask": np.ones((rows, length), dtype=np.int64),
+    }
+    if "position_ids" in inputs:
+        feeds["position_ids"] = np.broadcast_to(np.arange(length, dtype=np.int64), (rows, length)).copy()
+    if "use_cache_branch" in inputs:
+        feeds["use_cache_branch"] = np.array([False])
+    for name in inputs:
+        if name.startswith("past_key_values."):
+            feeds[name] = np.zeros((rows, kv_heads, 0, head_dim), dtype=np.float32)
+    assert set(feeds) == inputs
+    (logits,) = policy.session.run(["logits"], feeds)
+    return np.asarray(logits, dtype=np.float64)
+
+
+def full_sequence(particles: Particles, b: int, i: int) -> np.ndarray:
+    """Prompt ``b``'s tokens followed by particle ``(b, i)``'s generated tokens."""
+    assert particles.prompt_tokens is not None
+    generated = particles.tokens[b, i, : particles.lengths[b, i]]
+    return np.concatenate([particles.prompt_tokens[b], generated])
+
+
+def assert_cache_matches_recompute(
+    policy: OnnxCausalLM, particles: Particles, kv_heads: int, head_dim: int
+) -> int:
+    """Every unfinished particle's next-token logits equal a full recompute without cache (1e-4); returns
+    how many particles were checked."""
+    checked = 0
+    for b, i in zip(*np.nonzero(~particles.finished)):
+        expected = session_logits(policy, full_sequence(particles, b, i), kv_heads, head_dim)[0, -1]
+        np.testing.assert_allclose(
+            particles.state["lm.logits"][b, i], expected, atol=1e-4, rtol=0, err_msg=f"particle ({b}, {i})"
+        )
+        checked += 1
+    return checked
