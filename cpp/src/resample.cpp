@@ -27,6 +27,17 @@ void walk_points(const double* w, std::int64_t last_positive, std::int64_t count
     }
 }
 
+// Lane k gets the maximum of lanes 0..k of v (an in-register scan; `fill` is shifted in, e.g. -inf or 0).
+template <typename V>
+__attribute__((always_inline)) inline V lanes_running_max(V v, V fill) {
+    V earlier = __builtin_shufflevector(v, fill, 8, 0, 1, 2, 3, 4, 5, 6);
+    v = v > earlier ? v : earlier;
+    earlier = __builtin_shufflevector(v, fill, 8, 8, 0, 1, 2, 3, 4, 5);
+    v = v > earlier ? v : earlier;
+    earlier = __builtin_shufflevector(v, fill, 8, 8, 8, 8, 0, 1, 2, 3);
+    return v > earlier ? v : earlier;
+}
+
 // Number of systematic points (j + u) / m * total, j in [0, m), lying below cumulative weight c:
 // clamp(ceil(c * m / total - u), 0, m).
 inline std::int64_t points_below(double c, double scale, double u, std::int64_t m) {
@@ -57,16 +68,10 @@ TILTSMC_SIMD_CLONES void points_below_block(double* w, std::int64_t count, doubl
         base += s[7];  // the same addition as c[7]
         // The scan adds in another order for each lane, so C_i and C_{i-1} may differ by an ulp even
         // where w_i = 0, and a point could then land on a zero-weight particle (rare, but by a rough
-        // estimate once in ~1e5 calls on a 2^20 row with half its weights zero). As on the GPU: a zero-weight particle takes the
-        // cumulative weight before it, and the sums are made non-decreasing (a running maximum over the
-        // lanes, from the previous block's total).
-        c = weights > zero ? c : neg_inf;
-        Vec8 earlier = __builtin_shufflevector(c, neg_inf, 8, 0, 1, 2, 3, 4, 5, 6);
-        c = c > earlier ? c : earlier;
-        earlier = __builtin_shufflevector(c, neg_inf, 8, 8, 0, 1, 2, 3, 4, 5);
-        c = c > earlier ? c : earlier;
-        earlier = __builtin_shufflevector(c, neg_inf, 8, 8, 8, 8, 0, 1, 2, 3);
-        c = c > earlier ? c : earlier;
+        // estimate once in ~1e5 calls on a 2^20 row with half its weights zero). As on the GPU: a
+        // zero-weight particle takes the cumulative weight before it, and the sums are made
+        // non-decreasing (a running maximum over the lanes, from the previous block's total).
+        c = lanes_running_max(weights > zero ? c : neg_inf, neg_inf);
         c = c > before ? c : before;
         c = c < chunk_end ? c : splat(chunk_end);
         Vec8 x = c * scale - u;
@@ -110,12 +115,7 @@ TILTSMC_SIMD_CLONES void write_children(const double* __restrict w, std::int64_t
     for (; j + kLanes <= limit; j += kLanes) {
         Mask8 v;
         std::memcpy(&v, out + j, sizeof v);
-        Mask8 shifted = __builtin_shufflevector(v, none, 8, 0, 1, 2, 3, 4, 5, 6);
-        v = v > shifted ? v : shifted;
-        shifted = __builtin_shufflevector(v, none, 8, 8, 0, 1, 2, 3, 4, 5);
-        v = v > shifted ? v : shifted;
-        shifted = __builtin_shufflevector(v, none, 8, 8, 8, 8, 0, 1, 2, 3);
-        v = v > shifted ? v : shifted;
+        v = lanes_running_max(v, none);
         // Only the maximum is carried from one block to the next (its broadcast is off that chain).
         const Mask8 top = __builtin_shufflevector(v, v, 7, 7, 7, 7, 7, 7, 7, 7);
         v = v > running ? v : running;
