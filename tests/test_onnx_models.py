@@ -776,3 +776,22 @@ def test_reward_read_at_the_last_step_delimiter() -> None:
         OnnxRewardModel(PRM, position="delimiter")
     with pytest.raises(ValueError, match="position"):
         OnnxRewardModel(PRM, position="everywhere")  # type: ignore[arg-type]
+
+
+def test_reward_prefixes_with_ragged_prompts_and_steps() -> None:
+    """A long prompt whose particles stopped early beside a short one whose particles ran on: each row is
+    its prompt + its own tokens, right-padded, for every particle and for any subset."""
+    reward = OnnxRewardModel(PRM, kind="logit", providers=["CPUExecutionProvider"])
+    particles = Particles.empty(["long", "short"], 3, 8)
+    particles.prompt_tokens = [np.arange(1, 11), np.array([5, 6])]
+    particles.lengths[:] = [[1, 0, 1], [8, 3, 5]]
+    particles.tokens[:] = np.arange(20, 28)
+    everyone = np.argwhere(np.ones((2, 3), dtype=bool))
+    for rows in (everyone, everyone[[1, 4]], everyone[[0, 2]]):
+        ids, lengths = reward._prefixes(particles, rows)
+        expected = [full_sequence(particles, b, i) for b, i in rows]
+        np.testing.assert_array_equal(lengths, [len(e) for e in expected])
+        assert ids.shape == (len(rows), max(len(e) for e in expected)) and ids.flags.c_contiguous
+        for row, sequence in zip(ids, expected):
+            np.testing.assert_array_equal(row[: len(sequence)], sequence)
+            assert np.all(row[len(sequence) :] == reward.pad_token_id)

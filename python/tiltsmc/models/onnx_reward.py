@@ -224,41 +224,22 @@ class OnnxRewardModel:
     def _prefixes(
         self, particles: Particles, rows: npt.NDArray[np.int64]
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-        """Prompt + generated tokens of the particles ``rows`` (pairs ``(b, i)``), right-padded; lengths."""
-        b, i = rows[:, 0], rows[:, 1]
-        prompt_lengths = np.array(
-            [len(self._prompt(particles, k)) for k in range(particles.num_prompts)], dtype=np.int64
-        )
-        if len(rows) == particles.lengths.size:  # every particle (the usual step): slices per prompt
-            return self._all_prefixes(particles, prompt_lengths)
-        generated = particles.lengths[b, i]
-        lengths = prompt_lengths[b] + generated
-        ids = np.full((len(rows), int(lengths.max())), self.pad_token_id, dtype=np.int64)
-        for k in np.unique(b):  # the prompt: one slice per prompt
-            ids[b == k, : prompt_lengths[k]] = self._prompt(particles, int(k))
-        width = int(generated.max())
-        if width:  # the generated tokens, shifted by each row's prompt length
-            columns = prompt_lengths[b][:, None] + np.arange(width)
-            valid = np.arange(width) < generated[:, None]
-            row_index = np.broadcast_to(np.arange(len(rows))[:, None], columns.shape)
-            ids[row_index[valid], columns[valid]] = particles.tokens[b, i, :width][valid]
-        return ids, lengths
+        """Prompt + generated tokens of the particles ``rows`` (pairs ``(b, i)``), right-padded; lengths.
 
-    def _all_prefixes(
-        self, particles: Particles, prompt_lengths: npt.NDArray[np.int64]
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-        """:meth:`_prefixes` of every particle, rows in ``(b, i)`` order."""
+        Built for every particle with one slice per prompt, then the rows taken (in the usual step every
+        particle has moved, and the slices cost less than indexing token by token)."""
         batch, count = particles.lengths.shape
+        prompt_lengths = np.array([len(self._prompt(particles, k)) for k in range(batch)], dtype=np.int64)
         lengths = prompt_lengths[:, None] + particles.lengths
-        width = int(lengths.max())
-        generated = int(particles.lengths.max())
-        ids = np.empty((batch, count, width), dtype=np.int64)
+        ids = np.empty((batch, count, int(lengths.max())), dtype=np.int64)
         for k in range(batch):
-            start = int(prompt_lengths[k])
+            start, generated = int(prompt_lengths[k]), int(particles.lengths[k].max())
             ids[k, :, :start] = self._prompt(particles, k)
             ids[k, :, start : start + generated] = particles.tokens[k, :, :generated]
-        ids[np.arange(width) >= lengths[..., None]] = self.pad_token_id
-        return ids.reshape(batch * count, width), lengths.reshape(-1)
+        ids[np.arange(ids.shape[2]) >= lengths[..., None]] = self.pad_token_id
+        selected = rows[:, 0] * count + rows[:, 1]
+        lengths = lengths.reshape(-1)[selected]
+        return np.ascontiguousarray(ids.reshape(batch * count, -1)[selected, : int(lengths.max())]), lengths
 
     def _last_delimiter(
         self,
