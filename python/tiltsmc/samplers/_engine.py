@@ -42,9 +42,8 @@ def survivors_stay(ancestors: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
     the dead particles' slots: on average ``N - unique`` rows instead of nearly all of them.
     """
     batch, count = ancestors.shape
-    children = np.zeros(batch * count, dtype=np.int64)
     flat = (ancestors + (np.arange(batch) * count)[:, None]).ravel()
-    np.add.at(children, flat, 1)
+    children = np.bincount(flat, minlength=batch * count)
     arranged = np.tile(np.arange(count, dtype=np.int64), batch)
     extra_parents = np.repeat(np.arange(batch * count), np.maximum(children - 1, 0))
     arranged[children == 0] = extra_parents % count  # both in (row, index) order, as many per row
