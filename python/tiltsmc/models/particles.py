@@ -72,26 +72,14 @@ class Particles:
                     f"Particles.state[{name!r}]: leading axes {tuple(array.shape[:2])} are not (B, N) = "
                     f"{self.lengths.shape}"
                 )
-            if isinstance(array, DeviceKVCache):
-                array.reorder(ancestors)
-            elif type(array) is not np.ndarray and _device.is_device_array(array):
-                core.gather(array, _ancestors_on(array, ancestors, on_device), out=array)
-            elif array.flags.c_contiguous and array.flags.writeable:
-                core.gather(array, ancestors, out=array)
-            else:
-                self.state[name] = core.gather(array, ancestors)
+            self.state[name] = _follow(array, ancestors, on_device, in_place=True)
 
     def take(self, ancestors: npt.NDArray[np.int64]) -> Particles:
         """A new batch: particle ``j`` of prompt ``b`` copies particle ``ancestors[b, j]`` (any count)."""
         on_device: dict[int, Any] = {}
-        state: dict[str, Any] = {}
-        for name, array in self.state.items():
-            if isinstance(array, DeviceKVCache):
-                state[name] = array.take(ancestors)
-            elif type(array) is not np.ndarray and _device.is_device_array(array):
-                state[name] = core.gather(array, _ancestors_on(array, ancestors, on_device))
-            else:
-                state[name] = core.gather(array, ancestors)
+        state = {
+            name: _follow(array, ancestors, on_device, in_place=False) for name, array in self.state.items()
+        }
         return Particles(
             prompts=list(self.prompts),
             tokens=core.gather(self.tokens, ancestors),
@@ -105,6 +93,21 @@ class Particles:
     def sequences(self, prompt: int) -> list[npt.NDArray[np.int64]]:
         """The generated steps of every particle of one prompt, each trimmed to its length."""
         return [self.tokens[prompt, i, : self.lengths[prompt, i]].copy() for i in range(self.num_particles)]
+
+
+def _follow(array: Any, ancestors: npt.NDArray[np.int64], uploaded: dict[int, Any], in_place: bool) -> Any:
+    """One state entry reordered by ``ancestors``: in place where it can be (host arrays that are
+    C-contiguous and writeable, device arrays, a DeviceKVCache), else a new array."""
+    if isinstance(array, DeviceKVCache):
+        if not in_place:
+            return array.take(ancestors)
+        array.reorder(ancestors)
+        return array
+    if type(array) is not np.ndarray and _device.is_device_array(array):
+        return core.gather(array, _ancestors_on(array, ancestors, uploaded), out=array if in_place else None)
+    if in_place and array.flags.c_contiguous and array.flags.writeable:
+        return core.gather(array, ancestors, out=array)
+    return core.gather(array, ancestors)
 
 
 def _ancestors_on(array: Any, ancestors: npt.NDArray[np.int64], uploaded: dict[int, Any]) -> Any:
