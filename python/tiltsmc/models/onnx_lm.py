@@ -439,19 +439,20 @@ class OnnxCausalLM:
         scores are ``logits / temperature`` and ``log p(v) = s_v - log mean - log V``, in one core call.
         """
         shape = particles.lengths.shape
-        if self.top_k is None and self.top_p is None:
+        filtered = self.top_k is not None or self.top_p is not None
+        if filtered:  # normalised log-probabilities: log p(v) = s_v
+            scores = self.next_log_probs(particles).reshape(-1, self.vocab_size)
+        else:
             scores = particles.state["lm.logits"].astype(np.float64).reshape(-1, self.vocab_size)
             if self.temperature != 1.0:
                 scores /= self.temperature
-            try:
-                index, log_mean = core.pool_select(scores, rng)
-            except ValueError as error:  # NaN or +inf logits
-                raise ValueError(f"logits: {self.model_file.name} returned bad logits: {error}") from error
-            chosen = scores[np.arange(len(index)), index] - log_mean - np.log(self.vocab_size)
-        else:
-            scores = self.next_log_probs(particles).reshape(-1, self.vocab_size)
-            index, _ = core.pool_select(scores, rng)
-            chosen = scores[np.arange(len(index)), index]
+        try:
+            index, log_mean = core.pool_select(scores, rng)
+        except ValueError as error:  # NaN or +inf logits
+            raise ValueError(f"logits: {self.model_file.name} returned bad logits: {error}") from error
+        chosen = scores[np.arange(len(index)), index]
+        if not filtered:
+            chosen = chosen - log_mean - np.log(self.vocab_size)
         return index.reshape(shape), chosen.reshape(shape)
 
     def append(self, particles: Particles, tokens: npt.NDArray[np.int64]) -> None:
