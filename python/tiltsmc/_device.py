@@ -228,16 +228,6 @@ class DeviceArray:
         )
         self._offset = 0
 
-    @classmethod
-    def wrap(cls, owner: Any) -> DeviceArray:
-        """A view of device memory that ``owner`` holds (an OrtValue on a CUDA device, or any object with
-        ``__cuda_array_interface__``), kept alive by the view; no copy. Writes through it change ``owner``."""
-        view = device_view(owner, "owner")
-        wrapped = cls.__new__(cls)
-        wrapped.shape, wrapped.dtype, wrapped._offset = view.shape, view.dtype, 0
-        wrapped._buffer = _BorrowedBuffer(owner, view.pointer, view.device)
-        return wrapped
-
     @property
     def device(self) -> int:
         return int(self._buffer.device)
@@ -307,15 +297,6 @@ class DeviceArray:
 
     def __repr__(self) -> str:
         return f"DeviceArray(shape={self.shape}, dtype={self.dtype}, device={self.device})"
-
-
-class _BorrowedBuffer(NamedTuple):
-    """Device memory held by another object (kept alive here), in the shape of a ``DeviceBuffer``."""
-
-    owner: Any
-    ptr: int
-    device: int
-    stream: int = 0
 
 
 def to_device(host: Any, device: int, stream: int = 0) -> DeviceArray:
