@@ -330,20 +330,9 @@ void resample(const T* logw, std::int64_t rows, std::int64_t n, Scheme scheme, s
     const bool closed_form = scheme == Scheme::systematic || scheme == Scheme::stratified;
     const detail::Layout layout = detail::choose_layout(n, closed_form);
     if (layout == detail::Layout::segments) {
-        using namespace device;
-        const std::int64_t segments = (n + kSegment - 1) / kSegment;
-        detail::Scratch stats(sizeof(SegmentStats) * rows * segments, stream);
-        detail::Scratch offsets(sizeof(double) * rows * (segments + 1), stream);
-        detail::Scratch figures(sizeof(RowFigures) * rows, stream);
-        segment_stats<T><<<grid_size(rows * segments), kSegmentThreads, 0, stream>>>(logw, n, segments,
-                                                                                  stats.as<SegmentStats>());
-        check_launch("tiltsmc::cuda::segment_stats (resample)");
-        combine_segments<T><<<grid_size(rows), kCombineThreads, 0, stream>>>(
-            logw, n, segments, stats.as<SegmentStats>(), false, offsets.as<double>(), figures.as<RowFigures>(),
-            nullptr, nullptr, record);
-        check_launch("tiltsmc::cuda::combine_segments (resample)");
-        resample_segments<T><<<grid_size(rows * segments), kSegmentThreads, 0, stream>>>(
-            logw, n, segments, offsets.as<double>(), figures.as<RowFigures>(), scheme, m, key, ancestors);
+        const detail::SegmentedRows segmented(logw, rows, n, false, nullptr, nullptr, record, stream, "resample");
+        device::resample_segments<T><<<grid_size(rows * segmented.segments), device::kSegmentThreads, 0, stream>>>(
+            logw, n, segmented.segments, segmented.offsets(), segmented.figures(), scheme, m, key, ancestors);
         check_launch("tiltsmc::cuda::resample_segments");
         return;
     }

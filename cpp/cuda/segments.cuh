@@ -3,7 +3,10 @@
 // too long for one block to read quickly (log_normalize, systematic and stratified resampling).
 #pragma once
 
+#include <string>
+
 #include "device_common.cuh"
+#include "launch.cuh"
 
 namespace tiltsmc::cuda::device {
 
@@ -163,3 +166,37 @@ __global__ void __launch_bounds__(kSegmentThreads)
 }
 
 }  // namespace tiltsmc::cuda::device
+
+namespace tiltsmc::cuda::detail {
+
+// The figures of `rows` long rows, from their segments: segment_stats, then combine_segments (which records
+// input errors, and writes log_mean_w and ess where given), with the scratch they fill, given back on the
+// stream when this goes out of scope. `caller` names the kernel in launch errors.
+class SegmentedRows {
+public:
+    template <typename T>
+    SegmentedRows(const T* logw, std::int64_t rows, std::int64_t n, bool allow_zero_rows, double* log_mean_w,
+                  double* ess, ErrorRecord* record, cudaStream_t stream, const char* caller)
+        : segments((n + device::kSegment - 1) / device::kSegment),
+          stats_(sizeof(device::SegmentStats) * rows * segments, stream),
+          offsets_(sizeof(double) * rows * (segments + 1), stream),
+          figures_(sizeof(device::RowFigures) * rows, stream) {
+        device::segment_stats<T><<<grid_size(rows * segments), device::kSegmentThreads, 0, stream>>>(
+            logw, n, segments, stats_.as<device::SegmentStats>());
+        check_launch(("tiltsmc::cuda::segment_stats (" + std::string(caller) + ")").c_str());
+        device::combine_segments<T><<<grid_size(rows), device::kCombineThreads, 0, stream>>>(
+            logw, n, segments, stats_.as<device::SegmentStats>(), allow_zero_rows, offsets(), figures(), log_mean_w,
+            ess, record);
+        check_launch(("tiltsmc::cuda::combine_segments (" + std::string(caller) + ")").c_str());
+    }
+
+    const std::int64_t segments;
+    // offsets[row * (segments + 1) + s]: the cumulative weight before segment s of the row.
+    double* offsets() const { return offsets_.as<double>(); }
+    device::RowFigures* figures() const { return figures_.as<device::RowFigures>(); }
+
+private:
+    Scratch stats_, offsets_, figures_;
+};
+
+}  // namespace tiltsmc::cuda::detail

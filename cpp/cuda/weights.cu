@@ -103,21 +103,11 @@ void log_normalize(const T* logw, std::int64_t rows, std::int64_t n, bool allow_
     if (rows == 0) return;
     const detail::Layout layout = detail::choose_layout(n, true);
     if (layout == detail::Layout::segments) {
-        using namespace device;
-        const std::int64_t segments = (n + kSegment - 1) / kSegment;
-        detail::Scratch stats(sizeof(SegmentStats) * rows * segments, stream);
-        detail::Scratch offsets(sizeof(double) * rows * (segments + 1), stream);
-        detail::Scratch figures(sizeof(RowFigures) * rows, stream);
-        segment_stats<T><<<grid_size(rows * segments), kSegmentThreads, 0, stream>>>(logw, n, segments,
-                                                                                  stats.as<SegmentStats>());
-        check_launch("tiltsmc::cuda::segment_stats (log_normalize)");
-        combine_segments<T><<<grid_size(rows), kCombineThreads, 0, stream>>>(
-            logw, n, segments, stats.as<SegmentStats>(), allow_zero_rows, offsets.as<double>(),
-            figures.as<RowFigures>(), log_mean_w, ess, record);
-        check_launch("tiltsmc::cuda::combine_segments (log_normalize)");
+        const detail::SegmentedRows segmented(logw, rows, n, allow_zero_rows, log_mean_w, ess, record, stream,
+                                              "log_normalize");
         if (normalised != nullptr) {
-            normalize_segments<T><<<grid_size(rows * segments), kSegmentThreads, 0, stream>>>(
-                logw, n, segments, figures.as<RowFigures>(), normalised);
+            device::normalize_segments<T><<<grid_size(rows * segmented.segments), device::kSegmentThreads, 0, stream>>>(
+                logw, n, segmented.segments, segmented.figures(), normalised);
             check_launch("tiltsmc::cuda::normalize_segments (log_normalize)");
         }
         return;
