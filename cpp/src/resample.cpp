@@ -7,6 +7,7 @@
 #include "tiltsmc/kernels.hpp"
 #include "tiltsmc/philox.hpp"
 #include "tiltsmc/row_weights.hpp"
+#include "tiltsmc/systematic.hpp"
 
 namespace tiltsmc {
 namespace {
@@ -129,6 +130,10 @@ TILTSMC_SIMD_CLONES void write_children(const double* __restrict w, std::int64_t
     }
 }
 
+}  // namespace
+
+namespace detail {
+
 // Systematic: particle i owns output slots [points_below(C_{i-1}), points_below(C_i)). Chunk c covers
 // its particles and the slots their cumulative range owns, so chunks run independently. First the
 // slot boundaries of the whole chunk (vectorised, stored over w), then the writes.
@@ -141,6 +146,11 @@ void systematic_row(double* w, std::int64_t n, const RowWeights& rw, std::int64_
         if (begin > rw.last_positive) return;  // owns no slots
         const double chunk_start = rw.chunk_offset[static_cast<std::size_t>(c)];
         const double chunk_end = rw.chunk_offset[static_cast<std::size_t>(c + 1)];
+        // The chunk's sums and its scan add in different orders, so the scan may stop an ulp short of
+        // chunk_end. That gap belongs to the chunk's last positive particle, never to a zero-weight
+        // one after it (found before the boundaries overwrite w).
+        std::int64_t last_in_chunk = end - 1;
+        while (last_in_chunk > begin && w[last_in_chunk] == 0.0) --last_in_chunk;
         double last;
         points_below_block(w + begin, end - begin, chunk_start, chunk_end, scale, u, m, &last);
         auto next = [&](std::int64_t i) {  // the boundaries, stored over w
@@ -151,7 +161,10 @@ void systematic_row(double* w, std::int64_t n, const RowWeights& rw, std::int64_
         auto set_next = [&](std::int64_t i, std::int64_t value) { std::memcpy(w + i, &value, sizeof value); };
         // The chunk ends exactly at its offset; the last positive particle takes every slot left.
         const bool owns_tail = rw.last_positive < end;
-        if (!owns_tail) set_next(end - 1, points_below(chunk_end, scale, u, m));
+        if (!owns_tail) {
+            const std::int64_t chunk_stop = points_below(chunk_end, scale, u, m);
+            for (std::int64_t i = last_in_chunk; i < end; ++i) set_next(i, chunk_stop);
+        }
         for (std::int64_t i = std::max(begin, rw.last_positive); i < end; ++i) set_next(i, m);
         const std::int64_t limit = owns_tail ? m : next(end - 1);
         write_children(w, begin, end, points_below(chunk_start, scale, u, m), limit, out);
@@ -164,6 +177,10 @@ void systematic_row(double* w, std::int64_t n, const RowWeights& rw, std::int64_
         for (std::int64_t c = 0; c < chunks; ++c) chunk(c);
     }
 }
+
+}  // namespace detail
+
+namespace {
 
 // Stratified: point j is (j + u_j) / m * total. Below cumulative weight c (x = c m / total) lie the
 // floor(x) strata wholly below x, plus stratum k = floor(x) when u_k < x - k. Particle i owns the
@@ -276,7 +293,7 @@ void draw_ancestors(double* w, std::int64_t n, const RowWeights& rw, Scheme sche
     UniformStream stream(key, static_cast<std::uint64_t>(row));
     switch (scheme) {
         case Scheme::systematic:
-            systematic_row(w, n, rw, m, stream.next(), out, split);
+            detail::systematic_row(w, n, rw, m, stream.next(), out, split);
             break;
         case Scheme::stratified:
             stratified_row(w, n, rw, m, stream, out);

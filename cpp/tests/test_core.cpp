@@ -11,6 +11,7 @@
 #include "tiltsmc/kernels.hpp"
 #include "tiltsmc/philox.hpp"
 #include "tiltsmc/row_weights.hpp"
+#include "tiltsmc/systematic.hpp"
 
 using namespace tiltsmc;
 
@@ -268,6 +269,34 @@ void test_systematic_floor_ceil_and_threads() {
     set_num_threads(0);
 }
 
+void test_systematic_chunk_gap_goes_to_a_positive_particle() {
+    // A chunk's offset comes from its weights summed in one order, its scan adds them in another, so
+    // the scan can stop short of the next chunk's offset. Here the gap is made wide (0.5 of a weight
+    // where rounding gives ~1e-16) so that points surely fall in it: they must go to the chunk's last
+    // positive particle, not to the zero-weight particles after it.
+    const std::int64_t n = 2 * kChunk, m = n, zeros = 3;
+    for (const bool split : {false, true}) {
+        for (const double u : {0.0, 0.25, 0.5, 0.999}) {
+            std::vector<double> w(static_cast<std::size_t>(n), 1.0);
+            for (std::int64_t i = kChunk - zeros; i < kChunk; ++i) w[static_cast<std::size_t>(i)] = 0.0;
+            RowWeights rw;
+            const double first = static_cast<double>(kChunk - zeros) + 0.5, second = static_cast<double>(kChunk);
+            rw.chunk_offset = {0.0, first, first + second};
+            rw.sum = first + second;
+            rw.last_positive = n - 1;
+            std::vector<std::int64_t> out(static_cast<std::size_t>(m), -1);
+            detail::systematic_row(w.data(), n, rw, m, u, out.data(), split);
+            bool valid = true;
+            for (std::int64_t j = 0; j < m; ++j) {
+                const std::int64_t a = out[static_cast<std::size_t>(j)];
+                valid &= a >= 0 && a < n && (j == 0 || a >= out[static_cast<std::size_t>(j - 1)]);
+                valid &= a < kChunk - zeros || a >= kChunk;
+            }
+            EXPECT(valid);
+        }
+    }
+}
+
 void test_pool_select_and_mh() {
     std::vector<double> logw = {-inf, 0.0, -inf, -inf, -inf, 5.0};
     std::vector<std::int64_t> index(2);
@@ -390,6 +419,7 @@ int main() {
         test_log_normalize();
         test_resample_edges();
         test_systematic_floor_ceil_and_threads();
+        test_systematic_chunk_gap_goes_to_a_positive_particle();
         test_pool_select_and_mh();
         test_smc_step();
         test_gather();
