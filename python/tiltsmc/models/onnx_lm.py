@@ -266,6 +266,12 @@ class OnnxCausalLM:
             for i in range(self.num_layers)
             for kind in ("key", "value")
         ]
+        # Built once: every step's session call and token bookkeeping reuse them.
+        self._past_names = [past_name for past_name, _, _ in self._cache_names]
+        self._output_names = ["logits"] + [present_name for _, present_name, _ in self._cache_names]
+        self._eos_ids = np.array(sorted(self.eos_token_ids), dtype=np.int64)
+        self._step_id_array = np.array(sorted(self.step_ids or ()), dtype=np.int64)
+        self._log_vocab = float(np.log(self.vocab_size))
 
     # -- prompts -----------------------------------------------------------------------------------------
 
@@ -312,20 +318,17 @@ class OnnxCausalLM:
         """Logits and the new cache: per-tensor host arrays, or a :class:`DeviceKVCache` on the GPU."""
         if self.device_cache:
             return self._run_on_device(input_ids, attention_mask, position_ids, past)
-        rows = input_ids.shape[0]
         feeds: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.has_position_ids:
             feeds["position_ids"] = position_ids
         if self.has_cache_branch:
             feeds["use_cache_branch"] = np.array([past is not None])
-        for k, (name, _, _) in enumerate(self._cache_names):
-            feeds[name] = (
-                past[k]
-                if past is not None
-                else np.zeros((rows, self.kv_heads, 0, self.head_dim), dtype=self.cache_dtype)
-            )
-        output_names = ["logits"] + [present for _, present, _ in self._cache_names]
-        results = self.session.run(output_names, feeds)
+        if past is None:  # prompts: every layer starts from an empty cache
+            empty = np.zeros((input_ids.shape[0], self.kv_heads, 0, self.head_dim), dtype=self.cache_dtype)
+            feeds.update((name, empty) for name in self._past_names)
+        else:
+            feeds.update(zip(self._past_names, past))
+        results = self.session.run(self._output_names, feeds)
         return results[0], results[1:]
 
     def _run_on_device(
@@ -443,7 +446,7 @@ class OnnxCausalLM:
         if filtered:  # normalised log-probabilities: log p(v) = s_v
             scores = self.next_log_probs(particles).reshape(-1, self.vocab_size)
         else:
-            scores = particles.state["lm.logits"].astype(np.float64).reshape(-1, self.vocab_size)
+            scores = particles.state["lm.logits"].reshape(-1, self.vocab_size).astype(np.float64)
             if self.temperature != 1.0:
                 scores /= self.temperature
         try:
@@ -452,7 +455,8 @@ class OnnxCausalLM:
             raise ValueError(f"logits: {self.model_file.name} returned bad logits: {error}") from error
         chosen = scores[np.arange(len(index)), index]
         if not filtered:
-            chosen = chosen - log_mean - np.log(self.vocab_size)
+            chosen -= log_mean
+            chosen -= self._log_vocab
         return index.reshape(shape), chosen.reshape(shape)
 
     def append(self, particles: Particles, tokens: npt.NDArray[np.int64]) -> None:
@@ -462,16 +466,24 @@ class OnnxCausalLM:
     def _advance(
         self, particles: Particles, tokens: npt.NDArray[np.int64], active: npt.NDArray[np.bool_]
     ) -> None:
-        """Append ``tokens`` where ``active``; feed every row one position (padding, masked, elsewhere)."""
+        """Append ``tokens`` where ``active``; feed every row one position (padding, masked, elsewhere).
+
+        A row's position is the number of tokens its mask has let through so far (its prompt's real
+        tokens and the tokens it was fed), so left padding and masked steps never shift positions.
+        """
         still = self._append_tokens(particles, tokens, active)
         if not still.any():
             return
+        every_row = bool(still.all())  # the usual token step: no row is padded
         batch, count = particles.lengths.shape
         rows = batch * count
         mask = particles.state["lm.mask"]
-        new_mask = np.concatenate([mask, still[..., None].astype(np.int64)], axis=2)
         positions = mask.sum(axis=2).reshape(rows, 1)
-        feed_tokens = np.where(still, tokens, self.pad_token_id).reshape(rows, 1)
+        new_mask = np.concatenate([mask, still[..., None]], axis=2, dtype=np.int64)
+        if every_row:
+            feed_tokens = np.ascontiguousarray(tokens)  # an IO binding reads the buffer as it lies
+        else:  # rows that ended or sit out this token are fed padding, masked
+            feed_tokens = np.where(still, tokens, self.pad_token_id)
         past: Any = (
             particles.state["lm.cache"]
             if self.device_cache
@@ -480,14 +492,12 @@ class OnnxCausalLM:
                 for _, _, key in self._cache_names
             ]
         )
-        logits, present = self._run(feed_tokens, new_mask.reshape(rows, -1), positions, past)
+        logits, present = self._run(feed_tokens.reshape(rows, 1), new_mask.reshape(rows, -1), positions, past)
         particles.state["lm.mask"] = new_mask
-        old_logits = particles.state["lm.logits"]
-        particles.state["lm.logits"] = np.where(
-            still[..., None],
-            np.asarray(logits[:, -1, :], dtype=np.float32).reshape(old_logits.shape),
-            old_logits,
-        )
+        next_logits = np.asarray(logits[:, -1, :], dtype=np.float32).reshape(batch, count, -1)
+        if not every_row:  # rows fed padding keep the logits of their last real token
+            next_logits = np.where(still[..., None], next_logits, particles.state["lm.logits"])
+        particles.state["lm.logits"] = next_logits
         if isinstance(present, DeviceKVCache):
             particles.state["lm.cache"] = present
             return
@@ -498,33 +508,48 @@ class OnnxCausalLM:
         self, particles: Particles, tokens: npt.NDArray[np.int64], active: npt.NDArray[np.bool_]
     ) -> npt.NDArray[np.bool_]:
         """Write ``tokens`` where ``active`` and mark ended trajectories; returns the rows still going."""
-        if np.any(active & (particles.lengths >= self.max_new_tokens)):
+        lengths = particles.lengths
+        if active.all():  # the usual step: every row grows, so none needs picking out
+            batch, count = lengths.shape
+            b_index, i_index = np.arange(batch)[:, None], np.arange(count)
+            positions, grown = lengths, tokens
+        else:
+            b_index, i_index = np.nonzero(active)
+            positions, grown = lengths[b_index, i_index], tokens[b_index, i_index]
+        longest = int(positions.max()) if positions.size else -1
+        if longest >= self.max_new_tokens:
             raise ValueError("particles: a trajectory is already max_new_tokens long")
-        b_index, i_index = np.nonzero(active)
-        particles.tokens[b_index, i_index, particles.lengths[b_index, i_index]] = tokens[b_index, i_index]
-        particles.lengths[active] += 1
-        ended = active & (particles.lengths >= self.max_new_tokens)
-        if self.eos_token_ids:
-            ended |= active & np.isin(tokens, list(self.eos_token_ids))
-        particles.finished |= ended
+        particles.tokens[b_index, i_index, positions] = grown
+        lengths[b_index, i_index] = positions + 1
+        ended: Optional[npt.NDArray[np.bool_]] = None
+        if longest + 1 == self.max_new_tokens:  # some trajectory has just reached the limit
+            ended = active & (lengths >= self.max_new_tokens)
+        if self._eos_ids.size:
+            at_eos = active & np.isin(tokens, self._eos_ids)
+            ended = at_eos if ended is None else ended | at_eos
+        if ended is not None:
+            particles.finished |= ended
         return active & ~particles.finished
 
     def propose(self, particles: Particles, rng: np.random.Generator) -> FloatArray:
-        """Draw one step for every unfinished particle; returns ``log p(step)`` (0 where finished)."""
+        """Draw one step for every unfinished particle; returns ``log p(step)`` (0 where finished).
+
+        A step of several tokens adds up their log-probabilities: ``log p(step) = sum_k log p(token_k)``.
+        """
         in_step = ~particles.finished
-        step_start = particles.lengths.copy()
+        step_start = particles.lengths.copy() if self.step_text is not None else None
         total = np.zeros(particles.lengths.shape)
         while in_step.any():
             tokens, chosen = self._draw(particles, rng)
-            total += np.where(in_step, chosen, 0.0)
+            np.add(total, chosen, out=total, where=in_step)
             self._advance(particles, tokens, in_step)
             if self.token_level:
                 break
             done = particles.finished.copy()
             if self.step_ids is not None:
-                done |= np.isin(tokens, list(self.step_ids))
+                done |= np.isin(tokens, self._step_id_array)
             else:
-                assert self.step_text is not None and self.tokenizer is not None
+                assert self.step_text is not None and self.tokenizer is not None and step_start is not None
                 for b, i in zip(*np.nonzero(in_step & ~done)):
                     text = self.tokenizer.decode(
                         particles.tokens[b, i, step_start[b, i] : particles.lengths[b, i]]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
 import numpy as np
@@ -31,6 +32,40 @@ __all__ = ["OnnxRewardModel"]
 
 FloatArray = npt.NDArray[np.float64]
 KINDS = ("log_value", "prob", "logit")
+
+
+def _select(array: np.ndarray, rows: Optional[npt.NDArray[np.int64]]) -> np.ndarray:
+    """``array[b, i]`` for the pairs ``rows``, or every entry in order (flattened) for None."""
+    return array.reshape(-1) if rows is None else array[rows[:, 0], rows[:, 1]]
+
+
+@dataclass(frozen=True)
+class _PromptLayout:
+    """Where a batch's reward prefixes start: the prompts' ``lengths (B,)`` and ``groups`` of equally long
+    prompts, each ``(members, ids)``: a slice or index array over prompts and their tokens
+    ``(len(members), length)``. ``prompts`` are the arrays it was built from (None: no prompt tokens)."""
+
+    prompts: Optional[tuple[npt.NDArray[np.int64], ...]]
+    lengths: npt.NDArray[np.int64]
+    groups: list[tuple[Union[slice, npt.NDArray[np.intp]], npt.NDArray[np.int64]]]
+
+    @classmethod
+    def of(cls, prompts: Optional[Sequence[npt.NDArray[np.int64]]], num_prompts: int) -> _PromptLayout:
+        arrays = [np.zeros(0, dtype=np.int64)] * num_prompts if prompts is None else list(prompts)
+        lengths = np.array([len(ids) for ids in arrays], dtype=np.int64)
+        groups: list[tuple[Union[slice, npt.NDArray[np.intp]], npt.NDArray[np.int64]]] = []
+        for length in np.unique(lengths):
+            members = np.flatnonzero(lengths == length)
+            ids = np.array([arrays[b] for b in members], dtype=np.int64).reshape(len(members), int(length))
+            consecutive = members[-1] - members[0] + 1 == len(members)  # then a slice: no index copy
+            groups.append((slice(int(members[0]), int(members[-1]) + 1) if consecutive else members, ids))
+        return cls(None if prompts is None else tuple(prompts), lengths, groups)
+
+    def fits(self, prompts: Optional[Sequence[npt.NDArray[np.int64]]], num_prompts: int) -> bool:
+        """Whether it was built from these very prompt arrays (the same objects)."""
+        if prompts is None or self.prompts is None:
+            return prompts is None and self.prompts is None and len(self.lengths) == num_prompts
+        return len(prompts) == len(self.prompts) and all(a is b for a, b in zip(prompts, self.prompts))
 
 
 class OnnxRewardModel:
@@ -67,6 +102,7 @@ class OnnxRewardModel:
         self.tokenizer: Optional[Tokenizer] = load_tokenizer(tokenizer, model_dir)
         self.verifier = verifier
         self.pad_token_id = int(pad_token_id)
+        self._layout: Optional[_PromptLayout] = None  # the last batch's prompts, see _prompt_layout
         self.session = make_session(
             self.model_file,
             providers,
@@ -154,20 +190,21 @@ class OnnxRewardModel:
         feeds: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
         if self.has_position_ids:  # right padding: 0, 1, ..., length - 1, then length - 1 repeated
             feeds["position_ids"] = np.minimum(columns, np.maximum(lengths - 1, 0)[:, None])
-        (scores,) = self.session.run([self.output], feeds)
-        scores = np.asarray(scores, dtype=np.float64)
-        if scores.ndim == 3 and scores.shape[2] == 1:
-            scores = scores[..., 0]
-        if scores.ndim == 2 and scores.shape[1] == 1 and width != 1:
-            scores = scores[:, 0]
-        if scores.ndim == 2:
-            positions = lengths - 1 if read_at is None else read_at
-            scores = scores[np.arange(len(ids)), positions]
-        if scores.shape != (len(ids),):
+        read_rows, read_columns = np.arange(len(ids)), lengths - 1 if read_at is None else read_at
+        (raw,) = self.session.run([self.output], feeds)
+        raw = np.asarray(raw)
+        if raw.ndim == 3 and raw.shape[2] == 1:
+            raw = raw[..., 0]
+        if raw.ndim == 2 and raw.shape[1] == 1 and width != 1:
+            raw = raw[:, 0]
+        if raw.ndim == 2:  # one score per position: only the read ones are converted
+            raw = raw[read_rows, read_columns]
+        if raw.shape != (len(ids),):
             raise ValueError(
-                f"output: {self.output!r} has shape {scores.shape}; expected (batch,) or (batch, seq)"
+                f"output: {self.output!r} has shape {raw.shape}; expected (batch,) or (batch, seq)"
             )
-        if np.isnan(scores).any():
+        scores = raw.astype(np.float64)
+        if np.isnan(scores.max()):  # the maximum is NaN exactly when some score is
             raise ValueError(
                 f"reward: {self.model_file.name} returned NaN for {int(np.isnan(scores).sum())} prefix(es)"
             )
@@ -196,68 +233,96 @@ class OnnxRewardModel:
         return self._score(sequences)
 
     def log_value(self, particles: Particles) -> FloatArray:
-        batch, count = particles.lengths.shape
-        values = particles.state.get("rm.log_value")
-        scored = particles.state.get("rm.scored_length")
-        if values is None or scored is None:
-            values = np.zeros((batch, count))
-            scored = np.full((batch, count), -1, dtype=np.int64)
-        stale = scored != particles.lengths
-        if stale.any():
-            rows = np.argwhere(stale)
-            ids, lengths = self._prefixes(particles, rows)
-            read_at = None
-            if self.position == "delimiter":
-                read_at = self._last_delimiter(particles, rows, ids, lengths)
-            fresh = self._score_padded(ids, lengths, read_at)
-            if self.verifier is not None:
-                for k, (b, i) in enumerate(rows):
-                    if particles.finished[b, i]:
-                        fresh[k] = self._verify(particles, b, i)
-            values = values.copy()
-            values[stale] = fresh
-            scored = np.where(stale, particles.lengths, scored)
+        values: Optional[FloatArray] = particles.state.get("rm.log_value")
+        scored: Optional[npt.NDArray[np.int64]] = particles.state.get("rm.scored_length")
+        stale: Optional[npt.NDArray[np.bool_]] = None  # None: every prefix
+        if values is not None and scored is not None:
+            stale = scored != particles.lengths
+            if not stale.any():
+                return values.copy()
+            if stale.all():  # the usual step: every particle has moved
+                stale = None
+        values, scored = self._rescore(particles, values, scored, stale)
         particles.state["rm.log_value"] = values
         particles.state["rm.scored_length"] = scored
         return values.copy()  # the stored array follows resampling in place
 
-    def _prefixes(
-        self, particles: Particles, rows: npt.NDArray[np.int64]
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-        """Prompt + generated tokens of the particles ``rows`` (pairs ``(b, i)``), right-padded; lengths.
-
-        Built for every particle with one slice per prompt, then the rows taken (in the usual step every
-        particle has moved, and the slices cost less than indexing token by token)."""
+    def _rescore(
+        self,
+        particles: Particles,
+        values: Optional[FloatArray],
+        scored: Optional[npt.NDArray[np.int64]],
+        stale: Optional[npt.NDArray[np.bool_]],
+    ) -> tuple[FloatArray, npt.NDArray[np.int64]]:
+        """``log Vh`` of the ``stale`` prefixes (None: all) scored in one session call, merged into
+        ``values``; and the lengths the values were scored at."""
         batch, count = particles.lengths.shape
-        prompt_lengths = np.array([len(self._prompt(particles, k)) for k in range(batch)], dtype=np.int64)
-        lengths = prompt_lengths[:, None] + particles.lengths
+        rows = None if stale is None else np.argwhere(stale)
+        ids, lengths = self._prefixes(particles, rows)
+        read_at = None
+        if self.position == "delimiter":
+            read_at = self._last_delimiter(particles, rows, ids, lengths)
+        fresh = self._score_padded(ids, lengths, read_at)
+        if self.verifier is not None:
+            for k in np.flatnonzero(_select(particles.finished, rows)):
+                b, i = divmod(int(k), count) if rows is None else rows[k]
+                fresh[k] = self._verify(particles, b, i)
+        if stale is None or values is None or scored is None:
+            return fresh.reshape(batch, count), particles.lengths.copy()
+        merged = values.copy()
+        merged[stale] = fresh
+        return merged, np.where(stale, particles.lengths, scored)
+
+    def _prefixes(
+        self, particles: Particles, rows: Optional[npt.NDArray[np.int64]] = None
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """Prompt + generated tokens of the particles ``rows`` (pairs ``(b, i)``; None: all, in order),
+        right-padded; and their lengths.
+
+        Built for every particle with two slice copies per group of equally long prompts (one group in
+        the usual batch), then the rows taken: in the usual step every particle has moved, and slices cost
+        less than indexing token by token."""
+        batch, count = particles.lengths.shape
+        layout = self._prompt_layout(particles)
+        lengths = layout.lengths[:, None] + particles.lengths
         ids = np.empty((batch, count, int(lengths.max())), dtype=np.int64)
-        for k in range(batch):
-            start, generated = int(prompt_lengths[k]), int(particles.lengths[k].max())
-            ids[k, :, :start] = self._prompt(particles, k)
-            ids[k, :, start : start + generated] = particles.tokens[k, :, :generated]
-        ids[np.arange(ids.shape[2]) >= lengths[..., None]] = self.pad_token_id
+        for members, prompt_ids in layout.groups:
+            start = prompt_ids.shape[1]
+            generated = int(particles.lengths[members].max())
+            ids[members, :, :start] = prompt_ids[:, None, :]
+            ids[members, :, start : start + generated] = particles.tokens[members, :, :generated]
+        if lengths.min() != lengths.max():  # rows of equal length are written in full
+            ids[np.arange(ids.shape[2]) >= lengths[..., None]] = self.pad_token_id
+        all_ids, all_lengths = ids.reshape(batch * count, -1), lengths.reshape(-1)
+        if rows is None:
+            return all_ids, all_lengths
         selected = rows[:, 0] * count + rows[:, 1]
-        lengths = lengths.reshape(-1)[selected]
-        return np.ascontiguousarray(ids.reshape(batch * count, -1)[selected, : int(lengths.max())]), lengths
+        row_lengths = all_lengths[selected]
+        return np.ascontiguousarray(all_ids[selected, : int(row_lengths.max())]), row_lengths
+
+    def _prompt_layout(self, particles: Particles) -> _PromptLayout:
+        """The batch's :class:`_PromptLayout`, built again only when its prompts change (a new run)."""
+        layout = self._layout
+        if layout is None or not layout.fits(particles.prompt_tokens, particles.num_prompts):
+            layout = self._layout = _PromptLayout.of(particles.prompt_tokens, particles.num_prompts)
+        return layout
 
     def _last_delimiter(
         self,
         particles: Particles,
-        rows: npt.NDArray[np.int64],
+        rows: Optional[npt.NDArray[np.int64]],
         ids: npt.NDArray[np.int64],
         lengths: npt.NDArray[np.int64],
     ) -> npt.NDArray[np.int64]:
-        """Per row: the last delimiter among the generated tokens (else the last prompt token); the last
-        token for finished trajectories."""
-        b, i = rows[:, 0], rows[:, 1]
-        prompt_lengths = lengths - particles.lengths[b, i]
+        """Per row (``rows`` as in :meth:`_prefixes`): the last delimiter among the generated tokens (else
+        the last prompt token); the last token for finished trajectories."""
+        prompt_lengths = lengths - _select(particles.lengths, rows)
         columns = np.arange(ids.shape[1])
         generated = (columns >= prompt_lengths[:, None]) & (columns < lengths[:, None])
         is_delimiter = generated & np.isin(ids, self.delimiter_ids)
         last = np.where(is_delimiter, columns, -1).max(axis=1)
         read_at = np.where(last >= 0, last, np.maximum(prompt_lengths - 1, 0))
-        return np.where(particles.finished[b, i], lengths - 1, read_at)
+        return np.where(_select(particles.finished, rows), lengths - 1, read_at)
 
     def _verify(self, particles: Particles, b: int, i: int) -> float:
         assert self.verifier is not None

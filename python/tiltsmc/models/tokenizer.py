@@ -30,9 +30,8 @@ class Tokenizer:
         return np.asarray(self.inner.encode(text, add_special_tokens=False).ids, dtype=np.int64)
 
     def decode(self, ids: npt.ArrayLike) -> str:
-        return str(
-            self.inner.decode([int(i) for i in np.asarray(ids).reshape(-1)], skip_special_tokens=False)
-        )
+        token_ids = np.asarray(ids, dtype=np.int64).reshape(-1).tolist()  # Python ints, in one call
+        return str(self.inner.decode(token_ids, skip_special_tokens=False))
 
     def token_id(self, token: str) -> Optional[int]:
         value = self.inner.token_to_id(token)

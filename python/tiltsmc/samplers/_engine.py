@@ -42,12 +42,13 @@ def survivors_stay(ancestors: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
     the dead particles' slots: on average ``N - unique`` rows instead of nearly all of them.
     """
     batch, count = ancestors.shape
-    flat = (ancestors + (np.arange(batch) * count)[:, None]).ravel()
-    children = np.bincount(flat, minlength=batch * count)
-    arranged = np.tile(np.arange(count, dtype=np.int64), batch)
-    extra_parents = np.repeat(np.arange(batch * count), np.maximum(children - 1, 0))
-    arranged[children == 0] = extra_parents % count  # both in (row, index) order, as many per row
-    return arranged.reshape(batch, count)
+    row_starts = np.arange(0, batch * count, count, dtype=np.int64)[:, None]  # each row's first slot
+    children = np.bincount((ancestors + row_starts).ravel(), minlength=batch * count)
+    slots = np.arange(batch * count, dtype=np.int64)  # flat slot indices
+    extra_parents = np.repeat(slots, np.maximum(children - 1, 0))
+    slots[children == 0] = extra_parents  # both in (row, index) order, as many per row
+    arranged: npt.NDArray[np.int64] = slots.reshape(batch, count) - row_starts
+    return arranged
 
 
 class Models:
@@ -78,7 +79,7 @@ class Models:
         return particles
 
     def propose(self, particles: Particles, rng: np.random.Generator) -> FloatArray:
-        live = int(np.count_nonzero(~particles.finished))
+        live = particles.finished.size - int(np.count_nonzero(particles.finished))
         one_token = getattr(self.policy, "token_level", False) is True  # then a step is one token
         tokens_before = 0 if one_token else int(particles.lengths.sum())
         began = time.perf_counter()
