@@ -75,12 +75,18 @@ Status gather(const std::uint8_t* x, std::int64_t rows, std::int64_t n, std::int
     if (rows < 0 || n < 1 || m < 0 || item_bytes < 0) return {StatusCode::bad_size, -1, -1};
     const bool in_place = out == x;
     if (in_place && m != n) return {StatusCode::bad_size, -1, -1};
+    std::int64_t moved = 0;  // items whose ancestor is another item
     for (std::int64_t r = 0; r < rows; ++r) {
         const std::int64_t* a = ancestors + r * m;
-        for (std::int64_t j = 0; j < m; ++j)
+        for (std::int64_t j = 0; j < m; ++j) {
             if (a[j] < 0 || a[j] >= n) return {StatusCode::index_out_of_range, r, j};
+            moved += a[j] != j;
+        }
     }
-    const std::int64_t work = rows * m * std::max<std::int64_t>(item_bytes, 1) / 16;
+    // In place with large items only the moved items are copied (each at most twice, through the
+    // saved copies): a near-identity reorder of a big cache is small work and stays on this thread.
+    const std::int64_t copied = in_place && item_bytes > kSmallItem ? 2 * moved : rows * m;
+    const std::int64_t work = rows * m + copied * std::max<std::int64_t>(item_bytes, 1) / 16;
     parallel_for(rows, work, [&](std::int64_t begin, std::int64_t end) {
         std::vector<std::int64_t> saved_slot;
         std::vector<std::uint8_t> saved;
