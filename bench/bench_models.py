@@ -19,6 +19,7 @@ the machine; run it on a quiet one.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import socket
 import time
@@ -114,6 +115,9 @@ def one_run(
     args: argparse.Namespace,
     device_cache: Any = None,
 ) -> dict[str, Any]:
+    # The previous configuration's sessions sit in reference cycles (the session timers): free them now,
+    # or their threads and memory slow this configuration's start and show up as glue time.
+    gc.collect()
     providers = PROVIDERS[args.provider]
     policy = policy_class(
         FIXTURES / fixture,
