@@ -149,10 +149,11 @@ __device__ inline double load(const T* x, std::int64_t i) {
     return static_cast<double>(x[i]);
 }
 
-// The figures of row `row` (x[0, n)) computed by group g; a NaN or +inf is recorded at its first position.
+// The figures of row `row` (x[0, n)) computed by group g; a NaN or +inf is recorded at its first position,
+// and a row of zero weights at its last when zero_row_is_error.
 template <typename Group, typename T>
 __device__ RowFigures row_figures(const Group& g, const T* x, std::int64_t n, std::int64_t row,
-                                  ErrorRecord* record) {
+                                  ErrorRecord* record, bool zero_row_is_error) {
     RowFigures f{-kInf, 0.0, 0.0, -1, row_ok};
     double top = -kInf;
     std::int64_t bad = kNoIndex;
@@ -169,6 +170,7 @@ __device__ RowFigures row_figures(const Group& g, const T* x, std::int64_t n, st
         return f;
     }
     if (top == -kInf) {
+        if (zero_row_is_error && g.rank() == 0) record_error(record, row * n + n - 1, zero_row);
         f.state = row_zero;
         return f;
     }

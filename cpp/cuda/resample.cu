@@ -175,11 +175,8 @@ __global__ void __launch_bounds__(detail::GroupLayout<Group>::kBlockThreads)
     const std::int64_t row = detail::GroupLayout<Group>::row();
     if (row >= rows) return;
     const T* x = logw + row * n;
-    const RowFigures f = row_figures(g, x, n, row, record);
-    if (f.state != row_ok) {
-        if (f.state == row_zero && g.rank() == 0) record_error(record, row * n + n - 1, zero_row);
-        return;
-    }
+    const RowFigures f = row_figures(g, x, n, row, record, true);
+    if (f.state != row_ok) return;
     draw_row(g, x, n, f, scheme, m, key, row, scratch, shared_stops + detail::GroupLayout<Group>::shared_base(),
              ancestors + row * m);
 }
@@ -195,7 +192,7 @@ __global__ void __launch_bounds__(detail::GroupLayout<Group>::kBlockThreads)
     if (row >= rows) return;
     T* x = log_w + row * n;
     std::int64_t* a = ancestors + row * n;
-    const RowFigures f = row_figures(g, x, n, row, record);
+    const RowFigures f = row_figures(g, x, n, row, record, false);  // zero rows are reported, not errors
     bool draw = f.state == row_ok;
     if (draw) {
         const double row_ess = f.sum * f.sum / f.sum_squares;

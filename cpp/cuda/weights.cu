@@ -14,10 +14,9 @@ __global__ void __launch_bounds__(detail::GroupLayout<Group>::kBlockThreads)
     const std::int64_t row = detail::GroupLayout<Group>::row();
     if (row >= rows) return;
     const T* x = logw + row * n;
-    const RowFigures f = row_figures(g, x, n, row, record);
+    const RowFigures f = row_figures(g, x, n, row, record, !allow_zero_rows);
     const double nan = __longlong_as_double(0x7ff8000000000000LL);
     if (f.state == row_bad || (f.state == row_zero && !allow_zero_rows)) {
-        if (f.state == row_zero && g.rank() == 0) record_error(record, row * n + n - 1, zero_row);
         if (g.rank() == 0) {
             log_mean_w[row] = nan;
             ess[row] = nan;
@@ -43,11 +42,8 @@ __global__ void __launch_bounds__(detail::GroupLayout<Group>::kBlockThreads)
     const std::int64_t row = detail::GroupLayout<Group>::row();
     if (row >= rows) return;
     const T* x = logw + row * n;
-    const RowFigures f = row_figures(g, x, n, row, record);
-    if (f.state != row_ok) {
-        if (f.state == row_zero && g.rank() == 0) record_error(record, row * n + n - 1, zero_row);
-        return;
-    }
+    const RowFigures f = row_figures(g, x, n, row, record, true);
+    if (f.state != row_ok) return;
     // The CPU's walk: the first i < last_positive whose cumulative weight exceeds u * sum, else last_positive.
     const double target = philox_uniform_at(Philox4x32(key), static_cast<std::uint64_t>(row), 0) * f.sum;
     double carry = 0.0;
