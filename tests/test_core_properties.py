@@ -32,7 +32,9 @@ PROPERTY_SETTINGS = settings(
 )
 
 ERRORS = (ValueError, TypeError)
-ARGUMENT_NAME = re.compile(r"(logw|scheme|num|rng|zero_rows|log_z_current|log_z_proposed|x|ancestors|out): ")
+ARGUMENT_NAME = re.compile(
+    r"(logw|scheme|num|rng|zero_rows|log_z_current|log_z_proposed|x|ancestors|out|arrays(\[\d+\])?): "
+)
 # What a call must do: succeed (None), raise one of the given types, or either ("either": not specified).
 Expectation = Any
 
@@ -419,3 +421,90 @@ def test_thread_count_property(b: int, n: int, scheme: str, seed: int) -> None:
         core.set_num_threads(saved)
     for first, second in zip(*outcomes):
         np.testing.assert_array_equal(first, second)
+
+
+# --------------------------------------------------------------------------------------------------------
+# reorder_in_place and keep_survivors
+# --------------------------------------------------------------------------------------------------------
+
+
+@st.composite
+def reorder_case(draw: st.DrawFn) -> dict[str, Any]:
+    b, n = draw(st.integers(0, 4)), draw(st.integers(1, 30))
+    seed = draw(st.integers(0, 2**32))
+    rng = np.random.default_rng(seed)
+    arrays = []
+    for _ in range(draw(st.integers(0, 4))):
+        dtype = draw(st.sampled_from(GATHER_DTYPES))
+        trailing = draw(st.sampled_from(TRAILING))
+        lead = (b, n) if coin(draw, 0.9) else draw(st.sampled_from([(b, n + 1), (b + 1, n), (n,)]))
+        shape = (*lead, *trailing)
+        count = int(np.prod(shape, dtype=np.int64))
+        raw = rng.integers(0, 256, size=count * dtype.itemsize, dtype=np.uint8)
+        if dtype == np.bool_:
+            raw %= 2
+        x = raw.view(dtype).reshape(shape) if dtype.itemsize else np.zeros(shape, dtype=dtype)
+        flaw = draw(st.sampled_from(["none"] * 8 + ["read-only", "strided", "list"]))
+        if flaw == "read-only":
+            x.flags.writeable = False
+        elif flaw == "strided" and x.ndim >= 2 and x.shape[1] > 1:
+            x = np.repeat(x, 2, axis=1)[:, ::2]
+        arrays.append(x.tolist() if flaw == "list" else x)
+    ancestors = rng.integers(0, n, size=(b, n))
+    if ancestors.size and coin(draw, 0.2):
+        bad = draw(st.sampled_from([-1, n, n + 5]))
+        ancestors.reshape(-1)[draw(st.integers(0, ancestors.size - 1))] = bad
+    return {"arrays": arrays, "ancestors": ancestors}
+
+
+def reorder_problem(arrays: list[Any], ancestors: np.ndarray) -> Expectation:
+    b, n = ancestors.shape
+    for x in arrays:
+        if not isinstance(x, np.ndarray):
+            return TypeError
+        if x.ndim < 2 or x.shape[:2] != (b, n) or not x.flags.c_contiguous or not x.flags.writeable:
+            return ValueError
+    if np.any((ancestors < 0) | (ancestors >= n)):
+        return ValueError
+    return None
+
+
+@PROPERTY_SETTINGS
+@given(case=reorder_case())
+def test_reorder_in_place_property(case: dict[str, Any]) -> None:
+    arrays, ancestors = case["arrays"], case["ancestors"]
+    originals = [x.copy() if isinstance(x, np.ndarray) else None for x in arrays]
+    _, error = call(lambda: core.reorder_in_place(arrays, ancestors))
+    expected = reorder_problem(arrays, ancestors)
+    if not check_outcome(error, expected):
+        for x, original in zip(arrays, originals):
+            if original is not None:
+                assert original.tobytes() == x.tobytes(), "an array changed by a failed reorder_in_place"
+        return
+    rows = np.arange(ancestors.shape[0])[:, None]
+    for x, original in zip(arrays, originals):
+        assert original is not None
+        assert x.tobytes() == original[rows, ancestors].tobytes()
+
+
+@PROPERTY_SETTINGS
+@given(
+    ancestors=hnp.arrays(
+        np.int64,
+        hnp.array_shapes(min_dims=2, max_dims=2, min_side=0, max_side=12),
+        elements=st.integers(-2, 13),
+    )
+)
+def test_keep_survivors_property(ancestors: np.ndarray) -> None:
+    original = ancestors.copy()
+    arranged, error = call(lambda: core.keep_survivors(ancestors))
+    n = ancestors.shape[1]
+    bad = n == 0 or bool(np.any((ancestors < 0) | (ancestors >= n)))
+    assert np.array_equal(ancestors, original), "keep_survivors changed its input"
+    if not check_outcome(error, ValueError if bad else None):
+        return
+    assert arranged.shape == ancestors.shape and arranged.dtype == np.int64
+    for before, after in zip(ancestors, arranged):
+        np.testing.assert_array_equal(np.bincount(after, minlength=n), np.bincount(before, minlength=n))
+        survivors = np.unique(before)
+        np.testing.assert_array_equal(after[survivors], survivors)

@@ -1055,19 +1055,35 @@ def test_other_sampler_diagnostics(small_task: MarkovDFATask) -> None:
     assert res.compute.policy_steps == B * K * T and res.compute.reward_evaluations == B * K
 
 
-def test_survivors_stay_keeps_offspring_counts() -> None:
-    """Same children per particle as the ascending ancestors, and every survivor in its own slot."""
-    from tiltsmc.samplers._engine import survivors_stay
+def _survivors_stay_reference(ancestors: np.ndarray) -> np.ndarray:
+    """keep_survivors in numpy: survivors in their slots, extra copies into the dead slots, in order."""
+    batch, count = ancestors.shape
+    row_starts = np.arange(0, batch * count, count, dtype=np.int64)[:, None]
+    children = np.bincount((ancestors + row_starts).ravel(), minlength=batch * count)
+    slots = np.arange(batch * count, dtype=np.int64)
+    slots[children == 0] = np.repeat(slots, np.maximum(children - 1, 0))
+    return slots.reshape(batch, count) - row_starts
 
+
+def test_keep_survivors_keeps_offspring_counts() -> None:
+    """Same children per particle as the ancestors (ascending or shuffled), every survivor in its own
+    slot, the dead slots filled in order; equal to the numpy reference; the input left as it was."""
     rng = np.random.default_rng(17)
-    for _ in range(200):
+    for _ in range(300):
         n, rows = int(rng.integers(1, 13)), int(rng.integers(1, 4))
         weights = rng.integers(0, 6, size=(rows, n)).astype(np.float64)
         weights[:, rng.integers(0, n)] += 1.0  # a positive weight in every row
         with np.errstate(divide="ignore"):
             ancestors = tiltsmc.core.resample(np.log(weights), rng=rng)
-        arranged = survivors_stay(ancestors)
+        if rng.random() < 0.5:
+            ancestors = rng.permuted(ancestors, axis=1)
+        before_call = ancestors.copy()
+        arranged = tiltsmc.core.keep_survivors(ancestors)
+        np.testing.assert_array_equal(ancestors, before_call)
+        np.testing.assert_array_equal(arranged, _survivors_stay_reference(ancestors))
         for before, after in zip(ancestors, arranged):
             np.testing.assert_array_equal(np.bincount(after, minlength=n), np.bincount(before, minlength=n))
             survivors = np.unique(before)
             np.testing.assert_array_equal(after[survivors], survivors)
+            dead = np.setdiff1d(np.arange(n), survivors)
+            assert np.all(np.diff(after[dead]) >= 0)  # extra copies in ascending parent order

@@ -1,6 +1,8 @@
 // Binding of gather: x and out are any C-contiguous arrays, read as rows x n (resp. m) items of
 // item_bytes bytes; their byte sizes are checked against those figures before any pointer is used.
 #include <cstdint>
+#include <string>
+#include <vector>
 
 #include "common.hpp"
 
@@ -39,9 +41,57 @@ void bind_gather(const py::array& x, const CArray<std::int64_t>& ancestors, py::
     check(status, "ancestors");
 }
 
+// Every array of `arrays` (each (rows, n, ...), C-contiguous, writeable) reordered in place by the same
+// ancestors (rows, n): all arrays are checked, then the ancestors (by the first gather), before any write.
+void bind_reorder_in_place(const py::list& arrays, const CArray<std::int64_t>& ancestors) {
+    if (ancestors.ndim() != 2) throw py::value_error("ancestors: expected shape (B, N)");
+    const std::int64_t rows = ancestors.shape(0), n = ancestors.shape(1);
+    if (n < 1) throw py::value_error("ancestors: rows must hold at least one particle");
+    std::vector<std::uint8_t*> data;
+    std::vector<std::int64_t> item_bytes;
+    for (std::size_t k = 0; k < arrays.size(); ++k) {
+        const std::string name = "arrays[" + std::to_string(k) + "]";
+        if (!py::isinstance<py::array>(arrays[k])) throw py::type_error(name + ": expected a numpy array");
+        auto array = py::reinterpret_borrow<py::array>(arrays[k]);
+        if (array.ndim() < 2 || array.shape(0) != rows || array.shape(1) != n)
+            throw py::value_error(name + ": leading axes do not match the ancestors' (B, N)");
+        if (array.dtype().kind() == 'O') throw py::type_error(name + ": holds Python objects, which gather cannot copy");
+        if (!(array.flags() & py::array::c_style) || !array.writeable())
+            throw py::value_error(name + ": must be C-contiguous and writeable to reorder in place");
+        const std::int64_t count = rows * n;
+        data.push_back(static_cast<std::uint8_t*>(array.mutable_data()));
+        item_bytes.push_back(count == 0 ? 0 : static_cast<std::int64_t>(array.nbytes()) / count);
+    }
+    const std::int64_t* a = ancestors.data();
+    Status status;
+    {
+        py::gil_scoped_release release;
+        status = reorder_in_place(data.data(), item_bytes.data(), static_cast<std::int64_t>(data.size()), rows, n, a);
+    }
+    check(status, "ancestors");
+}
+
+// Survivors keep their slots (see keep_survivors), in place on a C-contiguous int64 (B, N) array.
+void bind_keep_survivors(py::array& ancestors) {
+    if (!ancestors.dtype().is(py::dtype::of<std::int64_t>()) || ancestors.ndim() != 2)
+        throw py::type_error("ancestors: expected a 2-D int64 array");
+    if (!(ancestors.flags() & py::array::c_style) || !ancestors.writeable())
+        throw py::value_error("ancestors: must be C-contiguous and writeable");
+    auto* a = static_cast<std::int64_t*>(ancestors.mutable_data());
+    const std::int64_t rows = ancestors.shape(0), n = ancestors.shape(1);
+    Status status;
+    {
+        py::gil_scoped_release release;
+        status = keep_survivors(a, rows, n);
+    }
+    check(status, "ancestors");
+}
+
 }  // namespace
 
 void register_gather(py::module_& m) {
+    m.def("reorder_in_place", &bind_reorder_in_place, py::arg("arrays"), py::arg("ancestors"));
+    m.def("keep_survivors", &bind_keep_survivors, py::arg("ancestors"));
     m.def("gather", &bind_gather, py::arg("x"), py::arg("ancestors"), py::arg("out"), py::arg("rows"),
           py::arg("num_particles"), py::arg("item_bytes"));
 }

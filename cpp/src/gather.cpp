@@ -106,4 +106,47 @@ Status gather(const std::uint8_t* x, std::int64_t rows, std::int64_t n, std::int
     return {};
 }
 
+Status reorder_in_place(std::uint8_t* const* arrays, const std::int64_t* item_bytes, std::int64_t count,
+                        std::int64_t rows, std::int64_t n, const std::int64_t* ancestors) {
+    if (rows < 0 || n < 1 || count < 0) return {StatusCode::bad_size, -1, -1};
+    for (std::int64_t r = 0; r < rows; ++r)
+        for (std::int64_t j = 0; j < n; ++j)
+            if (ancestors[r * n + j] < 0 || ancestors[r * n + j] >= n) return {StatusCode::index_out_of_range, r, j};
+    for (std::int64_t k = 0; k < count; ++k) {
+        const Status status = gather(arrays[k], rows, n, item_bytes[k], ancestors, n, arrays[k]);
+        if (!status.ok()) return status;  // a bad size: the arrays before it are already reordered
+    }
+    return {};
+}
+
+Status keep_survivors(std::int64_t* ancestors, std::int64_t rows, std::int64_t n) {
+    if (rows < 0 || n < 1) return {StatusCode::bad_size, -1, -1};
+    for (std::int64_t r = 0; r < rows; ++r) {
+        const std::int64_t* a = ancestors + r * n;
+        for (std::int64_t j = 0; j < n; ++j)
+            if (a[j] < 0 || a[j] >= n) return {StatusCode::index_out_of_range, r, j};
+    }
+    parallel_for(rows, rows * n, [&](std::int64_t begin, std::int64_t end) {
+        std::vector<std::int64_t> children(static_cast<std::size_t>(n));
+        for (std::int64_t r = begin; r < end; ++r) {
+            std::int64_t* a = ancestors + r * n;
+            std::fill(children.begin(), children.end(), 0);
+            for (std::int64_t j = 0; j < n; ++j) ++children[static_cast<std::size_t>(a[j])];
+            // The childless slots, in order, take the parents' extra copies, in order: there are as
+            // many of each (the counts add up to n), so `parent` never passes n.
+            std::int64_t parent = -1, extra = 0;
+            for (std::int64_t i = 0; i < n; ++i) {
+                if (children[static_cast<std::size_t>(i)] > 0) {
+                    a[i] = i;
+                    continue;
+                }
+                while (extra == 0) extra = std::max<std::int64_t>(children[static_cast<std::size_t>(++parent)] - 1, 0);
+                a[i] = parent;
+                --extra;
+            }
+        }
+    });
+    return {};
+}
+
 }  // namespace tiltsmc

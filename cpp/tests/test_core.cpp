@@ -377,6 +377,40 @@ void test_gather() {
     EXPECT(gather(x.data(), 1, n, 0, many.data(), 7, wide.data()).ok());
 }
 
+void test_reorder_in_place_and_keep_survivors() {
+    // Two arrays (items of 2 and 72 bytes) reordered by one call equal two separate gathers.
+    const std::int64_t rows = 2, n = 4;
+    std::vector<std::uint8_t> small(static_cast<std::size_t>(rows * n * 2)), large(static_cast<std::size_t>(rows * n * 72));
+    for (std::size_t k = 0; k < small.size(); ++k) small[k] = static_cast<std::uint8_t>(3 * k + 1);
+    for (std::size_t k = 0; k < large.size(); ++k) large[k] = static_cast<std::uint8_t>(k);
+    const std::vector<std::int64_t> a = {3, 3, 0, 1, 1, 2, 2, 0};
+    std::vector<std::uint8_t> small_want(small.size()), large_want(large.size());
+    EXPECT(gather(small.data(), rows, n, 2, a.data(), n, small_want.data()).ok());
+    EXPECT(gather(large.data(), rows, n, 72, a.data(), n, large_want.data()).ok());
+    std::uint8_t* arrays[] = {small.data(), large.data()};
+    const std::int64_t item_bytes[] = {2, 72};
+    EXPECT(reorder_in_place(arrays, item_bytes, 2, rows, n, a.data()).ok());
+    EXPECT(small == small_want && large == large_want);
+    // A bad index in the last row: reported, neither array written; checked even with no arrays.
+    const std::vector<std::int64_t> bad = {0, 1, 2, 3, 0, 1, 4, 3};
+    const auto small_before = small, large_before = large;
+    Status status = reorder_in_place(arrays, item_bytes, 2, rows, n, bad.data());
+    EXPECT(status.code == StatusCode::index_out_of_range && status.row == 1 && status.index == 2);
+    EXPECT(small == small_before && large == large_before);
+    EXPECT(reorder_in_place(arrays, item_bytes, 0, rows, n, bad.data()).code == StatusCode::index_out_of_range);
+
+    // keep_survivors: survivors in their own slots, extra copies into the childless slots in order.
+    std::vector<std::int64_t> ancestors = {0, 0, 0, 3, 3, 4, 2, 1, 1, 1};
+    EXPECT(keep_survivors(ancestors.data(), 2, 5).ok());
+    const std::vector<std::int64_t> arranged = {0, 0, 0, 3, 3, 1, 1, 2, 1, 4};
+    EXPECT(ancestors == arranged);
+    std::vector<std::int64_t> out_of_range = {0, 1, 2, 0, 5, 1};
+    const auto kept = out_of_range;
+    status = keep_survivors(out_of_range.data(), 2, 3);
+    EXPECT(status.code == StatusCode::index_out_of_range && status.row == 1 && status.index == 1);
+    EXPECT(out_of_range == kept);
+}
+
 void test_random_sizes() {
     // Random shapes and values: kernels either succeed with valid output or report a status.
     std::mt19937_64 engine(17);
@@ -423,6 +457,7 @@ int main() {
         test_pool_select_and_mh();
         test_smc_step();
         test_gather();
+        test_reorder_in_place_and_keep_survivors();
         test_random_sizes();
     }
     g_avx512_override = -1;

@@ -28,6 +28,7 @@ GPU kernels are usable here, and why not: :func:`cuda_available`. This build's o
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, Literal, Optional
 
 import numpy as np
@@ -44,9 +45,11 @@ __all__ = [
     "cuda_available",
     "gather",
     "get_num_threads",
+    "keep_survivors",
     "log_normalize",
     "mh_accept",
     "pool_select",
+    "reorder_in_place",
     "resample",
     "row_statistics",
     "set_num_threads",
@@ -348,6 +351,50 @@ def gather(
         return target
     _core.gather(source, index2, target, batch, num_particles, row_bytes)
     return target
+
+
+def _ancestor_rows(ancestors: npt.ArrayLike) -> npt.NDArray[np.int64]:
+    """``ancestors`` as a C-contiguous int64 ``(B, N)`` array (a copy only where it is not one already)."""
+    index = ancestors if type(ancestors) is np.ndarray else np.asarray(ancestors)
+    if index.dtype.kind not in "iu":
+        raise TypeError(f"ancestors: expected an integer array, got dtype {index.dtype}")
+    if index.ndim != 2:
+        raise ValueError(f"ancestors: expected shape (B, N), got shape {index.shape}")
+    if index.shape[1] == 0:
+        raise ValueError(f"ancestors: rows must hold at least one particle, got shape {index.shape}")
+    if index.dtype == np.uint64 and index.size and int(index.max()) > np.iinfo(np.int64).max:
+        raise ValueError("ancestors: index out of range (larger than int64)")
+    if index.dtype != np.int64 or not index.flags.c_contiguous:
+        index = np.ascontiguousarray(index, dtype=np.int64)
+    return index
+
+
+def reorder_in_place(arrays: Sequence[np.ndarray], ancestors: npt.ArrayLike) -> None:
+    """``gather(x, ancestors, out=x)`` for every ``x`` in ``arrays``, in one call.
+
+    Each array has shape ``(B, N, ...)`` (any dtype without Python objects, any trailing shape) and is
+    C-contiguous and writeable; ``ancestors`` is ``(B, N)``. Rows whose ancestor is themselves are not
+    touched. Every array and every index is checked before anything is written.
+    """
+    index = _ancestor_rows(ancestors)
+    if isinstance(arrays, np.ndarray) or not isinstance(arrays, Sequence):
+        raise TypeError(f"arrays: expected a sequence of numpy arrays, got {type(arrays).__name__}")
+    _core.reorder_in_place(list(arrays), index)
+
+
+def keep_survivors(ancestors: npt.ArrayLike) -> npt.NDArray[np.int64]:
+    """The same offspring counts as ``ancestors`` ``(B, N)``, with every surviving particle in its own slot.
+
+    Particles are exchangeable after resampling, so any arrangement of a row's ancestors gives the same
+    particle system. Here particle ``i`` with ``c_i >= 1`` children keeps slot ``i`` (``a_i = i``) and
+    its ``c_i - 1`` extra copies fill the childless slots, both in ascending order; an in-place
+    :func:`gather` by the result then moves only the childless slots (``N - unique`` rows) instead of
+    nearly all of them. Returns a new array; ``ancestors`` is left as it is.
+    """
+    index = _ancestor_rows(ancestors)
+    arranged = index.copy()
+    _core.keep_survivors(arranged)
+    return arranged
 
 
 def set_num_threads(num_threads: int) -> None:

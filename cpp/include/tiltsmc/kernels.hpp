@@ -68,6 +68,17 @@ Status mh_accept(const double* log_z_current, const double* log_z_proposed, std:
 Status gather(const std::uint8_t* x, std::int64_t rows, std::int64_t n, std::int64_t item_bytes,
               const std::int64_t* ancestors, std::int64_t m, std::uint8_t* out);
 
+// gather(arrays[k], rows, n, item_bytes[k], ancestors, n, arrays[k]) for k < count: several arrays reordered
+// in place by the same ancestors. The ancestors are checked once, before anything is written.
+Status reorder_in_place(std::uint8_t* const* arrays, const std::int64_t* item_bytes, std::int64_t count,
+                        std::int64_t rows, std::int64_t n, const std::int64_t* ancestors);
+
+// Rearranges each row of ancestors (values in [0, n)) so that every particle with children keeps its own
+// slot and its extra copies fill the childless slots in ascending order of slot and of parent: the
+// offspring counts are unchanged, and an in-place gather by the result moves only the childless slots.
+// Every ancestor is checked before anything is written.
+Status keep_survivors(std::int64_t* ancestors, std::int64_t rows, std::int64_t n);
+
 // Threads that large calls may use (0: the hardware's count); results never depend on it.
 void set_num_threads(int num_threads);
 int get_num_threads();

@@ -103,6 +103,7 @@ class OnnxRewardModel:
         self.verifier = verifier
         self.pad_token_id = int(pad_token_id)
         self._layout: Optional[_PromptLayout] = None  # the last batch's prompts, see _prompt_layout
+        self._ones_buffer = np.ones(0, dtype=np.int64)  # attention masks of unpadded batches, see _ones
         self.session = make_session(
             self.model_file,
             providers,
@@ -181,16 +182,21 @@ class OnnxRewardModel:
     ) -> FloatArray:
         """``log Vh`` of right-padded rows ``ids[r, :lengths[r]]``, read at ``read_at[r]`` (default: the last
         token) where the model scores every position."""
-        width = ids.shape[1]
+        rows, width = ids.shape
+        full = rows > 0 and int(lengths.min()) == width  # no padding (the usual step): simpler feeds
         columns = np.arange(width)
-        valid = columns < lengths[:, None]
-        mask = valid.astype(np.int64)
-        if self.token_map is not None:
-            ids = np.where(valid, self.token_map[ids], self.pad_token_id)
+        if full:
+            mask = self._ones(rows * width).reshape(rows, width)
+            if self.token_map is not None:
+                ids = self.token_map[ids]
+        else:
+            valid = columns < lengths[:, None]
+            mask = valid.astype(np.int64)
+            if self.token_map is not None:
+                ids = np.where(valid, self.token_map[ids], self.pad_token_id)
         feeds: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
         if self.has_position_ids:  # right padding: 0, 1, ..., length - 1, then length - 1 repeated
             feeds["position_ids"] = np.minimum(columns, np.maximum(lengths - 1, 0)[:, None])
-        read_rows, read_columns = np.arange(len(ids)), lengths - 1 if read_at is None else read_at
         (raw,) = self.session.run([self.output], feeds)
         raw = np.asarray(raw)
         if raw.ndim == 3 and raw.shape[2] == 1:
@@ -198,7 +204,10 @@ class OnnxRewardModel:
         if raw.ndim == 2 and raw.shape[1] == 1 and width != 1:
             raw = raw[:, 0]
         if raw.ndim == 2:  # one score per position: only the read ones are converted
-            raw = raw[read_rows, read_columns]
+            if full and read_at is None:
+                raw = raw[:, width - 1]
+            else:
+                raw = raw[np.arange(rows), lengths - 1 if read_at is None else read_at]
         if raw.shape != (len(ids),):
             raise ValueError(
                 f"output: {self.output!r} has shape {raw.shape}; expected (batch,) or (batch, seq)"
@@ -218,6 +227,13 @@ class OnnxRewardModel:
             return logs
         log_sigmoid: FloatArray = -np.logaddexp(0.0, -scores)
         return log_sigmoid
+
+    def _ones(self, size: int) -> npt.NDArray[np.int64]:
+        """``size`` int64 ones, a view of one buffer kept across calls (the session only reads masks)."""
+        if self._ones_buffer.size < size:
+            self._ones_buffer = np.ones(max(size, 2 * self._ones_buffer.size), dtype=np.int64)
+            self._ones_buffer.flags.writeable = False
+        return self._ones_buffer[:size]
 
     @staticmethod
     def _prompt(particles: Particles, b: int) -> npt.NDArray[np.int64]:

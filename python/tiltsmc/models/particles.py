@@ -58,21 +58,26 @@ class Particles:
         return int(self.tokens.shape[1])
 
     def reorder(self, ancestors: npt.NDArray[np.int64]) -> None:
-        """Particle ``i`` of prompt ``b`` becomes a copy of particle ``ancestors[b, i]`` (in place)."""
-        core.gather(self.tokens, ancestors, out=self.tokens)
-        # A uniform array is its own reordering (all lengths equal, none or all finished: the usual case).
-        if self.lengths.size and self.lengths.min() != self.lengths.max():
-            core.gather(self.lengths, ancestors, out=self.lengths)
-        if self.finished.any() and not self.finished.all():
-            core.gather(self.finished, ancestors, out=self.finished)
-        on_device: dict[int, Any] = {}
+        """Particle ``i`` of prompt ``b`` becomes a copy of particle ``ancestors[b, i]`` (in place).
+
+        Host arrays are reordered in one core call (:func:`tiltsmc.core.reorder_in_place`); device arrays
+        where they lie; arrays that cannot be written in place are replaced by reordered copies."""
+        host = [self.tokens, self.lengths, self.finished]
+        others = []
         for name, array in self.state.items():
             if tuple(array.shape[:2]) != self.lengths.shape:
                 raise ValueError(
                     f"Particles.state[{name!r}]: leading axes {tuple(array.shape[:2])} are not (B, N) = "
                     f"{self.lengths.shape}"
                 )
-            self.state[name] = _follow(array, ancestors, on_device, in_place=True)
+            if type(array) is np.ndarray and array.flags.c_contiguous and array.flags.writeable:
+                host.append(array)
+            else:
+                others.append(name)
+        core.reorder_in_place(host, ancestors)  # checks every index before it writes
+        on_device: dict[int, Any] = {}
+        for name in others:
+            self.state[name] = _follow(self.state[name], ancestors, on_device, in_place=True)
 
     def take(self, ancestors: npt.NDArray[np.int64]) -> Particles:
         """A new batch: particle ``j`` of prompt ``b`` copies particle ``ancestors[b, j]`` (any count)."""

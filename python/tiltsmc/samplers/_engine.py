@@ -33,24 +33,6 @@ def logsumexp(a: FloatArray, axis: int = -1) -> FloatArray:
     return total
 
 
-def survivors_stay(ancestors: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-    """The same offspring counts with every surviving particle kept in its own slot.
-
-    Particles are exchangeable after resampling, so any arrangement of a row's ancestors gives the same
-    particle system. Here particle ``i`` with ``c_i >= 1`` children keeps slot ``i`` and its ``c_i - 1``
-    extra copies fill the slots of the particles that died (in order), so reordering in place moves only
-    the dead particles' slots: on average ``N - unique`` rows instead of nearly all of them.
-    """
-    batch, count = ancestors.shape
-    row_starts = np.arange(0, batch * count, count, dtype=np.int64)[:, None]  # each row's first slot
-    children = np.bincount((ancestors + row_starts).ravel(), minlength=batch * count)
-    slots = np.arange(batch * count, dtype=np.int64)  # flat slot indices
-    extra_parents = np.repeat(slots, np.maximum(children - 1, 0))
-    slots[children == 0] = extra_parents  # both in (row, index) order, as many per row
-    arranged: npt.NDArray[np.int64] = slots.reshape(batch, count) - row_starts
-    return arranged
-
-
 class Models:
     """The policy and reward model of one run, with every call counted and timed into ``compute``."""
 

@@ -34,7 +34,6 @@ from ._engine import (
     decode_texts,
     failed_prompts,
     logsumexp,
-    survivors_stay,
 )
 from .result import Compute, SamplerResult
 
@@ -152,7 +151,7 @@ def _run_smc(
         log_z = log_z + step_increment
         collapsed |= ess == 0.0
         if resample_rows.any():
-            ancestors = survivors_stay(ancestors)
+            ancestors = core.keep_survivors(ancestors)  # the in-place reorder moves only the dead
             particles.reorder(ancestors)
             log_v_prev = core.gather(log_v_prev, ancestors)
         trace.ess.append(np.asarray(ess, dtype=np.float64))
