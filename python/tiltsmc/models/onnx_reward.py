@@ -213,7 +213,8 @@ class OnnxRewardModel:
                 f"output: {self.output!r} has shape {raw.shape}; expected (batch,) or (batch, seq)"
             )
         scores = raw.astype(np.float64)
-        if np.isnan(scores.max()):  # the maximum is NaN exactly when some score is
+        top = scores.max() if scores.size else 0.0
+        if top != top:  # the maximum is NaN exactly when some score is
             raise ValueError(
                 f"reward: {self.model_file.name} returned NaN for {int(np.isnan(scores).sum())} prefix(es)"
             )
@@ -225,8 +226,10 @@ class OnnxRewardModel:
             with np.errstate(divide="ignore"):
                 logs: FloatArray = np.log(scores)
             return logs
-        log_sigmoid: FloatArray = -np.logaddexp(0.0, -scores)
-        return log_sigmoid
+        # log sigmoid(x) = -log(1 + exp(-x)), in place on the fresh float64 copy
+        np.negative(scores, out=scores)
+        np.logaddexp(0.0, scores, out=scores)
+        return np.negative(scores, out=scores)
 
     def _ones(self, size: int) -> npt.NDArray[np.int64]:
         """``size`` int64 ones, a view of one buffer kept across calls (the session only reads masks)."""

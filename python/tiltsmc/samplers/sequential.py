@@ -110,7 +110,8 @@ def _run_smc(
     collapsed = (log_v0 == -np.inf) | failed_prompts(particles)
     log_w = np.zeros((batch, num_particles))
     log_w[collapsed] = -np.inf  # weight zero: reported by the core, never resampled
-    log_total = np.where(collapsed, -np.inf, np.log(num_particles))  # logsumexp of each row of log_w
+    log_n = float(np.log(num_particles))
+    log_total = np.where(collapsed, -np.inf, log_n)  # logsumexp of each row of log_w
     trace = _Trace()
     for _ in range(max_steps):
         if particles.finished.all():
@@ -145,9 +146,9 @@ def _run_smc(
             scheme,  # type: ignore[arg-type]  # a scheme name, checked in _check_common
             generator,
         )
-        new_total = log_mean_w + np.log(num_particles)
+        new_total: FloatArray = log_mean_w + log_n  # type: ignore[assignment]  # float64 rows
         step_increment = _safe_increment(new_total, log_total)
-        log_total = np.where(resample_rows, np.log(num_particles), new_total)
+        log_total = np.where(resample_rows, log_n, new_total)
         log_z = log_z + step_increment
         collapsed |= ess == 0.0
         if resample_rows.any():
