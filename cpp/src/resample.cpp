@@ -81,7 +81,7 @@ TILTSMC_SIMD_CLONES void points_below_block(double* w, std::int64_t count, doubl
         const Vec8 shifted = x + two52;
         const Vec8 rounded = shifted - two52;
         const Mask8 next =
-            (reinterpret_cast<const Mask8&>(shifted) - std::int64_t{0x4330000000000000}) - (rounded < x);
+            (same_bits<Mask8>(shifted) - std::int64_t{0x4330000000000000}) - (rounded < x);
         std::memcpy(w + i, &next, sizeof next);
     }
     base = std::min(base, chunk_end);

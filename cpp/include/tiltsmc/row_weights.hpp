@@ -27,6 +27,16 @@ typedef double Vec8 __attribute__((vector_size(64)));
 typedef std::int64_t Mask8 __attribute__((vector_size(64)));
 constexpr int kLanes = 8;
 
+// The bits of `from` read as a `To` of the same size. A memcpy, not a reinterpret_cast: reading a Vec8
+// through a Mask8 reference breaks the aliasing rules; compilers turn this into a register move.
+template <typename To, typename From>
+inline To same_bits(const From& from) {
+    static_assert(sizeof(To) == sizeof(From), "same_bits: the two types differ in size");
+    To to;
+    std::memcpy(&to, &from, sizeof to);
+    return to;
+}
+
 template <typename T>
 __attribute__((always_inline)) inline Vec8 load8(const T* x) {
     if constexpr (std::is_same_v<T, double>) {
@@ -72,9 +82,9 @@ __attribute__((always_inline)) inline Vec8 exp_nonpositive(Vec8 x) {
     p = p * r + 0.5;
     p = p * r + 1.0;
     p = p * r + 1.0;
-    const Mask8 exponent = (reinterpret_cast<const Mask8&>(shifted) - std::int64_t{0x4338000000000000}) + 1023;
+    const Mask8 exponent = (same_bits<Mask8>(shifted) - std::int64_t{0x4338000000000000}) + 1023;
     const Mask8 scale_bits = exponent << 52;
-    const Vec8 scaled = p * reinterpret_cast<const Vec8&>(scale_bits);
+    const Vec8 scaled = p * same_bits<Vec8>(scale_bits);
     return underflow ? splat(0.0) : scaled;
 }
 
@@ -85,10 +95,10 @@ TILTSMC_SIMD_CLONES inline void exponentials_from_uniforms(double* u, std::int64
     std::int64_t i = 0;
     for (; i + kLanes <= count; i += kLanes) {
         Vec8 y = splat(1.0) - load8(u + i);  // in (0, 1]: a normal number, at least 2^-53
-        const Mask8 bits = reinterpret_cast<const Mask8&>(y);
+        const Mask8 bits = same_bits<Mask8>(y);
         Mask8 exponent = ((bits >> 52) & 0x7FF) - 1023;
         const Mask8 mantissa_bits = (bits & std::int64_t{0x000FFFFFFFFFFFFF}) | std::int64_t{0x3FF0000000000000};
-        Vec8 m = reinterpret_cast<const Vec8&>(mantissa_bits);
+        Vec8 m = same_bits<Vec8>(mantissa_bits);
         const Mask8 high = m > 1.4142135623730951;
         m = high ? m * 0.5 : m;
         exponent -= high;  // high is -1 where true
