@@ -347,6 +347,28 @@ def test_pool_select_one_hot_and_single() -> None:
     assert i == 0 and lm == pytest.approx(2.0, rel=1e-15)
 
 
+def test_sample_logits_arguments() -> None:
+    logits = np.array([[0.0, 1.0, -np.inf], [2.0, 2.0, 2.0]], dtype=np.float32)
+    index, log_prob = core.sample_logits(logits, rng=3)
+    assert index.shape == log_prob.shape == (2,) and index[0] != 2
+    one, _ = core.sample_logits(logits[1], 2.0, rng=3)
+    assert one.shape == ()
+    for temperature in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature"):
+            core.sample_logits(logits, temperature)
+    for temperature in (True, "1", None):
+        with pytest.raises(TypeError, match="temperature"):
+            core.sample_logits(logits, temperature)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="logits"):
+        core.sample_logits(np.array([[0.0, np.nan]]))
+    with pytest.raises(ValueError, match="logits"):
+        core.sample_logits(np.full((2, 3), -np.inf))
+    with pytest.raises(TypeError, match="logits"):
+        core.sample_logits(np.zeros((2, 3), dtype=np.int64))
+    with pytest.raises(ValueError, match="logits"):
+        core.sample_logits(np.zeros((2, 3, 4)))
+
+
 def test_pool_select_rows_and_streams() -> None:
     rng = np.random.default_rng(19)
     row = random_logw(rng, (30,))

@@ -33,7 +33,8 @@ PROPERTY_SETTINGS = settings(
 
 ERRORS = (ValueError, TypeError)
 ARGUMENT_NAME = re.compile(
-    r"(logw|scheme|num|rng|zero_rows|log_z_current|log_z_proposed|x|ancestors|out|arrays(\[\d+\])?): "
+    r"(logw|logits|temperature|scheme|num|rng|zero_rows|log_z_current|log_z_proposed|x|ancestors|out"
+    r"|arrays(\[\d+\])?): "
 )
 # What a call must do: succeed (None), raise one of the given types, or either ("either": not specified).
 Expectation = Any
@@ -226,6 +227,26 @@ def test_pool_select_property(x: np.ndarray, seed: int) -> None:
     if rows.shape[0]:
         scale = scale_of(rows)
         np.testing.assert_allclose(log_mean_w.reshape(-1), reference(rows)[1], rtol=1e-12, atol=1e-12 * scale)
+
+
+@PROPERTY_SETTINGS
+@given(x=logw_arrays(), seed=st.integers(0, 2**32), temperature=st.sampled_from([1.0, 0.5, 2.0, 1e-3]))
+def test_sample_logits_property(x: np.ndarray, seed: int, temperature: float) -> None:
+    result, error = call(lambda: core.sample_logits(x, temperature, rng=seed))
+    if not check_outcome(error, logw_problem(x)):
+        return
+    index, log_prob = result
+    assert index.dtype == np.int64 and log_prob.dtype == np.float64
+    assert index.shape == log_prob.shape == x.shape[:-1]
+    scores = x.reshape(-1, x.shape[-1]).astype(np.float64)
+    if temperature != 1.0:
+        scores = scores / temperature
+    # The same draw as pool_select on the float64 scores, and log p(v) from that same computation.
+    same_index, log_mean_w = core.pool_select(scores, rng=seed)
+    np.testing.assert_array_equal(index.reshape(-1), same_index)
+    chosen = scores[np.arange(scores.shape[0]), same_index]
+    np.testing.assert_array_equal(log_prob.reshape(-1), (chosen - log_mean_w) - np.log(x.shape[-1]))
+    assert np.all(log_prob <= 1e-12 * np.maximum(1.0, np.abs(chosen)).reshape(log_prob.shape))
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -156,6 +156,23 @@ def test_pool_select_frequencies(dtype: type) -> None:
     np.testing.assert_allclose(log_mean_w, math.log(_RAW_WEIGHTS.sum() / N), rtol=rtol)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sample_logits_frequencies_and_log_probs(dtype: type) -> None:
+    """Token frequencies within Z_BOUND binomial standard errors of softmax(logits / T), and each
+    returned log p equal to log softmax at the drawn token (to float64 rounding)."""
+    rows, temperature = 200_000, 0.8
+    logits = np.tile(LOGW.astype(dtype), (rows, 1))
+    index, log_prob = core.sample_logits(logits, temperature, rng=37)
+    scores = LOGW.astype(dtype).astype(np.float64) / temperature
+    log_softmax = np.where(np.isfinite(scores), scores - np.logaddexp.reduce(scores), -np.inf)
+    p = np.exp(log_softmax)
+    freq = np.bincount(index, minlength=N) / rows
+    se = np.sqrt(p * (1 - p) / rows)
+    assert np.all(np.abs(freq - p) < Z_BOUND * se + 1e-12), np.round((freq - p) / np.maximum(se, 1e-300), 2)
+    assert freq[2] == 0.0  # a -inf logit is never drawn
+    np.testing.assert_allclose(log_prob, log_softmax[index], rtol=0, atol=1e-13)
+
+
 def test_pool_select_uses_all_rows_independently() -> None:
     """Different rows with different weights: row b picks index i with probability w_bi."""
     rng = np.random.default_rng(32)

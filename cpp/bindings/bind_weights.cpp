@@ -1,4 +1,5 @@
-// Bindings of log_normalize, resample, pool_select and mh_accept.
+// Bindings of log_normalize, resample, pool_select, sample_logits and mh_accept.
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <tuple>
@@ -83,6 +84,27 @@ std::tuple<CArray<std::int64_t>, CArray<double>> bind_pool_select(const CArray<T
     return {index, log_mean_w};
 }
 
+template <typename T>
+std::tuple<CArray<std::int64_t>, CArray<double>> bind_sample_logits(const CArray<T>& logits, double temperature,
+                                                                    std::uint64_t key, double log_n) {
+    if (logits.ndim() != 2) throw py::value_error("logits: expected a 2-D array");
+    if (!(temperature > 0.0) || !std::isfinite(temperature))
+        throw py::value_error("temperature: must be a finite number > 0");
+    const std::int64_t rows = logits.shape(0), n = logits.shape(1);
+    CArray<std::int64_t> index(rows);
+    CArray<double> log_prob(rows);
+    const T* in = logits.data();
+    std::int64_t* idx = index.mutable_data();
+    double* lp = log_prob.mutable_data();
+    Status status;
+    {
+        py::gil_scoped_release release;
+        status = sample_logits(in, rows, n, temperature, log_n, key, idx, lp);
+    }
+    check(status, "logits");
+    return {index, log_prob};
+}
+
 CArray<bool> bind_mh_accept(const CArray<double>& current, const CArray<double>& proposed, std::uint64_t key) {
     if (current.ndim() != 1 || proposed.ndim() != 1 || current.shape(0) != proposed.shape(0))
         throw py::value_error("log_z_proposed: shape does not match log_z_current");
@@ -133,6 +155,8 @@ void register_dtype(py::module_& m) {
     m.def("smc_step", &bind_smc_step<T>, py::arg("log_w"), py::arg("threshold"), py::arg("scheme"), py::arg("key"));
     m.def("resample", &bind_resample<T>, py::arg("logw"), py::arg("scheme"), py::arg("num"), py::arg("key"));
     m.def("pool_select", &bind_pool_select<T>, py::arg("logw"), py::arg("key"));
+    m.def("sample_logits", &bind_sample_logits<T>, py::arg("logits"), py::arg("temperature"), py::arg("key"),
+          py::arg("log_n"));
 }
 
 }  // namespace

@@ -104,6 +104,26 @@ Status pool_select(const T* logw, std::int64_t rows, std::int64_t n, std::uint64
     });
 }
 
+template <typename T>
+Status sample_logits(const T* logits, std::int64_t rows, std::int64_t n, double temperature, double log_n,
+                     std::uint64_t key, std::int64_t* index, double* log_prob) {
+    if (rows < 0 || n < 1 || !(temperature > 0.0)) return {StatusCode::bad_size, -1, -1};
+    return for_rows(rows, rows * n, [&](std::int64_t r) {
+        static thread_local std::vector<double> scratch_scores;
+        std::vector<double>& scores = scratch_scores;
+        scores.resize(static_cast<std::size_t>(n));
+        const T* x = logits + r * n;
+        for (std::int64_t i = 0; i < n; ++i) scores[static_cast<std::size_t>(i)] = static_cast<double>(x[i]);
+        if (temperature != 1.0)
+            for (double& s : scores) s /= temperature;
+        double log_mean_w = 0.0;
+        const Status status = select_row(scores.data(), n, r, key, index + r, &log_mean_w);
+        if (!status.ok()) return status;
+        log_prob[r] = (scores[static_cast<std::size_t>(index[r])] - log_mean_w) - log_n;
+        return Status{};
+    });
+}
+
 Status mh_accept(const double* log_z_current, const double* log_z_proposed, std::int64_t rows,
                  std::uint64_t key, std::uint8_t* accept) {
     if (rows < 0) return {StatusCode::bad_size, -1, -1};
@@ -136,6 +156,10 @@ template Status log_normalize<double>(const double*, std::int64_t, std::int64_t,
                                       double*);
 template Status pool_select<float>(const float*, std::int64_t, std::int64_t, std::uint64_t, std::int64_t*,
                                    double*);
+template Status sample_logits<float>(const float*, std::int64_t, std::int64_t, double, double, std::uint64_t,
+                                     std::int64_t*, double*);
+template Status sample_logits<double>(const double*, std::int64_t, std::int64_t, double, double, std::uint64_t,
+                                      std::int64_t*, double*);
 template Status pool_select<double>(const double*, std::int64_t, std::int64_t, std::uint64_t, std::int64_t*,
                                     double*);
 

@@ -309,6 +309,29 @@ void test_pool_select_and_mh() {
     std::vector<double> zero = {-inf, -inf};
     EXPECT(pool_select(zero.data(), 1, 2, 1, index.data(), log_mean_w.data()).code == StatusCode::zero_row);
 
+    // sample_logits: float logits / temperature, the draw pool_select makes on those scores, log p(v).
+    const std::vector<float> logits = {0.5f, -1.25f, 2.0f, -std::numeric_limits<float>::infinity(), 1.0f, 0.0f};
+    std::vector<double> scores(logits.begin(), logits.end());
+    for (double& s : scores) s /= 0.7;
+    std::vector<std::int64_t> drawn(2);
+    std::vector<double> log_prob(2);
+    for (std::uint64_t key = 0; key < 50; ++key) {
+        EXPECT(sample_logits(logits.data(), 2, 3, 0.7, std::log(3.0), key, drawn.data(), log_prob.data()).ok());
+        EXPECT(pool_select(scores.data(), 2, 3, key, index.data(), log_mean_w.data()).ok());
+        EXPECT(drawn == index && drawn[1] != 0);
+        for (std::size_t r = 0; r < 2; ++r) {
+            double log_sum = -inf;
+            for (std::size_t v = 0; v < 3; ++v) {
+                const double s = scores[3 * r + v];
+                if (s > -inf) log_sum = log_sum > -inf ? std::max(log_sum, s) + std::log1p(std::exp(-std::fabs(log_sum - s))) : s;
+            }
+            EXPECT(std::fabs(log_prob[r] - (scores[3 * r + static_cast<std::size_t>(drawn[r])] - log_sum)) < 1e-12);
+        }
+    }
+    EXPECT(sample_logits(logits.data(), 2, 3, 0.0, 0.0, 1, drawn.data(), log_prob.data()).code == StatusCode::bad_size);
+    const std::vector<float> with_nan = {0.0f, std::nanf("")};
+    EXPECT(sample_logits(with_nan.data(), 1, 2, 1.0, 0.0, 1, drawn.data(), log_prob.data()).code == StatusCode::nan_weight);
+
     std::vector<double> current = {0.0, 0.0, -inf, -inf, 1.0};
     std::vector<double> proposed = {1.0, -inf, -inf, 3.0, 1.0};
     std::vector<std::uint8_t> accept(5);

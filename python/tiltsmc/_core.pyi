@@ -21,6 +21,9 @@ def resample(logw: npt.NDArray[np.floating], scheme: int, num: int, key: int) ->
 def pool_select(
     logw: npt.NDArray[np.floating], key: int
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]: ...
+def sample_logits(
+    logits: npt.NDArray[np.floating], temperature: float, key: int, log_n: float
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]: ...
 def mh_accept(
     log_z_current: npt.NDArray[np.float64], log_z_proposed: npt.NDArray[np.float64], key: int
 ) -> npt.NDArray[np.bool_]: ...

@@ -27,6 +27,7 @@ GPU kernels are usable here, and why not: :func:`cuda_available`. This build's o
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any, Literal, Optional
@@ -52,6 +53,7 @@ __all__ = [
     "reorder_in_place",
     "resample",
     "row_statistics",
+    "sample_logits",
     "set_num_threads",
     "smc_step",
 ]
@@ -225,6 +227,34 @@ def pool_select(
     if one_row:
         return index[0, ...], log_mean_w[0, ...]
     return index, log_mean_w
+
+
+def sample_logits(
+    logits: npt.ArrayLike, temperature: float = 1.0, rng: RNGLike = None
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+    """One draw per row from ``softmax(logits / temperature)``, and its log-probability.
+
+    ``logits`` is float32 or float64, ``(V,)`` or ``(B, V)``. Per row, with the scores
+    ``s = logits / temperature`` in float64, index ``v`` is drawn with probability
+    ``exp(s_v) / sum_u exp(s_u)`` (the draw of :func:`pool_select` on ``s``: same ``rng``, same index)
+    and returned with ``log p(v) = s_v - log sum_u exp(s_u)``, computed as
+    ``(s_v - log_mean_w) - log V``. Logits of ``-inf`` are never drawn; NaN, ``+inf`` or a row of
+    ``-inf`` raise ``ValueError``. This is a language model's token step in one call, with no float64
+    copy of the logits.
+    """
+    rows, one_row = _as_log_weights(logits, "logits")
+    if isinstance(temperature, (bool, np.bool_)) or not isinstance(temperature, (int, float, np.number)):
+        raise TypeError(f"temperature: expected a number > 0, got {temperature!r}")
+    index, log_prob = _core.sample_logits(rows, float(temperature), draw_key(rng), _log_count(rows.shape[1]))
+    if one_row:
+        return index[0, ...], log_prob[0, ...]
+    return index, log_prob
+
+
+@functools.lru_cache(maxsize=64)
+def _log_count(n: int) -> float:
+    """``log n`` as numpy computes it (its log and the C library's differ in the last bit for a few n)."""
+    return float(np.log(n))
 
 
 def _as_log_z(value: npt.ArrayLike, name: str) -> np.ndarray:

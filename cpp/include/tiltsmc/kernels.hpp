@@ -57,6 +57,14 @@ template <typename T>
 Status pool_select(const T* logw, std::int64_t rows, std::int64_t n, std::uint64_t key, std::int64_t* index,
                    double* log_mean_w);
 
+// Token draws from logits: per row r, the scores s = double(logits[r]) / temperature (no division at
+// temperature 1) and the draw of pool_select on them (same stream, same index), with its log-probability
+// log_prob[r] = (s[index] - log_mean_w) - log_n, where log_mean_w = log(mean_v exp(s_v)) and log_n is
+// log(n) as the caller computes it: log p(v) = s_v - log sum_u exp(s_u). Needs temperature > 0.
+template <typename T>
+Status sample_logits(const T* logits, std::int64_t rows, std::int64_t n, double temperature, double log_n,
+                     std::uint64_t key, std::int64_t* index, double* log_prob);
+
 // accept[r] = u_r < exp(log_z_proposed[r] - log_z_current[r]); a current -inf is always left, otherwise
 // a proposed -inf is always rejected. NaN and +inf are errors (index = which argument: 0 current, 1 proposed).
 Status mh_accept(const double* log_z_current, const double* log_z_proposed, std::int64_t rows,

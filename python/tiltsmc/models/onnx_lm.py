@@ -437,26 +437,22 @@ class OnnxCausalLM:
     ) -> tuple[npt.NDArray[np.int64], FloatArray]:
         """One token per particle from :meth:`next_log_probs`'s law, and its log-probability, ``(B, N)``.
 
-        :func:`tiltsmc.core.pool_select` draws index ``v`` of a row of scores ``s`` with probability
-        ``exp(s_v) / sum_u exp(s_u)`` and returns ``log mean_u exp(s_u)``, so without top-k / top-p the
-        scores are ``logits / temperature`` and ``log p(v) = s_v - log mean - log V``, in one core call.
+        Without top-k / top-p the law is ``softmax(logits / temperature)``: one
+        :func:`tiltsmc.core.sample_logits` call draws every token and returns ``log p(v)``. With them,
+        :func:`tiltsmc.core.pool_select` draws from the filtered, normalised log-probabilities
+        ``s = log p``, so ``log p(v) = s_v``.
         """
         shape = particles.lengths.shape
-        filtered = self.top_k is not None or self.top_p is not None
-        if filtered:  # normalised log-probabilities: log p(v) = s_v
-            scores = self.next_log_probs(particles).reshape(-1, self.vocab_size)
-        else:
-            scores = particles.state["lm.logits"].reshape(-1, self.vocab_size).astype(np.float64)
-            if self.temperature != 1.0:
-                scores /= self.temperature
         try:
-            index, log_mean = core.pool_select(scores, rng)
+            if self.top_k is None and self.top_p is None:
+                logits = particles.state["lm.logits"].reshape(-1, self.vocab_size)
+                index, chosen = core.sample_logits(logits, self.temperature, rng)
+            else:
+                scores = self.next_log_probs(particles).reshape(-1, self.vocab_size)
+                index, _ = core.pool_select(scores, rng)
+                chosen = scores[np.arange(len(index)), index]
         except ValueError as error:  # NaN or +inf logits
             raise ValueError(f"logits: {self.model_file.name} returned bad logits: {error}") from error
-        chosen = scores[np.arange(len(index)), index]
-        if not filtered:
-            chosen -= log_mean
-            chosen -= self._log_vocab
         return index.reshape(shape), chosen.reshape(shape)
 
     def append(self, particles: Particles, tokens: npt.NDArray[np.int64]) -> None:
