@@ -536,6 +536,32 @@ def test_gather_large_threaded(restore_num_threads: Callable[[int], None]) -> No
         np.testing.assert_array_equal(work, expected)
 
 
+def test_reorder_in_place_equals_gathers(restore_num_threads: Callable[[int], None]) -> None:
+    """Several arrays (small items, large items, a bool) in one call equal separate gathers, on one thread
+    and split over the pool (the large case copies ~60 MiB, above the 32 MiB threading threshold)."""
+    rng = np.random.default_rng(25)
+    for shape_tail, rows, n in [((), 3, 7), ((2, 5), 3, 7), ((65536,), 2, 64)]:
+        arrays = [
+            rng.normal(size=(rows, n, *shape_tail)).astype(np.float32),
+            rng.integers(0, 9, size=(rows, n, 3)),
+            rng.random((rows, n)) < 0.5,
+        ]
+        anc = rng.integers(0, n, size=(rows, n))
+        expected = [reference_gather(a, anc) for a in arrays]
+        for threads in (1, 2):
+            restore_num_threads(threads)
+            work = [a.copy() for a in arrays]
+            core.reorder_in_place(work, anc)
+            for got, want in zip(work, expected):
+                np.testing.assert_array_equal(got, want)
+    with pytest.raises(TypeError, match=r"arrays\[1\]"):
+        core.reorder_in_place([np.zeros((1, 2)), [[0, 1]]], np.zeros((1, 2), dtype=np.int64))
+    with pytest.raises(ValueError, match=r"arrays\[0\]"):
+        core.reorder_in_place([np.zeros((2, 2))], np.zeros((1, 2), dtype=np.int64))
+    with pytest.raises(TypeError, match="arrays"):
+        core.reorder_in_place(np.zeros((1, 2)), np.zeros((1, 2), dtype=np.int64))  # type: ignore[arg-type]
+
+
 # --------------------------------------------------------------------------------------------------------
 # Threads and seeding
 # --------------------------------------------------------------------------------------------------------

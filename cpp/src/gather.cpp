@@ -13,6 +13,9 @@ namespace {
 // finding which items must be saved, since every item is a register move.
 constexpr std::int64_t kSmallItem = 64;
 
+// reorder_in_place uses the thread pool from this many bytes copied (see there).
+constexpr std::int64_t kReorderThreadsFrom = std::int64_t{32} << 20;
+
 // target[j] = source[a[j]] for j < m, items of item_bytes bytes. Fixed sizes for the common cases: a
 // memcpy of a constant size is a single move (and safe for unaligned items), a call per item is not.
 template <std::size_t Bytes>
@@ -109,13 +112,37 @@ Status gather(const std::uint8_t* x, std::int64_t rows, std::int64_t n, std::int
 Status reorder_in_place(std::uint8_t* const* arrays, const std::int64_t* item_bytes, std::int64_t count,
                         std::int64_t rows, std::int64_t n, const std::int64_t* ancestors) {
     if (rows < 0 || n < 1 || count < 0) return {StatusCode::bad_size, -1, -1};
-    for (std::int64_t r = 0; r < rows; ++r)
-        for (std::int64_t j = 0; j < n; ++j)
-            if (ancestors[r * n + j] < 0 || ancestors[r * n + j] >= n) return {StatusCode::index_out_of_range, r, j};
-    for (std::int64_t k = 0; k < count; ++k) {
-        const Status status = gather(arrays[k], rows, n, item_bytes[k], ancestors, n, arrays[k]);
-        if (!status.ok()) return status;  // a bad size: the arrays before it are already reordered
+    std::int64_t moved = 0;  // items whose ancestor is another item
+    for (std::int64_t r = 0; r < rows; ++r) {
+        for (std::int64_t j = 0; j < n; ++j) {
+            const std::int64_t a = ancestors[r * n + j];
+            if (a < 0 || a >= n) return {StatusCode::index_out_of_range, r, j};
+            moved += a != j;
+        }
     }
+    if (moved == 0) return {};  // the identity: nothing moves in any array
+    std::int64_t copied = 0;    // bytes, large items counted twice (through the saved copies)
+    for (std::int64_t k = 0; k < count; ++k)
+        copied += (item_bytes[k] > kSmallItem ? 2 * moved : rows * n) * std::max<std::int64_t>(item_bytes[k], 1);
+    // One task per (row, array), row-major, so that threads share every array. On the 2-core VM a second
+    // thread did not pay for its wake-up below tens of MiB (one core streams the copy near the memory
+    // bandwidth: 1.6 MiB 146 -> 198 us with 2 threads in an ONNX step, 50 MiB 1.51 -> 1.43 ms).
+    const std::int64_t work = copied >= kReorderThreadsFrom ? copied / 16 : 0;
+    parallel_for(rows * count, work, [&](std::int64_t begin, std::int64_t end) {
+        std::vector<std::int64_t> saved_slot;
+        std::vector<std::uint8_t> saved;
+        for (std::int64_t t = begin; t < end; ++t) {
+            const std::int64_t r = t / count, k = t % count, bytes = item_bytes[k];
+            std::uint8_t* row = arrays[k] + r * n * bytes;
+            const std::int64_t* a = ancestors + r * n;
+            if (bytes > kSmallItem) {
+                gather_row_in_place(row, n, bytes, a, saved_slot, saved);
+            } else {
+                saved.assign(row, row + n * bytes);
+                gather_items(saved.data(), a, n, bytes, row);
+            }
+        }
+    });
     return {};
 }
 
