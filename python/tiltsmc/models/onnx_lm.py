@@ -468,9 +468,10 @@ class OnnxCausalLM:
         tokens and the tokens it was fed), so left padding and masked steps never shift positions.
         """
         still = self._append_tokens(particles, tokens, active)
-        if not still.any():
+        going = int(np.count_nonzero(still))
+        if going == 0:
             return
-        every_row = bool(still.all())  # the usual token step: no row is padded
+        every_row = going == still.size  # the usual token step: no row is padded
         batch, count = particles.lengths.shape
         rows = batch * count
         mask = particles.state["lm.mask"]
@@ -505,9 +506,8 @@ class OnnxCausalLM:
     ) -> npt.NDArray[np.bool_]:
         """Write ``tokens`` where ``active`` and mark ended trajectories; returns the rows still going."""
         lengths = particles.lengths
-        if active.all():  # the usual step: every row grows, so none needs picking out
-            batch, count = lengths.shape
-            b_index, i_index = np.arange(batch)[:, None], np.arange(count)
+        every_row = bool(active.all())  # the usual step: every row grows, so none needs picking out
+        if every_row:
             positions, grown = lengths, tokens
         else:
             b_index, i_index = np.nonzero(active)
@@ -515,8 +515,16 @@ class OnnxCausalLM:
         longest = int(positions.max()) if positions.size else -1
         if longest >= self.max_new_tokens:
             raise ValueError("particles: a trajectory is already max_new_tokens long")
-        particles.tokens[b_index, i_index, positions] = grown
-        lengths[b_index, i_index] = positions + 1
+        if every_row and int(positions.min()) == longest:  # all equally long: one column is written
+            particles.tokens[:, :, longest] = grown
+            lengths += 1
+        elif every_row:
+            batch, count = lengths.shape
+            particles.tokens[np.arange(batch)[:, None], np.arange(count), positions] = grown
+            lengths += 1
+        else:
+            particles.tokens[b_index, i_index, positions] = grown
+            lengths[b_index, i_index] = positions + 1
         ended: Optional[npt.NDArray[np.bool_]] = None
         if longest + 1 == self.max_new_tokens:  # some trajectory has just reached the limit
             ended = active & (lengths >= self.max_new_tokens)

@@ -184,19 +184,18 @@ class OnnxRewardModel:
         token) where the model scores every position."""
         rows, width = ids.shape
         full = rows > 0 and int(lengths.min()) == width  # no padding (the usual step): simpler feeds
-        columns = np.arange(width)
         if full:
             mask = self._ones(rows * width).reshape(rows, width)
             if self.token_map is not None:
                 ids = self.token_map[ids]
         else:
-            valid = columns < lengths[:, None]
+            valid = np.arange(width) < lengths[:, None]
             mask = valid.astype(np.int64)
             if self.token_map is not None:
                 ids = np.where(valid, self.token_map[ids], self.pad_token_id)
         feeds: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
         if self.has_position_ids:  # right padding: 0, 1, ..., length - 1, then length - 1 repeated
-            feeds["position_ids"] = np.minimum(columns, np.maximum(lengths - 1, 0)[:, None])
+            feeds["position_ids"] = np.minimum(np.arange(width), np.maximum(lengths - 1, 0)[:, None])
         (raw,) = self.session.run([self.output], feeds)
         raw = np.asarray(raw)
         if raw.ndim == 3 and raw.shape[2] == 1:
@@ -304,13 +303,14 @@ class OnnxRewardModel:
         batch, count = particles.lengths.shape
         layout = self._prompt_layout(particles)
         lengths = layout.lengths[:, None] + particles.lengths
-        ids = np.empty((batch, count, int(lengths.max())), dtype=np.int64)
+        longest = int(lengths.max())
+        ids = np.empty((batch, count, longest), dtype=np.int64)
         for members, prompt_ids in layout.groups:
             start = prompt_ids.shape[1]
             generated = int(particles.lengths[members].max())
             ids[members, :, :start] = prompt_ids[:, None, :]
             ids[members, :, start : start + generated] = particles.tokens[members, :, :generated]
-        if lengths.min() != lengths.max():  # rows of equal length are written in full
+        if int(lengths.min()) != longest:  # rows of equal length are written in full
             ids[np.arange(ids.shape[2]) >= lengths[..., None]] = self.pad_token_id
         all_ids, all_lengths = ids.reshape(batch * count, -1), lengths.reshape(-1)
         if rows is None:
