@@ -9,6 +9,29 @@ import numpy as np
 from tiltsmc.models import OnnxCausalLM, Particles
 
 
+def with_initializer_set(model_bytes: bytes, name: str, value: float) -> bytes:
+    """A copy of a serialized ONNX model with every float32 of initializer ``name`` set to ``value``.
+
+    Edits the initializer's ``raw_data`` bytes in place (same length, so the protobuf stays valid):
+    a ``TensorProto`` stores ``name`` (field 8) and then ``raw_data`` (field 9) as length-delimited fields.
+    """
+    encoded = name.encode()
+    marker = bytes([0x42, len(encoded)]) + encoded + b"\x4a"  # name = <name>, then raw_data's tag
+    start = model_bytes.find(marker)
+    if start < 0 or model_bytes.find(marker, start + 1) >= 0:
+        raise ValueError(f"initializer {name!r} with raw_data not found exactly once")
+    position, length, shift = start + len(marker), 0, 0
+    while True:  # the raw_data length, a varint
+        byte = model_bytes[position]
+        length |= (byte & 0x7F) << shift
+        position, shift = position + 1, shift + 7
+        if byte < 0x80:
+            break
+    edited = bytearray(model_bytes)
+    edited[position : position + length] = np.full(length // 4, value, dtype="<f4").tobytes()
+    return bytes(edited)
+
+
 def on_host(array: Any) -> np.ndarray:
     """A state array as numpy (a KV cache kept on the GPU is copied to the host)."""
     return array if isinstance(array, np.ndarray) else array.get()

@@ -20,7 +20,7 @@ import numpy as np
 import onnx_helpers
 import pytest
 import tiltsmc
-from onnx_helpers import assert_state_follows, full_sequence
+from onnx_helpers import assert_state_follows, full_sequence, with_initializer_set
 from tiltsmc.models import OnnxCausalLM, OnnxRewardModel, Particles
 from tiltsmc.models._ort import cuda_device_usable
 from tiltsmc.models.onnx_lm import log_softmax
@@ -564,6 +564,17 @@ def test_prompt_longer_than_context_fails_alone(llama: OnnxCausalLM, prm: OnnxRe
     for sampler in (tiltsmc.best_of_n, tiltsmc.sp_gsmc):
         other = sampler(llama, prm, prompts, rng=1)
         assert list(other.errors) == [1] and other.collapsed[1] and not other.collapsed[[0, 2]].any()
+
+
+def test_reward_output_with_nan_is_a_clear_error(tmp_path: Path, llama: OnnxCausalLM) -> None:
+    """A real session whose score head's bias is NaN: every score is NaN, and the run says so."""
+    shutil.copytree(PRM, tmp_path / "prm-nan")
+    model = tmp_path / "prm-nan" / "model.onnx"
+    model.write_bytes(with_initializer_set(model.read_bytes(), "score.bias", float("nan")))
+    for kind in ("logit", "prob", "log_value"):
+        reward = OnnxRewardModel(tmp_path / "prm-nan", kind=kind)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=r"reward: model\.onnx returned NaN for 2 prefix\(es\)"):
+            tiltsmc.smc(llama, reward, prompts=["ab", "cd"], num_particles=1, rng=0)
 
 
 @pytest.mark.parametrize("value", [float("nan"), -0.5, float("inf")])
