@@ -7,6 +7,9 @@ x ``--particles`` particles for ``--tokens`` tokens (after one untimed run of th
   model (the models themselves);
 * tiltsmc: everything else, split into the models' Python glue (feeds, masks, drawing tokens, building
   reward prefixes) and the rest (the samplers' weights, resampling, reordering particles and caches);
+* on the CPU, the same run again with both sessions replaying the outputs they gave (no model runs
+  between steps): tiltsmc's time with the CPU's caches warm, beside its time in the real run, where
+  the models' work evicts tiltsmc's code and data from the caches at every call;
 * the same run with a naive policy that re-encodes every prefix from scratch at each step (no cache, no
   gather), which is what an implementation without cache-following resampling does;
 * with ``--provider cuda``, also the run with the KV cache kept on the host (``device_cache=False``:
@@ -54,6 +57,34 @@ class SessionTimer:
                 self.calls += 1
 
         return timed  # an instance attribute shadows the method
+
+
+class SessionReplay:
+    """Records what ``session.run`` returns in one run, then hands the same outputs back in the same
+    order in the next run (once: that run may reorder them in place), without running the model.
+
+    The replayed run follows the recorded one exactly (same seed, same outputs), so its time is
+    tiltsmc's alone with the CPU's caches not flushed by the model between steps: the reference for how
+    much of tiltsmc's time in a real step is cold caches."""
+
+    def __init__(self, model: Any) -> None:
+        self.recorded: list[Any] = []
+        self.replaying = False
+        self.position = 0
+        self._run = model.session.run
+        model.session.run = self.run
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.replaying:
+            outputs = self._run(*args, **kwargs)
+            self.recorded.append([np.array(x, copy=True) for x in outputs])
+            return outputs
+        outputs = self.recorded[self.position]  # handed back once: tiltsmc may reorder them in place
+        self.position += 1
+        return outputs
+
+    def replay(self) -> None:
+        self.replaying, self.position = True, 0
 
 
 class RecomputingLM(OnnxCausalLM):
@@ -114,6 +145,7 @@ def one_run(
     num_prompts: int,
     args: argparse.Namespace,
     device_cache: Any = None,
+    replay: bool = False,
 ) -> dict[str, Any]:
     # The previous configuration's sessions sit in reference cycles (the session timers): free them now,
     # or their threads and memory slow this configuration's start and show up as glue time.
@@ -129,17 +161,25 @@ def one_run(
     reward = OnnxRewardModel(FIXTURES / "prm-tiny", kind="logit", providers=providers)
     prompts = [f"question {k}: what is {k} + {k + 1}?" for k in range(num_prompts)]
     # Warm-up: the same run once untimed (first calls at each shape allocate, and on CUDA pick kernels).
-    tiltsmc.smc(
-        policy, reward, prompts, num_particles=args.particles, ess_threshold=args.ess_threshold, rng=args.seed
-    )
+    run_args = {"num_particles": args.particles, "ess_threshold": args.ess_threshold, "rng": args.seed}
+    tiltsmc.smc(policy, reward, prompts, **run_args)
     policy_timer, reward_timer = SessionTimer(policy), SessionTimer(reward)
     began = time.perf_counter()
-    result = tiltsmc.smc(
-        policy, reward, prompts, num_particles=args.particles, ess_threshold=args.ess_threshold, rng=args.seed
-    )
+    result = tiltsmc.smc(policy, reward, prompts, **run_args)
     total = time.perf_counter() - began
     steps = result.ess.shape[1]
-    onnx = policy_timer.seconds + reward_timer.seconds
+    policy_onnx, reward_onnx = policy_timer.seconds, reward_timer.seconds  # before any replay adds to them
+    onnx = policy_onnx + reward_onnx
+    replay_tiltsmc = None
+    if replay and device_cache is None and policy_class is OnnxCausalLM and args.provider == "cpu":
+        replays = (SessionReplay(policy), SessionReplay(reward))
+        tiltsmc.smc(policy, reward, prompts, **run_args)  # recorded
+        for r in replays:
+            r.replay()
+        began = time.perf_counter()
+        replayed = tiltsmc.smc(policy, reward, prompts, **run_args)
+        replay_tiltsmc = time.perf_counter() - began
+        assert np.array_equal(replayed.log_z, result.log_z), "the replay did not follow the recorded run"
     return {
         "fixture": fixture,
         "prompts": num_prompts,
@@ -150,16 +190,18 @@ def one_run(
         "resampling_steps": int(result.resampled.sum(axis=1).max()),
         "total_seconds": total,
         "onnx_seconds": onnx,
-        "policy_session_seconds": policy_timer.seconds,
-        "reward_session_seconds": reward_timer.seconds,
+        "policy_session_seconds": policy_onnx,
+        "reward_session_seconds": reward_onnx,
         "tiltsmc_seconds": total - onnx,
         "sampler_bookkeeping_seconds": result.compute.bookkeeping_seconds,
         # tiltsmc's time split: the models' Python glue around their sessions, and the rest (samplers'
         # weights, resampling, reordering the particles and their caches, results)
-        "policy_glue_seconds": result.compute.policy_seconds - policy_timer.seconds,
-        "reward_glue_seconds": result.compute.reward_seconds - reward_timer.seconds,
+        "policy_glue_seconds": result.compute.policy_seconds - policy_onnx,
+        "reward_glue_seconds": result.compute.reward_seconds - reward_onnx,
         "per_step_ms": 1e3 * total / steps,
         "tiltsmc_share": (total - onnx) / total,
+        # the same run with the sessions replayed (no model between steps): tiltsmc alone, caches warm
+        "tiltsmc_replayed_seconds": replay_tiltsmc,
         "bookkeeping_share": result.compute.bookkeeping_seconds / total,
         "log_z": result.log_z.tolist(),
     }
@@ -192,7 +234,7 @@ def main() -> None:
     prompt_counts = [int(k) for k in str(args.prompts).split(",")]
     rows = []
     for fixture, num_prompts in [(f, k) for k in prompt_counts for f in ("gpt2-tiny", "llama-tiny")]:
-        cached = one_run(OnnxCausalLM, fixture, num_prompts, args)
+        cached = one_run(OnnxCausalLM, fixture, num_prompts, args, replay=True)
         naive = one_run(RecomputingLM, fixture, num_prompts, args)
         row = {
             "cached": cached,
@@ -227,6 +269,14 @@ def main() -> None:
                 f"{100 * r['bookkeeping_share']:10.1f}% "
                 f"{1e3 * r['policy_glue_seconds'] / r['steps']:8.2f} ms "
                 f"{1e3 * r['reward_glue_seconds'] / r['steps']:8.2f} ms"
+            )
+        replayed = row["cached"]["tiltsmc_replayed_seconds"]
+        if replayed is not None:
+            steps = row["cached"]["steps"]
+            print(
+                f"{'':<11} tiltsmc with the sessions replayed (no model between steps, caches warm): "
+                f"{1e3 * replayed / steps:.2f} ms a step, against "
+                f"{1e3 * row['cached']['tiltsmc_seconds'] / steps:.2f} ms in the real run"
             )
         print(
             f"{'':<11} re-encoding / cached = {row['recompute_over_cached']:.2f}x for the whole step, "
