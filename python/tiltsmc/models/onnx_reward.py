@@ -211,17 +211,17 @@ class OnnxRewardModel:
             raise ValueError(
                 f"output: {self.output!r} has shape {raw.shape}; expected (batch,) or (batch, seq)"
             )
-        # log sigmoid(x) = -log(1 + exp(-x)), computed in place on a float64 -x (NaN stays NaN)
+        top = raw.max() if raw.size else 0.0
+        if top != top:  # the maximum is NaN exactly when some score is
+            raise ValueError(
+                f"reward: {self.model_file.name} returned NaN for {int(np.isnan(raw).sum())} prefix(es)"
+            )
+        # log sigmoid(x) = -log(1 + exp(-x)), computed in place on a float64 -x
         logit = self.kind == "logit"
         scores = np.negative(raw, dtype=np.float64) if logit else raw.astype(np.float64)
         if logit:
             np.logaddexp(0.0, scores, out=scores)
             np.negative(scores, out=scores)
-        top = scores.max() if scores.size else 0.0
-        if top != top:  # the maximum is NaN exactly when some score is
-            raise ValueError(
-                f"reward: {self.model_file.name} returned NaN for {int(np.isnan(scores).sum())} prefix(es)"
-            )
         if self.kind == "prob":
             if (scores < 0).any() or (scores > 1).any():
                 raise ValueError("reward: kind='prob' but the model returned values outside [0, 1]")
