@@ -577,6 +577,21 @@ def test_reward_output_with_nan_is_a_clear_error(tmp_path: Path, llama: OnnxCaus
             tiltsmc.smc(llama, reward, prompts=["ab", "cd"], num_particles=1, rng=0)
 
 
+@pytest.mark.parametrize("options", [{}, {"temperature": 0.5}, {"top_k": 3}, {"top_p": 0.9}])
+def test_policy_logits_with_nan_are_a_clear_error(
+    tmp_path: Path, prm: OnnxRewardModel, options: dict[str, Any]
+) -> None:
+    """A real policy session whose first layer norm weights are NaN: every logit is NaN, and the draw
+    says which model returned them (with or without top-k / top-p filtering)."""
+    shutil.copytree(LLAMA, tmp_path / "llama-nan")
+    model = tmp_path / "llama-nan" / "model.onnx"
+    name = "model.layers.0.input_layernorm.weight"
+    model.write_bytes(with_initializer_set(model.read_bytes(), name, float("nan")))
+    policy = OnnxCausalLM(tmp_path / "llama-nan", max_new_tokens=3, eos_token_id=EOS, **options)
+    with pytest.raises(ValueError, match=r"logits: model\.onnx returned bad logits: .*NaN"):
+        tiltsmc.smc(policy, prm, prompts=["ab"], num_particles=2, rng=0)
+
+
 @pytest.mark.parametrize("value", [float("nan"), -0.5, float("inf")])
 def test_bad_verifier_values(llama: OnnxCausalLM, value: float) -> None:
     reward = OnnxRewardModel(PRM, kind="logit", verifier=lambda prompt, text: value)

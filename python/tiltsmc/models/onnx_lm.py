@@ -417,7 +417,11 @@ class OnnxCausalLM:
 
     def next_log_probs(self, particles: Particles) -> FloatArray:
         """``log p(v | prefix)`` of every token, ``(B, N, vocab)``: the sampled law, filters included."""
-        log_probs = log_softmax(particles.state["lm.logits"] / self.temperature)
+        logits = particles.state["lm.logits"]
+        if logits.size and not logits.max() < np.inf:  # NaN propagates through max
+            what = "NaN" if np.isnan(logits).any() else "+inf"
+            raise ValueError(f"logits: {self.model_file.name} returned bad logits: {what} in its output")
+        log_probs = log_softmax(logits / self.temperature)
         if self.top_k is not None and self.top_k < self.vocab_size:
             kth = np.partition(log_probs, -self.top_k, axis=-1)[..., -self.top_k][..., None]
             log_probs = np.where(log_probs >= kth, log_probs, -np.inf)
@@ -443,16 +447,16 @@ class OnnxCausalLM:
         ``s = log p``, so ``log p(v) = s_v``.
         """
         shape = particles.lengths.shape
-        try:
-            if self.top_k is None and self.top_p is None:
-                logits = particles.state["lm.logits"].reshape(-1, self.vocab_size)
+        if self.top_k is None and self.top_p is None:
+            logits = particles.state["lm.logits"].reshape(-1, self.vocab_size)
+            try:
                 index, chosen = core.sample_logits(logits, self.temperature, rng)
-            else:
-                scores = self.next_log_probs(particles).reshape(-1, self.vocab_size)
-                index, _ = core.pool_select(scores, rng)
-                chosen = scores[np.arange(len(index)), index]
-        except ValueError as error:  # NaN or +inf logits
-            raise ValueError(f"logits: {self.model_file.name} returned bad logits: {error}") from error
+            except ValueError as error:  # NaN or +inf logits
+                raise ValueError(f"logits: {self.model_file.name} returned bad logits: {error}") from error
+        else:  # next_log_probs refuses NaN and +inf logits itself
+            scores = self.next_log_probs(particles).reshape(-1, self.vocab_size)
+            index, _ = core.pool_select(scores, rng)
+            chosen = scores[np.arange(len(index)), index]
         return index.reshape(shape), chosen.reshape(shape)
 
     def append(self, particles: Particles, tokens: npt.NDArray[np.int64]) -> None:
