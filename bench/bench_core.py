@@ -44,6 +44,8 @@ SHAPES = [(1, 2**20), (4096, 64), (64, 4096), (1, 64)]
 DTYPES = [np.float64, np.float32]
 SCHEMES = ("systematic", "stratified", "multinomial", "residual")
 BLOCK = (64, 16, 4096)  # gather bar: float32 block (B, N, D)
+LOGIT_SHAPES = [(256, 64), (64, 32768)]  # sample_logits: (rows, vocabulary)
+CACHE = (4, 64, 2, 40, 16)  # reorder_in_place: one KV cache tensor (B, N, heads, positions, head size)
 IMPLS = ["tiltsmc", "numpy", "particles", "particles_W", "copy"]
 HEADERS = ["tiltsmc", "numpy", "particles", "particles(W)", "copy"]
 
@@ -202,6 +204,39 @@ def cases(rng: np.random.Generator) -> list[Case]:
                 "numpy": p(ref.gather, block, ancestors),
                 "numpy_fancy": p(block.__getitem__, (np.arange(BLOCK[0])[:, None], ancestors)),
                 "copy": p(np.copy, block),
+            },
+        )
+    )
+    # A language model's token step: (prompts x particles, vocabulary) logits, float32 as models give them.
+    for shape in LOGIT_SHAPES:
+        logits = (rng.standard_normal(shape) * 3).astype(np.float32)
+        out.append(
+            (
+                "sample_logits,T=0.8",
+                shape,
+                "float32",
+                {
+                    "tiltsmc": use_ts and p(ts.sample_logits, logits, 0.8, rng=gen),
+                    "numpy": p(ref.sample_logits, logits, 0.8, gen),
+                    "copy": p(np.copy, logits),
+                },
+            )
+        )
+    # KV caches following resampling: 4 float32 arrays (B, N, heads, positions, head size), the
+    # ancestors of a systematic step with survivors kept in their slots (only dead particles' slots move).
+    caches = [rng.standard_normal(CACHE).astype(np.float32) for _ in range(4)]
+    survivors = ref.resample(rng.standard_normal(CACHE[:2]) * 1.5, "systematic", CACHE[1], rng)
+    if use_ts:
+        survivors = ts.keep_survivors(survivors)
+    out.append(
+        (
+            "reorder_in_place:4 caches",
+            CACHE,
+            "float32",
+            {
+                "tiltsmc": use_ts and p(ts.reorder_in_place, caches, survivors),
+                "numpy": lambda: [ref.gather(c, survivors) for c in caches],
+                "copy": lambda: [np.copy(c) for c in caches],
             },
         )
     )
@@ -406,6 +441,19 @@ def check() -> bool:
             ts.gather(y, anc, out=y)
             good = np.array_equal(ts.gather(x, anc), expected) and np.array_equal(y, expected)
             report(f"tiltsmc gather == take_along_axis {shape} {np.dtype(dtype).name} {name}", good)
+    logits = (rng.standard_normal((300, 50)) * 3).astype(np.float32)
+    index, log_p = ts.sample_logits(logits, 0.8, rng=5)
+    same_index, _ = ts.pool_select(logits.astype(np.float64) / 0.8, rng=5)
+    scores = logits.astype(np.float64) / 0.8
+    log_sum = np.log(np.sum(np.exp(scores - scores.max(axis=1, keepdims=True)), axis=1)) + scores.max(axis=1)
+    good = np.array_equal(index, same_index) and np.allclose(log_p, scores[np.arange(300), index] - log_sum)
+    report("tiltsmc sample_logits == pool_select on logits / T, log p = s_v - logsumexp(s)", good)
+    caches = [rng.standard_normal((3, 9, 2, 5)).astype(np.float32), rng.integers(0, 9, (3, 9))]
+    anc = ts.keep_survivors(rng.integers(0, 9, (3, 9)))
+    expected = [ref.gather(c, anc) for c in caches]
+    ts.reorder_in_place(caches, anc)
+    same = all(map(np.array_equal, caches, expected))
+    report("tiltsmc reorder_in_place == take_along_axis per array", same)
     return ok
 
 

@@ -74,6 +74,18 @@ def pool_select(logw: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray,
     return index, log_mean_w
 
 
+def sample_logits(
+    logits: np.ndarray, temperature: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """One token per row from ``softmax(logits / temperature)``, with its log-probability
+    ``s_v - logsumexp(s)`` (``s = logits / temperature``)."""
+    scores = logits.astype(np.float64) / temperature
+    index = _inverse_cdf(scores, rng.random((scores.shape[0], 1)))[:, 0]
+    top = np.max(scores, axis=1)
+    log_sum = top + np.log(np.sum(np.exp(scores - top[:, None]), axis=1))
+    return index, scores[np.arange(len(index)), index] - log_sum
+
+
 def mh_accept(log_z_current: np.ndarray, log_z_proposed: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """``u < exp(log_z_proposed - log_z_current)``; a current state of weight zero is always left."""
     u = rng.random(log_z_current.shape)
