@@ -48,8 +48,8 @@ Status normalize_row(const T* x, std::int64_t n, std::int64_t row, bool allow_ze
 }
 
 template <typename T>
-Status select_row(const T* x, std::int64_t n, std::int64_t row, std::uint64_t key, std::int64_t* index,
-                  double* log_mean_w) {
+Status select_row(const T* x, std::int64_t n, std::int64_t row, std::uint64_t key, double log_n,
+                  std::int64_t* index, double* log_mean_w) {
     static thread_local RowWeights scratch;
     static thread_local std::vector<double> scratch_weights;  // w_i = exp(x_i - max), vectorised once
     RowWeights& rw = scratch;
@@ -57,7 +57,7 @@ Status select_row(const T* x, std::int64_t n, std::int64_t row, std::uint64_t ke
     w.resize(static_cast<std::size_t>(n));
     row_weights(x, n, row, w.data(), false, rw);
     if (!rw.status.ok()) return rw.status;
-    *log_mean_w = rw.shift + std::log(rw.sum) - std::log(static_cast<double>(n));
+    *log_mean_w = rw.shift + std::log(rw.sum) - log_n;
     UniformStream stream(key, static_cast<std::uint64_t>(row));
     const double target = stream.next() * rw.sum;
     double cumulative = 0.0;
@@ -99,8 +99,9 @@ template <typename T>
 Status pool_select(const T* logw, std::int64_t rows, std::int64_t n, std::uint64_t key, std::int64_t* index,
                    double* log_mean_w) {
     if (rows < 0 || n < 1) return {StatusCode::bad_size, -1, -1};
+    const double log_n = std::log(static_cast<double>(n));  // once, not per row
     return for_rows(rows, rows * n, [&](std::int64_t r) {
-        return select_row(logw + r * n, n, r, key, index + r, log_mean_w + r);
+        return select_row(logw + r * n, n, r, key, log_n, index + r, log_mean_w + r);
     });
 }
 
@@ -108,6 +109,7 @@ template <typename T>
 Status sample_logits(const T* logits, std::int64_t rows, std::int64_t n, double temperature, double log_n,
                      std::uint64_t key, std::int64_t* index, double* log_prob) {
     if (rows < 0 || n < 1 || !(temperature > 0.0)) return {StatusCode::bad_size, -1, -1};
+    const double log_count = std::log(static_cast<double>(n));  // pool_select's log n in log_mean_w
     return for_rows(rows, rows * n, [&](std::int64_t r) {
         static thread_local std::vector<double> scratch_scores;
         std::vector<double>& scores = scratch_scores;
@@ -117,7 +119,7 @@ Status sample_logits(const T* logits, std::int64_t rows, std::int64_t n, double 
         if (temperature != 1.0)
             for (double& s : scores) s /= temperature;
         double log_mean_w = 0.0;
-        const Status status = select_row(scores.data(), n, r, key, index + r, &log_mean_w);
+        const Status status = select_row(scores.data(), n, r, key, log_count, index + r, &log_mean_w);
         if (!status.ok()) return status;
         log_prob[r] = (scores[static_cast<std::size_t>(index[r])] - log_mean_w) - log_n;
         return Status{};
