@@ -42,7 +42,7 @@ void bind_gather(const py::array& x, const CArray<std::int64_t>& ancestors, py::
 }
 
 // Every array of `arrays` (each (rows, n, ...), C-contiguous, writeable) reordered in place by the same
-// ancestors (rows, n): all arrays are checked, then the ancestors (by the first gather), before any write.
+// ancestors (rows, n): all arrays are checked here and the ancestors by the kernel, before any write.
 void bind_reorder_in_place(const py::list& arrays, const CArray<std::int64_t>& ancestors) {
     if (ancestors.ndim() != 2) throw py::value_error("ancestors: expected shape (B, N)");
     const std::int64_t rows = ancestors.shape(0), n = ancestors.shape(1);
@@ -55,7 +55,8 @@ void bind_reorder_in_place(const py::list& arrays, const CArray<std::int64_t>& a
         auto array = py::reinterpret_borrow<py::array>(arrays[k]);
         if (array.ndim() < 2 || array.shape(0) != rows || array.shape(1) != n)
             throw py::value_error(name + ": leading axes do not match the ancestors' (B, N)");
-        if (array.dtype().kind() == 'O') throw py::type_error(name + ": holds Python objects, which gather cannot copy");
+        if (array.dtype().kind() == 'O')
+            throw py::type_error(name + ": holds Python objects, which gather cannot copy");
         if (!(array.flags() & py::array::c_style) || !array.writeable())
             throw py::value_error(name + ": must be C-contiguous and writeable to reorder in place");
         const std::int64_t count = rows * n;

@@ -71,6 +71,34 @@ void gather_row_in_place(std::uint8_t* x, std::int64_t n, std::int64_t item_byte
     }
 }
 
+// Row x of n items reordered in place by a: small items through a copy of the row, large ones moving
+// only the items whose ancestor is another item.
+void reorder_row(std::uint8_t* x, std::int64_t n, std::int64_t item_bytes, const std::int64_t* a,
+                 std::vector<std::int64_t>& saved_slot, std::vector<std::uint8_t>& saved) {
+    if (item_bytes > kSmallItem) {
+        gather_row_in_place(x, n, item_bytes, a, saved_slot, saved);
+    } else {
+        saved.assign(x, x + n * item_bytes);
+        gather_items(saved.data(), a, n, item_bytes, x);
+    }
+}
+
+// Checks that every one of the rows x m ancestors lies in [0, n); counts in `moved` those that are not
+// their own index (the items an in-place reorder copies).
+Status check_ancestors(const std::int64_t* ancestors, std::int64_t rows, std::int64_t m, std::int64_t n,
+                       std::int64_t* moved) {
+    std::int64_t count = 0;
+    for (std::int64_t r = 0; r < rows; ++r) {
+        const std::int64_t* a = ancestors + r * m;
+        for (std::int64_t j = 0; j < m; ++j) {
+            if (a[j] < 0 || a[j] >= n) return {StatusCode::index_out_of_range, r, j};
+            count += a[j] != j;
+        }
+    }
+    *moved = count;
+    return {};
+}
+
 }  // namespace
 
 Status gather(const std::uint8_t* x, std::int64_t rows, std::int64_t n, std::int64_t item_bytes,
@@ -79,13 +107,7 @@ Status gather(const std::uint8_t* x, std::int64_t rows, std::int64_t n, std::int
     const bool in_place = out == x;
     if (in_place && m != n) return {StatusCode::bad_size, -1, -1};
     std::int64_t moved = 0;  // items whose ancestor is another item
-    for (std::int64_t r = 0; r < rows; ++r) {
-        const std::int64_t* a = ancestors + r * m;
-        for (std::int64_t j = 0; j < m; ++j) {
-            if (a[j] < 0 || a[j] >= n) return {StatusCode::index_out_of_range, r, j};
-            moved += a[j] != j;
-        }
-    }
+    if (const Status status = check_ancestors(ancestors, rows, m, n, &moved); !status.ok()) return status;
     // In place with large items only the moved items are copied (each at most twice, through the
     // saved copies): a near-identity reorder of a big cache is small work and stays on this thread.
     const std::int64_t copied = in_place && item_bytes > kSmallItem ? 2 * moved : rows * m;
@@ -96,13 +118,10 @@ Status gather(const std::uint8_t* x, std::int64_t rows, std::int64_t n, std::int
         for (std::int64_t r = begin; r < end; ++r) {
             const std::int64_t* a = ancestors + r * m;
             std::uint8_t* target = out + r * m * item_bytes;
-            if (!in_place) {
-                gather_items(x + r * n * item_bytes, a, m, item_bytes, target);
-            } else if (item_bytes > kSmallItem) {
-                gather_row_in_place(target, n, item_bytes, a, saved_slot, saved);
+            if (in_place) {
+                reorder_row(target, n, item_bytes, a, saved_slot, saved);
             } else {
-                saved.assign(target, target + n * item_bytes);
-                gather_items(saved.data(), a, n, item_bytes, target);
+                gather_items(x + r * n * item_bytes, a, m, item_bytes, target);
             }
         }
     });
@@ -113,13 +132,7 @@ Status reorder_in_place(std::uint8_t* const* arrays, const std::int64_t* item_by
                         std::int64_t rows, std::int64_t n, const std::int64_t* ancestors) {
     if (rows < 0 || n < 1 || count < 0) return {StatusCode::bad_size, -1, -1};
     std::int64_t moved = 0;  // items whose ancestor is another item
-    for (std::int64_t r = 0; r < rows; ++r) {
-        for (std::int64_t j = 0; j < n; ++j) {
-            const std::int64_t a = ancestors[r * n + j];
-            if (a < 0 || a >= n) return {StatusCode::index_out_of_range, r, j};
-            moved += a != j;
-        }
-    }
+    if (const Status status = check_ancestors(ancestors, rows, n, n, &moved); !status.ok()) return status;
     if (moved == 0) return {};  // the identity: nothing moves in any array
     std::int64_t copied = 0;    // bytes, large items counted twice (through the saved copies)
     for (std::int64_t k = 0; k < count; ++k)
@@ -132,15 +145,8 @@ Status reorder_in_place(std::uint8_t* const* arrays, const std::int64_t* item_by
         std::vector<std::int64_t> saved_slot;
         std::vector<std::uint8_t> saved;
         for (std::int64_t t = begin; t < end; ++t) {
-            const std::int64_t r = t / count, k = t % count, bytes = item_bytes[k];
-            std::uint8_t* row = arrays[k] + r * n * bytes;
-            const std::int64_t* a = ancestors + r * n;
-            if (bytes > kSmallItem) {
-                gather_row_in_place(row, n, bytes, a, saved_slot, saved);
-            } else {
-                saved.assign(row, row + n * bytes);
-                gather_items(saved.data(), a, n, bytes, row);
-            }
+            const std::int64_t r = t / count, k = t % count;
+            reorder_row(arrays[k] + r * n * item_bytes[k], n, item_bytes[k], ancestors + r * n, saved_slot, saved);
         }
     });
     return {};
@@ -148,11 +154,8 @@ Status reorder_in_place(std::uint8_t* const* arrays, const std::int64_t* item_by
 
 Status keep_survivors(std::int64_t* ancestors, std::int64_t rows, std::int64_t n) {
     if (rows < 0 || n < 1) return {StatusCode::bad_size, -1, -1};
-    for (std::int64_t r = 0; r < rows; ++r) {
-        const std::int64_t* a = ancestors + r * n;
-        for (std::int64_t j = 0; j < n; ++j)
-            if (a[j] < 0 || a[j] >= n) return {StatusCode::index_out_of_range, r, j};
-    }
+    std::int64_t moved = 0;
+    if (const Status status = check_ancestors(ancestors, rows, n, n, &moved); !status.ok()) return status;
     parallel_for(rows, rows * n, [&](std::int64_t begin, std::int64_t end) {
         std::vector<std::int64_t> children(static_cast<std::size_t>(n));
         for (std::int64_t r = begin; r < end; ++r) {

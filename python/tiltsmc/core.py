@@ -312,15 +312,9 @@ def gather(
         out is not None and type(out) is not np.ndarray and _device.is_device_array(out)
     ):
         return _gather_device(x, ancestors, out, stream)  # type: ignore[no-any-return]
-    index = ancestors if type(ancestors) is np.ndarray else np.asarray(ancestors)
-    if index.dtype.kind not in "iu":
-        raise TypeError(f"ancestors: expected an integer array, got dtype {index.dtype}")
-    if index.dtype == np.uint64 and index.size and int(index.max()) > np.iinfo(np.int64).max:
-        raise ValueError("ancestors: index out of range (larger than int64)")
+    index = _as_ancestors(ancestors)
     if index.ndim not in (1, 2):
         raise ValueError(f"ancestors: expected shape (M,) or (B, M), got shape {index.shape}")
-    if index.dtype != np.int64 or not index.flags.c_contiguous:
-        index = np.ascontiguousarray(index, dtype=np.int64)
     in_place = out is not None and out is x
     if in_place:
         if not isinstance(x, np.ndarray):
@@ -383,19 +377,26 @@ def gather(
     return target
 
 
-def _ancestor_rows(ancestors: npt.ArrayLike) -> npt.NDArray[np.int64]:
-    """``ancestors`` as a C-contiguous int64 ``(B, N)`` array (a copy only where it is not one already)."""
+def _as_ancestors(ancestors: npt.ArrayLike) -> npt.NDArray[np.int64]:
+    """``ancestors`` as a C-contiguous int64 array (a copy only where it is not one already); integer
+    dtypes only, and no uint64 value beyond int64."""
     index = ancestors if type(ancestors) is np.ndarray else np.asarray(ancestors)
     if index.dtype.kind not in "iu":
         raise TypeError(f"ancestors: expected an integer array, got dtype {index.dtype}")
-    if index.ndim != 2:
-        raise ValueError(f"ancestors: expected shape (B, N), got shape {index.shape}")
-    if index.shape[1] == 0:
-        raise ValueError(f"ancestors: rows must hold at least one particle, got shape {index.shape}")
     if index.dtype == np.uint64 and index.size and int(index.max()) > np.iinfo(np.int64).max:
         raise ValueError("ancestors: index out of range (larger than int64)")
     if index.dtype != np.int64 or not index.flags.c_contiguous:
         index = np.ascontiguousarray(index, dtype=np.int64)
+    return index
+
+
+def _ancestor_rows(ancestors: npt.ArrayLike) -> npt.NDArray[np.int64]:
+    """:func:`_as_ancestors` for a ``(B, N)`` array with at least one particle per row."""
+    index = _as_ancestors(ancestors)
+    if index.ndim != 2:
+        raise ValueError(f"ancestors: expected shape (B, N), got shape {index.shape}")
+    if index.shape[1] == 0:
+        raise ValueError(f"ancestors: rows must hold at least one particle, got shape {index.shape}")
     return index
 
 

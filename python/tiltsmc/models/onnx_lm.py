@@ -271,7 +271,6 @@ class OnnxCausalLM:
         self._output_names = ["logits"] + [present_name for _, present_name, _ in self._cache_names]
         self._eos_ids = np.array(sorted(self.eos_token_ids), dtype=np.int64)
         self._step_id_array = np.array(sorted(self.step_ids or ()), dtype=np.int64)
-        self._log_vocab = float(np.log(self.vocab_size))
 
     # -- prompts -----------------------------------------------------------------------------------------
 
