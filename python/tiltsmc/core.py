@@ -423,7 +423,7 @@ def keep_survivors(ancestors: npt.ArrayLike) -> npt.NDArray[np.int64]:
     nearly all of them. Returns a new array; ``ancestors`` is left as it is.
     """
     index = _ancestor_rows(ancestors)
-    arranged = index.copy()
+    arranged = index.copy() if index is ancestors else index  # a converted array is already a new one
     _core.keep_survivors(arranged)
     return arranged
 
