@@ -91,8 +91,8 @@ class RecomputingLM(OnnxCausalLM):
     """The naive policy: each step re-runs the whole prefix without a cache (same law, same draws)."""
 
     def _advance(self, particles: Any, tokens: Any, active: Any) -> None:
-        still = self._append_tokens(particles, tokens, active)
-        if not still.any():
+        still, going = self._append_tokens(particles, tokens, active)
+        if going == 0:
             return
         batch, count = particles.lengths.shape
         prompts = particles.prompt_tokens

@@ -577,6 +577,47 @@ def test_reward_output_with_nan_is_a_clear_error(tmp_path: Path, llama: OnnxCaus
             tiltsmc.smc(llama, reward, prompts=["ab", "cd"], num_particles=1, rng=0)
 
 
+def test_reward_output_of_plus_infinity(tmp_path: Path, llama: OnnxCausalLM) -> None:
+    """Scores of +inf from a real session: refused as log-values and as probabilities, while as logits
+    they are sigmoid 1 (log-value 0). The samplers rely on the model's own check (log_values_checked)."""
+    shutil.copytree(PRM, tmp_path / "prm-inf")
+    model = tmp_path / "prm-inf" / "model.onnx"
+    model.write_bytes(with_initializer_set(model.read_bytes(), "score.bias", float("inf")))
+    assert OnnxRewardModel.log_values_checked is True
+    reward = OnnxRewardModel(tmp_path / "prm-inf", kind="log_value")
+    with pytest.raises(
+        ValueError, match=r"reward: model\.onnx returned \+inf as a log-value for 2 prefix\(es\)"
+    ):
+        tiltsmc.smc(llama, reward, prompts=["ab", "cd"], num_particles=1, rng=0)
+    reward = OnnxRewardModel(tmp_path / "prm-inf", kind="prob")
+    with pytest.raises(
+        ValueError, match=r"reward: kind='prob' but model\.onnx returned values outside \[0, 1\]"
+    ):
+        tiltsmc.smc(llama, reward, prompts=["ab", "cd"], num_particles=1, rng=0)
+    result = tiltsmc.smc(
+        llama, OnnxRewardModel(tmp_path / "prm-inf", kind="logit"), ["ab"], num_particles=4, rng=0
+    )
+    np.testing.assert_array_equal(result.log_z, [0.0])  # Vh = 1 at every step: every potential is 1
+
+
+def test_start_buffers_are_reused_only_once_released(llama: OnnxCausalLM) -> None:
+    """The arrays start() copies each prompt's state into are kept for the next run, but two live batches
+    never share them; results do not depend on the reuse."""
+    first = llama.start(["ab", "cd"], 3)
+    second = llama.start(["ab", "cd"], 3)
+    for key, array in first.state.items():
+        assert not np.shares_memory(array, second.state[key]), key
+    kept = {key: id(array) for key, array in second.state.items()}
+    del second
+    third = llama.start(["ef", "gh"], 3)
+    assert {key: id(array) for key, array in third.state.items()} == kept  # the released buffers, reused
+    for key, array in first.state.items():
+        assert not np.shares_memory(array, third.state[key]), key
+    fresh = OnnxCausalLM(LLAMA, max_new_tokens=4, eos_token_id=EOS).start(["ef", "gh"], 3)
+    for key, array in third.state.items():
+        np.testing.assert_array_equal(array, fresh.state[key])
+
+
 @pytest.mark.parametrize("options", [{}, {"temperature": 0.5}, {"top_k": 3}, {"top_p": 0.9}])
 def test_policy_logits_with_nan_are_a_clear_error(
     tmp_path: Path, prm: OnnxRewardModel, options: dict[str, Any]
@@ -812,12 +853,14 @@ def test_reward_prefixes_with_ragged_prompts_and_steps() -> None:
     particles.prompt_tokens = [np.arange(1, 11), np.array([5, 6])]
     particles.lengths[:] = [[1, 0, 1], [8, 3, 5]]
     particles.tokens[:] = np.arange(20, 28)
-    everyone = np.argwhere(np.ones((2, 3), dtype=bool))
-    for rows in (everyone, everyone[[1, 4]], everyone[[0, 2]]):
-        ids, lengths = reward._prefixes(particles, rows)
-        expected = [full_sequence(particles, b, i) for b, i in rows]
-        np.testing.assert_array_equal(lengths, [len(e) for e in expected])
-        assert ids.shape == (len(rows), max(len(e) for e in expected)) and ids.flags.c_contiguous
-        for row, sequence in zip(ids, expected):
+    for selected in (None, np.array([1, 4]), np.array([0, 2]), np.array([5, 0, 5])):
+        ids, mask, last, positions = reward._prefixes(particles, selected)
+        chosen = range(6) if selected is None else selected
+        expected = [full_sequence(particles, *divmod(int(p), 3)) for p in chosen]
+        np.testing.assert_array_equal(last, [len(e) - 1 for e in expected])
+        assert ids.shape == (len(expected), max(len(e) for e in expected)) and ids.flags.c_contiguous
+        assert positions is None  # prm-tiny takes no position_ids
+        for row, row_mask, sequence in zip(ids, mask, expected):
             np.testing.assert_array_equal(row[: len(sequence)], sequence)
             assert np.all(row[len(sequence) :] == reward.pad_token_id)
+            np.testing.assert_array_equal(row_mask, np.arange(len(row)) < len(sequence))

@@ -42,7 +42,8 @@ void bind_gather(const py::array& x, const CArray<std::int64_t>& ancestors, py::
 }
 
 // Every array of `arrays` (each (rows, n, ...), C-contiguous, writeable) reordered in place by the same
-// ancestors (rows, n): all arrays are checked here and the ancestors by the kernel, before any write.
+// ancestors (rows, n): all arrays are checked here and the ancestors by the kernel, before any write. An
+// array given twice (the same memory) is reordered once; arrays that otherwise overlap are refused.
 void bind_reorder_in_place(const py::list& arrays, const CArray<std::int64_t>& ancestors) {
     if (ancestors.ndim() != 2) throw py::value_error("ancestors: expected shape (B, N)");
     const std::int64_t rows = ancestors.shape(0), n = ancestors.shape(1);
@@ -60,8 +61,21 @@ void bind_reorder_in_place(const py::list& arrays, const CArray<std::int64_t>& a
         if (!(array.flags() & py::array::c_style) || !array.writeable())
             throw py::value_error(name + ": must be C-contiguous and writeable to reorder in place");
         const std::int64_t count = rows * n;
-        data.push_back(static_cast<std::uint8_t*>(array.mutable_data()));
-        item_bytes.push_back(count == 0 ? 0 : static_cast<std::int64_t>(array.nbytes()) / count);
+        auto* begin = static_cast<std::uint8_t*>(array.mutable_data());
+        const std::int64_t bytes = count == 0 ? 0 : static_cast<std::int64_t>(array.nbytes()) / count;
+        bool repeated = false;
+        for (std::size_t j = 0; j < data.size(); ++j) {
+            const std::uint8_t* other = data[j];
+            if (other == begin && item_bytes[j] == bytes) {
+                repeated = true;
+                break;
+            }
+            if (begin < other + item_bytes[j] * count && other < begin + bytes * count)
+                throw py::value_error(name + ": overlaps an earlier array without being the same memory");
+        }
+        if (repeated) continue;
+        data.push_back(begin);
+        item_bytes.push_back(bytes);
     }
     const std::int64_t* a = ancestors.data();
     Status status;

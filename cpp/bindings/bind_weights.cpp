@@ -86,7 +86,8 @@ std::tuple<CArray<std::int64_t>, CArray<double>> bind_pool_select(const CArray<T
 
 template <typename T>
 std::tuple<CArray<std::int64_t>, CArray<double>> bind_sample_logits(const CArray<T>& logits, double temperature,
-                                                                    std::uint64_t key, double log_n) {
+                                                                    std::uint64_t key, double log_n,
+                                                                    const py::object& active_object) {
     if (logits.ndim() != 2) throw py::value_error("logits: expected a 2-D array");
     if (!(temperature > 0.0) || !std::isfinite(temperature))
         throw py::value_error("temperature: must be a finite number > 0");
@@ -96,10 +97,21 @@ std::tuple<CArray<std::int64_t>, CArray<double>> bind_sample_logits(const CArray
     const T* in = logits.data();
     std::int64_t* idx = index.mutable_data();
     double* lp = log_prob.mutable_data();
+    const std::uint8_t* active = nullptr;
+    py::array active_array;
+    if (!active_object.is_none()) {
+        if (!py::isinstance<py::array>(active_object)) throw py::type_error("where: expected a numpy bool array");
+        active_array = py::reinterpret_borrow<py::array>(active_object);
+        if (active_array.dtype().kind() != 'b' || !(active_array.flags() & py::array::c_style))
+            throw py::type_error("where: expected a C-contiguous bool array");
+        if (static_cast<std::int64_t>(active_array.size()) != rows)
+            throw py::value_error("where: expected one entry per row of logits");
+        active = static_cast<const std::uint8_t*>(active_array.data());
+    }
     Status status;
     {
         py::gil_scoped_release release;
-        status = sample_logits(in, rows, n, temperature, log_n, key, idx, lp);
+        status = sample_logits(in, rows, n, temperature, log_n, key, active, idx, lp);
     }
     check(status, "logits");
     return {index, log_prob};
@@ -123,7 +135,7 @@ CArray<bool> bind_mh_accept(const CArray<double>& current, const CArray<double>&
 }
 
 template <typename T>
-py::tuple bind_smc_step(CArray<T>& log_w, double threshold, int scheme, std::uint64_t key) {
+py::tuple bind_smc_step(CArray<T>& log_w, double threshold, int scheme, std::uint64_t key, bool survivors_stay) {
     if (log_w.ndim() != 2) throw py::value_error("log_w: expected a 2-D array");
     if (!log_w.writeable()) throw py::value_error("log_w: must be writeable (resampled rows are reset)");
     if (scheme < 0 || scheme > 3) throw py::value_error("scheme: unknown scheme code");
@@ -140,7 +152,8 @@ py::tuple bind_smc_step(CArray<T>& log_w, double threshold, int scheme, std::uin
     Status status;
     {
         py::gil_scoped_release release;
-        status = smc_step(x, rows, n, threshold, static_cast<Scheme>(scheme), key, a, flags.data(), lm, e, u);
+        status = smc_step(x, rows, n, threshold, static_cast<Scheme>(scheme), key, survivors_stay, a, flags.data(), lm,
+                          e, u);
     }
     check(status, "log_w");
     bool* r = resampled.mutable_data();
@@ -152,11 +165,12 @@ template <typename T>
 void register_dtype(py::module_& m) {
     m.def("log_normalize", &bind_log_normalize<T>, py::arg("logw"), py::arg("allow_zero_rows"));
     m.def("row_statistics", &bind_row_statistics<T>, py::arg("logw"));
-    m.def("smc_step", &bind_smc_step<T>, py::arg("log_w"), py::arg("threshold"), py::arg("scheme"), py::arg("key"));
+    m.def("smc_step", &bind_smc_step<T>, py::arg("log_w"), py::arg("threshold"), py::arg("scheme"), py::arg("key"),
+          py::arg("survivors_stay"));
     m.def("resample", &bind_resample<T>, py::arg("logw"), py::arg("scheme"), py::arg("num"), py::arg("key"));
     m.def("pool_select", &bind_pool_select<T>, py::arg("logw"), py::arg("key"));
     m.def("sample_logits", &bind_sample_logits<T>, py::arg("logits"), py::arg("temperature"), py::arg("key"),
-          py::arg("log_n"));
+          py::arg("log_n"), py::arg("active"));
 }
 
 }  // namespace

@@ -30,6 +30,8 @@ inline void raise_status(const Status& status, const char* name) {
             throw py::value_error(std::string(name) + ": index out of range at " + where);
         case StatusCode::bad_size:
             throw py::value_error(std::string(name) + ": inconsistent sizes");
+        case StatusCode::outside_unit_interval:
+            throw py::value_error(std::string(name) + ": a probability outside [0, 1] at " + where);
     }
     throw py::value_error(std::string(name) + ": invalid input");
 }
@@ -43,5 +45,6 @@ using CArray = py::array_t<T, py::array::c_style>;
 
 void register_weights(py::module_& m);
 void register_gather(py::module_& m);
+void register_tokens(py::module_& m);
 
 }  // namespace tiltsmc::bindings

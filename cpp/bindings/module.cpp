@@ -8,6 +8,7 @@ PYBIND11_MODULE(_core, m) {
     m.doc() = "tiltsmc C++ core kernels (use tiltsmc.core, which validates arguments)";
     tiltsmc::bindings::register_weights(m);
     tiltsmc::bindings::register_gather(m);
+    tiltsmc::bindings::register_tokens(m);
     m.def("set_num_threads", &tiltsmc::set_num_threads, py::arg("num_threads"));
     m.def("get_num_threads", &tiltsmc::get_num_threads);
 }

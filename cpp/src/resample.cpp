@@ -334,8 +334,8 @@ Status resample(const T* logw, std::int64_t rows, std::int64_t n, Scheme scheme,
 
 template <typename T>
 Status smc_step(T* log_w, std::int64_t rows, std::int64_t n, double threshold, Scheme scheme, std::uint64_t key,
-                std::int64_t* ancestors, std::uint8_t* resampled, double* log_mean_w, double* ess,
-                std::int64_t* unique) {
+                bool survivors_stay, std::int64_t* ancestors, std::uint8_t* resampled, double* log_mean_w,
+                double* ess, std::int64_t* unique) {
     if (rows < 0 || n < 1) return {StatusCode::bad_size, -1, -1};
     std::vector<Status> statuses(static_cast<std::size_t>(rows));
     parallel_for(rows, rows * n * 2, [&](std::int64_t begin, std::int64_t end) {
@@ -366,6 +366,7 @@ Status smc_step(T* log_w, std::int64_t rows, std::int64_t n, double threshold, S
             std::int64_t distinct = 1;
             for (std::int64_t i = 1; i < n; ++i) distinct += a[i] != a[i - 1];
             unique[r] = distinct;
+            if (survivors_stay) keep_survivors(a, 1, n);  // drawn indices: always in range
             for (std::int64_t i = 0; i < n; ++i) x[i] = T(0);
         }
     });
@@ -374,9 +375,9 @@ Status smc_step(T* log_w, std::int64_t rows, std::int64_t n, double threshold, S
     return {};
 }
 
-template Status smc_step<float>(float*, std::int64_t, std::int64_t, double, Scheme, std::uint64_t, std::int64_t*,
-                                std::uint8_t*, double*, double*, std::int64_t*);
-template Status smc_step<double>(double*, std::int64_t, std::int64_t, double, Scheme, std::uint64_t,
+template Status smc_step<float>(float*, std::int64_t, std::int64_t, double, Scheme, std::uint64_t, bool,
+                                std::int64_t*, std::uint8_t*, double*, double*, std::int64_t*);
+template Status smc_step<double>(double*, std::int64_t, std::int64_t, double, Scheme, std::uint64_t, bool,
                                  std::int64_t*, std::uint8_t*, double*, double*, std::int64_t*);
 
 template Status resample<float>(const float*, std::int64_t, std::int64_t, Scheme, std::int64_t, std::uint64_t,

@@ -107,10 +107,15 @@ Status pool_select(const T* logw, std::int64_t rows, std::int64_t n, std::uint64
 
 template <typename T>
 Status sample_logits(const T* logits, std::int64_t rows, std::int64_t n, double temperature, double log_n,
-                     std::uint64_t key, std::int64_t* index, double* log_prob) {
+                     std::uint64_t key, const std::uint8_t* active, std::int64_t* index, double* log_prob) {
     if (rows < 0 || n < 1 || !(temperature > 0.0)) return {StatusCode::bad_size, -1, -1};
     const double log_count = std::log(static_cast<double>(n));  // pool_select's log n in log_mean_w
     return for_rows(rows, rows * n, [&](std::int64_t r) {
+        if (active && !active[r]) {
+            index[r] = 0;
+            log_prob[r] = 0.0;
+            return Status{};
+        }
         static thread_local std::vector<double> scratch_scores;
         std::vector<double>& scores = scratch_scores;
         scores.resize(static_cast<std::size_t>(n));
@@ -159,9 +164,9 @@ template Status log_normalize<double>(const double*, std::int64_t, std::int64_t,
 template Status pool_select<float>(const float*, std::int64_t, std::int64_t, std::uint64_t, std::int64_t*,
                                    double*);
 template Status sample_logits<float>(const float*, std::int64_t, std::int64_t, double, double, std::uint64_t,
-                                     std::int64_t*, double*);
+                                     const std::uint8_t*, std::int64_t*, double*);
 template Status sample_logits<double>(const double*, std::int64_t, std::int64_t, double, double, std::uint64_t,
-                                      std::int64_t*, double*);
+                                      const std::uint8_t*, std::int64_t*, double*);
 template Status pool_select<double>(const double*, std::int64_t, std::int64_t, std::uint64_t, std::int64_t*,
                                     double*);
 

@@ -316,7 +316,7 @@ void test_pool_select_and_mh() {
     std::vector<std::int64_t> drawn(2);
     std::vector<double> log_prob(2);
     for (std::uint64_t key = 0; key < 50; ++key) {
-        EXPECT(sample_logits(logits.data(), 2, 3, 0.7, std::log(3.0), key, drawn.data(), log_prob.data()).ok());
+        EXPECT(sample_logits(logits.data(), 2, 3, 0.7, std::log(3.0), key, nullptr, drawn.data(), log_prob.data()).ok());
         EXPECT(pool_select(scores.data(), 2, 3, key, index.data(), log_mean_w.data()).ok());
         EXPECT(drawn == index && drawn[1] != 0);
         for (std::size_t r = 0; r < 2; ++r) {
@@ -328,9 +328,9 @@ void test_pool_select_and_mh() {
             EXPECT(std::fabs(log_prob[r] - (scores[3 * r + static_cast<std::size_t>(drawn[r])] - log_sum)) < 1e-12);
         }
     }
-    EXPECT(sample_logits(logits.data(), 2, 3, 0.0, 0.0, 1, drawn.data(), log_prob.data()).code == StatusCode::bad_size);
+    EXPECT(sample_logits(logits.data(), 2, 3, 0.0, 0.0, 1, nullptr, drawn.data(), log_prob.data()).code == StatusCode::bad_size);
     const std::vector<float> with_nan = {0.0f, std::nanf("")};
-    EXPECT(sample_logits(with_nan.data(), 1, 2, 1.0, 0.0, 1, drawn.data(), log_prob.data()).code == StatusCode::nan_weight);
+    EXPECT(sample_logits(with_nan.data(), 1, 2, 1.0, 0.0, 1, nullptr, drawn.data(), log_prob.data()).code == StatusCode::nan_weight);
 
     std::vector<double> current = {0.0, 0.0, -inf, -inf, 1.0};
     std::vector<double> proposed = {1.0, -inf, -inf, 3.0, 1.0};
@@ -348,7 +348,7 @@ void test_smc_step() {
     std::vector<std::int64_t> ancestors(9, -1), unique(3);
     std::vector<std::uint8_t> resampled(3);
     std::vector<double> log_mean_w(3), ess(3);
-    EXPECT(smc_step(log_w.data(), 3, 3, 0.9, Scheme::systematic, 5, ancestors.data(), resampled.data(),
+    EXPECT(smc_step(log_w.data(), 3, 3, 0.9, Scheme::systematic, 5, false, ancestors.data(), resampled.data(),
                     log_mean_w.data(), ess.data(), unique.data())
                .ok());
     EXPECT(resampled[0] == 1 && resampled[1] == 0 && resampled[2] == 0);
@@ -357,7 +357,7 @@ void test_smc_step() {
     EXPECT(ancestors[3] == 0 && ancestors[4] == 1 && ancestors[5] == 2 && ancestors[6] == 0 && ancestors[8] == 2);
     EXPECT(unique[1] == 3 && unique[0] >= 1 && unique[0] <= 3);
     std::vector<double> bad = {0.0, std::nan("")};
-    EXPECT(smc_step(bad.data(), 1, 2, 1.0, Scheme::systematic, 5, ancestors.data(), resampled.data(),
+    EXPECT(smc_step(bad.data(), 1, 2, 1.0, Scheme::systematic, 5, false, ancestors.data(), resampled.data(),
                     log_mean_w.data(), ess.data(), unique.data())
                .code == StatusCode::nan_weight);
 }
@@ -434,6 +434,100 @@ void test_reorder_in_place_and_keep_survivors() {
     EXPECT(out_of_range == kept);
 }
 
+void test_token_kernels() {
+    // append_tokens: rows of capacity 3; row 1 inactive, row 2 stops at a stop id, row 3 at max_length 3.
+    std::vector<std::int64_t> tokens(12, -1), lengths = {0, 1, 1, 2};
+    std::vector<std::uint8_t> finished = {0, 0, 0, 0}, active = {1, 0, 1, 1}, still(4, 9);
+    const std::vector<std::int64_t> fresh = {5, 6, 7, 8}, stop = {7};
+    std::int64_t going = -1;
+    EXPECT(append_tokens(tokens.data(), 4, 3, lengths.data(), finished.data(), fresh.data(), active.data(), stop.data(), 1, 3,
+                         still.data(), &going).ok());
+    EXPECT((lengths == std::vector<std::int64_t>{1, 1, 2, 3}) && tokens[0] == 5 && tokens[4] == -1 && tokens[7] == 7 &&
+           tokens[11] == 8);
+    EXPECT((finished == std::vector<std::uint8_t>{0, 0, 1, 1}) && (still == std::vector<std::uint8_t>{1, 0, 0, 0}) &&
+           going == 1);
+    // A full active row: reported with its length, nothing written.
+    const auto tokens_before = tokens;
+    std::vector<std::uint8_t> all = {1, 1, 1, 1};
+    const Status full = append_tokens(tokens.data(), 4, 3, lengths.data(), finished.data(), fresh.data(), all.data(),
+                                      stop.data(), 1, 3, still.data(), &going);
+    EXPECT(full.code == StatusCode::index_out_of_range && full.row == 3 && full.index == 3 && tokens == tokens_before);
+
+    // decode_inputs: positions count the mask's ones; a row that sits out is fed padding, masked.
+    const std::vector<std::int64_t> mask = {0, 1, 1, 1, 1, 1};
+    const std::vector<std::uint8_t> going_rows = {1, 0};
+    std::vector<std::int64_t> input_ids(2), next_mask(8), positions(2);
+    decode_inputs(mask.data(), 2, 3, going_rows.data(), fresh.data(), -1, input_ids.data(), next_mask.data(),
+                  positions.data());
+    EXPECT((input_ids == std::vector<std::int64_t>{5, -1}) && (positions == std::vector<std::int64_t>{2, 3}));
+    EXPECT((next_mask == std::vector<std::int64_t>{0, 1, 1, 1, 1, 1, 1, 0}));
+
+    // Prefixes: prompts {1} and {2, 3}, two particles each with capacity 2.
+    const std::vector<std::int64_t> prompt_ids = {1, 2, 3}, offsets = {0, 1, 3};
+    const std::vector<std::int64_t> generated = {10, 11, 12, 13, 14, 15, 16, 17}, generated_lengths = {2, 0, 1, 2};
+    std::int64_t width = 0;
+    EXPECT(prefix_width(offsets.data(), 2, 2, 2, generated_lengths.data(), nullptr, 4, &width).ok() && width == 4);
+    std::vector<std::int64_t> ids(16), ones(16), last(4), position_ids(16);
+    right_padded_prefixes(prompt_ids.data(), offsets.data(), 2, generated.data(), 2, generated_lengths.data(), nullptr, 4,
+                          width, 0, ids.data(), ones.data(), last.data(), position_ids.data());
+    EXPECT((ids == std::vector<std::int64_t>{1, 10, 11, 0, 1, 0, 0, 0, 2, 3, 14, 0, 2, 3, 16, 17}));
+    EXPECT((last == std::vector<std::int64_t>{2, 0, 2, 3}) && ones[3] == 0 && ones[12 + 3] == 1);
+    EXPECT((std::vector<std::int64_t>(position_ids.begin(), position_ids.begin() + 8) ==
+            std::vector<std::int64_t>{0, 1, 2, 2, 0, 0, 0, 0}));
+    const std::vector<std::int64_t> selected = {3, 4};
+    Status status = prefix_width(offsets.data(), 2, 2, 2, generated_lengths.data(), selected.data(), 2, &width);
+    EXPECT(status.code == StatusCode::index_out_of_range && status.row == 1 && status.index == 4);
+    const std::vector<std::int64_t> too_long = {2, 0, 3, 2};
+    status = prefix_width(offsets.data(), 2, 2, 2, too_long.data(), nullptr, 4, &width);
+    EXPECT(status.code == StatusCode::index_out_of_range && status.row == 2);
+    const std::vector<std::int64_t> descending = {0, 3, 1};
+    EXPECT(prefix_width(descending.data(), 2, 2, 2, generated_lengths.data(), nullptr, 4, &width).code == StatusCode::bad_size);
+
+    // read_log_values: logit, log_value, prob; NaN, +inf and out-of-range probabilities refused before writing.
+    const std::vector<float> scores = {0.0f, 2.0f, -3.0f, 0.5f};
+    std::vector<double> log_values(2, 42.0);
+    const std::vector<std::int64_t> columns = {1, 0};
+    EXPECT(read_log_values(scores.data(), 2, 2, columns.data(), ScoreKind::logit, log_values.data()).ok());
+    EXPECT(std::abs(log_values[0] + std::log1p(std::exp(-2.0))) < 1e-15 &&
+           std::abs(log_values[1] + std::log1p(std::exp(3.0))) < 1e-13);
+    const std::vector<float> probabilities = {0.25f, 1.0f};
+    EXPECT(read_log_values(probabilities.data(), 2, 1, nullptr, ScoreKind::prob, log_values.data()).ok());
+    EXPECT(log_values[0] == std::log(0.25) && log_values[1] == 0.0);
+    const std::vector<double> bad_scores = {0.5, std::nan(""), inf, 2.0};
+    std::vector<double> untouched(2, 42.0);
+    status = read_log_values(bad_scores.data(), 2, 2, nullptr, ScoreKind::logit, untouched.data());
+    EXPECT(status.code == StatusCode::nan_weight && status.row == 0 && status.index == 1);
+    status = read_log_values(bad_scores.data() + 1, 1, 2, nullptr, ScoreKind::log_value, untouched.data());
+    EXPECT(status.code == StatusCode::positive_infinity && status.row == 0 && status.index == 1);
+    status = read_log_values(bad_scores.data(), 4, 1, nullptr, ScoreKind::prob, untouched.data());
+    EXPECT(status.code == StatusCode::nan_weight && status.row == 1);
+    status = read_log_values(bad_scores.data() + 3, 1, 1, nullptr, ScoreKind::prob, untouched.data());
+    EXPECT(status.code == StatusCode::outside_unit_interval && status.row == 0);
+    const std::vector<std::int64_t> past_the_end = {0, 2};
+    status = read_log_values(bad_scores.data(), 2, 2, past_the_end.data(), ScoreKind::logit, untouched.data());
+    EXPECT(status.code == StatusCode::index_out_of_range && status.row == 1 && status.index == 2);
+    EXPECT(untouched[0] == 42.0 && untouched[1] == 42.0);
+
+    // smc_step with survivors_stay gives keep_survivors of the plain step; sample_logits skips inactive rows.
+    std::vector<double> log_w(24), log_w_copy;
+    for (std::size_t k = 0; k < log_w.size(); ++k) log_w[k] = std::sin(static_cast<double>(k)) * 3.0;
+    log_w_copy = log_w;
+    std::vector<std::int64_t> plain(24), staying(24), unique(3);
+    std::vector<std::uint8_t> resampled(3);
+    std::vector<double> log_mean_w(3), ess(3);
+    EXPECT(smc_step(log_w.data(), 3, 8, 1.0, Scheme::multinomial, 11, false, plain.data(), resampled.data(),
+                    log_mean_w.data(), ess.data(), unique.data()).ok());
+    EXPECT(smc_step(log_w_copy.data(), 3, 8, 1.0, Scheme::multinomial, 11, true, staying.data(), resampled.data(),
+                    log_mean_w.data(), ess.data(), unique.data()).ok());
+    EXPECT(keep_survivors(plain.data(), 3, 8).ok() && plain == staying);
+    const std::vector<double> logits = {0.0, 1.0, std::nan(""), 0.0, 2.0, 1.0};
+    const std::vector<std::uint8_t> draw_rows = {1, 0, 1};
+    std::vector<std::int64_t> drawn(3, 7);
+    std::vector<double> log_prob(3, 7.0);
+    EXPECT(sample_logits(logits.data(), 3, 2, 1.0, std::log(2.0), 5, draw_rows.data(), drawn.data(), log_prob.data()).ok());
+    EXPECT(drawn[1] == 0 && log_prob[1] == 0.0 && drawn[0] >= 0 && drawn[0] < 2 && log_prob[2] < 0.0);
+}
+
 void test_random_sizes() {
     // Random shapes and values: kernels either succeed with valid output or report a status.
     std::mt19937_64 engine(17);
@@ -481,6 +575,7 @@ int main() {
         test_smc_step();
         test_gather();
         test_reorder_in_place_and_keep_survivors();
+        test_token_kernels();
         test_random_sizes();
     }
     g_avx512_override = -1;

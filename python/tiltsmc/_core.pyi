@@ -9,7 +9,7 @@ def row_statistics(
     logw: npt.NDArray[np.floating],
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
 def smc_step(
-    log_w: npt.NDArray[np.floating], threshold: float, scheme: int, key: int
+    log_w: npt.NDArray[np.floating], threshold: float, scheme: int, key: int, survivors_stay: bool
 ) -> tuple[
     npt.NDArray[np.int64],
     npt.NDArray[np.bool_],
@@ -22,7 +22,11 @@ def pool_select(
     logw: npt.NDArray[np.floating], key: int
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]: ...
 def sample_logits(
-    logits: npt.NDArray[np.floating], temperature: float, key: int, log_n: float
+    logits: npt.NDArray[np.floating],
+    temperature: float,
+    key: int,
+    log_n: float,
+    active: npt.NDArray[np.bool_] | None,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]: ...
 def mh_accept(
     log_z_current: npt.NDArray[np.float64], log_z_proposed: npt.NDArray[np.float64], key: int
@@ -37,5 +41,31 @@ def gather(
 ) -> None: ...
 def reorder_in_place(arrays: list[np.ndarray], ancestors: npt.NDArray[np.int64]) -> None: ...
 def keep_survivors(ancestors: npt.NDArray[np.int64]) -> None: ...
+def append_tokens(
+    tokens: npt.NDArray[np.int64],
+    lengths: npt.NDArray[np.int64],
+    finished: npt.NDArray[np.bool_],
+    new_tokens: npt.NDArray[np.int64],
+    active: npt.NDArray[np.bool_],
+    stop_ids: npt.NDArray[np.int64],
+    max_length: int,
+) -> tuple[npt.NDArray[np.bool_], int]: ...
+def decode_inputs(
+    mask: npt.NDArray[np.int64], still: npt.NDArray[np.bool_], new_tokens: npt.NDArray[np.int64], pad: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...
+def right_padded_prefixes(
+    prompt_ids: npt.NDArray[np.int64],
+    prompt_offsets: npt.NDArray[np.int64],
+    tokens: npt.NDArray[np.int64],
+    lengths: npt.NDArray[np.int64],
+    selected: npt.NDArray[np.int64] | None,
+    pad: int,
+    with_positions: bool,
+) -> tuple[
+    npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64] | None
+]: ...
+def read_log_values(
+    scores: np.ndarray, rows: int, columns: npt.NDArray[np.int64] | None, kind: int
+) -> npt.NDArray[np.float64]: ...
 def set_num_threads(num_threads: int) -> None: ...
 def get_num_threads() -> int: ...

@@ -41,17 +41,22 @@ from ._rng import RNGLike, draw_key
 
 __all__ = [
     "SCHEMES",
+    "SCORE_KINDS",
     "CudaAvailability",
     "DeviceArray",
+    "append_tokens",
     "cuda_available",
+    "decode_inputs",
     "gather",
     "get_num_threads",
     "keep_survivors",
     "log_normalize",
     "mh_accept",
     "pool_select",
+    "read_log_values",
     "reorder_in_place",
     "resample",
+    "right_padded_prefixes",
     "row_statistics",
     "sample_logits",
     "set_num_threads",
@@ -130,6 +135,7 @@ def smc_step(
     scheme: Scheme = "systematic",
     rng: RNGLike = None,
     *,
+    survivors_stay: bool = False,
     stream: Any = None,
     check: bool = True,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_], FloatArray, FloatArray, npt.NDArray[np.int64]]:
@@ -139,7 +145,9 @@ def smc_step(
     ``ess < ess_threshold * N`` (every row at ``ess_threshold >= 1``) are resampled with ``scheme`` (the
     same draws as :func:`resample` with the same ``rng``) and their log-weights reset to 0 **in place**;
     the others keep the identity. Rows of zero weight are reported (``ess = 0``), never resampled.
-    Returns ``(ancestors (B, N), resampled (B,), log_mean_w, ess, unique_ancestors)``.
+    Returns ``(ancestors (B, N), resampled (B,), log_mean_w, ess, unique_ancestors)``. With
+    ``survivors_stay`` (host arrays only) a resampled row's ancestors come arranged as
+    :func:`keep_survivors` arranges them (same draws, same offspring counts, survivors in their own slots).
 
     On a device array the whole step is one kernel launch, and its outputs stay on the device. With
     ``check=False`` (device arrays only) the call does not wait for the GPU at all: input errors are then
@@ -147,6 +155,8 @@ def smc_step(
     the identity and its weights untouched.
     """
     if type(log_w) is not np.ndarray and _device.is_device_array(log_w):
+        if survivors_stay:
+            raise ValueError("survivors_stay: only for host arrays (call keep_survivors on the ancestors)")
         return _smc_step_device(log_w, ess_threshold, scheme, rng, stream, check)  # type: ignore[no-any-return]
     if not isinstance(log_w, np.ndarray) or log_w.ndim != 2 or log_w.dtype.char not in "fd":
         raise TypeError("log_w: expected a 2-D float32 or float64 numpy array")
@@ -155,7 +165,7 @@ def smc_step(
     if log_w.shape[1] == 0:
         raise ValueError(f"log_w: rows must hold at least one particle, got shape {log_w.shape}")
     code, threshold = _step_arguments(scheme, ess_threshold)
-    return tuple(_core.smc_step(log_w, threshold, code, draw_key(rng)))  # type: ignore[return-value]
+    return tuple(_core.smc_step(log_w, threshold, code, draw_key(rng), bool(survivors_stay)))  # type: ignore[return-value]
 
 
 def _scheme_code(scheme: object) -> int:
@@ -230,7 +240,11 @@ def pool_select(
 
 
 def sample_logits(
-    logits: npt.ArrayLike, temperature: float = 1.0, rng: RNGLike = None
+    logits: npt.ArrayLike,
+    temperature: float = 1.0,
+    rng: RNGLike = None,
+    *,
+    where: Optional[npt.NDArray[np.bool_]] = None,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
     """One draw per row from ``softmax(logits / temperature)``, and its log-probability.
 
@@ -240,12 +254,16 @@ def sample_logits(
     and returned with ``log p(v) = s_v - log sum_u exp(s_u)``, computed as
     ``(s_v - log_mean_w) - log V``. Logits of ``-inf`` are never drawn; NaN, ``+inf`` or a row of
     ``-inf`` raise ``ValueError``. This is a language model's token step in one call, with no float64
-    copy of the logits.
+    copy of the logits. ``where`` (a bool array of one entry per row) draws only the rows it marks; the
+    others get index 0 and log-probability 0 and their logits are not read (the other rows' draws are
+    the same as without it).
     """
     rows, one_row = _as_log_weights(logits, "logits")
     if isinstance(temperature, (bool, np.bool_)) or not isinstance(temperature, (int, float, np.number)):
         raise TypeError(f"temperature: expected a number > 0, got {temperature!r}")
-    index, log_prob = _core.sample_logits(rows, float(temperature), draw_key(rng), _log_count(rows.shape[1]))
+    index, log_prob = _core.sample_logits(
+        rows, float(temperature), draw_key(rng), _log_count(rows.shape[1]), where
+    )
     if one_row:
         return index[0, ...], log_prob[0, ...]
     return index, log_prob
@@ -405,7 +423,8 @@ def reorder_in_place(arrays: Sequence[np.ndarray], ancestors: npt.ArrayLike) -> 
 
     Each array has shape ``(B, N, ...)`` (any dtype without Python objects, any trailing shape) and is
     C-contiguous and writeable; ``ancestors`` is ``(B, N)``. Rows whose ancestor is themselves are not
-    touched. Every array and every index is checked before anything is written.
+    touched. An array listed twice (the same memory) is reordered once; arrays that overlap otherwise are
+    refused. Every array and every index is checked before anything is written.
     """
     index = _ancestor_rows(ancestors)
     if isinstance(arrays, np.ndarray) or not isinstance(arrays, Sequence):
@@ -440,6 +459,99 @@ def set_num_threads(num_threads: int) -> None:
 def get_num_threads() -> int:
     """How many threads large kernel calls may use (default: the machine's hardware threads)."""
     return int(_core.get_num_threads())
+
+
+# --------------------------------------------------------------------------------------------------------
+# Token sequences: the ONNX models' per-step bookkeeping, one core call each (host arrays; the core checks
+# every dtype, layout and size, and names the argument it refuses)
+# --------------------------------------------------------------------------------------------------------
+
+SCORE_KINDS: tuple[str, ...] = ("log_value", "prob", "logit")  # the core's ScoreKind enum
+
+
+def append_tokens(
+    tokens: npt.NDArray[np.int64],
+    lengths: npt.NDArray[np.int64],
+    finished: npt.NDArray[np.bool_],
+    new_tokens: npt.NDArray[np.int64],
+    active: npt.NDArray[np.bool_],
+    stop_ids: npt.NDArray[np.int64],
+    max_length: int,
+) -> tuple[npt.NDArray[np.bool_], int]:
+    """Grow every ``active`` trajectory by one token, in place: ``tokens[..., lengths] = new_tokens``,
+    ``lengths += 1``, and ``finished`` set where a trajectory reaches ``max_length`` tokens or its new token
+    is one of ``stop_ids``.
+
+    ``tokens`` is ``lengths.shape + (capacity,)``; ``finished``, ``new_tokens`` and ``active`` have
+    ``lengths``' size; all C-contiguous (int64, bool). An active trajectory already ``min(capacity,
+    max_length)`` long is an error, raised before anything is written. Returns ``(still, count)``: the
+    trajectories active and not finished afterwards (``lengths``' shape) and how many there are.
+    """
+    still, count = _core.append_tokens(tokens, lengths, finished, new_tokens, active, stop_ids, max_length)
+    return still, int(count)
+
+
+def decode_inputs(
+    mask: npt.NDArray[np.int64], still: npt.NDArray[np.bool_], new_tokens: npt.NDArray[np.int64], pad: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """The inputs of one cached decoding step for a left-padded batch with attention ``mask`` ``(rows,
+    width)`` so far: ``(input_ids, attention_mask, position_ids)`` of shapes ``(rows, 1)``, ``(rows, width +
+    1)``, ``(rows, 1)``.
+
+    Row ``r`` is fed ``new_tokens[r]`` where ``still[r]``, else ``pad`` (masked: the row sits out); its mask
+    gains ``still[r]``; its position is the number of ones in ``mask[r]``, so left padding and masked steps
+    never shift positions.
+    """
+    input_ids, attention_mask, position_ids = _core.decode_inputs(mask, still, new_tokens, int(pad))
+    return input_ids, attention_mask, position_ids
+
+
+def right_padded_prefixes(
+    prompt_ids: npt.NDArray[np.int64],
+    prompt_offsets: npt.NDArray[np.int64],
+    tokens: npt.NDArray[np.int64],
+    lengths: npt.NDArray[np.int64],
+    selected: Optional[npt.NDArray[np.int64]] = None,
+    pad: int = 0,
+    with_positions: bool = False,
+) -> tuple[
+    npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64], Optional[npt.NDArray[np.int64]]
+]:
+    """A scoring model's batch: each particle's prompt followed by its generated tokens, right-padded.
+
+    Prompt ``b`` is ``prompt_ids[prompt_offsets[b]:prompt_offsets[b + 1]]``; particle ``p = b * N + i`` of
+    ``tokens`` ``(B, N, capacity)`` has generated ``tokens[b, i, :lengths[b, i]]``. Row ``r`` of the batch is
+    particle ``selected[r]`` (default: every particle in order). Returns ``(ids, attention_mask, last,
+    position_ids)``: ``(rows, width)`` ids padded with ``pad`` to the longest row, its mask (1 on tokens),
+    each row's last token index, and (``with_positions``) position ids ``0 .. length - 1`` continued with
+    ``length - 1`` over the padding, else None.
+    """
+    ids, mask, last, positions = _core.right_padded_prefixes(
+        prompt_ids, prompt_offsets, tokens, lengths, selected, int(pad), bool(with_positions)
+    )
+    return ids, mask, last, positions
+
+
+def read_log_values(
+    scores: np.ndarray,
+    rows: int,
+    columns: Optional[npt.NDArray[np.int64]] = None,
+    kind: Literal["log_value", "prob", "logit"] = "log_value",
+) -> npt.NDArray[np.float64]:
+    """``log Vh`` per row from a scoring model's output ``scores`` (C-contiguous float32 / float64, read as
+    ``rows`` rows of ``scores.size // rows`` scores), each row read at ``columns[r]`` (default: its last).
+
+    ``kind``: ``"log_value"`` takes the score, ``"prob"`` its log (scores must lie in [0, 1]), ``"logit"``
+    ``log sigmoid(s) = -log(1 + exp(-s))`` (bit for bit numpy's ``-logaddexp(0, -s)``). Every value returned
+    is finite or ``-inf``: NaN scores, and ``+inf`` read as a log-value, raise ``ValueError`` naming the row.
+    """
+    code = _SCORE_KIND_CODES.get(kind) if isinstance(kind, str) else None
+    if code is None:
+        raise ValueError(f"kind: expected one of {', '.join(SCORE_KINDS)}, got {kind!r}")
+    return _core.read_log_values(scores, int(rows), columns, code)
+
+
+_SCORE_KIND_CODES = {name: code for code, name in enumerate(SCORE_KINDS)}
 
 
 # --------------------------------------------------------------------------------------------------------

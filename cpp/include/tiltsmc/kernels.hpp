@@ -17,6 +17,7 @@ enum class StatusCode : int {
     zero_row,            // every weight of `row` is zero
     index_out_of_range,  // ancestors[row, index] is outside [0, n)
     bad_size,            // a size argument is negative or inconsistent
+    outside_unit_interval,  // a probability outside [0, 1] at (row, index)
 };
 
 struct Status {
@@ -46,11 +47,13 @@ Status resample(const T* logw, std::int64_t rows, std::int64_t n, Scheme scheme,
 // log_normalize; rows with ess < threshold * n (every row when threshold >= 1) are resampled: n
 // ancestors drawn with `scheme` from the row's stream (key, row), resampled[r] = 1, unique[r] = the
 // number of distinct ancestors, and the row's log-weights reset to 0 in place. Other rows get the
-// identity. A row of zero weights is reported (log_mean_w = -inf, ess = 0) and never resampled.
+// identity. A row of zero weights is reported (log_mean_w = -inf, ess = 0) and never resampled. With
+// survivors_stay, a resampled row's ancestors are arranged as keep_survivors does (the same offspring
+// counts, every survivor in its own slot) instead of ascending.
 template <typename T>
 Status smc_step(T* log_w, std::int64_t rows, std::int64_t n, double threshold, Scheme scheme, std::uint64_t key,
-                std::int64_t* ancestors, std::uint8_t* resampled, double* log_mean_w, double* ess,
-                std::int64_t* unique);
+                bool survivors_stay, std::int64_t* ancestors, std::uint8_t* resampled, double* log_mean_w,
+                double* ess, std::int64_t* unique);
 
 // One index per row drawn with probability w_i, and the row's log mean weight.
 template <typename T>
@@ -60,10 +63,11 @@ Status pool_select(const T* logw, std::int64_t rows, std::int64_t n, std::uint64
 // Token draws from logits: per row r, the scores s = double(logits[r]) / temperature (no division at
 // temperature 1) and the draw of pool_select on them (same stream, same index), with its log-probability
 // log_prob[r] = (s[index] - log_mean_w) - log_n, where log_mean_w = log(mean_v exp(s_v)) and log_n is
-// log(n) as the caller computes it: log p(v) = s_v - log sum_u exp(s_u). Needs temperature > 0.
+// log(n) as the caller computes it: log p(v) = s_v - log sum_u exp(s_u). Needs temperature > 0. Rows with
+// active[r] == 0 (active == nullptr: none) are skipped: index 0, log_prob 0, their logits never read.
 template <typename T>
 Status sample_logits(const T* logits, std::int64_t rows, std::int64_t n, double temperature, double log_n,
-                     std::uint64_t key, std::int64_t* index, double* log_prob);
+                     std::uint64_t key, const std::uint8_t* active, std::int64_t* index, double* log_prob);
 
 // accept[r] = u_r < exp(log_z_proposed[r] - log_z_current[r]); a current -inf is always left, otherwise
 // a proposed -inf is always rejected. NaN and +inf are errors (index = which argument: 0 current, 1 proposed).
@@ -86,6 +90,55 @@ Status reorder_in_place(std::uint8_t* const* arrays, const std::int64_t* item_by
 // offspring counts are unchanged, and an in-place gather by the result moves only the childless slots.
 // Every ancestor is checked before anything is written.
 Status keep_survivors(std::int64_t* ancestors, std::int64_t rows, std::int64_t n);
+
+// -- token sequences (the ONNX models' per-step bookkeeping) --------------------------------------------
+
+// Appends new_tokens[r] to every row r with active[r]: tokens[r, lengths[r]] = new_tokens[r] (rows of
+// `capacity` tokens), lengths[r] += 1, and finished[r] = 1 once the row is max_length long or the token is
+// one of stop_ids. still[r] = active[r] and not finished[r] afterwards; num_still counts them. Every
+// active row must have 0 <= lengths[r] < min(capacity, max_length): checked before anything is written
+// (index_out_of_range at (row, its length) otherwise).
+Status append_tokens(std::int64_t* tokens, std::int64_t rows, std::int64_t capacity, std::int64_t* lengths,
+                     std::uint8_t* finished, const std::int64_t* new_tokens, const std::uint8_t* active,
+                     const std::int64_t* stop_ids, std::int64_t num_stop, std::int64_t max_length,
+                     std::uint8_t* still, std::int64_t* num_still);
+
+// The inputs of one cached decoding step of a left-padded batch whose attention mask so far is
+// mask (rows, width): input_ids[r] = new_tokens[r] where still[r], else pad (then masked);
+// next_mask (rows, width + 1) = the row's mask followed by still[r]; positions[r] = the number of ones
+// in mask[r] (the new token's position: left padding and masked steps never shift positions).
+void decode_inputs(const std::int64_t* mask, std::int64_t rows, std::int64_t width, const std::uint8_t* still,
+                   const std::int64_t* new_tokens, std::int64_t pad, std::int64_t* input_ids,
+                   std::int64_t* next_mask, std::int64_t* positions);
+
+// Prefix batches for scoring models. Particle p = b * n + i (b < batch prompts, n particles each) is prompt
+// b's tokens prompt_ids[prompt_offsets[b] : prompt_offsets[b + 1]] followed by its generated tokens
+// tokens[p, :lengths[p]] (rows of `capacity`). Row r of a batch is particle selected[r] (selected == nullptr:
+// particle r, num_rows = batch * n). prefix_width checks the offsets (ascending from 0), the selection and
+// the lengths (0 <= lengths[p] <= capacity) and gives the longest row's length.
+Status prefix_width(const std::int64_t* prompt_offsets, std::int64_t batch, std::int64_t n, std::int64_t capacity,
+                    const std::int64_t* lengths, const std::int64_t* selected, std::int64_t num_rows,
+                    std::int64_t* width);
+
+// The rows right-padded with `pad` to `width` (>= prefix_width's) columns: ids (num_rows, width), mask 1 on
+// a row's tokens and 0 on its padding, last[r] = its length - 1, and (positions != nullptr) the position
+// ids 0, 1, ..., length - 1, then length - 1 repeated over the padding. Unchecked: call prefix_width first.
+void right_padded_prefixes(const std::int64_t* prompt_ids, const std::int64_t* prompt_offsets, std::int64_t n,
+                           const std::int64_t* tokens, std::int64_t capacity, const std::int64_t* lengths,
+                           const std::int64_t* selected, std::int64_t num_rows, std::int64_t width, std::int64_t pad,
+                           std::int64_t* ids, std::int64_t* mask, std::int64_t* last, std::int64_t* positions);
+
+// How a scoring model's output reads as a log-value: the log-value itself, a probability, or a logit.
+enum class ScoreKind : int { log_value = 0, prob = 1, logit = 2 };
+
+// log_values[r] from the score scores[r, columns[r]] of rows of `width` scores (columns == nullptr: the last
+// column): the score itself (log_value), log(score) (prob: score in [0, 1], else outside_unit_interval), or
+// log sigmoid(score) = -log(1 + exp(-score)) (logit, evaluated as numpy's logaddexp). NaN is nan_weight at
+// (row, column), a log_value of +inf positive_infinity: every result is finite or -inf. Everything is
+// checked before log_values is written.
+template <typename T>
+Status read_log_values(const T* scores, std::int64_t rows, std::int64_t width, const std::int64_t* columns,
+                       ScoreKind kind, double* log_values);
 
 // Threads that large calls may use (0: the hardware's count); results never depend on it.
 void set_num_threads(int num_threads);

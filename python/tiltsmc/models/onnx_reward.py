@@ -23,6 +23,7 @@ from typing import Any, Literal, Optional, Union
 import numpy as np
 import numpy.typing as npt
 
+from .. import core
 from ._ort import make_session
 from .onnx_lm import read_json, resolve_model_file
 from .particles import Particles
@@ -31,45 +32,45 @@ from .tokenizer import Tokenizer, load_tokenizer
 __all__ = ["OnnxRewardModel"]
 
 FloatArray = npt.NDArray[np.float64]
-KINDS = ("log_value", "prob", "logit")
+KINDS = core.SCORE_KINDS
 
 
-def _select(array: np.ndarray, rows: Optional[npt.NDArray[np.int64]]) -> np.ndarray:
-    """``array[b, i]`` for the pairs ``rows``, or every entry in order (flattened) for None."""
-    return array.reshape(-1) if rows is None else array[rows[:, 0], rows[:, 1]]
+def _select(array: np.ndarray, selected: Optional[npt.NDArray[np.int64]]) -> np.ndarray:
+    """The entries ``selected`` (flat particle indices) of a ``(B, N)`` array, or all of them (flattened)."""
+    flat = array.reshape(-1)
+    return flat if selected is None else flat[selected]
 
 
 @dataclass(frozen=True)
-class _PromptLayout:
-    """Where a batch's reward prefixes start: the prompts' ``lengths (B,)`` and ``groups`` of equally long
-    prompts, each ``(members, ids)``: a slice or index array over prompts and their tokens
-    ``(len(members), length)``. ``prompts`` are the arrays it was built from (None: no prompt tokens)."""
+class _Prompts:
+    """A batch's prompt tokens laid end to end for :func:`tiltsmc.core.right_padded_prefixes`: prompt ``b``
+    is ``ids[offsets[b]:offsets[b + 1]]``. ``arrays`` are the arrays it was built from (None: no prompt
+    tokens, every prompt empty)."""
 
-    prompts: Optional[tuple[npt.NDArray[np.int64], ...]]
-    lengths: npt.NDArray[np.int64]
-    groups: list[tuple[Union[slice, npt.NDArray[np.intp]], npt.NDArray[np.int64]]]
+    arrays: Optional[tuple[npt.NDArray[np.int64], ...]]
+    ids: npt.NDArray[np.int64]
+    offsets: npt.NDArray[np.int64]
 
     @classmethod
-    def of(cls, prompts: Optional[Sequence[npt.NDArray[np.int64]]], num_prompts: int) -> _PromptLayout:
-        arrays = [np.zeros(0, dtype=np.int64)] * num_prompts if prompts is None else list(prompts)
-        lengths = np.array([len(ids) for ids in arrays], dtype=np.int64)
-        groups: list[tuple[Union[slice, npt.NDArray[np.intp]], npt.NDArray[np.int64]]] = []
-        for length in np.unique(lengths):
-            members = np.flatnonzero(lengths == length)
-            ids = np.array([arrays[b] for b in members], dtype=np.int64).reshape(len(members), int(length))
-            consecutive = members[-1] - members[0] + 1 == len(members)  # then a slice: no index copy
-            groups.append((slice(int(members[0]), int(members[-1]) + 1) if consecutive else members, ids))
-        return cls(None if prompts is None else tuple(prompts), lengths, groups)
+    def of(cls, arrays: Optional[Sequence[npt.NDArray[np.int64]]], num_prompts: int) -> _Prompts:
+        pieces = [np.zeros(0, dtype=np.int64)] * num_prompts if arrays is None else list(arrays)
+        offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
+        np.cumsum([len(ids) for ids in pieces], out=offsets[1:])
+        ids = np.concatenate(pieces).astype(np.int64, copy=False) if pieces else np.zeros(0, dtype=np.int64)
+        return cls(None if arrays is None else tuple(arrays), np.ascontiguousarray(ids), offsets)
 
-    def fits(self, prompts: Optional[Sequence[npt.NDArray[np.int64]]], num_prompts: int) -> bool:
+    def fits(self, arrays: Optional[Sequence[npt.NDArray[np.int64]]], num_prompts: int) -> bool:
         """Whether it was built from these very prompt arrays (the same objects)."""
-        if prompts is None or self.prompts is None:
-            return prompts is None and self.prompts is None and len(self.lengths) == num_prompts
-        return len(prompts) == len(self.prompts) and all(a is b for a, b in zip(prompts, self.prompts))
+        if arrays is None or self.arrays is None:
+            return arrays is None and self.arrays is None and len(self.offsets) == num_prompts + 1
+        return len(arrays) == len(self.arrays) and all(a is b for a, b in zip(arrays, self.arrays))
 
 
 class OnnxRewardModel:
     """``log Vh`` from an ONNX scoring model (see the module docstring)."""
+
+    # Its log-values are finite or -inf (it raises on anything else itself): the samplers need not check.
+    log_values_checked = True
 
     def __init__(
         self,
@@ -102,8 +103,7 @@ class OnnxRewardModel:
         self.tokenizer: Optional[Tokenizer] = load_tokenizer(tokenizer, model_dir)
         self.verifier = verifier
         self.pad_token_id = int(pad_token_id)
-        self._layout: Optional[_PromptLayout] = None  # the last batch's prompts, see _prompt_layout
-        self._ones_buffer = np.ones(0, dtype=np.int64)  # attention masks of unpadded batches, see _ones
+        self._prompts: Optional[_Prompts] = None  # the last batch's prompts, see _prompt_layout
         self.session = make_session(
             self.model_file,
             providers,
@@ -168,74 +168,61 @@ class OnnxRewardModel:
 
     def _score(self, sequences: list[npt.NDArray[np.int64]]) -> FloatArray:
         """``log Vh`` of each token sequence, in one session call (right padding, read at the last token)."""
-        lengths = np.array([len(s) for s in sequences], dtype=np.int64)
-        ids = np.full((len(sequences), int(lengths.max())), self.pad_token_id, dtype=np.int64)
-        for row, sequence in enumerate(sequences):
-            ids[row, : len(sequence)] = sequence
-        return self._score_padded(ids, lengths)
+        prompts = _Prompts.of([np.asarray(s, dtype=np.int64) for s in sequences], len(sequences))
+        empty = np.zeros((len(sequences), 1, 0), dtype=np.int64)
+        batch = core.right_padded_prefixes(
+            prompts.ids, prompts.offsets, empty, np.zeros((len(sequences), 1), dtype=np.int64), None,
+            self.pad_token_id, self.has_position_ids,
+        )  # fmt: skip
+        return self._score_batch(*batch)
 
-    def _score_padded(
+    def _score_batch(
         self,
         ids: npt.NDArray[np.int64],
-        lengths: npt.NDArray[np.int64],
+        mask: npt.NDArray[np.int64],
+        last: npt.NDArray[np.int64],
+        positions: Optional[npt.NDArray[np.int64]],
         read_at: Optional[npt.NDArray[np.int64]] = None,
     ) -> FloatArray:
-        """``log Vh`` of right-padded rows ``ids[r, :lengths[r]]``, read at ``read_at[r]`` (default: the last
-        token) where the model scores every position."""
-        rows, width = ids.shape
-        full = rows > 0 and int(lengths.min()) == width  # no padding (the usual step): simpler feeds
-        if full:
-            mask = self._ones(rows * width).reshape(rows, width)
-            if self.token_map is not None:
-                ids = self.token_map[ids]
-        else:
-            valid = np.arange(width) < lengths[:, None]
-            mask = valid.astype(np.int64)
-            if self.token_map is not None:
-                ids = np.where(valid, self.token_map[ids], self.pad_token_id)
+        """``log Vh`` of right-padded rows (as :func:`tiltsmc.core.right_padded_prefixes` gives them), read at
+        ``read_at[r]`` (default: the row's last token) where the model scores every position."""
         feeds: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
-        if self.has_position_ids:  # right padding: 0, 1, ..., length - 1, then length - 1 repeated
-            feeds["position_ids"] = np.minimum(np.arange(width), np.maximum(lengths - 1, 0)[:, None])
+        if self.token_map is not None:
+            feeds["input_ids"] = np.where(mask == 1, self.token_map[ids], self.pad_token_id)
+        if positions is not None:
+            feeds["position_ids"] = positions
         (raw,) = self.session.run([self.output], feeds)
-        raw = np.asarray(raw)
-        if raw.ndim == 3 and raw.shape[2] == 1:
-            raw = raw[..., 0]
-        if raw.ndim == 2 and raw.shape[1] == 1 and width != 1:
-            raw = raw[:, 0]
-        if raw.ndim == 2:  # one score per position: only the read ones are converted
-            if full and read_at is None:
-                raw = raw[:, width - 1]
-            else:
-                raw = raw[np.arange(rows), lengths - 1 if read_at is None else read_at]
-        if raw.shape != (len(ids),):
+        return self._read(np.asarray(raw), ids.shape, last if read_at is None else read_at)
+
+    def _read(self, raw: np.ndarray, shape: tuple[int, ...], columns: npt.NDArray[np.int64]) -> FloatArray:
+        """The model's output ``(rows,)`` / ``(rows, 1)`` (one score a row) or ``(rows, width)`` / ``(rows,
+        width, 1)`` (one a position, read at ``columns``) as ``log Vh`` by ``kind``, in one core call."""
+        rows, width = shape
+        if raw.shape in ((rows,), (rows, 1)):
+            read: Optional[npt.NDArray[np.int64]] = None  # one score a row
+        elif raw.shape in ((rows, width), (rows, width, 1)):
+            read = columns
+        else:
             raise ValueError(
                 f"output: {self.output!r} has shape {raw.shape}; expected (batch,) or (batch, seq)"
             )
-        top = raw.max() if raw.size else 0.0
-        if top != top:  # the maximum is NaN exactly when some score is
+        if raw.dtype.char not in "fd" or not raw.flags.c_contiguous:
+            raw = np.ascontiguousarray(raw, dtype=np.float64)
+        try:
+            return core.read_log_values(raw, rows, read, self.kind)
+        except ValueError as error:  # say it of the model: which scores, how many
+            scores = raw.reshape(rows, -1)[np.arange(rows), -1 if read is None else read]
+            checks = [("NaN", np.isnan(scores))]
+            if self.kind == "log_value":
+                checks.append(("+inf as a log-value", scores == np.inf))
+            for what, bad in checks:
+                if bad.any():
+                    raise ValueError(
+                        f"reward: {self.model_file.name} returned {what} for {int(bad.sum())} prefix(es)"
+                    ) from error
             raise ValueError(
-                f"reward: {self.model_file.name} returned NaN for {int(np.isnan(raw).sum())} prefix(es)"
-            )
-        # log sigmoid(x) = -log(1 + exp(-x)), computed in place on a float64 -x
-        logit = self.kind == "logit"
-        scores = np.negative(raw, dtype=np.float64) if logit else raw.astype(np.float64)
-        if logit:
-            np.logaddexp(0.0, scores, out=scores)
-            np.negative(scores, out=scores)
-        if self.kind == "prob":
-            if (scores < 0).any() or (scores > 1).any():
-                raise ValueError("reward: kind='prob' but the model returned values outside [0, 1]")
-            with np.errstate(divide="ignore"):
-                logs: FloatArray = np.log(scores)
-            return logs
-        return scores
-
-    def _ones(self, size: int) -> npt.NDArray[np.int64]:
-        """``size`` int64 ones, a view of one buffer kept across calls (the session only reads masks)."""
-        if self._ones_buffer.size < size:
-            self._ones_buffer = np.ones(max(size, 2 * self._ones_buffer.size), dtype=np.int64)
-            self._ones_buffer.flags.writeable = False
-        return self._ones_buffer[:size]
+                f"reward: kind='prob' but {self.model_file.name} returned values outside [0, 1] ({error})"
+            ) from error
 
     @staticmethod
     def _prompt(particles: Particles, b: int) -> npt.NDArray[np.int64]:
@@ -256,9 +243,10 @@ class OnnxRewardModel:
         stale: Optional[npt.NDArray[np.bool_]] = None  # None: every prefix
         if values is not None and scored is not None:
             stale = scored != particles.lengths
-            if not stale.any():
+            moved = np.count_nonzero(stale)
+            if moved == 0:
                 return values.copy()
-            if stale.all():  # the usual step: every particle has moved
+            if moved == stale.size:  # the usual step: every particle has moved
                 stale = None
         values, scored = self._rescore(particles, values, scored, stale)
         particles.state["rm.log_value"] = values
@@ -275,15 +263,15 @@ class OnnxRewardModel:
         """``log Vh`` of the ``stale`` prefixes (None: all) scored in one session call, merged into
         ``values``; and the lengths the values were scored at."""
         batch, count = particles.lengths.shape
-        rows = None if stale is None else np.argwhere(stale)
-        ids, lengths = self._prefixes(particles, rows)
+        selected = None if stale is None else np.flatnonzero(stale)
+        ids, mask, last, positions = self._prefixes(particles, selected)
         read_at = None
         if self.position == "delimiter":
-            read_at = self._last_delimiter(particles, rows, ids, lengths)
-        fresh = self._score_padded(ids, lengths, read_at)
+            read_at = self._last_delimiter(particles, selected, ids, last)
+        fresh = self._score_batch(ids, mask, last, positions, read_at)
         if self.verifier is not None:
-            for k in np.flatnonzero(_select(particles.finished, rows)):
-                b, i = divmod(int(k), count) if rows is None else rows[k]
+            for k in np.flatnonzero(_select(particles.finished, selected)):
+                b, i = divmod(int(k if selected is None else selected[k]), count)
                 fresh[k] = self._verify(particles, b, i)
         if stale is None or values is None or scored is None:
             return fresh.reshape(batch, count), particles.lengths.copy()
@@ -292,56 +280,42 @@ class OnnxRewardModel:
         return merged, np.where(stale, particles.lengths, scored)
 
     def _prefixes(
-        self, particles: Particles, rows: Optional[npt.NDArray[np.int64]] = None
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-        """Prompt + generated tokens of the particles ``rows`` (pairs ``(b, i)``; None: all, in order),
-        right-padded; and their lengths.
+        self, particles: Particles, selected: Optional[npt.NDArray[np.int64]] = None
+    ) -> tuple[
+        npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64], Optional[npt.NDArray[np.int64]]
+    ]:
+        """Prompt + generated tokens of the particles ``selected`` (flat indices ``b * N + i``; None: all, in
+        order), right-padded: ``(ids, attention_mask, last, position_ids or None)`` in one core call."""
+        prompts = self._prompt_layout(particles)
+        return core.right_padded_prefixes(
+            prompts.ids, prompts.offsets, particles.tokens, particles.lengths, selected, self.pad_token_id,
+            self.has_position_ids,
+        )  # fmt: skip
 
-        Built for every particle with two slice copies per group of equally long prompts (one group in
-        the usual batch), then the rows taken: in the usual step every particle has moved, and slices cost
-        less than indexing token by token."""
-        batch, count = particles.lengths.shape
-        layout = self._prompt_layout(particles)
-        lengths = layout.lengths[:, None] + particles.lengths
-        longest = int(lengths.max())
-        ids = np.empty((batch, count, longest), dtype=np.int64)
-        for members, prompt_ids in layout.groups:
-            start = prompt_ids.shape[1]
-            generated = int(particles.lengths[members].max())
-            ids[members, :, :start] = prompt_ids[:, None, :]
-            ids[members, :, start : start + generated] = particles.tokens[members, :, :generated]
-        if int(lengths.min()) != longest:  # rows of equal length are written in full
-            ids[np.arange(ids.shape[2]) >= lengths[..., None]] = self.pad_token_id
-        all_ids, all_lengths = ids.reshape(batch * count, -1), lengths.reshape(-1)
-        if rows is None:
-            return all_ids, all_lengths
-        selected = rows[:, 0] * count + rows[:, 1]
-        row_lengths = all_lengths[selected]
-        return np.ascontiguousarray(all_ids[selected, : int(row_lengths.max())]), row_lengths
-
-    def _prompt_layout(self, particles: Particles) -> _PromptLayout:
-        """The batch's :class:`_PromptLayout`, built again only when its prompts change (a new run)."""
-        layout = self._layout
-        if layout is None or not layout.fits(particles.prompt_tokens, particles.num_prompts):
-            layout = self._layout = _PromptLayout.of(particles.prompt_tokens, particles.num_prompts)
-        return layout
+    def _prompt_layout(self, particles: Particles) -> _Prompts:
+        """The batch's :class:`_Prompts`, built again only when its prompts change (a new run)."""
+        prompts = self._prompts
+        if prompts is None or not prompts.fits(particles.prompt_tokens, particles.num_prompts):
+            prompts = self._prompts = _Prompts.of(particles.prompt_tokens, particles.num_prompts)
+        return prompts
 
     def _last_delimiter(
         self,
         particles: Particles,
-        rows: Optional[npt.NDArray[np.int64]],
+        selected: Optional[npt.NDArray[np.int64]],
         ids: npt.NDArray[np.int64],
-        lengths: npt.NDArray[np.int64],
+        last: npt.NDArray[np.int64],
     ) -> npt.NDArray[np.int64]:
-        """Per row (``rows`` as in :meth:`_prefixes`): the last delimiter among the generated tokens (else
-        the last prompt token); the last token for finished trajectories."""
-        prompt_lengths = lengths - _select(particles.lengths, rows)
+        """Per row (``selected`` as in :meth:`_prefixes`): the last delimiter among the generated tokens
+        (else the last prompt token); the last token for finished trajectories."""
+        lengths = last + 1
+        prompt_lengths = lengths - _select(particles.lengths, selected)
         columns = np.arange(ids.shape[1])
         generated = (columns >= prompt_lengths[:, None]) & (columns < lengths[:, None])
         is_delimiter = generated & np.isin(ids, self.delimiter_ids)
-        last = np.where(is_delimiter, columns, -1).max(axis=1)
-        read_at = np.where(last >= 0, last, np.maximum(prompt_lengths - 1, 0))
-        return np.where(_select(particles.finished, rows), lengths - 1, read_at)
+        found = np.where(is_delimiter, columns, -1).max(axis=1)
+        read_at = np.where(found >= 0, found, np.maximum(prompt_lengths - 1, 0))
+        return np.where(_select(particles.finished, selected), last, read_at)
 
     def _verify(self, particles: Particles, b: int, i: int) -> float:
         assert self.verifier is not None

@@ -54,7 +54,12 @@ class TokenPolicy(Policy, Protocol):
 
 @runtime_checkable
 class RewardModel(Protocol):
-    """The approximate value ``Vh_t``, in the log domain; ``Vh_T = r`` on finished trajectories."""
+    """The approximate value ``Vh_t``, in the log domain; ``Vh_T = r`` on finished trajectories.
+
+    Log-values must be finite or ``-inf`` (``Vh >= 0``); the samplers check every ``log_value`` result for
+    NaN and ``+inf`` unless the model has a class attribute ``log_values_checked = True``, which promises
+    that it raises on those itself.
+    """
 
     def initial_log_value(self, particles: Particles) -> FloatArray:
         """``log Vh_0`` at each prompt, shape ``(B,)`` (zeros where the model gives none: ``Vh_0 := 1``)."""

@@ -49,6 +49,9 @@ class Models:
         self.policy = policy
         self.reward = reward
         self.compute = compute
+        # A reward model that guarantees finite or -inf log-values (raising itself otherwise) is not checked
+        # again at every step.
+        self._check_log_values = getattr(reward, "log_values_checked", False) is not True
 
     def supports_optimal_proposal(self) -> bool:
         token_level = bool(getattr(self.policy, "token_level", True))
@@ -110,7 +113,7 @@ class Models:
                 f"reward: log_value returned shape {value.shape}, expected (B, N) = {particles.lengths.shape}"
                 " (do the policy and the reward model agree on the batch?)"
             )
-        return check_log_values(value, "log_value")
+        return check_log_values(value, "log_value") if self._check_log_values else value
 
     def next_log_values(self, particles: Particles) -> FloatArray:
         assert isinstance(self.reward, TwistModel)

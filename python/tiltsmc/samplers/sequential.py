@@ -40,6 +40,7 @@ from .result import Compute, SamplerResult
 __all__ = ["smc", "sp_gsmc"]
 
 PROPOSALS = ("naive", "optimal")
+_LOG_V_PREV = "smc.log_value"  # Particles.state key of each particle's log Vh_{t-1}
 
 
 @dataclass
@@ -105,7 +106,8 @@ def _run_smc(
     particles = models.start(prompts, num_particles)
     batch = particles.num_prompts
     log_v0 = models.initial_log_value(particles)
-    log_v_prev = np.repeat(log_v0[:, None], num_particles, axis=1)
+    # log Vh_{t-1} of each particle, kept in the particles' state so that resampling reorders it with them
+    particles.state[_LOG_V_PREV] = np.repeat(log_v0[:, None], num_particles, axis=1)
     log_z = log_v0.copy()
     collapsed = (log_v0 == -np.inf) | failed_prompts(particles)
     log_w = np.zeros((batch, num_particles))
@@ -117,6 +119,7 @@ def _run_smc(
         if particles.finished.all():
             break
         live = ~particles.finished
+        log_v_prev = particles.state[_LOG_V_PREV]
         if proposal == "naive":
             models.propose(particles, generator)
             log_v = models.log_value(particles)
@@ -132,19 +135,21 @@ def _run_smc(
             log_v = np.take_along_axis(next_log_values, tokens[..., None], -1)[..., 0]
             increment = _safe_increment(log_sum, log_v_prev)
         if live.all():  # the common case: no masking needed
-            log_v_prev = log_v
+            particles.state[_LOG_V_PREV] = log_v
         else:
             increment = np.where(live, increment, 0.0)
-            log_v_prev = np.where(live, log_v, log_v_prev)
+            particles.state[_LOG_V_PREV] = np.where(live, log_v, log_v_prev)
         log_w += increment
         # One core call: ESS, the adaptive decision, resampling and the reset of resampled rows' weights
         # (never after the last step: the final sample stays weighted).
         threshold = 0.0 if particles.finished.all() else ess_threshold
+        # Survivors stay in their slots, so that the in-place reorder moves only the dead.
         ancestors, resample_rows, log_mean_w, ess, unique = core.smc_step(
             log_w,
             threshold,
             scheme,  # type: ignore[arg-type]  # a scheme name, checked in _check_common
             generator,
+            survivors_stay=True,
         )
         new_total: FloatArray = log_mean_w + log_n  # type: ignore[assignment]  # float64 rows
         step_increment = _safe_increment(new_total, log_total)
@@ -152,9 +157,7 @@ def _run_smc(
         log_z = log_z + step_increment
         collapsed |= ess == 0.0
         if resample_rows.any():
-            ancestors = core.keep_survivors(ancestors)  # the in-place reorder moves only the dead
             particles.reorder(ancestors)
-            log_v_prev = core.gather(log_v_prev, ancestors)
         trace.ess.append(np.asarray(ess, dtype=np.float64))
         trace.resampled.append(resample_rows)
         trace.unique.append(unique)

@@ -1,0 +1,280 @@
+"""The core's token-sequence kernels against numpy references, with random shapes and contents, and
+their refusals of bad input (the argument named, nothing written).
+
+Also the options of the step kernels that the samplers and models use on every step: ``sample_logits``'s
+``where``, ``smc_step``'s ``survivors_stay`` and ``reorder_in_place`` given one array twice.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tiltsmc import core
+
+SETTINGS = settings(
+    max_examples=200,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+# -- append_tokens ----------------------------------------------------------------------------------------
+
+
+def _append_reference(
+    tokens: np.ndarray,
+    lengths: np.ndarray,
+    finished: np.ndarray,
+    new: np.ndarray,
+    active: np.ndarray,
+    stop_ids: np.ndarray,
+    max_length: int,
+) -> np.ndarray:
+    """The spec in numpy, in place; returns ``still``."""
+    b_index, i_index = np.nonzero(active)
+    tokens[b_index, i_index, lengths[b_index, i_index]] = new[b_index, i_index]
+    lengths[b_index, i_index] += 1
+    finished |= active & ((lengths >= max_length) | np.isin(new, stop_ids))
+    return active & ~finished
+
+
+@SETTINGS
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    batch=st.integers(1, 3),
+    count=st.integers(1, 6),
+    capacity=st.integers(1, 6),
+    max_length=st.integers(1, 8),
+    num_stop=st.integers(0, 3),
+)
+def test_append_tokens_matches_reference(
+    seed: int, batch: int, count: int, capacity: int, max_length: int, num_stop: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    limit = min(capacity, max_length)
+    lengths = rng.integers(0, capacity + 1, size=(batch, count))
+    finished = rng.random((batch, count)) < 0.3
+    active = ~finished & (rng.random((batch, count)) < 0.8)
+    tokens = rng.integers(0, 9, size=(batch, count, capacity))
+    new = rng.integers(0, 9, size=(batch, count))
+    stop_ids = rng.choice(9, size=num_stop, replace=False).astype(np.int64)
+    arrays = (tokens.copy(), lengths.copy(), finished.copy())
+    if np.any(active & (lengths >= limit)):  # an active trajectory with no room: refused, nothing written
+        with pytest.raises(ValueError, match=r"lengths: trajectory \d+ is already \d+ tokens long"):
+            core.append_tokens(*arrays, new, active, stop_ids, max_length)
+        for before, after in zip((tokens, lengths, finished), arrays):
+            np.testing.assert_array_equal(before, after)
+        return
+    still, going = core.append_tokens(*arrays, new, active, stop_ids, max_length)
+    expected = _append_reference(tokens, lengths, finished, new, active, stop_ids, max_length)
+    for want, got in zip((tokens, lengths, finished), arrays):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(still, expected)
+    assert still.shape == (batch, count) and still.dtype == bool and going == int(expected.sum())
+
+
+def test_append_tokens_refuses_bad_arrays() -> None:
+    tokens, lengths = np.zeros((2, 3, 4), dtype=np.int64), np.zeros((2, 3), dtype=np.int64)
+    finished, active, new = np.zeros((2, 3), bool), np.ones((2, 3), bool), np.ones((2, 3), np.int64)
+    stop = np.zeros(0, dtype=np.int64)
+    with pytest.raises(TypeError, match="tokens: expected dtype int64"):
+        core.append_tokens(tokens.astype(np.int32), lengths, finished, new, active, stop, 4)
+    with pytest.raises(ValueError, match="tokens: expected lengths' shape"):
+        core.append_tokens(tokens[:1], lengths, finished, new, active, stop, 4)
+    with pytest.raises(ValueError, match="finished: must be writeable"):
+        readonly = finished.copy()
+        readonly.flags.writeable = False
+        core.append_tokens(tokens, lengths, readonly, new, active, stop, 4)
+    with pytest.raises(ValueError, match="new_tokens: expected as many entries"):
+        core.append_tokens(tokens, lengths, finished, new[:1], active, stop, 4)
+    with pytest.raises(ValueError, match="active: must be C-contiguous"):
+        core.append_tokens(tokens, lengths, finished, new, np.ones((3, 2), bool).T, stop, 4)
+    with pytest.raises(ValueError, match="max_length"):
+        core.append_tokens(tokens, lengths, finished, new, active, stop, 0)
+    with pytest.raises(ValueError, match=r"lengths: trajectory 0 is already -1 tokens long"):
+        core.append_tokens(tokens, np.full((2, 3), -1, dtype=np.int64), finished, new, active, stop, 4)
+    assert not tokens.any() and not finished.any()
+
+
+# -- decode_inputs ----------------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**32 - 1), rows=st.integers(0, 7), width=st.integers(0, 6))
+def test_decode_inputs_matches_reference(seed: int, rows: int, width: int) -> None:
+    rng = np.random.default_rng(seed)
+    mask = (rng.random((rows, width)) < 0.7).astype(np.int64)
+    still = rng.random(rows) < 0.6
+    new = rng.integers(1, 50, size=rows)
+    input_ids, attention_mask, position_ids = core.decode_inputs(mask, still, new, pad=0)
+    np.testing.assert_array_equal(input_ids, np.where(still, new, 0)[:, None])
+    np.testing.assert_array_equal(attention_mask, np.concatenate([mask, still[:, None]], axis=1))
+    np.testing.assert_array_equal(position_ids, mask.sum(axis=1, keepdims=True))
+    assert input_ids.dtype == attention_mask.dtype == position_ids.dtype == np.int64
+
+
+def test_decode_inputs_refuses_bad_arrays() -> None:
+    mask, still, new = np.ones((3, 2), np.int64), np.ones(3, bool), np.ones(3, np.int64)
+    with pytest.raises(ValueError, match=r"mask: expected shape \(rows, width\)"):
+        core.decode_inputs(mask[0], still, new, 0)
+    with pytest.raises(ValueError, match="still: expected one entry per row"):
+        core.decode_inputs(mask, still[:2], new, 0)
+    with pytest.raises(TypeError, match="new_tokens: expected dtype int64"):
+        core.decode_inputs(mask, still, new.astype(float), 0)
+
+
+# -- right_padded_prefixes --------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    batch=st.integers(1, 4),
+    count=st.integers(1, 4),
+    capacity=st.integers(0, 5),
+    select=st.booleans(),
+    with_positions=st.booleans(),
+)
+def test_right_padded_prefixes_match_reference(
+    seed: int, batch: int, count: int, capacity: int, select: bool, with_positions: bool
+) -> None:
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(1, 30, size=int(rng.integers(0, 5))) for _ in range(batch)]
+    offsets = np.concatenate([[0], np.cumsum([len(p) for p in prompts])]).astype(np.int64)
+    flat = np.concatenate(prompts).astype(np.int64)
+    tokens = rng.integers(30, 60, size=(batch, count, capacity))
+    lengths = rng.integers(0, capacity + 1, size=(batch, count))
+    selected = rng.integers(0, batch * count, size=int(rng.integers(1, 7))) if select else None
+    ids, mask, last, positions = core.right_padded_prefixes(
+        flat, offsets, tokens, lengths, selected, pad=-1, with_positions=with_positions
+    )
+    particles = range(batch * count) if selected is None else selected
+    rows = [
+        np.concatenate([prompts[p // count], tokens[p // count, p % count, : lengths[p // count, p % count]]])
+        for p in particles
+    ]
+    width = max(len(r) for r in rows)
+    assert ids.shape == mask.shape == (len(rows), width) and ids.flags.c_contiguous
+    for k, row in enumerate(rows):
+        np.testing.assert_array_equal(ids[k], np.concatenate([row, np.full(width - len(row), -1)]))
+        np.testing.assert_array_equal(mask[k], np.arange(width) < len(row))
+        assert last[k] == len(row) - 1
+        if with_positions:
+            assert positions is not None
+            np.testing.assert_array_equal(positions[k], np.minimum(np.arange(width), max(len(row) - 1, 0)))
+    assert positions is None or with_positions
+
+
+def test_right_padded_prefixes_refuse_bad_input() -> None:
+    flat, offsets = np.arange(1, 4, dtype=np.int64), np.array([0, 1, 3], dtype=np.int64)
+    tokens, lengths = np.zeros((2, 2, 3), np.int64), np.ones((2, 2), np.int64)
+    call = core.right_padded_prefixes
+    with pytest.raises(ValueError, match="prompt_offsets: expected B"):
+        call(flat, offsets[:2], tokens, lengths)
+    with pytest.raises(ValueError, match="prompt_offsets: the last offset"):
+        call(flat, np.array([0, 1, 2], np.int64), tokens, lengths)
+    with pytest.raises(ValueError, match="prompt_offsets: expected offsets ascending"):
+        call(flat, np.array([0, 4, 3], np.int64), tokens, lengths)
+    with pytest.raises(ValueError, match=r"selected: particle 4 at row 1 is outside \[0, B \* N\)"):
+        call(flat, offsets, tokens, lengths, np.array([0, 4], np.int64))
+    with pytest.raises(ValueError, match=r"lengths: 4 tokens at row 3 is outside \[0, 3\]"):
+        call(flat, offsets, tokens, np.array([[1, 1], [1, 4]], np.int64))
+    with pytest.raises(ValueError, match="tokens: expected shape"):
+        call(flat, offsets, tokens[:1], lengths)
+
+
+# -- read_log_values --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_read_log_values_match_numpy(dtype: type) -> None:
+    rng = np.random.default_rng(3)
+    scores = (rng.standard_normal((50, 7)) * 30).astype(dtype)
+    scores[0, 6], scores[1, 6], scores[2, 6], scores[3, 6] = 0.0, -np.inf, np.inf, 800.0
+    columns = rng.integers(0, 7, size=50)
+    read = scores[np.arange(50), columns].astype(np.float64)
+    # logit: bit for bit -logaddexp(0, -s), the samplers' old numpy path
+    np.testing.assert_array_equal(
+        core.read_log_values(scores, 50, columns, "logit"), -np.logaddexp(0.0, -read)
+    )
+    last = scores[:, -1].astype(np.float64)
+    np.testing.assert_array_equal(core.read_log_values(scores, 50, None, "logit"), -np.logaddexp(0.0, -last))
+    finite = np.where(np.isinf(read), 0.0, read)
+    np.testing.assert_array_equal(
+        core.read_log_values(np.where(np.isinf(scores), 0, scores).astype(dtype), 50, columns, "log_value"),
+        finite,
+    )
+    probabilities = rng.random((50, 1)).astype(dtype)
+    probabilities[0] = 0.0
+    got = core.read_log_values(probabilities, 50, None, "prob")
+    with np.errstate(divide="ignore"):
+        want = np.log(probabilities[:, 0].astype(np.float64))
+    assert got[0] == -np.inf
+    np.testing.assert_array_max_ulp(got[1:], want[1:], maxulp=1)  # the C library's log or numpy's
+
+
+def test_read_log_values_refuse_bad_scores() -> None:
+    scores = np.zeros((4, 3))
+    with pytest.raises(ValueError, match="scores: NaN at row 2, column 1"):
+        core.read_log_values(
+            np.where(np.arange(12).reshape(4, 3) == 7, np.nan, scores), 4, np.ones(4, np.int64)
+        )
+    with pytest.raises(ValueError, match=r"scores: a log-value of \+inf at row 0"):
+        core.read_log_values(np.full((4, 1), np.inf), 4, None, "log_value")
+    with pytest.raises(ValueError, match=r"scores: a probability outside \[0, 1\] at row 3"):
+        core.read_log_values(np.array([0.1, 0.2, 0.3, 1.5]), 4, None, "prob")
+    with pytest.raises(ValueError, match="columns: out of range at row 0, column 3"):
+        core.read_log_values(scores, 4, np.full(4, 3, np.int64))
+    with pytest.raises(ValueError, match="columns: expected one column per row"):
+        core.read_log_values(scores, 4, np.zeros(3, np.int64))
+    with pytest.raises(ValueError, match="scores: expected rows x width"):
+        core.read_log_values(scores, 5)
+    with pytest.raises(TypeError, match="scores: expected float32 or float64"):
+        core.read_log_values(scores.astype(np.float16), 4)
+    with pytest.raises(ValueError, match="kind: expected one of"):
+        core.read_log_values(scores, 4, None, "odds")  # type: ignore[arg-type]
+
+
+# -- options of the step kernels --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sample_logits_where_draws_only_marked_rows(dtype: type) -> None:
+    logits = np.random.default_rng(4).standard_normal((40, 11)).astype(dtype)
+    where = np.random.default_rng(5).random(40) < 0.5
+    all_index, all_log_p = core.sample_logits(logits, 0.9, rng=6)
+    index, log_p = core.sample_logits(np.where(where[:, None], logits, np.nan), 0.9, rng=6, where=where)
+    np.testing.assert_array_equal(index[where], all_index[where])  # the same streams: the same draws
+    np.testing.assert_array_equal(log_p[where], all_log_p[where])
+    assert not index[~where].any() and not log_p[~where].any()  # skipped rows (NaN never read)
+    with pytest.raises(ValueError, match="where: expected one entry per row"):
+        core.sample_logits(logits, 1.0, rng=0, where=where[:3])
+
+
+@pytest.mark.parametrize("scheme", ["multinomial", "stratified", "systematic", "residual"])
+def test_smc_step_survivors_stay_is_keep_survivors(scheme: str) -> None:
+    log_w = np.random.default_rng(7).standard_normal((30, 9)) * 2
+    log_w[3] = -np.inf  # a collapsed row: reported, never resampled
+    plain = core.smc_step(log_w.copy(), 0.7, scheme, rng=8)  # type: ignore[arg-type]
+    staying = core.smc_step(log_w.copy(), 0.7, scheme, rng=8, survivors_stay=True)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(staying[0], core.keep_survivors(plain[0]))
+    for a, b in zip(plain[1:], staying[1:]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_reorder_in_place_takes_an_array_given_twice_once() -> None:
+    x = np.arange(24, dtype=np.float64).reshape(2, 4, 3)
+    ancestors = np.array([[1, 1, 2, 3], [0, 0, 0, 3]])
+    expected = core.gather(x, ancestors)
+    core.reorder_in_place([x, x.view(np.int64), x], ancestors)
+    np.testing.assert_array_equal(x, expected)
+    overlapping = np.arange(48, dtype=np.float64)
+    with pytest.raises(ValueError, match=r"arrays\[1\]: overlaps an earlier array"):
+        core.reorder_in_place(
+            [overlapping[:24].reshape(2, 4, 3), overlapping[12:36].reshape(2, 4, 3)], ancestors
+        )
+    np.testing.assert_array_equal(overlapping, np.arange(48))
