@@ -278,3 +278,113 @@ def test_reorder_in_place_takes_an_array_given_twice_once() -> None:
             [overlapping[:24].reshape(2, 4, 3), overlapping[12:36].reshape(2, 4, 3)], ancestors
         )
     np.testing.assert_array_equal(overlapping, np.arange(48))
+
+
+# -- smc_reweight -----------------------------------------------------------------------------------------
+
+
+def _safe_difference(new: np.ndarray, old: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore"):
+        return np.where(old == -np.inf, -np.inf, new - old)
+
+
+@SETTINGS
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    batch=st.integers(1, 4),
+    count=st.integers(1, 9),
+    threshold=st.floats(0, 1),
+)
+def test_smc_reweight_is_the_numpy_step(seed: int, batch: int, count: int, threshold: float) -> None:
+    """The fused step equals the sampler's former numpy code around smc_step, bit for bit."""
+    rng = np.random.default_rng(seed)
+
+    def draw(shape: tuple[int, ...], zero: float) -> np.ndarray:
+        values = rng.standard_normal(shape) * 3
+        values[rng.random(shape) < zero] = -np.inf
+        return values
+
+    log_w, log_v, log_v_prev = draw((batch, count), 0.1), draw((batch, count), 0.1), draw((batch, count), 0.1)
+    live = rng.random((batch, count)) < 0.8
+    log_total = np.where(rng.random(batch) < 0.2, -np.inf, rng.standard_normal(batch))
+    log_z, collapsed = rng.standard_normal(batch), rng.random(batch) < 0.2
+    # the reference
+    w, prev, z, total, gone = (
+        log_w.copy(),
+        log_v_prev.copy(),
+        log_z.copy(),
+        log_total.copy(),
+        collapsed.copy(),
+    )
+    w += np.where(live, _safe_difference(log_v, prev), 0.0)
+    prev = np.where(live, log_v, prev)
+    ancestors, resampled, log_mean_w, ess, unique = core.smc_step(w, threshold, rng=seed, survivors_stay=True)
+    new_total = log_mean_w + np.log(count)
+    increment = _safe_difference(new_total, total)
+    total = np.where(resampled, np.log(count), new_total)
+    z = z + increment
+    gone |= ess == 0.0
+    # the fused call, on copies updated in place
+    got = core.smc_reweight(
+        log_w, log_v, log_v_prev, live, log_total, log_z, collapsed, threshold, "systematic", rng=seed
+    )
+    for want, have in zip((ancestors, resampled, ess, unique, increment), got):
+        np.testing.assert_array_equal(have, want)
+    for want, have in zip((w, prev, z, total, gone), (log_w, log_v_prev, log_z, log_total, collapsed)):
+        np.testing.assert_array_equal(have, want)
+
+
+def test_smc_reweight_refuses_bad_input_before_writing() -> None:
+    log_w, log_v, log_v_prev = np.zeros((2, 3)), np.zeros((2, 3)), np.zeros((2, 3))
+    live = np.ones((2, 3), bool)
+    log_total, log_z, collapsed = np.full(2, np.log(3)), np.zeros(2), np.zeros(2, bool)
+    log_v[1, 2] = np.nan
+    with pytest.raises(ValueError, match="log_v: NaN at row 1, index 2"):
+        core.smc_reweight(log_w, log_v, log_v_prev, live, log_total, log_z, collapsed, 1.0)
+    live[1, 2] = False  # a particle that is not extended: its log_v is never read
+    log_v_prev[0, 1] = np.inf
+    with pytest.raises(ValueError, match=r"log_v_prev: \+inf at row 0, index 1"):
+        core.smc_reweight(log_w, log_v, log_v_prev, live, log_total, log_z, collapsed, 1.0)
+    assert not log_w.any() and not log_z.any() and not collapsed.any()
+    with pytest.raises(TypeError, match="live: expected dtype bool"):
+        core.smc_reweight(log_w, log_v, log_v_prev, live.astype(np.int8), log_total, log_z, collapsed, 1.0)
+    with pytest.raises(ValueError, match=r"log_z: expected \(B,\)"):
+        core.smc_reweight(log_w, log_v, log_v_prev, live, log_total, np.zeros(3), collapsed, 1.0)
+    with pytest.raises(ValueError, match="log_v_prev: must be writeable"):
+        log_v_prev.flags.writeable = False
+        core.smc_reweight(log_w, log_v, log_v_prev, live, log_total, log_z, collapsed, 1.0)
+
+
+def test_reorder_in_place_skips_what_it_cannot_write() -> None:
+    class Shaped:  # stands in for a device array: only its shape is read
+        def __init__(self, shape: tuple[int, ...]) -> None:
+            self.shape = shape
+
+    x = np.arange(8.0).reshape(2, 4)
+    strided = np.zeros((2, 4, 2))[..., 0]
+    readonly = np.zeros((2, 4))
+    readonly.flags.writeable = False
+    ancestors = np.array([[1, 1, 2, 3], [0, 0, 2, 3]])
+    skipped = core.reorder_in_place(
+        [x, strided, Shaped((2, 4, 7)), readonly], ancestors, skip_unwritable=True
+    )
+    assert skipped == [1, 2, 3]
+    np.testing.assert_array_equal(x, [[1, 1, 2, 3], [4, 4, 6, 7]])
+    with pytest.raises(ValueError, match=r"arrays\[1\]: leading axes"):
+        core.reorder_in_place([x, Shaped((3, 4))], ancestors, skip_unwritable=True)
+    np.testing.assert_array_equal(x, [[1, 1, 2, 3], [4, 4, 6, 7]])  # refused before anything was written
+    with pytest.raises(ValueError, match="must be C-contiguous and writeable"):
+        core.reorder_in_place([x, strided], ancestors)
+
+
+def test_particles_reorder_names_a_bad_state_entry_and_writes_nothing() -> None:
+    from tiltsmc.models import Particles
+
+    particles = Particles.empty(["a", "b"], 3, 2)
+    particles.lengths[:] = [[1, 2, 3], [4, 5, 6]]
+    particles.state["good"] = np.arange(6.0).reshape(2, 3)
+    particles.state["bad"] = np.zeros((3, 2))
+    with pytest.raises(ValueError, match=r"Particles.state\['bad'\]: leading axes \(3, 2\) are not"):
+        particles.reorder(np.array([[0, 0, 0], [1, 1, 1]]))
+    np.testing.assert_array_equal(particles.lengths, [[1, 2, 3], [4, 5, 6]])
+    np.testing.assert_array_equal(particles.state["good"], np.arange(6.0).reshape(2, 3))

@@ -44,22 +44,36 @@ void bind_gather(const py::array& x, const CArray<std::int64_t>& ancestors, py::
 // Every array of `arrays` (each (rows, n, ...), C-contiguous, writeable) reordered in place by the same
 // ancestors (rows, n): all arrays are checked here and the ancestors by the kernel, before any write. An
 // array given twice (the same memory) is reordered once; arrays that otherwise overlap are refused.
-void bind_reorder_in_place(const py::list& arrays, const CArray<std::int64_t>& ancestors) {
+py::list bind_reorder_in_place(const py::list& arrays, const CArray<std::int64_t>& ancestors, bool skip_unwritable) {
     if (ancestors.ndim() != 2) throw py::value_error("ancestors: expected shape (B, N)");
     const std::int64_t rows = ancestors.shape(0), n = ancestors.shape(1);
     if (n < 1) throw py::value_error("ancestors: rows must hold at least one particle");
     std::vector<std::uint8_t*> data;
     std::vector<std::int64_t> item_bytes;
+    py::list skipped;
     for (std::size_t k = 0; k < arrays.size(); ++k) {
         const std::string name = "arrays[" + std::to_string(k) + "]";
-        if (!py::isinstance<py::array>(arrays[k])) throw py::type_error(name + ": expected a numpy array");
+        if (!py::isinstance<py::array>(arrays[k])) {
+            if (!skip_unwritable) throw py::type_error(name + ": expected a numpy array");
+            // Left to the caller, but its leading axes are checked here too, before anything is written.
+            const py::tuple shape(arrays[k].attr("shape"));
+            if (shape.size() < 2 || shape[0].cast<std::int64_t>() != rows || shape[1].cast<std::int64_t>() != n)
+                throw py::value_error(name + ": leading axes do not match the ancestors' (B, N)");
+            skipped.append(k);
+            continue;
+        }
         auto array = py::reinterpret_borrow<py::array>(arrays[k]);
         if (array.ndim() < 2 || array.shape(0) != rows || array.shape(1) != n)
             throw py::value_error(name + ": leading axes do not match the ancestors' (B, N)");
         if (array.dtype().kind() == 'O')
             throw py::type_error(name + ": holds Python objects, which gather cannot copy");
-        if (!(array.flags() & py::array::c_style) || !array.writeable())
+        if (!(array.flags() & py::array::c_style) || !array.writeable()) {
+            if (skip_unwritable) {
+                skipped.append(k);
+                continue;
+            }
             throw py::value_error(name + ": must be C-contiguous and writeable to reorder in place");
+        }
         const std::int64_t count = rows * n;
         auto* begin = static_cast<std::uint8_t*>(array.mutable_data());
         const std::int64_t bytes = count == 0 ? 0 : static_cast<std::int64_t>(array.nbytes()) / count;
@@ -84,6 +98,7 @@ void bind_reorder_in_place(const py::list& arrays, const CArray<std::int64_t>& a
         status = reorder_in_place(data.data(), item_bytes.data(), static_cast<std::int64_t>(data.size()), rows, n, a);
     }
     check(status, "ancestors");
+    return skipped;
 }
 
 // Survivors keep their slots (see keep_survivors), in place on a C-contiguous int64 (B, N) array.
@@ -105,7 +120,8 @@ void bind_keep_survivors(py::array& ancestors) {
 }  // namespace
 
 void register_gather(py::module_& m) {
-    m.def("reorder_in_place", &bind_reorder_in_place, py::arg("arrays"), py::arg("ancestors"));
+    m.def("reorder_in_place", &bind_reorder_in_place, py::arg("arrays"), py::arg("ancestors"),
+          py::arg("skip_unwritable"));
     m.def("keep_survivors", &bind_keep_survivors, py::arg("ancestors"));
     m.def("gather", &bind_gather, py::arg("x"), py::arg("ancestors"), py::arg("out"), py::arg("rows"),
           py::arg("num_particles"), py::arg("item_bytes"));

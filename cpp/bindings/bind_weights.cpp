@@ -1,6 +1,7 @@
 // Bindings of log_normalize, resample, pool_select, sample_logits and mh_accept.
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -161,6 +162,64 @@ py::tuple bind_smc_step(CArray<T>& log_w, double threshold, int scheme, std::uin
     return py::make_tuple(ancestors, resampled, log_mean_w, ess, unique);
 }
 
+// smc_reweight on float64 (B, N) arrays; the 1-D (B,) ones are updated in place. Every array is checked here.
+py::tuple bind_smc_reweight(py::array& log_w, const py::array& log_v, py::array& log_v_prev, const py::array& live,
+                            py::array& log_total, py::array& log_z, py::array& collapsed, double log_n,
+                            double threshold, int scheme, std::uint64_t key) {
+    auto require = [](const py::array& array, const char* name, char kind, py::ssize_t itemsize, bool writeable) {
+        if (array.dtype().kind() != kind || array.itemsize() != itemsize)
+            throw py::type_error(std::string(name) + ": expected dtype " + (kind == 'b' ? "bool" : "float64") +
+                                 ", got " + std::string(py::str(array.dtype())));
+        if (!(array.flags() & py::array::c_style)) throw py::value_error(std::string(name) + ": must be C-contiguous");
+        if (writeable && !array.writeable()) throw py::value_error(std::string(name) + ": must be writeable");
+    };
+    require(log_w, "log_w", 'f', 8, true);
+    if (log_w.ndim() != 2 || log_w.shape(1) < 1) throw py::value_error("log_w: expected shape (B, N) with N >= 1");
+    const std::int64_t rows = log_w.shape(0), n = log_w.shape(1);
+    for (const auto& [array, name, kind, writeable] :
+         {std::tuple<const py::array*, const char*, char, bool>{&log_v, "log_v", 'f', false},
+          std::tuple<const py::array*, const char*, char, bool>{&log_v_prev, "log_v_prev", 'f', true},
+          std::tuple<const py::array*, const char*, char, bool>{&live, "live", 'b', false}}) {
+        require(*array, name, kind, kind == 'b' ? 1 : 8, writeable);
+        if (static_cast<std::int64_t>(array->size()) != rows * n)
+            throw py::value_error(std::string(name) + ": expected log_w's shape (B, N)");
+    }
+    for (const auto& [array, name, kind] :
+         {std::tuple<const py::array*, const char*, char>{&log_total, "log_total", 'f'},
+          std::tuple<const py::array*, const char*, char>{&log_z, "log_z", 'f'},
+          std::tuple<const py::array*, const char*, char>{&collapsed, "collapsed", 'b'}}) {
+        require(*array, name, kind, kind == 'b' ? 1 : 8, true);
+        if (static_cast<std::int64_t>(array->size()) != rows) throw py::value_error(std::string(name) + ": expected (B,)");
+    }
+    if (scheme < 0 || scheme > 3) throw py::value_error("scheme: unknown scheme code");
+    CArray<std::int64_t> ancestors({rows, n}), unique(rows);
+    CArray<bool> resampled(rows);
+    CArray<double> ess(rows), increment(rows);
+    std::vector<std::uint8_t> flags(static_cast<std::size_t>(rows));
+    auto* w = static_cast<double*>(log_w.mutable_data());
+    const auto* v = static_cast<const double*>(log_v.data());
+    auto* v_prev = static_cast<double*>(log_v_prev.mutable_data());
+    const auto* alive = static_cast<const std::uint8_t*>(live.data());
+    Status status;
+    {
+        py::gil_scoped_release release;
+        status = smc_reweight(w, rows, n, v, v_prev, alive, log_n, threshold, static_cast<Scheme>(scheme), key,
+                              static_cast<double*>(log_total.mutable_data()), static_cast<double*>(log_z.mutable_data()),
+                              static_cast<std::uint8_t*>(collapsed.mutable_data()), ancestors.mutable_data(), flags.data(),
+                              ess.mutable_data(), unique.mutable_data(), increment.mutable_data());
+    }
+    if (!status.ok() && status.row >= 0) {
+        const std::int64_t k = status.row * n + status.index;
+        const bool in_log_w = std::isnan(w[k]) || w[k] == std::numeric_limits<double>::infinity();
+        const bool in_log_v = !in_log_w && (std::isnan(v[k]) || v[k] == std::numeric_limits<double>::infinity());
+        raise_status(status, in_log_w ? "log_w" : in_log_v ? "log_v" : "log_v_prev");
+    }
+    check(status, "log_w");
+    bool* r = resampled.mutable_data();
+    for (std::int64_t k = 0; k < rows; ++k) r[k] = flags[static_cast<std::size_t>(k)] != 0;
+    return py::make_tuple(ancestors, resampled, ess, unique, increment);
+}
+
 template <typename T>
 void register_dtype(py::module_& m) {
     m.def("log_normalize", &bind_log_normalize<T>, py::arg("logw"), py::arg("allow_zero_rows"));
@@ -176,6 +235,9 @@ void register_dtype(py::module_& m) {
 }  // namespace
 
 void register_weights(py::module_& m) {
+    m.def("smc_reweight", &bind_smc_reweight, py::arg("log_w"), py::arg("log_v"), py::arg("log_v_prev"),
+          py::arg("live"), py::arg("log_total"), py::arg("log_z"), py::arg("collapsed"), py::arg("log_n"),
+          py::arg("threshold"), py::arg("scheme"), py::arg("key"));
     register_dtype<double>(m);
     register_dtype<float>(m);
     m.def("mh_accept", &bind_mh_accept, py::arg("log_z_current"), py::arg("log_z_proposed"), py::arg("key"));

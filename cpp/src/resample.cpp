@@ -375,6 +375,39 @@ Status smc_step(T* log_w, std::int64_t rows, std::int64_t n, double threshold, S
     return {};
 }
 
+Status smc_reweight(double* log_w, std::int64_t rows, std::int64_t n, const double* log_v, double* log_v_prev,
+                    const std::uint8_t* live, double log_n, double threshold, Scheme scheme, std::uint64_t key,
+                    double* log_total, double* log_z, std::uint8_t* collapsed, std::int64_t* ancestors,
+                    std::uint8_t* resampled, double* ess, std::int64_t* unique, double* log_z_increment) {
+    if (rows < 0 || n < 1) return {StatusCode::bad_size, -1, -1};
+    for (std::int64_t k = 0; k < rows * n; ++k) {  // everything checked before anything is written
+        for (const double value : {log_w[k], live[k] ? log_v[k] : 0.0, live[k] ? log_v_prev[k] : 0.0}) {
+            if (std::isnan(value)) return {StatusCode::nan_weight, k / n, k % n};
+            if (value == kInf) return {StatusCode::positive_infinity, k / n, k % n};
+        }
+    }
+    for (std::int64_t k = 0; k < rows * n; ++k) {
+        if (!live[k]) continue;
+        // log G = log Vh_t - log Vh_{t-1}; a particle with Vh_{t-1} = 0 already has weight zero and keeps it
+        log_w[k] += log_v_prev[k] == -kInf ? -kInf : log_v[k] - log_v_prev[k];
+        log_v_prev[k] = log_v[k];
+    }
+    std::vector<double> log_mean_w(static_cast<std::size_t>(rows));
+    const Status status = smc_step(log_w, rows, n, threshold, scheme, key, true, ancestors, resampled, log_mean_w.data(),
+                                   ess, unique);
+    if (!status.ok()) return status;
+    for (std::int64_t r = 0; r < rows; ++r) {
+        // log sum_i W_{t-1,i} G_{t,i} = logsumexp(log_w_t) - logsumexp(log_w_{t-1}), the latter log N after a reset
+        const double new_total = log_mean_w[static_cast<std::size_t>(r)] + log_n;
+        const double increment = log_total[r] == -kInf ? -kInf : new_total - log_total[r];
+        log_z_increment[r] = increment;
+        log_total[r] = resampled[r] ? log_n : new_total;
+        log_z[r] = log_z[r] + increment;
+        if (ess[r] == 0.0) collapsed[r] = 1;
+    }
+    return {};
+}
+
 template Status smc_step<float>(float*, std::int64_t, std::int64_t, double, Scheme, std::uint64_t, bool,
                                 std::int64_t*, std::uint8_t*, double*, double*, std::int64_t*);
 template Status smc_step<double>(double*, std::int64_t, std::int64_t, double, Scheme, std::uint64_t, bool,

@@ -520,6 +520,25 @@ void test_token_kernels() {
     EXPECT(smc_step(log_w_copy.data(), 3, 8, 1.0, Scheme::multinomial, 11, true, staying.data(), resampled.data(),
                     log_mean_w.data(), ess.data(), unique.data()).ok());
     EXPECT(keep_survivors(plain.data(), 3, 8).ok() && plain == staying);
+    // smc_reweight: potentials on live particles, then the step (survivors stay), then the log-Z bookkeeping.
+    std::vector<double> w = {0.0, 0.0, -inf, 0.0}, v = {1.0, -inf, 2.0, 0.5}, v_prev = {0.0, 0.0, -inf, 0.0};
+    const std::vector<std::uint8_t> live = {1, 1, 1, 0};
+    std::vector<double> total = {std::log(2.0), std::log(2.0)}, z = {0.0, 0.0}, increment(2), row_ess(2);
+    std::vector<std::uint8_t> gone = {0, 0}, resampled_rows(2);
+    std::vector<std::int64_t> a(4), distinct(2);
+    EXPECT(smc_reweight(w.data(), 2, 2, v.data(), v_prev.data(), live.data(), std::log(2.0), 0.0, Scheme::systematic, 3,
+                        total.data(), z.data(), gone.data(), a.data(), resampled_rows.data(), row_ess.data(),
+                        distinct.data(), increment.data()).ok());
+    EXPECT(w[0] == 1.0 && w[1] == -inf && w[2] == -inf && w[3] == 0.0);  // row 1: -inf - -inf stays -inf
+    EXPECT(v_prev[0] == 1.0 && v_prev[1] == -inf && v_prev[2] == 2.0 && v_prev[3] == 0.0);
+    EXPECT(std::abs(increment[0] - (std::log(std::exp(1.0) + 0.0) - std::log(2.0))) < 1e-15);
+    EXPECT(row_ess[1] == 1.0 && std::abs(z[1] - std::log(0.5)) < 1e-15 && !gone[0] && !gone[1]);
+    std::vector<double> nan_v = {std::nan(""), 0.0, 0.0, 0.0}, w_before = w;
+    const Status refused = smc_reweight(w.data(), 2, 2, nan_v.data(), v_prev.data(), live.data(), std::log(2.0), 0.0,
+                                        Scheme::systematic, 3, total.data(), z.data(), gone.data(), a.data(),
+                                        resampled_rows.data(), row_ess.data(), distinct.data(), increment.data());
+    EXPECT(refused.code == StatusCode::nan_weight && refused.row == 0 && refused.index == 0 && w == w_before);
+
     const std::vector<double> logits = {0.0, 1.0, std::nan(""), 0.0, 2.0, 1.0};
     const std::vector<std::uint8_t> draw_rows = {1, 0, 1};
     std::vector<std::int64_t> drawn(3, 7);

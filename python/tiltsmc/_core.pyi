@@ -17,6 +17,25 @@ def smc_step(
     npt.NDArray[np.float64],
     npt.NDArray[np.int64],
 ]: ...
+def smc_reweight(
+    log_w: npt.NDArray[np.float64],
+    log_v: npt.NDArray[np.float64],
+    log_v_prev: npt.NDArray[np.float64],
+    live: npt.NDArray[np.bool_],
+    log_total: npt.NDArray[np.float64],
+    log_z: npt.NDArray[np.float64],
+    collapsed: npt.NDArray[np.bool_],
+    log_n: float,
+    threshold: float,
+    scheme: int,
+    key: int,
+) -> tuple[
+    npt.NDArray[np.int64],
+    npt.NDArray[np.bool_],
+    npt.NDArray[np.float64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.float64],
+]: ...
 def resample(logw: npt.NDArray[np.floating], scheme: int, num: int, key: int) -> npt.NDArray[np.int64]: ...
 def pool_select(
     logw: npt.NDArray[np.floating], key: int
@@ -39,7 +58,9 @@ def gather(
     num_particles: int,
     item_bytes: int,
 ) -> None: ...
-def reorder_in_place(arrays: list[np.ndarray], ancestors: npt.NDArray[np.int64]) -> None: ...
+def reorder_in_place(
+    arrays: list[np.ndarray], ancestors: npt.NDArray[np.int64], skip_unwritable: bool
+) -> list[int]: ...
 def keep_survivors(ancestors: npt.NDArray[np.int64]) -> None: ...
 def append_tokens(
     tokens: npt.NDArray[np.int64],

@@ -60,6 +60,7 @@ __all__ = [
     "row_statistics",
     "sample_logits",
     "set_num_threads",
+    "smc_reweight",
     "smc_step",
 ]
 
@@ -166,6 +167,43 @@ def smc_step(
         raise ValueError(f"log_w: rows must hold at least one particle, got shape {log_w.shape}")
     code, threshold = _step_arguments(scheme, ess_threshold)
     return tuple(_core.smc_step(log_w, threshold, code, draw_key(rng), bool(survivors_stay)))  # type: ignore[return-value]
+
+
+def smc_reweight(
+    log_w: npt.NDArray[np.float64],
+    log_v: npt.NDArray[np.float64],
+    log_v_prev: npt.NDArray[np.float64],
+    live: npt.NDArray[np.bool_],
+    log_total: npt.NDArray[np.float64],
+    log_z: npt.NDArray[np.float64],
+    collapsed: npt.NDArray[np.bool_],
+    ess_threshold: float,
+    scheme: Scheme = "systematic",
+    rng: RNGLike = None,
+) -> tuple[
+    npt.NDArray[np.int64], npt.NDArray[np.bool_], FloatArray, npt.NDArray[np.int64], npt.NDArray[np.float64]
+]:
+    r"""One step of SMC with the ratio potentials ``G_t = Vh_t / Vh_{t-1}``, in one call (host, float64).
+
+    With ``(B, N)`` arrays ``log_w``, ``log_v = log Vh_t``, ``log_v_prev = log Vh_{t-1}`` and ``live`` (the
+    particles this step extended), and ``(B,)`` arrays ``log_total = logsumexp(log_w)`` per row, ``log_z``
+    and ``collapsed``, all updated in place:
+
+    * ``log_w += log_v - log_v_prev`` and ``log_v_prev = log_v`` on live particles (a particle with
+      ``log_v_prev = -inf`` already has weight zero and keeps it);
+    * :func:`smc_step` with ``survivors_stay=True`` (ESS, adaptive resampling, reset of resampled rows);
+    * ``log Zh += log sum_i W_{t-1,i} G_{t,i} = logsumexp(log_w) - log_total``, then ``log_total`` is
+      ``log N`` on resampled rows and ``logsumexp(log_w)`` elsewhere, and ``collapsed`` is set where ESS is 0.
+
+    Returns ``(ancestors, resampled, ess, unique_ancestors, log_z_increment)``. NaN or ``+inf`` in
+    ``log_w``, or in ``log_v`` / ``log_v_prev`` of a live particle, raises before anything is written.
+    """
+    code, threshold = _step_arguments(scheme, ess_threshold)
+    log_n = _log_count(log_w.shape[1]) if isinstance(log_w, np.ndarray) and log_w.ndim == 2 else 0.0
+    ancestors, resampled, ess, unique, increment = _core.smc_reweight(
+        log_w, log_v, log_v_prev, live, log_total, log_z, collapsed, log_n, threshold, code, draw_key(rng)
+    )
+    return ancestors, resampled, ess, unique, increment
 
 
 def _scheme_code(scheme: object) -> int:
@@ -418,18 +456,22 @@ def _ancestor_rows(ancestors: npt.ArrayLike) -> npt.NDArray[np.int64]:
     return index
 
 
-def reorder_in_place(arrays: Sequence[np.ndarray], ancestors: npt.ArrayLike) -> None:
+def reorder_in_place(
+    arrays: Sequence[Any], ancestors: npt.ArrayLike, *, skip_unwritable: bool = False
+) -> list[int]:
     """``gather(x, ancestors, out=x)`` for every ``x`` in ``arrays``, in one call.
 
     Each array has shape ``(B, N, ...)`` (any dtype without Python objects, any trailing shape) and is
     C-contiguous and writeable; ``ancestors`` is ``(B, N)``. Rows whose ancestor is themselves are not
     touched. An array listed twice (the same memory) is reordered once; arrays that overlap otherwise are
-    refused. Every array and every index is checked before anything is written.
+    refused. Every array and every index is checked before anything is written. With ``skip_unwritable``,
+    entries that are not numpy arrays (their ``shape``'s leading axes still checked), or not C-contiguous and
+    writeable, are left alone instead of refused: returns their positions in ``arrays`` (else ``[]``).
     """
     index = _ancestor_rows(ancestors)
     if isinstance(arrays, np.ndarray) or not isinstance(arrays, Sequence):
         raise TypeError(f"arrays: expected a sequence of numpy arrays, got {type(arrays).__name__}")
-    _core.reorder_in_place(list(arrays), index)
+    return _core.reorder_in_place(list(arrays), index, bool(skip_unwritable))
 
 
 def keep_survivors(ancestors: npt.ArrayLike) -> npt.NDArray[np.int64]:

@@ -55,6 +55,18 @@ Status smc_step(T* log_w, std::int64_t rows, std::int64_t n, double threshold, S
                 bool survivors_stay, std::int64_t* ancestors, std::uint8_t* resampled, double* log_mean_w,
                 double* ess, std::int64_t* unique);
 
+// One step of SMC with the ratio potentials G = Vh_t / Vh_{t-1} (log_w: rows x n, float64): for every live
+// particle k, log_w[k] += log_v[k] - log_v_prev[k] (-inf where log_v_prev[k] = -inf: the weight is zero
+// already) and log_v_prev[k] = log_v[k]; then smc_step with survivors_stay; then per row the log-Z
+// bookkeeping with log_total = logsumexp of the row's log_w before the step and log_n = log(n) as the caller
+// computes it: log_z_increment = (log_mean_w + log_n) - log_total (-inf where log_total = -inf), log_z +=
+// it, log_total = log_n on resampled rows and log_mean_w + log_n elsewhere, collapsed = 1 where ess = 0.
+// NaN or +inf in log_w, or in log_v / log_v_prev of a live particle, is reported before anything is written.
+Status smc_reweight(double* log_w, std::int64_t rows, std::int64_t n, const double* log_v, double* log_v_prev,
+                    const std::uint8_t* live, double log_n, double threshold, Scheme scheme, std::uint64_t key,
+                    double* log_total, double* log_z, std::uint8_t* collapsed, std::int64_t* ancestors,
+                    std::uint8_t* resampled, double* ess, std::int64_t* unique, double* log_z_increment);
+
 // One index per row drawn with probability w_i, and the row's log mean weight.
 template <typename T>
 Status pool_select(const T* logw, std::int64_t rows, std::int64_t n, std::uint64_t key, std::int64_t* index,

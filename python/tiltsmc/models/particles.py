@@ -62,22 +62,27 @@ class Particles:
 
         Host arrays are reordered in one core call (:func:`tiltsmc.core.reorder_in_place`); device arrays
         where they lie; arrays that cannot be written in place are replaced by reordered copies."""
-        host = [self.tokens, self.lengths, self.finished]
-        others = []
+        arrays = [self.tokens, self.lengths, self.finished, *self.state.values()]
+        try:  # one call checks every array's leading axes and every index before it writes
+            skipped = core.reorder_in_place(arrays, ancestors, skip_unwritable=True)
+        except ValueError:
+            self._check_leading_axes()  # names the state entry, where one is at fault
+            raise
+        if not skipped:
+            return
+        names = list(self.state)
+        on_device: dict[int, Any] = {}
+        for k in skipped:  # device arrays, and host arrays that cannot be written in place
+            name = names[k - 3]
+            self.state[name] = _follow(self.state[name], ancestors, on_device, in_place=True)
+
+    def _check_leading_axes(self) -> None:
         for name, array in self.state.items():
             if tuple(array.shape[:2]) != self.lengths.shape:
                 raise ValueError(
                     f"Particles.state[{name!r}]: leading axes {tuple(array.shape[:2])} are not (B, N) = "
                     f"{self.lengths.shape}"
                 )
-            if type(array) is np.ndarray and array.flags.c_contiguous and array.flags.writeable:
-                host.append(array)
-            else:
-                others.append(name)
-        core.reorder_in_place(host, ancestors)  # checks every index before it writes
-        on_device: dict[int, Any] = {}
-        for name in others:
-            self.state[name] = _follow(self.state[name], ancestors, on_device, in_place=True)
 
     def take(self, ancestors: npt.NDArray[np.int64]) -> Particles:
         """A new batch: particle ``j`` of prompt ``b`` copies particle ``ancestors[b, j]`` (any count)."""

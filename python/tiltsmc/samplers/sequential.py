@@ -30,6 +30,7 @@ from ..models.sampling import sample_categorical
 from ._engine import (
     FloatArray,
     Models,
+    all_finished,
     check_count,
     decode_texts,
     failed_prompts,
@@ -112,18 +113,17 @@ def _run_smc(
     collapsed = (log_v0 == -np.inf) | failed_prompts(particles)
     log_w = np.zeros((batch, num_particles))
     log_w[collapsed] = -np.inf  # weight zero: reported by the core, never resampled
-    log_n = float(np.log(num_particles))
-    log_total = np.where(collapsed, -np.inf, log_n)  # logsumexp of each row of log_w
+    log_total = np.where(collapsed, -np.inf, float(np.log(num_particles)))  # logsumexp of each row of log_w
     trace = _Trace()
     for _ in range(max_steps):
-        if particles.finished.all():
+        if all_finished(particles):
             break
         live = ~particles.finished
         log_v_prev = particles.state[_LOG_V_PREV]
         if proposal == "naive":
             models.propose(particles, generator)
             log_v = models.log_value(particles)
-            increment = _safe_increment(log_v, log_v_prev)
+            reweighted = live  # the core multiplies these particles' weights by G = Vh_t / Vh_{t-1}
         else:
             next_log_values = models.next_log_values(particles)
             joint = models.next_log_probs(particles) + next_log_values
@@ -133,32 +133,30 @@ def _run_smc(
             tokens = sample_categorical(joint, generator)
             models.append(particles, tokens)
             log_v = np.take_along_axis(next_log_values, tokens[..., None], -1)[..., 0]
-            increment = _safe_increment(log_sum, log_v_prev)
-        if live.all():  # the common case: no masking needed
-            particles.state[_LOG_V_PREV] = log_v
-        else:
-            increment = np.where(live, increment, 0.0)
-            particles.state[_LOG_V_PREV] = np.where(live, log_v, log_v_prev)
-        log_w += increment
-        # One core call: ESS, the adaptive decision, resampling and the reset of resampled rows' weights
-        # (never after the last step: the final sample stays weighted).
-        threshold = 0.0 if particles.finished.all() else ess_threshold
-        # Survivors stay in their slots, so that the in-place reorder moves only the dead.
-        ancestors, resample_rows, log_mean_w, ess, unique = core.smc_step(
+            # G = sum_s p(s|.) Vh_t(., s) / Vh_{t-1}, applied here; the core then only resamples
+            log_w += np.where(live, _safe_increment(log_sum, log_v_prev), 0.0)
+            log_v_prev[live] = log_v[live]
+            reweighted = np.zeros_like(live)
+        # One core call: the potentials, ESS, the adaptive decision, resampling (survivors stay in their
+        # slots, so that the in-place reorder moves only the dead), the reset of resampled rows' weights
+        # and log Zh += log sum_i W_{t-1,i} G_{t,i}; never resampling after the last step: the final sample
+        # stays weighted.
+        threshold = 0.0 if all_finished(particles) else ess_threshold
+        ancestors, resample_rows, ess, unique, step_increment = core.smc_reweight(
             log_w,
+            log_v,
+            log_v_prev,
+            reweighted,
+            log_total,
+            log_z,
+            collapsed,
             threshold,
             scheme,  # type: ignore[arg-type]  # a scheme name, checked in _check_common
             generator,
-            survivors_stay=True,
         )
-        new_total: FloatArray = log_mean_w + log_n  # type: ignore[assignment]  # float64 rows
-        step_increment = _safe_increment(new_total, log_total)
-        log_total = np.where(resample_rows, log_n, new_total)
-        log_z = log_z + step_increment
-        collapsed |= ess == 0.0
-        if resample_rows.any():
+        if np.count_nonzero(resample_rows):
             particles.reorder(ancestors)
-        trace.ess.append(np.asarray(ess, dtype=np.float64))
+        trace.ess.append(ess)
         trace.resampled.append(resample_rows)
         trace.unique.append(unique)
         trace.increments.append(step_increment)
