@@ -181,7 +181,11 @@ def smc_reweight(
     scheme: Scheme = "systematic",
     rng: RNGLike = None,
 ) -> tuple[
-    npt.NDArray[np.int64], npt.NDArray[np.bool_], FloatArray, npt.NDArray[np.int64], npt.NDArray[np.float64]
+    npt.NDArray[np.int64],
+    npt.NDArray[np.bool_],
+    npt.NDArray[np.float64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.float64],
 ]:
     r"""One step of SMC with the ratio potentials ``G_t = Vh_t / Vh_{t-1}``, in one call (host, float64).
 
