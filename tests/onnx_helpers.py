@@ -39,6 +39,8 @@ def on_host(array: Any) -> np.ndarray:
 
 def assert_state_follows(before: Particles, after: Particles, ancestors: np.ndarray) -> None:
     """Every state entry of ``after`` is ``before``'s reordered by ``ancestors`` (``(B, N)``)."""
+    before.flush()
+    after.flush()
     rows = np.arange(ancestors.shape[0])[:, None]
     for name, array in before.state.items():
         np.testing.assert_array_equal(
@@ -81,6 +83,7 @@ def assert_cache_matches_recompute(
 ) -> int:
     """Every unfinished particle's next-token logits equal a full recompute without cache (1e-4); returns
     how many particles were checked."""
+    particles.flush()  # the session run the policy deferred
     checked = 0
     for b, i in zip(*np.nonzero(~particles.finished)):
         expected = session_logits(policy, full_sequence(particles, b, i), kv_heads, head_dim)[0, -1]

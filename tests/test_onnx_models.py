@@ -144,6 +144,8 @@ def test_prompt_alone_equals_prompt_in_ragged_batch(path: Path) -> None:
             alone_tokens = tokens[position : position + 1]
             policy.append(together, tokens)
             policy.append(alone, alone_tokens)
+            together.flush()  # the session runs the policy deferred
+            alone.flush()
             np.testing.assert_allclose(
                 together.state["lm.logits"][position], alone.state["lm.logits"][0], atol=1e-4, rtol=0
             )
@@ -864,3 +866,23 @@ def test_reward_prefixes_with_ragged_prompts_and_steps() -> None:
             np.testing.assert_array_equal(row[: len(sequence)], sequence)
             assert np.all(row[len(sequence) :] == reward.pad_token_id)
             np.testing.assert_array_equal(row_mask, np.arange(len(row)) < len(sequence))
+
+
+def test_decoder_runs_are_deferred_until_needed(prm: OnnxRewardModel) -> None:
+    """The session run on appended tokens waits for the next draw or resampling (Particles.defer): a run
+    of T tokens calls the decoder once for the prompts and T - 1 times after, never after the last token;
+    and deferred work runs before a reorder copies the state it writes."""
+    policy = OnnxCausalLM(LLAMA, max_new_tokens=5, eos_token_id=[], providers=["CPUExecutionProvider"])
+    calls = []
+    run = policy.session.run
+    policy.session.run = lambda *args, **kwargs: calls.append(1) or run(*args, **kwargs)  # type: ignore[method-assign]
+    result = tiltsmc.smc(policy, prm, ["ab", "cd"], num_particles=4, ess_threshold=1.0, rng=0)
+    assert all(len(s) == 5 for per_prompt in result.samples for s in per_prompt)
+    assert len(calls) == 1 + 4
+    particles = Particles.empty(["a"], 3, 2)
+    order: list[str] = []
+    particles.defer(lambda: order.append("first"))
+    particles.defer(lambda: particles.state.__setitem__("x", np.array([[10.0, 20.0, 30.0]])))
+    particles.reorder(np.array([[2, 2, 0]]))
+    assert order == ["first"] and not particles._pending
+    np.testing.assert_array_equal(particles.state["x"], [[30.0, 30.0, 10.0]])

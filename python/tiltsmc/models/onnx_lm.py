@@ -30,6 +30,7 @@ correct, but slower; ``device_cache=False`` asks for that explicitly.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -449,6 +450,7 @@ class OnnxCausalLM:
 
     def next_log_probs(self, particles: Particles) -> FloatArray:
         """``log p(v | prefix)`` of every token, ``(B, N, vocab)``: the sampled law, filters included."""
+        particles.flush()
         logits = particles.state["lm.logits"]
         if logits.size and not logits.max() < np.inf:  # NaN propagates through max
             what = "NaN" if np.isnan(logits).any() else "+inf"
@@ -479,6 +481,7 @@ class OnnxCausalLM:
         :func:`tiltsmc.core.pool_select` draws from the filtered, normalised log-probabilities
         ``s = log p``, so ``log p(v) = s_v``.
         """
+        particles.flush()
         shape = particles.lengths.shape
         if self.top_k is None and self.top_p is None:
             logits = particles.state["lm.logits"].reshape(-1, self.vocab_size)
@@ -502,8 +505,12 @@ class OnnxCausalLM:
         """Append ``tokens`` where ``active``; feed every row one position (padding, masked, elsewhere).
 
         A row's position is the number of tokens its mask has let through so far (its prompt's real
-        tokens and the tokens it was fed), so left padding and masked steps never shift positions.
+        tokens and the tokens it was fed), so left padding and masked steps never shift positions. The
+        session run itself is deferred (:meth:`Particles.defer`) until the state is next needed: the next
+        draw, or resampling, which then copies caches the run has just written (still in the CPU's
+        caches); the run after a sampler's last step never happens.
         """
+        particles.flush()
         still, going = self._append_tokens(particles, tokens, active)
         if going == 0:
             return
@@ -512,6 +519,22 @@ class OnnxCausalLM:
         feed_tokens, new_mask, positions = core.decode_inputs(
             particles.state["lm.mask"].reshape(rows, -1), still, tokens, self.pad_token_id
         )
+        particles.state["lm.mask"] = new_mask.reshape(batch, count, -1)
+        run = functools.partial(self._decode, particles, feed_tokens, new_mask, positions, still, going)
+        particles.defer(run)
+
+    def _decode(
+        self,
+        particles: Particles,
+        feed_tokens: npt.NDArray[np.int64],
+        new_mask: npt.NDArray[np.int64],
+        positions: npt.NDArray[np.int64],
+        still: npt.NDArray[np.bool_],
+        going: int,
+    ) -> None:
+        """One session call on the inputs :meth:`_advance` built: new logits and caches into the state."""
+        batch, count = particles.lengths.shape
+        rows = batch * count
         past: Any = (
             particles.state["lm.cache"]
             if self.device_cache
@@ -521,7 +544,6 @@ class OnnxCausalLM:
             ]
         )
         logits, present = self._run(feed_tokens, new_mask, positions, past)
-        particles.state["lm.mask"] = new_mask.reshape(batch, count, -1)
         next_logits = np.asarray(logits[:, -1, :], dtype=np.float32).reshape(batch, count, -1)
         if going != rows:  # rows fed padding keep the logits of their last real token
             next_logits = np.where(still[..., None], next_logits, particles.state["lm.logits"])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -37,6 +37,7 @@ class Particles:
     state: dict[str, Any] = field(default_factory=dict)
     prompt_tokens: Optional[list[npt.NDArray[np.int64]]] = None
     errors: dict[int, str] = field(default_factory=dict)
+    _pending: list[Callable[[], None]] = field(default_factory=list, init=False, repr=False, compare=False)
 
     @classmethod
     def empty(cls, prompts: Sequence[Any], num_particles: int, capacity: int) -> Particles:
@@ -57,11 +58,25 @@ class Particles:
     def num_particles(self) -> int:
         return int(self.tokens.shape[1])
 
+    def defer(self, work: Callable[[], None]) -> None:
+        """Register model work that can wait (a decoder's session run on the tokens just appended): it runs,
+        in order, at the next :meth:`flush`, which :meth:`reorder` and :meth:`take` call first and a model
+        calls before it reads its state. Work that is never needed (after a sampler's last step) never runs.
+        """
+        self._pending.append(work)
+
+    def flush(self) -> None:
+        """Run the deferred work (see :meth:`defer`)."""
+        while self._pending:
+            self._pending.pop(0)()
+
     def reorder(self, ancestors: npt.NDArray[np.int64]) -> None:
         """Particle ``i`` of prompt ``b`` becomes a copy of particle ``ancestors[b, i]`` (in place).
 
-        Host arrays are reordered in one core call (:func:`tiltsmc.core.reorder_in_place`); device arrays
-        where they lie; arrays that cannot be written in place are replaced by reordered copies."""
+        Deferred work runs first. Host arrays are reordered in one core call
+        (:func:`tiltsmc.core.reorder_in_place`); device arrays where they lie; arrays that cannot be written
+        in place are replaced by reordered copies."""
+        self.flush()
         arrays = [self.tokens, self.lengths, self.finished, *self.state.values()]
         try:  # one call checks every array's leading axes and every index before it writes
             skipped = core.reorder_in_place(arrays, ancestors, skip_unwritable=True)
@@ -86,6 +101,7 @@ class Particles:
 
     def take(self, ancestors: npt.NDArray[np.int64]) -> Particles:
         """A new batch: particle ``j`` of prompt ``b`` copies particle ``ancestors[b, j]`` (any count)."""
+        self.flush()
         on_device: dict[int, Any] = {}
         state = {
             name: _follow(array, ancestors, on_device, in_place=False) for name, array in self.state.items()

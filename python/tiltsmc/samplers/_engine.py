@@ -75,6 +75,14 @@ class Models:
         self.compute.policy_tokens += live if one_token else int(particles.lengths.sum()) - tokens_before
         return log_p
 
+    def reorder(self, particles: Particles, ancestors: npt.NDArray[np.int64]) -> None:
+        """Resample the particles; the policy's deferred work (:meth:`Particles.defer`) runs first and is
+        timed as the policy's."""
+        began = time.perf_counter()
+        particles.flush()
+        self.compute.policy_seconds += time.perf_counter() - began
+        particles.reorder(ancestors)
+
     def next_log_probs(self, particles: Particles) -> FloatArray:
         assert isinstance(self.policy, TokenPolicy)
         began = time.perf_counter()

@@ -155,7 +155,7 @@ def _run_smc(
             generator,
         )
         if np.count_nonzero(resample_rows):
-            particles.reorder(ancestors)
+            models.reorder(particles, ancestors)
         trace.ess.append(ess)
         trace.resampled.append(resample_rows)
         trace.unique.append(unique)
@@ -270,7 +270,7 @@ def _run_pool(
         log_z = log_z + log_mean
         _, ess = core.row_statistics(potentials)  # ESS of the pool (no normalised copy needed)
         ancestors = np.repeat(chosen[:, None], pool_size, axis=1)
-        particles.reorder(ancestors)
+        models.reorder(particles, ancestors)
         log_v_prev = log_v[rows, chosen]
         trace.ess.append(np.asarray(ess, dtype=np.float64))
         trace.resampled.append(np.ones(batch, dtype=bool))
