@@ -98,6 +98,7 @@ def test_cache_lives_on_the_device_by_default() -> None:
 
     policy.session.run = spy
     policy.propose(particles, np.random.default_rng(0))
+    particles.flush()  # the session run the policy deferred
     assert not host_runs
     assert isinstance(particles.state["lm.cache"], DeviceKVCache)
     assert particles.state["lm.cache"].length == width + 1

@@ -36,6 +36,7 @@ RAGGED = ["hello world", [5, 6, 7], "a", "the cat sat."]
 
 def cache_shape(particles: Any) -> tuple[int, ...]:
     """Shape of layer 0's key cache, ``(B, N, heads, seq, head_dim)``, on the host or the GPU."""
+    particles.flush()  # the session run the policy deferred
     if "lm.cache" in particles.state:  # DeviceKVCache: (B, N, tensors, heads, seq, head_dim)
         batch, count, _, heads, length, head_dim = particles.state["lm.cache"].shape
         return (batch, count, heads, length, head_dim)
@@ -167,6 +168,8 @@ def test_same_draws_and_logits_as_the_unmerged_export(policy: OnnxCausalLM) -> N
     plain_particles = plain.start(RAGGED, 3)
     merged_rng, plain_rng = np.random.default_rng(9), np.random.default_rng(9)
     for _ in range(6):
+        merged_particles.flush()  # the session runs the policies deferred
+        plain_particles.flush()
         np.testing.assert_allclose(
             merged_particles.state["lm.logits"], plain_particles.state["lm.logits"], atol=1e-5, rtol=0
         )
