@@ -105,30 +105,76 @@ Status pool_select(const T* logw, std::int64_t rows, std::int64_t n, std::uint64
     });
 }
 
+namespace {
+
+// The draw of select_row on the float64 scores s[0, n) into w (scratch of n doubles), without its
+// thread-local buffers: rows of at most kChunk scores are one chunk, whose figures row_weights forms the
+// same way (the same max, the same exp sums, hence the same draw); longer rows go through row_weights.
+Status draw_scores(const double* s, std::int64_t n, std::int64_t row, std::uint64_t key, double log_count,
+                   double* w, RowWeights& rw, std::int64_t* index, double* log_mean_w) {
+    if (n > kChunk) {
+        row_weights(s, n, row, w, false, rw);
+        if (!rw.status.ok()) return rw.status;
+    } else {
+        bool bad = false;
+        rw.shift = chunk_max(s, n, &bad);
+        if (bad) return locate_bad(s, n, row);
+        if (rw.shift == -kInf) return {StatusCode::zero_row, row, -1};
+        double sum = 0.0, sum_squares = 0.0;
+        chunk_exp_sums<true>(s, n, rw.shift, w, &sum, &sum_squares);
+        rw.sum = sum;
+        rw.last_positive = -1;
+        for (std::int64_t i = n - 1; i >= 0; --i) {
+            if (s[i] - rw.shift >= -708.0) {
+                rw.last_positive = i;
+                break;
+            }
+        }
+    }
+    *log_mean_w = rw.shift + std::log(rw.sum) - log_count;
+    UniformStream stream(key, static_cast<std::uint64_t>(row));
+    const double target = stream.next() * rw.sum;
+    double cumulative = 0.0;
+    std::int64_t i = 0;
+    for (; i < rw.last_positive; ++i) {
+        cumulative += w[i];
+        if (cumulative > target) break;
+    }
+    *index = i;
+    return {};
+}
+
+}  // namespace
+
 template <typename T>
 Status sample_logits(const T* logits, std::int64_t rows, std::int64_t n, double temperature, double log_n,
                      std::uint64_t key, const std::uint8_t* active, std::int64_t* index, double* log_prob) {
     if (rows < 0 || n < 1 || !(temperature > 0.0)) return {StatusCode::bad_size, -1, -1};
     const double log_count = std::log(static_cast<double>(n));  // pool_select's log n in log_mean_w
-    return for_rows(rows, rows * n, [&](std::int64_t r) {
-        if (active && !active[r]) {
-            index[r] = 0;
-            log_prob[r] = 0.0;
-            return Status{};
+    std::vector<Status> statuses(static_cast<std::size_t>(rows));
+    parallel_for(rows, rows * n, [&](std::int64_t begin, std::int64_t end) {
+        std::vector<double> scores(static_cast<std::size_t>(n)), w(static_cast<std::size_t>(n));
+        RowWeights rw;
+        for (std::int64_t r = begin; r < end; ++r) {
+            if (active && !active[r]) {
+                index[r] = 0;
+                log_prob[r] = 0.0;
+                continue;
+            }
+            const T* x = logits + r * n;
+            for (std::int64_t i = 0; i < n; ++i) scores[static_cast<std::size_t>(i)] = static_cast<double>(x[i]);
+            if (temperature != 1.0)
+                for (double& s : scores) s /= temperature;
+            double log_mean_w = 0.0;
+            const Status status =
+                draw_scores(scores.data(), n, r, key, log_count, w.data(), rw, index + r, &log_mean_w);
+            statuses[static_cast<std::size_t>(r)] = status;
+            if (status.ok()) log_prob[r] = (scores[static_cast<std::size_t>(index[r])] - log_mean_w) - log_n;
         }
-        static thread_local std::vector<double> scratch_scores;
-        std::vector<double>& scores = scratch_scores;
-        scores.resize(static_cast<std::size_t>(n));
-        const T* x = logits + r * n;
-        for (std::int64_t i = 0; i < n; ++i) scores[static_cast<std::size_t>(i)] = static_cast<double>(x[i]);
-        if (temperature != 1.0)
-            for (double& s : scores) s /= temperature;
-        double log_mean_w = 0.0;
-        const Status status = select_row(scores.data(), n, r, key, log_count, index + r, &log_mean_w);
-        if (!status.ok()) return status;
-        log_prob[r] = (scores[static_cast<std::size_t>(index[r])] - log_mean_w) - log_n;
-        return Status{};
     });
+    for (const Status& status : statuses)
+        if (!status.ok()) return status;
+    return {};
 }
 
 Status mh_accept(const double* log_z_current, const double* log_z_proposed, std::int64_t rows,
