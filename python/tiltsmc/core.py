@@ -69,6 +69,8 @@ SCHEMES: tuple[str, ...] = ("multinomial", "stratified", "systematic", "residual
 _SCHEME_CODES = {name: code for code, name in enumerate(SCHEMES)}  # the core's Scheme enum
 
 FloatArray = npt.NDArray[np.floating]
+# Builtin dtypes are singletons: identity tests are the cheapest checks of the common case.
+_FLOAT64, _FLOAT32, _INT64 = np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.int64)
 
 
 def _as_log_weights(logw: npt.ArrayLike, name: str = "logw") -> tuple[np.ndarray, bool]:
@@ -77,6 +79,14 @@ def _as_log_weights(logw: npt.ArrayLike, name: str = "logw") -> tuple[np.ndarray
     Lossless conversions only: float16 becomes float32 and non-contiguous input is copied; integer,
     boolean, complex and object input is refused.
     """
+    if (
+        type(logw) is np.ndarray
+        and (logw.dtype is _FLOAT64 or logw.dtype is _FLOAT32)
+        and logw.ndim == 2
+        and logw.shape[1]
+        and logw.flags.c_contiguous
+    ):
+        return logw, False  # the usual call, with the fewest checks: a model's step runs on cold caches
     array = logw if type(logw) is np.ndarray else np.asarray(logw)
     kind = array.dtype.char  # comparing characters is much cheaper than comparing dtypes
     if kind == "e":
@@ -440,6 +450,8 @@ def gather(
 def _as_ancestors(ancestors: npt.ArrayLike) -> npt.NDArray[np.int64]:
     """``ancestors`` as a C-contiguous int64 array (a copy only where it is not one already); integer
     dtypes only, and no uint64 value beyond int64."""
+    if type(ancestors) is np.ndarray and ancestors.dtype is _INT64 and ancestors.flags.c_contiguous:
+        return ancestors  # the usual call (see _as_log_weights)
     index = ancestors if type(ancestors) is np.ndarray else np.asarray(ancestors)
     if index.dtype.kind not in "iu":
         raise TypeError(f"ancestors: expected an integer array, got dtype {index.dtype}")
@@ -473,9 +485,11 @@ def reorder_in_place(
     writeable, are left alone instead of refused: returns their positions in ``arrays`` (else ``[]``).
     """
     index = _ancestor_rows(ancestors)
-    if isinstance(arrays, np.ndarray) or not isinstance(arrays, Sequence):
-        raise TypeError(f"arrays: expected a sequence of numpy arrays, got {type(arrays).__name__}")
-    return _core.reorder_in_place(list(arrays), index, bool(skip_unwritable))
+    if type(arrays) is not list:
+        if isinstance(arrays, np.ndarray) or not isinstance(arrays, Sequence):
+            raise TypeError(f"arrays: expected a sequence of numpy arrays, got {type(arrays).__name__}")
+        arrays = list(arrays)
+    return _core.reorder_in_place(arrays, index, bool(skip_unwritable))
 
 
 def keep_survivors(ancestors: npt.ArrayLike) -> npt.NDArray[np.int64]:
