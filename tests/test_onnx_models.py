@@ -879,6 +879,12 @@ def test_decoder_runs_are_deferred_until_needed(prm: OnnxRewardModel) -> None:
     result = tiltsmc.smc(policy, prm, ["ab", "cd"], num_particles=4, ess_threshold=1.0, rng=0)
     assert all(len(s) == 5 for per_prompt in result.samples for s in per_prompt)
     assert len(calls) == 1 + 4
+    live = policy.start(["ab"], 2)
+    policy.append(live, np.array([[5, 6]]))
+    copied = copy.deepcopy(live)  # runs the deferred decoder first: the copy holds the new logits
+    assert not live._pending and not copied._pending
+    np.testing.assert_array_equal(copied.state["lm.logits"], live.state["lm.logits"])
+    assert copied.state["lm.mask"].shape[2] == live.state["lm.cache.0.key"].shape[3]
     particles = Particles.empty(["a"], 3, 2)
     order: list[str] = []
     particles.defer(lambda: order.append("first"))

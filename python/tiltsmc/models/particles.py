@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -69,6 +71,16 @@ class Particles:
         """Run the deferred work (see :meth:`defer`)."""
         while self._pending:
             self._pending.pop(0)()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Particles:
+        """A deep copy of the state with the deferred work done (it refers to the models, which are not
+        copied)."""
+        self.flush()
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        for item in dataclasses.fields(self):
+            setattr(copied, item.name, copy.deepcopy(getattr(self, item.name), memo))
+        return copied
 
     def reorder(self, ancestors: npt.NDArray[np.int64]) -> None:
         """Particle ``i`` of prompt ``b`` becomes a copy of particle ``ancestors[b, i]`` (in place).
