@@ -1,5 +1,7 @@
-// tiltsmc._core: the C++ kernels for Python. Argument checks and dtype dispatch live in
-// python/tiltsmc/core.py; this layer takes raw pointers, releases the GIL and maps errors.
+// tiltsmc._core: the C++ kernels for Python. Most argument checks and the dtype dispatch live in
+// python/tiltsmc/core.py; this layer takes raw pointers, releases the GIL and maps errors. The per-step
+// calls of the models and samplers (bind_tokens.cpp, smc_reweight) check their arrays here instead: a
+// Python check costs several times more between model runs, when the CPU's caches are cold.
 #include "common.hpp"
 
 namespace py = pybind11;

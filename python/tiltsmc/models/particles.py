@@ -25,9 +25,11 @@ class Particles:
     absorbed particles (never extended again). ``prompt_tokens[b]`` holds prompt ``b``'s token ids where
     the policy tokenises prompts; ``errors[b]`` says why prompt ``b`` could not run (its particles start
     finished and the samplers report it as failed, while the other prompts go on). Models keep any further
-    per-particle state (DFA states, KV caches, attention masks) in ``state`` under their own keys, with
-    the same leading ``(B, N)`` axes, so that :meth:`reorder` carries it through resampling without the
-    models ever resampling themselves. A state array may live in CUDA device memory: it is then reordered
+    per-particle state (DFA states, KV caches, attention masks) in ``state`` under their own keys (the SMC
+    sampler its ``log Vh_{t-1}`` under ``"smc.log_value"``), with the same leading ``(B, N)`` axes, so that
+    :meth:`reorder` carries it through resampling without the models ever resampling themselves. Work a
+    model can postpone (its session run on the tokens just appended) waits in :meth:`defer` until the
+    state is next needed. A state array may live in CUDA device memory: it is then reordered
     where it lies, with the ancestors copied to its device once per call; a
     :class:`~tiltsmc.models.device_cache.DeviceKVCache` reorders all its layers in one gather.
     """
