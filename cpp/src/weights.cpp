@@ -15,11 +15,16 @@ TILTSMC_SIMD_CLONES void subtract(const T* x, std::int64_t len, double shift, T*
     for (std::int64_t i = 0; i < len; ++i) out[i] = static_cast<T>(static_cast<double>(x[i]) - shift);
 }
 
+// Per-thread scratch of the row kernels, made once per range of rows (no thread-local lookups per row).
+struct RowScratch {
+    RowWeights rw;
+    std::vector<double> weights;  // w_i = exp(x_i - max) of a row, vectorised once
+    std::vector<double> scores;   // a row converted to float64 (sample_logits)
+};
+
 template <typename T>
 Status normalize_row(const T* x, std::int64_t n, std::int64_t row, bool allow_zero_rows, bool split,
-                     T* normalised, double* log_mean_w, double* ess) {
-    static thread_local RowWeights scratch;
-    RowWeights& rw = scratch;
+                     T* normalised, double* log_mean_w, double* ess, RowWeights& rw) {
     row_weights(x, n, row, nullptr, split, rw);
     if (rw.status.code == StatusCode::zero_row && allow_zero_rows) {
         if (normalised) std::fill(normalised, normalised + n, static_cast<T>(-kInf));
@@ -47,13 +52,12 @@ Status normalize_row(const T* x, std::int64_t n, std::int64_t row, bool allow_ze
     return {};
 }
 
+// One index of x[0, n) drawn with probability w_i from the stream (key, row), and log mean w.
 template <typename T>
 Status select_row(const T* x, std::int64_t n, std::int64_t row, std::uint64_t key, double log_n,
-                  std::int64_t* index, double* log_mean_w) {
-    static thread_local RowWeights scratch;
-    static thread_local std::vector<double> scratch_weights;  // w_i = exp(x_i - max), vectorised once
-    RowWeights& rw = scratch;
-    std::vector<double>& w = scratch_weights;
+                  RowScratch& scratch, std::int64_t* index, double* log_mean_w) {
+    RowWeights& rw = scratch.rw;
+    std::vector<double>& w = scratch.weights;
     w.resize(static_cast<std::size_t>(n));
     row_weights(x, n, row, w.data(), false, rw);
     if (!rw.status.ok()) return rw.status;
@@ -70,11 +74,13 @@ Status select_row(const T* x, std::int64_t n, std::int64_t row, std::uint64_t ke
     return {};
 }
 
+// body(r, scratch) for every row, over threads for large work; the first row's error is returned.
 template <typename Body>
 Status for_rows(std::int64_t rows, std::int64_t work, const Body& body) {
     std::vector<Status> statuses(static_cast<std::size_t>(rows));
     parallel_for(rows, work, [&](std::int64_t begin, std::int64_t end) {
-        for (std::int64_t r = begin; r < end; ++r) statuses[static_cast<std::size_t>(r)] = body(r);
+        RowScratch scratch;
+        for (std::int64_t r = begin; r < end; ++r) statuses[static_cast<std::size_t>(r)] = body(r, scratch);
     });
     for (const Status& status : statuses)
         if (!status.ok()) return status;
@@ -87,11 +93,13 @@ template <typename T>
 Status log_normalize(const T* logw, std::int64_t rows, std::int64_t n, bool allow_zero_rows, T* normalised,
                      double* log_mean_w, double* ess) {
     if (rows < 0 || n < 1) return {StatusCode::bad_size, -1, -1};
-    if (rows == 1) return normalize_row(logw, n, 0, allow_zero_rows, true, normalised, log_mean_w, ess);
-    return for_rows(rows, rows * n, [&](std::int64_t r) {
+    if (rows == 1) {
+        RowWeights rw;
+        return normalize_row(logw, n, 0, allow_zero_rows, true, normalised, log_mean_w, ess, rw);
+    }
+    return for_rows(rows, rows * n, [&](std::int64_t r, RowScratch& scratch) {
         return normalize_row(logw + r * n, n, r, allow_zero_rows, false, normalised ? normalised + r * n : nullptr,
-                             log_mean_w + r,
-                             ess + r);
+                             log_mean_w + r, ess + r, scratch.rw);
     });
 }
 
@@ -100,81 +108,34 @@ Status pool_select(const T* logw, std::int64_t rows, std::int64_t n, std::uint64
                    double* log_mean_w) {
     if (rows < 0 || n < 1) return {StatusCode::bad_size, -1, -1};
     const double log_n = std::log(static_cast<double>(n));  // once, not per row
-    return for_rows(rows, rows * n, [&](std::int64_t r) {
-        return select_row(logw + r * n, n, r, key, log_n, index + r, log_mean_w + r);
+    return for_rows(rows, rows * n, [&](std::int64_t r, RowScratch& scratch) {
+        return select_row(logw + r * n, n, r, key, log_n, scratch, index + r, log_mean_w + r);
     });
 }
-
-namespace {
-
-// The draw of select_row on the float64 scores s[0, n) into w (scratch of n doubles), without its
-// thread-local buffers: rows of at most kChunk scores are one chunk, whose figures row_weights forms the
-// same way (the same max, the same exp sums, hence the same draw); longer rows go through row_weights.
-Status draw_scores(const double* s, std::int64_t n, std::int64_t row, std::uint64_t key, double log_count,
-                   double* w, RowWeights& rw, std::int64_t* index, double* log_mean_w) {
-    if (n > kChunk) {
-        row_weights(s, n, row, w, false, rw);
-        if (!rw.status.ok()) return rw.status;
-    } else {
-        bool bad = false;
-        rw.shift = chunk_max(s, n, &bad);
-        if (bad) return locate_bad(s, n, row);
-        if (rw.shift == -kInf) return {StatusCode::zero_row, row, -1};
-        double sum = 0.0, sum_squares = 0.0;
-        chunk_exp_sums<true>(s, n, rw.shift, w, &sum, &sum_squares);
-        rw.sum = sum;
-        rw.last_positive = -1;
-        for (std::int64_t i = n - 1; i >= 0; --i) {
-            if (s[i] - rw.shift >= -708.0) {
-                rw.last_positive = i;
-                break;
-            }
-        }
-    }
-    *log_mean_w = rw.shift + std::log(rw.sum) - log_count;
-    UniformStream stream(key, static_cast<std::uint64_t>(row));
-    const double target = stream.next() * rw.sum;
-    double cumulative = 0.0;
-    std::int64_t i = 0;
-    for (; i < rw.last_positive; ++i) {
-        cumulative += w[i];
-        if (cumulative > target) break;
-    }
-    *index = i;
-    return {};
-}
-
-}  // namespace
 
 template <typename T>
 Status sample_logits(const T* logits, std::int64_t rows, std::int64_t n, double temperature, double log_n,
                      std::uint64_t key, const std::uint8_t* active, std::int64_t* index, double* log_prob) {
     if (rows < 0 || n < 1 || !(temperature > 0.0)) return {StatusCode::bad_size, -1, -1};
     const double log_count = std::log(static_cast<double>(n));  // pool_select's log n in log_mean_w
-    std::vector<Status> statuses(static_cast<std::size_t>(rows));
-    parallel_for(rows, rows * n, [&](std::int64_t begin, std::int64_t end) {
-        std::vector<double> scores(static_cast<std::size_t>(n)), w(static_cast<std::size_t>(n));
-        RowWeights rw;
-        for (std::int64_t r = begin; r < end; ++r) {
-            if (active && !active[r]) {
-                index[r] = 0;
-                log_prob[r] = 0.0;
-                continue;
-            }
-            const T* x = logits + r * n;
-            for (std::int64_t i = 0; i < n; ++i) scores[static_cast<std::size_t>(i)] = static_cast<double>(x[i]);
-            if (temperature != 1.0)
-                for (double& s : scores) s /= temperature;
-            double log_mean_w = 0.0;
-            const Status status =
-                draw_scores(scores.data(), n, r, key, log_count, w.data(), rw, index + r, &log_mean_w);
-            statuses[static_cast<std::size_t>(r)] = status;
-            if (status.ok()) log_prob[r] = (scores[static_cast<std::size_t>(index[r])] - log_mean_w) - log_n;
+    return for_rows(rows, rows * n, [&](std::int64_t r, RowScratch& scratch) {
+        if (active && !active[r]) {
+            index[r] = 0;
+            log_prob[r] = 0.0;
+            return Status{};
         }
-    });
-    for (const Status& status : statuses)
+        std::vector<double>& scores = scratch.scores;
+        scores.resize(static_cast<std::size_t>(n));
+        const T* x = logits + r * n;
+        for (std::int64_t i = 0; i < n; ++i) scores[static_cast<std::size_t>(i)] = static_cast<double>(x[i]);
+        if (temperature != 1.0)
+            for (double& s : scores) s /= temperature;
+        double log_mean_w = 0.0;
+        const Status status = select_row(scores.data(), n, r, key, log_count, scratch, index + r, &log_mean_w);
         if (!status.ok()) return status;
-    return {};
+        log_prob[r] = (scores[static_cast<std::size_t>(index[r])] - log_mean_w) - log_n;
+        return Status{};
+    });
 }
 
 Status mh_accept(const double* log_z_current, const double* log_z_proposed, std::int64_t rows,

@@ -350,75 +350,97 @@ void row_weights(const T* x, std::int64_t n, std::int64_t row, double* w, bool s
     rw.sum = rw.sum_squares = 0.0;
     rw.last_positive = -1;
     const std::int64_t chunks = (n + kChunk - 1) / kChunk;
-    // Per-thread scratch, bound to references here: lambdas run on worker threads must reach this
-    // thread's buffers, not their own thread_local instances.
-    static thread_local std::vector<double> scratch_maxes, scratch_sums, scratch_squares;
-    static thread_local std::vector<unsigned char> scratch_bad;
-    std::vector<double>& maxes = scratch_maxes;
-    std::vector<double>& sums = scratch_sums;
-    std::vector<double>& squares = scratch_squares;
-    std::vector<unsigned char>& bad = scratch_bad;
-    maxes.resize(static_cast<std::size_t>(chunks));
-    bad.resize(static_cast<std::size_t>(chunks));
-    auto for_chunks = [&](auto&& body) {
-        if (split) {
-            parallel_for(chunks, n, [&](std::int64_t begin, std::int64_t end) {
-                for (std::int64_t c = begin; c < end; ++c) body(c);
-            });
-        } else {
-            for (std::int64_t c = 0; c < chunks; ++c) body(c);
-        }
-    };
-    sums.resize(static_cast<std::size_t>(chunks));
-    squares.resize(static_cast<std::size_t>(chunks));
-    // Without w (no weights to store), one pass: each chunk's sums are taken against its own maximum
-    // while the chunk is still in cache, and rescaled to the row's maximum below.
-    const bool fused = w == nullptr;
-    for_chunks([&](std::int64_t c) {
-        bool b = false;
-        const std::int64_t begin = c * kChunk, len = std::min(kChunk, n - begin);
-        const double chunk_shift = chunk_max(x + begin, len, &b);
-        maxes[static_cast<std::size_t>(c)] = chunk_shift;
-        bad[static_cast<std::size_t>(c)] = b;
-        if (fused && !b && chunk_shift > -kInf)
-            chunk_exp_sums<false>(x + begin, len, chunk_shift, nullptr, &sums[static_cast<std::size_t>(c)],
-                                  &squares[static_cast<std::size_t>(c)]);
-    });
-    for (std::int64_t c = 0; c < chunks; ++c) {
-        if (bad[static_cast<std::size_t>(c)]) {
-            const std::int64_t begin = c * kChunk;
-            rw.status = locate_bad(x + begin, std::min(kChunk, n - begin), row);
-            rw.status.index += begin;
+    if (chunks == 1) {
+        // One chunk (rows of up to kChunk): its figures directly, without the per-chunk scratch and its
+        // thread-local lookups. The same arithmetic as below: there the one chunk's sums are rescaled by
+        // exp(0) = 1 and added to 0.
+        bool bad = false;
+        rw.shift = chunk_max(x, n, &bad);
+        if (bad) {
+            rw.status = locate_bad(x, n, row);
             return;
         }
-        rw.shift = std::max(rw.shift, maxes[static_cast<std::size_t>(c)]);
-    }
-    if (rw.shift == -kInf) {
-        rw.status = {StatusCode::zero_row, row, -1};
-        return;
-    }
-    if (fused) {
-        for (std::int64_t c = 0; c < chunks; ++c) {
-            const double chunk_shift = maxes[static_cast<std::size_t>(c)];
-            const double rescale = chunk_shift > -kInf ? std::exp(chunk_shift - rw.shift) : 0.0;
-            sums[static_cast<std::size_t>(c)] = chunk_shift > -kInf ? sums[static_cast<std::size_t>(c)] * rescale : 0.0;
-            squares[static_cast<std::size_t>(c)] =
-                chunk_shift > -kInf ? squares[static_cast<std::size_t>(c)] * rescale * rescale : 0.0;
+        if (rw.shift == -kInf) {
+            rw.status = {StatusCode::zero_row, row, -1};
+            return;
         }
+        if (w)
+            chunk_exp_sums<true>(x, n, rw.shift, w, &rw.sum, &rw.sum_squares);
+        else
+            chunk_exp_sums<false>(x, n, rw.shift, nullptr, &rw.sum, &rw.sum_squares);
+        rw.chunk_offset.assign(2, 0.0);
+        rw.chunk_offset[1] = rw.sum;
     } else {
+        // Per-thread scratch, bound to references here: lambdas run on worker threads must reach this
+        // thread's buffers, not their own thread_local instances.
+        static thread_local std::vector<double> scratch_maxes, scratch_sums, scratch_squares;
+        static thread_local std::vector<unsigned char> scratch_bad;
+        std::vector<double>& maxes = scratch_maxes;
+        std::vector<double>& sums = scratch_sums;
+        std::vector<double>& squares = scratch_squares;
+        std::vector<unsigned char>& bad = scratch_bad;
+        maxes.resize(static_cast<std::size_t>(chunks));
+        bad.resize(static_cast<std::size_t>(chunks));
+        auto for_chunks = [&](auto&& body) {
+            if (split) {
+                parallel_for(chunks, n, [&](std::int64_t begin, std::int64_t end) {
+                    for (std::int64_t c = begin; c < end; ++c) body(c);
+                });
+            } else {
+                for (std::int64_t c = 0; c < chunks; ++c) body(c);
+            }
+        };
+        sums.resize(static_cast<std::size_t>(chunks));
+        squares.resize(static_cast<std::size_t>(chunks));
+        // Without w (no weights to store), one pass: each chunk's sums are taken against its own maximum
+        // while the chunk is still in cache, and rescaled to the row's maximum below.
+        const bool fused = w == nullptr;
         for_chunks([&](std::int64_t c) {
+            bool b = false;
             const std::int64_t begin = c * kChunk, len = std::min(kChunk, n - begin);
-            chunk_exp_sums<true>(x + begin, len, rw.shift, w + begin, &sums[static_cast<std::size_t>(c)],
-                                 &squares[static_cast<std::size_t>(c)]);
+            const double chunk_shift = chunk_max(x + begin, len, &b);
+            maxes[static_cast<std::size_t>(c)] = chunk_shift;
+            bad[static_cast<std::size_t>(c)] = b;
+            if (fused && !b && chunk_shift > -kInf)
+                chunk_exp_sums<false>(x + begin, len, chunk_shift, nullptr, &sums[static_cast<std::size_t>(c)],
+                                      &squares[static_cast<std::size_t>(c)]);
         });
+        for (std::int64_t c = 0; c < chunks; ++c) {
+            if (bad[static_cast<std::size_t>(c)]) {
+                const std::int64_t begin = c * kChunk;
+                rw.status = locate_bad(x + begin, std::min(kChunk, n - begin), row);
+                rw.status.index += begin;
+                return;
+            }
+            rw.shift = std::max(rw.shift, maxes[static_cast<std::size_t>(c)]);
+        }
+        if (rw.shift == -kInf) {
+            rw.status = {StatusCode::zero_row, row, -1};
+            return;
+        }
+        if (fused) {
+            for (std::int64_t c = 0; c < chunks; ++c) {
+                const double chunk_shift = maxes[static_cast<std::size_t>(c)];
+                const double rescale = chunk_shift > -kInf ? std::exp(chunk_shift - rw.shift) : 0.0;
+                sums[static_cast<std::size_t>(c)] = chunk_shift > -kInf ? sums[static_cast<std::size_t>(c)] * rescale : 0.0;
+                squares[static_cast<std::size_t>(c)] =
+                    chunk_shift > -kInf ? squares[static_cast<std::size_t>(c)] * rescale * rescale : 0.0;
+            }
+        } else {
+            for_chunks([&](std::int64_t c) {
+                const std::int64_t begin = c * kChunk, len = std::min(kChunk, n - begin);
+                chunk_exp_sums<true>(x + begin, len, rw.shift, w + begin, &sums[static_cast<std::size_t>(c)],
+                                     &squares[static_cast<std::size_t>(c)]);
+            });
+        }
+        rw.chunk_offset.assign(static_cast<std::size_t>(chunks + 1), 0.0);
+        for (std::int64_t c = 0; c < chunks; ++c) {
+            rw.chunk_offset[static_cast<std::size_t>(c + 1)] = rw.chunk_offset[static_cast<std::size_t>(c)] +
+                                                               sums[static_cast<std::size_t>(c)];
+            rw.sum_squares += squares[static_cast<std::size_t>(c)];
+        }
+        rw.sum = rw.chunk_offset[static_cast<std::size_t>(chunks)];
     }
-    rw.chunk_offset.assign(static_cast<std::size_t>(chunks + 1), 0.0);
-    for (std::int64_t c = 0; c < chunks; ++c) {
-        rw.chunk_offset[static_cast<std::size_t>(c + 1)] = rw.chunk_offset[static_cast<std::size_t>(c)] +
-                                                           sums[static_cast<std::size_t>(c)];
-        rw.sum_squares += squares[static_cast<std::size_t>(c)];
-    }
-    rw.sum = rw.chunk_offset[static_cast<std::size_t>(chunks)];
     // The maximum has weight exp(0) = 1, so a positive weight exists; find the last one.
     for (std::int64_t i = n - 1; i >= 0; --i) {
         if (static_cast<double>(x[i]) - rw.shift >= -708.0) {
