@@ -9,21 +9,6 @@
 namespace tiltsmc::bindings {
 namespace {
 
-// `array` as a C-contiguous array of `dtype` (writeable if asked), else a TypeError/ValueError naming it.
-template <typename T>
-py::array checked(const py::handle& object, const char* name, bool writeable = false) {
-    if (!py::isinstance<py::array>(object)) throw py::type_error(std::string(name) + ": expected a numpy array");
-    auto array = py::reinterpret_borrow<py::array>(object);
-    if (!array.dtype().is(py::dtype::of<T>()))
-        throw py::type_error(std::string(name) + ": expected dtype " + std::string(py::str(py::dtype::of<T>())) +
-                             ", got " + std::string(py::str(array.dtype())));
-    if (!(array.flags() & py::array::c_style)) throw py::value_error(std::string(name) + ": must be C-contiguous");
-    if (writeable && !array.writeable()) throw py::value_error(std::string(name) + ": must be writeable");
-    return array;
-}
-
-std::int64_t size_of(const py::array& array) { return static_cast<std::int64_t>(array.size()); }
-
 py::tuple bind_append_tokens(const py::handle& tokens_object, const py::handle& lengths_object,
                              const py::handle& finished_object, const py::handle& new_tokens_object,
                              const py::handle& active_object, const py::handle& stop_ids_object,

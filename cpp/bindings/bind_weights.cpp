@@ -163,34 +163,25 @@ py::tuple bind_smc_step(CArray<T>& log_w, double threshold, int scheme, std::uin
 }
 
 // smc_reweight on float64 (B, N) arrays; the 1-D (B,) ones are updated in place. Every array is checked here.
-py::tuple bind_smc_reweight(py::array& log_w, const py::array& log_v, py::array& log_v_prev, const py::array& live,
-                            py::array& log_total, py::array& log_z, py::array& collapsed, double log_n,
-                            double threshold, int scheme, std::uint64_t key) {
-    auto require = [](const py::array& array, const char* name, char kind, py::ssize_t itemsize, bool writeable) {
-        if (array.dtype().kind() != kind || array.itemsize() != itemsize)
-            throw py::type_error(std::string(name) + ": expected dtype " + (kind == 'b' ? "bool" : "float64") +
-                                 ", got " + std::string(py::str(array.dtype())));
-        if (!(array.flags() & py::array::c_style)) throw py::value_error(std::string(name) + ": must be C-contiguous");
-        if (writeable && !array.writeable()) throw py::value_error(std::string(name) + ": must be writeable");
-    };
-    require(log_w, "log_w", 'f', 8, true);
+py::tuple bind_smc_reweight(const py::handle& log_w_object, const py::handle& log_v_object,
+                            const py::handle& log_v_prev_object, const py::handle& live_object,
+                            const py::handle& log_total_object, const py::handle& log_z_object,
+                            const py::handle& collapsed_object, double log_n, double threshold, int scheme,
+                            std::uint64_t key) {
+    py::array log_w = checked<double>(log_w_object, "log_w", true);
     if (log_w.ndim() != 2 || log_w.shape(1) < 1) throw py::value_error("log_w: expected shape (B, N) with N >= 1");
     const std::int64_t rows = log_w.shape(0), n = log_w.shape(1);
-    for (const auto& [array, name, kind, writeable] :
-         {std::tuple<const py::array*, const char*, char, bool>{&log_v, "log_v", 'f', false},
-          std::tuple<const py::array*, const char*, char, bool>{&log_v_prev, "log_v_prev", 'f', true},
-          std::tuple<const py::array*, const char*, char, bool>{&live, "live", 'b', false}}) {
-        require(*array, name, kind, kind == 'b' ? 1 : 8, writeable);
-        if (static_cast<std::int64_t>(array->size()) != rows * n)
-            throw py::value_error(std::string(name) + ": expected log_w's shape (B, N)");
-    }
-    for (const auto& [array, name, kind] :
-         {std::tuple<const py::array*, const char*, char>{&log_total, "log_total", 'f'},
-          std::tuple<const py::array*, const char*, char>{&log_z, "log_z", 'f'},
-          std::tuple<const py::array*, const char*, char>{&collapsed, "collapsed", 'b'}}) {
-        require(*array, name, kind, kind == 'b' ? 1 : 8, true);
-        if (static_cast<std::int64_t>(array->size()) != rows) throw py::value_error(std::string(name) + ": expected (B,)");
-    }
+    py::array log_v = checked<double>(log_v_object, "log_v");
+    py::array log_v_prev = checked<double>(log_v_prev_object, "log_v_prev", true);
+    py::array live = checked<bool>(live_object, "live");
+    for (const auto& [array, name] : {std::pair{&log_v, "log_v"}, std::pair{&log_v_prev, "log_v_prev"}, std::pair{&live, "live"}})
+        if (size_of(*array) != rows * n) throw py::value_error(std::string(name) + ": expected log_w's shape (B, N)");
+    py::array log_total = checked<double>(log_total_object, "log_total", true);
+    py::array log_z = checked<double>(log_z_object, "log_z", true);
+    py::array collapsed = checked<bool>(collapsed_object, "collapsed", true);
+    for (const auto& [array, name] :
+         {std::pair{&log_total, "log_total"}, std::pair{&log_z, "log_z"}, std::pair{&collapsed, "collapsed"}})
+        if (size_of(*array) != rows) throw py::value_error(std::string(name) + ": expected (B,)");
     if (scheme < 0 || scheme > 3) throw py::value_error("scheme: unknown scheme code");
     CArray<std::int64_t> ancestors({rows, n}), unique(rows);
     CArray<bool> resampled(rows);

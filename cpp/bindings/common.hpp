@@ -43,6 +43,21 @@ inline void check(const Status& status, const char* name) {
 template <typename T>
 using CArray = py::array_t<T, py::array::c_style>;
 
+// `array` as a C-contiguous array of `dtype` (writeable if asked), else a TypeError/ValueError naming it.
+template <typename T>
+py::array checked(const py::handle& object, const char* name, bool writeable = false) {
+    if (!py::isinstance<py::array>(object)) throw py::type_error(std::string(name) + ": expected a numpy array");
+    auto array = py::reinterpret_borrow<py::array>(object);
+    if (!array.dtype().is(py::dtype::of<T>()))
+        throw py::type_error(std::string(name) + ": expected dtype " + std::string(py::str(py::dtype::of<T>())) +
+                             ", got " + std::string(py::str(array.dtype())));
+    if (!(array.flags() & py::array::c_style)) throw py::value_error(std::string(name) + ": must be C-contiguous");
+    if (writeable && !array.writeable()) throw py::value_error(std::string(name) + ": must be writeable");
+    return array;
+}
+
+inline std::int64_t size_of(const py::array& array) { return static_cast<std::int64_t>(array.size()); }
+
 void register_weights(py::module_& m);
 void register_gather(py::module_& m);
 void register_tokens(py::module_& m);
