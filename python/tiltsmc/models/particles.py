@@ -91,7 +91,8 @@ class Particles:
         (:func:`tiltsmc.core.reorder_in_place`); device arrays where they lie; arrays that cannot be written
         in place are replaced by reordered copies."""
         self.flush()
-        arrays = [self.tokens, self.lengths, self.finished, *self.state.values()]
+        own = [self.tokens, self.lengths, self.finished]
+        arrays = [*own, *self.state.values()]
         try:  # one call checks every array's leading axes and every index before it writes
             skipped = core.reorder_in_place(arrays, ancestors, skip_unwritable=True)
         except ValueError:
@@ -102,7 +103,7 @@ class Particles:
         names = list(self.state)
         on_device: dict[int, Any] = {}
         for k in skipped:  # device arrays, and host arrays that cannot be written in place
-            name = names[k - 3]
+            name = names[k - len(own)]
             self.state[name] = _follow(self.state[name], ancestors, on_device, in_place=True)
 
     def _check_leading_axes(self) -> None:
