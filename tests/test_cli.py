@@ -144,3 +144,32 @@ def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
     text = shown.decode()
     assert "\r" in text and "2/2" in text and "#" in text  # a redrawn bar that reaches the end
     assert len(out.read_text().splitlines()) == 2
+
+
+def test_reward_class_head_options(tmp_path: Path, capfd) -> None:
+    """--reward-label / --reward-classes / --reward-position / --reward-delimiters reach the reward model:
+    the run equals the same SMC run through the Python API; bad options are refused with exit code 2."""
+    import numpy as np
+    import tiltsmc
+    from tiltsmc.models import OnnxCausalLM, OnnxRewardModel
+
+    decoder = str(FIXTURES / "gpt2-tiny")
+    options = ["--reward-label", "47", "--reward-classes", "47,46", "--reward-position", "delimiter"]
+    out = tmp_path / "out.jsonl"
+    argv = ["run", "--policy", POLICY, "--reward", decoder, "--max-new-tokens", "4", "--json", str(out)]
+    code = main([*argv, *options, "--reward-delimiters", "39", "--prompt", "ab", "--seed", "2"])
+    assert code == 0
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    reward = OnnxRewardModel(
+        decoder, kind="logit", position="delimiter", delimiter_ids=[39], label=47, classes=[47, 46]
+    )
+    policy = OnnxCausalLM(POLICY, max_new_tokens=4)
+    expected = tiltsmc.smc(policy, reward, ["ab"], num_particles=16, rng=np.random.default_rng(2))
+    assert record["log_z"] == float(expected.log_z[0]) and record["texts"] == expected.texts[0]
+    capfd.readouterr()
+    assert main([*argv, "--reward-label", "47", "--reward-classes", "46,45", "--prompt", "ab"]) == 2
+    assert "classes: [46, 45] must include label 47" in capfd.readouterr().err
+    assert main([*argv, "--prompt", "ab"]) == 2
+    assert "pass label=" in capfd.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*argv, "--reward-classes", "4x", "--prompt", "ab"])

@@ -499,10 +499,23 @@ def test_missing_paths(tmp_path: Path) -> None:
         OnnxCausalLM(LLAMA, tokenizer=tmp_path / "no-tokenizer.json")
 
 
-def test_graph_without_expected_inputs() -> None:
+def test_graph_without_expected_inputs(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"missing.*past_key_values.*found: input_ids, attention_mask"):
         OnnxCausalLM(PRM)
-    with pytest.raises(ValueError, match=r"unexpected.*past_key_values"):
+    # prm-tiny with its attention_mask input renamed token_type_ids (same length: every reference to it
+    # in the protobuf renamed alike, so the graph stays valid)
+    renamed = tmp_path / "prm-token-types.onnx"
+    model_bytes = (PRM / "model.onnx").read_bytes()
+    assert model_bytes.count(b"attention_mask") >= 2
+    renamed.write_bytes(model_bytes.replace(b"attention_mask", b"token_type_ids"))
+    with pytest.raises(
+        ValueError,
+        match=r"missing \['attention_mask'\], unexpected \['token_type_ids'\]; inputs found: input_ids, "
+        r"token_type_ids",
+    ):
+        OnnxRewardModel(renamed)
+    # A decoder's inputs are taken (its cache fed empty); its logits need label=.
+    with pytest.raises(ValueError, match=r"output: 'logits' has 64 classes per position"):
         OnnxRewardModel(LLAMA)
     with pytest.raises(ValueError, match="output"):
         OnnxRewardModel(PRM, output="no_such_output")

@@ -61,6 +61,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _id_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tiltsmc", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +95,30 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--top-p", type=float, default=None)
     run.add_argument("--reward-kind", choices=("log_value", "prob", "logit"), default="logit")
     run.add_argument("--reward-output", default=None, help="reward graph output to read (default: first)")
+    run.add_argument(
+        "--reward-position",
+        choices=("last", "delimiter"),
+        default="last",
+        help="read per-position scores at the last token or at the last step delimiter",
+    )
+    run.add_argument(
+        "--reward-delimiters",
+        type=_id_list,
+        default=None,
+        help="token ids ending a step, comma-separated (with --reward-position delimiter)",
+    )
+    run.add_argument(
+        "--reward-label",
+        type=int,
+        default=None,
+        help="the class whose probability is Vh, for an output with a class axis last",
+    )
+    run.add_argument(
+        "--reward-classes",
+        type=_id_list,
+        default=None,
+        help="comma-separated classes the label's probability is normalised over (default: all)",
+    )
     run.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per batched run")
     run.add_argument(
         "--threads", type=_positive_int, default=None, help="threads for ONNX Runtime and the core"
@@ -219,6 +250,10 @@ def run(args: argparse.Namespace) -> int:
             args.reward,
             output=args.reward_output,
             kind=args.reward_kind,
+            position=args.reward_position,
+            delimiter_ids=args.reward_delimiters,
+            label=args.reward_label,
+            classes=args.reward_classes,
             providers=providers,
             intra_op_num_threads=args.threads,
         )

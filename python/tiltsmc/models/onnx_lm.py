@@ -86,6 +86,24 @@ def read_json(path: Path) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def cache_geometry(past: Any, config: dict[str, Any], model_file: Path) -> tuple[Any, int, int]:
+    """``(dtype, KV heads, head size)`` of a ``past_key_values.*`` input ``(batch, heads, past, head_dim)``:
+    from the graph's static dimensions, else from config.json (grouped-query ``num_key_value_heads``)."""
+    heads = config.get("num_key_value_heads") or config.get("num_attention_heads") or config.get("n_head")
+    hidden = config.get("hidden_size") or config.get("n_embd")
+    kv_heads = int(past.shape[1]) if isinstance(past.shape[1], int) else int(heads or 0)
+    head_dim = config.get("head_dim") or (
+        hidden // (config.get("num_attention_heads") or config.get("n_head")) if hidden else None
+    )
+    head_size = int(past.shape[3]) if isinstance(past.shape[3], int) else int(head_dim or 0)
+    if kv_heads < 1 or head_size < 1:
+        raise ValueError(
+            f"path: cannot tell the cache's heads and head size from {model_file.name} "
+            f"(shape {past.shape}) or config.json"
+        )
+    return _NUMPY_TYPES.get(past.type, np.float32), kv_heads, head_size
+
+
 def log_softmax(logits: npt.ArrayLike) -> FloatArray:
     z = np.asarray(logits, dtype=np.float64)
     shift = np.max(z, axis=-1, keepdims=True)
@@ -211,20 +229,9 @@ class OnnxCausalLM:
         self.num_layers = len(layers)
         self.has_position_ids = "position_ids" in inputs
         self.has_cache_branch = "use_cache_branch" in inputs
-        past = inputs["past_key_values.0.key"]
-        self.cache_dtype = _NUMPY_TYPES.get(past.type, np.float32)
-        heads = config.get("num_key_value_heads") or config.get("num_attention_heads") or config.get("n_head")
-        hidden = config.get("hidden_size") or config.get("n_embd")
-        self.kv_heads = int(past.shape[1]) if isinstance(past.shape[1], int) else int(heads or 0)
-        head_dim = config.get("head_dim") or (
-            hidden // (config.get("num_attention_heads") or config.get("n_head")) if hidden else None
+        self.cache_dtype, self.kv_heads, self.head_dim = cache_geometry(
+            inputs["past_key_values.0.key"], config, self.model_file
         )
-        self.head_dim = int(past.shape[3]) if isinstance(past.shape[3], int) else int(head_dim or 0)
-        if self.kv_heads < 1 or self.head_dim < 1:
-            raise ValueError(
-                f"path: cannot tell the cache's heads and head size from {self.model_file.name} "
-                f"(shape {past.shape}) or config.json"
-            )
         vocab = config.get("vocab_size")
         logits_node = next(node for node in self.session.get_outputs() if node.name == "logits")
         if isinstance(logits_node.shape[-1], int):

@@ -11,10 +11,24 @@ last token once the trajectory is finished).
 value unless a ``verifier(prompt, text) -> r >= 0`` is given. Prefixes are scored in one batched call per
 step, and only those that changed since they were last scored (values follow resampling in
 ``Particles.state``).
+
+Classifier heads. With ``label=k`` the output has a class axis last, ``(batch, C)`` or ``(batch, seq, C)``
+(a ``token-classification`` export with C labels, e.g. a two-label PRM whose step score is ``softmax(s)[1]``;
+or a causal LM's ``logits`` over its vocabulary, as PRMs that score a step by the next-token probability
+of a "good" token), and ``Vh`` is class ``k``'s probability. Over the classes ``K`` (``classes=``, default
+all ``C``) of the score vector ``s`` read at the row's position:
+
+* ``kind="logit"``: ``log Vh = s_k - log sum_{j in K} exp(s_j)`` (log-softmax over ``K``);
+* ``kind="prob"``: ``Vh = s_k / sum_{j in K} s_j`` with ``classes=``, else ``s_k``;
+* ``kind="log_value"``: ``s_k - log sum_{j in K} exp(s_j)`` with ``classes=``, else ``s_k``.
+
+A decoder exported with a KV cache (``past_key_values.*`` inputs, ``use_cache_branch`` of a merged decoder)
+is fed an empty cache: every call scores whole prefixes.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,7 +39,7 @@ import numpy.typing as npt
 
 from .. import core
 from ._ort import make_session
-from .onnx_lm import read_json, resolve_model_file
+from .onnx_lm import _PAST, cache_geometry, read_json, resolve_model_file
 from .particles import Particles
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -71,6 +85,7 @@ class OnnxRewardModel:
 
     # Its log-values are finite or -inf (it raises on anything else itself): the samplers need not check.
     log_values_checked = True
+    _serial_numbers = itertools.count()
 
     def __init__(
         self,
@@ -88,6 +103,8 @@ class OnnxRewardModel:
         require_gpu: bool = False,
         pad_token_id: int = 0,
         delimiter_ids: Optional[Sequence[int]] = None,
+        label: Optional[int] = None,
+        classes: Optional[Sequence[int]] = None,
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
@@ -104,6 +121,10 @@ class OnnxRewardModel:
         self.verifier = verifier
         self.pad_token_id = int(pad_token_id)
         self._prompts: Optional[_Prompts] = None  # the last batch's prompts, see _prompt_layout
+        # Its scores in Particles.state are its own: another reward model scoring the same particles
+        # keeps its values under other names.
+        serial = next(self._serial_numbers)
+        self._values_key, self._scored_key = f"rm.{serial}.log_value", f"rm.{serial}.scored_length"
         self.session = make_session(
             self.model_file,
             providers,
@@ -111,24 +132,38 @@ class OnnxRewardModel:
             inter_op_num_threads=inter_op_num_threads,
             require_gpu=require_gpu,
         )
-        inputs = [node.name for node in self.session.get_inputs()]
-        outputs = [node.name for node in self.session.get_outputs()]
+        inputs = {node.name: node for node in self.session.get_inputs()}
+        outputs = {node.name: node for node in self.session.get_outputs()}
         missing = [name for name in ("input_ids", "attention_mask") if name not in inputs]
-        unsupported = [name for name in inputs if name not in ("input_ids", "attention_mask", "position_ids")]
+        known = ("input_ids", "attention_mask", "position_ids", "use_cache_branch")
+        unsupported = [name for name in inputs if name not in known and not _PAST.match(name)]
         if missing or unsupported:
             raise ValueError(
                 f"path: {self.model_file} needs inputs input_ids and attention_mask (optionally "
-                f"position_ids): missing {missing or 'none'}, unexpected {unsupported or 'none'}; inputs "
-                f"found: {', '.join(inputs)}"
+                "position_ids, and a decoder's past_key_values.* / use_cache_branch, fed an empty cache): "
+                f"missing {missing or 'none'}, unexpected {unsupported or 'none'}; inputs found: "
+                f"{', '.join(inputs)}"
             )
         self.has_position_ids = "position_ids" in inputs
+        self.has_cache_branch = "use_cache_branch" in inputs
+        # (name, dtype, KV heads, head size) of each cache input: fed (rows, heads, 0, head size)
+        self._empty_cache = [
+            (name, *cache_geometry(node, self.config, self.model_file))
+            for name, node in inputs.items()
+            if _PAST.match(name)
+        ]
         if output is None:
-            output = outputs[0]
+            output = next(iter(outputs))
         elif output not in outputs:
             raise ValueError(
-                f"output: {output!r} is not an output of {self.model_file.name}: found {outputs}"
+                f"output: {output!r} is not an output of {self.model_file.name}: found {list(outputs)}"
             )
         self.output = output
+        self.label, self.classes = self._check_classes(label, classes, outputs[output].shape)
+        # where the label sits among the classes read, and those classes (None: the whole class axis)
+        label_at = self.label or 0
+        self._label_at = self.classes.index(label_at) if self.classes else label_at
+        self._class_index = None if self.classes is None else np.array(self.classes, dtype=np.int64)
         self.vocab_size = self.config.get("vocab_size") or (
             self.tokenizer.vocab_size if self.tokenizer is not None else None
         )
@@ -141,6 +176,42 @@ class OnnxRewardModel:
             if mapping.size and (mapping.min() < 0 or mapping.max() >= upper):
                 raise ValueError(f"token_map: ids must lie in [0, {upper}) of the reward model's vocabulary")
             self.token_map = mapping.astype(np.int64)
+
+    def _check_classes(
+        self, label: Optional[int], classes: Optional[Sequence[int]], shape: Sequence[Any]
+    ) -> tuple[Optional[int], Optional[list[int]]]:
+        """``label`` and ``classes`` checked against each other and against the output's static shape."""
+        static = shape[-1] if shape and isinstance(shape[-1], int) else None
+        if label is None:
+            if classes is not None:
+                raise ValueError("classes: needs label= (the class whose probability is Vh)")
+            if len(shape) == 3 and static is not None and static > 1:
+                raise ValueError(
+                    f"output: {self.output!r} has {static} classes per position (shape {list(shape)}); "
+                    "pass label= (and classes=) to read one class's probability as Vh"
+                )
+            return None, None
+        if isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer)) or label < 0:
+            raise ValueError(f"label: expected a class index >= 0, got {label!r}")
+        if shape and len(shape) not in (2, 3):
+            raise ValueError(
+                f"output: {self.output!r} has shape {list(shape)}; with label= expected (batch, classes) or "
+                "(batch, seq, classes)"
+            )
+        if static is not None and label >= static:
+            raise ValueError(f"label: {label} is not a class of {self.output!r} ({static} classes)")
+        if classes is None:
+            return int(label), None
+        if isinstance(classes, (str, bytes)):
+            raise ValueError(f"classes: expected a sequence of class indices, got {classes!r}")
+        chosen = [int(c) for c in classes]
+        if len(chosen) < 2 or len(set(chosen)) != len(chosen) or min(chosen) < 0:
+            raise ValueError(f"classes: expected two or more distinct class indices >= 0, got {chosen}")
+        if static is not None and max(chosen) >= static:
+            raise ValueError(f"classes: {max(chosen)} is not a class of {self.output!r} ({static} classes)")
+        if int(label) not in chosen:
+            raise ValueError(f"classes: {chosen} must include label {int(label)}")
+        return int(label), chosen
 
     def check_policy(self, policy: Any) -> None:
         """Refuse a policy whose vocabulary differs from this model's, unless a ``token_map`` is given."""
@@ -191,6 +262,10 @@ class OnnxRewardModel:
             feeds["input_ids"] = np.where(mask == 1, self.token_map[ids], self.pad_token_id)
         if positions is not None:
             feeds["position_ids"] = positions
+        if self.has_cache_branch:
+            feeds["use_cache_branch"] = np.array([False])
+        for name, dtype, heads, head_size in self._empty_cache:
+            feeds[name] = np.zeros((ids.shape[0], heads, 0, head_size), dtype=dtype)
         (raw,) = self.session.run([self.output], feeds)
         return self._read(np.asarray(raw), ids.shape, last if read_at is None else read_at)
 
@@ -198,10 +273,26 @@ class OnnxRewardModel:
         """The model's output ``(rows,)`` / ``(rows, 1)`` (one score a row) or ``(rows, width)`` / ``(rows,
         width, 1)`` (one a position, read at ``columns``) as ``log Vh`` by ``kind``, in one core call."""
         rows, width = shape
+        if self.label is not None:
+            if raw.ndim == 2 and raw.shape[0] == rows:
+                vectors = raw
+            elif raw.ndim == 3 and raw.shape[:2] == (rows, width):
+                vectors = raw[np.arange(rows), columns]
+            else:
+                raise ValueError(
+                    f"output: {self.output!r} has shape {raw.shape}; with label= expected (batch, classes) "
+                    "or (batch, seq, classes)"
+                )
+            return self._class_log_values(vectors)
         if raw.shape in ((rows,), (rows, 1)):
             read: Optional[npt.NDArray[np.int64]] = None  # one score a row
         elif raw.shape in ((rows, width), (rows, width, 1)):
             read = columns
+        elif raw.ndim == 3 and raw.shape[:2] == (rows, width):
+            raise ValueError(
+                f"output: {self.output!r} has {raw.shape[2]} classes per position; pass label= (and "
+                "classes=) to read one class's probability as Vh"
+            )
         else:
             raise ValueError(
                 f"output: {self.output!r} has shape {raw.shape}; expected (batch,) or (batch, seq)"
@@ -224,6 +315,44 @@ class OnnxRewardModel:
                 f"reward: kind='prob' but {self.model_file.name} returned values outside [0, 1] ({error})"
             ) from error
 
+    def _class_log_values(self, vectors: np.ndarray) -> FloatArray:
+        """``log Vh`` of each row's class scores ``(rows, C)`` by ``kind`` (see the module docstring)."""
+        assert self.label is not None
+        highest = max(self.classes or [self.label])
+        if highest >= vectors.shape[1]:
+            raise ValueError(
+                f"{'classes' if self.classes else 'label'}: {highest} is not a class of {self.output!r} "
+                f"({vectors.shape[1]} classes)"
+            )
+        chosen_classes = vectors if self._class_index is None else vectors[:, self._class_index]
+        scores = np.asarray(chosen_classes, dtype=np.float64)
+        at = self._label_at
+
+        def refuse(bad: npt.NDArray[np.bool_], what: str) -> None:
+            rows = np.count_nonzero(bad.any(axis=1))
+            if rows:
+                raise ValueError(f"reward: {self.model_file.name} returned {what} for {rows} prefix(es)")
+
+        refuse(np.isnan(scores), "NaN")
+        if self.kind == "prob":
+            refuse((scores < 0) | (scores > 1), "class probabilities outside [0, 1] (kind='prob')")
+            chosen = scores[:, at]
+            if self.classes is not None:
+                total = scores.sum(axis=1)
+                refuse((total == 0)[:, None], "probability 0 for every class in classes=")
+                chosen = chosen / total
+            with np.errstate(divide="ignore"):
+                return np.log(chosen)
+        if self.kind == "log_value" and self.classes is None:
+            refuse(scores[:, at : at + 1] == np.inf, "+inf as a log-value")
+            return scores[:, at].copy()
+        refuse(scores == np.inf, f"+inf as a class {'logit' if self.kind == 'logit' else 'log-value'}")
+        top = scores.max(axis=1)
+        refuse((top == -np.inf)[:, None], "-inf for every class")
+        log_total = top + np.log(np.exp(scores - top[:, None]).sum(axis=1))
+        log_values: FloatArray = scores[:, at] - log_total
+        return log_values
+
     @staticmethod
     def _prompt(particles: Particles, b: int) -> npt.NDArray[np.int64]:
         if particles.prompt_tokens is None:
@@ -238,8 +367,8 @@ class OnnxRewardModel:
         return self._score(sequences)
 
     def log_value(self, particles: Particles) -> FloatArray:
-        values: Optional[FloatArray] = particles.state.get("rm.log_value")
-        scored: Optional[npt.NDArray[np.int64]] = particles.state.get("rm.scored_length")
+        values: Optional[FloatArray] = particles.state.get(self._values_key)
+        scored: Optional[npt.NDArray[np.int64]] = particles.state.get(self._scored_key)
         stale: Optional[npt.NDArray[np.bool_]] = None  # None: every prefix
         if values is not None and scored is not None:
             stale = scored != particles.lengths
@@ -249,8 +378,8 @@ class OnnxRewardModel:
             if moved == stale.size:  # the usual step: every particle has moved
                 stale = None
         values, scored = self._rescore(particles, values, scored, stale)
-        particles.state["rm.log_value"] = values
-        particles.state["rm.scored_length"] = scored
+        particles.state[self._values_key] = values
+        particles.state[self._scored_key] = scored
         return values.copy()  # the stored array follows resampling in place
 
     def _rescore(
