@@ -23,7 +23,9 @@ all ``C``) of the score vector ``s`` read at the row's position:
 * ``kind="log_value"``: ``s_k - log sum_{j in K} exp(s_j)`` with ``classes=``, else ``s_k``.
 
 A decoder exported with a KV cache (``past_key_values.*`` inputs, ``use_cache_branch`` of a merged decoder)
-is fed an empty cache: every call scores whole prefixes.
+is fed an empty cache: every call scores whole prefixes. Its ``logits`` hold ``rows x seq x vocab`` floats
+per call (a 150k vocabulary makes that 0.6 MB a position), so for long prefixes of large vocabularies an
+export whose head keeps only the classes needed is the one to use.
 """
 
 from __future__ import annotations
@@ -271,7 +273,8 @@ class OnnxRewardModel:
 
     def _read(self, raw: np.ndarray, shape: tuple[int, ...], columns: npt.NDArray[np.int64]) -> FloatArray:
         """The model's output ``(rows,)`` / ``(rows, 1)`` (one score a row) or ``(rows, width)`` / ``(rows,
-        width, 1)`` (one a position, read at ``columns``) as ``log Vh`` by ``kind``, in one core call."""
+        width, 1)`` (one a position, read at ``columns``) as ``log Vh`` by ``kind``, in one core call; with
+        ``label``, ``(rows, C)`` or ``(rows, width, C)`` read by :meth:`_class_log_values`."""
         rows, width = shape
         if self.label is not None:
             if raw.ndim == 2 and raw.shape[0] == rows:
