@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 import tiltsmc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from onnx_helpers import full_sequence, session_logits, with_initializer_set
 from tiltsmc.models import OnnxCausalLM, OnnxRewardModel
 
@@ -132,6 +134,54 @@ def test_class_probabilities_and_bad_scores() -> None:
         as_log._class_log_values(np.array([[np.inf, 0.0], [0.0, np.inf]]))
     with pytest.raises(ValueError, match=r"label: 4 is not a class of 'logits' \(3 classes\)"):
         OnnxRewardModel(GPT2, kind="logit", label=4)._class_log_values(probs)
+
+
+@pytest.fixture(scope="module")
+def logit_readers() -> dict[Any, OnnxRewardModel]:
+    """GPT-2's logits read as class logits: label 0 alone over all classes, and over classes 0..k."""
+    readers: dict[Any, OnnxRewardModel] = {None: OnnxRewardModel(GPT2, kind="logit", label=0)}
+    for k in range(2, 6):
+        readers[k] = OnnxRewardModel(GPT2, kind="logit", label=0, classes=list(range(k)))
+    return readers
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    scores=st.lists(
+        st.lists(st.floats(-1e4, 1e4, allow_nan=False) | st.just(-np.inf), min_size=6, max_size=6),
+        min_size=1,
+        max_size=5,
+    ),
+    restrict=st.sampled_from([None, 2, 3, 5]),
+)
+def test_class_logits_are_a_log_softmax(
+    logit_readers: dict[Any, OnnxRewardModel], scores: list[list[float]], restrict: Any
+) -> None:
+    """Against a long-double reference: log Vh = s_0 - log sum exp over the classes, where one class is
+    finite; and the values of every label of the classes add up to probability 1."""
+    vectors = np.array(scores)
+    chosen = vectors if restrict is None else vectors[:, :restrict]
+    if not np.all(np.isfinite(chosen).any(axis=1)):
+        with pytest.raises(ValueError, match="-inf for every class"):
+            logit_readers[restrict]._class_log_values(vectors)
+        return
+    got = logit_readers[restrict]._class_log_values(vectors)
+    wide = chosen.astype(np.longdouble)
+    top = wide.max(axis=1, keepdims=True)
+    expected = wide[:, 0] - (top[:, 0] + np.log(np.exp(wide - top).sum(axis=1)))
+    np.testing.assert_allclose(got, expected.astype(np.float64), rtol=1e-12, atol=1e-9)
+    total = np.zeros(len(vectors))
+    for label in range(chosen.shape[1]):
+        reordered = chosen.copy()
+        reordered[:, [0, label]] = reordered[:, [label, 0]]  # label moved to class 0
+        total += np.exp(logit_readers[None]._class_log_values(reordered))
+    np.testing.assert_allclose(total, 1.0, rtol=1e-12)
 
 
 def test_nan_logits_of_a_decoder_reward(tmp_path: Path) -> None:
