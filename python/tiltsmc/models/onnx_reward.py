@@ -41,7 +41,7 @@ import numpy.typing as npt
 
 from .. import core
 from ._ort import make_session
-from .onnx_lm import _PAST, cache_geometry, read_json, resolve_model_file
+from .onnx_lm import _PAST, cache_geometry, log_softmax, read_json, resolve_model_file
 from .particles import Particles
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -350,11 +350,8 @@ class OnnxRewardModel:
             refuse(scores[:, at : at + 1] == np.inf, "+inf as a log-value")
             return scores[:, at].copy()
         refuse(scores == np.inf, f"+inf as a class {'logit' if self.kind == 'logit' else 'log-value'}")
-        top = scores.max(axis=1)
-        refuse((top == -np.inf)[:, None], "-inf for every class")
-        log_total = top + np.log(np.exp(scores - top[:, None]).sum(axis=1))
-        log_values: FloatArray = scores[:, at] - log_total
-        return log_values
+        refuse((scores.max(axis=1) == -np.inf)[:, None], "-inf for every class")
+        return log_softmax(scores)[:, at]
 
     @staticmethod
     def _prompt(particles: Particles, b: int) -> npt.NDArray[np.int64]:
