@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import functools
 import importlib.metadata
 import io
 import os
+import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,18 +17,21 @@ from typing import Any, Optional
 __all__ = ["cuda_device_usable", "make_session"]
 
 
+# The CUDA driver's file names, as the driver installs them (no GPU driver exists for macOS).
+_DRIVER_NAMES = {"linux": ("libcuda.so.1", "libcuda.so"), "win32": ("nvcuda.dll",), "darwin": ()}
+
+
 @functools.lru_cache(maxsize=1)
 def cuda_device_usable() -> tuple[bool, str]:
     """Whether a CUDA device can really be used (driver present, initialised, at least one device).
 
     Asked of the driver library directly, so a machine without a GPU never sees ONNX Runtime's
-    provider-loading errors. Returns ``(usable, reason)``.
+    provider-loading errors. Returns ``(usable, reason)``. The library is opened by its names alone (the
+    dynamic loader searches its cache, ``LD_LIBRARY_PATH`` and the system folders): no program is run
+    (``ctypes.util.find_library`` runs ``ldconfig``, ``gcc`` and ``ld`` found through ``PATH``).
     """
-    names = ["libcuda.so.1", "libcuda.so", ctypes.util.find_library("cuda") or ""]
     driver = None
-    for name in names:
-        if not name:
-            continue
+    for name in _DRIVER_NAMES.get(sys.platform, _DRIVER_NAMES["linux"]):
         try:
             driver = ctypes.CDLL(name)
             break
