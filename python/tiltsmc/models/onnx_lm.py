@@ -46,6 +46,7 @@ from .. import core
 from ._ort import make_session
 from .device_cache import DeviceKVCache
 from .particles import Particles
+from .prompts import check_prompts
 from .tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["OnnxCausalLM"]
@@ -418,7 +419,8 @@ class OnnxCausalLM:
     # -- the Policy protocol ----------------------------------------------------------------------------
 
     def start(self, prompts: Optional[Sequence[Any]], num_particles: int) -> Particles:
-        prompt_list = [None] if prompts is None else list(prompts)
+        checked = check_prompts(prompts)
+        prompt_list = [None] if checked is None else checked
         if not prompt_list:
             raise ValueError("prompts: expected at least one prompt, got an empty sequence")
         encoded: list[npt.NDArray[np.int64]] = []
@@ -426,7 +428,7 @@ class OnnxCausalLM:
         for b, prompt in enumerate(prompt_list):
             try:
                 encoded.append(self.encode_prompt(prompt))
-            except ValueError as error:
+            except Exception as error:  # any failure of one prompt (the tokenizer's too) is that prompt's
                 errors[b] = f"prompt {b}: {error}"
                 encoded.append(np.array([self.pad_token_id], dtype=np.int64))
         batch, width = len(encoded), max(len(ids) for ids in encoded)
