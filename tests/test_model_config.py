@@ -6,9 +6,11 @@ import json
 import re
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from tiltsmc.models import OnnxCausalLM, OnnxRewardModel
+from tiltsmc.models.onnx_lm import cache_geometry
 
 FIXTURES = Path(__file__).parent / "fixtures" / "models"
 POLICY, REWARD = FIXTURES / "llama-tiny", FIXTURES / "prm-tiny"
@@ -151,3 +153,25 @@ def test_reward_model_configuration(
     folder = configured_copy(tmp_path, "prm-tiny", "config.json", **fields)
     with pytest.raises(ValueError, match=re.escape(message)):
         OnnxRewardModel(folder, kind="logit", **arguments)  # type: ignore[arg-type]
+
+
+def test_cache_geometry_from_config_fields() -> None:
+    """Where the graph's cache dimensions are symbolic, config.json's fields give them: checked too."""
+    past = SimpleNamespace(shape=["batch", "heads", "past", "head_dim"], type="tensor(float)")
+    model = Path("/models/m/model.onnx")
+    config = {"num_key_value_heads": 2, "num_attention_heads": 4, "hidden_size": 32}
+    assert cache_geometry(past, config, model)[1:] == (2, 8)
+    assert cache_geometry(past, {**config, "head_dim": 16}, model)[1:] == (2, 16)
+    for field, value in (("num_key_value_heads", "2"), ("hidden_size", [32]), ("head_dim", 0)):
+        with pytest.raises(
+            ValueError, match=re.escape(f"/models/m/config.json: {field}: expected an integer")
+        ):
+            cache_geometry(past, {**config, field: value}, model)
+
+
+@pytest.mark.parametrize("threads", [-1, "2", 1.5, True])
+def test_thread_counts(threads: object) -> None:
+    with pytest.raises(ValueError, match="intra_op_num_threads: expected an integer >= 0"):
+        OnnxCausalLM(POLICY, intra_op_num_threads=threads)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="inter_op_num_threads: expected an integer >= 0"):
+        OnnxRewardModel(REWARD, inter_op_num_threads=threads)  # type: ignore[arg-type]

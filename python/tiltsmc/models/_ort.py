@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
+
 __all__ = ["check_external_data", "cuda_device_usable", "external_data_locations", "make_session"]
 
 
@@ -126,10 +128,15 @@ def make_session(
     # The policy and reward sessions run in turn: one's pool threads spinning after its run would take
     # the cores from the other (on 2 cores, steps of the fixtures were 20-40% slower with the spin).
     options.add_session_config_entry("session.force_spinning_stop", "1")
-    if intra_op_num_threads is not None:
-        options.intra_op_num_threads = int(intra_op_num_threads)
-    if inter_op_num_threads is not None:
-        options.inter_op_num_threads = int(inter_op_num_threads)
+    for name, threads in (
+        ("intra_op_num_threads", intra_op_num_threads),
+        ("inter_op_num_threads", inter_op_num_threads),
+    ):
+        if threads is None:
+            continue
+        if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 0:
+            raise ValueError(f"{name}: expected an integer >= 0 (0: ONNX Runtime's default), got {threads!r}")
+        setattr(options, name, int(threads))
     if providers is not None:
         if any("CUDA" in str(p if isinstance(p, str) else p[0]) for p in providers):
             _preload_cuda_libraries()

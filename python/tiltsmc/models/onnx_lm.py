@@ -93,13 +93,24 @@ def read_json(path: Path) -> dict[str, Any]:
 def cache_geometry(past: Any, config: dict[str, Any], model_file: Path) -> tuple[Any, int, int]:
     """``(dtype, KV heads, head size)`` of a ``past_key_values.*`` input ``(batch, heads, past, head_dim)``:
     from the graph's static dimensions, else from config.json (grouped-query ``num_key_value_heads``)."""
-    heads = config.get("num_key_value_heads") or config.get("num_attention_heads") or config.get("n_head")
-    hidden = config.get("hidden_size") or config.get("n_embd")
-    kv_heads = int(past.shape[1]) if isinstance(past.shape[1], int) else int(heads or 0)
-    head_dim = config.get("head_dim") or (
-        hidden // (config.get("num_attention_heads") or config.get("n_head")) if hidden else None
-    )
-    head_size = int(past.shape[3]) if isinstance(past.shape[3], int) else int(head_dim or 0)
+    source = Source(model_file.parent / "config.json", config)
+
+    def field(*names: str) -> Optional[int]:  # the first of these fields that is set, checked
+        value, where = first([(source, name) for name in names])
+        return None if value is None else positive_int(value, where)
+
+    if isinstance(past.shape[1], int):
+        kv_heads = int(past.shape[1])
+    else:
+        kv_heads = field("num_key_value_heads", "num_attention_heads", "n_head") or 0
+    if isinstance(past.shape[3], int):
+        head_size = int(past.shape[3])
+    else:
+        head_dim = field("head_dim")
+        if head_dim is None:
+            hidden, heads = field("hidden_size", "n_embd"), field("num_attention_heads", "n_head")
+            head_dim = hidden // heads if hidden and heads else None
+        head_size = head_dim or 0
     if kv_heads < 1 or head_size < 1:
         raise ValueError(
             f"path: cannot tell the cache's heads and head size from {model_file.name} "
