@@ -48,6 +48,7 @@ def model_copy(tmp_path: Path, name: str = "llama-tiny") -> Path:
         ("--reward-delimiters", "-1", "--reward-delimiters: expected comma-separated integers >= 0"),
         ("--reward-label", "-1", "--reward-label: expected an integer >= 0, got -1"),
         ("--particles", "x", "--particles: expected an integer >= 1, got 'x'"),
+        ("--threads", "100000", "--threads: expected at most 1024 threads"),  # ONNX Runtime ran out of memory
     ],
 )
 def test_bad_arguments(option: str, value: str, message: str, capfd: pytest.CaptureFixture[str]) -> None:
@@ -164,3 +165,19 @@ def test_a_reader_that_goes_away(tmp_path: Path) -> None:
     assert json.loads(first)["prompt"] == "prompt 0"
     assert process.returncode == 1
     assert error == "tiltsmc: --json: standard output was closed by its reader (broken pipe)\n"
+
+
+def test_a_reward_model_with_another_vocabulary_is_refused_before_the_run(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    reward = model_copy(tmp_path, "prm-tiny")
+    tokenizer = json.loads((reward / "tokenizer.json").read_text())
+    vocabulary = tokenizer["model"]["vocab"]
+    vocabulary["z"] = vocabulary.pop("a")
+    (reward / "tokenizer.json").write_text(json.dumps(tokenizer))
+    out = tmp_path / "out.jsonl"
+    argv = [*RUN, "--prompt", "hi", "--json", str(out)]
+    argv[argv.index("--reward") + 1] = str(reward)
+    assert main(argv) == 2
+    assert "reward: the reward model's tokenizer differs from the policy's" in one_line_error(capfd)
+    assert not out.exists()

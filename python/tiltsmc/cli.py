@@ -335,6 +335,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+MAX_THREADS = 1024  # ONNX Runtime starts every thread asked for: 100000 exhausted the memory
+
+
+def _thread_count(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_THREADS} threads, got {text}")
+    return value
+
+
 def _count(text: str) -> int:
     try:
         value = int(text)
@@ -454,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per batched run")
     run.add_argument(
-        "--threads", type=_positive_int, default=None, help="threads for ONNX Runtime and the core"
+        "--threads", type=_thread_count, default=None, help="threads for ONNX Runtime and the core"
     )
     run.add_argument("--cpu", action="store_true", help="use the CPU even where a GPU is usable")
     run.add_argument("--seed", type=_count, default=0)
@@ -493,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="sd of the degraded reward model's log-value noise",
     )
     demo.add_argument("--seed", type=_count, default=0)
-    demo.add_argument("--threads", type=_positive_int, default=None, help="ONNX Runtime threads")
+    demo.add_argument("--threads", type=_thread_count, default=None, help="ONNX Runtime threads")
     demo.add_argument("--out", default="tiltsmc-demo", help="output folder (created if needed)")
     return parser
 
@@ -608,6 +618,9 @@ def _load_models(args: argparse.Namespace) -> tuple[Any, Any]:
             providers=providers,
             intra_op_num_threads=args.threads,
         )
+        check_policy = getattr(reward, "check_policy", None)  # vocabularies: bad input, found before the run
+        if callable(check_policy):
+            check_policy(policy)
     except (OSError, ValueError, TypeError) as error:
         raise CliError(_one_line(error)) from None
     except RuntimeError as error:  # e.g. a GPU that ONNX Runtime cannot use
