@@ -240,10 +240,14 @@ class ResultOutput:
         else:
             raise CliError(f"--json: cannot create a temporary file beside {target}")
         try:
-            if existing is not None:
+            if existing is not None and hasattr(os, "fchown"):  # POSIX
                 with contextlib.suppress(OSError):  # only root may give a file away; a group, its members
                     os.fchown(descriptor, existing.st_uid, existing.st_gid)
-                os.fchmod(descriptor, stat.S_IMODE(existing.st_mode))
+            if existing is not None:
+                if hasattr(os, "fchmod"):
+                    os.fchmod(descriptor, stat.S_IMODE(existing.st_mode))
+                else:  # Windows before Python 3.13: the read-only bit
+                    os.chmod(candidate, stat.S_IMODE(existing.st_mode))
             self._stream = os.fdopen(descriptor, "w", encoding="utf-8")
         except BaseException as error:
             os.close(descriptor)
@@ -275,7 +279,8 @@ class ResultOutput:
             if self._spool is not None:
                 assert self._target is not None
                 self._spool.seek(0)
-                with open(self._target, "r+", encoding="utf-8") as handle:
+                # signals held back: an interruption would leave the file half rewritten
+                with signals_deferred(), open(self._target, "r+", encoding="utf-8") as handle:
                     handle.truncate(0)
                     while chunk := self._spool.read(1 << 20):
                         handle.write(chunk)
