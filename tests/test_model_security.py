@@ -242,6 +242,18 @@ def test_external_data_anywhere_in_the_model_is_found(tmp_path: Path) -> None:
         check_external_data(model)
 
 
+def test_a_tensor_with_two_locations_is_refused(tmp_path: Path) -> None:
+    """A harmless first location and a hostile second one (older ONNX Runtime versions read the last)."""
+    tensor = _external_tensor("w", "w.bin") + _entry("location", "../../secret.bin")
+    model = tmp_path / "model.onnx"
+    model.write_bytes(_message(7, _message(5, tensor)))
+    (tmp_path / "w.bin").write_bytes(b"\0" * 4)
+    with pytest.raises(
+        ValueError, match=r"not a valid ONNX model \(tensor 'w' has 2 external data locations"
+    ):
+        check_external_data(model)
+
+
 def test_a_malformed_protobuf_is_refused(tmp_path: Path) -> None:
     model = tmp_path / "model.onnx"
     model.write_bytes(_message(7, b"\x0a\xff\xff"))  # a graph whose node claims more bytes than there are

@@ -315,15 +315,17 @@ def external_data_locations(model_path: Path) -> list[tuple[str, str]]:
                         if child is not None and wire == 2:
                             stack.append((child, *value))
             except _Malformed as error:
+                what = error.args[1] if len(error.args) > 1 else "malformed protobuf"
                 raise ValueError(
-                    f"path: {model_path} is not a valid ONNX model (malformed protobuf near byte "
-                    f"{error.args[0]})"
+                    f"path: {model_path} is not a valid ONNX model ({what} near byte {error.args[0]})"
                 ) from None
     return found
 
 
 def _tensor_location(data: Any, start: int, end: int) -> list[tuple[str, str]]:
-    name, location, external = "", None, False
+    """``[(name, location)]`` of a TensorProto with external data, else ``[]``. Two ``location`` entries
+    are refused (:class:`_Malformed`), as ONNX Runtime's recent versions do; older ones took the last."""
+    name, locations, external = "", [], False
     for number, wire, value in _fields(data, start, end):
         if number == 8 and wire == 2:
             name = bytes(data[value[0] : value[1]]).decode("utf-8", "replace")
@@ -336,10 +338,12 @@ def _tensor_location(data: Any, start: int, end: int) -> list[tuple[str, str]]:
                     text = bytes(data[span[0] : span[1]]).decode("utf-8", "replace")
                     key, entry = (text, entry) if field == 1 else (key, text)
             if key == "location":
-                location = entry or ""
-    if location is None and not external:
+                locations.append(entry or "")
+    if len(locations) > 1:
+        raise _Malformed(start, f"tensor {name!r} has {len(locations)} external data locations")
+    if not locations and not external:
         return []
-    return [(name, location or "")]
+    return [(name, locations[0] if locations else "")]
 
 
 def check_external_data(model_path: Path) -> None:
@@ -350,7 +354,8 @@ def check_external_data(model_path: Path) -> None:
     symbolic link (the Hugging Face cache links ``snapshots/<rev>/model.onnx`` and its data to
     ``blobs/``). Absolute paths, ``..`` out of the folder, symbolic links leading out of it and ONNX
     Runtime's in-memory address tag are refused with a ValueError naming the file, the tensor and the
-    location. (ONNX Runtime refuses these itself only from version 1.24 on; older versions read them.)
+    location. (ONNX Runtime added a check of its own at the end of 2025, microsoft/onnxruntime#26776;
+    the versions before it, down to the 1.17 that tiltsmc accepts, read such files.)
     """
     folder = model_path.parent
     roots = {os.path.realpath(folder), os.path.dirname(os.path.realpath(model_path))}
