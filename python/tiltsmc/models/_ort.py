@@ -301,7 +301,11 @@ def external_data_locations(model_path: Path) -> list[tuple[str, str]]:
         size = os.fstat(handle.fileno()).st_size
         if size == 0:
             raise ValueError(f"path: {model_path} is empty, not an ONNX model")
-        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        try:
+            mapped: Any = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):  # a file system that cannot map files: read it
+            mapped = contextlib.nullcontext(handle.read())
+        with mapped as data:
             stack = [("model", 0, size)]
             try:
                 while stack:
