@@ -24,7 +24,10 @@ def test_loading_models_runs_no_program_found_through_path(tmp_path: Path) -> No
     fakes = tmp_path / "bin"
     fakes.mkdir()
     ran = tmp_path / "ran.txt"
-    for name in ("gcc", "cc", "ld", "ldconfig", "x86_64-linux-gnu-gcc", "objdump", "nvidia-smi"):
+    # what find_library runs (gcc, cc, ld, ldconfig, objdump), and others a probe might (platform's file,
+    # uname; nvidia-smi, nvcc)
+    programs = "gcc cc ld ldconfig x86_64-linux-gnu-gcc objdump nvidia-smi nvcc file uname lsb_release which"
+    for name in programs.split():
         script = fakes / name
         script.write_text(f"#!/bin/sh\necho {name} >> '{ran}'\nexit 1\n")
         script.chmod(0o755)
