@@ -175,3 +175,21 @@ def test_thread_counts(threads: object) -> None:
         OnnxCausalLM(POLICY, intra_op_num_threads=threads)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="inter_op_num_threads: expected an integer >= 0"):
         OnnxRewardModel(REWARD, inter_op_num_threads=threads)  # type: ignore[arg-type]
+
+
+def test_cuda_asked_for_without_a_usable_device_falls_back_quietly(capfd: pytest.CaptureFixture[str]) -> None:
+    """``providers=["CUDAExecutionProvider", "CPUExecutionProvider"]`` is ONNX Runtime's "CUDA where
+    possible": on a machine without a usable CUDA device it runs on the CPU without ONNX Runtime's banner
+    about the CUDA provider failing to load; ``require_gpu=True`` still refuses."""
+    from tiltsmc.models._ort import cuda_device_usable
+
+    usable, _ = cuda_device_usable()
+    capfd.readouterr()
+    for providers in (["CUDAExecutionProvider", "CPUExecutionProvider"], [("CUDAExecutionProvider", {})]):
+        policy = OnnxCausalLM(POLICY, providers=providers)
+        expected = "CUDAExecutionProvider" if usable else "CPUExecutionProvider"
+        assert policy.session.get_providers()[0] == expected
+    assert capfd.readouterr().err == ""
+    if not usable:
+        with pytest.raises(RuntimeError, match=r"require_gpu: model\.onnx runs on .*not on CUDA"):
+            OnnxCausalLM(POLICY, providers=["CUDAExecutionProvider"], require_gpu=True)

@@ -120,6 +120,11 @@ def make_session(
     _warn_if_both_runtimes_installed()
     if providers is not None:
         providers = _checked_providers(providers, ort)
+        if not cuda_device_usable()[0]:
+            # Without a driver and a device the CUDA provider cannot start: ONNX Runtime would print its
+            # failure to load it (a banner of several lines) and run on the CPU. Go to the CPU directly.
+            kept = [p for p in providers if (p if isinstance(p, str) else p[0]) != "CUDAExecutionProvider"]
+            providers = kept or ["CPUExecutionProvider"]
     check_external_data(model_path)
     options = ort.SessionOptions()
     # Fatal only: errors reach the caller as exceptions (printed too, they would make a second report), and
