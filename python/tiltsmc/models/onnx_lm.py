@@ -447,6 +447,9 @@ class OnnxCausalLM:
             return self._start_buffers.repeated(a, num_particles)
 
         particles.state["lm.mask"] = repeat(mask)
+        # Left-aligned sequences: batches of other lengths join by left padding (Particles.concatenate).
+        particles.aligned["lm.mask"] = (2, "lm.mask")
+        particles.aligned.update((key, (3, "lm.mask")) for _, _, key in self._cache_names)
         particles.state["lm.logits"] = repeat(np.asarray(logits[:, -1, :], dtype=np.float32))
         if isinstance(present, DeviceKVCache):  # every particle of prompt b copies its prompt's cache
             particles.state["lm.cache"] = present.take(np.zeros((batch, num_particles), dtype=np.int64))
