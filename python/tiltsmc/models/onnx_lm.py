@@ -415,6 +415,18 @@ class OnnxCausalLM:
             ) from error
         return binding.get_outputs()[0].numpy(), present
 
+    @property
+    def supports_engine(self) -> bool:
+        """Whether the serving engine can batch it: its host KV cache joins by left padding
+        (``Particles.aligned``); a device cache cannot join yet."""
+        return not self.device_cache
+
+    @property
+    def engine_unsupported_reason(self) -> Optional[str]:
+        if self.device_cache:
+            return "its KV cache is on the GPU (device_cache); pass device_cache=False"
+        return None
+
     # -- the Policy protocol ----------------------------------------------------------------------------
 
     def start(self, prompts: Optional[Sequence[Any]], num_particles: int) -> Particles:

@@ -6,6 +6,8 @@ import math
 from collections.abc import Sequence
 from typing import Any, Optional
 
+import numpy as np
+
 from .._rng import RNGLike, as_generator
 from ..models.protocols import Policy, RewardModel
 from ._engine import Models, check_count, prompts_list
@@ -36,6 +38,27 @@ def rejection(
     ``num_samples`` (fewer when tries ran out), and ``log_z[b]`` is ``log`` of the mean ``r`` over all draws.
     """
     models = Models(policy, reward, Compute())
+    run = rejection_run(
+        models, prompts, bound, num_samples, max_tries, rng, batch_size=batch_size, max_steps=max_steps
+    )
+    result: SamplerResult = run_alone(models, run)
+    return result
+
+
+def rejection_run(
+    models: Models,
+    prompts: Optional[Sequence[Any]],
+    bound: float,
+    num_samples: int,
+    max_tries: int,
+    rng: RNGLike,
+    *,
+    batch_size: int,
+    max_steps: int,
+) -> RejectionRun:
+    """The run of :func:`rejection` with these arguments, checked."""
+    if isinstance(bound, (bool, np.bool_)) or not isinstance(bound, (int, float, np.number)):
+        raise TypeError(f"bound: expected a finite bound C > 0 on the reward, got {bound!r}")
     bound = float(bound)
     if not (math.isfinite(bound) and bound > 0.0):
         raise ValueError(f"bound: expected a finite bound C > 0 on the reward, got {bound!r}")
@@ -43,9 +66,15 @@ def rejection(
     max_tries = check_count(max_tries, "max_tries")
     batch_size = check_count(batch_size, "batch_size")
     prompt_list = [()] if prompts is None else list(prompts)
-    run = RejectionRun(prompt_list, bound, num_samples, max_tries, batch_size, as_generator(rng), max_steps)
-    result: SamplerResult = run_alone(models, run)
-    return result
+    return RejectionRun(
+        prompt_list,
+        bound,
+        num_samples,
+        max_tries,
+        batch_size,
+        as_generator(rng),
+        check_count(max_steps, "max_steps"),
+    )
 
 
 def best_of_n(
@@ -62,6 +91,14 @@ def best_of_n(
     A baseline, not a sampler of ``pi``. ``log_z[b]`` is ``log`` of the mean reward of the ``n`` draws.
     """
     models = Models(policy, reward, Compute())
-    run = BestOfNRun(prompts_list(prompts), check_count(n, "n"), as_generator(rng), max_steps)
-    result: SamplerResult = run_alone(models, run)
+    result: SamplerResult = run_alone(models, best_of_n_run(models, prompts, n, rng, max_steps=max_steps))
     return result
+
+
+def best_of_n_run(
+    models: Models, prompts: Optional[Sequence[Any]], n: int, rng: RNGLike, *, max_steps: int
+) -> BestOfNRun:
+    """The run of :func:`best_of_n` with these arguments, checked."""
+    return BestOfNRun(
+        prompts_list(prompts), check_count(n, "n"), as_generator(rng), check_count(max_steps, "max_steps")
+    )

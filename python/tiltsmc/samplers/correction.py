@@ -45,6 +45,27 @@ def mh(
     its weighted particles by weight. ``steps=0`` returns the uncorrected draw.
     """
     models = Models(policy, reward, Compute())
+    run = mh_run(
+        models, prompts, pool_size, steps, num_particles, rng,
+        resample=resample, ess_threshold=ess_threshold, max_steps=max_steps,
+    )  # fmt: skip
+    result: SamplerResult = run_alone(models, run)
+    return result
+
+
+def mh_run(
+    models: Models,
+    prompts: Optional[Sequence[Any]],
+    pool_size: Optional[int],
+    steps: int,
+    num_particles: int,
+    rng: RNGLike,
+    *,
+    resample: str,
+    ess_threshold: float,
+    max_steps: int,
+) -> MHRun:
+    """The run of :func:`mh` with these arguments, checked."""
     steps = check_count(steps, "steps", minimum=0)
     num_particles = check_count(num_particles, "num_particles")
     if num_particles > 1:
@@ -53,7 +74,7 @@ def mh(
         _check_common("systematic", 0.0, "optimal", models)
     else:
         pool_size = check_count(pool_size, "pool_size")
-    run = MHRun(
+    return MHRun(
         prompts_list(prompts),
         pool_size,
         steps,
@@ -61,7 +82,5 @@ def mh(
         resample,
         float(ess_threshold),
         as_generator(rng),
-        max_steps,
+        check_count(max_steps, "max_steps"),
     )
-    result: SamplerResult = run_alone(models, run)
-    return result

@@ -83,6 +83,8 @@ class Lane:
         self.compute = models.compute
         self._joining: list[_Member] = []  # started this step, join with their batch
         self._ended: list[_Member] = []  # ended this step, leave once every run has been updated
+        self.policy_calls = 0  # policy steps taken (propose, or next_log_probs), and the rows they served
+        self.policy_rows = 0
 
     @property
     def rows(self) -> int:
@@ -130,8 +132,14 @@ class Lane:
             self._drop(list(self.members))
         return ended
 
-    def _guided_step(self, ended: Ended) -> None:
+    def _count_step(self) -> Particles:
         particles = self._particles()
+        self.policy_calls += 1
+        self.policy_rows += self.rows
+        return particles
+
+    def _guided_step(self, ended: Ended) -> None:
+        particles = self._count_step()
         for member in self.members:
             member.run.before_step(_view(particles, member))
         self._charge(lambda: self.models.propose(particles, self._rng()), live=True)
@@ -144,7 +152,7 @@ class Lane:
         )
 
     def _twist_step(self, ended: Ended) -> None:
-        particles = self._particles()
+        particles = self._count_step()
         for member in self.members:
             member.run.before_step(_view(particles, member))
         next_log_values = self._charge(lambda: self.models.next_log_values(particles))
@@ -165,7 +173,7 @@ class Lane:
         self._update(ended, lambda member, view: member.run.after_append(view))
 
     def _rollout_step(self, ended: Ended) -> None:
-        particles = self._particles()
+        particles = self._count_step()
         self._charge(lambda: self.models.propose(particles, self._rng()), live=True)
         for member in self._active():
             try:

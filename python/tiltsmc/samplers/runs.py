@@ -121,9 +121,9 @@ class Run:
         self.report = True  # False: a proposal of an MH run, whose result is never read
 
     @property
-    def lane_kind(self) -> str:
-        """The lane the run steps in (an MH run steps as its current proposal does)."""
-        return self.kind
+    def rows_per_prompt(self) -> int:
+        """The most particles the run holds at once for each of its prompts."""
+        raise NotImplementedError
 
     def wants(self) -> Optional[tuple[Optional[list[Any]], int]]:
         """``(prompts, particles per prompt)`` of the batch the run needs next, or None."""
@@ -196,6 +196,10 @@ class SMCRun(Run):
     @property
     def kind(self) -> str:  # type: ignore[override]
         return "guided" if self.proposal == "naive" else "twist"
+
+    @property
+    def rows_per_prompt(self) -> int:
+        return self.num_particles
 
     def wants(self) -> Optional[tuple[Optional[list[Any]], int]]:
         return None if self.started else (self.prompts, self.num_particles)
@@ -316,6 +320,10 @@ class PoolRun(Run):
         self.started = False
         self.trace = Trace()
 
+    @property
+    def rows_per_prompt(self) -> int:
+        return self.pool_size
+
     def wants(self) -> Optional[tuple[Optional[list[Any]], int]]:
         return None if self.started else (self.prompts, self.pool_size)
 
@@ -385,6 +393,10 @@ class BestOfNRun(Run):
         self.n = n
         self.started = False
 
+    @property
+    def rows_per_prompt(self) -> int:
+        return self.n
+
     def wants(self) -> Optional[tuple[Optional[list[Any]], int]]:
         return None if self.started else (self.prompts, self.n)
 
@@ -451,6 +463,10 @@ class RejectionRun(Run):
         self.log_r_sums = np.full(batch, -np.inf)
         self.errors: dict[int, str] = {}
         self.waiting: list[int] = []
+
+    @property
+    def rows_per_prompt(self) -> int:
+        return min(self.batch_size, self.max_tries)
 
     def wants(self) -> Optional[tuple[Optional[list[Any]], int]]:
         self.waiting = [
@@ -554,6 +570,10 @@ class MHRun(Run):
     @property
     def kind(self) -> str:  # type: ignore[override]
         return self.current.kind
+
+    @property
+    def rows_per_prompt(self) -> int:
+        return self.current.rows_per_prompt
 
     def wants(self) -> Optional[tuple[Optional[list[Any]], int]]:
         return None if self.result is not None else self.current.wants()

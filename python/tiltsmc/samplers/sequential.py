@@ -69,20 +69,39 @@ def smc(
     token policy and a twist head); with the exact twist every final weight is equal and ``log_z`` is exact.
     """
     models = Models(policy, reward, Compute())
+    run = smc_run(
+        models, prompts, num_particles, resample, ess_threshold, proposal, rng,
+        record_ancestry=record_ancestry, max_steps=max_steps,
+    )  # fmt: skip
+    result: SamplerResult = run_alone(models, run)
+    return result
+
+
+def smc_run(
+    models: Models,
+    prompts: Optional[Sequence[Any]],
+    num_particles: int,
+    resample: str,
+    ess_threshold: float,
+    proposal: str,
+    rng: RNGLike,
+    *,
+    record_ancestry: bool,
+    max_steps: int,
+) -> SMCRun:
+    """The run of :func:`smc` with these arguments, checked (the serving engine builds its runs here)."""
     num_particles = check_count(num_particles, "num_particles")
     _check_common(resample, ess_threshold, proposal, models)
-    run = SMCRun(
+    return SMCRun(
         prompts_list(prompts),
         num_particles,
         resample,
         float(ess_threshold),
         proposal,
         as_generator(rng),
-        max_steps,
-        record_ancestry,
+        check_count(max_steps, "max_steps"),
+        bool(record_ancestry),
     )
-    result: SamplerResult = run_alone(models, run)
-    return result
 
 
 def sp_gsmc(
@@ -102,12 +121,24 @@ def sp_gsmc(
     a twist head); its law at step ``t`` is within TV ``2 t eps`` of ``pi_t ∝ p Vh_t``.
     """
     models = Models(policy, reward, Compute())
+    result: SamplerResult = run_alone(
+        models, sp_gsmc_run(models, prompts, pool_size, rng, max_steps=max_steps)
+    )
+    return result
+
+
+def sp_gsmc_run(
+    models: Models,
+    prompts: Optional[Sequence[Any]],
+    pool_size: Optional[int],
+    rng: RNGLike,
+    *,
+    max_steps: int,
+) -> Run:
+    """The run of :func:`sp_gsmc` with these arguments, checked."""
     generator = as_generator(rng)
-    run: Run
+    max_steps = check_count(max_steps, "max_steps")
     if pool_size is None:
         _check_common("systematic", 0.0, "optimal", models)
-        run = ExactSPRun(prompts_list(prompts), generator, max_steps)
-    else:
-        run = PoolRun(prompts_list(prompts), check_count(pool_size, "pool_size"), generator, max_steps)
-    result: SamplerResult = run_alone(models, run)
-    return result
+        return ExactSPRun(prompts_list(prompts), generator, max_steps)
+    return PoolRun(prompts_list(prompts), check_count(pool_size, "pool_size"), generator, max_steps)
