@@ -446,3 +446,29 @@ def test_a_failing_model_call_ends_its_batch_and_the_engine_goes_on(models: tupl
         after = engine.submit((), "smc", num_particles=8, rng=1).result(timeout=30)
         assert engine.stats()["requests"]["failed"] == 1
     assert same_result(after, tiltsmc.smc(policy, twist, prompts=[()], num_particles=8, rng=1))
+
+
+def test_requests_with_their_own_max_new_tokens(onnx_models: tuple[OnnxCausalLM, OnnxRewardModel]) -> None:
+    """Requests with different token limits in flight together: each trajectory ends at its request's
+    limit (the fixture never ends earlier on this seed, or at its EOS), as the offline call with it does."""
+    policy, reward = onnx_models
+    limits = [2, 6, 3, 5]
+    with tiltsmc.Engine(policy, reward) as engine:
+        futures = [
+            engine.submit("hello", "smc", num_particles=4, rng=k, max_new_tokens=m)
+            for k, m in enumerate(limits)
+        ]
+        results = [f.result(timeout=30) for f in futures]
+        too_long = engine.submit("hello", "smc", num_particles=4, max_new_tokens=7)
+        with pytest.raises(ValueError, match="max_new_tokens: 7 is more than the policy's limit of 6"):
+            too_long.result(timeout=30)
+    for k, (limit, result) in enumerate(zip(limits, results)):
+        lengths = [len(s) for s in result.samples[0]]
+        assert max(lengths) <= limit
+        offline = tiltsmc.smc(policy, reward, prompts=["hello"], num_particles=4, rng=k, max_new_tokens=limit)
+        assert result.texts == offline.texts
+    task = MarkovDFATask.random(3, 2, 6, rng=4)
+    short = tiltsmc.smc(task.policy(), task.twist(), num_particles=4, rng=0, max_new_tokens=3)
+    assert short.samples[0].shape == (4, 3)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        tiltsmc.smc(task.policy(), task.twist(), num_particles=4, max_new_tokens=0)

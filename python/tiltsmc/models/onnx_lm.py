@@ -45,7 +45,7 @@ import numpy.typing as npt
 from .. import core
 from ._ort import make_session
 from .device_cache import DeviceKVCache
-from .particles import Particles
+from .particles import MAX_NEW_TOKENS, Particles
 from .tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["OnnxCausalLM"]
@@ -580,11 +580,20 @@ class OnnxCausalLM:
         self, particles: Particles, tokens: npt.NDArray[np.int64], active: npt.NDArray[np.bool_]
     ) -> tuple[npt.NDArray[np.bool_], int]:
         """Write ``tokens`` where ``active`` and mark ended trajectories (at ``max_new_tokens`` or an EOS
-        token); returns the rows still going and how many there are."""
-        return core.append_tokens(
+        token, or at a sampler's own limit ``Particles.state[MAX_NEW_TOKENS]``); returns the rows still going
+        and how many there are."""
+        still, going = core.append_tokens(
             particles.tokens, particles.lengths, particles.finished, tokens, active, self._eos_ids,
             self.max_new_tokens,
         )  # fmt: skip
+        limit = particles.state.get(MAX_NEW_TOKENS)
+        if limit is not None:
+            over = still & (particles.lengths >= limit)
+            if over.any():
+                particles.finished |= over
+                still &= ~over
+                going = int(np.count_nonzero(still))
+        return still, going
 
     def propose(self, particles: Particles, rng: np.random.Generator) -> FloatArray:
         """Draw one step for every unfinished particle; returns ``log p(step)`` (0 where finished).

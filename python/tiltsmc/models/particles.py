@@ -14,7 +14,11 @@ import numpy.typing as npt
 from .. import _device, core
 from .device_cache import DeviceKVCache
 
-__all__ = ["Particles"]
+__all__ = ["MAX_NEW_TOKENS", "Particles"]
+
+# Particles.state key of the most tokens each trajectory may have (a request's max_new_tokens), where a
+# sampler sets one; a policy ends a trajectory there as at its own max_new_tokens.
+MAX_NEW_TOKENS = "max_new_tokens"
 
 
 @dataclass

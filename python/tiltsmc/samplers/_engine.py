@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -14,6 +14,7 @@ from ..models.protocols import Policy, RewardModel, TokenPolicy, TwistModel
 from .result import Compute
 
 FloatArray = npt.NDArray[np.float64]
+RunT = TypeVar("RunT")
 
 
 def check_count(value: Any, name: str, minimum: int = 1) -> int:
@@ -22,6 +23,13 @@ def check_count(value: Any, name: str, minimum: int = 1) -> int:
     if value < minimum:
         raise ValueError(f"{name}: must be >= {minimum}, got {value}")
     return int(value)
+
+
+def limited(run: RunT, max_new_tokens: Optional[int]) -> RunT:
+    """``run`` with its per-trajectory token limit set (None: the policy's own), checked."""
+    if max_new_tokens is not None:
+        run.max_new_tokens = check_count(max_new_tokens, "max_new_tokens")
+    return run
 
 
 def logsumexp(a: FloatArray, axis: int = -1) -> FloatArray:

@@ -10,7 +10,7 @@ import numpy as np
 
 from .._rng import RNGLike, as_generator
 from ..models.protocols import Policy, RewardModel
-from ._engine import Models, check_count, prompts_list
+from ._engine import Models, check_count, limited, prompts_list
 from .lane import run_alone
 from .result import Compute, SamplerResult
 from .runs import BestOfNRun, RejectionRun
@@ -29,6 +29,7 @@ def rejection(
     *,
     batch_size: int = 256,
     max_steps: int = 1_000_000,
+    max_new_tokens: Optional[int] = None,
 ) -> SamplerResult:
     """Exact samples of ``pi``: draw ``x ~ p``, accept with probability ``r(x) / bound``.
 
@@ -39,7 +40,15 @@ def rejection(
     """
     models = Models(policy, reward, Compute())
     run = rejection_run(
-        models, prompts, bound, num_samples, max_tries, rng, batch_size=batch_size, max_steps=max_steps
+        models,
+        prompts,
+        bound,
+        num_samples,
+        max_tries,
+        rng,
+        batch_size=batch_size,
+        max_steps=max_steps,
+        max_new_tokens=max_new_tokens,
     )
     result: SamplerResult = run_alone(models, run)
     return result
@@ -55,6 +64,7 @@ def rejection_run(
     *,
     batch_size: int,
     max_steps: int,
+    max_new_tokens: Optional[int] = None,
 ) -> RejectionRun:
     """The run of :func:`rejection` with these arguments, checked."""
     if isinstance(bound, (bool, np.bool_)) or not isinstance(bound, (int, float, np.number)):
@@ -66,7 +76,7 @@ def rejection_run(
     max_tries = check_count(max_tries, "max_tries")
     batch_size = check_count(batch_size, "batch_size")
     prompt_list = [()] if prompts is None else list(prompts)
-    return RejectionRun(
+    run = RejectionRun(
         prompt_list,
         bound,
         num_samples,
@@ -75,6 +85,7 @@ def rejection_run(
         as_generator(rng),
         check_count(max_steps, "max_steps"),
     )
+    return limited(run, max_new_tokens)
 
 
 def best_of_n(
@@ -85,20 +96,30 @@ def best_of_n(
     rng: RNGLike = None,
     *,
     max_steps: int = 1_000_000,
+    max_new_tokens: Optional[int] = None,
 ) -> SamplerResult:
     """Draw ``n`` trajectories from ``p`` per prompt and return the highest-reward one (first on ties).
 
     A baseline, not a sampler of ``pi``. ``log_z[b]`` is ``log`` of the mean reward of the ``n`` draws.
     """
     models = Models(policy, reward, Compute())
-    result: SamplerResult = run_alone(models, best_of_n_run(models, prompts, n, rng, max_steps=max_steps))
+    result: SamplerResult = run_alone(
+        models, best_of_n_run(models, prompts, n, rng, max_steps=max_steps, max_new_tokens=max_new_tokens)
+    )
     return result
 
 
 def best_of_n_run(
-    models: Models, prompts: Optional[Sequence[Any]], n: int, rng: RNGLike, *, max_steps: int
+    models: Models,
+    prompts: Optional[Sequence[Any]],
+    n: int,
+    rng: RNGLike,
+    *,
+    max_steps: int,
+    max_new_tokens: Optional[int] = None,
 ) -> BestOfNRun:
     """The run of :func:`best_of_n` with these arguments, checked."""
-    return BestOfNRun(
+    run = BestOfNRun(
         prompts_list(prompts), check_count(n, "n"), as_generator(rng), check_count(max_steps, "max_steps")
     )
+    return limited(run, max_new_tokens)

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from .._rng import RNGLike, as_generator
 from ..models.protocols import Policy, RewardModel
-from ._engine import Models, check_count, prompts_list
+from ._engine import Models, check_count, limited, prompts_list
 from .lane import run_alone
 from .result import Compute, SamplerResult
 from .runs import MHRun
@@ -35,6 +35,7 @@ def mh(
     resample: str = "systematic",
     ess_threshold: float = 0.5,
     max_steps: int = 1_000_000,
+    max_new_tokens: Optional[int] = None,
 ) -> SamplerResult:
     """SP-gSMC (``num_particles=1``; ``pool_size=None`` for the exact form) or SMC (PIMH) corrected by
     ``steps`` independent Metropolis-Hastings proposals accepted with ``min(1, Zh'/Zh)``.
@@ -47,7 +48,7 @@ def mh(
     models = Models(policy, reward, Compute())
     run = mh_run(
         models, prompts, pool_size, steps, num_particles, rng,
-        resample=resample, ess_threshold=ess_threshold, max_steps=max_steps,
+        resample=resample, ess_threshold=ess_threshold, max_steps=max_steps, max_new_tokens=max_new_tokens,
     )  # fmt: skip
     result: SamplerResult = run_alone(models, run)
     return result
@@ -64,6 +65,7 @@ def mh_run(
     resample: str,
     ess_threshold: float,
     max_steps: int,
+    max_new_tokens: Optional[int] = None,
 ) -> MHRun:
     """The run of :func:`mh` with these arguments, checked."""
     steps = check_count(steps, "steps", minimum=0)
@@ -74,7 +76,7 @@ def mh_run(
         _check_common("systematic", 0.0, "optimal", models)
     else:
         pool_size = check_count(pool_size, "pool_size")
-    return MHRun(
+    run = MHRun(
         prompts_list(prompts),
         pool_size,
         steps,
@@ -84,3 +86,4 @@ def mh_run(
         as_generator(rng),
         check_count(max_steps, "max_steps"),
     )
+    return limited(run, max_new_tokens)

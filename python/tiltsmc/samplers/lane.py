@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .._rng import RowStreams
-from ..models.particles import Particles
+from ..models.particles import MAX_NEW_TOKENS, Particles
 from ._engine import FloatArray, Models, all_finished, failed_prompts
 from .result import Compute
 from .runs import LOG_V_PREV, Run
@@ -143,6 +143,7 @@ class Lane:
         for member in self.members:
             member.run.before_step(_view(particles, member))
         self._charge(lambda: self.models.propose(particles, self._rng()), live=True)
+        _end_at_limits(particles)
         log_v = self._log_values(ended)
         self._update(
             ended,
@@ -170,11 +171,13 @@ class Lane:
                 continue
             tokens[rows] = chosen.reshape(-1, 1)
         self._charge(lambda: self.models.append(particles, tokens))
+        _end_at_limits(particles)
         self._update(ended, lambda member, view: member.run.after_append(view))
 
     def _rollout_step(self, ended: Ended) -> None:
         particles = self._count_step()
         self._charge(lambda: self.models.propose(particles, self._rng()), live=True)
+        _end_at_limits(particles)
         for member in self._active():
             try:
                 member.run.check_steps(_view(particles, member))
@@ -270,6 +273,18 @@ class Lane:
         log_v0 = self._charge_to([run for run, _ in group], lambda: self.models.initial_log_value(part))
         failed = failed_prompts(part)
         log_v_prev = np.zeros(part.lengths.shape)
+        capacity = part.tokens.shape[2]
+        limits = np.full(part.lengths.shape, capacity, dtype=np.int64)
+        offset = 0
+        for run, run_prompts in group:
+            batch = part.num_prompts if len(group) == 1 else len(run_prompts or [None])
+            if run.max_new_tokens is not None:
+                if run.max_new_tokens > capacity:
+                    raise ValueError(
+                        f"max_new_tokens: {run.max_new_tokens} is more than the policy's limit of {capacity}"
+                    )
+                limits[offset : offset + batch] = run.max_new_tokens
+            offset += batch
         offset = 0
         for run, run_prompts in group:
             batch = part.num_prompts if len(group) == 1 else len(run_prompts or [None])
@@ -279,6 +294,7 @@ class Lane:
             self._joining.append(_Member(run, batch, count))
             offset += batch
         part.state[LOG_V_PREV] = log_v_prev
+        part.state[MAX_NEW_TOKENS] = limits
         return [part.one_per_prompt()]
 
     def _join(self, parts: list[Particles]) -> None:
@@ -385,6 +401,14 @@ class Lane:
             return call()
         finally:
             _share(before, self.compute, runs, weights, time.perf_counter() - began)
+
+
+def _end_at_limits(particles: Particles) -> None:
+    """Trajectories at their run's ``max_new_tokens`` end (for policies that do not end them there
+    themselves)."""
+    np.logical_or(
+        particles.finished, particles.lengths >= particles.state[MAX_NEW_TOKENS], out=particles.finished
+    )
 
 
 _FIELDS = ("policy_calls", "policy_steps", "policy_tokens", "reward_calls", "reward_evaluations")

@@ -119,6 +119,7 @@ class Run:
         self.policy: Any = None  # set by the lane: decodes texts for the result
         self.steps = 0
         self.report = True  # False: a proposal of an MH run, whose result is never read
+        self.max_new_tokens: Optional[int] = None  # None: the policy's own limit
 
     @property
     def rows_per_prompt(self) -> int:

@@ -22,7 +22,7 @@ import numpy as np
 from .. import core
 from .._rng import RNGLike, as_generator
 from ..models.protocols import Policy, RewardModel
-from ._engine import Models, check_count, prompts_list
+from ._engine import Models, check_count, limited, prompts_list
 from .lane import run_alone
 from .result import Compute, SamplerResult
 from .runs import ExactSPRun, PoolRun, Run, SMCRun
@@ -61,17 +61,19 @@ def smc(
     *,
     record_ancestry: bool = False,
     max_steps: int = 1_000_000,
+    max_new_tokens: Optional[int] = None,
 ) -> SamplerResult:
     """SMC targeting ``pi ∝ p r`` with the ratio potentials ``G_t = Vh_t / Vh_{t-1}``.
 
     Resamples a prompt's particles when their ``ESS < ess_threshold * num_particles`` (``1.0``: every
-    step), never after the last step. ``proposal="optimal"`` draws each token from ``q ∝ p Vh_t`` (needs a
+    step), never after the last step. ``max_new_tokens`` ends every trajectory at that many tokens (None:
+    at the policy's own limit). ``proposal="optimal"`` draws each token from ``q ∝ p Vh_t`` (needs a
     token policy and a twist head); with the exact twist every final weight is equal and ``log_z`` is exact.
     """
     models = Models(policy, reward, Compute())
     run = smc_run(
         models, prompts, num_particles, resample, ess_threshold, proposal, rng,
-        record_ancestry=record_ancestry, max_steps=max_steps,
+        record_ancestry=record_ancestry, max_steps=max_steps, max_new_tokens=max_new_tokens,
     )  # fmt: skip
     result: SamplerResult = run_alone(models, run)
     return result
@@ -88,11 +90,12 @@ def smc_run(
     *,
     record_ancestry: bool,
     max_steps: int,
+    max_new_tokens: Optional[int] = None,
 ) -> SMCRun:
     """The run of :func:`smc` with these arguments, checked (the serving engine builds its runs here)."""
     num_particles = check_count(num_particles, "num_particles")
     _check_common(resample, ess_threshold, proposal, models)
-    return SMCRun(
+    run = SMCRun(
         prompts_list(prompts),
         num_particles,
         resample,
@@ -102,6 +105,7 @@ def smc_run(
         check_count(max_steps, "max_steps"),
         bool(record_ancestry),
     )
+    return limited(run, max_new_tokens)
 
 
 def sp_gsmc(
@@ -112,6 +116,7 @@ def sp_gsmc(
     rng: RNGLike = None,
     *,
     max_steps: int = 1_000_000,
+    max_new_tokens: Optional[int] = None,
 ) -> SamplerResult:
     """Single-particle guided SMC: one trajectory per prompt.
 
@@ -122,7 +127,8 @@ def sp_gsmc(
     """
     models = Models(policy, reward, Compute())
     result: SamplerResult = run_alone(
-        models, sp_gsmc_run(models, prompts, pool_size, rng, max_steps=max_steps)
+        models,
+        sp_gsmc_run(models, prompts, pool_size, rng, max_steps=max_steps, max_new_tokens=max_new_tokens),
     )
     return result
 
@@ -134,11 +140,15 @@ def sp_gsmc_run(
     rng: RNGLike,
     *,
     max_steps: int,
+    max_new_tokens: Optional[int] = None,
 ) -> Run:
     """The run of :func:`sp_gsmc` with these arguments, checked."""
     generator = as_generator(rng)
     max_steps = check_count(max_steps, "max_steps")
+    run: Run
     if pool_size is None:
         _check_common("systematic", 0.0, "optimal", models)
-        return ExactSPRun(prompts_list(prompts), generator, max_steps)
-    return PoolRun(prompts_list(prompts), check_count(pool_size, "pool_size"), generator, max_steps)
+        run = ExactSPRun(prompts_list(prompts), generator, max_steps)
+    else:
+        run = PoolRun(prompts_list(prompts), check_count(pool_size, "pool_size"), generator, max_steps)
+    return limited(run, max_new_tokens)
