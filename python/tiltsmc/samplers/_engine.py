@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any, Optional, TypeVar
+from typing import Any, Optional, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -14,7 +14,13 @@ from ..models.protocols import Policy, RewardModel, TokenPolicy, TwistModel
 from .result import Compute
 
 FloatArray = npt.NDArray[np.float64]
-RunT = TypeVar("RunT")
+
+
+class _HasTokenLimit(Protocol):
+    max_new_tokens: Optional[int]
+
+
+RunT = TypeVar("RunT", bound=_HasTokenLimit)
 
 
 def check_count(value: Any, name: str, minimum: int = 1) -> int:
