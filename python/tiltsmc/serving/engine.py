@@ -18,6 +18,7 @@ exactly the offline function's result when it is alone.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import itertools
 import logging
@@ -101,7 +102,8 @@ class Engine:
         self.default_timeout = _check_timeout(timeout)
         self._scheduler = Scheduler(self.max_queue, self.max_batch_rows)
         self._lanes = {kind: Lane(self._models, kind) for kind in KINDS}
-        self._in_flight: dict[int, Request] = {}  # by id(run); owned by the worker
+        # by id(run): changed by the worker only, under the lock (stats() reads it from other threads)
+        self._in_flight: dict[int, Request] = {}
         self._ids = itertools.count(1)
         self._wake = threading.Condition()
         self._closing = False
@@ -258,7 +260,8 @@ class Engine:
         rows = sum(r.rows for r in self._in_flight.values())
         for request in self._scheduler.admit(rows):
             request.admitted = now
-            self._in_flight[id(request.run)] = request
+            with self._wake:
+                self._in_flight[id(request.run)] = request
             self._lanes[request.run.kind].add(request.run)
         if not self._in_flight:
             return not (closing and not len(self._scheduler))
@@ -280,9 +283,14 @@ class Engine:
 
     def _drop_cancelled(self, now: float) -> None:
         gone = [r for r in self._in_flight.values() if r.future.cancelled() or r.expired(now)]
+        if not gone:
+            return
+        for kind, lane in self._lanes.items():  # one compaction of each lane's particles
+            lane.remove([r.run for r in gone if r.run.kind == kind])
+        with self._wake:
+            for request in gone:
+                del self._in_flight[id(request.run)]
         for request in gone:
-            self._lanes[request.run.kind].remove([request.run])
-            del self._in_flight[id(request.run)]
             self._end_waiting(request, now)
 
     def _end_waiting(self, request: Request, now: float) -> None:
@@ -295,8 +303,12 @@ class Engine:
         self._settle(request, TimeoutError(f"timeout: the request took more than {waited:.3g} s"))
 
     def _finish(self, run: Run, error: Optional[BaseException]) -> None:
-        request = self._in_flight.pop(id(run), None)
+        with self._wake:
+            request = self._in_flight.pop(id(run), None)
         if request is None:
+            return
+        if request.future.cancelled():  # cancelled by its caller during this step
+            self._count("cancelled")
             return
         result = run.result
         if error is None and result is not None and result.errors:
@@ -323,11 +335,15 @@ class Engine:
         for request in self._scheduler.take_all():
             self._count("failed")
             self._settle(request, error)
-        for request in list(self._in_flight.values()):
-            self._lanes[request.run.kind].remove([request.run])
+        with self._wake:
+            in_flight = list(self._in_flight.values())
+            self._in_flight.clear()
+        for request in in_flight:
             self._count("failed")
             self._settle(request, error)
-        self._in_flight.clear()
+        for lane in self._lanes.values():
+            with contextlib.suppress(Exception):  # after a failure of the worker its lanes may be broken
+                lane.remove(lane.runs())
 
     def _count(self, outcome: str) -> None:
         with self._wake:
