@@ -182,9 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
         "OpenAI-compatible HTTP API (needs the serve extra). Binds 127.0.0.1 unless --host says otherwise.",
     )
     _add_model_arguments(serve, demo_models=True)
+    from .serving import ray as serving_ray
     from .serving import server as serving_server
 
     serving_server.add_arguments(serve)
+    serving_ray.add_arguments(serve)
 
     demo = commands.add_parser(
         "demo",
@@ -338,6 +340,18 @@ def run(args: argparse.Namespace) -> int:
 def serve(args: argparse.Namespace) -> int:
     from .serving import server as serving_server
 
+    try:
+        settings = serving_server.Settings.from_args(args)
+    except ValueError as error:
+        print(f"tiltsmc: {error}", file=sys.stderr)
+        return 2
+    if args.ray:  # the replicas load the models
+        from .serving import ray as serving_ray
+
+        options = serving_ray.ReplicaOptions(
+            {name: getattr(args, name) for name in _model_option_names()}, settings
+        )
+        return serving_ray.serve_on_ray(args, options)
     if args.threads is not None:
         core.set_num_threads(args.threads)
     try:
@@ -345,7 +359,14 @@ def serve(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as error:
         print(f"tiltsmc: {error}", file=sys.stderr)
         return 2
-    return serving_server.serve(args, policy, reward)
+    return serving_server.serve(args, settings, policy, reward)
+
+
+def _model_option_names() -> list[str]:
+    """The destinations of ``tiltsmc serve``'s model options (what a replica needs to load the models)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    _add_model_arguments(parser, demo_models=True)
+    return [action.dest for action in parser._actions]
 
 
 def demo(args: argparse.Namespace) -> int:
