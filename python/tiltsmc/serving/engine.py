@@ -34,6 +34,7 @@ from ..samplers._engine import Models, check_count
 from ..samplers.lane import KINDS, Lane
 from ..samplers.result import Compute, SamplerResult
 from ..samplers.runs import Run
+from ._memory import release_free_memory
 from .scheduler import EngineClosed, Overloaded, Request, Scheduler
 
 __all__ = ["SAMPLERS", "Engine", "EngineClosed", "Overloaded", "sampler_defaults"]
@@ -82,6 +83,9 @@ class Engine:
     its pool / ``n`` / ``batch_size``); ``max_queue``: the most requests waiting for rows, past which
     :meth:`submit` raises :class:`Overloaded`; ``timeout``: the default per-request timeout in seconds
     (None: none). The worker thread starts at once; :meth:`close` (or leaving a ``with`` block) stops it.
+    ``release_memory_when_idle``: when the last request has left, give the freed heap back to the system
+    (:func:`~tiltsmc.serving._memory.release_free_memory`; models built with ``memory_arena=False`` then
+    return to their idle size after a burst).
     """
 
     def __init__(
@@ -92,6 +96,7 @@ class Engine:
         max_batch_rows: int = 4096,
         max_queue: int = 1024,
         timeout: Optional[float] = None,
+        release_memory_when_idle: bool = True,
     ) -> None:
         self._models = Models(policy, reward, Compute())
         problems = [p for p in (_missing_support(policy, "policy"), _missing_support(reward, "reward")) if p]
@@ -119,6 +124,8 @@ class Engine:
         }
         self._steps = 0
         self._step_seconds = 0.0
+        self._worked = False  # steps taken since the engine was last idle
+        self.release_memory_when_idle = release_memory_when_idle
         self._worker = threading.Thread(target=self._serve, name="tiltsmc-engine", daemon=True)
         self._worker.start()
 
@@ -247,7 +254,12 @@ class Engine:
     def _iterate(self) -> bool:
         """One iteration; False once the engine has closed and nothing is left."""
         with self._wake:
-            while not self._closing and not self._in_flight and not len(self._scheduler):
+            release = self.release_memory_when_idle and self._worked and self._idle()
+            self._worked = self._worked and not release
+        if release:  # the burst is over: its freed buffers go back to the system
+            release_free_memory()
+        with self._wake:
+            while self._idle():
                 self._wake.wait()
             closing, deadline = self._closing, self._drain_deadline
         now = time.perf_counter()
@@ -265,6 +277,7 @@ class Engine:
             self._lanes[request.run.kind].add(request.run)
         if not self._in_flight:
             return not (closing and not len(self._scheduler))
+        self._worked = True
         began = time.perf_counter()
         for lane in self._lanes.values():
             if len(lane):
@@ -280,6 +293,9 @@ class Engine:
             self._steps += 1
             self._step_seconds += time.perf_counter() - began
         return True
+
+    def _idle(self) -> bool:
+        return not self._closing and not self._in_flight and not len(self._scheduler)
 
     def _drop_cancelled(self, now: float) -> None:
         gone = [r for r in self._in_flight.values() if r.future.cancelled() or r.expired(now)]
