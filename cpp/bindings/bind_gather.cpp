@@ -26,12 +26,11 @@ void bind_gather(const py::array& x, const CArray<std::int64_t>& ancestors, py::
     auto* target = static_cast<std::uint8_t*>(out.mutable_data());
     const bool in_place = source == target;
     if (in_place && m != n) throw py::value_error("out: in-place gather needs as many ancestors as particles");
-    if (!in_place && rows > 0) {
-        const std::uint8_t* source_end = source + x.nbytes();
-        const std::uint8_t* target_end = target + out.nbytes();
-        if (source < target_end && target < source_end)
-            throw py::value_error("out: overlaps x without being x itself");
-    }
+    if (!in_place && rows > 0 && share_memory(x, out)) throw py::value_error("out: overlaps x without being x itself");
+    // The ancestors are checked, then used while out is written: out must not overlap them.
+    if (share_memory(ancestors, out))
+        throw py::value_error(in_place ? "ancestors: shares memory with x, which is reordered in place (pass a copy)"
+                                       : "out: shares memory with ancestors (pass separate arrays)");
     const std::int64_t* a = ancestors.data();
     Status status;
     {
@@ -88,6 +87,8 @@ py::list bind_reorder_in_place(const py::list& arrays, const CArray<std::int64_t
                 throw py::value_error(name + ": overlaps an earlier array without being the same memory");
         }
         if (repeated) continue;
+        if (share_memory(begin, bytes * count, ancestors.data(), static_cast<std::int64_t>(ancestors.nbytes())))
+            throw py::value_error("ancestors: shares memory with " + name + ", which is reordered in place (pass a copy)");
         data.push_back(begin);
         item_bytes.push_back(bytes);
     }

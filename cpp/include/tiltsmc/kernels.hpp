@@ -3,7 +3,12 @@
 // Every kernel takes `rows` independent rows of `n` particles stored row-major. Log-weights are
 // unnormalised natural logs of non-negative weights: -inf is weight zero, NaN and +inf are errors.
 // Kernels validate their whole input before writing any output and report problems through Status;
-// they never read or write outside the ranges their size arguments describe.
+// they never read or write outside the ranges their size arguments describe. Arrays a kernel writes must not
+// share memory with one another or with its inputs (the bindings refuse such calls), except where a kernel
+// says otherwise. Each index a kernel takes from its arguments is read once and checked where it is used
+// (read_once.hpp): another thread rewriting the arguments during the call makes the results meaningless,
+// may leave outputs partly written and is then reported as input_changed, but never makes a kernel read
+// or write out of bounds.
 #pragma once
 
 #include <cstdint>
@@ -18,6 +23,8 @@ enum class StatusCode : int {
     index_out_of_range,  // ancestors[row, index] is outside [0, n)
     bad_size,            // a size argument is negative or inconsistent
     outside_unit_interval,  // a probability outside [0, 1] at (row, index)
+    input_changed,       // an index checked valid was out of range when used at (row, index): another
+                         // thread wrote to the arguments during the call (outputs may be partly written)
 };
 
 struct Status {
