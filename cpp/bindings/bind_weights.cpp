@@ -183,6 +183,9 @@ py::tuple bind_smc_reweight(const py::handle& log_w_object, const py::handle& lo
          {std::pair{&log_total, "log_total"}, std::pair{&log_z, "log_z"}, std::pair{&collapsed, "collapsed"}})
         if (size_of(*array) != rows) throw py::value_error(std::string(name) + ": expected (B,)");
     if (scheme < 0 || scheme > 3) throw py::value_error("scheme: unknown scheme code");
+    check_disjoint({{&log_w, "log_w"}, {&log_v_prev, "log_v_prev"}, {&log_total, "log_total"}, {&log_z, "log_z"},
+                    {&collapsed, "collapsed"}},
+                   {{&log_v, "log_v"}, {&live, "live"}});
     CArray<std::int64_t> ancestors({rows, n}), unique(rows);
     CArray<bool> resampled(rows);
     CArray<double> ess(rows), increment(rows);
@@ -201,9 +204,11 @@ py::tuple bind_smc_reweight(const py::handle& log_w_object, const py::handle& lo
     }
     if (!status.ok() && status.row >= 0) {
         const std::int64_t k = status.row * n + status.index;
-        const bool in_log_w = std::isnan(w[k]) || w[k] == std::numeric_limits<double>::infinity();
-        const bool in_log_v = !in_log_w && (std::isnan(v[k]) || v[k] == std::numeric_limits<double>::infinity());
-        raise_status(status, in_log_w ? "log_w" : in_log_v ? "log_v" : "log_v_prev");
+        auto bad = [](double value) { return std::isnan(value) || value == std::numeric_limits<double>::infinity(); };
+        if (!bad(w[k]) && !bad(v[k]) && !bad(v_prev[k]))
+            throw py::value_error("log_w: log_w + log_v - log_v_prev is not a log-weight (NaN or +inf: overflow) at row " +
+                                  std::to_string(status.row) + ", index " + std::to_string(status.index));
+        raise_status(status, bad(w[k]) ? "log_w" : bad(v[k]) ? "log_v" : "log_v_prev");
     }
     check(status, "log_w");
     bool* r = resampled.mutable_data();

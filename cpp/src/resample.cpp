@@ -343,7 +343,7 @@ Status smc_step(T* log_w, std::int64_t rows, std::int64_t n, double threshold, S
         static thread_local RowWeights scratch;
         RowWeights& rw = scratch;
         for (std::int64_t r = begin; r < end; ++r) {
-            T* x = log_w + r * n;
+            const T* x = log_w + r * n;
             std::int64_t* a = ancestors + r * n;
             row_weights(x, n, r, w.data(), false, rw);
             resampled[r] = 0;
@@ -367,11 +367,15 @@ Status smc_step(T* log_w, std::int64_t rows, std::int64_t n, double threshold, S
             for (std::int64_t i = 1; i < n; ++i) distinct += a[i] != a[i - 1];
             unique[r] = distinct;
             if (survivors_stay) keep_survivors(a, 1, n);  // drawn indices: always in range
-            for (std::int64_t i = 0; i < n; ++i) x[i] = T(0);
         }
     });
+    // Every row is checked before any is reset: a refused call leaves log_w as it was.
     for (const Status& status : statuses)
         if (!status.ok()) return status;
+    parallel_for(rows, rows * n / 4, [&](std::int64_t begin, std::int64_t end) {
+        for (std::int64_t r = begin; r < end; ++r)
+            if (resampled[r]) std::fill(log_w + r * n, log_w + (r + 1) * n, T(0));
+    });
     return {};
 }
 
@@ -385,6 +389,10 @@ Status smc_reweight(double* log_w, std::int64_t rows, std::int64_t n, const doub
             if (std::isnan(value)) return {StatusCode::nan_weight, k / n, k % n};
             if (value == kInf) return {StatusCode::positive_infinity, k / n, k % n};
         }
+        // The updated log-weight too (log_v - log_v_prev may overflow to +inf, and -inf + inf is NaN): the
+        // same expression as below, so the same value.
+        if (live[k] && !(log_w[k] + (log_v_prev[k] == -kInf ? -kInf : log_v[k] - log_v_prev[k]) < kInf))
+            return {StatusCode::positive_infinity, k / n, k % n};
     }
     for (std::int64_t k = 0; k < rows * n; ++k) {
         if (!live[k]) continue;

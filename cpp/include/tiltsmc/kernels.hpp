@@ -56,7 +56,8 @@ Status resample(const T* logw, std::int64_t rows, std::int64_t n, Scheme scheme,
 // number of distinct ancestors, and the row's log-weights reset to 0 in place. Other rows get the
 // identity. A row of zero weights is reported (log_mean_w = -inf, ess = 0) and never resampled. With
 // survivors_stay, a resampled row's ancestors are arranged as keep_survivors does (the same offspring
-// counts, every survivor in its own slot) instead of ascending.
+// counts, every survivor in its own slot) instead of ascending. Every row is checked before any row's
+// log-weights are reset: on error log_w is left as it was (the other outputs are then meaningless).
 template <typename T>
 Status smc_step(T* log_w, std::int64_t rows, std::int64_t n, double threshold, Scheme scheme, std::uint64_t key,
                 bool survivors_stay, std::int64_t* ancestors, std::uint8_t* resampled, double* log_mean_w,
@@ -68,7 +69,8 @@ Status smc_step(T* log_w, std::int64_t rows, std::int64_t n, double threshold, S
 // bookkeeping with log_total = logsumexp of the row's log_w before the step and log_n = log(n) as the caller
 // computes it: log_z_increment = (log_mean_w + log_n) - log_total (-inf where log_total = -inf), log_z +=
 // it, log_total = log_n on resampled rows and log_mean_w + log_n elsewhere, collapsed = 1 where ess = 0.
-// NaN or +inf in log_w, or in log_v / log_v_prev of a live particle, is reported before anything is written.
+// NaN or +inf in log_w, or in log_v / log_v_prev of a live particle, or an updated log-weight that would be NaN or
+// +inf (log_v - log_v_prev overflowing), is reported before anything is written.
 Status smc_reweight(double* log_w, std::int64_t rows, std::int64_t n, const double* log_v, double* log_v_prev,
                     const std::uint8_t* live, double log_n, double threshold, Scheme scheme, std::uint64_t key,
                     double* log_total, double* log_z, std::uint8_t* collapsed, std::int64_t* ancestors,
