@@ -87,8 +87,7 @@ std::tuple<CArray<std::int64_t>, CArray<double>> bind_pool_select(const CArray<T
 
 template <typename T>
 std::tuple<CArray<std::int64_t>, CArray<double>> bind_sample_logits(const CArray<T>& logits, double temperature,
-                                                                    std::uint64_t key, double log_n,
-                                                                    const py::object& active_object) {
+                                                                    std::uint64_t key, const py::object& active_object) {
     if (logits.ndim() != 2) throw py::value_error("logits: expected a 2-D array");
     if (!(temperature > 0.0) || !std::isfinite(temperature))
         throw py::value_error("temperature: must be a finite number > 0");
@@ -112,7 +111,7 @@ std::tuple<CArray<std::int64_t>, CArray<double>> bind_sample_logits(const CArray
     Status status;
     {
         py::gil_scoped_release release;
-        status = sample_logits(in, rows, n, temperature, log_n, key, active, idx, lp);
+        status = sample_logits(in, rows, n, temperature, key, active, idx, lp);
     }
     check(status, "logits");
     return {index, log_prob};
@@ -225,7 +224,7 @@ void register_dtype(py::module_& m) {
     m.def("resample", &bind_resample<T>, py::arg("logw"), py::arg("scheme"), py::arg("num"), py::arg("key"));
     m.def("pool_select", &bind_pool_select<T>, py::arg("logw"), py::arg("key"));
     m.def("sample_logits", &bind_sample_logits<T>, py::arg("logits"), py::arg("temperature"), py::arg("key"),
-          py::arg("log_n"), py::arg("active"));
+          py::arg("active"));
 }
 
 }  // namespace

@@ -316,7 +316,7 @@ void test_pool_select_and_mh() {
     std::vector<std::int64_t> drawn(2);
     std::vector<double> log_prob(2);
     for (std::uint64_t key = 0; key < 50; ++key) {
-        EXPECT(sample_logits(logits.data(), 2, 3, 0.7, std::log(3.0), key, nullptr, drawn.data(), log_prob.data()).ok());
+        EXPECT(sample_logits(logits.data(), 2, 3, 0.7, key, nullptr, drawn.data(), log_prob.data()).ok());
         EXPECT(pool_select(scores.data(), 2, 3, key, index.data(), log_mean_w.data()).ok());
         EXPECT(drawn == index && drawn[1] != 0);
         for (std::size_t r = 0; r < 2; ++r) {
@@ -328,9 +328,9 @@ void test_pool_select_and_mh() {
             EXPECT(std::fabs(log_prob[r] - (scores[3 * r + static_cast<std::size_t>(drawn[r])] - log_sum)) < 1e-12);
         }
     }
-    EXPECT(sample_logits(logits.data(), 2, 3, 0.0, 0.0, 1, nullptr, drawn.data(), log_prob.data()).code == StatusCode::bad_size);
+    EXPECT(sample_logits(logits.data(), 2, 3, 0.0, 1, nullptr, drawn.data(), log_prob.data()).code == StatusCode::bad_size);
     const std::vector<float> with_nan = {0.0f, std::nanf("")};
-    EXPECT(sample_logits(with_nan.data(), 1, 2, 1.0, 0.0, 1, nullptr, drawn.data(), log_prob.data()).code == StatusCode::nan_weight);
+    EXPECT(sample_logits(with_nan.data(), 1, 2, 1.0, 1, nullptr, drawn.data(), log_prob.data()).code == StatusCode::nan_weight);
 
     std::vector<double> current = {0.0, 0.0, -inf, -inf, 1.0};
     std::vector<double> proposed = {1.0, -inf, -inf, 3.0, 1.0};
@@ -543,7 +543,7 @@ void test_token_kernels() {
     const std::vector<std::uint8_t> draw_rows = {1, 0, 1};
     std::vector<std::int64_t> drawn(3, 7);
     std::vector<double> log_prob(3, 7.0);
-    EXPECT(sample_logits(logits.data(), 3, 2, 1.0, std::log(2.0), 5, draw_rows.data(), drawn.data(), log_prob.data()).ok());
+    EXPECT(sample_logits(logits.data(), 3, 2, 1.0, 5, draw_rows.data(), drawn.data(), log_prob.data()).ok());
     EXPECT(drawn[1] == 0 && log_prob[1] == 0.0 && drawn[0] >= 0 && drawn[0] < 2 && log_prob[2] < 0.0);
 }
 

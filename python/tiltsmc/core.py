@@ -304,18 +304,18 @@ def sample_logits(
     ``s = logits / temperature`` in float64, index ``v`` is drawn with probability
     ``exp(s_v) / sum_u exp(s_u)`` (the draw of :func:`pool_select` on ``s``: same ``rng``, same index)
     and returned with ``log p(v) = s_v - log sum_u exp(s_u)``, computed as
-    ``(s_v - log_mean_w) - log V``. Logits of ``-inf`` are never drawn; NaN, ``+inf`` or a row of
-    ``-inf`` raise ``ValueError``. This is a language model's token step in one call, with no float64
-    copy of the logits. ``where`` (a bool array of one entry per row) draws only the rows it marks; the
-    others get index 0 and log-probability 0 and their logits are not read (the other rows' draws are
-    the same as without it).
+    ``(s_v - max s) - log sum_u exp(s_u - max s)``: never positive, and to the last bits where ``p(v)`` is
+    near 1 (``-log1p`` of the other terms' sum, summed apart). Finite logits whose scores overflow (a
+    temperature far below 1) are drawn from ``(logits - max logits) / temperature``, the same law. Logits
+    of ``-inf`` are never drawn; NaN, ``+inf`` or a row of ``-inf`` raise ``ValueError``. This is a
+    language model's token step in one call, with no float64 copy of the logits. ``where`` (a bool array
+    of one entry per row) draws only the rows it marks; the others get index 0 and log-probability 0 and
+    their logits are not read (the other rows' draws are the same as without it).
     """
     rows, one_row = _as_log_weights(logits, "logits")
     if isinstance(temperature, (bool, np.bool_)) or not isinstance(temperature, (int, float, np.number)):
         raise TypeError(f"temperature: expected a number > 0, got {temperature!r}")
-    index, log_prob = _core.sample_logits(
-        rows, float(temperature), draw_key(rng), _log_count(rows.shape[1]), where
-    )
+    index, log_prob = _core.sample_logits(rows, float(temperature), draw_key(rng), where)
     if one_row:
         return index[0, ...], log_prob[0, ...]
     return index, log_prob

@@ -83,12 +83,15 @@ Status pool_select(const T* logw, std::int64_t rows, std::int64_t n, std::uint64
 
 // Token draws from logits: per row r, the scores s = double(logits[r]) / temperature (no division at
 // temperature 1) and the draw of pool_select on them (same stream, same index), with its log-probability
-// log_prob[r] = (s[index] - log_mean_w) - log_n, where log_mean_w = log(mean_v exp(s_v)) and log_n is
-// log(n) as the caller computes it: log p(v) = s_v - log sum_u exp(s_u). Needs temperature > 0. Rows with
-// active[r] == 0 (active == nullptr: none) are skipped: index 0, log_prob 0, their logits never read.
+// log_prob[r] = log p(v) = s_v - log sum_u exp(s_u), computed as (s_v - max s) - log sum_u exp(s_u - max s):
+// never positive, and as -log1p(the other terms' sum) where v is a maximum of probability over 1/2 (no
+// digits lost to 1 + a small sum). Where finite logits give scores of +inf, or only -inf (temperature < 1),
+// the scores are (logits - max logits) / temperature instead: the same law, and no error for finite
+// logits. Needs temperature > 0. Rows with active[r] == 0 (active == nullptr: none) are skipped: index 0,
+// log_prob 0, their logits never read.
 template <typename T>
-Status sample_logits(const T* logits, std::int64_t rows, std::int64_t n, double temperature, double log_n,
-                     std::uint64_t key, const std::uint8_t* active, std::int64_t* index, double* log_prob);
+Status sample_logits(const T* logits, std::int64_t rows, std::int64_t n, double temperature, std::uint64_t key,
+                     const std::uint8_t* active, std::int64_t* index, double* log_prob);
 
 // accept[r] = u_r < exp(log_z_proposed[r] - log_z_current[r]); a current -inf is always left, otherwise
 // a proposed -inf is always rejected. NaN and +inf are errors (index = which argument: 0 current, 1 proposed).
