@@ -49,6 +49,7 @@ py::list bind_reorder_in_place(const py::list& arrays, const CArray<std::int64_t
     if (n < 1) throw py::value_error("ancestors: rows must hold at least one particle");
     std::vector<std::uint8_t*> data;
     std::vector<std::int64_t> item_bytes;
+    std::vector<std::size_t> position;  // of data[j] in arrays
     py::list skipped;
     for (std::size_t k = 0; k < arrays.size(); ++k) {
         const std::string name = "arrays[" + std::to_string(k) + "]";
@@ -83,14 +84,16 @@ py::list bind_reorder_in_place(const py::list& arrays, const CArray<std::int64_t
                 repeated = true;
                 break;
             }
-            if (begin < other + item_bytes[j] * count && other < begin + bytes * count)
-                throw py::value_error(name + ": overlaps an earlier array without being the same memory");
+            if (share_memory(begin, bytes * count, other, item_bytes[j] * count))
+                throw py::value_error(name + ": overlaps arrays[" + std::to_string(position[j]) +
+                                      "] without being the same memory");
         }
         if (repeated) continue;
         if (share_memory(begin, bytes * count, ancestors.data(), static_cast<std::int64_t>(ancestors.nbytes())))
             throw py::value_error("ancestors: shares memory with " + name + ", which is reordered in place (pass a copy)");
         data.push_back(begin);
         item_bytes.push_back(bytes);
+        position.push_back(k);
     }
     const std::int64_t* a = ancestors.data();
     Status status;

@@ -55,7 +55,7 @@ py::tuple bind_append_tokens(const py::handle& tokens_object, const py::handle& 
         throw py::value_error("lengths: trajectory " + std::to_string(status.row) + " is already " +
                               std::to_string(status.index) + " tokens long (at most " +
                               std::to_string(std::min(capacity, max_length)) + ")");
-    check(status, "tokens");
+    check(status, status.code == StatusCode::input_changed ? "lengths" : "tokens");
     return py::make_tuple(still, num_still);
 }
 
@@ -163,7 +163,7 @@ py::array_t<double> read_typed(const py::array& scores, std::int64_t rows, std::
     if (status.code == StatusCode::outside_unit_interval)
         throw py::value_error("scores: a probability outside [0, 1] at " + where);
     if (status.code == StatusCode::index_out_of_range) throw py::value_error("columns: out of range at " + where);
-    check(status, "scores");
+    check(status, status.code == StatusCode::input_changed ? "columns" : "scores");
     return log_values;
 }
 
