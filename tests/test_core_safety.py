@@ -526,7 +526,7 @@ def hammer(label, array, index, values, call, seconds=0.25):
         thread.join()
     print(label, calls, refused)
 
-NAMES = {"ancestors", "lengths", "columns", "selected", "logits", "tokens", "log_w"}
+NAMES = {"ancestors", "lengths", "columns", "selected", "logits", "logw", "log_w"}
 n = 1 << 18
 x = np.zeros((1, n)); anc = np.zeros((1, n), np.int64)
 hammer("gather", anc, (0, -1), (10**13, 0, -5), lambda: core.gather(x, anc))
@@ -552,6 +552,13 @@ hammer("right_padded_prefixes lengths", prefix_lengths, (b - 1, m - 1), (10**12,
        lambda: core.right_padded_prefixes(ids, offsets, toks, prefix_lengths, selected))
 hammer("right_padded_prefixes selected", selected, -1, (10**12, 0, -1),
        lambda: core.right_padded_prefixes(ids, offsets, toks, prefix_lengths, selected))
+nw = 1 << 18; weights = np.random.default_rng(0).normal(size=(1, nw))
+spots = (np.zeros(3, np.int64), np.array([0, nw // 2, nw - 1]))  # three weights rewritten at once
+bad = (np.nan, np.inf, 1e308, -np.inf, 700.0, 0.0)
+hammer("resample residual (weights)", weights, spots, bad, lambda: core.resample(weights, "residual"),
+       seconds=0.4)
+hammer("smc_step residual (weights)", weights, spots, bad,
+       lambda: core.smc_step(weights, 1.0, "residual"), seconds=0.4)
 logits = np.zeros((64, 4096)); where = np.ones(64, bool)
 hammer("sample_logits where", where, -1, (False, True),
        lambda: core.sample_logits(logits, 0.5, 1, where=where))
@@ -560,11 +567,12 @@ hammer("sample_logits where", where, -1, (False, True),
 
 def test_kernels_with_index_arrays_rewritten_by_another_thread() -> None:
     """Each kernel that reads indices, called in a loop while another thread keeps rewriting one of them to
-    values out of range and back (about 2 s in all, in a subprocess): it succeeds or raises ValueError
-    naming the argument, and never reads or writes out of bounds."""
+    values out of range and back (about 3 s in all, in a subprocess), and resampling while another thread
+    writes NaN, +inf and huge values into the weights: each call succeeds or raises ValueError naming the
+    argument, and never reads or writes out of bounds."""
     output = run_isolated(CONCURRENT, timeout=120)
     lines = output.splitlines()
-    assert len(lines) == 9, output
+    assert len(lines) == 11, output
     for line in lines:
         assert int(line.split()[-2]) > 0, line
 
