@@ -451,6 +451,69 @@ def test_overlap_of_a_written_argument_is_refused(name: str) -> None:
             assert written in error and other in error, error
 
 
+class _DevicePointer:
+    """A CUDA array interface at a made-up address (never dereferenced: the refusals come first)."""
+
+    def __init__(self, pointer: int, shape: tuple[int, ...], typestr: str) -> None:
+        self.__cuda_array_interface__ = {
+            "shape": shape,
+            "typestr": typestr,
+            "data": (pointer, False),
+            "strides": None,
+            "version": 3,
+        }
+
+
+class _FakeCuda:
+    """Stands in for tiltsmc._cuda: every pointer on device 0, and gather calls counted."""
+
+    def __init__(self) -> None:
+        self.gathers = 0
+
+    def pointer_device(self, pointer: int) -> int:
+        return 0
+
+    def gather(self, *args: Any) -> None:
+        self.gathers += 1
+
+
+def test_device_gather_refuses_ancestors_overlapping_its_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The device path has the same rule: out (or x, in place) must not overlap the ancestors, which the GPU
+    checks and then reads again while it writes."""
+    from tiltsmc import _device
+
+    fake = _FakeCuda()
+    monkeypatch.setattr(_device, "require_cuda", lambda: fake)
+    base = 1 << 20
+    x = _DevicePointer(base, (1, 64, 2), "<f8")  # 1 KiB
+    inside_x = _DevicePointer(base + 256, (1, 64), "<i8")
+    apart = _DevicePointer(base + 4096, (1, 64), "<i8")
+    out_over_apart = _DevicePointer(base + 4096 - 8, (1, 64, 2), "<f8")
+    with pytest.raises(ValueError, match="ancestors: shares memory with x"):
+        core.gather(x, inside_x, out=x)
+    with pytest.raises(ValueError, match="out: shares memory with ancestors"):
+        core.gather(x, apart, out=out_over_apart)
+    assert fake.gathers == 0
+    core.gather(x, apart, out=x)  # no overlap: handed to the kernel
+    core.gather(x, apart, out=_DevicePointer(base + 8192, (1, 64, 2), "<f8"))
+    assert fake.gathers == 2
+
+
+def test_cuda_module_gather_refuses_overlaps_before_touching_the_device() -> None:
+    """tiltsmc._cuda.gather called directly (pointers as integers) refuses the same overlaps, before any CUDA
+    call: so this runs without a driver or a GPU, wherever the module is built."""
+    cuda = pytest.importorskip("tiltsmc._cuda")
+    base, rows, n, item = 1 << 20, 1, 64, 16
+    cases = {
+        (base, base + 256, base): "ancestors: shares memory with x, which is reordered in place",
+        (base, base + 4096, base + 4096 - 8): "out: shares memory with ancestors",
+        (base, base + 4096, base + 8): "out: overlaps x without being x itself",
+    }
+    for (x, ancestors, out), message in cases.items():
+        with pytest.raises(ValueError, match=message):
+            cuda.gather(x, rows, n, item, ancestors, n, out, 0, 0)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Refused calls leave every argument unchanged
 # --------------------------------------------------------------------------------------------------------

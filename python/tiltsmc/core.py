@@ -793,6 +793,13 @@ def _mh_accept_device(log_z_current: object, log_z_proposed: object, rng: RNGLik
     return accept
 
 
+def _device_overlap(a: _device.DeviceView, b: _device.DeviceView) -> bool:
+    """Whether two C-contiguous device arrays share memory (their byte ranges overlap)."""
+    if not (a.nbytes and b.nbytes):
+        return False
+    return a.pointer < b.pointer + b.nbytes and b.pointer < a.pointer + a.nbytes
+
+
 def _gather_device(x: object, ancestors: object, out: object, stream: Any) -> Any:
     if _device.is_device_array(x):
         source = _device.device_view(x, "x")
@@ -859,6 +866,13 @@ def _gather_device(x: object, ancestors: object, out: object, stream: Any) -> An
         ):
             raise ValueError("out: overlaps x without being x itself; pass out=x to reorder in place")
         result, target_pointer = out, target.pointer
+    written = source if in_place else target
+    if written is not None and _device_overlap(index, written):
+        raise ValueError(
+            "ancestors: shares memory with x, which is reordered in place (pass a copy)"
+            if in_place
+            else "out: shares memory with ancestors (pass separate arrays)"
+        )
     cuda.gather(
         source.pointer, batch, num_particles, row_bytes, index.pointer, num, target_pointer, device, handle
     )
