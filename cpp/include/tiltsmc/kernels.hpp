@@ -100,7 +100,8 @@ Status mh_accept(const double* log_z_current, const double* log_z_proposed, std:
 
 // out[r, j, :] = x[r, ancestors[r, j], :] for rows of n items of item_bytes bytes and m ancestors per row.
 // out == x reorders in place (needs m == n) and copies only items whose ancestor is not themselves;
-// otherwise out must not overlap x. Every ancestor is checked before anything is written.
+// otherwise out must not overlap x. out must never overlap the ancestors. Every ancestor is checked before
+// anything is written, and again where it is used (input_changed if another thread changed it).
 Status gather(const std::uint8_t* x, std::int64_t rows, std::int64_t n, std::int64_t item_bytes,
               const std::int64_t* ancestors, std::int64_t m, std::uint8_t* out);
 
@@ -146,7 +147,8 @@ Status prefix_width(const std::int64_t* prompt_offsets, std::int64_t batch, std:
 
 // The rows right-padded with `pad` to `width` (>= prefix_width's) columns: ids (num_rows, width), mask 1 on
 // a row's tokens and 0 on its padding, last[r] = its length - 1, and (positions != nullptr) the position
-// ids 0, 1, ..., length - 1, then length - 1 repeated over the padding. Unchecked: call prefix_width first.
+// ids 0, 1, ..., length - 1, then length - 1 repeated over the padding. Unchecked: call prefix_width first, on
+// offsets, lengths and selection no other thread writes (the binding passes copies of them to both).
 void right_padded_prefixes(const std::int64_t* prompt_ids, const std::int64_t* prompt_offsets, std::int64_t n,
                            const std::int64_t* tokens, std::int64_t capacity, const std::int64_t* lengths,
                            const std::int64_t* selected, std::int64_t num_rows, std::int64_t width, std::int64_t pad,
