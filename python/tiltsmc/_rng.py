@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 import functools
+import os
+from collections.abc import Iterator, Sequence
 from typing import Union
 
 import numpy as np
+import numpy.typing as npt
 
 RNGLike = Union[None, int, np.integer, np.random.SeedSequence, np.random.BitGenerator, np.random.Generator]
 
 # Bit generators whose raw output is a full 64-bit word (MT19937's is 32 bits).
 _RAW_64_BITS = (np.random.PCG64, np.random.PCG64DXSM, np.random.Philox, np.random.SFC64)
 _fresh_entropy = np.random.default_rng()
+
+
+def _reseed_after_fork() -> None:
+    """A forked child (a pre-forking server's worker, ``multiprocessing`` with fork) gets fresh entropy:
+    otherwise every child would continue the parent's generator and draw the same keys."""
+    global _fresh_entropy
+    _fresh_entropy = np.random.default_rng()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reseed_after_fork)
 
 
 def as_generator(rng: RNGLike) -> np.random.Generator:
@@ -45,7 +59,7 @@ def draw_key(rng: RNGLike) -> int:
 
     A ``Generator`` or ``BitGenerator`` advances, so successive calls get fresh keys; an int seed always
     maps to the same key (memoised: seeding a generator costs more than a small kernel call); None
-    draws from one generator seeded from OS entropy at import.
+    draws from one generator seeded from OS entropy at import, and again in every forked child.
     """
     if rng is None:
         return _draw(_fresh_entropy)
@@ -56,3 +70,48 @@ def draw_key(rng: RNGLike) -> int:
             raise ValueError(f"rng: a seed must be non-negative, got {rng}")
         return _key_of_seed(int(rng))
     return _draw(as_generator(rng))
+
+
+class RowStreams:
+    """The random streams of a batch whose rows belong to independent runs (requests batched together).
+
+    Rows ``bounds[g]:bounds[g + 1]`` (in the order of the batch's leading axis) belong to run ``g`` and
+    draw from ``generators[g]`` exactly as that run's rows would alone, numbered from 0: a core kernel
+    given a ``RowStreams`` as ``rng`` runs once per run with one key drawn from that run's generator
+    (only where the run has a row to draw), and :meth:`random` splits its draws the same way. So a run's
+    draws depend on its own seed and never on the other runs of the batch.
+    """
+
+    __slots__ = ("bounds", "generators")
+
+    def __init__(self, generators: Sequence[np.random.Generator], bounds: Sequence[int]) -> None:
+        if (
+            len(bounds) != len(generators) + 1
+            or bounds[0] != 0
+            or any(a > b for a, b in zip(bounds[:-1], bounds[1:]))
+        ):
+            raise ValueError(
+                f"bounds: expected {len(generators) + 1} ascending row offsets from 0, got {bounds}"
+            )
+        self.generators = tuple(generators)
+        self.bounds = tuple(int(b) for b in bounds)
+
+    @property
+    def num_rows(self) -> int:
+        return self.bounds[-1]
+
+    def groups(self, rows: int, name: str = "rng") -> Iterator[tuple[slice, np.random.Generator]]:
+        """``(rows of run g, run g's generator)`` for every run, after checking that ``rows`` agree."""
+        if rows != self.num_rows:
+            raise ValueError(f"{name}: RowStreams for {self.num_rows} rows, given {rows}")
+        for g, generator in enumerate(self.generators):
+            yield slice(self.bounds[g], self.bounds[g + 1]), generator
+
+    def random(self, size: Sequence[int]) -> npt.NDArray[np.float64]:
+        """Uniform draws of shape ``size`` whose leading axis is the batch's rows: run ``g``'s rows come
+        from ``generators[g].random`` (the draws it would make alone)."""
+        shape = tuple(int(s) for s in size)
+        out = np.empty(shape)
+        for rows, generator in self.groups(shape[0] if shape else 0, "size"):
+            out[rows] = generator.random((rows.stop - rows.start, *shape[1:]))
+        return out

@@ -1,5 +1,6 @@
-"""``tiltsmc`` on the command line: ``tiltsmc run`` samples ONNX models with any sampler; ``tiltsmc demo``
-compares the samplers on the bundled reasoning task (see :mod:`tiltsmc.demo`).
+"""``tiltsmc`` on the command line: ``tiltsmc run`` samples ONNX models with any sampler; ``tiltsmc serve``
+serves them over HTTP (:mod:`tiltsmc.serving.server`); ``tiltsmc demo`` compares the samplers on the
+bundled reasoning task (see :mod:`tiltsmc.demo`).
 
 Results are JSON lines, one per prompt (samples, texts, log-weights, the log Z estimate, the ESS trace,
 timings), written to standard output (no ``--json``, or ``--json -``) or to ``--json PATH``:
@@ -412,12 +413,98 @@ def _step(text: str) -> str:
     return delimiter
 
 
+def _add_model_arguments(parser: argparse.ArgumentParser, demo_models: bool = False) -> None:
+    """The options that load the policy and the reward model (``run`` and ``serve``)."""
+    if demo_models:
+        models = parser.add_mutually_exclusive_group(required=True)
+        models.add_argument("--policy", help="folder (or .onnx file) of the decoder LM")
+        models.add_argument("--demo", action="store_true", help="the bundled arithmetic policy and PRM")
+        parser.add_argument("--reward", help="folder (or .onnx file) of the reward model (with --policy)")
+    else:
+        parser.add_argument("--policy", required=True, help="folder (or .onnx file) of the decoder LM")
+        parser.add_argument("--reward", required=True, help="folder (or .onnx file) of the reward model")
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=32)
+    parser.add_argument(
+        "--step", type=_step, default="token", help="'token' or a delimiter ending each step, e.g. '\\n'"
+    )
+    parser.add_argument("--temperature", type=_positive_real, default=1.0)
+    parser.add_argument("--top-k", type=_positive_int, default=None)
+    parser.add_argument("--top-p", type=_open_fraction, default=None)
+    parser.add_argument("--reward-kind", choices=("log_value", "prob", "logit"), default="logit")
+    parser.add_argument("--reward-output", default=None, help="reward graph output to read (default: first)")
+    parser.add_argument(
+        "--reward-position",
+        choices=("last", "delimiter"),
+        default="last",
+        help="read per-position scores at the last token or at the last step delimiter",
+    )
+    parser.add_argument(
+        "--reward-delimiters",
+        type=_id_list,
+        default=None,
+        help="token ids ending a step, comma-separated (with --reward-position delimiter)",
+    )
+    parser.add_argument(
+        "--reward-label",
+        type=_count,
+        default=None,
+        help="the class whose probability is Vh, for an output with a class axis last",
+    )
+    parser.add_argument(
+        "--reward-classes",
+        type=_id_list,
+        default=None,
+        help="comma-separated classes the label's probability is normalised over (default: all)",
+    )
+    parser.add_argument(
+        "--threads", type=_thread_count, default=None, help="threads for ONNX Runtime and the core"
+    )
+    parser.add_argument("--cpu", action="store_true", help="use the CPU even where a GPU is usable")
+
+
+def _load_models(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The policy and reward model the options name (OSError / ValueError / TypeError for what cannot load,
+    a reward model whose vocabulary differs from the policy's included)."""
+    from .models import OnnxCausalLM, OnnxRewardModel
+
+    providers = ["CPUExecutionProvider"] if args.cpu else None
+    if getattr(args, "demo", False):
+        from .tasks import arithmetic
+
+        return arithmetic.load_models(intra_op_num_threads=args.threads, providers=providers)
+    if args.reward is None:
+        raise ValueError("--reward: a reward model is needed with --policy")
+    policy = OnnxCausalLM(
+        args.policy,
+        max_new_tokens=args.max_new_tokens,
+        step=args.step,  # escapes decoded by _step
+        temperature=args.temperature,
+        providers=providers,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        intra_op_num_threads=args.threads,
+    )
+    reward = OnnxRewardModel(
+        args.reward,
+        output=args.reward_output,
+        kind=args.reward_kind,
+        position=args.reward_position,
+        delimiter_ids=args.reward_delimiters,
+        label=args.reward_label,
+        classes=args.reward_classes,
+        providers=providers,
+        intra_op_num_threads=args.threads,
+    )
+    check_policy = getattr(reward, "check_policy", None)  # vocabularies: bad input, found before the run
+    if callable(check_policy):
+        check_policy(policy)
+    return policy, reward
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tiltsmc", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="sample an ONNX policy guided by an ONNX reward model")
-    run.add_argument("--policy", required=True, help="folder (or .onnx file) of the decoder LM")
-    run.add_argument("--reward", required=True, help="folder (or .onnx file) of the reward model")
     prompts = run.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     prompts.add_argument("--prompts", help="a file of prompts, one per line")
@@ -434,48 +521,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--num-samples", type=_positive_int, default=1, help="rejection: samples per prompt")
     run.add_argument("--max-tries", type=_positive_int, default=10_000, help="rejection: draws per prompt")
-    run.add_argument("--max-new-tokens", type=_positive_int, default=32)
-    run.add_argument(
-        "--step", type=_step, default="token", help="'token' or a delimiter ending each step, e.g. '\\n'"
-    )
-    run.add_argument("--temperature", type=_positive_real, default=1.0)
-    run.add_argument("--top-k", type=_positive_int, default=None)
-    run.add_argument("--top-p", type=_open_fraction, default=None)
-    run.add_argument("--reward-kind", choices=("log_value", "prob", "logit"), default="logit")
-    run.add_argument("--reward-output", default=None, help="reward graph output to read (default: first)")
-    run.add_argument(
-        "--reward-position",
-        choices=("last", "delimiter"),
-        default="last",
-        help="read per-position scores at the last token or at the last step delimiter",
-    )
-    run.add_argument(
-        "--reward-delimiters",
-        type=_id_list,
-        default=None,
-        help="token ids ending a step, comma-separated (with --reward-position delimiter)",
-    )
-    run.add_argument(
-        "--reward-label",
-        type=_count,
-        default=None,
-        help="the class whose probability is Vh, for an output with a class axis last",
-    )
-    run.add_argument(
-        "--reward-classes",
-        type=_id_list,
-        default=None,
-        help="comma-separated classes the label's probability is normalised over (default: all)",
-    )
     run.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per batched run")
-    run.add_argument(
-        "--threads", type=_thread_count, default=None, help="threads for ONNX Runtime and the core"
-    )
-    run.add_argument("--cpu", action="store_true", help="use the CPU even where a GPU is usable")
+    _add_model_arguments(run)
     run.add_argument("--seed", type=_count, default=0)
     run.add_argument(
         "--json", dest="json_path", default=None, help="write JSON lines here ('-' or default: stdout)"
     )
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve the models over HTTP (OpenAI-style /v1/completions, /health, /metrics)",
+        description="Serve concurrent sampling requests with the continuous-batching engine, behind an "
+        "OpenAI-compatible HTTP API (needs the serve extra). Binds 127.0.0.1 unless --host says otherwise.",
+    )
+    _add_model_arguments(serve, demo_models=True)
+    from .serving import ray as serving_ray
+    from .serving import server as serving_server
+
+    serving_server.add_arguments(serve)
+    serving_ray.add_arguments(serve)
 
     demo = commands.add_parser(
         "demo",
@@ -596,41 +660,14 @@ def _records(result: SamplerResult, prompts: list[str], offset: int) -> list[dic
     return records
 
 
-def _load_models(args: argparse.Namespace) -> tuple[Any, Any]:
-    """The policy and reward model; bad files or options raise :class:`CliError` (status 2)."""
-    from .models import OnnxCausalLM, OnnxRewardModel
-
-    providers = ["CPUExecutionProvider"] if args.cpu else None
+def _load_models_for_run(args: argparse.Namespace) -> tuple[Any, Any]:
+    """:func:`_load_models`; bad files or options raise :class:`CliError` (status 2)."""
     try:
-        policy = OnnxCausalLM(
-            args.policy,
-            max_new_tokens=args.max_new_tokens,
-            step=args.step,
-            temperature=args.temperature,
-            providers=providers,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            intra_op_num_threads=args.threads,
-        )
-        reward = OnnxRewardModel(
-            args.reward,
-            output=args.reward_output,
-            kind=args.reward_kind,
-            position=args.reward_position,
-            delimiter_ids=args.reward_delimiters,
-            label=args.reward_label,
-            classes=args.reward_classes,
-            providers=providers,
-            intra_op_num_threads=args.threads,
-        )
-        check_policy = getattr(reward, "check_policy", None)  # vocabularies: bad input, found before the run
-        if callable(check_policy):
-            check_policy(policy)
+        return _load_models(args)
     except (OSError, ValueError, TypeError) as error:
         raise CliError(_one_line(error)) from None
     except RuntimeError as error:  # e.g. a GPU that ONNX Runtime cannot use
         raise CliError(_one_line(error), 1) from None
-    return policy, reward
 
 
 def run(args: argparse.Namespace) -> int:
@@ -640,7 +677,7 @@ def run(args: argparse.Namespace) -> int:
         output.open()  # refused here, before any model is loaded, if it cannot be written
         if args.threads is not None:
             core.set_num_threads(args.threads)
-        policy, reward = _load_models(args)
+        policy, reward = _load_models_for_run(args)
         seed = np.random.default_rng(args.seed)
         progress = Progress(len(prompts), f"tiltsmc {args.sampler}")
         began = time.perf_counter()
@@ -672,6 +709,38 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 1 if failed == len(prompts) else 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    from .serving import server as serving_server
+
+    try:
+        settings = serving_server.Settings.from_args(args)
+    except ValueError as error:
+        print(f"tiltsmc: {error}", file=sys.stderr)
+        return 2
+    if args.ray:  # the replicas load the models
+        from .serving import ray as serving_ray
+
+        options = serving_ray.ReplicaOptions(
+            {name: getattr(args, name) for name in _model_option_names()}, settings
+        )
+        return serving_ray.serve_on_ray(args, options)
+    if args.threads is not None:
+        core.set_num_threads(args.threads)
+    try:
+        policy, reward = _load_models(args)
+    except (OSError, ValueError, TypeError) as error:
+        print(f"tiltsmc: {_one_line(error)}", file=sys.stderr)
+        return 2
+    return serving_server.serve(args, settings, policy, reward)
+
+
+def _model_option_names() -> list[str]:
+    """The destinations of ``tiltsmc serve``'s model options (what a replica needs to load the models)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    _add_model_arguments(parser, demo_models=True)
+    return [action.dest for action in parser._actions]
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -726,10 +795,11 @@ def _quiet_stdout() -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The ``tiltsmc`` command: returns the exit status (see the module docstring)."""
     args = build_parser().parse_args(argv)
-    command = run if args.command == "run" else demo
     try:
+        if args.command == "serve":  # a server: its own signal handling, no result file
+            return serve(args)
         with signals_raise():
-            return command(args)
+            return run(args) if args.command == "run" else demo(args)
     except CliError as error:
         if error.code == 1 and "broken pipe" in str(error):
             _quiet_stdout()

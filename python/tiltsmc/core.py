@@ -30,14 +30,14 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import numpy as np
 import numpy.typing as npt
 
 from . import _core, _device
 from ._device import CudaAvailability, DeviceArray, cuda_available
-from ._rng import RNGLike, draw_key
+from ._rng import RNGLike, RowStreams, draw_key
 
 __all__ = [
     "SCHEMES",
@@ -275,16 +275,24 @@ def _as_num(num: Optional[int], default: int) -> int:
 
 
 def pool_select(
-    logw: npt.ArrayLike, rng: RNGLike = None, *, stream: Any = None
+    logw: npt.ArrayLike, rng: Union[RNGLike, RowStreams] = None, *, stream: Any = None
 ) -> tuple[npt.NDArray[np.int64], FloatArray]:
     """Pick one index per row with probability ``w_i``, and return it with the row's ``log_mean_w``.
 
     This is the resampling-pool step of single-particle guided SMC: all ``K`` offspring go to one
     ancestor drawn by weight, and the estimate of ``Z`` is multiplied by the mean pool weight.
+    With a :class:`~tiltsmc._rng.RowStreams` as ``rng`` (rows of independent runs batched together), each
+    run's rows are drawn with a key from its own generator, as they would be alone.
     """
     if type(logw) is not np.ndarray and _device.is_device_array(logw):
-        return _pool_select_device(logw, rng, stream)  # type: ignore[no-any-return]
+        return _pool_select_device(logw, rng, stream)  # type: ignore[no-any-return, arg-type]
     rows, one_row = _as_log_weights(logw)
+    if isinstance(rng, RowStreams):
+        index = np.zeros(rows.shape[0], dtype=np.int64)
+        log_mean_w = np.zeros(rows.shape[0])
+        for part, generator in rng.groups(rows.shape[0]):
+            index[part], log_mean_w[part] = _core.pool_select(rows[part], draw_key(generator))
+        return index, log_mean_w
     index, log_mean_w = _core.pool_select(rows, draw_key(rng))
     if one_row:
         return index[0, ...], log_mean_w[0, ...]
@@ -294,7 +302,7 @@ def pool_select(
 def sample_logits(
     logits: npt.ArrayLike,
     temperature: float = 1.0,
-    rng: RNGLike = None,
+    rng: Union[RNGLike, RowStreams] = None,
     *,
     where: Optional[npt.NDArray[np.bool_]] = None,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
@@ -304,20 +312,47 @@ def sample_logits(
     ``s = logits / temperature`` in float64, index ``v`` is drawn with probability
     ``exp(s_v) / sum_u exp(s_u)`` (the draw of :func:`pool_select` on ``s``: same ``rng``, same index)
     and returned with ``log p(v) = s_v - log sum_u exp(s_u)``, computed as
-    ``(s_v - log_mean_w) - log V``. Logits of ``-inf`` are never drawn; NaN, ``+inf`` or a row of
-    ``-inf`` raise ``ValueError``. This is a language model's token step in one call, with no float64
-    copy of the logits. ``where`` (a bool array of one entry per row) draws only the rows it marks; the
-    others get index 0 and log-probability 0 and their logits are not read (the other rows' draws are
-    the same as without it).
+    ``(s_v - max s) - log sum_u exp(s_u - max s)``: never positive, and to the last bits where ``p(v)`` is
+    near 1 (``-log1p`` of the other terms' sum, summed apart). Finite logits whose scores overflow (a
+    temperature far below 1) are drawn from ``(logits - max logits) / temperature``, the same law. Logits
+    of ``-inf`` are never drawn; NaN, ``+inf`` or a row of ``-inf`` raise ``ValueError``. This is a
+    language model's token step in one call, with no float64 copy of the logits. ``where`` (a bool array
+    of one entry per row) draws only the rows it marks; the others get index 0 and log-probability 0 and
+    their logits are not read (the other rows' draws are the same as without it). With a
+    :class:`~tiltsmc._rng.RowStreams` as ``rng``, each run's rows are drawn as they would be alone (see
+    :func:`pool_select`).
     """
     rows, one_row = _as_log_weights(logits, "logits")
     if isinstance(temperature, (bool, np.bool_)) or not isinstance(temperature, (int, float, np.number)):
         raise TypeError(f"temperature: expected a number > 0, got {temperature!r}")
-    index, log_prob = _core.sample_logits(
-        rows, float(temperature), draw_key(rng), _log_count(rows.shape[1]), where
-    )
+    if isinstance(rng, RowStreams):
+        return _sample_logits_per_run(rows, float(temperature), rng, where)
+    index, log_prob = _core.sample_logits(rows, float(temperature), draw_key(rng), where)
     if one_row:
         return index[0, ...], log_prob[0, ...]
+    return index, log_prob
+
+
+def _sample_logits_per_run(
+    rows: np.ndarray, temperature: float, rng: RowStreams, where: Optional[npt.NDArray[np.bool_]]
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+    """:func:`sample_logits` with each run's rows drawn from its own generator, one call per run that has
+    a row to draw (a run with none draws no key, as it would make no call alone)."""
+    count = rows.shape[0]
+    if where is not None:
+        where = np.ascontiguousarray(where)
+        if where.dtype != np.bool_ or where.size != count:
+            raise ValueError(
+                f"where: expected one bool per row of logits ({count}), got {where.dtype} {where.shape}"
+            )
+        where = where.reshape(count)
+    index = np.zeros(count, dtype=np.int64)
+    log_prob = np.zeros(count)
+    for part, generator in rng.groups(count):
+        mask = None if where is None else where[part]
+        if mask is not None and not mask.any():
+            continue
+        index[part], log_prob[part] = _core.sample_logits(rows[part], temperature, draw_key(generator), mask)
     return index, log_prob
 
 
@@ -793,6 +828,13 @@ def _mh_accept_device(log_z_current: object, log_z_proposed: object, rng: RNGLik
     return accept
 
 
+def _device_overlap(a: _device.DeviceView, b: _device.DeviceView) -> bool:
+    """Whether two C-contiguous device arrays share memory (their byte ranges overlap)."""
+    if not (a.nbytes and b.nbytes):
+        return False
+    return a.pointer < b.pointer + b.nbytes and b.pointer < a.pointer + a.nbytes
+
+
 def _gather_device(x: object, ancestors: object, out: object, stream: Any) -> Any:
     if _device.is_device_array(x):
         source = _device.device_view(x, "x")
@@ -859,6 +901,13 @@ def _gather_device(x: object, ancestors: object, out: object, stream: Any) -> An
         ):
             raise ValueError("out: overlaps x without being x itself; pass out=x to reorder in place")
         result, target_pointer = out, target.pointer
+    written = source if in_place else target
+    if written is not None and _device_overlap(index, written):
+        raise ValueError(
+            "ancestors: shares memory with x, which is reordered in place (pass a copy)"
+            if in_place
+            else "out: shares memory with ancestors (pass separate arrays)"
+        )
     cuda.gather(
         source.pointer, batch, num_particles, row_bytes, index.pointer, num, target_pointer, device, handle
     )

@@ -46,7 +46,7 @@ from .. import core
 from ._config import Source, first, positive_int, real_number, token_id, token_ids
 from ._ort import make_session
 from .device_cache import DeviceKVCache
-from .particles import Particles
+from .particles import MAX_NEW_TOKENS, Particles
 from .prompts import check_prompts
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -437,6 +437,18 @@ class OnnxCausalLM:
             ) from error
         return binding.get_outputs()[0].numpy(), present
 
+    @property
+    def supports_engine(self) -> bool:
+        """Whether the serving engine can batch it: its host KV cache joins by left padding
+        (``Particles.aligned``); a device cache cannot join yet."""
+        return not self.device_cache
+
+    @property
+    def engine_unsupported_reason(self) -> Optional[str]:
+        if self.device_cache:
+            return "its KV cache is on the GPU (device_cache); pass device_cache=False"
+        return None
+
     # -- the Policy protocol ----------------------------------------------------------------------------
 
     def start(self, prompts: Optional[Sequence[Any]], num_particles: int) -> Particles:
@@ -470,6 +482,9 @@ class OnnxCausalLM:
             return self._start_buffers.repeated(a, num_particles)
 
         particles.state["lm.mask"] = repeat(mask)
+        # Left-aligned sequences: batches of other lengths join by left padding (Particles.concatenate).
+        particles.aligned["lm.mask"] = (2, "lm.mask")
+        particles.aligned.update((key, (3, "lm.mask")) for _, _, key in self._cache_names)
         particles.state["lm.logits"] = repeat(np.asarray(logits[:, -1, :], dtype=np.float32))
         if isinstance(present, DeviceKVCache):  # every particle of prompt b copies its prompt's cache
             particles.state["lm.cache"] = present.take(np.zeros((batch, num_particles), dtype=np.int64))
@@ -588,11 +603,20 @@ class OnnxCausalLM:
         self, particles: Particles, tokens: npt.NDArray[np.int64], active: npt.NDArray[np.bool_]
     ) -> tuple[npt.NDArray[np.bool_], int]:
         """Write ``tokens`` where ``active`` and mark ended trajectories (at ``max_new_tokens`` or an EOS
-        token); returns the rows still going and how many there are."""
-        return core.append_tokens(
+        token, or at a sampler's own limit ``Particles.state[MAX_NEW_TOKENS]``); returns the rows still going
+        and how many there are."""
+        still, going = core.append_tokens(
             particles.tokens, particles.lengths, particles.finished, tokens, active, self._eos_ids,
             self.max_new_tokens,
         )  # fmt: skip
+        limit = particles.state.get(MAX_NEW_TOKENS)
+        if limit is not None:
+            over = still & (particles.lengths >= limit)
+            if over.any():
+                particles.finished |= over
+                still &= ~over
+                going = int(np.count_nonzero(still))
+        return still, going
 
     def propose(self, particles: Particles, rng: np.random.Generator) -> FloatArray:
         """Draw one step for every unfinished particle; returns ``log p(step)`` (0 where finished).

@@ -88,6 +88,8 @@ class OnnxRewardModel:
 
     # Its log-values are finite or -inf (it raises on anything else itself): the samplers need not check.
     log_values_checked = True
+    # Each prefix is scored on its own (rows never mix) and its cached scores are recomputed where absent.
+    supports_engine = True
     _serial_numbers = itertools.count()
 
     def __init__(

@@ -14,7 +14,11 @@ import numpy.typing as npt
 from .. import _device, core
 from .device_cache import DeviceKVCache
 
-__all__ = ["Particles"]
+__all__ = ["MAX_NEW_TOKENS", "Particles"]
+
+# Particles.state key of the most tokens each trajectory may have (a request's max_new_tokens), where a
+# sampler sets one; a policy ends a trajectory there as at its own max_new_tokens.
+MAX_NEW_TOKENS = "max_new_tokens"
 
 
 @dataclass
@@ -29,7 +33,11 @@ class Particles:
     sampler its ``log Vh_{t-1}`` under ``"smc.log_value"``), with the same leading ``(B, N)`` axes, so that
     :meth:`reorder` carries it through resampling without the models ever resampling themselves. Work a
     model can postpone (its session run on the tokens just appended) waits in :meth:`defer` until the
-    state is next needed. A state array may live in CUDA device memory: it is then reordered
+    state is next needed. ``aligned`` names the state entries that hold a left-aligned sequence (a
+    decoder's KV cache and attention mask): ``aligned[key] = (axis, mask_key)``, where the columns along
+    ``axis`` whose entry in the ``mask_key`` array (``(B, N, length)``) is 0 are padding, so batches with
+    sequences of different lengths can be joined by left-padding (:meth:`concatenate`) and trimmed when the
+    longest leave (:meth:`select`). A state array may live in CUDA device memory: it is then reordered
     where it lies, with the ancestors copied to its device once per call; a
     :class:`~tiltsmc.models.device_cache.DeviceKVCache` reorders all its layers in one gather.
     """
@@ -41,6 +49,7 @@ class Particles:
     state: dict[str, Any] = field(default_factory=dict)
     prompt_tokens: Optional[list[npt.NDArray[np.int64]]] = None
     errors: dict[int, str] = field(default_factory=dict)
+    aligned: dict[str, tuple[int, str]] = field(default_factory=dict)
     _pending: list[Callable[[], None]] = field(default_factory=list, init=False, repr=False, compare=False)
 
     @classmethod
@@ -84,13 +93,33 @@ class Particles:
             setattr(copied, item.name, copy.deepcopy(getattr(self, item.name), memo))
         return copied
 
-    def reorder(self, ancestors: npt.NDArray[np.int64]) -> None:
+    def reorder(self, ancestors: npt.NDArray[np.int64], *, across_prompts: bool = False) -> None:
         """Particle ``i`` of prompt ``b`` becomes a copy of particle ``ancestors[b, i]`` (in place).
 
+        With ``across_prompts=True``, ``ancestors`` is ``(1, B * N)``: particle ``k`` of the flattened
+        batch becomes a copy of particle ``ancestors[0, k]`` (the batches of :meth:`one_per_prompt`).
         Deferred work runs first. Host arrays are reordered in one core call
         (:func:`tiltsmc.core.reorder_in_place`); device arrays where they lie; arrays that cannot be written
         in place are replaced by reordered copies."""
         self.flush()
+        if across_prompts:
+            total = self.lengths.size
+            for name, array in self.state.items():
+                if isinstance(array, np.ndarray) and not array.flags.c_contiguous:
+                    self.state[name] = np.ascontiguousarray(array)
+            views = {k: a.reshape(1, total, *a.shape[2:]) for k, a in self.state.items()}
+            flat = Particles(
+                prompts=[None],
+                tokens=self.tokens.reshape(1, total, -1),
+                lengths=self.lengths.reshape(1, total),
+                finished=self.finished.reshape(1, total),
+                state=dict(views),
+            )
+            flat.reorder(ancestors)
+            for name, array in flat.state.items():  # entries replaced by reordered copies
+                if array is not views[name]:
+                    self.state[name] = array.reshape(self.state[name].shape)
+            return
         own = [self.tokens, self.lengths, self.finished]
         arrays = [*own, *self.state.values()]
         try:  # one call checks every array's leading axes and every index before it writes
@@ -129,11 +158,161 @@ class Particles:
             state=state,
             prompt_tokens=self.prompt_tokens,
             errors=dict(self.errors),
+            aligned=dict(self.aligned),
+        )
+
+    @classmethod
+    def concatenate(cls, parts: Sequence[Particles]) -> Particles:
+        """One batch of the parts' prompts, in order (new arrays; the parts are left as they were).
+
+        Every part must have the same particle count. Token buffers of different capacities are
+        right-padded; ``aligned`` entries of different lengths are left-padded with zeros (the mask's
+        zeros mark the padding). A state entry that some part lacks (state a model creates lazily, such as
+        a reward model's cached scores) is dropped: the model creates it again for the whole batch at its
+        next call. Any other difference between the parts' state entries is an error naming the entry.
+        """
+        if not parts:
+            raise ValueError("parts: expected at least one batch to concatenate")
+        count = parts[0].num_particles
+        for part in parts:
+            part.flush()
+            if part.num_particles != count:
+                raise ValueError(
+                    f"parts: batches of {part.num_particles} and {count} particles a prompt cannot be joined"
+                )
+        aligned: dict[str, tuple[int, str]] = {}
+        for part in parts:
+            aligned.update(part.aligned)
+        capacity = max(part.tokens.shape[2] for part in parts)
+        tokens = np.zeros((sum(p.num_prompts for p in parts), count, capacity), dtype=np.int64)
+        offset = 0
+        errors: dict[int, str] = {}
+        for part in parts:
+            tokens[offset : offset + part.num_prompts, :, : part.tokens.shape[2]] = part.tokens
+            errors.update((offset + b, message) for b, message in part.errors.items())
+            offset += part.num_prompts
+        with_prompts = [p.prompt_tokens is not None for p in parts]
+        if any(with_prompts) and not all(with_prompts):
+            raise ValueError("parts: some batches have prompt tokens and others not (different policies?)")
+        state: dict[str, Any] = {}
+        for key in parts[0].state:
+            if all(key in part.state for part in parts):
+                state[key] = _joined_state(key, [part.state[key] for part in parts], parts, aligned.get(key))
+        return cls(
+            prompts=[prompt for part in parts for prompt in part.prompts],
+            tokens=tokens,
+            lengths=np.concatenate([part.lengths for part in parts]),
+            finished=np.concatenate([part.finished for part in parts]),
+            state=state,
+            prompt_tokens=(
+                [ids for part in parts for ids in part.prompt_tokens]  # type: ignore[union-attr]
+                if all(with_prompts)
+                else None
+            ),
+            errors=errors,
+            aligned=aligned,
+        )
+
+    def select(self, prompts: npt.ArrayLike) -> Particles:
+        """A new batch of the given prompts (indices along the prompt axis, in that order), every array
+        copied; ``aligned`` entries lose the leading columns that are padding in every selected row."""
+        self.flush()
+        index = np.asarray(prompts, dtype=np.int64).reshape(-1)
+        if index.size and (index.min() < -self.num_prompts or index.max() >= self.num_prompts):
+            raise IndexError(f"prompts: indices must lie in [0, {self.num_prompts}), got {index.tolist()}")
+        state: dict[str, Any] = {}
+        for key, array in self.state.items():
+            if not isinstance(array, np.ndarray):
+                raise TypeError(f"Particles.state[{key!r}]: {type(array).__name__} cannot be selected from")
+            state[key] = array[index]
+        for mask_key in {mask for _, mask in self.aligned.values()}:
+            if mask_key not in state or not state[mask_key].size:
+                continue
+            used = np.flatnonzero(state[mask_key].reshape(-1, state[mask_key].shape[-1]).any(axis=0))
+            first = int(used[0]) if used.size else state[mask_key].shape[-1]
+            if first:
+                for key, (axis, mask) in self.aligned.items():
+                    if mask == mask_key and key in state:
+                        state[key] = np.ascontiguousarray(
+                            state[key][(slice(None),) * axis + (slice(first, None),)]
+                        )
+        position = {int(b): k for k, b in enumerate(index)}
+        return Particles(
+            prompts=[self.prompts[b] for b in index],
+            tokens=self.tokens[index],
+            lengths=self.lengths[index],
+            finished=self.finished[index],
+            state=state,
+            prompt_tokens=None if self.prompt_tokens is None else [self.prompt_tokens[b] for b in index],
+            errors={position[b]: m for b, m in self.errors.items() if b in position},
+            aligned=dict(self.aligned),
+        )
+
+    def one_per_prompt(self) -> Particles:
+        """The same particles with leading axes ``(B * N, 1)``: every particle its own prompt entry (its
+        prompt repeated), views of the same memory (deferred work done first). Batches of runs with
+        different particle counts can then be joined, and :meth:`reorder` with ``across_prompts=True``
+        moves particles within each run's range of entries."""
+        self.flush()
+        total, each = self.lengths.size, self.num_particles
+
+        def view(array: Any) -> Any:
+            if not isinstance(array, np.ndarray):
+                raise TypeError(f"{type(array).__name__} in Particles.state cannot be reshaped")
+            return np.ascontiguousarray(array).reshape(total, 1, *array.shape[2:])
+
+        return Particles(
+            prompts=[self.prompts[k // each] for k in range(total)],
+            tokens=view(self.tokens),
+            lengths=view(self.lengths),
+            finished=view(self.finished),
+            state={key: view(array) for key, array in self.state.items()},
+            prompt_tokens=(
+                None if self.prompt_tokens is None else [self.prompt_tokens[k // each] for k in range(total)]
+            ),
+            errors={k: self.errors[k // each] for k in range(total) if k // each in self.errors},
+            aligned=dict(self.aligned),
         )
 
     def sequences(self, prompt: int) -> list[npt.NDArray[np.int64]]:
         """The generated steps of every particle of one prompt, each trimmed to its length."""
         return [self.tokens[prompt, i, : self.lengths[prompt, i]].copy() for i in range(self.num_particles)]
+
+
+def _joined_state(
+    key: str,
+    arrays: list[Any],
+    parts: Sequence[Particles],
+    alignment: Optional[tuple[int, str]],
+) -> np.ndarray:
+    """One state entry of :meth:`Particles.concatenate`: the parts' arrays one after the other along the
+    prompt axis, aligned ones left-padded to the longest."""
+    present = arrays
+    for array in present:
+        if not isinstance(array, np.ndarray):
+            raise TypeError(f"Particles.state[{key!r}]: {type(array).__name__} cannot be concatenated")
+    trailing = [list(a.shape[2:]) for a in present]
+    axis = None if alignment is None else alignment[0] - 2
+    if axis is not None:
+        longest = max(t[axis] for t in trailing)
+        for t in trailing:
+            t[axis] = longest
+    if any(t != trailing[0] for t in trailing):
+        raise ValueError(
+            f"Particles.state[{key!r}]: shapes {[a.shape for a in present]} differ beyond the (B, N) axes"
+        )
+    dtype = np.result_type(*present)
+    count = parts[0].num_particles
+    joined = np.zeros((sum(p.num_prompts for p in parts), count, *trailing[0]), dtype=dtype)
+    offset = 0
+    for part, array in zip(parts, arrays):
+        target: tuple[slice, ...] = (slice(offset, offset + part.num_prompts),)
+        if axis is not None:  # left padding: the part's sequence ends where the longest ends
+            start = trailing[0][axis] - array.shape[axis + 2]
+            target += (slice(None),) * (axis + 1) + (slice(start, None),)
+        joined[target] = array
+        offset += part.num_prompts
+    return joined
 
 
 def _follow(array: Any, ancestors: npt.NDArray[np.int64], uploaded: dict[int, Any], in_place: bool) -> Any:

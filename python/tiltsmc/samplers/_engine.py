@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, Optional, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -16,12 +16,26 @@ from .result import Compute
 FloatArray = npt.NDArray[np.float64]
 
 
+class _HasTokenLimit(Protocol):
+    max_new_tokens: Optional[int]
+
+
+RunT = TypeVar("RunT", bound=_HasTokenLimit)
+
+
 def check_count(value: Any, name: str, minimum: int = 1) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name}: expected an int, got {value!r}")
     if value < minimum:
         raise ValueError(f"{name}: must be >= {minimum}, got {value}")
     return int(value)
+
+
+def limited(run: RunT, max_new_tokens: Optional[int]) -> RunT:
+    """``run`` with its per-trajectory token limit set (None: the policy's own), checked."""
+    if max_new_tokens is not None:
+        run.max_new_tokens = check_count(max_new_tokens, "max_new_tokens")
+    return run
 
 
 def logsumexp(a: FloatArray, axis: int = -1) -> FloatArray:
@@ -75,13 +89,15 @@ class Models:
         self.compute.policy_tokens += live if one_token else int(particles.lengths.sum()) - tokens_before
         return log_p
 
-    def reorder(self, particles: Particles, ancestors: npt.NDArray[np.int64]) -> None:
-        """Resample the particles; the policy's deferred work (:meth:`Particles.defer`) runs first and is
-        timed as the policy's."""
+    def reorder(
+        self, particles: Particles, ancestors: npt.NDArray[np.int64], *, across_prompts: bool = False
+    ) -> None:
+        """Resample the particles (:meth:`Particles.reorder`); the policy's deferred work
+        (:meth:`Particles.defer`) runs first and is timed as the policy's."""
         began = time.perf_counter()
         particles.flush()
         self.compute.policy_seconds += time.perf_counter() - began
-        particles.reorder(ancestors)
+        particles.reorder(ancestors, across_prompts=across_prompts)
 
     def next_log_probs(self, particles: Particles) -> FloatArray:
         assert isinstance(self.policy, TokenPolicy)
@@ -133,6 +149,11 @@ class Models:
         return check_log_values(value, "next_log_values")
 
 
+def prompts_list(prompts: Optional[Sequence[Any]]) -> Optional[list[Any]]:
+    """The prompts as a list (None: the policy's one empty prompt)."""
+    return None if prompts is None else list(prompts)
+
+
 def all_finished(particles: Particles) -> bool:
     """Whether every trajectory has finished (a count: between model calls, with the CPU's caches cold,
     ``np.count_nonzero`` costs about half of ``ndarray.all``)."""
@@ -144,13 +165,6 @@ def failed_prompts(particles: Particles) -> npt.NDArray[np.bool_]:
     failed = np.zeros(particles.num_prompts, dtype=bool)
     failed[list(particles.errors)] = True
     return failed
-
-
-def decode_texts(policy: Any, samples: list[Any]) -> Optional[list[list[str]]]:
-    """Each sample decoded to text where the policy has a tokenizer (``policy.decode``), else None."""
-    if getattr(policy, "tokenizer", None) is None or not callable(getattr(policy, "decode", None)):
-        return None
-    return [[policy.decode(sequence) for sequence in per_prompt] for per_prompt in samples]
 
 
 def check_log_values(value: FloatArray, name: str) -> FloatArray:

@@ -37,37 +37,39 @@ def _prompts(prompts: Optional[Sequence[Any]]) -> list[Any]:
 
 
 class MarkovPolicy:
-    """``p(x_0) = init``, ``p(x_i | x_{i-1}) = P_i[x_{i-1}]``; finished after ``horizon`` tokens."""
+    """``p(x_0) = init``, ``p(x_i | x_{i-1}) = P_i[x_{i-1}]``; finished after ``horizon`` tokens.
+
+    Every particle is at its own position (its length), so batches started at different times can be
+    joined (the serving engine does): ``supports_engine``.
+    """
 
     token_level = True  # a step is one token
+    supports_engine = True
 
     def __init__(self, task: MarkovDFATask) -> None:
         self.task = task
         self.vocab_size = task.vocab_size
-        self._log_steps = [task.log_init] + [task.log_trans_at(i) for i in range(1, task.horizon)]
+        first = np.broadcast_to(task.log_init, (task.vocab_size, task.vocab_size))
+        # (horizon, V, V): row [t, previous token] is the law of token t (the previous token is ignored at 0)
+        self._log_steps = np.stack([first] + [task.log_trans_at(i) for i in range(1, task.horizon)])
 
     def start(self, prompts: Optional[Sequence[Any]], num_particles: int) -> Particles:
         return Particles.empty(_prompts(prompts), num_particles, self.task.horizon)
 
-    def _position(self, particles: Particles) -> int:
-        # All particles of a fixed-horizon task move together: one position for the whole batch.
-        return int(particles.lengths.flat[0]) if particles.lengths.size else 0
-
     def next_log_probs(self, particles: Particles) -> FloatArray:
-        t = self._position(particles)
-        if t >= self.task.horizon:
-            raise ValueError("particles: every trajectory already has the full horizon")
-        if t == 0:
-            return np.broadcast_to(self._log_steps[0], (*particles.lengths.shape, self.vocab_size))
-        return self._log_steps[t][particles.tokens[:, :, t - 1]]
+        t = particles.lengths
+        if t.size and t.max() >= self.task.horizon and not particles.finished.all():
+            raise ValueError("particles: a trajectory already has the full horizon")
+        t = np.minimum(t, self.task.horizon - 1)  # finished particles: any law (never drawn from)
+        previous = np.take_along_axis(particles.tokens, np.maximum(t - 1, 0)[..., None], axis=-1)[..., 0]
+        log_probs: FloatArray = self._log_steps[t, previous]
+        return log_probs
 
     def append(self, particles: Particles, tokens: npt.NDArray[np.int64]) -> None:
-        t = self._position(particles)
-        live = ~particles.finished
-        particles.tokens[:, :, t] = np.where(live, tokens, particles.tokens[:, :, t])
-        particles.lengths[live] = t + 1
-        if t + 1 >= self.task.horizon:
-            particles.finished[:] = True
+        b, i = np.nonzero(~particles.finished)
+        particles.tokens[b, i, particles.lengths[b, i]] = tokens[b, i]
+        particles.lengths[b, i] += 1
+        particles.finished |= particles.lengths >= self.task.horizon
 
     def propose(self, particles: Particles, rng: np.random.Generator) -> FloatArray:
         log_probs = self.next_log_probs(particles)
@@ -79,8 +81,11 @@ class MarkovPolicy:
 class TableTwist:
     """``log Vh_t(prefix) = tables[t][last token, DFA state]`` with ``tables[0] = log Vh_0``.
 
-    The DFA state of each particle is kept in ``particles.state["dfa"]`` and follows resampling.
+    The DFA state of each particle is kept in ``particles.state["dfa"]`` and follows resampling; each
+    particle is read at its own length (``supports_engine``).
     """
+
+    supports_engine = True
 
     def __init__(self, task: MarkovDFATask, tables: Sequence[Union[float, npt.ArrayLike]]) -> None:
         self.task = task
@@ -89,6 +94,9 @@ class TableTwist:
         self.tables += [np.asarray(t, dtype=np.float64) for t in tables[1:]]
         if len(self.tables) != task.horizon + 1:
             raise ValueError(f"tables: expected {task.horizon + 1} levels, got {len(self.tables)}")
+        # (horizon + 1, V, S): level 0 is the constant log Vh_0
+        first = np.full(np.shape(self.tables[1]), self.tables[0])
+        self._levels = np.stack([first, *self.tables[1:]])
 
     def _states(self, particles: Particles) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32]]:
         """DFA state after each prefix, advanced over the tokens appended since the last call.
@@ -116,18 +124,13 @@ class TableTwist:
 
     def log_value(self, particles: Particles) -> FloatArray:
         states, read = self._states(particles)
-        t = int(read.flat[0]) if read.size else 0
-        if t == 0:
-            return np.full(read.shape, self.tables[0])
-        last = particles.tokens[:, :, t - 1]
-        level = self.tables[t]
-        assert isinstance(level, np.ndarray)
-        return level[last, states]
+        last = np.take_along_axis(particles.tokens, np.maximum(read - 1, 0)[..., None], axis=-1)[..., 0]
+        values: FloatArray = self._levels[read, last, states]
+        return values
 
     def next_log_values(self, particles: Particles) -> FloatArray:
         states, read = self._states(particles)
-        t = int(read.flat[0]) if read.size else 0
-        level = self.tables[t + 1]
-        assert isinstance(level, np.ndarray)
         following = self.task.dfa[states]  # (B, N, V): state after appending each token
-        return level[np.arange(self.vocab_size), following]
+        level = np.minimum(read + 1, self.task.horizon)[..., None]
+        values: FloatArray = self._levels[level, np.arange(self.vocab_size), following]
+        return values

@@ -1,0 +1,461 @@
+"""Runs batched together: one batch of particles advanced one step at a time for every run it holds.
+
+A :class:`Lane` holds the runs (:mod:`tiltsmc.samplers.runs`) of one kind of step. Its particles are one
+:class:`~tiltsmc.models.particles.Particles` batch laid out ``(rows, 1)``: every particle its own prompt
+entry, each run's particles a contiguous range of rows (prompt-major, as in the run's own ``(B, N)``
+batch). Per step it makes one call of each model method for all of them (one ``propose`` and one
+``log_value`` for a guided lane), hands each run a ``(B, N)`` view of its rows to update its weights,
+and resamples every run that asks in one reorder. Runs join at a step boundary (their batch started by
+the policy, and concatenated) and leave when their particles have all finished.
+
+An offline sampler is one run in a lane of its own (:func:`run_alone`); the serving engine keeps a lane
+of each kind with every request in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any, Callable, Optional
+
+import numpy as np
+import numpy.typing as npt
+
+from .._rng import RowStreams
+from ..models.particles import MAX_NEW_TOKENS, Particles
+from ._engine import FloatArray, Models, all_finished, failed_prompts
+from .result import Compute
+from .runs import LOG_V_PREV, Run
+
+__all__ = ["KINDS", "Lane", "run_alone"]
+
+KINDS = ("guided", "twist", "rollout")
+logger = logging.getLogger("tiltsmc.lane")
+
+Ended = list[tuple[Run, Optional[BaseException]]]
+
+
+class _Member:
+    """A run in the lane: its rows and the shape of its batch."""
+
+    __slots__ = ("batch", "count", "run", "start", "stop")
+
+    def __init__(self, run: Run, batch: int, count: int) -> None:
+        self.run, self.batch, self.count = run, batch, count
+        self.start = self.stop = 0
+
+
+def _view(particles: Particles, member: _Member) -> Particles:
+    """Rows ``member.start:member.stop`` of a ``(rows, 1)`` batch as the run's ``(B, N)`` batch (views)."""
+    start, stop, batch, count = member.start, member.stop, member.batch, member.count
+
+    def rows(array: np.ndarray) -> np.ndarray:
+        return array[start:stop].reshape(batch, count, *array.shape[2:])
+
+    return Particles(
+        prompts=particles.prompts[start:stop:count],
+        tokens=rows(particles.tokens),
+        lengths=rows(particles.lengths),
+        finished=rows(particles.finished),
+        state={key: rows(array) for key, array in particles.state.items()},
+        prompt_tokens=None if particles.prompt_tokens is None else particles.prompt_tokens[start:stop:count],
+    )
+
+
+class Lane:
+    """Runs of one ``kind`` (``"guided"``, ``"twist"`` or ``"rollout"``) advanced together.
+
+    ``step()`` admits the runs waiting for a batch, advances every run by one step and returns the runs
+    that ended (each with None, or the exception that ended it alone). A failure confined to one run
+    (its arguments, its values) ends that run only; a model call that fails for the whole batch ends
+    every run in it. ``compute`` adds up every model call of the lane.
+    """
+
+    def __init__(self, models: Models, kind: str) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+        self.models = models
+        self.kind = kind
+        self.members: list[_Member] = []
+        self.waiting: list[Run] = []
+        self.particles: Optional[Particles] = None
+        self.compute = models.compute
+        self._joining: list[_Member] = []  # started this step, join with their batch
+        self._ended: list[_Member] = []  # ended this step, leave once every run has been updated
+        self.policy_calls = 0  # policy steps taken (propose, or next_log_probs), and the rows they served
+        self.policy_rows = 0
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.particles is None else int(self.particles.lengths.shape[0])
+
+    def __len__(self) -> int:
+        return len(self.members) + len(self.waiting)
+
+    def runs(self) -> list[Run]:
+        return [member.run for member in self.members] + list(self.waiting)
+
+    def add(self, run: Run) -> None:
+        """Queue a run: it joins at the next step."""
+        if run.kind != self.kind:
+            raise ValueError(f"run: a {run.kind} run cannot step in a {self.kind} lane")
+        run.policy = self.models.policy
+        self.waiting.append(run)
+
+    def remove(self, runs: Sequence[Run]) -> None:
+        """Take runs out (cancelled, timed out): their rows are freed at once."""
+        gone = {id(run) for run in runs}
+        self.waiting = [run for run in self.waiting if id(run) not in gone]
+        self._drop([member for member in self.members if id(member.run) in gone])
+
+    # -- one step --------------------------------------------------------------------------------------
+
+    def step(self) -> Ended:
+        ended: Ended = []
+        self._admit(ended)
+        try:
+            self._settle(ended)
+            if self.members:
+                if self.kind == "guided":
+                    self._guided_step(ended)
+                elif self.kind == "twist":
+                    self._twist_step(ended)
+                else:
+                    self._rollout_step(ended)
+                self._settle(ended)
+        except Exception as error:  # a failure of the whole batch: every run in it ends with it
+            if len(self.members) > 1:
+                logger.exception("a model call failed for a batch of %d runs", len(self.members))
+            ended.extend((member.run, error) for member in self._active())
+            self._ended = []
+            self._drop(list(self.members))
+        return ended
+
+    def _count_step(self) -> Particles:
+        particles = self._particles()
+        self.policy_calls += 1
+        self.policy_rows += self.rows
+        return particles
+
+    def _guided_step(self, ended: Ended) -> None:
+        particles = self._count_step()
+        for member in self.members:
+            member.run.before_step(_view(particles, member))
+        self._charge(lambda: self.models.propose(particles, self._rng()), live=True)
+        _end_at_limits(particles)
+        log_v = self._log_values(ended)
+        self._update(
+            ended,
+            lambda member, view: member.run.reweigh(
+                view, log_v[member.start : member.stop].reshape(member.batch, member.count)
+            ),
+        )
+
+    def _twist_step(self, ended: Ended) -> None:
+        particles = self._count_step()
+        for member in self.members:
+            member.run.before_step(_view(particles, member))
+        next_log_values = self._charge(lambda: self.models.next_log_values(particles))
+        log_p = self._charge(lambda: self.models.next_log_probs(particles), live=True)
+        tokens = np.zeros(particles.lengths.shape, dtype=np.int64)
+        for member in self._active():
+            rows = slice(member.start, member.stop)
+            shape = (member.batch, member.count, -1)
+            try:
+                chosen = member.run.choose(
+                    _view(particles, member), log_p[rows].reshape(shape), next_log_values[rows].reshape(shape)
+                )
+            except Exception as error:
+                self._end_alone(member, error, ended)
+                continue
+            tokens[rows] = chosen.reshape(-1, 1)
+        self._charge(lambda: self.models.append(particles, tokens))
+        _end_at_limits(particles)
+        self._update(ended, lambda member, view: member.run.after_append(view))
+
+    def _rollout_step(self, ended: Ended) -> None:
+        particles = self._count_step()
+        self._charge(lambda: self.models.propose(particles, self._rng()), live=True)
+        _end_at_limits(particles)
+        for member in self._active():
+            try:
+                member.run.check_steps(_view(particles, member))
+            except Exception as error:
+                self._end_alone(member, error, ended)
+
+    def _update(
+        self, ended: Ended, update: Callable[[_Member, Particles], Optional[npt.NDArray[np.int64]]]
+    ) -> None:
+        """Each run's own update of its rows; one reorder for every run that resamples."""
+        particles = self._particles()
+        ancestors: Optional[npt.NDArray[np.int64]] = None
+        for member in self._active():
+            try:
+                local = update(member, _view(particles, member))
+            except Exception as error:
+                self._end_alone(member, error, ended)
+                continue
+            if local is None:
+                continue
+            if ancestors is None:
+                ancestors = np.arange(self.rows, dtype=np.int64)
+            offsets = member.start + np.arange(member.batch, dtype=np.int64)[:, None] * member.count
+            ancestors[member.start : member.stop] = (offsets + local).reshape(-1)
+        if ancestors is not None:
+            self._charge(lambda: self.models.reorder(particles, ancestors[None, :], across_prompts=True))
+        self._drop_ended()
+
+    def _log_values(self, ended: Ended) -> FloatArray:
+        """``log Vh_t`` of every row; where the call fails for the batch, each run is scored alone and
+        the runs whose rows fail end with their own error (a reward model's NaN on one request's rows)."""
+        particles = self._particles()
+        try:
+            values: FloatArray = self._charge(lambda: self.models.log_value(particles))
+            return values
+        except Exception as error:
+            if len(self.members) == 1:
+                raise
+            logger.warning("log_value failed for the batch (%s); scoring each run alone", error)
+        values = np.zeros(particles.lengths.shape)
+        for member in self._active():
+            alone = particles.select(np.arange(member.start, member.stop))
+            try:
+                values[member.start : member.stop] = self._charge(
+                    lambda alone=alone: self.models.log_value(alone)  # type: ignore[misc]
+                )
+            except Exception as run_error:
+                self._end_alone(member, run_error, ended)
+        return values
+
+    # -- joining and leaving ---------------------------------------------------------------------------
+
+    def _admit(self, ended: Ended) -> None:
+        """Start a batch for every waiting run that wants one, one policy start per particle count."""
+        if not self.waiting:
+            return
+        waiting, self.waiting = self.waiting, []
+        groups: dict[int, list[tuple[Run, Optional[list[Any]]]]] = {}
+        for run in waiting:
+            try:
+                wanted = run.wants()
+            except Exception as error:
+                ended.append((run, error))
+                continue
+            if wanted is None:  # done without another batch (rejection with nothing left to draw)
+                ended.append((run, None))
+                continue
+            prompts, count = wanted
+            groups.setdefault(count, []).append((run, prompts))
+        parts: list[Particles] = []
+        for count, group in groups.items():
+            try:
+                parts.append(self._start_group(count, group))
+            except Exception as error:
+                if len(group) == 1:
+                    ended.append((group[0][0], error))
+                    continue
+                for run, prompts in group:  # find the run at fault: start each alone
+                    try:
+                        parts.append(self._start_group(count, [(run, prompts)]))
+                    except Exception as run_error:
+                        ended.append((run, run_error))
+        if parts:
+            self._join(parts)
+
+    def _start_group(self, count: int, group: list[tuple[Run, Optional[list[Any]]]]) -> Particles:
+        """One policy start for the group's prompts; each run begins on its rows. The batch comes back
+        one particle per prompt entry, ready to join."""
+        runs = [run for run, _ in group]
+        if len(group) == 1:
+            prompts = group[0][1]
+        else:
+            prompts = [prompt for _, run_prompts in group for prompt in (run_prompts or [None])]
+        part: Particles = self._charge_to(runs, lambda: self.models.start(prompts, count))
+        log_v0 = self._charge_to(runs, lambda: self.models.initial_log_value(part))
+        batches = [part.num_prompts] if len(group) == 1 else [len(p or [None]) for _, p in group]
+        capacity = part.tokens.shape[2]
+        limits = np.full(part.lengths.shape, capacity, dtype=np.int64)
+        offsets = np.cumsum([0, *batches])
+        for run, start, stop in zip(runs, offsets[:-1], offsets[1:]):
+            if run.max_new_tokens is not None:
+                if run.max_new_tokens > capacity:
+                    raise ValueError(
+                        f"max_new_tokens: {run.max_new_tokens} is more than the policy's limit of {capacity}"
+                    )
+                limits[start:stop] = run.max_new_tokens
+        failed = failed_prompts(part)
+        log_v_prev = np.zeros(part.lengths.shape)
+        members = []
+        for run, start, stop in zip(runs, offsets[:-1], offsets[1:]):
+            errors = {b - start: m for b, m in part.errors.items() if start <= b < stop}
+            log_v_prev[start:stop] = run.begin(log_v0[start:stop], failed[start:stop], errors)
+            members.append(_Member(run, int(stop - start), count))
+        part.state[LOG_V_PREV] = log_v_prev
+        part.state[MAX_NEW_TOKENS] = limits
+        self._joining.extend(members)
+        return part.one_per_prompt()
+
+    def _join(self, parts: list[Particles]) -> None:
+        if self.particles is not None:
+            parts = [self.particles, *parts]
+        self.particles = parts[0] if len(parts) == 1 else Particles.concatenate(parts)
+        self.members.extend(self._joining)
+        self._joining = []
+        self._renumber()
+
+    def _renumber(self) -> None:
+        start = 0
+        for member in self.members:
+            member.start, start = start, start + member.batch * member.count
+            member.stop = start
+
+    def _settle(self, ended: Ended) -> None:
+        """Runs whose particles have all finished end (a rollout run after its one reward call); a run
+        that wants another batch goes back to waiting."""
+        if self.particles is None:
+            return
+        particles = self.particles
+        done = [m for m in self.members if all_finished(_view(particles, m))]
+        if not done:
+            return
+        if self.kind == "rollout":
+            log_r = self._log_values(ended)
+        for member in self._active(done):
+            view = _view(particles, member)
+            try:
+                if self.kind == "rollout":
+                    member.run.end_rollout(
+                        view, log_r[member.start : member.stop].reshape(member.batch, member.count)
+                    )
+                else:
+                    member.run.end(view)
+            except Exception as error:
+                self._end_alone(member, error, ended)
+                continue
+            self._ended.append(member)
+            if member.run.result is not None:
+                ended.append((member.run, None))
+            else:
+                self.waiting.append(member.run)
+        self._drop_ended()
+
+    def _active(self, members: Optional[list[_Member]] = None) -> list[_Member]:
+        """The members (default: all) that have not ended during this step."""
+        return [m for m in (self.members if members is None else members) if m not in self._ended]
+
+    def _end_alone(self, member: _Member, error: BaseException, ended: Ended) -> None:
+        """A run fails on its own; its rows leave at the end of the update (others' views stay valid)."""
+        ended.append((member.run, error))
+        self._ended.append(member)
+
+    def _drop_ended(self) -> None:
+        if self._ended:
+            leaving, self._ended = self._ended, []
+            self._drop(leaving)
+
+    def _drop(self, leaving: Sequence[_Member]) -> None:
+        if not leaving:
+            return
+        gone = {id(member) for member in leaving}
+        kept = [member for member in self.members if id(member) not in gone]
+        if not kept:
+            self.members, self.particles = [], None
+            return
+        assert self.particles is not None
+        rows = np.concatenate([np.arange(m.start, m.stop) for m in kept])
+        self.particles = self.particles.select(rows)
+        self.members = kept
+        self._renumber()
+
+    def _particles(self) -> Particles:
+        assert self.particles is not None
+        return self.particles
+
+    # -- randomness and accounting ---------------------------------------------------------------------
+
+    def _rng(self) -> Any:
+        """One run: its own generator (what the sampler alone would pass); several: their RowStreams."""
+        if len(self.members) == 1:
+            return self.members[0].run.generator
+        bounds = [0] + [member.stop for member in self.members]
+        return RowStreams([member.run.generator for member in self.members], bounds)
+
+    def _charge(self, call: Callable[[], Any], live: bool = False) -> Any:
+        """Make one model call for every run, and charge each run its share (by rows, or live rows)."""
+        weights = None
+        if live and len(self.members) > 1:
+            finished = self._particles().finished
+            weights = [
+                m.stop - m.start - int(np.count_nonzero(finished[m.start : m.stop])) for m in self.members
+            ]
+        return self._charge_to([m.run for m in self.members], call, weights)
+
+    def _charge_to(
+        self, runs: list[Run], call: Callable[[], Any], weights: Optional[list[int]] = None
+    ) -> Any:
+        before = _copy(self.compute)
+        began = time.perf_counter()
+        try:
+            return call()
+        finally:
+            _share(before, self.compute, runs, weights, time.perf_counter() - began)
+
+
+def _end_at_limits(particles: Particles) -> None:
+    """Trajectories at their run's ``max_new_tokens`` end (for policies that do not end them there
+    themselves)."""
+    np.logical_or(
+        particles.finished, particles.lengths >= particles.state[MAX_NEW_TOKENS], out=particles.finished
+    )
+
+
+_FIELDS = ("policy_calls", "policy_steps", "policy_tokens", "reward_calls", "reward_evaluations")
+
+
+def _copy(compute: Compute) -> Compute:
+    return Compute(
+        **{name: getattr(compute, name) for name in (*_FIELDS, "policy_seconds", "reward_seconds")}
+    )
+
+
+def _share(
+    before: Compute, after: Compute, runs: list[Run], weights: Optional[list[int]], seconds: float
+) -> None:
+    """Charge the runs the compute of one call: all of it to a lone run; else the calls to each, counts and
+    seconds split by ``weights`` (rows) in proportion."""
+    if len(runs) == 1:
+        target = runs[0].compute
+        for name in (*_FIELDS, "policy_seconds", "reward_seconds"):
+            setattr(target, name, getattr(target, name) + getattr(after, name) - getattr(before, name))
+        return
+    total = float(sum(weights)) if weights else float(len(runs))
+    shares = (
+        [(w / total if total else 1.0 / len(runs)) for w in weights]
+        if weights
+        else [1.0 / len(runs)] * len(runs)
+    )
+    for run, share in zip(runs, shares):
+        target = run.compute
+        for name in ("policy_calls", "reward_calls"):
+            setattr(target, name, getattr(target, name) + getattr(after, name) - getattr(before, name))
+        for name in ("policy_steps", "policy_tokens", "reward_evaluations"):
+            delta = getattr(after, name) - getattr(before, name)
+            setattr(target, name, getattr(target, name) + round(delta * share))
+        for name in ("policy_seconds", "reward_seconds"):
+            delta = getattr(after, name) - getattr(before, name)
+            setattr(target, name, getattr(target, name) + delta * share)
+
+
+def run_alone(models: Models, run: Run) -> Any:
+    """Advance one run in a lane of its own until it ends; its result, or the exception that ended it."""
+    lane = Lane(models, run.kind)
+    lane.add(run)
+    began = time.perf_counter()
+    while True:
+        for ended_run, error in lane.step():
+            if error is not None:
+                raise error
+            assert ended_run.result is not None
+            run.compute.total_seconds = time.perf_counter() - began
+            return ended_run.result

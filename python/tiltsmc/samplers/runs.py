@@ -1,0 +1,645 @@
+r"""The samplers as resumable runs: one sampler call's state between steps, advanced by a :class:`Lane`.
+
+A run holds what one sampler call keeps from step to step (log-weights, the ``log Zh`` estimate, the
+trace) for its prompts, its own generator and its own :class:`Compute`. It never calls a model: a
+:class:`~tiltsmc.samplers.lane.Lane` makes the model calls for every run it holds at once (one
+``propose``, one ``log_value`` per step) and hands each run its rows, so the offline functions
+(:func:`tiltsmc.smc` and the others: one run in a lane of its own) and the serving engine (many runs in
+one lane) share this code. A lane calls, in order:
+
+* :meth:`Run.wants` -> ``(prompts, count)`` when the run needs a fresh batch of particles, then
+  :meth:`Run.begin` with ``log Vh_0`` of its prompts;
+* every step, :meth:`Run.before_step`, the model calls, then the run's own update: :meth:`Run.reweigh`
+  (``kind == "guided"``: SMC with the naive proposal, SP-gSMC with a pool), :meth:`Run.choose` and
+  :meth:`Run.after_append` (``"twist"``: the optimal proposal), or :meth:`Run.end_rollout`
+  (``"rollout"``: best-of-N and rejection, scored once at the end);
+* :meth:`Run.end` once its particles have all finished. ``result`` is then set, unless the run wants
+  another batch (the MH correction's next proposal, rejection's next round).
+
+Each run draws from its own generator in the same order as the sampler alone would, so a run with a seed
+gives the same result in a lane of its own or batched with others (the models' arithmetic aside: a
+batched session call may round differently).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, Optional, Union
+
+import numpy as np
+import numpy.typing as npt
+
+from .. import core
+from ..models.particles import Particles
+from ..models.sampling import sample_categorical
+from ._engine import FloatArray, all_finished, logsumexp
+from .result import Compute, SamplerResult
+
+LOG_V_PREV = "smc.log_value"  # Particles.state key of each particle's log Vh_{t-1}
+
+Ancestors = Optional[npt.NDArray[np.int64]]
+
+
+def safe_increment(log_new: FloatArray, log_old: FloatArray) -> FloatArray:
+    """``log_new - log_old`` with ``-inf - -inf`` (a particle already of weight zero) read as ``-inf``."""
+    old_zero = log_old == -np.inf
+    if not old_zero.any():
+        return np.subtract(log_new, log_old)
+    difference = np.subtract(log_new, np.where(old_zero, 0.0, log_old))
+    difference[np.broadcast_to(old_zero, difference.shape)] = -np.inf
+    return difference
+
+
+def samples_of(particles: Particles, rows: Optional[npt.NDArray[np.int64]] = None) -> list[Any]:
+    """Per prompt, an ``(N, T)`` int array when every trajectory has the same length, else a list."""
+    if rows is None and particles.lengths.size and np.all(particles.lengths == particles.lengths.flat[0]):
+        # Views, not copies: a run's particle buffers are never written after it ends.
+        return list(particles.tokens[:, :, : particles.lengths.flat[0]])
+    out: list[Any] = []
+    for b in range(particles.num_prompts):
+        lengths = particles.lengths[b] if rows is None else particles.lengths[b, rows[b]]
+        tokens = particles.tokens[b] if rows is None else particles.tokens[b, rows[b]]
+        if np.all(lengths == lengths[0]):
+            out.append(tokens[:, : lengths[0]].copy())
+        else:
+            out.append([tokens[i, : lengths[i]].copy() for i in range(len(lengths))])
+    return out
+
+
+def decode_texts(policy: Any, samples: list[Any]) -> Optional[list[list[str]]]:
+    """Each sample decoded to text where the policy has a tokenizer (``policy.decode``), else None."""
+    if getattr(policy, "tokenizer", None) is None or not callable(getattr(policy, "decode", None)):
+        return None
+    return [[policy.decode(sequence) for sequence in per_prompt] for per_prompt in samples]
+
+
+def _empty_trace(batch: int) -> dict[str, Any]:
+    return {
+        "ess": np.zeros((batch, 0)),
+        "resampled": np.zeros((batch, 0), dtype=bool),
+        "unique_ancestors": np.zeros((batch, 0), dtype=np.int64),
+        "log_z_increments": np.zeros((batch, 0)),
+    }
+
+
+class Trace:
+    """Per-step diagnostics, each a list of ``(B,)`` arrays."""
+
+    def __init__(self) -> None:
+        self.ess: list[FloatArray] = []
+        self.resampled: list[npt.NDArray[np.bool_]] = []
+        self.unique: list[npt.NDArray[np.int64]] = []
+        self.increments: list[FloatArray] = []
+        self.ancestry: list[npt.NDArray[np.int64]] = []
+
+    def stacked(self, batch: int) -> dict[str, Any]:
+        def stack(values: list[Any], dtype: Any) -> np.ndarray:
+            return np.stack(values, axis=1) if values else np.zeros((batch, 0), dtype=dtype)
+
+        return {
+            "ess": stack(self.ess, np.float64),
+            "resampled": stack(self.resampled, bool),
+            "unique_ancestors": stack(self.unique, np.int64),
+            "log_z_increments": stack(self.increments, np.float64),
+        }
+
+
+class Run:
+    """One sampler call, resumable between steps (see the module docstring)."""
+
+    kind: ClassVar[str] = "guided"
+    sampler: ClassVar[str] = ""
+
+    def __init__(self, prompts: Optional[list[Any]], generator: np.random.Generator, max_steps: int) -> None:
+        self.prompts = prompts
+        self.generator = generator
+        self.max_steps = max_steps
+        self.compute = Compute()
+        self.result: Optional[SamplerResult] = None
+        self.policy: Any = None  # set by the lane: decodes texts for the result
+        self.steps = 0
+        self.report = True  # False: a proposal of an MH run, whose result is never read
+        self.max_new_tokens: Optional[int] = None  # None: the policy's own limit
+
+    @property
+    def rows_per_prompt(self) -> int:
+        """The most particles the run holds at once for each of its prompts."""
+        raise NotImplementedError
+
+    def wants(self) -> Optional[tuple[Optional[list[Any]], int]]:
+        """``(prompts, particles per prompt)`` of the batch the run needs next, or None."""
+        raise NotImplementedError
+
+    def begin(self, log_v0: FloatArray, failed: npt.NDArray[np.bool_], errors: dict[int, str]) -> FloatArray:
+        """Start on a new batch: ``log Vh_0`` and the prompts the policy could not start (``errors``, by
+        prompt). Returns every particle's initial ``log Vh_{t-1}`` (``(B, N)``)."""
+        raise NotImplementedError
+
+    def before_step(self, particles: Particles) -> None:
+        self.live = ~particles.finished
+
+    def reweigh(self, particles: Particles, log_v: FloatArray) -> Ancestors:
+        raise NotImplementedError(f"{type(self).__name__} does not take guided steps")
+
+    def choose(
+        self, particles: Particles, log_p: FloatArray, next_log_values: FloatArray
+    ) -> npt.NDArray[np.int64]:
+        raise NotImplementedError(f"{type(self).__name__} does not take twisted steps")
+
+    def after_append(self, particles: Particles) -> Ancestors:
+        raise NotImplementedError(f"{type(self).__name__} does not take twisted steps")
+
+    def end_rollout(self, particles: Particles, log_r: FloatArray) -> None:
+        raise NotImplementedError(f"{type(self).__name__} does not roll out")
+
+    def end(self, particles: Particles) -> None:
+        """Every particle has finished: build ``result`` (or get ready for the next batch)."""
+        raise NotImplementedError
+
+    def check_steps(self, particles: Particles) -> None:
+        """Count a step; refuse to go past ``max_steps`` with trajectories unfinished."""
+        self.steps += 1
+        if self.steps >= self.max_steps and not all_finished(particles):
+            raise RuntimeError(f"max_steps: trajectories still unfinished after {self.max_steps} steps")
+
+
+class SMCRun(Run):
+    r"""SMC with the ratio potentials ``G_t = Vh_t / Vh_{t-1}`` (see :func:`tiltsmc.smc`).
+
+    Step ``t`` multiplies each live particle's weight by ``G_t`` (naive proposal), or by
+    ``sum_s p(s|.) Vh_t(., s) / Vh_{t-1}`` after drawing ``s_t ~ q ∝ p Vh_t`` (optimal proposal), and
+    ``log Zh += log sum_i W_{t-1,i} G_{t,i}``; prompts resample when ``ESS < ess_threshold * N``, never
+    after the last step.
+    """
+
+    sampler = "smc"
+
+    def __init__(
+        self,
+        prompts: Optional[list[Any]],
+        num_particles: int,
+        resample: str,
+        ess_threshold: float,
+        proposal: str,
+        generator: np.random.Generator,
+        max_steps: int,
+        record_ancestry: bool = False,
+    ) -> None:
+        super().__init__(prompts, generator, max_steps)
+        self.num_particles = num_particles
+        self.scheme = resample
+        self.ess_threshold = ess_threshold
+        self.proposal = proposal
+        self.record_ancestry = record_ancestry
+        self.started = False
+        self.trace = Trace()
+
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        return "guided" if self.proposal == "naive" else "twist"
+
+    @property
+    def rows_per_prompt(self) -> int:
+        return self.num_particles
+
+    def wants(self) -> Optional[tuple[Optional[list[Any]], int]]:
+        return None if self.started else (self.prompts, self.num_particles)
+
+    def begin(self, log_v0: FloatArray, failed: npt.NDArray[np.bool_], errors: dict[int, str]) -> FloatArray:
+        self.started = True
+        self.errors = dict(errors)
+        batch, count = len(log_v0), self.num_particles
+        self.log_z = log_v0.copy()
+        self.collapsed = (log_v0 == -np.inf) | failed
+        self.log_w = np.zeros((batch, count))
+        self.log_w[self.collapsed] = -np.inf  # weight zero: reported by the core, never resampled
+        # logsumexp of each row of log_w
+        self.log_total = np.where(self.collapsed, -np.inf, float(np.log(count)))
+        return np.repeat(log_v0[:, None], count, axis=1)
+
+    def reweigh(self, particles: Particles, log_v: FloatArray) -> Ancestors:
+        return self._reweigh(particles, log_v, self.live)
+
+    def choose(
+        self, particles: Particles, log_p: FloatArray, next_log_values: FloatArray
+    ) -> npt.NDArray[np.int64]:
+        joint = log_p + next_log_values
+        log_sum = logsumexp(joint)
+        dead = log_sum == -np.inf  # q is undefined; the particle's weight becomes zero anyway
+        joint[dead] = 0.0
+        tokens = sample_categorical(joint, self.generator)
+        self._drawn = (next_log_values, tokens, log_sum)
+        return tokens
+
+    def after_append(self, particles: Particles) -> Ancestors:
+        next_log_values, tokens, log_sum = self._drawn
+        log_v = np.take_along_axis(next_log_values, tokens[..., None], -1)[..., 0]
+        log_v_prev = particles.state[LOG_V_PREV]
+        live = self.live
+        # G = sum_s p(s|.) Vh_t(., s) / Vh_{t-1}, applied here; the core then only resamples
+        self.log_w += np.where(live, safe_increment(log_sum, log_v_prev), 0.0)
+        log_v_prev[live] = log_v[live]
+        return self._reweigh(particles, log_v, np.zeros_like(live))
+
+    def _reweigh(
+        self, particles: Particles, log_v: FloatArray, reweighted: npt.NDArray[np.bool_]
+    ) -> Ancestors:
+        # One core call: the potentials, ESS, the adaptive decision, resampling (survivors stay in their
+        # slots, so that the in-place reorder moves only the dead), the reset of resampled rows' weights
+        # and log Zh += log sum_i W_{t-1,i} G_{t,i}; never resampling after the last step: the final sample
+        # stays weighted.
+        threshold = 0.0 if all_finished(particles) else self.ess_threshold
+        ancestors, resample_rows, ess, unique, step_increment = core.smc_reweight(
+            self.log_w,
+            log_v,
+            particles.state[LOG_V_PREV],
+            reweighted,
+            self.log_total,
+            self.log_z,
+            self.collapsed,
+            threshold,
+            self.scheme,  # type: ignore[arg-type]  # a scheme name, checked by the sampler's arguments
+            self.generator,
+        )
+        trace = self.trace
+        trace.ess.append(ess)
+        trace.resampled.append(resample_rows)
+        trace.unique.append(unique)
+        trace.increments.append(step_increment)
+        if self.record_ancestry:
+            trace.ancestry.append(np.array(ancestors))
+        self.check_steps(particles)
+        return ancestors if np.count_nonzero(resample_rows) else None
+
+    def end(self, particles: Particles) -> None:
+        self.log_z = np.where(self.collapsed, -np.inf, self.log_z)
+        if not self.report or type(self) is not SMCRun:
+            return
+        normalised, _, _ = core.log_normalize(self.log_w, zero_rows="report")
+        samples = samples_of(particles)
+        trace = self.trace
+        self.result = SamplerResult(
+            sampler="smc",
+            samples=samples,
+            texts=decode_texts(self.policy, samples),
+            errors=self.errors,
+            log_weights=list(normalised),
+            log_z=self.log_z,
+            collapsed=self.collapsed,
+            compute=self.compute,
+            ancestry=np.stack(trace.ancestry, axis=1) if self.record_ancestry and trace.ancestry else None,
+            **trace.stacked(len(self.log_z)),
+        )
+
+
+class ExactSPRun(SMCRun):
+    """SP-gSMC in its exact form: one trajectory per prompt, each token drawn from ``p Vh_t / sum p Vh_t``
+    (the optimal proposal with one particle)."""
+
+    sampler = "sp_gsmc"
+
+    def __init__(self, prompts: Optional[list[Any]], generator: np.random.Generator, max_steps: int) -> None:
+        super().__init__(prompts, 1, "systematic", 0.0, "optimal", generator, max_steps)
+
+    def end(self, particles: Particles) -> None:
+        super().end(particles)
+        if self.report:
+            self.result = _single_trajectory_result(self, particles, self.log_z, self.collapsed)
+
+
+class PoolRun(Run):
+    """SP-gSMC with a resampling pool: ``K`` candidates from ``p``, one kept with probability ``∝ G``,
+    ``Zh`` multiplied by ``mean_k G_t^(k)`` (see :func:`tiltsmc.sp_gsmc`)."""
+
+    sampler = "sp_gsmc"
+
+    def __init__(
+        self, prompts: Optional[list[Any]], pool_size: int, generator: np.random.Generator, max_steps: int
+    ) -> None:
+        super().__init__(prompts, generator, max_steps)
+        self.pool_size = pool_size
+        self.started = False
+        self.trace = Trace()
+
+    @property
+    def rows_per_prompt(self) -> int:
+        return self.pool_size
+
+    def wants(self) -> Optional[tuple[Optional[list[Any]], int]]:
+        return None if self.started else (self.prompts, self.pool_size)
+
+    def begin(self, log_v0: FloatArray, failed: npt.NDArray[np.bool_], errors: dict[int, str]) -> FloatArray:
+        self.started = True
+        self.errors = dict(errors)
+        self.log_v_prev = log_v0.copy()
+        self.log_z = log_v0.copy()
+        self.collapsed = (log_v0 == -np.inf) | failed
+        return np.repeat(log_v0[:, None], self.pool_size, axis=1)
+
+    def reweigh(self, particles: Particles, log_v: FloatArray) -> Ancestors:
+        batch = len(self.log_z)
+        potentials = np.where(self.live, safe_increment(log_v, self.log_v_prev[:, None]), 0.0)
+        chosen = np.zeros(batch, dtype=np.int64)
+        log_mean = np.full(batch, -np.inf)
+        alive = ~self.collapsed & np.any(potentials > -np.inf, axis=1)
+        if alive.any():
+            chosen[alive], log_mean[alive] = core.pool_select(potentials[alive], rng=self.generator)
+        self.collapsed |= ~alive
+        self.log_z = self.log_z + log_mean
+        _, ess = core.row_statistics(potentials)  # ESS of the pool (no normalised copy needed)
+        self.log_v_prev = log_v[np.arange(batch), chosen]
+        trace = self.trace
+        trace.ess.append(np.asarray(ess, dtype=np.float64))
+        trace.resampled.append(np.ones(batch, dtype=bool))
+        trace.unique.append(np.ones(batch, dtype=np.int64))
+        trace.increments.append(log_mean)
+        self.check_steps(particles)
+        return np.repeat(chosen[:, None], self.pool_size, axis=1)
+
+    def end(self, particles: Particles) -> None:
+        self.log_z = np.where(self.collapsed, -np.inf, self.log_z)
+        if self.report:
+            self.result = _single_trajectory_result(self, particles, self.log_z, self.collapsed)
+
+
+def _single_trajectory_result(
+    run: Union[SMCRun, PoolRun], particles: Particles, log_z: FloatArray, collapsed: npt.NDArray[np.bool_]
+) -> SamplerResult:
+    batch = particles.num_prompts
+    samples = samples_of(particles, np.zeros((batch, 1), dtype=np.int64))
+    return SamplerResult(
+        sampler="sp_gsmc",
+        samples=samples,
+        texts=decode_texts(run.policy, samples),
+        errors=run.errors,
+        log_weights=[np.zeros(1) for _ in range(batch)],
+        log_z=log_z,
+        collapsed=collapsed,
+        compute=run.compute,
+        **run.trace.stacked(batch),
+    )
+
+
+class BestOfNRun(Run):
+    """``n`` trajectories per prompt drawn from ``p`` to the end; the highest-reward one is returned
+    (see :func:`tiltsmc.best_of_n`)."""
+
+    kind = "rollout"
+    sampler = "best_of_n"
+
+    def __init__(
+        self, prompts: Optional[list[Any]], n: int, generator: np.random.Generator, max_steps: int
+    ) -> None:
+        super().__init__(prompts, generator, max_steps)
+        self.n = n
+        self.started = False
+
+    @property
+    def rows_per_prompt(self) -> int:
+        return self.n
+
+    def wants(self) -> Optional[tuple[Optional[list[Any]], int]]:
+        return None if self.started else (self.prompts, self.n)
+
+    def begin(self, log_v0: FloatArray, failed: npt.NDArray[np.bool_], errors: dict[int, str]) -> FloatArray:
+        self.started = True
+        self.errors = dict(errors)
+        self.failed = failed
+        return np.zeros((len(failed), self.n))
+
+    def end_rollout(self, particles: Particles, log_r: FloatArray) -> None:
+        log_r[self.failed] = -np.inf  # prompts the policy could not start draw nothing
+        best = np.argmax(log_r, axis=1)
+        batch = particles.num_prompts
+        samples = [
+            particles.tokens[b, best[b], : particles.lengths[b, best[b]]][None, :].copy()
+            for b in range(batch)
+        ]
+        self.result = SamplerResult(
+            sampler="best_of_n",
+            samples=samples,
+            texts=decode_texts(self.policy, samples),
+            errors=self.errors,
+            log_weights=[np.zeros(1) for _ in range(batch)],
+            log_z=logsumexp(log_r) - np.log(self.n),
+            collapsed=np.all(log_r == -np.inf, axis=1),
+            compute=self.compute,
+            **_empty_trace(batch),
+        )
+
+
+def _stack(trajectories: list[np.ndarray]) -> Any:
+    if trajectories and all(len(t) == len(trajectories[0]) for t in trajectories):
+        return np.stack(trajectories)
+    return trajectories
+
+
+class RejectionRun(Run):
+    """Exact samples of ``pi``: rounds of draws ``x ~ p`` (``batch_size`` per waiting prompt), each accepted
+    with probability ``r(x) / bound`` (see :func:`tiltsmc.rejection`)."""
+
+    kind = "rollout"
+    sampler = "rejection"
+
+    def __init__(
+        self,
+        prompts: Optional[list[Any]],
+        bound: float,
+        num_samples: int,
+        max_tries: int,
+        batch_size: int,
+        generator: np.random.Generator,
+        max_steps: int,
+    ) -> None:
+        super().__init__(prompts, generator, max_steps)
+        self.prompt_list = list(prompts or [()])
+        self.bound = bound
+        self.log_bound = math.log(bound)
+        self.num_samples = num_samples
+        self.max_tries = max_tries
+        self.batch_size = batch_size
+        batch = len(self.prompt_list)
+        self.accepted: list[list[np.ndarray]] = [[] for _ in range(batch)]
+        self.tries = np.zeros(batch, dtype=np.int64)
+        self.log_r_sums = np.full(batch, -np.inf)
+        self.errors: dict[int, str] = {}
+        self.waiting: list[int] = []
+
+    @property
+    def rows_per_prompt(self) -> int:
+        return min(self.batch_size, self.max_tries)
+
+    def wants(self) -> Optional[tuple[Optional[list[Any]], int]]:
+        self.waiting = [
+            b
+            for b in range(len(self.prompt_list))
+            if len(self.accepted[b]) < self.num_samples
+            and self.tries[b] < self.max_tries
+            and b not in self.errors
+        ]
+        if not self.waiting:
+            self._finish()
+            return None
+        self.count = int(min(self.batch_size, self.max_tries - self.tries[self.waiting].max()))
+        self.steps = 0
+        return [self.prompt_list[b] for b in self.waiting], self.count
+
+    def begin(self, log_v0: FloatArray, failed: npt.NDArray[np.bool_], errors: dict[int, str]) -> FloatArray:
+        self.errors.update({self.waiting[row]: message for row, message in errors.items()})
+        self.failed = failed
+        return np.zeros((len(failed), self.count))
+
+    def end_rollout(self, particles: Particles, log_r: FloatArray) -> None:
+        log_r[self.failed] = -np.inf  # prompts the policy could not start draw nothing
+        over = log_r > self.log_bound + 1e-12
+        if over.any():
+            worst = float(np.exp(log_r[over].max() - self.log_bound))
+            raise ValueError(
+                f"bound: observed a reward {worst:.6g} x the bound C = {self.bound:g}; rejection sampling "
+                "needs C >= sup r"
+            )
+        keep = np.log1p(-self.generator.random(log_r.shape)) < log_r - self.log_bound
+        for row, b in enumerate(self.waiting):
+            self.tries[b] += self.count
+            self.log_r_sums[b] = np.logaddexp(self.log_r_sums[b], logsumexp(log_r[row]))
+            for i in np.flatnonzero(keep[row])[: self.num_samples - len(self.accepted[b])]:
+                self.accepted[b].append(particles.tokens[row, i, : particles.lengths[row, i]].copy())
+
+    def _finish(self) -> None:
+        accepted = self.accepted
+        samples = [_stack(found) for found in accepted]
+        self.result = SamplerResult(
+            sampler="rejection",
+            samples=samples,
+            texts=decode_texts(self.policy, samples),
+            errors=self.errors,
+            log_weights=[
+                np.full(len(found), -np.log(len(found))) if found else np.zeros(0) for found in accepted
+            ],
+            log_z=self.log_r_sums - np.log(np.maximum(self.tries, 1)),
+            collapsed=np.array([not found for found in accepted]),
+            compute=self.compute,
+            tries=self.tries,
+            **_empty_trace(len(accepted)),
+        )
+
+
+class MHRun(Run):
+    """The resampling-pool MH / PIMH correction (see :func:`tiltsmc.mh`): ``steps + 1`` independent runs
+    (SP-gSMC with a pool, its exact form, or ``N``-particle SMC), each after the first accepted with
+    probability ``min(1, Zh' / Zh)``; each proposal is a new batch of the same lane."""
+
+    sampler = "mh"
+
+    def __init__(
+        self,
+        prompts: Optional[list[Any]],
+        pool_size: Optional[int],
+        steps: int,
+        num_particles: int,
+        resample: str,
+        ess_threshold: float,
+        generator: np.random.Generator,
+        max_steps: int,
+    ) -> None:
+        super().__init__(prompts, generator, max_steps)
+        self.pool_size = pool_size
+        self.mh_steps = steps
+        self.num_particles = num_particles
+        self.resample = resample
+        self.ess_threshold = ess_threshold
+        self.errors: dict[int, str] = {}
+        self.state: Optional[list[np.ndarray]] = None
+        self.estimates: list[FloatArray] = []
+        self.accepted = np.zeros(len(prompts) if prompts is not None else 1)
+        self.current = self._proposal()
+
+    def _proposal(self) -> Union[SMCRun, PoolRun]:
+        proposal: Union[SMCRun, PoolRun]
+        if self.num_particles > 1:
+            proposal = SMCRun(
+                self.prompts, self.num_particles, self.resample, self.ess_threshold, "naive", self.generator,
+                self.max_steps,
+            )  # fmt: skip
+        elif self.pool_size is None:
+            proposal = ExactSPRun(self.prompts, self.generator, self.max_steps)
+        else:
+            proposal = PoolRun(self.prompts, self.pool_size, self.generator, self.max_steps)
+        proposal.report = False
+        return proposal
+
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        return self.current.kind
+
+    @property
+    def rows_per_prompt(self) -> int:
+        return self.current.rows_per_prompt
+
+    def wants(self) -> Optional[tuple[Optional[list[Any]], int]]:
+        return None if self.result is not None else self.current.wants()
+
+    def begin(self, log_v0: FloatArray, failed: npt.NDArray[np.bool_], errors: dict[int, str]) -> FloatArray:
+        self.current.policy = self.policy
+        return self.current.begin(log_v0, failed, errors)
+
+    def before_step(self, particles: Particles) -> None:
+        self.current.before_step(particles)
+
+    def reweigh(self, particles: Particles, log_v: FloatArray) -> Ancestors:
+        return self.current.reweigh(particles, log_v)
+
+    def choose(
+        self, particles: Particles, log_p: FloatArray, next_log_values: FloatArray
+    ) -> npt.NDArray[np.int64]:
+        return self.current.choose(particles, log_p, next_log_values)
+
+    def after_append(self, particles: Particles) -> Ancestors:
+        return self.current.after_append(particles)
+
+    def end(self, particles: Particles) -> None:
+        proposal = self.current
+        proposal.end(particles)
+        batch = particles.num_prompts
+        pick = np.zeros(batch, dtype=np.int64)
+        if isinstance(proposal, SMCRun) and not isinstance(proposal, ExactSPRun):
+            if (~proposal.collapsed).any():
+                pick[~proposal.collapsed], _ = core.pool_select(
+                    proposal.log_w[~proposal.collapsed], rng=self.generator
+                )
+        trajectories = [
+            particles.tokens[b, pick[b], : particles.lengths[b, pick[b]]].copy() for b in range(batch)
+        ]
+        self.errors.update(proposal.errors)
+        log_z = proposal.log_z
+        self.estimates.append(log_z)
+        if self.state is None:
+            self.state, self.log_z_state = trajectories, log_z
+        else:
+            both_zero = (self.log_z_state == -np.inf) & (log_z == -np.inf)
+            accept = core.mh_accept(self.log_z_state, log_z, rng=self.generator) & ~both_zero
+            for b in np.flatnonzero(accept):
+                self.state[b] = trajectories[b]
+            self.log_z_state = np.where(accept, log_z, self.log_z_state)
+            self.accepted += accept
+        if len(self.estimates) <= self.mh_steps:
+            self.current = self._proposal()
+            return
+        all_estimates = np.stack(self.estimates, axis=1)
+        samples = [trajectory[None, :] for trajectory in self.state]
+        steps = self.mh_steps
+        self.result = SamplerResult(
+            sampler="mh",
+            samples=samples,
+            texts=decode_texts(self.policy, samples),
+            errors=self.errors,
+            log_weights=[np.zeros(1) for _ in range(batch)],
+            log_z=logsumexp(all_estimates) - np.log(all_estimates.shape[1]),
+            ess=np.ones((batch, 0)),
+            resampled=np.zeros((batch, 0), dtype=bool),
+            unique_ancestors=np.zeros((batch, 0), dtype=np.int64),
+            log_z_increments=np.zeros((batch, 0)),
+            collapsed=self.log_z_state == -np.inf,
+            compute=self.compute,
+            acceptance_rate=self.accepted / steps if steps else np.full(batch, np.nan),
+        )

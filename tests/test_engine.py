@@ -1,0 +1,475 @@
+"""The serving engine: requests batched step by step give what the offline samplers give, fail alone, and
+never hang (tiltsmc.Engine; tiltsmc.serving)."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import tiltsmc
+from test_samplers import _assert_replicates_match, _replicate_estimates, assert_unbiased, tilted
+from tiltsmc.models import OnnxCausalLM, OnnxRewardModel, Particles
+from tiltsmc.serving import EngineClosed, Overloaded, sampler_defaults
+from tiltsmc.tasks import MarkovDFATask, arithmetic
+
+FIXTURES = Path(__file__).parent / "fixtures" / "models"
+OFFLINE: dict[str, Callable[..., Any]] = {
+    "smc": tiltsmc.smc,
+    "sp_gsmc": tiltsmc.sp_gsmc,
+    "mh": tiltsmc.mh,
+    "best_of_n": tiltsmc.best_of_n,
+    "rejection": tiltsmc.rejection,
+}
+
+# (sampler, options) covering every sampler and every kind of step
+MARKOV_REQUESTS: list[tuple[str, dict[str, Any]]] = [
+    ("smc", {"num_particles": 16, "resample": "systematic", "ess_threshold": 0.5}),
+    ("smc", {"num_particles": 8, "resample": "multinomial", "ess_threshold": 1.0}),
+    ("smc", {"num_particles": 12, "resample": "residual", "ess_threshold": 0.7}),
+    ("smc", {"num_particles": 5, "resample": "stratified", "ess_threshold": 0.0}),
+    ("smc", {"num_particles": 8, "proposal": "optimal"}),
+    ("smc", {"num_particles": 6, "record_ancestry": True}),
+    ("sp_gsmc", {"pool_size": 4}),
+    ("sp_gsmc", {"pool_size": None}),
+    ("mh", {"pool_size": 4, "steps": 3}),
+    ("mh", {"pool_size": None, "steps": 2}),
+    ("mh", {"num_particles": 6, "pool_size": None, "steps": 2}),
+    ("best_of_n", {"n": 6}),
+    ("rejection", {"bound": 1.0, "num_samples": 2, "batch_size": 8}),
+]
+
+
+def same_result(a: tiltsmc.SamplerResult, b: tiltsmc.SamplerResult) -> bool:
+    """Equal in everything but the time and counts of compute."""
+    left, right = a.to_dict(), b.to_dict()
+    left.pop("compute")
+    right.pop("compute")
+    return bool(left == right)
+
+
+@pytest.fixture(scope="module")
+def task() -> MarkovDFATask:
+    return MarkovDFATask.random(4, 3, 6, rng=0)
+
+
+@pytest.fixture(scope="module")
+def models(task: MarkovDFATask) -> tuple[Any, Any]:
+    return task.policy(), task.twist(noise=0.4, rng=1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the same results as the offline samplers
+
+
+@pytest.mark.parametrize(("sampler", "options"), MARKOV_REQUESTS)
+def test_lone_request_is_the_offline_result(
+    models: tuple[Any, Any], sampler: str, options: dict[str, Any]
+) -> None:
+    policy, twist = models
+    with tiltsmc.Engine(policy, twist) as engine:
+        served = engine.submit((), sampler, rng=5, **options).result(timeout=30)
+    offline = OFFLINE[sampler](policy, twist, prompts=[()], rng=5, **options)
+    assert same_result(served, offline)
+
+
+def test_batched_requests_each_give_their_seeds_result(models: tuple[Any, Any]) -> None:
+    """Many requests of every sampler in flight together, submitted from several threads: each gets
+    exactly the offline result of its own seed (its draws never depend on the others)."""
+    policy, twist = models
+    jobs = [(seed, *MARKOV_REQUESTS[seed % len(MARKOV_REQUESTS)]) for seed in range(78)]
+    with tiltsmc.Engine(policy, twist, max_batch_rows=96) as engine:
+
+        def submit_some(part: list[tuple[int, str, dict[str, Any]]]) -> list[Any]:
+            return [engine.submit((), sampler, rng=seed, **options) for seed, sampler, options in part]
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            futures = [f for chunk in pool.map(submit_some, [jobs[k::4] for k in range(4)]) for f in chunk]
+        results = [f.result(timeout=60) for f in futures]
+        stats = engine.stats()
+    order = [job for k in range(4) for job in jobs[k::4]]
+    for (seed, sampler, options), served in zip(order, results):
+        offline = OFFLINE[sampler](policy, twist, prompts=[()], rng=seed, **options)
+        assert same_result(served, offline), (seed, sampler, options)
+    assert stats["requests"]["completed"] == len(jobs)
+    assert stats["rows_per_policy_call"] > 16  # requests really shared the model calls
+
+
+def test_concurrent_requests_are_exact_in_distribution() -> None:
+    """32 concurrent SMC requests (joining while others run, different particle counts) as replicates:
+    their weighted marginals match the enumerated target and their Zh are unbiased for Z."""
+    task = tilted(MarkovDFATask.random(3, 4, 5, rng=3))
+    policy, twist = task.policy(), task.twist(0.5, rng=10)
+    counts = [2000, 3000] * 16
+    with tiltsmc.Engine(policy, twist) as engine:
+        futures = [engine.submit((), "smc", num_particles=n, rng=100 + k) for k, n in enumerate(counts)]
+        results = [f.result(timeout=120) for f in futures]
+    estimates = np.concatenate(
+        [_replicate_estimates(r, lambda s: np.eye(task.vocab_size)[s]) for r in results]
+    )  # (32, T, V)
+    _assert_replicates_match(estimates, task.exact_marginals(), min(counts), "engine marginals")
+    assert_unbiased(np.concatenate([r.log_z for r in results]), task.exact_log_z(), "engine log_z")
+
+
+@pytest.fixture(scope="module")
+def onnx_models() -> tuple[OnnxCausalLM, OnnxRewardModel]:
+    return (
+        OnnxCausalLM(FIXTURES / "gpt2-tiny", max_new_tokens=6),
+        OnnxRewardModel(FIXTURES / "prm-tiny", kind="logit"),
+    )
+
+
+ONNX_PROMPTS = ["hello there", "a", "the quick brown fox jumps", "ok"]
+
+
+@pytest.mark.parametrize(
+    ("sampler", "options"),
+    [
+        ("smc", {"num_particles": 8, "ess_threshold": 0.7}),
+        ("sp_gsmc", {"pool_size": 4}),
+        ("mh", {"pool_size": 3, "steps": 2}),
+        ("best_of_n", {"n": 4}),
+    ],
+)
+def test_onnx_lone_request_is_the_offline_result(
+    onnx_models: tuple[OnnxCausalLM, OnnxRewardModel], sampler: str, options: dict[str, Any]
+) -> None:
+    policy, reward = onnx_models
+    with tiltsmc.Engine(policy, reward) as engine:
+        for prompt in ONNX_PROMPTS[:2]:
+            served = engine.submit(prompt, sampler, rng=11, **options).result(timeout=30)
+            offline = OFFLINE[sampler](policy, reward, prompts=[prompt], rng=11, **options)
+            assert same_result(served, offline)
+            assert served.texts is not None
+
+
+def test_onnx_requests_joining_a_running_batch(onnx_models: tuple[OnnxCausalLM, OnnxRewardModel]) -> None:
+    """Ragged prompts join a batch whose KV cache is longer (left padding) and leave it (trimming): each
+    request's samples are those it draws alone, its log Z the same up to the rounding of batched calls."""
+    policy, reward = onnx_models
+    jobs = [
+        (prompt, n, seed) for seed, (prompt, n) in enumerate(zip(ONNX_PROMPTS * 3, [8, 4, 16, 2, 6, 3] * 2))
+    ]
+    with tiltsmc.Engine(policy, reward) as engine:
+        futures = []
+        for prompt, n, seed in jobs:
+            futures.append(engine.submit(prompt, "smc", num_particles=n, rng=seed))
+            time.sleep(0.002)  # some join mid-run, some together
+        served = [f.result(timeout=60) for f in futures]
+        assert engine.stats()["rows_in_flight"] == 0
+    for (prompt, n, seed), result in zip(jobs, served):
+        offline = tiltsmc.smc(policy, reward, prompts=[prompt], num_particles=n, rng=seed)
+        assert result.texts == offline.texts, (prompt, n, seed)
+        np.testing.assert_allclose(result.log_z, offline.log_z, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(result.log_weights[0], offline.log_weights[0], rtol=1e-4, atol=1e-5)
+
+
+def test_demo_models_serve(tmp_path: Path) -> None:
+    policy, reward = arithmetic.load_models()
+    problems = arithmetic.make_problems(3, 4, rng=2)
+    with tiltsmc.Engine(policy, reward) as engine:
+        futures = [engine.submit(p.prompt, "smc", num_particles=4, rng=k) for k, p in enumerate(problems)]
+        results = [f.result(timeout=60) for f in futures]
+    for k, (problem, result) in enumerate(zip(problems, results)):
+        offline = tiltsmc.smc(policy, reward, prompts=[problem.prompt], num_particles=4, rng=k)
+        assert result.texts == offline.texts
+
+
+# ----------------------------------------------------------------------------------------------------------
+# admission, timeouts, cancellation, closing
+
+
+class Gated:
+    """A real policy whose ``propose`` waits for ``gate`` (to hold the worker inside a step)."""
+
+    token_level = True
+    supports_engine = True
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.vocab_size = inner.vocab_size
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def start(self, prompts: Any, num_particles: int) -> Particles:
+        particles: Particles = self.inner.start(prompts, num_particles)
+        return particles
+
+    def propose(self, particles: Particles, rng: Any) -> Any:
+        self.entered.set()
+        assert self.gate.wait(20), "the test never opened the gate"
+        return self.inner.propose(particles, rng)
+
+
+def test_overload_and_row_budget(models: tuple[Any, Any]) -> None:
+    policy, twist = models
+    gated = Gated(policy)
+    gated.gate.clear()
+    with tiltsmc.Engine(gated, twist, max_batch_rows=16, max_queue=2) as engine:
+        first = engine.submit((), "smc", num_particles=16, rng=0)
+        assert gated.entered.wait(10)  # in flight, holding all 16 rows
+        waiting = [engine.submit((), "smc", num_particles=8, rng=k) for k in (1, 2)]
+        assert engine.stats()["waiting"] == 2
+        with pytest.raises(Overloaded, match="max_queue = 2"):
+            engine.submit((), "smc", num_particles=8, rng=3)
+        with pytest.raises(ValueError, match="max_batch_rows = 16"):
+            engine.submit((), "smc", num_particles=17)
+        gated.gate.set()
+        results = [f.result(timeout=30) for f in [first, *waiting]]
+        stats = engine.stats()
+    assert all(r.samples[0].shape == (n, 6) for r, n in zip(results, (16, 8, 8)))
+    assert stats["requests"]["rejected"] == 1
+    assert stats["requests"]["completed"] == 3
+
+
+def test_timeout_and_cancellation_free_rows(models: tuple[Any, Any]) -> None:
+    policy, twist = models
+    gated = Gated(policy)
+    gated.gate.clear()
+    with tiltsmc.Engine(gated, twist) as engine:
+        slow = engine.submit((), "smc", num_particles=32, rng=0, timeout=0.05)
+        cancelled = engine.submit((), "smc", num_particles=32, rng=1)
+        kept = engine.submit((), "smc", num_particles=32, rng=2)
+        assert gated.entered.wait(10)
+        time.sleep(0.1)
+        assert cancelled.cancel()
+        gated.gate.set()
+        with pytest.raises(TimeoutError, match="timeout"):
+            slow.result(timeout=30)
+        result = kept.result(timeout=30)
+        for _ in range(200):  # the worker counts the cancellation at its next step boundary
+            stats = engine.stats()
+            if stats["requests"]["cancelled"]:
+                break
+            time.sleep(0.01)
+    assert same_result(result, tiltsmc.smc(policy, twist, prompts=[()], num_particles=32, rng=2))
+    assert stats["requests"]["cancelled"] == 1
+    assert stats["requests"]["timed_out"] == 1
+    assert stats["rows_in_flight"] == 0
+
+
+def test_close_drains_or_ends_requests(models: tuple[Any, Any]) -> None:
+    policy, twist = models
+    engine = tiltsmc.Engine(policy, twist)
+    futures = [engine.submit((), "smc", num_particles=64, rng=k) for k in range(6)]
+    engine.close(drain=True)
+    assert all(f.result(timeout=0).samples[0].shape == (64, 6) for f in futures)
+    with pytest.raises(EngineClosed):
+        engine.submit((), "smc")
+
+    gated = Gated(policy)
+    gated.gate.clear()
+    engine = tiltsmc.Engine(gated, twist)
+    stuck = engine.submit((), "smc", num_particles=8)
+    assert gated.entered.wait(10)
+    closer = threading.Thread(target=engine.close, kwargs={"drain": True, "timeout": 0.05})
+    closer.start()
+    time.sleep(0.1)
+    gated.gate.set()  # the step in progress ends, then the grace period is over
+    closer.join(10)
+    assert not closer.is_alive()
+    with pytest.raises(EngineClosed, match="closed before the request finished"):
+        stuck.result(timeout=10)
+
+
+def test_generate_with_asyncio(models: tuple[Any, Any]) -> None:
+    policy, twist = models
+    gated = Gated(policy)
+
+    async def main(engine: tiltsmc.Engine) -> tuple[list[tiltsmc.SamplerResult], bool]:
+        results = await asyncio.gather(
+            *(engine.generate((), "smc", num_particles=8, rng=k) for k in range(5))
+        )
+        gated.gate.clear()
+        gated.entered.clear()
+        task = asyncio.ensure_future(engine.generate((), "smc", num_particles=8, rng=9))
+        while not gated.entered.is_set():
+            await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.sleep(0.05)  # the cancellation reaches the engine's future
+        gated.gate.set()
+        try:
+            await task
+        except asyncio.CancelledError:
+            return list(results), True
+        return list(results), False
+
+    with tiltsmc.Engine(gated, twist) as engine:
+        results, cancelled = asyncio.run(main(engine))
+        for _ in range(200):
+            if engine.stats()["requests"]["cancelled"]:
+                break
+            time.sleep(0.01)
+        assert engine.stats()["requests"]["cancelled"] == 1
+    assert cancelled
+    for k, result in enumerate(results):
+        assert same_result(result, tiltsmc.smc(policy, twist, prompts=[()], num_particles=8, rng=k))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bad input and faults fail alone
+
+
+def test_bad_options_are_refused_at_submit(models: tuple[Any, Any]) -> None:
+    policy, twist = models
+    with tiltsmc.Engine(policy, twist) as engine:
+        with pytest.raises(ValueError, match="sampler"):
+            engine.submit((), "beam")
+        with pytest.raises(TypeError, match="particles: not an option of smc"):
+            engine.submit((), "smc", particles=4)
+        with pytest.raises(ValueError, match="num_particles"):
+            engine.submit((), "smc", num_particles=0)
+        with pytest.raises(ValueError, match="ess_threshold"):
+            engine.submit((), "smc", ess_threshold=float("nan"))
+        with pytest.raises(ValueError, match="resample"):
+            engine.submit((), "smc", resample="bogus")
+        with pytest.raises(ValueError, match="timeout"):
+            engine.submit((), "smc", timeout=-1)
+        with pytest.raises(TypeError, match="rng"):
+            engine.submit((), "smc", rng=True)
+        assert engine.stats()["requests"]["submitted"] == 0
+        assert engine.submit((), "smc", num_particles=4, rng=0).result(timeout=10).samples[0].shape == (4, 6)
+
+
+def test_options_and_defaults_are_the_offline_functions() -> None:
+    defaults = sampler_defaults("smc")
+    assert defaults["num_particles"] == 64 and defaults["resample"] == "systematic"
+    assert sampler_defaults("mh")["steps"] == 8
+
+
+def test_models_without_engine_support_are_refused(models: tuple[Any, Any]) -> None:
+    policy, twist = models
+
+    class Plain:
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def start(self, prompts: Any, num_particles: int) -> Any:
+            return self.inner.start(prompts, num_particles)
+
+        def propose(self, particles: Any, rng: Any) -> Any:
+            return self.inner.propose(particles, rng)
+
+    with pytest.raises(TypeError, match=r"policy: Plain cannot be batched by the engine.*supports_engine"):
+        tiltsmc.Engine(Plain(policy), twist)
+    assert tiltsmc.smc(Plain(policy), twist, num_particles=4, rng=0).samples[0].shape == (4, 6)
+
+
+class Poison(tuple):  # type: ignore[type-arg]
+    """An empty prompt that the reward model below scores NaN."""
+
+
+class PoisonedReward:
+    """A real twist whose values are NaN on the particles of prompts that are :class:`Poison`."""
+
+    supports_engine = True
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def initial_log_value(self, particles: Particles) -> Any:
+        return self.inner.initial_log_value(particles)
+
+    def log_value(self, particles: Particles) -> Any:
+        values = np.array(self.inner.log_value(particles))
+        poisoned = np.array([isinstance(p, Poison) for p in particles.prompts])
+        values[poisoned] = np.nan
+        return values
+
+
+def test_nan_from_the_reward_model_fails_only_its_request(models: tuple[Any, Any]) -> None:
+    policy, twist = models
+    gated = Gated(policy)
+    gated.gate.clear()
+    with tiltsmc.Engine(gated, PoisonedReward(twist)) as engine:
+        futures = [engine.submit((), "smc", num_particles=8, rng=k) for k in range(3)]
+        futures.insert(1, engine.submit(Poison(), "smc", num_particles=8, rng=7))
+        assert gated.entered.wait(10)
+        time.sleep(0.05)  # the other three join the first one's batch at its next step
+        gated.gate.set()
+        with pytest.raises(ValueError, match="NaN"):
+            futures[1].result(timeout=30)
+        results = [f.result(timeout=30) for k, f in enumerate(futures) if k != 1]
+        follow_up = engine.submit((), "smc", num_particles=8, rng=5).result(timeout=30)
+    for k, result in enumerate(results):
+        assert same_result(result, tiltsmc.smc(policy, twist, prompts=[()], num_particles=8, rng=k))
+    assert same_result(follow_up, tiltsmc.smc(policy, twist, prompts=[()], num_particles=8, rng=5))
+
+
+def test_bad_prompt_fails_only_its_request(onnx_models: tuple[OnnxCausalLM, OnnxRewardModel]) -> None:
+    policy, reward = onnx_models
+    too_long = "word " * 200  # past the fixture's context with max_new_tokens
+    with tiltsmc.Engine(policy, reward) as engine:
+        futures = [engine.submit(p, "smc", num_particles=4, rng=1) for p in ("hello", too_long, "ok")]
+        with pytest.raises(ValueError, match="exceed the model's context"):
+            futures[1].result(timeout=30)
+        good = [futures[0].result(timeout=30), futures[2].result(timeout=30)]
+        assert engine.stats()["requests"] == {
+            "submitted": 3, "completed": 2, "failed": 1, "cancelled": 0, "timed_out": 0, "rejected": 0,
+        }  # fmt: skip
+    assert [r.texts is not None and len(r.texts[0]) == 4 for r in good] == [True, True]
+
+
+class Exploding:
+    """A real policy whose ``propose`` raises once, for the whole batch."""
+
+    token_level = True
+    supports_engine = True
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.armed = threading.Event()
+
+    def start(self, prompts: Any, num_particles: int) -> Particles:
+        particles: Particles = self.inner.start(prompts, num_particles)
+        return particles
+
+    def propose(self, particles: Particles, rng: Any) -> Any:
+        if self.armed.is_set():
+            self.armed.clear()
+            raise RuntimeError("session failed")
+        return self.inner.propose(particles, rng)
+
+
+def test_a_failing_model_call_ends_its_batch_and_the_engine_goes_on(models: tuple[Any, Any]) -> None:
+    policy, twist = models
+    exploding = Exploding(policy)
+    exploding.armed.set()
+    with tiltsmc.Engine(exploding, twist) as engine:
+        with pytest.raises(RuntimeError, match="session failed"):
+            engine.submit((), "smc", num_particles=8, rng=0).result(timeout=30)
+        after = engine.submit((), "smc", num_particles=8, rng=1).result(timeout=30)
+        assert engine.stats()["requests"]["failed"] == 1
+    assert same_result(after, tiltsmc.smc(policy, twist, prompts=[()], num_particles=8, rng=1))
+
+
+def test_requests_with_their_own_max_new_tokens(onnx_models: tuple[OnnxCausalLM, OnnxRewardModel]) -> None:
+    """Requests with different token limits in flight together: each trajectory ends at its request's
+    limit (the fixture never ends earlier on this seed, or at its EOS), as the offline call with it does."""
+    policy, reward = onnx_models
+    limits = [2, 6, 3, 5]
+    with tiltsmc.Engine(policy, reward) as engine:
+        futures = [
+            engine.submit("hello", "smc", num_particles=4, rng=k, max_new_tokens=m)
+            for k, m in enumerate(limits)
+        ]
+        results = [f.result(timeout=30) for f in futures]
+        too_long = engine.submit("hello", "smc", num_particles=4, max_new_tokens=7)
+        with pytest.raises(ValueError, match="max_new_tokens: 7 is more than the policy's limit of 6"):
+            too_long.result(timeout=30)
+    for k, (limit, result) in enumerate(zip(limits, results)):
+        lengths = [len(s) for s in result.samples[0]]
+        assert max(lengths) <= limit
+        offline = tiltsmc.smc(policy, reward, prompts=["hello"], num_particles=4, rng=k, max_new_tokens=limit)
+        assert result.texts == offline.texts
+    task = MarkovDFATask.random(3, 2, 6, rng=4)
+    short = tiltsmc.smc(task.policy(), task.twist(), num_particles=4, rng=0, max_new_tokens=3)
+    assert short.samples[0].shape == (4, 3)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        tiltsmc.smc(task.policy(), task.twist(), num_particles=4, max_new_tokens=0)

@@ -1,0 +1,128 @@
+"""Joining and leaving batches of particles: what the serving engine does between steps."""
+
+from __future__ import annotations
+
+import multiprocessing
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from tiltsmc import core
+from tiltsmc._rng import RowStreams
+from tiltsmc.models import OnnxCausalLM, Particles
+
+FIXTURES = Path(__file__).parent / "fixtures" / "models"
+
+
+@pytest.fixture(scope="module")
+def policy() -> OnnxCausalLM:
+    return OnnxCausalLM(FIXTURES / "llama-tiny", max_new_tokens=5)
+
+
+def test_join_left_pads_and_leaving_trims(policy: OnnxCausalLM) -> None:
+    short = policy.start(["a"], 3).one_per_prompt()
+    long = policy.start(["the quick brown fox"], 2).one_per_prompt()
+    joined = Particles.concatenate([short, long])
+    mask = joined.state["lm.mask"]
+    short_len, long_len = short.state["lm.mask"].shape[-1], long.state["lm.mask"].shape[-1]
+    assert short_len < long_len and mask.shape == (5, 1, long_len)
+    np.testing.assert_array_equal(mask[:3, :, : long_len - short_len], 0)  # padding on the left
+    np.testing.assert_array_equal(mask[:3, :, long_len - short_len :], short.state["lm.mask"])
+    key = next(k for k in joined.aligned if k != "lm.mask")
+    np.testing.assert_array_equal(joined.state[key][:3, :, :, long_len - short_len :], short.state[key])
+    assert joined.prompts == ["a"] * 3 + ["the quick brown fox"] * 2
+    assert joined.prompt_tokens is not None and joined.prompt_tokens[0] is short.prompt_tokens[0]  # type: ignore[index]
+    alone = joined.select(np.arange(3))  # the long prompt leaves: its padding columns go
+    assert alone.state["lm.mask"].shape[-1] == short_len
+    for name, array in short.state.items():
+        np.testing.assert_array_equal(alone.state[name], array, err_msg=name)
+
+
+def test_joined_batch_decodes_as_each_alone(policy: OnnxCausalLM) -> None:
+    """A step of the joined batch gives each particle the logits it gets alone (up to float32 rounding
+    of the padded attention)."""
+    parts = [policy.start([p], 2) for p in ("a", "the quick brown fox")]
+    alone = []
+    for part in parts:
+        policy.append(part, np.full((1, 2), 7, dtype=np.int64))
+        part.flush()
+        alone.append(part.state["lm.logits"].reshape(2, -1))
+    fresh = [policy.start([p], 2).one_per_prompt() for p in ("a", "the quick brown fox")]
+    joined = Particles.concatenate(fresh)
+    policy.append(joined, np.full((4, 1), 7, dtype=np.int64))
+    joined.flush()
+    np.testing.assert_allclose(joined.state["lm.logits"].reshape(4, -1), np.concatenate(alone), atol=2e-5)
+
+
+def test_concatenate_refuses_what_cannot_join(policy: OnnxCausalLM) -> None:
+    a, b = policy.start(["a"], 2), policy.start(["b"], 3)
+    with pytest.raises(ValueError, match="particles a prompt cannot be joined"):
+        Particles.concatenate([a, b])
+    c = Particles.empty([()], 2, 4)
+    c.state["x"] = np.zeros((1, 2, 3))
+    d = Particles.empty([()], 2, 4)
+    d.state["x"] = np.zeros((1, 2, 5))
+    with pytest.raises(ValueError, match=r"state\['x'\]: shapes"):
+        Particles.concatenate([c, d])
+    with pytest.raises(ValueError, match="at least one"):
+        Particles.concatenate([])
+
+
+def test_reorder_across_prompts_moves_particles_between_entries() -> None:
+    particles = Particles.empty([()], 6, 3).one_per_prompt()
+    particles.tokens[:, 0, 0] = np.arange(6)
+    particles.state["v"] = np.arange(6.0).reshape(6, 1)
+    particles.reorder(np.array([[0, 0, 2, 5, 5, 5]]), across_prompts=True)
+    np.testing.assert_array_equal(particles.tokens[:, 0, 0], [0, 0, 2, 5, 5, 5])
+    np.testing.assert_array_equal(particles.state["v"][:, 0], [0, 0, 2, 5, 5, 5])
+
+
+def test_row_streams_draw_each_run_as_alone() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(7, 30)).astype(np.float32)
+    streams = RowStreams([np.random.default_rng(1), np.random.default_rng(2)], [0, 3, 7])
+    index, log_p = core.sample_logits(logits, 1.0, streams)
+    first = core.sample_logits(logits[:3], 1.0, np.random.default_rng(1))
+    second = core.sample_logits(logits[3:], 1.0, np.random.default_rng(2))
+    np.testing.assert_array_equal(index, np.concatenate([first[0], second[0]]))
+    np.testing.assert_array_equal(log_p, np.concatenate([first[1], second[1]]))
+    where = np.array([True, True, True, False, False, False, False])
+    generators = [np.random.default_rng(1), np.random.default_rng(2)]
+    index, _ = core.sample_logits(logits, 1.0, RowStreams(generators, [0, 3, 7]), where=where)
+    assert np.all(index[3:] == 0)
+    untouched = np.random.default_rng(2)
+    assert generators[1].random() == untouched.random()  # a run with nothing to draw draws no key
+    pooled = core.pool_select(
+        logits.astype(np.float64), RowStreams([np.random.default_rng(3)] * 2, [0, 2, 7])
+    )
+    assert pooled[0].shape == (7,)
+    np.testing.assert_array_equal(
+        RowStreams([np.random.default_rng(4), np.random.default_rng(5)], [0, 1, 3]).random((3, 2)),
+        np.concatenate([np.random.default_rng(4).random((1, 2)), np.random.default_rng(5).random((2, 2))]),
+    )
+    with pytest.raises(ValueError, match="RowStreams for 7 rows, given 5"):
+        core.sample_logits(logits[:5], 1.0, streams)
+
+
+def _resample_in_child(connection: Any) -> None:
+    connection.send(core.resample(np.zeros((1, 64)), "multinomial", rng=None).tolist())
+    connection.close()
+
+
+def test_rng_none_differs_in_forked_children() -> None:
+    """rng=None means fresh entropy in every process, forked ones included (issue #16, item 11)."""
+    context = multiprocessing.get_context("fork")
+    core.resample(np.zeros((1, 64)), "multinomial", rng=None)  # the parent has drawn before forking
+    draws = []
+    for _ in range(3):
+        receiver, sender = context.Pipe(duplex=False)
+        child = context.Process(target=_resample_in_child, args=(sender,))
+        with warnings.catch_warnings():  # Python 3.12+ warns that forking a threaded process may deadlock
+            warnings.simplefilter("ignore", DeprecationWarning)
+            child.start()
+        draws.append(receiver.recv())
+        child.join(10)
+        assert child.exitcode == 0
+    assert len({np.asarray(d).tobytes() for d in draws}) == 3
