@@ -81,11 +81,11 @@ def test_any_tokenizer_exception_fails_its_prompt_only(models: Any) -> None:
 
 @pytest.mark.parametrize("prompts", ["hello", b"hello", bytearray(b"hi")])
 def test_a_bare_string_is_refused_not_read_letter_by_letter(models: Any, prompts: Any) -> None:
-    policy, reward = models
+    """By the policies' start(). (The samplers list prompts before they reach start(): they are to call
+    check_prompts themselves, in samplers._engine.prompts_list.)"""
+    policy, _ = models
     with pytest.raises(TypeError, match=r"prompts: expected a list of prompts, got a .*\[prompt\]"):
         policy.start(prompts, 2)
-    with pytest.raises(TypeError, match="prompts: expected a list of prompts"):
-        tiltsmc.smc(policy, reward, prompts, num_particles=2, rng=np.random.default_rng(0))
     with pytest.raises(TypeError, match="prompts: expected a list of prompts"):
         MarkovPolicy(MarkovDFATask.needle(2, 2, rng=0)).start(prompts, 2)
 
