@@ -86,8 +86,8 @@ def test_prompts_file_and_errors(tmp_path: Path) -> None:
         )
         == 2
     )
-    with pytest.raises(SystemExit):
-        main(["run", "--policy", POLICY, "--reward", REWARD, "--prompts", str(tmp_path / "absent.txt")])
+    absent = str(tmp_path / "absent.txt")
+    assert main(["run", "--policy", POLICY, "--reward", REWARD, "--prompts", absent]) == 2
     with pytest.raises(SystemExit):
         main(["run", "--policy", POLICY, "--reward", REWARD, "--prompt", "a", "--particles", "0"])
     assert not list(tmp_path.glob(".out.jsonl.*"))  # no temporary file left behind
