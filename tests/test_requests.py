@@ -81,11 +81,13 @@ def test_any_tokenizer_exception_fails_its_prompt_only(models: Any) -> None:
 
 @pytest.mark.parametrize("prompts", ["hello", b"hello", bytearray(b"hi")])
 def test_a_bare_string_is_refused_not_read_letter_by_letter(models: Any, prompts: Any) -> None:
-    """By the policies' start(). (The samplers list prompts before they reach start(): they are to call
-    check_prompts themselves, in samplers._engine.prompts_list.)"""
-    policy, _ = models
+    """By the policies' start() and by every sampler (which lists the prompts before start() sees them)."""
+    policy, reward = models
     with pytest.raises(TypeError, match=r"prompts: expected a list of prompts, got a .*\[prompt\]"):
         policy.start(prompts, 2)
+    for sampler in (tiltsmc.smc, tiltsmc.sp_gsmc, tiltsmc.mh, tiltsmc.best_of_n, tiltsmc.rejection):
+        with pytest.raises(TypeError, match="prompts: expected a list of prompts"):
+            sampler(policy, reward, prompts, rng=0)
     with pytest.raises(TypeError, match="prompts: expected a list of prompts"):
         MarkovPolicy(MarkovDFATask.needle(2, 2, rng=0)).start(prompts, 2)
 
