@@ -460,6 +460,13 @@ def _add_model_arguments(parser: argparse.ArgumentParser, demo_models: bool = Fa
         "--threads", type=_thread_count, default=None, help="threads for ONNX Runtime and the core"
     )
     parser.add_argument("--cpu", action="store_true", help="use the CPU even where a GPU is usable")
+    parser.add_argument(
+        "--memory-arena",
+        choices=("on", "off"),
+        default="off" if demo_models else "on",
+        help="ONNX Runtime's CPU memory arena: 'off' gives a burst's memory back once it is over "
+        "(the default of serve, a long-running process), 'on' keeps it for the next runs",
+    )
 
 
 def _load_models(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -471,7 +478,9 @@ def _load_models(args: argparse.Namespace) -> tuple[Any, Any]:
     if getattr(args, "demo", False):
         from .tasks import arithmetic
 
-        return arithmetic.load_models(intra_op_num_threads=args.threads, providers=providers)
+        return arithmetic.load_models(
+            intra_op_num_threads=args.threads, providers=providers, memory_arena=args.memory_arena == "on"
+        )
     if args.reward is None:
         raise ValueError("--reward: a reward model is needed with --policy")
     policy = OnnxCausalLM(
@@ -483,6 +492,7 @@ def _load_models(args: argparse.Namespace) -> tuple[Any, Any]:
         top_k=args.top_k,
         top_p=args.top_p,
         intra_op_num_threads=args.threads,
+        memory_arena=args.memory_arena == "on",
     )
     reward = OnnxRewardModel(
         args.reward,
@@ -494,6 +504,7 @@ def _load_models(args: argparse.Namespace) -> tuple[Any, Any]:
         classes=args.reward_classes,
         providers=providers,
         intra_op_num_threads=args.threads,
+        memory_arena=args.memory_arena == "on",
     )
     check_policy = getattr(reward, "check_policy", None)  # vocabularies: bad input, found before the run
     if callable(check_policy):

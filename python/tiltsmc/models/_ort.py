@@ -103,6 +103,7 @@ def make_session(
     intra_op_num_threads: Optional[int] = None,
     inter_op_num_threads: Optional[int] = None,
     require_gpu: bool = False,
+    memory_arena: bool = True,
 ) -> Any:
     """An ``onnxruntime.InferenceSession`` on CUDA where a device is usable, else on the CPU.
 
@@ -114,6 +115,11 @@ def make_session(
     A provider name this ONNX Runtime build does not have is refused (ValueError), as is a model whose
     external data lies outside its folder (:func:`check_external_data`); a file ONNX Runtime cannot load
     raises ValueError naming it, with ONNX Runtime's reason.
+
+    ``memory_arena=False`` turns ONNX Runtime's CPU memory arena off: each run's buffers are freed to the
+    C heap when it ends, instead of staying in the arena at their peak size for the life of the session
+    (a long-running service then returns to its idle size after a burst; see
+    :func:`tiltsmc.serving._memory.release_free_memory`).
     """
     import onnxruntime as ort
 
@@ -133,6 +139,9 @@ def make_session(
     # The policy and reward sessions run in turn: one's pool threads spinning after its run would take
     # the cores from the other (on 2 cores, steps of the fixtures were 20-40% slower with the spin).
     options.add_session_config_entry("session.force_spinning_stop", "1")
+    if not isinstance(memory_arena, (bool, np.bool_)):
+        raise TypeError(f"memory_arena: expected True or False, got {memory_arena!r}")
+    options.enable_cpu_mem_arena = bool(memory_arena)
     for name, threads in (
         ("intra_op_num_threads", intra_op_num_threads),
         ("inter_op_num_threads", inter_op_num_threads),

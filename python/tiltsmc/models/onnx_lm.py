@@ -165,7 +165,8 @@ class OnnxCausalLM:
     ``path``: a folder (model.onnx, optionally config.json, generation_config.json, tokenizer.json) or an
     .onnx file. ``tokenizer``: a tokenizer.json path or a ``tokenizers.Tokenizer`` (default: the folder's
     tokenizer.json, if any; without one, prompts must be token-id sequences). ``eos_token_id`` (default from
-    the configs) ends a trajectory, as does ``max_new_tokens``.
+    the configs) ends a trajectory, as does ``max_new_tokens``. ``memory_arena=False`` frees ONNX
+    Runtime's buffers after each run instead of keeping them at their peak (a long-running service).
     """
 
     def __init__(
@@ -187,6 +188,7 @@ class OnnxCausalLM:
         inter_op_num_threads: Optional[int] = None,
         require_gpu: bool = False,
         device_cache: Optional[bool] = None,
+        memory_arena: bool = True,
     ) -> None:
         self.model_file, model_dir = resolve_model_file(path)
         config = read_json(model_dir / "config.json")
@@ -218,6 +220,7 @@ class OnnxCausalLM:
             intra_op_num_threads=intra_op_num_threads,
             inter_op_num_threads=inter_op_num_threads,
             require_gpu=require_gpu,
+            memory_arena=memory_arena,
         )
         inputs = {node.name: node for node in self.session.get_inputs()}
         outputs = [node.name for node in self.session.get_outputs()]

@@ -84,7 +84,8 @@ class _Prompts:
 
 
 class OnnxRewardModel:
-    """``log Vh`` from an ONNX scoring model (see the module docstring)."""
+    """``log Vh`` from an ONNX scoring model (see the module docstring). ``memory_arena=False`` frees ONNX
+    Runtime's buffers after each run instead of keeping them at their peak (a long-running service)."""
 
     # Its log-values are finite or -inf (it raises on anything else itself): the samplers need not check.
     log_values_checked = True
@@ -110,6 +111,7 @@ class OnnxRewardModel:
         delimiter_ids: Optional[Sequence[int]] = None,
         label: Optional[int] = None,
         classes: Optional[Sequence[int]] = None,
+        memory_arena: bool = True,
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
@@ -137,6 +139,7 @@ class OnnxRewardModel:
             intra_op_num_threads=intra_op_num_threads,
             inter_op_num_threads=inter_op_num_threads,
             require_gpu=require_gpu,
+            memory_arena=memory_arena,
         )
         inputs = {node.name: node for node in self.session.get_inputs()}
         outputs = {node.name: node for node in self.session.get_outputs()}
