@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tiltsmc
 from tiltsmc.models.particles import Particles
-from tiltsmc.tasks import MarkovDFATask
+from tiltsmc.tasks import MarkovDFATask, hard_instance
 from tiltsmc.tasks.models import TableTwist
 
 # ----------------------------------------------------------------------------------------------------------
@@ -122,3 +122,51 @@ def test_ratio_bound_in_the_gauge_of_gauge_eps() -> None:
         task.policy(), TableTwist(task, tables), num_prefixes=32, rng=0
     )
     assert estimate.gauge_ratio_bound == pytest.approx((1 + r) / 2, rel=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. the hard instance
+
+
+@pytest.mark.parametrize(("a", "m"), [(2, 1), (2, 3), (3, 2), (4, 2)])
+def test_hard_instance_has_the_papers_figures(a: int, m: int) -> None:
+    hard = hard_instance(a, m, rng=a * 10 + m)
+    task = hard.task
+    assert task.horizon == 3 * m and task.vocab_size == a and hard.branching == a
+    exact = task.bellman_error(hard.twist)
+    assert exact.eps == pytest.approx(a - 1, rel=1e-12)  # Bellman error a - 1
+    assert exact.ratio_bound == pytest.approx(a, rel=1e-12)  # L = a = 1 + eps
+    np.testing.assert_allclose(exact.per_step[: 2 * m], 0.0, atol=1e-12)  # Vh = 1 for t <= 2m
+    # by enumeration: p uniform on the first 2m tokens and deterministic afterwards, r = a^+-m, pi(u)
+    sequences, log_p, log_r = task.enumerate_sequences()
+    support = log_p > -np.inf
+    assert np.count_nonzero(support) == a ** (2 * m)
+    np.testing.assert_allclose(np.exp(log_p[support]), float(a) ** (-2 * m), rtol=1e-12)
+    assert np.all(sequences[support][:, 2 * m :] == 0)
+    on_u = np.all(sequences[:, : 2 * m] == hard.hidden_prefix, axis=1) & support
+    np.testing.assert_allclose(np.exp(log_r[on_u]), float(a) ** m, rtol=1e-12)
+    np.testing.assert_allclose(np.exp(log_r[support & ~on_u]), float(a) ** -m, rtol=1e-12)
+    mass = np.exp(log_p + log_r - task.exact_log_z())
+    assert hard.target_mass == pytest.approx(float(mass[on_u].sum()), rel=1e-12)
+    assert hard.target_mass == pytest.approx(1 / (2 - float(a) ** (-2 * m)), rel=1e-12)
+    assert hard.lower_bound_rate == hard.search_rate == pytest.approx(2 * math.log(a) / 3)
+    assert hard.draws_to_hit(0.5) == pytest.approx(math.log(0.5) / math.log1p(-(float(a) ** (-2 * m))))
+
+
+def test_hard_instance_with_another_branching_and_bad_arguments() -> None:
+    hard = hard_instance(4.0, 2, rng=0, branching=2)
+    assert hard.task.vocab_size == 2 and hard.a == 4.0
+    assert hard.task.bellman_error(hard.twist).eps == pytest.approx(3.0, rel=1e-12)
+    assert hard.search_rate == pytest.approx(2 * math.log(2) / 3) and hard.lower_bound_rate > hard.search_rate
+    with pytest.raises(ValueError, match="a:"):
+        hard_instance(1.0, 2)
+    with pytest.raises(ValueError, match="a:"):
+        hard_instance(2.5, 2)
+    with pytest.raises(ValueError, match="m:"):
+        hard_instance(2, 0)
+    with pytest.raises(TypeError, match="m:"):
+        hard_instance(2, 1.5)
+    with pytest.raises(ValueError, match="branching:"):
+        hard_instance(2.5, 2, branching=1)
+    with pytest.raises(ValueError, match="probability"):
+        hard.draws_to_hit(1.0)
