@@ -20,7 +20,9 @@ the single kept prefix from its ``K`` candidates; the MH correction reports the 
 increments. Best-of-N and rejection take no guided steps and give no reading.
 
 A step whose every potential was 0 (increment ``-inf``) gives no reading here; it is a collapse, reported
-by ``SamplerResult.collapse_warnings``.
+by ``SamplerResult.collapse_warnings``. The standard error is estimated from the particles' own draws (one
+per particle): where every particle drew the same potential (e.g. all wrote the same line) it is 0 and the
+reading is taken at face value, although other continuations might have had other potentials.
 """
 
 from __future__ import annotations
