@@ -15,9 +15,11 @@ estimates ``log m_t`` with standard error ``se_t`` (:func:`tiltsmc.samplers.runs
 for every step, at a joint confidence ``confidence`` with ``z`` Bonferroni-corrected over the readings:
 a *lower* bound on the reward model's ``eps`` (in its own gauge: a model rescaled per level reads
 differently) along the paths the run actually took, free with every run. It cannot show that ``eps`` is
-small: ratios above and below 1 at one step average out in ``m_t``. SP-gSMC with a pool reads ``rho_t`` of
-the single kept prefix from its ``K`` candidates; the MH correction reports the mean of its proposals'
-increments. Best-of-N and rejection take no guided steps and give no reading.
+small: ratios above and below 1 at one step average out in ``m_t``, and so do the finished particles of a
+run whose trajectories end at different steps (their potential is 1: the bound stays valid, only weaker).
+SP-gSMC with a pool reads ``rho_t`` of the single kept prefix from its ``K`` candidates; the MH correction
+reports the mean of its proposals' increments. Best-of-N and rejection take no guided steps and give no
+reading.
 
 A step whose every potential was 0 (increment ``-inf``) gives no reading here; it is a collapse, reported
 by ``SamplerResult.collapse_warnings``. The standard error is estimated from the particles' own draws (one
