@@ -35,7 +35,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any, NoReturn, Optional, TextIO
@@ -43,6 +43,7 @@ from typing import IO, Any, NoReturn, Optional, TextIO
 import numpy as np
 
 from . import core
+from .diagnostics import OnlineBellman, online_bellman
 from .samplers import best_of_n, mh, rejection, smc, sp_gsmc
 from .samplers.result import SamplerResult
 
@@ -519,19 +520,53 @@ def build_parser() -> argparse.ArgumentParser:
     prompts = run.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     prompts.add_argument("--prompts", help="a file of prompts, one per line")
+    # Sampler options left out take the sampler's own defaults (those of tiltsmc.smc and the others, which
+    # the engine and the server use too): one set of defaults.
     run.add_argument("--sampler", choices=SAMPLERS, default="smc")
     run.add_argument(
-        "--particles", type=_positive_int, default=16, help="particles (smc, mh PIMH) or n (best-of-n)"
+        "--particles",
+        type=_positive_int,
+        default=None,
+        help=f"particles (smc: {_default('smc', 'num_particles')}) "
+        f"or n (best-of-n: {_default('best_of_n', 'n')})",
     )
-    run.add_argument("--resample", choices=core.SCHEMES, default="systematic")
-    run.add_argument("--ess-threshold", type=_fraction, default=0.5)
-    run.add_argument("--pool-size", type=_positive_int, default=8, help="sp-gsmc / mh resampling pool")
-    run.add_argument("--mh-steps", type=_count, default=4)
     run.add_argument(
-        "--bound", type=_positive_real, default=1.0, help="rejection: an upper bound on the reward"
+        "--resample", choices=core.SCHEMES, default=None, help=f"({_default('smc', 'resample')})"
     )
-    run.add_argument("--num-samples", type=_positive_int, default=1, help="rejection: samples per prompt")
-    run.add_argument("--max-tries", type=_positive_int, default=10_000, help="rejection: draws per prompt")
+    run.add_argument(
+        "--ess-threshold", type=_fraction, default=None, help=f"({_default('smc', 'ess_threshold')})"
+    )
+    run.add_argument(
+        "--pool-size",
+        type=_positive_int,
+        default=None,
+        help=f"sp-gsmc / mh pool ({_default('mh', 'pool_size')})",
+    )
+    run.add_argument("--mh-steps", type=_count, default=None, help=f"({_default('mh', 'steps')})")
+    run.add_argument(
+        "--bound",
+        type=_positive_real,
+        default=None,
+        help=f"rejection: a bound on the reward ({_default('rejection', 'bound')})",
+    )
+    run.add_argument(
+        "--num-samples",
+        type=_positive_int,
+        default=None,
+        help=f"rejection: samples per prompt ({_default('rejection', 'num_samples')})",
+    )
+    run.add_argument(
+        "--max-tries",
+        type=_positive_int,
+        default=None,
+        help=f"rejection: draws per prompt ({_default('rejection', 'max_tries')})",
+    )
+    run.add_argument(
+        "--eps",
+        type=_positive_real,
+        default=None,
+        help="the reward model's Bellman error you assume: warn when the run's online reading exceeds it",
+    )
     run.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per batched run")
     _add_model_arguments(run)
     run.add_argument("--seed", type=_count, default=0)
@@ -616,34 +651,37 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+# tiltsmc run's sampler options, as the sampler functions' parameters (per sampler)
+_RUN_OPTIONS: dict[str, dict[str, str]] = {
+    "smc": {"particles": "num_particles", "resample": "resample", "ess_threshold": "ess_threshold"},
+    "sp-gsmc": {"pool_size": "pool_size"},
+    "mh": {"pool_size": "pool_size", "mh_steps": "steps"},
+    "best-of-n": {"particles": "n"},
+    "rejection": {"bound": "bound", "num_samples": "num_samples", "max_tries": "max_tries"},
+}
+_RUN_SAMPLERS: dict[str, Callable[..., SamplerResult]] = {
+    "smc": smc, "sp-gsmc": sp_gsmc, "mh": mh, "best-of-n": best_of_n, "rejection": rejection,
+}  # fmt: skip
+
+
+def _default(sampler: str, option: str) -> Any:
+    """A sampler option's default, from the sampler function's signature (for help texts)."""
+    from .serving.engine import sampler_defaults
+
+    return sampler_defaults(sampler)[option]
+
+
 def _sample(
     args: argparse.Namespace, policy: Any, reward: Any, prompts: list[str], seed: Any
 ) -> SamplerResult:
-    if args.sampler == "smc":
-        return smc(
-            policy,
-            reward,
-            prompts,
-            num_particles=args.particles,
-            resample=args.resample,
-            ess_threshold=args.ess_threshold,
-            rng=seed,
-        )
-    if args.sampler == "sp-gsmc":
-        return sp_gsmc(policy, reward, prompts, pool_size=args.pool_size, rng=seed)
-    if args.sampler == "mh":
-        return mh(policy, reward, prompts, pool_size=args.pool_size, steps=args.mh_steps, rng=seed)
-    if args.sampler == "best-of-n":
-        return best_of_n(policy, reward, prompts, n=args.particles, rng=seed)
-    return rejection(
-        policy,
-        reward,
-        prompts,
-        bound=args.bound,
-        num_samples=args.num_samples,
-        max_tries=args.max_tries,
-        rng=seed,
-    )
+    """One batch through the chosen sampler; the options not given keep the sampler's defaults."""
+    options = {
+        parameter: getattr(args, name)
+        for name, parameter in _RUN_OPTIONS[args.sampler].items()
+        if getattr(args, name) is not None
+    }
+    result: SamplerResult = _RUN_SAMPLERS[args.sampler](policy, reward, prompts, rng=seed, **options)
+    return result
 
 
 def _records(result: SamplerResult, prompts: list[str], offset: int) -> list[dict[str, Any]]:
@@ -658,6 +696,8 @@ def _records(result: SamplerResult, prompts: list[str], offset: int) -> list[dic
             "log_z",
             "ess",
             "resampled",
+            "log_z_increments",
+            "log_z_increment_se",
             "collapsed",
             "acceptance_rate",
             "tries",
@@ -693,6 +733,7 @@ def run(args: argparse.Namespace) -> int:
         progress = Progress(len(prompts), f"tiltsmc {args.sampler}")
         began = time.perf_counter()
         failed = 0
+        readings = []
         try:
             for start in range(0, len(prompts), args.batch_size):
                 batch = prompts[start : start + args.batch_size]
@@ -704,6 +745,7 @@ def run(args: argparse.Namespace) -> int:
                     raise CliError(
                         f"run failed on prompts {start}..{start + len(batch) - 1}: {_one_line(error)}", 1
                     ) from None
+                readings.append(online_bellman(result))
                 records = _records(result, batch, start)
                 failed += sum("error" in record for record in records)
                 output.write([json.dumps(record) + "\n" for record in records])
@@ -719,6 +761,10 @@ def run(args: argparse.Namespace) -> int:
         f"{output.where}",
         file=sys.stderr,
     )
+    reading = OnlineBellman.combine(readings)
+    print(f"tiltsmc: {reading.summary(eps=args.eps)}", file=sys.stderr)
+    for message in reading.warnings(args.eps):
+        print(f"tiltsmc: warning: {message}", file=sys.stderr)
     return 1 if failed == len(prompts) else 0
 
 
