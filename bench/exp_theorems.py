@@ -27,7 +27,6 @@ import itertools
 import math
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -37,109 +36,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _plot
 import tiltsmc
 from tiltsmc.tasks import MarkovDFATask
+from tiltsmc.tasks.exact_laws import (
+    positive_reward_task,
+    smc_output_law,
+    sp_gsmc_laws,
+    target_law,
+    theorem_5_1_bound,
+    total_variation,
+)
 from tiltsmc.tasks.models import TableTwist
 
 NAME = "exp_theorems"
 NOISES_43 = (0.02, 0.1, 0.3, 1.0)
 CASES_51 = ((0.95, 0.005), (0.9, 0.02), (0.5, 0.2), (0.1, 1.0))  # (reward floor, twist noise)
-
-
-# ---------------------------------------------------------------------------------------------- exact laws
-
-
-def value(task: MarkovDFATask, tables: list[Any], prefix: tuple[int, ...]) -> float:
-    """``Vh_t(prefix)`` in the natural scale from the raw DFA (``t = len(prefix)``)."""
-    if not prefix:
-        return math.exp(float(tables[0]))
-    q = task.start
-    for v in prefix:
-        q = int(task.dfa[q, v])
-    return math.exp(float(np.asarray(tables[len(prefix)])[prefix[-1], q]))
-
-
-def step_probs(task: MarkovDFATask, prefix: tuple[int, ...]) -> np.ndarray:
-    if not prefix:
-        return np.asarray(task.init, dtype=float)
-    trans = np.asarray(task.trans)
-    return np.asarray((trans if trans.ndim == 2 else trans[len(prefix) - 1])[prefix[-1]], dtype=float)
-
-
-def tv(first: dict[Any, float], second: dict[Any, float]) -> float:
-    return 0.5 * sum(abs(first.get(k, 0.0) - second.get(k, 0.0)) for k in set(first) | set(second))
-
-
-def sp_gsmc_laws(task: MarkovDFATask, tables: list[Any]) -> list[tuple[dict[Any, float], dict[Any, float]]]:
-    """Per step t: (law of exact SP-gSMC's prefix, pi_t ∝ p Vh_t), both over every prefix of length t."""
-    out = []
-    law: dict[tuple[int, ...], float] = {(): 1.0}
-    for t in range(1, task.horizon + 1):
-        nxt: dict[tuple[int, ...], float] = {}
-        for prefix, mass in law.items():
-            probs = step_probs(task, prefix)
-            joint = np.array([probs[w] * value(task, tables, (*prefix, w)) for w in range(task.vocab_size)])
-            for w in np.flatnonzero(joint > 0):
-                nxt[(*prefix, int(w))] = mass * joint[w] / joint.sum()
-        law = nxt
-        target = {
-            s: math.prod(step_probs(task, s[:k])[s[k]] for k in range(t)) * value(task, tables, s)
-            for s in itertools.product(range(task.vocab_size), repeat=t)
-        }
-        total = sum(target.values())
-        out.append((law, {s: v / total for s, v in target.items()}))
-    return out
-
-
-def smc_output_law(task: MarkovDFATask, tables: list[Any], N: int) -> dict[tuple[int, ...], float]:
-    """Exact law of Theorem 5.1's algorithm (multinomial resampling of N at every step t < T, one particle
-    drawn by weight at T), by enumeration of the particle system as multisets."""
-    T = task.horizon
-    states: dict[tuple[tuple[int, ...], ...], float] = {((),) * N: 1.0}
-    output: dict[tuple[int, ...], float] = {}
-    for t in range(1, T + 1):
-        nxt: dict[tuple[tuple[int, ...], ...], float] = {}
-        for particles, mass in states.items():
-            options = []
-            for prefix in particles:
-                probs = step_probs(task, prefix)
-                options.append([(int(w), float(probs[w])) for w in np.flatnonzero(probs > 0)])
-            for choice in itertools.product(*options):
-                prob = mass * math.prod(p for _, p in choice)
-                children = [(*prefix, w) for prefix, (w, _) in zip(particles, choice)]
-                weights = np.array([value(task, tables, c) / value(task, tables, c[:-1]) for c in children])
-                share: Counter[tuple[int, ...]] = Counter()
-                for child, weight in zip(children, weights / weights.sum()):
-                    share[child] += float(weight)
-                if t == T:
-                    for child, w in share.items():
-                        output[child] = output.get(child, 0.0) + prob * w
-                    continue
-                distinct = list(share)
-                for counts in itertools.product(range(N + 1), repeat=len(distinct)):
-                    if sum(counts) != N:
-                        continue
-                    ways = math.factorial(N) / math.prod(math.factorial(c) for c in counts)
-                    p_counts = ways * math.prod(share[d] ** c for d, c in zip(distinct, counts))
-                    key = tuple(sorted(d for d, c in zip(distinct, counts) for _ in range(c)))
-                    nxt[key] = nxt.get(key, 0.0) + prob * p_counts
-        states = nxt
-    return output
-
-
-def target(task: MarkovDFATask) -> dict[tuple[int, ...], float]:
-    sequences, log_p, log_r = task.enumerate_sequences()
-    mass = np.exp(log_p + log_r - task.exact_log_z())
-    return {tuple(int(v) for v in s): float(m) for s, m in zip(sequences, mass) if m > 0}
-
-
-def bound_51(L: float, eps: float, T: int, N: int) -> float:
-    return L**6 * T * (1 + eps) ** (6 * (T - 1)) / (2 * N)
-
-
-def positive_task(seed: int, V: int, T: int, reward_low: float) -> MarkovDFATask:
-    gen = np.random.default_rng(seed)
-    task = MarkovDFATask.random(V, 3, T, rng=gen, concentration=30.0, zero_reward_fraction=0.0)
-    reward = reward_low + (1 - reward_low) * gen.random(3)
-    return MarkovDFATask(task.init, task.trans, task.dfa, task.start, reward, T)
 
 
 # ---------------------------------------------------------------------------------------------- parts
@@ -152,7 +61,7 @@ def theorem_43(seed: int, tasks: int) -> list[dict[str, Any]]:
         tables = task.twist_tables(noise, rng=[seed, k, 1])
         report = task.bellman_error(tables)
         for t, (law, pi_t) in enumerate(sp_gsmc_laws(task, tables), start=1):
-            measured = tv(law, pi_t)
+            measured = total_variation(law, pi_t)
             rows.append(
                 {
                     "task": k,
@@ -174,10 +83,10 @@ def theorem_51(
 ) -> list[dict[str, Any]]:
     rows = []
     for k, (reward_low, noise) in enumerate(CASES_51):
-        task = positive_task(seed + k, 2, 3, reward_low)
+        task = positive_reward_task(seed + k, 2, 3, reward_low)
         tables = task.twist_tables(noise, rng=seed + k)
         report = task.bellman_error(tables)
-        pi = target(task)
+        pi = target_law(task)
         common = {
             "case": k,
             "reward_low": reward_low,
@@ -189,11 +98,15 @@ def theorem_51(
         }
         for N in exact_N + sampled_N:
             bound = min(
-                bound_51(report.ratio_bound, report.eps, task.horizon, N),
-                bound_51(report.gauge_ratio_bound, report.gauge_eps, task.horizon, N),
+                theorem_5_1_bound(report.ratio_bound, report.eps, task.horizon, N),
+                theorem_5_1_bound(report.gauge_ratio_bound, report.gauge_eps, task.horizon, N),
             )
             if N in exact_N:
-                measured, floor, method = tv(smc_output_law(task, tables, N), pi), 0.0, "enumerated"
+                measured, floor, method = (
+                    total_variation(smc_output_law(task, tables, N), pi),
+                    0.0,
+                    "enumerated",
+                )
             else:
                 result = tiltsmc.smc(
                     task.policy(), TableTwist(task, tables), prompts=[()] * runs, num_particles=N,
@@ -202,7 +115,7 @@ def theorem_51(
                 drawn = np.stack([s[0] for s in result.samples])
                 keys, counts = np.unique(drawn, axis=0, return_counts=True)
                 empirical = {tuple(int(v) for v in key): c / runs for key, c in zip(keys, counts)}
-                measured, method = tv(empirical, pi), f"{runs} runs (plug-in)"
+                measured, method = total_variation(empirical, pi), f"{runs} runs (plug-in)"
                 floor = 0.5 * math.sqrt(len(pi) / runs)
             row = {"N": N, "tv": measured, "noise_floor": floor, "method": method, "bound": bound}
             rows.append({**common, **row, "holds": measured <= bound})

@@ -16,6 +16,14 @@ import pytest
 import tiltsmc
 from tiltsmc.models.particles import Particles
 from tiltsmc.tasks import MarkovDFATask, hard_instance
+from tiltsmc.tasks.exact_laws import (
+    positive_reward_task,
+    smc_output_law,
+    sp_gsmc_laws,
+    target_law,
+    theorem_5_1_bound,
+    total_variation,
+)
 from tiltsmc.tasks.models import TableTwist
 
 # ----------------------------------------------------------------------------------------------------------
@@ -264,42 +272,11 @@ def test_online_reading_warns_above_the_users_eps() -> None:
 # 5. the theorems by enumeration: Theorem 4.3 (exact SP-gSMC) and Theorem 5.1 (naive SMC, one output)
 
 
-def _value(task: MarkovDFATask, tables: list[Any], prefix: tuple[int, ...]) -> float:
-    """``Vh_t(prefix)`` in the natural scale, from the raw DFA (``t = len(prefix)``)."""
-    if not prefix:
-        return math.exp(float(tables[0]))
-    q = task.start
-    for v in prefix:
-        q = int(task.dfa[q, v])
-    return math.exp(float(np.asarray(tables[len(prefix)])[prefix[-1], q]))
-
-
-def _step_probs(task: MarkovDFATask, prefix: tuple[int, ...]) -> np.ndarray:
-    """``p(. | prefix)`` from the raw parameters."""
-    if not prefix:
-        return np.asarray(task.init, dtype=float)
-    trans = np.asarray(task.trans)
-    return np.asarray((trans if trans.ndim == 2 else trans[len(prefix) - 1])[prefix[-1]], dtype=float)
-
-
 def _count_agrees(count: int, probability: float, runs: int) -> bool:
     """A binomial count within 5 sd of its mean, plus 5 draws of slack for the rare cells where the normal
     approximation fails (a cell of probability 3e-7 seen once in 20,000 runs happens 0.7% of the time)."""
     mean = probability * runs
     return abs(count - mean) <= 5 * math.sqrt(mean * (1 - probability)) + 5
-
-
-def _tv(first: dict[Any, float], second: dict[Any, float]) -> float:
-    keys = set(first) | set(second)
-    return 0.5 * sum(abs(first.get(k, 0.0) - second.get(k, 0.0)) for k in keys)
-
-
-def _positive_task(seed: int, V: int, T: int, reward_low: float, concentration: float) -> MarkovDFATask:
-    """A random task (3 DFA states) with every reward in ``[reward_low, 1]``, so that ``L`` is finite."""
-    gen = np.random.default_rng(seed)
-    task = MarkovDFATask.random(V, 3, T, rng=gen, concentration=concentration, zero_reward_fraction=0.0)
-    reward = reward_low + (1 - reward_low) * gen.random(3)
-    return MarkovDFATask(task.init, task.trans, task.dfa, task.start, reward, T)
 
 
 @pytest.mark.parametrize(("seed", "noise"), [(0, 0.05), (1, 0.2), (2, 0.5), (3, 1.0)])
@@ -310,25 +287,12 @@ def test_theorem_4_3_exact_sp_gsmc_is_within_2_t_eps_of_pi_t(seed: int, noise: f
     task = MarkovDFATask.random(3, 3, 5, rng=seed, zero_reward_fraction=0.0)
     tables = task.twist_tables(noise, rng=seed + 10)
     report = task.bellman_error(tables)
-    import itertools
-
-    law: dict[tuple[int, ...], float] = {(): 1.0}
-    for t in range(1, task.horizon + 1):
-        nxt: dict[tuple[int, ...], float] = {}
-        for prefix, mass in law.items():
-            probs = _step_probs(task, prefix)
-            joint = np.array([probs[w] * _value(task, tables, (*prefix, w)) for w in range(task.vocab_size)])
-            for w in np.flatnonzero(joint > 0):
-                nxt[(*prefix, int(w))] = mass * joint[w] / joint.sum()
-        law = nxt
-        target = {
-            s: math.prod(_step_probs(task, s[:k])[s[k]] for k in range(t)) * _value(task, tables, s)
-            for s in itertools.product(range(task.vocab_size), repeat=t)
-        }
-        total = sum(target.values())
-        tv = _tv(law, {s: v / total for s, v in target.items()})
+    laws = sp_gsmc_laws(task, tables)  # per step t: (law of exact SP-gSMC's prefix, pi_t)
+    for t, (law_t, pi_t) in enumerate(laws, start=1):
+        tv = total_variation(law_t, pi_t)
         bound = 2 * t * min(report.eps, report.gauge_eps)
         assert tv <= bound + 1e-12, f"t={t}: TV {tv:.3g} > 2 t eps = {bound:.3g}"
+    law = laws[-1][0]
     # the sampler draws from q_T: 20,000 independent runs, each sequence's frequency within 5 sd
     runs = 20_000
     result = tiltsmc.sp_gsmc(
@@ -339,68 +303,17 @@ def test_theorem_4_3_exact_sp_gsmc_is_within_2_t_eps_of_pi_t(seed: int, noise: f
         assert _count_agrees(int(np.count_nonzero(np.all(drawn == sequence, axis=1))), q, runs), sequence
 
 
-def _smc_output_law(task: MarkovDFATask, tables: list[Any], N: int) -> dict[tuple[int, ...], float]:
-    """Exact law of Theorem 5.1's algorithm, by enumeration of the particle system: N particles propose
-    from p and are weighted by G_t = Vh_t / Vh_{t-1}; multinomial resampling of N at every step t < T (the
-    particles are exchangeable afterwards: a multiset); at T one particle drawn with probability ∝ G_T."""
-    import itertools
-    from collections import Counter
-
-    T = task.horizon
-    states: dict[tuple[tuple[int, ...], ...], float] = {((),) * N: 1.0}
-    output: dict[tuple[int, ...], float] = {}
-    for t in range(1, T + 1):
-        nxt: dict[tuple[tuple[int, ...], ...], float] = {}
-        for particles, mass in states.items():
-            options = []
-            for prefix in particles:
-                probs = _step_probs(task, prefix)
-                options.append([(int(w), float(probs[w])) for w in np.flatnonzero(probs > 0)])
-            for choice in itertools.product(*options):
-                prob = mass * math.prod(p for _, p in choice)
-                children = [(*prefix, w) for prefix, (w, _) in zip(particles, choice)]
-                weights = np.array([_value(task, tables, c) / _value(task, tables, c[:-1]) for c in children])
-                share: Counter[tuple[int, ...]] = Counter()
-                for child, weight in zip(children, weights / weights.sum()):
-                    share[child] += float(weight)
-                if t == T:
-                    for child, w in share.items():
-                        output[child] = output.get(child, 0.0) + prob * w
-                    continue
-                distinct = list(share)
-                for counts in itertools.product(range(N + 1), repeat=len(distinct)):
-                    if sum(counts) != N:
-                        continue
-                    ways = math.factorial(N) / math.prod(math.factorial(c) for c in counts)
-                    p_counts = ways * math.prod(share[d] ** c for d, c in zip(distinct, counts))
-                    key = tuple(sorted(d for d, c in zip(distinct, counts) for _ in range(c)))
-                    nxt[key] = nxt.get(key, 0.0) + prob * p_counts
-        states = nxt
-    return output
-
-
-def _target(task: MarkovDFATask) -> dict[tuple[int, ...], float]:
-    sequences, log_p, log_r = task.enumerate_sequences()
-    mass = np.exp(log_p + log_r - task.exact_log_z())
-    return {tuple(int(v) for v in s): float(m) for s, m in zip(sequences, mass) if m > 0}
-
-
-def theorem_5_1_bound(L: float, eps: float, T: int, N: int) -> float:
-    """``L^6 T (1+eps)^(6(T-1)) / (2N)``: Theorem 5.1's bound on the TV of the output particle to ``pi``."""
-    return L**6 * T * (1 + eps) ** (6 * (T - 1)) / (2 * N)
-
-
 @pytest.mark.parametrize(("seed", "reward_low", "noise"), [(0, 0.95, 0.005), (1, 0.9, 0.02), (2, 0.5, 0.2)])
 def test_theorem_5_1_bound_holds_for_the_exact_output_law(seed: int, reward_low: float, noise: float) -> None:
     # Naive proposal, multinomial resampling every step, one output particle: the exact law of the output
     # (enumerated) is within L^6 T (1+eps)^(6(T-1)) / (2N) of pi, with (L, eps) in the model's gauge or in
     # the one that minimises eps (the algorithm is gauge-invariant). The bound is known to be loose.
-    task = _positive_task(seed, 2, 3, reward_low, concentration=30.0)
+    task = positive_reward_task(seed, 2, 3, reward_low, concentration=30.0)
     tables = task.twist_tables(noise, rng=seed)
     report = task.bellman_error(tables)
-    pi = _target(task)
+    pi = target_law(task)
     for N in (1, 2, 3, 4):
-        tv = _tv(_smc_output_law(task, tables, N), pi)
+        tv = total_variation(smc_output_law(task, tables, N), pi)
         bound = min(
             theorem_5_1_bound(report.ratio_bound, report.eps, task.horizon, N),
             theorem_5_1_bound(report.gauge_ratio_bound, report.gauge_eps, task.horizon, N),
@@ -419,9 +332,9 @@ def test_theorem_5_1_output_rule_is_a_sampler_option() -> None:
     task = MarkovDFATask([0.6, 0.4], [[0.7, 0.3], [0.4, 0.6]], ones, 0, [1.0, 0.3, 0.1, 0.05], 3)
     tables = list(task.unguided().tables)
     N, runs = 2, 40_000
-    exact = _smc_output_law(task, tables, N)
+    exact = smc_output_law(task, tables, N)
     flat = [*tables[:-1], np.zeros_like(tables[-1])]  # the same particles, the last pick uniform
-    assert _tv(exact, _smc_output_law(task, flat, N)) > 0.05
+    assert total_variation(exact, smc_output_law(task, flat, N)) > 0.05
     result = tiltsmc.smc(
         task.policy(), TableTwist(task, tables), prompts=[()] * runs, num_particles=N,
         resample="multinomial", ess_threshold=1.0, final_resample=1, rng=5,
