@@ -44,7 +44,7 @@ import numpy.typing as npt
 
 from .. import core
 from ._config import Source, first, positive_int, real_number, token_id, token_ids
-from ._ort import make_session
+from ._ort import make_session, shrink_memory_arena
 from .device_cache import DeviceKVCache
 from .particles import MAX_NEW_TOKENS, Particles
 from .prompts import check_prompts
@@ -439,6 +439,11 @@ class OnnxCausalLM:
                 "expects each present.* to be past + new tokens long (device_cache=False lifts that)"
             ) from error
         return binding.get_outputs()[0].numpy(), present
+
+    def release_memory(self) -> bool:
+        """Shrink ONNX Runtime's CPU arena to about its idle size (the serving engine calls it when its
+        last request has left: :func:`~tiltsmc.models._ort.shrink_memory_arena`)."""
+        return shrink_memory_arena(self.session)
 
     @property
     def supports_engine(self) -> bool:

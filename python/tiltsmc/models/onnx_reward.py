@@ -41,7 +41,7 @@ import numpy.typing as npt
 
 from .. import core
 from ._config import Source, positive_int, token_id, token_ids
-from ._ort import make_session
+from ._ort import make_session, shrink_memory_arena
 from .onnx_lm import _PAST, cache_geometry, log_softmax, read_json, resolve_model_file
 from .particles import Particles
 from .tokenizer import Tokenizer, load_tokenizer
@@ -91,6 +91,11 @@ class OnnxRewardModel:
     log_values_checked = True
     # Each prefix is scored on its own (rows never mix) and its cached scores are recomputed where absent.
     supports_engine = True
+
+    def release_memory(self) -> bool:
+        """Shrink ONNX Runtime's CPU arena to about its idle size (the serving engine calls it when its
+        last request has left: :func:`~tiltsmc.models._ort.shrink_memory_arena`)."""
+        return shrink_memory_arena(self.session)
     _serial_numbers = itertools.count()
 
     def __init__(

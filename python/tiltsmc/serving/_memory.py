@@ -28,9 +28,8 @@ def release_free_memory() -> bool:
     """Return the C heap's free pages to the operating system (``malloc_trim(0)``); whether it could.
 
     Freed memory stays in the process's heap otherwise: after a burst of large batches a service would
-    keep its peak size for good. ONNX Runtime sessions made with ``memory_arena=False`` free their buffers
-    to this heap after each run, so that the trim can give them back; with its arena (the default) ONNX
-    Runtime keeps them for its next runs.
+    keep its peak size for good. The engine calls it after shrinking the models' own pools (ONNX
+    Runtime's arena: :func:`tiltsmc.models._ort.shrink_memory_arena`).
     """
     trim = _malloc_trim()
     if trim is None:

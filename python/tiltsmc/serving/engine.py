@@ -83,9 +83,10 @@ class Engine:
     its pool / ``n`` / ``batch_size``); ``max_queue``: the most requests waiting for rows, past which
     :meth:`submit` raises :class:`Overloaded`; ``timeout``: the default per-request timeout in seconds
     (None: none). The worker thread starts at once; :meth:`close` (or leaving a ``with`` block) stops it.
-    ``release_memory_when_idle``: when the last request has left, give the freed heap back to the system
-    (:func:`~tiltsmc.serving._memory.release_free_memory`; models built with ``memory_arena=False`` then
-    return to their idle size after a burst).
+    ``release_memory_when_idle``: when the last request has left, the models' memory pools shrink (their
+    ``release_memory()``, where they have one: ONNX Runtime's arena for the ONNX models) and the freed heap
+    goes back to the system (:func:`~tiltsmc.serving._memory.release_free_memory`), so a long-running
+    service returns to about its idle size after a burst.
     """
 
     def __init__(
@@ -256,7 +257,11 @@ class Engine:
         with self._wake:
             release = self.release_memory_when_idle and self._worked and self._idle()
             self._worked = self._worked and not release
-        if release:  # the burst is over: its freed buffers go back to the system
+        if release:  # the burst is over: the models' arenas and the freed heap go back to the system
+            for model in (self._models.policy, self._models.reward):
+                shrink = getattr(model, "release_memory", None)
+                if callable(shrink):
+                    shrink()
             release_free_memory()
         with self._wake:
             while self._idle():
