@@ -1,5 +1,6 @@
-"""``tiltsmc`` on the command line: ``tiltsmc run`` samples ONNX models with any sampler; ``tiltsmc demo``
-compares the samplers on the bundled reasoning task (see :mod:`tiltsmc.demo`).
+"""``tiltsmc`` on the command line: ``tiltsmc run`` samples ONNX models with any sampler; ``tiltsmc serve``
+serves them over HTTP (:mod:`tiltsmc.serving.server`); ``tiltsmc demo`` compares the samplers on the
+bundled reasoning task (see :mod:`tiltsmc.demo`).
 
 Results are JSON lines, one per prompt (samples, texts, log-weights, the log Z estimate, the ESS trace,
 timings), written to ``--json`` atomically (a temporary file renamed at the end, so an interrupted run
@@ -68,12 +69,93 @@ def _id_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text}") from None
 
 
+def _add_model_arguments(parser: argparse.ArgumentParser, demo_models: bool = False) -> None:
+    """The options that load the policy and the reward model (``run`` and ``serve``)."""
+    if demo_models:
+        models = parser.add_mutually_exclusive_group(required=True)
+        models.add_argument("--policy", help="folder (or .onnx file) of the decoder LM")
+        models.add_argument("--demo", action="store_true", help="the bundled arithmetic policy and PRM")
+        parser.add_argument("--reward", help="folder (or .onnx file) of the reward model (with --policy)")
+    else:
+        parser.add_argument("--policy", required=True, help="folder (or .onnx file) of the decoder LM")
+        parser.add_argument("--reward", required=True, help="folder (or .onnx file) of the reward model")
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=32)
+    parser.add_argument("--step", default="token", help="'token' or a delimiter ending each step, e.g. '\\n'")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=_positive_int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--reward-kind", choices=("log_value", "prob", "logit"), default="logit")
+    parser.add_argument("--reward-output", default=None, help="reward graph output to read (default: first)")
+    parser.add_argument(
+        "--reward-position",
+        choices=("last", "delimiter"),
+        default="last",
+        help="read per-position scores at the last token or at the last step delimiter",
+    )
+    parser.add_argument(
+        "--reward-delimiters",
+        type=_id_list,
+        default=None,
+        help="token ids ending a step, comma-separated (with --reward-position delimiter)",
+    )
+    parser.add_argument(
+        "--reward-label",
+        type=int,
+        default=None,
+        help="the class whose probability is Vh, for an output with a class axis last",
+    )
+    parser.add_argument(
+        "--reward-classes",
+        type=_id_list,
+        default=None,
+        help="comma-separated classes the label's probability is normalised over (default: all)",
+    )
+    parser.add_argument(
+        "--threads", type=_positive_int, default=None, help="threads for ONNX Runtime and the core"
+    )
+    parser.add_argument("--cpu", action="store_true", help="use the CPU even where a GPU is usable")
+
+
+def _load_models(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The policy and reward model the options name (OSError / ValueError for what cannot load)."""
+    from .models import OnnxCausalLM, OnnxRewardModel
+
+    providers = ["CPUExecutionProvider"] if args.cpu else None
+    if getattr(args, "demo", False):
+        from .tasks import arithmetic
+
+        return arithmetic.load_models(intra_op_num_threads=args.threads, providers=providers)
+    if args.reward is None:
+        raise ValueError("--reward: a reward model is needed with --policy")
+    step: Any = args.step.encode().decode("unicode_escape") if args.step != "token" else "token"
+    policy = OnnxCausalLM(
+        args.policy,
+        max_new_tokens=args.max_new_tokens,
+        step=step,
+        temperature=args.temperature,
+        providers=providers,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        intra_op_num_threads=args.threads,
+    )
+    reward = OnnxRewardModel(
+        args.reward,
+        output=args.reward_output,
+        kind=args.reward_kind,
+        position=args.reward_position,
+        delimiter_ids=args.reward_delimiters,
+        label=args.reward_label,
+        classes=args.reward_classes,
+        providers=providers,
+        intra_op_num_threads=args.threads,
+    )
+    return policy, reward
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tiltsmc", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="sample an ONNX policy guided by an ONNX reward model")
-    run.add_argument("--policy", required=True, help="folder (or .onnx file) of the decoder LM")
-    run.add_argument("--reward", required=True, help="folder (or .onnx file) of the reward model")
     prompts = run.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     prompts.add_argument("--prompts", help="a file of prompts, one per line")
@@ -88,44 +170,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--bound", type=float, default=1.0, help="rejection: an upper bound on the reward")
     run.add_argument("--num-samples", type=_positive_int, default=1, help="rejection: samples per prompt")
     run.add_argument("--max-tries", type=_positive_int, default=10_000, help="rejection: draws per prompt")
-    run.add_argument("--max-new-tokens", type=_positive_int, default=32)
-    run.add_argument("--step", default="token", help="'token' or a delimiter ending each step, e.g. '\\n'")
-    run.add_argument("--temperature", type=float, default=1.0)
-    run.add_argument("--top-k", type=_positive_int, default=None)
-    run.add_argument("--top-p", type=float, default=None)
-    run.add_argument("--reward-kind", choices=("log_value", "prob", "logit"), default="logit")
-    run.add_argument("--reward-output", default=None, help="reward graph output to read (default: first)")
-    run.add_argument(
-        "--reward-position",
-        choices=("last", "delimiter"),
-        default="last",
-        help="read per-position scores at the last token or at the last step delimiter",
-    )
-    run.add_argument(
-        "--reward-delimiters",
-        type=_id_list,
-        default=None,
-        help="token ids ending a step, comma-separated (with --reward-position delimiter)",
-    )
-    run.add_argument(
-        "--reward-label",
-        type=int,
-        default=None,
-        help="the class whose probability is Vh, for an output with a class axis last",
-    )
-    run.add_argument(
-        "--reward-classes",
-        type=_id_list,
-        default=None,
-        help="comma-separated classes the label's probability is normalised over (default: all)",
-    )
     run.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per batched run")
-    run.add_argument(
-        "--threads", type=_positive_int, default=None, help="threads for ONNX Runtime and the core"
-    )
-    run.add_argument("--cpu", action="store_true", help="use the CPU even where a GPU is usable")
+    _add_model_arguments(run)
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--json", dest="json_path", default=None, help="write JSON lines here (default: stdout)")
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve the models over HTTP (OpenAI-style /v1/completions, /health, /metrics)",
+        description="Serve concurrent sampling requests with the continuous-batching engine, behind an "
+        "OpenAI-compatible HTTP API (needs the serve extra). Binds 127.0.0.1 unless --host says otherwise.",
+    )
+    _add_model_arguments(serve, demo_models=True)
+    from .serving import server as serving_server
+
+    serving_server.add_arguments(serve)
 
     demo = commands.add_parser(
         "demo",
@@ -229,34 +288,10 @@ def _records(result: SamplerResult, prompts: list[str], offset: int) -> list[dic
 
 
 def run(args: argparse.Namespace) -> int:
-    from .models import OnnxCausalLM, OnnxRewardModel
-
     if args.threads is not None:
         core.set_num_threads(args.threads)
-    providers = ["CPUExecutionProvider"] if args.cpu else None
-    step: Any = args.step.encode().decode("unicode_escape") if args.step != "token" else "token"
     try:
-        policy = OnnxCausalLM(
-            args.policy,
-            max_new_tokens=args.max_new_tokens,
-            step=step,
-            temperature=args.temperature,
-            providers=providers,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            intra_op_num_threads=args.threads,
-        )
-        reward = OnnxRewardModel(
-            args.reward,
-            output=args.reward_output,
-            kind=args.reward_kind,
-            position=args.reward_position,
-            delimiter_ids=args.reward_delimiters,
-            label=args.reward_label,
-            classes=args.reward_classes,
-            providers=providers,
-            intra_op_num_threads=args.threads,
-        )
+        policy, reward = _load_models(args)
     except (OSError, ValueError) as error:
         print(f"tiltsmc: {error}", file=sys.stderr)
         return 2
@@ -298,6 +333,19 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 1 if failed == len(prompts) else 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    from .serving import server as serving_server
+
+    if args.threads is not None:
+        core.set_num_threads(args.threads)
+    try:
+        policy, reward = _load_models(args)
+    except (OSError, ValueError) as error:
+        print(f"tiltsmc: {error}", file=sys.stderr)
+        return 2
+    return serving_server.serve(args, policy, reward)
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -345,6 +393,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return run(args)
         if args.command == "demo":
             return demo(args)
+        if args.command == "serve":
+            return serve(args)
     except KeyboardInterrupt:
         print("tiltsmc: interrupted; no result file written", file=sys.stderr)
         return 130

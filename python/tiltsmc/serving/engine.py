@@ -122,6 +122,14 @@ class Engine:
 
     # -- the public API --------------------------------------------------------------------------------
 
+    @property
+    def policy(self) -> Policy:
+        return self._models.policy
+
+    @property
+    def reward(self) -> RewardModel:
+        return self._models.reward
+
     def submit(
         self,
         prompt: Any,

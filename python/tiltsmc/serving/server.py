@@ -1,0 +1,576 @@
+"""``tiltsmc serve``: the engine behind an OpenAI-compatible HTTP API (FastAPI on uvicorn; ``serve`` extra).
+
+``POST /v1/completions`` takes the OpenAI completions request (``model``, ``prompt`` as a string or a
+list, ``max_tokens``, ``n``, ``seed``; ``stop`` is refused: the policy ends trajectories at its own EOS)
+plus tiltsmc's fields (``sampler``, ``particles``, ``ess_threshold``, ``resample``, ``pool_size``,
+``mh_steps``, ``bound``), and answers in the OpenAI shape (``choices`` with ``text`` and
+``finish_reason``, ``usage``) with a ``tiltsmc`` object per choice: the log Z estimate, the normalised
+weights, the ESS trace, the compute. Each choice is one request to the engine, seeded ``seed + i`` for
+the ``i``-th choice (prompt-major), so ``seed = s`` for one prompt and one choice gives the result of
+``tiltsmc.smc(..., rng=s)``; an SMC choice's text is one particle drawn by weight from its final
+weighted particles. ``GET /health`` answers 200 while the engine takes requests; ``GET /metrics`` is
+the Prometheus text format.
+
+Bad requests get a 400 whose ``error.param`` names the field; a full queue a 429 with ``Retry-After``;
+a request past its timeout a 504; with ``--api-key-env VAR``, ``/v1/*`` and ``/metrics`` need
+``Authorization: Bearer <key>`` (401 otherwise). One JSON log line per request (logger
+``tiltsmc.server``), with the request's id (``X-Request-ID``, taken from the client or made here).
+"""
+
+# No ``from __future__ import annotations`` here: FastAPI reads the handlers' annotations as objects, and
+# the request model and Request are defined or imported inside create_app (the serve extra is optional).
+import argparse
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import os
+import re
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Optional, Union
+
+import numpy as np
+
+from .. import core
+from ..samplers.result import SamplerResult
+from .engine import Engine, EngineClosed, Overloaded, sampler_defaults
+
+if TYPE_CHECKING:
+    from fastapi.responses import JSONResponse
+
+__all__ = ["Limits", "add_arguments", "create_app", "main"]
+
+logger = logging.getLogger("tiltsmc.server")
+
+# tiltsmc's request fields, as the options of each sampler they set
+SAMPLER_FIELDS: dict[str, dict[str, str]] = {
+    "smc": {"particles": "num_particles", "ess_threshold": "ess_threshold", "resample": "resample"},
+    "sp_gsmc": {"pool_size": "pool_size"},
+    "mh": {
+        "particles": "num_particles",
+        "pool_size": "pool_size",
+        "mh_steps": "steps",
+        "ess_threshold": "ess_threshold",
+        "resample": "resample",
+    },
+    "best_of_n": {"particles": "n"},
+    "rejection": {"bound": "bound", "particles": "batch_size"},
+}
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for: prompt tokens, particles (any sampler's particle count, pool or
+    ``n``), new tokens, choices per prompt and prompts per request."""
+
+    max_prompt_tokens: int = 4096
+    max_particles: int = 256
+    max_tokens: Optional[int] = None  # None: the policy's max_new_tokens
+    max_n: int = 16
+    max_prompts: int = 64
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready: its requests were cancelled."""
+
+
+class RequestError(ValueError):
+    """A request the server refuses: ``param`` names the field."""
+
+    def __init__(
+        self, param: Optional[str], message: str, status: int = 400, code: Optional[str] = None
+    ) -> None:
+        super().__init__(message)
+        self.param, self.status, self.code = param, status, code
+
+
+def _error(
+    status: int, message: str, kind: str, code: Optional[str] = None, headers: Optional[dict[str, str]] = None
+) -> "JSONResponse":
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(_error_body(message, kind, None, code), status_code=status, headers=headers)
+
+
+def _error_body(
+    message: str, kind: str, param: Optional[str] = None, code: Optional[str] = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def create_app(
+    engine: Engine,
+    *,
+    model_name: str = "tiltsmc",
+    api_key: Optional[str] = None,
+    limits: Limits = Limits(),
+    timeout: Optional[float] = 60.0,
+    close_timeout: float = 30.0,
+) -> Any:
+    """A FastAPI app serving ``engine`` (see the module docstring). On shutdown it closes the engine,
+    finishing what is in flight for up to ``close_timeout`` seconds."""
+    from fastapi import Depends, FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+    from pydantic import BaseModel, ConfigDict, Field
+
+    policy = engine.policy
+    max_tokens_limit = limits.max_tokens or int(getattr(policy, "max_new_tokens", 1 << 30))
+
+    class CompletionRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        model: Optional[str] = None
+        prompt: Union[str, list[str]]
+        max_tokens: Optional[int] = Field(default=None, ge=1)
+        n: int = Field(default=1, ge=1)
+        seed: Optional[int] = Field(default=None, ge=0, lt=2**63)
+        stop: Optional[Union[str, list[str]]] = None
+        stream: bool = False
+        user: Optional[str] = None
+        sampler: Literal["smc", "sp_gsmc", "mh", "best_of_n", "rejection"] = "smc"
+        particles: Optional[int] = Field(default=None, ge=1)
+        ess_threshold: Optional[float] = Field(default=None, ge=0.0, le=1.0)
+        resample: Optional[Literal["multinomial", "stratified", "systematic", "residual"]] = None
+        pool_size: Optional[int] = Field(default=None, ge=1)
+        mh_steps: Optional[int] = Field(default=None, ge=0)
+        bound: Optional[float] = Field(default=None, gt=0.0)
+
+    registry = CollectorRegistry()
+    latency = Histogram(
+        "tiltsmc_request_seconds",
+        "Latency of completion requests (seconds), by outcome",
+        ["outcome"],
+        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+        registry=registry,
+    )
+    registry.register(_EngineCollector(engine))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        yield
+        await asyncio.to_thread(engine.close, True, close_timeout)
+
+    app = FastAPI(title="tiltsmc", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    async def authorised(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise RequestError(
+                None, "a valid API key is needed: Authorization: Bearer <key>", 401, "invalid_api_key"
+            )
+
+    @app.exception_handler(RequestError)
+    async def refused(request: Request, error: RequestError) -> JSONResponse:
+        kind = "authentication_error" if error.status == 401 else "invalid_request_error"
+        headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+        return JSONResponse(
+            _error_body(str(error), kind, error.param, error.code), status_code=error.status, headers=headers
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0] if error.errors() else {"loc": (), "msg": "invalid request"}
+        location = [str(part) for part in first.get("loc", ()) if part != "body"]
+        param = location[0] if location else None
+        where = ".".join(location)
+        problem = first.get("msg", "invalid")
+        if first.get("type") == "extra_forbidden":
+            problem = "not a field of this API"
+        message = f"{where}: {problem}" if where else str(problem)
+        return JSONResponse(_error_body(message, "invalid_request_error", param), status_code=400)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        stats = engine.stats()
+        if stats["closed"]:
+            return JSONResponse({"status": "closing"}, status_code=503)
+        return JSONResponse({"status": "ok", "model": model_name})
+
+    @app.get("/metrics", dependencies=[Depends(authorised)])
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/completions", dependencies=[Depends(authorised)])
+    async def completions(body: CompletionRequest, request: Request) -> JSONResponse:
+        request_id: str = request.state.request_id
+        prompts: list[str] = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+        detail = request.state.detail
+        detail.update(sampler=body.sampler, prompts=len(prompts), n=body.n, outcome="failed")
+        try:
+            options = _options(body, limits, max_tokens_limit, model_name)
+            prompt_tokens = _prompt_tokens(policy, prompts, limits)
+            choices = await _complete(engine, request, prompts, body, options, timeout)
+        except RequestError:
+            detail["outcome"] = "refused"
+            raise
+        except Overloaded as error:
+            detail["outcome"] = "rejected"
+            return _error(429, f"overloaded: {error}", "overloaded_error", "overloaded", {"Retry-After": "1"})
+        except TimeoutError as error:
+            detail["outcome"] = "timed_out"
+            return _error(504, str(error), "timeout_error", "timeout")
+        except EngineClosed as error:
+            detail["outcome"] = "closed"
+            return _error(503, str(error), "unavailable_error", "closed")
+        except ClientGone:
+            detail["outcome"] = "cancelled"
+            return _error(499, "the client closed the request", "cancelled_error", "cancelled")
+        except asyncio.CancelledError:
+            detail["outcome"] = "cancelled"
+            raise
+        except (ValueError, TypeError) as error:  # a request that failed alone (its prompt, its values)
+            return _error(400, str(error), "invalid_request_error")
+        detail["outcome"] = "completed"
+        return JSONResponse(
+            _response(request_id, model_name, body.sampler, len(prompts), prompt_tokens, choices, policy)
+        )
+
+    app.add_middleware(_RequestLog, latency=latency)
+    return app
+
+
+def _options(body: Any, limits: Limits, max_tokens_limit: int, model_name: str) -> dict[str, Any]:
+    """The engine options of a request, checked against the server's limits (400s naming the field)."""
+    if body.model is not None and body.model != model_name:
+        raise RequestError(
+            "model", f"model: this server serves {model_name!r}, not {body.model!r}", 404, "model_not_found"
+        )
+    if body.stream:
+        raise RequestError("stream", "stream: streaming is not supported")
+    if body.stop:
+        raise RequestError(
+            "stop", "stop: stop sequences are not supported by this policy (it ends at its EOS)"
+        )
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if not prompts:
+        raise RequestError("prompt", "prompt: expected a string or a non-empty list of strings")
+    if len(prompts) > limits.max_prompts:
+        raise RequestError(
+            "prompt", f"prompt: {len(prompts)} prompts, more than this server's {limits.max_prompts}"
+        )
+    if body.n > limits.max_n:
+        raise RequestError("n", f"n: {body.n} choices, more than this server's {limits.max_n}")
+    if body.max_tokens is not None and body.max_tokens > max_tokens_limit:
+        raise RequestError(
+            "max_tokens", f"max_tokens: {body.max_tokens} is more than this server's {max_tokens_limit}"
+        )
+    fields = SAMPLER_FIELDS[body.sampler]
+    options: dict[str, Any] = {}
+    for field in ("particles", "ess_threshold", "resample", "pool_size", "mh_steps", "bound"):
+        value = getattr(body, field)
+        if value is None:
+            continue
+        if field not in fields:
+            raise RequestError(field, f"{field}: not an option of sampler {body.sampler!r}")
+        options[fields[field]] = value
+    defaults = sampler_defaults(body.sampler)
+    for option in ("num_particles", "pool_size", "n", "batch_size"):
+        count = options.get(option, defaults.get(option) if option in fields.values() else None)
+        if isinstance(count, int) and count > limits.max_particles:
+            field = next(name for name, target in fields.items() if target == option)
+            raise RequestError(
+                field, f"{field}: {count} particles, more than this server's {limits.max_particles}"
+            )
+    if body.sampler == "rejection":  # one sample per choice, from at most 16 rounds of draws
+        options.setdefault("batch_size", min(defaults["batch_size"], limits.max_particles))
+        options.update(num_samples=1, max_tries=16 * options["batch_size"])
+    if body.max_tokens is not None:
+        options["max_new_tokens"] = body.max_tokens
+    return options
+
+
+def _prompt_tokens(policy: Any, prompts: list[str], limits: Limits) -> int:
+    """The prompts' tokens in all, each checked against the limit (a policy without ``encode_prompt``
+    counts none)."""
+    encode = getattr(policy, "encode_prompt", None)
+    if not callable(encode):
+        return 0
+    total = 0
+    for k, prompt in enumerate(prompts):
+        try:
+            length = len(encode(prompt))
+        except Exception as error:
+            raise RequestError("prompt", f"prompt[{k}]: {error}") from error
+        if length > limits.max_prompt_tokens:
+            raise RequestError(
+                "prompt", f"prompt[{k}]: {length} tokens, more than this server's {limits.max_prompt_tokens}"
+            )
+        total += length
+    return total
+
+
+async def _complete(
+    engine: Engine,
+    request: Any,
+    prompts: list[str],
+    body: Any,
+    options: dict[str, Any],
+    timeout: Optional[float],
+) -> list[tuple[SamplerResult, int]]:
+    """Every choice of every prompt as one engine request; the index of the trajectory each returns.
+    A client that disconnects cancels them (their rows are freed at the next step)."""
+    futures = []
+    try:
+        for j, prompt in enumerate(prompts):
+            for k in range(body.n):
+                seed = None if body.seed is None else body.seed + j * body.n + k
+                futures.append(engine.submit(prompt, body.sampler, rng=seed, timeout=timeout, **options))
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        raise
+    waiting = asyncio.ensure_future(asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+    try:
+        while not (await asyncio.wait({waiting}, timeout=0.05))[0]:
+            if await request.is_disconnected():
+                raise ClientGone
+    except BaseException:  # the client went away, or the server is cancelling this handler
+        for future in futures:
+            future.cancel()
+        waiting.cancel()
+        with contextlib.suppress(BaseException):
+            await asyncio.shield(waiting)  # retrieved, so asyncio does not log it as never retrieved
+        raise
+    results: list[SamplerResult] = waiting.result()
+    picked = []
+    for i, result in enumerate(results):
+        seed = None if body.seed is None else [body.seed + i, 1]
+        picked.append((result, _pick(result, seed)))
+    return picked
+
+
+def _pick(result: SamplerResult, seed: Any) -> int:
+    """The trajectory a choice returns: one drawn by weight (SMC), else the sampler's one sample."""
+    weights = result.log_weights[0]
+    if len(weights) <= 1 or result.collapsed[0]:
+        return 0
+    index, _ = core.pool_select(np.asarray(weights), rng=np.random.default_rng(seed))
+    return int(index)
+
+
+def _response(
+    request_id: str,
+    model_name: str,
+    sampler: str,
+    num_prompts: int,
+    prompt_tokens: int,
+    choices: list[tuple[SamplerResult, int]],
+    policy: Any,
+) -> dict[str, Any]:
+    eos: frozenset[int] = frozenset(getattr(policy, "eos_token_ids", ()))
+    out_choices, details = [], []
+    completion_tokens = 0
+    per_prompt = len(choices) // max(num_prompts, 1)
+    for i, (result, index) in enumerate(choices):
+        record = result.to_dict()
+        samples = result.samples[0]
+        tokens = np.asarray(samples[index]) if len(samples) else np.zeros(0, dtype=np.int64)
+        completion_tokens += int(tokens.size)
+        texts = result.texts[0] if result.texts else []
+        text = texts[index] if index < len(texts) else ""
+        finished_by_eos = tokens.size > 0 and int(tokens[-1]) in eos
+        out_choices.append(
+            {
+                "index": i,
+                "text": text,
+                "logprobs": None,
+                "finish_reason": "stop" if finished_by_eos else "length",
+            }
+        )
+        detail: dict[str, Any] = {"index": i, "prompt_index": i // max(per_prompt, 1), "sample_index": index}
+        for key in ("log_z", "log_weights", "ess", "resampled", "collapsed", "acceptance_rate", "tries"):
+            if key in record:
+                detail[key] = record[key][0]
+        detail["compute"] = record["compute"]
+        details.append(detail)
+    return {
+        "id": f"cmpl-{request_id}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model_name,
+        "choices": out_choices,
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+        "tiltsmc": {"sampler": sampler, "choices": details},
+    }
+
+
+class _RequestLog:
+    """ASGI middleware: gives every request an id (``X-Request-ID``: the client's if well-formed, else a
+    new one), echoes it in the response, and logs one JSON line per request (what the handler put in
+    ``request.state.detail`` included); completion latencies go to the histogram by outcome."""
+
+    def __init__(self, app: Any, latency: Any) -> None:
+        self.app, self.latency = app, latency
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1")
+        if not _REQUEST_ID.match(request_id):
+            request_id = uuid.uuid4().hex
+        detail: dict[str, Any] = {}
+        scope.setdefault("state", {}).update(request_id=request_id, detail=detail)
+        status = [499]  # no response sent: the client went away
+        began = time.perf_counter()
+
+        async def send_with_id(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            seconds = time.perf_counter() - began
+            if scope["path"] == "/v1/completions":
+                self.latency.labels(detail.get("outcome") or f"http_{status[0]}").observe(seconds)
+            record = {"event": "request", "id": request_id, "method": scope["method"], "path": scope["path"]}
+            record.update(status=status[0], ms=round(1000 * seconds, 3), **detail)
+            logger.info(json.dumps(record))
+
+
+class _EngineCollector:
+    """The engine's figures as Prometheus metrics, read at each scrape."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        stats = self.engine.stats()
+        requests = CounterMetricFamily("tiltsmc_requests", "Engine requests by outcome", labels=["outcome"])
+        for outcome, count in stats["requests"].items():
+            requests.add_metric([outcome], count)
+        yield requests
+        yield GaugeMetricFamily(
+            "tiltsmc_queue_depth", "Requests waiting for particle rows", value=stats["waiting"]
+        )
+        yield GaugeMetricFamily(
+            "tiltsmc_requests_in_flight", "Requests being advanced", value=stats["in_flight"]
+        )
+        yield GaugeMetricFamily(
+            "tiltsmc_rows_in_flight", "Particle rows in flight", value=stats["rows_in_flight"]
+        )
+        yield GaugeMetricFamily(
+            "tiltsmc_rows_per_policy_call",
+            "Mean particle rows per policy call",
+            value=stats["rows_per_policy_call"],
+        )
+        yield CounterMetricFamily("tiltsmc_steps", "Engine iterations", value=stats["steps"])
+        seconds = CounterMetricFamily(
+            "tiltsmc_step_seconds", "Time of the engine's steps, by part", labels=["part"]
+        )
+        for part in ("policy", "reward", "tiltsmc"):
+            seconds.add_metric([part], stats[f"{part}_seconds"])
+        yield seconds
+
+
+# -- the command line -------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``tiltsmc serve`` beyond the models'."""
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1 only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--model-name", default="tiltsmc", help="the model name clients send")
+    parser.add_argument(
+        "--api-key-env", default=None, metavar="VAR", help="require Bearer $VAR on /v1 and /metrics"
+    )
+    parser.add_argument("--max-batch-rows", type=int, default=4096, help="particles in flight at most")
+    parser.add_argument("--max-queue", type=int, default=1024, help="requests waiting at most (then 429)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds a request may take (then 504)")
+    parser.add_argument("--grace", type=float, default=30.0, help="seconds to finish requests on SIGTERM")
+    parser.add_argument("--max-prompt-tokens", type=int, default=Limits.max_prompt_tokens)
+    parser.add_argument("--max-request-particles", type=int, default=Limits.max_particles)
+    parser.add_argument(
+        "--max-tokens", type=int, default=None, help="max_tokens at most (default: the policy's)"
+    )
+    parser.add_argument("--max-n", type=int, default=Limits.max_n)
+
+
+def serve(args: argparse.Namespace, policy: Any, reward: Any) -> int:
+    """Run the server until SIGTERM / SIGINT (uvicorn's graceful shutdown, then the engine drains)."""
+    try:
+        import uvicorn
+    except ImportError:
+        print("tiltsmc: serve needs the serve extra: pip install 'tiltsmc[serve]'", file=sys.stderr)
+        return 2
+    api_key = None
+    if args.api_key_env is not None:
+        api_key = os.environ.get(args.api_key_env, "")
+        if not api_key:
+            print(f"tiltsmc: --api-key-env: ${args.api_key_env} is not set or empty", file=sys.stderr)
+            return 2
+    for name in ("max_batch_rows", "max_queue", "max_prompt_tokens", "max_request_particles", "max_n"):
+        if getattr(args, name) < (0 if name == "max_queue" else 1):
+            print(f"tiltsmc: --{name.replace('_', '-')}: expected a positive integer", file=sys.stderr)
+            return 2
+    if not (args.timeout > 0 and args.grace >= 0):
+        print("tiltsmc: --timeout and --grace: expected positive numbers of seconds", file=sys.stderr)
+        return 2
+    limits = Limits(
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_particles=args.max_request_particles,
+        max_tokens=args.max_tokens,
+        max_n=args.max_n,
+    )
+    engine = Engine(policy, reward, max_batch_rows=args.max_batch_rows, max_queue=args.max_queue)
+    app = create_app(
+        engine,
+        model_name=args.model_name,
+        api_key=api_key,
+        limits=limits,
+        timeout=args.timeout,
+        close_timeout=args.grace,
+    )
+    _log_to_stderr()
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=int(max(args.grace, 1)),
+    )
+    server = uvicorn.Server(config)
+    logger.info(
+        json.dumps({"event": "listening", "host": args.host, "port": args.port, "model": args.model_name})
+    )
+    server.run()
+    engine.close(drain=True, timeout=args.grace)
+    return 0
+
+
+def _log_to_stderr() -> None:
+    if logger.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:  # pragma: no cover - `tiltsmc serve` is the entry
+    from ..cli import main as cli_main
+
+    return cli_main(["serve", *(argv or sys.argv[1:])])
