@@ -120,6 +120,7 @@ class Server:
         self.base = f"http://127.0.0.1:{port}"
         self.log_path = log_dir / f"{system}_{port}.log"
         self.process: Optional[subprocess.Popen[bytes]] = None
+        self.pid = 0
         self.started_seconds = 0.0
 
     def __enter__(self) -> Server:
@@ -144,6 +145,7 @@ class Server:
                 raise RuntimeError(f"{self.system} server not ready after 120 s:\n{self.log_tail()}")
             time.sleep(0.2)
         self.started_seconds = time.perf_counter() - began
+        self.pid = self.process.pid
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -415,7 +417,9 @@ def run_config(
                 for system in SYSTEMS if index % 2 == 0 else SYSTEMS[::-1]:
                     if fails[system] >= 2:
                         continue
-                    level = run_one_level(system, servers[system].base, bodies, offsets, rate, args)
+                    level = run_one_level(
+                        system, servers[system].base, servers[system].pid, bodies, offsets, rate, args
+                    )
                     level["within_target"] = level["errors"] == 0 and level["p99"] <= plan["target_seconds"]
                     fails[system] = 0 if level["within_target"] else fails[system] + 1
                     out[system][particles]["levels"].append(level)
@@ -426,17 +430,32 @@ def run_config(
     return out
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc; nan elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_one_level(
     system: str,
     base: str,
+    pid: int,
     bodies: list[dict[str, Any]],
     offsets: np.ndarray,
     rate: float,
     args: argparse.Namespace,
 ) -> dict[str, Any]:
     before = engine_counters(base, args.engine_server) if system == "engine" else None
+    server_cpu, client_cpu, wall = process_cpu_seconds(pid), time.process_time(), time.perf_counter()
     records = run_level(bodies, offsets, base, args.request_timeout)
+    wall = time.perf_counter() - wall
     level = summarise(records, offsets, rate)
+    # cores busy over the level: the server process (all its threads) and this client
+    level["server_cpu_cores"] = (process_cpu_seconds(pid) - server_cpu) / wall
+    level["client_cpu_cores"] = (time.process_time() - client_cpu) / wall
     if before is not None:
         level.update(engine_level_figures(before, engine_counters(base, args.engine_server)))
     else:
@@ -453,6 +472,7 @@ def level_line(system: str, particles: int, level: dict[str, Any]) -> str:
         f"p90 {level['p90']:6.3f} p99 {level['p99']:6.3f} s"
         + (f", {rows:5.1f} rows/call" if rows is not None else "")
         + (f", tiltsmc {100 * share:4.1f}%" if share is not None else "")
+        + f", cores: server {level['server_cpu_cores']:.2f} client {level['client_cpu_cores']:.2f}"
         + ("" if level["within_target"] else "  (over target)")
     )
 
@@ -617,7 +637,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
         squeeze=False,
     )
     colours = {"baseline": "tab:blue", "engine": "tab:orange"}
-    names = {"baseline": "smc per request (FastAPI threads)", "engine": "tiltsmc serve (engine)"}
+    names = {
+        "baseline": "smc per request (FastAPI threads)",
+        "engine": "tiltsmc serve (engine)"
+        if result["args"]["engine_server"] == "cli"
+        else "engine (bench app, generate)",
+    }
     for block in blocks:
         ax = axes[models_list.index(block["models"])][particles_list.index(block["particles"])]
         for system in SYSTEMS:
