@@ -309,6 +309,7 @@ def summarise(records: list[dict[str, Any]], offsets: np.ndarray, rate: float) -
     for q in (50, 90, 99):
         out[f"p{q}"] = float(np.percentile(latencies, q)) if len(ok) else float("inf")
     out["mean"] = float(latencies.mean()) if len(ok) else float("inf")
+    out["latencies"] = [round(float(x), 4) for x in latencies]
     return out
 
 
@@ -456,6 +457,7 @@ def run_one_level(
     # cores busy over the level: the server process (all its threads) and this client
     level["server_cpu_cores"] = (process_cpu_seconds(pid) - server_cpu) / wall
     level["client_cpu_cores"] = (time.process_time() - client_cpu) / wall
+    level["loadavg_1min_after"] = os.getloadavg()[0]  # the machine is shared: how busy it was
     if before is not None:
         level.update(engine_level_figures(before, engine_counters(base, args.engine_server)))
     else:
@@ -509,7 +511,7 @@ def compare(baseline: dict[str, Any], engine: dict[str, Any]) -> dict[str, Any]:
 
 def fmt(value: Optional[float], spec: str) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
+        return "-".rjust(len(format(0.0, spec)))
     return format(value, spec)
 
 
@@ -524,41 +526,38 @@ def print_table(result: dict[str, Any]) -> None:
             f"baseline {1e3 * block['baseline']['lone_http_median']:.1f} ms, engine "
             f"{1e3 * block['engine']['lone_http_median']:.1f} ms; p99 target {block['target_seconds']:.3f} s"
         )
-        print(
-            f"{'offered':>8} | {'baseline: done':>14} {'req/s':>6} {'p50':>6} {'p90':>6} {'p99':>6} | "
-            f"{'engine: done':>12} {'req/s':>6} {'p50':>6} {'p90':>6} {'p99':>6} {'rows':>5} {'tsmc':>5} | "
-            f"{'engine/baseline: req/s':>22} {'p50':>5} {'p99':>5}"
-        )
+        columns = f"{'done':>7} {'err':>3} {'req/s':>6} {'p50':>6} {'p90':>6} {'p99':>7} "
+        columns += f"{'rows':>5} {'tsmc':>5} {'cpu':>4}"
+        print(f"{'':>8} | {'baseline':<{len(columns)}} | {'engine':<{len(columns)}} | engine/baseline")
+        print(f"{'offered':>8} | {columns} | {columns} | {'req/s':>6} {'p50':>5} {'p99':>5}")
         b_levels = {lv["offered_rate"]: lv for lv in block["baseline"]["levels"]}
         e_levels = {lv["offered_rate"]: lv for lv in block["engine"]["levels"]}
         for row in block["comparison"]["by_rate"]:
             rate = row["offered_rate"]
             cells = [f"{rate:8.2f}"]
-            for lv, wide in ((b_levels.get(rate), 14), (e_levels.get(rate), 12)):
+            for lv in (b_levels.get(rate), e_levels.get(rate)):
                 if lv is None:
-                    cells.append(f"{'(saturated: not run)':>{wide + 28}}" + ("" if wide == 14 else " " * 12))
+                    cells.append(f"{'(saturated before: not run)':<{len(columns)}}")
                     continue
-                mark = "" if lv["within_target"] else "*"
-                text = (
-                    f"{lv['completed']:>{wide - 4}}/{lv['requests']:<3} {lv['throughput']:6.2f} "
-                    f"{lv['p50']:6.3f} {lv['p90']:6.3f} {lv['p99']:6.3f}{mark}"
+                share = lv.get("tiltsmc_share")
+                cells.append(
+                    f"{lv['completed']:>3}/{lv['requests']:<3} {lv['errors']:>3} {lv['throughput']:6.2f} "
+                    f"{lv['p50']:6.3f} {lv['p90']:6.3f} {lv['p99']:6.3f}{'' if lv['within_target'] else '*'} "
+                    f"{fmt(lv.get('rows_per_policy_call'), '5.1f')} "
+                    f"{fmt(None if share is None else 100 * share, '4.1f')}% "
+                    f"{fmt(lv.get('server_cpu_cores'), '4.2f')}"
                 )
-                if wide == 12:
-                    share = lv.get("tiltsmc_share")
-                    text += f" {fmt(lv.get('rows_per_policy_call'), '5.1f')} " + (
-                        f"{100 * share:4.1f}%" if share is not None else "    -"
-                    )
-                cells.append(text)
             if "throughput" in row:
-                cells.append(f"{row['throughput']:22.2f}x {row['p50']:5.2f} {row['p99']:5.2f}")
+                cells.append(f"{row['throughput']:5.2f}x {row['p50']:5.2f} {row['p99']:5.2f}")
             else:
-                cells.append(f"{'-':>22}")
+                cells.append("-")
             print(" | ".join(cells))
         print(
             f"{'':>8}   sustained (p99 <= {block['target_seconds']:.3f} s, no errors): baseline "
             f"{block['baseline']['sustained_rate']:.2f} req/s, engine "
             f"{block['engine']['sustained_rate']:.2f} req/s ({fmt(block['sustained_ratio'], '.2f')}x); "
-            "* = over the target; rows = rows per policy call, tsmc = tiltsmc's share of a step"
+            "* = over the target; rows = rows per policy call; tsmc = tiltsmc's share of a step; "
+            "cpu = cores the server used"
         )
     print()
     for bar in result["bars"]:
