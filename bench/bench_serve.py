@@ -17,11 +17,10 @@ arithmetic problems of the demo's horizon (T = 8 operations); request ``k`` has 
 For each configuration and particle count:
 
 1. **Lone requests, in this process**: ``engine.submit(...).result()`` against a direct ``tiltsmc.smc``
-   call, interleaved, on the same prompts and seeds (the bar: the engine's median within 10%); the direct
-   call's median ``L`` sets the ladder of offered rates, ``--rates`` multiples of ``1 / L``.
-2. **Lone requests over HTTP** to each server; the baseline's median is the reference of the p99 target:
-   ``p99 <= --target-factor x`` (default 5x) the baseline's lone-request latency over HTTP, one target for
-   both systems.
+   call, interleaved, on the same prompts and seeds (the bar: the engine's median within 10%).
+2. **Lone requests over HTTP** to each server (interleaved); the baseline's median ``L`` is the reference
+   of the p99 target, ``p99 <= --target-factor x L`` (default 5x; one target for both systems), and
+   sets the ladder of offered rates, ``--rates`` multiples of ``1 / L``.
 3. **Load levels**: at each offered rate, Poisson arrivals (seeded; the same schedule and requests for
    both systems) over ``--duration`` seconds, at least ``--min-requests`` and at most
    ``--max-requests`` requests. Each request's send time is fixed in advance and never waits for earlier
@@ -409,7 +408,15 @@ def run_config(
                     "lone_http_median": float(np.median(lone[system])),
                     "levels": [],
                 }
-            plan["target_seconds"] = args.target_factor * out["baseline"][particles]["lone_http_median"]
+            reference = out["baseline"][particles]["lone_http_median"]
+            plan["target_seconds"] = args.target_factor * reference
+            plan["rates"] = [round(m / reference, 2) for m in plan["multipliers"]]
+            print(
+                f"  {particles} particles, lone over HTTP: baseline {1e3 * reference:.1f} ms, engine "
+                f"{1e3 * out['engine'][particles]['lone_http_median']:.1f} ms; target "
+                f"{plan['target_seconds']:.3f} s; rates {plan['rates']}",
+                flush=True,
+            )
             fails = dict.fromkeys(SYSTEMS, 0)
             for index, rate in enumerate(plan["rates"]):
                 rng = np.random.default_rng([args.seed, particles, index])
@@ -677,8 +684,8 @@ def main() -> None:
     parser.add_argument("--horizon", type=int, default=8, help="operations per arithmetic problem (T)")
     parser.add_argument(
         "--rates",
-        default="0.5,1,1.5,2,2.5,3,4,5,6,8",
-        help="offered rates, multiples of 1 / (a lone direct smc call's median latency)",
+        default="0.25,0.5,0.75,1,1.25,1.5,2,2.5,3,4,5,6,8",
+        help="offered rates, multiples of 1 / (the baseline's median lone-request latency over HTTP)",
     )
     parser.add_argument("--duration", type=float, default=6.0, help="arrival window of a level (s)")
     parser.add_argument("--min-requests", type=int, default=20)
@@ -714,12 +721,10 @@ def main() -> None:
             lone = lone_in_process(models, prompts, particles_list, args.lone_repeats)
             plans: dict[int, dict[str, Any]] = {}
             for particles in particles_list:
-                capacity = 1.0 / lone[particles]["direct_median"]
-                plans[particles] = {"rates": [round(m * capacity, 2) for m in multipliers]}
+                plans[particles] = {"multipliers": multipliers}
                 print(
                     f"  {particles} particles: direct {1e3 * lone[particles]['direct_median']:.1f} ms, "
-                    f"engine {1e3 * lone[particles]['engine_median']:.1f} ms; "
-                    f"rates {plans[particles]['rates']}",
+                    f"engine {1e3 * lone[particles]['engine_median']:.1f} ms",
                     flush=True,
                 )
             systems = run_config(models, args, prompts, plans, Path(log_dir))
@@ -756,7 +761,7 @@ def main() -> None:
             "sustained_rate": "the highest offered rate with no errors and p99 within the target",
             "throughput": "completed requests / seconds from the first scheduled send to the last response",
             "latency": "from a request's scheduled send time (fixed in advance, open loop) to its response",
-            "rates": "multiples (--rates) of 1 / the median latency of a lone direct tiltsmc.smc call",
+            "rates": "multiples (--rates) of 1 / the baseline's median lone-request latency over HTTP",
             "ladder": "a system's levels stop after two in a row over the target (saturated)",
             "never_below": "at every rate both ran: engine throughput >= "
             f"{NEVER_BELOW_MARGINS['throughput']}x and p99 <= {NEVER_BELOW_MARGINS['p99']}x the "
