@@ -10,12 +10,17 @@ Each N is judged from R replicate runs of one batched call (``prompts=[()] * R``
 intervals (Wilson for the hit rate, normal for the mean TV) put both criteria clearly on one side.
 
 Part A, needle tasks (``MarkovDFATask.needle(V=2, T)``, one accepted string): twists ``V*`` perturbed with
-noise c/T (c = 1), ``V*`` perturbed with constant noise 0.5, and no guidance. Part B, the hard instance of
-DESIGN.md §1 (T = 3m, branching 2, hidden prefix u of length 2m, m deterministic steps, r = a^m on u and a^-m
-elsewhere, a = 4): the same three settings plus the hard twist (``Vh = 1`` for t <= 2m, then multiplied by a
-or 1/a per step), whose Bellman error is the constant a - 1. The paper's claims: polynomial cost for
-eps = O(1/T), exponential for no guidance and for the worst-case twist of constant eps (slope of log N
-against T about 2 ln 2 / 3 = 0.46 on the hard instance, ln 2 = 0.69 on the needle).
+noise c/T (c = 1), ``V*`` perturbed with constant noise 0.5, and no guidance. Part B, the paper's hard
+instance (``tiltsmc.tasks.hard_instance(a, m)``, DESIGN.md §1: T = 3m, branching B = a, hidden prefix u of
+length 2m, m deterministic steps, r = a^m on u and a^-m elsewhere) for a = 2, 3, 4: the same three settings
+plus the hard twist (``Vh = 1`` for t <= 2m, then multiplied by a or 1/a per step: L = a, eps = a - 1).
+Part C, the same construction with B = 2 and a = 4 (what this script ran before issue 17): the cost of
+finding u is then B's, not the bound's.
+
+The paper's claims (it has no experiments of its own; these are its claims, tested): polynomial cost for
+eps = O(1/T); for the hard twist of constant eps = a - 1, a number of queries exponential in T at the lower
+bound's rate: log N against T with slope 2 ln a / 3 = 2 ln(1 + eps) / 3 (0.46, 0.73, 0.92 for a = 2, 3, 4).
+Without guidance on the needle: ln 2 = 0.69 (i.i.d. search for one string of 2^T).
 
 Run ``python bench/exp_particle_complexity.py [--quick] [--seed S] [--out DIR]``.
 """
@@ -36,7 +41,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _plot
 import tiltsmc
-from tiltsmc.tasks import MarkovDFATask
+from tiltsmc.tasks import MarkovDFATask, hard_instance
 from tiltsmc.tasks.models import TableTwist
 
 NAME = "exp_particle_complexity"
@@ -48,7 +53,8 @@ MIN_PASS_REPLICATES = 60
 PARTICLE_BUDGET = 2**18  # replicates x particles per smc call (memory bound)
 C_NOISE = 1.0
 CONST_NOISE = 0.5
-HARD_A = 4.0
+HARD_A = (2, 3, 4)  # B = a: the paper's construction
+DECOUPLED = (2, 4.0)  # (B, a): the construction this script used before issue 17
 
 
 @dataclass
@@ -69,7 +75,7 @@ class Config:
 
 FULL = Config(
     needle_T=[4, 6, 8, 10, 12, 14, 16, 24, 32, 48, 64],
-    hard_m=[1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16],
+    hard_m=[1, 2, 3, 4, 5, 6, 7, 8, 10, 12],
     cap=2**16,
     hard_cap=2**14,
     max_replicates=200,
@@ -92,40 +98,6 @@ QUICK = Config(
 
 
 # ---------------------------------------------------------------------------------------------- tasks
-
-
-def hard_instance(m: int, a: float, rng: np.random.Generator) -> MarkovDFATask:
-    """DESIGN.md §1 hard instance with branching 2: uniform first 2m tokens, then m tokens forced to 0.
-
-    Automaton states ``k = 0..2m`` mean "the first k tokens match the hidden prefix u" (2m absorbs), and
-    ``2m + 1`` is the dead state; ``r = a^m`` on state 2m, ``a^-m`` elsewhere.
-    """
-    T, V = 3 * m, 2
-    u = rng.integers(0, V, size=2 * m)
-    dead = 2 * m + 1
-    dfa = np.full((2 * m + 2, V), dead, dtype=np.int64)
-    dfa[np.arange(2 * m), u] = np.arange(1, 2 * m + 1)
-    dfa[2 * m, :] = 2 * m
-    reward = np.full(2 * m + 2, a**-m)
-    reward[2 * m] = a**m
-    uniform = np.full((V, V), 1.0 / V)
-    forced = np.array([[1.0, 0.0], [1.0, 0.0]])
-    trans = np.stack([uniform if i < 2 * m or i == T else forced for i in range(1, T + 1)])
-    return MarkovDFATask(np.full(V, 1.0 / V), trans, dfa, 0, reward, T)
-
-
-def hard_twist(task: MarkovDFATask, m: int, a: float) -> TableTwist:
-    """``Vh_t = 1`` for t <= 2m; then ``a^(t-2m)`` on the matched state and ``a^-(t-2m)`` on the dead one."""
-    shape = (task.vocab_size, task.num_states)
-    tables: list[Any] = [0.0]
-    for t in range(1, task.horizon + 1):
-        level = np.zeros(shape)
-        if t > 2 * m:
-            level[:, 2 * m] = (t - 2 * m) * math.log(a)
-            level[:, 2 * m + 1] = -(t - 2 * m) * math.log(a)
-        tables.append(level)
-    tables[-1] = np.broadcast_to(task.log_reward, shape).copy()
-    return TableTwist(task, tables)
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -335,16 +307,27 @@ def needle_case(T: int, rng: np.random.Generator) -> tuple[MarkovDFATask, dict[s
     return task, twists, 2.0**-T
 
 
-def hard_case(T: int, rng: np.random.Generator) -> tuple[MarkovDFATask, dict[str, TableTwist], float]:
-    m = T // 3
-    task = hard_instance(m, HARD_A, rng)
-    twists = {
-        f"V* noise c/T (c={C_NOISE:g})": task.twist(C_NOISE / T, rng=rng),
-        f"V* noise const {CONST_NOISE:g}": task.twist(CONST_NOISE, rng=rng),
-        f"hard twist (eps=a-1={HARD_A - 1:g})": hard_twist(task, m, HARD_A),
-        "unguided": task.unguided(),
-    }
-    return task, twists, 4.0**-m
+def hard_case(
+    a: float, branching: int | None, settings: tuple[str, ...]
+) -> Callable[[int, np.random.Generator], tuple[MarkovDFATask, dict[str, TableTwist], float]]:
+    """The hard instance ``tiltsmc.tasks.hard_instance(a, T // 3, branching=...)`` with its settings."""
+
+    def make(T: int, rng: np.random.Generator) -> tuple[MarkovDFATask, dict[str, TableTwist], float]:
+        hard = hard_instance(a, T // 3, rng=rng, branching=branching)
+        task = hard.task
+        twists = {
+            f"V* noise c/T (c={C_NOISE:g})": task.twist(C_NOISE / T, rng=rng),
+            f"V* noise const {CONST_NOISE:g}": task.twist(CONST_NOISE, rng=rng),
+            f"hard twist (eps=a-1={hard.a - 1:g})": hard.twist,
+            "unguided": task.unguided(),
+        }
+        return (
+            task,
+            {k: v for k, v in twists.items() if any(k.startswith(p) for p in settings)},
+            float(hard.branching ** (-2 * hard.m)),
+        )
+
+    return make
 
 
 def fits(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -380,11 +363,34 @@ def fits(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def expected_rate(part: str, setting: str) -> float | None:
-    """Slope of log N vs T for i.i.d.-like search: ln 2 on the needle, (2/3) ln 2 on the hard instance."""
-    if setting == "unguided" or setting.startswith("hard twist"):
-        return math.log(2) if part.startswith("A") else 2 * math.log(2) / 3
-    return None
+def part_parameters(part: str) -> tuple[int, float] | None:
+    """``(B, a)`` of a hard-instance part, read from its label ``"... B=2 a=4"`` (None on the needle)."""
+    if part.startswith("A"):
+        return None
+    fields = dict(item.split("=") for item in part.split() if "=" in item)
+    return int(fields["B"]), float(fields["a"])
+
+
+def expected_rate(part: str, setting: str) -> tuple[float | None, str]:
+    """The slope of log N against T that the paper's claim predicts, and what it is.
+
+    Needle, unguided: ln 2 (i.i.d. search for one string among 2^T). Hard instance, hard twist: the lower
+    bound's 2 ln a / 3 (= 2 ln(1 + eps) / 3); the claim concerns B = a, and with B != a the search for u
+    costs 2 ln B / 3 instead. Unguided on the hard instance: the same search for u (2 ln B / 3), though its
+    eps (a^m - 1) is not constant."""
+    parameters = part_parameters(part)
+    if parameters is None:
+        return (math.log(2), "ln 2 (search among 2^T)") if setting == "unguided" else (None, "")
+    B, a = parameters
+    if setting.startswith("hard twist"):
+        if B == a:
+            return 2 * math.log(a) / 3, f"2 ln a / 3 (lower bound, a = {a:g})"
+        return 2 * math.log(
+            B
+        ) / 3, f"2 ln B / 3 (search, B = {B}; the bound's 2 ln a / 3 = {2 * math.log(a) / 3:.3f})"
+    if setting == "unguided":
+        return 2 * math.log(B) / 3, f"2 ln B / 3 (search, B = {B})"
+    return None, ""
 
 
 def verdicts(fitted: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
@@ -401,7 +407,7 @@ def verdicts(fitted: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
             f"fits: degree {_plot.fmt(f['degree'])} (R^2 {_plot.fmt(power['r2'] if power else None)}), "
             f"rate {_plot.fmt(f['rate_per_step'])}/step (R^2 {_plot.fmt(expo['r2'] if expo else None)})"
         )
-        expected = expected_rate(f["part"], f["setting"])
+        expected, what = expected_rate(f["part"], f["setting"])
         if expected is not None:
             rate = f["rate_per_step"] or 0.0
             exponential = f["better_fit"] == "exponential" or bool(f["T_beyond_cap"])
@@ -409,9 +415,9 @@ def verdicts(fitted: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
             close = abs(rate - expected) <= 0.25 * expected
             out.append(
                 f"{label}: "
-                + ("exponential as claimed" if exponential and close else "claim NOT reproduced")
-                + f" - rate {_plot.fmt(rate)}/step vs {_plot.fmt(expected)} expected; better fit "
-                f"{f['better_fit']}; beyond the cap from T={beyond}; {fit_text}"
+                + ("exponential at the predicted rate" if exponential and close else "claim NOT reproduced")
+                + f" - rate {_plot.fmt(rate)}/step vs {_plot.fmt(expected)} = {what}; {f['points']} points; "
+                f"better fit {f['better_fit']}; beyond the cap from T={beyond}; {fit_text}"
             )
         elif f["T_beyond_cap"]:
             out.append(
@@ -438,7 +444,7 @@ def verdicts(fitted: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
 def plot(parts: dict[str, Any], path: Path) -> None:
     """Top row: log-log axes (power laws are lines); bottom row: log N against T (exponentials are lines)."""
     plt = _plot.pyplot()
-    fig, axes = plt.subplots(2, len(parts), figsize=(6.2 * len(parts), 9.0), squeeze=False)
+    fig, axes = plt.subplots(2, len(parts), figsize=(5.0 * len(parts), 9.0), squeeze=False)
     markers = {"hit": "o-", "tv": "s--"}
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for column, (part, data) in enumerate(parts.items()):
@@ -481,17 +487,21 @@ def main() -> None:
     began = time.perf_counter()
     print("Part A: needle, V=2")
     needle = run_part("A: needle V=2", config.needle_T, needle_case, config.cap, config, args.seed)
-    print(f"Part B: hard instance (DESIGN.md §1), branching 2, a={HARD_A:g}, T=3m")
-    hard = run_part(
-        f"B: hard instance a={HARD_A:g}",
-        [3 * m for m in config.hard_m],
-        hard_case,
-        config.hard_cap,
-        config,
-        args.seed,
+    parts = {needle["rows"][0]["part"]: needle}
+    for a in HARD_A:
+        label = f"B: hard instance B={a} a={a}"
+        print(f"Part {label} (tiltsmc.tasks.hard_instance, T=3m)")
+        parts[label] = run_part(
+            label, [3 * m for m in config.hard_m], hard_case(a, None, ("V*", "hard", "unguided")),
+            config.hard_cap, config, args.seed,
+        )  # fmt: skip
+    B, a = DECOUPLED
+    label = f"C: decoupled B={B} a={a:g}"
+    print(f"Part {label} (the construction used before issue 17)")
+    parts[label] = run_part(
+        label, [3 * m for m in config.hard_m], hard_case(a, B, ("hard",)), config.hard_cap, config, args.seed
     )
-    parts = {needle["rows"][0]["part"]: needle, hard["rows"][0]["part"]: hard}
-    rows = needle["rows"] + hard["rows"]
+    rows = [row for data in parts.values() for row in data["rows"]]
     fitted = fits(rows)
     print()
     text = ""
@@ -533,7 +543,8 @@ def main() -> None:
         )
     fit_rows = [
         [
-            f["part"][:1],
+            f["part"].split(":")[0]
+            + (" " + f["part"].split(":")[1].split(" ", 3)[-1] if part_parameters(f["part"]) else ""),
             f["setting"],
             f["criterion"],
             f["points"],
@@ -586,7 +597,8 @@ def main() -> None:
                 "particle_budget_per_call": PARTICLE_BUDGET,
                 "c_noise": C_NOISE,
                 "const_noise": CONST_NOISE,
-                "hard_a": HARD_A,
+                "hard_a": list(HARD_A),
+                "decoupled_B_a": list(DECOUPLED),
                 "smc": {"resample": "systematic", "ess_threshold": 0.5, "proposal": "naive"},
             },
             "rows": rows,

@@ -86,8 +86,8 @@ def test_prompts_file_and_errors(tmp_path: Path) -> None:
         )
         == 2
     )
-    with pytest.raises(SystemExit):
-        main(["run", "--policy", POLICY, "--reward", REWARD, "--prompts", str(tmp_path / "absent.txt")])
+    absent = str(tmp_path / "absent.txt")
+    assert main(["run", "--policy", POLICY, "--reward", REWARD, "--prompts", absent]) == 2
     with pytest.raises(SystemExit):
         main(["run", "--policy", POLICY, "--reward", REWARD, "--prompt", "a", "--particles", "0"])
     assert not list(tmp_path.glob(".out.jsonl.*"))  # no temporary file left behind
@@ -164,7 +164,7 @@ def test_reward_class_head_options(tmp_path: Path, capfd) -> None:
         decoder, kind="logit", position="delimiter", delimiter_ids=[39], label=47, classes=[47, 46]
     )
     policy = OnnxCausalLM(POLICY, max_new_tokens=4)
-    expected = tiltsmc.smc(policy, reward, ["ab"], num_particles=16, rng=np.random.default_rng(2))
+    expected = tiltsmc.smc(policy, reward, ["ab"], rng=np.random.default_rng(2))  # smc's own defaults
     assert record["log_z"] == float(expected.log_z[0]) and record["texts"] == expected.texts[0]
     capfd.readouterr()
     assert main([*argv, "--reward-label", "47", "--reward-classes", "46,45", "--prompt", "ab"]) == 2
@@ -173,3 +173,31 @@ def test_reward_class_head_options(tmp_path: Path, capfd) -> None:
     assert "pass label=" in capfd.readouterr().err
     with pytest.raises(SystemExit):
         main([*argv, "--reward-classes", "4x", "--prompt", "ab"])
+
+
+@pytest.mark.parametrize(
+    ("sampler", "function"), [("sp-gsmc", "sp_gsmc"), ("mh", "mh"), ("best-of-n", "best_of_n")]
+)
+def test_run_uses_the_samplers_own_defaults(tmp_path: Path, sampler: str, function: str, capfd) -> None:
+    """Options left out are the sampler function's defaults (one set for the API, the CLI and the server);
+    the summary gives the online reading of the reward model's Bellman error, and --eps warns past it."""
+    import numpy as np
+    import tiltsmc
+    from tiltsmc.models import OnnxCausalLM, OnnxRewardModel
+
+    out = tmp_path / "out.jsonl"
+    argv = ["run", "--policy", POLICY, "--reward", REWARD, "--max-new-tokens", "4", "--sampler", sampler]
+    assert main([*argv, "--prompt", "ab", "--seed", "3", "--json", str(out), "--reward-kind", "logit"]) == 0
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    policy = OnnxCausalLM(POLICY, max_new_tokens=4)
+    reward = OnnxRewardModel(REWARD, kind="logit")
+    expected = getattr(tiltsmc, function)(policy, reward, ["ab"], rng=np.random.default_rng(3))
+    assert record["texts"] == expected.texts[0] and record["log_z"] == float(expected.log_z[0])
+    assert "log_z_increments" in record and "log_z_increment_se" in record
+    err = capfd.readouterr().err
+    if sampler == "best-of-n":  # no guided steps, no reading
+        assert "Bellman error: no online reading" in err
+        return
+    assert "Bellman error along the sampled paths" in err and "warning" not in err
+    assert main([*argv, "--prompt", "ab", "--seed", "3", "--reward-kind", "logit", "--eps", "1e-9"]) == 0
+    assert "warning:" in capfd.readouterr().err

@@ -241,12 +241,32 @@ def test_sample_logits_property(x: np.ndarray, seed: int, temperature: float) ->
     scores = x.reshape(-1, x.shape[-1]).astype(np.float64)
     if temperature != 1.0:
         scores = scores / temperature
-    # The same draw as pool_select on the float64 scores, and log p(v) from that same computation.
-    same_index, log_mean_w = core.pool_select(scores, rng=seed)
+    # The same draw as pool_select on the float64 scores, and log p(v) to within rounding of the exact value.
+    same_index, _ = core.pool_select(scores, rng=seed)
     np.testing.assert_array_equal(index.reshape(-1), same_index)
-    chosen = scores[np.arange(scores.shape[0]), same_index]
-    np.testing.assert_array_equal(log_prob.reshape(-1), (chosen - log_mean_w) - np.log(x.shape[-1]))
-    assert np.all(log_prob <= 1e-12 * np.maximum(1.0, np.abs(chosen)).reshape(log_prob.shape))
+    assert_exact_log_probs(scores, same_index, log_prob.reshape(-1))
+
+
+def assert_exact_log_probs(scores: np.ndarray, index: np.ndarray, log_prob: np.ndarray) -> None:
+    """log_prob[r] is log softmax(scores[r])[index[r]], never positive, within a few ulps of its terms (a
+    long-double reference: (s_v - max s) - log sum exp(s - max s), with log1p where the sum is near 1)."""
+    assert np.all(log_prob <= 0.0), log_prob[log_prob > 0.0]
+    if not scores.size:
+        return
+    s = scores.astype(np.longdouble)
+    shift = s.max(axis=1, keepdims=True)
+    terms = np.exp(s - shift)
+    rows = np.arange(s.shape[0])
+    d = s[rows, index] - shift[:, 0]
+    log_sum = np.log(terms.sum(axis=1))
+    others = terms.copy()
+    others[rows, index] = 0
+    rest = others.sum(axis=1)  # where v is a maximum: the other terms (its own is exp(0) = 1)
+    expected = np.where(d == 0, -np.log1p(rest), d - log_sum)
+    eps = np.finfo(np.float64).eps
+    tolerance = 4 * eps * (np.abs(d) + scores.shape[1] * np.maximum(log_sum, np.abs(expected))) + 1e-300
+    error = np.abs(log_prob.astype(np.longdouble) - expected)
+    assert np.all(error <= tolerance), (log_prob, expected.astype(np.float64), tolerance)
 
 
 # --------------------------------------------------------------------------------------------------------

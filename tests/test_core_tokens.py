@@ -273,7 +273,7 @@ def test_reorder_in_place_takes_an_array_given_twice_once() -> None:
     core.reorder_in_place([x, x.view(np.int64), x], ancestors)
     np.testing.assert_array_equal(x, expected)
     overlapping = np.arange(48, dtype=np.float64)
-    with pytest.raises(ValueError, match=r"arrays\[1\]: overlaps an earlier array"):
+    with pytest.raises(ValueError, match=r"arrays\[1\]: overlaps arrays\[0\] without being the same memory"):
         core.reorder_in_place(
             [overlapping[:24].reshape(2, 4, 3), overlapping[12:36].reshape(2, 4, 3)], ancestors
         )

@@ -292,6 +292,7 @@ def test_generate_with_asyncio(models: tuple[Any, Any]) -> None:
         while not gated.entered.is_set():
             await asyncio.sleep(0.01)
         task.cancel()
+        await asyncio.sleep(0.05)  # the cancellation reaches the engine's future
         gated.gate.set()
         try:
             await task
@@ -390,7 +391,7 @@ def test_nan_from_the_reward_model_fails_only_its_request(models: tuple[Any, Any
         futures = [engine.submit((), "smc", num_particles=8, rng=k) for k in range(3)]
         futures.insert(1, engine.submit(Poison(), "smc", num_particles=8, rng=7))
         assert gated.entered.wait(10)
-        time.sleep(0.05)  # all four in one batch
+        time.sleep(0.05)  # the other three join the first one's batch at its next step
         gated.gate.set()
         with pytest.raises(ValueError, match="NaN"):
             futures[1].result(timeout=30)

@@ -153,6 +153,17 @@ void bind_gather(std::uintptr_t x, std::int64_t rows, std::int64_t n, std::int64
                  std::uintptr_t ancestors, std::int64_t m, std::uintptr_t out, int device, std::uintptr_t stream) {
     if (rows < 0 || n < 1 || m < 0 || item_bytes < 0) throw py::value_error("x: invalid rows, particles or item size");
     if (x == out && m != n) throw py::value_error("out: in-place gather needs as many ancestors as particles");
+    // The ancestors are checked on the device, then read again by the copy: out must not overlap them (nor x,
+    // unless it is x). Byte ranges of the C-contiguous arrays these sizes describe.
+    const auto* x_begin = as_pointer<const void>(x);
+    const auto* out_begin = as_pointer<const void>(out);
+    const std::int64_t x_bytes = rows * n * item_bytes, out_bytes = rows * m * item_bytes;
+    if (x != out && share_memory(x_begin, x_bytes, out_begin, out_bytes))
+        throw py::value_error("out: overlaps x without being x itself");
+    if (share_memory(as_pointer<const void>(ancestors), rows * m * static_cast<std::int64_t>(sizeof(std::int64_t)),
+                     out_begin, out_bytes))
+        throw py::value_error(x == out ? "ancestors: shares memory with x, which is reordered in place (pass a copy)"
+                                       : "out: shares memory with ancestors (pass separate arrays)");
     run_checked(device, stream, true, "tiltsmc._cuda.gather", "ancestors", m, [&](auto* record, cudaStream_t s) {
         cu::gather(as_pointer<const std::uint8_t>(x), rows, n, item_bytes, as_pointer<const std::int64_t>(ancestors),
                    m, as_pointer<std::uint8_t>(out), record, s);

@@ -26,12 +26,11 @@ void bind_gather(const py::array& x, const CArray<std::int64_t>& ancestors, py::
     auto* target = static_cast<std::uint8_t*>(out.mutable_data());
     const bool in_place = source == target;
     if (in_place && m != n) throw py::value_error("out: in-place gather needs as many ancestors as particles");
-    if (!in_place && rows > 0) {
-        const std::uint8_t* source_end = source + x.nbytes();
-        const std::uint8_t* target_end = target + out.nbytes();
-        if (source < target_end && target < source_end)
-            throw py::value_error("out: overlaps x without being x itself");
-    }
+    if (!in_place && rows > 0 && share_memory(x, out)) throw py::value_error("out: overlaps x without being x itself");
+    // The ancestors are checked, then used while out is written: out must not overlap them.
+    if (share_memory(ancestors, out))
+        throw py::value_error(in_place ? "ancestors: shares memory with x, which is reordered in place (pass a copy)"
+                                       : "out: shares memory with ancestors (pass separate arrays)");
     const std::int64_t* a = ancestors.data();
     Status status;
     {
@@ -50,6 +49,7 @@ py::list bind_reorder_in_place(const py::list& arrays, const CArray<std::int64_t
     if (n < 1) throw py::value_error("ancestors: rows must hold at least one particle");
     std::vector<std::uint8_t*> data;
     std::vector<std::int64_t> item_bytes;
+    std::vector<std::size_t> position;  // of data[j] in arrays
     py::list skipped;
     for (std::size_t k = 0; k < arrays.size(); ++k) {
         const std::string name = "arrays[" + std::to_string(k) + "]";
@@ -84,12 +84,16 @@ py::list bind_reorder_in_place(const py::list& arrays, const CArray<std::int64_t
                 repeated = true;
                 break;
             }
-            if (begin < other + item_bytes[j] * count && other < begin + bytes * count)
-                throw py::value_error(name + ": overlaps an earlier array without being the same memory");
+            if (share_memory(begin, bytes * count, other, item_bytes[j] * count))
+                throw py::value_error(name + ": overlaps arrays[" + std::to_string(position[j]) +
+                                      "] without being the same memory");
         }
         if (repeated) continue;
+        if (share_memory(begin, bytes * count, ancestors.data(), static_cast<std::int64_t>(ancestors.nbytes())))
+            throw py::value_error("ancestors: shares memory with " + name + ", which is reordered in place (pass a copy)");
         data.push_back(begin);
         item_bytes.push_back(bytes);
+        position.push_back(k);
     }
     const std::int64_t* a = ancestors.data();
     Status status;

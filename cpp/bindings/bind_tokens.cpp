@@ -3,11 +3,18 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "common.hpp"
 
 namespace tiltsmc::bindings {
 namespace {
+
+// A copy of a C-contiguous int64 array, taken with the GIL held.
+std::vector<std::int64_t> snapshot(const py::array& array) {
+    const auto* data = static_cast<const std::int64_t*>(array.data());
+    return std::vector<std::int64_t>(data, data + size_of(array));
+}
 
 py::tuple bind_append_tokens(const py::handle& tokens_object, const py::handle& lengths_object,
                              const py::handle& finished_object, const py::handle& new_tokens_object,
@@ -29,6 +36,8 @@ py::tuple bind_append_tokens(const py::handle& tokens_object, const py::handle& 
                                       std::pair{&active, "active"}})
         if (size_of(*array) != rows) throw py::value_error(std::string(name) + ": expected as many entries as lengths");
     if (max_length < 1) throw py::value_error("max_length: must be >= 1");
+    check_disjoint({{&tokens, "tokens"}, {&lengths, "lengths"}, {&finished, "finished"}},
+                   {{&new_tokens, "new_tokens"}, {&active, "active"}, {&stop_ids, "stop_ids"}});
     py::array_t<bool> still(lengths.request().shape);
     std::int64_t num_still = 0;
     Status status;
@@ -46,7 +55,7 @@ py::tuple bind_append_tokens(const py::handle& tokens_object, const py::handle& 
         throw py::value_error("lengths: trajectory " + std::to_string(status.row) + " is already " +
                               std::to_string(status.index) + " tokens long (at most " +
                               std::to_string(std::min(capacity, max_length)) + ")");
-    check(status, "tokens");
+    check(status, status.code == StatusCode::input_changed ? "lengths" : "tokens");
     return py::make_tuple(still, num_still);
 }
 
@@ -87,26 +96,31 @@ py::tuple bind_right_padded_prefixes(const py::handle& prompt_ids_object, const 
     const std::int64_t capacity = tokens.shape(2);
     if (offsets.ndim() != 1 || offsets.shape(0) != batch + 1)
         throw py::value_error("prompt_offsets: expected B + 1 offsets");
-    const auto* offset = static_cast<const std::int64_t*>(offsets.data());
-    if (offset[batch] != size_of(prompt_ids))
+    // The offsets, the selection and the lengths are copied before they are checked: the kernel then uses
+    // exactly the values checked, whatever another thread does to the arrays meanwhile (B * N + B + 1 + rows
+    // integers, against the rows x width ids, mask and positions written).
+    const std::vector<std::int64_t> offset = snapshot(offsets);
+    if (offset[static_cast<std::size_t>(batch)] != size_of(prompt_ids))
         throw py::value_error("prompt_offsets: the last offset must be the number of prompt tokens");
-    std::optional<py::array> selected;
-    const std::int64_t* selection = nullptr;
+    std::vector<std::int64_t> selection;
+    const std::int64_t* selection_data = nullptr;
     std::int64_t num_rows = batch * n;
     if (!selected_object.is_none()) {
-        selected = checked<std::int64_t>(selected_object, "selected");
-        selection = static_cast<const std::int64_t*>(selected->data());
-        num_rows = size_of(*selected);
+        const py::array selected = checked<std::int64_t>(selected_object, "selected");
+        selection = snapshot(selected);
+        selection_data = selection.data();
+        num_rows = size_of(selected);
     }
-    const auto* generated = static_cast<const std::int64_t*>(lengths.data());
+    const std::vector<std::int64_t> generated = snapshot(lengths);
     std::int64_t width = 0;
-    Status status = prefix_width(offset, batch, n, capacity, generated, selection, num_rows, &width);
+    Status status =
+        prefix_width(offset.data(), batch, n, capacity, generated.data(), selection_data, num_rows, &width);
     if (status.code == StatusCode::bad_size)
         throw py::value_error("prompt_offsets: expected offsets ascending from 0");
     if (status.code == StatusCode::index_out_of_range) {
         const std::int64_t r = status.row;
-        if (selection && (selection[r] < 0 || selection[r] >= batch * n))
-            throw py::value_error("selected: particle " + std::to_string(selection[r]) + " at row " +
+        if (selection_data && (selection_data[r] < 0 || selection_data[r] >= batch * n))
+            throw py::value_error("selected: particle " + std::to_string(selection_data[r]) + " at row " +
                                   std::to_string(r) + " is outside [0, B * N)");
         throw py::value_error("lengths: " + std::to_string(status.index) + " tokens at row " + std::to_string(r) +
                               " is outside [0, " + std::to_string(capacity) + "]");
@@ -124,8 +138,8 @@ py::tuple bind_right_padded_prefixes(const py::handle& prompt_ids_object, const 
     }
     {
         py::gil_scoped_release release;
-        right_padded_prefixes(static_cast<const std::int64_t*>(prompt_ids.data()), offset, n,
-                              static_cast<const std::int64_t*>(tokens.data()), capacity, generated, selection,
+        right_padded_prefixes(static_cast<const std::int64_t*>(prompt_ids.data()), offset.data(), n,
+                              static_cast<const std::int64_t*>(tokens.data()), capacity, generated.data(), selection_data,
                               num_rows, width, pad, ids.mutable_data(), mask.mutable_data(), last.mutable_data(),
                               position_data);
     }
@@ -149,7 +163,7 @@ py::array_t<double> read_typed(const py::array& scores, std::int64_t rows, std::
     if (status.code == StatusCode::outside_unit_interval)
         throw py::value_error("scores: a probability outside [0, 1] at " + where);
     if (status.code == StatusCode::index_out_of_range) throw py::value_error("columns: out of range at " + where);
-    check(status, "scores");
+    check(status, status.code == StatusCode::input_changed ? "columns" : "scores");
     return log_values;
 }
 

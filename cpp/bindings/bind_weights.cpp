@@ -87,8 +87,7 @@ std::tuple<CArray<std::int64_t>, CArray<double>> bind_pool_select(const CArray<T
 
 template <typename T>
 std::tuple<CArray<std::int64_t>, CArray<double>> bind_sample_logits(const CArray<T>& logits, double temperature,
-                                                                    std::uint64_t key, double log_n,
-                                                                    const py::object& active_object) {
+                                                                    std::uint64_t key, const py::object& active_object) {
     if (logits.ndim() != 2) throw py::value_error("logits: expected a 2-D array");
     if (!(temperature > 0.0) || !std::isfinite(temperature))
         throw py::value_error("temperature: must be a finite number > 0");
@@ -112,7 +111,7 @@ std::tuple<CArray<std::int64_t>, CArray<double>> bind_sample_logits(const CArray
     Status status;
     {
         py::gil_scoped_release release;
-        status = sample_logits(in, rows, n, temperature, log_n, key, active, idx, lp);
+        status = sample_logits(in, rows, n, temperature, key, active, idx, lp);
     }
     check(status, "logits");
     return {index, log_prob};
@@ -183,6 +182,9 @@ py::tuple bind_smc_reweight(const py::handle& log_w_object, const py::handle& lo
          {std::pair{&log_total, "log_total"}, std::pair{&log_z, "log_z"}, std::pair{&collapsed, "collapsed"}})
         if (size_of(*array) != rows) throw py::value_error(std::string(name) + ": expected (B,)");
     if (scheme < 0 || scheme > 3) throw py::value_error("scheme: unknown scheme code");
+    check_disjoint({{&log_w, "log_w"}, {&log_v_prev, "log_v_prev"}, {&log_total, "log_total"}, {&log_z, "log_z"},
+                    {&collapsed, "collapsed"}},
+                   {{&log_v, "log_v"}, {&live, "live"}});
     CArray<std::int64_t> ancestors({rows, n}), unique(rows);
     CArray<bool> resampled(rows);
     CArray<double> ess(rows), increment(rows);
@@ -201,9 +203,11 @@ py::tuple bind_smc_reweight(const py::handle& log_w_object, const py::handle& lo
     }
     if (!status.ok() && status.row >= 0) {
         const std::int64_t k = status.row * n + status.index;
-        const bool in_log_w = std::isnan(w[k]) || w[k] == std::numeric_limits<double>::infinity();
-        const bool in_log_v = !in_log_w && (std::isnan(v[k]) || v[k] == std::numeric_limits<double>::infinity());
-        raise_status(status, in_log_w ? "log_w" : in_log_v ? "log_v" : "log_v_prev");
+        auto bad = [](double value) { return std::isnan(value) || value == std::numeric_limits<double>::infinity(); };
+        if (!bad(w[k]) && !bad(v[k]) && !bad(v_prev[k]))
+            throw py::value_error("log_w: log_w + log_v - log_v_prev is not a log-weight (NaN or +inf: overflow) at row " +
+                                  std::to_string(status.row) + ", index " + std::to_string(status.index));
+        raise_status(status, bad(w[k]) ? "log_w" : bad(v[k]) ? "log_v" : "log_v_prev");
     }
     check(status, "log_w");
     bool* r = resampled.mutable_data();
@@ -220,7 +224,7 @@ void register_dtype(py::module_& m) {
     m.def("resample", &bind_resample<T>, py::arg("logw"), py::arg("scheme"), py::arg("num"), py::arg("key"));
     m.def("pool_select", &bind_pool_select<T>, py::arg("logw"), py::arg("key"));
     m.def("sample_logits", &bind_sample_logits<T>, py::arg("logits"), py::arg("temperature"), py::arg("key"),
-          py::arg("log_n"), py::arg("active"));
+          py::arg("active"));
 }
 
 }  // namespace

@@ -4,6 +4,8 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <cstdint>
+#include <initializer_list>
 #include <string>
 
 #include "tiltsmc/kernels.hpp"
@@ -32,6 +34,9 @@ inline void raise_status(const Status& status, const char* name) {
             throw py::value_error(std::string(name) + ": inconsistent sizes");
         case StatusCode::outside_unit_interval:
             throw py::value_error(std::string(name) + ": a probability outside [0, 1] at " + where);
+        case StatusCode::input_changed:
+            throw py::value_error(std::string(name) + ": changed by another thread during the call (out of range at " +
+                                  where + " when used); outputs may be partly written");
     }
     throw py::value_error(std::string(name) + ": invalid input");
 }
@@ -57,6 +62,41 @@ py::array checked(const py::handle& object, const char* name, bool writeable = f
 }
 
 inline std::int64_t size_of(const py::array& array) { return static_cast<std::int64_t>(array.size()); }
+
+// Whether two C-contiguous arrays share memory: their byte ranges overlap (exact for contiguous arrays, as
+// numpy.shares_memory; empty arrays share nothing).
+inline bool share_memory(const void* a, std::int64_t a_bytes, const void* b, std::int64_t b_bytes) {
+    if (a_bytes <= 0 || b_bytes <= 0) return false;
+    const auto begin_a = reinterpret_cast<std::uintptr_t>(a), begin_b = reinterpret_cast<std::uintptr_t>(b);
+    return begin_a < begin_b + static_cast<std::uintptr_t>(b_bytes) &&
+           begin_b < begin_a + static_cast<std::uintptr_t>(a_bytes);
+}
+
+inline bool share_memory(const py::array& a, const py::array& b) {
+    return share_memory(a.data(), static_cast<std::int64_t>(a.nbytes()), b.data(), static_cast<std::int64_t>(b.nbytes()));
+}
+
+// An argument for check_disjoint: the (C-contiguous) array and its name.
+struct Named {
+    const py::array* array;
+    const char* name;
+};
+
+// Refuses (ValueError naming both) any array of `written` that shares memory with another array of
+// `written` or with one of `read`: a kernel could otherwise overwrite what it has checked, or read what
+// it has already written. Called before the kernel, with the GIL held.
+inline void check_disjoint(std::initializer_list<Named> written, std::initializer_list<Named> read) {
+    for (auto w = written.begin(); w != written.end(); ++w) {
+        for (auto other = written.begin(); other != w; ++other)
+            if (share_memory(*w->array, *other->array))
+                throw py::value_error(std::string(w->name) + ": shares memory with " + other->name +
+                                      " (both are written: pass separate arrays)");
+        for (const Named& other : read)
+            if (share_memory(*w->array, *other.array))
+                throw py::value_error(std::string(w->name) + ": shares memory with " + other.name + " (" + w->name +
+                                      " is written, " + other.name + " is read: pass separate arrays)");
+    }
+}
 
 void register_weights(py::module_& m);
 void register_gather(py::module_& m);

@@ -1,10 +1,12 @@
 // Reordering particle state by ancestors, out of place or in place.
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <vector>
 
 #include "tiltsmc/kernels.hpp"
 #include "tiltsmc/parallel.hpp"
+#include "tiltsmc/read_once.hpp"
 
 namespace tiltsmc {
 namespace {
@@ -16,71 +18,110 @@ constexpr std::int64_t kSmallItem = 64;
 // reorder_in_place uses the thread pool from this many bytes copied (see there).
 constexpr std::int64_t kReorderThreadsFrom = std::int64_t{32} << 20;
 
-// target[j] = source[a[j]] for j < m, items of item_bytes bytes. Fixed sizes for the common cases: a
-// memcpy of a constant size is a single move (and safe for unaligned items), a call per item is not.
+// target[j] = source[a[j]] for j < m, items of item_bytes bytes, source holding n items. Each a[j] is read
+// once and checked where it is used (read_once.hpp): an index out of range is skipped and reported by
+// returning its position (else -1). Fixed sizes for the common cases: a memcpy of a constant size is a
+// single move (and safe for unaligned items), a call per item is not.
 template <std::size_t Bytes>
-void copy_items(const std::uint8_t* source, const std::int64_t* a, std::int64_t m, std::uint8_t* target) {
-    for (std::int64_t j = 0; j < m; ++j)
-        std::memcpy(target + j * static_cast<std::int64_t>(Bytes), source + a[j] * static_cast<std::int64_t>(Bytes),
+std::int64_t copy_items(const std::uint8_t* source, std::int64_t n, const std::int64_t* a, std::int64_t m,
+                        std::uint8_t* target) {
+    std::int64_t bad = -1;
+    for (std::int64_t j = 0; j < m; ++j) {
+        const std::int64_t i = read_once(a + j);
+        if (!in_range(i, n)) {
+            bad = j;
+            continue;
+        }
+        std::memcpy(target + j * static_cast<std::int64_t>(Bytes), source + i * static_cast<std::int64_t>(Bytes),
                     Bytes);
+    }
+    return bad;
 }
 
-void gather_items(const std::uint8_t* source, const std::int64_t* a, std::int64_t m, std::int64_t item_bytes,
-                  std::uint8_t* target) {
+std::int64_t gather_items(const std::uint8_t* source, std::int64_t n, const std::int64_t* a, std::int64_t m,
+                          std::int64_t item_bytes, std::uint8_t* target) {
     switch (item_bytes) {
-        case 1: return copy_items<1>(source, a, m, target);
-        case 2: return copy_items<2>(source, a, m, target);
-        case 4: return copy_items<4>(source, a, m, target);
-        case 8: return copy_items<8>(source, a, m, target);
-        case 16: return copy_items<16>(source, a, m, target);
-        default:
-            for (std::int64_t j = 0; j < m; ++j)
-                std::memcpy(target + j * item_bytes, source + a[j] * item_bytes, static_cast<std::size_t>(item_bytes));
+        case 1: return copy_items<1>(source, n, a, m, target);
+        case 2: return copy_items<2>(source, n, a, m, target);
+        case 4: return copy_items<4>(source, n, a, m, target);
+        case 8: return copy_items<8>(source, n, a, m, target);
+        case 16: return copy_items<16>(source, n, a, m, target);
+        default: {
+            std::int64_t bad = -1;
+            for (std::int64_t j = 0; j < m; ++j) {
+                const std::int64_t i = read_once(a + j);
+                if (!in_range(i, n)) {
+                    bad = j;
+                    continue;
+                }
+                std::memcpy(target + j * item_bytes, source + i * item_bytes, static_cast<std::size_t>(item_bytes));
+            }
+            return bad;
+        }
     }
 }
+
+// Scratch of the in-place reorders, one per thread.
+struct ReorderScratch {
+    std::vector<std::int64_t> ancestors;   // a row's ancestors, read once
+    std::vector<std::int64_t> saved_slot;  // per item: where its saved copy is, or -1
+    std::vector<std::uint8_t> saved;       // saved items, or a copy of the whole row
+};
 
 // In place, large items: item j takes item a_j. Items that are both overwritten and read by another
 // item are saved first; items whose ancestor is themselves are never touched, so a near-identity
-// ancestry copies little.
-void gather_row_in_place(std::uint8_t* x, std::int64_t n, std::int64_t item_bytes, const std::int64_t* a,
-                         std::vector<std::int64_t>& saved_slot, std::vector<std::uint8_t>& saved) {
+// ancestry copies little. The row's ancestors are read once into scratch (n indices beside n items of
+// more than kSmallItem bytes) and checked there; returns the position of one out of range (nothing is
+// written then), else -1.
+std::int64_t gather_row_in_place(std::uint8_t* x, std::int64_t n, std::int64_t item_bytes, const std::int64_t* row,
+                                 ReorderScratch& scratch) {
+    std::vector<std::int64_t>& a = scratch.ancestors;
+    std::vector<std::int64_t>& saved_slot = scratch.saved_slot;
+    a.resize(static_cast<std::size_t>(n));
+    for (std::int64_t j = 0; j < n; ++j) {
+        const std::int64_t i = read_once(row + j);
+        if (!in_range(i, n)) return j;
+        a[static_cast<std::size_t>(j)] = i;
+    }
     saved_slot.assign(static_cast<std::size_t>(n), -1);
     bool any_change = false;
     for (std::int64_t j = 0; j < n; ++j) {
-        if (a[j] != j) {
-            saved_slot[static_cast<std::size_t>(a[j])] = 0;  // read by another item
+        const std::int64_t i = a[static_cast<std::size_t>(j)];
+        if (i != j) {
+            saved_slot[static_cast<std::size_t>(i)] = 0;  // read by another item
             any_change = true;
         }
     }
-    if (!any_change) return;
+    if (!any_change) return -1;
     std::int64_t num_saved = 0;
     for (std::int64_t j = 0; j < n; ++j) {
         std::int64_t& slot = saved_slot[static_cast<std::size_t>(j)];
-        slot = (slot == 0 && a[j] != j) ? num_saved++ : -1;
+        slot = (slot == 0 && a[static_cast<std::size_t>(j)] != j) ? num_saved++ : -1;
     }
+    std::vector<std::uint8_t>& saved = scratch.saved;
     saved.resize(static_cast<std::size_t>(num_saved * item_bytes));
     for (std::int64_t j = 0; j < n; ++j) {
         const std::int64_t slot = saved_slot[static_cast<std::size_t>(j)];
         if (slot >= 0) std::memcpy(saved.data() + slot * item_bytes, x + j * item_bytes, item_bytes);
     }
     for (std::int64_t j = 0; j < n; ++j) {
-        if (a[j] == j) continue;
-        const std::int64_t slot = saved_slot[static_cast<std::size_t>(a[j])];
-        const std::uint8_t* source = slot >= 0 ? saved.data() + slot * item_bytes : x + a[j] * item_bytes;
+        const std::int64_t i = a[static_cast<std::size_t>(j)];
+        if (i == j) continue;
+        const std::int64_t slot = saved_slot[static_cast<std::size_t>(i)];
+        const std::uint8_t* source = slot >= 0 ? saved.data() + slot * item_bytes : x + i * item_bytes;
         std::memcpy(x + j * item_bytes, source, item_bytes);
     }
+    return -1;
 }
 
 // Row x of n items reordered in place by a: small items through a copy of the row, large ones moving
-// only the items whose ancestor is another item.
-void reorder_row(std::uint8_t* x, std::int64_t n, std::int64_t item_bytes, const std::int64_t* a,
-                 std::vector<std::int64_t>& saved_slot, std::vector<std::uint8_t>& saved) {
-    if (item_bytes > kSmallItem) {
-        gather_row_in_place(x, n, item_bytes, a, saved_slot, saved);
-    } else {
-        saved.assign(x, x + n * item_bytes);
-        gather_items(saved.data(), a, n, item_bytes, x);
-    }
+// only the items whose ancestor is another item. Returns the position of an ancestor out of range when
+// used, else -1.
+std::int64_t reorder_row(std::uint8_t* x, std::int64_t n, std::int64_t item_bytes, const std::int64_t* a,
+                         ReorderScratch& scratch) {
+    if (item_bytes > kSmallItem) return gather_row_in_place(x, n, item_bytes, a, scratch);
+    scratch.saved.assign(x, x + n * item_bytes);
+    return gather_items(scratch.saved.data(), n, a, n, item_bytes, x);
 }
 
 // Checks that every one of the rows x m ancestors lies in [0, n); counts in `moved` those that are not
@@ -91,13 +132,33 @@ Status check_ancestors(const std::int64_t* ancestors, std::int64_t rows, std::in
     for (std::int64_t r = 0; r < rows; ++r) {
         const std::int64_t* a = ancestors + r * m;
         for (std::int64_t j = 0; j < m; ++j) {
-            if (a[j] < 0 || a[j] >= n) return {StatusCode::index_out_of_range, r, j};
-            count += a[j] != j;
+            const std::int64_t i = read_once(a + j);
+            if (!in_range(i, n)) return {StatusCode::index_out_of_range, r, j};
+            count += i != j;
         }
     }
     *moved = count;
     return {};
 }
+
+// The first (row, position) an in-place or out-of-place copy found out of range when it used it, kept
+// by the threads of one call.
+class ChangedIndex {
+public:
+    void report(std::int64_t row, std::int64_t position) {
+        std::int64_t expected = -1;
+        if (row_.compare_exchange_strong(expected, row)) position_.store(position);
+    }
+    Status status() const {
+        const std::int64_t row = row_.load();
+        if (row < 0) return {};
+        return {StatusCode::input_changed, row, position_.load()};
+    }
+
+private:
+    std::atomic<std::int64_t> row_{-1};
+    std::atomic<std::int64_t> position_{-1};
+};
 
 }  // namespace
 
@@ -112,20 +173,18 @@ Status gather(const std::uint8_t* x, std::int64_t rows, std::int64_t n, std::int
     // saved copies): a near-identity reorder of a big cache is small work and stays on this thread.
     const std::int64_t copied = in_place && item_bytes > kSmallItem ? 2 * moved : rows * m;
     const std::int64_t work = rows * m + copied * std::max<std::int64_t>(item_bytes, 1) / 16;
+    ChangedIndex changed;
     parallel_for(rows, work, [&](std::int64_t begin, std::int64_t end) {
-        std::vector<std::int64_t> saved_slot;
-        std::vector<std::uint8_t> saved;
+        ReorderScratch scratch;
         for (std::int64_t r = begin; r < end; ++r) {
             const std::int64_t* a = ancestors + r * m;
             std::uint8_t* target = out + r * m * item_bytes;
-            if (in_place) {
-                reorder_row(target, n, item_bytes, a, saved_slot, saved);
-            } else {
-                gather_items(x + r * n * item_bytes, a, m, item_bytes, target);
-            }
+            const std::int64_t bad = in_place ? reorder_row(target, n, item_bytes, a, scratch)
+                                              : gather_items(x + r * n * item_bytes, n, a, m, item_bytes, target);
+            if (bad >= 0) changed.report(r, bad);
         }
     });
-    return {};
+    return changed.status();
 }
 
 Status reorder_in_place(std::uint8_t* const* arrays, const std::int64_t* item_bytes, std::int64_t count,
@@ -141,27 +200,41 @@ Status reorder_in_place(std::uint8_t* const* arrays, const std::int64_t* item_by
     // thread did not pay for its wake-up below tens of MiB (one core streams the copy near the memory
     // bandwidth: 1.6 MiB 146 -> 198 us with 2 threads in an ONNX step, 50 MiB 1.51 -> 1.43 ms).
     const std::int64_t work = copied >= kReorderThreadsFrom ? copied / 16 : 0;
+    ChangedIndex changed;
     parallel_for(rows * count, work, [&](std::int64_t begin, std::int64_t end) {
-        std::vector<std::int64_t> saved_slot;
-        std::vector<std::uint8_t> saved;
+        ReorderScratch scratch;
         for (std::int64_t t = begin; t < end; ++t) {
             const std::int64_t r = t / count, k = t % count;
-            reorder_row(arrays[k] + r * n * item_bytes[k], n, item_bytes[k], ancestors + r * n, saved_slot, saved);
+            const std::int64_t bad = reorder_row(arrays[k] + r * n * item_bytes[k], n, item_bytes[k], ancestors + r * n,
+                                                 scratch);
+            if (bad >= 0) changed.report(r, bad);
         }
     });
-    return {};
+    return changed.status();
 }
 
 Status keep_survivors(std::int64_t* ancestors, std::int64_t rows, std::int64_t n) {
     if (rows < 0 || n < 1) return {StatusCode::bad_size, -1, -1};
     std::int64_t moved = 0;
     if (const Status status = check_ancestors(ancestors, rows, n, n, &moved); !status.ok()) return status;
+    ChangedIndex changed;
     parallel_for(rows, rows * n, [&](std::int64_t begin, std::int64_t end) {
         std::vector<std::int64_t> children(static_cast<std::size_t>(n));
         for (std::int64_t r = begin; r < end; ++r) {
             std::int64_t* a = ancestors + r * n;
             std::fill(children.begin(), children.end(), 0);
-            for (std::int64_t j = 0; j < n; ++j) ++children[static_cast<std::size_t>(a[j])];
+            // Each ancestor read once and checked: the counts then add up to n whatever happens to `a`.
+            bool counted = true;
+            for (std::int64_t j = 0; j < n && counted; ++j) {
+                const std::int64_t i = read_once(a + j);
+                if (!in_range(i, n)) {
+                    changed.report(r, j);
+                    counted = false;
+                } else {
+                    ++children[static_cast<std::size_t>(i)];
+                }
+            }
+            if (!counted) continue;
             // The childless slots, in order, take the parents' extra copies, in order: there are as
             // many of each (the counts add up to n), so `parent` never passes n.
             std::int64_t parent = -1, extra = 0;
@@ -176,7 +249,7 @@ Status keep_survivors(std::int64_t* ancestors, std::int64_t rows, std::int64_t n
             }
         }
     });
-    return {};
+    return changed.status();
 }
 
 }  // namespace tiltsmc

@@ -5,6 +5,7 @@
 #include <limits>
 
 #include "tiltsmc/kernels.hpp"
+#include "tiltsmc/read_once.hpp"
 
 namespace tiltsmc {
 namespace {
@@ -17,16 +18,22 @@ Status append_tokens(std::int64_t* tokens, std::int64_t rows, std::int64_t capac
                      std::uint8_t* still, std::int64_t* num_still) {
     if (rows < 0 || capacity < 0 || num_stop < 0 || max_length < 1) return {StatusCode::bad_size, -1, -1};
     const std::int64_t limit = std::min(capacity, max_length);
-    for (std::int64_t r = 0; r < rows; ++r)
-        if (active[r] && !(lengths[r] >= 0 && lengths[r] < limit)) return {StatusCode::index_out_of_range, r, lengths[r]};
+    for (std::int64_t r = 0; r < rows; ++r) {
+        const std::int64_t length = read_once(lengths + r);
+        if (read_once(active + r) && !(length >= 0 && length < limit)) return {StatusCode::index_out_of_range, r, length};
+    }
     std::int64_t going = 0;
     for (std::int64_t r = 0; r < rows; ++r) {
         still[r] = 0;
-        if (!active[r]) continue;
+        if (!read_once(active + r)) continue;
+        // Read once and checked again where it is used (another thread may have changed it since).
+        const std::int64_t length = read_once(lengths + r);
+        if (!(length >= 0 && length < limit)) return {StatusCode::input_changed, r, length};
         const std::int64_t token = new_tokens[r];
-        tokens[r * capacity + lengths[r]] = token;
-        const std::int64_t length = ++lengths[r];
-        const bool stops = length >= max_length || std::find(stop_ids, stop_ids + num_stop, token) != stop_ids + num_stop;
+        tokens[r * capacity + length] = token;
+        lengths[r] = length + 1;
+        const bool stops =
+            length + 1 >= max_length || std::find(stop_ids, stop_ids + num_stop, token) != stop_ids + num_stop;
         if (stops) finished[r] = 1;
         still[r] = finished[r] ? 0 : 1;
         going += still[r];
@@ -102,8 +109,8 @@ Status read_log_values(const T* scores, std::int64_t rows, std::int64_t width, c
                        ScoreKind kind, double* log_values) {
     if (rows < 0 || width < 1) return {StatusCode::bad_size, -1, -1};
     for (std::int64_t r = 0; r < rows; ++r) {
-        const std::int64_t column = columns ? columns[r] : width - 1;
-        if (column < 0 || column >= width) return {StatusCode::index_out_of_range, r, column};
+        const std::int64_t column = columns ? read_once(columns + r) : width - 1;
+        if (!in_range(column, width)) return {StatusCode::index_out_of_range, r, column};
         const double score = static_cast<double>(scores[r * width + column]);
         if (std::isnan(score)) return {StatusCode::nan_weight, r, column};
         if (kind == ScoreKind::log_value && score == kInfinity) return {StatusCode::positive_infinity, r, column};
@@ -111,7 +118,9 @@ Status read_log_values(const T* scores, std::int64_t rows, std::int64_t width, c
             return {StatusCode::outside_unit_interval, r, column};
     }
     for (std::int64_t r = 0; r < rows; ++r) {
-        const double score = static_cast<double>(scores[r * width + (columns ? columns[r] : width - 1)]);
+        const std::int64_t column = columns ? read_once(columns + r) : width - 1;  // checked again where used
+        if (!in_range(column, width)) return {StatusCode::input_changed, r, column};
+        const double score = static_cast<double>(scores[r * width + column]);
         if (kind == ScoreKind::prob) {
             log_values[r] = std::log(score);
         } else if (kind == ScoreKind::logit) {

@@ -5,6 +5,7 @@
 
 #include "tiltsmc/kernels.hpp"
 #include "tiltsmc/philox.hpp"
+#include "tiltsmc/read_once.hpp"
 #include "tiltsmc/row_weights.hpp"
 
 namespace tiltsmc {
@@ -113,13 +114,41 @@ Status pool_select(const T* logw, std::int64_t rows, std::int64_t n, std::uint64
     });
 }
 
+namespace {
+
+// Sum of w[begin, end), eight lanes at a time.
+TILTSMC_SIMD_CLONES double sum_range(const double* w, std::int64_t begin, std::int64_t end) {
+    Vec8 lanes = splat(0.0);
+    std::int64_t i = begin;
+    for (; i + kLanes <= end; i += kLanes) lanes += load8(w + i);
+    double total = 0.0;
+    for (int k = 0; k < kLanes; ++k) total += lanes[k];
+    for (; i < end; ++i) total += w[i];
+    return total;
+}
+
+// log p(v) for scores s whose weights w = exp(s - shift) and figures rw select_row has just computed:
+// (s_v - shift) - log(sum), where sum >= 1 (the maximum's weight is exp(0) = 1) and s_v <= shift, so never
+// positive. Where v is a maximum (s_v = shift) and sum < 2, log(sum) would have lost the digits of the
+// other terms below the last bit of 1: -log1p(the other terms, summed apart) keeps them.
+double log_probability(const double* s, const double* w, std::int64_t n, const RowWeights& rw, std::int64_t v) {
+    const double d = s[v] - rw.shift;
+    if (d == 0.0 && rw.sum < 2.0) {
+        const double rest = sum_range(w, 0, v) + sum_range(w, v + 1, n);
+        return rest > 0.0 ? -std::log1p(rest) : 0.0;
+    }
+    return d - std::log(rw.sum);
+}
+
+}  // namespace
+
 template <typename T>
-Status sample_logits(const T* logits, std::int64_t rows, std::int64_t n, double temperature, double log_n,
-                     std::uint64_t key, const std::uint8_t* active, std::int64_t* index, double* log_prob) {
+Status sample_logits(const T* logits, std::int64_t rows, std::int64_t n, double temperature, std::uint64_t key,
+                     const std::uint8_t* active, std::int64_t* index, double* log_prob) {
     if (rows < 0 || n < 1 || !(temperature > 0.0)) return {StatusCode::bad_size, -1, -1};
     const double log_count = std::log(static_cast<double>(n));  // pool_select's log n in log_mean_w
     return for_rows(rows, rows * n, [&](std::int64_t r, RowScratch& scratch) {
-        if (active && !active[r]) {
+        if (active && !read_once(active + r)) {
             index[r] = 0;
             log_prob[r] = 0.0;
             return Status{};
@@ -130,10 +159,29 @@ Status sample_logits(const T* logits, std::int64_t rows, std::int64_t n, double 
         for (std::int64_t i = 0; i < n; ++i) scores[static_cast<std::size_t>(i)] = static_cast<double>(x[i]);
         if (temperature != 1.0)
             for (double& s : scores) s /= temperature;
+        std::int64_t v = 0;
         double log_mean_w = 0.0;
-        const Status status = select_row(scores.data(), n, r, key, log_count, scratch, index + r, &log_mean_w);
+        Status status = select_row(scores.data(), n, r, key, log_count, scratch, &v, &log_mean_w);
+        if ((status.code == StatusCode::positive_infinity || status.code == StatusCode::zero_row) &&
+            temperature < 1.0) {
+            // Finite logits whose scores overflowed to +inf, or all to -inf? Then the scores are
+            // (x - max x) / temperature <= 0 instead: the same law. The logits themselves are read once
+            // more (the error reported, if any, is theirs).
+            double top = -kInf;
+            for (std::int64_t i = 0; i < n; ++i) {
+                const double value = static_cast<double>(x[i]);
+                if (std::isnan(value)) return Status{StatusCode::nan_weight, r, i};
+                if (value == kInf) return Status{StatusCode::positive_infinity, r, i};
+                scores[static_cast<std::size_t>(i)] = value;
+                top = std::max(top, value);
+            }
+            if (top == -kInf) return Status{StatusCode::zero_row, r, -1};
+            for (double& s : scores) s = (s - top) / temperature;
+            status = select_row(scores.data(), n, r, key, log_count, scratch, &v, &log_mean_w);
+        }
         if (!status.ok()) return status;
-        log_prob[r] = (scores[static_cast<std::size_t>(index[r])] - log_mean_w) - log_n;
+        index[r] = v;
+        log_prob[r] = log_probability(scores.data(), scratch.weights.data(), n, scratch.rw, v);
         return Status{};
     });
 }
@@ -170,9 +218,9 @@ template Status log_normalize<double>(const double*, std::int64_t, std::int64_t,
                                       double*);
 template Status pool_select<float>(const float*, std::int64_t, std::int64_t, std::uint64_t, std::int64_t*,
                                    double*);
-template Status sample_logits<float>(const float*, std::int64_t, std::int64_t, double, double, std::uint64_t,
+template Status sample_logits<float>(const float*, std::int64_t, std::int64_t, double, std::uint64_t,
                                      const std::uint8_t*, std::int64_t*, double*);
-template Status sample_logits<double>(const double*, std::int64_t, std::int64_t, double, double, std::uint64_t,
+template Status sample_logits<double>(const double*, std::int64_t, std::int64_t, double, std::uint64_t,
                                       const std::uint8_t*, std::int64_t*, double*);
 template Status pool_select<double>(const double*, std::int64_t, std::int64_t, std::uint64_t, std::int64_t*,
                                     double*);

@@ -5,7 +5,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <atomic>
+#include <chrono>
 #include <random>
+#include <thread>
 #include <vector>
 
 #include "tiltsmc/kernels.hpp"
@@ -316,7 +319,7 @@ void test_pool_select_and_mh() {
     std::vector<std::int64_t> drawn(2);
     std::vector<double> log_prob(2);
     for (std::uint64_t key = 0; key < 50; ++key) {
-        EXPECT(sample_logits(logits.data(), 2, 3, 0.7, std::log(3.0), key, nullptr, drawn.data(), log_prob.data()).ok());
+        EXPECT(sample_logits(logits.data(), 2, 3, 0.7, key, nullptr, drawn.data(), log_prob.data()).ok());
         EXPECT(pool_select(scores.data(), 2, 3, key, index.data(), log_mean_w.data()).ok());
         EXPECT(drawn == index && drawn[1] != 0);
         for (std::size_t r = 0; r < 2; ++r) {
@@ -328,9 +331,9 @@ void test_pool_select_and_mh() {
             EXPECT(std::fabs(log_prob[r] - (scores[3 * r + static_cast<std::size_t>(drawn[r])] - log_sum)) < 1e-12);
         }
     }
-    EXPECT(sample_logits(logits.data(), 2, 3, 0.0, 0.0, 1, nullptr, drawn.data(), log_prob.data()).code == StatusCode::bad_size);
+    EXPECT(sample_logits(logits.data(), 2, 3, 0.0, 1, nullptr, drawn.data(), log_prob.data()).code == StatusCode::bad_size);
     const std::vector<float> with_nan = {0.0f, std::nanf("")};
-    EXPECT(sample_logits(with_nan.data(), 1, 2, 1.0, 0.0, 1, nullptr, drawn.data(), log_prob.data()).code == StatusCode::nan_weight);
+    EXPECT(sample_logits(with_nan.data(), 1, 2, 1.0, 1, nullptr, drawn.data(), log_prob.data()).code == StatusCode::nan_weight);
 
     std::vector<double> current = {0.0, 0.0, -inf, -inf, 1.0};
     std::vector<double> proposed = {1.0, -inf, -inf, 3.0, 1.0};
@@ -543,7 +546,7 @@ void test_token_kernels() {
     const std::vector<std::uint8_t> draw_rows = {1, 0, 1};
     std::vector<std::int64_t> drawn(3, 7);
     std::vector<double> log_prob(3, 7.0);
-    EXPECT(sample_logits(logits.data(), 3, 2, 1.0, std::log(2.0), 5, draw_rows.data(), drawn.data(), log_prob.data()).ok());
+    EXPECT(sample_logits(logits.data(), 3, 2, 1.0, 5, draw_rows.data(), drawn.data(), log_prob.data()).ok());
     EXPECT(drawn[1] == 0 && log_prob[1] == 0.0 && drawn[0] >= 0 && drawn[0] < 2 && log_prob[2] < 0.0);
 }
 
@@ -580,6 +583,120 @@ void test_random_sizes() {
 
 }  // namespace
 
+
+void test_refused_calls_write_nothing() {
+    // smc_step: row 1 would be resampled (and reset), row 0 holds a NaN: refused before any reset.
+    std::vector<double> log_w = {std::nan(""), 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 3.0};
+    const std::vector<double> before = log_w;
+    std::vector<std::int64_t> ancestors(10), unique(2);
+    std::vector<std::uint8_t> resampled(2);
+    std::vector<double> log_mean_w(2), ess(2);
+    const Status status = smc_step(log_w.data(), 2, 5, 1.0, Scheme::systematic, 1, true, ancestors.data(),
+                                   resampled.data(), log_mean_w.data(), ess.data(), unique.data());
+    EXPECT(status.code == StatusCode::nan_weight && status.row == 0 && status.index == 0);
+    EXPECT(std::memcmp(log_w.data(), before.data(), log_w.size() * sizeof(double)) == 0);
+    // smc_reweight: log_v - log_v_prev overflows to +inf (and to NaN on a -inf log-weight).
+    for (const double first : {0.0, -inf}) {
+        std::vector<double> w = {first, 0.0}, v = {1e308, 0.0}, v_prev = {-1e308, 0.0};
+        std::vector<double> total = {std::log(2.0)}, z = {0.0}, increment(1), e(1);
+        std::vector<std::uint8_t> live = {1, 1}, collapsed = {0}, flags(1);
+        std::vector<std::int64_t> a(2), u(1);
+        const auto w0 = w, v_prev0 = v_prev;
+        const Status refused = smc_reweight(w.data(), 1, 2, v.data(), v_prev.data(), live.data(), std::log(2.0), 0.5,
+                                            Scheme::systematic, 1, total.data(), z.data(), collapsed.data(), a.data(),
+                                            flags.data(), e.data(), u.data(), increment.data());
+        EXPECT(refused.code == StatusCode::positive_infinity && refused.row == 0 && refused.index == 0);
+        EXPECT(w == w0 && v_prev == v_prev0 && z[0] == 0.0 && total[0] == std::log(2.0));
+    }
+}
+
+void test_sample_logits_exact() {
+    // log p is (s_v - max s) - log(sum): [0, 1e15] gives exactly 0 (it gave +0.057 through log_mean_w).
+    const std::vector<double> logits = {0.0, 1e15};
+    std::vector<std::int64_t> drawn(1);
+    std::vector<double> log_prob(1);
+    EXPECT(sample_logits(logits.data(), 1, 2, 1.0, 3, nullptr, drawn.data(), log_prob.data()).ok());
+    EXPECT(drawn[0] == 1 && log_prob[0] == 0.0 && !std::signbit(log_prob[0]));
+    // p near 1: -log1p(the other terms), not log(1 + them) (which rounds to 0 below 1e-16).
+    const std::vector<double> peaked = {0.0, 40.0, 1.0};
+    EXPECT(sample_logits(peaked.data(), 1, 3, 1.0, 3, nullptr, drawn.data(), log_prob.data()).ok());
+    const double rest = std::exp(-40.0) + std::exp(-39.0);
+    EXPECT(drawn[0] == 1 && std::fabs(log_prob[0] + std::log1p(rest)) <= 1e-15 * rest);
+    // Finite logits whose scores overflow (to +inf, or all to -inf): the same law from (x - max x) / T.
+    const std::vector<double> huge = {1e300, -1e300, 1e300};
+    const std::vector<double> tiny = {-1e300, -1e300};
+    for (std::uint64_t key = 0; key < 20; ++key) {
+        EXPECT(sample_logits(huge.data(), 1, 3, 1e-10, key, nullptr, drawn.data(), log_prob.data()).ok());
+        EXPECT((drawn[0] == 0 || drawn[0] == 2) && std::fabs(log_prob[0] + std::log(2.0)) < 1e-15);
+        EXPECT(sample_logits(tiny.data(), 1, 2, 1e-10, key, nullptr, drawn.data(), log_prob.data()).ok());
+        EXPECT(std::fabs(log_prob[0] + std::log(2.0)) < 1e-15);
+    }
+    const std::vector<double> with_inf = {1e300, inf};
+    const Status status = sample_logits(with_inf.data(), 1, 2, 1e-10, 1, nullptr, drawn.data(), log_prob.data());
+    EXPECT(status.code == StatusCode::positive_infinity && status.index == 1);
+}
+
+// Calls `kernel` in a loop for `seconds` while another thread keeps storing each of `values` into *target
+// (atomic stores: the kernels read indices with atomic loads, so ThreadSanitizer sees no data race while
+// AddressSanitizer checks every access). Each call must succeed or report one of the allowed codes.
+template <typename Kernel>
+int race(std::int64_t* target, const std::vector<std::int64_t>& values, double seconds, Kernel kernel) {
+    std::atomic<bool> stop{false};
+    std::thread mutator([&] {
+        while (!stop.load(std::memory_order_relaxed))
+            for (const std::int64_t value : values) __atomic_store_n(target, value, __ATOMIC_RELAXED);
+    });
+    int calls = 0;
+    const auto end = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+    while (std::chrono::steady_clock::now() < end) {
+        const Status status = kernel();
+        EXPECT(status.ok() || status.code == StatusCode::index_out_of_range || status.code == StatusCode::input_changed);
+        ++calls;
+    }
+    stop = true;
+    mutator.join();
+    return calls;
+}
+
+void test_indices_rewritten_during_calls() {
+    const std::int64_t n = 1 << 14;
+    std::vector<double> x(static_cast<std::size_t>(n)), out(static_cast<std::size_t>(n));
+    std::vector<std::int64_t> a(static_cast<std::size_t>(n), 0);
+    const std::vector<std::int64_t> values = {std::int64_t{1} << 40, 0, -1, n - 1};
+    auto* bytes = reinterpret_cast<std::uint8_t*>(x.data());
+    EXPECT(race(&a[static_cast<std::size_t>(n - 1)], values, 0.1, [&] {
+               return gather(bytes, 1, n, 8, a.data(), n, reinterpret_cast<std::uint8_t*>(out.data()));
+           }) > 0);
+    std::fill(a.begin(), a.end(), 0);
+    EXPECT(race(&a[static_cast<std::size_t>(n / 2)], values, 0.1,
+                [&] { return gather(bytes, 1, n, 8, a.data(), n, bytes); }) > 0);
+    std::vector<std::uint8_t> large(static_cast<std::size_t>(64 * 256));
+    std::vector<std::int64_t> b(64, 0);
+    std::uint8_t* arrays[] = {large.data(), bytes};
+    const std::int64_t item_bytes[] = {256, 8};
+    EXPECT(race(&b[63], {1 << 30, 5, -7, 0}, 0.1, [&] { return reorder_in_place(arrays, item_bytes, 1, 1, 64, b.data()); }) > 0);
+#if !defined(__SANITIZE_THREAD__)
+    // keep_survivors and append_tokens write the very indices the other thread stores: a real write-write
+    // race (ThreadSanitizer reports it, rightly), whose only requirement is memory safety (AddressSanitizer).
+    std::fill(a.begin(), a.end(), 0);
+    EXPECT(race(&a[7], values, 0.1, [&] { return keep_survivors(a.data(), 1, n); }) > 0);
+    std::vector<std::int64_t> tokens(static_cast<std::size_t>(n * 4)), lengths(static_cast<std::size_t>(n)), ids(static_cast<std::size_t>(n));
+    std::vector<std::uint8_t> finished(static_cast<std::size_t>(n)), active(static_cast<std::size_t>(n), 1), still(static_cast<std::size_t>(n));
+    const std::int64_t stop_id = -1;
+    std::int64_t num_still = 0;
+    EXPECT(race(&lengths[static_cast<std::size_t>(n - 1)], {std::int64_t{1} << 40, 0, -1}, 0.1, [&] {
+               std::fill(lengths.begin(), lengths.end() - 1, 0);
+               return append_tokens(tokens.data(), n, 4, lengths.data(), finished.data(), ids.data(), active.data(),
+                                    &stop_id, 1, 4, still.data(), &num_still);
+           }) > 0);
+#endif
+    std::vector<std::int64_t> columns(static_cast<std::size_t>(n), 0);
+    std::vector<double> log_values(static_cast<std::size_t>(n));
+    EXPECT(race(&columns[static_cast<std::size_t>(n - 1)], {std::int64_t{1} << 40, 0, -1}, 0.1, [&] {
+               return read_log_values(x.data(), n, 1, columns.data(), ScoreKind::log_value, log_values.data());
+           }) > 0);
+}
+
 int main() {
     test_philox_known_answer();
     test_exponentials_from_uniforms();
@@ -596,7 +713,10 @@ int main() {
         test_reorder_in_place_and_keep_survivors();
         test_token_kernels();
         test_random_sizes();
+        test_refused_calls_write_nothing();
+        test_sample_logits_exact();
     }
+    test_indices_rewritten_during_calls();
     g_avx512_override = -1;
     if (failures) {
         std::fprintf(stderr, "%d check(s) failed\n", failures);

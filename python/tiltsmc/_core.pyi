@@ -44,7 +44,6 @@ def sample_logits(
     logits: npt.NDArray[np.floating],
     temperature: float,
     key: int,
-    log_n: float,
     active: npt.NDArray[np.bool_] | None,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]: ...
 def mh_accept(

@@ -312,21 +312,22 @@ def sample_logits(
     ``s = logits / temperature`` in float64, index ``v`` is drawn with probability
     ``exp(s_v) / sum_u exp(s_u)`` (the draw of :func:`pool_select` on ``s``: same ``rng``, same index)
     and returned with ``log p(v) = s_v - log sum_u exp(s_u)``, computed as
-    ``(s_v - log_mean_w) - log V``. Logits of ``-inf`` are never drawn; NaN, ``+inf`` or a row of
-    ``-inf`` raise ``ValueError``. This is a language model's token step in one call, with no float64
-    copy of the logits. ``where`` (a bool array of one entry per row) draws only the rows it marks; the
-    others get index 0 and log-probability 0 and their logits are not read (the other rows' draws are
-    the same as without it). With a :class:`~tiltsmc._rng.RowStreams` as ``rng``, each run's rows are
-    drawn as they would be alone (see :func:`pool_select`).
+    ``(s_v - max s) - log sum_u exp(s_u - max s)``: never positive, and to the last bits where ``p(v)`` is
+    near 1 (``-log1p`` of the other terms' sum, summed apart). Finite logits whose scores overflow (a
+    temperature far below 1) are drawn from ``(logits - max logits) / temperature``, the same law. Logits
+    of ``-inf`` are never drawn; NaN, ``+inf`` or a row of ``-inf`` raise ``ValueError``. This is a
+    language model's token step in one call, with no float64 copy of the logits. ``where`` (a bool array
+    of one entry per row) draws only the rows it marks; the others get index 0 and log-probability 0 and
+    their logits are not read (the other rows' draws are the same as without it). With a
+    :class:`~tiltsmc._rng.RowStreams` as ``rng``, each run's rows are drawn as they would be alone (see
+    :func:`pool_select`).
     """
     rows, one_row = _as_log_weights(logits, "logits")
     if isinstance(temperature, (bool, np.bool_)) or not isinstance(temperature, (int, float, np.number)):
         raise TypeError(f"temperature: expected a number > 0, got {temperature!r}")
     if isinstance(rng, RowStreams):
         return _sample_logits_per_run(rows, float(temperature), rng, where)
-    index, log_prob = _core.sample_logits(
-        rows, float(temperature), draw_key(rng), _log_count(rows.shape[1]), where
-    )
+    index, log_prob = _core.sample_logits(rows, float(temperature), draw_key(rng), where)
     if one_row:
         return index[0, ...], log_prob[0, ...]
     return index, log_prob
@@ -347,14 +348,11 @@ def _sample_logits_per_run(
         where = where.reshape(count)
     index = np.zeros(count, dtype=np.int64)
     log_prob = np.zeros(count)
-    log_count = _log_count(rows.shape[1])
     for part, generator in rng.groups(count):
         mask = None if where is None else where[part]
         if mask is not None and not mask.any():
             continue
-        index[part], log_prob[part] = _core.sample_logits(
-            rows[part], temperature, draw_key(generator), log_count, mask
-        )
+        index[part], log_prob[part] = _core.sample_logits(rows[part], temperature, draw_key(generator), mask)
     return index, log_prob
 
 
@@ -830,6 +828,13 @@ def _mh_accept_device(log_z_current: object, log_z_proposed: object, rng: RNGLik
     return accept
 
 
+def _device_overlap(a: _device.DeviceView, b: _device.DeviceView) -> bool:
+    """Whether two C-contiguous device arrays share memory (their byte ranges overlap)."""
+    if not (a.nbytes and b.nbytes):
+        return False
+    return a.pointer < b.pointer + b.nbytes and b.pointer < a.pointer + a.nbytes
+
+
 def _gather_device(x: object, ancestors: object, out: object, stream: Any) -> Any:
     if _device.is_device_array(x):
         source = _device.device_view(x, "x")
@@ -896,6 +901,13 @@ def _gather_device(x: object, ancestors: object, out: object, stream: Any) -> An
         ):
             raise ValueError("out: overlaps x without being x itself; pass out=x to reorder in place")
         result, target_pointer = out, target.pointer
+    written = source if in_place else target
+    if written is not None and _device_overlap(index, written):
+        raise ValueError(
+            "ancestors: shares memory with x, which is reordered in place (pass a copy)"
+            if in_place
+            else "out: shares memory with ancestors (pass separate arrays)"
+        )
     cuda.gather(
         source.pointer, batch, num_particles, row_bytes, index.pointer, num, target_pointer, device, handle
     )

@@ -3,7 +3,12 @@
 // Every kernel takes `rows` independent rows of `n` particles stored row-major. Log-weights are
 // unnormalised natural logs of non-negative weights: -inf is weight zero, NaN and +inf are errors.
 // Kernels validate their whole input before writing any output and report problems through Status;
-// they never read or write outside the ranges their size arguments describe.
+// they never read or write outside the ranges their size arguments describe. Arrays a kernel writes must not
+// share memory with one another or with its inputs (the bindings refuse such calls), except where a kernel
+// says otherwise. Each index a kernel takes from its arguments is read once and checked where it is used
+// (read_once.hpp): another thread rewriting the arguments during the call makes the results meaningless,
+// may leave outputs partly written and is then reported as input_changed, but never makes a kernel read
+// or write out of bounds.
 #pragma once
 
 #include <cstdint>
@@ -18,6 +23,8 @@ enum class StatusCode : int {
     index_out_of_range,  // ancestors[row, index] is outside [0, n)
     bad_size,            // a size argument is negative or inconsistent
     outside_unit_interval,  // a probability outside [0, 1] at (row, index)
+    input_changed,       // an index checked valid was out of range when used at (row, index): another
+                         // thread wrote to the arguments during the call (outputs may be partly written)
 };
 
 struct Status {
@@ -49,7 +56,8 @@ Status resample(const T* logw, std::int64_t rows, std::int64_t n, Scheme scheme,
 // number of distinct ancestors, and the row's log-weights reset to 0 in place. Other rows get the
 // identity. A row of zero weights is reported (log_mean_w = -inf, ess = 0) and never resampled. With
 // survivors_stay, a resampled row's ancestors are arranged as keep_survivors does (the same offspring
-// counts, every survivor in its own slot) instead of ascending.
+// counts, every survivor in its own slot) instead of ascending. Every row is checked before any row's
+// log-weights are reset: on error log_w is left as it was (the other outputs are then meaningless).
 template <typename T>
 Status smc_step(T* log_w, std::int64_t rows, std::int64_t n, double threshold, Scheme scheme, std::uint64_t key,
                 bool survivors_stay, std::int64_t* ancestors, std::uint8_t* resampled, double* log_mean_w,
@@ -61,7 +69,8 @@ Status smc_step(T* log_w, std::int64_t rows, std::int64_t n, double threshold, S
 // bookkeeping with log_total = logsumexp of the row's log_w before the step and log_n = log(n) as the caller
 // computes it: log_z_increment = (log_mean_w + log_n) - log_total (-inf where log_total = -inf), log_z +=
 // it, log_total = log_n on resampled rows and log_mean_w + log_n elsewhere, collapsed = 1 where ess = 0.
-// NaN or +inf in log_w, or in log_v / log_v_prev of a live particle, is reported before anything is written.
+// NaN or +inf in log_w, or in log_v / log_v_prev of a live particle, or an updated log-weight that would be NaN or
+// +inf (log_v - log_v_prev overflowing), is reported before anything is written.
 Status smc_reweight(double* log_w, std::int64_t rows, std::int64_t n, const double* log_v, double* log_v_prev,
                     const std::uint8_t* live, double log_n, double threshold, Scheme scheme, std::uint64_t key,
                     double* log_total, double* log_z, std::uint8_t* collapsed, std::int64_t* ancestors,
@@ -74,12 +83,15 @@ Status pool_select(const T* logw, std::int64_t rows, std::int64_t n, std::uint64
 
 // Token draws from logits: per row r, the scores s = double(logits[r]) / temperature (no division at
 // temperature 1) and the draw of pool_select on them (same stream, same index), with its log-probability
-// log_prob[r] = (s[index] - log_mean_w) - log_n, where log_mean_w = log(mean_v exp(s_v)) and log_n is
-// log(n) as the caller computes it: log p(v) = s_v - log sum_u exp(s_u). Needs temperature > 0. Rows with
-// active[r] == 0 (active == nullptr: none) are skipped: index 0, log_prob 0, their logits never read.
+// log_prob[r] = log p(v) = s_v - log sum_u exp(s_u), computed as (s_v - max s) - log sum_u exp(s_u - max s):
+// never positive, and as -log1p(the other terms' sum) where v is a maximum of probability over 1/2 (no
+// digits lost to 1 + a small sum). Where finite logits give scores of +inf, or only -inf (temperature < 1),
+// the scores are (logits - max logits) / temperature instead: the same law, and no error for finite
+// logits. Needs temperature > 0. Rows with active[r] == 0 (active == nullptr: none) are skipped: index 0,
+// log_prob 0, their logits never read.
 template <typename T>
-Status sample_logits(const T* logits, std::int64_t rows, std::int64_t n, double temperature, double log_n,
-                     std::uint64_t key, const std::uint8_t* active, std::int64_t* index, double* log_prob);
+Status sample_logits(const T* logits, std::int64_t rows, std::int64_t n, double temperature, std::uint64_t key,
+                     const std::uint8_t* active, std::int64_t* index, double* log_prob);
 
 // accept[r] = u_r < exp(log_z_proposed[r] - log_z_current[r]); a current -inf is always left, otherwise
 // a proposed -inf is always rejected. NaN and +inf are errors (index = which argument: 0 current, 1 proposed).
@@ -88,7 +100,8 @@ Status mh_accept(const double* log_z_current, const double* log_z_proposed, std:
 
 // out[r, j, :] = x[r, ancestors[r, j], :] for rows of n items of item_bytes bytes and m ancestors per row.
 // out == x reorders in place (needs m == n) and copies only items whose ancestor is not themselves;
-// otherwise out must not overlap x. Every ancestor is checked before anything is written.
+// otherwise out must not overlap x. out must never overlap the ancestors. Every ancestor is checked before
+// anything is written, and again where it is used (input_changed if another thread changed it).
 Status gather(const std::uint8_t* x, std::int64_t rows, std::int64_t n, std::int64_t item_bytes,
               const std::int64_t* ancestors, std::int64_t m, std::uint8_t* out);
 
@@ -134,7 +147,8 @@ Status prefix_width(const std::int64_t* prompt_offsets, std::int64_t batch, std:
 
 // The rows right-padded with `pad` to `width` (>= prefix_width's) columns: ids (num_rows, width), mask 1 on
 // a row's tokens and 0 on its padding, last[r] = its length - 1, and (positions != nullptr) the position
-// ids 0, 1, ..., length - 1, then length - 1 repeated over the padding. Unchecked: call prefix_width first.
+// ids 0, 1, ..., length - 1, then length - 1 repeated over the padding. Unchecked: call prefix_width first, on
+// offsets, lengths and selection no other thread writes (the binding passes copies of them to both).
 void right_padded_prefixes(const std::int64_t* prompt_ids, const std::int64_t* prompt_offsets, std::int64_t n,
                            const std::int64_t* tokens, std::int64_t capacity, const std::int64_t* lengths,
                            const std::int64_t* selected, std::int64_t num_rows, std::int64_t width, std::int64_t pad,

@@ -1,5 +1,8 @@
-"""Diagnostics: the Bellman error of a reward model, measured from rollouts of the base policy."""
+"""Diagnostics: the Bellman error of a reward model, measured from rollouts of the base policy
+(:func:`bellman_error`) or read online from the log Z increments of any sampler's run
+(:func:`online_bellman`)."""
 
 from .bellman import BellmanEstimate, bellman_error
+from .online import OnlineBellman, OnlineBellmanWarning, online_bellman
 
-__all__ = ["BellmanEstimate", "bellman_error"]
+__all__ = ["BellmanEstimate", "OnlineBellman", "OnlineBellmanWarning", "bellman_error", "online_bellman"]

@@ -14,7 +14,13 @@ the step's pooled within-prefix sd, so agreeing continuations give no zero-width
 corrected for the number of intervals (Bonferroni), and the per-step supremum's interval is
 ``[max of lower ends, max of upper ends]`` of ``|log rho|``. Also reported:
 the gauge-minimised ``eps`` (rescaling level ``t`` by a constant shifts every ``log rho_t`` alike, so the
-best constant leaves ``(max - min) / 2``) and the ratio bound ``L`` of the observed potentials.
+best constant leaves ``(max - min) / 2``) and the paper's ratio bound ``L`` (``1/L <= G_t <= L``) of the
+observed potentials ``G_t = Vh_t / Vh_{t-1}``, in the model's gauge and in the one that minimises ``eps``.
+
+Everything is computed in the log domain: the mean of the values of ``M`` continuations is a log-mean-exp,
+``log (1/M) sum_j exp(log Vh_t^(j))``, and their standard deviation is taken relative to the largest of
+them, so values far below the smallest double (a product of step scores over hundreds of steps) give
+finite, exact answers.
 """
 
 from __future__ import annotations
@@ -42,8 +48,17 @@ class BellmanEstimate:
 
     ``log_per_step[t-1]`` is the largest ``|log rho_t|`` over visited prefixes, ``per_step = exp(.) - 1``;
     ``per_step_low`` / ``per_step_high`` bound it (equal for the exact method); ``gauge_per_step`` is
-    ``exp((max - min) / 2) - 1`` of ``log rho_t``; ``ratio_bound`` is the largest ``max(G, 1/G)`` of the
-    positive potentials ``G_t = Vh_t / Vh_{t-1}`` seen along the rollouts.
+    ``exp((max - min) / 2) - 1`` of ``log rho_t``.
+
+    ``ratio_bound`` is the paper's ``L`` (Assumption 3.1, ``1/L <= G_t <= L`` on reachable paths) over the
+    potentials ``G_t = Vh_t / Vh_{t-1}`` observed from visited prefixes of positive value (every next token
+    of positive probability with the exact method, the sampled continuations and the rollout's own step
+    otherwise): ``inf`` as soon as one of them is 0 (a 0/1 verifier). ``positive_ratio_bound`` is the
+    largest ``max(G, 1/G)`` over the positive ones only (finite; not the paper's ``L``), and
+    ``gauge_ratio_bound`` is ``L`` in the gauge of ``gauge_eps`` (each ``log G_t`` shifted by
+    ``-(max + min) / 2`` of ``log rho_t``), so that ``(gauge_ratio_bound, gauge_eps)`` belong to one
+    rescaled model, as a bound such as Theorem 5.1's needs. All three grow towards the exact values from
+    below as the prefixes and continuations cover the reachable ones.
 
     ``average_per_step[t-1]`` is the typical rather than the worst error: the mean of ``|rho_t - 1|`` over
     the visited prefixes weighted by ``Vh_{t-1}``, i.e. under the twisted path law ``p Vh_{t-1}`` that
@@ -67,6 +82,8 @@ class BellmanEstimate:
     num_prefixes: int
     samples_per_prefix: int
     average_per_step: FloatArray = field(default_factory=lambda: np.zeros(0))
+    positive_ratio_bound: float = 1.0
+    gauge_ratio_bound: float = 1.0
 
     @property
     def average_eps(self) -> float:
@@ -88,6 +105,8 @@ class BellmanEstimate:
             "gauge_eps": self.gauge_eps,
             "gauge_per_step": plain(self.gauge_per_step),
             "ratio_bound": self.ratio_bound,
+            "positive_ratio_bound": self.positive_ratio_bound,
+            "gauge_ratio_bound": self.gauge_ratio_bound,
             "method": self.method,
             "num_prefixes": self.num_prefixes,
             "samples_per_prefix": self.samples_per_prefix,
@@ -134,58 +153,78 @@ def bellman_error(
     # Per step: |log rho| and the relative standard error of each scored prefix (None: an infinite step).
     steps: list[Optional[tuple[FloatArray, FloatArray]]] = []
     gauge: list[float] = []
+    shift: list[float] = []  # the gauge's shift of log rho_t (and of log G_t): -(max + min) / 2
     average: list[float] = []  # Vh_{t-1}-weighted mean of |rho_t - 1|
-    log_ratio_bound = 0.0
+    g_high: list[float] = []  # largest and smallest positive log G_t observed at each step
+    g_low: list[float] = []
+    zero_potential = False
     for _ in range(max_steps):
         if particles.finished.all():
             break
         scored = ~particles.finished & (log_v_prev > -np.inf)
+        prev_safe = np.where(scored, log_v_prev, 0.0)  # never -inf - -inf
         if exact:
             assert isinstance(policy, TokenPolicy) and isinstance(reward, TwistModel)
-            joint = np.asarray(policy.next_log_probs(particles), float) + np.asarray(
-                reward.next_log_values(particles), float
-            )
-            log_mean = logsumexp(joint)
+            log_p = np.asarray(policy.next_log_probs(particles), float)
+            next_log_v = np.asarray(reward.next_log_values(particles), float)
+            log_mean = logsumexp(log_p + next_log_v)
             relative_error = np.zeros_like(log_mean)
+            # every next token of positive probability: its potential
+            observed_g = next_log_v - prev_safe[..., None]
+            observed = scored[..., None] & (log_p > -np.inf)
         else:
             repeats = np.repeat(np.arange(num_prefixes), samples_per_prefix)
             continuations = particles.take(np.broadcast_to(repeats, (batch, repeats.size)).copy())
             policy.propose(continuations, generator)
-            values = np.exp(np.asarray(reward.log_value(continuations), float)).reshape(
+            log_values = np.asarray(reward.log_value(continuations), float).reshape(
                 batch, num_prefixes, samples_per_prefix
             )
-            mean = values.mean(axis=2)
-            spread = values.std(axis=2, ddof=1) if samples_per_prefix > 1 else np.zeros_like(mean)
+            log_mean, log_sd = _log_mean_and_sd(log_values)
             # A prefix whose few continuations happened to agree gets no zero-width interval: its sd is
-            # floored at the pooled within-prefix sd of the step.
-            pooled = float(np.sqrt(np.mean(spread[scored] ** 2))) if scored.any() else 0.0
-            standard_error = np.maximum(spread, pooled) / np.sqrt(samples_per_prefix)
-            with np.errstate(divide="ignore"):
-                log_mean = np.log(mean)
+            # floored at the pooled within-prefix sd of the step (root mean square of the sds, in logs).
+            log_pooled = (
+                0.5 * float(logsumexp(2.0 * log_sd[scored]) - np.log(np.count_nonzero(scored)))
+                if scored.any()
+                else -np.inf
+            )
+            log_standard_error = np.maximum(log_sd, log_pooled) - 0.5 * np.log(samples_per_prefix)
             # Delta method: sd(log mean) ~ se / mean.
-            relative_error = np.where(mean > 0, standard_error / np.where(mean > 0, mean, 1.0), np.inf)
-        with np.errstate(invalid="ignore"):
-            log_rho = np.where(scored, log_mean - log_v_prev, np.nan)
+            finite_mean = log_mean > -np.inf
+            relative_error = np.full_like(log_mean, np.inf)
+            relative_error[finite_mean] = np.exp(log_standard_error[finite_mean] - log_mean[finite_mean])
+            observed_g = log_values - prev_safe[..., None]
+            observed = np.broadcast_to(scored[..., None], observed_g.shape)
+        log_rho = np.where(scored, log_mean - prev_safe, np.nan)
         if scored.any():
             weights = np.exp(log_v_prev[scored] - log_v_prev[scored].max())
             with np.errstate(over="ignore"):
-                rho = np.exp(log_rho[scored])
-            average.append(float(np.sum(weights * np.abs(rho - 1.0)) / np.sum(weights)))
+                deviation = np.abs(np.exp(log_rho[scored]) - 1.0)
+            present = weights > 0  # a weight that underflowed contributes 0, even against rho = inf
+            average.append(float(np.sum(weights[present] * deviation[present]) / np.sum(weights)))
         else:
             average.append(0.0)
         if np.any(scored & (log_mean == -np.inf)):
             steps.append(None)
             gauge.append(np.inf)
+            shift.append(0.0)
         else:
             values_here = log_rho[scored]
             steps.append((np.abs(values_here), relative_error[scored]))
-            gauge.append(float((values_here.max() - values_here.min()) / 2) if values_here.size else 0.0)
+            if values_here.size:
+                gauge.append(float((values_here.max() - values_here.min()) / 2))
+                shift.append(-float((values_here.max() + values_here.min()) / 2))
+            else:
+                gauge.append(0.0)
+                shift.append(0.0)
         live = ~particles.finished
         policy.propose(particles, generator)
         log_v = np.asarray(reward.log_value(particles), float)
-        positive = live & (log_v > -np.inf) & (log_v_prev > -np.inf)
-        if positive.any():
-            log_ratio_bound = max(log_ratio_bound, float(np.max(np.abs(log_v - log_v_prev)[positive])))
+        # the rollout's own step is one more observed transition of each scored prefix
+        seen = np.concatenate([observed_g[observed], (log_v - prev_safe)[live & scored]])
+        zero_potential |= bool(np.any(seen == -np.inf))
+        positive = seen[seen > -np.inf]
+        g_high.append(float(positive.max()) if positive.size else 0.0)
+        g_low.append(float(positive.min()) if positive.size else 0.0)
         log_v_prev = np.where(live, log_v, log_v_prev)
     # Simultaneous intervals: Bonferroni over every scored prefix of every step.
     scored_total = sum(len(step[0]) for step in steps if step is not None)
@@ -210,6 +249,9 @@ def bellman_error(
     with np.errstate(over="ignore"):  # a huge interval end is +inf, as it should be
         per_step_low, per_step_high = np.expm1(np.array(log_low)), np.expm1(np.array(log_high))
     gauge_per_step = np.expm1(np.array(gauge))
+    high, low, moved = np.array(g_high), np.array(g_low), np.array(shift)
+    log_positive = float(np.max(np.maximum(high, -low), initial=0.0))
+    log_gauge = float(np.max(np.maximum(high + moved, -(low + moved)), initial=0.0))
     return BellmanEstimate(
         eps=float(per_step.max()) if per_step.size else 0.0,
         eps_low=float(per_step_low.max()) if per_step.size else 0.0,
@@ -220,9 +262,25 @@ def bellman_error(
         log_per_step=log_per_step,
         gauge_eps=float(gauge_per_step.max()) if per_step.size else 0.0,
         gauge_per_step=gauge_per_step,
-        ratio_bound=float(np.exp(log_ratio_bound)),
+        ratio_bound=np.inf if zero_potential else float(np.exp(log_positive)),
         method="exact" if exact else "sampled",
         num_prefixes=num_prefixes,
         samples_per_prefix=0 if exact else samples_per_prefix,
         average_per_step=np.array(average, dtype=float),
+        positive_ratio_bound=float(np.exp(log_positive)),
+        gauge_ratio_bound=np.inf if zero_potential else float(np.exp(log_gauge)),
     )
+
+
+def _log_mean_and_sd(log_values: FloatArray) -> tuple[FloatArray, FloatArray]:
+    """``log mean_j v_j`` and ``log sd_j v_j`` (``ddof=1``; ``-inf`` for one sample) along the last axis of
+    ``log v``, without leaving the log domain: both are taken on ``v_j / max_j v_j``, then shifted back, so
+    values like ``exp(-1000)`` are exact. An all-zero row gives ``-inf`` for both."""
+    count = log_values.shape[-1]
+    top = np.max(log_values, axis=-1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    scaled = np.exp(log_values - top)
+    mean = scaled.mean(axis=-1)
+    spread = scaled.std(axis=-1, ddof=1) if count > 1 else np.zeros_like(mean)
+    with np.errstate(divide="ignore"):
+        return np.log(mean) + top[..., 0], np.log(spread) + top[..., 0]

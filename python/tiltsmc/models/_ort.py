@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import functools
 import importlib.metadata
 import io
 import os
+import re
+import stat
+import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["cuda_device_usable", "make_session"]
+import numpy as np
+
+__all__ = ["check_external_data", "cuda_device_usable", "external_data_locations", "make_session"]
+
+
+# The CUDA driver's file names, as the driver installs them (no GPU driver exists for macOS).
+_DRIVER_NAMES = {"linux": ("libcuda.so.1", "libcuda.so"), "win32": ("nvcuda.dll",), "darwin": ()}
 
 
 @functools.lru_cache(maxsize=1)
@@ -22,13 +30,12 @@ def cuda_device_usable() -> tuple[bool, str]:
     """Whether a CUDA device can really be used (driver present, initialised, at least one device).
 
     Asked of the driver library directly, so a machine without a GPU never sees ONNX Runtime's
-    provider-loading errors. Returns ``(usable, reason)``.
+    provider-loading errors. Returns ``(usable, reason)``. The library is opened by its names alone (the
+    dynamic loader searches its cache, ``LD_LIBRARY_PATH`` and the system folders): no program is run
+    (``ctypes.util.find_library`` runs ``ldconfig``, ``gcc`` and ``ld`` found through ``PATH``).
     """
-    names = ["libcuda.so.1", "libcuda.so", ctypes.util.find_library("cuda") or ""]
     driver = None
-    for name in names:
-        if not name:
-            continue
+    for name in _DRIVER_NAMES.get(sys.platform, _DRIVER_NAMES["linux"]):
         try:
             driver = ctypes.CDLL(name)
             break
@@ -96,6 +103,7 @@ def make_session(
     intra_op_num_threads: Optional[int] = None,
     inter_op_num_threads: Optional[int] = None,
     require_gpu: bool = False,
+    memory_arena: bool = True,
 ) -> Any:
     """An ``onnxruntime.InferenceSession`` on CUDA where a device is usable, else on the CPU.
 
@@ -103,25 +111,50 @@ def make_session(
     float32 in full precision (``use_tf32=0``; pass ``("CUDAExecutionProvider", {...})`` to choose other
     options). ``require_gpu`` raises instead of falling back. The session's threads stop spinning when a
     run ends, since the policy and the reward model take turns.
+
+    A provider name this ONNX Runtime build does not have is refused (ValueError), as is a model whose
+    external data lies outside its folder (:func:`check_external_data`); a file ONNX Runtime cannot load
+    raises ValueError naming it, with ONNX Runtime's reason.
+
+    ``memory_arena=False`` turns ONNX Runtime's CPU memory arena off: each run's buffers are freed to the
+    C heap when it ends, instead of staying in the arena at their peak size for the life of the session
+    (a long-running service then returns to its idle size after a burst; see
+    :func:`tiltsmc.serving._memory.release_free_memory`).
     """
     import onnxruntime as ort
 
     _warn_if_both_runtimes_installed()
+    if providers is not None:
+        providers = _checked_providers(providers, ort)
+        if not cuda_device_usable()[0]:
+            # Without a driver and a device the CUDA provider cannot start: ONNX Runtime would print its
+            # failure to load it (a banner of several lines) and run on the CPU. Go to the CPU directly.
+            kept = [p for p in providers if (p if isinstance(p, str) else p[0]) != "CUDAExecutionProvider"]
+            providers = kept or ["CPUExecutionProvider"]
+    check_external_data(model_path)
     options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: provider fallbacks are handled here
+    # Fatal only: errors reach the caller as exceptions (printed too, they would make a second report), and
+    # provider fallbacks are handled here.
+    options.log_severity_level = 4
     # The policy and reward sessions run in turn: one's pool threads spinning after its run would take
     # the cores from the other (on 2 cores, steps of the fixtures were 20-40% slower with the spin).
     options.add_session_config_entry("session.force_spinning_stop", "1")
-    if intra_op_num_threads is not None:
-        options.intra_op_num_threads = int(intra_op_num_threads)
-    if inter_op_num_threads is not None:
-        options.inter_op_num_threads = int(inter_op_num_threads)
+    if not isinstance(memory_arena, (bool, np.bool_)):
+        raise TypeError(f"memory_arena: expected True or False, got {memory_arena!r}")
+    options.enable_cpu_mem_arena = bool(memory_arena)
+    for name, threads in (
+        ("intra_op_num_threads", intra_op_num_threads),
+        ("inter_op_num_threads", inter_op_num_threads),
+    ):
+        if threads is None:
+            continue
+        if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 0:
+            raise ValueError(f"{name}: expected an integer >= 0 (0: ONNX Runtime's default), got {threads!r}")
+        setattr(options, name, int(threads))
     if providers is not None:
         if any("CUDA" in str(p if isinstance(p, str) else p[0]) for p in providers):
             _preload_cuda_libraries()
-        session = ort.InferenceSession(
-            os.fspath(model_path), sess_options=options, providers=_with_cuda_defaults(providers)
-        )
+        session = _load(ort, model_path, options, _with_cuda_defaults(providers))
         if require_gpu and "CUDAExecutionProvider" not in session.get_providers():
             raise RuntimeError(
                 f"require_gpu: {model_path.name} runs on {session.get_providers()}, not on CUDA "
@@ -146,6 +179,223 @@ def make_session(
         reason = "this ONNX Runtime build has no CUDA provider (install onnxruntime-gpu)"
     if require_gpu:
         raise RuntimeError(f"require_gpu: no usable GPU for {model_path.name}: {reason}")
-    return ort.InferenceSession(
-        os.fspath(model_path), sess_options=options, providers=["CPUExecutionProvider"]
-    )
+    return _load(ort, model_path, options, ["CPUExecutionProvider"])
+
+
+def _load(ort: Any, model_path: Path, options: Any, providers: list[Any]) -> Any:
+    """``ort.InferenceSession``; ONNX Runtime's own exceptions (a corrupt file, an operator or opset it
+    does not support, a graph it rejects) become a ValueError naming the file."""
+    try:
+        return ort.InferenceSession(os.fspath(model_path), sess_options=options, providers=providers)
+    except Exception as error:
+        if not type(error).__module__.startswith("onnxruntime"):
+            raise
+        reason = " ".join(str(error).split())
+        raise ValueError(f"path: ONNX Runtime cannot load {model_path}: {reason}") from error
+
+
+def _checked_providers(providers: Sequence[Any], ort: Any) -> list[Any]:
+    """``providers`` as a list, each a name or a ``(name, options)`` pair naming a provider of this ONNX
+    Runtime build: ONNX Runtime itself only warns about another name and runs on the CPU."""
+    if isinstance(providers, (str, bytes)):
+        raise TypeError(f"providers: expected a list of provider names, got {providers!r}")
+    chosen = list(providers)
+    if not chosen:
+        raise ValueError("providers: expected at least one provider (or None to choose automatically)")
+    available = list(ort.get_available_providers())
+    for entry in chosen:
+        pair = isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[1], dict)
+        name = entry[0] if pair else entry
+        if not isinstance(name, str):
+            raise TypeError(f"providers: expected a provider name or a (name, options) pair, got {entry!r}")
+        if name not in available:
+            known = name in ort.get_all_providers()
+            raise ValueError(
+                f"providers: {name!r} is "
+                + ("not in this ONNX Runtime build" if known else "not a provider ONNX Runtime knows")
+                + f"; available here: {', '.join(available)} (providers=None chooses automatically)"
+            )
+    return chosen
+
+
+# -- external data ----------------------------------------------------------------------------------------
+
+# Which fields of which ONNX messages hold tensors, directly or inside graphs, nodes, attributes, functions
+# (onnx.proto): {message: {field number: message of that field}}; "tensor" is a TensorProto.
+_ONNX_MESSAGES: dict[str, dict[int, str]] = {
+    "model": {7: "graph", 20: "training", 25: "function"},  # ModelProto
+    "training": {1: "graph", 2: "graph"},  # TrainingInfoProto: initialization, algorithm
+    "graph": {1: "node", 5: "tensor", 15: "sparse"},  # GraphProto: node, initializer, sparse_initializer
+    "node": {5: "attribute"},  # NodeProto
+    "attribute": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse", 23: "sparse"},
+    "function": {7: "node", 11: "attribute"},  # FunctionProto: node, attribute_proto
+    "sparse": {1: "tensor", 2: "tensor"},  # SparseTensorProto: values, indices
+    "tensor": {
+        8: "name",
+        13: "entry",
+        14: "location_kind",
+    },  # TensorProto: name, external_data, data_location
+    "entry": {1: "key", 2: "value"},  # StringStringEntryProto
+}
+
+
+class _Malformed(Exception):
+    pass
+
+
+def _varint(data: Any, position: int, end: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        if position >= end or shift > 63:
+            raise _Malformed(position)
+        byte = data[position]
+        value |= (byte & 0x7F) << shift
+        position, shift = position + 1, shift + 7
+        if byte < 0x80:
+            return value, position
+
+
+def _fields(data: Any, start: int, end: int) -> Any:
+    """``(field number, wire type, value)`` of a protobuf message's fields in ``data[start:end]``: a
+    varint's value, a length-delimited field's ``(start, end)``, None for fixed-size fields and groups."""
+    position = start
+    while position < end:
+        key, position = _varint(data, position, end)
+        number, wire = key >> 3, key & 7
+        value: Any = None
+        if wire == 0:
+            value, position = _varint(data, position, end)
+        elif wire == 1:
+            position += 8
+        elif wire == 2:
+            length, position = _varint(data, position, end)
+            value, position = (position, position + length), position + length
+        elif wire == 5:
+            position += 4
+        elif wire == 3:  # a (deprecated) group: skip to its end-group tag
+            depth = 1
+            while depth:
+                key, position = _varint(data, position, end)
+                inner = key & 7
+                if inner == 0:
+                    _, position = _varint(data, position, end)
+                elif inner == 1:
+                    position += 8
+                elif inner == 2:
+                    length, position = _varint(data, position, end)
+                    position += length
+                elif inner == 5:
+                    position += 4
+                elif inner in (3, 4):
+                    depth += 1 if inner == 3 else -1
+                else:
+                    raise _Malformed(position)
+                if position > end:
+                    raise _Malformed(position)
+        else:
+            raise _Malformed(position)
+        if position > end or number == 0:
+            raise _Malformed(position)
+        yield number, wire, value
+
+
+def external_data_locations(model_path: Path) -> list[tuple[str, str]]:
+    """``(tensor name, location)`` of every tensor of an ONNX file whose data lies in another file
+    (``external_data`` with a ``location`` key, or ``data_location = EXTERNAL``; ``location`` '' when it
+    has none), anywhere in the model: initializers, sparse initializers, constants in node attributes,
+    subgraphs (``If`` / ``Loop`` bodies), functions and training graphs.
+
+    Reads the protobuf's wire format directly (the ``onnx`` package is not needed) through a memory map,
+    skipping the tensors' own data. ValueError if the file is not a well-formed protobuf.
+    """
+    import mmap
+
+    found: list[tuple[str, str]] = []
+    with open(model_path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size == 0:
+            raise ValueError(f"path: {model_path} is empty, not an ONNX model")
+        try:
+            mapped: Any = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):  # a file system that cannot map files: read it
+            mapped = contextlib.nullcontext(handle.read())
+        with mapped as data:
+            stack = [("model", 0, size)]
+            try:
+                while stack:
+                    kind, start, end = stack.pop()
+                    if kind == "tensor":
+                        found.extend(_tensor_location(data, start, end))
+                        continue
+                    children = _ONNX_MESSAGES[kind]
+                    for number, wire, value in _fields(data, start, end):
+                        child = children.get(number)
+                        if child is not None and wire == 2:
+                            stack.append((child, *value))
+            except _Malformed as error:
+                what = error.args[1] if len(error.args) > 1 else "malformed protobuf"
+                raise ValueError(
+                    f"path: {model_path} is not a valid ONNX model ({what} near byte {error.args[0]})"
+                ) from None
+    return found
+
+
+def _tensor_location(data: Any, start: int, end: int) -> list[tuple[str, str]]:
+    """``[(name, location)]`` of a TensorProto with external data, else ``[]``. Two ``location`` entries
+    are refused (:class:`_Malformed`), as ONNX Runtime's recent versions do; older ones took the last."""
+    name, locations, external = "", [], False
+    for number, wire, value in _fields(data, start, end):
+        if number == 8 and wire == 2:
+            name = bytes(data[value[0] : value[1]]).decode("utf-8", "replace")
+        elif number == 14 and wire == 0:
+            external = value == 1
+        elif number == 13 and wire == 2:
+            key = entry = None
+            for field, entry_wire, span in _fields(data, *value):
+                if entry_wire == 2 and field in (1, 2):
+                    text = bytes(data[span[0] : span[1]]).decode("utf-8", "replace")
+                    key, entry = (text, entry) if field == 1 else (key, text)
+            if key == "location":
+                locations.append(entry or "")
+    if len(locations) > 1:
+        raise _Malformed(start, f"tensor {name!r} has {len(locations)} external data locations")
+    if not locations and not external:
+        return []
+    return [(name, locations[0] if locations else "")]
+
+
+def check_external_data(model_path: Path) -> None:
+    """Refuse a model whose tensors' external data would be read from outside its folder.
+
+    Every ``location`` must be a relative path that, symbolic links resolved, names a regular file inside
+    the model's folder, or inside the folder of the model file's own target where the model file is a
+    symbolic link (the Hugging Face cache links ``snapshots/<rev>/model.onnx`` and its data to
+    ``blobs/``). Absolute paths, ``..`` out of the folder, symbolic links leading out of it and ONNX
+    Runtime's in-memory address tag are refused with a ValueError naming the file, the tensor and the
+    location. (ONNX Runtime added a check of its own at the end of 2025, microsoft/onnxruntime#26776;
+    the versions before it, down to the 1.17 that tiltsmc accepts, read such files.)
+    """
+    folder = model_path.parent
+    roots = {os.path.realpath(folder), os.path.dirname(os.path.realpath(model_path))}
+    for tensor, location in external_data_locations(model_path):
+        where = f"path: {model_path.name}: tensor {tensor!r} has external data at {location!r}"
+        if not location or "\0" in location:
+            raise ValueError(f"{where}: not a file name")
+        if os.path.isabs(location) or location.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", location):
+            raise ValueError(
+                f"{where}: an absolute path; external data must lie in the model's folder {folder}"
+            )
+        if location.startswith("*") or "_ORT_MEM_ADDR_" in location:
+            raise ValueError(f"{where}: ONNX Runtime's in-memory tag, not a file")
+        resolved = os.path.realpath(os.path.join(folder, location))
+        if not any(os.path.commonpath([resolved, root]) == root for root in roots):
+            raise ValueError(
+                f"{where}: it resolves to {resolved}, outside the model's folder {folder}; external data "
+                "must lie in the model's folder"
+            )
+        try:
+            info = os.stat(resolved)
+        except OSError as error:
+            raise ValueError(f"{where}: {error.strerror or error} ({resolved})") from None
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"{where}: {resolved} is not a regular file")

@@ -43,9 +43,11 @@ import numpy as np
 import numpy.typing as npt
 
 from .. import core
+from ._config import Source, first, positive_int, real_number, token_id, token_ids
 from ._ort import make_session
 from .device_cache import DeviceKVCache
 from .particles import MAX_NEW_TOKENS, Particles
+from .prompts import check_prompts
 from .tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["OnnxCausalLM"]
@@ -81,21 +83,34 @@ def read_json(path: Path) -> dict[str, Any]:
     try:
         with path.open(encoding="utf-8") as handle:
             value = json.load(handle)
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, ValueError) as error:  # ValueError: JSONDecodeError, UnicodeDecodeError
         raise ValueError(f"{path.name}: cannot read {path}: {error}") from error
-    return value if isinstance(value, dict) else {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{path.name}: expected a JSON object in {path}, got {type(value).__name__}")
+    return value
 
 
 def cache_geometry(past: Any, config: dict[str, Any], model_file: Path) -> tuple[Any, int, int]:
     """``(dtype, KV heads, head size)`` of a ``past_key_values.*`` input ``(batch, heads, past, head_dim)``:
     from the graph's static dimensions, else from config.json (grouped-query ``num_key_value_heads``)."""
-    heads = config.get("num_key_value_heads") or config.get("num_attention_heads") or config.get("n_head")
-    hidden = config.get("hidden_size") or config.get("n_embd")
-    kv_heads = int(past.shape[1]) if isinstance(past.shape[1], int) else int(heads or 0)
-    head_dim = config.get("head_dim") or (
-        hidden // (config.get("num_attention_heads") or config.get("n_head")) if hidden else None
-    )
-    head_size = int(past.shape[3]) if isinstance(past.shape[3], int) else int(head_dim or 0)
+    source = Source(model_file.parent / "config.json", config)
+
+    def field(*names: str) -> Optional[int]:  # the first of these fields that is set, checked
+        value, where = first([(source, name) for name in names])
+        return None if value is None else positive_int(value, where)
+
+    if isinstance(past.shape[1], int):
+        kv_heads = int(past.shape[1])
+    else:
+        kv_heads = field("num_key_value_heads", "num_attention_heads", "n_head") or 0
+    if isinstance(past.shape[3], int):
+        head_size = int(past.shape[3])
+    else:
+        head_dim = field("head_dim")
+        if head_dim is None:
+            hidden, heads = field("hidden_size", "n_embd"), field("num_attention_heads", "n_head")
+            head_dim = hidden // heads if hidden and heads else None
+        head_size = head_dim or 0
     if kv_heads < 1 or head_size < 1:
         raise ValueError(
             f"path: cannot tell the cache's heads and head size from {model_file.name} "
@@ -150,7 +165,8 @@ class OnnxCausalLM:
     ``path``: a folder (model.onnx, optionally config.json, generation_config.json, tokenizer.json) or an
     .onnx file. ``tokenizer``: a tokenizer.json path or a ``tokenizers.Tokenizer`` (default: the folder's
     tokenizer.json, if any; without one, prompts must be token-id sequences). ``eos_token_id`` (default from
-    the configs) ends a trajectory, as does ``max_new_tokens``.
+    the configs) ends a trajectory, as does ``max_new_tokens``. ``memory_arena=False`` frees ONNX
+    Runtime's buffers after each run instead of keeping them at their peak (a long-running service).
     """
 
     def __init__(
@@ -172,6 +188,7 @@ class OnnxCausalLM:
         inter_op_num_threads: Optional[int] = None,
         require_gpu: bool = False,
         device_cache: Optional[bool] = None,
+        memory_arena: bool = True,
     ) -> None:
         self.model_file, model_dir = resolve_model_file(path)
         config = read_json(model_dir / "config.json")
@@ -184,7 +201,7 @@ class OnnxCausalLM:
         ):
             raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
         self.max_new_tokens = int(max_new_tokens)
-        temperature = float(temperature)
+        temperature = real_number(temperature, "temperature")  # "1" is refused, not read as 1.0
         if not (np.isfinite(temperature) and temperature > 0):
             raise ValueError(f"temperature: expected a positive number, got {temperature!r}")
         self.temperature = temperature
@@ -193,7 +210,7 @@ class OnnxCausalLM:
         ):
             raise ValueError(f"top_k: expected an int >= 1 or None, got {top_k!r}")
         self.top_k = None if top_k is None else int(top_k)
-        if top_p is not None and not 0.0 < float(top_p) <= 1.0:
+        if top_p is not None and not 0.0 < real_number(top_p, "top_p") <= 1.0:
             raise ValueError(f"top_p: expected a fraction in (0, 1] or None, got {top_p!r}")
         self.top_p = None if top_p is None else float(top_p)
 
@@ -203,6 +220,7 @@ class OnnxCausalLM:
             intra_op_num_threads=intra_op_num_threads,
             inter_op_num_threads=inter_op_num_threads,
             require_gpu=require_gpu,
+            memory_arena=memory_arena,
         )
         inputs = {node.name: node for node in self.session.get_inputs()}
         outputs = [node.name for node in self.session.get_outputs()]
@@ -232,7 +250,11 @@ class OnnxCausalLM:
         self.cache_dtype, self.kv_heads, self.head_dim = cache_geometry(
             inputs["past_key_values.0.key"], config, self.model_file
         )
+        config_file = Source(model_dir / "config.json", config)
+        generation_file = Source(model_dir / "generation_config.json", generation)
         vocab = config.get("vocab_size")
+        if vocab is not None:
+            vocab = positive_int(vocab, config_file.name("vocab_size"))
         logits_node = next(node for node in self.session.get_outputs() if node.name == "logits")
         if isinstance(logits_node.shape[-1], int):
             vocab = logits_node.shape[-1]
@@ -247,26 +269,29 @@ class OnnxCausalLM:
             raise ValueError(
                 f"tokenizer: {self.tokenizer.vocab_size} tokens but the model has {self.vocab_size} logits"
             )
-        self.max_length = int(
-            max_length or config.get("max_position_embeddings") or config.get("n_positions") or 1 << 30
-        )
-        eos = eos_token_id
-        if eos is None:
-            eos = generation.get("eos_token_id", config.get("eos_token_id"))
-        self.eos_token_ids = frozenset(
-            []
-            if eos is None
-            else [int(e) for e in (eos if isinstance(eos, (list, tuple, set, frozenset)) else [eos])]  # type: ignore[arg-type]
-        )
-        bos = (
-            bos_token_id
-            if bos_token_id is not None
-            else generation.get("bos_token_id", config.get("bos_token_id"))
-        )
-        self.bos_token_id = None if bos is None else int(bos)
-        pad = pad_token_id if pad_token_id is not None else config.get("pad_token_id")
+        # An argument first, then generation_config.json, then config.json; each checked, and an error names
+        # the argument or the file and field it came from.
+        arguments = Source(None, {"max_length": max_length, "eos_token_id": eos_token_id,
+                                  "bos_token_id": bos_token_id, "pad_token_id": pad_token_id})  # fmt: skip
+        length, where = first([(arguments, "max_length"), (config_file, "max_position_embeddings"),
+                               (config_file, "n_positions")])  # fmt: skip
+        self.max_length = 1 << 30 if length is None else positive_int(length, where)
+        if self.max_length <= self.max_new_tokens:
+            raise ValueError(
+                f"{where}: a context of {self.max_length} tokens leaves no room for a prompt with "
+                f"max_new_tokens={self.max_new_tokens}"
+            )
+        eos, where = first([(arguments, "eos_token_id"), (generation_file, "eos_token_id"),
+                            (config_file, "eos_token_id")])  # fmt: skip
+        self.eos_token_ids = frozenset() if eos is None else token_ids(eos, where, self.vocab_size)
+        bos, where = first([(arguments, "bos_token_id"), (generation_file, "bos_token_id"),
+                            (config_file, "bos_token_id")])  # fmt: skip
+        self.bos_token_id = None if bos is None else token_id(bos, where, self.vocab_size)
+        pad, where = first([(arguments, "pad_token_id"), (config_file, "pad_token_id")])
         self.pad_token_id = (
-            int(pad) if pad is not None else (min(self.eos_token_ids) if self.eos_token_ids else 0)
+            token_id(pad, where, self.vocab_size)
+            if pad is not None
+            else (min(self.eos_token_ids) if self.eos_token_ids else 0)
         )
 
         self.step_ids: Optional[frozenset[int]] = None
@@ -430,7 +455,8 @@ class OnnxCausalLM:
     # -- the Policy protocol ----------------------------------------------------------------------------
 
     def start(self, prompts: Optional[Sequence[Any]], num_particles: int) -> Particles:
-        prompt_list = [None] if prompts is None else list(prompts)
+        checked = check_prompts(prompts)
+        prompt_list = [None] if checked is None else checked
         if not prompt_list:
             raise ValueError("prompts: expected at least one prompt, got an empty sequence")
         encoded: list[npt.NDArray[np.int64]] = []
@@ -438,7 +464,7 @@ class OnnxCausalLM:
         for b, prompt in enumerate(prompt_list):
             try:
                 encoded.append(self.encode_prompt(prompt))
-            except ValueError as error:
+            except Exception as error:  # any failure of one prompt (the tokenizer's too) is that prompt's
                 errors[b] = f"prompt {b}: {error}"
                 encoded.append(np.array([self.pad_token_id], dtype=np.int64))
         batch, width = len(encoded), max(len(ids) for ids in encoded)

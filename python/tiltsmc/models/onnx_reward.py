@@ -40,6 +40,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .. import core
+from ._config import Source, positive_int, token_id, token_ids
 from ._ort import make_session
 from .onnx_lm import _PAST, cache_geometry, log_softmax, read_json, resolve_model_file
 from .particles import Particles
@@ -83,7 +84,8 @@ class _Prompts:
 
 
 class OnnxRewardModel:
-    """``log Vh`` from an ONNX scoring model (see the module docstring)."""
+    """``log Vh`` from an ONNX scoring model (see the module docstring). ``memory_arena=False`` frees ONNX
+    Runtime's buffers after each run instead of keeping them at their peak (a long-running service)."""
 
     # Its log-values are finite or -inf (it raises on anything else itself): the samplers need not check.
     log_values_checked = True
@@ -109,6 +111,7 @@ class OnnxRewardModel:
         delimiter_ids: Optional[Sequence[int]] = None,
         label: Optional[int] = None,
         classes: Optional[Sequence[int]] = None,
+        memory_arena: bool = True,
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
@@ -117,13 +120,14 @@ class OnnxRewardModel:
         if position == "delimiter" and not delimiter_ids:
             raise ValueError("delimiter_ids: position='delimiter' needs the token ids that end a step")
         self.position = position
-        self.delimiter_ids = np.array(sorted({int(i) for i in delimiter_ids or ()}), dtype=np.int64)
+        unbounded = np.iinfo(np.int64).max  # checked against the vocabulary once it is known
+        delimiters = token_ids(list(delimiter_ids or ()), "delimiter_ids", unbounded)
+        self.delimiter_ids = np.array(sorted(delimiters), dtype=np.int64)
         self.kind = kind
         self.model_file, model_dir = resolve_model_file(path)
         self.config = read_json(model_dir / "config.json")
         self.tokenizer: Optional[Tokenizer] = load_tokenizer(tokenizer, model_dir)
         self.verifier = verifier
-        self.pad_token_id = int(pad_token_id)
         self._prompts: Optional[_Prompts] = None  # the last batch's prompts, see _prompt_layout
         # Its scores in Particles.state are its own: another reward model scoring the same particles
         # keeps its values under other names.
@@ -135,6 +139,7 @@ class OnnxRewardModel:
             intra_op_num_threads=intra_op_num_threads,
             inter_op_num_threads=inter_op_num_threads,
             require_gpu=require_gpu,
+            memory_arena=memory_arena,
         )
         inputs = {node.name: node for node in self.session.get_inputs()}
         outputs = {node.name: node for node in self.session.get_outputs()}
@@ -168,9 +173,13 @@ class OnnxRewardModel:
         label_at = self.label or 0
         self._label_at = self.classes.index(label_at) if self.classes else label_at
         self._class_index = None if self.classes is None else np.array(self.classes, dtype=np.int64)
-        self.vocab_size = self.config.get("vocab_size") or (
-            self.tokenizer.vocab_size if self.tokenizer is not None else None
-        )
+        vocab = self.config.get("vocab_size")
+        if vocab is not None:
+            vocab = positive_int(vocab, Source(model_dir / "config.json", self.config).name("vocab_size"))
+        self.vocab_size = vocab or (self.tokenizer.vocab_size if self.tokenizer is not None else None)
+        upper = self.vocab_size if self.vocab_size is not None else unbounded
+        self.pad_token_id = token_id(pad_token_id, "pad_token_id", upper)
+        token_ids(self.delimiter_ids.tolist(), "delimiter_ids", upper)
         self.token_map = None
         if token_map is not None:
             mapping = np.asarray(token_map)

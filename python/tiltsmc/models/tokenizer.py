@@ -27,6 +27,15 @@ class Tokenizer:
         return dict(self.inner.get_vocab(with_added_tokens=True))
 
     def encode(self, text: str) -> npt.NDArray[np.int64]:
+        """Token ids of ``text``; ValueError for text that is not valid Unicode (a lone surrogate, as
+        ``json.loads`` gives for a client's ``"\\ud800"``), which the tokenizer would refuse with a
+        TypeError that does not say why."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(
+                f"not valid Unicode text: {error.reason} {text[error.start]!r} at character {error.start}"
+            ) from None
         return np.asarray(self.inner.encode(text, add_special_tokens=False).ids, dtype=np.int64)
 
     def decode(self, ids: npt.ArrayLike) -> str:

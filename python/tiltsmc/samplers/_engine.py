@@ -10,6 +10,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..models.particles import Particles
+from ..models.prompts import check_prompts
 from ..models.protocols import Policy, RewardModel, TokenPolicy, TwistModel
 from .result import Compute
 
@@ -150,8 +151,9 @@ class Models:
 
 
 def prompts_list(prompts: Optional[Sequence[Any]]) -> Optional[list[Any]]:
-    """The prompts as a list (None: the policy's one empty prompt)."""
-    return None if prompts is None else list(prompts)
+    """The prompts as a list (None: the policy's one empty prompt); a bare string is refused, not read
+    as one prompt per letter (:func:`~tiltsmc.models.prompts.check_prompts`)."""
+    return check_prompts(prompts)
 
 
 def all_finished(particles: Particles) -> bool:

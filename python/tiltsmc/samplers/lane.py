@@ -250,52 +250,51 @@ class Lane:
         parts: list[Particles] = []
         for count, group in groups.items():
             try:
-                parts.extend(self._start_group(count, group))
+                parts.append(self._start_group(count, group))
             except Exception as error:
                 if len(group) == 1:
                     ended.append((group[0][0], error))
                     continue
                 for run, prompts in group:  # find the run at fault: start each alone
                     try:
-                        parts.extend(self._start_group(count, [(run, prompts)]))
+                        parts.append(self._start_group(count, [(run, prompts)]))
                     except Exception as run_error:
                         ended.append((run, run_error))
         if parts:
             self._join(parts)
 
-    def _start_group(self, count: int, group: list[tuple[Run, Optional[list[Any]]]]) -> list[Particles]:
-        prompts: Optional[list[Any]]
+    def _start_group(self, count: int, group: list[tuple[Run, Optional[list[Any]]]]) -> Particles:
+        """One policy start for the group's prompts; each run begins on its rows. The batch comes back
+        one particle per prompt entry, ready to join."""
+        runs = [run for run, _ in group]
         if len(group) == 1:
             prompts = group[0][1]
         else:
             prompts = [prompt for _, run_prompts in group for prompt in (run_prompts or [None])]
-        part = self._charge_to([run for run, _ in group], lambda: self.models.start(prompts, count))
-        log_v0 = self._charge_to([run for run, _ in group], lambda: self.models.initial_log_value(part))
-        failed = failed_prompts(part)
-        log_v_prev = np.zeros(part.lengths.shape)
+        part: Particles = self._charge_to(runs, lambda: self.models.start(prompts, count))
+        log_v0 = self._charge_to(runs, lambda: self.models.initial_log_value(part))
+        batches = [part.num_prompts] if len(group) == 1 else [len(p or [None]) for _, p in group]
         capacity = part.tokens.shape[2]
         limits = np.full(part.lengths.shape, capacity, dtype=np.int64)
-        offset = 0
-        for run, run_prompts in group:
-            batch = part.num_prompts if len(group) == 1 else len(run_prompts or [None])
+        offsets = np.cumsum([0, *batches])
+        for run, start, stop in zip(runs, offsets[:-1], offsets[1:]):
             if run.max_new_tokens is not None:
                 if run.max_new_tokens > capacity:
                     raise ValueError(
                         f"max_new_tokens: {run.max_new_tokens} is more than the policy's limit of {capacity}"
                     )
-                limits[offset : offset + batch] = run.max_new_tokens
-            offset += batch
-        offset = 0
-        for run, run_prompts in group:
-            batch = part.num_prompts if len(group) == 1 else len(run_prompts or [None])
-            rows = slice(offset, offset + batch)
-            errors = {b - offset: m for b, m in part.errors.items() if offset <= b < offset + batch}
-            log_v_prev[rows] = run.begin(log_v0[rows], failed[rows], errors)
-            self._joining.append(_Member(run, batch, count))
-            offset += batch
+                limits[start:stop] = run.max_new_tokens
+        failed = failed_prompts(part)
+        log_v_prev = np.zeros(part.lengths.shape)
+        members = []
+        for run, start, stop in zip(runs, offsets[:-1], offsets[1:]):
+            errors = {b - start: m for b, m in part.errors.items() if start <= b < stop}
+            log_v_prev[start:stop] = run.begin(log_v0[start:stop], failed[start:stop], errors)
+            members.append(_Member(run, int(stop - start), count))
         part.state[LOG_V_PREV] = log_v_prev
         part.state[MAX_NEW_TOKENS] = limits
-        return [part.one_per_prompt()]
+        self._joining.extend(members)
+        return part.one_per_prompt()
 
     def _join(self, parts: list[Particles]) -> None:
         if self.particles is not None:

@@ -61,7 +61,12 @@ class SamplerResult:
     """Per prompt ``b``: ``samples[b]`` (``(N, T)`` for fixed-horizon tasks, else a list of sequences),
     ``log_weights[b]`` (``(N,)``, ``logsumexp = 0``), ``log_z[b]`` (estimate of ``log Z``), and diagnostics.
 
-    Per step (arrays ``(B, steps)``): ``ess``, ``resampled``, ``unique_ancestors``, ``log_z_increments``.
+    Per step (arrays ``(B, steps)``): ``ess``, ``resampled``, ``unique_ancestors``, ``log_z_increments``
+    (``log sum_i W_{t-1,i} G_{t,i}``; for ``mh`` the mean over its proposals) and ``log_z_increment_se``
+    (their Monte Carlo standard errors, 0 where the increment is exact given the prefixes, ``inf`` where it
+    is ``-inf``): an online reading of the reward model's Bellman error, see
+    :func:`tiltsmc.diagnostics.online_bellman`. Samplers that take no guided steps (best-of-N, rejection)
+    have no steps.
     ``collapsed[b]`` is True where every weight of prompt ``b`` became zero (then ``log_z[b] = -inf``).
     ``acceptance_rate`` (``mh``) and ``tries`` (``rejection``) are set by the samplers they belong to;
     ``ancestry`` (``(B, steps, N)``, when recorded) holds each step's ancestor indices.
@@ -82,6 +87,7 @@ class SamplerResult:
     ancestry: Optional[npt.NDArray[np.int64]] = None
     texts: Optional[list[list[str]]] = None
     errors: dict[int, str] = field(default_factory=dict)
+    log_z_increment_se: Optional[npt.NDArray[np.float64]] = None
 
     @property
     def num_prompts(self) -> int:
@@ -132,7 +138,7 @@ class SamplerResult:
             "collapsed": plain(self.collapsed),
             "compute": self.compute.to_dict(),
         }
-        for name in ("acceptance_rate", "tries", "ancestry", "texts"):
+        for name in ("log_z_increment_se", "acceptance_rate", "tries", "ancestry", "texts"):
             value = getattr(self, name)
             if value is not None:
                 record[name] = plain(value)

@@ -79,7 +79,29 @@ def _empty_trace(batch: int) -> dict[str, Any]:
         "resampled": np.zeros((batch, 0), dtype=bool),
         "unique_ancestors": np.zeros((batch, 0), dtype=np.int64),
         "log_z_increments": np.zeros((batch, 0)),
+        "log_z_increment_se": np.zeros((batch, 0)),
     }
+
+
+def increment_standard_error(
+    log_w_prev: FloatArray, log_total: FloatArray, log_g: FloatArray, increment: FloatArray
+) -> FloatArray:
+    r"""Standard error of a log Z increment ``l_t = log sum_i W_{t-1,i} G_{t,i}`` (delta method), per row.
+
+    Given the particles before step ``t``, ``sum_i W_i G_i`` is an unbiased estimate of
+    ``m_t = sum_i W_i E_p[G_t | prefix_i]`` with variance ``sum_i W_i^2 Var_p(G_t | prefix_i)``, estimated by
+    ``sum_i W_i^2 (G_i - e^l)^2`` (each particle's one draw against the weighted mean, an overestimate by
+    the spread of the ``E_p[G_t | prefix_i]``); relative to ``e^l`` that is
+    ``sd(l_t) ~ sqrt(sum_i (W_i G_i / e^l - W_i)^2)``, the distance between the normalised weights before
+    and after the step. ``inf`` where the increment is ``-inf`` (every potential 0: no reading).
+    """
+    finite = increment > -np.inf
+    out = np.full(increment.shape, np.inf)
+    if finite.any():
+        log_before = log_w_prev[finite] - log_total[finite, None]  # log W_i (log_total > -inf on these rows)
+        log_after = log_before + log_g[finite] - increment[finite, None]  # log (W_i G_i / e^l) <= 0
+        out[finite] = np.sqrt(np.sum(np.square(np.exp(log_after) - np.exp(log_before)), axis=1))
+    return out
 
 
 class Trace:
@@ -90,6 +112,7 @@ class Trace:
         self.resampled: list[npt.NDArray[np.bool_]] = []
         self.unique: list[npt.NDArray[np.int64]] = []
         self.increments: list[FloatArray] = []
+        self.increment_se: list[FloatArray] = []
         self.ancestry: list[npt.NDArray[np.int64]] = []
 
     def stacked(self, batch: int) -> dict[str, Any]:
@@ -101,6 +124,7 @@ class Trace:
             "resampled": stack(self.resampled, bool),
             "unique_ancestors": stack(self.unique, np.int64),
             "log_z_increments": stack(self.increments, np.float64),
+            "log_z_increment_se": stack(self.increment_se, np.float64),
         }
 
 
@@ -184,6 +208,7 @@ class SMCRun(Run):
         generator: np.random.Generator,
         max_steps: int,
         record_ancestry: bool = False,
+        final_resample: Optional[int] = None,
     ) -> None:
         super().__init__(prompts, generator, max_steps)
         self.num_particles = num_particles
@@ -191,6 +216,7 @@ class SMCRun(Run):
         self.ess_threshold = ess_threshold
         self.proposal = proposal
         self.record_ancestry = record_ancestry
+        self.final_resample = final_resample
         self.started = False
         self.trace = Trace()
 
@@ -249,6 +275,10 @@ class SMCRun(Run):
         # and log Zh += log sum_i W_{t-1,i} G_{t,i}; never resampling after the last step: the final sample
         # stays weighted.
         threshold = 0.0 if all_finished(particles) else self.ess_threshold
+        naive = bool(reweighted.any())  # potentials drawn here (the optimal proposal applied its own)
+        if naive:  # kept for the increment's standard error: the core updates both in place
+            log_w_prev, log_total_prev = self.log_w.copy(), self.log_total.copy()
+            log_g = np.where(reweighted, safe_increment(log_v, particles.state[LOG_V_PREV]), 0.0)
         ancestors, resample_rows, ess, unique, step_increment = core.smc_reweight(
             self.log_w,
             log_v,
@@ -266,6 +296,12 @@ class SMCRun(Run):
         trace.resampled.append(resample_rows)
         trace.unique.append(unique)
         trace.increments.append(step_increment)
+        # optimal proposal: the increment log sum_i W_i E_p[G | prefix_i] is exact given the prefixes
+        trace.increment_se.append(
+            increment_standard_error(log_w_prev, log_total_prev, log_g, step_increment)
+            if naive
+            else np.where(step_increment > -np.inf, 0.0, np.inf)
+        )
         if self.record_ancestry:
             trace.ancestry.append(np.array(ancestors))
         self.check_steps(particles)
@@ -276,20 +312,40 @@ class SMCRun(Run):
         if not self.report or type(self) is not SMCRun:
             return
         normalised, _, _ = core.log_normalize(self.log_w, zero_rows="report")
-        samples = samples_of(particles)
+        if self.final_resample is None:
+            samples = samples_of(particles)
+            log_weights = list(normalised)
+        else:
+            samples, log_weights = self._final_resample(particles)
         trace = self.trace
         self.result = SamplerResult(
             sampler="smc",
             samples=samples,
             texts=decode_texts(self.policy, samples),
             errors=self.errors,
-            log_weights=list(normalised),
+            log_weights=log_weights,
             log_z=self.log_z,
             collapsed=self.collapsed,
             compute=self.compute,
             ancestry=np.stack(trace.ancestry, axis=1) if self.record_ancestry and trace.ancestry else None,
             **trace.stacked(len(self.log_z)),
         )
+
+    def _final_resample(self, particles: Particles) -> tuple[list[Any], list[FloatArray]]:
+        """``final_resample = M`` particles per prompt drawn by weight with the run's scheme (``M = 1``: one
+        particle with probability ``W_i``, Theorem 5.1's output rule), each of weight ``1/M``. A collapsed
+        prompt keeps its first ``M`` slots (cycling), every weight 0."""
+        count = int(self.final_resample or 1)
+        batch = len(self.log_z)
+        rows = np.tile(np.arange(count, dtype=np.int64) % self.num_particles, (batch, 1))
+        alive = ~self.collapsed
+        if alive.any():
+            scheme: Any = self.scheme  # a scheme name, checked by the sampler's arguments
+            rows[alive] = core.resample(self.log_w[alive], scheme, count, rng=self.generator)
+        log_weights = [
+            np.full(count, -np.inf if self.collapsed[b] else -math.log(count)) for b in range(batch)
+        ]
+        return samples_of(particles, rows), log_weights
 
 
 class ExactSPRun(SMCRun):
@@ -353,6 +409,11 @@ class PoolRun(Run):
         trace.resampled.append(np.ones(batch, dtype=bool))
         trace.unique.append(np.ones(batch, dtype=np.int64))
         trace.increments.append(log_mean)
+        trace.increment_se.append(
+            increment_standard_error(
+                np.zeros_like(potentials), np.full(batch, math.log(self.pool_size)), potentials, log_mean
+            )
+        )
         self.check_steps(particles)
         return np.repeat(chosen[:, None], self.pool_size, axis=1)
 
@@ -551,6 +612,7 @@ class MHRun(Run):
         self.errors: dict[int, str] = {}
         self.state: Optional[list[np.ndarray]] = None
         self.estimates: list[FloatArray] = []
+        self.increments: list[tuple[FloatArray, FloatArray]] = []  # each proposal's (increments, their se)
         self.accepted = np.zeros(len(prompts) if prompts is not None else 1)
         self.current = self._proposal()
 
@@ -613,6 +675,8 @@ class MHRun(Run):
         self.errors.update(proposal.errors)
         log_z = proposal.log_z
         self.estimates.append(log_z)
+        trace = proposal.trace.stacked(batch)
+        self.increments.append((trace["log_z_increments"], trace["log_z_increment_se"]))
         if self.state is None:
             self.state, self.log_z_state = trajectories, log_z
         else:
@@ -628,6 +692,7 @@ class MHRun(Run):
         all_estimates = np.stack(self.estimates, axis=1)
         samples = [trajectory[None, :] for trajectory in self.state]
         steps = self.mh_steps
+        increments, increment_se = _mean_increments(self.increments, batch)
         self.result = SamplerResult(
             sampler="mh",
             samples=samples,
@@ -638,8 +703,33 @@ class MHRun(Run):
             ess=np.ones((batch, 0)),
             resampled=np.zeros((batch, 0), dtype=bool),
             unique_ancestors=np.zeros((batch, 0), dtype=np.int64),
-            log_z_increments=np.zeros((batch, 0)),
+            log_z_increments=increments,
+            log_z_increment_se=increment_se,
             collapsed=self.log_z_state == -np.inf,
             compute=self.compute,
             acceptance_rate=self.accepted / steps if steps else np.full(batch, np.nan),
         )
+
+
+def _mean_increments(
+    increments: list[tuple[FloatArray, FloatArray]], batch: int
+) -> tuple[FloatArray, FloatArray]:
+    """The MH result's per-step log Z increments: at each step the mean over the proposals whose increment
+    is finite there (a proposal that finished earlier reads 0, as a finished particle's potential is 1),
+    with the standard error of that mean (``sqrt(sum se^2) / count``); ``-inf`` and ``inf`` where every
+    proposal collapsed."""
+    steps = max((values.shape[1] for values, _ in increments), default=0)
+    values = np.zeros((len(increments), batch, steps))
+    errors = np.zeros((len(increments), batch, steps))
+    for h, (value, error) in enumerate(increments):
+        values[h, :, : value.shape[1]] = value
+        errors[h, :, : error.shape[1]] = error
+    finite = values > -np.inf
+    count = finite.sum(axis=0)
+    some = count > 0
+    mean = np.full((batch, steps), -np.inf)
+    se = np.full((batch, steps), np.inf)
+    mean[some] = np.where(finite, values, 0.0).sum(axis=0)[some] / count[some]
+    variance = np.where(finite, np.square(errors), 0.0).sum(axis=0)
+    se[some] = np.sqrt(variance[some]) / count[some]
+    return mean, se

@@ -62,6 +62,7 @@ def smc(
     record_ancestry: bool = False,
     max_steps: int = 1_000_000,
     max_new_tokens: Optional[int] = None,
+    final_resample: Optional[int] = None,
 ) -> SamplerResult:
     """SMC targeting ``pi ∝ p r`` with the ratio potentials ``G_t = Vh_t / Vh_{t-1}``.
 
@@ -69,11 +70,20 @@ def smc(
     step), never after the last step. ``max_new_tokens`` ends every trajectory at that many tokens (None:
     at the policy's own limit). ``proposal="optimal"`` draws each token from ``q ∝ p Vh_t`` (needs a
     token policy and a twist head); with the exact twist every final weight is equal and ``log_z`` is exact.
+
+    ``final_resample=M`` returns ``M`` particles per prompt drawn by weight at the end (with ``resample``'s
+    scheme), each of weight ``1/M``, instead of the ``N`` weighted ones. ``final_resample=1`` with
+    ``resample="multinomial"`` and ``ess_threshold=1.0`` is the algorithm of the paper's Theorem 5.1: one
+    output particle, within TV ``L^6 T (1+eps)^(6(T-1)) / (2N)`` of ``pi``.
+
+    The result's ``log_z_increments`` (``log sum_i W_{t-1,i} G_{t,i}``, with ``log_z_increment_se``) read the
+    reward model's Bellman error along the way: see :func:`tiltsmc.diagnostics.online_bellman`.
     """
     models = Models(policy, reward, Compute())
     run = smc_run(
         models, prompts, num_particles, resample, ess_threshold, proposal, rng,
         record_ancestry=record_ancestry, max_steps=max_steps, max_new_tokens=max_new_tokens,
+        final_resample=final_resample,
     )  # fmt: skip
     result: SamplerResult = run_alone(models, run)
     return result
@@ -91,9 +101,12 @@ def smc_run(
     record_ancestry: bool,
     max_steps: int,
     max_new_tokens: Optional[int] = None,
+    final_resample: Optional[int] = None,
 ) -> SMCRun:
     """The run of :func:`smc` with these arguments, checked (the serving engine builds its runs here)."""
     num_particles = check_count(num_particles, "num_particles")
+    if final_resample is not None:
+        final_resample = check_count(final_resample, "final_resample")
     _check_common(resample, ess_threshold, proposal, models)
     run = SMCRun(
         prompts_list(prompts),
@@ -104,6 +117,7 @@ def smc_run(
         as_generator(rng),
         check_count(max_steps, "max_steps"),
         bool(record_ancestry),
+        final_resample,
     )
     return limited(run, max_new_tokens)
 

@@ -18,6 +18,7 @@ exactly the offline function's result when it is alone.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import itertools
 import logging
@@ -33,6 +34,7 @@ from ..samplers._engine import Models, check_count
 from ..samplers.lane import KINDS, Lane
 from ..samplers.result import Compute, SamplerResult
 from ..samplers.runs import Run
+from ._memory import release_free_memory
 from .scheduler import EngineClosed, Overloaded, Request, Scheduler
 
 __all__ = ["SAMPLERS", "Engine", "EngineClosed", "Overloaded", "sampler_defaults"]
@@ -81,6 +83,9 @@ class Engine:
     its pool / ``n`` / ``batch_size``); ``max_queue``: the most requests waiting for rows, past which
     :meth:`submit` raises :class:`Overloaded`; ``timeout``: the default per-request timeout in seconds
     (None: none). The worker thread starts at once; :meth:`close` (or leaving a ``with`` block) stops it.
+    ``release_memory_when_idle``: when the last request has left, give the freed heap back to the system
+    (:func:`~tiltsmc.serving._memory.release_free_memory`; models built with ``memory_arena=False`` then
+    return to their idle size after a burst).
     """
 
     def __init__(
@@ -91,6 +96,7 @@ class Engine:
         max_batch_rows: int = 4096,
         max_queue: int = 1024,
         timeout: Optional[float] = None,
+        release_memory_when_idle: bool = True,
     ) -> None:
         self._models = Models(policy, reward, Compute())
         problems = [p for p in (_missing_support(policy, "policy"), _missing_support(reward, "reward")) if p]
@@ -101,7 +107,8 @@ class Engine:
         self.default_timeout = _check_timeout(timeout)
         self._scheduler = Scheduler(self.max_queue, self.max_batch_rows)
         self._lanes = {kind: Lane(self._models, kind) for kind in KINDS}
-        self._in_flight: dict[int, Request] = {}  # by id(run); owned by the worker
+        # by id(run): changed by the worker only, under the lock (stats() reads it from other threads)
+        self._in_flight: dict[int, Request] = {}
         self._ids = itertools.count(1)
         self._wake = threading.Condition()
         self._closing = False
@@ -117,6 +124,8 @@ class Engine:
         }
         self._steps = 0
         self._step_seconds = 0.0
+        self._worked = False  # steps taken since the engine was last idle
+        self.release_memory_when_idle = release_memory_when_idle
         self._worker = threading.Thread(target=self._serve, name="tiltsmc-engine", daemon=True)
         self._worker.start()
 
@@ -245,7 +254,12 @@ class Engine:
     def _iterate(self) -> bool:
         """One iteration; False once the engine has closed and nothing is left."""
         with self._wake:
-            while not self._closing and not self._in_flight and not len(self._scheduler):
+            release = self.release_memory_when_idle and self._worked and self._idle()
+            self._worked = self._worked and not release
+        if release:  # the burst is over: its freed buffers go back to the system
+            release_free_memory()
+        with self._wake:
+            while self._idle():
                 self._wake.wait()
             closing, deadline = self._closing, self._drain_deadline
         now = time.perf_counter()
@@ -258,10 +272,12 @@ class Engine:
         rows = sum(r.rows for r in self._in_flight.values())
         for request in self._scheduler.admit(rows):
             request.admitted = now
-            self._in_flight[id(request.run)] = request
+            with self._wake:
+                self._in_flight[id(request.run)] = request
             self._lanes[request.run.kind].add(request.run)
         if not self._in_flight:
             return not (closing and not len(self._scheduler))
+        self._worked = True
         began = time.perf_counter()
         for lane in self._lanes.values():
             if len(lane):
@@ -278,11 +294,19 @@ class Engine:
             self._step_seconds += time.perf_counter() - began
         return True
 
+    def _idle(self) -> bool:
+        return not self._closing and not self._in_flight and not len(self._scheduler)
+
     def _drop_cancelled(self, now: float) -> None:
         gone = [r for r in self._in_flight.values() if r.future.cancelled() or r.expired(now)]
+        if not gone:
+            return
+        for kind, lane in self._lanes.items():  # one compaction of each lane's particles
+            lane.remove([r.run for r in gone if r.run.kind == kind])
+        with self._wake:
+            for request in gone:
+                del self._in_flight[id(request.run)]
         for request in gone:
-            self._lanes[request.run.kind].remove([request.run])
-            del self._in_flight[id(request.run)]
             self._end_waiting(request, now)
 
     def _end_waiting(self, request: Request, now: float) -> None:
@@ -295,8 +319,12 @@ class Engine:
         self._settle(request, TimeoutError(f"timeout: the request took more than {waited:.3g} s"))
 
     def _finish(self, run: Run, error: Optional[BaseException]) -> None:
-        request = self._in_flight.pop(id(run), None)
+        with self._wake:
+            request = self._in_flight.pop(id(run), None)
         if request is None:
+            return
+        if request.future.cancelled():  # cancelled by its caller during this step
+            self._count("cancelled")
             return
         result = run.result
         if error is None and result is not None and result.errors:
@@ -323,11 +351,15 @@ class Engine:
         for request in self._scheduler.take_all():
             self._count("failed")
             self._settle(request, error)
-        for request in list(self._in_flight.values()):
-            self._lanes[request.run.kind].remove([request.run])
+        with self._wake:
+            in_flight = list(self._in_flight.values())
+            self._in_flight.clear()
+        for request in in_flight:
             self._count("failed")
             self._settle(request, error)
-        self._in_flight.clear()
+        for lane in self._lanes.values():
+            with contextlib.suppress(Exception):  # after a failure of the worker its lanes may be broken
+                lane.remove(lane.runs())
 
     def _count(self, outcome: str) -> None:
         with self._wake:

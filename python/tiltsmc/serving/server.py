@@ -30,7 +30,7 @@ import re
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
@@ -43,7 +43,7 @@ from .engine import Engine, EngineClosed, Overloaded, sampler_defaults
 if TYPE_CHECKING:
     from fastapi.responses import JSONResponse
 
-__all__ = ["Limits", "add_arguments", "create_app", "main"]
+__all__ = ["Limits", "Settings", "add_arguments", "create_app", "serve"]
 
 logger = logging.getLogger("tiltsmc.server")
 
@@ -112,13 +112,16 @@ def create_app(
     limits: Limits = Limits(),
     timeout: Optional[float] = 60.0,
     close_timeout: float = 30.0,
+    instance: Optional[str] = None,
 ) -> Any:
     """A FastAPI app serving ``engine`` (see the module docstring). On shutdown it closes the engine,
-    finishing what is in flight for up to ``close_timeout`` seconds."""
+    finishing what is in flight for up to ``close_timeout`` seconds. ``instance`` (a replica's name,
+    where several serve one endpoint) is sent in every answer's ``X-Tiltsmc-Instance`` header and in the
+    ``tiltsmc_instance_info`` metric."""
     from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, Info, generate_latest
     from pydantic import BaseModel, ConfigDict, Field
 
     policy = engine.policy
@@ -152,6 +155,10 @@ def create_app(
         registry=registry,
     )
     registry.register(_EngineCollector(engine))
+    if instance is not None:
+        Info("tiltsmc_instance", "The instance (replica) serving", registry=registry).info(
+            {"instance": instance}
+        )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
@@ -236,7 +243,7 @@ def create_app(
             _response(request_id, model_name, body.sampler, len(prompts), prompt_tokens, choices, policy)
         )
 
-    app.add_middleware(_RequestLog, latency=latency)
+    app.add_middleware(_RequestLog, latency=latency, instance=instance)
     return app
 
 
@@ -414,8 +421,9 @@ class _RequestLog:
     new one), echoes it in the response, and logs one JSON line per request (what the handler put in
     ``request.state.detail`` included); completion latencies go to the histogram by outcome."""
 
-    def __init__(self, app: Any, latency: Any) -> None:
+    def __init__(self, app: Any, latency: Any, instance: Optional[str] = None) -> None:
         self.app, self.latency = app, latency
+        self.instance = None if instance is None else instance.encode("latin-1", "replace")
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -433,7 +441,10 @@ class _RequestLog:
         async def send_with_id(message: Any) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
-                message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+                headers = message.setdefault("headers", [])
+                headers.append((b"x-request-id", request_id.encode()))
+                if self.instance is not None:
+                    headers.append((b"x-tiltsmc-instance", self.instance))
             await send(message)
 
         try:
@@ -507,60 +518,83 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-n", type=int, default=Limits.max_n)
 
 
-def serve(args: argparse.Namespace, policy: Any, reward: Any) -> int:
+@dataclass(frozen=True)
+class Settings:
+    """What ``tiltsmc serve`` configures besides the models: the engine's admission limits and the app's
+    settings (one replica's, on Ray Serve)."""
+
+    model_name: str = "tiltsmc"
+    api_key: Optional[str] = None
+    limits: Limits = Limits()
+    timeout: Optional[float] = 60.0
+    grace: float = 30.0
+    max_batch_rows: int = 4096
+    max_queue: int = 1024
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "Settings":
+        """The settings of the command line, checked (ValueError naming the option)."""
+        api_key = None
+        if args.api_key_env is not None:
+            api_key = os.environ.get(args.api_key_env, "")
+            if not api_key:
+                raise ValueError(f"--api-key-env: ${args.api_key_env} is not set or empty")
+        for name in ("max_batch_rows", "max_queue", "max_prompt_tokens", "max_request_particles", "max_n"):
+            if getattr(args, name) < (0 if name == "max_queue" else 1):
+                raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer")
+        if not (args.timeout > 0 and args.grace >= 0):
+            raise ValueError("--timeout and --grace: expected positive numbers of seconds")
+        limits = Limits(
+            max_prompt_tokens=args.max_prompt_tokens,
+            max_particles=args.max_request_particles,
+            max_tokens=args.max_tokens,
+            max_n=args.max_n,
+        )
+        return cls(
+            args.model_name, api_key, limits, args.timeout, args.grace, args.max_batch_rows, args.max_queue
+        )
+
+    def engine(self, policy: Any, reward: Any) -> Engine:
+        return Engine(policy, reward, max_batch_rows=self.max_batch_rows, max_queue=self.max_queue)
+
+    def app(self, engine: Engine, instance: Optional[str] = None) -> Any:
+        return create_app(
+            engine,
+            model_name=self.model_name,
+            api_key=self.api_key,
+            limits=self.limits,
+            timeout=self.timeout,
+            close_timeout=self.grace,
+            instance=instance,
+        )
+
+
+def serve(args: argparse.Namespace, settings: Settings, policy: Any, reward: Any) -> int:
     """Run the server until SIGTERM / SIGINT (uvicorn's graceful shutdown, then the engine drains)."""
     try:
         import uvicorn
     except ImportError:
         print("tiltsmc: serve needs the serve extra: pip install 'tiltsmc[serve]'", file=sys.stderr)
         return 2
-    api_key = None
-    if args.api_key_env is not None:
-        api_key = os.environ.get(args.api_key_env, "")
-        if not api_key:
-            print(f"tiltsmc: --api-key-env: ${args.api_key_env} is not set or empty", file=sys.stderr)
-            return 2
-    for name in ("max_batch_rows", "max_queue", "max_prompt_tokens", "max_request_particles", "max_n"):
-        if getattr(args, name) < (0 if name == "max_queue" else 1):
-            print(f"tiltsmc: --{name.replace('_', '-')}: expected a positive integer", file=sys.stderr)
-            return 2
-    if not (args.timeout > 0 and args.grace >= 0):
-        print("tiltsmc: --timeout and --grace: expected positive numbers of seconds", file=sys.stderr)
-        return 2
-    limits = Limits(
-        max_prompt_tokens=args.max_prompt_tokens,
-        max_particles=args.max_request_particles,
-        max_tokens=args.max_tokens,
-        max_n=args.max_n,
-    )
-    engine = Engine(policy, reward, max_batch_rows=args.max_batch_rows, max_queue=args.max_queue)
-    app = create_app(
-        engine,
-        model_name=args.model_name,
-        api_key=api_key,
-        limits=limits,
-        timeout=args.timeout,
-        close_timeout=args.grace,
-    )
-    _log_to_stderr()
+    engine = settings.engine(policy, reward)
+    log_to_stderr()
     config = uvicorn.Config(
-        app,
+        settings.app(engine),
         host=args.host,
         port=args.port,
         log_level="warning",
         access_log=False,
-        timeout_graceful_shutdown=int(max(args.grace, 1)),
+        timeout_graceful_shutdown=int(max(settings.grace, 1)),
     )
-    server = uvicorn.Server(config)
     logger.info(
-        json.dumps({"event": "listening", "host": args.host, "port": args.port, "model": args.model_name})
+        json.dumps({"event": "listening", "host": args.host, "port": args.port, "model": settings.model_name})
     )
-    server.run()
-    engine.close(drain=True, timeout=args.grace)
+    uvicorn.Server(config).run()
+    engine.close(drain=True, timeout=settings.grace)
     return 0
 
 
-def _log_to_stderr() -> None:
+def log_to_stderr() -> None:
     if logger.handlers:
         return
     handler = logging.StreamHandler(sys.stderr)
@@ -568,9 +602,3 @@ def _log_to_stderr() -> None:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:  # pragma: no cover - `tiltsmc serve` is the entry
-    from ..cli import main as cli_main
-
-    return cli_main(["serve", *(argv or sys.argv[1:])])

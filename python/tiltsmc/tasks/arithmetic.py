@@ -169,6 +169,7 @@ def load_models(
     *,
     intra_op_num_threads: Optional[int] = None,
     providers: Optional[Any] = None,
+    memory_arena: bool = True,
 ) -> tuple[OnnxCausalLM, OnnxRewardModel]:
     """The bundled policy (a step is one line) and process reward model (``log Vh`` = log-sigmoid of its
     logit at a prefix's last token; the exact :func:`verify` at the end).
@@ -191,6 +192,7 @@ def load_models(
         step="\n",
         providers=providers,
         intra_op_num_threads=intra_op_num_threads,
+        memory_arena=memory_arena,
     )
     reward = OnnxRewardModel(
         folder / "prm",
@@ -200,5 +202,6 @@ def load_models(
         providers=providers,
         intra_op_num_threads=intra_op_num_threads,
         pad_token_id=PAD_ID,
+        memory_arena=memory_arena,
     )
     return policy, reward

@@ -167,9 +167,20 @@ class BellmanError:
             shifts are free for each ``t``, so the minimum is ``exp((hi_t - lo_t) / 2) - 1`` with ``hi_t`` and
             ``lo_t`` the max and min of ``log rho_t`` over ``S_t``. No sampler's output depends on the gauge;
             this is the figure that predicts sampler behaviour. Shape ``(T,)``.
-        ratio_bound: ``L = max max(G, 1/G)`` over the potentials ``G_t = Vh_t(s, w) / Vh_{t-1}(s)`` of the
-            reachable transitions (``s in S_t``, ``p(w|s) > 0``) with ``0 < G < inf``, so ``1/L <= G_t <= L``
-            wherever ``G_t > 0``; ``1.0`` when there are none.
+        ratio_bound: the paper's ``L`` (its Assumption 3.1: ``1/L <= G_t <= L`` on every reachable path), in
+            the model's own gauge: the smallest ``L >= 1`` with ``1/L <= G_t(s, w) <= L`` for every reachable
+            transition (``s in S_t``, ``p(w|s) > 0``) of the potential ``G_t = Vh_t(s, w) / Vh_{t-1}(s)``.
+            ``inf`` as soon as one of these potentials is 0 (a 0/1 verifier, or a twist that rules a
+            reachable continuation out); ``1.0`` when there are none. Prefixes with ``Vh_{t-1} = 0`` carry
+            no potential (as for ``eps``): they are reached only through a zero potential, which already
+            makes ``L`` infinite, or from ``Vh_0 = 0``, where nothing is constrained.
+        positive_ratio_bound: the same maximum of ``max(G, 1/G)`` over the *positive* potentials only
+            (``1.0`` when none): finite where ``L`` is infinite, it bounds the spread of the weights of
+            the particles that survive; it is not the paper's ``L``.
+        gauge_ratio_bound: ``L`` in the gauge that minimises ``eps``: each ``log G_t`` shifted by
+            ``-(hi_t + lo_t) / 2`` (the rescaling behind ``gauge_per_step``), so that ``(gauge_ratio_bound,
+            gauge_eps)`` describe one and the same rescaled twist and can be put together into a bound such
+            as Theorem 5.1's ``L^6 T (1+eps)^(6(T-1)) / (2N)``. ``inf`` where ``L`` is.
     """
 
     eps: float
@@ -178,6 +189,8 @@ class BellmanError:
     gauge_eps: float
     gauge_per_step: FloatArray
     ratio_bound: float
+    positive_ratio_bound: float
+    gauge_ratio_bound: float
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -516,7 +529,10 @@ class MarkovDFATask:
         alpha = self._forward_tables()
         log_eps = np.zeros(T)
         gauge_log = np.zeros(T)
-        log_ratio = 0.0
+        # per step: the largest and smallest log G_t over reachable transitions with G_t > 0, and the gauge
+        # shift -(hi + lo) / 2 of log rho_t that minimises eps_t
+        g_high, g_low, shift = np.zeros(T), np.zeros(T), np.zeros(T)
+        zero_potential = False
 
         for t in range(1, T + 1):
             nxt = levels[t - 1]
@@ -525,52 +541,58 @@ class MarkovDFATask:
                 if root == -np.inf:
                     continue
                 d = np.array([self._backup_root(nxt) - root])
-                child = gathered[self._start][
-                    (self._log_init_arr > -np.inf) & (gathered[self._start] > -np.inf)
-                ]
-                if child.size:
-                    log_ratio = max(log_ratio, float(np.max(np.abs(child - root))))
+                children = gathered[self._start][self._log_init_arr > -np.inf]
+                log_g = children - root
             else:
                 parent = levels[t - 2]
                 valid = (alpha[t - 2] > -np.inf) & (parent > -np.inf)
                 if not valid.any():
                     continue
                 d = self._backup(t - 1, nxt)[valid] - parent[valid]
-                log_ratio = max(log_ratio, self._max_abs_log_potential(t - 1, parent, valid, gathered))
+                log_g = self._log_potential_range(t - 1, parent, valid, gathered)
+            zero_potential |= bool(np.any(log_g == -np.inf))
+            positive = log_g[log_g > -np.inf]
+            if positive.size:
+                g_high[t - 1], g_low[t - 1] = float(positive.max()), float(positive.min())
             if not np.isfinite(d).all():  # some rho_t = 0
                 log_eps[t - 1] = gauge_log[t - 1] = np.inf
             else:
                 log_eps[t - 1] = float(np.max(np.abs(d)))
                 gauge_log[t - 1] = 0.5 * float(np.max(d) - np.min(d))
+                shift[t - 1] = -0.5 * float(np.max(d) + np.min(d))
 
         per_step = np.expm1(log_eps)
         gauge_per_step = np.expm1(gauge_log)
+        log_positive = float(np.max(np.maximum(g_high, -g_low)))
+        log_gauge = float(np.max(np.maximum(g_high + shift, -(g_low + shift))))
         return BellmanError(
             eps=float(np.max(per_step)),
             per_step=_readonly(per_step),
             log_per_step=_readonly(log_eps),
             gauge_eps=float(np.max(gauge_per_step)),
             gauge_per_step=_readonly(gauge_per_step),
-            ratio_bound=float(np.exp(log_ratio)),
+            ratio_bound=math.inf if zero_potential else math.exp(max(log_positive, 0.0)),
+            positive_ratio_bound=math.exp(max(log_positive, 0.0)),
+            gauge_ratio_bound=math.inf if zero_potential else math.exp(max(log_gauge, 0.0)),
         )
 
-    def _max_abs_log_potential(
+    def _log_potential_range(
         self, t: int, parent: FloatArray, valid: BoolArray, gathered: FloatArray
-    ) -> float:
-        """``max |log G|`` over transitions from valid prefixes of length ``t`` (``p > 0``, ``G > 0``)."""
+    ) -> FloatArray:
+        """``[max log G, min log G]`` over the reachable transitions from valid prefixes of length ``t``
+        (``p > 0``); ``min`` is ``-inf`` when some such potential is 0. Empty when there are none."""
         V, Q = self._V, self._Q
         possible = self._log_trans(t) > -np.inf  # [v, w]
-        child_ok = gathered > -np.inf  # [q, w]
         parent_safe = np.where(valid, parent, 0.0)
-        best = 0.0
+        high, low, seen = -np.inf, np.inf, False
         step = max(1, _CHUNK_ELEMENTS // (Q * V))
         for v0 in range(0, V, step):
             sl = slice(v0, v0 + step)
-            mask = valid[sl, :, None] & possible[sl, None, :] & child_ok[None, :, :]
+            mask = valid[sl, :, None] & possible[sl, None, :]
             if mask.any():
-                diff = gathered[None, :, :] - parent_safe[sl, :, None]
-                best = max(best, float(np.max(np.abs(diff[mask]))))
-        return best
+                diff = (gathered[None, :, :] - parent_safe[sl, :, None])[mask]
+                high, low, seen = max(high, float(diff.max())), min(low, float(diff.min())), True
+        return np.array([high, low]) if seen else np.zeros(0)
 
     # ------------------------------------------------------------------ sampling and enumeration
 

@@ -9,6 +9,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..models.particles import Particles
+from ..models.prompts import check_prompts
 from ..models.sampling import sample_categorical
 
 if TYPE_CHECKING:
@@ -20,9 +21,10 @@ FloatArray = npt.NDArray[np.float64]
 
 
 def _prompts(prompts: Optional[Sequence[Any]]) -> list[Any]:
-    if prompts is None:
+    checked = check_prompts(prompts)
+    if checked is None:
         return [()]
-    prompts = list(prompts)
+    prompts = checked
     if not prompts:
         raise ValueError("prompts: expected at least one prompt, got an empty sequence")
     for b, prompt in enumerate(prompts):

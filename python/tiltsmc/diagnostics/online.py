@@ -1,0 +1,221 @@
+r"""An online reading of the reward model's Bellman error from the log Z increments of any run.
+
+At step ``t`` SMC multiplies its estimate of ``Z`` by ``sum_i W_{t-1,i} G_{t,i}`` (``W``: the normalised
+weights before the step, ``G_t = Vh_t / Vh_{t-1}``). Given the particles before the step its expectation is
+
+    m_t = sum_i W_{t-1,i} rho_t(prefix_i),     rho_t(s) = E_{s_t ~ p}[Vh_t(s, s_t)] / Vh_{t-1}(s),
+
+a convex combination of the very ratios that the Bellman error bounds: if ``1/(1+eps) <= rho_t <= 1+eps`` on
+every reachable prefix, then ``|log m_t| <= log(1+eps)``. The increment ``l_t = log sum_i W_{t-1,i} G_{t,i}``
+estimates ``log m_t`` with standard error ``se_t`` (:func:`tiltsmc.samplers.runs.increment_standard_error`;
+0 where the increment is exact given the prefixes: the optimal proposal, exact SP-gSMC). So
+
+    eps >= exp(|l_t| - z se_t) - 1
+
+for every step, at a joint confidence ``confidence`` with ``z`` Bonferroni-corrected over the readings:
+a *lower* bound on the reward model's ``eps`` (in its own gauge: a model rescaled per level reads
+differently) along the paths the run actually took, free with every run. It cannot show that ``eps`` is
+small: ratios above and below 1 at one step average out in ``m_t``, and so do the finished particles of a
+run whose trajectories end at different steps (their potential is 1: the bound stays valid, only weaker).
+SP-gSMC with a pool reads ``rho_t`` of the single kept prefix from its ``K`` candidates; the MH correction
+reports the mean of its proposals' increments. Best-of-N and rejection take no guided steps and give no
+reading.
+
+A step whose every potential was 0 (increment ``-inf``) gives no reading here; it is a collapse, reported
+by ``SamplerResult.collapse_warnings``. The standard error is estimated from the particles' own draws (one
+per particle): where every particle drew the same potential (e.g. all wrote the same line) it is 0 and the
+reading is taken at face value, although other continuations might have had other potentials.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from statistics import NormalDist
+from typing import Any, Optional
+
+import numpy as np
+import numpy.typing as npt
+
+from ..samplers.result import SamplerResult
+
+__all__ = ["OnlineBellman", "OnlineBellmanWarning", "online_bellman"]
+
+FloatArray = npt.NDArray[np.float64]
+
+
+class OnlineBellmanWarning(UserWarning):
+    """A run's log Z increments put the reward model's Bellman error above the ``eps`` a user gave."""
+
+
+@dataclass(frozen=True)
+class OnlineBellman:
+    """The Bellman-error reading of one or more runs (prompts stacked), from their log Z increments.
+
+    Attributes:
+        sampler: the sampler that produced the increments (``"+"``-joined when combined from several).
+        increments: ``(B, steps)`` ``l_t = log sum_i W_{t-1,i} G_{t,i}``; 0 after a prompt finished.
+        standard_errors: ``(B, steps)`` Monte Carlo standard errors of ``l_t`` (``inf`` where ``l_t = -inf``).
+        confidence: joint level of the lower bounds.
+    """
+
+    sampler: str
+    increments: FloatArray
+    standard_errors: FloatArray
+    confidence: float = 0.95
+
+    @classmethod
+    def combine(cls, readings: Sequence[OnlineBellman]) -> OnlineBellman:
+        """The readings of several batches as one (prompts stacked, shorter runs padded with exact 0s);
+        the lower bounds are then simultaneous over all of them."""
+        if not readings:
+            raise ValueError("readings: expected at least one reading")
+        steps = max(r.increments.shape[1] for r in readings)
+
+        def padded(array: FloatArray) -> FloatArray:
+            return np.pad(array, ((0, 0), (0, steps - array.shape[1])))
+
+        samplers = list(dict.fromkeys(r.sampler for r in readings))
+        return cls(
+            sampler="+".join(samplers),
+            increments=np.concatenate([padded(r.increments) for r in readings]),
+            standard_errors=np.concatenate([padded(r.standard_errors) for r in readings]),
+            confidence=min(r.confidence for r in readings),
+        )
+
+    @property
+    def readable(self) -> npt.NDArray[np.bool_]:
+        """``(B, steps)``: the steps with a finite increment (a reading)."""
+        return np.asarray(np.isfinite(self.increments), dtype=bool)
+
+    @property
+    def z(self) -> float:
+        """Normal quantile of the one-sided lower bounds, Bonferroni over every readable step."""
+        count = max(int(np.count_nonzero(self.readable & (self.standard_errors > 0))), 1)
+        return NormalDist().inv_cdf(1.0 - (1.0 - self.confidence) / count)
+
+    @property
+    def per_step(self) -> FloatArray:
+        """``(B, steps)`` point readings ``exp(|l_t|) - 1`` (``inf`` where ``l_t = -inf``)."""
+        with np.errstate(over="ignore"):
+            return np.asarray(np.expm1(np.abs(self.increments)), dtype=np.float64)
+
+    @property
+    def per_step_low(self) -> FloatArray:
+        """``(B, steps)`` lower bounds ``exp(max(|l_t| - z se_t, 0)) - 1`` on ``eps`` (0 where unreadable)."""
+        readable = self.readable
+        margin = np.zeros_like(self.increments)
+        errors = np.where(readable, self.standard_errors, 0.0)
+        margin[readable] = np.maximum(np.abs(self.increments[readable]) - self.z * errors[readable], 0.0)
+        with np.errstate(over="ignore"):
+            return np.asarray(np.expm1(margin), dtype=np.float64)
+
+    @property
+    def eps_low(self) -> float:
+        """The largest lower bound: ``eps`` is at least this, at the joint ``confidence``."""
+        low = self.per_step_low
+        return float(low.max()) if low.size else 0.0
+
+    @property
+    def eps_point(self) -> float:
+        """The largest point reading over readable steps (biased upwards by noise; not a bound)."""
+        point = np.where(self.readable, self.per_step, 0.0)
+        return float(point.max()) if point.size else 0.0
+
+    def where(self) -> Optional[tuple[int, int]]:
+        """``(prompt, step)`` of :attr:`eps_low` (``step`` 1-based), or None with no positive lower bound."""
+        low = self.per_step_low
+        if not low.size or low.max() <= 0.0:
+            return None
+        b, t = np.unravel_index(int(np.argmax(low)), low.shape)
+        return int(b), int(t) + 1
+
+    def exceeds(self, eps: float) -> bool:
+        """Whether the reading shows the Bellman error above ``eps`` (its lower bound is larger)."""
+        return self.eps_low > _check_eps(eps)
+
+    def warnings(self, eps: Optional[float]) -> list[str]:
+        """One message per prompt whose lower bound exceeds ``eps`` (none when ``eps`` is None)."""
+        if eps is None:
+            return []
+        eps = _check_eps(eps)
+        low = self.per_step_low
+        out = []
+        for b in np.flatnonzero(low.max(axis=1) > eps) if low.size else []:
+            t = int(np.argmax(low[b]))
+            out.append(
+                f"prompt {b}: the log Z increments put the reward model's Bellman error above eps = {eps:g}: "
+                f"eps >= {low[b, t]:.4g} at step {t + 1} (increment {self.increments[b, t]:+.4g} "
+                f"+- {self.standard_errors[b, t]:.2g}; {self.confidence:.0%} joint lower bound)"
+            )
+        return out
+
+    def summary(self, eps: Optional[float] = None) -> str:
+        """One line for a run's summary: the lower bound with where it was read, the point reading, and
+        whether it exceeds ``eps``."""
+        steps = self.increments.shape[1]
+        if steps == 0 or not self.readable.any():
+            return f"Bellman error: no online reading ({self.sampler} takes no guided steps)"
+        where = self.where()
+        at = f" (prompt {where[0]}, step {where[1]})" if where is not None else ""
+        line = (
+            f"Bellman error along the sampled paths: eps >= {self.eps_low:.4g}{at} "
+            f"at {self.confidence:.0%} joint confidence; largest point reading {self.eps_point:.4g} "
+            f"[{self.increments.shape[0]} prompt(s) x {steps} step(s), {self.sampler}]"
+        )
+        if eps is not None:
+            verdict = "EXCEEDS" if self.exceeds(eps) else "within"
+            line += f"; {verdict} eps = {_check_eps(eps):g}"
+        return line
+
+    def to_dict(self) -> dict[str, Any]:
+        def plain(values: FloatArray) -> Any:
+            return [[v if math.isfinite(v) else str(v) for v in row] for row in values.tolist()]
+
+        return {
+            "sampler": self.sampler,
+            "confidence": self.confidence,
+            "eps_low": self.eps_low,
+            "eps_point": self.eps_point,
+            "increments": plain(self.increments),
+            "standard_errors": plain(self.standard_errors),
+            "per_step_low": plain(self.per_step_low),
+        }
+
+
+def _check_eps(eps: Any) -> float:
+    if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, (int, float, np.integer, np.floating)):
+        raise TypeError(f"eps: expected a number >= 0, got {eps!r}")
+    value = float(eps)
+    if not value >= 0.0:
+        raise ValueError(f"eps: expected a number >= 0, got {eps!r}")
+    return value
+
+
+def online_bellman(
+    result: SamplerResult, eps: Optional[float] = None, *, confidence: float = 0.95
+) -> OnlineBellman:
+    """The online Bellman-error reading of a sampler's result (see the module docstring).
+
+    ``eps``: the Bellman error the user assumes of the reward model; an :class:`OnlineBellmanWarning` is
+    issued when the reading's lower bound exceeds it. ``confidence``: joint level of the lower bounds
+    (Bonferroni over every readable step of every prompt).
+    """
+    if not 0.0 < float(confidence) < 1.0:
+        raise ValueError(f"confidence: expected a level in (0, 1), got {confidence!r}")
+    increments = np.asarray(result.log_z_increments, dtype=np.float64)
+    errors = result.log_z_increment_se
+    if errors is None:  # a result built without them: no Monte Carlo error known
+        errors = np.full_like(increments, np.inf)
+    reading = OnlineBellman(
+        sampler=result.sampler,
+        increments=increments,
+        standard_errors=np.asarray(errors, dtype=np.float64),
+        confidence=float(confidence),
+    )
+    if eps is not None:
+        for message in reading.warnings(eps):
+            warnings.warn(message, OnlineBellmanWarning, stacklevel=2)
+    return reading

@@ -1,0 +1,71 @@
+"""Values read from a model's config.json / generation_config.json or given as arguments, checked at load:
+every error names where the value came from (``/path/config.json: bos_token_id`` or ``bos_token_id``) and
+what is wrong with it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+__all__ = ["Source", "positive_int", "real_number", "token_id", "token_ids"]
+
+
+class Source:
+    """Where a value comes from: a JSON file (its path) or an argument (None)."""
+
+    def __init__(self, path: Optional[Path], values: Mapping[str, Any]) -> None:
+        self.path = path
+        self.values = values
+
+    def get(self, field: str) -> Any:
+        """The field's value; None where it is missing or ``null`` (as the Hugging Face configs write it)."""
+        return self.values.get(field)
+
+    def name(self, field: str) -> str:
+        return field if self.path is None else f"{self.path}: {field}"
+
+
+def first(sources: list[tuple[Source, str]]) -> tuple[Any, str]:
+    """The first of ``(source, field)`` that is set, and its name for error messages (else None, '')."""
+    for source, field in sources:
+        value = source.get(field)
+        if value is not None:
+            return value, source.name(field)
+    return None, ""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def token_id(value: Any, where: str, vocab_size: int) -> int:
+    """A token id in ``[0, vocab_size)``: an int (not a bool, a float, a string)."""
+    if not _is_int(value) or not 0 <= int(value) < vocab_size:
+        raise ValueError(f"{where}: expected a token id in [0, {vocab_size}), got {value!r}")
+    return int(value)
+
+
+def token_ids(value: Any, where: str, vocab_size: int) -> frozenset[int]:
+    """One token id or a list of them (an empty list: none)."""
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return frozenset(token_id(v, where, vocab_size) for v in value)
+    if isinstance(value, np.ndarray) and value.ndim == 1:
+        return frozenset(token_id(v, where, vocab_size) for v in value.tolist())
+    return frozenset([token_id(value, where, vocab_size)])
+
+
+def positive_int(value: Any, where: str) -> int:
+    """An int >= 1."""
+    if not _is_int(value) or int(value) < 1:
+        raise ValueError(f"{where}: expected an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def real_number(value: Any, where: str) -> float:
+    """A real number (an int or a float, not a bool or a string that looks like one)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{where}: expected a number, got {value!r}")
+    return float(value)

@@ -1,0 +1,178 @@
+r"""The hard instance of the paper's lower bound (DESIGN.md §1), as a :class:`MarkovDFATask` with its twist.
+
+The construction (``T = 3m``, branching ``B``, ratio ``a > 1``):
+
+* the base policy is uniform over the ``B^(2m)`` prefixes of length ``2m`` (tokens ``0..B-1``), then takes
+  ``m`` deterministic steps (token 0);
+* one prefix ``u`` of length ``2m`` is hidden (drawn uniformly);
+* the approximate reward model is ``Vh_t = 1`` for ``t <= 2m``; for ``t = 2m + k`` (``k = 1..m``) it is
+  ``a^k`` after ``u`` and ``a^-k`` after any other prefix, so ``r = Vh_T = a^m`` on ``u`` and ``a^-m``
+  elsewhere.
+
+Every potential ``G_t = Vh_t / Vh_{t-1}`` is 1 for ``t <= 2m`` and ``a`` or ``1/a`` afterwards, so the paper's
+ratio bound is ``L = a`` and the Bellman error is exactly ``eps = a - 1`` (at step ``2m + 1`` the expected
+ratio from a prefix is ``a`` or ``1/a``; at later steps too, the continuation being deterministic). The
+twist carries no information about ``u`` before ``u`` has been written out, so a sampler must hit ``u``
+among its prefixes: with ``B = a`` (the paper's choice) ``u`` holds
+
+    pi(u) = a^-2m a^m / (a^-2m a^m + (1 - a^-2m) a^-m) = 1 / (2 - a^-2m)  (about one half)
+
+of the target's mass, any sampler within TV 1/3 of ``pi`` needs ``Omega(a^(2m)) = Omega(a^(2T/3))``
+queries, and the slope of ``log(queries)`` against ``T`` is ``2 ln a / 3 = 2 ln(1 + eps) / 3``. With
+``B != a`` the cost of finding ``u`` is ``B``'s (slope ``2 ln B / 3``) and ``u``'s share of the target
+differs: that is not the lower bound's rate.
+
+Automaton states: ``k = 0..2m`` is "the first ``k`` tokens match ``u``" (``2m`` absorbs: ``u`` written out)
+and ``2m + 1`` is the dead state (the prefix is not ``u``).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import numpy.typing as npt
+
+from .._rng import RNGLike, as_generator
+from .markov_dfa import LogTables, MarkovDFATask
+from .models import TableTwist
+
+__all__ = ["HardInstance", "hard_instance"]
+
+
+@dataclass(frozen=True, eq=False)
+class HardInstance:
+    """The hard instance: the task, its hard twist, the hidden prefix and the figures the bound predicts.
+
+    Attributes:
+        task: the :class:`MarkovDFATask` (``V = branching``, ``T = 3m``, time-varying transitions).
+        twist: the twist ``Vh`` of the construction (``L = a``, ``eps = a - 1``).
+        hidden_prefix: ``u``, the ``(2m,)`` int64 prefix that carries the reward ``a^m``.
+        a: the ratio per step of the last ``m`` steps.
+        m: a third of the horizon.
+        branching: ``B``, the number of tokens (``a`` in the paper's construction).
+    """
+
+    task: MarkovDFATask
+    twist: TableTwist
+    hidden_prefix: npt.NDArray[np.int64]
+    a: float
+    m: int
+    branching: int
+
+    @property
+    def horizon(self) -> int:
+        """``T = 3m``."""
+        return 3 * self.m
+
+    @property
+    def target_mass(self) -> float:
+        """``pi(prefix = u) = B^-2m a^m / (B^-2m a^m + (1 - B^-2m) a^-m)``, which is ``1 / (2 - a^-2m)``
+        when ``B = a``."""
+        log_hit = -2 * self.m * math.log(self.branching)
+        log_u = log_hit + self.m * math.log(self.a)
+        log_rest = math.log1p(-math.exp(log_hit)) - self.m * math.log(self.a)
+        return 1.0 / (1.0 + math.exp(log_rest - log_u))
+
+    @property
+    def lower_bound_rate(self) -> float:
+        """``2 ln a / 3``: the slope in ``T`` of the log of the query lower bound ``a^(2T/3)``."""
+        return 2.0 * math.log(self.a) / 3.0
+
+    @property
+    def search_rate(self) -> float:
+        """``2 ln B / 3``: the slope in ``T`` of the log of the number of uniform prefixes needed to hit ``u``
+        (equal to :attr:`lower_bound_rate` when ``B = a``)."""
+        return 2.0 * math.log(self.branching) / 3.0
+
+    def draws_to_hit(self, probability: float) -> float:
+        """Independent uniform prefixes needed to see ``u`` with at least ``probability``:
+        ``log(1 - probability) / log(1 - B^-2m)`` (real-valued; about ``B^(2m) ln(1/(1 - probability))``)."""
+        prob = float(probability)
+        if not 0.0 < prob < 1.0:
+            raise ValueError(f"probability: expected a value in (0, 1), got {probability!r}")
+        per_draw = math.log1p(-math.exp(-2 * self.m * math.log(self.branching)))
+        return math.log1p(-prob) / per_draw if per_draw < 0.0 else math.inf
+
+
+def _hard_tables(m: int, a: float, branching: int, task: MarkovDFATask) -> LogTables:
+    shape = (branching, task.num_states)
+    matched, dead = 2 * m, 2 * m + 1
+    tables: LogTables = [0.0]
+    for t in range(1, 3 * m + 1):
+        level = np.zeros(shape)
+        if t > 2 * m:
+            k = t - 2 * m
+            level[:] = -k * math.log(a)  # every state but "u written out" (only `dead` is reachable)
+            level[:, matched] = k * math.log(a)
+        tables.append(level)
+    assert dead == task.num_states - 1
+    return tables
+
+
+def hard_instance(a: Any, m: Any, rng: RNGLike = None, *, branching: Optional[int] = None) -> HardInstance:
+    """The paper's hard instance with ratio ``a``, horizon ``T = 3m`` and branching ``B = a`` (DESIGN.md §1).
+
+    Args:
+        a: the ratio per step after ``2m`` (``L = a``, ``eps = a - 1``); an integer ``>= 2`` unless
+            ``branching`` is given, else a finite real ``> 1``.
+        m: ``>= 1``; the horizon is ``3m``.
+        rng: draws the hidden prefix ``u`` (anything :func:`numpy.random.default_rng` accepts).
+        branching: ``B``; default ``a`` (the paper's choice). Another ``B`` decouples the cost of finding
+            ``u`` (rate ``2 ln B / 3``) from the bound's rate ``2 ln a / 3``.
+
+    Raises:
+        TypeError, ValueError: an argument of the wrong kind or value (the message names it).
+    """
+    if isinstance(m, (bool, np.bool_)):
+        raise TypeError("m: expected an integer, got a bool")
+    try:
+        m_int = operator.index(m)
+    except TypeError:
+        raise TypeError(f"m: expected an integer, got {type(m).__name__}") from None
+    if m_int < 1:
+        raise ValueError(f"m: expected m >= 1, got {m_int}")
+    if isinstance(a, (bool, np.bool_)) or not isinstance(a, (int, float, np.integer, np.floating)):
+        raise TypeError(f"a: expected a real number, got {type(a).__name__}")
+    a_f = float(a)
+    if not (math.isfinite(a_f) and a_f > 1.0):
+        raise ValueError(f"a: expected a finite ratio > 1, got {a!r}")
+    if branching is None:
+        if a_f != round(a_f):
+            raise ValueError(f"a: the branching B = a must be an integer (got a = {a!r}); pass branching=")
+        branching_int = round(a_f)
+    else:
+        if isinstance(branching, (bool, np.bool_)):
+            raise TypeError("branching: expected an integer, got a bool")
+        try:
+            branching_int = operator.index(branching)
+        except TypeError:
+            raise TypeError(f"branching: expected an integer, got {type(branching).__name__}") from None
+        if branching_int < 2:
+            raise ValueError(f"branching: expected B >= 2, got {branching_int}")
+    B, T = branching_int, 3 * m_int
+    u = as_generator(rng).integers(0, B, size=2 * m_int).astype(np.int64)
+    matched, dead = 2 * m_int, 2 * m_int + 1
+    dfa = np.full((2 * m_int + 2, B), dead, dtype=np.int64)
+    dfa[np.arange(2 * m_int), u] = np.arange(1, 2 * m_int + 1)
+    dfa[matched, :] = matched
+    reward = np.full(2 * m_int + 2, a_f**-m_int)
+    reward[matched] = a_f**m_int
+    uniform = np.full((B, B), 1.0 / B)
+    forced = np.zeros((B, B))
+    forced[:, 0] = 1.0
+    # trans[i - 1] is the law of x_i (0-indexed): uniform for i < 2m, token 0 afterwards; trans[T-1] unused
+    trans = np.stack([uniform if i < 2 * m_int or i == T else forced for i in range(1, T + 1)])
+    task = MarkovDFATask(np.full(B, 1.0 / B), trans, dfa, 0, reward, T)
+    u.setflags(write=False)
+    return HardInstance(
+        task=task,
+        twist=TableTwist(task, _hard_tables(m_int, a_f, B, task)),
+        hidden_prefix=u,
+        a=a_f,
+        m=m_int,
+        branching=B,
+    )

@@ -1,0 +1,183 @@
+"""Every failure of ``tiltsmc run`` is one line ``tiltsmc: ...`` on standard error with exit status 2 (bad
+arguments, prompts or model files) or 1 (the run or its output failed), never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tiltsmc.cli import _step, main
+
+FIXTURES = Path(__file__).parent / "fixtures" / "models"
+POLICY, REWARD = str(FIXTURES / "llama-tiny"), str(FIXTURES / "prm-tiny")
+RUN = ["run", "--policy", POLICY, "--reward", REWARD, "--max-new-tokens", "3", "--particles", "2"]
+
+
+def one_line_error(capfd: pytest.CaptureFixture[str]) -> str:
+    error = capfd.readouterr().err
+    assert error.startswith("tiltsmc: ") and error.count("\n") == 1 and "Traceback" not in error, error
+    return error
+
+
+def model_copy(tmp_path: Path, name: str = "llama-tiny") -> Path:
+    folder = tmp_path / name
+    shutil.copytree(FIXTURES / name, folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--ess-threshold", "nan", "expected a fraction in [0, 1], got nan"),
+        ("--ess-threshold", "1.5", "expected a fraction in [0, 1], got 1.5"),
+        ("--seed", "-1", "--seed: expected an integer >= 0, got -1"),
+        ("--seed", "1e3", "--seed: expected an integer >= 0, got '1e3'"),
+        ("--step", "\\x4", "--step: malformed escape in '\\\\x4'"),
+        ("--step", "\\u12", "--step: malformed escape"),
+        ("--step", "", "--step: expected 'token' or a non-empty delimiter"),
+        ("--temperature", "nan", "--temperature: expected a finite number > 0, got nan"),
+        ("--temperature", "0", "--temperature: expected a finite number > 0, got 0"),
+        ("--top-p", "0", "--top-p: expected a fraction in (0, 1], got 0"),
+        ("--bound", "inf", "--bound: expected a finite number > 0, got inf"),
+        ("--mh-steps", "-2", "--mh-steps: expected an integer >= 0, got -2"),
+        ("--reward-delimiters", "-1", "--reward-delimiters: expected comma-separated integers >= 0"),
+        ("--reward-label", "-1", "--reward-label: expected an integer >= 0, got -1"),
+        ("--particles", "x", "--particles: expected an integer >= 1, got 'x'"),
+        ("--threads", "100000", "--threads: expected at most 1024 threads"),  # ONNX Runtime ran out of memory
+    ],
+)
+def test_bad_arguments(option: str, value: str, message: str, capfd: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([*RUN, "--prompt", "hi", f"{option}={value}"])
+    assert exit_info.value.code == 2
+    assert message in one_line_error(capfd)
+
+
+def test_step_escapes() -> None:
+    assert _step("token") == "token"
+    assert _step("\\n\\n") == "\n\n" and _step("\\t") == "\t" and _step("\\x41") == "A"
+    assert _step("é") == "é" and _step("→\\n") == "→\n"  # 'é' was read as UTF-8 bytes: 'Ã©'
+    assert _step("\\u00e9") == "é" and _step("\\\\") == "\\"
+
+
+def test_prompts_files(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("first\nd\xe9j\xe0 vu\n".encode("latin-1"))
+    assert main([*RUN, "--prompts", str(bad)]) == 2
+    assert f"--prompts: {bad} is not UTF-8 text (byte 0xe9 on line 2)" in one_line_error(capfd)
+    assert main([*RUN, "--prompts", str(tmp_path)]) == 2
+    assert "is a directory" in one_line_error(capfd)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    assert main([*RUN, "--prompts", str(empty)]) == 2
+    assert "holds no prompt" in one_line_error(capfd)
+    # CRLF line ends and a byte-order mark are not part of the prompts; U+2028 does not end a line
+    windows = tmp_path / "windows.txt"
+    windows.write_bytes("\ufeffone\r\ntwo\u2028half\r\n".encode())
+    out = tmp_path / "out.jsonl"
+    assert main([*RUN, "--prompts", str(windows), "--json", str(out)]) == 0
+    assert [json.loads(line)["prompt"] for line in out.read_text().splitlines()] == ["one", "two\u2028half"]
+
+
+def test_corrupt_and_unsupported_model_files(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    truncated = model_copy(tmp_path / "t")
+    data = (truncated / "model.onnx").read_bytes()
+    (truncated / "model.onnx").write_bytes(data[: len(data) // 2])
+    unsupported = model_copy(tmp_path / "u")  # an operator ONNX Runtime does not have: MatMuX
+    (unsupported / "model.onnx").write_bytes(data.replace(b"MatMul", b"MatMuX"))
+    noise = tmp_path / "noise.onnx"
+    noise.write_bytes(bytes(range(256)) * 8)
+    for model in (truncated, unsupported, noise):
+        for role in ("--policy", "--reward"):
+            argv = [*RUN, "--prompt", "hi"]
+            argv[argv.index(role) + 1] = str(model)
+            assert main(argv) == 2
+            error = one_line_error(capfd)
+            assert str(model) in error and ("ONNX Runtime cannot load" in error or "not a valid" in error)
+    assert (
+        "MatMuX" in (main([*RUN[:2], str(unsupported), *RUN[3:], "--prompt", "hi"]), one_line_error(capfd))[1]
+    )
+
+
+def test_onnx_runtime_error_during_the_run(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """A GPT-2 whose config.json claims 1000 positions but whose graph has 128: ONNX Runtime fails in the
+    run (Gather out of bounds). One line, status 1, and the old result file is kept."""
+    policy = model_copy(tmp_path, "gpt2-tiny")
+    config = json.loads((policy / "config.json").read_text())
+    (policy / "config.json").write_text(json.dumps({**config, "n_positions": 1000}))
+    out = tmp_path / "out.jsonl"
+    out.write_text("old\n")
+    argv = [*RUN, "--prompt", "x" * 150, "--json", str(out)]
+    argv[argv.index("--policy") + 1] = str(policy)
+    assert main(argv) == 1
+    error = one_line_error(capfd)
+    assert error.startswith("tiltsmc: run failed on prompts 0..0: ") and "Gather" in error
+    assert out.read_text() == "old\n" and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_full_device(capfd: pytest.CaptureFixture[str]) -> None:
+    assert main([*RUN, "--prompt", "hi", "--json", "/dev/full"]) == 1
+    assert one_line_error(capfd) == "tiltsmc: --json: cannot write /dev/full: No space left on device\n"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="RLIMIT_FSIZE")
+def test_a_file_that_cannot_grow(tmp_path: Path) -> None:
+    """A file size limit (as a full disk): the results cannot be written; the old file stays as it was."""
+    out = tmp_path / "out.jsonl"
+    out.write_text("old\n")
+    code = (
+        "import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100)); "
+        "from tiltsmc.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", code, *RUN, "--prompt", "hi", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 1
+    assert completed.stderr == f"tiltsmc: --json: cannot write {out}: File too large\n"
+    assert out.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="SIGPIPE semantics")
+def test_a_reader_that_goes_away(tmp_path: Path) -> None:
+    """``tiltsmc run ... | head -n 1``: the rest of the run cannot be written; one line, status 1."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"prompt {k}\n" for k in range(400)))  # more than a pipe holds
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tiltsmc.cli", *RUN, "--prompts", str(prompts), "--batch-size", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    first = process.stdout.readline()
+    process.stdout.close()
+    error = process.stderr.read().decode()
+    process.stderr.close()
+    process.wait(timeout=120)
+    assert json.loads(first)["prompt"] == "prompt 0"
+    assert process.returncode == 1
+    assert error == "tiltsmc: --json: standard output was closed by its reader (broken pipe)\n"
+
+
+def test_a_reward_model_with_another_vocabulary_is_refused_before_the_run(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    reward = model_copy(tmp_path, "prm-tiny")
+    tokenizer = json.loads((reward / "tokenizer.json").read_text())
+    vocabulary = tokenizer["model"]["vocab"]
+    vocabulary["z"] = vocabulary.pop("a")
+    (reward / "tokenizer.json").write_text(json.dumps(tokenizer))
+    out = tmp_path / "out.jsonl"
+    argv = [*RUN, "--prompt", "hi", "--json", str(out)]
+    argv[argv.index("--reward") + 1] = str(reward)
+    assert main(argv) == 2
+    assert "reward: the reward model's tokenizer differs from the policy's" in one_line_error(capfd)
+    assert not out.exists()

@@ -1,0 +1,243 @@
+"""``tiltsmc run --json PATH``: files written as users expect (atomic replacement that keeps the mode, hard
+links and symbolic links; FIFOs, devices and standard output as streams), bad locations refused before any
+model is loaded, and no temporary file left behind by a failure or a signal."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from tiltsmc.cli import main
+
+FIXTURES = Path(__file__).parent / "fixtures" / "models"
+POLICY, REWARD = str(FIXTURES / "llama-tiny"), str(FIXTURES / "prm-tiny")
+RUN = ["run", "--policy", POLICY, "--reward", REWARD, "--max-new-tokens", "3", "--particles", "2"]
+posix_only = pytest.mark.skipif(os.name != "posix", reason="POSIX files and signals")
+not_root = pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="permissions do not bind root")
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".tiltsmc-" in p.name)
+
+
+def prompts_of(text: str) -> list[str]:
+    return [json.loads(line)["prompt"] for line in text.splitlines()]
+
+
+@posix_only
+def test_a_regular_file_is_replaced_atomically_keeping_its_mode(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    out.write_text("old\n")
+    out.chmod(0o640)
+    before = out.stat()
+    assert main([*RUN, "--prompt", "hi", "--prompt", "ab", "--json", str(out)]) == 0
+    after = out.stat()
+    assert prompts_of(out.read_text()) == ["hi", "ab"]
+    assert stat.S_IMODE(after.st_mode) == 0o640  # mkstemp's 0600 before
+    assert after.st_ino != before.st_ino  # renamed over it: readers of the old file keep the old content
+    assert (after.st_uid, after.st_gid) == (before.st_uid, before.st_gid)
+    assert leftovers(tmp_path) == []
+
+
+@posix_only
+def test_a_new_file_gets_the_umask_mode(tmp_path: Path) -> None:
+    out = tmp_path / "new.jsonl"
+    umask = os.umask(0o027)
+    try:
+        assert main([*RUN, "--prompt", "hi", "--json", str(out)]) == 0
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640  # 0666 & ~0027, as a shell's > creates it
+    assert prompts_of(out.read_text()) == ["hi"] and leftovers(tmp_path) == []
+
+
+@posix_only
+def test_a_file_with_hard_links_is_rewritten_in_place(tmp_path: Path) -> None:
+    out, other = tmp_path / "out.jsonl", tmp_path / "link.jsonl"
+    out.write_text("old content, longer than nothing\n" * 50)
+    out.chmod(0o604)
+    os.link(out, other)
+    inode = out.stat().st_ino
+    assert main([*RUN, "--prompt", "hi", "--json", str(out)]) == 0
+    assert out.stat().st_ino == inode and out.stat().st_nlink == 2
+    assert other.read_text() == out.read_text() and prompts_of(out.read_text()) == ["hi"]
+    assert stat.S_IMODE(out.stat().st_mode) == 0o604 and leftovers(tmp_path) == []
+
+
+@posix_only
+def test_a_symbolic_link_stays_a_link_to_the_new_results(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / "results.jsonl"
+    target.write_text("old\n")
+    target.chmod(0o644)
+    link = tmp_path / "out.jsonl"
+    link.symlink_to(target)
+    assert main([*RUN, "--prompt", "hi", "--json", str(link)]) == 0
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert prompts_of(target.read_text()) == ["hi"] and stat.S_IMODE(target.stat().st_mode) == 0o644
+    assert leftovers(tmp_path) == leftovers(tmp_path / "real") == []
+
+
+def test_a_failed_run_keeps_the_old_file(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """A run that fails after the output is opened (a model file ONNX Runtime cannot load) leaves the old
+    file as it was and no temporary file."""
+    out = tmp_path / "out.jsonl"
+    out.write_text("old\n")
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07garbage that is not a model")
+    assert main([*RUN[:2], str(bad), *RUN[3:], "--prompt", "hi", "--json", str(out)]) == 2
+    assert out.read_text() == "old\n" and leftovers(tmp_path) == []
+    assert capfd.readouterr().err.count("\n") == 1
+
+
+@posix_only
+def test_a_fifo_is_streamed_to_its_reader(tmp_path: Path) -> None:
+    fifo = tmp_path / "results.fifo"
+    os.mkfifo(fifo)
+    received: list[str] = []
+
+    def read() -> None:
+        with open(fifo, encoding="utf-8") as handle:
+            received.extend(handle)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        code = main([*RUN, "--prompt", "hi", "--prompt", "ab", "--batch-size", "1", "--json", str(fifo)])
+    finally:
+        if reader.is_alive() and stat.S_ISFIFO(os.stat(fifo).st_mode):
+            reader.join(timeout=60)
+    assert code == 0 and stat.S_ISFIFO(fifo.stat().st_mode)  # still a FIFO, not replaced by a file
+    assert [json.loads(line)["prompt"] for line in received] == ["hi", "ab"]
+    assert leftovers(tmp_path) == []
+
+
+@posix_only
+@pytest.mark.skipif(not Path("/dev/null").exists(), reason="needs /dev/null")
+def test_a_character_device_is_written_not_replaced(capfd: pytest.CaptureFixture[str]) -> None:
+    before = os.stat("/dev/null")
+    assert main([*RUN, "--prompt", "hi", "--json", "/dev/null"]) == 0
+    after = os.stat("/dev/null")
+    assert stat.S_ISCHR(after.st_mode) and after.st_rdev == before.st_rdev
+    assert "to /dev/null" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("spec", ["-", "/dev/stdout"])
+def test_standard_output(spec: str, capfd: pytest.CaptureFixture[str]) -> None:
+    if spec != "-" and not Path(spec).exists():
+        pytest.skip(f"no {spec}")
+    assert main([*RUN, "--prompt", "hi", "--prompt", "ab", "--json", spec]) == 0
+    assert prompts_of(capfd.readouterr().out) == ["hi", "ab"]
+
+
+def test_a_directory_is_refused_before_any_model_is_loaded(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    missing_policy = str(tmp_path / "no-such-model")  # would fail too, but the output is checked first
+    argv = ["run", "--policy", missing_policy, "--reward", REWARD, "--prompt", "hi", "--json", str(tmp_path)]
+    assert main(argv) == 2
+    assert capfd.readouterr().err == f"tiltsmc: --json: {tmp_path} is a directory\n"
+    assert main([*argv[:-1], str(tmp_path / "absent" / "out.jsonl")]) == 2
+    error = capfd.readouterr().err
+    assert error.startswith("tiltsmc: --json: cannot create ") and error.endswith("does not exist\n")
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc")
+def test_a_folder_where_no_file_can_be_created_is_refused_before_the_run(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """/proc takes no new files, even from root (for whom permission bits are no obstacle)."""
+    argv = ["run", "--policy", "/nonexistent", "--reward", REWARD, "--prompt", "hi"]
+    assert main([*argv, "--json", "/proc/tiltsmc-results.jsonl"]) == 2
+    error = capfd.readouterr().err
+    assert error.startswith("tiltsmc: --json: cannot ") and error.count("\n") == 1
+
+
+@not_root
+def test_unwritable_locations_are_refused_before_the_run(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    readonly = tmp_path / "readonly.jsonl"
+    readonly.write_text("keep\n")
+    readonly.chmod(0o444)
+    argv = ["run", "--policy", "/nonexistent", "--reward", REWARD, "--prompt", "hi", "--json"]
+    try:
+        assert main([*argv, str(locked / "out.jsonl")]) == 2
+        assert "is not writable" in capfd.readouterr().err
+        assert main([*argv, str(readonly)]) == 2
+        assert "not writable" in capfd.readouterr().err and readonly.read_text() == "keep\n"
+    finally:
+        locked.chmod(0o700)
+
+
+@posix_only
+@pytest.mark.parametrize("signum", [signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)])
+def test_a_signal_mid_run_leaves_the_old_file_and_no_temporary_file(tmp_path: Path, signum: int) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"prompt {k}\n" for k in range(400)))
+    out = tmp_path / "out.jsonl"
+    out.write_text("old\n")
+    command = [sys.executable, "-m", "tiltsmc.cli", *RUN, "--prompts", str(prompts), "--batch-size", "1"]
+    process = subprocess.Popen(
+        [*command, "--max-new-tokens", "40", "--json", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not leftovers(tmp_path) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert leftovers(tmp_path), "the run never created its temporary file"
+        time.sleep(1.0)  # the models load, sampling starts
+        assert process.poll() is None, "the run ended before the signal"
+        process.send_signal(signum)
+        _, error = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == -signum  # ended by the signal, as the shell expects
+    assert error == f"tiltsmc: stopped by {signal.Signals(signum).name}; no result file written\n"
+    assert out.read_text() == "old\n" and leftovers(tmp_path) == []
+
+
+NOHUP = (
+    "import signal, sys; signal.signal(signal.SIGHUP, signal.SIG_IGN); "  # as nohup leaves it
+    "from tiltsmc.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="SIGHUP")
+def test_an_ignored_sighup_stays_ignored(tmp_path: Path) -> None:
+    """Under ``nohup`` (SIGHUP ignored) the run goes on to write its results."""
+    out = tmp_path / "out.jsonl"
+    process = subprocess.Popen(
+        [sys.executable, "-c", NOHUP, *RUN, "--prompt", "hi", "--json", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not leftovers(tmp_path) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        process.send_signal(signal.SIGHUP)
+        _, error = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, error
+    assert prompts_of(out.read_text()) == ["hi"] and leftovers(tmp_path) == []

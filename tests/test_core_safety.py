@@ -1,0 +1,695 @@
+"""Memory safety of the core kernels under hostile arguments (issue #16): arguments that share memory, another
+thread rewriting the arguments during a call, refused calls that must leave every argument unchanged, and
+log-probabilities of extreme logits.
+
+The rule checked for aliasing: a call whose arguments overlap either refuses with a ``ValueError`` naming both
+arguments, leaving memory as it was, or gives exactly what the same call on non-overlapping copies gives
+(results and the final contents of every argument). Reproducers that crashed the process before the fix run
+in a subprocess, so that a regression fails the test instead of killing pytest.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from tiltsmc import core
+
+SETTINGS = settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+def run_isolated(code: str, timeout: float = 60.0) -> str:
+    """Run ``code`` in a fresh interpreter; fail (not crash) if it dies, and return its standard output."""
+    process = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=timeout
+    )
+    assert process.returncode == 0, (
+        f"exit status {process.returncode}\nstdout:\n{process.stdout}\nstderr:\n{process.stderr}"
+    )
+    return process.stdout
+
+
+# --------------------------------------------------------------------------------------------------------
+# The issue's reproducers (each crashed the process: bus error or segmentation fault)
+# --------------------------------------------------------------------------------------------------------
+
+REPRODUCERS = {
+    "gather: out overlaps ancestors": (
+        """
+        buf = np.zeros(128, np.int64); anc = buf[:64].reshape(1, 64)
+        out = buf.view(np.float64).reshape(1, 64, 2)
+        core.gather(np.full((1, 64, 2), 1e300), anc, out=out)
+        """,
+        ("out", "ancestors"),
+    ),
+    "gather in place: ancestors a view of x": (
+        """
+        x = np.zeros((1, 64, 2), np.int64); anc = x.reshape(-1)[:64].reshape(1, 64); anc[:] = 63
+        x[0, 63] = 10**15; core.gather(x, anc, out=x)
+        """,
+        ("ancestors", "x"),
+    ),
+    "reorder_in_place: ancestors a view of the array": (
+        """
+        x = np.zeros((1, 64, 2), np.int64); anc = x.reshape(-1)[:64].reshape(1, 64); anc[:] = 63
+        x[0, 63] = 10**15; core.reorder_in_place([x], anc)
+        """,
+        ("ancestors", "arrays[0]"),
+    ),
+    "append_tokens: lengths a view of tokens": (
+        """
+        flat = np.zeros(8, np.int64); tokens = flat.reshape(2, 4); lengths = flat[2:4]; lengths[:] = [3, 2]
+        core.append_tokens(tokens, lengths, np.zeros(2, bool), np.array([10**12, 7]), np.ones(2, bool),
+                           np.array([-1]), 4)
+        """,
+        ("lengths", "tokens"),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REPRODUCERS))
+def test_issue_reproducers_refuse_naming_both_arguments(case: str) -> None:
+    body, names = REPRODUCERS[case]
+    code = (
+        "import numpy as np\nfrom tiltsmc import core\ntry:\n"
+        + textwrap.indent(textwrap.dedent(body), "    ")
+        + "\nexcept ValueError as error:\n    print('refused:', error)\nelse:\n    print('accepted')\n"
+    )
+    output = run_isolated(code)
+    assert output.startswith("refused: "), output
+    for name in names:
+        assert name in output, (name, output)
+
+
+def test_gather_with_ancestors_rewritten_by_another_thread() -> None:
+    """The issue's race: one thread toggles an ancestor between 0 and 10**13 while another gathers; the
+    gather may succeed or refuse, never crash (it did within half a second)."""
+    output = run_isolated(
+        """
+        import threading, time
+        import numpy as np
+        from tiltsmc import core
+        x = np.zeros((1, 1 << 20)); anc = np.zeros((1, 1 << 20), np.int64); stop = False
+        def mutate():
+            while not stop:
+                anc[0, -1] = 10**13; anc[0, -1] = 0
+        thread = threading.Thread(target=mutate); thread.start()
+        calls = refused = 0; end = time.monotonic() + 0.8
+        try:
+            while time.monotonic() < end:
+                try:
+                    core.gather(x, anc)
+                except ValueError:
+                    refused += 1
+                calls += 1
+        finally:
+            stop = True; thread.join()
+        print(calls, refused)
+        """
+    )
+    calls, _ = map(int, output.split())
+    assert calls > 0
+
+
+# --------------------------------------------------------------------------------------------------------
+# Every writing kernel, described once: how to make valid arguments, how to call it, what it writes
+# --------------------------------------------------------------------------------------------------------
+
+Args = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Kernel:
+    make: Callable[[np.random.Generator], Args]  # valid arguments, every one its own array
+    call: Callable[[Args], Any]
+    written: frozenset[str]  # the arguments the call writes
+    corrupt: Callable[[np.random.Generator, Args], None]  # makes the arguments invalid (the call must raise)
+
+
+def _dims(rng: np.random.Generator) -> tuple[int, int]:
+    return int(rng.integers(1, 4)), int(rng.integers(1, 7))
+
+
+def _make_gather(rng: np.random.Generator) -> Args:
+    b, n = _dims(rng)
+    m, k = int(rng.integers(1, 7)), int(rng.integers(1, 4))
+    return {
+        "x": rng.normal(size=(b, n, k)),
+        "ancestors": rng.integers(0, n, (b, m)),
+        "out": np.zeros((b, m, k)),
+    }
+
+
+def _make_in_place(rng: np.random.Generator) -> Args:
+    b, n = _dims(rng)
+    return {"x": rng.normal(size=(b, n, int(rng.integers(1, 12)))), "ancestors": rng.integers(0, n, (b, n))}
+
+
+def _make_reorder(rng: np.random.Generator) -> Args:
+    b, n = _dims(rng)
+    return {
+        "arrays[0]": rng.normal(size=(b, n, int(rng.integers(1, 12)))),
+        "arrays[1]": rng.integers(-5, 5, (b, n)),
+        "ancestors": rng.integers(0, n, (b, n)),
+    }
+
+
+def _bad_ancestors(rng: np.random.Generator, args: Args) -> None:
+    flat = args["ancestors"].reshape(-1)
+    flat[rng.integers(flat.size)] = rng.choice([-1, 10**12, -(2**63), args["ancestors"].shape[-1] + 3])
+
+
+def _make_append(rng: np.random.Generator) -> Args:
+    rows, capacity = int(rng.integers(1, 6)), int(rng.integers(2, 6))
+    return {
+        "tokens": rng.integers(0, 9, (rows, capacity)),
+        "lengths": rng.integers(0, capacity - 1, rows),
+        "finished": rng.random(rows) < 0.3,
+        "new_tokens": rng.integers(0, 9, rows),
+        "active": rng.random(rows) < 0.8,
+        "stop_ids": rng.integers(0, 9, int(rng.integers(0, 3))),
+    }
+
+
+def _bad_lengths(rng: np.random.Generator, args: Args) -> None:
+    r = int(rng.integers(args["lengths"].size))
+    args["active"][r] = True
+    args["lengths"][r] = rng.choice([-1, args["tokens"].shape[1], 10**12])
+
+
+def _make_reweight(rng: np.random.Generator) -> Args:
+    b, n = _dims(rng)
+    log_w = rng.normal(size=(b, n))
+    return {
+        "log_w": log_w,
+        "log_v": rng.normal(size=(b, n)),
+        "log_v_prev": rng.normal(size=(b, n)),
+        "live": rng.random((b, n)) < 0.7,
+        "log_total": np.log(np.exp(log_w).sum(axis=1)),
+        "log_z": rng.normal(size=b),
+        "collapsed": np.zeros(b, bool),
+    }
+
+
+def _bad_log_weight(rng: np.random.Generator, args: Args) -> None:
+    name = str(rng.choice([key for key in ("log_w", "log_v", "log_v_prev") if key in args]))
+    flat = args[name].reshape(-1)
+    k = int(rng.integers(flat.size))
+    flat[k] = rng.choice([np.nan, np.inf])
+    if "live" in args:
+        args["live"].reshape(-1)[k] = True
+
+
+def _make_step(rng: np.random.Generator) -> Args:
+    b, n = _dims(rng)
+    return {"log_w": rng.normal(size=(b, n)) * 3}
+
+
+def _make_decode(rng: np.random.Generator) -> Args:
+    rows, width = int(rng.integers(1, 5)), int(rng.integers(0, 5))
+    return {
+        "mask": rng.integers(0, 2, (rows, width)),
+        "still": rng.random(rows) < 0.5,
+        "new_tokens": rng.integers(0, 9, rows),
+    }
+
+
+def _make_prefixes(rng: np.random.Generator) -> Args:
+    b, n = _dims(rng)
+    capacity = int(rng.integers(1, 5))
+    prompt_lengths = rng.integers(0, 4, b)
+    offsets = np.concatenate([[0], np.cumsum(prompt_lengths)]).astype(np.int64)
+    return {
+        "prompt_ids": rng.integers(0, 9, int(offsets[-1])),
+        "prompt_offsets": offsets,
+        "tokens": rng.integers(0, 9, (b, n, capacity)),
+        "lengths": rng.integers(0, capacity + 1, (b, n)),
+        "selected": rng.integers(0, b * n, int(rng.integers(1, 5))),
+    }
+
+
+def _bad_prefix_index(rng: np.random.Generator, args: Args) -> None:
+    name = str(rng.choice(["lengths", "selected"]))
+    flat = args[name].reshape(-1)
+    flat[rng.integers(flat.size)] = rng.choice([-1, 10**12])
+
+
+def _make_read(rng: np.random.Generator) -> Args:
+    rows, width = int(rng.integers(1, 5)), int(rng.integers(1, 5))
+    return {"scores": rng.normal(size=(rows, width)), "columns": rng.integers(0, width, rows)}
+
+
+def _bad_column(rng: np.random.Generator, args: Args) -> None:
+    args["columns"][rng.integers(args["columns"].size)] = rng.choice([-1, args["scores"].shape[1], 10**12])
+
+
+def _make_logits(rng: np.random.Generator) -> Args:
+    rows, vocab = int(rng.integers(1, 5)), int(rng.integers(1, 8))
+    return {"logits": rng.normal(size=(rows, vocab)) * 5, "where": rng.random(rows) < 0.7}
+
+
+def _bad_logit(rng: np.random.Generator, args: Args) -> None:
+    r = int(rng.integers(args["logits"].shape[0]))
+    args["where"][r] = True
+    args["logits"][r, rng.integers(args["logits"].shape[1])] = rng.choice([np.nan, np.inf])
+
+
+KERNELS: dict[str, Kernel] = {
+    "gather": Kernel(
+        _make_gather,
+        lambda a: core.gather(a["x"], a["ancestors"], out=a["out"]),
+        frozenset({"out"}),
+        _bad_ancestors,
+    ),
+    "gather_in_place": Kernel(
+        _make_in_place,
+        lambda a: core.gather(a["x"], a["ancestors"], out=a["x"]),
+        frozenset({"x"}),
+        _bad_ancestors,
+    ),
+    "reorder_in_place": Kernel(
+        _make_reorder,
+        lambda a: core.reorder_in_place([a["arrays[0]"], a["arrays[1]"]], a["ancestors"]),
+        frozenset({"arrays[0]", "arrays[1]"}),
+        _bad_ancestors,
+    ),
+    "append_tokens": Kernel(
+        _make_append,
+        lambda a: core.append_tokens(
+            a["tokens"], a["lengths"], a["finished"], a["new_tokens"], a["active"], a["stop_ids"], 4
+        ),
+        frozenset({"tokens", "lengths", "finished"}),
+        _bad_lengths,
+    ),
+    "smc_reweight": Kernel(
+        _make_reweight,
+        lambda a: core.smc_reweight(
+            a["log_w"],
+            a["log_v"],
+            a["log_v_prev"],
+            a["live"],
+            a["log_total"],
+            a["log_z"],
+            a["collapsed"],
+            0.5,
+            rng=7,
+        ),
+        frozenset({"log_w", "log_v_prev", "log_total", "log_z", "collapsed"}),
+        _bad_log_weight,
+    ),
+    "smc_step": Kernel(
+        _make_step,
+        lambda a: core.smc_step(a["log_w"], 1.0, rng=7, survivors_stay=True),
+        frozenset({"log_w"}),
+        _bad_log_weight,
+    ),
+    "decode_inputs": Kernel(
+        _make_decode,
+        lambda a: core.decode_inputs(a["mask"], a["still"], a["new_tokens"], 0),
+        frozenset(),
+        lambda rng, a: None,
+    ),
+    "right_padded_prefixes": Kernel(
+        _make_prefixes,
+        lambda a: core.right_padded_prefixes(
+            a["prompt_ids"], a["prompt_offsets"], a["tokens"], a["lengths"], a["selected"], 0, True
+        ),
+        frozenset(),
+        _bad_prefix_index,
+    ),
+    "read_log_values": Kernel(
+        _make_read,
+        lambda a: core.read_log_values(a["scores"], a["scores"].shape[0], a["columns"]),
+        frozenset(),
+        _bad_column,
+    ),
+    "sample_logits": Kernel(
+        _make_logits,
+        lambda a: core.sample_logits(a["logits"], 0.7, 5, where=a["where"]),
+        frozenset(),
+        _bad_logit,
+    ),
+}
+
+
+def outcome(kernel: Kernel, args: Args) -> tuple[Any, Optional[str]]:
+    """(result, None) or (None, 'ErrorType: message') of the call."""
+    try:
+        return kernel.call(args), None
+    except (ValueError, TypeError) as error:
+        return None, f"{type(error).__name__}: {error}"
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equal to the last bit (arrays: dtype, shape and bytes)."""
+    if isinstance(a, tuple) or isinstance(b, tuple):
+        return isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b) and all(map(same, a, b))
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        a, b = np.asarray(a), np.asarray(b)
+        return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+    return bool(a == b)
+
+
+def snapshot(args: Args) -> dict[str, bytes]:
+    return {name: array.tobytes() for name, array in args.items()}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Aliasing: random overlapping views between every pair of arguments
+# --------------------------------------------------------------------------------------------------------
+
+PAIRS = [
+    (name, first, second)
+    for name, kernel in KERNELS.items()
+    for names in [list(kernel.make(np.random.default_rng(0)))]
+    for i, first in enumerate(names)
+    for second in names[i + 1 :]
+]
+
+
+def overlapping(
+    first: np.ndarray, second: np.ndarray, shift: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Views of one buffer with the shapes and dtypes of first and second, second starting `shift` bytes
+    (a multiple of 8) after first; first's values written, then second's over them."""
+    front = first.nbytes + second.nbytes + 16
+    buffer = np.zeros(2 * front + first.nbytes + second.nbytes, np.uint8)
+    start = front - front % 8
+    one = buffer[start : start + first.nbytes].view(first.dtype).reshape(first.shape)
+    two = buffer[start + shift : start + shift + second.nbytes].view(second.dtype).reshape(second.shape)
+    one[...] = first
+    two[...] = second
+    return buffer, one, two
+
+
+@SETTINGS
+@given(case=st.sampled_from(PAIRS), seed=st.integers(0, 2**32 - 1), data=st.data())
+def test_overlapping_arguments_refused_or_same_as_copies(
+    case: tuple[str, str, str], seed: int, data: Any
+) -> None:
+    name, first, second = case
+    kernel = KERNELS[name]
+    args = kernel.make(np.random.default_rng(seed))
+    a, b = args[first], args[second]
+    if a.nbytes == 0 or b.nbytes == 0:
+        return
+    low, high = -((b.nbytes - 1) // 8), (a.nbytes - 1) // 8  # every shift in between overlaps
+    shift = 8 * data.draw(st.integers(low, high), label="shift / 8")
+    buffer, one, two = overlapping(a, b, shift)
+    assert np.shares_memory(one, two)
+    aliased = dict(args, **{first: one, second: two})
+    copies = {key: value.copy() for key, value in aliased.items()}  # the values the call sees, apart
+    before = buffer.tobytes()
+    result, error = outcome(kernel, aliased)
+    if (
+        error is not None
+        and "ValueError" in error
+        and first in error
+        and second in error
+        and ("shares memory" in error or "overlaps" in error)
+    ):
+        event("refused")
+        assert buffer.tobytes() == before, "a refused call wrote to its arguments"
+        return
+    event("accepted")
+    expected, expected_error = outcome(kernel, copies)
+    assert error == expected_error
+    assert same(result, expected)
+    for key in aliased:
+        assert same(aliased[key], copies[key]), f"{key} ends differently from the call on copies"
+
+
+@pytest.mark.parametrize("name", sorted(KERNELS))
+def test_overlap_of_a_written_argument_is_refused(name: str) -> None:
+    """Not left to chance: every written argument, made to overlap each other argument, is refused."""
+    kernel = KERNELS[name]
+    args = kernel.make(np.random.default_rng(5))
+    for written in kernel.written:
+        for other in args:
+            if other == written or args[other].nbytes == 0:
+                continue
+            _, one, two = overlapping(args[written], args[other], 0)
+            if other in kernel.written and one.nbytes == two.nbytes:
+                continue  # the same memory twice: reorder_in_place reorders it once (its documented case)
+            _, error = outcome(kernel, dict(args, **{written: one, other: two}))
+            assert error is not None and error.startswith("ValueError"), (written, other, error)
+            assert written in error and other in error, error
+
+
+class _DevicePointer:
+    """A CUDA array interface at a made-up address (never dereferenced: the refusals come first)."""
+
+    def __init__(self, pointer: int, shape: tuple[int, ...], typestr: str) -> None:
+        self.__cuda_array_interface__ = {
+            "shape": shape,
+            "typestr": typestr,
+            "data": (pointer, False),
+            "strides": None,
+            "version": 3,
+        }
+
+
+class _FakeCuda:
+    """Stands in for tiltsmc._cuda: every pointer on device 0, and gather calls counted."""
+
+    def __init__(self) -> None:
+        self.gathers = 0
+
+    def pointer_device(self, pointer: int) -> int:
+        return 0
+
+    def gather(self, *args: Any) -> None:
+        self.gathers += 1
+
+
+def test_device_gather_refuses_ancestors_overlapping_its_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The device path has the same rule: out (or x, in place) must not overlap the ancestors, which the GPU
+    checks and then reads again while it writes."""
+    from tiltsmc import _device
+
+    fake = _FakeCuda()
+    monkeypatch.setattr(_device, "require_cuda", lambda: fake)
+    base = 1 << 20
+    x = _DevicePointer(base, (1, 64, 2), "<f8")  # 1 KiB
+    inside_x = _DevicePointer(base + 256, (1, 64), "<i8")
+    apart = _DevicePointer(base + 4096, (1, 64), "<i8")
+    out_over_apart = _DevicePointer(base + 4096 - 8, (1, 64, 2), "<f8")
+    with pytest.raises(ValueError, match="ancestors: shares memory with x"):
+        core.gather(x, inside_x, out=x)
+    with pytest.raises(ValueError, match="out: shares memory with ancestors"):
+        core.gather(x, apart, out=out_over_apart)
+    assert fake.gathers == 0
+    core.gather(x, apart, out=x)  # no overlap: handed to the kernel
+    core.gather(x, apart, out=_DevicePointer(base + 8192, (1, 64, 2), "<f8"))
+    assert fake.gathers == 2
+
+
+def test_cuda_module_gather_refuses_overlaps_before_touching_the_device() -> None:
+    """tiltsmc._cuda.gather called directly (pointers as integers) refuses the same overlaps, before any CUDA
+    call: so this runs without a driver or a GPU, wherever the module is built."""
+    cuda = pytest.importorskip("tiltsmc._cuda")
+    base, rows, n, item = 1 << 20, 1, 64, 16
+    cases = {
+        (base, base + 256, base): "ancestors: shares memory with x, which is reordered in place",
+        (base, base + 4096, base + 4096 - 8): "out: shares memory with ancestors",
+        (base, base + 4096, base + 8): "out: overlaps x without being x itself",
+    }
+    for (x, ancestors, out), message in cases.items():
+        with pytest.raises(ValueError, match=message):
+            cuda.gather(x, rows, n, item, ancestors, n, out, 0, 0)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Refused calls leave every argument unchanged
+# --------------------------------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(name=st.sampled_from(sorted(KERNELS)), seed=st.integers(0, 2**32 - 1))
+def test_refused_call_leaves_arguments_unchanged(name: str, seed: int) -> None:
+    kernel = KERNELS[name]
+    rng = np.random.default_rng(seed)
+    args = kernel.make(rng)
+    if rng.random() < 0.8:
+        kernel.corrupt(rng, args)
+    before = snapshot(args)
+    _, error = outcome(kernel, args)
+    event("refused" if error else "accepted")
+    if error is not None:
+        assert snapshot(args) == before, f"refused ({error}) after writing to its arguments"
+
+
+def test_smc_step_refuses_before_resetting_any_row() -> None:
+    """The issue's example: row 1 is resampled (ESS below N), row 0 holds a NaN."""
+    log_w = np.array([[np.nan, 0, 0, 0, 0], [0, 0, 0, 0, 3]])
+    before = log_w.copy()
+    with pytest.raises(ValueError, match="log_w: NaN at row 0, index 0"):
+        core.smc_step(log_w, 1.0, rng=1)
+    np.testing.assert_array_equal(log_w, before)
+
+
+def test_smc_reweight_refuses_an_overflowing_update_before_writing() -> None:
+    """log_v - log_v_prev overflows to +inf (and to NaN on a -inf log-weight): refused, nothing written."""
+    for first_log_w in (0.0, -np.inf):
+        args = _make_reweight(np.random.default_rng(3))
+        args["log_w"][0, 0] = first_log_w
+        args["log_v"][0, 0], args["log_v_prev"][0, 0], args["live"][0, 0] = 1e308, -1e308, True
+        before = snapshot(args)
+        with pytest.raises(ValueError, match=r"log_w: log_w \+ log_v - log_v_prev is not a log-weight"):
+            KERNELS["smc_reweight"].call(args)
+        assert snapshot(args) == before
+
+
+# --------------------------------------------------------------------------------------------------------
+# Another thread rewriting index arrays while the kernels run (GIL released): refusals, never a crash
+# --------------------------------------------------------------------------------------------------------
+
+CONCURRENT = """
+import sys, threading, time
+import numpy as np
+from tiltsmc import core, _core
+
+def hammer(label, array, index, values, call, seconds=0.25):
+    if len(sys.argv) > 1 and label not in sys.argv[1:]:  # python -c CONCURRENT label...: those only
+        return
+    stop = []
+    def mutate():
+        while not stop:
+            for value in values:
+                array[index] = value
+    thread = threading.Thread(target=mutate)
+    thread.start()
+    calls = refused = 0
+    end = time.monotonic() + seconds
+    try:
+        while time.monotonic() < end:
+            try:
+                call()
+            except ValueError as error:
+                assert str(error).split(":")[0] in NAMES, error
+                refused += 1
+            calls += 1
+    finally:
+        stop.append(True)
+        thread.join()
+    print(label, calls, refused)
+
+NAMES = {"ancestors", "lengths", "columns", "selected", "logits", "logw", "log_w"}
+n = 1 << 18
+x = np.zeros((1, n)); anc = np.zeros((1, n), np.int64)
+hammer("gather", anc, (0, -1), (10**13, 0, -5), lambda: core.gather(x, anc))
+big = np.zeros((2, 64, 32), np.float32); anc2 = np.zeros((2, 64), np.int64)
+hammer("gather_in_place_large_items", anc2, (1, 5), (10**13, 3, -1), lambda: core.gather(big, anc2, out=big))
+kv = [np.zeros((1, n, 2)), np.zeros((1, n), np.int8)]
+hammer("reorder_in_place", anc, (0, n // 2), (10**13, 0), lambda: core.reorder_in_place(kv, anc))
+own = np.zeros((1, n), np.int64)
+hammer("keep_survivors", own, (0, 7), (10**13, 0, -3), lambda: _core.keep_survivors(own))
+rows = n
+tokens = np.zeros((rows, 4), np.int64); lengths = np.zeros(rows, np.int64)
+def append():
+    lengths[:-1] = 0
+    core.append_tokens(tokens, lengths, np.zeros(rows, bool), np.zeros(rows, np.int64), np.ones(rows, bool),
+                       np.array([-1]), 4)
+hammer("append_tokens", lengths, -1, (10**12, 0, -1), append)
+scores = np.zeros((rows, 3)); columns = np.zeros(rows, np.int64)
+hammer("read_log_values", columns, -1, (10**12, 1, -7), lambda: core.read_log_values(scores, rows, columns))
+b, m = 64, 64
+prefix_lengths = np.zeros((b, m), np.int64); selected = np.arange(4 * b * m, dtype=np.int64) % (b * m)
+offsets = np.arange(b + 1, dtype=np.int64); toks = np.zeros((b, m, 8), np.int64); ids = np.zeros(b, np.int64)
+hammer("right_padded_prefixes lengths", prefix_lengths, (b - 1, m - 1), (10**12, 8, -1),
+       lambda: core.right_padded_prefixes(ids, offsets, toks, prefix_lengths, selected))
+hammer("right_padded_prefixes selected", selected, -1, (10**12, 0, -1),
+       lambda: core.right_padded_prefixes(ids, offsets, toks, prefix_lengths, selected))
+nw = 1 << 18; weights = np.random.default_rng(0).normal(size=(1, nw))
+spots = (np.zeros(3, np.int64), np.array([0, nw // 2, nw - 1]))  # three weights rewritten at once
+bad = (np.nan, np.inf, 1e308, -np.inf, 700.0, 0.0)
+hammer("resample residual (weights)", weights, spots, bad, lambda: core.resample(weights, "residual"),
+       seconds=0.4)
+hammer("smc_step residual (weights)", weights, spots, bad,
+       lambda: core.smc_step(weights, 1.0, "residual"), seconds=0.4)
+logits = np.zeros((64, 4096)); where = np.ones(64, bool)
+hammer("sample_logits where", where, -1, (False, True),
+       lambda: core.sample_logits(logits, 0.5, 1, where=where))
+"""
+
+
+def test_kernels_with_index_arrays_rewritten_by_another_thread() -> None:
+    """Each kernel that reads indices, called in a loop while another thread keeps rewriting one of them to
+    values out of range and back (about 3 s in all, in a subprocess), and resampling while another thread
+    writes NaN, +inf and huge values into the weights: each call succeeds or raises ValueError naming the
+    argument, and never reads or writes out of bounds."""
+    output = run_isolated(CONCURRENT, timeout=120)
+    lines = output.splitlines()
+    assert len(lines) == 11, output
+    for line in lines:
+        assert int(line.split()[-2]) > 0, line
+
+
+# --------------------------------------------------------------------------------------------------------
+# sample_logits: exact log-probabilities for any finite logits and temperature
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_sample_logits_issue_example_is_exactly_zero() -> None:
+    index, log_prob = core.sample_logits(np.array([0.0, 1e15]), rng=1)
+    assert int(index) == 1 and float(log_prob) == 0.0 and math.copysign(1.0, float(log_prob)) == 1.0
+
+
+def reference_log_prob(
+    logits: np.ndarray, temperature: float, index: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """log softmax(logits / temperature)[index] per row in long double (whose range holds x / T for any
+    float64 x and T, and whose 64-bit mantissa is 11 bits finer), and the scale of its rounding error."""
+    s = logits.astype(np.longdouble) / np.longdouble(temperature)
+    shift = s.max(axis=1, keepdims=True)
+    terms = np.exp(s - shift)
+    rows = np.arange(s.shape[0])
+    d = s[rows, index] - shift[:, 0]
+    others = terms.copy()
+    others[rows, index] = 0
+    log_sum = np.log(terms.sum(axis=1))
+    expected = np.where(d == 0, -np.log1p(others.sum(axis=1)), d - log_sum)
+    # The kernel works on float64 scores: their rounding (eps/2 of |s|) moves d by eps (|s_v| + |max s|).
+    scale = (
+        np.abs(s[rows, index]) + np.abs(shift[:, 0]) + logits.shape[1] * np.maximum(log_sum, np.abs(expected))
+    )
+    return expected, scale
+
+
+FINITE_ANY = st.floats(allow_nan=False, allow_infinity=False, width=64)
+
+
+@SETTINGS
+@given(
+    logits=hnp.arrays(np.float64, st.tuples(st.integers(1, 4), st.integers(1, 6)), elements=FINITE_ANY),
+    temperature=st.one_of(
+        st.floats(1e-300, 1e300), st.sampled_from([1.0, 1e-300, 5e-324, 1e300, 1.7976931348623157e308])
+    ),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_sample_logits_exact_for_any_finite_logits(logits: np.ndarray, temperature: float, seed: int) -> None:
+    index, log_prob = core.sample_logits(logits, temperature, seed)
+    assert np.all(log_prob <= 0.0), log_prob
+    assert np.all((index >= 0) & (index < logits.shape[1]))
+    expected, scale = reference_log_prob(logits, temperature, index)
+    # Where the exact value lies below the float64 range, -inf is its rounding.
+    representable = expected >= -np.finfo(np.float64).max
+    assert np.all(log_prob[~representable] == -np.inf)
+    eps = np.finfo(np.float64).eps
+    error = np.abs(log_prob[representable].astype(np.longdouble) - expected[representable])
+    assert np.all(error <= 4 * eps * scale[representable] + 1e-300), (log_prob, expected.astype(np.float64))

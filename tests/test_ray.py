@@ -1,0 +1,136 @@
+"""``tiltsmc serve --ray``: two replicas of the engine on a real local Ray instance (started and stopped
+by the test through the command), real HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("ray.serve")
+httpx = pytest.importorskip("httpx")
+
+import tiltsmc  # noqa: E402
+from tiltsmc.tasks import arithmetic  # noqa: E402
+
+PROMPT = arithmetic.make_problems(4, 1, rng=3)[0].prompt
+LONG = {"prompt": arithmetic.make_problems(16, 1, rng=0)[0].prompt, "particles": 64, "seed": 1}
+
+
+class RayServer:
+    def __init__(self, tmp_path: Path) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = tmp_path / "ray-serve.log"
+        self._log = self.log_path.open("w")
+        command = [
+            sys.executable, "-m", "tiltsmc.cli", "serve", "--ray", "--demo", "--replicas", "2",
+            "--replica-cpus", "0.5", "--port", str(self.port), "--max-request-particles", "64",
+        ]  # fmt: skip
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"the command exited: {self.log()}"
+            if len(self.instances(4)) == 2:
+                return
+            time.sleep(1)
+        raise AssertionError(f"two replicas did not come up: {self.log()}")
+
+    def post(self, body: Any, timeout: float = 120) -> Any:
+        return httpx.post(f"{self.url}/v1/completions", json=body, timeout=timeout)
+
+    def instances(self, tries: int) -> set[str]:
+        """The replicas that answered ``tries`` small requests."""
+        seen = set()
+        for _ in range(tries):
+            try:
+                response = self.post({"prompt": PROMPT, "particles": 2, "seed": 0}, timeout=30)
+            except httpx.TransportError:
+                continue
+            if response.status_code == 200:
+                seen.add(response.headers["x-tiltsmc-instance"])
+        return seen
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(120)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                ray_command = Path(sys.executable).with_name("ray")  # a Ray left behind by a hung command
+                subprocess.run([str(ray_command), "stop", "--force"], check=False, capture_output=True)
+        self._log.close()
+        return int(self.process.returncode)
+
+
+@pytest.fixture(scope="module")
+def ray_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayServer]:
+    server = RayServer(tmp_path_factory.mktemp("ray"))
+    yield server
+    assert server.stop() == 0, server.log()
+
+
+def test_requests_spread_over_replicas_and_match_the_offline_run(ray_server: RayServer) -> None:
+    bodies = [{"prompt": PROMPT, "seed": k % 3, "particles": 8} for k in range(12)]
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(ray_server.post, bodies))
+    assert [r.status_code for r in responses] == [200] * 12
+    assert len({r.headers["x-tiltsmc-instance"] for r in responses}) == 2  # both replicas served
+    policy, reward = arithmetic.load_models()
+    for body, response in zip(bodies, responses):
+        offline = tiltsmc.smc(policy, reward, prompts=[PROMPT], num_particles=8, rng=body["seed"]).to_dict()
+        detail = response.json()["tiltsmc"]["choices"][0]
+        # the same seed gives the same run on either replica, batched or not (up to batched rounding)
+        assert float(detail["log_z"]) == pytest.approx(float(offline["log_z"][0]), rel=1e-6)
+        weights = [float(w) for w in detail["log_weights"]]  # "-inf" in JSON for a weight of zero
+        assert weights == pytest.approx([float(w) for w in offline["log_weights"][0]], rel=1e-6, abs=1e-9)
+    metrics = httpx.get(f"{ray_server.url}/metrics", timeout=30).text
+    assert "tiltsmc_instance_info{instance=" in metrics and "tiltsmc_requests_total" in metrics
+
+
+def test_bad_request_is_the_same_4xx_as_tiltsmc_serve(ray_server: RayServer) -> None:
+    response = ray_server.post({"prompt": PROMPT, "particles": 0})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "particles"
+    response = ray_server.post({"prompt": PROMPT, "pool_size": 3})
+    assert response.status_code == 400 and response.json()["error"]["message"].startswith("pool_size:")
+
+
+def test_a_killed_replica_is_replaced_and_the_other_keeps_serving(ray_server: RayServer) -> None:
+    before = ray_server.instances(8)
+    assert len(before) == 2
+    victim = sorted(before)[0]
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        in_flight = [pool.submit(ray_server.post, LONG) for _ in range(6)]
+        time.sleep(1.0)
+        os.kill(int(victim.split("@")[1]), signal.SIGKILL)
+        outcomes = [f.result() for f in in_flight]  # none hangs (the client would time out)
+    codes = [r.status_code for r in outcomes]
+    assert set(codes) <= {200, 500} and 200 in codes, codes
+    served_by = {r.headers.get("x-tiltsmc-instance") for r in outcomes if r.status_code == 200}
+    assert victim not in served_by
+    deadline = time.monotonic() + 180
+    while True:  # Ray Serve starts a replica in the killed one's place
+        now = ray_server.instances(6)
+        if len(now) == 2 and victim not in now:
+            break
+        assert time.monotonic() < deadline, f"no replacement replica: {now}"
+        time.sleep(2)
