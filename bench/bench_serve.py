@@ -12,7 +12,9 @@ Two servers, each in its own process, loaded with the same models and sent the s
 
 Configurations: the demo's arithmetic policy and process reward model (``--models demo``, the main one)
 and the test fixtures gpt2-tiny + prm-tiny (16 new tokens); requests of 4 and 16 particles; prompts are
-arithmetic problems of the demo's horizon (T = 8 operations); request ``k`` has seed ``k``.
+arithmetic problems of the demo's horizon (T = 8 operations); request ``k`` has seed ``k``. Both servers'
+sessions have ONNX Runtime's CPU memory arena on (``--memory-arena``; ``tiltsmc serve``'s own default is
+off, which gives a burst's memory back but makes large batched calls slower).
 
 For each configuration and particle count:
 
@@ -79,6 +81,24 @@ NEVER_BELOW_MARGINS = {"throughput": 0.95, "p99": 1.10}
 
 
 # -- servers ------------------------------------------------------------------------------------------
+
+
+def git_commit() -> Optional[str]:
+    """The commit measured (``+dirty`` with uncommitted changes), or None outside a git checkout."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=HERE,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
 
 
 def free_port() -> int:
@@ -332,14 +352,14 @@ def lone_over_http(base: str, bodies: list[dict[str, Any]]) -> list[float]:
 
 
 def lone_in_process(
-    models: str, prompts: list[str], particles_list: list[int], repeats: int
+    models: str, prompts: list[str], particles_list: list[int], repeats: int, memory_arena: bool
 ) -> dict[int, Any]:
     """Per particle count: the engine with one request in flight against a direct ``tiltsmc.smc`` call,
     interleaved (after one untimed call of each), same prompts and seeds; and whether they agree bitwise."""
     import tiltsmc
     from serve_baseline import load_models
 
-    policy, reward = load_models(models)
+    policy, reward = load_models(models, memory_arena=memory_arena)
     max_new_tokens = CONFIGS[models]["max_tokens"]  # as the requests over HTTP ask
     out = {}
     with tiltsmc.Engine(policy, reward) as engine:
@@ -695,6 +715,13 @@ def main() -> None:
     parser.add_argument("--request-timeout", type=float, default=120.0)
     parser.add_argument("--pause", type=float, default=0.5, help="seconds between levels")
     parser.add_argument("--engine-server", choices=("cli", "app"), default="cli")
+    parser.add_argument(
+        "--memory-arena",
+        choices=("on", "off"),
+        default="on",
+        help="ONNX Runtime's CPU memory arena, the same for both servers (and passed to tiltsmc serve, "
+        "whose own default is off)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="smoke run: demo, 4 particles, short levels")
     parser.add_argument(
@@ -718,7 +745,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as log_dir:
         for models in models_list:
             print(f"{CONFIGS[models]['label']}: lone requests in-process", flush=True)
-            lone = lone_in_process(models, prompts, particles_list, args.lone_repeats)
+            arena = args.memory_arena == "on"
+            lone = lone_in_process(models, prompts, particles_list, args.lone_repeats, arena)
             plans: dict[int, dict[str, Any]] = {}
             for particles in particles_list:
                 plans[particles] = {"multipliers": multipliers}
@@ -752,6 +780,7 @@ def main() -> None:
             onnxruntime=onnxruntime.__version__,
             loadavg_before=load_before,
             engine_server=args.engine_server,
+            git_commit=git_commit(),
         ),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},

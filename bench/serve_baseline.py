@@ -45,18 +45,21 @@ class CompletionRequest(BaseModel):
     particles: int = Field(default=16, ge=1)
 
 
-def load_models(models: str) -> tuple[Any, Any]:
+def load_models(models: str, memory_arena: bool = True) -> tuple[Any, Any]:
     """The policy and reward model of a configuration: ``demo`` (the bundled arithmetic models, as
-    ``tiltsmc serve --demo`` loads them) or ``fixtures`` (gpt2-tiny, prm-tiny read as a logit)."""
+    ``tiltsmc serve --demo`` loads them) or ``fixtures`` (gpt2-tiny, prm-tiny read as a logit), with
+    ONNX Runtime's CPU memory arena on (its default) or off."""
     if models == "demo":
         from tiltsmc.tasks import arithmetic
 
-        return arithmetic.load_models()
+        return arithmetic.load_models(memory_arena=memory_arena)
     if models == "fixtures":
         from tiltsmc.models import OnnxCausalLM, OnnxRewardModel
 
-        policy = OnnxCausalLM(FIXTURES / "gpt2-tiny", max_new_tokens=FIXTURE_MAX_NEW_TOKENS)
-        return policy, OnnxRewardModel(FIXTURES / "prm-tiny", kind="logit")
+        policy = OnnxCausalLM(
+            FIXTURES / "gpt2-tiny", max_new_tokens=FIXTURE_MAX_NEW_TOKENS, memory_arena=memory_arena
+        )
+        return policy, OnnxRewardModel(FIXTURES / "prm-tiny", kind="logit", memory_arena=memory_arena)
     raise ValueError(f"models: expected demo or fixtures, got {models!r}")
 
 
@@ -95,10 +98,10 @@ def _response(result: Any, seed: Optional[int], policy: Any, prompt: str, sample
     }
 
 
-def create_app(models: str, engine: bool = False) -> Any:
+def create_app(models: str, engine: bool = False, memory_arena: bool = True) -> Any:
     from fastapi import FastAPI
 
-    policy, reward = load_models(models)
+    policy, reward = load_models(models, memory_arena=memory_arena)
 
     def options(body: CompletionRequest) -> tuple[str, dict[str, Any]]:
         prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
@@ -145,13 +148,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", choices=("demo", "fixtures"), default="demo")
     parser.add_argument("--engine", action="store_true", help="await tiltsmc.Engine.generate instead")
+    parser.add_argument(
+        "--memory-arena", choices=("on", "off"), default="on", help="ONNX Runtime's CPU arena"
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8001")))
     args = parser.parse_args()
     import uvicorn
 
     uvicorn.run(
-        create_app(args.models, engine=args.engine),
+        create_app(args.models, engine=args.engine, memory_arena=args.memory_arena == "on"),
         host=args.host,
         port=args.port,
         log_level="warning",
