@@ -107,8 +107,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def server_command(system: str, models: str, port: int, engine_server: str) -> list[str]:
-    common = ["--host", "127.0.0.1", "--port", str(port)]
+def server_command(system: str, models: str, port: int, engine_server: str, arena: str) -> list[str]:
+    common = ["--memory-arena", arena, "--host", "127.0.0.1", "--port", str(port)]
     if system == "baseline" or engine_server == "app":
         extra = ["--engine"] if system == "engine" else []
         return [sys.executable, str(HERE / "serve_baseline.py"), "--models", models, *extra, *common]
@@ -408,7 +408,7 @@ def run_config(
         servers = {}
         for system in SYSTEMS:
             port = free_port()
-            command = server_command(system, models, port, args.engine_server)
+            command = server_command(system, models, port, args.engine_server, args.memory_arena)
             servers[system] = stack.enter_context(Server(system, command, port, log_dir))
             ready = servers[system].started_seconds
             print(f"  {system}: {' '.join(command[1:])} (ready in {ready:.1f} s)", flush=True)
