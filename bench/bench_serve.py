@@ -1,0 +1,814 @@
+"""Benchmark of serving (issue #15): tiltsmc's engine against one ``tiltsmc.smc`` call per request, under
+open-loop Poisson load over real HTTP on 127.0.0.1.
+
+Two servers, each in its own process, loaded with the same models and sent the same requests:
+
+* **engine**: ``tiltsmc serve`` (``--engine-server cli``, the default), whose requests join one running
+  batch step by step: one policy and one reward session call per step for every request in flight. With
+  ``--engine-server app``, ``bench/serve_baseline.py --engine`` instead (the same app as the baseline,
+  its handler awaiting ``tiltsmc.Engine.generate``).
+* **baseline**: ``bench/serve_baseline.py``, what a user writes today: a FastAPI ``def`` handler (run in
+  FastAPI's thread pool) calling ``tiltsmc.smc`` on one shared model pair once per request.
+
+Configurations: the demo's arithmetic policy and process reward model (``--models demo``, the main one)
+and the test fixtures gpt2-tiny + prm-tiny (16 new tokens); requests of 4 and 16 particles; prompts are
+arithmetic problems of the demo's horizon (T = 8 operations); request ``k`` has seed ``k``. Both servers'
+sessions have ONNX Runtime's CPU memory arena on (``--memory-arena``; ``tiltsmc serve``'s own default is
+off, which gives a burst's memory back but makes large batched calls slower).
+
+For each configuration and particle count:
+
+1. **Lone requests, in this process**: ``engine.submit(...).result()`` against a direct ``tiltsmc.smc``
+   call, interleaved, on the same prompts and seeds (the bar: the engine's median within 10%).
+2. **Lone requests over HTTP** to each server (interleaved); the baseline's median ``L`` is the reference
+   of the p99 target, ``p99 <= --target-factor x L`` (default 5x; one target for both systems), and
+   sets the ladder of offered rates, ``--rates`` multiples of ``1 / L``.
+3. **Load levels**: at each offered rate, Poisson arrivals (seeded; the same schedule and requests for
+   both systems) over ``--duration`` seconds, at least ``--min-requests`` and at most
+   ``--max-requests`` requests. Each request's send time is fixed in advance and never waits for earlier
+   responses (open loop); its latency runs from that scheduled time to its response, so a client that
+   falls behind counts against the server, not in its favour. A system's ladder stops after two levels
+   in a row over the target (saturated). Per level: throughput (completed requests / time from the first
+   scheduled send to the last response), p50 / p90 / p99 latency (interpolated percentiles of at most
+   ``--max-requests`` latencies: with fewer than 100, p99 is close to the slowest), errors, and for the
+   engine, from ``/metrics``, rows per policy call and tiltsmc's share of a step's time; for the
+   baseline, the same from the responses' ``compute`` (each call's own time, which includes waiting for
+   the GIL and the cores while other calls run).
+4. **Sustained rate**: the highest offered rate with no errors and p99 within the target.
+
+The bars (issue #15), as ratios measured in this one run: the engine sustains >= 2x the baseline's rate
+with 4-particle requests on the demo's models, >= 1.2x with 16; it is never below the baseline at any
+offered load (throughput >= 0.95x and p99 <= 1.1x the baseline's at every rate both ran, margins for
+noise); lone requests within 10% of a direct call; tiltsmc's share of a step at saturation (the
+engine's highest level) <= 5%. Prints a table, writes ``bench/results/serve_<host>.json`` and a PNG of
+latency against offered load. Not a test. The client runs on the same cores as the servers (the same
+cost for both). A full run took 3 - 5 minutes on 2 cores.
+
+    python bench/bench_serve.py                 # both configurations, 4 and 16 particles
+    python bench/bench_serve.py --quick         # smoke run: demo, 4 particles, short levels
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+from _machine import machine_info
+from _plot import write_json
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+CONFIGS: dict[str, dict[str, Any]] = {
+    # max_tokens as each server's policy allows: the demo's policy ends each solution at EOS within 82
+    "demo": {"label": "demo's arithmetic models", "max_tokens": 82},
+    "fixtures": {"label": "fixtures gpt2-tiny + prm-tiny", "max_tokens": 16},
+}
+SYSTEMS = ("baseline", "engine")
+NEVER_BELOW_MARGINS = {"throughput": 0.95, "p99": 1.10}
+
+
+# -- servers ------------------------------------------------------------------------------------------
+
+
+def git_commit() -> Optional[str]:
+    """The commit measured (``+dirty`` with uncommitted changes), or None outside a git checkout."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=HERE,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def server_command(system: str, models: str, port: int, engine_server: str, arena: str) -> list[str]:
+    common = ["--memory-arena", arena, "--host", "127.0.0.1", "--port", str(port)]
+    if system == "baseline" or engine_server == "app":
+        extra = ["--engine"] if system == "engine" else []
+        return [sys.executable, str(HERE / "serve_baseline.py"), "--models", models, *extra, *common]
+    from serve_baseline import FIXTURE_MAX_NEW_TOKENS, FIXTURES
+
+    entry = [sys.executable, "-m", "tiltsmc.cli", "serve"]
+    if models == "demo":
+        return [*entry, "--demo", *common]
+    return [
+        *entry,
+        "--policy",
+        str(FIXTURES / "gpt2-tiny"),
+        "--reward",
+        str(FIXTURES / "prm-tiny"),
+        "--reward-kind",
+        "logit",
+        "--max-new-tokens",
+        str(FIXTURE_MAX_NEW_TOKENS),
+        *common,
+    ]
+
+
+class Server:
+    """A server in a subprocess on 127.0.0.1, ready once ``GET /health`` answers 200; SIGTERM at exit."""
+
+    def __init__(self, system: str, command: list[str], port: int, log_dir: Path) -> None:
+        self.system, self.command, self.port = system, command, port
+        self.base = f"http://127.0.0.1:{port}"
+        self.log_path = log_dir / f"{system}_{port}.log"
+        self.process: Optional[subprocess.Popen[bytes]] = None
+        self.pid = 0
+        self.started_seconds = 0.0
+
+    def __enter__(self) -> Server:
+        import httpx
+
+        began = time.perf_counter()
+        self._log = self.log_path.open("wb")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.process = subprocess.Popen(
+            self.command, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=HERE.parent
+        )
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.system} server exited at start:\n{self.log_tail()}")
+            try:
+                if httpx.get(self.base + "/health", timeout=2.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.perf_counter() - began > 120:
+                self.__exit__()
+                raise RuntimeError(f"{self.system} server not ready after 120 s:\n{self.log_tail()}")
+            time.sleep(0.2)
+        self.started_seconds = time.perf_counter() - began
+        self.pid = self.process.pid
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+# -- the engine's figures -------------------------------------------------------------------------------
+
+
+def engine_counters(base: str, engine_server: str) -> dict[str, float]:
+    """Cumulative steps, policy calls, rows and step seconds by part, from ``/metrics`` (``tiltsmc
+    serve``) or ``/stats`` (the bench app). Rows = mean rows per policy call x policy calls."""
+    import httpx
+
+    if engine_server == "app":
+        stats = httpx.get(base + "/stats", timeout=10).json()
+        calls = float(stats["policy_calls"])
+        return {
+            "steps": float(stats["steps"]),
+            "policy_calls": calls,
+            "rows": stats["rows_per_policy_call"] * calls,
+            "policy": stats["policy_seconds"],
+            "reward": stats["reward_seconds"],
+            "tiltsmc": stats["tiltsmc_seconds"],
+        }
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(base + "/metrics", timeout=10).text
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            name = sample.name.removesuffix("_total")
+            part = sample.labels.get("part")
+            samples[f"{name}:{part}" if part else name] = float(sample.value)
+    steps = samples.get("tiltsmc_steps", 0.0)
+    calls = samples.get("tiltsmc_policy_calls", steps)  # one policy call per step (one kind of sampler)
+    return {
+        "steps": steps,
+        "policy_calls": calls,
+        "rows": samples.get("tiltsmc_rows_per_policy_call", 0.0) * calls,
+        "policy": samples.get("tiltsmc_step_seconds:policy", 0.0),
+        "reward": samples.get("tiltsmc_step_seconds:reward", 0.0),
+        "tiltsmc": samples.get("tiltsmc_step_seconds:tiltsmc", 0.0),
+    }
+
+
+def engine_level_figures(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    d = {key: after[key] - before[key] for key in after}
+    step_seconds = d["policy"] + d["reward"] + d["tiltsmc"]
+    return {
+        "steps": round(d["steps"]),
+        "rows_per_policy_call": d["rows"] / d["policy_calls"] if d["policy_calls"] > 0 else None,
+        "ms_per_step": 1e3 * step_seconds / d["steps"] if d["steps"] > 0 else None,
+        "tiltsmc_share": d["tiltsmc"] / step_seconds if step_seconds > 0 else None,
+        "policy_seconds": d["policy"],
+        "reward_seconds": d["reward"],
+        "tiltsmc_seconds": d["tiltsmc"],
+    }
+
+
+def baseline_level_figures(records: list[dict[str, Any]]) -> dict[str, Any]:
+    computes = [r["compute"] for r in records if r.get("compute")]
+    calls = sum(c["policy_calls"] for c in computes)
+    total = sum(c["total_seconds"] for c in computes)
+    return {
+        "rows_per_policy_call": sum(c["policy_steps"] for c in computes) / calls if calls else None,
+        "tiltsmc_share": sum(c["bookkeeping_seconds"] for c in computes) / total if total else None,
+    }
+
+
+# -- the load generator ---------------------------------------------------------------------------------
+
+
+def arrival_offsets(rate: float, args: argparse.Namespace, rng: np.random.Generator) -> np.ndarray:
+    """Poisson arrival times (seconds from the start): those within ``--duration``, at least
+    ``--min-requests`` (the window then runs longer) and at most ``--max-requests``."""
+    gaps = rng.exponential(1.0 / rate, size=args.max_requests)
+    offsets = np.cumsum(gaps) - gaps[0]  # the first request at once
+    count = int(np.searchsorted(offsets, args.duration))
+    return offsets[: min(max(count, args.min_requests), args.max_requests)]
+
+
+def request_body(prompt: str, seed: int, particles: int, models: str) -> dict[str, Any]:
+    return {
+        "model": "tiltsmc",
+        "prompt": prompt,
+        "max_tokens": CONFIGS[models]["max_tokens"],
+        "seed": seed,
+        "sampler": "smc",
+        "particles": particles,
+    }
+
+
+async def _send(
+    bodies: list[dict[str, Any]], offsets: np.ndarray, base: str, timeout: float
+) -> tuple[list[dict[str, Any]], float]:
+    import httpx
+
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(base_url=base, timeout=timeout, limits=limits) as client:
+        loop = asyncio.get_running_loop()
+        start = loop.time() + 0.05
+
+        async def one(body: dict[str, Any], offset: float) -> dict[str, Any]:
+            scheduled = start + offset
+            await asyncio.sleep(max(scheduled - loop.time(), 0.0))
+            sent = loop.time()
+            record: dict[str, Any] = {"send_lag": sent - scheduled}
+            try:
+                response = await client.post("/v1/completions", json=body)
+                record["status"] = response.status_code
+                if response.status_code == 200:
+                    record["compute"] = response.json()["tiltsmc"]["choices"][0].get("compute")
+                else:
+                    record["error"] = response.text[:300]
+            except httpx.HTTPError as error:
+                record["status"], record["error"] = type(error).__name__, str(error)[:300]
+            record["done"] = loop.time() - start
+            record["latency"] = loop.time() - scheduled
+            return record
+
+        records = await asyncio.gather(*(one(b, float(o)) for b, o in zip(bodies, offsets)))
+    return list(records), start
+
+
+def run_level(
+    bodies: list[dict[str, Any]], offsets: np.ndarray, base: str, timeout: float
+) -> list[dict[str, Any]]:
+    records, _ = asyncio.run(_send(bodies, offsets, base, timeout))
+    return records
+
+
+def summarise(records: list[dict[str, Any]], offsets: np.ndarray, rate: float) -> dict[str, Any]:
+    ok = [r for r in records if r["status"] == 200]
+    failed = [r for r in records if r["status"] != 200]
+    latencies = np.array([r["latency"] for r in ok])
+    last = max((r["done"] for r in ok), default=float("nan"))
+    out: dict[str, Any] = {
+        "offered_rate": rate,
+        "requests": len(records),
+        "arrival_window_seconds": float(offsets[-1]) if len(offsets) else 0.0,
+        "completed": len(ok),
+        "errors": len(records) - len(ok),
+        "error_examples": sorted({f"{r['status']}: {r.get('error', '')[:120]}" for r in failed})[:3],
+        "throughput": len(ok) / last if ok and last > 0 else 0.0,
+        "max_send_lag_seconds": max(r["send_lag"] for r in records),
+    }
+    for q in (50, 90, 99):
+        out[f"p{q}"] = float(np.percentile(latencies, q)) if len(ok) else float("inf")
+    out["mean"] = float(latencies.mean()) if len(ok) else float("inf")
+    out["latencies"] = [round(float(x), 4) for x in latencies]
+    return out
+
+
+def lone_over_http(base: str, bodies: list[dict[str, Any]]) -> list[float]:
+    """Latencies of requests sent one at a time."""
+    import httpx
+
+    latencies = []
+    with httpx.Client(base_url=base, timeout=120) as client:
+        for body in bodies:
+            began = time.perf_counter()
+            response = client.post("/v1/completions", json=body)
+            elapsed = time.perf_counter() - began
+            if response.status_code != 200:
+                raise RuntimeError(f"lone request failed: {response.status_code} {response.text[:300]}")
+            latencies.append(elapsed)
+    return latencies
+
+
+# -- the parts of a run ---------------------------------------------------------------------------------
+
+
+def lone_in_process(
+    models: str, prompts: list[str], particles_list: list[int], repeats: int, memory_arena: bool
+) -> dict[int, Any]:
+    """Per particle count: the engine with one request in flight against a direct ``tiltsmc.smc`` call,
+    interleaved (after one untimed call of each), same prompts and seeds; and whether they agree bitwise."""
+    import tiltsmc
+    from serve_baseline import load_models
+
+    policy, reward = load_models(models, memory_arena=memory_arena)
+    max_new_tokens = CONFIGS[models]["max_tokens"]  # as the requests over HTTP ask
+    out = {}
+    with tiltsmc.Engine(policy, reward) as engine:
+        for particles in particles_list:
+            direct, engine_times, identical = [], [], 0
+            for k in range(repeats + 1):
+                options = {"num_particles": particles, "rng": k, "max_new_tokens": max_new_tokens}
+                first_direct = k % 2 == 0
+                for order in (0, 1):
+                    began = time.perf_counter()
+                    if (order == 0) == first_direct:
+                        alone = tiltsmc.smc(policy, reward, prompts=[prompts[k]], **options)
+                        seconds, target = time.perf_counter() - began, direct
+                    else:
+                        served = engine.submit(prompts[k], "smc", **options).result()
+                        seconds, target = time.perf_counter() - began, engine_times
+                    if k > 0:
+                        target.append(seconds)
+                if k > 0:
+                    identical += bool(np.array_equal(alone.log_z, served.log_z))
+            out[particles] = {
+                "direct_seconds": direct,
+                "engine_seconds": engine_times,
+                "direct_median": float(np.median(direct)),
+                "engine_median": float(np.median(engine_times)),
+                "engine_over_direct": float(np.median(engine_times) / np.median(direct)),
+                "identical_log_z": f"{identical}/{repeats}",
+            }
+    del policy, reward, engine
+    gc.collect()
+    return out
+
+
+def run_config(
+    models: str,
+    args: argparse.Namespace,
+    prompts: list[str],
+    plans: dict[int, dict[str, Any]],
+    log_dir: Path,
+) -> dict[str, dict[int, dict[str, Any]]]:
+    """Both servers of a configuration, up together; for each particle count the lone requests, then
+    the ladder of rates. The systems take turns (lone requests interleaved, levels in alternating order)
+    so that a slower hour on the shared machine weighs on both alike."""
+    out: dict[str, dict[int, dict[str, Any]]] = {system: {} for system in SYSTEMS}
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for system in SYSTEMS:
+            port = free_port()
+            command = server_command(system, models, port, args.engine_server, args.memory_arena)
+            servers[system] = stack.enter_context(Server(system, command, port, log_dir))
+            ready = servers[system].started_seconds
+            print(f"  {system}: {' '.join(command[1:])} (ready in {ready:.1f} s)", flush=True)
+        for particles, plan in plans.items():
+            warmup = [request_body(prompts[0], 0, particles, models)] * 2
+            for system in SYSTEMS:
+                lone_over_http(servers[system].base, warmup)  # untimed: first calls at these shapes
+            lone: dict[str, list[float]] = {system: [] for system in SYSTEMS}
+            for k in range(1, args.lone_repeats + 1):  # the prompts and seeds of lone_in_process
+                order = SYSTEMS if k % 2 else SYSTEMS[::-1]
+                for system in order:
+                    body = request_body(prompts[k], k, particles, models)
+                    lone[system] += lone_over_http(servers[system].base, [body])
+            for system in SYSTEMS:
+                out[system][particles] = {
+                    "lone_http_seconds": lone[system],
+                    "lone_http_median": float(np.median(lone[system])),
+                    "levels": [],
+                }
+            reference = out["baseline"][particles]["lone_http_median"]
+            plan["target_seconds"] = args.target_factor * reference
+            plan["rates"] = [round(m / reference, 2) for m in plan["multipliers"]]
+            print(
+                f"  {particles} particles, lone over HTTP: baseline {1e3 * reference:.1f} ms, engine "
+                f"{1e3 * out['engine'][particles]['lone_http_median']:.1f} ms; target "
+                f"{plan['target_seconds']:.3f} s; rates {plan['rates']}",
+                flush=True,
+            )
+            fails = dict.fromkeys(SYSTEMS, 0)
+            for index, rate in enumerate(plan["rates"]):
+                rng = np.random.default_rng([args.seed, particles, index])
+                offsets = arrival_offsets(rate, args, rng)
+                bodies = [request_body(prompts[k], k, particles, models) for k in range(len(offsets))]
+                for system in SYSTEMS if index % 2 == 0 else SYSTEMS[::-1]:
+                    if fails[system] >= 2:
+                        continue
+                    level = run_one_level(
+                        system, servers[system].base, servers[system].pid, bodies, offsets, rate, args
+                    )
+                    level["within_target"] = level["errors"] == 0 and level["p99"] <= plan["target_seconds"]
+                    fails[system] = 0 if level["within_target"] else fails[system] + 1
+                    out[system][particles]["levels"].append(level)
+                    print("    " + level_line(system, particles, level), flush=True)
+                    time.sleep(args.pause)
+                if min(fails.values()) >= 2:
+                    break
+    return out
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc; nan elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_one_level(
+    system: str,
+    base: str,
+    pid: int,
+    bodies: list[dict[str, Any]],
+    offsets: np.ndarray,
+    rate: float,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    before = engine_counters(base, args.engine_server) if system == "engine" else None
+    server_cpu, client_cpu, wall = process_cpu_seconds(pid), time.process_time(), time.perf_counter()
+    records = run_level(bodies, offsets, base, args.request_timeout)
+    wall = time.perf_counter() - wall
+    level = summarise(records, offsets, rate)
+    # cores busy over the level: the server process (all its threads) and this client
+    level["server_cpu_cores"] = (process_cpu_seconds(pid) - server_cpu) / wall
+    level["client_cpu_cores"] = (time.process_time() - client_cpu) / wall
+    level["loadavg_1min_after"] = os.getloadavg()[0]  # the machine is shared: how busy it was
+    if before is not None:
+        level.update(engine_level_figures(before, engine_counters(base, args.engine_server)))
+    else:
+        level.update(baseline_level_figures(records))
+    return level
+
+
+def level_line(system: str, particles: int, level: dict[str, Any]) -> str:
+    share = level.get("tiltsmc_share")
+    rows = level.get("rows_per_policy_call")
+    return (
+        f"{system:<8} {particles:>2}p {level['offered_rate']:6.2f} req/s: {level['completed']:>3}/"
+        f"{level['requests']:<3} done, {level['throughput']:6.2f} req/s, p50 {level['p50']:6.3f} "
+        f"p90 {level['p90']:6.3f} p99 {level['p99']:6.3f} s"
+        + (f", {rows:5.1f} rows/call" if rows is not None else "")
+        + (f", tiltsmc {100 * share:4.1f}%" if share is not None else "")
+        + f", cores: server {level['server_cpu_cores']:.2f} client {level['client_cpu_cores']:.2f}"
+        + ("" if level["within_target"] else "  (over target)")
+    )
+
+
+def sustained(levels: list[dict[str, Any]]) -> float:
+    """The highest offered rate run with no errors and p99 within the target (0.0 if none)."""
+    return max((lv["offered_rate"] for lv in levels if lv["within_target"]), default=0.0)
+
+
+def compare(baseline: dict[str, Any], engine: dict[str, Any]) -> dict[str, Any]:
+    """Per offered rate both ran: engine / baseline; and whether the engine is never below the baseline."""
+    by_rate_b = {lv["offered_rate"]: lv for lv in baseline["levels"]}
+    by_rate_e = {lv["offered_rate"]: lv for lv in engine["levels"]}
+    rows, never_below = [], True
+    for rate in sorted(set(by_rate_b) | set(by_rate_e)):
+        b, e = by_rate_b.get(rate), by_rate_e.get(rate)
+        row: dict[str, Any] = {"offered_rate": rate}
+        if b is not None and e is not None:
+            row["throughput"] = e["throughput"] / b["throughput"] if b["throughput"] else float("inf")
+            row["p50"] = e["p50"] / b["p50"]
+            row["p99"] = e["p99"] / b["p99"]
+            row["engine_not_below"] = bool(
+                e["errors"] <= b["errors"]
+                and row["throughput"] >= NEVER_BELOW_MARGINS["throughput"]
+                and row["p99"] <= NEVER_BELOW_MARGINS["p99"]
+            )
+        else:
+            # only one system ran this rate: the other had stopped, saturated, two levels before
+            row["engine_not_below"] = e is not None
+        never_below &= row["engine_not_below"]
+        rows.append(row)
+    return {"by_rate": rows, "never_below": never_below}
+
+
+def fmt(value: Optional[float], spec: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-".rjust(len(format(0.0, spec)))
+    return format(value, spec)
+
+
+def print_table(result: dict[str, Any]) -> None:
+    for block in result["runs"]:
+        models, particles = block["models"], block["particles"]
+        lone = block["lone_in_process"]
+        print(
+            f"\n{CONFIGS[models]['label']}, {particles} particles per request, T = {block['horizon']}: "
+            f"lone request in-process: direct smc {1e3 * lone['direct_median']:.1f} ms, engine "
+            f"{1e3 * lone['engine_median']:.1f} ms ({lone['engine_over_direct']:.3f}x); over HTTP: "
+            f"baseline {1e3 * block['baseline']['lone_http_median']:.1f} ms, engine "
+            f"{1e3 * block['engine']['lone_http_median']:.1f} ms; p99 target {block['target_seconds']:.3f} s"
+        )
+        columns = f"{'done':>7} {'err':>3} {'req/s':>6} {'p50':>6} {'p90':>6} {'p99':>7} "
+        columns += f"{'rows':>5} {'tsmc':>5} {'cpu':>4}"
+        print(f"{'':>8} | {'baseline':<{len(columns)}} | {'engine':<{len(columns)}} | engine/baseline")
+        print(f"{'offered':>8} | {columns} | {columns} | {'req/s':>6} {'p50':>5} {'p99':>5}")
+        b_levels = {lv["offered_rate"]: lv for lv in block["baseline"]["levels"]}
+        e_levels = {lv["offered_rate"]: lv for lv in block["engine"]["levels"]}
+        for row in block["comparison"]["by_rate"]:
+            rate = row["offered_rate"]
+            cells = [f"{rate:8.2f}"]
+            for lv in (b_levels.get(rate), e_levels.get(rate)):
+                if lv is None:
+                    cells.append(f"{'(saturated before: not run)':<{len(columns)}}")
+                    continue
+                share = lv.get("tiltsmc_share")
+                cells.append(
+                    f"{lv['completed']:>3}/{lv['requests']:<3} {lv['errors']:>3} {lv['throughput']:6.2f} "
+                    f"{lv['p50']:6.3f} {lv['p90']:6.3f} {lv['p99']:6.3f}{'' if lv['within_target'] else '*'} "
+                    f"{fmt(lv.get('rows_per_policy_call'), '5.1f')} "
+                    f"{fmt(None if share is None else 100 * share, '4.1f')}% "
+                    f"{fmt(lv.get('server_cpu_cores'), '4.2f')}"
+                )
+            if "throughput" in row:
+                cells.append(f"{row['throughput']:5.2f}x {row['p50']:5.2f} {row['p99']:5.2f}")
+            else:
+                cells.append("-")
+            print(" | ".join(cells))
+        print(
+            f"{'':>8}   sustained (p99 <= {block['target_seconds']:.3f} s, no errors): baseline "
+            f"{block['baseline']['sustained_rate']:.2f} req/s, engine "
+            f"{block['engine']['sustained_rate']:.2f} req/s ({fmt(block['sustained_ratio'], '.2f')}x); "
+            "* = over the target; rows = rows per policy call; tsmc = tiltsmc's share of a step; "
+            "cpu = cores the server used"
+        )
+    print()
+    for bar in result["bars"]:
+        print(f"{'PASS' if bar['pass'] else 'FAIL'}  {bar['what']}: {bar['measured']} (bar {bar['bar']})")
+
+
+def bars(result: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    minimum = {4: 2.0, 16: 1.2}
+    for block in result["runs"]:
+        name = f"{block['models']}, {block['particles']} particles"
+        if block["models"] == "demo" and block["particles"] in minimum:
+            bar = minimum[block["particles"]]
+            ratio = block["sustained_ratio"]
+            out.append(
+                {
+                    "what": f"{name}: sustained rate engine / baseline at p99 <= "
+                    f"{block['target_seconds']:.3f} s",
+                    "measured": f"{fmt(ratio, '.2f')}x ({block['engine']['sustained_rate']:.2f} vs "
+                    f"{block['baseline']['sustained_rate']:.2f} req/s)",
+                    "bar": f">= {bar}x",
+                    "pass": ratio is not None and ratio >= bar,
+                }
+            )
+        worst = [r for r in block["comparison"]["by_rate"] if not r["engine_not_below"]]
+        out.append(
+            {
+                "what": f"{name}: engine never below the baseline (throughput >= "
+                f"{NEVER_BELOW_MARGINS['throughput']}x, p99 <= {NEVER_BELOW_MARGINS['p99']}x at every rate)",
+                "measured": "at every rate"
+                if not worst
+                else "below at " + ", ".join(f"{r['offered_rate']:.2f} req/s" for r in worst),
+                "bar": "never below",
+                "pass": not worst,
+            }
+        )
+        lone = block["lone_in_process"]
+        out.append(
+            {
+                "what": f"{name}: one request in flight, engine / direct tiltsmc.smc (in-process medians)",
+                "measured": f"{lone['engine_over_direct']:.3f}x ({1e3 * lone['engine_median']:.1f} vs "
+                f"{1e3 * lone['direct_median']:.1f} ms; log_z identical {lone['identical_log_z']})",
+                "bar": "<= 1.10x",
+                "pass": lone["engine_over_direct"] <= 1.10,
+            }
+        )
+        top = block["engine"]["levels"][-1] if block["engine"]["levels"] else {}
+        share = top.get("tiltsmc_share")
+        out.append(
+            {
+                "what": f"{name}: tiltsmc's share of an engine step at saturation (its highest level, "
+                f"{top.get('offered_rate', 0):.2f} req/s offered, {top.get('throughput', 0):.2f} done)",
+                "measured": f"{fmt(None if share is None else 100 * share, '.1f')}% "
+                f"({fmt(top.get('ms_per_step'), '.1f')} ms steps, "
+                f"{fmt(top.get('rows_per_policy_call'), '.1f')} rows per call)",
+                "bar": "<= 5%",
+                "pass": share is not None and share <= 0.05,
+            }
+        )
+    return out
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    blocks = result["runs"]
+    models_list = list(dict.fromkeys(b["models"] for b in blocks))
+    particles_list = list(dict.fromkeys(b["particles"] for b in blocks))
+    fig, axes = plt.subplots(
+        len(models_list),
+        len(particles_list),
+        figsize=(5.2 * len(particles_list), 3.8 * len(models_list)),
+        squeeze=False,
+    )
+    colours = {"baseline": "tab:blue", "engine": "tab:orange"}
+    names = {
+        "baseline": "smc per request (FastAPI threads)",
+        "engine": "tiltsmc serve (engine)"
+        if result["args"]["engine_server"] == "cli"
+        else "engine (bench app, generate)",
+    }
+    for block in blocks:
+        ax = axes[models_list.index(block["models"])][particles_list.index(block["particles"])]
+        for system in SYSTEMS:
+            levels = block[system]["levels"]
+            rates = [lv["offered_rate"] for lv in levels]
+            colour = colours[system]
+            ax.plot(rates, [lv["p99"] for lv in levels], "o-", color=colour, label=f"{names[system]} p99")
+            p50 = [lv["p50"] for lv in levels]
+            ax.plot(rates, p50, "s--", color=colour, alpha=0.6, ms=4, label=f"{names[system]} p50")
+        ax.axhline(block["target_seconds"], color="grey", ls=":", lw=1, label="p99 target (5x lone)")
+        ax.set_yscale("log")
+        ax.set_xlabel("offered load (requests/s, Poisson)")
+        ax.set_ylabel("latency (s)")
+        ax.set_title(f"{CONFIGS[block['models']]['label']}, {block['particles']} particles", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    machine = result["machine"]
+    fig.suptitle(
+        f"tiltsmc serve vs tiltsmc.smc per request, T = {result['args']['horizon']}; "
+        f"{machine['cpus_usable']} cores, {machine['cpu_model']}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="demo,fixtures", help="comma-separated: demo, fixtures")
+    parser.add_argument("--particles", default="4,16", help="comma-separated particles per request")
+    parser.add_argument("--horizon", type=int, default=8, help="operations per arithmetic problem (T)")
+    parser.add_argument(
+        "--rates",
+        default="0.25,0.5,0.75,1,1.25,1.5,2,2.5,3,4,5,6,8",
+        help="offered rates, multiples of 1 / (the baseline's median lone-request latency over HTTP)",
+    )
+    parser.add_argument("--duration", type=float, default=6.0, help="arrival window of a level (s)")
+    parser.add_argument("--min-requests", type=int, default=20)
+    parser.add_argument("--max-requests", type=int, default=60)
+    parser.add_argument("--target-factor", type=float, default=5.0, help="p99 target / lone latency")
+    parser.add_argument("--lone-repeats", type=int, default=7)
+    parser.add_argument("--request-timeout", type=float, default=120.0)
+    parser.add_argument("--pause", type=float, default=0.5, help="seconds between levels")
+    parser.add_argument("--engine-server", choices=("cli", "app"), default="cli")
+    parser.add_argument(
+        "--memory-arena",
+        choices=("on", "off"),
+        default="on",
+        help="ONNX Runtime's CPU memory arena, the same for both servers (and passed to tiltsmc serve, "
+        "whose own default is off)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="smoke run: demo, 4 particles, short levels")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="JSON path (default bench/results/serve_<host>)"
+    )
+    args = parser.parse_args()
+    if args.quick:
+        args.models, args.particles, args.rates = "demo", "4", "1,3"
+        args.duration, args.min_requests, args.max_requests, args.lone_repeats = 2.0, 6, 20, 3
+    sys.path.insert(0, str(HERE))
+    from tiltsmc.tasks import arithmetic
+
+    models_list = [m for m in args.models.split(",") if m]
+    particles_list = [int(p) for p in args.particles.split(",")]
+    multipliers = [float(m) for m in args.rates.split(",")]
+    count = max(args.max_requests, args.lone_repeats + 2)
+    prompts = [p.prompt for p in arithmetic.make_problems(args.horizon, count, rng=args.seed)]
+    began = time.perf_counter()
+    load_before = os.getloadavg()
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="bench_serve_") as log_dir:
+        for models in models_list:
+            print(f"{CONFIGS[models]['label']}: lone requests in-process", flush=True)
+            arena = args.memory_arena == "on"
+            lone = lone_in_process(models, prompts, particles_list, args.lone_repeats, arena)
+            plans: dict[int, dict[str, Any]] = {}
+            for particles in particles_list:
+                plans[particles] = {"multipliers": multipliers}
+                print(
+                    f"  {particles} particles: direct {1e3 * lone[particles]['direct_median']:.1f} ms, "
+                    f"engine {1e3 * lone[particles]['engine_median']:.1f} ms",
+                    flush=True,
+                )
+            systems = run_config(models, args, prompts, plans, Path(log_dir))
+            for particles in particles_list:
+                block: dict[str, Any] = {
+                    "models": models,
+                    "particles": particles,
+                    "horizon": args.horizon,
+                    "max_tokens": CONFIGS[models]["max_tokens"],
+                    "rates": plans[particles]["rates"],
+                    "target_seconds": plans[particles]["target_seconds"],
+                    "lone_in_process": lone[particles],
+                }
+                for system in SYSTEMS:
+                    block[system] = systems[system][particles]
+                    block[system]["sustained_rate"] = sustained(block[system]["levels"])
+                b, e = block["baseline"]["sustained_rate"], block["engine"]["sustained_rate"]
+                block["sustained_ratio"] = e / b if b > 0 else (None if e == 0 else float("inf"))
+                block["comparison"] = compare(block["baseline"], block["engine"])
+                runs.append(block)
+    import onnxruntime
+
+    result: dict[str, Any] = {
+        "machine": machine_info(
+            onnxruntime=onnxruntime.__version__,
+            loadavg_before=load_before,
+            engine_server=args.engine_server,
+            git_commit=git_commit(),
+        ),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "definitions": {
+            "p99_target": f"p99 <= {args.target_factor} x the baseline's median lone-request latency over "
+            "HTTP (same configuration and particles; one target for both systems)",
+            "sustained_rate": "the highest offered rate with no errors and p99 within the target",
+            "throughput": "completed requests / seconds from the first scheduled send to the last response",
+            "latency": "from a request's scheduled send time (fixed in advance, open loop) to its response",
+            "rates": "multiples (--rates) of 1 / the baseline's median lone-request latency over HTTP",
+            "ladder": "a system's levels stop after two in a row over the target (saturated)",
+            "never_below": "at every rate both ran: engine throughput >= "
+            f"{NEVER_BELOW_MARGINS['throughput']}x and p99 <= {NEVER_BELOW_MARGINS['p99']}x the "
+            "baseline's, errors no more",
+            "saturation": "the engine's highest level run (its ladder stops two levels past the target)",
+            "tiltsmc_share": "engine: tiltsmc's seconds / step seconds over the level, from /metrics; "
+            "baseline: bookkeeping / total seconds of the responses' compute (each call's own wall time)",
+        },
+        "runs": runs,
+        "seconds": time.perf_counter() - began,
+    }
+    result["bars"] = bars(result)
+    print_table(result)
+    print(f"\n{result['seconds']:.0f} s; load average before {load_before}, after {os.getloadavg()}")
+    out = args.out or RESULTS / f"serve_{socket.gethostname()}.json"
+    write_json(out, result)
+    plot(result, out.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()
