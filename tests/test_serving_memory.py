@@ -25,14 +25,14 @@ SCRIPT = textwrap.dedent(
 
     policy = OnnxCausalLM(sys.argv[1] + "/gpt2-tiny", max_new_tokens=12)
     reward = OnnxRewardModel(sys.argv[1] + "/prm-tiny", kind="logit")
-    release = sys.argv[2] == "release"
-    with tiltsmc.Engine(policy, reward, max_batch_rows=8192, release_memory_when_idle=release) as engine:
+    after = 0.3 if sys.argv[2] == "release" else None
+    with tiltsmc.Engine(policy, reward, max_batch_rows=8192, release_memory_after=after) as engine:
         engine.submit("hi", num_particles=4, rng=0).result()
-        time.sleep(0.3)
+        time.sleep(0.6)
         idle = rss_mb()
         futures = [engine.submit(p, num_particles=2000, rng=1) for p in ("hello there", "a")]
         [f.result() for f in futures]
-        time.sleep(0.5)  # the worker goes idle (and releases)
+        time.sleep(1.0)  # the worker goes idle (and releases after 0.3 s)
         print(idle, rss_mb("VmHWM"), rss_mb())
     """
 )

@@ -83,10 +83,11 @@ class Engine:
     its pool / ``n`` / ``batch_size``); ``max_queue``: the most requests waiting for rows, past which
     :meth:`submit` raises :class:`Overloaded`; ``timeout``: the default per-request timeout in seconds
     (None: none). The worker thread starts at once; :meth:`close` (or leaving a ``with`` block) stops it.
-    ``release_memory_when_idle``: when the last request has left, the models' memory pools shrink (their
-    ``release_memory()``, where they have one: ONNX Runtime's arena for the ONNX models) and the freed heap
-    goes back to the system (:func:`~tiltsmc.serving._memory.release_free_memory`), so a long-running
-    service returns to about its idle size after a burst.
+    ``release_memory_after``: once the engine has been idle that many seconds after work, the models'
+    memory pools shrink (their ``release_memory()``, where they have one: ONNX Runtime's arena for the ONNX
+    models) and the freed heap goes back to the system
+    (:func:`~tiltsmc.serving._memory.release_free_memory`), so a long-running service returns to about its
+    idle size after a burst (None: never).
     """
 
     def __init__(
@@ -97,7 +98,7 @@ class Engine:
         max_batch_rows: int = 4096,
         max_queue: int = 1024,
         timeout: Optional[float] = None,
-        release_memory_when_idle: bool = True,
+        release_memory_after: Optional[float] = 2.0,
     ) -> None:
         self._models = Models(policy, reward, Compute())
         problems = [p for p in (_missing_support(policy, "policy"), _missing_support(reward, "reward")) if p]
@@ -125,8 +126,12 @@ class Engine:
         }
         self._steps = 0
         self._step_seconds = 0.0
-        self._worked = False  # steps taken since the engine was last idle
-        self.release_memory_when_idle = release_memory_when_idle
+        self._worked = False  # steps taken since the memory was last released
+        if release_memory_after is not None and not release_memory_after >= 0:
+            raise ValueError(
+                f"release_memory_after: expected seconds >= 0 or None, got {release_memory_after!r}"
+            )
+        self.release_memory_after = release_memory_after
         self._worker = threading.Thread(target=self._serve, name="tiltsmc-engine", daemon=True)
         self._worker.start()
 
@@ -255,17 +260,13 @@ class Engine:
     def _iterate(self) -> bool:
         """One iteration; False once the engine has closed and nothing is left."""
         with self._wake:
-            release = self.release_memory_when_idle and self._worked and self._idle()
-            self._worked = self._worked and not release
-        if release:  # the burst is over: the models' arenas and the freed heap go back to the system
-            for model in (self._models.policy, self._models.reward):
-                shrink = getattr(model, "release_memory", None)
-                if callable(shrink):
-                    shrink()
-            release_free_memory()
-        with self._wake:
             while self._idle():
-                self._wake.wait()
+                wait = self.release_memory_after if self._worked else None
+                if not self._wake.wait(wait) and self._idle():
+                    # idle that long after work: the burst is over; the models' arenas and the freed heap
+                    # go back to the system (not at once: traffic that pauses briefly keeps its memory)
+                    self._worked = False
+                    self._release_memory()
             closing, deadline = self._closing, self._drain_deadline
         now = time.perf_counter()
         if closing and deadline is not None and now >= deadline:
@@ -298,6 +299,13 @@ class Engine:
             self._steps += 1
             self._step_seconds += time.perf_counter() - began
         return True
+
+    def _release_memory(self) -> None:
+        for model in (self._models.policy, self._models.reward):
+            shrink = getattr(model, "release_memory", None)
+            if callable(shrink):
+                shrink()
+        release_free_memory()
 
     def _idle(self) -> bool:
         return not self._closing and not self._in_flight and not len(self._scheduler)
