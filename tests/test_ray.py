@@ -123,8 +123,9 @@ def test_a_killed_replica_is_replaced_and_the_other_keeps_serving(ray_server: Ra
         time.sleep(0.5)
         os.kill(int(victim.split("@")[1]), signal.SIGKILL)
         served = set()
-        for _ in range(10):  # the other replica keeps serving meanwhile (a request the proxy had already
-            # routed to the dead one may fail: retried, as a client may, since it is idempotent given its seed)
+        # The other replica keeps serving meanwhile (a request the proxy had already routed to the dead one
+        # may fail: retried, as a client may, since a request is idempotent given its seed).
+        for _ in range(10):
             answer = ray_server.post({"prompt": PROMPT, "particles": 2, "seed": 0}, timeout=60)
             if answer.status_code == 200:
                 served.add(answer.headers["x-tiltsmc-instance"])
