@@ -35,6 +35,7 @@ import json
 import os
 import re
 import sys
+import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -144,17 +145,21 @@ class _StartBuffers:
         self._free_check = sys.implementation.name == "cpython"  # elsewhere: no reuse
         self._buffers: dict[tuple[Any, ...], list[np.ndarray]] = {}
         self._bytes = 0
+        # Threads sharing the policy: between finding a free buffer and holding it, another thread could
+        # take the same one (two runs' particles in one memory).
+        self._lock = threading.Lock()
 
     def repeated(self, a: np.ndarray, count: int) -> np.ndarray:
         """``a`` ``(B, ...)`` repeated ``count`` times along a new axis 1: ``(B, count, ...)``."""
         shape = (a.shape[0], count, *a.shape[1:])
-        pool = self._buffers.setdefault((shape, a.dtype.str), [])
-        buffer = next((b for b in pool if self._free_check and sys.getrefcount(b) <= 3), None)
-        if buffer is None:  # 3: the pool's list, the generator's name, getrefcount's argument
-            buffer = np.empty(shape, dtype=a.dtype)
-            if self._free_check and self._bytes + buffer.nbytes <= self.max_bytes:
-                pool.append(buffer)
-                self._bytes += buffer.nbytes
+        with self._lock:
+            pool = self._buffers.setdefault((shape, a.dtype.str), [])
+            buffer = next((b for b in pool if self._free_check and sys.getrefcount(b) <= 3), None)
+            if buffer is None:  # 3: the pool's list, the generator's name, getrefcount's argument
+                buffer = np.empty(shape, dtype=a.dtype)
+                if self._free_check and self._bytes + buffer.nbytes <= self.max_bytes:
+                    pool.append(buffer)
+                    self._bytes += buffer.nbytes
         buffer[...] = a[:, None]
         return buffer
 
