@@ -227,3 +227,21 @@ def test_per_position_scores_without_class_axis_still_read() -> None:
     policy.propose(particles, np.random.default_rng(0))
     assert OnnxRewardModel(PRM, kind="logit").label is None
     np.testing.assert_array_equal(OnnxRewardModel(PRM, kind="logit", label=0).log_value(particles), 0.0)
+
+
+def test_prefixes_of_very_different_lengths_are_scored_in_buckets() -> None:
+    """Rows sorted by length and scored in buckets (each bucket padded to its own longest) give the values
+    of one call padded to the longest of all."""
+    policy = OnnxCausalLM(MODELS / "gpt2-tiny", max_new_tokens=24)
+    reward = OnnxRewardModel(MODELS / "prm-tiny", kind="logit")
+    particles = policy.start(["a", "the quick brown fox jumps over"], 48)
+    rng = np.random.default_rng(0)
+    particles.tokens[:] = rng.integers(0, 64, particles.tokens.shape)
+    particles.lengths[:] = rng.integers(0, 25, particles.lengths.shape)
+    buckets = reward._length_buckets(particles, None)
+    assert buckets is not None and len(buckets) > 1
+    assert sorted(np.concatenate(buckets).tolist()) == list(range(96))
+    bucketed = reward.log_value(particles)
+    one_call = OnnxRewardModel(MODELS / "prm-tiny", kind="logit")
+    one_call.bucket_rows = 10**9
+    np.testing.assert_allclose(bucketed, one_call.log_value(particles), rtol=0, atol=2e-5)

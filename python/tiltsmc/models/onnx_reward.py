@@ -409,11 +409,14 @@ class OnnxRewardModel:
         ``values``; and the lengths the values were scored at."""
         batch, count = particles.lengths.shape
         selected = None if stale is None else np.flatnonzero(stale)
-        ids, mask, last, positions = self._prefixes(particles, selected)
-        read_at = None
-        if self.position == "delimiter":
-            read_at = self._last_delimiter(particles, selected, ids, last)
-        fresh = self._score_batch(ids, mask, last, positions, read_at)
+        buckets = self._length_buckets(particles, selected)
+        if buckets is None:
+            fresh = self._score_rows(particles, selected)
+        else:
+            rows = np.arange(batch * count) if selected is None else selected
+            fresh = np.empty(rows.size)
+            for bucket in buckets:
+                fresh[bucket] = self._score_rows(particles, rows[bucket])
         if self.verifier is not None:
             for k in np.flatnonzero(_select(particles.finished, selected)):
                 b, i = divmod(int(k if selected is None else selected[k]), count)
@@ -423,6 +426,50 @@ class OnnxRewardModel:
         merged = values.copy()
         merged[stale] = fresh
         return merged, np.where(stale, particles.lengths, scored)
+
+    def _score_rows(self, particles: Particles, selected: Optional[npt.NDArray[np.int64]]) -> FloatArray:
+        """``log Vh`` of the prefixes ``selected`` (flat indices; None: all) in one session call."""
+        ids, mask, last, positions = self._prefixes(particles, selected)
+        read_at = None
+        if self.position == "delimiter":
+            read_at = self._last_delimiter(particles, selected, ids, last)
+        return self._score_batch(ids, mask, last, positions, read_at)
+
+    # A batch's prefixes are right-padded to the longest, so rows of very different lengths (requests of a
+    # serving batch at different depths) pay for the longest: sorted by length, they are scored in buckets
+    # whose longest prefix is at most ``bucket_ratio`` times their shortest, of ``bucket_rows`` rows at least
+    # (fewer, larger session calls where the lengths are close).
+    bucket_ratio = 1.5
+    bucket_rows = 32
+
+    def _length_buckets(
+        self, particles: Particles, selected: Optional[npt.NDArray[np.int64]]
+    ) -> Optional[list[npt.NDArray[np.int64]]]:
+        """Positions in ``selected`` (or in all rows) of each bucket, or None for one call."""
+        rows = particles.lengths.size if selected is None else selected.size
+        if rows < 2 * self.bucket_rows:
+            return None
+        prompts = self._prompt_layout(particles)
+        count = particles.num_particles
+        prompt_lengths = np.repeat(np.diff(prompts.offsets), count)
+        lengths = prompt_lengths + particles.lengths.reshape(-1)
+        if selected is not None:
+            lengths = lengths[selected]
+        if lengths.max() <= self.bucket_ratio * max(int(lengths.min()), 1):
+            return None
+        order = np.argsort(lengths, kind="stable")
+        buckets: list[npt.NDArray[np.int64]] = []
+        start = 0
+        for end in range(1, rows + 1):
+            closes = end == rows or (
+                end - start >= self.bucket_rows
+                and lengths[order[end]] > self.bucket_ratio * max(int(lengths[order[start]]), 1)
+                and rows - end >= self.bucket_rows
+            )
+            if closes:
+                buckets.append(order[start:end])
+                start = end
+        return buckets if len(buckets) > 1 else None
 
     def _prefixes(
         self, particles: Particles, selected: Optional[npt.NDArray[np.int64]] = None
