@@ -13,8 +13,8 @@ Two servers, each in its own process, loaded with the same models and sent the s
 Configurations: the demo's arithmetic policy and process reward model (``--models demo``, the main one)
 and the test fixtures gpt2-tiny + prm-tiny (16 new tokens); requests of 4 and 16 particles; prompts are
 arithmetic problems of the demo's horizon (T = 8 operations); request ``k`` has seed ``k``. Both servers'
-sessions have ONNX Runtime's CPU memory arena on (``--memory-arena``; ``tiltsmc serve``'s own default is
-off, which gives a burst's memory back but makes large batched calls slower).
+sessions have ONNX Runtime's CPU memory arena on (``--memory-arena``, as ``tiltsmc serve``'s own default;
+off, large batched calls were about half as fast).
 
 For each configuration and particle count:
 

@@ -1,0 +1,180 @@
+"""Benchmark of scale-out (issue #20): ``tiltsmc serve --ray`` with 1 and with 2 replicas of the engine,
+under the same open-loop Poisson load over HTTP on 127.0.0.1 as ``bench_serve.py`` (whose load generator,
+requests and statistics it uses).
+
+For each replica count K: a local Ray instance started by the command (``--replica-cpus`` each), lone
+requests over HTTP, then levels of increasing offered rate (multiples of 1 / the one-replica lone latency
+L) until two levels in a row are over the p99 target (``--target-factor`` x L, one target for both). The
+sustained rate is the highest offered rate with no errors and p99 within the target; its ratio K = 2 over
+K = 1 is the scaling, and the sustained rate per replica the sizing rule. On this 2-core machine the two
+replicas share the two cores with each other, with ONNX Runtime's threads and with the client: the
+scaling is bounded by the cores, not by the engine. Prints a table, writes
+``bench/results/serve_ray_<host>.json``. Not a test. A run takes about 3 - 5 minutes on 2 cores.
+
+    python bench/bench_serve_ray.py                  # the demo's models, 4 particles per request
+    python bench/bench_serve_ray.py --particles 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from _machine import machine_info
+from _plot import write_json
+from bench_serve import (
+    RESULTS,
+    arrival_offsets,
+    free_port,
+    lone_over_http,
+    request_body,
+    run_level,
+    summarise,
+    sustained,
+)
+
+
+class RayServer:
+    """``tiltsmc serve --ray --replicas K --demo`` in a subprocess; ready once K replicas have answered."""
+
+    def __init__(self, replicas: int, args: argparse.Namespace, log_dir: Path) -> None:
+        self.replicas = replicas
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.command = [
+            sys.executable, "-m", "tiltsmc.cli", "serve", "--ray", "--demo", "--replicas", str(replicas),
+            "--replica-cpus", str(args.replica_cpus), "--port", str(self.port),
+        ]  # fmt: skip
+        self.log_path = log_dir / f"ray_{replicas}.log"
+
+    def __enter__(self) -> RayServer:
+        import httpx
+
+        self._log = self.log_path.open("wb")
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+        self.process = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        began, seen = time.perf_counter(), set()
+        probe = request_body("57 a+8 b-3\n", 0, 2, "demo")
+        while len(seen) < self.replicas:
+            if self.process.poll() is not None or time.perf_counter() - began > 240:
+                self.__exit__()
+                raise RuntimeError(
+                    f"Ray Serve with {self.replicas} replicas did not come up: {self.log_path}"
+                )
+            try:
+                answer = httpx.post(self.base + "/v1/completions", json=probe, timeout=30)
+                if answer.status_code == 200:
+                    seen.add(answer.headers["x-tiltsmc-instance"])
+            except httpx.HTTPError:
+                time.sleep(1)
+        self.started_seconds = time.perf_counter() - began
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--particles", type=int, default=4, help="particles per request")
+    parser.add_argument("--horizon", type=int, default=8, help="operations per arithmetic problem (T)")
+    parser.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs each replica reserves")
+    parser.add_argument(
+        "--rates", default="0.5,1,1.5,2,3,4,6,8,12,16", help="offered rates, multiples of 1 / lone latency"
+    )
+    parser.add_argument("--duration", type=float, default=6.0, help="arrival window of a level (s)")
+    parser.add_argument("--min-requests", type=int, default=20)
+    parser.add_argument("--max-requests", type=int, default=60)
+    parser.add_argument("--target-factor", type=float, default=5.0, help="p99 target / lone latency")
+    parser.add_argument("--lone-repeats", type=int, default=7)
+    parser.add_argument("--request-timeout", type=float, default=120.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    from tiltsmc.tasks import arithmetic
+
+    began = time.perf_counter()
+    prompts = [p.prompt for p in arithmetic.make_problems(args.horizon, args.max_requests + 1, rng=args.seed)]
+    log_dir = Path(tempfile.mkdtemp(prefix="tiltsmc-serve-ray-"))  # the servers' logs
+    runs: dict[int, dict[str, Any]] = {}
+    target = rates = None
+    for replicas in (1, 2):
+        with RayServer(replicas, args, log_dir) as server:
+            print(f"{replicas} replica(s): ready in {server.started_seconds:.0f} s", flush=True)
+            lone_over_http(server.base, [request_body(prompts[0], 0, args.particles, "demo")] * 2)  # warm
+            bodies = [
+                request_body(prompts[k], k, args.particles, "demo") for k in range(1, args.lone_repeats + 1)
+            ]
+            lone = lone_over_http(server.base, bodies)
+            if target is None:  # the one-replica lone latency sets the target and the rates for both
+                reference = float(np.median(lone))
+                target = args.target_factor * reference
+                rates = [round(float(m) / reference, 2) for m in args.rates.split(",")]
+                print(
+                    f"  lone {1e3 * reference:.1f} ms; p99 target {target:.3f} s; rates {rates}", flush=True
+                )
+            levels, over = [], 0
+            for index, rate in enumerate(rates or []):
+                rng = np.random.default_rng([args.seed, args.particles, index])
+                offsets = arrival_offsets(rate, args, rng)
+                level_bodies = [
+                    request_body(prompts[k], k, args.particles, "demo") for k in range(len(offsets))
+                ]
+                level = summarise(
+                    run_level(level_bodies, offsets, server.base, args.request_timeout), offsets, rate
+                )
+                level["within_target"] = level["errors"] == 0 and level["p99"] <= target
+                levels.append(level)
+                print(
+                    f"  {rate:7.2f} req/s offered: {level['completed']}/{level['requests']} done, "
+                    f"{level['throughput']:6.2f} req/s, p50 {level['p50']:.3f} p99 {level['p99']:.3f} s"
+                    + ("" if level["within_target"] else "  (over target)"),
+                    flush=True,
+                )
+                over = 0 if level["within_target"] else over + 1
+                if over >= 2:
+                    break
+            runs[replicas] = {
+                "lone_http_seconds": lone,
+                "lone_http_median": float(np.median(lone)),
+                "levels": levels,
+                "sustained": sustained(levels),
+            }
+    one, two = runs[1]["sustained"], runs[2]["sustained"]
+    scaling = two / one if one else float("nan")
+    print(
+        f"\nsustained at p99 <= {target:.3f} s ({args.particles} particles, demo's models): "
+        f"1 replica {one:.2f} req/s, 2 replicas {two:.2f} req/s ({scaling:.2f}x); "
+        f"per replica: {one:.2f} and {two / 2:.2f} req/s"
+    )
+    record = {
+        "machine": machine_info(),
+        "command": " ".join(sys.argv),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "p99_target_seconds": target,
+        "runs": {str(k): v for k, v in runs.items()},
+        "sustained_per_replica": {"1": one, "2": two / 2},
+        "scaling_2_over_1": scaling,
+        "seconds": time.perf_counter() - began,
+    }
+    path = args.out / f"serve_ray_{record['machine'].get('hostname', 'host')}_{args.particles}p.json"
+    write_json(path, record)
+
+
+if __name__ == "__main__":
+    main()
