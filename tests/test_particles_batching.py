@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,9 @@ def test_row_streams_draw_each_run_as_alone() -> None:
 def _resample_in_child(connection: Any) -> None:
     connection.send(core.resample(np.zeros((1, 64)), "multinomial", rng=None).tolist())
     connection.close()
+    # Leave at once: Python's exit in a child forked from a process with threads (earlier tests' workers)
+    # can wait forever on a lock that one of those threads held at the fork.
+    os._exit(0)
 
 
 def test_rng_none_differs_in_forked_children() -> None:
@@ -122,7 +126,13 @@ def test_rng_none_differs_in_forked_children() -> None:
         with warnings.catch_warnings():  # Python 3.12+ warns that forking a threaded process may deadlock
             warnings.simplefilter("ignore", DeprecationWarning)
             child.start()
-        draws.append(receiver.recv())
-        child.join(10)
+        try:
+            assert receiver.poll(30), "the child sent nothing"
+            draws.append(receiver.recv())
+            child.join(10)
+        finally:
+            if child.is_alive():
+                child.kill()
+                child.join()
         assert child.exitcode == 0
     assert len({np.asarray(d).tobytes() for d in draws}) == 3
