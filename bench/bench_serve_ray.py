@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from _machine import machine_info
 from _plot import write_json
 from bench_serve import (
     RESULTS,
+    Server,
     arrival_offsets,
     free_port,
     lone_over_http,
@@ -42,18 +42,18 @@ from bench_serve import (
 )
 
 
-class RayServer:
-    """``tiltsmc serve --ray --replicas K --demo`` in a subprocess; ready once K replicas have answered."""
+class RayServer(Server):
+    """``tiltsmc serve --ray --replicas K --demo`` in a subprocess; ready once K replicas have answered
+    (stopped as :class:`bench_serve.Server` stops its servers: SIGTERM, which takes Ray down)."""
 
     def __init__(self, replicas: int, args: argparse.Namespace, log_dir: Path) -> None:
-        self.replicas = replicas
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.command = [
+        port = free_port()
+        command = [
             sys.executable, "-m", "tiltsmc.cli", "serve", "--ray", "--demo", "--replicas", str(replicas),
-            "--replica-cpus", str(args.replica_cpus), "--port", str(self.port),
+            "--replica-cpus", str(args.replica_cpus), "--port", str(port),
         ]  # fmt: skip
-        self.log_path = log_dir / f"ray_{replicas}.log"
+        super().__init__(f"ray{replicas}", command, port, log_dir)
+        self.replicas = replicas
 
     def __enter__(self) -> RayServer:
         import httpx
@@ -77,16 +77,6 @@ class RayServer:
                 time.sleep(1)
         self.started_seconds = time.perf_counter() - began
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
 
 
 def main() -> None:
