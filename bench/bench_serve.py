@@ -697,6 +697,16 @@ def plot(result: dict[str, Any], path: Path) -> None:
     print(f"wrote {path}")
 
 
+def add_load_arguments(parser: argparse.ArgumentParser) -> None:
+    """The open-loop load's options (levels, target, lone requests), shared with bench_serve_ray.py."""
+    parser.add_argument("--duration", type=float, default=6.0, help="arrival window of a level (s)")
+    parser.add_argument("--min-requests", type=int, default=20)
+    parser.add_argument("--max-requests", type=int, default=60)
+    parser.add_argument("--target-factor", type=float, default=5.0, help="p99 target / lone latency")
+    parser.add_argument("--lone-repeats", type=int, default=7)
+    parser.add_argument("--request-timeout", type=float, default=120.0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="demo,fixtures", help="comma-separated: demo, fixtures")
@@ -707,20 +717,14 @@ def main() -> None:
         default="0.25,0.5,0.75,1,1.25,1.5,2,2.5,3,4,5,6,8",
         help="offered rates, multiples of 1 / (the baseline's median lone-request latency over HTTP)",
     )
-    parser.add_argument("--duration", type=float, default=6.0, help="arrival window of a level (s)")
-    parser.add_argument("--min-requests", type=int, default=20)
-    parser.add_argument("--max-requests", type=int, default=60)
-    parser.add_argument("--target-factor", type=float, default=5.0, help="p99 target / lone latency")
-    parser.add_argument("--lone-repeats", type=int, default=7)
-    parser.add_argument("--request-timeout", type=float, default=120.0)
+    add_load_arguments(parser)
     parser.add_argument("--pause", type=float, default=0.5, help="seconds between levels")
     parser.add_argument("--engine-server", choices=("cli", "app"), default="cli")
     parser.add_argument(
         "--memory-arena",
         choices=("on", "off"),
         default="on",
-        help="ONNX Runtime's CPU memory arena, the same for both servers (and passed to tiltsmc serve, "
-        "whose own default is off)",
+        help="ONNX Runtime's CPU memory arena, the same for both servers (passed to tiltsmc serve)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="smoke run: demo, 4 particles, short levels")

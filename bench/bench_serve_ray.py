@@ -32,6 +32,7 @@ from _plot import write_json
 from bench_serve import (
     RESULTS,
     Server,
+    add_load_arguments,
     arrival_offsets,
     free_port,
     lone_over_http,
@@ -87,12 +88,7 @@ def main() -> None:
     parser.add_argument(
         "--rates", default="0.5,1,1.5,2,3,4,6,8,12,16", help="offered rates, multiples of 1 / lone latency"
     )
-    parser.add_argument("--duration", type=float, default=6.0, help="arrival window of a level (s)")
-    parser.add_argument("--min-requests", type=int, default=20)
-    parser.add_argument("--max-requests", type=int, default=60)
-    parser.add_argument("--target-factor", type=float, default=5.0, help="p99 target / lone latency")
-    parser.add_argument("--lone-repeats", type=int, default=7)
-    parser.add_argument("--request-timeout", type=float, default=120.0)
+    add_load_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()

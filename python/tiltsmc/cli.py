@@ -35,7 +35,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any, NoReturn, Optional, TextIO
@@ -44,8 +44,9 @@ import numpy as np
 
 from . import core
 from .diagnostics import OnlineBellman, online_bellman
-from .samplers import best_of_n, mh, rejection, smc, sp_gsmc
 from .samplers.result import SamplerResult
+from .serving.engine import SAMPLERS as SAMPLER_FUNCTIONS
+from .serving.engine import sampler_defaults
 
 SAMPLERS = ("smc", "sp-gsmc", "mh", "best-of-n", "rejection")
 
@@ -659,15 +660,8 @@ _RUN_OPTIONS: dict[str, dict[str, str]] = {
     "best-of-n": {"particles": "n"},
     "rejection": {"bound": "bound", "num_samples": "num_samples", "max_tries": "max_tries"},
 }
-_RUN_SAMPLERS: dict[str, Callable[..., SamplerResult]] = {
-    "smc": smc, "sp-gsmc": sp_gsmc, "mh": mh, "best-of-n": best_of_n, "rejection": rejection,
-}  # fmt: skip
-
-
 def _default(sampler: str, option: str) -> Any:
     """A sampler option's default, from the sampler function's signature (for help texts)."""
-    from .serving.engine import sampler_defaults
-
     return sampler_defaults(sampler)[option]
 
 
@@ -680,7 +674,8 @@ def _sample(
         for name, parameter in _RUN_OPTIONS[args.sampler].items()
         if getattr(args, name) is not None
     }
-    result: SamplerResult = _RUN_SAMPLERS[args.sampler](policy, reward, prompts, rng=seed, **options)
+    function = SAMPLER_FUNCTIONS[args.sampler.replace("-", "_")][0]  # one table: the engine's
+    result: SamplerResult = function(policy, reward, prompts, rng=seed, **options)
     return result
 
 
@@ -711,7 +706,7 @@ def _records(result: SamplerResult, prompts: list[str], offset: int) -> list[dic
     return records
 
 
-def _load_models_for_run(args: argparse.Namespace) -> tuple[Any, Any]:
+def _load_models_or_fail(args: argparse.Namespace) -> tuple[Any, Any]:
     """:func:`_load_models`; bad files or options raise :class:`CliError` (status 2)."""
     try:
         return _load_models(args)
@@ -728,7 +723,7 @@ def run(args: argparse.Namespace) -> int:
         output.open()  # refused here, before any model is loaded, if it cannot be written
         if args.threads is not None:
             core.set_num_threads(args.threads)
-        policy, reward = _load_models_for_run(args)
+        policy, reward = _load_models_or_fail(args)
         seed = np.random.default_rng(args.seed)
         progress = Progress(len(prompts), f"tiltsmc {args.sampler}")
         began = time.perf_counter()
@@ -774,8 +769,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         settings = serving_server.Settings.from_args(args)
     except ValueError as error:
-        print(f"tiltsmc: {error}", file=sys.stderr)
-        return 2
+        raise CliError(str(error)) from None
     if args.ray:  # the replicas load the models
         from .serving import ray as serving_ray
 
@@ -785,11 +779,7 @@ def serve(args: argparse.Namespace) -> int:
         return serving_ray.serve_on_ray(args, options)
     if args.threads is not None:
         core.set_num_threads(args.threads)
-    try:
-        policy, reward = _load_models(args)
-    except (OSError, ValueError, TypeError) as error:
-        print(f"tiltsmc: {_one_line(error)}", file=sys.stderr)
-        return 2
+    policy, reward = _load_models_or_fail(args)
     return serving_server.serve(args, settings, policy, reward)
 
 

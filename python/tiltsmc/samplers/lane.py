@@ -14,6 +14,7 @@ of each kind with every request in flight.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -399,7 +400,7 @@ class Lane:
     def _charge_to(
         self, runs: list[Run], call: Callable[[], Any], weights: Optional[list[int]] = None
     ) -> Any:
-        before = _copy(self.compute)
+        before = dataclasses.replace(self.compute)
         began = time.perf_counter()
         try:
             return call()
@@ -416,12 +417,6 @@ def _end_at_limits(particles: Particles) -> None:
 
 
 _FIELDS = ("policy_calls", "policy_steps", "policy_tokens", "reward_calls", "reward_evaluations")
-
-
-def _copy(compute: Compute) -> Compute:
-    return Compute(
-        **{name: getattr(compute, name) for name in (*_FIELDS, "policy_seconds", "reward_seconds")}
-    )
 
 
 def _share(
