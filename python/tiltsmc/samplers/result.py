@@ -165,7 +165,7 @@ class SamplerResult:
         counts = sorted({len(w) for w in self.log_weights})
         lines = [
             f"SamplerResult({self.sampler}: {self.num_prompts} prompt(s) x "
-            f"{'/'.join(str(c) for c in counts) or 0} sample(s), {self.ess.shape[1]} step(s), "
+            f"{'/'.join(str(c) for c in counts) or 0} sample(s), {self.log_z_increments.shape[1]} step(s), "
             f"{int(np.count_nonzero(self.collapsed))} collapsed, {len(self.errors)} failed)",
             "  log_z: " + (f"mean {finite.mean():.4g}, range [{finite.min():.4g}, {finite.max():.4g}]"
                            if finite.size else "no finite estimate"),
