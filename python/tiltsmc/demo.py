@@ -436,7 +436,8 @@ def write_outputs(record: dict[str, Any], out: Path) -> list[Path]:
     staged: list[tuple[Path, Path]] = []
     try:
         for name, write in contents.items():
-            descriptor, temporary = create_beside(out / name)  # 0666 less the umask, as a new file
+            # 0666 less the umask, as a new file; the suffix tells matplotlib the format
+            descriptor, temporary = create_beside(out / name, suffix=Path(name).suffix)
             os.close(descriptor)
             staged.append((temporary, out / name))
             write(temporary)
