@@ -223,9 +223,10 @@ def test_help_is_whole_and_shows_defaults(capsys: pytest.CaptureFixture[str]) ->
     for command in ("run", "serve", "demo"):
         assert re.search(rf"^    {command} +\w", text, re.MULTILINE), command  # each command with its help
     parser = cli.build_parser()
-    run_parser = next(a for a in parser._actions if a.dest == "command").choices["run"]  # type: ignore[attr-defined]
-    for action in run_parser._actions:
-        assert action.help, f"{action.option_strings} has no help"
+    commands = next(a for a in parser._actions if a.dest == "command").choices  # type: ignore[attr-defined]
+    for name, command in commands.items():
+        for action in command._actions:
+            assert action.help, f"tiltsmc {name} {action.option_strings} has no help"
     with pytest.raises(SystemExit):
         main(["run", "--help"])
     text = " ".join(capsys.readouterr().out.split())
