@@ -501,7 +501,7 @@ class _EngineCollector:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``tiltsmc serve`` beyond the models'."""
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1 only)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     parser.add_argument("--model-name", default="tiltsmc", help="the model name clients send")
     parser.add_argument(
         "--api-key-env", default=None, metavar="VAR", help="require Bearer $VAR on /v1 and /metrics"
@@ -510,12 +510,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue", type=int, default=1024, help="requests waiting at most (then 429)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds a request may take (then 504)")
     parser.add_argument("--grace", type=float, default=30.0, help="seconds to finish requests on SIGTERM")
-    parser.add_argument("--max-prompt-tokens", type=int, default=Limits.max_prompt_tokens)
-    parser.add_argument("--max-request-particles", type=int, default=Limits.max_particles)
+    parser.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=Limits.max_prompt_tokens,
+        help="prompt tokens at most (then 400)",
+    )
+    parser.add_argument(
+        "--max-request-particles",
+        type=int,
+        default=Limits.max_particles,
+        help="particles, pool size or n of one request at most (then 400)",
+    )
     parser.add_argument(
         "--max-tokens", type=int, default=None, help="max_tokens at most (default: the policy's)"
     )
-    parser.add_argument("--max-n", type=int, default=Limits.max_n)
+    parser.add_argument("--max-n", type=int, default=Limits.max_n, help="choices per prompt (n) at most")
 
 
 @dataclass(frozen=True)
