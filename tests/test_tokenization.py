@@ -115,6 +115,17 @@ def test_chat_template_renders_as_transformers_does() -> None:
     )
     with pytest.raises(ValueError, match="roles are system, user and assistant, not tool"):
         tokenizer.apply_chat_template([{"role": "tool", "content": "x"}])
+    # the helpers templates call: tojson keeps non-ASCII text, loop controls, {% generation %} blocks
+    helpers = load_tokenizer(
+        CHAT, None,
+        chat_template="{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}"
+        "{{ m | tojson }}{% generation %}[{{ m['content'] }}]{% endgeneration %}{% endfor %}",
+    )  # fmt: skip
+    assert helpers is not None
+    rendered = helpers.apply_chat_template(
+        [{"role": "user", "content": "café"}, {"role": "user", "content": "x"}]
+    )
+    assert rendered == '{"role": "user", "content": "café"}[café]'
 
 
 def test_chat_is_encoded_without_adding_special_tokens_again() -> None:

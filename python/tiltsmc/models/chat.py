@@ -3,7 +3,8 @@
 A chat prompt is a list of messages ``[{"role": "user", "content": "..."}, ...]``. The template is the
 tokenizer folder's ``chat_template.jinja`` or, failing that, ``tokenizer_config.json``'s ``chat_template``
 (a string, or a list of named templates of which ``default`` is used). It is rendered with ``jinja2`` in
-a sandboxed environment with ``trim_blocks`` and ``lstrip_blocks`` and the ``loopcontrols`` extension,
+a sandboxed environment with ``trim_blocks`` and ``lstrip_blocks`` and the ``loopcontrols`` extension
+(and the ``{% generation %}`` tag of training templates, rendered as its body),
 given ``messages``, ``add_generation_prompt`` and the special tokens of tokenizer_config.json
 (``bos_token``, ``eos_token``, ...), with the helpers templates call: ``raise_exception(message)``
 (a ValueError here), ``strftime_now(format)`` and a ``tojson`` filter that keeps non-ASCII text as it is.
@@ -100,6 +101,29 @@ class _TemplateRaised(Exception):
     """The template called ``raise_exception``."""
 
 
+@functools.lru_cache(maxsize=1)
+def _generation_extension() -> Any:
+    """The ``{% generation %}...{% endgeneration %}`` tag some templates use to mark the assistant's text
+    for training masks (transformers' ``AssistantTracker``): rendered as its body alone."""
+    jinja2 = _import_jinja2()
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+
+    class Generation(Extension):
+        tags = {"generation"}  # noqa: RUF012 (jinja2 declares it on Extension)
+
+        def parse(self, parser: Any) -> Any:
+            line = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(line)
+
+        def _body(self, caller: Any) -> Any:
+            return caller()
+
+    del jinja2
+    return Generation
+
+
 @functools.lru_cache(maxsize=16)
 def _compile(template: str) -> Any:
     jinja2 = _import_jinja2()
@@ -117,7 +141,7 @@ def _compile(template: str) -> Any:
         return datetime.datetime.now().strftime(format)
 
     environment = jinja2.sandbox.ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        trim_blocks=True, lstrip_blocks=True, extensions=[_generation_extension(), "jinja2.ext.loopcontrols"]
     )
     environment.filters["tojson"] = tojson
     environment.globals["raise_exception"] = raise_exception
