@@ -181,3 +181,25 @@ def test_cli_session_options(tmp_path: Path) -> None:
         assert options.inter_op_num_threads == 1
     assert cli.main([*argv, "--session-option", "no_such_field=1"]) == 2
     assert cli.main([*argv, "--session-option", "graph_optimization_level=basic"]) == 0
+
+
+def _cuda_unusable() -> str:
+    import onnxruntime as ort
+    from tiltsmc.models._ort import cuda_device_usable
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "this ONNX Runtime has no CUDA provider"
+    usable, reason = cuda_device_usable()
+    return "" if usable else f"no usable CUDA device: {reason}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(bool(_cuda_unusable()), reason=_cuda_unusable() or "runs on a GPU")
+def test_cuda_provider_options_take_effect() -> None:
+    """tiltsmc's use_tf32=0 on CUDA, and provider_options over it, read back from the session."""
+    default = OnnxCausalLM(LLAMA, require_gpu=True).session.get_provider_options()["CUDAExecutionProvider"]
+    assert default["use_tf32"] == "0"
+    chosen = OnnxRewardModel(
+        PRM, require_gpu=True, provider_options={"CUDAExecutionProvider": {"use_tf32": True, "device_id": 0}}
+    ).session.get_provider_options()["CUDAExecutionProvider"]
+    assert chosen["use_tf32"] == "1" and chosen["device_id"] == "0"

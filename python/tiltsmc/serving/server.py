@@ -235,6 +235,7 @@ def create_app(
     async def completions(body: CompletionRequest, request: Request) -> JSONResponse:
         prompts: list[Any] = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
         if not prompts:
+            request.state.detail.update(sampler=body.sampler, prompts=0, n=body.n, outcome="refused")
             raise RequestError("prompt", "prompt: expected a string or a non-empty list of strings")
         return await answer(body, request, prompts, chat=False)
 
@@ -242,6 +243,7 @@ def create_app(
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSONResponse:
         if body.max_completion_tokens is not None:
             if body.max_tokens is not None and body.max_tokens != body.max_completion_tokens:
+                request.state.detail.update(sampler=body.sampler, prompts=1, n=body.n, outcome="refused")
                 raise RequestError(
                     "max_completion_tokens", "max_completion_tokens: differs from max_tokens; give one"
                 )
