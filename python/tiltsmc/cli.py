@@ -613,7 +613,7 @@ def _read_messages(path_text: str) -> list[Any]:
 
     path = Path(path_text)
     try:
-        lines = path.read_text(encoding="utf-8").split("\n")
+        lines = path.read_text(encoding="utf-8-sig").split("\n")  # a BOM is not JSON
     except (OSError, UnicodeDecodeError) as error:
         raise CliError(f"--messages: cannot read {path}: {error}") from None
     conversations = []
