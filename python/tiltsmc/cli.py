@@ -761,7 +761,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser(
         "serve",
-        help="serve the models over HTTP (OpenAI-style /v1/completions, /health, /metrics)",
+        help="serve the models over HTTP (OpenAI-style /v1/completions, /v1/chat/completions, /health, "
+        "/metrics)",
         description="Serve concurrent sampling requests with the continuous-batching engine, behind an "
         "OpenAI-compatible HTTP API (needs the serve extra). Binds 127.0.0.1 unless --host says otherwise.",
     )
