@@ -211,6 +211,16 @@ def test_chat_without_jinja2_names_the_extra(monkeypatch: pytest.MonkeyPatch) ->
     try:
         with pytest.raises(ImportError, match=r"pip install 'tiltsmc\[chat\]'"):
             chat_policy().encode_prompt([{"role": "user", "content": "a"}])
+        with pytest.raises(ImportError, match=r"pip install 'tiltsmc\[chat\]'"):  # not one prompt's error
+            tiltsmc.smc(
+                chat_policy(),
+                OnnxRewardModel(PRM, tokenizer=CHAT),
+                prompts=[[{"role": "user", "content": "a"}]],
+            )
+        with tiltsmc.Engine(chat_policy(), OnnxRewardModel(PRM, tokenizer=CHAT)) as engine:
+            future = engine.submit([{"role": "user", "content": "a"}], "smc", num_particles=2)
+            assert isinstance(future.exception(timeout=60), ImportError)
+            assert engine.submit("a", "smc", num_particles=2).result(timeout=60).log_z.shape == (1,)
     finally:
         chat._compile.cache_clear()
     assert chat_policy().encode_prompt("a").tolist() == [BOS, 3]  # text prompts need no jinja2

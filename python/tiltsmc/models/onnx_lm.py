@@ -507,6 +507,8 @@ class OnnxCausalLM:
         for b, prompt in enumerate(prompt_list):
             try:
                 encoded.append(self.encode_prompt(prompt))
+            except ImportError:  # a missing package (jinja2 for chat templates) fails every prompt alike
+                raise
             except Exception as error:  # any failure of one prompt (the tokenizer's too) is that prompt's
                 errors[b] = f"prompt {b}: {error}"
                 encoded.append(np.array([self.pad_token_id], dtype=np.int64))
