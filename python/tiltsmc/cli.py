@@ -510,66 +510,235 @@ def _add_model_arguments(parser: argparse.ArgumentParser, demo_models: bool = Fa
     else:
         parser.add_argument("--policy", required=True, help="folder (or .onnx file) of the decoder LM")
         parser.add_argument("--reward", required=True, help="folder (or .onnx file) of the reward model")
+    # Every default is the model class's own (MODEL_OPTIONS): one set of defaults for the API, the CLI
+    # and the server.
     parser.add_argument(
-        "--max-new-tokens", type=_positive_int, default=32, help="tokens generated per sample at most"
+        "--max-new-tokens",
+        type=_positive_int,
+        default=_model_default("max_new_tokens"),
+        help="tokens generated per sample at most",
     )
     parser.add_argument(
-        "--step", type=_step, default="token", help="'token' or a delimiter ending each step, e.g. '\\n'"
+        "--step",
+        type=_step,
+        default=_model_default("step"),
+        help="'token' or a delimiter ending each step, e.g. '\\n'",
     )
     parser.add_argument(
-        "--temperature", type=_positive_real, default=1.0, help="the policy's sampling temperature"
+        "--temperature",
+        type=_positive_real,
+        default=_model_default("temperature"),
+        help="the policy's sampling temperature",
     )
     parser.add_argument(
-        "--top-k", type=_positive_int, default=None, help="sample from the k likeliest tokens (default: all)"
+        "--top-k",
+        type=_positive_int,
+        default=_model_default("top_k"),
+        help="sample from the k likeliest tokens (default: all)",
     )
     parser.add_argument(
         "--top-p",
         type=_open_fraction,
-        default=None,
+        default=_model_default("top_p"),
         help="nucleus sampling: the likeliest tokens of total probability p (default: all)",
     )
     parser.add_argument(
         "--reward-kind",
         choices=("log_value", "prob", "logit"),
-        default="logit",
-        help="what the reward graph outputs: log Vh, Vh, or a logit whose sigmoid is Vh",
+        default=_model_default("reward_kind"),
+        help="what the reward output is: log Vh, Vh in [0, 1], or a logit (Vh = sigmoid)",
     )
-    parser.add_argument("--reward-output", default=None, help="reward graph output to read (default: first)")
+    parser.add_argument(
+        "--reward-output",
+        default=_model_default("reward_output"),
+        help="reward graph output to read (default: first)",
+    )
     parser.add_argument(
         "--reward-position",
         choices=("last", "delimiter"),
-        default="last",
+        default=_model_default("reward_position"),
         help="read per-position scores at the last token or at the last step delimiter",
     )
     parser.add_argument(
         "--reward-delimiters",
         type=_id_list,
-        default=None,
+        default=_model_default("reward_delimiters"),
         help="token ids ending a step, comma-separated (with --reward-position delimiter)",
     )
     parser.add_argument(
         "--reward-label",
         type=_count,
-        default=None,
+        default=_model_default("reward_label"),
         help="the class whose probability is Vh, for an output with a class axis last",
     )
     parser.add_argument(
         "--reward-classes",
         type=_id_list,
-        default=None,
+        default=_model_default("reward_classes"),
         help="comma-separated classes the label's probability is normalised over (default: all)",
     )
     parser.add_argument(
-        "--threads", type=_thread_count, default=None, help="threads for ONNX Runtime and the core"
-    )
+        "--threads", type=_thread_count, default=_model_default("threads"),
+        help="threads for ONNX Runtime and the core",
+    )  # fmt: skip
     parser.add_argument("--cpu", action="store_true", help="use the CPU even where a GPU is usable")
     parser.add_argument(
         "--memory-arena",
         choices=("on", "off"),
-        default="on",
+        default=_model_default("memory_arena"),
         help="ONNX Runtime's CPU memory arena ('off' frees each run's buffers: less memory between runs, "
         "about half the speed on large batches; serve shrinks the arena when idle either way)",
     )
+    _add_tokenization_and_session_arguments(parser)
+
+
+# -- tokenization, chat prompts and ONNX Runtime session options --------------------------------------
+
+# The CLI's model options, as (class, parameter) of the model classes whose signature holds the default;
+# on/off options stand for True/False.
+MODEL_OPTIONS: dict[str, tuple[str, str]] = {
+    "max_new_tokens": ("OnnxCausalLM", "max_new_tokens"),
+    "step": ("OnnxCausalLM", "step"),
+    "temperature": ("OnnxCausalLM", "temperature"),
+    "top_k": ("OnnxCausalLM", "top_k"),
+    "top_p": ("OnnxCausalLM", "top_p"),
+    "add_special_tokens": ("OnnxCausalLM", "add_special_tokens"),
+    "skip_special_tokens": ("OnnxCausalLM", "skip_special_tokens"),
+    "threads": ("OnnxCausalLM", "intra_op_num_threads"),
+    "memory_arena": ("OnnxCausalLM", "memory_arena"),
+    "reward_kind": ("OnnxRewardModel", "kind"),
+    "reward_output": ("OnnxRewardModel", "output"),
+    "reward_position": ("OnnxRewardModel", "position"),
+    "reward_delimiters": ("OnnxRewardModel", "delimiter_ids"),
+    "reward_label": ("OnnxRewardModel", "label"),
+    "reward_classes": ("OnnxRewardModel", "classes"),
+}
+
+
+def _model_default(option: str) -> Any:
+    """A model option's default, read from the model class's signature (True / False as 'on' / 'off')."""
+    import inspect
+
+    from . import models
+
+    class_name, parameter = MODEL_OPTIONS[option]
+    value = inspect.signature(getattr(models, class_name)).parameters[parameter].default
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return value
+
+
+def _session_option(text: str) -> tuple[str, Any]:
+    """``NAME=VALUE`` of ``--session-option``: the value as an int, a bool (true / false), or the text."""
+    name, equals, value = text.partition("=")
+    if not equals or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    parsed: Any = value
+    if value.lower() in ("true", "false"):
+        parsed = value.lower() == "true"
+    else:
+        with contextlib.suppress(ValueError):
+            parsed = int(value)
+    return name.strip(), parsed
+
+
+def _provider_option(text: str) -> tuple[str, str, str]:
+    """``PROVIDER:NAME=VALUE`` of ``--provider-option``."""
+    provider, colon, rest = text.partition(":")
+    name, equals, value = rest.partition("=")
+    if not colon or not equals or not provider or not name:
+        raise argparse.ArgumentTypeError(f"expected PROVIDER:NAME=VALUE, got {text!r}")
+    return provider, name, value
+
+
+def _add_tokenization_and_session_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--add-special-tokens",
+        choices=("on", "off"),
+        default=_model_default("add_special_tokens"),
+        help="encode text prompts with the special tokens the tokenizer's post-processor adds (a BOS), as "
+        "Hugging Face does",
+    )
+    parser.add_argument(
+        "--skip-special-tokens",
+        choices=("on", "off"),
+        default=_model_default("skip_special_tokens"),
+        help="leave special tokens (EOS, padding) out of the texts",
+    )
+    parser.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE",
+        help="a Jinja chat template file for chat prompts (default: the tokenizer folder's)",
+    )
+    parser.add_argument(
+        "--session-option",
+        type=_session_option,
+        action="append",
+        default=None,
+        metavar="NAME=VALUE",
+        help="an onnxruntime.SessionOptions field for both models, e.g. graph_optimization_level=basic, "
+        "inter_op_num_threads=1, log_severity_level=2 (repeatable)",
+    )
+    parser.add_argument(
+        "--provider-option",
+        type=_provider_option,
+        action="append",
+        default=None,
+        metavar="PROVIDER:NAME=VALUE",
+        help="an execution provider option for both models, e.g. CUDAExecutionProvider:device_id=1 "
+        "(repeatable)",
+    )
+
+
+def _session_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """The ONNX Runtime options of ``--session-option`` / ``--provider-option`` for both models."""
+    provider_options: dict[str, dict[str, str]] = {}
+    for provider, name, value in getattr(args, "provider_option", None) or ():
+        provider_options.setdefault(provider, {})[name] = value
+    return {
+        "session_options": dict(getattr(args, "session_option", None) or ()) or None,
+        "provider_options": provider_options or None,
+    }
+
+
+def _chat_template(args: argparse.Namespace) -> Optional[str]:
+    path = getattr(args, "chat_template", None)
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"--chat-template: cannot read {path}: {error}") from None
+
+
+def _read_messages(path_text: str) -> list[Any]:
+    """The conversations of a ``--messages`` file: one JSON list of messages per non-blank line."""
+    from .models.chat import check_messages
+
+    path = Path(path_text)
+    try:
+        lines = path.read_text(encoding="utf-8-sig").split("\n")  # a BOM is not JSON
+    except (OSError, UnicodeDecodeError) as error:
+        raise CliError(f"--messages: cannot read {path}: {error}") from None
+    conversations = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            conversations.append(check_messages(json.loads(line)))
+        except ValueError as error:
+            raise CliError(f"--messages: {path} line {number}: {_one_line(error)}") from None
+    if not conversations:
+        raise CliError(f"--messages: {path} holds no conversation")
+    return conversations
+
+
+def _chat_prompts(args: argparse.Namespace, texts: list[str]) -> list[Any]:
+    """With ``--chat``, each text prompt as one user message."""
+    if not getattr(args, "chat", False):
+        return list(texts)
+    return [[{"role": "user", "content": text}] for text in texts]
 
 
 def _load_models(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -581,11 +750,16 @@ def _load_models(args: argparse.Namespace) -> tuple[Any, Any]:
     if getattr(args, "demo", False):
         from .tasks import arithmetic
 
+        for option in ("session_option", "provider_option", "chat_template"):
+            if getattr(args, option, None) is not None:
+                raise ValueError(f"--{option.replace('_', '-')}: not an option of the bundled --demo models")
+
         return arithmetic.load_models(
             intra_op_num_threads=args.threads, providers=providers, memory_arena=args.memory_arena == "on"
         )
     if args.reward is None:
         raise ValueError("--reward: a reward model is needed with --policy")
+    session = _session_arguments(args)
     policy = OnnxCausalLM(
         args.policy,
         max_new_tokens=args.max_new_tokens,
@@ -596,6 +770,10 @@ def _load_models(args: argparse.Namespace) -> tuple[Any, Any]:
         top_p=args.top_p,
         intra_op_num_threads=args.threads,
         memory_arena=args.memory_arena == "on",
+        add_special_tokens=args.add_special_tokens == "on",
+        skip_special_tokens=args.skip_special_tokens == "on",
+        chat_template=_chat_template(args),
+        **session,
     )
     reward = OnnxRewardModel(
         args.reward,
@@ -608,6 +786,7 @@ def _load_models(args: argparse.Namespace) -> tuple[Any, Any]:
         providers=providers,
         intra_op_num_threads=args.threads,
         memory_arena=args.memory_arena == "on",
+        **session,
     )
     check_policy = getattr(reward, "check_policy", None)  # vocabularies: bad input, found before the run
     if callable(check_policy):
@@ -679,6 +858,15 @@ def build_parser() -> argparse.ArgumentParser:
     prompts = run.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     prompts.add_argument("--prompts", help="a file of prompts, one per line (UTF-8; blank lines skipped)")
+    prompts.add_argument(
+        "--messages",
+        metavar="FILE",
+        help="a JSON-lines file of chat prompts, each line a list of messages "
+        '[{"role": "user", "content": "..."}] rendered by the chat template',
+    )
+    run.add_argument(
+        "--chat", action="store_true", help="each --prompt / --prompts line is a user message (chat template)"
+    )
     # Sampler options left out take the sampler's own defaults (those of tiltsmc.smc and the others, which
     # the engine and the server use too): one set of defaults.
     run.add_argument("--sampler", choices=SAMPLERS, default="smc", help="the sampler")
@@ -765,7 +953,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve",
         formatter_class=_HelpFormatter,
-        help="serve the models over HTTP (OpenAI-style /v1/completions, /health, /metrics)",
+        help="serve the models over HTTP (OpenAI-style /v1/completions, /v1/chat/completions, /health, "
+        "/metrics)",
         description="Serve concurrent sampling requests with the continuous-batching engine, behind an "
         "OpenAI-compatible HTTP API (needs the serve extra). Binds 127.0.0.1 unless --host says otherwise.",
     )
@@ -816,8 +1005,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _read_prompts(args: argparse.Namespace) -> list[str]:
-    """``--prompt`` values, or the non-blank lines of the ``--prompts`` file (UTF-8, lines end at LF)."""
+def _read_prompts(args: argparse.Namespace) -> list[Any]:
+    """``--prompt`` values, or the non-blank lines of the ``--prompts`` file (UTF-8, lines end at LF), as
+    user messages with ``--chat``; or the conversations of a ``--messages`` file."""
+    if getattr(args, "messages", None) is not None:
+        return _read_messages(args.messages)
+    return _chat_prompts(args, _read_text_prompts(args))
+
+
+def _read_text_prompts(args: argparse.Namespace) -> list[str]:
     if args.prompt is not None:
         return list(args.prompt)
     path = Path(args.prompts)
@@ -899,7 +1095,7 @@ def _sample(
     args: argparse.Namespace,
     models: Models,
     options: dict[str, Any],
-    prompts: list[str],
+    prompts: list[Any],
     offset: int,
     progress: StepProgress,
 ) -> list[SamplerResult]:
@@ -971,7 +1167,7 @@ def run_configuration(args: argparse.Namespace, options: dict[str, Any]) -> dict
     return configuration
 
 
-def _record(result: SamplerResult, prompt: str, index: int, run_info: dict[str, Any]) -> dict[str, Any]:
+def _record(result: SamplerResult, prompt: Any, index: int, run_info: dict[str, Any]) -> dict[str, Any]:
     """One prompt's line (its result holds that prompt only); the fields are those of the output schema."""
     whole = result.to_dict()
     record: dict[str, Any] = {"prompt_index": index, "prompt": prompt, "sampler": whole["sampler"]}
