@@ -1,8 +1,8 @@
 r"""``tiltsmc demo``: guided SMC against best-of-N on the bundled arithmetic-chain task.
 
-For problems with ``T`` steps (:mod:`tiltsmc.tasks.arithmetic`), the bundled policy solves a problem with
-probability ``Z = E_p[r]``, which falls geometrically with ``T``. Every sampler gets the same budget of
-``C`` policy steps per reasoning step (``C T`` per problem):
+For problems with ``T`` steps ([`tiltsmc.tasks.arithmetic`][tiltsmc.tasks.arithmetic]), the bundled policy
+solves a problem with probability ``Z = E_p[r]``, which falls geometrically with ``T``. Every sampler gets the
+same budget of ``C`` policy steps per reasoning step (``C T`` per problem):
 
 * best-of-N with ``N = C``: ``N`` independent solutions; it picks the highest reward, and at the end the
   reward is the exact verifier, so it succeeds when one of its ``N`` draws is right (``1 - (1 - Z)^N``);
@@ -14,10 +14,10 @@ probability ``Z = E_p[r]``, which falls geometrically with ``T``. Every sampler 
 Accuracy is the probability that the sampler's output is a right solution: for SMC the weighted share of
 right particles (the chance that a draw from its output is right), for the others whether their one
 sample is right; 0 where a run collapsed. The same is measured for SMC and SP-gSMC guided by a
-deliberately degraded reward model (:class:`NoisyReward`), and the Bellman error of both reward models is
-estimated from rollouts (:func:`tiltsmc.diagnostics.bellman_error`). The paper's claim: when the reward
-model's Bellman error is small, guided SMC needs compute polynomial in ``T`` where best-of-N needs
-``~1/Z``, exponential in ``T`` — so the gain of SMC over best-of-N grows with ``T``.
+deliberately degraded reward model (``NoisyReward``), and the Bellman error of both reward models is
+estimated from rollouts ([`tiltsmc.diagnostics.bellman_error`][tiltsmc.diagnostics.bellman_error]). The
+paper's claim: when the reward model's Bellman error is small, guided SMC needs compute polynomial in ``T``
+where best-of-N needs ``~1/Z``, exponential in ``T`` — so the gain of SMC over best-of-N grows with ``T``.
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ def run_demo(
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> dict[str, Any]:
     """Run every sampler on every level and budget, and the Bellman-error estimates; returns the record
-    that :func:`write_outputs` saves (plain JSON types)."""
+    that ``write_outputs`` saves (plain JSON types)."""
     config.validate()
     began = time.perf_counter()
     if models is None:
