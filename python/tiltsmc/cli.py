@@ -619,7 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="sd of the degraded reward model's log-value noise",
     )
     demo.add_argument("--seed", type=_count, default=0)
-    demo.add_argument("--threads", type=_thread_count, default=None, help="ONNX Runtime threads")
+    demo.add_argument("--threads", type=_thread_count, default=None, help="ONNX Runtime threads (default: 1)")
     demo.add_argument("--out", default="tiltsmc-demo", help="output folder (created if needed)")
     return parser
 
