@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from tiltsmc.models import OnnxCausalLM, OnnxRewardModel
 
 FIXTURES = Path(__file__).parent / "fixtures" / "models"
