@@ -446,6 +446,7 @@ class OnnxRewardModel:
             longest = int((lengths if selected is None else lengths[selected]).max())
             per_call = max(int(self.max_rows_tokens2) // max(longest * longest, 1), 1)
             if per_call < rows:
+                per_call = -(-rows // -(-rows // per_call))  # as many calls, of equal sizes
                 flat = np.arange(rows) if selected is None else selected
                 out = np.empty(rows)
                 for start in range(0, rows, per_call):
