@@ -62,7 +62,8 @@ class DemoConfig:
     """What the demo runs: ``problems`` per difficulty in ``levels`` (``T``), each sampler at every
     ``budgets`` value ``C`` (policy steps per reasoning step), the degraded model's ``noise`` (sd of its
     log-value perturbation) and the Bellman-error estimate's ``bellman_prompts`` x ``bellman_prefixes``
-    rollouts with ``bellman_samples`` continuations each."""
+    rollouts with ``bellman_samples`` continuations each; ``threads``: ONNX Runtime's intra-op threads
+    (None: ``DEFAULT_THREADS``, one)."""
 
     levels: tuple[int, ...] = (4, 8, 12, 16)
     budgets: tuple[int, ...] = (2, 4, 8)
