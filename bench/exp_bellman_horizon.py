@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Bellman error of perturbed optimal twists against the horizon T (DESIGN.md §1-2).
+"""Bellman error of perturbed optimal twists against the horizon T (docs/theory/).
 
 Tasks: counting automata. V = 4 tokens under a seeded random Markov chain; the automaton counts token 0
 modulo Q (Q = 3, 4, 5) and the reward is 1 on count = 0 (mod Q), 0.1 otherwise. Twists: the exact ``V*``

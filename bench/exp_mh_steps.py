@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Accuracy of resampling-pool Metropolis-Hastings against the number of MH steps H (DESIGN.md §1, item 4).
+"""Accuracy of resampling-pool Metropolis-Hastings against the number of MH steps H (docs/theory/samplers.md).
 
 A small random Markov-DFA task (V = 3, Q = 3, T = 4: 81 sequences, so ``pi ∝ p r`` is enumerated) and a
 poor twist (``V*`` with log-values perturbed by U[-1, 1]). For pool sizes K = 2, 4 and H = 0, 1, 2, ..., 32,

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Particle complexity of SMC against the horizon T, with and without guidance (DESIGN.md §1-2).
+"""Particle complexity of SMC against the horizon T, with and without guidance (docs/theory/).
 
 For each task and guidance setting, the smallest particle count N is searched (doubling from 1, then
 geometric bisection) such that SMC (naive proposal, systematic resampling at ESS < N/2) meets
@@ -11,11 +11,11 @@ intervals (Wilson for the hit rate, normal for the mean TV) put both criteria cl
 
 Part A, needle tasks (``MarkovDFATask.needle(V=2, T)``, one accepted string): twists ``V*`` perturbed with
 noise c/T (c = 1), ``V*`` perturbed with constant noise 0.5, and no guidance. Part B, the paper's hard
-instance (``tiltsmc.tasks.hard_instance(a, m)``, DESIGN.md §1: T = 3m, branching B = a, hidden prefix u of
-length 2m, m deterministic steps, r = a^m on u and a^-m elsewhere) for a = 2, 3, 4: the same three settings
-plus the hard twist (``Vh = 1`` for t <= 2m, then multiplied by a or 1/a per step: L = a, eps = a - 1).
-Part C, the same construction with B = 2 and a = 4 (what this script ran before issue 17): the cost of
-finding u is then B's, not the bound's.
+instance (``tiltsmc.tasks.hard_instance(a, m)``, docs/theory/tilted-target.md: T = 3m, branching B = a,
+hidden prefix u of length 2m, m deterministic steps, r = a^m on u and a^-m elsewhere) for a = 2, 3, 4: the
+same three settings plus the hard twist (``Vh = 1`` for t <= 2m, then multiplied by a or 1/a per step: L = a,
+eps = a - 1). Part C, the same construction with B = 2 and a = 4 (what this script ran before issue 17): the
+cost of finding u is then B's, not the bound's.
 
 The paper's claims (it has no experiments of its own; these are its claims, tested): polynomial cost for
 eps = O(1/T); for the hard twist of constant eps = a - 1, a number of queries exponential in T at the lower

@@ -115,7 +115,8 @@ def test_ratio_bound_is_infinite_on_zero_potentials() -> None:
 
 
 def test_ratio_bound_in_the_gauge_of_gauge_eps() -> None:
-    # DESIGN.md's example: Vh = r^(#ones) under a fair coin, r = 3. Potentials 1 and r, rho = (1 + r) / 2
+    # The example of docs/theory/tilted-target.md: Vh = r^(#ones) under a fair coin, r = 3. Potentials 1
+    # and r, rho = (1 + r) / 2
     # at every step; the gauge divides every G by (1 + r) / 2: L = r in the model's gauge, (1 + r) / 2 in
     # the gauge where eps = 0 (Theorem 5.1's bound then reads L^6 T / (2N) with L = 2).
     r, T = 3.0, 5

@@ -225,11 +225,11 @@ def test_smc_exact_in_distribution(
     # Derivation. Replicate b is an independent SMC run: final normalised weights W_bi on trajectories x_bi
     # and the estimate Zh_b = exp(log_z_b). SMC's unnormalised measure is unbiased whatever the (adaptive)
     # resampling: E[Zh_b * sum_i W_bi f(x_bi)] = Z * pi(f) for every f, where Zh_b includes log Vh_0
-    # (smc adds it back) so that it estimates Z = E_p[r] for the terminal reward r (DESIGN.md §1). With the
-    # exact Z, Y_b(f) = (Zh_b / Z) * sum_i W_bi f(x_bi) is therefore an exactly unbiased estimate of pi(f):
-    # no O(1/N) self-normalisation bias. The Y_b are i.i.d. over b, so their mean is within a few standard
-    # errors sd_b(Y_b) / sqrt(R) of pi(f) (CLT). We test f = indicator of each frequent x1 value, of the
-    # most probable full sequences, and f = 1 (i.e. E[Zh] = Z), each within 5 standard errors.
+    # (smc adds it back) so that it estimates Z = E_p[r] for the terminal reward r (docs/theory/samplers.md).
+    # With the exact Z, Y_b(f) = (Zh_b / Z) * sum_i W_bi f(x_bi) is therefore an exactly unbiased estimate of
+    # pi(f): no O(1/N) self-normalisation bias. The Y_b are i.i.d. over b, so their mean is within a few
+    # standard errors sd_b(Y_b) / sqrt(R) of pi(f) (CLT). We test f = indicator of each frequent x1 value, of
+    # the most probable full sequences, and f = 1 (i.e. E[Zh] = Z), each within 5 standard errors.
     scale = np.exp(res.log_z - log_z_exact)
     y = np.zeros((replicates, len(cells)))
     for b in range(replicates):

@@ -1,4 +1,5 @@
-"""Samplers (DESIGN.md §1) checked against the exact answers of the Markov-DFA test bed (§2).
+"""Samplers (docs/theory/samplers.md) checked against the exact answers of the Markov-DFA test bed
+(docs/theory/test-bed.md).
 
 Every statistical check states how its tolerance follows from the sample size; none is tuned to pass.
 Common conventions:
@@ -130,7 +131,8 @@ def path_values(task: MarkovDFATask, tables: list[Any], seqs: np.ndarray) -> tup
 
 
 def pool_atoms(task: MarkovDFATask, tables: list[Any], K: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Exact law of one SP-gSMC run with a pool of ``K`` (DESIGN.md §1.3), by enumerating every pool draw.
+    """Exact law of one SP-gSMC run with a pool of ``K`` (docs/theory/samplers.md), by enumerating every
+    pool draw.
 
     At step ``t`` draw ``K`` candidates ``s_k ~ p(.|prefix)``, keep ``k`` with probability ``G_k / sum G``
     (``G_k = Vh_t(prefix, s_k) / Vh_{t-1}(prefix)``) and multiply ``Zh`` by ``mean_k G_k``; ``Zh_0 = Vh_0``.

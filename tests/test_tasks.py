@@ -322,7 +322,8 @@ def test_gauge_is_invariant_under_level_rescaling(task: Any) -> None:
 
 
 def test_design_example_r_to_the_number_of_ones() -> None:
-    """DESIGN.md: Vh = r^(#ones) under a fair coin has eps = (r-1)/2 yet gauge-minimised eps = 0."""
+    """docs/theory/tilted-target.md: Vh = r^(#ones) under a fair coin has eps = (r-1)/2 yet gauge-minimised
+    eps = 0."""
     r, T = 3.0, 5
     dfa = np.array([[q, min(q + 1, T)] for q in range(T + 1)])  # state = number of ones read
     task = MarkovDFATask([0.5, 0.5], [[0.5, 0.5], [0.5, 0.5]], dfa, 0, r ** np.arange(T + 1), T)

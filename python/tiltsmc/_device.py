@@ -1,5 +1,5 @@
-"""Arrays in CUDA device memory, as :mod:`tiltsmc.core` sees them: recognising them, reading their pointer,
-shape and dtype, resolving a ``stream=`` argument, and allocating outputs beside them.
+"""Arrays in CUDA device memory, as [`tiltsmc.core`][tiltsmc.core] sees them: recognising them, reading their
+pointer, shape and dtype, resolving a ``stream=`` argument, and allocating outputs beside them.
 
 Nothing here imports CuPy, PyTorch or ONNX Runtime: an array's own module is used only when the array
 comes from it (and so is already imported). The compiled ``tiltsmc._cuda`` is loaded on first use.
@@ -210,8 +210,9 @@ class DeviceArray:
     the input is neither a CuPy array nor a PyTorch tensor (e.g. an ONNX Runtime OrtValue).
 
     It exposes ``__cuda_array_interface__``, so ``cupy.asarray``, ``torch.as_tensor`` and Numba take it
-    without a copy, and :meth:`get` copies it to a NumPy array. Its memory comes from the device's
-    stream-ordered pool on the stream of the call that made it, and is given back on that stream.
+    without a copy, and [`get`][tiltsmc._device.DeviceArray.get] copies it to a NumPy array. Its memory comes
+    from the device's stream-ordered pool on the stream of the call that made it, and is given back on that
+    stream.
     """
 
     __slots__ = ("__weakref__", "_buffer", "_offset", "dtype", "shape")

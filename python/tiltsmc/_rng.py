@@ -29,7 +29,7 @@ if hasattr(os, "register_at_fork"):
 
 
 def as_generator(rng: RNGLike) -> np.random.Generator:
-    """Normalise ``rng`` with :func:`numpy.random.default_rng` (a ``Generator`` is used as is)."""
+    """Normalise ``rng`` with ``numpy.random.default_rng`` (a ``Generator`` is used as is)."""
     if isinstance(rng, (bool, np.bool_)):
         raise TypeError(
             "rng: expected None, an int, a SeedSequence, a BitGenerator or a Generator, got a bool"
@@ -78,7 +78,7 @@ class RowStreams:
     Rows ``bounds[g]:bounds[g + 1]`` (in the order of the batch's leading axis) belong to run ``g`` and
     draw from ``generators[g]`` exactly as that run's rows would alone, numbered from 0: a core kernel
     given a ``RowStreams`` as ``rng`` runs once per run with one key drawn from that run's generator
-    (only where the run has a row to draw), and :meth:`random` splits its draws the same way. So a run's
+    (only where the run has a row to draw), and ``random`` splits its draws the same way. So a run's
     draws depend on its own seed and never on the other runs of the batch.
     """
 

@@ -1,6 +1,6 @@
 """``tiltsmc`` on the command line: ``tiltsmc run`` samples ONNX models with any sampler; ``tiltsmc serve``
-serves them over HTTP (:mod:`tiltsmc.serving.server`); ``tiltsmc demo`` compares the samplers on the
-bundled reasoning task (see :mod:`tiltsmc.demo`).
+serves them over HTTP ([`tiltsmc.serving.server`][tiltsmc.serving.server]); ``tiltsmc demo`` compares the
+samplers on the bundled reasoning task (see ``tiltsmc.demo``).
 
 Results are JSON lines, one per prompt (samples, texts, log-weights, the log Z estimate, the ESS trace,
 timings), written to standard output (no ``--json``, or ``--json -``) or to ``--json PATH``:
@@ -174,7 +174,7 @@ class CliError(Exception):
 
 class Signalled(BaseException):
     """SIGTERM or SIGHUP arrived: raised in the main thread so that cleanup runs, then the process ends by
-    the same signal (see :func:`main`)."""
+    the same signal (see ``main``)."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
@@ -186,7 +186,7 @@ TERMINATING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHU
 
 @contextlib.contextmanager
 def signals_raise() -> Iterator[None]:
-    """While inside, SIGTERM and SIGHUP raise :class:`Signalled` (Python's default lets them end the process
+    """While inside, SIGTERM and SIGHUP raise ``Signalled`` (Python's default lets them end the process
     without running ``finally`` blocks, leaving temporary files behind). Only where they would end the
     process (a SIGHUP ignored under ``nohup`` stays ignored, a program's own handler stays), and only in
     the main thread, where Python delivers signals."""
@@ -238,10 +238,10 @@ _STD_ALIAS = {"/dev/stdout": 1, "/dev/stderr": 2}
 
 
 class ResultOutput:
-    """Where ``--json`` results go (see the module docstring): :meth:`open` it, :meth:`write` lines, then
-    :meth:`commit` after a successful run or :meth:`discard` after a failed one (also after a failed
-    :meth:`open`). Opened before the run, so that a bad location is refused before any model is loaded.
-    Bad locations raise :class:`CliError` with status 2, write errors with status 1."""
+    """Where ``--json`` results go (see the module docstring): ``open`` it, ``write`` lines, then
+    ``commit`` after a successful run or ``discard`` after a failed one (also after a failed
+    ``open``). Opened before the run, so that a bad location is refused before any model is loaded.
+    Bad locations raise ``CliError`` with status 2, write errors with status 1."""
 
     def __init__(self, spec: Optional[str]) -> None:
         self.spec = spec
@@ -997,9 +997,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="sd of the degraded reward model's log-value noise",
     )
     demo.add_argument("--seed", type=_count, default=0, help="seed of the problems and the samplers")
-    demo.add_argument(
-        "--threads", type=_thread_count, default=None, help="ONNX Runtime threads (default: its own choice)"
-    )
+    demo.add_argument("--threads", type=_thread_count, default=None, help="ONNX Runtime threads (default: 1)")
     demo.add_argument("--out", default="tiltsmc-demo", help="output folder (created if needed)")
     _add_output_options(demo)
     return parser
@@ -1208,7 +1206,7 @@ def output_schema() -> dict[str, Any]:
 
 
 def _load_models_or_fail(args: argparse.Namespace) -> tuple[Any, Any]:
-    """:func:`_load_models`; bad files or options raise :class:`CliError` (status 2)."""
+    """``_load_models``; bad files or options raise ``CliError`` (status 2)."""
     try:
         return _load_models(args)
     except (OSError, ValueError, TypeError) as error:

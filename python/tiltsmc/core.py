@@ -9,20 +9,21 @@ logarithms of non-negative weights: ``-inf`` is weight zero; NaN and ``+inf`` ar
 * a resampling scheme draws ``M`` ancestors with ``E[#children of i] = M w_i``.
 
 Randomness is counter-based (Philox4x32-10). Each call draws one 64-bit key from ``rng`` (anything
-:func:`numpy.random.default_rng` accepts); row ``b`` uses the stream keyed by that key with counter ``b``,
+``numpy.random.default_rng`` accepts); row ``b`` uses the stream keyed by that key with counter ``b``,
 so results depend on the seed only, never on the thread count, and rows are independent.
 
 Device arrays. Every kernel also runs on an NVIDIA GPU when its array argument lives there: anything with
-``__cuda_array_interface__`` (CuPy arrays, PyTorch CUDA tensors, Numba device arrays, :class:`DeviceArray`)
-or an ONNX Runtime ``OrtValue`` on a CUDA device. Outputs are then device arrays on the same device (CuPy
-arrays for CuPy input, PyTorch tensors for PyTorch input, :class:`DeviceArray` otherwise), computed on
-``stream`` (default: the input library's current stream, else the legacy default stream). The GPU draws
-from the same Philox streams as the CPU, so for the same ``rng`` it returns the same ancestors, except
-where a uniform falls within rounding of a cumulative-weight boundary (the sums are formed in another
-order). Device arrays must be C-contiguous and all on one device; input errors raise the same exceptions
-as on the CPU (which needs one wait for the stream per call; :func:`smc_step` can skip it). Whether the
-GPU kernels are usable here, and why not: :func:`cuda_available`. This build's own GPU module,
-``tiltsmc._cuda``, is optional: without it (or a driver, or a device) everything works on the CPU.
+``__cuda_array_interface__`` (CuPy arrays, PyTorch CUDA tensors, Numba device arrays,
+[`DeviceArray`][tiltsmc.core.DeviceArray]) or an ONNX Runtime ``OrtValue`` on a CUDA device. Outputs are then
+device arrays on the same device (CuPy arrays for CuPy input, PyTorch tensors for PyTorch input,
+[`DeviceArray`][tiltsmc.core.DeviceArray] otherwise), computed on ``stream`` (default: the input library's
+current stream, else the legacy default stream). The GPU draws from the same Philox streams as the CPU, so for
+the same ``rng`` it returns the same ancestors, except where a uniform falls within rounding of a
+cumulative-weight boundary (the sums are formed in another order). Device arrays must be C-contiguous and all
+on one device; input errors raise the same exceptions as on the CPU (which needs one wait for the stream per
+call; [`smc_step`][tiltsmc.core.smc_step] can skip it). Whether the GPU kernels are usable here, and why not:
+[`cuda_available`][tiltsmc.core.cuda_available]. This build's own GPU module, ``tiltsmc._cuda``, is optional:
+without it (or a driver, or a device) everything works on the CPU.
 """
 
 from __future__ import annotations
@@ -128,7 +129,8 @@ def log_normalize(
 
 
 def row_statistics(logw: npt.ArrayLike, *, stream: Any = None) -> tuple[FloatArray, FloatArray]:
-    """``(log_mean_w, ess)`` per row, as :func:`log_normalize` gives them (all-zero rows: ``-inf``, 0),
+    """``(log_mean_w, ess)`` per row, as [`log_normalize`][tiltsmc.core.log_normalize] gives them (all-zero
+    rows: ``-inf``, 0),
     without the normalised copy: what a sampler needs at each step."""
     if type(logw) is not np.ndarray and _device.is_device_array(logw):
         _, log_mean_w, ess = _log_normalize_device(logw, True, False, stream)
@@ -152,13 +154,14 @@ def smc_step(
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_], FloatArray, FloatArray, npt.NDArray[np.int64]]:
     """One SMC bookkeeping step for a ``(B, N)`` C-contiguous float32/float64 array, in one pass.
 
-    Per row: ``log_mean_w`` and ``ess`` as :func:`log_normalize` gives them; rows with
+    Per row: ``log_mean_w`` and ``ess`` as [`log_normalize`][tiltsmc.core.log_normalize] gives them; rows with
     ``ess < ess_threshold * N`` (every row at ``ess_threshold >= 1``) are resampled with ``scheme`` (the
-    same draws as :func:`resample` with the same ``rng``) and their log-weights reset to 0 **in place**;
-    the others keep the identity. Rows of zero weight are reported (``ess = 0``), never resampled.
-    Returns ``(ancestors (B, N), resampled (B,), log_mean_w, ess, unique_ancestors)``. With
+    same draws as [`resample`][tiltsmc.core.resample] with the same ``rng``) and their log-weights reset to 0
+    **in place**; the others keep the identity. Rows of zero weight are reported (``ess = 0``), never
+    resampled. Returns ``(ancestors (B, N), resampled (B,), log_mean_w, ess, unique_ancestors)``. With
     ``survivors_stay`` (host arrays only) a resampled row's ancestors come arranged as
-    :func:`keep_survivors` arranges them (same draws, same offspring counts, survivors in their own slots).
+    [`keep_survivors`][tiltsmc.core.keep_survivors] arranges them (same draws, same offspring counts,
+    survivors in their own slots).
 
     On a device array the whole step is one kernel launch, and its outputs stay on the device. With
     ``check=False`` (device arrays only) the call does not wait for the GPU at all: input errors are then
@@ -205,7 +208,8 @@ def smc_reweight(
 
     * ``log_w += log_v - log_v_prev`` and ``log_v_prev = log_v`` on live particles (a particle with
       ``log_v_prev = -inf`` already has weight zero and keeps it);
-    * :func:`smc_step` with ``survivors_stay=True`` (ESS, adaptive resampling, reset of resampled rows);
+    * [`smc_step`][tiltsmc.core.smc_step] with ``survivors_stay=True`` (ESS, adaptive resampling, reset of
+    resampled rows);
     * ``log Zh += log sum_i W_{t-1,i} G_{t,i} = logsumexp(log_w) - log_total``, then ``log_total`` is
       ``log N`` on resampled rows and ``logsumexp(log_w)`` elsewhere, and ``collapsed`` is set where ESS is 0.
 
@@ -281,7 +285,7 @@ def pool_select(
 
     This is the resampling-pool step of single-particle guided SMC: all ``K`` offspring go to one
     ancestor drawn by weight, and the estimate of ``Z`` is multiplied by the mean pool weight.
-    With a :class:`~tiltsmc._rng.RowStreams` as ``rng`` (rows of independent runs batched together), each
+    With a ``RowStreams`` as ``rng`` (rows of independent runs batched together), each
     run's rows are drawn with a key from its own generator, as they would be alone.
     """
     if type(logw) is not np.ndarray and _device.is_device_array(logw):
@@ -310,8 +314,8 @@ def sample_logits(
 
     ``logits`` is float32 or float64, ``(V,)`` or ``(B, V)``. Per row, with the scores
     ``s = logits / temperature`` in float64, index ``v`` is drawn with probability
-    ``exp(s_v) / sum_u exp(s_u)`` (the draw of :func:`pool_select` on ``s``: same ``rng``, same index)
-    and returned with ``log p(v) = s_v - log sum_u exp(s_u)``, computed as
+    ``exp(s_v) / sum_u exp(s_u)`` (the draw of [`pool_select`][tiltsmc.core.pool_select] on ``s``: same
+    ``rng``, same index) and returned with ``log p(v) = s_v - log sum_u exp(s_u)``, computed as
     ``(s_v - max s) - log sum_u exp(s_u - max s)``: never positive, and to the last bits where ``p(v)`` is
     near 1 (``-log1p`` of the other terms' sum, summed apart). Finite logits whose scores overflow (a
     temperature far below 1) are drawn from ``(logits - max logits) / temperature``, the same law. Logits
@@ -319,8 +323,8 @@ def sample_logits(
     language model's token step in one call, with no float64 copy of the logits. ``where`` (a bool array
     of one entry per row) draws only the rows it marks; the others get index 0 and log-probability 0 and
     their logits are not read (the other rows' draws are the same as without it). With a
-    :class:`~tiltsmc._rng.RowStreams` as ``rng``, each run's rows are drawn as they would be alone (see
-    :func:`pool_select`).
+    ``RowStreams`` as ``rng``, each run's rows are drawn as they would be alone (see
+    [`pool_select`][tiltsmc.core.pool_select]).
     """
     rows, one_row = _as_log_weights(logits, "logits")
     if isinstance(temperature, (bool, np.bool_)) or not isinstance(temperature, (int, float, np.number)):
@@ -336,7 +340,8 @@ def sample_logits(
 def _sample_logits_per_run(
     rows: np.ndarray, temperature: float, rng: RowStreams, where: Optional[npt.NDArray[np.bool_]]
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
-    """:func:`sample_logits` with each run's rows drawn from its own generator, one call per run that has
+    """[`sample_logits`][tiltsmc.core.sample_logits] with each run's rows drawn from its own generator, one
+    call per run that has
     a row to draw (a run with none draws no key, as it would make no call alone)."""
     count = rows.shape[0]
     if where is not None:
@@ -498,7 +503,7 @@ def _as_ancestors(ancestors: npt.ArrayLike) -> npt.NDArray[np.int64]:
 
 
 def _ancestor_rows(ancestors: npt.ArrayLike) -> npt.NDArray[np.int64]:
-    """:func:`_as_ancestors` for a ``(B, N)`` array with at least one particle per row."""
+    """``_as_ancestors`` for a ``(B, N)`` array with at least one particle per row."""
     index = _as_ancestors(ancestors)
     if index.ndim != 2:
         raise ValueError(f"ancestors: expected shape (B, N), got shape {index.shape}")
@@ -533,8 +538,8 @@ def keep_survivors(ancestors: npt.ArrayLike) -> npt.NDArray[np.int64]:
     Particles are exchangeable after resampling, so any arrangement of a row's ancestors gives the same
     particle system. Here particle ``i`` with ``c_i >= 1`` children keeps slot ``i`` (``a_i = i``) and
     its ``c_i - 1`` extra copies fill the childless slots, both in ascending order; an in-place
-    :func:`gather` by the result then moves only the childless slots (``N - unique`` rows) instead of
-    nearly all of them. Returns a new array; ``ancestors`` is left as it is.
+    [`gather`][tiltsmc.core.gather] by the result then moves only the childless slots (``N - unique`` rows)
+    instead of nearly all of them. Returns a new array; ``ancestors`` is left as it is.
     """
     index = _ancestor_rows(ancestors)
     arranged = index.copy() if index is ancestors else index  # a converted array is already a new one
@@ -678,7 +683,7 @@ def _pointer(array: Any) -> int:
 
 
 def _device_log_weights(logw: object, name: str) -> tuple[_device.DeviceView, int, int, bool]:
-    """The checks of :func:`_as_log_weights` for a device array (which is never converted or copied)."""
+    """The checks of ``_as_log_weights`` for a device array (which is never converted or copied)."""
     view = _device.device_view(logw, name)
     kind = view.dtype.char
     if kind not in "fd" or not view.dtype.isnative:

@@ -1,8 +1,8 @@
 r"""``tiltsmc demo``: guided SMC against best-of-N on the bundled arithmetic-chain task.
 
-For problems with ``T`` steps (:mod:`tiltsmc.tasks.arithmetic`), the bundled policy solves a problem with
-probability ``Z = E_p[r]``, which falls geometrically with ``T``. Every sampler gets the same budget of
-``C`` policy steps per reasoning step (``C T`` per problem):
+For problems with ``T`` steps ([`tiltsmc.tasks.arithmetic`][tiltsmc.tasks.arithmetic]), the bundled policy
+solves a problem with probability ``Z = E_p[r]``, which falls geometrically with ``T``. Every sampler gets the
+same budget of ``C`` policy steps per reasoning step (``C T`` per problem):
 
 * best-of-N with ``N = C``: ``N`` independent solutions; it picks the highest reward, and at the end the
   reward is the exact verifier, so it succeeds when one of its ``N`` draws is right (``1 - (1 - Z)^N``);
@@ -14,10 +14,10 @@ probability ``Z = E_p[r]``, which falls geometrically with ``T``. Every sampler 
 Accuracy is the probability that the sampler's output is a right solution: for SMC the weighted share of
 right particles (the chance that a draw from its output is right), for the others whether their one
 sample is right; 0 where a run collapsed. The same is measured for SMC and SP-gSMC guided by a
-deliberately degraded reward model (:class:`NoisyReward`), and the Bellman error of both reward models is
-estimated from rollouts (:func:`tiltsmc.diagnostics.bellman_error`). The paper's claim: when the reward
-model's Bellman error is small, guided SMC needs compute polynomial in ``T`` where best-of-N needs
-``~1/Z``, exponential in ``T`` — so the gain of SMC over best-of-N grows with ``T``.
+deliberately degraded reward model (``NoisyReward``), and the Bellman error of both reward models is
+estimated from rollouts ([`tiltsmc.diagnostics.bellman_error`][tiltsmc.diagnostics.bellman_error]). The
+paper's claim: when the reward model's Bellman error is small, guided SMC needs compute polynomial in ``T``
+where best-of-N needs ``~1/Z``, exponential in ``T`` — so the gain of SMC over best-of-N grows with ``T``.
 
 ``demo.json`` is strict JSON: numbers stay numbers, and a value that is not finite is ``null`` (``-inf``
 in log-quantities such as ``log_z``, ``+inf`` in bounds and standard errors, NaN where undefined), as in
@@ -55,6 +55,10 @@ logger = logging.getLogger("tiltsmc.demo")
 __all__ = ["DemoConfig", "NoisyReward", "render_table", "run_demo", "write_outputs"]
 
 SAMPLERS = ("best-of-n", "smc", "sp-gsmc", "sp-gsmc+mh")
+# ONNX Runtime's and the core's threads when none are asked for. The models are tiny (a step is a few
+# milliseconds of small matrix products), so a second thread mostly waits at each operator's barrier,
+# and on a core shared with other work it waits for a descheduled thread: one thread was faster.
+DEFAULT_THREADS = 1
 DEGRADED_SAMPLERS = ("smc", "sp-gsmc")
 MH_STEPS = 3
 FloatArray = npt.NDArray[np.float64]
@@ -65,7 +69,8 @@ class DemoConfig:
     """What the demo runs: ``problems`` per difficulty in ``levels`` (``T``), each sampler at every
     ``budgets`` value ``C`` (policy steps per reasoning step), the degraded model's ``noise`` (sd of its
     log-value perturbation) and the Bellman-error estimate's ``bellman_prompts`` x ``bellman_prefixes``
-    rollouts with ``bellman_samples`` continuations each."""
+    rollouts with ``bellman_samples`` continuations each; ``threads``: ONNX Runtime's intra-op threads
+    (None: ``DEFAULT_THREADS``, one)."""
 
     levels: tuple[int, ...] = (4, 8, 12, 16)
     budgets: tuple[int, ...] = (2, 4, 8)
@@ -165,17 +170,27 @@ def _run_sampler(
     return mh(policy, reward, prompts, pool_size=pool, steps=MH_STEPS, rng=rng)
 
 
+def _release_memory(*models: Any) -> None:
+    """Give the models' ONNX Runtime arenas back after a run (each keeps its buffers at the largest batch
+    it has seen; the next run, of another shape, would otherwise grow the process further)."""
+    for model in models:
+        release = getattr(model, "release_memory", None)
+        if callable(release):
+            release()
+
+
 def run_demo(
     config: DemoConfig,
     models: Optional[tuple[Any, Any]] = None,
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> dict[str, Any]:
     """Run every sampler on every level and budget, and the Bellman-error estimates; returns the record
-    that :func:`write_outputs` saves (plain JSON types)."""
+    that ``write_outputs`` saves (plain JSON types)."""
     config.validate()
     began = time.perf_counter()
+    threads = DEFAULT_THREADS if config.threads is None else config.threads
     if models is None:
-        models = arithmetic.load_models(intra_op_num_threads=config.threads)
+        models = arithmetic.load_models(intra_op_num_threads=threads)
     policy, reward = models
     degraded = NoisyReward(reward, config.noise, seed=config.seed)
     runs_per_level = len(config.budgets) * (len(SAMPLERS) + len(DEGRADED_SAMPLERS)) + 2
@@ -203,6 +218,7 @@ def run_demo(
                     result = _run_sampler(
                         name, policy, reward if guide == "learned" else degraded, prompts, budget, rng
                     )
+                    _release_memory(policy, reward)
                     advance()
                     if result is None:
                         continue
@@ -243,6 +259,7 @@ def run_demo(
                 method="sampled",
             )
             bellman[str(level)][guide] = estimate.to_dict()  # non-finite values: null in demo.json
+            _release_memory(policy, reward)
             advance()
     return {
         "config": asdict(config),
@@ -349,62 +366,92 @@ def _number(value: Any) -> str:
     return value if isinstance(value, str) else f"{float(value):.3g}"
 
 
+# Each curve's look: label, colour, line style, marker. The degraded model's curves share their sampler's
+# colour and marker with a dashed line; points are offset a little along x so that equal accuracies at one
+# budget stay visible side by side.
+PLOT_STYLES: dict[tuple[str, str], tuple[str, str, str, str]] = {
+    ("best-of-n", "learned"): ("best-of-N", "black", "-", "s"),
+    ("smc", "learned"): ("SMC", "tab:blue", "-", "o"),
+    ("sp-gsmc", "learned"): ("SP-gSMC", "tab:orange", "-", "^"),
+    ("sp-gsmc+mh", "learned"): ("SP-gSMC + MH", "tab:green", "-", "D"),
+    ("smc", "degraded"): ("SMC, degraded PRM", "tab:blue", "--", "o"),
+    ("sp-gsmc", "degraded"): ("SP-gSMC, degraded PRM", "tab:orange", "--", "^"),
+}
+
+
 def plot(record: dict[str, Any], path: Path) -> None:
-    """Accuracy against policy steps per problem, one panel per T, one curve per sampler."""
+    """Accuracy against policy steps per problem, one panel per T, one curve per sampler, with error bars
+    of one standard error (the spread of the per-problem scores over the problems, each cell's own); and
+    the reward models' Bellman error against T. Two rows deep, so that it stays legible at screen width."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
 
     config = record["config"]
-    levels = config["levels"]
-    figure, axes = plt.subplots(1, len(levels) + 1, figsize=(4.2 * (len(levels) + 1), 3.8))
-    styles = {
-        ("best-of-n", "learned"): ("best-of-N", "k", "-"),
-        ("smc", "learned"): ("SMC", "C0", "-"),
-        ("sp-gsmc", "learned"): ("SP-gSMC", "C1", "-"),
-        ("sp-gsmc+mh", "learned"): ("SP-gSMC + MH", "C2", "-"),
-        ("smc", "degraded"): ("SMC, degraded PRM", "C0", ":"),
-        ("sp-gsmc", "degraded"): ("SP-gSMC, degraded PRM", "C1", ":"),
-    }
-    for axis, level in zip(axes, levels):
-        for (name, guide), (label, color, line) in styles.items():
-            points = sorted(
-                (row["policy_steps_per_problem"], row["accuracy"])
-                for row in record["results"]
-                if row["steps"] == level and row["sampler"] == name and row["reward_model"] == guide
-            )
-            if points:
-                x, y = zip(*points)
-                axis.plot(x, y, line, color=color, marker="o", markersize=3, label=label)
-        z = record["single_sample_accuracy"][str(level)]
-        axis.set_title(f"T = {level} steps (one sample right: {z:.2f})", fontsize=9)
-        axis.set_xscale("log", base=2)
-        axis.set_ylim(-0.02, 1.02)
-        axis.set_xlabel("policy steps per problem")
+    levels = list(config["levels"])
+    panels = len(levels) + 1
+    columns = min(3, panels)
+    rows = -(-panels // columns)
+    with plt.rc_context({"font.size": 11, "axes.titlesize": 12, "legend.fontsize": 10}):
+        figure, grid = plt.subplots(rows, columns, figsize=(4.3 * columns, 3.7 * rows + 0.6), squeeze=False)
+        axes = list(grid.flat)
+        offsets = np.linspace(-0.06, 0.06, len(PLOT_STYLES))  # in log2 units of the x axis
+        for axis, level in zip(axes, levels):
+            ticks: set[float] = set()
+            for offset, ((name, guide), (label, color, line, marker)) in zip(offsets, PLOT_STYLES.items()):
+                points = sorted(
+                    (level * row["budget"], row["accuracy"], row.get("standard_error") or 0.0)
+                    for row in record["results"]
+                    if row["steps"] == level and row["sampler"] == name and row["reward_model"] == guide
+                )
+                if not points:
+                    continue
+                x, y, error = (np.asarray(v, dtype=float) for v in zip(*points))
+                ticks.update(x.tolist())
+                axis.errorbar(
+                    x * 2.0**offset, y, yerr=error, linestyle=line, color=color, marker=marker,
+                    markersize=5, capsize=2.5, linewidth=1.4, elinewidth=1.0, label=label,
+                )  # fmt: skip
+            z = record["single_sample_accuracy"][str(level)]
+            axis.set_title(f"T = {level} steps (one sample right: {z:.2f})")
+            axis.set_xscale("log", base=2)
+            axis.xaxis.set_major_locator(FixedLocator(sorted(ticks)))
+            axis.xaxis.set_minor_locator(NullLocator())
+            axis.set_xticklabels([f"{tick:g}" for tick in sorted(ticks)])
+            axis.set_ylim(-0.05, 1.05)
+            axis.set_xlabel("policy steps per problem (C T)")
+            axis.set_ylabel("accuracy")
+            axis.grid(alpha=0.3)
+        axis = axes[len(levels)]
+        for guide, color, marker in (("learned", "tab:blue", "o"), ("degraded", "tab:red", "s")):
+            means = [
+                np.mean(np.asarray(record["bellman_error"][str(level)][guide]["average_per_step"], float))
+                for level in levels
+            ]
+            axis.plot(levels, means, marker=marker, color=color, label=f"{guide} reward model")
+        axis.set_xlabel("T (reasoning steps)")
+        axis.set_xticks(levels)
+        axis.set_ylabel("mean Bellman error per step")
+        axis.set_yscale("log")
+        axis.yaxis.set_major_locator(FixedLocator([0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0]))
+        axis.yaxis.set_major_formatter(ScalarFormatter())
+        axis.yaxis.set_minor_locator(NullLocator())
+        axis.set_title("Bellman error (Vh-weighted mean)")
         axis.grid(alpha=0.3)
-    axes[0].set_ylabel("accuracy")
-    axes[0].legend(fontsize=7, loc="lower right")
-    axis = axes[-1]
-    for guide, color in (("learned", "C0"), ("degraded", "C3")):
-        means = [
-            np.mean(np.asarray(record["bellman_error"][str(level)][guide]["average_per_step"], dtype=float))
-            for level in levels
-        ]
-        axis.plot(levels, means, "o-", color=color, label=f"{guide} reward model")
-    axis.set_xlabel("T")
-    axis.set_ylabel("mean Bellman error per step")
-    axis.set_yscale("log")
-    axis.set_title("Bellman error (Vh-weighted mean)", fontsize=9)
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=7)
-    figure.suptitle(
-        f"tiltsmc demo: guided SMC vs best-of-N at equal policy compute ({record['machine']['cpu']})",
-        fontsize=10,
-    )
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+        axis.legend(loc="best")
+        for axis in axes[panels:]:
+            axis.axis("off")
+        handles, labels = axes[0].get_legend_handles_labels()
+        figure.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), frameon=False)
+        figure.suptitle(
+            f"tiltsmc demo: guided SMC vs best-of-N at equal policy compute, {config['problems']} problems "
+            f"per T, error bars +-1 s.e. ({record['machine']['cpu']})"
+        )
+        figure.tight_layout(rect=(0, 0.06, 1, 1))
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
 
 
 def check_output_folder(out: Path) -> None:

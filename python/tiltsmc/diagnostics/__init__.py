@@ -1,6 +1,7 @@
 """Diagnostics: the Bellman error of a reward model, measured from rollouts of the base policy
-(:func:`bellman_error`) or read online from the log Z increments of any sampler's run
-(:func:`online_bellman`)."""
+([`bellman_error`][tiltsmc.diagnostics.bellman_error]) or read online from the log Z increments of any
+sampler's run
+([`online_bellman`][tiltsmc.diagnostics.online_bellman])."""
 
 from .bellman import BellmanEstimate, bellman_error
 from .online import OnlineBellman, OnlineBellmanWarning, online_bellman

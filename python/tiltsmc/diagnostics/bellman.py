@@ -6,16 +6,16 @@ For prefixes ``s_{1:t-1}`` visited by rollouts of the base policy, the local rat
 
 is computed exactly from a twist head (``sum_v p(v|.) Vh_t(., v)``, when the policy is token-level and the
 reward model has ``next_log_values``) or estimated from ``M`` sampled continuations. The Bellman error
-``eps_t`` is the supremum over prefixes of ``max(rho, 1/rho) - 1`` (DESIGN.md §1); here the supremum runs
-over the visited prefixes, so it converges to the exact value from below as prefixes cover the reachable
-ones, while noise in sampled ratios pushes it up. Confidence intervals: for sampled continuations each
-ratio gets a normal interval on its mean (delta method on the log; the sd of a prefix is floored at
-the step's pooled within-prefix sd, so agreeing continuations give no zero-width interval), at a level
-corrected for the number of intervals (Bonferroni), and the per-step supremum's interval is
-``[max of lower ends, max of upper ends]`` of ``|log rho|``. Also reported:
-the gauge-minimised ``eps`` (rescaling level ``t`` by a constant shifts every ``log rho_t`` alike, so the
-best constant leaves ``(max - min) / 2``) and the paper's ratio bound ``L`` (``1/L <= G_t <= L``) of the
-observed potentials ``G_t = Vh_t / Vh_{t-1}``, in the model's gauge and in the one that minimises ``eps``.
+``eps_t`` is the supremum over prefixes of ``max(rho, 1/rho) - 1``
+(``docs/theory/tilted-target.md``); here the supremum runs over the visited prefixes, so it converges
+to the exact value from below as prefixes cover the reachable ones, while noise in sampled ratios pushes it
+up. Confidence intervals: for sampled continuations each ratio gets a normal interval on its mean (delta
+method on the log; the sd of a prefix is floored at the step's pooled within-prefix sd, so agreeing
+continuations give no zero-width interval), at a level corrected for the number of intervals (Bonferroni), and
+the per-step supremum's interval is ``[max of lower ends, max of upper ends]`` of ``|log rho|``. Also
+reported: the gauge-minimised ``eps`` (rescaling level ``t`` by a constant shifts every ``log rho_t`` alike,
+so the best constant leaves ``(max - min) / 2``) and the paper's ratio bound ``L`` (``1/L <= G_t <= L``) of
+the observed potentials ``G_t = Vh_t / Vh_{t-1}``, in the model's gauge and in the one that minimises ``eps``.
 
 Everything is computed in the log domain: the mean of the values of ``M`` continuations is a log-mean-exp,
 ``log (1/M) sum_j exp(log Vh_t^(j))``, and their standard deviation is taken relative to the largest of

@@ -7,7 +7,7 @@ weights before the step, ``G_t = Vh_t / Vh_{t-1}``). Given the particles before 
 
 a convex combination of the very ratios that the Bellman error bounds: if ``1/(1+eps) <= rho_t <= 1+eps`` on
 every reachable prefix, then ``|log m_t| <= log(1+eps)``. The increment ``l_t = log sum_i W_{t-1,i} G_{t,i}``
-estimates ``log m_t`` with standard error ``se_t`` (:func:`tiltsmc.samplers.runs.increment_standard_error`;
+estimates ``log m_t`` with standard error ``se_t`` (``tiltsmc.samplers.runs.increment_standard_error``;
 0 where the increment is exact given the prefixes: the optimal proposal, exact SP-gSMC). So
 
     eps >= exp(|l_t| - z se_t) - 1
@@ -125,7 +125,8 @@ class OnlineBellman:
         return float(point.max()) if point.size else 0.0
 
     def where(self) -> Optional[tuple[int, int]]:
-        """``(prompt, step)`` of :attr:`eps_low` (``step`` 1-based), or None with no positive lower bound."""
+        """``(prompt, step)`` of [`eps_low`][tiltsmc.diagnostics.online.OnlineBellman.eps_low] (``step``
+        1-based), or None with no positive lower bound."""
         low = self.per_step_low
         if not low.size or low.max() <= 0.0:
             return None
@@ -199,9 +200,10 @@ def online_bellman(
 ) -> OnlineBellman:
     """The online Bellman-error reading of a sampler's result (see the module docstring).
 
-    ``eps``: the Bellman error the user assumes of the reward model; an :class:`OnlineBellmanWarning` is
-    issued when the reading's lower bound exceeds it. ``confidence``: joint level of the lower bounds
-    (Bonferroni over every readable step of every prompt).
+    ``eps``: the Bellman error the user assumes of the reward model; an
+    [`OnlineBellmanWarning`][tiltsmc.diagnostics.online.OnlineBellmanWarning] is issued when the reading's
+    lower bound exceeds it. ``confidence``: joint level of the lower bounds (Bonferroni over every readable
+    step of every prompt).
     """
     if not 0.0 < float(confidence) < 1.0:
         raise ValueError(f"confidence: expected a level in (0, 1), got {confidence!r}")

@@ -225,13 +225,13 @@ def make_session(
     run ends, since the policy and the reward model take turns.
 
     A provider name this ONNX Runtime build does not have is refused (ValueError), as is a model whose
-    external data lies outside its folder (:func:`check_external_data`); a file ONNX Runtime cannot load
+    external data lies outside its folder (``check_external_data``); a file ONNX Runtime cannot load
     raises ValueError naming it, with ONNX Runtime's reason.
 
     ``memory_arena=False`` turns ONNX Runtime's CPU memory arena off: each run's buffers are freed to the
     C heap when it ends, instead of staying in the arena at their peak size for the life of the session
     (a long-running service then returns to its idle size after a burst; see
-    :func:`tiltsmc.serving._memory.release_free_memory`).
+    ``tiltsmc.serving._memory.release_free_memory``).
     """
     import onnxruntime as ort
 
@@ -533,7 +533,7 @@ def external_data_locations(model_path: Path) -> list[tuple[str, str]]:
 
 def _tensor_location(data: Any, start: int, end: int) -> list[tuple[str, str]]:
     """``[(name, location)]`` of a TensorProto with external data, else ``[]``. Two ``location`` entries
-    are refused (:class:`_Malformed`), as ONNX Runtime's recent versions do; older ones took the last."""
+    are refused (``_Malformed``), as ONNX Runtime's recent versions do; older ones took the last."""
     name, locations, external = "", [], False
     for number, wire, value in _fields(data, start, end):
         if number == 8 and wire == 2:

@@ -4,8 +4,8 @@ The ``2L`` cache tensors (a key and a value per layer) live in one device buffer
 ``(2L, B, N, heads, seq, head_dim)``: each tensor ``(B N, heads, seq, head_dim)`` is contiguous, as ONNX
 Runtime reads ``past_key_values.*`` and writes ``present.*``, so the session is bound straight to slices
 of the buffer. Reordering particles, ``cache[l, b, i] <- cache[l, b, a[b, i]]`` for every layer ``l``, is
-then one :func:`tiltsmc.core.gather` over ``2L B`` rows of ``N`` items with the ancestors repeated per
-layer: one launch whatever the depth of the model.
+then one [`tiltsmc.core.gather`][tiltsmc.core.gather] over ``2L B`` rows of ``N`` items with the ancestors
+repeated per layer: one launch whatever the depth of the model.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ The graph takes ``input_ids``, ``attention_mask``, optionally ``position_ids`` a
 Prompts are run once (left-padded, one row per prompt) and their cache is copied to every particle;
 each later call feeds one new token per particle with the cache, so a step costs one batched session
 call for all prompts x particles. The caches, masks and next-token logits live in ``Particles.state``
-with leading ``(B, N)`` axes, so resampling reorders them with :func:`tiltsmc.core.gather` and nothing
-is re-run.
+with leading ``(B, N)`` axes, so resampling reorders them with [`tiltsmc.core.gather`][tiltsmc.core.gather]
+and nothing is re-run.
 
 The base policy ``p`` is exactly the law sampled: ``softmax(logits / temperature)`` restricted to the
 ``top_k`` most likely tokens and to the smallest set of probability at least ``top_p`` (then
@@ -20,11 +20,11 @@ only right when every prompt of a batch has the same length).
 Where the session runs on ONNX Runtime's CUDA provider and tiltsmc's CUDA kernels are usable
 (``device_cache=None``, the default, or ``True`` to insist), the KV cache stays on the GPU: the session
 is run with an IO binding that writes ``present.*`` into one device buffer for all layers (a
-:class:`~tiltsmc.models.device_cache.DeviceKVCache` in ``Particles.state["lm.cache"]``) and reads the
+``DeviceKVCache`` in ``Particles.state["lm.cache"]``) and reads the
 next step's ``past_key_values.*`` from it by pointer, and resampling reorders it there with one CUDA
-:func:`tiltsmc.core.gather` for every layer. Per step only the new tokens, mask and positions go to the
-device and the new logits come back. Elsewhere (CPU provider, or a build without the CUDA kernels) the
-cache lives in host memory, and on a GPU ONNX Runtime copies it to the device and back at every step:
+[`tiltsmc.core.gather`][tiltsmc.core.gather] for every layer. Per step only the new tokens, mask and positions
+go to the device and the new logits come back. Elsewhere (CPU provider, or a build without the CUDA kernels)
+the cache lives in host memory, and on a GPU ONNX Runtime copies it to the device and back at every step:
 correct, but slower; ``device_cache=False`` asks for that explicitly.
 """
 
@@ -418,7 +418,7 @@ class OnnxCausalLM:
         position_ids: npt.NDArray[np.int64],
         past: Any,
     ) -> tuple[np.ndarray, Any]:
-        """Logits and the new cache: per-tensor host arrays, or a :class:`DeviceKVCache` on the GPU."""
+        """Logits and the new cache: per-tensor host arrays, or a ``DeviceKVCache`` on the GPU."""
         if self.device_cache:
             return self._run_on_device(input_ids, attention_mask, position_ids, past)
         feeds: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -480,7 +480,7 @@ class OnnxCausalLM:
 
     def release_memory(self) -> bool:
         """Shrink ONNX Runtime's CPU arena to about its idle size (the serving engine calls it when its
-        last request has left: :func:`~tiltsmc.models._ort.shrink_memory_arena`)."""
+        last request has left: ``shrink_memory_arena``)."""
         return shrink_memory_arena(self.session)
 
     @property
@@ -566,13 +566,14 @@ class OnnxCausalLM:
     def _draw(
         self, particles: Particles, rng: np.random.Generator, active: npt.NDArray[np.bool_]
     ) -> tuple[npt.NDArray[np.int64], FloatArray]:
-        """One token per ``active`` particle from :meth:`next_log_probs`'s law, and its log-probability
+        """One token per ``active`` particle from
+        [`next_log_probs`][tiltsmc.models.onnx_lm.OnnxCausalLM.next_log_probs]'s law, and its log-probability
         (0 elsewhere), ``(B, N)``.
 
         Without top-k / top-p the law is ``softmax(logits / temperature)``: one
-        :func:`tiltsmc.core.sample_logits` call draws every token and returns ``log p(v)``. With them,
-        :func:`tiltsmc.core.pool_select` draws from the filtered, normalised log-probabilities
-        ``s = log p``, so ``log p(v) = s_v``.
+        [`tiltsmc.core.sample_logits`][tiltsmc.core.sample_logits] call draws every token and returns ``log
+        p(v)``. With them, [`tiltsmc.core.pool_select`][tiltsmc.core.pool_select] draws from the filtered,
+        normalised log-probabilities ``s = log p``, so ``log p(v) = s_v``.
         """
         particles.flush()
         shape = particles.lengths.shape
@@ -599,9 +600,9 @@ class OnnxCausalLM:
 
         A row's position is the number of tokens its mask has let through so far (its prompt's real
         tokens and the tokens it was fed), so left padding and masked steps never shift positions. The
-        session run itself is deferred (:meth:`Particles.defer`) until the state is next needed: the next
-        draw, or resampling, which then copies caches the run has just written (still in the CPU's
-        caches); the run after a sampler's last step never happens.
+        session run itself is deferred ([`Particles.defer`][tiltsmc.models.particles.Particles.defer]) until
+        the state is next needed: the next draw, or resampling, which then copies caches the run has just
+        written (still in the CPU's caches); the run after a sampler's last step never happens.
         """
         particles.flush()
         still, going = self._append_tokens(particles, tokens, active)
@@ -625,7 +626,7 @@ class OnnxCausalLM:
         still: npt.NDArray[np.bool_],
         going: int,
     ) -> None:
-        """One session call on the inputs :meth:`_advance` built: new logits and caches into the state."""
+        """One session call on the inputs ``_advance`` built: new logits and caches into the state."""
         batch, count = particles.lengths.shape
         rows = batch * count
         past: Any = (

@@ -60,8 +60,9 @@ def _select(array: np.ndarray, selected: Optional[npt.NDArray[np.int64]]) -> np.
 
 @dataclass(frozen=True)
 class _Prompts:
-    """A batch's prompt tokens laid end to end for :func:`tiltsmc.core.right_padded_prefixes`: prompt ``b``
-    is ``ids[offsets[b]:offsets[b + 1]]``. ``arrays`` are the arrays it was built from (None: no prompt
+    """A batch's prompt tokens laid end to end for
+    [`tiltsmc.core.right_padded_prefixes`][tiltsmc.core.right_padded_prefixes]: prompt ``b`` is
+    ``ids[offsets[b]:offsets[b + 1]]``. ``arrays`` are the arrays it was built from (None: no prompt
     tokens, every prompt empty)."""
 
     arrays: Optional[tuple[npt.NDArray[np.int64], ...]]
@@ -98,7 +99,7 @@ class OnnxRewardModel:
 
     def release_memory(self) -> bool:
         """Shrink ONNX Runtime's CPU arena to about its idle size (the serving engine calls it when its
-        last request has left: :func:`~tiltsmc.models._ort.shrink_memory_arena`)."""
+        last request has left: ``shrink_memory_arena``)."""
         return shrink_memory_arena(self.session)
     _serial_numbers = itertools.count()
 
@@ -281,7 +282,8 @@ class OnnxRewardModel:
         positions: Optional[npt.NDArray[np.int64]],
         read_at: Optional[npt.NDArray[np.int64]] = None,
     ) -> FloatArray:
-        """``log Vh`` of right-padded rows (as :func:`tiltsmc.core.right_padded_prefixes` gives them), read at
+        """``log Vh`` of right-padded rows (as
+        [`tiltsmc.core.right_padded_prefixes`][tiltsmc.core.right_padded_prefixes] gives them), read at
         ``read_at[r]`` (default: the row's last token) where the model scores every position."""
         feeds: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
         if self.token_map is not None:
@@ -298,7 +300,7 @@ class OnnxRewardModel:
     def _read(self, raw: np.ndarray, shape: tuple[int, ...], columns: npt.NDArray[np.int64]) -> FloatArray:
         """The model's output ``(rows,)`` / ``(rows, 1)`` (one score a row) or ``(rows, width)`` / ``(rows,
         width, 1)`` (one a position, read at ``columns``) as ``log Vh`` by ``kind``, in one core call; with
-        ``label``, ``(rows, C)`` or ``(rows, width, C)`` read by :meth:`_class_log_values`."""
+        ``label``, ``(rows, C)`` or ``(rows, width, C)`` read by ``_class_log_values``."""
         rows, width = shape
         if self.label is not None:
             if raw.ndim == 2 and raw.shape[0] == rows:
@@ -435,7 +437,33 @@ class OnnxRewardModel:
         merged[stale] = fresh
         return merged, np.where(stale, particles.lengths, scored)
 
+    # A call re-encodes whole prefixes: ONNX Runtime's attention holds several ``rows x heads x L x L`` float
+    # tensors at once (``L``: the padded length), so memory grows with ``rows x L^2`` (about 150 bytes per
+    # unit on the demo's 4-head PRM: 256 prefixes of 227 tokens took 2 GB for 1.9 MB of weights). Calls are
+    # split into chunks of at most ``max_rows_tokens2`` units (at least one row each): about 0.3 GB there,
+    # at no measurable cost in speed (a chunk of 40 such rows is still tens of thousands of tokens).
+    max_rows_tokens2 = 2**21
+
     def _score_rows(self, particles: Particles, selected: Optional[npt.NDArray[np.int64]]) -> FloatArray:
+        """``log Vh`` of the prefixes ``selected`` (flat indices; None: all), in as few session calls as
+        ``max_rows_tokens2`` allows."""
+        rows = particles.lengths.size if selected is None else selected.size
+        if rows > 1:
+            prompt_lengths = np.diff(self._prompt_layout(particles).offsets)
+            lengths = np.repeat(prompt_lengths, particles.num_particles) + particles.lengths.reshape(-1)
+            longest = int((lengths if selected is None else lengths[selected]).max())
+            per_call = max(int(self.max_rows_tokens2) // max(longest * longest, 1), 1)
+            if per_call < rows:
+                per_call = -(-rows // -(-rows // per_call))  # as many calls, of equal sizes
+                flat = np.arange(rows) if selected is None else selected
+                out = np.empty(rows)
+                for start in range(0, rows, per_call):
+                    chunk = flat[start : start + per_call]
+                    out[start : start + per_call] = self._score_call(particles, chunk)
+                return out
+        return self._score_call(particles, selected)
+
+    def _score_call(self, particles: Particles, selected: Optional[npt.NDArray[np.int64]]) -> FloatArray:
         """``log Vh`` of the prefixes ``selected`` (flat indices; None: all) in one session call."""
         ids, mask, last, positions = self._prefixes(particles, selected)
         read_at = None
@@ -493,7 +521,7 @@ class OnnxRewardModel:
         )  # fmt: skip
 
     def _prompt_layout(self, particles: Particles) -> _Prompts:
-        """The batch's :class:`_Prompts`, built again only when its prompts change (a new run)."""
+        """The batch's ``_Prompts``, built again only when its prompts change (a new run)."""
         prompts = self._prompts
         if prompts is None or not prompts.fits(particles.prompt_tokens, particles.num_prompts):
             prompts = self._prompts = _Prompts.of(particles.prompt_tokens, particles.num_prompts)
@@ -506,7 +534,7 @@ class OnnxRewardModel:
         ids: npt.NDArray[np.int64],
         last: npt.NDArray[np.int64],
     ) -> npt.NDArray[np.int64]:
-        """Per row (``selected`` as in :meth:`_prefixes`): the last delimiter among the generated tokens
+        """Per row (``selected`` as in ``_prefixes``): the last delimiter among the generated tokens
         (else the last prompt token); the last token for finished trajectories."""
         lengths = last + 1
         prompt_lengths = lengths - _select(particles.lengths, selected)

@@ -31,15 +31,16 @@ class Particles:
     finished and the samplers report it as failed, while the other prompts go on). Models keep any further
     per-particle state (DFA states, KV caches, attention masks) in ``state`` under their own keys (the SMC
     sampler its ``log Vh_{t-1}`` under ``"smc.log_value"``), with the same leading ``(B, N)`` axes, so that
-    :meth:`reorder` carries it through resampling without the models ever resampling themselves. Work a
-    model can postpone (its session run on the tokens just appended) waits in :meth:`defer` until the
-    state is next needed. ``aligned`` names the state entries that hold a left-aligned sequence (a
-    decoder's KV cache and attention mask): ``aligned[key] = (axis, mask_key)``, where the columns along
-    ``axis`` whose entry in the ``mask_key`` array (``(B, N, length)``) is 0 are padding, so batches with
-    sequences of different lengths can be joined by left-padding (:meth:`concatenate`) and trimmed when the
-    longest leave (:meth:`select`). A state array may live in CUDA device memory: it is then reordered
-    where it lies, with the ancestors copied to its device once per call; a
-    :class:`~tiltsmc.models.device_cache.DeviceKVCache` reorders all its layers in one gather.
+    [`reorder`][tiltsmc.models.particles.Particles.reorder] carries it through resampling without the models
+    ever resampling themselves. Work a model can postpone (its session run on the tokens just appended) waits
+    in [`defer`][tiltsmc.models.particles.Particles.defer] until the state is next needed. ``aligned`` names
+    the state entries that hold a left-aligned sequence (a decoder's KV cache and attention mask):
+    ``aligned[key] = (axis, mask_key)``, where the columns along ``axis`` whose entry in the ``mask_key``
+    array (``(B, N, length)``) is 0 are padding, so batches with sequences of different lengths can be joined
+    by left-padding ([`concatenate`][tiltsmc.models.particles.Particles.concatenate]) and trimmed when the
+    longest leave ([`select`][tiltsmc.models.particles.Particles.select]). A state array may live in CUDA
+    device memory: it is then reordered where it lies, with the ancestors copied to its device once per call;
+    a ``DeviceKVCache`` reorders all its layers in one gather.
     """
 
     prompts: list[Any]
@@ -73,13 +74,15 @@ class Particles:
 
     def defer(self, work: Callable[[], None]) -> None:
         """Register model work that can wait (a decoder's session run on the tokens just appended): it runs,
-        in order, at the next :meth:`flush`, which :meth:`reorder` and :meth:`take` call first and a model
-        calls before it reads its state. Work that is never needed (after a sampler's last step) never runs.
+        in order, at the next [`flush`][tiltsmc.models.particles.Particles.flush], which
+        [`reorder`][tiltsmc.models.particles.Particles.reorder] and
+        [`take`][tiltsmc.models.particles.Particles.take] call first and a model calls before it reads its
+        state. Work that is never needed (after a sampler's last step) never runs.
         """
         self._pending.append(work)
 
     def flush(self) -> None:
-        """Run the deferred work (see :meth:`defer`)."""
+        """Run the deferred work (see [`defer`][tiltsmc.models.particles.Particles.defer])."""
         while self._pending:
             self._pending.pop(0)()
 
@@ -97,9 +100,11 @@ class Particles:
         """Particle ``i`` of prompt ``b`` becomes a copy of particle ``ancestors[b, i]`` (in place).
 
         With ``across_prompts=True``, ``ancestors`` is ``(1, B * N)``: particle ``k`` of the flattened
-        batch becomes a copy of particle ``ancestors[0, k]`` (the batches of :meth:`one_per_prompt`).
-        Deferred work runs first. Host arrays are reordered in one core call
-        (:func:`tiltsmc.core.reorder_in_place`); device arrays where they lie; arrays that cannot be written
+        batch becomes a copy of particle ``ancestors[0, k]`` (the batches of
+        [`one_per_prompt`][tiltsmc.models.particles.Particles.one_per_prompt]). Deferred work runs first. Host
+        arrays are reordered in one core call
+        ([`tiltsmc.core.reorder_in_place`][tiltsmc.core.reorder_in_place]); device arrays where they lie;
+        arrays that cannot be written
         in place are replaced by reordered copies."""
         self.flush()
         if across_prompts:
@@ -251,7 +256,8 @@ class Particles:
     def one_per_prompt(self) -> Particles:
         """The same particles with leading axes ``(B * N, 1)``: every particle its own prompt entry (its
         prompt repeated), views of the same memory (deferred work done first). Batches of runs with
-        different particle counts can then be joined, and :meth:`reorder` with ``across_prompts=True``
+        different particle counts can then be joined, and
+        [`reorder`][tiltsmc.models.particles.Particles.reorder] with ``across_prompts=True``
         moves particles within each run's range of entries."""
         self.flush()
         total, each = self.lengths.size, self.num_particles
@@ -285,7 +291,8 @@ def _joined_state(
     parts: Sequence[Particles],
     alignment: Optional[tuple[int, str]],
 ) -> np.ndarray:
-    """One state entry of :meth:`Particles.concatenate`: the parts' arrays one after the other along the
+    """One state entry of [`Particles.concatenate`][tiltsmc.models.particles.Particles.concatenate]: the
+    parts' arrays one after the other along the
     prompt axis, aligned ones left-padded to the longest."""
     present = arrays
     for array in present:

@@ -1,6 +1,6 @@
 """What samplers need from a base policy ``p`` and a reward model ``Vh`` (log domain, batched).
 
-A policy grows a :class:`~tiltsmc.models.particles.Particles` batch one step at a time; a reward model
+A policy grows a [`Particles`][tiltsmc.models.particles.Particles] batch one step at a time; a reward model
 scores its prefixes. Samplers only ever call these methods, so an ONNX model, an exact test-bed task or a
 user's own object can stand behind them. Neither resamples: samplers call ``Particles.reorder``.
 """

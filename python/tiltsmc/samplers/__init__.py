@@ -1,4 +1,5 @@
-"""Samplers of the reward-tilted distribution ``pi ∝ p r`` (DESIGN.md §1), model-agnostic and batched.
+"""Samplers of the reward-tilted distribution ``pi ∝ p r``, model-agnostic and batched
+(``docs/theory/samplers.md``).
 
 ``sequential``: SMC and single-particle guided SMC; ``correction``: the resampling-pool MH / PIMH
 correction; ``baselines``: rejection sampling and best-of-N.

@@ -93,8 +93,10 @@ class Models:
     def reorder(
         self, particles: Particles, ancestors: npt.NDArray[np.int64], *, across_prompts: bool = False
     ) -> None:
-        """Resample the particles (:meth:`Particles.reorder`); the policy's deferred work
-        (:meth:`Particles.defer`) runs first and is timed as the policy's."""
+        """Resample the particles ([`Particles.reorder`][tiltsmc.models.particles.Particles.reorder]); the
+        policy's deferred work
+        ([`Particles.defer`][tiltsmc.models.particles.Particles.defer]) runs first and is timed as the
+        policy's."""
         began = time.perf_counter()
         particles.flush()
         self.compute.policy_seconds += time.perf_counter() - began
@@ -152,7 +154,7 @@ class Models:
 
 def prompts_list(prompts: Optional[Sequence[Any]]) -> Optional[list[Any]]:
     """The prompts as a list (None: the policy's one empty prompt); a bare string is refused, not read
-    as one prompt per letter (:func:`~tiltsmc.models.prompts.check_prompts`)."""
+    as one prompt per letter (``check_prompts``)."""
     return check_prompts(prompts)
 
 

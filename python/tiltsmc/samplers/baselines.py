@@ -66,7 +66,7 @@ def rejection_run(
     max_steps: int,
     max_new_tokens: Optional[int] = None,
 ) -> RejectionRun:
-    """The run of :func:`rejection` with these arguments, checked."""
+    """The run of [`rejection`][tiltsmc.samplers.baselines.rejection] with these arguments, checked."""
     if isinstance(bound, (bool, np.bool_)) or not isinstance(bound, (int, float, np.number)):
         raise TypeError(f"bound: expected a finite bound C > 0 on the reward, got {bound!r}")
     bound = float(bound)
@@ -119,7 +119,7 @@ def best_of_n_run(
     max_steps: int,
     max_new_tokens: Optional[int] = None,
 ) -> BestOfNRun:
-    """The run of :func:`best_of_n` with these arguments, checked."""
+    """The run of [`best_of_n`][tiltsmc.samplers.baselines.best_of_n] with these arguments, checked."""
     run = BestOfNRun(
         prompts_list(prompts), check_count(n, "n"), as_generator(rng), check_count(max_steps, "max_steps")
     )

@@ -67,7 +67,7 @@ def mh_run(
     max_steps: int,
     max_new_tokens: Optional[int] = None,
 ) -> MHRun:
-    """The run of :func:`mh` with these arguments, checked."""
+    """The run of [`mh`][tiltsmc.samplers.correction.mh] with these arguments, checked."""
     steps = check_count(steps, "steps", minimum=0)
     num_particles = check_count(num_particles, "num_particles")
     if num_particles > 1:

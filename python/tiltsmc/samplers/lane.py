@@ -1,14 +1,14 @@
 """Runs batched together: one batch of particles advanced one step at a time for every run it holds.
 
-A :class:`Lane` holds the runs (:mod:`tiltsmc.samplers.runs`) of one kind of step. Its particles are one
-:class:`~tiltsmc.models.particles.Particles` batch laid out ``(rows, 1)``: every particle its own prompt
+A ``Lane`` holds the runs (``tiltsmc.samplers.runs``) of one kind of step. Its particles are one
+[`Particles`][tiltsmc.models.particles.Particles] batch laid out ``(rows, 1)``: every particle its own prompt
 entry, each run's particles a contiguous range of rows (prompt-major, as in the run's own ``(B, N)``
 batch). Per step it makes one call of each model method for all of them (one ``propose`` and one
 ``log_value`` for a guided lane), hands each run a ``(B, N)`` view of its rows to update its weights,
 and resamples every run that asks in one reorder. Runs join at a step boundary (their batch started by
 the policy, and concatenated) and leave when their particles have all finished.
 
-An offline sampler is one run in a lane of its own (:func:`run_alone`); the serving engine keeps a lane
+An offline sampler is one run in a lane of its own (``run_alone``); the serving engine keeps a lane
 of each kind with every request in flight.
 """
 

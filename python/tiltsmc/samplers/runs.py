@@ -1,19 +1,19 @@
-r"""The samplers as resumable runs: one sampler call's state between steps, advanced by a :class:`Lane`.
+r"""The samplers as resumable runs: one sampler call's state between steps, advanced by a ``Lane``.
 
 A run holds what one sampler call keeps from step to step (log-weights, the ``log Zh`` estimate, the
-trace) for its prompts, its own generator and its own :class:`Compute`. It never calls a model: a
-:class:`~tiltsmc.samplers.lane.Lane` makes the model calls for every run it holds at once (one
+trace) for its prompts, its own generator and its own [`Compute`][tiltsmc.samplers.result.Compute]. It never
+calls a model: a ``Lane`` makes the model calls for every run it holds at once (one
 ``propose``, one ``log_value`` per step) and hands each run its rows, so the offline functions
-(:func:`tiltsmc.smc` and the others: one run in a lane of its own) and the serving engine (many runs in
-one lane) share this code. A lane calls, in order:
+([`tiltsmc.smc`][tiltsmc.smc] and the others: one run in a lane of its own) and the serving engine (many runs
+in one lane) share this code. A lane calls, in order:
 
-* :meth:`Run.wants` -> ``(prompts, count)`` when the run needs a fresh batch of particles, then
-  :meth:`Run.begin` with ``log Vh_0`` of its prompts;
-* every step, :meth:`Run.before_step`, the model calls, then the run's own update: :meth:`Run.reweigh`
-  (``kind == "guided"``: SMC with the naive proposal, SP-gSMC with a pool), :meth:`Run.choose` and
-  :meth:`Run.after_append` (``"twist"``: the optimal proposal), or :meth:`Run.end_rollout`
+* ``Run.wants`` -> ``(prompts, count)`` when the run needs a fresh batch of particles, then
+  ``Run.begin`` with ``log Vh_0`` of its prompts;
+* every step, ``Run.before_step``, the model calls, then the run's own update: ``Run.reweigh``
+  (``kind == "guided"``: SMC with the naive proposal, SP-gSMC with a pool), ``Run.choose`` and
+  ``Run.after_append`` (``"twist"``: the optimal proposal), or ``Run.end_rollout``
   (``"rollout"``: best-of-N and rejection, scored once at the end);
-* :meth:`Run.end` once its particles have all finished. ``result`` is then set, unless the run wants
+* ``Run.end`` once its particles have all finished. ``result`` is then set, unless the run wants
   another batch (the MH correction's next proposal, rejection's next round).
 
 Each run draws from its own generator in the same order as the sampler alone would, so a run with a seed
@@ -188,7 +188,7 @@ class Run:
 
 
 class SMCRun(Run):
-    r"""SMC with the ratio potentials ``G_t = Vh_t / Vh_{t-1}`` (see :func:`tiltsmc.smc`).
+    r"""SMC with the ratio potentials ``G_t = Vh_t / Vh_{t-1}`` (see [`tiltsmc.smc`][tiltsmc.smc]).
 
     Step ``t`` multiplies each live particle's weight by ``G_t`` (naive proposal), or by
     ``sum_s p(s|.) Vh_t(., s) / Vh_{t-1}`` after drawing ``s_t ~ q ∝ p Vh_t`` (optimal proposal), and
@@ -365,7 +365,7 @@ class ExactSPRun(SMCRun):
 
 class PoolRun(Run):
     """SP-gSMC with a resampling pool: ``K`` candidates from ``p``, one kept with probability ``∝ G``,
-    ``Zh`` multiplied by ``mean_k G_t^(k)`` (see :func:`tiltsmc.sp_gsmc`)."""
+    ``Zh`` multiplied by ``mean_k G_t^(k)`` (see [`tiltsmc.sp_gsmc`][tiltsmc.sp_gsmc])."""
 
     sampler = "sp_gsmc"
 
@@ -443,7 +443,7 @@ def _single_trajectory_result(
 
 class BestOfNRun(Run):
     """``n`` trajectories per prompt drawn from ``p`` to the end; the highest-reward one is returned
-    (see :func:`tiltsmc.best_of_n`)."""
+    (see [`tiltsmc.best_of_n`][tiltsmc.best_of_n])."""
 
     kind = "rollout"
     sampler = "best_of_n"
@@ -498,7 +498,7 @@ def _stack(trajectories: list[np.ndarray]) -> Any:
 
 class RejectionRun(Run):
     """Exact samples of ``pi``: rounds of draws ``x ~ p`` (``batch_size`` per waiting prompt), each accepted
-    with probability ``r(x) / bound`` (see :func:`tiltsmc.rejection`)."""
+    with probability ``r(x) / bound`` (see [`tiltsmc.rejection`][tiltsmc.rejection])."""
 
     kind = "rollout"
     sampler = "rejection"
@@ -590,8 +590,8 @@ class RejectionRun(Run):
 
 
 class MHRun(Run):
-    """The resampling-pool MH / PIMH correction (see :func:`tiltsmc.mh`): ``steps + 1`` independent runs
-    (SP-gSMC with a pool, its exact form, or ``N``-particle SMC), each after the first accepted with
+    """The resampling-pool MH / PIMH correction (see [`tiltsmc.mh`][tiltsmc.mh]): ``steps + 1`` independent
+    runs (SP-gSMC with a pool, its exact form, or ``N``-particle SMC), each after the first accepted with
     probability ``min(1, Zh' / Zh)``; each proposal is a new batch of the same lane."""
 
     sampler = "mh"

@@ -77,7 +77,8 @@ def smc(
     output particle, within TV ``L^6 T (1+eps)^(6(T-1)) / (2N)`` of ``pi``.
 
     The result's ``log_z_increments`` (``log sum_i W_{t-1,i} G_{t,i}``, with ``log_z_increment_se``) read the
-    reward model's Bellman error along the way: see :func:`tiltsmc.diagnostics.online_bellman`.
+    reward model's Bellman error along the way: see
+    [`tiltsmc.diagnostics.online_bellman`][tiltsmc.diagnostics.online_bellman].
     """
     models = Models(policy, reward, Compute())
     run = smc_run(
@@ -103,7 +104,8 @@ def smc_run(
     max_new_tokens: Optional[int] = None,
     final_resample: Optional[int] = None,
 ) -> SMCRun:
-    """The run of :func:`smc` with these arguments, checked (the serving engine builds its runs here)."""
+    """The run of [`smc`][tiltsmc.samplers.sequential.smc] with these arguments, checked (the serving engine
+    builds its runs here)."""
     num_particles = check_count(num_particles, "num_particles")
     if final_resample is not None:
         final_resample = check_count(final_resample, "final_resample")
@@ -136,8 +138,8 @@ def sp_gsmc(
 
     ``pool_size=K``: at each step draw ``K`` candidates ``s_t ~ p``, keep one with probability ``∝ G_t``
     and multiply ``Zh`` by ``mean_k G_t^(k)`` (unbiased for ``Z``; biased as a sampler, corrected by
-    :func:`mh`). ``pool_size=None``: the exact form, each token drawn from ``p Vh_t / sum_s p Vh_t`` (needs
-    a twist head); its law at step ``t`` is within TV ``2 t eps`` of ``pi_t ∝ p Vh_t``.
+    [`mh`][tiltsmc.mh]). ``pool_size=None``: the exact form, each token drawn from ``p Vh_t / sum_s p Vh_t``
+    (needs a twist head); its law at step ``t`` is within TV ``2 t eps`` of ``pi_t ∝ p Vh_t``.
     """
     models = Models(policy, reward, Compute())
     result: SamplerResult = run_alone(
@@ -156,7 +158,7 @@ def sp_gsmc_run(
     max_steps: int,
     max_new_tokens: Optional[int] = None,
 ) -> Run:
-    """The run of :func:`sp_gsmc` with these arguments, checked."""
+    """The run of [`sp_gsmc`][tiltsmc.samplers.sequential.sp_gsmc] with these arguments, checked."""
     generator = as_generator(rng)
     max_steps = check_count(max_steps, "max_steps")
     run: Run

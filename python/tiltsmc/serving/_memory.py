@@ -29,7 +29,7 @@ def release_free_memory() -> bool:
 
     Freed memory stays in the process's heap otherwise: after a burst of large batches a service would
     keep its peak size for good. The engine calls it after shrinking the models' own pools (ONNX
-    Runtime's arena: :func:`tiltsmc.models._ort.shrink_memory_arena`).
+    Runtime's arena: ``tiltsmc.models._ort.shrink_memory_arena``).
     """
     trim = _malloc_trim()
     if trim is None:

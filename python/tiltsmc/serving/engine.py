@@ -1,14 +1,14 @@
 """The serving engine: concurrent requests batched step by step (continuous batching for particle methods).
 
-Requests arrive on any thread (:meth:`Engine.submit`, or ``await`` :meth:`Engine.generate`) and wait in
-the :class:`~tiltsmc.serving.scheduler.Scheduler` until their particles fit under ``max_batch_rows``. One
-worker thread owns the models and repeats one iteration: admit what fits (their prompts are encoded
-then), drop what was cancelled or timed out, then advance every request in flight by one step — for each
-kind of step one :class:`~tiltsmc.samplers.lane.Lane`, whose step is one ``propose`` and one
+Requests arrive on any thread ([`Engine.submit`][tiltsmc.serving.engine.Engine.submit], or ``await``
+[`Engine.generate`][tiltsmc.serving.engine.Engine.generate]) and wait in the ``Scheduler`` until their
+particles fit under ``max_batch_rows``. One worker thread owns the models and repeats one iteration: admit
+what fits (their prompts are encoded then), drop what was cancelled or timed out, then advance every request
+in flight by one step — for each kind of step one ``Lane``, whose step is one ``propose`` and one
 ``log_value`` (one policy and one reward session call) over the particles of every request in it, then
 each request's reweighting and resampling. A request leaves as soon as its particles have all finished,
-and its future gets the same :class:`~tiltsmc.SamplerResult` that the offline function returns for one
-prompt: the offline samplers and the engine run the same runs (:mod:`tiltsmc.samplers.runs`).
+and its future gets the same [`SamplerResult`][tiltsmc.SamplerResult] that the offline function returns for
+one prompt: the offline samplers and the engine run the same runs (``tiltsmc.samplers.runs``).
 
 Each request draws from its own generator (its ``rng``) in the same order as alone, so a request with a
 seed gives the same result whatever else is in flight (up to the rounding of batched session calls), and
@@ -81,13 +81,13 @@ class Engine:
 
     ``max_batch_rows``: the most particles in flight at once (a request needs ``num_particles`` rows, or
     its pool / ``n`` / ``batch_size``); ``max_queue``: the most requests waiting for rows, past which
-    :meth:`submit` raises :class:`Overloaded`; ``timeout``: the default per-request timeout in seconds
-    (None: none). The worker thread starts at once; :meth:`close` (or leaving a ``with`` block) stops it.
-    ``release_memory_after``: once the engine has been idle that many seconds after work, the models'
-    memory pools shrink (their ``release_memory()``, where they have one: ONNX Runtime's arena for the ONNX
-    models) and the freed heap goes back to the system
-    (:func:`~tiltsmc.serving._memory.release_free_memory`), so a long-running service returns to about its
-    idle size after a burst (None: never).
+    [`submit`][tiltsmc.serving.engine.Engine.submit] raises [`Overloaded`][tiltsmc.serving.engine.Overloaded];
+    ``timeout``: the default per-request timeout in seconds (None: none). The worker thread starts at once;
+    [`close`][tiltsmc.serving.engine.Engine.close] (or leaving a ``with`` block) stops it.
+    ``release_memory_after``: once the engine has been idle that many seconds after work, the models' memory
+    pools shrink (their ``release_memory()``, where they have one: ONNX Runtime's arena for the ONNX models)
+    and the freed heap goes back to the system (``release_free_memory``), so a long-running service returns to
+    about its idle size after a burst (None: never).
     """
 
     def __init__(
@@ -155,12 +155,13 @@ class Engine:
         **options: Any,
     ) -> Future[SamplerResult]:
         """Queue one prompt for ``sampler`` with its options (those of the offline function, with the same
-        defaults); returns a :class:`concurrent.futures.Future` of its :class:`~tiltsmc.SamplerResult`.
+        defaults); returns a ``concurrent.futures.Future`` of its [`SamplerResult`][tiltsmc.SamplerResult].
 
         Bad options raise here (``TypeError`` / ``ValueError`` naming the option); a full queue raises
-        :class:`Overloaded`; a closed engine :class:`EngineClosed`. ``future.cancel()`` takes the request
-        out at the next step; past ``timeout`` seconds (default: the engine's) it ends with
-        ``TimeoutError``. A prompt the policy cannot encode ends the future with ``ValueError``.
+        [`Overloaded`][tiltsmc.serving.engine.Overloaded]; a closed engine
+        [`EngineClosed`][tiltsmc.serving.engine.EngineClosed]. ``future.cancel()`` takes the request out at
+        the next step; past ``timeout`` seconds (default: the engine's) it ends with ``TimeoutError``. A
+        prompt the policy cannot encode ends the future with ``ValueError``.
         """
         defaults = sampler_defaults(sampler)
         unknown = sorted(set(options) - set(defaults))
@@ -197,7 +198,8 @@ class Engine:
         timeout: Optional[float] = None,
         **options: Any,
     ) -> SamplerResult:
-        """:meth:`submit` for asyncio: cancelling the awaiting task cancels the request."""
+        """[`submit`][tiltsmc.serving.engine.Engine.submit] for asyncio: cancelling the awaiting task cancels
+        the request."""
         return await asyncio.wrap_future(self.submit(prompt, sampler, rng=rng, timeout=timeout, **options))
 
     def stats(self) -> dict[str, Any]:
@@ -230,7 +232,8 @@ class Engine:
 
     def close(self, drain: bool = True, timeout: Optional[float] = 30.0) -> None:
         """Stop taking requests; with ``drain``, finish those queued and in flight for up to ``timeout``
-        seconds (None: as long as they take); then end the rest with :class:`EngineClosed`."""
+        seconds (None: as long as they take); then end the rest with
+        [`EngineClosed`][tiltsmc.serving.engine.EngineClosed]."""
         with self._wake:
             self._closing = True
             now = time.perf_counter()

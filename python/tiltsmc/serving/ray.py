@@ -1,13 +1,14 @@
 """Scale out on Ray Serve: replicas of the engine behind one endpoint (the ``ray`` extra, ``ray[serve]``).
 
-Each replica is a Ray actor that loads the models once, holds one :class:`~tiltsmc.Engine` and serves the
-same FastAPI app as ``tiltsmc serve`` (:func:`tiltsmc.serving.server.create_app`) through Ray Serve's
-ingress, so the HTTP API, its errors and its metrics are the same; every answer names its replica in the
+Each replica is a Ray actor that loads the models once, holds one [`Engine`][tiltsmc.Engine] and serves the
+same FastAPI app as ``tiltsmc serve``
+([`tiltsmc.serving.server.create_app`][tiltsmc.serving.server.create_app]) through Ray Serve's ingress, so the
+HTTP API, its errors and its metrics are the same; every answer names its replica in the
 ``X-Tiltsmc-Instance`` header. Ray Serve routes each request to a replica with few requests ongoing, up to
 ``max_ongoing_requests`` each (by default the engine's ``max_queue``: a replica takes what its engine can
-queue, and Ray queues the rest), starts a new replica when one dies (its requests in flight end with an
-error; a request is idempotent given its seed, so a client may retry it), and with ``autoscaling`` adds and
-removes replicas on the ongoing requests.
+queue, and Ray queues the rest), starts a new replica when one dies (its requests in flight end with an error;
+a request is idempotent given its seed, so a client may retry it), and with ``autoscaling`` adds and removes
+replicas on the ongoing requests.
 
 ``tiltsmc serve --ray --replicas K ...`` starts a local Ray instance (or joins ``--address``), deploys,
 and serves until SIGTERM or SIGINT.

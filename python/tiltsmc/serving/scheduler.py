@@ -42,9 +42,9 @@ class Request:
 class Scheduler:
     """Requests wait in arrival order; the oldest is admitted as soon as its rows fit under
     ``max_batch_rows`` with the rows already in flight (first come, first served: a large request at the
-    head is not overtaken, so it never starves). ``enqueue`` refuses with :class:`Overloaded` past
-    ``max_queue`` waiting requests. Thread-safe: ``enqueue`` runs on the callers' threads, the rest on the
-    engine's worker.
+    head is not overtaken, so it never starves). ``enqueue`` refuses with
+    [`Overloaded`][tiltsmc.serving.scheduler.Overloaded] past ``max_queue`` waiting requests. Thread-safe:
+    ``enqueue`` runs on the callers' threads, the rest on the engine's worker.
     """
 
     def __init__(self, max_queue: int, max_batch_rows: int) -> None:

@@ -2,21 +2,21 @@ r"""The bundled reasoning task: a chain of additions and subtractions, solved on
 
 A problem is a start value ``a_0`` in ``[10, 89]`` and ``T`` labelled operations ``±d`` (``d`` in 1..9)
 chosen so that every running value ``a_t = a_{t-1} ± d_t`` stays in ``[0, 99]``. The prompt lists them; a
-solution writes one line per operation, each a *reasoning step*, two-digit numbers throughout::
+solution writes one line per operation, each a *reasoning step*, two-digit numbers throughout:
 
     prompt     "57 a+8 b-3 c+9\n"
     solution   "a:57+8=65\n"  "b:65-3=62\n"  "c:62+9=71"   then <eos>
 
-The answer is the last line's result; :func:`verify` is the exact terminal reward ``r`` (1 when every line
-is right, so the answer is ``a_T``; else 0). The bundled policy (trained by ``scripts/train_demo.py``)
-makes mistakes like a person: it forgets carries and borrows more often than it slips on a plain step,
-so the chance that a whole solution is right falls geometrically with ``T``. So ``V*_t`` (the chance of a
-right solution from a prefix) is ``0`` after a mistake and the product of the remaining steps' success
-chances before one.
+The answer is the last line's result; [`verify`][tiltsmc.tasks.arithmetic.verify] is the exact terminal reward
+``r`` (1 when every line is right, so the answer is ``a_T``; else 0). The bundled policy (trained by
+``scripts/train_demo.py``) makes mistakes like a person: it forgets carries and borrows more often than it
+slips on a plain step, so the chance that a whole solution is right falls geometrically with ``T``. So
+``V*_t`` (the chance of a right solution from a prefix) is ``0`` after a mistake and the product of the
+remaining steps' success chances before one.
 
 This module needs only the standard library and NumPy (the training script imports it by path);
-:func:`load_models` builds the ONNX Runtime policy and process reward model shipped in
-``tiltsmc/tasks/arithmetic_models``.
+[`load_models`][tiltsmc.tasks.arithmetic.load_models] builds the ONNX Runtime policy and process reward model
+shipped in ``tiltsmc/tasks/arithmetic_models``.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def format_line(index: int, before: int, sign: str, digit: int, after: int) -> s
 
 def make_problems(num_steps: int, count: int, rng: Any = None) -> list[Problem]:
     """``count`` random problems of ``num_steps`` operations (uniform over the allowed ones at each step);
-    ``rng`` is anything :func:`numpy.random.default_rng` takes."""
+    ``rng`` is anything ``numpy.random.default_rng`` takes."""
     if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
         raise TypeError(f"num_steps: expected an int, got {type(num_steps).__name__}")
     if not 1 <= num_steps <= MAX_STEPS:
@@ -172,7 +172,7 @@ def load_models(
     memory_arena: bool = True,
 ) -> tuple[OnnxCausalLM, OnnxRewardModel]:
     """The bundled policy (a step is one line) and process reward model (``log Vh`` = log-sigmoid of its
-    logit at a prefix's last token; the exact :func:`verify` at the end).
+    logit at a prefix's last token; the exact [`verify`][tiltsmc.tasks.arithmetic.verify] at the end).
 
     The reward model is the policy's frozen decoder with a logistic head trained on the policy's own
     rollouts (Monte Carlo outcome targets); its error feature is whether written tokens differ from the

@@ -2,8 +2,9 @@
 
 The references of the paper's theorems as tests (``tests/test_fidelity.py``) and as an experiment
 (``bench/exp_theorems.py``): everything is computed from the raw parameters of a
-:class:`~tiltsmc.tasks.markov_dfa.MarkovDFATask` (initial law, transitions, DFA, rewards) and the twist's
-tables, never through the samplers. Laws are dicts from sequences (tuples of token ids) to probabilities.
+[`MarkovDFATask`][tiltsmc.tasks.markov_dfa.MarkovDFATask] (initial law, transitions, DFA, rewards) and the
+twist's tables, never through the samplers. Laws are dicts from sequences (tuples of token ids) to
+probabilities.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-r"""The hard instance of the paper's lower bound (DESIGN.md §1), as a :class:`MarkovDFATask` with its twist.
+r"""The hard instance of the paper's lower bound, as a
+[`MarkovDFATask`][tiltsmc.tasks.markov_dfa.MarkovDFATask] with its twist (``docs/theory/tilted-target.md``).
 
 The construction (``T = 3m``, branching ``B``, ratio ``a > 1``):
 
@@ -48,8 +49,8 @@ class HardInstance:
     """The hard instance: the task, its hard twist, the hidden prefix and the figures the bound predicts.
 
     Attributes:
-        task: the :class:`MarkovDFATask` (``V = branching``, ``T = 3m``, time-varying transitions).
-        twist: the twist ``Vh`` of the construction (``L = a``, ``eps = a - 1``).
+        task: the [`MarkovDFATask`][tiltsmc.tasks.markov_dfa.MarkovDFATask] (``V = branching``, ``T = 3m``,
+        time-varying transitions). twist: the twist ``Vh`` of the construction (``L = a``, ``eps = a - 1``).
         hidden_prefix: ``u``, the ``(2m,)`` int64 prefix that carries the reward ``a^m``.
         a: the ratio per step of the last ``m`` steps.
         m: a third of the horizon.
@@ -85,7 +86,8 @@ class HardInstance:
     @property
     def search_rate(self) -> float:
         """``2 ln B / 3``: the slope in ``T`` of the log of the number of uniform prefixes needed to hit ``u``
-        (equal to :attr:`lower_bound_rate` when ``B = a``)."""
+        (equal to [`lower_bound_rate`][tiltsmc.tasks.hard_instance.HardInstance.lower_bound_rate] when ``B =
+        a``)."""
         return 2.0 * math.log(self.branching) / 3.0
 
     def draws_to_hit(self, probability: float) -> float:
@@ -114,13 +116,14 @@ def _hard_tables(m: int, a: float, branching: int, task: MarkovDFATask) -> LogTa
 
 
 def hard_instance(a: Any, m: Any, rng: RNGLike = None, *, branching: Optional[int] = None) -> HardInstance:
-    """The paper's hard instance with ratio ``a``, horizon ``T = 3m`` and branching ``B = a`` (DESIGN.md §1).
+    """The paper's hard instance with ratio ``a``, horizon ``T = 3m`` and branching ``B = a``
+    (``docs/theory/tilted-target.md``).
 
     Args:
         a: the ratio per step after ``2m`` (``L = a``, ``eps = a - 1``); an integer ``>= 2`` unless
             ``branching`` is given, else a finite real ``> 1``.
         m: ``>= 1``; the horizon is ``3m``.
-        rng: draws the hidden prefix ``u`` (anything :func:`numpy.random.default_rng` accepts).
+        rng: draws the hidden prefix ``u`` (anything ``numpy.random.default_rng`` accepts).
         branching: ``B``; default ``a`` (the paper's choice). Another ``B`` decouples the cost of finding
             ``u`` (rate ``2 ln B / 3``) from the bound's rate ``2 ln a / 3``.
 

@@ -3,7 +3,7 @@ r"""Exact test-bed task: a Markov base policy with a reward computed by a finite
 The model
 ---------
 Tokens are ``0..V-1``; a trajectory is ``x = (x_0, ..., x_{T-1})`` (0-indexed positions). The base policy is
-a (possibly time-varying) Markov chain::
+a (possibly time-varying) Markov chain:
 
     p(x) = init[x_0] * prod_{i=1}^{T-1} P_i[x_{i-1}, x_i],   P_i = trans      (homogeneous, (V, V))
                                                              P_i = trans[i-1] (time-varying, (T, V, V))
@@ -14,11 +14,11 @@ reads the tokens: ``q_0 = start`` and ``q_{t} = dfa[q_{t-1}, x_{t-1}]`` is its s
 length ``t``.
 The reward is a function of the final state, ``r(x) = accept_reward[q_T] >= 0``.
 
-Target and optimal twist (DESIGN.md, section 1): ``pi(x) = p(x) r(x) / Z`` with ``Z = E_p[r]``, and
-``V*_t(x_{0:t}) = E_p[r | x_{0:t}]`` for a prefix ``x_{0:t} = (x_0, ..., x_{t-1})`` of length ``t``. Because
-the chain is Markov and the automaton deterministic, the future of a prefix depends only on the triple
-``(t, v, q) = (length, last token, automaton state)``, so ``V*_t`` is a ``(V, Q)`` table and satisfies the
-Bellman recursion, solved backwards in the log domain::
+Target and optimal twist (``docs/theory/tilted-target.md``): ``pi(x) = p(x) r(x) / Z`` with
+``Z = E_p[r]``, and ``V*_t(x_{0:t}) = E_p[r | x_{0:t}]`` for a prefix ``x_{0:t} = (x_0, ..., x_{t-1})``
+of length ``t``. Because the chain is Markov and the automaton deterministic, the future of a prefix depends
+only on the triple ``(t, v, q) = (length, last token, automaton state)``, so ``V*_t`` is a ``(V, Q)`` table
+and satisfies the Bellman recursion, solved backwards in the log domain:
 
     V*_T(v, q)   = accept_reward[q]
     V*_t(v, q)   = sum_w P_t[v, w] V*_{t+1}(w, dfa[q, w])             (1 <= t <= T-1)
@@ -33,9 +33,12 @@ below the smallest double (e.g. a needle of length 2000) is still exact to round
 
 Approximate twists and their Bellman error
 ------------------------------------------
-A *twist table* ``Vh`` has the layout of :meth:`MarkovDFATask.log_v_star`: ``tables[0]`` is ``log Vh_0``
-(a float) and ``tables[t]`` (``t = 1..T``) is a ``(V, Q)`` array of ``log Vh_t(v, q)``. The Bellman error of
-DESIGN.md is evaluated exactly by :meth:`MarkovDFATask.bellman_error` (see :class:`BellmanError`).
+A *twist table* ``Vh`` has the layout of
+[`MarkovDFATask.log_v_star`][tiltsmc.tasks.markov_dfa.MarkovDFATask.log_v_star]: ``tables[0]`` is ``log Vh_0``
+(a float) and ``tables[t]`` (``t = 1..T``) is a ``(V, Q)`` array of ``log Vh_t(v, q)``. The Bellman error
+(``docs/theory/tilted-target.md``) is evaluated exactly by
+[`MarkovDFATask.bellman_error`][tiltsmc.tasks.markov_dfa.MarkovDFATask.bellman_error] (see
+[`BellmanError`][tiltsmc.tasks.markov_dfa.BellmanError]).
 """
 
 from __future__ import annotations
@@ -147,7 +150,8 @@ def _readonly(arr: npt.NDArray[Any]) -> npt.NDArray[Any]:
 
 @dataclass(frozen=True, eq=False)
 class BellmanError:
-    r"""Exact Bellman error of a twist ``Vh`` on a :class:`MarkovDFATask` (DESIGN.md, section 1).
+    r"""Exact Bellman error of a twist ``Vh`` on a [`MarkovDFATask`][tiltsmc.tasks.markov_dfa.MarkovDFATask]
+    (``docs/theory/tilted-target.md``).
 
     For a step ``t = 1..T`` and a prefix ``s`` of length ``t-1`` that is *reachable* (``p(s) > 0``) and has
     ``Vh_{t-1}(s) > 0``, let ``rho_t(s) = E_{x_{t-1} ~ p(.|s)}[Vh_t(s, x_{t-1})] / Vh_{t-1}(s)`` (for
@@ -207,7 +211,8 @@ class MarkovDFATask:
         dfa: ``(Q, V)`` integer table of automaton transitions, entries in ``[0, Q)``.
         start: start state of the automaton, in ``[0, Q)``.
         accept_reward: ``(Q,)`` finite non-negative rewards; ``r(x) = accept_reward[q_T]``. A reward that is
-            zero on every reachable final state is allowed (then ``Z = 0``, :meth:`exact_log_z` is ``-inf``).
+            zero on every reachable final state is allowed (then ``Z = 0``,
+            [`exact_log_z`][tiltsmc.tasks.markov_dfa.MarkovDFATask.exact_log_z] is ``-inf``).
         horizon: ``T >= 1``, the number of tokens.
 
     Raises:
@@ -465,12 +470,12 @@ class MarkovDFATask:
         The perturbations are independent per ``(t, v, q)`` for ``t = 1..T-1`` and one draw for ``tables[0]``;
         the last level is exact (``Vh_T = r``) and zeros stay zeros. Since ``E_p[Vh_t]/Vh_{t-1}`` then lies in
         ``[exp(-2 noise), exp(2 noise)]``, its Bellman error is at most ``exp(2 noise) - 1`` (and at most
-        ``exp(noise) - 1`` at the last step). At ``noise = 0`` this is :meth:`log_v_star` and ``rng`` is
-        unused.
+        ``exp(noise) - 1`` at the last step). At ``noise = 0`` this is
+        [`log_v_star`][tiltsmc.tasks.markov_dfa.MarkovDFATask.log_v_star] and ``rng`` is unused.
 
         Args:
             noise: finite ``>= 0`` half-width of the perturbation of the log-values.
-            rng: anything :func:`numpy.random.default_rng` accepts (SPEC 7).
+            rng: anything ``numpy.random.default_rng`` accepts (SPEC 7).
         """
         noise_f = _as_real(noise, "noise")
         if not (math.isfinite(noise_f) and noise_f >= 0):
@@ -509,8 +514,9 @@ class MarkovDFATask:
         return root, levels
 
     def bellman_error(self, tables: Union[TableTwist, Sequence[npt.ArrayLike]]) -> BellmanError:
-        r"""Exact Bellman error of a twist: a :meth:`twist` model or its ``tables`` (layout of
-        :meth:`log_v_star`). Returns a :class:`BellmanError`.
+        r"""Exact Bellman error of a twist: a [`twist`][tiltsmc.tasks.markov_dfa.MarkovDFATask.twist] model or
+        its ``tables`` (layout of [`log_v_star`][tiltsmc.tasks.markov_dfa.MarkovDFATask.log_v_star]). Returns
+        a [`BellmanError`][tiltsmc.tasks.markov_dfa.BellmanError].
 
         For ``t = 1..T`` and every reachable summary ``(v, q)`` of a prefix of length ``t-1`` with
         ``Vh_{t-1}(v, q) > 0``,
@@ -603,7 +609,8 @@ class MarkovDFATask:
         return MarkovPolicy(self)
 
     def twist(self, noise: float = 0.0, rng: RNGLike = None) -> TableTwist:
-        """A twist model: exact ``V*`` at ``noise = 0``, else :meth:`twist_tables` ``(noise, rng)``."""
+        """A twist model: exact ``V*`` at ``noise = 0``, else
+        [`twist_tables`][tiltsmc.tasks.markov_dfa.MarkovDFATask.twist_tables] ``(noise, rng)``."""
         from .models import TableTwist
 
         return TableTwist(self, self.twist_tables(noise, rng))
