@@ -16,7 +16,7 @@ The model is the ONNX export of ``scripts/get_smollm2.py`` (``--model``, default
   whole-answer rate is also given over problems, which accounts for that).
 
 Prompts are rendered from the model folder's chat template here (:func:`render_chat_prompt`) until the
-model layer takes chat messages itself. JSON to ``bench/results/real_model_vm[_int8].json``. Not a test.
+model layer takes chat messages itself. JSON to ``bench/results/real_model_vm[_fp16|_int8].json``. Not a test.
 """
 
 from __future__ import annotations
@@ -219,7 +219,9 @@ def measure_task(args: argparse.Namespace, model_dir: Path, temperature: float) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=default_model_dir(), help="converted model folder")
-    parser.add_argument("--levels", type=int, nargs="+", default=[1, 2, 4, 8], help="lengths T")
+    parser.add_argument(
+        "--levels", type=int, nargs="*", default=[1, 2, 4, 8], help="lengths T (none: timing only)"
+    )
     parser.add_argument("--problems", type=int, default=8, help="problems per length")
     parser.add_argument("--samples", type=int, default=4, help="answers sampled per problem")
     parser.add_argument("--batch", type=int, default=8, help="problems per batch (x samples rows)")
