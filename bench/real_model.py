@@ -15,8 +15,8 @@ The model is the ONNX export of ``scripts/get_smollm2.py`` (``--model``, default
   binomial standard error (answers to one problem are not independent: the standard error of the
   whole-answer rate is also given over problems, which accounts for that).
 
-Prompts are rendered from the model folder's chat template here (:func:`render_chat_prompt`) until the
-model layer takes chat messages itself. JSON to ``bench/results/real_model_vm[_fp16|_int8].json``. Not a test.
+Prompts are chat messages, rendered by the policy with the model folder's chat template. JSON to
+``bench/results/real_model_vm[_fp16|_int8].json``. Not a test.
 """
 
 from __future__ import annotations
@@ -44,29 +44,6 @@ def default_model_dir() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "tiltsmc") / "smollm2"
 
 
-def render_chat_prompt(model_dir: Path, chat: list[dict[str, str]]) -> str:
-    """The prompt text of ``chat`` by the folder's chat template (jinja2, as transformers renders it, with
-    the generation prompt). The one place that renders chats here: to be replaced by passing ``chat`` to
-    the model layer once it takes chat messages."""
-    import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    config = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
-    template = config.get("chat_template")
-    if not template and (model_dir / "chat_template.jinja").is_file():
-        template = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
-    if not template:
-        raise ValueError(f"{model_dir}: no chat template in tokenizer_config.json or chat_template.jinja")
-
-    def raise_exception(message: str) -> None:
-        raise jinja2.exceptions.TemplateError(message)
-
-    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    environment.globals["raise_exception"] = raise_exception
-    special = {k: config.get(k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
-    return environment.from_string(template).render(messages=chat, add_generation_prompt=True, **special)
-
-
 class SessionTimer:
     """Adds up the seconds inside ``session.run`` of a model, per call."""
 
@@ -84,7 +61,7 @@ class SessionTimer:
         model.session.run = timed  # an instance attribute shadows the method
 
 
-def measure_decoding(model_dir: Path, prompt: str, rows: list[int], steps: int, threads: int) -> list[dict]:
+def measure_decoding(model_dir: Path, prompt: Any, rows: list[int], steps: int, threads: int) -> list[dict]:
     """Median seconds of a decode step at each number of rows (one prompt, ``rows`` particles)."""
     policy = OnnxCausalLM(model_dir, max_new_tokens=steps + 2, intra_op_num_threads=threads)
     timer = SessionTimer(policy)
@@ -142,7 +119,7 @@ def measure_task(args: argparse.Namespace, model_dir: Path, temperature: float) 
             intra_op_num_threads=args.threads,
         )
         problems = task.make_problems(num_steps, args.problems, rng=[args.seed, num_steps], size=args.size)
-        prompts = [render_chat_prompt(model_dir, task.messages(p, args.size)) for p in problems]
+        prompts = [task.messages(p, args.size) for p in problems]  # chat messages: the model renders them
         rng = np.random.default_rng([args.seed, num_steps, 1])
         checks: list[list[task.Check]] = []
         examples: list[dict[str, Any]] = []
@@ -248,9 +225,7 @@ def main() -> None:
         "settings": {k: v for k, v in vars(args).items() if k not in ("model", "out")},
         "machine": machine_info(),
     }
-    example_prompt = render_chat_prompt(
-        model_dir, task.messages(task.make_problems(4, 1, rng=0, size=args.size)[0], args.size)
-    )
+    example_prompt = task.messages(task.make_problems(4, 1, rng=0, size=args.size)[0], args.size)
     record["example_prompt"] = example_prompt
     if args.timing_rows:
         record["decoding"] = measure_decoding(

@@ -180,8 +180,7 @@ def test_sampled_steps_are_lines_and_are_checked() -> None:
 
     policy = OnnxCausalLM(MODEL, max_new_tokens=40, step="\n", intra_op_num_threads=2)
     problem = task.make_problems(2, 1, rng=3)[0]
-    prompt = render_chatml(task.messages(problem))
-    particles = policy.start([prompt], 4)
+    particles = policy.start([task.messages(problem)], 4)
     rng = np.random.default_rng(1)
     while not particles.finished.all():
         before = particles.lengths.copy()
@@ -195,6 +194,19 @@ def test_sampled_steps_are_lines_and_are_checked() -> None:
         checked = task.check(problem, text)
         assert 0 <= checked.right_steps <= 2
         assert task.verify(problem, text) == float(checked.complete)
+
+
+@needs_model
+def test_chat_messages_render_as_chatml(greedy_policy: Any) -> None:
+    """The policy renders a task's messages with the folder's template as SmolLM2's ChatML reads (by hand
+    below), and encodes the text without adding special tokens (the fixed tokenizer adds none)."""
+    problem = task.make_problems(3, 1, rng=5)[0]
+    chat = task.messages(problem)
+    ids = greedy_policy.encode_prompt(chat)
+    assert ids.tolist() == greedy_policy.encode_prompt(render_chatml(chat)).tolist()
+    assert greedy_policy.decode(ids) == render_chatml(chat).replace("<|im_start|>", "").replace(
+        "<|im_end|>", ""
+    )
 
 
 def render_chatml(chat: list[dict[str, str]]) -> str:
