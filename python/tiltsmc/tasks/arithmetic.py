@@ -106,27 +106,46 @@ def format_line(index: int, before: int, sign: str, digit: int, after: int) -> s
     return f"{LABELS[index]}:{before:02d}{sign}{digit}={after:02d}"
 
 
-def make_problems(num_steps: int, count: int, rng: Any = None) -> list[Problem]:
+def make_problems(
+    num_steps: int,
+    count: int,
+    rng: Any = None,
+    *,
+    start: tuple[int, int] = (10, 89),
+    max_value: int = 99,
+    max_operand: int = 9,
+) -> list[Problem]:
     """``count`` random problems of ``num_steps`` operations (uniform over the allowed ones at each step);
-    ``rng`` is anything ``numpy.random.default_rng`` takes."""
+    ``rng`` is anything ``numpy.random.default_rng`` takes.
+
+    The start value is uniform in ``start`` (inclusive), operands in ``1..max_operand``, and every running
+    value stays in ``[0, max_value]`` (the defaults are the bundled task's two-digit chains; smaller ones
+    make easier problems for other models, e.g. ``tiltsmc.tasks.chat_arithmetic``)."""
     if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
         raise TypeError(f"num_steps: expected an int, got {type(num_steps).__name__}")
     if not 1 <= num_steps <= MAX_STEPS:
         raise ValueError(f"num_steps: expected 1..{MAX_STEPS}, got {num_steps}")
     if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
         raise ValueError(f"count: expected an int >= 1, got {count!r}")
+    if isinstance(max_operand, bool) or not isinstance(max_operand, (int, np.integer)) or max_operand < 1:
+        raise ValueError(f"max_operand: expected an int >= 1, got {max_operand!r}")
+    if isinstance(max_value, bool) or not isinstance(max_value, (int, np.integer)) or max_value < max_operand:
+        raise ValueError(f"max_value: expected an int >= max_operand ({max_operand}), got {max_value!r}")
+    low, high = (int(v) for v in start)
+    if not 0 <= low <= high <= max_value:
+        raise ValueError(f"start: expected 0 <= low <= high <= max_value ({max_value}), got {start!r}")
     generator = np.random.default_rng(rng)
     problems = []
     for _ in range(int(count)):
-        value = int(generator.integers(10, 90))
-        start, operations = value, []
+        value = int(generator.integers(low, high + 1))
+        first, operations = value, []
         for _ in range(int(num_steps)):
-            allowed = [("+", d) for d in range(1, 10) if value + d <= 99]
-            allowed += [("-", d) for d in range(1, 10) if value - d >= 0]
+            allowed = [("+", d) for d in range(1, max_operand + 1) if value + d <= max_value]
+            allowed += [("-", d) for d in range(1, max_operand + 1) if value - d >= 0]
             sign, digit = allowed[int(generator.integers(len(allowed)))]
             operations.append((sign, digit))
             value = value + digit if sign == "+" else value - digit
-        problems.append(Problem(start, tuple(operations)))
+        problems.append(Problem(first, tuple(operations)))
     return problems
 
 
