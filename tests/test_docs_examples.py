@@ -110,3 +110,16 @@ def test_no_reference_to_files_outside_the_repository() -> None:
     pattern = re.compile(r"DESIGN\.md|\.\./shared")
     offending = [str(path.relative_to(ROOT)) for path, text in texts.items() if pattern.search(text)]
     assert offending == []
+
+
+def test_docstrings_use_markdown_not_sphinx_roles() -> None:
+    """The API reference renders docstrings as Markdown (mkdocstrings): a Sphinx role such as
+    ``:class:`X` `` would show as literal text there; cross-references are ``[X][tiltsmc.X]``."""
+    role = re.compile(r":(?:func|class|mod|meth|attr|data|exc|obj):`")
+    offending = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for path in sorted((ROOT / "python").rglob("*.py"))
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if role.search(line)
+    ]
+    assert offending == []

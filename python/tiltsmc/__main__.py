@@ -1,4 +1,4 @@
-"""``python -m tiltsmc``: the ``tiltsmc`` command (:func:`tiltsmc.cli.main`)."""
+"""``python -m tiltsmc``: the ``tiltsmc`` command (``tiltsmc.cli.main``)."""
 
 from .cli import main
 

@@ -16,9 +16,9 @@ timings), written to standard output (no ``--json``, or ``--json -``) or to ``--
   ``/dev/fd/N`` is written as a stream, batch by batch.
 
 A directory, a missing or unwritable folder and an unwritable file are refused before any model is loaded.
-Each line follows the JSON Schema shipped as ``tiltsmc/run.schema.json`` (:func:`output_schema`): strict
+Each line follows the JSON Schema shipped as ``tiltsmc/run.schema.json`` (``output_schema``): strict
 JSON (a value that is not finite is ``null``), the run's configuration in every line, the prompt's own
-compute. A per-step progress bar (:mod:`tqdm`) goes to standard error on a terminal, none when standard
+compute. A per-step progress bar (``tqdm``) goes to standard error on a terminal, none when standard
 error is not one or with ``--quiet``; logs go to standard error through the ``tiltsmc`` logger
 (``--log-level``), the summary lines included.
 Every failure is one line ``tiltsmc: ...`` on standard error with exit status 2 (bad arguments, prompts
@@ -81,7 +81,7 @@ def _bar_size() -> dict[str, Any]:
 
 
 class StepProgress:
-    """Per-step progress of a run on standard error (a :mod:`tqdm` bar, off where disabled).
+    """Per-step progress of a run on standard error (a ``tqdm`` bar, off where disabled).
 
     It counts steps of every prompt: a lane step of ``k`` prompts counts ``k``. The total is each prompt's
     most steps (``max_new_tokens`` per pass of the sampler), lowered by what a prompt leaves unused when it
@@ -810,7 +810,7 @@ prompts or model files)."""
 class _HelpFormatter(argparse.HelpFormatter):
     """Every option's default shown (``(default: ...)``) where it has one that a
     user could pass. Sampler options whose default is the sampler function's say it in their help, from
-    :func:`_default` (the functions' signatures: one place for the API, the CLI and the server)."""
+    ``_default`` (the functions' signatures: one place for the API, the CLI and the server)."""
 
     def _get_help_string(self, action: argparse.Action) -> Optional[str]:
         text = action.help or ""
@@ -1097,9 +1097,9 @@ def _sample(
     offset: int,
     progress: StepProgress,
 ) -> list[SamplerResult]:
-    """One run per prompt, batched in one :class:`~tiltsmc.samplers.lane.Lane` (one model call per step
+    """One run per prompt, batched in one ``tiltsmc.samplers.lane.Lane`` (one model call per step
     for all of them, as the serving engine does), so that each prompt gets its own result, seeded by
-    :func:`_prompt_rng`, and its own share of the compute. A run alone gives exactly the sampler
+    ``_prompt_rng``, and its own share of the compute. A run alone gives exactly the sampler
     function's result for that prompt and generator."""
     build = SAMPLER_FUNCTIONS[args.sampler.replace("-", "_")][1]  # one table: the engine's
     runs = [
@@ -1342,7 +1342,7 @@ def demo(args: argparse.Namespace) -> int:
 
 @contextlib.contextmanager
 def _demo_progress(args: argparse.Namespace, every: float = 10.0) -> Iterator[Any]:
-    """The demo's progress (sampler runs done of all): a :mod:`tqdm` bar on a terminal; otherwise (piped,
+    """The demo's progress (sampler runs done of all): a ``tqdm`` bar on a terminal; otherwise (piped,
     in a log file) an INFO line at most every ``every`` seconds and at the end, with the ETA."""
     from tqdm import tqdm
 

@@ -101,7 +101,7 @@ def _with_provider_options(
     providers: Sequence[Any], provider_options: Optional[Mapping[str, Mapping[str, Any]]]
 ) -> list[Any]:
     """Each provider with its options: tiltsmc's defaults for a bare ``"CUDAExecutionProvider"``
-    (:data:`CUDA_DEFAULTS`), a ``(name, options)`` pair's own, then ``provider_options[name]`` on top."""
+    (``CUDA_DEFAULTS``), a ``(name, options)`` pair's own, then ``provider_options[name]`` on top."""
     chosen = []
     for entry in providers:
         name, options = (entry, None) if isinstance(entry, str) else (entry[0], dict(entry[1]))
@@ -293,7 +293,7 @@ def _make(
     require_gpu: bool,
     provider_options: Optional[Mapping[str, Mapping[str, Any]]],
 ) -> Any:
-    """The session of :func:`make_session` with these options: the providers given, else CUDA where it is
+    """The session of ``make_session`` with these options: the providers given, else CUDA where it is
     usable, else the CPU."""
     if providers is not None:
         if any("CUDA" in str(p if isinstance(p, str) else p[0]) for p in providers):

@@ -177,10 +177,10 @@ class OnnxCausalLM:
     Prompts: a string (encoded with the special tokens the tokenizer's post-processor adds, as Hugging
     Face does; ``add_special_tokens=False`` leaves them out), token ids (used as given), or chat messages
     ``[{"role": ..., "content": ...}, ...]`` rendered by the tokenizer folder's chat template
-    (``chat_template=`` overrides it; see :mod:`tiltsmc.models.chat`) and encoded without adding special
+    (``chat_template=`` overrides it; see ``tiltsmc.models.chat``) and encoded without adding special
     tokens again. Texts are decoded without special tokens (``skip_special_tokens=False`` keeps them).
     ``session_options`` and ``provider_options`` go to ONNX Runtime
-    (:func:`~tiltsmc.models._ort.make_session`).
+    (``tiltsmc.models._ort.make_session``).
     """
 
     def __init__(

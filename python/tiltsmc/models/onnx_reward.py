@@ -90,7 +90,7 @@ class OnnxRewardModel:
     demo's PRM). It scores the prompt ids the policy encoded (``Particles.prompt_tokens``), so both see
     the same tokens. ``memory_arena=False`` frees ONNX Runtime's buffers after each run instead of keeping
     them at their peak (a long-running service); ``session_options`` and ``provider_options`` go to ONNX
-    Runtime (:func:`~tiltsmc.models._ort.make_session`)."""
+    Runtime (``tiltsmc.models._ort.make_session``)."""
 
     # Its log-values are finite or -inf (it raises on anything else itself): the samplers need not check.
     log_values_checked = True

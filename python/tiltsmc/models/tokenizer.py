@@ -4,7 +4,7 @@ Text is encoded and decoded as Hugging Face's ``transformers`` does by default: 
 tokenizer's own post-processor (``add_special_tokens=True``: a BOS, or whatever its tokenizer.json's
 ``post_processor`` adds), ``decode`` leaves special tokens out (``skip_special_tokens=True``); both can
 be turned off. Chat messages are rendered with the chat template of the tokenizer's folder
-(:mod:`tiltsmc.models.chat`) and encoded without adding special tokens again: the template writes them.
+(``tiltsmc.models.chat``) and encoded without adding special tokens again: the template writes them.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ __all__ = ["Tokenizer", "load_tokenizer"]
 class Tokenizer:
     """Encodes prompts and decodes generated ids with the ``tokenizers`` library.
 
-    ``add_special_tokens``: :meth:`encode` adds what the tokenizer's post-processor adds (a BOS for most
-    models); ``skip_special_tokens``: :meth:`decode` leaves special tokens (``<|endoftext|>``, ``<pad>``)
+    ``add_special_tokens``: ``encode`` adds what the tokenizer's post-processor adds (a BOS for most
+    models); ``skip_special_tokens``: ``decode`` leaves special tokens (``<|endoftext|>``, ``<pad>``)
     out. ``chat_template`` (a Jinja template, from tokenizer_config.json or chat_template.jinja) and
     ``special_tokens`` (``bos_token``, ``eos_token``, ... as tokenizer_config.json names them) render chat
-    messages (:meth:`encode_chat`).
+    messages (``encode_chat``).
     """
 
     def __init__(
@@ -107,7 +107,7 @@ class Tokenizer:
     def apply_chat_template(
         self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
     ) -> str:
-        """``messages`` rendered by the chat template (:func:`tiltsmc.models.chat.render_chat_template`)."""
+        """``messages`` rendered by the chat template (``tiltsmc.models.chat.render_chat_template``)."""
         if self.chat_template is None:
             raise ValueError(
                 f"a chat prompt needs a chat template, and the tokenizer {self.source} has none (no "
@@ -143,11 +143,11 @@ def load_tokenizer(
     chat_template: Optional[str] = None,
 ) -> Optional[Tokenizer]:
     """``tokenizer``: a path to tokenizer.json (or its folder), a ``tokenizers.Tokenizer``, a
-    :class:`Tokenizer`, or None to look for tokenizer.json beside the model (returns None when there is
+    ``Tokenizer``, or None to look for tokenizer.json beside the model (returns None when there is
     none: prompts must be token ids). The chat template and special tokens come from the tokenizer's
     folder (the model's for a ``tokenizers.Tokenizer``): ``chat_template.jinja``, else
     ``tokenizer_config.json``'s ``chat_template``; ``chat_template=`` overrides them. The options apply to
-    a :class:`Tokenizer` too (a copy)."""
+    a ``Tokenizer`` too (a copy)."""
     if isinstance(tokenizer, Tokenizer):
         return tokenizer.with_options(add_special_tokens, skip_special_tokens, chat_template)
     options: dict[str, Any] = {

@@ -84,8 +84,8 @@ class SamplerResult:
     * ``best_of_n``: ``log_rewards`` (``(B, n)``: ``log r`` of every draw; the returned sample is the
       argmax, and the spread of the rewards says how much the choice mattered).
 
-    :meth:`best`, :meth:`best_texts` and :meth:`posterior` read the weighted sample;
-    :meth:`summary` (the repr) is a few lines whatever the size.
+    ``best``, ``best_texts`` and ``posterior`` read the weighted sample;
+    ``summary`` (the repr) is a few lines whatever the size.
     """
 
     sampler: str
@@ -125,7 +125,7 @@ class SamplerResult:
         return int(np.argmax(log_weights))
 
     def best_texts(self) -> list[Optional[str]]:
-        """Per prompt, the text of its highest-weight sample (:meth:`best`), None where there is none
+        """Per prompt, the text of its highest-weight sample (``best``), None where there is none
         (or no tokenizer decoded the samples)."""
         out: list[Optional[str]] = []
         for b in range(self.num_prompts):
@@ -217,7 +217,7 @@ class SamplerResult:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain Python types only, ready for ``json.dumps`` (strict JSON: a number that is not finite is
-        None, see :func:`finite_or_none` for what it stands for in each field)."""
+        None, see ``finite_or_none`` for what it stands for in each field)."""
 
         def plain(value: Any) -> Any:
             if isinstance(value, np.ndarray):

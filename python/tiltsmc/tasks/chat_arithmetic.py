@@ -1,7 +1,7 @@
-r"""The arithmetic chains of :mod:`tiltsmc.tasks.arithmetic` posed to a chat model, one line per step.
+r"""The arithmetic chains of ``tiltsmc.tasks.arithmetic`` posed to a chat model, one line per step.
 
 A problem (a start value ``a_0`` and ``T`` operations ``±d``, every running value in ``[0, 99]``; made by
-:func:`tiltsmc.tasks.arithmetic.make_problems`) is asked in words as a user message, after one worked
+``tiltsmc.tasks.arithmetic.make_problems``) is asked in words as a user message, after one worked
 example exchange that shows the form of an answer (a chat model's own way of learning a format)::
 
     user       Start with 57. Add 8, then subtract 3, then add 9. ...
@@ -10,10 +10,10 @@ example exchange that shows the form of an answer (a chat model's own way of lea
                62 + 9 = 71
 
 Line ``t`` is the ``t``-th *reasoning step*: ``a_{t-1} ± d_t = a_t``. With the policy's step delimiter
-``"\n"`` a sampler's step is a line. :func:`check` reads an answer line by line: the number of leading
+``"\n"`` a sampler's step is a line. ``check`` reads an answer line by line: the number of leading
 right lines ``k`` (step ``t`` is right when its line is exactly ``a_{t-1} ± d_t = a_t``, the operand being
 the true running value, up to spaces), and whether the answer is complete (``T`` right lines and nothing
-but blank lines after). :func:`verify` is the exact terminal reward ``r``: 1 for a complete, right
+but blank lines after). ``verify`` is the exact terminal reward ``r``: 1 for a complete, right
 answer, else 0.
 
 Error rates measured from samples of ``p`` (``bench/real_model.py``): the *per-step* error rate at step
@@ -61,8 +61,8 @@ _WORDS = {"+": "add", "-": "subtract"}
 
 
 def make_problems(num_steps: int, count: int, rng: Any = None, size: str = "small") -> list[Problem]:
-    """``count`` random chains of ``num_steps`` operations of a given ``size`` (a key of :data:`SIZES`);
-    ``rng`` is anything :func:`numpy.random.default_rng` takes."""
+    """``count`` random chains of ``num_steps`` operations of a given ``size`` (a key of ``SIZES``);
+    ``rng`` is anything ``numpy.random.default_rng`` takes."""
     if size not in SIZES:
         raise ValueError(f"size: expected one of {', '.join(SIZES)}, got {size!r}")
     return make_chains(num_steps, count, rng, **SIZES[size])
@@ -98,7 +98,7 @@ def user_message(problem: Problem) -> str:
 
 
 def messages(problem: Problem, size: str = "small") -> list[dict[str, str]]:
-    """The chat of a problem: the worked example exchange (:func:`example` of the problem's length and
+    """The chat of a problem: the worked example exchange (``example`` of the problem's length and
     ``size``), then the question."""
     shown = example(problem.num_steps, size)
     return [
@@ -110,7 +110,7 @@ def messages(problem: Problem, size: str = "small") -> list[dict[str, str]]:
 
 @dataclass(frozen=True)
 class Check:
-    """What :func:`check` read: ``right_steps`` leading right lines of ``num_steps``; ``complete`` when
+    """What ``check`` read: ``right_steps`` leading right lines of ``num_steps``; ``complete`` when
     all ``num_steps`` are right and nothing but blank lines follows them."""
 
     num_steps: int
