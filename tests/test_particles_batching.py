@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-import warnings
+import subprocess
+import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -107,32 +106,46 @@ def test_row_streams_draw_each_run_as_alone() -> None:
         core.sample_logits(logits[:5], 1.0, streams)
 
 
-def _resample_in_child(connection: Any) -> None:
-    connection.send(core.resample(np.zeros((1, 64)), "multinomial", rng=None).tolist())
+# Run in a fresh interpreter: forked from the test process, a child inherits the locks that earlier tests'
+# threads (servers, engines, Ray, ONNX Runtime pools) happened to hold at the fork, and Python's own
+# machinery in the child (multiprocessing's bootstrap, its exit) could wait on them forever. What is tested
+# is tiltsmc's part: fresh entropy for rng=None, and the core's thread pool (started in the parent by a
+# resampling large enough to use it) started afresh in each child.
+_FORK_SCRIPT = """
+import multiprocessing, os, sys, warnings
+import numpy as np
+from tiltsmc import core
+
+def child(connection):
+    connection.send(core.resample(np.zeros((4, 1 << 16)), "multinomial", rng=None)[:, :8].tolist())
     connection.close()
-    # Leave at once: Python's exit in a child forked from a process with threads (earlier tests' workers)
-    # can wait forever on a lock that one of those threads held at the fork.
     os._exit(0)
 
+core.set_num_threads(2)
+core.resample(np.zeros((4, 1 << 16)), "multinomial", rng=None)  # the parent has drawn (and used its pool)
+context = multiprocessing.get_context("fork")
+for _ in range(3):
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=child, args=(sender,))
+    with warnings.catch_warnings():  # Python 3.12+ warns that forking a threaded process may deadlock
+        warnings.simplefilter("ignore", DeprecationWarning)
+        process.start()
+    if not receiver.poll(60):
+        process.kill()
+        sys.exit("a child sent nothing within 60 s")
+    print(receiver.recv())
+    process.join(30)
+    if process.exitcode != 0:
+        sys.exit(f"a child exited with {process.exitcode}")
+"""
 
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_rng_none_differs_in_forked_children() -> None:
     """rng=None means fresh entropy in every process, forked ones included (issue #16, item 11)."""
-    context = multiprocessing.get_context("fork")
-    core.resample(np.zeros((1, 64)), "multinomial", rng=None)  # the parent has drawn before forking
-    draws = []
-    for _ in range(3):
-        receiver, sender = context.Pipe(duplex=False)
-        child = context.Process(target=_resample_in_child, args=(sender,))
-        with warnings.catch_warnings():  # Python 3.12+ warns that forking a threaded process may deadlock
-            warnings.simplefilter("ignore", DeprecationWarning)
-            child.start()
-        try:
-            assert receiver.poll(30), "the child sent nothing"
-            draws.append(receiver.recv())
-            child.join(10)
-        finally:
-            if child.is_alive():
-                child.kill()
-                child.join()
-        assert child.exitcode == 0
-    assert len({np.asarray(d).tobytes() for d in draws}) == 3
+    done = subprocess.run(
+        [sys.executable, "-c", _FORK_SCRIPT], capture_output=True, text=True, timeout=180, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    draws = done.stdout.split("\n")[:3]
+    assert len(draws) == 3 and len(set(draws)) == 3, done.stdout
