@@ -181,3 +181,20 @@ def test_a_reward_model_with_another_vocabulary_is_refused_before_the_run(
     assert main(argv) == 2
     assert "reward: the reward model's tokenizer differs from the policy's" in one_line_error(capfd)
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--autoscale", "2"], "--autoscale: expected MIN:MAX, got '2'"),
+        (["--autoscale", "3:1"], "--autoscale: expected 0 <= MIN <= MAX, MAX >= 1, got 3:1"),
+        (["--replicas", "0"], "--replicas: expected an integer >= 1"),
+    ],
+)
+def test_serve_on_ray_refuses_bad_options_in_one_line(
+    options: list[str], message: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Refused before Ray starts: one line on standard error, status 2 (the library prints nothing)."""
+    argv = ["serve", "--policy", POLICY, "--reward", REWARD, "--ray", *options]
+    assert main(argv) == 2
+    assert message in one_line_error(capfd)

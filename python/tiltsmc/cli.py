@@ -1296,11 +1296,19 @@ def serve(args: argparse.Namespace) -> int:
         options = serving_ray.ReplicaOptions(
             {name: getattr(args, name) for name in _model_option_names()}, settings
         )
-        return serving_ray.serve_on_ray(args, options)
+        try:
+            return serving_ray.serve_on_ray(args, options)
+        except (ImportError, ValueError) as error:
+            raise CliError(_one_line(error)) from None
+        except serving_ray.DeployFailed as error:
+            raise CliError(_one_line(error), 1) from None
     if args.threads is not None:
         core.set_num_threads(args.threads)
     policy, reward = _load_models_or_fail(args)
-    return serving_server.serve(args, settings, policy, reward)
+    try:
+        return serving_server.serve(args, settings, policy, reward)
+    except ImportError as error:
+        raise CliError(_one_line(error)) from None
 
 
 def _model_option_names() -> list[str]:

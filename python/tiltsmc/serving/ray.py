@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -111,34 +110,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs each replica reserves")
 
 
+class DeployFailed(RuntimeError):
+    """Ray Serve could not deploy the application (a replica could not start: its models, its options)."""
+
+
 def serve_on_ray(args: argparse.Namespace, options: ReplicaOptions) -> int:
     """Deploy on Ray Serve and serve until SIGTERM / SIGINT; then take the application down (and the
-    local Ray instance, where this command started it)."""
-    try:
-        import ray
-        from ray import serve
-    except ImportError:
-        print("tiltsmc: --ray needs the ray extra: pip install 'tiltsmc[ray]'", file=sys.stderr)
-        return 2
+    local Ray instance, where this command started it). Bad options raise ValueError, a missing ray extra
+    ImportError, a failed deployment [`DeployFailed`][tiltsmc.serving.ray.DeployFailed]."""
     autoscaling = None
     if args.autoscale is not None:
         try:
             low, high = (int(part) for part in args.autoscale.split(":"))
         except ValueError:
-            print(f"tiltsmc: --autoscale: expected MIN:MAX, got {args.autoscale!r}", file=sys.stderr)
-            return 2
+            raise ValueError(f"--autoscale: expected MIN:MAX, got {args.autoscale!r}") from None
         if not 0 <= low <= high or high < 1:
-            print(
-                f"tiltsmc: --autoscale: expected 0 <= MIN <= MAX, MAX >= 1, got {args.autoscale}",
-                file=sys.stderr,
-            )
-            return 2
+            raise ValueError(f"--autoscale: expected 0 <= MIN <= MAX, MAX >= 1, got {args.autoscale}")
         autoscaling = {"min_replicas": low, "max_replicas": high}
         if args.target_ongoing is not None:
             autoscaling["target_ongoing_requests"] = args.target_ongoing
     elif args.replicas < 1:
-        print("tiltsmc: --replicas: expected an integer >= 1", file=sys.stderr)
-        return 2
+        raise ValueError("--replicas: expected an integer >= 1")
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        raise ImportError("--ray needs the ray extra: pip install 'tiltsmc[ray]'") from None
     started_here = args.address is None
     log_to_stderr()
     ray.init(
@@ -161,8 +158,7 @@ def serve_on_ray(args: argparse.Namespace, options: ReplicaOptions) -> int:
         stop.wait()
         logger.info(json.dumps({"event": "stopping", "ray": True}))
     except RuntimeError as error:  # a replica that could not start (its models, its options)
-        print(f"tiltsmc: Ray Serve could not deploy: {error}", file=sys.stderr)
-        return 1
+        raise DeployFailed(f"Ray Serve could not deploy: {error}") from None
     finally:
         if started_here:
             shutdown_serve: Callable[[], None] = serve.shutdown  # untyped in Ray

@@ -641,8 +641,7 @@ def serve(args: argparse.Namespace, settings: Settings, policy: Any, reward: Any
     try:
         import uvicorn
     except ImportError:
-        print("tiltsmc: serve needs the serve extra: pip install 'tiltsmc[serve]'", file=sys.stderr)
-        return 2
+        raise ImportError("serve needs the serve extra: pip install 'tiltsmc[serve]'") from None
     engine = settings.engine(policy, reward)
     log_to_stderr()
     config = uvicorn.Config(
