@@ -22,9 +22,30 @@ __all__ = [
     "check_external_data",
     "cuda_device_usable",
     "external_data_locations",
+    "import_onnxruntime",
     "make_session",
     "shrink_memory_arena",
 ]
+
+# What to install when no ONNX Runtime is: the extras of pyproject.toml, as optimum names them.
+MISSING_RUNTIME = (
+    "tiltsmc needs ONNX Runtime to run ONNX models and none is installed: install one build of it, "
+    "pip install 'tiltsmc[cpu]' (onnxruntime) or 'tiltsmc[gpu]' (onnxruntime-gpu, for NVIDIA GPUs), "
+    "not both"
+)
+
+
+def import_onnxruntime() -> Any:
+    """The ``onnxruntime`` module, which the extras ``cpu`` and ``gpu`` install (the base install has
+    none). Where neither is installed, an ImportError that says which extra to install; an ONNX Runtime
+    that is installed but fails to import raises its own error."""
+    try:
+        import onnxruntime
+    except ModuleNotFoundError as error:
+        if error.name != "onnxruntime":
+            raise
+        raise ImportError(MISSING_RUNTIME, name="onnxruntime") from error
+    return onnxruntime
 
 
 # The CUDA driver's file names, as the driver installs them (no GPU driver exists for macOS).
@@ -83,7 +104,7 @@ def _preload_cuda_libraries() -> None:
     ``onnxruntime-gpu[cuda,cudnn]`` install it) so that the CUDA provider finds them without
     LD_LIBRARY_PATH; ONNX Runtime's own ``preload_dlls``, silenced: where they are missing, the provider
     falls back to the system's libraries or fails, and that is reported when the session is made."""
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     preload = getattr(ort, "preload_dlls", None)
     if preload is None:
@@ -127,7 +148,7 @@ def make_session(
     (a long-running service then returns to its idle size after a burst; see
     :func:`tiltsmc.serving._memory.release_free_memory`).
     """
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     _warn_if_both_runtimes_installed()
     if providers is not None:
@@ -204,7 +225,7 @@ def shrink_memory_arena(session: Any) -> bool:
     regions when the run ends (``memory.enable_memory_arena_shrinkage``). Between bursts, nothing is in
     use: the arena returns to about its idle size, and keeps its speed for the next burst. Returns whether
     the session could be run so (a graph with inputs of other types is left alone)."""
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     if "CPUExecutionProvider" not in session.get_providers():
         return False
