@@ -91,8 +91,9 @@ def _warn_if_both_runtimes_installed() -> None:
             pass
     if len(installed) == 2:
         warnings.warn(
-            "both onnxruntime and onnxruntime-gpu are installed; they share one module and the GPU build "
-            "breaks: uninstall both, then install only onnxruntime-gpu",
+            "both onnxruntime and onnxruntime-gpu are installed; they share one module and break each "
+            "other (the GPU build loses its CUDA provider): pip uninstall -y onnxruntime onnxruntime-gpu, "
+            "then install one of them: 'tiltsmc[gpu]' (onnxruntime-gpu) or 'tiltsmc[cpu]' (onnxruntime)",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -152,12 +153,11 @@ def make_session(
 
     _warn_if_both_runtimes_installed()
     if providers is not None:
-        providers = _checked_providers(providers, ort)
-        if not cuda_device_usable()[0]:
-            # Without a driver and a device the CUDA provider cannot start: ONNX Runtime would print its
-            # failure to load it (a banner of several lines) and run on the CPU. Go to the CPU directly.
-            kept = [p for p in providers if (p if isinstance(p, str) else p[0]) != "CUDAExecutionProvider"]
-            providers = kept or ["CPUExecutionProvider"]
+        # Without a driver and a device the CUDA provider cannot start, whether this ONNX Runtime build has
+        # it or not (the CPU build of the "cpu" extra): ONNX Runtime would print its failure to load it (a
+        # banner of several lines) and run on the CPU. Go to the CPU directly.
+        drop = () if cuda_device_usable()[0] else ("CUDAExecutionProvider",)
+        providers = _checked_providers(providers, ort, drop) or ["CPUExecutionProvider"]
     check_external_data(model_path)
     options = ort.SessionOptions()
     # Fatal only: errors reach the caller as exceptions (printed too, they would make a second report), and
@@ -264,20 +264,24 @@ def _load(ort: Any, model_path: Path, options: Any, providers: list[Any]) -> Any
         raise ValueError(f"path: ONNX Runtime cannot load {model_path}: {reason}") from error
 
 
-def _checked_providers(providers: Sequence[Any], ort: Any) -> list[Any]:
+def _checked_providers(providers: Sequence[Any], ort: Any, drop: Sequence[str] = ()) -> list[Any]:
     """``providers`` as a list, each a name or a ``(name, options)`` pair naming a provider of this ONNX
-    Runtime build: ONNX Runtime itself only warns about another name and runs on the CPU."""
+    Runtime build: ONNX Runtime itself only warns about another name and runs on the CPU. Entries named in
+    ``drop`` are left out (after their form is checked), available or not."""
     if isinstance(providers, (str, bytes)):
         raise TypeError(f"providers: expected a list of provider names, got {providers!r}")
     chosen = list(providers)
     if not chosen:
         raise ValueError("providers: expected at least one provider (or None to choose automatically)")
     available = list(ort.get_available_providers())
+    kept = []
     for entry in chosen:
         pair = isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[1], dict)
         name = entry[0] if pair else entry
         if not isinstance(name, str):
             raise TypeError(f"providers: expected a provider name or a (name, options) pair, got {entry!r}")
+        if name in drop:
+            continue
         if name not in available:
             known = name in ort.get_all_providers()
             raise ValueError(
@@ -285,7 +289,8 @@ def _checked_providers(providers: Sequence[Any], ort: Any) -> list[Any]:
                 + ("not in this ONNX Runtime build" if known else "not a provider ONNX Runtime knows")
                 + f"; available here: {', '.join(available)} (providers=None chooses automatically)"
             )
-    return chosen
+        kept.append(entry)
+    return kept
 
 
 # -- external data ----------------------------------------------------------------------------------------
