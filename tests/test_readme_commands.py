@@ -30,9 +30,9 @@ BY_CI = {
     "python -m pip install cmake ninja",
     "cmake -S . -B build/asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DTILTSMC_BUILD_TESTS=ON "
     "-DTILTSMC_SANITIZE=ON",
-    "cmake --build build/asan && build/asan/tiltsmc_core_tests",
+    "cmake --build build/asan --target tiltsmc_core_tests && build/asan/tiltsmc_core_tests",
     "cmake -S . -B build/tsan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DTILTSMC_BUILD_TESTS=ON -DTILTSMC_TSAN=ON",
-    "cmake --build build/tsan && build/tsan/tiltsmc_core_tests",
+    "cmake --build build/tsan --target tiltsmc_core_tests && build/tsan/tiltsmc_core_tests",
 }
 
 # Commands run here, as written, from a folder whose tests/ is the repository's.

@@ -203,7 +203,10 @@ def make_session(
         except Exception as error:  # the CUDA provider failed to load: retry on the CPU alone
             reason = f"ONNX Runtime's CUDA provider failed: {error}"
     elif usable:
-        reason = "this ONNX Runtime build has no CUDA provider (install onnxruntime-gpu)"
+        reason = (
+            "this ONNX Runtime build has no CUDA provider "
+            "(install tiltsmc[gpu], onnxruntime-gpu, in place of onnxruntime)"
+        )
     if require_gpu:
         raise RuntimeError(f"require_gpu: no usable GPU for {model_path.name}: {reason}")
     return _load(ort, model_path, options, ["CPUExecutionProvider"])

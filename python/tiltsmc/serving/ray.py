@@ -117,7 +117,10 @@ def serve_on_ray(args: argparse.Namespace, options: ReplicaOptions) -> int:
         import ray
         from ray import serve
     except ImportError:
-        print("tiltsmc: --ray needs the ray extra: pip install 'tiltsmc[ray]'", file=sys.stderr)
+        print(
+            "tiltsmc: --ray needs the ray extra: pip install 'tiltsmc[ray,cpu]' (or ray,gpu)",
+            file=sys.stderr,
+        )
         return 2
     autoscaling = None
     if args.autoscale is not None:

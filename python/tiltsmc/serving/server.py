@@ -574,7 +574,10 @@ def serve(args: argparse.Namespace, settings: Settings, policy: Any, reward: Any
     try:
         import uvicorn
     except ImportError:
-        print("tiltsmc: serve needs the serve extra: pip install 'tiltsmc[serve]'", file=sys.stderr)
+        print(
+            "tiltsmc: serve needs the serve extra: pip install 'tiltsmc[serve,cpu]' (or serve,gpu)",
+            file=sys.stderr,
+        )
         return 2
     engine = settings.engine(policy, reward)
     log_to_stderr()
