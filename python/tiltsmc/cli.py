@@ -1213,6 +1213,8 @@ def _load_models_or_fail(args: argparse.Namespace) -> tuple[Any, Any]:
         raise CliError(_one_line(error)) from None
     except RuntimeError as error:  # e.g. a GPU that ONNX Runtime cannot use
         raise CliError(_one_line(error), 1) from None
+    except ImportError as error:  # no ONNX Runtime installed: the message names the extra to install
+        raise CliError(_one_line(error), 1) from None
 
 
 def run(args: argparse.Namespace) -> int:

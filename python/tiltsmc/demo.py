@@ -280,9 +280,10 @@ def _machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    import onnxruntime
-
     from . import __version__
+    from .models._ort import import_onnxruntime
+
+    onnxruntime = import_onnxruntime()
 
     return {
         "platform": platform.platform(),

@@ -22,9 +22,30 @@ __all__ = [
     "check_external_data",
     "cuda_device_usable",
     "external_data_locations",
+    "import_onnxruntime",
     "make_session",
     "shrink_memory_arena",
 ]
+
+# What to install when no ONNX Runtime is: the extras of pyproject.toml, as optimum names them.
+MISSING_RUNTIME = (
+    "tiltsmc needs ONNX Runtime to run ONNX models and none is installed: install one build of it, "
+    "pip install 'tiltsmc[cpu]' (onnxruntime) or 'tiltsmc[gpu]' (onnxruntime-gpu, for NVIDIA GPUs), "
+    "not both"
+)
+
+
+def import_onnxruntime() -> Any:
+    """The ``onnxruntime`` module, which the extras ``cpu`` and ``gpu`` install (the base install has
+    none). Where neither is installed, an ImportError that says which extra to install; an ONNX Runtime
+    that is installed but fails to import raises its own error."""
+    try:
+        import onnxruntime
+    except ModuleNotFoundError as error:
+        if error.name != "onnxruntime":
+            raise
+        raise ImportError(MISSING_RUNTIME, name="onnxruntime") from error
+    return onnxruntime
 
 
 # The CUDA driver's file names, as the driver installs them (no GPU driver exists for macOS).
@@ -70,8 +91,9 @@ def _warn_if_both_runtimes_installed() -> None:
             pass
     if len(installed) == 2:
         warnings.warn(
-            "both onnxruntime and onnxruntime-gpu are installed; they share one module and the GPU build "
-            "breaks: uninstall both, then install only onnxruntime-gpu",
+            "both onnxruntime and onnxruntime-gpu are installed; they share one module and break each "
+            "other (the GPU build loses its CUDA provider): pip uninstall -y onnxruntime onnxruntime-gpu, "
+            "then install one of them: 'tiltsmc[gpu]' (onnxruntime-gpu) or 'tiltsmc[cpu]' (onnxruntime)",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -83,7 +105,7 @@ def _preload_cuda_libraries() -> None:
     ``onnxruntime-gpu[cuda,cudnn]`` install it) so that the CUDA provider finds them without
     LD_LIBRARY_PATH; ONNX Runtime's own ``preload_dlls``, silenced: where they are missing, the provider
     falls back to the system's libraries or fails, and that is reported when the session is made."""
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     preload = getattr(ort, "preload_dlls", None)
     if preload is None:
@@ -233,16 +255,15 @@ def make_session(
     (a long-running service then returns to its idle size after a burst; see
     ``tiltsmc.serving._memory.release_free_memory``).
     """
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     _warn_if_both_runtimes_installed()
     if providers is not None:
-        providers = _checked_providers(providers, ort)
-        if not cuda_device_usable()[0]:
-            # Without a driver and a device the CUDA provider cannot start: ONNX Runtime would print its
-            # failure to load it (a banner of several lines) and run on the CPU. Go to the CPU directly.
-            kept = [p for p in providers if (p if isinstance(p, str) else p[0]) != "CUDAExecutionProvider"]
-            providers = kept or ["CPUExecutionProvider"]
+        # Without a driver and a device the CUDA provider cannot start, whether this ONNX Runtime build has
+        # it or not (the CPU build of the "cpu" extra): ONNX Runtime would print its failure to load it (a
+        # banner of several lines) and run on the CPU. Go to the CPU directly.
+        drop = () if cuda_device_usable()[0] else ("CUDAExecutionProvider",)
+        providers = _checked_providers(providers, ort, drop) or ["CPUExecutionProvider"]
     check_external_data(model_path)
     provider_options = _checked_provider_options(provider_options, ort)
     if session_options is not None and isinstance(session_options, ort.SessionOptions):
@@ -322,7 +343,10 @@ def _make(
         except Exception as error:  # the CUDA provider failed to load: retry on the CPU alone
             reason = f"ONNX Runtime's CUDA provider failed: {error}"
     elif usable:
-        reason = "this ONNX Runtime build has no CUDA provider (install onnxruntime-gpu)"
+        reason = (
+            "this ONNX Runtime build has no CUDA provider "
+            "(install tiltsmc[gpu], onnxruntime-gpu, in place of onnxruntime)"
+        )
     if require_gpu:
         raise RuntimeError(f"require_gpu: no usable GPU for {model_path.name}: {reason}")
     return _load(
@@ -346,7 +370,7 @@ def shrink_memory_arena(session: Any) -> bool:
     regions when the run ends (``memory.enable_memory_arena_shrinkage``). Between bursts, nothing is in
     use: the arena returns to about its idle size, and keeps its speed for the next burst. Returns whether
     the session could be run so (a graph with inputs of other types is left alone)."""
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     if "CPUExecutionProvider" not in session.get_providers():
         return False
@@ -385,20 +409,24 @@ def _load(ort: Any, model_path: Path, options: Any, providers: list[Any]) -> Any
         raise ValueError(f"path: ONNX Runtime cannot load {model_path}: {reason}") from error
 
 
-def _checked_providers(providers: Sequence[Any], ort: Any) -> list[Any]:
+def _checked_providers(providers: Sequence[Any], ort: Any, drop: Sequence[str] = ()) -> list[Any]:
     """``providers`` as a list, each a name or a ``(name, options)`` pair naming a provider of this ONNX
-    Runtime build: ONNX Runtime itself only warns about another name and runs on the CPU."""
+    Runtime build: ONNX Runtime itself only warns about another name and runs on the CPU. Entries named in
+    ``drop`` are left out (after their form is checked), available or not."""
     if isinstance(providers, (str, bytes)):
         raise TypeError(f"providers: expected a list of provider names, got {providers!r}")
     chosen = list(providers)
     if not chosen:
         raise ValueError("providers: expected at least one provider (or None to choose automatically)")
     available = list(ort.get_available_providers())
+    kept = []
     for entry in chosen:
         pair = isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[1], dict)
         name = entry[0] if pair else entry
         if not isinstance(name, str):
             raise TypeError(f"providers: expected a provider name or a (name, options) pair, got {entry!r}")
+        if name in drop:
+            continue
         if name not in available:
             known = name in ort.get_all_providers()
             raise ValueError(
@@ -406,7 +434,8 @@ def _checked_providers(providers: Sequence[Any], ort: Any) -> list[Any]:
                 + ("not in this ONNX Runtime build" if known else "not a provider ONNX Runtime knows")
                 + f"; available here: {', '.join(available)} (providers=None chooses automatically)"
             )
-    return chosen
+        kept.append(entry)
+    return kept
 
 
 # -- external data ----------------------------------------------------------------------------------------

@@ -135,7 +135,7 @@ def serve_on_ray(args: argparse.Namespace, options: ReplicaOptions) -> int:
         import ray
         from ray import serve
     except ImportError:
-        raise ImportError("--ray needs the ray extra: pip install 'tiltsmc[ray]'") from None
+        raise ImportError("--ray needs the ray extra: pip install 'tiltsmc[ray,cpu]' (or ray,gpu)") from None
     started_here = args.address is None
     log_to_stderr()
     ray.init(

@@ -641,7 +641,9 @@ def serve(args: argparse.Namespace, settings: Settings, policy: Any, reward: Any
     try:
         import uvicorn
     except ImportError:
-        raise ImportError("serve needs the serve extra: pip install 'tiltsmc[serve]'") from None
+        raise ImportError(
+            "serve needs the serve extra: pip install 'tiltsmc[serve,cpu]' (or serve,gpu)"
+        ) from None
     engine = settings.engine(policy, reward)
     log_to_stderr()
     config = uvicorn.Config(
