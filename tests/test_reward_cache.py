@@ -215,3 +215,92 @@ def test_kv_cache_option() -> None:
     particles.lengths[:] = 2
     np.testing.assert_array_equal(cached.log_value(particles), encoding.log_value(particles))
     assert not cached._cached.has_state(particles)  # type: ignore[union-attr]
+
+
+# -- one graph as policy and reward -------------------------------------------------------------------------
+
+
+def test_policy_value_reads_the_value_head_of_the_policys_own_run() -> None:
+    """gpt2-value-tiny as policy (logits) and reward (its value head) at once: the values equal those of the
+    same graph loaded as a reward model, through multi-token steps, endings and resampling; the policy's
+    law is the plain policy's; a seeded run is the same as with two models, with one session run a step."""
+    joint_policy = OnnxCausalLM(VALUE, max_new_tokens=12, step=[SPACE], value_output="value")
+    reward = tiltsmc.models.PolicyValue(joint_policy, kind="logit")
+    separate = OnnxRewardModel(VALUE, output="value", kind="logit", kv_cache=False)
+    plain = OnnxCausalLM(GPT2, max_new_tokens=12, step=[SPACE])
+    particles = joint_policy.start(PROMPTS, 5)
+    np.testing.assert_allclose(reward.initial_log_value(particles), separate.initial_log_value(particles),
+                               atol=TOLERANCE)  # fmt: skip
+    rng = np.random.default_rng(8)
+    for _ in range(6):
+        joint_policy.propose(particles, rng)
+        np.testing.assert_allclose(reward.log_value(particles), separate.log_value(particles), atol=TOLERANCE)
+        particles.reorder(rng.integers(0, 5, size=particles.lengths.shape))
+    assert particles.finished.any()
+    calls = {"joint": 0, "plain": 0}
+    for name, model in (("joint", joint_policy), ("plain", plain)):
+        run = model.session.run
+
+        def counted(*args: Any, _run: Any = run, _name: str = name, **kwargs: Any) -> Any:
+            calls[_name] += 1
+            return _run(*args, **kwargs)
+
+        model.session.run = counted  # type: ignore[method-assign]
+    together = tiltsmc.smc(joint_policy, reward, prompts=PROMPTS[:2], num_particles=6, rng=3)
+    apart = tiltsmc.smc(plain, separate, prompts=PROMPTS[:2], num_particles=6, rng=3)
+    assert together.texts == apart.texts
+    np.testing.assert_allclose(together.log_z, apart.log_z, atol=TOLERANCE)
+    # one trunk: the policy's runs (a step's last token fed once more where every row ended) and no other
+    assert calls["plain"] <= calls["joint"] <= calls["plain"] + together.ess.shape[1]
+
+
+def test_policy_value_in_the_engine_and_bad_options() -> None:
+    joint_policy = OnnxCausalLM(VALUE, max_new_tokens=6, value_output="value")
+    reward = tiltsmc.models.PolicyValue(joint_policy, kind="logit", verifier=lambda prompt, text: 0.5)
+    with tiltsmc.Engine(joint_policy, reward) as engine:
+        futures = [
+            engine.submit(p, "smc", num_particles=n, rng=s)
+            for s, (p, n) in enumerate(zip(PROMPTS[:3], [4, 6, 3]))
+        ]
+        served = [f.result(timeout=60) for f in futures]
+    for s, (prompt, n) in enumerate(zip(PROMPTS[:3], [4, 6, 3])):
+        offline = tiltsmc.smc(joint_policy, reward, prompts=[prompt], num_particles=n, rng=s)
+        assert served[s].texts == offline.texts
+    with pytest.raises(ValueError, match="value_output"):
+        OnnxCausalLM(VALUE, value_output="nope")
+    with pytest.raises(ValueError, match="value_output"):
+        OnnxCausalLM(VALUE, value_output="present.0.key")
+    with pytest.raises(ValueError, match="policy: expected an OnnxCausalLM loaded with value_output"):
+        tiltsmc.models.PolicyValue(OnnxCausalLM(GPT2))
+    with pytest.raises(ValueError, match="kind"):
+        tiltsmc.models.PolicyValue(joint_policy, kind="odds")  # type: ignore[arg-type]
+
+
+def test_cli_one_model_for_both_roles_and_the_kv_cache_option(tmp_path: Path, capfd: Any) -> None:
+    """``tiltsmc run --policy gpt2-value-tiny --value-output value`` is the API's PolicyValue run;
+    ``--reward-kv-cache off`` is the re-encoding reward's run (the same samples); neither or both of
+    --reward / --value-output is refused."""
+    import json
+
+    from tiltsmc.cli import main
+
+    out = tmp_path / "out.jsonl"
+    base = ["run", "--policy", str(VALUE), "--max-new-tokens", "5", "--prompt", "ab", "--seed", "4"]
+    assert main([*base, "--value-output", "value", "--json", str(out)]) == 0
+    (joint,) = [json.loads(line) for line in out.read_text().splitlines()]
+    policy = OnnxCausalLM(VALUE, max_new_tokens=5, value_output="value")
+    expected = tiltsmc.smc(policy, tiltsmc.models.PolicyValue(policy), ["ab"], rng=np.random.default_rng(4))
+    assert joint["texts"] == expected.texts[0] and joint["log_z"] == float(expected.log_z[0])
+    for setting in ("on", "off"):
+        out.unlink()
+        argv = [*base, "--reward", str(VALUE), "--reward-output", "value", "--reward-kv-cache", setting]
+        assert main([*argv, "--json", str(out)]) == 0
+        (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+        assert record["texts"] == joint["texts"]
+        np.testing.assert_allclose(record["log_z"], joint["log_z"], atol=TOLERANCE)
+    capfd.readouterr()
+    assert main(base) == 2
+    assert main([*base, "--reward", str(VALUE), "--value-output", "value"]) == 2
+    assert "--value-output" in capfd.readouterr().err
+    assert main([*base, "--reward", str(PRM), "--reward-kv-cache", "on"]) == 2
+    assert "kv_cache: " in capfd.readouterr().err

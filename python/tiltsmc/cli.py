@@ -424,7 +424,10 @@ def _add_model_arguments(parser: argparse.ArgumentParser, demo_models: bool = Fa
         parser.add_argument("--reward", help="folder (or .onnx file) of the reward model (with --policy)")
     else:
         parser.add_argument("--policy", required=True, help="folder (or .onnx file) of the decoder LM")
-        parser.add_argument("--reward", required=True, help="folder (or .onnx file) of the reward model")
+        parser.add_argument(
+            "--reward",
+            help="folder (or .onnx file) of the reward model (or --value-output: the policy's own)",
+        )
     parser.add_argument("--max-new-tokens", type=_positive_int, default=32)
     parser.add_argument(
         "--step", type=_step, default="token", help="'token' or a delimiter ending each step, e.g. '\\n'"
@@ -434,6 +437,17 @@ def _add_model_arguments(parser: argparse.ArgumentParser, demo_models: bool = Fa
     parser.add_argument("--top-p", type=_open_fraction, default=None)
     parser.add_argument("--reward-kind", choices=("log_value", "prob", "logit"), default="logit")
     parser.add_argument("--reward-output", default=None, help="reward graph output to read (default: first)")
+    parser.add_argument(
+        "--value-output",
+        default=None,
+        help="the policy graph's value output, read as the reward: one model for both roles, one run a step",
+    )
+    parser.add_argument(
+        "--reward-kv-cache",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="a decoder reward model keeps a KV cache per particle (auto: where its graph has one)",
+    )
     parser.add_argument(
         "--reward-position",
         choices=("last", "delimiter"),
@@ -474,7 +488,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser, demo_models: bool = Fa
 def _load_models(args: argparse.Namespace) -> tuple[Any, Any]:
     """The policy and reward model the options name (OSError / ValueError / TypeError for what cannot load,
     a reward model whose vocabulary differs from the policy's included)."""
-    from .models import OnnxCausalLM, OnnxRewardModel
+    from .models import OnnxCausalLM, OnnxRewardModel, PolicyValue
 
     providers = ["CPUExecutionProvider"] if args.cpu else None
     if getattr(args, "demo", False):
@@ -483,8 +497,10 @@ def _load_models(args: argparse.Namespace) -> tuple[Any, Any]:
         return arithmetic.load_models(
             intra_op_num_threads=args.threads, providers=providers, memory_arena=args.memory_arena == "on"
         )
-    if args.reward is None:
-        raise ValueError("--reward: a reward model is needed with --policy")
+    if (args.reward is None) == (args.value_output is None):
+        raise ValueError(
+            "--reward: give a reward model, or --value-output to read the policy's own value head"
+        )
     policy = OnnxCausalLM(
         args.policy,
         max_new_tokens=args.max_new_tokens,
@@ -495,7 +511,10 @@ def _load_models(args: argparse.Namespace) -> tuple[Any, Any]:
         top_p=args.top_p,
         intra_op_num_threads=args.threads,
         memory_arena=args.memory_arena == "on",
+        value_output=args.value_output,
     )
+    if args.value_output is not None:
+        return policy, PolicyValue(policy, kind=args.reward_kind)
     reward = OnnxRewardModel(
         args.reward,
         output=args.reward_output,
@@ -507,6 +526,7 @@ def _load_models(args: argparse.Namespace) -> tuple[Any, Any]:
         providers=providers,
         intra_op_num_threads=args.threads,
         memory_arena=args.memory_arena == "on",
+        kv_cache={"auto": None, "on": True, "off": False}[args.reward_kv_cache],
     )
     check_policy = getattr(reward, "check_policy", None)  # vocabularies: bad input, found before the run
     if callable(check_policy):
