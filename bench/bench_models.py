@@ -313,6 +313,39 @@ def reward_growth(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def demo_step(args: argparse.Namespace) -> dict[str, Any]:
+    """The demo's SMC step at T = 16 (its 24 problems x 8 particles, a step one line), with the policy and
+    the PRM apart (the PRM re-encoding every prefix) and in one graph (``arithmetic_models/joint``), the two
+    alternating, min of ``args.repeats`` runs each."""
+    problems = [p.prompt for p in arithmetic.make_problems(16, 24, rng=args.seed)]
+    pairs = {
+        "separate": arithmetic.load_models(joint=False, providers=PROVIDERS[args.provider]),
+        "joint": arithmetic.load_models(joint=True, providers=PROVIDERS[args.provider]),
+    }
+    seconds: dict[str, list[float]] = {key: [] for key in pairs}
+    steps: dict[str, int] = {}
+    texts = {}
+    for repeat in range(args.repeats + 1):  # the first round warms up, untimed
+        for key, (policy, reward) in pairs.items():
+            gc.collect()
+            began = time.perf_counter()
+            result = tiltsmc.smc(policy, reward, problems, num_particles=8, ess_threshold=0.5, rng=args.seed)
+            if repeat:
+                seconds[key].append(time.perf_counter() - began)
+            steps[key], texts[key] = int(result.ess.shape[1]), result.texts
+    assert texts["joint"] == texts["separate"], "the joint graph drew other solutions"
+    per_step = {key: 1e3 * min(seconds[key]) / steps[key] for key in pairs}
+    return {
+        "problems": len(problems),
+        "steps": 16,
+        "particles": 8,
+        "seconds": seconds,
+        "sampler_steps": steps,
+        "ms_per_step": per_step,
+        "separate_over_joint": per_step["separate"] / per_step["joint"],
+    }
+
+
 def print_growth(rows: list[dict[str, Any]]) -> None:
     print("\nreward model: ms per step (min of repeats) against the mean prefix length, tokens")
     for row in rows:
@@ -357,11 +390,26 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="passes of the reward-growth part (min)")
     parser.add_argument("--growth-threads", type=int, default=1, help="ONNX Runtime threads, growth part")
     parser.add_argument("--growth-particles", type=int, default=16, help="per prompt, reward-growth part")
+    parser.add_argument(
+        "--demo-step-only", action="store_true", help="only the demo's step, separate vs joint graph"
+    )
     parser.add_argument("--quick", action="store_true", help="smaller run, for a smoke test")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.quick:
         args.prompts, args.particles, args.tokens, args.repeats, args.growth_particles = "2", 16, 8, 1, 4
+    if args.demo_step_only:
+        record = demo_step(args)
+        print(
+            f"demo SMC step at T = 16, 24 problems x 8 particles (min of {args.repeats}): policy + PRM apart "
+            f"{record['ms_per_step']['separate']:.1f} ms, one graph {record['ms_per_step']['joint']:.1f} ms: "
+            f"{record['separate_over_joint']:.2f}x (bar >= 3x)"
+        )
+        out = Path(args.out) if args.out else Path(__file__).parent / "results" / "demo_step_vm.json"
+        machine = machine_info(onnxruntime=_onnxruntime_version(), gpu=_gpu_name())
+        out.write_text(json.dumps({"machine": machine, "args": vars(args), "demo_step": record}, indent=1))
+        print(f"wrote {out}")
+        return
     prompt_counts = [int(k) for k in str(args.prompts).split(",")]
     rows = []
     for fixture, num_prompts in [(f, k) for k in prompt_counts for f in ("gpt2-tiny", "llama-tiny")]:

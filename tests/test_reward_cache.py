@@ -304,3 +304,26 @@ def test_cli_one_model_for_both_roles_and_the_kv_cache_option(tmp_path: Path, ca
     assert "--value-output" in capfd.readouterr().err
     assert main([*base, "--reward", str(PRM), "--reward-kv-cache", "on"]) == 2
     assert "kv_cache: " in capfd.readouterr().err
+
+
+def test_the_demos_joint_graph_gives_the_separate_prms_values_and_samples() -> None:
+    """``arithmetic_models/joint`` (the policy's graph with the PRM's head and its error count carried in
+    one more cache layer) equals the separate policy + PRM: ``log Vh`` of every prefix to 1e-4 through
+    ragged prompts, line steps and resampling, and a seeded SMC run draws the same solutions."""
+    policy, reward = arithmetic.load_models()
+    separate_policy, prm = arithmetic.load_models(joint=False)
+    assert isinstance(reward, tiltsmc.models.PolicyValue) and isinstance(prm, OnnxRewardModel)
+    prompts = [p.prompt for p in arithmetic.make_problems(4, 3, rng=3)]
+    prompts += [p.prompt for p in arithmetic.make_problems(12, 2, rng=4)]
+    particles = policy.start(prompts, 6)
+    np.testing.assert_allclose(reward.initial_log_value(particles), prm.initial_log_value(particles),
+                               atol=TOLERANCE)  # fmt: skip
+    rng = np.random.default_rng(0)
+    while not particles.finished.all():
+        policy.propose(particles, rng)
+        np.testing.assert_allclose(reward.log_value(particles), prm.log_value(particles), atol=TOLERANCE)
+        particles.reorder(rng.integers(0, 6, size=particles.lengths.shape))
+    together = tiltsmc.smc(policy, reward, prompts, num_particles=8, rng=5)
+    apart = tiltsmc.smc(separate_policy, prm, prompts, num_particles=8, rng=5)
+    assert together.texts == apart.texts
+    np.testing.assert_allclose(together.log_z, apart.log_z, atol=TOLERANCE)
