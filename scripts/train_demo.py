@@ -18,6 +18,9 @@ Stages (each reads the previous stage's output from ``--work``; ``all`` runs the
    ``token-classification`` for the reward model; validated against PyTorch), with the tokenizer, into
    ``--out`` (default ``python/tiltsmc/tasks/arithmetic_models``), plus ``training.json`` (settings,
    versions, measured error rates).
+5. ``joint``    (also run by ``export``) ``--out/joint``: the exported policy's graph with the PRM's head in
+   it (output ``value``), built with onnx alone from the two exports (:func:`export_joint`), so the demo
+   runs one trunk per step; ``python scripts/train_demo.py joint`` needs only onnx and numpy.
 
 Everything is seeded (``--seed``); on the CPU, with the same package versions, a rerun gives the same
 models. It needs torch, transformers, optimum-onnx, onnx and tokenizers (none is a runtime dependency of

@@ -316,8 +316,8 @@ class OnnxCausalLM:
         on_cuda = "CUDAExecutionProvider" in self.session.get_providers()
         if device_cache is not None and not isinstance(device_cache, (bool, np.bool_)):
             raise TypeError(f"device_cache: expected None, True or False, got {device_cache!r}")
-        if device_cache is None:
-            device_cache = on_cuda and bool(core.cuda_available())
+        if device_cache is None:  # a value head's output is read on the host cache path only
+            device_cache = on_cuda and value_output is None and bool(core.cuda_available())
         elif device_cache:
             if not on_cuda:
                 raise ValueError(
@@ -359,11 +359,11 @@ class OnnxCausalLM:
             )
         if self.device_cache:
             raise ValueError(
-                "value_output: not supported with the KV cache on the GPU; pass device_cache=False"
+                "value_output: not read with device_cache=True (the KV cache on the GPU): pass False"
             )
         node = next(node for node in self.session.get_outputs() if node.name == value_output)
-        if len(node.shape) not in (2, 3) or (len(node.shape) == 3 and node.shape[2] not in (1, None)
-                                             and isinstance(node.shape[2], int)):  # fmt: skip
+        static = node.shape[2] if len(node.shape) == 3 and isinstance(node.shape[2], int) else 1
+        if len(node.shape) not in (2, 3) or static != 1:
             raise ValueError(
                 f"value_output: {value_output!r} has shape {node.shape}; expected one score per position, "
                 "(batch, seq) or (batch, seq, 1)"
