@@ -44,7 +44,7 @@ def test_every_sampler_writes_one_json_line_per_prompt(tmp_path: Path, sampler: 
     for record in records:
         assert record["sampler"] == sampler.replace("-", "_")
         assert len(record["texts"]) == len(record["samples"])
-        assert isinstance(record["log_z"], float) or record["log_z"] in ("-inf",)
+        assert isinstance(record["log_z"], float) or record["log_z"] is None  # null: -inf
         assert record["compute"]["policy_calls"] > 0
     # piped (not a terminal): no progress bar, one summary line on stderr
     captured = capfd.readouterr()
@@ -55,9 +55,13 @@ def test_same_seed_same_output_and_a_bad_prompt_is_reported(tmp_path: Path) -> N
     first = run(tmp_path, "--prompt", "hi", "--prompt", "x" * 200, "--seed", "5")
     second = run(tmp_path, "--prompt", "hi", "--prompt", "x" * 200, "--seed", "5")
     without_timings = [
-        [{k: v for k, v in r.items() if k != "compute"} for r in rs] for _, rs in (first, second)
+        [{k: v for k, v in r.items() if k not in ("compute", "run")} for r in rs] for _, rs in (first, second)
     ]
     assert without_timings[0] == without_timings[1]
+    # the same configuration, but for the start time
+    assert [{**r["run"], "started": None} for r in first[1]] == [
+        {**r["run"], "started": None} for r in second[1]
+    ]
     code, records = first
     assert code == 0
     assert "context" in records[1]["error"] and records[1]["collapsed"] is True
@@ -142,7 +146,10 @@ def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
     os.close(leader)
     assert completed.returncode == 0
     text = shown.decode()
-    assert "\r" in text and "2/2" in text and "#" in text  # a redrawn bar that reaches the end
+    # tqdm's bar, redrawn per step (steps of both prompts: up to 2 x 3), with its rate
+    assert "\r" in text and "tiltsmc smc" in text and "step/s" in text
+    # the bar's total ends as the steps actually taken: it reaches 100%
+    assert "100%" in text
     assert len(out.read_text().splitlines()) == 2
 
 
@@ -164,7 +171,8 @@ def test_reward_class_head_options(tmp_path: Path, capfd) -> None:
         decoder, kind="logit", position="delimiter", delimiter_ids=[39], label=47, classes=[47, 46]
     )
     policy = OnnxCausalLM(POLICY, max_new_tokens=4)
-    expected = tiltsmc.smc(policy, reward, ["ab"], rng=np.random.default_rng(2))  # smc's own defaults
+    seed = np.random.SeedSequence(2, spawn_key=(0,))  # prompt 0's stream of --seed 2
+    expected = tiltsmc.smc(policy, reward, ["ab"], rng=seed)  # smc's own defaults
     assert record["log_z"] == float(expected.log_z[0]) and record["texts"] == expected.texts[0]
     capfd.readouterr()
     assert main([*argv, "--reward-label", "47", "--reward-classes", "46,45", "--prompt", "ab"]) == 2
@@ -191,7 +199,8 @@ def test_run_uses_the_samplers_own_defaults(tmp_path: Path, sampler: str, functi
     (record,) = [json.loads(line) for line in out.read_text().splitlines()]
     policy = OnnxCausalLM(POLICY, max_new_tokens=4)
     reward = OnnxRewardModel(REWARD, kind="logit")
-    expected = getattr(tiltsmc, function)(policy, reward, ["ab"], rng=np.random.default_rng(3))
+    seed = np.random.SeedSequence(3, spawn_key=(0,))  # prompt 0's stream of --seed 3
+    expected = getattr(tiltsmc, function)(policy, reward, ["ab"], rng=seed)
     assert record["texts"] == expected.texts[0] and record["log_z"] == float(expected.log_z[0])
     assert "log_z_increments" in record and "log_z_increment_se" in record
     err = capfd.readouterr().err

@@ -116,7 +116,7 @@ def test_onnx_runtime_error_during_the_run(tmp_path: Path, capfd: pytest.Capture
     argv[argv.index("--policy") + 1] = str(policy)
     assert main(argv) == 1
     error = one_line_error(capfd)
-    assert error.startswith("tiltsmc: run failed on prompts 0..0: ") and "Gather" in error
+    assert error.startswith("tiltsmc: run failed on prompt 0: ") and "Gather" in error
     assert out.read_text() == "old\n" and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 

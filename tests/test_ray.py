@@ -4,6 +4,7 @@ by the test through the command), real HTTP on 127.0.0.1."""
 from __future__ import annotations
 
 import concurrent.futures
+import math
 import os
 import signal
 import socket
@@ -100,8 +101,9 @@ def test_requests_spread_over_replicas_and_match_the_offline_run(ray_server: Ray
         detail = response.json()["tiltsmc"]["choices"][0]
         # the same seed gives the same run on either replica, batched or not (up to batched rounding)
         assert float(detail["log_z"]) == pytest.approx(float(offline["log_z"][0]), rel=1e-6)
-        weights = [float(w) for w in detail["log_weights"]]  # "-inf" in JSON for a weight of zero
-        assert weights == pytest.approx([float(w) for w in offline["log_weights"][0]], rel=1e-6, abs=1e-9)
+        weights = [-math.inf if w is None else w for w in detail["log_weights"]]  # null: a zero weight
+        offline_weights = [-math.inf if w is None else w for w in offline["log_weights"][0]]
+        assert weights == pytest.approx(offline_weights, rel=1e-6, abs=1e-9)
     metrics = httpx.get(f"{ray_server.url}/metrics", timeout=30).text
     assert "tiltsmc_instance_info{instance=" in metrics and "tiltsmc_requests_total" in metrics
 

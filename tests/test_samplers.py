@@ -953,12 +953,18 @@ def test_to_json(small_task: MarkovDFATask) -> None:
             assert "acceptance_rate" in record
         if res.sampler == "rejection":
             assert record["tries"] == res.tries.tolist()
-    # -inf (a zero weight, a collapsed run) survives as a string, and NaN acceptance rates likewise
+
+    # strict JSON: -inf (a zero weight, a collapsed run) and NaN acceptance rates are null, never strings
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} in strict JSON")
+
     needle = MarkovDFATask.needle(4, 8, rng=4)
     res = tiltsmc.smc(needle.policy(), needle.unguided(), prompts=[()] * 2, num_particles=4, rng=6)
-    assert json.loads(res.to_json())["log_z"] == ["-inf", "-inf"]
+    record = json.loads(res.to_json(), parse_constant=refuse)
+    assert record["log_z"] == [None, None] and res.collapsed.all()
+    assert all(w is None for weights in record["log_weights"] for w in weights)
     res = tiltsmc.mh(small_task.policy(), small_task.twist(), prompts=[()] * 2, pool_size=2, steps=0, rng=6)
-    assert json.loads(res.to_json())["acceptance_rate"] == ["nan", "nan"]
+    assert json.loads(res.to_json(), parse_constant=refuse)["acceptance_rate"] == [None, None]
 
 
 # ----------------------------------------------------------------------------------------------------------

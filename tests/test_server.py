@@ -85,9 +85,15 @@ class Server:
         self._log.close()
 
 
+CHAT_TEMPLATE = FIXTURES / "chat-tiny" / "chat_template.jinja"  # ChatML
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    running = Server(tmp_path_factory.mktemp("serve"), *FIXTURE_MODELS, "--max-request-particles", "64")
+    running = Server(
+        tmp_path_factory.mktemp("serve"), *FIXTURE_MODELS, "--max-request-particles", "64",
+        "--chat-template", str(CHAT_TEMPLATE),
+    )  # fmt: skip
     yield running
     running.stop()
 
@@ -238,6 +244,65 @@ def test_openai_client_works_unchanged(server: Server) -> None:
     assert completion.usage is not None and completion.usage.prompt_tokens > 0
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="tiltsmc", prompt="hello", extra_body={"particles": 0})
+
+
+def test_chat_completion_is_the_offline_run(server: Server) -> None:
+    """/v1/chat/completions: the messages rendered by the chat template are the prompt of the offline run
+    with the same seed; the answer is OpenAI's chat shape."""
+    pytest.importorskip("jinja2")
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    request = {"messages": messages, "seed": 7, "particles": 8, "max_completion_tokens": 5}
+    response = httpx.post(f"{server.url}/v1/chat/completions", json=request, timeout=60)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "chat.completion"
+    assert body["id"] == f"chatcmpl-{response.headers['x-request-id']}"
+    (choice,) = body["choices"]
+    assert choice["message"]["role"] == "assistant" and choice["finish_reason"] in ("stop", "length")
+    policy = OnnxCausalLM(FIXTURES / "gpt2-tiny", max_new_tokens=6, chat_template=CHAT_TEMPLATE.read_text())
+    offline = tiltsmc.smc(
+        policy, OnnxRewardModel(FIXTURES / "prm-tiny"), prompts=[messages], num_particles=8, rng=7,
+        max_new_tokens=5,
+    )  # fmt: skip
+    detail = body["tiltsmc"]["choices"][0]
+    assert detail["log_z"] == offline.to_dict()["log_z"][0]
+    assert choice["message"]["content"] == offline.texts[0][detail["sample_index"]]  # type: ignore[index]
+    assert body["usage"]["prompt_tokens"] == len(policy.encode_prompt(messages))
+    # text parts are joined; a template's refusal and a bad message are 400s naming messages
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hel"}, {"type": "text", "text": "lo"}]}]
+    joined = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": parts, "seed": 7}, timeout=60)
+    plain = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "hello"}], "seed": 7},
+        timeout=60,
+    )
+    assert joined.status_code == plain.status_code == 200
+    assert joined.json()["choices"] == plain.json()["choices"]
+    for bad in ([{"role": "tool", "content": "x"}], [], [{"content": "x"}]):
+        refused = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": bad}, timeout=60)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages", refused.text
+
+
+def test_openai_chat_client(server: Server) -> None:
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("jinja2")
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    completion = client.chat.completions.create(
+        model="tiltsmc",
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=4,
+        seed=3,
+        n=2,
+        extra_body={"particles": 4, "sampler": "smc"},
+    )
+    assert completion.object == "chat.completion" and len(completion.choices) == 2
+    for choice in completion.choices:
+        assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert completion.usage is not None and completion.usage.prompt_tokens > 0
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(
+            model="tiltsmc", messages=[{"role": "user", "content": "a"}], extra_body={"particles": 0}
+        )
 
 
 def test_api_key(tmp_path: Path) -> None:

@@ -16,7 +16,11 @@ timings), written to standard output (no ``--json``, or ``--json -``) or to ``--
   ``/dev/fd/N`` is written as a stream, batch by batch.
 
 A directory, a missing or unwritable folder and an unwritable file are refused before any model is loaded.
-A progress bar goes to standard error on a terminal; piped, the run is quiet apart from a summary line.
+Each line follows the JSON Schema shipped as ``tiltsmc/run.schema.json`` (:func:`output_schema`): strict
+JSON (a value that is not finite is ``null``), the run's configuration in every line, the prompt's own
+compute. A per-step progress bar (:mod:`tqdm`) goes to standard error on a terminal, none when standard
+error is not one or with ``--quiet``; logs go to standard error through the ``tiltsmc`` logger
+(``--log-level``), the summary lines included.
 Every failure is one line ``tiltsmc: ...`` on standard error with exit status 2 (bad arguments, prompts
 or model files) or 1 (the run or the output failed); the environment variable ``TILTSMC_TRACEBACK=1``
 shows the traceback of an unexpected error instead.
@@ -26,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import json
+import logging
 import math
 import os
 import re
@@ -38,43 +44,123 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any, NoReturn, Optional, TextIO
+from typing import IO, Any, NoReturn, Optional
 
 import numpy as np
 
 from . import core
+from ._files import create_beside
 from .diagnostics import OnlineBellman, online_bellman
-from .samplers.result import SamplerResult
+from .samplers._engine import Models
+from .samplers.lane import Lane
+from .samplers.result import Compute, SamplerResult, finite_or_none
 from .serving.engine import SAMPLERS as SAMPLER_FUNCTIONS
 from .serving.engine import sampler_defaults
 
 SAMPLERS = ("smc", "sp-gsmc", "mh", "best-of-n", "rejection")
 
 
-class Progress:
-    """A one-line progress bar on a terminal; silent when the stream is not one."""
+logger = logging.getLogger("tiltsmc.cli")
 
-    def __init__(self, total: int, label: str, stream: TextIO = sys.stderr) -> None:
-        self.total, self.label, self.stream = total, label, stream
-        self.enabled = stream.isatty()
-        self.started = time.perf_counter()
-        self.update(0)
 
-    def update(self, done: int) -> None:
-        if not self.enabled:
-            return
-        width = 30
-        filled = int(width * done / max(self.total, 1))
-        elapsed = time.perf_counter() - self.started
-        self.stream.write(
-            f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} {elapsed:6.1f}s"
+def _progress_enabled(args: argparse.Namespace) -> bool:
+    """A progress bar only where a person watches: standard error a terminal, and no ``--quiet``."""
+    return not getattr(args, "quiet", False) and sys.stderr.isatty()
+
+
+def _bar_size() -> dict[str, Any]:
+    """tqdm's size options: the terminal's, followed as it changes; 80 x 24 where the terminal reports no
+    size (a fresh pseudo-terminal says 0 x 0, and tqdm would hide its bar as off the screen)."""
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+    except (OSError, ValueError):
+        size = os.terminal_size((0, 0))
+    if size.columns > 0 and size.lines > 0:
+        return {"dynamic_ncols": True}
+    return {"ncols": size.columns or 80, "nrows": size.lines or 24}
+
+
+class StepProgress:
+    """Per-step progress of a run on standard error (a :mod:`tqdm` bar, off where disabled).
+
+    It counts steps of every prompt: a lane step of ``k`` prompts counts ``k``. The total is each prompt's
+    most steps (``max_new_tokens`` per pass of the sampler), lowered by what a prompt leaves unused when it
+    ends early, so the rate is real steps per second and the ETA an upper bound that tightens; unknown
+    (no ETA) for rejection sampling, whose number of rounds is random.
+    """
+
+    def __init__(self, prompts: int, budget: Optional[int], label: str, enabled: bool) -> None:
+        from tqdm import tqdm
+
+        self.budget = budget
+        self.bar = tqdm(
+            total=None if budget is None else prompts * budget,
+            desc=label,
+            unit="step",
+            file=sys.stderr,
+            disable=not enabled,
+            leave=True,
+            **_bar_size(),
         )
-        self.stream.flush()
+
+    def advance(self, steps: int) -> None:
+        self.bar.update(steps)
+
+    def prompt_done(self, steps_taken: int) -> None:
+        """A prompt ended after ``steps_taken`` steps: its unused budget leaves the total."""
+        if self.budget is not None and self.bar.total is not None and not self.bar.disable:
+            self.bar.total = max(self.bar.total - max(self.budget - steps_taken, 0), self.bar.n)
+            self.bar.refresh()
 
     def close(self) -> None:
-        if self.enabled:
-            self.stream.write("\n")
-            self.stream.flush()
+        self.bar.close()
+
+
+class _ProgressSafeHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A log handler that clears a progress bar on its stream before writing a line (no garbled lines)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        with tqdm.external_write_mode(file=self.stream):
+            super().emit(record)
+
+
+class _Formatter(logging.Formatter):
+    """``tiltsmc: <message>``, with ``warning:`` / ``error:`` after ``tiltsmc:`` at those levels."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.levelno >= logging.ERROR:
+            return f"tiltsmc: error: {message}"
+        if record.levelno >= logging.WARNING:
+            return f"tiltsmc: warning: {message}"
+        return f"tiltsmc: {message}"
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@contextlib.contextmanager
+def _logging_to_stderr(args: argparse.Namespace) -> Iterator[None]:
+    """While inside, the ``tiltsmc`` logger writes to standard error at ``--log-level`` (``--quiet``: warnings
+    and errors only); the library itself only has a NullHandler."""
+    level_name = getattr(args, "log_level", "info")
+    if getattr(args, "quiet", False) and level_name in ("debug", "info"):
+        level_name = "warning"
+    root = logging.getLogger("tiltsmc")
+    handler = _ProgressSafeHandler(sys.stderr)
+    handler.setFormatter(_Formatter())
+    previous_level, previous_propagate = root.level, root.propagate
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level_name.upper()))
+    root.propagate = False
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous_level)
+        root.propagate = previous_propagate
 
 
 class CliError(Exception):
@@ -228,20 +314,14 @@ class ResultOutput:
     def _open_atomic(self, target: Path, existing: Optional[os.stat_result]) -> None:
         """A new temporary file ``.NAME.tiltsmc-XXXXXXXX`` beside ``target``, with ``target``'s mode (a new
         file: ``0666`` less the umask, as the kernel applies it), its owner and group where allowed."""
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-        for _ in range(100):
-            candidate = target.with_name(f".{target.name}.tiltsmc-{os.urandom(4).hex()}")
-            try:
-                with signals_deferred():  # no signal between creating the file and recording its name
-                    descriptor = os.open(candidate, flags, 0o600 if existing is not None else 0o666)
-                    self._temporary, self._target = candidate, target
-                break
-            except FileExistsError:
-                continue
-            except OSError as error:
-                raise CliError(f"--json: cannot write {self.name}: {error.strerror or error}") from None
-        else:
-            raise CliError(f"--json: cannot create a temporary file beside {target}")
+        try:
+            with signals_deferred():  # no signal between creating the file and recording its name
+                descriptor, candidate = create_beside(target, 0o600 if existing is not None else 0o666)
+                self._temporary, self._target = candidate, target
+        except FileExistsError:
+            raise CliError(f"--json: cannot create a temporary file beside {target}") from None
+        except OSError as error:
+            raise CliError(f"--json: cannot write {self.name}: {error.strerror or error}") from None
         try:
             if existing is not None and hasattr(os, "fchown"):  # POSIX
                 with contextlib.suppress(OSError):  # only root may give a file away; a group, its members
@@ -317,6 +397,11 @@ class ResultOutput:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._temporary)
             self._temporary = None
+
+    @property
+    def stream(self) -> Optional[IO[str]]:
+        """The stream written batch by batch, if any (not a temporary file or a spool)."""
+        return self._stream if self._temporary is None else None
 
     @property
     def where(self) -> str:
@@ -428,61 +513,248 @@ def _add_model_arguments(parser: argparse.ArgumentParser, demo_models: bool = Fa
             "--reward",
             help="folder (or .onnx file) of the reward model (or --value-output: the policy's own)",
         )
-    parser.add_argument("--max-new-tokens", type=_positive_int, default=32)
+    # Every default is the model class's own (MODEL_OPTIONS): one set of defaults for the API, the CLI
+    # and the server.
     parser.add_argument(
-        "--step", type=_step, default="token", help="'token' or a delimiter ending each step, e.g. '\\n'"
+        "--max-new-tokens",
+        type=_positive_int,
+        default=_model_default("max_new_tokens"),
+        help="tokens generated per sample at most",
     )
-    parser.add_argument("--temperature", type=_positive_real, default=1.0)
-    parser.add_argument("--top-k", type=_positive_int, default=None)
-    parser.add_argument("--top-p", type=_open_fraction, default=None)
-    parser.add_argument("--reward-kind", choices=("log_value", "prob", "logit"), default="logit")
-    parser.add_argument("--reward-output", default=None, help="reward graph output to read (default: first)")
+    parser.add_argument(
+        "--step",
+        type=_step,
+        default=_model_default("step"),
+        help="'token' or a delimiter ending each step, e.g. '\\n'",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=_positive_real,
+        default=_model_default("temperature"),
+        help="the policy's sampling temperature",
+    )
+    parser.add_argument(
+        "--top-k",
+        type=_positive_int,
+        default=_model_default("top_k"),
+        help="sample from the k likeliest tokens (default: all)",
+    )
+    parser.add_argument(
+        "--top-p",
+        type=_open_fraction,
+        default=_model_default("top_p"),
+        help="nucleus sampling: the likeliest tokens of total probability p (default: all)",
+    )
+    parser.add_argument(
+        "--reward-kind",
+        choices=("log_value", "prob", "logit"),
+        default=_model_default("reward_kind"),
+        help="what the reward output is: log Vh, Vh in [0, 1], or a logit (Vh = sigmoid)",
+    )
+    parser.add_argument(
+        "--reward-output",
+        default=_model_default("reward_output"),
+        help="reward graph output to read (default: first)",
+    )
     parser.add_argument(
         "--value-output",
-        default=None,
+        default=_model_default("value_output"),
         help="the policy graph's value output, read as the reward: one model for both roles, one run a step",
     )
     parser.add_argument(
         "--reward-kv-cache",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="a decoder reward model keeps a KV cache per particle (auto: where its graph has one)",
+        choices=("on", "off"),
+        default=_model_default("reward_kv_cache"),
+        help="a decoder reward model keeps a KV cache per particle (default: where its graph has one)",
     )
     parser.add_argument(
         "--reward-position",
         choices=("last", "delimiter"),
-        default="last",
+        default=_model_default("reward_position"),
         help="read per-position scores at the last token or at the last step delimiter",
     )
     parser.add_argument(
         "--reward-delimiters",
         type=_id_list,
-        default=None,
+        default=_model_default("reward_delimiters"),
         help="token ids ending a step, comma-separated (with --reward-position delimiter)",
     )
     parser.add_argument(
         "--reward-label",
         type=_count,
-        default=None,
+        default=_model_default("reward_label"),
         help="the class whose probability is Vh, for an output with a class axis last",
     )
     parser.add_argument(
         "--reward-classes",
         type=_id_list,
-        default=None,
+        default=_model_default("reward_classes"),
         help="comma-separated classes the label's probability is normalised over (default: all)",
     )
     parser.add_argument(
-        "--threads", type=_thread_count, default=None, help="threads for ONNX Runtime and the core"
-    )
+        "--threads", type=_thread_count, default=_model_default("threads"),
+        help="threads for ONNX Runtime and the core",
+    )  # fmt: skip
     parser.add_argument("--cpu", action="store_true", help="use the CPU even where a GPU is usable")
     parser.add_argument(
         "--memory-arena",
         choices=("on", "off"),
-        default="on",
+        default=_model_default("memory_arena"),
         help="ONNX Runtime's CPU memory arena ('off' frees each run's buffers: less memory between runs, "
         "about half the speed on large batches; serve shrinks the arena when idle either way)",
     )
+    _add_tokenization_and_session_arguments(parser)
+
+
+# -- tokenization, chat prompts and ONNX Runtime session options --------------------------------------
+
+# The CLI's model options, as (class, parameter) of the model classes whose signature holds the default;
+# on/off options stand for True/False.
+MODEL_OPTIONS: dict[str, tuple[str, str]] = {
+    "max_new_tokens": ("OnnxCausalLM", "max_new_tokens"),
+    "step": ("OnnxCausalLM", "step"),
+    "temperature": ("OnnxCausalLM", "temperature"),
+    "top_k": ("OnnxCausalLM", "top_k"),
+    "top_p": ("OnnxCausalLM", "top_p"),
+    "add_special_tokens": ("OnnxCausalLM", "add_special_tokens"),
+    "skip_special_tokens": ("OnnxCausalLM", "skip_special_tokens"),
+    "threads": ("OnnxCausalLM", "intra_op_num_threads"),
+    "memory_arena": ("OnnxCausalLM", "memory_arena"),
+    "reward_kind": ("OnnxRewardModel", "kind"),
+    "reward_output": ("OnnxRewardModel", "output"),
+    "reward_position": ("OnnxRewardModel", "position"),
+    "reward_delimiters": ("OnnxRewardModel", "delimiter_ids"),
+    "reward_label": ("OnnxRewardModel", "label"),
+    "reward_classes": ("OnnxRewardModel", "classes"),
+    "reward_kv_cache": ("OnnxRewardModel", "kv_cache"),
+    "value_output": ("OnnxCausalLM", "value_output"),
+}
+
+
+def _model_default(option: str) -> Any:
+    """A model option's default, read from the model class's signature (True / False as 'on' / 'off')."""
+    import inspect
+
+    from . import models
+
+    class_name, parameter = MODEL_OPTIONS[option]
+    value = inspect.signature(getattr(models, class_name)).parameters[parameter].default
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return value
+
+
+def _session_option(text: str) -> tuple[str, Any]:
+    """``NAME=VALUE`` of ``--session-option``: the value as an int, a bool (true / false), or the text."""
+    name, equals, value = text.partition("=")
+    if not equals or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    parsed: Any = value
+    if value.lower() in ("true", "false"):
+        parsed = value.lower() == "true"
+    else:
+        with contextlib.suppress(ValueError):
+            parsed = int(value)
+    return name.strip(), parsed
+
+
+def _provider_option(text: str) -> tuple[str, str, str]:
+    """``PROVIDER:NAME=VALUE`` of ``--provider-option``."""
+    provider, colon, rest = text.partition(":")
+    name, equals, value = rest.partition("=")
+    if not colon or not equals or not provider or not name:
+        raise argparse.ArgumentTypeError(f"expected PROVIDER:NAME=VALUE, got {text!r}")
+    return provider, name, value
+
+
+def _add_tokenization_and_session_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--add-special-tokens",
+        choices=("on", "off"),
+        default=_model_default("add_special_tokens"),
+        help="encode text prompts with the special tokens the tokenizer's post-processor adds (a BOS), as "
+        "Hugging Face does",
+    )
+    parser.add_argument(
+        "--skip-special-tokens",
+        choices=("on", "off"),
+        default=_model_default("skip_special_tokens"),
+        help="leave special tokens (EOS, padding) out of the texts",
+    )
+    parser.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE",
+        help="a Jinja chat template file for chat prompts (default: the tokenizer folder's)",
+    )
+    parser.add_argument(
+        "--session-option",
+        type=_session_option,
+        action="append",
+        default=None,
+        metavar="NAME=VALUE",
+        help="an onnxruntime.SessionOptions field for both models, e.g. graph_optimization_level=basic, "
+        "inter_op_num_threads=1, log_severity_level=2 (repeatable)",
+    )
+    parser.add_argument(
+        "--provider-option",
+        type=_provider_option,
+        action="append",
+        default=None,
+        metavar="PROVIDER:NAME=VALUE",
+        help="an execution provider option for both models, e.g. CUDAExecutionProvider:device_id=1 "
+        "(repeatable)",
+    )
+
+
+def _session_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """The ONNX Runtime options of ``--session-option`` / ``--provider-option`` for both models."""
+    provider_options: dict[str, dict[str, str]] = {}
+    for provider, name, value in getattr(args, "provider_option", None) or ():
+        provider_options.setdefault(provider, {})[name] = value
+    return {
+        "session_options": dict(getattr(args, "session_option", None) or ()) or None,
+        "provider_options": provider_options or None,
+    }
+
+
+def _chat_template(args: argparse.Namespace) -> Optional[str]:
+    path = getattr(args, "chat_template", None)
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"--chat-template: cannot read {path}: {error}") from None
+
+
+def _read_messages(path_text: str) -> list[Any]:
+    """The conversations of a ``--messages`` file: one JSON list of messages per non-blank line."""
+    from .models.chat import check_messages
+
+    path = Path(path_text)
+    try:
+        lines = path.read_text(encoding="utf-8-sig").split("\n")  # a BOM is not JSON
+    except (OSError, UnicodeDecodeError) as error:
+        raise CliError(f"--messages: cannot read {path}: {error}") from None
+    conversations = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            conversations.append(check_messages(json.loads(line)))
+        except ValueError as error:
+            raise CliError(f"--messages: {path} line {number}: {_one_line(error)}") from None
+    if not conversations:
+        raise CliError(f"--messages: {path} holds no conversation")
+    return conversations
+
+
+def _chat_prompts(args: argparse.Namespace, texts: list[str]) -> list[Any]:
+    """With ``--chat``, each text prompt as one user message."""
+    if not getattr(args, "chat", False):
+        return list(texts)
+    return [[{"role": "user", "content": text}] for text in texts]
 
 
 def _load_models(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -494,6 +766,10 @@ def _load_models(args: argparse.Namespace) -> tuple[Any, Any]:
     if getattr(args, "demo", False):
         from .tasks import arithmetic
 
+        for option in ("session_option", "provider_option", "chat_template"):
+            if getattr(args, option, None) is not None:
+                raise ValueError(f"--{option.replace('_', '-')}: not an option of the bundled --demo models")
+
         return arithmetic.load_models(
             intra_op_num_threads=args.threads, providers=providers, memory_arena=args.memory_arena == "on"
         )
@@ -501,6 +777,7 @@ def _load_models(args: argparse.Namespace) -> tuple[Any, Any]:
         raise ValueError(
             "--reward: give a reward model, or --value-output to read the policy's own value head"
         )
+    session = _session_arguments(args)
     policy = OnnxCausalLM(
         args.policy,
         max_new_tokens=args.max_new_tokens,
@@ -512,6 +789,10 @@ def _load_models(args: argparse.Namespace) -> tuple[Any, Any]:
         intra_op_num_threads=args.threads,
         memory_arena=args.memory_arena == "on",
         value_output=args.value_output,
+        add_special_tokens=args.add_special_tokens == "on",
+        skip_special_tokens=args.skip_special_tokens == "on",
+        chat_template=_chat_template(args),
+        **session,
     )
     if args.value_output is not None:
         return policy, PolicyValue(policy, kind=args.reward_kind)
@@ -526,7 +807,8 @@ def _load_models(args: argparse.Namespace) -> tuple[Any, Any]:
         providers=providers,
         intra_op_num_threads=args.threads,
         memory_arena=args.memory_arena == "on",
-        kv_cache={"auto": None, "on": True, "off": False}[args.reward_kv_cache],
+        kv_cache={None: None, "on": True, "off": False}[args.reward_kv_cache],
+        **session,
     )
     check_policy = getattr(reward, "check_policy", None)  # vocabularies: bad input, found before the run
     if callable(check_policy):
@@ -534,70 +816,167 @@ def _load_models(args: argparse.Namespace) -> tuple[Any, Any]:
     return policy, reward
 
 
+DESCRIPTION = "Sequential Monte Carlo sampling of reward-tilted language-model distributions."
+EPILOG = "See 'tiltsmc COMMAND --help' for a command's options."
+
+RUN_DESCRIPTION = """\
+Sample an ONNX decoder LM guided by an ONNX reward model with any sampler. Results are JSON lines, one
+per prompt, to standard output or --json PATH (a file is replaced atomically when the run has
+succeeded); their schema ships with tiltsmc (tiltsmc/run.schema.json; tiltsmc.cli.output_schema()).
+Each line records the run's configuration (sampler options, seed, model paths, versions) and the
+prompt's own compute. A progress bar goes to standard error on a terminal; logs go to standard error.
+Exit status: 0 (done), 1 (the run or the output failed, or every prompt failed), 2 (bad arguments,
+prompts or model files)."""
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's default shown (``(default: ...)``) where it has one that a
+    user could pass. Sampler options whose default is the sampler function's say it in their help, from
+    :func:`_default` (the functions' signatures: one place for the API, the CLI and the server)."""
+
+    def _get_help_string(self, action: argparse.Action) -> Optional[str]:
+        text = action.help or ""
+        if (
+            action.option_strings
+            and "default" not in text
+            and not any(action.default is nothing for nothing in (None, False, argparse.SUPPRESS))
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _version_text() -> str:
+    from . import __version__
+
+    return f"tiltsmc {__version__}"
+
+
+def _add_output_options(parser: argparse.ArgumentParser) -> None:
+    """Progress and logging (``run`` and ``demo``)."""
+    parser.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default="info",
+        help="the least severe log messages shown on standard error",
+    )
+    parser.add_argument(
+        "--quiet",
+        "-q",
+        action="store_true",
+        help="no progress bar, and only warnings and errors on standard error",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="tiltsmc", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="sample an ONNX policy guided by an ONNX reward model")
+    parser = _Parser(prog="tiltsmc", description=DESCRIPTION, epilog=EPILOG, formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=_version_text())
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
+    run = commands.add_parser(
+        "run",
+        help="sample an ONNX policy guided by an ONNX reward model (one JSON line per prompt)",
+        description=RUN_DESCRIPTION,
+        formatter_class=_HelpFormatter,
+    )
     prompts = run.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    prompts.add_argument("--prompts", help="a file of prompts, one per line")
+    prompts.add_argument("--prompts", help="a file of prompts, one per line (UTF-8; blank lines skipped)")
+    prompts.add_argument(
+        "--messages",
+        metavar="FILE",
+        help="a JSON-lines file of chat prompts, each line a list of messages "
+        '[{"role": "user", "content": "..."}] rendered by the chat template',
+    )
+    run.add_argument(
+        "--chat", action="store_true", help="each --prompt / --prompts line is a user message (chat template)"
+    )
     # Sampler options left out take the sampler's own defaults (those of tiltsmc.smc and the others, which
     # the engine and the server use too): one set of defaults.
-    run.add_argument("--sampler", choices=SAMPLERS, default="smc")
+    run.add_argument("--sampler", choices=SAMPLERS, default="smc", help="the sampler")
     run.add_argument(
         "--particles",
         type=_positive_int,
         default=None,
-        help=f"particles (smc: {_default('smc', 'num_particles')}) "
-        f"or n (best-of-n: {_default('best_of_n', 'n')})",
+        help=f"smc: particles per prompt (default: {_default('smc', 'num_particles')}); "
+        f"best-of-n: draws per prompt (default: {_default('best_of_n', 'n')})",
     )
     run.add_argument(
-        "--resample", choices=core.SCHEMES, default=None, help=f"({_default('smc', 'resample')})"
+        "--resample",
+        choices=core.SCHEMES,
+        default=None,
+        help=f"smc: resampling scheme (default: {_default('smc', 'resample')})",
     )
     run.add_argument(
-        "--ess-threshold", type=_fraction, default=None, help=f"({_default('smc', 'ess_threshold')})"
+        "--ess-threshold",
+        type=_fraction,
+        default=None,
+        help="smc: resample when ESS < this fraction of the particles "
+        f"(default: {_default('smc', 'ess_threshold')})",
     )
     run.add_argument(
         "--pool-size",
         type=_positive_int,
         default=None,
-        help=f"sp-gsmc / mh pool ({_default('mh', 'pool_size')})",
+        help=f"sp-gsmc / mh: candidates per step (default: {_default('sp_gsmc', 'pool_size')} / "
+        f"{_default('mh', 'pool_size')})",
     )
-    run.add_argument("--mh-steps", type=_count, default=None, help=f"({_default('mh', 'steps')})")
+    run.add_argument(
+        "--mh-steps",
+        type=_count,
+        default=None,
+        help=f"mh: moves of the Metropolis-Hastings chain (default: {_default('mh', 'steps')})",
+    )
     run.add_argument(
         "--bound",
         type=_positive_real,
         default=None,
-        help=f"rejection: a bound on the reward ({_default('rejection', 'bound')})",
+        help=f"rejection: a bound C >= sup r on the reward (default: {_default('rejection', 'bound')})",
     )
     run.add_argument(
         "--num-samples",
         type=_positive_int,
         default=None,
-        help=f"rejection: samples per prompt ({_default('rejection', 'num_samples')})",
+        help=f"rejection: samples per prompt (default: {_default('rejection', 'num_samples')})",
     )
     run.add_argument(
         "--max-tries",
         type=_positive_int,
         default=None,
-        help=f"rejection: draws per prompt ({_default('rejection', 'max_tries')})",
+        help=f"rejection: draws per prompt at most (default: {_default('rejection', 'max_tries')})",
     )
     run.add_argument(
         "--eps",
         type=_positive_real,
         default=None,
-        help="the reward model's Bellman error you assume: warn when the run's online reading exceeds it",
+        help="the reward model's Bellman error you assume: warn when the run's online reading exceeds it "
+        "(default: no check)",
     )
-    run.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per batched run")
-    _add_model_arguments(run)
-    run.add_argument("--seed", type=_count, default=0)
     run.add_argument(
-        "--json", dest="json_path", default=None, help="write JSON lines here ('-' or default: stdout)"
+        "--batch-size",
+        type=_positive_int,
+        default=8,
+        help="prompts sampled together (one model call per step for all of them)",
     )
+    _add_model_arguments(run)
+    run.add_argument(
+        "--seed",
+        type=_count,
+        default=0,
+        help="seed of the run: prompt i draws from numpy's SeedSequence(seed, spawn_key=(i,))",
+    )
+    run.add_argument(
+        "--json",
+        dest="json_path",
+        default=None,
+        metavar="PATH",
+        help="write the JSON lines here ('-': standard output) (default: standard output)",
+    )
+    _add_output_options(run)
 
     serve = commands.add_parser(
         "serve",
-        help="serve the models over HTTP (OpenAI-style /v1/completions, /health, /metrics)",
+        formatter_class=_HelpFormatter,
+        help="serve the models over HTTP (OpenAI-style /v1/completions, /v1/chat/completions, /health, "
+        "/metrics)",
         description="Serve concurrent sampling requests with the continuous-batching engine, behind an "
         "OpenAI-compatible HTTP API (needs the serve extra). Binds 127.0.0.1 unless --host says otherwise.",
     )
@@ -610,6 +989,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
+        formatter_class=_HelpFormatter,
         help="guided SMC vs best-of-N on the bundled arithmetic task (table, plot, JSON)",
         description="Accuracy of best-of-N, SMC, SP-gSMC and SP-gSMC + MH at equal policy compute on the "
         "bundled arithmetic-chain task, guided by its learned process reward model and by a degraded one, "
@@ -638,14 +1018,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=2.0,
         help="sd of the degraded reward model's log-value noise",
     )
-    demo.add_argument("--seed", type=_count, default=0)
-    demo.add_argument("--threads", type=_thread_count, default=None, help="ONNX Runtime threads")
+    demo.add_argument("--seed", type=_count, default=0, help="seed of the problems and the samplers")
+    demo.add_argument(
+        "--threads", type=_thread_count, default=None, help="ONNX Runtime threads (default: its own choice)"
+    )
     demo.add_argument("--out", default="tiltsmc-demo", help="output folder (created if needed)")
+    _add_output_options(demo)
     return parser
 
 
-def _read_prompts(args: argparse.Namespace) -> list[str]:
-    """``--prompt`` values, or the non-blank lines of the ``--prompts`` file (UTF-8, lines end at LF)."""
+def _read_prompts(args: argparse.Namespace) -> list[Any]:
+    """``--prompt`` values, or the non-blank lines of the ``--prompts`` file (UTF-8, lines end at LF), as
+    user messages with ``--chat``; or the conversations of a ``--messages`` file."""
+    if getattr(args, "messages", None) is not None:
+        return _read_messages(args.messages)
+    return _chat_prompts(args, _read_text_prompts(args))
+
+
+def _read_text_prompts(args: argparse.Namespace) -> list[str]:
     if args.prompt is not None:
         return list(args.prompt)
     path = Path(args.prompts)
@@ -680,50 +1070,163 @@ _RUN_OPTIONS: dict[str, dict[str, str]] = {
     "best-of-n": {"particles": "n"},
     "rejection": {"bound": "bound", "num_samples": "num_samples", "max_tries": "max_tries"},
 }
+
+
 def _default(sampler: str, option: str) -> Any:
     """A sampler option's default, from the sampler function's signature (for help texts)."""
     return sampler_defaults(sampler)[option]
 
 
-def _sample(
-    args: argparse.Namespace, policy: Any, reward: Any, prompts: list[str], seed: Any
-) -> SamplerResult:
-    """One batch through the chosen sampler; the options not given keep the sampler's defaults."""
-    options = {
-        parameter: getattr(args, name)
-        for name, parameter in _RUN_OPTIONS[args.sampler].items()
-        if getattr(args, name) is not None
+def _prompt_rng(seed: int, index: int) -> np.random.Generator:
+    """Prompt ``index``'s generator (``index`` counts from 0 across the whole input):
+    ``default_rng(SeedSequence(seed, spawn_key=(index,)))``, numpy's independent child streams, so that a
+    prompt's result depends on the seed and its place only, not on ``--batch-size`` or the other prompts
+    (the models' arithmetic aside: a batched session call may round differently)."""
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index,)))
+
+
+def _sampler_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampler function's options: its defaults, overridden by those given on the command line."""
+    name = args.sampler.replace("-", "_")
+    given = {
+        parameter: getattr(args, option)
+        for option, parameter in _RUN_OPTIONS[args.sampler].items()
+        if getattr(args, option) is not None
     }
-    function = SAMPLER_FUNCTIONS[args.sampler.replace("-", "_")][0]  # one table: the engine's
-    result: SamplerResult = function(policy, reward, prompts, rng=seed, **options)
-    return result
+    return {**sampler_defaults(name), **given}
 
 
-def _records(result: SamplerResult, prompts: list[str], offset: int) -> list[dict[str, Any]]:
+def _step_budget(args: argparse.Namespace, options: dict[str, Any], policy: Any) -> Optional[int]:
+    """The most steps one prompt can take (for the progress bar): ``max_new_tokens`` per pass; None where
+    the number of passes is random (rejection)."""
+    limit = options.get("max_new_tokens") or getattr(policy, "max_new_tokens", None)
+    if not isinstance(limit, int) or args.sampler == "rejection":
+        return None
+    return limit * (int(options["steps"]) + 1 if args.sampler == "mh" else 1)
+
+
+class PromptFailed(Exception):
+    """A prompt's run raised (not a prompt the policy refused: that one is a record with ``error``)."""
+
+    def __init__(self, index: int, error: BaseException) -> None:
+        super().__init__(index, error)
+        self.index, self.error = index, error
+
+
+def _sample(
+    args: argparse.Namespace,
+    models: Models,
+    options: dict[str, Any],
+    prompts: list[Any],
+    offset: int,
+    progress: StepProgress,
+) -> list[SamplerResult]:
+    """One run per prompt, batched in one :class:`~tiltsmc.samplers.lane.Lane` (one model call per step
+    for all of them, as the serving engine does), so that each prompt gets its own result, seeded by
+    :func:`_prompt_rng`, and its own share of the compute. A run alone gives exactly the sampler
+    function's result for that prompt and generator."""
+    build = SAMPLER_FUNCTIONS[args.sampler.replace("-", "_")][1]  # one table: the engine's
+    runs = [
+        build(models, [prompt], rng=_prompt_rng(args.seed, offset + i), **options)
+        for i, prompt in enumerate(prompts)
+    ]
+    lane = Lane(models, runs[0].kind)
+    for run_ in runs:
+        lane.add(run_)
+    index = {id(run_): i for i, run_ in enumerate(runs)}
+    steps = [0] * len(runs)
+    results: dict[int, SamplerResult] = {}
+    began = time.perf_counter()
+    while len(results) < len(runs):
+        stepping = [index[id(run_)] for run_ in lane.runs()]
+        ended = lane.step()
+        for i in stepping:
+            steps[i] += 1
+        progress.advance(len(stepping))
+        for run_, error in ended:
+            i = index[id(run_)]
+            if error is not None:
+                raise PromptFailed(offset + i, error)
+            result = run_.result
+            assert result is not None
+            result.compute.total_seconds = time.perf_counter() - began
+            results[i] = result
+            progress.prompt_done(steps[i])
+    return [results[i] for i in range(len(runs))]
+
+
+def _batches_together(policy: Any, reward: Any) -> bool:
+    """Whether prompts can share a lane (models that the serving engine can batch); else one at a time."""
+    return all(getattr(model, "supports_engine", False) is True for model in (policy, reward))
+
+
+def run_configuration(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any]:
+    """The ``run`` object of every record: what produced it (see the output schema)."""
+    from . import __version__
+
+    try:
+        import onnxruntime
+
+        runtime: Optional[str] = str(onnxruntime.__version__)
+    except ImportError:  # pragma: no cover - the models could not have loaded
+        runtime = None
+    models = {name: getattr(args, name) for name in _model_option_names() if hasattr(args, name)}
+    for name in ("policy", "reward"):
+        if models.get(name) is not None:
+            models[name] = os.path.abspath(models[name])
+    configuration: dict[str, Any] = finite_or_none(
+        {
+            "tiltsmc_version": __version__,
+            "onnxruntime_version": runtime,
+            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "sampler": args.sampler.replace("-", "_"),
+            "options": options,
+            "seed": args.seed,
+            "batch_size": args.batch_size,
+            "models": models,
+        }
+    )
+    return configuration
+
+
+def _record(result: SamplerResult, prompt: Any, index: int, run_info: dict[str, Any]) -> dict[str, Any]:
+    """One prompt's line (its result holds that prompt only); the fields are those of the output schema."""
     whole = result.to_dict()
-    records = []
-    for b, prompt in enumerate(prompts):
-        record: dict[str, Any] = {"prompt_index": offset + b, "prompt": prompt, "sampler": whole["sampler"]}
-        for key in (
-            "samples",
-            "texts",
-            "log_weights",
-            "log_z",
-            "ess",
-            "resampled",
-            "log_z_increments",
-            "log_z_increment_se",
-            "collapsed",
-            "acceptance_rate",
-            "tries",
-        ):
-            if key in whole:
-                record[key] = whole[key][b]
-        if str(b) in whole.get("errors", {}):
-            record["error"] = whole["errors"][str(b)]
-        record["compute"] = whole["compute"]  # for the whole batch this prompt ran in
-        records.append(record)
-    return records
+    record: dict[str, Any] = {"prompt_index": index, "prompt": prompt, "sampler": whole["sampler"]}
+    for key in (
+        "samples",
+        "texts",
+        "log_weights",
+        "log_z",
+        "ess",
+        "resampled",
+        "log_z_increments",
+        "log_z_increment_se",
+        "collapsed",
+        "acceptance_rate",
+        "tries",
+        "mh_accepted",
+        "proposal_log_z",
+        "log_rewards",
+    ):
+        if key in whole:
+            record[key] = whole[key][0]
+    best = result.best(0)
+    record["best"] = best
+    record["best_text"] = result.best_texts()[0]
+    if "0" in whole.get("errors", {}):
+        record["error"] = whole["errors"]["0"]
+    record["compute"] = whole["compute"]  # this prompt's own share
+    record["run"] = run_info
+    return record
+
+
+def output_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of a ``tiltsmc run`` line, shipped as ``tiltsmc/run.schema.json``."""
+    from importlib.resources import files
+
+    schema: dict[str, Any] = json.loads(files("tiltsmc").joinpath("run.schema.json").read_text("utf-8"))
+    return schema
 
 
 def _load_models_or_fail(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -744,43 +1247,64 @@ def run(args: argparse.Namespace) -> int:
         if args.threads is not None:
             core.set_num_threads(args.threads)
         policy, reward = _load_models_or_fail(args)
-        seed = np.random.default_rng(args.seed)
-        progress = Progress(len(prompts), f"tiltsmc {args.sampler}")
+        options = _sampler_options(args)
+        run_info = run_configuration(args, options)
+        models = Models(policy, reward, Compute())
+        batch_size = args.batch_size if _batches_together(policy, reward) else 1
+        logger.debug("run configuration: %s", json.dumps(run_info))
+        progress = StepProgress(
+            len(prompts),
+            _step_budget(args, options, policy),
+            f"tiltsmc {args.sampler}",
+            _progress_enabled(args),
+        )
         began = time.perf_counter()
         failed = 0
         readings = []
         try:
-            for start in range(0, len(prompts), args.batch_size):
-                batch = prompts[start : start + args.batch_size]
+            for start in range(0, len(prompts), batch_size):
+                batch = prompts[start : start + batch_size]
                 try:
-                    result = _sample(args, policy, reward, batch, seed)
-                except Exception as error:  # ONNX Runtime's own errors, bad model outputs
+                    results = _sample(args, models, options, batch, start, progress)
+                except PromptFailed as failure:  # ONNX Runtime's own errors, bad model outputs
                     if os.environ.get("TILTSMC_TRACEBACK"):
-                        raise
+                        raise failure.error from None
                     raise CliError(
-                        f"run failed on prompts {start}..{start + len(batch) - 1}: {_one_line(error)}", 1
+                        f"run failed on prompt {failure.index}: {_one_line(failure.error)}", 1
                     ) from None
-                readings.append(online_bellman(result))
-                records = _records(result, batch, start)
+                records = []
+                for i, (prompt, result) in enumerate(zip(batch, results)):
+                    readings.append(online_bellman(result))
+                    records.append(_record(result, prompt, start + i, run_info))
                 failed += sum("error" in record for record in records)
-                output.write([json.dumps(record) + "\n" for record in records])
-                progress.update(min(start + args.batch_size, len(prompts)))
+                with _cleared_progress(output):
+                    output.write([json.dumps(record, allow_nan=False) + "\n" for record in records])
         finally:
             progress.close()
         output.commit()
     except BaseException:
         output.discard()
         raise
-    print(
-        f"tiltsmc: {len(prompts)} prompt(s), {failed} failed, {time.perf_counter() - began:.2f}s"
-        f"{output.where}",
-        file=sys.stderr,
+    logger.info(
+        "%d prompt(s), %d failed, %.2fs%s", len(prompts), failed, time.perf_counter() - began, output.where
     )
     reading = OnlineBellman.combine(readings)
-    print(f"tiltsmc: {reading.summary(eps=args.eps)}", file=sys.stderr)
+    logger.info("%s", reading.summary(eps=args.eps))
     for message in reading.warnings(args.eps):
-        print(f"tiltsmc: warning: {message}", file=sys.stderr)
+        logger.warning("%s", message)
     return 1 if failed == len(prompts) else 0
+
+
+def _cleared_progress(output: ResultOutput) -> contextlib.AbstractContextManager[Any]:
+    """Lines written to a terminal (standard output, or a character device) clear the progress bar first,
+    so that results and the bar never share a line."""
+    from tqdm import tqdm
+
+    stream = output.stream
+    if stream is not None and stream.isatty():
+        cleared: contextlib.AbstractContextManager[Any] = tqdm.external_write_mode(file=stream)
+        return cleared
+    return contextlib.nullcontext()
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -829,25 +1353,46 @@ def demo(args: argparse.Namespace) -> int:
         raise CliError(f"demo: --{error}") from None
     if args.threads is not None:
         core.set_num_threads(args.threads)
-    progress = Progress(1, "tiltsmc demo")
-
-    def report(done: int, total: int) -> None:
-        progress.total = total
-        progress.update(done)
-
-    try:
+    with _demo_progress(args) as report:
         record = demo_module.run_demo(config, progress=report)
-    finally:
-        progress.close()
     try:
         written = demo_module.write_outputs(record, out)
     except OSError as error:
         raise CliError(f"demo: cannot write to {out}: {error.strerror or error}", 1) from None
     print(demo_module.render_table(record))
-    print(
-        f"tiltsmc demo: {record['seconds']:.0f}s; wrote {', '.join(str(p) for p in written)}", file=sys.stderr
-    )
+    logger.info("demo: %.0fs; wrote %s", record["seconds"], ", ".join(str(p) for p in written))
     return 0
+
+
+@contextlib.contextmanager
+def _demo_progress(args: argparse.Namespace, every: float = 10.0) -> Iterator[Any]:
+    """The demo's progress (sampler runs done of all): a :mod:`tqdm` bar on a terminal; otherwise (piped,
+    in a log file) an INFO line at most every ``every`` seconds and at the end, with the ETA."""
+    from tqdm import tqdm
+
+    bar = tqdm(
+        desc="tiltsmc demo", unit="run", file=sys.stderr, disable=not _progress_enabled(args), **_bar_size()
+    )
+    began = time.perf_counter()
+    last = [began]
+
+    def report(done: int, total: int) -> None:
+        if not bar.disable:
+            bar.total = total
+            bar.update(done - bar.n)
+            return
+        now = time.perf_counter()
+        if done < total and now - last[0] < every:
+            return
+        last[0] = now
+        elapsed = now - began
+        eta = elapsed / done * (total - done) if done else math.nan
+        logger.info("demo: %d/%d sampler runs, %.0fs elapsed, about %.0fs left", done, total, elapsed, eta)
+
+    try:
+        yield report
+    finally:
+        bar.close()
 
 
 def _quiet_stdout() -> None:
@@ -865,7 +1410,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "serve":  # a server: its own signal handling, no result file
             return serve(args)
-        with signals_raise():
+        with signals_raise(), _logging_to_stderr(args):
             return run(args) if args.command == "run" else demo(args)
     except CliError as error:
         if error.code == 1 and "broken pipe" in str(error):

@@ -18,15 +18,19 @@ deliberately degraded reward model (:class:`NoisyReward`), and the Bellman error
 estimated from rollouts (:func:`tiltsmc.diagnostics.bellman_error`). The paper's claim: when the reward
 model's Bellman error is small, guided SMC needs compute polynomial in ``T`` where best-of-N needs
 ``~1/Z``, exponential in ``T`` — so the gain of SMC over best-of-N grows with ``T``.
+
+``demo.json`` is strict JSON: numbers stay numbers, and a value that is not finite is ``null`` (``-inf``
+in log-quantities such as ``log_z``, ``+inf`` in bounds and standard errors, NaN where undefined), as in
+``tiltsmc run``'s output. The files get the usual mode of a new file (``0666`` less the umask).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -38,12 +42,15 @@ from typing import Any, Callable, Optional
 import numpy as np
 import numpy.typing as npt
 
+from ._files import create_beside
 from .diagnostics import bellman_error
 from .models.particles import Particles
 from .models.protocols import RewardModel
 from .samplers import SamplerResult, best_of_n, mh, smc, sp_gsmc
-from .samplers.result import _finite
+from .samplers.result import finite_or_none
 from .tasks import arithmetic
+
+logger = logging.getLogger("tiltsmc.demo")
 
 __all__ = ["DemoConfig", "NoisyReward", "render_table", "run_demo", "write_outputs"]
 
@@ -235,7 +242,7 @@ def run_demo(
                 rng=np.random.default_rng([config.seed, level, 99, len(guide)]),
                 method="sampled",
             )
-            bellman[str(level)][guide] = _finite(estimate.to_dict())
+            bellman[str(level)][guide] = estimate.to_dict()  # non-finite values: null in demo.json
             advance()
     return {
         "config": asdict(config),
@@ -415,7 +422,9 @@ def write_outputs(record: dict[str, Any], out: Path) -> list[Path]:
     each written to a temporary file first and renamed, so an interruption leaves no half-written file."""
     out.mkdir(parents=True, exist_ok=True)
     contents: dict[str, Callable[[Path], object]] = {
-        "demo.json": lambda p: p.write_text(json.dumps(_finite(record), indent=1) + "\n", encoding="utf-8"),
+        "demo.json": lambda p: p.write_text(
+            json.dumps(finite_or_none(record), indent=1, allow_nan=False) + "\n", encoding="utf-8"
+        ),
         "demo.txt": lambda p: p.write_text(render_table(record) + "\n", encoding="utf-8"),
     }
     try:
@@ -423,19 +432,15 @@ def write_outputs(record: dict[str, Any], out: Path) -> list[Path]:
 
         contents["demo.png"] = lambda p: plot(record, p)
     except ImportError:
-        print(
-            "tiltsmc demo: matplotlib is not installed, so no plot (pip install 'tiltsmc[demo]')",
-            file=sys.stderr,
-        )
+        logger.warning("demo: matplotlib is not installed, so no plot (pip install 'tiltsmc[demo]')")
     staged: list[tuple[Path, Path]] = []
     try:
         for name, write in contents.items():
-            descriptor, temporary_name = tempfile.mkstemp(
-                prefix=f".{name}.", suffix=Path(name).suffix, dir=out
-            )
+            # 0666 less the umask, as a new file; the suffix tells matplotlib the format
+            descriptor, temporary = create_beside(out / name, suffix=Path(name).suffix)
             os.close(descriptor)
-            staged.append((Path(temporary_name), out / name))
-            write(Path(temporary_name))
+            staged.append((temporary, out / name))
+            write(temporary)
         for staged_file, final in staged:
             os.replace(staged_file, final)
     finally:

@@ -12,7 +12,7 @@ import re
 import stat
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -97,9 +97,100 @@ def _preload_cuda_libraries() -> None:
 CUDA_DEFAULTS = {"use_tf32": "0"}
 
 
-def _with_cuda_defaults(providers: Sequence[Any]) -> list[Any]:
-    """A bare ``"CUDAExecutionProvider"`` gets tiltsmc's defaults; a ``(name, options)`` pair is kept."""
-    return [(p, dict(CUDA_DEFAULTS)) if p == "CUDAExecutionProvider" else p for p in providers]
+def _with_provider_options(
+    providers: Sequence[Any], provider_options: Optional[Mapping[str, Mapping[str, Any]]]
+) -> list[Any]:
+    """Each provider with its options: tiltsmc's defaults for a bare ``"CUDAExecutionProvider"``
+    (:data:`CUDA_DEFAULTS`), a ``(name, options)`` pair's own, then ``provider_options[name]`` on top."""
+    chosen = []
+    for entry in providers:
+        name, options = (entry, None) if isinstance(entry, str) else (entry[0], dict(entry[1]))
+        if options is None:
+            options = dict(CUDA_DEFAULTS) if name == "CUDAExecutionProvider" else {}
+        options.update((provider_options or {}).get(name, {}))
+        chosen.append((name, options) if options else name)
+    return chosen
+
+
+def _checked_provider_options(
+    provider_options: Optional[Mapping[str, Mapping[str, Any]]], ort: Any
+) -> Optional[dict[str, dict[str, str]]]:
+    """``{provider name: {option: value}}`` with known provider names; values as the strings ONNX Runtime
+    takes (ValueError / TypeError naming ``provider_options``)."""
+    if provider_options is None:
+        return None
+    if not isinstance(provider_options, Mapping):
+        raise TypeError(
+            "provider_options: expected {provider name: {option: value}}, e.g. "
+            f"{{'CUDAExecutionProvider': {{'device_id': 1}}}}, got {type(provider_options).__name__}"
+        )
+    checked: dict[str, dict[str, str]] = {}
+    for name, options in provider_options.items():
+        if name not in ort.get_all_providers():
+            raise ValueError(f"provider_options: {name!r} is not a provider ONNX Runtime knows")
+        if not isinstance(options, Mapping):
+            raise TypeError(f"provider_options[{name!r}]: expected a dict of options, got {options!r}")
+        checked[name] = {
+            str(key): (str(int(value)) if isinstance(value, bool) else str(value))
+            for key, value in options.items()
+        }
+    return checked
+
+
+# SessionOptions fields that take an enum, by the names of their values (as ONNX Runtime's docs write them)
+_ENUM_FIELDS = {
+    "graph_optimization_level": (
+        "GraphOptimizationLevel",
+        {"disable_all": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+         "layout": "ORT_ENABLE_LAYOUT", "all": "ORT_ENABLE_ALL"},
+    ),
+    "execution_mode": ("ExecutionMode", {"sequential": "ORT_SEQUENTIAL", "parallel": "ORT_PARALLEL"}),
+}  # fmt: skip
+
+
+def _session_option_value(ort: Any, name: str, value: Any) -> Any:
+    """A dict entry of ``session_options`` as the SessionOptions field takes it: enum fields also by name
+    (``"basic"``, ``"ORT_ENABLE_BASIC"``) or number."""
+    if name not in _ENUM_FIELDS or not isinstance(value, (str, int)) or isinstance(value, bool):
+        return value
+    enum_name, names = _ENUM_FIELDS[name]
+    enum = getattr(ort, enum_name)
+    if isinstance(value, int):
+        for member in enum.__members__.values():
+            if int(member) == value:
+                return member
+    else:
+        member_name = names.get(value.lower(), value.upper())
+        if member_name in enum.__members__:
+            return enum.__members__[member_name]
+    raise ValueError(
+        f"session_options: {name}: expected one of {', '.join(names)} (or the enum), got {value!r}"
+    )
+
+
+def _apply_session_options(ort: Any, options: Any, session_options: Mapping[str, Any]) -> None:
+    """Set each ``{field: value}`` on ``options`` (an ``ort.SessionOptions``); ``config`` is a dict of
+    session config entries (``add_session_config_entry``). ValueError naming a field it does not have or
+    a value it refuses."""
+    for name, value in session_options.items():
+        if name == "config":
+            if not isinstance(value, Mapping):
+                raise TypeError(f"session_options: config: expected a dict of config entries, got {value!r}")
+            for key, entry in value.items():
+                options.add_session_config_entry(str(key), str(entry))
+            continue
+        if name.startswith("_") or not hasattr(options, name) or callable(getattr(options, name)):
+            fields = sorted(
+                f for f in dir(options) if not f.startswith("_") and not callable(getattr(options, f))
+            )
+            raise ValueError(
+                f"session_options: {name!r} is not a field of onnxruntime.SessionOptions (fields: "
+                f"{', '.join(fields)}; 'config' for config entries)"
+            )
+        try:
+            setattr(options, name, _session_option_value(ort, name, value))
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise ValueError(f"session_options: {name}: cannot set {value!r}: {error}") from None
 
 
 def make_session(
@@ -110,8 +201,23 @@ def make_session(
     inter_op_num_threads: Optional[int] = None,
     require_gpu: bool = False,
     memory_arena: bool = True,
+    session_options: Any = None,
+    provider_options: Optional[Mapping[str, Mapping[str, Any]]] = None,
 ) -> Any:
     """An ``onnxruntime.InferenceSession`` on CUDA where a device is usable, else on the CPU.
+
+    tiltsmc's session defaults: ``log_severity_level = 4`` (fatal only: errors reach the caller as
+    exceptions), the config entry ``session.force_spinning_stop = 1`` (the pool threads stop spinning when
+    a run ends, since the policy and the reward model take turns), the CPU memory arena on
+    (``memory_arena``), threads as ``intra_op_num_threads`` / ``inter_op_num_threads`` say (None: ONNX
+    Runtime's own choice); everything else is ONNX Runtime's default (graph optimisation level
+    ``ORT_ENABLE_ALL``). ``session_options`` changes them: a dict of ``onnxruntime.SessionOptions``
+    fields (``{"intra_op_num_threads": 2, "graph_optimization_level": "basic", "log_severity_level": 2,
+    "enable_cpu_mem_arena": False}``, enum fields also by name; ``"config"``: a dict of session config
+    entries), set after tiltsmc's defaults; or an ``onnxruntime.SessionOptions`` object, used as it is
+    (tiltsmc's defaults are not applied to it, and the thread and arena arguments must be left at their
+    defaults). ``provider_options``: ``{provider name: {option: value}}``, set on that provider wherever it
+    is used (on CUDA over tiltsmc's ``use_tf32=0``).
 
     An explicit ``providers`` list is used as given, except that a bare ``"CUDAExecutionProvider"`` runs
     float32 in full precision (``use_tf32=0``; pass ``("CUDAExecutionProvider", {...})`` to choose other
@@ -138,6 +244,23 @@ def make_session(
             kept = [p for p in providers if (p if isinstance(p, str) else p[0]) != "CUDAExecutionProvider"]
             providers = kept or ["CPUExecutionProvider"]
     check_external_data(model_path)
+    provider_options = _checked_provider_options(provider_options, ort)
+    if session_options is not None and isinstance(session_options, ort.SessionOptions):
+        given = [name for name, value in (("intra_op_num_threads", intra_op_num_threads),
+                 ("inter_op_num_threads", inter_op_num_threads)) if value is not None]  # fmt: skip
+        if memory_arena is not True:
+            given.append("memory_arena")
+        if given:
+            raise ValueError(
+                f"session_options: a SessionOptions object is used as it is; set {', '.join(given)} on it "
+                "(or pass session_options as a dict)"
+            )
+        return _make(ort, model_path, session_options, providers, require_gpu, provider_options)
+    if session_options is not None and not isinstance(session_options, Mapping):
+        raise TypeError(
+            "session_options: expected an onnxruntime.SessionOptions or a dict of its fields, got "
+            f"{type(session_options).__name__}"
+        )
     options = ort.SessionOptions()
     # Fatal only: errors reach the caller as exceptions (printed too, they would make a second report), and
     # provider fallbacks are handled here.
@@ -157,10 +280,25 @@ def make_session(
         if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 0:
             raise ValueError(f"{name}: expected an integer >= 0 (0: ONNX Runtime's default), got {threads!r}")
         setattr(options, name, int(threads))
+    if session_options:
+        _apply_session_options(ort, options, session_options)
+    return _make(ort, model_path, options, providers, require_gpu, provider_options)
+
+
+def _make(
+    ort: Any,
+    model_path: Path,
+    options: Any,
+    providers: Optional[Sequence[Any]],
+    require_gpu: bool,
+    provider_options: Optional[Mapping[str, Mapping[str, Any]]],
+) -> Any:
+    """The session of :func:`make_session` with these options: the providers given, else CUDA where it is
+    usable, else the CPU."""
     if providers is not None:
         if any("CUDA" in str(p if isinstance(p, str) else p[0]) for p in providers):
             _preload_cuda_libraries()
-        session = _load(ort, model_path, options, _with_cuda_defaults(providers))
+        session = _load(ort, model_path, options, _with_provider_options(providers, provider_options))
         if require_gpu and "CUDAExecutionProvider" not in session.get_providers():
             raise RuntimeError(
                 f"require_gpu: {model_path.name} runs on {session.get_providers()}, not on CUDA "
@@ -174,7 +312,9 @@ def make_session(
             session = ort.InferenceSession(
                 os.fspath(model_path),
                 sess_options=options,
-                providers=_with_cuda_defaults(["CUDAExecutionProvider", "CPUExecutionProvider"]),
+                providers=_with_provider_options(
+                    ["CUDAExecutionProvider", "CPUExecutionProvider"], provider_options
+                ),
             )
             if "CUDAExecutionProvider" in session.get_providers():
                 return session
@@ -185,7 +325,9 @@ def make_session(
         reason = "this ONNX Runtime build has no CUDA provider (install onnxruntime-gpu)"
     if require_gpu:
         raise RuntimeError(f"require_gpu: no usable GPU for {model_path.name}: {reason}")
-    return _load(ort, model_path, options, ["CPUExecutionProvider"])
+    return _load(
+        ort, model_path, options, _with_provider_options(["CPUExecutionProvider"], provider_options)
+    )
 
 
 _FEED_TYPES = {

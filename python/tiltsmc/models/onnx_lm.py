@@ -36,7 +36,7 @@ import os
 import re
 import sys
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -46,6 +46,7 @@ import numpy.typing as npt
 from .. import core
 from ._config import Source, first, positive_int, real_number, token_id, token_ids
 from ._ort import make_session, shrink_memory_arena
+from .chat import is_chat
 from .device_cache import DeviceKVCache
 from .particles import MAX_NEW_TOKENS, Particles
 from .prompts import check_prompts
@@ -172,6 +173,14 @@ class OnnxCausalLM:
     tokenizer.json, if any; without one, prompts must be token-id sequences). ``eos_token_id`` (default from
     the configs) ends a trajectory, as does ``max_new_tokens``. ``memory_arena=False`` frees ONNX
     Runtime's buffers after each run instead of keeping them at their peak (a long-running service).
+
+    Prompts: a string (encoded with the special tokens the tokenizer's post-processor adds, as Hugging
+    Face does; ``add_special_tokens=False`` leaves them out), token ids (used as given), or chat messages
+    ``[{"role": ..., "content": ...}, ...]`` rendered by the tokenizer folder's chat template
+    (``chat_template=`` overrides it; see :mod:`tiltsmc.models.chat`) and encoded without adding special
+    tokens again. Texts are decoded without special tokens (``skip_special_tokens=False`` keeps them).
+    ``session_options`` and ``provider_options`` go to ONNX Runtime
+    (:func:`~tiltsmc.models._ort.make_session`).
     """
 
     def __init__(
@@ -194,12 +203,24 @@ class OnnxCausalLM:
         require_gpu: bool = False,
         device_cache: Optional[bool] = None,
         memory_arena: bool = True,
+        add_special_tokens: bool = True,
+        skip_special_tokens: bool = True,
+        chat_template: Optional[str] = None,
+        session_options: Any = None,
+        provider_options: Optional[Mapping[str, Mapping[str, Any]]] = None,
         value_output: Optional[str] = None,
     ) -> None:
         self.model_file, model_dir = resolve_model_file(path)
         config = read_json(model_dir / "config.json")
         generation = read_json(model_dir / "generation_config.json")
-        self.tokenizer: Optional[Tokenizer] = load_tokenizer(tokenizer, model_dir)
+        self.tokenizer: Optional[Tokenizer] = load_tokenizer(
+            tokenizer, model_dir, add_special_tokens=add_special_tokens,
+            skip_special_tokens=skip_special_tokens, chat_template=chat_template,
+        )  # fmt: skip
+        if self.tokenizer is None and chat_template is not None:
+            raise ValueError(
+                "chat_template: needs a tokenizer (none given, no tokenizer.json beside the model)"
+            )
         if (
             isinstance(max_new_tokens, bool)
             or not isinstance(max_new_tokens, (int, np.integer))
@@ -227,6 +248,8 @@ class OnnxCausalLM:
             inter_op_num_threads=inter_op_num_threads,
             require_gpu=require_gpu,
             memory_arena=memory_arena,
+            session_options=session_options,
+            provider_options=provider_options,
         )
         inputs = {node.name: node for node in self.session.get_inputs()}
         outputs = [node.name for node in self.session.get_outputs()]
@@ -373,13 +396,23 @@ class OnnxCausalLM:
     # -- prompts -----------------------------------------------------------------------------------------
 
     def encode_prompt(self, prompt: Any) -> npt.NDArray[np.int64]:
-        """Token ids of one prompt (a string with a tokenizer, or a sequence of ids); raises on bad input."""
+        """Token ids of one prompt (a string or chat messages with a tokenizer, or a sequence of ids);
+        raises on bad input. An empty prompt is the BOS token alone."""
         if prompt is None or (isinstance(prompt, str) and prompt == ""):
             ids = np.zeros(0, dtype=np.int64)
         elif isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("a text prompt needs a tokenizer: pass tokenizer= or token ids")
             ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, Mapping):
+            raise ValueError(
+                "a single message is not a prompt: a chat prompt is a list of messages, e.g. "
+                "[{'role': 'user', 'content': ...}] (and prompts a list of such lists)"
+            )
+        elif is_chat(prompt):
+            if self.tokenizer is None:
+                raise ValueError("a chat prompt needs a tokenizer with a chat template")
+            ids = self.tokenizer.encode_chat(prompt)
         else:
             ids = np.asarray(prompt)
             if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
@@ -501,6 +534,8 @@ class OnnxCausalLM:
         for b, prompt in enumerate(prompt_list):
             try:
                 encoded.append(self.encode_prompt(prompt))
+            except ImportError:  # a missing package (jinja2 for chat templates) fails every prompt alike
+                raise
             except Exception as error:  # any failure of one prompt (the tokenizer's too) is that prompt's
                 errors[b] = f"prompt {b}: {error}"
                 encoded.append(np.array([self.pad_token_id], dtype=np.int64))
@@ -693,8 +728,9 @@ class OnnxCausalLM:
             else:
                 assert self.step_text is not None and self.tokenizer is not None and step_start is not None
                 for b, i in zip(*np.nonzero(in_step & ~done)):
-                    text = self.tokenizer.decode(
-                        particles.tokens[b, i, step_start[b, i] : particles.lengths[b, i]]
+                    text = self.tokenizer.decode(  # a delimiter may be a special token
+                        particles.tokens[b, i, step_start[b, i] : particles.lengths[b, i]],
+                        skip_special_tokens=False,
                     )
                     done[b, i] = text.endswith(self.step_text)
             in_step &= ~done

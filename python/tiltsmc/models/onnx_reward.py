@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
@@ -89,8 +89,12 @@ class _Prompts:
 
 
 class OnnxRewardModel:
-    """``log Vh`` from an ONNX scoring model (see the module docstring). ``memory_arena=False`` frees ONNX
-    Runtime's buffers after each run instead of keeping them at their peak (a long-running service)."""
+    """``log Vh`` from an ONNX scoring model (see the module docstring). ``kind`` defaults to ``"logit"``
+    (``Vh = sigmoid(score)``: what a reward head trained with a logistic loss outputs, as the bundled
+    demo's PRM). It scores the prompt ids the policy encoded (``Particles.prompt_tokens``), so both see
+    the same tokens. ``memory_arena=False`` frees ONNX Runtime's buffers after each run instead of keeping
+    them at their peak (a long-running service); ``session_options`` and ``provider_options`` go to ONNX
+    Runtime (:func:`~tiltsmc.models._ort.make_session`)."""
 
     # Its log-values are finite or -inf (it raises on anything else itself): the samplers need not check.
     log_values_checked = True
@@ -107,7 +111,7 @@ class OnnxRewardModel:
         self,
         path: Union[str, os.PathLike[str]],
         output: Optional[str] = None,
-        kind: Literal["log_value", "prob", "logit"] = "log_value",
+        kind: Literal["log_value", "prob", "logit"] = "logit",
         position: Literal["last", "delimiter"] = "last",
         *,
         tokenizer: Any = None,
@@ -122,6 +126,8 @@ class OnnxRewardModel:
         label: Optional[int] = None,
         classes: Optional[Sequence[int]] = None,
         memory_arena: bool = True,
+        session_options: Any = None,
+        provider_options: Optional[Mapping[str, Mapping[str, Any]]] = None,
         kv_cache: Optional[bool] = None,
     ) -> None:
         if kind not in KINDS:
@@ -151,6 +157,8 @@ class OnnxRewardModel:
             inter_op_num_threads=inter_op_num_threads,
             require_gpu=require_gpu,
             memory_arena=memory_arena,
+            session_options=session_options,
+            provider_options=provider_options,
         )
         inputs = {node.name: node for node in self.session.get_inputs()}
         outputs = {node.name: node for node in self.session.get_outputs()}

@@ -1,23 +1,75 @@
-"""Tokenizers for ONNX models: a ``tokenizers.Tokenizer`` from a tokenizer.json, or none (token ids)."""
+"""Tokenizers for ONNX models: a ``tokenizers.Tokenizer`` from a tokenizer.json, or none (token ids).
+
+Text is encoded and decoded as Hugging Face's ``transformers`` does by default: ``encode`` runs the
+tokenizer's own post-processor (``add_special_tokens=True``: a BOS, or whatever its tokenizer.json's
+``post_processor`` adds), ``decode`` leaves special tokens out (``skip_special_tokens=True``); both can
+be turned off. Chat messages are rendered with the chat template of the tokenizer's folder
+(:mod:`tiltsmc.models.chat`) and encoded without adding special tokens again: the template writes them.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
 import numpy.typing as npt
 
+from . import chat
+
 __all__ = ["Tokenizer", "load_tokenizer"]
 
 
 class Tokenizer:
-    """Encodes prompts and decodes generated ids with the ``tokenizers`` library."""
+    """Encodes prompts and decodes generated ids with the ``tokenizers`` library.
 
-    def __init__(self, inner: Any, source: str) -> None:
+    ``add_special_tokens``: :meth:`encode` adds what the tokenizer's post-processor adds (a BOS for most
+    models); ``skip_special_tokens``: :meth:`decode` leaves special tokens (``<|endoftext|>``, ``<pad>``)
+    out. ``chat_template`` (a Jinja template, from tokenizer_config.json or chat_template.jinja) and
+    ``special_tokens`` (``bos_token``, ``eos_token``, ... as tokenizer_config.json names them) render chat
+    messages (:meth:`encode_chat`).
+    """
+
+    def __init__(
+        self,
+        inner: Any,
+        source: str,
+        *,
+        add_special_tokens: bool = True,
+        skip_special_tokens: bool = True,
+        chat_template: Optional[str] = None,
+        special_tokens: Optional[Mapping[str, Any]] = None,
+    ) -> None:
         self.inner = inner
         self.source = source
+        self.add_special_tokens = _flag(add_special_tokens, "add_special_tokens")
+        self.skip_special_tokens = _flag(skip_special_tokens, "skip_special_tokens")
+        if chat_template is not None and not isinstance(chat_template, str):
+            raise TypeError(
+                f"chat_template: expected a Jinja template string, got {type(chat_template).__name__}"
+            )
+        self.chat_template = chat_template
+        self.special_tokens: dict[str, Any] = dict(special_tokens or {})
+
+    def with_options(
+        self,
+        add_special_tokens: Optional[bool] = None,
+        skip_special_tokens: Optional[bool] = None,
+        chat_template: Optional[str] = None,
+    ) -> Tokenizer:
+        """A copy with these options changed (None: kept); the ``tokenizers`` object is shared."""
+        return Tokenizer(
+            self.inner,
+            self.source,
+            add_special_tokens=self.add_special_tokens if add_special_tokens is None else add_special_tokens,
+            skip_special_tokens=(
+                self.skip_special_tokens if skip_special_tokens is None else skip_special_tokens
+            ),
+            chat_template=self.chat_template if chat_template is None else chat_template,
+            special_tokens=self.special_tokens,
+        )
 
     @property
     def vocab_size(self) -> int:
@@ -26,41 +78,93 @@ class Tokenizer:
     def vocabulary(self) -> dict[str, int]:
         return dict(self.inner.get_vocab(with_added_tokens=True))
 
-    def encode(self, text: str) -> npt.NDArray[np.int64]:
-        """Token ids of ``text``; ValueError for text that is not valid Unicode (a lone surrogate, as
-        ``json.loads`` gives for a client's ``"\\ud800"``), which the tokenizer would refuse with a
-        TypeError that does not say why."""
+    def encode(self, text: str, add_special_tokens: Optional[bool] = None) -> npt.NDArray[np.int64]:
+        """Token ids of ``text``, with the special tokens the post-processor adds unless
+        ``add_special_tokens`` (default: the tokenizer's setting) is False.
+
+        ValueError for text that is not valid Unicode (a lone surrogate, as ``json.loads`` gives for a
+        client's ``"\\ud800"``), which the tokenizer would refuse with a TypeError that does not say why."""
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as error:
             raise ValueError(
                 f"not valid Unicode text: {error.reason} {text[error.start]!r} at character {error.start}"
             ) from None
-        return np.asarray(self.inner.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+        add = self.add_special_tokens if add_special_tokens is None else add_special_tokens
+        return np.asarray(self.inner.encode(text, add_special_tokens=bool(add)).ids, dtype=np.int64)
 
-    def decode(self, ids: npt.ArrayLike) -> str:
+    def decode(self, ids: npt.ArrayLike, skip_special_tokens: Optional[bool] = None) -> str:
+        """The text of ``ids``, special tokens left out unless ``skip_special_tokens`` (default: the
+        tokenizer's setting) is False."""
+        skip = self.skip_special_tokens if skip_special_tokens is None else skip_special_tokens
         token_ids = np.asarray(ids, dtype=np.int64).reshape(-1).tolist()  # Python ints, in one call
-        return str(self.inner.decode(token_ids, skip_special_tokens=False))
+        return str(self.inner.decode(token_ids, skip_special_tokens=bool(skip)))
 
     def token_id(self, token: str) -> Optional[int]:
         value = self.inner.token_to_id(token)
         return None if value is None else int(value)
 
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+    ) -> str:
+        """``messages`` rendered by the chat template (:func:`tiltsmc.models.chat.render_chat_template`)."""
+        if self.chat_template is None:
+            raise ValueError(
+                f"a chat prompt needs a chat template, and the tokenizer {self.source} has none (no "
+                "chat_template in tokenizer_config.json, no chat_template.jinja beside it): pass "
+                "chat_template= or a text prompt"
+            )
+        return chat.render_chat_template(
+            self.chat_template, messages, self.special_tokens, add_generation_prompt=add_generation_prompt
+        )
+
+    def encode_chat(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+    ) -> npt.NDArray[np.int64]:
+        """Token ids of the rendered chat: the template writes the special tokens it wants, so none are
+        added again (as ``transformers``' ``apply_chat_template(tokenize=True)``)."""
+        return self.encode(
+            self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False
+        )
+
+
+def _flag(value: Any, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
+    return bool(value)
+
 
 def load_tokenizer(
-    tokenizer: Union[str, os.PathLike[str], Any, None], model_dir: Optional[Path]
+    tokenizer: Union[str, os.PathLike[str], Any, None],
+    model_dir: Optional[Path],
+    *,
+    add_special_tokens: bool = True,
+    skip_special_tokens: bool = True,
+    chat_template: Optional[str] = None,
 ) -> Optional[Tokenizer]:
-    """``tokenizer``: a path to tokenizer.json (or its folder), a ``tokenizers.Tokenizer``, or None to look
-    for tokenizer.json beside the model (returns None when there is none: prompts must be token ids)."""
+    """``tokenizer``: a path to tokenizer.json (or its folder), a ``tokenizers.Tokenizer``, a
+    :class:`Tokenizer`, or None to look for tokenizer.json beside the model (returns None when there is
+    none: prompts must be token ids). The chat template and special tokens come from the tokenizer's
+    folder (the model's for a ``tokenizers.Tokenizer``): ``chat_template.jinja``, else
+    ``tokenizer_config.json``'s ``chat_template``; ``chat_template=`` overrides them. The options apply to
+    a :class:`Tokenizer` too (a copy)."""
     if isinstance(tokenizer, Tokenizer):
-        return tokenizer
+        return tokenizer.with_options(add_special_tokens, skip_special_tokens, chat_template)
+    options: dict[str, Any] = {
+        "add_special_tokens": add_special_tokens,
+        "skip_special_tokens": skip_special_tokens,
+    }
     if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
         if (
             hasattr(tokenizer, "encode")
             and hasattr(tokenizer, "decode")
             and hasattr(tokenizer, "get_vocab_size")
         ):
-            return Tokenizer(tokenizer, type(tokenizer).__name__)
+            template, special = chat.read_tokenizer_config(model_dir)
+            return Tokenizer(
+                tokenizer, type(tokenizer).__name__, chat_template=chat_template or template,
+                special_tokens=special, **options,
+            )  # fmt: skip
         raise TypeError(
             f"tokenizer: expected a path or a tokenizers.Tokenizer, got {type(tokenizer).__name__}"
         )
@@ -80,4 +184,7 @@ def load_tokenizer(
         inner = HFTokenizer.from_file(os.fspath(path))
     except Exception as error:
         raise ValueError(f"tokenizer: {path} is not a valid tokenizer.json: {error}") from error
-    return Tokenizer(inner, os.fspath(path))
+    template, special = chat.read_tokenizer_config(path.parent)
+    return Tokenizer(
+        inner, os.fspath(path), chat_template=chat_template or template, special_tokens=special, **options
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -10,7 +11,7 @@ from typing import Any, Optional
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Compute", "SamplerResult"]
+__all__ = ["Compute", "SamplerResult", "finite_or_none"]
 
 
 @dataclass
@@ -68,8 +69,23 @@ class SamplerResult:
     :func:`tiltsmc.diagnostics.online_bellman`. Samplers that take no guided steps (best-of-N, rejection)
     have no steps.
     ``collapsed[b]`` is True where every weight of prompt ``b`` became zero (then ``log_z[b] = -inf``).
-    ``acceptance_rate`` (``mh``) and ``tries`` (``rejection``) are set by the samplers they belong to;
     ``ancestry`` (``(B, steps, N)``, when recorded) holds each step's ancestor indices.
+
+    The samplers without guided steps have diagnostics of their own instead (their per-step arrays are
+    ``(B, 0)``):
+
+    * ``mh``: ``acceptance_rate[b]`` (accepted moves / ``steps``; NaN when ``steps = 0``),
+      ``mh_accepted`` (``(B, steps)``: whether move ``h`` was accepted) and ``proposal_log_z``
+      (``(B, steps + 1)``: each proposal's ``log Zh``, whose ratios set the acceptance probabilities
+      ``min(1, Zh' / Zh)``);
+    * ``rejection``: ``tries[b]`` (draws from ``p``) and ``acceptance_rate[b]`` (draws that passed the test,
+      those past ``num_samples`` included, / ``tries``: an unbiased estimate of ``Z / C``; NaN with no
+      draw);
+    * ``best_of_n``: ``log_rewards`` (``(B, n)``: ``log r`` of every draw; the returned sample is the
+      argmax, and the spread of the rewards says how much the choice mattered).
+
+    :meth:`best`, :meth:`best_texts` and :meth:`posterior` read the weighted sample;
+    :meth:`summary` (the repr) is a few lines whatever the size.
     """
 
     sampler: str
@@ -88,6 +104,9 @@ class SamplerResult:
     texts: Optional[list[list[str]]] = None
     errors: dict[int, str] = field(default_factory=dict)
     log_z_increment_se: Optional[npt.NDArray[np.float64]] = None
+    mh_accepted: Optional[npt.NDArray[np.bool_]] = None
+    proposal_log_z: Optional[npt.NDArray[np.float64]] = None
+    log_rewards: Optional[npt.NDArray[np.float64]] = None
 
     @property
     def num_prompts(self) -> int:
@@ -96,6 +115,92 @@ class SamplerResult:
     def weights(self, prompt: int) -> npt.NDArray[np.float64]:
         """Normalised weights of one prompt's samples."""
         return np.exp(self.log_weights[prompt])
+
+    def best(self, prompt: int) -> Optional[int]:
+        """Index of prompt ``prompt``'s highest-weight sample (the first on ties), or None where it has no
+        sample of positive weight (collapsed, failed, or rejection with no acceptance)."""
+        log_weights = np.asarray(self.log_weights[prompt], dtype=np.float64)
+        if log_weights.size == 0 or self.collapsed[prompt] or not np.any(log_weights > -np.inf):
+            return None
+        return int(np.argmax(log_weights))
+
+    def best_texts(self) -> list[Optional[str]]:
+        """Per prompt, the text of its highest-weight sample (:meth:`best`), None where there is none
+        (or no tokenizer decoded the samples)."""
+        out: list[Optional[str]] = []
+        for b in range(self.num_prompts):
+            index = self.best(b)
+            out.append(None if index is None or self.texts is None else self.texts[b][index])
+        return out
+
+    def posterior(self, prompt: int) -> dict[Any, float]:
+        r"""The weighted posterior over prompt ``prompt``'s distinct outputs, duplicates merged:
+        ``P(y) = sum_i W_i [x_i = y]`` with ``W_i`` the normalised weights, sorted by decreasing
+        probability (first occurrence on ties).
+
+        Keys are the decoded texts where there are texts, else the token sequences as tuples (two token
+        sequences decoding to one text merge into it). Empty where every weight is zero. For a sampler
+        of ``pi`` (``smc``, ``rejection``) this is the particle approximation of ``pi``'s marginal over
+        outputs; ``mh``, ``sp_gsmc`` and ``best_of_n`` give one sample, of probability 1.
+        """
+        log_weights = np.asarray(self.log_weights[prompt], dtype=np.float64)
+        if log_weights.size == 0 or not np.any(log_weights > -np.inf):
+            return {}
+        weights = np.exp(log_weights - np.max(log_weights))
+        weights /= weights.sum()  # log_weights are normalised already; this only removes rounding
+        if self.texts is not None:
+            keys: list[Any] = list(self.texts[prompt])
+        else:
+            keys = [tuple(int(t) for t in sample) for sample in self.samples[prompt]]
+        merged: dict[Any, float] = {}
+        for key, weight in zip(keys, weights):
+            if weight > 0.0:
+                merged[key] = merged.get(key, 0.0) + float(weight)
+        return dict(sorted(merged.items(), key=lambda item: -item[1]))
+
+    def summary(self) -> str:
+        """A few lines whatever the size: the sampler, the batch, log Z, the compute and, for the first
+        prompts, the best sample and its weight."""
+        finite = self.log_z[np.isfinite(self.log_z)]
+        counts = sorted({len(w) for w in self.log_weights})
+        lines = [
+            f"SamplerResult({self.sampler}: {self.num_prompts} prompt(s) x "
+            f"{'/'.join(str(c) for c in counts) or 0} sample(s), {self.log_z_increments.shape[1]} step(s), "
+            f"{int(np.count_nonzero(self.collapsed))} collapsed, {len(self.errors)} failed)",
+            "  log_z: " + (f"mean {finite.mean():.4g}, range [{finite.min():.4g}, {finite.max():.4g}]"
+                           if finite.size else "no finite estimate"),
+            f"  compute: {self.compute.policy_steps} policy steps, {self.compute.reward_evaluations} "
+            f"reward evaluations, {self.compute.total_seconds:.3g}s",
+        ]  # fmt: skip
+        extra = []
+        if self.acceptance_rate is not None:
+            extra.append(f"acceptance rate {_mean_text(self.acceptance_rate)}")
+        if self.tries is not None:
+            extra.append(f"tries {int(np.sum(self.tries))}")
+        if self.log_rewards is not None and self.log_rewards.size:
+            extra.append(f"log r of the draws {_spread_text(self.log_rewards)}")
+        if self.ess.size:
+            extra.append(f"final ESS {_mean_text(self.ess[:, -1])}")
+        if extra:
+            lines.append("  " + "; ".join(extra))
+        shown = min(self.num_prompts, 3)
+        for b in range(shown):
+            index = self.best(b)
+            if index is None:
+                lines.append(f"  [{b}] no sample" + (f" ({self.errors[b]})" if b in self.errors else ""))
+                continue
+            weight = float(np.exp(self.log_weights[b][index]))
+            if self.texts is not None:
+                what = repr(_shorten(self.texts[b][index]))
+            else:
+                what = f"{len(self.samples[b][index])} tokens"
+            lines.append(f"  [{b}] best: {what} (weight {weight:.3g})")
+        if self.num_prompts > shown:
+            lines.append(f"  ... {self.num_prompts - shown} more prompt(s)")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.summary()
 
     def weight_histogram(
         self, prompt: int, bins: int = 20
@@ -111,15 +216,16 @@ class SamplerResult:
         ]
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain Python types only, ready for ``json.dumps``."""
+        """Plain Python types only, ready for ``json.dumps`` (strict JSON: a number that is not finite is
+        None, see :func:`finite_or_none` for what it stands for in each field)."""
 
         def plain(value: Any) -> Any:
             if isinstance(value, np.ndarray):
-                return [plain(v) for v in value] if value.dtype == object else _finite(value.tolist())
+                return [plain(v) for v in value] if value.dtype == object else finite_or_none(value.tolist())
             if isinstance(value, (list, tuple)):
                 return [plain(v) for v in value]
             if isinstance(value, (np.floating, float)):
-                return _finite(float(value))
+                return finite_or_none(float(value))
             if isinstance(value, np.integer):
                 return int(value)
             if isinstance(value, np.bool_):
@@ -138,7 +244,16 @@ class SamplerResult:
             "collapsed": plain(self.collapsed),
             "compute": self.compute.to_dict(),
         }
-        for name in ("log_z_increment_se", "acceptance_rate", "tries", "ancestry", "texts"):
+        for name in (
+            "log_z_increment_se",
+            "acceptance_rate",
+            "tries",
+            "mh_accepted",
+            "proposal_log_z",
+            "log_rewards",
+            "ancestry",
+            "texts",
+        ):
             value = getattr(self, name)
             if value is not None:
                 record[name] = plain(value)
@@ -147,16 +262,39 @@ class SamplerResult:
         return record
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict())
+        return json.dumps(self.to_dict(), allow_nan=False)
 
 
-def _finite(value: Any) -> Any:
-    """JSON has no infinities: -inf (a zero weight) becomes the string "-inf", likewise inf and nan
-    (in lists and dict values too)."""
+def finite_or_none(value: Any) -> Any:
+    """Strict JSON has no infinities or NaN: a float that is not finite becomes None (``null``), in lists
+    and dict values too; numbers stay numbers.
+
+    What ``null`` stands for is fixed by the field (the output schema, ``tiltsmc/schema/run.schema.json``,
+    says it for each): ``-inf`` in log-quantities (``log_z``, ``log_weights``, ``log_z_increments``,
+    ``proposal_log_z``, ``log_rewards``: a weight, estimate or reward of zero), ``+inf`` in standard errors
+    (``log_z_increment_se``: no reading) and NaN in rates (``acceptance_rate`` with no move: undefined).
+    """
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    if isinstance(value, float) and not np.isfinite(value):
-        return str(value)
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     return value
+
+
+def _mean_text(values: npt.NDArray[Any]) -> str:
+    finite = np.asarray(values, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    return f"{finite.mean():.3g}" if finite.size else "n/a"
+
+
+def _spread_text(values: npt.NDArray[np.float64]) -> str:
+    finite = values[np.isfinite(values)]
+    if not finite.size:
+        return "all -inf"
+    return f"min {finite.min():.3g}, mean {finite.mean():.3g}, max {finite.max():.3g}"
+
+
+def _shorten(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -485,6 +485,7 @@ class BestOfNRun(Run):
             log_z=logsumexp(log_r) - np.log(self.n),
             collapsed=np.all(log_r == -np.inf, axis=1),
             compute=self.compute,
+            log_rewards=np.array(log_r, dtype=np.float64),
             **_empty_trace(batch),
         )
 
@@ -523,6 +524,7 @@ class RejectionRun(Run):
         self.accepted: list[list[np.ndarray]] = [[] for _ in range(batch)]
         self.tries = np.zeros(batch, dtype=np.int64)
         self.log_r_sums = np.full(batch, -np.inf)
+        self.hits = np.zeros(batch, dtype=np.int64)  # accepted draws, counting those past num_samples
         self.errors: dict[int, str] = {}
         self.waiting: list[int] = []
 
@@ -563,6 +565,7 @@ class RejectionRun(Run):
         for row, b in enumerate(self.waiting):
             self.tries[b] += self.count
             self.log_r_sums[b] = np.logaddexp(self.log_r_sums[b], logsumexp(log_r[row]))
+            self.hits[b] += int(np.count_nonzero(keep[row]))
             for i in np.flatnonzero(keep[row])[: self.num_samples - len(self.accepted[b])]:
                 self.accepted[b].append(particles.tokens[row, i, : particles.lengths[row, i]].copy())
 
@@ -581,6 +584,7 @@ class RejectionRun(Run):
             collapsed=np.array([not found for found in accepted]),
             compute=self.compute,
             tries=self.tries,
+            acceptance_rate=np.where(self.tries > 0, self.hits / np.maximum(self.tries, 1), np.nan),
             **_empty_trace(len(accepted)),
         )
 
@@ -614,6 +618,7 @@ class MHRun(Run):
         self.estimates: list[FloatArray] = []
         self.increments: list[tuple[FloatArray, FloatArray]] = []  # each proposal's (increments, their se)
         self.accepted = np.zeros(len(prompts) if prompts is not None else 1)
+        self.accepts: list[npt.NDArray[np.bool_]] = []  # each move's decision, per prompt
         self.current = self._proposal()
 
     def _proposal(self) -> Union[SMCRun, PoolRun]:
@@ -686,6 +691,7 @@ class MHRun(Run):
                 self.state[b] = trajectories[b]
             self.log_z_state = np.where(accept, log_z, self.log_z_state)
             self.accepted += accept
+            self.accepts.append(np.asarray(accept, dtype=bool))
         if len(self.estimates) <= self.mh_steps:
             self.current = self._proposal()
             return
@@ -708,6 +714,8 @@ class MHRun(Run):
             collapsed=self.log_z_state == -np.inf,
             compute=self.compute,
             acceptance_rate=self.accepted / steps if steps else np.full(batch, np.nan),
+            mh_accepted=np.stack(self.accepts, axis=1) if self.accepts else np.zeros((batch, 0), dtype=bool),
+            proposal_log_z=all_estimates,
         )
 
 

@@ -1,6 +1,9 @@
 """``tiltsmc serve``: the engine behind an OpenAI-compatible HTTP API (FastAPI on uvicorn; ``serve`` extra).
 
-``POST /v1/completions`` takes the OpenAI completions request (``model``, ``prompt`` as a string or a
+``POST /v1/chat/completions`` takes the OpenAI chat request (``messages``, rendered by the policy's chat
+template into one prompt; ``max_completion_tokens`` or ``max_tokens``; the other fields as below) and
+answers each choice as an assistant ``message``. ``POST /v1/completions`` takes the OpenAI completions
+request (``model``, ``prompt`` as a string or a
 list, ``max_tokens``, ``n``, ``seed``; ``stop`` is refused: the policy ends trajectories at its own EOS)
 plus tiltsmc's fields (``sampler``, ``particles``, ``ess_threshold``, ``resample``, ``pool_size``,
 ``mh_steps``, ``bound``), and answers in the OpenAI shape (``choices`` with ``text`` and
@@ -127,11 +130,12 @@ def create_app(
     policy = engine.policy
     max_tokens_limit = limits.max_tokens or int(getattr(policy, "max_new_tokens", 1 << 30))
 
-    class CompletionRequest(BaseModel):
+    class SamplingFields(BaseModel):
+        """The fields /v1/completions and /v1/chat/completions share: OpenAI's and tiltsmc's."""
+
         model_config = ConfigDict(extra="forbid")
 
         model: Optional[str] = None
-        prompt: Union[str, list[str]]
         max_tokens: Optional[int] = Field(default=None, ge=1)
         n: int = Field(default=1, ge=1)
         seed: Optional[int] = Field(default=None, ge=0, lt=2**63)
@@ -145,6 +149,25 @@ def create_app(
         pool_size: Optional[int] = Field(default=None, ge=1)
         mh_steps: Optional[int] = Field(default=None, ge=0)
         bound: Optional[float] = Field(default=None, gt=0.0)
+
+    class CompletionRequest(SamplingFields):
+        prompt: Union[str, list[str]]
+
+    class ContentPart(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        type: Literal["text"]
+        text: str
+
+    class ChatMessage(BaseModel):
+        model_config = ConfigDict(extra="allow")  # name, tool calls...: handed to the chat template
+
+        role: str
+        content: Union[str, list[ContentPart], None]
+
+    class ChatCompletionRequest(SamplingFields):
+        messages: list[ChatMessage] = Field(min_length=1)
+        max_completion_tokens: Optional[int] = Field(default=None, ge=1)
 
     registry = CollectorRegistry()
     latency = Histogram(
@@ -210,13 +233,30 @@ def create_app(
 
     @app.post("/v1/completions", dependencies=[Depends(authorised)])
     async def completions(body: CompletionRequest, request: Request) -> JSONResponse:
+        prompts: list[Any] = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+        if not prompts:
+            request.state.detail.update(sampler=body.sampler, prompts=0, n=body.n, outcome="refused")
+            raise RequestError("prompt", "prompt: expected a string or a non-empty list of strings")
+        return await answer(body, request, prompts, chat=False)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorised)])
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSONResponse:
+        if body.max_completion_tokens is not None:
+            if body.max_tokens is not None and body.max_tokens != body.max_completion_tokens:
+                request.state.detail.update(sampler=body.sampler, prompts=1, n=body.n, outcome="refused")
+                raise RequestError(
+                    "max_completion_tokens", "max_completion_tokens: differs from max_tokens; give one"
+                )
+            body.max_tokens = body.max_completion_tokens
+        return await answer(body, request, [_chat_messages(body.messages)], chat=True)
+
+    async def answer(body: Any, request: Request, prompts: list[Any], chat: bool) -> JSONResponse:
         request_id: str = request.state.request_id
-        prompts: list[str] = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
         detail = request.state.detail
         detail.update(sampler=body.sampler, prompts=len(prompts), n=body.n, outcome="failed")
         try:
-            options = _options(body, limits, max_tokens_limit, model_name)
-            prompt_tokens = _prompt_tokens(policy, prompts, limits)
+            options = _options(body, prompts, limits, max_tokens_limit, model_name)
+            prompt_tokens = _prompt_tokens(policy, prompts, limits, "messages" if chat else "prompt")
             choices = await _complete(engine, request, prompts, body, options, timeout)
         except RequestError:
             detail["outcome"] = "refused"
@@ -240,14 +280,31 @@ def create_app(
             return _error(400, str(error), "invalid_request_error")
         detail["outcome"] = "completed"
         return JSONResponse(
-            _response(request_id, model_name, body.sampler, len(prompts), prompt_tokens, choices, policy)
+            _response(
+                request_id, model_name, body.sampler, len(prompts), prompt_tokens, choices, policy, chat
+            )
         )
 
     app.add_middleware(_RequestLog, latency=latency, instance=instance)
     return app
 
 
-def _options(body: Any, limits: Limits, max_tokens_limit: int, model_name: str) -> dict[str, Any]:
+def _chat_messages(messages: Iterable[Any]) -> list[dict[str, Any]]:
+    """A chat request's messages as the chat template takes them: dicts, text parts joined into one
+    ``content`` string (a ``None`` content, as an assistant's tool call has, stays None)."""
+    rendered = []
+    for message in messages:
+        fields = message.model_dump(exclude_none=False)
+        content = message.content
+        if isinstance(content, list):
+            fields["content"] = "".join(part.text for part in content)
+        rendered.append(fields)
+    return rendered
+
+
+def _options(
+    body: Any, prompts: list[Any], limits: Limits, max_tokens_limit: int, model_name: str
+) -> dict[str, Any]:
     """The engine options of a request, checked against the server's limits (400s naming the field)."""
     if body.model is not None and body.model != model_name:
         raise RequestError(
@@ -259,9 +316,6 @@ def _options(body: Any, limits: Limits, max_tokens_limit: int, model_name: str) 
         raise RequestError(
             "stop", "stop: stop sequences are not supported by this policy (it ends at its EOS)"
         )
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    if not prompts:
-        raise RequestError("prompt", "prompt: expected a string or a non-empty list of strings")
     if len(prompts) > limits.max_prompts:
         raise RequestError(
             "prompt", f"prompt: {len(prompts)} prompts, more than this server's {limits.max_prompts}"
@@ -297,21 +351,22 @@ def _options(body: Any, limits: Limits, max_tokens_limit: int, model_name: str) 
     return options
 
 
-def _prompt_tokens(policy: Any, prompts: list[str], limits: Limits) -> int:
+def _prompt_tokens(policy: Any, prompts: list[Any], limits: Limits, param: str = "prompt") -> int:
     """The prompts' tokens in all, each checked against the limit (a policy without ``encode_prompt``
-    counts none)."""
+    counts none); errors name ``param`` (``prompt``, or a chat request's ``messages``)."""
     encode = getattr(policy, "encode_prompt", None)
     if not callable(encode):
         return 0
     total = 0
     for k, prompt in enumerate(prompts):
+        where = "messages" if param == "messages" else f"prompt[{k}]"
         try:
             length = len(encode(prompt))
         except Exception as error:
-            raise RequestError("prompt", f"prompt[{k}]: {error}") from error
+            raise RequestError(param, f"{where}: {error}") from error
         if length > limits.max_prompt_tokens:
             raise RequestError(
-                "prompt", f"prompt[{k}]: {length} tokens, more than this server's {limits.max_prompt_tokens}"
+                param, f"{where}: {length} tokens, more than this server's {limits.max_prompt_tokens}"
             )
         total += length
     return total
@@ -320,7 +375,7 @@ def _prompt_tokens(policy: Any, prompts: list[str], limits: Limits) -> int:
 async def _complete(
     engine: Engine,
     request: Any,
-    prompts: list[str],
+    prompts: list[Any],
     body: Any,
     options: dict[str, Any],
     timeout: Optional[float],
@@ -374,7 +429,10 @@ def _response(
     prompt_tokens: int,
     choices: list[tuple[SamplerResult, int]],
     policy: Any,
+    chat: bool = False,
 ) -> dict[str, Any]:
+    """The OpenAI completion answer (``text_completion``), or with ``chat`` the chat completion answer
+    (``chat.completion``: each choice's text as an assistant message)."""
     eos: frozenset[int] = frozenset(getattr(policy, "eos_token_ids", ()))
     out_choices, details = [], []
     completion_tokens = 0
@@ -387,14 +445,13 @@ def _response(
         texts = result.texts[0] if result.texts else []
         text = texts[index] if index < len(texts) else ""
         finished_by_eos = tokens.size > 0 and int(tokens[-1]) in eos
-        out_choices.append(
-            {
-                "index": i,
-                "text": text,
-                "logprobs": None,
-                "finish_reason": "stop" if finished_by_eos else "length",
-            }
-        )
+        choice: dict[str, Any] = {"index": i}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        choice.update(logprobs=None, finish_reason="stop" if finished_by_eos else "length")
+        out_choices.append(choice)
         detail: dict[str, Any] = {"index": i, "prompt_index": i // max(per_prompt, 1), "sample_index": index}
         for key in ("log_z", "log_weights", "ess", "resampled", "collapsed", "acceptance_rate", "tries"):
             if key in record:
@@ -402,8 +459,8 @@ def _response(
         detail["compute"] = record["compute"]
         details.append(detail)
     return {
-        "id": f"cmpl-{request_id}",
-        "object": "text_completion",
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{request_id}",
+        "object": "chat.completion" if chat else "text_completion",
         "created": int(time.time()),
         "model": model_name,
         "choices": out_choices,
@@ -451,7 +508,7 @@ class _RequestLog:
             await self.app(scope, receive, send_with_id)
         finally:
             seconds = time.perf_counter() - began
-            if scope["path"] == "/v1/completions":
+            if scope["path"] in ("/v1/completions", "/v1/chat/completions"):
                 self.latency.labels(detail.get("outcome") or f"http_{status[0]}").observe(seconds)
             record = {"event": "request", "id": request_id, "method": scope["method"], "path": scope["path"]}
             record.update(status=status[0], ms=round(1000 * seconds, 3), **detail)
@@ -501,7 +558,7 @@ class _EngineCollector:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``tiltsmc serve`` beyond the models'."""
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1 only)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     parser.add_argument("--model-name", default="tiltsmc", help="the model name clients send")
     parser.add_argument(
         "--api-key-env", default=None, metavar="VAR", help="require Bearer $VAR on /v1 and /metrics"
@@ -510,12 +567,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue", type=int, default=1024, help="requests waiting at most (then 429)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds a request may take (then 504)")
     parser.add_argument("--grace", type=float, default=30.0, help="seconds to finish requests on SIGTERM")
-    parser.add_argument("--max-prompt-tokens", type=int, default=Limits.max_prompt_tokens)
-    parser.add_argument("--max-request-particles", type=int, default=Limits.max_particles)
+    parser.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=Limits.max_prompt_tokens,
+        help="prompt tokens at most (then 400)",
+    )
+    parser.add_argument(
+        "--max-request-particles",
+        type=int,
+        default=Limits.max_particles,
+        help="particles, pool size or n of one request at most (then 400)",
+    )
     parser.add_argument(
         "--max-tokens", type=int, default=None, help="max_tokens at most (default: the policy's)"
     )
-    parser.add_argument("--max-n", type=int, default=Limits.max_n)
+    parser.add_argument("--max-n", type=int, default=Limits.max_n, help="choices per prompt (n) at most")
 
 
 @dataclass(frozen=True)

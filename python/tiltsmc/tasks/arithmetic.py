@@ -160,7 +160,7 @@ def verify(prompt: Union[str, Problem], text: str) -> float:
     forgotten borrow) give the right number from a wrong solution, and score 0.
     """
     problem = prompt if isinstance(prompt, Problem) else _problem_from_prompt(prompt)
-    text = text.removesuffix("<eos>")  # decoded with special tokens, a finished solution ends with it
+    text = text.removesuffix("<eos>")  # present when decoded with special tokens (skip_special_tokens=False)
     return 1.0 if text.strip("\n") == problem.solution() else 0.0
 
 

@@ -1,0 +1,194 @@
+"""Chat messages as prompts: a model folder's chat template rendered as ``transformers`` renders it.
+
+A chat prompt is a list of messages ``[{"role": "user", "content": "..."}, ...]``. The template is the
+tokenizer folder's ``chat_template.jinja`` or, failing that, ``tokenizer_config.json``'s ``chat_template``
+(a string, or a list of named templates of which ``default`` is used). It is rendered with ``jinja2`` in
+a sandboxed environment with ``trim_blocks`` and ``lstrip_blocks`` and the ``loopcontrols`` extension
+(and the ``{% generation %}`` tag of training templates, rendered as its body),
+given ``messages``, ``add_generation_prompt`` and the special tokens of tokenizer_config.json
+(``bos_token``, ``eos_token``, ...), with the helpers templates call: ``raise_exception(message)``
+(a ValueError here), ``strftime_now(format)`` and a ``tojson`` filter that keeps non-ASCII text as it is.
+``jinja2`` is the ``chat`` extra (``pip install 'tiltsmc[chat]'``), imported only to render.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+__all__ = ["is_chat", "read_tokenizer_config", "render_chat_template"]
+
+# The special-token fields of tokenizer_config.json, as transformers hands them to templates.
+SPECIAL_TOKEN_FIELDS = (
+    "bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token",
+)  # fmt: skip
+
+
+def is_chat(prompt: Any) -> bool:
+    """Whether ``prompt`` is a list of chat messages (a non-empty list or tuple of mappings)."""
+    return (
+        isinstance(prompt, (list, tuple))
+        and len(prompt) > 0
+        and all(isinstance(message, Mapping) for message in prompt)
+    )
+
+
+def _token_text(value: Any) -> Any:
+    """A special token as tokenizer_config.json writes it: a string, or an AddedToken ``{"content": ...}``."""
+    if isinstance(value, Mapping):
+        return value.get("content")
+    return value
+
+
+def read_tokenizer_config(folder: Optional[Path]) -> tuple[Optional[str], dict[str, Any]]:
+    """``(chat template or None, special tokens)`` of a tokenizer's folder (ValueError for files that
+    cannot be read or a template that is not a string)."""
+    if folder is None:
+        return None, {}
+    config: dict[str, Any] = {}
+    config_file = folder / "tokenizer_config.json"
+    if config_file.is_file():
+        try:
+            with config_file.open(encoding="utf-8") as handle:
+                loaded = json.load(handle)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"tokenizer_config.json: cannot read {config_file}: {error}") from error
+        if not isinstance(loaded, dict):
+            raise ValueError(f"tokenizer_config.json: expected a JSON object in {config_file}")
+        config = loaded
+    special: dict[str, Any] = {}
+    for field in SPECIAL_TOKEN_FIELDS:
+        text = _token_text(config.get(field))
+        if isinstance(text, str):
+            special[field] = text
+    extra = config.get("additional_special_tokens")
+    if isinstance(extra, list):
+        special["additional_special_tokens"] = [_token_text(t) for t in extra]
+    template_file = folder / "chat_template.jinja"
+    if template_file.is_file():
+        try:
+            return template_file.read_text(encoding="utf-8"), special
+        except (OSError, ValueError) as error:
+            raise ValueError(f"chat_template.jinja: cannot read {template_file}: {error}") from error
+    template = config.get("chat_template")
+    where = f"{config_file}: chat_template"
+    if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, Mapping)}
+        if "default" not in named:
+            raise ValueError(f"{where}: several templates ({', '.join(map(str, named))}) and no 'default'")
+        template = named["default"]
+    if template is not None and not isinstance(template, str):
+        raise ValueError(f"{where}: expected a Jinja template string, got {type(template).__name__}")
+    return template, special
+
+
+def _import_jinja2() -> Any:
+    try:
+        import jinja2
+        import jinja2.sandbox
+    except ImportError as error:
+        raise ImportError(
+            "chat prompts need jinja2 to render the chat template: pip install 'tiltsmc[chat]'"
+        ) from error
+    return jinja2
+
+
+class _TemplateRaised(Exception):
+    """The template called ``raise_exception``."""
+
+
+@functools.lru_cache(maxsize=1)
+def _generation_extension() -> Any:
+    """The ``{% generation %}...{% endgeneration %}`` tag some templates use to mark the assistant's text
+    for training masks (transformers' ``AssistantTracker``): rendered as its body alone."""
+    jinja2 = _import_jinja2()
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+
+    class Generation(Extension):
+        tags = {"generation"}  # noqa: RUF012 (jinja2 declares it on Extension)
+
+        def parse(self, parser: Any) -> Any:
+            line = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(line)
+
+        def _body(self, caller: Any) -> Any:
+            return caller()
+
+    del jinja2
+    return Generation
+
+
+@functools.lru_cache(maxsize=16)
+def _compile(template: str) -> Any:
+    jinja2 = _import_jinja2()
+
+    def raise_exception(message: str) -> None:
+        raise _TemplateRaised(message)
+
+    def tojson(value: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
+               sort_keys: bool = False) -> str:  # fmt: skip
+        return json.dumps(
+            value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
+
+    def strftime_now(format: str) -> str:
+        return datetime.datetime.now().strftime(format)
+
+    environment = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_generation_extension(), "jinja2.ext.loopcontrols"]
+    )
+    environment.filters["tojson"] = tojson
+    environment.globals["raise_exception"] = raise_exception
+    environment.globals["strftime_now"] = strftime_now
+    try:
+        return environment.from_string(template)
+    except jinja2.TemplateSyntaxError as error:
+        raise ValueError(
+            f"chat_template: not a valid Jinja template: {error} (line {error.lineno})"
+        ) from None
+
+
+def check_messages(messages: Any) -> list[dict[str, Any]]:
+    """``messages`` as a list of dicts, each with a string ``role`` (ValueError naming the message)."""
+    if not is_chat(messages):
+        raise ValueError(
+            "a chat prompt is a non-empty list of messages {'role': ..., 'content': ...}, got "
+            f"{messages!r:.80}"
+        )
+    checked = []
+    for k, message in enumerate(messages):
+        role = message.get("role")
+        if not isinstance(role, str) or not role:
+            raise ValueError(f"message {k}: expected a 'role' string, got {role!r}")
+        if "content" not in message:
+            raise ValueError(f"message {k}: no 'content'")
+        checked.append(dict(message))
+    return checked
+
+
+def render_chat_template(
+    template: str,
+    messages: Sequence[Mapping[str, Any]],
+    special_tokens: Mapping[str, Any],
+    *,
+    add_generation_prompt: bool = True,
+) -> str:
+    """The text of ``messages`` by ``template`` (see the module docstring); ValueError where the template
+    refuses them (its ``raise_exception``) or fails on them."""
+    checked = check_messages(messages)
+    compiled = _compile(template)
+    jinja2 = _import_jinja2()
+    try:
+        return str(
+            compiled.render(messages=checked, add_generation_prompt=add_generation_prompt, **special_tokens)
+        )
+    except _TemplateRaised as error:
+        raise ValueError(f"chat template: {error}") from None
+    except (jinja2.TemplateError, TypeError, KeyError, IndexError) as error:
+        raise ValueError(f"chat template failed on these messages: {type(error).__name__}: {error}") from None

@@ -1,0 +1,275 @@
+"""Encoding as Hugging Face does (the post-processor's special tokens added, special tokens skipped when
+decoding), chat messages rendered by the tokenizer folder's chat template, on real tokenizers and the
+fixture decoders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import numpy as np
+import pytest
+import tiltsmc
+from tiltsmc.cli import output_schema
+from tiltsmc.models import OnnxCausalLM, OnnxRewardModel, chat
+from tiltsmc.models.tokenizer import load_tokenizer
+from tiltsmc.tasks import arithmetic
+
+FIXTURES = Path(__file__).parent / "fixtures" / "models"
+LLAMA, PRM, CHAT = FIXTURES / "llama-tiny", FIXTURES / "prm-tiny", FIXTURES / "chat-tiny"
+BOS, IM_START, IM_END = 0, 62, 63
+SYSTEM = "<|im_start|>system\nyou are a tiny test model.<|im_end|>\n"
+
+pytest.importorskip("jinja2")
+
+
+def chat_policy(**options: Any) -> OnnxCausalLM:
+    """The Llama fixture with the chat tokenizer (the same 64 ids; ChatML markers at 62, 63)."""
+    return OnnxCausalLM(LLAMA, tokenizer=CHAT, max_new_tokens=6, eos_token_id=[BOS, IM_END], **options)
+
+
+def ids(text: str) -> list[int]:
+    """The fixture vocabulary's ids of plain lower-case text (character level: a-z 3.., space 39)."""
+    table = {c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz0123456789 ", start=3)}
+    table.update({".": 40, "\n": 55})
+    return [table[c] for c in text]
+
+
+def _without_specials(text: str) -> str:
+    for token in ("<|endoftext|>", "<pad>", "<unk>"):  # the fixtures' special tokens
+        text = text.replace(token, "")
+    return text
+
+
+# -- encoding and decoding ------------------------------------------------------------------------------
+
+
+def test_text_prompts_get_the_post_processors_bos() -> None:
+    policy = chat_policy()
+    assert policy.encode_prompt("hi there").tolist() == [BOS, *ids("hi there")]
+    plain = chat_policy(add_special_tokens=False)
+    assert plain.encode_prompt("hi there").tolist() == ids("hi there")
+    # token ids are used as given, whatever the setting
+    assert policy.encode_prompt([5, 6]).tolist() == [5, 6]
+
+
+def test_fixtures_and_demo_tokenizers_add_nothing() -> None:
+    """Their tokenizer.json has no post-processor: encoding is the same either way, so the demo's models
+    see the encoding they were trained on (scripts/train_demo.py encodes without special tokens)."""
+    for folder in (LLAMA, arithmetic.MODELS_DIR / "policy", arithmetic.MODELS_DIR / "prm"):
+        assert json.loads((folder / "tokenizer.json").read_text())["post_processor"] is None
+    policy, _ = arithmetic.load_models()
+    prompt = arithmetic.make_problems(1, 4, rng=0)[0].prompt
+    assert policy.tokenizer is not None
+    np.testing.assert_array_equal(
+        policy.encode_prompt(prompt), policy.tokenizer.encode(prompt, add_special_tokens=False)
+    )
+
+
+def test_decoding_skips_special_tokens_unless_asked() -> None:
+    tokens = [*ids("ab"), BOS, 1]  # text, then <|endoftext|> and <pad>
+    assert OnnxCausalLM(LLAMA).decode(tokens) == "ab"
+    assert OnnxCausalLM(LLAMA, skip_special_tokens=False).decode(tokens) == "ab<|endoftext|><pad>"
+    texts = {}
+    for skip in (True, False):
+        policy = OnnxCausalLM(LLAMA, max_new_tokens=40, skip_special_tokens=skip)
+        result = tiltsmc.smc(policy, OnnxRewardModel(PRM), prompts=["a"], num_particles=32, rng=0)
+        assert result.texts is not None
+        texts[skip] = result.texts[0]
+    samples = result.samples[0]  # the same draws either way: decoding does not change the run
+    ended = [k for k, s in enumerate(samples) if len(s) and s[-1] == BOS]
+    assert ended and all(texts[False][k].endswith("<|endoftext|>") for k in ended)
+    assert texts[True] == [_without_specials(t) for t in texts[False]]
+
+
+def test_options_are_checked() -> None:
+    with pytest.raises(TypeError, match="add_special_tokens"):
+        OnnxCausalLM(LLAMA, add_special_tokens="yes")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="skip_special_tokens"):
+        OnnxCausalLM(LLAMA, skip_special_tokens=1)  # type: ignore[arg-type]
+
+
+# -- chat templates -------------------------------------------------------------------------------------
+
+
+def test_chat_template_renders_as_transformers_does() -> None:
+    """ChatML as SmolLM2-Instruct's template writes it: block tags on their own lines leave no blank
+    lines (trim_blocks, lstrip_blocks), a default system message, the assistant's turn opened."""
+    tokenizer = load_tokenizer(CHAT, None)
+    assert tokenizer is not None and tokenizer.chat_template is not None
+    user = [{"role": "user", "content": "What is 2+2?"}]
+    assert tokenizer.apply_chat_template(user) == (
+        SYSTEM + "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    conversation = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "again"},
+    ]
+    assert tokenizer.apply_chat_template(conversation, add_generation_prompt=False) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+        "<|im_start|>assistant\nhello<|im_end|>\n<|im_start|>user\nagain<|im_end|>\n"
+    )
+    with pytest.raises(ValueError, match="roles are system, user and assistant, not tool"):
+        tokenizer.apply_chat_template([{"role": "tool", "content": "x"}])
+    # the helpers templates call: tojson keeps non-ASCII text, loop controls, {% generation %} blocks
+    helpers = load_tokenizer(
+        CHAT, None,
+        chat_template="{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}"
+        "{{ m | tojson }}{% generation %}[{{ m['content'] }}]{% endgeneration %}{% endfor %}",
+    )  # fmt: skip
+    assert helpers is not None
+    rendered = helpers.apply_chat_template(
+        [{"role": "user", "content": "café"}, {"role": "user", "content": "x"}]
+    )
+    assert rendered == '{"role": "user", "content": "café"}[café]'
+
+
+def test_chat_is_encoded_without_adding_special_tokens_again() -> None:
+    """The template writes the special tokens: none is added on top (transformers'
+    apply_chat_template(tokenize=True)); one that writes the BOS itself gets exactly one."""
+    policy = chat_policy()
+    messages = [{"role": "user", "content": "hi"}]
+    encoded = policy.encode_prompt(messages).tolist()
+    expected = [IM_START, *ids("system\nyou are a tiny test model."), IM_END, 55, IM_START, *ids("user\nhi"),
+                IM_END, 55, IM_START, *ids("assistant\n")]  # fmt: skip
+    assert encoded == expected
+    with_bos = chat_policy(
+        chat_template="{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    assert with_bos.encode_prompt(messages).tolist() == [BOS, *ids("hi")]
+
+
+def test_template_from_tokenizer_config_and_special_tokens(tmp_path: Path) -> None:
+    """Older exports keep the template in tokenizer_config.json (a string, or named templates)."""
+    shutil.copy(CHAT / "tokenizer.json", tmp_path)
+    config = json.loads((CHAT / "tokenizer_config.json").read_text())
+    config["chat_template"] = [
+        {"name": "tool_use", "template": "unused"},
+        {"name": "default", "template": "{{ eos_token }}|{{ messages[0]['content'] }}"},
+    ]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = load_tokenizer(tmp_path, None)
+    assert tokenizer is not None
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "x"}]) == "<|im_end|>|x"
+    config["chat_template"] = 3
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="chat_template: expected a Jinja template string"):
+        load_tokenizer(tmp_path, None)
+
+
+def test_chat_prompts_in_the_samplers_and_the_engine() -> None:
+    """Messages are prompts everywhere; the reward model scores the very ids the policy encoded."""
+    policy = chat_policy()
+    reward = OnnxRewardModel(PRM, tokenizer=CHAT)
+    messages = [{"role": "user", "content": "2+2="}]
+    particles = policy.start([messages, "2+2="], 4)
+    assert particles.prompt_tokens is not None
+    assert particles.prompt_tokens[0].tolist() == policy.encode_prompt(messages).tolist()
+    assert particles.prompt_tokens[1].tolist() == [BOS, 31, 47, 31, 50]  # 2 + 2 =
+    np.testing.assert_array_equal(
+        reward.initial_log_value(particles), reward._score([t for t in particles.prompt_tokens])
+    )
+    offline = tiltsmc.smc(policy, reward, prompts=[messages], num_particles=4, rng=5)
+    assert not offline.errors
+    with tiltsmc.Engine(policy, reward) as engine:
+        served = engine.submit(messages, "smc", num_particles=4, rng=5).result(timeout=60)
+    np.testing.assert_allclose(served.log_z, offline.log_z, rtol=1e-5)
+    assert served.texts == offline.texts
+
+
+def test_chat_errors_are_clear() -> None:
+    no_template = OnnxCausalLM(LLAMA, max_new_tokens=4)
+    result = tiltsmc.smc(
+        no_template,
+        OnnxRewardModel(PRM),
+        prompts=[[{"role": "user", "content": "a"}], "a"],
+        num_particles=2,
+        rng=0,
+    )
+    assert "needs a chat template" in result.errors[0] and 1 not in result.errors
+    one_message = tiltsmc.smc(
+        chat_policy(), OnnxRewardModel(PRM, tokenizer=CHAT), prompts=[{"role": "user", "content": "a"}],
+        num_particles=2, rng=0,
+    )  # fmt: skip
+    assert "a chat prompt is a list of messages" in one_message.errors[0]
+    policy = chat_policy()
+    with pytest.raises(ValueError, match="message 0: expected a 'role'"):
+        policy.encode_prompt([{"content": "a"}])
+    with pytest.raises(ValueError, match="not a valid Jinja template"):
+        chat_policy(chat_template="{% for %}").encode_prompt([{"role": "user", "content": "a"}])
+
+
+def test_chat_without_jinja2_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As where jinja2 is not installed: the import fails, and the error says which extra brings it."""
+    chat._compile.cache_clear()
+    monkeypatch.setitem(sys.modules, "jinja2", None)
+    monkeypatch.setitem(sys.modules, "jinja2.sandbox", None)
+    try:
+        with pytest.raises(ImportError, match=r"pip install 'tiltsmc\[chat\]'"):
+            chat_policy().encode_prompt([{"role": "user", "content": "a"}])
+        with pytest.raises(ImportError, match=r"pip install 'tiltsmc\[chat\]'"):  # not one prompt's error
+            tiltsmc.smc(
+                chat_policy(),
+                OnnxRewardModel(PRM, tokenizer=CHAT),
+                prompts=[[{"role": "user", "content": "a"}]],
+            )
+        with tiltsmc.Engine(chat_policy(), OnnxRewardModel(PRM, tokenizer=CHAT)) as engine:
+            future = engine.submit([{"role": "user", "content": "a"}], "smc", num_particles=2)
+            assert isinstance(future.exception(timeout=60), ImportError)
+            assert engine.submit("a", "smc", num_particles=2).result(timeout=60).log_z.shape == (1,)
+    finally:
+        chat._compile.cache_clear()
+    assert chat_policy().encode_prompt("a").tolist() == [BOS, 3]  # text prompts need no jinja2
+
+
+# -- the command line ----------------------------------------------------------------------------------
+
+
+def cli_run(tmp_path: Path, *options: str) -> tuple[int, list[dict[str, Any]]]:
+    from tiltsmc.cli import main
+
+    out = tmp_path / "out.jsonl"
+    code = main(
+        ["run", "--policy", str(LLAMA), "--reward", str(PRM), "--particles", "2", "--max-new-tokens", "3",
+         "--seed", "1", "--json", str(out), *options]
+    )  # fmt: skip
+    records = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    return code, records
+
+
+def test_cli_chat_prompts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--chat makes each --prompt a user message; --messages reads conversations from JSON lines; both go
+    through the chat template (--chat-template here: the Llama fixture's folder has none)."""
+    template = str(CHAT / "chat_template.jinja")
+    code, records = cli_run(
+        tmp_path, "--chat", "--chat-template", template, "--prompt", "hi", "--prompt", "yo"
+    )
+    assert code == 0 and [r["prompt"] for r in records] == [
+        [{"role": "user", "content": "hi"}],
+        [{"role": "user", "content": "yo"}],
+    ]
+    conversations = [
+        [{"role": "user", "content": "hi"}],
+        [{"role": "system", "content": "terse"}, {"role": "user", "content": "yo"}],
+    ]
+    messages = tmp_path / "chats.jsonl"
+    messages.write_text("\n".join(json.dumps(c) for c in conversations) + "\n\n")
+    code, again = cli_run(tmp_path, "--chat-template", template, "--messages", str(messages))
+    assert code == 0 and [r["prompt"] for r in again] == conversations
+    validator = jsonschema.Draft202012Validator(output_schema())
+    for record in [*records, *again]:  # a chat prompt is recorded as its messages, as the schema says
+        validator.validate(record)
+    assert again[0]["samples"] == records[0]["samples"]  # the same prompt, the same seed
+    # without a template: each prompt fails alone, saying why
+    code, failed = cli_run(tmp_path, "--messages", str(messages))
+    assert code == 1 and all("needs a chat template" in r["error"] for r in failed)
+    messages.write_text('[{"role": "user", "content": "hi"}]\n{"role": "user"}\n')
+    capsys.readouterr()
+    assert cli_run(tmp_path, "--chat-template", template, "--messages", str(messages))[0] == 2
+    assert "line 2: a chat prompt is a non-empty list of messages" in capsys.readouterr().err
