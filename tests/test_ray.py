@@ -24,7 +24,8 @@ import tiltsmc  # noqa: E402
 from tiltsmc.tasks import arithmetic  # noqa: E402
 
 PROMPT = arithmetic.make_problems(4, 1, rng=3)[0].prompt
-LONG = {"prompt": arithmetic.make_problems(16, 1, rng=0)[0].prompt, "particles": 256, "seed": 1}  # as long as 64 took with the separate PRM
+# 256 particles: about as long as 64 took with the separate policy and PRM
+LONG = {"prompt": arithmetic.make_problems(16, 1, rng=0)[0].prompt, "particles": 256, "seed": 1}
 
 
 class RayServer:
