@@ -15,8 +15,18 @@ x ``--particles`` particles for ``--tokens`` tokens (after one untimed run of th
 * with ``--provider cuda``, also the run with the KV cache kept on the host (``device_cache=False``:
   ONNX Runtime copies it to the GPU and back at every step) beside the default device cache.
 
+Then the reward model's cost per step against the prefix's length (issue #18), in the same run: particles
+grown by the policy 8 tokens a step (up to the context: 128 positions on the fixtures, 256 on the demo's
+decoder), each step scored by the KV-cached reward (it runs the 8 new tokens) and by the same graph
+re-encoding every prefix (``kv_cache=False``), min of ``--repeats`` passes per step. Rewards: the value head
+of ``gpt2-value-tiny``, ``llama-tiny`` read through a class, the demo's decoder read through a class, and
+for reference the demo's own PRM (no cache: it always re-encodes). The bar: the cached reward's time per
+step grows by less than 10% of re-encoding's growth from the shortest to the longest prefix. Last, the
+SMC run above again with the cached reward (``gpt2-value-tiny``) against the same graph re-encoding: whole
+step time and tiltsmc's share.
+
 Prints a table and writes JSON to bench/results/models_<host>[_cuda].json. Not a test: figures depend on
-the machine; run it on a quiet one.
+the machine; run it on a quiet one (the 2-core VM is shared with other work: hence the min of repeats).
 """
 
 from __future__ import annotations
@@ -33,8 +43,11 @@ import numpy as np
 import tiltsmc
 from _machine import machine_info
 from tiltsmc.models import OnnxCausalLM, OnnxRewardModel
+from tiltsmc.tasks import arithmetic
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "models"
+PRM_TINY: tuple[Path, dict[str, Any]] = (FIXTURES / "prm-tiny", {"kind": "logit"})
+VALUE_TINY: tuple[Path, dict[str, Any]] = (FIXTURES / "gpt2-value-tiny", {"kind": "logit", "output": "value"})
 
 
 class SessionTimer:
@@ -146,6 +159,7 @@ def one_run(
     args: argparse.Namespace,
     device_cache: Any = None,
     replay: bool = False,
+    reward_model: tuple[Path, dict[str, Any]] = PRM_TINY,
 ) -> dict[str, Any]:
     # The previous configuration's sessions sit in reference cycles (the session timers): free them now,
     # or their threads and memory slow this configuration's start and show up as glue time.
@@ -158,7 +172,7 @@ def one_run(
         providers=providers,
         device_cache=device_cache,
     )
-    reward = OnnxRewardModel(FIXTURES / "prm-tiny", kind="logit", providers=providers)
+    reward = OnnxRewardModel(reward_model[0], **reward_model[1], providers=providers)
     prompts = [f"question {k}: what is {k} + {k + 1}?" for k in range(num_prompts)]
     # Warm-up: the same run once untimed (first calls at each shape allocate, and on CUDA pick kernels).
     run_args = {"num_particles": args.particles, "ess_threshold": args.ess_threshold, "rng": args.seed}
@@ -182,6 +196,8 @@ def one_run(
         assert np.array_equal(replayed.log_z, result.log_z), "the replay did not follow the recorded run"
     return {
         "fixture": fixture,
+        "reward": reward_model[0].name,
+        "reward_kv_cached": reward.kv_cached,
         "prompts": num_prompts,
         "policy": policy_class.__name__,
         "provider": policy.session.get_providers()[0],
@@ -207,6 +223,151 @@ def one_run(
     }
 
 
+# (name, policy folder, reward folder, reward options, pad id, prompts, context): the reward models timed
+# against the prefix's length; the policy only grows the particles.
+def _growth_configs() -> list[tuple[str, Path, Path, dict[str, Any], int, list[str], int]]:
+    plus, newline = 47, arithmetic.VOCAB.index("\n")
+    demo = arithmetic.MODELS_DIR
+    fixture_prompts = [f"q{k}: {k}+{k + 1}=" for k in range(4)]
+    demo_prompts = [p.prompt for p in arithmetic.make_problems(2, 4, rng=0)]
+    return [
+        ("gpt2-value-tiny value head", FIXTURES / "gpt2-tiny", VALUE_TINY[0], VALUE_TINY[1], 1,
+         fixture_prompts, 128),
+        ("llama-tiny class head", FIXTURES / "llama-tiny", FIXTURES / "llama-tiny",
+         {"kind": "logit", "label": plus}, 1, fixture_prompts, 128),
+        ("demo decoder class head", demo / "policy", demo / "policy",
+         {"kind": "logit", "label": newline}, arithmetic.PAD_ID, demo_prompts, 256),
+        ("demo PRM (no cache)", demo / "policy", demo / "prm", {"kind": "logit"}, arithmetic.PAD_ID,
+         demo_prompts, 256),
+    ]  # fmt: skip
+
+
+def reward_growth(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Seconds of ``log_value`` per step against prefix length, cached and re-encoding (see the module
+    docstring); the min over ``args.repeats`` passes of the same seeded particles."""
+    providers = PROVIDERS[args.provider]
+    step = 8
+    rows = []
+    for name, policy_dir, reward_dir, options, pad, prompts, context in _growth_configs():
+        gc.collect()
+        longest_prompt = 24  # room left for the prompt
+        steps = (context - longest_prompt) // step
+        # one ONNX Runtime thread: on a machine shared with other work, a call whose second thread waits
+        # for a core takes several times as long, which swamps the growth measured
+        threads = {"providers": providers, "intra_op_num_threads": args.growth_threads}
+        policy = OnnxCausalLM(
+            policy_dir, max_new_tokens=steps * step, eos_token_id=[], pad_token_id=pad, **threads
+        )
+        models = {
+            "cached": OnnxRewardModel(reward_dir, **options, pad_token_id=pad, **threads),
+            "re-encoding": OnnxRewardModel(
+                reward_dir, **options, pad_token_id=pad, kv_cache=False, **threads
+            ),
+        }
+        times = {key: np.full((args.repeats, steps), np.inf) for key in models if models[key].kv_cached
+                 or key == "re-encoding"}  # fmt: skip
+        prefix = np.zeros(steps)
+        for repeat in range(args.repeats + 1):  # the first pass warms up, untimed
+            particles = policy.start(prompts, args.growth_particles)
+            rng = np.random.default_rng(args.seed)
+            for key in times:
+                models[key].initial_log_value(particles)
+            for t in range(steps):
+                for _ in range(step):
+                    policy.propose(particles, rng)
+                particles.flush()
+                prefix[t] = (
+                    np.mean([len(p) for p in particles.prompt_tokens or []]) + particles.lengths.mean()
+                )
+                values = {}
+                for key in times:
+                    began = time.perf_counter()
+                    values[key] = models[key].log_value(particles)
+                    if repeat:
+                        times[key][repeat - 1, t] = time.perf_counter() - began
+                if len(values) == 2:
+                    gap = float(np.max(np.abs(values["cached"] - values["re-encoding"])))
+                    assert gap < 1e-3, f"{name}: cached and re-encoded values differ by {gap}"
+                particles.reorder(rng.integers(0, args.growth_particles, size=particles.lengths.shape))
+        best = {key: t.min(axis=0) for key, t in times.items()}
+        row: dict[str, Any] = {
+            "reward": name,
+            "onnxruntime_threads": args.growth_threads,
+            "prompts": len(prompts),
+            "particles": args.growth_particles,
+            "tokens_per_step": step,
+            "prefix_tokens": prefix.tolist(),
+            "seconds_per_step": {key: b.tolist() for key, b in best.items()},
+            # the least-squares line's rise from the shortest to the longest prefix (one noisy step at
+            # either end does not decide it), and the same from the end points alone
+            "growth_seconds": {
+                key: float(np.polyfit(prefix, b, 1)[0] * (prefix[-1] - prefix[0])) for key, b in best.items()
+            },
+            "end_to_end_growth_seconds": {key: float(b[-1] - b[0]) for key, b in best.items()},
+        }
+        if "cached" in best:
+            row["cached_growth_over_re_encoding_growth"] = (
+                row["growth_seconds"]["cached"] / row["growth_seconds"]["re-encoding"]
+            )
+        rows.append(row)
+    return rows
+
+
+def demo_step(args: argparse.Namespace) -> dict[str, Any]:
+    """The demo's SMC step at T = 16 (its 24 problems x 8 particles, a step one line), with the policy and
+    the PRM apart (the PRM re-encoding every prefix) and in one graph (``arithmetic_models/joint``), the two
+    alternating, min of ``args.repeats`` runs each."""
+    problems = [p.prompt for p in arithmetic.make_problems(16, 24, rng=args.seed)]
+    pairs = {
+        "separate": arithmetic.load_models(joint=False, providers=PROVIDERS[args.provider]),
+        "joint": arithmetic.load_models(joint=True, providers=PROVIDERS[args.provider]),
+    }
+    seconds: dict[str, list[float]] = {key: [] for key in pairs}
+    steps: dict[str, int] = {}
+    texts = {}
+    for repeat in range(args.repeats + 1):  # the first round warms up, untimed
+        for key, (policy, reward) in pairs.items():
+            gc.collect()
+            began = time.perf_counter()
+            result = tiltsmc.smc(policy, reward, problems, num_particles=8, ess_threshold=0.5, rng=args.seed)
+            if repeat:
+                seconds[key].append(time.perf_counter() - began)
+            steps[key], texts[key] = int(result.ess.shape[1]), result.texts
+    assert texts["joint"] == texts["separate"], "the joint graph drew other solutions"
+    per_step = {key: 1e3 * min(seconds[key]) / steps[key] for key in pairs}
+    return {
+        "problems": len(problems),
+        "steps": 16,
+        "particles": 8,
+        "seconds": seconds,
+        "sampler_steps": steps,
+        "ms_per_step": per_step,
+        "separate_over_joint": per_step["separate"] / per_step["joint"],
+    }
+
+
+def print_growth(rows: list[dict[str, Any]]) -> None:
+    print("\nreward model: ms per step (min of repeats) against the mean prefix length, tokens")
+    for row in rows:
+        prefix = row["prefix_tokens"]
+        picks = sorted({0, len(prefix) // 4, len(prefix) // 2, 3 * len(prefix) // 4, len(prefix) - 1})
+        print(f"{row['reward']}  ({row['prompts']} prompts x {row['particles']} particles)")
+        print(f"  {'prefix':<12}" + "".join(f"{prefix[k]:>9.0f}" for k in picks))
+        for key, seconds in row["seconds_per_step"].items():
+            print(f"  {key:<12}" + "".join(f"{1e3 * seconds[k]:9.2f}" for k in picks))
+    for row in rows:
+        if "cached_growth_over_re_encoding_growth" not in row:
+            continue
+        ratio = row["cached_growth_over_re_encoding_growth"]
+        growth = row["growth_seconds"]
+        print(
+            f"{'PASS' if ratio < 0.1 else 'FAIL'}  {row['reward']}: cached growth "
+            f"{1e3 * growth['cached']:.2f} ms = {100 * ratio:.1f}% of re-encoding's "
+            f"{1e3 * growth['re-encoding']:.2f} ms (fitted lines) from {row['prefix_tokens'][0]:.0f} to "
+            f"{row['prefix_tokens'][-1]:.0f} tokens (bar < 10%)"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -226,11 +387,29 @@ def main() -> None:
         help="ONNX Runtime provider; with cuda the KV cache stays on the GPU, and a third run keeps it "
         "on the host (ORT copies it each step) for comparison",
     )
+    parser.add_argument("--repeats", type=int, default=5, help="passes of the reward-growth part (min)")
+    parser.add_argument("--growth-threads", type=int, default=1, help="ONNX Runtime threads, growth part")
+    parser.add_argument("--growth-particles", type=int, default=16, help="per prompt, reward-growth part")
+    parser.add_argument(
+        "--demo-step-only", action="store_true", help="only the demo's step, separate vs joint graph"
+    )
     parser.add_argument("--quick", action="store_true", help="smaller run, for a smoke test")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.quick:
-        args.prompts, args.particles, args.tokens = "2", 16, 8
+        args.prompts, args.particles, args.tokens, args.repeats, args.growth_particles = "2", 16, 8, 1, 4
+    if args.demo_step_only:
+        record = demo_step(args)
+        print(
+            f"demo SMC step at T = 16, 24 problems x 8 particles (min of {args.repeats}): policy + PRM apart "
+            f"{record['ms_per_step']['separate']:.1f} ms, one graph {record['ms_per_step']['joint']:.1f} ms: "
+            f"{record['separate_over_joint']:.2f}x (bar >= 3x)"
+        )
+        out = Path(args.out) if args.out else Path(__file__).parent / "results" / "demo_step_vm.json"
+        machine = machine_info(onnxruntime=_onnxruntime_version(), gpu=_gpu_name())
+        out.write_text(json.dumps({"machine": machine, "args": vars(args), "demo_step": record}, indent=1))
+        print(f"wrote {out}")
+        return
     prompt_counts = [int(k) for k in str(args.prompts).split(",")]
     rows = []
     for fixture, num_prompts in [(f, k) for k in prompt_counts for f in ("gpt2-tiny", "llama-tiny")]:
@@ -243,6 +422,19 @@ def main() -> None:
             "policy_recompute_over_cached": naive["policy_session_seconds"]
             / cached["policy_session_seconds"],
         }
+        with_cached_reward = one_run(OnnxCausalLM, fixture, num_prompts, args, reward_model=VALUE_TINY)
+        re_encoding_reward = one_run(
+            OnnxCausalLM,
+            fixture,
+            num_prompts,
+            args,
+            reward_model=(VALUE_TINY[0], {**VALUE_TINY[1], "kv_cache": False}),
+        )
+        row["cached_reward"] = with_cached_reward
+        row["re_encoding_reward"] = re_encoding_reward
+        row["re_encoding_over_cached_reward"] = (
+            re_encoding_reward["total_seconds"] / with_cached_reward["total_seconds"]
+        )
         if args.provider == "cuda":
             host = one_run(OnnxCausalLM, fixture, num_prompts, args, device_cache=False)
             row["host_cache"] = host
@@ -258,7 +450,7 @@ def main() -> None:
     )
     print(header)
     for row in rows:
-        for key in ("cached", "recompute", "host_cache"):
+        for key in ("cached", "recompute", "host_cache", "cached_reward", "re_encoding_reward"):
             if key not in row:
                 continue
             r = row[key]
@@ -284,6 +476,10 @@ def main() -> None:
         )
         if "host_cache" in row:
             print(f"{'':<11} host cache / device cache = {row['host_cache_over_device_cache']:.2f}x")
+        print(
+            f"{'':<11} with gpt2-value-tiny as reward: re-encoding / cached reward = "
+            f"{row['re_encoding_over_cached_reward']:.2f}x for the whole step"
+        )
     for row in rows:
         share = row["cached"]["tiltsmc_share"]
         verdict = "PASS" if share <= 0.05 else "FAIL"
@@ -293,6 +489,8 @@ def main() -> None:
             "(bar <= 5%); "
             f"sampler bookkeeping alone {100 * row['cached']['bookkeeping_share']:.1f}%"
         )
+    growth = reward_growth(args)
+    print_growth(growth)
     out = (
         Path(args.out)
         if args.out
@@ -307,6 +505,7 @@ def main() -> None:
                 "machine": machine_info(onnxruntime=_onnxruntime_version(), gpu=_gpu_name()),
                 "args": vars(args),
                 "rows": rows,
+                "reward_growth": growth,
             },
             indent=1,
         )

@@ -18,6 +18,9 @@ Stages (each reads the previous stage's output from ``--work``; ``all`` runs the
    ``token-classification`` for the reward model; validated against PyTorch), with the tokenizer, into
    ``--out`` (default ``python/tiltsmc/tasks/arithmetic_models``), plus ``training.json`` (settings,
    versions, measured error rates).
+5. ``joint``    (also run by ``export``) ``--out/joint``: the exported policy's graph with the PRM's head in
+   it (output ``value``), built with onnx alone from the two exports (:func:`export_joint`), so the demo
+   runs one trunk per step; ``python scripts/train_demo.py joint`` needs only onnx and numpy.
 
 Everything is seeded (``--seed``); on the CPU, with the same package versions, a rerun gives the same
 models. It needs torch, transformers, optimum-onnx, onnx and tokenizers (none is a runtime dependency of
@@ -477,9 +480,138 @@ def export(work: Path, out: Path, seed: int, report: dict) -> None:
     )
 
 
+def export_joint(out: Path) -> None:
+    """``out/joint``: the exported policy's graph with the PRM's head in it, so one run a step gives the
+    next-token logits and the PRM's logit of the prefix (output ``value``, ``(batch, seq, 1)``).
+
+    Built from ``out/policy/model.onnx`` and the head's weights in ``out/prm/model.onnx`` (its ``(66, 1)``
+    MatMul initializer and ``head.bias``) with onnx alone. The head reads the trunk's last hidden state (the
+    LM head's input) and the error count ``k`` of :func:`prm_module`, a running sum over positions, which a
+    cached decoder must carry from run to run: it rides in one more KV-cache layer,
+    ``past_key_values.{L}.key`` / ``.value`` (the trunk's geometry; columns follow the attention mask as
+    the others do), whose last column holds ``(k, the trunk's most likely next token, whether a newline
+    has been seen)`` after every position. A fed position ``j`` then has ``differs_j = mask_j * [pred_{j-1}
+    != token_j] * seen_{j-1}`` and ``k_j = k_{j-1} + differs_j``; a masked column (a particle sitting out)
+    carries the state unchanged, so the last column always holds it. The values equal the separate PRM's
+    (checked below and in tests/test_reward_cache.py)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    policy = onnx.load(str(out / "policy" / "model.onnx"))
+    prm = onnx.load(str(out / "prm" / "model.onnx"))
+    weights = {i.name: numpy_helper.to_array(i) for i in prm.graph.initializer}
+    (head_weight,) = [a for a in weights.values() if a.shape == (66, 1)]
+    graph = policy.graph
+    (lm_head,) = [n for n in graph.node if "logits" in n.output]
+    hidden = lm_head.input[0]
+    layer = 1 + max(int(i.name.split(".")[1]) for i in graph.input if i.name.startswith("past_key_values."))
+    past, present = f"past_key_values.{layer}", f"present.{layer}"
+    (reference,) = [i for i in graph.input if i.name == "past_key_values.0.key"]
+    heads = reference.type.tensor_type.shape.dim[1].dim_value
+    head_dim = reference.type.tensor_type.shape.dim[3].dim_value
+    for kind in ("key", "value"):
+        entry = onnx.ValueInfoProto()
+        entry.CopyFrom(reference)
+        entry.name = f"{past}.{kind}"
+        graph.input.append(entry)
+    nodes = []
+
+    def const(name, value):
+        graph.initializer.append(numpy_helper.from_array(np.asarray(value), "error_state/" + name))
+        return "error_state/" + name
+
+    def op(kind, inputs, name, **attributes):
+        output = name if name in ("value", f"{present}.key", f"{present}.value") else "error_state/" + name
+        nodes.append(helper.make_node(kind, inputs, [output], name="/error_state/" + name, **attributes))
+        return output
+
+    def ints(*values):
+        return np.array(values, dtype=np.int64)
+
+    zero, one, two, three = const("0", ints(0)), const("1", ints(1)), const("2", ints(2)), const("3", ints(3))
+    last_one, end = const("-1", ints(-1)), const("end", ints(1 << 62))
+    f0, f1 = const("f0", np.array(0.0, np.float32)), const("f1", np.array(1.0, np.float32))
+    shape = op("Shape", ["input_ids"], "shape")
+    width, batch = op("Slice", [shape, one, two], "width"), op("Slice", [shape, zero, one], "batch")
+    mask_new = op("Slice", ["attention_mask", op("Neg", [width], "neg_width"), end, one], "mask_new")
+    fed = op("Cast", [mask_new], "fed", to=TensorProto.BOOL)
+    fed_f = op("Cast", [mask_new], "fed_f", to=TensorProto.FLOAT)
+    # the state before these positions: the past's last column (zeros before any)
+    state = op("Squeeze", [op("Slice", [f"{past}.key", zero, one, one], "head0"), one], "past_state")
+    state = op("Slice", [state, zero, three, two], "past_state3")
+    zeros = op("ConstantOfShape", [op("Concat", [batch, one, three], "zeros_shape", axis=0)], "zeros",
+               value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))  # fmt: skip
+    last = op("Slice", [op("Concat", [zeros, state], "states", axis=1), last_one, end, one], "last")
+
+    def component(k, name):
+        piece = op("Slice", [last, const(f"k{k}", ints(k)), const(f"k{k}_end", ints(k + 1)), two], name + "3")
+        return op("Squeeze", [piece, two], name)
+
+    count0, pred0, seen0 = component(0, "count0"), component(1, "pred0"), component(2, "seen0")
+    preds = op(
+        "Cast", [op("ArgMax", ["logits"], "argmax", axis=2, keepdims=0)], "preds", to=TensorProto.FLOAT
+    )
+    before = op(
+        "Concat", [pred0, op("Slice", [preds, zero, last_one, one], "preds_head")], "pred_before", axis=1
+    )
+    tokens = op("Cast", ["input_ids"], "tokens", to=TensorProto.FLOAT)
+    newline = op(
+        "Equal", ["input_ids", const("newline_id", np.array(task.VOCAB.index("\n"), np.int64))], "is_nl"
+    )
+    newline = op("Mul", [op("Cast", [newline], "is_nl_f", to=TensorProto.FLOAT), fed_f], "newline_fed")
+    earlier = op("CumSum", [newline, one], "newlines_before", exclusive=1)
+    seen = op("Max", [seen0, op("Cast", [op("Greater", [earlier, f0], "any_before")], "seen_in",
+                                to=TensorProto.FLOAT)], "seen")  # fmt: skip
+    unpredicted = op("Not", [op("Equal", [before, tokens], "as_predicted")], "unpredicted")
+    differs = op("Cast", [unpredicted], "differs_f", to=TensorProto.FLOAT)
+    differs = op("Mul", [op("Mul", [fed_f, differs], "differs_fed"), seen], "differs")
+    count = op("Add", [count0, op("CumSum", [differs, one], "differs_sum")], "count")
+    columns = [
+        op("Unsqueeze", [op("Where", [fed, value, previous], name), two], name + "_column")
+        for value, previous, name in (
+            (count, count0, "count_kept"),
+            (preds, pred0, "pred_kept"),
+            (op("Max", [seen, newline], "seen_after"), seen0, "seen_kept"),
+        )
+    ]
+    padding = const("pad", ints(0, 0, 0, 0, 0, head_dim - 3))
+    columns = op("Pad", [op("Concat", columns, "columns", axis=2), padding], "columns_padded")
+    repeats = const("heads", ints(1, heads, 1, 1))
+    columns = op("Tile", [op("Unsqueeze", [columns, one], "columns_head"), repeats], "columns_heads")
+    op("Concat", [f"{past}.key", columns], f"{present}.key", axis=2)
+    op("Concat", [f"{past}.value", columns], f"{present}.value", axis=2)
+    log1p = op("Log", [op("Add", [count, f1], "count_plus_1")], "log1p")
+    positive = op("Cast", [op("Greater", [count, f0], "count_positive")], "positive", to=TensorProto.FLOAT)
+    log1p = op("Unsqueeze", [log1p, two], "log1p_feature")
+    positive = op("Unsqueeze", [positive, two], "positive_feature")
+    features = op("Concat", [hidden, log1p, positive], "features", axis=2)
+    head = op("MatMul", [features, const("weight", head_weight.astype(np.float32))], "head")
+    op("Add", [head, const("bias", weights["head.bias"].astype(np.float32))], "value")
+    graph.node.extend(nodes)
+    (present_reference,) = [o for o in graph.output if o.name == "present.0.key"]
+    for kind in ("key", "value"):
+        entry = onnx.ValueInfoProto()
+        entry.CopyFrom(present_reference)
+        entry.name = f"{present}.{kind}"
+        graph.output.append(entry)
+    graph.output.append(
+        helper.make_tensor_value_info("value", TensorProto.FLOAT, ["batch_size", "sequence_length", 1])
+    )
+    onnx.checker.check_model(policy)
+    dest = out / "joint"
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir()
+    onnx.save(policy, str(dest / "model.onnx"))
+    for item in sorted((out / "policy").iterdir()):
+        if item.name != "model.onnx":
+            shutil.copy2(item, dest / item.name)
+    print(f"wrote {dest}: {', '.join(sorted(p.name for p in dest.iterdir()))}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("stage", choices=("policy", "evaluate", "rollouts", "prm", "export", "all"))
+    parser.add_argument("stage", choices=("policy", "evaluate", "rollouts", "prm", "export", "joint", "all"))
     parser.add_argument("--work", type=Path, default=Path("/tmp/tiltsmc-demo-train"))
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--seed", type=int, default=0)
@@ -487,6 +619,9 @@ def main(argv=None) -> int:
     parser.add_argument("--prm-steps", type=int, default=2000)
     parser.add_argument("--rollouts-per-level", type=int, default=2048)
     args = parser.parse_args(argv)
+    if args.stage == "joint":  # onnx alone: no training, no torch
+        export_joint(args.out)
+        return 0
     import torch
 
     torch.use_deterministic_algorithms(True)
@@ -509,6 +644,7 @@ def main(argv=None) -> int:
         else:
             report["noise"] = {"carry": P_ERROR_CARRY, "plain": P_ERROR_PLAIN, "forgot_carry": P_FORGOT_CARRY}
             export(args.work, args.out, args.seed, report)
+            export_joint(args.out)
         report_file.write_text(json.dumps(report, indent=1))
     return 0
 

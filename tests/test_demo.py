@@ -109,8 +109,8 @@ def test_the_reward_model_rates_a_slip_below_the_right_line(models) -> None:
         wrong = [*lines[:3], lines[3][:-2] + f"{(problem.values[4] + 10) % 100:02d}"]
         values = []
         for prefix in (right, wrong):
-            ids = policy.tokenizer.encode(problem.prompt + "\n".join(prefix) + "\n")
-            values.append(float(reward._score([ids])[0]))
+            particles = policy.start([problem.prompt + "\n".join(prefix) + "\n"], 1)  # the prefix as a prompt
+            values.append(float(reward.initial_log_value(particles)[0]))
         ranked += values[0] > values[1] + np.log(4)
     assert ranked >= 18
 

@@ -24,7 +24,8 @@ import tiltsmc  # noqa: E402
 from tiltsmc.tasks import arithmetic  # noqa: E402
 
 PROMPT = arithmetic.make_problems(4, 1, rng=3)[0].prompt
-LONG = {"prompt": arithmetic.make_problems(16, 1, rng=0)[0].prompt, "particles": 64, "seed": 1}
+# 256 particles: about as long as 64 took with the separate policy and PRM
+LONG = {"prompt": arithmetic.make_problems(16, 1, rng=0)[0].prompt, "particles": 256, "seed": 1}
 
 
 class RayServer:
@@ -37,7 +38,7 @@ class RayServer:
         self._log = self.log_path.open("w")
         command = [
             sys.executable, "-m", "tiltsmc.cli", "serve", "--ray", "--demo", "--replicas", "2",
-            "--replica-cpus", "0.5", "--port", str(self.port), "--max-request-particles", "64",
+            "--replica-cpus", "0.5", "--port", str(self.port), "--max-request-particles", "256",
         ]  # fmt: skip
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)

@@ -509,7 +509,10 @@ def _add_model_arguments(parser: argparse.ArgumentParser, demo_models: bool = Fa
         parser.add_argument("--reward", help="folder (or .onnx file) of the reward model (with --policy)")
     else:
         parser.add_argument("--policy", required=True, help="folder (or .onnx file) of the decoder LM")
-        parser.add_argument("--reward", required=True, help="folder (or .onnx file) of the reward model")
+        parser.add_argument(
+            "--reward",
+            help="folder (or .onnx file) of the reward model (or --value-output: the policy's own)",
+        )
     # Every default is the model class's own (MODEL_OPTIONS): one set of defaults for the API, the CLI
     # and the server.
     parser.add_argument(
@@ -552,6 +555,17 @@ def _add_model_arguments(parser: argparse.ArgumentParser, demo_models: bool = Fa
         "--reward-output",
         default=_model_default("reward_output"),
         help="reward graph output to read (default: first)",
+    )
+    parser.add_argument(
+        "--value-output",
+        default=_model_default("value_output"),
+        help="the policy graph's value output, read as the reward: one model for both roles, one run a step",
+    )
+    parser.add_argument(
+        "--reward-kv-cache",
+        choices=("on", "off"),
+        default=_model_default("reward_kv_cache"),
+        help="a decoder reward model keeps a KV cache per particle (default: where its graph has one)",
     )
     parser.add_argument(
         "--reward-position",
@@ -612,6 +626,8 @@ MODEL_OPTIONS: dict[str, tuple[str, str]] = {
     "reward_delimiters": ("OnnxRewardModel", "delimiter_ids"),
     "reward_label": ("OnnxRewardModel", "label"),
     "reward_classes": ("OnnxRewardModel", "classes"),
+    "reward_kv_cache": ("OnnxRewardModel", "kv_cache"),
+    "value_output": ("OnnxCausalLM", "value_output"),
 }
 
 
@@ -744,7 +760,7 @@ def _chat_prompts(args: argparse.Namespace, texts: list[str]) -> list[Any]:
 def _load_models(args: argparse.Namespace) -> tuple[Any, Any]:
     """The policy and reward model the options name (OSError / ValueError / TypeError for what cannot load,
     a reward model whose vocabulary differs from the policy's included)."""
-    from .models import OnnxCausalLM, OnnxRewardModel
+    from .models import OnnxCausalLM, OnnxRewardModel, PolicyValue
 
     providers = ["CPUExecutionProvider"] if args.cpu else None
     if getattr(args, "demo", False):
@@ -757,8 +773,10 @@ def _load_models(args: argparse.Namespace) -> tuple[Any, Any]:
         return arithmetic.load_models(
             intra_op_num_threads=args.threads, providers=providers, memory_arena=args.memory_arena == "on"
         )
-    if args.reward is None:
-        raise ValueError("--reward: a reward model is needed with --policy")
+    if (args.reward is None) == (args.value_output is None):
+        raise ValueError(
+            "--reward: give a reward model, or --value-output to read the policy's own value head"
+        )
     session = _session_arguments(args)
     policy = OnnxCausalLM(
         args.policy,
@@ -770,11 +788,14 @@ def _load_models(args: argparse.Namespace) -> tuple[Any, Any]:
         top_p=args.top_p,
         intra_op_num_threads=args.threads,
         memory_arena=args.memory_arena == "on",
+        value_output=args.value_output,
         add_special_tokens=args.add_special_tokens == "on",
         skip_special_tokens=args.skip_special_tokens == "on",
         chat_template=_chat_template(args),
         **session,
     )
+    if args.value_output is not None:
+        return policy, PolicyValue(policy, kind=args.reward_kind)
     reward = OnnxRewardModel(
         args.reward,
         output=args.reward_output,
@@ -786,6 +807,7 @@ def _load_models(args: argparse.Namespace) -> tuple[Any, Any]:
         providers=providers,
         intra_op_num_threads=args.threads,
         memory_arena=args.memory_arena == "on",
+        kv_cache={None: None, "on": True, "off": False}[args.reward_kv_cache],
         **session,
     )
     check_policy = getattr(reward, "check_policy", None)  # vocabularies: bad input, found before the run

@@ -3,6 +3,7 @@
 ONNX Runtime itself is imported only when an ONNX model is built.
 """
 
+from .joint import PolicyValue
 from .onnx_lm import OnnxCausalLM
 from .onnx_reward import OnnxRewardModel
 from .particles import Particles
@@ -13,6 +14,7 @@ __all__ = [
     "OnnxRewardModel",
     "Particles",
     "Policy",
+    "PolicyValue",
     "RewardModel",
     "TokenPolicy",
     "TwistModel",

@@ -208,6 +208,7 @@ class OnnxCausalLM:
         chat_template: Optional[str] = None,
         session_options: Any = None,
         provider_options: Optional[Mapping[str, Mapping[str, Any]]] = None,
+        value_output: Optional[str] = None,
     ) -> None:
         self.model_file, model_dir = resolve_model_file(path)
         config = read_json(model_dir / "config.json")
@@ -338,8 +339,8 @@ class OnnxCausalLM:
         on_cuda = "CUDAExecutionProvider" in self.session.get_providers()
         if device_cache is not None and not isinstance(device_cache, (bool, np.bool_)):
             raise TypeError(f"device_cache: expected None, True or False, got {device_cache!r}")
-        if device_cache is None:
-            device_cache = on_cuda and bool(core.cuda_available())
+        if device_cache is None:  # a value head's output is read on the host cache path only
+            device_cache = on_cuda and value_output is None and bool(core.cuda_available())
         elif device_cache:
             if not on_cuda:
                 raise ValueError(
@@ -362,9 +363,35 @@ class OnnxCausalLM:
         # Built once: every step's session call and token bookkeeping reuse them.
         self._past_names = [past_name for past_name, _, _ in self._cache_names]
         self._output_names = ["logits"] + [present_name for _, present_name, _ in self._cache_names]
+        self.value_output = self._check_value_output(value_output, outputs)
+        if self.value_output is not None:  # fetched last: _run hands it back after the cache
+            self._output_names.append(self.value_output)
         self._eos_ids = np.array(sorted(self.eos_token_ids), dtype=np.int64)
         self._step_id_array = np.array(sorted(self.step_ids or ()), dtype=np.int64)
         self._start_buffers = _StartBuffers()
+
+    def _check_value_output(self, value_output: Optional[str], outputs: list[str]) -> Optional[str]:
+        """A value head in the policy's graph (one score per position), read by
+        :class:`~tiltsmc.models.joint.PolicyValue`: checked here, fetched with the logits at every run."""
+        if value_output is None:
+            return None
+        if not isinstance(value_output, str) or value_output not in outputs or value_output == "logits":
+            raise ValueError(
+                f"value_output: {value_output!r} is not a value output of {self.model_file.name}: outputs "
+                f"{', '.join(outputs)}"
+            )
+        if self.device_cache:
+            raise ValueError(
+                "value_output: not read with device_cache=True (the KV cache on the GPU): pass False"
+            )
+        node = next(node for node in self.session.get_outputs() if node.name == value_output)
+        static = node.shape[2] if len(node.shape) == 3 and isinstance(node.shape[2], int) else 1
+        if len(node.shape) not in (2, 3) or static != 1:
+            raise ValueError(
+                f"value_output: {value_output!r} has shape {node.shape}; expected one score per position, "
+                "(batch, seq) or (batch, seq, 1)"
+            )
+        return value_output
 
     # -- prompts -----------------------------------------------------------------------------------------
 
@@ -432,7 +459,7 @@ class OnnxCausalLM:
         else:
             feeds.update(zip(self._past_names, past))
         results = self.session.run(self._output_names, feeds)
-        return results[0], results[1:]
+        return results[0], results[1:]  # with value_output, the value scores come last
 
     def _run_on_device(
         self,
@@ -521,6 +548,10 @@ class OnnxCausalLM:
         positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
         logits, present = self._run(input_ids, mask, positions, None)
         particles = Particles.empty(prompt_list, num_particles, self.max_new_tokens)
+        if self.value_output is not None:  # each prompt's value at its last token
+            *present, value = present
+            scores = np.asarray(value, dtype=np.float64).reshape(batch, width)[:, -1]
+            particles.state["lm.value"] = self._start_buffers.repeated(scores, num_particles)
         particles.prompt_tokens = encoded
         particles.errors = errors
         for b in errors:
@@ -606,6 +637,9 @@ class OnnxCausalLM:
         """
         particles.flush()
         still, going = self._append_tokens(particles, tokens, active)
+        if self.value_output is not None:
+            # a value head needs the value of the last token too: rows that have just ended are fed it
+            still, going = active.copy(), int(np.count_nonzero(active))
         if going == 0:
             return
         batch, count = particles.lengths.shape
@@ -638,6 +672,12 @@ class OnnxCausalLM:
             ]
         )
         logits, present = self._run(feed_tokens, new_mask, positions, past)
+        if self.value_output is not None:
+            *present, value = present
+            scores = np.asarray(value, dtype=np.float64).reshape(batch, count)
+            if going != rows:
+                scores = np.where(still, scores, particles.state["lm.value"])
+            particles.state["lm.value"] = scores
         next_logits = np.asarray(logits[:, -1, :], dtype=np.float32).reshape(batch, count, -1)
         if going != rows:  # rows fed padding keep the logits of their last real token
             next_logits = np.where(still[..., None], next_logits, particles.state["lm.logits"])

@@ -22,10 +22,14 @@ all ``C``) of the score vector ``s`` read at the row's position:
 * ``kind="prob"``: ``Vh = s_k / sum_{j in K} s_j`` with ``classes=``, else ``s_k``;
 * ``kind="log_value"``: ``s_k - log sum_{j in K} exp(s_j)`` with ``classes=``, else ``s_k``.
 
-A decoder exported with a KV cache (``past_key_values.*`` inputs, ``use_cache_branch`` of a merged decoder)
-is fed an empty cache: every call scores whole prefixes. Its ``logits`` hold ``rows x seq x vocab`` floats
-per call (a 150k vocabulary makes that 0.6 MB a position), so for long prefixes of large vocabularies an
-export whose head keeps only the classes needed is the one to use.
+A decoder exported with a KV cache (``past_key_values.*`` inputs and ``present.*`` outputs,
+``use_cache_branch`` of a merged decoder, ``position_ids``) and one score per position keeps its own cache
+per particle in ``Particles.state`` (:mod:`tiltsmc.models.reward_cache`): each call runs only the tokens
+appended since the last, and the values equal re-encoding's. ``kv_cache=False`` re-encodes whole prefixes
+instead (fed an empty cache), as graphs without a cache always are; ``kv_cache=True`` refuses a graph that
+cannot keep one. Batches with an empty prompt are re-encoded. A decoder's ``logits`` hold ``rows x seq x
+vocab`` floats per call (a 150k vocabulary makes that 0.6 MB a position), so for large vocabularies an export
+whose head keeps only the classes needed is the one to use.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from ._config import Source, positive_int, token_id, token_ids
 from ._ort import make_session, shrink_memory_arena
 from .onnx_lm import _PAST, cache_geometry, log_softmax, read_json, resolve_model_file
 from .particles import Particles
+from .reward_cache import KVCachedScorer
 from .tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["OnnxRewardModel"]
@@ -124,6 +129,7 @@ class OnnxRewardModel:
         memory_arena: bool = True,
         session_options: Any = None,
         provider_options: Optional[Mapping[str, Mapping[str, Any]]] = None,
+        kv_cache: Optional[bool] = None,
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
@@ -203,6 +209,45 @@ class OnnxRewardModel:
             if mapping.size and (mapping.min() < 0 or mapping.max() >= upper):
                 raise ValueError(f"token_map: ids must lie in [0, {upper}) of the reward model's vocabulary")
             self.token_map = mapping.astype(np.int64)
+        self._cached = self._cached_scorer(kv_cache, outputs, f"rm.{serial}")
+
+    def _cached_scorer(
+        self, kv_cache: Optional[bool], outputs: dict[str, Any], prefix: str
+    ) -> Optional[KVCachedScorer]:
+        """The KV-cached path where the graph allows it (``kv_cache`` None or True) and is asked for."""
+        if kv_cache is not None and not isinstance(kv_cache, (bool, np.bool_)):
+            raise TypeError(f"kv_cache: expected None, True or False, got {kv_cache!r}")
+        if kv_cache is False:
+            return None
+        shape = outputs[self.output].shape
+        absent = [
+            "present" + name[len("past_key_values") :]
+            for name, *_ in self._empty_cache
+            if "present" + name[len("past_key_values") :] not in outputs
+        ]
+        reasons = []
+        if not self._empty_cache:
+            reasons.append("it has no past_key_values.* inputs")
+        if absent:
+            reasons.append(f"it lacks the outputs {', '.join(absent)}")
+        if not self.has_position_ids:
+            reasons.append("it has no position_ids input")
+        per_position = len(shape) == 3 or (
+            len(shape) == 2 and self.label is None and not isinstance(shape[1], int)
+        )
+        if not per_position:
+            reasons.append(f"its output {self.output!r} {list(shape)} is not one score per position")
+        if reasons:
+            if kv_cache:
+                why = "; ".join(reasons)
+                raise ValueError(f"kv_cache: {self.model_file.name} cannot keep a cache: {why}")
+            return None
+        return KVCachedScorer(self, list(self._empty_cache), prefix)
+
+    @property
+    def kv_cached(self) -> bool:
+        """Whether it keeps a KV cache per particle (see the module docstring)."""
+        return self._cached is not None
 
     def _check_classes(
         self, label: Optional[int], classes: Optional[Sequence[int]], shape: Sequence[Any]
@@ -390,11 +435,20 @@ class OnnxRewardModel:
         sequences = [self._prompt(particles, b) for b in range(particles.num_prompts)]
         if any(len(s) == 0 for s in sequences):
             return np.zeros(particles.num_prompts)
+        if self._cached is not None and not particles.lengths.any():
+            # the prompts' cache, ready for the first step (and for joining a serving batch)
+            values = self._cached.start(particles, self._read)
+            particles.state[self._values_key] = np.repeat(values[:, None], particles.num_particles, axis=1)
+            particles.state[self._scored_key] = particles.lengths.copy()
+            return values
         return self._score(sequences)
 
     def log_value(self, particles: Particles) -> FloatArray:
         values: Optional[FloatArray] = particles.state.get(self._values_key)
         scored: Optional[npt.NDArray[np.int64]] = particles.state.get(self._scored_key)
+        cached = self._cached
+        if cached is not None and cached.usable(particles) and not cached.has_state(particles):
+            values = scored = None  # values without the cache they came with: start again
         stale: Optional[npt.NDArray[np.bool_]] = None  # None: every prefix
         if values is not None and scored is not None:
             stale = scored != particles.lengths
@@ -419,8 +473,12 @@ class OnnxRewardModel:
         ``values``; and the lengths the values were scored at."""
         batch, count = particles.lengths.shape
         selected = None if stale is None else np.flatnonzero(stale)
-        buckets = self._length_buckets(particles, selected)
-        if buckets is None:
+        cached = self._cached is not None and self._cached.usable(particles)
+        buckets = None if cached else self._length_buckets(particles, selected)
+        if cached:
+            assert self._cached is not None
+            fresh = _select(self._cached.advance(particles, self._read), selected)
+        elif buckets is None:
             fresh = self._score_rows(particles, selected)
         else:
             rows = np.arange(batch * count) if selected is None else selected

@@ -30,7 +30,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from ..models.onnx_lm import OnnxCausalLM
-    from ..models.onnx_reward import OnnxRewardModel
+    from ..models.protocols import RewardModel
 
 __all__ = [
     "LABELS",
@@ -189,30 +189,40 @@ def load_models(
     intra_op_num_threads: Optional[int] = None,
     providers: Optional[Any] = None,
     memory_arena: bool = True,
-) -> tuple[OnnxCausalLM, OnnxRewardModel]:
+    joint: bool = True,
+) -> tuple[OnnxCausalLM, RewardModel]:
     """The bundled policy (a step is one line) and process reward model (``log Vh`` = log-sigmoid of its
     logit at a prefix's last token; the exact [`verify`][tiltsmc.tasks.arithmetic.verify] at the end).
 
     The reward model is the policy's frozen decoder with a logistic head trained on the policy's own
     rollouts (Monte Carlo outcome targets); its error feature is whether written tokens differ from the
-    policy's most likely ones (see ``scripts/train_demo.py``)."""
+    policy's most likely ones (see ``scripts/train_demo.py``). With ``joint`` (the default) both come from
+    one graph (``joint/``: the policy's with the head in it), so a step runs the trunk once: the policy
+    is loaded with ``value_output="value"`` and the reward is a
+    :class:`~tiltsmc.models.joint.PolicyValue` reading it; else the separate ``policy/`` and ``prm/``
+    (the reward an :class:`~tiltsmc.models.onnx_reward.OnnxRewardModel` re-encoding every prefix). Both
+    give the same values (to float rounding) and samples."""
+    from ..models.joint import PolicyValue
     from ..models.onnx_lm import OnnxCausalLM
     from ..models.onnx_reward import OnnxRewardModel
 
     folder = Path(models_dir) if models_dir is not None else MODELS_DIR
-    for name in ("policy", "prm"):
+    for name in ("joint",) if joint else ("policy", "prm"):
         if not (folder / name / "model.onnx").is_file():
             raise FileNotFoundError(
                 f"models_dir: {folder / name / 'model.onnx'} is missing (scripts/train_demo.py writes it)"
             )
     policy = OnnxCausalLM(
-        folder / "policy",
+        folder / ("joint" if joint else "policy"),
         max_new_tokens=10 * MAX_STEPS + 2,
         step="\n",
         providers=providers,
         intra_op_num_threads=intra_op_num_threads,
         memory_arena=memory_arena,
+        value_output="value" if joint else None,
     )
+    if joint:
+        return policy, PolicyValue(policy, kind="logit", verifier=verify)
     reward = OnnxRewardModel(
         folder / "prm",
         kind="logit",

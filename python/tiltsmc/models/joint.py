@@ -1,0 +1,97 @@
+r"""One graph as policy and reward: ``logits`` and a value head read from the same session run.
+
+An ONNX decoder with a KV cache whose graph also has a value output, one score per position
+(``(batch, seq)`` or ``(batch, seq, 1)``: e.g. a process reward head on the policy's own trunk), loaded
+as ``OnnxCausalLM(path, value_output="value")``, fetches that output with the logits at every run. The
+run that feeds a particle's new token gives both the next-token law ``p(. | prefix)`` and the score
+``s`` of the prefix that token ends, so :class:`PolicyValue` reads ``log Vh(prefix)`` from the policy's
+state (``Particles.state["lm.value"]``) without a second model: one trunk per step. ``kind`` reads ``s``
+as with :class:`~tiltsmc.models.onnx_reward.OnnxRewardModel`: ``log Vh = s`` (``"log_value"``),
+``log s`` (``"prob"``) or ``log sigmoid(s)`` (``"logit"``), at the prefix's last token; on finished
+trajectories a ``verifier(prompt, text) -> r >= 0`` gives the terminal reward where one is given. The
+values equal those of the same graph loaded as an ``OnnxRewardModel(path, output=...)`` (tested).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import Any, Literal, Optional
+
+import numpy as np
+import numpy.typing as npt
+
+from .. import core
+from .onnx_lm import OnnxCausalLM
+from .particles import Particles
+
+__all__ = ["PolicyValue"]
+
+FloatArray = npt.NDArray[np.float64]
+
+
+class PolicyValue:
+    """``log Vh`` from the value output of the policy's own graph (see the module docstring)."""
+
+    log_values_checked = True  # read_log_values refuses NaN and +inf
+    supports_engine = True  # its state is the policy's, which the engine joins and trims
+    _serial_numbers = itertools.count()
+
+    def __init__(
+        self,
+        policy: OnnxCausalLM,
+        kind: Literal["log_value", "prob", "logit"] = "logit",
+        *,
+        verifier: Optional[Callable[[Any, str], float]] = None,
+    ) -> None:
+        if not isinstance(policy, OnnxCausalLM) or policy.value_output is None:
+            raise ValueError("policy: expected an OnnxCausalLM loaded with value_output= (its value head)")
+        if kind not in core.SCORE_KINDS:
+            raise ValueError(f"kind: expected one of {', '.join(core.SCORE_KINDS)}, got {kind!r}")
+        self.policy = policy
+        self.kind = kind
+        self.verifier = verifier
+        self.tokenizer = policy.tokenizer
+        self._verified_key = f"pv.{next(self._serial_numbers)}.verified"
+
+    def check_policy(self, policy: Any) -> None:
+        """It reads the state of the policy it was built on: refuse any other."""
+        if policy is not self.policy:
+            raise ValueError("reward: a PolicyValue reads its own policy's value head; pass that policy")
+
+    def _log_values(self, scores: np.ndarray) -> FloatArray:
+        flat = np.ascontiguousarray(scores, dtype=np.float64).reshape(-1)
+        try:
+            values = core.read_log_values(flat, flat.size, None, self.kind)
+        except ValueError as error:
+            raise ValueError(f"reward: {self.policy.model_file.name}'s value head: {error}") from error
+        return values.reshape(scores.shape)
+
+    def initial_log_value(self, particles: Particles) -> FloatArray:
+        """``log Vh_0``: the value at each prompt's last token (the policy's start ran it)."""
+        particles.flush()
+        return self._log_values(particles.state["lm.value"][:, 0])
+
+    def log_value(self, particles: Particles) -> FloatArray:
+        """``log Vh`` of every prefix: the value head at its last token (the run that fed it is the one
+        that gives the next token's law), or the verifier's ``log r`` once finished."""
+        particles.flush()
+        values = self._log_values(particles.state["lm.value"])
+        if self.verifier is None or not particles.finished.any():
+            return values
+        # each finished trajectory is verified once: its log r follows resampling in the state
+        verified = particles.state.get(self._verified_key)
+        if verified is None:
+            verified = particles.state[self._verified_key] = np.full(particles.lengths.shape, np.nan)
+        for b, i in zip(*np.nonzero(particles.finished & np.isnan(verified))):
+            verified[b, i] = self._verify(particles, int(b), int(i))
+        return np.where(particles.finished, verified, values)
+
+    def _verify(self, particles: Particles, b: int, i: int) -> float:
+        assert self.verifier is not None
+        generated = particles.tokens[b, i, : particles.lengths[b, i]]
+        text: Any = self.tokenizer.decode(generated) if self.tokenizer is not None else generated
+        reward = float(self.verifier(particles.prompts[b], text))
+        if not (reward >= 0.0) or reward == np.inf:
+            raise ValueError(f"verifier: returned {reward!r} for prompt {b}; rewards must be finite and >= 0")
+        return float(np.log(reward)) if reward > 0 else -np.inf
