@@ -4,9 +4,9 @@ An ONNX decoder with a KV cache whose graph also has a value output, one score p
 (``(batch, seq)`` or ``(batch, seq, 1)``: e.g. a process reward head on the policy's own trunk), loaded
 as ``OnnxCausalLM(path, value_output="value")``, fetches that output with the logits at every run. The
 run that feeds a particle's new token gives both the next-token law ``p(. | prefix)`` and the score
-``s`` of the prefix that token ends, so :class:`PolicyValue` reads ``log Vh(prefix)`` from the policy's
+``s`` of the prefix that token ends, so ``PolicyValue`` reads ``log Vh(prefix)`` from the policy's
 state (``Particles.state["lm.value"]``) without a second model: one trunk per step. ``kind`` reads ``s``
-as with :class:`~tiltsmc.models.onnx_reward.OnnxRewardModel`: ``log Vh = s`` (``"log_value"``),
+as with ``tiltsmc.models.onnx_reward.OnnxRewardModel``: ``log Vh = s`` (``"log_value"``),
 ``log s`` (``"prob"``) or ``log sigmoid(s)`` (``"logit"``), at the prefix's last token; on finished
 trajectories a ``verifier(prompt, text) -> r >= 0`` gives the terminal reward where one is given. The
 values equal those of the same graph loaded as an ``OnnxRewardModel(path, output=...)`` (tested).

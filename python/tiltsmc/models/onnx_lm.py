@@ -372,7 +372,7 @@ class OnnxCausalLM:
 
     def _check_value_output(self, value_output: Optional[str], outputs: list[str]) -> Optional[str]:
         """A value head in the policy's graph (one score per position), read by
-        :class:`~tiltsmc.models.joint.PolicyValue`: checked here, fetched with the logits at every run."""
+        ``tiltsmc.models.joint.PolicyValue``: checked here, fetched with the logits at every run."""
         if value_output is None:
             return None
         if not isinstance(value_output, str) or value_output not in outputs or value_output == "logits":

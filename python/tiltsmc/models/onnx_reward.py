@@ -24,7 +24,7 @@ all ``C``) of the score vector ``s`` read at the row's position:
 
 A decoder exported with a KV cache (``past_key_values.*`` inputs and ``present.*`` outputs,
 ``use_cache_branch`` of a merged decoder, ``position_ids``) and one score per position keeps its own cache
-per particle in ``Particles.state`` (:mod:`tiltsmc.models.reward_cache`): each call runs only the tokens
+per particle in ``Particles.state`` (``tiltsmc.models.reward_cache``): each call runs only the tokens
 appended since the last, and the values equal re-encoding's. ``kv_cache=False`` re-encodes whole prefixes
 instead (fed an empty cache), as graphs without a cache always are; ``kv_cache=True`` refuses a graph that
 cannot keep one. Batches with an empty prompt are re-encoded. A decoder's ``logits`` hold ``rows x seq x

@@ -13,7 +13,7 @@ masked columns never shift them, and the scores read at a fed column equal those
 whole prefix (up to the rounding of a different summation order).
 
 Kept in ``Particles.state`` (leading ``(B, N)`` axes, so resampling reorders them with the policy's cache
-in the same :meth:`~tiltsmc.models.particles.Particles.reorder`), under keys of the model's serial
+in the same ``tiltsmc.models.particles.Particles.reorder``), under keys of the model's serial
 number: every ``present`` tensor ``(B, N, kv_heads, L, head_dim)`` and the mask ``(B, N, L)``, registered
 in ``Particles.aligned`` (batches join by left padding and are trimmed when the longest leave); the number
 of generated tokens fed so far; ``log Vh`` read at each particle's last token and at its last step
@@ -55,7 +55,7 @@ class _Layer:
 
 
 class KVCachedScorer:
-    """The cached path of :class:`~tiltsmc.models.onnx_reward.OnnxRewardModel` (see the module docstring).
+    """The cached path of ``tiltsmc.models.onnx_reward.OnnxRewardModel`` (see the module docstring).
 
     ``layers``: ``(past name, dtype, KV heads, head size)`` of every cache input; ``prefix``: the state
     key prefix of the reward model's entries."""

@@ -199,8 +199,8 @@ def load_models(
     policy's most likely ones (see ``scripts/train_demo.py``). With ``joint`` (the default) both come from
     one graph (``joint/``: the policy's with the head in it), so a step runs the trunk once: the policy
     is loaded with ``value_output="value"`` and the reward is a
-    :class:`~tiltsmc.models.joint.PolicyValue` reading it; else the separate ``policy/`` and ``prm/``
-    (the reward an :class:`~tiltsmc.models.onnx_reward.OnnxRewardModel` re-encoding every prefix). Both
+    ``tiltsmc.models.joint.PolicyValue`` reading it; else the separate ``policy/`` and ``prm/``
+    (the reward an ``tiltsmc.models.onnx_reward.OnnxRewardModel`` re-encoding every prefix). Both
     give the same values (to float rounding) and samples."""
     from ..models.joint import PolicyValue
     from ..models.onnx_lm import OnnxCausalLM
