@@ -332,8 +332,15 @@ def test_api_key(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "TILTSMC_UNSET_KEY is not set" in missing.stderr
 
 
-# The bundled models with a 16-step problem: about 1.3 s a request with 64 particles on the 2-core VM.
+# The bundled models with a 16-step problem: a request of 64 particles takes tenths of a second to seconds.
 LONG_REQUEST = {"prompt": arithmetic.make_problems(16, 1, rng=0)[0].prompt, "particles": 64, "seed": 1}
+
+
+def _duration(server: Server, body: dict[str, Any]) -> float:
+    """Seconds one request takes alone on this server (the tests' timings scale with the machine)."""
+    began = time.monotonic()
+    assert server.post(body).status_code == 200
+    return time.monotonic() - began
 
 
 def test_overload_and_disconnect(tmp_path: Path) -> None:
@@ -350,8 +357,9 @@ def test_overload_and_disconnect(tmp_path: Path) -> None:
         rejected = next(r for r in responses if r.status_code == 429)
         assert rejected.headers["retry-after"] == "1" and rejected.json()["error"]["code"] == "overloaded"
 
-        with pytest.raises(httpx.ReadTimeout):  # the client goes away mid-request
-            slow.post(body, timeout=0.3)
+        lone = _duration(slow, body)
+        with pytest.raises(httpx.ReadTimeout):  # the client goes away mid-request (a quarter of the way)
+            slow.post(body, timeout=lone / 4)
         deadline = time.monotonic() + 20
         while slow.metric('tiltsmc_requests_total{outcome="cancelled"}') < 1:
             assert time.monotonic() < deadline, slow.metrics()
@@ -364,9 +372,10 @@ def test_overload_and_disconnect(tmp_path: Path) -> None:
 def test_sigterm_lets_requests_in_flight_finish(tmp_path: Path) -> None:
     draining = Server(tmp_path, "--demo", "--grace", "20")
     try:
+        lone = _duration(draining, LONG_REQUEST)
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             in_flight = [pool.submit(draining.post, LONG_REQUEST) for _ in range(2)]
-            time.sleep(0.3)
+            time.sleep(lone / 4)  # both still in flight: together they take longer than one alone
             began = time.monotonic()
             draining.process.send_signal(signal.SIGTERM)
             finished = [f.result() for f in in_flight]
