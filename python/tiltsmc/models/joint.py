@@ -23,6 +23,7 @@ import numpy.typing as npt
 
 from .. import core
 from .onnx_lm import OnnxCausalLM
+from .onnx_reward import verified_log_reward
 from .particles import Particles
 
 __all__ = ["PolicyValue"]
@@ -89,9 +90,4 @@ class PolicyValue:
 
     def _verify(self, particles: Particles, b: int, i: int) -> float:
         assert self.verifier is not None
-        generated = particles.tokens[b, i, : particles.lengths[b, i]]
-        text: Any = self.tokenizer.decode(generated) if self.tokenizer is not None else generated
-        reward = float(self.verifier(particles.prompts[b], text))
-        if not (reward >= 0.0) or reward == np.inf:
-            raise ValueError(f"verifier: returned {reward!r} for prompt {b}; rewards must be finite and >= 0")
-        return float(np.log(reward)) if reward > 0 else -np.inf
+        return verified_log_reward(self.verifier, self.tokenizer, particles, b, i)

@@ -48,7 +48,7 @@ from ._config import Source, first, positive_int, real_number, token_id, token_i
 from ._ort import make_session, shrink_memory_arena
 from .chat import is_chat
 from .device_cache import DeviceKVCache
-from .particles import MAX_NEW_TOKENS, Particles
+from .particles import MAX_NEW_TOKENS, Particles, left_padded
 from .prompts import check_prompts
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -539,13 +539,8 @@ class OnnxCausalLM:
             except Exception as error:  # any failure of one prompt (the tokenizer's too) is that prompt's
                 errors[b] = f"prompt {b}: {error}"
                 encoded.append(np.array([self.pad_token_id], dtype=np.int64))
-        batch, width = len(encoded), max(len(ids) for ids in encoded)
-        input_ids = np.full((batch, width), self.pad_token_id, dtype=np.int64)
-        mask = np.zeros((batch, width), dtype=np.int64)
-        for b, ids in enumerate(encoded):  # left padding: every prompt ends at the last column
-            input_ids[b, width - len(ids) :] = ids
-            mask[b, width - len(ids) :] = 1
-        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+        input_ids, mask, positions = left_padded(encoded, self.pad_token_id)
+        batch, width = input_ids.shape
         logits, present = self._run(input_ids, mask, positions, None)
         particles = Particles.empty(prompt_list, num_particles, self.max_new_tokens)
         if self.value_output is not None:  # each prompt's value at its last token

@@ -605,9 +605,22 @@ class OnnxRewardModel:
 
     def _verify(self, particles: Particles, b: int, i: int) -> float:
         assert self.verifier is not None
-        generated = particles.tokens[b, i, : particles.lengths[b, i]]
-        text: Any = self.tokenizer.decode(generated) if self.tokenizer is not None else generated
-        reward = float(self.verifier(particles.prompts[b], text))
-        if not (reward >= 0.0) or reward == np.inf:
-            raise ValueError(f"verifier: returned {reward!r} for prompt {b}; rewards must be finite and >= 0")
-        return float(np.log(reward)) if reward > 0 else -np.inf
+        return verified_log_reward(self.verifier, self.tokenizer, particles, b, i)
+
+
+def verified_log_reward(
+    verifier: Callable[[Any, Any], float],
+    tokenizer: Optional[Tokenizer],
+    particles: Particles,
+    b: int,
+    i: int,
+) -> float:
+    """``log r`` of particle ``(b, i)``'s finished trajectory by ``verifier(prompt, text) -> r >= 0`` (the
+    generated tokens decoded, or the token ids without a tokenizer); ValueError for a reward that is
+    negative, NaN or infinite."""
+    generated = particles.tokens[b, i, : particles.lengths[b, i]]
+    text: Any = tokenizer.decode(generated) if tokenizer is not None else generated
+    reward = float(verifier(particles.prompts[b], text))
+    if not (reward >= 0.0) or reward == np.inf:
+        raise ValueError(f"verifier: returned {reward!r} for prompt {b}; rewards must be finite and >= 0")
+    return float(np.log(reward)) if reward > 0 else -np.inf

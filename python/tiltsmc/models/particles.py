@@ -343,3 +343,19 @@ def _ancestors_on(array: Any, ancestors: npt.NDArray[np.int64], uploaded: dict[i
     if device not in uploaded:
         uploaded[device] = _device.to_device(np.asarray(ancestors, dtype=np.int64), device)
     return uploaded[device]
+
+
+def left_padded(
+    sequences: Sequence[npt.NDArray[np.int64]], pad_id: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Token sequences as one left-padded batch: ``input_ids`` and ``attention_mask`` ``(B, width)`` with
+    every sequence ending at the last column, and ``position_ids`` counting each row's real tokens from 0
+    (0 on the padding), as a decoder's first call over prompts takes them."""
+    batch, width = len(sequences), max(len(ids) for ids in sequences)
+    ids = np.full((batch, width), pad_id, dtype=np.int64)
+    mask = np.zeros((batch, width), dtype=np.int64)
+    for b, sequence in enumerate(sequences):
+        ids[b, width - len(sequence) :] = sequence
+        mask[b, width - len(sequence) :] = 1
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    return ids, mask, positions

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import numpy as np
 import numpy.typing as npt
 
-from .particles import Particles
+from .particles import Particles, left_padded
 
 if TYPE_CHECKING:
     from .onnx_reward import OnnxRewardModel
@@ -121,13 +121,8 @@ class KVCachedScorer:
         prompts = particles.prompt_tokens
         assert prompts is not None
         batch, count = particles.lengths.shape
-        width = max(len(ids) for ids in prompts)
-        ids = np.full((batch, width), self.model.pad_token_id, dtype=np.int64)
-        mask = np.zeros((batch, width), dtype=np.int64)
-        for b, prompt in enumerate(prompts):  # left padding: every prompt ends at the last column
-            ids[b, width - len(prompt) :] = prompt
-            mask[b, width - len(prompt) :] = 1
-        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+        ids, mask, positions = left_padded(prompts, self.model.pad_token_id)
+        width = ids.shape[1]
         raw, present = self._run(ids, mask, positions, None)
         at_prompt = read(raw, (batch, width), np.full(batch, width - 1, dtype=np.int64))
 
