@@ -8,12 +8,14 @@ from .onnx_lm import OnnxCausalLM
 from .onnx_reward import OnnxRewardModel
 from .particles import Particles
 from .protocols import Policy, RewardModel, TokenPolicy, TwistModel
+from .twist import PolicyTwist
 
 __all__ = [
     "OnnxCausalLM",
     "OnnxRewardModel",
     "Particles",
     "Policy",
+    "PolicyTwist",
     "PolicyValue",
     "RewardModel",
     "TokenPolicy",

@@ -47,6 +47,11 @@ class PolicyValue:
     ) -> None:
         if not isinstance(policy, OnnxCausalLM) or policy.value_output is None:
             raise ValueError("policy: expected an OnnxCausalLM loaded with value_output= (its value head)")
+        if policy.twist_head:
+            raise ValueError(
+                "policy: its value_output is a twist head (batch, seq, vocab); read it with "
+                "tiltsmc.models.twist.PolicyTwist"
+            )
         if kind not in core.SCORE_KINDS:
             raise ValueError(f"kind: expected one of {', '.join(core.SCORE_KINDS)}, got {kind!r}")
         self.policy = policy

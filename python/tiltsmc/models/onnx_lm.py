@@ -371,8 +371,12 @@ class OnnxCausalLM:
         self._start_buffers = _StartBuffers()
 
     def _check_value_output(self, value_output: Optional[str], outputs: list[str]) -> Optional[str]:
-        """A value head in the policy's graph (one score per position), read by
-        ``tiltsmc.models.joint.PolicyValue``: checked here, fetched with the logits at every run."""
+        """A value head in the policy's graph, fetched with the logits at every run: one score per position
+        (``(batch, seq)`` or ``(batch, seq, 1)``, read by ``tiltsmc.models.joint.PolicyValue``), or a
+        token-level twist head, one score per position and token (``(batch, seq, vocab)`` with a static
+        last dimension equal to the logits', read by ``tiltsmc.models.twist.PolicyTwist``). Sets
+        ``twist_head``."""
+        self.twist_head = False
         if value_output is None:
             return None
         if not isinstance(value_output, str) or value_output not in outputs or value_output == "logits":
@@ -386,11 +390,12 @@ class OnnxCausalLM:
             )
         node = next(node for node in self.session.get_outputs() if node.name == value_output)
         static = node.shape[2] if len(node.shape) == 3 and isinstance(node.shape[2], int) else 1
-        if len(node.shape) not in (2, 3) or static != 1:
+        if len(node.shape) not in (2, 3) or static not in (1, self.vocab_size):
             raise ValueError(
                 f"value_output: {value_output!r} has shape {node.shape}; expected one score per position, "
-                "(batch, seq) or (batch, seq, 1)"
+                f"(batch, seq) or (batch, seq, 1), or a twist head (batch, seq, {self.vocab_size})"
             )
+        self.twist_head = static == self.vocab_size and static != 1
         return value_output
 
     # -- prompts -----------------------------------------------------------------------------------------
@@ -543,9 +548,13 @@ class OnnxCausalLM:
         batch, width = input_ids.shape
         logits, present = self._run(input_ids, mask, positions, None)
         particles = Particles.empty(prompt_list, num_particles, self.max_new_tokens)
-        if self.value_output is not None:  # each prompt's value at its last token
+        if self.value_output is not None:  # each prompt's value (or twist row) at its last token
             *present, value = present
-            scores = np.asarray(value, dtype=np.float64).reshape(batch, width)[:, -1]
+            scores = np.asarray(value, dtype=np.float64).reshape(batch, width, -1)[:, -1]
+            if not self.twist_head:
+                scores = scores[:, 0]
+            else:  # the twist score of each particle's last token, read from its parent's row
+                particles.state["lm.value.chosen"] = np.full((batch, num_particles), np.nan)
             particles.state["lm.value"] = self._start_buffers.repeated(scores, num_particles)
         particles.prompt_tokens = encoded
         particles.errors = errors
@@ -631,8 +640,12 @@ class OnnxCausalLM:
         written (still in the CPU's caches); the run after a sampler's last step never happens.
         """
         particles.flush()
+        if self.twist_head:  # the parent's twist row scores the token appended now
+            index = np.clip(tokens, 0, self.vocab_size - 1)[..., None]  # inactive rows may hold anything
+            chosen = np.take_along_axis(particles.state["lm.value"], index, -1)[..., 0]
+            particles.state["lm.value.chosen"] = np.where(active, chosen, particles.state["lm.value.chosen"])
         still, going = self._append_tokens(particles, tokens, active)
-        if self.value_output is not None:
+        if self.value_output is not None and not self.twist_head:
             # a value head needs the value of the last token too: rows that have just ended are fed it
             still, going = active.copy(), int(np.count_nonzero(active))
         if going == 0:
@@ -669,9 +682,12 @@ class OnnxCausalLM:
         logits, present = self._run(feed_tokens, new_mask, positions, past)
         if self.value_output is not None:
             *present, value = present
-            scores = np.asarray(value, dtype=np.float64).reshape(batch, count)
+            scores = np.asarray(value, dtype=np.float64).reshape(batch, count, -1)
+            if not self.twist_head:
+                scores = scores[..., 0]
             if going != rows:
-                scores = np.where(still, scores, particles.state["lm.value"])
+                kept = still[..., None] if self.twist_head else still
+                scores = np.where(kept, scores, particles.state["lm.value"])
             particles.state["lm.value"] = scores
         next_logits = np.asarray(logits[:, -1, :], dtype=np.float32).reshape(batch, count, -1)
         if going != rows:  # rows fed padding keep the logits of their last real token

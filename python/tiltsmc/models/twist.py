@@ -1,0 +1,159 @@
+r"""A token-level twist head in the policy's graph: ``Vh`` of every one-token extension, one session run.
+
+An ONNX decoder with a KV cache whose graph has, besides ``logits``, an output of vocabulary size per
+position, ``(batch, seq, vocab)``, loaded as ``OnnxCausalLM(path, value_output="twist")``: its row ``s``
+at a prefix's last token scores every one-token extension of that prefix (the twist of twisted SMC),
+fetched with the logits in the run that feeds the prefix's last token. ``PolicyTwist`` reads it as a
+``TwistModel``, so ``tiltsmc.smc(..., proposal="optimal")`` (``q(v) ∝ p(v | x) Vh(x v)``) and exact
+``tiltsmc.sp_gsmc(..., pool_size=None)`` run on the ONNX model. ``kind`` reads each score as
+``tiltsmc.models.joint.PolicyValue`` does: ``log Vh = s`` (``"log_value"``), ``log s`` (``"prob"``) or
+``log sigmoid(s)`` (``"logit"``).
+
+- ``next_log_values(x) = log Vh(x v)`` for every ``v``: the row at ``x``'s last token.
+- ``log_value(x v) := next_log_values(x)[v]``: the value of a prefix is its parent's row at the token
+  chosen, kept from the step that appended it (the head never scores a prefix from its own last position),
+  so the two agree by construction and a resampled particle carries its value along.
+- ``initial_log_value`` (no parent): ``log Vh_0 = log sum_v p(v | prompt) Vh(prompt v)``, the one-step
+  Bellman value of the prompt under the policy's sampled law (its filters included); the sampler's first
+  increment is then 1. Any ``Vh_0 > 0`` leaves the estimate of ``Z`` unbiased; this one is the natural one.
+- Finished trajectories: ``Vh_T = r``. Without a verifier the twist itself is the terminal reward
+  (``r(x v) = Vh(x v)`` at an EOS token or the last allowed token). With a
+  ``verifier(prompt, text) -> r >= 0`` (``tiltsmc.models.onnx_reward.verified_log_reward``),
+  ``log_value`` of a finished trajectory is ``log r``,
+  and so is ``next_log_values`` at every extension that ends the trajectory (an EOS token; every token at
+  the length limit): the optimal proposal then targets ``p(x) r(x)`` exactly. That costs one verifier
+  call per ending extension (``vocab`` calls per particle at the length limit).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import Any, Literal, Optional
+
+import numpy as np
+import numpy.typing as npt
+
+from .. import core
+from .onnx_lm import OnnxCausalLM
+from .onnx_reward import verified_log_reward
+from .particles import MAX_NEW_TOKENS, Particles
+
+__all__ = ["PolicyTwist"]
+
+FloatArray = npt.NDArray[np.float64]
+
+
+def _logsumexp(a: FloatArray) -> FloatArray:
+    top = np.max(a, axis=-1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    with np.errstate(divide="ignore"):
+        result: FloatArray = np.log(np.sum(np.exp(a - top), axis=-1)) + top[..., 0]
+    return result
+
+
+class PolicyTwist:
+    """``log Vh`` of every one-token extension from the twist head of the policy's own graph (see the
+    module docstring)."""
+
+    log_values_checked = True  # read_log_values refuses NaN and +inf
+    supports_engine = True  # its state is the policy's, which the engine joins and trims
+    _serial_numbers = itertools.count()
+
+    def __init__(
+        self,
+        policy: OnnxCausalLM,
+        kind: Literal["log_value", "prob", "logit"] = "logit",
+        *,
+        verifier: Optional[Callable[[Any, str], float]] = None,
+    ) -> None:
+        if not isinstance(policy, OnnxCausalLM) or policy.value_output is None or not policy.twist_head:
+            raise ValueError(
+                "policy: expected an OnnxCausalLM loaded with value_output= naming a twist head "
+                "(batch, seq, vocab)"
+            )
+        if not policy.token_level:
+            raise ValueError(
+                "policy: a twist head scores one-token extensions; load the policy with step='token'"
+            )
+        if kind not in core.SCORE_KINDS:
+            raise ValueError(f"kind: expected one of {', '.join(core.SCORE_KINDS)}, got {kind!r}")
+        self.policy = policy
+        self.kind = kind
+        self.verifier = verifier
+        self.tokenizer = policy.tokenizer
+        self.vocab_size = policy.vocab_size
+        self._verified_key = f"pt.{next(self._serial_numbers)}.verified"
+
+    def check_policy(self, policy: Any) -> None:
+        """It reads the state of the policy it was built on: refuse any other."""
+        if policy is not self.policy:
+            raise ValueError("reward: a PolicyTwist reads its own policy's twist head; pass that policy")
+
+    def _log_values(self, scores: np.ndarray) -> FloatArray:
+        flat = np.ascontiguousarray(scores, dtype=np.float64).reshape(-1)
+        try:
+            values = core.read_log_values(flat, flat.size, None, self.kind)
+        except ValueError as error:
+            raise ValueError(f"reward: {self.policy.model_file.name}'s twist head: {error}") from error
+        return values.reshape(scores.shape)
+
+    def next_log_values(self, particles: Particles) -> FloatArray:
+        """``log Vh(x v)`` for every token ``v``, ``(B, N, vocab)``: the twist row at ``x``'s last token;
+        with a verifier, ``log r(x v)`` where ``x v`` ends the trajectory."""
+        particles.flush()
+        values = self._log_values(particles.state["lm.value"])
+        if self.verifier is None:
+            return values
+        eos = np.array(sorted(self.policy.eos_token_ids), dtype=np.int64)
+        limit = self.policy.max_new_tokens
+        extra = particles.state.get(MAX_NEW_TOKENS)
+        for b, i in zip(*np.nonzero(~particles.finished)):
+            length = int(particles.lengths[b, i])
+            at_limit = length + 1 >= limit or (
+                extra is not None and length + 1 >= int(np.asarray(extra)[b, i])
+            )
+            ending = np.arange(self.vocab_size) if at_limit else eos
+            for v in ending:
+                values[b, i, v] = self._verify_extension(particles, int(b), int(i), int(v))
+        return values
+
+    def initial_log_value(self, particles: Particles) -> FloatArray:
+        """``log Vh_0 = log sum_v p(v | prompt) Vh(prompt v)`` at each prompt, ``(B,)``."""
+        log_p = np.asarray(self.policy.next_log_probs(particles), dtype=np.float64)[:, 0]
+        values = self.next_log_values(particles)[:, 0]
+        return _logsumexp(log_p + values)
+
+    def log_value(self, particles: Particles) -> FloatArray:
+        """``log Vh`` of every prefix: its parent's twist row at its last token (``log Vh_0`` for an
+        empty one), or the verifier's ``log r`` once finished."""
+        particles.flush()
+        chosen = particles.state["lm.value.chosen"]
+        empty = particles.lengths == 0
+        scores = np.where(empty, 0.0, chosen)
+        values = self._log_values(scores)
+        if empty.any():
+            values = np.where(empty, self.initial_log_value(particles)[:, None], values)
+        if self.verifier is None or not particles.finished.any():
+            return values
+        # each finished trajectory is verified once: its log r follows resampling in the state
+        verified = particles.state.get(self._verified_key)
+        if verified is None:
+            verified = particles.state[self._verified_key] = np.full(particles.lengths.shape, np.nan)
+        for b, i in zip(*np.nonzero(particles.finished & np.isnan(verified) & ~empty)):
+            verified[b, i] = verified_log_reward(self.verifier, self.tokenizer, particles, int(b), int(i))
+        return np.where(particles.finished & ~empty, verified, values)
+
+    def _verify_extension(self, particles: Particles, b: int, i: int, token: int) -> float:
+        """``log r`` of particle ``(b, i)`` extended by ``token``: written into its next slot, verified,
+        and the slot restored (its length too), so the particle is unchanged."""
+        assert self.verifier is not None
+        length = int(particles.lengths[b, i])
+        slot = particles.tokens[b, i, length]
+        particles.tokens[b, i, length] = token
+        particles.lengths[b, i] = length + 1
+        try:
+            return verified_log_reward(self.verifier, self.tokenizer, particles, b, i)
+        finally:
+            particles.tokens[b, i, length] = slot
+            particles.lengths[b, i] = length
