@@ -163,10 +163,15 @@ def verifier(prompt: Any, text: str) -> float:
     return 0.0 if not text else 0.1 + (sum(map(ord, text)) % 7) / 7.0
 
 
-@pytest.mark.parametrize("reward_from", ["twist", "verifier"])
+@pytest.mark.parametrize("reward_from", ["twist", "verifier", "verifier, sampler's limit"])
 def test_optimal_proposal_and_exact_sp_gsmc_against_the_enumerated_target(reward_from: str) -> None:
-    policy = twist_policy()
-    check = verifier if reward_from == "verifier" else None
+    """The target ``pi ∝ p r`` with ``r`` the twist at the last token or a verifier's; the length limit
+    ``HORIZON`` the policy's own or the sampler's ``max_new_tokens`` (the verifier scores every extension
+    at either)."""
+    samplers_limit = reward_from.endswith("limit")
+    policy = twist_policy(max_new_tokens=HORIZON + 2) if samplers_limit else twist_policy()
+    limit = {"max_new_tokens": HORIZON} if samplers_limit else {}
+    check = verifier if reward_from.startswith("verifier") else None
     twist = PolicyTwist(policy, kind="logit", verifier=check)
     target = Enumerated(list(policy.encode_prompt(PROMPT)), check, policy.tokenizer)
     assert 5 <= len(target.keys) <= TOP_K**HORIZON
@@ -175,11 +180,11 @@ def test_optimal_proposal_and_exact_sp_gsmc_against_the_enumerated_target(reward
         assert np.nanmax(target.pi / target.q) < 10  # bounded weights: the sample sizes below suffice
     B = 1500 if check is None else 400
     res = tiltsmc.smc(policy, twist, prompts=[PROMPT] * B, num_particles=6, ess_threshold=0.5,
-                      proposal="optimal", rng=31)  # fmt: skip
+                      proposal="optimal", rng=31, **limit)  # fmt: skip
     assert_measure_matches(res, target, f"smc optimal ({reward_from})")
 
     B = 4000 if check is None else 1500
-    sp = tiltsmc.sp_gsmc(policy, twist, prompts=[PROMPT] * B, pool_size=None, rng=32)
+    sp = tiltsmc.sp_gsmc(policy, twist, prompts=[PROMPT] * B, pool_size=None, rng=32, **limit)
     index = {k: j for j, k in enumerate(target.keys)}
     drawn = [sequences(sp, b)[0] for b in range(B)]
     counts = np.bincount([index[x] for x in drawn], minlength=len(index))
