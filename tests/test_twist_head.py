@@ -58,7 +58,8 @@ def filtered_log_probs(logits: np.ndarray) -> np.ndarray:
     log_p = logits - np.logaddexp.reduce(logits)
     kth = np.sort(log_p)[-TOP_K]
     kept = np.where(log_p >= kth, log_p, -np.inf)
-    return kept - np.logaddexp.reduce(kept[kept > -np.inf])
+    result: np.ndarray = kept - np.logaddexp.reduce(kept[kept > -np.inf])
+    return result
 
 
 class Enumerated:
@@ -170,7 +171,7 @@ def test_optimal_proposal_and_exact_sp_gsmc_against_the_enumerated_target(reward
     at either)."""
     samplers_limit = reward_from.endswith("limit")
     policy = twist_policy(max_new_tokens=HORIZON + 2) if samplers_limit else twist_policy()
-    limit = {"max_new_tokens": HORIZON} if samplers_limit else {}
+    limit = HORIZON if samplers_limit else None
     check = verifier if reward_from.startswith("verifier") else None
     twist = PolicyTwist(policy, kind="logit", verifier=check)
     target = Enumerated(list(policy.encode_prompt(PROMPT)), check, policy.tokenizer)
@@ -180,11 +181,11 @@ def test_optimal_proposal_and_exact_sp_gsmc_against_the_enumerated_target(reward
         assert np.nanmax(target.pi / target.q) < 10  # bounded weights: the sample sizes below suffice
     B = 1500 if check is None else 400
     res = tiltsmc.smc(policy, twist, prompts=[PROMPT] * B, num_particles=6, ess_threshold=0.5,
-                      proposal="optimal", rng=31, **limit)  # fmt: skip
+                      proposal="optimal", rng=31, max_new_tokens=limit)  # fmt: skip
     assert_measure_matches(res, target, f"smc optimal ({reward_from})")
 
     B = 4000 if check is None else 1500
-    sp = tiltsmc.sp_gsmc(policy, twist, prompts=[PROMPT] * B, pool_size=None, rng=32, **limit)
+    sp = tiltsmc.sp_gsmc(policy, twist, prompts=[PROMPT] * B, pool_size=None, rng=32, max_new_tokens=limit)
     index = {k: j for j, k in enumerate(target.keys)}
     drawn = [sequences(sp, b)[0] for b in range(B)]
     counts = np.bincount([index[x] for x in drawn], minlength=len(index))
