@@ -4,6 +4,7 @@ running the ONNX graph itself (no cache, full sequences)."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -258,3 +259,25 @@ def test_twist_head_in_the_engine_and_bad_options() -> None:
         PolicyTwist(policy, kind="odds")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="PolicyTwist reads its own policy"):
         tiltsmc.smc(twist_policy(), twist, prompts=[PROMPT], proposal="optimal")
+
+
+def test_cli_reads_a_twist_output_as_a_twist(tmp_path: Path) -> None:
+    """``tiltsmc run --value-output twist`` on a twist-head graph runs PolicyTwist: the same samples and
+    log Z as the API with the prompt's seed stream (prompt 0: ``SeedSequence(seed, spawn_key=(0,))``)."""
+    from tiltsmc.cli import main
+
+    out = tmp_path / "out.jsonl"
+    argv = ["run", "--policy", str(TWIST), "--value-output", "twist", "--reward-kind", "logit",
+            "--sampler", "sp-gsmc", "--max-new-tokens", "3", "--top-k", "3", "--seed", "7",
+            "--prompt", "10", "--json", str(out), "-q"]  # fmt: skip
+    assert main(argv) == 0
+    record = json.loads(out.read_text())
+    policy = OnnxCausalLM(TWIST, value_output="twist", max_new_tokens=3, top_k=3)
+    expected = tiltsmc.sp_gsmc(
+        policy,
+        PolicyTwist(policy, kind="logit"),
+        ["10"],
+        rng=np.random.default_rng(np.random.SeedSequence(7, spawn_key=(0,))),
+    )
+    assert record["samples"] == [list(map(int, s)) for s in expected.samples[0]]
+    assert math.isclose(record["log_z"], float(expected.log_z[0]), rel_tol=0, abs_tol=1e-9)

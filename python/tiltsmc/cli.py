@@ -559,7 +559,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser, demo_models: bool = Fa
     parser.add_argument(
         "--value-output",
         default=_model_default("value_output"),
-        help="the policy graph's value output, read as the reward: one model for both roles, one run a step",
+        help="the policy graph's value output, read as the reward: one model for both roles, one run a step "
+        "(one score per position: PolicyValue; a row of vocabulary size per position, a token-level twist: "
+        "PolicyTwist, which also serves sp-gsmc exactly)",
     )
     parser.add_argument(
         "--reward-kv-cache",
@@ -760,7 +762,7 @@ def _chat_prompts(args: argparse.Namespace, texts: list[str]) -> list[Any]:
 def _load_models(args: argparse.Namespace) -> tuple[Any, Any]:
     """The policy and reward model the options name (OSError / ValueError / TypeError for what cannot load,
     a reward model whose vocabulary differs from the policy's included)."""
-    from .models import OnnxCausalLM, OnnxRewardModel, PolicyValue
+    from .models import OnnxCausalLM, OnnxRewardModel, PolicyTwist, PolicyValue
 
     providers = ["CPUExecutionProvider"] if args.cpu else None
     if getattr(args, "demo", False):
@@ -794,7 +796,9 @@ def _load_models(args: argparse.Namespace) -> tuple[Any, Any]:
         chat_template=_chat_template(args),
         **session,
     )
-    if args.value_output is not None:
+    if args.value_output is not None:  # one graph: a value per position, or a twist row per position
+        if policy.twist_head:
+            return policy, PolicyTwist(policy, kind=args.reward_kind)
         return policy, PolicyValue(policy, kind=args.reward_kind)
     reward = OnnxRewardModel(
         args.reward,
