@@ -26,17 +26,65 @@ from .onnx_lm import OnnxCausalLM
 from .onnx_reward import verified_log_reward
 from .particles import Particles
 
-__all__ = ["PolicyValue"]
+__all__ = ["PolicyHead", "PolicyValue"]
 
 FloatArray = npt.NDArray[np.float64]
 
 
-class PolicyValue:
-    """``log Vh`` from the value output of the policy's own graph (see the module docstring)."""
+class PolicyHead:
+    """What ``PolicyValue`` and ``tiltsmc.models.twist.PolicyTwist`` share: a reward read from an output of
+    the policy's own graph (``head``: what that output is, for messages), ``kind`` as in
+    ``OnnxRewardModel``, and the verifier's ``log r`` on finished trajectories, each verified once."""
 
     log_values_checked = True  # read_log_values refuses NaN and +inf
     supports_engine = True  # its state is the policy's, which the engine joins and trims
     _serial_numbers = itertools.count()
+    head = "value head"
+
+    def __init__(
+        self,
+        policy: OnnxCausalLM,
+        kind: Literal["log_value", "prob", "logit"],
+        verifier: Optional[Callable[[Any, str], float]],
+    ) -> None:
+        if kind not in core.SCORE_KINDS:
+            raise ValueError(f"kind: expected one of {', '.join(core.SCORE_KINDS)}, got {kind!r}")
+        self.policy = policy
+        self.kind = kind
+        self.verifier = verifier
+        self.tokenizer = policy.tokenizer
+        self._verified_key = f"head.{next(self._serial_numbers)}.verified"
+
+    def check_policy(self, policy: Any) -> None:
+        """It reads the state of the policy it was built on: refuse any other."""
+        if policy is not self.policy:
+            raise ValueError(
+                f"reward: a {type(self).__name__} reads its own policy's {self.head}; pass that policy"
+            )
+
+    def _log_values(self, scores: np.ndarray) -> FloatArray:
+        flat = np.ascontiguousarray(scores, dtype=np.float64).reshape(-1)
+        try:
+            values = core.read_log_values(flat, flat.size, None, self.kind)
+        except ValueError as error:
+            raise ValueError(f"reward: {self.policy.model_file.name}'s {self.head}: {error}") from error
+        return values.reshape(scores.shape)
+
+    def _verified(self, particles: Particles, values: FloatArray, ended: npt.NDArray[np.bool_]) -> FloatArray:
+        """``values`` with the verifier's ``log r`` where ``ended``; each trajectory is verified once, and
+        its ``log r`` follows resampling in the state."""
+        if self.verifier is None or not ended.any():
+            return values
+        verified = particles.state.get(self._verified_key)
+        if verified is None:
+            verified = particles.state[self._verified_key] = np.full(particles.lengths.shape, np.nan)
+        for b, i in zip(*np.nonzero(ended & np.isnan(verified))):
+            verified[b, i] = verified_log_reward(self.verifier, self.tokenizer, particles, int(b), int(i))
+        return np.where(ended, verified, values)
+
+
+class PolicyValue(PolicyHead):
+    """``log Vh`` from the value output of the policy's own graph (see the module docstring)."""
 
     def __init__(
         self,
@@ -52,26 +100,7 @@ class PolicyValue:
                 "policy: its value_output is a twist head (batch, seq, vocab); read it with "
                 "tiltsmc.models.twist.PolicyTwist"
             )
-        if kind not in core.SCORE_KINDS:
-            raise ValueError(f"kind: expected one of {', '.join(core.SCORE_KINDS)}, got {kind!r}")
-        self.policy = policy
-        self.kind = kind
-        self.verifier = verifier
-        self.tokenizer = policy.tokenizer
-        self._verified_key = f"pv.{next(self._serial_numbers)}.verified"
-
-    def check_policy(self, policy: Any) -> None:
-        """It reads the state of the policy it was built on: refuse any other."""
-        if policy is not self.policy:
-            raise ValueError("reward: a PolicyValue reads its own policy's value head; pass that policy")
-
-    def _log_values(self, scores: np.ndarray) -> FloatArray:
-        flat = np.ascontiguousarray(scores, dtype=np.float64).reshape(-1)
-        try:
-            values = core.read_log_values(flat, flat.size, None, self.kind)
-        except ValueError as error:
-            raise ValueError(f"reward: {self.policy.model_file.name}'s value head: {error}") from error
-        return values.reshape(scores.shape)
+        super().__init__(policy, kind, verifier)
 
     def initial_log_value(self, particles: Particles) -> FloatArray:
         """``log Vh_0``: the value at each prompt's last token (the policy's start ran it)."""
@@ -83,16 +112,4 @@ class PolicyValue:
         that gives the next token's law), or the verifier's ``log r`` once finished."""
         particles.flush()
         values = self._log_values(particles.state["lm.value"])
-        if self.verifier is None or not particles.finished.any():
-            return values
-        # each finished trajectory is verified once: its log r follows resampling in the state
-        verified = particles.state.get(self._verified_key)
-        if verified is None:
-            verified = particles.state[self._verified_key] = np.full(particles.lengths.shape, np.nan)
-        for b, i in zip(*np.nonzero(particles.finished & np.isnan(verified))):
-            verified[b, i] = self._verify(particles, int(b), int(i))
-        return np.where(particles.finished, verified, values)
-
-    def _verify(self, particles: Particles, b: int, i: int) -> float:
-        assert self.verifier is not None
-        return verified_log_reward(self.verifier, self.tokenizer, particles, b, i)
+        return self._verified(particles, values, particles.finished)

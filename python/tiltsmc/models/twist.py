@@ -27,14 +27,13 @@ fetched with the logits in the run that feeds the prefix's last token. ``PolicyT
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from typing import Any, Literal, Optional
 
 import numpy as np
 import numpy.typing as npt
 
-from .. import core
+from .joint import PolicyHead
 from .onnx_lm import OnnxCausalLM
 from .onnx_reward import verified_log_reward
 from .particles import MAX_NEW_TOKENS, Particles
@@ -52,13 +51,11 @@ def _logsumexp(a: FloatArray) -> FloatArray:
     return result
 
 
-class PolicyTwist:
+class PolicyTwist(PolicyHead):
     """``log Vh`` of every one-token extension from the twist head of the policy's own graph (see the
     module docstring)."""
 
-    log_values_checked = True  # read_log_values refuses NaN and +inf
-    supports_engine = True  # its state is the policy's, which the engine joins and trims
-    _serial_numbers = itertools.count()
+    head = "twist head"
 
     def __init__(
         self,
@@ -76,27 +73,8 @@ class PolicyTwist:
             raise ValueError(
                 "policy: a twist head scores one-token extensions; load the policy with step='token'"
             )
-        if kind not in core.SCORE_KINDS:
-            raise ValueError(f"kind: expected one of {', '.join(core.SCORE_KINDS)}, got {kind!r}")
-        self.policy = policy
-        self.kind = kind
-        self.verifier = verifier
-        self.tokenizer = policy.tokenizer
+        super().__init__(policy, kind, verifier)
         self.vocab_size = policy.vocab_size
-        self._verified_key = f"pt.{next(self._serial_numbers)}.verified"
-
-    def check_policy(self, policy: Any) -> None:
-        """It reads the state of the policy it was built on: refuse any other."""
-        if policy is not self.policy:
-            raise ValueError("reward: a PolicyTwist reads its own policy's twist head; pass that policy")
-
-    def _log_values(self, scores: np.ndarray) -> FloatArray:
-        flat = np.ascontiguousarray(scores, dtype=np.float64).reshape(-1)
-        try:
-            values = core.read_log_values(flat, flat.size, None, self.kind)
-        except ValueError as error:
-            raise ValueError(f"reward: {self.policy.model_file.name}'s twist head: {error}") from error
-        return values.reshape(scores.shape)
 
     def next_log_values(self, particles: Particles) -> FloatArray:
         """``log Vh(x v)`` for every token ``v``, ``(B, N, vocab)``: the twist row at ``x``'s last token;
@@ -134,15 +112,7 @@ class PolicyTwist:
         values = self._log_values(scores)
         if empty.any():
             values = np.where(empty, self.initial_log_value(particles)[:, None], values)
-        if self.verifier is None or not particles.finished.any():
-            return values
-        # each finished trajectory is verified once: its log r follows resampling in the state
-        verified = particles.state.get(self._verified_key)
-        if verified is None:
-            verified = particles.state[self._verified_key] = np.full(particles.lengths.shape, np.nan)
-        for b, i in zip(*np.nonzero(particles.finished & np.isnan(verified) & ~empty)):
-            verified[b, i] = verified_log_reward(self.verifier, self.tokenizer, particles, int(b), int(i))
-        return np.where(particles.finished & ~empty, verified, values)
+        return self._verified(particles, values, particles.finished & ~empty)
 
     def _verify_extension(self, particles: Particles, b: int, i: int, token: int) -> float:
         """``log r`` of particle ``(b, i)`` extended by ``token``: written into its next slot, verified,
