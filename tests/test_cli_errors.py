@@ -198,3 +198,21 @@ def test_serve_on_ray_refuses_bad_options_in_one_line(
     argv = ["serve", "--policy", POLICY, "--reward", REWARD, "--ray", *options]
     assert main(argv) == 2
     assert message in one_line_error(capfd)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--max-new-tokens", "5"], "--max-new-tokens: not an option of the bundled --demo models"),
+        (["--temperature", "0.5"], "--temperature: not an option of the bundled --demo models"),
+        (["--reward-kind", "prob"], "--reward-kind: not an option of the bundled --demo models"),
+        (["--session-option", "log_severity_level=3"], "--session-option: not an option of the bundled"),
+    ],
+)
+def test_demo_models_refuse_the_options_they_would_ignore(
+    options: list[str], message: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The bundled models fix their own settings: an option they would ignore is refused in one line
+    (status 2, before any server starts), never silently dropped."""
+    assert main(["serve", "--demo", "--port", "0", *options]) == 2
+    assert message in one_line_error(capfd)

@@ -768,9 +768,23 @@ def _load_models(args: argparse.Namespace) -> tuple[Any, Any]:
     if getattr(args, "demo", False):
         from .tasks import arithmetic
 
-        for option in ("session_option", "provider_option", "chat_template"):
-            if getattr(args, option, None) is not None:
-                raise ValueError(f"--{option.replace('_', '-')}: not an option of the bundled --demo models")
+        # The bundled models fix their own settings: an option they would ignore is refused, not dropped.
+        given = [
+            option
+            for option in ("session_option", "provider_option", "chat_template")
+            if getattr(args, option, None) is not None
+        ]
+        given += [
+            option
+            for option in MODEL_OPTIONS
+            if option not in ("threads", "memory_arena")
+            and getattr(args, option, _model_default(option)) != _model_default(option)
+        ]
+        if given:
+            raise ValueError(
+                f"--{given[0].replace('_', '-')}: not an option of the bundled --demo models (they fix their "
+                "own; load the models with --policy / --reward to set it)"
+            )
 
         return arithmetic.load_models(
             intra_op_num_threads=args.threads, providers=providers, memory_arena=args.memory_arena == "on"
