@@ -175,8 +175,8 @@ class OnnxRewardModel:
             )
         self.has_position_ids = "position_ids" in inputs
         self.has_cache_branch = "use_cache_branch" in inputs
-        # (name, dtype, KV heads, head size) of each cache input: fed (rows, heads, 0, head size)
-        self._empty_cache = [
+        # (name, dtype, KV heads, head size) of each cache input (re-encoding feeds it empty)
+        self._cache_inputs = [
             (name, *cache_geometry(node, self.config, self.model_file))
             for name, node in inputs.items()
             if _PAST.match(name)
@@ -222,11 +222,11 @@ class OnnxRewardModel:
         shape = outputs[self.output].shape
         absent = [
             "present" + name[len("past_key_values") :]
-            for name, *_ in self._empty_cache
+            for name, *_ in self._cache_inputs
             if "present" + name[len("past_key_values") :] not in outputs
         ]
         reasons = []
-        if not self._empty_cache:
+        if not self._cache_inputs:
             reasons.append("it has no past_key_values.* inputs")
         if absent:
             reasons.append(f"it lacks the outputs {', '.join(absent)}")
@@ -242,7 +242,7 @@ class OnnxRewardModel:
                 why = "; ".join(reasons)
                 raise ValueError(f"kv_cache: {self.model_file.name} cannot keep a cache: {why}")
             return None
-        return KVCachedScorer(self, list(self._empty_cache), prefix)
+        return KVCachedScorer(self, list(self._cache_inputs), prefix)
 
     @property
     def kv_cached(self) -> bool:
@@ -330,17 +330,35 @@ class OnnxRewardModel:
         """``log Vh`` of right-padded rows (as
         [`tiltsmc.core.right_padded_prefixes`][tiltsmc.core.right_padded_prefixes] gives them), read at
         ``read_at[r]`` (default: the row's last token) where the model scores every position."""
+        (raw,) = self.session.run([self.output], self.session_feeds(ids, mask, positions))
+        return self._read(np.asarray(raw), ids.shape, last if read_at is None else read_at)
+
+    def session_feeds(
+        self,
+        ids: npt.NDArray[np.int64],
+        mask: npt.NDArray[np.int64],
+        positions: Optional[npt.NDArray[np.int64]],
+        past: Optional[list[np.ndarray]] = None,
+    ) -> dict[str, Any]:
+        """The graph's inputs for ``ids`` ``(rows, width)`` fed after ``past`` (the cache tensors in the
+        order of its ``past_key_values.*`` inputs; None: an empty cache, where the graph has one): ``mask``
+        covers past and new columns, ``positions`` go where the graph takes them, and the new tokens are
+        translated by ``token_map`` (padding is ``pad_token_id``). Shared by re-encoding and the KV-cached
+        path."""
+        fed = mask[:, mask.shape[1] - ids.shape[1] :]
         feeds: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
         if self.token_map is not None:
-            feeds["input_ids"] = np.where(mask == 1, self.token_map[ids], self.pad_token_id)
+            feeds["input_ids"] = np.where(fed == 1, self.token_map[ids], self.pad_token_id)
         if positions is not None:
             feeds["position_ids"] = positions
         if self.has_cache_branch:
-            feeds["use_cache_branch"] = np.array([False])
-        for name, dtype, heads, head_size in self._empty_cache:
-            feeds[name] = np.zeros((ids.shape[0], heads, 0, head_size), dtype=dtype)
-        (raw,) = self.session.run([self.output], feeds)
-        return self._read(np.asarray(raw), ids.shape, last if read_at is None else read_at)
+            feeds["use_cache_branch"] = np.array([past is not None])
+        for k, (name, dtype, heads, head_size) in enumerate(self._cache_inputs):
+            if past is None:
+                feeds[name] = np.zeros((ids.shape[0], heads, 0, head_size), dtype=dtype)
+            else:
+                feeds[name] = past[k]
+        return feeds
 
     def _read(self, raw: np.ndarray, shape: tuple[int, ...], columns: npt.NDArray[np.int64]) -> FloatArray:
         """The model's output ``(rows,)`` / ``(rows, 1)`` (one score a row) or ``(rows, width)`` / ``(rows,

@@ -49,7 +49,6 @@ class _Layer:
     past: str
     present: str
     key: str
-    dtype: Any
     heads: int
     head_size: int
 
@@ -64,8 +63,8 @@ class KVCachedScorer:
         self.model = model
         tail = len("past_key_values")  # ".{i}.key" / ".{i}.value" follows
         self.layers = [
-            _Layer(past, "present" + past[tail:], f"{prefix}.cache{past[tail:]}", dtype, heads, head_size)
-            for past, dtype, heads, head_size in layers
+            _Layer(past, "present" + past[tail:], f"{prefix}.cache{past[tail:]}", heads, head_size)
+            for past, _, heads, head_size in layers
         ]
         self.mask_key = f"{prefix}.mask"
         self.fed_key = f"{prefix}.fed"
@@ -97,20 +96,8 @@ class KVCachedScorer:
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         """One session call: ``ids`` ``(rows, width)`` after ``past`` (None: an empty cache) with the
         ``mask`` of past and new columns; the raw scores and the new cache tensors."""
-        model = self.model
-        feeds: dict[str, Any] = {"attention_mask": mask, "position_ids": positions}
-        fed = mask[:, mask.shape[1] - ids.shape[1] :]
-        feeds["input_ids"] = ids if model.token_map is None else np.where(fed == 1, model.token_map[ids], ids)
-        if model.has_cache_branch:
-            feeds["use_cache_branch"] = np.array([past is not None])
-        for k, layer in enumerate(self.layers):
-            if past is None:
-                feeds[layer.past] = np.zeros(
-                    (ids.shape[0], layer.heads, 0, layer.head_size), dtype=layer.dtype
-                )
-            else:
-                feeds[layer.past] = past[k]
-        raw, *present = model.session.run(self.outputs, feeds)
+        feeds = self.model.session_feeds(ids, mask, positions, past)
+        raw, *present = self.model.session.run(self.outputs, feeds)
         return np.asarray(raw), present
 
     # -- state ------------------------------------------------------------------------------------------
