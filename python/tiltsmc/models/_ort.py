@@ -475,6 +475,21 @@ def _varint(data: Any, position: int, end: int) -> tuple[int, int]:
             return value, position
 
 
+def _field_value(data: Any, wire: int, position: int, end: int) -> tuple[Any, int]:
+    """The value of a field of wire type ``wire`` at ``position`` and the position after it: a varint's
+    value, a length-delimited field's ``(start, end)``, None for fixed-size fields; groups are not values."""
+    if wire == 0:
+        return _varint(data, position, end)
+    if wire == 1:
+        return None, position + 8
+    if wire == 2:
+        length, position = _varint(data, position, end)
+        return (position, position + length), position + length
+    if wire == 5:
+        return None, position + 4
+    raise _Malformed(position)
+
+
 def _fields(data: Any, start: int, end: int) -> Any:
     """``(field number, wire type, value)`` of a protobuf message's fields in ``data[start:end]``: a
     varint's value, a length-delimited field's ``(start, end)``, None for fixed-size fields and groups."""
@@ -483,37 +498,19 @@ def _fields(data: Any, start: int, end: int) -> Any:
         key, position = _varint(data, position, end)
         number, wire = key >> 3, key & 7
         value: Any = None
-        if wire == 0:
-            value, position = _varint(data, position, end)
-        elif wire == 1:
-            position += 8
-        elif wire == 2:
-            length, position = _varint(data, position, end)
-            value, position = (position, position + length), position + length
-        elif wire == 5:
-            position += 4
-        elif wire == 3:  # a (deprecated) group: skip to its end-group tag
+        if wire == 3:  # a (deprecated) group: skip to its end-group tag
             depth = 1
             while depth:
                 key, position = _varint(data, position, end)
                 inner = key & 7
-                if inner == 0:
-                    _, position = _varint(data, position, end)
-                elif inner == 1:
-                    position += 8
-                elif inner == 2:
-                    length, position = _varint(data, position, end)
-                    position += length
-                elif inner == 5:
-                    position += 4
-                elif inner in (3, 4):
+                if inner in (3, 4):
                     depth += 1 if inner == 3 else -1
                 else:
-                    raise _Malformed(position)
+                    _, position = _field_value(data, inner, position, end)
                 if position > end:
                     raise _Malformed(position)
         else:
-            raise _Malformed(position)
+            value, position = _field_value(data, wire, position, end)
         if position > end or number == 0:
             raise _Malformed(position)
         yield number, wire, value
