@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "tiltsmc/kernels.hpp"
@@ -20,11 +21,12 @@ constexpr std::int64_t kReorderThreadsFrom = std::int64_t{32} << 20;
 
 // target[j] = source[a[j]] for j < m, items of item_bytes bytes, source holding n items. Each a[j] is read
 // once and checked where it is used (read_once.hpp): an index out of range is skipped and reported by
-// returning its position (else -1). Fixed sizes for the common cases: a memcpy of a constant size is a
-// single move (and safe for unaligned items), a call per item is not.
-template <std::size_t Bytes>
+// returning its position (else -1). ItemBytes is std::integral_constant for the common sizes: a memcpy of
+// a constant size is a single move (and safe for unaligned items), a call per item is not.
+template <typename ItemBytes>
 std::int64_t copy_items(const std::uint8_t* source, std::int64_t n, const std::int64_t* a, std::int64_t m,
-                        std::uint8_t* target) {
+                        ItemBytes item_bytes, std::uint8_t* target) {
+    const auto bytes = static_cast<std::int64_t>(item_bytes);
     std::int64_t bad = -1;
     for (std::int64_t j = 0; j < m; ++j) {
         const std::int64_t i = read_once(a + j);
@@ -32,32 +34,23 @@ std::int64_t copy_items(const std::uint8_t* source, std::int64_t n, const std::i
             bad = j;
             continue;
         }
-        std::memcpy(target + j * static_cast<std::int64_t>(Bytes), source + i * static_cast<std::int64_t>(Bytes),
-                    Bytes);
+        std::memcpy(target + j * bytes, source + i * bytes, static_cast<std::size_t>(item_bytes));
     }
     return bad;
 }
 
+template <std::int64_t Bytes>
+using Fixed = std::integral_constant<std::int64_t, Bytes>;
+
 std::int64_t gather_items(const std::uint8_t* source, std::int64_t n, const std::int64_t* a, std::int64_t m,
                           std::int64_t item_bytes, std::uint8_t* target) {
     switch (item_bytes) {
-        case 1: return copy_items<1>(source, n, a, m, target);
-        case 2: return copy_items<2>(source, n, a, m, target);
-        case 4: return copy_items<4>(source, n, a, m, target);
-        case 8: return copy_items<8>(source, n, a, m, target);
-        case 16: return copy_items<16>(source, n, a, m, target);
-        default: {
-            std::int64_t bad = -1;
-            for (std::int64_t j = 0; j < m; ++j) {
-                const std::int64_t i = read_once(a + j);
-                if (!in_range(i, n)) {
-                    bad = j;
-                    continue;
-                }
-                std::memcpy(target + j * item_bytes, source + i * item_bytes, static_cast<std::size_t>(item_bytes));
-            }
-            return bad;
-        }
+        case 1: return copy_items(source, n, a, m, Fixed<1>{}, target);
+        case 2: return copy_items(source, n, a, m, Fixed<2>{}, target);
+        case 4: return copy_items(source, n, a, m, Fixed<4>{}, target);
+        case 8: return copy_items(source, n, a, m, Fixed<8>{}, target);
+        case 16: return copy_items(source, n, a, m, Fixed<16>{}, target);
+        default: return copy_items(source, n, a, m, item_bytes, target);
     }
 }
 
