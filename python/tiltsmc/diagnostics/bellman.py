@@ -33,9 +33,10 @@ from typing import Any, Literal, Optional
 import numpy as np
 import numpy.typing as npt
 
+from .._numeric import logsumexp
 from .._rng import RNGLike, as_generator
 from ..models.protocols import Policy, RewardModel, TokenPolicy, TwistModel
-from ..samplers._engine import check_count, logsumexp
+from ..samplers._engine import check_count
 
 __all__ = ["BellmanEstimate", "bellman_error"]
 

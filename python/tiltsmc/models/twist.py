@@ -33,6 +33,7 @@ from typing import Any, Literal, Optional
 import numpy as np
 import numpy.typing as npt
 
+from .._numeric import logsumexp
 from .joint import PolicyHead
 from .onnx_lm import OnnxCausalLM
 from .onnx_reward import verified_log_reward
@@ -41,14 +42,6 @@ from .particles import MAX_NEW_TOKENS, Particles
 __all__ = ["PolicyTwist"]
 
 FloatArray = npt.NDArray[np.float64]
-
-
-def _logsumexp(a: FloatArray) -> FloatArray:
-    top = np.max(a, axis=-1, keepdims=True)
-    top = np.where(np.isfinite(top), top, 0.0)
-    with np.errstate(divide="ignore"):
-        result: FloatArray = np.log(np.sum(np.exp(a - top), axis=-1)) + top[..., 0]
-    return result
 
 
 class PolicyTwist(PolicyHead):
@@ -100,7 +93,7 @@ class PolicyTwist(PolicyHead):
         """``log Vh_0 = log sum_v p(v | prompt) Vh(prompt v)`` at each prompt, ``(B,)``."""
         log_p = np.asarray(self.policy.next_log_probs(particles), dtype=np.float64)[:, 0]
         values = self.next_log_values(particles)[:, 0]
-        return _logsumexp(log_p + values)
+        return logsumexp(log_p + values)
 
     def log_value(self, particles: Particles) -> FloatArray:
         """``log Vh`` of every prefix: its parent's twist row at its last token (``log Vh_0`` for an

@@ -39,15 +39,6 @@ def limited(run: RunT, max_new_tokens: Optional[int]) -> RunT:
     return run
 
 
-def logsumexp(a: FloatArray, axis: int = -1) -> FloatArray:
-    """Stable log(sum(exp(a))) along ``axis``; all -inf gives -inf (no warnings)."""
-    shift = np.max(a, axis=axis, keepdims=True)
-    shift = np.where(np.isfinite(shift), shift, 0.0)
-    with np.errstate(divide="ignore"):
-        total: FloatArray = np.log(np.sum(np.exp(a - shift), axis=axis)) + np.squeeze(shift, axis=axis)
-    return total
-
-
 class Models:
     """The policy and reward model of one run, with every call counted and timed into ``compute``."""
 

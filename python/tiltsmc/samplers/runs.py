@@ -30,9 +30,10 @@ import numpy as np
 import numpy.typing as npt
 
 from .. import core
+from .._numeric import logsumexp
 from ..models.particles import Particles
 from ..models.sampling import sample_categorical
-from ._engine import FloatArray, all_finished, logsumexp
+from ._engine import FloatArray, all_finished
 from .result import Compute, SamplerResult
 
 LOG_V_PREV = "smc.log_value"  # Particles.state key of each particle's log Vh_{t-1}

@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any, Union
 import numpy as np
 import numpy.typing as npt
 
+from .._numeric import logsumexp
 from .._rng import RNGLike, as_generator
 
 if TYPE_CHECKING:
@@ -128,15 +129,6 @@ def _log(arr: FloatArray) -> FloatArray:
     """``log`` with ``log 0 = -inf`` and no warning."""
     with np.errstate(divide="ignore"):
         return np.log(arr)
-
-
-def _logsumexp(a: FloatArray, axis: int = -1) -> FloatArray:
-    """Stable ``log(sum(exp(a), axis))``; an all ``-inf`` slice gives ``-inf`` (no NaN, no warning)."""
-    m = np.max(a, axis=axis, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)
-    with np.errstate(divide="ignore"):
-        out = np.log(np.sum(np.exp(a - m), axis=axis)) + np.squeeze(m, axis=axis)
-    return np.asarray(out, dtype=np.float64)
 
 
 def _readonly(arr: npt.NDArray[Any]) -> npt.NDArray[Any]:
@@ -372,7 +364,7 @@ class MarkovDFATask:
 
     def _backup_root(self, nxt: FloatArray) -> float:
         """``log sum_w init[w] exp(nxt[w, dfa[start, w]])``: level 1's expectation given the empty prefix."""
-        return float(_logsumexp(self._log_init_arr + self._gather_next(nxt)[self._start]))
+        return float(logsumexp(self._log_init_arr + self._gather_next(nxt)[self._start]))
 
     def _backup(self, t: int, nxt: FloatArray) -> FloatArray:
         """``log E_p[exp(nxt) | prefix of length t with summary (v, q)]``, ``1 <= t <= T-1``. Shape (V, Q).
@@ -385,7 +377,7 @@ class MarkovDFATask:
         out = np.empty((V, Q))
         step = max(1, _CHUNK_ELEMENTS // (Q * V))
         for v0 in range(0, V, step):
-            out[v0 : v0 + step] = _logsumexp(log_p[v0 : v0 + step, None, :] + gathered[None, :, :])
+            out[v0 : v0 + step] = logsumexp(log_p[v0 : v0 + step, None, :] + gathered[None, :, :])
         return out
 
     def _vstar_tables(self) -> LogTables:
@@ -415,7 +407,7 @@ class MarkovDFATask:
                 prev_t = alpha.T  # [q, v]
                 into = np.empty((Q, V))  # into[q, w] = logsumexp_v(alpha[v, q] + log P_t[v, w])
                 for q0 in range(0, Q, step):
-                    into[q0 : q0 + step] = _logsumexp(prev_t[q0 : q0 + step, None, :] + log_p_t[None, :, :])
+                    into[q0 : q0 + step] = logsumexp(prev_t[q0 : q0 + step, None, :] + log_p_t[None, :, :])
                 alpha = np.full((V, Q), -np.inf)
                 np.logaddexp.at(alpha, (w_index, self._dfa.ravel()), into.ravel())
                 out.append(_readonly(alpha))
@@ -461,7 +453,7 @@ class MarkovDFATask:
         vstar, alpha = self._vstar_tables(), self._forward_tables()
         out = np.empty((self._T, self._V))
         for i in range(self._T):
-            out[i] = np.exp(_logsumexp(alpha[i] + vstar[i + 1], axis=1) - log_z)
+            out[i] = np.exp(logsumexp(alpha[i] + vstar[i + 1], axis=1) - log_z)
         return out
 
     def twist_tables(self, noise: float = 0.0, rng: RNGLike = None) -> LogTables:
