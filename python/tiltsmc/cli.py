@@ -52,7 +52,7 @@ from . import core
 from ._files import create_beside
 from .diagnostics import OnlineBellman, online_bellman
 from .samplers._engine import Models
-from .samplers.lane import Lane
+from .samplers.lane import RunFailed, run_together
 from .samplers.result import Compute, SamplerResult, finite_or_none
 from .serving.engine import SAMPLERS as SAMPLER_FUNCTIONS
 from .serving.engine import sampler_defaults
@@ -1121,14 +1121,6 @@ def _step_budget(args: argparse.Namespace, options: dict[str, Any], policy: Any)
     return limit * (int(options["steps"]) + 1 if args.sampler == "mh" else 1)
 
 
-class PromptFailed(Exception):
-    """A prompt's run raised (not a prompt the policy refused: that one is a record with ``error``)."""
-
-    def __init__(self, index: int, error: BaseException) -> None:
-        super().__init__(index, error)
-        self.index, self.error = index, error
-
-
 def _sample(
     args: argparse.Namespace,
     models: Models,
@@ -1146,29 +1138,17 @@ def _sample(
         build(models, [prompt], rng=_prompt_rng(args.seed, offset + i), **options)
         for i, prompt in enumerate(prompts)
     ]
-    lane = Lane(models, runs[0].kind)
-    for run_ in runs:
-        lane.add(run_)
-    index = {id(run_): i for i, run_ in enumerate(runs)}
     steps = [0] * len(runs)
-    results: dict[int, SamplerResult] = {}
-    began = time.perf_counter()
-    while len(results) < len(runs):
-        stepping = [index[id(run_)] for run_ in lane.runs()]
-        ended = lane.step()
-        for i in stepping:
+
+    def on_step(stepped: list[int], ended: list[int]) -> None:
+        for i in stepped:
             steps[i] += 1
-        progress.advance(len(stepping))
-        for run_, error in ended:
-            i = index[id(run_)]
-            if error is not None:
-                raise PromptFailed(offset + i, error)
-            result = run_.result
-            assert result is not None
-            result.compute.total_seconds = time.perf_counter() - began
-            results[i] = result
+        progress.advance(len(stepped))
+        for i in ended:
             progress.prompt_done(steps[i])
-    return [results[i] for i in range(len(runs))]
+
+    results: list[SamplerResult] = run_together(models, runs, on_step)
+    return results
 
 
 def _batches_together(policy: Any, reward: Any) -> bool:
@@ -1284,11 +1264,11 @@ def run(args: argparse.Namespace) -> int:
                 batch = prompts[start : start + batch_size]
                 try:
                     results = _sample(args, models, options, batch, start, progress)
-                except PromptFailed as failure:  # ONNX Runtime's own errors, bad model outputs
+                except RunFailed as failure:  # ONNX Runtime's own errors, bad model outputs
                     if os.environ.get("TILTSMC_TRACEBACK"):
                         raise failure.error from None
                     raise CliError(
-                        f"run failed on prompt {failure.index}: {_one_line(failure.error)}", 1
+                        f"run failed on prompt {start + failure.index}: {_one_line(failure.error)}", 1
                     ) from None
                 records = []
                 for i, (prompt, result) in enumerate(zip(batch, results)):

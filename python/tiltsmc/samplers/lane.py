@@ -29,7 +29,7 @@ from ._engine import FloatArray, Models, failed_prompts
 from .result import Compute
 from .runs import LOG_V_PREV, Run
 
-__all__ = ["KINDS", "Lane", "run_alone"]
+__all__ = ["KINDS", "Lane", "RunFailed", "run_alone", "run_together"]
 
 KINDS = ("guided", "twist", "rollout")
 logger = logging.getLogger("tiltsmc.lane")
@@ -447,15 +447,48 @@ def _share(
             setattr(target, name, getattr(target, name) + delta * share)
 
 
+class RunFailed(Exception):
+    """Run ``index`` of ``run_together`` raised ``error``."""
+
+    def __init__(self, index: int, error: BaseException) -> None:
+        super().__init__(index, error)
+        self.index, self.error = index, error
+
+
+def run_together(
+    models: Models,
+    runs: Sequence[Run],
+    on_step: Optional[Callable[[list[int], list[int]], None]] = None,
+) -> list[Any]:
+    """Advance ``runs`` (of one kind) in one lane, one step each per call of the models, until every one
+    has ended; their results in order, each with its own ``compute.total_seconds`` (from the start).
+    ``on_step(stepped, ended)``: after each step, the indices of the runs it advanced and of those it
+    ended. The first run to fail raises ``RunFailed`` with its index."""
+    lane = Lane(models, runs[0].kind)
+    for run in runs:
+        lane.add(run)
+    index = {id(run): i for i, run in enumerate(runs)}
+    results: dict[int, Any] = {}
+    began = time.perf_counter()
+    while len(results) < len(runs):
+        stepped = [index[id(run)] for run in lane.runs()]
+        ended = []
+        for ended_run, error in lane.step():
+            i = index[id(ended_run)]
+            if error is not None:
+                raise RunFailed(i, error)
+            assert ended_run.result is not None
+            ended_run.compute.total_seconds = time.perf_counter() - began
+            results[i] = ended_run.result
+            ended.append(i)
+        if on_step is not None:
+            on_step(stepped, ended)
+    return [results[i] for i in range(len(runs))]
+
+
 def run_alone(models: Models, run: Run) -> Any:
     """Advance one run in a lane of its own until it ends; its result, or the exception that ended it."""
-    lane = Lane(models, run.kind)
-    lane.add(run)
-    began = time.perf_counter()
-    while True:
-        for ended_run, error in lane.step():
-            if error is not None:
-                raise error
-            assert ended_run.result is not None
-            run.compute.total_seconds = time.perf_counter() - began
-            return ended_run.result
+    try:
+        return run_together(models, [run])[0]
+    except RunFailed as failure:
+        raise failure.error from None
