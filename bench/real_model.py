@@ -16,7 +16,16 @@ The model is the ONNX export of ``scripts/get_smollm2.py`` (``--model``, default
   whole-answer rate is also given over problems, which accounts for that).
 
 Prompts are chat messages, rendered by the policy with the model folder's chat template. JSON to
-``bench/results/real_model_vm[_fp16|_int8].json``. Not a test.
+``bench/results/real_model_vm[_fp16|_int8].json``.
+
+With ``--value DIR`` (the policy + value graph of ``scripts/train_smollm2_value.py``) it runs the samplers'
+comparison instead: ``tiltsmc demo``'s own (``tiltsmc.demo.run_demo``: best-of-N, SMC, SP-gSMC and
+SP-gSMC + MH at equal policy steps per reasoning step, the same guided by a degraded copy of the value
+model, and the Bellman error of both estimated from rollouts) on the counting chains asked through the
+chat template, guided by the learned value head (``PolicyValue``: one session run a token gives the
+next-token law and the value) with the exact verifier at the end, and judged by the verifier. Also the
+time of a step split into policy, reward and tiltsmc (from each run's ``Compute``). JSON, PNG and the
+table to ``bench/results/real_model_compare_vm.*``. Not a test.
 """
 
 from __future__ import annotations
@@ -31,7 +40,9 @@ from typing import Any, Optional
 
 import numpy as np
 from _machine import machine_info
-from tiltsmc.models import OnnxCausalLM
+from tiltsmc import demo
+from tiltsmc.models import OnnxCausalLM, PolicyValue
+from tiltsmc.samplers.result import finite_or_none
 from tiltsmc.tasks import chat_arithmetic as task
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -193,6 +204,54 @@ def measure_task(args: argparse.Namespace, model_dir: Path, temperature: float) 
     return records
 
 
+def counting_task() -> demo.DemoTask:
+    """The counting chains as ``run_demo``'s task: asked through the chat template, judged by ``verify``."""
+    return demo.DemoTask(
+        "chat_arithmetic (counting)",
+        lambda level, count, rng: task.make_problems(level, count, rng=rng, size="counting"),
+        lambda problem: task.messages(problem, "counting"),
+        task.verify,
+    )
+
+
+def compare(args: argparse.Namespace) -> dict[str, Any]:
+    """``run_demo`` on the counting chains with the learned value head (see the module docstring)."""
+    config = demo.DemoConfig(
+        levels=tuple(args.levels),
+        budgets=tuple(args.budgets),
+        problems=args.problems,
+        seed=args.seed,
+        noise=args.noise,
+        bellman_prompts=args.bellman_prompts,
+        bellman_prefixes=args.bellman_prefixes,
+        bellman_samples=args.bellman_samples,
+        threads=args.threads,
+    )
+
+    def models_for(level: int) -> tuple[OnnxCausalLM, PolicyValue]:
+        policy = OnnxCausalLM(
+            args.value,
+            max_new_tokens=args.tokens_per_step * level + 8,
+            step="\n",
+            temperature=args.temperature,
+            value_output="value",
+            intra_op_num_threads=args.threads,
+        )
+        return policy, PolicyValue(policy, kind="logit", verifier=task.verify_chat)
+
+    def progress(done: int, total: int) -> None:
+        print(f"{done}/{total} runs, {time.perf_counter() - began:.0f} s", flush=True)
+
+    began = time.perf_counter()
+    record = demo.run_demo(config, models_for, progress, task=counting_task())
+    head = args.value / "value_head.json"
+    record["value_model"] = (
+        {k: v for k, v in json.loads(head.read_text()).items() if k != "head"} if head.is_file() else None
+    )
+    record["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    return record
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=default_model_dir(), help="converted model folder")
@@ -210,7 +269,32 @@ def main() -> None:
     parser.add_argument("--timing-steps", type=int, default=24)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/...)")
+    parser.add_argument(
+        "--value", type=Path, default=None, help="policy + value folder: run the samplers' comparison"
+    )
+    parser.add_argument(
+        "--budgets", type=int, nargs="+", default=[8], help="comparison: policy steps per step"
+    )
+    parser.add_argument("--temperature", type=float, default=0.7, help="comparison: the policy's temperature")
+    parser.add_argument("--noise", type=float, default=2.0, help="comparison: the degraded model's noise sd")
+    parser.add_argument("--bellman-prompts", type=int, default=2)
+    parser.add_argument("--bellman-prefixes", type=int, default=8)
+    parser.add_argument("--bellman-samples", type=int, default=8)
     args = parser.parse_args()
+    if args.value is not None:
+        if not (args.value / "model.onnx").is_file():
+            parser.error(f"--value: no model.onnx in {args.value} (scripts/train_smollm2_value.py --out DIR)")
+        record = compare(args)
+        record["machine_after"] = {"loadavg": os.getloadavg()}
+        out = args.out or RESULTS / "real_model_compare_vm.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(finite_or_none(record), indent=1, allow_nan=False) + "\n")
+        demo.plot(record, out.with_suffix(".png"))
+        table = demo.render_table(record)
+        out.with_suffix(".txt").write_text(table + "\n")
+        print(table)
+        print(f"wrote {out} (.png, .txt)")
+        return
     model_dir = args.model
     if not (model_dir / "model.onnx").is_file():
         parser.error(f"--model: no model.onnx in {model_dir} (run scripts/get_smollm2.py --out {model_dir})")

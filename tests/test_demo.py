@@ -205,6 +205,37 @@ def test_a_small_demo_run_records_every_sampler(models, tmp_path: Path) -> None:
     assert json.loads((tmp_path / "out" / "demo.json").read_text())["config"]["levels"] == [2]
 
 
+def test_run_demo_takes_a_task_and_models_per_level(models) -> None:
+    """The comparison of ``bench/real_model.py``: another task's problems, prompts and verifier, and the
+    models built for each T."""
+    levels_asked: list[int] = []
+    verified: list[str] = []
+
+    def models_for(level: int):
+        levels_asked.append(level)
+        return models
+
+    def verify(problem: arithmetic.Problem, text: str) -> float:
+        verified.append(text)
+        return arithmetic.verify(problem.prompt, text)
+
+    task = demo_module.DemoTask(
+        "arithmetic, own verifier",
+        lambda level, count, rng: arithmetic.make_problems(level, count, rng=rng),
+        lambda problem: problem.prompt,
+        verify,
+    )
+    config = demo_module.DemoConfig(
+        levels=(1, 2), budgets=(2,), problems=2, bellman_prompts=1, bellman_prefixes=2, bellman_samples=2
+    )
+    record = demo_module.run_demo(config, models=models_for, task=task)
+    assert levels_asked == [1, 2] and record["task"] == "arithmetic, own verifier"
+    # every output of the five runs per level (best-of-N, SMC, SP-gSMC, SMC*, SP-gSMC*) went through it
+    assert len(verified) >= 2 * 5 * 2
+    with pytest.raises(ValueError, match="name"):
+        demo_module.run_sampler("beam", *models, ["01 a+1\n"], 2, np.random.default_rng(0))
+
+
 # --------------------------------------------------------------------------- the command line
 
 

@@ -83,6 +83,51 @@ def test_problem_sizes() -> None:
         task.make_problems(2, 1, size="huge")
 
 
+def test_counting_chains_repeat_one_addition_after_two_worked_examples() -> None:
+    problems = task.make_problems(5, 40, rng=2, size="counting")
+    assert len({p.operations[0] for p in problems}) > 1  # operands vary between problems
+    for problem in problems:
+        assert len(set(problem.operations)) == 1 and problem.operations[0][0] == "+"
+    problem = Problem(8, (("+", 3),) * 4)
+    assert task.user_message(problem).startswith("Start with 8. Add 3, 4 times. ")
+    chat = task.messages(problem, "counting")
+    assert [m["role"] for m in chat] == ["user", "assistant"] * 2 + ["user"]
+    shown = task.examples(4, "counting")
+    assert [chat[1]["content"], chat[3]["content"]] == [task.solution(p) for p in shown]
+    assert task.examples(4, "counting") == task.examples(4, "counting")  # fixed
+    assert task.solution(problem) == "8 + 3 = 11\n11 + 3 = 14\n14 + 3 = 17\n17 + 3 = 20"
+    with pytest.raises(ValueError, match="num_steps"):
+        task.make_problems(task.MAX_COUNTING_STEPS + 1, 1, size="counting")
+
+
+def test_a_question_reads_back_as_its_problem_and_verifies_as_a_reward() -> None:
+    for size in task.SIZES:
+        for num_steps in (1, 2, 7):
+            for problem in task.make_problems(num_steps, 20, rng=num_steps, size=size):
+                chat = task.messages(problem, size)
+                assert task.problem_of(chat[-1]["content"]) == problem
+                assert task.verify_chat(chat, task.solution(problem)) == 1.0
+                wrong = task.solution(problem)[:-1] + str((problem.answer + 1) % 10)
+                assert task.verify_chat(chat, wrong) == 0.0
+    with pytest.raises(ValueError, match="question"):
+        task.problem_of("What is 17+25?")
+    with pytest.raises(ValueError, match="operation"):
+        task.problem_of("Start with 3. Add 2, then multiply by 4. Write it.")
+    with pytest.raises(TypeError, match="prompt"):
+        task.verify_chat("Start with 3. Add 2. Write it.", "3 + 2 = 5")
+
+
+def test_right_so_far_labels_prefixes_line_by_line() -> None:
+    problem = Problem(8, (("+", 3),) * 3)
+    assert task.right_so_far(problem, "8 + 3 = 11\n") == 1.0
+    assert task.right_so_far(problem, "8 + 3 = 11\n11 + 3 = 14\n") == 1.0
+    assert task.right_so_far(problem, "8 + 3 = 12\n") == 0.0
+    assert task.right_so_far(problem, "8 + 3 = 11\nThe answer\n") == 0.0
+    assert task.right_so_far(problem, "8 + 3 = 11\n11 + 3 = 14\n14 + 3 = 17\n17 + 3 = 20\n") == 0.0
+    assert task.right_so_far(problem, "8 + 3 = 11\n11 + 3 = 14\n14 + 3 = 17", ended=True) == 1.0
+    assert task.right_so_far(problem, "8 + 3 = 11\n", ended=True) == 0.0  # ended too early
+
+
 def test_check_refuses_bad_arguments() -> None:
     problem = Problem(20, (("-", 4),))
     with pytest.raises(TypeError, match="problem"):
@@ -236,3 +281,80 @@ def test_a_smaller_variant_answers_as_at_its_conversion(conversion: dict[str, An
         while not particles.finished.all():
             policy.propose(particles, rng)
         assert particles.tokens[0, 0, : particles.lengths[0, 0]].tolist() == expected
+
+
+# -- the value model learned from its rollouts (where scripts/train_smollm2_value.py has written it) -----
+
+
+def value_dir() -> Path:
+    if os.environ.get("TILTSMC_SMOLLM2_VALUE"):
+        return Path(os.environ["TILTSMC_SMOLLM2_VALUE"])
+    return MODEL.parent / f"{MODEL.name}-value"
+
+
+VALUE = value_dir()
+needs_value = pytest.mark.skipif(
+    not (VALUE / "model.onnx").is_file() or not (VALUE / "value_head.json").is_file(),
+    reason=f"no value model at {VALUE} (scripts/train_smollm2_value.py --out DIR; TILTSMC_SMOLLM2_VALUE=DIR)",
+)
+
+
+@pytest.fixture(scope="module")
+def value_models() -> Any:
+    from tiltsmc.models import OnnxCausalLM, PolicyValue
+
+    policy = OnnxCausalLM(VALUE, max_new_tokens=40, step="\n", value_output="value", intra_op_num_threads=2)
+    return policy, PolicyValue(policy, kind="logit", verifier=task.verify_chat)
+
+
+def auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """The probability that a random positive scores above a random negative (ties count one half)."""
+    positives, negatives = scores[labels == 1], scores[labels == 0]
+    above = (positives[:, None] > negatives[None, :]).mean()
+    ties = (positives[:, None] == negatives[None, :]).mean()
+    return float(above + 0.5 * ties)
+
+
+@needs_value
+def test_the_value_head_separates_right_and_wrong_prefixes_of_fresh_answers(value_models: Any) -> None:
+    """On the model's own answers to problems it was not trained on (other seeds), at every step
+    boundary: the head's log Vh ranks prefixes that are right so far above wrong ones, AUC >= 0.75 (the
+    training script measured ~0.9 held out; a constant or untrained head gives 0.5, and the AUC of ~200
+    prefixes has a standard error of ~0.03)."""
+    policy, reward = value_models
+    problems = task.make_problems(3, 8, rng=4242, size="counting")
+    particles = policy.start([task.messages(p, "counting") for p in problems], 8)
+    rng = np.random.default_rng(5)
+    labels, scores = [], []
+    while not particles.finished.all():
+        going = ~particles.finished
+        policy.propose(particles, rng)
+        values = reward.log_value(particles)
+        for b, i in zip(*np.nonzero(going & ~particles.finished)):  # mid-answer: the head, not the verifier
+            text = policy.decode(particles.tokens[b, i, : particles.lengths[b, i]])
+            labels.append(task.right_so_far(problems[b], text))
+            scores.append(values[b, i])
+    labels_array, scores_array = np.array(labels), np.array(scores)
+    assert len(labels) >= 100 and 0.1 < labels_array.mean() < 0.9, (len(labels), labels_array.mean())
+    assert auc(labels_array, scores_array) >= 0.75
+
+
+@needs_value
+def test_the_joint_graph_values_equal_the_same_head_read_by_re_encoding(value_models: Any) -> None:
+    """One graph, two readings: PolicyValue (the value fed token by token with the policy's cache) and
+    OnnxRewardModel re-encoding each prefix from scratch give the same log Vh (1e-4) at every step, and
+    the same verified log r once an answer ends."""
+    from tiltsmc.models import OnnxRewardModel
+
+    policy, reward = value_models
+    rereader = OnnxRewardModel(
+        VALUE, output="value", kind="logit", kv_cache=False, verifier=task.verify_chat, intra_op_num_threads=2
+    )
+    problems = task.make_problems(3, 2, rng=8, size="counting")
+    particles = policy.start([task.messages(p, "counting") for p in problems], 3)
+    rng = np.random.default_rng(3)
+    while not particles.finished.all():
+        policy.propose(particles, rng)
+        np.testing.assert_allclose(
+            reward.log_value(particles), rereader.log_value(particles), rtol=0, atol=1e-4
+        )

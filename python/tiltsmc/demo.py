@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from statistics import NormalDist
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -52,7 +52,18 @@ from .tasks import arithmetic
 
 logger = logging.getLogger("tiltsmc.demo")
 
-__all__ = ["DemoConfig", "NoisyReward", "render_table", "run_demo", "write_outputs"]
+__all__ = [
+    "ARITHMETIC",
+    "SAMPLERS",
+    "DemoConfig",
+    "DemoTask",
+    "NoisyReward",
+    "accuracy",
+    "render_table",
+    "run_demo",
+    "run_sampler",
+    "write_outputs",
+]
 
 SAMPLERS = ("best-of-n", "smc", "sp-gsmc", "sp-gsmc+mh")
 # ONNX Runtime's and the core's threads when none are asked for. The models are tiny (a step is a few
@@ -99,6 +110,27 @@ class DemoConfig:
             raise ValueError(f"threads: expected an int >= 1, got {self.threads}")
 
 
+@dataclass(frozen=True)
+class DemoTask:
+    """The problems the comparison runs on: ``make_problems(T, count, rng)``, each problem's ``prompt``,
+    and the exact ``verify(problem, text) -> r`` that judges the outputs (and ends the reward models'
+    runs, where they take it). ``ARITHMETIC`` is the bundled task; ``bench/real_model.py`` runs the same
+    comparison with a chat model's task."""
+
+    name: str
+    make_problems: Callable[[int, int, Any], list[Any]]
+    prompt: Callable[[Any], Any]
+    verify: Callable[[Any, str], float]
+
+
+ARITHMETIC = DemoTask(
+    "arithmetic",
+    lambda level, count, rng: arithmetic.make_problems(level, count, rng=rng),
+    lambda problem: problem.prompt,
+    arithmetic.verify,
+)
+
+
 class NoisyReward:
     r"""A deliberately degraded reward model: ``log Vh'(x) = log Vh(x) + noise * z(x)`` before the end.
 
@@ -141,8 +173,13 @@ class NoisyReward:
         return values
 
 
-def accuracy(result: SamplerResult, problems: Sequence[arithmetic.Problem]) -> FloatArray:
-    """Per problem: the probability that a draw from the sampler's output is a right solution."""
+def accuracy(
+    result: SamplerResult,
+    problems: Sequence[Any],
+    verify: Callable[[Any, str], float] = arithmetic.verify,
+) -> FloatArray:
+    """Per problem: the probability that a draw from the sampler's output is a right solution
+    (``verify(problem, text)``: 1 right, 0 wrong; the bundled task's verifier by default)."""
     texts = result.texts
     if texts is None:
         raise ValueError("result: the policy has no tokenizer, so solutions cannot be checked")
@@ -150,20 +187,24 @@ def accuracy(result: SamplerResult, problems: Sequence[arithmetic.Problem]) -> F
     for b, problem in enumerate(problems):
         if result.collapsed[b] or b in result.errors:
             continue
-        right = np.array([arithmetic.verify(problem, text) for text in texts[b]])
+        right = np.array([verify(problem, text) for text in texts[b]])
         scores[b] = float(np.sum(result.weights(b) * right))
     return scores
 
 
-def _run_sampler(
-    name: str, policy: Any, reward: Any, prompts: list[str], budget: int, rng: np.random.Generator
+def run_sampler(
+    name: str, policy: Any, reward: Any, prompts: Sequence[Any], budget: int, rng: np.random.Generator
 ) -> Optional[SamplerResult]:
+    """Run sampler ``name`` (one of ``SAMPLERS``) at a budget of ``budget`` policy steps per reasoning step
+    (see the module docstring); None where the budget cannot be met (MH needs ``budget >= MH_STEPS + 1``)."""
     if name == "best-of-n":
         return best_of_n(policy, reward, prompts, n=budget, rng=rng)
     if name == "smc":
         return smc(policy, reward, prompts, num_particles=budget, ess_threshold=0.5, rng=rng)
     if name == "sp-gsmc":
         return sp_gsmc(policy, reward, prompts, pool_size=budget, rng=rng)
+    if name != "sp-gsmc+mh":
+        raise ValueError(f"name: expected one of {', '.join(SAMPLERS)}, got {name!r}")
     pool = budget // (MH_STEPS + 1)
     if pool < 1:
         return None  # MH with H proposals needs C >= H + 1 for equal compute
@@ -181,18 +222,20 @@ def _release_memory(*models: Any) -> None:
 
 def run_demo(
     config: DemoConfig,
-    models: Optional[tuple[Any, Any]] = None,
+    models: Union[tuple[Any, Any], Callable[[int], tuple[Any, Any]], None] = None,
     progress: Optional[Callable[[int, int], None]] = None,
+    task: DemoTask = ARITHMETIC,
 ) -> dict[str, Any]:
     """Run every sampler on every level and budget, and the Bellman-error estimates; returns the record
-    that ``write_outputs`` saves (plain JSON types)."""
+    that ``write_outputs`` saves (plain JSON types). ``models``: the policy and reward model, or a
+    function of ``T`` giving them (e.g. a policy whose length limit fits ``T`` lines); the bundled ones by
+    default. ``task``: the problems (the bundled arithmetic chains by default)."""
     config.validate()
     began = time.perf_counter()
     threads = DEFAULT_THREADS if config.threads is None else config.threads
     if models is None:
         models = arithmetic.load_models(intra_op_num_threads=threads)
-    policy, reward = models
-    degraded = NoisyReward(reward, config.noise, seed=config.seed)
+    models_for = models if callable(models) else (lambda level, pair=models: pair)
     runs_per_level = len(config.budgets) * (len(SAMPLERS) + len(DEGRADED_SAMPLERS)) + 2
     total, done = runs_per_level * len(config.levels), 0
 
@@ -206,8 +249,10 @@ def run_demo(
     bellman: dict[str, Any] = {}
     base_rates: dict[str, Any] = {}
     for level in config.levels:
-        problems = arithmetic.make_problems(level, config.problems, rng=[config.seed, level])
-        prompts = [problem.prompt for problem in problems]
+        policy, reward = models_for(level)
+        degraded = NoisyReward(reward, config.noise, seed=config.seed)
+        problems = task.make_problems(level, config.problems, [config.seed, level])
+        prompts = [task.prompt(problem) for problem in problems]
         z_estimates = []
         for budget in config.budgets:
             for guide, names in (("learned", SAMPLERS), ("degraded", DEGRADED_SAMPLERS)):
@@ -215,14 +260,14 @@ def run_demo(
                     rng = np.random.default_rng(
                         [config.seed, level, budget, SAMPLERS.index(name), len(guide)]
                     )
-                    result = _run_sampler(
+                    result = run_sampler(
                         name, policy, reward if guide == "learned" else degraded, prompts, budget, rng
                     )
                     _release_memory(policy, reward)
                     advance()
                     if result is None:
                         continue
-                    scores = accuracy(result, problems)
+                    scores = accuracy(result, problems, task.verify)
                     if name == "best-of-n":
                         z_estimates.append(np.exp(result.log_z))
                     rows.append(
@@ -262,6 +307,7 @@ def run_demo(
             _release_memory(policy, reward)
             advance()
     return {
+        "task": task.name,
         "config": asdict(config),
         "machine": _machine(),
         "seconds": time.perf_counter() - began,

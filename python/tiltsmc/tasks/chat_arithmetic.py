@@ -21,7 +21,7 @@ Error rates measured from samples of ``p`` (``bench/real_model.py``): the *per-s
 *whole-answer* error rate is ``1 - E_p[r]``. Were the hazard a constant ``h``, ``E_p[r] = (1 - h)^T``
 up to the format of the end.
 
-This module needs only the standard library; prompts are chat messages (``{"role", "content"}`` dicts)
+This module needs only numpy; prompts are chat messages (``{"role", "content"}`` dicts)
 rendered by the model's chat template.
 """
 
@@ -30,6 +30,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Any, Optional, Union
+
+import numpy as np
 
 from .arithmetic import Problem
 from .arithmetic import make_problems as make_chains
@@ -40,20 +42,29 @@ __all__ = [
     "Problem",
     "check",
     "example",
+    "examples",
     "make_problems",
     "messages",
+    "problem_of",
+    "right_so_far",
     "solution",
     "step_line",
     "user_message",
     "verify",
+    "verify_chat",
 ]
 
-# Problem sizes: "small" (start 1..9, operands 1..5, values in 0..20: a 135M chat model gets most single
-# steps right) and "two-digit" (the bundled task's chains: start 10..89, operands 1..9, values in 0..99).
+# Problem sizes: "small" (start 1..9, operands 1..5, values in 0..20), "two-digit" (the bundled task's
+# chains: start 10..89, operands 1..9, values in 0..99), both with mixed operations, and "counting" (start
+# 1..15, one operand 1..5 added at every step: an arithmetic progression, asked as "Add d, T times", with
+# two worked examples). SmolLM2-135M-Instruct loses track of mixed operations (most answers go wrong by the
+# second line); counting is the size it gets mostly right line by line (bench/real_model.py).
 SIZES: dict[str, dict[str, Any]] = {
-    "small": {"start": (1, 9), "max_value": 20, "max_operand": 5},
-    "two-digit": {"start": (10, 89), "max_value": 99, "max_operand": 9},
+    "small": {"start": (1, 9), "max_value": 20, "max_operand": 5, "repeated": False, "shots": 1},
+    "two-digit": {"start": (10, 89), "max_value": 99, "max_operand": 9, "repeated": False, "shots": 1},
+    "counting": {"start": (1, 15), "max_value": 99, "max_operand": 5, "repeated": True, "shots": 2},
 }
+MAX_COUNTING_STEPS = 16  # the largest start plus 16 steps of 5 stays within two digits
 _EXAMPLE_SEED = 20_241_204  # the worked examples are fixed: prompts of one size and T differ in the question
 _LINE = re.compile(r"^\s*(\d+)\s*([+-])\s*(\d+)\s*=\s*(-?\d+)\s*$")
 _END_OF_TURN = ("<|im_end|>", "<|endoftext|>", "</s>", "<eos>")
@@ -65,13 +76,52 @@ def make_problems(num_steps: int, count: int, rng: Any = None, size: str = "smal
     ``rng`` is anything ``numpy.random.default_rng`` takes."""
     if size not in SIZES:
         raise ValueError(f"size: expected one of {', '.join(SIZES)}, got {size!r}")
-    return make_chains(num_steps, count, rng, **SIZES[size])
+    shape = SIZES[size]
+    if not shape["repeated"]:
+        return make_chains(
+            num_steps,
+            count,
+            rng,
+            start=shape["start"],
+            max_value=shape["max_value"],
+            max_operand=shape["max_operand"],
+        )
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
+        raise TypeError(f"num_steps: expected an int, got {type(num_steps).__name__}")
+    if not 1 <= num_steps <= MAX_COUNTING_STEPS:
+        raise ValueError(f"num_steps: expected 1..{MAX_COUNTING_STEPS} for size {size!r}, got {num_steps}")
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
+        raise ValueError(f"count: expected an int >= 1, got {count!r}")
+    generator = np.random.default_rng(rng)
+    low, high = shape["start"]
+    problems = []
+    for _ in range(int(count)):
+        start = int(generator.integers(low, high + 1))
+        digit = int(generator.integers(1, shape["max_operand"] + 1))
+        problems.append(Problem(start, (("+", digit),) * int(num_steps)))
+    return problems
+
+
+def examples(num_steps: int, size: str = "small") -> list[Problem]:
+    """The worked examples shown before a question of ``num_steps`` steps (``SIZES[size]["shots"]`` of
+    them): of the same length and size (a chat model copies the examples' number of lines), fixed, with
+    different starts and first operations (a model shown one operand twice tends to copy it)."""
+    chosen: list[Problem] = []
+    seed = _EXAMPLE_SEED
+    while len(chosen) < SIZES[size]["shots"]:
+        (candidate,) = make_problems(num_steps, 1, seed, size)
+        seed += 1
+        if all(
+            candidate.start != shown.start and candidate.operations[0] != shown.operations[0]
+            for shown in chosen
+        ):
+            chosen.append(candidate)
+    return chosen
 
 
 def example(num_steps: int, size: str = "small") -> Problem:
-    """The worked example shown before a question of ``num_steps`` steps: one of the same length and size
-    (a chat model copies the example's number of lines), fixed."""
-    return make_problems(num_steps, 1, _EXAMPLE_SEED, size)[0]
+    """The first worked example shown before a question of ``num_steps`` steps (see ``examples``)."""
+    return examples(num_steps, size)[0]
 
 
 def step_line(before: int, sign: str, digit: int, after: int) -> str:
@@ -88,7 +138,15 @@ def solution(problem: Problem) -> str:
 
 
 def user_message(problem: Problem) -> str:
-    """The question in words, with the form of the answer."""
+    """The question in words, with the form of the answer. A chain that repeats one operation is asked
+    as "Add d, T times"."""
+    operations = set(problem.operations)
+    if len(operations) == 1 and problem.num_steps > 1:
+        ((sign, digit),) = operations
+        return (
+            f"Start with {problem.start}. {_WORDS[sign].capitalize()} {digit}, {problem.num_steps} times. "
+            f"Write one line per step, as 'a {sign} b = c', and nothing else."
+        )
     steps = ", then ".join(f"{_WORDS[sign]} {digit}" for sign, digit in problem.operations)
     steps = steps[0].upper() + steps[1:]
     return (
@@ -98,14 +156,15 @@ def user_message(problem: Problem) -> str:
 
 
 def messages(problem: Problem, size: str = "small") -> list[dict[str, str]]:
-    """The chat of a problem: the worked example exchange (``example`` of the problem's length and
+    """The chat of a problem: the worked example exchanges (``examples`` of the problem's length and
     ``size``), then the question."""
-    shown = example(problem.num_steps, size)
-    return [
-        {"role": "user", "content": user_message(shown)},
-        {"role": "assistant", "content": solution(shown)},
-        {"role": "user", "content": user_message(problem)},
-    ]
+    chat = []
+    for shown in examples(problem.num_steps, size):
+        chat += [
+            {"role": "user", "content": user_message(shown)},
+            {"role": "assistant", "content": solution(shown)},
+        ]
+    return [*chat, {"role": "user", "content": user_message(problem)}]
 
 
 @dataclass(frozen=True)
@@ -158,7 +217,53 @@ def check(problem: Problem, text: str) -> Check:
     return Check(problem.num_steps, right, right == problem.num_steps and len(lines) == problem.num_steps)
 
 
+def right_so_far(problem: Problem, text: str, ended: bool = False) -> float:
+    """The label of a prefix for a value model: 1.0 when every line of ``text`` is the right line of
+    ``problem`` so far (and, once ``ended``, the answer is complete: ``verify``), else 0.0."""
+    if ended:
+        return verify(problem, text)
+    checked = check(problem, text)
+    lines = [line for line in _strip_end(text).split("\n") if line.strip()]
+    return float(len(lines) <= problem.num_steps and checked.right_steps == len(lines))
+
+
 def verify(problem: Union[Problem, Any], text: str) -> float:
     """The exact terminal reward ``r``: 1.0 for a complete, right answer (every line right, nothing
     else), else 0.0."""
     return 1.0 if check(problem, text).complete else 0.0
+
+
+_QUESTION = re.compile(r"^Start with (\d+)\. (.*?)\. (?:Write|Work) ")
+_REPEATED = re.compile(r"^(Add|Subtract) (\d+), (\d+) times$")
+_OPERATION = re.compile(r"^(add|subtract) (\d+)$")
+
+
+def problem_of(question: str) -> Problem:
+    """The problem a question of ``user_message`` poses (its inverse); ValueError for any other text."""
+    if not isinstance(question, str):
+        raise TypeError(f"question: expected a str, got {type(question).__name__}")
+    match = _QUESTION.match(question)
+    if match is None:
+        raise ValueError(f"question: not a question of this task: {question[:60]!r}")
+    signs = {"add": "+", "subtract": "-"}
+    repeated = _REPEATED.match(match[2])
+    if repeated is not None:
+        operation = (signs[repeated[1].lower()], int(repeated[2]))
+        return Problem(int(match[1]), (operation,) * int(repeated[3]))
+    operations = []
+    for part in match[2].split(", then "):
+        found = _OPERATION.match(part.lower())
+        if found is None:
+            raise ValueError(f"question: cannot read the operation {part!r}")
+        operations.append((signs[found[1]], int(found[2])))
+    return Problem(int(match[1]), tuple(operations))
+
+
+def verify_chat(prompt: Any, text: str) -> float:
+    """``verify`` as a reward model's ``verifier(prompt, text)``: the problem read from the chat's last
+    user message (``messages``' question)."""
+    if not isinstance(prompt, list) or not prompt or not isinstance(prompt[-1], dict):
+        raise TypeError(
+            "prompt: expected the chat messages of a problem (tiltsmc.tasks.chat_arithmetic.messages)"
+        )
+    return verify(problem_of(str(prompt[-1].get("content", ""))), text)
