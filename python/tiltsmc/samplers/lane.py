@@ -369,8 +369,11 @@ class Lane:
             self.members, self.particles = [], None
             return
         assert self.particles is not None
-        rows = np.concatenate([np.arange(m.start, m.stop) for m in kept])
-        self.particles = self.particles.select(rows)
+        if all(a.stop == b.start for a, b in zip(kept[:-1], kept[1:])):  # one range (the oldest left): views
+            self.particles = self.particles.view_rows(kept[0].start, kept[-1].stop)
+        else:
+            rows = np.concatenate([np.arange(m.start, m.stop) for m in kept])
+            self.particles = self.particles.select(rows)
         self.members = kept
         self._renumber()
 
