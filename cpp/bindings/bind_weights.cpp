@@ -166,7 +166,7 @@ py::tuple bind_smc_reweight(const py::handle& log_w_object, const py::handle& lo
                             const py::handle& log_v_prev_object, const py::handle& live_object,
                             const py::handle& log_total_object, const py::handle& log_z_object,
                             const py::handle& collapsed_object, double log_n, double threshold, int scheme,
-                            std::uint64_t key) {
+                            std::uint64_t key, const py::handle& increment_se_object) {
     py::array log_w = checked<double>(log_w_object, "log_w", true);
     if (log_w.ndim() != 2 || log_w.shape(1) < 1) throw py::value_error("log_w: expected shape (B, N) with N >= 1");
     const std::int64_t rows = log_w.shape(0), n = log_w.shape(1);
@@ -182,9 +182,19 @@ py::tuple bind_smc_reweight(const py::handle& log_w_object, const py::handle& lo
          {std::pair{&log_total, "log_total"}, std::pair{&log_z, "log_z"}, std::pair{&collapsed, "collapsed"}})
         if (size_of(*array) != rows) throw py::value_error(std::string(name) + ": expected (B,)");
     if (scheme < 0 || scheme > 3) throw py::value_error("scheme: unknown scheme code");
-    check_disjoint({{&log_w, "log_w"}, {&log_v_prev, "log_v_prev"}, {&log_total, "log_total"}, {&log_z, "log_z"},
-                    {&collapsed, "collapsed"}},
-                   {{&log_v, "log_v"}, {&live, "live"}});
+    py::array increment_se;  // optional output
+    if (!increment_se_object.is_none()) {
+        increment_se = checked<double>(increment_se_object, "increment_se", true);
+        if (size_of(increment_se) != rows) throw py::value_error("increment_se: expected (B,)");
+        check_disjoint({{&log_w, "log_w"}, {&log_v_prev, "log_v_prev"}, {&log_total, "log_total"}, {&log_z, "log_z"},
+                        {&collapsed, "collapsed"}, {&increment_se, "increment_se"}},
+                       {{&log_v, "log_v"}, {&live, "live"}});
+    } else {
+        check_disjoint({{&log_w, "log_w"}, {&log_v_prev, "log_v_prev"}, {&log_total, "log_total"}, {&log_z, "log_z"},
+                        {&collapsed, "collapsed"}},
+                       {{&log_v, "log_v"}, {&live, "live"}});
+    }
+    double* se = increment_se_object.is_none() ? nullptr : static_cast<double*>(increment_se.mutable_data());
     CArray<std::int64_t> ancestors({rows, n}), unique(rows);
     CArray<bool> resampled(rows);
     CArray<double> ess(rows), increment(rows);
@@ -199,7 +209,7 @@ py::tuple bind_smc_reweight(const py::handle& log_w_object, const py::handle& lo
         status = smc_reweight(w, rows, n, v, v_prev, alive, log_n, threshold, static_cast<Scheme>(scheme), key,
                               static_cast<double*>(log_total.mutable_data()), static_cast<double*>(log_z.mutable_data()),
                               static_cast<std::uint8_t*>(collapsed.mutable_data()), ancestors.mutable_data(), flags.data(),
-                              ess.mutable_data(), unique.mutable_data(), increment.mutable_data());
+                              ess.mutable_data(), unique.mutable_data(), increment.mutable_data(), se);
     }
     if (!status.ok() && status.row >= 0) {
         const std::int64_t k = status.row * n + status.index;
@@ -232,7 +242,7 @@ void register_dtype(py::module_& m) {
 void register_weights(py::module_& m) {
     m.def("smc_reweight", &bind_smc_reweight, py::arg("log_w"), py::arg("log_v"), py::arg("log_v_prev"),
           py::arg("live"), py::arg("log_total"), py::arg("log_z"), py::arg("collapsed"), py::arg("log_n"),
-          py::arg("threshold"), py::arg("scheme"), py::arg("key"));
+          py::arg("threshold"), py::arg("scheme"), py::arg("key"), py::arg("increment_se") = py::none());
     register_dtype<double>(m);
     register_dtype<float>(m);
     m.def("mh_accept", &bind_mh_accept, py::arg("log_z_current"), py::arg("log_z_proposed"), py::arg("key"));

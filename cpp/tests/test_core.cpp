@@ -541,6 +541,34 @@ void test_token_kernels() {
                                         Scheme::systematic, 3, total.data(), z.data(), gone.data(), a.data(),
                                         resampled_rows.data(), row_ess.data(), distinct.data(), increment.data());
     EXPECT(refused.code == StatusCode::nan_weight && refused.row == 0 && refused.index == 0 && w == w_before);
+    // the increments' standard errors: sqrt(sum_i (W_i G_i / e^l - W_i)^2) with W the normalised weights before
+    {
+        std::vector<double> sw = {0.0, std::log(3.0), -inf, -inf, -inf, 0.0}, sv = {1.0, 0.0, 2.0, 0.5, 0.0, -inf};
+        std::vector<double> sv_prev(6, 0.0), st = {std::log(4.0), 0.0}, sz(2), sinc(2), sess(2), se(2, -1.0);
+        const std::vector<std::uint8_t> slive = {1, 1, 0, 0, 1, 1};
+        std::vector<std::uint8_t> sgone(2), sres(2);
+        std::vector<std::int64_t> sa(6), su(2);
+        EXPECT(smc_reweight(sw.data(), 2, 3, sv.data(), sv_prev.data(), slive.data(), std::log(3.0), 0.0,
+                            Scheme::systematic, 3, st.data(), sz.data(), sgone.data(), sa.data(), sres.data(),
+                            sess.data(), su.data(), sinc.data(), se.data())
+                   .ok());
+        // row 0: W = (1, 3, 0) / 4 before, G = (e, 1, 1): after W G / e^l = (e, 3, 0) / (e + 3)
+        const double l0 = std::log((std::exp(1.0) + 3.0) / 4.0), after0 = std::exp(1.0) + 3.0;
+        const double want0 = std::sqrt(std::pow(std::exp(1.0) / after0 - 0.25, 2) + std::pow(3.0 / after0 - 0.75, 2));
+        EXPECT(std::abs(sinc[0] - l0) < 1e-14 && std::abs(se[0] - want0) < 1e-14);
+        // row 1: its one particle of weight > 0 gets G = 0: no reading
+        EXPECT(sinc[1] == -inf && se[1] == inf);
+        std::vector<double> zw(3, 0.0), zv(3, 1.0), zv_prev(3, 0.0), zt = {std::log(3.0)}, zz(1), zinc(1), zess(1);
+        std::vector<double> zse = {-1.0};
+        const std::vector<std::uint8_t> none_live(3, 0);
+        std::vector<std::uint8_t> zgone(1), zres(1);
+        std::vector<std::int64_t> za(3), zu(1);
+        EXPECT(smc_reweight(zw.data(), 1, 3, zv.data(), zv_prev.data(), none_live.data(), std::log(3.0), 0.0,
+                            Scheme::systematic, 3, zt.data(), zz.data(), zgone.data(), za.data(), zres.data(),
+                            zess.data(), zu.data(), zinc.data(), zse.data())
+                   .ok());
+        EXPECT(zse[0] == 0.0);  // no live particle: no potential applied
+    }
 
     const std::vector<double> logits = {0.0, 1.0, std::nan(""), 0.0, 2.0, 1.0};
     const std::vector<std::uint8_t> draw_rows = {1, 0, 1};

@@ -1,4 +1,6 @@
 # Stubs of the compiled module; tiltsmc.core wraps it with argument checks.
+from typing import Optional
+
 import numpy as np
 import numpy.typing as npt
 
@@ -29,6 +31,7 @@ def smc_reweight(
     threshold: float,
     scheme: int,
     key: int,
+    increment_se: Optional[npt.NDArray[np.float64]] = None,
 ) -> tuple[
     npt.NDArray[np.int64],
     npt.NDArray[np.bool_],

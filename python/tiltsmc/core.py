@@ -193,6 +193,8 @@ def smc_reweight(
     ess_threshold: float,
     scheme: Scheme = "systematic",
     rng: RNGLike = None,
+    *,
+    increment_se: Optional[npt.NDArray[np.float64]] = None,
 ) -> tuple[
     npt.NDArray[np.int64],
     npt.NDArray[np.bool_],
@@ -213,13 +215,34 @@ def smc_reweight(
     * ``log Zh += log sum_i W_{t-1,i} G_{t,i} = logsumexp(log_w) - log_total``, then ``log_total`` is
       ``log N`` on resampled rows and ``logsumexp(log_w)`` elsewhere, and ``collapsed`` is set where ESS is 0.
 
-    Returns ``(ancestors, resampled, ess, unique_ancestors, log_z_increment)``. NaN or ``+inf`` in
+    Returns ``(ancestors, resampled, ess, unique_ancestors, log_z_increment)``. With ``increment_se`` (a
+    ``(B,)`` float64 array) each row's increment ``l = log sum_i W_{t-1,i} G_{t,i}`` also gets its standard
+    error (delta method), written there:
+
+    ``sd(l) ~ sqrt(sum_i (W_{t-1,i} G_{t,i} / e^l - W_{t-1,i})^2)``,
+
+    the distance between the normalised weights before and after the potentials: given the particles before
+    the step, ``sum_i W_i G_i`` estimates ``sum_i W_i E_p[G | prefix_i]`` with variance
+    ``sum_i W_i^2 Var_p(G | prefix_i)``, estimated by each particle's one draw against the weighted mean
+    (an overestimate by the spread of the ``E_p[G | prefix_i]``). ``inf`` where ``l = -inf`` (every
+    potential 0: no reading), 0 in a row without live particles (no potential applied). NaN or ``+inf`` in
     ``log_w``, or in ``log_v`` / ``log_v_prev`` of a live particle, raises before anything is written.
     """
     code, threshold = _step_arguments(scheme, ess_threshold)
     log_n = _log_count(log_w.shape[1]) if isinstance(log_w, np.ndarray) and log_w.ndim == 2 else 0.0
     ancestors, resampled, ess, unique, increment = _core.smc_reweight(
-        log_w, log_v, log_v_prev, live, log_total, log_z, collapsed, log_n, threshold, code, draw_key(rng)
+        log_w,
+        log_v,
+        log_v_prev,
+        live,
+        log_total,
+        log_z,
+        collapsed,
+        log_n,
+        threshold,
+        code,
+        draw_key(rng),
+        increment_se,
     )
     return ancestors, resampled, ess, unique, increment
 
