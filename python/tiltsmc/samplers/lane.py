@@ -14,7 +14,6 @@ of each kind with every request in flight.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -26,7 +25,6 @@ import numpy.typing as npt
 from .._rng import RowStreams
 from ..models.particles import MAX_NEW_TOKENS, Particles
 from ._engine import FloatArray, Models, failed_prompts
-from .result import Compute
 from .runs import LOG_V_PREV, Run
 
 __all__ = ["KINDS", "Lane", "RunFailed", "run_alone", "run_together"]
@@ -38,13 +36,15 @@ Ended = list[tuple[Run, Optional[BaseException]]]
 
 
 class _Member:
-    """A run in the lane: its rows and the shape of its batch."""
+    """A run in the lane: its rows, the shape of its batch and its last view of them."""
 
-    __slots__ = ("batch", "count", "run", "start", "stop")
+    __slots__ = ("batch", "count", "run", "start", "stop", "view", "viewed")
 
     def __init__(self, run: Run, batch: int, count: int) -> None:
         self.run, self.batch, self.count = run, batch, count
         self.start = self.stop = 0
+        self.view: Optional[Particles] = None
+        self.viewed: tuple[Any, ...] = ()  # what self.view was made from
 
 
 def _view(particles: Particles, member: _Member) -> Particles:
@@ -52,20 +52,38 @@ def _view(particles: Particles, member: _Member) -> Particles:
 
     Runs read the particles' tokens and their own state (``LOG_V_PREV``), never the models' state, which
     the view leaves out (a decoder's KV cache is a dozen arrays: reshaping them for every run at every
-    step was most of the lane's own time per run)."""
+    step was most of the lane's own time per run). The view is made again only where one of the arrays
+    it shows, or the member's rows, changed since the last (the view keeps those arrays alive, so an
+    identity seen again is the same array)."""
     start, stop, batch, count = member.start, member.stop, member.batch, member.count
+    state = particles.state
+    made_from = (
+        particles.tokens,
+        particles.lengths,
+        particles.finished,
+        state.get(LOG_V_PREV),
+        particles.prompts,
+        particles.prompt_tokens,
+        start,
+        stop,
+    )
+    seen = member.viewed
+    if member.view is not None and all(a is b for a, b in zip(made_from, seen)):
+        return member.view
 
     def rows(array: np.ndarray) -> np.ndarray:
         return array[start:stop].reshape(batch, count, *array.shape[2:])
 
-    return Particles(
+    view = Particles(
         prompts=particles.prompts[start:stop:count],
         tokens=rows(particles.tokens),
         lengths=rows(particles.lengths),
         finished=rows(particles.finished),
-        state={LOG_V_PREV: rows(particles.state[LOG_V_PREV])},
+        state={LOG_V_PREV: rows(state[LOG_V_PREV])},
         prompt_tokens=None if particles.prompt_tokens is None else particles.prompt_tokens[start:stop:count],
     )
+    member.view, member.viewed = view, made_from
+    return view
 
 
 class Lane:
@@ -403,12 +421,12 @@ class Lane:
     def _charge_to(
         self, runs: list[Run], call: Callable[[], Any], weights: Optional[list[int]] = None
     ) -> Any:
-        before = dataclasses.replace(self.compute)
-        began = time.perf_counter()
+        compute = self.compute
+        before = [getattr(compute, name) for name in _FIELDS]
         try:
             return call()
         finally:
-            _share(before, self.compute, runs, weights, time.perf_counter() - began)
+            _share([getattr(compute, name) - b for name, b in zip(_FIELDS, before)], runs, weights)
 
 
 def _end_at_limits(particles: Particles) -> None:
@@ -419,18 +437,22 @@ def _end_at_limits(particles: Particles) -> None:
     )
 
 
-_FIELDS = ("policy_calls", "policy_steps", "policy_tokens", "reward_calls", "reward_evaluations")
+_CALLS = ("policy_calls", "reward_calls")  # charged in full to every run the call served
+_COUNTS = ("policy_steps", "policy_tokens", "reward_evaluations")  # split by weight, rounded
+_SECONDS = ("policy_seconds", "reward_seconds")  # split by weight
+_FIELDS = (*_CALLS, *_COUNTS, *_SECONDS)
 
 
-def _share(
-    before: Compute, after: Compute, runs: list[Run], weights: Optional[list[int]], seconds: float
-) -> None:
-    """Charge the runs the compute of one call: all of it to a lone run; else the calls to each, counts and
-    seconds split by ``weights`` (rows) in proportion."""
+def _share(deltas: list[Any], runs: list[Run], weights: Optional[list[int]]) -> None:
+    """Charge the runs the compute of one call (``deltas``, by ``_FIELDS``): all of it to a lone run; else
+    the calls to each, counts and seconds split by ``weights`` (rows) in proportion."""
+    changed = [(name, delta) for name, delta in zip(_FIELDS, deltas) if delta]
+    if not changed:
+        return
     if len(runs) == 1:
         target = runs[0].compute
-        for name in (*_FIELDS, "policy_seconds", "reward_seconds"):
-            setattr(target, name, getattr(target, name) + getattr(after, name) - getattr(before, name))
+        for name, delta in changed:
+            setattr(target, name, getattr(target, name) + delta)
         return
     total = float(sum(weights)) if weights else float(len(runs))
     shares = (
@@ -440,14 +462,14 @@ def _share(
     )
     for run, share in zip(runs, shares):
         target = run.compute
-        for name in ("policy_calls", "reward_calls"):
-            setattr(target, name, getattr(target, name) + getattr(after, name) - getattr(before, name))
-        for name in ("policy_steps", "policy_tokens", "reward_evaluations"):
-            delta = getattr(after, name) - getattr(before, name)
-            setattr(target, name, getattr(target, name) + round(delta * share))
-        for name in ("policy_seconds", "reward_seconds"):
-            delta = getattr(after, name) - getattr(before, name)
-            setattr(target, name, getattr(target, name) + delta * share)
+        for name, delta in changed:
+            if name in _CALLS:
+                value = delta
+            elif name in _COUNTS:
+                value = round(delta * share)
+            else:
+                value = delta * share
+            setattr(target, name, getattr(target, name) + value)
 
 
 class RunFailed(Exception):
