@@ -241,6 +241,7 @@ class Lane:
                 raise
             logger.warning("log_value failed for the batch (%s); scoring each run alone", error)
         values = np.zeros(particles.lengths.shape)
+        self._charge(lambda: self.models.flush(particles))
         for member in self._active():
             alone = particles.select(np.arange(member.start, member.stop))
             try:
@@ -321,7 +322,9 @@ class Lane:
 
     def _join(self, parts: list[Particles]) -> None:
         if self.particles is not None:
-            parts = [self.particles, *parts]
+            lane = self.particles
+            self._charge(lambda: self.models.flush(lane))  # the policy's deferred work, timed as its own
+            parts = [lane, *parts]
         self.particles = parts[0] if len(parts) == 1 else Particles.concatenate(parts)
         self.members.extend(self._joining)
         self._joining = []
@@ -387,6 +390,8 @@ class Lane:
             self.members, self.particles = [], None
             return
         assert self.particles is not None
+        particles = self.particles
+        self._charge(lambda: self.models.flush(particles))  # the policy's deferred work, timed as its own
         if all(a.stop == b.start for a, b in zip(kept[:-1], kept[1:])):  # one range (the oldest left): views
             self.particles = self.particles.view_rows(kept[0].start, kept[-1].stop)
         else:
