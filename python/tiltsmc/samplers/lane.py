@@ -108,6 +108,7 @@ class Lane:
         self._ended: list[_Member] = []  # ended this step, leave once every run has been updated
         self.policy_calls = 0  # policy steps taken (propose, or next_log_probs), and the rows they served
         self.policy_rows = 0
+        self._starts = self._stops = np.zeros(0, dtype=np.int64)  # the members' rows (kept by _renumber)
 
     @property
     def rows(self) -> int:
@@ -335,6 +336,8 @@ class Lane:
         for member in self.members:
             member.start, start = start, start + member.batch * member.count
             member.stop = start
+        self._starts = np.array([m.start for m in self.members], dtype=np.int64)
+        self._stops = np.array([m.stop for m in self.members], dtype=np.int64)
 
     def _settle(self, ended: Ended) -> None:
         """Runs whose particles have all finished end (a rollout run after its one reward call); a run
@@ -342,8 +345,8 @@ class Lane:
         if self.particles is None:
             return
         particles = self.particles
-        finished = particles.finished
-        done = [m for m in self.members if bool(finished[m.start : m.stop].all())]
+        finished_rows, rows = self._finished_rows()
+        done = [self.members[i] for i in np.flatnonzero(finished_rows == rows)]
         if not done:
             return
         if self.kind == "rollout":
@@ -388,6 +391,7 @@ class Lane:
         kept = [member for member in self.members if id(member) not in gone]
         if not kept:
             self.members, self.particles = [], None
+            self._renumber()
             return
         assert self.particles is not None
         particles = self.particles
@@ -417,11 +421,16 @@ class Lane:
         """Make one model call for every run, and charge each run its share (by rows, or live rows)."""
         weights = None
         if live and len(self.members) > 1:
-            finished = self._particles().finished
-            weights = [
-                m.stop - m.start - int(np.count_nonzero(finished[m.start : m.stop])) for m in self.members
-            ]
+            finished_rows, rows = self._finished_rows()
+            weights = (rows - finished_rows).tolist()
         return self._charge_to([m.run for m in self.members], call, weights)
+
+    def _finished_rows(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """Per member, its finished rows and its rows (one pass over the batch, not one per member)."""
+        finished = self._particles().finished.reshape(-1)
+        counted = np.zeros(finished.size + 1, dtype=np.int64)
+        np.cumsum(finished, out=counted[1:])
+        return counted[self._stops] - counted[self._starts], self._stops - self._starts
 
     def _charge_to(
         self, runs: list[Run], call: Callable[[], Any], weights: Optional[list[int]] = None
