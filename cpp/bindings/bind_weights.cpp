@@ -87,7 +87,9 @@ std::tuple<CArray<std::int64_t>, CArray<double>> bind_pool_select(const CArray<T
 
 template <typename T>
 std::tuple<CArray<std::int64_t>, CArray<double>> bind_sample_logits(const CArray<T>& logits, double temperature,
-                                                                    std::uint64_t key, const py::object& active_object) {
+                                                                    std::uint64_t key, const py::object& active_object,
+                                                                    const py::object& keys_object,
+                                                                    const py::object& counters_object) {
     if (logits.ndim() != 2) throw py::value_error("logits: expected a 2-D array");
     if (!(temperature > 0.0) || !std::isfinite(temperature))
         throw py::value_error("temperature: must be a finite number > 0");
@@ -108,10 +110,24 @@ std::tuple<CArray<std::int64_t>, CArray<double>> bind_sample_logits(const CArray
             throw py::value_error("where: expected one entry per row of logits");
         active = static_cast<const std::uint8_t*>(active_array.data());
     }
+    // per-row streams: both or neither, one uint64 each per row
+    if (keys_object.is_none() != counters_object.is_none())
+        throw py::value_error("keys: keys and counters go together (one stream per row)");
+    py::array keys_array, counters_array;
+    const std::uint64_t* keys = nullptr;
+    const std::uint64_t* counters = nullptr;
+    if (!keys_object.is_none()) {
+        keys_array = checked<std::uint64_t>(keys_object, "keys");
+        counters_array = checked<std::uint64_t>(counters_object, "counters");
+        if (size_of(keys_array) != rows) throw py::value_error("keys: expected one entry per row of logits");
+        if (size_of(counters_array) != rows) throw py::value_error("counters: expected one entry per row of logits");
+        keys = static_cast<const std::uint64_t*>(keys_array.data());
+        counters = static_cast<const std::uint64_t*>(counters_array.data());
+    }
     Status status;
     {
         py::gil_scoped_release release;
-        status = sample_logits(in, rows, n, temperature, key, active, idx, lp);
+        status = sample_logits(in, rows, n, temperature, key, active, idx, lp, keys, counters);
     }
     check(status, "logits");
     return {index, log_prob};
@@ -234,7 +250,7 @@ void register_dtype(py::module_& m) {
     m.def("resample", &bind_resample<T>, py::arg("logw"), py::arg("scheme"), py::arg("num"), py::arg("key"));
     m.def("pool_select", &bind_pool_select<T>, py::arg("logw"), py::arg("key"));
     m.def("sample_logits", &bind_sample_logits<T>, py::arg("logits"), py::arg("temperature"), py::arg("key"),
-          py::arg("active"));
+          py::arg("active"), py::arg("keys") = py::none(), py::arg("counters") = py::none());
 }
 
 }  // namespace

@@ -576,6 +576,24 @@ void test_token_kernels() {
     std::vector<double> log_prob(3, 7.0);
     EXPECT(sample_logits(logits.data(), 3, 2, 1.0, 5, draw_rows.data(), drawn.data(), log_prob.data()).ok());
     EXPECT(drawn[1] == 0 && log_prob[1] == 0.0 && drawn[0] >= 0 && drawn[0] < 2 && log_prob[2] < 0.0);
+    // per-row streams: rows of two runs in one call draw as each run's own call (keys 5 and 9, counters from 0)
+    {
+        std::mt19937_64 engine(3);
+        std::normal_distribution<double> normal;
+        std::vector<float> many(5 * 40);
+        for (float& x : many) x = static_cast<float>(0.5 * normal(engine));  // near uniform: draws tell keys apart
+        const std::vector<std::uint64_t> keys = {5, 5, 9, 9, 9}, counters = {0, 1, 0, 1, 2};
+        std::vector<std::int64_t> together(5), first(2), second(3);
+        std::vector<double> lp_together(5), lp_first(2), lp_second(3);
+        EXPECT(sample_logits(many.data(), 5, 40, 0.8, 0, nullptr, together.data(), lp_together.data(), keys.data(),
+                             counters.data())
+                   .ok());
+        EXPECT(sample_logits(many.data(), 2, 40, 0.8, 5, nullptr, first.data(), lp_first.data()).ok());
+        EXPECT(sample_logits(many.data() + 2 * 40, 3, 40, 0.8, 9, nullptr, second.data(), lp_second.data()).ok());
+        for (std::size_t r = 0; r < 2; ++r) EXPECT(together[r] == first[r] && lp_together[r] == lp_first[r]);
+        for (std::size_t r = 0; r < 3; ++r)
+            EXPECT(together[r + 2] == second[r] && lp_together[r + 2] == lp_second[r]);
+    }
 }
 
 void test_random_sizes() {

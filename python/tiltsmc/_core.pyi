@@ -48,6 +48,8 @@ def sample_logits(
     temperature: float,
     key: int,
     active: npt.NDArray[np.bool_] | None,
+    keys: npt.NDArray[np.uint64] | None = None,
+    counters: npt.NDArray[np.uint64] | None = None,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]: ...
 def mh_accept(
     log_z_current: npt.NDArray[np.float64], log_z_proposed: npt.NDArray[np.float64], key: int

@@ -363,9 +363,10 @@ def sample_logits(
 def _sample_logits_per_run(
     rows: np.ndarray, temperature: float, rng: RowStreams, where: Optional[npt.NDArray[np.bool_]]
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
-    """[`sample_logits`][tiltsmc.core.sample_logits] with each run's rows drawn from its own generator, one
-    call per run that has
-    a row to draw (a run with none draws no key, as it would make no call alone)."""
+    """[`sample_logits`][tiltsmc.core.sample_logits] with each run's rows drawn from its own generator: one
+    core call, row ``r`` of run ``g`` from the stream (a key drawn from ``generators[g]``, ``r``'s index
+    within the run), as the run's own call would draw it. A run with no row to draw draws no key, as it
+    would make no call alone."""
     count = rows.shape[0]
     if where is not None:
         where = np.ascontiguousarray(where)
@@ -374,13 +375,18 @@ def _sample_logits_per_run(
                 f"where: expected one bool per row of logits ({count}), got {where.dtype} {where.shape}"
             )
         where = where.reshape(count)
-    index = np.zeros(count, dtype=np.int64)
-    log_prob = np.zeros(count)
-    for part, generator in rng.groups(count):
-        mask = None if where is None else where[part]
-        if mask is not None and not mask.any():
-            continue
-        index[part], log_prob[part] = _core.sample_logits(rows[part], temperature, draw_key(generator), mask)
+    starts, sizes, counters = rng.row_counters(count)
+    if where is None:
+        drawing = [True] * len(sizes)
+    else:  # the runs with a row to draw: one cumulative count, not one reduction per run
+        counted = np.zeros(count + 1, dtype=np.int64)
+        np.cumsum(where, out=counted[1:])
+        drawing = (counted[starts + sizes] > counted[starts]).tolist()
+    keys = np.repeat(
+        np.array([draw_key(g) if draw else 0 for g, draw in zip(rng.generators, drawing)], dtype=np.uint64),
+        sizes,
+    )
+    index, log_prob = _core.sample_logits(rows, temperature, 0, where, keys, counters)
     return index, log_prob
 
 

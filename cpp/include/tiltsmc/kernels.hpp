@@ -92,10 +92,12 @@ Status pool_select(const T* logw, std::int64_t rows, std::int64_t n, std::uint64
 // digits lost to 1 + a small sum). Where finite logits give scores of +inf, or only -inf (temperature < 1),
 // the scores are (logits - max logits) / temperature instead: the same law, and no error for finite
 // logits. Needs temperature > 0. Rows with active[r] == 0 (active == nullptr: none) are skipped: index 0,
-// log_prob 0, their logits never read.
+// log_prob 0, their logits never read. Row r draws from the stream (key, r), or with keys and counters (rows
+// of independent runs batched together, each keyed from its own generator) from (keys[r], counters[r]).
 template <typename T>
 Status sample_logits(const T* logits, std::int64_t rows, std::int64_t n, double temperature, std::uint64_t key,
-                     const std::uint8_t* active, std::int64_t* index, double* log_prob);
+                     const std::uint8_t* active, std::int64_t* index, double* log_prob,
+                     const std::uint64_t* keys = nullptr, const std::uint64_t* counters = nullptr);
 
 // accept[r] = u_r < exp(log_z_proposed[r] - log_z_current[r]); a current -inf is always left, otherwise
 // a proposed -inf is always rejected. NaN and +inf are errors (index = which argument: 0 current, 1 proposed).
