@@ -342,7 +342,10 @@ def _first_used(mask: Any) -> int:
     that is absent or not a host array (nothing is trimmed)."""
     if not isinstance(mask, np.ndarray) or mask.ndim < 1 or not mask.shape[-1]:
         return 0
-    used = np.flatnonzero(mask.reshape(-1, mask.shape[-1]).any(axis=0))
+    columns = mask.reshape(-1, mask.shape[-1])
+    if columns[:, 0].any():  # the common case: no leading padding
+        return 0
+    used = np.flatnonzero(columns.any(axis=0))
     return int(used[0]) if used.size else int(mask.shape[-1])
 
 
@@ -386,8 +389,11 @@ def _joined_state(
         else:  # left padding: the part's sequence ends where the longest ends
             start = longest - (array.shape[axis + 2] - first)
             inner = (slice(None),) * (axis + 1)
-            joined[(rows, *inner, slice(0, start))] = 0
-            joined[(rows, *inner, slice(start, None))] = array[(slice(None), *inner, slice(first, None))]
+            if start:
+                joined[(rows, *inner, slice(0, start))] = 0
+            joined[(rows, *inner, slice(start, None))] = (
+                array[(slice(None), *inner, slice(first, None))] if first else array
+            )
         offset += part.num_prompts
     return joined
 
