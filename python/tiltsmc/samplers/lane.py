@@ -429,7 +429,7 @@ class Lane:
         """Per member, its finished rows and its rows (one pass over the batch, not one per member)."""
         finished = self._particles().finished.reshape(-1)
         counted = np.zeros(finished.size + 1, dtype=np.int64)
-        np.cumsum(finished, out=counted[1:])
+        np.add.accumulate(finished, dtype=np.int64, out=counted[1:])
         return counted[self._stops] - counted[self._starts], self._stops - self._starts
 
     def _charge_to(
