@@ -33,27 +33,34 @@ def _malloc_trim() -> Optional[Any]:
 
 
 # glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 _REUSE_UP_TO = 1 << 30  # bytes: blocks up to this size come from the heap, and this much freed memory stays
 
 
 @functools.lru_cache(maxsize=1)
 def reuse_freed_memory() -> bool:
     """Keep freed memory in the C heap for the next allocations (glibc: ``mallopt`` raises
-    ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` to 1 GiB, for the whole process); whether it could.
+    ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` to 1 GiB and sets ``M_ARENA_MAX`` to 1, for the whole
+    process); whether it could.
 
     By default glibc maps each large block (a batch's KV cache, its logits) afresh and unmaps it when
     freed, so every new array pays a page fault per 4 KiB on first touch: about ten times the copy that
     fills it (2.2 ms against 0.2 ms for 10 MB). A serving engine allocates such arrays at every step,
     join and leave; from the heap, freed blocks are reused. What stays is given back by
     ``release_free_memory`` (``malloc_trim`` returns free pages whatever the thresholds), which the engine
-    calls once idle.
+    calls once idle: threads started afterwards (the engine's worker) allocate from the main arena, whose
+    free top ``malloc_trim`` also returns (a thread arena's top it leaves, and the high trim threshold
+    would keep it).
     """
     libc = _glibc()
     if libc is None:
         return False
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, _REUSE_UP_TO)) and bool(
-        libc.mallopt(_M_TRIM_THRESHOLD, _REUSE_UP_TO)
+    # One arena for the threads started from now on (the engine's worker among them): malloc_trim gives back
+    # the free top of the main arena, but not of a thread's own arena, which a high trim threshold keeps.
+    return (
+        bool(libc.mallopt(_M_ARENA_MAX, 1))
+        and bool(libc.mallopt(_M_MMAP_THRESHOLD, _REUSE_UP_TO))
+        and bool(libc.mallopt(_M_TRIM_THRESHOLD, _REUSE_UP_TO))
     )
 
 

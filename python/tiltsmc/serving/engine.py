@@ -89,8 +89,8 @@ class Engine:
     and the freed heap goes back to the system (``release_free_memory``), so a long-running service returns to
     about its idle size after a burst (None: never). Until then (glibc) freed memory stays in the C heap for
     the next arrays instead of every large array being mapped afresh, whose page faults cost about ten times
-    the copy that fills it: ``reuse_freed_memory`` sets this for the whole process (``mallopt``) when
-    ``release_memory_after`` is not None.
+    the copy that fills it: ``reuse_freed_memory`` sets this for the whole process (``mallopt``: thresholds,
+    and one malloc arena for the threads started from then on) when ``release_memory_after`` is not None.
     """
 
     def __init__(
