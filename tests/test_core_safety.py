@@ -203,6 +203,7 @@ def _make_reweight(rng: np.random.Generator) -> Args:
         "log_total": np.log(np.exp(log_w).sum(axis=1)),
         "log_z": rng.normal(size=b),
         "collapsed": np.zeros(b, bool),
+        "increment_se": np.zeros(b),
     }
 
 
@@ -308,8 +309,9 @@ KERNELS: dict[str, Kernel] = {
             a["collapsed"],
             0.5,
             rng=7,
+            increment_se=a["increment_se"],
         ),
-        frozenset({"log_w", "log_v_prev", "log_total", "log_z", "collapsed"}),
+        frozenset({"log_w", "log_v_prev", "log_total", "log_z", "collapsed", "increment_se"}),
         _bad_log_weight,
     ),
     "smc_step": Kernel(

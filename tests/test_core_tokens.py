@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tiltsmc import core
+from tiltsmc.samplers.runs import increment_standard_error
 
 SETTINGS = settings(
     max_examples=200,
@@ -324,12 +325,20 @@ def test_smc_reweight_is_the_numpy_step(seed: int, batch: int, count: int, thres
     total = np.where(resampled, np.log(count), new_total)
     z = z + increment
     gone |= ess == 0.0
+    # the increment's standard error as the sampler computed it in numpy
+    log_g = np.where(live, _safe_difference(log_v, log_v_prev), 0.0)
+    want_se = increment_standard_error(log_w, log_total, log_g, increment)
+    want_se[~live.any(axis=1) & (increment > -np.inf)] = 0.0  # no potential applied: exactly 0
     # the fused call, on copies updated in place
+    se = np.full(batch, np.nan)
     got = core.smc_reweight(
-        log_w, log_v, log_v_prev, live, log_total, log_z, collapsed, threshold, "systematic", rng=seed
-    )
+        log_w, log_v, log_v_prev, live, log_total, log_z, collapsed, threshold, "systematic", rng=seed,
+        increment_se=se,
+    )  # fmt: skip
     for want, have in zip((ancestors, resampled, ess, unique, increment), got):
         np.testing.assert_array_equal(have, want)
+    np.testing.assert_allclose(se, want_se, rtol=1e-12, atol=1e-12)
+    assert np.array_equal(np.isinf(se), increment == -np.inf)
     for want, have in zip((w, prev, z, total, gone), (log_w, log_v_prev, log_z, log_total, collapsed)):
         np.testing.assert_array_equal(have, want)
 

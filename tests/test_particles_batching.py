@@ -40,6 +40,34 @@ def test_join_left_pads_and_leaving_trims(policy: OnnxCausalLM) -> None:
         np.testing.assert_array_equal(alone.state[name], array, err_msg=name)
 
 
+def test_leaving_keeps_views_and_the_next_join_trims(policy: OnnxCausalLM) -> None:
+    """A range of prompts leaves without a copy (views; padding under half the width stays), and the next
+    join drops the columns that are padding in all of a part's rows within the copy it makes."""
+    long = policy.start(["the quick brown fox"], 2).one_per_prompt()  # 19 prompt tokens
+    mid = policy.start(["the quick brown"], 3).one_per_prompt()  # 15
+    short = policy.start(["a"], 1).one_per_prompt()  # 1
+    joined = Particles.concatenate([long, mid])
+    kept = joined.view_rows(2, 5)  # the long prompt leaves
+    for name, array in kept.state.items():
+        assert np.shares_memory(array, joined.state[name]), name
+    assert np.shares_memory(kept.tokens, joined.tokens) and kept.prompts == ["the quick brown"] * 3
+    mask = kept.state["lm.mask"]
+    assert mask.shape[-1] == 19 and not mask[..., :4].any() and mask[..., 4].all()
+    rejoined = Particles.concatenate([kept, short])
+    expected = Particles.concatenate([mid, short])
+    assert rejoined.state["lm.mask"].shape[-1] == 15
+    for name, array in expected.state.items():
+        np.testing.assert_array_equal(rejoined.state[name], array, err_msg=name)
+    np.testing.assert_array_equal(rejoined.tokens, expected.tokens)
+    assert rejoined.prompts == expected.prompts
+    # padding of at least half the width is trimmed at once (a copy)
+    alone = Particles.concatenate([long, short]).view_rows(2, 3)
+    for name, array in short.state.items():
+        np.testing.assert_array_equal(alone.state[name], array, err_msg=name)
+    with pytest.raises(IndexError, match="start, stop"):
+        joined.view_rows(3, 6)
+
+
 def test_joined_batch_decodes_as_each_alone(policy: OnnxCausalLM) -> None:
     """A step of the joined batch gives each particle the logits it gets alone (up to float32 rounding
     of the padded attention)."""

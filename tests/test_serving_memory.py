@@ -67,3 +67,41 @@ def test_every_fixture_layout_can_shrink_its_arena(folder: str) -> None:
         else OnnxCausalLM(FIXTURES / folder, max_new_tokens=2)
     )
     assert model.release_memory()  # the smallest input of each exported layout runs
+
+
+REUSE_SCRIPT = textwrap.dedent(
+    """
+    import resource, sys
+    import numpy as np
+    from tiltsmc.serving._memory import reuse_freed_memory
+
+    if sys.argv[1] == "reuse":
+        assert reuse_freed_memory()
+    size, count = 2 << 20, 8  # a step's arrays: a KV cache's layers, say
+    for _ in range(3):  # allocated, touched and freed
+        arrays = [np.ones(size, np.uint8) for _ in range(count)]
+        del arrays
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    arrays = [np.ones(size, np.uint8) for _ in range(count)]  # again: fresh pages, or the freed ones
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, size * count // 4096)
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's; reads getrusage")
+def test_freed_memory_is_reused_instead_of_mapped_afresh() -> None:
+    """With reuse_freed_memory (the engine's default) large arrays freed and allocated again reuse the
+    heap's pages; without it glibc gives them back and maps fresh ones, each a page fault on first touch."""
+
+    def faults(mode: str) -> tuple[int, int]:
+        out = subprocess.run(
+            [sys.executable, "-c", REUSE_SCRIPT, mode], capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode == 0, out.stderr
+        counted, pages = (int(x) for x in out.stdout.split())
+        return counted, pages
+
+    counted, pages = faults("reuse")
+    assert counted < 0.1 * pages, (counted, pages)
+    counted, pages = faults("default")  # glibc's default: the check can fail
+    assert counted > 0.5 * pages, (counted, pages)

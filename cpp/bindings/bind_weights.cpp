@@ -87,7 +87,9 @@ std::tuple<CArray<std::int64_t>, CArray<double>> bind_pool_select(const CArray<T
 
 template <typename T>
 std::tuple<CArray<std::int64_t>, CArray<double>> bind_sample_logits(const CArray<T>& logits, double temperature,
-                                                                    std::uint64_t key, const py::object& active_object) {
+                                                                    std::uint64_t key, const py::object& active_object,
+                                                                    const py::object& keys_object,
+                                                                    const py::object& counters_object) {
     if (logits.ndim() != 2) throw py::value_error("logits: expected a 2-D array");
     if (!(temperature > 0.0) || !std::isfinite(temperature))
         throw py::value_error("temperature: must be a finite number > 0");
@@ -108,10 +110,24 @@ std::tuple<CArray<std::int64_t>, CArray<double>> bind_sample_logits(const CArray
             throw py::value_error("where: expected one entry per row of logits");
         active = static_cast<const std::uint8_t*>(active_array.data());
     }
+    // per-row streams: both or neither, one uint64 each per row
+    if (keys_object.is_none() != counters_object.is_none())
+        throw py::value_error("keys: keys and counters go together (one stream per row)");
+    py::array keys_array, counters_array;
+    const std::uint64_t* keys = nullptr;
+    const std::uint64_t* counters = nullptr;
+    if (!keys_object.is_none()) {
+        keys_array = checked<std::uint64_t>(keys_object, "keys");
+        counters_array = checked<std::uint64_t>(counters_object, "counters");
+        if (size_of(keys_array) != rows) throw py::value_error("keys: expected one entry per row of logits");
+        if (size_of(counters_array) != rows) throw py::value_error("counters: expected one entry per row of logits");
+        keys = static_cast<const std::uint64_t*>(keys_array.data());
+        counters = static_cast<const std::uint64_t*>(counters_array.data());
+    }
     Status status;
     {
         py::gil_scoped_release release;
-        status = sample_logits(in, rows, n, temperature, key, active, idx, lp);
+        status = sample_logits(in, rows, n, temperature, key, active, idx, lp, keys, counters);
     }
     check(status, "logits");
     return {index, log_prob};
@@ -166,7 +182,7 @@ py::tuple bind_smc_reweight(const py::handle& log_w_object, const py::handle& lo
                             const py::handle& log_v_prev_object, const py::handle& live_object,
                             const py::handle& log_total_object, const py::handle& log_z_object,
                             const py::handle& collapsed_object, double log_n, double threshold, int scheme,
-                            std::uint64_t key) {
+                            std::uint64_t key, const py::handle& increment_se_object) {
     py::array log_w = checked<double>(log_w_object, "log_w", true);
     if (log_w.ndim() != 2 || log_w.shape(1) < 1) throw py::value_error("log_w: expected shape (B, N) with N >= 1");
     const std::int64_t rows = log_w.shape(0), n = log_w.shape(1);
@@ -182,9 +198,19 @@ py::tuple bind_smc_reweight(const py::handle& log_w_object, const py::handle& lo
          {std::pair{&log_total, "log_total"}, std::pair{&log_z, "log_z"}, std::pair{&collapsed, "collapsed"}})
         if (size_of(*array) != rows) throw py::value_error(std::string(name) + ": expected (B,)");
     if (scheme < 0 || scheme > 3) throw py::value_error("scheme: unknown scheme code");
-    check_disjoint({{&log_w, "log_w"}, {&log_v_prev, "log_v_prev"}, {&log_total, "log_total"}, {&log_z, "log_z"},
-                    {&collapsed, "collapsed"}},
-                   {{&log_v, "log_v"}, {&live, "live"}});
+    py::array increment_se;  // optional output
+    if (!increment_se_object.is_none()) {
+        increment_se = checked<double>(increment_se_object, "increment_se", true);
+        if (size_of(increment_se) != rows) throw py::value_error("increment_se: expected (B,)");
+        check_disjoint({{&log_w, "log_w"}, {&log_v_prev, "log_v_prev"}, {&log_total, "log_total"}, {&log_z, "log_z"},
+                        {&collapsed, "collapsed"}, {&increment_se, "increment_se"}},
+                       {{&log_v, "log_v"}, {&live, "live"}});
+    } else {
+        check_disjoint({{&log_w, "log_w"}, {&log_v_prev, "log_v_prev"}, {&log_total, "log_total"}, {&log_z, "log_z"},
+                        {&collapsed, "collapsed"}},
+                       {{&log_v, "log_v"}, {&live, "live"}});
+    }
+    double* se = increment_se_object.is_none() ? nullptr : static_cast<double*>(increment_se.mutable_data());
     CArray<std::int64_t> ancestors({rows, n}), unique(rows);
     CArray<bool> resampled(rows);
     CArray<double> ess(rows), increment(rows);
@@ -199,7 +225,7 @@ py::tuple bind_smc_reweight(const py::handle& log_w_object, const py::handle& lo
         status = smc_reweight(w, rows, n, v, v_prev, alive, log_n, threshold, static_cast<Scheme>(scheme), key,
                               static_cast<double*>(log_total.mutable_data()), static_cast<double*>(log_z.mutable_data()),
                               static_cast<std::uint8_t*>(collapsed.mutable_data()), ancestors.mutable_data(), flags.data(),
-                              ess.mutable_data(), unique.mutable_data(), increment.mutable_data());
+                              ess.mutable_data(), unique.mutable_data(), increment.mutable_data(), se);
     }
     if (!status.ok() && status.row >= 0) {
         const std::int64_t k = status.row * n + status.index;
@@ -224,7 +250,7 @@ void register_dtype(py::module_& m) {
     m.def("resample", &bind_resample<T>, py::arg("logw"), py::arg("scheme"), py::arg("num"), py::arg("key"));
     m.def("pool_select", &bind_pool_select<T>, py::arg("logw"), py::arg("key"));
     m.def("sample_logits", &bind_sample_logits<T>, py::arg("logits"), py::arg("temperature"), py::arg("key"),
-          py::arg("active"));
+          py::arg("active"), py::arg("keys") = py::none(), py::arg("counters") = py::none());
 }
 
 }  // namespace
@@ -232,7 +258,7 @@ void register_dtype(py::module_& m) {
 void register_weights(py::module_& m) {
     m.def("smc_reweight", &bind_smc_reweight, py::arg("log_w"), py::arg("log_v"), py::arg("log_v_prev"),
           py::arg("live"), py::arg("log_total"), py::arg("log_z"), py::arg("collapsed"), py::arg("log_n"),
-          py::arg("threshold"), py::arg("scheme"), py::arg("key"));
+          py::arg("threshold"), py::arg("scheme"), py::arg("key"), py::arg("increment_se") = py::none());
     register_dtype<double>(m);
     register_dtype<float>(m);
     m.def("mh_accept", &bind_mh_accept, py::arg("log_z_current"), py::arg("log_z_proposed"), py::arg("key"));

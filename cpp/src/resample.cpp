@@ -390,10 +390,31 @@ Status smc_step(T* log_w, std::int64_t rows, std::int64_t n, double threshold, S
     return {};
 }
 
+namespace {
+
+// sqrt(sum_i (W_i G_i / e^l - W_i)^2) of one row: `before` and `after` are its log-weights before and after the
+// potentials, log_total = logsumexp(before), increment = l = logsumexp(after) - log_total (see kernels.hpp).
+double increment_standard_error(const double* before, const double* after, const std::uint8_t* live, std::int64_t n,
+                                double log_total, double increment) {
+    if (!(increment > -kInf)) return kInf;  // every potential 0: no reading
+    bool extended = false;
+    for (std::int64_t i = 0; i < n; ++i) extended = extended || live[i] != 0;
+    if (!extended) return 0.0;  // no potential applied: the increment is exactly 0
+    double sum = 0.0;
+    for (std::int64_t i = 0; i < n; ++i) {
+        const double difference = std::exp(after[i] - log_total - increment) - std::exp(before[i] - log_total);
+        sum += difference * difference;
+    }
+    return std::sqrt(sum);
+}
+
+}  // namespace
+
 Status smc_reweight(double* log_w, std::int64_t rows, std::int64_t n, const double* log_v, double* log_v_prev,
                     const std::uint8_t* live, double log_n, double threshold, Scheme scheme, std::uint64_t key,
                     double* log_total, double* log_z, std::uint8_t* collapsed, std::int64_t* ancestors,
-                    std::uint8_t* resampled, double* ess, std::int64_t* unique, double* log_z_increment) {
+                    std::uint8_t* resampled, double* ess, std::int64_t* unique, double* log_z_increment,
+                    double* increment_se) {
     if (rows < 0 || n < 1) return {StatusCode::bad_size, -1, -1};
     for (std::int64_t k = 0; k < rows * n; ++k) {  // everything checked before anything is written
         for (const double value : {log_w[k], live[k] ? log_v[k] : 0.0, live[k] ? log_v_prev[k] : 0.0}) {
@@ -405,12 +426,16 @@ Status smc_reweight(double* log_w, std::int64_t rows, std::int64_t n, const doub
         if (live[k] && !(log_w[k] + (log_v_prev[k] == -kInf ? -kInf : log_v[k] - log_v_prev[k]) < kInf))
             return {StatusCode::positive_infinity, k / n, k % n};
     }
+    // the log-weights before and after the potentials, for the increments' standard errors
+    std::vector<double> before, after;
+    if (increment_se != nullptr) before.assign(log_w, log_w + rows * n);
     for (std::int64_t k = 0; k < rows * n; ++k) {
         if (!live[k]) continue;
         // log G = log Vh_t - log Vh_{t-1}; a particle with Vh_{t-1} = 0 already has weight zero and keeps it
         log_w[k] += log_v_prev[k] == -kInf ? -kInf : log_v[k] - log_v_prev[k];
         log_v_prev[k] = log_v[k];
     }
+    if (increment_se != nullptr) after.assign(log_w, log_w + rows * n);
     std::vector<double> log_mean_w(static_cast<std::size_t>(rows));
     const Status status = smc_step(log_w, rows, n, threshold, scheme, key, true, ancestors, resampled, log_mean_w.data(),
                                    ess, unique);
@@ -420,6 +445,9 @@ Status smc_reweight(double* log_w, std::int64_t rows, std::int64_t n, const doub
         const double new_total = log_mean_w[static_cast<std::size_t>(r)] + log_n;
         const double increment = log_total[r] == -kInf ? -kInf : new_total - log_total[r];
         log_z_increment[r] = increment;
+        if (increment_se != nullptr)
+            increment_se[r] = increment_standard_error(before.data() + r * n, after.data() + r * n, live + r * n, n,
+                                                       log_total[r], increment);
         log_total[r] = resampled[r] ? log_n : new_total;
         log_z[r] = log_z[r] + increment;
         if (ess[r] == 0.0) collapsed[r] = 1;

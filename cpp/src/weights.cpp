@@ -55,15 +55,15 @@ Status normalize_row(const T* x, std::int64_t n, std::int64_t row, bool allow_ze
 
 // One index of x[0, n) drawn with probability w_i from the stream (key, row), and log mean w.
 template <typename T>
-Status select_row(const T* x, std::int64_t n, std::int64_t row, std::uint64_t key, double log_n,
-                  RowScratch& scratch, std::int64_t* index, double* log_mean_w) {
+Status select_row(const T* x, std::int64_t n, std::int64_t row, std::uint64_t key, std::uint64_t counter,
+                  double log_n, RowScratch& scratch, std::int64_t* index, double* log_mean_w) {
     RowWeights& rw = scratch.rw;
     std::vector<double>& w = scratch.weights;
     w.resize(static_cast<std::size_t>(n));
     row_weights(x, n, row, w.data(), false, rw);
     if (!rw.status.ok()) return rw.status;
     *log_mean_w = rw.shift + std::log(rw.sum) - log_n;
-    UniformStream stream(key, static_cast<std::uint64_t>(row));
+    UniformStream stream(key, counter);
     const double target = stream.next() * rw.sum;
     double cumulative = 0.0;
     std::int64_t i = 0;
@@ -110,7 +110,8 @@ Status pool_select(const T* logw, std::int64_t rows, std::int64_t n, std::uint64
     if (rows < 0 || n < 1) return {StatusCode::bad_size, -1, -1};
     const double log_n = std::log(static_cast<double>(n));  // once, not per row
     return for_rows(rows, rows * n, [&](std::int64_t r, RowScratch& scratch) {
-        return select_row(logw + r * n, n, r, key, log_n, scratch, index + r, log_mean_w + r);
+        return select_row(logw + r * n, n, r, key, static_cast<std::uint64_t>(r), log_n, scratch, index + r,
+                          log_mean_w + r);
     });
 }
 
@@ -144,7 +145,8 @@ double log_probability(const double* s, const double* w, std::int64_t n, const R
 
 template <typename T>
 Status sample_logits(const T* logits, std::int64_t rows, std::int64_t n, double temperature, std::uint64_t key,
-                     const std::uint8_t* active, std::int64_t* index, double* log_prob) {
+                     const std::uint8_t* active, std::int64_t* index, double* log_prob, const std::uint64_t* keys,
+                     const std::uint64_t* counters) {
     if (rows < 0 || n < 1 || !(temperature > 0.0)) return {StatusCode::bad_size, -1, -1};
     const double log_count = std::log(static_cast<double>(n));  // pool_select's log n in log_mean_w
     return for_rows(rows, rows * n, [&](std::int64_t r, RowScratch& scratch) {
@@ -153,6 +155,9 @@ Status sample_logits(const T* logits, std::int64_t rows, std::int64_t n, double 
             log_prob[r] = 0.0;
             return Status{};
         }
+        // the row's stream, read once (both draws below, if there are two, use the same)
+        const std::uint64_t row_key = keys ? read_once(keys + r) : key;
+        const std::uint64_t counter = counters ? read_once(counters + r) : static_cast<std::uint64_t>(r);
         std::vector<double>& scores = scratch.scores;
         scores.resize(static_cast<std::size_t>(n));
         const T* x = logits + r * n;
@@ -161,7 +166,7 @@ Status sample_logits(const T* logits, std::int64_t rows, std::int64_t n, double 
             for (double& s : scores) s /= temperature;
         std::int64_t v = 0;
         double log_mean_w = 0.0;
-        Status status = select_row(scores.data(), n, r, key, log_count, scratch, &v, &log_mean_w);
+        Status status = select_row(scores.data(), n, r, row_key, counter, log_count, scratch, &v, &log_mean_w);
         if ((status.code == StatusCode::positive_infinity || status.code == StatusCode::zero_row) &&
             temperature < 1.0) {
             // Finite logits whose scores overflowed to +inf, or all to -inf? Then the scores are
@@ -177,7 +182,7 @@ Status sample_logits(const T* logits, std::int64_t rows, std::int64_t n, double 
             }
             if (top == -kInf) return Status{StatusCode::zero_row, r, -1};
             for (double& s : scores) s = (s - top) / temperature;
-            status = select_row(scores.data(), n, r, key, log_count, scratch, &v, &log_mean_w);
+            status = select_row(scores.data(), n, r, row_key, counter, log_count, scratch, &v, &log_mean_w);
         }
         if (!status.ok()) return status;
         index[r] = v;
@@ -219,9 +224,11 @@ template Status log_normalize<double>(const double*, std::int64_t, std::int64_t,
 template Status pool_select<float>(const float*, std::int64_t, std::int64_t, std::uint64_t, std::int64_t*,
                                    double*);
 template Status sample_logits<float>(const float*, std::int64_t, std::int64_t, double, std::uint64_t,
-                                     const std::uint8_t*, std::int64_t*, double*);
+                                     const std::uint8_t*, std::int64_t*, double*, const std::uint64_t*,
+                                     const std::uint64_t*);
 template Status sample_logits<double>(const double*, std::int64_t, std::int64_t, double, std::uint64_t,
-                                      const std::uint8_t*, std::int64_t*, double*);
+                                      const std::uint8_t*, std::int64_t*, double*, const std::uint64_t*,
+                                      const std::uint64_t*);
 template Status pool_select<double>(const double*, std::int64_t, std::int64_t, std::uint64_t, std::int64_t*,
                                     double*);
 

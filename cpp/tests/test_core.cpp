@@ -541,6 +541,34 @@ void test_token_kernels() {
                                         Scheme::systematic, 3, total.data(), z.data(), gone.data(), a.data(),
                                         resampled_rows.data(), row_ess.data(), distinct.data(), increment.data());
     EXPECT(refused.code == StatusCode::nan_weight && refused.row == 0 && refused.index == 0 && w == w_before);
+    // the increments' standard errors: sqrt(sum_i (W_i G_i / e^l - W_i)^2) with W the normalised weights before
+    {
+        std::vector<double> sw = {0.0, std::log(3.0), -inf, -inf, -inf, 0.0}, sv = {1.0, 0.0, 2.0, 0.5, 0.0, -inf};
+        std::vector<double> sv_prev(6, 0.0), st = {std::log(4.0), 0.0}, sz(2), sinc(2), sess(2), se(2, -1.0);
+        const std::vector<std::uint8_t> slive = {1, 1, 0, 0, 1, 1};
+        std::vector<std::uint8_t> sgone(2), sres(2);
+        std::vector<std::int64_t> sa(6), su(2);
+        EXPECT(smc_reweight(sw.data(), 2, 3, sv.data(), sv_prev.data(), slive.data(), std::log(3.0), 0.0,
+                            Scheme::systematic, 3, st.data(), sz.data(), sgone.data(), sa.data(), sres.data(),
+                            sess.data(), su.data(), sinc.data(), se.data())
+                   .ok());
+        // row 0: W = (1, 3, 0) / 4 before, G = (e, 1, 1): after W G / e^l = (e, 3, 0) / (e + 3)
+        const double l0 = std::log((std::exp(1.0) + 3.0) / 4.0), after0 = std::exp(1.0) + 3.0;
+        const double want0 = std::sqrt(std::pow(std::exp(1.0) / after0 - 0.25, 2) + std::pow(3.0 / after0 - 0.75, 2));
+        EXPECT(std::abs(sinc[0] - l0) < 1e-14 && std::abs(se[0] - want0) < 1e-14);
+        // row 1: its one particle of weight > 0 gets G = 0: no reading
+        EXPECT(sinc[1] == -inf && se[1] == inf);
+        std::vector<double> zw(3, 0.0), zv(3, 1.0), zv_prev(3, 0.0), zt = {std::log(3.0)}, zz(1), zinc(1), zess(1);
+        std::vector<double> zse = {-1.0};
+        const std::vector<std::uint8_t> none_live(3, 0);
+        std::vector<std::uint8_t> zgone(1), zres(1);
+        std::vector<std::int64_t> za(3), zu(1);
+        EXPECT(smc_reweight(zw.data(), 1, 3, zv.data(), zv_prev.data(), none_live.data(), std::log(3.0), 0.0,
+                            Scheme::systematic, 3, zt.data(), zz.data(), zgone.data(), za.data(), zres.data(),
+                            zess.data(), zu.data(), zinc.data(), zse.data())
+                   .ok());
+        EXPECT(zse[0] == 0.0);  // no live particle: no potential applied
+    }
 
     const std::vector<double> logits = {0.0, 1.0, std::nan(""), 0.0, 2.0, 1.0};
     const std::vector<std::uint8_t> draw_rows = {1, 0, 1};
@@ -548,6 +576,24 @@ void test_token_kernels() {
     std::vector<double> log_prob(3, 7.0);
     EXPECT(sample_logits(logits.data(), 3, 2, 1.0, 5, draw_rows.data(), drawn.data(), log_prob.data()).ok());
     EXPECT(drawn[1] == 0 && log_prob[1] == 0.0 && drawn[0] >= 0 && drawn[0] < 2 && log_prob[2] < 0.0);
+    // per-row streams: rows of two runs in one call draw as each run's own call (keys 5 and 9, counters from 0)
+    {
+        std::mt19937_64 engine(3);
+        std::normal_distribution<double> normal;
+        std::vector<float> many(5 * 40);
+        for (float& x : many) x = static_cast<float>(0.5 * normal(engine));  // near uniform: draws tell keys apart
+        const std::vector<std::uint64_t> keys = {5, 5, 9, 9, 9}, counters = {0, 1, 0, 1, 2};
+        std::vector<std::int64_t> together(5), first(2), second(3);
+        std::vector<double> lp_together(5), lp_first(2), lp_second(3);
+        EXPECT(sample_logits(many.data(), 5, 40, 0.8, 0, nullptr, together.data(), lp_together.data(), keys.data(),
+                             counters.data())
+                   .ok());
+        EXPECT(sample_logits(many.data(), 2, 40, 0.8, 5, nullptr, first.data(), lp_first.data()).ok());
+        EXPECT(sample_logits(many.data() + 2 * 40, 3, 40, 0.8, 9, nullptr, second.data(), lp_second.data()).ok());
+        for (std::size_t r = 0; r < 2; ++r) EXPECT(together[r] == first[r] && lp_together[r] == lp_first[r]);
+        for (std::size_t r = 0; r < 3; ++r)
+            EXPECT(together[r + 2] == second[r] && lp_together[r + 2] == lp_second[r]);
+    }
 }
 
 void test_random_sizes() {

@@ -1,4 +1,6 @@
 # Stubs of the compiled module; tiltsmc.core wraps it with argument checks.
+from typing import Optional
+
 import numpy as np
 import numpy.typing as npt
 
@@ -29,6 +31,7 @@ def smc_reweight(
     threshold: float,
     scheme: int,
     key: int,
+    increment_se: Optional[npt.NDArray[np.float64]] = None,
 ) -> tuple[
     npt.NDArray[np.int64],
     npt.NDArray[np.bool_],
@@ -45,6 +48,8 @@ def sample_logits(
     temperature: float,
     key: int,
     active: npt.NDArray[np.bool_] | None,
+    keys: npt.NDArray[np.uint64] | None = None,
+    counters: npt.NDArray[np.uint64] | None = None,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]: ...
 def mh_accept(
     log_z_current: npt.NDArray[np.float64], log_z_proposed: npt.NDArray[np.float64], key: int

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Iterator, Sequence
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -82,7 +82,7 @@ class RowStreams:
     draws depend on its own seed and never on the other runs of the batch.
     """
 
-    __slots__ = ("bounds", "generators")
+    __slots__ = ("_counters", "bounds", "generators")
 
     def __init__(self, generators: Sequence[np.random.Generator], bounds: Sequence[int]) -> None:
         if (
@@ -95,6 +95,8 @@ class RowStreams:
             )
         self.generators = tuple(generators)
         self.bounds = tuple(int(b) for b in bounds)
+        self._counters: Optional[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.uint64]]]
+        self._counters = None
 
     @property
     def num_rows(self) -> int:
@@ -106,6 +108,20 @@ class RowStreams:
             raise ValueError(f"{name}: RowStreams for {self.num_rows} rows, given {rows}")
         for g, generator in enumerate(self.generators):
             yield slice(self.bounds[g], self.bounds[g + 1]), generator
+
+    def row_counters(
+        self, rows: int
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.uint64]]:
+        """``(starts, sizes, counters)``: each run's first row and row count, and each row's index within its
+        run (its counter in the run's stream), after checking that ``rows`` agree (computed once)."""
+        if rows != self.num_rows:
+            raise ValueError(f"rng: RowStreams for {self.num_rows} rows, given {rows}")
+        if self._counters is None:
+            bounds = np.array(self.bounds, dtype=np.int64)
+            starts, sizes = bounds[:-1], np.diff(bounds)
+            counters = (np.arange(rows, dtype=np.int64) - np.repeat(starts, sizes)).astype(np.uint64)
+            self._counters = (starts, sizes, counters)
+        return self._counters
 
     def random(self, size: Sequence[int]) -> npt.NDArray[np.float64]:
         """Uniform draws of shape ``size`` whose leading axis is the batch's rows: run ``g``'s rows come

@@ -193,6 +193,8 @@ def smc_reweight(
     ess_threshold: float,
     scheme: Scheme = "systematic",
     rng: RNGLike = None,
+    *,
+    increment_se: Optional[npt.NDArray[np.float64]] = None,
 ) -> tuple[
     npt.NDArray[np.int64],
     npt.NDArray[np.bool_],
@@ -213,13 +215,34 @@ def smc_reweight(
     * ``log Zh += log sum_i W_{t-1,i} G_{t,i} = logsumexp(log_w) - log_total``, then ``log_total`` is
       ``log N`` on resampled rows and ``logsumexp(log_w)`` elsewhere, and ``collapsed`` is set where ESS is 0.
 
-    Returns ``(ancestors, resampled, ess, unique_ancestors, log_z_increment)``. NaN or ``+inf`` in
+    Returns ``(ancestors, resampled, ess, unique_ancestors, log_z_increment)``. With ``increment_se`` (a
+    ``(B,)`` float64 array) each row's increment ``l = log sum_i W_{t-1,i} G_{t,i}`` also gets its standard
+    error (delta method), written there:
+
+    ``sd(l) ~ sqrt(sum_i (W_{t-1,i} G_{t,i} / e^l - W_{t-1,i})^2)``,
+
+    the distance between the normalised weights before and after the potentials: given the particles before
+    the step, ``sum_i W_i G_i`` estimates ``sum_i W_i E_p[G | prefix_i]`` with variance
+    ``sum_i W_i^2 Var_p(G | prefix_i)``, estimated by each particle's one draw against the weighted mean
+    (an overestimate by the spread of the ``E_p[G | prefix_i]``). ``inf`` where ``l = -inf`` (every
+    potential 0: no reading), 0 in a row without live particles (no potential applied). NaN or ``+inf`` in
     ``log_w``, or in ``log_v`` / ``log_v_prev`` of a live particle, raises before anything is written.
     """
     code, threshold = _step_arguments(scheme, ess_threshold)
     log_n = _log_count(log_w.shape[1]) if isinstance(log_w, np.ndarray) and log_w.ndim == 2 else 0.0
     ancestors, resampled, ess, unique, increment = _core.smc_reweight(
-        log_w, log_v, log_v_prev, live, log_total, log_z, collapsed, log_n, threshold, code, draw_key(rng)
+        log_w,
+        log_v,
+        log_v_prev,
+        live,
+        log_total,
+        log_z,
+        collapsed,
+        log_n,
+        threshold,
+        code,
+        draw_key(rng),
+        increment_se,
     )
     return ancestors, resampled, ess, unique, increment
 
@@ -340,9 +363,10 @@ def sample_logits(
 def _sample_logits_per_run(
     rows: np.ndarray, temperature: float, rng: RowStreams, where: Optional[npt.NDArray[np.bool_]]
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
-    """[`sample_logits`][tiltsmc.core.sample_logits] with each run's rows drawn from its own generator, one
-    call per run that has
-    a row to draw (a run with none draws no key, as it would make no call alone)."""
+    """[`sample_logits`][tiltsmc.core.sample_logits] with each run's rows drawn from its own generator: one
+    core call, row ``r`` of run ``g`` from the stream (a key drawn from ``generators[g]``, ``r``'s index
+    within the run), as the run's own call would draw it. A run with no row to draw draws no key, as it
+    would make no call alone."""
     count = rows.shape[0]
     if where is not None:
         where = np.ascontiguousarray(where)
@@ -351,13 +375,18 @@ def _sample_logits_per_run(
                 f"where: expected one bool per row of logits ({count}), got {where.dtype} {where.shape}"
             )
         where = where.reshape(count)
-    index = np.zeros(count, dtype=np.int64)
-    log_prob = np.zeros(count)
-    for part, generator in rng.groups(count):
-        mask = None if where is None else where[part]
-        if mask is not None and not mask.any():
-            continue
-        index[part], log_prob[part] = _core.sample_logits(rows[part], temperature, draw_key(generator), mask)
+    starts, sizes, counters = rng.row_counters(count)
+    if where is None:
+        drawing = [True] * len(sizes)
+    else:  # the runs with a row to draw: one cumulative count, not one reduction per run
+        counted = np.zeros(count + 1, dtype=np.int64)
+        np.cumsum(where, out=counted[1:])
+        drawing = (counted[starts + sizes] > counted[starts]).tolist()
+    keys = np.repeat(
+        np.array([draw_key(g) if draw else 0 for g, draw in zip(rng.generators, drawing)], dtype=np.uint64),
+        sizes,
+    )
+    index, log_prob = _core.sample_logits(rows, temperature, 0, where, keys, counters)
     return index, log_prob
 
 

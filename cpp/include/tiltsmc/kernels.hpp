@@ -69,12 +69,16 @@ Status smc_step(T* log_w, std::int64_t rows, std::int64_t n, double threshold, S
 // bookkeeping with log_total = logsumexp of the row's log_w before the step and log_n = log(n) as the caller
 // computes it: log_z_increment = (log_mean_w + log_n) - log_total (-inf where log_total = -inf), log_z +=
 // it, log_total = log_n on resampled rows and log_mean_w + log_n elsewhere, collapsed = 1 where ess = 0.
+// With increment_se (may be null), each row's increment l = log sum_i W_i G_i also gets its standard error
+// (delta method) sqrt(sum_i (W_i G_i / e^l - W_i)^2), W_i the normalised weights before the step: inf where l is
+// -inf, 0 in a row without live particles (no potential applied).
 // NaN or +inf in log_w, or in log_v / log_v_prev of a live particle, or an updated log-weight that would be NaN or
 // +inf (log_v - log_v_prev overflowing), is reported before anything is written.
 Status smc_reweight(double* log_w, std::int64_t rows, std::int64_t n, const double* log_v, double* log_v_prev,
                     const std::uint8_t* live, double log_n, double threshold, Scheme scheme, std::uint64_t key,
                     double* log_total, double* log_z, std::uint8_t* collapsed, std::int64_t* ancestors,
-                    std::uint8_t* resampled, double* ess, std::int64_t* unique, double* log_z_increment);
+                    std::uint8_t* resampled, double* ess, std::int64_t* unique, double* log_z_increment,
+                    double* increment_se = nullptr);
 
 // One index per row drawn with probability w_i, and the row's log mean weight.
 template <typename T>
@@ -88,10 +92,12 @@ Status pool_select(const T* logw, std::int64_t rows, std::int64_t n, std::uint64
 // digits lost to 1 + a small sum). Where finite logits give scores of +inf, or only -inf (temperature < 1),
 // the scores are (logits - max logits) / temperature instead: the same law, and no error for finite
 // logits. Needs temperature > 0. Rows with active[r] == 0 (active == nullptr: none) are skipped: index 0,
-// log_prob 0, their logits never read.
+// log_prob 0, their logits never read. Row r draws from the stream (key, r), or with keys and counters (rows
+// of independent runs batched together, each keyed from its own generator) from (keys[r], counters[r]).
 template <typename T>
 Status sample_logits(const T* logits, std::int64_t rows, std::int64_t n, double temperature, std::uint64_t key,
-                     const std::uint8_t* active, std::int64_t* index, double* log_prob);
+                     const std::uint8_t* active, std::int64_t* index, double* log_prob,
+                     const std::uint64_t* keys = nullptr, const std::uint64_t* counters = nullptr);
 
 // accept[r] = u_r < exp(log_z_proposed[r] - log_z_current[r]); a current -inf is always left, otherwise
 // a proposed -inf is always rejected. NaN and +inf are errors (index = which argument: 0 current, 1 proposed).

@@ -172,9 +172,11 @@ class Particles:
 
         Every part must have the same particle count. Token buffers of different capacities are
         right-padded; ``aligned`` entries of different lengths are left-padded with zeros (the mask's
-        zeros mark the padding). A state entry that some part lacks (state a model creates lazily, such as
-        a reward model's cached scores) is dropped: the model creates it again for the whole batch at its
-        next call. Any other difference between the parts' state entries is an error naming the entry.
+        zeros mark the padding), each part's leading columns that are padding in all its rows left out
+        (so the joined batch has no column that is padding in every row). A state entry that some part
+        lacks (state a model creates lazily, such as a reward model's cached scores) is dropped: the model
+        creates it again for the whole batch at its next call. Any other difference between the parts'
+        state entries is an error naming the entry.
         """
         if not parts:
             raise ValueError("parts: expected at least one batch to concatenate")
@@ -199,10 +201,22 @@ class Particles:
         with_prompts = [p.prompt_tokens is not None for p in parts]
         if any(with_prompts) and not all(with_prompts):
             raise ValueError("parts: some batches have prompt tokens and others not (different policies?)")
+        # each part's leading columns that are padding in all its rows (left by view_rows) go in the copy
+        firsts = {
+            mask_key: [_first_used(part.state.get(mask_key)) for part in parts]
+            for mask_key in {mask for _, mask in aligned.values()}
+        }
         state: dict[str, Any] = {}
         for key in parts[0].state:
             if all(key in part.state for part in parts):
-                state[key] = _joined_state(key, [part.state[key] for part in parts], parts, aligned.get(key))
+                alignment = aligned.get(key)
+                state[key] = _joined_state(
+                    key,
+                    [part.state[key] for part in parts],
+                    parts,
+                    alignment,
+                    None if alignment is None else firsts[alignment[1]],
+                )
         return cls(
             prompts=[prompt for part in parts for prompt in part.prompts],
             tokens=tokens,
@@ -253,6 +267,44 @@ class Particles:
             aligned=dict(self.aligned),
         )
 
+    def view_rows(self, start: int, stop: int) -> Particles:
+        """The batch of prompts ``start:stop`` as views of this batch's arrays (deferred work done first):
+        what [`select`][tiltsmc.models.particles.Particles.select] gives for a range of prompts, without
+        copying. The two batches then share their memory (use the new one in place of this one). ``aligned``
+        entries keep their leading columns that became padding in every row unless these are at least half
+        their width (then they are trimmed, which copies them): a run leaving costs no copy, and the next
+        [`concatenate`][tiltsmc.models.particles.Particles.concatenate] trims them in the copy it makes."""
+        self.flush()
+        if not 0 <= start <= stop <= self.num_prompts:
+            raise IndexError(
+                f"start, stop: expected 0 <= start <= stop <= {self.num_prompts}, got {start}, {stop}"
+            )
+        state: dict[str, Any] = {}
+        for key, array in self.state.items():
+            if not isinstance(array, np.ndarray):
+                raise TypeError(f"Particles.state[{key!r}]: {type(array).__name__} cannot be selected from")
+            state[key] = array[start:stop]
+        for mask_key in {mask for _, mask in self.aligned.values()}:
+            if mask_key not in state or not state[mask_key].size:
+                continue
+            first = _first_used(state[mask_key])
+            if 2 * first >= state[mask_key].shape[-1] and first:
+                for key, (axis, mask) in self.aligned.items():
+                    if mask == mask_key and key in state:
+                        state[key] = np.ascontiguousarray(
+                            state[key][(slice(None),) * axis + (slice(first, None),)]
+                        )
+        return Particles(
+            prompts=self.prompts[start:stop],
+            tokens=self.tokens[start:stop],
+            lengths=self.lengths[start:stop],
+            finished=self.finished[start:stop],
+            state=state,
+            prompt_tokens=None if self.prompt_tokens is None else self.prompt_tokens[start:stop],
+            errors={b - start: m for b, m in self.errors.items() if start <= b < stop},
+            aligned=dict(self.aligned),
+        )
+
     def one_per_prompt(self) -> Particles:
         """The same particles with leading axes ``(B * N, 1)``: every particle its own prompt entry (its
         prompt repeated), views of the same memory (deferred work done first). Batches of runs with
@@ -285,23 +337,40 @@ class Particles:
         return [self.tokens[prompt, i, : self.lengths[prompt, i]].copy() for i in range(self.num_particles)]
 
 
+def _first_used(mask: Any) -> int:
+    """The first column of a ``(B, N, length)`` mask that is not padding (0) in every row; 0 for a mask
+    that is absent or not a host array (nothing is trimmed)."""
+    if not isinstance(mask, np.ndarray) or mask.ndim < 1 or not mask.shape[-1]:
+        return 0
+    columns = mask.reshape(-1, mask.shape[-1])
+    if columns[:, 0].any():  # the common case: no leading padding
+        return 0
+    used = np.flatnonzero(columns.any(axis=0))
+    return int(used[0]) if used.size else int(mask.shape[-1])
+
+
 def _joined_state(
     key: str,
     arrays: list[Any],
     parts: Sequence[Particles],
     alignment: Optional[tuple[int, str]],
+    firsts: Optional[list[int]] = None,
 ) -> np.ndarray:
     """One state entry of [`Particles.concatenate`][tiltsmc.models.particles.Particles.concatenate]: the
-    parts' arrays one after the other along the
-    prompt axis, aligned ones left-padded to the longest."""
+    parts' arrays one after the other along the prompt axis, aligned ones without their leading columns
+    ``firsts[k]`` (padding in all of part ``k``'s rows) and left-padded with zeros to the longest."""
     present = arrays
     for array in present:
         if not isinstance(array, np.ndarray):
             raise TypeError(f"Particles.state[{key!r}]: {type(array).__name__} cannot be concatenated")
     trailing = [list(a.shape[2:]) for a in present]
     axis = None if alignment is None else alignment[0] - 2
+    skip = [0] * len(present)
     if axis is not None:
-        longest = max(t[axis] for t in trailing)
+        if firsts is not None:
+            skip = [min(first, t[axis]) for first, t in zip(firsts, trailing)]
+        lengths = [t[axis] - first for t, first in zip(trailing, skip)]
+        longest = max(lengths)
         for t in trailing:
             t[axis] = longest
     if any(t != trailing[0] for t in trailing):
@@ -310,14 +379,21 @@ def _joined_state(
         )
     dtype = np.result_type(*present)
     count = parts[0].num_particles
-    joined = np.zeros((sum(p.num_prompts for p in parts), count, *trailing[0]), dtype=dtype)
+    shape = (sum(p.num_prompts for p in parts), count, *trailing[0])
+    joined = np.empty(shape, dtype=dtype)  # every item written below: the padding zeros, the parts' arrays
     offset = 0
-    for part, array in zip(parts, arrays):
-        target: tuple[slice, ...] = (slice(offset, offset + part.num_prompts),)
-        if axis is not None:  # left padding: the part's sequence ends where the longest ends
-            start = trailing[0][axis] - array.shape[axis + 2]
-            target += (slice(None),) * (axis + 1) + (slice(start, None),)
-        joined[target] = array
+    for part, array, first in zip(parts, arrays, skip):
+        rows = slice(offset, offset + part.num_prompts)
+        if axis is None:
+            joined[rows] = array
+        else:  # left padding: the part's sequence ends where the longest ends
+            start = longest - (array.shape[axis + 2] - first)
+            inner = (slice(None),) * (axis + 1)
+            if start:
+                joined[(rows, *inner, slice(0, start))] = 0
+            joined[(rows, *inner, slice(start, None))] = (
+                array[(slice(None), *inner, slice(first, None))] if first else array
+            )
         offset += part.num_prompts
     return joined
 

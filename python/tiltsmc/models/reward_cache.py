@@ -74,13 +74,20 @@ class KVCachedScorer:
             self.mask_key, self.fed_key, self.last_key, self.delimiter_key
         ]  # fmt: skip
         self.outputs = [model.output] + [layer.present for layer in self.layers]
+        self._usable_for: tuple[Optional[list[npt.NDArray[np.int64]]], bool] = (None, False)
 
-    @staticmethod
-    def usable(particles: Particles) -> bool:
+    def usable(self, particles: Particles) -> bool:
         """Whether every prompt has tokens (an empty prompt has no position to read ``Vh_0`` at: such
-        batches are re-encoded)."""
+        batches are re-encoded). Answered again only for another list of prompts: a serving batch holds
+        one entry per particle, and the scorer is asked twice a step."""
         prompts = particles.prompt_tokens
-        return prompts is not None and all(len(ids) > 0 for ids in prompts)
+        if prompts is None:
+            return False
+        seen, answer = self._usable_for  # one read: another thread may ask about its own batch meanwhile
+        if prompts is not seen:
+            answer = all(len(ids) > 0 for ids in prompts)
+            self._usable_for = (prompts, answer)
+        return answer
 
     def has_state(self, particles: Particles) -> bool:
         return all(key in particles.state for key in self.keys)

@@ -88,10 +88,16 @@ class Models:
         policy's deferred work
         ([`Particles.defer`][tiltsmc.models.particles.Particles.defer]) runs first and is timed as the
         policy's."""
+        self.flush(particles)
+        particles.reorder(ancestors, across_prompts=across_prompts)
+
+    def flush(self, particles: Particles) -> None:
+        """Run the policy's deferred work on ``particles`` now
+        ([`Particles.flush`][tiltsmc.models.particles.Particles.flush]: a decoder's session run on the tokens
+        it appended last), timed as the policy's."""
         began = time.perf_counter()
         particles.flush()
         self.compute.policy_seconds += time.perf_counter() - began
-        particles.reorder(ancestors, across_prompts=across_prompts)
 
     def next_log_probs(self, particles: Particles) -> FloatArray:
         assert isinstance(self.policy, TokenPolicy)

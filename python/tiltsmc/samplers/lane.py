@@ -14,7 +14,6 @@ of each kind with every request in flight.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -26,7 +25,6 @@ import numpy.typing as npt
 from .._rng import RowStreams
 from ..models.particles import MAX_NEW_TOKENS, Particles
 from ._engine import FloatArray, Models, failed_prompts
-from .result import Compute
 from .runs import LOG_V_PREV, Run
 
 __all__ = ["KINDS", "Lane", "RunFailed", "run_alone", "run_together"]
@@ -38,13 +36,15 @@ Ended = list[tuple[Run, Optional[BaseException]]]
 
 
 class _Member:
-    """A run in the lane: its rows and the shape of its batch."""
+    """A run in the lane: its rows, the shape of its batch and its last view of them."""
 
-    __slots__ = ("batch", "count", "run", "start", "stop")
+    __slots__ = ("batch", "count", "run", "start", "stop", "view", "viewed")
 
     def __init__(self, run: Run, batch: int, count: int) -> None:
         self.run, self.batch, self.count = run, batch, count
         self.start = self.stop = 0
+        self.view: Optional[Particles] = None
+        self.viewed: tuple[Any, ...] = ()  # what self.view was made from
 
 
 def _view(particles: Particles, member: _Member) -> Particles:
@@ -52,20 +52,38 @@ def _view(particles: Particles, member: _Member) -> Particles:
 
     Runs read the particles' tokens and their own state (``LOG_V_PREV``), never the models' state, which
     the view leaves out (a decoder's KV cache is a dozen arrays: reshaping them for every run at every
-    step was most of the lane's own time per run)."""
+    step was most of the lane's own time per run). The view is made again only where one of the arrays
+    it shows, or the member's rows, changed since the last (the view keeps those arrays alive, so an
+    identity seen again is the same array)."""
     start, stop, batch, count = member.start, member.stop, member.batch, member.count
+    state = particles.state
+    made_from = (
+        particles.tokens,
+        particles.lengths,
+        particles.finished,
+        state.get(LOG_V_PREV),
+        particles.prompts,
+        particles.prompt_tokens,
+        start,
+        stop,
+    )
+    seen = member.viewed
+    if member.view is not None and all(a is b for a, b in zip(made_from, seen)):
+        return member.view
 
     def rows(array: np.ndarray) -> np.ndarray:
         return array[start:stop].reshape(batch, count, *array.shape[2:])
 
-    return Particles(
+    view = Particles(
         prompts=particles.prompts[start:stop:count],
         tokens=rows(particles.tokens),
         lengths=rows(particles.lengths),
         finished=rows(particles.finished),
-        state={LOG_V_PREV: rows(particles.state[LOG_V_PREV])},
+        state={LOG_V_PREV: rows(state[LOG_V_PREV])},
         prompt_tokens=None if particles.prompt_tokens is None else particles.prompt_tokens[start:stop:count],
     )
+    member.view, member.viewed = view, made_from
+    return view
 
 
 class Lane:
@@ -90,6 +108,7 @@ class Lane:
         self._ended: list[_Member] = []  # ended this step, leave once every run has been updated
         self.policy_calls = 0  # policy steps taken (propose, or next_log_probs), and the rows they served
         self.policy_rows = 0
+        self._starts = self._stops = np.zeros(0, dtype=np.int64)  # the members' rows (kept by _renumber)
 
     @property
     def rows(self) -> int:
@@ -223,6 +242,7 @@ class Lane:
                 raise
             logger.warning("log_value failed for the batch (%s); scoring each run alone", error)
         values = np.zeros(particles.lengths.shape)
+        self._charge(lambda: self.models.flush(particles))
         for member in self._active():
             alone = particles.select(np.arange(member.start, member.stop))
             try:
@@ -303,7 +323,9 @@ class Lane:
 
     def _join(self, parts: list[Particles]) -> None:
         if self.particles is not None:
-            parts = [self.particles, *parts]
+            lane = self.particles
+            self._charge(lambda: self.models.flush(lane))  # the policy's deferred work, timed as its own
+            parts = [lane, *parts]
         self.particles = parts[0] if len(parts) == 1 else Particles.concatenate(parts)
         self.members.extend(self._joining)
         self._joining = []
@@ -314,6 +336,8 @@ class Lane:
         for member in self.members:
             member.start, start = start, start + member.batch * member.count
             member.stop = start
+        self._starts = np.array([m.start for m in self.members], dtype=np.int64)
+        self._stops = np.array([m.stop for m in self.members], dtype=np.int64)
 
     def _settle(self, ended: Ended) -> None:
         """Runs whose particles have all finished end (a rollout run after its one reward call); a run
@@ -321,8 +345,8 @@ class Lane:
         if self.particles is None:
             return
         particles = self.particles
-        finished = particles.finished
-        done = [m for m in self.members if bool(finished[m.start : m.stop].all())]
+        finished_rows, rows = self._finished_rows()
+        done = [self.members[i] for i in np.flatnonzero(finished_rows == rows)]
         if not done:
             return
         if self.kind == "rollout":
@@ -367,10 +391,16 @@ class Lane:
         kept = [member for member in self.members if id(member) not in gone]
         if not kept:
             self.members, self.particles = [], None
+            self._renumber()
             return
         assert self.particles is not None
-        rows = np.concatenate([np.arange(m.start, m.stop) for m in kept])
-        self.particles = self.particles.select(rows)
+        particles = self.particles
+        self._charge(lambda: self.models.flush(particles))  # the policy's deferred work, timed as its own
+        if all(a.stop == b.start for a, b in zip(kept[:-1], kept[1:])):  # one range (the oldest left): views
+            self.particles = self.particles.view_rows(kept[0].start, kept[-1].stop)
+        else:
+            rows = np.concatenate([np.arange(m.start, m.stop) for m in kept])
+            self.particles = self.particles.select(rows)
         self.members = kept
         self._renumber()
 
@@ -391,21 +421,26 @@ class Lane:
         """Make one model call for every run, and charge each run its share (by rows, or live rows)."""
         weights = None
         if live and len(self.members) > 1:
-            finished = self._particles().finished
-            weights = [
-                m.stop - m.start - int(np.count_nonzero(finished[m.start : m.stop])) for m in self.members
-            ]
+            finished_rows, rows = self._finished_rows()
+            weights = (rows - finished_rows).tolist()
         return self._charge_to([m.run for m in self.members], call, weights)
+
+    def _finished_rows(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """Per member, its finished rows and its rows (one pass over the batch, not one per member)."""
+        finished = self._particles().finished.reshape(-1)
+        counted = np.zeros(finished.size + 1, dtype=np.int64)
+        np.add.accumulate(finished, dtype=np.int64, out=counted[1:])
+        return counted[self._stops] - counted[self._starts], self._stops - self._starts
 
     def _charge_to(
         self, runs: list[Run], call: Callable[[], Any], weights: Optional[list[int]] = None
     ) -> Any:
-        before = dataclasses.replace(self.compute)
-        began = time.perf_counter()
+        compute = self.compute
+        before = [getattr(compute, name) for name in _FIELDS]
         try:
             return call()
         finally:
-            _share(before, self.compute, runs, weights, time.perf_counter() - began)
+            _share([getattr(compute, name) - b for name, b in zip(_FIELDS, before)], runs, weights)
 
 
 def _end_at_limits(particles: Particles) -> None:
@@ -416,18 +451,22 @@ def _end_at_limits(particles: Particles) -> None:
     )
 
 
-_FIELDS = ("policy_calls", "policy_steps", "policy_tokens", "reward_calls", "reward_evaluations")
+_CALLS = ("policy_calls", "reward_calls")  # charged in full to every run the call served
+_COUNTS = ("policy_steps", "policy_tokens", "reward_evaluations")  # split by weight, rounded
+_SECONDS = ("policy_seconds", "reward_seconds")  # split by weight
+_FIELDS = (*_CALLS, *_COUNTS, *_SECONDS)
 
 
-def _share(
-    before: Compute, after: Compute, runs: list[Run], weights: Optional[list[int]], seconds: float
-) -> None:
-    """Charge the runs the compute of one call: all of it to a lone run; else the calls to each, counts and
-    seconds split by ``weights`` (rows) in proportion."""
+def _share(deltas: list[Any], runs: list[Run], weights: Optional[list[int]]) -> None:
+    """Charge the runs the compute of one call (``deltas``, by ``_FIELDS``): all of it to a lone run; else
+    the calls to each, counts and seconds split by ``weights`` (rows) in proportion."""
+    changed = [(name, delta) for name, delta in zip(_FIELDS, deltas) if delta]
+    if not changed:
+        return
     if len(runs) == 1:
         target = runs[0].compute
-        for name in (*_FIELDS, "policy_seconds", "reward_seconds"):
-            setattr(target, name, getattr(target, name) + getattr(after, name) - getattr(before, name))
+        for name, delta in changed:
+            setattr(target, name, getattr(target, name) + delta)
         return
     total = float(sum(weights)) if weights else float(len(runs))
     shares = (
@@ -437,14 +476,14 @@ def _share(
     )
     for run, share in zip(runs, shares):
         target = run.compute
-        for name in ("policy_calls", "reward_calls"):
-            setattr(target, name, getattr(target, name) + getattr(after, name) - getattr(before, name))
-        for name in ("policy_steps", "policy_tokens", "reward_evaluations"):
-            delta = getattr(after, name) - getattr(before, name)
-            setattr(target, name, getattr(target, name) + round(delta * share))
-        for name in ("policy_seconds", "reward_seconds"):
-            delta = getattr(after, name) - getattr(before, name)
-            setattr(target, name, getattr(target, name) + delta * share)
+        for name, delta in changed:
+            if name in _CALLS:
+                value = delta
+            elif name in _COUNTS:
+                value = round(delta * share)
+            else:
+                value = delta * share
+            setattr(target, name, getattr(target, name) + value)
 
 
 class RunFailed(Exception):

@@ -276,10 +276,9 @@ class SMCRun(Run):
         # and log Zh += log sum_i W_{t-1,i} G_{t,i}; never resampling after the last step: the final sample
         # stays weighted.
         threshold = 0.0 if all_finished(particles) else self.ess_threshold
-        naive = bool(reweighted.any())  # potentials drawn here (the optimal proposal applied its own)
-        if naive:  # kept for the increment's standard error: the core updates both in place
-            log_w_prev, log_total_prev = self.log_w.copy(), self.log_total.copy()
-            log_g = np.where(reweighted, safe_increment(log_v, particles.state[LOG_V_PREV]), 0.0)
+        # the increment's standard error from the core too (0 where no potential was applied: the optimal
+        # proposal's increment log sum_i W_i E_p[G | prefix_i] is exact given the prefixes)
+        increment_se = np.empty(len(self.log_z))
         ancestors, resample_rows, ess, unique, step_increment = core.smc_reweight(
             self.log_w,
             log_v,
@@ -291,18 +290,14 @@ class SMCRun(Run):
             threshold,
             self.scheme,  # type: ignore[arg-type]  # a scheme name, checked by the sampler's arguments
             self.generator,
+            increment_se=increment_se,
         )
         trace = self.trace
         trace.ess.append(ess)
         trace.resampled.append(resample_rows)
         trace.unique.append(unique)
         trace.increments.append(step_increment)
-        # optimal proposal: the increment log sum_i W_i E_p[G | prefix_i] is exact given the prefixes
-        trace.increment_se.append(
-            increment_standard_error(log_w_prev, log_total_prev, log_g, step_increment)
-            if naive
-            else np.where(step_increment > -np.inf, 0.0, np.inf)
-        )
+        trace.increment_se.append(increment_se)
         if self.record_ancestry:
             trace.ancestry.append(np.array(ancestors))
         self.check_steps(particles)

@@ -7,21 +7,61 @@ import functools
 import sys
 from typing import Any, Optional
 
-__all__ = ["release_free_memory"]
+__all__ = ["release_free_memory", "reuse_freed_memory"]
 
 
 @functools.lru_cache(maxsize=1)
-def _malloc_trim() -> Optional[Any]:
-    """glibc's ``malloc_trim``, where the C library is glibc (opened by name: no program is run)."""
+def _glibc() -> Optional[Any]:
+    """The C library where it is glibc (opened by name: no program is run), else None."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # musl and other C libraries have none
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        libc.malloc_trim.restype = ctypes.c_int
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        libc.mallopt.restype = ctypes.c_int
+    except (OSError, AttributeError):  # musl and other C libraries have neither
         return None
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    return trim
+    return libc
+
+
+def _malloc_trim() -> Optional[Any]:
+    """glibc's ``malloc_trim``, where the C library is glibc."""
+    libc = _glibc()
+    return None if libc is None else libc.malloc_trim
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+_REUSE_UP_TO = 1 << 30  # bytes: blocks up to this size come from the heap, and this much freed memory stays
+
+
+@functools.lru_cache(maxsize=1)
+def reuse_freed_memory() -> bool:
+    """Keep freed memory in the C heap for the next allocations (glibc: ``mallopt`` raises
+    ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` to 1 GiB and sets ``M_ARENA_MAX`` to 1, for the whole
+    process); whether it could.
+
+    By default glibc maps each large block (a batch's KV cache, its logits) afresh and unmaps it when
+    freed, so every new array pays a page fault per 4 KiB on first touch: about ten times the copy that
+    fills it (2.2 ms against 0.2 ms for 10 MB). A serving engine allocates such arrays at every step,
+    join and leave; from the heap, freed blocks are reused. What stays is given back by
+    ``release_free_memory`` (``malloc_trim`` returns free pages whatever the thresholds), which the engine
+    calls once idle: threads started afterwards (the engine's worker) allocate from the main arena, whose
+    free top ``malloc_trim`` also returns (a thread arena's top it leaves, and the high trim threshold
+    would keep it).
+    """
+    libc = _glibc()
+    if libc is None:
+        return False
+    # One arena for the threads started from now on (the engine's worker among them): malloc_trim gives back
+    # the free top of the main arena, but not of a thread's own arena, which a high trim threshold keeps.
+    return (
+        bool(libc.mallopt(_M_ARENA_MAX, 1))
+        and bool(libc.mallopt(_M_MMAP_THRESHOLD, _REUSE_UP_TO))
+        and bool(libc.mallopt(_M_TRIM_THRESHOLD, _REUSE_UP_TO))
+    )
 
 
 def release_free_memory() -> bool:

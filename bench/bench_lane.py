@@ -1,0 +1,155 @@
+"""tiltsmc's share of a serving step, in-process: one ``Lane`` at saturation, no HTTP, no other thread.
+
+What ``bench_serve.py`` reads from ``/metrics`` (``engine.stats()``: the step time outside the models'
+calls, as ``Compute`` times them) depends on the server's other threads, the load generator and the
+machine; this isolates the lane. Requests (the demo's arithmetic problems, ``--particles`` each, seeded)
+arrive ``--rate`` per step on average (a fixed fraction accumulated, as Poisson arrivals on average)
+and join at the next step, as in the engine with every waiting request admitted, at most
+``--inflight`` at once; after ``--warmup`` requests, ``--requests`` more are timed. Per step:
+
+* wall time, and the models' share as ``Compute`` times it (``policy_seconds + reward_seconds``: their
+  calls with their Python glue): tiltsmc's share is the rest, the figure of ``engine.stats()``;
+* the time inside ONNX Runtime's ``session.run`` (every session): outside it, everything tiltsmc does,
+  the models' glue included (a stricter share);
+* the main thread's CPU time outside the models' calls: tiltsmc's own work, much less disturbed than wall
+  time by other processes on the machine (it excludes waiting for a core).
+
+As the engine, it keeps freed memory for reuse (``reuse_freed_memory``). Not a test; the figures depend on
+the machine (its load average is printed with them). Old and new code compare best run in turn.
+
+    python bench/bench_lane.py --models demo --particles 16 --rate 0.75 --inflight 6
+    python bench/bench_lane.py --models fixtures --particles 4 --rate 1 --inflight 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import Any
+
+import onnxruntime as ort
+from serve_baseline import FIXTURE_MAX_NEW_TOKENS, load_models
+from tiltsmc.samplers._engine import Models
+from tiltsmc.samplers.lane import Lane
+from tiltsmc.samplers.result import Compute
+from tiltsmc.samplers.sequential import smc_run
+from tiltsmc.serving._memory import reuse_freed_memory
+from tiltsmc.tasks import arithmetic
+
+MODEL_CALLS = ("start", "propose", "log_value", "initial_log_value", "next_log_probs", "next_log_values")
+MODEL_CALLS += ("append", "flush")
+
+
+class Clocks:
+    """Wall seconds inside ONNX Runtime's session calls, main-thread CPU seconds inside the models' calls."""
+
+    def __init__(self) -> None:
+        self.session_wall = self.model_cpu = 0.0
+        self._depth = 0
+
+    def install(self) -> None:
+        run = ort.InferenceSession.run
+
+        def timed_run(session: Any, *args: Any, **kwargs: Any) -> Any:
+            wall = time.perf_counter()
+            try:
+                return run(session, *args, **kwargs)
+            finally:
+                self.session_wall += time.perf_counter() - wall
+
+        ort.InferenceSession.run = timed_run  # type: ignore[method-assign]
+        for name in MODEL_CALLS:
+            self._wrap(name)
+
+    def _wrap(self, name: str) -> None:
+        call = getattr(Models, name)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            self._depth += 1  # Models.reorder calls flush: count the outermost call only
+            cpu = time.thread_time()
+            try:
+                return call(*args, **kwargs)
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    self.model_cpu += time.thread_time() - cpu
+
+        setattr(Models, name, timed)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", choices=("demo", "fixtures"), default="demo")
+    parser.add_argument("--particles", type=int, default=4)
+    parser.add_argument("--rate", type=float, default=1.0, help="requests arriving per step, on average")
+    parser.add_argument("--inflight", type=int, default=16, help="the most requests in flight")
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=8)
+    args = parser.parse_args()
+
+    clocks = Clocks()
+    clocks.install()
+    reuse_freed_memory()
+    policy, reward = load_models(args.models)
+    max_new_tokens = 82 if args.models == "demo" else FIXTURE_MAX_NEW_TOKENS
+    prompts = [p.prompt for p in arithmetic.make_problems(8, args.warmup + args.requests, rng=0)]
+    models = Models(policy, reward, Compute())
+    lane = Lane(models, "guided")
+
+    def drive(first: int, count: int) -> dict[str, float]:
+        compute, before = models.compute, (clocks.session_wall, clocks.model_cpu)
+        submitted = done = in_flight = steps = rows = 0
+        credit, wall, cpu, model_wall = 1.0, 0.0, 0.0, 0.0
+        while done < count:
+            credit += args.rate
+            while credit >= 1.0 and in_flight < args.inflight and submitted < count:
+                k = first + submitted
+                lane.add(smc_run(
+                    models, [prompts[k]], args.particles, "systematic", 0.5, "naive", k,
+                    record_ancestry=False, max_steps=1_000_000, max_new_tokens=max_new_tokens,
+                ))  # fmt: skip
+                submitted, in_flight, credit = submitted + 1, in_flight + 1, credit - 1.0
+            if not in_flight:
+                continue
+            models_before = compute.policy_seconds + compute.reward_seconds
+            began, began_cpu = time.perf_counter(), time.thread_time()
+            ended = lane.step()
+            wall += time.perf_counter() - began
+            cpu += time.thread_time() - began_cpu
+            model_wall += compute.policy_seconds + compute.reward_seconds - models_before
+            steps, rows = steps + 1, rows + lane.rows
+            for _, error in ended:
+                if error is not None:
+                    raise error
+                done, in_flight = done + 1, in_flight - 1
+        return {
+            "steps": steps,
+            "rows": rows / steps,
+            "wall": wall,
+            "model_wall": model_wall,
+            "session_wall": clocks.session_wall - before[0],
+            "cpu": cpu,
+            "model_cpu": clocks.model_cpu - before[1],
+        }
+
+    drive(0, args.warmup)
+    load = os.getloadavg()[0]
+    r = drive(args.warmup, args.requests)
+    per_step = 1e3 / r["steps"]
+    rest, outside_sessions = r["wall"] - r["model_wall"], r["wall"] - r["session_wall"]
+    print(
+        f"{args.models}, {args.particles} particles a request, {args.rate} arriving a step (at most "
+        f"{args.inflight} in flight), {args.requests} requests: {r['steps']} steps of {r['rows']:.1f} rows\n"
+        f"  a step {per_step * r['wall']:.2f} ms; the models' calls {per_step * r['model_wall']:.2f} ms; "
+        f"tiltsmc's share {100 * rest / r['wall']:.1f}% ({per_step * rest:.3f} ms, as engine.stats)\n"
+        f"  outside session calls {100 * outside_sessions / r['wall']:.1f}% "
+        f"({per_step * outside_sessions:.3f} ms)\n"
+        f"  main thread CPU a step {per_step * r['cpu']:.3f} ms, outside the models' calls "
+        f"{per_step * (r['cpu'] - r['model_cpu']):.3f} ms\n"
+        f"  load average {load:.2f} -> {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs)"
+    )
+
+
+if __name__ == "__main__":
+    main()
