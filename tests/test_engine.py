@@ -335,6 +335,10 @@ def test_bad_options_are_refused_at_submit(models: tuple[Any, Any]) -> None:
             engine.submit((), "smc", rng=True)
         assert engine.stats()["requests"]["submitted"] == 0
         assert engine.submit((), "smc", num_particles=4, rng=0).result(timeout=10).samples[0].shape == (4, 6)
+    with pytest.raises(ValueError, match="release_memory_after"):
+        tiltsmc.Engine(policy, twist, release_memory_after=-1.0)
+    with pytest.raises(TypeError, match="keep_freed_memory"):
+        tiltsmc.Engine(policy, twist, keep_freed_memory="yes")  # type: ignore[arg-type]
 
 
 def test_options_and_defaults_are_the_offline_functions() -> None:

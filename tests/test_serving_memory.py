@@ -26,7 +26,10 @@ SCRIPT = textwrap.dedent(
     policy = OnnxCausalLM(sys.argv[1] + "/gpt2-tiny", max_new_tokens=12)
     reward = OnnxRewardModel(sys.argv[1] + "/prm-tiny", kind="logit")
     after = 0.3 if sys.argv[2] == "release" else None
-    with tiltsmc.Engine(policy, reward, max_batch_rows=8192, release_memory_after=after) as engine:
+    kept = sys.argv[3] == "keep-freed"  # the server's setting: freed memory reused during the burst
+    with tiltsmc.Engine(
+        policy, reward, max_batch_rows=8192, release_memory_after=after, keep_freed_memory=kept
+    ) as engine:
         engine.submit("hi", num_particles=4, rng=0).result()
         time.sleep(0.6)
         idle = rss_mb()
@@ -41,10 +44,14 @@ SCRIPT = textwrap.dedent(
 @pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="reads /proc/self/status; malloc_trim is glibc's"
 )
-def test_engine_returns_to_idle_memory_after_a_burst() -> None:
+@pytest.mark.parametrize("heap", ["default", "keep-freed"])
+def test_engine_returns_to_idle_memory_after_a_burst(heap: str) -> None:
     def run(mode: str) -> tuple[float, float, float]:
         out = subprocess.run(
-            [sys.executable, "-c", SCRIPT, str(FIXTURES), mode], capture_output=True, text=True, timeout=300
+            [sys.executable, "-c", SCRIPT, str(FIXTURES), mode, heap],
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert out.returncode == 0, out.stderr
         idle, peak, after = (float(x) for x in out.stdout.split())
@@ -90,8 +97,9 @@ REUSE_SCRIPT = textwrap.dedent(
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's; reads getrusage")
 def test_freed_memory_is_reused_instead_of_mapped_afresh() -> None:
-    """With reuse_freed_memory (the engine's default) large arrays freed and allocated again reuse the
-    heap's pages; without it glibc gives them back and maps fresh ones, each a page fault on first touch."""
+    """With reuse_freed_memory (the server's engine: keep_freed_memory=True) large arrays freed and
+    allocated again reuse the heap's pages; without it glibc gives them back and maps fresh ones, each a page
+    fault on first touch."""
 
     def faults(mode: str) -> tuple[int, int]:
         out = subprocess.run(

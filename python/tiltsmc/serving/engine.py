@@ -87,10 +87,14 @@ class Engine:
     ``release_memory_after``: once the engine has been idle that many seconds after work, the models' memory
     pools shrink (their ``release_memory()``, where they have one: ONNX Runtime's arena for the ONNX models)
     and the freed heap goes back to the system (``release_free_memory``), so a long-running service returns to
-    about its idle size after a burst (None: never). Until then (glibc) freed memory stays in the C heap for
-    the next arrays instead of every large array being mapped afresh, whose page faults cost about ten times
-    the copy that fills it: ``reuse_freed_memory`` sets this for the whole process (``mallopt``: thresholds,
-    and one malloc arena for the threads started from then on) when ``release_memory_after`` is not None.
+    about its idle size after a burst (None: never).
+
+    ``keep_freed_memory=True`` (glibc; what ``tiltsmc serve`` and its Ray replicas do, whose process is the
+    engine's) keeps freed memory in the C heap for the next arrays instead of every large array being
+    mapped afresh, whose page faults cost about ten times the copy that fills it (a join's KV cache, a
+    step's logits); the idle release gives it back. It changes malloc for the whole process
+    (``tiltsmc.serving._memory.reuse_freed_memory``: ``mallopt`` thresholds, and one malloc arena for the
+    threads started from then on), so a library engine leaves it off unless asked.
     """
 
     def __init__(
@@ -102,6 +106,7 @@ class Engine:
         max_queue: int = 1024,
         timeout: Optional[float] = None,
         release_memory_after: Optional[float] = 2.0,
+        keep_freed_memory: bool = False,
     ) -> None:
         self._models = Models(policy, reward, Compute())
         problems = [p for p in (_missing_support(policy, "policy"), _missing_support(reward, "reward")) if p]
@@ -135,7 +140,9 @@ class Engine:
                 f"release_memory_after: expected seconds >= 0 or None, got {release_memory_after!r}"
             )
         self.release_memory_after = release_memory_after
-        if release_memory_after is not None:  # freed blocks reused during a burst, given back once idle
+        if not isinstance(keep_freed_memory, bool):
+            raise TypeError(f"keep_freed_memory: expected a bool, got {type(keep_freed_memory).__name__}")
+        if keep_freed_memory:  # freed blocks reused during a burst, given back once idle
             reuse_freed_memory()
         self._worker = threading.Thread(target=self._serve, name="tiltsmc-engine", daemon=True)
         self._worker.start()

@@ -622,7 +622,14 @@ class Settings:
         )
 
     def engine(self, policy: Any, reward: Any) -> Engine:
-        return Engine(policy, reward, max_batch_rows=self.max_batch_rows, max_queue=self.max_queue)
+        # the server's process is the engine's: freed memory kept for reuse during bursts (see Engine)
+        return Engine(
+            policy,
+            reward,
+            max_batch_rows=self.max_batch_rows,
+            max_queue=self.max_queue,
+            keep_freed_memory=True,
+        )
 
     def app(self, engine: Engine, instance: Optional[str] = None) -> Any:
         return create_app(
