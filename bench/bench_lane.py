@@ -14,8 +14,9 @@ and join at the next step, as in the engine with every waiting request admitted,
 * the main thread's CPU time outside the models' calls: tiltsmc's own work, much less disturbed than wall
   time by other processes on the machine (it excludes waiting for a core).
 
-As the engine, it keeps freed memory for reuse (``reuse_freed_memory``). Not a test; the figures depend on
-the machine (its load average is printed with them). Old and new code compare best run in turn.
+As the server's engine does, it keeps freed memory for reuse (``reuse_freed_memory``). Not a test; the
+figures depend on the machine (its load average is printed and saved with them): JSON to
+``bench/results/lane_<models>_<particles>p_vm.json`` (``--out``). Old and new code compare best run in turn.
 
     python bench/bench_lane.py --models demo --particles 16 --rate 0.75 --inflight 6
     python bench/bench_lane.py --models fixtures --particles 4 --rate 1 --inflight 16
@@ -24,11 +25,14 @@ the machine (its load average is printed with them). Old and new code compare be
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import onnxruntime as ort
+from _machine import machine_info
 from serve_baseline import FIXTURE_MAX_NEW_TOKENS, load_models
 from tiltsmc.samplers._engine import Models
 from tiltsmc.samplers.lane import Lane
@@ -86,6 +90,7 @@ def main() -> None:
     parser.add_argument("--inflight", type=int, default=16, help="the most requests in flight")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/...)")
     args = parser.parse_args()
 
     clocks = Clocks()
@@ -134,6 +139,7 @@ def main() -> None:
         }
 
     drive(0, args.warmup)
+    machine = machine_info()
     load = os.getloadavg()[0]
     r = drive(args.warmup, args.requests)
     per_step = 1e3 / r["steps"]
@@ -149,6 +155,25 @@ def main() -> None:
         f"{per_step * (r['cpu'] - r['model_cpu']):.3f} ms\n"
         f"  load average {load:.2f} -> {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs)"
     )
+    record = {
+        "benchmark": "lane",
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "machine": machine,
+        "loadavg_after": os.getloadavg(),
+        "steps": r["steps"],
+        "rows_per_step": r["rows"],
+        "step_ms": per_step * r["wall"],
+        "models_ms": per_step * r["model_wall"],
+        "tiltsmc_share": rest / r["wall"],
+        "outside_sessions_share": outside_sessions / r["wall"],
+        "main_thread_cpu_ms": per_step * r["cpu"],
+        "main_thread_cpu_outside_models_ms": per_step * (r["cpu"] - r["model_cpu"]),
+    }
+    results = Path(__file__).resolve().parent / "results"
+    out = args.out or results / f"lane_{args.models}_{args.particles}p_vm.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

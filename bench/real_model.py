@@ -252,6 +252,57 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     return record
 
 
+def step_split(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Each sampler of the comparison at one ``T`` (the first of ``--levels``) and budget (the first of
+    ``--budgets``) on ``--problems`` problems: its time split into the policy's calls, the reward's and
+    tiltsmc's own (``Compute``), per policy step (one particle advanced one line)."""
+    level, budget = args.levels[0], args.budgets[0]
+    policy = OnnxCausalLM(
+        args.value,
+        max_new_tokens=args.tokens_per_step * level + 8,
+        step="\n",
+        temperature=args.temperature,
+        value_output="value",
+        intra_op_num_threads=args.threads,
+    )
+    reward = PolicyValue(policy, kind="logit", verifier=task.verify_chat)
+    problems = task.make_problems(level, args.problems, rng=[args.seed, level], size="counting")
+    prompts = [task.messages(p, "counting") for p in problems]
+    rows = []
+    for index, name in enumerate(demo.SAMPLERS):
+        result = demo.run_sampler(
+            name, policy, reward, prompts, budget, np.random.default_rng([args.seed, index])
+        )
+        assert result is not None
+        compute, steps = result.compute, max(result.compute.policy_steps, 1)
+        rows.append(
+            {
+                "sampler": name,
+                "T": level,
+                "budget": budget,
+                "problems": len(problems),
+                "policy_steps": compute.policy_steps,
+                "policy_tokens": compute.policy_tokens,
+                "policy_calls": compute.policy_calls,
+                "seconds": compute.total_seconds,
+                "policy_ms_per_step": 1e3 * compute.policy_seconds / steps,
+                "reward_ms_per_step": 1e3 * compute.reward_seconds / steps,
+                "tiltsmc_ms_per_step": 1e3 * compute.bookkeeping_seconds / steps,
+                "tiltsmc_share": compute.bookkeeping_seconds / compute.total_seconds,
+                "accuracy": float(demo.accuracy(result, problems, task.verify).mean()),
+            }
+        )
+        row = rows[-1]
+        print(
+            f"{name}: {compute.policy_steps} policy steps in {compute.total_seconds:.1f} s; per step policy "
+            f"{row['policy_ms_per_step']:.1f} ms, reward {row['reward_ms_per_step']:.2f} ms, tiltsmc "
+            f"{row['tiltsmc_ms_per_step']:.2f} ms ({100 * row['tiltsmc_share']:.1f}%)",
+            flush=True,
+        )
+        policy.release_memory()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=default_model_dir(), help="converted model folder")
@@ -280,10 +331,25 @@ def main() -> None:
     parser.add_argument("--bellman-prompts", type=int, default=2)
     parser.add_argument("--bellman-prefixes", type=int, default=8)
     parser.add_argument("--bellman-samples", type=int, default=8)
+    parser.add_argument(
+        "--split-only", action="store_true", help="comparison: only the time split of each sampler"
+    )
     args = parser.parse_args()
     if args.value is not None:
         if not (args.value / "model.onnx").is_file():
             parser.error(f"--value: no model.onnx in {args.value} (scripts/train_smollm2_value.py --out DIR)")
+        if args.split_only:
+            split = {
+                "benchmark": "real_model_split",
+                "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                "machine": machine_info(),
+                "samplers": step_split(args),
+                "machine_after": {"loadavg": os.getloadavg()},
+            }
+            out = args.out or RESULTS / "real_model_split_vm.json"
+            out.write_text(json.dumps(finite_or_none(split), indent=1, allow_nan=False) + "\n")
+            print(f"wrote {out}")
+            return
         record = compare(args)
         record["machine_after"] = {"loadavg": os.getloadavg()}
         out = args.out or RESULTS / "real_model_compare_vm.json"

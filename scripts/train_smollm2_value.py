@@ -139,6 +139,7 @@ def rollouts(args: argparse.Namespace, hidden_dir: Path, seed: int, levels: list
     recorder = HiddenRecorder(policy)
     assert policy.tokenizer is not None
     features, labels, groups, steps = [], [], [], []
+    answers: dict[int, list[int]] = {}  # by T: answers sampled, answers right (plain sampling's Z)
     group = 0
     for num_steps in levels:
         problems = task.make_problems(num_steps, args.problems, rng=[seed, num_steps], size="counting")
@@ -178,6 +179,9 @@ def rollouts(args: argparse.Namespace, hidden_dir: Path, seed: int, levels: list
                         steps.append(lines)
                     right += int(task.verify(problem, policy.decode(tokens)))
             group += len(batch)
+            counts = answers.setdefault(num_steps, [0, 0])
+            counts[0] += len(batch) * args.samples
+            counts[1] += right
             print(
                 f"T={num_steps}: problems {first + 1}-{first + len(batch)}, "
                 f"{len(batch) * args.samples} answers, "
@@ -189,6 +193,7 @@ def rollouts(args: argparse.Namespace, hidden_dir: Path, seed: int, levels: list
         "y": np.array(labels),
         "group": np.array(groups),
         "step": np.array(steps),
+        "answers": {t: {"answers": n, "right": r, "rate": r / n} for t, (n, r) in answers.items()},
     }
 
 
@@ -300,11 +305,13 @@ def main() -> None:
         "hidden_size": width,
         "penalty": chosen,
         "train": {
+            "answers_by_T": train["answers"],
             "prefixes": len(train["y"]),
             "right": float(train["y"].mean()),
             "problems": int(train["group"].max() + 1),
         },
         "held_out": {
+            "answers_by_T": held["answers"],
             "prefixes": len(held["y"]),
             "right": float(held["y"].mean()),
             **held_scores,

