@@ -214,6 +214,20 @@ def counting_task() -> demo.DemoTask:
     )
 
 
+def value_models(args: argparse.Namespace, level: int) -> tuple[OnnxCausalLM, PolicyValue]:
+    """The policy + value folder ``--value`` as policy and reward, its length limit fitting ``level`` lines;
+    the verifier ends each answer."""
+    policy = OnnxCausalLM(
+        args.value,
+        max_new_tokens=args.tokens_per_step * level + 8,
+        step="\n",
+        temperature=args.temperature,
+        value_output="value",
+        intra_op_num_threads=args.threads,
+    )
+    return policy, PolicyValue(policy, kind="logit", verifier=task.verify_chat)
+
+
 def compare(args: argparse.Namespace) -> dict[str, Any]:
     """``run_demo`` on the counting chains with the learned value head (see the module docstring)."""
     config = demo.DemoConfig(
@@ -228,22 +242,11 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         threads=args.threads,
     )
 
-    def models_for(level: int) -> tuple[OnnxCausalLM, PolicyValue]:
-        policy = OnnxCausalLM(
-            args.value,
-            max_new_tokens=args.tokens_per_step * level + 8,
-            step="\n",
-            temperature=args.temperature,
-            value_output="value",
-            intra_op_num_threads=args.threads,
-        )
-        return policy, PolicyValue(policy, kind="logit", verifier=task.verify_chat)
-
     def progress(done: int, total: int) -> None:
         print(f"{done}/{total} runs, {time.perf_counter() - began:.0f} s", flush=True)
 
     began = time.perf_counter()
-    record = demo.run_demo(config, models_for, progress, task=counting_task())
+    record = demo.run_demo(config, lambda level: value_models(args, level), progress, task=counting_task())
     head = args.value / "value_head.json"
     record["value_model"] = (
         {k: v for k, v in json.loads(head.read_text()).items() if k != "head"} if head.is_file() else None
@@ -257,15 +260,7 @@ def step_split(args: argparse.Namespace) -> list[dict[str, Any]]:
     ``--budgets``) on ``--problems`` problems: its time split into the policy's calls, the reward's and
     tiltsmc's own (``Compute``), per policy step (one particle advanced one line)."""
     level, budget = args.levels[0], args.budgets[0]
-    policy = OnnxCausalLM(
-        args.value,
-        max_new_tokens=args.tokens_per_step * level + 8,
-        step="\n",
-        temperature=args.temperature,
-        value_output="value",
-        intra_op_num_threads=args.threads,
-    )
-    reward = PolicyValue(policy, kind="logit", verifier=task.verify_chat)
+    policy, reward = value_models(args, level)
     problems = task.make_problems(level, args.problems, rng=[args.seed, level], size="counting")
     prompts = [task.messages(p, "counting") for p in problems]
     rows = []
