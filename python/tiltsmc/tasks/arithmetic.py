@@ -38,6 +38,7 @@ __all__ = [
     "MODELS_DIR",
     "VOCAB",
     "Problem",
+    "check_problem_count",
     "format_line",
     "load_models",
     "make_problems",
@@ -106,6 +107,16 @@ def format_line(index: int, before: int, sign: str, digit: int, after: int) -> s
     return f"{LABELS[index]}:{before:02d}{sign}{digit}={after:02d}"
 
 
+def check_problem_count(num_steps: Any, count: Any, max_steps: int) -> None:
+    """Refuse a ``num_steps`` outside ``1..max_steps`` or a ``count`` below 1, naming the argument."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
+        raise TypeError(f"num_steps: expected an int, got {type(num_steps).__name__}")
+    if not 1 <= num_steps <= max_steps:
+        raise ValueError(f"num_steps: expected 1..{max_steps}, got {num_steps}")
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
+        raise ValueError(f"count: expected an int >= 1, got {count!r}")
+
+
 def make_problems(
     num_steps: int,
     count: int,
@@ -121,12 +132,7 @@ def make_problems(
     The start value is uniform in ``start`` (inclusive), operands in ``1..max_operand``, and every running
     value stays in ``[0, max_value]`` (the defaults are the bundled task's two-digit chains; smaller ones
     make easier problems for other models, e.g. ``tiltsmc.tasks.chat_arithmetic``)."""
-    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
-        raise TypeError(f"num_steps: expected an int, got {type(num_steps).__name__}")
-    if not 1 <= num_steps <= MAX_STEPS:
-        raise ValueError(f"num_steps: expected 1..{MAX_STEPS}, got {num_steps}")
-    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
-        raise ValueError(f"count: expected an int >= 1, got {count!r}")
+    check_problem_count(num_steps, count, MAX_STEPS)
     if isinstance(max_operand, bool) or not isinstance(max_operand, (int, np.integer)) or max_operand < 1:
         raise ValueError(f"max_operand: expected an int >= 1, got {max_operand!r}")
     if isinstance(max_value, bool) or not isinstance(max_value, (int, np.integer)) or max_value < max_operand:

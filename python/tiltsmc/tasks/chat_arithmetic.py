@@ -33,7 +33,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from .arithmetic import Problem
+from .arithmetic import Problem, check_problem_count
 from .arithmetic import make_problems as make_chains
 
 __all__ = [
@@ -86,12 +86,7 @@ def make_problems(num_steps: int, count: int, rng: Any = None, size: str = "smal
             max_value=shape["max_value"],
             max_operand=shape["max_operand"],
         )
-    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
-        raise TypeError(f"num_steps: expected an int, got {type(num_steps).__name__}")
-    if not 1 <= num_steps <= MAX_COUNTING_STEPS:
-        raise ValueError(f"num_steps: expected 1..{MAX_COUNTING_STEPS} for size {size!r}, got {num_steps}")
-    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
-        raise ValueError(f"count: expected an int >= 1, got {count!r}")
+    check_problem_count(num_steps, count, MAX_COUNTING_STEPS)
     generator = np.random.default_rng(rng)
     low, high = shape["start"]
     problems = []
