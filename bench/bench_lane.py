@@ -12,7 +12,11 @@ and join at the next step, as in the engine with every waiting request admitted,
 * the time inside ONNX Runtime's ``session.run`` (every session): outside it, everything tiltsmc does,
   the models' glue included (a stricter share);
 * the main thread's CPU time outside the models' calls: tiltsmc's own work, much less disturbed than wall
-  time by other processes on the machine (it excludes waiting for a core).
+  time by other processes on the machine (it excludes waiting for a core);
+* the part of tiltsmc's share spent joining batches (``Particles.concatenate``: every state array of
+  the lane copied with the newcomers', the KV caches left-padded and their columns that are padding
+  in every row left out), with the bytes it writes: a copy of the caches a KV cache laid out
+  ``(rows, heads, length, head_dim)`` cannot avoid when the oldest requests, the longest, leave.
 
 As the server's engine does, it keeps freed memory for reuse (``reuse_freed_memory``). Not a test; the
 figures depend on the machine (its load average is printed and saved with them): JSON to
@@ -31,9 +35,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnxruntime as ort
 from _machine import machine_info
 from serve_baseline import FIXTURE_MAX_NEW_TOKENS, load_models
+from tiltsmc.models.particles import Particles
 from tiltsmc.samplers._engine import Models
 from tiltsmc.samplers.lane import Lane
 from tiltsmc.samplers.result import Compute
@@ -46,14 +52,33 @@ MODEL_CALLS += ("append", "flush")
 
 
 class Clocks:
-    """Wall seconds inside ONNX Runtime's session calls, main-thread CPU seconds inside the models' calls."""
+    """Wall seconds inside ONNX Runtime's session calls, main-thread CPU seconds inside the models' calls,
+    wall seconds joining batches and the bytes the joins wrote."""
 
     def __init__(self) -> None:
-        self.session_wall = self.model_cpu = 0.0
+        self.session_wall = self.model_cpu = self.join_wall = 0.0
+        self.join_bytes = 0
         self._depth = 0
 
     def install(self) -> None:
-        run = ort.InferenceSession.run
+        for name in ("run", "run_with_iobinding"):  # the latter: a policy writing into spare rows
+            self._time_session(name)
+        for name in MODEL_CALLS:
+            self._wrap(name)
+        concatenate = Particles.concatenate
+
+        def timed_join(parts: Any) -> Any:
+            wall = time.perf_counter()
+            joined = concatenate(parts)
+            self.join_wall += time.perf_counter() - wall
+            arrays = [joined.tokens, joined.lengths, joined.finished, *joined.state.values()]
+            self.join_bytes += sum(a.nbytes for a in arrays if isinstance(a, np.ndarray))
+            return joined
+
+        Particles.concatenate = timed_join  # type: ignore[method-assign,assignment]
+
+    def _time_session(self, name: str) -> None:
+        run = getattr(ort.InferenceSession, name)
 
         def timed_run(session: Any, *args: Any, **kwargs: Any) -> Any:
             wall = time.perf_counter()
@@ -62,9 +87,7 @@ class Clocks:
             finally:
                 self.session_wall += time.perf_counter() - wall
 
-        ort.InferenceSession.run = timed_run  # type: ignore[method-assign]
-        for name in MODEL_CALLS:
-            self._wrap(name)
+        setattr(ort.InferenceSession, name, timed_run)
 
     def _wrap(self, name: str) -> None:
         call = getattr(Models, name)
@@ -103,7 +126,8 @@ def main() -> None:
     lane = Lane(models, "guided")
 
     def drive(first: int, count: int) -> dict[str, float]:
-        compute, before = models.compute, (clocks.session_wall, clocks.model_cpu)
+        compute, before = models.compute, (clocks.session_wall, clocks.model_cpu, clocks.join_wall)
+        join_bytes = clocks.join_bytes
         submitted = done = in_flight = steps = rows = 0
         credit, wall, cpu, model_wall = 1.0, 0.0, 0.0, 0.0
         while done < count:
@@ -136,6 +160,8 @@ def main() -> None:
             "session_wall": clocks.session_wall - before[0],
             "cpu": cpu,
             "model_cpu": clocks.model_cpu - before[1],
+            "join_wall": clocks.join_wall - before[2],
+            "join_bytes": clocks.join_bytes - join_bytes,
         }
 
     drive(0, args.warmup)
@@ -153,6 +179,9 @@ def main() -> None:
         f"({per_step * outside_sessions:.3f} ms)\n"
         f"  main thread CPU a step {per_step * r['cpu']:.3f} ms, outside the models' calls "
         f"{per_step * (r['cpu'] - r['model_cpu']):.3f} ms\n"
+        f"  joining batches {100 * r['join_wall'] / r['wall']:.1f}% of a step "
+        f"({per_step * r['join_wall']:.3f} ms: {r['join_bytes'] / 1e6 / r['steps']:.2f} MB written a step, "
+        f"{r['join_bytes'] / max(r['join_wall'], 1e-12) / 1e9:.1f} GB/s)\n"
         f"  load average {load:.2f} -> {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs)"
     )
     record = {
@@ -168,6 +197,9 @@ def main() -> None:
         "outside_sessions_share": outside_sessions / r["wall"],
         "main_thread_cpu_ms": per_step * r["cpu"],
         "main_thread_cpu_outside_models_ms": per_step * (r["cpu"] - r["model_cpu"]),
+        "join_share": r["join_wall"] / r["wall"],
+        "join_ms": per_step * r["join_wall"],
+        "join_megabytes_per_step": r["join_bytes"] / 1e6 / r["steps"],
     }
     results = Path(__file__).resolve().parent / "results"
     out = args.out or results / f"lane_{args.models}_{args.particles}p_vm.json"

@@ -307,6 +307,93 @@ def step_ended(policy: OnnxCausalLM, appended: np.ndarray) -> bool:
     return ended
 
 
+def _word_tokenizer(decoder: str) -> Any:
+    """64 word pieces, several of more than one character (a lone "▁" among them), with the ``decoder``
+    given: ``fuse`` (a sequence's text is its tokens' texts joined) or SentencePiece's ``metaspace`` (a
+    token's text alone is not always what it adds to a sequence)."""
+    from tokenizers import Tokenizer, decoders, models
+
+    pieces = ["<|endoftext|>", "<pad>", "<unk>", "▁", "▁a", "a\n", "\n\n", "\n", "ab", "b", "a", "=", "=\n"]
+    pieces += ["▁=", "1", "2", "\n1", "a=", "b▁", "é"]
+    pieces += [f"x{k}" for k in range(64 - len(pieces))]
+    tokenizer = Tokenizer(models.WordLevel({p: i for i, p in enumerate(pieces)}, unk_token="<unk>"))
+    tokenizer.decoder = (
+        decoders.Fuse() if decoder == "fuse" else decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    )
+    return tokenizer
+
+
+def _byte_level_tokenizer() -> Any:
+    """64 byte-level tokens (GPT-2's alphabet) with both bytes of "é" (0xC3 0xA9) apart and together:
+    either byte alone decodes to U+FFFD."""
+    from tokenizers import Tokenizer, decoders, models
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    wanted = ["Ã", "©", "Ã©", "Ċ", "Ġ", "ĊĊ", "a", "b", "Ã©Ċ", "aÃ"]
+    pieces = ["<|endoftext|>", *wanted]
+    pieces += [c for c in sorted(ByteLevel.alphabet()) if c not in pieces][: 64 - len(pieces)]
+    tokenizer = Tokenizer(models.BPE({p: i for i, p in enumerate(pieces)}, []))
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+@pytest.mark.parametrize(
+    ("make_tokenizer", "step", "skips"),
+    [
+        pytest.param(None, "\n", True, id="fixture-newline"),
+        pytest.param(None, "a=", True, id="fixture-two-characters"),
+        pytest.param(lambda: _word_tokenizer("fuse"), "a\n", True, id="fuse-pieces"),
+        pytest.param(lambda: _word_tokenizer("fuse"), "\n\n", True, id="fuse-double"),
+        pytest.param(lambda: _word_tokenizer("fuse"), "é", True, id="fuse-accent"),
+        pytest.param(lambda: _word_tokenizer("metaspace"), " ", False, id="metaspace-space"),
+        pytest.param(lambda: _word_tokenizer("metaspace"), "a\n", False, id="metaspace-pieces"),
+        pytest.param(_byte_level_tokenizer, "é", False, id="bytes-split-character"),
+    ],
+)
+def test_delimiter_check_skips_only_tokens_that_cannot_end_a_step(
+    make_tokenizer: Any, step: str, skips: bool
+) -> None:
+    """``propose`` decodes a row's step so far only where its newest token could end the step
+    (``OnnxCausalLM._could_end_step``): every token after which a text first ends with the delimiter must
+    be one, for every prefix of up to two tokens (all of them). Tokens are skipped only with a decoder
+    that joins the tokens' texts; with others (SentencePiece's, byte-level: a token's text alone is not
+    what it adds to a sequence, which this test finds for a rule read from it) every row is decoded."""
+    tokenizer = None if make_tokenizer is None else make_tokenizer()
+    policy = OnnxCausalLM(LLAMA, tokenizer=tokenizer, step=step)
+    assert policy.tokenizer is not None
+    vocab = policy.vocab_size
+    could = policy._could_end_step(np.arange(vocab, dtype=np.int64).reshape(1, -1))[0]
+    assert could.all() != skips
+    prefixes = [[]] + [[a] for a in range(vocab)] + [[a, b] for a in range(vocab) for b in range(vocab)]
+    inner = policy.tokenizer.inner
+    before = inner.decode_batch(prefixes, skip_special_tokens=False)
+    ending = 0
+    for t in range(vocab):
+        after = inner.decode_batch([[*p, t] for p in prefixes], skip_special_tokens=False)
+        for prefix, text_before, text_after in zip(prefixes, before, after):
+            if text_after.endswith(step) and not text_before.endswith(step):
+                ending += 1
+                assert could[t], f"{[*prefix, t]} ends a step ({text_after!r}) but token {t} was skipped"
+    assert ending > 0
+
+
+def test_delimiter_check_changes_no_step() -> None:
+    """The same draws with and without the skip (every row decoded): the same steps, bit for bit."""
+    runs = []
+    for check_every_row in (False, True):
+        policy = OnnxCausalLM(LLAMA, max_new_tokens=12, step=",")
+        if check_every_row:
+            policy._could_end[:] = 1
+        particles = policy.start(["hi there", [7, 8], "x"], 24)
+        rng = np.random.default_rng(11)
+        while not particles.finished.all():
+            policy.propose(particles, rng)
+        runs.append(particles)
+    np.testing.assert_array_equal(runs[0].tokens, runs[1].tokens)
+    np.testing.assert_array_equal(runs[0].lengths, runs[1].lengths)
+    assert (runs[0].tokens == 41).any()  # "," was drawn: steps ended at it
+
+
 @pytest.mark.parametrize(
     ("path", "step"),
     [

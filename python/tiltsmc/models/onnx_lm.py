@@ -42,6 +42,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import numpy.typing as npt
+import tokenizers
 
 from .. import core
 from ._config import Source, first, positive_int, real_number, token_id, token_ids
@@ -368,6 +369,10 @@ class OnnxCausalLM:
             self._output_names.append(self.value_output)
         self._eos_ids = np.array(sorted(self.eos_token_ids), dtype=np.int64)
         self._step_id_array = np.array(sorted(self.step_ids or ()), dtype=np.int64)
+        # per token id: 1 if it could be the last token of a step ending with step_text, 0 if not, -1 unknown
+        self._could_end = np.full(self.vocab_size if self.step_text else 0, -1, dtype=np.int8)
+        decoder = getattr(getattr(self.tokenizer, "inner", None), "decoder", None)
+        self._joins_token_texts = isinstance(decoder, tokenizers.decoders.Fuse)
         self._start_buffers = _StartBuffers()
 
     def _check_value_output(self, value_output: Optional[str], outputs: list[str]) -> Optional[str]:
@@ -718,6 +723,27 @@ class OnnxCausalLM:
                 going = int(np.count_nonzero(still))
         return still, going
 
+    def _could_end_step(self, tokens: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+        """Whether each token could be the one that makes a step's text end with ``step_text`` (it did
+        not end with it before: the step would have ended there). Where the tokenizer's text of a sequence
+        is its tokens' texts joined (its decoder is ``Fuse`` alone), only a token whose text ends with the
+        delimiter's last character can, and the other rows skip decoding the step so far, the check
+        ``propose`` makes on the rest; with any other decoder (byte-level, SentencePiece's: a token's text
+        depends on its neighbours) every row is checked. Learned per token id on first sight."""
+        assert self.step_text is not None and self.tokenizer is not None
+        if not self.step_text or not self._joins_token_texts:
+            return np.ones(tokens.shape, dtype=bool)
+        ids = np.clip(tokens, 0, self.vocab_size - 1)  # rows that did not draw hold anything
+        table = self._could_end
+        known = table[ids]
+        if known.min() < 0:
+            for token in np.unique(ids[known < 0]).tolist():
+                text = self.tokenizer.decode([token], skip_special_tokens=False)
+                table[token] = text.endswith(self.step_text[-1])
+            known = table[ids]
+        could: npt.NDArray[np.bool_] = known > 0
+        return could
+
     def propose(self, particles: Particles, rng: np.random.Generator) -> FloatArray:
         """Draw one step for every unfinished particle; returns ``log p(step)`` (0 where finished).
 
@@ -739,7 +765,7 @@ class OnnxCausalLM:
                 done |= np.isin(tokens, self._step_id_array)
             else:
                 assert self.step_text is not None and self.tokenizer is not None and step_start is not None
-                for b, i in zip(*np.nonzero(in_step & ~done)):
+                for b, i in zip(*np.nonzero(in_step & ~done & self._could_end_step(tokens))):
                     text = self.tokenizer.decode(  # a delimiter may be a special token
                         particles.tokens[b, i, step_start[b, i] : particles.lengths[b, i]],
                         skip_special_tokens=False,
