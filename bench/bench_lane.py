@@ -29,7 +29,6 @@ figures depend on the machine (its load average is printed and saved with them):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 from _machine import machine_info
+from _plot import RESULTS, write_json
 from serve_baseline import FIXTURE_MAX_NEW_TOKENS, load_models
 from tiltsmc.models.particles import Particles
 from tiltsmc.samplers._engine import Models
@@ -201,11 +201,7 @@ def main() -> None:
         "join_ms": per_step * r["join_wall"],
         "join_megabytes_per_step": r["join_bytes"] / 1e6 / r["steps"],
     }
-    results = Path(__file__).resolve().parent / "results"
-    out = args.out or results / f"lane_{args.models}_{args.particles}p_vm.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_json(args.out or RESULTS / f"lane_{args.models}_{args.particles}p_vm.json", record)
 
 
 if __name__ == "__main__":

@@ -382,6 +382,7 @@ def test_delimiter_check_changes_no_step() -> None:
     runs = []
     for check_every_row in (False, True):
         policy = OnnxCausalLM(LLAMA, max_new_tokens=12, step=",")
+        assert policy._could_end is not None  # the fixture's decoder joins token texts
         if check_every_row:
             policy._could_end[:] = 1
         particles = policy.start(["hi there", [7, 8], "x"], 24)

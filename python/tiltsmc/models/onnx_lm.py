@@ -369,10 +369,13 @@ class OnnxCausalLM:
             self._output_names.append(self.value_output)
         self._eos_ids = np.array(sorted(self.eos_token_ids), dtype=np.int64)
         self._step_id_array = np.array(sorted(self.step_ids or ()), dtype=np.int64)
-        # per token id: 1 if it could be the last token of a step ending with step_text, 0 if not, -1 unknown
-        self._could_end = np.full(self.vocab_size if self.step_text else 0, -1, dtype=np.int8)
+        # Per token id: 1 if it could be the last token of a step ending with step_text, 0 if not, -1 not
+        # seen yet; None where every row is checked (see _could_end_step).
         decoder = getattr(getattr(self.tokenizer, "inner", None), "decoder", None)
-        self._joins_token_texts = isinstance(decoder, tokenizers.decoders.Fuse)
+        joins_token_texts = isinstance(decoder, tokenizers.decoders.Fuse)
+        self._could_end = (
+            np.full(self.vocab_size, -1, dtype=np.int8) if self.step_text and joins_token_texts else None
+        )
         self._start_buffers = _StartBuffers()
 
     def _check_value_output(self, value_output: Optional[str], outputs: list[str]) -> Optional[str]:
@@ -731,10 +734,10 @@ class OnnxCausalLM:
         ``propose`` makes on the rest; with any other decoder (byte-level, SentencePiece's: a token's text
         depends on its neighbours) every row is checked. Learned per token id on first sight."""
         assert self.step_text is not None and self.tokenizer is not None
-        if not self.step_text or not self._joins_token_texts:
+        table = self._could_end
+        if table is None:  # another decoder, or the empty delimiter (every text ends with it)
             return np.ones(tokens.shape, dtype=bool)
         ids = np.clip(tokens, 0, self.vocab_size - 1)  # rows that did not draw hold anything
-        table = self._could_end
         known = table[ids]
         if known.min() < 0:
             for token in np.unique(ids[known < 0]).tolist():

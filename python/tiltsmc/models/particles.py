@@ -239,29 +239,13 @@ class Particles:
         index = np.asarray(prompts, dtype=np.int64).reshape(-1)
         if index.size and (index.min() < -self.num_prompts or index.max() >= self.num_prompts):
             raise IndexError(f"prompts: indices must lie in [0, {self.num_prompts}), got {index.tolist()}")
-        state: dict[str, Any] = {}
-        for key, array in self.state.items():
-            if not isinstance(array, np.ndarray):
-                raise TypeError(f"Particles.state[{key!r}]: {type(array).__name__} cannot be selected from")
-            state[key] = array[index]
-        for mask_key in {mask for _, mask in self.aligned.values()}:
-            if mask_key not in state or not state[mask_key].size:
-                continue
-            used = np.flatnonzero(state[mask_key].reshape(-1, state[mask_key].shape[-1]).any(axis=0))
-            first = int(used[0]) if used.size else state[mask_key].shape[-1]
-            if first:
-                for key, (axis, mask) in self.aligned.items():
-                    if mask == mask_key and key in state:
-                        state[key] = np.ascontiguousarray(
-                            state[key][(slice(None),) * axis + (slice(first, None),)]
-                        )
         position = {int(b): k for k, b in enumerate(index)}
         return Particles(
             prompts=[self.prompts[b] for b in index],
             tokens=self.tokens[index],
             lengths=self.lengths[index],
             finished=self.finished[index],
-            state=state,
+            state=self._state_rows(index, trim_from=0.0),
             prompt_tokens=None if self.prompt_tokens is None else [self.prompt_tokens[b] for b in index],
             errors={position[b]: m for b, m in self.errors.items() if b in position},
             aligned=dict(self.aligned),
@@ -279,31 +263,37 @@ class Particles:
             raise IndexError(
                 f"start, stop: expected 0 <= start <= stop <= {self.num_prompts}, got {start}, {stop}"
             )
-        state: dict[str, Any] = {}
-        for key, array in self.state.items():
-            if not isinstance(array, np.ndarray):
-                raise TypeError(f"Particles.state[{key!r}]: {type(array).__name__} cannot be selected from")
-            state[key] = array[start:stop]
-        for mask_key in {mask for _, mask in self.aligned.values()}:
-            if mask_key not in state or not state[mask_key].size:
-                continue
-            first = _first_used(state[mask_key])
-            if 2 * first >= state[mask_key].shape[-1] and first:
-                for key, (axis, mask) in self.aligned.items():
-                    if mask == mask_key and key in state:
-                        state[key] = np.ascontiguousarray(
-                            state[key][(slice(None),) * axis + (slice(first, None),)]
-                        )
         return Particles(
             prompts=self.prompts[start:stop],
             tokens=self.tokens[start:stop],
             lengths=self.lengths[start:stop],
             finished=self.finished[start:stop],
-            state=state,
+            state=self._state_rows(slice(start, stop), trim_from=0.5),
             prompt_tokens=None if self.prompt_tokens is None else self.prompt_tokens[start:stop],
             errors={b - start: m for b, m in self.errors.items() if start <= b < stop},
             aligned=dict(self.aligned),
         )
+
+    def _state_rows(self, rows: Any, trim_from: float) -> dict[str, Any]:
+        """Every state array at ``rows`` along the prompt axis (an index array: copies; a slice: views);
+        the ``aligned`` entries of a mask lose the leading columns that are padding in every row kept
+        where these are at least ``trim_from`` of its width (which copies them)."""
+        state: dict[str, Any] = {}
+        for key, array in self.state.items():
+            if not isinstance(array, np.ndarray):
+                raise TypeError(f"Particles.state[{key!r}]: {type(array).__name__} cannot be selected from")
+            state[key] = array[rows]
+        for mask_key in {mask for _, mask in self.aligned.values()}:
+            if mask_key not in state or not state[mask_key].size:
+                continue
+            first = _first_used(state[mask_key])
+            if first and first >= trim_from * state[mask_key].shape[-1]:
+                for key, (axis, mask) in self.aligned.items():
+                    if mask == mask_key and key in state:
+                        state[key] = np.ascontiguousarray(
+                            state[key][(slice(None),) * axis + (slice(first, None),)]
+                        )
+        return state
 
     def one_per_prompt(self) -> Particles:
         """The same particles with leading axes ``(B * N, 1)``: every particle its own prompt entry (its
