@@ -3,14 +3,17 @@ arguments, prompts or model files) or 1 (the run or its output failed), never a 
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
+import tiltsmc.tasks.arithmetic
 from tiltsmc.cli import _step, main
 
 FIXTURES = Path(__file__).parent / "fixtures" / "models"
@@ -216,3 +219,31 @@ def test_demo_models_refuse_the_options_they_would_ignore(
     (status 2, before any server starts), never silently dropped."""
     assert main(["serve", "--demo", "--port", "0", *options]) == 2
     assert message in one_line_error(capfd)
+
+
+@pytest.mark.parametrize("value", ["-1", "soon", "inf", "nan"])
+def test_serve_refuses_a_bad_release_delay_in_one_line(value: str, capfd: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--demo", "--port", "0", f"--release-memory-after={value}"])
+    assert exit_info.value.code == 2
+    assert "--release-memory-after: expected seconds >= 0 or 'never'" in one_line_error(capfd)
+
+
+@pytest.mark.parametrize(("value", "seconds"), [(None, 30.0), ("never", None), ("0", 0.0), ("2.5", 2.5)])
+def test_serve_passes_its_release_delay_to_the_engine(value: Optional[str], seconds: Optional[float]) -> None:
+    """The server's engine releases memory after the option's delay; the default is the engine's own."""
+    from tiltsmc.cli import build_parser
+    from tiltsmc.serving.engine import RELEASE_MEMORY_AFTER, Engine
+    from tiltsmc.serving.server import Settings
+
+    argv = ["serve", "--demo"] + ([] if value is None else ["--release-memory-after", value])
+    settings = Settings.from_args(build_parser().parse_args(argv))
+    assert settings.release_memory_after == seconds
+    if value is None:
+        assert inspect.signature(Engine).parameters["release_memory_after"].default == RELEASE_MEMORY_AFTER
+    policy, reward = tiltsmc.tasks.arithmetic.load_models()
+    engine = settings.engine(policy, reward)
+    try:
+        assert engine.release_memory_after == seconds
+    finally:
+        engine.close()

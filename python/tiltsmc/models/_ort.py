@@ -349,9 +349,7 @@ def _make(
         )
     if require_gpu:
         raise RuntimeError(f"require_gpu: no usable GPU for {model_path.name}: {reason}")
-    return _load(
-        ort, model_path, options, _with_provider_options(["CPUExecutionProvider"], provider_options)
-    )
+    return _load(ort, model_path, options, _with_provider_options(["CPUExecutionProvider"], provider_options))
 
 
 _FEED_TYPES = {

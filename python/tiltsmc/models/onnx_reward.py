@@ -106,6 +106,7 @@ class OnnxRewardModel:
         """Shrink ONNX Runtime's CPU arena to about its idle size (the serving engine calls it when its
         last request has left: ``shrink_memory_arena``)."""
         return shrink_memory_arena(self.session)
+
     _serial_numbers = itertools.count()
 
     def __init__(

@@ -41,6 +41,11 @@ __all__ = ["SAMPLERS", "Engine", "EngineClosed", "Overloaded", "sampler_defaults
 
 logger = logging.getLogger("tiltsmc.engine")
 
+# The engine's defaults, which tiltsmc serve and its Ray replicas take too.
+MAX_BATCH_ROWS = 4096
+MAX_QUEUE = 1024
+RELEASE_MEMORY_AFTER = 30.0  # seconds idle after work before memory is given back (see Engine)
+
 # Each sampler: the offline function (its signature holds the defaults, shared by the API, the CLI and the
 # server) and the builder of its run.
 SAMPLERS: dict[str, tuple[Callable[..., SamplerResult], Callable[..., Run]]] = {
@@ -87,7 +92,11 @@ class Engine:
     ``release_memory_after``: once the engine has been idle that many seconds after work, the models' memory
     pools shrink (their ``release_memory()``, where they have one: ONNX Runtime's arena for the ONNX models)
     and the freed heap goes back to the system (``release_free_memory``), so a long-running service returns to
-    about its idle size after a burst (None: never).
+    about its idle size after a burst (None: never). Memory given back is not free to take again: the next
+    burst faults every page in afresh, and on a virtual machine whose host reclaims the pages its guest
+    frees (a balloon with free page reporting) each page is also the host's to fault in again, tens of
+    times the cost of touching memory kept (``bench/bench_refault.py``); so the default waits
+    ``RELEASE_MEMORY_AFTER`` (30 s): traffic that pauses for less keeps its memory.
 
     ``keep_freed_memory=True`` (glibc; what ``tiltsmc serve`` and its Ray replicas do, whose process is the
     engine's) keeps freed memory in the C heap for the next arrays instead of every large array being
@@ -102,10 +111,10 @@ class Engine:
         policy: Policy,
         reward: RewardModel,
         *,
-        max_batch_rows: int = 4096,
-        max_queue: int = 1024,
+        max_batch_rows: int = MAX_BATCH_ROWS,
+        max_queue: int = MAX_QUEUE,
         timeout: Optional[float] = None,
-        release_memory_after: Optional[float] = 2.0,
+        release_memory_after: Optional[float] = RELEASE_MEMORY_AFTER,
         keep_freed_memory: bool = False,
     ) -> None:
         self._models = Models(policy, reward, Compute())

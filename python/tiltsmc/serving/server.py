@@ -41,7 +41,15 @@ import numpy as np
 
 from .. import core
 from ..samplers.result import SamplerResult
-from .engine import Engine, EngineClosed, Overloaded, sampler_defaults
+from .engine import (
+    MAX_BATCH_ROWS,
+    MAX_QUEUE,
+    RELEASE_MEMORY_AFTER,
+    Engine,
+    EngineClosed,
+    Overloaded,
+    sampler_defaults,
+)
 
 if TYPE_CHECKING:
     from fastapi.responses import JSONResponse
@@ -563,8 +571,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--api-key-env", default=None, metavar="VAR", help="require Bearer $VAR on /v1 and /metrics"
     )
-    parser.add_argument("--max-batch-rows", type=int, default=4096, help="particles in flight at most")
-    parser.add_argument("--max-queue", type=int, default=1024, help="requests waiting at most (then 429)")
+    parser.add_argument(
+        "--max-batch-rows", type=int, default=MAX_BATCH_ROWS, help="particles in flight at most"
+    )
+    parser.add_argument(
+        "--max-queue", type=int, default=MAX_QUEUE, help="requests waiting at most (then 429)"
+    )
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds a request may take (then 504)")
     parser.add_argument("--grace", type=float, default=30.0, help="seconds to finish requests on SIGTERM")
     parser.add_argument(
@@ -583,6 +595,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-tokens", type=int, default=None, help="max_tokens at most (default: the policy's)"
     )
     parser.add_argument("--max-n", type=int, default=Limits.max_n, help="choices per prompt (n) at most")
+    parser.add_argument(
+        "--release-memory-after",
+        type=_seconds_or_never,
+        default=RELEASE_MEMORY_AFTER,
+        metavar="SECONDS",
+        help=f"idle seconds after a burst before memory goes back to the system, or 'never' "
+        f"(default: {RELEASE_MEMORY_AFTER:g})",
+    )
+
+
+def _seconds_or_never(text: str) -> Optional[float]:
+    if text.strip().lower() == "never":
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds >= 0 or seconds == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0 or 'never', got {text!r}")
+    return seconds
 
 
 @dataclass(frozen=True)
@@ -595,8 +627,9 @@ class Settings:
     limits: Limits = Limits()
     timeout: Optional[float] = 60.0
     grace: float = 30.0
-    max_batch_rows: int = 4096
-    max_queue: int = 1024
+    max_batch_rows: int = MAX_BATCH_ROWS
+    max_queue: int = MAX_QUEUE
+    release_memory_after: Optional[float] = RELEASE_MEMORY_AFTER
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Settings":
@@ -618,7 +651,14 @@ class Settings:
             max_n=args.max_n,
         )
         return cls(
-            args.model_name, api_key, limits, args.timeout, args.grace, args.max_batch_rows, args.max_queue
+            args.model_name,
+            api_key,
+            limits,
+            args.timeout,
+            args.grace,
+            args.max_batch_rows,
+            args.max_queue,
+            args.release_memory_after,
         )
 
     def engine(self, policy: Any, reward: Any) -> Engine:
@@ -628,6 +668,7 @@ class Settings:
             reward,
             max_batch_rows=self.max_batch_rows,
             max_queue=self.max_queue,
+            release_memory_after=self.release_memory_after,
             keep_freed_memory=True,
         )
 
