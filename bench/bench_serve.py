@@ -42,7 +42,7 @@ offered load (throughput >= 0.95x and p99 <= 1.1x the baseline's at every rate b
 noise); lone requests within 10% of a direct call; tiltsmc's share of a step at saturation (the
 engine's highest level) <= 5%. Prints a table, writes ``bench/results/serve_<host>.json`` and a PNG of
 latency against offered load. Not a test. The client runs on the same cores as the servers (the same
-cost for both). A full run took 3 - 5 minutes on 2 cores.
+cost for both). A full run took 3 - 4 minutes on 2 cores.
 
     python bench/bench_serve.py                 # both configurations, 4 and 16 particles
     python bench/bench_serve.py --quick         # smoke run: demo, 4 particles, short levels
@@ -704,10 +704,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     """The open-loop load's options (levels, target, lone requests), shared with bench_serve_ray.py."""
     parser.add_argument("--duration", type=float, default=6.0, help="arrival window of a level (s)")
-    parser.add_argument("--min-requests", type=int, default=20)
-    parser.add_argument("--max-requests", type=int, default=60)
+    parser.add_argument("--min-requests", type=int, default=40)
+    parser.add_argument("--max-requests", type=int, default=120)
     parser.add_argument("--target-factor", type=float, default=5.0, help="p99 target / lone latency")
-    parser.add_argument("--lone-repeats", type=int, default=7)
+    parser.add_argument("--lone-repeats", type=int, default=15)
     parser.add_argument("--request-timeout", type=float, default=120.0)
 
 
