@@ -50,6 +50,7 @@ import numpy as np
 
 from . import core
 from ._files import create_beside
+from ._options import real_option
 from .diagnostics import OnlineBellman, online_bellman
 from .samplers._engine import Models
 from .samplers.lane import RunFailed, run_together
@@ -448,31 +449,20 @@ def _count(text: str) -> int:
     return value
 
 
-def _real(text: str, low: float, high: float, low_open: bool, high_open: bool, what: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-    inside = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if math.isnan(value) or not inside:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
-    return value
-
-
 def _fraction(text: str) -> float:
-    return _real(text, 0.0, 1.0, False, False, "a fraction in [0, 1]")
+    return real_option(text, 0.0, 1.0, False, False, "a fraction in [0, 1]")
 
 
 def _open_fraction(text: str) -> float:
-    return _real(text, 0.0, 1.0, True, False, "a fraction in (0, 1]")
+    return real_option(text, 0.0, 1.0, True, False, "a fraction in (0, 1]")
 
 
 def _positive_real(text: str) -> float:
-    return _real(text, 0.0, math.inf, True, True, "a finite number > 0")
+    return real_option(text, 0.0, math.inf, True, True, "a finite number > 0")
 
 
 def _non_negative_real(text: str) -> float:
-    return _real(text, 0.0, math.inf, False, True, "a finite number >= 0")
+    return real_option(text, 0.0, math.inf, False, True, "a finite number >= 0")
 
 
 def _id_list(text: str) -> list[int]:

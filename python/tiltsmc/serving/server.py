@@ -28,6 +28,7 @@ import contextlib
 import hmac
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -40,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 import numpy as np
 
 from .. import core
+from .._options import real_option
 from ..samplers.result import SamplerResult
 from .engine import (
     MAX_BATCH_ROWS,
@@ -608,13 +610,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _seconds_or_never(text: str) -> Optional[float]:
     if text.strip().lower() == "never":
         return None
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = float("nan")
-    if not seconds >= 0 or seconds == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected seconds >= 0 or 'never', got {text!r}")
-    return seconds
+    return real_option(text, 0.0, math.inf, False, True, "seconds >= 0 or 'never'")
 
 
 @dataclass(frozen=True)
