@@ -34,7 +34,12 @@ For each configuration and particle count:
    engine, from ``/metrics``, rows per policy call and tiltsmc's share of a step's time; for the
    baseline, the same from the responses' ``compute`` (each call's own time, which includes waiting for
    the GIL and the cores while other calls run).
-4. **Sustained rate**: the highest offered rate with no errors and p99 within the target.
+4. **Sustained rate**: the highest offered rate with no errors and p99 within the target. The ladder's
+   rungs are 25 - 100% apart, too coarse to compare two systems by: after it, each system's sustained
+   rate is bisected (``--refine`` levels each, default 3, the systems in turn) between its highest rate
+   within the target and the next rate it ran, at geometric middles: three levels narrow a rung to an
+   eighth of its ratio. A level is one draw of a noisy p99, so the bisection locates the knee, not a
+   guaranteed rate.
 
 The bars (issue #15), as ratios measured in this one run: the engine sustains >= 2x the baseline's rate
 with 4-particle requests on the demo's models, >= 1.2x with 16; it is never below the baseline at any
@@ -430,6 +435,7 @@ def run_config(
                     "lone_http_seconds": lone[system],
                     "lone_http_median": float(np.median(lone[system])),
                     "levels": [],
+                    "refined": [],
                 }
             reference = out["baseline"][particles]["lone_http_median"]
             plan["target_seconds"] = args.target_factor * reference
@@ -440,25 +446,67 @@ def run_config(
                 f"{plan['target_seconds']:.3f} s; rates {plan['rates']}",
                 flush=True,
             )
+
             fails = dict.fromkeys(SYSTEMS, 0)
             for index, rate in enumerate(plan["rates"]):
-                rng = np.random.default_rng([args.seed, particles, index])
-                offsets = arrival_offsets(rate, args, rng)
-                bodies = [request_body(prompts[k], k, particles, models) for k in range(len(offsets))]
                 for system in SYSTEMS if index % 2 == 0 else SYSTEMS[::-1]:
                     if fails[system] >= 2:
                         continue
-                    level = run_one_level(
-                        system, servers[system].base, servers[system].pid, bodies, offsets, rate, args
+                    level = judged_level(  # the same schedule for both systems
+                        servers[system], rate, [index], particles, models, prompts, plan, args
                     )
-                    level["within_target"] = level["errors"] == 0 and level["p99"] <= plan["target_seconds"]
                     fails[system] = 0 if level["within_target"] else fails[system] + 1
                     out[system][particles]["levels"].append(level)
-                    print("    " + level_line(system, particles, level), flush=True)
-                    time.sleep(args.pause)
                 if min(fails.values()) >= 2:
                     break
+            # each system's sustained rate between its ladder's rungs: bisection, the systems in turn
+            spans = {system: bracket(out[system][particles]["levels"]) for system in SYSTEMS}
+            for step in range(args.refine):
+                for system in SYSTEMS if step % 2 == 0 else SYSTEMS[::-1]:
+                    span = spans[system]
+                    if span is None:
+                        continue
+                    low, high = span
+                    rate = round(math.sqrt(low * high), 2)  # the rungs are ratios apart: a geometric middle
+                    if not low < rate < high:
+                        continue
+                    key = [1000 + step, SYSTEMS.index(system)]
+                    level = judged_level(servers[system], rate, key, particles, models, prompts, plan, args)
+                    level["refinement"] = step + 1
+                    out[system][particles]["refined"].append(level)
+                    spans[system] = (rate, high) if level["within_target"] else (low, rate)
     return out
+
+
+def judged_level(
+    server: Server,
+    rate: float,
+    key: list[int],
+    particles: int,
+    models: str,
+    prompts: list[str],
+    plan: dict[str, Any],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """One load level on ``server`` (its arrival schedule seeded by ``key``), judged against the target."""
+    offsets = arrival_offsets(rate, args, np.random.default_rng([args.seed, particles, *key]))
+    bodies = [request_body(prompts[k], k, particles, models) for k in range(len(offsets))]
+    level = run_one_level(server.system, server.base, server.pid, bodies, offsets, rate, args)
+    level["within_target"] = level["errors"] == 0 and level["p99"] <= plan["target_seconds"]
+    print("    " + level_line(server.system, particles, level), flush=True)
+    time.sleep(args.pause)
+    return level
+
+
+def bracket(levels: list[dict[str, Any]]) -> Optional[tuple[float, float]]:
+    """The highest ladder rate within the target and the next rate the ladder ran above it (over the
+    target): the sustained rate lies between them. None when no level was within the target or the
+    highest was the ladder's last (nothing above to bisect towards)."""
+    passed = [lv["offered_rate"] for lv in levels if lv["within_target"]]
+    if not passed:
+        return None
+    above = [lv["offered_rate"] for lv in levels if lv["offered_rate"] > max(passed)]
+    return (max(passed), min(above)) if above else None
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -583,10 +631,23 @@ def print_table(result: dict[str, Any]) -> None:
             else:
                 cells.append("-")
             print(" | ".join(cells))
+        for system in SYSTEMS:
+            refined = block[system]["refined"]
+            if refined:
+                steps = ", ".join(
+                    f"{lv['offered_rate']:.2f} (p99 {lv['p99']:.3f}{'' if lv['within_target'] else '*'})"
+                    for lv in refined
+                )
+                print(f"{'':>8}   {system} refined: {steps}")
+        at_least = {  # a ladder that ended within the target: its sustained rate is a lower bound
+            system: ">= " if block[system]["levels"] and block[system]["levels"][-1]["within_target"] else ""
+            for system in SYSTEMS
+        }
         print(
             f"{'':>8}   sustained (p99 <= {block['target_seconds']:.3f} s, no errors): baseline "
-            f"{block['baseline']['sustained_rate']:.2f} req/s, engine "
-            f"{block['engine']['sustained_rate']:.2f} req/s ({fmt(block['sustained_ratio'], '.2f')}x); "
+            f"{at_least['baseline']}{block['baseline']['sustained_rate']:.2f} req/s, engine "
+            f"{at_least['engine']}{block['engine']['sustained_rate']:.2f} req/s "
+            f"({fmt(block['sustained_ratio'], '.2f')}x); "
             "* = over the target; rows = rows per policy call; tsmc = tiltsmc's share of a step; "
             "cpu = cores the server used"
         )
@@ -676,7 +737,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     for block in blocks:
         ax = axes[models_list.index(block["models"])][particles_list.index(block["particles"])]
         for system in SYSTEMS:
-            levels = block[system]["levels"]
+            levels = block[system]["levels"] + block[system]["refined"]
+            levels.sort(key=lambda lv: lv["offered_rate"])
             rates = [lv["offered_rate"] for lv in levels]
             colour = colours[system]
             ax.plot(rates, [lv["p99"] for lv in levels], "o-", color=colour, label=f"{names[system]} p99")
@@ -723,6 +785,9 @@ def main() -> None:
     )
     add_load_arguments(parser)
     parser.add_argument("--pause", type=float, default=0.5, help="seconds between levels")
+    parser.add_argument(
+        "--refine", type=int, default=3, help="bisection levels per system between its ladder's rungs"
+    )
     parser.add_argument("--engine-server", choices=("cli", "app"), default="cli")
     parser.add_argument(
         "--memory-arena",
@@ -739,6 +804,7 @@ def main() -> None:
     if args.quick:
         args.models, args.particles, args.rates = "demo", "4", "1,3"
         args.duration, args.min_requests, args.max_requests, args.lone_repeats = 2.0, 6, 20, 3
+        args.refine = 1
     sys.path.insert(0, str(HERE))
     from tiltsmc.tasks import arithmetic
 
@@ -776,7 +842,8 @@ def main() -> None:
                 }
                 for system in SYSTEMS:
                     block[system] = systems[system][particles]
-                    block[system]["sustained_rate"] = sustained(block[system]["levels"])
+                    levels = block[system]["levels"] + block[system]["refined"]
+                    block[system]["sustained_rate"] = sustained(levels)
                 b, e = block["baseline"]["sustained_rate"], block["engine"]["sustained_rate"]
                 block["sustained_ratio"] = e / b if b > 0 else (None if e == 0 else float("inf"))
                 block["comparison"] = compare(block["baseline"], block["engine"])
@@ -795,7 +862,11 @@ def main() -> None:
         "definitions": {
             "p99_target": f"p99 <= {args.target_factor} x the baseline's median lone-request latency over "
             "HTTP (same configuration and particles; one target for both systems)",
-            "sustained_rate": "the highest offered rate with no errors and p99 within the target",
+            "sustained_rate": "the highest offered rate with no errors and p99 within the target, over the "
+            "ladder and the refinement",
+            "refinement": "--refine levels per system bisecting (geometric middles) between the highest "
+            "ladder rate within the target and the next rate run above it; their schedules are their own, "
+            "so they enter the sustained rate, not the rate-by-rate comparison",
             "throughput": "completed requests / seconds from the first scheduled send to the last response",
             "latency": "from a request's scheduled send time (fixed in advance, open loop) to its response",
             "rates": "multiples (--rates) of 1 / the baseline's median lone-request latency over HTTP",
