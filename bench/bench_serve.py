@@ -38,8 +38,10 @@ For each configuration and particle count:
    rungs are 25 - 100% apart, too coarse to compare two systems by: after it, each system's sustained
    rate is bisected (``--refine`` levels each, default 3, the systems in turn) between its highest rate
    within the target and the next rate it ran, at geometric middles: three levels narrow a rung to an
-   eighth of its ratio. A level is one draw of a noisy p99, so the bisection locates the knee, not a
-   guaranteed rate.
+   eighth of its ratio. The systems' refinement levels of one step share their arrivals, scaled to each
+   one's rate (the same seeded standard exponential gaps), so both meet the same bursts. Near the knee
+   a level's p99 depends on its bursts (a queue that builds up drains slowly when a step's cost grows
+   with its rows), so the bisection locates the knee of these schedules, not a guaranteed rate.
 
 The bars (issue #15), as ratios measured in this one run: the engine sustains >= 2x the baseline's rate
 with 4-particle requests on the demo's models, >= 1.2x with 16; it is never below the baseline at any
@@ -470,7 +472,8 @@ def run_config(
                     rate = round(math.sqrt(low * high), 2)  # the rungs are ratios apart: a geometric middle
                     if not low < rate < high:
                         continue
-                    key = [1000 + step, SYSTEMS.index(system)]
+                    # the same arrivals for both systems, scaled to each one's rate (their bursts alike)
+                    key = [1000 + step]
                     level = judged_level(servers[system], rate, key, particles, models, prompts, plan, args)
                     level["refinement"] = step + 1
                     out[system][particles]["refined"].append(level)
@@ -509,13 +512,15 @@ def bracket(levels: list[dict[str, Any]]) -> Optional[tuple[float, float]]:
     return (max(passed), min(above)) if above else None
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far (Linux /proc; nan elsewhere)."""
+def process_counters(pid: int) -> tuple[float, float]:
+    """User + system CPU seconds of a process so far, and its page faults (minor + major): Linux /proc;
+    nan elsewhere."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return float("nan"), float("nan")
+    cpu_seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return cpu_seconds, float(int(fields[7]) + int(fields[9]))
 
 
 def run_one_level(
@@ -528,12 +533,16 @@ def run_one_level(
     args: argparse.Namespace,
 ) -> dict[str, Any]:
     before = engine_counters(base, args.engine_server) if system == "engine" else None
-    server_cpu, client_cpu, wall = process_cpu_seconds(pid), time.process_time(), time.perf_counter()
+    (server_cpu, faults), client_cpu, wall = process_counters(pid), time.process_time(), time.perf_counter()
     records = run_level(bodies, offsets, base, args.request_timeout)
     wall = time.perf_counter() - wall
     level = summarise(records, offsets, rate)
     # cores busy over the level: the server process (all its threads) and this client
-    level["server_cpu_cores"] = (process_cpu_seconds(pid) - server_cpu) / wall
+    server_cpu_after, faults_after = process_counters(pid)
+    level["server_cpu_cores"] = (server_cpu_after - server_cpu) / wall
+    # pages the server touched for the first time (or again, after giving them back): a level that takes
+    # it to a new memory peak pays for the growth
+    level["server_page_faults"] = faults_after - faults
     level["client_cpu_cores"] = (time.process_time() - client_cpu) / wall
     level["loadavg_1min_after"] = os.getloadavg()[0]  # the machine is shared: how busy it was
     if before is not None:
@@ -553,6 +562,7 @@ def level_line(system: str, particles: int, level: dict[str, Any]) -> str:
         + (f", {rows:5.1f} rows/call" if rows is not None else "")
         + (f", tiltsmc {100 * share:4.1f}%" if share is not None else "")
         + f", cores: server {level['server_cpu_cores']:.2f} client {level['client_cpu_cores']:.2f}"
+        + f", faults {level['server_page_faults']:.0f}"
         + ("" if level["within_target"] else "  (over target)")
     )
 
@@ -864,9 +874,11 @@ def main() -> None:
             "HTTP (same configuration and particles; one target for both systems)",
             "sustained_rate": "the highest offered rate with no errors and p99 within the target, over the "
             "ladder and the refinement",
+            "server_page_faults": "the server process's minor + major page faults during a level",
             "refinement": "--refine levels per system bisecting (geometric middles) between the highest "
-            "ladder rate within the target and the next rate run above it; their schedules are their own, "
-            "so they enter the sustained rate, not the rate-by-rate comparison",
+            "ladder rate within the target and the next rate run above it; at each step both systems' "
+            "arrivals are the same gaps scaled to their rates; the levels enter the sustained rate, not "
+            "the rate-by-rate comparison",
             "throughput": "completed requests / seconds from the first scheduled send to the last response",
             "latency": "from a request's scheduled send time (fixed in advance, open loop) to its response",
             "rates": "multiples (--rates) of 1 / the baseline's median lone-request latency over HTTP",
