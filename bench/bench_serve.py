@@ -69,6 +69,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -114,7 +115,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def server_command(system: str, models: str, port: int, engine_server: str, arena: str) -> list[str]:
+def server_command(
+    system: str, models: str, port: int, engine_server: str, arena: str, engine_options: Sequence[str] = ()
+) -> list[str]:
+    """The command line of a system's server; ``engine_options`` go to ``tiltsmc serve``."""
     common = ["--memory-arena", arena, "--host", "127.0.0.1", "--port", str(port)]
     if system == "baseline" or engine_server == "app":
         extra = ["--engine"] if system == "engine" else []
@@ -122,6 +126,7 @@ def server_command(system: str, models: str, port: int, engine_server: str, aren
     from serve_baseline import FIXTURE_MAX_NEW_TOKENS, FIXTURES
 
     entry = [sys.executable, "-m", "tiltsmc.cli", "serve"]
+    common += engine_options
     if models == "demo":
         return [*entry, "--demo", *common]
     return [

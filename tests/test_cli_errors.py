@@ -247,3 +247,29 @@ def test_serve_passes_its_release_delay_to_the_engine(value: Optional[str], seco
         assert engine.release_memory_after == seconds
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize(("value", "adaptive"), [(None, True), ("on", True), ("off", False)])
+def test_serve_passes_adaptive_rows_to_the_engine(value: Optional[str], adaptive: bool) -> None:
+    """``--adaptive-rows on|off`` reaches the engine; the default is the engine's own."""
+    from tiltsmc.cli import build_parser
+    from tiltsmc.serving.engine import ADAPTIVE_ROWS, Engine
+    from tiltsmc.serving.server import Settings
+
+    argv = ["serve", "--demo"] + ([] if value is None else ["--adaptive-rows", value])
+    settings = Settings.from_args(build_parser().parse_args(argv))
+    assert settings.adaptive_rows is adaptive
+    assert inspect.signature(Engine).parameters["adaptive_rows"].default is ADAPTIVE_ROWS
+    policy, reward = tiltsmc.tasks.arithmetic.load_models()
+    engine = settings.engine(policy, reward)
+    try:
+        assert engine.adaptive_rows is adaptive
+    finally:
+        engine.close()
+
+
+def test_serve_refuses_a_bad_adaptive_rows_value(capfd: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--demo", "--port", "0", "--adaptive-rows", "maybe"])
+    assert exit_info.value.code == 2
+    assert "--adaptive-rows: invalid choice: 'maybe'" in one_line_error(capfd)

@@ -228,6 +228,56 @@ def test_overload_and_row_budget(models: tuple[Any, Any]) -> None:
     assert stats["requests"]["completed"] == 3
 
 
+class RowsSeen(Gated):
+    """A gated policy that records the rows of every ``propose``."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.rows: list[int] = []
+
+    def propose(self, particles: Particles, rng: Any) -> Any:
+        self.rows.append(int(particles.lengths.size))
+        return super().propose(particles, rng)
+
+
+def _wait_for(condition: Callable[[], bool], seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def test_the_engine_admits_up_to_the_row_limit_it_learned(models: tuple[Any, Any]) -> None:
+    """One 4-particle request at a time: once eight steps of 4 rows are measured the batch may grow to
+    the next bucket only (16 rows). A burst of 32 rows then runs 16 at a time until steps of 16 rows
+    are measured in turn; with ``adaptive_rows=False`` every row fits at once (``max_batch_rows``)."""
+    policy, twist = models
+    for adaptive, limit in ((True, 16), (False, 96)):
+        seen = RowsSeen(policy)
+        with tiltsmc.Engine(seen, twist, max_batch_rows=96, adaptive_rows=adaptive) as engine:
+            assert engine.stats()["row_limit"] == 96  # nothing measured yet
+            seed = 0
+            while len(seen.rows) < 8:  # alone, so every step has 4 rows
+                engine.submit((), "smc", num_particles=4, rng=seed).result(timeout=30)
+                seed += 1
+            assert _wait_for(lambda: engine.stats()["row_limit"] == limit)  # noqa: B023
+            seen.gate.clear()
+            seen.entered.clear()
+            first = engine.submit((), "smc", num_particles=4, rng=100)
+            assert seen.entered.wait(10)  # the worker holds one request's step
+            burst = [engine.submit((), "smc", num_particles=4, rng=101 + k) for k in range(8)]
+            before = len(seen.rows)
+            seen.gate.set()
+            for future in [first, *burst]:
+                future.result(timeout=30)
+        after_burst = seen.rows[before : before + 8]
+        assert max(after_burst) == (16 if adaptive else 36), (adaptive, after_burst)
+    with pytest.raises(TypeError, match="adaptive_rows"):
+        tiltsmc.Engine(policy, twist, adaptive_rows="yes")  # type: ignore[arg-type]
+
+
 def test_timeout_and_cancellation_free_rows(models: tuple[Any, Any]) -> None:
     policy, twist = models
     gated = Gated(policy)

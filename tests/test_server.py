@@ -219,6 +219,7 @@ def test_health_and_metrics(server: Server) -> None:
         'tiltsmc_requests_total{outcome="completed"}',
         "tiltsmc_queue_depth",
         "tiltsmc_rows_in_flight",
+        "tiltsmc_row_limit",
         "tiltsmc_rows_per_policy_call",
         'tiltsmc_step_seconds_total{part="policy"}',
         'tiltsmc_step_seconds_total{part="reward"}',
@@ -227,6 +228,7 @@ def test_health_and_metrics(server: Server) -> None:
     ):
         assert name in text, name
     assert server.metric('tiltsmc_requests_total{outcome="completed"}') >= 1
+    assert 1 <= server.metric("tiltsmc_row_limit") <= 4096  # the default max_batch_rows, or learned below
     lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
     requests = [
         line for line in lines if line.get("event") == "request" and line["path"] == "/v1/completions"

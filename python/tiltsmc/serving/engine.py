@@ -35,7 +35,7 @@ from ..samplers.lane import KINDS, Lane
 from ..samplers.result import Compute, SamplerResult
 from ..samplers.runs import Run
 from ._memory import release_free_memory, reuse_freed_memory
-from .scheduler import EngineClosed, Overloaded, Request, Scheduler
+from .scheduler import BatchSizer, EngineClosed, Overloaded, Request, Scheduler
 
 __all__ = ["SAMPLERS", "Engine", "EngineClosed", "Overloaded", "sampler_defaults"]
 
@@ -45,6 +45,7 @@ logger = logging.getLogger("tiltsmc.engine")
 MAX_BATCH_ROWS = 4096
 MAX_QUEUE = 1024
 RELEASE_MEMORY_AFTER = 30.0  # seconds idle after work before memory is given back (see Engine)
+ADAPTIVE_ROWS = True  # below max_batch_rows, only the rows that still make a step's rows cheaper
 
 # Each sampler: the offline function (its signature holds the defaults, shared by the API, the CLI and the
 # server) and the builder of its run.
@@ -85,7 +86,14 @@ class Engine:
     """Serve sampler requests concurrently on one policy and reward model (see the module docstring).
 
     ``max_batch_rows``: the most particles in flight at once (a request needs ``num_particles`` rows, or
-    its pool / ``n`` / ``batch_size``); ``max_queue``: the most requests waiting for rows, past which
+    its pool / ``n`` / ``batch_size``). With ``adaptive_rows`` (the default), fewer: the engine learns
+    from its steps' times the batch size past which more rows no longer make each row's step cheaper
+    ([`BatchSizer`][tiltsmc.serving.scheduler.BatchSizer]: within 10% of the best seconds per row seen)
+    and admits up to it, the rest waiting in the queue; so a burst past what the machine serves queues
+    instead of growing every step (on a CPU, a step's time grows with its rows, and a join copies every
+    row's KV cache: admitting everything made the engine slower the more it was overloaded). The limit
+    doubles as load reaches it while rows keep paying; it is in ``stats()["row_limit"]``.
+    ``max_queue``: the most requests waiting for rows, past which
     [`submit`][tiltsmc.serving.engine.Engine.submit] raises [`Overloaded`][tiltsmc.serving.engine.Overloaded];
     ``timeout``: the default per-request timeout in seconds (None: none). The worker thread starts at once;
     [`close`][tiltsmc.serving.engine.Engine.close] (or leaving a ``with`` block) stops it.
@@ -116,6 +124,7 @@ class Engine:
         timeout: Optional[float] = None,
         release_memory_after: Optional[float] = RELEASE_MEMORY_AFTER,
         keep_freed_memory: bool = False,
+        adaptive_rows: bool = ADAPTIVE_ROWS,
     ) -> None:
         self._models = Models(policy, reward, Compute())
         problems = [p for p in (_missing_support(policy, "policy"), _missing_support(reward, "reward")) if p]
@@ -125,6 +134,11 @@ class Engine:
         self.max_queue = check_count(max_queue, "max_queue", minimum=0)
         self.default_timeout = _check_timeout(timeout)
         self._scheduler = Scheduler(self.max_queue, self.max_batch_rows)
+        if not isinstance(adaptive_rows, bool):
+            raise TypeError(f"adaptive_rows: expected a bool, got {type(adaptive_rows).__name__}")
+        self.adaptive_rows = adaptive_rows
+        self._sizer = BatchSizer() if adaptive_rows else None
+        self._row_limit = self.max_batch_rows  # the rows the scheduler may fill (the worker's, read by stats)
         self._lanes = {kind: Lane(self._models, kind) for kind in KINDS}
         # by id(run): changed by the worker only, under the lock (stats() reads it from other threads)
         self._in_flight: dict[int, Request] = {}
@@ -239,6 +253,7 @@ class Engine:
             "in_flight": len(in_flight),
             "rows_in_flight": sum(r.rows for r in in_flight),
             "max_batch_rows": self.max_batch_rows,
+            "row_limit": self._row_limit,
             "steps": steps,
             "rows_per_policy_call": lane_rows / lane_calls if lane_calls else 0.0,
             "policy_calls": compute.policy_calls,
@@ -300,7 +315,7 @@ class Engine:
             self._end_waiting(request, now)
         self._drop_cancelled(now)
         rows = sum(r.rows for r in self._in_flight.values())
-        for request in self._scheduler.admit(rows):
+        for request in self._scheduler.admit(rows, self._row_limit):
             request.admitted = now
             with self._wake:
                 self._in_flight[id(request.run)] = request
@@ -309,6 +324,7 @@ class Engine:
             return not (closing and not len(self._scheduler))
         self._worked = True
         began = time.perf_counter()
+        rows_before = sum(lane.policy_rows for lane in self._lanes.values())
         for lane in self._lanes.values():
             if len(lane):
                 try:
@@ -319,9 +335,14 @@ class Engine:
                     lane.remove(lane.runs())
                 for run, error in ended:
                     self._finish(run, error)
+        seconds = time.perf_counter() - began
+        if self._sizer is not None:  # the rows the step's policy calls served, and what the step took
+            self._sizer.observe(sum(lane.policy_rows for lane in self._lanes.values()) - rows_before, seconds)
+            limit = self._sizer.limit()
+            self._row_limit = self.max_batch_rows if limit is None else min(limit, self.max_batch_rows)
         with self._wake:
             self._steps += 1
-            self._step_seconds += time.perf_counter() - began
+            self._step_seconds += seconds
         return True
 
     def _release_memory(self) -> None:

@@ -1,8 +1,10 @@
-"""Admission of requests into the engine: a bounded queue and a budget of particle rows in flight."""
+"""Admission of requests into the engine: a bounded queue, a budget of particle rows in flight, and the
+batch size past which rows stop paying for themselves."""
 
 from __future__ import annotations
 
 import collections
+import math
 import threading
 import time
 from concurrent.futures import Future
@@ -11,7 +13,7 @@ from typing import Any, Optional
 
 from ..samplers.runs import Run
 
-__all__ = ["EngineClosed", "Overloaded", "Request", "Scheduler"]
+__all__ = ["BatchSizer", "EngineClosed", "Overloaded", "Request", "Scheduler"]
 
 
 class Overloaded(RuntimeError):
@@ -67,11 +69,17 @@ class Scheduler:
                 raise Overloaded(f"{len(self._waiting)} requests are waiting (max_queue = {self.max_queue})")
             self._waiting.append(request)
 
-    def admit(self, rows_in_flight: int) -> list[Request]:
-        """The waiting requests that fit now, oldest first."""
+    def admit(self, rows_in_flight: int, row_limit: Optional[int] = None) -> list[Request]:
+        """The waiting requests that fit now, oldest first: under ``max_batch_rows``, and under
+        ``row_limit`` (a [`BatchSizer`][tiltsmc.serving.scheduler.BatchSizer]'s) unless nothing is in
+        flight (the oldest request always runs)."""
+        limit = self.max_batch_rows if row_limit is None else min(row_limit, self.max_batch_rows)
         admitted: list[Request] = []
         with self._lock:
-            while self._waiting and rows_in_flight + self._waiting[0].rows <= self.max_batch_rows:
+            while self._waiting and (
+                rows_in_flight + self._waiting[0].rows <= limit
+                or (rows_in_flight == 0 and self._waiting[0].rows <= self.max_batch_rows)
+            ):
                 request = self._waiting.popleft()
                 rows_in_flight += request.rows
                 admitted.append(request)
@@ -89,3 +97,69 @@ class Scheduler:
         with self._lock:
             waiting, self._waiting = list(self._waiting), collections.deque()
         return waiting
+
+
+class BatchSizer:
+    r"""The most rows worth having in flight, learned from the steps' times.
+
+    A step over ``R`` rows costs ``t(R)``: a fixed part (session calls, kernel launches, tiltsmc's own
+    work per step) and a part that grows with the rows (the models' arithmetic, a join's copy of the
+    KV caches). Throughput is ``R / t(R)`` rows a second: it grows with ``R`` while the fixed part
+    dominates and stops growing once the rows' own cost does; past that point more rows only lengthen
+    every step (each request in flight waits longer for its tokens) and the caches a join copies. On a
+    GPU the fixed part dominates up to large batches; on a CPU the knee can be a few dozen rows.
+
+    Steps are grouped by their rows into buckets ``[2^k, 2^{k+1})``; each bucket keeps an exponentially
+    weighted mean of its steps' seconds per row ``c_k`` (weight ``smoothing`` on the newest), counted
+    once it has ``min_steps`` steps and forgotten ``memory`` steps after its last. The knee is the
+    smallest measured bucket ``k`` with ``c_k <= (1 + tolerance) min_j c_j``: bigger batches would gain
+    at most ``tolerance`` in throughput. ``limit()`` is the top of the knee's bucket, ``2^{k+1}`` rows;
+    where the knee is the largest bucket measured (rows have kept paying) it is the top of the next one,
+    so that the batch may grow and that bucket be measured: the limit doubles as load reaches it. With
+    nothing measured it is None (no limit: the scheduler's ``max_batch_rows``).
+    """
+
+    def __init__(
+        self, tolerance: float = 0.1, min_steps: int = 8, smoothing: float = 0.125, memory: int = 2000
+    ) -> None:
+        if not tolerance >= 0:
+            raise ValueError(f"tolerance: expected a fraction >= 0, got {tolerance!r}")
+        if not 0 < smoothing <= 1:
+            raise ValueError(f"smoothing: expected a weight in (0, 1], got {smoothing!r}")
+        self.tolerance, self.min_steps, self.smoothing, self.memory = tolerance, min_steps, smoothing, memory
+        self._cost: dict[int, float] = {}  # bucket -> seconds per row (exponentially weighted)
+        self._steps: dict[int, int] = {}  # bucket -> steps seen
+        self._last: dict[int, int] = {}  # bucket -> the step count when it was last seen
+        self._count = 0
+
+    def observe(self, rows: int, seconds: float) -> None:
+        """One step over ``rows`` rows took ``seconds``."""
+        self._count += 1
+        if rows <= 0 or not seconds > 0 or not math.isfinite(seconds):
+            return
+        bucket = rows.bit_length() - 1
+        if self._count - self._last.get(bucket, self._count) > self.memory:  # stale: start afresh
+            self._steps[bucket] = 0
+        per_row = seconds / rows
+        seen = self._steps.get(bucket, 0)
+        self._cost[bucket] = (
+            per_row if not seen else self._cost[bucket] + self.smoothing * (per_row - self._cost[bucket])
+        )
+        self._steps[bucket] = seen + 1
+        self._last[bucket] = self._count
+
+    def measured(self) -> dict[int, float]:
+        """Seconds per row of every bucket counted now, by bucket ``k`` (rows ``[2^k, 2^{k+1})``)."""
+        return {
+            k: cost
+            for k, cost in sorted(self._cost.items())
+            if self._steps[k] >= self.min_steps and self._count - self._last[k] <= self.memory
+        }
+
+    def limit(self) -> Optional[int]:
+        measured = self.measured()
+        if not measured:
+            return None
+        best = min(measured.values())
+        knee = min(k for k, cost in measured.items() if cost <= (1 + self.tolerance) * best)
+        return int(2 ** (knee + (2 if knee == max(measured) else 1)))

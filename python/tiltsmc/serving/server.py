@@ -44,6 +44,7 @@ from .. import core
 from .._options import real_option
 from ..samplers.result import SamplerResult
 from .engine import (
+    ADAPTIVE_ROWS,
     MAX_BATCH_ROWS,
     MAX_QUEUE,
     RELEASE_MEMORY_AFTER,
@@ -549,6 +550,11 @@ class _EngineCollector:
             "tiltsmc_rows_in_flight", "Particle rows in flight", value=stats["rows_in_flight"]
         )
         yield GaugeMetricFamily(
+            "tiltsmc_row_limit",
+            "Particle rows the engine admits up to now (max_batch_rows, or the learned batch size below it)",
+            value=stats["row_limit"],
+        )
+        yield GaugeMetricFamily(
             "tiltsmc_rows_per_policy_call",
             "Mean particle rows per policy call",
             value=stats["rows_per_policy_call"],
@@ -575,6 +581,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-batch-rows", type=int, default=MAX_BATCH_ROWS, help="particles in flight at most"
+    )
+    parser.add_argument(
+        "--adaptive-rows",
+        choices=("on", "off"),
+        default="on" if ADAPTIVE_ROWS else "off",
+        help="admit only the rows that still make a step's rows cheaper, learned from the steps' times "
+        "(off: up to --max-batch-rows)",
     )
     parser.add_argument(
         "--max-queue", type=int, default=MAX_QUEUE, help="requests waiting at most (then 429)"
@@ -626,6 +639,7 @@ class Settings:
     max_batch_rows: int = MAX_BATCH_ROWS
     max_queue: int = MAX_QUEUE
     release_memory_after: Optional[float] = RELEASE_MEMORY_AFTER
+    adaptive_rows: bool = ADAPTIVE_ROWS
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Settings":
@@ -655,6 +669,7 @@ class Settings:
             args.max_batch_rows,
             args.max_queue,
             args.release_memory_after,
+            args.adaptive_rows == "on",
         )
 
     def engine(self, policy: Any, reward: Any) -> Engine:
@@ -666,6 +681,7 @@ class Settings:
             max_queue=self.max_queue,
             release_memory_after=self.release_memory_after,
             keep_freed_memory=True,
+            adaptive_rows=self.adaptive_rows,
         )
 
     def app(self, engine: Engine, instance: Optional[str] = None) -> Any:

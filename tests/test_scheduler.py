@@ -1,0 +1,125 @@
+"""Admission: the scheduler's row budgets, and the batch size the engine learns from its steps' times
+(tiltsmc.serving.scheduler)."""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import Future
+from typing import Callable
+
+import pytest
+from tiltsmc.serving.scheduler import BatchSizer, Request, Scheduler
+
+
+def _request(number: int, rows: int) -> Request:
+    return Request(number, run=None, future=Future(), rows=rows)  # type: ignore[arg-type]
+
+
+def _observe_buckets(sizer: BatchSizer, seconds: Callable[[int], float], buckets: range, steps: int) -> None:
+    """``steps`` steps at the bottom row count of each bucket ``k`` (``2^k`` rows)."""
+    for k in buckets:
+        for _ in range(steps):
+            sizer.observe(2**k, seconds(2**k))
+
+
+def _knee(seconds: Callable[[int], float], buckets: range, tolerance: float) -> int:
+    """The smallest bucket within ``tolerance`` of the lowest seconds per row, found by a plain scan."""
+    per_row = {k: seconds(2**k) / 2**k for k in buckets}
+    best = min(per_row.values())
+    return next(k for k in buckets if per_row[k] <= (1 + tolerance) * best)
+
+
+def test_no_limit_until_a_bucket_has_enough_steps() -> None:
+    sizer = BatchSizer(min_steps=8)
+    assert sizer.limit() is None
+    _observe_buckets(sizer, lambda rows: 1e-3 * rows, range(4, 5), steps=7)
+    assert sizer.limit() is None
+    sizer.observe(16, 16e-3)
+    assert sizer.limit() == 64  # the only bucket measured is the knee so far: room for the next one
+
+
+@pytest.mark.parametrize(
+    ("name", "seconds"),
+    [
+        ("fixed part, then linear (a CPU)", lambda rows: 3e-3 + 0.33e-3 * rows),
+        ("rows' cost growing faster than the rows", lambda rows: 3e-3 + 0.3e-3 * rows + 2e-6 * rows**2),
+        ("no fixed part", lambda rows: 0.5e-3 * rows),
+    ],
+)
+def test_the_limit_is_the_top_of_the_knee_bucket(name: str, seconds: Callable[[int], float]) -> None:
+    """Where larger batches stop paying (within the tolerance of the best seconds per row), the limit is
+    the top of the smallest bucket that gets there; the larger buckets stay measured but unused."""
+    buckets = range(2, 11)
+    sizer = BatchSizer(tolerance=0.1)
+    _observe_buckets(sizer, seconds, buckets, steps=8)
+    knee = _knee(seconds, buckets, 0.1)
+    assert knee < max(buckets), name
+    assert sizer.limit() == 2 ** (knee + 1), name
+
+
+def test_the_limit_doubles_while_rows_keep_paying() -> None:
+    """A step whose time hardly grows with its rows (a GPU's kernel launches): each bucket measured lets
+    the batch reach the next one."""
+    sizer = BatchSizer()
+    for top in range(3, 12):
+        _observe_buckets(sizer, lambda rows: 2e-3 + 1e-6 * rows, range(top, top + 1), steps=8)
+        assert sizer.limit() == 2 ** (top + 2)
+
+
+def test_a_bucket_not_seen_for_a_while_is_forgotten() -> None:
+    """Old measurements expire, so the limit can grow again where the cost has changed."""
+    sizer = BatchSizer(memory=50)
+    _observe_buckets(sizer, lambda rows: 1e-3 * rows, range(2, 6), steps=8)
+    assert set(sizer.measured()) == {2, 3, 4, 5}
+    assert sizer.limit() == 8  # no fixed part: the smallest bucket is as good as any
+    for _ in range(60):
+        sizer.observe(4, 4e-3)
+    assert set(sizer.measured()) == {2}
+    assert sizer.limit() == 16
+
+
+def test_steps_without_rows_or_time_are_not_counted() -> None:
+    sizer = BatchSizer(min_steps=1)
+    for rows, seconds in [(0, 1.0), (4, 0.0), (4, math.nan), (4, math.inf), (-3, 1.0)]:
+        sizer.observe(rows, seconds)
+    assert sizer.measured() == {}
+
+
+def test_the_weighted_mean_follows_the_newest_steps() -> None:
+    sizer = BatchSizer(min_steps=1, smoothing=0.5)
+    sizer.observe(8, 8e-3)
+    sizer.observe(8, 16e-3)
+    assert sizer.measured() == {3: pytest.approx(1.5e-3)}
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"tolerance": -0.1}, "tolerance"),
+        ({"smoothing": 0.0}, "smoothing"),
+        ({"smoothing": 1.5}, "smoothing"),
+    ],
+)
+def test_bad_settings_are_refused(options: dict[str, float], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        BatchSizer(**options)  # type: ignore[arg-type]
+
+
+def test_admission_stops_at_the_row_limit_but_never_starves_the_oldest() -> None:
+    scheduler = Scheduler(max_queue=10, max_batch_rows=64)
+    for number, rows in enumerate([16, 16, 16, 40]):
+        scheduler.enqueue(_request(number, rows))
+    assert [r.id for r in scheduler.admit(0, row_limit=32)] == [0, 1]
+    assert scheduler.admit(32, row_limit=32) == []
+    assert [r.id for r in scheduler.admit(16, row_limit=32)] == [2]
+    # more rows than the limit, nothing in flight: the oldest still runs (alone)
+    assert [r.id for r in scheduler.admit(0, row_limit=32)] == [3]
+
+
+def test_the_row_limit_never_lifts_max_batch_rows() -> None:
+    scheduler = Scheduler(max_queue=10, max_batch_rows=24)
+    for number in range(3):
+        scheduler.enqueue(_request(number, 16))
+    assert [r.id for r in scheduler.admit(0, row_limit=4096)] == [0]
+    assert scheduler.admit(16, row_limit=4096) == []
+    assert len(scheduler) == 2
