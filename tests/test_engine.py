@@ -263,6 +263,10 @@ def test_the_engine_admits_up_to_the_row_limit_it_learned(models: tuple[Any, Any
                 engine.submit((), "smc", num_particles=4, rng=seed).result(timeout=30)
                 seed += 1
             assert _wait_for(lambda: engine.stats()["row_limit"] == limit)  # noqa: B023
+            learned = engine.stats()["seconds_per_row"]
+            assert (set(learned), all(v > 0 for v in learned.values())) == (
+                ({4}, True) if adaptive else (set(), True)
+            )
             seen.gate.clear()
             seen.entered.clear()
             first = engine.submit((), "smc", num_particles=4, rng=100)

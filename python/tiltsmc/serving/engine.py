@@ -92,7 +92,8 @@ class Engine:
     and admits up to it, the rest waiting in the queue; so a burst past what the machine serves queues
     instead of growing every step (on a CPU, a step's time grows with its rows, and a join copies every
     row's KV cache: admitting everything made the engine slower the more it was overloaded). The limit
-    doubles as load reaches it while rows keep paying; it is in ``stats()["row_limit"]``.
+    doubles as load reaches it while rows keep paying; it is in ``stats()["row_limit"]``, with the seconds
+    per row it was chosen from in ``stats()["seconds_per_row"]`` (by the bottom row count of each size).
     ``max_queue``: the most requests waiting for rows, past which
     [`submit`][tiltsmc.serving.engine.Engine.submit] raises [`Overloaded`][tiltsmc.serving.engine.Overloaded];
     ``timeout``: the default per-request timeout in seconds (None: none). The worker thread starts at once;
@@ -139,6 +140,7 @@ class Engine:
         self.adaptive_rows = adaptive_rows
         self._sizer = BatchSizer() if adaptive_rows else None
         self._row_limit = self.max_batch_rows  # the rows the scheduler may fill (the worker's, read by stats)
+        self._seconds_per_row: dict[int, float] = {}  # what it was chosen from, by rows (a snapshot)
         self._lanes = {kind: Lane(self._models, kind) for kind in KINDS}
         # by id(run): changed by the worker only, under the lock (stats() reads it from other threads)
         self._in_flight: dict[int, Request] = {}
@@ -254,6 +256,7 @@ class Engine:
             "rows_in_flight": sum(r.rows for r in in_flight),
             "max_batch_rows": self.max_batch_rows,
             "row_limit": self._row_limit,
+            "seconds_per_row": dict(self._seconds_per_row),
             "steps": steps,
             "rows_per_policy_call": lane_rows / lane_calls if lane_calls else 0.0,
             "policy_calls": compute.policy_calls,
@@ -339,7 +342,12 @@ class Engine:
         if self._sizer is not None:  # the rows the step's policy calls served, and what the step took
             self._sizer.observe(sum(lane.policy_rows for lane in self._lanes.values()) - rows_before, seconds)
             limit = self._sizer.limit()
-            self._row_limit = self.max_batch_rows if limit is None else min(limit, self.max_batch_rows)
+            row_limit = self.max_batch_rows if limit is None else min(limit, self.max_batch_rows)
+            if row_limit != self._row_limit:
+                self._seconds_per_row = {2**k: cost for k, cost in self._sizer.measured().items()}
+                logger.debug("row limit %d -> %d (seconds per row: %s)", self._row_limit, row_limit,
+                             self._seconds_per_row)  # fmt: skip
+            self._row_limit = row_limit
         with self._wake:
             self._steps += 1
             self._step_seconds += seconds
