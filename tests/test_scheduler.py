@@ -98,6 +98,9 @@ def test_the_weighted_mean_follows_the_newest_steps() -> None:
         ({"tolerance": -0.1}, "tolerance"),
         ({"smoothing": 0.0}, "smoothing"),
         ({"smoothing": 1.5}, "smoothing"),
+        ({"min_steps": 0}, "min_steps"),
+        ({"memory": 0}, "memory"),
+        ({"memory": 2.5}, "memory"),
     ],
 )
 def test_bad_settings_are_refused(options: dict[str, float], message: str) -> None:

@@ -126,6 +126,9 @@ class BatchSizer:
             raise ValueError(f"tolerance: expected a fraction >= 0, got {tolerance!r}")
         if not 0 < smoothing <= 1:
             raise ValueError(f"smoothing: expected a weight in (0, 1], got {smoothing!r}")
+        for name, count in (("min_steps", min_steps), ("memory", memory)):
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise ValueError(f"{name}: expected a whole number of steps >= 1, got {count!r}")
         self.tolerance, self.min_steps, self.smoothing, self.memory = tolerance, min_steps, smoothing, memory
         self._cost: dict[int, float] = {}  # bucket -> seconds per row (exponentially weighted)
         self._steps: dict[int, int] = {}  # bucket -> steps seen
@@ -157,6 +160,7 @@ class BatchSizer:
         }
 
     def limit(self) -> Optional[int]:
+        """The most rows worth having in flight now (see the class docstring); None: no measure yet."""
         measured = self.measured()
         if not measured:
             return None
