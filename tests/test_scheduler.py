@@ -85,11 +85,24 @@ def test_steps_without_rows_or_time_are_not_counted() -> None:
     assert sizer.measured() == {}
 
 
-def test_the_weighted_mean_follows_the_newest_steps() -> None:
-    sizer = BatchSizer(min_steps=1, smoothing=0.5)
-    sizer.observe(8, 8e-3)
-    sizer.observe(8, 16e-3)
-    assert sizer.measured() == {3: pytest.approx(1.5e-3)}
+def test_the_mean_is_plain_at_first_then_follows_the_newest_steps() -> None:
+    """A bucket's first steps (as many as ``1 / smoothing``) weigh alike, so the first one (often where
+    joins brought the batch to that size) does not dominate; later steps move it by ``smoothing``."""
+    sizer = BatchSizer(min_steps=1, smoothing=0.25)
+    for seconds in (8e-3, 16e-3, 24e-3, 32e-3):
+        sizer.observe(8, seconds)
+    assert sizer.measured() == {3: pytest.approx(2.5e-3)}  # the mean of 1, 2, 3 and 4 ms per row
+    sizer.observe(8, 8 * 6.5e-3)
+    assert sizer.measured() == {3: pytest.approx(2.5e-3 + 0.25 * (6.5e-3 - 2.5e-3))}
+
+
+def test_exploring_until_a_larger_size_is_measured_worse() -> None:
+    sizer = BatchSizer()
+    assert sizer.exploring
+    _observe_buckets(sizer, lambda rows: 3e-3 + 0.3e-3 * rows, range(2, 5), steps=8)
+    assert sizer.exploring  # every larger size so far was cheaper per row
+    _observe_buckets(sizer, lambda rows: 3e-3 + 0.3e-3 * rows + 2e-5 * rows**2, range(5, 9), steps=8)
+    assert not sizer.exploring
 
 
 @pytest.mark.parametrize(
@@ -119,10 +132,21 @@ def test_admission_stops_at_the_row_limit_but_never_starves_the_oldest() -> None
     assert [r.id for r in scheduler.admit(0, row_limit=32)] == [3]
 
 
+def test_while_exploring_a_large_request_does_not_run_alone() -> None:
+    """A request larger than any batch measured so far: while the sizer is exploring, the limit is at
+    least twice its rows, so the next one of its size joins it; with evidence against larger batches
+    (not exploring) the limit stands and it runs alone."""
+    for exploring, first in ((True, [0, 1]), (False, [0])):
+        scheduler = Scheduler(max_queue=10, max_batch_rows=4096)
+        for number in range(3):
+            scheduler.enqueue(_request(number, 256))
+        assert [r.id for r in scheduler.admit(0, row_limit=8, exploring=exploring)] == first
+
+
 def test_the_row_limit_never_lifts_max_batch_rows() -> None:
     scheduler = Scheduler(max_queue=10, max_batch_rows=24)
     for number in range(3):
         scheduler.enqueue(_request(number, 16))
-    assert [r.id for r in scheduler.admit(0, row_limit=4096)] == [0]
-    assert scheduler.admit(16, row_limit=4096) == []
+    assert [r.id for r in scheduler.admit(0, row_limit=4096, exploring=True)] == [0]
+    assert scheduler.admit(16, row_limit=4096, exploring=True) == []
     assert len(scheduler) == 2

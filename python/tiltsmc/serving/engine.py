@@ -141,6 +141,7 @@ class Engine:
         self._sizer = BatchSizer() if adaptive_rows else None
         self._row_limit = self.max_batch_rows  # the rows the scheduler may fill (the worker's, read by stats)
         self._seconds_per_row: dict[int, float] = {}  # what it was chosen from, by rows (a snapshot)
+        self._exploring = True  # no batch size measured worse than a smaller one yet
         self._lanes = {kind: Lane(self._models, kind) for kind in KINDS}
         # by id(run): changed by the worker only, under the lock (stats() reads it from other threads)
         self._in_flight: dict[int, Request] = {}
@@ -318,7 +319,7 @@ class Engine:
             self._end_waiting(request, now)
         self._drop_cancelled(now)
         rows = sum(r.rows for r in self._in_flight.values())
-        for request in self._scheduler.admit(rows, self._row_limit):
+        for request in self._scheduler.admit(rows, self._row_limit, self._exploring):
             request.admitted = now
             with self._wake:
                 self._in_flight[id(request.run)] = request
@@ -348,6 +349,7 @@ class Engine:
                 logger.debug("row limit %d -> %d (seconds per row: %s)", self._row_limit, row_limit,
                              self._seconds_per_row)  # fmt: skip
             self._row_limit = row_limit
+            self._exploring = self._sizer.exploring
         with self._wake:
             self._steps += 1
             self._step_seconds += seconds

@@ -69,17 +69,26 @@ class Scheduler:
                 raise Overloaded(f"{len(self._waiting)} requests are waiting (max_queue = {self.max_queue})")
             self._waiting.append(request)
 
-    def admit(self, rows_in_flight: int, row_limit: Optional[int] = None) -> list[Request]:
+    def admit(
+        self, rows_in_flight: int, row_limit: Optional[int] = None, exploring: bool = False
+    ) -> list[Request]:
         """The waiting requests that fit now, oldest first: under ``max_batch_rows``, and under
         ``row_limit`` (a [`BatchSizer`][tiltsmc.serving.scheduler.BatchSizer]'s) unless nothing is in
-        flight (the oldest request always runs)."""
-        limit = self.max_batch_rows if row_limit is None else min(row_limit, self.max_batch_rows)
+        flight (the oldest request always runs). While the sizer is ``exploring`` (no batch size measured
+        worse than a smaller one) the limit is at least twice the oldest request's rows: a request larger
+        than any batch measured so far does not run alone while the ones behind it wait."""
         admitted: list[Request] = []
         with self._lock:
-            while self._waiting and (
-                rows_in_flight + self._waiting[0].rows <= limit
-                or (rows_in_flight == 0 and self._waiting[0].rows <= self.max_batch_rows)
-            ):
+            while self._waiting:
+                head = self._waiting[0].rows
+                limit = self.max_batch_rows if row_limit is None else row_limit
+                if exploring:
+                    limit = max(limit, 2 * head)
+                limit = min(limit, self.max_batch_rows)
+                if not (
+                    rows_in_flight + head <= limit or (rows_in_flight == 0 and head <= self.max_batch_rows)
+                ):
+                    break
                 request = self._waiting.popleft()
                 rows_in_flight += request.rows
                 admitted.append(request)
@@ -110,7 +119,8 @@ class BatchSizer:
     GPU the fixed part dominates up to large batches; on a CPU the knee can be a few dozen rows.
 
     Steps are grouped by their rows into buckets ``[2^k, 2^{k+1})``; each bucket keeps an exponentially
-    weighted mean of its steps' seconds per row ``c_k`` (weight ``smoothing`` on the newest), counted
+    weighted mean of its steps' seconds per row ``c_k`` (the plain mean of its first ``1 / smoothing``
+    steps, then weight ``smoothing`` on the newest), counted
     once it has ``min_steps`` steps and forgotten ``memory`` steps after its last. The knee is the
     smallest measured bucket ``k`` with ``c_k <= (1 + tolerance) min_j c_j``: bigger batches would gain
     at most ``tolerance`` in throughput. ``limit()`` is the top of the knee's bucket, ``2^{k+1}`` rows;
@@ -145,8 +155,11 @@ class BatchSizer:
             self._steps[bucket] = 0
         per_row = seconds / rows
         seen = self._steps.get(bucket, 0)
+        # the plain mean of a bucket's first steps, then the weighted one (else its first step, often the
+        # one whose joins brought the batch to this size, would weigh on the estimate for long)
+        weight = max(self.smoothing, 1.0 / (seen + 1))
         self._cost[bucket] = (
-            per_row if not seen else self._cost[bucket] + self.smoothing * (per_row - self._cost[bucket])
+            per_row if not seen else self._cost[bucket] + weight * (per_row - self._cost[bucket])
         )
         self._steps[bucket] = seen + 1
         self._last[bucket] = self._count
@@ -158,6 +171,16 @@ class BatchSizer:
             for k, cost in sorted(self._cost.items())
             if self._steps[k] >= self.min_steps and self._count - self._last[k] <= self.memory
         }
+
+    @property
+    def exploring(self) -> bool:
+        """Whether no batch size has been measured worse than a smaller one yet (nothing measured, or the
+        largest size measured is the best so far): the limit is then the next size to try, not a knee."""
+        measured = self.measured()
+        if not measured:
+            return True
+        best = min(measured.values())
+        return min(k for k, cost in measured.items() if cost <= (1 + self.tolerance) * best) == max(measured)
 
     def limit(self) -> Optional[int]:
         """The most rows worth having in flight now (see the class docstring); None: no measure yet."""
