@@ -85,15 +85,12 @@ def test_steps_without_rows_or_time_are_not_counted() -> None:
     assert sizer.measured() == {}
 
 
-def test_the_mean_is_plain_at_first_then_follows_the_newest_steps() -> None:
-    """A bucket's first steps (as many as ``1 / smoothing``) weigh alike, so the first one (often where
-    joins brought the batch to that size) does not dominate; later steps move it by ``smoothing``."""
+def test_the_weighted_mean_starts_at_the_first_step_and_follows_the_newest() -> None:
     sizer = BatchSizer(min_steps=1, smoothing=0.25)
-    for seconds in (8e-3, 16e-3, 24e-3, 32e-3):
-        sizer.observe(8, seconds)
-    assert sizer.measured() == {3: pytest.approx(2.5e-3)}  # the mean of 1, 2, 3 and 4 ms per row
-    sizer.observe(8, 8 * 6.5e-3)
-    assert sizer.measured() == {3: pytest.approx(2.5e-3 + 0.25 * (6.5e-3 - 2.5e-3))}
+    sizer.observe(8, 8e-3)
+    assert sizer.measured() == {3: pytest.approx(1e-3)}
+    sizer.observe(8, 8 * 5e-3)
+    assert sizer.measured() == {3: pytest.approx(1e-3 + 0.25 * (5e-3 - 1e-3))}
 
 
 def test_exploring_until_a_larger_size_is_measured_worse() -> None:

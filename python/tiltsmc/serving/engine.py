@@ -92,8 +92,10 @@ class Engine:
     and admits up to it, the rest waiting in the queue; so a burst past what the machine serves queues
     instead of growing every step (on a CPU, a step's time grows with its rows, and a join copies every
     row's KV cache: admitting everything made the engine slower the more it was overloaded). The limit
-    doubles as load reaches it while rows keep paying; it is in ``stats()["row_limit"]``, with the seconds
-    per row it was chosen from in ``stats()["seconds_per_row"]`` (by the bottom row count of each size).
+    doubles as load reaches it while rows keep paying (and until a larger batch has measured worse, at
+    least two of the oldest waiting request's size are let in); it is in ``stats()["row_limit"]``, with
+    the seconds per row it was chosen from in ``stats()["seconds_per_row"]`` (by the bottom row count of
+    each size).
     ``max_queue``: the most requests waiting for rows, past which
     [`submit`][tiltsmc.serving.engine.Engine.submit] raises [`Overloaded`][tiltsmc.serving.engine.Overloaded];
     ``timeout``: the default per-request timeout in seconds (None: none). The worker thread starts at once;

@@ -119,8 +119,8 @@ class BatchSizer:
     GPU the fixed part dominates up to large batches; on a CPU the knee can be a few dozen rows.
 
     Steps are grouped by their rows into buckets ``[2^k, 2^{k+1})``; each bucket keeps an exponentially
-    weighted mean of its steps' seconds per row ``c_k`` (the plain mean of its first ``1 / smoothing``
-    steps, then weight ``smoothing`` on the newest), counted
+    weighted mean of its steps' seconds per row ``c_k`` (from its first step, weight ``smoothing`` on the
+    newest), counted
     once it has ``min_steps`` steps and forgotten ``memory`` steps after its last. The knee is the
     smallest measured bucket ``k`` with ``c_k <= (1 + tolerance) min_j c_j``: bigger batches would gain
     at most ``tolerance`` in throughput. ``limit()`` is the top of the knee's bucket, ``2^{k+1}`` rows;
@@ -155,11 +155,11 @@ class BatchSizer:
             self._steps[bucket] = 0
         per_row = seconds / rows
         seen = self._steps.get(bucket, 0)
-        # the plain mean of a bucket's first steps, then the weighted one (else its first step, often the
-        # one whose joins brought the batch to this size, would weigh on the estimate for long)
-        weight = max(self.smoothing, 1.0 / (seen + 1))
+        # started at the bucket's first step, often the one whose joins brought the batch to that size:
+        # under overload joins come every step, and an estimate that keeps their cost at first held the
+        # batch smaller and served more than a plain mean did (bench_overload.py, ad hoc A/B)
         self._cost[bucket] = (
-            per_row if not seen else self._cost[bucket] + weight * (per_row - self._cost[bucket])
+            per_row if not seen else self._cost[bucket] + self.smoothing * (per_row - self._cost[bucket])
         )
         self._steps[bucket] = seen + 1
         self._last[bucket] = self._count
