@@ -85,9 +85,8 @@ class Scheduler:
                 if exploring:
                     limit = max(limit, 2 * head)
                 limit = min(limit, self.max_batch_rows)
-                if not (
-                    rows_in_flight + head <= limit or (rows_in_flight == 0 and head <= self.max_batch_rows)
-                ):
+                # with nothing in flight the oldest runs (enqueue refused any over max_batch_rows)
+                if rows_in_flight and rows_in_flight + head > limit:
                     break
                 request = self._waiting.popleft()
                 rows_in_flight += request.rows
@@ -172,21 +171,25 @@ class BatchSizer:
             if self._steps[k] >= self.min_steps and self._count - self._last[k] <= self.memory
         }
 
-    @property
-    def exploring(self) -> bool:
-        """Whether no batch size has been measured worse than a smaller one yet (nothing measured, or the
-        largest size measured is the best so far): the limit is then the next size to try, not a knee."""
-        measured = self.measured()
-        if not measured:
-            return True
-        best = min(measured.values())
-        return min(k for k, cost in measured.items() if cost <= (1 + self.tolerance) * best) == max(measured)
-
-    def limit(self) -> Optional[int]:
-        """The most rows worth having in flight now (see the class docstring); None: no measure yet."""
+    def _knee(self) -> Optional[tuple[int, int]]:
+        """The knee bucket and the largest bucket measured; None with nothing measured."""
         measured = self.measured()
         if not measured:
             return None
         best = min(measured.values())
-        knee = min(k for k, cost in measured.items() if cost <= (1 + self.tolerance) * best)
-        return int(2 ** (knee + (2 if knee == max(measured) else 1)))
+        return min(k for k, cost in measured.items() if cost <= (1 + self.tolerance) * best), max(measured)
+
+    @property
+    def exploring(self) -> bool:
+        """Whether no batch size has been measured worse than a smaller one yet (nothing measured, or the
+        largest size measured is the best so far): the limit is then the next size to try, not a knee."""
+        knee = self._knee()
+        return knee is None or knee[0] == knee[1]
+
+    def limit(self) -> Optional[int]:
+        """The most rows worth having in flight now (see the class docstring); None: no measure yet."""
+        knee = self._knee()
+        if knee is None:
+            return None
+        bucket, largest = knee
+        return int(2 ** (bucket + (2 if bucket == largest else 1)))
