@@ -116,12 +116,19 @@ def free_port() -> int:
 
 
 def server_command(
-    system: str, models: str, port: int, engine_server: str, arena: str, engine_options: Sequence[str] = ()
+    system: str,
+    models: str,
+    port: int,
+    engine_server: str,
+    arena: str,
+    engine_options: Sequence[str] = (),
+    baseline_options: Sequence[str] = (),
 ) -> list[str]:
-    """The command line of a system's server; ``engine_options`` go to ``tiltsmc serve``."""
+    """The command line of a system's server; ``engine_options`` go to ``tiltsmc serve``,
+    ``baseline_options`` to ``serve_baseline.py`` as the baseline."""
     common = ["--memory-arena", arena, "--host", "127.0.0.1", "--port", str(port)]
     if system == "baseline" or engine_server == "app":
-        extra = ["--engine"] if system == "engine" else []
+        extra = ["--engine"] if system == "engine" else list(baseline_options)
         return [sys.executable, str(HERE / "serve_baseline.py"), "--models", models, *extra, *common]
     from serve_baseline import FIXTURE_MAX_NEW_TOKENS, FIXTURES
 
@@ -423,7 +430,12 @@ def run_config(
         servers = {}
         for system in SYSTEMS:
             port = free_port()
-            command = server_command(system, models, port, args.engine_server, args.memory_arena)
+            engine_options = ["--workers", str(args.engine_workers)] if args.engine_workers != 1 else []
+            threads = args.baseline_threads
+            baseline_options = [] if threads is None else ["--threads", str(threads)]
+            command = server_command(
+                system, models, port, args.engine_server, args.memory_arena, engine_options, baseline_options
+            )
             servers[system] = stack.enter_context(Server(system, command, port, log_dir))
             ready = servers[system].started_seconds
             print(f"  {system}: {' '.join(command[1:])} (ready in {ready:.1f} s)", flush=True)
@@ -804,6 +816,19 @@ def main() -> None:
         "--refine", type=int, default=3, help="bisection levels per system between its ladder's rungs"
     )
     parser.add_argument("--engine-server", choices=("cli", "app"), default="cli")
+    parser.add_argument(
+        "--engine-workers",
+        type=int,
+        default=1,
+        help="tiltsmc serve --workers (each worker steps its own batch; its models get cores / workers "
+        "ONNX Runtime threads)",
+    )
+    parser.add_argument(
+        "--baseline-threads",
+        type=int,
+        default=None,
+        help="the baseline's ONNX Runtime intra-op threads a session (default: ONNX Runtime's, one a core)",
+    )
     parser.add_argument(
         "--memory-arena",
         choices=("on", "off"),

@@ -45,21 +45,28 @@ class CompletionRequest(BaseModel):
     particles: int = Field(default=16, ge=1)
 
 
-def load_models(models: str, memory_arena: bool = True) -> tuple[Any, Any]:
+def load_models(models: str, memory_arena: bool = True, threads: Optional[int] = None) -> tuple[Any, Any]:
     """The policy and reward model of a configuration: ``demo`` (the bundled arithmetic models, as
     ``tiltsmc serve --demo`` loads them) or ``fixtures`` (gpt2-tiny, prm-tiny read as a logit), with
-    ONNX Runtime's CPU memory arena on (its default) or off."""
+    ONNX Runtime's CPU memory arena on (its default) or off, and ``threads`` intra-op threads a session
+    (None: ONNX Runtime's default, one per core)."""
     if models == "demo":
         from tiltsmc.tasks import arithmetic
 
-        return arithmetic.load_models(memory_arena=memory_arena)
+        return arithmetic.load_models(memory_arena=memory_arena, intra_op_num_threads=threads)
     if models == "fixtures":
         from tiltsmc.models import OnnxCausalLM, OnnxRewardModel
 
         policy = OnnxCausalLM(
-            FIXTURES / "gpt2-tiny", max_new_tokens=FIXTURE_MAX_NEW_TOKENS, memory_arena=memory_arena
+            FIXTURES / "gpt2-tiny",
+            max_new_tokens=FIXTURE_MAX_NEW_TOKENS,
+            memory_arena=memory_arena,
+            intra_op_num_threads=threads,
         )
-        return policy, OnnxRewardModel(FIXTURES / "prm-tiny", kind="logit", memory_arena=memory_arena)
+        reward = OnnxRewardModel(
+            FIXTURES / "prm-tiny", kind="logit", memory_arena=memory_arena, intra_op_num_threads=threads
+        )
+        return policy, reward
     raise ValueError(f"models: expected demo or fixtures, got {models!r}")
 
 
@@ -98,10 +105,12 @@ def _response(result: Any, seed: Optional[int], policy: Any, prompt: str, sample
     }
 
 
-def create_app(models: str, engine: bool = False, memory_arena: bool = True) -> Any:
+def create_app(
+    models: str, engine: bool = False, memory_arena: bool = True, threads: Optional[int] = None
+) -> Any:
     from fastapi import FastAPI
 
-    policy, reward = load_models(models, memory_arena=memory_arena)
+    policy, reward = load_models(models, memory_arena=memory_arena, threads=threads)
 
     def options(body: CompletionRequest) -> tuple[str, dict[str, Any]]:
         prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
@@ -151,13 +160,18 @@ def main() -> None:
     parser.add_argument(
         "--memory-arena", choices=("on", "off"), default="on", help="ONNX Runtime's CPU arena"
     )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="ONNX Runtime threads a session (default: one a core)"
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8001")))
     args = parser.parse_args()
     import uvicorn
 
     uvicorn.run(
-        create_app(args.models, engine=args.engine, memory_arena=args.memory_arena == "on"),
+        create_app(
+            args.models, engine=args.engine, memory_arena=args.memory_arena == "on", threads=args.threads
+        ),
         host=args.host,
         port=args.port,
         log_level="warning",

@@ -273,3 +273,46 @@ def test_serve_refuses_a_bad_adaptive_rows_value(capfd: pytest.CaptureFixture[st
         main(["serve", "--demo", "--port", "0", "--adaptive-rows", "maybe"])
     assert exit_info.value.code == 2
     assert "--adaptive-rows: invalid choice: 'maybe'" in one_line_error(capfd)
+
+
+@pytest.mark.parametrize(("value", "workers"), [(None, 1), ("2", 2)])
+def test_serve_passes_its_workers_to_the_engine(value: Optional[str], workers: int) -> None:
+    """``--workers`` reaches the engine (each worker steps its own batch); the default is the engine's."""
+    from tiltsmc.cli import build_parser
+    from tiltsmc.serving.engine import WORKERS, Engine
+    from tiltsmc.serving.server import Settings
+
+    argv = ["serve", "--demo"] + ([] if value is None else ["--workers", value])
+    settings = Settings.from_args(build_parser().parse_args(argv))
+    assert settings.workers == workers
+    assert inspect.signature(Engine).parameters["workers"].default == WORKERS
+    policy, reward = tiltsmc.tasks.arithmetic.load_models()
+    engine = settings.engine(policy, reward)
+    try:
+        assert engine.workers == workers and len(engine.stats()["workers"]) == workers
+    finally:
+        engine.close()
+
+
+def test_serve_shares_the_cores_out_between_its_workers() -> None:
+    from tiltsmc.cli import serve_threads
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    assert serve_threads(None, 1) is None  # ONNX Runtime's default
+    assert serve_threads(None, 2) == max(1, cores // 2)
+    assert serve_threads(None, 10 * cores) == 1
+    assert serve_threads(3, 2) == 3  # --threads wins
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("0", "--workers: expected a positive integer"),
+        ("257", "--workers: expected at most 256 worker threads"),
+    ],
+)
+def test_serve_refuses_a_bad_worker_count_in_one_line(
+    value: str, message: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["serve", "--demo", "--port", "0", "--workers", value]) == 2
+    assert message in one_line_error(capfd)

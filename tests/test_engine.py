@@ -100,13 +100,15 @@ def test_batched_requests_each_give_their_seeds_result(models: tuple[Any, Any]) 
     assert stats["rows_per_policy_call"] > 16  # requests really shared the model calls
 
 
-def test_concurrent_requests_are_exact_in_distribution() -> None:
-    """32 concurrent SMC requests (joining while others run, different particle counts) as replicates:
-    their weighted marginals match the enumerated target and their Zh are unbiased for Z."""
+@pytest.mark.parametrize("workers", [1, 3])
+def test_concurrent_requests_are_exact_in_distribution(workers: int) -> None:
+    """32 concurrent SMC requests (joining while others run, different particle counts; in one batch or
+    spread over three workers' batches) as replicates: their weighted marginals match the enumerated
+    target and their Zh are unbiased for Z."""
     task = tilted(MarkovDFATask.random(3, 4, 5, rng=3))
     policy, twist = task.policy(), task.twist(0.5, rng=10)
     counts = [2000, 3000] * 16
-    with tiltsmc.Engine(policy, twist) as engine:
+    with tiltsmc.Engine(policy, twist, workers=workers) as engine:
         futures = [engine.submit((), "smc", num_particles=n, rng=100 + k) for k, n in enumerate(counts)]
         results = [f.result(timeout=120) for f in futures]
     estimates = np.concatenate(
@@ -282,11 +284,12 @@ def test_the_engine_admits_up_to_the_row_limit_it_learned(models: tuple[Any, Any
         tiltsmc.Engine(policy, twist, adaptive_rows="yes")  # type: ignore[arg-type]
 
 
-def test_timeout_and_cancellation_free_rows(models: tuple[Any, Any]) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_timeout_and_cancellation_free_rows(models: tuple[Any, Any], workers: int) -> None:
     policy, twist = models
     gated = Gated(policy)
     gated.gate.clear()
-    with tiltsmc.Engine(gated, twist) as engine:
+    with tiltsmc.Engine(gated, twist, workers=workers) as engine:
         slow = engine.submit((), "smc", num_particles=32, rng=0, timeout=0.05)
         cancelled = engine.submit((), "smc", num_particles=32, rng=1)
         kept = engine.submit((), "smc", num_particles=32, rng=2)
@@ -308,18 +311,23 @@ def test_timeout_and_cancellation_free_rows(models: tuple[Any, Any]) -> None:
     assert stats["rows_in_flight"] == 0
 
 
-def test_close_drains_or_ends_requests(models: tuple[Any, Any]) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_close_drains_or_ends_requests(models: tuple[Any, Any], workers: int) -> None:
     policy, twist = models
-    engine = tiltsmc.Engine(policy, twist)
+    before = set(threading.enumerate())
+    engine = tiltsmc.Engine(policy, twist, workers=workers, max_batch_rows=128)
+    started = set(threading.enumerate()) - before
+    assert len(started) == workers
     futures = [engine.submit((), "smc", num_particles=64, rng=k) for k in range(6)]
     engine.close(drain=True)
     assert all(f.result(timeout=0).samples[0].shape == (64, 6) for f in futures)
+    assert not any(thread.is_alive() for thread in started)  # every worker has stopped
     with pytest.raises(EngineClosed):
         engine.submit((), "smc")
 
     gated = Gated(policy)
     gated.gate.clear()
-    engine = tiltsmc.Engine(gated, twist)
+    engine = tiltsmc.Engine(gated, twist, workers=workers)
     stuck = engine.submit((), "smc", num_particles=8)
     assert gated.entered.wait(10)
     closer = threading.Thread(target=engine.close, kwargs={"drain": True, "timeout": 0.05})
@@ -495,11 +503,14 @@ class Exploding:
         return self.inner.propose(particles, rng)
 
 
-def test_a_failing_model_call_ends_its_batch_and_the_engine_goes_on(models: tuple[Any, Any]) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_failing_model_call_ends_its_batch_and_the_engine_goes_on(
+    models: tuple[Any, Any], workers: int
+) -> None:
     policy, twist = models
     exploding = Exploding(policy)
     exploding.armed.set()
-    with tiltsmc.Engine(exploding, twist) as engine:
+    with tiltsmc.Engine(exploding, twist, workers=workers) as engine:
         with pytest.raises(RuntimeError, match="session failed"):
             engine.submit((), "smc", num_particles=8, rng=0).result(timeout=30)
         after = engine.submit((), "smc", num_particles=8, rng=1).result(timeout=30)
@@ -531,3 +542,84 @@ def test_requests_with_their_own_max_new_tokens(onnx_models: tuple[OnnxCausalLM,
     assert short.samples[0].shape == (4, 3)
     with pytest.raises(ValueError, match="max_new_tokens"):
         tiltsmc.smc(task.policy(), task.twist(), num_particles=4, max_new_tokens=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# several workers
+
+
+def test_workers_each_step_their_own_batch_with_every_sampler(models: tuple[Any, Any]) -> None:
+    """Requests of every sampler from several threads, spread over three workers: each gets exactly the
+    offline result of its seed; every worker stepped a batch of its own and the counts add up."""
+    policy, twist = models
+    jobs = [(seed, *MARKOV_REQUESTS[seed % len(MARKOV_REQUESTS)]) for seed in range(78)]
+    with tiltsmc.Engine(policy, twist, max_batch_rows=96, workers=3) as engine:
+        assert engine.workers == 3
+
+        def submit_some(part: list[tuple[int, str, dict[str, Any]]]) -> list[Any]:
+            return [engine.submit((), sampler, rng=seed, **options) for seed, sampler, options in part]
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            futures = [f for chunk in pool.map(submit_some, [jobs[k::4] for k in range(4)]) for f in chunk]
+        results = [f.result(timeout=60) for f in futures]
+        stats = engine.stats()
+    order = [job for k in range(4) for job in jobs[k::4]]
+    for (seed, sampler, options), served in zip(order, results):
+        offline = OFFLINE[sampler](policy, twist, prompts=[()], rng=seed, **options)
+        assert same_result(served, offline), (seed, sampler, options)
+    workers = stats["workers"]
+    assert len(workers) == 3 and all(w["steps"] > 0 for w in workers), workers
+    assert stats["steps"] == sum(w["steps"] for w in workers)
+    assert stats["step_seconds"] == pytest.approx(sum(w["step_seconds"] for w in workers))
+    assert stats["requests"]["completed"] == len(jobs) and stats["rows_in_flight"] == 0
+    assert stats["policy_calls"] >= stats["steps"]
+
+
+def test_workers_share_max_batch_rows_and_take_the_least_loaded(models: tuple[Any, Any]) -> None:
+    """``max_batch_rows`` bounds every worker's rows together: with one worker's batch holding all 16,
+    a request waits although the other worker is idle. A request goes to the worker with fewer rows."""
+    policy, twist = models
+    gated = Gated(policy)
+    gated.gate.clear()
+    with tiltsmc.Engine(gated, twist, max_batch_rows=16, workers=2) as engine:
+        first = engine.submit((), "smc", num_particles=16, rng=0)
+        assert gated.entered.wait(10)  # one worker holds all 16 rows inside a step
+        waiting = engine.submit((), "smc", num_particles=4, rng=1)
+        time.sleep(0.1)
+        stats = engine.stats()
+        assert (stats["waiting"], stats["rows_in_flight"]) == (1, 16)
+        assert sorted(w["rows_in_flight"] for w in stats["workers"]) == [0, 16]
+        gated.gate.set()
+        assert same_result(
+            first.result(timeout=30), tiltsmc.smc(policy, twist, prompts=[()], num_particles=16, rng=0)
+        )
+        assert same_result(
+            waiting.result(timeout=30), tiltsmc.smc(policy, twist, prompts=[()], num_particles=4, rng=1)
+        )
+
+    gated.gate.clear()
+    gated.entered.clear()
+    with tiltsmc.Engine(gated, twist, max_batch_rows=64, workers=2) as engine:
+        first = engine.submit((), "smc", num_particles=8, rng=0)
+        assert gated.entered.wait(10)  # held by one worker
+        second = engine.submit((), "smc", num_particles=8, rng=1)
+        assert _wait_for(lambda: engine.stats()["in_flight"] == 2)
+        assert sorted(w["rows_in_flight"] for w in engine.stats()["workers"]) == [8, 8]
+        gated.gate.set()
+        first.result(timeout=30)
+        second.result(timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("workers", "error", "message"),
+    [(0, ValueError, "workers: must be >= 1"), (True, TypeError, "workers: expected an int"),
+     (257, ValueError, "at most 256 worker threads")],
+)  # fmt: skip
+def test_bad_worker_counts_are_refused(
+    models: tuple[Any, Any], workers: Any, error: type[Exception], message: str
+) -> None:
+    policy, twist = models
+    before = threading.active_count()
+    with pytest.raises(error, match=message):
+        tiltsmc.Engine(policy, twist, workers=workers)
+    assert threading.active_count() == before  # no thread left behind

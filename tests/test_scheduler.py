@@ -147,3 +147,32 @@ def test_the_row_limit_never_lifts_max_batch_rows() -> None:
     assert [r.id for r in scheduler.admit(0, row_limit=4096, exploring=True)] == [0]
     assert scheduler.admit(16, row_limit=4096, exploring=True) == []
     assert len(scheduler) == 2
+
+
+def test_max_batch_rows_bounds_every_workers_rows_together() -> None:
+    """A worker with nothing in flight still waits while the engine's other workers hold the rows."""
+    scheduler = Scheduler(max_queue=10, max_batch_rows=32)
+    for number in range(3):
+        scheduler.enqueue(_request(number, 16))
+    assert scheduler.admit(0, engine_rows=24) == []
+    assert [r.id for r in scheduler.admit(0, engine_rows=16)] == [0]
+    assert [r.id for r in scheduler.admit(16, engine_rows=16)] == [1]
+    assert scheduler.admit(0, engine_rows=32) == []
+    assert len(scheduler) == 1
+
+
+def test_a_worker_leaves_the_oldest_request_to_the_one_it_defers_to() -> None:
+    """``defer`` sees the worker's rows as they grow: here another worker has 8 rows, so this one takes
+    requests until it holds more than that, then stops (the rest stay queued, in order)."""
+    scheduler = Scheduler(max_queue=10, max_batch_rows=4096)
+    for number in range(4):
+        scheduler.enqueue(_request(number, 4))
+    asked: list[tuple[int, int]] = []
+
+    def defer(rows: int, head: int) -> bool:
+        asked.append((rows, head))
+        return 8 < rows
+
+    assert [r.id for r in scheduler.admit(0, defer=defer)] == [0, 1, 2]
+    assert asked == [(0, 4), (4, 4), (8, 4), (12, 4)]
+    assert len(scheduler) == 1

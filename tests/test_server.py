@@ -372,7 +372,8 @@ def test_overload_and_disconnect(tmp_path: Path) -> None:
 
 
 def test_sigterm_lets_requests_in_flight_finish(tmp_path: Path) -> None:
-    draining = Server(tmp_path, "--demo", "--grace", "20")
+    """Two requests in flight, one in each of two workers' batches: both finish, then the process exits."""
+    draining = Server(tmp_path, "--demo", "--grace", "20", "--workers", "2")
     try:
         lone = _duration(draining, LONG_REQUEST)
         with concurrent.futures.ThreadPoolExecutor(2) as pool:

@@ -1302,6 +1302,7 @@ def serve(args: argparse.Namespace) -> int:
         settings = serving_server.Settings.from_args(args)
     except ValueError as error:
         raise CliError(str(error)) from None
+    args.threads = serve_threads(args.threads, settings.workers)
     if args.ray:  # the replicas load the models
         from .serving import ray as serving_ray
 
@@ -1321,6 +1322,17 @@ def serve(args: argparse.Namespace) -> int:
         return serving_server.serve(args, settings, policy, reward)
     except ImportError as error:
         raise CliError(_one_line(error)) from None
+
+
+def serve_threads(threads: Optional[int], workers: int) -> Optional[int]:
+    """The ONNX Runtime (and core) threads of ``tiltsmc serve``'s models: ``--threads`` where given; else
+    with several workers, whose session calls run side by side, the usable cores shared out between them
+    (at least one each); else None (ONNX Runtime's default, one a core)."""
+    if threads is not None or workers <= 1:
+        return threads
+    affinity = getattr(os, "sched_getaffinity", None)
+    cores = len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+    return max(1, cores // workers)
 
 
 def _model_option_names() -> list[str]:

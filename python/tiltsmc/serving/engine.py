@@ -2,11 +2,14 @@
 
 Requests arrive on any thread ([`Engine.submit`][tiltsmc.serving.engine.Engine.submit], or ``await``
 [`Engine.generate`][tiltsmc.serving.engine.Engine.generate]) and wait in the ``Scheduler`` until their
-particles fit under ``max_batch_rows``. One worker thread owns the models and repeats one iteration: admit
-what fits (their prompts are encoded then), drop what was cancelled or timed out, then advance every request
-in flight by one step — for each kind of step one ``Lane``, whose step is one ``propose`` and one
-``log_value`` (one policy and one reward session call) over the particles of every request in it, then
-each request's reweighting and resampling. A request leaves as soon as its particles have all finished,
+particles fit under ``max_batch_rows``. A worker thread repeats one iteration: admit what fits (their
+prompts are encoded then), drop what was cancelled or timed out, then advance every request it holds by one
+step — for each kind of step one ``Lane``, whose step is one ``propose`` and one ``log_value`` (one policy
+and one reward session call) over the particles of every request in it, then each request's reweighting
+and resampling. One worker (the default) holds every request in flight; with ``workers=W`` each of ``W``
+threads holds its own batch, the requests going to the worker with the fewest rows that has room for
+them (on a CPU whose cores one session call of a small model cannot keep busy, two half-size batches
+stepped side by side serve more than one). A request leaves as soon as its particles have all finished,
 and its future gets the same [`SamplerResult`][tiltsmc.SamplerResult] that the offline function returns for
 one prompt: the offline samplers and the engine run the same runs (``tiltsmc.samplers.runs``).
 
@@ -46,6 +49,8 @@ MAX_BATCH_ROWS = 4096
 MAX_QUEUE = 1024
 RELEASE_MEMORY_AFTER = 30.0  # seconds idle after work before memory is given back (see Engine)
 ADAPTIVE_ROWS = True  # below max_batch_rows, only the rows that still make a step's rows cheaper
+WORKERS = 1  # worker threads, each stepping its own batch
+MAX_WORKERS = 256
 
 # Each sampler: the offline function (its signature holds the defaults, shared by the API, the CLI and the
 # server) and the builder of its run.
@@ -82,6 +87,35 @@ def _missing_support(model: Any, role: str) -> Optional[str]:
     )
 
 
+class _Worker:
+    """One worker thread's part of the engine: its lanes (one per kind of step), the requests in them, the
+    models' time of its calls (its own ``Compute``: the lanes charge each call's time by difference, which
+    another thread's calls must not enter), and the batch size it has learned."""
+
+    def __init__(
+        self, index: int, policy: Policy, reward: RewardModel, max_rows: int, adaptive: bool
+    ) -> None:
+        self.index = index
+        self.models = Models(policy, reward, Compute())
+        self.lanes = {kind: Lane(self.models, kind) for kind in KINDS}
+        # by id(run): changed by this worker only, under the engine's lock (other threads read it)
+        self.in_flight: dict[int, Request] = {}
+        self.rows = 0  # the rows of in_flight
+        self.sizer = BatchSizer() if adaptive else None
+        self.row_limit = max_rows  # the rows the scheduler may fill for it
+        self.seconds_per_row: dict[int, float] = {}  # what row_limit was chosen from, by rows (a snapshot)
+        self.exploring = True  # no batch size measured worse than a smaller one yet
+        self.steps = 0
+        self.step_seconds = 0.0
+        self.seen = -1  # the engine's event count when it last looked at the queue
+        self.thread: Optional[threading.Thread] = None
+
+    def policy_rows(self) -> tuple[int, int]:
+        """Policy calls made by its lanes, and the rows they served."""
+        lanes = self.lanes.values()
+        return sum(lane.policy_calls for lane in lanes), sum(lane.policy_rows for lane in lanes)
+
+
 class Engine:
     """Serve sampler requests concurrently on one policy and reward model (see the module docstring).
 
@@ -98,8 +132,17 @@ class Engine:
     each size).
     ``max_queue``: the most requests waiting for rows, past which
     [`submit`][tiltsmc.serving.engine.Engine.submit] raises [`Overloaded`][tiltsmc.serving.engine.Overloaded];
-    ``timeout``: the default per-request timeout in seconds (None: none). The worker thread starts at once;
-    [`close`][tiltsmc.serving.engine.Engine.close] (or leaving a ``with`` block) stops it.
+    ``timeout``: the default per-request timeout in seconds (None: none). The worker threads start at once;
+    [`close`][tiltsmc.serving.engine.Engine.close] (or leaving a ``with`` block) stops them.
+
+    ``workers``: worker threads (default 1), each with its own batch, lanes and learned row limit, all
+    sharing the models (ONNX Runtime runs one session's calls from several threads at once) and
+    ``max_batch_rows``. A request goes to the worker with the fewest rows in flight that has room for it,
+    in arrival order. One worker makes one policy and one reward call a step for every request; on a GPU
+    that is what pays. On a CPU, a small model's session call keeps one core busy whatever its threads (on
+    the demo's models a second intra-op thread made a call slower): ``W`` workers, each model given
+    ``cores / W`` intra-op threads (``tiltsmc serve --workers`` does that), step ``W`` batches side by side.
+
     ``release_memory_after``: once the engine has been idle that many seconds after work, the models' memory
     pools shrink (their ``release_memory()``, where they have one: ONNX Runtime's arena for the ONNX models)
     and the freed heap goes back to the system (``release_free_memory``), so a long-running service returns to
@@ -128,8 +171,9 @@ class Engine:
         release_memory_after: Optional[float] = RELEASE_MEMORY_AFTER,
         keep_freed_memory: bool = False,
         adaptive_rows: bool = ADAPTIVE_ROWS,
+        workers: int = WORKERS,
     ) -> None:
-        self._models = Models(policy, reward, Compute())
+        self._models = Models(policy, reward, Compute())  # the runs' checks; the workers count their calls
         problems = [p for p in (_missing_support(policy, "policy"), _missing_support(reward, "reward")) if p]
         if problems:
             raise TypeError("; ".join(problems))
@@ -140,15 +184,15 @@ class Engine:
         if not isinstance(adaptive_rows, bool):
             raise TypeError(f"adaptive_rows: expected a bool, got {type(adaptive_rows).__name__}")
         self.adaptive_rows = adaptive_rows
-        self._sizer = BatchSizer() if adaptive_rows else None
-        self._row_limit = self.max_batch_rows  # the rows the scheduler may fill (the worker's, read by stats)
-        self._seconds_per_row: dict[int, float] = {}  # what it was chosen from, by rows (a snapshot)
-        self._exploring = True  # no batch size measured worse than a smaller one yet
-        self._lanes = {kind: Lane(self._models, kind) for kind in KINDS}
-        # by id(run): changed by the worker only, under the lock (stats() reads it from other threads)
-        self._in_flight: dict[int, Request] = {}
+        self.workers = check_count(workers, "workers")
+        if self.workers > MAX_WORKERS:
+            raise ValueError(f"workers: expected at most {MAX_WORKERS} worker threads, got {self.workers}")
+        self._workers = [
+            _Worker(k, policy, reward, self.max_batch_rows, adaptive_rows) for k in range(self.workers)
+        ]
         self._ids = itertools.count(1)
         self._wake = threading.Condition()
+        self._events = 0  # requests queued and rows freed: what may let an idle worker admit
         self._closing = False
         self._drain_deadline: Optional[float] = None
         self._broken: Optional[BaseException] = None
@@ -160,8 +204,6 @@ class Engine:
             "timed_out": 0,
             "rejected": 0,
         }
-        self._steps = 0
-        self._step_seconds = 0.0
         self._worked = False  # steps taken since the memory was last released
         if release_memory_after is not None and not release_memory_after >= 0:
             raise ValueError(
@@ -172,8 +214,10 @@ class Engine:
             raise TypeError(f"keep_freed_memory: expected a bool, got {type(keep_freed_memory).__name__}")
         if keep_freed_memory:  # freed blocks reused during a burst, given back once idle
             reuse_freed_memory()
-        self._worker = threading.Thread(target=self._serve, name="tiltsmc-engine", daemon=True)
-        self._worker.start()
+        for worker in self._workers:
+            name = "tiltsmc-engine" if self.workers == 1 else f"tiltsmc-engine-{worker.index}"
+            worker.thread = threading.Thread(target=self._serve, args=(worker,), name=name, daemon=True)
+            worker.thread.start()
 
     # -- the public API --------------------------------------------------------------------------------
 
@@ -226,7 +270,8 @@ class Engine:
                 self._counts["rejected"] += 1
                 raise
             self._counts["submitted"] += 1
-            self._wake.notify()
+            self._events += 1
+            self._wake.notify_all()
         return future
 
     async def generate(
@@ -244,32 +289,47 @@ class Engine:
 
     def stats(self) -> dict[str, Any]:
         """Requests waiting and in flight, particle rows in flight, counts by outcome, and the time of
-        the steps so far split into the policy's, the reward model's and tiltsmc's own."""
-        compute = self._models.compute
+        the steps so far split into the policy's, the reward model's and tiltsmc's own (summed over the
+        workers; each worker's own figures in ``"workers"``)."""
         with self._wake:
             counts = dict(self._counts)
-            steps, seconds = self._steps, self._step_seconds
-            in_flight = list(self._in_flight.values())
-        model_seconds = compute.policy_seconds + compute.reward_seconds
-        lane_calls = sum(lane.policy_calls for lane in self._lanes.values())
-        lane_rows = sum(lane.policy_rows for lane in self._lanes.values())
+            workers: list[dict[str, Any]] = [
+                {
+                    "in_flight": len(w.in_flight),
+                    "rows_in_flight": w.rows,
+                    "row_limit": w.row_limit,
+                    "seconds_per_row": dict(w.seconds_per_row),
+                    "steps": w.steps,
+                    "step_seconds": w.step_seconds,
+                }
+                for w in self._workers
+            ]
+        computes = [w.models.compute for w in self._workers]
+        policy_seconds = sum(c.policy_seconds for c in computes)
+        reward_seconds = sum(c.reward_seconds for c in computes)
+        calls = rows = 0
+        for worker in self._workers:
+            worker_calls, worker_rows = worker.policy_rows()
+            calls, rows = calls + worker_calls, rows + worker_rows
+        seconds = sum(float(w["step_seconds"]) for w in workers)
         return {
             "waiting": len(self._scheduler),
-            "in_flight": len(in_flight),
-            "rows_in_flight": sum(r.rows for r in in_flight),
+            "in_flight": sum(int(w["in_flight"]) for w in workers),
+            "rows_in_flight": sum(int(w["rows_in_flight"]) for w in workers),
             "max_batch_rows": self.max_batch_rows,
-            "row_limit": self._row_limit,
-            "seconds_per_row": dict(self._seconds_per_row),
-            "steps": steps,
-            "rows_per_policy_call": lane_rows / lane_calls if lane_calls else 0.0,
-            "policy_calls": compute.policy_calls,
-            "reward_calls": compute.reward_calls,
+            "row_limit": min(sum(int(w["row_limit"]) for w in workers), self.max_batch_rows),
+            "seconds_per_row": _mean_by_rows([w["seconds_per_row"] for w in workers]),
+            "steps": sum(int(w["steps"]) for w in workers),
+            "rows_per_policy_call": rows / calls if calls else 0.0,
+            "policy_calls": sum(c.policy_calls for c in computes),
+            "reward_calls": sum(c.reward_calls for c in computes),
             "step_seconds": seconds,
-            "policy_seconds": compute.policy_seconds,
-            "reward_seconds": compute.reward_seconds,
-            "tiltsmc_seconds": max(seconds - model_seconds, 0.0),
+            "policy_seconds": policy_seconds,
+            "reward_seconds": reward_seconds,
+            "tiltsmc_seconds": max(seconds - policy_seconds - reward_seconds, 0.0),
             "requests": counts,
             "closed": self._closing,
+            "workers": workers,
         }
 
     def close(self, drain: bool = True, timeout: Optional[float] = 30.0) -> None:
@@ -280,9 +340,10 @@ class Engine:
             self._closing = True
             now = time.perf_counter()
             self._drain_deadline = now if not drain else (None if timeout is None else now + timeout)
-            self._wake.notify()
-        if threading.current_thread() is not self._worker:
-            self._worker.join()
+            self._wake.notify_all()
+        for worker in self._workers:
+            if worker.thread is not None and worker.thread is not threading.current_thread():
+                worker.thread.join()
 
     def __enter__(self) -> Engine:
         return self
@@ -290,48 +351,76 @@ class Engine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- the worker ------------------------------------------------------------------------------------
+    # -- the workers -----------------------------------------------------------------------------------
 
-    def _serve(self) -> None:
+    def _serve(self, worker: _Worker) -> None:
         try:
-            while self._iterate():
+            while self._iterate(worker):
                 pass
         except BaseException as error:  # a bug in the engine itself: fail everything, never hang a future
-            logger.exception("the engine's worker failed; every request ends with its error")
+            logger.exception("an engine worker failed; every request ends with its error")
             with self._wake:
-                self._broken = error
-            self._end_all(EngineClosed(f"the engine failed: {error!r}"))
+                if self._broken is None:
+                    self._broken = error
+                self._wake.notify_all()  # the other workers end theirs and stop
+            self._end_all(worker, EngineClosed(f"the engine failed: {error!r}"))
 
-    def _iterate(self) -> bool:
-        """One iteration; False once the engine has closed and nothing is left."""
+    def _waits(self, worker: _Worker, now: float) -> bool:
+        """Whether ``worker`` has nothing to do now: nothing in flight, and nothing it could admit that it
+        has not looked at (the queue empty, or unchanged since it found nothing that fits)."""
+        if self._broken is not None or worker.in_flight:
+            return False
+        if self._closing and (
+            not len(self._scheduler) or (self._drain_deadline is not None and now >= self._drain_deadline)
+        ):
+            return False  # done, or the grace period is over: the worker ends what is left and stops
+        return not len(self._scheduler) or self._events == worker.seen
+
+    def _iterate(self, worker: _Worker) -> bool:
+        """One iteration of ``worker``; False once it should stop (the engine closed and nothing left, or
+        broken)."""
         with self._wake:
-            while self._idle():
-                wait = self.release_memory_after if self._worked else None
-                if not self._wake.wait(wait) and self._idle():
+            while self._waits(worker, time.perf_counter()):
+                wait = self.release_memory_after if self._worked and not self._closing else None
+                if self._closing and self._drain_deadline is not None:
+                    wait = max(self._drain_deadline - time.perf_counter(), 0.0)
+                if not self._wake.wait(wait) and self._all_idle():
                     # idle that long after work: the burst is over; the models' arenas and the freed heap
                     # go back to the system (not at once: traffic that pauses briefly keeps its memory)
                     self._worked = False
                     self._release_memory()
-            closing, deadline = self._closing, self._drain_deadline
+            closing, deadline, broken = self._closing, self._drain_deadline, self._broken
+            worker.seen = self._events
         now = time.perf_counter()
+        if broken is not None:  # another worker failed: end this one's requests
+            self._end_all(worker, EngineClosed(f"the engine failed: {broken!r}"))
+            return False
         if closing and deadline is not None and now >= deadline:
-            self._end_all(EngineClosed("the engine closed before the request finished"))
+            self._end_all(worker, EngineClosed("the engine closed before the request finished"))
             return False
         for request in self._scheduler.take_expired(now):
             self._end_waiting(request, now)
-        self._drop_cancelled(now)
-        rows = sum(r.rows for r in self._in_flight.values())
-        for request in self._scheduler.admit(rows, self._row_limit, self._exploring):
-            request.admitted = now
-            with self._wake:
-                self._in_flight[id(request.run)] = request
-            self._lanes[request.run.kind].add(request.run)
-        if not self._in_flight:
+        self._drop_cancelled(worker, now)
+        with self._wake:  # under the lock: the workers' rows in flight cannot change meanwhile
+            admitted = self._scheduler.admit(
+                worker.rows,
+                worker.row_limit,
+                worker.exploring,
+                engine_rows=sum(w.rows for w in self._workers),
+                defer=None if self.workers == 1 else lambda rows, head: self._defers(worker, rows, head),
+            )
+            for request in admitted:
+                request.admitted = now
+                worker.in_flight[id(request.run)] = request
+                worker.rows += request.rows
+        for request in admitted:
+            worker.lanes[request.run.kind].add(request.run)
+        if not worker.in_flight:
             return not (closing and not len(self._scheduler))
         self._worked = True
         began = time.perf_counter()
-        rows_before = sum(lane.policy_rows for lane in self._lanes.values())
-        for lane in self._lanes.values():
+        _, rows_before = worker.policy_rows()
+        for lane in worker.lanes.values():
             if len(lane):
                 try:
                     ended = lane.step()
@@ -340,22 +429,36 @@ class Engine:
                     ended = [(run, failure) for run in lane.runs()]
                     lane.remove(lane.runs())
                 for run, error in ended:
-                    self._finish(run, error)
+                    self._finish(worker, run, error)
         seconds = time.perf_counter() - began
-        if self._sizer is not None:  # the rows the step's policy calls served, and what the step took
-            self._sizer.observe(sum(lane.policy_rows for lane in self._lanes.values()) - rows_before, seconds)
-            limit = self._sizer.limit()
+        if worker.sizer is not None:  # the rows the step's policy calls served, and what the step took
+            worker.sizer.observe(worker.policy_rows()[1] - rows_before, seconds)
+            limit = worker.sizer.limit()
             row_limit = self.max_batch_rows if limit is None else min(limit, self.max_batch_rows)
-            if row_limit != self._row_limit:
-                self._seconds_per_row = {2**k: cost for k, cost in self._sizer.measured().items()}
-                logger.debug("row limit %d -> %d (seconds per row: %s)", self._row_limit, row_limit,
-                             self._seconds_per_row)  # fmt: skip
-            self._row_limit = row_limit
-            self._exploring = self._sizer.exploring
+            if row_limit != worker.row_limit:
+                measured = {2**k: cost for k, cost in worker.sizer.measured().items()}
+                logger.debug("worker %d: row limit %d -> %d (seconds per row: %s)", worker.index,
+                             worker.row_limit, row_limit, measured)  # fmt: skip
+                with self._wake:
+                    worker.seconds_per_row = measured
+            worker.row_limit = row_limit
+            worker.exploring = worker.sizer.exploring
         with self._wake:
-            self._steps += 1
-            self._step_seconds += seconds
+            worker.steps += 1
+            worker.step_seconds += seconds
         return True
+
+    def _defers(self, worker: _Worker, rows: int, head: int) -> bool:
+        """Whether another worker should take a request of ``head`` rows that ``worker`` (with ``rows``
+        in flight) could: one with fewer rows in flight and room for it (join the shortest queue)."""
+        return any(
+            other.rows < rows and (not other.rows or other.rows + head <= other.row_limit)
+            for other in self._workers
+            if other is not worker
+        )
+
+    def _all_idle(self) -> bool:
+        return not len(self._scheduler) and not any(w.in_flight for w in self._workers)
 
     def _release_memory(self) -> None:
         for model in (self._models.policy, self._models.reward):
@@ -364,20 +467,25 @@ class Engine:
                 shrink()
         release_free_memory()
 
-    def _idle(self) -> bool:
-        return not self._closing and not self._in_flight and not len(self._scheduler)
-
-    def _drop_cancelled(self, now: float) -> None:
-        gone = [r for r in self._in_flight.values() if r.future.cancelled() or r.expired(now)]
+    def _drop_cancelled(self, worker: _Worker, now: float) -> None:
+        gone = [r for r in worker.in_flight.values() if r.future.cancelled() or r.expired(now)]
         if not gone:
             return
-        for kind, lane in self._lanes.items():  # one compaction of each lane's particles
+        for kind, lane in worker.lanes.items():  # one compaction of each lane's particles
             lane.remove([r.run for r in gone if r.run.kind == kind])
         with self._wake:
             for request in gone:
-                del self._in_flight[id(request.run)]
+                self._take(worker, request)
         for request in gone:
             self._end_waiting(request, now)
+
+    def _take(self, worker: _Worker, request: Request) -> None:
+        """Out of ``worker``'s requests in flight (under the lock): its rows are free for any worker."""
+        del worker.in_flight[id(request.run)]
+        worker.rows -= request.rows
+        self._events += 1
+        if self.workers > 1:
+            self._wake.notify_all()
 
     def _end_waiting(self, request: Request, now: float) -> None:
         """A request cancelled by its caller, or past its deadline."""
@@ -388,9 +496,11 @@ class Engine:
         waited = now - request.submitted
         self._settle(request, TimeoutError(f"timeout: the request took more than {waited:.3g} s"))
 
-    def _finish(self, run: Run, error: Optional[BaseException]) -> None:
+    def _finish(self, worker: _Worker, run: Run, error: Optional[BaseException]) -> None:
         with self._wake:
-            request = self._in_flight.pop(id(run), None)
+            request = worker.in_flight.get(id(run))
+            if request is not None:
+                self._take(worker, request)
         if request is None:
             return
         if request.future.cancelled():  # cancelled by its caller during this step
@@ -417,23 +527,33 @@ class Engine:
         except InvalidStateError:  # cancelled by its caller in the meantime
             pass
 
-    def _end_all(self, error: BaseException) -> None:
+    def _end_all(self, worker: _Worker, error: BaseException) -> None:
+        """End the waiting requests and ``worker``'s in flight with ``error``."""
         for request in self._scheduler.take_all():
             self._count("failed")
             self._settle(request, error)
         with self._wake:
-            in_flight = list(self._in_flight.values())
-            self._in_flight.clear()
+            in_flight = list(worker.in_flight.values())
+            for request in in_flight:
+                self._take(worker, request)
         for request in in_flight:
             self._count("failed")
             self._settle(request, error)
-        for lane in self._lanes.values():
+        for lane in worker.lanes.values():
             with contextlib.suppress(Exception):  # after a failure of the worker its lanes may be broken
                 lane.remove(lane.runs())
 
     def _count(self, outcome: str) -> None:
         with self._wake:
             self._counts[outcome] += 1
+
+
+def _mean_by_rows(tables: list[dict[int, float]]) -> dict[int, float]:
+    """Seconds per row by batch size, averaged over the workers that measured each size."""
+    sizes = sorted({size for table in tables for size in table})
+    return {
+        size: sum(t[size] for t in tables if size in t) / sum(size in t for t in tables) for size in sizes
+    }
 
 
 def _check_timeout(timeout: Any) -> Optional[float]:

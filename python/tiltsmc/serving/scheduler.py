@@ -9,7 +9,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ..samplers.runs import Run
 
@@ -70,26 +70,40 @@ class Scheduler:
             self._waiting.append(request)
 
     def admit(
-        self, rows_in_flight: int, row_limit: Optional[int] = None, exploring: bool = False
+        self,
+        rows_in_flight: int,
+        row_limit: Optional[int] = None,
+        exploring: bool = False,
+        *,
+        engine_rows: Optional[int] = None,
+        defer: Optional[Callable[[int, int], bool]] = None,
     ) -> list[Request]:
-        """The waiting requests that fit now, oldest first: under ``max_batch_rows``, and under
-        ``row_limit`` (a [`BatchSizer`][tiltsmc.serving.scheduler.BatchSizer]'s) unless nothing is in
-        flight (the oldest request always runs). While the sizer is ``exploring`` (no batch size measured
-        worse than a smaller one) the limit is at least twice the oldest request's rows: a request larger
-        than any batch measured so far does not run alone while the ones behind it wait."""
+        """The waiting requests that fit now, oldest first, for a worker with ``rows_in_flight`` rows: the
+        engine's rows (``engine_rows``, every worker's; default the worker's own) stay under
+        ``max_batch_rows``, and the worker's under ``row_limit`` (a
+        [`BatchSizer`][tiltsmc.serving.scheduler.BatchSizer]'s) unless it has nothing in flight (the
+        oldest request always runs once the engine has its rows). While the sizer is ``exploring`` (no
+        batch size measured worse than a smaller one) the limit is at least twice the oldest request's
+        rows: a request larger than any batch measured so far does not run alone while the ones behind it
+        wait. ``defer(rows, head)``: True where another worker should take the oldest request (of ``head``
+        rows) rather than this one with ``rows`` in flight; admission stops there."""
         admitted: list[Request] = []
+        total = rows_in_flight if engine_rows is None else engine_rows
         with self._lock:
             while self._waiting:
                 head = self._waiting[0].rows
+                if total + head > self.max_batch_rows:  # enqueue refused any over it: it runs once rows free
+                    break
                 limit = self.max_batch_rows if row_limit is None else row_limit
                 if exploring:
                     limit = max(limit, 2 * head)
-                limit = min(limit, self.max_batch_rows)
-                # with nothing in flight the oldest runs (enqueue refused any over max_batch_rows)
                 if rows_in_flight and rows_in_flight + head > limit:
+                    break
+                if defer is not None and defer(rows_in_flight, head):
                     break
                 request = self._waiting.popleft()
                 rows_in_flight += request.rows
+                total += request.rows
                 admitted.append(request)
         return admitted
 

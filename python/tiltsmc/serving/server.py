@@ -47,7 +47,9 @@ from .engine import (
     ADAPTIVE_ROWS,
     MAX_BATCH_ROWS,
     MAX_QUEUE,
+    MAX_WORKERS,
     RELEASE_MEMORY_AFTER,
+    WORKERS,
     Engine,
     EngineClosed,
     Overloaded,
@@ -590,6 +592,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(off: up to --max-batch-rows)",
     )
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=WORKERS,
+        help="engine worker threads, each stepping its own batch; more than one gives each model "
+        "cores / workers ONNX Runtime threads unless --threads says otherwise (default: %(default)s)",
+    )
+    parser.add_argument(
         "--max-queue", type=int, default=MAX_QUEUE, help="requests waiting at most (then 429)"
     )
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds a request may take (then 504)")
@@ -640,6 +649,7 @@ class Settings:
     max_queue: int = MAX_QUEUE
     release_memory_after: Optional[float] = RELEASE_MEMORY_AFTER
     adaptive_rows: bool = ADAPTIVE_ROWS
+    workers: int = WORKERS
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Settings":
@@ -649,9 +659,13 @@ class Settings:
             api_key = os.environ.get(args.api_key_env, "")
             if not api_key:
                 raise ValueError(f"--api-key-env: ${args.api_key_env} is not set or empty")
-        for name in ("max_batch_rows", "max_queue", "max_prompt_tokens", "max_request_particles", "max_n"):
+        for name in (
+            "max_batch_rows", "max_queue", "max_prompt_tokens", "max_request_particles", "max_n", "workers",
+        ):  # fmt: skip
             if getattr(args, name) < (0 if name == "max_queue" else 1):
                 raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer")
+        if args.workers > MAX_WORKERS:
+            raise ValueError(f"--workers: expected at most {MAX_WORKERS} worker threads")
         if not (args.timeout > 0 and args.grace >= 0):
             raise ValueError("--timeout and --grace: expected positive numbers of seconds")
         limits = Limits(
@@ -670,6 +684,7 @@ class Settings:
             args.max_queue,
             args.release_memory_after,
             args.adaptive_rows == "on",
+            args.workers,
         )
 
     def engine(self, policy: Any, reward: Any) -> Engine:
@@ -682,6 +697,7 @@ class Settings:
             release_memory_after=self.release_memory_after,
             keep_freed_memory=True,
             adaptive_rows=self.adaptive_rows,
+            workers=self.workers,
         )
 
     def app(self, engine: Engine, instance: Optional[str] = None) -> Any:
