@@ -302,6 +302,8 @@ def test_serve_shares_the_cores_out_between_its_workers() -> None:
     assert serve_threads(None, 2) == max(1, cores // 2)
     assert serve_threads(None, 10 * cores) == 1
     assert serve_threads(3, 2) == 3  # --threads wins
+    assert serve_threads(None, 2, cores=8) == 4  # a Ray replica's reserved CPUs
+    assert serve_threads(None, 4, cores=1) == 1
 
 
 @pytest.mark.parametrize(

@@ -1302,7 +1302,9 @@ def serve(args: argparse.Namespace) -> int:
         settings = serving_server.Settings.from_args(args)
     except ValueError as error:
         raise CliError(str(error)) from None
-    args.threads = serve_threads(args.threads, settings.workers)
+    # on Ray a replica's workers share the CPUs it reserves, not the machine's
+    replica_cores = max(1, int(args.replica_cpus)) if args.ray else None
+    args.threads = serve_threads(args.threads, settings.workers, replica_cores)
     if args.ray:  # the replicas load the models
         from .serving import ray as serving_ray
 
@@ -1324,14 +1326,16 @@ def serve(args: argparse.Namespace) -> int:
         raise CliError(_one_line(error)) from None
 
 
-def serve_threads(threads: Optional[int], workers: int) -> Optional[int]:
+def serve_threads(threads: Optional[int], workers: int, cores: Optional[int] = None) -> Optional[int]:
     """The ONNX Runtime (and core) threads of ``tiltsmc serve``'s models: ``--threads`` where given; else
-    with several workers, whose session calls run side by side, the usable cores shared out between them
-    (at least one each); else None (ONNX Runtime's default, one a core)."""
+    with several workers, whose session calls run side by side, the ``cores`` (default: those this
+    process may use) shared out between them, at least one each; else None (ONNX Runtime's default, one a
+    core)."""
     if threads is not None or workers <= 1:
         return threads
-    affinity = getattr(os, "sched_getaffinity", None)
-    cores = len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+    if cores is None:
+        affinity = getattr(os, "sched_getaffinity", None)
+        cores = len(affinity(0)) if affinity is not None else os.cpu_count() or 1
     return max(1, cores // workers)
 
 
