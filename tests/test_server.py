@@ -388,6 +388,10 @@ def test_sigterm_lets_requests_in_flight_finish(tmp_path: Path) -> None:
         # uvicorn ends by re-raising the signal once it has shut down gracefully
         assert draining.process.returncode in (0, -signal.SIGTERM)
         assert "Traceback" not in draining.log()
+        # the two workers' session calls run side by side: each model gets half the cores
+        listening = next(json.loads(line) for line in draining.log().splitlines() if '"listening"' in line)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        assert (listening["workers"], listening["threads"]) == (2, max(1, cores // 2))
     finally:
         draining.stop()
 

@@ -730,9 +730,9 @@ def serve(args: argparse.Namespace, settings: Settings, policy: Any, reward: Any
         access_log=False,
         timeout_graceful_shutdown=int(max(settings.grace, 1)),
     )
-    logger.info(
-        json.dumps({"event": "listening", "host": args.host, "port": args.port, "model": settings.model_name})
-    )
+    listening = {"event": "listening", "host": args.host, "port": args.port, "model": settings.model_name}
+    listening.update(workers=settings.workers, threads=getattr(args, "threads", None))
+    logger.info(json.dumps(listening))
     uvicorn.Server(config).run()
     engine.close(drain=True, timeout=settings.grace)
     return 0
