@@ -604,3 +604,27 @@ def test_bad_worker_counts_are_refused(
     with pytest.raises(error, match=message):
         tiltsmc.Engine(policy, twist, workers=workers)
     assert threading.active_count() == before  # no thread left behind
+
+
+def test_workers_warn_when_their_models_threads_would_crowd_the_cores(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two workers on models whose sessions take a thread a core each would ask for twice the cores: the
+    engine says so (and what to load them with); with one thread a model on two or more cores it does
+    not."""
+    from tiltsmc.serving.engine import usable_cores
+
+    cores = usable_cores()
+    for threads, crowded in ((None, True), (1, 2 > cores)):
+        policy, reward = arithmetic.load_models(intra_op_num_threads=threads)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="tiltsmc.engine"):
+            tiltsmc.Engine(policy, reward, workers=2).close()
+        warned = [r.getMessage() for r in caplog.records if "ONNX Runtime threads" in r.getMessage()]
+        assert bool(warned) == crowded, (threads, warned)
+        if crowded:
+            assert f"intra_op_num_threads={max(1, cores // 2)}" in warned[0]
+    with caplog.at_level("WARNING", logger="tiltsmc.engine"):
+        caplog.clear()
+        tiltsmc.Engine(*arithmetic.load_models(), workers=1).close()
+    assert not caplog.records

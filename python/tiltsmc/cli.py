@@ -1331,12 +1331,11 @@ def serve_threads(threads: Optional[int], workers: int, cores: Optional[int] = N
     with several workers, whose session calls run side by side, the ``cores`` (default: those this
     process may use) shared out between them, at least one each; else None (ONNX Runtime's default, one a
     core)."""
+    from .serving.engine import usable_cores
+
     if threads is not None or workers <= 1:
         return threads
-    if cores is None:
-        affinity = getattr(os, "sched_getaffinity", None)
-        cores = len(affinity(0)) if affinity is not None else os.cpu_count() or 1
-    return max(1, cores // workers)
+    return max(1, (usable_cores() if cores is None else cores) // workers)
 
 
 def _model_option_names() -> list[str]:

@@ -25,6 +25,7 @@ import contextlib
 import inspect
 import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -85,6 +86,33 @@ def _missing_support(model: Any, role: str) -> Optional[str]:
         "prompt axis (sequences of different lengths declared in Particles.aligned), and (a policy) that it "
         "draws through tiltsmc.core kernels or rng.random with the rng it is given. It still works offline."
     )
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the system says, else every core)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+
+
+def _oversubscribed(models: tuple[Any, ...], workers: int) -> Optional[str]:
+    """With several workers, what would ask for more threads than cores at once: a model whose ONNX Runtime
+    session runs each call on ``t`` intra-op threads (0: one a core), ``workers x t`` of them side by side."""
+    if workers <= 1:
+        return None
+    cores = usable_cores()
+    for model in models:
+        session = getattr(model, "session", None)
+        options = getattr(session, "get_session_options", None)
+        if not callable(options):
+            continue
+        threads = int(options().intra_op_num_threads) or cores
+        if workers * threads > cores:
+            return (
+                f"workers: {workers} workers' calls of {type(model).__name__}, each on {threads} ONNX "
+                f"Runtime threads, would share {cores} cores: load the models with intra_op_num_threads="
+                f"{max(1, cores // workers)} (tiltsmc serve --workers does)"
+            )
+    return None
 
 
 class _Worker:
@@ -187,6 +215,9 @@ class Engine:
         self.workers = check_count(workers, "workers")
         if self.workers > MAX_WORKERS:
             raise ValueError(f"workers: expected at most {MAX_WORKERS} worker threads, got {self.workers}")
+        crowded = _oversubscribed((policy, reward), self.workers)
+        if crowded is not None:  # they contend for the cores: slower than fewer threads each, not wrong
+            logger.warning(crowded)
         self._workers = [
             _Worker(k, policy, reward, self.max_batch_rows, adaptive_rows) for k in range(self.workers)
         ]
