@@ -225,8 +225,11 @@ def test_health_and_metrics(server: Server) -> None:
         'tiltsmc_step_seconds_total{part="reward"}',
         'tiltsmc_step_seconds_total{part="tiltsmc"}',
         'tiltsmc_request_seconds_bucket{le="0.5",outcome="completed"}',
+        'tiltsmc_worker_rows_in_flight{worker="0"}',
+        'tiltsmc_worker_row_limit{worker="0"}',
     ):
         assert name in text, name
+    assert 'worker="1"' not in text  # one worker unless --workers says more
     assert server.metric('tiltsmc_requests_total{outcome="completed"}') >= 1
     assert 1 <= server.metric("tiltsmc_row_limit") <= 4096  # the default max_batch_rows, or learned below
     lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
@@ -379,6 +382,9 @@ def test_sigterm_lets_requests_in_flight_finish(tmp_path: Path) -> None:
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             in_flight = [pool.submit(draining.post, LONG_REQUEST) for _ in range(2)]
             time.sleep(lone / 4)  # both still in flight: together they take longer than one alone
+            # one in each worker's batch (a request goes to the worker with fewer rows)
+            rows = [draining.metric(f'tiltsmc_worker_rows_in_flight{{worker="{k}"}}') for k in (0, 1)]
+            assert rows[0] == rows[1] > 0, rows
             began = time.monotonic()
             draining.process.send_signal(signal.SIGTERM)
             finished = [f.result() for f in in_flight]

@@ -556,6 +556,17 @@ class _EngineCollector:
             "Particle rows the engine admits up to now (max_batch_rows, or the learned batch size below it)",
             value=stats["row_limit"],
         )
+        by_worker = {
+            name: GaugeMetricFamily(f"tiltsmc_worker_{name}", help_text, labels=["worker"])
+            for name, help_text in (
+                ("rows_in_flight", "Particle rows in flight in each engine worker's batch"),
+                ("row_limit", "Particle rows each engine worker admits up to now"),
+            )
+        }
+        for index, worker in enumerate(stats["workers"]):
+            for name, family in by_worker.items():
+                family.add_metric([str(index)], worker[name])
+        yield from by_worker.values()
         yield GaugeMetricFamily(
             "tiltsmc_rows_per_policy_call",
             "Mean particle rows per policy call",
