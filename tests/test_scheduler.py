@@ -8,7 +8,9 @@ from concurrent.futures import Future
 from typing import Callable
 
 import pytest
-from tiltsmc.serving.scheduler import BatchSizer, Request, Scheduler
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tiltsmc.serving.scheduler import BatchSizer, Request, Scheduler, another_should_take
 
 
 def _request(number: int, rows: int) -> Request:
@@ -176,3 +178,54 @@ def test_a_worker_leaves_the_oldest_request_to_the_one_it_defers_to() -> None:
     assert [r.id for r in scheduler.admit(0, defer=defer)] == [0, 1, 2]
     assert asked == [(0, 4), (4, 4), (8, 4), (12, 4)]
     assert len(scheduler) == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    workers=st.integers(1, 4),
+    max_rows=st.integers(8, 64),
+    sizes=st.lists(st.integers(1, 8), min_size=1, max_size=40),
+    limits=st.lists(st.integers(1, 64), min_size=4, max_size=4),
+    script=st.lists(st.tuples(st.booleans(), st.integers(0, 3), st.integers(0, 100)), max_size=200),
+)
+def test_workers_admitting_in_turn_keep_every_bound_and_serve_everyone(
+    workers: int, max_rows: int, sizes: list[int], limits: list[int], script: list[tuple[bool, int, int]]
+) -> None:
+    """Workers admit in any order (each under the engine's lock, as the engine does) and their requests
+    finish in any order: the engine's rows never exceed ``max_batch_rows``, requests leave the queue in
+    arrival order, a worker's own rows pass its row limit only for the one request it admits with nothing
+    in flight, and once the requests in flight finish the queue always drains: nobody waits for good."""
+    scheduler = Scheduler(max_queue=100, max_batch_rows=max_rows)
+    for number, rows in enumerate(sizes):
+        scheduler.enqueue(_request(number, rows))
+    held: list[list[Request]] = [[] for _ in range(workers)]
+    admitted: list[int] = []
+
+    def rows_of(k: int) -> int:
+        return sum(r.rows for r in held[k])
+
+    def admit(k: int) -> None:
+        others = [(rows_of(j), limits[j]) for j in range(workers) if j != k]
+        before = rows_of(k)
+        taken = scheduler.admit(
+            before,
+            limits[k],
+            engine_rows=sum(rows_of(j) for j in range(workers)),
+            defer=lambda rows, head: another_should_take(rows, head, others),
+        )
+        held[k].extend(taken)
+        admitted.extend(r.id for r in taken)
+        assert sum(rows_of(j) for j in range(workers)) <= max_rows
+        assert not taken or rows_of(k) <= limits[k] or (before == 0 and len(taken) == 1)
+
+    for finish, worker, pick in script:
+        k = worker % workers
+        if finish and held[k]:
+            held[k].pop(pick % len(held[k]))  # a request in flight ends, freeing its rows
+        else:
+            admit(k)
+    for _ in range(len(sizes) + 1):  # the rest: every request in flight ends, each worker looks again
+        for k in range(workers):
+            held[k].clear()
+            admit(k)
+    assert admitted == list(range(len(sizes))) and len(scheduler) == 0

@@ -39,7 +39,7 @@ from ..samplers.lane import KINDS, Lane
 from ..samplers.result import Compute, SamplerResult
 from ..samplers.runs import Run
 from ._memory import release_free_memory, reuse_freed_memory
-from .scheduler import BatchSizer, EngineClosed, Overloaded, Request, Scheduler
+from .scheduler import BatchSizer, EngineClosed, Overloaded, Request, Scheduler, another_should_take
 
 __all__ = ["SAMPLERS", "Engine", "EngineClosed", "Overloaded", "sampler_defaults"]
 
@@ -481,12 +481,9 @@ class Engine:
 
     def _defers(self, worker: _Worker, rows: int, head: int) -> bool:
         """Whether another worker should take a request of ``head`` rows that ``worker`` (with ``rows``
-        in flight) could: one with fewer rows in flight and room for it (join the shortest queue)."""
-        return any(
-            other.rows < rows and (not other.rows or other.rows + head <= other.row_limit)
-            for other in self._workers
-            if other is not worker
-        )
+        in flight) could (``another_should_take``)."""
+        others = [(other.rows, other.row_limit) for other in self._workers if other is not worker]
+        return another_should_take(rows, head, others)
 
     def _all_idle(self) -> bool:
         return not len(self._scheduler) and not any(w.in_flight for w in self._workers)

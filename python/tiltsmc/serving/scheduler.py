@@ -7,13 +7,14 @@ import collections
 import math
 import threading
 import time
+from collections.abc import Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from ..samplers.runs import Run
 
-__all__ = ["BatchSizer", "EngineClosed", "Overloaded", "Request", "Scheduler"]
+__all__ = ["BatchSizer", "EngineClosed", "Overloaded", "Request", "Scheduler", "another_should_take"]
 
 
 class Overloaded(RuntimeError):
@@ -119,6 +120,15 @@ class Scheduler:
         with self._lock:
             waiting, self._waiting = list(self._waiting), collections.deque()
         return waiting
+
+
+def another_should_take(rows: int, head: int, others: Iterable[tuple[int, int]]) -> bool:
+    """Whether a worker with ``rows`` in flight should leave a request of ``head`` rows to another:
+    one of ``others`` (each worker's rows in flight and row limit) has fewer rows and room for it (or
+    nothing in flight). Requests so go to the worker with the fewest rows that can take them; a worker
+    with nothing in flight never defers, so some worker always takes the oldest request once the engine
+    has its rows."""
+    return any(theirs < rows and (not theirs or theirs + head <= limit) for theirs, limit in others)
 
 
 class BatchSizer:
