@@ -628,3 +628,40 @@ def test_workers_warn_when_their_models_threads_would_crowd_the_cores(
         caplog.clear()
         tiltsmc.Engine(*arithmetic.load_models(), workers=1).close()
     assert not caplog.records
+
+
+class EngineBug(BaseException):
+    """Not an ``Exception``: what the engine's own code could raise past its lanes' handlers (a bug)."""
+
+
+class BuggyForThree(Gated):
+    """A gated policy that raises ``EngineBug`` on a batch of exactly 3 rows."""
+
+    def propose(self, particles: Particles, rng: Any) -> Any:
+        if particles.lengths.size == 3:
+            raise EngineBug("a bug")
+        return super().propose(particles, rng)
+
+
+def test_a_failed_worker_ends_every_request_and_the_other_workers(models: tuple[Any, Any]) -> None:
+    """A worker that fails (a bug in the engine, not a model error) breaks the engine: its requests, the
+    queue's and the other workers' end with ``EngineClosed`` naming the failure, every worker stops and
+    ``submit`` refuses; no future hangs."""
+    policy, twist = models
+    buggy = BuggyForThree(policy)
+    buggy.gate.clear()
+    before = set(threading.enumerate())
+    engine = tiltsmc.Engine(buggy, twist, workers=2)
+    workers = set(threading.enumerate()) - before
+    held = engine.submit((), "smc", num_particles=8, rng=0)
+    assert buggy.entered.wait(10)  # one worker holds it inside a step
+    failing = engine.submit((), "smc", num_particles=3, rng=1)  # the other worker takes it, and fails
+    with pytest.raises(EngineClosed, match="the engine failed: EngineBug"):
+        failing.result(timeout=30)
+    buggy.gate.set()
+    with pytest.raises(EngineClosed, match="the engine failed: EngineBug"):
+        held.result(timeout=30)
+    with pytest.raises(EngineClosed, match="the engine failed"):
+        engine.submit((), "smc", num_particles=4)
+    engine.close()
+    assert not any(thread.is_alive() for thread in workers)
