@@ -665,3 +665,34 @@ def test_a_failed_worker_ends_every_request_and_the_other_workers(models: tuple[
         engine.submit((), "smc", num_particles=4)
     engine.close()
     assert not any(thread.is_alive() for thread in workers)
+
+
+class Releasing(Gated):
+    """A gated policy that counts the engine's ``release_memory()`` calls."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.released = 0
+
+    def release_memory(self) -> bool:
+        self.released += 1
+        return True
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_memory_is_released_once_when_every_worker_is_idle(models: tuple[Any, Any], workers: int) -> None:
+    """After a burst, once the engine has been idle ``release_memory_after`` seconds, the models' memory
+    is released once (not once per worker), and not again until there has been work."""
+    policy, twist = models
+    releasing = Releasing(policy)
+    with tiltsmc.Engine(releasing, twist, workers=workers, release_memory_after=0.05) as engine:
+        futures = [engine.submit((), "smc", num_particles=8, rng=k) for k in range(2 * workers)]
+        for future in futures:
+            future.result(timeout=30)
+        assert _wait_for(lambda: releasing.released >= 1)
+        time.sleep(0.3)  # several more idle periods: nothing new to give back
+        assert releasing.released == 1
+        engine.submit((), "smc", num_particles=8, rng=99).result(timeout=30)
+        assert _wait_for(lambda: releasing.released >= 2)
+        time.sleep(0.3)
+        assert releasing.released == 2

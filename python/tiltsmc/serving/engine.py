@@ -415,9 +415,10 @@ class Engine:
                 wait = self.release_memory_after if self._worked and not self._closing else None
                 if self._closing and self._drain_deadline is not None:
                     wait = max(self._drain_deadline - time.perf_counter(), 0.0)
-                if not self._wake.wait(wait) and self._all_idle():
+                if not self._wake.wait(wait) and self._worked and self._all_idle():
                     # idle that long after work: the burst is over; the models' arenas and the freed heap
-                    # go back to the system (not at once: traffic that pauses briefly keeps its memory)
+                    # go back to the system (not at once: traffic that pauses briefly keeps its memory);
+                    # once, by the first worker to find it so
                     self._worked = False
                     self._release_memory()
             closing, deadline, broken = self._closing, self._drain_deadline, self._broken
