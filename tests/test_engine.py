@@ -696,3 +696,42 @@ def test_memory_is_released_once_when_every_worker_is_idle(models: tuple[Any, An
         assert _wait_for(lambda: releasing.released >= 2)
         time.sleep(0.3)
         assert releasing.released == 2
+
+
+class GatedForThree(Gated):
+    """A policy whose ``propose`` waits for ``gate`` on a batch of exactly 3 rows only."""
+
+    def propose(self, particles: Particles, rng: Any) -> Any:
+        if particles.lengths.size == 3:
+            self.entered.set()
+            assert self.gate.wait(20), "the test never opened the gate"
+        return self.inner.propose(particles, rng)
+
+
+def test_close_from_a_future_callback_returns_and_the_engine_drains(models: tuple[Any, Any]) -> None:
+    """``close()`` called on a worker's thread (a future's done-callback) returns at once rather than
+    waiting for the other workers (which could wait on the rows this one holds); the engine still drains."""
+    policy, twist = models
+    gated = GatedForThree(policy)
+    gated.gate.clear()
+    engine = tiltsmc.Engine(gated, twist, workers=2)
+    held = engine.submit((), "smc", num_particles=3, rng=0)
+    assert gated.entered.wait(10)  # one worker is inside a step of it
+    closed = threading.Event()
+
+    def close_engine(_: Any) -> None:
+        engine.close(drain=True, timeout=None)
+        closed.set()
+
+    quick = engine.submit((), "smc", num_particles=4, rng=1)  # the other worker runs it
+    quick.add_done_callback(close_engine)
+    assert closed.wait(10), "close() from the callback waited for the other worker"
+    assert not held.done()
+    gated.gate.set()
+    assert same_result(
+        held.result(timeout=30), tiltsmc.smc(policy, twist, prompts=[()], num_particles=3, rng=0)
+    )
+    assert same_result(
+        quick.result(timeout=30), tiltsmc.smc(policy, twist, prompts=[()], num_particles=4, rng=1)
+    )
+    engine.close()

@@ -372,9 +372,11 @@ class Engine:
             now = time.perf_counter()
             self._drain_deadline = now if not drain else (None if timeout is None else now + timeout)
             self._wake.notify_all()
-        for worker in self._workers:
-            if worker.thread is not None and worker.thread is not threading.current_thread():
-                worker.thread.join()
+        threads = [worker.thread for worker in self._workers if worker.thread is not None]
+        if threading.current_thread() in threads:  # from a worker (a future's callback): it must go on
+            return
+        for thread in threads:
+            thread.join()
 
     def __enter__(self) -> Engine:
         return self
