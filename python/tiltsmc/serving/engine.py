@@ -366,7 +366,8 @@ class Engine:
     def close(self, drain: bool = True, timeout: Optional[float] = 30.0) -> None:
         """Stop taking requests; with ``drain``, finish those queued and in flight for up to ``timeout``
         seconds (None: as long as they take); then end the rest with
-        [`EngineClosed`][tiltsmc.serving.engine.EngineClosed]."""
+        [`EngineClosed`][tiltsmc.serving.engine.EngineClosed]. Returns once the workers have stopped, or at
+        once where called on a worker's own thread (a future's done-callback)."""
         with self._wake:
             self._closing = True
             now = time.perf_counter()
