@@ -28,11 +28,26 @@ PROMPT = arithmetic.make_problems(4, 1, rng=3)[0].prompt
 LONG = {"prompt": arithmetic.make_problems(16, 1, rng=0)[0].prompt, "particles": 256, "seed": 1}
 
 
-class RayServer:
-    def __init__(self, tmp_path: Path) -> None:
+# Ports Ray's own processes listen on by default (GCS, dashboard, client server, dashboard agent, and its
+# workers' range): a free port found by the test must not be one of them, or Ray may take it first (seen
+# in CI: "Failed to bind to address '127.0.0.1:52365'", the dashboard agent's default port).
+RAY_DEFAULT_PORTS = frozenset({6379, 8265, 10001, 52365, 52366})
+RAY_WORKER_PORTS = range(10002, 20000)
+
+
+def free_port() -> int:
+    """A port free now on 127.0.0.1 that none of Ray's processes takes by default."""
+    while True:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+            port = int(probe.getsockname()[1])
+        if port not in RAY_DEFAULT_PORTS and port not in RAY_WORKER_PORTS:
+            return port
+
+
+class RayServer:
+    def __init__(self, tmp_path: Path) -> None:
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp_path / "ray-serve.log"
         self._log = self.log_path.open("w")
