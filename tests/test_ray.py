@@ -54,6 +54,7 @@ class RayServer:
         command = [
             sys.executable, "-m", "tiltsmc.cli", "serve", "--ray", "--demo", "--replicas", "2",
             "--replica-cpus", "0.5", "--port", str(self.port), "--max-request-particles", "256",
+            "--workers", "2",
         ]  # fmt: skip
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
@@ -122,6 +123,7 @@ def test_requests_spread_over_replicas_and_match_the_offline_run(ray_server: Ray
         assert weights == pytest.approx(offline_weights, rel=1e-6, abs=1e-9)
     metrics = httpx.get(f"{ray_server.url}/metrics", timeout=30).text
     assert "tiltsmc_instance_info{instance=" in metrics and "tiltsmc_requests_total" in metrics
+    assert 'tiltsmc_worker_rows_in_flight{worker="1"}' in metrics  # each replica's engine has two workers
 
 
 def test_bad_request_is_the_same_4xx_as_tiltsmc_serve(ray_server: RayServer) -> None:
