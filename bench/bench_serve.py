@@ -426,13 +426,13 @@ def run_config(
     the ladder of rates. The systems take turns (lone requests interleaved, levels in alternating order)
     so that a slower hour on the shared machine weighs on both alike."""
     out: dict[str, dict[int, dict[str, Any]]] = {system: {} for system in SYSTEMS}
+    engine_options = ["--workers", str(args.engine_workers)] if args.engine_workers != 1 else []
+    threads = args.baseline_threads
+    baseline_options = [] if threads is None else ["--threads", str(threads)]
     with contextlib.ExitStack() as stack:
         servers = {}
         for system in SYSTEMS:
             port = free_port()
-            engine_options = ["--workers", str(args.engine_workers)] if args.engine_workers != 1 else []
-            threads = args.baseline_threads
-            baseline_options = [] if threads is None else ["--threads", str(threads)]
             command = server_command(
                 system, models, port, args.engine_server, args.memory_arena, engine_options, baseline_options
             )

@@ -128,7 +128,6 @@ class _Worker:
         self.lanes = {kind: Lane(self.models, kind) for kind in KINDS}
         # by id(run): changed by this worker only, under the engine's lock (other threads read it)
         self.in_flight: dict[int, Request] = {}
-        self.rows = 0  # the rows of in_flight
         self.sizer = BatchSizer() if adaptive else None
         self.row_limit = max_rows  # the rows the scheduler may fill for it
         self.seconds_per_row: dict[int, float] = {}  # what row_limit was chosen from, by rows (a snapshot)
@@ -137,6 +136,11 @@ class _Worker:
         self.step_seconds = 0.0
         self.seen = -1  # the engine's event count when it last looked at the queue
         self.thread: Optional[threading.Thread] = None
+
+    @property
+    def rows(self) -> int:
+        """The particle rows of its requests in flight (read under the engine's lock elsewhere)."""
+        return sum(request.rows for request in self.in_flight.values())
 
     def policy_rows(self) -> tuple[int, int]:
         """Policy calls made by its lanes, and the rows they served."""
@@ -447,7 +451,6 @@ class Engine:
             for request in admitted:
                 request.admitted = now
                 worker.in_flight[id(request.run)] = request
-                worker.rows += request.rows
         for request in admitted:
             worker.lanes[request.run.kind].add(request.run)
         if not worker.in_flight:
@@ -514,7 +517,6 @@ class Engine:
     def _take(self, worker: _Worker, request: Request) -> None:
         """Out of ``worker``'s requests in flight (under the lock): its rows are free for any worker."""
         del worker.in_flight[id(request.run)]
-        worker.rows -= request.rows
         self._events += 1
         if self.workers > 1:
             self._wake.notify_all()

@@ -741,8 +741,14 @@ def serve(args: argparse.Namespace, settings: Settings, policy: Any, reward: Any
         access_log=False,
         timeout_graceful_shutdown=int(max(settings.grace, 1)),
     )
-    listening = {"event": "listening", "host": args.host, "port": args.port, "model": settings.model_name}
-    listening.update(workers=settings.workers, threads=getattr(args, "threads", None))
+    listening = {
+        "event": "listening",
+        "host": args.host,
+        "port": args.port,
+        "model": settings.model_name,
+        "workers": settings.workers,
+        "threads": args.threads,
+    }
     logger.info(json.dumps(listening))
     uvicorn.Server(config).run()
     engine.close(drain=True, timeout=settings.grace)
