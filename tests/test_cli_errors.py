@@ -3,14 +3,16 @@ arguments, prompts or model files) or 1 (the run or its output failed), never a 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import pytest
 import tiltsmc.tasks.arithmetic
@@ -229,43 +231,43 @@ def test_serve_refuses_a_bad_release_delay_in_one_line(value: str, capfd: pytest
     assert "--release-memory-after: expected seconds >= 0 or 'never'" in one_line_error(capfd)
 
 
+@contextlib.contextmanager
+def served_engine(*options: str) -> Iterator[tuple[Any, Any]]:
+    """The settings ``tiltsmc serve --demo OPTIONS`` parses and the engine it serves with (closed after)."""
+    from tiltsmc.cli import build_parser
+    from tiltsmc.serving.server import Settings
+
+    settings = Settings.from_args(build_parser().parse_args(["serve", "--demo", *options]))
+    engine = settings.engine(*tiltsmc.tasks.arithmetic.load_models())
+    try:
+        yield settings, engine
+    finally:
+        engine.close()
+
+
 @pytest.mark.parametrize(("value", "seconds"), [(None, 30.0), ("never", None), ("0", 0.0), ("2.5", 2.5)])
 def test_serve_passes_its_release_delay_to_the_engine(value: Optional[str], seconds: Optional[float]) -> None:
     """The server's engine releases memory after the option's delay; the default is the engine's own."""
-    from tiltsmc.cli import build_parser
     from tiltsmc.serving.engine import RELEASE_MEMORY_AFTER, Engine
-    from tiltsmc.serving.server import Settings
 
-    argv = ["serve", "--demo"] + ([] if value is None else ["--release-memory-after", value])
-    settings = Settings.from_args(build_parser().parse_args(argv))
-    assert settings.release_memory_after == seconds
-    if value is None:
-        assert inspect.signature(Engine).parameters["release_memory_after"].default == RELEASE_MEMORY_AFTER
-    policy, reward = tiltsmc.tasks.arithmetic.load_models()
-    engine = settings.engine(policy, reward)
-    try:
+    options = [] if value is None else ["--release-memory-after", value]
+    with served_engine(*options) as (settings, engine):
+        assert settings.release_memory_after == seconds
+        if value is None:
+            default = inspect.signature(Engine).parameters["release_memory_after"].default
+            assert default == RELEASE_MEMORY_AFTER
         assert engine.release_memory_after == seconds
-    finally:
-        engine.close()
 
 
 @pytest.mark.parametrize(("value", "adaptive"), [(None, True), ("on", True), ("off", False)])
 def test_serve_passes_adaptive_rows_to_the_engine(value: Optional[str], adaptive: bool) -> None:
     """``--adaptive-rows on|off`` reaches the engine; the default is the engine's own."""
-    from tiltsmc.cli import build_parser
     from tiltsmc.serving.engine import ADAPTIVE_ROWS, Engine
-    from tiltsmc.serving.server import Settings
 
-    argv = ["serve", "--demo"] + ([] if value is None else ["--adaptive-rows", value])
-    settings = Settings.from_args(build_parser().parse_args(argv))
-    assert settings.adaptive_rows is adaptive
-    assert inspect.signature(Engine).parameters["adaptive_rows"].default is ADAPTIVE_ROWS
-    policy, reward = tiltsmc.tasks.arithmetic.load_models()
-    engine = settings.engine(policy, reward)
-    try:
+    with served_engine(*([] if value is None else ["--adaptive-rows", value])) as (settings, engine):
+        assert settings.adaptive_rows is adaptive
+        assert inspect.signature(Engine).parameters["adaptive_rows"].default is ADAPTIVE_ROWS
         assert engine.adaptive_rows is adaptive
-    finally:
-        engine.close()
 
 
 def test_serve_refuses_a_bad_adaptive_rows_value(capfd: pytest.CaptureFixture[str]) -> None:
@@ -278,26 +280,19 @@ def test_serve_refuses_a_bad_adaptive_rows_value(capfd: pytest.CaptureFixture[st
 @pytest.mark.parametrize(("value", "workers"), [(None, 1), ("2", 2)])
 def test_serve_passes_its_workers_to_the_engine(value: Optional[str], workers: int) -> None:
     """``--workers`` reaches the engine (each worker steps its own batch); the default is the engine's."""
-    from tiltsmc.cli import build_parser
     from tiltsmc.serving.engine import WORKERS, Engine
-    from tiltsmc.serving.server import Settings
 
-    argv = ["serve", "--demo"] + ([] if value is None else ["--workers", value])
-    settings = Settings.from_args(build_parser().parse_args(argv))
-    assert settings.workers == workers
-    assert inspect.signature(Engine).parameters["workers"].default == WORKERS
-    policy, reward = tiltsmc.tasks.arithmetic.load_models()
-    engine = settings.engine(policy, reward)
-    try:
+    with served_engine(*([] if value is None else ["--workers", value])) as (settings, engine):
+        assert settings.workers == workers
+        assert inspect.signature(Engine).parameters["workers"].default == WORKERS
         assert engine.workers == workers and len(engine.stats()["workers"]) == workers
-    finally:
-        engine.close()
 
 
 def test_serve_shares_the_cores_out_between_its_workers() -> None:
     from tiltsmc.cli import serve_threads
+    from tiltsmc.serving.engine import usable_cores
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     assert serve_threads(None, 1) is None  # ONNX Runtime's default
     assert serve_threads(None, 2) == max(1, cores // 2)
     assert serve_threads(None, 10 * cores) == 1

@@ -24,6 +24,7 @@ pytest.importorskip("prometheus_client")
 
 import tiltsmc  # noqa: E402
 from tiltsmc.models import OnnxCausalLM, OnnxRewardModel  # noqa: E402
+from tiltsmc.serving.engine import usable_cores  # noqa: E402
 from tiltsmc.tasks import arithmetic  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures" / "models"
@@ -396,8 +397,7 @@ def test_sigterm_lets_requests_in_flight_finish(tmp_path: Path) -> None:
         assert "Traceback" not in draining.log()
         # the two workers' session calls run side by side: each model gets half the cores
         listening = next(json.loads(line) for line in draining.log().splitlines() if '"listening"' in line)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        assert (listening["workers"], listening["threads"]) == (2, max(1, cores // 2))
+        assert (listening["workers"], listening["threads"]) == (2, max(1, usable_cores() // 2))
     finally:
         draining.stop()
 
