@@ -74,6 +74,7 @@ COMPARISONS: dict[str, tuple[dict[str, tuple[str, tuple[str, ...]]], tuple[tuple
             ("engine-2-workers", "engine"),
             ("engine-2-workers", "baseline"),
             ("engine-2-workers", "baseline-1-thread"),
+            ("engine", "baseline-1-thread"),
             ("engine", "baseline"),
             ("baseline-1-thread", "baseline"),
         ),
