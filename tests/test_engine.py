@@ -735,3 +735,45 @@ def test_close_from_a_future_callback_returns_and_the_engine_drains(models: tupl
         quick.result(timeout=30), tiltsmc.smc(policy, twist, prompts=[()], num_particles=4, rng=1)
     )
     engine.close()
+
+
+EXIT_WITH_REQUESTS_IN_FLIGHT = """
+import sys
+import time
+import tiltsmc
+from tiltsmc.tasks import arithmetic
+
+policy, reward = arithmetic.load_models()
+engine = tiltsmc.Engine(policy, reward, workers=int(sys.argv[1]))  # never closed by the script
+prompts = [problem.prompt for problem in arithmetic.make_problems(8, 24, rng=0)]
+engine.submit(prompts[0], num_particles=16, rng=0).result()
+futures = [engine.submit(prompt, num_particles=16, rng=k) for k, prompt in enumerate(prompts)]
+for future in futures:
+    future.add_done_callback(lambda f: print(type(f.exception()).__name__, flush=True))
+time.sleep(0.3)  # the worker is inside the batch's steps
+raise SystemExit(3)  # with requests in flight
+"""
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_script_that_exits_with_requests_in_flight_exits_with_its_own_status(
+    tmp_path: Path, workers: int
+) -> None:
+    """An engine left open at interpreter exit is closed then (its requests end with ``EngineClosed``):
+    its worker threads, stopped by the interpreter inside a model call, used to abort the process."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "exits.py"
+    script.write_text(EXIT_WITH_REQUESTS_IN_FLIGHT)
+    done = subprocess.run(
+        [sys.executable, str(script), str(workers)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "terminate called" not in done.stderr
+    outcomes = done.stdout.split()
+    assert "EngineClosed" in outcomes, done.stdout  # requests still in flight at exit
+    assert set(outcomes) <= {"NoneType", "EngineClosed"}, done.stdout

@@ -21,6 +21,7 @@ exactly the offline function's result when it is alone.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import inspect
 import itertools
@@ -28,6 +29,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from typing import Any, Optional
@@ -52,6 +54,22 @@ RELEASE_MEMORY_AFTER = 30.0  # seconds idle after work before memory is given ba
 ADAPTIVE_ROWS = True  # below max_batch_rows, only the rows that still make a step's rows cheaper
 WORKERS = 1  # worker threads, each stepping its own batch
 MAX_WORKERS = 256
+
+# Engines not yet closed, stopped at interpreter exit (see _close_open_engines).
+_OPEN_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def _close_open_engines() -> None:
+    """At interpreter exit, close every engine still open, without draining (its requests end with
+    ``EngineClosed``). Its workers are daemon threads: left running, one inside a model call when the
+    interpreter finalises is stopped by Python as it returns, unwinding through the native frames, which
+    aborts the process ("terminate called without an active exception", exit status 134) instead of
+    letting it exit with its own status. ``atexit`` runs before that, while the workers still run."""
+    for engine in list(_OPEN_ENGINES):
+        engine.close(drain=False)
+
+
+atexit.register(_close_open_engines)
 
 # Each sampler: the offline function (its signature holds the defaults, shared by the API, the CLI and the
 # server) and the builder of its run.
@@ -165,7 +183,8 @@ class Engine:
     ``max_queue``: the most requests waiting for rows, past which
     [`submit`][tiltsmc.serving.engine.Engine.submit] raises [`Overloaded`][tiltsmc.serving.engine.Overloaded];
     ``timeout``: the default per-request timeout in seconds (None: none). The worker threads start at once;
-    [`close`][tiltsmc.serving.engine.Engine.close] (or leaving a ``with`` block) stops them.
+    [`close`][tiltsmc.serving.engine.Engine.close] (or leaving a ``with`` block) stops them; an engine
+    still open when the interpreter exits is closed then, without draining.
 
     ``workers``: worker threads (default 1), each with its own batch, lanes and learned row limit, all
     sharing the models (ONNX Runtime runs one session's calls from several threads at once) and
@@ -249,6 +268,7 @@ class Engine:
             raise TypeError(f"keep_freed_memory: expected a bool, got {type(keep_freed_memory).__name__}")
         if keep_freed_memory:  # freed blocks reused during a burst, given back once idle
             reuse_freed_memory()
+        _OPEN_ENGINES.add(self)
         for worker in self._workers:
             name = "tiltsmc-engine" if self.workers == 1 else f"tiltsmc-engine-{worker.index}"
             worker.thread = threading.Thread(target=self._serve, args=(worker,), name=name, daemon=True)
@@ -377,6 +397,7 @@ class Engine:
             now = time.perf_counter()
             self._drain_deadline = now if not drain else (None if timeout is None else now + timeout)
             self._wake.notify_all()
+        _OPEN_ENGINES.discard(self)
         threads = [worker.thread for worker in self._workers if worker.thread is not None]
         if threading.current_thread() in threads:  # from a worker (a future's callback): it must go on
             return
