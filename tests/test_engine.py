@@ -777,3 +777,53 @@ def test_a_script_that_exits_with_requests_in_flight_exits_with_its_own_status(
     outcomes = done.stdout.split()
     assert "EngineClosed" in outcomes, done.stdout  # requests still in flight at exit
     assert set(outcomes) <= {"NoneType", "EngineClosed"}, done.stdout
+
+
+EXIT_WITH_A_STEP_THAT_NEVER_RETURNS = """
+import logging
+import threading
+import tiltsmc
+import tiltsmc.serving.engine
+from tiltsmc.tasks import MarkovDFATask
+
+logging.basicConfig()
+tiltsmc.serving.engine.EXIT_WAIT = 0.5
+task = MarkovDFATask.random(4, 3, 6, rng=0)
+policy = task.policy()
+entered = threading.Event()
+
+
+class Stuck:
+    token_level = True
+    supports_engine = True
+    vocab_size = policy.vocab_size
+
+    def start(self, prompts, num_particles):
+        return policy.start(prompts, num_particles)
+
+    def propose(self, particles, rng):
+        entered.set()
+        threading.Event().wait()  # never returns
+
+
+engine = tiltsmc.Engine(Stuck(), task.twist(noise=0.4, rng=1))
+engine.submit((), "smc", num_particles=4)
+entered.wait(30)
+print("exiting", flush=True)
+raise SystemExit(5)
+"""
+
+
+def test_exit_does_not_wait_for_ever_on_a_step_that_never_returns(tmp_path: Path) -> None:
+    """The close at exit waits ``EXIT_WAIT`` seconds for the workers, then leaves them (logged)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "stuck.py"
+    script.write_text(EXIT_WITH_A_STEP_THAT_NEVER_RETURNS)
+    began = time.perf_counter()
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 5, done.stderr[-2000:]
+    assert done.stdout.strip() == "exiting"
+    assert "still inside a step after 0.5 s" in done.stderr
+    assert time.perf_counter() - began < 30

@@ -55,18 +55,29 @@ ADAPTIVE_ROWS = True  # below max_batch_rows, only the rows that still make a st
 WORKERS = 1  # worker threads, each stepping its own batch
 MAX_WORKERS = 256
 
-# Engines not yet closed, stopped at interpreter exit (see _close_open_engines).
+# Engines not yet closed, stopped at interpreter exit (see _close_open_engines), and how long exit waits
+# for their workers to stop.
 _OPEN_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
+EXIT_WAIT = 10.0
 
 
 def _close_open_engines() -> None:
     """At interpreter exit, close every engine still open, without draining (its requests end with
-    ``EngineClosed``). Its workers are daemon threads: left running, one inside a model call when the
-    interpreter finalises is stopped by Python as it returns, unwinding through the native frames, which
-    aborts the process ("terminate called without an active exception", exit status 134) instead of
-    letting it exit with its own status. ``atexit`` runs before that, while the workers still run."""
-    for engine in list(_OPEN_ENGINES):
-        engine.close(drain=False)
+    ``EngineClosed``), waiting up to ``EXIT_WAIT`` seconds in all for the workers to stop. They are daemon
+    threads: left running, one inside a model call when the interpreter finalises is stopped by Python as
+    it returns, unwinding through the native frames, which aborts the process ("terminate called without
+    an active exception", exit status 134) instead of letting it exit with its own status. ``atexit`` runs
+    before that, while the workers still run. A worker whose model call has not returned by then is left
+    to the interpreter (logged), so that a call that never returns cannot hold the exit."""
+    threads = [thread for engine in list(_OPEN_ENGINES) for thread in engine._stop(drain=False, timeout=None)]
+    deadline = time.monotonic() + EXIT_WAIT
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    stuck = [thread.name for thread in threads if thread.is_alive()]
+    if stuck:
+        logger.warning(
+            "at exit: %s still inside a step after %g s, left to the interpreter", ", ".join(stuck), EXIT_WAIT
+        )
 
 
 atexit.register(_close_open_engines)
@@ -392,17 +403,21 @@ class Engine:
         seconds (None: as long as they take); then end the rest with
         [`EngineClosed`][tiltsmc.serving.engine.EngineClosed]. Returns once the workers have stopped, or at
         once where called on a worker's own thread (a future's done-callback)."""
+        threads = self._stop(drain, timeout)
+        if threading.current_thread() in threads:  # from a worker (a future's callback): it must go on
+            return
+        for thread in threads:
+            thread.join()
+
+    def _stop(self, drain: bool, timeout: Optional[float]) -> list[threading.Thread]:
+        """``close`` without waiting: the workers are told to stop; returns their threads."""
         with self._wake:
             self._closing = True
             now = time.perf_counter()
             self._drain_deadline = now if not drain else (None if timeout is None else now + timeout)
             self._wake.notify_all()
         _OPEN_ENGINES.discard(self)
-        threads = [worker.thread for worker in self._workers if worker.thread is not None]
-        if threading.current_thread() in threads:  # from a worker (a future's callback): it must go on
-            return
-        for thread in threads:
-            thread.join()
+        return [worker.thread for worker in self._workers if worker.thread is not None]
 
     def __enter__(self) -> Engine:
         return self
