@@ -195,7 +195,8 @@ class Engine:
     [`submit`][tiltsmc.serving.engine.Engine.submit] raises [`Overloaded`][tiltsmc.serving.engine.Overloaded];
     ``timeout``: the default per-request timeout in seconds (None: none). The worker threads start at once;
     [`close`][tiltsmc.serving.engine.Engine.close] (or leaving a ``with`` block) stops them; an engine
-    still open when the interpreter exits is closed then, without draining.
+    still open when the interpreter exits is closed then, without draining (waiting up to ``EXIT_WAIT``,
+    10 s, for the steps in progress).
 
     ``workers``: worker threads (default 1), each with its own batch, lanes and learned row limit, all
     sharing the models (ONNX Runtime runs one session's calls from several threads at once) and
