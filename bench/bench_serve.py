@@ -222,15 +222,7 @@ def engine_counters(base: str, engine_server: str) -> dict[str, float]:
             "reward": stats["reward_seconds"],
             "tiltsmc": stats["tiltsmc_seconds"],
         }
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(base + "/metrics", timeout=10).text
-    samples: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            name = sample.name.removesuffix("_total")
-            part = sample.labels.get("part")
-            samples[f"{name}:{part}" if part else name] = float(sample.value)
+    samples = metrics_samples(base)
     steps = samples.get("tiltsmc_steps", 0.0)
     calls = samples.get("tiltsmc_policy_calls", steps)  # one policy call per step (one kind of sampler)
     return {
@@ -241,6 +233,22 @@ def engine_counters(base: str, engine_server: str) -> dict[str, float]:
         "reward": samples.get("tiltsmc_step_seconds:reward", 0.0),
         "tiltsmc": samples.get("tiltsmc_step_seconds:tiltsmc", 0.0),
     }
+
+
+def metrics_samples(base: str) -> dict[str, float]:
+    """Every sample of ``tiltsmc serve``'s ``/metrics``: by name (a counter's without ``_total``), then
+    its labels' values after a colon (``tiltsmc_step_seconds:policy``, ``tiltsmc_requests:completed``)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(base + "/metrics", timeout=10).text
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            name = sample.name.removesuffix("_total")
+            labels = ",".join(sample.labels.values())
+            samples[f"{name}:{labels}" if labels else name] = float(sample.value)
+    return samples
 
 
 def engine_level_figures(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from _machine import machine_info
 from _plot import write_json
-from bench_serve import RESULTS, Server, free_port, git_commit, server_command
+from bench_serve import RESULTS, Server, free_port, git_commit, metrics_samples, server_command
 
 SAMPLERS = ("smc", "smc", "smc", "sp_gsmc", "best_of_n", "mh")
 PARTICLES = (2, 4, 8, 16)
@@ -97,15 +97,14 @@ def resident_mb(pid: int) -> float:
 def in_flight(base: str) -> dict[str, float]:
     """``tiltsmc_requests_in_flight``, ``tiltsmc_rows_in_flight``, ``tiltsmc_queue_depth`` and the engine's
     requests by outcome, from ``/metrics``."""
-    import httpx
-
-    out: dict[str, float] = {}
-    for line in httpx.get(f"{base}/metrics", timeout=30).text.splitlines():
-        name, _, value = line.rpartition(" ")
-        if name in ("tiltsmc_requests_in_flight", "tiltsmc_rows_in_flight", "tiltsmc_queue_depth"):
-            out[name] = float(value)
-        elif name.startswith("tiltsmc_requests_total{outcome="):
-            out[name[len("tiltsmc_requests_total{outcome=") :].strip('"}')] = float(value)
+    samples = metrics_samples(base)
+    out = {
+        name: samples[name]
+        for name in ("tiltsmc_requests_in_flight", "tiltsmc_rows_in_flight", "tiltsmc_queue_depth")
+    }
+    for name, value in samples.items():
+        if name.startswith("tiltsmc_requests:"):
+            out[name.removeprefix("tiltsmc_requests:")] = value
     return out
 
 
