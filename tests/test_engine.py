@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -737,6 +739,15 @@ def test_close_from_a_future_callback_returns_and_the_engine_drains(models: tupl
     engine.close()
 
 
+def run_script(tmp_path: Path, source: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """``source`` run as a script in its own interpreter, its output captured."""
+    script = tmp_path / "script.py"
+    script.write_text(source)
+    return subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
 EXIT_WITH_REQUESTS_IN_FLIGHT = """
 import sys
 import time
@@ -761,17 +772,7 @@ def test_a_script_that_exits_with_requests_in_flight_exits_with_its_own_status(
 ) -> None:
     """An engine left open at interpreter exit is closed then (its requests end with ``EngineClosed``):
     its worker threads, stopped by the interpreter inside a model call, used to abort the process."""
-    import subprocess
-    import sys
-
-    script = tmp_path / "exits.py"
-    script.write_text(EXIT_WITH_REQUESTS_IN_FLIGHT)
-    done = subprocess.run(
-        [sys.executable, str(script), str(workers)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_script(tmp_path, EXIT_WITH_REQUESTS_IN_FLIGHT, str(workers), timeout=120)
     assert done.returncode == 3, done.stderr[-2000:]
     assert "terminate called" not in done.stderr
     outcomes = done.stdout.split()
@@ -816,13 +817,8 @@ raise SystemExit(5)
 
 def test_exit_does_not_wait_for_ever_on_a_step_that_never_returns(tmp_path: Path) -> None:
     """The close at exit waits ``EXIT_WAIT`` seconds for the workers, then leaves them (logged)."""
-    import subprocess
-    import sys
-
-    script = tmp_path / "stuck.py"
-    script.write_text(EXIT_WITH_A_STEP_THAT_NEVER_RETURNS)
     began = time.perf_counter()
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    done = run_script(tmp_path, EXIT_WITH_A_STEP_THAT_NEVER_RETURNS, timeout=60)
     assert done.returncode == 5, done.stderr[-2000:]
     assert done.stdout.strip() == "exiting"
     assert "still inside a step after 0.5 s" in done.stderr
