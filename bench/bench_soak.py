@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from _machine import machine_info
 from _plot import write_json
-from bench_serve import RESULTS, Server, free_port, git_commit, metrics_samples, server_command
+from bench_serve import CONFIGS, RESULTS, Server, free_port, git_commit, metrics_samples, server_command
 
 SAMPLERS = ("smc", "smc", "smc", "sp_gsmc", "best_of_n", "mh")
 PARTICLES = (2, 4, 8, 16)
@@ -130,9 +130,7 @@ def slope_kb_per_request(points: list[tuple[int, float]], requests: int) -> floa
 
 
 def soak(arena: str, args: argparse.Namespace, prompts: list[str], log_dir: Path) -> dict[str, Any]:
-    from serve_baseline import FIXTURE_MAX_NEW_TOKENS
-
-    max_tokens = 82 if args.models == "demo" else FIXTURE_MAX_NEW_TOKENS
+    max_tokens = CONFIGS[args.models]["max_tokens"]
     port = free_port()
     options = ["--workers", str(args.workers), "--release-memory-after", str(args.release_memory_after)]
     command = server_command("engine", args.models, port, "cli", arena, engine_options=options)
