@@ -4,6 +4,7 @@ by the test through the command), real HTTP on 127.0.0.1."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import math
 import os
 import signal
@@ -144,6 +145,19 @@ def test_bad_request_is_the_same_4xx_as_tiltsmc_serve(ray_server: RayServer) -> 
     assert response.json()["error"]["param"] == "particles"
     response = ray_server.post({"prompt": PROMPT, "pool_size": 3})
     assert response.status_code == 400 and response.json()["error"]["message"].startswith("pool_size:")
+
+
+def test_streaming_and_the_model_list_come_through_the_ingress(ray_server: RayServer) -> None:
+    """Server-sent events pass Ray Serve's proxy whole: the streamed choice is the plain answer's."""
+    body = {"prompt": PROMPT, "seed": 4, "particles": 4}
+    plain = ray_server.post(body).json()
+    streamed = httpx.post(f"{ray_server.url}/v1/completions", json={**body, "stream": True}, timeout=120)
+    assert streamed.status_code == 200 and streamed.headers["content-type"].startswith("text/event-stream")
+    events = [block.removeprefix("data: ") for block in streamed.text.split("\n\n") if block]
+    assert events[-1] == "[DONE]" and len(events) == 2, streamed.text
+    assert json.loads(events[0])["choices"] == plain["choices"]
+    models = httpx.get(f"{ray_server.url}/v1/models", timeout=30).json()
+    assert [card["id"] for card in models["data"]] == ["tiltsmc"]
 
 
 def test_a_killed_replica_is_replaced_and_the_other_keeps_serving(ray_server: RayServer) -> None:

@@ -179,8 +179,18 @@ def test_concurrent_clients(server: Server) -> None:
         ({"prompt": "hi", "pool_size": 3}, "pool_size", 400),
         ({"prompt": "hi", "sampler": "sp_gsmc", "particles": 3}, "particles", 400),
         ({"prompt": "hi", "temperature": 0.5}, "temperature", 400),
+        ({"prompt": "hi", "temperature": 0}, "temperature", 400),
+        ({"prompt": "hi", "top_p": 0.9}, "top_p", 400),
+        ({"prompt": "hi", "frequency_penalty": 0.5}, "frequency_penalty", 400),
+        ({"prompt": "hi", "presence_penalty": -1}, "presence_penalty", 400),
+        ({"prompt": "hi", "logit_bias": {"3": -100}}, "logit_bias", 400),
+        ({"prompt": "hi", "logprobs": 1}, "logprobs", 400),
+        ({"prompt": "hi", "echo": True}, "echo", 400),
+        ({"prompt": "hi", "suffix": "end"}, "suffix", 400),
+        ({"prompt": "hi", "n": 2, "best_of": 3}, "best_of", 400),
+        ({"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options", 400),
+        ({"prompt": "hi", "stream": True, "stream_options": {"chunked": True}}, "stream_options", 400),
         ({"prompt": "hi", "stop": ["\n"]}, "stop", 400),
-        ({"prompt": "hi", "stream": True}, "stream", 400),
         ({"prompt": "hi", "model": "gpt-4"}, "model", 404),
         ({"prompt": "word " * 1100}, "prompt", 400),
     ],
@@ -190,6 +200,112 @@ def test_bad_requests_name_the_field(server: Server, body: dict[str, Any], param
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["param"] == param and param in error["message"]
+
+
+def test_refused_openai_fields_say_why(server: Server) -> None:
+    """A field that would change the law sampled names the policy's own value; the others say what the
+    server does instead."""
+    cases = {
+        "temperature": ({"temperature": 0.7}, "temperature 1 (tiltsmc serve --temperature)"),
+        "top_p": ({"top_p": 0.5}, "top_p 1 (tiltsmc serve --top-p)"),
+        "best_of": ({"best_of": 4}, "sampler: best_of_n"),
+        "logprobs": ({"logprobs": 2}, "tiltsmc object"),
+    }
+    for field, (extra, reason) in cases.items():
+        response = server.post({"prompt": "hi", **extra})
+        error = response.json()["error"]
+        assert response.status_code == 400 and error["param"] == field, response.text
+        assert reason in error["message"], error["message"]
+    chat = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
+        timeout=60,
+    )
+    assert chat.status_code == 400 and chat.json()["error"]["param"] == "response_format", chat.text
+
+
+def test_openai_fields_at_their_defaults_change_nothing(server: Server) -> None:
+    """What OpenAI clients send by default is taken, and the answer is the one without those fields."""
+    bare = {"prompt": "hello", "seed": 11, "n": 2, "particles": 4, "max_tokens": 4}
+    defaults = {
+        "temperature": 1, "top_p": 1.0, "frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {},
+        "logprobs": None, "echo": False, "suffix": "", "best_of": 2, "user": "someone", "stream": False,
+    }  # fmt: skip
+    plain, with_defaults = server.post(bare), server.post({**bare, **defaults})
+    assert plain.status_code == with_defaults.status_code == 200, with_defaults.text
+    assert with_defaults.json()["choices"] == plain.json()["choices"]
+    assert _results(with_defaults.json()["tiltsmc"]["choices"]) == _results(
+        plain.json()["tiltsmc"]["choices"]
+    )
+    chat = {"messages": [{"role": "user", "content": "hello"}], "seed": 5, "max_completion_tokens": 3}
+    chat_defaults = {"logprobs": False, "top_logprobs": 0, "response_format": {"type": "text"}, "top_p": 1}
+    answers = [
+        httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+        for body in (chat, {**chat, **chat_defaults})
+    ]
+    assert [a.status_code for a in answers] == [200, 200], answers[1].text
+    assert answers[0].json()["choices"] == answers[1].json()["choices"]
+
+
+def _results(details: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The per-choice ``tiltsmc`` details without their compute (timings differ between two requests)."""
+    return [{k: v for k, v in detail.items() if k != "compute"} for detail in details]
+
+
+def _events(response: Any) -> list[Any]:
+    """The ``data:`` payloads of a server-sent event stream, JSON decoded but for the final ``[DONE]``."""
+    assert response.headers["content-type"].startswith("text/event-stream"), response.headers
+    events = [block for block in response.text.split("\n\n") if block]
+    assert all(block.startswith("data: ") for block in events), response.text
+    payloads = [block[len("data: ") :] for block in events]
+    assert payloads[-1] == "[DONE]"
+    return [json.loads(payload) for payload in payloads[:-1]]
+
+
+def test_stream_sends_the_answer_as_events(server: Server) -> None:
+    """``stream: true``: one chunk per choice carrying what the plain answer has, then the usage when
+    asked, then [DONE]; the same for chat, whose chunks carry an assistant delta."""
+    body = {"prompt": ["hello", "there"], "seed": 3, "n": 2, "particles": 4, "max_tokens": 4}
+    plain = server.post(body).json()
+    streamed = server.post({**body, "stream": True, "stream_options": {"include_usage": True}})
+    assert streamed.status_code == 200, streamed.text
+    chunks = _events(streamed)
+    assert len(chunks) == 5 and chunks[-1]["choices"] == [] and chunks[-1]["usage"] == plain["usage"]
+    assert {c["id"] for c in chunks} == {f"cmpl-{streamed.headers['x-request-id']}"}
+    assert all(c["object"] == "text_completion" and c["model"] == "tiltsmc" for c in chunks)
+    assert [c["choices"][0] for c in chunks[:-1]] == plain["choices"]
+    assert _results([c["tiltsmc"]["choices"][0] for c in chunks[:-1]]) == _results(
+        plain["tiltsmc"]["choices"]
+    )
+    assert all(c["usage"] is None for c in chunks[:-1])
+    without_usage = _events(server.post({**body, "stream": True}))
+    assert [c["choices"][0] for c in without_usage] == plain["choices"]
+    assert all("usage" not in c for c in without_usage)
+
+    chat = {"messages": [{"role": "user", "content": "hi"}], "seed": 2, "n": 2, "max_tokens": 3}
+    plain_chat = httpx.post(f"{server.url}/v1/chat/completions", json=chat, timeout=60).json()
+    streamed_chat = httpx.post(f"{server.url}/v1/chat/completions", json={**chat, "stream": True}, timeout=60)
+    chat_chunks = _events(streamed_chat)
+    assert all(c["object"] == "chat.completion.chunk" for c in chat_chunks)
+    deltas = [(c["choices"][0]["index"], c["choices"][0]["delta"]) for c in chat_chunks]
+    assert deltas == [(c["index"], c["message"]) for c in plain_chat["choices"]]
+    assert [c["choices"][0]["finish_reason"] for c in chat_chunks] == [
+        c["finish_reason"] for c in plain_chat["choices"]
+    ]
+    # a refused streaming request is a plain JSON error, as without stream
+    refused = server.post({"prompt": "hi", "particles": 0, "stream": True})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "particles"
+
+
+def test_models_are_listed(server: Server) -> None:
+    listed = httpx.get(f"{server.url}/v1/models", timeout=10)
+    assert listed.status_code == 200
+    (card,) = listed.json()["data"]
+    assert listed.json()["object"] == "list"
+    assert card["id"] == "tiltsmc" and card["object"] == "model" and isinstance(card["created"], int)
+    assert httpx.get(f"{server.url}/v1/models/tiltsmc", timeout=10).json() == card
+    missing = httpx.get(f"{server.url}/v1/models/gpt-4", timeout=10)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
 
 
 def test_malformed_json(server: Server) -> None:
@@ -250,6 +366,13 @@ def test_openai_client_works_unchanged(server: Server) -> None:
     assert completion.usage is not None and completion.usage.prompt_tokens > 0
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="tiltsmc", prompt="hello", extra_body={"particles": 0})
+    streamed = client.completions.create(
+        model="tiltsmc", prompt="hello", max_tokens=4, seed=3, n=2, stream=True, extra_body={"particles": 4}
+    )
+    texts = {chunk.choices[0].index: chunk.choices[0].text for chunk in streamed}
+    assert texts == {c.index: c.text for c in completion.choices}
+    assert [m.id for m in client.models.list()] == ["tiltsmc"]
+    assert client.models.retrieve("tiltsmc").id == "tiltsmc"
 
 
 def test_chat_completion_is_the_offline_run(server: Server) -> None:
@@ -309,6 +432,26 @@ def test_openai_chat_client(server: Server) -> None:
         client.chat.completions.create(
             model="tiltsmc", messages=[{"role": "user", "content": "a"}], extra_body={"particles": 0}
         )
+    streamed = client.chat.completions.create(
+        model="tiltsmc",
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=4,
+        seed=3,
+        n=2,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"particles": 4, "sampler": "smc"},
+    )
+    contents: dict[int, str] = {}
+    usage = None
+    for chunk in streamed:
+        for streamed_choice in chunk.choices:
+            contents[streamed_choice.index] = contents.get(streamed_choice.index, "") + (
+                streamed_choice.delta.content or ""
+            )
+        usage = chunk.usage or usage
+    assert contents == {c.index: c.message.content for c in completion.choices}
+    assert usage is not None and usage.total_tokens == completion.usage.total_tokens
 
 
 def test_api_key(tmp_path: Path) -> None:
@@ -323,6 +466,8 @@ def test_api_key(tmp_path: Path) -> None:
         assert secured.post(body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
         assert httpx.get(f"{secured.url}/health").status_code == 200
         assert httpx.get(f"{secured.url}/metrics").status_code == 401
+        assert httpx.get(f"{secured.url}/v1/models").status_code == 401
+        assert httpx.get(f"{secured.url}/v1/models/tiltsmc").status_code == 401
         assert (
             httpx.get(f"{secured.url}/metrics", headers={"Authorization": "Bearer s3cret"}).status_code == 200
         )

@@ -3,16 +3,20 @@
 ``POST /v1/chat/completions`` takes the OpenAI chat request (``messages``, rendered by the policy's chat
 template into one prompt; ``max_completion_tokens`` or ``max_tokens``; the other fields as below) and
 answers each choice as an assistant ``message``. ``POST /v1/completions`` takes the OpenAI completions
-request (``model``, ``prompt`` as a string or a
-list, ``max_tokens``, ``n``, ``seed``; ``stop`` is refused: the policy ends trajectories at its own EOS)
-plus tiltsmc's fields (``sampler``, ``particles``, ``ess_threshold``, ``resample``, ``pool_size``,
-``mh_steps``, ``bound``), and answers in the OpenAI shape (``choices`` with ``text`` and
+request (``model``, ``prompt`` as a string or a list, ``max_tokens``, ``n``, ``seed``, ``stream``;
+``stop`` is refused: the policy ends trajectories at its own EOS; OpenAI's sampling fields are taken
+only at the values that leave the served law as it is, see ``NEUTRAL_FIELDS``) plus tiltsmc's fields
+(``sampler``, ``particles``, ``ess_threshold``, ``resample``, ``pool_size``, ``mh_steps``, ``bound``),
+and answers in the OpenAI shape (``choices`` with ``text`` and
 ``finish_reason``, ``usage``) with a ``tiltsmc`` object per choice: the log Z estimate, the normalised
 weights, the ESS trace, the compute. Each choice is one request to the engine, seeded ``seed + i`` for
 the ``i``-th choice (prompt-major), so ``seed = s`` for one prompt and one choice gives the result of
 ``tiltsmc.smc(..., rng=s)``; an SMC choice's text is one particle drawn by weight from its final
-weighted particles. ``GET /health`` answers 200 while the engine takes requests; ``GET /metrics`` is
-the Prometheus text format.
+weighted particles. With ``stream: true`` the same answer comes as server-sent events, one chunk per
+choice once every choice is done (an SMC answer is known only at the end: until the last step,
+resampling may replace any particle), then ``data: [DONE]``. ``GET /v1/models`` lists the one model
+served. ``GET /health`` answers 200 while the engine takes requests; ``GET /metrics`` is the Prometheus
+text format.
 
 Bad requests get a 400 whose ``error.param`` names the field; a full queue a 429 with ``Retry-After``;
 a request past its timeout a 504; with ``--api-key-env VAR``, ``/v1/*`` and ``/metrics`` need
@@ -36,7 +40,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Union
 
 import numpy as np
 
@@ -78,6 +82,57 @@ SAMPLER_FIELDS: dict[str, dict[str, str]] = {
     "rejection": {"bound": "bound", "particles": "batch_size"},
 }
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+_LAW = "the law the reward tilts is the policy's, set when the server starts"
+# OpenAI's fields that would change the law sampled or ask for what this server does not return: each is
+# taken at the value that changes nothing (what clients send by default) and refused otherwise, with the
+# reason. Per field: whether a value is neutral (given the request and the served policy), and why not.
+NEUTRAL_FIELDS: dict[str, tuple[Callable[[Any, Any, Any], bool], Callable[[Any], str]]] = {
+    "temperature": (
+        lambda value, body, policy: value == _policy_temperature(policy),
+        lambda policy: (
+            f"this server's policy samples at temperature {_policy_temperature(policy):g} "
+            f"(tiltsmc serve --temperature); {_LAW}"
+        ),
+    ),
+    "top_p": (
+        lambda value, body, policy: value == _policy_top_p(policy),
+        lambda policy: (
+            f"this server's policy samples with top_p {_policy_top_p(policy):g} "
+            f"(tiltsmc serve --top-p); {_LAW}"
+        ),
+    ),
+    "frequency_penalty": (lambda value, body, policy: value == 0, lambda policy: f"only 0: {_LAW}"),
+    "presence_penalty": (lambda value, body, policy: value == 0, lambda policy: f"only 0: {_LAW}"),
+    "logit_bias": (lambda value, body, policy: not value, lambda policy: f"only empty: {_LAW}"),
+    "logprobs": (
+        lambda value, body, policy: value is False,
+        lambda policy: "log-probabilities are not returned (the tiltsmc object has each choice's weights)",
+    ),
+    "top_logprobs": (
+        lambda value, body, policy: value == 0,
+        lambda policy: "log-probabilities are not returned (the tiltsmc object has each choice's weights)",
+    ),
+    "echo": (lambda value, body, policy: value is False, lambda policy: "the prompt is not echoed"),
+    "suffix": (lambda value, body, policy: value == "", lambda policy: "insertion is not supported"),
+    "best_of": (
+        lambda value, body, policy: value == body.n,
+        lambda policy: "only equal to n; for the best of several draws by reward, sampler: best_of_n",
+    ),
+    "response_format": (
+        lambda value, body, policy: value == {"type": "text"},
+        lambda policy: 'only {"type": "text"}: the answer is the policy\'s text',
+    ),
+}
+
+
+def _policy_temperature(policy: Any) -> float:
+    return float(getattr(policy, "temperature", 1.0))
+
+
+def _policy_top_p(policy: Any) -> float:
+    top_p = getattr(policy, "top_p", None)
+    return 1.0 if top_p is None else float(top_p)
 
 
 @dataclass(frozen=True)
@@ -136,12 +191,17 @@ def create_app(
     ``tiltsmc_instance_info`` metric."""
     from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, Info, generate_latest
     from pydantic import BaseModel, ConfigDict, Field
 
     policy = engine.policy
     max_tokens_limit = limits.max_tokens or int(getattr(policy, "max_new_tokens", 1 << 30))
+
+    class StreamOptions(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        include_usage: bool = False
 
     class SamplingFields(BaseModel):
         """The fields /v1/completions and /v1/chat/completions share: OpenAI's and tiltsmc's."""
@@ -154,7 +214,13 @@ def create_app(
         seed: Optional[int] = Field(default=None, ge=0, lt=2**63)
         stop: Optional[Union[str, list[str]]] = None
         stream: bool = False
+        stream_options: Optional[StreamOptions] = None
         user: Optional[str] = None
+        temperature: Optional[float] = None
+        top_p: Optional[float] = None
+        frequency_penalty: Optional[float] = None
+        presence_penalty: Optional[float] = None
+        logit_bias: Optional[dict[str, float]] = None
         sampler: Literal["smc", "sp_gsmc", "mh", "best_of_n", "rejection"] = "smc"
         particles: Optional[int] = Field(default=None, ge=1)
         ess_threshold: Optional[float] = Field(default=None, ge=0.0, le=1.0)
@@ -165,6 +231,10 @@ def create_app(
 
     class CompletionRequest(SamplingFields):
         prompt: Union[str, list[str]]
+        logprobs: Optional[int] = None
+        echo: Optional[bool] = None
+        suffix: Optional[str] = None
+        best_of: Optional[int] = None
 
     class ContentPart(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -181,6 +251,9 @@ def create_app(
     class ChatCompletionRequest(SamplingFields):
         messages: list[ChatMessage] = Field(min_length=1)
         max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+        logprobs: Optional[bool] = None
+        top_logprobs: Optional[int] = None
+        response_format: Optional[dict[str, Any]] = None
 
     registry = CollectorRegistry()
     latency = Histogram(
@@ -244,8 +317,22 @@ def create_app(
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "tiltsmc"}
+
+    @app.get("/v1/models", dependencies=[Depends(authorised)])
+    async def models() -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [card]})
+
+    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(authorised)])
+    async def model(model_id: str) -> JSONResponse:
+        if model_id != model_name:
+            raise RequestError(
+                "model", f"model: this server serves {model_name!r}, not {model_id!r}", 404, "model_not_found"
+            )
+        return JSONResponse(card)
+
     @app.post("/v1/completions", dependencies=[Depends(authorised)])
-    async def completions(body: CompletionRequest, request: Request) -> JSONResponse:
+    async def completions(body: CompletionRequest, request: Request) -> Response:
         prompts: list[Any] = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
         if not prompts:
             request.state.detail.update(sampler=body.sampler, prompts=0, n=body.n, outcome="refused")
@@ -253,7 +340,7 @@ def create_app(
         return await answer(body, request, prompts, chat=False)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorised)])
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSONResponse:
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         if body.max_completion_tokens is not None:
             if body.max_tokens is not None and body.max_tokens != body.max_completion_tokens:
                 request.state.detail.update(sampler=body.sampler, prompts=1, n=body.n, outcome="refused")
@@ -263,12 +350,12 @@ def create_app(
             body.max_tokens = body.max_completion_tokens
         return await answer(body, request, [_chat_messages(body.messages)], chat=True)
 
-    async def answer(body: Any, request: Request, prompts: list[Any], chat: bool) -> JSONResponse:
+    async def answer(body: Any, request: Request, prompts: list[Any], chat: bool) -> Response:
         request_id: str = request.state.request_id
         detail = request.state.detail
         detail.update(sampler=body.sampler, prompts=len(prompts), n=body.n, outcome="failed")
         try:
-            options = _options(body, prompts, limits, max_tokens_limit, model_name)
+            options = _options(body, prompts, limits, max_tokens_limit, model_name, policy)
             prompt_tokens = _prompt_tokens(policy, prompts, limits, "messages" if chat else "prompt")
             choices = await _complete(engine, request, prompts, body, options, timeout)
         except RequestError:
@@ -292,10 +379,16 @@ def create_app(
         except (ValueError, TypeError) as error:  # a request that failed alone (its prompt, its values)
             return _error(400, str(error), "invalid_request_error")
         detail["outcome"] = "completed"
-        return JSONResponse(
-            _response(
-                request_id, model_name, body.sampler, len(prompts), prompt_tokens, choices, policy, chat
-            )
+        answered = _response(
+            request_id, model_name, body.sampler, len(prompts), prompt_tokens, choices, policy, chat
+        )
+        if not body.stream:
+            return JSONResponse(answered)
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        return StreamingResponse(
+            _events(_chunks(answered, chat, include_usage)),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
         )
 
     app.add_middleware(_RequestLog, latency=latency, instance=instance)
@@ -316,15 +409,19 @@ def _chat_messages(messages: Iterable[Any]) -> list[dict[str, Any]]:
 
 
 def _options(
-    body: Any, prompts: list[Any], limits: Limits, max_tokens_limit: int, model_name: str
+    body: Any, prompts: list[Any], limits: Limits, max_tokens_limit: int, model_name: str, policy: Any
 ) -> dict[str, Any]:
     """The engine options of a request, checked against the server's limits (400s naming the field)."""
     if body.model is not None and body.model != model_name:
         raise RequestError(
             "model", f"model: this server serves {model_name!r}, not {body.model!r}", 404, "model_not_found"
         )
-    if body.stream:
-        raise RequestError("stream", "stream: streaming is not supported")
+    for field, (neutral, reason) in NEUTRAL_FIELDS.items():
+        value = getattr(body, field, None)
+        if value is not None and not neutral(value, body, policy):
+            raise RequestError(field, f"{field}: {value!r} is not supported: {reason(policy)}")
+    if body.stream_options is not None and not body.stream:
+        raise RequestError("stream_options", "stream_options: only with stream: true")
     if body.stop:
         raise RequestError(
             "stop", "stop: stop sequences are not supported by this policy (it ends at its EOS)"
@@ -484,6 +581,40 @@ def _response(
         },
         "tiltsmc": {"sampler": sampler, "choices": details},
     }
+
+
+def _chunks(answer: dict[str, Any], chat: bool, include_usage: bool) -> list[dict[str, Any]]:
+    """An answer of ``_response`` as OpenAI's streamed chunks: each choice whole in one chunk (its text as
+    the ``text``, or the chat ``delta``, with its ``finish_reason`` and its part of the ``tiltsmc`` object),
+    then, with ``include_usage``, a chunk with no choices and the ``usage`` (``null`` in the others)."""
+    head = {
+        "id": answer["id"],
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": answer["created"],
+        "model": answer["model"],
+    }
+    tiltsmc = answer["tiltsmc"]
+    chunks = []
+    for choice, detail in zip(answer["choices"], tiltsmc["choices"]):
+        if chat:
+            fields = dict(choice)
+            index, message = fields.pop("index"), fields.pop("message")
+            choice = {"index": index, "delta": message, **fields}
+        chunk = {**head, "choices": [choice], "tiltsmc": {"sampler": tiltsmc["sampler"], "choices": [detail]}}
+        if include_usage:
+            chunk["usage"] = None
+        chunks.append(chunk)
+    if include_usage:
+        chunks.append({**head, "choices": [], "usage": answer["usage"]})
+    return chunks
+
+
+def _events(chunks: list[dict[str, Any]]) -> Iterable[str]:
+    """Server-sent events: each chunk as ``data: <JSON>`` (encoded as JSONResponse encodes), then
+    ``data: [DONE]``."""
+    for chunk in chunks:
+        yield f"data: {json.dumps(chunk, ensure_ascii=False, allow_nan=False, separators=(',', ':'))}\n\n"
+    yield "data: [DONE]\n\n"
 
 
 class _RequestLog:
