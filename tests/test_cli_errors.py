@@ -302,14 +302,26 @@ def test_serve_shares_the_cores_out_between_its_workers() -> None:
 
 
 @pytest.mark.parametrize(
-    ("value", "message"),
+    ("option", "value", "message"),
     [
-        ("0", "--workers: expected a positive integer"),
-        ("257", "--workers: expected at most 256 worker threads"),
+        ("--workers", "0", "--workers: expected a positive integer"),
+        ("--workers", "257", "--workers: expected at most 256 worker threads"),
+        ("--max-body-bytes", "0", "--max-body-bytes: expected a positive integer"),
     ],
 )
-def test_serve_refuses_a_bad_worker_count_in_one_line(
-    value: str, message: str, capfd: pytest.CaptureFixture[str]
+def test_serve_refuses_a_bad_count_in_one_line(
+    option: str, value: str, message: str, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["serve", "--demo", "--port", "0", "--workers", value]) == 2
+    assert main(["serve", "--demo", "--port", "0", option, value]) == 2
     assert message in one_line_error(capfd)
+
+
+def test_serve_takes_its_body_limit() -> None:
+    from tiltsmc.cli import build_parser
+    from tiltsmc.serving.server import Limits, Settings
+
+    def limits(*options: str) -> Limits:
+        return Settings.from_args(build_parser().parse_args(["serve", "--demo", *options])).limits
+
+    assert limits().max_body_bytes == Limits.max_body_bytes
+    assert limits("--max-body-bytes", "1000").max_body_bytes == 1000

@@ -308,6 +308,71 @@ def test_models_are_listed(server: Server) -> None:
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
 
 
+def test_a_body_over_the_limit_is_not_read(server: Server) -> None:
+    """413 in OpenAI's shape, whether the body's length is declared or it comes in chunks; the server
+    goes on."""
+    limit = 8 << 20  # Limits.max_body_bytes
+    declared = server.post({"prompt": "x" * (limit + 1)})
+    assert declared.status_code == 413, declared.text
+    assert declared.json()["error"]["code"] == "request_too_large"
+
+    def chunks() -> Iterator[bytes]:
+        yield b'{"prompt": "'
+        for _ in range(9):
+            yield b"x" * (1 << 20)
+        yield b'"}'
+
+    chunked = httpx.post(
+        f"{server.url}/v1/completions",
+        content=chunks(),
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
+    assert "content-length" not in chunked.request.headers
+    assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "request_too_large"
+    assert server.post({"prompt": "hi", "seed": 0}).status_code == 200
+
+
+def test_a_prompt_too_long_to_fit_is_refused_before_it_is_encoded(server: Server) -> None:
+    """Millions of characters under the body limit: refused by their count (encoding them would hold
+    the server for seconds), naming the field."""
+    response = server.post({"prompt": ["fine", "word " * 1_000_000]})
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["param"] == "prompt", response.text
+    assert error["message"].startswith("prompt[1]: 5000000 characters"), error["message"]
+    chat = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "x" * 2_000_000}]},
+        timeout=60,
+    )
+    assert chat.status_code == 400 and chat.json()["error"]["param"] == "messages", chat.text
+    assert "characters" in chat.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "content", "status"),
+    [
+        ("POST", "/v1/completions", b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400),
+        ("POST", "/v1/completions", b'{"prompt": "\xff\xfe"}', 400),
+        ("POST", "/v1/completions", b'{"prompt": "hi", "seed": 1' + b"0" * 5000 + b"}", 400),
+        ("GET", "/v1/completions", b"", 405),
+        ("POST", "/v1/nothing", b"{}", 404),
+    ],
+    ids=["nesting", "not-utf8", "long-integer", "wrong-method", "unknown-path"],
+)
+def test_every_refusal_has_openai_shape(
+    server: Server, method: str, path: str, content: bytes, status: int
+) -> None:
+    """Bodies the JSON parser refuses (nesting past the recursion limit, bytes that are not UTF-8, an
+    integer too long to read), a wrong method and an unknown path: OpenAI's error object, not FastAPI's."""
+    response = httpx.request(
+        method, f"{server.url}{path}", content=content, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"], error
+
+
 def test_malformed_json(server: Server) -> None:
     response = httpx.post(
         f"{server.url}/v1/completions", content=b"{not json", headers={"content-type": "application/json"}

@@ -138,13 +138,15 @@ def _policy_top_p(policy: Any) -> float:
 @dataclass(frozen=True)
 class Limits:
     """What one request may ask for: prompt tokens, particles (any sampler's particle count, pool or
-    ``n``), new tokens, choices per prompt and prompts per request."""
+    ``n``), new tokens, choices per prompt, prompts per request and the bytes of its body."""
 
     max_prompt_tokens: int = 4096
     max_particles: int = 256
     max_tokens: Optional[int] = None  # None: the policy's max_new_tokens
     max_n: int = 16
     max_prompts: int = 64
+    # 64 prompts of 4096 tokens, even written as JSON's \uXXXX escapes, take well under this
+    max_body_bytes: int = 8 << 20
 
 
 class ClientGone(Exception):
@@ -194,9 +196,11 @@ def create_app(
     from fastapi.responses import JSONResponse, Response, StreamingResponse
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, Info, generate_latest
     from pydantic import BaseModel, ConfigDict, Field
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     policy = engine.policy
     max_tokens_limit = limits.max_tokens or int(getattr(policy, "max_new_tokens", 1 << 30))
+    longest_token = _longest_token(policy)
 
     class StreamOptions(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -294,6 +298,17 @@ def create_app(
             _error_body(str(error), kind, error.param, error.code), status_code=error.status, headers=headers
         )
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own refusals (an unknown path, a body it cannot parse, one too large) in OpenAI's shape
+        kind = "invalid_request_error" if error.status_code < 500 else "server_error"
+        code = "request_too_large" if error.status_code == 413 else None
+        return JSONResponse(
+            _error_body(str(error.detail), kind, None, code),
+            status_code=error.status_code,
+            headers=getattr(error, "headers", None),
+        )
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
         first = error.errors()[0] if error.errors() else {"loc": (), "msg": "invalid request"}
@@ -356,7 +371,9 @@ def create_app(
         detail.update(sampler=body.sampler, prompts=len(prompts), n=body.n, outcome="failed")
         try:
             options = _options(body, prompts, limits, max_tokens_limit, model_name, policy)
-            prompt_tokens = _prompt_tokens(policy, prompts, limits, "messages" if chat else "prompt")
+            prompt_tokens = _prompt_tokens(
+                policy, prompts, limits, "messages" if chat else "prompt", longest_token
+            )
             choices = await _complete(engine, request, prompts, body, options, timeout)
         except RequestError:
             detail["outcome"] = "refused"
@@ -391,7 +408,8 @@ def create_app(
             headers={"Cache-Control": "no-cache"},
         )
 
-    app.add_middleware(_RequestLog, latency=latency, instance=instance)
+    app.add_middleware(_BodyLimit, limit=limits.max_body_bytes)
+    app.add_middleware(_RequestLog, latency=latency, instance=instance)  # outermost: logs the 413s too
     return app
 
 
@@ -461,15 +479,29 @@ def _options(
     return options
 
 
-def _prompt_tokens(policy: Any, prompts: list[Any], limits: Limits, param: str = "prompt") -> int:
+def _prompt_tokens(
+    policy: Any, prompts: list[Any], limits: Limits, param: str = "prompt", longest: Optional[int] = None
+) -> int:
     """The prompts' tokens in all, each checked against the limit (a policy without ``encode_prompt``
-    counts none); errors name ``param`` (``prompt``, or a chat request's ``messages``)."""
+    counts none); errors name ``param`` (``prompt``, or a chat request's ``messages``).
+
+    With ``longest`` (``_longest_token``), a prompt of more than ``2 * max_prompt_tokens * longest``
+    characters is refused before it is encoded: each token stands for at most ``longest`` of them (twice
+    over for normalisers that merge characters), so it cannot fit, and encoding it would hold the
+    interpreter for seconds (the tokenizer keeps the GIL) and take hundreds of bytes a character."""
     encode = getattr(policy, "encode_prompt", None)
     if not callable(encode):
         return 0
     total = 0
     for k, prompt in enumerate(prompts):
         where = "messages" if param == "messages" else f"prompt[{k}]"
+        characters = _characters(prompt)
+        if longest is not None and characters > 2 * limits.max_prompt_tokens * longest:
+            raise RequestError(
+                param,
+                f"{where}: {characters} characters, more than this server's {limits.max_prompt_tokens} "
+                f"tokens can hold",
+            )
         try:
             length = len(encode(prompt))
         except Exception as error:
@@ -480,6 +512,28 @@ def _prompt_tokens(policy: Any, prompts: list[Any], limits: Limits, param: str =
             )
         total += length
     return total
+
+
+def _characters(prompt: Any) -> int:
+    """The characters of a prompt's text: a string's, or a chat's message contents' (0 for others)."""
+    if isinstance(prompt, str):
+        return len(prompt)
+    if isinstance(prompt, list):
+        return sum(
+            len(m["content"]) for m in prompt if isinstance(m, dict) and isinstance(m.get("content"), str)
+        )
+    return 0
+
+
+def _longest_token(policy: Any) -> Optional[int]:
+    """Characters of the longest entry of the policy's vocabulary, special tokens included (a token
+    stands for at most that many characters of text: a byte-level entry has one character a byte), or
+    None where the policy has no tokenizer with a vocabulary."""
+    vocabulary = getattr(getattr(policy, "tokenizer", None), "vocabulary", None)
+    if not callable(vocabulary):
+        return None
+    entries = vocabulary()
+    return max(1, max((len(entry) for entry in entries), default=1))
 
 
 async def _complete(
@@ -615,6 +669,53 @@ def _events(chunks: list[dict[str, Any]]) -> Iterable[str]:
     for chunk in chunks:
         yield f"data: {json.dumps(chunk, ensure_ascii=False, allow_nan=False, separators=(',', ':'))}\n\n"
     yield "data: [DONE]\n\n"
+
+
+class _BodyLimit:
+    """ASGI middleware: a request whose body is over ``limit`` bytes gets a 413 and is not read further
+    (at once where its ``Content-Length`` says so; else when what it has sent passes the limit), so
+    that one request cannot take the server's memory."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            await _send_error(send, 413, self._message())
+            return
+        received = 0
+
+        async def limited() -> Any:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    # an HTTPException: FastAPI lets it through its body parsing to the app's handler
+                    from starlette.exceptions import HTTPException
+
+                    raise HTTPException(413, self._message())
+            return message
+
+        await self.app(scope, limited, send)
+
+    def _message(self) -> str:
+        return f"the request body is over this server's {self.limit} bytes (tiltsmc serve --max-body-bytes)"
+
+
+async def _send_error(send: Any, status: int, message: str) -> None:
+    """An OpenAI-shaped error answer sent straight through ASGI (before the app has read anything)."""
+    kind = "invalid_request_error"
+    error = _error_body(message, kind, None, "request_too_large" if status == 413 else None)
+    body = json.dumps(error, ensure_ascii=False, separators=(",", ":"))
+    encoded = body.encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(encoded)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": encoded})
 
 
 class _RequestLog:
@@ -762,6 +863,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-n", type=int, default=Limits.max_n, help="choices per prompt (n) at most")
     parser.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=Limits.max_body_bytes,
+        help="bytes of a request's body at most (then 413; default: %(default)s)",
+    )
+    parser.add_argument(
         "--release-memory-after",
         type=_seconds_or_never,
         default=RELEASE_MEMORY_AFTER,
@@ -803,6 +910,7 @@ class Settings:
                 raise ValueError(f"--api-key-env: ${args.api_key_env} is not set or empty")
         for name in (
             "max_batch_rows", "max_queue", "max_prompt_tokens", "max_request_particles", "max_n", "workers",
+            "max_body_bytes",
         ):  # fmt: skip
             if getattr(args, name) < (0 if name == "max_queue" else 1):
                 raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer")
@@ -815,6 +923,7 @@ class Settings:
             max_particles=args.max_request_particles,
             max_tokens=args.max_tokens,
             max_n=args.max_n,
+            max_body_bytes=args.max_body_bytes,
         )
         return cls(
             args.model_name,
