@@ -51,6 +51,23 @@ def test_every_sampler_writes_one_json_line_per_prompt(tmp_path: Path, sampler: 
     assert "\r" not in captured.err and "2 prompt(s), 0 failed" in captured.err
 
 
+def test_stop_strings_end_trajectories(tmp_path: Path) -> None:
+    """``--stop`` (repeatable, escapes decoded) reaches the policy: trajectories end at the token that
+    completes one (the fixture's tokens are single characters: "a" is id 3, a newline 55), and the texts
+    end before it."""
+    argv = ["--prompt", "hello", "--seed", "2", "--particles", "64", "--stop", "a", "--stop", "\\n"]
+    code, records = run(tmp_path, *argv)
+    assert code == 0
+    (record,) = records
+    assert all("a" not in text and "\n" not in text for text in record["texts"])
+    ends = [sample[-1] for sample in record["samples"] if sample]
+    assert 3 in ends or 55 in ends
+    for sample, text in zip(record["samples"], record["texts"]):
+        assert 3 not in sample[:-1] and 55 not in sample[:-1]
+        if sample and sample[-1] in (3, 55):
+            assert len(text) == len(sample) - 1
+
+
 def test_same_seed_same_output_and_a_bad_prompt_is_reported(tmp_path: Path) -> None:
     first = run(tmp_path, "--prompt", "hi", "--prompt", "x" * 200, "--seed", "5")
     second = run(tmp_path, "--prompt", "hi", "--prompt", "x" * 200, "--seed", "5")

@@ -495,6 +495,116 @@ def test_optimal_proposal_refused_for_delimiter_steps() -> None:
         tiltsmc.smc(token_policy, OnnxRewardModel(PRM), prompts=["ab"], num_particles=4, proposal="optimal")
 
 
+# -- 4b. stop strings -------------------------------------------------------------------------------------
+
+
+def _first_stop(policy: OnnxCausalLM, tokens: np.ndarray, stops: tuple[str, ...]) -> int:
+    """The length of the shortest prefix of ``tokens`` whose text holds a stop string (all if none does)."""
+    assert policy.tokenizer is not None
+    for k in range(1, len(tokens) + 1):
+        if any(stop in policy.tokenizer.decode(tokens[:k]) for stop in stops):
+            return k
+    return len(tokens)
+
+
+@pytest.mark.parametrize(
+    ("make_tokenizer", "stop"),
+    [
+        pytest.param(None, ("a",), id="fixture-one-character"),
+        pytest.param(None, ("55", "a5"), id="fixture-two-stops"),
+        pytest.param(lambda: _word_tokenizer("fuse"), ("a\n",), id="fuse-within-and-across-pieces"),
+        pytest.param(lambda: _word_tokenizer("metaspace"), (" a", "=\n"), id="metaspace-leading-space"),
+        pytest.param(_byte_level_tokenizer, ("é",), id="bytes-split-character"),
+        pytest.param(_byte_level_tokenizer, ("\n\n", "ba"), id="bytes-pieces"),
+    ],
+)
+def test_stop_cuts_each_trajectory_at_the_token_completing_a_stop_string(
+    make_tokenizer: Any, stop: tuple[str, ...]
+) -> None:
+    """With the same draws, a trajectory under ``stop`` is the one without, cut at its first token after
+    which its text holds a stop string (the law of the cut trajectories); its text ends before that string.
+    Decoders that join token texts, SentencePiece's (a leading space the first token of a text loses) and
+    byte-level ones (a character's bytes in two tokens)."""
+    runs = []
+    for stops in ((), stop):
+        tokenizer = None if make_tokenizer is None else make_tokenizer()
+        policy = OnnxCausalLM(LLAMA, tokenizer=tokenizer, max_new_tokens=12, stop=stops or None)
+        particles = policy.start(["hi there", [7, 8], "x"], 24)
+        rng = np.random.default_rng(5)
+        while not particles.finished.all():
+            policy.propose(particles, rng)
+        runs.append((policy, particles))
+    (free_policy, free), (policy, cut) = runs
+    assert policy.stop == tuple(stop)
+    stopped = 0
+    for b, i in np.ndindex(free.lengths.shape):
+        whole = free.tokens[b, i, : free.lengths[b, i]]
+        expected = _first_stop(free_policy, whole, stop)
+        assert cut.lengths[b, i] == expected, (b, i, free_policy.decode(whole))
+        np.testing.assert_array_equal(cut.tokens[b, i, :expected], whole[:expected])
+        text = free_policy.decode(whole[:expected])
+        at = [text.find(s) for s in stop if s in text]
+        stopped += bool(at)
+        assert policy.decode(whole[:expected]) == (text[: min(at)] if at else text)
+    assert 0 < stopped < free.lengths.size  # some trajectories stopped, some did not
+
+
+@pytest.mark.parametrize(
+    ("make_tokenizer", "stop", "pieces"),
+    [
+        pytest.param(lambda: _word_tokenizer("fuse"), "a\n", ["x0", "a", "\n"], id="fuse-two-pieces"),
+        pytest.param(lambda: _word_tokenizer("fuse"), "a\n", ["x0", "a\n"], id="fuse-one-piece"),
+        pytest.param(
+            lambda: _word_tokenizer("metaspace"), " a", ["x0", "▁", "a"], id="metaspace-space-apart"
+        ),
+        pytest.param(
+            lambda: _word_tokenizer("metaspace"), "a=", ["▁", "x1", "a", "="], id="metaspace-pieces"
+        ),
+        pytest.param(_byte_level_tokenizer, "é", ["a", "Ã", "©"], id="bytes-of-one-character"),
+        pytest.param(_byte_level_tokenizer, "é\n", ["b", "Ã", "©", "Ċ"], id="bytes-three"),
+    ],
+)
+def test_stop_ends_a_trajectory_at_the_token_completing_it_however_it_is_split(
+    make_tokenizer: Any, stop: str, pieces: list[str]
+) -> None:
+    """Tokens appended one by one: the trajectory ends at the last piece and not before, where the stop
+    string spans several tokens, a character's bytes are in two, or a SentencePiece space is a token of
+    its own (a text's first token loses its leading space: the window reaches one token further back)."""
+    tokenizer = make_tokenizer()
+    policy = OnnxCausalLM(LLAMA, tokenizer=tokenizer, max_new_tokens=12, stop=stop)
+    particles = policy.start(["hi"], 2)
+    for k, piece in enumerate(pieces):
+        assert not particles.finished.any(), (k, piece)
+        token = tokenizer.token_to_id(piece)
+        assert token is not None, piece
+        policy.append(particles, np.array([[token, token]]))
+    assert particles.finished.all()
+    tokens = particles.tokens[0, 0, : particles.lengths[0, 0]]
+    whole = tokenizer.decode(tokens.tolist(), skip_special_tokens=True)
+    assert whole.endswith(stop) and policy.decode(tokens) == whole[: -len(stop)]
+
+
+def test_smc_with_stop_strings() -> None:
+    """Resampling moves whole trajectories: each still ends at the token completing its first stop string
+    (or at EOS or the token limit), and the result's texts hold none."""
+    policy = OnnxCausalLM(LLAMA, max_new_tokens=10, stop=["a", "b"])
+    result = tiltsmc.smc(policy, OnnxRewardModel(PRM), prompts=["hi", "x"], num_particles=16, rng=2)
+    assert policy.tokenizer is not None
+    ended_by_stop = 0
+    for samples, texts in zip(result.samples, result.texts or []):
+        for tokens, text in zip(samples, texts):
+            assert "a" not in text and "b" not in text
+            assert _first_stop(policy, np.asarray(tokens), ("a", "b")) == len(tokens)
+            ended_by_stop += any(s in policy.tokenizer.decode(tokens) for s in ("a", "b"))
+    assert ended_by_stop > 0
+
+
+@pytest.mark.parametrize("stop", ["", [""], ["a", 3], 7])
+def test_stop_strings_are_checked(stop: Any) -> None:
+    with pytest.raises(ValueError, match="stop: expected a non-empty string"):
+        OnnxCausalLM(LLAMA, stop=stop)
+
+
 # -- 5. top_k / top_p / temperature ----------------------------------------------------------------------
 
 

@@ -519,6 +519,38 @@ def test_openai_chat_client(server: Server) -> None:
     assert usage is not None and usage.total_tokens == completion.usage.total_tokens
 
 
+def test_stop_strings_are_the_policys_own(tmp_path: Path) -> None:
+    """``tiltsmc serve --stop``: every answer ends before the policy's stop strings, as the offline run's;
+    a request's ``stop`` is taken where it names the same strings and refused, saying which, otherwise."""
+    stopping = Server(tmp_path, *FIXTURE_MODELS, "--stop", "5", "--stop", "e")
+    try:
+        body = {"prompt": "hello", "seed": 4, "particles": 8}
+        plain = stopping.post(body)
+        assert plain.status_code == 200, plain.text
+        for stop in (["e", "5"], ["5", "e", "5"]):
+            same = stopping.post({**body, "stop": stop})
+            assert same.status_code == 200 and same.json()["choices"] == plain.json()["choices"], same.text
+        for stop in ("5", ["5", "x"], []):
+            refused = stopping.post({**body, "stop": stop})
+            error = refused.json()["error"]
+            assert refused.status_code == 400 and error["param"] == "stop", refused.text
+            assert "['5', 'e'] (tiltsmc serve --stop)" in error["message"]
+        policy = OnnxCausalLM(FIXTURES / "gpt2-tiny", max_new_tokens=6, stop=["5", "e"])
+        offline = tiltsmc.smc(
+            policy, OnnxRewardModel(FIXTURES / "prm-tiny"), prompts=["hello"], num_particles=8, rng=4
+        )
+        (choice,) = plain.json()["choices"]
+        detail = plain.json()["tiltsmc"]["choices"][0]
+        assert offline.texts is not None
+        assert choice["text"] == offline.texts[0][detail["sample_index"]]
+        assert all("5" not in text and "e" not in text for text in offline.texts[0])
+        assert policy.tokenizer is not None
+        whole = [policy.tokenizer.decode(tokens) for tokens in offline.samples[0]]
+        assert any("5" in text or "e" in text for text in whole)  # some trajectories were cut
+    finally:
+        stopping.stop()
+
+
 def test_api_key(tmp_path: Path) -> None:
     secured = Server(
         tmp_path, *FIXTURE_MODELS, "--api-key-env", "TILTSMC_TEST_KEY", env={"TILTSMC_TEST_KEY": "s3cret"}

@@ -480,14 +480,26 @@ def _step(text: str) -> str:
     decoded; other characters are kept as they are (``é`` stays ``é``)."""
     if text == "token":
         return text
-    try:
-        # non-Latin-1 characters become \uXXXX escapes first, so that unicode_escape gives them back
-        delimiter = text.encode("latin-1", "backslashreplace").decode("unicode_escape")
-    except UnicodeDecodeError as error:
-        raise argparse.ArgumentTypeError(f"malformed escape in {text!r}: {error.reason}") from None
+    delimiter = _unescaped(text)
     if not delimiter:
         raise argparse.ArgumentTypeError("expected 'token' or a non-empty delimiter, got ''")
     return delimiter
+
+
+def _stop_text(text: str) -> str:
+    """A stop string, backslash escapes decoded as ``--step``'s."""
+    stop = _unescaped(text)
+    if not stop:
+        raise argparse.ArgumentTypeError("expected a non-empty text, got ''")
+    return stop
+
+
+def _unescaped(text: str) -> str:
+    try:
+        # non-Latin-1 characters become \uXXXX escapes first, so that unicode_escape gives them back
+        return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError as error:
+        raise argparse.ArgumentTypeError(f"malformed escape in {text!r}: {error.reason}") from None
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser, demo_models: bool = False) -> None:
@@ -534,6 +546,15 @@ def _add_model_arguments(parser: argparse.ArgumentParser, demo_models: bool = Fa
         type=_open_fraction,
         default=_model_default("top_p"),
         help="nucleus sampling: the likeliest tokens of total probability p (default: all)",
+    )
+    parser.add_argument(
+        "--stop",
+        type=_stop_text,
+        action="append",
+        default=_model_default("stop"),
+        metavar="TEXT",
+        help="a text that ends a trajectory where it is generated (escapes as in --step; may be given "
+        "several times); texts end before it",
     )
     parser.add_argument(
         "--reward-kind",
@@ -608,6 +629,7 @@ MODEL_OPTIONS: dict[str, tuple[str, str]] = {
     "temperature": ("OnnxCausalLM", "temperature"),
     "top_k": ("OnnxCausalLM", "top_k"),
     "top_p": ("OnnxCausalLM", "top_p"),
+    "stop": ("OnnxCausalLM", "stop"),
     "add_special_tokens": ("OnnxCausalLM", "add_special_tokens"),
     "skip_special_tokens": ("OnnxCausalLM", "skip_special_tokens"),
     "threads": ("OnnxCausalLM", "intra_op_num_threads"),
@@ -792,6 +814,7 @@ def _load_models(args: argparse.Namespace) -> tuple[Any, Any]:
         providers=providers,
         top_k=args.top_k,
         top_p=args.top_p,
+        stop=args.stop,
         intra_op_num_threads=args.threads,
         memory_arena=args.memory_arena == "on",
         value_output=args.value_output,

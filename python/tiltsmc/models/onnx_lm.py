@@ -13,7 +13,10 @@ The base policy ``p`` is exactly the law sampled: ``softmax(logits / temperature
 ``top_k`` most likely tokens and to the smallest set of probability at least ``top_p`` (then
 renormalised); ``log p(step)`` is returned as sampled. A *step* is one token (``step="token"``) or a run
 of tokens ending at a delimiter (a string, e.g. ``"\n\n"``, or a set of token ids), generated token by
-token here while the samplers see a single step. Ragged prompts are left-padded, so the graph must take
+token here while the samplers see a single step. With ``stop`` strings a trajectory also ends at the token
+whose text completes one of them, so ``p`` is the law of the trajectories cut there (as if that token were
+an EOS); its text (``decode``) ends before the first stop string, as OpenAI's do, and its tokens keep the
+whole last token. Ragged prompts are left-padded, so the graph must take
 ``position_ids`` (optimum's current exports do; a graph without them numbers positions itself, which is
 only right when every prompt of a batch has the same length).
 
@@ -166,13 +169,24 @@ class _StartBuffers:
         return buffer
 
 
+def _stop_strings(stop: Optional[Union[str, Sequence[str]]]) -> tuple[str, ...]:
+    """``stop`` as a tuple of distinct non-empty strings (one string is one stop string)."""
+    if stop is None:
+        return ()
+    strings = [stop] if isinstance(stop, str) else list(stop) if isinstance(stop, Iterable) else [stop]
+    if not all(isinstance(text, str) and text for text in strings):
+        raise ValueError(f"stop: expected a non-empty string or a sequence of them, got {stop!r}")
+    return tuple(dict.fromkeys(strings))
+
+
 class OnnxCausalLM:
     """Base policy from an ONNX decoder with KV cache (see the module docstring for the exact law).
 
     ``path``: a folder (model.onnx, optionally config.json, generation_config.json, tokenizer.json) or an
     .onnx file. ``tokenizer``: a tokenizer.json path or a ``tokenizers.Tokenizer`` (default: the folder's
     tokenizer.json, if any; without one, prompts must be token-id sequences). ``eos_token_id`` (default from
-    the configs) ends a trajectory, as does ``max_new_tokens``. ``memory_arena=False`` frees ONNX
+    the configs) ends a trajectory, as do ``max_new_tokens`` and any of the ``stop`` strings (text the
+    trajectory's tokens complete; see the module docstring). ``memory_arena=False`` frees ONNX
     Runtime's buffers after each run instead of keeping them at their peak (a long-running service).
 
     Prompts: a string (encoded with the special tokens the tokenizer's post-processor adds, as Hugging
@@ -210,6 +224,7 @@ class OnnxCausalLM:
         session_options: Any = None,
         provider_options: Optional[Mapping[str, Mapping[str, Any]]] = None,
         value_output: Optional[str] = None,
+        stop: Optional[Union[str, Sequence[str]]] = None,
     ) -> None:
         self.model_file, model_dir = resolve_model_file(path)
         config = read_json(model_dir / "config.json")
@@ -241,6 +256,11 @@ class OnnxCausalLM:
         if top_p is not None and not 0.0 < real_number(top_p, "top_p") <= 1.0:
             raise ValueError(f"top_p: expected a fraction in (0, 1] or None, got {top_p!r}")
         self.top_p = None if top_p is None else float(top_p)
+        self.stop = _stop_strings(stop)
+        if self.stop and self.tokenizer is None:
+            raise ValueError(
+                "stop: stop strings need a tokenizer (none given, no tokenizer.json beside the model)"
+            )
 
         self.session = make_session(
             self.model_file,
@@ -377,6 +397,7 @@ class OnnxCausalLM:
             np.full(self.vocab_size, -1, dtype=np.int8) if self.step_text and joins_token_texts else None
         )
         self._start_buffers = _StartBuffers()
+        self._stop_window = 4 * max((len(stop) for stop in self.stop), default=0)
 
     def _check_value_output(self, value_output: Optional[str], outputs: list[str]) -> Optional[str]:
         """A value head in the policy's graph, fetched with the logits at every run: one score per position
@@ -445,9 +466,12 @@ class OnnxCausalLM:
         return ids
 
     def decode(self, ids: npt.ArrayLike) -> str:
+        """The text of a trajectory's tokens, ending before the first of the ``stop`` strings in it."""
         if self.tokenizer is None:
             raise ValueError("decode: this policy has no tokenizer")
-        return self.tokenizer.decode(ids)
+        text = self.tokenizer.decode(ids)
+        found = [at for at in (text.find(stop) for stop in self.stop) if at >= 0]
+        return text[: min(found)] if found else text
 
     # -- the session ------------------------------------------------------------------------------------
 
@@ -724,7 +748,33 @@ class OnnxCausalLM:
                 particles.finished |= over
                 still &= ~over
                 going = int(np.count_nonzero(still))
+        if self.stop and going:
+            stopped = self._stopped(particles, still)
+            if stopped.any():
+                particles.finished |= stopped
+                still &= ~stopped
+                going = int(np.count_nonzero(still))
         return still, going
+
+    def _stopped(self, particles: Particles, rows: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+        """Which of ``rows`` have just completed a stop string with their newest token: the text of their
+        last ``_stop_window`` tokens holds one (an earlier one would have ended the row earlier). The window
+        covers the longest stop string however it is split (a token is at least one byte of text, a
+        character at most four); where its tokens are whole characters it also holds the token before
+        the stop string, which matters where a decoder drops a text's leading space (SentencePiece).
+        """
+        assert self.tokenizer is not None
+        index = np.nonzero(rows)
+        lengths = particles.lengths[index]
+        starts = np.maximum(lengths - self._stop_window, 0)
+        tokens = particles.tokens[index]
+        windows = [row[start:length].tolist() for row, start, length in zip(tokens, starts, lengths)]
+        texts = self.tokenizer.inner.decode_batch(
+            windows, skip_special_tokens=bool(self.tokenizer.skip_special_tokens)
+        )
+        stopped = np.zeros(rows.shape, dtype=bool)
+        stopped[index] = [any(stop in text for stop in self.stop) for text in texts]
+        return stopped
 
     def _could_end_step(self, tokens: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
         """Whether each token could be the one that makes a step's text end with ``step_text`` (it did

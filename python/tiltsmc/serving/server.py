@@ -4,8 +4,8 @@
 template into one prompt; ``max_completion_tokens`` or ``max_tokens``; the other fields as below) and
 answers each choice as an assistant ``message``. ``POST /v1/completions`` takes the OpenAI completions
 request (``model``, ``prompt`` as a string or a list, ``max_tokens``, ``n``, ``seed``, ``stream``;
-``stop`` is refused: the policy ends trajectories at its own EOS; OpenAI's sampling fields are taken
-only at the values that leave the served law as it is, see ``NEUTRAL_FIELDS``) plus tiltsmc's fields
+``stop`` and OpenAI's sampling fields only at the values that leave the served law as it is, see
+``NEUTRAL_FIELDS``: the policy's own stop strings, temperature and top-p) plus tiltsmc's fields
 (``sampler``, ``particles``, ``ess_threshold``, ``resample``, ``pool_size``, ``mh_steps``, ``bound``),
 and answers in the OpenAI shape (``choices`` with ``text`` and
 ``finish_reason``, ``usage``) with a ``tiltsmc`` object per choice: the log Z estimate, the normalised
@@ -102,6 +102,10 @@ NEUTRAL_FIELDS: dict[str, tuple[Callable[[Any, Any, Any], bool], Callable[[Any],
             f"(tiltsmc serve --top-p); {_LAW}"
         ),
     ),
+    "stop": (
+        lambda value, body, policy: _stop_set(value) == set(getattr(policy, "stop", ())),
+        lambda policy: f"{_policy_stops(policy)}; {_LAW}",
+    ),
     "frequency_penalty": (lambda value, body, policy: value == 0, lambda policy: f"only 0: {_LAW}"),
     "presence_penalty": (lambda value, body, policy: value == 0, lambda policy: f"only 0: {_LAW}"),
     "logit_bias": (lambda value, body, policy: not value, lambda policy: f"only empty: {_LAW}"),
@@ -124,6 +128,17 @@ NEUTRAL_FIELDS: dict[str, tuple[Callable[[Any, Any, Any], bool], Callable[[Any],
         lambda policy: 'only {"type": "text"}: the answer is the policy\'s text',
     ),
 }
+
+
+def _stop_set(stop: Union[str, list[str]]) -> set[str]:
+    return {stop} if isinstance(stop, str) and stop else {text for text in stop if text}
+
+
+def _policy_stops(policy: Any) -> str:
+    stops = list(getattr(policy, "stop", ()))
+    if not stops:
+        return "this server's policy has no stop strings (tiltsmc serve --stop): it ends at its EOS"
+    return f"this server's policy stops at {stops!r} (tiltsmc serve --stop), else at its EOS"
 
 
 def _policy_temperature(policy: Any) -> float:
@@ -440,10 +455,6 @@ def _options(
             raise RequestError(field, f"{field}: {value!r} is not supported: {reason(policy)}")
     if body.stream_options is not None and not body.stream:
         raise RequestError("stream_options", "stream_options: only with stream: true")
-    if body.stop:
-        raise RequestError(
-            "stop", "stop: stop sequences are not supported by this policy (it ends at its EOS)"
-        )
     if len(prompts) > limits.max_prompts:
         raise RequestError(
             "prompt", f"prompt: {len(prompts)} prompts, more than this server's {limits.max_prompts}"
