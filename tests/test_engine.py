@@ -823,3 +823,37 @@ def test_exit_does_not_wait_for_ever_on_a_step_that_never_returns(tmp_path: Path
     assert done.stdout.strip() == "exiting"
     assert "still inside a step after 0.5 s" in done.stderr
     assert time.perf_counter() - began < 30
+
+
+def test_close_waits_a_bounded_time_for_a_step_in_progress() -> None:
+    """``close(wait=)`` returns False once ``wait`` seconds have passed with a worker still inside a step
+    (a model call cannot be cut short), True where the workers stop in time; its request ends either way."""
+    task = MarkovDFATask.random(4, 3, 6, rng=0)
+    policy = task.policy()
+    entered, release = threading.Event(), threading.Event()
+
+    class Slow:
+        token_level = True
+        supports_engine = True
+        vocab_size = policy.vocab_size
+
+        def start(self, prompts: Any, num_particles: int) -> Particles:
+            return policy.start(prompts, num_particles)
+
+        def propose(self, particles: Particles, rng: Any) -> Any:
+            entered.set()
+            release.wait(60)
+            return policy.propose(particles, rng)
+
+    engine = tiltsmc.Engine(Slow(), task.twist(noise=0.4, rng=1))
+    future = engine.submit((), "smc", num_particles=4)
+    assert entered.wait(30)
+    began = time.perf_counter()
+    assert engine.close(drain=False, wait=0.3) is False
+    assert 0.3 <= time.perf_counter() - began < 5
+    release.set()
+    assert engine.close(drain=False, wait=30) is True
+    assert isinstance(future.exception(timeout=30), EngineClosed)
+    with tiltsmc.Engine(task.policy(), task.twist(noise=0.4, rng=1)) as quick:
+        quick.submit((), "smc", num_particles=4).result(timeout=30)
+        assert quick.close(wait=30) is True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import re
@@ -642,6 +643,79 @@ def test_sigterm_lets_requests_in_flight_finish(tmp_path: Path) -> None:
         assert (listening["workers"], listening["threads"]) == (2, max(1, usable_cores() // 2))
     finally:
         draining.stop()
+
+
+SERVE_A_STEP_THAT_NEVER_ENDS = """
+import argparse
+import sys
+import threading
+
+import tiltsmc.serving.server as server
+from tiltsmc.tasks import MarkovDFATask
+
+server.SHUTDOWN_WAIT = 1.0
+task = MarkovDFATask.random(4, 3, 6, rng=0)
+policy = task.policy()
+
+
+class Stuck:
+    token_level = True
+    supports_engine = True
+    vocab_size = policy.vocab_size
+
+    def start(self, prompts, num_particles):
+        return policy.start([()] * len(prompts), num_particles)
+
+    def propose(self, particles, rng):
+        print("inside the step", flush=True)
+        threading.Event().wait(600)  # a model call far longer than the grace period
+
+
+args = argparse.Namespace(host="127.0.0.1", port=int(sys.argv[1]), threads=None)
+settings = server.Settings(grace=1.0)
+sys.exit(server.serve(args, settings, Stuck(), task.twist(noise=0.4, rng=1)))
+"""
+
+
+def test_sigterm_exits_past_the_grace_period_even_inside_a_long_step(tmp_path: Path) -> None:
+    """A step that outlasts the grace period (a model call cannot be cut short): the server still exits,
+    ``SHUTDOWN_WAIT`` after the drain, and logs why (it waited for the step for ever)."""
+    script = tmp_path / "stuck_server.py"
+    script.write_text(SERVE_A_STEP_THAT_NEVER_ENDS)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = tmp_path / "stuck.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, str(script), str(port)], stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert process.poll() is None, log.read_text()
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            time.sleep(0.1)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            # its answer, if any, is not the point: the connection may close first
+            pool.submit(httpx.post, f"{url}/v1/completions", json={"prompt": "x", "particles": 2}, timeout=60)
+            while "inside the step" not in log.read_text():
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+            began = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            process.wait(30)  # grace 1 s (uvicorn's), drain 1 s, SHUTDOWN_WAIT 1 s
+            assert time.monotonic() - began < 20
+        assert process.returncode in (1, -signal.SIGTERM), log.read_text()
+        assert '"stuck_step": true' in log.read_text()
+        assert "terminate called" not in log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def test_timeout_is_a_504(tmp_path: Path) -> None:

@@ -61,6 +61,15 @@ _OPEN_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
 EXIT_WAIT = 10.0
 
 
+def _join(threads: list[threading.Thread], wait: Optional[float]) -> list[str]:
+    """Wait up to ``wait`` seconds in all (None: as long as it takes) for ``threads`` to end; the names of
+    those still running."""
+    deadline = None if wait is None else time.monotonic() + wait
+    for thread in threads:
+        thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+    return [thread.name for thread in threads if thread.is_alive()]
+
+
 def _close_open_engines() -> None:
     """At interpreter exit, close every engine still open, without draining (its requests end with
     ``EngineClosed``), waiting up to ``EXIT_WAIT`` seconds in all for the workers to stop. They are daemon
@@ -70,10 +79,7 @@ def _close_open_engines() -> None:
     before that, while the workers still run. A worker whose model call has not returned by then is left
     to the interpreter (logged), so that a call that never returns cannot hold the exit."""
     threads = [thread for engine in list(_OPEN_ENGINES) for thread in engine._stop(drain=False, timeout=None)]
-    deadline = time.monotonic() + EXIT_WAIT
-    for thread in threads:
-        thread.join(max(0.0, deadline - time.monotonic()))
-    stuck = [thread.name for thread in threads if thread.is_alive()]
+    stuck = _join(threads, EXIT_WAIT)
     if stuck:
         logger.warning(
             "at exit: %s still inside a step after %g s, left to the interpreter", ", ".join(stuck), EXIT_WAIT
@@ -399,16 +405,22 @@ class Engine:
             "workers": workers,
         }
 
-    def close(self, drain: bool = True, timeout: Optional[float] = 30.0) -> None:
+    def close(
+        self, drain: bool = True, timeout: Optional[float] = 30.0, *, wait: Optional[float] = None
+    ) -> bool:
         """Stop taking requests; with ``drain``, finish those queued and in flight for up to ``timeout``
         seconds (None: as long as they take); then end the rest with
-        [`EngineClosed`][tiltsmc.serving.engine.EngineClosed]. Returns once the workers have stopped, or at
-        once where called on a worker's own thread (a future's done-callback)."""
+        [`EngineClosed`][tiltsmc.serving.engine.EngineClosed]. Returns once the workers have stopped (True),
+        or at once where called on a worker's own thread (a future's done-callback). A worker stops at the
+        end of the step it is in, which ``close`` cannot cut short: with ``wait``, it returns after
+        ``wait`` seconds past the drain's ``timeout`` (from now without one), False where a worker is
+        still inside a step (a model call that takes that long), instead of waiting for ever."""
         threads = self._stop(drain, timeout)
         if threading.current_thread() in threads:  # from a worker (a future's callback): it must go on
-            return
-        for thread in threads:
-            thread.join()
+            return False
+        if wait is not None and drain and timeout is not None:
+            wait += timeout
+        return not _join(threads, wait)
 
     def _stop(self, drain: bool, timeout: Optional[float]) -> list[threading.Thread]:
         """``close`` without waiting: the workers are told to stop; returns their threads."""

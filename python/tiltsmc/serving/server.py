@@ -83,6 +83,9 @@ SAMPLER_FIELDS: dict[str, dict[str, str]] = {
 }
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
+# Seconds a closing server waits past its grace period for a step still in progress (a model call cannot
+# be cut short) before it exits without it.
+SHUTDOWN_WAIT = 10.0
 _LAW = "the law the reward tilts is the policy's, set when the server starts"
 # OpenAI's fields that would change the law sampled or ask for what this server does not return: each is
 # taken at the value that changes nothing (what clients send by default) and refused otherwise, with the
@@ -203,9 +206,10 @@ def create_app(
     instance: Optional[str] = None,
 ) -> Any:
     """A FastAPI app serving ``engine`` (see the module docstring). On shutdown it closes the engine,
-    finishing what is in flight for up to ``close_timeout`` seconds. ``instance`` (a replica's name,
-    where several serve one endpoint) is sent in every answer's ``X-Tiltsmc-Instance`` header and in the
-    ``tiltsmc_instance_info`` metric."""
+    finishing what is in flight for up to ``close_timeout`` seconds, and waits ``SHUTDOWN_WAIT`` seconds
+    more at most for a step still in progress (then logs it and lets the shutdown go on). ``instance``
+    (a replica's name, where several serve one endpoint) is sent in every answer's
+    ``X-Tiltsmc-Instance`` header and in the ``tiltsmc_instance_info`` metric."""
     from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -291,7 +295,8 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
         yield
-        await asyncio.to_thread(engine.close, True, close_timeout)
+        if not await asyncio.to_thread(lambda: engine.close(True, close_timeout, wait=SHUTDOWN_WAIT)):
+            _log_stuck_step(close_timeout)
 
     app = FastAPI(title="tiltsmc", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -1003,9 +1008,18 @@ def serve(args: argparse.Namespace, settings: Settings, policy: Any, reward: Any
         "threads": args.threads,
     }
     logger.info(json.dumps(listening))
-    uvicorn.Server(config).run()
-    engine.close(drain=True, timeout=settings.grace)
+    uvicorn.Server(config).run()  # on a signal, re-raises it once shut down: the process ends there
+    if not engine.close(drain=False, timeout=None, wait=SHUTDOWN_WAIT):
+        _log_stuck_step(settings.grace)
+        logging.shutdown()
+        os._exit(1)  # the interpreter's exit would abort when the stuck model call returns (see Engine)
     return 0
+
+
+def _log_stuck_step(grace: float) -> None:
+    record = {"event": "shutdown", "stuck_step": True, "grace": grace, "wait": SHUTDOWN_WAIT}
+    record["message"] = "a step was still in progress past the grace period; exiting without it"
+    logger.warning(json.dumps(record))
 
 
 def log_to_stderr() -> None:
