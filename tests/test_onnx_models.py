@@ -605,6 +605,69 @@ def test_stop_strings_are_checked(stop: Any) -> None:
         OnnxCausalLM(LLAMA, stop=stop)
 
 
+# -- 4c. prompts run a few rows at a time ----------------------------------------------------------------
+
+
+class CountingSession:
+    """An ONNX Runtime session that counts its runs and the rows of each."""
+
+    def __init__(self, session: Any) -> None:
+        self.session, self.rows = session, []
+
+    def run(self, names: Any, feeds: dict[str, Any], *args: Any) -> Any:
+        self.rows.append(int(feeds["input_ids"].shape[0]))
+        return self.session.run(names, feeds, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.session, name)
+
+
+@pytest.mark.parametrize(
+    ("path", "options"),
+    [
+        pytest.param(GPT2, {}, id="gpt2"),
+        pytest.param(LLAMA, {}, id="llama"),
+        pytest.param(FIXTURES / "gpt2-merged-tiny", {}, id="merged"),
+        pytest.param(FIXTURES / "gpt2-value-tiny", {"value_output": "value"}, id="value-head"),
+        pytest.param(FIXTURES / "gpt2-twist-tiny", {"value_output": "twist"}, id="twist-head"),
+    ],
+)
+def test_prompts_run_a_few_rows_at_a_time_give_the_same_start(path: Path, options: dict[str, Any]) -> None:
+    """``prefill_tokens`` bounds the rows x width of one session call over the prompts (a graph's logits
+    at every position, its attention scores): ragged prompts run a row at a time, or two, start the same
+    particles as in one call (caches, masks, logits, value scores; to float32 rounding), and the next
+    steps go on the same."""
+    prompts = ["hi there", [7, 8], "x", "a longer prompt", "ab"]
+    width = max(len(p) if isinstance(p, list) else len(p) + 1 for p in prompts)  # BOS or not: at most this
+    starts = []
+    for prefill_tokens in (1 << 20, 1, 2 * width):
+        policy = OnnxCausalLM(path, max_new_tokens=4, prefill_tokens=prefill_tokens, **options)
+        counting = CountingSession(policy.session)
+        policy.session = counting  # type: ignore[assignment]
+        particles = policy.start(prompts, 3)
+        calls = list(counting.rows)
+        for token in (5, 9):
+            policy.append(particles, np.full(particles.lengths.shape, token))
+        particles.flush()
+        starts.append((calls, particles))
+    assert starts[0][0] == [5] and starts[1][0] == [1] * 5 and sum(starts[2][0]) == 5
+    assert all(rows <= 2 for rows in starts[2][0]) and len(starts[2][0]) >= 3
+    reference = starts[0][1]
+    for _, particles in starts[1:]:
+        assert set(particles.state) == set(reference.state)
+        for key, value in reference.state.items():
+            if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+                np.testing.assert_allclose(particles.state[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+            elif isinstance(value, np.ndarray):
+                np.testing.assert_array_equal(particles.state[key], value, err_msg=key)
+
+
+@pytest.mark.parametrize("prefill_tokens", [0, -3, 2.5, True])
+def test_prefill_tokens_is_checked(prefill_tokens: Any) -> None:
+    with pytest.raises(ValueError, match="prefill_tokens: expected an int >= 1"):
+        OnnxCausalLM(LLAMA, prefill_tokens=prefill_tokens)
+
+
 # -- 5. top_k / top_p / temperature ----------------------------------------------------------------------
 
 

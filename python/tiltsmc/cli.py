@@ -557,6 +557,13 @@ def _add_model_arguments(parser: argparse.ArgumentParser, demo_models: bool = Fa
         "several times); texts end before it",
     )
     parser.add_argument(
+        "--prefill-tokens",
+        type=_positive_int,
+        default=_model_default("prefill_tokens"),
+        help="prompt tokens (rows x longest prompt) run through the policy in one call when prompts start "
+        "(bounds the memory of its logits and attention; more take several calls)",
+    )
+    parser.add_argument(
         "--reward-kind",
         choices=("log_value", "prob", "logit"),
         default=_model_default("reward_kind"),
@@ -630,6 +637,7 @@ MODEL_OPTIONS: dict[str, tuple[str, str]] = {
     "top_k": ("OnnxCausalLM", "top_k"),
     "top_p": ("OnnxCausalLM", "top_p"),
     "stop": ("OnnxCausalLM", "stop"),
+    "prefill_tokens": ("OnnxCausalLM", "prefill_tokens"),
     "add_special_tokens": ("OnnxCausalLM", "add_special_tokens"),
     "skip_special_tokens": ("OnnxCausalLM", "skip_special_tokens"),
     "threads": ("OnnxCausalLM", "intra_op_num_threads"),
@@ -815,6 +823,7 @@ def _load_models(args: argparse.Namespace) -> tuple[Any, Any]:
         top_k=args.top_k,
         top_p=args.top_p,
         stop=args.stop,
+        prefill_tokens=args.prefill_tokens,
         intra_op_num_threads=args.threads,
         memory_arena=args.memory_arena == "on",
         value_output=args.value_output,

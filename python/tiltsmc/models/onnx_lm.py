@@ -186,7 +186,10 @@ class OnnxCausalLM:
     .onnx file. ``tokenizer``: a tokenizer.json path or a ``tokenizers.Tokenizer`` (default: the folder's
     tokenizer.json, if any; without one, prompts must be token-id sequences). ``eos_token_id`` (default from
     the configs) ends a trajectory, as do ``max_new_tokens`` and any of the ``stop`` strings (text the
-    trajectory's tokens complete; see the module docstring). ``memory_arena=False`` frees ONNX
+    trajectory's tokens complete; see the module docstring). Prompts start ``prefill_tokens // width``
+    rows a session call (at least one; ``width`` the longest prompt's tokens), so that the logits of
+    every position and the attention scores of a batch of long prompts are never all in memory at once.
+    ``memory_arena=False`` frees ONNX
     Runtime's buffers after each run instead of keeping them at their peak (a long-running service).
 
     Prompts: a string (encoded with the special tokens the tokenizer's post-processor adds, as Hugging
@@ -225,6 +228,7 @@ class OnnxCausalLM:
         provider_options: Optional[Mapping[str, Mapping[str, Any]]] = None,
         value_output: Optional[str] = None,
         stop: Optional[Union[str, Sequence[str]]] = None,
+        prefill_tokens: int = 2048,
     ) -> None:
         self.model_file, model_dir = resolve_model_file(path)
         config = read_json(model_dir / "config.json")
@@ -257,6 +261,13 @@ class OnnxCausalLM:
             raise ValueError(f"top_p: expected a fraction in (0, 1] or None, got {top_p!r}")
         self.top_p = None if top_p is None else float(top_p)
         self.stop = _stop_strings(stop)
+        if (
+            isinstance(prefill_tokens, bool)
+            or not isinstance(prefill_tokens, (int, np.integer))
+            or prefill_tokens < 1
+        ):
+            raise ValueError(f"prefill_tokens: expected an int >= 1, got {prefill_tokens!r}")
+        self.prefill_tokens = int(prefill_tokens)
         if self.stop and self.tokenizer is None:
             raise ValueError(
                 "stop: stop strings need a tokenizer (none given, no tokenizer.json beside the model)"
@@ -577,12 +588,12 @@ class OnnxCausalLM:
                 errors[b] = f"prompt {b}: {error}"
                 encoded.append(np.array([self.pad_token_id], dtype=np.int64))
         input_ids, mask, positions = left_padded(encoded, self.pad_token_id)
-        batch, width = input_ids.shape
-        logits, present = self._run(input_ids, mask, positions, None)
+        batch = input_ids.shape[0]
+        logits, present = self._prefill(input_ids, mask, positions)
         particles = Particles.empty(prompt_list, num_particles, self.max_new_tokens)
         if self.value_output is not None:  # each prompt's value (or twist row) at its last token
             *present, value = present
-            scores = np.asarray(value, dtype=np.float64).reshape(batch, width, -1)[:, -1]
+            scores = np.asarray(value, dtype=np.float64).reshape(batch, -1)
             if not self.twist_head:
                 scores = scores[:, 0]
             else:  # the twist score of each particle's last token, read from its parent's row
@@ -600,13 +611,53 @@ class OnnxCausalLM:
         # Left-aligned sequences: batches of other lengths join by left padding (Particles.concatenate).
         particles.aligned["lm.mask"] = (2, "lm.mask")
         particles.aligned.update((key, (3, "lm.mask")) for _, _, key in self._cache_names)
-        particles.state["lm.logits"] = repeat(np.asarray(logits[:, -1, :], dtype=np.float32))
+        particles.state["lm.logits"] = repeat(np.asarray(logits, dtype=np.float32))
         if isinstance(present, DeviceKVCache):  # every particle of prompt b copies its prompt's cache
             particles.state["lm.cache"] = present.take(np.zeros((batch, num_particles), dtype=np.int64))
             return particles
         for (_, _, key), cache in zip(self._cache_names, present):
             particles.state[key] = repeat(cache)
         return particles
+
+    def _prefill(
+        self, input_ids: npt.NDArray[np.int64], mask: npt.NDArray[np.int64], positions: npt.NDArray[np.int64]
+    ) -> tuple[np.ndarray, Any]:
+        """The prompts run through the graph: each prompt's logits at its last position ``(B, vocab)``, and
+        the cache (with ``value_output``, the value scores at the last position last, ``(B, k)``).
+
+        A graph returns logits at every position and holds attention scores for every pair of positions:
+        a batch of long prompts in one call takes memory in proportion to its rows (hundreds of MB a row of
+        a few thousand tokens for a real model's vocabulary). Rows are run ``prefill_tokens // width`` at a
+        time (at least one), each call's outputs copied into the batch's arrays as it returns, except with
+        the cache on the GPU (one call)."""
+        batch, width = input_ids.shape
+        rows = max(1, self.prefill_tokens // max(width, 1))
+        if self.device_cache or rows >= batch:
+            return self._last_position(*self._run(input_ids, mask, positions, None))
+        logits: Optional[np.ndarray] = None
+        present: list[np.ndarray] = []
+        for k in range(0, batch, rows):
+            part = slice(k, k + rows)
+            part_logits, part_present = self._last_position(
+                *self._run(input_ids[part], mask[part], positions[part], None)
+            )
+            if logits is None:
+                logits = np.empty((batch, *part_logits.shape[1:]), dtype=part_logits.dtype)
+                present = [np.empty((batch, *t.shape[1:]), dtype=t.dtype) for t in part_present]
+            logits[part] = part_logits
+            for whole, piece in zip(present, part_present):
+                whole[part] = piece
+        assert logits is not None
+        return logits, present
+
+    def _last_position(self, logits: np.ndarray, present: Any) -> tuple[np.ndarray, Any]:
+        """The logits, and the value scores where the graph has them, at the last position only (copies:
+        the arrays of every position are freed at once)."""
+        if self.value_output is None or isinstance(present, DeviceKVCache):
+            return logits[:, -1].copy(), present
+        *cache, value = present
+        value = np.asarray(value)
+        return logits[:, -1].copy(), [*cache, value.reshape(value.shape[0], value.shape[1], -1)[:, -1].copy()]
 
     def next_log_probs(self, particles: Particles) -> FloatArray:
         """``log p(v | prefix)`` of every token, ``(B, N, vocab)``: the sampled law, filters included."""
