@@ -664,7 +664,7 @@ def test_prompts_run_a_few_rows_at_a_time_give_the_same_start(path: Path, option
 
 @pytest.mark.parametrize("prefill_tokens", [0, -3, 2.5, True])
 def test_prefill_tokens_is_checked(prefill_tokens: Any) -> None:
-    with pytest.raises(ValueError, match="prefill_tokens: expected an int >= 1"):
+    with pytest.raises(ValueError, match="prefill_tokens: expected an integer >= 1"):
         OnnxCausalLM(LLAMA, prefill_tokens=prefill_tokens)
 
 

@@ -241,13 +241,7 @@ class OnnxCausalLM:
             raise ValueError(
                 "chat_template: needs a tokenizer (none given, no tokenizer.json beside the model)"
             )
-        if (
-            isinstance(max_new_tokens, bool)
-            or not isinstance(max_new_tokens, (int, np.integer))
-            or max_new_tokens < 1
-        ):
-            raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
-        self.max_new_tokens = int(max_new_tokens)
+        self.max_new_tokens = positive_int(max_new_tokens, "max_new_tokens")
         temperature = real_number(temperature, "temperature")  # "1" is refused, not read as 1.0
         if not (np.isfinite(temperature) and temperature > 0):
             raise ValueError(f"temperature: expected a positive number, got {temperature!r}")
@@ -261,13 +255,7 @@ class OnnxCausalLM:
             raise ValueError(f"top_p: expected a fraction in (0, 1] or None, got {top_p!r}")
         self.top_p = None if top_p is None else float(top_p)
         self.stop = _stop_strings(stop)
-        if (
-            isinstance(prefill_tokens, bool)
-            or not isinstance(prefill_tokens, (int, np.integer))
-            or prefill_tokens < 1
-        ):
-            raise ValueError(f"prefill_tokens: expected an int >= 1, got {prefill_tokens!r}")
-        self.prefill_tokens = int(prefill_tokens)
+        self.prefill_tokens = positive_int(prefill_tokens, "prefill_tokens")
         if self.stop and self.tokenizer is None:
             raise ValueError(
                 "stop: stop strings need a tokenizer (none given, no tokenizer.json beside the model)"
