@@ -307,6 +307,7 @@ def test_serve_shares_the_cores_out_between_its_workers() -> None:
         ("--workers", "0", "--workers: expected a positive integer"),
         ("--workers", "257", "--workers: expected at most 256 worker threads"),
         ("--max-body-bytes", "0", "--max-body-bytes: expected a positive integer"),
+        ("--max-cache-bytes", "0", "--max-cache-bytes: expected a positive integer"),
     ],
 )
 def test_serve_refuses_a_bad_count_in_one_line(
@@ -325,3 +326,7 @@ def test_serve_takes_its_body_limit() -> None:
 
     assert limits().max_body_bytes == Limits.max_body_bytes
     assert limits("--max-body-bytes", "1000").max_body_bytes == 1000
+    with served_engine("--max-cache-bytes", "5000000") as (settings, engine):
+        assert settings.max_cache_bytes == engine.max_cache_bytes == 5_000_000
+    with served_engine() as (settings, engine):
+        assert settings.max_cache_bytes is engine.max_cache_bytes is None

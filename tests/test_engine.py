@@ -857,3 +857,30 @@ def test_close_waits_a_bounded_time_for_a_step_in_progress() -> None:
     with tiltsmc.Engine(task.policy(), task.twist(noise=0.4, rng=1)) as quick:
         quick.submit((), "smc", num_particles=4).result(timeout=30)
         assert quick.close(wait=30) is True
+
+
+def test_the_kv_cache_in_flight_stays_under_max_cache_bytes() -> None:
+    """``max_cache_bytes``: requests are admitted while the KV cache their particles may reach (rows x
+    (prompt + max_new_tokens) tokens x the policy's bytes a token) fits, the rest wait; a request over it
+    alone is refused at submit; results are those of the offline runs; a policy that cannot say its
+    cache's size is refused."""
+    policy = OnnxCausalLM(FIXTURES / "gpt2-tiny", max_new_tokens=12)
+    reward = OnnxRewardModel(FIXTURES / "prm-tiny")
+    one = 8 * (len(policy.encode_prompt("hello there")) + 12) * policy.cache_bytes_per_token
+    assert policy.cache_bytes_per_token == 2 * policy.num_layers * policy.kv_heads * policy.head_dim * 4
+    with tiltsmc.Engine(policy, reward, max_cache_bytes=2 * one) as engine:
+        futures = [engine.submit("hello there", num_particles=8, rng=k) for k in range(6)]
+        seen, waited = 0, 0
+        while not all(f.done() for f in futures):
+            stats = engine.stats()
+            seen, waited = max(seen, stats["cache_bytes_in_flight"]), max(waited, stats["waiting"])
+        assert 0 < seen <= 2 * one and engine.stats()["max_cache_bytes"] == 2 * one
+        assert waited > 0  # six submitted at once, two admitted at a time
+        with pytest.raises(ValueError, match="max_cache_bytes"):
+            engine.submit("hello there", num_particles=24)
+        for k, future in enumerate(futures):
+            offline = tiltsmc.smc(policy, reward, ["hello there"], num_particles=8, rng=k)
+            assert float(future.result().log_z[0]) == pytest.approx(float(offline.log_z[0]), rel=1e-6)
+    task = MarkovDFATask.random(3, 2, 4, rng=0)
+    with pytest.raises(ValueError, match="cache_bytes_per_token"):
+        tiltsmc.Engine(task.policy(), task.twist(noise=0.1, rng=0), max_cache_bytes=1000)

@@ -229,3 +229,30 @@ def test_workers_admitting_in_turn_keep_every_bound_and_serve_everyone(
             held[k].clear()
             admit(k)
     assert admitted == list(range(len(sizes))) and len(scheduler) == 0
+
+
+def test_the_kv_cache_in_flight_stays_under_its_bound() -> None:
+    """With ``max_cache_bytes``, the oldest waiting request is admitted only while the caches in flight
+    (every worker's) and its own fit under it, in arrival order (a smaller one behind does not overtake);
+    a request whose cache alone is over it is refused at once, naming the bound."""
+    scheduler = Scheduler(max_queue=8, max_batch_rows=100, max_cache_bytes=1000)
+    sizes = [400, 500, 300, 50]
+    for number, size in enumerate(sizes):
+        request = _request(number, rows=1)
+        request.cache_bytes = size
+        scheduler.enqueue(request)
+    first = scheduler.admit(0, cache_bytes=0)
+    assert [r.cache_bytes for r in first] == [400, 500]  # 300 more would pass 1000; 50 waits behind it
+    assert scheduler.admit(2, cache_bytes=900) == []
+    later = scheduler.admit(1, cache_bytes=500)  # the 400 left
+    assert [r.cache_bytes for r in later] == [300, 50]
+    too_big = _request(9, rows=1)
+    too_big.cache_bytes = 1001
+    with pytest.raises(ValueError, match=r"max_cache_bytes: .* 1001 bytes"):
+        scheduler.enqueue(too_big)
+    unbounded = Scheduler(max_queue=8, max_batch_rows=100)
+    for number in range(3):
+        request = _request(number, rows=1)
+        request.cache_bytes = 10**12
+        unbounded.enqueue(request)
+    assert len(unbounded.admit(0, cache_bytes=10**15)) == 3

@@ -410,6 +410,7 @@ def test_health_and_metrics(server: Server) -> None:
         'tiltsmc_request_seconds_bucket{le="0.5",outcome="completed"}',
         'tiltsmc_worker_rows_in_flight{worker="0"}',
         'tiltsmc_worker_row_limit{worker="0"}',
+        "tiltsmc_cache_bytes_in_flight",
     ):
         assert name in text, name
     assert 'worker="1"' not in text  # one worker unless --workers says more
@@ -550,6 +551,24 @@ def test_stop_strings_are_the_policys_own(tmp_path: Path) -> None:
         assert any("5" in text or "e" in text for text in whole)  # some trajectories were cut
     finally:
         stopping.stop()
+
+
+def test_max_cache_bytes_bounds_what_requests_hold(tmp_path: Path) -> None:
+    """``--max-cache-bytes``: a request whose particles' KV cache alone would pass it is a 400 naming the
+    bound; smaller ones are served, those past it waiting for the cache in flight to shrink."""
+    policy = OnnxCausalLM(FIXTURES / "gpt2-tiny", max_new_tokens=6)
+    per_particle = (len(policy.encode_prompt("hello")) + 6) * policy.cache_bytes_per_token
+    bounded = Server(tmp_path, *FIXTURE_MODELS, "--max-cache-bytes", str(8 * per_particle))
+    try:
+        assert bounded.post({"prompt": "hello", "particles": 8, "seed": 0}).status_code == 200
+        refused = bounded.post({"prompt": "hello", "particles": 9, "seed": 0})
+        assert refused.status_code == 400 and "max_cache_bytes" in refused.json()["error"]["message"]
+        bodies = [{"prompt": "hello", "particles": 4, "seed": k} for k in range(8)]
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(bounded.post, bodies))
+        assert [a.status_code for a in answers] == [200] * 8
+    finally:
+        bounded.stop()
 
 
 def test_api_key(tmp_path: Path) -> None:

@@ -464,6 +464,11 @@ class OnnxCausalLM:
             )
         return ids
 
+    @property
+    def cache_bytes_per_token(self) -> int:
+        """Bytes of KV cache a particle holds a token: keys and values of every layer."""
+        return int(2 * self.num_layers * self.kv_heads * self.head_dim * np.dtype(self.cache_dtype).itemsize)
+
     def decode(self, ids: npt.ArrayLike) -> str:
         """The text of a trajectory's tokens, ending before the first of the ``stop`` strings in it."""
         if self.tokenizer is None:

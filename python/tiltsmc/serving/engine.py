@@ -61,6 +61,19 @@ _OPEN_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
 EXIT_WAIT = 10.0
 
 
+def _cache_bytes_per_token(policy: Any) -> int:
+    """The policy's KV cache bytes a token a particle (``cache_bytes_per_token``), needed to bound them."""
+    size = getattr(policy, "cache_bytes_per_token", None)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ValueError(
+            "max_cache_bytes: the policy does not say what its KV cache takes a token "
+            f"(cache_bytes_per_token), so its cache cannot be bounded: got {size!r}"
+        )
+    if not callable(getattr(policy, "encode_prompt", None)):
+        raise ValueError("max_cache_bytes: the policy cannot count a prompt's tokens (encode_prompt)")
+    return size
+
+
 def _join(threads: list[threading.Thread], wait: Optional[float]) -> list[str]:
     """Wait up to ``wait`` seconds in all (None: as long as it takes) for ``threads`` to end; the names of
     those still running."""
@@ -177,6 +190,11 @@ class _Worker:
         """The particle rows of its requests in flight (read under the engine's lock elsewhere)."""
         return sum(request.rows for request in self.in_flight.values())
 
+    @property
+    def cache_bytes(self) -> int:
+        """The KV cache its requests in flight may reach (where the engine bounds it; else 0)."""
+        return sum(request.cache_bytes for request in self.in_flight.values())
+
     def policy_rows(self) -> tuple[int, int]:
         """Policy calls made by its lanes, and the rows they served."""
         lanes = self.lanes.values()
@@ -197,6 +215,11 @@ class Engine:
     least two of the oldest waiting request's size are let in); it is in ``stats()["row_limit"]``, with
     the seconds per row it was chosen from in ``stats()["seconds_per_row"]`` (by the bottom row count of
     each size).
+    ``max_cache_bytes`` (default None: no bound): the most KV cache the requests in flight may reach, for
+    a policy that says its ``cache_bytes_per_token`` (``OnnxCausalLM`` does). A request counts its rows x
+    (its prompt's tokens + its ``max_new_tokens``) x that; it waits while the caches in flight would pass
+    the bound, and one over it alone is refused at ``submit`` (``ValueError``). With long prompts this,
+    not the rows, is what fills memory (46 KB a token a particle for SmolLM2-135M).
     ``max_queue``: the most requests waiting for rows, past which
     [`submit`][tiltsmc.serving.engine.Engine.submit] raises [`Overloaded`][tiltsmc.serving.engine.Overloaded];
     ``timeout``: the default per-request timeout in seconds (None: none). The worker threads start at once;
@@ -241,6 +264,7 @@ class Engine:
         keep_freed_memory: bool = False,
         adaptive_rows: bool = ADAPTIVE_ROWS,
         workers: int = WORKERS,
+        max_cache_bytes: Optional[int] = None,
     ) -> None:
         self._models = Models(policy, reward, Compute())  # the runs' checks; the workers count their calls
         problems = [p for p in (_missing_support(policy, "policy"), _missing_support(reward, "reward")) if p]
@@ -249,7 +273,13 @@ class Engine:
         self.max_batch_rows = check_count(max_batch_rows, "max_batch_rows")
         self.max_queue = check_count(max_queue, "max_queue", minimum=0)
         self.default_timeout = _check_timeout(timeout)
-        self._scheduler = Scheduler(self.max_queue, self.max_batch_rows)
+        self.max_cache_bytes = (
+            None if max_cache_bytes is None else check_count(max_cache_bytes, "max_cache_bytes")
+        )
+        self._cache_bytes_per_token = (
+            _cache_bytes_per_token(policy) if self.max_cache_bytes is not None else 0
+        )
+        self._scheduler = Scheduler(self.max_queue, self.max_batch_rows, self.max_cache_bytes)
         if not isinstance(adaptive_rows, bool):
             raise TypeError(f"adaptive_rows: expected a bool, got {type(adaptive_rows).__name__}")
         self.adaptive_rows = adaptive_rows
@@ -329,7 +359,7 @@ class Engine:
         deadline_after = _check_timeout(timeout) if timeout is not None else self.default_timeout
         run = SAMPLERS[sampler][1](self._models, [prompt], rng=rng, **{**defaults, **options})
         future: Future[SamplerResult] = Future()
-        request = Request(next(self._ids), run, future, run.rows_per_prompt)
+        request = Request(next(self._ids), run, future, run.rows_per_prompt, self._cache_bytes(prompt, run))
         if deadline_after is not None:
             request.deadline = request.submitted + deadline_after
         with self._wake:
@@ -390,6 +420,8 @@ class Engine:
             "in_flight": sum(int(w["in_flight"]) for w in workers),
             "rows_in_flight": sum(int(w["rows_in_flight"]) for w in workers),
             "max_batch_rows": self.max_batch_rows,
+            "cache_bytes_in_flight": sum(w.cache_bytes for w in self._workers),
+            "max_cache_bytes": self.max_cache_bytes,
             "row_limit": min(sum(int(w["row_limit"]) for w in workers), self.max_batch_rows),
             "seconds_per_row": _mean_by_rows([w["seconds_per_row"] for w in workers]),
             "steps": sum(int(w["steps"]) for w in workers),
@@ -421,6 +453,19 @@ class Engine:
         if wait is not None and drain and timeout is not None:
             wait += timeout
         return not _join(threads, wait)
+
+    def _cache_bytes(self, prompt: Any, run: Any) -> int:
+        """The KV cache a request may reach, where the engine bounds it (else 0): its particle rows x (its
+        prompt's tokens + its new tokens at most) x the policy's cache bytes a token. A prompt the policy
+        cannot encode counts no tokens: it fails alone at its start."""
+        if self.max_cache_bytes is None:
+            return 0
+        try:
+            prompt_tokens = len(self.policy.encode_prompt(prompt))  # type: ignore[attr-defined]
+        except Exception:
+            prompt_tokens = 0
+        new_tokens = run.max_new_tokens or int(getattr(self.policy, "max_new_tokens", 0))
+        return int(run.rows_per_prompt * (prompt_tokens + new_tokens) * self._cache_bytes_per_token)
 
     def _stop(self, drain: bool, timeout: Optional[float]) -> list[threading.Thread]:
         """``close`` without waiting: the workers are told to stop; returns their threads."""
@@ -495,6 +540,7 @@ class Engine:
                 worker.row_limit,
                 worker.exploring,
                 engine_rows=sum(w.rows for w in self._workers),
+                cache_bytes=sum(w.cache_bytes for w in self._workers),
                 defer=None if self.workers == 1 else lambda rows, head: self._defers(worker, rows, head),
             )
             for request in admitted:

@@ -28,12 +28,14 @@ class EngineClosed(RuntimeError):
 
 @dataclass(eq=False)
 class Request:
-    """One request: its run, its future, the particle rows it holds in flight and its deadline."""
+    """One request: its run, its future, the particle rows it holds in flight (and the bytes of the KV
+    cache they may reach, where the engine bounds them) and its deadline."""
 
     id: int
     run: Run
     future: Future[Any]
     rows: int
+    cache_bytes: int = 0
     submitted: float = field(default_factory=time.perf_counter)
     deadline: Optional[float] = None
     admitted: Optional[float] = None
@@ -50,9 +52,10 @@ class Scheduler:
     ``enqueue`` runs on the callers' threads, the rest on the engine's worker.
     """
 
-    def __init__(self, max_queue: int, max_batch_rows: int) -> None:
+    def __init__(self, max_queue: int, max_batch_rows: int, max_cache_bytes: Optional[int] = None) -> None:
         self.max_queue = max_queue
         self.max_batch_rows = max_batch_rows
+        self.max_cache_bytes = max_cache_bytes
         self._waiting: collections.deque[Request] = collections.deque()
         self._lock = threading.Lock()
 
@@ -64,6 +67,11 @@ class Scheduler:
             raise ValueError(
                 f"num_particles: the request needs {request.rows} particle rows, more than the engine's "
                 f"max_batch_rows = {self.max_batch_rows}"
+            )
+        if self.max_cache_bytes is not None and request.cache_bytes > self.max_cache_bytes:
+            raise ValueError(
+                f"max_cache_bytes: the request's KV cache may reach {request.cache_bytes} bytes (its "
+                f"particles x (prompt + max_new_tokens) tokens), over the engine's {self.max_cache_bytes}"
             )
         with self._lock:
             if len(self._waiting) >= self.max_queue:
@@ -78,6 +86,7 @@ class Scheduler:
         *,
         engine_rows: Optional[int] = None,
         defer: Optional[Callable[[int, int], bool]] = None,
+        cache_bytes: int = 0,
     ) -> list[Request]:
         """The waiting requests that fit now, oldest first, for a worker with ``rows_in_flight`` rows: the
         engine's rows (``engine_rows``, every worker's; default the worker's own) stay under
@@ -87,7 +96,9 @@ class Scheduler:
         batch size measured worse than a smaller one) the limit is at least twice the oldest request's
         rows: a request larger than any batch measured so far does not run alone while the ones behind it
         wait. ``defer(rows, head)``: True where another worker should take the oldest request (of ``head``
-        rows) rather than this one with ``rows`` in flight; admission stops there."""
+        rows) rather than this one with ``rows`` in flight; admission stops there. Where the scheduler has
+        ``max_cache_bytes``, the KV cache the engine's requests in flight may reach (``cache_bytes``, every
+        worker's) stays under it too."""
         admitted: list[Request] = []
         total = rows_in_flight if engine_rows is None else engine_rows
         with self._lock:
@@ -95,6 +106,9 @@ class Scheduler:
                 head = self._waiting[0].rows
                 if total + head > self.max_batch_rows:  # enqueue refused any over it: it runs once rows free
                     break
+                head_bytes = self._waiting[0].cache_bytes
+                if self.max_cache_bytes is not None and cache_bytes + head_bytes > self.max_cache_bytes:
+                    break  # likewise: it runs once the caches in flight shrink
                 limit = self.max_batch_rows if row_limit is None else row_limit
                 if exploring:
                     limit = max(limit, 2 * head)
@@ -105,6 +119,7 @@ class Scheduler:
                 request = self._waiting.popleft()
                 rows_in_flight += request.rows
                 total += request.rows
+                cache_bytes += request.cache_bytes
                 admitted.append(request)
         return admitted
 

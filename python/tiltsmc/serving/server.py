@@ -802,6 +802,11 @@ class _EngineCollector:
             "tiltsmc_rows_in_flight", "Particle rows in flight", value=stats["rows_in_flight"]
         )
         yield GaugeMetricFamily(
+            "tiltsmc_cache_bytes_in_flight",
+            "KV cache the requests in flight may reach, in bytes (counted where --max-cache-bytes bounds it)",
+            value=stats["cache_bytes_in_flight"],
+        )
+        yield GaugeMetricFamily(
             "tiltsmc_row_limit",
             "Particle rows the engine admits up to now (max_batch_rows, or the learned batch size below it)",
             value=stats["row_limit"],
@@ -862,6 +867,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-queue", type=int, default=MAX_QUEUE, help="requests waiting at most (then 429)"
     )
+    parser.add_argument(
+        "--max-cache-bytes",
+        type=int,
+        default=None,
+        help="KV cache the requests in flight may reach at most, in bytes (particles x (prompt + max "
+        "tokens) x the policy's bytes a token; more wait, a request over it alone is a 400; default: "
+        "no bound, particle rows only)",
+    )
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds a request may take (then 504)")
     parser.add_argument("--grace", type=float, default=30.0, help="seconds to finish requests on SIGTERM")
     parser.add_argument(
@@ -917,6 +930,7 @@ class Settings:
     release_memory_after: Optional[float] = RELEASE_MEMORY_AFTER
     adaptive_rows: bool = ADAPTIVE_ROWS
     workers: int = WORKERS
+    max_cache_bytes: Optional[int] = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Settings":
@@ -934,6 +948,8 @@ class Settings:
                 raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer")
         if args.workers > MAX_WORKERS:
             raise ValueError(f"--workers: expected at most {MAX_WORKERS} worker threads")
+        if args.max_cache_bytes is not None and args.max_cache_bytes < 1:
+            raise ValueError("--max-cache-bytes: expected a positive integer")
         if not (args.timeout > 0 and args.grace >= 0):
             raise ValueError("--timeout and --grace: expected positive numbers of seconds")
         limits = Limits(
@@ -954,6 +970,7 @@ class Settings:
             args.release_memory_after,
             args.adaptive_rows == "on",
             args.workers,
+            args.max_cache_bytes,
         )
 
     def engine(self, policy: Any, reward: Any) -> Engine:
@@ -967,6 +984,7 @@ class Settings:
             keep_freed_memory=True,
             adaptive_rows=self.adaptive_rows,
             workers=self.workers,
+            max_cache_bytes=self.max_cache_bytes,
         )
 
     def app(self, engine: Engine, instance: Optional[str] = None) -> Any:
