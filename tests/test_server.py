@@ -483,14 +483,11 @@ def test_openai_chat_client(server: Server) -> None:
     openai = pytest.importorskip("openai")
     pytest.importorskip("jinja2")
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
-    completion = client.chat.completions.create(
-        model="tiltsmc",
-        messages=[{"role": "user", "content": "hello"}],
-        max_tokens=4,
-        seed=3,
-        n=2,
-        extra_body={"particles": 4, "sampler": "smc"},
-    )
+    request: dict[str, Any] = {
+        "model": "tiltsmc", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, "seed": 3,
+        "n": 2, "extra_body": {"particles": 4, "sampler": "smc"},
+    }  # fmt: skip
+    completion = client.chat.completions.create(**request)
     assert completion.object == "chat.completion" and len(completion.choices) == 2
     for choice in completion.choices:
         assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
@@ -499,16 +496,7 @@ def test_openai_chat_client(server: Server) -> None:
         client.chat.completions.create(
             model="tiltsmc", messages=[{"role": "user", "content": "a"}], extra_body={"particles": 0}
         )
-    streamed = client.chat.completions.create(
-        model="tiltsmc",
-        messages=[{"role": "user", "content": "hello"}],
-        max_tokens=4,
-        seed=3,
-        n=2,
-        stream=True,
-        stream_options={"include_usage": True},
-        extra_body={"particles": 4, "sampler": "smc"},
-    )
+    streamed = client.chat.completions.create(**request, stream=True, stream_options={"include_usage": True})
     contents: dict[int, str] = {}
     usage = None
     for chunk in streamed:

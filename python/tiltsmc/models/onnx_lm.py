@@ -813,9 +813,7 @@ class OnnxCausalLM:
         starts = np.maximum(lengths - self._stop_window, 0)
         tokens = particles.tokens[index]
         windows = [row[start:length].tolist() for row, start, length in zip(tokens, starts, lengths)]
-        texts = self.tokenizer.inner.decode_batch(
-            windows, skip_special_tokens=bool(self.tokenizer.skip_special_tokens)
-        )
+        texts = self.tokenizer.decode_batch(windows)
         stopped = np.zeros(rows.shape, dtype=bool)
         stopped[index] = [any(stop in text for stop in self.stop) for text in texts]
         return stopped

@@ -96,9 +96,16 @@ class Tokenizer:
     def decode(self, ids: npt.ArrayLike, skip_special_tokens: Optional[bool] = None) -> str:
         """The text of ``ids``, special tokens left out unless ``skip_special_tokens`` (default: the
         tokenizer's setting) is False."""
-        skip = self.skip_special_tokens if skip_special_tokens is None else skip_special_tokens
         token_ids = np.asarray(ids, dtype=np.int64).reshape(-1).tolist()  # Python ints, in one call
-        return str(self.inner.decode(token_ids, skip_special_tokens=bool(skip)))
+        return str(self.inner.decode(token_ids, skip_special_tokens=self._skip(skip_special_tokens)))
+
+    def decode_batch(self, ids: Sequence[list[int]], skip_special_tokens: Optional[bool] = None) -> list[str]:
+        """``decode`` of each list of token ids, in one call of the tokenizer."""
+        texts = self.inner.decode_batch(list(ids), skip_special_tokens=self._skip(skip_special_tokens))
+        return [str(text) for text in texts]
+
+    def _skip(self, skip_special_tokens: Optional[bool]) -> bool:
+        return bool(self.skip_special_tokens if skip_special_tokens is None else skip_special_tokens)
 
     def token_id(self, token: str) -> Optional[int]:
         value = self.inner.token_to_id(token)

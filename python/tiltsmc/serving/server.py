@@ -703,7 +703,8 @@ class _BodyLimit:
             return
         declared = dict(scope.get("headers") or []).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.limit:
-            await _send_error(send, 413, self._message())
+            refusal = _error(413, self._message(), "invalid_request_error", "request_too_large")
+            await refusal(scope, receive, send)
             return
         received = 0
 
@@ -723,17 +724,6 @@ class _BodyLimit:
 
     def _message(self) -> str:
         return f"the request body is over this server's {self.limit} bytes (tiltsmc serve --max-body-bytes)"
-
-
-async def _send_error(send: Any, status: int, message: str) -> None:
-    """An OpenAI-shaped error answer sent straight through ASGI (before the app has read anything)."""
-    kind = "invalid_request_error"
-    error = _error_body(message, kind, None, "request_too_large" if status == 413 else None)
-    body = json.dumps(error, ensure_ascii=False, separators=(",", ":"))
-    encoded = body.encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(encoded)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": encoded})
 
 
 class _RequestLog:
@@ -942,14 +932,13 @@ class Settings:
                 raise ValueError(f"--api-key-env: ${args.api_key_env} is not set or empty")
         for name in (
             "max_batch_rows", "max_queue", "max_prompt_tokens", "max_request_particles", "max_n", "workers",
-            "max_body_bytes",
+            "max_body_bytes", "max_cache_bytes",
         ):  # fmt: skip
-            if getattr(args, name) < (0 if name == "max_queue" else 1):
+            value = getattr(args, name)  # None: no bound (max_cache_bytes)
+            if value is not None and value < (0 if name == "max_queue" else 1):
                 raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer")
         if args.workers > MAX_WORKERS:
             raise ValueError(f"--workers: expected at most {MAX_WORKERS} worker threads")
-        if args.max_cache_bytes is not None and args.max_cache_bytes < 1:
-            raise ValueError("--max-cache-bytes: expected a positive integer")
         if not (args.timeout > 0 and args.grace >= 0):
             raise ValueError("--timeout and --grace: expected positive numbers of seconds")
         limits = Limits(
