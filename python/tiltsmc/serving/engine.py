@@ -53,6 +53,7 @@ MAX_QUEUE = 1024
 RELEASE_MEMORY_AFTER = 30.0  # seconds idle after work before memory is given back (see Engine)
 ADAPTIVE_ROWS = True  # below max_batch_rows, only the rows that still make a step's rows cheaper
 WORKERS = 1  # worker threads, each stepping its own batch
+MAX_CACHE_BYTES: Optional[int] = None  # the KV cache in flight at most (None: no bound, rows only)
 MAX_WORKERS = 256
 
 # Engines not yet closed, stopped at interpreter exit (see _close_open_engines), and how long exit waits
@@ -264,7 +265,7 @@ class Engine:
         keep_freed_memory: bool = False,
         adaptive_rows: bool = ADAPTIVE_ROWS,
         workers: int = WORKERS,
-        max_cache_bytes: Optional[int] = None,
+        max_cache_bytes: Optional[int] = MAX_CACHE_BYTES,
     ) -> None:
         self._models = Models(policy, reward, Compute())  # the runs' checks; the workers count their calls
         problems = [p for p in (_missing_support(policy, "policy"), _missing_support(reward, "reward")) if p]

@@ -50,6 +50,7 @@ from ..samplers.result import SamplerResult
 from .engine import (
     ADAPTIVE_ROWS,
     MAX_BATCH_ROWS,
+    MAX_CACHE_BYTES,
     MAX_QUEUE,
     MAX_WORKERS,
     RELEASE_MEMORY_AFTER,
@@ -860,7 +861,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-cache-bytes",
         type=int,
-        default=None,
+        default=MAX_CACHE_BYTES,
         help="KV cache the requests in flight may reach at most, in bytes (particles x (prompt + max "
         "tokens) x the policy's bytes a token; more wait, a request over it alone is a 400; default: "
         "no bound, particle rows only)",
@@ -920,7 +921,7 @@ class Settings:
     release_memory_after: Optional[float] = RELEASE_MEMORY_AFTER
     adaptive_rows: bool = ADAPTIVE_ROWS
     workers: int = WORKERS
-    max_cache_bytes: Optional[int] = None
+    max_cache_bytes: Optional[int] = MAX_CACHE_BYTES
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Settings":
