@@ -946,3 +946,88 @@ def test_concurrent_calls_from_python_threads_match_serial_results() -> None:
             )
             for a, b in zip(got, expected):
                 np.testing.assert_array_equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------------------
+# concatenate_padded: joining batches whose sequences differ in length
+# --------------------------------------------------------------------------------------------------------
+
+
+def reference_concatenate_padded(parts: list[np.ndarray], axis: int, skips: list[int]) -> np.ndarray:
+    """Each part's kept columns ``skip:`` along ``axis`` moved to the end of a zero array, then stacked."""
+    kept = [np.take(p, np.arange(s, p.shape[axis]), axis=axis) for p, s in zip(parts, skips)]
+    width = max(k.shape[axis] for k in kept)
+    padded = []
+    for k in kept:
+        shape = list(k.shape)
+        shape[axis] = width
+        z = np.zeros(shape, dtype=np.result_type(*parts))
+        index = [slice(None)] * k.ndim
+        index[axis] = slice(width - k.shape[axis], width)
+        z[tuple(index)] = k
+        padded.append(z)
+    return np.concatenate(padded)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64, np.bool_, np.float16])
+@pytest.mark.parametrize("axis", [1, 2, 3, -2])
+def test_concatenate_padded_matches_reference(
+    dtype: Any, axis: int, restore_num_threads: Callable[[int], None]
+) -> None:
+    rng = np.random.default_rng(26)
+    base = (3, 2, 4, 5)
+    absolute = axis % 4
+    parts, skips = [], []
+    for rows, length in [(2, 6), (0, 3), (3, 1), (1, 6)]:
+        shape = list(base)
+        shape[0], shape[absolute] = rows, length
+        parts.append((rng.normal(size=shape) * 5).astype(dtype))
+        skips.append(int(rng.integers(0, length + 1)))
+    expected = reference_concatenate_padded(parts, absolute, skips)
+    for threads in (1, 2):
+        restore_num_threads(threads)
+        got = core.concatenate_padded(parts, axis, skips)
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(core.concatenate_padded(parts[:1] * 2), np.concatenate(parts[:1] * 2))
+
+
+def test_concatenate_padded_large_threaded_and_views(restore_num_threads: Callable[[int], None]) -> None:
+    """A KV cache's join (about 8 MB, over the threading threshold) split over threads equals one thread and
+    the reference; views (a row range, a transposed array) and mixed dtypes are copied as np.concatenate
+    would take them."""
+    rng = np.random.default_rng(27)
+    old = rng.normal(size=(90, 1, 2, 115, 16)).astype(np.float32)
+    new = rng.normal(size=(8, 1, 2, 35, 16)).astype(np.float32)
+    expected = reference_concatenate_padded([old[10:], new], 3, [10, 0])
+    for threads in (1, 2):
+        restore_num_threads(threads)
+        np.testing.assert_array_equal(core.concatenate_padded([old[10:], new], 3, [10, 0]), expected)
+    ragged = rng.normal(size=(3, 4)).T  # (4, 3), not C-contiguous
+    mixed = core.concatenate_padded([ragged, np.arange(6, dtype=np.int32).reshape(2, 3)])
+    np.testing.assert_array_equal(mixed, np.concatenate([ragged, np.arange(6).reshape(2, 3)]))
+    assert mixed.dtype == np.float64
+
+
+def test_concatenate_padded_refuses_bad_arguments_naming_them() -> None:
+    a = np.zeros((2, 3, 4))
+    with pytest.raises(ValueError, match="parts: expected at least one"):
+        core.concatenate_padded([])
+    with pytest.raises(ValueError, match=r"parts\[1\]: shape \(2, 4, 4\) differs"):
+        core.concatenate_padded([a, np.zeros((2, 4, 4))], axis=2)
+    with pytest.raises(ValueError, match=r"parts\[1\]: 2 axes"):
+        core.concatenate_padded([a, np.zeros((2, 3))])
+    with pytest.raises(ValueError, match="axis: expected an axis of the 3 other than the first"):
+        core.concatenate_padded([a], axis=0)
+    with pytest.raises(ValueError, match="axis: expected"):
+        core.concatenate_padded([a], axis=3)
+    with pytest.raises(ValueError, match=r"skips\[0\]: expected 0 <= skip <= 4, got 5"):
+        core.concatenate_padded([a], axis=2, skips=[5])
+    with pytest.raises(ValueError, match="skips: expected one per part"):
+        core.concatenate_padded([a, a], axis=2, skips=[0])
+    with pytest.raises(ValueError, match="skips: need an axis"):
+        core.concatenate_padded([a], skips=[1])
+    with pytest.raises(TypeError, match=r"parts\[0\]: dtype object"):
+        core.concatenate_padded([np.array([[None]], dtype=object)])
+    with pytest.raises(ValueError, match=r"parts\[0\]: expected at least one axis"):
+        core.concatenate_padded([np.float64(1.0)])

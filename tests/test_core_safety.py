@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from tiltsmc import core
+from tiltsmc import _core, core
 
 SETTINGS = settings(
     max_examples=300,
@@ -174,6 +174,30 @@ def _bad_ancestors(rng: np.random.Generator, args: Args) -> None:
     flat[rng.integers(flat.size)] = rng.choice([-1, 10**12, -(2**63), args["ancestors"].shape[-1] + 3])
 
 
+def _make_padded(rng: np.random.Generator) -> Args:
+    """Two batches of (rows, 2 blocks, length, 3) float64, joined left-padded along their length."""
+    rows = [int(rng.integers(0, 4)), int(rng.integers(1, 4))]
+    lengths = [int(rng.integers(1, 6)), int(rng.integers(0, 6))]
+    width = max(lengths[0] - 1, lengths[1])
+    return {
+        "parts[0]": rng.normal(size=(rows[0], 2, lengths[0], 3)),
+        "parts[1]": rng.normal(size=(rows[1], 2, lengths[1], 3)),
+        "out": np.zeros((sum(rows), 2, width, 3)),
+    }
+
+
+def _call_padded(a: Args) -> None:
+    """The binding itself (``core.concatenate_padded`` allocates its own ``out``): part 0 skips a column."""
+    parts = [a["parts[0]"], a["parts[1]"]]
+    _core.concatenate_padded(parts, [p.shape[2] for p in parts], [1, 0], a["out"], 2, 3 * 8)
+
+
+def _bad_padded_out(rng: np.random.Generator, args: Args) -> None:
+    shape = list(args["out"].shape)
+    shape[int(rng.integers(0, 3))] += 1
+    args["out"] = np.zeros(shape)
+
+
 def _make_append(rng: np.random.Generator) -> Args:
     rows, capacity = int(rng.integers(1, 6)), int(rng.integers(2, 6))
     return {
@@ -289,6 +313,7 @@ KERNELS: dict[str, Kernel] = {
         frozenset({"arrays[0]", "arrays[1]"}),
         _bad_ancestors,
     ),
+    "concatenate_padded": Kernel(_make_padded, _call_padded, frozenset({"out"}), _bad_padded_out),
     "append_tokens": Kernel(
         _make_append,
         lambda a: core.append_tokens(

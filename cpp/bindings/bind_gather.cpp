@@ -4,6 +4,8 @@
 #include <string>
 #include <vector>
 
+#include <pybind11/stl.h>
+
 #include "common.hpp"
 
 namespace tiltsmc::bindings {
@@ -121,9 +123,66 @@ void bind_keep_survivors(py::array& ancestors) {
     check(status, "ancestors");
 }
 
+// Batches joined along their first axis, one inner axis left-padded (concatenate_padded): part k
+// (C-contiguous, out's dtype) read as (its first axis, blocks, lengths[k]) items of item_bytes bytes and out
+// (C-contiguous, writeable) as (its first axis, blocks, width); every figure is checked against the arrays'
+// byte sizes, and out against overlapping any part, before the kernel runs.
+void bind_concatenate_padded(const py::list& parts, const std::vector<std::int64_t>& lengths,
+                             const std::vector<std::int64_t>& skips, py::array& out, std::int64_t blocks,
+                             std::int64_t item_bytes) {
+    if (lengths.size() != parts.size() || skips.size() != parts.size())
+        throw py::value_error("lengths, skips: expected one per part");
+    if (blocks < 0 || item_bytes < 0) throw py::value_error("blocks, item_bytes: must not be negative");
+    if (!(out.flags() & py::array::c_style) || !out.writeable())
+        throw py::value_error("out: must be C-contiguous and writeable");
+    if (out.dtype().kind() == 'O') throw py::type_error("out: holds Python objects, which cannot be copied");
+    if (out.ndim() < 1) throw py::value_error("out: expected at least one axis");
+    std::vector<PaddedPart> read(parts.size());
+    std::int64_t rows = 0;
+    for (std::size_t k = 0; k < parts.size(); ++k) {
+        const std::string name = "parts[" + std::to_string(k) + "]";
+        if (!py::isinstance<py::array>(parts[k])) throw py::type_error(name + ": expected a numpy array");
+        auto part = py::reinterpret_borrow<py::array>(parts[k]);
+        if (!part.dtype().equal(out.dtype())) throw py::type_error(name + ": dtype differs from out's");
+        if (!(part.flags() & py::array::c_style)) throw py::value_error(name + ": must be C-contiguous");
+        if (part.ndim() < 1) throw py::value_error(name + ": expected at least one axis");
+        const std::int64_t part_rows = part.shape(0), length = lengths[k], skip = skips[k];
+        if (length < 0 || skip < 0 || skip > length)
+            throw py::value_error(name + ": needs 0 <= skip <= length, got skip " + std::to_string(skip) +
+                                  ", length " + std::to_string(length));
+        if (static_cast<std::int64_t>(part.nbytes()) != part_rows * blocks * length * item_bytes)
+            throw py::value_error(name + ": byte size does not match rows x blocks x length x item size");
+        if (share_memory(part, out)) throw py::value_error("out: overlaps " + name);
+        read[k] = {static_cast<const std::uint8_t*>(part.data()), part_rows, length, skip};
+        rows += part_rows;
+    }
+    if (out.shape(0) != rows) throw py::value_error("out: its first axis is not the parts' rows in all");
+    const std::int64_t row_bytes = blocks * item_bytes;
+    if (rows == 0 || row_bytes == 0) {  // nothing to copy
+        if (out.nbytes() != 0) throw py::value_error("out: expected no items for parts without any");
+        return;
+    }
+    const std::int64_t width = static_cast<std::int64_t>(out.nbytes()) / (rows * row_bytes);
+    if (width * rows * row_bytes != static_cast<std::int64_t>(out.nbytes()))
+        throw py::value_error("out: byte size is not rows x blocks x a width x item size");
+    for (std::size_t k = 0; k < read.size(); ++k)
+        if (read[k].length - read[k].skip > width)
+            throw py::value_error("parts[" + std::to_string(k) + "]: longer than out's width after its skip");
+    auto* target = static_cast<std::uint8_t*>(out.mutable_data());
+    Status status;
+    {
+        py::gil_scoped_release release;
+        status = concatenate_padded(read.data(), static_cast<std::int64_t>(read.size()), blocks, width, item_bytes,
+                                    target);
+    }
+    check(status, "parts");
+}
+
 }  // namespace
 
 void register_gather(py::module_& m) {
+    m.def("concatenate_padded", &bind_concatenate_padded, py::arg("parts"), py::arg("lengths"), py::arg("skips"),
+          py::arg("out"), py::arg("blocks"), py::arg("item_bytes"));
     m.def("reorder_in_place", &bind_reorder_in_place, py::arg("arrays"), py::arg("ancestors"),
           py::arg("skip_unwritable"));
     m.def("keep_survivors", &bind_keep_survivors, py::arg("ancestors"));

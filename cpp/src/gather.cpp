@@ -1,4 +1,4 @@
-// Reordering particle state by ancestors, out of place or in place.
+// Reordering particle state by ancestors, out of place or in place; joining batches of it.
 #include <algorithm>
 #include <atomic>
 #include <cstring>
@@ -243,6 +243,43 @@ Status keep_survivors(std::int64_t* ancestors, std::int64_t rows, std::int64_t n
         }
     });
     return changed.status();
+}
+
+Status concatenate_padded(const PaddedPart* parts, std::int64_t count, std::int64_t blocks, std::int64_t width,
+                          std::int64_t item_bytes, std::uint8_t* out) {
+    if (count < 0 || blocks < 0 || width < 0 || item_bytes < 0) return {StatusCode::bad_size, -1, -1};
+    // first_row[k]: part k's first row in out; the parts are read once here, so that what the copies use
+    // is what was checked
+    std::vector<PaddedPart> checked(parts, parts + count);
+    std::vector<std::int64_t> first_row(static_cast<std::size_t>(count) + 1, 0);
+    for (std::int64_t k = 0; k < count; ++k) {
+        const PaddedPart& part = checked[static_cast<std::size_t>(k)];
+        if (part.rows < 0 || part.skip < 0 || part.skip > part.length || part.length - part.skip > width)
+            return {StatusCode::bad_size, k, -1};
+        first_row[static_cast<std::size_t>(k) + 1] = first_row[static_cast<std::size_t>(k)] + part.rows;
+    }
+    const std::int64_t rows = first_row.back();
+    const std::int64_t segment_bytes = width * item_bytes;
+    // One task per segment, so that a batch of a few rows of many segments (one prompt's particles and
+    // heads) still splits over threads. A second thread halved the join of 7.6 MB (8 arrays) on the 2-core VM.
+    parallel_for(rows * blocks, rows * blocks * segment_bytes / 16, [&](std::int64_t begin, std::int64_t end) {
+        std::int64_t k = static_cast<std::int64_t>(
+            std::upper_bound(first_row.begin(), first_row.end(), begin / std::max<std::int64_t>(blocks, 1)) -
+            first_row.begin()) - 1;
+        for (std::int64_t t = begin; t < end; ++t) {
+            const std::int64_t row = t / blocks;
+            while (row >= first_row[static_cast<std::size_t>(k) + 1]) ++k;
+            const PaddedPart& part = checked[static_cast<std::size_t>(k)];
+            const std::int64_t kept = part.length - part.skip, pad = width - kept;
+            const std::int64_t local = (row - first_row[static_cast<std::size_t>(k)]) * blocks + t % blocks;
+            std::uint8_t* target = out + t * segment_bytes;
+            if (pad > 0) std::memset(target, 0, static_cast<std::size_t>(pad * item_bytes));
+            if (kept > 0)
+                std::memcpy(target + pad * item_bytes, part.data + (local * part.length + part.skip) * item_bytes,
+                            static_cast<std::size_t>(kept * item_bytes));
+        }
+    });
+    return {};
 }
 
 }  // namespace tiltsmc

@@ -403,6 +403,47 @@ void test_gather() {
     EXPECT(gather(x.data(), 1, n, 0, many.data(), 7, wide.data()).ok());
 }
 
+void test_concatenate_padded() {
+    // Two parts of 2 blocks: part 0 has 2 rows of length 3 with its first column left out, part 1 one row of
+    // length 1; items of 2 bytes, width 2: part 1's segments get one zero column before their item.
+    std::vector<std::uint8_t> first(2 * 2 * 3 * 2), second(1 * 2 * 1 * 2);
+    for (std::size_t k = 0; k < first.size(); ++k) first[k] = static_cast<std::uint8_t>(k + 1);
+    for (std::size_t k = 0; k < second.size(); ++k) second[k] = static_cast<std::uint8_t>(100 + k);
+    const PaddedPart parts[] = {{first.data(), 2, 3, 1}, {second.data(), 1, 1, 0}};
+    std::vector<std::uint8_t> out(3 * 2 * 2 * 2, 0xAB);
+    EXPECT(concatenate_padded(parts, 2, 2, 2, 2, out.data()).ok());
+    for (std::int64_t segment = 0; segment < 4; ++segment)  // part 0: columns 1 and 2 of each segment
+        EXPECT(std::memcmp(&out[static_cast<std::size_t>(segment * 4)], &first[static_cast<std::size_t>(segment * 6 + 2)],
+                           4) == 0);
+    for (std::int64_t segment = 0; segment < 2; ++segment) {  // part 1: a zero column, then its item
+        const std::size_t at = static_cast<std::size_t>(16 + segment * 4);
+        EXPECT(out[at] == 0 && out[at + 1] == 0);
+        EXPECT(out[at + 2] == second[static_cast<std::size_t>(segment * 2)] &&
+               out[at + 3] == second[static_cast<std::size_t>(segment * 2 + 1)]);
+    }
+    // A part longer than the width after its skip, or a skip past its length: refused, nothing written.
+    std::vector<std::uint8_t> untouched(out.size(), 0xCD), target = untouched;
+    const PaddedPart too_long[] = {{first.data(), 2, 3, 0}, {second.data(), 1, 1, 0}};
+    EXPECT(concatenate_padded(too_long, 2, 2, 2, 2, target.data()).code == StatusCode::bad_size);
+    const PaddedPart bad_skip[] = {{first.data(), 2, 3, 4}};
+    EXPECT(concatenate_padded(bad_skip, 1, 2, 2, 2, target.data()).code == StatusCode::bad_size);
+    EXPECT(target == untouched);
+    // Many rows over the thread pool equal the same rows on one thread.
+    const std::int64_t rows = 700, blocks = 3, length = 40, skip = 5, width = 50, item = 8;
+    std::vector<std::uint8_t> big(static_cast<std::size_t>(rows * blocks * length * item));
+    for (std::size_t k = 0; k < big.size(); ++k) big[k] = static_cast<std::uint8_t>(k * 7 + 3);
+    const PaddedPart pieces[] = {{big.data(), rows / 2, length, skip}, {big.data(), rows - rows / 2, length, 0}};
+    std::vector<std::uint8_t> threaded(static_cast<std::size_t>(rows * blocks * width * item)), alone(threaded.size());
+    const int threads = get_num_threads();
+    set_num_threads(2);
+    EXPECT(concatenate_padded(pieces, 2, blocks, width, item, threaded.data()).ok());
+    set_num_threads(1);
+    EXPECT(concatenate_padded(pieces, 2, blocks, width, item, alone.data()).ok());
+    set_num_threads(threads);
+    EXPECT(threaded == alone);
+    EXPECT(threaded[0] == 0 && threaded[static_cast<std::size_t>((width - (length - skip)) * item)] == big[skip * item]);
+}
+
 void test_reorder_in_place_and_keep_survivors() {
     // Two arrays (items of 2 and 72 bytes) reordered by one call equal two separate gathers.
     const std::int64_t rows = 2, n = 4;
@@ -756,6 +797,7 @@ int main() {
         test_pool_select_and_mh();
         test_smc_step();
         test_gather();
+        test_concatenate_padded();
         test_reorder_in_place_and_keep_survivors();
         test_token_kernels();
         test_random_sizes();

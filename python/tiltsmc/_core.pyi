@@ -66,6 +66,14 @@ def reorder_in_place(
     arrays: list[np.ndarray], ancestors: npt.NDArray[np.int64], skip_unwritable: bool
 ) -> list[int]: ...
 def keep_survivors(ancestors: npt.NDArray[np.int64]) -> None: ...
+def concatenate_padded(
+    parts: list[np.ndarray],
+    lengths: list[int],
+    skips: list[int],
+    out: np.ndarray,
+    blocks: int,
+    item_bytes: int,
+) -> None: ...
 def append_tokens(
     tokens: npt.NDArray[np.int64],
     lengths: npt.NDArray[np.int64],

@@ -46,6 +46,7 @@ __all__ = [
     "CudaAvailability",
     "DeviceArray",
     "append_tokens",
+    "concatenate_padded",
     "cuda_available",
     "decode_inputs",
     "gather",
@@ -514,6 +515,71 @@ def gather(
         return target
     _core.gather(source, index2, target, batch, num_particles, row_bytes)
     return target
+
+
+def concatenate_padded(
+    parts: Sequence[npt.ArrayLike], axis: Optional[int] = None, skips: Optional[Sequence[int]] = None
+) -> np.ndarray:
+    """Join arrays along their first axis, left-padding ``axis`` to a common width (one core call).
+
+    Without ``axis`` this is ``np.concatenate(parts)``. With ``axis`` (not the first), the parts may differ
+    in length along it: part ``k`` keeps its entries ``skips[k]:`` along ``axis`` (default: all), they end
+    at the last column of the result, and the columns before them are zero; the result's width is the
+    longest kept length. That is how batches of left-aligned sequences of different lengths join (a
+    decoder's KV cache ``(B, N, heads, length, head_dim)`` with ``axis=3``, its attention mask with
+    ``axis=2``; ``skips`` leave out leading columns that are padding in all of a part's rows). The parts
+    must agree on every other axis; their dtypes are promoted as ``np.concatenate`` does. Large copies are
+    split over the core's threads.
+    """
+    arrays = [np.asarray(part) for part in parts]
+    if not arrays:
+        raise ValueError("parts: expected at least one array")
+    for k, array in enumerate(arrays):
+        if array.ndim < 1:
+            raise ValueError(f"parts[{k}]: expected at least one axis, got a scalar")
+        if array.dtype.hasobject:
+            raise TypeError(f"parts[{k}]: dtype {array.dtype} holds Python objects, which cannot be copied")
+        if array.ndim != arrays[0].ndim:
+            raise ValueError(f"parts[{k}]: {array.ndim} axes, parts[0] has {arrays[0].ndim}")
+    ndim = arrays[0].ndim
+    if axis is not None:
+        if not -ndim <= axis < ndim or axis % ndim == 0:
+            raise ValueError(f"axis: expected an axis of the {ndim} other than the first, got {axis}")
+        axis %= ndim
+    if skips is None:
+        skips = [0] * len(arrays)
+    elif len(skips) != len(arrays):
+        raise ValueError(f"skips: expected one per part ({len(arrays)}), got {len(skips)}")
+    elif axis is None and any(skips):
+        raise ValueError("skips: need an axis to skip along")
+    dtype = np.result_type(*arrays)
+    inner = [list(a.shape[1:]) for a in arrays]
+    lengths = [1 if axis is None else a.shape[axis] for a in arrays]
+    for k, (array, skip) in enumerate(zip(arrays, skips)):
+        if not 0 <= skip <= lengths[k]:
+            raise ValueError(f"skips[{k}]: expected 0 <= skip <= {lengths[k]}, got {skip}")
+        if axis is not None:
+            inner[k][axis - 1] = 0
+        if inner[k] != inner[0]:
+            raise ValueError(
+                f"parts[{k}]: shape {array.shape} differs from parts[0]'s {arrays[0].shape} beyond the "
+                f"first axis{'' if axis is None else f' and axis {axis}'}"
+            )
+    width = max(length - skip for length, skip in zip(lengths, skips))
+    shape = list(arrays[0].shape)
+    shape[0] = sum(a.shape[0] for a in arrays)
+    if axis is not None:
+        shape[axis] = width
+    out = np.empty(shape, dtype=dtype)
+    trailing = shape[1:] if axis is None else shape[axis + 1 :]
+    blocks = 1 if axis is None else math.prod(shape[1:axis])
+    item_bytes = dtype.itemsize * math.prod(trailing)
+    sources = [
+        a if a.dtype == dtype and a.flags.c_contiguous else np.ascontiguousarray(a, dtype=dtype)
+        for a in arrays
+    ]
+    _core.concatenate_padded(sources, lengths, [int(skip) for skip in skips], out, blocks, item_bytes)
+    return out
 
 
 def _as_ancestors(ancestors: npt.ArrayLike) -> npt.NDArray[np.int64]:

@@ -122,6 +122,23 @@ Status reorder_in_place(std::uint8_t* const* arrays, const std::int64_t* item_by
 // Every ancestor is checked before anything is written.
 Status keep_survivors(std::int64_t* ancestors, std::int64_t rows, std::int64_t n);
 
+// One part of concatenate_padded: `rows` rows (C-contiguous), each `blocks` segments of `length` items,
+// of which the first `skip` are left out.
+struct PaddedPart {
+    const std::uint8_t* data;
+    std::int64_t rows;
+    std::int64_t length;
+    std::int64_t skip;
+};
+
+// Joins batches along their first axis, left-padding one inner axis (a KV cache's sequence axis) to a
+// common width: out is (sum of rows, blocks, width) items of item_bytes bytes, part k filling the rows
+// after those of parts 0..k-1. Each of its segments' kept items (skip .. length - 1) end at the last
+// column of the segment in out, and the columns before them are zero. Needs 0 <= skip <= length and
+// length - skip <= width for every part (checked before anything is written); out must not overlap a part.
+Status concatenate_padded(const PaddedPart* parts, std::int64_t count, std::int64_t blocks, std::int64_t width,
+                          std::int64_t item_bytes, std::uint8_t* out);
+
 // -- token sequences (the ONNX models' per-step bookkeeping) --------------------------------------------
 
 // Appends new_tokens[r] to every row r with active[r]: tokens[r, lengths[r]] = new_tokens[r] (rows of

@@ -213,7 +213,6 @@ class Particles:
                 state[key] = _joined_state(
                     key,
                     [part.state[key] for part in parts],
-                    parts,
                     alignment,
                     None if alignment is None else firsts[alignment[1]],
                 )
@@ -342,50 +341,30 @@ def _first_used(mask: Any) -> int:
 def _joined_state(
     key: str,
     arrays: list[Any],
-    parts: Sequence[Particles],
     alignment: Optional[tuple[int, str]],
     firsts: Optional[list[int]] = None,
 ) -> np.ndarray:
     """One state entry of [`Particles.concatenate`][tiltsmc.models.particles.Particles.concatenate]: the
     parts' arrays one after the other along the prompt axis, aligned ones without their leading columns
-    ``firsts[k]`` (padding in all of part ``k``'s rows) and left-padded with zeros to the longest."""
-    present = arrays
-    for array in present:
+    ``firsts[k]`` (padding in all of part ``k``'s rows) and left-padded with zeros to the longest (one core
+    call, [`tiltsmc.core.concatenate_padded`][tiltsmc.core.concatenate_padded], split over threads for
+    the large ones: a KV cache); the others, a few numbers a particle, by ``np.concatenate``."""
+    for array in arrays:
         if not isinstance(array, np.ndarray):
             raise TypeError(f"Particles.state[{key!r}]: {type(array).__name__} cannot be concatenated")
-    trailing = [list(a.shape[2:]) for a in present]
-    axis = None if alignment is None else alignment[0] - 2
-    skip = [0] * len(present)
+    axis = None if alignment is None else alignment[0]
+    skips = None
     if axis is not None:
-        if firsts is not None:
-            skip = [min(first, t[axis]) for first, t in zip(firsts, trailing)]
-        lengths = [t[axis] - first for t, first in zip(trailing, skip)]
-        longest = max(lengths)
-        for t in trailing:
-            t[axis] = longest
-    if any(t != trailing[0] for t in trailing):
+        if any(array.ndim <= axis for array in arrays):
+            shapes = [a.shape for a in arrays]
+            raise ValueError(f"Particles.state[{key!r}]: shapes {shapes} have no axis {axis}")
+        skips = [min(first, array.shape[axis]) for first, array in zip(firsts or [0] * len(arrays), arrays)]
+    try:
+        return np.concatenate(arrays) if axis is None else core.concatenate_padded(arrays, axis, skips)
+    except ValueError as error:
         raise ValueError(
-            f"Particles.state[{key!r}]: shapes {[a.shape for a in present]} differ beyond the (B, N) axes"
-        )
-    dtype = np.result_type(*present)
-    count = parts[0].num_particles
-    shape = (sum(p.num_prompts for p in parts), count, *trailing[0])
-    joined = np.empty(shape, dtype=dtype)  # every item written below: the padding zeros, the parts' arrays
-    offset = 0
-    for part, array, first in zip(parts, arrays, skip):
-        rows = slice(offset, offset + part.num_prompts)
-        if axis is None:
-            joined[rows] = array
-        else:  # left padding: the part's sequence ends where the longest ends
-            start = longest - (array.shape[axis + 2] - first)
-            inner = (slice(None),) * (axis + 1)
-            if start:
-                joined[(rows, *inner, slice(0, start))] = 0
-            joined[(rows, *inner, slice(start, None))] = (
-                array[(slice(None), *inner, slice(first, None))] if first else array
-            )
-        offset += part.num_prompts
-    return joined
+            f"Particles.state[{key!r}]: shapes {[a.shape for a in arrays]} differ beyond the (B, N) axes"
+        ) from error
 
 
 def _follow(array: Any, ancestors: npt.NDArray[np.int64], uploaded: dict[int, Any], in_place: bool) -> Any:
