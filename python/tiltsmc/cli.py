@@ -561,7 +561,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser, demo_models: bool = Fa
         type=_positive_int,
         default=_model_default("prefill_tokens"),
         help="prompt tokens (rows x longest prompt) run through the policy in one call when prompts start "
-        "(bounds the memory of its logits and attention; more take several calls)",
+        "(bounds the memory of its logits and attention; more take several calls, a longer prompt several "
+        "pieces)",
     )
     parser.add_argument(
         "--reward-kind",

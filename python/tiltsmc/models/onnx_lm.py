@@ -187,8 +187,9 @@ class OnnxCausalLM:
     tokenizer.json, if any; without one, prompts must be token-id sequences). ``eos_token_id`` (default from
     the configs) ends a trajectory, as do ``max_new_tokens`` and any of the ``stop`` strings (text the
     trajectory's tokens complete; see the module docstring). Prompts start ``prefill_tokens // width``
-    rows a session call (at least one; ``width`` the longest prompt's tokens), so that the logits of
-    every position and the attention scores of a batch of long prompts are never all in memory at once.
+    rows a session call (at least one; ``width`` the longest prompt's tokens), and a prompt longer than
+    ``prefill_tokens`` in pieces of that many positions, so that the logits of every position and the
+    attention scores of long prompts are never all in memory at once.
     ``memory_arena=False`` frees ONNX
     Runtime's buffers after each run instead of keeping them at their peak (a long-running service).
 
@@ -619,21 +620,21 @@ class OnnxCausalLM:
         the cache (with ``value_output``, the value scores at the last position last, ``(B, k)``).
 
         A graph returns logits at every position and holds attention scores for every pair of positions:
-        a batch of long prompts in one call takes memory in proportion to its rows (hundreds of MB a row of
-        a few thousand tokens for a real model's vocabulary). Rows are run ``prefill_tokens // width`` at a
-        time (at least one), each call's outputs copied into the batch's arrays as it returns, except with
-        the cache on the GPU (one call)."""
+        a batch of long prompts in one call takes memory in proportion to its rows times their width (and
+        more, the square of the width, for the scores). Rows are run ``prefill_tokens // width`` at a time
+        (at least one), each call's outputs copied into the batch's arrays as it returns; a prompt wider
+        than ``prefill_tokens`` runs in pieces of that many positions, each piece a cached step over the
+        cache of the pieces before it (as decoding a token is, with more tokens). With the cache on the
+        GPU, one call."""
         batch, width = input_ids.shape
         rows = max(1, self.prefill_tokens // max(width, 1))
         if self.device_cache or rows >= batch:
-            return self._last_position(*self._run(input_ids, mask, positions, None))
+            return self._prefill_rows(input_ids, mask, positions)
         logits: Optional[np.ndarray] = None
         present: list[np.ndarray] = []
         for k in range(0, batch, rows):
             part = slice(k, k + rows)
-            part_logits, part_present = self._last_position(
-                *self._run(input_ids[part], mask[part], positions[part], None)
-            )
+            part_logits, part_present = self._prefill_rows(input_ids[part], mask[part], positions[part])
             if logits is None:
                 logits = np.empty((batch, *part_logits.shape[1:]), dtype=part_logits.dtype)
                 present = [np.empty((batch, *t.shape[1:]), dtype=t.dtype) for t in part_present]
@@ -642,6 +643,23 @@ class OnnxCausalLM:
                 whole[part] = piece
         assert logits is not None
         return logits, present
+
+    def _prefill_rows(
+        self, input_ids: npt.NDArray[np.int64], mask: npt.NDArray[np.int64], positions: npt.NDArray[np.int64]
+    ) -> tuple[np.ndarray, Any]:
+        """``_prefill`` of rows run together: in one call, or in pieces of ``prefill_tokens`` positions
+        where they are wider (the attention mask of every position so far, the cache carried)."""
+        width = input_ids.shape[1]
+        if self.device_cache or width <= self.prefill_tokens:
+            return self._last_position(*self._run(input_ids, mask, positions, None))
+        past: Any = None
+        for start in range(0, width, self.prefill_tokens):
+            stop = min(start + self.prefill_tokens, width)
+            logits, present = self._run(
+                input_ids[:, start:stop], mask[:, :stop], positions[:, start:stop], past
+            )
+            past = present[:-1] if self.value_output is not None else present  # the value scores come last
+        return self._last_position(logits, present)
 
     def _last_position(self, logits: np.ndarray, present: Any) -> tuple[np.ndarray, Any]:
         """The logits, and the value scores where the graph has them, at the last position only (copies:
