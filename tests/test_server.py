@@ -256,7 +256,7 @@ def _results(details: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _events(response: Any) -> list[Any]:
     """The ``data:`` payloads of a server-sent event stream, JSON decoded but for the final ``[DONE]``."""
     assert response.headers["content-type"].startswith("text/event-stream"), response.headers
-    events = [block for block in response.text.split("\n\n") if block]
+    events = [block for block in response.text.split("\n\n") if block and not block.startswith(":")]
     assert all(block.startswith("data: ") for block in events), response.text
     payloads = [block[len("data: ") :] for block in events]
     assert payloads[-1] == "[DONE]"
@@ -296,6 +296,42 @@ def test_stream_sends_the_answer_as_events(server: Server) -> None:
     # a refused streaming request is a plain JSON error, as without stream
     refused = server.post({"prompt": "hi", "particles": 0, "stream": True})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "particles"
+
+
+def test_a_stream_is_kept_alive_until_its_answer_and_a_client_leaving_it_frees_its_rows(
+    tmp_path: Path,
+) -> None:
+    """Admitted, a stream starts at once and sends a ``: keep-alive`` comment every ``--stream-keepalive``
+    seconds until its answer, which is then the plain answer's; a client that closes the stream during
+    the keep-alives cancels its request (its rows freed, visible in /metrics)."""
+    keeping = Server(tmp_path, "--demo", "--stream-keepalive", "0.01")
+    try:
+        body = {"prompt": "57 a+8 b-3", "particles": 256, "seed": 4}
+        plain = keeping.post(body).json()
+        with httpx.stream(
+            "POST", f"{keeping.url}/v1/completions", json={**body, "stream": True}, timeout=60
+        ) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            blocks = "".join(r.iter_text()).split("\n\n")
+        first = next(i for i, block in enumerate(blocks) if block.startswith("data: "))
+        assert first >= 1 and all(block == ": keep-alive" for block in blocks[:first]), blocks[: first + 1]
+        assert blocks[-2:] == ["data: [DONE]", ""]  # the answer, whole, after the keep-alives
+        chunks = [json.loads(block[len("data: ") :]) for block in blocks[first:-2]]
+        assert [c["choices"][0] for c in chunks] == plain["choices"]
+
+        before = keeping.metric('tiltsmc_requests_total{outcome="cancelled"}')
+        with httpx.stream(
+            "POST", f"{keeping.url}/v1/completions", json={**body, "stream": True}, timeout=60
+        ) as r:
+            assert next(r.iter_lines()) == ": keep-alive"  # the request is in the engine: leave now
+        deadline = time.monotonic() + 30
+        while keeping.metric('tiltsmc_requests_total{outcome="cancelled"}') < before + 1:
+            assert time.monotonic() < deadline, keeping.metrics()
+            time.sleep(0.05)
+        assert keeping.metric("tiltsmc_rows_in_flight") == 0
+        assert '"outcome": "cancelled"' in keeping.log()
+    finally:
+        keeping.stop()
 
 
 def test_models_are_listed(server: Server) -> None:
@@ -726,9 +762,18 @@ def test_sigterm_exits_past_the_grace_period_even_inside_a_long_step(tmp_path: P
 
 
 def test_timeout_is_a_504(tmp_path: Path) -> None:
+    """A 504; a stream, whose status is sent once it is admitted, ends with OpenAI's error object instead
+    (the ``openai`` client raises it), without ``[DONE]``."""
     hurried = Server(tmp_path, "--demo", "--timeout", "0.001")
     try:
         response = hurried.post({"prompt": "57 a+8 b-3", "particles": 8})
         assert response.status_code == 504 and response.json()["error"]["code"] == "timeout"
+        streamed = hurried.post({"prompt": "57 a+8 b-3", "particles": 8, "stream": True})
+        assert streamed.status_code == 200, streamed.text
+        blocks = [block for block in streamed.text.split("\n\n") if block.startswith("data: ")]
+        assert len(blocks) == 1, streamed.text
+        error = json.loads(blocks[0][len("data: ") :])["error"]
+        assert error["code"] == "timeout" and error["type"] == "timeout_error"
+        assert hurried.metric('tiltsmc_request_seconds_count{outcome="timed_out"}') == 2
     finally:
         hurried.stop()

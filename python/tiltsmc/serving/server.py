@@ -14,9 +14,11 @@ the ``i``-th choice (prompt-major), so ``seed = s`` for one prompt and one choic
 ``tiltsmc.smc(..., rng=s)``; an SMC choice's text is one particle drawn by weight from its final
 weighted particles. With ``stream: true`` the same answer comes as server-sent events, one chunk per
 choice once every choice is done (an SMC answer is known only at the end: until the last step,
-resampling may replace any particle), then ``data: [DONE]``. ``GET /v1/models`` lists the one model
-served. ``GET /health`` answers 200 while the engine takes requests; ``GET /metrics`` is the Prometheus
-text format.
+resampling may replace any particle), then ``data: [DONE]``; until then, a ``: keep-alive`` comment line
+every ``STREAM_KEEPALIVE`` seconds. A streamed request is checked and admitted before its status is sent
+(a 400 or 429 as without ``stream``); one that fails later ends its stream with OpenAI's error object.
+``GET /v1/models`` lists the one model served. ``GET /health`` answers 200 while the engine takes
+requests; ``GET /metrics`` is the Prometheus text format.
 
 Bad requests get a 400 whose ``error.param`` names the field; a full queue a 429 with ``Retry-After``;
 a request past its timeout a 504; with ``--api-key-env VAR``, ``/v1/*`` and ``/metrics`` need
@@ -38,7 +40,7 @@ import re
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Union
 
@@ -87,6 +89,11 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 # Seconds a closing server waits past its grace period for a step still in progress (a model call cannot
 # be cut short) before it exits without it.
 SHUTDOWN_WAIT = 10.0
+
+# Seconds between the comment lines (``: keep-alive``) a stream sends while its answer is computed: proxies
+# and load balancers close a connection idle for 30 - 60 s by default, and an SMC answer comes whole at
+# the end.
+STREAM_KEEPALIVE = 15.0
 _LAW = "the law the reward tilts is the policy's, set when the server starts"
 # OpenAI's fields that would change the law sampled or ask for what this server does not return: each is
 # taken at the value that changes nothing (what clients send by default) and refused otherwise, with the
@@ -205,12 +212,14 @@ def create_app(
     timeout: Optional[float] = 60.0,
     close_timeout: float = 30.0,
     instance: Optional[str] = None,
+    stream_keepalive: float = STREAM_KEEPALIVE,
 ) -> Any:
     """A FastAPI app serving ``engine`` (see the module docstring). On shutdown it closes the engine,
     finishing what is in flight for up to ``close_timeout`` seconds, and waits ``SHUTDOWN_WAIT`` seconds
     more at most for a step still in progress (then logs it and lets the shutdown go on). ``instance``
     (a replica's name, where several serve one endpoint) is sent in every answer's
-    ``X-Tiltsmc-Instance`` header and in the ``tiltsmc_instance_info`` metric."""
+    ``X-Tiltsmc-Instance`` header and in the ``tiltsmc_instance_info`` metric. A stream sends a comment
+    line every ``stream_keepalive`` seconds until its answer is ready."""
     from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -397,7 +406,14 @@ def create_app(
             prompt_tokens = await asyncio.to_thread(
                 _prompt_tokens, policy, prompts, limits, "messages" if chat else "prompt", longest_token
             )
-            choices = await _complete(engine, request, prompts, body, options, timeout)
+            futures = _submit(engine, prompts, body, options, timeout)
+            if body.stream:  # admitted: the answer streams from here on, kept alive while it is computed
+                return StreamingResponse(
+                    stream(body, request, futures, len(prompts), prompt_tokens, chat),
+                    media_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache"},
+                )
+            choices = await _collect(request, futures, body)
         except RequestError:
             detail["outcome"] = "refused"
             raise
@@ -419,17 +435,61 @@ def create_app(
         except (ValueError, TypeError) as error:  # a request that failed alone (its prompt, its values)
             return _error(400, str(error), "invalid_request_error")
         detail["outcome"] = "completed"
+        return JSONResponse(
+            _response(
+                request_id, model_name, body.sampler, len(prompts), prompt_tokens, choices, policy, chat
+            )
+        )
+
+    async def stream(
+        body: Any, request: Request, futures: list[Any], num_prompts: int, prompt_tokens: int, chat: bool
+    ) -> AsyncIterator[str]:
+        """A streamed answer: ``: keep-alive`` comment lines while the engine works, then the answer's
+        chunks and ``data: [DONE]``; a request that fails now (its timeout, the server closing, its own
+        error) ends with OpenAI's error object as the last event, since its status (200) is sent."""
+        detail = request.state.detail
+        try:
+            waiting = _waiting(request, futures, stream_keepalive)
+            final: Optional[list[SamplerResult]] = None
+            async with contextlib.aclosing(waiting):
+                async for results in waiting:
+                    if results is None:
+                        yield ": keep-alive\n\n"
+                    final = results
+            assert final is not None
+            choices = _picked(final, body)
+        except ClientGone:
+            detail["outcome"] = "cancelled"
+            return
+        except asyncio.CancelledError:
+            detail["outcome"] = "cancelled"
+            raise
+        except TimeoutError as error:
+            detail["outcome"] = "timed_out"
+            yield _event(_error_body(str(error), "timeout_error", None, "timeout"))
+            return
+        except EngineClosed as error:
+            detail["outcome"] = "closed"
+            yield _event(_error_body(str(error), "unavailable_error", None, "closed"))
+            return
+        except (ValueError, TypeError) as error:
+            detail["outcome"] = "failed"
+            yield _event(_error_body(str(error), "invalid_request_error"))
+            return
+        detail["outcome"] = "completed"
         answered = _response(
-            request_id, model_name, body.sampler, len(prompts), prompt_tokens, choices, policy, chat
+            request.state.request_id,
+            model_name,
+            body.sampler,
+            num_prompts,
+            prompt_tokens,
+            choices,
+            policy,
+            chat,
         )
-        if not body.stream:
-            return JSONResponse(answered)
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return StreamingResponse(
-            _events(_chunks(answered, chat, include_usage)),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache"},
-        )
+        for event in _events(_chunks(answered, chat, include_usage)):
+            yield event
 
     app.add_middleware(_BodyLimit, limit=limits.max_body_bytes)
     app.add_middleware(_RequestLog, latency=latency, instance=instance)  # outermost: logs the 413s too
@@ -555,16 +615,11 @@ def _longest_token(policy: Any) -> Optional[int]:
     return max(1, max((len(entry) for entry in entries), default=1))
 
 
-async def _complete(
-    engine: Engine,
-    request: Any,
-    prompts: list[Any],
-    body: Any,
-    options: dict[str, Any],
-    timeout: Optional[float],
-) -> list[tuple[SamplerResult, int]]:
-    """Every choice of every prompt as one engine request; the index of the trajectory each returns.
-    A client that disconnects cancels them (their rows are freed at the next step)."""
+def _submit(
+    engine: Engine, prompts: list[Any], body: Any, options: dict[str, Any], timeout: Optional[float]
+) -> list[Any]:
+    """Every choice of every prompt as one engine request (``seed + i`` for the ``i``-th, prompt-major);
+    where one is refused (``Overloaded``, its arguments), those already submitted are cancelled."""
     futures = []
     try:
         for j, prompt in enumerate(prompts):
@@ -575,19 +630,47 @@ async def _complete(
         for future in futures:
             future.cancel()
         raise
+    return futures
+
+
+async def _waiting(
+    request: Any, futures: list[Any], every: float
+) -> AsyncGenerator[Optional[list[SamplerResult]], None]:
+    """The requests' results, once all are in (the first failure raised), after a ``None`` every
+    ``every`` seconds until then. A client that disconnects (``ClientGone``), a failure, or the caller
+    leaving early cancels the requests still running (their rows are freed at the next step)."""
     waiting = asyncio.ensure_future(asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+    loop = asyncio.get_running_loop()
+    tick = loop.time() + every
     try:
         while not (await asyncio.wait({waiting}, timeout=0.05))[0]:
             if await request.is_disconnected():
                 raise ClientGone
-    except BaseException:  # the client went away, or the server is cancelling this handler
+            if loop.time() >= tick:
+                tick = loop.time() + every
+                yield None
+        yield waiting.result()
+    finally:
         for future in futures:
-            future.cancel()
-        waiting.cancel()
-        with contextlib.suppress(BaseException):
-            await asyncio.shield(waiting)  # retrieved, so asyncio does not log it as never retrieved
-        raise
-    results: list[SamplerResult] = waiting.result()
+            future.cancel()  # nothing for those done
+        if not waiting.done():
+            waiting.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(waiting)  # retrieved, so asyncio does not log it as never retrieved
+
+
+async def _collect(request: Any, futures: list[Any], body: Any) -> list[tuple[SamplerResult, int]]:
+    """The requests' results (see ``_waiting``), each with the index of the trajectory it returns."""
+    waiting = _waiting(request, futures, math.inf)
+    async with contextlib.aclosing(waiting):
+        async for results in waiting:
+            if results is not None:
+                return _picked(results, body)
+    raise AssertionError("_waiting ended without results")  # pragma: no cover
+
+
+def _picked(results: list[SamplerResult], body: Any) -> list[tuple[SamplerResult, int]]:
+    """Each result with the index of the trajectory its choice returns (drawn with ``[seed + i, 1]``)."""
     picked = []
     for i, result in enumerate(results):
         seed = None if body.seed is None else [body.seed + i, 1]
@@ -683,11 +766,15 @@ def _chunks(answer: dict[str, Any], chat: bool, include_usage: bool) -> list[dic
 
 
 def _events(chunks: list[dict[str, Any]]) -> Iterable[str]:
-    """Server-sent events: each chunk as ``data: <JSON>`` (encoded as JSONResponse encodes), then
-    ``data: [DONE]``."""
+    """Server-sent events: each chunk as ``data: <JSON>``, then ``data: [DONE]``."""
     for chunk in chunks:
-        yield f"data: {json.dumps(chunk, ensure_ascii=False, allow_nan=False, separators=(',', ':'))}\n\n"
+        yield _event(chunk)
     yield "data: [DONE]\n\n"
+
+
+def _event(data: dict[str, Any]) -> str:
+    """One server-sent event ``data: <JSON>`` (encoded as JSONResponse encodes)."""
+    return f"data: {json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(',', ':'))}\n\n"
 
 
 class _BodyLimit:
@@ -869,6 +956,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds a request may take (then 504)")
     parser.add_argument("--grace", type=float, default=30.0, help="seconds to finish requests on SIGTERM")
     parser.add_argument(
+        "--stream-keepalive",
+        type=float,
+        default=STREAM_KEEPALIVE,
+        metavar="SECONDS",
+        help="seconds between the comment lines a stream sends until its answer is ready (proxies close "
+        "idle connections; default: %(default)s)",
+    )
+    parser.add_argument(
         "--max-prompt-tokens",
         type=int,
         default=Limits.max_prompt_tokens,
@@ -922,6 +1017,7 @@ class Settings:
     adaptive_rows: bool = ADAPTIVE_ROWS
     workers: int = WORKERS
     max_cache_bytes: Optional[int] = MAX_CACHE_BYTES
+    stream_keepalive: float = STREAM_KEEPALIVE
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Settings":
@@ -942,6 +1038,8 @@ class Settings:
             raise ValueError(f"--workers: expected at most {MAX_WORKERS} worker threads")
         if not (args.timeout > 0 and args.grace >= 0):
             raise ValueError("--timeout and --grace: expected positive numbers of seconds")
+        if not 0 < args.stream_keepalive < math.inf:
+            raise ValueError("--stream-keepalive: expected a positive number of seconds")
         limits = Limits(
             max_prompt_tokens=args.max_prompt_tokens,
             max_particles=args.max_request_particles,
@@ -961,6 +1059,7 @@ class Settings:
             args.adaptive_rows == "on",
             args.workers,
             args.max_cache_bytes,
+            args.stream_keepalive,
         )
 
     def engine(self, policy: Any, reward: Any) -> Engine:
@@ -986,6 +1085,7 @@ class Settings:
             timeout=self.timeout,
             close_timeout=self.grace,
             instance=instance,
+            stream_keepalive=self.stream_keepalive,
         )
 
 
