@@ -231,6 +231,14 @@ def test_serve_refuses_a_bad_release_delay_in_one_line(value: str, capfd: pytest
     assert "--release-memory-after: expected seconds >= 0 or 'never'" in one_line_error(capfd)
 
 
+@pytest.mark.parametrize("value", ["0", "-5", "lots", "1e9", ""])
+def test_serve_refuses_a_bad_cache_bound_in_one_line(value: str, capfd: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--demo", "--port", "0", f"--max-cache-bytes={value}"])
+    assert exit_info.value.code == 2
+    assert "--max-cache-bytes: expected a positive integer, 'auto' or 'none'" in one_line_error(capfd)
+
+
 @contextlib.contextmanager
 def served_engine(*options: str) -> Iterator[tuple[Any, Any]]:
     """The settings ``tiltsmc serve --demo OPTIONS`` parses and the engine it serves with (closed after)."""
@@ -307,7 +315,6 @@ def test_serve_shares_the_cores_out_between_its_workers() -> None:
         ("--workers", "0", "--workers: expected a positive integer"),
         ("--workers", "257", "--workers: expected at most 256 worker threads"),
         ("--max-body-bytes", "0", "--max-body-bytes: expected a positive integer"),
-        ("--max-cache-bytes", "0", "--max-cache-bytes: expected a positive integer"),
     ],
 )
 def test_serve_refuses_a_bad_count_in_one_line(
@@ -328,5 +335,10 @@ def test_serve_takes_its_body_limit() -> None:
     assert limits("--max-body-bytes", "1000").max_body_bytes == 1000
     with served_engine("--max-cache-bytes", "5000000") as (settings, engine):
         assert settings.max_cache_bytes == engine.max_cache_bytes == 5_000_000
-    with served_engine() as (settings, engine):
+    with served_engine("--max-cache-bytes", "none") as (settings, engine):
         assert settings.max_cache_bytes is engine.max_cache_bytes is None
+    for options in [(), ("--max-cache-bytes", "AUTO")]:  # the default: a share of the memory available
+        with served_engine(*options) as (settings, engine):
+            assert settings.max_cache_bytes == "auto"
+            assert isinstance(engine.max_cache_bytes, int) and engine.max_cache_bytes > 0
+            assert engine.stats()["max_cache_bytes"] == engine.max_cache_bytes

@@ -859,6 +859,30 @@ def test_close_waits_a_bounded_time_for_a_step_in_progress() -> None:
         assert quick.close(wait=30) is True
 
 
+def test_max_cache_bytes_auto_is_a_share_of_the_memory_available(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``"auto"`` (the default): ``CACHE_MEMORY_SHARE`` of what ``available_memory`` reads, for a policy
+    that says its cache's size; no bound for one that cannot (it is not refused, unlike a number), nor
+    where the memory cannot be read. Other strings are refused naming the argument."""
+    from tiltsmc.serving import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "available_memory", lambda: 8_000_000_001)
+    policy = OnnxCausalLM(FIXTURES / "gpt2-tiny", max_new_tokens=4)
+    reward = OnnxRewardModel(FIXTURES / "prm-tiny", kind="logit")
+    with tiltsmc.Engine(policy, reward) as engine:
+        assert (
+            engine.max_cache_bytes == int(engine_module.CACHE_MEMORY_SHARE * 8_000_000_001) == 2_000_000_000
+        )
+        assert engine.stats()["max_cache_bytes"] == 2_000_000_000
+    task = MarkovDFATask.random(4, 3, 6, rng=0)
+    with tiltsmc.Engine(task.policy(), task.twist(noise=0.4, rng=1)) as engine:  # no cache_bytes_per_token
+        assert engine.max_cache_bytes is None
+    monkeypatch.setattr(engine_module, "available_memory", lambda: None)
+    with tiltsmc.Engine(policy, reward, max_cache_bytes="auto") as engine:
+        assert engine.max_cache_bytes is None
+    with pytest.raises(ValueError, match="max_cache_bytes: expected a positive integer, 'auto' or None"):
+        tiltsmc.Engine(policy, reward, max_cache_bytes="lots")  # type: ignore[arg-type]
+
+
 def test_the_kv_cache_in_flight_stays_under_max_cache_bytes() -> None:
     """``max_cache_bytes``: requests are admitted while the KV cache their particles may reach (rows x
     (prompt + max_new_tokens) tokens x the policy's bytes a token) fits, the rest wait; a request over it

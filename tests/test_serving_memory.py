@@ -113,3 +113,33 @@ def test_freed_memory_is_reused_instead_of_mapped_afresh() -> None:
     assert counted < 0.1 * pages, (counted, pages)
     counted, pages = faults("default")  # glibc's default: the check can fail
     assert counted > 0.5 * pages, (counted, pages)
+
+
+def test_available_memory_reads_the_system_and_the_cgroup(tmp_path: Path) -> None:
+    """``available_memory``: MemAvailable (in bytes), capped by a cgroup's limit less its usage; a cgroup
+    without a limit (v2 ``max``, v1's huge number) caps nothing."""
+    from tiltsmc.serving import _memory
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:   20000000 kB\n")
+    assert _memory._meminfo_available(str(meminfo)) == 20_000_000 * 1024
+    assert _memory._meminfo_available(str(tmp_path / "absent")) is None
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "memory.max").write_text("max\n")
+    (v2 / "memory.current").write_text("1000\n")
+    assert _memory._cgroup_room(str(v2)) is None
+    (v2 / "memory.max").write_text("8000\n")
+    assert _memory._cgroup_room(str(v2)) == 7000
+    v1 = tmp_path / "v1" / "memory"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text(f"{(2**63 - 1) // 4096 * 4096}\n")
+    (v1 / "memory.usage_in_bytes").write_text("5000\n")
+    assert _memory._cgroup_room(str(tmp_path / "v1")) is None
+    (v1 / "memory.limit_in_bytes").write_text("4000\n")
+    assert _memory._cgroup_room(str(tmp_path / "v1")) == 0  # over its limit: no room
+    assert _memory._cgroup_room(str(tmp_path / "none")) is None
+    available = _memory.available_memory()
+    if sys.platform.startswith("linux"):
+        total = int(Path("/proc/meminfo").read_text().split()[1]) * 1024  # MemTotal comes first
+        assert available is not None and 0 < available <= total

@@ -1,13 +1,14 @@
-"""Giving memory back to the operating system once a burst of requests is over."""
+"""Giving memory back to the operating system once a burst of requests is over; how much there is."""
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import sys
 from typing import Any, Optional
 
-__all__ = ["release_free_memory", "reuse_freed_memory"]
+__all__ = ["available_memory", "release_free_memory", "reuse_freed_memory"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -76,3 +77,51 @@ def release_free_memory() -> bool:
         return False
     trim(0)
     return True
+
+
+def available_memory() -> Optional[int]:
+    """Bytes of memory this process could still take, or None where that cannot be read: the system's
+    available memory (Linux: ``MemAvailable`` in ``/proc/meminfo``, which counts the page cache that can be
+    dropped; elsewhere the physical memory), and no more than its cgroup's limit less the cgroup's usage
+    where one is set (a container's)."""
+    available = _meminfo_available()
+    if available is None:
+        try:
+            available = int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+        except (AttributeError, ValueError, OSError):
+            return None
+    room = _cgroup_room()
+    return available if room is None else min(available, room)
+
+
+def _meminfo_available(path: str = "/proc/meminfo") -> Optional[int]:
+    try:
+        with open(path, encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cgroup_room(root: str = "/sys/fs/cgroup") -> Optional[int]:
+    """The cgroup's memory limit less its usage (v2, then v1), None where there is no limit."""
+    for limit_file, usage_file in (
+        (f"{root}/memory.max", f"{root}/memory.current"),
+        (f"{root}/memory/memory.limit_in_bytes", f"{root}/memory/memory.usage_in_bytes"),
+    ):
+        try:
+            with open(limit_file, encoding="ascii") as f:
+                limit_text = f.read().strip()
+            if limit_text == "max":
+                return None
+            with open(usage_file, encoding="ascii") as f:
+                usage = int(f.read().strip())
+            limit = int(limit_text)
+        except (OSError, ValueError):
+            continue
+        if limit >= 1 << 60:  # v1's "no limit" is a page-rounded 2**63 - 1
+            return None
+        return max(0, limit - usage)
+    return None

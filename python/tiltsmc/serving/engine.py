@@ -32,7 +32,7 @@ import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 from ..models.protocols import Policy, RewardModel
 from ..samplers import baselines, correction, sequential
@@ -40,7 +40,7 @@ from ..samplers._engine import Models, check_count
 from ..samplers.lane import KINDS, Lane
 from ..samplers.result import Compute, SamplerResult
 from ..samplers.runs import Run
-from ._memory import release_free_memory, reuse_freed_memory
+from ._memory import available_memory, release_free_memory, reuse_freed_memory
 from .scheduler import BatchSizer, EngineClosed, Overloaded, Request, Scheduler, another_should_take
 
 __all__ = ["SAMPLERS", "Engine", "EngineClosed", "Overloaded", "sampler_defaults"]
@@ -53,13 +53,35 @@ MAX_QUEUE = 1024
 RELEASE_MEMORY_AFTER = 30.0  # seconds idle after work before memory is given back (see Engine)
 ADAPTIVE_ROWS = True  # below max_batch_rows, only the rows that still make a step's rows cheaper
 WORKERS = 1  # worker threads, each stepping its own batch
-MAX_CACHE_BYTES: Optional[int] = None  # the KV cache in flight at most (None: no bound, rows only)
+# the KV cache in flight at most: "auto" (CACHE_MEMORY_SHARE of the memory available as the engine starts,
+# for a policy that says its cache's size), a number of bytes, or None (no bound: rows only)
+MAX_CACHE_BYTES: Union[int, Literal["auto"], None] = "auto"
+CACHE_MEMORY_SHARE = 0.25  # a step holds the cache about three times: past, present, and a join's copy
 MAX_WORKERS = 256
 
 # Engines not yet closed, stopped at interpreter exit (see _close_open_engines), and how long exit waits
 # for their workers to stop.
 _OPEN_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
 EXIT_WAIT = 10.0
+
+
+def _cache_bound(bound: Any, policy: Any) -> Optional[int]:
+    """``max_cache_bytes`` checked: None, a positive integer, or ``"auto"``: ``CACHE_MEMORY_SHARE`` of the
+    memory available now (the models loaded) where the policy says what its cache takes a token and can
+    count a prompt's tokens, else None (rows only), as where the memory cannot be read."""
+    if bound is None:
+        return None
+    if isinstance(bound, str):
+        if bound != "auto":
+            raise ValueError(f"max_cache_bytes: expected a positive integer, 'auto' or None, got {bound!r}")
+        size = getattr(policy, "cache_bytes_per_token", None)
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            return None
+        if not callable(getattr(policy, "encode_prompt", None)):
+            return None
+        available = available_memory()
+        return None if available is None else max(1, int(CACHE_MEMORY_SHARE * available))
+    return check_count(bound, "max_cache_bytes")
 
 
 def _cache_bytes_per_token(policy: Any) -> int:
@@ -216,11 +238,15 @@ class Engine:
     least two of the oldest waiting request's size are let in); it is in ``stats()["row_limit"]``, with
     the seconds per row it was chosen from in ``stats()["seconds_per_row"]`` (by the bottom row count of
     each size).
-    ``max_cache_bytes`` (default None: no bound): the most KV cache the requests in flight may reach, for
-    a policy that says its ``cache_bytes_per_token`` (``OnnxCausalLM`` does). A request counts its rows x
-    (its prompt's tokens + its ``max_new_tokens``) x that; it waits while the caches in flight would pass
-    the bound, and one over it alone is refused at ``submit`` (``ValueError``). With long prompts this,
-    not the rows, is what fills memory (46 KB a token a particle for SmolLM2-135M).
+    ``max_cache_bytes``: the most KV cache the requests in flight may reach, for a policy that says its
+    ``cache_bytes_per_token`` (``OnnxCausalLM`` does). A request counts its rows x (its prompt's tokens +
+    its ``max_new_tokens``) x that; it waits while the caches in flight would pass the bound, and one over
+    it alone is refused at ``submit`` (``ValueError``). With long prompts this, not the rows, is what
+    fills memory (46 KB a token a particle for SmolLM2-135M). The default, ``"auto"``, is a quarter of the
+    memory available when the engine starts (the models loaded; a container's limit counts), since a
+    step holds the cache about three times over (its past, its present, a join's copy); for a policy that
+    cannot say its cache's size, no bound. None: no bound (rows only); ``stats()["max_cache_bytes"]``
+    has the bound chosen.
     ``max_queue``: the most requests waiting for rows, past which
     [`submit`][tiltsmc.serving.engine.Engine.submit] raises [`Overloaded`][tiltsmc.serving.engine.Overloaded];
     ``timeout``: the default per-request timeout in seconds (None: none). The worker threads start at once;
@@ -265,7 +291,7 @@ class Engine:
         keep_freed_memory: bool = False,
         adaptive_rows: bool = ADAPTIVE_ROWS,
         workers: int = WORKERS,
-        max_cache_bytes: Optional[int] = MAX_CACHE_BYTES,
+        max_cache_bytes: Union[int, Literal["auto"], None] = MAX_CACHE_BYTES,
     ) -> None:
         self._models = Models(policy, reward, Compute())  # the runs' checks; the workers count their calls
         problems = [p for p in (_missing_support(policy, "policy"), _missing_support(reward, "reward")) if p]
@@ -274,9 +300,7 @@ class Engine:
         self.max_batch_rows = check_count(max_batch_rows, "max_batch_rows")
         self.max_queue = check_count(max_queue, "max_queue", minimum=0)
         self.default_timeout = _check_timeout(timeout)
-        self.max_cache_bytes = (
-            None if max_cache_bytes is None else check_count(max_cache_bytes, "max_cache_bytes")
-        )
+        self.max_cache_bytes = _cache_bound(max_cache_bytes, policy)
         self._cache_bytes_per_token = (
             _cache_bytes_per_token(policy) if self.max_cache_bytes is not None else 0
         )

@@ -947,11 +947,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-cache-bytes",
-        type=int,
+        type=_cache_bound_option,
         default=MAX_CACHE_BYTES,
+        metavar="BYTES|auto|none",
         help="KV cache the requests in flight may reach at most, in bytes (particles x (prompt + max "
-        "tokens) x the policy's bytes a token; more wait, a request over it alone is a 400; default: "
-        "no bound, particle rows only)",
+        "tokens) x the policy's bytes a token; more wait, a request over it alone is a 400); 'auto' "
+        "(the default): a quarter of the memory available once the models are loaded; 'none': no bound, "
+        "particle rows only",
     )
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds a request may take (then 504)")
     parser.add_argument("--grace", type=float, default=30.0, help="seconds to finish requests on SIGTERM")
@@ -995,6 +997,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _cache_bound_option(text: str) -> Union[int, str, None]:
+    """``--max-cache-bytes``: ``auto``, ``none`` or a positive integer (of bytes)."""
+    word = text.strip().lower()
+    if word in ("auto", "none"):
+        return None if word == "none" else "auto"
+    try:
+        value = int(word)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, 'auto' or 'none', got {text!r}")
+    return value
+
+
 def _seconds_or_never(text: str) -> Optional[float]:
     if text.strip().lower() == "never":
         return None
@@ -1016,7 +1032,7 @@ class Settings:
     release_memory_after: Optional[float] = RELEASE_MEMORY_AFTER
     adaptive_rows: bool = ADAPTIVE_ROWS
     workers: int = WORKERS
-    max_cache_bytes: Optional[int] = MAX_CACHE_BYTES
+    max_cache_bytes: Union[int, Literal["auto"], None] = MAX_CACHE_BYTES
     stream_keepalive: float = STREAM_KEEPALIVE
 
     @classmethod
@@ -1029,10 +1045,10 @@ class Settings:
                 raise ValueError(f"--api-key-env: ${args.api_key_env} is not set or empty")
         for name in (
             "max_batch_rows", "max_queue", "max_prompt_tokens", "max_request_particles", "max_n", "workers",
-            "max_body_bytes", "max_cache_bytes",
+            "max_body_bytes",
         ):  # fmt: skip
-            value = getattr(args, name)  # None: no bound (max_cache_bytes)
-            if value is not None and value < (0 if name == "max_queue" else 1):
+            value = getattr(args, name)
+            if value < (0 if name == "max_queue" else 1):
                 raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer")
         if args.workers > MAX_WORKERS:
             raise ValueError(f"--workers: expected at most {MAX_WORKERS} worker threads")
