@@ -273,3 +273,37 @@ def test_cli_chat_prompts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     capsys.readouterr()
     assert cli_run(tmp_path, "--chat-template", template, "--messages", str(messages))[0] == 2
     assert "line 2: a chat prompt is a non-empty list of messages" in capsys.readouterr().err
+
+
+def test_encoding_lets_other_threads_run() -> None:
+    """``Tokenizer.encode`` gives the ids ``tokenizers``' own ``encode`` gives, but another Python thread
+    goes on while it works (a server's event loop, an engine's worker): measured as the rate at which a
+    thread counts during each, in the same run, ours at least 4x the GIL-holding one's (9 - 20x seen)."""
+    import threading
+    import time
+
+    tokenizer = load_tokenizer(None, CHAT)
+    assert tokenizer is not None
+    text = "the quick brown fox jumps over the lazy dog. " * 4000
+    count, stop = [0], threading.Event()
+
+    def counting() -> None:
+        while not stop.is_set():
+            count[0] += 1
+
+    def rate(encode: Any) -> tuple[float, list[int]]:
+        time.sleep(0.02)
+        before, began = count[0], time.perf_counter()
+        encoded = encode()
+        return (count[0] - before) / (time.perf_counter() - began), list(encoded)
+
+    thread = threading.Thread(target=counting, daemon=True)
+    thread.start()
+    try:
+        held, held_ids = rate(lambda: tokenizer.inner.encode(text).ids)
+        ours, our_ids = rate(lambda: tokenizer.encode(text))
+    finally:
+        stop.set()
+        thread.join()
+    assert our_ids == held_ids and len(our_ids) > 10_000
+    assert ours >= 4 * held, (ours, held)

@@ -91,7 +91,10 @@ class Tokenizer:
                 f"not valid Unicode text: {error.reason} {text[error.start]!r} at character {error.start}"
             ) from None
         add = self.add_special_tokens if add_special_tokens is None else add_special_tokens
-        return np.asarray(self.inner.encode(text, add_special_tokens=bool(add)).ids, dtype=np.int64)
+        # encode_batch, not encode: the same ids, but it lets other threads run while it works (encode
+        # holds the GIL, and a long prompt stalled a server's event loop and its engine for as long)
+        (encoding,) = self.inner.encode_batch([text], add_special_tokens=bool(add))
+        return np.asarray(encoding.ids, dtype=np.int64)
 
     def decode(self, ids: npt.ArrayLike, skip_special_tokens: Optional[bool] = None) -> str:
         """The text of ``ids``, special tokens left out unless ``skip_special_tokens`` (default: the

@@ -401,12 +401,12 @@ def create_app(
         detail.update(sampler=body.sampler, prompts=len(prompts), n=body.n, outcome="failed")
         try:
             options = _options(body, prompts, limits, max_tokens_limit, model_name, policy)
-            # off the event loop: the tokenizer holds the GIL for each prompt it encodes, but lets the
-            # loop run between prompts (64 long prompts held it half a second)
+            # off the event loop (the tokenizer lets other threads run while it encodes: 64 long prompts
+            # took half a second)
             prompt_tokens = await asyncio.to_thread(
                 _prompt_tokens, policy, prompts, limits, "messages" if chat else "prompt", longest_token
             )
-            futures = _submit(engine, prompts, body, options, timeout)
+            futures = await _submitted(engine, prompts, body, options, timeout)
             if body.stream:  # admitted: the answer streams from here on, kept alive while it is computed
                 return StreamingResponse(
                     stream(body, request, futures, len(prompts), prompt_tokens, chat),
@@ -566,8 +566,8 @@ def _prompt_tokens(
 
     With ``longest`` (``_longest_token``), a prompt of more than ``2 * max_prompt_tokens * longest``
     characters is refused before it is encoded: each token stands for at most ``longest`` of them (twice
-    over for normalisers that merge characters), so it cannot fit, and encoding it would hold the
-    interpreter for seconds (the tokenizer keeps the GIL) and take hundreds of bytes a character."""
+    over for normalisers that merge characters), so it cannot fit, and encoding it would take seconds
+    and hundreds of bytes a character."""
     encode = getattr(policy, "encode_prompt", None)
     if not callable(encode):
         return 0
@@ -631,6 +631,25 @@ def _submit(
             future.cancel()
         raise
     return futures
+
+
+async def _submitted(
+    engine: Engine, prompts: list[Any], body: Any, options: dict[str, Any], timeout: Optional[float]
+) -> list[Any]:
+    """``_submit`` off the event loop (with ``max_cache_bytes`` the engine encodes each prompt to count
+    its cache); where the handler is cancelled meanwhile, the requests are cancelled once submitted."""
+    submitting = asyncio.ensure_future(asyncio.to_thread(_submit, engine, prompts, body, options, timeout))
+    try:
+        return await asyncio.shield(submitting)
+    except asyncio.CancelledError:
+
+        def cancel_all(task: "asyncio.Future[list[Any]]") -> None:
+            if not task.cancelled() and task.exception() is None:
+                for future in task.result():
+                    future.cancel()
+
+        submitting.add_done_callback(cancel_all)
+        raise
 
 
 async def _waiting(
