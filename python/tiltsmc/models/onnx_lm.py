@@ -229,7 +229,7 @@ class OnnxCausalLM:
         provider_options: Optional[Mapping[str, Mapping[str, Any]]] = None,
         value_output: Optional[str] = None,
         stop: Optional[Union[str, Sequence[str]]] = None,
-        prefill_tokens: int = 2048,
+        prefill_tokens: int = 512,
     ) -> None:
         self.model_file, model_dir = resolve_model_file(path)
         config = read_json(model_dir / "config.json")
