@@ -307,3 +307,39 @@ def test_encoding_lets_other_threads_run() -> None:
         thread.join()
     assert our_ids == held_ids and len(our_ids) > 10_000
     assert ours >= 4 * held, (ours, held)
+
+
+def test_a_prompt_is_encoded_once_while_it_is_among_the_last_texts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A served prompt is encoded to check its length, to count its KV cache and when its batch starts:
+    the policy keeps the last ``ENCODED_TEXTS`` texts' ids (read-only), texts and rendered chats alike,
+    the same ids as encoding afresh; a refused text is not kept."""
+    from tiltsmc.models import onnx_lm
+
+    policy = chat_policy()
+    assert policy.tokenizer is not None
+    calls: list[str] = []
+    encode = policy.tokenizer.encode
+
+    def counted(text: str, add_special_tokens: Any = None) -> Any:
+        calls.append(text)
+        return encode(text, add_special_tokens)
+
+    monkeypatch.setattr(policy.tokenizer, "encode", counted)
+    messages = [{"role": "user", "content": "hi there"}]
+    first = [policy.encode_prompt("hello world"), policy.encode_prompt(messages)]
+    again = [policy.encode_prompt("hello world"), policy.encode_prompt(messages)]
+    assert len(calls) == 2 and calls[0] == "hello world"
+    assert all(a is b for a, b in zip(first, again)) and not first[0].flags.writeable
+    assert list(first[0]) == list(encode("hello world")) and list(first[1]) == list(
+        chat_policy().tokenizer.encode_chat(messages)
+    )  # type: ignore[union-attr]
+    for k in range(onnx_lm.ENCODED_TEXTS):  # the oldest are dropped
+        policy.encode_prompt(f"text {k}")
+    policy.encode_prompt("hello world")
+    assert calls.count("hello world") == 2
+    with pytest.raises(ValueError, match="not valid Unicode"):
+        policy.encode_prompt("\ud800")
+    with pytest.raises(ValueError, match="not valid Unicode"):
+        policy.encode_prompt("\ud800")
+    particles = policy.start(["hello world", messages], 2)  # the batch still starts from copies
+    assert particles.prompt_tokens is not None and list(particles.prompt_tokens[0]) == list(first[0])

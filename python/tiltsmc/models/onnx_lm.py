@@ -59,6 +59,9 @@ from .tokenizer import Tokenizer, load_tokenizer
 __all__ = ["OnnxCausalLM"]
 
 MODEL_FILES = ("model.onnx", "decoder_model_merged.onnx", "decoder_with_past_model.onnx")
+# Texts whose token ids a policy keeps: a served prompt is encoded to check its length, to count its KV
+# cache at admission and again when its batch starts.
+ENCODED_TEXTS = 256
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
@@ -242,6 +245,7 @@ class OnnxCausalLM:
             raise ValueError(
                 "chat_template: needs a tokenizer (none given, no tokenizer.json beside the model)"
             )
+        self._encode_text = functools.lru_cache(maxsize=ENCODED_TEXTS)(self._encode_text_once)
         self.max_new_tokens = positive_int(max_new_tokens, "max_new_tokens")
         temperature = real_number(temperature, "temperature")  # "1" is refused, not read as 1.0
         if not (np.isfinite(temperature) and temperature > 0):
@@ -437,7 +441,7 @@ class OnnxCausalLM:
         elif isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("a text prompt needs a tokenizer: pass tokenizer= or token ids")
-            ids = self.tokenizer.encode(prompt)
+            ids = self._encode_text(prompt, None)
         elif isinstance(prompt, Mapping):
             raise ValueError(
                 "a single message is not a prompt: a chat prompt is a list of messages, e.g. "
@@ -446,7 +450,8 @@ class OnnxCausalLM:
         elif is_chat(prompt):
             if self.tokenizer is None:
                 raise ValueError("a chat prompt needs a tokenizer with a chat template")
-            ids = self.tokenizer.encode_chat(prompt)
+            # the template writes the special tokens it wants: none added again (Tokenizer.encode_chat)
+            ids = self._encode_text(self.tokenizer.apply_chat_template(prompt), False)
         else:
             ids = np.asarray(prompt)
             if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
@@ -463,6 +468,13 @@ class OnnxCausalLM:
                 f"{ids.size} prompt tokens + max_new_tokens {self.max_new_tokens} exceed the model's context "
                 f"of {self.max_length}"
             )
+        return ids
+
+    def _encode_text_once(self, text: str, add_special_tokens: Optional[bool]) -> npt.NDArray[np.int64]:
+        """``Tokenizer.encode``, read-only: ``encode_prompt`` keeps the last ``ENCODED_TEXTS`` texts' ids."""
+        assert self.tokenizer is not None
+        ids = self.tokenizer.encode(text, add_special_tokens)
+        ids.setflags(write=False)
         return ids
 
     @property
