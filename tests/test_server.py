@@ -775,5 +775,10 @@ def test_timeout_is_a_504(tmp_path: Path) -> None:
         error = json.loads(blocks[0][len("data: ") :])["error"]
         assert error["code"] == "timeout" and error["type"] == "timeout_error"
         assert hurried.metric('tiltsmc_request_seconds_count{outcome="timed_out"}') == 2
+        openai = pytest.importorskip("openai")
+        client = openai.OpenAI(base_url=f"{hurried.url}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.APIError, match=r"timeout|timed out"):
+            for _ in client.completions.create(model="tiltsmc", prompt="57 a+8 b-3", stream=True):
+                pass
     finally:
         hurried.stop()
