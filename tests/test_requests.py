@@ -79,6 +79,21 @@ def test_any_tokenizer_exception_fails_its_prompt_only(models: Any) -> None:
     assert np.isfinite(result.log_z[[0, 2]]).all() and result.collapsed[1]
 
 
+def test_a_tokenizer_of_the_users_own_needs_only_encode_and_decode(models: Any) -> None:
+    """A tokenizer object with ``encode`` and ``decode`` (no batch methods) encodes prompts and checks
+    stop strings (decoded one by one), as the library's own tokenizer does in one call."""
+    _, reward = models
+    own = OnnxCausalLM(POLICY, tokenizer=RaisingTokenizer(), max_new_tokens=6, stop=["a"])
+    library = OnnxCausalLM(POLICY, max_new_tokens=6, stop=["a"])
+    assert not hasattr(RaisingTokenizer(), "encode_batch") and not hasattr(RaisingTokenizer(), "decode_batch")
+    results = [
+        tiltsmc.smc(policy, reward, ["ok", "ab"], num_particles=4, rng=np.random.default_rng(2))
+        for policy in (own, library)
+    ]
+    assert results[0].texts == results[1].texts and not results[0].errors
+    np.testing.assert_array_equal(results[0].log_z, results[1].log_z)
+
+
 @pytest.mark.parametrize("prompts", ["hello", b"hello", bytearray(b"hi")])
 def test_a_bare_string_is_refused_not_read_letter_by_letter(models: Any, prompts: Any) -> None:
     """By the policies' start() and by every sampler (which lists the prompts before start() sees them)."""

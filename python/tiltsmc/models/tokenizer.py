@@ -16,6 +16,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import numpy.typing as npt
+import tokenizers
 
 from . import chat
 
@@ -91,9 +92,12 @@ class Tokenizer:
                 f"not valid Unicode text: {error.reason} {text[error.start]!r} at character {error.start}"
             ) from None
         add = self.add_special_tokens if add_special_tokens is None else add_special_tokens
-        # encode_batch, not encode: the same ids, but it lets other threads run while it works (encode
-        # holds the GIL, and a long prompt stalled a server's event loop and its engine for as long)
-        (encoding,) = self.inner.encode_batch([text], add_special_tokens=bool(add))
+        if isinstance(self.inner, tokenizers.Tokenizer):
+            # encode_batch, not encode: the same ids, but it lets other threads run while it works (encode
+            # holds the GIL, and a long prompt stalled a server's event loop and its engine for as long)
+            (encoding,) = self.inner.encode_batch([text], add_special_tokens=bool(add))
+        else:  # a tokenizer object of the user's own: its encode
+            encoding = self.inner.encode(text, add_special_tokens=bool(add))
         return np.asarray(encoding.ids, dtype=np.int64)
 
     def decode(self, ids: npt.ArrayLike, skip_special_tokens: Optional[bool] = None) -> str:
@@ -103,9 +107,11 @@ class Tokenizer:
         return str(self.inner.decode(token_ids, skip_special_tokens=self._skip(skip_special_tokens)))
 
     def decode_batch(self, ids: Sequence[list[int]], skip_special_tokens: Optional[bool] = None) -> list[str]:
-        """``decode`` of each list of token ids, in one call of the tokenizer."""
-        texts = self.inner.decode_batch(list(ids), skip_special_tokens=self._skip(skip_special_tokens))
-        return [str(text) for text in texts]
+        """``decode`` of each list of token ids, in one call of the tokenizer where it has one."""
+        skip = self._skip(skip_special_tokens)
+        if not hasattr(self.inner, "decode_batch"):  # a tokenizer object of the user's own
+            return [str(self.inner.decode(list(each), skip_special_tokens=skip)) for each in ids]
+        return [str(text) for text in self.inner.decode_batch(list(ids), skip_special_tokens=skip)]
 
     def _skip(self, skip_special_tokens: Optional[bool]) -> bool:
         return bool(self.skip_special_tokens if skip_special_tokens is None else skip_special_tokens)
