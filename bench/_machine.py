@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import re
@@ -58,3 +59,17 @@ def machine_info(**extra: Any) -> dict[str, Any]:
     }
     info.update(extra)
     return info
+
+
+def model_run_record(benchmark: str, args: argparse.Namespace, **fields: Any) -> dict[str, Any]:
+    """The JSON of a benchmark of ONNX models: its name, the machine (with ONNX Runtime's version), its
+    arguments (paths as text), then ``fields``."""
+    import onnxruntime
+
+    arguments = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    return {
+        "benchmark": benchmark,
+        "machine": machine_info(onnxruntime=onnxruntime.__version__),
+        "args": arguments,
+        **fields,
+    }

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _machine import machine_info
+from _machine import model_run_record
 from _plot import RESULTS, write_json
 
 SENTENCE = "one apple, two apples, three apples, four apples. "
@@ -120,18 +120,15 @@ def main() -> None:
             f"{row['peak_bytes'] / 1e9:5.2f} ({row['peak_ratio']:.2f}x) | {difference:.2e} | "
             f"{row['batch_seconds']:.3f} ({row['batch_ratio']:.2f}x)"
         )
-    import onnxruntime
-
     write_json(
         args.out,
-        {
-            "benchmark": "prefill",
-            "machine": machine_info(onnxruntime=onnxruntime.__version__),
-            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "prompt_tokens": reference["prompt_tokens"],
-            "rows": rows,
-            "seconds": time.perf_counter() - began,
-        },
+        model_run_record(
+            "prefill",
+            args,
+            prompt_tokens=reference["prompt_tokens"],
+            rows=rows,
+            seconds=time.perf_counter() - began,
+        ),
     )
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import tiltsmc
-from _machine import machine_info
+from _machine import model_run_record
 from _plot import RESULTS, write_json
 from tiltsmc.models import OnnxCausalLM
 from tiltsmc.models.joint import PolicyValue
@@ -92,19 +92,16 @@ def main() -> None:
     print(
         f"{args.threads} workers / one: alone {ratios['lone']:.2f}x, two at once {ratios['two_at_once']:.2f}x"
     )
-    import onnxruntime
-
     write_json(
         args.out,
-        {
-            "benchmark": "workers_real",
-            "machine": machine_info(onnxruntime=onnxruntime.__version__),
-            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "one_worker": one,
-            "several_workers": several,
-            "several_over_one": ratios,
-            "seconds": time.perf_counter() - began,
-        },
+        model_run_record(
+            "workers_real",
+            args,
+            one_worker=one,
+            several_workers=several,
+            several_over_one=ratios,
+            seconds=time.perf_counter() - began,
+        ),
     )
 
 
