@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
+import math
 import os
 import re
 import signal
@@ -782,3 +783,49 @@ def test_timeout_is_a_504(tmp_path: Path) -> None:
                 pass
     finally:
         hurried.stop()
+
+
+class _Connection:
+    """An ASGI request whose ``receive`` blocks until the client leaves (``leave``), counting its calls."""
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self.left = asyncio.Event()
+        self.receives = 0
+
+    async def receive(self) -> dict[str, str]:
+        self.receives += 1
+        await self.left.wait()
+        return {"type": "http.disconnect"}
+
+
+def test_waiting_for_answers_waits_on_the_connection_instead_of_polling_it() -> None:
+    """``_waiting``: the answers once every request is done, ``None`` every ``every`` seconds until
+    then, one ``receive`` in all (no polling); a client that leaves ends it with ``ClientGone`` and
+    cancels the requests still running."""
+    import asyncio
+
+    from tiltsmc.serving.server import ClientGone, _waiting
+
+    async def answered() -> tuple[list[Any], int]:
+        connection, future = _Connection(), concurrent.futures.Future()
+        asyncio.get_running_loop().call_later(0.25, future.set_result, "answer")
+        seen = [item async for item in _waiting(connection, [future], 0.04)]
+        return seen, connection.receives
+
+    seen, receives = asyncio.run(answered())
+    assert seen[-1] == ["answer"] and len(seen) >= 3 and all(item is None for item in seen[:-1])
+    assert receives == 1
+
+    async def left() -> tuple[bool, bool]:
+        connection = _Connection()
+        futures = [concurrent.futures.Future(), concurrent.futures.Future()]
+        futures[0].set_result("done")
+        asyncio.get_running_loop().call_later(0.1, connection.left.set)
+        with pytest.raises(ClientGone):
+            async for _ in _waiting(connection, futures, math.inf):
+                pass
+        return futures[1].cancelled(), connection.receives == 1
+
+    assert asyncio.run(left()) == (True, True)

@@ -659,23 +659,37 @@ async def _waiting(
     ``every`` seconds until then. A client that disconnects (``ClientGone``), a failure, or the caller
     leaving early cancels the requests still running (their rows are freed at the next step)."""
     waiting = asyncio.ensure_future(asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
-    loop = asyncio.get_running_loop()
-    tick = loop.time() + every
+    gone = asyncio.ensure_future(_client_gone(request))
     try:
-        while not (await asyncio.wait({waiting}, timeout=0.05))[0]:
-            if await request.is_disconnected():
+        while True:
+            done, _ = await asyncio.wait(
+                {waiting, gone},
+                timeout=None if math.isinf(every) else every,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if waiting in done:
+                break
+            if gone in done:
+                gone.exception()  # retrieved: a receive that failed is a client gone too
                 raise ClientGone
-            if loop.time() >= tick:
-                tick = loop.time() + every
-                yield None
+            yield None
         yield waiting.result()
     finally:
+        gone.cancel()
         for future in futures:
             future.cancel()  # nothing for those done
         if not waiting.done():
             waiting.cancel()
             with contextlib.suppress(BaseException):
                 await asyncio.shield(waiting)  # retrieved, so asyncio does not log it as never retrieved
+
+
+async def _client_gone(request: Any) -> None:
+    """Returns once the client has disconnected (ASGI's ``http.disconnect``; the body has been read): a
+    wait on the connection, where polling every waiting request cost the event loop about 15 us a poll
+    (a full queue of 1024, polled every 50 ms, a third of a core)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _collect(request: Any, futures: list[Any], body: Any) -> list[tuple[SamplerResult, int]]:
