@@ -451,11 +451,13 @@ def create_app(
         try:
             waiting = _waiting(request, futures, stream_keepalive)
             final: Optional[list[SamplerResult]] = None
-            async with contextlib.aclosing(waiting):
+            try:  # closed in any case, so that its requests are cancelled (contextlib.aclosing: 3.10+)
                 async for results in waiting:
                     if results is None:
                         yield ": keep-alive\n\n"
                     final = results
+            finally:
+                await waiting.aclose()
             assert final is not None
             choices = _picked(final, body)
         except ClientGone:
@@ -695,10 +697,12 @@ async def _client_gone(request: Any) -> None:
 async def _collect(request: Any, futures: list[Any], body: Any) -> list[tuple[SamplerResult, int]]:
     """The requests' results (see ``_waiting``), each with the index of the trajectory it returns."""
     waiting = _waiting(request, futures, math.inf)
-    async with contextlib.aclosing(waiting):
+    try:  # closed in any case, so that its requests are cancelled (contextlib.aclosing: 3.10+)
         async for results in waiting:
             if results is not None:
                 return _picked(results, body)
+    finally:
+        await waiting.aclose()
     raise AssertionError("_waiting ended without results")  # pragma: no cover
 
 
