@@ -883,6 +883,40 @@ def test_max_cache_bytes_auto_is_a_share_of_the_memory_available(monkeypatch: py
         tiltsmc.Engine(policy, reward, max_cache_bytes="lots")  # type: ignore[arg-type]
 
 
+def test_stats_read_from_another_thread_while_requests_come_and_go() -> None:
+    """``stats()`` from a thread of its own while the worker admits and ends requests, the interpreter
+    switching threads as often as it can: never an error (the requests in flight, and the KV cache they
+    may reach, are read under the engine's lock; Python 3.9 once raised "dictionary changed size during
+    iteration" here)."""
+    policy = OnnxCausalLM(FIXTURES / "gpt2-tiny", max_new_tokens=4)
+    reward = OnnxRewardModel(FIXTURES / "prm-tiny")
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        with tiltsmc.Engine(policy, reward, max_cache_bytes=10**9) as engine:
+            errors: list[BaseException] = []
+            stop = threading.Event()
+
+            def read() -> None:
+                while not stop.is_set():
+                    try:
+                        engine.stats()
+                    except Exception as error:  # any: the test reports it
+                        errors.append(error)
+                        return
+
+            reader = threading.Thread(target=read)
+            reader.start()
+            futures = [engine.submit("hello there", num_particles=2, rng=k) for k in range(160)]
+            for future in futures:
+                future.result()
+            stop.set()
+            reader.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors
+
+
 def test_the_kv_cache_in_flight_stays_under_max_cache_bytes() -> None:
     """``max_cache_bytes``: requests are admitted while the KV cache their particles may reach (rows x
     (prompt + max_new_tokens) tokens x the policy's bytes a token) fits, the rest wait; a request over it

@@ -188,3 +188,18 @@ def test_a_killed_replica_is_replaced_and_the_other_keeps_serving(ray_server: Ra
             break
         assert time.monotonic() < deadline, f"no replacement replica: {now}"
         time.sleep(2)
+
+
+def test_a_ray_without_the_late_bound_ingress_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before Ray 2.56, ``serve.ingress`` needs its app when the class is declared: ``--ray`` says which
+    Ray it needs (an ImportError, as for a missing extra) instead of failing inside Ray."""
+    from ray import serve
+    from tiltsmc.serving.ray import ReplicaOptions, build_application
+    from tiltsmc.serving.server import Settings
+
+    def old_ingress(app: Any) -> Any:  # Ray 2.55's signature: the app is required
+        raise AssertionError("not reached")
+
+    monkeypatch.setattr(serve, "ingress", old_ingress)
+    with pytest.raises(ImportError, match=r"Ray Serve >= 2\.56 .* got ray \d"):
+        build_application(ReplicaOptions({}, Settings()))

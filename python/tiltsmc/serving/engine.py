@@ -432,6 +432,7 @@ class Engine:
                 }
                 for w in self._workers
             ]
+            cache_bytes = sum(w.cache_bytes for w in self._workers)  # in_flight changes under the lock
         computes = [w.models.compute for w in self._workers]
         policy_seconds = sum(c.policy_seconds for c in computes)
         reward_seconds = sum(c.reward_seconds for c in computes)
@@ -445,7 +446,7 @@ class Engine:
             "in_flight": sum(int(w["in_flight"]) for w in workers),
             "rows_in_flight": sum(int(w["rows_in_flight"]) for w in workers),
             "max_batch_rows": self.max_batch_rows,
-            "cache_bytes_in_flight": sum(w.cache_bytes for w in self._workers),
+            "cache_bytes_in_flight": cache_bytes,
             "max_cache_bytes": self.max_cache_bytes,
             "row_limit": min(sum(int(w["row_limit"]) for w in workers), self.max_batch_rows),
             "seconds_per_row": _mean_by_rows([w["seconds_per_row"] for w in workers]),

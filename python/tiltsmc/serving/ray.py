@@ -90,8 +90,20 @@ def build_application(
         deployment_options["autoscaling_config"] = autoscaling
     else:
         deployment_options["num_replicas"] = replicas
-    ingress = serve.ingress()(TiltsmcReplica)
+    try:  # late-bound: each replica builds its app around its own engine (__serve_build_asgi_app__)
+        ingress = serve.ingress()(TiltsmcReplica)
+    except TypeError:  # before Ray 2.56 the ingress needs its app when the class is declared
+        raise ImportError(
+            f"--ray needs Ray Serve >= 2.56 (its late-bound ingress), got ray {_ray_version()}: "
+            "pip install -U 'ray[serve]>=2.56' (Python >= 3.10)"
+        ) from None
     return serve.deployment(**deployment_options)(ingress).bind(options)
+
+
+def _ray_version() -> str:
+    import ray
+
+    return str(getattr(ray, "__version__", "unknown"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
