@@ -448,6 +448,7 @@ def test_health_and_metrics(server: Server) -> None:
         'tiltsmc_worker_rows_in_flight{worker="0"}',
         'tiltsmc_worker_row_limit{worker="0"}',
         "tiltsmc_cache_bytes_in_flight",
+        "tiltsmc_max_cache_bytes",  # auto, the default: the fixtures' policy says its cache's size
     ):
         assert name in text, name
     assert 'worker="1"' not in text  # one worker unless --workers says more
@@ -592,6 +593,7 @@ def test_max_cache_bytes_bounds_what_requests_hold(tmp_path: Path) -> None:
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             answers = list(pool.map(bounded.post, bodies))
         assert [a.status_code for a in answers] == [200] * 8
+        assert bounded.metric("tiltsmc_max_cache_bytes") == 8 * per_particle
     finally:
         bounded.stop()
 

@@ -921,6 +921,12 @@ class _EngineCollector:
             "KV cache the requests in flight may reach, in bytes (counted where --max-cache-bytes bounds it)",
             value=stats["cache_bytes_in_flight"],
         )
+        if stats["max_cache_bytes"] is not None:
+            yield GaugeMetricFamily(
+                "tiltsmc_max_cache_bytes",
+                "The bound on the KV cache in flight, in bytes (--max-cache-bytes; auto: chosen at start)",
+                value=stats["max_cache_bytes"],
+            )
         yield GaugeMetricFamily(
             "tiltsmc_row_limit",
             "Particle rows the engine admits up to now (max_batch_rows, or the learned batch size below it)",
