@@ -67,34 +67,37 @@ EXIT_WAIT = 10.0
 
 def _cache_bound(bound: Any, policy: Any) -> Optional[int]:
     """``max_cache_bytes`` checked: None, a positive integer, or ``"auto"``: ``CACHE_MEMORY_SHARE`` of the
-    memory available now (the models loaded) where the policy says what its cache takes a token and can
-    count a prompt's tokens, else None (rows only), as where the memory cannot be read."""
+    memory available now (the models loaded) where the policy can count its KV cache, else None (rows
+    only), as where the memory cannot be read. A number for a policy that cannot count its cache is
+    refused with the reason."""
     if bound is None:
         return None
+    why = _uncountable_cache(policy)
     if isinstance(bound, str):
         if bound != "auto":
             raise ValueError(f"max_cache_bytes: expected a positive integer, 'auto' or None, got {bound!r}")
-        size = getattr(policy, "cache_bytes_per_token", None)
-        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-            return None
-        if not callable(getattr(policy, "encode_prompt", None)):
+        if why is not None or policy.cache_bytes_per_token == 0:
             return None
         available = available_memory()
         return None if available is None else max(1, int(CACHE_MEMORY_SHARE * available))
-    return check_count(bound, "max_cache_bytes")
+    count = check_count(bound, "max_cache_bytes")
+    if why is not None:
+        raise ValueError(f"max_cache_bytes: {why}")
+    return count
 
 
-def _cache_bytes_per_token(policy: Any) -> int:
-    """The policy's KV cache bytes a token a particle (``cache_bytes_per_token``), needed to bound them."""
+def _uncountable_cache(policy: Any) -> Optional[str]:
+    """Why the engine cannot count what a request's KV cache may reach with this policy (None: it can):
+    it needs the policy's ``cache_bytes_per_token`` and ``encode_prompt``."""
     size = getattr(policy, "cache_bytes_per_token", None)
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-        raise ValueError(
-            "max_cache_bytes: the policy does not say what its KV cache takes a token "
-            f"(cache_bytes_per_token), so its cache cannot be bounded: got {size!r}"
+        return (
+            "the policy does not say what its KV cache takes a token (cache_bytes_per_token), so its "
+            f"cache cannot be bounded: got {size!r}"
         )
     if not callable(getattr(policy, "encode_prompt", None)):
-        raise ValueError("max_cache_bytes: the policy cannot count a prompt's tokens (encode_prompt)")
-    return size
+        return "the policy cannot count a prompt's tokens (encode_prompt)"
+    return None
 
 
 def _join(threads: list[threading.Thread], wait: Optional[float]) -> list[str]:
@@ -302,7 +305,7 @@ class Engine:
         self.default_timeout = _check_timeout(timeout)
         self.max_cache_bytes = _cache_bound(max_cache_bytes, policy)
         self._cache_bytes_per_token = (
-            _cache_bytes_per_token(policy) if self.max_cache_bytes is not None else 0
+            0 if self.max_cache_bytes is None else int(policy.cache_bytes_per_token)  # type: ignore[attr-defined]
         )
         self._scheduler = Scheduler(self.max_queue, self.max_batch_rows, self.max_cache_bytes)
         if not isinstance(adaptive_rows, bool):
