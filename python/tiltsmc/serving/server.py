@@ -420,20 +420,15 @@ def create_app(
         except Overloaded as error:
             detail["outcome"] = "rejected"
             return _error(429, f"overloaded: {error}", "overloaded_error", "overloaded", {"Retry-After": "1"})
-        except TimeoutError as error:
-            detail["outcome"] = "timed_out"
-            return _error(504, str(error), "timeout_error", "timeout")
-        except EngineClosed as error:
-            detail["outcome"] = "closed"
-            return _error(503, str(error), "unavailable_error", "closed")
         except ClientGone:
             detail["outcome"] = "cancelled"
             return _error(499, "the client closed the request", "cancelled_error", "cancelled")
         except asyncio.CancelledError:
             detail["outcome"] = "cancelled"
             raise
-        except (ValueError, TypeError) as error:  # a request that failed alone (its prompt, its values)
-            return _error(400, str(error), "invalid_request_error")
+        except (TimeoutError, EngineClosed, ValueError, TypeError) as error:
+            detail["outcome"], status, kind, code = _failure(error)
+            return _error(status, str(error), kind, code)
         detail["outcome"] = "completed"
         return JSONResponse(
             _response(
@@ -466,17 +461,9 @@ def create_app(
         except asyncio.CancelledError:
             detail["outcome"] = "cancelled"
             raise
-        except TimeoutError as error:
-            detail["outcome"] = "timed_out"
-            yield _event(_error_body(str(error), "timeout_error", None, "timeout"))
-            return
-        except EngineClosed as error:
-            detail["outcome"] = "closed"
-            yield _event(_error_body(str(error), "unavailable_error", None, "closed"))
-            return
-        except (ValueError, TypeError) as error:
-            detail["outcome"] = "failed"
-            yield _event(_error_body(str(error), "invalid_request_error"))
+        except (TimeoutError, EngineClosed, ValueError, TypeError) as error:
+            detail["outcome"], _, kind, code = _failure(error)
+            yield _event(_error_body(str(error), kind, None, code))
             return
         detail["outcome"] = "completed"
         answered = _response(
@@ -615,6 +602,17 @@ def _longest_token(policy: Any) -> Optional[int]:
         return None
     entries = vocabulary()
     return max(1, max((len(entry) for entry in entries), default=1))
+
+
+def _failure(error: BaseException) -> tuple[str, int, str, Optional[str]]:
+    """A request that failed once admitted, as (outcome, HTTP status, OpenAI error type, code): past its
+    timeout (504), the engine closing (503), or its own prompt or values (400: it failed alone). The
+    plain answer sends it as the status and error body, a stream as its last event."""
+    if isinstance(error, TimeoutError):
+        return "timed_out", 504, "timeout_error", "timeout"
+    if isinstance(error, EngineClosed):
+        return "closed", 503, "unavailable_error", "closed"
+    return "failed", 400, "invalid_request_error", None
 
 
 def _submit(
