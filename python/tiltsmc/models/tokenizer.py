@@ -109,7 +109,7 @@ class Tokenizer:
     def decode_batch(self, ids: Sequence[list[int]], skip_special_tokens: Optional[bool] = None) -> list[str]:
         """``decode`` of each list of token ids, in one call of the tokenizer where it has one."""
         skip = self._skip(skip_special_tokens)
-        if not hasattr(self.inner, "decode_batch"):  # a tokenizer object of the user's own
+        if not isinstance(self.inner, tokenizers.Tokenizer):  # a tokenizer object of the user's own
             return [str(self.inner.decode(list(each), skip_special_tokens=skip)) for each in ids]
         return [str(text) for text in self.inner.decode_batch(list(ids), skip_special_tokens=skip)]
 

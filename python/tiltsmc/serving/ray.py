@@ -78,6 +78,7 @@ def build_application(
     """The Ray Serve application: ``replicas`` replicas (or Ray Serve's ``autoscaling_config``), each
     with ``num_cpus`` / ``num_gpus`` and up to ``max_ongoing_requests`` requests (default: the engine's
     ``max_queue``)."""
+    import ray
     from ray import serve
 
     deployment_options: dict[str, Any] = {
@@ -94,16 +95,10 @@ def build_application(
         ingress = serve.ingress()(TiltsmcReplica)
     except TypeError:  # before Ray 2.56 the ingress needs its app when the class is declared
         raise ImportError(
-            f"--ray needs Ray Serve >= 2.56 (its late-bound ingress), got ray {_ray_version()}: "
+            f"--ray needs Ray Serve >= 2.56 (its late-bound ingress), got ray {ray.__version__}: "
             "pip install -U 'ray[serve]>=2.56' (Python >= 3.10)"
         ) from None
     return serve.deployment(**deployment_options)(ingress).bind(options)
-
-
-def _ray_version() -> str:
-    import ray
-
-    return str(getattr(ray, "__version__", "unknown"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
