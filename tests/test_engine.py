@@ -15,6 +15,7 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 import tiltsmc
+from stuck_policy import SCRIPT_HEAD
 from test_samplers import _assert_replicates_match, _replicate_estimates, assert_unbiased, tilted
 from tiltsmc.models import OnnxCausalLM, OnnxRewardModel, Particles
 from tiltsmc.serving import EngineClosed, Overloaded, sampler_defaults
@@ -780,39 +781,23 @@ def test_a_script_that_exits_with_requests_in_flight_exits_with_its_own_status(
     assert set(outcomes) <= {"NoneType", "EngineClosed"}, done.stdout
 
 
-EXIT_WITH_A_STEP_THAT_NEVER_RETURNS = """
+EXIT_WITH_A_STEP_THAT_NEVER_RETURNS = (
+    SCRIPT_HEAD
+    + """
 import logging
-import threading
 import tiltsmc
 import tiltsmc.serving.engine
-from tiltsmc.tasks import MarkovDFATask
 
 logging.basicConfig()
 tiltsmc.serving.engine.EXIT_WAIT = 0.5
-task = MarkovDFATask.random(4, 3, 6, rng=0)
-policy = task.policy()
-entered = threading.Event()
-
-
-class Stuck:
-    token_level = True
-    supports_engine = True
-    vocab_size = policy.vocab_size
-
-    def start(self, prompts, num_particles):
-        return policy.start(prompts, num_particles)
-
-    def propose(self, particles, rng):
-        entered.set()
-        threading.Event().wait()  # never returns
-
-
-engine = tiltsmc.Engine(Stuck(), task.twist(noise=0.4, rng=1))
+stuck = Stuck()
+engine = tiltsmc.Engine(stuck, TASK.twist(noise=0.4, rng=1))
 engine.submit((), "smc", num_particles=4)
-entered.wait(30)
+stuck.entered.wait(30)
 print("exiting", flush=True)
 raise SystemExit(5)
 """
+)
 
 
 def test_exit_does_not_wait_for_ever_on_a_step_that_never_returns(tmp_path: Path) -> None:

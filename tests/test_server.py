@@ -25,6 +25,7 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("prometheus_client")
 
 import tiltsmc  # noqa: E402
+from stuck_policy import SCRIPT_HEAD  # noqa: E402
 from tiltsmc.models import OnnxCausalLM, OnnxRewardModel  # noqa: E402
 from tiltsmc.serving.engine import usable_cores  # noqa: E402
 from tiltsmc.tasks import arithmetic  # noqa: E402
@@ -691,36 +692,19 @@ def test_sigterm_lets_requests_in_flight_finish(tmp_path: Path) -> None:
         draining.stop()
 
 
-SERVE_A_STEP_THAT_NEVER_ENDS = """
+SERVE_A_STEP_THAT_NEVER_ENDS = (
+    SCRIPT_HEAD
+    + """
 import argparse
-import sys
-import threading
 
 import tiltsmc.serving.server as server
-from tiltsmc.tasks import MarkovDFATask
 
 server.SHUTDOWN_WAIT = 1.0
-task = MarkovDFATask.random(4, 3, 6, rng=0)
-policy = task.policy()
-
-
-class Stuck:
-    token_level = True
-    supports_engine = True
-    vocab_size = policy.vocab_size
-
-    def start(self, prompts, num_particles):
-        return policy.start([()] * len(prompts), num_particles)
-
-    def propose(self, particles, rng):
-        print("inside the step", flush=True)
-        threading.Event().wait(600)  # a model call far longer than the grace period
-
-
 args = argparse.Namespace(host="127.0.0.1", port=int(sys.argv[1]), threads=None)
 settings = server.Settings(grace=1.0)
-sys.exit(server.serve(args, settings, Stuck(), task.twist(noise=0.4, rng=1)))
+sys.exit(server.serve(args, settings, Stuck(announce=True), TASK.twist(noise=0.4, rng=1)))
 """
+)
 
 
 def test_sigterm_exits_past_the_grace_period_even_inside_a_long_step(tmp_path: Path) -> None:
