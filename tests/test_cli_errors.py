@@ -315,6 +315,9 @@ def test_serve_shares_the_cores_out_between_its_workers() -> None:
         ("--workers", "0", "--workers: expected a positive integer"),
         ("--workers", "257", "--workers: expected at most 256 worker threads"),
         ("--max-body-bytes", "0", "--max-body-bytes: expected a positive integer"),
+        ("--stream-keepalive", "0", "--stream-keepalive: expected a positive number of seconds"),
+        ("--stream-keepalive", "nan", "--stream-keepalive: expected a positive number of seconds"),
+        ("--stream-keepalive", "inf", "--stream-keepalive: expected a positive number of seconds"),
     ],
 )
 def test_serve_refuses_a_bad_count_in_one_line(
