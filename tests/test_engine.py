@@ -751,6 +751,7 @@ def run_script(tmp_path: Path, source: str, *args: str, timeout: float) -> subpr
 
 EXIT_WITH_REQUESTS_IN_FLIGHT = """
 import sys
+import threading
 import time
 import tiltsmc
 from tiltsmc.tasks import arithmetic
@@ -760,8 +761,16 @@ engine = tiltsmc.Engine(policy, reward, workers=int(sys.argv[1]))  # never close
 prompts = [problem.prompt for problem in arithmetic.make_problems(8, 24, rng=0)]
 engine.submit(prompts[0], num_particles=16, rng=0).result()
 futures = [engine.submit(prompt, num_particles=16, rng=k) for k, prompt in enumerate(prompts)]
+printing = threading.Lock()  # two workers' callbacks at once would interleave their lines
+
+
+def report(future):
+    with printing:
+        print(type(future.exception()).__name__, flush=True)
+
+
 for future in futures:
-    future.add_done_callback(lambda f: print(type(f.exception()).__name__, flush=True))
+    future.add_done_callback(report)
 time.sleep(0.3)  # the worker is inside the batch's steps
 raise SystemExit(3)  # with requests in flight
 """
