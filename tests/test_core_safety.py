@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from tiltsmc import _core, core
+from tiltsmc._rng import RowStreams
 
 SETTINGS = settings(
     max_examples=300,
@@ -231,6 +232,33 @@ def _make_reweight(rng: np.random.Generator) -> Args:
     }
 
 
+def _make_reweight_rows(rng: np.random.Generator) -> Args:
+    """``smc_reweight``'s arguments with a threshold per row (rows of two runs: ``_reweight_rows``)."""
+    args = _make_reweight(rng)
+    args["ess_threshold"] = rng.random(args["log_w"].shape[0]) * 1.2
+    return args
+
+
+def _reweight_rows(a: Args) -> Any:
+    """The rows of two runs in one call: per-row thresholds and schemes, each run's own stream."""
+    rows = a["log_w"].shape[0]
+    streams = RowStreams([np.random.default_rng(1), np.random.default_rng(2)], [0, rows // 2, rows])
+    schemes = ["multinomial" if r < rows // 2 else "residual" for r in range(rows)]
+    return core.smc_reweight(
+        a["log_w"],
+        a["log_v"],
+        a["log_v_prev"],
+        a["live"],
+        a["log_total"],
+        a["log_z"],
+        a["collapsed"],
+        a["ess_threshold"],
+        schemes,  # type: ignore[arg-type]
+        rng=streams,
+        increment_se=a["increment_se"],
+    )
+
+
 def _bad_log_weight(rng: np.random.Generator, args: Args) -> None:
     name = str(rng.choice([key for key in ("log_w", "log_v", "log_v_prev") if key in args]))
     flat = args[name].reshape(-1)
@@ -336,6 +364,12 @@ KERNELS: dict[str, Kernel] = {
             rng=7,
             increment_se=a["increment_se"],
         ),
+        frozenset({"log_w", "log_v_prev", "log_total", "log_z", "collapsed", "increment_se"}),
+        _bad_log_weight,
+    ),
+    "smc_reweight_rows": Kernel(
+        _make_reweight_rows,
+        _reweight_rows,
         frozenset({"log_w", "log_v_prev", "log_total", "log_z", "collapsed", "increment_se"}),
         _bad_log_weight,
     ),

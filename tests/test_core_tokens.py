@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tiltsmc import core
+from tiltsmc._rng import RowStreams
 from tiltsmc.samplers.runs import increment_standard_error
 
 SETTINGS = settings(
@@ -341,6 +342,93 @@ def test_smc_reweight_is_the_numpy_step(seed: int, batch: int, count: int, thres
     assert np.array_equal(np.isinf(se), increment == -np.inf)
     for want, have in zip((w, prev, z, total, gone), (log_w, log_v_prev, log_z, log_total, collapsed)):
         np.testing.assert_array_equal(have, want)
+
+
+SCHEME_NAMES = ("multinomial", "stratified", "systematic", "residual")
+
+
+@SETTINGS
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    sizes=st.lists(st.integers(0, 3), min_size=1, max_size=4),
+    count=st.integers(1, 9),
+    data=st.data(),
+)
+def test_smc_reweight_of_several_runs_is_each_runs_own_call(
+    seed: int, sizes: list[int], count: int, data: st.DataObject
+) -> None:
+    """Rows of independent runs in one call (a RowStreams, per-row schemes and thresholds) step exactly as
+    each run's own call steps its rows: every output, every array written in place, and each generator left
+    where its own call leaves it (one key drawn)."""
+    rng = np.random.default_rng(seed)
+    rows = sum(sizes)
+    schemes = [data.draw(st.sampled_from(SCHEME_NAMES), label="scheme") for _ in sizes]
+    thresholds = [data.draw(st.floats(0, 1.5), label="threshold") for _ in sizes]
+
+    def draw(shape: tuple[int, ...], zero: float) -> np.ndarray:
+        values = rng.standard_normal(shape) * 3
+        values[rng.random(shape) < zero] = -np.inf
+        return values
+
+    arrays = [
+        draw((rows, count), 0.1),
+        draw((rows, count), 0.1),
+        draw((rows, count), 0.1),
+        rng.random((rows, count)) < 0.8,
+        np.where(rng.random(rows) < 0.2, -np.inf, rng.standard_normal(rows)),
+        rng.standard_normal(rows),
+        rng.random(rows) < 0.2,
+    ]
+    bounds = np.cumsum([0, *sizes]).tolist()
+    apart = [a.copy() for a in arrays]
+    generators = [np.random.default_rng(1000 + k) for k in range(len(sizes))]
+    want = []
+    for k, (scheme, threshold) in enumerate(zip(schemes, thresholds)):
+        part = [a[bounds[k] : bounds[k + 1]] for a in apart]  # views: updated in place
+        se = np.empty(sizes[k])
+        want.append((*core.smc_reweight(*part, threshold, scheme, generators[k], increment_se=se), se))
+    together = [np.random.default_rng(1000 + k) for k in range(len(sizes))]
+    se = np.empty(rows)
+    got = core.smc_reweight(
+        *arrays,
+        np.repeat(thresholds, sizes),
+        [scheme for scheme, size in zip(schemes, sizes) for _ in range(size)],
+        RowStreams(together, bounds),
+        increment_se=se,
+    )
+    for index, have in enumerate((*got, se)):
+        expected = np.concatenate([outputs[index] for outputs in want])
+        np.testing.assert_array_equal(have, expected.reshape(have.shape))
+    for have, expected in zip(arrays, apart):
+        np.testing.assert_array_equal(have, expected)
+    for alone, batched in zip(generators, together):
+        assert alone.bit_generator.state == batched.bit_generator.state
+
+
+def test_smc_reweight_per_row_arguments_are_checked() -> None:
+    log_w, log_v, log_v_prev = np.zeros((3, 2)), np.zeros((3, 2)), np.zeros((3, 2))
+    live, log_total = np.ones((3, 2), bool), np.full(3, np.log(2))
+    log_z, collapsed = np.zeros(3), np.zeros(3, bool)
+    args = (log_w, log_v, log_v_prev, live, log_total, log_z, collapsed)
+    with pytest.raises(ValueError, match=r"scheme: expected a name, or one per row of log_w \(3\), got 2"):
+        core.smc_reweight(*args, 0.5, ["systematic", "residual"])
+    with pytest.raises(ValueError, match="scheme: expected one of"):
+        core.smc_reweight(*args, 0.5, ["systematic", "residual", "nope"])
+    with pytest.raises(ValueError, match=r"ess_threshold: expected a fraction or one per row of log_w \(3\)"):
+        core.smc_reweight(*args, np.array([0.5, 0.5]))
+    for bad in ([0.5, -0.1, 0.5], [0.5, np.nan, 0.5]):
+        with pytest.raises(ValueError, match="ess_threshold: expected fractions >= 0"):
+            core.smc_reweight(*args, np.array(bad))
+    with pytest.raises(TypeError, match="ess_threshold: expected a fraction >= 0 or one per row"):
+        core.smc_reweight(*args, [object(), 1, 2])
+    with pytest.raises(ValueError, match="rng: RowStreams for 2 rows, given 3"):
+        core.smc_reweight(*args, 0.5, rng=RowStreams([np.random.default_rng(0)], [0, 2]))
+    with pytest.raises(ValueError, match="keys: expected one per generator"):
+        RowStreams([np.random.default_rng(0)], [0, 3], keys=[1, 2])
+    assert not log_w.any() and not log_z.any()
+    thresholds = np.full(3, 0.5)  # the caller's array is read, never kept or written
+    core.smc_reweight(*args, thresholds, rng=RowStreams([np.random.default_rng(0)], [0, 3], keys=[7]))
+    np.testing.assert_array_equal(thresholds, 0.5)
 
 
 def test_smc_reweight_refuses_bad_input_before_writing() -> None:

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
+import pytest
+from tiltsmc import core
+from tiltsmc._rng import RowStreams
 from tiltsmc.samplers._engine import Models
+from tiltsmc.samplers.correction import mh_run
 from tiltsmc.samplers.lane import Lane, run_alone
 from tiltsmc.samplers.result import Compute, SamplerResult
-from tiltsmc.samplers.runs import Run, SMCRun
-from tiltsmc.samplers.sequential import smc_run
+from tiltsmc.samplers.runs import Run, SMCRun, reweigh_together
+from tiltsmc.samplers.sequential import smc_run, sp_gsmc_run
 from tiltsmc.tasks import MarkovDFATask
 
 
@@ -69,3 +74,93 @@ def test_deferred_work_run_at_a_leave_is_the_policys_time() -> None:
     assert models.compute.policy_seconds - before >= 0.2
     for run, share in zip(runs, shares):
         assert run.compute.policy_seconds - share >= 0.1
+
+
+def test_smc_runs_of_one_particle_count_reweigh_in_one_core_call_each_as_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every step, the SMC runs with the same particle count (their own schemes, thresholds and seeds, an
+    MH correction's proposal among them) are reweighted in one core call; a run with another count, or an
+    SP-gSMC pool, steps alone. Each result is bit for bit the run's alone."""
+    models = _models()
+
+    def runs() -> list[Run]:
+        made: list[Run] = [
+            smc_run(models, None, 4, scheme, threshold, "naive", seed, record_ancestry=True, max_steps=100)
+            for scheme, threshold, seed in (
+                ("systematic", 0.5, 1),
+                ("multinomial", 1.0, 2),
+                ("residual", 0.8, 3),
+            )
+        ]
+        made.append(_run(models, 4, 6))  # shorter: leaves while the others go on
+        made.append(
+            smc_run(models, None, 6, "stratified", 0.9, "naive", 5, record_ancestry=False, max_steps=100)
+        )
+        made.append(sp_gsmc_run(models, None, 6, 6, max_steps=100))
+        made.append(
+            mh_run(models, None, None, 2, 4, 7, resample="systematic", ess_threshold=0.7, max_steps=100)
+        )
+        return made
+
+    calls: list[tuple[int, bool]] = []
+    smc_reweight = core.smc_reweight
+
+    def counted(log_w: np.ndarray, *args: Any, **kwargs: Any) -> Any:
+        calls.append((log_w.shape[0], isinstance(args[8], RowStreams)))
+        return smc_reweight(log_w, *args, **kwargs)
+
+    monkeypatch.setattr(core, "smc_reweight", counted)
+    batched = runs()
+    lane = Lane(models, "guided")
+    for run in batched:
+        lane.add(run)
+    ended = checked = 0
+    while ended < len(batched):
+        before = len(calls)
+        members = [m.run for m in lane.members]
+        for _, error in lane.step():
+            assert error is None
+            ended += 1
+        if len(members) == len(batched):  # every run stepping: the four-particle ones in one call
+            assert sorted(calls[before:]) == [(1, False), (5, True)], calls[before:]
+            checked += 1
+    assert checked >= 2
+    monkeypatch.setattr(core, "smc_reweight", smc_reweight)
+    for run, alone in zip(batched, runs()):
+        got, want = run.result, run_alone(models, alone)
+        assert isinstance(got, SamplerResult) and isinstance(want, SamplerResult)
+        left, right = got.to_dict(), want.to_dict()
+        left.pop("compute")
+        right.pop("compute")
+        assert left == right, type(run).__name__
+
+
+def _stepped(seed: int, log_v0: np.ndarray) -> SMCRun:
+    run = SMCRun(None, 3, "systematic", 1.0, "naive", np.random.default_rng(seed), 10)
+    run.begin(log_v0, np.zeros(len(log_v0), bool), {})
+    return run
+
+
+def test_a_run_whose_weights_overflow_fails_alone_when_runs_reweigh_together() -> None:
+    """One core call for three runs, the second's update overflowing (log Vh_t - log Vh_{t-1} = +inf): the
+    call is refused, and each run then steps alone with the key it drew: the second fails (its weights as
+    they were), the others end as their own calls would have left them."""
+    log_v = np.zeros((3, 3))
+    log_v[1] = 1e308
+    log_v_prev = np.zeros((3, 3))
+    log_v_prev[1] = -1e308
+    live = np.ones((3, 3), bool)
+    runs = [_stepped(seed, np.zeros(1)) for seed in (1, 2, 3)]
+    outcomes = reweigh_together(runs, log_v, log_v_prev, live, [False] * 3)
+    assert isinstance(outcomes[1], ValueError) and "not a log-weight" in str(outcomes[1])
+    np.testing.assert_array_equal(runs[1].log_w, np.zeros((1, 3)))
+    for k in (0, 2):
+        alone = _stepped(k + 1, np.zeros(1))
+        want = alone._step(log_v[k : k + 1], np.zeros((1, 3)), live[k : k + 1], False, alone.generator)
+        got = outcomes[k]
+        assert not isinstance(got, Exception)
+        np.testing.assert_array_equal(got if got is not None else -1, want if want is not None else -1)
+        np.testing.assert_array_equal(runs[k].log_w, alone.log_w)
+        np.testing.assert_array_equal(runs[k].log_z, alone.log_z)
+        assert runs[k].generator.bit_generator.state == alone.generator.bit_generator.state

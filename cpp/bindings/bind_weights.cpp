@@ -177,12 +177,25 @@ py::tuple bind_smc_step(CArray<T>& log_w, double threshold, int scheme, std::uin
     return py::make_tuple(ancestors, resampled, log_mean_w, ess, unique);
 }
 
-// smc_reweight on float64 (B, N) arrays; the 1-D (B,) ones are updated in place. Every array is checked here.
+// An optional (B,) per-row array of smc_reweight (None: absent), checked: its dtype, C order and size.
+template <typename T>
+py::array per_row_array(const py::handle& object, const char* name, std::int64_t rows) {
+    if (object.is_none()) return py::array();
+    py::array array = checked<T>(object, name);
+    if (size_of(array) != rows) throw py::value_error(std::string(name) + ": expected one entry per row (B,)");
+    return array;
+}
+
+// smc_reweight on float64 (B, N) arrays; the 1-D (B,) ones are updated in place. Every array is checked here;
+// keys, counters (uint64), thresholds (float64) and schemes (uint8 codes) are optional per-row settings (named
+// ess_threshold and scheme in errors, as in tiltsmc.core.smc_reweight).
 py::tuple bind_smc_reweight(const py::handle& log_w_object, const py::handle& log_v_object,
                             const py::handle& log_v_prev_object, const py::handle& live_object,
                             const py::handle& log_total_object, const py::handle& log_z_object,
                             const py::handle& collapsed_object, double log_n, double threshold, int scheme,
-                            std::uint64_t key, const py::handle& increment_se_object) {
+                            std::uint64_t key, const py::handle& increment_se_object, const py::handle& keys_object,
+                            const py::handle& counters_object, const py::handle& thresholds_object,
+                            const py::handle& schemes_object) {
     py::array log_w = checked<double>(log_w_object, "log_w", true);
     if (log_w.ndim() != 2 || log_w.shape(1) < 1) throw py::value_error("log_w: expected shape (B, N) with N >= 1");
     const std::int64_t rows = log_w.shape(0), n = log_w.shape(1);
@@ -198,18 +211,34 @@ py::tuple bind_smc_reweight(const py::handle& log_w_object, const py::handle& lo
          {std::pair{&log_total, "log_total"}, std::pair{&log_z, "log_z"}, std::pair{&collapsed, "collapsed"}})
         if (size_of(*array) != rows) throw py::value_error(std::string(name) + ": expected (B,)");
     if (scheme < 0 || scheme > 3) throw py::value_error("scheme: unknown scheme code");
+    py::array keys = per_row_array<std::uint64_t>(keys_object, "keys", rows);
+    py::array counters = per_row_array<std::uint64_t>(counters_object, "counters", rows);
+    py::array thresholds = per_row_array<double>(thresholds_object, "ess_threshold", rows);
+    py::array schemes = per_row_array<std::uint8_t>(schemes_object, "scheme", rows);
+    if (!thresholds_object.is_none()) {
+        const auto* t = static_cast<const double*>(thresholds.data());
+        for (std::int64_t r = 0; r < rows; ++r)
+            if (!(t[r] >= 0.0)) throw py::value_error("ess_threshold: expected fractions >= 0 (row " + std::to_string(r) + ")");
+    }
+    if (!schemes_object.is_none()) {
+        const auto* codes = static_cast<const std::uint8_t*>(schemes.data());
+        for (std::int64_t r = 0; r < rows; ++r)
+            if (codes[r] > 3) throw py::value_error("scheme: unknown scheme code at row " + std::to_string(r));
+    }
     py::array increment_se;  // optional output
     if (!increment_se_object.is_none()) {
         increment_se = checked<double>(increment_se_object, "increment_se", true);
         if (size_of(increment_se) != rows) throw py::value_error("increment_se: expected (B,)");
-        check_disjoint({{&log_w, "log_w"}, {&log_v_prev, "log_v_prev"}, {&log_total, "log_total"}, {&log_z, "log_z"},
-                        {&collapsed, "collapsed"}, {&increment_se, "increment_se"}},
-                       {{&log_v, "log_v"}, {&live, "live"}});
-    } else {
-        check_disjoint({{&log_w, "log_w"}, {&log_v_prev, "log_v_prev"}, {&log_total, "log_total"}, {&log_z, "log_z"},
-                        {&collapsed, "collapsed"}},
-                       {{&log_v, "log_v"}, {&live, "live"}});
     }
+    check_disjoint({{&log_w, "log_w"}, {&log_v_prev, "log_v_prev"}, {&log_total, "log_total"}, {&log_z, "log_z"},
+                    {&collapsed, "collapsed"}, {&increment_se, "increment_se"}},
+                   {{&log_v, "log_v"}, {&live, "live"}, {&keys, "keys"}, {&counters, "counters"},
+                    {&thresholds, "ess_threshold"}, {&schemes, "scheme"}});
+    RowSettings per_row;
+    if (!keys_object.is_none()) per_row.keys = static_cast<const std::uint64_t*>(keys.data());
+    if (!counters_object.is_none()) per_row.counters = static_cast<const std::uint64_t*>(counters.data());
+    if (!thresholds_object.is_none()) per_row.thresholds = static_cast<const double*>(thresholds.data());
+    if (!schemes_object.is_none()) per_row.schemes = static_cast<const std::uint8_t*>(schemes.data());
     double* se = increment_se_object.is_none() ? nullptr : static_cast<double*>(increment_se.mutable_data());
     CArray<std::int64_t> ancestors({rows, n}), unique(rows);
     CArray<bool> resampled(rows);
@@ -225,7 +254,7 @@ py::tuple bind_smc_reweight(const py::handle& log_w_object, const py::handle& lo
         status = smc_reweight(w, rows, n, v, v_prev, alive, log_n, threshold, static_cast<Scheme>(scheme), key,
                               static_cast<double*>(log_total.mutable_data()), static_cast<double*>(log_z.mutable_data()),
                               static_cast<std::uint8_t*>(collapsed.mutable_data()), ancestors.mutable_data(), flags.data(),
-                              ess.mutable_data(), unique.mutable_data(), increment.mutable_data(), se);
+                              ess.mutable_data(), unique.mutable_data(), increment.mutable_data(), se, per_row);
     }
     if (!status.ok() && status.row >= 0) {
         const std::int64_t k = status.row * n + status.index;
@@ -258,7 +287,9 @@ void register_dtype(py::module_& m) {
 void register_weights(py::module_& m) {
     m.def("smc_reweight", &bind_smc_reweight, py::arg("log_w"), py::arg("log_v"), py::arg("log_v_prev"),
           py::arg("live"), py::arg("log_total"), py::arg("log_z"), py::arg("collapsed"), py::arg("log_n"),
-          py::arg("threshold"), py::arg("scheme"), py::arg("key"), py::arg("increment_se") = py::none());
+          py::arg("threshold"), py::arg("scheme"), py::arg("key"), py::arg("increment_se") = py::none(),
+          py::arg("keys") = py::none(), py::arg("counters") = py::none(), py::arg("thresholds") = py::none(),
+          py::arg("schemes") = py::none());
     register_dtype<double>(m);
     register_dtype<float>(m);
     m.def("mh_accept", &bind_mh_accept, py::arg("log_z_current"), py::arg("log_z_proposed"), py::arg("key"));

@@ -6,6 +6,7 @@
 
 #include "tiltsmc/kernels.hpp"
 #include "tiltsmc/philox.hpp"
+#include "tiltsmc/read_once.hpp"
 #include "tiltsmc/row_weights.hpp"
 #include "tiltsmc/systematic.hpp"
 
@@ -346,7 +347,7 @@ Status resample(const T* logw, std::int64_t rows, std::int64_t n, Scheme scheme,
 template <typename T>
 Status smc_step(T* log_w, std::int64_t rows, std::int64_t n, double threshold, Scheme scheme, std::uint64_t key,
                 bool survivors_stay, std::int64_t* ancestors, std::uint8_t* resampled, double* log_mean_w,
-                double* ess, std::int64_t* unique) {
+                double* ess, std::int64_t* unique, const RowSettings& per_row) {
     if (rows < 0 || n < 1) return {StatusCode::bad_size, -1, -1};
     std::vector<Status> statuses(static_cast<std::size_t>(rows));
     parallel_for(rows, rows * n * 2, [&](std::int64_t begin, std::int64_t end) {
@@ -371,8 +372,20 @@ Status smc_step(T* log_w, std::int64_t rows, std::int64_t n, double threshold, S
             }
             log_mean_w[r] = rw.shift + std::log(rw.sum) - std::log(static_cast<double>(n));
             ess[r] = rw.sum * rw.sum / rw.sum_squares;
-            if (!(threshold >= 1.0 || ess[r] < threshold * static_cast<double>(n))) continue;
-            draw_ancestors(w.data(), n, rw, scheme, n, key, r, a, false);
+            const double row_threshold = per_row.thresholds ? per_row.thresholds[r] : threshold;  // decides, never indexes
+            if (!(row_threshold >= 1.0 || ess[r] < row_threshold * static_cast<double>(n))) continue;
+            Scheme row_scheme = scheme;
+            if (per_row.schemes) {
+                const std::uint8_t code = read_once(per_row.schemes + r);
+                if (code > static_cast<std::uint8_t>(Scheme::residual)) {  // checked valid by the caller
+                    statuses[static_cast<std::size_t>(r)] = {StatusCode::input_changed, r, -1};
+                    continue;
+                }
+                row_scheme = static_cast<Scheme>(code);
+            }
+            const std::uint64_t row_key = per_row.keys ? read_once(per_row.keys + r) : key;
+            const std::uint64_t counter = per_row.counters ? read_once(per_row.counters + r) : static_cast<std::uint64_t>(r);
+            draw_ancestors(w.data(), n, rw, row_scheme, n, row_key, static_cast<std::int64_t>(counter), a, false);
             resampled[r] = 1;
             std::int64_t distinct = 1;
             for (std::int64_t i = 1; i < n; ++i) distinct += a[i] != a[i - 1];
@@ -414,7 +427,7 @@ Status smc_reweight(double* log_w, std::int64_t rows, std::int64_t n, const doub
                     const std::uint8_t* live, double log_n, double threshold, Scheme scheme, std::uint64_t key,
                     double* log_total, double* log_z, std::uint8_t* collapsed, std::int64_t* ancestors,
                     std::uint8_t* resampled, double* ess, std::int64_t* unique, double* log_z_increment,
-                    double* increment_se) {
+                    double* increment_se, const RowSettings& per_row) {
     if (rows < 0 || n < 1) return {StatusCode::bad_size, -1, -1};
     for (std::int64_t k = 0; k < rows * n; ++k) {  // everything checked before anything is written
         for (const double value : {log_w[k], live[k] ? log_v[k] : 0.0, live[k] ? log_v_prev[k] : 0.0}) {
@@ -438,7 +451,7 @@ Status smc_reweight(double* log_w, std::int64_t rows, std::int64_t n, const doub
     if (increment_se != nullptr) after.assign(log_w, log_w + rows * n);
     std::vector<double> log_mean_w(static_cast<std::size_t>(rows));
     const Status status = smc_step(log_w, rows, n, threshold, scheme, key, true, ancestors, resampled, log_mean_w.data(),
-                                   ess, unique);
+                                   ess, unique, per_row);
     if (!status.ok()) return status;
     for (std::int64_t r = 0; r < rows; ++r) {
         // log sum_i W_{t-1,i} G_{t,i} = logsumexp(log_w_t) - logsumexp(log_w_{t-1}), the latter log N after a reset
@@ -456,9 +469,9 @@ Status smc_reweight(double* log_w, std::int64_t rows, std::int64_t n, const doub
 }
 
 template Status smc_step<float>(float*, std::int64_t, std::int64_t, double, Scheme, std::uint64_t, bool,
-                                std::int64_t*, std::uint8_t*, double*, double*, std::int64_t*);
+                                std::int64_t*, std::uint8_t*, double*, double*, std::int64_t*, const RowSettings&);
 template Status smc_step<double>(double*, std::int64_t, std::int64_t, double, Scheme, std::uint64_t, bool,
-                                 std::int64_t*, std::uint8_t*, double*, double*, std::int64_t*);
+                                 std::int64_t*, std::uint8_t*, double*, double*, std::int64_t*, const RowSettings&);
 
 template Status resample<float>(const float*, std::int64_t, std::int64_t, Scheme, std::int64_t, std::uint64_t,
                                 std::int64_t*);

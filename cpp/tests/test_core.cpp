@@ -610,6 +610,45 @@ void test_token_kernels() {
                    .ok());
         EXPECT(zse[0] == 0.0);  // no live particle: no potential applied
     }
+    // per-row settings: two runs' rows in one call (keys 5 and 9, counters from 0, their own schemes and
+    // thresholds) step as each run's own call; a scheme code that is none when read is reported (input_changed)
+    {
+        const std::int64_t n = 6;
+        std::vector<double> base(4 * n);
+        for (std::size_t k = 0; k < base.size(); ++k) base[k] = std::sin(1.7 * static_cast<double>(k)) * 2.0;
+        const std::vector<std::uint8_t> all_live(4 * n, 1);
+        auto step = [&](std::vector<double>& w, std::int64_t rows, double threshold, Scheme scheme, std::uint64_t key,
+                        const RowSettings& per_row, std::vector<std::int64_t>& out) {
+            std::vector<double> v(w.size(), 0.5), prev(w.size(), 0.0), t(static_cast<std::size_t>(rows), 0.0),
+                z(static_cast<std::size_t>(rows)), inc(static_cast<std::size_t>(rows)), e(static_cast<std::size_t>(rows));
+            std::vector<std::uint8_t> g(static_cast<std::size_t>(rows)), r(static_cast<std::size_t>(rows));
+            std::vector<std::int64_t> u(static_cast<std::size_t>(rows));
+            out.assign(w.size(), -1);
+            return smc_reweight(w.data(), rows, n, v.data(), prev.data(), all_live.data(), std::log(6.0), threshold,
+                                scheme, key, t.data(), z.data(), g.data(), out.data(), r.data(), e.data(), u.data(),
+                                inc.data(), nullptr, per_row);
+        };
+        std::vector<double> first(base.begin(), base.begin() + 2 * n), second(base.begin() + 2 * n, base.end());
+        std::vector<std::int64_t> a_first, a_second, a_both;
+        EXPECT(step(first, 2, 1.0, Scheme::multinomial, 5, {}, a_first).ok());
+        EXPECT(step(second, 2, 0.9, Scheme::stratified, 9, {}, a_second).ok());
+        const std::vector<std::uint64_t> keys = {5, 5, 9, 9}, counters = {0, 1, 0, 1};
+        const std::vector<double> thresholds = {1.0, 1.0, 0.9, 0.9};
+        std::vector<std::uint8_t> schemes = {0, 0, 1, 1};
+        std::vector<double> both = base;
+        EXPECT(step(both, 4, 0.0, Scheme::systematic, 77, {keys.data(), counters.data(), thresholds.data(),
+                                                            schemes.data()}, a_both).ok());
+        std::vector<std::int64_t> joined = a_first;
+        joined.insert(joined.end(), a_second.begin(), a_second.end());
+        std::vector<double> joined_w = first;
+        joined_w.insert(joined_w.end(), second.begin(), second.end());
+        EXPECT(a_both == joined && both == joined_w);
+        schemes[3] = 9;  // not a scheme
+        std::vector<double> refused_w = base;
+        const Status bad = step(refused_w, 4, 0.0, Scheme::systematic, 77,
+                                {keys.data(), counters.data(), thresholds.data(), schemes.data()}, a_both);
+        EXPECT(bad.code == StatusCode::input_changed && bad.row == 3);
+    }
 
     const std::vector<double> logits = {0.0, 1.0, std::nan(""), 0.0, 2.0, 1.0};
     const std::vector<std::uint8_t> draw_rows = {1, 0, 1};

@@ -32,6 +32,10 @@ def smc_reweight(
     scheme: int,
     key: int,
     increment_se: Optional[npt.NDArray[np.float64]] = None,
+    keys: Optional[npt.NDArray[np.uint64]] = None,
+    counters: Optional[npt.NDArray[np.uint64]] = None,
+    thresholds: Optional[npt.NDArray[np.float64]] = None,
+    schemes: Optional[npt.NDArray[np.uint8]] = None,
 ) -> tuple[
     npt.NDArray[np.int64],
     npt.NDArray[np.bool_],

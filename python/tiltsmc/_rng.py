@@ -79,12 +79,18 @@ class RowStreams:
     draw from ``generators[g]`` exactly as that run's rows would alone, numbered from 0: a core kernel
     given a ``RowStreams`` as ``rng`` runs once per run with one key drawn from that run's generator
     (only where the run has a row to draw), and ``random`` splits its draws the same way. So a run's
-    draws depend on its own seed and never on the other runs of the batch.
+    draws depend on its own seed and never on the other runs of the batch. ``keys``: each run's key,
+    drawn already (a call repeated run by run after the batched call was refused draws the same).
     """
 
-    __slots__ = ("_counters", "bounds", "generators")
+    __slots__ = ("_counters", "bounds", "generators", "keys")
 
-    def __init__(self, generators: Sequence[np.random.Generator], bounds: Sequence[int]) -> None:
+    def __init__(
+        self,
+        generators: Sequence[np.random.Generator],
+        bounds: Sequence[int],
+        keys: Optional[Sequence[int]] = None,
+    ) -> None:
         if (
             len(bounds) != len(generators) + 1
             or bounds[0] != 0
@@ -93,8 +99,11 @@ class RowStreams:
             raise ValueError(
                 f"bounds: expected {len(generators) + 1} ascending row offsets from 0, got {bounds}"
             )
+        if keys is not None and len(keys) != len(generators):
+            raise ValueError(f"keys: expected one per generator ({len(generators)}), got {len(keys)}")
         self.generators = tuple(generators)
         self.bounds = tuple(int(b) for b in bounds)
+        self.keys = None if keys is None else tuple(int(key) for key in keys)
         self._counters: Optional[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.uint64]]]
         self._counters = None
 
@@ -108,6 +117,13 @@ class RowStreams:
             raise ValueError(f"{name}: RowStreams for {self.num_rows} rows, given {rows}")
         for g, generator in enumerate(self.generators):
             yield slice(self.bounds[g], self.bounds[g + 1]), generator
+
+    def run_keys(self) -> tuple[int, ...]:
+        """One key per run for a kernel that draws from every run: ``keys`` where given, else one drawn
+        from each generator (as each run's own call would draw it)."""
+        if self.keys is not None:
+            return self.keys
+        return tuple(draw_key(generator) for generator in self.generators)
 
     def row_counters(
         self, rows: int

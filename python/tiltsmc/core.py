@@ -191,9 +191,9 @@ def smc_reweight(
     log_total: npt.NDArray[np.float64],
     log_z: npt.NDArray[np.float64],
     collapsed: npt.NDArray[np.bool_],
-    ess_threshold: float,
-    scheme: Scheme = "systematic",
-    rng: RNGLike = None,
+    ess_threshold: Union[float, npt.ArrayLike],
+    scheme: Union[Scheme, Sequence[Scheme]] = "systematic",
+    rng: Union[RNGLike, RowStreams] = None,
     *,
     increment_se: Optional[npt.NDArray[np.float64]] = None,
 ) -> tuple[
@@ -228,9 +228,33 @@ def smc_reweight(
     (an overestimate by the spread of the ``E_p[G | prefix_i]``). ``inf`` where ``l = -inf`` (every
     potential 0: no reading), 0 in a row without live particles (no potential applied). NaN or ``+inf`` in
     ``log_w``, or in ``log_v`` / ``log_v_prev`` of a live particle, raises before anything is written.
+
+    Rows of independent runs (requests batched together) step in one call as each run's own call would
+    step them: ``ess_threshold`` may be a ``(B,)`` array and ``scheme`` a sequence of ``B`` names (each
+    row's own), and ``rng`` a ``RowStreams`` (each run's rows draw from one key drawn from its generator,
+    numbered from 0, as in [`pool_select`][tiltsmc.core.pool_select]; or from the keys it was given).
     """
-    code, threshold = _step_arguments(scheme, ess_threshold)
+    rows = log_w.shape[0] if isinstance(log_w, np.ndarray) and log_w.ndim == 2 else 0
     log_n = _log_count(log_w.shape[1]) if isinstance(log_w, np.ndarray) and log_w.ndim == 2 else 0.0
+    schemes: Optional[npt.NDArray[np.uint8]] = None
+    if isinstance(scheme, str) or not isinstance(scheme, Sequence):
+        code = _scheme_code(scheme)
+    else:
+        code, schemes = 0, np.array([_scheme_code(name) for name in scheme], dtype=np.uint8)
+        if schemes.size != rows:
+            raise ValueError(f"scheme: expected a name, or one per row of log_w ({rows}), got {schemes.size}")
+    thresholds: Optional[npt.NDArray[np.float64]] = None
+    if np.ndim(ess_threshold) == 0:
+        threshold = _step_arguments("systematic", ess_threshold)[1]  # type: ignore[arg-type]
+    else:
+        threshold, thresholds = 0.0, _row_thresholds(ess_threshold, rows)
+    keys = counters = None
+    key = 0
+    if isinstance(rng, RowStreams):
+        _, sizes, counters = rng.row_counters(rows)
+        keys = np.repeat(np.array(rng.run_keys(), dtype=np.uint64), sizes)
+    else:
+        key = draw_key(rng)
     ancestors, resampled, ess, unique, increment = _core.smc_reweight(
         log_w,
         log_v,
@@ -242,10 +266,32 @@ def smc_reweight(
         log_n,
         threshold,
         code,
-        draw_key(rng),
+        key,
         increment_se,
+        keys,
+        counters,
+        thresholds,
+        schemes,
     )
     return ancestors, resampled, ess, unique, increment
+
+
+def _row_thresholds(ess_threshold: Any, rows: int) -> npt.NDArray[np.float64]:
+    """Per-row ESS thresholds as a float64 ``(rows,)`` array, each a fraction >= 0."""
+    try:
+        thresholds = np.ascontiguousarray(ess_threshold, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"ess_threshold: expected a fraction >= 0 or one per row, got {ess_threshold!r}"
+        ) from None
+    if thresholds.shape != (rows,):
+        raise ValueError(
+            f"ess_threshold: expected a fraction or one per row of log_w ({rows}), got shape "
+            f"{thresholds.shape}"
+        )
+    if not np.all(thresholds >= 0.0):
+        raise ValueError(f"ess_threshold: expected fractions >= 0, got {thresholds.tolist()}")
+    return thresholds
 
 
 def _scheme_code(scheme: object) -> int:

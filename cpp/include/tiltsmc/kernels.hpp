@@ -50,6 +50,17 @@ template <typename T>
 Status resample(const T* logw, std::int64_t rows, std::int64_t n, Scheme scheme, std::int64_t m,
                 std::uint64_t key, std::int64_t* ancestors);
 
+// Per-row settings of a batch whose rows belong to independent runs (requests batched together), each run
+// with its own generator, resampling scheme and ESS threshold: row r draws from the stream
+// (keys[r], counters[r]) instead of (key, r) and resamples with schemes[r] (a Scheme's code) and
+// thresholds[r] instead of the call's. Any pointer may be null: the call's own value for every row.
+struct RowSettings {
+    const std::uint64_t* keys = nullptr;
+    const std::uint64_t* counters = nullptr;
+    const double* thresholds = nullptr;
+    const std::uint8_t* schemes = nullptr;
+};
+
 // One SMC bookkeeping step for every row, in one pass over the weights: log_mean_w and ess as in
 // log_normalize; rows with ess < threshold * n (every row when threshold >= 1) are resampled: n
 // ancestors drawn with `scheme` from the row's stream (key, row), resampled[r] = 1, unique[r] = the
@@ -57,11 +68,13 @@ Status resample(const T* logw, std::int64_t rows, std::int64_t n, Scheme scheme,
 // identity. A row of zero weights is reported (log_mean_w = -inf, ess = 0) and never resampled. With
 // survivors_stay, a resampled row's ancestors are arranged as keep_survivors does (the same offspring
 // counts, every survivor in its own slot) instead of ascending. Every row is checked before any row's
-// log-weights are reset: on error log_w is left as it was (the other outputs are then meaningless).
+// log-weights are reset: on error log_w is left as it was (the other outputs are then meaningless). With
+// per_row, each row's stream, scheme and threshold are its own (RowSettings); a scheme code that is not one
+// when it is read reports input_changed at that row.
 template <typename T>
 Status smc_step(T* log_w, std::int64_t rows, std::int64_t n, double threshold, Scheme scheme, std::uint64_t key,
                 bool survivors_stay, std::int64_t* ancestors, std::uint8_t* resampled, double* log_mean_w,
-                double* ess, std::int64_t* unique);
+                double* ess, std::int64_t* unique, const RowSettings& per_row = {});
 
 // One step of SMC with the ratio potentials G = Vh_t / Vh_{t-1} (log_w: rows x n, float64): for every live
 // particle k, log_w[k] += log_v[k] - log_v_prev[k] (-inf where log_v_prev[k] = -inf: the weight is zero
@@ -73,12 +86,13 @@ Status smc_step(T* log_w, std::int64_t rows, std::int64_t n, double threshold, S
 // (delta method) sqrt(sum_i (W_i G_i / e^l - W_i)^2), W_i the normalised weights before the step: inf where l is
 // -inf, 0 in a row without live particles (no potential applied).
 // NaN or +inf in log_w, or in log_v / log_v_prev of a live particle, or an updated log-weight that would be NaN or
-// +inf (log_v - log_v_prev overflowing), is reported before anything is written.
+// +inf (log_v - log_v_prev overflowing), is reported before anything is written. per_row: as in smc_step
+// (the rows of several runs with the same n, each as its own call would step it).
 Status smc_reweight(double* log_w, std::int64_t rows, std::int64_t n, const double* log_v, double* log_v_prev,
                     const std::uint8_t* live, double log_n, double threshold, Scheme scheme, std::uint64_t key,
                     double* log_total, double* log_z, std::uint8_t* collapsed, std::int64_t* ancestors,
                     std::uint8_t* resampled, double* ess, std::int64_t* unique, double* log_z_increment,
-                    double* increment_se = nullptr);
+                    double* increment_se = nullptr, const RowSettings& per_row = {});
 
 // One index per row drawn with probability w_i, and the row's log mean weight.
 template <typename T>

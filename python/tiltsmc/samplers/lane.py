@@ -25,7 +25,7 @@ import numpy.typing as npt
 from .._rng import RowStreams
 from ..models.particles import MAX_NEW_TOKENS, Particles
 from ._engine import FloatArray, Models, failed_prompts
-from .runs import LOG_V_PREV, Run
+from .runs import LOG_V_PREV, Run, reweigh_together
 
 __all__ = ["KINDS", "Lane", "RunFailed", "run_alone", "run_together"]
 
@@ -164,17 +164,62 @@ class Lane:
 
     def _guided_step(self, ended: Ended) -> None:
         particles = self._count_step()
-        for member in self.members:
+        together = self._smc_groups()
+        alone = [member for member in self.members if id(member) not in together]
+        for member in alone:
             member.run.before_step(_view(particles, member))
+        live = ~particles.finished if together else None  # the particles this step extends
         self._charge(lambda: self.models.propose(particles, self._rng()), live=True)
         _end_at_limits(particles)
         log_v = self._log_values(ended)
+        outcomes = {} if live is None else self._reweigh_together(together, log_v, live)
         self._update(
             ended,
             lambda member, view: member.run.reweigh(
                 view, log_v[member.start : member.stop].reshape(member.batch, member.count)
             ),
+            outcomes,
         )
+
+    def _smc_groups(self) -> dict[int, int]:
+        """The members whose runs take SMC's ratio-potential step with at least one other of the same
+        particle count (by ``id``, to that count): their reweighting is one core call per count."""
+        counts: dict[int, list[_Member]] = {}
+        for member in self.members:
+            if member.run.smc_reweighing() is not None:
+                counts.setdefault(member.count, []).append(member)
+        return {id(m): count for count, group in counts.items() if len(group) > 1 for m in group}
+
+    def _reweigh_together(
+        self, together: dict[int, int], log_v: FloatArray, live: npt.NDArray[np.bool_]
+    ) -> dict[int, Any]:
+        """``reweigh_together`` for each particle count's members that are still running (by ``id``: what
+        each run's ``reweigh`` returns or raises). A group that is every member in the lane's order steps on
+        the lane's own arrays; another on copies of its rows, ``log Vh`` written back after."""
+        particles = self._particles()
+        log_v_prev = particles.state[LOG_V_PREV]
+        finished_rows, rows = self._finished_rows()
+        done = {id(m): bool(f == r) for m, f, r in zip(self.members, finished_rows.tolist(), rows.tolist())}
+        groups: dict[int, list[_Member]] = {}
+        for member in self._active():
+            if id(member) in together:
+                groups.setdefault(together[id(member)], []).append(member)
+        outcomes: dict[int, Any] = {}
+        for count, group in groups.items():
+            runs = [run for run in (member.run.smc_reweighing() for member in group) if run is not None]
+            # the group's rows, (P, count): the lane's own arrays where the group is the whole lane
+            whole = len(group) == len(self.members) and log_v_prev.flags.c_contiguous
+            index = None if whole else np.concatenate([np.arange(m.start, m.stop) for m in group])
+
+            prev = _group_rows(log_v_prev, index, count)
+            flags = [done[id(member)] for member in group]
+            results = reweigh_together(
+                runs, _group_rows(log_v, index, count), prev, _group_rows(live, index, count), flags
+            )
+            if index is not None:  # written back: the core updated a copy
+                log_v_prev.reshape(-1)[index] = prev.reshape(-1)
+            outcomes.update((id(member), result) for member, result in zip(group, results))
+        return outcomes
 
     def _twist_step(self, ended: Ended) -> None:
         particles = self._count_step()
@@ -209,14 +254,23 @@ class Lane:
                 self._end_alone(member, error, ended)
 
     def _update(
-        self, ended: Ended, update: Callable[[_Member, Particles], Optional[npt.NDArray[np.int64]]]
+        self,
+        ended: Ended,
+        update: Callable[[_Member, Particles], Optional[npt.NDArray[np.int64]]],
+        outcomes: Optional[dict[int, Any]] = None,
     ) -> None:
-        """Each run's own update of its rows; one reorder for every run that resamples."""
+        """Each run's own update of its rows (or its outcome already there: by the member's ``id``, the
+        ancestors or the exception); one reorder for every run that resamples."""
         particles = self._particles()
         ancestors: Optional[npt.NDArray[np.int64]] = None
         for member in self._active():
             try:
-                local = update(member, _view(particles, member))
+                if outcomes and id(member) in outcomes:
+                    local = outcomes[id(member)]
+                    if isinstance(local, Exception):
+                        raise local
+                else:
+                    local = update(member, _view(particles, member))
             except Exception as error:
                 self._end_alone(member, error, ended)
                 continue
@@ -441,6 +495,12 @@ class Lane:
             return call()
         finally:
             _share([getattr(compute, name) - b for name, b in zip(_FIELDS, before)], runs, weights)
+
+
+def _group_rows(array: Any, index: Optional[npt.NDArray[np.int64]], count: int) -> Any:
+    """A lane array's rows ``index`` (None: all, as a view) laid out ``(prompts, count)``."""
+    flat = array.reshape(-1)
+    return (flat if index is None else flat[index]).reshape(-1, count)
 
 
 def _end_at_limits(particles: Particles) -> None:

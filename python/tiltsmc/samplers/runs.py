@@ -31,6 +31,7 @@ import numpy.typing as npt
 
 from .. import core
 from .._numeric import logsumexp
+from .._rng import RowStreams
 from ..models.particles import Particles
 from ..models.sampling import sample_categorical
 from ._engine import FloatArray, all_finished
@@ -186,9 +187,18 @@ class Run:
 
     def check_steps(self, particles: Particles) -> None:
         """Count a step; refuse to go past ``max_steps`` with trajectories unfinished."""
+        self.count_step(all_finished(particles))
+
+    def count_step(self, done: bool) -> None:
+        """``check_steps`` given whether every trajectory has finished (``done``)."""
         self.steps += 1
-        if self.steps >= self.max_steps and not all_finished(particles):
+        if self.steps >= self.max_steps and not done:
             raise RuntimeError(f"max_steps: trajectories still unfinished after {self.max_steps} steps")
+
+    def smc_reweighing(self) -> Optional[SMCRun]:
+        """The ``SMCRun`` whose ratio-potential step ``reweigh`` is (so that the lane can step it with
+        others in one core call, [`reweigh_together`][tiltsmc.samplers.runs.reweigh_together]), or None."""
+        return None
 
 
 class SMCRun(Run):
@@ -250,6 +260,9 @@ class SMCRun(Run):
     def reweigh(self, particles: Particles, log_v: FloatArray) -> Ancestors:
         return self._reweigh(particles, log_v, self.live)
 
+    def smc_reweighing(self) -> Optional[SMCRun]:
+        return self if self.proposal == "naive" else None
+
     def choose(
         self, particles: Particles, log_p: FloatArray, next_log_values: FloatArray
     ) -> npt.NDArray[np.int64]:
@@ -278,23 +291,48 @@ class SMCRun(Run):
         # slots, so that the in-place reorder moves only the dead), the reset of resampled rows' weights
         # and log Zh += log sum_i W_{t-1,i} G_{t,i}; never resampling after the last step: the final sample
         # stays weighted.
-        threshold = 0.0 if all_finished(particles) else self.ess_threshold
+        done = all_finished(particles)
+        return self._step(log_v, particles.state[LOG_V_PREV], reweighted, done, self.generator)
+
+    def _step(
+        self,
+        log_v: FloatArray,
+        log_v_prev: FloatArray,
+        reweighted: npt.NDArray[np.bool_],
+        done: bool,
+        rng: Union[np.random.Generator, RowStreams],
+    ) -> Ancestors:
+        """``_reweigh`` on the run's arrays, ``done`` saying whether every trajectory has finished."""
+        threshold = 0.0 if done else self.ess_threshold
         # the increment's standard error from the core too (0 where no potential was applied: the optimal
         # proposal's increment log sum_i W_i E_p[G | prefix_i] is exact given the prefixes)
         increment_se = np.empty(len(self.log_z))
-        ancestors, resample_rows, ess, unique, step_increment = core.smc_reweight(
+        stepped = core.smc_reweight(
             self.log_w,
             log_v,
-            particles.state[LOG_V_PREV],
+            log_v_prev,
             reweighted,
             self.log_total,
             self.log_z,
             self.collapsed,
             threshold,
             self.scheme,  # type: ignore[arg-type]  # a scheme name, checked by the sampler's arguments
-            self.generator,
+            rng,
             increment_se=increment_se,
         )
+        return self._record(*stepped, increment_se, done)
+
+    def _record(
+        self,
+        ancestors: npt.NDArray[np.int64],
+        resample_rows: npt.NDArray[np.bool_],
+        ess: FloatArray,
+        unique: npt.NDArray[np.int64],
+        step_increment: FloatArray,
+        increment_se: FloatArray,
+        done: bool,
+    ) -> Ancestors:
+        """A step's outputs into the trace; the step counted; the ancestors where a prompt resampled."""
         trace = self.trace
         trace.ess.append(ess)
         trace.resampled.append(resample_rows)
@@ -303,7 +341,7 @@ class SMCRun(Run):
         trace.increment_se.append(increment_se)
         if self.record_ancestry:
             trace.ancestry.append(np.array(ancestors))
-        self.check_steps(particles)
+        self.count_step(done)
         return ancestors if np.count_nonzero(resample_rows) else None
 
     def end(self, particles: Particles) -> None:
@@ -345,6 +383,90 @@ class SMCRun(Run):
             np.full(count, -np.inf if self.collapsed[b] else -math.log(count)) for b in range(batch)
         ]
         return samples_of(particles, rows), log_weights
+
+
+def reweigh_together(
+    runs: list[SMCRun],
+    log_v: FloatArray,
+    log_v_prev: FloatArray,
+    live: npt.NDArray[np.bool_],
+    done: list[bool],
+) -> list[Union[Ancestors, Exception]]:
+    """``SMCRun.reweigh`` of several runs with the same particle count ``N`` in one core call.
+
+    ``log_v``, ``log_v_prev`` (updated in place) and ``live`` hold the runs' ``(B_k, N)`` rows one after the
+    other; ``done[k]``: run ``k``'s trajectories have all finished. Each run keeps its own scheme, ESS
+    threshold and generator (one key drawn from it, its prompts numbered from 0: a ``RowStreams``), so each
+    steps exactly as its own call would. Per run, what ``reweigh`` returns, or the exception it raises: where
+    the call is refused (one run's overflow, which the core reports before writing anything), each run steps
+    alone with the key it drew, and only the runs at fault fail.
+    """
+    sizes = [len(run.log_z) for run in runs]
+    bounds = np.cumsum([0, *sizes]).tolist()
+    streams = RowStreams([run.generator for run in runs], bounds)
+    streams.keys = streams.run_keys()  # drawn once: a repeat run by run draws the same
+    log_w = np.concatenate([run.log_w for run in runs])
+    log_total = np.concatenate([run.log_total for run in runs])
+    log_z = np.concatenate([run.log_z for run in runs])
+    collapsed = np.concatenate([run.collapsed for run in runs])
+    thresholds = np.repeat([0.0 if d else run.ess_threshold for run, d in zip(runs, done)], sizes)
+    schemes = [run.scheme for run, size in zip(runs, sizes) for _ in range(size)]
+    increment_se = np.empty(len(log_z))
+    try:
+        stepped = core.smc_reweight(
+            log_w,
+            log_v,
+            log_v_prev,
+            live,
+            log_total,
+            log_z,
+            collapsed,
+            thresholds,
+            schemes,  # type: ignore[arg-type]  # scheme names, checked by the samplers' arguments
+            streams,
+            increment_se=increment_se,
+        )
+    except ValueError:
+        return [_alone(run, k, streams, log_v, log_v_prev, live, done[k]) for k, run in enumerate(runs)]
+    ancestors, resampled, ess, unique, increments = stepped
+    outcomes: list[Union[Ancestors, Exception]] = []
+    for k, run in enumerate(runs):
+        rows = slice(bounds[k], bounds[k + 1])
+        run.log_w, run.log_total = log_w[rows], log_total[rows]
+        run.log_z, run.collapsed = log_z[rows], collapsed[rows]
+        try:
+            outcomes.append(
+                run._record(
+                    ancestors[rows],
+                    resampled[rows],
+                    ess[rows],
+                    unique[rows],
+                    increments[rows],
+                    increment_se[rows],
+                    done[k],
+                )
+            )
+        except Exception as error:
+            outcomes.append(error)
+    return outcomes
+
+
+def _alone(
+    run: SMCRun,
+    k: int,
+    streams: RowStreams,
+    log_v: FloatArray,
+    log_v_prev: FloatArray,
+    live: npt.NDArray[np.bool_],
+    done: bool,
+) -> Union[Ancestors, Exception]:
+    """Run ``k`` of a refused ``reweigh_together`` stepped alone, with the key it drew."""
+    rows = slice(streams.bounds[k], streams.bounds[k + 1])
+    alone = RowStreams([run.generator], [0, rows.stop - rows.start], [streams.run_keys()[k]])
+    try:
+        return run._step(log_v[rows], log_v_prev[rows], live[rows], done, alone)  # views: updated in place
+    except Exception as error:
+        return error
 
 
 class ExactSPRun(SMCRun):
@@ -624,9 +746,14 @@ class MHRun(Run):
         proposal: Union[SMCRun, PoolRun]
         if self.num_particles > 1:
             proposal = SMCRun(
-                self.prompts, self.num_particles, self.resample, self.ess_threshold, "naive", self.generator,
+                self.prompts,
+                self.num_particles,
+                self.resample,
+                self.ess_threshold,
+                "naive",
+                self.generator,
                 self.max_steps,
-            )  # fmt: skip
+            )
         elif self.pool_size is None:
             proposal = ExactSPRun(self.prompts, self.generator, self.max_steps)
         else:
@@ -654,6 +781,9 @@ class MHRun(Run):
 
     def reweigh(self, particles: Particles, log_v: FloatArray) -> Ancestors:
         return self.current.reweigh(particles, log_v)
+
+    def smc_reweighing(self) -> Optional[SMCRun]:
+        return self.current.smc_reweighing()
 
     def choose(
         self, particles: Particles, log_p: FloatArray, next_log_values: FloatArray
