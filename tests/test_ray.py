@@ -190,6 +190,45 @@ def test_a_killed_replica_is_replaced_and_the_other_keeps_serving(ray_server: Ra
         time.sleep(2)
 
 
+def test_a_failed_take_down_does_not_hide_why_serving_ended(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The deployment's own error is raised though ``serve.shutdown`` then fails too (logged), and the
+    local Ray instance is still shut down."""
+    import ray
+    from ray import serve
+    from tiltsmc.cli import build_parser
+    from tiltsmc.serving.ray import DeployFailed, ReplicaOptions, serve_on_ray
+    from tiltsmc.serving.server import Settings
+
+    calls: list[str] = []
+
+    def fail(what: str, error: Exception) -> Any:
+        def call(*args: Any, **kwargs: Any) -> None:
+            calls.append(what)
+            raise error
+
+        return call
+
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append("ray.init"))
+    monkeypatch.setattr(serve, "start", lambda **kwargs: calls.append("serve.start"))
+    monkeypatch.setattr(serve, "run", fail("serve.run", RuntimeError("a replica could not load its models")))
+    monkeypatch.setattr(serve, "shutdown", fail("serve.shutdown", ValueError("the proxy actor died")))
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("ray.shutdown"))
+    args = build_parser().parse_args(["serve", "--ray", "--demo", "--replicas", "1"])
+    with pytest.raises(DeployFailed, match="a replica could not load its models"):
+        serve_on_ray(args, ReplicaOptions({}, Settings()))
+    assert calls == ["ray.init", "serve.start", "serve.run", "serve.shutdown", "ray.shutdown"]
+    logged = [json.loads(line) for line in capsys.readouterr().err.splitlines() if "take_down" in line]
+    assert logged == [
+        {
+            "event": "ray_take_down_failed",
+            "step": "serve.shutdown",
+            "error": "ValueError('the proxy actor died')",
+        }
+    ]
+
+
 def test_a_ray_without_the_late_bound_ingress_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     """Before Ray 2.56, ``serve.ingress`` needs its app when the class is declared: ``--ray`` says which
     Ray it needs (an ImportError, as for a missing extra) instead of failing inside Ray."""

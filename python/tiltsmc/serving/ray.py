@@ -167,10 +167,22 @@ def serve_on_ray(args: argparse.Namespace, options: ReplicaOptions) -> int:
     except RuntimeError as error:  # a replica that could not start (its models, its options)
         raise DeployFailed(f"Ray Serve could not deploy: {error}") from None
     finally:
-        if started_here:
-            shutdown_serve: Callable[[], None] = serve.shutdown  # untyped in Ray
-            shutdown_serve()
-            ray.shutdown()
-        else:
-            serve.delete(APP_NAME)
+        _take_down(ray, serve, started_here)
     return 0
+
+
+def _take_down(ray: Any, serve: Any, started_here: bool) -> None:
+    """Take the application down, and the local Ray instance where this command started it. A step that
+    fails is logged and the next one still runs: raised here, its error would replace the one that ended
+    serving (seen on a loaded machine: a deployment's failure reported as the proxy that ``serve.shutdown``
+    had just killed)."""
+    steps: list[tuple[str, Callable[[], Any]]] = (
+        [("serve.shutdown", serve.shutdown), ("ray.shutdown", ray.shutdown)]
+        if started_here
+        else [("serve.delete", lambda: serve.delete(APP_NAME))]
+    )
+    for name, step in steps:
+        try:
+            step()
+        except Exception as error:
+            logger.warning(json.dumps({"event": "ray_take_down_failed", "step": name, "error": repr(error)}))
