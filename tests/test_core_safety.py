@@ -239,21 +239,19 @@ def _make_reweight_rows(rng: np.random.Generator) -> Args:
     return args
 
 
+REWEIGHT_ARRAYS = ("log_w", "log_v", "log_v_prev", "live", "log_total", "log_z", "collapsed")
+
+
 def _reweight_rows(a: Args) -> Any:
     """The rows of two runs in one call: per-row thresholds and schemes, each run's own stream."""
     rows = a["log_w"].shape[0]
     streams = RowStreams([np.random.default_rng(1), np.random.default_rng(2)], [0, rows // 2, rows])
     schemes = ["multinomial" if r < rows // 2 else "residual" for r in range(rows)]
+    arrays = [a[name] for name in REWEIGHT_ARRAYS]
     return core.smc_reweight(
-        a["log_w"],
-        a["log_v"],
-        a["log_v_prev"],
-        a["live"],
-        a["log_total"],
-        a["log_z"],
-        a["collapsed"],
+        *arrays,
         a["ess_threshold"],
-        schemes,  # type: ignore[arg-type]
+        schemes,
         rng=streams,
         increment_se=a["increment_se"],
     )
@@ -353,16 +351,7 @@ KERNELS: dict[str, Kernel] = {
     "smc_reweight": Kernel(
         _make_reweight,
         lambda a: core.smc_reweight(
-            a["log_w"],
-            a["log_v"],
-            a["log_v_prev"],
-            a["live"],
-            a["log_total"],
-            a["log_z"],
-            a["collapsed"],
-            0.5,
-            rng=7,
-            increment_se=a["increment_se"],
+            *[a[name] for name in REWEIGHT_ARRAYS], 0.5, rng=7, increment_se=a["increment_se"]
         ),
         frozenset({"log_w", "log_v_prev", "log_total", "log_z", "collapsed", "increment_se"}),
         _bad_log_weight,

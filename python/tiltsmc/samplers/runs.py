@@ -412,20 +412,9 @@ def reweigh_together(
     thresholds = np.repeat([0.0 if d else run.ess_threshold for run, d in zip(runs, done)], sizes)
     schemes = [run.scheme for run, size in zip(runs, sizes) for _ in range(size)]
     increment_se = np.empty(len(log_z))
-    try:
-        stepped = core.smc_reweight(
-            log_w,
-            log_v,
-            log_v_prev,
-            live,
-            log_total,
-            log_z,
-            collapsed,
-            thresholds,
-            schemes,  # type: ignore[arg-type]  # scheme names, checked by the samplers' arguments
-            streams,
-            increment_se=increment_se,
-        )
+    arrays = (log_w, log_v, log_v_prev, live, log_total, log_z, collapsed)
+    try:  # the schemes are names the samplers' arguments checked
+        stepped = core.smc_reweight(*arrays, thresholds, schemes, streams, increment_se=increment_se)  # type: ignore[arg-type]
     except ValueError:
         return [_alone(run, k, streams, log_v, log_v_prev, live, done[k]) for k, run in enumerate(runs)]
     ancestors, resampled, ess, unique, increments = stepped
