@@ -45,6 +45,7 @@ __all__ = [
     "SCORE_KINDS",
     "CudaAvailability",
     "DeviceArray",
+    "RowStreams",
     "append_tokens",
     "concatenate_padded",
     "cuda_available",
