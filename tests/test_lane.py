@@ -136,6 +136,56 @@ def test_smc_runs_of_one_particle_count_reweigh_in_one_core_call_each_as_alone(
         assert left == right, type(run).__name__
 
 
+def test_optimal_proposal_runs_resample_in_one_core_call_each_as_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The twisted lane: SMC with the optimal proposal (its own schemes and seeds), exact SP-gSMC and an MH
+    correction over it each take their weight update alone, then one core call per particle count
+    resamples them; each result is bit for bit the run's alone."""
+    models = _models()
+
+    def runs() -> list[Run]:
+        made: list[Run] = [
+            smc_run(models, None, 4, scheme, 0.9, "optimal", seed, record_ancestry=False, max_steps=100)
+            for scheme, seed in (("systematic", 1), ("multinomial", 2), ("stratified", 3))
+        ]
+        made += [sp_gsmc_run(models, None, None, seed, max_steps=100) for seed in (4, 5)]
+        made.append(
+            mh_run(models, None, None, 1, 1, 6, resample="systematic", ess_threshold=0.0, max_steps=100)
+        )
+        return made
+
+    calls: list[tuple[int, bool]] = []
+    smc_reweight = core.smc_reweight
+
+    def counted(log_w: np.ndarray, *args: Any, **kwargs: Any) -> Any:
+        calls.append((log_w.shape[0], isinstance(args[8], RowStreams)))
+        return smc_reweight(log_w, *args, **kwargs)
+
+    monkeypatch.setattr(core, "smc_reweight", counted)
+    batched = runs()
+    lane = Lane(models, "twist")
+    for run in batched:
+        lane.add(run)
+    ended = checked = 0
+    while ended < len(batched):
+        before = len(calls)
+        stepping = len(lane.members)
+        ended += len(lane.step())
+        if stepping == len(batched):  # the three of four particles, then the three of one, in one call each
+            assert sorted(calls[before:]) == [(3, True), (3, True)], calls[before:]
+            checked += 1
+    assert checked >= 2
+    monkeypatch.setattr(core, "smc_reweight", smc_reweight)
+    for run, alone in zip(batched, runs()):
+        got, want = run.result, run_alone(models, alone)
+        assert isinstance(got, SamplerResult) and isinstance(want, SamplerResult)
+        left, right = got.to_dict(), want.to_dict()
+        left.pop("compute")
+        right.pop("compute")
+        assert left == right, type(run).__name__
+
+
 def _stepped(seed: int, log_v0: np.ndarray) -> SMCRun:
     run = SMCRun(None, 3, "systematic", 1.0, "naive", np.random.default_rng(seed), 10)
     run.begin(log_v0, np.zeros(len(log_v0), bool), {})

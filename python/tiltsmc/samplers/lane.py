@@ -182,8 +182,8 @@ class Lane:
         )
 
     def _smc_groups(self) -> dict[int, int]:
-        """The members whose runs take SMC's ratio-potential step with at least one other of the same
-        particle count (by ``id``, to that count): their reweighting is one core call per count."""
+        """The members whose runs take SMC's step with at least one other of the same particle count (by
+        ``id``, to that count): their reweighting is one core call per count."""
         counts: dict[int, list[_Member]] = {}
         for member in self.members:
             if member.run.smc_reweighing() is not None:
@@ -223,6 +223,7 @@ class Lane:
 
     def _twist_step(self, ended: Ended) -> None:
         particles = self._count_step()
+        together = self._smc_groups()
         for member in self.members:
             member.run.before_step(_view(particles, member))
         next_log_values = self._charge(lambda: self.models.next_log_values(particles))
@@ -241,7 +242,21 @@ class Lane:
             tokens[rows] = chosen.reshape(-1, 1)
         self._charge(lambda: self.models.append(particles, tokens))
         _end_at_limits(particles)
-        self._update(ended, lambda member, view: member.run.after_append(view))
+        outcomes: dict[int, Any] = {}
+        if together:  # the optimal proposal's weights run by run, then one SMC step (no potential) a count
+            log_v = np.zeros(self.rows)
+            for member in self._active():
+                smc = member.run.smc_reweighing()
+                if id(member) not in together or smc is None:
+                    continue
+                try:
+                    log_v[member.start : member.stop] = smc.optimal_weights(_view(particles, member)).reshape(
+                        -1
+                    )
+                except Exception as error:
+                    self._end_alone(member, error, ended)
+            outcomes = self._reweigh_together(together, log_v, np.zeros(self.rows, dtype=bool))
+        self._update(ended, lambda member, view: member.run.after_append(view), outcomes)
 
     def _rollout_step(self, ended: Ended) -> None:
         particles = self._count_step()

@@ -196,8 +196,9 @@ class Run:
             raise RuntimeError(f"max_steps: trajectories still unfinished after {self.max_steps} steps")
 
     def smc_reweighing(self) -> Optional[SMCRun]:
-        """The ``SMCRun`` whose ratio-potential step ``reweigh`` is (so that the lane can step it with
-        others in one core call, [`reweigh_together`][tiltsmc.samplers.runs.reweigh_together]), or None."""
+        """The ``SMCRun`` whose SMC step ``reweigh`` (or ``after_append``) is, so that the lane can step it
+        with others in one core call ([`reweigh_together`][tiltsmc.samplers.runs.reweigh_together]); or
+        None."""
         return None
 
 
@@ -261,7 +262,7 @@ class SMCRun(Run):
         return self._reweigh(particles, log_v, self.live)
 
     def smc_reweighing(self) -> Optional[SMCRun]:
-        return self if self.proposal == "naive" else None
+        return self
 
     def choose(
         self, particles: Particles, log_p: FloatArray, next_log_values: FloatArray
@@ -275,14 +276,21 @@ class SMCRun(Run):
         return tokens
 
     def after_append(self, particles: Particles) -> Ancestors:
+        log_v = self.optimal_weights(particles)
+        return self._reweigh(particles, log_v, np.zeros_like(self.live))
+
+    def optimal_weights(self, particles: Particles) -> FloatArray:
+        """The optimal proposal's weight update for the tokens ``choose`` drew, applied to ``log_w`` and
+        ``log Vh_{t-1}``: ``log_w += log sum_s p(s|.) Vh_t(., s) - log Vh_{t-1}`` on live particles. Returns
+        ``log Vh_t`` of the drawn tokens; the SMC step that follows applies no potential (it only
+        resamples)."""
         next_log_values, tokens, log_sum = self._drawn
         log_v = np.take_along_axis(next_log_values, tokens[..., None], -1)[..., 0]
         log_v_prev = particles.state[LOG_V_PREV]
         live = self.live
-        # G = sum_s p(s|.) Vh_t(., s) / Vh_{t-1}, applied here; the core then only resamples
         self.log_w += np.where(live, safe_increment(log_sum, log_v_prev), 0.0)
         log_v_prev[live] = log_v[live]
-        return self._reweigh(particles, log_v, np.zeros_like(live))
+        return log_v
 
     def _reweigh(
         self, particles: Particles, log_v: FloatArray, reweighted: npt.NDArray[np.bool_]
