@@ -80,8 +80,9 @@ def test_smc_runs_of_one_particle_count_reweigh_in_one_core_call_each_as_alone(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Every step, the SMC runs with the same particle count (their own schemes, thresholds and seeds, an
-    MH correction's proposal among them) are reweighted in one core call; a run with another count, or an
-    SP-gSMC pool, steps alone. Each result is bit for bit the run's alone."""
+    MH correction's proposal among them) are reweighted in one core call, and the SP-gSMC pools of one
+    size (an MH correction's among them) drawn in one; a run with another count steps alone. Each result
+    is bit for bit the run's alone."""
     models = _models()
 
     def runs() -> list[Run]:
@@ -97,36 +98,46 @@ def test_smc_runs_of_one_particle_count_reweigh_in_one_core_call_each_as_alone(
         made.append(
             smc_run(models, None, 6, "stratified", 0.9, "naive", 5, record_ancestry=False, max_steps=100)
         )
-        made.append(sp_gsmc_run(models, None, 6, 6, max_steps=100))
+        made += [sp_gsmc_run(models, None, 6, seed, max_steps=100) for seed in (6, 8)]
         made.append(
             mh_run(models, None, None, 2, 4, 7, resample="systematic", ess_threshold=0.7, max_steps=100)
         )
+        made.append(mh_run(models, None, 6, 2, 1, 9, resample="systematic", ess_threshold=0.0, max_steps=100))
         return made
 
     calls: list[tuple[int, bool]] = []
-    smc_reweight = core.smc_reweight
+    pools: list[tuple[int, bool]] = []
+    smc_reweight, pool_select = core.smc_reweight, core.pool_select
 
     def counted(log_w: np.ndarray, *args: Any, **kwargs: Any) -> Any:
         calls.append((log_w.shape[0], isinstance(args[8], RowStreams)))
         return smc_reweight(log_w, *args, **kwargs)
 
+    def counted_pools(logw: np.ndarray, rng: Any = None, **kwargs: Any) -> Any:
+        pools.append((logw.shape[0], isinstance(rng, RowStreams)))
+        return pool_select(logw, rng, **kwargs)
+
     monkeypatch.setattr(core, "smc_reweight", counted)
+    monkeypatch.setattr(core, "pool_select", counted_pools)
     batched = runs()
     lane = Lane(models, "guided")
     for run in batched:
         lane.add(run)
     ended = checked = 0
     while ended < len(batched):
-        before = len(calls)
+        before, pools_before = len(calls), len(pools)
         members = [m.run for m in lane.members]
         for _, error in lane.step():
             assert error is None
             ended += 1
         if len(members) == len(batched):  # every run stepping: the four-particle ones in one call
             assert sorted(calls[before:]) == [(1, False), (5, True)], calls[before:]
+            # the three pools of six in one call (an MH run's end picks its SMC sample with its own)
+            assert [c for c in pools[pools_before:] if c[1]] == [(3, True)], pools[pools_before:]
             checked += 1
     assert checked >= 2
     monkeypatch.setattr(core, "smc_reweight", smc_reweight)
+    monkeypatch.setattr(core, "pool_select", pool_select)
     for run, alone in zip(batched, runs()):
         got, want = run.result, run_alone(models, alone)
         assert isinstance(got, SamplerResult) and isinstance(want, SamplerResult)

@@ -122,10 +122,16 @@ def test_row_streams_draw_each_run_as_alone() -> None:
     assert np.all(index[3:] == 0)
     untouched = np.random.default_rng(2)
     assert generators[1].random() == untouched.random()  # a run with nothing to draw draws no key
+    weights = logits.astype(np.float64)
     pooled = core.pool_select(
-        logits.astype(np.float64), RowStreams([np.random.default_rng(3)] * 2, [0, 2, 7])
+        weights, RowStreams([np.random.default_rng(3), np.random.default_rng(4)], [0, 2, 7])
     )
-    assert pooled[0].shape == (7,)
+    apart = [
+        core.pool_select(weights[:2], np.random.default_rng(3)),
+        core.pool_select(weights[2:], np.random.default_rng(4)),
+    ]
+    for got, want in zip(pooled, zip(*apart)):  # one core call, each run's rows as its own call draws them
+        np.testing.assert_array_equal(got, np.concatenate(want))
     np.testing.assert_array_equal(
         RowStreams([np.random.default_rng(4), np.random.default_rng(5)], [0, 1, 3]).random((3, 2)),
         np.concatenate([np.random.default_rng(4).random((1, 2)), np.random.default_rng(5).random((2, 2))]),

@@ -67,10 +67,35 @@ CArray<std::int64_t> bind_resample(const CArray<T>& logw, int scheme, std::int64
     return ancestors;
 }
 
+// Per-row streams of a batch of independent runs (keys and counters, uint64, one each per row), or none.
+struct RowStreamArrays {
+    py::array keys, counters;
+    const std::uint64_t* key_data = nullptr;
+    const std::uint64_t* counter_data = nullptr;
+};
+
+RowStreamArrays row_stream_arrays(const py::object& keys_object, const py::object& counters_object, std::int64_t rows,
+                                  const std::string& of) {
+    if (keys_object.is_none() != counters_object.is_none())
+        throw py::value_error("keys: keys and counters go together (one stream per row)");
+    RowStreamArrays streams;
+    if (keys_object.is_none()) return streams;
+    streams.keys = checked<std::uint64_t>(keys_object, "keys");
+    streams.counters = checked<std::uint64_t>(counters_object, "counters");
+    if (size_of(streams.keys) != rows) throw py::value_error("keys: expected one entry per row of " + of);
+    if (size_of(streams.counters) != rows) throw py::value_error("counters: expected one entry per row of " + of);
+    streams.key_data = static_cast<const std::uint64_t*>(streams.keys.data());
+    streams.counter_data = static_cast<const std::uint64_t*>(streams.counters.data());
+    return streams;
+}
+
 template <typename T>
-std::tuple<CArray<std::int64_t>, CArray<double>> bind_pool_select(const CArray<T>& logw, std::uint64_t key) {
+std::tuple<CArray<std::int64_t>, CArray<double>> bind_pool_select(const CArray<T>& logw, std::uint64_t key,
+                                                                  const py::object& keys_object,
+                                                                  const py::object& counters_object) {
     if (logw.ndim() != 2) throw py::value_error("logw: expected a 2-D array");
     const std::int64_t rows = logw.shape(0), n = logw.shape(1);
+    const RowStreamArrays streams = row_stream_arrays(keys_object, counters_object, rows, "logw");
     CArray<std::int64_t> index(rows);
     CArray<double> log_mean_w(rows);
     const T* in = logw.data();
@@ -79,7 +104,7 @@ std::tuple<CArray<std::int64_t>, CArray<double>> bind_pool_select(const CArray<T
     Status status;
     {
         py::gil_scoped_release release;
-        status = pool_select(in, rows, n, key, idx, lm);
+        status = pool_select(in, rows, n, key, idx, lm, streams.key_data, streams.counter_data);
     }
     check(status, "logw");
     return {index, log_mean_w};
@@ -110,24 +135,11 @@ std::tuple<CArray<std::int64_t>, CArray<double>> bind_sample_logits(const CArray
             throw py::value_error("where: expected one entry per row of logits");
         active = static_cast<const std::uint8_t*>(active_array.data());
     }
-    // per-row streams: both or neither, one uint64 each per row
-    if (keys_object.is_none() != counters_object.is_none())
-        throw py::value_error("keys: keys and counters go together (one stream per row)");
-    py::array keys_array, counters_array;
-    const std::uint64_t* keys = nullptr;
-    const std::uint64_t* counters = nullptr;
-    if (!keys_object.is_none()) {
-        keys_array = checked<std::uint64_t>(keys_object, "keys");
-        counters_array = checked<std::uint64_t>(counters_object, "counters");
-        if (size_of(keys_array) != rows) throw py::value_error("keys: expected one entry per row of logits");
-        if (size_of(counters_array) != rows) throw py::value_error("counters: expected one entry per row of logits");
-        keys = static_cast<const std::uint64_t*>(keys_array.data());
-        counters = static_cast<const std::uint64_t*>(counters_array.data());
-    }
+    const RowStreamArrays streams = row_stream_arrays(keys_object, counters_object, rows, "logits");
     Status status;
     {
         py::gil_scoped_release release;
-        status = sample_logits(in, rows, n, temperature, key, active, idx, lp, keys, counters);
+        status = sample_logits(in, rows, n, temperature, key, active, idx, lp, streams.key_data, streams.counter_data);
     }
     check(status, "logits");
     return {index, log_prob};
@@ -277,7 +289,8 @@ void register_dtype(py::module_& m) {
     m.def("smc_step", &bind_smc_step<T>, py::arg("log_w"), py::arg("threshold"), py::arg("scheme"), py::arg("key"),
           py::arg("survivors_stay"));
     m.def("resample", &bind_resample<T>, py::arg("logw"), py::arg("scheme"), py::arg("num"), py::arg("key"));
-    m.def("pool_select", &bind_pool_select<T>, py::arg("logw"), py::arg("key"));
+    m.def("pool_select", &bind_pool_select<T>, py::arg("logw"), py::arg("key"), py::arg("keys") = py::none(),
+          py::arg("counters") = py::none());
     m.def("sample_logits", &bind_sample_logits<T>, py::arg("logits"), py::arg("temperature"), py::arg("key"),
           py::arg("active"), py::arg("keys") = py::none(), py::arg("counters") = py::none());
 }

@@ -106,12 +106,13 @@ Status log_normalize(const T* logw, std::int64_t rows, std::int64_t n, bool allo
 
 template <typename T>
 Status pool_select(const T* logw, std::int64_t rows, std::int64_t n, std::uint64_t key, std::int64_t* index,
-                   double* log_mean_w) {
+                   double* log_mean_w, const std::uint64_t* keys, const std::uint64_t* counters) {
     if (rows < 0 || n < 1) return {StatusCode::bad_size, -1, -1};
     const double log_n = std::log(static_cast<double>(n));  // once, not per row
     return for_rows(rows, rows * n, [&](std::int64_t r, RowScratch& scratch) {
-        return select_row(logw + r * n, n, r, key, static_cast<std::uint64_t>(r), log_n, scratch, index + r,
-                          log_mean_w + r);
+        const std::uint64_t row_key = keys ? read_once(keys + r) : key;
+        const std::uint64_t counter = counters ? read_once(counters + r) : static_cast<std::uint64_t>(r);
+        return select_row(logw + r * n, n, r, row_key, counter, log_n, scratch, index + r, log_mean_w + r);
     });
 }
 
@@ -222,7 +223,7 @@ template Status log_normalize<float>(const float*, std::int64_t, std::int64_t, b
 template Status log_normalize<double>(const double*, std::int64_t, std::int64_t, bool, double*, double*,
                                       double*);
 template Status pool_select<float>(const float*, std::int64_t, std::int64_t, std::uint64_t, std::int64_t*,
-                                   double*);
+                                   double*, const std::uint64_t*, const std::uint64_t*);
 template Status sample_logits<float>(const float*, std::int64_t, std::int64_t, double, std::uint64_t,
                                      const std::uint8_t*, std::int64_t*, double*, const std::uint64_t*,
                                      const std::uint64_t*);
@@ -230,6 +231,6 @@ template Status sample_logits<double>(const double*, std::int64_t, std::int64_t,
                                       const std::uint8_t*, std::int64_t*, double*, const std::uint64_t*,
                                       const std::uint64_t*);
 template Status pool_select<double>(const double*, std::int64_t, std::int64_t, std::uint64_t, std::int64_t*,
-                                    double*);
+                                    double*, const std::uint64_t*, const std::uint64_t*);
 
 }  // namespace tiltsmc

@@ -673,6 +673,15 @@ void test_token_kernels() {
         for (std::size_t r = 0; r < 2; ++r) EXPECT(together[r] == first[r] && lp_together[r] == lp_first[r]);
         for (std::size_t r = 0; r < 3; ++r)
             EXPECT(together[r + 2] == second[r] && lp_together[r + 2] == lp_second[r]);
+        // pool_select likewise
+        std::vector<double> pools(many.begin(), many.end());
+        std::vector<std::int64_t> pooled(5), pooled_first(2), pooled_second(3);
+        std::vector<double> lm(5), lm_first(2), lm_second(3);
+        EXPECT(pool_select(pools.data(), 5, 40, 0, pooled.data(), lm.data(), keys.data(), counters.data()).ok());
+        EXPECT(pool_select(pools.data(), 2, 40, 5, pooled_first.data(), lm_first.data()).ok());
+        EXPECT(pool_select(pools.data() + 2 * 40, 3, 40, 9, pooled_second.data(), lm_second.data()).ok());
+        for (std::size_t r = 0; r < 2; ++r) EXPECT(pooled[r] == pooled_first[r] && lm[r] == lm_first[r]);
+        for (std::size_t r = 0; r < 3; ++r) EXPECT(pooled[r + 2] == pooled_second[r] && lm[r + 2] == lm_second[r]);
     }
 }
 

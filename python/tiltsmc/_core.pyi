@@ -45,7 +45,10 @@ def smc_reweight(
 ]: ...
 def resample(logw: npt.NDArray[np.floating], scheme: int, num: int, key: int) -> npt.NDArray[np.int64]: ...
 def pool_select(
-    logw: npt.NDArray[np.floating], key: int
+    logw: npt.NDArray[np.floating],
+    key: int,
+    keys: npt.NDArray[np.uint64] | None = None,
+    counters: npt.NDArray[np.uint64] | None = None,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]: ...
 def sample_logits(
     logits: npt.NDArray[np.floating],

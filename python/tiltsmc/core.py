@@ -362,12 +362,10 @@ def pool_select(
     if type(logw) is not np.ndarray and _device.is_device_array(logw):
         return _pool_select_device(logw, rng, stream)  # type: ignore[no-any-return, arg-type]
     rows, one_row = _as_log_weights(logw)
-    if isinstance(rng, RowStreams):
-        index = np.zeros(rows.shape[0], dtype=np.int64)
-        log_mean_w = np.zeros(rows.shape[0])
-        for part, generator in rng.groups(rows.shape[0]):
-            index[part], log_mean_w[part] = _core.pool_select(rows[part], draw_key(generator))
-        return index, log_mean_w
+    if isinstance(rng, RowStreams):  # one call: each run's rows from a key of its own, numbered from 0
+        _, sizes, counters = rng.row_counters(rows.shape[0])
+        keys = np.repeat(np.array(rng.run_keys(), dtype=np.uint64), sizes)
+        return _core.pool_select(rows, 0, keys, counters)
     index, log_mean_w = _core.pool_select(rows, draw_key(rng))
     if one_row:
         return index[0, ...], log_mean_w[0, ...]

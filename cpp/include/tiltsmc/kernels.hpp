@@ -94,10 +94,11 @@ Status smc_reweight(double* log_w, std::int64_t rows, std::int64_t n, const doub
                     std::uint8_t* resampled, double* ess, std::int64_t* unique, double* log_z_increment,
                     double* increment_se = nullptr, const RowSettings& per_row = {});
 
-// One index per row drawn with probability w_i, and the row's log mean weight.
+// One index per row drawn with probability w_i, and the row's log mean weight. Row r draws from the stream
+// (key, r), or with keys and counters (rows of independent runs batched together) from (keys[r], counters[r]).
 template <typename T>
 Status pool_select(const T* logw, std::int64_t rows, std::int64_t n, std::uint64_t key, std::int64_t* index,
-                   double* log_mean_w);
+                   double* log_mean_w, const std::uint64_t* keys = nullptr, const std::uint64_t* counters = nullptr);
 
 // Token draws from logits: per row r, the scores s = double(logits[r]) / temperature (no division at
 // temperature 1) and the draw of pool_select on them (same stream, same index), with its log-probability

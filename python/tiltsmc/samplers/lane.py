@@ -25,7 +25,7 @@ import numpy.typing as npt
 from .._rng import RowStreams
 from ..models.particles import MAX_NEW_TOKENS, Particles
 from ._engine import FloatArray, Models, failed_prompts
-from .runs import LOG_V_PREV, Run, reweigh_together
+from .runs import LOG_V_PREV, Run, pool_together, reweigh_together
 
 __all__ = ["KINDS", "Lane", "RunFailed", "run_alone", "run_together"]
 
@@ -164,7 +164,7 @@ class Lane:
 
     def _guided_step(self, ended: Ended) -> None:
         particles = self._count_step()
-        together = self._smc_groups()
+        together = self._shared_steps()
         alone = [member for member in self.members if id(member) not in together]
         for member in alone:
             member.run.before_step(_view(particles, member))
@@ -181,49 +181,55 @@ class Lane:
             outcomes,
         )
 
-    def _smc_groups(self) -> dict[int, int]:
-        """The members whose runs take SMC's step with at least one other of the same particle count (by
-        ``id``, to that count): their reweighting is one core call per count."""
-        counts: dict[int, list[_Member]] = {}
+    def _shared_steps(self) -> dict[int, tuple[str, int]]:
+        """The members whose SMC step (``"smc"``) or pool step (``"pool"``) is taken together with at least
+        one other run's of the same particle count (by ``id``, to that kind and count): one core call for
+        each kind and count."""
+        groups: dict[tuple[str, int], list[_Member]] = {}
         for member in self.members:
             if member.run.smc_reweighing() is not None:
-                counts.setdefault(member.count, []).append(member)
-        return {id(m): count for count, group in counts.items() if len(group) > 1 for m in group}
+                groups.setdefault(("smc", member.count), []).append(member)
+            elif member.run.pool_reweighing() is not None:
+                groups.setdefault(("pool", member.count), []).append(member)
+        return {id(m): key for key, group in groups.items() if len(group) > 1 for m in group}
 
     def _reweigh_together(
-        self, together: dict[int, int], log_v: FloatArray, live: npt.NDArray[np.bool_]
+        self, together: dict[int, tuple[str, int]], log_v: FloatArray, live: npt.NDArray[np.bool_]
     ) -> dict[int, Any]:
-        """``reweigh_together`` for each particle count's members that are still running (by ``id``: what
-        each run's ``reweigh`` returns or raises). A group that is every member in the lane's order steps on
-        the lane's own arrays; another on copies of its rows, ``log Vh`` written back after."""
+        """``reweigh_together`` or ``pool_together`` for each kind and count of the members still running
+        (by ``id``: what each run's step returns or raises). A group that is every member in the lane's
+        order steps on the lane's own arrays; another on copies of its rows, ``log Vh`` written back after."""
         particles = self._particles()
         log_v_prev = particles.state[LOG_V_PREV]
         finished_rows, rows = self._finished_rows()
         done = {id(m): bool(f == r) for m, f, r in zip(self.members, finished_rows.tolist(), rows.tolist())}
-        groups: dict[int, list[_Member]] = {}
+        groups: dict[tuple[str, int], list[_Member]] = {}
         for member in self._active():
             if id(member) in together:
                 groups.setdefault(together[id(member)], []).append(member)
         outcomes: dict[int, Any] = {}
-        for count, group in groups.items():
-            runs = [run for run in (member.run.smc_reweighing() for member in group) if run is not None]
+        for (kind, count), group in groups.items():
             # the group's rows, (P, count): the lane's own arrays where the group is the whole lane
             whole = len(group) == len(self.members) and log_v_prev.flags.c_contiguous
             index = None if whole else np.concatenate([np.arange(m.start, m.stop) for m in group])
-
-            prev = _group_rows(log_v_prev, index, count)
             flags = [done[id(member)] for member in group]
-            results = reweigh_together(
-                runs, _group_rows(log_v, index, count), prev, _group_rows(live, index, count), flags
-            )
-            if index is not None:  # written back: the core updated a copy
-                log_v_prev.reshape(-1)[index] = prev.reshape(-1)
+            group_log_v, group_live = _group_rows(log_v, index, count), _group_rows(live, index, count)
+            results: list[Any]
+            if kind == "pool":
+                pools = [run for run in (m.run.pool_reweighing() for m in group) if run is not None]
+                results = pool_together(pools, group_log_v, group_live, flags)
+            else:
+                runs = [run for run in (m.run.smc_reweighing() for m in group) if run is not None]
+                prev = _group_rows(log_v_prev, index, count)
+                results = reweigh_together(runs, group_log_v, prev, group_live, flags)
+                if index is not None:  # written back: the core updated a copy
+                    log_v_prev.reshape(-1)[index] = prev.reshape(-1)
             outcomes.update((id(member), result) for member, result in zip(group, results))
         return outcomes
 
     def _twist_step(self, ended: Ended) -> None:
         particles = self._count_step()
-        together = self._smc_groups()
+        together = self._shared_steps()
         for member in self.members:
             member.run.before_step(_view(particles, member))
         next_log_values = self._charge(lambda: self.models.next_log_values(particles))

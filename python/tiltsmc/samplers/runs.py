@@ -201,6 +201,11 @@ class Run:
         None."""
         return None
 
+    def pool_reweighing(self) -> Optional[PoolRun]:
+        """The ``PoolRun`` whose pool step ``reweigh`` is, so that the lane can draw its pools with others' in
+        one core call ([`pool_together`][tiltsmc.samplers.runs.pool_together]); or None."""
+        return None
+
 
 class SMCRun(Run):
     r"""SMC with the ratio potentials ``G_t = Vh_t / Vh_{t-1}`` (see [`tiltsmc.smc`][tiltsmc.smc]).
@@ -466,6 +471,49 @@ def _alone(
         return error
 
 
+def pool_together(
+    runs: list[PoolRun], log_v: FloatArray, live: npt.NDArray[np.bool_], done: list[bool]
+) -> list[Union[Ancestors, Exception]]:
+    """``PoolRun.reweigh`` of several runs with the same pool size ``K`` in one ``pool_select`` call.
+
+    ``log_v`` and ``live`` hold the runs' ``(B_k, K)`` rows one after the other; ``done[k]``: run ``k``'s
+    trajectories have all finished. A run with a live pool draws one key from its generator, its live
+    prompts numbered from 0, as its own call would (a run with none draws nothing); where the call is
+    refused (a potential of ``+inf``), each run draws alone with the key it drew.
+    """
+    bounds = np.cumsum([0, *(len(run.log_z) for run in runs)]).tolist()
+    weighed = [run.pool_weights(log_v[a:b], live[a:b]) for run, a, b in zip(runs, bounds[:-1], bounds[1:])]
+    drawing = [k for k, (_, alive) in enumerate(weighed) if alive.any()]
+    drawn: dict[int, tuple[npt.NDArray[np.int64], npt.NDArray[np.floating[Any]]]] = {}
+    failed: dict[int, Exception] = {}
+    if drawing:
+        pools = [weighed[k][0][weighed[k][1]] for k in drawing]
+        starts = np.cumsum([0, *(len(pool) for pool in pools)]).tolist()
+        streams = RowStreams([runs[k].generator for k in drawing], starts)
+        streams.keys = streams.run_keys()  # drawn once: a repeat run by run draws the same
+        try:
+            index, log_mean = core.pool_select(np.concatenate(pools), rng=streams)
+            drawn = {k: (index[a:b], log_mean[a:b]) for k, a, b in zip(drawing, starts[:-1], starts[1:])}
+        except ValueError:
+            for g, (k, pool) in enumerate(zip(drawing, pools)):
+                alone = RowStreams([runs[k].generator], [0, len(pool)], [streams.keys[g]])
+                try:
+                    drawn[k] = core.pool_select(pool, rng=alone)
+                except ValueError as error:  # this run's own values
+                    failed[k] = error
+    outcomes: list[Union[Ancestors, Exception]] = []
+    for k, (run, (potentials, alive)) in enumerate(zip(runs, weighed)):
+        if k in failed:
+            outcomes.append(failed[k])
+            continue
+        rows = slice(bounds[k], bounds[k + 1])
+        try:
+            outcomes.append(run.pool_step(log_v[rows], potentials, alive, drawn.get(k), done[k]))
+        except Exception as error:
+            outcomes.append(error)
+    return outcomes
+
+
 class ExactSPRun(SMCRun):
     """SP-gSMC in its exact form: one trajectory per prompt, each token drawn from ``p Vh_t / sum p Vh_t``
     (the optimal proposal with one particle)."""
@@ -511,13 +559,36 @@ class PoolRun(Run):
         return np.repeat(log_v0[:, None], self.pool_size, axis=1)
 
     def reweigh(self, particles: Particles, log_v: FloatArray) -> Ancestors:
+        potentials, alive = self.pool_weights(log_v, self.live)
+        drawn = core.pool_select(potentials[alive], rng=self.generator) if alive.any() else None
+        return self.pool_step(log_v, potentials, alive, drawn, all_finished(particles))
+
+    def pool_reweighing(self) -> Optional[PoolRun]:
+        return self
+
+    def pool_weights(
+        self, log_v: FloatArray, live: npt.NDArray[np.bool_]
+    ) -> tuple[FloatArray, npt.NDArray[np.bool_]]:
+        """Each pool's potentials ``G = Vh_t / Vh_{t-1}`` (1 where not extended), and the prompts whose pool
+        has a candidate of weight > 0 (the others collapse)."""
+        potentials = np.where(live, safe_increment(log_v, self.log_v_prev[:, None]), 0.0)
+        return potentials, ~self.collapsed & np.any(potentials > -np.inf, axis=1)
+
+    def pool_step(
+        self,
+        log_v: FloatArray,
+        potentials: FloatArray,
+        alive: npt.NDArray[np.bool_],
+        drawn: Optional[tuple[npt.NDArray[np.int64], npt.NDArray[np.floating[Any]]]],
+        done: bool,
+    ) -> Ancestors:
+        """The step given ``pool_select``'s draw on the live prompts' pools (``drawn``, None where none is
+        live): ``Zh`` times the pool's mean potential, the chosen candidate's offspring fill the pool."""
         batch = len(self.log_z)
-        potentials = np.where(self.live, safe_increment(log_v, self.log_v_prev[:, None]), 0.0)
         chosen = np.zeros(batch, dtype=np.int64)
         log_mean = np.full(batch, -np.inf)
-        alive = ~self.collapsed & np.any(potentials > -np.inf, axis=1)
-        if alive.any():
-            chosen[alive], log_mean[alive] = core.pool_select(potentials[alive], rng=self.generator)
+        if drawn is not None:
+            chosen[alive], log_mean[alive] = drawn
         self.collapsed |= ~alive
         self.log_z = self.log_z + log_mean
         _, ess = core.row_statistics(potentials)  # ESS of the pool (no normalised copy needed)
@@ -532,7 +603,7 @@ class PoolRun(Run):
                 np.zeros_like(potentials), np.full(batch, math.log(self.pool_size)), potentials, log_mean
             )
         )
-        self.check_steps(particles)
+        self.count_step(done)
         return np.repeat(chosen[:, None], self.pool_size, axis=1)
 
     def end(self, particles: Particles) -> None:
@@ -781,6 +852,9 @@ class MHRun(Run):
 
     def smc_reweighing(self) -> Optional[SMCRun]:
         return self.current.smc_reweighing()
+
+    def pool_reweighing(self) -> Optional[PoolRun]:
+        return self.current.pool_reweighing()
 
     def choose(
         self, particles: Particles, log_p: FloatArray, next_log_values: FloatArray
