@@ -256,11 +256,11 @@ class Lane:
                 if id(member) not in together or smc is None:
                     continue
                 try:
-                    log_v[member.start : member.stop] = smc.optimal_weights(_view(particles, member)).reshape(
-                        -1
-                    )
+                    weighed = smc.optimal_weights(_view(particles, member))
                 except Exception as error:
                     self._end_alone(member, error, ended)
+                    continue
+                log_v[member.start : member.stop] = weighed.reshape(-1)
             outcomes = self._reweigh_together(together, log_v, np.zeros(self.rows, dtype=bool))
         self._update(ended, lambda member, view: member.run.after_append(view), outcomes)
 
