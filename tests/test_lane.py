@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -105,46 +105,17 @@ def test_smc_runs_of_one_particle_count_reweigh_in_one_core_call_each_as_alone(
         made.append(mh_run(models, None, 6, 2, 1, 9, resample="systematic", ess_threshold=0.0, max_steps=100))
         return made
 
-    calls: list[tuple[int, bool]] = []
-    pools: list[tuple[int, bool]] = []
-    smc_reweight, pool_select = core.smc_reweight, core.pool_select
+    calls, pools = _counted(monkeypatch, "smc_reweight"), _counted(monkeypatch, "pool_select")
 
-    def counted(log_w: np.ndarray, *args: Any, **kwargs: Any) -> Any:
-        calls.append((log_w.shape[0], isinstance(args[8], RowStreams)))
-        return smc_reweight(log_w, *args, **kwargs)
+    def check(step_calls: list[tuple[int, bool]], step_pools: list[tuple[int, bool]]) -> None:
+        assert sorted(step_calls) == [(1, False), (5, True)], step_calls  # the four-particle ones together
+        # the three pools of six in one call (an MH run's end picks its SMC sample with its own)
+        assert [c for c in step_pools if c[1]] == [(3, True)], step_pools
 
-    def counted_pools(logw: np.ndarray, rng: Any = None, **kwargs: Any) -> Any:
-        pools.append((logw.shape[0], isinstance(rng, RowStreams)))
-        return pool_select(logw, rng, **kwargs)
-
-    monkeypatch.setattr(core, "smc_reweight", counted)
-    monkeypatch.setattr(core, "pool_select", counted_pools)
     batched = runs()
-    lane = Lane(models, "guided")
-    for run in batched:
-        lane.add(run)
-    ended = checked = 0
-    while ended < len(batched):
-        before, pools_before = len(calls), len(pools)
-        members = [m.run for m in lane.members]
-        for _, error in lane.step():
-            assert error is None
-            ended += 1
-        if len(members) == len(batched):  # every run stepping: the four-particle ones in one call
-            assert sorted(calls[before:]) == [(1, False), (5, True)], calls[before:]
-            # the three pools of six in one call (an MH run's end picks its SMC sample with its own)
-            assert [c for c in pools[pools_before:] if c[1]] == [(3, True)], pools[pools_before:]
-            checked += 1
-    assert checked >= 2
-    monkeypatch.setattr(core, "smc_reweight", smc_reweight)
-    monkeypatch.setattr(core, "pool_select", pool_select)
-    for run, alone in zip(batched, runs()):
-        got, want = run.result, run_alone(models, alone)
-        assert isinstance(got, SamplerResult) and isinstance(want, SamplerResult)
-        left, right = got.to_dict(), want.to_dict()
-        left.pop("compute")
-        right.pop("compute")
-        assert left == right, type(run).__name__
+    assert _steps_of_every_run(Lane(models, "guided"), batched, [calls, pools], check) >= 2
+    monkeypatch.undo()
+    _assert_each_as_alone(models, batched, runs())
 
 
 def test_optimal_proposal_runs_resample_in_one_core_call_each_as_alone(
@@ -166,29 +137,54 @@ def test_optimal_proposal_runs_resample_in_one_core_call_each_as_alone(
         )
         return made
 
-    calls: list[tuple[int, bool]] = []
-    smc_reweight = core.smc_reweight
+    calls = _counted(monkeypatch, "smc_reweight")
 
-    def counted(log_w: np.ndarray, *args: Any, **kwargs: Any) -> Any:
-        calls.append((log_w.shape[0], isinstance(args[8], RowStreams)))
-        return smc_reweight(log_w, *args, **kwargs)
+    def check(step_calls: list[tuple[int, bool]]) -> None:  # the runs of four particles, then those of one
+        assert sorted(step_calls) == [(3, True), (3, True)], step_calls
 
-    monkeypatch.setattr(core, "smc_reweight", counted)
     batched = runs()
-    lane = Lane(models, "twist")
-    for run in batched:
+    assert _steps_of_every_run(Lane(models, "twist"), batched, [calls], check) >= 2
+    monkeypatch.undo()
+    _assert_each_as_alone(models, batched, runs())
+
+
+def _steps_of_every_run(
+    lane: Lane, runs: list[Run], logs: list[list[tuple[int, bool]]], check: Callable[..., None]
+) -> int:
+    """Step ``runs`` in ``lane`` until all have ended, none failing; after each step in which every run
+    stepped, ``check`` the entries the step added to each of ``logs``. Returns how many steps it checked."""
+    for run in runs:
         lane.add(run)
     ended = checked = 0
-    while ended < len(batched):
-        before = len(calls)
-        stepping = len(lane.members)
-        ended += len(lane.step())
-        if stepping == len(batched):  # the three of four particles, then the three of one, in one call each
-            assert sorted(calls[before:]) == [(3, True), (3, True)], calls[before:]
+    while ended < len(runs):
+        marks, stepping = [len(log) for log in logs], len(lane.members)
+        for _, error in lane.step():
+            assert error is None
+            ended += 1
+        if stepping == len(runs):
+            check(*(log[mark:] for log, mark in zip(logs, marks)))
             checked += 1
-    assert checked >= 2
-    monkeypatch.setattr(core, "smc_reweight", smc_reweight)
-    for run, alone in zip(batched, runs()):
+    return checked
+
+
+def _counted(monkeypatch: pytest.MonkeyPatch, name: str) -> list[tuple[int, bool]]:
+    """The calls of ``core.<name>`` from now on: the rows of its first argument, and whether its ``rng``
+    was a ``RowStreams`` (a call shared by several runs)."""
+    calls: list[tuple[int, bool]] = []
+    original = getattr(core, name)
+
+    def counted(array: np.ndarray, *args: Any, **kwargs: Any) -> Any:
+        shared = any(isinstance(a, RowStreams) for a in (*args, *kwargs.values()))
+        calls.append((array.shape[0], shared))
+        return original(array, *args, **kwargs)
+
+    monkeypatch.setattr(core, name, counted)
+    return calls
+
+
+def _assert_each_as_alone(models: Models, batched: list[Run], fresh: list[Run]) -> None:
+    """Each run's result is the one its twin (``fresh``) gives in a lane of its own, bit for bit."""
+    for run, alone in zip(batched, fresh):
         got, want = run.result, run_alone(models, alone)
         assert isinstance(got, SamplerResult) and isinstance(want, SamplerResult)
         left, right = got.to_dict(), want.to_dict()
