@@ -221,3 +221,25 @@ def test_a_run_whose_weights_overflow_fails_alone_when_runs_reweigh_together() -
         np.testing.assert_array_equal(runs[k].log_w, alone.log_w)
         np.testing.assert_array_equal(runs[k].log_z, alone.log_z)
         assert runs[k].generator.bit_generator.state == alone.generator.bit_generator.state
+
+
+def test_the_runs_compute_adds_up_to_the_lanes() -> None:
+    """Every model call's compute is charged to the runs it served: the seconds and counts split by rows
+    (their sums are the lane's totals, the counts to rounding), each call counted in full by every run."""
+    models = _models()
+    lane = Lane(models, "guided")
+    runs = [_run(models, seed, limit) for seed, limit in ((1, 3), (2, 6), (3, 6), (4, 4))]
+    for run in runs:
+        lane.add(run)
+    while len(lane):
+        for _, error in lane.step():
+            assert error is None
+    total = models.compute
+    assert sum(r.compute.policy_seconds for r in runs) == pytest.approx(total.policy_seconds, rel=1e-9)
+    assert sum(r.compute.reward_seconds for r in runs) == pytest.approx(total.reward_seconds, rel=1e-9)
+    steps = sum(r.compute.policy_steps for r in runs)
+    assert abs(steps - total.policy_steps) <= len(runs) * 4, (steps, total.policy_steps)
+    assert all(0 < r.compute.policy_calls <= total.policy_calls for r in runs)
+    assert max(r.compute.policy_calls for r in runs) > min(
+        r.compute.policy_calls for r in runs
+    )  # who stayed longer
