@@ -814,14 +814,9 @@ class MHRun(Run):
         proposal: Union[SMCRun, PoolRun]
         if self.num_particles > 1:
             proposal = SMCRun(
-                self.prompts,
-                self.num_particles,
-                self.resample,
-                self.ess_threshold,
-                "naive",
-                self.generator,
+                self.prompts, self.num_particles, self.resample, self.ess_threshold, "naive", self.generator,
                 self.max_steps,
-            )
+            )  # fmt: skip
         elif self.pool_size is None:
             proposal = ExactSPRun(self.prompts, self.generator, self.max_steps)
         else:
