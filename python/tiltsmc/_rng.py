@@ -125,6 +125,12 @@ class RowStreams:
             return self.keys
         return tuple(draw_key(generator) for generator in self.generators)
 
+    def row_streams(self, rows: int) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
+        """Each row's stream, ``(keys, counters)``: its run's key (``run_keys``, one drawn per run) and its
+        index within the run, after checking that ``rows`` agree."""
+        _, sizes, counters = self.row_counters(rows)
+        return np.repeat(np.array(self.run_keys(), dtype=np.uint64), sizes), counters
+
     def row_counters(
         self, rows: int
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.uint64]]:

@@ -246,14 +246,13 @@ def smc_reweight(
             raise ValueError(f"scheme: expected a name, or one per row of log_w ({rows}), got {schemes.size}")
     thresholds: Optional[npt.NDArray[np.float64]] = None
     if np.ndim(ess_threshold) == 0:
-        threshold = _step_arguments("systematic", ess_threshold)[1]  # type: ignore[arg-type]
+        threshold = _threshold(ess_threshold)  # type: ignore[arg-type]
     else:
         threshold, thresholds = 0.0, _row_thresholds(ess_threshold, rows)
     keys = counters = None
     key = 0
     if isinstance(rng, RowStreams):
-        _, sizes, counters = rng.row_counters(rows)
-        keys = np.repeat(np.array(rng.run_keys(), dtype=np.uint64), sizes)
+        keys, counters = rng.row_streams(rows)
     else:
         key = draw_key(rng)
     ancestors, resampled, ess, unique, increment = _core.smc_reweight(
@@ -303,11 +302,14 @@ def _scheme_code(scheme: object) -> int:
 
 
 def _step_arguments(scheme: object, ess_threshold: float) -> tuple[int, float]:
-    code = _scheme_code(scheme)
+    return _scheme_code(scheme), _threshold(ess_threshold)
+
+
+def _threshold(ess_threshold: float) -> float:
     threshold = float(ess_threshold)
     if not threshold >= 0.0:
         raise ValueError(f"ess_threshold: expected a fraction >= 0, got {ess_threshold!r}")
-    return code, threshold
+    return threshold
 
 
 def resample(
@@ -363,9 +365,7 @@ def pool_select(
         return _pool_select_device(logw, rng, stream)  # type: ignore[no-any-return, arg-type]
     rows, one_row = _as_log_weights(logw)
     if isinstance(rng, RowStreams):  # one call: each run's rows from a key of its own, numbered from 0
-        _, sizes, counters = rng.row_counters(rows.shape[0])
-        keys = np.repeat(np.array(rng.run_keys(), dtype=np.uint64), sizes)
-        return _core.pool_select(rows, 0, keys, counters)
+        return _core.pool_select(rows, 0, *rng.row_streams(rows.shape[0]))
     index, log_mean_w = _core.pool_select(rows, draw_key(rng))
     if one_row:
         return index[0, ...], log_mean_w[0, ...]
