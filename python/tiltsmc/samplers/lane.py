@@ -164,15 +164,16 @@ class Lane:
 
     def _guided_step(self, ended: Ended) -> None:
         particles = self._count_step()
-        together = self._shared_steps()
-        alone = [member for member in self.members if id(member) not in together]
-        for member in alone:
-            member.run.before_step(_view(particles, member))
-        live = ~particles.finished if together else None  # the particles this step extends
+        groups = self._shared_steps()
+        together = {id(member) for group in groups.values() for member in group}
+        for member in self.members:
+            if id(member) not in together:
+                member.run.before_step(_view(particles, member))
+        live = ~particles.finished if groups else None  # the particles this step extends
         self._charge(lambda: self.models.propose(particles, self._rng()), live=True)
         _end_at_limits(particles)
         log_v = self._log_values(ended)
-        outcomes = {} if live is None else self._reweigh_together(together, log_v, live)
+        outcomes = {} if live is None else self._reweigh_together(groups, log_v, live)
         self._update(
             ended,
             lambda member, view: member.run.reweigh(
@@ -181,34 +182,32 @@ class Lane:
             outcomes,
         )
 
-    def _shared_steps(self) -> dict[int, tuple[str, int]]:
+    def _shared_steps(self) -> dict[tuple[str, int], list[_Member]]:
         """The members whose SMC step (``"smc"``) or pool step (``"pool"``) is taken together with at least
-        one other run's of the same particle count (by ``id``, to that kind and count): one core call for
-        each kind and count."""
+        one other run's of the same particle count, by kind and count: one core call for each."""
         groups: dict[tuple[str, int], list[_Member]] = {}
         for member in self.members:
             if member.run.smc_reweighing() is not None:
                 groups.setdefault(("smc", member.count), []).append(member)
             elif member.run.pool_reweighing() is not None:
                 groups.setdefault(("pool", member.count), []).append(member)
-        return {id(m): key for key, group in groups.items() if len(group) > 1 for m in group}
+        return {key: group for key, group in groups.items() if len(group) > 1}
 
     def _reweigh_together(
-        self, together: dict[int, tuple[str, int]], log_v: FloatArray, live: npt.NDArray[np.bool_]
+        self, groups: dict[tuple[str, int], list[_Member]], log_v: FloatArray, live: npt.NDArray[np.bool_]
     ) -> dict[int, Any]:
-        """``reweigh_together`` or ``pool_together`` for each kind and count of the members still running
-        (by ``id``: what each run's step returns or raises). A group that is every member in the lane's
-        order steps on the lane's own arrays; another on copies of its rows, ``log Vh`` written back after."""
+        """``reweigh_together`` or ``pool_together`` for each group's members still running (by ``id``: what
+        each run's step returns or raises). A group that is every member in the lane's order steps on the
+        lane's own arrays; another on copies of its rows, ``log Vh`` written back after."""
         particles = self._particles()
         log_v_prev = particles.state[LOG_V_PREV]
         finished_rows, rows = self._finished_rows()
         done = {id(m): bool(f == r) for m, f, r in zip(self.members, finished_rows.tolist(), rows.tolist())}
-        groups: dict[tuple[str, int], list[_Member]] = {}
-        for member in self._active():
-            if id(member) in together:
-                groups.setdefault(together[id(member)], []).append(member)
         outcomes: dict[int, Any] = {}
-        for (kind, count), group in groups.items():
+        for (kind, count), all_of_group in groups.items():
+            group = self._active(all_of_group)
+            if not group:
+                continue
             # the group's rows, (P, count): the lane's own arrays where the group is the whole lane
             whole = len(group) == len(self.members) and log_v_prev.flags.c_contiguous
             index = None if whole else np.concatenate([np.arange(m.start, m.stop) for m in group])
@@ -229,7 +228,7 @@ class Lane:
 
     def _twist_step(self, ended: Ended) -> None:
         particles = self._count_step()
-        together = self._shared_steps()
+        groups = self._shared_steps()
         for member in self.members:
             member.run.before_step(_view(particles, member))
         next_log_values = self._charge(lambda: self.models.next_log_values(particles))
@@ -249,11 +248,11 @@ class Lane:
         self._charge(lambda: self.models.append(particles, tokens))
         _end_at_limits(particles)
         outcomes: dict[int, Any] = {}
-        if together:  # the optimal proposal's weights run by run, then one SMC step (no potential) a count
+        if groups:  # the optimal proposal's weights run by run, then one SMC step (no potential) a count
             log_v = np.zeros(self.rows)
-            for member in self._active():
+            for member in self._active([member for group in groups.values() for member in group]):
                 smc = member.run.smc_reweighing()
-                if id(member) not in together or smc is None:
+                if smc is None:
                     continue
                 try:
                     weighed = smc.optimal_weights(_view(particles, member))
@@ -261,7 +260,7 @@ class Lane:
                     self._end_alone(member, error, ended)
                     continue
                 log_v[member.start : member.stop] = weighed.reshape(-1)
-            outcomes = self._reweigh_together(together, log_v, np.zeros(self.rows, dtype=bool))
+            outcomes = self._reweigh_together(groups, log_v, np.zeros(self.rows, dtype=bool))
         self._update(ended, lambda member, view: member.run.after_append(view), outcomes)
 
     def _rollout_step(self, ended: Ended) -> None:
