@@ -74,7 +74,7 @@ struct RowStreamArrays {
     const std::uint64_t* counter_data = nullptr;
 };
 
-RowStreamArrays row_stream_arrays(const py::object& keys_object, const py::object& counters_object, std::int64_t rows,
+RowStreamArrays row_stream_arrays(const py::handle& keys_object, const py::handle& counters_object, std::int64_t rows,
                                   const std::string& of) {
     if (keys_object.is_none() != counters_object.is_none())
         throw py::value_error("keys: keys and counters go together (one stream per row)");
@@ -189,7 +189,7 @@ py::tuple bind_smc_step(CArray<T>& log_w, double threshold, int scheme, std::uin
     return py::make_tuple(ancestors, resampled, log_mean_w, ess, unique);
 }
 
-// An optional (B,) per-row array of smc_reweight (None: absent), checked: its dtype, C order and size.
+// An optional (B,) per-row setting of smc_reweight (None: absent), checked: its dtype, C order and size.
 template <typename T>
 py::array per_row_array(const py::handle& object, const char* name, std::int64_t rows) {
     if (object.is_none()) return py::array();
@@ -223,8 +223,7 @@ py::tuple bind_smc_reweight(const py::handle& log_w_object, const py::handle& lo
          {std::pair{&log_total, "log_total"}, std::pair{&log_z, "log_z"}, std::pair{&collapsed, "collapsed"}})
         if (size_of(*array) != rows) throw py::value_error(std::string(name) + ": expected (B,)");
     if (scheme < 0 || scheme > 3) throw py::value_error("scheme: unknown scheme code");
-    py::array keys = per_row_array<std::uint64_t>(keys_object, "keys", rows);
-    py::array counters = per_row_array<std::uint64_t>(counters_object, "counters", rows);
+    const RowStreamArrays streams = row_stream_arrays(keys_object, counters_object, rows, "log_w");
     py::array thresholds = per_row_array<double>(thresholds_object, "ess_threshold", rows);
     py::array schemes = per_row_array<std::uint8_t>(schemes_object, "scheme", rows);
     if (!thresholds_object.is_none()) {
@@ -244,11 +243,11 @@ py::tuple bind_smc_reweight(const py::handle& log_w_object, const py::handle& lo
     }
     check_disjoint({{&log_w, "log_w"}, {&log_v_prev, "log_v_prev"}, {&log_total, "log_total"}, {&log_z, "log_z"},
                     {&collapsed, "collapsed"}, {&increment_se, "increment_se"}},
-                   {{&log_v, "log_v"}, {&live, "live"}, {&keys, "keys"}, {&counters, "counters"},
+                   {{&log_v, "log_v"}, {&live, "live"}, {&streams.keys, "keys"}, {&streams.counters, "counters"},
                     {&thresholds, "ess_threshold"}, {&schemes, "scheme"}});
     RowSettings per_row;
-    if (!keys_object.is_none()) per_row.keys = static_cast<const std::uint64_t*>(keys.data());
-    if (!counters_object.is_none()) per_row.counters = static_cast<const std::uint64_t*>(counters.data());
+    per_row.keys = streams.key_data;
+    per_row.counters = streams.counter_data;
     if (!thresholds_object.is_none()) per_row.thresholds = static_cast<const double*>(thresholds.data());
     if (!schemes_object.is_none()) per_row.schemes = static_cast<const std::uint8_t*>(schemes.data());
     double* se = increment_se_object.is_none() ? nullptr : static_cast<double*>(increment_se.mutable_data());

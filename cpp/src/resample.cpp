@@ -383,9 +383,9 @@ Status smc_step(T* log_w, std::int64_t rows, std::int64_t n, double threshold, S
                 }
                 row_scheme = static_cast<Scheme>(code);
             }
-            const std::uint64_t row_key = per_row.keys ? read_once(per_row.keys + r) : key;
-            const std::uint64_t counter = per_row.counters ? read_once(per_row.counters + r) : static_cast<std::uint64_t>(r);
-            draw_ancestors(w.data(), n, rw, row_scheme, n, row_key, static_cast<std::int64_t>(counter), a, false);
+            const RowStream stream = row_stream(per_row.keys, per_row.counters, key, r);
+            draw_ancestors(w.data(), n, rw, row_scheme, n, stream.key, static_cast<std::int64_t>(stream.counter), a,
+                           false);
             resampled[r] = 1;
             std::int64_t distinct = 1;
             for (std::int64_t i = 1; i < n; ++i) distinct += a[i] != a[i - 1];

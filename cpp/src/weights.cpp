@@ -110,9 +110,8 @@ Status pool_select(const T* logw, std::int64_t rows, std::int64_t n, std::uint64
     if (rows < 0 || n < 1) return {StatusCode::bad_size, -1, -1};
     const double log_n = std::log(static_cast<double>(n));  // once, not per row
     return for_rows(rows, rows * n, [&](std::int64_t r, RowScratch& scratch) {
-        const std::uint64_t row_key = keys ? read_once(keys + r) : key;
-        const std::uint64_t counter = counters ? read_once(counters + r) : static_cast<std::uint64_t>(r);
-        return select_row(logw + r * n, n, r, row_key, counter, log_n, scratch, index + r, log_mean_w + r);
+        const RowStream stream = row_stream(keys, counters, key, r);
+        return select_row(logw + r * n, n, r, stream.key, stream.counter, log_n, scratch, index + r, log_mean_w + r);
     });
 }
 
@@ -157,8 +156,7 @@ Status sample_logits(const T* logits, std::int64_t rows, std::int64_t n, double 
             return Status{};
         }
         // the row's stream, read once (both draws below, if there are two, use the same)
-        const std::uint64_t row_key = keys ? read_once(keys + r) : key;
-        const std::uint64_t counter = counters ? read_once(counters + r) : static_cast<std::uint64_t>(r);
+        const RowStream stream = row_stream(keys, counters, key, r);
         std::vector<double>& scores = scratch.scores;
         scores.resize(static_cast<std::size_t>(n));
         const T* x = logits + r * n;
@@ -167,7 +165,7 @@ Status sample_logits(const T* logits, std::int64_t rows, std::int64_t n, double 
             for (double& s : scores) s /= temperature;
         std::int64_t v = 0;
         double log_mean_w = 0.0;
-        Status status = select_row(scores.data(), n, r, row_key, counter, log_count, scratch, &v, &log_mean_w);
+        Status status = select_row(scores.data(), n, r, stream.key, stream.counter, log_count, scratch, &v, &log_mean_w);
         if ((status.code == StatusCode::positive_infinity || status.code == StatusCode::zero_row) &&
             temperature < 1.0) {
             // Finite logits whose scores overflowed to +inf, or all to -inf? Then the scores are
@@ -183,7 +181,7 @@ Status sample_logits(const T* logits, std::int64_t rows, std::int64_t n, double 
             }
             if (top == -kInf) return Status{StatusCode::zero_row, r, -1};
             for (double& s : scores) s = (s - top) / temperature;
-            status = select_row(scores.data(), n, r, row_key, counter, log_count, scratch, &v, &log_mean_w);
+            status = select_row(scores.data(), n, r, stream.key, stream.counter, log_count, scratch, &v, &log_mean_w);
         }
         if (!status.ok()) return status;
         index[r] = v;

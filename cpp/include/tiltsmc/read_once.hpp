@@ -16,6 +16,17 @@ inline T read_once(const T* p) {
     return __atomic_load_n(p, __ATOMIC_RELAXED);
 }
 
+// Row r's random stream: (keys[r], counters[r]) where a batch's rows belong to independent runs (each
+// read once), else the call's (key, r).
+struct RowStream {
+    std::uint64_t key, counter;
+};
+
+inline RowStream row_stream(const std::uint64_t* keys, const std::uint64_t* counters, std::uint64_t key,
+                            std::int64_t r) {
+    return {keys ? read_once(keys + r) : key, counters ? read_once(counters + r) : static_cast<std::uint64_t>(r)};
+}
+
 // Whether index lies in [0, n) (one unsigned comparison).
 inline bool in_range(std::int64_t index, std::int64_t n) {
     return static_cast<std::uint64_t>(index) < static_cast<std::uint64_t>(n);
