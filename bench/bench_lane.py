@@ -21,9 +21,14 @@ and join at the next step, as in the engine with every waiting request admitted,
 As the server's engine does, it keeps freed memory for reuse (``reuse_freed_memory``). Not a test; the
 figures depend on the machine (its load average is printed and saved with them): JSON to
 ``bench/results/lane_<models>_<particles>p_vm.json`` (``--out``). Old and new code compare best run in turn.
+``--compare-shared ROUNDS`` runs the same requests that many rounds, in turn with the runs' SMC steps shared
+(one core call per particle count, as the engine does) and with one core call per request, and prints
+tiltsmc's own time a step of each side by side (``lane_shared_<models>_<particles>p_vm.json``).
 
     python bench/bench_lane.py --models demo --particles 16 --rate 0.75 --inflight 6
     python bench/bench_lane.py --models fixtures --particles 4 --rate 1 --inflight 16
+    python bench/bench_lane.py --models demo --particles 4 --rate 2.5 --inflight 24 --requests 256 \\
+        --compare-shared 4
 """
 
 from __future__ import annotations
@@ -114,6 +119,14 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/...)")
+    parser.add_argument(
+        "--compare-shared",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="instead: the same requests in ROUNDS rounds, in turn with the runs' SMC steps shared (one core "
+        "call per particle count) and one core call per request, side by side",
+    )
     args = parser.parse_args()
 
     clocks = Clocks()
@@ -125,7 +138,7 @@ def main() -> None:
     models = Models(policy, reward, Compute())
     lane = Lane(models, "guided")
 
-    def drive(first: int, count: int) -> dict[str, float]:
+    def drive(first: int, count: int, lane: Lane = lane) -> dict[str, float]:
         compute, before = models.compute, (clocks.session_wall, clocks.model_cpu, clocks.join_wall)
         join_bytes = clocks.join_bytes
         submitted = done = in_flight = steps = rows = 0
@@ -164,6 +177,9 @@ def main() -> None:
             "join_bytes": clocks.join_bytes - join_bytes,
         }
 
+    if args.compare_shared:
+        compare_shared(args, drive, Lane(models, "guided"), _PerRequestLane(models, "guided"))
+        return
     drive(0, args.warmup)
     machine = machine_info()
     load = os.getloadavg()[0]
@@ -202,6 +218,59 @@ def main() -> None:
         "join_megabytes_per_step": r["join_bytes"] / 1e6 / r["steps"],
     }
     write_json(args.out or RESULTS / f"lane_{args.models}_{args.particles}p_vm.json", record)
+
+
+class _PerRequestLane(Lane):
+    """The lane as it was: each request's SMC step its own core call (no step shared between runs)."""
+
+    def _shared_steps(self) -> dict[Any, Any]:
+        return {}
+
+
+def compare_shared(args: argparse.Namespace, drive: Any, shared: Lane, alone: Lane) -> None:
+    """``--compare-shared``: tiltsmc's own time a step with the runs' SMC steps shared and one core call
+    per request, the same requests, the two in turn for ``args.compare_shared`` rounds."""
+    lanes = {"shared": shared, "per request": alone}
+    for lane in lanes.values():
+        drive(0, args.warmup, lane)
+    machine, load = machine_info(), os.getloadavg()[0]
+    rounds: dict[str, list[dict[str, float]]] = {name: [] for name in lanes}
+    for r in range(args.compare_shared):
+        for name in list(lanes)[:: 1 if r % 2 == 0 else -1]:
+            run = drive(args.warmup, args.requests, lanes[name])
+            per_step = 1e3 / run["steps"]
+            rounds[name].append({
+                "step_ms": per_step * run["wall"],
+                "tiltsmc_ms": per_step * (run["wall"] - run["model_wall"]),
+                "tiltsmc_share": (run["wall"] - run["model_wall"]) / run["wall"],
+                "rows_per_step": run["rows"],
+            })  # fmt: skip
+    median = {name: {k: float(np.median([x[k] for x in rs])) for k in rs[0]} for name, rs in rounds.items()}
+    ratio = median["per request"]["tiltsmc_ms"] / median["shared"]["tiltsmc_ms"]
+    print(
+        f"{args.models}, {args.particles} particles a request, {args.rate} arriving a step (at most "
+        f"{args.inflight} in flight), {args.requests} requests, {args.compare_shared} rounds in turn "
+        "(medians):"
+    )
+    for name, m in median.items():
+        each = ", ".join(f"{x['tiltsmc_ms']:.3f}" for x in rounds[name])
+        print(
+            f"  {name:12s} step {m['step_ms']:.2f} ms, tiltsmc {m['tiltsmc_ms']:.3f} ms a step "
+            f"({100 * m['tiltsmc_share']:.1f}%; rounds {each})"
+        )
+    print(f"  tiltsmc's own time, one call per request / shared: {ratio:.3f}x")
+    print(f"  load average {load:.2f} -> {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs)")
+    record = {
+        "benchmark": "lane, shared SMC steps against one core call per request",
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "machine": machine,
+        "loadavg_after": os.getloadavg(),
+        "rounds": rounds,
+        "medians": median,
+        "tiltsmc_ratio_per_request_over_shared": ratio,
+    }
+    default = RESULTS / f"lane_shared_{args.models}_{args.particles}p_vm.json"
+    write_json(args.out or default, record)
 
 
 if __name__ == "__main__":
