@@ -565,6 +565,13 @@ def _add_model_arguments(parser: argparse.ArgumentParser, demo_models: bool = Fa
         "pieces)",
     )
     parser.add_argument(
+        "--step-rows-below",
+        type=_fraction,
+        default=_model_default("step_rows_below"),
+        help="within a step of several tokens, run the policy on the rows still writing it once they are at "
+        "most this fraction of the rows it runs on (their KV caches gathered; 0: every row every call)",
+    )
+    parser.add_argument(
         "--reward-kind",
         choices=("log_value", "prob", "logit"),
         default=_model_default("reward_kind"),
@@ -639,6 +646,7 @@ MODEL_OPTIONS: dict[str, tuple[str, str]] = {
     "top_p": ("OnnxCausalLM", "top_p"),
     "stop": ("OnnxCausalLM", "stop"),
     "prefill_tokens": ("OnnxCausalLM", "prefill_tokens"),
+    "step_rows_below": ("OnnxCausalLM", "step_rows_below"),
     "add_special_tokens": ("OnnxCausalLM", "add_special_tokens"),
     "skip_special_tokens": ("OnnxCausalLM", "skip_special_tokens"),
     "threads": ("OnnxCausalLM", "intra_op_num_threads"),
@@ -825,6 +833,7 @@ def _load_models(args: argparse.Namespace) -> tuple[Any, Any]:
         top_p=args.top_p,
         stop=args.stop,
         prefill_tokens=args.prefill_tokens,
+        step_rows_below=args.step_rows_below,
         intra_op_num_threads=args.threads,
         memory_arena=args.memory_arena == "on",
         value_output=args.value_output,

@@ -49,6 +49,7 @@ import tokenizers
 
 from .. import core
 from ._config import Source, first, positive_int, real_number, token_id, token_ids
+from ._fed_rows import FedRows
 from ._ort import make_session, shrink_memory_arena
 from .chat import is_chat
 from .device_cache import DeviceKVCache
@@ -192,8 +193,10 @@ class OnnxCausalLM:
     trajectory's tokens complete; see the module docstring). Prompts start ``prefill_tokens // width``
     rows a session call (at least one; ``width`` the longest prompt's tokens), and a prompt longer than
     ``prefill_tokens`` in pieces of that many positions, so that the logits of every position and the
-    attention scores of long prompts are never all in memory at once.
-    ``memory_arena=False`` frees ONNX
+    attention scores of long prompts are never all in memory at once. Within a step of several tokens,
+    once the rows still writing it are at most ``step_rows_below`` of those the session runs on, the
+    session runs on theirs alone (their KV caches gathered, the others' set aside until the step ends:
+    ``tiltsmc.models._fed_rows``; 0 never does). ``memory_arena=False`` frees ONNX
     Runtime's buffers after each run instead of keeping them at their peak (a long-running service).
 
     Prompts: a string (encoded with the special tokens the tokenizer's post-processor adds, as Hugging
@@ -233,6 +236,7 @@ class OnnxCausalLM:
         value_output: Optional[str] = None,
         stop: Optional[Union[str, Sequence[str]]] = None,
         prefill_tokens: int = 512,
+        step_rows_below: float = 0.75,
     ) -> None:
         self.model_file, model_dir = resolve_model_file(path)
         config = read_json(model_dir / "config.json")
@@ -261,6 +265,10 @@ class OnnxCausalLM:
         self.top_p = None if top_p is None else float(top_p)
         self.stop = _stop_strings(stop)
         self.prefill_tokens = positive_int(prefill_tokens, "prefill_tokens")
+        step_rows_below = real_number(step_rows_below, "step_rows_below")
+        if not 0.0 <= step_rows_below <= 1.0:
+            raise ValueError(f"step_rows_below: expected a fraction in [0, 1], got {step_rows_below!r}")
+        self.step_rows_below = float(step_rows_below)
         if self.stop and self.tokenizer is None:
             raise ValueError(
                 "stop: stop strings need a tokenizer (none given, no tokenizer.json beside the model)"
@@ -735,7 +743,11 @@ class OnnxCausalLM:
         self._advance(particles, np.ascontiguousarray(tokens, dtype=np.int64), ~particles.finished)
 
     def _advance(
-        self, particles: Particles, tokens: npt.NDArray[np.int64], active: npt.NDArray[np.bool_]
+        self,
+        particles: Particles,
+        tokens: npt.NDArray[np.int64],
+        active: npt.NDArray[np.bool_],
+        fed: Optional[FedRows] = None,
     ) -> None:
         """Append ``tokens`` where ``active``; feed every row one position (padding, masked, elsewhere).
 
@@ -743,7 +755,8 @@ class OnnxCausalLM:
         tokens and the tokens it was fed), so left padding and masked steps never shift positions. The
         session run itself is deferred ([`Particles.defer`][tiltsmc.models.particles.Particles.defer]) until
         the state is next needed: the next draw, or resampling, which then copies caches the run has just
-        written (still in the CPU's caches); the run after a sampler's last step never happens.
+        written (still in the CPU's caches); the run after a sampler's last step never happens. ``fed``:
+        the rows a multi-token step runs on (``propose``).
         """
         particles.flush()
         if self.twist_head:  # the parent's twist row scores the token appended now
@@ -762,7 +775,7 @@ class OnnxCausalLM:
             particles.state["lm.mask"].reshape(rows, -1), still, tokens, self.pad_token_id
         )
         particles.state["lm.mask"] = new_mask.reshape(batch, count, -1)
-        run = functools.partial(self._decode, particles, feed_tokens, new_mask, positions, still, going)
+        run = functools.partial(self._decode, particles, feed_tokens, new_mask, positions, still, going, fed)
         particles.defer(run)
 
     def _decode(
@@ -773,8 +786,11 @@ class OnnxCausalLM:
         positions: npt.NDArray[np.int64],
         still: npt.NDArray[np.bool_],
         going: int,
+        fed: Optional[FedRows] = None,
     ) -> None:
-        """One session call on the inputs ``_advance`` built: new logits and caches into the state."""
+        """One session call on the inputs ``_advance`` built: new logits and caches into the state. With
+        ``fed``, on the rows it gives (every row, or those still writing the step: their caches kept in
+        ``fed`` until the step ends)."""
         batch, count = particles.lengths.shape
         rows = batch * count
         past: Any = (
@@ -785,24 +801,36 @@ class OnnxCausalLM:
                 for _, _, key in self._cache_names
             ]
         )
+        index = None
+        if fed is not None:
+            index, past = fed.session_rows(past, still)
+            if index is not None:
+                feed_tokens, new_mask, positions = feed_tokens[index], new_mask[index], positions[index]
         logits, present = self._run(feed_tokens, new_mask, positions, past)
         if self.value_output is not None:
             *present, value = present
-            scores = np.asarray(value, dtype=np.float64).reshape(batch, count, -1)
+            scores = np.asarray(value, dtype=np.float64)
+            scores = scores.reshape(len(scores), -1)
             if not self.twist_head:
-                scores = scores[..., 0]
-            if going != rows:
-                kept = still[..., None] if self.twist_head else still
-                scores = np.where(kept, scores, particles.state["lm.value"])
-            particles.state["lm.value"] = scores
-        next_logits = np.asarray(logits[:, -1, :], dtype=np.float32).reshape(batch, count, -1)
-        if going != rows:  # rows fed padding keep the logits of their last real token
-            next_logits = np.where(still[..., None], next_logits, particles.state["lm.logits"])
-        particles.state["lm.logits"] = next_logits
+                scores = scores[:, 0]
+            particles.state["lm.value"] = _fed_rows_updated(particles.state["lm.value"], scores, still, index)
+        logits = np.asarray(logits[:, -1, :], dtype=np.float32)
+        particles.state["lm.logits"] = _fed_rows_updated(particles.state["lm.logits"], logits, still, index)
         if isinstance(present, DeviceKVCache):
             particles.state["lm.cache"] = present
+        elif index is not None:
+            fed.keep(present)  # type: ignore[union-attr]
+        else:
+            for (_, _, key), cache in zip(self._cache_names, present):
+                particles.state[key] = cache.reshape(batch, count, *cache.shape[1:])
+
+    def _merge_fed(self, particles: Particles, fed: FedRows) -> None:
+        """The end of a step run on fewer rows: every row's caches back into the state (``FedRows.merge``)."""
+        merged = fed.merge()
+        if merged is None:
             return
-        for (_, _, key), cache in zip(self._cache_names, present):
+        batch, count = particles.lengths.shape
+        for (_, _, key), cache in zip(self._cache_names, merged):
             particles.state[key] = cache.reshape(batch, count, *cache.shape[1:])
 
     def _append_tokens(
@@ -881,10 +909,13 @@ class OnnxCausalLM:
             return log_p
         step_start = particles.lengths.copy() if self.step_text is not None else None
         total = np.zeros(particles.lengths.shape)
+        fed = None
+        if self.step_rows_below > 0 and not self.device_cache:
+            fed = FedRows(particles.lengths.size, self.step_rows_below)
         while in_step.any():
             tokens, chosen = self._draw(particles, rng, in_step)
             total += chosen
-            self._advance(particles, tokens, in_step)
+            self._advance(particles, tokens, in_step, fed)
             done = particles.finished.copy()
             if self.step_ids is not None:
                 done |= np.isin(tokens, self._step_id_array)
@@ -897,4 +928,23 @@ class OnnxCausalLM:
                     )
                     done[b, i] = text.endswith(self.step_text)
             in_step &= ~done
+        if fed is not None:  # after the step's last session call, which is deferred too
+            particles.defer(functools.partial(self._merge_fed, particles, fed))
         return total
+
+
+def _fed_rows_updated(
+    old: np.ndarray, new: np.ndarray, still: npt.NDArray[np.bool_], index: Optional[npt.NDArray[np.int64]]
+) -> np.ndarray:
+    """A per-row state array (``(B, N, ...)``) after a session call: ``new``'s rows (one per row run: every
+    row, or ``index``'s) where ``still`` (fed a real token), ``old``'s elsewhere (rows fed padding keep what
+    their last real token gave)."""
+    if index is None:
+        new = new.reshape(old.shape)
+        if still.all():
+            return new
+        return np.where(still.reshape(still.shape + (1,) * (old.ndim - 2)), new, old)
+    out = old.copy()
+    fed = still.reshape(-1)[index]
+    out.reshape(-1, *old.shape[2:])[index[fed]] = new[fed]
+    return out
