@@ -775,7 +775,7 @@ class OnnxCausalLM:
             particles.state["lm.mask"].reshape(rows, -1), still, tokens, self.pad_token_id
         )
         particles.state["lm.mask"] = new_mask.reshape(batch, count, -1)
-        run = functools.partial(self._decode, particles, feed_tokens, new_mask, positions, still, going, fed)
+        run = functools.partial(self._decode, particles, feed_tokens, new_mask, positions, still, fed)
         particles.defer(run)
 
     def _decode(
@@ -785,7 +785,6 @@ class OnnxCausalLM:
         new_mask: npt.NDArray[np.int64],
         positions: npt.NDArray[np.int64],
         still: npt.NDArray[np.bool_],
-        going: int,
         fed: Optional[FedRows] = None,
     ) -> None:
         """One session call on the inputs ``_advance`` built: new logits and caches into the state. With
@@ -818,8 +817,8 @@ class OnnxCausalLM:
         particles.state["lm.logits"] = _fed_rows_updated(particles.state["lm.logits"], logits, still, index)
         if isinstance(present, DeviceKVCache):
             particles.state["lm.cache"] = present
-        elif index is not None:
-            fed.keep(present)  # type: ignore[union-attr]
+        elif fed is not None and index is not None:
+            fed.keep(present)
         else:
             for (_, _, key), cache in zip(self._cache_names, present):
                 particles.state[key] = cache.reshape(batch, count, *cache.shape[1:])
