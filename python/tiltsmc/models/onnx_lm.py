@@ -790,8 +790,7 @@ class OnnxCausalLM:
         """One session call on the inputs ``_advance`` built: new logits and caches into the state. With
         ``fed``, on the rows it gives (every row, or those still writing the step: their caches kept in
         ``fed`` until the step ends)."""
-        batch, count = particles.lengths.shape
-        rows = batch * count
+        rows = particles.lengths.size
         past: Any = (
             particles.state["lm.cache"]
             if self.device_cache
@@ -820,17 +819,19 @@ class OnnxCausalLM:
         elif fed is not None and index is not None:
             fed.keep(present)
         else:
-            for (_, _, key), cache in zip(self._cache_names, present):
-                particles.state[key] = cache.reshape(batch, count, *cache.shape[1:])
+            self._store_caches(particles, present)
+
+    def _store_caches(self, particles: Particles, caches: Sequence[np.ndarray]) -> None:
+        """Every row's host caches, ``(rows, heads, length, dim)`` each, into the state as ``(B, N, ...)``."""
+        batch, count = particles.lengths.shape
+        for (_, _, key), cache in zip(self._cache_names, caches):
+            particles.state[key] = cache.reshape(batch, count, *cache.shape[1:])
 
     def _merge_fed(self, particles: Particles, fed: FedRows) -> None:
         """The end of a step run on fewer rows: every row's caches back into the state (``FedRows.merge``)."""
         merged = fed.merge()
-        if merged is None:
-            return
-        batch, count = particles.lengths.shape
-        for (_, _, key), cache in zip(self._cache_names, merged):
-            particles.state[key] = cache.reshape(batch, count, *cache.shape[1:])
+        if merged is not None:
+            self._store_caches(particles, merged)
 
     def _append_tokens(
         self, particles: Particles, tokens: npt.NDArray[np.int64], active: npt.NDArray[np.bool_]
