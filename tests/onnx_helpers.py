@@ -37,6 +37,14 @@ def on_host(array: Any) -> np.ndarray:
     return array if isinstance(array, np.ndarray) else array.get()
 
 
+def assert_float32_close(got: np.ndarray, expected: np.ndarray, what: str) -> None:
+    """Equal up to float32 sums taken in another order (batches of other shapes block the matmuls
+    differently): up to 64 units in the last place of the array's scale (its largest finite value, or 1)."""
+    scale = max(1.0, float(np.abs(expected[np.isfinite(expected)]).max(initial=0.0)))
+    atol = 64 * float(np.finfo(np.float32).eps) * scale
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=atol, err_msg=what)
+
+
 def assert_state_follows(before: Particles, after: Particles, ancestors: np.ndarray) -> None:
     """Every state entry of ``after`` is ``before``'s reordered by ``ancestors`` (``(B, N)``)."""
     before.flush()

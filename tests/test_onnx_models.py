@@ -20,7 +20,7 @@ import numpy as np
 import onnx_helpers
 import pytest
 import tiltsmc
-from onnx_helpers import assert_state_follows, full_sequence, with_initializer_set
+from onnx_helpers import assert_float32_close, assert_state_follows, full_sequence, with_initializer_set
 from tiltsmc.models import OnnxCausalLM, OnnxRewardModel, Particles
 from tiltsmc.models._ort import cuda_device_usable
 from tiltsmc.models.onnx_lm import log_softmax
@@ -663,11 +663,7 @@ def test_prompts_run_a_few_rows_at_a_time_give_the_same_start(path: Path, option
         assert set(particles.state) == set(reference.state)
         for key, value in reference.state.items():
             if isinstance(value, np.ndarray) and value.dtype.kind == "f":
-                # float32 sums over the hidden size (32) taken in another order (other shapes block the
-                # matmuls differently): up to 64 units in the last place of the array's scale
-                scale = max(1.0, float(np.abs(value).max()))
-                atol = 64 * float(np.finfo(np.float32).eps) * scale
-                np.testing.assert_allclose(particles.state[key], value, rtol=1e-5, atol=atol, err_msg=key)
+                assert_float32_close(particles.state[key], value, key)  # sums over the hidden size (32)
             elif isinstance(value, np.ndarray):
                 np.testing.assert_array_equal(particles.state[key], value, err_msg=key)
 

@@ -11,6 +11,7 @@ import pytest
 import tiltsmc
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from onnx_helpers import assert_float32_close
 from tiltsmc.models import OnnxCausalLM, OnnxRewardModel
 from tiltsmc.models._fed_rows import FedRows
 
@@ -108,14 +109,6 @@ def _steps(path: Path, step: Any, below: float, options: dict[str, Any]) -> tupl
     return states, rows
 
 
-def _close(got: np.ndarray, expected: np.ndarray, what: str) -> None:
-    """float32 arithmetic on batches of other shapes (the matmuls blocked differently): equal to a few units
-    in the last place of the array's scale."""
-    scale = max(1.0, float(np.abs(expected[np.isfinite(expected)]).max(initial=0.0)))
-    atol = 64 * float(np.finfo(np.float32).eps) * scale
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=atol, err_msg=what)
-
-
 @pytest.mark.parametrize(
     ("path", "step", "options"),
     [
@@ -142,7 +135,7 @@ def test_a_step_on_the_rows_still_writing_it_draws_the_same(
         for (log_p, tokens, lengths, state), (log_p0, tokens0, lengths0, state0) in zip(states, reference):
             np.testing.assert_array_equal(tokens, tokens0)
             np.testing.assert_array_equal(lengths, lengths0)
-            _close(log_p, log_p0, "log_p")
+            assert_float32_close(log_p, log_p0, "log_p")
             assert set(state) == set(state0)
             mask = state0["lm.mask"]
             np.testing.assert_array_equal(state["lm.mask"], mask)
@@ -150,9 +143,9 @@ def test_a_step_on_the_rows_still_writing_it_draws_the_same(
                 if key.startswith("lm.cache."):
                     through = np.broadcast_to(mask[:, :, None, :, None] == 1, value.shape)
                     assert state[key].shape == value.shape
-                    _close(state[key][through], value[through], key)
+                    assert_float32_close(state[key][through], value[through], key)
                 elif isinstance(value, np.ndarray) and value.dtype.kind == "f":
-                    _close(state[key], value, key)
+                    assert_float32_close(state[key], value, key)
 
 
 def test_samplers_give_the_same_results_on_fewer_rows() -> None:
