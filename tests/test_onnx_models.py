@@ -904,13 +904,18 @@ def test_start_buffers_are_reused_only_once_released(llama: OnnxCausalLM) -> Non
 def test_policy_logits_with_nan_are_a_clear_error(
     tmp_path: Path, prm: OnnxRewardModel, options: dict[str, Any]
 ) -> None:
-    """A real policy session whose first layer norm weights are NaN: every logit is NaN, and the draw
-    says which model returned them (with or without top-k / top-p filtering)."""
+    """A real policy session whose first layer norm weights are NaN: every logit is NaN. It is refused
+    at load (``check_batching``'s probe reads its logits); loaded without the check, the draw says which
+    model returned them (with or without top-k / top-p filtering)."""
     shutil.copytree(LLAMA, tmp_path / "llama-nan")
     model = tmp_path / "llama-nan" / "model.onnx"
     name = "model.layers.0.input_layernorm.weight"
     model.write_bytes(with_initializer_set(model.read_bytes(), name, float("nan")))
-    policy = OnnxCausalLM(tmp_path / "llama-nan", max_new_tokens=3, eos_token_id=EOS, **options)
+    with pytest.raises(ValueError, match=r"path: model\.onnx returned NaN logits for two short prompts"):
+        OnnxCausalLM(tmp_path / "llama-nan", max_new_tokens=3, eos_token_id=EOS, **options)
+    policy = OnnxCausalLM(
+        tmp_path / "llama-nan", max_new_tokens=3, eos_token_id=EOS, check_batching=False, **options
+    )
     with pytest.raises(ValueError, match=r"logits: model\.onnx returned bad logits: .*NaN"):
         tiltsmc.smc(policy, prm, prompts=["ab"], num_particles=2, rng=0)
 

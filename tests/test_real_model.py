@@ -268,12 +268,18 @@ def render_chatml(chat: list[dict[str, str]]) -> str:
 def test_a_smaller_variant_answers_as_at_its_conversion(conversion: dict[str, Any], variant: str) -> None:
     """Each prompt alone (batch of one): dynamic int8 quantisation scales a MatMul's activations by their
     largest value over the whole batch, so a row's logits depend on the other rows of its batch (measured:
-    up to 7.4 on one of these prompts batched with another, against 3e-5 for the float32 graph)."""
+    up to 7.4 on one of these prompts batched with another, against 3e-5 for the float32 graph), which is
+    why the int8 graph loads only with ``check_batching=False``."""
     from tiltsmc.models import OnnxCausalLM
 
     if not (MODEL / variant / "model.onnx").is_file() or variant not in conversion:
         pytest.skip(f"no {variant} variant in {MODEL / variant}")
-    policy = OnnxCausalLM(MODEL / variant, max_new_tokens=32, top_k=1, intra_op_num_threads=2)
+    if variant == "int8":
+        with pytest.raises(ValueError, match="dynamic int8 quantisation do this"):
+            OnnxCausalLM(MODEL / variant, max_new_tokens=32)
+    policy = OnnxCausalLM(
+        MODEL / variant, max_new_tokens=32, top_k=1, intra_op_num_threads=2, check_batching=variant != "int8"
+    )
     assert policy.cache_dtype == np.float32  # float16 inside, float32 inputs and outputs
     rng = np.random.default_rng(0)
     for prompt, expected in zip(conversion["check_prompts"], conversion[variant]["greedy_ids"]):

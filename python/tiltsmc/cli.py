@@ -572,6 +572,14 @@ def _add_model_arguments(parser: argparse.ArgumentParser, demo_models: bool = Fa
         "most this fraction of the rows it runs on (their KV caches gathered; 0: every row every call)",
     )
     parser.add_argument(
+        "--check-batching",
+        choices=("on", "off"),
+        default=_model_default("check_batching"),
+        help="at load, refuse a policy whose rows' logits depend on their padding or on the other rows of "
+        "their batch (attention reading lengths from the mask, dynamic int8 quantisation); 'off' runs it "
+        "anyway, its samples then not following its law",
+    )
+    parser.add_argument(
         "--reward-kind",
         choices=("log_value", "prob", "logit"),
         default=_model_default("reward_kind"),
@@ -647,6 +655,7 @@ MODEL_OPTIONS: dict[str, tuple[str, str]] = {
     "stop": ("OnnxCausalLM", "stop"),
     "prefill_tokens": ("OnnxCausalLM", "prefill_tokens"),
     "step_rows_below": ("OnnxCausalLM", "step_rows_below"),
+    "check_batching": ("OnnxCausalLM", "check_batching"),
     "add_special_tokens": ("OnnxCausalLM", "add_special_tokens"),
     "skip_special_tokens": ("OnnxCausalLM", "skip_special_tokens"),
     "threads": ("OnnxCausalLM", "intra_op_num_threads"),
@@ -834,6 +843,7 @@ def _load_models(args: argparse.Namespace) -> tuple[Any, Any]:
         stop=args.stop,
         prefill_tokens=args.prefill_tokens,
         step_rows_below=args.step_rows_below,
+        check_batching=args.check_batching == "on",
         intra_op_num_threads=args.threads,
         memory_arena=args.memory_arena == "on",
         value_output=args.value_output,

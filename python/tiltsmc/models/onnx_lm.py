@@ -63,6 +63,11 @@ MODEL_FILES = ("model.onnx", "decoder_model_merged.onnx", "decoder_with_past_mod
 # Texts whose token ids a policy keeps: a served prompt is encoded to check its length, to count its KV
 # cache at admission and again when its batch starts.
 ENCODED_TEXTS = 256
+# check_batching: a row batched as the samplers batch it may differ from the row alone by this much of its
+# largest logit (at least 1): float rounding across batch shapes is far below it (the optimum exports tried
+# give the probe's rows the same logits bitwise; SmolLM2's float32 graph moved longer prompts by 3e-5 on
+# logits of about 20), a graph that ignores its padding far above it (differences of order 1)
+BATCHING_TOLERANCE = 1e-3
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
@@ -206,6 +211,15 @@ class OnnxCausalLM:
     tokens again. Texts are decoded without special tokens (``skip_special_tokens=False`` keeps them).
     ``session_options`` and ``provider_options`` go to ONNX Runtime
     (``tiltsmc.models._ort.make_session``).
+
+    Batches: prompts of different lengths run together left-padded, and a row that is not extended at a
+    call is fed a masked padding token, so a row's logits must not depend on its padding or on the other
+    rows. With ``check_batching`` (the default) the graph is tried on that at load
+    ([`batching_difference`][tiltsmc.models.OnnxCausalLM.batching_difference]) and refused where a row
+    run with another differs from the row alone: attention that reads each row's length from the mask
+    and assumes right padding (ONNX Runtime's ``GroupQueryAttention``, as onnxruntime-genai's model builder
+    writes it) does, and so does dynamic int8 quantisation (its activations scaled over the whole
+    batch). ``check_batching=False`` runs such a graph anyway: its samples do not follow the stated law.
     """
 
     def __init__(
@@ -237,6 +251,7 @@ class OnnxCausalLM:
         stop: Optional[Union[str, Sequence[str]]] = None,
         prefill_tokens: int = 512,
         step_rows_below: float = 0.75,
+        check_batching: bool = True,
     ) -> None:
         self.model_file, model_dir = resolve_model_file(path)
         config = read_json(model_dir / "config.json")
@@ -410,6 +425,64 @@ class OnnxCausalLM:
         )
         self._start_buffers = _StartBuffers()
         self._stop_window = 4 * max((len(stop) for stop in self.stop), default=0)
+        if not isinstance(check_batching, (bool, np.bool_)):
+            raise TypeError(f"check_batching: expected True or False, got {check_batching!r}")
+        if check_batching:
+            difference, scale = self.batching_difference()
+            if np.isnan(difference):
+                raise ValueError(
+                    f"path: {self.model_file.name} returned NaN logits for two short prompts (token ids "
+                    "3, 5 and 11, 18, 25, 32, modulo its vocabulary): is the graph broken?"
+                )
+            if difference > BATCHING_TOLERANCE * max(1.0, scale):
+                raise ValueError(
+                    f"path: {self.model_file.name} gives a row other logits when it runs beside a longer "
+                    f"row (left-padded) or is fed masked padding than when it runs alone (by up to "
+                    f"{difference:.3g}, logits up to {scale:.3g}): tiltsmc batches rows that way, so its "
+                    "samples would not follow the policy's law. Attention that reads each row's length "
+                    "from the attention mask (ONNX Runtime's GroupQueryAttention, as onnxruntime-genai's "
+                    "model builder exports it) and dynamic int8 quantisation do this; export with optimum "
+                    "(text-generation-with-past), or pass check_batching=False to run it anyway"
+                )
+
+    def batching_difference(self) -> tuple[float, float]:
+        """How far a row's logits move when it is batched as the samplers batch it: ``(difference,
+        scale)``, the largest absolute difference and the largest absolute logit of the row alone.
+
+        Two prompts (2 and 4 tokens of fixed ids) run together, the shorter left-padded, then two steps: the
+        first feeds the shorter row masked padding while the other gets a token, the second gives both a
+        token. The shorter row's logits after its prompt and after its token are compared with the same
+        prompt and token run alone. A graph that honours its attention mask gives the same logits to float
+        rounding (the optimum exports tried give them bitwise here).
+        """
+        vocab, pad = self.vocab_size, self.pad_token_id
+        short = np.array([3, 5], dtype=np.int64) % vocab
+        long = (np.arange(4, dtype=np.int64) * 7 + 11) % vocab
+        token = np.array([13, 17, 19], dtype=np.int64) % vocab  # the short row's, the long row's two
+
+        def cache(present: Any) -> Any:  # the value scores come last, where the graph has them
+            return present[:-1] if self.value_output is not None else present
+
+        def step(mask: np.ndarray, fed: list[bool], tokens: list[int], past: Any) -> tuple[Any, ...]:
+            ids, new_mask, positions = core.decode_inputs(
+                mask, np.array(fed), np.array(tokens, dtype=np.int64), pad
+            )
+            logits, present = self._run(ids, new_mask, positions, past)
+            return logits[:, -1], new_mask, cache(present)
+
+        ids, mask, positions = left_padded([short, long], pad)
+        batch_logits, present = self._run(ids, mask, positions, None)
+        alone_logits, alone_present = self._run(
+            short[None], np.ones((1, 2), np.int64), np.arange(2)[None], None
+        )
+        _, mask, past = step(mask, [False, True], [0, int(token[1])], cache(present))
+        batch_step, _, _ = step(mask, [True, True], [int(token[0]), int(token[2])], past)
+        alone_step, _, _ = step(np.ones((1, 2), np.int64), [True], [int(token[0])], cache(alone_present))
+        pairs = [(batch_logits[0, -1], alone_logits[0, -1]), (batch_step[0], alone_step[0])]
+        with np.errstate(invalid="ignore"):  # equal infinities differ by 0; NaN anywhere gives NaN
+            difference = max(float(np.max(np.where(a == b, 0.0, np.abs(a - b)))) for a, b in pairs)
+        finite = [np.abs(b[np.isfinite(b)]) for _, b in pairs]
+        return difference, float(max(np.max(values, initial=0.0) for values in finite))
 
     def _check_value_output(self, value_output: Optional[str], outputs: list[str]) -> Optional[str]:
         """A value head in the policy's graph, fetched with the logits at every run: one score per position

@@ -1,0 +1,102 @@
+"""``OnnxCausalLM(check_batching=True)``: a graph whose rows depend on their padding or on the other rows of
+their batch is refused at load.
+
+The samplers batch prompts of different lengths by left padding and feed a row that is not extended at a
+call masked padding; the law a particle is drawn from is the policy's only if neither changes its logits.
+``gqa-tiny`` (``scripts/make_gqa_fixture.py``) has attention that reads each row's length from its mask, as
+onnxruntime-genai's builder exports it: the fixture that must be refused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from tiltsmc.models import OnnxCausalLM
+from tiltsmc.models.onnx_lm import BATCHING_TOLERANCE
+from tiltsmc.tasks.arithmetic import MODELS_DIR
+
+FIXTURES = Path(__file__).parent / "fixtures" / "models"
+GQA = FIXTURES / "gqa-tiny"
+
+
+@pytest.mark.parametrize(
+    ("path", "options"),
+    [
+        (FIXTURES / "gpt2-tiny", {}),
+        (FIXTURES / "llama-tiny", {}),
+        (FIXTURES / "gpt2-merged-tiny", {}),
+        (FIXTURES / "gpt2-value-tiny", {"value_output": "value"}),
+        (FIXTURES / "gpt2-twist-tiny", {"value_output": "twist"}),
+        (MODELS_DIR / "joint", {"value_output": "value"}),
+    ],
+    ids=["gpt2", "llama", "merged", "value-head", "twist-head", "demo-joint"],
+)
+def test_optimum_layouts_give_a_row_the_same_logits_in_a_batch(path: Path, options: dict[str, Any]) -> None:
+    """The exports the library is built for load, and a row's logits move by float rounding at most."""
+    policy = OnnxCausalLM(path, max_new_tokens=4, **options)
+    difference, scale = policy.batching_difference()
+    assert scale > 1.0  # logits far from zero: the comparison has something to compare
+    assert difference <= 1e-5 * scale
+
+
+def test_attention_that_reads_lengths_from_the_mask_is_refused() -> None:
+    with pytest.raises(ValueError, match="GroupQueryAttention") as refused:
+        OnnxCausalLM(GQA, max_new_tokens=4)
+    message = str(refused.value)
+    assert "gqa-tiny" in message or "model.onnx" in message
+    assert "check_batching=False" in message and "optimum" in message
+
+
+def test_what_the_check_guards_against() -> None:
+    """Loaded anyway, the fixture gives a prompt other next-token logits beside a longer prompt than alone;
+    an optimum export gives the same. The check's difference is of that order, far over its tolerance."""
+    gqa = OnnxCausalLM(GQA, max_new_tokens=4, check_batching=False)
+    gpt2 = OnnxCausalLM(FIXTURES / "gpt2-tiny", max_new_tokens=4)
+    for policy, moved in ((gqa, True), (gpt2, False)):
+        together = policy.start(["ab", "abcd"], 2).state["lm.logits"][0, 0]
+        alone = policy.start(["ab"], 2).state["lm.logits"][0, 0]
+        assert (np.abs(together - alone).max() > 0.1) == moved
+    difference, scale = gqa.batching_difference()
+    assert difference > 100 * BATCHING_TOLERANCE * max(1.0, scale)
+
+
+def test_a_masked_step_is_what_the_check_reads_too() -> None:
+    """Rows of one prompt (no left padding), one of them fed masked padding for a step and then a token,
+    against the same tokens alone: the fixture moves the row, an optimum export does not."""
+    for path, moved in ((GQA, True), (FIXTURES / "gpt2-tiny", False)):
+        policy = OnnxCausalLM(path, max_new_tokens=4, check_batching=False)
+        particles = policy.start(["ab"], 2)
+        policy.append(particles, np.array([[13, 17]]))
+        particles.finished[0, 0] = True  # row 0 is not extended at the next call: fed masked padding
+        policy.append(particles, np.array([[0, 19]]))
+        particles.finished[0, 0] = False
+        policy.append(particles, np.array([[19, 19]]))
+        particles.flush()
+        alone = policy.start(["ab"], 1)
+        for token in (13, 19):
+            policy.append(alone, np.array([[token]]))
+        alone.flush()
+        row, reference = particles.state["lm.logits"][0, 0], alone.state["lm.logits"][0, 0]
+        assert (np.abs(row - reference).max() > 0.1) == moved
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_check_batching_is_a_bool(value: Any) -> None:
+    with pytest.raises(TypeError, match="check_batching: expected True or False"):
+        OnnxCausalLM(FIXTURES / "gpt2-tiny", max_new_tokens=4, check_batching=value)
+
+
+def test_cli_refuses_the_graph_unless_told(tmp_path: Path, capfd: Any) -> None:
+    from tiltsmc.cli import main
+
+    base = ["run", "--policy", str(GQA), "--reward", str(FIXTURES / "prm-tiny"), "--reward-kind", "logit"]
+    base += ["--max-new-tokens", "3", "--prompt", "ab", "--seed", "1", "--particles", "2"]
+    assert main(base) == 2
+    assert "GroupQueryAttention" in capfd.readouterr().err
+    assert main([*base, "--check-batching", "off", "--json", str(tmp_path / "out.jsonl")]) == 0
+    capfd.readouterr()
+    assert main(["serve", "--demo", "--check-batching", "off", "--port", "0"]) == 2  # refused before serving
+    assert "--check-batching: not an option of the bundled --demo models" in capfd.readouterr().err
