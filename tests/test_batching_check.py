@@ -1,5 +1,5 @@
 """``OnnxCausalLM(check_batching=True)``: a graph whose rows depend on their padding or on the other rows of
-their batch is refused at load.
+their batch is refused at load; ``OnnxRewardModel`` re-encodes such a graph rather than keep its KV cache.
 
 The samplers batch prompts of different lengths by left padding and feed a row that is not extended at a
 call masked padding; the law a particle is drawn from is the policy's only if neither changes its logits.
@@ -9,12 +9,14 @@ onnxruntime-genai's builder exports it: the fixture that must be refused.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from tiltsmc.models import OnnxCausalLM
+import tiltsmc
+from tiltsmc.models import OnnxCausalLM, OnnxRewardModel
 from tiltsmc.models.onnx_lm import BATCHING_TOLERANCE
 from tiltsmc.tasks.arithmetic import MODELS_DIR
 
@@ -100,3 +102,38 @@ def test_cli_refuses_the_graph_unless_told(tmp_path: Path, capfd: Any) -> None:
     capfd.readouterr()
     assert main(["serve", "--demo", "--check-batching", "off", "--port", "0"]) == 2  # refused before serving
     assert "--check-batching: not an option of the bundled --demo models" in capfd.readouterr().err
+
+
+# -- the reward model's KV cache: tried against re-encoding at load ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "options"),
+    [(FIXTURES / "gpt2-value-tiny", {"output": "value"}), (FIXTURES / "llama-tiny", {"label": 3})],
+    ids=["value-head", "causal-lm-label"],
+)
+def test_a_reward_cache_that_gives_re_encodings_values_is_kept(path: Path, options: dict[str, Any]) -> None:
+    reward = OnnxRewardModel(path, **options)
+    assert reward.kv_cached
+    difference, scale = reward.cache_difference()
+    assert scale > 0.5 and difference <= 1e-5 * max(1.0, scale)
+
+
+def test_a_reward_graph_that_reads_lengths_from_the_mask_is_re_encoded(caplog: Any) -> None:
+    """Its cached scores differ from re-encoding's, so it re-encodes (with a warning), and right-padded
+    re-encoding gives each prefix of a ragged batch its value alone; ``kv_cache=True`` is refused."""
+    with caplog.at_level(logging.WARNING, logger="tiltsmc.models.onnx_reward"):
+        reward = OnnxRewardModel(GQA, output="logits", label=3)
+    assert not reward.kv_cached
+    assert "re-encoding every prefix instead" in caplog.text and "GroupQueryAttention" in caplog.text
+    prefixes = [np.array([3, 5, 13]), np.array([11, 18, 25, 32, 17, 19]), np.array([7])]
+    together = reward._score(prefixes)
+    alone = np.array([reward._score([prefix])[0] for prefix in prefixes])
+    np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-6)
+    policy = OnnxCausalLM(FIXTURES / "gpt2-tiny", max_new_tokens=3)
+    result = tiltsmc.smc(policy, reward, prompts=["ab", "abcdef"], num_particles=3, rng=0)
+    assert np.isfinite(result.log_z).all()
+    with pytest.raises(ValueError, match=r"kv_cache: model\.onnx's scores with its KV cache .* differ"):
+        OnnxRewardModel(GQA, output="logits", label=3, kv_cache=True)
+    with pytest.raises(ValueError, match="cache_difference: this reward model re-encodes"):
+        reward.cache_difference()

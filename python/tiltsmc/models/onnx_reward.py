@@ -27,14 +27,20 @@ A decoder exported with a KV cache (``past_key_values.*`` inputs and ``present.*
 per particle in ``Particles.state`` (``tiltsmc.models.reward_cache``): each call runs only the tokens
 appended since the last, and the values equal re-encoding's. ``kv_cache=False`` re-encodes whole prefixes
 instead (fed an empty cache), as graphs without a cache always are; ``kv_cache=True`` refuses a graph that
-cannot keep one. Batches with an empty prompt are re-encoded. A decoder's ``logits`` hold ``rows x seq x
-vocab`` floats per call (a 150k vocabulary makes that 0.6 MB a position), so for large vocabularies an export
-whose head keeps only the classes needed is the one to use.
+cannot keep one. The cache needs scores that do not depend on a row's padding (prompts start left-padded,
+a row with fewer new tokens is fed masked padding): at load the cached path is tried against re-encoding
+on two rows of different lengths (``cache_difference``), and where they differ (attention that reads each
+row's length from the mask, as ONNX Runtime's ``GroupQueryAttention`` does) ``kv_cache=None`` re-encodes
+(right-padded, which such a graph reads correctly) and ``kv_cache=True`` is refused. Batches with an empty
+prompt are re-encoded. A decoder's ``logits`` hold ``rows x seq x vocab`` floats per call (a 150k
+vocabulary makes that 0.6 MB a position), so for large vocabularies an export whose head keeps only the
+classes needed is the one to use.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -46,15 +52,16 @@ import numpy.typing as npt
 from .. import core
 from ._config import Source, positive_int, token_id, token_ids
 from ._ort import make_session, shrink_memory_arena
-from .onnx_lm import _PAST, cache_geometry, log_softmax, read_json, resolve_model_file
+from .onnx_lm import _PAST, BATCHING_TOLERANCE, cache_geometry, log_softmax, read_json, resolve_model_file
 from .particles import Particles
-from .reward_cache import KVCachedScorer
+from .reward_cache import KVCachedScorer, Reader
 from .tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["OnnxRewardModel"]
 
 FloatArray = npt.NDArray[np.float64]
 KINDS = core.SCORE_KINDS
+logger = logging.getLogger(__name__)
 
 
 def _select(array: np.ndarray, selected: Optional[npt.NDArray[np.int64]]) -> np.ndarray:
@@ -211,6 +218,19 @@ class OnnxRewardModel:
                 raise ValueError(f"token_map: ids must lie in [0, {upper}) of the reward model's vocabulary")
             self.token_map = mapping.astype(np.int64)
         self._cached = self._cached_scorer(kv_cache, outputs, f"rm.{serial}")
+        if self._cached is not None:
+            difference, scale = self.cache_difference()
+            if difference > BATCHING_TOLERANCE * max(1.0, scale):  # NaN scores are refused when read
+                why = (
+                    f"{self.model_file.name}'s scores with its KV cache (prompts left-padded, a row fed "
+                    f"masked padding) differ from re-encoding the same prefixes by up to {difference:.3g} "
+                    "(attention that reads each row's length from the mask, as ONNX Runtime's "
+                    "GroupQueryAttention does, gives this)"
+                )
+                if kv_cache:
+                    raise ValueError(f"kv_cache: {why}; kv_cache=None or False re-encodes them")
+                logger.warning("%s: re-encoding every prefix instead", why)
+                self._cached = None
 
     def _cached_scorer(
         self, kv_cache: Optional[bool], outputs: dict[str, Any], prefix: str
@@ -244,6 +264,48 @@ class OnnxRewardModel:
                 raise ValueError(f"kv_cache: {self.model_file.name} cannot keep a cache: {why}")
             return None
         return KVCachedScorer(self, list(self._cache_inputs), prefix)
+
+    def cache_difference(self) -> tuple[float, float]:
+        """How far the KV-cached scores are from re-encoding's: ``(difference, scale)``, the largest
+        absolute difference of the raw score read at the last token (the ``label`` class's, or the one
+        score a position), and the largest absolute score re-encoding gives.
+
+        Two prompts (2 and 4 tokens of fixed ids) start together, the shorter left-padded; then the longer
+        row is fed a token while the shorter is fed masked padding, then both a token. Their scores after
+        the prompts and at the end are compared with the same prefixes re-encoded (right-padded).
+        """
+        if self._cached is None:
+            raise ValueError("cache_difference: this reward model re-encodes its prefixes (no KV cache)")
+        column = self.label or 0
+
+        def raw_scores(raw: np.ndarray, shape: tuple[int, int], columns: npt.NDArray[np.int64]) -> FloatArray:
+            rows, width = shape
+            scores: FloatArray = np.asarray(raw, dtype=np.float64).reshape(rows, width, -1)
+            return np.ascontiguousarray(scores[np.arange(rows), columns, column])
+
+        size = len(self.token_map) if self.token_map is not None else (self.vocab_size or 64)
+        short = np.array([3, 5], dtype=np.int64) % size
+        long = (np.arange(4, dtype=np.int64) * 7 + 11) % size
+        token = np.array([13, 17, 19], dtype=np.int64) % size  # the short row's, the long row's two
+        particles = Particles.empty([None, None], 1, 2)
+        particles.prompt_tokens = [short, long]
+        cached = [self._cached.start(particles, raw_scores)]
+        particles.tokens[1, 0, 0], particles.lengths[1, 0] = token[1], 1
+        self._cached.advance(particles, raw_scores)
+        particles.tokens[0, 0, 0], particles.lengths[0, 0] = token[0], 1
+        particles.tokens[1, 0, 1], particles.lengths[1, 0] = token[2], 2
+        self._cached.advance(particles, raw_scores)
+        cached.append(particles.state[self._cached.last_key][:, 0])
+        encoded = [
+            self._score([short, long], raw_scores),
+            self._score([np.append(short, token[0]), np.append(long, token[1:])], raw_scores),
+        ]
+        with np.errstate(invalid="ignore"):  # equal infinities differ by 0; NaN anywhere gives NaN
+            difference = max(
+                float(np.max(np.where(a == b, 0.0, np.abs(a - b)))) for a, b in zip(cached, encoded)
+            )
+        scale = max(float(np.max(np.abs(b[np.isfinite(b)]), initial=0.0)) for b in encoded)
+        return difference, scale
 
     @property
     def kv_cached(self) -> bool:
@@ -310,15 +372,16 @@ class OnnxRewardModel:
 
     # -- scoring --------------------------------------------------------------------------------------------
 
-    def _score(self, sequences: list[npt.NDArray[np.int64]]) -> FloatArray:
-        """``log Vh`` of each token sequence, in one session call (right padding, read at the last token)."""
+    def _score(self, sequences: list[npt.NDArray[np.int64]], read: Optional[Reader] = None) -> FloatArray:
+        """``log Vh`` of each token sequence, in one session call (right padding, read at the last token;
+        ``read`` in place of ``_read``)."""
         prompts = _Prompts.of([np.asarray(s, dtype=np.int64) for s in sequences], len(sequences))
         empty = np.zeros((len(sequences), 1, 0), dtype=np.int64)
         batch = core.right_padded_prefixes(
             prompts.ids, prompts.offsets, empty, np.zeros((len(sequences), 1), dtype=np.int64), None,
             self.pad_token_id, self.has_position_ids,
         )  # fmt: skip
-        return self._score_batch(*batch)
+        return self._score_batch(*batch, read=read)
 
     def _score_batch(
         self,
@@ -327,12 +390,13 @@ class OnnxRewardModel:
         last: npt.NDArray[np.int64],
         positions: Optional[npt.NDArray[np.int64]],
         read_at: Optional[npt.NDArray[np.int64]] = None,
+        read: Optional[Reader] = None,
     ) -> FloatArray:
         """``log Vh`` of right-padded rows (as
         [`tiltsmc.core.right_padded_prefixes`][tiltsmc.core.right_padded_prefixes] gives them), read at
         ``read_at[r]`` (default: the row's last token) where the model scores every position."""
         (raw,) = self.session.run([self.output], self.session_feeds(ids, mask, positions))
-        return self._read(np.asarray(raw), ids.shape, last if read_at is None else read_at)
+        return (read or self._read)(np.asarray(raw), ids.shape, last if read_at is None else read_at)
 
     def session_feeds(
         self,
