@@ -134,6 +134,15 @@ def cache_geometry(past: Any, config: dict[str, Any], model_file: Path) -> tuple
     return _NUMPY_TYPES.get(past.type, np.float32), kv_heads, head_size
 
 
+def largest_difference(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[float, float]:
+    """``(difference, scale)`` of ``(batched, alone)`` pairs of score arrays: the largest ``|batched -
+    alone|`` (equal infinities differ by 0; NaN anywhere gives NaN) and the largest finite ``|alone|``."""
+    with np.errstate(invalid="ignore"):
+        difference = max(float(np.max(np.where(a == b, 0.0, np.abs(a - b)))) for a, b in pairs)
+    scale = max(float(np.max(np.abs(b[np.isfinite(b)]), initial=0.0)) for _, b in pairs)
+    return difference, scale
+
+
 def log_softmax(logits: npt.ArrayLike) -> FloatArray:
     z = np.asarray(logits, dtype=np.float64)
     shift = np.max(z, axis=-1, keepdims=True)
@@ -478,11 +487,9 @@ class OnnxCausalLM:
         _, mask, past = step(mask, [False, True], [0, int(token[1])], cache(present))
         batch_step, _, _ = step(mask, [True, True], [int(token[0]), int(token[2])], past)
         alone_step, _, _ = step(np.ones((1, 2), np.int64), [True], [int(token[0])], cache(alone_present))
-        pairs = [(batch_logits[0, -1], alone_logits[0, -1]), (batch_step[0], alone_step[0])]
-        with np.errstate(invalid="ignore"):  # equal infinities differ by 0; NaN anywhere gives NaN
-            difference = max(float(np.max(np.where(a == b, 0.0, np.abs(a - b)))) for a, b in pairs)
-        finite = [np.abs(b[np.isfinite(b)]) for _, b in pairs]
-        return difference, float(max(np.max(values, initial=0.0) for values in finite))
+        return largest_difference(
+            [(batch_logits[0, -1], alone_logits[0, -1]), (batch_step[0], alone_step[0])]
+        )
 
     def _check_value_output(self, value_output: Optional[str], outputs: list[str]) -> Optional[str]:
         """A value head in the policy's graph, fetched with the logits at every run: one score per position

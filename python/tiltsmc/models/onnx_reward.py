@@ -52,7 +52,15 @@ import numpy.typing as npt
 from .. import core
 from ._config import Source, positive_int, token_id, token_ids
 from ._ort import make_session, shrink_memory_arena
-from .onnx_lm import _PAST, BATCHING_TOLERANCE, cache_geometry, log_softmax, read_json, resolve_model_file
+from .onnx_lm import (
+    _PAST,
+    BATCHING_TOLERANCE,
+    cache_geometry,
+    largest_difference,
+    log_softmax,
+    read_json,
+    resolve_model_file,
+)
 from .particles import Particles
 from .reward_cache import KVCachedScorer, Reader
 from .tokenizer import Tokenizer, load_tokenizer
@@ -300,12 +308,7 @@ class OnnxRewardModel:
             self._score([short, long], raw_scores),
             self._score([np.append(short, token[0]), np.append(long, token[1:])], raw_scores),
         ]
-        with np.errstate(invalid="ignore"):  # equal infinities differ by 0; NaN anywhere gives NaN
-            difference = max(
-                float(np.max(np.where(a == b, 0.0, np.abs(a - b)))) for a, b in zip(cached, encoded)
-            )
-        scale = max(float(np.max(np.abs(b[np.isfinite(b)]), initial=0.0)) for b in encoded)
-        return difference, scale
+        return largest_difference(list(zip(cached, encoded)))
 
     @property
     def kv_cached(self) -> bool:
