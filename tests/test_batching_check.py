@@ -62,7 +62,7 @@ def test_what_the_check_guards_against() -> None:
         alone = policy.start(["ab"], 2).state["lm.logits"][0, 0]
         assert (np.abs(together - alone).max() > 0.1) == moved
     difference, scale = gqa.batching_difference()
-    assert difference > 100 * BATCHING_TOLERANCE * max(1.0, scale)
+    assert difference > 50 * BATCHING_TOLERANCE * max(1.0, scale)  # 0.9 of the largest logit
 
 
 def test_a_masked_step_is_what_the_check_reads_too() -> None:

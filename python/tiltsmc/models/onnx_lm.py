@@ -64,10 +64,12 @@ MODEL_FILES = ("model.onnx", "decoder_model_merged.onnx", "decoder_with_past_mod
 # cache at admission and again when its batch starts.
 ENCODED_TEXTS = 256
 # check_batching: a row batched as the samplers batch it may differ from the row alone by this much of its
-# largest logit (at least 1): float rounding across batch shapes is far below it (the optimum exports tried
+# largest logit (at least 1). Float rounding across batch shapes is far below it (the optimum exports tried
 # give the probe's rows the same logits bitwise; SmolLM2's float32 graph moved longer prompts by 3e-5 on
-# logits of about 20), a graph that ignores its padding far above it (differences of order 1)
-BATCHING_TOLERANCE = 1e-3
+# logits of about 20), with room for float16 graphs on a GPU, whose batch shapes change their rounding at
+# about 1e-3; a graph that ignores its padding is far above it (the GroupQueryAttention fixture: 0.9 of its
+# largest logit; dynamic int8 quantisation: 0.08)
+BATCHING_TOLERANCE = 1e-2
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
