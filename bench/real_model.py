@@ -16,7 +16,8 @@ The model is the ONNX export of ``scripts/get_smollm2.py`` (``--model``, default
   whole-answer rate is also given over problems, which accounts for that).
 
 Prompts are chat messages, rendered by the policy with the model folder's chat template. JSON to
-``bench/results/real_model_vm[_fp16|_int8].json``.
+``bench/results/real_model_vm[_fp16|_int8].json``. The int8 variant's rows depend on their batch, so the
+policy refuses it unless ``--check-batching off``.
 
 With ``--value DIR`` (the policy + value graph of ``scripts/train_smollm2_value.py``) it runs the samplers'
 comparison instead: ``tiltsmc demo``'s own (``tiltsmc.demo.run_demo``: best-of-N, SMC, SP-gSMC and
@@ -72,9 +73,13 @@ class SessionTimer:
         model.session.run = timed  # an instance attribute shadows the method
 
 
-def measure_decoding(model_dir: Path, prompt: Any, rows: list[int], steps: int, threads: int) -> list[dict]:
+def measure_decoding(
+    model_dir: Path, prompt: Any, rows: list[int], steps: int, threads: int, check_batching: bool = True
+) -> list[dict]:
     """Median seconds of a decode step at each number of rows (one prompt, ``rows`` particles)."""
-    policy = OnnxCausalLM(model_dir, max_new_tokens=steps + 2, intra_op_num_threads=threads)
+    policy = OnnxCausalLM(
+        model_dir, max_new_tokens=steps + 2, intra_op_num_threads=threads, check_batching=check_batching
+    )
     timer = SessionTimer(policy)
     results = []
     for count in rows:
@@ -128,6 +133,7 @@ def measure_task(args: argparse.Namespace, model_dir: Path, temperature: float) 
             step="\n",
             temperature=temperature,
             intra_op_num_threads=args.threads,
+            check_batching=args.check_batching == "on",
         )
         problems = task.make_problems(num_steps, args.problems, rng=[args.seed, num_steps], size=args.size)
         prompts = [task.messages(p, args.size) for p in problems]  # chat messages: the model renders them
@@ -314,6 +320,12 @@ def main() -> None:
     parser.add_argument("--timing-rows", type=int, nargs="*", default=[1, 4, 16])
     parser.add_argument("--timing-steps", type=int, default=24)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--check-batching",
+        choices=("on", "off"),
+        default="on",
+        help="'off' loads a variant whose rows depend on their batch (the int8 one), refused otherwise",
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/...)")
     parser.add_argument(
         "--value", type=Path, default=None, help="policy + value folder: run the samplers' comparison"
@@ -374,8 +386,9 @@ def main() -> None:
     record["example_prompt"] = example_prompt
     if args.timing_rows:
         record["decoding"] = measure_decoding(
-            model_dir, example_prompt, args.timing_rows, args.timing_steps, args.threads
-        )
+            model_dir, example_prompt, args.timing_rows, args.timing_steps, args.threads,
+            args.check_batching == "on",
+        )  # fmt: skip
     record["task"] = [row for t in args.temperatures for row in measure_task(args, model_dir, t)]
     record["machine_after"] = {"loadavg": os.getloadavg()}
     variant = "" if model_dir.name == "smollm2" else f"_{model_dir.name}"  # e.g. the int8 subfolder
