@@ -52,6 +52,20 @@ def test_attention_that_reads_lengths_from_the_mask_is_refused() -> None:
     assert "check_batching=False" in message and "optimum" in message
 
 
+def test_the_message_names_the_operators_it_finds(tmp_path: Path) -> None:
+    """A refused graph's message names the batch-dependent operators its file holds (read only then),
+    else the usual causes."""
+    from tiltsmc.models.onnx_lm import BATCH_DEPENDENT_OPERATORS, _operators_named
+
+    assert _operators_named(GQA / "model.onnx", BATCH_DEPENDENT_OPERATORS) == [
+        BATCH_DEPENDENT_OPERATORS["GroupQueryAttention"]
+    ]
+    assert _operators_named(FIXTURES / "gpt2-tiny" / "model.onnx", BATCH_DEPENDENT_OPERATORS) == []
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    assert _operators_named(tmp_path / "empty.onnx", BATCH_DEPENDENT_OPERATORS) == []
+    assert _operators_named(tmp_path / "absent.onnx", BATCH_DEPENDENT_OPERATORS) == []
+
+
 def test_what_the_check_guards_against() -> None:
     """Loaded anyway, the fixture gives a prompt other next-token logits beside a longer prompt than alone;
     an optimum export gives the same. The check's difference is of that order, far over its tolerance."""

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import json
+import mmap
 import os
 import re
 import sys
@@ -134,6 +135,27 @@ def cache_geometry(past: Any, config: dict[str, Any], model_file: Path) -> tuple
             f"(shape {past.shape}) or config.json"
         )
     return _NUMPY_TYPES.get(past.type, np.float32), kv_heads, head_size
+
+
+# Operators that make a row's result depend on its padding or its batch, named in a refused graph's message:
+# what each does that tiltsmc's batches break.
+BATCH_DEPENDENT_OPERATORS = {
+    "GroupQueryAttention": "GroupQueryAttention (it reads each row's length from the attention mask and "
+    "takes the row to be right-padded)",
+    "SparseAttention": "SparseAttention (it reads each row's length from the attention mask)",
+    "DynamicQuantizeLinear": "DynamicQuantizeLinear (dynamic int8 quantisation: activations scaled over the "
+    "whole batch)",
+}
+
+
+def _operators_named(model_file: Path, operators: Mapping[str, str]) -> list[str]:
+    """The descriptions of ``operators`` whose names occur in the model file's bytes (where an operator's
+    type is stored as text): a hint for a refused graph's message, read only then."""
+    try:
+        with open(model_file, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return [text for name, text in operators.items() if data.find(name.encode()) >= 0]
+    except (OSError, ValueError):  # unreadable, or empty: no hint
+        return []
 
 
 def largest_difference(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[float, float]:
@@ -446,14 +468,20 @@ class OnnxCausalLM:
                     "3, 5 and 11, 18, 25, 32, modulo its vocabulary): is the graph broken?"
                 )
             if difference > BATCHING_TOLERANCE * max(1.0, scale):
+                found = _operators_named(self.model_file, BATCH_DEPENDENT_OPERATORS)
+                cause = (
+                    f"its graph names {', '.join(found)}: "
+                    if found
+                    else "attention that reads each row's length from the attention mask (ONNX Runtime's "
+                    "GroupQueryAttention, as onnxruntime-genai's model builder exports it) and dynamic int8 "
+                    "quantisation do this; "
+                )
                 raise ValueError(
                     f"path: {self.model_file.name} gives a row other logits when it runs beside a longer "
                     f"row (left-padded) or is fed masked padding than when it runs alone (by up to "
                     f"{difference:.3g}, logits up to {scale:.3g}): tiltsmc batches rows that way, so its "
-                    "samples would not follow the policy's law. Attention that reads each row's length "
-                    "from the attention mask (ONNX Runtime's GroupQueryAttention, as onnxruntime-genai's "
-                    "model builder exports it) and dynamic int8 quantisation do this; export with optimum "
-                    "(text-generation-with-past), or pass check_batching=False to run it anyway"
+                    f"samples would not follow the policy's law. {cause[0].upper()}{cause[1:]}export with "
+                    "optimum (text-generation-with-past), or pass check_batching=False to run it anyway"
                 )
 
     def batching_difference(self) -> tuple[float, float]:
