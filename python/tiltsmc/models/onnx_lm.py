@@ -158,6 +158,15 @@ def _operators_named(model_file: Path, operators: Mapping[str, str]) -> list[str
         return []
 
 
+def probe_ids(size: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """The token ids of the batching probes (``OnnxCausalLM.batching_difference``,
+    ``OnnxRewardModel.cache_difference``), below ``size``: a 2-token prompt, a 4-token prompt, and the
+    three tokens fed after them (the short row's, then the long row's two)."""
+    short = np.array([3, 5], dtype=np.int64) % size
+    long = (np.arange(4, dtype=np.int64) * 7 + 11) % size
+    return short, long, np.array([13, 17, 19], dtype=np.int64) % size
+
+
 def largest_difference(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[float, float]:
     """``(difference, scale)`` of ``(batched, alone)`` pairs of score arrays: the largest ``|batched -
     alone|`` (equal infinities differ by 0; NaN anywhere gives NaN) and the largest finite ``|alone|``."""
@@ -317,6 +326,8 @@ class OnnxCausalLM:
         if not 0.0 <= step_rows_below <= 1.0:
             raise ValueError(f"step_rows_below: expected a fraction in [0, 1], got {step_rows_below!r}")
         self.step_rows_below = float(step_rows_below)
+        if not isinstance(check_batching, (bool, np.bool_)):
+            raise TypeError(f"check_batching: expected True or False, got {check_batching!r}")
         if self.stop and self.tokenizer is None:
             raise ValueError(
                 "stop: stop strings need a tokenizer (none given, no tokenizer.json beside the model)"
@@ -458,14 +469,13 @@ class OnnxCausalLM:
         )
         self._start_buffers = _StartBuffers()
         self._stop_window = 4 * max((len(stop) for stop in self.stop), default=0)
-        if not isinstance(check_batching, (bool, np.bool_)):
-            raise TypeError(f"check_batching: expected True or False, got {check_batching!r}")
         if check_batching:
             difference, scale = self.batching_difference()
             if np.isnan(difference):
+                short, long, _ = probe_ids(self.vocab_size)
                 raise ValueError(
                     f"path: {self.model_file.name} returned NaN logits for two short prompts (token ids "
-                    "3, 5 and 11, 18, 25, 32, modulo its vocabulary): is the graph broken?"
+                    f"{', '.join(map(str, short))} and {', '.join(map(str, long))}): is the graph broken?"
                 )
             if difference > BATCHING_TOLERANCE * max(1.0, scale):
                 found = _operators_named(self.model_file, BATCH_DEPENDENT_OPERATORS)
@@ -494,10 +504,8 @@ class OnnxCausalLM:
         prompt and token run alone. A graph that honours its attention mask gives the same logits to float
         rounding (the optimum exports tried give them bitwise here).
         """
-        vocab, pad = self.vocab_size, self.pad_token_id
-        short = np.array([3, 5], dtype=np.int64) % vocab
-        long = (np.arange(4, dtype=np.int64) * 7 + 11) % vocab
-        token = np.array([13, 17, 19], dtype=np.int64) % vocab  # the short row's, the long row's two
+        pad = self.pad_token_id
+        short, long, token = probe_ids(self.vocab_size)
 
         def cache(present: Any) -> Any:  # the value scores come last, where the graph has them
             return present[:-1] if self.value_output is not None else present

@@ -58,6 +58,7 @@ from .onnx_lm import (
     cache_geometry,
     largest_difference,
     log_softmax,
+    probe_ids,
     read_json,
     resolve_model_file,
 )
@@ -292,9 +293,7 @@ class OnnxRewardModel:
             return np.ascontiguousarray(scores[np.arange(rows), columns, column])
 
         size = len(self.token_map) if self.token_map is not None else (self.vocab_size or 64)
-        short = np.array([3, 5], dtype=np.int64) % size
-        long = (np.arange(4, dtype=np.int64) * 7 + 11) % size
-        token = np.array([13, 17, 19], dtype=np.int64) % size  # the short row's, the long row's two
+        short, long, token = probe_ids(size)
         particles = Particles.empty([None, None], 1, 2)
         particles.prompt_tokens = [short, long]
         cached = [self._cached.start(particles, raw_scores)]
