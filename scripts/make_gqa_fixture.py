@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Build tests/fixtures/models/gqa-tiny: a decoder whose attention is ONNX Runtime's GroupQueryAttention,
-fed as onnxruntime-genai's model builder feeds it.
+fed as onnxruntime-genai's model builder feeds it; and gqa-value-tiny, the same graph with a value head.
 
 The interface is the optimum layout ``OnnxCausalLM`` reads (``input_ids``, ``attention_mask``,
 ``position_ids``, ``past_key_values.{i}.key/.value`` in; ``logits``, ``present.{i}.key/.value`` out), but
@@ -8,7 +8,10 @@ each layer's attention is one ``com.microsoft.GroupQueryAttention`` node whose p
 the mask, as the builder computes them: ``seqlens_k = sum(attention_mask) - 1`` and
 ``total_sequence_length`` = the mask's width. The operator reads a row's tokens as its first ``seqlens_k
 + 1`` positions (right padding) and writes a step's keys and values there, so a left-padded row, or one
-fed masked padding, is computed wrongly: the fixture for ``OnnxCausalLM``'s ``check_batching``.
+fed masked padding, is computed wrongly: the fixture for ``OnnxCausalLM``'s ``check_batching`` and its
+right padding. ``gqa-value-tiny`` adds one output, ``value`` (batch, seq, 1) = ``h W + c`` on the final
+hidden state ``h`` (the LM head's input), ``W`` and ``c`` drawn after every other weight (scale 0.5), so its
+other outputs are gqa-tiny's: a policy and value model in one right-padded graph.
 
 Two layers of width 32 (two heads of 16, two KV heads), learned token and position embeddings, pre-layer
 normalisation, no MLP; weights from a seeded normal law (scale 0.3). The tokenizer and generation files
@@ -37,7 +40,7 @@ LAYERS, HEADS, KV_HEADS, HEAD_DIM, VOCAB, POSITIONS = 2, 2, 2, 16, 64, 128
 WIDTH = HEADS * HEAD_DIM
 
 
-def build() -> onnx.ModelProto:
+def build(value_head: bool = False) -> onnx.ModelProto:
     rng = np.random.default_rng(SEED)
     weights: list[onnx.TensorProto] = []
 
@@ -110,7 +113,16 @@ def build() -> onnx.ModelProto:
         helper.make_node("LayerNormalization", [f"hidden.{LAYERS}", ones, zeros], ["final"], axis=-1)
     )
     nodes.append(helper.make_node("MatMul", ["final", weight("lm_head.weight", (WIDTH, VOCAB))], ["logits"]))
-    graph = helper.make_graph(nodes, "gqa-tiny", inputs, outputs, weights)
+    if value_head:  # after every other weight: the graph's other outputs are gqa-tiny's
+        nodes.append(
+            helper.make_node("MatMul", ["final", weight("value.weight", (WIDTH, 1), 0.5)], ["score"])
+        )
+        nodes.append(helper.make_node("Add", ["score", weight("value.bias", (1,), 0.5)], ["value"]))
+        outputs.append(
+            helper.make_tensor_value_info("value", TensorProto.FLOAT, [batch, "sequence_length", 1])
+        )
+    name = "gqa-value-tiny" if value_head else "gqa-tiny"
+    graph = helper.make_graph(nodes, name, inputs, outputs, weights)
     model = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
@@ -122,9 +134,14 @@ def build() -> onnx.ModelProto:
 
 
 def main() -> None:
-    source, dest = MODELS / "gpt2-tiny", MODELS / "gqa-tiny"
+    for value_head in (False, True):
+        write(MODELS / ("gqa-value-tiny" if value_head else "gqa-tiny"), value_head)
+
+
+def write(dest: Path, value_head: bool) -> None:
+    source = MODELS / "gpt2-tiny"
     dest.mkdir(exist_ok=True)
-    onnx.save(build(), str(dest / "model.onnx"))
+    onnx.save(build(value_head), str(dest / "model.onnx"))
     for name in (
         "tokenizer.json",
         "tokenizer_config.json",

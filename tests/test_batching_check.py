@@ -1,10 +1,11 @@
 """``OnnxCausalLM(check_batching=True)``: a graph whose rows depend on their padding or on the other rows of
 their batch is refused at load; ``OnnxRewardModel`` re-encodes such a graph rather than keep its KV cache.
 
-The samplers batch prompts of different lengths by left padding and feed a row that is not extended at a
-call masked padding; the law a particle is drawn from is the policy's only if neither changes its logits.
+The samplers batch prompts of different lengths by padding them and feed a row that is not extended at a
+call padding; the law a particle is drawn from is the policy's only if neither changes its logits.
 ``gqa-tiny`` (``scripts/make_gqa_fixture.py``) has attention that reads each row's length from its mask, as
-onnxruntime-genai's builder exports it: the fixture that must be refused.
+onnxruntime-genai's builder exports it: refused left-padded, run right-padded. ``int8-tiny``
+(``scripts/make_int8_fixture.py``, dynamic int8 quantisation) is refused on both sides.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from tiltsmc.tasks.arithmetic import MODELS_DIR
 
 FIXTURES = Path(__file__).parent / "fixtures" / "models"
 GQA = FIXTURES / "gqa-tiny"
+INT8 = FIXTURES / "int8-tiny"
 
 
 @pytest.mark.parametrize(
@@ -44,12 +46,44 @@ def test_optimum_layouts_give_a_row_the_same_logits_in_a_batch(path: Path, optio
     assert difference <= 1e-5 * scale
 
 
-def test_attention_that_reads_lengths_from_the_mask_is_refused() -> None:
+def test_attention_that_reads_lengths_from_the_mask_runs_right_padded() -> None:
+    """By default the padding side is found at load: left for the optimum exports, right for the
+    GroupQueryAttention graph, whose rows then move by float rounding only; asked to pad it on the left,
+    the policy refuses it, naming the operator."""
+    assert OnnxCausalLM(FIXTURES / "llama-tiny", max_new_tokens=4).padding_side == "left"
+    policy = OnnxCausalLM(GQA, max_new_tokens=4)
+    assert policy.padding_side == "right"
+    difference, scale = policy.batching_difference()
+    assert scale > 1.0 and difference <= 1e-5 * scale
     with pytest.raises(ValueError, match="GroupQueryAttention") as refused:
-        OnnxCausalLM(GQA, max_new_tokens=4)
+        OnnxCausalLM(GQA, max_new_tokens=4, padding_side="left")
     message = str(refused.value)
-    assert "gqa-tiny" in message or "model.onnx" in message
-    assert "check_batching=False" in message and "optimum" in message
+    assert "model.onnx" in message and "left-padded by up to" in message and "right-padded by" not in message
+    assert "check_batching=False" in message and "padding_side=None" in message
+    with pytest.raises(ValueError, match="right-padded by up to"):
+        OnnxCausalLM(FIXTURES / "llama-tiny", max_new_tokens=4, padding_side="right")
+
+
+def test_rows_that_depend_on_their_batch_either_side_are_refused() -> None:
+    with pytest.raises(ValueError, match="DynamicQuantizeLinear") as refused:
+        OnnxCausalLM(INT8, max_new_tokens=4)
+    message = str(refused.value)
+    assert "left-padded by up to" in message and "right-padded by up to" in message
+    assert "check_batching=False" in message and "optimum" in message and "padding_side=None" not in message
+    assert OnnxCausalLM(INT8, max_new_tokens=4, check_batching=False).padding_side == "left"
+
+
+@pytest.mark.parametrize("value", ["both", "Left", 1])
+def test_padding_side_is_left_right_or_none(value: Any) -> None:
+    with pytest.raises(ValueError, match="padding_side: expected 'left', 'right' or None"):
+        OnnxCausalLM(FIXTURES / "gpt2-tiny", max_new_tokens=4, padding_side=value)
+
+
+def test_without_the_check_the_side_follows_the_operator() -> None:
+    assert OnnxCausalLM(GQA, max_new_tokens=4, check_batching=False).padding_side == "right"
+    assert OnnxCausalLM(FIXTURES / "gpt2-tiny", max_new_tokens=4, check_batching=False).padding_side == "left"
+    forced = OnnxCausalLM(GQA, max_new_tokens=4, check_batching=False, padding_side="left")
+    assert forced.padding_side == "left"
 
 
 def test_the_message_names_the_operators_it_finds(tmp_path: Path) -> None:
@@ -67,11 +101,13 @@ def test_the_message_names_the_operators_it_finds(tmp_path: Path) -> None:
 
 
 def test_what_the_check_guards_against() -> None:
-    """Loaded anyway, the fixture gives a prompt other next-token logits beside a longer prompt than alone;
-    an optimum export gives the same. The check's difference is of that order, far over its tolerance."""
-    gqa = OnnxCausalLM(GQA, max_new_tokens=4, check_batching=False)
+    """Loaded left-padded anyway, the fixture gives a prompt other next-token logits beside a longer prompt
+    than alone; right-padded, or an optimum export left-padded, the same. The check's difference is of that
+    order, far over its tolerance."""
+    gqa = OnnxCausalLM(GQA, max_new_tokens=4, check_batching=False, padding_side="left")
+    gqa_right = OnnxCausalLM(GQA, max_new_tokens=4)
     gpt2 = OnnxCausalLM(FIXTURES / "gpt2-tiny", max_new_tokens=4)
-    for policy, moved in ((gqa, True), (gpt2, False)):
+    for policy, moved in ((gqa, True), (gqa_right, False), (gpt2, False)):
         together = policy.start(["ab", "abcd"], 2).state["lm.logits"][0, 0]
         alone = policy.start(["ab"], 2).state["lm.logits"][0, 0]
         assert (np.abs(together - alone).max() > 0.1) == moved
@@ -80,10 +116,11 @@ def test_what_the_check_guards_against() -> None:
 
 
 def test_a_masked_step_is_what_the_check_reads_too() -> None:
-    """Rows of one prompt (no left padding), one of them fed masked padding for a step and then a token,
-    against the same tokens alone: the fixture moves the row, an optimum export does not."""
-    for path, moved in ((GQA, True), (FIXTURES / "gpt2-tiny", False)):
-        policy = OnnxCausalLM(path, max_new_tokens=4, check_batching=False)
+    """Rows of one prompt (no padding), one of them fed padding for a step and then a token, against the
+    same tokens alone: the fixture left-padded moves the row; right-padded, or an optimum export, not."""
+    cases = ((GQA, "left", True), (GQA, "right", False), (FIXTURES / "gpt2-tiny", "left", False))
+    for path, side, moved in cases:
+        policy = OnnxCausalLM(path, max_new_tokens=4, check_batching=False, padding_side=side)
         particles = policy.start(["ab"], 2)
         policy.append(particles, np.array([[13, 17]]))
         particles.finished[0, 0] = True  # row 0 is not extended at the next call: fed masked padding
@@ -108,11 +145,16 @@ def test_check_batching_is_a_bool(value: Any) -> None:
 def test_cli_refuses_the_graph_unless_told(tmp_path: Path, capfd: Any) -> None:
     from tiltsmc.cli import main
 
-    base = ["run", "--policy", str(GQA), "--reward", str(FIXTURES / "prm-tiny"), "--reward-kind", "logit"]
+    base = ["run", "--policy", str(INT8), "--reward", str(FIXTURES / "prm-tiny"), "--reward-kind", "logit"]
     base += ["--max-new-tokens", "3", "--prompt", "ab", "--seed", "1", "--particles", "2"]
     assert main(base) == 2
-    assert "GroupQueryAttention" in capfd.readouterr().err
+    assert "DynamicQuantizeLinear" in capfd.readouterr().err
     assert main([*base, "--check-batching", "off", "--json", str(tmp_path / "out.jsonl")]) == 0
+    capfd.readouterr()
+    gqa = [*base[:2], str(GQA), *base[3:]]
+    assert main([*gqa, "--padding-side", "left"]) == 2
+    assert "GroupQueryAttention" in capfd.readouterr().err
+    assert main([*gqa, "--json", str(tmp_path / "gqa.jsonl")]) == 0
     capfd.readouterr()
     assert main(["serve", "--demo", "--check-batching", "off", "--port", "0"]) == 2  # refused before serving
     assert "--check-batching: not an option of the bundled --demo models" in capfd.readouterr().err

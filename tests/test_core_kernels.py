@@ -953,9 +953,15 @@ def test_concurrent_calls_from_python_threads_match_serial_results() -> None:
 # --------------------------------------------------------------------------------------------------------
 
 
-def reference_concatenate_padded(parts: list[np.ndarray], axis: int, skips: list[int]) -> np.ndarray:
-    """Each part's kept columns ``skip:`` along ``axis`` moved to the end of a zero array, then stacked."""
-    kept = [np.take(p, np.arange(s, p.shape[axis]), axis=axis) for p, s in zip(parts, skips)]
+def reference_concatenate_padded(
+    parts: list[np.ndarray], axis: int, skips: list[int], right: bool = False
+) -> np.ndarray:
+    """Each part's kept columns along ``axis`` (``skip:``, or right-padded ``:length - skip``) moved to the
+    end (the start) of a zero array, then stacked."""
+    kept = [
+        np.take(p, np.arange(0, p.shape[axis] - s) if right else np.arange(s, p.shape[axis]), axis=axis)
+        for p, s in zip(parts, skips)
+    ]
     width = max(k.shape[axis] for k in kept)
     padded = []
     for k in kept:
@@ -963,16 +969,17 @@ def reference_concatenate_padded(parts: list[np.ndarray], axis: int, skips: list
         shape[axis] = width
         z = np.zeros(shape, dtype=np.result_type(*parts))
         index = [slice(None)] * k.ndim
-        index[axis] = slice(width - k.shape[axis], width)
+        index[axis] = slice(0, k.shape[axis]) if right else slice(width - k.shape[axis], width)
         z[tuple(index)] = k
         padded.append(z)
     return np.concatenate(padded)
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64, np.bool_, np.float16])
 @pytest.mark.parametrize("axis", [1, 2, 3, -2])
 def test_concatenate_padded_matches_reference(
-    dtype: Any, axis: int, restore_num_threads: Callable[[int], None]
+    dtype: Any, axis: int, side: Any, restore_num_threads: Callable[[int], None]
 ) -> None:
     rng = np.random.default_rng(26)
     base = (3, 2, 4, 5)
@@ -983,10 +990,10 @@ def test_concatenate_padded_matches_reference(
         shape[0], shape[absolute] = rows, length
         parts.append((rng.normal(size=shape) * 5).astype(dtype))
         skips.append(int(rng.integers(0, length + 1)))
-    expected = reference_concatenate_padded(parts, absolute, skips)
+    expected = reference_concatenate_padded(parts, absolute, skips, side == "right")
     for threads in (1, 2):
         restore_num_threads(threads)
-        got = core.concatenate_padded(parts, axis, skips)
+        got = core.concatenate_padded(parts, axis, skips, side)
         assert got.dtype == expected.dtype and got.shape == expected.shape
         np.testing.assert_array_equal(got, expected)
     np.testing.assert_array_equal(core.concatenate_padded(parts[:1] * 2), np.concatenate(parts[:1] * 2))
@@ -1000,9 +1007,11 @@ def test_concatenate_padded_large_threaded_and_views(restore_num_threads: Callab
     old = rng.normal(size=(90, 1, 2, 115, 16)).astype(np.float32)
     new = rng.normal(size=(8, 1, 2, 35, 16)).astype(np.float32)
     expected = reference_concatenate_padded([old[10:], new], 3, [10, 0])
+    right = reference_concatenate_padded([old[10:], new], 3, [10, 0], right=True)
     for threads in (1, 2):
         restore_num_threads(threads)
         np.testing.assert_array_equal(core.concatenate_padded([old[10:], new], 3, [10, 0]), expected)
+        np.testing.assert_array_equal(core.concatenate_padded([old[10:], new], 3, [10, 0], "right"), right)
     ragged = rng.normal(size=(3, 4)).T  # (4, 3), not C-contiguous
     mixed = core.concatenate_padded([ragged, np.arange(6, dtype=np.int32).reshape(2, 3)])
     np.testing.assert_array_equal(mixed, np.concatenate([ragged, np.arange(6).reshape(2, 3)]))
@@ -1027,6 +1036,8 @@ def test_concatenate_padded_refuses_bad_arguments_naming_them() -> None:
         core.concatenate_padded([a, a], axis=2, skips=[0])
     with pytest.raises(ValueError, match="skips: need an axis"):
         core.concatenate_padded([a], skips=[1])
+    with pytest.raises(ValueError, match="padding_side: expected 'left' or 'right', got 'top'"):
+        core.concatenate_padded([a], axis=2, padding_side="top")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"parts\[0\]: dtype object"):
         core.concatenate_padded([np.array([[None]], dtype=object)])
     with pytest.raises(ValueError, match=r"parts\[0\]: expected at least one axis"):

@@ -188,9 +188,11 @@ def _make_padded(rng: np.random.Generator) -> Args:
 
 
 def _call_padded(a: Args) -> None:
-    """The binding itself (``core.concatenate_padded`` allocates its own ``out``): part 0 skips a column."""
+    """The binding itself (``core.concatenate_padded`` allocates its own ``out``): part 0 skips a column,
+    padded on the left, then on the right."""
     parts = [a["parts[0]"], a["parts[1]"]]
-    _core.concatenate_padded(parts, [p.shape[2] for p in parts], [1, 0], a["out"], 2, 3 * 8)
+    for pad_end in (False, True):
+        _core.concatenate_padded(parts, [p.shape[2] for p in parts], [1, 0], a["out"], 2, 3 * 8, pad_end)
 
 
 def _bad_padded_out(rng: np.random.Generator, args: Args) -> None:

@@ -123,13 +123,14 @@ void bind_keep_survivors(py::array& ancestors) {
     check(status, "ancestors");
 }
 
-// Batches joined along their first axis, one inner axis left-padded (concatenate_padded): part k
+// Batches joined along their first axis, one inner axis padded on the left, or with pad_end on the right
+// (concatenate_padded): part k
 // (C-contiguous, out's dtype) read as (its first axis, blocks, lengths[k]) items of item_bytes bytes and out
 // (C-contiguous, writeable) as (its first axis, blocks, width); every figure is checked against the arrays'
 // byte sizes, and out against overlapping any part, before the kernel runs.
 void bind_concatenate_padded(const py::list& parts, const std::vector<std::int64_t>& lengths,
                              const std::vector<std::int64_t>& skips, py::array& out, std::int64_t blocks,
-                             std::int64_t item_bytes) {
+                             std::int64_t item_bytes, bool pad_end) {
     if (lengths.size() != parts.size() || skips.size() != parts.size())
         throw py::value_error("lengths, skips: expected one per part");
     if (blocks < 0 || item_bytes < 0) throw py::value_error("blocks, item_bytes: must not be negative");
@@ -173,7 +174,7 @@ void bind_concatenate_padded(const py::list& parts, const std::vector<std::int64
     {
         py::gil_scoped_release release;
         status = concatenate_padded(read.data(), static_cast<std::int64_t>(read.size()), blocks, width, item_bytes,
-                                    target);
+                                    target, pad_end);
     }
     check(status, "parts");
 }
@@ -182,7 +183,7 @@ void bind_concatenate_padded(const py::list& parts, const std::vector<std::int64
 
 void register_gather(py::module_& m) {
     m.def("concatenate_padded", &bind_concatenate_padded, py::arg("parts"), py::arg("lengths"), py::arg("skips"),
-          py::arg("out"), py::arg("blocks"), py::arg("item_bytes"));
+          py::arg("out"), py::arg("blocks"), py::arg("item_bytes"), py::arg("pad_end"));
     m.def("reorder_in_place", &bind_reorder_in_place, py::arg("arrays"), py::arg("ancestors"),
           py::arg("skip_unwritable"));
     m.def("keep_survivors", &bind_keep_survivors, py::arg("ancestors"));

@@ -246,7 +246,7 @@ Status keep_survivors(std::int64_t* ancestors, std::int64_t rows, std::int64_t n
 }
 
 Status concatenate_padded(const PaddedPart* parts, std::int64_t count, std::int64_t blocks, std::int64_t width,
-                          std::int64_t item_bytes, std::uint8_t* out) {
+                          std::int64_t item_bytes, std::uint8_t* out, bool pad_end) {
     if (count < 0 || blocks < 0 || width < 0 || item_bytes < 0) return {StatusCode::bad_size, -1, -1};
     // first_row[k]: part k's first row in out; the parts are read once here, so that what the copies use
     // is what was checked
@@ -273,9 +273,11 @@ Status concatenate_padded(const PaddedPart* parts, std::int64_t count, std::int6
             const std::int64_t kept = part.length - part.skip, pad = width - kept;
             const std::int64_t local = (row - first_row[static_cast<std::size_t>(k)]) * blocks + t % blocks;
             std::uint8_t* target = out + t * segment_bytes;
-            if (pad > 0) std::memset(target, 0, static_cast<std::size_t>(pad * item_bytes));
+            const std::int64_t zeros_at = pad_end ? kept : 0, kept_at = pad_end ? 0 : pad;
+            const std::int64_t first = local * part.length + (pad_end ? 0 : part.skip);
+            if (pad > 0) std::memset(target + zeros_at * item_bytes, 0, static_cast<std::size_t>(pad * item_bytes));
             if (kept > 0)
-                std::memcpy(target + pad * item_bytes, part.data + (local * part.length + part.skip) * item_bytes,
+                std::memcpy(target + kept_at * item_bytes, part.data + first * item_bytes,
                             static_cast<std::size_t>(kept * item_bytes));
         }
     });

@@ -421,6 +421,18 @@ void test_concatenate_padded() {
         EXPECT(out[at + 2] == second[static_cast<std::size_t>(segment * 2)] &&
                out[at + 3] == second[static_cast<std::size_t>(segment * 2 + 1)]);
     }
+    // Right padding: part 0 keeps the first two columns of each segment, part 1 its item then a zero column.
+    std::vector<std::uint8_t> right(out.size(), 0xAB);
+    EXPECT(concatenate_padded(parts, 2, 2, 2, 2, right.data(), true).ok());
+    for (std::int64_t segment = 0; segment < 4; ++segment)
+        EXPECT(std::memcmp(&right[static_cast<std::size_t>(segment * 4)], &first[static_cast<std::size_t>(segment * 6)],
+                           4) == 0);
+    for (std::int64_t segment = 0; segment < 2; ++segment) {
+        const std::size_t at = static_cast<std::size_t>(16 + segment * 4);
+        EXPECT(right[at] == second[static_cast<std::size_t>(segment * 2)] &&
+               right[at + 1] == second[static_cast<std::size_t>(segment * 2 + 1)]);
+        EXPECT(right[at + 2] == 0 && right[at + 3] == 0);
+    }
     // A part longer than the width after its skip, or a skip past its length: refused, nothing written.
     std::vector<std::uint8_t> untouched(out.size(), 0xCD), target = untouched;
     const PaddedPart too_long[] = {{first.data(), 2, 3, 0}, {second.data(), 1, 1, 0}};

@@ -80,6 +80,7 @@ def concatenate_padded(
     out: np.ndarray,
     blocks: int,
     item_bytes: int,
+    pad_end: bool,
 ) -> None: ...
 def append_tokens(
     tokens: npt.NDArray[np.int64],

@@ -580,6 +580,14 @@ def _add_model_arguments(parser: argparse.ArgumentParser, demo_models: bool = Fa
         "anyway, its samples then not following its law",
     )
     parser.add_argument(
+        "--padding-side",
+        choices=("left", "right"),
+        default=_model_default("padding_side"),
+        help="how the policy's rows of different lengths are padded: 'left' (optimum's exports) or 'right' "
+        "(attention reading each row's length from the mask: GroupQueryAttention, onnxruntime-genai's "
+        "builder); default: the first that passes the batching check at load",
+    )
+    parser.add_argument(
         "--reward-kind",
         choices=("log_value", "prob", "logit"),
         default=_model_default("reward_kind"),
@@ -656,6 +664,7 @@ MODEL_OPTIONS: dict[str, tuple[str, str]] = {
     "prefill_tokens": ("OnnxCausalLM", "prefill_tokens"),
     "step_rows_below": ("OnnxCausalLM", "step_rows_below"),
     "check_batching": ("OnnxCausalLM", "check_batching"),
+    "padding_side": ("OnnxCausalLM", "padding_side"),
     "add_special_tokens": ("OnnxCausalLM", "add_special_tokens"),
     "skip_special_tokens": ("OnnxCausalLM", "skip_special_tokens"),
     "threads": ("OnnxCausalLM", "intra_op_num_threads"),
@@ -844,6 +853,7 @@ def _load_models(args: argparse.Namespace) -> tuple[Any, Any]:
         prefill_tokens=args.prefill_tokens,
         step_rows_below=args.step_rows_below,
         check_batching=args.check_batching == "on",
+        padding_side=args.padding_side,
         intra_op_num_threads=args.threads,
         memory_arena=args.memory_arena == "on",
         value_output=args.value_output,

@@ -563,19 +563,25 @@ def gather(
 
 
 def concatenate_padded(
-    parts: Sequence[npt.ArrayLike], axis: Optional[int] = None, skips: Optional[Sequence[int]] = None
+    parts: Sequence[npt.ArrayLike],
+    axis: Optional[int] = None,
+    skips: Optional[Sequence[int]] = None,
+    padding_side: Literal["left", "right"] = "left",
 ) -> np.ndarray:
-    """Join arrays along their first axis, left-padding ``axis`` to a common width (one core call).
+    """Join arrays along their first axis, padding ``axis`` to a common width (one core call).
 
     Without ``axis`` this is ``np.concatenate(parts)``. With ``axis`` (not the first), the parts may differ
-    in length along it: part ``k`` keeps its entries ``skips[k]:`` along ``axis`` (default: all), they end
-    at the last column of the result, and the columns before them are zero; the result's width is the
-    longest kept length. That is how batches of left-aligned sequences of different lengths join (a
-    decoder's KV cache ``(B, N, heads, length, head_dim)`` with ``axis=3``, its attention mask with
-    ``axis=2``; ``skips`` leave out leading columns that are padding in all of a part's rows). The parts
-    must agree on every other axis; their dtypes are promoted as ``np.concatenate`` does. Large copies are
-    split over the core's threads.
+    in length along it. Left padding (the default): part ``k`` keeps its entries ``skips[k]:`` along
+    ``axis`` (default: all), they end at the last column of the result, and the columns before them are
+    zero. Right padding: it keeps its entries ``:length - skips[k]``, they start at the first column, and
+    the columns after them are zero. The result's width is the longest kept length. That is how batches of
+    sequences of different lengths join (a decoder's KV cache ``(B, N, heads, length, head_dim)`` with
+    ``axis=3``, its attention mask with ``axis=2``; ``skips`` leave out columns that are padding in all of
+    a part's rows). The parts must agree on every other axis; their dtypes are promoted as
+    ``np.concatenate`` does. Large copies are split over the core's threads.
     """
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side: expected 'left' or 'right', got {padding_side!r}")
     arrays = [np.asarray(part) for part in parts]
     if not arrays:
         raise ValueError("parts: expected at least one array")
@@ -623,7 +629,9 @@ def concatenate_padded(
         a if a.dtype == dtype and a.flags.c_contiguous else np.ascontiguousarray(a, dtype=dtype)
         for a in arrays
     ]
-    _core.concatenate_padded(sources, lengths, [int(skip) for skip in skips], out, blocks, item_bytes)
+    _core.concatenate_padded(
+        sources, lengths, [int(skip) for skip in skips], out, blocks, item_bytes, padding_side == "right"
+    )
     return out
 
 

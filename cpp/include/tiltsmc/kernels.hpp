@@ -138,7 +138,7 @@ Status reorder_in_place(std::uint8_t* const* arrays, const std::int64_t* item_by
 Status keep_survivors(std::int64_t* ancestors, std::int64_t rows, std::int64_t n);
 
 // One part of concatenate_padded: `rows` rows (C-contiguous), each `blocks` segments of `length` items,
-// of which the first `skip` are left out.
+// of which `skip` are left out: the first ones (left padding) or the last ones (right padding).
 struct PaddedPart {
     const std::uint8_t* data;
     std::int64_t rows;
@@ -146,13 +146,15 @@ struct PaddedPart {
     std::int64_t skip;
 };
 
-// Joins batches along their first axis, left-padding one inner axis (a KV cache's sequence axis) to a
-// common width: out is (sum of rows, blocks, width) items of item_bytes bytes, part k filling the rows
-// after those of parts 0..k-1. Each of its segments' kept items (skip .. length - 1) end at the last
-// column of the segment in out, and the columns before them are zero. Needs 0 <= skip <= length and
-// length - skip <= width for every part (checked before anything is written); out must not overlap a part.
+// Joins batches along their first axis, padding one inner axis (a KV cache's sequence axis) to a common
+// width: out is (sum of rows, blocks, width) items of item_bytes bytes, part k filling the rows after
+// those of parts 0..k-1. Left padding (pad_end false): each segment's kept items (skip .. length - 1) end
+// at the last column of the segment in out, and the columns before them are zero. Right padding (pad_end
+// true): its kept items (0 .. length - skip - 1) start the segment, and the columns after them are zero.
+// Needs 0 <= skip <= length and length - skip <= width for every part (checked before anything is
+// written); out must not overlap a part.
 Status concatenate_padded(const PaddedPart* parts, std::int64_t count, std::int64_t blocks, std::int64_t width,
-                          std::int64_t item_bytes, std::uint8_t* out);
+                          std::int64_t item_bytes, std::uint8_t* out, bool pad_end = false);
 
 // -- token sequences (the ONNX models' per-step bookkeeping) --------------------------------------------
 

@@ -20,6 +20,14 @@ whole last token. Ragged prompts are left-padded, so the graph must take
 ``position_ids`` (optimum's current exports do; a graph without them numbers positions itself, which is
 only right when every prompt of a batch has the same length).
 
+A graph whose attention reads each row's length from its attention mask (ONNX Runtime's
+``GroupQueryAttention`` fed ``seqlens_k = sum(attention_mask) - 1``, as onnxruntime-genai's model builder
+writes it) takes its rows right-padded instead (``padding_side="right"``, found at load by default): a
+row's tokens fill its first columns, its mask has a one for each, and a row that sits out a call is fed
+a padding token at its next column with the mask covering it (the operator writes that column; the row's
+mask does not keep it, and its next real token overwrites it). Such a graph accepts a piece of a prompt
+after a cache on one row at a time only, so prompts longer than ``prefill_tokens`` start one row at a time.
+
 Where the session runs on ONNX Runtime's CUDA provider and tiltsmc's CUDA kernels are usable
 (``device_cache=None``, the default, or ``True`` to insist), the KV cache stays on the GPU: the session
 is run with an IO binding that writes ``present.*`` into one device buffer for all layers (a
@@ -54,7 +62,7 @@ from ._fed_rows import FedRows
 from ._ort import make_session, shrink_memory_arena
 from .chat import is_chat
 from .device_cache import DeviceKVCache
-from .particles import MAX_NEW_TOKENS, Particles, left_padded
+from .particles import MAX_NEW_TOKENS, Particles, left_padded, right_padded
 from .prompts import check_prompts
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -72,6 +80,7 @@ ENCODED_TEXTS = 256
 # largest logit; dynamic int8 quantisation: 0.08)
 BATCHING_TOLERANCE = 1e-2
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+PADDING_SIDES = ("left", "right")
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 FloatArray = npt.NDArray[np.float64]
@@ -254,14 +263,18 @@ class OnnxCausalLM:
     ``session_options`` and ``provider_options`` go to ONNX Runtime
     (``tiltsmc.models._ort.make_session``).
 
-    Batches: prompts of different lengths run together left-padded, and a row that is not extended at a
-    call is fed a masked padding token, so a row's logits must not depend on its padding or on the other
-    rows. With ``check_batching`` (the default) the graph is tried on that at load
-    ([`batching_difference`][tiltsmc.models.OnnxCausalLM.batching_difference]) and refused where a row
-    run with another differs from the row alone: attention that reads each row's length from the mask
-    and assumes right padding (ONNX Runtime's ``GroupQueryAttention``, as onnxruntime-genai's model builder
-    writes it) does, and so does dynamic int8 quantisation (its activations scaled over the whole
-    batch). ``check_batching=False`` runs such a graph anyway: its samples do not follow the stated law.
+    Batches: prompts of different lengths run together padded, and a row that is not extended at a call
+    is fed a padding token, so a row's logits must not depend on its padding or on the other rows.
+    ``padding_side="left"`` (optimum's exports: every row ends at the last column, padding masked) or
+    ``"right"`` (attention that reads each row's length from the mask, ONNX Runtime's
+    ``GroupQueryAttention`` as onnxruntime-genai's model builder writes it: every row starts at the first
+    column; see the module docstring). With ``check_batching`` (the default) the graph is tried on that
+    at load ([`batching_difference`][tiltsmc.models.OnnxCausalLM.batching_difference]) and refused where a
+    row run with another differs from the row alone; ``padding_side=None`` (the default) tries left
+    padding, then right, and keeps the first that passes (without the check: right where the graph names
+    ``GroupQueryAttention``, else left). Dynamic int8 quantisation (its activations scaled over the whole
+    batch) fails both. ``check_batching=False`` runs such a graph anyway: its samples do not follow the
+    stated law.
     """
 
     def __init__(
@@ -294,6 +307,7 @@ class OnnxCausalLM:
         prefill_tokens: int = 512,
         step_rows_below: float = 0.75,
         check_batching: bool = True,
+        padding_side: Optional[str] = None,
     ) -> None:
         self.model_file, model_dir = resolve_model_file(path)
         config = read_json(model_dir / "config.json")
@@ -328,6 +342,8 @@ class OnnxCausalLM:
         self.step_rows_below = float(step_rows_below)
         if not isinstance(check_batching, (bool, np.bool_)):
             raise TypeError(f"check_batching: expected True or False, got {check_batching!r}")
+        if padding_side is not None and padding_side not in PADDING_SIDES:
+            raise ValueError(f"padding_side: expected 'left', 'right' or None, got {padding_side!r}")
         if self.stop and self.tokenizer is None:
             raise ValueError(
                 "stop: stop strings need a tokenizer (none given, no tokenizer.json beside the model)"
@@ -431,6 +447,10 @@ class OnnxCausalLM:
         on_cuda = "CUDAExecutionProvider" in self.session.get_providers()
         if device_cache is not None and not isinstance(device_cache, (bool, np.bool_)):
             raise TypeError(f"device_cache: expected None, True or False, got {device_cache!r}")
+        if device_cache and padding_side == "right":
+            raise ValueError(
+                "device_cache: not available with padding_side='right' yet; pass device_cache=False"
+            )
         if device_cache is None:  # a value head's output is read on the host cache path only
             device_cache = on_cuda and value_output is None and bool(core.cuda_available())
         elif device_cache:
@@ -469,7 +489,22 @@ class OnnxCausalLM:
         )
         self._start_buffers = _StartBuffers()
         self._stop_window = 4 * max((len(stop) for stop in self.stop), default=0)
-        if check_batching:
+        self.padding_side = self._choose_padding_side(padding_side, bool(check_batching))
+        if self.padding_side == "right" and self.device_cache:  # found at load; the cache was not asked for
+            self.device_cache = False
+
+    def _choose_padding_side(self, padding_side: Optional[str], check_batching: bool) -> str:
+        """The padding side asked for (``None``: the first of left and right whose rows pass the batching
+        check; without the check, right where the graph names ``GroupQueryAttention``), checked where
+        ``check_batching``; raises where none passes."""
+        if not check_batching:
+            if padding_side is not None:
+                return padding_side
+            named = _operators_named(self.model_file, {"GroupQueryAttention": "GroupQueryAttention"})
+            return "right" if named else "left"
+        tried: list[tuple[str, float, float]] = []
+        for side in PADDING_SIDES if padding_side is None else (padding_side,):
+            self.padding_side = side
             difference, scale = self.batching_difference()
             if np.isnan(difference):
                 short, long, _ = probe_ids(self.vocab_size)
@@ -477,47 +512,54 @@ class OnnxCausalLM:
                     f"path: {self.model_file.name} returned NaN logits for two short prompts (token ids "
                     f"{', '.join(map(str, short))} and {', '.join(map(str, long))}): is the graph broken?"
                 )
-            if difference > BATCHING_TOLERANCE * max(1.0, scale):
-                found = _operators_named(self.model_file, BATCH_DEPENDENT_OPERATORS)
-                cause = (
-                    f"its graph names {', '.join(found)}: "
-                    if found
-                    else "attention that reads each row's length from the attention mask (ONNX Runtime's "
-                    "GroupQueryAttention, as onnxruntime-genai's model builder exports it) and dynamic int8 "
-                    "quantisation do this; "
-                )
-                raise ValueError(
-                    f"path: {self.model_file.name} gives a row other logits when it runs beside a longer "
-                    f"row (left-padded) or is fed masked padding than when it runs alone (by up to "
-                    f"{difference:.3g}, logits up to {scale:.3g}): tiltsmc batches rows that way, so its "
-                    f"samples would not follow the policy's law. {cause[0].upper()}{cause[1:]}export with "
-                    "optimum (text-generation-with-past), or pass check_batching=False to run it anyway"
-                )
+            if difference <= BATCHING_TOLERANCE * max(1.0, scale):
+                return side
+            tried.append((side, difference, scale))
+        found = _operators_named(self.model_file, BATCH_DEPENDENT_OPERATORS)
+        cause = (
+            f"its graph names {', '.join(found)}: "
+            if found
+            else "attention that reads each row's length from the attention mask (ONNX Runtime's "
+            "GroupQueryAttention, as onnxruntime-genai's model builder exports it) run with the other "
+            "padding side, and dynamic int8 quantisation do this; "
+        )
+        other = ", let padding_side=None try both sides" if padding_side is not None else ""
+        moved = "; ".join(
+            f"{side}-padded by up to {difference:.3g} (logits up to {scale:.3g})"
+            for side, difference, scale in tried
+        )
+        raise ValueError(
+            f"path: {self.model_file.name} gives a row other logits when it runs beside a longer row or is "
+            f"fed padding than when it runs alone ({moved}): tiltsmc batches rows that way, so its samples "
+            f"would not follow the policy's law. {cause[0].upper()}{cause[1:]}export with optimum "
+            f"(text-generation-with-past){other}, or pass check_batching=False to run it anyway"
+        )
 
     def batching_difference(self) -> tuple[float, float]:
-        """How far a row's logits move when it is batched as the samplers batch it: ``(difference,
-        scale)``, the largest absolute difference and the largest absolute logit of the row alone.
+        """How far a row's logits move when it is batched as the samplers batch it (with this policy's
+        ``padding_side``): ``(difference, scale)``, the largest absolute difference and the largest absolute
+        logit of the row alone.
 
-        Two prompts (2 and 4 tokens of fixed ids) run together, the shorter left-padded, then two steps: the
-        first feeds the shorter row masked padding while the other gets a token, the second gives both a
-        token. The shorter row's logits after its prompt and after its token are compared with the same
-        prompt and token run alone. A graph that honours its attention mask gives the same logits to float
-        rounding (the optimum exports tried give them bitwise here).
+        Two prompts (2 and 4 tokens of fixed ids) run together, the shorter padded, then two steps: the
+        first feeds the shorter row padding while the other gets a token, the second gives both a token.
+        The shorter row's logits after its prompt and after its token are compared with the same prompt and
+        token run alone. A graph that honours its attention mask gives the same logits to float rounding
+        (the optimum exports tried give them bitwise here, left-padded; the GroupQueryAttention fixture to
+        1e-6, right-padded).
         """
-        pad = self.pad_token_id
         short, long, token = probe_ids(self.vocab_size)
 
         def cache(present: Any) -> Any:  # the value scores come last, where the graph has them
             return present[:-1] if self.value_output is not None else present
 
         def step(mask: np.ndarray, fed: list[bool], tokens: list[int], past: Any) -> tuple[Any, ...]:
-            ids, new_mask, positions = core.decode_inputs(
-                mask, np.array(fed), np.array(tokens, dtype=np.int64), pad
+            ids, feed_mask, positions, new_mask = self._decode_inputs(
+                mask, np.array(fed), np.array(tokens, dtype=np.int64)
             )
-            logits, present = self._run(ids, new_mask, positions, past)
+            logits, present = self._run(ids, feed_mask, positions, past)
             return logits[:, -1], new_mask, cache(present)
 
-        ids, mask, positions = left_padded([short, long], pad)
+        ids, mask, positions = self._padded([short, long])
         batch_logits, present = self._run(ids, mask, positions, None)
         alone_logits, alone_present = self._run(
             short[None], np.ones((1, 2), np.int64), np.arange(2)[None], None
@@ -525,9 +567,38 @@ class OnnxCausalLM:
         _, mask, past = step(mask, [False, True], [0, int(token[1])], cache(present))
         batch_step, _, _ = step(mask, [True, True], [int(token[0]), int(token[2])], past)
         alone_step, _, _ = step(np.ones((1, 2), np.int64), [True], [int(token[0])], cache(alone_present))
+        short_last = len(short) - 1 if self.padding_side == "right" else -1
         return largest_difference(
-            [(batch_logits[0, -1], alone_logits[0, -1]), (batch_step[0], alone_step[0])]
+            [(batch_logits[0, short_last], alone_logits[0, -1]), (batch_step[0], alone_step[0])]
         )
+
+    def _padded(
+        self, sequences: Sequence[npt.NDArray[np.int64]]
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """Prompts as one batch on this policy's ``padding_side``: ``(input_ids, attention_mask,
+        position_ids)``."""
+        padded = right_padded if self.padding_side == "right" else left_padded
+        return padded(sequences, self.pad_token_id)
+
+    def _decode_inputs(
+        self, mask: npt.NDArray[np.int64], still: npt.NDArray[np.bool_], tokens: npt.NDArray[np.int64]
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """One cached step's inputs for rows with attention ``mask`` ``(rows, width)`` so far, row ``r``
+        fed ``tokens[r]`` where ``still[r]``, else padding: ``(input_ids, attention_mask, position_ids,
+        mask after the step)``, the masks ``(rows, width + 1)``. A row's position is its number of tokens
+        so far. Left padding: the new column is the row's, a one where it is fed (the session reads the
+        mask kept). Right padding: the session's mask covers each row's next column, which the graph
+        writes whether or not the row is fed; the mask kept has a one there only where it is."""
+        if self.padding_side == "left":
+            ids, new_mask, positions = core.decode_inputs(mask, still, tokens, self.pad_token_id)
+            return ids, new_mask, positions, new_mask
+        flat_still = still.reshape(-1)
+        lengths = np.count_nonzero(mask, axis=1)
+        columns = np.arange(mask.shape[1] + 1)
+        ids = np.where(flat_still, tokens.reshape(-1), self.pad_token_id)[:, None]
+        feed_mask = (columns < (lengths + 1)[:, None]).astype(np.int64)
+        new_mask = (columns < (lengths + flat_still)[:, None]).astype(np.int64)
+        return ids, feed_mask, lengths[:, None].astype(np.int64), new_mask
 
     def _check_value_output(self, value_output: Optional[str], outputs: list[str]) -> Optional[str]:
         """A value head in the policy's graph, fetched with the logits at every run: one score per position
@@ -692,7 +763,7 @@ class OnnxCausalLM:
 
     @property
     def supports_engine(self) -> bool:
-        """Whether the serving engine can batch it: its host KV cache joins by left padding
+        """Whether the serving engine can batch it: its host KV cache joins by padding
         (``Particles.aligned``); a device cache cannot join yet."""
         return not self.device_cache
 
@@ -719,7 +790,7 @@ class OnnxCausalLM:
             except Exception as error:  # any failure of one prompt (the tokenizer's too) is that prompt's
                 errors[b] = f"prompt {b}: {error}"
                 encoded.append(np.array([self.pad_token_id], dtype=np.int64))
-        input_ids, mask, positions = left_padded(encoded, self.pad_token_id)
+        input_ids, mask, positions = self._padded(encoded)
         batch = input_ids.shape[0]
         logits, present = self._prefill(input_ids, mask, positions)
         particles = Particles.empty(prompt_list, num_particles, self.max_new_tokens)
@@ -740,9 +811,11 @@ class OnnxCausalLM:
             return self._start_buffers.repeated(a, num_particles)
 
         particles.state["lm.mask"] = repeat(mask)
-        # Left-aligned sequences: batches of other lengths join by left padding (Particles.concatenate).
+        # Padded sequences: batches of other lengths join by padding (Particles.concatenate).
         particles.aligned["lm.mask"] = (2, "lm.mask")
         particles.aligned.update((key, (3, "lm.mask")) for _, _, key in self._cache_names)
+        if self.padding_side == "right":
+            particles.right_padded.add("lm.mask")
         particles.state["lm.logits"] = repeat(np.asarray(logits, dtype=np.float32))
         if isinstance(present, DeviceKVCache):  # every particle of prompt b copies its prompt's cache
             particles.state["lm.cache"] = present.take(np.zeros((batch, num_particles), dtype=np.int64))
@@ -762,12 +835,14 @@ class OnnxCausalLM:
         more, the square of the width, for the scores). Rows are run ``prefill_tokens // width`` at a time
         (at least one), each call's outputs copied into the batch's arrays as it returns; a prompt wider
         than ``prefill_tokens`` runs in pieces of that many positions, each piece a cached step over the
-        cache of the pieces before it (as decoding a token is, with more tokens). With the cache on the
-        GPU, one call."""
+        cache of the pieces before it (as decoding a token is, with more tokens); right-padded, such rows
+        run one at a time (see the module docstring). With the cache on the GPU, one call."""
         batch, width = input_ids.shape
         rows = max(1, self.prefill_tokens // max(width, 1))
         if self.device_cache or rows >= batch:
             return self._prefill_rows(input_ids, mask, positions)
+        if self.padding_side == "right" and width > self.prefill_tokens:
+            return self._prefill_alone(input_ids, mask, positions)
         logits: Optional[np.ndarray] = None
         present: list[np.ndarray] = []
         for k in range(0, batch, rows):
@@ -789,7 +864,9 @@ class OnnxCausalLM:
         where they are wider (the attention mask of every position so far, the cache carried)."""
         width = input_ids.shape[1]
         if self.device_cache or width <= self.prefill_tokens:
-            return self._last_position(*self._run(input_ids, mask, positions, None))
+            return self._last_position(*self._run(input_ids, mask, positions, None), mask)
+        if self.padding_side == "right" and not (len(input_ids) == 1 and mask.all()):
+            return self._prefill_alone(input_ids, mask, positions)
         past: Any = None
         for start in range(0, width, self.prefill_tokens):
             stop = min(start + self.prefill_tokens, width)
@@ -797,16 +874,50 @@ class OnnxCausalLM:
                 input_ids[:, start:stop], mask[:, :stop], positions[:, start:stop], past
             )
             past = present[:-1] if self.value_output is not None else present  # the value scores come last
-        return self._last_position(logits, present)
+        return self._last_position(logits, present, mask[:, start:stop])
 
-    def _last_position(self, logits: np.ndarray, present: Any) -> tuple[np.ndarray, Any]:
-        """The logits, and the value scores where the graph has them, at the last position only (copies:
-        the arrays of every position are freed at once)."""
+    def _prefill_alone(
+        self, input_ids: npt.NDArray[np.int64], mask: npt.NDArray[np.int64], positions: npt.NDArray[np.int64]
+    ) -> tuple[np.ndarray, Any]:
+        """Right-padded rows wider than ``prefill_tokens``, each run alone without its padding (in pieces),
+        their caches joined right-padded."""
+        lengths = np.count_nonzero(mask, axis=1)
+        rows = [
+            self._prefill_rows(input_ids[r : r + 1, :n], mask[r : r + 1, :n], positions[r : r + 1, :n])
+            for r, n in enumerate(lengths)
+        ]
+        logits = np.concatenate([row_logits for row_logits, _ in rows])
+        layers = len(self._cache_names)
+        present: list[np.ndarray] = [
+            core.concatenate_padded([row_present[k] for _, row_present in rows], 2, padding_side="right")
+            for k in range(layers)
+        ]
+        if self.value_output is not None:
+            present.append(np.concatenate([row_present[layers] for _, row_present in rows]))
+        return logits, present
+
+    def _last_position(self, logits: np.ndarray, present: Any, mask: np.ndarray) -> tuple[np.ndarray, Any]:
+        """The logits, and the value scores where the graph has them, at each row's last position, the
+        last column of ``mask`` (the call's columns) or, right-padded, its last one (copies: the arrays of
+        every position are freed at once)."""
+        if self.padding_side == "right":
+            last = np.maximum(np.count_nonzero(mask, axis=1) - 1, 0)
+            rows = np.arange(len(last))
+
+            def at_last(array: np.ndarray) -> np.ndarray:
+                picked: np.ndarray = array[rows, last]  # an index array: a copy
+                return picked
+
+        else:
+
+            def at_last(array: np.ndarray) -> np.ndarray:
+                return array[:, -1].copy()
+
         if self.value_output is None or isinstance(present, DeviceKVCache):
-            return logits[:, -1].copy(), present
+            return at_last(logits), present
         *cache, value = present
         value = np.asarray(value)
-        return logits[:, -1].copy(), [*cache, value.reshape(value.shape[0], value.shape[1], -1)[:, -1].copy()]
+        return at_last(logits), [*cache, at_last(value.reshape(value.shape[0], value.shape[1], -1))]
 
     def next_log_probs(self, particles: Particles) -> FloatArray:
         """``log p(v | prefix)`` of every token, ``(B, N, vocab)``: the sampled law, filters included."""
@@ -889,18 +1000,18 @@ class OnnxCausalLM:
             return
         batch, count = particles.lengths.shape
         rows = batch * count
-        feed_tokens, new_mask, positions = core.decode_inputs(
-            particles.state["lm.mask"].reshape(rows, -1), still, tokens, self.pad_token_id
+        feed_tokens, feed_mask, positions, new_mask = self._decode_inputs(
+            particles.state["lm.mask"].reshape(rows, -1), still, tokens
         )
         particles.state["lm.mask"] = new_mask.reshape(batch, count, -1)
-        run = functools.partial(self._decode, particles, feed_tokens, new_mask, positions, still, fed)
+        run = functools.partial(self._decode, particles, feed_tokens, feed_mask, positions, still, fed)
         particles.defer(run)
 
     def _decode(
         self,
         particles: Particles,
         feed_tokens: npt.NDArray[np.int64],
-        new_mask: npt.NDArray[np.int64],
+        feed_mask: npt.NDArray[np.int64],
         positions: npt.NDArray[np.int64],
         still: npt.NDArray[np.bool_],
         fed: Optional[FedRows] = None,
@@ -921,8 +1032,8 @@ class OnnxCausalLM:
         if fed is not None:
             index, past = fed.session_rows(past, still)
             if index is not None:
-                feed_tokens, new_mask, positions = feed_tokens[index], new_mask[index], positions[index]
-        logits, present = self._run(feed_tokens, new_mask, positions, past)
+                feed_tokens, feed_mask, positions = feed_tokens[index], feed_mask[index], positions[index]
+        logits, present = self._run(feed_tokens, feed_mask, positions, past)
         if self.value_output is not None:
             *present, value = present
             scores = np.asarray(value, dtype=np.float64)

@@ -34,11 +34,13 @@ class Particles:
     [`reorder`][tiltsmc.models.particles.Particles.reorder] carries it through resampling without the models
     ever resampling themselves. Work a model can postpone (its session run on the tokens just appended) waits
     in [`defer`][tiltsmc.models.particles.Particles.defer] until the state is next needed. ``aligned`` names
-    the state entries that hold a left-aligned sequence (a decoder's KV cache and attention mask):
+    the state entries that hold a padded sequence (a decoder's KV cache and attention mask):
     ``aligned[key] = (axis, mask_key)``, where the columns along ``axis`` whose entry in the ``mask_key``
     array (``(B, N, length)``) is 0 are padding, so batches with sequences of different lengths can be joined
-    by left-padding ([`concatenate`][tiltsmc.models.particles.Particles.concatenate]) and trimmed when the
-    longest leave ([`select`][tiltsmc.models.particles.Particles.select]). A state array may live in CUDA
+    by padding ([`concatenate`][tiltsmc.models.particles.Particles.concatenate]) and trimmed when the
+    longest leave ([`select`][tiltsmc.models.particles.Particles.select]). The padding is on the left (every
+    sequence ends at the last column) unless the mask key is in ``right_padded`` (every sequence starts at
+    the first column: attention that reads each row's length from its mask). A state array may live in CUDA
     device memory: it is then reordered where it lies, with the ancestors copied to its device once per call;
     a ``DeviceKVCache`` reorders all its layers in one gather.
     """
@@ -51,6 +53,7 @@ class Particles:
     prompt_tokens: Optional[list[npt.NDArray[np.int64]]] = None
     errors: dict[int, str] = field(default_factory=dict)
     aligned: dict[str, tuple[int, str]] = field(default_factory=dict)
+    right_padded: set[str] = field(default_factory=set)
     _pending: list[Callable[[], None]] = field(default_factory=list, init=False, repr=False, compare=False)
 
     @classmethod
@@ -164,6 +167,7 @@ class Particles:
             prompt_tokens=self.prompt_tokens,
             errors=dict(self.errors),
             aligned=dict(self.aligned),
+            right_padded=set(self.right_padded),
         )
 
     @classmethod
@@ -171,9 +175,9 @@ class Particles:
         """One batch of the parts' prompts, in order (new arrays; the parts are left as they were).
 
         Every part must have the same particle count. Token buffers of different capacities are
-        right-padded; ``aligned`` entries of different lengths are left-padded with zeros (the mask's
-        zeros mark the padding), each part's leading columns that are padding in all its rows left out
-        (so the joined batch has no column that is padding in every row). A state entry that some part
+        right-padded; ``aligned`` entries of different lengths are padded with zeros on their side (the
+        mask's zeros mark the padding), each part's columns on that side that are padding in all its rows
+        left out (so the joined batch has no such column). A state entry that some part
         lacks (state a model creates lazily, such as a reward model's cached scores) is dropped: the model
         creates it again for the whole batch at its next call. Any other difference between the parts'
         state entries is an error naming the entry.
@@ -188,8 +192,10 @@ class Particles:
                     f"parts: batches of {part.num_particles} and {count} particles a prompt cannot be joined"
                 )
         aligned: dict[str, tuple[int, str]] = {}
+        right_padded: set[str] = set()
         for part in parts:
             aligned.update(part.aligned)
+            right_padded |= part.right_padded
         capacity = max(part.tokens.shape[2] for part in parts)
         tokens = np.zeros((sum(p.num_prompts for p in parts), count, capacity), dtype=np.int64)
         offset = 0
@@ -201,9 +207,9 @@ class Particles:
         with_prompts = [p.prompt_tokens is not None for p in parts]
         if any(with_prompts) and not all(with_prompts):
             raise ValueError("parts: some batches have prompt tokens and others not (different policies?)")
-        # each part's leading columns that are padding in all its rows (left by view_rows) go in the copy
-        firsts = {
-            mask_key: [_first_used(part.state.get(mask_key)) for part in parts]
+        # each part's columns that are padding in all its rows (left by view_rows) go in the copy
+        skips = {
+            mask_key: [_unused(part.state.get(mask_key), mask_key in right_padded) for part in parts]
             for mask_key in {mask for _, mask in aligned.values()}
         }
         state: dict[str, Any] = {}
@@ -214,7 +220,8 @@ class Particles:
                     key,
                     [part.state[key] for part in parts],
                     alignment,
-                    None if alignment is None else firsts[alignment[1]],
+                    None if alignment is None else skips[alignment[1]],
+                    alignment is not None and alignment[1] in right_padded,
                 )
         return cls(
             prompts=[prompt for part in parts for prompt in part.prompts],
@@ -229,11 +236,13 @@ class Particles:
             ),
             errors=errors,
             aligned=aligned,
+            right_padded=right_padded,
         )
 
     def select(self, prompts: npt.ArrayLike) -> Particles:
         """A new batch of the given prompts (indices along the prompt axis, in that order), every array
-        copied; ``aligned`` entries lose the leading columns that are padding in every selected row."""
+        copied; ``aligned`` entries lose the columns on their padding side that are padding in every
+        selected row."""
         self.flush()
         index = np.asarray(prompts, dtype=np.int64).reshape(-1)
         if index.size and (index.min() < -self.num_prompts or index.max() >= self.num_prompts):
@@ -248,14 +257,15 @@ class Particles:
             prompt_tokens=None if self.prompt_tokens is None else [self.prompt_tokens[b] for b in index],
             errors={position[b]: m for b, m in self.errors.items() if b in position},
             aligned=dict(self.aligned),
+            right_padded=set(self.right_padded),
         )
 
     def view_rows(self, start: int, stop: int) -> Particles:
         """The batch of prompts ``start:stop`` as views of this batch's arrays (deferred work done first):
         what [`select`][tiltsmc.models.particles.Particles.select] gives for a range of prompts, without
         copying. The two batches then share their memory (use the new one in place of this one). ``aligned``
-        entries keep their leading columns that became padding in every row unless these are at least half
-        their width (then they are trimmed, which copies them): a run leaving costs no copy, and the next
+        entries keep their columns that became padding in every row unless these are at least half their
+        width (then they are trimmed, which copies them): a run leaving costs no copy, and the next
         [`concatenate`][tiltsmc.models.particles.Particles.concatenate] trims them in the copy it makes."""
         self.flush()
         if not 0 <= start <= stop <= self.num_prompts:
@@ -271,12 +281,13 @@ class Particles:
             prompt_tokens=None if self.prompt_tokens is None else self.prompt_tokens[start:stop],
             errors={b - start: m for b, m in self.errors.items() if start <= b < stop},
             aligned=dict(self.aligned),
+            right_padded=set(self.right_padded),
         )
 
     def _state_rows(self, rows: Any, trim_from: float) -> dict[str, Any]:
         """Every state array at ``rows`` along the prompt axis (an index array: copies; a slice: views);
-        the ``aligned`` entries of a mask lose the leading columns that are padding in every row kept
-        where these are at least ``trim_from`` of its width (which copies them)."""
+        the ``aligned`` entries of a mask lose the columns on their padding side that are padding in every
+        row kept where these are at least ``trim_from`` of its width (which copies them)."""
         state: dict[str, Any] = {}
         for key, array in self.state.items():
             if not isinstance(array, np.ndarray):
@@ -285,13 +296,14 @@ class Particles:
         for mask_key in {mask for _, mask in self.aligned.values()}:
             if mask_key not in state or not state[mask_key].size:
                 continue
-            first = _first_used(state[mask_key])
-            if first and first >= trim_from * state[mask_key].shape[-1]:
+            on_right = mask_key in self.right_padded
+            unused = _unused(state[mask_key], on_right)
+            width = state[mask_key].shape[-1]
+            if unused and unused >= trim_from * width:
+                kept = slice(0, width - unused) if on_right else slice(unused, None)
                 for key, (axis, mask) in self.aligned.items():
                     if mask == mask_key and key in state:
-                        state[key] = np.ascontiguousarray(
-                            state[key][(slice(None),) * axis + (slice(first, None),)]
-                        )
+                        state[key] = np.ascontiguousarray(state[key][(slice(None),) * axis + (kept,)])
         return state
 
     def one_per_prompt(self) -> Particles:
@@ -319,6 +331,7 @@ class Particles:
             ),
             errors={k: self.errors[k // each] for k in range(total) if k // each in self.errors},
             aligned=dict(self.aligned),
+            right_padded=set(self.right_padded),
         )
 
     def sequences(self, prompt: int) -> list[npt.NDArray[np.int64]]:
@@ -326,29 +339,34 @@ class Particles:
         return [self.tokens[prompt, i, : self.lengths[prompt, i]].copy() for i in range(self.num_particles)]
 
 
-def _first_used(mask: Any) -> int:
-    """The first column of a ``(B, N, length)`` mask that is not padding (0) in every row; 0 for a mask
-    that is absent or not a host array (nothing is trimmed)."""
+def _unused(mask: Any, on_right: bool) -> int:
+    """How many columns of a ``(B, N, length)`` mask are padding (0) in every row, counted from its first
+    column (``on_right`` false) or from its last; 0 for a mask that is absent or not a host array (nothing
+    is trimmed)."""
     if not isinstance(mask, np.ndarray) or mask.ndim < 1 or not mask.shape[-1]:
         return 0
     columns = mask.reshape(-1, mask.shape[-1])
-    if columns[:, 0].any():  # the common case: no leading padding
+    if columns[:, -1 if on_right else 0].any():  # the common case: no such padding
         return 0
     used = np.flatnonzero(columns.any(axis=0))
-    return int(used[0]) if used.size else int(mask.shape[-1])
+    if not used.size:
+        return int(mask.shape[-1])
+    return int(mask.shape[-1] - 1 - used[-1]) if on_right else int(used[0])
 
 
 def _joined_state(
     key: str,
     arrays: list[Any],
     alignment: Optional[tuple[int, str]],
-    firsts: Optional[list[int]] = None,
+    unused: Optional[list[int]] = None,
+    on_right: bool = False,
 ) -> np.ndarray:
     """One state entry of [`Particles.concatenate`][tiltsmc.models.particles.Particles.concatenate]: the
-    parts' arrays one after the other along the prompt axis, aligned ones without their leading columns
-    ``firsts[k]`` (padding in all of part ``k``'s rows) and left-padded with zeros to the longest (one core
-    call, [`tiltsmc.core.concatenate_padded`][tiltsmc.core.concatenate_padded], split over threads for
-    the large ones: a KV cache); the others, a few numbers a particle, by ``np.concatenate``."""
+    parts' arrays one after the other along the prompt axis, aligned ones without the ``unused[k]``
+    columns on their padding side (padding in all of part ``k``'s rows) and padded with zeros to the
+    longest, on the left or (``on_right``) the right (one core call,
+    [`tiltsmc.core.concatenate_padded`][tiltsmc.core.concatenate_padded], split over threads for the
+    large ones: a KV cache); the others, a few numbers a particle, by ``np.concatenate``."""
     for array in arrays:
         if not isinstance(array, np.ndarray):
             raise TypeError(f"Particles.state[{key!r}]: {type(array).__name__} cannot be concatenated")
@@ -358,9 +376,11 @@ def _joined_state(
         if any(array.ndim <= axis for array in arrays):
             shapes = [a.shape for a in arrays]
             raise ValueError(f"Particles.state[{key!r}]: shapes {shapes} have no axis {axis}")
-        skips = [min(first, array.shape[axis]) for first, array in zip(firsts or [0] * len(arrays), arrays)]
+        skips = [min(skip, array.shape[axis]) for skip, array in zip(unused or [0] * len(arrays), arrays)]
     try:
-        return np.concatenate(arrays) if axis is None else core.concatenate_padded(arrays, axis, skips)
+        if axis is None:
+            return np.concatenate(arrays)
+        return core.concatenate_padded(arrays, axis, skips, "right" if on_right else "left")
     except ValueError as error:
         raise ValueError(
             f"Particles.state[{key!r}]: shapes {[a.shape for a in arrays]} differ beyond the (B, N) axes"
@@ -403,4 +423,21 @@ def left_padded(
         ids[b, width - len(sequence) :] = sequence
         mask[b, width - len(sequence) :] = 1
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    return ids, mask, positions
+
+
+def right_padded(
+    sequences: Sequence[npt.NDArray[np.int64]], pad_id: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Token sequences as one right-padded batch: ``input_ids`` and ``attention_mask`` ``(B, width)`` with
+    every sequence starting at the first column, and ``position_ids`` counting each row's tokens from 0
+    (0 on the padding): the first call of a decoder whose attention reads each row's length from its mask
+    (``sum(mask) - 1``, ONNX Runtime's ``GroupQueryAttention``)."""
+    batch, width = len(sequences), max(len(ids) for ids in sequences)
+    ids = np.full((batch, width), pad_id, dtype=np.int64)
+    mask = np.zeros((batch, width), dtype=np.int64)
+    for b, sequence in enumerate(sequences):
+        ids[b, : len(sequence)] = sequence
+        mask[b, : len(sequence)] = 1
+    positions = np.where(mask == 1, np.arange(width), 0)
     return ids, mask, positions

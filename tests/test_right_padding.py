@@ -1,0 +1,213 @@
+"""Right-padded batches (``padding_side="right"``): a decoder whose attention reads each row's length from
+its mask, ``gqa-tiny`` (ONNX Runtime's GroupQueryAttention fed ``seqlens_k = sum(mask) - 1``, as
+onnxruntime-genai's model builder writes it).
+
+The reference for every check is the graph itself run on one row without padding or cache: a sequence's
+``log p`` is the sum, over its generated tokens, of ``log softmax(logits)`` of the whole prompt-plus-tokens
+run in one session call. The policy's cached, padded, resampled, joined and trimmed batches must give each
+particle that law (to float32 rounding)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tiltsmc
+from tiltsmc.models import OnnxCausalLM, OnnxRewardModel, Particles, PolicyValue
+
+FIXTURES = Path(__file__).parent / "fixtures" / "models"
+GQA, GQA_VALUE, PRM = FIXTURES / "gqa-tiny", FIXTURES / "gqa-value-tiny", FIXTURES / "prm-tiny"
+PROMPTS = ["a", "hello there", "the quick brown fox", "ok"]
+SPACE = 39  # the fixtures' tokenizer: one token per character
+ENDS = [3, 4, 5, 6, 7, 8]
+
+
+class AloneReference:
+    """``log p`` of generated tokens after a prompt: one session call over the whole unpadded sequence."""
+
+    def __init__(self, path: Path) -> None:
+        self.session = ort.InferenceSession(str(path / "model.onnx"), providers=["CPUExecutionProvider"])
+        self.pasts = [i.name for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+
+    def run(self, output: str, prompt: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        ids = np.concatenate([prompt, tokens]).astype(np.int64)[None]
+        feeds: dict[str, Any] = {
+            "input_ids": ids,
+            "attention_mask": np.ones_like(ids),
+            "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None],
+        }
+        feeds.update((name, np.zeros((1, 2, 0, 16), np.float32)) for name in self.pasts)
+        return np.asarray(self.session.run([output], feeds)[0][0], dtype=np.float64)
+
+    def value(self, prompt: np.ndarray, tokens: np.ndarray) -> float:
+        """The value head at the sequence's last token."""
+        return float(self.run("value", prompt, tokens)[-1, 0])
+
+    def log_probs(self, prompt: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        scores = self.run("logits", prompt, tokens)[len(prompt) - 1 : len(prompt) + len(tokens) - 1]
+        log_softmax = scores - scores.max(axis=1, keepdims=True)
+        log_softmax -= np.log(np.exp(log_softmax).sum(axis=1, keepdims=True))
+        return log_softmax[np.arange(len(tokens)), tokens]
+
+
+@pytest.fixture(scope="module")
+def reference() -> AloneReference:
+    return AloneReference(GQA)
+
+
+def assert_law(particles: Particles, total: np.ndarray, reference: AloneReference) -> int:
+    """Every particle's summed ``log p`` is the reference's for its prompt and tokens; returns the tokens
+    checked."""
+    assert particles.prompt_tokens is not None
+    checked = 0
+    for b in range(particles.num_prompts):
+        for i in range(particles.num_particles):
+            tokens = particles.tokens[b, i, : particles.lengths[b, i]]
+            expected = reference.log_probs(particles.prompt_tokens[b], tokens).sum()
+            np.testing.assert_allclose(total[b, i], expected, rtol=1e-5, atol=2e-5, err_msg=f"prompt {b}")
+            checked += len(tokens)
+    return checked
+
+
+@pytest.mark.parametrize(
+    ("step", "below"),
+    [("token", 0.0), ({SPACE}, 0.0), ({SPACE}, 0.75)],
+    ids=["token", "space-step-every-row", "space-step-fewer-rows"],
+)
+def test_particles_follow_the_law_through_padding_and_resampling(
+    reference: AloneReference, step: Any, below: float
+) -> None:
+    """Ragged prompts, rows that sit out calls (finished, or their step written), resampling between
+    steps: each particle's ``log p`` is that of its tokens run alone."""
+    # a few frequent ids end trajectories, so rows finish at different calls
+    policy = OnnxCausalLM(GQA, max_new_tokens=9, step=step, step_rows_below=below, eos_token_id=ENDS)
+    assert policy.padding_side == "right"
+    particles = policy.start(PROMPTS, 5)
+    assert "lm.mask" in particles.right_padded
+    rng = np.random.default_rng(4)
+    total = np.zeros(particles.lengths.shape)
+    while not particles.finished.all():
+        total += policy.propose(particles, rng)
+        ancestors = rng.integers(0, 5, size=total.shape)
+        particles.reorder(ancestors)
+        total = np.take_along_axis(total, ancestors, axis=1)
+    lengths = particles.lengths
+    assert lengths.min() < lengths.max()  # rows of different lengths sat out calls
+    assert assert_law(particles, total, reference) > 60
+
+
+def test_long_prompts_start_one_row_at_a_time(reference: AloneReference) -> None:
+    """Prompts wider than ``prefill_tokens`` start row by row in pieces (the operator takes a piece after a
+    cache on one row only): the same logits as one call, and the same law afterwards."""
+    prompts = ["abc", "the quick brown", "xy"]
+    whole = OnnxCausalLM(GQA, max_new_tokens=4).start(prompts, 2)
+    pieces_policy = OnnxCausalLM(GQA, max_new_tokens=4, prefill_tokens=4)
+    pieces = pieces_policy.start(prompts, 2)
+    np.testing.assert_allclose(pieces.state["lm.logits"], whole.state["lm.logits"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(pieces.state["lm.mask"], whole.state["lm.mask"])
+    rng = np.random.default_rng(8)
+    total = np.zeros(pieces.lengths.shape)
+    while not pieces.finished.all():
+        total += pieces_policy.propose(pieces, rng)
+    assert assert_law(pieces, total, reference) > 0
+
+
+def test_batches_join_right_padded_and_trim_on_the_right(reference: AloneReference) -> None:
+    """Batches of other widths join padded on the right; a leaving range keeps views (or trims the
+    trailing columns that are padding in every row kept, at least half the width), and the joined batch
+    goes on drawing from the law."""
+    policy = OnnxCausalLM(GQA, max_new_tokens=6)
+    rng = np.random.default_rng(2)
+    long, short = policy.start(["the quick brown fox"], 2), policy.start(["a"], 3)
+    totals = [np.zeros(long.lengths.shape), np.zeros(short.lengths.shape)]
+    totals[0] += policy.propose(long, rng)  # the long batch has a step more
+    joined = Particles.concatenate([long.one_per_prompt(), short.one_per_prompt()])
+    mask = joined.state["lm.mask"]
+    long_width = long.state["lm.mask"].shape[-1]
+    assert mask.shape == (5, 1, long_width)
+    np.testing.assert_array_equal(mask[2:, 0, :1], 1)  # the short prompt starts at the first column
+    np.testing.assert_array_equal(mask[2:, 0, 1:], 0)
+    key = next(k for k in joined.aligned if k != "lm.mask")
+    np.testing.assert_array_equal(joined.state[key][2:, :, :, :1], short.one_per_prompt().state[key])
+    np.testing.assert_array_equal(joined.state[key][2:, :, :, 1:], 0)
+    total = np.concatenate([t.reshape(-1, 1) for t in totals])
+    for _ in range(2):
+        total += policy.propose(joined, rng)
+    joined.flush()
+    assert_law(joined, total, reference)
+    width = joined.state["lm.mask"].shape[-1]
+    used = int(joined.state["lm.mask"][2:].sum(axis=-1).max())
+    assert width - used >= width / 2  # the long prompt's columns: most of the width
+    kept = joined.view_rows(2, 5)  # the long prompt leaves: the columns after `used` are padding in every row
+    assert kept.state["lm.mask"].shape[-1] == used and kept.state["lm.mask"][..., -1].any()
+    narrow = joined.view_rows(0, 5)  # nobody leaves: views, nothing trimmed
+    assert np.shares_memory(narrow.state[key], joined.state[key])
+    selected = joined.select([2, 3, 4])
+    assert selected.state["lm.mask"].shape[-1] == used and selected.state["lm.mask"][..., -1].any()
+    rest = total[2:]
+    while not selected.finished.all():
+        rest += policy.propose(selected, rng)
+    assert_law(selected, rest, reference)
+
+
+def test_engine_requests_join_and_leave_as_each_alone() -> None:
+    """The serving engine batches right-padded requests of every length: a lone request is the offline
+    result bitwise, and requests joining a running batch draw what they draw alone (log Z to the rounding
+    of batched calls)."""
+    policy = OnnxCausalLM(GQA, max_new_tokens=6)
+    reward = OnnxRewardModel(PRM, kind="logit")
+    with tiltsmc.Engine(policy, reward) as engine:
+        lone = engine.submit(PROMPTS[2], "smc", num_particles=6, rng=3).result(timeout=60)
+        offline = tiltsmc.smc(policy, reward, prompts=[PROMPTS[2]], num_particles=6, rng=3)
+        assert lone.texts == offline.texts and np.array_equal(lone.log_z, offline.log_z)
+        counts = [8, 4, 16, 2, 6, 3] * 2
+        jobs = [(prompt, n, seed) for seed, (prompt, n) in enumerate(zip(PROMPTS * 3, counts))]
+        futures = []
+        for prompt, n, seed in jobs:
+            futures.append(engine.submit(prompt, "smc", num_particles=n, rng=seed))
+            time.sleep(0.002)  # some join mid-run, some together
+        served = [f.result(timeout=60) for f in futures]
+        assert engine.stats()["rows_in_flight"] == 0
+    for (prompt, n, seed), result in zip(jobs, served):
+        alone = tiltsmc.smc(policy, reward, prompts=[prompt], num_particles=n, rng=seed)
+        assert result.texts == alone.texts, (prompt, n, seed)
+        np.testing.assert_allclose(result.log_z, alone.log_z, rtol=1e-4, atol=1e-5)
+
+
+def test_device_cache_is_refused_right_padded() -> None:
+    with pytest.raises(ValueError, match="device_cache: not available with padding_side='right'"):
+        OnnxCausalLM(GQA, max_new_tokens=4, padding_side="right", device_cache=True)
+
+
+def test_a_value_head_is_read_at_each_rows_last_token() -> None:
+    """The policy's own value head, right-padded: after the prompts and after every step, each particle's
+    value is the head's at the last token of its sequence run alone (finished rows keep their last), and
+    its tokens follow the law; ``PolicyValue`` serves it to the samplers and the engine."""
+    reference = AloneReference(GQA_VALUE)
+    policy = OnnxCausalLM(GQA_VALUE, max_new_tokens=6, value_output="value", eos_token_id=ENDS)
+    assert policy.padding_side == "right"
+    particles = policy.start(PROMPTS, 3)
+    assert particles.prompt_tokens is not None
+    rng = np.random.default_rng(6)
+    total = np.zeros(particles.lengths.shape)
+    while True:
+        particles.flush()
+        for b in range(particles.num_prompts):
+            for i in range(particles.num_particles):
+                tokens = particles.tokens[b, i, : particles.lengths[b, i]]
+                expected = reference.value(particles.prompt_tokens[b], tokens)
+                np.testing.assert_allclose(particles.state["lm.value"][b, i], expected, rtol=1e-5, atol=1e-5)
+        if particles.finished.all():
+            break
+        total += policy.propose(particles, rng)
+    assert particles.lengths.min() < particles.lengths.max()
+    assert_law(particles, total, reference)
+    value = PolicyValue(policy)
+    with tiltsmc.Engine(policy, value) as engine:
+        served = engine.submit(PROMPTS[1], "smc", num_particles=4, rng=9).result(timeout=60)
+    offline = tiltsmc.smc(policy, value, prompts=[PROMPTS[1]], num_particles=4, rng=9)
+    assert served.texts == offline.texts and np.array_equal(served.log_z, offline.log_z)
