@@ -161,10 +161,17 @@ def test_onnx_lone_request_is_the_offline_result(
             assert served.texts is not None
 
 
-def test_onnx_requests_joining_a_running_batch(onnx_models: tuple[OnnxCausalLM, OnnxRewardModel]) -> None:
-    """Ragged prompts join a batch whose KV cache is longer (left padding) and leave it (trimming): each
-    request's samples are those it draws alone, its log Z the same up to the rounding of batched calls."""
+@pytest.mark.parametrize("padded", ["left", "right"])
+def test_onnx_requests_joining_a_running_batch(
+    onnx_models: tuple[OnnxCausalLM, OnnxRewardModel], padded: str
+) -> None:
+    """Ragged prompts join a batch whose KV cache is longer (padding) and leave it (trimming): each
+    request's samples are those it draws alone, its log Z the same up to the rounding of batched calls.
+    Left: an optimum export; right: attention that reads each row's length from the mask (gqa-tiny)."""
     policy, reward = onnx_models
+    if padded == "right":
+        policy = OnnxCausalLM(FIXTURES / "gqa-tiny", max_new_tokens=6)
+        assert policy.padding_side == "right"
     jobs = [
         (prompt, n, seed) for seed, (prompt, n) in enumerate(zip(ONNX_PROMPTS * 3, [8, 4, 16, 2, 6, 3] * 2))
     ]
