@@ -101,11 +101,13 @@ def test_particles_follow_the_law_through_padding_and_resampling(
 
 def test_long_prompts_start_one_row_at_a_time(reference: AloneReference) -> None:
     """Prompts wider than ``prefill_tokens`` start row by row in pieces (the operator takes a piece after a
-    cache on one row only): the same logits as one call, and the same law afterwards."""
+    cache on one row only), or whole where the graph computes pieces wrongly: the same logits as one call,
+    and the same law afterwards."""
     prompts = ["abc", "the quick brown", "xy"]
     whole = OnnxCausalLM(GQA, max_new_tokens=4).start(prompts, 2)
     pieces_policy = OnnxCausalLM(GQA, max_new_tokens=4, prefill_tokens=4)
     pieces = pieces_policy.start(prompts, 2)
+    assert pieces_policy._pieces_follow is not None  # tried once (ONNX Runtime 1.19: wrong, rows run whole)
     np.testing.assert_allclose(pieces.state["lm.logits"], whole.state["lm.logits"], rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(pieces.state["lm.mask"], whole.state["lm.mask"])
     rng = np.random.default_rng(8)

@@ -26,7 +26,9 @@ writes it) takes its rows right-padded instead (``padding_side="right"``, found 
 row's tokens fill its first columns, its mask has a one for each, and a row that sits out a call is fed
 a padding token at its next column with the mask covering it (the operator writes that column; the row's
 mask does not keep it, and its next real token overwrites it). Such a graph accepts a piece of a prompt
-after a cache on one row at a time only, so prompts longer than ``prefill_tokens`` start one row at a time.
+after a cache on one row at a time only, so prompts longer than ``prefill_tokens`` start one row at a time
+(each in one call where the graph computes such a piece wrongly: ONNX Runtime 1.19's operator does; tried
+once, on a 4-token prompt, when a long prompt first comes).
 
 Where the session runs on ONNX Runtime's CUDA provider and tiltsmc's CUDA kernels are usable
 (``device_cache=None``, the default, or ``True`` to insist), the KV cache stays on the GPU: the session
@@ -488,6 +490,7 @@ class OnnxCausalLM:
             np.full(self.vocab_size, -1, dtype=np.int8) if self.step_text and joins_token_texts else None
         )
         self._start_buffers = _StartBuffers()
+        self._pieces_follow: Optional[bool] = None  # see _pieces_follow_the_cache
         self._stop_window = 4 * max((len(stop) for stop in self.stop), default=0)
         self.padding_side = self._choose_padding_side(padding_side, bool(check_batching))
         if self.padding_side == "right" and self.device_cache:  # found at load; the cache was not asked for
@@ -863,7 +866,8 @@ class OnnxCausalLM:
         """``_prefill`` of rows run together: in one call, or in pieces of ``prefill_tokens`` positions
         where they are wider (the attention mask of every position so far, the cache carried)."""
         width = input_ids.shape[1]
-        if self.device_cache or width <= self.prefill_tokens:
+        whole = self.padding_side == "right" and len(input_ids) == 1 and not self._pieces_follow_the_cache()
+        if self.device_cache or width <= self.prefill_tokens or whole:
             return self._last_position(*self._run(input_ids, mask, positions, None), mask)
         if self.padding_side == "right" and not (len(input_ids) == 1 and mask.all()):
             return self._prefill_alone(input_ids, mask, positions)
@@ -876,11 +880,28 @@ class OnnxCausalLM:
             past = present[:-1] if self.value_output is not None else present  # the value scores come last
         return self._last_position(logits, present, mask[:, start:stop])
 
+    def _pieces_follow_the_cache(self) -> bool:
+        """Whether a prompt run in two pieces, the second after the first's cache, gets the logits of the
+        prompt run whole (to ``BATCHING_TOLERANCE``): asked once, by a right-padded policy whose prompt is
+        longer than ``prefill_tokens`` (ONNX Runtime 1.19.2's CPU GroupQueryAttention computes the second
+        piece wrongly, 1.32.0's rightly)."""
+        if self._pieces_follow is None:
+            _, prompt, _ = probe_ids(self.vocab_size)
+            ones = np.ones((1, len(prompt)), dtype=np.int64)
+            positions = np.arange(len(prompt))[None]
+            whole, _ = self._run(prompt[None], ones, positions, None)
+            _, present = self._run(prompt[None, :2], ones[:, :2], positions[:, :2], None)
+            past = present[:-1] if self.value_output is not None else present
+            second, _ = self._run(prompt[None, 2:], ones, positions[:, 2:], past)
+            difference, scale = largest_difference([(second[0], whole[0, 2:])])
+            self._pieces_follow = bool(difference <= BATCHING_TOLERANCE * max(1.0, scale))
+        return self._pieces_follow
+
     def _prefill_alone(
         self, input_ids: npt.NDArray[np.int64], mask: npt.NDArray[np.int64], positions: npt.NDArray[np.int64]
     ) -> tuple[np.ndarray, Any]:
-        """Right-padded rows wider than ``prefill_tokens``, each run alone without its padding (in pieces),
-        their caches joined right-padded."""
+        """Right-padded rows wider than ``prefill_tokens``, each run alone without its padding (in pieces
+        where the graph computes them rightly), their caches joined right-padded."""
         lengths = np.count_nonzero(mask, axis=1)
         rows = [
             self._prefill_rows(input_ids[r : r + 1, :n], mask[r : r + 1, :n], positions[r : r + 1, :n])
