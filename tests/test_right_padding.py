@@ -104,7 +104,9 @@ def test_long_prompts_start_one_row_at_a_time(reference: AloneReference) -> None
     cache on one row only), or whole where the graph computes pieces wrongly: the same logits as one call,
     and the same law afterwards."""
     prompts = ["abc", "the quick brown", "xy"]
-    whole = OnnxCausalLM(GQA, max_new_tokens=4).start(prompts, 2)
+    whole_policy = OnnxCausalLM(GQA, max_new_tokens=4)
+    whole = whole_policy.start(prompts, 2)
+    assert whole_policy._pieces_follow is None  # prompts within prefill_tokens: pieces never tried
     pieces_policy = OnnxCausalLM(GQA, max_new_tokens=4, prefill_tokens=4)
     pieces = pieces_policy.start(prompts, 2)
     assert pieces_policy._pieces_follow is not None  # tried once (ONNX Runtime 1.19: wrong, rows run whole)

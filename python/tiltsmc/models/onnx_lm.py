@@ -64,7 +64,7 @@ from ._fed_rows import FedRows
 from ._ort import make_session, shrink_memory_arena
 from .chat import is_chat
 from .device_cache import DeviceKVCache
-from .particles import MAX_NEW_TOKENS, Particles, left_padded, right_padded
+from .particles import MAX_NEW_TOKENS, Particles, padded
 from .prompts import check_prompts
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -551,9 +551,7 @@ class OnnxCausalLM:
         1e-6, right-padded).
         """
         short, long, token = probe_ids(self.vocab_size)
-
-        def cache(present: Any) -> Any:  # the value scores come last, where the graph has them
-            return present[:-1] if self.value_output is not None else present
+        cache = self._cache_of
 
         def step(mask: np.ndarray, fed: list[bool], tokens: list[int], past: Any) -> tuple[Any, ...]:
             ids, feed_mask, positions, new_mask = self._decode_inputs(
@@ -575,13 +573,17 @@ class OnnxCausalLM:
             [(batch_logits[0, short_last], alone_logits[0, -1]), (batch_step[0], alone_step[0])]
         )
 
+    def _cache_of(self, present: Any) -> Any:
+        """The cache tensors of a session call's outputs after the logits (the value scores come last,
+        where the graph has them)."""
+        return present[:-1] if self.value_output is not None else present
+
     def _padded(
         self, sequences: Sequence[npt.NDArray[np.int64]]
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
         """Prompts as one batch on this policy's ``padding_side``: ``(input_ids, attention_mask,
         position_ids)``."""
-        padded = right_padded if self.padding_side == "right" else left_padded
-        return padded(sequences, self.pad_token_id)
+        return padded(sequences, self.pad_token_id, self.padding_side)
 
     def _decode_inputs(
         self, mask: npt.NDArray[np.int64], still: npt.NDArray[np.bool_], tokens: npt.NDArray[np.int64]
@@ -864,20 +866,23 @@ class OnnxCausalLM:
         self, input_ids: npt.NDArray[np.int64], mask: npt.NDArray[np.int64], positions: npt.NDArray[np.int64]
     ) -> tuple[np.ndarray, Any]:
         """``_prefill`` of rows run together: in one call, or in pieces of ``prefill_tokens`` positions
-        where they are wider (the attention mask of every position so far, the cache carried)."""
+        where they are wider (the attention mask of every position so far, the cache carried). Right-padded,
+        rows come here wider than ``prefill_tokens`` one at a time without padding (``_prefill_alone``),
+        and run whole where the graph computes a piece after a cache wrongly."""
         width = input_ids.shape[1]
-        whole = self.padding_side == "right" and len(input_ids) == 1 and not self._pieces_follow_the_cache()
-        if self.device_cache or width <= self.prefill_tokens or whole:
+        if (
+            self.device_cache
+            or width <= self.prefill_tokens
+            or (self.padding_side == "right" and not self._pieces_follow_the_cache())
+        ):
             return self._last_position(*self._run(input_ids, mask, positions, None), mask)
-        if self.padding_side == "right" and not (len(input_ids) == 1 and mask.all()):
-            return self._prefill_alone(input_ids, mask, positions)
         past: Any = None
         for start in range(0, width, self.prefill_tokens):
             stop = min(start + self.prefill_tokens, width)
             logits, present = self._run(
                 input_ids[:, start:stop], mask[:, :stop], positions[:, start:stop], past
             )
-            past = present[:-1] if self.value_output is not None else present  # the value scores come last
+            past = self._cache_of(present)
         return self._last_position(logits, present, mask[:, start:stop])
 
     def _pieces_follow_the_cache(self) -> bool:
@@ -891,8 +896,7 @@ class OnnxCausalLM:
             positions = np.arange(len(prompt))[None]
             whole, _ = self._run(prompt[None], ones, positions, None)
             _, present = self._run(prompt[None, :2], ones[:, :2], positions[:, :2], None)
-            past = present[:-1] if self.value_output is not None else present
-            second, _ = self._run(prompt[None, 2:], ones, positions[:, 2:], past)
+            second, _ = self._run(prompt[None, 2:], ones, positions[:, 2:], self._cache_of(present))
             difference, scale = largest_difference([(second[0], whole[0, 2:])])
             self._pieces_follow = bool(difference <= BATCHING_TOLERANCE * max(1.0, scale))
         return self._pieces_follow
@@ -923,22 +927,14 @@ class OnnxCausalLM:
         every position are freed at once)."""
         if self.padding_side == "right":
             last = np.maximum(np.count_nonzero(mask, axis=1) - 1, 0)
-            rows = np.arange(len(last))
-
-            def at_last(array: np.ndarray) -> np.ndarray:
-                picked: np.ndarray = array[rows, last]  # an index array: a copy
-                return picked
-
         else:
-
-            def at_last(array: np.ndarray) -> np.ndarray:
-                return array[:, -1].copy()
-
+            last = np.full(len(mask), mask.shape[1] - 1)
+        rows = np.arange(len(last))  # index arrays: copies
         if self.value_output is None or isinstance(present, DeviceKVCache):
-            return at_last(logits), present
+            return logits[rows, last], present
         *cache, value = present
         value = np.asarray(value)
-        return at_last(logits), [*cache, at_last(value.reshape(value.shape[0], value.shape[1], -1))]
+        return logits[rows, last], [*cache, value.reshape(value.shape[0], value.shape[1], -1)[rows, last]]
 
     def next_log_probs(self, particles: Particles) -> FloatArray:
         """``log p(v | prefix)`` of every token, ``(B, N, vocab)``: the sampled law, filters included."""

@@ -410,34 +410,20 @@ def _ancestors_on(array: Any, ancestors: npt.NDArray[np.int64], uploaded: dict[i
     return uploaded[device]
 
 
-def left_padded(
-    sequences: Sequence[npt.NDArray[np.int64]], pad_id: int
+def padded(
+    sequences: Sequence[npt.NDArray[np.int64]], pad_id: int, side: str = "left"
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    """Token sequences as one left-padded batch: ``input_ids`` and ``attention_mask`` ``(B, width)`` with
-    every sequence ending at the last column, and ``position_ids`` counting each row's real tokens from 0
-    (0 on the padding), as a decoder's first call over prompts takes them."""
+    """Token sequences as one batch, as a decoder's first call over prompts takes them: ``input_ids`` and
+    ``attention_mask`` ``(B, width)``, every sequence ending at the last column (``side="left"``, the
+    padding before it) or starting at the first (``"right"``: attention that reads each row's length from
+    its mask, ``sum(mask) - 1``, ONNX Runtime's ``GroupQueryAttention``), and ``position_ids`` counting each
+    row's real tokens from 0 (0 on the padding)."""
     batch, width = len(sequences), max(len(ids) for ids in sequences)
     ids = np.full((batch, width), pad_id, dtype=np.int64)
     mask = np.zeros((batch, width), dtype=np.int64)
     for b, sequence in enumerate(sequences):
-        ids[b, width - len(sequence) :] = sequence
-        mask[b, width - len(sequence) :] = 1
-    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-    return ids, mask, positions
-
-
-def right_padded(
-    sequences: Sequence[npt.NDArray[np.int64]], pad_id: int
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    """Token sequences as one right-padded batch: ``input_ids`` and ``attention_mask`` ``(B, width)`` with
-    every sequence starting at the first column, and ``position_ids`` counting each row's tokens from 0
-    (0 on the padding): the first call of a decoder whose attention reads each row's length from its mask
-    (``sum(mask) - 1``, ONNX Runtime's ``GroupQueryAttention``)."""
-    batch, width = len(sequences), max(len(ids) for ids in sequences)
-    ids = np.full((batch, width), pad_id, dtype=np.int64)
-    mask = np.zeros((batch, width), dtype=np.int64)
-    for b, sequence in enumerate(sequences):
-        ids[b, : len(sequence)] = sequence
-        mask[b, : len(sequence)] = 1
-    positions = np.where(mask == 1, np.arange(width), 0)
+        columns = slice(0, len(sequence)) if side == "right" else slice(width - len(sequence), width)
+        ids[b, columns] = sequence
+        mask[b, columns] = 1
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0) * mask
     return ids, mask, positions

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import numpy as np
 import numpy.typing as npt
 
-from .particles import Particles, left_padded
+from .particles import Particles, padded
 
 if TYPE_CHECKING:
     from .onnx_reward import OnnxRewardModel
@@ -115,7 +115,7 @@ class KVCachedScorer:
         prompts = particles.prompt_tokens
         assert prompts is not None
         batch, count = particles.lengths.shape
-        ids, mask, positions = left_padded(prompts, self.model.pad_token_id)
+        ids, mask, positions = padded(prompts, self.model.pad_token_id)
         width = ids.shape[1]
         raw, present = self._run(ids, mask, positions, None)
         at_prompt = read(raw, (batch, width), np.full(batch, width - 1, dtype=np.int64))
