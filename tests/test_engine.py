@@ -167,11 +167,12 @@ def test_onnx_requests_joining_a_running_batch(
 ) -> None:
     """Ragged prompts join a batch whose KV cache is longer (padding) and leave it (trimming): each
     request's samples are those it draws alone, its log Z the same up to the rounding of batched calls.
-    Left: an optimum export; right: attention that reads each row's length from the mask (gqa-tiny)."""
+    Left: an optimum export; right: attention that reads each row's length from the mask (gqa-tiny),
+    its cache written in place by the session (joins into spare rows: tests/test_right_padding.py)."""
     policy, reward = onnx_models
     if padded == "right":
         policy = OnnxCausalLM(FIXTURES / "gqa-tiny", max_new_tokens=6)
-        assert policy.padding_side == "right"
+        assert policy.padding_side == "right" and policy.cache_in_place
     jobs = [
         (prompt, n, seed) for seed, (prompt, n) in enumerate(zip(ONNX_PROMPTS * 3, [8, 4, 16, 2, 6, 3] * 2))
     ]

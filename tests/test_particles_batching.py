@@ -183,3 +183,63 @@ def test_rng_none_differs_in_forked_children() -> None:
     assert done.returncode == 0, done.stderr
     draws = done.stdout.split("\n")[:3]
     assert len(draws) == 3 and len(set(draws)) == 3, done.stdout
+
+
+def in_place_batch(rows: int, width: int, fill: float, capacity: int) -> Particles:
+    """A one-particle-a-prompt batch with a right-padded mask of ``width`` ones and an ``in_place`` entry
+    ``capacity`` columns wide, ``fill`` in its first ``width`` columns."""
+    batch = Particles.empty([None] * rows, 1, 4)
+    batch.state["mask"] = np.ones((rows, 1, width), dtype=np.int64)
+    cache = np.zeros((rows, 1, 2, capacity, 3), dtype=np.float32)
+    cache[:, :, :, :width] = fill
+    batch.state["cache"] = cache
+    batch.aligned.update(mask=(2, "mask"), cache=(3, "mask"))
+    batch.right_padded.add("mask")
+    batch.in_place.add("cache")
+    return batch
+
+
+def test_in_place_entries_join_into_spare_rows_without_copying_the_batch() -> None:
+    """A batch joined with ``in_place`` entries gets spare rows; the next join writes the newcomers there
+    (padded on the right to the batch's width) and returns a view of the same memory, the batch's rows not
+    copied; a second join from the same batch cannot take the rows the first took: it copies."""
+    lane = Particles.concatenate([in_place_batch(3, 5, 1.0, 8), in_place_batch(2, 2, 2.0, 2)])
+    cache = lane.state["cache"]
+    assert cache.shape == (5, 1, 2, 8, 3)
+    assert cache.base is not None and cache.base.shape[0] > 5  # room behind the batch's rows
+    np.testing.assert_array_equal(cache[3:, :, :, :2], 2.0)
+    np.testing.assert_array_equal(cache[3:, :, :, 2:], 0.0)
+    cache[:, :, :, 6] = 7.0  # a column past the mask: the model's (never trimmed, kept by the join)
+
+    joined = Particles.concatenate([lane, in_place_batch(1, 4, 3.0, 4)])
+    grown = joined.state["cache"]
+    assert grown.shape == (6, 1, 2, 8, 3)
+    assert grown.base is cache.base and grown.ctypes.data == cache.ctypes.data  # the batch's rows in place
+    np.testing.assert_array_equal(grown[:5], cache)
+    np.testing.assert_array_equal(grown[5, :, :, :4], 3.0)
+    np.testing.assert_array_equal(grown[5, :, :, 4:], 0.0)
+    assert joined.state["mask"].shape == (6, 1, 5)  # the mask is copied and padded as before
+
+    again = Particles.concatenate([lane, in_place_batch(1, 4, 4.0, 4)])  # the rows behind are taken
+    assert not np.shares_memory(again.state["cache"], cache)
+    np.testing.assert_array_equal(grown[5, :, :, :4], 3.0)  # the first join's rows left as they were
+    np.testing.assert_array_equal(again.state["cache"][5, :, :, :4], 4.0)
+
+
+def test_in_place_entries_are_not_trimmed_and_a_batch_cut_at_its_end_copies() -> None:
+    """Leaving keeps an ``in_place`` entry's width (its columns past every row's length are the model's
+    to write); a batch whose last rows left cannot write over them (an older batch may still show them):
+    its next join copies."""
+    lane = Particles.concatenate([in_place_batch(2, 6, 1.0, 6), in_place_batch(2, 2, 2.0, 2)])
+    shorter = lane.select([2, 3])  # only the short rows: their mask loses four columns, the cache none
+    assert shorter.state["mask"].shape == (2, 1, 2)
+    assert shorter.state["cache"].shape == (2, 1, 2, 6, 3)
+    front = lane.view_rows(0, 2)  # rows 2 and 3 still shown by `lane`
+    joined = Particles.concatenate([front, in_place_batch(1, 3, 5.0, 3)])
+    assert not np.shares_memory(joined.state["cache"], lane.state["cache"])
+    np.testing.assert_array_equal(lane.state["cache"][2:, :, :, :2], 2.0)
+    back = lane.view_rows(2, 4)  # the front left: the rows behind are still free
+    joined = Particles.concatenate([back, in_place_batch(1, 3, 5.0, 3)])
+    assert np.shares_memory(joined.state["cache"], lane.state["cache"])
+    np.testing.assert_array_equal(joined.state["cache"][:2], lane.state["cache"][2:])
+    np.testing.assert_array_equal(joined.state["cache"][2, :, :, :3], 5.0)

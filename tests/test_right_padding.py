@@ -17,6 +17,11 @@ import onnxruntime as ort
 import pytest
 import tiltsmc
 from tiltsmc.models import OnnxCausalLM, OnnxRewardModel, Particles, PolicyValue
+from tiltsmc.models import particles as particles_module
+from tiltsmc.samplers._engine import Models
+from tiltsmc.samplers.lane import Lane, run_alone
+from tiltsmc.samplers.result import Compute, SamplerResult
+from tiltsmc.samplers.sequential import smc_run
 
 FIXTURES = Path(__file__).parent / "fixtures" / "models"
 GQA, GQA_VALUE, PRM = FIXTURES / "gqa-tiny", FIXTURES / "gqa-value-tiny", FIXTURES / "prm-tiny"
@@ -72,19 +77,23 @@ def assert_law(particles: Particles, total: np.ndarray, reference: AloneReferenc
     return checked
 
 
+@pytest.mark.parametrize("in_place", [True, False], ids=["cache-in-place", "cache-copied"])
 @pytest.mark.parametrize(
     ("step", "below"),
     [("token", 0.0), ({SPACE}, 0.0), ({SPACE}, 0.75)],
     ids=["token", "space-step-every-row", "space-step-fewer-rows"],
 )
 def test_particles_follow_the_law_through_padding_and_resampling(
-    reference: AloneReference, step: Any, below: float
+    reference: AloneReference, step: Any, below: float, in_place: bool
 ) -> None:
     """Ragged prompts, rows that sit out calls (finished, or their step written), resampling between
-    steps: each particle's ``log p`` is that of its tokens run alone."""
+    steps: each particle's ``log p`` is that of its tokens run alone, with the KV cache written in place
+    by the session or returned as a new array at each call."""
     # a few frequent ids end trajectories, so rows finish at different calls
-    policy = OnnxCausalLM(GQA, max_new_tokens=9, step=step, step_rows_below=below, eos_token_id=ENDS)
-    assert policy.padding_side == "right"
+    policy = OnnxCausalLM(
+        GQA, max_new_tokens=9, step=step, step_rows_below=below, eos_token_id=ENDS, cache_in_place=in_place
+    )
+    assert policy.padding_side == "right" and policy.cache_in_place == in_place
     particles = policy.start(PROMPTS, 5)
     assert "lm.mask" in particles.right_padded
     rng = np.random.default_rng(4)
@@ -201,3 +210,105 @@ def test_a_value_head_is_read_at_each_rows_last_token() -> None:
         served = engine.submit(PROMPTS[1], "smc", num_particles=4, rng=9).result(timeout=60)
     offline = tiltsmc.smc(policy, value, prompts=[PROMPTS[1]], num_particles=4, rng=9)
     assert served.texts == offline.texts and np.array_equal(served.log_z, offline.log_z)
+
+
+def test_the_cache_is_written_in_place_where_the_graph_allows() -> None:
+    """By default a right-padded GroupQueryAttention graph keeps its cache in arrays the session writes:
+    the same arrays after a step that needs no more columns, wider than the mask (room for later steps);
+    a step past their width moves them into wider ones once."""
+    policy = OnnxCausalLM(GQA, max_new_tokens=30, eos_token_id=[])
+    difference, scale = policy.in_place_difference()
+    assert difference <= 1e-6 * max(1.0, scale)
+    assert policy.cache_in_place
+    particles = policy.start(PROMPTS, 3)
+    rng = np.random.default_rng(0)
+    policy.propose(particles, rng)
+    particles.flush()
+    key = "lm.cache.0.key"
+    before = particles.state[key]
+    assert before.shape[3] > particles.state["lm.mask"].shape[2]  # capacity past the mask: written in place
+    grown = 0
+    for _ in range(25):
+        policy.propose(particles, rng)
+        particles.flush()
+        width = particles.state["lm.mask"].shape[2]
+        assert particles.state[key].shape[3] >= width
+        if particles.state[key] is not before:
+            grown += 1
+            before = particles.state[key]
+    assert 1 <= grown <= 2  # 25 columns more: one or two moves, not one a step
+
+
+def test_cache_in_place_is_bitwise_the_copied_cache() -> None:
+    """The same seeded runs with the cache written in place and copied give the same samples, weights
+    and log Z bit for bit: a policy with a value head (the value read from the same call), and multi-token
+    steps whose calls run on the rows still writing them."""
+    cases = [
+        (dict(value_output="value"), GQA_VALUE, True),
+        (dict(step={SPACE}, step_rows_below=0.75), GQA, False),
+    ]
+    for options, path, value_head in cases:
+        results = []
+        for in_place in (True, False):
+            policy = OnnxCausalLM(path, max_new_tokens=12, cache_in_place=in_place, **options)
+            reward: Any = (
+                PolicyValue(policy, kind="logit") if value_head else OnnxRewardModel(PRM, kind="logit")
+            )
+            results.append(tiltsmc.smc(policy, reward, PROMPTS, num_particles=6, rng=5))
+        placed, copied = results
+        assert placed.texts == copied.texts
+        np.testing.assert_array_equal(placed.log_z, copied.log_z)
+        for a, b in zip(placed.log_weights, copied.log_weights):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_cache_in_place_is_refused_where_it_cannot_be() -> None:
+    """A left-padded policy (an optimum export) cannot write its cache in place: asked for, it is refused
+    by name; by default it is off. A value that is not a bool is refused too."""
+    gpt2 = FIXTURES / "gpt2-tiny"
+    assert not OnnxCausalLM(gpt2).cache_in_place
+    with pytest.raises(ValueError, match=r"cache_in_place: needs a right-padded policy.*left-padded"):
+        OnnxCausalLM(gpt2, cache_in_place=True)
+    with pytest.raises(TypeError, match="cache_in_place: expected None, True or False, got 'yes'"):
+        OnnxCausalLM(GQA, cache_in_place="yes")  # type: ignore[arg-type]
+    assert not OnnxCausalLM(GQA, cache_in_place=False).cache_in_place
+
+
+def test_runs_joining_a_lane_write_only_their_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lane of runs joining one or two steps apart, the policy's cache written in place: the joins write
+    the newcomers into spare rows behind the batch's (the batch's cache not copied) where they fit, and
+    every run's samples are those it draws alone, its log Z and weights the same to float rounding."""
+    policy = OnnxCausalLM(GQA, max_new_tokens=8, eos_token_id=ENDS)
+    models = Models(policy, OnnxRewardModel(PRM, kind="logit"), Compute())
+    behind = particles_module._SPARE_ROWS.behind
+    spare_joins: list[bool] = []
+
+    def counted(array: np.ndarray, rows: int) -> Any:
+        found = behind(array, rows)
+        spare_joins.append(found is not None)
+        return found
+
+    monkeypatch.setattr(particles_module._SPARE_ROWS, "behind", counted)
+
+    def run(seed: int) -> Any:
+        prompt = PROMPTS[seed % len(PROMPTS)]
+        return smc_run(
+            models, [prompt], 3, "systematic", 0.5, "naive", seed, record_ancestry=False, max_steps=100,
+        )  # fmt: skip
+
+    lane = Lane(models, "guided")
+    runs = [run(seed) for seed in range(10)]
+    waiting, ended = list(runs), 0
+    while ended < len(runs):
+        for _ in range(1 if len(waiting) % 3 else 2):  # one or two runs join at a step
+            if waiting:
+                lane.add(waiting.pop(0))
+        for _, error in lane.step():
+            assert error is None
+            ended += 1
+    assert sum(spare_joins) >= 8, spare_joins  # two joins or more, four cache tensors each
+    for seed, together in enumerate(runs):
+        alone = run_alone(models, run(seed))
+        assert isinstance(alone, SamplerResult) and together.result is not None
+        assert alone.texts == together.result.texts
+        np.testing.assert_allclose(alone.log_z, together.result.log_z, rtol=1e-4, atol=1e-5)

@@ -588,6 +588,13 @@ def _add_model_arguments(parser: argparse.ArgumentParser, demo_models: bool = Fa
         "builder); default: the first that passes the batching check at load",
     )
     parser.add_argument(
+        "--cache-in-place",
+        choices=("on", "off"),
+        default=_model_default("cache_in_place"),
+        help="a right-padded policy's KV cache written in place by its session (one array a layer, no "
+        "copy a step); default: on where a step so run matches the plain run, tried at load",
+    )
+    parser.add_argument(
         "--reward-kind",
         choices=("log_value", "prob", "logit"),
         default=_model_default("reward_kind"),
@@ -665,6 +672,7 @@ MODEL_OPTIONS: dict[str, tuple[str, str]] = {
     "step_rows_below": ("OnnxCausalLM", "step_rows_below"),
     "check_batching": ("OnnxCausalLM", "check_batching"),
     "padding_side": ("OnnxCausalLM", "padding_side"),
+    "cache_in_place": ("OnnxCausalLM", "cache_in_place"),
     "add_special_tokens": ("OnnxCausalLM", "add_special_tokens"),
     "skip_special_tokens": ("OnnxCausalLM", "skip_special_tokens"),
     "threads": ("OnnxCausalLM", "intra_op_num_threads"),
@@ -854,6 +862,7 @@ def _load_models(args: argparse.Namespace) -> tuple[Any, Any]:
         step_rows_below=args.step_rows_below,
         check_batching=args.check_batching == "on",
         padding_side=args.padding_side,
+        cache_in_place=None if args.cache_in_place is None else args.cache_in_place == "on",
         intra_op_num_threads=args.threads,
         memory_arena=args.memory_arena == "on",
         value_output=args.value_output,

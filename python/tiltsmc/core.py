@@ -567,6 +567,7 @@ def concatenate_padded(
     axis: Optional[int] = None,
     skips: Optional[Sequence[int]] = None,
     padding_side: Literal["left", "right"] = "left",
+    out: Optional[np.ndarray] = None,
 ) -> np.ndarray:
     """Join arrays along their first axis, padding ``axis`` to a common width (one core call).
 
@@ -578,7 +579,9 @@ def concatenate_padded(
     sequences of different lengths join (a decoder's KV cache ``(B, N, heads, length, head_dim)`` with
     ``axis=3``, its attention mask with ``axis=2``; ``skips`` leave out columns that are padding in all of
     a part's rows). The parts must agree on every other axis; their dtypes are promoted as
-    ``np.concatenate`` does. Large copies are split over the core's threads.
+    ``np.concatenate`` does. Large copies are split over the core's threads. ``out``: the array to write
+    (C-contiguous and writeable, of the parts' rows in all and the promoted dtype, at least the longest
+    kept length wide along ``axis``: the columns past it padding too), returned.
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side: expected 'left' or 'right', got {padding_side!r}")
@@ -619,9 +622,20 @@ def concatenate_padded(
     width = max(length - skip for length, skip in zip(lengths, skips))
     shape = list(arrays[0].shape)
     shape[0] = sum(a.shape[0] for a in arrays)
-    if axis is not None:
-        shape[axis] = width
-    out = np.empty(shape, dtype=dtype)
+    if out is None:
+        if axis is not None:
+            shape[axis] = width
+        out = np.empty(shape, dtype=dtype)
+    else:
+        if not isinstance(out, np.ndarray) or out.dtype != dtype:
+            found = getattr(out, "dtype", out)
+            raise TypeError(f"out: expected a numpy array of dtype {dtype}, got {found!r}")
+        if axis is not None:
+            shape[axis] = out.shape[axis] if out.ndim == ndim and out.shape[axis] >= width else width
+        if list(out.shape) != shape:
+            raise ValueError(
+                f"out: expected shape {tuple(shape)} (at least {width} wide on axis {axis}), got {out.shape}"
+            )
     trailing = shape[1:] if axis is None else shape[axis + 1 :]
     blocks = 1 if axis is None else math.prod(shape[1:axis])
     item_bytes = dtype.itemsize * math.prod(trailing)

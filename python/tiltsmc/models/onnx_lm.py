@@ -30,6 +30,14 @@ after a cache on one row at a time only, so prompts longer than ``prefill_tokens
 (each in one call where the graph computes such a piece wrongly: ONNX Runtime 1.19's operator does; tried
 once, on a 4-token prompt, when a long prompt first comes).
 
+Such a graph can also keep its KV cache in place (``cache_in_place``, on by default where it works): each
+layer's ``past`` and ``present`` are bound (ONNX Runtime's I/O binding) to one host array of
+``(rows, kv_heads, capacity, head_dim)`` per tensor, into which the operator writes each row's new keys
+and values at that row's length, leaving its earlier columns as they were. A step then copies no cache
+(a graph that returns ``present`` as a new ``past + 1`` array copies every row's cache at every call);
+the capacity grows by a quarter (at least 16 columns) when a step needs more than it has (one copy).
+Whether the graph writes in place rightly is tried once at load, on two short prompts.
+
 Where the session runs on ONNX Runtime's CUDA provider and tiltsmc's CUDA kernels are usable
 (``device_cache=None``, the default, or ``True`` to insist), the KV cache stays on the GPU: the session
 is run with an IO binding that writes ``present.*`` into one device buffer for all layers (a
@@ -64,7 +72,7 @@ from ._fed_rows import FedRows
 from ._ort import make_session, shrink_memory_arena
 from .chat import is_chat
 from .device_cache import DeviceKVCache
-from .particles import MAX_NEW_TOKENS, Particles, padded
+from .particles import MAX_NEW_TOKENS, Particles, padded, widened
 from .prompts import check_prompts
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -276,7 +284,9 @@ class OnnxCausalLM:
     padding, then right, and keeps the first that passes (without the check: right where the graph names
     ``GroupQueryAttention``, else left). Dynamic int8 quantisation (its activations scaled over the whole
     batch) fails both. ``check_batching=False`` runs such a graph anyway: its samples do not follow the
-    stated law.
+    stated law. ``cache_in_place`` (right padding only): keep each layer's KV cache in one host array that
+    the session writes in place (see the module docstring); ``None`` (the default) does where a step so
+    run gives the logits and cache of the plain run, tried at load; ``True`` insists, ``False`` never does.
     """
 
     def __init__(
@@ -310,6 +320,7 @@ class OnnxCausalLM:
         step_rows_below: float = 0.75,
         check_batching: bool = True,
         padding_side: Optional[str] = None,
+        cache_in_place: Optional[bool] = None,
     ) -> None:
         self.model_file, model_dir = resolve_model_file(path)
         config = read_json(model_dir / "config.json")
@@ -344,6 +355,8 @@ class OnnxCausalLM:
         self.step_rows_below = float(step_rows_below)
         if not isinstance(check_batching, (bool, np.bool_)):
             raise TypeError(f"check_batching: expected True or False, got {check_batching!r}")
+        if cache_in_place is not None and not isinstance(cache_in_place, (bool, np.bool_)):
+            raise TypeError(f"cache_in_place: expected None, True or False, got {cache_in_place!r}")
         if padding_side is not None and padding_side not in PADDING_SIDES:
             raise ValueError(f"padding_side: expected 'left', 'right' or None, got {padding_side!r}")
         if self.stop and self.tokenizer is None:
@@ -491,10 +504,12 @@ class OnnxCausalLM:
         )
         self._start_buffers = _StartBuffers()
         self._pieces_follow: Optional[bool] = None  # see _pieces_follow_the_cache
+        self._in_place_bindings = threading.local()  # see _run_in_place
         self._stop_window = 4 * max((len(stop) for stop in self.stop), default=0)
         self.padding_side = self._choose_padding_side(padding_side, bool(check_batching))
         if self.padding_side == "right" and self.device_cache:  # found at load; the cache was not asked for
             self.device_cache = False
+        self.cache_in_place = self._choose_cache_in_place(cache_in_place)
 
     def _choose_padding_side(self, padding_side: Optional[str], check_batching: bool) -> str:
         """The padding side asked for (``None``: the first of left and right whose rows pass the batching
@@ -537,6 +552,69 @@ class OnnxCausalLM:
             f"would not follow the policy's law. {cause[0].upper()}{cause[1:]}export with optimum "
             f"(text-generation-with-past){other}, or pass check_batching=False to run it anyway"
         )
+
+    def _choose_cache_in_place(self, cache_in_place: Optional[bool]) -> bool:
+        """Whether decoding steps write the KV cache in place: asked for (``True``: refused where the
+        policy is not right-padded, keeps its cache on the GPU, or the graph fails the trial) or, by
+        default, where the trial passes (``in_place_difference``)."""
+        if cache_in_place is False:
+            return False
+        if self.padding_side != "right" or self.device_cache:
+            if cache_in_place:
+                where = "its cache is on the GPU (device_cache)" if self.device_cache else "it is left-padded"
+                raise ValueError(
+                    "cache_in_place: needs a right-padded policy on the host (attention that reads each "
+                    "row's length from its mask, such as GroupQueryAttention); "
+                    f"{self.model_file.name}: {where}"
+                )
+            return False
+        try:
+            difference, scale = self.in_place_difference()
+        except Exception as error:  # the graph refuses a past and present in one buffer
+            if cache_in_place:
+                raise ValueError(
+                    f"cache_in_place: {self.model_file.name} does not run with its past and present in one "
+                    f"buffer ({error}); pass cache_in_place=False"
+                ) from error
+            return False
+        if difference <= BATCHING_TOLERANCE * max(1.0, scale):
+            return True
+        if cache_in_place:
+            raise ValueError(
+                f"cache_in_place: {self.model_file.name} with its past and present in one buffer moves a "
+                f"step's logits or cache by up to {difference:.3g} (values up to {scale:.3g}) from the plain "
+                "run; pass cache_in_place=False"
+            )
+        return False
+
+    def in_place_difference(self) -> tuple[float, float]:
+        """How far one decoding step written in place (``cache_in_place``) is from the plain step:
+        ``(difference, scale)``, the largest absolute difference of the logits and of every row's cache
+        columns, and the largest absolute value of the plain step's.
+
+        Two prompts (2 and 4 tokens, right-padded) run, then one step feeds both a token with the cache in
+        arrays three columns wider than the step needs.
+        """
+        short, long, token = probe_ids(self.vocab_size)
+        ids, mask, positions = self._padded([short, long])
+        _, present = self._run(ids, mask, positions, None)
+        past = self._cache_of(present)
+        step_ids, step_mask, step_positions, _ = self._decode_inputs(
+            mask, np.array([True, True]), token[:2].copy()
+        )
+        plain_logits, plain_present = self._run(step_ids, step_mask, step_positions, past)
+        width = mask.shape[1]
+        buffers = [np.zeros((*p.shape[:2], width + 4, p.shape[3]), dtype=p.dtype) for p in past]
+        for buffer, p in zip(buffers, past):
+            buffer[:, :, :width] = p
+        logits, _ = self._run_in_place(step_ids, step_mask, step_positions, buffers)
+        lengths = np.count_nonzero(step_mask, axis=1).tolist()
+        pairs = [(logits, plain_logits)] + [
+            (buffer[r, :, :n], cache[r, :, :n])
+            for buffer, cache in zip(buffers, self._cache_of(plain_present))
+            for r, n in enumerate(lengths)
+        ]
+        return largest_difference(pairs)
 
     def batching_difference(self) -> tuple[float, float]:
         """How far a row's logits move when it is batched as the samplers batch it (with this policy's
@@ -717,6 +795,63 @@ class OnnxCausalLM:
         results = self.session.run(self._output_names, feeds)
         return results[0], results[1:]  # with value_output, the value scores come last
 
+    def _run_in_place(
+        self,
+        input_ids: npt.NDArray[np.int64],
+        attention_mask: npt.NDArray[np.int64],
+        position_ids: npt.NDArray[np.int64],
+        caches: Sequence[np.ndarray],
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One session call whose ``past`` and ``present`` are the same host arrays, ``caches`` (``(rows,
+        kv_heads, capacity, head_dim)`` each, C-contiguous, at least the mask's width of columns): the
+        graph writes each row's new keys and values into them. Returns the logits and, where the graph
+        has them, ``[value scores]`` (the cache needs no returning).
+
+        A thread's binding is kept from call to call, its caches bound again only where their addresses
+        or shapes change (a new width, a join): most steps bind the three small inputs alone."""
+        bound = getattr(self._in_place_bindings, "bound", None)
+        key = [(cache.ctypes.data, cache.shape) for cache in caches]
+        if bound is None or bound[1] != key:
+            binding = self.session.io_binding()
+            binding.bind_output("logits", "cpu")  # first: get_outputs() lists outputs in binding order
+            if self.value_output is not None:
+                binding.bind_output(self.value_output, "cpu")
+            for (past_name, present_name, _), cache in zip(self._cache_names, caches):
+                shape, pointer = list(cache.shape), cache.ctypes.data
+                binding.bind_input(past_name, "cpu", 0, self.cache_dtype, shape, pointer)
+                binding.bind_output(present_name, "cpu", 0, self.cache_dtype, shape, pointer)
+            # by address and shape: arrays that come and go at the same address are the same binding
+            self._in_place_bindings.bound = bound = (binding, key)
+        binding = bound[0]
+        binding.bind_cpu_input("input_ids", input_ids)
+        binding.bind_cpu_input("attention_mask", attention_mask)
+        if self.has_position_ids:
+            binding.bind_cpu_input("position_ids", position_ids)
+        if self.has_cache_branch:
+            binding.bind_cpu_input("use_cache_branch", np.array([True]))
+        self.session.run_with_iobinding(binding)
+        # the caches come too, after the logits and value: not read back. The logits and value are
+        # copied: a binding kept writes its next call's into the same memory
+        outputs = binding.get_outputs()
+        logits = np.array(outputs[0].numpy())
+        return logits, [np.array(outputs[1].numpy())] if self.value_output is not None else []
+
+    def _in_place_caches(self, particles: Particles, width: int) -> list[np.ndarray]:
+        """The state's caches as ``(rows, kv_heads, capacity, head_dim)`` arrays a session writes in place,
+        at least ``width`` columns wide: the state's own arrays where they are, else (too narrow, or not
+        writeable and C-contiguous) copies a quarter (at least 16 columns) wider, stored in the state
+        (``widened``: with spare rows where the batch had them). The new columns are zeroed: the operator
+        reads no column past a row's length, and zeros there can never be NaN."""
+        rows = particles.lengths.size
+        caches = []
+        for _, _, key in self._cache_names:
+            array = particles.state[key]
+            if array.shape[3] < width or not (array.flags.c_contiguous and array.flags.writeable):
+                capacity = max(width, array.shape[3] + max(array.shape[3] // 4, 16))
+                particles.state[key] = array = widened(array, capacity, 3)
+            caches.append(array.reshape(rows, self.kv_heads, -1, self.head_dim))
+        return caches
+
     def _run_on_device(
         self,
         input_ids: npt.NDArray[np.int64],
@@ -821,6 +956,8 @@ class OnnxCausalLM:
         particles.aligned.update((key, (3, "lm.mask")) for _, _, key in self._cache_names)
         if self.padding_side == "right":
             particles.right_padded.add("lm.mask")
+        if self.cache_in_place:  # never trimmed; joins write newcomers into spare rows
+            particles.in_place.update(key for _, _, key in self._cache_names)
         particles.state["lm.logits"] = repeat(np.asarray(logits, dtype=np.float32))
         if isinstance(present, DeviceKVCache):  # every particle of prompt b copies its prompt's cache
             particles.state["lm.cache"] = present.take(np.zeros((batch, num_particles), dtype=np.int64))
@@ -1050,7 +1187,12 @@ class OnnxCausalLM:
             index, past = fed.session_rows(past, still)
             if index is not None:
                 feed_tokens, feed_mask, positions = feed_tokens[index], feed_mask[index], positions[index]
-        logits, present = self._run(feed_tokens, feed_mask, positions, past)
+        in_place = self.cache_in_place and index is None
+        if in_place:  # every row's cache written where it lies: nothing to store after the call
+            past = self._in_place_caches(particles, feed_mask.shape[1])
+            logits, present = self._run_in_place(feed_tokens, feed_mask, positions, past)
+        else:
+            logits, present = self._run(feed_tokens, feed_mask, positions, past)
         if self.value_output is not None:
             *present, value = present
             scores = np.asarray(value, dtype=np.float64)
@@ -1062,6 +1204,8 @@ class OnnxCausalLM:
         particles.state["lm.logits"] = _fed_rows_updated(particles.state["lm.logits"], logits, still, index)
         if isinstance(present, DeviceKVCache):
             particles.state["lm.cache"] = present
+        elif in_place:
+            return
         elif fed is not None and index is not None:
             fed.keep(present)
         else:

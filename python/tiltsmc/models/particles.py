@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import threading
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -40,9 +42,13 @@ class Particles:
     by padding ([`concatenate`][tiltsmc.models.particles.Particles.concatenate]) and trimmed when the
     longest leave ([`select`][tiltsmc.models.particles.Particles.select]). The padding is on the left (every
     sequence ends at the last column) unless the mask key is in ``right_padded`` (every sequence starts at
-    the first column: attention that reads each row's length from its mask). A state array may live in CUDA
-    device memory: it is then reordered where it lies, with the ancestors copied to its device once per call;
-    a ``DeviceKVCache`` reorders all its layers in one gather.
+    the first column: attention that reads each row's length from its mask). Entries in ``in_place`` are
+    arrays a model writes where they lie (a KV cache whose session writes each row's new keys at the row's
+    length): their columns past the mask are the model's room to write, so they are never trimmed, and
+    [`concatenate`][tiltsmc.models.particles.Particles.concatenate] writes a later part's rows into spare
+    rows behind the first part's where it has them, instead of copying the first part. A state array may
+    live in CUDA device memory: it is then reordered where it lies, with the ancestors copied to its device
+    once per call; a ``DeviceKVCache`` reorders all its layers in one gather.
     """
 
     prompts: list[Any]
@@ -54,6 +60,7 @@ class Particles:
     errors: dict[int, str] = field(default_factory=dict)
     aligned: dict[str, tuple[int, str]] = field(default_factory=dict)
     right_padded: set[str] = field(default_factory=set)
+    in_place: set[str] = field(default_factory=set)
     _pending: list[Callable[[], None]] = field(default_factory=list, init=False, repr=False, compare=False)
 
     @classmethod
@@ -168,11 +175,12 @@ class Particles:
             errors=dict(self.errors),
             aligned=dict(self.aligned),
             right_padded=set(self.right_padded),
+            in_place=set(self.in_place),
         )
 
     @classmethod
     def concatenate(cls, parts: Sequence[Particles]) -> Particles:
-        """One batch of the parts' prompts, in order (new arrays; the parts are left as they were).
+        """One batch of the parts' prompts, in order (the parts are left as they were).
 
         Every part must have the same particle count. Token buffers of different capacities are
         right-padded; ``aligned`` entries of different lengths are padded with zeros on their side (the
@@ -181,6 +189,11 @@ class Particles:
         lacks (state a model creates lazily, such as a reward model's cached scores) is dropped: the model
         creates it again for the whole batch at its next call. Any other difference between the parts'
         state entries is an error naming the entry.
+
+        The arrays are new, but for ``in_place`` entries: these are made with spare rows (half as many
+        again), and where the first part's array ends where the rows taken of its memory end (nothing
+        joined behind it since), the other parts' rows are written there, as wide as the first part's,
+        and the result is a view of the same memory (only the newcomers copied).
         """
         if not parts:
             raise ValueError("parts: expected at least one batch to concatenate")
@@ -193,9 +206,11 @@ class Particles:
                 )
         aligned: dict[str, tuple[int, str]] = {}
         right_padded: set[str] = set()
+        in_place: set[str] = set()
         for part in parts:
             aligned.update(part.aligned)
             right_padded |= part.right_padded
+            in_place |= part.in_place
         capacity = max(part.tokens.shape[2] for part in parts)
         tokens = np.zeros((sum(p.num_prompts for p in parts), count, capacity), dtype=np.int64)
         offset = 0
@@ -216,9 +231,13 @@ class Particles:
         for key in parts[0].state:
             if all(key in part.state for part in parts):
                 alignment = aligned.get(key)
+                arrays = [part.state[key] for part in parts]
+                if key in in_place and alignment is not None and alignment[1] in right_padded:
+                    state[key] = _joined_in_place(key, arrays, alignment[0])
+                    continue
                 state[key] = _joined_state(
                     key,
-                    [part.state[key] for part in parts],
+                    arrays,
                     alignment,
                     None if alignment is None else skips[alignment[1]],
                     alignment is not None and alignment[1] in right_padded,
@@ -237,6 +256,7 @@ class Particles:
             errors=errors,
             aligned=aligned,
             right_padded=right_padded,
+            in_place=in_place,
         )
 
     def select(self, prompts: npt.ArrayLike) -> Particles:
@@ -258,6 +278,7 @@ class Particles:
             errors={position[b]: m for b, m in self.errors.items() if b in position},
             aligned=dict(self.aligned),
             right_padded=set(self.right_padded),
+            in_place=set(self.in_place),
         )
 
     def view_rows(self, start: int, stop: int) -> Particles:
@@ -282,12 +303,14 @@ class Particles:
             errors={b - start: m for b, m in self.errors.items() if start <= b < stop},
             aligned=dict(self.aligned),
             right_padded=set(self.right_padded),
+            in_place=set(self.in_place),
         )
 
     def _state_rows(self, rows: Any, trim_from: float) -> dict[str, Any]:
         """Every state array at ``rows`` along the prompt axis (an index array: copies; a slice: views);
         the ``aligned`` entries of a mask lose the columns on their padding side that are padding in every
-        row kept where these are at least ``trim_from`` of its width (which copies them)."""
+        row kept where these are at least ``trim_from`` of its width (which copies them), but for those
+        ``in_place``."""
         state: dict[str, Any] = {}
         for key, array in self.state.items():
             if not isinstance(array, np.ndarray):
@@ -302,7 +325,7 @@ class Particles:
             if unused and unused >= trim_from * width:
                 kept = slice(0, width - unused) if on_right else slice(unused, None)
                 for key, (axis, mask) in self.aligned.items():
-                    if mask == mask_key and key in state:
+                    if mask == mask_key and key in state and key not in self.in_place:
                         state[key] = np.ascontiguousarray(state[key][(slice(None),) * axis + (kept,)])
         return state
 
@@ -332,6 +355,7 @@ class Particles:
             errors={k: self.errors[k // each] for k in range(total) if k // each in self.errors},
             aligned=dict(self.aligned),
             right_padded=set(self.right_padded),
+            in_place=set(self.in_place),
         )
 
     def sequences(self, prompt: int) -> list[npt.NDArray[np.int64]]:
@@ -381,6 +405,117 @@ def _joined_state(
         if axis is None:
             return np.concatenate(arrays)
         return core.concatenate_padded(arrays, axis, skips, "right" if on_right else "left")
+    except ValueError as error:
+        raise ValueError(
+            f"Particles.state[{key!r}]: shapes {[a.shape for a in arrays]} differ beyond the (B, N) axes"
+        ) from error
+
+
+class _SpareRows:
+    """The arrays made with spare rows (by ``id``, with a weak reference: an id reused by another array
+    is not theirs) and, for each, how many of its rows are taken: rows behind a batch's may be written
+    only while no later join has taken them."""
+
+    def __init__(self) -> None:
+        self._taken: dict[int, tuple[weakref.ref[np.ndarray], int]] = {}
+        self._lock = threading.Lock()  # lanes of several workers join at once
+
+    def make(self, shape: Sequence[int], dtype: Any) -> np.ndarray:
+        """An uninitialised array of ``shape`` that is the first rows of one with half as many again."""
+        rows = int(shape[0])
+        owner = np.empty((rows + rows // 2 + 1, *shape[1:]), dtype=dtype)
+        key = id(owner)
+        with self._lock:
+            self._taken[key] = (weakref.ref(owner), rows)
+        weakref.finalize(owner, self._forget, key)
+        return owner[:rows]
+
+    def has_spare_rows(self, array: np.ndarray) -> bool:
+        """Whether ``array`` is a view of an array made here (its rows may have spare rows behind)."""
+        owner = array.base
+        if not isinstance(owner, np.ndarray):
+            return False
+        with self._lock:
+            entry = self._taken.get(id(owner))
+        return entry is not None and entry[0]() is owner
+
+    def _forget(self, key: int) -> None:
+        with self._lock:
+            entry = self._taken.get(key)
+            if entry is not None and entry[0]() is None:
+                del self._taken[key]
+
+    def behind(self, array: np.ndarray, rows: int) -> Optional[tuple[np.ndarray, np.ndarray]]:
+        """The ``rows`` rows right behind ``array``'s in the spare rows of the array it is a view of, now
+        taken, and ``array``'s rows with them (views); None where it is no such view, another join took
+        the rows behind it, or too few are left."""
+        owner = array.base
+        if not isinstance(owner, np.ndarray) or not array.flags.c_contiguous or not owner.flags.c_contiguous:
+            return None
+        row_bytes = array.strides[0] if array.ndim else 0
+        if row_bytes <= 0 or array.shape[1:] != owner.shape[1:] or array.dtype != owner.dtype:
+            return None
+        offset, rest = divmod(array.ctypes.data - owner.ctypes.data, row_bytes)
+        end = offset + array.shape[0]
+        with self._lock:
+            entry = self._taken.get(id(owner))
+            if rest or entry is None or entry[0]() is not owner or entry[1] != end:
+                return None
+            if end + rows > owner.shape[0]:
+                return None
+            self._taken[id(owner)] = (entry[0], end + rows)
+        return owner[end : end + rows], owner[offset : end + rows]
+
+
+_SPARE_ROWS = _SpareRows()
+
+
+def widened(array: np.ndarray, width: int, axis: int) -> np.ndarray:
+    """A copy of ``array`` ``width`` wide along ``axis`` (at least its width), its entries at the start and
+    zeros after; made with spare rows where ``array`` has them (a batch that joins others keeps room for
+    them: see [`Particles.concatenate`][tiltsmc.models.particles.Particles.concatenate])."""
+    shape = list(array.shape)
+    old, shape[axis] = shape[axis], width
+    grown = (
+        _SPARE_ROWS.make(shape, array.dtype)
+        if _SPARE_ROWS.has_spare_rows(array)
+        else np.empty(shape, array.dtype)
+    )
+    before = (slice(None),) * axis
+    grown[(*before, slice(0, old))] = array
+    grown[(*before, slice(old, None))] = 0
+    return grown
+
+
+def _joined_in_place(key: str, arrays: list[Any], axis: int) -> np.ndarray:
+    """An ``in_place`` state entry of
+    [`Particles.concatenate`][tiltsmc.models.particles.Particles.concatenate], right-padded along ``axis``:
+    the later parts written into the spare rows behind the first's, as wide as it, where it has them (a
+    view of its memory: the first part's rows not copied); else every part copied into a new array with
+    spare rows, as wide as the widest part (nothing trimmed)."""
+    for array in arrays:
+        if not isinstance(array, np.ndarray):
+            raise TypeError(f"Particles.state[{key!r}]: {type(array).__name__} cannot be concatenated")
+    first, rest = arrays[0], arrays[1:]
+    added = sum(array.shape[0] for array in rest)
+    fits = all(
+        array.ndim == first.ndim and array.dtype == first.dtype and array.shape[axis] <= first.shape[axis]
+        for array in rest
+    )
+    try:
+        behind = _SPARE_ROWS.behind(first, added) if fits and first.ndim > axis else None
+        if behind is not None:
+            target, joined = behind
+            core.concatenate_padded(rest, axis, padding_side="right", out=target)
+            return joined
+        shapes = [array.shape for array in arrays]
+        if any(array.ndim <= axis for array in arrays):
+            raise ValueError(f"Particles.state[{key!r}]: shapes {shapes} have no axis {axis}")
+        shape = list(first.shape)
+        shape[0] = sum(array.shape[0] for array in arrays)
+        shape[axis] = max(array.shape[axis] for array in arrays)
+        out = _SPARE_ROWS.make(shape, np.result_type(*arrays))
+        return core.concatenate_padded(arrays, axis, padding_side="right", out=out)
     except ValueError as error:
         raise ValueError(
             f"Particles.state[{key!r}]: shapes {[a.shape for a in arrays]} differ beyond the (B, N) axes"

@@ -1,0 +1,137 @@
+"""A right-padded policy's decoding steps with its KV cache written in place against the cache copied.
+
+``OnnxCausalLM(cache_in_place=True)`` binds each layer's past and present to one host array that ONNX
+Runtime's GroupQueryAttention writes at each row's length; ``cache_in_place=False`` is the same graph
+returning every present as a new ``past + 1`` array (a copy of every row's cache at every call). Both run
+the same seeded work: ``--prompts`` prompts x ``--particles`` particles of the ``gqa-tiny`` fixture
+(ONNX Runtime's GroupQueryAttention, onnxruntime-genai's layout), ``--tokens`` tokens each, the
+particles resampled after every ``--resample-every`` tokens (random ancestors: SMC's reorder moves every
+cache, the wider arrays of the in-place side too), in turn for
+``--rounds`` rounds (one untimed round first). Per side: the median seconds a run, the time inside the
+session's calls, and the ratio copied / in place, measured in the same run. The runs draw the same
+tokens (checked: the in-place path is bitwise the copied one).
+
+Not a test: the figures depend on the machine (recorded with them). JSON to
+``bench/results/cache_in_place_vm.json`` (``--out``)::
+
+    python bench/bench_cache_in_place.py                       # resampled at every token
+    python bench/bench_cache_in_place.py --resample-every 8 --out bench/results/cache_in_place_r8_vm.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from _machine import machine_info
+from _plot import RESULTS, write_json
+from tiltsmc.models import OnnxCausalLM
+
+FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "models"
+
+
+class SessionClock:
+    """Wall seconds inside ONNX Runtime's session calls (``run`` and ``run_with_iobinding``)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        for name in ("run", "run_with_iobinding"):
+            original = getattr(ort.InferenceSession, name)
+
+            def timed(session: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
+                start = time.perf_counter()
+                try:
+                    return _original(session, *args, **kwargs)
+                finally:
+                    self.seconds += time.perf_counter() - start
+
+            setattr(ort.InferenceSession, name, timed)
+
+
+def one_run(policy: OnnxCausalLM, args: argparse.Namespace, clock: SessionClock) -> tuple[float, float, Any]:
+    """Seconds of one run, seconds inside session calls, and the tokens drawn."""
+    rng = np.random.default_rng(args.seed)
+    inside = clock.seconds
+    start = time.perf_counter()
+    particles = policy.start(["hi"] * args.prompts, args.particles)
+    for token in range(1, args.tokens + 1):
+        policy.propose(particles, rng)
+        if token % args.resample_every == 0:
+            particles.reorder(rng.integers(0, args.particles, size=particles.lengths.shape))
+    particles.flush()
+    return time.perf_counter() - start, clock.seconds - inside, particles.tokens.copy()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--particles", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=100, help="a particle's (the fixture's context: 128)")
+    parser.add_argument("--resample-every", type=int, default=1, help="tokens between resamplings")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS / "cache_in_place_vm.json")
+    args = parser.parse_args()
+
+    clock = SessionClock()
+    policies = {
+        side: OnnxCausalLM(
+            FIXTURES / "gqa-tiny", max_new_tokens=args.tokens, eos_token_id=[], cache_in_place=in_place
+        )
+        for side, in_place in (("in_place", True), ("copied", False))
+    }
+    assert policies["in_place"].cache_in_place and not policies["copied"].cache_in_place
+    tokens = {side: one_run(policy, args, clock)[2] for side, policy in policies.items()}  # untimed
+    if not np.array_equal(tokens["in_place"], tokens["copied"]):
+        raise SystemExit("the two sides drew different tokens")
+    seconds: dict[str, list[float]] = {side: [] for side in policies}
+    session: dict[str, list[float]] = {side: [] for side in policies}
+    for _ in range(args.rounds):
+        for side, policy in policies.items():
+            wall, inside, _ = one_run(policy, args, clock)
+            seconds[side].append(wall)
+            session[side].append(inside)
+    rows = args.prompts * args.particles
+    summary = {
+        side: {
+            "median_seconds": statistics.median(seconds[side]),
+            "median_session_seconds": statistics.median(session[side]),
+            "ms_per_token": 1e3 * statistics.median(seconds[side]) / args.tokens,
+            "seconds": seconds[side],
+        }
+        for side in policies
+    }
+    copied, in_place = summary["copied"], summary["in_place"]
+    ratio = copied["median_seconds"] / in_place["median_seconds"]
+    session_ratio = copied["median_session_seconds"] / in_place["median_session_seconds"]
+    print(
+        f"gqa-tiny, {rows} rows ({args.prompts} x {args.particles}), {args.tokens} tokens, resampled every "
+        f"{args.resample_every}"
+    )
+    for side, figures in summary.items():
+        print(
+            f"  {side:9s} {figures['median_seconds']:.3f} s a run ({figures['ms_per_token']:.2f} ms a "
+            f"token), in session calls {figures['median_session_seconds']:.3f} s"
+        )
+    print(f"  copied / in place: {ratio:.2f}x a run, {session_ratio:.2f}x inside session calls")
+    record = {
+        "benchmark": "cache_in_place",
+        "settings": {
+            key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()
+        },
+        "rows": rows,
+        "sides": summary,
+        "copied_over_in_place": ratio,
+        "copied_over_in_place_session": session_ratio,
+        "machine": machine_info(),
+    }
+    write_json(args.out, record)
+
+
+if __name__ == "__main__":
+    main()
