@@ -3,19 +3,24 @@
 ``OnnxCausalLM(cache_in_place=True)`` binds each layer's past and present to one host array that ONNX
 Runtime's GroupQueryAttention writes at each row's length; ``cache_in_place=False`` is the same graph
 returning every present as a new ``past + 1`` array (a copy of every row's cache at every call). Both run
-the same seeded work: ``--prompts`` prompts x ``--particles`` particles of the ``gqa-tiny`` fixture
-(ONNX Runtime's GroupQueryAttention, onnxruntime-genai's layout), ``--tokens`` tokens each, the
+the same seeded work: ``--prompts`` prompts x ``--particles`` particles of ``--model`` (default: the
+``gqa-tiny`` fixture; a graph in ONNX Runtime's GroupQueryAttention layout, as onnxruntime-genai's
+builder or ``scripts/make_gqa_llama.py`` writes it), ``--tokens`` tokens each (no EOS), the
 particles resampled after every ``--resample-every`` tokens (random ancestors: SMC's reorder moves every
 cache, the wider arrays of the in-place side too), in turn for
 ``--rounds`` rounds (one untimed round first). Per side: the median seconds a run, the time inside the
 session's calls, and the ratio copied / in place, measured in the same run. The runs draw the same
-tokens (checked: the in-place path is bitwise the copied one).
+tokens (checked: the in-place path is bitwise the copied one). ``--source DIR`` adds a third side, the
+optimum export the GQA graph was rewritten from (left-padded, its cache copied by the graph's ``Concat``
+at every call), run on the same prompts for as many tokens.
 
 Not a test: the figures depend on the machine (recorded with them). JSON to
 ``bench/results/cache_in_place_vm.json`` (``--out``)::
 
     python bench/bench_cache_in_place.py                       # resampled at every token
     python bench/bench_cache_in_place.py --resample-every 8 --out bench/results/cache_in_place_r8_vm.json
+    python bench/bench_cache_in_place.py --model /tmp/smollm2-gqa --source /tmp/smollm2 --particles 8 \
+        --tokens 64 --resample-every 8 --rounds 3 --out bench/results/cache_in_place_smollm2_vm.json
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ def one_run(policy: OnnxCausalLM, args: argparse.Namespace, clock: SessionClock)
     rng = np.random.default_rng(args.seed)
     inside = clock.seconds
     start = time.perf_counter()
-    particles = policy.start(["hi"] * args.prompts, args.particles)
+    particles = policy.start([args.prompt] * args.prompts, args.particles)
     for token in range(1, args.tokens + 1):
         policy.propose(particles, rng)
         if token % args.resample_every == 0:
@@ -69,6 +74,11 @@ def one_run(policy: OnnxCausalLM, args: argparse.Namespace, clock: SessionClock)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model", type=Path, default=FIXTURES / "gqa-tiny", help="a GroupQueryAttention graph"
+    )
+    parser.add_argument("--source", type=Path, default=None, help="the optimum export it was rewritten from")
+    parser.add_argument("--prompt", default="hi")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--particles", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=100, help="a particle's (the fixture's context: 128)")
@@ -80,12 +90,12 @@ def main() -> None:
 
     clock = SessionClock()
     policies = {
-        side: OnnxCausalLM(
-            FIXTURES / "gqa-tiny", max_new_tokens=args.tokens, eos_token_id=[], cache_in_place=in_place
-        )
+        side: OnnxCausalLM(args.model, max_new_tokens=args.tokens, eos_token_id=[], cache_in_place=in_place)
         for side, in_place in (("in_place", True), ("copied", False))
     }
     assert policies["in_place"].cache_in_place and not policies["copied"].cache_in_place
+    if args.source is not None:
+        policies["source"] = OnnxCausalLM(args.source, max_new_tokens=args.tokens, eos_token_id=[])
     tokens = {side: one_run(policy, args, clock)[2] for side, policy in policies.items()}  # untimed
     if not np.array_equal(tokens["in_place"], tokens["copied"]):
         raise SystemExit("the two sides drew different tokens")
@@ -110,8 +120,8 @@ def main() -> None:
     ratio = copied["median_seconds"] / in_place["median_seconds"]
     session_ratio = copied["median_session_seconds"] / in_place["median_session_seconds"]
     print(
-        f"gqa-tiny, {rows} rows ({args.prompts} x {args.particles}), {args.tokens} tokens, resampled every "
-        f"{args.resample_every}"
+        f"{args.model.name}, {rows} rows ({args.prompts} x {args.particles}), {args.tokens} tokens, "
+        f"resampled every {args.resample_every}"
     )
     for side, figures in summary.items():
         print(
@@ -119,6 +129,10 @@ def main() -> None:
             f"token), in session calls {figures['median_session_seconds']:.3f} s"
         )
     print(f"  copied / in place: {ratio:.2f}x a run, {session_ratio:.2f}x inside session calls")
+    source_ratio = None
+    if "source" in summary:
+        source_ratio = summary["source"]["median_seconds"] / in_place["median_seconds"]
+        print(f"  source (optimum export) / in place: {source_ratio:.2f}x a run")
     record = {
         "benchmark": "cache_in_place",
         "settings": {
@@ -128,6 +142,7 @@ def main() -> None:
         "sides": summary,
         "copied_over_in_place": ratio,
         "copied_over_in_place_session": session_ratio,
+        "source_over_in_place": source_ratio,
         "machine": machine_info(),
     }
     write_json(args.out, record)

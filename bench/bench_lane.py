@@ -27,6 +27,8 @@ tiltsmc's own time a step of each side by side (``lane_shared_<models>_<particle
 
     python bench/bench_lane.py --models demo --particles 16 --rate 0.75 --inflight 6
     python bench/bench_lane.py --models fixtures --particles 4 --rate 1 --inflight 16
+    python bench/bench_lane.py --models gqa --particles 4 --rate 1 --inflight 16 --requests 256 \\
+        --cache-in-place off                 # and on: the KV cache written in place, joins in spare rows
     python bench/bench_lane.py --models demo --particles 4 --rate 2.5 --inflight 24 --requests 256 \\
         --compare-shared 4
 """
@@ -43,7 +45,8 @@ import numpy as np
 import onnxruntime as ort
 from _machine import machine_info
 from _plot import RESULTS, write_json
-from serve_baseline import FIXTURE_MAX_NEW_TOKENS, load_models
+from serve_baseline import FIXTURE_MAX_NEW_TOKENS, FIXTURES, load_models
+from tiltsmc.models import OnnxCausalLM, PolicyValue
 from tiltsmc.models.particles import Particles
 from tiltsmc.samplers._engine import Models
 from tiltsmc.samplers.lane import Lane
@@ -66,7 +69,7 @@ class Clocks:
         self._depth = 0
 
     def install(self) -> None:
-        for name in ("run", "run_with_iobinding"):  # the latter: a policy writing into spare rows
+        for name in ("run", "run_with_iobinding"):  # the latter: a policy writing its cache in place
             self._time_session(name)
         for name in MODEL_CALLS:
             self._wrap(name)
@@ -78,6 +81,10 @@ class Clocks:
             self.join_wall += time.perf_counter() - wall
             arrays = [joined.tokens, joined.lengths, joined.finished, *joined.state.values()]
             self.join_bytes += sum(a.nbytes for a in arrays if isinstance(a, np.ndarray))
+            for key, array in joined.state.items():  # joined into spare rows: the first part not copied
+                first = parts[0].state.get(key)
+                if isinstance(first, np.ndarray) and np.shares_memory(array, first):
+                    self.join_bytes -= first.nbytes
             return joined
 
         Particles.concatenate = timed_join  # type: ignore[method-assign,assignment]
@@ -112,7 +119,14 @@ class Clocks:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", choices=("demo", "fixtures"), default="demo")
+    parser.add_argument("--models", choices=("demo", "fixtures", "gqa"), default="demo")
+    parser.add_argument(
+        "--cache-in-place",
+        choices=("on", "off"),
+        default="on",
+        help="gqa (gqa-value-tiny and its value head, right-padded): its KV cache written in place, joins "
+        "into spare rows; or copied at every call and join",
+    )
     parser.add_argument("--particles", type=int, default=4)
     parser.add_argument("--rate", type=float, default=1.0, help="requests arriving per step, on average")
     parser.add_argument("--inflight", type=int, default=16, help="the most requests in flight")
@@ -132,7 +146,14 @@ def main() -> None:
     clocks = Clocks()
     clocks.install()
     reuse_freed_memory()
-    policy, reward = load_models(args.models)
+    if args.models == "gqa":
+        policy = OnnxCausalLM(
+            FIXTURES / "gqa-value-tiny", max_new_tokens=FIXTURE_MAX_NEW_TOKENS, value_output="value",
+            cache_in_place=args.cache_in_place == "on",
+        )  # fmt: skip
+        reward: Any = PolicyValue(policy, kind="logit")
+    else:
+        policy, reward = load_models(args.models)
     max_new_tokens = 82 if args.models == "demo" else FIXTURE_MAX_NEW_TOKENS
     prompts = [p.prompt for p in arithmetic.make_problems(8, args.warmup + args.requests, rng=0)]
     models = Models(policy, reward, Compute())
@@ -217,7 +238,8 @@ def main() -> None:
         "join_ms": per_step * r["join_wall"],
         "join_megabytes_per_step": r["join_bytes"] / 1e6 / r["steps"],
     }
-    write_json(args.out or RESULTS / f"lane_{args.models}_{args.particles}p_vm.json", record)
+    name = args.models + ("_copied" if args.models == "gqa" and args.cache_in_place == "off" else "")
+    write_json(args.out or RESULTS / f"lane_{name}_{args.particles}p_vm.json", record)
 
 
 class _PerRequestLane(Lane):

@@ -22,6 +22,7 @@ from tiltsmc.samplers._engine import Models
 from tiltsmc.samplers.lane import Lane, run_alone
 from tiltsmc.samplers.result import Compute, SamplerResult
 from tiltsmc.samplers.sequential import smc_run
+from tiltsmc.tasks import arithmetic
 
 FIXTURES = Path(__file__).parent / "fixtures" / "models"
 GQA, GQA_VALUE, PRM = FIXTURES / "gqa-tiny", FIXTURES / "gqa-value-tiny", FIXTURES / "prm-tiny"
@@ -312,3 +313,25 @@ def test_runs_joining_a_lane_write_only_their_rows(monkeypatch: pytest.MonkeyPat
         assert isinstance(alone, SamplerResult) and together.result is not None
         assert alone.texts == together.result.texts
         np.testing.assert_allclose(alone.log_z, together.result.log_z, rtol=1e-4, atol=1e-5)
+
+
+def test_a_llama_rewritten_to_grouped_query_attention_keeps_its_law() -> None:
+    """``demo-policy-gqa``: the demo's policy (optimum's Llama export) rewritten by
+    ``scripts/make_gqa_llama.py``, every layer's attention one GroupQueryAttention node that applies the
+    rotary embedding at each row's own positions. Right-padded with its cache written in place, ragged
+    prompts, rows that finish early, resampling between steps: each particle's ``log p`` is the optimum
+    export's for its tokens (one session call over the unpadded sequence, ``position_ids`` given)."""
+    policy = OnnxCausalLM(FIXTURES / "demo-policy-gqa", max_new_tokens=14)
+    assert policy.padding_side == "right" and policy.cache_in_place and not policy.has_position_ids
+    source = AloneReference(Path(arithmetic.__file__).parent / "arithmetic_models" / "policy")
+    prompts = [problem.prompt for problem in arithmetic.make_problems(3, 2, rng=1)]
+    prompts += [problem.prompt for problem in arithmetic.make_problems(1, 2, rng=2)]
+    particles = policy.start(prompts, 4)
+    rng = np.random.default_rng(7)
+    total = np.zeros(particles.lengths.shape)
+    while not particles.finished.all():
+        total += policy.propose(particles, rng)
+        ancestors = rng.integers(0, 4, size=total.shape)
+        particles.reorder(ancestors)
+        total = np.take_along_axis(total, ancestors, axis=1)
+    assert assert_law(particles, total, source) > 150

@@ -839,18 +839,40 @@ class OnnxCausalLM:
     def _in_place_caches(self, particles: Particles, width: int) -> list[np.ndarray]:
         """The state's caches as ``(rows, kv_heads, capacity, head_dim)`` arrays a session writes in place,
         at least ``width`` columns wide: the state's own arrays where they are, else (too narrow, or not
-        writeable and C-contiguous) copies a quarter (at least 16 columns) wider, stored in the state
-        (``widened``: with spare rows where the batch had them). The new columns are zeroed: the operator
-        reads no column past a row's length, and zeros there can never be NaN."""
+        writeable and C-contiguous) copies into wider ones (``widened``: with spare rows where the batch had
+        them), stored in the state. The new columns are zeroed: the operator reads no column past a row's
+        length, and zeros there can never be NaN.
+
+        A copy is as wide as the batch can ever need (``width`` and one column a token its rows may still
+        take, at most ``max_new_tokens`` or the sampler's limit) where that is at most twice ``width``, so
+        that a batch near its end grows once; else a quarter wider (at least 16 columns), since a limit far
+        off may never be reached and the columns would hold memory for nothing."""
         rows = particles.lengths.size
         caches = []
+        capacity = None
         for _, _, key in self._cache_names:
             array = particles.state[key]
             if array.shape[3] < width or not (array.flags.c_contiguous and array.flags.writeable):
-                capacity = max(width, array.shape[3] + max(array.shape[3] // 4, 16))
-                particles.state[key] = array = widened(array, capacity, 3)
+                if capacity is None:
+                    capacity = max(width, array.shape[3] + max(array.shape[3] // 4, 16))
+                    most = width + self._tokens_left(particles)
+                    if capacity < most <= 2 * width:
+                        capacity = most
+                particles.state[key] = array = widened(array, max(capacity, width), 3)
             caches.append(array.reshape(rows, self.kv_heads, -1, self.head_dim))
         return caches
+
+    def _tokens_left(self, particles: Particles) -> int:
+        """The most tokens any unfinished particle may still take (its limit: ``max_new_tokens``, or a
+        sampler's ``Particles.state[MAX_NEW_TOKENS]`` where lower)."""
+        going = ~particles.finished
+        if not going.any():
+            return 0
+        limit = np.full(particles.lengths.shape, self.max_new_tokens, dtype=np.int64)
+        own = particles.state.get(MAX_NEW_TOKENS)
+        if own is not None:
+            limit = np.minimum(limit, own)
+        return max(0, int((limit - particles.lengths)[going].max()))
 
     def _run_on_device(
         self,
