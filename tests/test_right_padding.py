@@ -78,6 +78,18 @@ def assert_law(particles: Particles, total: np.ndarray, reference: AloneReferenc
     return checked
 
 
+def run_resampled(policy: OnnxCausalLM, particles: Particles, rng: np.random.Generator) -> np.ndarray:
+    """Steps until every particle has finished, the particles resampled (random ancestors) after each;
+    returns each particle's summed ``log p``, carried through the resampling."""
+    total = np.zeros(particles.lengths.shape)
+    while not particles.finished.all():
+        total += policy.propose(particles, rng)
+        ancestors = rng.integers(0, particles.num_particles, size=total.shape)
+        particles.reorder(ancestors)
+        total = np.take_along_axis(total, ancestors, axis=1)
+    return total
+
+
 @pytest.mark.parametrize("in_place", [True, False], ids=["cache-in-place", "cache-copied"])
 @pytest.mark.parametrize(
     ("step", "below"),
@@ -97,13 +109,7 @@ def test_particles_follow_the_law_through_padding_and_resampling(
     assert policy.padding_side == "right" and policy.cache_in_place == in_place
     particles = policy.start(PROMPTS, 5)
     assert "lm.mask" in particles.right_padded
-    rng = np.random.default_rng(4)
-    total = np.zeros(particles.lengths.shape)
-    while not particles.finished.all():
-        total += policy.propose(particles, rng)
-        ancestors = rng.integers(0, 5, size=total.shape)
-        particles.reorder(ancestors)
-        total = np.take_along_axis(total, ancestors, axis=1)
+    total = run_resampled(policy, particles, np.random.default_rng(4))
     lengths = particles.lengths
     assert lengths.min() < lengths.max()  # rows of different lengths sat out calls
     assert assert_law(particles, total, reference) > 60
@@ -327,11 +333,5 @@ def test_a_llama_rewritten_to_grouped_query_attention_keeps_its_law() -> None:
     prompts = [problem.prompt for problem in arithmetic.make_problems(3, 2, rng=1)]
     prompts += [problem.prompt for problem in arithmetic.make_problems(1, 2, rng=2)]
     particles = policy.start(prompts, 4)
-    rng = np.random.default_rng(7)
-    total = np.zeros(particles.lengths.shape)
-    while not particles.finished.all():
-        total += policy.propose(particles, rng)
-        ancestors = rng.integers(0, 4, size=total.shape)
-        particles.reorder(ancestors)
-        total = np.take_along_axis(total, ancestors, axis=1)
+    total = run_resampled(policy, particles, np.random.default_rng(7))
     assert assert_law(particles, total, source) > 150
