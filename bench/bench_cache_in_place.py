@@ -14,6 +14,14 @@ tokens (checked: the in-place path is bitwise the copied one). ``--source DIR`` 
 optimum export the GQA graph was rewritten from (left-padded, its cache copied by the graph's ``Concat``
 at every call), run on the same prompts for as many tokens.
 
+``--serve REQUESTS`` measures serving instead: a graph with a value head (``value``, read by
+``PolicyValue`` as a logit; SmolLM2 with ``scripts/train_smollm2_value.py``'s head, rewritten) answers
+that many SMC requests of ``--particles`` particles (``--tokens`` tokens, no EOS, seeds 0, 1, ...)
+submitted at once to an ``Engine`` (one worker), side by side in turn: wall seconds a round, and from
+``Engine.stats()`` the policy's, the value head's and tiltsmc's own seconds (tiltsmc's share of the steps),
+and the rows a decoding call. Every side answers the same requests; the in-place and copied sides give the
+same texts.
+
 Not a test: the figures depend on the machine (recorded with them). JSON to
 ``bench/results/cache_in_place_vm.json`` (``--out``)::
 
@@ -21,6 +29,8 @@ Not a test: the figures depend on the machine (recorded with them). JSON to
     python bench/bench_cache_in_place.py --resample-every 8 --out bench/results/cache_in_place_r8_vm.json
     python bench/bench_cache_in_place.py --model /tmp/smollm2-gqa --source /tmp/smollm2 --particles 8 \
         --tokens 64 --resample-every 8 --rounds 3 --out bench/results/cache_in_place_smollm2_vm.json
+    python bench/bench_cache_in_place.py --model /tmp/smollm2-value-gqa --source /tmp/smollm2-value \\
+        --serve 16 --particles 4 --tokens 24 --out bench/results/cache_in_place_serve_smollm2_vm.json
 """
 
 from __future__ import annotations
@@ -33,9 +43,10 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+import tiltsmc
 from _machine import machine_info
 from _plot import RESULTS, write_json
-from tiltsmc.models import OnnxCausalLM
+from tiltsmc.models import OnnxCausalLM, PolicyValue
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "models"
 
@@ -72,6 +83,66 @@ def one_run(policy: OnnxCausalLM, args: argparse.Namespace, clock: SessionClock)
     return time.perf_counter() - start, clock.seconds - inside, particles.tokens.copy()
 
 
+def serve_round(policy: OnnxCausalLM, args: argparse.Namespace) -> tuple[float, dict[str, Any], list[Any]]:
+    """Wall seconds of ``--serve`` requests answered by an Engine, its stats, and the texts."""
+    reward = PolicyValue(policy, kind="logit")
+    with tiltsmc.Engine(policy, reward, workers=1) as engine:
+        start = time.perf_counter()
+        futures = [
+            engine.submit(
+                args.prompt, "smc", num_particles=args.particles, rng=seed, max_new_tokens=args.tokens
+            )
+            for seed in range(args.serve)
+        ]
+        results = [future.result() for future in futures]
+        wall = time.perf_counter() - start
+        stats = engine.stats()
+    return wall, stats, [result.texts for result in results]
+
+
+def serve(args: argparse.Namespace, sides: dict[str, OnnxCausalLM]) -> None:
+    texts = {side: serve_round(policy, args)[2] for side, policy in sides.items()}  # untimed
+    if texts["in_place"] != texts["copied"]:
+        raise SystemExit("the in-place and copied sides answered differently")
+    rounds: dict[str, list[dict[str, float]]] = {side: [] for side in sides}
+    for _ in range(args.rounds):
+        for side, policy in sides.items():
+            wall, stats, _ = serve_round(policy, args)
+            steps = stats["step_seconds"]
+            rounds[side].append({
+                "wall_seconds": wall, "step_seconds": steps, "policy_seconds": stats["policy_seconds"],
+                "reward_seconds": stats["reward_seconds"], "tiltsmc_seconds": stats["tiltsmc_seconds"],
+                "tiltsmc_share": stats["tiltsmc_seconds"] / steps if steps else 0.0,
+                "rows_per_policy_call": stats["rows_per_policy_call"],
+            })  # fmt: skip
+    summary = {
+        side: {key: statistics.median(r[key] for r in figures) for key in figures[0]} | {"rounds": figures}
+        for side, figures in rounds.items()
+    }
+    print(
+        f"{args.model.name}: {args.serve} SMC requests of {args.particles} particles, {args.tokens} tokens, "
+        f"submitted at once (medians of {args.rounds} rounds)"
+    )
+    for side, figures in summary.items():
+        print(
+            f"  {side:9s} {figures['wall_seconds']:.2f} s; policy {figures['policy_seconds']:.2f} s, tiltsmc "
+            f"{figures['tiltsmc_seconds']:.3f} s ({100 * figures['tiltsmc_share']:.1f}% of the steps), "
+            f"{figures['rows_per_policy_call']:.1f} rows a call"
+        )
+    ratios = {side: summary[side]["wall_seconds"] / summary["in_place"]["wall_seconds"] for side in summary}
+    print("  wall / in place: " + ", ".join(f"{side} {ratio:.2f}x" for side, ratio in ratios.items()))
+    record = {
+        "benchmark": "cache_in_place_serve",
+        "settings": {
+            key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()
+        },
+        "sides": summary,
+        "wall_over_in_place": ratios,
+        "machine": machine_info(),
+    }
+    write_json(args.out, record)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -84,18 +155,27 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=100, help="a particle's (the fixture's context: 128)")
     parser.add_argument("--resample-every", type=int, default=1, help="tokens between resamplings")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--serve", type=int, default=0, metavar="REQUESTS", help="serving instead (see above)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS / "cache_in_place_vm.json")
     args = parser.parse_args()
 
     clock = SessionClock()
+    head = {"value_output": "value"} if args.serve else {}
     policies = {
-        side: OnnxCausalLM(args.model, max_new_tokens=args.tokens, eos_token_id=[], cache_in_place=in_place)
+        side: OnnxCausalLM(
+            args.model, max_new_tokens=args.tokens, eos_token_id=[], cache_in_place=in_place, **head
+        )
         for side, in_place in (("in_place", True), ("copied", False))
     }
     assert policies["in_place"].cache_in_place and not policies["copied"].cache_in_place
     if args.source is not None:
-        policies["source"] = OnnxCausalLM(args.source, max_new_tokens=args.tokens, eos_token_id=[])
+        policies["source"] = OnnxCausalLM(args.source, max_new_tokens=args.tokens, eos_token_id=[], **head)
+    if args.serve:
+        serve(args, policies)
+        return
     tokens = {side: one_run(policy, args, clock)[2] for side, policy in policies.items()}  # untimed
     if not np.array_equal(tokens["in_place"], tokens["copied"]):
         raise SystemExit("the two sides drew different tokens")

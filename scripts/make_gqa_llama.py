@@ -44,7 +44,9 @@ OPSET = 17
 
 
 def weights_of(model: onnx.ModelProto, layers: int) -> dict[str, np.ndarray]:
-    """The decoder's weights by role: ``embed``, ``norm``, ``lm_head`` and ``{i}.{role}`` per layer."""
+    """The decoder's weights by role: ``embed``, ``norm``, ``lm_head`` and ``{i}.{role}`` per layer; and
+    ``value_head.weight`` / ``.bias`` where the graph has a value output read from the final normalised
+    hidden state (``value = h W + b``, as ``scripts/train_smollm2_value.py`` adds it)."""
     initializers = {tensor.name: tensor for tensor in model.graph.initializer}
     produced = {output: node for node in model.graph.node for output in node.output}
 
@@ -74,6 +76,15 @@ def weights_of(model: onnx.ModelProto, layers: int) -> dict[str, np.ndarray]:
         "norm": norm("model/norm"),
         "lm_head": matmul("/lm_head/MatMul"),
     }
+    head = produced.get("value")
+    if head is not None:  # Add(MatMul(final norm's output, W), b)
+        product = produced.get(head.input[0])
+        if head.op_type != "Add" or product is None or product.op_type != "MatMul":
+            raise ValueError("value: not h W + b on the final hidden state; cannot rewrite it")
+        if product.input[0] != nodes["/model/norm/Mul_1"].output[0]:
+            raise ValueError("value: its MatMul does not read the final normalised hidden state")
+        found["value_head.weight"] = array(product.input[1])
+        found["value_head.bias"] = array(head.input[1])
     for i in range(layers):
         for role in ("q_proj", "k_proj", "v_proj", "o_proj"):
             found[f"{i}.{role}"] = matmul(f"/model/layers.{i}/self_attn/{role}/MatMul")
@@ -157,6 +168,14 @@ def build(config: dict[str, Any], weights: dict[str, np.ndarray]) -> onnx.ModelP
         x = op("Add", [x, op("MatMul", [up, w("down_proj")], f"layers.{i}/down")], f"layers.{i}/mlp_res")
     normed = rms_norm(x, constant("norm", weights["norm"].astype(np.float32)), "final_norm")
     op("MatMul", [normed, constant("lm_head", weights["lm_head"].astype(np.float32))], "logits")
+    if "value_head.weight" in weights:
+        head = constant("value_head.weight", weights["value_head.weight"].astype(np.float32))
+        value = op("MatMul", [normed, head], "value/matmul")
+        op(
+            "Add",
+            [value, constant("value_head.bias", weights["value_head.bias"].astype(np.float32))],
+            "value",
+        )
 
     cache = ["batch_size", kv_heads, "past_sequence_length", head_dim]
     present = ["batch_size", kv_heads, "total_sequence_length", head_dim]
@@ -171,6 +190,9 @@ def build(config: dict[str, Any], weights: dict[str, np.ndarray]) -> onnx.ModelP
             "logits", TensorProto.FLOAT, ["batch_size", "sequence_length", weights["lm_head"].shape[1]]
         )
     ]
+    if "value_head.weight" in weights:
+        value_shape = ["batch_size", "sequence_length", weights["value_head.weight"].shape[1]]
+        outputs.append(helper.make_tensor_value_info("value", TensorProto.FLOAT, value_shape))
     for i in range(layers):
         for kind in ("key", "value"):
             inputs.append(
@@ -184,8 +206,8 @@ def build(config: dict[str, Any], weights: dict[str, np.ndarray]) -> onnx.ModelP
 
 
 def check(source: Path, dest: Path, config: dict[str, Any], tolerance: float) -> float:
-    """The largest logit difference between the two graphs over a 6-token prompt and two cached steps,
-    over the largest logit; raises above ``tolerance``."""
+    """The largest logit difference between the two graphs over a 6-token prompt and two cached steps
+    (the value head's scores counted as logits), over the largest logit; raises above ``tolerance``."""
     import onnxruntime as ort
 
     layers, kv_heads = int(config["num_hidden_layers"]), int(config["num_key_value_heads"])
@@ -209,9 +231,10 @@ def check(source: Path, dest: Path, config: dict[str, Any], tolerance: float) ->
             if with_positions:
                 feeds["position_ids"] = np.arange(start, stop, dtype=np.int64)[None]
             names = ["logits"] + [f"present.{name[len('past_key_values.') :]}" for name in past]
-            out = session.run(names, {**feeds, **past})
-            logits.append(out[0][0])
-            past = dict(zip(past, out[1:]))
+            heads = [node.name for node in session.get_outputs() if node.name == "value"]
+            out = session.run(names + heads, {**feeds, **past})
+            logits.append(np.concatenate([out[0][0], *(value[0] for value in out[len(names) :])], axis=-1))
+            past = dict(zip(past, out[1 : len(names)]))
         runs.append(np.concatenate(logits))
     scale = float(np.abs(runs[0]).max())
     difference = float(np.abs(runs[0] - runs[1]).max()) / max(scale, 1.0)
