@@ -8,7 +8,7 @@ randomised input sweeps in ``test_core_properties.py``.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import numpy as np
 import pytest
@@ -1042,3 +1042,40 @@ def test_concatenate_padded_refuses_bad_arguments_naming_them() -> None:
         core.concatenate_padded([np.array([[None]], dtype=object)])
     with pytest.raises(ValueError, match=r"parts\[0\]: expected at least one axis"):
         core.concatenate_padded([np.float64(1.0)])
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_concatenate_padded_writes_into_out(side: Literal["left", "right"]) -> None:
+    """``out`` wider than the longest part: the parts padded to its width on their side, written there and
+    returned; the rows of a larger array's view (a batch's spare rows) written, the others left."""
+    rng = np.random.default_rng(3)
+    parts = [rng.normal(size=(2, 3, 4, 2)), rng.normal(size=(1, 3, 2, 2))]
+    whole = np.full((5, 3, 6, 2), 7.0)
+    out = whole[1:4]
+    got = core.concatenate_padded(parts, 2, padding_side=side, out=out)
+    assert got is out
+    expected = reference_concatenate_padded(parts, 2, [0, 0], side == "right")
+    columns = slice(0, 4) if side == "right" else slice(2, 6)
+    np.testing.assert_array_equal(out[:, :, columns], expected)
+    np.testing.assert_array_equal(out[:, :, 4:] if side == "right" else out[:, :, :2], 0.0)
+    np.testing.assert_array_equal(whole[[0, 4]], 7.0)
+
+
+def test_concatenate_padded_refuses_an_out_it_cannot_write() -> None:
+    a = np.zeros((2, 3, 4))
+    with pytest.raises(TypeError, match="out: expected a numpy array of dtype float64"):
+        core.concatenate_padded([a], axis=2, out=np.zeros((2, 3, 4), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"out: expected shape \(2, 3, 4\) \(at least 4 wide on axis 2\)"):
+        core.concatenate_padded([a], axis=2, out=np.zeros((2, 3, 3)))
+    with pytest.raises(ValueError, match=r"out: expected shape \(3, 3, 5\)"):
+        core.concatenate_padded([a, a[:1]], axis=2, out=np.zeros((2, 3, 5)))
+    with pytest.raises(ValueError, match="out: must be C-contiguous and writeable"):
+        core.concatenate_padded([a], axis=2, out=np.zeros((2, 3, 8))[:, :, ::2])
+    locked = np.zeros((2, 3, 4))
+    locked.flags.writeable = False
+    with pytest.raises(ValueError, match="out: must be C-contiguous and writeable"):
+        core.concatenate_padded([a], axis=2, out=locked)
+    shared = np.zeros((4, 3, 4))
+    with pytest.raises(ValueError, match=r"out: overlaps parts\[0\]"):
+        core.concatenate_padded([shared[:2]], axis=2, out=shared[1:3])
+    np.testing.assert_array_equal(shared, 0.0)  # a refused call writes nothing

@@ -16,6 +16,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tiltsmc
+from tiltsmc import cli
 from tiltsmc.models import OnnxCausalLM, OnnxRewardModel, Particles, PolicyValue
 from tiltsmc.models import particles as particles_module
 from tiltsmc.samplers._engine import Models
@@ -335,3 +336,20 @@ def test_a_llama_rewritten_to_grouped_query_attention_keeps_its_law() -> None:
     particles = policy.start(prompts, 4)
     total = run_resampled(policy, particles, np.random.default_rng(7))
     assert assert_law(particles, total, source) > 150
+
+
+def test_the_cli_passes_cache_in_place_to_the_policy() -> None:
+    """``--cache-in-place on|off`` (default: on where the trial passes) reaches the policy; asked of a
+    left-padded policy, the command fails naming it."""
+    parser = cli.build_parser()
+    base = ["run", "--prompt", "hi", "--reward", str(PRM)]
+    for flags, expected in (
+        ([], True),
+        (["--cache-in-place", "off"], False),
+        (["--cache-in-place", "on"], True),
+    ):
+        policy, _ = cli._load_models(parser.parse_args([*base, "--policy", str(GQA), *flags]))
+        assert policy.cache_in_place is expected
+    args = parser.parse_args([*base, "--policy", str(FIXTURES / "gpt2-tiny"), "--cache-in-place", "on"])
+    with pytest.raises(cli.CliError, match="cache_in_place: needs a right-padded policy"):
+        cli._load_models_or_fail(args)
