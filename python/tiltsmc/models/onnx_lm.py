@@ -30,13 +30,16 @@ after a cache on one row at a time only, so prompts longer than ``prefill_tokens
 (each in one call where the graph computes such a piece wrongly: ONNX Runtime 1.19's operator does; tried
 once, on a 4-token prompt, when a long prompt first comes).
 
-Such a graph can also keep its KV cache in place (``cache_in_place``, on by default where it works): each
+On the CPU provider such a graph can also keep its KV cache in place (``cache_in_place``, on by default
+where it works; on a GPU the host arrays would be copied to the device and back at each call): each
 layer's ``past`` and ``present`` are bound (ONNX Runtime's I/O binding) to one host array of
 ``(rows, kv_heads, capacity, head_dim)`` per tensor, into which the operator writes each row's new keys
 and values at that row's length, leaving its earlier columns as they were. A step then copies no cache
 (a graph that returns ``present`` as a new ``past + 1`` array copies every row's cache at every call);
-the capacity grows by a quarter (at least 16 columns) when a step needs more than it has (one copy).
-Whether the graph writes in place rightly is tried once at load, on two short prompts.
+the capacity grows when a step needs more than it has (one copy: to what the batch can still need where
+that is at most twice its width, else by a quarter). Joining batches (the serving engine) writes the
+newcomers into spare rows behind the batch's (``Particles.in_place``). Whether the graph writes in place
+rightly is tried once at load, on two short prompts.
 
 Where the session runs on ONNX Runtime's CUDA provider and tiltsmc's CUDA kernels are usable
 (``device_cache=None``, the default, or ``True`` to insist), the KV cache stays on the GPU: the session
@@ -284,9 +287,10 @@ class OnnxCausalLM:
     padding, then right, and keeps the first that passes (without the check: right where the graph names
     ``GroupQueryAttention``, else left). Dynamic int8 quantisation (its activations scaled over the whole
     batch) fails both. ``check_batching=False`` runs such a graph anyway: its samples do not follow the
-    stated law. ``cache_in_place`` (right padding only): keep each layer's KV cache in one host array that
-    the session writes in place (see the module docstring); ``None`` (the default) does where a step so
-    run gives the logits and cache of the plain run, tried at load; ``True`` insists, ``False`` never does.
+    stated law. ``cache_in_place`` (right padding, CPU provider): keep each layer's KV cache in one host
+    array the session writes in place (see the module docstring); ``None`` (the default) does where a
+    step so run gives the logits and cache of the plain run, tried at load; ``True`` insists, ``False``
+    never does.
     """
 
     def __init__(
@@ -555,13 +559,15 @@ class OnnxCausalLM:
 
     def _choose_cache_in_place(self, cache_in_place: Optional[bool]) -> bool:
         """Whether decoding steps write the KV cache in place: asked for (``True``: refused where the
-        policy is not right-padded, keeps its cache on the GPU, or the graph fails the trial) or, by
-        default, where the trial passes (``in_place_difference``)."""
+        policy is not right-padded, its session runs on the GPU, or the graph fails the trial) or, by
+        default, where the trial passes (``in_place_difference``). On a GPU the host arrays would be copied
+        to the device and back at every call, where the operator could not write them in place."""
         if cache_in_place is False:
             return False
-        if self.padding_side != "right" or self.device_cache:
+        on_gpu = "CUDAExecutionProvider" in self.session.get_providers()
+        if self.padding_side != "right" or on_gpu:
             if cache_in_place:
-                where = "its cache is on the GPU (device_cache)" if self.device_cache else "it is left-padded"
+                where = "its session runs on the GPU" if on_gpu else "it is left-padded"
                 raise ValueError(
                     "cache_in_place: needs a right-padded policy on the host (attention that reads each "
                     "row's length from its mask, such as GroupQueryAttention); "
