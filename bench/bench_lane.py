@@ -119,7 +119,7 @@ class Clocks:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", choices=("demo", "fixtures", "gqa"), default="demo")
+    parser.add_argument("--models", choices=("demo", "demo-gqa", "fixtures", "gqa"), default="demo")
     parser.add_argument(
         "--cache-in-place",
         choices=("on", "off"),
@@ -152,9 +152,11 @@ def main() -> None:
             cache_in_place=args.cache_in_place == "on",
         )  # fmt: skip
         reward: Any = PolicyValue(policy, kind="logit")
+    elif args.models == "demo-gqa":  # the demo's joint graph in GroupQueryAttention's layout, in place
+        policy, reward = arithmetic.load_models(gqa=True)
     else:
         policy, reward = load_models(args.models)
-    max_new_tokens = 82 if args.models == "demo" else FIXTURE_MAX_NEW_TOKENS
+    max_new_tokens = 82 if args.models.startswith("demo") else FIXTURE_MAX_NEW_TOKENS
     prompts = [p.prompt for p in arithmetic.make_problems(8, args.warmup + args.requests, rng=0)]
     models = Models(policy, reward, Compute())
     lane = Lane(models, "guided")

@@ -21,6 +21,9 @@ Stages (each reads the previous stage's output from ``--work``; ``all`` runs the
 5. ``joint``    (also run by ``export``) ``--out/joint``: the exported policy's graph with the PRM's head in
    it (output ``value``), built with onnx alone from the two exports (:func:`export_joint`), so the demo
    runs one trunk per step; ``python scripts/train_demo.py joint`` needs only onnx and numpy.
+6. ``joint-gqa`` (also run by ``export``) ``--out/joint-gqa``: the same graph in ONNX Runtime's
+   GroupQueryAttention layout (:func:`export_joint_gqa`; the trunk rewritten by
+   ``scripts/make_gqa_llama.py``), rows right-padded and the KV cache written in place; onnx alone too.
 
 Everything is seeded (``--seed``); on the CPU, with the same package versions, a rerun gives the same
 models. It needs torch, transformers, optimum-onnx, onnx and tokenizers (none is a runtime dependency of
@@ -609,9 +612,151 @@ def export_joint(out: Path) -> None:
     print(f"wrote {dest}: {', '.join(sorted(p.name for p in dest.iterdir()))}")
 
 
+def export_joint_gqa(out: Path) -> None:
+    """``out/joint-gqa``: :func:`export_joint`'s graph in ONNX Runtime's GroupQueryAttention layout, rows
+    right-padded and the KV cache writable in place (``OnnxCausalLM(cache_in_place=True)``).
+
+    The trunk is ``out/policy`` rewritten by ``scripts/make_gqa_llama.py`` (the same weights). The error
+    count ``k`` rides in one more cache layer, as in :func:`export_joint`, but written by a
+    GroupQueryAttention node of its own (its keys and values are the state columns, its attention output
+    unused), so the operator writes it at each row's own columns, in place like the others: after a row's
+    ``j``-th token its column ``j`` holds ``(k, the trunk's most likely next token, whether a newline has
+    been seen)``. A call of ``S`` positions reads the state before them at column ``L - S - 1`` (``L`` =
+    the row's ones in the mask; none where that is negative: a prompt), and its position ``j`` is the row's
+    own where ``j < min(L, S)`` (a right-padded prompt's padding is not). A row that sits out a step is fed
+    padding at its next column, which the policy's mask does not keep: its state column there is written,
+    then overwritten by its next token. The values equal :func:`export_joint`'s (checked below)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import make_gqa_llama
+
+    config = json.loads((out / "policy" / "config.json").read_text())
+    source = onnx.load(str(out / "policy" / "model.onnx"))
+    trunk = make_gqa_llama.build(config, make_gqa_llama.weights_of(source, int(config["num_hidden_layers"])))
+    prm = onnx.load(str(out / "prm" / "model.onnx"))
+    weights = {i.name: numpy_helper.to_array(i) for i in prm.graph.initializer}
+    (head_weight,) = [a for a in weights.values() if a.shape == (66, 1)]
+    graph = trunk.graph
+    layer = int(config["num_hidden_layers"])
+    kv_heads = int(config["num_key_value_heads"])
+    head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // int(config["num_attention_heads"]))
+    past, present = f"past_key_values.{layer}", f"present.{layer}"
+    nodes = []
+
+    def const(name, value):
+        graph.initializer.append(numpy_helper.from_array(np.asarray(value), "error_state/" + name))
+        return "error_state/" + name
+
+    def op(kind, inputs, name, outputs=None, domain="", **attributes):
+        output = name if name == "value" else "error_state/" + name
+        names = outputs or [output]
+        nodes.append(helper.make_node(kind, inputs, names, name="/error_state/" + name, domain=domain,
+                                      **attributes))  # fmt: skip
+        return names[0]
+
+    def ints(*values):
+        return np.array(values, dtype=np.int64)
+
+    zero, one, two, three = const("0", ints(0)), const("1", ints(1)), const("2", ints(2)), const("3", ints(3))
+    last_one = const("-1", ints(-1))
+    f0, f1 = const("f0", np.array(0.0, np.float32)), const("f1", np.array(1.0, np.float32))
+    shape = op("Shape", ["input_ids"], "shape")
+    width, batch = op("Slice", [shape, one, two], "width"), op("Slice", [shape, zero, one], "batch")
+    lengths = "lengths"  # the trunk's ReduceSum of the mask, (batch,) int64
+    # the position j of this call is the row's own where j < min(L, S)
+    own = op("Min", [lengths, width], "own")
+    positions = op("Range", [const("r0", np.array(0, np.int64)), op("Squeeze", [width], "width_scalar"),
+                           const("r1", np.array(1, np.int64))], "positions")  # fmt: skip
+    row_positions = op("Unsqueeze", [positions, zero], "positions_row")
+    fed = op("Less", [row_positions, op("Unsqueeze", [own, one], "own_col")], "fed")
+    fed_f = op("Cast", [fed], "fed_f", to=TensorProto.FLOAT)
+    # the state before: column L - S - 1 of head 0 (a zero column put first: none before a prompt)
+    bounds = [
+        const("s_start", ints(0, 0, 0)),
+        const("s_end", ints(1, 1 << 62, 3)),
+        const("s_axes", ints(1, 2, 3)),
+    ]
+    state_columns = op("Slice", [f"{past}.key", *bounds], "state_columns")  # (B, 1, P, 3)
+    padded = op("Pad", [state_columns, const("front", ints(0, 0, 1, 0, 0, 0, 0, 0))], "state_padded")
+    index = op("Max", [op("Sub", [lengths, width], "l_minus_s"), zero], "state_index")
+    index_shape = op("Concat", [batch, one, one, three], "index_shape", axis=0)
+    index = op("Reshape", [index, const("idx_shape", ints(-1, 1, 1, 1))], "index4")
+    index = op("Expand", [index, index_shape], "index_b")
+    last = op("Reshape", [op("GatherElements", [padded, index], "state_gathered", axis=2),
+                          const("state_shape", ints(-1, 1, 3))], "last")  # fmt: skip
+
+    def component(k, name):
+        piece = op("Slice", [last, const(f"k{k}", ints(k)), const(f"k{k}_end", ints(k + 1)), two], name + "3")
+        return op("Squeeze", [piece, two], name)
+
+    count0, pred0, seen0 = component(0, "count0"), component(1, "pred0"), component(2, "seen0")
+    preds = op(
+        "Cast", [op("ArgMax", ["logits"], "argmax", axis=2, keepdims=0)], "preds", to=TensorProto.FLOAT
+    )
+    before = op(
+        "Concat", [pred0, op("Slice", [preds, zero, last_one, one], "preds_head")], "pred_before", axis=1
+    )
+    tokens = op("Cast", ["input_ids"], "tokens", to=TensorProto.FLOAT)
+    newline = op(
+        "Equal", ["input_ids", const("newline_id", np.array(task.VOCAB.index("\n"), np.int64))], "is_nl"
+    )
+    newline = op("Mul", [op("Cast", [newline], "is_nl_f", to=TensorProto.FLOAT), fed_f], "newline_fed")
+    earlier = op("CumSum", [newline, one], "newlines_before", exclusive=1)
+    seen = op("Max", [seen0, op("Cast", [op("Greater", [earlier, f0], "any_before")], "seen_in",
+                                to=TensorProto.FLOAT)], "seen")  # fmt: skip
+    unpredicted = op("Not", [op("Equal", [before, tokens], "as_predicted")], "unpredicted")
+    differs = op("Cast", [unpredicted], "differs_f", to=TensorProto.FLOAT)
+    differs = op("Mul", [op("Mul", [fed_f, differs], "differs_fed"), seen], "differs")
+    count = op("Add", [count0, op("CumSum", [differs, one], "differs_sum")], "count")
+    state = [
+        op("Unsqueeze", [value, two], name)
+        for value, name in ((count, "count_column"), (preds, "pred_column"),
+                            (op("Max", [seen, newline], "seen_after"), "seen_column"))
+    ]  # fmt: skip
+    padding = const("pad", ints(0, 0, 0, 0, 0, head_dim - 3))
+    state = op("Pad", [op("Concat", state, "columns", axis=2), padding], "columns_padded")  # (B, S, head_dim)
+    state = op(
+        "Tile", [state, const("heads", ints(1, 1, kv_heads))], "columns_heads"
+    )  # (B, S, kv * head_dim)
+    query = op("Mul", [state, f0], "no_query")
+    op("GroupQueryAttention",
+       [query, state, state, f"{past}.key", f"{past}.value", "seqlens_k", "total_sequence_length"],
+       "writer", outputs=["error_state/unused", f"{present}.key", f"{present}.value"], domain="com.microsoft",
+       num_heads=kv_heads, kv_num_heads=kv_heads)  # fmt: skip
+    log1p = op("Log", [op("Add", [count, f1], "count_plus_1")], "log1p")
+    positive = op("Cast", [op("Greater", [count, f0], "count_positive")], "positive", to=TensorProto.FLOAT)
+    log1p = op("Unsqueeze", [log1p, two], "log1p_feature")
+    positive = op("Unsqueeze", [positive, two], "positive_feature")
+    features = op("Concat", ["final_norm", log1p, positive], "features", axis=2)
+    head = op("MatMul", [features, const("weight", head_weight.astype(np.float32))], "head")
+    op("Add", [head, const("bias", weights["head.bias"].astype(np.float32))], "value")
+    graph.node.extend(nodes)
+    cache = ["batch_size", kv_heads, "past_sequence_length", head_dim]
+    for kind in ("key", "value"):
+        graph.input.append(helper.make_tensor_value_info(f"{past}.{kind}", TensorProto.FLOAT, cache))
+        written = ["batch_size", kv_heads, "total_sequence_length", head_dim]
+        graph.output.append(helper.make_tensor_value_info(f"{present}.{kind}", TensorProto.FLOAT, written))
+    graph.output.append(
+        helper.make_tensor_value_info("value", TensorProto.FLOAT, ["batch_size", "sequence_length", 1])
+    )
+    dest = out / "joint-gqa"
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir()
+    onnx.save(trunk, str(dest / "model.onnx"))
+    for item in sorted((out / "policy").iterdir()):
+        if item.name != "model.onnx":
+            shutil.copy2(item, dest / item.name)
+    print(f"wrote {dest}: {', '.join(sorted(p.name for p in dest.iterdir()))}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("stage", choices=("policy", "evaluate", "rollouts", "prm", "export", "joint", "all"))
+    parser.add_argument(
+        "stage", choices=("policy", "evaluate", "rollouts", "prm", "export", "joint", "joint-gqa", "all")
+    )
     parser.add_argument("--work", type=Path, default=Path("/tmp/tiltsmc-demo-train"))
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--seed", type=int, default=0)
@@ -621,6 +766,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.stage == "joint":  # onnx alone: no training, no torch
         export_joint(args.out)
+        return 0
+    if args.stage == "joint-gqa":  # onnx alone
+        export_joint_gqa(args.out)
         return 0
     import torch
 
@@ -645,6 +793,7 @@ def main(argv=None) -> int:
             report["noise"] = {"carry": P_ERROR_CARRY, "plain": P_ERROR_PLAIN, "forgot_carry": P_FORGOT_CARRY}
             export(args.work, args.out, args.seed, report)
             export_joint(args.out)
+            export_joint_gqa(args.out)
         report_file.write_text(json.dumps(report, indent=1))
     return 0
 

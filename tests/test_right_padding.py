@@ -353,3 +353,39 @@ def test_the_cli_passes_cache_in_place_to_the_policy() -> None:
     args = parser.parse_args([*base, "--policy", str(FIXTURES / "gpt2-tiny"), "--cache-in-place", "on"])
     with pytest.raises(cli.CliError, match="cache_in_place: needs a right-padded policy"):
         cli._load_models_or_fail(args)
+
+
+def test_the_demos_joint_graph_in_the_gqa_layout_keeps_its_law_and_values() -> None:
+    """``arithmetic_models/joint-gqa`` (``scripts/train_demo.py joint-gqa``): the demo's policy and PRM head
+    in one GroupQueryAttention graph, the PRM's running error count in a cache layer the operator writes at
+    each row's columns. Right-padded with its cache in place, steps of a line, resampling between steps:
+    after every step each particle's value is the optimum joint graph's at the last token of its sequence
+    run alone, and its tokens follow that graph's law."""
+    models = Path(arithmetic.__file__).parent / "arithmetic_models"
+    reference = AloneReference(models / "joint")
+    policy, reward = arithmetic.load_models(gqa=True)
+    assert policy.padding_side == "right" and policy.cache_in_place and isinstance(reward, PolicyValue)
+    prompts = [problem.prompt for problem in arithmetic.make_problems(4, 3, rng=5)]
+    particles = policy.start(prompts, 4)
+    assert particles.prompt_tokens is not None
+    rng = np.random.default_rng(8)
+    total = np.zeros(particles.lengths.shape)
+    checked = 0
+    while True:
+        particles.flush()
+        for b in range(particles.num_prompts):
+            for i in range(particles.num_particles):
+                tokens = particles.tokens[b, i, : particles.lengths[b, i]]
+                expected = reference.value(particles.prompt_tokens[b], tokens)
+                np.testing.assert_allclose(particles.state["lm.value"][b, i], expected, rtol=1e-4, atol=1e-4)
+                checked += 1
+        if particles.finished.all():
+            break
+        total += policy.propose(particles, rng)
+        ancestors = rng.integers(0, 4, size=total.shape)
+        particles.reorder(ancestors)
+        total = np.take_along_axis(total, ancestors, axis=1)
+    assert checked >= 48  # after the prompts and each of three lines at least
+    assert assert_law(particles, total, reference) > 150
+    with pytest.raises(ValueError, match=r"gqa: the GroupQueryAttention layout is the joint graph's"):
+        arithmetic.load_models(joint=False, gqa=True)

@@ -421,9 +421,11 @@ class _SpareRows:
         self._lock = threading.Lock()  # lanes of several workers join at once
 
     def make(self, shape: Sequence[int], dtype: Any) -> np.ndarray:
-        """An uninitialised array of ``shape`` that is the first rows of one with half as many again."""
+        """A zeroed array of ``shape`` that is the first rows of one with half as many again (zeroed too:
+        a later join writes only its parts' own columns there). Fresh memory comes zeroed from the
+        system, so the zeros cost no writes."""
         rows = int(shape[0])
-        owner = np.empty((rows + rows // 2 + 1, *shape[1:]), dtype=dtype)
+        owner = np.zeros((rows + rows // 2 + 1, *shape[1:]), dtype=dtype)
         key = id(owner)
         with self._lock:
             self._taken[key] = (weakref.ref(owner), rows)
@@ -476,14 +478,9 @@ def widened(array: np.ndarray, width: int, axis: int) -> np.ndarray:
     them: see [`Particles.concatenate`][tiltsmc.models.particles.Particles.concatenate])."""
     shape = list(array.shape)
     old, shape[axis] = shape[axis], width
-    grown = (
-        _SPARE_ROWS.make(shape, array.dtype)
-        if _SPARE_ROWS.has_spare_rows(array)
-        else np.empty(shape, array.dtype)
-    )
-    before = (slice(None),) * axis
-    grown[(*before, slice(0, old))] = array
-    grown[(*before, slice(old, None))] = 0
+    spare = _SPARE_ROWS.has_spare_rows(array)
+    grown = _SPARE_ROWS.make(shape, array.dtype) if spare else np.zeros(shape, array.dtype)
+    grown[(*(slice(None),) * axis, slice(0, old))] = array
     return grown
 
 
@@ -504,9 +501,13 @@ def _joined_in_place(key: str, arrays: list[Any], axis: int) -> np.ndarray:
     )
     try:
         behind = _SPARE_ROWS.behind(first, added) if fits and first.ndim > axis else None
-        if behind is not None:
+        if behind is not None:  # rows never written since made zero: each part's own columns copied
             target, joined = behind
-            core.concatenate_padded(rest, axis, padding_side="right", out=target)
+            start = 0
+            for array in rest:
+                rows = slice(start, start + array.shape[0])
+                target[(rows, *(slice(None),) * (axis - 1), slice(0, array.shape[axis]))] = array
+                start += array.shape[0]
             return joined
         shapes = [array.shape for array in arrays]
         if any(array.ndim <= axis for array in arrays):

@@ -196,6 +196,7 @@ def load_models(
     providers: Optional[Any] = None,
     memory_arena: bool = True,
     joint: bool = True,
+    gqa: bool = False,
 ) -> tuple[OnnxCausalLM, RewardModel]:
     """The bundled policy (a step is one line) and process reward model (``log Vh`` = log-sigmoid of its
     logit at a prefix's last token; the exact [`verify`][tiltsmc.tasks.arithmetic.verify] at the end).
@@ -207,19 +208,24 @@ def load_models(
     is loaded with ``value_output="value"`` and the reward is a
     ``tiltsmc.models.joint.PolicyValue`` reading it; else the separate ``policy/`` and ``prm/``
     (the reward an ``tiltsmc.models.onnx_reward.OnnxRewardModel`` re-encoding every prefix). Both
-    give the same values (to float rounding) and samples."""
+    give the same values (to float rounding) and samples. With ``gqa`` (and ``joint``), the joint graph in
+    ONNX Runtime's GroupQueryAttention layout (``joint-gqa/``, the same weights): its rows right-padded and
+    its KV cache written in place, the same samples and values to float rounding."""
     from ..models.joint import PolicyValue
     from ..models.onnx_lm import OnnxCausalLM
     from ..models.onnx_reward import OnnxRewardModel
 
     folder = Path(models_dir) if models_dir is not None else MODELS_DIR
-    for name in ("joint",) if joint else ("policy", "prm"):
+    if gqa and not joint:
+        raise ValueError("gqa: the GroupQueryAttention layout is the joint graph's (joint=True)")
+    joint_name = "joint-gqa" if gqa else "joint"
+    for name in (joint_name,) if joint else ("policy", "prm"):
         if not (folder / name / "model.onnx").is_file():
             raise FileNotFoundError(
                 f"models_dir: {folder / name / 'model.onnx'} is missing (scripts/train_demo.py writes it)"
             )
     policy = OnnxCausalLM(
-        folder / ("joint" if joint else "policy"),
+        folder / (joint_name if joint else "policy"),
         max_new_tokens=10 * MAX_STEPS + 2,
         step="\n",
         providers=providers,
