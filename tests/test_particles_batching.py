@@ -243,3 +243,17 @@ def test_in_place_entries_are_not_trimmed_and_a_batch_cut_at_its_end_copies() ->
     assert np.shares_memory(joined.state["cache"], lane.state["cache"])
     np.testing.assert_array_equal(joined.state["cache"][:2], lane.state["cache"][2:])
     np.testing.assert_array_equal(joined.state["cache"][2, :, :, :3], 5.0)
+
+
+def test_an_in_place_join_of_another_shape_is_refused_by_name() -> None:
+    """A newcomer whose ``in_place`` entry differs beyond its rows and width (other heads) is refused,
+    naming the entry; the batch is left as it was and keeps its spare rows for the next join."""
+    lane = Particles.concatenate([in_place_batch(2, 3, 1.0, 4), in_place_batch(1, 3, 2.0, 3)])
+    before = lane.state["cache"].copy()
+    other = in_place_batch(1, 2, 3.0, 2)
+    other.state["cache"] = np.zeros((1, 1, 3, 2, 3), dtype=np.float32)  # three heads, not two
+    with pytest.raises(ValueError, match=r"Particles.state\['cache'\]: shapes .* differ beyond"):
+        Particles.concatenate([lane, other])
+    np.testing.assert_array_equal(lane.state["cache"], before)
+    joined = Particles.concatenate([lane, in_place_batch(1, 2, 4.0, 2)])
+    assert np.shares_memory(joined.state["cache"], lane.state["cache"])

@@ -193,7 +193,9 @@ class Particles:
         The arrays are new, but for ``in_place`` entries: these are made with spare rows (half as many
         again), and where the first part's array ends where the rows taken of its memory end (nothing
         joined behind it since), the other parts' rows are written there, as wide as the first part's,
-        and the result is a view of the same memory (only the newcomers copied).
+        and the result is a view of the same memory (only the newcomers copied). The joined batch and the
+        first part then share those rows, as after
+        [`view_rows`][tiltsmc.models.particles.Particles.view_rows]: use the joined batch in its place.
         """
         if not parts:
             raise ValueError("parts: expected at least one batch to concatenate")
@@ -493,14 +495,20 @@ def _joined_in_place(key: str, arrays: list[Any], axis: int) -> np.ndarray:
     for array in arrays:
         if not isinstance(array, np.ndarray):
             raise TypeError(f"Particles.state[{key!r}]: {type(array).__name__} cannot be concatenated")
+    shapes = [array.shape for array in arrays]
+    if any(array.ndim <= axis for array in arrays):
+        raise ValueError(f"Particles.state[{key!r}]: shapes {shapes} have no axis {axis}")
     first, rest = arrays[0], arrays[1:]
     added = sum(array.shape[0] for array in rest)
-    fits = all(
-        array.ndim == first.ndim and array.dtype == first.dtype and array.shape[axis] <= first.shape[axis]
+    fits = all(  # the first's shape but for the rows, at most its width, the same dtype
+        array.dtype == first.dtype
+        and array.shape[1:axis] == first.shape[1:axis]
+        and array.shape[axis + 1 :] == first.shape[axis + 1 :]
+        and array.shape[axis] <= first.shape[axis]
         for array in rest
     )
     try:
-        behind = _SPARE_ROWS.behind(first, added) if fits and first.ndim > axis else None
+        behind = _SPARE_ROWS.behind(first, added) if fits else None
         if behind is not None:  # rows never written since made zero: each part's own columns copied
             target, joined = behind
             start = 0
@@ -509,9 +517,6 @@ def _joined_in_place(key: str, arrays: list[Any], axis: int) -> np.ndarray:
                 target[(rows, *(slice(None),) * (axis - 1), slice(0, array.shape[axis]))] = array
                 start += array.shape[0]
             return joined
-        shapes = [array.shape for array in arrays]
-        if any(array.ndim <= axis for array in arrays):
-            raise ValueError(f"Particles.state[{key!r}]: shapes {shapes} have no axis {axis}")
         shape = list(first.shape)
         shape[0] = sum(array.shape[0] for array in arrays)
         shape[axis] = max(array.shape[axis] for array in arrays)
