@@ -250,7 +250,7 @@ def test_the_cache_is_written_in_place_where_the_graph_allows() -> None:
 def test_cache_in_place_is_bitwise_the_copied_cache() -> None:
     """The same seeded runs with the cache written in place and copied give the same samples, weights
     and log Z bit for bit: a policy with a value head (the value read from the same call), and multi-token
-    steps whose calls run on the rows still writing them."""
+    steps whose calls run on the rows still writing them; the other samplers draw the same samples."""
     cases = [
         (dict(value_output="value"), GQA_VALUE, True),
         (dict(step={SPACE}, step_rows_below=0.75), GQA, False),
@@ -268,6 +268,19 @@ def test_cache_in_place_is_bitwise_the_copied_cache() -> None:
         np.testing.assert_array_equal(placed.log_z, copied.log_z)
         for a, b in zip(placed.log_weights, copied.log_weights):
             np.testing.assert_array_equal(a, b)
+    # the other samplers: the same draws
+    policies = [
+        OnnxCausalLM(GQA, max_new_tokens=8, eos_token_id=ENDS, cache_in_place=c) for c in (True, False)
+    ]
+    prm = OnnxRewardModel(PRM, kind="logit")
+    for sampler, options in (
+        (tiltsmc.sp_gsmc, dict(pool_size=4)),
+        (tiltsmc.mh, dict(pool_size=2, steps=2, num_particles=3)),
+        (tiltsmc.best_of_n, dict(n=4)),
+        (tiltsmc.rejection, dict(bound=1.0, num_samples=2, max_tries=40)),
+    ):
+        placed, copied = (sampler(policy, prm, PROMPTS[:2], rng=3, **options) for policy in policies)
+        assert placed.texts == copied.texts, sampler.__name__
 
 
 def test_cache_in_place_is_refused_where_it_cannot_be() -> None:
