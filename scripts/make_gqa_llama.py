@@ -41,6 +41,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 17
+IR_VERSION = 8  # ONNX Runtime 1.14 and later load it (1.19, what Python 3.9 gets, loads at most 10)
 
 
 def weights_of(model: onnx.ModelProto, layers: int) -> dict[str, np.ndarray]:
@@ -200,9 +201,13 @@ def build(config: dict[str, Any], weights: dict[str, np.ndarray]) -> onnx.ModelP
             )
             outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, present))
     graph = helper.make_graph(nodes, "llama_gqa", inputs, outputs, initializers)
-    return helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)],
+        producer_name="tiltsmc scripts/make_gqa_llama.py",
     )
+    model.ir_version = IR_VERSION  # onnx's default (14 with onnx 1.23) is newer than older runtimes load
+    return model
 
 
 def check(source: Path, dest: Path, config: dict[str, Any], tolerance: float) -> float:
