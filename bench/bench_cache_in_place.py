@@ -69,6 +69,11 @@ class SessionClock:
             setattr(ort.InferenceSession, name, timed)
 
 
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The command's arguments as JSON values (paths as text)."""
+    return {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+
+
 def one_run(policy: OnnxCausalLM, args: argparse.Namespace, clock: SessionClock) -> tuple[float, float, Any]:
     """Seconds of one run, seconds inside session calls, and the tokens drawn."""
     rng = np.random.default_rng(args.seed)
@@ -133,9 +138,7 @@ def serve(args: argparse.Namespace, sides: dict[str, OnnxCausalLM]) -> None:
     print("  wall / in place: " + ", ".join(f"{side} {ratio:.2f}x" for side, ratio in ratios.items()))
     record = {
         "benchmark": "cache_in_place_serve",
-        "settings": {
-            key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()
-        },
+        "settings": settings(args),
         "sides": summary,
         "wall_over_in_place": ratios,
         "machine": machine_info(),
@@ -215,9 +218,7 @@ def main() -> None:
         print(f"  source (optimum export) / in place: {source_ratio:.2f}x a run")
     record = {
         "benchmark": "cache_in_place",
-        "settings": {
-            key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()
-        },
+        "settings": settings(args),
         "rows": rows,
         "sides": summary,
         "copied_over_in_place": ratio,

@@ -483,6 +483,60 @@ def export(work: Path, out: Path, seed: int, report: dict) -> None:
     )
 
 
+def write_beside_policy(out: Path, name: str, model) -> None:
+    """``model`` checked and saved as ``out/name/model.onnx``, with the policy's other files (tokenizer,
+    configs) beside it."""
+    import onnx
+
+    onnx.checker.check_model(model)
+    dest = out / name
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir()
+    onnx.save(model, str(dest / "model.onnx"))
+    for item in sorted((out / "policy").iterdir()):
+        if item.name != "model.onnx":
+            shutil.copy2(item, dest / item.name)
+    print(f"wrote {dest}: {', '.join(sorted(p.name for p in dest.iterdir()))}")
+
+
+def error_count(op, const, last, fed_f, constants):
+    """The PRM's error count over a call's positions, as ONNX nodes (``op`` and ``const`` make them): from
+    the state before the call, ``last`` ``(batch, 1, 3)`` = ``(k, the trunk's prediction, newline seen)``,
+    and which positions are the row's own (``fed_f``, ``(batch, seq)``), ``differs_j = fed_j * [pred_{j-1}
+    != token_j] * seen_{j-1}`` and ``k_j = k + sum_{i <= j} differs_i``. Returns the state's three parts
+    (each ``(batch, 1)``), and ``k_j``, the trunk's predictions, whether a newline came before each
+    position, and each position's newline (fed)."""
+    from onnx import TensorProto
+
+    zero, one, two, last_one, f0 = constants
+
+    def component(k, name):
+        ends = [const(f"k{k}", np.array([k], np.int64)), const(f"k{k}_end", np.array([k + 1], np.int64))]
+        return op("Squeeze", [op("Slice", [last, *ends, two], name + "3"), two], name)
+
+    count0, pred0, seen0 = component(0, "count0"), component(1, "pred0"), component(2, "seen0")
+    preds = op(
+        "Cast", [op("ArgMax", ["logits"], "argmax", axis=2, keepdims=0)], "preds", to=TensorProto.FLOAT
+    )
+    before = op(
+        "Concat", [pred0, op("Slice", [preds, zero, last_one, one], "preds_head")], "pred_before", axis=1
+    )
+    tokens = op("Cast", ["input_ids"], "tokens", to=TensorProto.FLOAT)
+    newline = op(
+        "Equal", ["input_ids", const("newline_id", np.array(task.VOCAB.index("\n"), np.int64))], "is_nl"
+    )
+    newline = op("Mul", [op("Cast", [newline], "is_nl_f", to=TensorProto.FLOAT), fed_f], "newline_fed")
+    earlier = op("CumSum", [newline, one], "newlines_before", exclusive=1)
+    seen = op("Max", [seen0, op("Cast", [op("Greater", [earlier, f0], "any_before")], "seen_in",
+                                to=TensorProto.FLOAT)], "seen")  # fmt: skip
+    unpredicted = op("Not", [op("Equal", [before, tokens], "as_predicted")], "unpredicted")
+    differs = op("Cast", [unpredicted], "differs_f", to=TensorProto.FLOAT)
+    differs = op("Mul", [op("Mul", [fed_f, differs], "differs_fed"), seen], "differs")
+    count = op("Add", [count0, op("CumSum", [differs, one], "differs_sum")], "count")
+    return (count0, pred0, seen0), (count, preds, seen, newline)
+
+
 def export_joint(out: Path) -> None:
     """``out/joint``: the exported policy's graph with the PRM's head in it, so one run a step gives the
     next-token logits and the PRM's logit of the prefix (output ``value``, ``(batch, seq, 1)``).
@@ -545,30 +599,9 @@ def export_joint(out: Path) -> None:
     zeros = op("ConstantOfShape", [op("Concat", [batch, one, three], "zeros_shape", axis=0)], "zeros",
                value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))  # fmt: skip
     last = op("Slice", [op("Concat", [zeros, state], "states", axis=1), last_one, end, one], "last")
-
-    def component(k, name):
-        piece = op("Slice", [last, const(f"k{k}", ints(k)), const(f"k{k}_end", ints(k + 1)), two], name + "3")
-        return op("Squeeze", [piece, two], name)
-
-    count0, pred0, seen0 = component(0, "count0"), component(1, "pred0"), component(2, "seen0")
-    preds = op(
-        "Cast", [op("ArgMax", ["logits"], "argmax", axis=2, keepdims=0)], "preds", to=TensorProto.FLOAT
+    (count0, pred0, seen0), (count, preds, seen, newline) = error_count(
+        op, const, last, fed_f, (zero, one, two, last_one, f0)
     )
-    before = op(
-        "Concat", [pred0, op("Slice", [preds, zero, last_one, one], "preds_head")], "pred_before", axis=1
-    )
-    tokens = op("Cast", ["input_ids"], "tokens", to=TensorProto.FLOAT)
-    newline = op(
-        "Equal", ["input_ids", const("newline_id", np.array(task.VOCAB.index("\n"), np.int64))], "is_nl"
-    )
-    newline = op("Mul", [op("Cast", [newline], "is_nl_f", to=TensorProto.FLOAT), fed_f], "newline_fed")
-    earlier = op("CumSum", [newline, one], "newlines_before", exclusive=1)
-    seen = op("Max", [seen0, op("Cast", [op("Greater", [earlier, f0], "any_before")], "seen_in",
-                                to=TensorProto.FLOAT)], "seen")  # fmt: skip
-    unpredicted = op("Not", [op("Equal", [before, tokens], "as_predicted")], "unpredicted")
-    differs = op("Cast", [unpredicted], "differs_f", to=TensorProto.FLOAT)
-    differs = op("Mul", [op("Mul", [fed_f, differs], "differs_fed"), seen], "differs")
-    count = op("Add", [count0, op("CumSum", [differs, one], "differs_sum")], "count")
     columns = [
         op("Unsqueeze", [op("Where", [fed, value, previous], name), two], name + "_column")
         for value, previous, name in (
@@ -600,16 +633,7 @@ def export_joint(out: Path) -> None:
     graph.output.append(
         helper.make_tensor_value_info("value", TensorProto.FLOAT, ["batch_size", "sequence_length", 1])
     )
-    onnx.checker.check_model(policy)
-    dest = out / "joint"
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.mkdir()
-    onnx.save(policy, str(dest / "model.onnx"))
-    for item in sorted((out / "policy").iterdir()):
-        if item.name != "model.onnx":
-            shutil.copy2(item, dest / item.name)
-    print(f"wrote {dest}: {', '.join(sorted(p.name for p in dest.iterdir()))}")
+    write_beside_policy(out, "joint", policy)
 
 
 def export_joint_gqa(out: Path) -> None:
@@ -686,30 +710,7 @@ def export_joint_gqa(out: Path) -> None:
     index = op("Expand", [index, index_shape], "index_b")
     last = op("Reshape", [op("GatherElements", [padded, index], "state_gathered", axis=2),
                           const("state_shape", ints(-1, 1, 3))], "last")  # fmt: skip
-
-    def component(k, name):
-        piece = op("Slice", [last, const(f"k{k}", ints(k)), const(f"k{k}_end", ints(k + 1)), two], name + "3")
-        return op("Squeeze", [piece, two], name)
-
-    count0, pred0, seen0 = component(0, "count0"), component(1, "pred0"), component(2, "seen0")
-    preds = op(
-        "Cast", [op("ArgMax", ["logits"], "argmax", axis=2, keepdims=0)], "preds", to=TensorProto.FLOAT
-    )
-    before = op(
-        "Concat", [pred0, op("Slice", [preds, zero, last_one, one], "preds_head")], "pred_before", axis=1
-    )
-    tokens = op("Cast", ["input_ids"], "tokens", to=TensorProto.FLOAT)
-    newline = op(
-        "Equal", ["input_ids", const("newline_id", np.array(task.VOCAB.index("\n"), np.int64))], "is_nl"
-    )
-    newline = op("Mul", [op("Cast", [newline], "is_nl_f", to=TensorProto.FLOAT), fed_f], "newline_fed")
-    earlier = op("CumSum", [newline, one], "newlines_before", exclusive=1)
-    seen = op("Max", [seen0, op("Cast", [op("Greater", [earlier, f0], "any_before")], "seen_in",
-                                to=TensorProto.FLOAT)], "seen")  # fmt: skip
-    unpredicted = op("Not", [op("Equal", [before, tokens], "as_predicted")], "unpredicted")
-    differs = op("Cast", [unpredicted], "differs_f", to=TensorProto.FLOAT)
-    differs = op("Mul", [op("Mul", [fed_f, differs], "differs_fed"), seen], "differs")
-    count = op("Add", [count0, op("CumSum", [differs, one], "differs_sum")], "count")
+    _, (count, preds, seen, newline) = error_count(op, const, last, fed_f, (zero, one, two, last_one, f0))
     state = [
         op("Unsqueeze", [value, two], name)
         for value, name in ((count, "count_column"), (preds, "pred_column"),
@@ -741,15 +742,7 @@ def export_joint_gqa(out: Path) -> None:
     graph.output.append(
         helper.make_tensor_value_info("value", TensorProto.FLOAT, ["batch_size", "sequence_length", 1])
     )
-    dest = out / "joint-gqa"
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.mkdir()
-    onnx.save(trunk, str(dest / "model.onnx"))
-    for item in sorted((out / "policy").iterdir()):
-        if item.name != "model.onnx":
-            shutil.copy2(item, dest / item.name)
-    print(f"wrote {dest}: {', '.join(sorted(p.name for p in dest.iterdir()))}")
+    write_beside_policy(out, "joint-gqa", trunk)
 
 
 def main(argv=None) -> int:

@@ -10,7 +10,7 @@ particle that law (to float32 rounding)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import numpy as np
 import onnxruntime as ort
@@ -79,16 +79,47 @@ def assert_law(particles: Particles, total: np.ndarray, reference: AloneReferenc
     return checked
 
 
-def run_resampled(policy: OnnxCausalLM, particles: Particles, rng: np.random.Generator) -> np.ndarray:
-    """Steps until every particle has finished, the particles resampled (random ancestors) after each;
-    returns each particle's summed ``log p``, carried through the resampling."""
+def run_resampled(
+    policy: OnnxCausalLM,
+    particles: Particles,
+    rng: np.random.Generator,
+    resample: bool = True,
+    each_step: Optional[Callable[[Particles], None]] = None,
+) -> np.ndarray:
+    """Steps until every particle has finished, the particles resampled (random ancestors) after each
+    where ``resample``, ``each_step`` called on them before the first step and after every one; returns
+    each particle's summed ``log p``, carried through the resampling."""
     total = np.zeros(particles.lengths.shape)
-    while not particles.finished.all():
+    while True:
+        if each_step is not None:
+            particles.flush()
+            each_step(particles)
+        if particles.finished.all():
+            return total
         total += policy.propose(particles, rng)
-        ancestors = rng.integers(0, particles.num_particles, size=total.shape)
-        particles.reorder(ancestors)
-        total = np.take_along_axis(total, ancestors, axis=1)
-    return total
+        if resample:
+            ancestors = rng.integers(0, particles.num_particles, size=total.shape)
+            particles.reorder(ancestors)
+            total = np.take_along_axis(total, ancestors, axis=1)
+
+
+def assert_values(
+    reference: AloneReference, tolerance: float, checked: list[int]
+) -> Callable[[Particles], None]:
+    """A ``run_resampled`` check: each particle's value (``lm.value``) is the reference's value head at the
+    last token of its sequence run alone; appends the particles checked to ``checked``."""
+
+    def check(particles: Particles) -> None:
+        assert particles.prompt_tokens is not None
+        for b in range(particles.num_prompts):
+            for i in range(particles.num_particles):
+                tokens = particles.tokens[b, i, : particles.lengths[b, i]]
+                expected = reference.value(particles.prompt_tokens[b], tokens)
+                value = particles.state["lm.value"][b, i]
+                np.testing.assert_allclose(value, expected, rtol=tolerance, atol=tolerance)
+        checked.append(particles.lengths.size)
+
+    return check
 
 
 @pytest.mark.parametrize("in_place", [True, False], ids=["cache-in-place", "cache-copied"])
@@ -198,19 +229,10 @@ def test_a_value_head_is_read_at_each_rows_last_token() -> None:
     policy = OnnxCausalLM(GQA_VALUE, max_new_tokens=6, value_output="value", eos_token_id=ENDS)
     assert policy.padding_side == "right"
     particles = policy.start(PROMPTS, 3)
-    assert particles.prompt_tokens is not None
-    rng = np.random.default_rng(6)
-    total = np.zeros(particles.lengths.shape)
-    while True:
-        particles.flush()
-        for b in range(particles.num_prompts):
-            for i in range(particles.num_particles):
-                tokens = particles.tokens[b, i, : particles.lengths[b, i]]
-                expected = reference.value(particles.prompt_tokens[b], tokens)
-                np.testing.assert_allclose(particles.state["lm.value"][b, i], expected, rtol=1e-5, atol=1e-5)
-        if particles.finished.all():
-            break
-        total += policy.propose(particles, rng)
+    checked: list[int] = []
+    check = assert_values(reference, 1e-5, checked)
+    total = run_resampled(policy, particles, np.random.default_rng(6), resample=False, each_step=check)
+    assert len(checked) > 2
     assert particles.lengths.min() < particles.lengths.max()
     assert_law(particles, total, reference)
     value = PolicyValue(policy)
@@ -380,25 +402,11 @@ def test_the_demos_joint_graph_in_the_gqa_layout_keeps_its_law_and_values() -> N
     assert policy.padding_side == "right" and policy.cache_in_place and isinstance(reward, PolicyValue)
     prompts = [problem.prompt for problem in arithmetic.make_problems(4, 3, rng=5)]
     particles = policy.start(prompts, 4)
-    assert particles.prompt_tokens is not None
-    rng = np.random.default_rng(8)
-    total = np.zeros(particles.lengths.shape)
-    checked = 0
-    while True:
-        particles.flush()
-        for b in range(particles.num_prompts):
-            for i in range(particles.num_particles):
-                tokens = particles.tokens[b, i, : particles.lengths[b, i]]
-                expected = reference.value(particles.prompt_tokens[b], tokens)
-                np.testing.assert_allclose(particles.state["lm.value"][b, i], expected, rtol=1e-4, atol=1e-4)
-                checked += 1
-        if particles.finished.all():
-            break
-        total += policy.propose(particles, rng)
-        ancestors = rng.integers(0, 4, size=total.shape)
-        particles.reorder(ancestors)
-        total = np.take_along_axis(total, ancestors, axis=1)
-    assert checked >= 48  # after the prompts and each of three lines at least
+    checked: list[int] = []
+    total = run_resampled(
+        policy, particles, np.random.default_rng(8), each_step=assert_values(reference, 1e-4, checked)
+    )
+    assert sum(checked) >= 48  # after the prompts and each of three lines at least
     assert assert_law(particles, total, reference) > 150
     with pytest.raises(ValueError, match=r"gqa: the GroupQueryAttention layout is the joint graph's"):
         arithmetic.load_models(joint=False, gqa=True)
