@@ -42,31 +42,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 import tiltsmc
 from _machine import machine_info
 from _plot import RESULTS, write_json
+from bench_models import SessionTimer
 from tiltsmc.models import OnnxCausalLM, PolicyValue
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "models"
-
-
-class SessionClock:
-    """Wall seconds inside ONNX Runtime's session calls (``run`` and ``run_with_iobinding``)."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        for name in ("run", "run_with_iobinding"):
-            original = getattr(ort.InferenceSession, name)
-
-            def timed(session: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
-                start = time.perf_counter()
-                try:
-                    return _original(session, *args, **kwargs)
-                finally:
-                    self.seconds += time.perf_counter() - start
-
-            setattr(ort.InferenceSession, name, timed)
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -74,7 +56,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     return {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
 
 
-def one_run(policy: OnnxCausalLM, args: argparse.Namespace, clock: SessionClock) -> tuple[float, float, Any]:
+def one_run(policy: OnnxCausalLM, args: argparse.Namespace, clock: SessionTimer) -> tuple[float, float, Any]:
     """Seconds of one run, seconds inside session calls, and the tokens drawn."""
     rng = np.random.default_rng(args.seed)
     inside = clock.seconds
@@ -165,7 +147,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "cache_in_place_vm.json")
     args = parser.parse_args()
 
-    clock = SessionClock()
     head = {"value_output": "value"} if args.serve else {}
     policies = {
         side: OnnxCausalLM(
@@ -179,14 +160,15 @@ def main() -> None:
     if args.serve:
         serve(args, policies)
         return
-    tokens = {side: one_run(policy, args, clock)[2] for side, policy in policies.items()}  # untimed
+    clocks = {side: SessionTimer(policy) for side, policy in policies.items()}
+    tokens = {side: one_run(policy, args, clocks[side])[2] for side, policy in policies.items()}  # untimed
     if not np.array_equal(tokens["in_place"], tokens["copied"]):
         raise SystemExit("the two sides drew different tokens")
     seconds: dict[str, list[float]] = {side: [] for side in policies}
     session: dict[str, list[float]] = {side: [] for side in policies}
     for _ in range(args.rounds):
         for side, policy in policies.items():
-            wall, inside, _ = one_run(policy, args, clock)
+            wall, inside, _ = one_run(policy, args, clocks[side])
             seconds[side].append(wall)
             session[side].append(inside)
     rows = args.prompts * args.particles

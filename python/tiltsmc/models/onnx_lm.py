@@ -189,6 +189,12 @@ def probe_ids(size: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], 
     return short, long, np.array([13, 17, 19], dtype=np.int64) % size
 
 
+def within_tolerance(difference: float, scale: float) -> bool:
+    """Whether a ``largest_difference`` is rounding (at most ``BATCHING_TOLERANCE`` of the largest score,
+    at least 1); NaN is not."""
+    return bool(difference <= BATCHING_TOLERANCE * max(1.0, scale))
+
+
 def largest_difference(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[float, float]:
     """``(difference, scale)`` of ``(batched, alone)`` pairs of score arrays: the largest ``|batched -
     alone|`` (equal infinities differ by 0; NaN anywhere gives NaN) and the largest finite ``|alone|``."""
@@ -534,7 +540,7 @@ class OnnxCausalLM:
                     f"path: {self.model_file.name} returned NaN logits for two short prompts (token ids "
                     f"{', '.join(map(str, short))} and {', '.join(map(str, long))}): is the graph broken?"
                 )
-            if difference <= BATCHING_TOLERANCE * max(1.0, scale):
+            if within_tolerance(difference, scale):
                 return side
             tried.append((side, difference, scale))
         found = _operators_named(self.model_file, BATCH_DEPENDENT_OPERATORS)
@@ -583,7 +589,7 @@ class OnnxCausalLM:
                     f"buffer ({error}); pass cache_in_place=False"
                 ) from error
             return False
-        if difference <= BATCHING_TOLERANCE * max(1.0, scale):
+        if within_tolerance(difference, scale):
             return True
         if cache_in_place:
             raise ValueError(
@@ -609,10 +615,7 @@ class OnnxCausalLM:
             mask, np.array([True, True]), token[:2].copy()
         )
         plain_logits, plain_present = self._run(step_ids, step_mask, step_positions, past)
-        width = mask.shape[1]
-        buffers = [np.zeros((*p.shape[:2], width + 4, p.shape[3]), dtype=p.dtype) for p in past]
-        for buffer, p in zip(buffers, past):
-            buffer[:, :, :width] = p
+        buffers = [widened(cache, mask.shape[1] + 4, 2) for cache in past]
         logits, _ = self._run_in_place(step_ids, step_mask, step_positions, buffers)
         lengths = np.count_nonzero(step_mask, axis=1).tolist()
         pairs = [(logits, plain_logits)] + [
@@ -864,7 +867,7 @@ class OnnxCausalLM:
                     most = width + self._tokens_left(particles)
                     if capacity < most <= 2 * width:
                         capacity = most
-                particles.state[key] = array = widened(array, max(capacity, width), 3)
+                particles.state[key] = array = widened(array, capacity, 3)
             caches.append(array.reshape(rows, self.kv_heads, -1, self.head_dim))
         return caches
 
@@ -1063,7 +1066,7 @@ class OnnxCausalLM:
             _, present = self._run(prompt[None, :2], ones[:, :2], positions[:, :2], None)
             second, _ = self._run(prompt[None, 2:], ones, positions[:, 2:], self._cache_of(present))
             difference, scale = largest_difference([(second[0], whole[0, 2:])])
-            self._pieces_follow = bool(difference <= BATCHING_TOLERANCE * max(1.0, scale))
+            self._pieces_follow = within_tolerance(difference, scale)
         return self._pieces_follow
 
     def _prefill_alone(
