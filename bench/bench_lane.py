@@ -75,9 +75,9 @@ class Clocks:
             self._wrap(name)
         concatenate = Particles.concatenate
 
-        def timed_join(parts: Any) -> Any:
+        def timed_join(parts: Any, **options: Any) -> Any:
             wall = time.perf_counter()
-            joined = concatenate(parts)
+            joined = concatenate(parts, **options)
             self.join_wall += time.perf_counter() - wall
             arrays = [joined.tokens, joined.lengths, joined.finished, *joined.state.values()]
             self.join_bytes += sum(a.nbytes for a in arrays if isinstance(a, np.ndarray))

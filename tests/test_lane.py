@@ -11,7 +11,7 @@ from tiltsmc import core
 from tiltsmc._rng import RowStreams
 from tiltsmc.samplers._engine import Models
 from tiltsmc.samplers.correction import mh_run
-from tiltsmc.samplers.lane import Lane, run_alone
+from tiltsmc.samplers.lane import Lane, _packing, run_alone
 from tiltsmc.samplers.result import Compute, SamplerResult
 from tiltsmc.samplers.runs import Run, SMCRun, reweigh_together
 from tiltsmc.samplers.sequential import smc_run, sp_gsmc_run
@@ -38,15 +38,25 @@ def test_the_oldest_run_leaves_without_a_copy_and_results_are_each_runs_own() ->
         lane.add(run)
     ended: list[Run] = []
     tokens_before = None
+    left_at = None  # the step the first run left at, and the batch's tokens then
+    moved_in = False
     while len(ended) < len(runs):
         if lane.particles is not None:
             tokens_before = lane.particles.tokens
         for done, error in lane.step():
             assert error is None
             ended.append(done)
-            if done is runs[0]:  # the first to join, at the front of the batch, leaves alone: views
-                assert lane.particles is not None and tokens_before is not None
-                assert lane.rows == 8 and np.shares_memory(lane.particles.tokens, tokens_before)
+        if left_at is not None and left_at[0] == lane.policy_calls - 1:
+            # the next step took its rows out: the runs behind moved in, views of the same memory
+            assert lane.particles is not None and lane.particles.num_prompts == 8
+            assert np.shares_memory(lane.particles.tokens, left_at[1])
+            moved_in = True
+        if ended == [runs[0]] and left_at is None:
+            # the first to join, at the front of the batch, left alone: its rows free, nothing copied
+            assert lane.particles is not None and tokens_before is not None and lane.rows == 8
+            assert np.shares_memory(lane.particles.tokens, tokens_before)
+            left_at = (lane.policy_calls, lane.particles.tokens)
+    assert moved_in
     assert ended[0] is runs[0]
     for seed, limit, run in zip((1, 2, 3), (2, 5, 5), runs):
         alone = run_alone(models, _run(models, seed, limit))
@@ -57,23 +67,26 @@ def test_the_oldest_run_leaves_without_a_copy_and_results_are_each_runs_own() ->
 
 
 def test_deferred_work_run_at_a_leave_is_the_policys_time() -> None:
-    """The policy's postponed work (a decoder's session run) that a leaving run's rows force is timed as
-    the policy's and shared by the runs, not counted as tiltsmc's own time."""
+    """The policy's postponed work (a decoder's session run) that a leaving run's rows force, when the
+    next step takes them out of the batch, is timed as the policy's and charged to the runs still there,
+    not counted as tiltsmc's own time."""
     models = _models()
     lane = Lane(models, "guided")
     runs = [_run(models, 1, 2, ess_threshold=0.0), _run(models, 2, 5, ess_threshold=0.0)]  # no resampling
     for run in runs:
         lane.add(run)
     lane.step()  # both join and take their first step
-    assert lane.particles is not None
+    ended = lane.step()  # the first run ends: its rows are free, left in the batch until the next step
+    assert [run for run, _ in ended] == [runs[0]] and lane.rows == 4
+    assert lane.particles is not None and lane.particles.num_prompts == 8
     lane.particles.defer(lambda: time.sleep(0.2))
     before = models.compute.policy_seconds
     shares = [run.compute.policy_seconds for run in runs]
-    ended = lane.step()  # the first run ends: its rows leave, which runs the deferred work first
-    assert [run for run, _ in ended] == [runs[0]]
+    lane.step()  # the rows taken out, which runs the deferred work first
+    assert lane.particles is not None and lane.particles.num_prompts == 4
     assert models.compute.policy_seconds - before >= 0.2
-    for run, share in zip(runs, shares):
-        assert run.compute.policy_seconds - share >= 0.1
+    assert runs[1].compute.policy_seconds - shares[1] >= 0.2
+    assert runs[0].compute.policy_seconds == shares[0]
 
 
 def test_smc_runs_of_one_particle_count_reweigh_in_one_core_call_each_as_alone(
@@ -243,3 +256,52 @@ def test_the_runs_compute_adds_up_to_the_lanes() -> None:
     assert max(r.compute.policy_calls for r in runs) > min(
         r.compute.policy_calls for r in runs
     )  # who stayed longer
+
+
+@pytest.mark.parametrize(
+    ("ranges", "starts"),
+    [
+        ([(4, 8), (8, 12), (12, 16)], [4, 8, 0]),  # the front left: the last run moves there
+        ([(0, 4), (8, 12), (12, 16)], [0, 8, 4]),  # a hole in the middle: the last run moves into it
+        ([(0, 4), (4, 8)], [0, 4]),  # the end left: nothing moves
+        ([(3, 4), (4, 5), (8, 10)], [3, 2, 0]),  # the last two fill the free rows before the first
+        ([(2, 4), (6, 12)], [0, 2]),  # a run part past the end: the runs move forward in order
+        ([(0, 2), (6, 14), (14, 16)], [0, 4, 2]),  # the last moved in, the rows still free closed up
+    ],
+)
+def test_packing_moves_the_fewest_rows_it_can(ranges: list[tuple[int, int]], starts: list[int]) -> None:
+    placed = _packing(ranges)
+    assert placed == starts
+    total = sum(stop - start for start, stop in ranges)
+    rows = sorted(
+        row for (start, stop), first in zip(ranges, placed) for row in range(first, first + stop - start)
+    )
+    assert rows == list(range(total))  # the runs tile the rows they hold
+
+
+def test_newcomers_take_over_the_rows_of_runs_that_left() -> None:
+    """A run that leaves frees its rows at once; a newcomer of as many rows joins into them at the next
+    step (the batch's arrays written where they lie, its size the same), and every result is the run's
+    own, as alone."""
+    models = _models()
+    lane = Lane(models, "guided")
+    first = [_run(models, seed, limit) for seed, limit in ((1, 2), (2, 6))]
+    for run in first:
+        lane.add(run)
+    while not any(run.result is not None for run in first):
+        lane.step()
+    assert lane.particles is not None and lane.rows == 4 and lane.particles.num_prompts == 8
+    tokens = lane.particles.tokens
+    newcomer = _run(models, 3, 3)
+    lane.add(newcomer)
+    lane.step()
+    assert lane.particles.tokens is tokens and lane.particles.num_prompts == 8 and lane.rows == 8
+    assert [(m.start, m.stop) for m in lane.members] == [(0, 4), (4, 8)]
+    assert lane.members[0].run is newcomer
+    while newcomer.result is None or first[1].result is None:
+        lane.step()
+    for seed, limit, run in ((1, 2, first[0]), (2, 6, first[1]), (3, 3, newcomer)):
+        alone = run_alone(models, _run(models, seed, limit))
+        assert run.result is not None
+        assert [s.tolist() for s in alone.samples] == [s.tolist() for s in run.result.samples]
+        np.testing.assert_array_equal(alone.log_z, run.result.log_z)

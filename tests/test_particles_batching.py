@@ -200,9 +200,9 @@ def in_place_batch(rows: int, width: int, fill: float, capacity: int) -> Particl
 
 
 def test_in_place_entries_join_into_spare_rows_without_copying_the_batch() -> None:
-    """A batch joined with ``in_place`` entries gets spare rows; the next join writes the newcomers there
-    (padded on the right to the batch's width) and returns a view of the same memory, the batch's rows not
-    copied; a second join from the same batch cannot take the rows the first took: it copies."""
+    """A batch joined with ``in_place`` entries gets spare rows; the next join writes the newcomers' own
+    columns there and returns a view of the same memory, the batch's rows not copied; a second join from
+    the same batch cannot take the rows the first took: it copies."""
     lane = Particles.concatenate([in_place_batch(3, 5, 1.0, 8), in_place_batch(2, 2, 2.0, 2)])
     cache = lane.state["cache"]
     assert cache.shape == (5, 1, 2, 8, 3)
@@ -216,8 +216,7 @@ def test_in_place_entries_join_into_spare_rows_without_copying_the_batch() -> No
     assert grown.shape == (6, 1, 2, 8, 3)
     assert grown.base is cache.base and grown.ctypes.data == cache.ctypes.data  # the batch's rows in place
     np.testing.assert_array_equal(grown[:5], cache)
-    np.testing.assert_array_equal(grown[5, :, :, :4], 3.0)
-    np.testing.assert_array_equal(grown[5, :, :, 4:], 0.0)
+    np.testing.assert_array_equal(grown[5, :, :, :4], 3.0)  # past its columns: never read, left as found
     assert joined.state["mask"].shape == (6, 1, 5)  # the mask is copied and padded as before
 
     again = Particles.concatenate([lane, in_place_batch(1, 4, 4.0, 4)])  # the rows behind are taken
@@ -257,3 +256,124 @@ def test_an_in_place_join_of_another_shape_is_refused_by_name() -> None:
     np.testing.assert_array_equal(lane.state["cache"], before)
     joined = Particles.concatenate([lane, in_place_batch(1, 2, 4.0, 2)])
     assert np.shares_memory(joined.state["cache"], lane.state["cache"])
+
+
+def test_fill_rows_writes_a_newcomer_over_rows_in_place(policy: OnnxCausalLM) -> None:
+    """``fill_rows`` writes a part over a batch's rows where they lie: tokens, state (a narrower padded
+    entry padded with zeros on its side), prompts, prompt tokens and errors; the other rows and the
+    arrays themselves stay. A part that does not fit (wider padded state, another particle count) is
+    refused with False and nothing written; bad rows raise naming ``start``."""
+    lane = Particles.concatenate(
+        [policy.start(["the quick brown"], 2).one_per_prompt(), policy.start(["hello"], 2).one_per_prompt()]
+    )
+    arrays = {name: array for name, array in lane.state.items()}
+    before = {name: array.copy() for name, array in lane.state.items()}
+    newcomer = policy.start(["ab"], 2).one_per_prompt()
+    newcomer.errors = {1: "refused"}
+    assert lane.fill_rows(0, newcomer)
+    expected = Particles.concatenate([newcomer, lane.view_rows(2, 4)])  # as narrow as it can be
+    for name, array in lane.state.items():
+        assert array is arrays[name], name  # written where it lies
+        np.testing.assert_array_equal(array[2:], before[name][2:], err_msg=name)
+        if name in lane.aligned:  # left-padded: the newcomer's columns last, zeros before
+            axis = lane.aligned[name][0]
+            pad = array.shape[axis] - expected.state[name].shape[axis]
+            assert pad > 0, name
+            kept = (slice(0, 2), *(slice(None),) * (axis - 1), slice(pad, None))
+            np.testing.assert_array_equal(array[kept], expected.state[name][:2], err_msg=name)
+            padding = (slice(0, 2), *(slice(None),) * (axis - 1), slice(0, pad))
+            np.testing.assert_array_equal(array[padding], 0, err_msg=name)
+        else:
+            np.testing.assert_array_equal(array[:2], expected.state[name][:2], err_msg=name)
+    assert lane.prompts == ["ab", "ab", "hello", "hello"] and lane.errors == {1: "refused"}
+    assert lane.prompt_tokens is not None and newcomer.prompt_tokens is not None
+    np.testing.assert_array_equal(lane.prompt_tokens[0], newcomer.prompt_tokens[0])
+    np.testing.assert_array_equal(lane.tokens[:2], newcomer.tokens)
+
+    wider = policy.start(["the quick brown fox jumps"], 1).one_per_prompt()
+    snapshot = {name: array.copy() for name, array in lane.state.items()}
+    assert not lane.fill_rows(3, wider)  # its prompt is wider than the batch's columns
+    assert not lane.fill_rows(0, policy.start(["ab"], 2))  # two particles a prompt, not one
+    for name, array in lane.state.items():
+        np.testing.assert_array_equal(array, snapshot[name], err_msg=name)
+    with pytest.raises(IndexError, match="start: rows 3:5"):
+        lane.fill_rows(3, newcomer)
+
+
+def test_fill_rows_drops_state_the_newcomer_lacks() -> None:
+    """A state entry the part lacks (a model's lazily made state) is dropped from the batch, as a join
+    drops it; one only the part has is not added."""
+    lane = Particles.empty([None] * 3, 1, 4)
+    lane.state.update(kept=np.zeros((3, 1)), lazy=np.zeros((3, 1)))
+    part = Particles.empty(["new"], 1, 2)
+    part.state.update(kept=np.ones((1, 1)), own=np.ones((1, 1)))
+    assert lane.fill_rows(1, part)
+    assert sorted(lane.state) == ["kept"] and lane.state["kept"].ravel().tolist() == [0.0, 1.0, 0.0]
+    assert lane.prompts == [None, "new", None]
+
+
+def test_packed_moves_rows_to_the_front_and_frees_the_rest_for_joins() -> None:
+    """``packed`` is ``select`` made in the batch's own memory: the rows asked for, in order, moved to
+    the front (prompts and errors with them) and the batch cut there; an ``in_place`` entry's rows after
+    the cut are free again, so the next join writes its newcomers there instead of copying."""
+    lane = Particles.concatenate([in_place_batch(2, 3, 1.0, 6), in_place_batch(3, 2, 2.0, 6)])
+    lane.prompts = ["a", "b", "c", "d", "e"]
+    lane.errors = {3: "bad"}
+    lane.tokens[:, 0, 0] = np.arange(5)
+    lane.state["cache"][:, 0, 0, 0, 0] = np.arange(5)
+    expected = lane.select([4, 1, 3])
+    memory = lane.state["cache"].ctypes.data
+    packed = lane.packed([4, 1, 3])
+    assert packed.prompts == ["e", "b", "d"] and packed.errors == {2: "bad"}
+    assert packed.tokens[:, 0, 0].tolist() == [4, 1, 3]
+    assert packed.state["cache"].ctypes.data == memory  # the same memory, cut
+    np.testing.assert_array_equal(packed.state["cache"][:, :, :, :2], expected.state["cache"][:, :, :, :2])
+    np.testing.assert_array_equal(packed.state["mask"], expected.state["mask"])
+    joined = Particles.concatenate([packed, in_place_batch(2, 2, 3.0, 6)])
+    assert joined.state["cache"].ctypes.data == memory  # the newcomers went into the rows freed
+    np.testing.assert_array_equal(joined.state["cache"][3:, :, :, :2], 3.0)
+    with pytest.raises(ValueError, match="each prompt at most once"):
+        joined.packed([0, 0])
+    with pytest.raises(IndexError, match=r"prompts: indices must lie in \[0, 5\)"):
+        joined.packed([5])
+
+
+def test_a_join_given_the_first_part_moves_its_rows_to_the_front() -> None:
+    """``concatenate(..., reuse_first=True)``: where no spare rows are left behind the first part's but
+    the rows before them are free (its front rows left), they move to the front of their memory, in
+    blocks that never overlap their source, and the newcomers are written after them; without it, the
+    join copies into new memory and the first part is left as it was."""
+    lane = Particles.concatenate([in_place_batch(4, 2, 1.0, 4), in_place_batch(4, 2, 2.0, 4)])
+    owner = lane.state["cache"].base
+    assert owner is not None and owner.shape[0] == 13  # 8 rows and 5 spare
+    lane.state["cache"][:, 0, 0, 0, 0] = np.arange(8)
+    lane = Particles.concatenate([lane, in_place_batch(5, 2, 3.0, 4)])  # the spare rows taken
+    back = lane.view_rows(3, 13)  # the first three rows left
+    rows = back.state["cache"][:, 0, 0, 0, 0].copy()
+    copied = Particles.concatenate([back, in_place_batch(2, 2, 4.0, 4)])
+    assert not np.shares_memory(copied.state["cache"], owner)
+    np.testing.assert_array_equal(back.state["cache"][:, 0, 0, 0, 0], rows)  # left as it was
+    moved = Particles.concatenate([back, in_place_batch(2, 2, 4.0, 4)], reuse_first=True)
+    cache = moved.state["cache"]
+    assert cache.ctypes.data == owner.ctypes.data and cache.shape[0] == 12
+    np.testing.assert_array_equal(cache[:10, 0, 0, 0, 0], rows)
+    np.testing.assert_array_equal(cache[10:, :, :, :2], 4.0)
+
+
+def test_trim_padding_drops_unused_columns_by_cost() -> None:
+    """``trim_padding``: a mask whose other entries are in place loses every column no row uses (only
+    the mask is copied); copied entries only where those columns are at least the share asked."""
+    lane = Particles.concatenate([in_place_batch(2, 5, 1.0, 8), in_place_batch(2, 2, 2.0, 8)])
+    short = lane.view_rows(2, 4)
+    assert not short.trims_by_copying()
+    short.trim_padding(0.9)
+    assert short.state["mask"].shape[-1] == 2 and short.state["cache"].shape[3] == 8
+    copied = Particles.empty([None] * 2, 1, 4)
+    copied.state.update(mask=np.zeros((2, 1, 8), np.int64), cache=np.zeros((2, 1, 8, 3)))
+    copied.state["mask"][:, :, 6:] = 1  # left-padded: 6 columns no row uses
+    copied.aligned.update(mask=(2, "mask"), cache=(2, "mask"))
+    assert copied.trims_by_copying()
+    copied.trim_padding(0.8)
+    assert copied.state["cache"].shape[2] == 8
+    copied.trim_padding(0.75)
+    assert copied.state["cache"].shape[2] == 2 and copied.state["mask"].shape[2] == 2

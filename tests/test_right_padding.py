@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pytest
 import tiltsmc
 from tiltsmc import cli
-from tiltsmc.models import OnnxCausalLM, OnnxRewardModel, Particles, PolicyValue
+from tiltsmc.models import OnnxCausalLM, OnnxRewardModel, Particles, PolicyValue, onnx_lm
 from tiltsmc.models import particles as particles_module
 from tiltsmc.samplers._engine import Models
 from tiltsmc.samplers.lane import Lane, run_alone
@@ -269,10 +269,47 @@ def test_the_cache_is_written_in_place_where_the_graph_allows() -> None:
     assert 1 <= grown <= 2  # 25 columns more: one or two moves, not one a step
 
 
-def test_cache_in_place_is_bitwise_the_copied_cache() -> None:
+def poison_unwritten(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NaN in every column of a KV cache written in place that tiltsmc leaves as it was (the memory of
+    spare rows and of wider caches, a row's columns past its own after a newcomer takes it over): a
+    session that read one would give NaN."""
+    make = particles_module._SpareRows.make
+
+    def poisoned_make(self: Any, shape: Any, dtype: Any) -> np.ndarray:
+        made = make(self, shape, dtype)
+        made.base[...] = np.nan
+        return made
+
+    widened = onnx_lm.widened
+
+    def poisoned_widened(array: np.ndarray, width: int, axis: int) -> np.ndarray:
+        grown = widened(array, width, axis)
+        grown[(*(slice(None),) * axis, slice(array.shape[axis], None))] = np.nan
+        return grown
+
+    fill_rows = Particles.fill_rows
+
+    def poisoned_fill_rows(self: Particles, start: int, part: Particles) -> bool:
+        saved = {key: self.state[key][start : start + part.num_prompts].copy() for key in self.in_place}
+        for key in self.in_place:
+            self.state[key][start : start + part.num_prompts] = np.nan
+        if fill_rows(self, start, part):
+            return True
+        for key, rows in saved.items():
+            self.state[key][start : start + part.num_prompts] = rows
+        return False
+
+    monkeypatch.setattr(particles_module._SpareRows, "make", poisoned_make)
+    monkeypatch.setattr(onnx_lm, "widened", poisoned_widened)
+    monkeypatch.setattr(Particles, "fill_rows", poisoned_fill_rows)
+
+
+def test_cache_in_place_is_bitwise_the_copied_cache(monkeypatch: pytest.MonkeyPatch) -> None:
     """The same seeded runs with the cache written in place and copied give the same samples, weights
     and log Z bit for bit: a policy with a value head (the value read from the same call), and multi-token
-    steps whose calls run on the rows still writing them; the other samplers draw the same samples."""
+    steps whose calls run on the rows still writing them; the other samplers draw the same samples. In
+    place, every column no row has written holds NaN (``poison_unwritten``): none is read."""
+    poison_unwritten(monkeypatch)
     cases = [
         (dict(value_output="value"), GQA_VALUE, True),
         (dict(step={SPACE}, step_rows_below=0.75), GQA, False),
@@ -317,21 +354,39 @@ def test_cache_in_place_is_refused_where_it_cannot_be() -> None:
     assert not OnnxCausalLM(GQA, cache_in_place=False).cache_in_place
 
 
-def test_runs_joining_a_lane_write_only_their_rows(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A lane of runs joining one or two steps apart, the policy's cache written in place: the joins write
-    the newcomers into spare rows behind the batch's (the batch's cache not copied) where they fit, and
-    every run's samples are those it draws alone, its log Z and weights the same to float rounding."""
-    policy = OnnxCausalLM(GQA, max_new_tokens=8, eos_token_id=ENDS)
-    models = Models(policy, OnnxRewardModel(PRM, kind="logit"), Compute())
+@pytest.mark.parametrize("value_head", [True, False])
+def test_runs_joining_a_lane_write_only_their_rows(monkeypatch: pytest.MonkeyPatch, value_head: bool) -> None:
+    """A lane of runs joining one or two steps apart, the policy's cache written in place (the reward a
+    value head of the policy's graph, or a reward model of its own): the joins write the newcomers over
+    the rows of runs that left, or behind the batch's, into spare rows (the batch's cache not copied),
+    and every run's samples are those it draws alone, its log Z and weights the same to float rounding.
+    The columns no row has written hold NaN (``poison_unwritten``), the rows of runs that left among
+    them."""
+    poison_unwritten(monkeypatch)
+    if value_head:
+        policy = OnnxCausalLM(GQA_VALUE, max_new_tokens=4, eos_token_id=ENDS, value_output="value")
+        reward: Any = PolicyValue(policy, kind="logit")
+    else:
+        policy = OnnxCausalLM(GQA, max_new_tokens=4, eos_token_id=ENDS)
+        reward = OnnxRewardModel(PRM, kind="logit")
+    models = Models(policy, reward, Compute())
     behind = particles_module._SPARE_ROWS.behind
     spare_joins: list[bool] = []
 
-    def counted(array: np.ndarray, rows: int) -> Any:
-        found = behind(array, rows)
+    def counted(array: np.ndarray, rows: int, move: bool = False) -> Any:
+        found = behind(array, rows, move)
         spare_joins.append(found is not None)
         return found
 
     monkeypatch.setattr(particles_module._SPARE_ROWS, "behind", counted)
+    fill_rows = Particles.fill_rows
+    fills: list[bool] = []
+
+    def counted_fill(self: Particles, start: int, part: Particles) -> bool:
+        fills.append(fill_rows(self, start, part))
+        return fills[-1]
+
+    monkeypatch.setattr(Particles, "fill_rows", counted_fill)
 
     def run(seed: int) -> Any:
         prompt = PROMPTS[seed % len(PROMPTS)]
@@ -340,7 +395,7 @@ def test_runs_joining_a_lane_write_only_their_rows(monkeypatch: pytest.MonkeyPat
         )  # fmt: skip
 
     lane = Lane(models, "guided")
-    runs = [run(seed) for seed in range(10)]
+    runs = [run(seed) for seed in range(14)]
     waiting, ended = list(runs), 0
     while ended < len(runs):
         for _ in range(1 if len(waiting) % 3 else 2):  # one or two runs join at a step
@@ -349,7 +404,8 @@ def test_runs_joining_a_lane_write_only_their_rows(monkeypatch: pytest.MonkeyPat
         for _, error in lane.step():
             assert error is None
             ended += 1
-    assert sum(spare_joins) >= 8, spare_joins  # two joins or more, four cache tensors each
+    assert sum(fills) >= 2, fills  # newcomers took over the rows of runs that had left
+    assert sum(spare_joins) >= 8, spare_joins  # and joined behind, into spare rows: four tensors a join
     for seed, together in enumerate(runs):
         alone = run_alone(models, run(seed))
         assert isinstance(alone, SamplerResult) and together.result is not None

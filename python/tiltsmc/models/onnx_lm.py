@@ -605,7 +605,9 @@ class OnnxCausalLM:
         columns, and the largest absolute value of the plain step's.
 
         Two prompts (2 and 4 tokens, right-padded) run, then one step feeds both a token with the cache in
-        arrays three columns wider than the step needs.
+        arrays three columns wider than the step needs, NaN in every row's columns past its length: a
+        batch's rows hold what other runs or the memory left there (``Particles.in_place``), which the
+        operator must never read.
         """
         short, long, token = probe_ids(self.vocab_size)
         ids, mask, positions = self._padded([short, long])
@@ -616,6 +618,9 @@ class OnnxCausalLM:
         )
         plain_logits, plain_present = self._run(step_ids, step_mask, step_positions, past)
         buffers = [widened(cache, mask.shape[1] + 4, 2) for cache in past]
+        for buffer in buffers:
+            for row, length in enumerate(np.count_nonzero(mask, axis=1).tolist()):
+                buffer[row, :, length:] = np.nan
         logits, _ = self._run_in_place(step_ids, step_mask, step_positions, buffers)
         lengths = np.count_nonzero(step_mask, axis=1).tolist()
         pairs = [(logits, plain_logits)] + [
@@ -849,8 +854,9 @@ class OnnxCausalLM:
         """The state's caches as ``(rows, kv_heads, capacity, head_dim)`` arrays a session writes in place,
         at least ``width`` columns wide: the state's own arrays where they are, else (too narrow, or not
         writeable and C-contiguous) copies into wider ones (``widened``: with spare rows where the batch had
-        them), stored in the state. The new columns are zeroed: the operator reads no column past a row's
-        length, and zeros there can never be NaN.
+        them), stored in the state. The new columns are not initialised, nor are a row's columns past
+        its length after a join (another run's, or the memory's): the operator reads no column past a
+        row's length (``in_place_difference`` checks it with NaN there, at load).
 
         A copy is as wide as the batch can ever need (``width`` and one column a token its rows may still
         take, at most ``max_new_tokens`` or the sampler's limit) where that is at most twice ``width``, so

@@ -179,7 +179,7 @@ class Particles:
         )
 
     @classmethod
-    def concatenate(cls, parts: Sequence[Particles]) -> Particles:
+    def concatenate(cls, parts: Sequence[Particles], *, reuse_first: bool = False) -> Particles:
         """One batch of the parts' prompts, in order (the parts are left as they were).
 
         Every part must have the same particle count. Token buffers of different capacities are
@@ -196,6 +196,12 @@ class Particles:
         and the result is a view of the same memory (only the newcomers copied). The joined batch and the
         first part then share those rows, as after
         [`view_rows`][tiltsmc.models.particles.Particles.view_rows]: use the joined batch in its place.
+
+        ``reuse_first``: the first part is given up (a serving lane's batch, which the joined batch
+        replaces; nothing reads it or a view of its memory afterwards). Where too few spare rows are left
+        behind its ``in_place`` rows but the rows before them are free (left by the batch's earlier rows
+        that have gone), its rows are moved to the front of their memory to make room, a copy within memory
+        already in use, instead of into new memory. Every part is checked before anything is moved.
         """
         if not parts:
             raise ValueError("parts: expected at least one batch to concatenate")
@@ -230,12 +236,16 @@ class Particles:
             for mask_key in {mask for _, mask in aligned.values()}
         }
         state: dict[str, Any] = {}
+        written_in_place: dict[str, tuple[list[np.ndarray], int, bool]] = {}
         for key in parts[0].state:
             if all(key in part.state for part in parts):
                 alignment = aligned.get(key)
                 arrays = [part.state[key] for part in parts]
                 if key in in_place and alignment is not None and alignment[1] in right_padded:
-                    state[key] = _joined_in_place(key, arrays, alignment[0])
+                    # joined last, once every entry is known to join: they may move the first part's rows
+                    fits = _in_place_fits(key, arrays, alignment[0])
+                    written_in_place[key] = (arrays, alignment[0], fits)
+                    state[key] = None
                     continue
                 state[key] = _joined_state(
                     key,
@@ -244,6 +254,8 @@ class Particles:
                     None if alignment is None else skips[alignment[1]],
                     alignment is not None and alignment[1] in right_padded,
                 )
+        for key, (arrays, axis, fits) in written_in_place.items():
+            state[key] = _joined_in_place(arrays, axis, fits, reuse_first)
         return cls(
             prompts=[prompt for part in parts for prompt in part.prompts],
             tokens=tokens,
@@ -308,11 +320,147 @@ class Particles:
             in_place=set(self.in_place),
         )
 
+    def fill_rows(self, start: int, part: Particles) -> bool:
+        """Write ``part``'s prompts over this batch's prompts ``start:start + part.num_prompts`` (their
+        tokens, state, prompt, prompt tokens and errors), in place: a batch's rows that a run has left,
+        taken by a newcomer without copying the batch. Returns False, having written nothing, where the
+        part does not fit in place: a wider token buffer or ``aligned`` entry (after leaving out its
+        columns that are padding in all its rows, as ``concatenate`` does), another particle count, state
+        laid out otherwise, or an array that is not a writeable C-contiguous host array. ``aligned`` entries
+        narrower than the batch's are padded with zeros on their padding side, but ``in_place`` ones, whose
+        columns past the part's are left as they were (the model reads none past a row's length). A state
+        entry the part lacks is dropped from the batch (as by ``concatenate``: the model creates it again
+        for the whole batch).
+        """
+        if not isinstance(part, Particles):
+            raise TypeError(f"part: expected Particles, got {type(part).__name__}")
+        stop = start + part.num_prompts
+        if not 0 <= start <= stop <= self.num_prompts:
+            raise IndexError(
+                f"start: rows {start}:{stop} do not lie in the batch's {self.num_prompts} prompts"
+            )
+        self.flush()
+        part.flush()
+        same_layout = (
+            part.num_particles == self.num_particles
+            and part.aligned == self.aligned
+            and part.right_padded == self.right_padded
+            and part.in_place == self.in_place
+            and (part.prompt_tokens is None) == (self.prompt_tokens is None)
+            and part.tokens.shape[2] <= self.tokens.shape[2]
+        )
+        if not same_layout:
+            return False
+        writes: list[tuple[str, np.ndarray, np.ndarray, Optional[tuple[int, int, bool]]]] = []
+        skips = {
+            mask: _unused(part.state.get(mask), mask in self.right_padded)
+            for mask in {mask for _, mask in self.aligned.values()}
+        }
+        for key, array in self.state.items():
+            if key not in part.state:
+                continue
+            source = part.state[key]
+            if not (
+                type(array) is np.ndarray
+                and type(source) is np.ndarray
+                and array.flags.c_contiguous
+                and array.flags.writeable
+                and source.dtype == array.dtype
+                and source.ndim == array.ndim
+            ):
+                return False
+            alignment = self.aligned.get(key)
+            if alignment is None:
+                if source.shape[1:] != array.shape[1:]:
+                    return False
+                writes.append((key, array, source, None))
+                continue
+            axis, mask = alignment
+            skip = 0 if key in self.in_place else min(skips[mask], source.shape[axis])
+            inner = source.shape[1:axis] + source.shape[axis + 1 :]
+            if inner != array.shape[1:axis] + array.shape[axis + 1 :]:
+                return False
+            if source.shape[axis] - skip > array.shape[axis]:
+                return False
+            writes.append((key, array, source, (axis, skip, mask in self.right_padded)))
+        rows = slice(start, stop)
+        self.tokens[rows] = 0
+        self.tokens[rows, :, : part.tokens.shape[2]] = part.tokens
+        self.lengths[rows] = part.lengths
+        self.finished[rows] = part.finished
+        for key, array, source, padding in writes:
+            if padding is None:
+                array[rows] = source
+            elif key in self.in_place:  # its own columns: the model reads none past a row's length
+                axis = padding[0]
+                array[(rows, *(slice(None),) * (axis - 1), slice(0, source.shape[axis]))] = source
+            else:
+                axis, skip, on_right = padding
+                core.concatenate_padded(
+                    [source], axis, [skip], "right" if on_right else "left", out=array[rows]
+                )
+        for key in [key for key in self.state if key not in part.state]:
+            del self.state[key]
+        self.prompts[rows] = part.prompts
+        if self.prompt_tokens is not None and part.prompt_tokens is not None:
+            self.prompt_tokens[rows] = part.prompt_tokens
+        self.errors = {b: m for b, m in self.errors.items() if not start <= b < stop}
+        self.errors.update((start + b, message) for b, message in part.errors.items())
+        return True
+
+    def packed(self, prompts: npt.ArrayLike) -> Particles:
+        """The batch of ``prompts`` (indices along the prompt axis, each at most once, in that order),
+        what [`select`][tiltsmc.models.particles.Particles.select] gives, made by moving them to the front
+        of this batch's memory (only the prompts not already in their place are copied, by the in-place
+        reorder) and cutting there, instead of copying the batch: this batch is given up (its arrays are
+        overwritten; use the new one in its place). ``in_place`` entries free the rows after the cut for
+        later joins (``concatenate`` writes newcomers there)."""
+        index = np.asarray(prompts, dtype=np.int64).reshape(-1)
+        count = self.num_prompts
+        if index.size and (index.min() < 0 or index.max() >= count):
+            raise IndexError(f"prompts: indices must lie in [0, {count}), got {index.tolist()}")
+        if np.unique(index).size != index.size:
+            raise ValueError(f"prompts: each prompt at most once, got {index.tolist()}")
+        self.flush()
+        kept = index.size
+        if not np.array_equal(index, np.arange(kept)):
+            n = self.num_particles
+            ancestors = np.arange(count * n, dtype=np.int64)
+            ancestors[: kept * n] = (index[:, None] * n + np.arange(n)).reshape(-1)
+            self.reorder(ancestors[None, :], across_prompts=True)
+            positions = index.tolist()
+            self.prompts[:kept] = [self.prompts[b] for b in positions]
+            if self.prompt_tokens is not None:
+                self.prompt_tokens[:kept] = [self.prompt_tokens[b] for b in positions]
+            where = {b: k for k, b in enumerate(positions)}
+            self.errors = {where[b]: m for b, m in self.errors.items() if b in where}
+        cut = self.view_rows(0, kept)
+        for key in self.in_place:
+            array = self.state.get(key)
+            if type(array) is np.ndarray and cut.state.get(key) is not None:
+                cut.state[key] = _SPARE_ROWS.cut(array, kept)
+        return cut
+
+    def trims_by_copying(self) -> bool:
+        """Whether dropping padding columns copies more than masks: an ``aligned`` entry that is neither a
+        mask nor ``in_place`` (a KV cache padded on the left, or copied at every step)."""
+        masks = {mask for _, mask in self.aligned.values()}
+        return any(key not in masks and key not in self.in_place for key in self.aligned)
+
+    def trim_padding(self, at_least: float = 0.0) -> None:
+        """Drop the columns of ``aligned`` entries (but those ``in_place``) that are padding in every row,
+        where they are at least ``at_least`` of the entries' width (the entries are copied without them),
+        or where the mask itself is the only entry to copy (its other entries in place): any such column.
+        A batch whose rows are taken over by others (``fill_rows``) keeps columns no row uses; a decoder's
+        attention pays for every column it is given."""
+        self.flush()
+        self.state = self._state_rows(slice(None), trim_from=at_least)
+
     def _state_rows(self, rows: Any, trim_from: float) -> dict[str, Any]:
         """Every state array at ``rows`` along the prompt axis (an index array: copies; a slice: views);
         the ``aligned`` entries of a mask lose the columns on their padding side that are padding in every
-        row kept where these are at least ``trim_from`` of its width (which copies them), but for those
-        ``in_place``."""
+        row kept where these are at least ``trim_from`` of its width, or where the mask is the only one
+        to lose them (which copies them), but for those ``in_place``."""
         state: dict[str, Any] = {}
         for key, array in self.state.items():
             if not isinstance(array, np.ndarray):
@@ -324,7 +472,8 @@ class Particles:
             on_right = mask_key in self.right_padded
             unused = _unused(state[mask_key], on_right)
             width = state[mask_key].shape[-1]
-            if unused and unused >= trim_from * width:
+            copied = [k for k, (_, m) in self.aligned.items() if m == mask_key and k not in self.in_place]
+            if unused and (unused >= trim_from * width or copied == [mask_key]):
                 kept = slice(0, width - unused) if on_right else slice(unused, None)
                 for key, (axis, mask) in self.aligned.items():
                     if mask == mask_key and key in state and key not in self.in_place:
@@ -423,11 +572,11 @@ class _SpareRows:
         self._lock = threading.Lock()  # lanes of several workers join at once
 
     def make(self, shape: Sequence[int], dtype: Any) -> np.ndarray:
-        """A zeroed array of ``shape`` that is the first rows of one with half as many again (zeroed too:
-        a later join writes only its parts' own columns there). Fresh memory comes zeroed from the
-        system, so the zeros cost no writes."""
+        """An array of ``shape``, not initialised, that is the first rows of one with half as many again
+        (not initialised either: a join writes its parts' own columns there; an ``in_place`` entry's
+        columns past a row's length are never read)."""
         rows = int(shape[0])
-        owner = np.zeros((rows + rows // 2 + 1, *shape[1:]), dtype=dtype)
+        owner = np.empty((rows + rows // 2 + 1, *shape[1:]), dtype=dtype)
         key = id(owner)
         with self._lock:
             self._taken[key] = (weakref.ref(owner), rows)
@@ -449,10 +598,48 @@ class _SpareRows:
             if entry is not None and entry[0]() is None:
                 del self._taken[key]
 
-    def behind(self, array: np.ndarray, rows: int) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    def behind(
+        self, array: np.ndarray, rows: int, move: bool = False
+    ) -> Optional[tuple[np.ndarray, np.ndarray]]:
         """The ``rows`` rows right behind ``array``'s in the spare rows of the array it is a view of, now
         taken, and ``array``'s rows with them (views); None where it is no such view, another join took
-        the rows behind it, or too few are left."""
+        the rows behind it, or too few are left.
+
+        With ``move`` (the caller gives ``array`` up), where too few are left but the memory's rows before
+        ``array``'s make room (rows taken by earlier joins, whose batches have left: ``array`` ends where
+        the rows taken end, so no later batch holds them), ``array``'s rows are first moved to the front of
+        the memory; the views are then of the rows there."""
+        placed = self._last_taken(array)
+        if placed is None:
+            return None
+        owner, offset, end = placed
+        moved_from = None
+        with self._lock:
+            if not self._still_last(owner, end):
+                return None
+            if end + rows > owner.shape[0]:
+                if not move or not offset or array.shape[0] + rows > owner.shape[0]:
+                    return None
+                moved_from, offset, end = offset, 0, array.shape[0]
+            self._taken[id(owner)] = (self._taken[id(owner)][0], end + rows)
+        if moved_from is not None:
+            _move_to_front(owner, moved_from, end)
+        return owner[end : end + rows], owner[offset : end + rows]
+
+    def cut(self, array: np.ndarray, rows: int) -> np.ndarray:
+        """``array``'s first ``rows`` rows (a view), the rest of its rows free for later joins where it
+        ends where the rows taken of its memory end (the caller gives those rows up)."""
+        placed = self._last_taken(array)
+        if placed is not None:
+            owner, offset, end = placed
+            with self._lock:
+                if self._still_last(owner, end):
+                    self._taken[id(owner)] = (self._taken[id(owner)][0], offset + rows)
+        return array[:rows]
+
+    def _last_taken(self, array: np.ndarray) -> Optional[tuple[np.ndarray, int, int]]:
+        """The array ``array`` is a view of (made here), and the rows of it ``array`` starts and ends at;
+        None where it is no whole-row view of such an array."""
         owner = array.base
         if not isinstance(owner, np.ndarray) or not array.flags.c_contiguous or not owner.flags.c_contiguous:
             return None
@@ -460,15 +647,21 @@ class _SpareRows:
         if row_bytes <= 0 or array.shape[1:] != owner.shape[1:] or array.dtype != owner.dtype:
             return None
         offset, rest = divmod(array.ctypes.data - owner.ctypes.data, row_bytes)
-        end = offset + array.shape[0]
-        with self._lock:
-            entry = self._taken.get(id(owner))
-            if rest or entry is None or entry[0]() is not owner or entry[1] != end:
-                return None
-            if end + rows > owner.shape[0]:
-                return None
-            self._taken[id(owner)] = (entry[0], end + rows)
-        return owner[end : end + rows], owner[offset : end + rows]
+        return None if rest else (owner, offset, offset + array.shape[0])
+
+    def _still_last(self, owner: np.ndarray, end: int) -> bool:
+        """Whether ``owner`` is registered here and its rows taken end at ``end`` (call with the lock)."""
+        entry = self._taken.get(id(owner))
+        return entry is not None and entry[0]() is owner and entry[1] == end
+
+
+def _move_to_front(owner: np.ndarray, start: int, count: int) -> None:
+    """Rows ``start:start + count`` of ``owner`` copied to rows ``0:count`` (``start > 0``), in blocks of
+    ``start`` rows taken in order: a block's rows are read before any block writes over them, and no block
+    overlaps its own target (numpy would copy an overlapping one through a temporary)."""
+    for first in range(0, count, start):
+        last = min(first + start, count)
+        owner[first:last] = owner[start + first : start + last]
 
 
 _SPARE_ROWS = _SpareRows()
@@ -476,56 +669,58 @@ _SPARE_ROWS = _SpareRows()
 
 def widened(array: np.ndarray, width: int, axis: int) -> np.ndarray:
     """A copy of ``array`` ``width`` wide along ``axis`` (at least its width), its entries at the start and
-    zeros after; made with spare rows where ``array`` has them (a batch that joins others keeps room for
-    them: see [`Particles.concatenate`][tiltsmc.models.particles.Particles.concatenate])."""
+    the columns after not initialised (an ``in_place`` KV cache, whose session reads no column past a
+    row's length); made with spare rows where ``array`` has them (a batch that joins others keeps room
+    for them: see [`Particles.concatenate`][tiltsmc.models.particles.Particles.concatenate])."""
     shape = list(array.shape)
     old, shape[axis] = shape[axis], width
     spare = _SPARE_ROWS.has_spare_rows(array)
-    grown = _SPARE_ROWS.make(shape, array.dtype) if spare else np.zeros(shape, array.dtype)
+    grown = _SPARE_ROWS.make(shape, array.dtype) if spare else np.empty(shape, array.dtype)
     grown[(*(slice(None),) * axis, slice(0, old))] = array
     return grown
 
 
-def _joined_in_place(key: str, arrays: list[Any], axis: int) -> np.ndarray:
-    """An ``in_place`` state entry of
-    [`Particles.concatenate`][tiltsmc.models.particles.Particles.concatenate], right-padded along ``axis``:
-    the later parts written into the spare rows behind the first's, as wide as it, where it has them (a
-    view of its memory: the first part's rows not copied); else every part copied into a new array with
-    spare rows, as wide as the widest part (nothing trimmed)."""
+def _in_place_fits(key: str, arrays: list[Any], axis: int) -> bool:
+    """Whether the parts of an ``in_place`` state entry (right-padded along ``axis``) can be written behind
+    the first's rows: the first's shape but for the rows, at most its width, the same dtype. Parts that
+    cannot be joined at all are refused, naming the entry."""
     for array in arrays:
         if not isinstance(array, np.ndarray):
             raise TypeError(f"Particles.state[{key!r}]: {type(array).__name__} cannot be concatenated")
     shapes = [array.shape for array in arrays]
     if any(array.ndim <= axis for array in arrays):
         raise ValueError(f"Particles.state[{key!r}]: shapes {shapes} have no axis {axis}")
+    inner = [shape[1:axis] + shape[axis + 1 :] for shape in shapes]
+    if any(other != inner[0] for other in inner):
+        raise ValueError(f"Particles.state[{key!r}]: shapes {shapes} differ beyond the (B, N) axes")
+    first = arrays[0]
+    return all(a.dtype == first.dtype and a.shape[axis] <= first.shape[axis] for a in arrays[1:])
+
+
+def _joined_in_place(arrays: list[np.ndarray], axis: int, fits: bool, reuse_first: bool) -> np.ndarray:
+    """An ``in_place`` state entry of
+    [`Particles.concatenate`][tiltsmc.models.particles.Particles.concatenate], right-padded along ``axis``
+    (checked by ``_in_place_fits``): the later parts' own columns written into the spare rows behind the
+    first's, where it has them (``reuse_first``: or once its rows are moved to the front of their
+    memory), and a view of its memory returned (the first part's rows not copied); else every part copied
+    into a new array with spare rows, as wide as the widest part (nothing trimmed). The columns past a
+    part's are left as they were: the model reads no column past a row's length."""
     first, rest = arrays[0], arrays[1:]
     added = sum(array.shape[0] for array in rest)
-    fits = all(  # the first's shape but for the rows, at most its width, the same dtype
-        array.dtype == first.dtype
-        and array.shape[1:axis] == first.shape[1:axis]
-        and array.shape[axis + 1 :] == first.shape[axis + 1 :]
-        and array.shape[axis] <= first.shape[axis]
-        for array in rest
-    )
-    try:
-        behind = _SPARE_ROWS.behind(first, added) if fits else None
-        if behind is not None:  # rows never written since made zero: each part's own columns copied
-            target, joined = behind
-            start = 0
-            for array in rest:
-                rows = slice(start, start + array.shape[0])
-                target[(rows, *(slice(None),) * (axis - 1), slice(0, array.shape[axis]))] = array
-                start += array.shape[0]
-            return joined
-        shape = list(first.shape)
-        shape[0] = sum(array.shape[0] for array in arrays)
-        shape[axis] = max(array.shape[axis] for array in arrays)
-        out = _SPARE_ROWS.make(shape, np.result_type(*arrays))
-        return core.concatenate_padded(arrays, axis, padding_side="right", out=out)
-    except ValueError as error:
-        raise ValueError(
-            f"Particles.state[{key!r}]: shapes {[a.shape for a in arrays]} differ beyond the (B, N) axes"
-        ) from error
+    behind = _SPARE_ROWS.behind(first, added, move=reuse_first) if fits else None
+    if behind is not None:
+        target, joined = behind
+        start = 0
+        for array in rest:
+            rows = slice(start, start + array.shape[0])
+            target[(rows, *(slice(None),) * (axis - 1), slice(0, array.shape[axis]))] = array
+            start += array.shape[0]
+        return joined
+    shape = list(first.shape)
+    shape[0] = sum(array.shape[0] for array in arrays)
+    shape[axis] = max(array.shape[axis] for array in arrays)
+    out = _SPARE_ROWS.make(shape, np.result_type(*arrays))
+    return core.concatenate_padded(arrays, axis, padding_side="right", out=out)
 
 
 def _follow(array: Any, ancestors: npt.NDArray[np.int64], uploaded: dict[int, Any], in_place: bool) -> Any:

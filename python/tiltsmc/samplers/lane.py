@@ -30,6 +30,10 @@ from .runs import LOG_V_PREV, Run, pool_together, reweigh_together
 __all__ = ["KINDS", "Lane", "RunFailed", "run_alone", "run_together"]
 
 KINDS = ("guided", "twist", "rollout")
+# The padding columns no row of the batch uses any more (its longest runs left) are dropped once they are
+# this share of a padded state entry's width, where that copies the entry (a KV cache padded on the left;
+# a join's copy drops them sooner); masks alone are trimmed at once (Particles.trim_padding).
+TRIM_PADDING_FROM = 0.5
 logger = logging.getLogger("tiltsmc.lane")
 
 Ended = list[tuple[Run, Optional[BaseException]]]
@@ -109,9 +113,15 @@ class Lane:
         self.policy_calls = 0  # policy steps taken (propose, or next_log_probs), and the rows they served
         self.policy_rows = 0
         self._starts = self._stops = np.zeros(0, dtype=np.int64)  # the members' rows (kept by _renumber)
+        self._holes: list[tuple[int, int]] = []  # rows of runs that left, until newcomers or _pack take them
 
     @property
     def rows(self) -> int:
+        """The rows the runs in the lane hold (the rows of runs that left are free at once, though the
+        batch keeps them until newcomers take them or the next step takes them out)."""
+        return int((self._stops - self._starts).sum())
+
+    def _batch_rows(self) -> int:
         return 0 if self.particles is None else int(self.particles.lengths.shape[0])
 
     def __len__(self) -> int:
@@ -141,6 +151,8 @@ class Lane:
         try:
             self._settle(ended)
             if self.members:
+                self._pack()  # no model call runs on the rows of a run that left
+                self._particles().trim_padding(TRIM_PADDING_FROM)
                 if self.kind == "guided":
                     self._guided_step(ended)
                 elif self.kind == "twist":
@@ -159,7 +171,7 @@ class Lane:
     def _count_step(self) -> Particles:
         particles = self._particles()
         self.policy_calls += 1
-        self.policy_rows += self.rows
+        self.policy_rows += self._batch_rows()
         return particles
 
     def _guided_step(self, ended: Ended) -> None:
@@ -249,7 +261,7 @@ class Lane:
         _end_at_limits(particles)
         outcomes: dict[int, Any] = {}
         if groups:  # the optimal proposal's weights run by run, then one SMC step (no potential) a count
-            log_v = np.zeros(self.rows)
+            log_v = np.zeros(self._batch_rows())
             for member in self._active([member for group in groups.values() for member in group]):
                 smc = member.run.smc_reweighing()
                 if smc is None:
@@ -260,7 +272,7 @@ class Lane:
                     self._end_alone(member, error, ended)
                     continue
                 log_v[member.start : member.stop] = weighed.reshape(-1)
-            outcomes = self._reweigh_together(groups, log_v, np.zeros(self.rows, dtype=bool))
+            outcomes = self._reweigh_together(groups, log_v, np.zeros(self._batch_rows(), dtype=bool))
         self._update(ended, lambda member, view: member.run.after_append(view), outcomes)
 
     def _rollout_step(self, ended: Ended) -> None:
@@ -297,7 +309,7 @@ class Lane:
             if local is None:
                 continue
             if ancestors is None:
-                ancestors = np.arange(self.rows, dtype=np.int64)
+                ancestors = np.arange(self._batch_rows(), dtype=np.int64)
             offsets = member.start + np.arange(member.batch, dtype=np.int64)[:, None] * member.count
             ancestors[member.start : member.stop] = (offsets + local).reshape(-1)
         if ancestors is not None:
@@ -396,20 +408,97 @@ class Lane:
         return part.one_per_prompt()
 
     def _join(self, parts: list[Particles]) -> None:
-        if self.particles is not None:
-            lane = self.particles
+        """The newcomers' batches (``parts``, their runs in ``_joining``) into the lane, one of two ways
+        by what it costs the batch to drop the padding columns no row uses any more
+        (``Particles.trims_by_copying``). Where that copies the batch's padded state (a KV cache padded on
+        the left), the rows the runs hold and the newcomers' are copied into one new batch, which drops
+        those columns (``Particles.concatenate``). Else each newcomer's rows are written over rows that
+        runs have left where they fit (``Particles.fill_rows``: the batch not copied), the rows still free
+        are packed out, and the other newcomers join behind the batch's rows (into the spare rows of a KV
+        cache written in place)."""
+        joining, self._joining = self._joining, []
+        pieces: list[tuple[_Member, Particles]] = []
+        members = iter(joining)
+        for part in parts:  # each run's rows of its part, in order
+            first = 0
+            while first < part.num_prompts:
+                member = next(members)
+                rows = member.batch * member.count
+                whole = first == 0 and rows == part.num_prompts
+                pieces.append((member, part if whole else part.view_rows(first, first + rows)))
+                first += rows
+        behind = [([member], piece) for member, piece in pieces]  # batches to join, with their runs
+        lane, given_up = self.particles, True
+        if lane is not None:
             self._charge(lambda: self.models.flush(lane))  # the policy's deferred work, timed as its own
-            parts = [lane, *parts]
-        self.particles = parts[0] if len(parts) == 1 else Particles.concatenate(parts)
-        self.members.extend(self._joining)
-        self._joining = []
+            if lane.trims_by_copying():  # views of the rows held, all copied (none given up to the join)
+                held = [
+                    (runs, lane.view_rows(runs[0].start, runs[-1].stop)) for runs in _adjacent(self.members)
+                ]
+                self.members, self._holes, self.particles, given_up = [], [], None, False
+                behind = held + behind
+            else:
+                behind = []
+                for member, piece in pieces:
+                    start = self._hole_for(piece.num_prompts)
+                    if start is not None and lane.fill_rows(start, piece):
+                        self._take_hole(start, piece.num_prompts)
+                        member.start, member.stop = start, start + piece.num_prompts
+                        self.members.append(member)
+                    else:
+                        behind.append(([member], piece))
+                self._pack()
+        if behind:
+            first = self._batch_rows()
+            batches = [batch for _, batch in behind]
+            if self.particles is not None:
+                batches.insert(0, self.particles)
+            joined = batches[0] if len(batches) == 1 else Particles.concatenate(batches, reuse_first=given_up)
+            self.particles = joined
+            for runs, _ in behind:
+                for member in runs:
+                    member.start, first = first, first + member.batch * member.count
+                    member.stop = first
+                    self.members.append(member)
+        self._renumber()
+
+    def _hole_for(self, rows: int) -> Optional[int]:
+        """The first row of the first free range of at least ``rows`` rows, or None."""
+        return next((start for start, stop in self._holes if stop - start >= rows), None)
+
+    def _take_hole(self, start: int, rows: int) -> None:
+        self._holes = [
+            (begin + rows, stop) if begin == start else (begin, stop)
+            for begin, stop in self._holes
+            if not (begin == start and stop - begin == rows)
+        ]
+
+    def _pack(self) -> None:
+        """The rows runs have left taken out of the batch: the runs after them moved into their place
+        (``_packing``: runs from the end where they fit, the fewest rows copied), the batch cut there
+        (``Particles.packed``: in place, the batch not copied)."""
+        if not self._holes:
+            return
+        self._holes = []
+        members = sorted(self.members, key=lambda member: member.start)
+        starts = _packing([(member.start, member.stop) for member in members])
+        order = sorted(range(len(members)), key=starts.__getitem__)
+        sources = np.concatenate(
+            [np.arange(members[k].start, members[k].stop, dtype=np.int64) for k in order]
+        )
+        particles = self._particles()
+        self._charge(lambda: self.models.flush(particles))  # the policy's deferred work, timed as its own
+        self.particles = particles.packed(sources)
+        first = 0
+        for k in order:
+            member = members[k]
+            member.start, first = first, first + (member.stop - member.start)
+            member.stop = first
         self._renumber()
 
     def _renumber(self) -> None:
-        start = 0
-        for member in self.members:
-            member.start, start = start, start + member.batch * member.count
-            member.stop = start
+        """The members in the order of their rows, and their rows as arrays."""
+        self.members.sort(key=lambda member: member.start)
         self._starts = np.array([m.start for m in self.members], dtype=np.int64)
         self._stops = np.array([m.stop for m in self.members], dtype=np.int64)
 
@@ -459,22 +548,18 @@ class Lane:
             self._drop(leaving)
 
     def _drop(self, leaving: Sequence[_Member]) -> None:
+        """The runs leave; their rows stay in the batch as free rows until newcomers take them or
+        ``_pack`` takes them out (before the next model call)."""
         if not leaving:
             return
         gone = {id(member) for member in leaving}
         kept = [member for member in self.members if id(member) not in gone]
         if not kept:
-            self.members, self.particles = [], None
+            self.members, self.particles, self._holes = [], None, []
             self._renumber()
             return
-        assert self.particles is not None
-        particles = self.particles
-        self._charge(lambda: self.models.flush(particles))  # the policy's deferred work, timed as its own
-        if all(a.stop == b.start for a, b in zip(kept[:-1], kept[1:])):  # one range (the oldest left): views
-            self.particles = self.particles.view_rows(kept[0].start, kept[-1].stop)
-        else:
-            rows = np.concatenate([np.arange(m.start, m.stop) for m in kept])
-            self.particles = self.particles.select(rows)
+        self._holes.extend((m.start, m.stop) for m in self.members if id(m) in gone)
+        self._holes.sort()
         self.members = kept
         self._renumber()
 
@@ -515,6 +600,54 @@ class Lane:
             return call()
         finally:
             _share([getattr(compute, name) - b for name, b in zip(_FIELDS, before)], runs, weights)
+
+
+def _adjacent(members: list[_Member]) -> list[list[_Member]]:
+    """The members (in the order of their rows) in groups whose rows follow one another."""
+    groups: list[list[_Member]] = []
+    for member in members:
+        if groups and groups[-1][-1].stop == member.start:
+            groups[-1].append(member)
+        else:
+            groups.append([member])
+    return groups
+
+
+def _packing(ranges: list[tuple[int, int]]) -> list[int]:
+    """New first rows for disjoint row ranges (sorted) so that they fill rows ``0:total`` (their rows in
+    all): each range lying wholly past ``total``, from the last, moves into the first free rows before
+    ``total`` that hold it; then, where ranges still leave rows free before ``total``, all of them move
+    forward in order. Moving the last runs into the rows the first left copies their rows alone, where
+    moving everything forward would copy every run behind the free rows."""
+    total = sum(stop - start for start, stop in ranges)
+    starts = [start for start, _ in ranges]
+    free: list[list[int]] = []  # free rows before total: [start, stop)
+    row = 0
+    for start, stop in ranges:
+        if start >= total:
+            break
+        if start > row:
+            free.append([row, start])
+        row = max(row, stop)
+    if row < total:
+        free.append([row, total])
+    for k in range(len(ranges) - 1, -1, -1):
+        start, stop = ranges[k]
+        if start < total:
+            break
+        gap = next((g for g in free if g[1] - g[0] >= stop - start), None)
+        if gap is None:
+            break
+        starts[k], gap[0] = gap[0], gap[0] + stop - start
+    placed = sorted((start, start + stop - first) for start, (first, stop) in zip(starts, ranges))
+    tiled = all(a[1] == b[0] for a, b in zip(placed[:-1], placed[1:])) and placed[0][0] == 0
+    if tiled:
+        return starts
+    order = sorted(range(len(ranges)), key=starts.__getitem__)
+    row = 0
+    for k in order:
+        starts[k], row = row, row + ranges[k][1] - ranges[k][0]
+    return starts
 
 
 def _group_rows(array: Any, index: Optional[npt.NDArray[np.int64]], count: int) -> Any:

@@ -55,8 +55,8 @@ def safe_increment(log_new: FloatArray, log_old: FloatArray) -> FloatArray:
 def samples_of(particles: Particles, rows: Optional[npt.NDArray[np.int64]] = None) -> list[Any]:
     """Per prompt, an ``(N, T)`` int array when every trajectory has the same length, else a list."""
     if rows is None and particles.lengths.size and np.all(particles.lengths == particles.lengths.flat[0]):
-        # Views, not copies: a run's particle buffers are never written after it ends.
-        return list(particles.tokens[:, :, : particles.lengths.flat[0]])
+        # one copy for all prompts: a lane writes a newcomer's tokens over the rows of a run that ended
+        return list(particles.tokens[:, :, : particles.lengths.flat[0]].copy())
     out: list[Any] = []
     for b in range(particles.num_prompts):
         lengths = particles.lengths[b] if rows is None else particles.lengths[b, rows[b]]
