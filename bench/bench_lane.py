@@ -13,10 +13,11 @@ and join at the next step, as in the engine with every waiting request admitted,
   the models' glue included (a stricter share);
 * the main thread's CPU time outside the models' calls: tiltsmc's own work, much less disturbed than wall
   time by other processes on the machine (it excludes waiting for a core);
-* the part of tiltsmc's share spent joining batches (``Particles.concatenate``: every state array of
-  the lane copied with the newcomers', the KV caches left-padded and their columns that are padding
-  in every row left out), with the bytes it writes: a copy of the caches a KV cache laid out
-  ``(rows, heads, length, head_dim)`` cannot avoid when the oldest requests, the longest, leave.
+* the part of tiltsmc's share spent joining batches (``Particles.concatenate``: the lane's state copied
+  with the newcomers', a left-padded KV cache without its columns that are padding in every row; or,
+  with a cache written in place, the newcomers written over the rows of requests that left,
+  ``Particles.fill_rows``, or behind the batch's), with the bytes it writes. (Files written before
+  ``fill_rows`` was counted here, ``lane_*_takeover_vm.json``, count ``concatenate`` alone.)
 
 As the server's engine does, it keeps freed memory for reuse (``reuse_freed_memory``). Not a test; the
 figures depend on the machine (its load average is printed and saved with them): JSON to
@@ -88,6 +89,18 @@ class Clocks:
             return joined
 
         Particles.concatenate = timed_join  # type: ignore[method-assign,assignment]
+        fill_rows = Particles.fill_rows
+
+        def timed_fill(particles: Particles, start: int, part: Particles) -> bool:
+            wall = time.perf_counter()
+            filled = fill_rows(particles, start, part)
+            self.join_wall += time.perf_counter() - wall
+            if filled:
+                arrays = [part.tokens, part.lengths, part.finished, *part.state.values()]
+                self.join_bytes += sum(a.nbytes for a in arrays if isinstance(a, np.ndarray))
+            return filled
+
+        Particles.fill_rows = timed_fill  # type: ignore[method-assign]
 
     def _time_session(self, name: str) -> None:
         run = getattr(ort.InferenceSession, name)
@@ -119,7 +132,13 @@ class Clocks:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", choices=("demo", "demo-gqa", "fixtures", "gqa"), default="demo")
+    parser.add_argument(
+        "--models",
+        choices=("demo", "demo-gqa", "fixtures", "gqa"),
+        default="demo",
+        help="demo: the demo's joint graph in the optimum layout (left-padded, its cache copied); demo-gqa: "
+        "in the GroupQueryAttention layout (its cache written in place: what the demo loads on the CPU)",
+    )
     parser.add_argument(
         "--cache-in-place",
         choices=("on", "off"),
@@ -152,8 +171,8 @@ def main() -> None:
             cache_in_place=args.cache_in_place == "on",
         )  # fmt: skip
         reward: Any = PolicyValue(policy, kind="logit")
-    elif args.models == "demo-gqa":  # the demo's joint graph in GroupQueryAttention's layout, in place
-        policy, reward = arithmetic.load_models(gqa=True)
+    elif args.models.startswith("demo"):  # the demo's joint graph, in either layout
+        policy, reward = arithmetic.load_models(gqa=args.models == "demo-gqa")
     else:
         policy, reward = load_models(args.models)
     max_new_tokens = 82 if args.models.startswith("demo") else FIXTURE_MAX_NEW_TOKENS

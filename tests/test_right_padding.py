@@ -19,6 +19,7 @@ import tiltsmc
 from tiltsmc import cli
 from tiltsmc.models import OnnxCausalLM, OnnxRewardModel, Particles, PolicyValue, onnx_lm
 from tiltsmc.models import particles as particles_module
+from tiltsmc.models._ort import picks_cuda
 from tiltsmc.samplers._engine import Models
 from tiltsmc.samplers.lane import Lane, run_alone
 from tiltsmc.samplers.result import Compute, SamplerResult
@@ -466,3 +467,17 @@ def test_the_demos_joint_graph_in_the_gqa_layout_keeps_its_law_and_values() -> N
     assert assert_law(particles, total, reference) > 150
     with pytest.raises(ValueError, match=r"gqa: the GroupQueryAttention layout is the joint graph's"):
         arithmetic.load_models(joint=False, gqa=True)
+
+
+def test_the_demo_loads_the_layout_written_in_place_where_it_runs_on_the_cpu() -> None:
+    """``arithmetic.load_models()`` (``gqa=None``) loads ``joint-gqa`` where the session runs on the CPU
+    and the optimum ``joint/`` where it is asked to run on CUDA (the cache is written in place on the host
+    only); ``gqa=False`` the optimum one anyway."""
+    assert not picks_cuda(["CPUExecutionProvider"])
+    assert picks_cuda([("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"])
+    policy, _ = arithmetic.load_models(providers=["CPUExecutionProvider"])
+    assert policy.model_file.parent.name == "joint-gqa" and policy.cache_in_place
+    policy, _ = arithmetic.load_models()
+    assert policy.model_file.parent.name == ("joint" if picks_cuda() else "joint-gqa")
+    policy, _ = arithmetic.load_models(gqa=False)
+    assert policy.model_file.parent.name == "joint" and policy.padding_side == "left"

@@ -81,6 +81,15 @@ def cuda_device_usable() -> tuple[bool, str]:
     return True, f"{count.value} CUDA device(s)"
 
 
+def picks_cuda(providers: Optional[Sequence[Any]] = None) -> bool:
+    """Whether a session made with ``providers`` (None: ``make_session``'s choice) is asked to run on
+    CUDA: a CUDA provider named, or none named and a usable device with ONNX Runtime's CUDA provider."""
+    if providers is not None:
+        return any("CUDA" in str(p if isinstance(p, str) else p[0]) for p in providers)
+    usable, _ = cuda_device_usable()
+    return usable and "CUDAExecutionProvider" in import_onnxruntime().get_available_providers()
+
+
 def _warn_if_both_runtimes_installed() -> None:
     installed = set()
     for name in ("onnxruntime", "onnxruntime-gpu"):
@@ -317,7 +326,7 @@ def _make(
     """The session of ``make_session`` with these options: the providers given, else CUDA where it is
     usable, else the CPU."""
     if providers is not None:
-        if any("CUDA" in str(p if isinstance(p, str) else p[0]) for p in providers):
+        if picks_cuda(providers):
             _preload_cuda_libraries()
         session = _load(ort, model_path, options, _with_provider_options(providers, provider_options))
         if require_gpu and "CUDAExecutionProvider" not in session.get_providers():
