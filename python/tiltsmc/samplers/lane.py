@@ -152,7 +152,6 @@ class Lane:
             self._settle(ended)
             if self.members:
                 self._pack()  # no model call runs on the rows of a run that left
-                self._particles().trim_padding(TRIM_PADDING_FROM)
                 if self.kind == "guided":
                     self._guided_step(ended)
                 elif self.kind == "twist":
@@ -448,6 +447,7 @@ class Lane:
                     else:
                         behind.append(([member], piece))
                 self._pack()
+                self._particles().trim_padding(TRIM_PADDING_FROM)  # the rows taken over may have been longer
         if behind:
             first = self._batch_rows()
             batches = [batch for _, batch in behind]
@@ -476,7 +476,8 @@ class Lane:
     def _pack(self) -> None:
         """The rows runs have left taken out of the batch: the runs after them moved into their place
         (``_packing``: runs from the end where they fit, the fewest rows copied), the batch cut there
-        (``Particles.packed``: in place, the batch not copied)."""
+        (``Particles.packed``: in place, the batch not copied), and the padding columns no row uses any
+        more dropped (``TRIM_PADDING_FROM``)."""
         if not self._holes:
             return
         self._holes = []
@@ -489,6 +490,7 @@ class Lane:
         particles = self._particles()
         self._charge(lambda: self.models.flush(particles))  # the policy's deferred work, timed as its own
         self.particles = particles.packed(sources)
+        self.particles.trim_padding(TRIM_PADDING_FROM)  # the runs that left may have been the longest
         first = 0
         for k in order:
             member = members[k]
@@ -619,6 +621,8 @@ def _packing(ranges: list[tuple[int, int]]) -> list[int]:
     ``total`` that hold it; then, where ranges still leave rows free before ``total``, all of them move
     forward in order. Moving the last runs into the rows the first left copies their rows alone, where
     moving everything forward would copy every run behind the free rows."""
+    if not ranges:
+        return []
     total = sum(stop - start for start, stop in ranges)
     starts = [start for start, _ in ranges]
     free: list[list[int]] = []  # free rows before total: [start, stop)
