@@ -12,9 +12,11 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import pytest
+from tiltsmc import cli
 from tiltsmc.cli import main
 
 FIXTURES = Path(__file__).parent / "fixtures" / "models"
@@ -241,3 +243,24 @@ def test_an_ignored_sighup_stays_ignored(tmp_path: Path) -> None:
             process.wait()
     assert process.returncode == 0, error
     assert prompts_of(out.read_text()) == ["hi"] and leftovers(tmp_path) == []
+
+
+@posix_only
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the exception dropped
+def test_a_signal_whose_exception_a_finalizer_swallowed_still_stops_the_run() -> None:
+    """A terminating signal handled while a finalizer runs raises there, and Python prints and drops the
+    exception: the run still stops before it writes results (``raise_if_signalled``)."""
+
+    class Holder:
+        pass
+
+    with cli.signals_raise():
+        cli.raise_if_signalled()  # nothing received yet
+        holder = Holder()
+        weakref.finalize(holder, signal.raise_signal, signal.SIGTERM)
+        del holder  # the handler runs inside the finalizer: its Signalled is lost
+        with pytest.raises(cli.Signalled) as raised:
+            cli.raise_if_signalled()
+        assert raised.value.signum == signal.SIGTERM
+    with cli.signals_raise():  # a new run starts clean
+        cli.raise_if_signalled()

@@ -183,6 +183,16 @@ class Signalled(BaseException):
 
 
 TERMINATING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+# The terminating signals received inside signals_raise: a handler's exception can be lost (raised while a
+# finalizer or a __del__ runs, Python prints it and goes on), so the run checks before it writes results.
+_RECEIVED: list[int] = []
+
+
+def raise_if_signalled() -> None:
+    """Raise ``Signalled`` for a terminating signal received inside ``signals_raise`` whose exception was
+    lost on the way (see ``_RECEIVED``)."""
+    if _RECEIVED:
+        raise Signalled(_RECEIVED[0])
 
 
 @contextlib.contextmanager
@@ -196,7 +206,10 @@ def signals_raise() -> Iterator[None]:
         return
 
     def handler(signum: int, frame: Optional[FrameType]) -> NoReturn:
+        _RECEIVED.append(signum)
         raise Signalled(signum)
+
+    _RECEIVED.clear()
 
     previous = {
         signum: signal.signal(signum, handler)
@@ -1338,8 +1351,10 @@ def run(args: argparse.Namespace) -> int:
                 failed += sum("error" in record for record in records)
                 with _cleared_progress(output):
                     output.write([json.dumps(record, allow_nan=False) + "\n" for record in records])
+                raise_if_signalled()
         finally:
             progress.close()
+        raise_if_signalled()
         output.commit()
     except BaseException:
         output.discard()
@@ -1437,6 +1452,7 @@ def demo(args: argparse.Namespace) -> int:
         core.set_num_threads(args.threads)
     with _demo_progress(args) as report:
         record = demo_module.run_demo(config, progress=report)
+    raise_if_signalled()
     try:
         written = demo_module.write_outputs(record, out)
     except OSError as error:
