@@ -46,7 +46,11 @@ class Particles:
     arrays a model writes where they lie (a KV cache whose session writes each row's new keys at the row's
     length): their columns past the mask are the model's room to write, so they are never trimmed, and
     [`concatenate`][tiltsmc.models.particles.Particles.concatenate] writes a later part's rows into spare
-    rows behind the first part's where it has them, instead of copying the first part. A state array may
+    rows behind the first part's where it has them, instead of copying the first part; no column past a
+    row's length is ever read, so what lies there is unspecified. A serving lane also writes a newcomer over
+    the rows of a run that left ([`fill_rows`][tiltsmc.models.particles.Particles.fill_rows]) and moves rows
+    to the front of the batch's memory ([`packed`][tiltsmc.models.particles.Particles.packed]), without
+    copying the batch. A state array may
     live in CUDA device memory: it is then reordered where it lies, with the ancestors copied to its device
     once per call; a ``DeviceKVCache`` reorders all its layers in one gather.
     """
@@ -419,7 +423,9 @@ class Particles:
         count = self.num_prompts
         if index.size and (index.min() < 0 or index.max() >= count):
             raise IndexError(f"prompts: indices must lie in [0, {count}), got {index.tolist()}")
-        if np.unique(index).size != index.size:
+        seen = np.zeros(count, dtype=bool)
+        seen[index] = True
+        if np.count_nonzero(seen) != index.size:  # O(n), where np.unique sorts
             raise ValueError(f"prompts: each prompt at most once, got {index.tolist()}")
         self.flush()
         kept = index.size

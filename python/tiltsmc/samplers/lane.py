@@ -484,9 +484,9 @@ class Lane:
         members = sorted(self.members, key=lambda member: member.start)
         starts = _packing([(member.start, member.stop) for member in members])
         order = sorted(range(len(members)), key=starts.__getitem__)
-        sources = np.concatenate(
-            [np.arange(members[k].start, members[k].stop, dtype=np.int64) for k in order]
-        )
+        sizes = np.array([members[k].stop - members[k].start for k in order], dtype=np.int64)
+        shifts = np.array([members[k].start - starts[k] for k in order], dtype=np.int64)
+        sources = np.arange(int(sizes.sum()), dtype=np.int64) + np.repeat(shifts, sizes)  # each run's rows
         particles = self._particles()
         self._charge(lambda: self.models.flush(particles))  # the policy's deferred work, timed as its own
         self.particles = particles.packed(sources)
