@@ -270,6 +270,22 @@ def test_the_cache_is_written_in_place_where_the_graph_allows() -> None:
     assert 1 <= grown <= 2  # 25 columns more: one or two moves, not one a step
 
 
+def test_the_cache_written_in_place_is_never_wider_than_the_context() -> None:
+    """The arrays never grow past the model's context (``max_length``): ONNX Runtime 1.19's operator
+    refuses a buffer longer than its rotary table (``cos_cache dimension 0 ... total_sequence_length``),
+    which a growth by a quarter would reach near the end of a long request."""
+    policy = OnnxCausalLM(GQA, max_new_tokens=26, eos_token_id=[], max_length=30)
+    particles = policy.start(["ok"], 2)  # 2 tokens: 18 columns, then 18 + 16 = 34, past the context
+    rng = np.random.default_rng(1)
+    widths = set()
+    for _ in range(26):
+        policy.propose(particles, rng)
+        particles.flush()
+        widths.add(particles.state["lm.cache.0.key"].shape[3])
+    assert particles.lengths.min() == 26 and not particles.errors
+    assert max(widths) == 30 and len(widths) > 1, widths  # grown, up to the context and no further
+
+
 def poison_unwritten(monkeypatch: pytest.MonkeyPatch) -> None:
     """NaN in every column of a KV cache written in place that tiltsmc leaves as it was (the memory of
     spare rows and of wider caches, a row's columns past its own after a newcomer takes it over): a

@@ -861,7 +861,9 @@ class OnnxCausalLM:
         A copy is as wide as the batch can ever need (``width`` and one column a token its rows may still
         take, at most ``max_new_tokens`` or the sampler's limit) where that is at most twice ``width``, so
         that a batch near its end grows once; else a quarter wider (at least 16 columns), since a limit far
-        off may never be reached and the columns would hold memory for nothing."""
+        off may never be reached and the columns would hold memory for nothing. Never wider than the
+        model's context (``max_length``): ONNX Runtime 1.19's operator refuses a buffer longer than its
+        rotary table."""
         rows = particles.lengths.size
         caches = []
         capacity = None
@@ -873,6 +875,7 @@ class OnnxCausalLM:
                     most = width + self._tokens_left(particles)
                     if capacity < most <= 2 * width:
                         capacity = most
+                    capacity = max(width, min(capacity, self.max_length))
                 particles.state[key] = array = widened(array, capacity, 3)
             caches.append(array.reshape(rows, self.kv_heads, -1, self.head_dim))
         return caches
