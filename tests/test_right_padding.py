@@ -9,6 +9,8 @@ particle that law (to float32 rounding)."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import threading
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -19,7 +21,7 @@ import tiltsmc
 from tiltsmc import cli
 from tiltsmc.models import OnnxCausalLM, OnnxRewardModel, Particles, PolicyValue, onnx_lm
 from tiltsmc.models import particles as particles_module
-from tiltsmc.models._ort import picks_cuda
+from tiltsmc.models._ort import picks_cuda, runtime_version
 from tiltsmc.samplers._engine import Models
 from tiltsmc.samplers.lane import Lane, run_alone
 from tiltsmc.samplers.result import Compute, SamplerResult
@@ -497,3 +499,21 @@ def test_the_demo_loads_the_layout_written_in_place_where_it_runs_on_the_cpu() -
     assert policy.model_file.parent.name == ("joint" if picks_cuda() else "joint-gqa")
     policy, _ = arithmetic.load_models(gqa=False)
     assert policy.model_file.parent.name == "joint" and policy.padding_side == "left"
+
+
+def test_threads_sharing_a_grouped_query_attention_policy_get_their_own_results() -> None:
+    """Two threads sampling from one right-padded policy at once get what each gets alone (ONNX Runtime
+    before 1.20 computes the operator wrongly for concurrent calls of one session: there the policy makes
+    them one at a time)."""
+    policy = OnnxCausalLM(GQA, max_new_tokens=12, eos_token_id=ENDS)
+    prm = OnnxRewardModel(PRM, kind="logit")
+    jobs = list(enumerate(PROMPTS))
+
+    def texts(job: tuple[int, str]) -> Any:
+        return tiltsmc.smc(policy, prm, [job[1]], num_particles=8, rng=job[0]).texts
+
+    alone = [texts(job) for job in jobs]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(texts, jobs * 2))
+    assert together == alone * 2
+    assert isinstance(policy._one_call_at_a_time, type(threading.Lock())) == (runtime_version() < (1, 20))

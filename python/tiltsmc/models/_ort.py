@@ -7,6 +7,7 @@ import ctypes
 import functools
 import importlib.metadata
 import io
+import itertools
 import os
 import re
 import stat
@@ -24,6 +25,8 @@ __all__ = [
     "external_data_locations",
     "import_onnxruntime",
     "make_session",
+    "picks_cuda",
+    "runtime_version",
     "shrink_memory_arena",
 ]
 
@@ -79,6 +82,17 @@ def cuda_device_usable() -> tuple[bool, str]:
     except AttributeError:
         return False, "the CUDA driver library lacks cuInit/cuDeviceGetCount"
     return True, f"{count.value} CUDA device(s)"
+
+
+def runtime_version() -> tuple[int, ...]:
+    """ONNX Runtime's version as numbers, ``(1, 19, 2)``: the leading digits of its ``__version__``."""
+    numbers = []
+    for part in str(import_onnxruntime().__version__).split("."):
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        if not digits:
+            break
+        numbers.append(int(digits))
+    return tuple(numbers)
 
 
 def picks_cuda(providers: Optional[Sequence[Any]] = None) -> bool:

@@ -54,6 +54,7 @@ correct, but slower; ``device_cache=False`` asks for that explicitly.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import mmap
@@ -72,7 +73,7 @@ import tokenizers
 from .. import core
 from ._config import Source, first, positive_int, real_number, token_id, token_ids
 from ._fed_rows import FedRows
-from ._ort import make_session, shrink_memory_arena
+from ._ort import make_session, runtime_version, shrink_memory_arena
 from .chat import is_chat
 from .device_cache import DeviceKVCache
 from .particles import MAX_NEW_TOKENS, Particles, padded, widened
@@ -515,6 +516,13 @@ class OnnxCausalLM:
         self._start_buffers = _StartBuffers()
         self._pieces_follow: Optional[bool] = None  # see _pieces_follow_the_cache
         self._in_place_bindings = threading.local()  # see _run_in_place
+        # ONNX Runtime before 1.20 computes GroupQueryAttention wrongly when two threads run one session at
+        # once (1.19.2: rows of the wrong tokens, then "cos_cache dimension 0 ... total_sequence_length";
+        # 1.20.1, 1.22.0 and 1.32.0 gave each thread its own results): such a graph's calls go one at a time.
+        racy = runtime_version() < (1, 20) and bool(
+            _operators_named(self.model_file, {"GroupQueryAttention": "GroupQueryAttention"})
+        )
+        self._one_call_at_a_time: Any = threading.Lock() if racy else contextlib.nullcontext()
         self._stop_window = 4 * max((len(stop) for stop in self.stop), default=0)
         self.padding_side = self._choose_padding_side(padding_side, bool(check_batching))
         if self.padding_side == "right" and self.device_cache:  # found at load; the cache was not asked for
@@ -806,7 +814,8 @@ class OnnxCausalLM:
             feeds.update((name, empty) for name in self._past_names)
         else:
             feeds.update(zip(self._past_names, past))
-        results = self.session.run(self._output_names, feeds)
+        with self._one_call_at_a_time:
+            results = self.session.run(self._output_names, feeds)
         return results[0], results[1:]  # with value_output, the value scores come last
 
     def _run_in_place(
@@ -843,7 +852,8 @@ class OnnxCausalLM:
             binding.bind_cpu_input("position_ids", position_ids)
         if self.has_cache_branch:
             binding.bind_cpu_input("use_cache_branch", np.array([True]))
-        self.session.run_with_iobinding(binding)
+        with self._one_call_at_a_time:
+            self.session.run_with_iobinding(binding)
         # the caches come too, after the logits and value: not read back. The logits and value are
         # copied: a binding kept writes its next call's into the same memory
         outputs = binding.get_outputs()
