@@ -519,15 +519,18 @@ class OnnxCausalLM:
         # ONNX Runtime before 1.20 computes GroupQueryAttention wrongly when two threads run one session at
         # once (1.19.2: rows of the wrong tokens, then "cos_cache dimension 0 ... total_sequence_length";
         # 1.20.1, 1.22.0 and 1.32.0 gave each thread its own results): such a graph's calls go one at a time.
-        racy = runtime_version() < (1, 20) and bool(
-            _operators_named(self.model_file, {"GroupQueryAttention": "GroupQueryAttention"})
-        )
+        racy = runtime_version() < (1, 20) and self._names_group_query_attention
         self._one_call_at_a_time: Any = threading.Lock() if racy else contextlib.nullcontext()
         self._stop_window = 4 * max((len(stop) for stop in self.stop), default=0)
         self.padding_side = self._choose_padding_side(padding_side, bool(check_batching))
         if self.padding_side == "right" and self.device_cache:  # found at load; the cache was not asked for
             self.device_cache = False
         self.cache_in_place = self._choose_cache_in_place(cache_in_place)
+
+    @functools.cached_property
+    def _names_group_query_attention(self) -> bool:
+        """Whether the graph names ``GroupQueryAttention`` (its file read once, and only where asked)."""
+        return bool(_operators_named(self.model_file, {"GroupQueryAttention": "GroupQueryAttention"}))
 
     def _choose_padding_side(self, padding_side: Optional[str], check_batching: bool) -> str:
         """The padding side asked for (``None``: the first of left and right whose rows pass the batching
@@ -536,8 +539,7 @@ class OnnxCausalLM:
         if not check_batching:
             if padding_side is not None:
                 return padding_side
-            named = _operators_named(self.model_file, {"GroupQueryAttention": "GroupQueryAttention"})
-            return "right" if named else "left"
+            return "right" if self._names_group_query_attention else "left"
         tried: list[tuple[str, float, float]] = []
         for side in PADDING_SIDES if padding_side is None else (padding_side,):
             self.padding_side = side
@@ -626,8 +628,9 @@ class OnnxCausalLM:
         )
         plain_logits, plain_present = self._run(step_ids, step_mask, step_positions, past)
         buffers = [widened(cache, mask.shape[1] + 4, 2) for cache in past]
+        prompt_lengths = np.count_nonzero(mask, axis=1).tolist()
         for buffer in buffers:
-            for row, length in enumerate(np.count_nonzero(mask, axis=1).tolist()):
+            for row, length in enumerate(prompt_lengths):
                 buffer[row, :, length:] = np.nan
         logits, _ = self._run_in_place(step_ids, step_mask, step_positions, buffers)
         lengths = np.count_nonzero(step_mask, axis=1).tolist()

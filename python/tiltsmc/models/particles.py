@@ -396,8 +396,7 @@ class Particles:
             if padding is None:
                 array[rows] = source
             elif key in self.in_place:  # its own columns: the model reads none past a row's length
-                axis = padding[0]
-                array[(rows, *(slice(None),) * (axis - 1), slice(0, source.shape[axis]))] = source
+                _write_own_columns(array, rows, source, padding[0])
             else:
                 axis, skip, on_right = padding
                 core.concatenate_padded(
@@ -686,6 +685,12 @@ def widened(array: np.ndarray, width: int, axis: int) -> np.ndarray:
     return grown
 
 
+def _write_own_columns(target: np.ndarray, rows: slice, source: np.ndarray, axis: int) -> None:
+    """``source`` into ``target``'s ``rows``, its own columns along ``axis`` only (an ``in_place`` entry:
+    the columns after are never read, so they are left as they were)."""
+    target[(rows, *(slice(None),) * (axis - 1), slice(0, source.shape[axis]))] = source
+
+
 def _in_place_fits(key: str, arrays: list[Any], axis: int) -> bool:
     """Whether the parts of an ``in_place`` state entry (right-padded along ``axis``) can be written behind
     the first's rows: the first's shape but for the rows, at most its width, the same dtype. Parts that
@@ -718,8 +723,7 @@ def _joined_in_place(arrays: list[np.ndarray], axis: int, fits: bool, reuse_firs
         target, joined = behind
         start = 0
         for array in rest:
-            rows = slice(start, start + array.shape[0])
-            target[(rows, *(slice(None),) * (axis - 1), slice(0, array.shape[axis]))] = array
+            _write_own_columns(target, slice(start, start + array.shape[0]), array, axis)
             start += array.shape[0]
         return joined
     shape = list(first.shape)
