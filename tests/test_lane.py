@@ -11,7 +11,7 @@ from tiltsmc import core
 from tiltsmc._rng import RowStreams
 from tiltsmc.samplers._engine import Models
 from tiltsmc.samplers.correction import mh_run
-from tiltsmc.samplers.lane import Lane, _packing, run_alone
+from tiltsmc.samplers.lane import Lane, _Ledger, _packing, run_alone
 from tiltsmc.samplers.result import Compute, SamplerResult
 from tiltsmc.samplers.runs import Run, SMCRun, reweigh_together
 from tiltsmc.samplers.sequential import smc_run, sp_gsmc_run
@@ -66,6 +66,35 @@ def test_the_oldest_run_leaves_without_a_copy_and_results_are_each_runs_own() ->
         np.testing.assert_array_equal(alone.log_z, together.log_z)
 
 
+def test_the_ledger_splits_each_call_by_weight_and_rounds_counts_once_as_a_member_leaves() -> None:
+    """Calls recorded for a set of members are charged in proportion to their weights (equal where none,
+    or all zero), calls in full; a member's counts are rounded once, as it leaves, and its row is free
+    (zero) for the next; slots past the first eight grow the ledger."""
+    ledger = _Ledger()
+    a, b, c = ledger.take(), ledger.take(), ledger.take()
+    # fields: policy_calls, reward_calls, policy_steps, policy_tokens, reward_evaluations, seconds x 2
+    ledger.record((a, b), [1, 0, 10, 10, 0, 0.3, 0.0], np.array([3, 1]))
+    ledger.record((a, b), [0, 1, 0, 0, 8, 0.0, 0.2], None)
+    ledger.record((a, b), [1, 0, 5, 5, 0, 0.1, 0.0], np.array([0, 0]))
+    ledger.record((c,), [1, 0, 5, 5, 0, 0.05, 0.0], None)
+    got = {slot: Compute() for slot in (a, b, c)}
+    ledger.settle(a, got[a])
+    assert (got[a].policy_calls, got[a].reward_calls) == (2, 1)
+    assert got[a].policy_steps == got[a].policy_tokens == round(7.5 + 2.5) and got[a].reward_evaluations == 4
+    assert got[a].policy_seconds == pytest.approx(0.225 + 0.05)
+    assert got[a].reward_seconds == pytest.approx(0.1)
+    ledger.record((b,), [1, 0, 3, 3, 0, 0.01, 0.0], None)  # b alone after a left
+    ledger.settle(b, got[b])
+    ledger.settle(c, got[c])
+    assert (got[b].policy_calls, got[b].reward_evaluations) == (3, 4)
+    assert got[b].policy_steps == round(2.5 + 2.5 + 3)
+    assert got[b].policy_seconds == pytest.approx(0.075 + 0.05 + 0.01)
+    assert (got[c].policy_calls, got[c].policy_steps, got[c].policy_seconds) == (1, 5, pytest.approx(0.05))
+    slots = [ledger.take() for _ in range(20)]  # the three freed first, then new rows
+    assert len(set(slots)) == 20 and {a, b, c} <= set(slots)
+    assert not ledger.rows[slots].any()
+
+
 def test_deferred_work_run_at_a_leave_is_the_policys_time() -> None:
     """The policy's postponed work (a decoder's session run) that a leaving run's rows force, when the
     next step takes them out of the batch, is timed as the policy's and charged to the runs still there,
@@ -85,6 +114,8 @@ def test_deferred_work_run_at_a_leave_is_the_policys_time() -> None:
     lane.step()  # the rows taken out, which runs the deferred work first
     assert lane.particles is not None and lane.particles.num_prompts == 4
     assert models.compute.policy_seconds - before >= 0.2
+    while len(lane):  # a run's share is added to its compute as it leaves
+        lane.step()
     assert runs[1].compute.policy_seconds - shares[1] >= 0.2
     assert runs[0].compute.policy_seconds == shares[0]
 

@@ -42,11 +42,12 @@ Ended = list[tuple[Run, Optional[BaseException]]]
 class _Member:
     """A run in the lane: its rows, the shape of its batch and its last view of them."""
 
-    __slots__ = ("batch", "count", "run", "start", "stop", "view", "viewed")
+    __slots__ = ("batch", "count", "run", "slot", "start", "stop", "view", "viewed")
 
     def __init__(self, run: Run, batch: int, count: int) -> None:
         self.run, self.batch, self.count = run, batch, count
         self.start = self.stop = 0
+        self.slot = -1  # its row of the lane's _Ledger, once it joins
         self.view: Optional[Particles] = None
         self.viewed: tuple[Any, ...] = ()  # what self.view was made from
 
@@ -114,6 +115,8 @@ class Lane:
         self.policy_rows = 0
         self._starts = self._stops = np.zeros(0, dtype=np.int64)  # the members' rows (kept by _renumber)
         self._holes: list[tuple[int, int]] = []  # rows of runs that left, until newcomers or _pack take them
+        self._ledger = _Ledger()  # the members' shares of the model calls, until they leave
+        self._streams: Optional[RowStreams] = None  # the members' random streams (kept by _renumber)
 
     @property
     def rows(self) -> int:
@@ -416,6 +419,8 @@ class Lane:
         are packed out, and the other newcomers join behind the batch's rows (into the spare rows of a KV
         cache written in place)."""
         joining, self._joining = self._joining, []
+        for member in joining:
+            member.slot = self._ledger.take()
         pieces: list[tuple[_Member, Particles]] = []
         members = iter(joining)
         for part in parts:  # each run's rows of its part, in order
@@ -501,6 +506,7 @@ class Lane:
     def _renumber(self) -> None:
         """The members in the order of their rows, and their rows as arrays."""
         self.members.sort(key=lambda member: member.start)
+        self._streams = None
         self._starts = np.array([m.start for m in self.members], dtype=np.int64)
         self._stops = np.array([m.stop for m in self.members], dtype=np.int64)
 
@@ -555,7 +561,12 @@ class Lane:
         if not leaving:
             return
         gone = {id(member) for member in leaving}
-        kept = [member for member in self.members if id(member) not in gone]
+        kept = []
+        for member in self.members:
+            if id(member) in gone:
+                self._ledger.settle(member.slot, member.run.compute)
+            else:
+                kept.append(member)
         if not kept:
             self.members, self.particles, self._holes = [], None, []
             self._renumber()
@@ -575,16 +586,27 @@ class Lane:
         """One run: its own generator (what the sampler alone would pass); several: their RowStreams."""
         if len(self.members) == 1:
             return self.members[0].run.generator
-        bounds = [0] + [member.stop for member in self.members]
-        return RowStreams([member.run.generator for member in self.members], bounds)
+        if self._streams is None:  # until the members change (their keys are drawn at each call)
+            bounds = [0] + [member.stop for member in self.members]
+            self._streams = RowStreams([member.run.generator for member in self.members], bounds)
+        return self._streams
 
     def _charge(self, call: Callable[[], Any], live: bool = False) -> Any:
-        """Make one model call for every run, and charge each run its share (by rows, or live rows)."""
+        """Make one model call for every run, and charge each run its share (by rows, or live rows: those
+        not finished before the call), in the lane's ledger until the run leaves."""
+        members = self.members
         weights = None
-        if live and len(self.members) > 1:
+        if live and len(members) > 1:
             finished_rows, rows = self._finished_rows()
-            weights = (rows - finished_rows).tolist()
-        return self._charge_to([m.run for m in self.members], call, weights)
+            weights = rows - finished_rows
+        compute = self.compute
+        before = [getattr(compute, name) for name in _FIELDS]
+        try:
+            return call()
+        finally:
+            deltas = [getattr(compute, name) - b for name, b in zip(_FIELDS, before)]
+            if any(deltas):
+                self._ledger.record(tuple(member.slot for member in members), deltas, weights)
 
     def _finished_rows(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
         """Per member, its finished rows and its rows (one pass over the batch, not one per member)."""
@@ -593,15 +615,14 @@ class Lane:
         np.add.accumulate(finished, dtype=np.int64, out=counted[1:])
         return counted[self._stops] - counted[self._starts], self._stops - self._starts
 
-    def _charge_to(
-        self, runs: list[Run], call: Callable[[], Any], weights: Optional[list[int]] = None
-    ) -> Any:
+    def _charge_to(self, runs: list[Run], call: Callable[[], Any]) -> Any:
+        """One model call for ``runs`` (not in the lane yet), charged to them at once in equal shares."""
         compute = self.compute
         before = [getattr(compute, name) for name in _FIELDS]
         try:
             return call()
         finally:
-            _share([getattr(compute, name) - b for name, b in zip(_FIELDS, before)], runs, weights)
+            _share([getattr(compute, name) - b for name, b in zip(_FIELDS, before)], runs)
 
 
 def _adjacent(members: list[_Member]) -> list[list[_Member]]:
@@ -674,33 +695,86 @@ _SECONDS = ("policy_seconds", "reward_seconds")  # split by weight
 _FIELDS = (*_CALLS, *_COUNTS, *_SECONDS)
 
 
-def _share(deltas: list[Any], runs: list[Run], weights: Optional[list[int]]) -> None:
+def _share(deltas: list[Any], runs: list[Run]) -> None:
     """Charge the runs the compute of one call (``deltas``, by ``_FIELDS``): all of it to a lone run; else
-    the calls to each, counts and seconds split by ``weights`` (rows) in proportion."""
+    the calls to each, counts and seconds split in equal shares (counts rounded)."""
     changed = [(name, delta) for name, delta in zip(_FIELDS, deltas) if delta]
-    if not changed:
-        return
-    if len(runs) == 1:
-        target = runs[0].compute
-        for name, delta in changed:
-            setattr(target, name, getattr(target, name) + delta)
-        return
-    total = float(sum(weights)) if weights else float(len(runs))
-    shares = (
-        [(w / total if total else 1.0 / len(runs)) for w in weights]
-        if weights
-        else [1.0 / len(runs)] * len(runs)
-    )
-    for run, share in zip(runs, shares):
+    share = 1.0 / len(runs)
+    for run in runs:
         target = run.compute
         for name, delta in changed:
-            if name in _CALLS:
-                value = delta
-            elif name in _COUNTS:
-                value = round(delta * share)
+            if len(runs) > 1 and name not in _CALLS:
+                delta = round(delta * share) if name in _COUNTS else delta * share
+            setattr(target, name, getattr(target, name) + delta)
+
+
+class _Ledger:
+    """The lane's model calls charged to its members: a row per member (its ``slot``), a column per
+    ``_FIELDS``, added to the member's run's ``compute`` when it leaves. A call's calls count in full
+    for every member it served; its counts and seconds are split in proportion to each member's
+    ``weights`` (rows; equal where none or all zero). Calls are recorded as they come and charged in
+    one matrix product per set of members when one leaves, where charging each run's ``Compute`` was a
+    Python update a call, run and field; counts are rounded once, as the run leaves."""
+
+    RECORDED_AT_MOST = 64  # calls recorded before they are charged (a lane whose runs stay for long)
+
+    def __init__(self) -> None:
+        self.rows = np.zeros((8, len(_FIELDS)))
+        self._free = list(range(7, -1, -1))
+        self._calls: list[tuple[tuple[int, ...], list[Any], Optional[npt.NDArray[np.int64]]]] = []
+
+    def take(self) -> int:
+        """A free row (zero) for a member joining."""
+        if not self._free:
+            size = len(self.rows)
+            self.rows = np.concatenate([self.rows, np.zeros_like(self.rows)])
+            self._free = list(range(2 * size - 1, size - 1, -1))
+        return self._free.pop()
+
+    def record(
+        self, slots: tuple[int, ...], deltas: list[Any], weights: Optional[npt.NDArray[np.int64]]
+    ) -> None:
+        """One call's ``deltas`` (by ``_FIELDS``), to be charged to the members in ``slots``."""
+        self._calls.append((slots, deltas, weights))
+        if len(self._calls) >= self.RECORDED_AT_MOST:
+            self.charge()
+
+    def charge(self) -> None:
+        """The calls recorded into the members' rows: for each run of calls that served the same members,
+        ``shares.T @ deltas`` (``shares``: a call's fraction for each member), the calls in full."""
+        calls, self._calls = self._calls, []
+        first = 0
+        while first < len(calls):
+            slots = calls[first][0]
+            last = first + 1
+            while last < len(calls) and calls[last][0] == slots:
+                last += 1
+            group = calls[first:last]
+            deltas = np.array([d for _, d, _ in group], dtype=np.float64)
+            if len(slots) == 1:
+                self.rows[slots[0]] += deltas.sum(axis=0)
             else:
-                value = delta * share
-            setattr(target, name, getattr(target, name) + value)
+                shares = np.full((len(group), len(slots)), 1.0 / len(slots))
+                for k, (_, _, weights) in enumerate(group):
+                    total = 0 if weights is None else int(weights.sum())
+                    if weights is not None and total:
+                        shares[k] = weights / total
+                charged = shares.T @ deltas
+                charged[:, : len(_CALLS)] = deltas[:, : len(_CALLS)].sum(axis=0)
+                self.rows[list(slots)] += charged
+            first = last
+
+    def settle(self, slot: int, compute: Any) -> None:
+        """The member in ``slot`` leaves: its row (after the calls recorded) added to ``compute``, counts
+        rounded, and freed."""
+        if self._calls:
+            self.charge()
+        row = self.rows[slot]
+        for name, value in zip(_FIELDS, row.tolist()):
+            if value:
+                setattr(compute, name, getattr(compute, name) + (value if name in _SECONDS else round(value)))
+        row[:] = 0.0
+        self._free.append(slot)
 
 
 class RunFailed(Exception):
