@@ -91,9 +91,9 @@ class Clocks:
         Particles.concatenate = timed_join  # type: ignore[method-assign,assignment]
         fill_rows = Particles.fill_rows
 
-        def timed_fill(particles: Particles, start: int, part: Particles) -> bool:
+        def timed_fill(particles: Particles, rows: Any, part: Particles) -> bool:
             wall = time.perf_counter()
-            filled = fill_rows(particles, start, part)
+            filled = fill_rows(particles, rows, part)
             self.join_wall += time.perf_counter() - wall
             if filled:
                 arrays = [part.tokens, part.lengths, part.finished, *part.state.values()]

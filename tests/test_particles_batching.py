@@ -262,7 +262,7 @@ def test_fill_rows_writes_a_newcomer_over_rows_in_place(policy: OnnxCausalLM) ->
     """``fill_rows`` writes a part over a batch's rows where they lie: tokens, state (a narrower padded
     entry padded with zeros on its side), prompts, prompt tokens and errors; the other rows and the
     arrays themselves stay. A part that does not fit (wider padded state, another particle count) is
-    refused with False and nothing written; bad rows raise naming ``start``."""
+    refused with False and nothing written; bad rows raise naming ``rows``."""
     lane = Particles.concatenate(
         [policy.start(["the quick brown"], 2).one_per_prompt(), policy.start(["hello"], 2).one_per_prompt()]
     )
@@ -296,8 +296,41 @@ def test_fill_rows_writes_a_newcomer_over_rows_in_place(policy: OnnxCausalLM) ->
     assert not lane.fill_rows(0, policy.start(["ab"], 2))  # two particles a prompt, not one
     for name, array in lane.state.items():
         np.testing.assert_array_equal(array, snapshot[name], err_msg=name)
-    with pytest.raises(IndexError, match="start: rows 3:5"):
+    with pytest.raises(IndexError, match="rows: rows 3:5"):
         lane.fill_rows(3, newcomer)
+
+
+def test_fill_rows_at_scattered_rows_writes_what_filling_each_run_where_it_goes_writes(
+    policy: OnnxCausalLM,
+) -> None:
+    """``fill_rows`` at one row index per prompt of the part (rows here and there: newcomers started
+    together, each over rows a run left) writes what filling each newcomer's rows from its first row
+    writes, every array and the prompts and errors alike; indices of the wrong count, repeated or out
+    of the batch raise naming ``rows`` and write nothing."""
+
+    def held() -> Particles:
+        return Particles.concatenate(
+            [policy.start([text], 2).one_per_prompt() for text in ("the quick brown", "hello", "xy")]
+        )
+
+    newcomers = policy.start(["ab", "abcd"], 2).one_per_prompt()
+    newcomers.errors = {2: "refused"}
+    scattered, one_by_one = held(), held()
+    assert scattered.fill_rows([4, 5, 0, 1], newcomers)
+    assert one_by_one.fill_rows(4, newcomers.view_rows(0, 2))
+    assert one_by_one.fill_rows(0, newcomers.view_rows(2, 4))
+    for name, array in scattered.state.items():
+        np.testing.assert_array_equal(array, one_by_one.state[name], err_msg=name)
+    np.testing.assert_array_equal(scattered.tokens, one_by_one.tokens)
+    np.testing.assert_array_equal(scattered.lengths, one_by_one.lengths)
+    assert scattered.prompts == one_by_one.prompts == ["abcd", "abcd", "hello", "hello", "ab", "ab"]
+    assert scattered.errors == one_by_one.errors == {0: "refused"}
+    snapshot = {name: array.copy() for name, array in scattered.state.items()}
+    for rows, error in (([4, 5, 0], ValueError), ([4, 4, 0, 1], ValueError), ([4, 5, 0, 6], IndexError)):
+        with pytest.raises(error, match="rows: "):
+            scattered.fill_rows(rows, newcomers)
+    for name, array in scattered.state.items():
+        np.testing.assert_array_equal(array, snapshot[name], err_msg=name)
 
 
 def test_fill_rows_drops_state_the_newcomer_lacks() -> None:

@@ -308,14 +308,15 @@ def poison_unwritten(monkeypatch: pytest.MonkeyPatch) -> None:
 
     fill_rows = Particles.fill_rows
 
-    def poisoned_fill_rows(self: Particles, start: int, part: Particles) -> bool:
-        saved = {key: self.state[key][start : start + part.num_prompts].copy() for key in self.in_place}
+    def poisoned_fill_rows(self: Particles, rows: Any, part: Particles) -> bool:
+        where = slice(rows, rows + part.num_prompts) if isinstance(rows, int) else np.asarray(rows)
+        saved = {key: self.state[key][where].copy() for key in self.in_place}
         for key in self.in_place:
-            self.state[key][start : start + part.num_prompts] = np.nan
-        if fill_rows(self, start, part):
+            self.state[key][where] = np.nan
+        if fill_rows(self, rows, part):
             return True
-        for key, rows in saved.items():
-            self.state[key][start : start + part.num_prompts] = rows
+        for key, kept in saved.items():
+            self.state[key][where] = kept
         return False
 
     monkeypatch.setattr(particles_module._SpareRows, "make", poisoned_make)
@@ -401,8 +402,8 @@ def test_runs_joining_a_lane_write_only_their_rows(monkeypatch: pytest.MonkeyPat
     fill_rows = Particles.fill_rows
     fills: list[bool] = []
 
-    def counted_fill(self: Particles, start: int, part: Particles) -> bool:
-        fills.append(fill_rows(self, start, part))
+    def counted_fill(self: Particles, rows: Any, part: Particles) -> bool:
+        fills.append(fill_rows(self, rows, part))
         return fills[-1]
 
     monkeypatch.setattr(Particles, "fill_rows", counted_fill)

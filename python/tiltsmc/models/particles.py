@@ -8,7 +8,7 @@ import threading
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -324,25 +324,41 @@ class Particles:
             in_place=set(self.in_place),
         )
 
-    def fill_rows(self, start: int, part: Particles) -> bool:
-        """Write ``part``'s prompts over this batch's prompts ``start:start + part.num_prompts`` (their
-        tokens, state, prompt, prompt tokens and errors), in place: a batch's rows that a run has left,
-        taken by a newcomer without copying the batch. Returns False, having written nothing, where the
-        part does not fit in place: a wider token buffer or ``aligned`` entry (after leaving out its
-        columns that are padding in all its rows, as ``concatenate`` does), another particle count, state
-        laid out otherwise, or an array that is not a writeable C-contiguous host array. ``aligned`` entries
-        narrower than the batch's are padded with zeros on their padding side, but ``in_place`` ones, whose
-        columns past the part's are left as they were (the model reads none past a row's length). A state
-        entry the part lacks is dropped from the batch (as by ``concatenate``: the model creates it again
-        for the whole batch).
+    def fill_rows(self, rows: Union[int, npt.ArrayLike], part: Particles) -> bool:
+        """Write ``part``'s prompts over this batch's prompts ``rows`` (their tokens, state, prompt, prompt
+        tokens and errors), in place: a batch's rows that runs have left, taken by newcomers without
+        copying the batch. ``rows``: the first of ``part.num_prompts`` rows in a row (an int), or one
+        distinct row for each of the part's prompts, in its order. Returns False, having written nothing,
+        where the part does not fit in place: a wider token buffer or ``aligned`` entry (after leaving out
+        its columns that are padding in all its rows, as ``concatenate`` does), another particle count,
+        state laid out otherwise, or an array that is not a writeable C-contiguous host array. ``aligned``
+        entries narrower than the batch's are padded with zeros on their padding side, but ``in_place``
+        ones, whose columns past the part's are left as they were (the model reads none past a row's
+        length). A state entry the part lacks is dropped from the batch (as by ``concatenate``: the model
+        creates it again for the whole batch).
         """
         if not isinstance(part, Particles):
             raise TypeError(f"part: expected Particles, got {type(part).__name__}")
-        stop = start + part.num_prompts
-        if not 0 <= start <= stop <= self.num_prompts:
-            raise IndexError(
-                f"start: rows {start}:{stop} do not lie in the batch's {self.num_prompts} prompts"
-            )
+        where: Any
+        if isinstance(rows, (int, np.integer)) and not isinstance(rows, bool):
+            start, stop = int(rows), int(rows) + part.num_prompts
+            if not 0 <= start <= stop <= self.num_prompts:
+                raise IndexError(
+                    f"rows: rows {start}:{stop} do not lie in the batch's {self.num_prompts} prompts"
+                )
+            where, targets = slice(start, stop), list(range(start, stop))
+        else:
+            where = np.asarray(rows)
+            if where.dtype.kind not in "iu" or where.shape != (part.num_prompts,):
+                raise ValueError(
+                    f"rows: expected a first row, or {part.num_prompts} row indices (one per prompt of the "
+                    f"part), got {where.dtype} of shape {where.shape}"
+                )
+            targets = where.tolist()
+            if targets and not 0 <= min(targets) <= max(targets) < self.num_prompts:
+                raise IndexError(f"rows: {targets} do not lie in the batch's {self.num_prompts} prompts")
+            if len(set(targets)) != len(targets):
+                raise ValueError(f"rows: each row at most once, got {targets}")
         self.flush()
         part.flush()
         same_layout = (
@@ -387,28 +403,33 @@ class Particles:
             if source.shape[axis] - skip > array.shape[axis]:
                 return False
             writes.append((key, array, source, (axis, skip, mask in self.right_padded)))
-        rows = slice(start, stop)
-        self.tokens[rows] = 0
-        self.tokens[rows, :, : part.tokens.shape[2]] = part.tokens
-        self.lengths[rows] = part.lengths
-        self.finished[rows] = part.finished
+        self.tokens[where] = 0
+        self.tokens[where, :, : part.tokens.shape[2]] = part.tokens
+        self.lengths[where] = part.lengths
+        self.finished[where] = part.finished
         for key, array, source, padding in writes:
             if padding is None:
-                array[rows] = source
+                array[where] = source
             elif key in self.in_place:  # its own columns: the model reads none past a row's length
-                _write_own_columns(array, rows, source, padding[0])
+                _write_own_columns(array, where, source, padding[0])
             else:
                 axis, skip, on_right = padding
-                core.concatenate_padded(
-                    [source], axis, [skip], "right" if on_right else "left", out=array[rows]
-                )
+                side: Literal["left", "right"] = "right" if on_right else "left"
+                if isinstance(where, slice):
+                    core.concatenate_padded([source], axis, [skip], side, out=array[where])
+                else:  # rows here and there: padded into one block, then written to them
+                    block = np.empty((len(targets), *array.shape[1:]), dtype=array.dtype)
+                    array[where] = core.concatenate_padded([source], axis, [skip], side, out=block)
         for key in [key for key in self.state if key not in part.state]:
             del self.state[key]
-        self.prompts[rows] = part.prompts
+        for k, row in enumerate(targets):
+            self.prompts[row] = part.prompts[k]
         if self.prompt_tokens is not None and part.prompt_tokens is not None:
-            self.prompt_tokens[rows] = part.prompt_tokens
-        self.errors = {b: m for b, m in self.errors.items() if not start <= b < stop}
-        self.errors.update((start + b, message) for b, message in part.errors.items())
+            for k, row in enumerate(targets):
+                self.prompt_tokens[row] = part.prompt_tokens[k]
+        taken = set(targets)
+        self.errors = {b: m for b, m in self.errors.items() if b not in taken}
+        self.errors.update((targets[b], message) for b, message in part.errors.items())
         return True
 
     def packed(self, prompts: npt.ArrayLike) -> Particles:
@@ -685,7 +706,7 @@ def widened(array: np.ndarray, width: int, axis: int) -> np.ndarray:
     return grown
 
 
-def _write_own_columns(target: np.ndarray, rows: slice, source: np.ndarray, axis: int) -> None:
+def _write_own_columns(target: np.ndarray, rows: Any, source: np.ndarray, axis: int) -> None:
     """``source`` into ``target``'s ``rows``, its own columns along ``axis`` only (an ``in_place`` entry:
     the columns after are never read, so they are left as they were)."""
     target[(rows, *(slice(None),) * (axis - 1), slice(0, source.shape[axis]))] = source

@@ -415,44 +415,38 @@ class Lane:
         (``Particles.trims_by_copying``). Where that copies the batch's padded state (a KV cache padded on
         the left), the rows the runs hold and the newcomers' are copied into one new batch, which drops
         those columns (``Particles.concatenate``). Else each newcomer's rows are written over rows that
-        runs have left where they fit (``Particles.fill_rows``: the batch not copied), the rows still free
+        runs have left where they fit (``Particles.fill_rows``: the batch not copied; the runs started
+        together in one write where all fit), the rows still free
         are packed out, and the other newcomers join behind the batch's rows (into the spare rows of a KV
         cache written in place)."""
         joining, self._joining = self._joining, []
         for member in joining:
             member.slot = self._ledger.take()
-        pieces: list[tuple[_Member, Particles]] = []
+        placed: list[tuple[Particles, list[tuple[_Member, int]]]] = []  # each part, its runs' first rows
         members = iter(joining)
-        for part in parts:  # each run's rows of its part, in order
-            first = 0
+        for part in parts:
+            first, runs = 0, []
             while first < part.num_prompts:
                 member = next(members)
-                rows = member.batch * member.count
-                whole = first == 0 and rows == part.num_prompts
-                pieces.append((member, part if whole else part.view_rows(first, first + rows)))
-                first += rows
-        behind = [([member], piece) for member, piece in pieces]  # batches to join, with their runs
+                runs.append((member, first))
+                first += member.batch * member.count
+            placed.append((part, runs))
+        behind: list[tuple[list[_Member], Particles]] = []  # batches to join behind, with their runs
         lane, given_up = self.particles, True
         if lane is not None:
             self._charge(lambda: self.models.flush(lane))  # the policy's deferred work, timed as its own
             if lane.trims_by_copying():  # views of the rows held, all copied (none given up to the join)
-                held = [
-                    (runs, lane.view_rows(runs[0].start, runs[-1].stop)) for runs in _adjacent(self.members)
-                ]
+                held = _adjacent(self.members)
+                behind = [(block, lane.view_rows(block[0].start, block[-1].stop)) for block in held]
                 self.members, self._holes, self.particles, given_up = [], [], None, False
-                behind = held + behind
             else:
-                behind = []
-                for member, piece in pieces:
-                    start = self._hole_for(piece.num_prompts)
-                    if start is not None and lane.fill_rows(start, piece):
-                        self._take_hole(start, piece.num_prompts)
-                        member.start, member.stop = start, start + piece.num_prompts
-                        self.members.append(member)
-                    else:
-                        behind.append(([member], piece))
+                for part, runs in placed:
+                    behind.extend(([member], piece) for member, piece in self._fill_holes(lane, part, runs))
                 self._pack()
                 self._particles().trim_padding(TRIM_PADDING_FROM)  # the rows taken over may have been longer
+                placed = []
+        for part, runs in placed:
+            behind.extend(([member], piece) for member, piece in self._pieces(part, runs))
         if behind:
             first = self._batch_rows()
             batches = [batch for _, batch in behind]
@@ -460,23 +454,58 @@ class Lane:
                 batches.insert(0, self.particles)
             joined = batches[0] if len(batches) == 1 else Particles.concatenate(batches, reuse_first=given_up)
             self.particles = joined
-            for runs, _ in behind:
-                for member in runs:
+            for runs_behind, _ in behind:
+                for member in runs_behind:
                     member.start, first = first, first + member.batch * member.count
                     member.stop = first
                     self.members.append(member)
         self._renumber()
 
+    @staticmethod
+    def _pieces(part: Particles, runs: list[tuple[_Member, int]]) -> list[tuple[_Member, Particles]]:
+        """Each run's rows of ``part`` (from its first row): the part itself where it holds one run."""
+        if len(runs) == 1:
+            return [(runs[0][0], part)]
+        return [(m, part.view_rows(first, first + m.batch * m.count)) for m, first in runs]
+
+    def _fill_holes(
+        self, lane: Particles, part: Particles, runs: list[tuple[_Member, int]]
+    ) -> list[tuple[_Member, Particles]]:
+        """Write each of ``part``'s runs over free rows of the lane's batch where they fit
+        (``Particles.fill_rows``), each into the first free range that holds it: where every run fits, in
+        one write of the part, else run by run. Returns the runs that did not fit, with their rows (to
+        join behind the batch's)."""
+        holes = list(self._holes)
+        starts = []
+        for member, _ in runs:
+            size = member.batch * member.count
+            start = next((begin for begin, stop in holes if stop - begin >= size), None)
+            if start is None:
+                break
+            starts.append(start)
+            holes = _taken(holes, start, size)
+        if len(starts) == len(runs):
+            index = np.concatenate([np.arange(s, s + m.batch * m.count) for s, (m, _) in zip(starts, runs)])
+            if lane.fill_rows(index, part):
+                self._holes = holes
+                for start, (member, _) in zip(starts, runs):
+                    member.start, member.stop = start, start + member.batch * member.count
+                    self.members.append(member)
+                return []
+        left = []
+        for member, piece in self._pieces(part, runs):
+            start = self._hole_for(piece.num_prompts)
+            if start is not None and lane.fill_rows(start, piece):
+                self._holes = _taken(self._holes, start, piece.num_prompts)
+                member.start, member.stop = start, start + piece.num_prompts
+                self.members.append(member)
+            else:
+                left.append((member, piece))
+        return left
+
     def _hole_for(self, rows: int) -> Optional[int]:
         """The first row of the first free range of at least ``rows`` rows, or None."""
         return next((start for start, stop in self._holes if stop - start >= rows), None)
-
-    def _take_hole(self, start: int, rows: int) -> None:
-        self._holes = [
-            (begin + rows, stop) if begin == start else (begin, stop)
-            for begin, stop in self._holes
-            if not (begin == start and stop - begin == rows)
-        ]
 
     def _pack(self) -> None:
         """The rows runs have left taken out of the batch: the runs after them moved into their place
@@ -623,6 +652,15 @@ class Lane:
             return call()
         finally:
             _share([getattr(compute, name) - b for name, b in zip(_FIELDS, before)], runs)
+
+
+def _taken(holes: list[tuple[int, int]], start: int, rows: int) -> list[tuple[int, int]]:
+    """Free row ranges after ``rows`` rows from ``start`` (the first rows of one of them) are taken."""
+    return [
+        (begin + rows, stop) if begin == start else (begin, stop)
+        for begin, stop in holes
+        if not (begin == start and stop - begin == rows)
+    ]
 
 
 def _adjacent(members: list[_Member]) -> list[list[_Member]]:
