@@ -435,6 +435,8 @@ def run_config(
     so that a slower hour on the shared machine weighs on both alike."""
     out: dict[str, dict[int, dict[str, Any]]] = {system: {} for system in SYSTEMS}
     engine_options = ["--workers", str(args.engine_workers)] if args.engine_workers != 1 else []
+    if args.engine_threads is not None:
+        engine_options += ["--threads", str(args.engine_threads)]
     threads = args.baseline_threads
     baseline_options = [] if threads is None else ["--threads", str(threads)]
     with contextlib.ExitStack() as stack:
@@ -830,6 +832,13 @@ def main() -> None:
         default=1,
         help="tiltsmc serve --workers (each worker steps its own batch; its models get cores / workers "
         "ONNX Runtime threads)",
+    )
+    parser.add_argument(
+        "--engine-threads",
+        type=int,
+        default=None,
+        help="tiltsmc serve --threads: each model's ONNX Runtime intra-op threads (default: tiltsmc serve's, "
+        "the cores shared out between the workers)",
     )
     parser.add_argument(
         "--baseline-threads",

@@ -416,9 +416,8 @@ class Lane:
         the left), the rows the runs hold and the newcomers' are copied into one new batch, which drops
         those columns (``Particles.concatenate``). Else each newcomer's rows are written over rows that
         runs have left where they fit (``Particles.fill_rows``: the batch not copied; the runs started
-        together in one write where all fit), the rows still free
-        are packed out, and the other newcomers join behind the batch's rows (into the spare rows of a KV
-        cache written in place)."""
+        together in one write where all fit), the rows still free are packed out, and the other newcomers
+        join behind the batch's rows (into the spare rows of a KV cache written in place)."""
         joining, self._joining = self._joining, []
         for member in joining:
             member.slot = self._ledger.take()
@@ -479,7 +478,7 @@ class Lane:
         starts = []
         for member, _ in runs:
             size = member.batch * member.count
-            start = next((begin for begin, stop in holes if stop - begin >= size), None)
+            start = _first_fit(holes, size)
             if start is None:
                 break
             starts.append(start)
@@ -494,7 +493,7 @@ class Lane:
                 return []
         left = []
         for member, piece in self._pieces(part, runs):
-            start = self._hole_for(piece.num_prompts)
+            start = _first_fit(self._holes, piece.num_prompts)
             if start is not None and lane.fill_rows(start, piece):
                 self._holes = _taken(self._holes, start, piece.num_prompts)
                 member.start, member.stop = start, start + piece.num_prompts
@@ -502,10 +501,6 @@ class Lane:
             else:
                 left.append((member, piece))
         return left
-
-    def _hole_for(self, rows: int) -> Optional[int]:
-        """The first row of the first free range of at least ``rows`` rows, or None."""
-        return next((start for start, stop in self._holes if stop - start >= rows), None)
 
     def _pack(self) -> None:
         """The rows runs have left taken out of the batch: the runs after them moved into their place
@@ -652,6 +647,11 @@ class Lane:
             return call()
         finally:
             _share([getattr(compute, name) - b for name, b in zip(_FIELDS, before)], runs)
+
+
+def _first_fit(holes: list[tuple[int, int]], rows: int) -> Optional[int]:
+    """The first row of the first free range of at least ``rows`` rows, or None."""
+    return next((start for start, stop in holes if stop - start >= rows), None)
 
 
 def _taken(holes: list[tuple[int, int]], start: int, rows: int) -> list[tuple[int, int]]:
