@@ -118,49 +118,23 @@ class Particles:
         [`one_per_prompt`][tiltsmc.models.particles.Particles.one_per_prompt]). Deferred work runs first. Host
         arrays are reordered in one core call
         ([`tiltsmc.core.reorder_in_place`][tiltsmc.core.reorder_in_place]); device arrays where they lie;
-        arrays that cannot be written
-        in place are replaced by reordered copies."""
+        arrays that cannot be written in place are replaced by reordered copies."""
         self.flush()
-        if across_prompts:
-            total = self.lengths.size
-            for name, array in self.state.items():
-                if isinstance(array, np.ndarray) and not array.flags.c_contiguous:
-                    self.state[name] = np.ascontiguousarray(array)
-            views = {k: a.reshape(1, total, *a.shape[2:]) for k, a in self.state.items()}
-            flat = Particles(
-                prompts=[None],
-                tokens=self.tokens.reshape(1, total, -1),
-                lengths=self.lengths.reshape(1, total),
-                finished=self.finished.reshape(1, total),
-                state=dict(views),
-            )
-            flat.reorder(ancestors)
-            for name, array in flat.state.items():  # entries replaced by reordered copies
-                if array is not views[name]:
-                    self.state[name] = array.reshape(self.state[name].shape)
+        if not across_prompts:
+            self.state.update(_reorder(self.tokens, self.lengths, self.finished, self.state, ancestors))
             return
-        own = [self.tokens, self.lengths, self.finished]
-        arrays = [*own, *self.state.values()]
-        try:  # one call checks every array's leading axes and every index before it writes
-            skipped = core.reorder_in_place(arrays, ancestors, skip_unwritable=True)
-        except ValueError:
-            self._check_leading_axes()  # names the state entry, where one is at fault
-            raise
-        if not skipped:
-            return
-        names = list(self.state)
-        on_device: dict[int, Any] = {}
-        for k in skipped:  # device arrays, and host arrays that cannot be written in place
-            name = names[k - len(own)]
-            self.state[name] = _follow(self.state[name], ancestors, on_device, in_place=True)
-
-    def _check_leading_axes(self) -> None:
+        total = self.lengths.size
         for name, array in self.state.items():
-            if tuple(array.shape[:2]) != self.lengths.shape:
-                raise ValueError(
-                    f"Particles.state[{name!r}]: leading axes {tuple(array.shape[:2])} are not (B, N) = "
-                    f"{self.lengths.shape}"
-                )
+            if isinstance(array, np.ndarray) and not array.flags.c_contiguous:
+                self.state[name] = np.ascontiguousarray(array)
+        views = {name: array.reshape(1, total, *array.shape[2:]) for name, array in self.state.items()}
+        flat = (
+            self.tokens.reshape(1, total, -1),
+            self.lengths.reshape(1, total),
+            self.finished.reshape(1, total),
+        )
+        for name, array in _reorder(*flat, views, ancestors).items():  # entries replaced by reordered copies
+            self.state[name] = array.reshape(self.state[name].shape)
 
     def take(self, ancestors: npt.NDArray[np.int64]) -> Particles:
         """A new batch: particle ``j`` of prompt ``b`` copies particle ``ancestors[b, j]`` (any count)."""
@@ -752,6 +726,34 @@ def _joined_in_place(arrays: list[np.ndarray], axis: int, fits: bool, reuse_firs
     shape[axis] = max(array.shape[axis] for array in arrays)
     out = _SPARE_ROWS.make(shape, np.result_type(*arrays))
     return core.concatenate_padded(arrays, axis, padding_side="right", out=out)
+
+
+def _reorder(
+    tokens: np.ndarray,
+    lengths: np.ndarray,
+    finished: np.ndarray,
+    state: dict[str, Any],
+    ancestors: npt.NDArray[np.int64],
+) -> dict[str, Any]:
+    """``Particles.reorder`` of these arrays (leading axes ``lengths.shape``): host arrays in one core call
+    that checks every array's leading axes and every index before it writes; the state entries it cannot
+    write in place (device arrays, arrays not C-contiguous and writeable) reordered where they lie or
+    copied, returned by name to replace them."""
+    try:
+        skipped = core.reorder_in_place(
+            [tokens, lengths, finished, *state.values()], ancestors, skip_unwritable=True
+        )
+    except ValueError:
+        for name, array in state.items():  # names the state entry, where one is at fault
+            if tuple(array.shape[:2]) != lengths.shape:
+                raise ValueError(
+                    f"Particles.state[{name!r}]: leading axes {tuple(array.shape[:2])} are not (B, N) = "
+                    f"{lengths.shape}"
+                ) from None
+        raise
+    names = list(state)
+    on_device: dict[int, Any] = {}
+    return {names[k - 3]: _follow(state[names[k - 3]], ancestors, on_device, in_place=True) for k in skipped}
 
 
 def _follow(array: Any, ancestors: npt.NDArray[np.int64], uploaded: dict[int, Any], in_place: bool) -> Any:
