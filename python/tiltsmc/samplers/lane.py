@@ -589,13 +589,13 @@ class Lane:
         for member in self.members:
             if id(member) in gone:
                 self._ledger.settle(member.slot, member.run.compute)
+                self._holes.append((member.start, member.stop))
             else:
                 kept.append(member)
         if not kept:
             self.members, self.particles, self._holes = [], None, []
             self._renumber()
             return
-        self._holes.extend((m.start, m.stop) for m in self.members if id(m) in gone)
         self._holes.sort()
         self.members = kept
         self._renumber()
@@ -640,13 +640,19 @@ class Lane:
         return counted[self._stops] - counted[self._starts], self._stops - self._starts
 
     def _charge_to(self, runs: list[Run], call: Callable[[], Any]) -> Any:
-        """One model call for ``runs`` (not in the lane yet), charged to them at once in equal shares."""
+        """One model call for ``runs`` (not in the lane yet), charged to them at once in equal shares
+        (through rows of the ledger taken for the call and settled after it)."""
         compute = self.compute
         before = [getattr(compute, name) for name in _FIELDS]
         try:
             return call()
         finally:
-            _share([getattr(compute, name) - b for name, b in zip(_FIELDS, before)], runs)
+            deltas = [getattr(compute, name) - b for name, b in zip(_FIELDS, before)]
+            if any(deltas):
+                slots = tuple(self._ledger.take() for _ in runs)
+                self._ledger.record(slots, deltas, None)
+                for slot, run in zip(slots, runs):
+                    self._ledger.settle(slot, run.compute)
 
 
 def _first_fit(holes: list[tuple[int, int]], rows: int) -> Optional[int]:
@@ -731,19 +737,6 @@ _CALLS = ("policy_calls", "reward_calls")  # charged in full to every run the ca
 _COUNTS = ("policy_steps", "policy_tokens", "reward_evaluations")  # split by weight, rounded
 _SECONDS = ("policy_seconds", "reward_seconds")  # split by weight
 _FIELDS = (*_CALLS, *_COUNTS, *_SECONDS)
-
-
-def _share(deltas: list[Any], runs: list[Run]) -> None:
-    """Charge the runs the compute of one call (``deltas``, by ``_FIELDS``): all of it to a lone run; else
-    the calls to each, counts and seconds split in equal shares (counts rounded)."""
-    changed = [(name, delta) for name, delta in zip(_FIELDS, deltas) if delta]
-    share = 1.0 / len(runs)
-    for run in runs:
-        target = run.compute
-        for name, delta in changed:
-            if len(runs) > 1 and name not in _CALLS:
-                delta = round(delta * share) if name in _COUNTS else delta * share
-            setattr(target, name, getattr(target, name) + delta)
 
 
 class _Ledger:
