@@ -384,8 +384,8 @@ class Lane:
             prompts = group[0][1]
         else:
             prompts = [prompt for _, run_prompts in group for prompt in (run_prompts or [None])]
-        part: Particles = self._charge_to(runs, lambda: self.models.start(prompts, count))
-        log_v0 = self._charge_to(runs, lambda: self.models.initial_log_value(part))
+        part: Particles = self._charge(lambda: self.models.start(prompts, count), runs=runs)
+        log_v0 = self._charge(lambda: self.models.initial_log_value(part), runs=runs)
         batches = [part.num_prompts] if len(group) == 1 else [len(p or [None]) for _, p in group]
         capacity = part.tokens.shape[2]
         limits = np.full(part.lengths.shape, capacity, dtype=np.int64)
@@ -615,12 +615,13 @@ class Lane:
             self._streams = RowStreams([member.run.generator for member in self.members], bounds)
         return self._streams
 
-    def _charge(self, call: Callable[[], Any], live: bool = False) -> Any:
+    def _charge(self, call: Callable[[], Any], live: bool = False, runs: Optional[list[Run]] = None) -> Any:
         """Make one model call for every run, and charge each run its share (by rows, or live rows: those
-        not finished before the call), in the lane's ledger until the run leaves."""
+        not finished before the call), in the lane's ledger until the run leaves. With ``runs`` (a group
+        starting, not in the lane yet), the call is theirs, charged to them at once in equal shares."""
         members = self.members
         weights = None
-        if live and len(members) > 1:
+        if runs is None and live and len(members) > 1:
             finished_rows, rows = self._finished_rows()
             weights = rows - finished_rows
         compute = self.compute
@@ -630,7 +631,10 @@ class Lane:
         finally:
             deltas = [getattr(compute, name) - b for name, b in zip(_FIELDS, before)]
             if any(deltas):
-                self._ledger.record(tuple(member.slot for member in members), deltas, weights)
+                if runs is None:
+                    self._ledger.record(tuple(member.slot for member in members), deltas, weights)
+                else:
+                    self._ledger.settle_now(deltas, [run.compute for run in runs])
 
     def _finished_rows(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
         """Per member, its finished rows and its rows (one pass over the batch, not one per member)."""
@@ -638,21 +642,6 @@ class Lane:
         counted = np.zeros(finished.size + 1, dtype=np.int64)
         np.add.accumulate(finished, dtype=np.int64, out=counted[1:])
         return counted[self._stops] - counted[self._starts], self._stops - self._starts
-
-    def _charge_to(self, runs: list[Run], call: Callable[[], Any]) -> Any:
-        """One model call for ``runs`` (not in the lane yet), charged to them at once in equal shares
-        (through rows of the ledger taken for the call and settled after it)."""
-        compute = self.compute
-        before = [getattr(compute, name) for name in _FIELDS]
-        try:
-            return call()
-        finally:
-            deltas = [getattr(compute, name) - b for name, b in zip(_FIELDS, before)]
-            if any(deltas):
-                slots = tuple(self._ledger.take() for _ in runs)
-                self._ledger.record(slots, deltas, None)
-                for slot, run in zip(slots, runs):
-                    self._ledger.settle(slot, run.compute)
 
 
 def _first_fit(holes: list[tuple[int, int]], rows: int) -> Optional[int]:
@@ -794,6 +783,14 @@ class _Ledger:
                 charged[:, : len(_CALLS)] = deltas[:, : len(_CALLS)].sum(axis=0)
                 self.rows[list(slots)] += charged
             first = last
+
+    def settle_now(self, deltas: list[Any], computes: list[Any]) -> None:
+        """One call's ``deltas`` charged at once in equal shares to ``computes`` (runs with no row here
+        yet), through rows taken for it and settled."""
+        slots = tuple(self.take() for _ in computes)
+        self.record(slots, deltas, None)
+        for slot, compute in zip(slots, computes):
+            self.settle(slot, compute)
 
     def settle(self, slot: int, compute: Any) -> None:
         """The member in ``slot`` leaves: its row (after the calls recorded) added to ``compute``, counts
