@@ -189,10 +189,12 @@ def main() -> None:
             credit += args.rate
             while credit >= 1.0 and in_flight < args.inflight and submitted < count:
                 k = first + submitted
-                lane.add(smc_run(
+                run = smc_run(
                     models, [prompts[k]], args.particles, "systematic", 0.5, "naive", k,
                     record_ancestry=False, max_steps=1_000_000, max_new_tokens=max_new_tokens,
-                ))  # fmt: skip
+                )  # fmt: skip
+                run.decodes_texts = False  # as the engine's: texts decoded by the reader of the result
+                lane.add(run)
                 submitted, in_flight, credit = submitted + 1, in_flight + 1, credit - 1.0
             if not in_flight:
                 continue

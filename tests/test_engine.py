@@ -161,6 +161,41 @@ def test_onnx_lone_request_is_the_offline_result(
             assert served.texts is not None
 
 
+def test_texts_are_decoded_by_the_thread_that_reads_the_result(
+    onnx_models: tuple[OnnxCausalLM, OnnxRewardModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker leaves a request's texts to the first read of its future (on the reader's thread, an
+    event loop's for ``generate``), so that decoding does not hold up the step of the requests in
+    flight; the texts read are the offline function's."""
+    policy, reward = onnx_models
+    decoded_on: list[str] = []
+    decode = policy.decode
+
+    def recording_decode(ids: Any) -> str:
+        decoded_on.append(threading.current_thread().name)
+        return decode(ids)
+
+    monkeypatch.setattr(policy, "decode", recording_decode)
+    with tiltsmc.Engine(policy, reward) as engine:
+        future = engine.submit(ONNX_PROMPTS[0], "smc", num_particles=4, rng=3)
+        while not future.done():
+            time.sleep(0.001)
+        assert decoded_on == []  # done, not read yet
+        served = future.result()
+        assert future.result() is served and len(decoded_on) == 4  # once, on this thread
+        assert set(decoded_on) == {threading.current_thread().name}
+        decoded_on.clear()
+
+        async def read() -> tiltsmc.SamplerResult:
+            return await engine.generate(ONNX_PROMPTS[0], "smc", num_particles=4, rng=3)
+
+        awaited = asyncio.run(read())
+        assert len(decoded_on) == 4 and "tiltsmc-engine" not in decoded_on
+    monkeypatch.undo()
+    offline = tiltsmc.smc(policy, reward, prompts=[ONNX_PROMPTS[0]], num_particles=4, rng=3)
+    assert served.texts == awaited.texts == offline.texts and offline.texts is not None
+
+
 @pytest.mark.parametrize("padded", ["left", "right"])
 def test_onnx_requests_joining_a_running_batch(
     onnx_models: tuple[OnnxCausalLM, OnnxRewardModel], padded: str

@@ -15,6 +15,7 @@ of each kind with every request in flight.
 from __future__ import annotations
 
 import logging
+import operator
 import time
 from collections.abc import Sequence
 from typing import Any, Callable, Optional
@@ -625,11 +626,11 @@ class Lane:
             finished_rows, rows = self._finished_rows()
             weights = rows - finished_rows
         compute = self.compute
-        before = [getattr(compute, name) for name in _FIELDS]
+        before = _read_fields(compute)
         try:
             return call()
         finally:
-            deltas = [getattr(compute, name) - b for name, b in zip(_FIELDS, before)]
+            deltas = [after - b for after, b in zip(_read_fields(compute), before)]
             if any(deltas):
                 if runs is None:
                     self._ledger.record(tuple(member.slot for member in members), deltas, weights)
@@ -726,6 +727,7 @@ _CALLS = ("policy_calls", "reward_calls")  # charged in full to every run the ca
 _COUNTS = ("policy_steps", "policy_tokens", "reward_evaluations")  # split by weight, rounded
 _SECONDS = ("policy_seconds", "reward_seconds")  # split by weight
 _FIELDS = (*_CALLS, *_COUNTS, *_SECONDS)
+_read_fields = operator.attrgetter(*_FIELDS)  # a Compute's _FIELDS as a tuple, in one call
 
 
 class _Ledger:
@@ -786,23 +788,28 @@ class _Ledger:
 
     def settle_now(self, deltas: list[Any], computes: list[Any]) -> None:
         """One call's ``deltas`` charged at once in equal shares to ``computes`` (runs with no row here
-        yet), through rows taken for it and settled."""
-        slots = tuple(self.take() for _ in computes)
-        self.record(slots, deltas, None)
-        for slot, compute in zip(slots, computes):
-            self.settle(slot, compute)
+        yet)."""
+        share = 1.0 / len(computes)
+        split = [d if k < len(_CALLS) else d * share for k, d in enumerate(deltas)]
+        for compute in computes:
+            _add_to(compute, split)
 
     def settle(self, slot: int, compute: Any) -> None:
-        """The member in ``slot`` leaves: its row (after the calls recorded) added to ``compute``, counts
-        rounded, and freed."""
+        """The member in ``slot`` leaves: its row (after the calls recorded) added to ``compute``, and
+        freed."""
         if self._calls:
             self.charge()
         row = self.rows[slot]
-        for name, value in zip(_FIELDS, row.tolist()):
-            if value:
-                setattr(compute, name, getattr(compute, name) + (value if name in _SECONDS else round(value)))
+        _add_to(compute, row.tolist())
         row[:] = 0.0
         self._free.append(slot)
+
+
+def _add_to(compute: Any, values: list[Any]) -> None:
+    """``values`` (by ``_FIELDS``) added to a run's ``Compute``, calls and counts rounded to whole numbers."""
+    for name, value in zip(_FIELDS, values):
+        if value:
+            setattr(compute, name, getattr(compute, name) + (value if name in _SECONDS else round(value)))
 
 
 class RunFailed(Exception):

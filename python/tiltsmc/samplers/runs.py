@@ -107,30 +107,38 @@ def increment_standard_error(
 
 
 class Trace:
-    """Per-step diagnostics, each a list of ``(B,)`` arrays."""
+    """Per-step diagnostics: for each step, the arrays of the call that stepped the run (``ess``,
+    ``resampled``, ``unique_ancestors``, ``log_z_increments``, ``log_z_increment_se``, each ``(rows,)``) and
+    the run's rows of them. A call that steps several runs at once (``reweigh_together``) is recorded by
+    reference, one entry a run; the run's rows are read out once, by ``stacked``."""
+
+    FIELDS = (
+        ("ess", np.float64),
+        ("resampled", np.bool_),
+        ("unique_ancestors", np.int64),
+        ("log_z_increments", np.float64),
+        ("log_z_increment_se", np.float64),
+    )
 
     def __init__(self) -> None:
-        self.ess: list[FloatArray] = []
-        self.resampled: list[npt.NDArray[np.bool_]] = []
-        self.unique: list[npt.NDArray[np.int64]] = []
-        self.increments: list[FloatArray] = []
-        self.increment_se: list[FloatArray] = []
+        self.steps: list[tuple[tuple[np.ndarray, ...], int, int]] = []
         self.ancestry: list[npt.NDArray[np.int64]] = []
 
-    def stacked(self, batch: int) -> dict[str, Any]:
-        def stack(values: list[Any], dtype: Any) -> np.ndarray:
-            if not values:
-                return np.zeros((batch, 0), dtype=dtype)
-            # (steps, B) transposed: a quarter of np.stack's time for these short rows
-            return np.ascontiguousarray(np.array(values, dtype=dtype).T)
+    def record(self, outputs: tuple[np.ndarray, ...], start: int, stop: int) -> None:
+        """A step: ``outputs`` by ``FIELDS`` (never written afterwards), the run's rows ``start:stop``."""
+        self.steps.append((outputs, start, stop))
 
-        return {
-            "ess": stack(self.ess, np.float64),
-            "resampled": stack(self.resampled, bool),
-            "unique_ancestors": stack(self.unique, np.int64),
-            "log_z_increments": stack(self.increments, np.float64),
-            "log_z_increment_se": stack(self.increment_se, np.float64),
-        }
+    def stacked(self, batch: int) -> dict[str, Any]:
+        """Each of ``FIELDS`` as a ``(batch, steps)`` array."""
+        stacked: dict[str, np.ndarray] = {}
+        for k, (name, dtype) in enumerate(self.FIELDS):
+            if not self.steps:
+                stacked[name] = np.zeros((batch, 0), dtype=dtype)
+                continue
+            rows = [outputs[k][start:stop] for outputs, start, stop in self.steps]
+            # (steps, B) transposed: a quarter of np.stack's time for these short rows
+            stacked[name] = np.ascontiguousarray(np.array(rows, dtype=dtype).T)
+        return stacked
 
 
 class Run:
@@ -148,12 +156,19 @@ class Run:
         self.policy: Any = None  # set by the lane: decodes texts for the result
         self.steps = 0
         self.report = True  # False: a proposal of an MH run, whose result is never read
+        # False: the result's texts are left None, for whoever reads it to decode (the serving engine's
+        # future decodes them on its first read, on the reader's thread instead of the engine's worker)
+        self.decodes_texts = True
         self.max_new_tokens: Optional[int] = None  # None: the policy's own limit
 
     @property
     def rows_per_prompt(self) -> int:
         """The most particles the run holds at once for each of its prompts."""
         raise NotImplementedError
+
+    def texts_of(self, samples: list[Any]) -> Optional[list[list[str]]]:
+        """The result's ``texts`` for ``samples`` (``decode_texts``); None where ``decodes_texts`` is off."""
+        return decode_texts(self.policy, samples) if self.decodes_texts else None
 
     def wants(self) -> Optional[tuple[Optional[list[Any]], int]]:
         """``(prompts, particles per prompt)`` of the batch the run needs next, or None."""
@@ -333,29 +348,27 @@ class SMCRun(Run):
             rng,
             increment_se=increment_se,
         )
-        return self._record(*stepped, increment_se, done)
+        return self._record((*stepped, increment_se), 0, len(self.log_z), done)
 
     def _record(
         self,
-        ancestors: npt.NDArray[np.int64],
-        resample_rows: npt.NDArray[np.bool_],
-        ess: FloatArray,
-        unique: npt.NDArray[np.int64],
-        step_increment: FloatArray,
-        increment_se: FloatArray,
+        stepped: tuple[np.ndarray, ...],
+        start: int,
+        stop: int,
         done: bool,
+        resampled: Optional[bool] = None,
     ) -> Ancestors:
-        """A step's outputs into the trace; the step counted; the ancestors where a prompt resampled."""
-        trace = self.trace
-        trace.ess.append(ess)
-        trace.resampled.append(resample_rows)
-        trace.unique.append(unique)
-        trace.increments.append(step_increment)
-        trace.increment_se.append(increment_se)
+        """A step's outputs (``core.smc_reweight``'s, then the increments' standard errors), of which rows
+        ``start:stop`` are the run's, into the trace; the step counted; the run's ancestors where one of its
+        prompts resampled (``resampled``: whether one did, where the caller knows)."""
+        ancestors, resample_rows, ess, unique, increment, increment_se = stepped
+        self.trace.record((ess, resample_rows, unique, increment, increment_se), start, stop)
         if self.record_ancestry:
-            trace.ancestry.append(np.array(ancestors))
+            self.trace.ancestry.append(np.array(ancestors[start:stop]))
         self.count_step(done)
-        return ancestors if np.count_nonzero(resample_rows) else None
+        if resampled is None:
+            resampled = bool(resample_rows[start:stop].any())
+        return ancestors[start:stop] if resampled else None
 
     def end(self, particles: Particles) -> None:
         self.log_z = np.where(self.collapsed, -np.inf, self.log_z)
@@ -371,7 +384,7 @@ class SMCRun(Run):
         self.result = SamplerResult(
             sampler="smc",
             samples=samples,
-            texts=decode_texts(self.policy, samples),
+            texts=self.texts_of(samples),
             errors=self.errors,
             log_weights=log_weights,
             log_z=self.log_z,
@@ -422,32 +435,26 @@ def reweigh_together(
     log_total = np.concatenate([run.log_total for run in runs])
     log_z = np.concatenate([run.log_z for run in runs])
     collapsed = np.concatenate([run.collapsed for run in runs])
-    thresholds = np.repeat([0.0 if d else run.ess_threshold for run, d in zip(runs, done)], sizes)
-    schemes = [run.scheme for run, size in zip(runs, sizes) for _ in range(size)]
+    # one threshold and one scheme for every row where the runs agree (most often), else one a row
+    by_run = [0.0 if d else run.ess_threshold for run, d in zip(runs, done)]
+    thresholds: Any = by_run[0] if by_run.count(by_run[0]) == len(by_run) else np.repeat(by_run, sizes)
+    names = [run.scheme for run in runs]
+    schemes: Any = names[0] if names.count(names[0]) == len(names) else np.repeat(names, sizes).tolist()
     increment_se = np.empty(len(log_z))
     arrays = (log_w, log_v, log_v_prev, live, log_total, log_z, collapsed)
     try:  # the schemes are names the samplers' arguments checked
-        stepped = core.smc_reweight(*arrays, thresholds, schemes, streams, increment_se=increment_se)  # type: ignore[arg-type]
+        stepped = core.smc_reweight(*arrays, thresholds, schemes, streams, increment_se=increment_se)
     except ValueError:
         return [_alone(run, k, streams, log_v, log_v_prev, live, done[k]) for k, run in enumerate(runs)]
-    ancestors, resampled, ess, unique, increments = stepped
+    outputs = (*stepped, increment_se)
+    resampled = np.logical_or.reduceat(stepped[1], bounds[:-1]).tolist()  # any prompt of each run
     outcomes: list[Union[Ancestors, Exception]] = []
     for k, run in enumerate(runs):
-        rows = slice(bounds[k], bounds[k + 1])
-        run.log_w, run.log_total = log_w[rows], log_total[rows]
-        run.log_z, run.collapsed = log_z[rows], collapsed[rows]
+        start, stop = bounds[k], bounds[k + 1]
+        run.log_w, run.log_total = log_w[start:stop], log_total[start:stop]
+        run.log_z, run.collapsed = log_z[start:stop], collapsed[start:stop]
         try:
-            outcomes.append(
-                run._record(
-                    ancestors[rows],
-                    resampled[rows],
-                    ess[rows],
-                    unique[rows],
-                    increments[rows],
-                    increment_se[rows],
-                    done[k],
-                )
-            )
+            outcomes.append(run._record(outputs, start, stop, done[k], resampled[k]))
         except Exception as error:
             outcomes.append(error)
     return outcomes
@@ -593,16 +600,11 @@ class PoolRun(Run):
         self.log_z = self.log_z + log_mean
         _, ess = core.row_statistics(potentials)  # ESS of the pool (no normalised copy needed)
         self.log_v_prev = log_v[np.arange(batch), chosen]
-        trace = self.trace
-        trace.ess.append(np.asarray(ess, dtype=np.float64))
-        trace.resampled.append(np.ones(batch, dtype=bool))
-        trace.unique.append(np.ones(batch, dtype=np.int64))
-        trace.increments.append(log_mean)
-        trace.increment_se.append(
-            increment_standard_error(
-                np.zeros_like(potentials), np.full(batch, math.log(self.pool_size)), potentials, log_mean
-            )
+        increment_se = increment_standard_error(
+            np.zeros_like(potentials), np.full(batch, math.log(self.pool_size)), potentials, log_mean
         )
+        ones = np.ones(batch, dtype=np.int64)
+        self.trace.record((np.asarray(ess, dtype=np.float64), ones, ones, log_mean, increment_se), 0, batch)
         self.count_step(done)
         return np.repeat(chosen[:, None], self.pool_size, axis=1)
 
@@ -620,7 +622,7 @@ def _single_trajectory_result(
     return SamplerResult(
         sampler="sp_gsmc",
         samples=samples,
-        texts=decode_texts(run.policy, samples),
+        texts=run.texts_of(samples),
         errors=run.errors,
         log_weights=[np.zeros(1) for _ in range(batch)],
         log_z=log_z,
@@ -668,7 +670,7 @@ class BestOfNRun(Run):
         self.result = SamplerResult(
             sampler="best_of_n",
             samples=samples,
-            texts=decode_texts(self.policy, samples),
+            texts=self.texts_of(samples),
             errors=self.errors,
             log_weights=[np.zeros(1) for _ in range(batch)],
             log_z=logsumexp(log_r) - np.log(self.n),
@@ -764,7 +766,7 @@ class RejectionRun(Run):
         self.result = SamplerResult(
             sampler="rejection",
             samples=samples,
-            texts=decode_texts(self.policy, samples),
+            texts=self.texts_of(samples),
             errors=self.errors,
             log_weights=[
                 np.full(len(found), -np.log(len(found))) if found else np.zeros(0) for found in accepted
@@ -897,7 +899,7 @@ class MHRun(Run):
         self.result = SamplerResult(
             sampler="mh",
             samples=samples,
-            texts=decode_texts(self.policy, samples),
+            texts=self.texts_of(samples),
             errors=self.errors,
             log_weights=[np.zeros(1) for _ in range(batch)],
             log_z=logsumexp(all_estimates) - np.log(all_estimates.shape[1]),

@@ -39,7 +39,7 @@ from ..samplers import baselines, correction, sequential
 from ..samplers._engine import Models, check_count
 from ..samplers.lane import KINDS, Lane
 from ..samplers.result import Compute, SamplerResult
-from ..samplers.runs import Run
+from ..samplers.runs import Run, decode_texts
 from ._memory import available_memory, release_free_memory, reuse_freed_memory
 from .scheduler import BatchSizer, EngineClosed, Overloaded, Request, Scheduler, another_should_take
 
@@ -187,6 +187,29 @@ def _oversubscribed(models: tuple[Any, ...], workers: int) -> Optional[str]:
                 f"{max(1, cores // workers)} (tiltsmc serve --workers does)"
             )
     return None
+
+
+class _ResultFuture(Future[SamplerResult]):
+    """A request's future, whose result's texts are decoded at its first read (``result()``), on the reading
+    thread: the engine's worker leaves them to it (``Run.decodes_texts`` off), so that decoding the
+    requests that end does not hold up the step of every request in flight. An ``await`` of
+    ``Engine.generate`` reads it on the event loop's thread."""
+
+    def __init__(self, policy: Any) -> None:
+        super().__init__()
+        self._policy = policy
+        self._decoding = threading.Lock()
+        self._decoded = False
+
+    def result(self, timeout: Optional[float] = None) -> SamplerResult:
+        result = super().result(timeout)
+        if not self._decoded:
+            with self._decoding:
+                if not self._decoded:
+                    if result.texts is None:
+                        result.texts = decode_texts(self._policy, result.samples)
+                    self._decoded = True
+        return result
 
 
 class _Worker:
@@ -386,7 +409,8 @@ class Engine:
             )
         deadline_after = _check_timeout(timeout) if timeout is not None else self.default_timeout
         run = SAMPLERS[sampler][1](self._models, [prompt], rng=rng, **{**defaults, **options})
-        future: Future[SamplerResult] = Future()
+        run.decodes_texts = False  # the future decodes them as they are read
+        future: Future[SamplerResult] = _ResultFuture(self.policy)
         request = Request(next(self._ids), run, future, run.rows_per_prompt, self._cache_bytes(prompt, run))
         if deadline_after is not None:
             request.deadline = request.submitted + deadline_after
