@@ -930,12 +930,13 @@ def test_smc_step_is_row_statistics_plus_resample(scheme: str) -> None:
 
 
 def test_concurrent_calls_from_python_threads_match_serial_results() -> None:
-    """The GIL is released: calls from several threads share the core's thread pool (or run inline while
-    it is busy) and must give exactly the results of the same calls made one after another."""
+    """Calls from several threads, large enough that the GIL is released (the first three; the others hold
+    it), share the core's thread pool (or run inline while it is busy) and must give exactly the results
+    of the same calls made one after another."""
     from concurrent.futures import ThreadPoolExecutor
 
     rng = np.random.default_rng(12)
-    inputs = [rng.normal(size=(1, 1 << 17)) for _ in range(3)] + [
+    inputs = [rng.normal(size=(1, 1 << 21)) for _ in range(3)] + [
         rng.normal(size=(512, 64)) for _ in range(3)
     ]
     expected = [core.resample(logw, "systematic", rng=k) for k, logw in enumerate(inputs)]

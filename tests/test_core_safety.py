@@ -105,7 +105,7 @@ def test_gather_with_ancestors_rewritten_by_another_thread() -> None:
         import threading, time
         import numpy as np
         from tiltsmc import core
-        x = np.zeros((1, 1 << 20)); anc = np.zeros((1, 1 << 20), np.int64); stop = False
+        x = np.zeros((1, 1 << 20)); anc = np.zeros((1, 1 << 20), np.int64); stop = False  # GIL released
         def mutate():
             while not stop:
                 anc[0, -1] = 10**13; anc[0, -1] = 0
@@ -608,7 +608,8 @@ def test_smc_reweight_refuses_an_overflowing_update_before_writing() -> None:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Another thread rewriting index arrays while the kernels run (GIL released): refusals, never a crash
+# Another thread rewriting index arrays while the kernels run (GIL released: calls doing more than 8 MiB
+# of work, kReleaseGilFromBytes in cpp/bindings/common.hpp): refusals, never a crash
 # --------------------------------------------------------------------------------------------------------
 
 CONCURRENT = """
@@ -642,10 +643,10 @@ def hammer(label, array, index, values, call, seconds=0.25):
     print(label, calls, refused)
 
 NAMES = {"ancestors", "lengths", "columns", "selected", "logits", "logw", "log_w"}
-n = 1 << 18
+n = 1 << 20  # every call below does more than 8 MiB of work: the kernels release the GIL
 x = np.zeros((1, n)); anc = np.zeros((1, n), np.int64)
 hammer("gather", anc, (0, -1), (10**13, 0, -5), lambda: core.gather(x, anc))
-big = np.zeros((2, 64, 32), np.float32); anc2 = np.zeros((2, 64), np.int64)
+big = np.zeros((2, 64, 32768), np.float32); anc2 = np.zeros((2, 64), np.int64)
 hammer("gather_in_place_large_items", anc2, (1, 5), (10**13, 3, -1), lambda: core.gather(big, anc2, out=big))
 kv = [np.zeros((1, n, 2)), np.zeros((1, n), np.int8)]
 hammer("reorder_in_place", anc, (0, n // 2), (10**13, 0), lambda: core.reorder_in_place(kv, anc))
@@ -660,21 +661,21 @@ def append():
 hammer("append_tokens", lengths, -1, (10**12, 0, -1), append)
 scores = np.zeros((rows, 3)); columns = np.zeros(rows, np.int64)
 hammer("read_log_values", columns, -1, (10**12, 1, -7), lambda: core.read_log_values(scores, rows, columns))
-b, m = 64, 64
-prefix_lengths = np.zeros((b, m), np.int64); selected = np.arange(4 * b * m, dtype=np.int64) % (b * m)
-offsets = np.arange(b + 1, dtype=np.int64); toks = np.zeros((b, m, 8), np.int64); ids = np.zeros(b, np.int64)
+b, m = 128, 128
+prefix_lengths = np.full((b, m), 16, np.int64); selected = np.arange(4 * b * m, dtype=np.int64) % (b * m)
+offsets = np.arange(b + 1, dtype=np.int64); toks = np.zeros((b, m, 16), np.int64); ids = np.zeros(b, np.int64)
 hammer("right_padded_prefixes lengths", prefix_lengths, (b - 1, m - 1), (10**12, 8, -1),
        lambda: core.right_padded_prefixes(ids, offsets, toks, prefix_lengths, selected))
 hammer("right_padded_prefixes selected", selected, -1, (10**12, 0, -1),
        lambda: core.right_padded_prefixes(ids, offsets, toks, prefix_lengths, selected))
-nw = 1 << 18; weights = np.random.default_rng(0).normal(size=(1, nw))
+nw = 1 << 20; weights = np.random.default_rng(0).normal(size=(1, nw))
 spots = (np.zeros(3, np.int64), np.array([0, nw // 2, nw - 1]))  # three weights rewritten at once
 bad = (np.nan, np.inf, 1e308, -np.inf, 700.0, 0.0)
 hammer("resample residual (weights)", weights, spots, bad, lambda: core.resample(weights, "residual"),
        seconds=0.4)
 hammer("smc_step residual (weights)", weights, spots, bad,
        lambda: core.smc_step(weights, 1.0, "residual"), seconds=0.4)
-logits = np.zeros((64, 4096)); where = np.ones(64, bool)
+logits = np.zeros((64, 32768)); where = np.ones(64, bool)
 hammer("sample_logits where", where, -1, (False, True),
        lambda: core.sample_logits(logits, 0.5, 1, where=where))
 """

@@ -36,7 +36,7 @@ void bind_gather(const py::array& x, const CArray<std::int64_t>& ancestors, py::
     const std::int64_t* a = ancestors.data();
     Status status;
     {
-        py::gil_scoped_release release;
+        GilReleasedFor release(2 * rows * m * item_bytes);
         status = gather(source, rows, n, item_bytes, a, m, target);
     }
     check(status, "ancestors");
@@ -98,9 +98,13 @@ py::list bind_reorder_in_place(const py::list& arrays, const CArray<std::int64_t
         position.push_back(k);
     }
     const std::int64_t* a = ancestors.data();
+    // The work: each item whose ancestor is another is copied (twice where saved first), in every array.
+    std::int64_t moved = 0, bytes_per_item = 0;
+    for (std::int64_t j = 0; j < rows * n; ++j) moved += a[j] != j % n;
+    for (const std::int64_t bytes : item_bytes) bytes_per_item += bytes;
     Status status;
     {
-        py::gil_scoped_release release;
+        GilReleasedFor release(2 * moved * bytes_per_item);
         status = reorder_in_place(data.data(), item_bytes.data(), static_cast<std::int64_t>(data.size()), rows, n, a);
     }
     check(status, "ancestors");
@@ -117,7 +121,7 @@ void bind_keep_survivors(py::array& ancestors) {
     const std::int64_t rows = ancestors.shape(0), n = ancestors.shape(1);
     Status status;
     {
-        py::gil_scoped_release release;
+        GilReleasedFor release(rows * n * 16);
         status = keep_survivors(a, rows, n);
     }
     check(status, "ancestors");
@@ -172,7 +176,7 @@ void bind_concatenate_padded(const py::list& parts, const std::vector<std::int64
     auto* target = static_cast<std::uint8_t*>(out.mutable_data());
     Status status;
     {
-        py::gil_scoped_release release;
+        GilReleasedFor release(2 * static_cast<std::int64_t>(out.nbytes()));
         status = concatenate_padded(read.data(), static_cast<std::int64_t>(read.size()), blocks, width, item_bytes,
                                     target, pad_end);
     }

@@ -42,7 +42,7 @@ py::tuple bind_append_tokens(const py::handle& tokens_object, const py::handle& 
     std::int64_t num_still = 0;
     Status status;
     {
-        py::gil_scoped_release release;
+        GilReleasedFor release(rows * 32);  // a token, a length and flags a row
         status = append_tokens(static_cast<std::int64_t*>(tokens.mutable_data()), rows, capacity,
                                static_cast<std::int64_t*>(lengths.mutable_data()),
                                static_cast<std::uint8_t*>(finished.mutable_data()),
@@ -72,7 +72,7 @@ py::tuple bind_decode_inputs(const py::handle& mask_object, const py::handle& st
     py::array_t<std::int64_t> next_mask({rows, width + 1});
     py::array_t<std::int64_t> positions({rows, std::int64_t{1}});
     {
-        py::gil_scoped_release release;
+        GilReleasedFor release(rows * (width + 1) * 16);  // the mask read, the next one written
         decode_inputs(static_cast<const std::int64_t*>(mask.data()), rows, width,
                       static_cast<const std::uint8_t*>(still.data()),
                       static_cast<const std::int64_t*>(new_tokens.data()), pad, input_ids.mutable_data(),
@@ -137,7 +137,7 @@ py::tuple bind_right_padded_prefixes(const py::handle& prompt_ids_object, const 
         positions = position_array;
     }
     {
-        py::gil_scoped_release release;
+        GilReleasedFor release(num_rows * width * (with_positions ? 24 : 16));  // ids, mask (positions) written
         right_padded_prefixes(static_cast<const std::int64_t*>(prompt_ids.data()), offset.data(), n,
                               static_cast<const std::int64_t*>(tokens.data()), capacity, generated.data(), selection_data,
                               num_rows, width, pad, ids.mutable_data(), mask.mutable_data(), last.mutable_data(),
@@ -152,7 +152,7 @@ py::array_t<double> read_typed(const py::array& scores, std::int64_t rows, std::
     py::array_t<double> log_values(rows);
     Status status;
     {
-        py::gil_scoped_release release;
+        GilReleasedFor release(rows * 24);  // a column, a score and a log-value a row
         status = read_log_values(static_cast<const T*>(scores.data()), rows, width, columns,
                                  static_cast<ScoreKind>(kind), log_values.mutable_data());
     }

@@ -24,7 +24,7 @@ std::tuple<CArray<T>, CArray<double>, CArray<double>> bind_log_normalize(const C
     double* e = ess.mutable_data();
     Status status;
     {
-        py::gil_scoped_release release;
+        GilReleasedFor release(2 * rows * n * static_cast<std::int64_t>(sizeof(T)));
         status = log_normalize(in, rows, n, allow_zero_rows, out, lm, e);
     }
     check(status, "logw");
@@ -42,7 +42,7 @@ std::tuple<CArray<double>, CArray<double>> bind_row_statistics(const CArray<T>& 
     double* e = ess.mutable_data();
     Status status;
     {
-        py::gil_scoped_release release;
+        GilReleasedFor release(rows * n * static_cast<std::int64_t>(sizeof(T)));
         status = log_normalize<T>(in, rows, n, true, nullptr, lm, e);
     }
     check(status, "logw");
@@ -60,7 +60,7 @@ CArray<std::int64_t> bind_resample(const CArray<T>& logw, int scheme, std::int64
     std::int64_t* out = ancestors.mutable_data();
     Status status;
     {
-        py::gil_scoped_release release;
+        GilReleasedFor release(rows * (n * static_cast<std::int64_t>(sizeof(T)) + num * 8));
         status = resample(in, rows, n, static_cast<Scheme>(scheme), num, key, out);
     }
     check(status, "logw");
@@ -103,7 +103,7 @@ std::tuple<CArray<std::int64_t>, CArray<double>> bind_pool_select(const CArray<T
     double* lm = log_mean_w.mutable_data();
     Status status;
     {
-        py::gil_scoped_release release;
+        GilReleasedFor release(rows * n * static_cast<std::int64_t>(sizeof(T)));
         status = pool_select(in, rows, n, key, idx, lm, streams.key_data, streams.counter_data);
     }
     check(status, "logw");
@@ -138,7 +138,7 @@ std::tuple<CArray<std::int64_t>, CArray<double>> bind_sample_logits(const CArray
     const RowStreamArrays streams = row_stream_arrays(keys_object, counters_object, rows, "logits");
     Status status;
     {
-        py::gil_scoped_release release;
+        GilReleasedFor release(rows * n * static_cast<std::int64_t>(sizeof(T)));
         status = sample_logits(in, rows, n, temperature, key, active, idx, lp, streams.key_data, streams.counter_data);
     }
     check(status, "logits");
@@ -179,7 +179,7 @@ py::tuple bind_smc_step(CArray<T>& log_w, double threshold, int scheme, std::uin
     double* e = ess.mutable_data();
     Status status;
     {
-        py::gil_scoped_release release;
+        GilReleasedFor release(rows * n * (static_cast<std::int64_t>(sizeof(T)) + 8));  // weights, ancestors
         status = smc_step(x, rows, n, threshold, static_cast<Scheme>(scheme), key, survivors_stay, a, flags.data(), lm,
                           e, u);
     }
@@ -261,7 +261,7 @@ py::tuple bind_smc_reweight(const py::handle& log_w_object, const py::handle& lo
     const auto* alive = static_cast<const std::uint8_t*>(live.data());
     Status status;
     {
-        py::gil_scoped_release release;
+        GilReleasedFor release(rows * n * 33);  // log_w, log_v, log_v_prev, live and ancestors
         status = smc_reweight(w, rows, n, v, v_prev, alive, log_n, threshold, static_cast<Scheme>(scheme), key,
                               static_cast<double*>(log_total.mutable_data()), static_cast<double*>(log_z.mutable_data()),
                               static_cast<std::uint8_t*>(collapsed.mutable_data()), ancestors.mutable_data(), flags.data(),

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <optional>
 #include <string>
 
 #include "tiltsmc/kernels.hpp"
@@ -40,6 +41,26 @@ inline void raise_status(const Status& status, const char* name) {
     }
     throw py::value_error(std::string(name) + ": invalid input");
 }
+
+// A host kernel releases the GIL only for work of at least this many bytes read or written (about a
+// millisecond of copying). Taking the GIL back waits for whichever Python thread took it meanwhile, for as
+// long as that thread holds it: for a serving step's small calls, with a server's event loop beside the
+// engine's worker, 2 - 4x the kernel's own time (measured), on the path of every request in flight. A call
+// this short gives another thread little time to use anyway; one that holds the GIL also cannot have its
+// arguments rewritten by Python meanwhile.
+constexpr std::int64_t kReleaseGilFromBytes = std::int64_t{8} << 20;
+
+// Releases the GIL for its scope where the call's work (`bytes` read or written) reaches
+// kReleaseGilFromBytes.
+class GilReleasedFor {
+public:
+    explicit GilReleasedFor(std::int64_t bytes) {
+        if (bytes >= kReleaseGilFromBytes) release_.emplace();
+    }
+
+private:
+    std::optional<py::gil_scoped_release> release_;
+};
 
 inline void check(const Status& status, const char* name) {
     if (!status.ok()) raise_status(status, name);
