@@ -12,7 +12,7 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 import pytest
-from tiltsmc import core
+from tiltsmc import _core, core
 
 SCHEMES = ("multinomial", "stratified", "systematic", "residual")
 FLOATS = (np.float32, np.float64)
@@ -560,6 +560,50 @@ def test_reorder_in_place_equals_gathers(restore_num_threads: Callable[[int], No
         core.reorder_in_place([np.zeros((2, 2))], np.zeros((1, 2), dtype=np.int64))
     with pytest.raises(TypeError, match="arrays"):
         core.reorder_in_place(np.zeros((1, 2)), np.zeros((1, 2), dtype=np.int64))  # type: ignore[arg-type]
+
+
+def test_reorder_in_place_copies_only_the_columns_an_ancestor_uses(
+    restore_num_threads: Callable[[int], None],
+) -> None:
+    """With ``axes`` and ``used``: an item of an array with an axis takes the first ``used[a_j]`` columns
+    (clamped to the axis' width) of its ancestor along that axis, in every block before it, and keeps its
+    own columns after; arrays without an axis are reordered whole in the same call. Refusals name the
+    argument and write nothing."""
+    rng = np.random.default_rng(31)
+    rows, n, heads, width, dim = 3, 6, 2, 9, 4
+    for threads in (1, 2):
+        restore_num_threads(threads)
+        cache = rng.normal(size=(rows, n, heads, width, dim)).astype(np.float32)
+        tokens = rng.integers(0, 50, size=(rows, n, 5))
+        anc = rng.integers(0, n, size=(rows, n))
+        anc[0] = [1, 0, 3, 2, 5, 4]  # cycles: items both read and overwritten
+        used = rng.integers(-2, width + 3, size=(rows, n))  # clamped to [0, width]
+        work_cache, work_tokens = cache.copy(), tokens.copy()
+        core.reorder_in_place([work_tokens, work_cache], anc, used=used, axes=[None, 3])
+        np.testing.assert_array_equal(work_tokens, reference_gather(tokens, anc))
+        for r in range(rows):
+            for j in range(n):
+                i = anc[r, j]
+                copied = width if i == j else int(np.clip(used[r, i], 0, width))
+                np.testing.assert_array_equal(work_cache[r, j, :, :copied], cache[r, i, :, :copied])
+                np.testing.assert_array_equal(work_cache[r, j, :, copied:], cache[r, j, :, copied:])
+    cache, anc, used = np.zeros((1, 2, 3, 4)), np.array([[1, 0]]), np.array([[2, 2]])
+    refusals: list[tuple[dict[str, Any], type[Exception], str]] = [
+        ({"used": used}, ValueError, "used, axes"),
+        ({"axes": [2]}, ValueError, "used, axes"),
+        ({"used": used, "axes": [2, 3]}, ValueError, r"axes: expected one per array"),
+        ({"used": used, "axes": [1]}, ValueError, r"axes\[0\]"),
+        ({"used": used, "axes": [4]}, ValueError, r"axes\[0\]"),
+        ({"used": used, "axes": [True]}, TypeError, r"axes\[0\]"),
+        ({"used": np.array([[2, 2, 2]]), "axes": [2]}, ValueError, "used"),
+        ({"used": used.astype(float), "axes": [2]}, TypeError, "used"),
+    ]
+    for options, error, message in refusals:
+        with pytest.raises(error, match=message):
+            core.reorder_in_place([cache], anc, **options)
+    shared = np.zeros((1, 2, 3, 2), dtype=np.int64)
+    with pytest.raises(ValueError, match="used: shares memory"):  # only the compiled entry point sees it
+        _core.reorder_in_place([shared], anc, False, shared.reshape(-1)[:2].reshape(1, 2), [2])
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -650,6 +650,10 @@ big = np.zeros((2, 64, 32768), np.float32); anc2 = np.zeros((2, 64), np.int64)
 hammer("gather_in_place_large_items", anc2, (1, 5), (10**13, 3, -1), lambda: core.gather(big, anc2, out=big))
 kv = [np.zeros((1, n, 2)), np.zeros((1, n), np.int8)]
 hammer("reorder_in_place", anc, (0, n // 2), (10**13, 0), lambda: core.reorder_in_place(kv, anc))
+rows_p = 1 << 16; kvp = np.zeros((1, rows_p, 2, 8, 4), np.float32)  # items of 256 bytes: 2 x 8 columns
+anc_p = np.zeros((1, rows_p), np.int64); used_p = np.full((1, rows_p), 8, np.int64)
+hammer("reorder_in_place used", used_p, (0, 0), (10**12, -10**12, 3),  # clamped where read
+       lambda: _core.reorder_in_place([kvp], anc_p, False, used_p, [3]))
 own = np.zeros((1, n), np.int64)
 hammer("keep_survivors", own, (0, 7), (10**13, 0, -3), lambda: _core.keep_survivors(own))
 rows = n
@@ -688,7 +692,7 @@ def test_kernels_with_index_arrays_rewritten_by_another_thread() -> None:
     argument, and never reads or writes out of bounds."""
     output = run_isolated(CONCURRENT, timeout=120)
     lines = output.splitlines()
-    assert len(lines) == 11, output
+    assert len(lines) == 12, output
     for line in lines:
         assert int(line.split()[-2]) > 0, line
 

@@ -290,8 +290,9 @@ def test_the_cache_written_in_place_is_never_wider_than_the_context() -> None:
 
 def poison_unwritten(monkeypatch: pytest.MonkeyPatch) -> None:
     """NaN in every column of a KV cache written in place that tiltsmc leaves as it was (the memory of
-    spare rows and of wider caches, a row's columns past its own after a newcomer takes it over): a
-    session that read one would give NaN."""
+    spare rows and of wider caches, a row's columns past its own after a newcomer takes it over, and
+    after every reorder, which copies a particle only the columns its ancestor's mask counts): a session
+    that read one would give NaN."""
     make = particles_module._SpareRows.make
 
     def poisoned_make(self: Any, shape: Any, dtype: Any) -> np.ndarray:
@@ -319,9 +320,20 @@ def poison_unwritten(monkeypatch: pytest.MonkeyPatch) -> None:
             self.state[key][where] = kept
         return False
 
+    reorder = Particles.reorder
+
+    def poisoned_reorder(self: Particles, ancestors: Any, *, across_prompts: bool = False) -> None:
+        reorder(self, ancestors, across_prompts=across_prompts)
+        for key, (axis, mask_key) in self._prefixes().items():
+            lengths = np.count_nonzero(self.state[mask_key], axis=-1)  # (B, N): each row's columns read
+            array = self.state[key]
+            for index in np.ndindex(*lengths.shape):
+                array[(*index, *(slice(None),) * (axis - 2), slice(int(lengths[index]), None))] = np.nan
+
     monkeypatch.setattr(particles_module._SpareRows, "make", poisoned_make)
     monkeypatch.setattr(onnx_lm, "widened", poisoned_widened)
     monkeypatch.setattr(Particles, "fill_rows", poisoned_fill_rows)
+    monkeypatch.setattr(Particles, "reorder", poisoned_reorder)
 
 
 def test_cache_in_place_is_bitwise_the_copied_cache(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,6 +1,7 @@
 // Binding of gather: x and out are any C-contiguous arrays, read as rows x n (resp. m) items of
 // item_bytes bytes; their byte sizes are checked against those figures before any pointer is used.
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -44,13 +45,27 @@ void bind_gather(const py::array& x, const CArray<std::int64_t>& ancestors, py::
 
 // Every array of `arrays` (each (rows, n, ...), C-contiguous, writeable) reordered in place by the same
 // ancestors (rows, n): all arrays are checked here and the ancestors by the kernel, before any write. An
-// array given twice (the same memory) is reordered once; arrays that otherwise overlap are refused.
-py::list bind_reorder_in_place(const py::list& arrays, const CArray<std::int64_t>& ancestors, bool skip_unwritable) {
+// array given twice (the same memory) is reordered once; arrays that otherwise overlap are refused. With
+// `axes` (one per array: None, or the axis >= 2 of a right-padded sequence) and `used` ((rows, n) int64,
+// each item's length along it), an array with an axis copies only the columns its ancestors use.
+py::list bind_reorder_in_place(const py::list& arrays, const CArray<std::int64_t>& ancestors, bool skip_unwritable,
+                               const py::object& used_object, const py::object& axes_object) {
     if (ancestors.ndim() != 2) throw py::value_error("ancestors: expected shape (B, N)");
     const std::int64_t rows = ancestors.shape(0), n = ancestors.shape(1);
     if (n < 1) throw py::value_error("ancestors: rows must hold at least one particle");
+    std::optional<py::array> used;
+    std::vector<py::object> axes;
+    if (!axes_object.is_none()) {
+        if (used_object.is_none()) throw py::value_error("used: expected the items' lengths with axes");
+        used = checked<std::int64_t>(used_object, "used");
+        if (used->ndim() != 2 || used->shape(0) != rows || used->shape(1) != n)
+            throw py::value_error("used: expected the ancestors' shape (B, N)");
+        for (const py::handle axis : py::list(axes_object)) axes.push_back(py::reinterpret_borrow<py::object>(axis));
+        if (axes.size() != arrays.size()) throw py::value_error("axes: expected one per array (None or an axis)");
+    }
     std::vector<std::uint8_t*> data;
     std::vector<std::int64_t> item_bytes;
+    std::vector<ItemPrefix> prefixes;
     std::vector<std::size_t> position;  // of data[j] in arrays
     py::list skipped;
     for (std::size_t k = 0; k < arrays.size(); ++k) {
@@ -93,8 +108,24 @@ py::list bind_reorder_in_place(const py::list& arrays, const CArray<std::int64_t
         if (repeated) continue;
         if (share_memory(begin, bytes * count, ancestors.data(), static_cast<std::int64_t>(ancestors.nbytes())))
             throw py::value_error("ancestors: shares memory with " + name + ", which is reordered in place (pass a copy)");
+        if (used && share_memory(begin, bytes * count, used->data(), static_cast<std::int64_t>(used->nbytes())))
+            throw py::value_error("used: shares memory with " + name + ", which is reordered in place (pass a copy)");
+        ItemPrefix prefix;
+        if (!axes.empty() && !axes[k].is_none()) {
+            const auto axis = axes[k].cast<py::ssize_t>();
+            if (axis < 2 || axis >= array.ndim())
+                throw py::value_error("axes[" + std::to_string(k) + "]: expected an axis after the leading (B, N) of " +
+                                      name + "'s " + std::to_string(array.ndim()));
+            prefix.blocks = 1;
+            for (py::ssize_t d = 2; d < axis; ++d) prefix.blocks *= array.shape(d);
+            prefix.width = array.shape(axis);
+            prefix.column_bytes = array.itemsize();
+            for (py::ssize_t d = axis + 1; d < array.ndim(); ++d) prefix.column_bytes *= array.shape(d);
+            if (prefix.blocks * prefix.width * prefix.column_bytes == 0) prefix = ItemPrefix{};  // empty items
+        }
         data.push_back(begin);
         item_bytes.push_back(bytes);
+        prefixes.push_back(prefix);
         position.push_back(k);
     }
     const std::int64_t* a = ancestors.data();
@@ -105,7 +136,8 @@ py::list bind_reorder_in_place(const py::list& arrays, const CArray<std::int64_t
     Status status;
     {
         GilReleasedFor release(2 * moved * bytes_per_item);
-        status = reorder_in_place(data.data(), item_bytes.data(), static_cast<std::int64_t>(data.size()), rows, n, a);
+        status = reorder_in_place(data.data(), item_bytes.data(), static_cast<std::int64_t>(data.size()), rows, n, a,
+                                  prefixes.data(), used ? static_cast<const std::int64_t*>(used->data()) : nullptr);
     }
     check(status, "ancestors");
     return skipped;
@@ -189,7 +221,7 @@ void register_gather(py::module_& m) {
     m.def("concatenate_padded", &bind_concatenate_padded, py::arg("parts"), py::arg("lengths"), py::arg("skips"),
           py::arg("out"), py::arg("blocks"), py::arg("item_bytes"), py::arg("pad_end"));
     m.def("reorder_in_place", &bind_reorder_in_place, py::arg("arrays"), py::arg("ancestors"),
-          py::arg("skip_unwritable"));
+          py::arg("skip_unwritable"), py::arg("used") = py::none(), py::arg("axes") = py::none());
     m.def("keep_survivors", &bind_keep_survivors, py::arg("ancestors"));
     m.def("gather", &bind_gather, py::arg("x"), py::arg("ancestors"), py::arg("out"), py::arg("rows"),
           py::arg("num_particles"), py::arg("item_bytes"));

@@ -57,18 +57,34 @@ std::int64_t gather_items(const std::uint8_t* source, std::int64_t n, const std:
 // Scratch of the in-place reorders, one per thread.
 struct ReorderScratch {
     std::vector<std::int64_t> ancestors;   // a row's ancestors, read once
+    std::vector<std::int64_t> used;        // a row's columns used per item (an array with a prefix), read once
     std::vector<std::int64_t> saved_slot;  // per item: where its saved copy is, or -1
     std::vector<std::uint8_t> saved;       // saved items, or a copy of the whole row
 };
 
-// In place, large items: item j takes item a_j. Items that are both overwritten and read by another
-// item are saved first; items whose ancestor is themselves are never touched, so a near-identity
-// ancestry copies little. The row's ancestors are read once into scratch (n indices beside n items of
-// more than kSmallItem bytes) and checked there; returns the position of one out of range (nothing is
-// written then), else -1.
+// An item copied whole, or (prefix.blocks > 0) the first `used` columns of each of its blocks.
+void copy_item(std::uint8_t* target, const std::uint8_t* source, std::int64_t item_bytes, const ItemPrefix& prefix,
+               std::int64_t used) {
+    if (prefix.blocks == 0) {
+        std::memcpy(target, source, static_cast<std::size_t>(item_bytes));
+        return;
+    }
+    const std::int64_t block_bytes = prefix.width * prefix.column_bytes;
+    const auto bytes = static_cast<std::size_t>(used * prefix.column_bytes);
+    if (bytes == 0) return;
+    for (std::int64_t b = 0; b < prefix.blocks; ++b)
+        std::memcpy(target + b * block_bytes, source + b * block_bytes, bytes);
+}
+
+// In place, large items: item j takes item a_j (with a prefix, the columns item a_j uses). Items that are
+// both overwritten and read by another item are saved first; items whose ancestor is themselves are never
+// touched, so a near-identity ancestry copies little. The row's ancestors (and the columns used) are read
+// once into scratch (n indices beside n items of more than kSmallItem bytes) and checked there (clamped);
+// returns the position of an ancestor out of range (nothing is written then), else -1.
 std::int64_t gather_row_in_place(std::uint8_t* x, std::int64_t n, std::int64_t item_bytes, const std::int64_t* row,
-                                 ReorderScratch& scratch) {
+                                 const ItemPrefix& prefix, const std::int64_t* used_row, ReorderScratch& scratch) {
     std::vector<std::int64_t>& a = scratch.ancestors;
+    std::vector<std::int64_t>& used = scratch.used;
     std::vector<std::int64_t>& saved_slot = scratch.saved_slot;
     a.resize(static_cast<std::size_t>(n));
     for (std::int64_t j = 0; j < n; ++j) {
@@ -76,6 +92,10 @@ std::int64_t gather_row_in_place(std::uint8_t* x, std::int64_t n, std::int64_t i
         if (!in_range(i, n)) return j;
         a[static_cast<std::size_t>(j)] = i;
     }
+    used.assign(static_cast<std::size_t>(n), prefix.width);
+    if (prefix.blocks > 0)
+        for (std::int64_t j = 0; j < n; ++j)
+            used[static_cast<std::size_t>(j)] = std::clamp<std::int64_t>(read_once(used_row + j), 0, prefix.width);
     saved_slot.assign(static_cast<std::size_t>(n), -1);
     bool any_change = false;
     for (std::int64_t j = 0; j < n; ++j) {
@@ -95,24 +115,26 @@ std::int64_t gather_row_in_place(std::uint8_t* x, std::int64_t n, std::int64_t i
     saved.resize(static_cast<std::size_t>(num_saved * item_bytes));
     for (std::int64_t j = 0; j < n; ++j) {
         const std::int64_t slot = saved_slot[static_cast<std::size_t>(j)];
-        if (slot >= 0) std::memcpy(saved.data() + slot * item_bytes, x + j * item_bytes, item_bytes);
+        if (slot >= 0)
+            copy_item(saved.data() + slot * item_bytes, x + j * item_bytes, item_bytes, prefix,
+                      used[static_cast<std::size_t>(j)]);
     }
     for (std::int64_t j = 0; j < n; ++j) {
         const std::int64_t i = a[static_cast<std::size_t>(j)];
         if (i == j) continue;
         const std::int64_t slot = saved_slot[static_cast<std::size_t>(i)];
         const std::uint8_t* source = slot >= 0 ? saved.data() + slot * item_bytes : x + i * item_bytes;
-        std::memcpy(x + j * item_bytes, source, item_bytes);
+        copy_item(x + j * item_bytes, source, item_bytes, prefix, used[static_cast<std::size_t>(i)]);
     }
     return -1;
 }
 
-// Row x of n items reordered in place by a: small items through a copy of the row, large ones moving
-// only the items whose ancestor is another item. Returns the position of an ancestor out of range when
-// used, else -1.
+// Row x of n items reordered in place by a: small items through a copy of the row (whole: a prefix of
+// them saves nothing), large ones moving only the items whose ancestor is another item. Returns the
+// position of an ancestor out of range when used, else -1.
 std::int64_t reorder_row(std::uint8_t* x, std::int64_t n, std::int64_t item_bytes, const std::int64_t* a,
-                         ReorderScratch& scratch) {
-    if (item_bytes > kSmallItem) return gather_row_in_place(x, n, item_bytes, a, scratch);
+                         const ItemPrefix& prefix, const std::int64_t* used_row, ReorderScratch& scratch) {
+    if (item_bytes > kSmallItem) return gather_row_in_place(x, n, item_bytes, a, prefix, used_row, scratch);
     scratch.saved.assign(x, x + n * item_bytes);
     return gather_items(scratch.saved.data(), n, a, n, item_bytes, x);
 }
@@ -172,7 +194,7 @@ Status gather(const std::uint8_t* x, std::int64_t rows, std::int64_t n, std::int
         for (std::int64_t r = begin; r < end; ++r) {
             const std::int64_t* a = ancestors + r * m;
             std::uint8_t* target = out + r * m * item_bytes;
-            const std::int64_t bad = in_place ? reorder_row(target, n, item_bytes, a, scratch)
+            const std::int64_t bad = in_place ? reorder_row(target, n, item_bytes, a, ItemPrefix{}, nullptr, scratch)
                                               : gather_items(x + r * n * item_bytes, n, a, m, item_bytes, target);
             if (bad >= 0) changed.report(r, bad);
         }
@@ -181,8 +203,16 @@ Status gather(const std::uint8_t* x, std::int64_t rows, std::int64_t n, std::int
 }
 
 Status reorder_in_place(std::uint8_t* const* arrays, const std::int64_t* item_bytes, std::int64_t count,
-                        std::int64_t rows, std::int64_t n, const std::int64_t* ancestors) {
+                        std::int64_t rows, std::int64_t n, const std::int64_t* ancestors, const ItemPrefix* prefixes,
+                        const std::int64_t* used) {
     if (rows < 0 || n < 1 || count < 0) return {StatusCode::bad_size, -1, -1};
+    for (std::int64_t k = 0; prefixes != nullptr && k < count; ++k) {
+        const ItemPrefix& p = prefixes[k];
+        if (p.blocks == 0) continue;
+        if (used == nullptr || p.blocks < 0 || p.width < 0 || p.column_bytes < 0 ||
+            p.blocks * p.width * p.column_bytes != item_bytes[k])
+            return {StatusCode::bad_size, -1, -1};
+    }
     std::int64_t moved = 0;  // items whose ancestor is another item
     if (const Status status = check_ancestors(ancestors, rows, n, n, &moved); !status.ok()) return status;
     if (moved == 0) return {};  // the identity: nothing moves in any array
@@ -198,8 +228,9 @@ Status reorder_in_place(std::uint8_t* const* arrays, const std::int64_t* item_by
         ReorderScratch scratch;
         for (std::int64_t t = begin; t < end; ++t) {
             const std::int64_t r = t / count, k = t % count;
+            const ItemPrefix prefix = prefixes == nullptr ? ItemPrefix{} : prefixes[k];
             const std::int64_t bad = reorder_row(arrays[k] + r * n * item_bytes[k], n, item_bytes[k], ancestors + r * n,
-                                                 scratch);
+                                                 prefix, prefix.blocks > 0 ? used + r * n : nullptr, scratch);
             if (bad >= 0) changed.report(r, bad);
         }
     });

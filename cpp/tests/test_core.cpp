@@ -1,5 +1,6 @@
 // Unit tests of the C++ core on its own (no Python), run under AddressSanitizer and
 // UndefinedBehaviorSanitizer in CI: every kernel on edge sizes, bad input, chunk boundaries, threads.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -477,6 +478,41 @@ void test_reorder_in_place_and_keep_survivors() {
     EXPECT(status.code == StatusCode::index_out_of_range && status.row == 1 && status.index == 2);
     EXPECT(small == small_before && large == large_before);
     EXPECT(reorder_in_place(arrays, item_bytes, 0, rows, n, bad.data()).code == StatusCode::index_out_of_range);
+
+    // With a prefix: items of 3 blocks x 8 columns x 4 bytes (96 bytes), of which item i uses used[i]
+    // columns (clamped to [0, 8]). Item j takes the first used[a_j] columns of each block of item a_j, its
+    // columns after stay as they were; a cycle (0 <-> 1) goes through the saved copies.
+    const std::int64_t blocks = 3, width = 8, column = 4, item = blocks * width * column;
+    std::vector<std::uint8_t> cache(static_cast<std::size_t>(rows * n * item));
+    for (std::size_t k = 0; k < cache.size(); ++k) cache[k] = static_cast<std::uint8_t>(7 * k + 5);
+    const std::vector<std::int64_t> cycle = {1, 0, 2, 2, 0, 1, 2, 3};
+    const std::vector<std::int64_t> used = {2, 5, 0, 99, 8, -4, 3, 1};
+    const auto before = cache;
+    std::uint8_t* cache_arrays[] = {cache.data()};
+    const std::int64_t cache_bytes[] = {item};
+    const ItemPrefix prefix{blocks, width, column};
+    EXPECT(reorder_in_place(cache_arrays, cache_bytes, 1, rows, n, cycle.data(), &prefix, used.data()).ok());
+    bool prefixes_right = true;
+    for (std::int64_t r = 0; r < rows; ++r)
+        for (std::int64_t j = 0; j < n; ++j) {
+            const std::int64_t i = cycle[static_cast<std::size_t>(r * n + j)];
+            const std::int64_t copied = i == j ? width : std::clamp<std::int64_t>(used[static_cast<std::size_t>(r * n + i)], 0, width);
+            for (std::int64_t b = 0; b < blocks; ++b)
+                for (std::int64_t c = 0; c < width * column; ++c) {
+                    const std::int64_t at = (r * n + j) * item + b * width * column + c;
+                    const std::int64_t from = c < copied * column ? (r * n + i) * item + b * width * column + c : at;
+                    prefixes_right = prefixes_right && cache[static_cast<std::size_t>(at)] == before[static_cast<std::size_t>(from)];
+                }
+        }
+    EXPECT(prefixes_right);
+    // A prefix that does not tile the item, or without used: refused, nothing written.
+    const ItemPrefix wrong{blocks, width + 1, column};
+    const auto unchanged = cache;
+    EXPECT(reorder_in_place(cache_arrays, cache_bytes, 1, rows, n, cycle.data(), &wrong, used.data()).code ==
+           StatusCode::bad_size);
+    EXPECT(reorder_in_place(cache_arrays, cache_bytes, 1, rows, n, cycle.data(), &prefix, nullptr).code ==
+           StatusCode::bad_size);
+    EXPECT(cache == unchanged);
 
     // keep_survivors: survivors in their own slots, extra copies into the childless slots in order.
     std::vector<std::int64_t> ancestors = {0, 0, 0, 3, 3, 4, 2, 1, 1, 1};

@@ -70,7 +70,11 @@ def gather(
     item_bytes: int,
 ) -> None: ...
 def reorder_in_place(
-    arrays: list[np.ndarray], ancestors: npt.NDArray[np.int64], skip_unwritable: bool
+    arrays: list[np.ndarray],
+    ancestors: npt.NDArray[np.int64],
+    skip_unwritable: bool,
+    used: Optional[npt.NDArray[np.int64]] = None,
+    axes: Optional[list[Optional[int]]] = None,
 ) -> list[int]: ...
 def keep_survivors(ancestors: npt.NDArray[np.int64]) -> None: ...
 def concatenate_padded(

@@ -675,7 +675,12 @@ def _ancestor_rows(ancestors: npt.ArrayLike) -> npt.NDArray[np.int64]:
 
 
 def reorder_in_place(
-    arrays: Sequence[Any], ancestors: npt.ArrayLike, *, skip_unwritable: bool = False
+    arrays: Sequence[Any],
+    ancestors: npt.ArrayLike,
+    *,
+    skip_unwritable: bool = False,
+    used: Optional[npt.ArrayLike] = None,
+    axes: Optional[Sequence[Optional[int]]] = None,
 ) -> list[int]:
     """``gather(x, ancestors, out=x)`` for every ``x`` in ``arrays``, in one call.
 
@@ -685,13 +690,34 @@ def reorder_in_place(
     refused. Every array and every index is checked before anything is written. With ``skip_unwritable``,
     entries that are not numpy arrays (their ``shape``'s leading axes still checked), or not C-contiguous and
     writeable, are left alone instead of refused: returns their positions in ``arrays`` (else ``[]``).
+
+    ``axes`` (one per array: None, or an axis after the leading two) with ``used`` (``(B, N)`` integers)
+    marks arrays holding a right-padded sequence along that axis of which each item reads only its first
+    ``used`` columns (a KV cache written in place: no column past a row's length is read): item ``j`` then
+    takes the first ``used[a_j]`` columns of its ancestor ``a_j`` (clamped to the axis' width), its columns
+    after left as they were, instead of the whole item.
     """
     index = _ancestor_rows(ancestors)
     if type(arrays) is not list:
         if isinstance(arrays, np.ndarray) or not isinstance(arrays, Sequence):
             raise TypeError(f"arrays: expected a sequence of numpy arrays, got {type(arrays).__name__}")
         arrays = list(arrays)
-    return _core.reorder_in_place(arrays, index, bool(skip_unwritable))
+    if (used is None) != (axes is None):
+        raise ValueError("used, axes: give both (the items' lengths, each array's sequence axis) or neither")
+    if axes is None:
+        return _core.reorder_in_place(arrays, index, bool(skip_unwritable))
+    axis_list = list(axes)
+    if len(axis_list) != len(arrays):
+        raise ValueError(f"axes: expected one per array ({len(arrays)}), got {len(axis_list)}")
+    for k, axis in enumerate(axis_list):
+        if axis is not None and (isinstance(axis, bool) or not isinstance(axis, (int, np.integer))):
+            raise TypeError(f"axes[{k}]: expected None or an axis (an int), got {axis!r}")
+    lengths = np.asarray(used)
+    if lengths.dtype.kind not in "iu":
+        raise TypeError(f"used: expected integers, got {lengths.dtype}")
+    lengths = np.array(lengths, dtype=np.int64, order="C")  # a copy: never memory the call writes
+    axis_ints = [None if axis is None else int(axis) for axis in axis_list]
+    return _core.reorder_in_place(arrays, index, bool(skip_unwritable), lengths, axis_ints)
 
 
 def keep_survivors(ancestors: npt.ArrayLike) -> npt.NDArray[np.int64]:

@@ -126,10 +126,24 @@ Status mh_accept(const double* log_z_current, const double* log_z_proposed, std:
 Status gather(const std::uint8_t* x, std::int64_t rows, std::int64_t n, std::int64_t item_bytes,
               const std::int64_t* ancestors, std::int64_t m, std::uint8_t* out);
 
+// What an in-place reorder copies of an array's items: all of each (blocks == 0), or, for items laid out as
+// `blocks` blocks of `width` columns of `column_bytes` bytes each (a row of a right-padded KV cache:
+// heads x capacity x head_dim) of which only the first columns are ever read, the first used[i] columns of
+// every block of the ancestor i (its columns after are left as they were).
+struct ItemPrefix {
+    std::int64_t blocks = 0;
+    std::int64_t width = 0;
+    std::int64_t column_bytes = 0;
+};
+
 // gather(arrays[k], rows, n, item_bytes[k], ancestors, n, arrays[k]) for k < count: several arrays reordered
-// in place by the same ancestors. The ancestors are checked once, before anything is written.
+// in place by the same ancestors. The ancestors are checked once, before anything is written. With
+// `prefixes` (one per array, blocks x width x column_bytes == item_bytes[k] where blocks > 0) and `used`
+// (rows x n, each item's columns read, clamped to [0, width] where used), an array with a prefix copies
+// only the columns its ancestors use.
 Status reorder_in_place(std::uint8_t* const* arrays, const std::int64_t* item_bytes, std::int64_t count,
-                        std::int64_t rows, std::int64_t n, const std::int64_t* ancestors);
+                        std::int64_t rows, std::int64_t n, const std::int64_t* ancestors,
+                        const ItemPrefix* prefixes = nullptr, const std::int64_t* used = nullptr);
 
 // Rearranges each row of ancestors (values in [0, n)) so that every particle with children keeps its own
 // slot and its extra copies fill the childless slots in ascending order of slot and of parent: the

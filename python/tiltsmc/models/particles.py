@@ -118,10 +118,14 @@ class Particles:
         [`one_per_prompt`][tiltsmc.models.particles.Particles.one_per_prompt]). Deferred work runs first. Host
         arrays are reordered in one core call
         ([`tiltsmc.core.reorder_in_place`][tiltsmc.core.reorder_in_place]); device arrays where they lie;
-        arrays that cannot be written in place are replaced by reordered copies."""
+        arrays that cannot be written in place are replaced by reordered copies. Of an ``in_place`` entry
+        (right-padded), a particle takes only the columns its ancestor's mask counts: no other is read."""
         self.flush()
+        prefixes = self._prefixes()
         if not across_prompts:
-            self.state.update(_reorder(self.tokens, self.lengths, self.finished, self.state, ancestors))
+            self.state.update(
+                _reorder(self.tokens, self.lengths, self.finished, self.state, ancestors, prefixes)
+            )
             return
         total = self.lengths.size
         for name, array in self.state.items():
@@ -133,8 +137,19 @@ class Particles:
             self.lengths.reshape(1, total),
             self.finished.reshape(1, total),
         )
-        for name, array in _reorder(*flat, views, ancestors).items():  # entries replaced by reordered copies
+        for name, array in _reorder(*flat, views, ancestors, prefixes).items():  # replaced by copies
             self.state[name] = array.reshape(self.state[name].shape)
+
+    def _prefixes(self) -> dict[str, tuple[int, str]]:
+        """The ``in_place`` entries whose rows are read only up to their length, by ``aligned``: the
+        right-padded ones whose mask is a host array here."""
+        return {
+            key: self.aligned[key]
+            for key in self.in_place
+            if key in self.aligned
+            and self.aligned[key][1] in self.right_padded
+            and type(self.state.get(self.aligned[key][1])) is np.ndarray
+        }
 
     def take(self, ancestors: npt.NDArray[np.int64]) -> Particles:
         """A new batch: particle ``j`` of prompt ``b`` copies particle ``ancestors[b, j]`` (any count)."""
@@ -734,15 +749,25 @@ def _reorder(
     finished: np.ndarray,
     state: dict[str, Any],
     ancestors: npt.NDArray[np.int64],
+    prefixes: Optional[dict[str, tuple[int, str]]] = None,
 ) -> dict[str, Any]:
     """``Particles.reorder`` of these arrays (leading axes ``lengths.shape``): host arrays in one core call
     that checks every array's leading axes and every index before it writes; the state entries it cannot
     write in place (device arrays, arrays not C-contiguous and writeable) reordered where they lie or
-    copied, returned by name to replace them."""
+    copied, returned by name to replace them. ``prefixes`` (entry -> ``(axis, mask)``): entries of which a
+    particle takes only the columns along ``axis`` that its ancestor's mask counts (those of one mask:
+    the first named)."""
+    used = axes = None
+    mask_key = next(iter(prefixes.values()))[1] if prefixes else None
+    mask = state.get(mask_key) if mask_key is not None else None
+    if prefixes and isinstance(mask, np.ndarray) and mask.ndim == 3 and mask.shape[:2] == lengths.shape:
+        used = np.count_nonzero(mask, axis=-1)  # before the mask is reordered
+        axes = [None, None, None] + [
+            prefixes[name][0] if prefixes.get(name, (0, None))[1] == mask_key else None for name in state
+        ]
     try:
-        skipped = core.reorder_in_place(
-            [tokens, lengths, finished, *state.values()], ancestors, skip_unwritable=True
-        )
+        arrays = [tokens, lengths, finished, *state.values()]
+        skipped = core.reorder_in_place(arrays, ancestors, skip_unwritable=True, used=used, axes=axes)
     except ValueError:
         for name, array in state.items():  # names the state entry, where one is at fault
             if tuple(array.shape[:2]) != lengths.shape:
