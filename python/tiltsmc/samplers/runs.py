@@ -447,7 +447,10 @@ def reweigh_together(
     except ValueError:
         return [_alone(run, k, streams, log_v, log_v_prev, live, done[k]) for k, run in enumerate(runs)]
     outputs = (*stepped, increment_se)
-    resampled = np.logical_or.reduceat(stepped[1], bounds[:-1]).tolist()  # any prompt of each run
+    # whether any prompt of each run resampled (reduceat reads a run of no prompts as its next row's)
+    resampled: list[Optional[bool]] = (
+        np.logical_or.reduceat(stepped[1], bounds[:-1]).tolist() if all(sizes) else [None] * len(runs)
+    )
     outcomes: list[Union[Ancestors, Exception]] = []
     for k, run in enumerate(runs):
         start, stop = bounds[k], bounds[k + 1]
