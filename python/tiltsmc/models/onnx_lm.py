@@ -62,6 +62,7 @@ import os
 import re
 import sys
 import threading
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -257,6 +258,28 @@ def _stop_strings(stop: Optional[Union[str, Sequence[str]]]) -> tuple[str, ...]:
     if not all(isinstance(text, str) and text for text in strings):
         raise ValueError(f"stop: expected a non-empty string or a sequence of them, got {stop!r}")
     return tuple(dict.fromkeys(strings))
+
+
+class _InPlaceBinding:
+    """A thread's I/O binding of ``OnnxCausalLM._run_in_place``: the caches it binds (``key``: their
+    addresses and shapes), weak references to the arrays they were last found to be views of, and, from
+    its second call, the arrays its logits and value are written into."""
+
+    __slots__ = ("binding", "key", "outputs", "owners")
+
+    def __init__(self, binding: Any, key: list[tuple[int, tuple[int, ...]]]) -> None:
+        self.binding, self.key = binding, key
+        self.owners: list[weakref.ref[np.ndarray]] = []
+        self.outputs: Optional[list[np.ndarray]] = None
+
+    def holds(self, owners: Sequence[np.ndarray]) -> bool:
+        """Whether ``owners`` are the arrays the bound caches were last found in (an array's memory never
+        moves, so the caches are still where they were bound)."""
+        refs = self.owners
+        return len(refs) == len(owners) and all(ref() is owner for ref, owner in zip(refs, owners))
+
+    def follow(self, owners: Sequence[np.ndarray]) -> None:
+        self.owners = [weakref.ref(owner) for owner in owners]
 
 
 class OnnxCausalLM:
@@ -632,7 +655,7 @@ class OnnxCausalLM:
         for buffer in buffers:
             for row, length in enumerate(prompt_lengths):
                 buffer[row, :, length:] = np.nan
-        logits, _ = self._run_in_place(step_ids, step_mask, step_positions, buffers)
+        logits, _ = self._run_in_place(step_ids, step_mask, step_positions, buffers, buffers)
         lengths = np.count_nonzero(step_mask, axis=1).tolist()
         pairs = [(logits, plain_logits)] + [
             (buffer[r, :, :n], cache[r, :, :n])
@@ -827,6 +850,7 @@ class OnnxCausalLM:
         attention_mask: npt.NDArray[np.int64],
         position_ids: npt.NDArray[np.int64],
         caches: Sequence[np.ndarray],
+        owners: Sequence[np.ndarray],
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         """One session call whose ``past`` and ``present`` are the same host arrays, ``caches`` (``(rows,
         kv_heads, capacity, head_dim)`` each, C-contiguous, at least the mask's width of columns): the
@@ -834,21 +858,27 @@ class OnnxCausalLM:
         has them, ``[value scores]`` (the cache needs no returning).
 
         A thread's binding is kept from call to call, its caches bound again only where their addresses
-        or shapes change (a new width, a join): most steps bind the three small inputs alone."""
-        bound = getattr(self._in_place_bindings, "bound", None)
-        key = [(cache.ctypes.data, cache.shape) for cache in caches]
-        if bound is None or bound[1] != key:
-            binding = self.session.io_binding()
-            binding.bind_output("logits", "cpu")  # first: get_outputs() lists outputs in binding order
-            if self.value_output is not None:
-                binding.bind_output(self.value_output, "cpu")
-            for (past_name, present_name, _), cache in zip(self._cache_names, caches):
-                shape, pointer = list(cache.shape), cache.ctypes.data
-                binding.bind_input(past_name, "cpu", 0, self.cache_dtype, shape, pointer)
-                binding.bind_output(present_name, "cpu", 0, self.cache_dtype, shape, pointer)
-            # by address and shape: arrays that come and go at the same address are the same binding
-            self._in_place_bindings.bound = bound = (binding, key)
-        binding = bound[0]
+        or shapes change (a new width, a join): most steps bind the three small inputs alone. It knows the
+        arrays ``caches`` are views of (``owners``, by weak reference): while they are the same, their
+        memory is, and the addresses are not read again. From its second call, the binding writes the
+        logits and value into arrays of its own (their shapes learned from the first), read without
+        asking ONNX Runtime for its outputs."""
+        bound: Optional[_InPlaceBinding] = getattr(self._in_place_bindings, "bound", None)
+        if bound is None or not bound.holds(owners):
+            key = [(cache.ctypes.data, cache.shape) for cache in caches]
+            if bound is None or bound.key != key:
+                binding = self.session.io_binding()
+                binding.bind_output("logits", "cpu")  # first: get_outputs() lists outputs in binding order
+                if self.value_output is not None:
+                    binding.bind_output(self.value_output, "cpu")
+                for (past_name, present_name, _), cache in zip(self._cache_names, caches):
+                    shape, pointer = list(cache.shape), cache.ctypes.data
+                    binding.bind_input(past_name, "cpu", 0, self.cache_dtype, shape, pointer)
+                    binding.bind_output(present_name, "cpu", 0, self.cache_dtype, shape, pointer)
+                # by address and shape: arrays that come and go at the same address are the same binding
+                self._in_place_bindings.bound = bound = _InPlaceBinding(binding, key)
+            bound.follow(owners)
+        binding = bound.binding
         binding.bind_cpu_input("input_ids", input_ids)
         binding.bind_cpu_input("attention_mask", attention_mask)
         if self.has_position_ids:
@@ -857,11 +887,17 @@ class OnnxCausalLM:
             binding.bind_cpu_input("use_cache_branch", np.array([True]))
         with self._one_call_at_a_time:
             self.session.run_with_iobinding(binding)
-        # the caches come too, after the logits and value: not read back. The logits and value are
-        # copied: a binding kept writes its next call's into the same memory
-        outputs = binding.get_outputs()
-        logits = np.array(outputs[0].numpy())
-        return logits, [np.array(outputs[1].numpy())] if self.value_output is not None else []
+        # copied: a binding kept writes its next call's logits and value into the same memory
+        if bound.outputs is not None:
+            results = [array.copy() for array in bound.outputs]
+        else:  # ONNX Runtime's own arrays (the caches come too, after them: not read back)
+            names = ["logits"] if self.value_output is None else ["logits", self.value_output]
+            outputs = binding.get_outputs()
+            results = [np.array(outputs[k].numpy()) for k in range(len(names))]
+            bound.outputs = [np.empty_like(result) for result in results]
+            for name, array in zip(names, bound.outputs):  # from the next call on: written there
+                binding.bind_output(name, "cpu", 0, array.dtype.type, list(array.shape), array.ctypes.data)
+        return results[0], results[1:]
 
     def _in_place_caches(self, particles: Particles, width: int) -> list[np.ndarray]:
         """The state's caches as ``(rows, kv_heads, capacity, head_dim)`` arrays a session writes in place,
@@ -1243,7 +1279,8 @@ class OnnxCausalLM:
         in_place = self.cache_in_place and index is None
         if in_place:  # every row's cache written where it lies: nothing to store after the call
             past = self._in_place_caches(particles, feed_mask.shape[1])
-            logits, present = self._run_in_place(feed_tokens, feed_mask, positions, past)
+            owners = [particles.state[key] for _, _, key in self._cache_names]
+            logits, present = self._run_in_place(feed_tokens, feed_mask, positions, past, owners)
         else:
             logits, present = self._run(feed_tokens, feed_mask, positions, past)
         if self.value_output is not None:
