@@ -376,6 +376,12 @@ KERNELS: dict[str, Kernel] = {
         frozenset(),
         lambda rng, a: None,
     ),
+    "decode_inputs_right_padded": Kernel(
+        _make_decode,
+        lambda a: core.decode_inputs_right_padded(a["mask"], a["still"], a["new_tokens"], 0),
+        frozenset(),
+        lambda rng, a: None,
+    ),
     "right_padded_prefixes": Kernel(
         _make_prefixes,
         lambda a: core.right_padded_prefixes(

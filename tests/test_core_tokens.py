@@ -119,6 +119,27 @@ def test_decode_inputs_matches_reference(seed: int, rows: int, width: int) -> No
     assert input_ids.dtype == attention_mask.dtype == position_ids.dtype == np.int64
 
 
+@SETTINGS
+@given(seed=st.integers(0, 2**32 - 1), rows=st.integers(0, 7), width=st.integers(0, 6))
+def test_decode_inputs_right_padded_matches_reference(seed: int, rows: int, width: int) -> None:
+    """Each row's length is its mask's nonzero count (zeros anywhere in it, other nonzero values too):
+    the session's mask covers length + 1 columns, the mask kept length + still, the position is the
+    length."""
+    rng = np.random.default_rng(seed)
+    mask = rng.integers(0, 3, size=(rows, width)) * (rng.random((rows, width)) < 0.7)
+    still = rng.random(rows) < 0.6
+    new = rng.integers(1, 50, size=rows)
+    ids, feed_mask, positions, next_mask = core.decode_inputs_right_padded(mask, still, new, pad=7)
+    lengths = np.count_nonzero(mask, axis=1)
+    columns = np.arange(width + 1)
+    np.testing.assert_array_equal(ids, np.where(still, new, 7)[:, None])
+    np.testing.assert_array_equal(feed_mask, columns < (lengths + 1)[:, None])
+    np.testing.assert_array_equal(next_mask, columns < (lengths + still)[:, None])
+    np.testing.assert_array_equal(positions, lengths[:, None])
+    assert ids.dtype == feed_mask.dtype == positions.dtype == next_mask.dtype == np.int64
+    assert feed_mask.shape == next_mask.shape == (rows, width + 1)
+
+
 def test_decode_inputs_refuses_bad_arrays() -> None:
     mask, still, new = np.ones((3, 2), np.int64), np.ones(3, bool), np.ones(3, np.int64)
     with pytest.raises(ValueError, match=r"mask: expected shape \(rows, width\)"):
@@ -127,6 +148,13 @@ def test_decode_inputs_refuses_bad_arrays() -> None:
         core.decode_inputs(mask, still[:2], new, 0)
     with pytest.raises(TypeError, match="new_tokens: expected dtype int64"):
         core.decode_inputs(mask, still, new.astype(float), 0)
+    for decode in (core.decode_inputs, core.decode_inputs_right_padded):
+        with pytest.raises(ValueError, match=r"mask: expected shape \(rows, width\)"):
+            decode(mask[0], still, new, 0)
+        with pytest.raises(ValueError, match="new_tokens: expected one entry per row"):
+            decode(mask, still, new[:1], 0)
+        with pytest.raises(TypeError, match="still: expected dtype bool"):
+            decode(mask, still.astype(np.int64), new, 0)
 
 
 # -- right_padded_prefixes --------------------------------------------------------------------------------

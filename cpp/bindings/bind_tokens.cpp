@@ -59,8 +59,14 @@ py::tuple bind_append_tokens(const py::handle& tokens_object, const py::handle& 
     return py::make_tuple(still, num_still);
 }
 
-py::tuple bind_decode_inputs(const py::handle& mask_object, const py::handle& still_object,
-                             const py::handle& new_tokens_object, std::int64_t pad) {
+// A decoding step's arguments checked: the mask (rows, width), one still flag and one new token a row.
+struct DecodeArguments {
+    py::array mask, still, new_tokens;
+    std::int64_t rows, width;
+};
+
+DecodeArguments decode_arguments(const py::handle& mask_object, const py::handle& still_object,
+                                 const py::handle& new_tokens_object) {
     py::array mask = checked<std::int64_t>(mask_object, "mask");
     py::array still = checked<bool>(still_object, "still");
     py::array new_tokens = checked<std::int64_t>(new_tokens_object, "new_tokens");
@@ -68,17 +74,41 @@ py::tuple bind_decode_inputs(const py::handle& mask_object, const py::handle& st
     const std::int64_t rows = mask.shape(0), width = mask.shape(1);
     if (size_of(still) != rows) throw py::value_error("still: expected one entry per row of mask");
     if (size_of(new_tokens) != rows) throw py::value_error("new_tokens: expected one entry per row of mask");
-    py::array_t<std::int64_t> input_ids({rows, std::int64_t{1}});
-    py::array_t<std::int64_t> next_mask({rows, width + 1});
-    py::array_t<std::int64_t> positions({rows, std::int64_t{1}});
+    return {mask, still, new_tokens, rows, width};
+}
+
+py::tuple bind_decode_inputs(const py::handle& mask_object, const py::handle& still_object,
+                             const py::handle& new_tokens_object, std::int64_t pad) {
+    const DecodeArguments a = decode_arguments(mask_object, still_object, new_tokens_object);
+    py::array_t<std::int64_t> input_ids({a.rows, std::int64_t{1}});
+    py::array_t<std::int64_t> next_mask({a.rows, a.width + 1});
+    py::array_t<std::int64_t> positions({a.rows, std::int64_t{1}});
     {
-        GilReleasedFor release(rows * (width + 1) * 16);  // the mask read, the next one written
-        decode_inputs(static_cast<const std::int64_t*>(mask.data()), rows, width,
-                      static_cast<const std::uint8_t*>(still.data()),
-                      static_cast<const std::int64_t*>(new_tokens.data()), pad, input_ids.mutable_data(),
+        GilReleasedFor release(a.rows * (a.width + 1) * 16);  // the mask read, the next one written
+        decode_inputs(static_cast<const std::int64_t*>(a.mask.data()), a.rows, a.width,
+                      static_cast<const std::uint8_t*>(a.still.data()),
+                      static_cast<const std::int64_t*>(a.new_tokens.data()), pad, input_ids.mutable_data(),
                       next_mask.mutable_data(), positions.mutable_data());
     }
     return py::make_tuple(input_ids, next_mask, positions);
+}
+
+py::tuple bind_decode_inputs_right_padded(const py::handle& mask_object, const py::handle& still_object,
+                                          const py::handle& new_tokens_object, std::int64_t pad) {
+    const DecodeArguments a = decode_arguments(mask_object, still_object, new_tokens_object);
+    py::array_t<std::int64_t> input_ids({a.rows, std::int64_t{1}});
+    py::array_t<std::int64_t> feed_mask({a.rows, a.width + 1});
+    py::array_t<std::int64_t> next_mask({a.rows, a.width + 1});
+    py::array_t<std::int64_t> positions({a.rows, std::int64_t{1}});
+    {
+        GilReleasedFor release(a.rows * (a.width + 1) * 24);  // the mask read, two written
+        decode_inputs_right_padded(static_cast<const std::int64_t*>(a.mask.data()), a.rows, a.width,
+                                   static_cast<const std::uint8_t*>(a.still.data()),
+                                   static_cast<const std::int64_t*>(a.new_tokens.data()), pad,
+                                   input_ids.mutable_data(), feed_mask.mutable_data(), next_mask.mutable_data(),
+                                   positions.mutable_data());
+    }
+    return py::make_tuple(input_ids, feed_mask, positions, next_mask);
 }
 
 py::tuple bind_right_padded_prefixes(const py::handle& prompt_ids_object, const py::handle& prompt_offsets_object,
@@ -194,6 +224,8 @@ void register_tokens(py::module_& m) {
           py::arg("new_tokens"), py::arg("active"), py::arg("stop_ids"), py::arg("max_length"));
     m.def("decode_inputs", &bind_decode_inputs, py::arg("mask"), py::arg("still"), py::arg("new_tokens"),
           py::arg("pad"));
+    m.def("decode_inputs_right_padded", &bind_decode_inputs_right_padded, py::arg("mask"), py::arg("still"),
+          py::arg("new_tokens"), py::arg("pad"));
     m.def("right_padded_prefixes", &bind_right_padded_prefixes, py::arg("prompt_ids"), py::arg("prompt_offsets"),
           py::arg("tokens"), py::arg("lengths"), py::arg("selected"), py::arg("pad"), py::arg("with_positions"));
     m.def("read_log_values", &bind_read_log_values, py::arg("scores"), py::arg("rows"), py::arg("columns"),

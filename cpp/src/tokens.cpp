@@ -59,6 +59,26 @@ void decode_inputs(const std::int64_t* mask, std::int64_t rows, std::int64_t wid
     }
 }
 
+void decode_inputs_right_padded(const std::int64_t* mask, std::int64_t rows, std::int64_t width,
+                                const std::uint8_t* still, const std::int64_t* new_tokens, std::int64_t pad,
+                                std::int64_t* input_ids, std::int64_t* feed_mask, std::int64_t* next_mask,
+                                std::int64_t* positions) {
+    for (std::int64_t r = 0; r < rows; ++r) {
+        const std::int64_t* row = mask + r * width;
+        std::int64_t length = 0;  // at most width: the columns below stay within width + 1
+        for (std::int64_t j = 0; j < width; ++j) length += row[j] != 0;
+        const bool fed = still[r] != 0;
+        std::int64_t* feed = feed_mask + r * (width + 1);
+        std::int64_t* next = next_mask + r * (width + 1);
+        for (std::int64_t j = 0; j <= width; ++j) {
+            feed[j] = j <= length ? 1 : 0;
+            next[j] = j < length + (fed ? 1 : 0) ? 1 : 0;
+        }
+        positions[r] = length;
+        input_ids[r] = fed ? new_tokens[r] : pad;
+    }
+}
+
 Status prefix_width(const std::int64_t* prompt_offsets, std::int64_t batch, std::int64_t n, std::int64_t capacity,
                     const std::int64_t* lengths, const std::int64_t* selected, std::int64_t num_rows,
                     std::int64_t* width) {

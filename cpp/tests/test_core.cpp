@@ -553,6 +553,15 @@ void test_token_kernels() {
                   positions.data());
     EXPECT((input_ids == std::vector<std::int64_t>{5, -1}) && (positions == std::vector<std::int64_t>{2, 3}));
     EXPECT((next_mask == std::vector<std::int64_t>{0, 1, 1, 1, 1, 1, 1, 0}));
+    // Right-padded: a row's length is its mask's nonzero count; the session's mask covers one column more,
+    // the mask kept one more where the row was fed.
+    const std::vector<std::int64_t> right_mask = {1, 1, 0, 1, 2, 1};
+    std::vector<std::int64_t> feed_mask(8), kept_mask(8);
+    decode_inputs_right_padded(right_mask.data(), 2, 3, going_rows.data(), fresh.data(), -1, input_ids.data(),
+                               feed_mask.data(), kept_mask.data(), positions.data());
+    EXPECT((input_ids == std::vector<std::int64_t>{5, -1}) && (positions == std::vector<std::int64_t>{2, 3}));
+    EXPECT((feed_mask == std::vector<std::int64_t>{1, 1, 1, 0, 1, 1, 1, 1}));
+    EXPECT((kept_mask == std::vector<std::int64_t>{1, 1, 1, 0, 1, 1, 1, 0}));
 
     // Prefixes: prompts {1} and {2, 3}, two particles each with capacity 2.
     const std::vector<std::int64_t> prompt_ids = {1, 2, 3}, offsets = {0, 1, 3};

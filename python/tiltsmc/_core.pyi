@@ -98,6 +98,9 @@ def append_tokens(
 def decode_inputs(
     mask: npt.NDArray[np.int64], still: npt.NDArray[np.bool_], new_tokens: npt.NDArray[np.int64], pad: int
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...
+def decode_inputs_right_padded(
+    mask: npt.NDArray[np.int64], still: npt.NDArray[np.bool_], new_tokens: npt.NDArray[np.int64], pad: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...
 def right_padded_prefixes(
     prompt_ids: npt.NDArray[np.int64],
     prompt_offsets: npt.NDArray[np.int64],

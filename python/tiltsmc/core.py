@@ -794,6 +794,23 @@ def decode_inputs(
     return input_ids, attention_mask, position_ids
 
 
+def decode_inputs_right_padded(
+    mask: npt.NDArray[np.int64], still: npt.NDArray[np.bool_], new_tokens: npt.NDArray[np.int64], pad: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """[`decode_inputs`][tiltsmc.core.decode_inputs] for a right-padded batch (attention that reads each
+    row's length from its mask, such as ONNX Runtime's ``GroupQueryAttention``): ``(input_ids,
+    attention_mask, position_ids, next_mask)``, the masks ``(rows, width + 1)``.
+
+    With ``length[r]`` the number of nonzero entries of ``mask[r]``: row ``r`` is fed ``new_tokens[r]``
+    where ``still[r]``, else ``pad``; the session's ``attention_mask`` is one on the row's first
+    ``length[r] + 1`` columns (the graph writes the row's next column whether or not it is fed), the mask
+    kept after the step (``next_mask``) on its first ``length[r] + still[r]``; the position is
+    ``length[r]``.
+    """
+    ids, feed_mask, positions, next_mask = _core.decode_inputs_right_padded(mask, still, new_tokens, int(pad))
+    return ids, feed_mask, positions, next_mask
+
+
 def right_padded_prefixes(
     prompt_ids: npt.NDArray[np.int64],
     prompt_offsets: npt.NDArray[np.int64],

@@ -190,6 +190,15 @@ void decode_inputs(const std::int64_t* mask, std::int64_t rows, std::int64_t wid
                    const std::int64_t* new_tokens, std::int64_t pad, std::int64_t* input_ids,
                    std::int64_t* next_mask, std::int64_t* positions);
 
+// The same step of a right-padded batch (attention that reads each row's length from its mask): with
+// length[r] the number of nonzero entries of mask[r], feed_mask (rows, width + 1), the session's, is one
+// on the row's first length[r] + 1 columns (the graph writes the row's next column whether or not it is
+// fed); next_mask, the mask kept, on its first length[r] + still[r]; positions[r] = length[r].
+void decode_inputs_right_padded(const std::int64_t* mask, std::int64_t rows, std::int64_t width,
+                                const std::uint8_t* still, const std::int64_t* new_tokens, std::int64_t pad,
+                                std::int64_t* input_ids, std::int64_t* feed_mask, std::int64_t* next_mask,
+                                std::int64_t* positions);
+
 // Prefix batches for scoring models. Particle p = b * n + i (b < batch prompts, n particles each) is prompt
 // b's tokens prompt_ids[prompt_offsets[b] : prompt_offsets[b + 1]] followed by its generated tokens
 // tokens[p, :lengths[p]] (rows of `capacity`). Row r of a batch is particle selected[r] (selected == nullptr:

@@ -723,13 +723,12 @@ class OnnxCausalLM:
         if self.padding_side == "left":
             ids, new_mask, positions = core.decode_inputs(mask, still, tokens, self.pad_token_id)
             return ids, new_mask, positions, new_mask
-        flat_still = still.reshape(-1)
-        lengths = np.count_nonzero(mask, axis=1)
-        columns = np.arange(mask.shape[1] + 1)
-        ids = np.where(flat_still, tokens.reshape(-1), self.pad_token_id)[:, None]
-        feed_mask = (columns < (lengths + 1)[:, None]).astype(np.int64)
-        new_mask = (columns < (lengths + flat_still)[:, None]).astype(np.int64)
-        return ids, feed_mask, lengths[:, None].astype(np.int64), new_mask
+        return core.decode_inputs_right_padded(
+            np.ascontiguousarray(mask, dtype=np.int64),
+            np.ascontiguousarray(still, dtype=bool),
+            np.ascontiguousarray(tokens, dtype=np.int64),
+            self.pad_token_id,
+        )
 
     def _check_value_output(self, value_output: Optional[str], outputs: list[str]) -> Optional[str]:
         """A value head in the policy's graph, fetched with the logits at every run: one score per position
