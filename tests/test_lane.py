@@ -13,7 +13,7 @@ from tiltsmc.samplers._engine import Models
 from tiltsmc.samplers.correction import mh_run
 from tiltsmc.samplers.lane import Lane, _Ledger, _packing, run_alone
 from tiltsmc.samplers.result import Compute, SamplerResult
-from tiltsmc.samplers.runs import Run, SMCRun, reweigh_together
+from tiltsmc.samplers.runs import Run, SMCRun, Trace, reweigh_together
 from tiltsmc.samplers.sequential import smc_run, sp_gsmc_run
 from tiltsmc.tasks import MarkovDFATask
 
@@ -93,6 +93,25 @@ def test_the_ledger_splits_each_call_by_weight_and_rounds_counts_once_as_a_membe
     slots = [ledger.take() for _ in range(20)]  # the three freed first, then new rows
     assert len(set(slots)) == 20 and {a, b, c} <= set(slots)
     assert not ledger.rows[slots].any()
+
+
+@pytest.mark.parametrize("start, stop", [(2, 3), (1, 4), (0, 6)])
+def test_a_trace_stacks_each_fields_rows_of_the_run_step_by_step(start: int, stop: int) -> None:
+    """``Trace.stacked``: field ``k``'s ``(batch, steps)`` array holds the run's rows of each recorded call's
+    output ``k``, in order, with the field's dtype (a run of one row by its own path)."""
+    rng = np.random.default_rng(0)
+    trace = Trace()
+    calls = []
+    for _ in range(5):  # each call's outputs cover six rows (several runs stepped together)
+        outputs = tuple(rng.normal(size=6).astype(dtype) for _, dtype in Trace.FIELDS)
+        calls.append(outputs)
+        trace.record(outputs, start, stop)
+    stacked = trace.stacked(stop - start)
+    for k, (name, dtype) in enumerate(Trace.FIELDS):
+        want = np.stack([outputs[k][start:stop] for outputs in calls], axis=1)
+        assert stacked[name].dtype == dtype and stacked[name].flags.c_contiguous
+        np.testing.assert_array_equal(stacked[name], want)
+    assert Trace().stacked(2)["ess"].shape == (2, 0)
 
 
 def test_deferred_work_run_at_a_leave_is_the_policys_time() -> None:

@@ -140,6 +140,22 @@ def test_row_streams_draw_each_run_as_alone() -> None:
         core.sample_logits(logits[:5], 1.0, streams)
 
 
+@pytest.mark.parametrize("sizes", [[1, 1, 1, 1], [0, 1, 1, 2], [2, 0, 2], [1, 0, 1], [3], [1]])
+def test_row_streams_give_each_row_its_runs_key_and_index(sizes: list[int]) -> None:
+    """``row_streams``: row ``r`` of run ``g`` gets run ``g``'s key and counter ``r`` (runs of one row each
+    take a shorter path; runs of no rows, whose count equals the rows', must not)."""
+    bounds = np.cumsum([0, *sizes]).tolist()
+    keys = [11 * (g + 1) for g in range(len(sizes))]
+    streams = RowStreams([np.random.default_rng(g) for g in range(len(sizes))], bounds, keys=keys)
+    got_keys, got_counters = streams.row_streams(sum(sizes))
+    np.testing.assert_array_equal(got_keys, [key for key, size in zip(keys, sizes) for _ in range(size)])
+    np.testing.assert_array_equal(got_counters, [r for size in sizes for r in range(size)])
+    assert got_keys.dtype == got_counters.dtype == np.uint64
+    starts, counts, _ = streams.row_counters(sum(sizes))
+    np.testing.assert_array_equal(starts, bounds[:-1])
+    np.testing.assert_array_equal(counts, sizes)
+
+
 # Run in a fresh interpreter: forked from the test process, a child inherits the locks that earlier tests'
 # threads (servers, engines, Ray, ONNX Runtime pools) happened to hold at the fork, and Python's own
 # machinery in the child (multiprocessing's bootstrap, its exit) could wait on them forever. What is tested

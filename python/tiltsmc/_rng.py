@@ -129,7 +129,12 @@ class RowStreams:
         """Each row's stream, ``(keys, counters)``: its run's key (``run_keys``, one drawn per run) and its
         index within the run, after checking that ``rows`` agree."""
         _, sizes, counters = self.row_counters(rows)
-        return np.repeat(np.array(self.run_keys(), dtype=np.uint64), sizes), counters
+        keys = np.array(self.run_keys(), dtype=np.uint64)
+        return (keys if self._one_row_each(rows) else np.repeat(keys, sizes)), counters
+
+    def _one_row_each(self, rows: int) -> bool:
+        """Whether every run has exactly one of the ``rows`` (requests of one prompt, the usual case)."""
+        return len(self.bounds) == rows + 1 and self.bounds == tuple(range(rows + 1))
 
     def row_counters(
         self, rows: int
@@ -138,7 +143,13 @@ class RowStreams:
         run (its counter in the run's stream), after checking that ``rows`` agree (computed once)."""
         if rows != self.num_rows:
             raise ValueError(f"rng: RowStreams for {self.num_rows} rows, given {rows}")
-        if self._counters is None:
+        if self._counters is None and self._one_row_each(rows):
+            self._counters = (
+                np.arange(rows, dtype=np.int64),
+                np.ones(rows, np.int64),
+                np.zeros(rows, np.uint64),
+            )
+        elif self._counters is None:
             bounds = np.array(self.bounds, dtype=np.int64)
             starts, sizes = bounds[:-1], np.diff(bounds)
             counters = (np.arange(rows, dtype=np.int64) - np.repeat(starts, sizes)).astype(np.uint64)

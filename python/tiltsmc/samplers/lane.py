@@ -14,6 +14,7 @@ of each kind with every request in flight.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import operator
 import time
@@ -151,9 +152,10 @@ class Lane:
 
     def step(self) -> Ended:
         ended: Ended = []
-        self._admit(ended)
+        joined = self._admit(ended)
         try:
-            self._settle(ended)
+            if joined:  # a newcomer may start finished (a prompt that failed); the others were settled
+                self._settle(ended)
             if self.members:
                 self._pack()  # no model call runs on the rows of a run that left
                 if self.kind == "guided":
@@ -344,10 +346,11 @@ class Lane:
 
     # -- joining and leaving ---------------------------------------------------------------------------
 
-    def _admit(self, ended: Ended) -> None:
-        """Start a batch for every waiting run that wants one, one policy start per particle count."""
+    def _admit(self, ended: Ended) -> bool:
+        """Start a batch for every waiting run that wants one, one policy start per particle count; whether
+        any joined."""
         if not self.waiting:
-            return
+            return False
         waiting, self.waiting = self.waiting, []
         groups: dict[int, list[tuple[Run, Optional[list[Any]]]]] = {}
         for run in waiting:
@@ -376,6 +379,7 @@ class Lane:
                         ended.append((run, run_error))
         if parts:
             self._join(parts)
+        return bool(parts)
 
     def _start_group(self, count: int, group: list[tuple[Run, Optional[list[Any]]]]) -> Particles:
         """One policy start for the group's prompts; each run begins on its rows. The batch comes back
@@ -390,7 +394,7 @@ class Lane:
         batches = [part.num_prompts] if len(group) == 1 else [len(p or [None]) for _, p in group]
         capacity = part.tokens.shape[2]
         limits = np.full(part.lengths.shape, capacity, dtype=np.int64)
-        offsets = np.cumsum([0, *batches])
+        offsets = [0, *itertools.accumulate(batches)]  # Python ints: slicing with numpy's costs more
         for run, start, stop in zip(runs, offsets[:-1], offsets[1:]):
             if run.max_new_tokens is not None:
                 if run.max_new_tokens > capacity:
@@ -404,7 +408,7 @@ class Lane:
         for run, start, stop in zip(runs, offsets[:-1], offsets[1:]):
             errors = {b - start: m for b, m in part.errors.items() if start <= b < stop}
             log_v_prev[start:stop] = run.begin(log_v0[start:stop], failed[start:stop], errors)
-            members.append(_Member(run, int(stop - start), count))
+            members.append(_Member(run, stop - start, count))
         part.state[LOG_V_PREV] = log_v_prev
         part.state[MAX_NEW_TOKENS] = limits
         self._joining.extend(members)

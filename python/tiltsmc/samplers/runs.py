@@ -131,9 +131,13 @@ class Trace:
     def stacked(self, batch: int) -> dict[str, Any]:
         """Each of ``FIELDS`` as a ``(batch, steps)`` array."""
         stacked: dict[str, np.ndarray] = {}
+        one_row = batch == 1 and all(stop - start == 1 for _, start, stop in self.steps)
         for k, (name, dtype) in enumerate(self.FIELDS):
             if not self.steps:
                 stacked[name] = np.zeros((batch, 0), dtype=dtype)
+                continue
+            if one_row:  # a request of one prompt: its entries, half the time of its rows stacked
+                stacked[name] = np.array([outputs[k][start] for outputs, start, _ in self.steps], dtype)[None]
                 continue
             rows = [outputs[k][start:stop] for outputs, start, stop in self.steps]
             # (steps, B) transposed: a quarter of np.stack's time for these short rows
