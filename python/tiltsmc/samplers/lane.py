@@ -489,8 +489,12 @@ class Lane:
             starts.append(start)
             holes = _taken(holes, start, size)
         if len(starts) == len(runs):
-            index = np.concatenate([np.arange(s, s + m.batch * m.count) for s, (m, _) in zip(starts, runs)])
-            if lane.fill_rows(index, part):
+            where: Any = np.concatenate(
+                [np.arange(s, s + m.batch * m.count) for s, (m, _) in zip(starts, runs)]
+            )
+            if where[-1] - where[0] + 1 == len(where) and (len(runs) == 1 or np.all(np.diff(where) == 1)):
+                where = int(where[0])  # rows in a row (one run, most often): written as slices, not gathers
+            if lane.fill_rows(where, part):
                 self._holes = holes
                 for start, (member, _) in zip(starts, runs):
                     member.start, member.stop = start, start + member.batch * member.count

@@ -23,6 +23,7 @@ batched session call may round differently).
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, ClassVar, Optional, Union
 
@@ -277,9 +278,10 @@ class SMCRun(Run):
         self.log_z = log_v0.copy()
         self.collapsed = (log_v0 == -np.inf) | failed
         self.log_w = np.zeros((batch, count))
-        self.log_w[self.collapsed] = -np.inf  # weight zero: reported by the core, never resampled
-        # logsumexp of each row of log_w
-        self.log_total = np.where(self.collapsed, -np.inf, float(np.log(count)))
+        self.log_total = np.full(batch, float(np.log(count)))  # logsumexp of each row of log_w
+        if self.collapsed.any():
+            self.log_w[self.collapsed] = -np.inf  # weight zero: reported by the core, never resampled
+            self.log_total[self.collapsed] = -np.inf
         return np.repeat(log_v0[:, None], count, axis=1)
 
     def reweigh(self, particles: Particles, log_v: FloatArray) -> Ancestors:
@@ -432,7 +434,7 @@ def reweigh_together(
     alone with the key it drew, and only the runs at fault fail.
     """
     sizes = [len(run.log_z) for run in runs]
-    bounds = np.cumsum([0, *sizes]).tolist()
+    bounds = [0, *itertools.accumulate(sizes)]
     streams = RowStreams([run.generator for run in runs], bounds)
     streams.keys = streams.run_keys()  # drawn once: a repeat run by run draws the same
     log_w = np.concatenate([run.log_w for run in runs])
