@@ -98,6 +98,25 @@ def test_concatenate_refuses_what_cannot_join(policy: OnnxCausalLM) -> None:
         Particles.concatenate([])
 
 
+def test_one_per_prompt_gives_each_particle_its_prompts_entries() -> None:
+    """Particle ``i`` of prompt ``b`` becomes entry ``b * N + i``, with prompt ``b``'s prompt, prompt tokens
+    and error, its arrays views of the same memory."""
+    particles = Particles.empty(["a", "b", "c"], 3, 4)
+    particles.prompt_tokens = [np.array([1]), np.array([2, 2]), np.array([3])]
+    particles.errors = {2: "too long", 0: "refused"}
+    particles.state["v"] = np.arange(9.0).reshape(3, 3)
+    flat = particles.one_per_prompt()
+    assert flat.prompts == ["a"] * 3 + ["b"] * 3 + ["c"] * 3
+    assert (
+        flat.prompt_tokens is not None
+        and [t.tolist() for t in flat.prompt_tokens] == [[1]] * 3 + [[2, 2]] * 3 + [[3]] * 3
+    )
+    refused, too_long = [(k, "refused") for k in range(3)], [(k, "too long") for k in range(6, 9)]
+    assert list(flat.errors.items()) == [*refused, *too_long]
+    assert flat.state["v"].shape == (9, 1) and np.shares_memory(flat.state["v"], particles.state["v"])
+    np.testing.assert_array_equal(flat.state["v"][:, 0], np.arange(9.0))
+
+
 def test_reorder_across_prompts_moves_particles_between_entries() -> None:
     particles = Particles.empty([()], 6, 3).one_per_prompt()
     particles.tokens[:, 0, 0] = np.arange(6)

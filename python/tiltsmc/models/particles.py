@@ -510,15 +510,22 @@ class Particles:
             return np.ascontiguousarray(array).reshape(total, 1, *array.shape[2:])
 
         return Particles(
-            prompts=[self.prompts[k // each] for k in range(total)],
+            prompts=[prompt for prompt in self.prompts for _ in range(each)],
             tokens=view(self.tokens),
             lengths=view(self.lengths),
             finished=view(self.finished),
             state={key: view(array) for key, array in self.state.items()},
             prompt_tokens=(
-                None if self.prompt_tokens is None else [self.prompt_tokens[k // each] for k in range(total)]
+                None
+                if self.prompt_tokens is None
+                else [ids for ids in self.prompt_tokens for _ in range(each)]
             ),
-            errors={k: self.errors[k // each] for k in range(total) if k // each in self.errors},
+            errors={
+                b * each + i: message
+                for b, message in sorted(self.errors.items())
+                if 0 <= b < len(self.prompts)
+                for i in range(each)
+            },
             aligned=dict(self.aligned),
             right_padded=set(self.right_padded),
             in_place=set(self.in_place),

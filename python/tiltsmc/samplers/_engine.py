@@ -164,7 +164,8 @@ def all_finished(particles: Particles) -> bool:
 def failed_prompts(particles: Particles) -> npt.NDArray[np.bool_]:
     """Prompts the policy could not start (``particles.errors``): reported as collapsed, never run."""
     failed = np.zeros(particles.num_prompts, dtype=bool)
-    failed[list(particles.errors)] = True
+    if particles.errors:
+        failed[list(particles.errors)] = True
     return failed
 
 
