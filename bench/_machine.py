@@ -7,6 +7,7 @@ import os
 import platform
 import re
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,8 +29,28 @@ def build_stamp() -> Optional[str]:
     return f"{path} ({time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(path.stat().st_mtime))})"
 
 
+def git_commit() -> Optional[str]:
+    """The commit measured (``+dirty`` with uncommitted changes), or None outside a git checkout."""
+    try:
+        here = Path(__file__).resolve().parent
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
 def machine_info(**extra: Any) -> dict[str, Any]:
-    """Platform, CPU model (from /proc/cpuinfo), cores, versions, tiltsmc's threads and build, load."""
+    """Platform, CPU model (from /proc/cpuinfo), cores, versions, tiltsmc's threads and build, the commit
+    measured, load."""
     cpu = platform.processor()
     try:
         match = re.search(r"^model name\s*:\s*(.*)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
@@ -54,6 +75,7 @@ def machine_info(**extra: Any) -> dict[str, Any]:
         "tiltsmc": version,
         "tiltsmc_num_threads": threads,
         "tiltsmc_build": build_stamp(),
+        "git_commit": git_commit(),
         "loadavg": load_average(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

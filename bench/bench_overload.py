@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _machine import machine_info
+from _machine import git_commit, machine_info
 from _plot import write_json
 from bench_serve import (
     CONFIGS,
@@ -45,7 +45,6 @@ from bench_serve import (
     add_load_arguments,
     arrival_offsets,
     free_port,
-    git_commit,
     level_line,
     lone_over_http,
     request_body,

@@ -91,24 +91,6 @@ NEVER_BELOW_MARGINS = {"throughput": 0.95, "p99": 1.10}
 # -- servers ------------------------------------------------------------------------------------------
 
 
-def git_commit() -> Optional[str]:
-    """The commit measured (``+dirty`` with uncommitted changes), or None outside a git checkout."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=HERE,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("+dirty" if dirty else "")
-
-
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -912,7 +894,6 @@ def main() -> None:
             onnxruntime=onnxruntime.__version__,
             loadavg_before=load_before,
             engine_server=args.engine_server,
-            git_commit=git_commit(),
         ),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},

@@ -47,7 +47,6 @@ from bench_serve import (
     engine_counters,
     engine_level_figures,
     free_port,
-    git_commit,
     lone_over_http,
     run_level,
     summarise,
@@ -224,7 +223,7 @@ def main() -> None:
     write_json(
         args.out,
         {
-            "machine": machine_info(git_commit=git_commit()),
+            "machine": machine_info(),
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "definitions": {

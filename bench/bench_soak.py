@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _machine import machine_info
+from _machine import git_commit, machine_info
 from _plot import write_json
-from bench_serve import CONFIGS, RESULTS, Server, free_port, git_commit, metrics_samples, server_command
+from bench_serve import CONFIGS, RESULTS, Server, free_port, metrics_samples, server_command
 
 SAMPLERS = ("smc", "smc", "smc", "sp_gsmc", "best_of_n", "mh")
 PARTICLES = (2, 4, 8, 16)
