@@ -114,6 +114,42 @@ def test_a_trace_stacks_each_fields_rows_of_the_run_step_by_step(start: int, sto
     assert Trace().stacked(2)["ess"].shape == (2, 0)
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_the_ledger_charges_each_member_what_a_call_by_call_split_would(seed: int) -> None:
+    """Members join and leave between calls made to every member or to some (a lane joining newcomers),
+    in equal shares or by weight: each leaving member gets exactly what splitting every call among the
+    members it served gives (seconds to rounding error, counts after rounding once)."""
+    rng = np.random.default_rng(seed)
+    ledger = _Ledger()
+    held: list[int] = []
+    owed: dict[int, np.ndarray] = {}  # the call-by-call reference, by slot
+    for _ in range(300):
+        action = rng.random()
+        if action < 0.15 or not held:
+            slot = ledger.take()
+            held.append(slot)
+            owed[slot] = np.zeros(7)
+        elif action < 0.27:
+            slot = held.pop(int(rng.integers(len(held))))
+            got = Compute()
+            ledger.settle(slot, got)
+            want = owed.pop(slot)
+            assert (got.policy_calls, got.reward_calls) == (round(want[0]), round(want[1]))
+            counts = (got.policy_steps, got.policy_tokens, got.reward_evaluations)
+            assert counts == tuple(round(x) for x in want[2:5])
+            assert (got.policy_seconds, got.reward_seconds) == pytest.approx(tuple(want[5:]), abs=1e-9)
+        else:
+            some = rng.random() < 0.2 and len(held) > 1
+            slots = tuple(held[: int(rng.integers(1, len(held)))] if some else held)
+            deltas = [1, 0, *rng.integers(0, 9, size=3).tolist(), *rng.random(2).tolist()]
+            weights = rng.integers(0, 4, size=len(slots)) if rng.random() < 0.5 else None
+            ledger.record(slots, deltas, weights)
+            total = 0 if weights is None else int(weights.sum())
+            shares = weights / total if total else np.full(len(slots), 1.0 / len(slots))
+            for slot, share in zip(slots, shares):
+                owed[slot] += [*deltas[:2], *(share * np.array(deltas[2:], dtype=float))]
+
+
 def test_deferred_work_run_at_a_leave_is_the_policys_time() -> None:
     """The policy's postponed work (a decoder's session run) that a leaving run's rows force, when the
     next step takes them out of the batch, is timed as the policy's and charged to the runs still there,
