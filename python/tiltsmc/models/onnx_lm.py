@@ -723,12 +723,7 @@ class OnnxCausalLM:
         if self.padding_side == "left":
             ids, new_mask, positions = core.decode_inputs(mask, still, tokens, self.pad_token_id)
             return ids, new_mask, positions, new_mask
-        return core.decode_inputs_right_padded(
-            np.ascontiguousarray(mask, dtype=np.int64),
-            np.ascontiguousarray(still, dtype=bool),
-            np.ascontiguousarray(tokens, dtype=np.int64),
-            self.pad_token_id,
-        )
+        return core.decode_inputs_right_padded(mask, still, tokens, self.pad_token_id)
 
     def _check_value_output(self, value_output: Optional[str], outputs: list[str]) -> Optional[str]:
         """A value head in the policy's graph, fetched with the logits at every run: one score per position

@@ -489,11 +489,10 @@ class Lane:
             starts.append(start)
             holes = _taken(holes, start, size)
         if len(starts) == len(runs):
-            where: Any = np.concatenate(
-                [np.arange(s, s + m.batch * m.count) for s, (m, _) in zip(starts, runs)]
-            )
-            if where[-1] - where[0] + 1 == len(where) and (len(runs) == 1 or np.all(np.diff(where) == 1)):
-                where = int(where[0])  # rows in a row (one run, most often): written as slices, not gathers
+            sizes = [member.batch * member.count for member, _ in runs]
+            where: Any = starts[0]  # rows in a row (one run, most often): written as slices, not gathers
+            if any(start + size != after for start, size, after in zip(starts, sizes, starts[1:])):
+                where = np.concatenate([np.arange(start, start + size) for start, size in zip(starts, sizes)])
             if lane.fill_rows(where, part):
                 self._holes = holes
                 for start, (member, _) in zip(starts, runs):
