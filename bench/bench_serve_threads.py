@@ -44,6 +44,7 @@ from _machine import machine_info
 from _plot import RESULTS, write_json
 from bench_serve import (
     Server,
+    arrival_offsets,
     engine_counters,
     engine_level_figures,
     free_port,
@@ -108,15 +109,11 @@ def one_server(
 
 def plan_levels(args: argparse.Namespace, lone_seconds: float) -> list[tuple[float, np.ndarray]]:
     """Each level's rate (a ``--rates`` multiple of ``1 / lone_seconds``) and Poisson arrival times
-    (seconds from its start): those within ``--duration``, at least 2, at most ``--max-requests``."""
+    (bench_serve's ``arrival_offsets``: within ``--duration``, at least ``--min-requests``, at most
+    ``--max-requests``)."""
     rng = np.random.default_rng(args.seed)
-    levels = []
-    for multiplier in (float(m) for m in args.rates.split(",") if m):
-        rate = multiplier / lone_seconds
-        gaps = rng.exponential(1.0 / rate, size=args.max_requests)
-        offsets = np.cumsum(gaps) - gaps[0]  # the first request at once
-        levels.append((rate, offsets[: max(int(np.searchsorted(offsets, args.duration)), 2)]))
-    return levels
+    rates = [float(m) / lone_seconds for m in args.rates.split(",") if m]
+    return [(rate, arrival_offsets(rate, args, rng)) for rate in rates]
 
 
 def summary(runs: dict[str, list[dict[str, Any]]], settings: list[str]) -> dict[str, Any]:
@@ -191,6 +188,7 @@ def main() -> None:
         "--rates", default="2,4", help="levels' rates, multiples of 1 / the default's lone latency"
     )
     parser.add_argument("--duration", type=float, default=10.0, help="arrival window of a level (s)")
+    parser.add_argument("--min-requests", type=int, default=2, help="requests a level at least")
     parser.add_argument("--max-requests", type=int, default=400, help="requests a level at most")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--request-timeout", type=float, default=300.0)
