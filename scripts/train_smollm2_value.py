@@ -114,8 +114,13 @@ class HiddenRecorder:
                 self.prompt_ends.extend(np.array(hidden[:, -1, :], dtype=np.float32))
             else:
                 real = feeds["attention_mask"][:, -1] == 1
-                if len(self.rows) != ids.shape[0]:
+                if not self.rows:
                     self.rows = [[] for _ in range(ids.shape[0])]
+                elif len(self.rows) != ids.shape[0]:
+                    raise RuntimeError(
+                        f"the session ran on {ids.shape[0]} rows of {len(self.rows)}: the recorder needs "
+                        "every row fed at every call (OnnxCausalLM(..., step_rows_below=0))"
+                    )
                 for row in np.nonzero(real)[0]:
                     self.rows[row].append(np.array(hidden[row, 0], dtype=np.float32))
             return results
@@ -135,6 +140,7 @@ def rollouts(args: argparse.Namespace, hidden_dir: Path, seed: int, levels: list
         temperature=args.temperature,
         value_output=VALUE,  # fed every row's last token too, so the end is scored
         intra_op_num_threads=args.threads,
+        step_rows_below=0,  # every row fed at every call: the recorder reads the session's rows as the batch
     )
     recorder = HiddenRecorder(policy)
     assert policy.tokenizer is not None
