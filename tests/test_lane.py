@@ -68,8 +68,8 @@ def test_the_oldest_run_leaves_without_a_copy_and_results_are_each_runs_own() ->
 
 def test_the_ledger_splits_each_call_by_weight_and_rounds_counts_once_as_a_member_leaves() -> None:
     """Calls recorded for a set of members are charged in proportion to their weights (equal where none,
-    or all zero), calls in full; a member's counts are rounded once, as it leaves, and its row is free
-    (zero) for the next; slots past the first eight grow the ledger."""
+    or all zero), calls in full; a member's counts are rounded once, as it leaves, and its slot is free
+    for the next, charged nothing of it."""
     ledger = _Ledger()
     a, b, c = ledger.take(), ledger.take(), ledger.take()
     # fields: policy_calls, reward_calls, policy_steps, policy_tokens, reward_evaluations, seconds x 2
@@ -90,9 +90,12 @@ def test_the_ledger_splits_each_call_by_weight_and_rounds_counts_once_as_a_membe
     assert got[b].policy_steps == round(2.5 + 2.5 + 3)
     assert got[b].policy_seconds == pytest.approx(0.075 + 0.05 + 0.01)
     assert (got[c].policy_calls, got[c].policy_steps, got[c].policy_seconds) == (1, 5, pytest.approx(0.05))
-    slots = [ledger.take() for _ in range(20)]  # the three freed first, then new rows
+    slots = [ledger.take() for _ in range(20)]  # the three freed first, then new ones
     assert len(set(slots)) == 20 and {a, b, c} <= set(slots)
-    assert not ledger.rows[slots].any()
+    for slot in slots:  # a slot taken again is charged nothing of what its last member was
+        fresh = Compute()
+        ledger.settle(slot, fresh)
+        assert fresh == Compute()
 
 
 @pytest.mark.parametrize("start, stop", [(2, 3), (1, 4), (0, 6)])

@@ -1172,8 +1172,10 @@ def test_decoder_runs_are_deferred_until_needed(prm: OnnxRewardModel) -> None:
     assert copied.state["lm.mask"].shape[2] == live.state["lm.cache.0.key"].shape[3]
     particles = Particles.empty(["a"], 3, 2)
     order: list[str] = []
+    assert not particles.deferred
     particles.defer(lambda: order.append("first"))
     particles.defer(lambda: particles.state.__setitem__("x", np.array([[10.0, 20.0, 30.0]])))
+    assert particles.deferred
     particles.reorder(np.array([[2, 2, 0]]))
-    assert order == ["first"] and not particles._pending
+    assert order == ["first"] and not particles._pending and not particles.deferred
     np.testing.assert_array_equal(particles.state["x"], [[30.0, 30.0, 10.0]])

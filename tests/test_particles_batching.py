@@ -9,9 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tiltsmc import core
 from tiltsmc._rng import RowStreams
 from tiltsmc.models import OnnxCausalLM, Particles
+from tiltsmc.models.particles import _write_padded
 
 FIXTURES = Path(__file__).parent / "fixtures" / "models"
 
@@ -333,6 +336,34 @@ def test_fill_rows_writes_a_newcomer_over_rows_in_place(policy: OnnxCausalLM) ->
         np.testing.assert_array_equal(array, snapshot[name], err_msg=name)
     with pytest.raises(IndexError, match="rows: rows 3:5"):
         lane.fill_rows(3, newcomer)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.integers(1, 3),
+    length=st.integers(0, 6),
+    extra=st.integers(0, 3),
+    skip_fraction=st.floats(0, 1),
+    axis=st.sampled_from([1, 2]),
+    on_right=st.booleans(),
+)
+def test_fill_rows_padded_write_is_concatenate_padded_of_one_part(
+    rows: int, length: int, extra: int, skip_fraction: float, axis: int, on_right: bool
+) -> None:
+    """``fill_rows``' write of a padded entry (``_write_padded``: its columns that are padding in every row
+    left out, against the far side, zeros elsewhere) gives what ``core.concatenate_padded`` of that one
+    part into the same rows gives, over what the rows held before."""
+    shape = [rows, 2, 3]
+    shape[axis] = length
+    source = np.arange(1, np.prod(shape) + 1, dtype=np.int64).reshape(shape)
+    skip = int(skip_fraction * length)
+    out_shape = list(shape)
+    out_shape[axis] = length - skip + extra
+    side = "right" if on_right else "left"
+    want = core.concatenate_padded([source], axis, [skip], side, out=np.full(out_shape, -1, dtype=np.int64))
+    got = np.full(out_shape, -1, dtype=np.int64)
+    _write_padded(got, source, axis, skip, on_right)
+    np.testing.assert_array_equal(got, want)
 
 
 def test_fill_rows_at_scattered_rows_writes_what_filling_each_run_where_it_goes_writes(

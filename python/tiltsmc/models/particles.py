@@ -8,7 +8,7 @@ import threading
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -94,6 +94,11 @@ class Particles:
         state. Work that is never needed (after a sampler's last step) never runs.
         """
         self._pending.append(work)
+
+    @property
+    def deferred(self) -> bool:
+        """Whether deferred work waits for the next ``flush``."""
+        return bool(self._pending)
 
     def flush(self) -> None:
         """Run the deferred work (see [`defer`][tiltsmc.models.particles.Particles.defer])."""
@@ -401,14 +406,12 @@ class Particles:
                 array[where] = source
             elif key in self.in_place:  # its own columns: the model reads none past a row's length
                 _write_own_columns(array, where, source, padding[0])
-            else:
-                axis, skip, on_right = padding
-                side: Literal["left", "right"] = "right" if on_right else "left"
-                if isinstance(where, slice):
-                    core.concatenate_padded([source], axis, [skip], side, out=array[where])
-                else:  # rows here and there: padded into one block, then written to them
-                    block = np.empty((len(targets), *array.shape[1:]), dtype=array.dtype)
-                    array[where] = core.concatenate_padded([source], axis, [skip], side, out=block)
+            elif isinstance(where, slice):
+                _write_padded(array[where], source, *padding)
+            else:  # rows here and there: padded into one block, then written to them
+                block = np.empty((len(targets), *array.shape[1:]), dtype=array.dtype)
+                _write_padded(block, source, *padding)
+                array[where] = block
         for key in [key for key in self.state if key not in part.state]:
             del self.state[key]
         for k, row in enumerate(targets):
@@ -706,6 +709,21 @@ def _write_own_columns(target: np.ndarray, rows: Any, source: np.ndarray, axis: 
     """``source`` into ``target``'s ``rows``, its own columns along ``axis`` only (an ``in_place`` entry:
     the columns after are never read, so they are left as they were)."""
     target[(rows, *(slice(None),) * (axis - 1), slice(0, source.shape[axis]))] = source
+
+
+def _write_padded(out: np.ndarray, source: np.ndarray, axis: int, skip: int, on_right: bool) -> None:
+    """``source`` without its ``skip`` columns of padding along ``axis`` written into ``out`` (as many rows,
+    at least as wide, the same dtype), against the padding's far side, ``out``'s other columns zero:
+    ``core.concatenate_padded`` of one part, for ``fill_rows``, which has checked the shapes (a numpy
+    write: the core's checks of its arguments cost more than the copy of these few rows)."""
+    kept, width = source.shape[axis] - skip, out.shape[axis]
+    lead = (slice(None),) * axis
+    if on_right:
+        out[(*lead, slice(0, kept))] = source[(*lead, slice(0, kept))]
+        out[(*lead, slice(kept, width))] = 0
+    else:
+        out[(*lead, slice(width - kept, width))] = source[(*lead, slice(skip, skip + kept))]
+        out[(*lead, slice(0, width - kept))] = 0
 
 
 def _in_place_fits(key: str, arrays: list[Any], axis: int) -> bool:

@@ -27,7 +27,7 @@ import numpy.typing as npt
 from .._rng import RowStreams
 from ..models.particles import MAX_NEW_TOKENS, Particles
 from ._engine import FloatArray, Models, failed_prompts
-from .runs import LOG_V_PREV, Run, pool_together, reweigh_together
+from .runs import LOG_V_PREV, Run, pool_together, reweigh_together, run_streams
 
 __all__ = ["KINDS", "Lane", "RunFailed", "run_alone", "run_together"]
 
@@ -119,6 +119,9 @@ class Lane:
         self._holes: list[tuple[int, int]] = []  # rows of runs that left, until newcomers or _pack take them
         self._ledger = _Ledger()  # the members' shares of the model calls, until they leave
         self._streams: Optional[RowStreams] = None  # the members' random streams (kept by _renumber)
+        self._slots: tuple[int, ...] = ()  # the members' slots in the ledger (kept by _renumber)
+        # by particle count, the runs of the last shared SMC step and their streams (cleared by _renumber)
+        self._shared_streams: dict[int, tuple[list[Any], RowStreams]] = {}
 
     @property
     def rows(self) -> int:
@@ -237,11 +240,20 @@ class Lane:
             else:
                 runs = [run for run in (m.run.smc_reweighing() for m in group) if run is not None]
                 prev = _group_rows(log_v_prev, index, count)
-                results = reweigh_together(runs, group_log_v, prev, group_live, flags)
+                streams = self._run_streams(count, runs)
+                results = reweigh_together(runs, group_log_v, prev, group_live, flags, streams)
                 if index is not None:  # written back: the core updated a copy
                     log_v_prev.reshape(-1)[index] = prev.reshape(-1)
             outcomes.update((id(member), result) for member, result in zip(group, results))
         return outcomes
+
+    def _run_streams(self, count: int, runs: list[Any]) -> RowStreams:
+        """``run_streams(runs)`` for the shared SMC step of ``count`` particles, made again only where the
+        runs are not those of the last step (members joined or left, or one ended during the step)."""
+        last = self._shared_streams.get(count)
+        if last is None or len(last[0]) != len(runs) or any(a is not b for a, b in zip(last[0], runs)):
+            last = self._shared_streams[count] = (runs, run_streams(runs))
+        return last[1]
 
     def _twist_step(self, ended: Ended) -> None:
         particles = self._count_step()
@@ -438,7 +450,7 @@ class Lane:
         behind: list[tuple[list[_Member], Particles]] = []  # batches to join behind, with their runs
         lane, given_up = self.particles, True
         if lane is not None:
-            self._charge(lambda: self.models.flush(lane))  # the policy's deferred work, timed as its own
+            self._flush(lane)
             if lane.trims_by_copying():  # views of the rows held, all copied (none given up to the join)
                 held = _adjacent(self.members)
                 behind = [(block, lane.view_rows(block[0].start, block[-1].stop)) for block in held]
@@ -525,7 +537,7 @@ class Lane:
         shifts = np.array([members[k].start - starts[k] for k in order], dtype=np.int64)
         sources = np.arange(int(sizes.sum()), dtype=np.int64) + np.repeat(shifts, sizes)  # each run's rows
         particles = self._particles()
-        self._charge(lambda: self.models.flush(particles))  # the policy's deferred work, timed as its own
+        self._flush(particles)
         self.particles = particles.packed(sources)
         self.particles.trim_padding(TRIM_PADDING_FROM)  # the runs that left may have been the longest
         first = 0
@@ -539,6 +551,8 @@ class Lane:
         """The members in the order of their rows, and their rows as arrays."""
         self.members.sort(key=lambda member: member.start)
         self._streams = None
+        self._slots = tuple(member.slot for member in self.members)
+        self._shared_streams.clear()
         self._starts = np.array([m.start for m in self.members], dtype=np.int64)
         self._stops = np.array([m.stop for m in self.members], dtype=np.int64)
 
@@ -640,9 +654,17 @@ class Lane:
             deltas = [after - b for after, b in zip(_read_fields(compute), before)]
             if any(deltas):
                 if runs is None:
-                    self._ledger.record(tuple(member.slot for member in members), deltas, weights)
+                    slots = self._slots
+                    if len(slots) != len(members):  # members joined since _renumber (their slots last)
+                        slots = tuple(member.slot for member in members)
+                    self._ledger.record(slots, deltas, weights)
                 else:
                     self._ledger.settle_now(deltas, [run.compute for run in runs])
+
+    def _flush(self, particles: Particles) -> None:
+        """The policy's deferred work on ``particles``, where there is any, timed as its own."""
+        if particles.deferred:
+            self._charge(lambda: self.models.flush(particles))
 
     def _finished_rows(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
         """Per member, its finished rows and its rows (one pass over the batch, not one per member)."""
@@ -738,78 +760,74 @@ _read_fields = operator.attrgetter(*_FIELDS)  # a Compute's _FIELDS as a tuple, 
 
 
 class _Ledger:
-    """The lane's model calls charged to its members: a row per member (its ``slot``), a column per
-    ``_FIELDS``, added to the member's run's ``compute`` when it leaves. A call's calls count in full
-    for every member it served; its counts and seconds are split in proportion to each member's
-    ``weights`` (rows; equal where none or all zero). Calls are recorded as they come and charged in
-    one matrix product per set of members when one leaves, where charging each run's ``Compute`` was a
-    Python update a call, run and field; counts are rounded once, as the run leaves."""
-
-    RECORDED_AT_MOST = 64  # calls recorded before they are charged (a lane whose runs stay for long)
+    """The lane's model calls charged to its members (by ``slot``), by ``_FIELDS``, added to the member's
+    run's ``compute`` when it leaves. A call's calls count in full for every member it served; its counts
+    and seconds are split in proportion to each member's ``weights`` (rows; equal where none or all
+    zero). Most calls serve every member in equal shares: those add each member's share to one running
+    total, ``everyone``, and a member is charged its growth between joining and leaving (a call costs
+    the same whatever the members). A call by weight, or to some members only, is split into those
+    members' own charges at once. Counts are rounded once, as the member leaves."""
 
     def __init__(self) -> None:
-        self.rows = np.zeros((8, len(_FIELDS)))
-        self._free = list(range(7, -1, -1))
-        self._calls: list[tuple[tuple[int, ...], list[Any], Optional[npt.NDArray[np.int64]]]] = []
+        self.everyone = [0.0] * len(_FIELDS)  # per member: every equal-shares call to every member
+        self._own: list[list[float]] = []  # by slot: the member's shares of the other calls
+        self._joined: list[list[float]] = []  # by slot: ``everyone`` when the member joined
+        self._free: list[int] = []
+        self.held = 0  # slots taken and not settled
 
     def take(self) -> int:
-        """A free row (zero) for a member joining."""
-        if not self._free:
-            size = len(self.rows)
-            self.rows = np.concatenate([self.rows, np.zeros_like(self.rows)])
-            self._free = list(range(2 * size - 1, size - 1, -1))
-        return self._free.pop()
+        """A slot for a member joining (charged nothing yet)."""
+        if self.held == 0:  # no one to charge: the running total starts again (its sums stay small)
+            self.everyone = [0.0] * len(_FIELDS)
+        if self._free:
+            slot = self._free.pop()
+        else:
+            slot = len(self._own)
+            self._own.append([])
+            self._joined.append([])
+        self._own[slot] = [0.0] * len(_FIELDS)
+        self._joined[slot] = list(self.everyone)
+        self.held += 1
+        return slot
 
     def record(
         self, slots: tuple[int, ...], deltas: list[Any], weights: Optional[npt.NDArray[np.int64]]
     ) -> None:
-        """One call's ``deltas`` (by ``_FIELDS``), to be charged to the members in ``slots``."""
-        self._calls.append((slots, deltas, weights))
-        if len(self._calls) >= self.RECORDED_AT_MOST:
-            self.charge()
-
-    def charge(self) -> None:
-        """The calls recorded into the members' rows: for each run of calls that served the same members,
-        ``shares.T @ deltas`` (``shares``: a call's fraction for each member), the calls in full."""
-        calls, self._calls = self._calls, []
-        first = 0
-        while first < len(calls):
-            slots = calls[first][0]
-            last = first + 1
-            while last < len(calls) and calls[last][0] == slots:
-                last += 1
-            group = calls[first:last]
-            deltas = np.array([d for _, d, _ in group], dtype=np.float64)
-            if len(slots) == 1:
-                self.rows[slots[0]] += deltas.sum(axis=0)
-            else:
-                shares = np.full((len(group), len(slots)), 1.0 / len(slots))
-                for k, (_, _, weights) in enumerate(group):
-                    total = 0 if weights is None else int(weights.sum())
-                    if weights is not None and total:
-                        shares[k] = weights / total
-                charged = shares.T @ deltas
-                charged[:, : len(_CALLS)] = deltas[:, : len(_CALLS)].sum(axis=0)
-                self.rows[list(slots)] += charged
-            first = last
+        """One call's ``deltas`` (by ``_FIELDS``), charged to the members in ``slots``."""
+        total = 0 if weights is None else int(weights.sum())
+        if not total and len(slots) == self.held:  # slots are distinct: every member, in equal shares
+            _add_share(self.everyone, deltas, 1.0 / len(slots))
+            return
+        shares = weights.tolist() if total and weights is not None else [1] * len(slots)
+        scale = 1.0 / (total or len(slots))
+        own = self._own
+        for slot, share in zip(slots, shares):
+            if share:
+                _add_share(own[slot], deltas, share * scale)
+            else:  # no share of the counts and seconds, the call in full
+                _add_share(own[slot], deltas[: len(_CALLS)], 0.0)
 
     def settle_now(self, deltas: list[Any], computes: list[Any]) -> None:
-        """One call's ``deltas`` charged at once in equal shares to ``computes`` (runs with no row here
-        yet)."""
-        share = 1.0 / len(computes)
-        split = [d if k < len(_CALLS) else d * share for k, d in enumerate(deltas)]
+        """One call's ``deltas`` charged at once in equal shares to ``computes`` (runs with no slot yet)."""
+        split = [0.0] * len(_FIELDS)
+        _add_share(split, deltas, 1.0 / len(computes))
         for compute in computes:
             _add_to(compute, split)
 
     def settle(self, slot: int, compute: Any) -> None:
-        """The member in ``slot`` leaves: its row (after the calls recorded) added to ``compute``, and
-        freed."""
-        if self._calls:
-            self.charge()
-        row = self.rows[slot]
-        _add_to(compute, row.tolist())
-        row[:] = 0.0
+        """The member in ``slot`` leaves: its charges added to ``compute``, and the slot freed."""
+        joined = self._joined[slot]
+        _add_to(compute, [own + now - then for own, now, then in zip(self._own[slot], self.everyone, joined)])
         self._free.append(slot)
+        self.held -= 1
+
+
+def _add_share(into: list[float], deltas: Sequence[Any], share: float) -> None:
+    """A call's ``deltas`` (by ``_FIELDS``) into a member's charges: its calls in full, the rest ``share``."""
+    calls = len(_CALLS)
+    for k, delta in enumerate(deltas):
+        if delta:
+            into[k] += delta if k < calls else delta * share
 
 
 def _add_to(compute: Any, values: list[Any]) -> None:

@@ -415,12 +415,20 @@ class SMCRun(Run):
         return samples_of(particles, rows), log_weights
 
 
+def run_streams(runs: list[SMCRun]) -> RowStreams:
+    """The streams of runs stepped together by ``reweigh_together``: each run's generator for its prompts,
+    one after the other (no key drawn yet)."""
+    bounds = [0, *itertools.accumulate(len(run.log_z) for run in runs)]
+    return RowStreams([run.generator for run in runs], bounds)
+
+
 def reweigh_together(
     runs: list[SMCRun],
     log_v: FloatArray,
     log_v_prev: FloatArray,
     live: npt.NDArray[np.bool_],
     done: list[bool],
+    streams: Optional[RowStreams] = None,
 ) -> list[Union[Ancestors, Exception]]:
     """``SMCRun.reweigh`` of several runs with the same particle count ``N`` in one core call.
 
@@ -429,18 +437,21 @@ def reweigh_together(
     threshold and generator (one key drawn from it, its prompts numbered from 0: a ``RowStreams``), so each
     steps exactly as its own call would. Per run, what ``reweigh`` returns, or the exception it raises: where
     the call is refused (one run's overflow, which the core reports before writing anything), each run steps
-    alone with the key it drew, and only the runs at fault fail.
+    alone with the key it drew, and only the runs at fault fail. ``streams``: ``run_streams(runs)``, made
+    once for runs stepped together at every step (its keys are drawn here).
     """
-    sizes = [len(run.log_z) for run in runs]
-    bounds = [0, *itertools.accumulate(sizes)]
-    streams = RowStreams([run.generator for run in runs], bounds)
+    if streams is None:
+        streams = run_streams(runs)
+    streams.keys = None
     streams.keys = streams.run_keys()  # drawn once: a repeat run by run draws the same
+    bounds = streams.bounds
     log_w = np.concatenate([run.log_w for run in runs])
     log_total = np.concatenate([run.log_total for run in runs])
     log_z = np.concatenate([run.log_z for run in runs])
     collapsed = np.concatenate([run.collapsed for run in runs])
     # one threshold and one scheme for every row where the runs agree (most often), else one a row
     by_run = [0.0 if d else run.ess_threshold for run, d in zip(runs, done)]
+    sizes = np.diff(bounds)
     thresholds: Any = by_run[0] if by_run.count(by_run[0]) == len(by_run) else np.repeat(by_run, sizes)
     names = [run.scheme for run in runs]
     schemes: Any = names[0] if names.count(names[0]) == len(names) else np.repeat(names, sizes).tolist()
@@ -453,7 +464,7 @@ def reweigh_together(
     outputs = (*stepped, increment_se)
     # whether any prompt of each run resampled (reduceat reads a run of no prompts as its next row's)
     resampled: list[Optional[bool]] = (
-        np.logical_or.reduceat(stepped[1], bounds[:-1]).tolist() if all(sizes) else [None] * len(runs)
+        np.logical_or.reduceat(stepped[1], bounds[:-1]).tolist() if sizes.all() else [None] * len(runs)
     )
     outcomes: list[Union[Ancestors, Exception]] = []
     for k, run in enumerate(runs):
