@@ -563,9 +563,10 @@ class Lane:
             return
         particles = self.particles
         finished_rows, rows = self._finished_rows()
-        done = [self.members[i] for i in np.flatnonzero(finished_rows == rows)]
-        if not done:
+        full = finished_rows == rows
+        if not full.any():  # most steps: no run has ended
             return
+        done = [member for member, ended in zip(self.members, full.tolist()) if ended]
         if self.kind == "rollout":
             log_r = self._log_values(ended)
         for member in self._active(done):
@@ -800,12 +801,17 @@ class _Ledger:
             return
         shares = weights.tolist() if total and weights is not None else [1] * len(slots)
         scale = 1.0 / (total or len(slots))
+        calls = len(_CALLS)
+        full = [(k, delta) for k, delta in enumerate(deltas[:calls]) if delta]
+        split = [(k, delta * scale) for k, delta in enumerate(deltas[calls:], calls) if delta]
         own = self._own
         for slot, share in zip(slots, shares):
+            charges = own[slot]
+            for k, delta in full:
+                charges[k] += delta
             if share:
-                _add_share(own[slot], deltas, share * scale)
-            else:  # no share of the counts and seconds, the call in full
-                _add_share(own[slot], deltas[: len(_CALLS)], 0.0)
+                for k, part in split:
+                    charges[k] += part * share
 
     def settle_now(self, deltas: list[Any], computes: list[Any]) -> None:
         """One call's ``deltas`` charged at once in equal shares to ``computes`` (runs with no slot yet)."""
