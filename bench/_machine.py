@@ -30,22 +30,27 @@ def build_stamp() -> Optional[str]:
 
 
 def git_commit() -> Optional[str]:
-    """The commit measured (``+dirty`` with uncommitted changes), or None outside a git checkout."""
-    try:
-        here = Path(__file__).resolve().parent
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=here,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("+dirty" if dirty else "")
+    """The commit measured (``+dirty`` with uncommitted changes): of the checkout the ``tiltsmc`` imported
+    comes from (another tree's on ``PYTHONPATH``, to measure older code), else of this script's; None
+    outside a git checkout."""
+    import tiltsmc
+
+    for where in (Path(tiltsmc.__file__).resolve().parent, Path(__file__).resolve().parent):
+        try:
+            head = subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, check=True
+            ).stdout.strip()
+            dirty = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=where,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            continue
+        return head + ("+dirty" if dirty else "")
+    return None
 
 
 def machine_info(**extra: Any) -> dict[str, Any]:
