@@ -472,18 +472,30 @@ class Particles:
         A batch whose rows are taken over by others (``fill_rows``) keeps columns no row uses; a decoder's
         attention pays for every column it is given."""
         self.flush()
-        self.state = self._state_rows(slice(None), trim_from=at_least)
+        for key, array in self.state.items():
+            if not isinstance(array, np.ndarray):
+                raise TypeError(f"Particles.state[{key!r}]: {type(array).__name__} cannot be selected from")
+        state = dict(self.state)
+        if self._trim_columns(state, at_least):  # else the state stays as it is
+            self.state = state
 
     def _state_rows(self, rows: Any, trim_from: float) -> dict[str, Any]:
-        """Every state array at ``rows`` along the prompt axis (an index array: copies; a slice: views);
-        the ``aligned`` entries of a mask lose the columns on their padding side that are padding in every
-        row kept where these are at least ``trim_from`` of its width, or where the mask is the only one
-        to lose them (which copies them), but for those ``in_place``."""
+        """Every state array at ``rows`` along the prompt axis (an index array: copies; a slice: views),
+        trimmed as by ``_trim_columns``."""
         state: dict[str, Any] = {}
         for key, array in self.state.items():
             if not isinstance(array, np.ndarray):
                 raise TypeError(f"Particles.state[{key!r}]: {type(array).__name__} cannot be selected from")
             state[key] = array[rows]
+        self._trim_columns(state, trim_from)
+        return state
+
+    def _trim_columns(self, state: dict[str, Any], trim_from: float) -> bool:
+        """In ``state`` (this batch's entries, or their rows), the ``aligned`` entries of a mask lose the
+        columns on their padding side that are padding in every row where these are at least ``trim_from``
+        of its width, or where the mask is the only one to lose them (which copies them), but for those
+        ``in_place``; whether any did."""
+        trimmed = False
         for mask_key in {mask for _, mask in self.aligned.values()}:
             if mask_key not in state or not state[mask_key].size:
                 continue
@@ -496,7 +508,8 @@ class Particles:
                 for key, (axis, mask) in self.aligned.items():
                     if mask == mask_key and key in state and key not in self.in_place:
                         state[key] = np.ascontiguousarray(state[key][(slice(None),) * axis + (kept,)])
-        return state
+                        trimmed = True
+        return trimmed
 
     def one_per_prompt(self) -> Particles:
         """The same particles with leading axes ``(B * N, 1)``: every particle its own prompt entry (its
