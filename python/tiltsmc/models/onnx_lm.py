@@ -77,7 +77,7 @@ from ._fed_rows import FedRows
 from ._ort import make_session, runtime_version, shrink_memory_arena
 from .chat import is_chat
 from .device_cache import DeviceKVCache
-from .particles import MAX_NEW_TOKENS, Particles, padded, widened
+from .particles import MAX_NEW_TOKENS, Particles, mask_lengths, padded, widened
 from .prompts import check_prompts
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -1126,7 +1126,7 @@ class OnnxCausalLM:
     ) -> tuple[np.ndarray, Any]:
         """Right-padded rows wider than ``prefill_tokens``, each run alone without its padding (in pieces
         where the graph computes them rightly), their caches joined right-padded."""
-        lengths = np.count_nonzero(mask, axis=1)
+        lengths = mask_lengths(mask)
         rows = [
             self._prefill_rows(input_ids[r : r + 1, :n], mask[r : r + 1, :n], positions[r : r + 1, :n])
             for r, n in enumerate(lengths)
@@ -1146,7 +1146,7 @@ class OnnxCausalLM:
         last column of ``mask`` (the call's columns) or, right-padded, its last one (copies: the arrays of
         every position are freed at once)."""
         if self.padding_side == "right":
-            last = np.maximum(np.count_nonzero(mask, axis=1) - 1, 0)
+            last = np.maximum(mask_lengths(mask) - 1, 0)
         else:
             last = np.full(len(mask), mask.shape[1] - 1)
         rows = np.arange(len(last))  # index arrays: copies

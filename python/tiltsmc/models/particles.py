@@ -799,7 +799,7 @@ def _reorder(
     mask_key = next(iter(prefixes.values()))[1] if prefixes else None
     mask = state.get(mask_key) if mask_key is not None else None
     if prefixes and isinstance(mask, np.ndarray) and mask.ndim == 3 and mask.shape[:2] == lengths.shape:
-        used = np.count_nonzero(mask, axis=-1)  # before the mask is reordered
+        used = mask_lengths(mask)  # before the mask is reordered
         axes = [None, None, None] + [
             prefixes[name][0] if prefixes.get(name, (0, None))[1] == mask_key else None for name in state
         ]
@@ -840,6 +840,13 @@ def _ancestors_on(array: Any, ancestors: npt.NDArray[np.int64], uploaded: dict[i
     if device not in uploaded:
         uploaded[device] = _device.to_device(np.asarray(ancestors, dtype=np.int64), device)
     return uploaded[device]
+
+
+def mask_lengths(mask: np.ndarray) -> npt.NDArray[np.int64]:
+    """The ones of each row of an attention mask (its 0 / 1 entries summed along the last axis): a
+    right-padded row's length. ``np.count_nonzero`` with an axis compares, then sums, in about three
+    times the time (on the serving lane's path at every resampling)."""
+    return np.add.reduce(mask, axis=-1, dtype=np.int64)
 
 
 def padded(
