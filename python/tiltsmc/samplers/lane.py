@@ -19,7 +19,7 @@ import logging
 import operator
 import time
 from collections.abc import Sequence
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -27,7 +27,7 @@ import numpy.typing as npt
 from .._rng import RowStreams
 from ..models.particles import MAX_NEW_TOKENS, Particles
 from ._engine import FloatArray, Models, failed_prompts
-from .runs import LOG_V_PREV, Run, pool_together, reweigh_together, run_streams
+from .runs import LOG_V_PREV, PoolRun, Run, SMCRun, pool_together, reweigh_together, run_streams
 
 __all__ = ["KINDS", "Lane", "RunFailed", "run_alone", "run_together"]
 
@@ -120,8 +120,8 @@ class Lane:
         self._ledger = _Ledger()  # the members' shares of the model calls, until they leave
         self._streams: Optional[RowStreams] = None  # the members' random streams (kept by _renumber)
         self._slots: tuple[int, ...] = ()  # the members' slots in the ledger (kept by _renumber)
-        # by particle count, the runs of the last shared SMC step and their streams (cleared by _renumber)
-        self._shared_streams: dict[int, tuple[list[Any], RowStreams]] = {}
+        # by particle count: the last shared SMC step's runs (ids, runs) and streams (cleared by _renumber)
+        self._shared_streams: dict[int, tuple[tuple[int, ...], list[Any], RowStreams]] = {}
 
     @property
     def rows(self) -> int:
@@ -222,7 +222,8 @@ class Lane:
         particles = self._particles()
         log_v_prev = particles.state[LOG_V_PREV]
         finished_rows, rows = self._finished_rows()
-        done = {id(m): bool(f == r) for m, f, r in zip(self.members, finished_rows.tolist(), rows.tolist())}
+        ended = (finished_rows == rows).tolist()  # by member: its trajectories have all finished
+        done: Optional[dict[int, bool]] = None
         outcomes: dict[int, Any] = {}
         for (kind, count), all_of_group in groups.items():
             group = self._active(all_of_group)
@@ -231,29 +232,35 @@ class Lane:
             # the group's rows, (P, count): the lane's own arrays where the group is the whole lane
             whole = len(group) == len(self.members) and log_v_prev.flags.c_contiguous
             index = None if whole else np.concatenate([np.arange(m.start, m.stop) for m in group])
-            flags = [done[id(member)] for member in group]
+            if whole:  # the members, in order
+                flags = ended
+            else:
+                done = done or dict(zip(map(id, self.members), ended))
+                flags = [done[id(member)] for member in group]
             group_log_v, group_live = _group_rows(log_v, index, count), _group_rows(live, index, count)
             results: list[Any]
+            # every member of a group has its step (_shared_steps)
             if kind == "pool":
-                pools = [run for run in (m.run.pool_reweighing() for m in group) if run is not None]
+                pools = cast("list[PoolRun]", [m.run.pool_reweighing() for m in group])
                 results = pool_together(pools, group_log_v, group_live, flags)
             else:
-                runs = [run for run in (m.run.smc_reweighing() for m in group) if run is not None]
+                runs = cast("list[SMCRun]", [m.run.smc_reweighing() for m in group])
                 prev = _group_rows(log_v_prev, index, count)
                 streams = self._run_streams(count, runs)
                 results = reweigh_together(runs, group_log_v, prev, group_live, flags, streams)
                 if index is not None:  # written back: the core updated a copy
                     log_v_prev.reshape(-1)[index] = prev.reshape(-1)
-            outcomes.update((id(member), result) for member, result in zip(group, results))
+            outcomes.update(zip(map(id, group), results))
         return outcomes
 
     def _run_streams(self, count: int, runs: list[Any]) -> RowStreams:
         """``run_streams(runs)`` for the shared SMC step of ``count`` particles, made again only where the
         runs are not those of the last step (members joined or left, or one ended during the step)."""
+        key = tuple(map(id, runs))
         last = self._shared_streams.get(count)
-        if last is None or len(last[0]) != len(runs) or any(a is not b for a, b in zip(last[0], runs)):
-            last = self._shared_streams[count] = (runs, run_streams(runs))
-        return last[1]
+        if last is None or last[0] != key:  # the runs are kept with their ids: no other object has them
+            last = self._shared_streams[count] = (key, runs, run_streams(runs))
+        return last[2]
 
     def _twist_step(self, ended: Ended) -> None:
         particles = self._count_step()

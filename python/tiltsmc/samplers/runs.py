@@ -445,13 +445,13 @@ def reweigh_together(
     streams.keys = None
     streams.keys = streams.run_keys()  # drawn once: a repeat run by run draws the same
     bounds = streams.bounds
+    _, sizes, _ = streams.row_counters(bounds[-1])  # kept by the streams
     log_w = np.concatenate([run.log_w for run in runs])
     log_total = np.concatenate([run.log_total for run in runs])
     log_z = np.concatenate([run.log_z for run in runs])
     collapsed = np.concatenate([run.collapsed for run in runs])
     # one threshold and one scheme for every row where the runs agree (most often), else one a row
     by_run = [0.0 if d else run.ess_threshold for run, d in zip(runs, done)]
-    sizes = np.diff(bounds)
     thresholds: Any = by_run[0] if by_run.count(by_run[0]) == len(by_run) else np.repeat(by_run, sizes)
     names = [run.scheme for run in runs]
     schemes: Any = names[0] if names.count(names[0]) == len(names) else np.repeat(names, sizes).tolist()
