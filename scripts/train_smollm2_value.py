@@ -43,8 +43,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
 from tiltsmc.models import OnnxCausalLM
 from tiltsmc.tasks import chat_arithmetic as task
 
@@ -62,6 +60,9 @@ def default_model_dir() -> Path:
 def with_head(source: Path, dest: Path, weight: np.ndarray, bias: float, hidden_output: bool) -> None:
     """``source``'s folder copied to ``dest`` with a ``value`` output ``h w + c`` ``(batch, seq, 1)``
     (and ``h`` itself as an output where ``hidden_output``)."""
+    import onnx  # here: the rest of the script (its rollouts, the head's fit) runs without it
+    from onnx import TensorProto, helper, numpy_helper
+
     model = onnx.load(str(source / "model.onnx"))
     graph = model.graph
     (lm_head,) = [node for node in graph.node if "logits" in node.output]
@@ -131,18 +132,25 @@ class HiddenRecorder:
         self.rows, self.prompt_ends = [], []
 
 
-def rollouts(args: argparse.Namespace, hidden_dir: Path, seed: int, levels: list[int]) -> dict[str, Any]:
-    """Features ``X``, labels ``y``, the problem index and step of each scored prefix."""
+def recording_policy(
+    hidden_dir: Path, max_new_tokens: int, temperature: float, threads: int
+) -> tuple[OnnxCausalLM, HiddenRecorder]:
+    """The policy the rollouts sample (steps are lines), its session's hidden states recorded."""
     policy = OnnxCausalLM(
         hidden_dir,
-        max_new_tokens=12 * max(levels) + 8,
+        max_new_tokens=max_new_tokens,
         step="\n",
-        temperature=args.temperature,
+        temperature=temperature,
         value_output=VALUE,  # fed every row's last token too, so the end is scored
-        intra_op_num_threads=args.threads,
+        intra_op_num_threads=threads,
         step_rows_below=0,  # every row fed at every call: the recorder reads the session's rows as the batch
     )
-    recorder = HiddenRecorder(policy)
+    return policy, HiddenRecorder(policy)
+
+
+def rollouts(args: argparse.Namespace, hidden_dir: Path, seed: int, levels: list[int]) -> dict[str, Any]:
+    """Features ``X``, labels ``y``, the problem index and step of each scored prefix."""
+    policy, recorder = recording_policy(hidden_dir, 12 * max(levels) + 8, args.temperature, args.threads)
     assert policy.tokenizer is not None
     features, labels, groups, steps = [], [], [], []
     answers: dict[int, list[int]] = {}  # by T: answers sampled, answers right (plain sampling's Z)
