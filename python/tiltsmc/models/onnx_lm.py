@@ -651,12 +651,12 @@ class OnnxCausalLM:
         )
         plain_logits, plain_present = self._run(step_ids, step_mask, step_positions, past)
         buffers = [widened(cache, mask.shape[1] + 4, 2) for cache in past]
-        prompt_lengths = np.count_nonzero(mask, axis=1).tolist()
+        prompt_lengths = mask_lengths(mask).tolist()
         for buffer in buffers:
             for row, length in enumerate(prompt_lengths):
                 buffer[row, :, length:] = np.nan
         logits, _ = self._run_in_place(step_ids, step_mask, step_positions, buffers, buffers)
-        lengths = np.count_nonzero(step_mask, axis=1).tolist()
+        lengths = mask_lengths(step_mask).tolist()
         pairs = [(logits, plain_logits)] + [
             (buffer[r, :, :n], cache[r, :, :n])
             for buffer, cache in zip(buffers, self._cache_of(plain_present))

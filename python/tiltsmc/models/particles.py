@@ -472,21 +472,22 @@ class Particles:
         A batch whose rows are taken over by others (``fill_rows``) keeps columns no row uses; a decoder's
         attention pays for every column it is given."""
         self.flush()
-        for key, array in self.state.items():
-            if not isinstance(array, np.ndarray):
-                raise TypeError(f"Particles.state[{key!r}]: {type(array).__name__} cannot be selected from")
+        self._check_host_state()
         state = dict(self.state)
         if self._trim_columns(state, at_least):  # else the state stays as it is
             self.state = state
 
-    def _state_rows(self, rows: Any, trim_from: float) -> dict[str, Any]:
-        """Every state array at ``rows`` along the prompt axis (an index array: copies; a slice: views),
-        trimmed as by ``_trim_columns``."""
-        state: dict[str, Any] = {}
+    def _check_host_state(self) -> None:
+        """Every state entry a host array (rows are selected and columns trimmed with numpy)."""
         for key, array in self.state.items():
             if not isinstance(array, np.ndarray):
                 raise TypeError(f"Particles.state[{key!r}]: {type(array).__name__} cannot be selected from")
-            state[key] = array[rows]
+
+    def _state_rows(self, rows: Any, trim_from: float) -> dict[str, Any]:
+        """Every state array at ``rows`` along the prompt axis (an index array: copies; a slice: views),
+        trimmed as by ``_trim_columns``."""
+        self._check_host_state()
+        state = {key: array[rows] for key, array in self.state.items()}
         self._trim_columns(state, trim_from)
         return state
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import numpy as np
 import numpy.typing as npt
 
-from .particles import Particles, padded
+from .particles import Particles, mask_lengths, padded
 
 if TYPE_CHECKING:
     from .onnx_reward import OnnxRewardModel
@@ -167,7 +167,7 @@ class KVCachedScorer:
         take = np.minimum(start[:, None] + columns[None, :], tokens.shape[1] - 1)
         ids = np.where(real, np.take_along_axis(tokens, take, axis=1), self.model.pad_token_id)
         old_mask = state[self.mask_key].reshape(rows, -1)
-        seen = old_mask.sum(axis=1)  # real tokens so far: the next position
+        seen = mask_lengths(old_mask)  # real tokens so far: the next position
         positions = seen[:, None] + np.minimum(columns[None, :], np.maximum(new - 1, 0)[:, None])
         mask = np.concatenate([old_mask, real.astype(np.int64)], axis=1)
         past = [state[layer.key].reshape(rows, layer.heads, -1, layer.head_size) for layer in self.layers]

@@ -803,27 +803,19 @@ class _Ledger:
     ) -> None:
         """One call's ``deltas`` (by ``_FIELDS``), charged to the members in ``slots``."""
         total = 0 if weights is None else int(weights.sum())
+        parts = _parts(deltas, 1.0 / (total or len(slots)))
         if not total and len(slots) == self.held:  # slots are distinct: every member, in equal shares
-            _add_share(self.everyone, deltas, 1.0 / len(slots))
+            _add_parts(self.everyone, parts)
             return
         shares = weights.tolist() if total and weights is not None else [1] * len(slots)
-        scale = 1.0 / (total or len(slots))
-        calls = len(_CALLS)
-        full = [(k, delta) for k, delta in enumerate(deltas[:calls]) if delta]
-        split = [(k, delta * scale) for k, delta in enumerate(deltas[calls:], calls) if delta]
         own = self._own
         for slot, share in zip(slots, shares):
-            charges = own[slot]
-            for k, delta in full:
-                charges[k] += delta
-            if share:
-                for k, part in split:
-                    charges[k] += part * share
+            _add_parts(own[slot], parts, share)
 
     def settle_now(self, deltas: list[Any], computes: list[Any]) -> None:
         """One call's ``deltas`` charged at once in equal shares to ``computes`` (runs with no slot yet)."""
         split = [0.0] * len(_FIELDS)
-        _add_share(split, deltas, 1.0 / len(computes))
+        _add_parts(split, _parts(deltas, 1.0 / len(computes)))
         for compute in computes:
             _add_to(compute, split)
 
@@ -835,12 +827,27 @@ class _Ledger:
         self.held -= 1
 
 
-def _add_share(into: list[float], deltas: Sequence[Any], share: float) -> None:
-    """A call's ``deltas`` (by ``_FIELDS``) into a member's charges: its calls in full, the rest ``share``."""
+_Parts = tuple[list[tuple[int, Any]], list[tuple[int, float]]]
+
+
+def _parts(deltas: Sequence[Any], scale: float) -> _Parts:
+    """A call's non-zero ``deltas`` (by ``_FIELDS`` index): its calls, charged in full to every member it
+    served, and the rest times ``scale`` (one member's share per unit of weight)."""
     calls = len(_CALLS)
-    for k, delta in enumerate(deltas):
-        if delta:
-            into[k] += delta if k < calls else delta * share
+    return (
+        [(k, delta) for k, delta in enumerate(deltas[:calls]) if delta],
+        [(k, delta * scale) for k, delta in enumerate(deltas[calls:], calls) if delta],
+    )
+
+
+def _add_parts(into: list[float], parts: _Parts, weight: float = 1.0) -> None:
+    """A call's ``_parts`` into a member's charges: the calls in full, the rest times its ``weight``."""
+    full, split = parts
+    for k, delta in full:
+        into[k] += delta
+    if weight:
+        for k, part in split:
+            into[k] += part * weight
 
 
 def _add_to(compute: Any, values: list[Any]) -> None:
