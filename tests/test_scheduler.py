@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import gc
 import math
+import weakref
 from concurrent.futures import Future
 from typing import Callable
 
@@ -256,3 +258,42 @@ def test_the_kv_cache_in_flight_stays_under_its_bound() -> None:
         request.cache_bytes = 10**12
         unbounded.enqueue(request)
     assert len(unbounded.admit(0, cache_bytes=10**15)) == 3
+
+
+def test_cancelled_and_expired_requests_leave_the_queue_in_its_order() -> None:
+    """``take_expired`` takes out the waiting requests whose future was cancelled (before or after they
+    were queued) or whose deadline has passed, in the queue's order, each once; requests already admitted
+    are never taken, cancelled or past their deadline, and the rest keep their order."""
+    scheduler = Scheduler(max_queue=16, max_batch_rows=100)
+    requests = [_request(number, rows=1) for number in range(8)]
+    for number, deadline in ((0, 5.0), (2, 1.0), (4, 3.0), (6, 2.0)):
+        requests[number].deadline = deadline
+    for request in requests:
+        scheduler.enqueue(request)
+    assert scheduler.take_expired(0.5) == []
+    admitted = scheduler.admit(0, row_limit=1)
+    assert admitted == [requests[0]]  # its deadline passes in flight: the engine's to end, not the queue's
+    assert requests[5].future.cancel() and requests[3].future.cancel()
+    assert requests[3].cancelled and not requests[1].cancelled
+    assert scheduler.take_expired(2.0) == [requests[2], requests[3], requests[5], requests[6]]
+    assert scheduler.take_expired(2.0) == []
+    assert requests[0].future.cancel()  # in flight: flagged for the engine, not taken from the queue
+    assert requests[0].cancelled and scheduler.take_expired(10.0) == [requests[4]]
+    assert scheduler.admit(0) == [requests[1], requests[7]]
+
+
+def test_admitted_requests_are_not_held_for_their_deadlines() -> None:
+    """Requests admitted long before their deadline are let go (their runs and results can be freed)
+    while later requests come and go, not kept until the deadline passes."""
+    scheduler = Scheduler(max_queue=4, max_batch_rows=100)
+    refs = []
+    for number in range(1000):
+        request = _request(number, rows=1)
+        request.deadline = 1e9
+        refs.append(weakref.ref(request))
+        scheduler.enqueue(request)
+        del request
+        scheduler.admit(0)
+        scheduler.take_expired(0.0)
+    gc.collect()
+    assert sum(ref() is not None for ref in refs) <= 200

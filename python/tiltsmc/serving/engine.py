@@ -658,7 +658,7 @@ class Engine:
         release_free_memory()
 
     def _drop_cancelled(self, worker: _Worker, now: float) -> None:
-        gone = [r for r in worker.in_flight.values() if r.future.cancelled() or r.expired(now)]
+        gone = [r for r in worker.in_flight.values() if r.cancelled or r.expired(now)]
         if not gone:
             return
         for kind, lane in worker.lanes.items():  # one compaction of each lane's particles

@@ -4,6 +4,8 @@ batch size past which rows stop paying for themselves."""
 from __future__ import annotations
 
 import collections
+import heapq
+import itertools
 import math
 import threading
 import time
@@ -29,7 +31,8 @@ class EngineClosed(RuntimeError):
 @dataclass(eq=False)
 class Request:
     """One request: its run, its future, the particle rows it holds in flight (and the bytes of the KV
-    cache they may reach, where the engine bounds them) and its deadline."""
+    cache they may reach, where the engine bounds them) and its deadline. ``cancelled``: its future was
+    cancelled (set from the future's callback once it is queued: read without taking the future's lock)."""
 
     id: int
     run: Run
@@ -39,6 +42,8 @@ class Request:
     submitted: float = field(default_factory=time.perf_counter)
     deadline: Optional[float] = None
     admitted: Optional[float] = None
+    cancelled: bool = False
+    waiting: bool = field(default=False, repr=False)  # in the scheduler's queue
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
@@ -49,7 +54,9 @@ class Scheduler:
     ``max_batch_rows`` with the rows already in flight (first come, first served: a large request at the
     head is not overtaken, so it never starves). ``enqueue`` refuses with
     [`Overloaded`][tiltsmc.serving.scheduler.Overloaded] past ``max_queue`` waiting requests. Thread-safe:
-    ``enqueue`` runs on the callers' threads, the rest on the engine's worker.
+    ``enqueue`` runs on the callers' threads, the rest on the engine's worker. Finding the waiting
+    requests cancelled or past their deadline costs nothing per step where there are none, however long
+    the queue: cancellations are noted by the futures' callbacks, deadlines kept in a heap.
     """
 
     def __init__(self, max_queue: int, max_batch_rows: int, max_cache_bytes: Optional[int] = None) -> None:
@@ -57,6 +64,11 @@ class Scheduler:
         self.max_batch_rows = max_batch_rows
         self.max_cache_bytes = max_cache_bytes
         self._waiting: collections.deque[Request] = collections.deque()
+        # a heap of the queued requests' deadlines (with their order of arrival: no two entries tie); the
+        # entries of requests admitted since are dropped as they come up, or all at once where they are most
+        self._deadlines: list[tuple[float, int, Request]] = []
+        self._arrivals = itertools.count()
+        self._cancelled: list[Request] = []  # requests whose future was cancelled since take_expired
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -77,6 +89,18 @@ class Scheduler:
             if len(self._waiting) >= self.max_queue:
                 raise Overloaded(f"{len(self._waiting)} requests are waiting (max_queue = {self.max_queue})")
             self._waiting.append(request)
+            request.waiting = True
+            if request.deadline is not None:
+                heapq.heappush(self._deadlines, (request.deadline, next(self._arrivals), request))
+        # outside the lock: a future cancelled already calls back at once
+        request.future.add_done_callback(lambda future: self._done(request, future))
+
+    def _done(self, request: Request, future: Future[Any]) -> None:
+        """The future's callback (on the thread that ended it): a cancellation noted for the engine."""
+        if future.cancelled():
+            request.cancelled = True
+            with self._lock:
+                self._cancelled.append(request)
 
     def admit(
         self,
@@ -117,6 +141,7 @@ class Scheduler:
                 if defer is not None and defer(rows_in_flight, head):
                     break
                 request = self._waiting.popleft()
+                request.waiting = False
                 rows_in_flight += request.rows
                 total += request.rows
                 cache_bytes += request.cache_bytes
@@ -124,16 +149,33 @@ class Scheduler:
         return admitted
 
     def take_expired(self, now: float) -> list[Request]:
-        """Waiting requests whose future was cancelled or whose deadline passed, taken out of the queue."""
+        """Waiting requests whose future was cancelled or whose deadline passed, taken out of the queue (in
+        its order)."""
         with self._lock:
-            gone = [r for r in self._waiting if r.future.cancelled() or r.expired(now)]
-            if gone:
-                self._waiting = collections.deque(r for r in self._waiting if r not in gone)
-        return gone
+            gone = {id(r): r for r in self._cancelled if r.waiting}
+            self._cancelled.clear()
+            deadlines = self._deadlines
+            while deadlines and deadlines[0][0] <= now:  # those admitted meanwhile are dropped here
+                request = heapq.heappop(deadlines)[2]
+                if request.waiting:
+                    gone[id(request)] = request
+            if len(deadlines) > 2 * len(self._waiting) + 64:  # admitted requests are not held until then
+                self._deadlines = [entry for entry in deadlines if entry[2].waiting]
+                heapq.heapify(self._deadlines)
+            if not gone:
+                return []
+            taken = [r for r in self._waiting if id(r) in gone]
+            self._waiting = collections.deque(r for r in self._waiting if id(r) not in gone)
+            for request in taken:
+                request.waiting = False
+        return taken
 
     def take_all(self) -> list[Request]:
         with self._lock:
             waiting, self._waiting = list(self._waiting), collections.deque()
+            self._deadlines, self._cancelled = [], []
+            for request in waiting:
+                request.waiting = False
         return waiting
 
 
