@@ -27,7 +27,7 @@ import numpy.typing as npt
 from .._rng import RowStreams
 from ..models.particles import MAX_NEW_TOKENS, Particles
 from ._engine import FloatArray, Models, failed_prompts
-from .runs import LOG_V_PREV, PoolRun, Run, SMCRun, pool_together, reweigh_together, run_streams
+from .runs import LOG_V_PREV, PoolRun, Run, SharedStep, SMCRun, pool_together, reweigh_together
 
 __all__ = ["KINDS", "Lane", "RunFailed", "run_alone", "run_together"]
 
@@ -116,12 +116,15 @@ class Lane:
         self.policy_calls = 0  # policy steps taken (propose, or next_log_probs), and the rows they served
         self.policy_rows = 0
         self._starts = self._stops = np.zeros(0, dtype=np.int64)  # the members' rows (kept by _renumber)
+        # _finished_rows, until the members' rows or the finished flags change (a model call, _renumber)
+        self._counted: Optional[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]] = None
         self._holes: list[tuple[int, int]] = []  # rows of runs that left, until newcomers or _pack take them
         self._ledger = _Ledger()  # the members' shares of the model calls, until they leave
         self._streams: Optional[RowStreams] = None  # the members' random streams (kept by _renumber)
         self._slots: tuple[int, ...] = ()  # the members' slots in the ledger (kept by _renumber)
-        # by particle count: the last shared SMC step's runs (ids, runs) and streams (cleared by _renumber)
-        self._shared_streams: dict[int, tuple[tuple[int, ...], list[Any], RowStreams]] = {}
+        # by particle count: the last shared SMC step's runs (their ids) and what carries over from it
+        # (cleared by _renumber)
+        self._shared: dict[int, tuple[tuple[int, ...], SharedStep]] = {}
 
     @property
     def rows(self) -> int:
@@ -191,7 +194,7 @@ class Lane:
                 member.run.before_step(_view(particles, member))
         live = ~particles.finished if groups else None  # the particles this step extends
         self._charge(lambda: self.models.propose(particles, self._rng()), live=True)
-        _end_at_limits(particles)
+        self._end_at_limits(particles)
         log_v = self._log_values(ended)
         outcomes = {} if live is None else self._reweigh_together(groups, log_v, live)
         self._update(
@@ -246,21 +249,22 @@ class Lane:
             else:
                 runs = cast("list[SMCRun]", [m.run.smc_reweighing() for m in group])
                 prev = _group_rows(log_v_prev, index, count)
-                streams = self._run_streams(count, runs)
-                results = reweigh_together(runs, group_log_v, prev, group_live, flags, streams)
+                results = reweigh_together(
+                    runs, group_log_v, prev, group_live, flags, self._shared_step(count, runs)
+                )
                 if index is not None:  # written back: the core updated a copy
                     log_v_prev.reshape(-1)[index] = prev.reshape(-1)
             outcomes.update(zip(map(id, group), results))
         return outcomes
 
-    def _run_streams(self, count: int, runs: list[Any]) -> RowStreams:
-        """``run_streams(runs)`` for the shared SMC step of ``count`` particles, made again only where the
-        runs are not those of the last step (members joined or left, or one ended during the step)."""
+    def _shared_step(self, count: int, runs: list[Any]) -> SharedStep:
+        """The ``SharedStep`` of the SMC step of ``count`` particles, made again only where the runs are not
+        those of the last step (members joined or left, or one ended during the step)."""
         key = tuple(map(id, runs))
-        last = self._shared_streams.get(count)
-        if last is None or last[0] != key:  # the runs are kept with their ids: no other object has them
-            last = self._shared_streams[count] = (key, runs, run_streams(runs))
-        return last[2]
+        last = self._shared.get(count)
+        if last is None or last[0] != key:  # the step holds the runs: no other object has their ids
+            last = self._shared[count] = (key, SharedStep(runs))
+        return last[1]
 
     def _twist_step(self, ended: Ended) -> None:
         particles = self._count_step()
@@ -282,7 +286,7 @@ class Lane:
                 continue
             tokens[rows] = chosen.reshape(-1, 1)
         self._charge(lambda: self.models.append(particles, tokens))
-        _end_at_limits(particles)
+        self._end_at_limits(particles)
         outcomes: dict[int, Any] = {}
         if groups:  # the optimal proposal's weights run by run, then one SMC step (no potential) a count
             log_v = np.zeros(self._batch_rows())
@@ -302,7 +306,7 @@ class Lane:
     def _rollout_step(self, ended: Ended) -> None:
         particles = self._count_step()
         self._charge(lambda: self.models.propose(particles, self._rng()), live=True)
-        _end_at_limits(particles)
+        self._end_at_limits(particles)
         for member in self._active():
             try:
                 member.run.check_steps(_view(particles, member))
@@ -337,7 +341,11 @@ class Lane:
             offsets = member.start + np.arange(member.batch, dtype=np.int64)[:, None] * member.count
             ancestors[member.start : member.stop] = (offsets + local).reshape(-1)
         if ancestors is not None:
-            self._charge(lambda: self.models.reorder(particles, ancestors[None, :], across_prompts=True))
+            # within each run's rows: its finished rows stay as many
+            self._charge(
+                lambda: self.models.reorder(particles, ancestors[None, :], across_prompts=True),
+                keeps_counts=True,
+            )
         self._drop_ended()
 
     def _log_values(self, ended: Ended) -> FloatArray:
@@ -559,7 +567,8 @@ class Lane:
         self.members.sort(key=lambda member: member.start)
         self._streams = None
         self._slots = tuple(member.slot for member in self.members)
-        self._shared_streams.clear()
+        self._shared.clear()
+        self._counted = None
         self._starts = np.array([m.start for m in self.members], dtype=np.int64)
         self._stops = np.array([m.stop for m in self.members], dtype=np.int64)
 
@@ -645,10 +654,17 @@ class Lane:
             self._streams = RowStreams([member.run.generator for member in self.members], bounds)
         return self._streams
 
-    def _charge(self, call: Callable[[], Any], live: bool = False, runs: Optional[list[Run]] = None) -> Any:
+    def _charge(
+        self,
+        call: Callable[[], Any],
+        live: bool = False,
+        runs: Optional[list[Run]] = None,
+        keeps_counts: bool = False,
+    ) -> Any:
         """Make one model call for every run, and charge each run its share (by rows, or live rows: those
         not finished before the call), in the lane's ledger until the run leaves. With ``runs`` (a group
-        starting, not in the lane yet), the call is theirs, charged to them at once in equal shares."""
+        starting, not in the lane yet), the call is theirs, charged to them at once in equal shares.
+        ``keeps_counts``: the call leaves each member as many finished rows (else they are counted again)."""
         members = self.members
         weights = None
         if runs is None and live and len(members) > 1:
@@ -659,6 +675,8 @@ class Lane:
         try:
             return call()
         finally:
+            if not keeps_counts:
+                self._counted = None
             deltas = [after - b for after, b in zip(_read_fields(compute), before)]
             if any(deltas):
                 if runs is None:
@@ -675,11 +693,18 @@ class Lane:
             self._charge(lambda: self.models.flush(particles))
 
     def _finished_rows(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-        """Per member, its finished rows and its rows (one pass over the batch, not one per member)."""
-        finished = self._particles().finished.reshape(-1)
-        counted = np.zeros(finished.size + 1, dtype=np.int64)
-        np.add.accumulate(finished, dtype=np.int64, out=counted[1:])
-        return counted[self._stops] - counted[self._starts], self._stops - self._starts
+        """Per member, its finished rows and its rows (one pass over the batch, not one per member; counted
+        again only after a model call or a change of the members' rows)."""
+        if self._counted is None:
+            finished = self._particles().finished.reshape(-1)
+            counted = np.zeros(finished.size + 1, dtype=np.int64)
+            np.add.accumulate(finished, dtype=np.int64, out=counted[1:])
+            self._counted = counted[self._stops] - counted[self._starts], self._stops - self._starts
+        return self._counted
+
+    def _end_at_limits(self, particles: Particles) -> None:
+        _end_at_limits(particles)
+        self._counted = None
 
 
 def _first_fit(holes: list[tuple[int, int]], rows: int) -> Optional[int]:

@@ -55,7 +55,7 @@ def safe_increment(log_new: FloatArray, log_old: FloatArray) -> FloatArray:
 
 def samples_of(particles: Particles, rows: Optional[npt.NDArray[np.int64]] = None) -> list[Any]:
     """Per prompt, an ``(N, T)`` int array when every trajectory has the same length, else a list."""
-    if rows is None and particles.lengths.size and np.all(particles.lengths == particles.lengths.flat[0]):
+    if rows is None and particles.lengths.size and (particles.lengths == particles.lengths.flat[0]).all():
         # one copy for all prompts: a lane writes a newcomer's tokens over the rows of a run that ended
         return list(particles.tokens[:, :, : particles.lengths.flat[0]].copy())
     out: list[Any] = []
@@ -179,7 +179,7 @@ class Run:
 
     def begin(self, log_v0: FloatArray, failed: npt.NDArray[np.bool_], errors: dict[int, str]) -> FloatArray:
         """Start on a new batch: ``log Vh_0`` and the prompts the policy could not start (``errors``, by
-        prompt). Returns every particle's initial ``log Vh_{t-1}`` (``(B, N)``)."""
+        prompt). Returns every particle's initial ``log Vh_{t-1}`` (``(B, N)``, perhaps a read-only view)."""
         raise NotImplementedError
 
     def before_step(self, particles: Particles) -> None:
@@ -276,11 +276,11 @@ class SMCRun(Run):
         self.log_z = log_v0.copy()
         self.collapsed = (log_v0 == -np.inf) | failed
         self.log_w = np.zeros((batch, count))
-        self.log_total = np.full(batch, float(np.log(count)))  # logsumexp of each row of log_w
+        self.log_total = np.full(batch, math.log(count))  # logsumexp of each row of log_w
         if self.collapsed.any():
             self.log_w[self.collapsed] = -np.inf  # weight zero: reported by the core, never resampled
             self.log_total[self.collapsed] = -np.inf
-        return np.repeat(log_v0[:, None], count, axis=1)
+        return np.broadcast_to(log_v0[:, None], (batch, count))
 
     def reweigh(self, particles: Particles, log_v: FloatArray) -> Ancestors:
         return self._reweigh(particles, log_v, self.live)
@@ -422,13 +422,62 @@ def run_streams(runs: list[SMCRun]) -> RowStreams:
     return RowStreams([run.generator for run in runs], bounds)
 
 
+_SMC_ARRAYS = ("log_w", "log_total", "log_z", "collapsed")  # an SMCRun's arrays that the core steps
+
+
+class SharedStep:
+    """Runs that [`reweigh_together`][tiltsmc.samplers.runs.reweigh_together] steps together, step after
+    step, and what carries over from one of their steps to the next: their streams (``run_streams``; keys
+    drawn at each step), their thresholds and schemes as the core takes them, and their SMC arrays
+    (``log_w``, ``log_total``, ``log_z``, ``collapsed``) one after the other. After a step each run holds
+    views of those arrays, so the next step starts from them instead of copying the runs' arrays together
+    again, unless a run's arrays were replaced meanwhile (checked by identity)."""
+
+    def __init__(self, runs: list[SMCRun]) -> None:
+        self.runs = runs
+        self.streams = run_streams(runs)
+        _, self.sizes, _ = self.streams.row_counters(self.streams.bounds[-1])
+        self.by_run = [run.ess_threshold for run in runs]
+        self.thresholds = _per_row(self.by_run, self.sizes)
+        names = [run.scheme for run in runs]
+        self.schemes: Any = (
+            names[0] if names.count(names[0]) == len(names) else np.repeat(names, self.sizes).tolist()
+        )
+        self._arrays: Optional[tuple[np.ndarray, ...]] = None  # the arrays the runs hold views of
+        self._views: list[tuple[np.ndarray, ...]] = []
+
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        """The runs' ``_SMC_ARRAYS``, one after the other: those of the last step where the runs still hold
+        its views, else copied together."""
+        if self._arrays is not None and all(
+            run.log_w is w and run.log_total is t and run.log_z is z and run.collapsed is c
+            for run, (w, t, z, c) in zip(self.runs, self._views)
+        ):
+            return self._arrays
+        return tuple(np.concatenate([getattr(run, name) for run in self.runs]) for name in _SMC_ARRAYS)
+
+    def hand_out(self, arrays: tuple[np.ndarray, ...]) -> None:
+        """Each run's rows of ``arrays`` (a step's, updated in place by the core) as its own arrays."""
+        bounds = self.streams.bounds
+        views = []
+        for run, start, stop in zip(self.runs, bounds[:-1], bounds[1:]):
+            run.log_w, run.log_total, run.log_z, run.collapsed = held = tuple(a[start:stop] for a in arrays)
+            views.append(held)
+        self._arrays, self._views = arrays, views
+
+
+def _per_row(by_run: list[float], sizes: npt.NDArray[np.int64]) -> Any:
+    """One value for every row where the runs agree (most often), else each run's repeated on its rows."""
+    return by_run[0] if by_run.count(by_run[0]) == len(by_run) else np.repeat(by_run, sizes)
+
+
 def reweigh_together(
     runs: list[SMCRun],
     log_v: FloatArray,
     log_v_prev: FloatArray,
     live: npt.NDArray[np.bool_],
     done: list[bool],
-    streams: Optional[RowStreams] = None,
+    shared: Optional[SharedStep] = None,
 ) -> list[Union[Ancestors, Exception]]:
     """``SMCRun.reweigh`` of several runs with the same particle count ``N`` in one core call.
 
@@ -437,42 +486,43 @@ def reweigh_together(
     threshold and generator (one key drawn from it, its prompts numbered from 0: a ``RowStreams``), so each
     steps exactly as its own call would. Per run, what ``reweigh`` returns, or the exception it raises: where
     the call is refused (one run's overflow, which the core reports before writing anything), each run steps
-    alone with the key it drew, and only the runs at fault fail. ``streams``: ``run_streams(runs)``, made
-    once for runs stepped together at every step (its keys are drawn here).
+    alone with the key it drew, and only the runs at fault fail. ``shared``: a ``SharedStep`` of these
+    runs, kept for runs stepped together at every step (its streams' keys are drawn here).
     """
-    if streams is None:
-        streams = run_streams(runs)
+    if shared is None:
+        shared = SharedStep(runs)
+    streams = shared.streams
     streams.keys = None
     streams.keys = streams.run_keys()  # drawn once: a repeat run by run draws the same
-    bounds = streams.bounds
-    _, sizes, _ = streams.row_counters(bounds[-1])  # kept by the streams
-    log_w = np.concatenate([run.log_w for run in runs])
-    log_total = np.concatenate([run.log_total for run in runs])
-    log_z = np.concatenate([run.log_z for run in runs])
-    collapsed = np.concatenate([run.collapsed for run in runs])
-    # one threshold and one scheme for every row where the runs agree (most often), else one a row
-    by_run = [0.0 if d else run.ess_threshold for run, d in zip(runs, done)]
-    thresholds: Any = by_run[0] if by_run.count(by_run[0]) == len(by_run) else np.repeat(by_run, sizes)
-    names = [run.scheme for run in runs]
-    schemes: Any = names[0] if names.count(names[0]) == len(names) else np.repeat(names, sizes).tolist()
+    bounds, sizes = streams.bounds, shared.sizes
+    arrays = shared.arrays()
+    log_w, log_total, log_z, collapsed = arrays
+    # a run whose trajectories have all finished never resamples (its final sample stays weighted)
+    thresholds = shared.thresholds
+    if any(done):
+        thresholds = _per_row([0.0 if d else t for t, d in zip(shared.by_run, done)], sizes)
     increment_se = np.empty(len(log_z))
-    arrays = (log_w, log_v, log_v_prev, live, log_total, log_z, collapsed)
     try:  # the schemes are names the samplers' arguments checked
-        stepped = core.smc_reweight(*arrays, thresholds, schemes, streams, increment_se=increment_se)
+        stepped = core.smc_reweight(
+            log_w, log_v, log_v_prev, live, log_total, log_z, collapsed, thresholds, shared.schemes, streams,
+            increment_se=increment_se,
+        )  # fmt: skip
     except ValueError:
         return [_alone(run, k, streams, log_v, log_v_prev, live, done[k]) for k, run in enumerate(runs)]
+    shared.hand_out(arrays)
     outputs = (*stepped, increment_se)
     # whether any prompt of each run resampled (reduceat reads a run of no prompts as its next row's)
-    resampled: list[Optional[bool]] = (
-        np.logical_or.reduceat(stepped[1], bounds[:-1]).tolist() if sizes.all() else [None] * len(runs)
-    )
+    resampled: list[Optional[bool]]
+    if len(runs) == len(log_z):  # a prompt each
+        resampled = stepped[1].tolist()
+    else:
+        resampled = (
+            np.logical_or.reduceat(stepped[1], bounds[:-1]).tolist() if sizes.all() else [None] * len(runs)
+        )
     outcomes: list[Union[Ancestors, Exception]] = []
     for k, run in enumerate(runs):
-        start, stop = bounds[k], bounds[k + 1]
-        run.log_w, run.log_total = log_w[start:stop], log_total[start:stop]
-        run.log_z, run.collapsed = log_z[start:stop], collapsed[start:stop]
         try:
-            outcomes.append(run._record(outputs, start, stop, done[k], resampled[k]))
+            outcomes.append(run._record(outputs, bounds[k], bounds[k + 1], done[k], resampled[k]))
         except Exception as error:
             outcomes.append(error)
     return outcomes
