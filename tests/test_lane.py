@@ -13,7 +13,7 @@ from tiltsmc.samplers._engine import Models
 from tiltsmc.samplers.correction import mh_run
 from tiltsmc.samplers.lane import Lane, _Ledger, _packing, run_alone
 from tiltsmc.samplers.result import Compute, SamplerResult
-from tiltsmc.samplers.runs import Run, SMCRun, Trace, reweigh_together
+from tiltsmc.samplers.runs import Run, SharedStep, SMCRun, Trace, reweigh_together
 from tiltsmc.samplers.sequential import smc_run, sp_gsmc_run
 from tiltsmc.tasks import MarkovDFATask
 
@@ -323,6 +323,34 @@ def test_a_run_whose_weights_overflow_fails_alone_when_runs_reweigh_together() -
         np.testing.assert_array_equal(runs[k].log_w, alone.log_w)
         np.testing.assert_array_equal(runs[k].log_z, alone.log_z)
         assert runs[k].generator.bit_generator.state == alone.generator.bit_generator.state
+
+
+def test_a_shared_step_carries_the_runs_arrays_over_and_reads_replaced_ones_afresh() -> None:
+    """Runs stepped together step after step through one ``SharedStep`` (the arrays of the last step reused)
+    end exactly as runs stepped through a fresh one at every step (their arrays copied together each time),
+    also where a run's arrays are replaced between steps (its new ones read, not the step's)."""
+    rng = np.random.default_rng(5)
+    steps = [rng.normal(size=(3, 3)) for _ in range(6)]
+    kept = [_stepped(seed, np.zeros(1)) for seed in (1, 2, 3)]
+    fresh = [_stepped(seed, np.zeros(1)) for seed in (1, 2, 3)]
+    shared = SharedStep(kept)
+    prev_kept, prev_fresh = np.zeros((3, 3)), np.zeros((3, 3))
+    for t, log_v in enumerate(steps):
+        if t == 3:  # a run's weights replaced by new arrays between steps, on both sides alike
+            for runs in (kept, fresh):
+                runs[1].log_w = runs[1].log_w + np.array([[0.0, -2.0, 1.0]])
+                runs[1].log_total = np.logaddexp.reduce(runs[1].log_w, axis=1)
+        live = np.ones((3, 3), bool)
+        got = reweigh_together(kept, log_v, prev_kept, live, [False] * 3, shared)
+        want = reweigh_together(fresh, log_v, prev_fresh, live, [False] * 3)
+        for a, b in zip(got, want):
+            assert (a is None) == (b is None)
+            if a is not None:
+                np.testing.assert_array_equal(a, b)
+        for a, b in zip(kept, fresh):
+            for name in ("log_w", "log_total", "log_z", "collapsed"):
+                np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+        np.testing.assert_array_equal(prev_kept, prev_fresh)
 
 
 def test_the_runs_compute_adds_up_to_the_lanes() -> None:
