@@ -212,6 +212,7 @@ def test_serve_on_ray_refuses_bad_options_in_one_line(
         (["--temperature", "0.5"], "--temperature: not an option of the bundled --demo models"),
         (["--reward-kind", "prob"], "--reward-kind: not an option of the bundled --demo models"),
         (["--session-option", "log_severity_level=3"], "--session-option: not an option of the bundled"),
+        (["--session-config", "session.intra_op.allow_spinning=0"], "--session-config: not an option of the"),
     ],
 )
 def test_demo_models_refuse_the_options_they_would_ignore(

@@ -41,7 +41,8 @@ def test_cli_model_defaults_are_the_model_classes(command: str) -> None:
         if isinstance(expected, bool):
             default = {"on": True, "off": False}[default]
         assert default == expected, f"--{option.replace('_', '-')}: {default!r} != {class_name}.{parameter}"
-    not_models = {"policy", "reward", "demo", "cpu", "chat_template", "session_option", "provider_option"}
+    not_models = {"policy", "reward", "demo", "cpu", "chat_template", "session_option", "session_config"}
+    not_models.add("provider_option")
     unmapped = set(cli._model_option_names()) - set(cli.MODEL_OPTIONS) - not_models - {"help"}
     assert not unmapped, f"model options without a class default: {unmapped}"
 
@@ -170,7 +171,8 @@ def test_cli_session_options(tmp_path: Path) -> None:
     args = cli.build_parser().parse_args(
         [*argv, "--session-option", "graph_optimization_level=basic", "--session-option",
          "inter_op_num_threads=1", "--provider-option",
-         "CPUExecutionProvider:arena_extend_strategy=kSameAsRequested"]
+         "CPUExecutionProvider:arena_extend_strategy=kSameAsRequested", "--session-config",
+         "session.intra_op.allow_spinning=0", "--session-config", "session.disable_prepacking=1"]
     )  # fmt: skip
     import onnxruntime as ort
 
@@ -179,8 +181,14 @@ def test_cli_session_options(tmp_path: Path) -> None:
         options = model.session.get_session_options()
         assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         assert options.inter_op_num_threads == 1
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        assert options.get_session_config_entry("session.disable_prepacking") == "1"
+        assert options.get_session_config_entry("session.force_spinning_stop") == "1"  # tiltsmc's, kept
     assert cli.main([*argv, "--session-option", "no_such_field=1"]) == 2
     assert cli.main([*argv, "--session-option", "graph_optimization_level=basic"]) == 0
+    assert cli.main([*argv, "--session-config", "session.intra_op.allow_spinning=0"]) == 0
+    # the entry reaches ONNX Runtime, which then reads the .onnx file as its own format and refuses it
+    assert cli.main([*argv, "--session-config", "session.load_model_format=ORT"]) == 2
 
 
 def _cuda_unusable() -> str:

@@ -728,6 +728,14 @@ def _session_option(text: str) -> tuple[str, Any]:
     return name.strip(), parsed
 
 
+def _session_config(text: str) -> tuple[str, str]:
+    """``NAME=VALUE`` of ``--session-config``: a session config entry (ONNX Runtime takes text)."""
+    name, equals, value = text.partition("=")
+    if not equals or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name.strip(), value
+
+
 def _provider_option(text: str) -> tuple[str, str, str]:
     """``PROVIDER:NAME=VALUE`` of ``--provider-option``."""
     provider, colon, rest = text.partition(":")
@@ -767,6 +775,15 @@ def _add_tokenization_and_session_arguments(parser: argparse.ArgumentParser) -> 
         "inter_op_num_threads=1, log_severity_level=2 (repeatable)",
     )
     parser.add_argument(
+        "--session-config",
+        type=_session_config,
+        action="append",
+        default=None,
+        metavar="NAME=VALUE",
+        help="an ONNX Runtime session config entry for both models (SessionOptions."
+        "add_session_config_entry), e.g. session.intra_op.allow_spinning=0 (repeatable)",
+    )
+    parser.add_argument(
         "--provider-option",
         type=_provider_option,
         action="append",
@@ -778,14 +795,16 @@ def _add_tokenization_and_session_arguments(parser: argparse.ArgumentParser) -> 
 
 
 def _session_arguments(args: argparse.Namespace) -> dict[str, Any]:
-    """The ONNX Runtime options of ``--session-option`` / ``--provider-option`` for both models."""
+    """The ONNX Runtime options of ``--session-option`` / ``--session-config`` / ``--provider-option`` for
+    both models."""
     provider_options: dict[str, dict[str, str]] = {}
     for provider, name, value in getattr(args, "provider_option", None) or ():
         provider_options.setdefault(provider, {})[name] = value
-    return {
-        "session_options": dict(getattr(args, "session_option", None) or ()) or None,
-        "provider_options": provider_options or None,
-    }
+    session_options: dict[str, Any] = dict(getattr(args, "session_option", None) or ())
+    config = dict(getattr(args, "session_config", None) or ())
+    if config and "config" not in session_options:  # (--session-option config=... is refused as it is)
+        session_options["config"] = config
+    return {"session_options": session_options or None, "provider_options": provider_options or None}
 
 
 def _chat_template(args: argparse.Namespace) -> Optional[str]:
@@ -839,7 +858,7 @@ def _load_models(args: argparse.Namespace) -> tuple[Any, Any]:
         # The bundled models fix their own settings: an option they would ignore is refused, not dropped.
         given = [
             option
-            for option in ("session_option", "provider_option", "chat_template")
+            for option in ("session_option", "session_config", "provider_option", "chat_template")
             if getattr(args, option, None) is not None
         ]
         given += [
