@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 from _machine import git_commit, machine_info
@@ -120,13 +120,17 @@ def settled(base: str, within: float = 30.0) -> dict[str, float]:
         time.sleep(0.1)
 
 
-def slope_kb_per_request(points: list[tuple[int, float]], requests: int) -> float:
+def slope_kb_per_request(points: list[tuple[int, float]], requests: int) -> Optional[float]:
     """Least-squares slope of resident megabytes against rounds (``(round, MB)`` points), in kilobytes per
-    request (NaN with fewer than two points)."""
+    request (None with fewer than two points: no slope to read)."""
     if len(points) < 2:
-        return float("nan")
+        return None
     x, y = np.array(points, dtype=float).T
     return float(np.polyfit(x, y, 1)[0] * 1024 / requests)
+
+
+def slope_text(slope: Optional[float], readings: str) -> str:
+    return f"{slope:+.3f} KB a request" if slope is not None else f"none: fewer than two {readings}"
 
 
 def soak(arena: str, args: argparse.Namespace, prompts: list[str], log_dir: Path) -> dict[str, Any]:
@@ -185,6 +189,15 @@ def soak(arena: str, args: argparse.Namespace, prompts: list[str], log_dir: Path
     }
 
 
+def idle_text(run: dict[str, Any], every: int) -> str:
+    """The idle readings of a run and their slope after the first, or why there are none."""
+    readings = run["idle_resident_mb"]
+    if not readings:
+        return f"no idle reading (one every {every} rounds: --idle-every)"
+    slope = slope_text(run["idle_slope_kb_per_request"], "idle readings after the first")
+    return f"idle {' '.join(f'{mb:.1f}' for mb in readings)} MB (slope after the first: {slope})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", choices=("fixtures", "demo"), default="fixtures")
@@ -215,10 +228,9 @@ def main() -> None:
         print(
             f"  arena {run['memory_arena']:3}: resident {run['resident_mb_loaded']:.1f} MB loaded, "
             f"{run['resident_mb_after_first_round']:.1f} after round 1, {run['resident_mb_last_round']:.1f} "
-            f"after the last (slope after the first quarter {run['slope_kb_per_request']:+.3f} KB a "
-            f"request); idle {' '.join(f'{mb:.1f}' for mb in run['idle_resident_mb'])} MB (slope after "
-            f"the first {run['idle_slope_kb_per_request']:+.3f} KB a request); anything left in flight "
-            "after a round: "
+            f"after the last (slope after the first quarter: "
+            f"{slope_text(run['slope_kb_per_request'], 'rounds')}); {idle_text(run, args.idle_every)}; "
+            "anything left in flight after a round: "
             f"{'yes' if run['ever_left_in_flight'] else 'no'}; "
             f"engine outcomes {run['engine_requests_by_outcome']}"
         )
