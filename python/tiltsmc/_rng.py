@@ -83,7 +83,7 @@ class RowStreams:
     drawn already (a call repeated run by run after the batched call was refused draws the same).
     """
 
-    __slots__ = ("_counters", "bounds", "generators", "keys")
+    __slots__ = ("_counters", "_one_row_each", "bounds", "generators", "keys")
 
     def __init__(
         self,
@@ -103,6 +103,8 @@ class RowStreams:
             raise ValueError(f"keys: expected one per generator ({len(generators)}), got {len(keys)}")
         self.generators = tuple(generators)
         self.bounds = tuple(int(b) for b in bounds)
+        # every run has exactly one row (requests of one prompt, the usual case)
+        self._one_row_each = self.bounds == tuple(range(len(self.bounds)))
         self.keys = None if keys is None else tuple(int(key) for key in keys)
         self._counters: Optional[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.uint64]]]
         self._counters = None
@@ -130,11 +132,7 @@ class RowStreams:
         index within the run, after checking that ``rows`` agree."""
         _, sizes, counters = self.row_counters(rows)
         keys = np.array(self.run_keys(), dtype=np.uint64)
-        return (keys if self._one_row_each(rows) else np.repeat(keys, sizes)), counters
-
-    def _one_row_each(self, rows: int) -> bool:
-        """Whether every run has exactly one of the ``rows`` (requests of one prompt, the usual case)."""
-        return len(self.bounds) == rows + 1 and self.bounds == tuple(range(rows + 1))
+        return (keys if self._one_row_each else np.repeat(keys, sizes)), counters
 
     def row_counters(
         self, rows: int
@@ -143,7 +141,7 @@ class RowStreams:
         run (its counter in the run's stream), after checking that ``rows`` agree (computed once)."""
         if rows != self.num_rows:
             raise ValueError(f"rng: RowStreams for {self.num_rows} rows, given {rows}")
-        if self._counters is None and self._one_row_each(rows):
+        if self._counters is None and self._one_row_each:
             self._counters = (
                 np.arange(rows, dtype=np.int64),
                 np.ones(rows, np.int64),
