@@ -686,25 +686,23 @@ class Engine:
         self._settle(request, TimeoutError(f"timeout: the request took more than {waited:.3g} s"))
 
     def _finish(self, worker: _Worker, run: Run, error: Optional[BaseException]) -> None:
-        with self._wake:
-            request = worker.in_flight.get(id(run))
-            if request is not None:
-                self._take(worker, request)
-        if request is None:
-            return
-        if request.future.cancelled():  # cancelled by its caller during this step
-            self._count("cancelled")
-            return
         result = run.result
         if error is None and result is not None and result.errors:
             error = ValueError(next(iter(result.errors.values())))
+        with self._wake:  # taken out and counted under the lock once
+            request = worker.in_flight.get(id(run))
+            if request is None:
+                return
+            self._take(worker, request)
+            cancelled = request.future.cancelled()  # by its caller during this step
+            self._counts["cancelled" if cancelled else "failed" if error is not None else "completed"] += 1
+        if cancelled:
+            return
         if error is not None:
-            self._count("failed")
             self._settle(request, error)
             return
         assert result is not None
         result.compute.total_seconds = time.perf_counter() - request.submitted
-        self._count("completed")
         self._settle(request, None, result)
 
     def _settle(self, request: Request, error: Optional[BaseException], result: Any = None) -> None:

@@ -401,12 +401,13 @@ def create_app(
         detail.update(sampler=body.sampler, prompts=len(prompts), n=body.n, outcome="failed")
         try:
             options = _options(body, prompts, limits, max_tokens_limit, model_name, policy)
-            # off the event loop (the tokenizer lets other threads run while it encodes: 64 long prompts
-            # took half a second)
-            prompt_tokens = await asyncio.to_thread(
-                _prompt_tokens, policy, prompts, limits, "messages" if chat else "prompt", longest_token
+            param = "messages" if chat else "prompt"
+            prompt_tokens, futures = await _submitted(
+                lambda: (
+                    _prompt_tokens(policy, prompts, limits, param, longest_token),
+                    _submit(engine, prompts, body, options, timeout),
+                )
             )
-            futures = await _submitted(engine, prompts, body, options, timeout)
             if body.stream:  # admitted: the answer streams from here on, kept alive while it is computed
                 return StreamingResponse(
                     stream(body, request, futures, len(prompts), prompt_tokens, chat),
@@ -633,19 +634,20 @@ def _submit(
     return futures
 
 
-async def _submitted(
-    engine: Engine, prompts: list[Any], body: Any, options: dict[str, Any], timeout: Optional[float]
-) -> list[Any]:
-    """``_submit`` off the event loop (with ``max_cache_bytes`` the engine encodes each prompt to count
-    its cache); where the handler is cancelled meanwhile, the requests are cancelled once submitted."""
-    submitting = asyncio.ensure_future(asyncio.to_thread(_submit, engine, prompts, body, options, timeout))
+async def _submitted(counted_and_submitted: Callable[[], tuple[int, list[Any]]]) -> tuple[int, list[Any]]:
+    """The prompts' tokens counted and checked (``_prompt_tokens``), then their requests submitted
+    (``_submit``), off the event loop in one trip to a worker thread (the tokenizer lets other threads run
+    while it encodes: 64 long prompts took half a second; with ``max_cache_bytes`` the engine encodes each
+    prompt again to count its cache); where the handler is cancelled meanwhile, the requests are
+    cancelled once submitted."""
+    submitting = asyncio.ensure_future(asyncio.to_thread(counted_and_submitted))
     try:
         return await asyncio.shield(submitting)
     except asyncio.CancelledError:
 
-        def cancel_all(task: "asyncio.Future[list[Any]]") -> None:
+        def cancel_all(task: "asyncio.Future[tuple[int, list[Any]]]") -> None:
             if not task.cancelled() and task.exception() is None:
-                for future in task.result():
+                for future in task.result()[1]:
                     future.cancel()
 
         submitting.add_done_callback(cancel_all)
