@@ -351,6 +351,8 @@ def test_a_shared_step_carries_the_runs_arrays_over_and_reads_replaced_ones_afre
             for name in ("log_w", "log_total", "log_z", "collapsed"):
                 np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
         np.testing.assert_array_equal(prev_kept, prev_fresh)
+    with pytest.raises(ValueError, match="shared: a SharedStep of other runs"):
+        reweigh_together(fresh, steps[0], prev_fresh, np.ones((3, 3), bool), [False] * 3, shared)
 
 
 def test_the_runs_compute_adds_up_to_the_lanes() -> None:

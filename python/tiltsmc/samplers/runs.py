@@ -491,6 +491,8 @@ def reweigh_together(
     """
     if shared is None:
         shared = SharedStep(runs)
+    elif len(shared.runs) != len(runs) or any(a is not b for a, b in zip(shared.runs, runs)):
+        raise ValueError("shared: a SharedStep of other runs")
     streams = shared.streams
     streams.keys = None
     streams.keys = streams.run_keys()  # drawn once: a repeat run by run draws the same
