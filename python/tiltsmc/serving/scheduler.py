@@ -9,6 +9,7 @@ import itertools
 import math
 import threading
 import time
+import weakref
 from collections.abc import Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -92,12 +93,15 @@ class Scheduler:
             request.waiting = True
             if request.deadline is not None:
                 heapq.heappush(self._deadlines, (request.deadline, next(self._arrivals), request))
-        # outside the lock: a future cancelled already calls back at once
-        request.future.add_done_callback(lambda future: self._done(request, future))
+        # outside the lock: a future cancelled already calls back at once; by a weak reference, so that the
+        # request and its future hold no cycle (they are freed as soon as the engine and the caller let go)
+        held = weakref.ref(request)
+        request.future.add_done_callback(lambda future: self._done(held, future))
 
-    def _done(self, request: Request, future: Future[Any]) -> None:
+    def _done(self, held: weakref.ref[Request], future: Future[Any]) -> None:
         """The future's callback (on the thread that ended it): a cancellation noted for the engine."""
-        if future.cancelled():
+        request = held()
+        if request is not None and future.cancelled():
             request.cancelled = True
             with self._lock:
                 self._cancelled.append(request)
