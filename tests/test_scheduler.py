@@ -303,3 +303,52 @@ def test_admitted_requests_are_not_held_for_their_deadlines() -> None:
         assert sum(ref() is not None for ref in refs) <= 200
     finally:
         gc.enable()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    script=st.lists(
+        st.tuples(st.sampled_from(("enqueue", "admit", "cancel", "expire")), st.integers(0, 60)), max_size=120
+    )
+)
+def test_take_expired_agrees_with_a_scan_of_the_queue(script: list[tuple[str, int]]) -> None:
+    """Any mix of requests queued (with or without deadlines), admitted, cancelled (waiting or in flight)
+    and time passing: ``take_expired`` returns exactly what a scan of the queue would, the waiting
+    requests cancelled or past their deadline in the queue's order, and the queue keeps the rest in
+    order (what the scheduler did before it kept callbacks and a heap)."""
+    scheduler = Scheduler(max_queue=1000, max_batch_rows=10**6)
+    waiting: list[Request] = []  # the reference: the queue, in order
+    made: list[Request] = []
+    now = 0.0
+    for number, (action, value) in enumerate(script):
+        if action == "enqueue":
+            request = _request(number, rows=1)
+            request.deadline = None if value % 3 == 0 else now + value / 10
+            scheduler.enqueue(request)
+            waiting.append(request)
+            made.append(request)
+        elif action == "admit":
+            admitted = scheduler.admit(0, row_limit=value % 4 + 1)
+            assert admitted == waiting[: len(admitted)]
+            del waiting[: len(admitted)]
+        elif action == "cancel" and made:
+            made[value % len(made)].future.cancel()
+        else:
+            now += value / 20
+            expected = [r for r in waiting if r.future.cancelled() or r.expired(now)]
+            assert scheduler.take_expired(now) == expected
+            waiting = [r for r in waiting if r not in expected]
+    assert scheduler.take_all() == waiting
+
+
+def test_deadlines_of_waiting_requests_survive_dropping_those_admitted() -> None:
+    """Once the deadlines of admitted requests outnumber the queue they are dropped all at once; the
+    waiting requests' deadlines are kept, and they still expire."""
+    scheduler = Scheduler(max_queue=200, max_batch_rows=10**6)
+    requests = [_request(number, rows=1) for number in range(100)]
+    for number, request in enumerate(requests):
+        request.deadline = 10.0 + number
+        scheduler.enqueue(request)
+    assert len(scheduler.admit(0, row_limit=90)) == 90
+    assert scheduler.take_expired(0.0) == []  # drops the 90 admitted ones' entries
+    assert scheduler.take_expired(200.0) == requests[90:]
