@@ -10,6 +10,7 @@ import pytest
 from tiltsmc import core
 from tiltsmc._rng import RowStreams
 from tiltsmc.samplers._engine import Models
+from tiltsmc.samplers.baselines import best_of_n_run, rejection_run
 from tiltsmc.samplers.correction import mh_run
 from tiltsmc.samplers.lane import Lane, _Ledger, _packing, run_alone
 from tiltsmc.samplers.result import Compute, SamplerResult
@@ -299,6 +300,59 @@ def _stepped(seed: int, log_v0: np.ndarray) -> SMCRun:
     run = SMCRun(None, 3, "systematic", 1.0, "naive", np.random.default_rng(seed), 10)
     run.begin(log_v0, np.zeros(len(log_v0), bool), {})
     return run
+
+
+@pytest.mark.parametrize("kind", ["guided", "twist", "rollout"])
+def test_the_finished_counts_kept_between_model_calls_are_always_the_rows_counts(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``Lane._finished_rows`` is kept until a model call or a change of rows: wherever the lane reads it
+    (weights of a call, the shared step's flags, the runs that end), it equals a count of the batch's
+    finished rows at that moment, with runs of every sampler joining at different steps, ending at
+    different lengths and joining again (an MH correction's proposals, rejection's rounds)."""
+    models = _models()
+    proposal = "optimal" if kind == "twist" else "naive"
+    reads = []
+    original = Lane._finished_rows
+
+    def checked(lane: Lane) -> tuple[np.ndarray, np.ndarray]:
+        kept = original(lane)
+        finished = lane._particles().finished.reshape(-1)
+        fresh = [int(finished[m.start : m.stop].sum()) for m in lane.members]
+        assert kept[0].tolist() == fresh and kept[1].tolist() == [m.stop - m.start for m in lane.members]
+        reads.append(len(fresh))
+        return kept
+
+    monkeypatch.setattr(Lane, "_finished_rows", checked)
+    lane = Lane(models, kind)
+
+    def made(seed: int) -> list[Run]:
+        if kind == "rollout":
+            return [
+                best_of_n_run(models, None, 4, seed, max_steps=100, max_new_tokens=3 + seed % 4),
+                rejection_run(models, None, 1.0, 2, 8, seed, batch_size=3, max_steps=100),
+            ]
+        runs: list[Run] = [
+            smc_run(models, None, 4, "systematic", 0.7, proposal, seed, record_ancestry=False, max_steps=100,
+                    max_new_tokens=2 + seed % 5),
+            sp_gsmc_run(models, None, None if kind == "twist" else 4, seed, max_steps=100),
+            mh_run(models, None, None if kind == "twist" else 3, 2, 1 if kind == "twist" else 2, seed,
+                   resample="systematic", ess_threshold=0.5, max_steps=100),
+        ]  # fmt: skip
+        return runs
+
+    ended = added = 0
+    for step in range(60):
+        if step % 3 == 0 and step < 30:  # newcomers at every third step, while others run
+            for run in made(step):
+                lane.add(run)
+                added += 1
+        for _, error in lane.step():
+            assert error is None
+            ended += 1
+        if ended == added and step >= 30:
+            break
+    assert ended == added and len(reads) > 20
 
 
 def test_a_run_whose_weights_overflow_fails_alone_when_runs_reweigh_together() -> None:
