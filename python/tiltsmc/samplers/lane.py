@@ -122,9 +122,9 @@ class Lane:
         self._ledger = _Ledger()  # the members' shares of the model calls, until they leave
         self._streams: Optional[RowStreams] = None  # the members' random streams (kept by _renumber)
         self._slots: tuple[int, ...] = ()  # the members' slots in the ledger (kept by _renumber)
-        # by particle count: the last shared SMC step's runs (their ids) and what carries over from it
-        # (cleared by _renumber)
-        self._shared: dict[int, tuple[tuple[int, ...], SharedStep]] = {}
+        # by particle count: the last shared SMC step, its runs and what carries over from it (cleared by
+        # _renumber)
+        self._shared: dict[int, SharedStep] = {}
 
     @property
     def rows(self) -> int:
@@ -260,11 +260,10 @@ class Lane:
     def _shared_step(self, count: int, runs: list[Any]) -> SharedStep:
         """The ``SharedStep`` of the SMC step of ``count`` particles, made again only where the runs are not
         those of the last step (members joined or left, or one ended during the step)."""
-        key = tuple(map(id, runs))
         last = self._shared.get(count)
-        if last is None or last[0] != key:  # the step holds the runs: no other object has their ids
-            last = self._shared[count] = (key, SharedStep(runs))
-        return last[1]
+        if last is None or not last.of(runs):
+            last = self._shared[count] = SharedStep(runs)
+        return last
 
     def _twist_step(self, ended: Ended) -> None:
         particles = self._count_step()

@@ -446,6 +446,10 @@ class SharedStep:
         self._arrays: Optional[tuple[np.ndarray, ...]] = None  # the arrays the runs hold views of
         self._views: list[tuple[np.ndarray, ...]] = []
 
+    def of(self, runs: list[SMCRun]) -> bool:
+        """Whether ``runs`` are this step's runs, in order (by identity: the step holds them)."""
+        return len(runs) == len(self.runs) and all(a is b for a, b in zip(runs, self.runs))
+
     def arrays(self) -> tuple[np.ndarray, ...]:
         """The runs' ``_SMC_ARRAYS``, one after the other: those of the last step where the runs still hold
         its views, else copied together."""
@@ -491,7 +495,7 @@ def reweigh_together(
     """
     if shared is None:
         shared = SharedStep(runs)
-    elif len(shared.runs) != len(runs) or any(a is not b for a, b in zip(shared.runs, runs)):
+    elif not shared.of(runs):
         raise ValueError("shared: a SharedStep of other runs")
     streams = shared.streams
     streams.keys = None
