@@ -1063,6 +1063,68 @@ def test_concatenate_padded_large_threaded_and_views(restore_num_threads: Callab
     assert mixed.dtype == np.float64
 
 
+@pytest.mark.parametrize("axis", [1, 2, 3])
+def test_concatenate_padded_with_used_copies_each_rows_own_columns(
+    axis: int, restore_num_threads: Callable[[int], None]
+) -> None:
+    """With ``used`` (right padding), row ``i`` of the result takes the first ``min(used[i], kept)`` of
+    its part's kept columns, as the reference has them, and its other columns are left as they were in
+    ``out`` (a sentinel here): counts of 0, within and past the kept width, parts with skips; one thread
+    or two (a join of over a megabyte)."""
+    rng = np.random.default_rng(28)
+    cases = [((3, 2, 4, 5), [(2, 6), (0, 3), (3, 1), (1, 6)]), ((5, 3, 40, 70), [(40, 60), (9, 25)])]
+    for base, sizes in cases:
+        parts, skips = [], []
+        for rows, length in sizes:
+            shape = list(base)
+            shape[0], shape[axis] = rows, length
+            parts.append(rng.normal(size=shape).astype(np.float32))
+            skips.append(int(rng.integers(0, length // 2 + 1)))
+        expected = reference_concatenate_padded(parts, axis, skips, right=True)
+        rows = expected.shape[0]
+        kept = np.concatenate([np.full(p.shape[0], p.shape[axis] - k) for p, k in zip(parts, skips)])
+        used = rng.integers(0, expected.shape[axis] + 3, size=rows)
+        used[:1] = 0
+        for threads in (1, 2):
+            restore_num_threads(threads)
+            out = np.full(expected.shape, -7.0, dtype=np.float32)
+            before = used.copy()
+            got = core.concatenate_padded(parts, axis, skips, "right", out=out, used=used)
+            assert got is out
+            np.testing.assert_array_equal(used, before)  # read, never written
+            for row in range(rows):
+                own = min(int(used[row]), int(kept[row]))
+                index = (row, *(slice(None),) * (axis - 1))
+                np.testing.assert_array_equal(
+                    out[(*index, slice(0, own))], expected[(*index, slice(0, own))], err_msg=f"row {row}"
+                )
+                np.testing.assert_array_equal(out[(*index, slice(own, None))], -7.0, err_msg=f"row {row}")
+
+
+def test_concatenate_padded_refuses_bad_used_leaving_out_as_it_was() -> None:
+    a = np.ones((2, 3, 4))
+    out = np.full((4, 3, 4), 5.0)
+    cases: list[tuple[Any, str, Any]] = [
+        ([1, 2, 3, 4], "used: only with an axis and padding_side='right'", {"padding_side": "left"}),
+        ([1, 2, 3, 4], "used: only with an axis", {"axis": None}),
+        ([1, 2, 3], r"used: expected shape \(4,\) \(a count per row\), got \(3,\)", {}),
+        ([[1, 2, 3, 4]], r"used: expected shape \(4,\)", {}),
+        ([1, -1, 3, 4], "used: expected counts >= 0, got -1", {}),
+    ]
+    for used, message, options in cases:
+        arguments = {"axis": 2, "padding_side": "right", **options}
+        with pytest.raises(ValueError, match=message):
+            core.concatenate_padded([a, a], out=out, used=used, **arguments)
+    with pytest.raises(TypeError, match="used: expected integers, got float64"):
+        core.concatenate_padded([a, a], 2, padding_side="right", out=out, used=[1.0, 2.0, 3.0, 4.0])
+    np.testing.assert_array_equal(out, 5.0)
+    with pytest.raises(ValueError, match="used: only with right padding"):  # the binding checks it too
+        _core.concatenate_padded([a, a], [4, 4], [0, 0], out, 3, 8, False, np.zeros(4, dtype=np.int64))
+    with pytest.raises(ValueError, match="used: expected counts >= 0, got -2 at row 1"):
+        _core.concatenate_padded([a, a], [4, 4], [0, 0], out, 3, 8, True, np.array([0, -2, 0, 0]))
+    np.testing.assert_array_equal(out, 5.0)
+
+
 def test_concatenate_padded_refuses_bad_arguments_naming_them() -> None:
     a = np.zeros((2, 3, 4))
     with pytest.raises(ValueError, match="parts: expected at least one"):

@@ -187,7 +187,7 @@ def test_batches_join_right_padded_and_trim_on_the_right(reference: AloneReferen
     np.testing.assert_array_equal(mask[2:, 0, 1:], 0)
     key = next(k for k in joined.aligned if k != "lm.mask")
     np.testing.assert_array_equal(joined.state[key][2:, :, :, :1], short.one_per_prompt().state[key])
-    np.testing.assert_array_equal(joined.state[key][2:, :, :, 1:], 0)
+    # its columns after are never read (GroupQueryAttention reads each row's length): not copied
     total = np.concatenate([t.reshape(-1, 1) for t in totals])
     for _ in range(2):
         total += policy.propose(joined, rng)

@@ -163,10 +163,12 @@ void bind_keep_survivors(py::array& ancestors) {
 // (concatenate_padded): part k
 // (C-contiguous, out's dtype) read as (its first axis, blocks, lengths[k]) items of item_bytes bytes and out
 // (C-contiguous, writeable) as (its first axis, blocks, width); every figure is checked against the arrays'
-// byte sizes, and out against overlapping any part, before the kernel runs.
+// byte sizes, and out against overlapping any part, before the kernel runs. `used` (None, or int64 with one
+// count >= 0 per row of out; right padding only): each row copies only its first `used` kept items, the
+// columns after left as they were; copied before the kernel reads it.
 void bind_concatenate_padded(const py::list& parts, const std::vector<std::int64_t>& lengths,
                              const std::vector<std::int64_t>& skips, py::array& out, std::int64_t blocks,
-                             std::int64_t item_bytes, bool pad_end) {
+                             std::int64_t item_bytes, bool pad_end, const py::object& used_object) {
     if (lengths.size() != parts.size() || skips.size() != parts.size())
         throw py::value_error("lengths, skips: expected one per part");
     if (blocks < 0 || item_bytes < 0) throw py::value_error("blocks, item_bytes: must not be negative");
@@ -194,6 +196,19 @@ void bind_concatenate_padded(const py::list& parts, const std::vector<std::int64
         rows += part_rows;
     }
     if (out.shape(0) != rows) throw py::value_error("out: its first axis is not the parts' rows in all");
+    std::vector<std::int64_t> used;
+    if (!used_object.is_none()) {
+        if (!pad_end) throw py::value_error("used: only with right padding (pad_end)");
+        const py::array counts = checked<std::int64_t>(used_object, "used");
+        if (counts.ndim() != 1 || counts.shape(0) != rows)
+            throw py::value_error("used: expected one count per row of out (" + std::to_string(rows) + ")");
+        const auto* first = static_cast<const std::int64_t*>(counts.data());
+        used.assign(first, first + rows);
+        for (std::int64_t r = 0; r < rows; ++r)
+            if (used[static_cast<std::size_t>(r)] < 0)
+                throw py::value_error("used: expected counts >= 0, got " + std::to_string(used[static_cast<std::size_t>(r)]) +
+                                      " at row " + std::to_string(r));
+    }
     const std::int64_t row_bytes = blocks * item_bytes;
     if (rows == 0 || row_bytes == 0) {  // nothing to copy
         if (out.nbytes() != 0) throw py::value_error("out: expected no items for parts without any");
@@ -210,7 +225,7 @@ void bind_concatenate_padded(const py::list& parts, const std::vector<std::int64
     {
         GilReleasedFor release(2 * static_cast<std::int64_t>(out.nbytes()));
         status = concatenate_padded(read.data(), static_cast<std::int64_t>(read.size()), blocks, width, item_bytes,
-                                    target, pad_end);
+                                    target, pad_end, used.empty() ? nullptr : used.data());
     }
     check(status, "parts");
 }
@@ -219,7 +234,7 @@ void bind_concatenate_padded(const py::list& parts, const std::vector<std::int64
 
 void register_gather(py::module_& m) {
     m.def("concatenate_padded", &bind_concatenate_padded, py::arg("parts"), py::arg("lengths"), py::arg("skips"),
-          py::arg("out"), py::arg("blocks"), py::arg("item_bytes"), py::arg("pad_end"));
+          py::arg("out"), py::arg("blocks"), py::arg("item_bytes"), py::arg("pad_end"), py::arg("used") = py::none());
     m.def("reorder_in_place", &bind_reorder_in_place, py::arg("arrays"), py::arg("ancestors"),
           py::arg("skip_unwritable"), py::arg("used") = py::none(), py::arg("axes") = py::none());
     m.def("keep_survivors", &bind_keep_survivors, py::arg("ancestors"));

@@ -277,8 +277,9 @@ Status keep_survivors(std::int64_t* ancestors, std::int64_t rows, std::int64_t n
 }
 
 Status concatenate_padded(const PaddedPart* parts, std::int64_t count, std::int64_t blocks, std::int64_t width,
-                          std::int64_t item_bytes, std::uint8_t* out, bool pad_end) {
+                          std::int64_t item_bytes, std::uint8_t* out, bool pad_end, const std::int64_t* used) {
     if (count < 0 || blocks < 0 || width < 0 || item_bytes < 0) return {StatusCode::bad_size, -1, -1};
+    if (used != nullptr && !pad_end) return {StatusCode::bad_size, -1, -1};
     // first_row[k]: part k's first row in out; the parts are read once here, so that what the copies use
     // is what was checked
     std::vector<PaddedPart> checked(parts, parts + count);
@@ -290,6 +291,15 @@ Status concatenate_padded(const PaddedPart* parts, std::int64_t count, std::int6
         first_row[static_cast<std::size_t>(k) + 1] = first_row[static_cast<std::size_t>(k)] + part.rows;
     }
     const std::int64_t rows = first_row.back();
+    // each row's count, read once: what the copies use is what was checked
+    std::vector<std::int64_t> row_used;
+    if (used != nullptr) {
+        row_used.resize(static_cast<std::size_t>(rows));
+        for (std::int64_t r = 0; r < rows; ++r) {
+            row_used[static_cast<std::size_t>(r)] = read_once(used + r);
+            if (row_used[static_cast<std::size_t>(r)] < 0) return {StatusCode::bad_size, -1, r};
+        }
+    }
     const std::int64_t segment_bytes = width * item_bytes;
     // One task per segment, so that a batch of a few rows of many segments (one prompt's particles and
     // heads) still splits over threads. A second thread halved the join of 7.6 MB (8 arrays) on the 2-core VM.
@@ -301,9 +311,16 @@ Status concatenate_padded(const PaddedPart* parts, std::int64_t count, std::int6
             const std::int64_t row = t / blocks;
             while (row >= first_row[static_cast<std::size_t>(k) + 1]) ++k;
             const PaddedPart& part = checked[static_cast<std::size_t>(k)];
-            const std::int64_t kept = part.length - part.skip, pad = width - kept;
             const std::int64_t local = (row - first_row[static_cast<std::size_t>(k)]) * blocks + t % blocks;
             std::uint8_t* target = out + t * segment_bytes;
+            if (used != nullptr) {  // the row's own columns only; those after are left as they were
+                const std::int64_t own = std::min(part.length - part.skip, row_used[static_cast<std::size_t>(row)]);
+                if (own > 0)
+                    std::memcpy(target, part.data + local * part.length * item_bytes,
+                                static_cast<std::size_t>(own * item_bytes));
+                continue;
+            }
+            const std::int64_t kept = part.length - part.skip, pad = width - kept;
             const std::int64_t zeros_at = pad_end ? kept : 0, kept_at = pad_end ? 0 : pad;
             const std::int64_t first = local * part.length + (pad_end ? 0 : part.skip);
             if (pad > 0) std::memset(target + zeros_at * item_bytes, 0, static_cast<std::size_t>(pad * item_bytes));

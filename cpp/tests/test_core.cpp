@@ -434,6 +434,24 @@ void test_concatenate_padded() {
                right[at + 1] == second[static_cast<std::size_t>(segment * 2 + 1)]);
         EXPECT(right[at + 2] == 0 && right[at + 3] == 0);
     }
+    // Right padding with counts: row 0 takes one item of each segment, row 1 none, row 2 (part 1) its one
+    // item (a count past its kept length is clamped); the columns after are left as they were.
+    const std::int64_t counts[] = {1, 0, 5};
+    std::vector<std::uint8_t> own(out.size(), 0xAB);
+    EXPECT(concatenate_padded(parts, 2, 2, 2, 2, own.data(), true, counts).ok());
+    for (std::int64_t segment = 0; segment < 2; ++segment) {
+        const std::size_t at = static_cast<std::size_t>(segment * 4);
+        EXPECT(std::memcmp(&own[at], &first[static_cast<std::size_t>(segment * 6)], 2) == 0);
+        EXPECT(own[at + 2] == 0xAB && own[at + 3] == 0xAB);
+    }
+    for (std::size_t k = 8; k < 16; ++k) EXPECT(own[k] == 0xAB);
+    EXPECT(own[16] == second[0] && own[17] == second[1] && own[18] == 0xAB && own[19] == 0xAB);
+    // A negative count, or counts with left padding: refused, nothing written.
+    const std::int64_t negative[] = {1, -1, 0};
+    std::vector<std::uint8_t> kept_as_is(out.size(), 0xAB);
+    EXPECT(concatenate_padded(parts, 2, 2, 2, 2, kept_as_is.data(), true, negative).code == StatusCode::bad_size);
+    EXPECT(concatenate_padded(parts, 2, 2, 2, 2, kept_as_is.data(), false, counts).code == StatusCode::bad_size);
+    EXPECT(kept_as_is == std::vector<std::uint8_t>(out.size(), 0xAB));
     // A part longer than the width after its skip, or a skip past its length: refused, nothing written.
     std::vector<std::uint8_t> untouched(out.size(), 0xCD), target = untouched;
     const PaddedPart too_long[] = {{first.data(), 2, 3, 0}, {second.data(), 1, 1, 0}};

@@ -85,6 +85,7 @@ def concatenate_padded(
     blocks: int,
     item_bytes: int,
     pad_end: bool,
+    used: Optional[npt.NDArray[np.int64]] = None,
 ) -> None: ...
 def append_tokens(
     tokens: npt.NDArray[np.int64],

@@ -568,6 +568,7 @@ def concatenate_padded(
     skips: Optional[Sequence[int]] = None,
     padding_side: Literal["left", "right"] = "left",
     out: Optional[np.ndarray] = None,
+    used: Optional[npt.ArrayLike] = None,
 ) -> np.ndarray:
     """Join arrays along their first axis, padding ``axis`` to a common width (one core call).
 
@@ -582,6 +583,12 @@ def concatenate_padded(
     ``np.concatenate`` does. Large copies are split over the core's threads. ``out``: the array to write
     (C-contiguous and writeable, of the parts' rows in all and the promoted dtype, at least the longest
     kept length wide along ``axis``: the columns past it padding too), returned.
+
+    ``used`` (right padding only; one count per row of the result's first axis, each at least 0): row ``i``
+    takes only the first ``min(used[i], kept)`` of its part's kept columns along ``axis``, and its columns
+    after are left as they were in ``out`` (not initialised where ``out`` is not given): batches of KV
+    caches written in place, whose rows read no column past their length, join by copying those columns
+    alone.
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side: expected 'left' or 'right', got {padding_side!r}")
@@ -606,6 +613,19 @@ def concatenate_padded(
         raise ValueError(f"skips: expected one per part ({len(arrays)}), got {len(skips)}")
     elif axis is None and any(skips):
         raise ValueError("skips: need an axis to skip along")
+    counts = None
+    if used is not None:
+        if axis is None or padding_side != "right":
+            raise ValueError("used: only with an axis and padding_side='right'")
+        counts = np.asarray(used)
+        if counts.dtype.kind not in "iu":
+            raise TypeError(f"used: expected integers, got {counts.dtype}")
+        rows = sum(a.shape[0] for a in arrays)
+        if counts.shape != (rows,):
+            raise ValueError(f"used: expected shape ({rows},) (a count per row), got {counts.shape}")
+        if counts.size and int(counts.min()) < 0:
+            raise ValueError(f"used: expected counts >= 0, got {int(counts.min())}")
+        counts = np.array(counts, dtype=np.int64)  # a copy: never memory the call writes
     dtype = np.result_type(*arrays)
     inner = [list(a.shape[1:]) for a in arrays]
     lengths = [1 if axis is None else a.shape[axis] for a in arrays]
@@ -643,9 +663,8 @@ def concatenate_padded(
         a if a.dtype == dtype and a.flags.c_contiguous else np.ascontiguousarray(a, dtype=dtype)
         for a in arrays
     ]
-    _core.concatenate_padded(
-        sources, lengths, [int(skip) for skip in skips], out, blocks, item_bytes, padding_side == "right"
-    )
+    skipped, right = [int(skip) for skip in skips], padding_side == "right"
+    _core.concatenate_padded(sources, lengths, skipped, out, blocks, item_bytes, right, counts)
     return out
 
 

@@ -166,9 +166,13 @@ struct PaddedPart {
 // at the last column of the segment in out, and the columns before them are zero. Right padding (pad_end
 // true): its kept items (0 .. length - skip - 1) start the segment, and the columns after them are zero.
 // Needs 0 <= skip <= length and length - skip <= width for every part (checked before anything is
-// written); out must not overlap a part.
+// written); out must not overlap a part. With `used` (right padding only: one count per row of out, each at
+// least 0), row r's segments take only their first min(used[r], kept) items and the columns after are left as
+// they were (a KV cache written in place, of which no column past a row's length is read): a row that has
+// used half the cache's width copies half its bytes. `used` is read once per row.
 Status concatenate_padded(const PaddedPart* parts, std::int64_t count, std::int64_t blocks, std::int64_t width,
-                          std::int64_t item_bytes, std::uint8_t* out, bool pad_end = false);
+                          std::int64_t item_bytes, std::uint8_t* out, bool pad_end = false,
+                          const std::int64_t* used = nullptr);
 
 // -- token sequences (the ONNX models' per-step bookkeeping) --------------------------------------------
 

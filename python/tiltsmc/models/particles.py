@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -252,8 +253,17 @@ class Particles:
                     None if alignment is None else skips[alignment[1]],
                     alignment is not None and alignment[1] in right_padded,
                 )
+        used: dict[str, Optional[npt.NDArray[np.int64]]] = {}  # by mask: each row's length, where needed
+
+        def rows_used(mask_key: str) -> Optional[npt.NDArray[np.int64]]:
+            if mask_key not in used:
+                used[mask_key] = _rows_used(parts, mask_key)
+            return used[mask_key]
+
         for key, (arrays, axis, fits) in written_in_place.items():
-            state[key] = _joined_in_place(arrays, axis, fits, reuse_first)
+            state[key] = _joined_in_place(
+                arrays, axis, fits, reuse_first, functools.partial(rows_used, aligned[key][1])
+            )
         return cls(
             prompts=[prompt for part in parts for prompt in part.prompts],
             tokens=tokens,
@@ -757,14 +767,21 @@ def _in_place_fits(key: str, arrays: list[Any], axis: int) -> bool:
     return all(a.dtype == first.dtype and a.shape[axis] <= first.shape[axis] for a in arrays[1:])
 
 
-def _joined_in_place(arrays: list[np.ndarray], axis: int, fits: bool, reuse_first: bool) -> np.ndarray:
+def _joined_in_place(
+    arrays: list[np.ndarray],
+    axis: int,
+    fits: bool,
+    reuse_first: bool,
+    used: Callable[[], Optional[npt.NDArray[np.int64]]],
+) -> np.ndarray:
     """An ``in_place`` state entry of
     [`Particles.concatenate`][tiltsmc.models.particles.Particles.concatenate], right-padded along ``axis``
     (checked by ``_in_place_fits``): the later parts' own columns written into the spare rows behind the
     first's, where it has them (``reuse_first``: or once its rows are moved to the front of their
     memory), and a view of its memory returned (the first part's rows not copied); else every part copied
-    into a new array with spare rows, as wide as the widest part (nothing trimmed). The columns past a
-    part's are left as they were: the model reads no column past a row's length."""
+    into a new array with spare rows, as wide as the widest part (nothing trimmed), each particle's
+    columns that its mask counts alone where ``used()`` gives them (``_rows_used``). The columns past
+    those are left as they were: the model reads no column past a row's length."""
     first, rest = arrays[0], arrays[1:]
     added = sum(array.shape[0] for array in rest)
     behind = _SPARE_ROWS.behind(first, added, move=reuse_first) if fits else None
@@ -779,7 +796,27 @@ def _joined_in_place(arrays: list[np.ndarray], axis: int, fits: bool, reuse_firs
     shape[0] = sum(array.shape[0] for array in arrays)
     shape[axis] = max(array.shape[axis] for array in arrays)
     out = _SPARE_ROWS.make(shape, np.result_type(*arrays))
-    return core.concatenate_padded(arrays, axis, padding_side="right", out=out)
+    lengths = used()
+    if lengths is None:
+        return core.concatenate_padded(arrays, axis, padding_side="right", out=out)
+    # a particle a row: (B * N, ...), so that each row copies as many columns as its own mask counts
+    particles = [array.reshape(-1, *array.shape[2:]) for array in arrays]
+    core.concatenate_padded(
+        particles, axis - 1, padding_side="right", out=out.reshape(-1, *shape[2:]), used=lengths
+    )
+    return out
+
+
+def _rows_used(parts: Sequence[Particles], mask_key: str) -> Optional[npt.NDArray[np.int64]]:
+    """Each particle's length by its right-padded mask ``mask_key`` (``mask_lengths``), the parts' one after
+    the other (``(B * N,)``); None where a part's mask is not a host ``(B, N, length)`` array."""
+    counts = []
+    for part in parts:
+        mask = part.state.get(mask_key)
+        if type(mask) is not np.ndarray or mask.ndim != 3 or mask.shape[:2] != part.lengths.shape:
+            return None
+        counts.append(mask_lengths(mask).reshape(-1))
+    return np.concatenate(counts)
 
 
 def _reorder(
