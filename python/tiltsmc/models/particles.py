@@ -192,8 +192,9 @@ class Particles:
         The arrays are new, but for ``in_place`` entries: these are made with spare rows (half as many
         again), and where the first part's array ends where the rows taken of its memory end (nothing
         joined behind it since), the other parts' rows are written there, as wide as the first part's,
-        and the result is a view of the same memory (only the newcomers copied). The joined batch and the
-        first part then share those rows, as after
+        and the result is a view of the same memory (only the newcomers copied). Of an ``in_place`` entry,
+        a particle's columns past those its (host) mask counts are not copied: the model reads none. The
+        joined batch and the first part then share those rows, as after
         [`view_rows`][tiltsmc.models.particles.Particles.view_rows]: use the joined batch in its place.
 
         ``reuse_first``: the first part is given up (a serving lane's batch, which the joined batch
