@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from tiltsmc import core
 from tiltsmc._rng import RowStreams
+from tiltsmc.models.particles import Particles
 from tiltsmc.samplers._engine import Models
 from tiltsmc.samplers.baselines import best_of_n_run, rejection_run
 from tiltsmc.samplers.correction import mh_run
@@ -478,3 +479,56 @@ def test_newcomers_take_over_the_rows_of_runs_that_left() -> None:
         assert run.result is not None
         assert [s.tolist() for s in alone.samples] == [s.tolist() for s in run.result.samples]
         np.testing.assert_array_equal(alone.log_z, run.result.log_z)
+
+
+def test_newcomers_that_do_not_fit_the_free_rows_join_behind_in_blocks_of_their_own_rows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Newcomers started together: the one that fits a free range takes it over, and those that do not
+    join behind the batch in blocks of rows that follow one another in their start (one part for each
+    block, not one for each run); every result is the run's own, as alone."""
+    models = _models()
+    lane = Lane(models, "guided")
+
+    def run(seed: int, prompts: int, limit: int) -> SMCRun:
+        return smc_run(
+            models, [()] * prompts, 4, "systematic", 0.5, "naive", seed, record_ancestry=False, max_steps=100,
+            max_new_tokens=limit,
+        )  # fmt: skip
+
+    first = [run(1, 1, 2), run(2, 1, 6)]
+    for each in first:
+        lane.add(each)
+    while first[0].result is None:
+        lane.step()
+    assert lane.rows == 4 and lane._holes == [(0, 4)]
+    # one start of four runs: 8 rows (too many), 4 (fits the free rows), 8 and 4 (no free rows left)
+    newcomers = [run(3, 2, 3), run(4, 1, 4), run(5, 2, 5), run(6, 1, 3)]
+    for each in newcomers:
+        lane.add(each)
+    joined: list[int] = []
+    concatenate = Particles.concatenate.__func__  # type: ignore[attr-defined]
+
+    def counted(cls: Any, parts: Any, **options: Any) -> Particles:
+        joined.append(len(parts))
+        return concatenate(cls, parts, **options)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(Particles, "concatenate", classmethod(counted))
+    lane.step()
+    assert joined == [3]  # the batch, then the first newcomer's rows, then the last two's in one block
+    rows = {id(member.run): (member.start, member.stop) for member in lane.members}
+    assert rows[id(newcomers[1])] == (0, 4)  # the free rows, taken over
+    assert [rows[id(each)] for each in (first[1], newcomers[0], newcomers[2], newcomers[3])] == [
+        (4, 8), (8, 16), (16, 24), (24, 28)
+    ]  # fmt: skip
+    monkeypatch.undo()
+    while any(each.result is None for each in [first[1], *newcomers]):
+        lane.step()
+    for seed, prompts, limit, each in [
+        (2, 1, 6, first[1]), (3, 2, 3, newcomers[0]), (4, 1, 4, newcomers[1]), (5, 2, 5, newcomers[2]),
+        (6, 1, 3, newcomers[3]),
+    ]:  # fmt: skip
+        alone = run_alone(models, run(seed, prompts, limit))
+        assert each.result is not None
+        assert [s.tolist() for s in alone.samples] == [s.tolist() for s in each.result.samples]
+        np.testing.assert_array_equal(alone.log_z, each.result.log_z)

@@ -471,12 +471,12 @@ class Lane:
                 self.members, self._holes, self.particles, given_up = [], [], None, False
             else:
                 for part, runs in placed:
-                    behind.extend(([member], piece) for member, piece in self._fill_holes(lane, part, runs))
+                    behind.extend(self._fill_holes(lane, part, runs))
                 self._pack()
                 self._particles().trim_padding(TRIM_PADDING_FROM)  # the rows taken over may have been longer
                 placed = []
-        for part, runs in placed:
-            behind.extend(([member], piece) for member, piece in self._pieces(part, runs))
+        for part, runs in placed:  # each part whole, its runs' rows in order
+            behind.append(([member for member, _ in runs], part))
         if behind:
             first = self._batch_rows()
             batches = [batch for _, batch in behind]
@@ -491,20 +491,14 @@ class Lane:
                     self.members.append(member)
         self._renumber()
 
-    @staticmethod
-    def _pieces(part: Particles, runs: list[tuple[_Member, int]]) -> list[tuple[_Member, Particles]]:
-        """Each run's rows of ``part`` (from its first row): the part itself where it holds one run."""
-        if len(runs) == 1:
-            return [(runs[0][0], part)]
-        return [(m, part.view_rows(first, first + m.batch * m.count)) for m, first in runs]
-
     def _fill_holes(
         self, lane: Particles, part: Particles, runs: list[tuple[_Member, int]]
-    ) -> list[tuple[_Member, Particles]]:
+    ) -> list[tuple[list[_Member], Particles]]:
         """Write each of ``part``'s runs over free rows of the lane's batch where they fit
         (``Particles.fill_rows``), each into the first free range that holds it: where every run fits, in
-        one write of the part, else run by run. Returns the runs that did not fit, with their rows (to
-        join behind the batch's)."""
+        one write of the part, else run by run. Returns the runs that did not fit, in blocks of runs whose
+        rows follow one another in ``part``, with those rows (a view; the part itself where none fit): to
+        join behind the batch's rows."""
         holes = list(self._holes)
         starts = []
         for member, _ in runs:
@@ -525,16 +519,20 @@ class Lane:
                     member.start, member.stop = start, start + member.batch * member.count
                     self.members.append(member)
                 return []
-        left = []
-        for member, piece in self._pieces(part, runs):
-            start = _first_fit(self._holes, piece.num_prompts)
-            if start is not None and lane.fill_rows(start, piece):
-                self._holes = _taken(self._holes, start, piece.num_prompts)
-                member.start, member.stop = start, start + piece.num_prompts
+        left: list[tuple[list[_Member], int, int]] = []  # blocks of runs that did not fit: their rows
+        for member, first in runs:
+            size = member.batch * member.count
+            start = _first_fit(self._holes, size)
+            if start is not None and lane.fill_rows(start, _rows_of(part, first, first + size)):
+                self._holes = _taken(self._holes, start, size)
+                member.start, member.stop = start, start + size
                 self.members.append(member)
+            elif left and left[-1][2] == first:
+                left[-1][0].append(member)
+                left[-1] = (left[-1][0], left[-1][1], first + size)
             else:
-                left.append((member, piece))
-        return left
+                left.append(([member], first, first + size))
+        return [(members, _rows_of(part, first, stop)) for members, first, stop in left]
 
     def _pack(self) -> None:
         """The rows runs have left taken out of the batch: the runs after them moved into their place
@@ -704,6 +702,11 @@ class Lane:
     def _end_at_limits(self, particles: Particles) -> None:
         _end_at_limits(particles)
         self._counted = None
+
+
+def _rows_of(part: Particles, start: int, stop: int) -> Particles:
+    """Rows ``start:stop`` of ``part``: the part itself where they are all its rows, else a view."""
+    return part if start == 0 and stop == part.num_prompts else part.view_rows(start, stop)
 
 
 def _first_fit(holes: list[tuple[int, int]], rows: int) -> Optional[int]:
