@@ -17,10 +17,13 @@ import jsonschema
 import numpy as np
 import pytest
 import tiltsmc
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from tiltsmc import cli
 from tiltsmc.cli import DESCRIPTION, main
 from tiltsmc.models import OnnxCausalLM, OnnxRewardModel
-from tiltsmc.samplers.result import SamplerResult
+from tiltsmc.samplers.result import SamplerResult, finite_or_none, plain
 
 FIXTURES = Path(__file__).parent / "fixtures" / "models"
 POLICY, REWARD = str(FIXTURES / "llama-tiny"), str(FIXTURES / "prm-tiny")
@@ -294,3 +297,19 @@ def test_piped_demo_reports_progress_through_log_lines(
         assert (tmp_path / "d" / name).stat().st_mode & 0o777 == 0o644, name
     record = json.loads((tmp_path / "d" / "demo.json").read_text(), parse_constant=_refuse)
     assert record["config"]["levels"] == [2]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    hnp.arrays(
+        st.sampled_from([np.float64, np.float32, np.int64, np.bool_]),
+        hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4),
+    )
+)
+def test_plain_lists_an_array_as_the_element_by_element_pass_would(values: np.ndarray) -> None:
+    """``plain`` lists numeric arrays at once: the same JSON as listing them and replacing every number
+    that is not finite by None (infinities and NaN included), whatever the dtype and shape."""
+    expected = finite_or_none(values.tolist())
+    got = plain(values)
+    assert json.dumps(got, allow_nan=False) == json.dumps(expected, allow_nan=False)
+    assert json.dumps(plain([values, values[()] if values.ndim == 0 else values[:1]]), allow_nan=False)

@@ -28,7 +28,7 @@ import tiltsmc  # noqa: E402
 from stuck_policy import SCRIPT_HEAD  # noqa: E402
 from tiltsmc.models import OnnxCausalLM, OnnxRewardModel  # noqa: E402
 from tiltsmc.serving.engine import usable_cores  # noqa: E402
-from tiltsmc.tasks import arithmetic  # noqa: E402
+from tiltsmc.tasks import MarkovDFATask, arithmetic  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures" / "models"
 FIXTURE_MODELS = [
@@ -815,3 +815,23 @@ def test_waiting_for_answers_waits_on_the_connection_instead_of_polling_it() -> 
         return futures[1].cancelled(), connection.receives == 1
 
     assert asyncio.run(left()) == (True, True)
+
+
+def test_a_servers_answer_has_each_fields_part_as_to_dict_writes_it() -> None:
+    """The server's ``tiltsmc`` detail of a choice reads each field's first prompt as ``to_dict`` writes
+    it, non-finite values (a zero weight, a collapsed prompt's estimate) as null."""
+    from tiltsmc.serving.server import _response
+
+    task = MarkovDFATask.random(4, 3, 5, rng=0)
+    result = tiltsmc.smc(task.policy(), task.twist(noise=0.4, rng=1), num_particles=4, rng=3)
+    result.log_z[0] = -math.inf
+    result.log_weights[0][1] = -math.inf
+    result.collapsed[0] = True
+    answer = _response("id", "m", "smc", 1, 0, [(result, 0)], task.policy())
+    detail = answer["tiltsmc"]["choices"][0]
+    record = result.to_dict()
+    for key in ("log_z", "log_weights", "ess", "resampled", "collapsed"):
+        assert detail[key] == record[key][0], key
+    assert detail["log_z"] is None and detail["log_weights"][1] is None and detail["collapsed"] is True
+    assert detail["compute"] == record["compute"]
+    json.dumps(answer, allow_nan=False)

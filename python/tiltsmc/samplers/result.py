@@ -11,7 +11,7 @@ from typing import Any, Optional
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Compute", "SamplerResult", "finite_or_none"]
+__all__ = ["Compute", "SamplerResult", "finite_or_none", "plain"]
 
 
 @dataclass
@@ -219,19 +219,6 @@ class SamplerResult:
         """Plain Python types only, ready for ``json.dumps`` (strict JSON: a number that is not finite is
         None, see ``finite_or_none`` for what it stands for in each field)."""
 
-        def plain(value: Any) -> Any:
-            if isinstance(value, np.ndarray):
-                return [plain(v) for v in value] if value.dtype == object else finite_or_none(value.tolist())
-            if isinstance(value, (list, tuple)):
-                return [plain(v) for v in value]
-            if isinstance(value, (np.floating, float)):
-                return finite_or_none(float(value))
-            if isinstance(value, np.integer):
-                return int(value)
-            if isinstance(value, np.bool_):
-                return bool(value)
-            return value
-
         record: dict[str, Any] = {
             "sampler": self.sampler,
             "samples": plain(self.samples),
@@ -263,6 +250,30 @@ class SamplerResult:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), allow_nan=False)
+
+
+def plain(value: Any) -> Any:
+    """``value`` (numpy arrays and scalars, lists and tuples of them) in plain Python types for strict JSON,
+    as [`SamplerResult.to_dict`][tiltsmc.samplers.result.SamplerResult.to_dict] writes its fields: arrays
+    as (nested) lists, numbers that are not finite as None (``finite_or_none``). An array of integers,
+    booleans or finite floats is listed at once, not element by element (a server's answers are mostly
+    token arrays)."""
+    if isinstance(value, np.ndarray):
+        if value.dtype == object:
+            return [plain(v) for v in value]
+        listed = value.tolist()
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            return finite_or_none(listed)
+        return listed
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return finite_or_none(float(value))
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
 
 
 def finite_or_none(value: Any) -> Any:

@@ -48,7 +48,7 @@ import numpy as np
 
 from .. import core
 from .._options import real_option
-from ..samplers.result import SamplerResult
+from ..samplers.result import SamplerResult, plain
 from .engine import (
     ADAPTIVE_ROWS,
     MAX_BATCH_ROWS,
@@ -741,7 +741,6 @@ def _response(
     completion_tokens = 0
     per_prompt = len(choices) // max(num_prompts, 1)
     for i, (result, index) in enumerate(choices):
-        record = result.to_dict()
         samples = result.samples[0]
         tokens = np.asarray(samples[index]) if len(samples) else np.zeros(0, dtype=np.int64)
         completion_tokens += int(tokens.size)
@@ -757,9 +756,10 @@ def _response(
         out_choices.append(choice)
         detail: dict[str, Any] = {"index": i, "prompt_index": i // max(per_prompt, 1), "sample_index": index}
         for key in ("log_z", "log_weights", "ess", "resampled", "collapsed", "acceptance_rate", "tries"):
-            if key in record:
-                detail[key] = record[key][0]
-        detail["compute"] = record["compute"]
+            value = getattr(result, key)
+            if value is not None:  # its prompt's part, as SamplerResult.to_dict writes the field
+                detail[key] = plain(value[0])
+        detail["compute"] = result.compute.to_dict()
         details.append(detail)
     return {
         "id": f"{'chatcmpl' if chat else 'cmpl'}-{request_id}",
