@@ -609,6 +609,11 @@ def test_api_key(tmp_path: Path) -> None:
         wrong = secured.post(body, headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
         assert secured.post(body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        for path in ("/v1/completions", "/v1/chat/completions"):  # the key is checked before the body
+            refused = httpx.post(f"{secured.url}{path}", content=b"{not json")
+            assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error"
+            chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+            assert httpx.post(f"{secured.url}{path}", json=chat).status_code == 401
         assert httpx.get(f"{secured.url}/health").status_code == 200
         assert httpx.get(f"{secured.url}/metrics").status_code == 401
         assert httpx.get(f"{secured.url}/v1/models").status_code == 401
