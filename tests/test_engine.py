@@ -365,6 +365,32 @@ def test_timeout_and_cancellation_free_rows(models: tuple[Any, Any], workers: in
     assert stats["rows_in_flight"] == 0
 
 
+def test_cancelled_requests_are_done_for_wait_and_as_completed(models: tuple[Any, Any]) -> None:
+    """``concurrent.futures.wait`` and ``as_completed`` return cancelled requests (waiting or in flight) at
+    once, as executors' cancelled futures: they waited for ever where nothing told their waiters; a second
+    cancel of the same future, from another thread too, changes nothing."""
+    policy, twist = models
+    gated = Gated(policy)
+    gated.gate.clear()
+    with tiltsmc.Engine(gated, twist, max_batch_rows=32) as engine:
+        in_flight = engine.submit((), "smc", num_particles=32, rng=0)
+        waiting = [engine.submit((), "smc", num_particles=32, rng=k) for k in (1, 2)]
+        kept = engine.submit((), "smc", num_particles=4, rng=3)
+        assert gated.entered.wait(10)
+        threads = [threading.Thread(target=future.cancel) for future in (in_flight, *waiting, in_flight)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        done, pending = concurrent.futures.wait([in_flight, *waiting], timeout=5)
+        assert not pending and all(future.cancelled() for future in done)
+        assert set(concurrent.futures.as_completed([in_flight, *waiting], timeout=5)) == done
+        assert in_flight.cancel() and not in_flight.running()
+        gated.gate.set()
+        assert concurrent.futures.wait([kept], timeout=30).done == {kept}
+        assert kept.result().samples[0].shape[0] == 4
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_close_drains_or_ends_requests(models: tuple[Any, Any], workers: int) -> None:
     policy, twist = models

@@ -200,13 +200,25 @@ class _ResultFuture(Future[SamplerResult]):
     """A request's future, whose result's texts are decoded at its first read (``result()``), on the reading
     thread: the engine's worker leaves them to it (``Run.decodes_texts`` off), so that decoding the
     requests that end does not hold up the step of every request in flight. An ``await`` of
-    ``Engine.generate`` reads it on the event loop's thread."""
+    ``Engine.generate`` reads it on the event loop's thread. Cancelled, it tells the waiters of
+    ``concurrent.futures.wait`` and ``as_completed`` at once, as an executor does when it takes a cancelled
+    future (``set_running_or_notify_cancel``): no executor takes these, and they waited for ever."""
 
     def __init__(self, policy: Any) -> None:
         super().__init__()
         self._policy = policy
         self._decoding = threading.Lock()
         self._decoded = False
+        self._notified = False  # set_running_or_notify_cancel called (once: again, it raises)
+
+    def cancel(self) -> bool:
+        if not super().cancel():
+            return False
+        with self._condition:  # reentrant: set_running_or_notify_cancel takes it too
+            if not self._notified:
+                self._notified = True
+                self.set_running_or_notify_cancel()
+        return True
 
     def result(self, timeout: Optional[float] = None) -> SamplerResult:
         result = super().result(timeout)
