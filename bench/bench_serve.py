@@ -19,7 +19,11 @@ off, large batched calls were about half as fast).
 For each configuration and particle count:
 
 1. **Lone requests, in this process**: ``engine.submit(...).result()`` against a direct ``tiltsmc.smc``
-   call, interleaved, on the same prompts and seeds (the bar: the engine's median within 10%).
+   call, interleaved, on the same prompts and seeds (the bar: the engine's median within 10%). Then the
+   engine at saturation in this process, with nothing beside it on the cores: ``--saturation-in-flight``
+   (64) requests always in it, each answered one replaced at once, for ``--saturation-seconds`` (10);
+   its share of a step, steps, rows and throughput from ``Engine.stats`` between a third of the way in
+   and the end (printed beside the share bar; the bar itself is read over HTTP, below).
 2. **Lone requests over HTTP** to each server (interleaved); the baseline's median ``L`` is the reference
    of the p99 target, ``p99 <= --target-factor x L`` (default 5x; one target for both systems), and
    sets the ladder of offered rates, ``--rates`` multiples of ``1 / L``.
@@ -59,8 +63,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import gc
+import itertools
 import math
 import os
 import signal
@@ -361,10 +367,18 @@ def lone_over_http(base: str, bodies: list[dict[str, Any]]) -> list[float]:
 
 
 def lone_in_process(
-    models: str, prompts: list[str], particles_list: list[int], repeats: int, memory_arena: bool
+    models: str,
+    prompts: list[str],
+    particles_list: list[int],
+    repeats: int,
+    memory_arena: bool,
+    in_flight: int = 64,
+    saturation_seconds: float = 0.0,
 ) -> dict[int, Any]:
     """Per particle count: the engine with one request in flight against a direct ``tiltsmc.smc`` call,
-    interleaved (after one untimed call of each), same prompts and seeds; and whether they agree bitwise."""
+    interleaved (after one untimed call of each), same prompts and seeds; and whether they agree bitwise.
+    With ``saturation_seconds``, then the engine at saturation in this process (``saturation_in_process``,
+    ``in_flight`` requests)."""
     import tiltsmc
     from serve_baseline import load_models
 
@@ -400,9 +414,63 @@ def lone_in_process(
                 "engine_over_direct_paired": float(np.median(np.divide(engine_times, direct))),
                 "identical_log_z": f"{identical}/{repeats}",
             }
+        if saturation_seconds > 0:  # built as tiltsmc serve builds it (freed memory kept for reuse)
+            with tiltsmc.Engine(policy, reward, keep_freed_memory=True) as engine:
+                for particles in particles_list:
+                    out[particles]["saturation"] = saturation_in_process(
+                        engine, prompts, particles, in_flight, saturation_seconds, max_new_tokens
+                    )
     del policy, reward, engine
     gc.collect()
     return out
+
+
+def saturation_in_process(
+    engine: Any, prompts: list[str], particles: int, in_flight: int, seconds: float, max_new_tokens: int
+) -> dict[str, Any]:
+    """The engine at saturation with nothing beside it: ``in_flight`` requests always in it (each one
+    answered replaced at once, from this process: no HTTP layer, no load generator on its cores), for
+    ``seconds``; its figures (``Engine.stats``) between a third of the way in (the batch grown) and the
+    end."""
+    sent = itertools.count()
+
+    def submit() -> Any:
+        k = next(sent)
+        prompt = prompts[k % len(prompts)]
+        return engine.submit(prompt, "smc", num_particles=particles, rng=k, max_new_tokens=max_new_tokens)
+
+    began = time.perf_counter()
+    pending = {submit() for _ in range(in_flight)}
+    first: Optional[tuple[dict[str, Any], int, float]] = None
+    completed = 0
+    while time.perf_counter() - began < seconds:
+        if first is None and time.perf_counter() - began >= seconds / 3:
+            first = (engine.stats(), completed, time.perf_counter())
+        done, pending = concurrent.futures.wait(pending, timeout=0.05, return_when="FIRST_COMPLETED")
+        for future in done:
+            future.result()  # a failure is the benchmark's
+        completed += len(done)
+        pending |= {submit() for _ in done}
+    last, ended = engine.stats(), time.perf_counter()
+    for future in pending:
+        future.cancel()
+    concurrent.futures.wait(pending)
+    assert first is not None
+    before, completed_before, started = first
+    d = {key: last[key] - before[key] for key in ("steps", "step_seconds", "tiltsmc_seconds", "policy_calls")}
+    rows = (
+        last["rows_per_policy_call"] * last["policy_calls"]
+        - before["rows_per_policy_call"] * before["policy_calls"]
+    )
+    return {
+        "in_flight": in_flight,
+        "window_seconds": ended - started,
+        "throughput": (completed - completed_before) / (ended - started),
+        "steps": d["steps"],
+        "ms_per_step": 1e3 * d["step_seconds"] / d["steps"] if d["steps"] else None,
+        "rows_per_policy_call": rows / d["policy_calls"] if d["policy_calls"] else None,
+        "tiltsmc_share": d["tiltsmc_seconds"] / d["step_seconds"] if d["step_seconds"] else None,
+    }
 
 
 def run_config(
@@ -606,6 +674,19 @@ def compare(baseline: dict[str, Any], engine: dict[str, Any]) -> dict[str, Any]:
     return {"by_rate": rows, "never_below": never_below}
 
 
+def saturation_text(saturation: Optional[dict[str, Any]]) -> str:
+    """``saturation_in_process``'s figures in a few words (empty where it did not run)."""
+    if saturation is None:
+        return ""
+    share = saturation["tiltsmc_share"]
+    return (
+        f"; in process, {saturation['in_flight']} requests always in flight: "
+        f"{fmt(None if share is None else 100 * share, '.1f')}% tiltsmc ({saturation['steps']:.0f} steps of "
+        f"{fmt(saturation['ms_per_step'], '.1f')} ms, "
+        f"{fmt(saturation['rows_per_policy_call'], '.1f')} rows a call, {saturation['throughput']:.1f} req/s)"
+    )
+
+
 def fmt(value: Optional[float], spec: str) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-".rjust(len(format(0.0, spec)))
@@ -723,7 +804,8 @@ def bars(result: dict[str, Any]) -> list[dict[str, Any]]:
                 f"{top.get('offered_rate', 0):.2f} req/s offered, {top.get('throughput', 0):.2f} done)",
                 "measured": f"{fmt(None if share is None else 100 * share, '.1f')}% "
                 f"({fmt(top.get('ms_per_step'), '.1f')} ms steps, "
-                f"{fmt(top.get('rows_per_policy_call'), '.1f')} rows per call)",
+                f"{fmt(top.get('rows_per_policy_call'), '.1f')} rows per call)"
+                + saturation_text(lone.get("saturation")),
                 "bar": "<= 5%",
                 "pass": share is not None and share <= 0.05,
             }
@@ -834,6 +916,18 @@ def main() -> None:
         default="on",
         help="ONNX Runtime's CPU memory arena, the same for both servers (passed to tiltsmc serve)",
     )
+    parser.add_argument(
+        "--saturation-seconds",
+        type=float,
+        default=10.0,
+        help="seconds of the in-process saturation reading (0: none)",
+    )
+    parser.add_argument(
+        "--saturation-in-flight",
+        type=int,
+        default=64,
+        help="requests always in flight in the in-process saturation reading",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="smoke run: demo, 4 particles, short levels")
     parser.add_argument(
@@ -843,7 +937,7 @@ def main() -> None:
     if args.quick:
         args.models, args.particles, args.rates = "demo", "4", "1,3"
         args.duration, args.min_requests, args.max_requests, args.lone_repeats = 2.0, 6, 20, 3
-        args.refine = 1
+        args.refine, args.saturation_seconds = 1, min(args.saturation_seconds, 3.0)
     sys.path.insert(0, str(HERE))
     from tiltsmc.tasks import arithmetic
 
@@ -859,13 +953,22 @@ def main() -> None:
         for models in models_list:
             print(f"{CONFIGS[models]['label']}: lone requests in-process", flush=True)
             arena = args.memory_arena == "on"
-            lone = lone_in_process(models, prompts, particles_list, args.lone_repeats, arena)
+            lone = lone_in_process(
+                models,
+                prompts,
+                particles_list,
+                args.lone_repeats,
+                arena,
+                args.saturation_in_flight,
+                args.saturation_seconds,
+            )
             plans: dict[int, dict[str, Any]] = {}
             for particles in particles_list:
                 plans[particles] = {"multipliers": multipliers}
                 print(
                     f"  {particles} particles: direct {1e3 * lone[particles]['direct_median']:.1f} ms, "
-                    f"engine {1e3 * lone[particles]['engine_median']:.1f} ms",
+                    f"engine {1e3 * lone[particles]['engine_median']:.1f} ms"
+                    + saturation_text(lone[particles].get("saturation")),
                     flush=True,
                 )
             systems = run_config(models, args, prompts, plans, Path(log_dir))
@@ -915,6 +1018,9 @@ def main() -> None:
             f"{NEVER_BELOW_MARGINS['throughput']}x and p99 <= {NEVER_BELOW_MARGINS['p99']}x the "
             "baseline's, errors no more",
             "saturation": "the engine's highest level run (its ladder stops two levels past the target)",
+            "saturation_in_process": "lone_in_process.saturation: --saturation-in-flight requests always "
+            "in an in-process engine (each answered one replaced at once) for --saturation-seconds; "
+            "Engine.stats between a third of the way in and the end",
             "tiltsmc_share": "engine: tiltsmc's seconds / step seconds over the level, from /metrics; "
             "baseline: bookkeeping / total seconds of the responses' compute (each call's own wall time)",
         },
