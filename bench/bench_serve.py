@@ -200,16 +200,7 @@ def engine_counters(base: str, engine_server: str) -> dict[str, float]:
     import httpx
 
     if engine_server == "app":
-        stats = httpx.get(base + "/stats", timeout=10).json()
-        calls = float(stats["policy_calls"])
-        return {
-            "steps": float(stats["steps"]),
-            "policy_calls": calls,
-            "rows": stats["rows_per_policy_call"] * calls,
-            "policy": stats["policy_seconds"],
-            "reward": stats["reward_seconds"],
-            "tiltsmc": stats["tiltsmc_seconds"],
-        }
+        return stats_counters(httpx.get(base + "/stats", timeout=10).json())
     samples = metrics_samples(base)
     steps = samples.get("tiltsmc_steps", 0.0)
     calls = samples.get("tiltsmc_policy_calls", steps)  # one policy call per step (one kind of sampler)
@@ -220,6 +211,20 @@ def engine_counters(base: str, engine_server: str) -> dict[str, float]:
         "policy": samples.get("tiltsmc_step_seconds:policy", 0.0),
         "reward": samples.get("tiltsmc_step_seconds:reward", 0.0),
         "tiltsmc": samples.get("tiltsmc_step_seconds:tiltsmc", 0.0),
+    }
+
+
+def stats_counters(stats: dict[str, Any]) -> dict[str, float]:
+    """``engine_counters`` from ``Engine.stats()`` (the bench app's ``/stats``, or an engine in this
+    process)."""
+    calls = float(stats["policy_calls"])
+    return {
+        "steps": float(stats["steps"]),
+        "policy_calls": calls,
+        "rows": stats["rows_per_policy_call"] * calls,
+        "policy": stats["policy_seconds"],
+        "reward": stats["reward_seconds"],
+        "tiltsmc": stats["tiltsmc_seconds"],
     }
 
 
@@ -441,35 +446,27 @@ def saturation_in_process(
 
     began = time.perf_counter()
     pending = {submit() for _ in range(in_flight)}
-    first: Optional[tuple[dict[str, Any], int, float]] = None
+    first: Optional[tuple[dict[str, float], int, float]] = None
     completed = 0
     while time.perf_counter() - began < seconds:
         if first is None and time.perf_counter() - began >= seconds / 3:
-            first = (engine.stats(), completed, time.perf_counter())
+            first = (stats_counters(engine.stats()), completed, time.perf_counter())
         done, pending = concurrent.futures.wait(pending, timeout=0.05, return_when="FIRST_COMPLETED")
         for future in done:
             future.result()  # a failure is the benchmark's
         completed += len(done)
         pending |= {submit() for _ in done}
-    last, ended = engine.stats(), time.perf_counter()
+    last, ended = stats_counters(engine.stats()), time.perf_counter()
     for future in pending:
         future.cancel()
     concurrent.futures.wait(pending)
     assert first is not None
     before, completed_before, started = first
-    d = {key: last[key] - before[key] for key in ("steps", "step_seconds", "tiltsmc_seconds", "policy_calls")}
-    rows = (
-        last["rows_per_policy_call"] * last["policy_calls"]
-        - before["rows_per_policy_call"] * before["policy_calls"]
-    )
     return {
         "in_flight": in_flight,
         "window_seconds": ended - started,
         "throughput": (completed - completed_before) / (ended - started),
-        "steps": d["steps"],
-        "ms_per_step": 1e3 * d["step_seconds"] / d["steps"] if d["steps"] else None,
-        "rows_per_policy_call": rows / d["policy_calls"] if d["policy_calls"] else None,
-        "tiltsmc_share": d["tiltsmc_seconds"] / d["step_seconds"] if d["step_seconds"] else None,
+        **engine_level_figures(before, last),
     }
 
 
