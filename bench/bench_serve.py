@@ -204,8 +204,8 @@ class Server:
 
 def engine_counters(base: str, engine_server: str) -> dict[str, float]:
     """Cumulative steps, policy calls, rows, step seconds by part and completed requests, and the requests
-    waiting and in flight now, from ``/metrics`` (``tiltsmc serve``) or ``/stats`` (the bench app). Rows =
-    mean rows per policy call x policy calls."""
+    waiting and in flight and the row limit now, from ``/metrics`` (``tiltsmc serve``) or ``/stats``
+    (the bench app). Rows = mean rows per policy call x policy calls."""
     import httpx
 
     if engine_server == "app":
@@ -223,6 +223,7 @@ def engine_counters(base: str, engine_server: str) -> dict[str, float]:
         "completed": samples.get("tiltsmc_requests:completed", 0.0),
         "waiting": samples.get("tiltsmc_queue_depth", 0.0),
         "in_flight": samples.get("tiltsmc_requests_in_flight", 0.0),
+        "row_limit": samples.get("tiltsmc_row_limit", 0.0),
     }
 
 
@@ -240,6 +241,7 @@ def stats_counters(stats: dict[str, Any]) -> dict[str, float]:
         "completed": float(stats["requests"].get("completed", 0)),
         "waiting": float(stats["waiting"]),
         "in_flight": float(stats["in_flight"]),
+        "row_limit": float(stats["row_limit"]),
     }
 
 
@@ -551,6 +553,7 @@ def saturation_over_http(
         "throughput": (after["completed"] - before["completed"]) / (ended - began),
         "waiting_at_reads": [before["waiting"], after["waiting"]],
         "in_flight_at_reads": [before["in_flight"], after["in_flight"]],
+        "row_limit_at_reads": [before["row_limit"], after["row_limit"]],  # the engine's learned batch size
         "saturated": before["waiting"] > 0 and after["waiting"] > 0,
         "idle_after": now["waiting"] + now["in_flight"] == 0,
         **engine_level_figures(before, after),
@@ -561,7 +564,8 @@ def saturation_over_http(
         f"{out['throughput']:.2f} req/s done, {out['steps']} steps of {fmt(out['ms_per_step'], '.1f')} ms, "
         f"{fmt(out['rows_per_policy_call'], '.1f')} rows/call, tiltsmc "
         f"{fmt(None if share is None else 100 * share, '.1f')}%, waiting {before['waiting']:.0f} -> "
-        f"{after['waiting']:.0f}" + ("" if out["saturated"] else "  (not saturated)"),
+        f"{after['waiting']:.0f}, row limit {before['row_limit']:.0f} -> {after['row_limit']:.0f}"
+        + ("" if out["saturated"] else "  (not saturated)"),
         flush=True,
     )
     time.sleep(args.pause)
