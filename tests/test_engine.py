@@ -946,6 +946,56 @@ def test_max_cache_bytes_auto_is_a_share_of_the_memory_available(monkeypatch: py
         tiltsmc.Engine(policy, reward, max_cache_bytes="lots")  # type: ignore[arg-type]
 
 
+class GatedReward:
+    """A real reward model whose ``log_value`` waits for ``gate`` (to hold the worker inside a step, after
+    its policy call)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def log_value(self, particles: Particles) -> Any:
+        self.entered.set()
+        assert self.gate.wait(20), "the test never opened the gate"
+        return self.inner.log_value(particles)
+
+
+class SlowPolicy(Gated):
+    """A real policy whose ``propose`` takes at least 0.1 s."""
+
+    def propose(self, particles: Particles, rng: Any) -> Any:
+        time.sleep(0.1)
+        return super().propose(particles, rng)
+
+
+def test_stats_split_covers_whole_steps(models: tuple[Any, Any]) -> None:
+    """``stats()`` read in the middle of a step, after its policy call: the split counts only completed
+    steps in every part (the policy's 0.1 s of the step in progress is not in ``policy_seconds`` while
+    the step is not in ``step_seconds``: a read there once put tiltsmc's share of a window of long steps
+    far off, either way); once the steps have ended, every part is there."""
+    policy, twist = models
+    reward = GatedReward(twist)
+    with tiltsmc.Engine(SlowPolicy(policy), reward) as engine:
+        future = engine.submit((), "smc", num_particles=4, rng=0)
+        assert reward.entered.wait(10)  # the first step's policy call done, its reward call waiting
+        during = engine.stats()
+        reward.gate.set()
+        future.result(timeout=30)
+        after = engine.stats()
+    assert during["steps"] == during["policy_calls"] == during["reward_calls"] == 0
+    assert during["step_seconds"] == during["policy_seconds"] == during["reward_seconds"] == 0.0
+    assert during["rows_per_policy_call"] == 0.0
+    assert after["steps"] >= 1 and after["policy_calls"] >= 1 and after["policy_seconds"] >= 0.1
+    parts = after["policy_seconds"] + after["reward_seconds"] + after["tiltsmc_seconds"]
+    assert parts == pytest.approx(after["step_seconds"], rel=1e-12)
+    assert after["policy_seconds"] + after["reward_seconds"] <= after["step_seconds"]
+    assert after["rows_per_policy_call"] == 4.0
+
+
 def test_stats_read_from_another_thread_while_requests_come_and_go() -> None:
     """``stats()`` from a thread of its own while the worker admits and ends requests, the interpreter
     switching threads as often as it can: never an error (the requests in flight, and the KV cache they

@@ -248,8 +248,16 @@ class _Worker:
         self.row_limit = max_rows  # the rows the scheduler may fill for it
         self.seconds_per_row: dict[int, float] = {}  # what row_limit was chosen from, by rows (a snapshot)
         self.exploring = True  # no batch size measured worse than a smaller one yet
+        # the steps' time and model work, added up at each step's end (under the engine's lock), so that
+        # a read between steps sees the parts of the same steps: the models' own counters move call by
+        # call, and a read in the middle of a long step would count its model time but not the step
         self.steps = 0
         self.step_seconds = 0.0
+        self.policy_seconds = 0.0
+        self.reward_seconds = 0.0
+        self.policy_calls = 0
+        self.reward_calls = 0
+        self.calls_served = self.rows_served = 0  # the lanes' policy calls, and the rows they served
         self.seen = -1  # the engine's event count when it last looked at the queue
         self.thread: Optional[threading.Thread] = None
 
@@ -464,7 +472,9 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         """Requests waiting and in flight, particle rows in flight, counts by outcome, and the time of
         the steps so far split into the policy's, the reward model's and tiltsmc's own (summed over the
-        workers; each worker's own figures in ``"workers"``)."""
+        workers; each worker's own figures in ``"workers"``). The split, the model calls and the rows per
+        policy call are added up at the end of each step: two reads always cover the same whole steps
+        in every part (a step in progress is in none)."""
         with self._wake:
             counts = dict(self._counts)
             workers: list[dict[str, Any]] = [
@@ -479,13 +489,13 @@ class Engine:
                 for w in self._workers
             ]
             cache_bytes = sum(w.cache_bytes for w in self._workers)  # in_flight changes under the lock
-        computes = [w.models.compute for w in self._workers]
-        policy_seconds = sum(c.policy_seconds for c in computes)
-        reward_seconds = sum(c.reward_seconds for c in computes)
-        calls = rows = 0
-        for worker in self._workers:
-            worker_calls, worker_rows = worker.policy_rows()
-            calls, rows = calls + worker_calls, rows + worker_rows
+            # the completed steps' parts (see _Worker), read together
+            policy_seconds = sum(w.policy_seconds for w in self._workers)
+            reward_seconds = sum(w.reward_seconds for w in self._workers)
+            policy_calls = sum(w.policy_calls for w in self._workers)
+            reward_calls = sum(w.reward_calls for w in self._workers)
+            calls = sum(w.calls_served for w in self._workers)
+            rows = sum(w.rows_served for w in self._workers)
         seconds = sum(float(w["step_seconds"]) for w in workers)
         return {
             "waiting": len(self._scheduler),
@@ -498,8 +508,8 @@ class Engine:
             "seconds_per_row": _mean_by_rows([w["seconds_per_row"] for w in workers]),
             "steps": sum(int(w["steps"]) for w in workers),
             "rows_per_policy_call": rows / calls if calls else 0.0,
-            "policy_calls": sum(c.policy_calls for c in computes),
-            "reward_calls": sum(c.reward_calls for c in computes),
+            "policy_calls": policy_calls,
+            "reward_calls": reward_calls,
             "step_seconds": seconds,
             "policy_seconds": policy_seconds,
             "reward_seconds": reward_seconds,
@@ -623,8 +633,10 @@ class Engine:
         if not worker.in_flight:
             return not (closing and not len(self._scheduler))
         self._worked = True
+        compute = worker.models.compute
+        before = (compute.policy_seconds, compute.reward_seconds, compute.policy_calls, compute.reward_calls)
         began = time.perf_counter()
-        _, rows_before = worker.policy_rows()
+        calls_before, rows_before = worker.policy_rows()
         for lane in worker.lanes.values():
             if len(lane):
                 try:
@@ -636,8 +648,9 @@ class Engine:
                 for run, error in ended:
                     self._finish(worker, run, error)
         seconds = time.perf_counter() - began
+        calls_after, rows_after = worker.policy_rows()
         if worker.sizer is not None:  # the rows the step's policy calls served, and what the step took
-            worker.sizer.observe(worker.policy_rows()[1] - rows_before, seconds)
+            worker.sizer.observe(rows_after - rows_before, seconds)
             limit = worker.sizer.limit()
             row_limit = self.max_batch_rows if limit is None else min(limit, self.max_batch_rows)
             if row_limit != worker.row_limit:
@@ -651,6 +664,12 @@ class Engine:
         with self._wake:
             worker.steps += 1
             worker.step_seconds += seconds
+            worker.policy_seconds += compute.policy_seconds - before[0]
+            worker.reward_seconds += compute.reward_seconds - before[1]
+            worker.policy_calls += compute.policy_calls - before[2]
+            worker.reward_calls += compute.reward_calls - before[3]
+            worker.rows_served += rows_after - rows_before
+            worker.calls_served += calls_after - calls_before
         return True
 
     def _defers(self, worker: _Worker, rows: int, head: int) -> bool:
