@@ -46,11 +46,12 @@ For each configuration and particle count:
    one's rate (the same seeded standard exponential gaps), so both meet the same bursts. Near the knee
    a level's p99 depends on its bursts (a queue that builds up drains slowly when a step's cost grows
    with its rows), so the bisection locates the knee of these schedules, not a guaranteed rate.
-5. **The engine at saturation over HTTP**: Poisson arrivals at ``--saturation-factor`` (2) times the
-   most it completed in any level, for ``--saturation-seconds``; its counters read a third of the way
-   into the arrivals and at the last one, saturated where requests wait at both reads (the highest
-   ladder level is not always: some runs' engine kept up there with a small batch). Then the requests
-   still unanswered are abandoned, their connections closed (the server cancels them).
+5. **The engine at saturation over HTTP**: Poisson arrivals at ``--saturation-factor`` (1.5) times the
+   most it completed (in any level, or in process at saturation: a ladder stopped by its p99 target can
+   leave the engine far below its capacity), for ``--saturation-seconds``; its counters read a third of
+   the way into the arrivals and at the last one, saturated where requests wait at both reads (the
+   highest ladder level is not always: some runs' engine kept up there with a small batch). Then the
+   requests still unanswered are abandoned, their connections closed (the server cancels them).
 
 The load generator is aiohttp, each request on its own connection: httpx's ``AsyncClient`` took about
 3 ms of CPU a request on the cores the servers share, and 15 ms with a few hundred in flight.
@@ -656,8 +657,10 @@ def run_config(
                     spans[system] = (rate, high) if level["within_target"] else (low, rate)
             engine_levels = out["engine"][particles]["levels"] + out["engine"][particles]["refined"]
             if args.saturation_seconds > 0 and engine_levels:
-                # offered well past the most the engine completed in any level
-                rate = round(args.saturation_factor * max(lv["throughput"] for lv in engine_levels), 2)
+                # offered past the most the engine completed, in a level or in process at saturation (a
+                # ladder that stopped at its p99 target can have left the engine far from its capacity)
+                most = max([lv["throughput"] for lv in engine_levels] + [plan["in_process_throughput"]])
+                rate = round(args.saturation_factor * most, 2)
                 out["engine"][particles]["saturation"] = saturation_over_http(
                     servers["engine"], particles, models, prompts, rate, args
                 )
@@ -1048,8 +1051,9 @@ def main() -> None:
     parser.add_argument(
         "--saturation-factor",
         type=float,
-        default=2.0,
-        help="the saturation reading over HTTP offers this times the most the engine completed in a level",
+        default=1.5,
+        help="the saturation reading over HTTP offers this times the most the engine completed (in a level, "
+        "or in process at saturation)",
     )
     parser.add_argument(
         "--saturation-in-flight",
@@ -1093,7 +1097,11 @@ def main() -> None:
             )
             plans: dict[int, dict[str, Any]] = {}
             for particles in particles_list:
-                plans[particles] = {"multipliers": multipliers}
+                saturation = lone[particles].get("saturation") or {}
+                plans[particles] = {
+                    "multipliers": multipliers,
+                    "in_process_throughput": saturation.get("throughput", 0.0),
+                }
                 print(
                     f"  {particles} particles: direct {1e3 * lone[particles]['direct_median']:.1f} ms, "
                     f"engine {1e3 * lone[particles]['engine_median']:.1f} ms"
@@ -1147,9 +1155,9 @@ def main() -> None:
             f"{NEVER_BELOW_MARGINS['throughput']}x and p99 <= {NEVER_BELOW_MARGINS['p99']}x the "
             "baseline's, errors no more",
             "saturation": "engine.saturation: Poisson arrivals over HTTP at --saturation-factor x the "
-            "engine's highest throughput in a level, for --saturation-seconds; its counters read a third "
-            "of the way into the arrivals and at the last (saturated: requests waiting at both reads); "
-            "then the requests unanswered abandoned",
+            "engine's highest throughput (in a level, or in process at saturation), for "
+            "--saturation-seconds; its counters read a third of the way into the arrivals and at the last "
+            "(saturated: requests waiting at both reads); then the requests unanswered abandoned",
             "saturation_in_process": "lone_in_process.saturation: --saturation-in-flight requests always "
             "in an in-process engine (each answered one replaced at once) for --saturation-seconds; "
             "Engine.stats between a third of the way in and the end",
