@@ -62,7 +62,7 @@ offered load (throughput >= 0.95x and p99 <= 1.1x the baseline's at every rate b
 noise); lone requests within 10% of a direct call; tiltsmc's share of a step at saturation (step 5's
 window) <= 5%. Prints a table, writes ``bench/results/serve_<host>.json`` and a PNG of
 latency against offered load. Not a test. The client runs on the same cores as the servers (the same
-cost for both). A full run took 4 - 5 minutes on 2 cores.
+cost for both). On 2 cores a run took about 5 minutes with ``--models demo``, 3.5 with the fixtures.
 
     python bench/bench_serve.py                 # both configurations, 4 and 16 particles
     python bench/bench_serve.py --quick         # smoke run: demo, 4 particles, short levels
