@@ -289,13 +289,21 @@ def baseline_level_figures(records: list[dict[str, Any]]) -> dict[str, Any]:
 # -- the load generator ---------------------------------------------------------------------------------
 
 
+def poisson_offsets(
+    rate: float, seconds: float, fewest: int, most: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Poisson arrival times (seconds from the start, the first at once): those within ``seconds``, at
+    least ``fewest`` (the window then runs longer) and at most ``most``."""
+    gaps = rng.exponential(1.0 / rate, size=most)
+    offsets = np.cumsum(gaps) - gaps[0]
+    count = int(np.searchsorted(offsets, seconds))
+    return offsets[: min(max(count, fewest), most)]
+
+
 def arrival_offsets(rate: float, args: argparse.Namespace, rng: np.random.Generator) -> np.ndarray:
-    """Poisson arrival times (seconds from the start): those within ``--duration``, at least
-    ``--min-requests`` (the window then runs longer) and at most ``--max-requests``."""
-    gaps = rng.exponential(1.0 / rate, size=args.max_requests)
-    offsets = np.cumsum(gaps) - gaps[0]  # the first request at once
-    count = int(np.searchsorted(offsets, args.duration))
-    return offsets[: min(max(count, args.min_requests), args.max_requests)]
+    """A level's arrivals (``poisson_offsets``): within ``--duration``, at least ``--min-requests`` and
+    at most ``--max-requests``."""
+    return poisson_offsets(rate, args.duration, args.min_requests, args.max_requests, rng)
 
 
 def request_body(prompt: str, seed: int, particles: int, models: str) -> dict[str, Any]:
@@ -522,9 +530,8 @@ def saturation_over_http(
     reads, so the engine had work for every step between them. Then the requests still unanswered
     are abandoned (the server cancels them) and the server left to empty."""
     rng = np.random.default_rng([args.seed, particles, 2000])
-    gaps = rng.exponential(1.0 / rate, size=int(2 * rate * args.saturation_seconds) + 10)
-    offsets = np.cumsum(gaps) - gaps[0]
-    offsets = offsets[: max(int(np.searchsorted(offsets, args.saturation_seconds)), 2)]
+    most = int(2 * rate * args.saturation_seconds) + 10  # room for twice the expected arrivals
+    offsets = poisson_offsets(rate, args.saturation_seconds, 2, most, rng)
     bodies = [request_body(prompts[k % len(prompts)], k, particles, models) for k in range(len(offsets))]
 
     async def reads(start: float) -> list[tuple[dict[str, float], float]]:
