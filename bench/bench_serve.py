@@ -54,7 +54,8 @@ For each configuration and particle count:
    requests still unanswered are abandoned, their connections closed (the server cancels them).
 
 The load generator is aiohttp, each request on its own connection: httpx's ``AsyncClient`` took about
-3 ms of CPU a request on the cores the servers share, and 15 ms with a few hundred in flight.
+3 ms of CPU a request on the cores the servers share, and 15 ms with a few hundred in flight, against
+about 1 ms (a scratch measurement on the 2-core Xeon VM, in ``bench/SERVING.md``).
 
 The bars (issue #15), as ratios measured in this one run: the engine sustains >= 2x the baseline's rate
 with 4-particle requests on the demo's models, >= 1.2x with 16; it is never below the baseline at any
