@@ -307,6 +307,17 @@ def step_ended(policy: OnnxCausalLM, appended: np.ndarray) -> bool:
     return ended
 
 
+def _metaspace_decoder() -> Any:
+    """SentencePiece's decoder: "▁" is a space, and the text's first is dropped (tokenizers before 0.19
+    name that ``add_prefix_space``; from 0.19 on ``prepend_scheme``)."""
+    from tokenizers import decoders
+
+    try:
+        return decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    except TypeError:
+        return decoders.Metaspace(replacement="▁", add_prefix_space=True)
+
+
 def _word_tokenizer(decoder: str) -> Any:
     """64 word pieces, several of more than one character (a lone "▁" among them), with the ``decoder``
     given: ``fuse`` (a sequence's text is its tokens' texts joined) or SentencePiece's ``metaspace`` (a
@@ -317,9 +328,7 @@ def _word_tokenizer(decoder: str) -> Any:
     pieces += ["▁=", "1", "2", "\n1", "a=", "b▁", "é"]
     pieces += [f"x{k}" for k in range(64 - len(pieces))]
     tokenizer = Tokenizer(models.WordLevel({p: i for i, p in enumerate(pieces)}, unk_token="<unk>"))
-    tokenizer.decoder = (
-        decoders.Fuse() if decoder == "fuse" else decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    )
+    tokenizer.decoder = decoders.Fuse() if decoder == "fuse" else _metaspace_decoder()
     return tokenizer
 
 

@@ -33,6 +33,7 @@ BY_CI = {
     "cmake --build build/asan --target tiltsmc_core_tests && build/asan/tiltsmc_core_tests",
     "cmake -S . -B build/tsan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DTILTSMC_BUILD_TESTS=ON -DTILTSMC_TSAN=ON",
     "cmake --build build/tsan --target tiltsmc_core_tests && build/tsan/tiltsmc_core_tests",
+    "scripts/test_lowest_versions.sh",
 }
 
 # Commands run here, as written, from a folder whose tests/ is the repository's.

@@ -182,6 +182,16 @@ def _operators_named(model_file: Path, operators: Mapping[str, str]) -> list[str
         return []
 
 
+def session_call_guard(model_file: Path) -> Any:
+    """The context every session call of the graph in ``model_file`` runs in: a lock where ONNX Runtime
+    before 1.20 runs the graph and it names ``GroupQueryAttention``, which that runtime computes wrongly
+    when two threads run one session at once (1.19.2: rows of the wrong tokens, then "cos_cache dimension 0
+    ... total_sequence_length"; 1.20.1, 1.22.0 and 1.32.0 gave each thread its own results), so that such
+    a graph's calls go one at a time; else none (and the file is not read)."""
+    racy = runtime_version() < (1, 20) and bool(_operators_named(model_file, {"GroupQueryAttention": ""}))
+    return threading.Lock() if racy else contextlib.nullcontext()
+
+
 def probe_ids(size: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """The token ids of the batching probes (``OnnxCausalLM.batching_difference``,
     ``OnnxRewardModel.cache_difference``), below ``size``: a 2-token prompt, a 4-token prompt, and the
@@ -539,11 +549,7 @@ class OnnxCausalLM:
         self._start_buffers = _StartBuffers()
         self._pieces_follow: Optional[bool] = None  # see _pieces_follow_the_cache
         self._in_place_bindings = threading.local()  # see _run_in_place
-        # ONNX Runtime before 1.20 computes GroupQueryAttention wrongly when two threads run one session at
-        # once (1.19.2: rows of the wrong tokens, then "cos_cache dimension 0 ... total_sequence_length";
-        # 1.20.1, 1.22.0 and 1.32.0 gave each thread its own results): such a graph's calls go one at a time.
-        racy = runtime_version() < (1, 20) and self._names_group_query_attention
-        self._one_call_at_a_time: Any = threading.Lock() if racy else contextlib.nullcontext()
+        self._one_call_at_a_time = session_call_guard(self.model_file)
         self._stop_window = 4 * max((len(stop) for stop in self.stop), default=0)
         self.padding_side = self._choose_padding_side(padding_side, bool(check_batching))
         if self.padding_side == "right" and self.device_cache:  # found at load; the cache was not asked for

@@ -61,6 +61,7 @@ from .onnx_lm import (
     probe_ids,
     read_json,
     resolve_model_file,
+    session_call_guard,
 )
 from .particles import Particles
 from .reward_cache import KVCachedScorer, Reader
@@ -178,6 +179,7 @@ class OnnxRewardModel:
             session_options=session_options,
             provider_options=provider_options,
         )
+        self._one_call_at_a_time = session_call_guard(self.model_file)
         inputs = {node.name: node for node in self.session.get_inputs()}
         outputs = {node.name: node for node in self.session.get_outputs()}
         missing = [name for name in ("input_ids", "attention_mask") if name not in inputs]
@@ -397,8 +399,14 @@ class OnnxRewardModel:
         """``log Vh`` of right-padded rows (as
         [`tiltsmc.core.right_padded_prefixes`][tiltsmc.core.right_padded_prefixes] gives them), read at
         ``read_at[r]`` (default: the row's last token) where the model scores every position."""
-        (raw,) = self.session.run([self.output], self.session_feeds(ids, mask, positions))
+        (raw,) = self.run_session([self.output], self.session_feeds(ids, mask, positions))
         return (read or self._read)(np.asarray(raw), ids.shape, last if read_at is None else read_at)
+
+    def run_session(self, outputs: list[str], feeds: dict[str, Any]) -> list[Any]:
+        """``session.run(outputs, feeds)``, one call at a time where the runtime needs it
+        (``session_call_guard``). Shared by re-encoding and the KV-cached path."""
+        with self._one_call_at_a_time:
+            return list(self.session.run(outputs, feeds))
 
     def session_feeds(
         self,

@@ -104,7 +104,7 @@ class KVCachedScorer:
         """One session call: ``ids`` ``(rows, width)`` after ``past`` (None: an empty cache) with the
         ``mask`` of past and new columns; the raw scores and the new cache tensors."""
         feeds = self.model.session_feeds(ids, mask, positions, past)
-        raw, *present = self.model.session.run(self.outputs, feeds)
+        raw, *present = self.model.run_session(self.outputs, feeds)
         return np.asarray(raw), present
 
     # -- state ------------------------------------------------------------------------------------------
