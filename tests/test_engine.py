@@ -313,7 +313,7 @@ def test_the_engine_admits_up_to_the_row_limit_it_learned(models: tuple[Any, Any
     for adaptive, limit in ((True, 16), (False, 96)):
         seen = RowsSeen(policy)
         with tiltsmc.Engine(seen, twist, max_batch_rows=96, adaptive_rows=adaptive) as engine:
-            assert engine.stats()["row_limit"] == 96  # nothing measured yet
+            assert engine.stats()["row_limit"] == (0 if adaptive else 96)  # nothing measured yet
             seed = 0
             while len(seen.rows) < 8:  # alone, so every step has 4 rows
                 engine.submit((), "smc", num_particles=4, rng=seed).result(timeout=30)
@@ -336,6 +336,32 @@ def test_the_engine_admits_up_to_the_row_limit_it_learned(models: tuple[Any, Any
         assert max(after_burst) == (16 if adaptive else 36), (adaptive, after_burst)
     with pytest.raises(TypeError, match="adaptive_rows"):
         tiltsmc.Engine(policy, twist, adaptive_rows="yes")  # type: ignore[arg-type]
+
+
+def test_a_fresh_engine_grows_its_batch_as_it_measures(models: tuple[Any, Any]) -> None:
+    """A burst on a fresh engine: with nothing measured it lets in twice the oldest request's rows (8),
+    and more only once eight steps of that size are measured (then up to 32); with
+    ``adaptive_rows=False`` the whole burst at once. Every result is the request's alone."""
+    policy, twist = models
+    alone = [tiltsmc.smc(policy, twist, [()], num_particles=4, rng=k) for k in range(10)]
+    for adaptive in (True, False):
+        seen = RowsSeen(policy)
+        seen.gate.clear()
+        with tiltsmc.Engine(seen, twist, max_batch_rows=96, adaptive_rows=adaptive) as engine:
+            first = engine.submit((), "smc", num_particles=4, rng=0)
+            assert seen.entered.wait(10)  # the worker holds the first request's first step
+            burst = [engine.submit((), "smc", num_particles=4, rng=k) for k in range(1, 10)]
+            before = len(seen.rows)
+            seen.gate.set()
+            results = [future.result(timeout=30) for future in [first, *burst]]
+        after = seen.rows[before:]
+        if adaptive:
+            assert after[:8] == [8] * 8 and max(after) == 32, after
+        else:
+            assert after[0] == 40, after
+        for result, expected in zip(results, alone):
+            np.testing.assert_array_equal(result.samples[0], expected.samples[0])
+            np.testing.assert_array_equal(result.log_z, expected.log_z)
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -33,11 +33,12 @@ def _knee(seconds: Callable[[int], float], buckets: range, tolerance: float) -> 
     return next(k for k in buckets if per_row[k] <= (1 + tolerance) * best)
 
 
-def test_no_limit_until_a_bucket_has_enough_steps() -> None:
+def test_the_limit_is_zero_until_a_bucket_has_enough_steps() -> None:
+    """0 (the scheduler's exploring minimum only) while nothing is measured, and exploring."""
     sizer = BatchSizer(min_steps=8)
-    assert sizer.limit() is None
+    assert (sizer.limit(), sizer.exploring) == (0, True)
     _observe_buckets(sizer, lambda rows: 1e-3 * rows, range(4, 5), steps=7)
-    assert sizer.limit() is None
+    assert (sizer.limit(), sizer.exploring) == (0, True)
     sizer.observe(16, 16e-3)
     assert sizer.limit() == 64  # the only bucket measured is the knee so far: room for the next one
 

@@ -245,7 +245,9 @@ class _Worker:
         # by id(run): changed by this worker only, under the engine's lock (other threads read it)
         self.in_flight: dict[int, Request] = {}
         self.sizer = BatchSizer() if adaptive else None
-        self.row_limit = max_rows  # the rows the scheduler may fill for it
+        # the rows the scheduler may fill for it (learning: 0 until a batch size is measured, the scheduler's
+        # exploring minimum then admitting)
+        self.row_limit = 0 if adaptive else max_rows
         self.seconds_per_row: dict[int, float] = {}  # what row_limit was chosen from, by rows (a snapshot)
         self.exploring = True  # no batch size measured worse than a smaller one yet
         # the steps' time and model work, added up at each step's end (under the engine's lock), so that
@@ -288,7 +290,8 @@ class Engine:
     instead of growing every step (on a CPU, a step's time grows with its rows, and a join copies every
     row's KV cache: admitting everything made the engine slower the more it was overloaded). The limit
     doubles as load reaches it while rows keep paying (and until a larger batch has measured worse, at
-    least two of the oldest waiting request's size are let in); it is in ``stats()["row_limit"]``, with
+    least two of the oldest waiting request's size are let in: a fresh engine starts there, its limit 0
+    until a batch size is measured); it is in ``stats()["row_limit"]``, with
     the seconds per row it was chosen from in ``stats()["seconds_per_row"]`` (by the bottom row count of
     each size).
     ``max_cache_bytes``: the most KV cache the requests in flight may reach, for a policy that says its
@@ -651,8 +654,7 @@ class Engine:
         calls_after, rows_after = worker.policy_rows()
         if worker.sizer is not None:  # the rows the step's policy calls served, and what the step took
             worker.sizer.observe(rows_after - rows_before, seconds)
-            limit = worker.sizer.limit()
-            row_limit = self.max_batch_rows if limit is None else min(limit, self.max_batch_rows)
+            row_limit = min(worker.sizer.limit(), self.max_batch_rows)
             if row_limit != worker.row_limit:
                 measured = {2**k: cost for k, cost in worker.sizer.measured().items()}
                 logger.debug("worker %d: row limit %d -> %d (seconds per row: %s)", worker.index,

@@ -210,7 +210,10 @@ class BatchSizer:
     at most ``tolerance`` in throughput. ``limit()`` is the top of the knee's bucket, ``2^{k+1}`` rows;
     where the knee is the largest bucket measured (rows have kept paying) it is the top of the next one,
     so that the batch may grow and that bucket be measured: the limit doubles as load reaches it. With
-    nothing measured it is None (no limit: the scheduler's ``max_batch_rows``).
+    nothing measured it is 0: the scheduler then lets in only its exploring minimum (twice the oldest
+    waiting request's rows), so that a fresh engine hit by a burst grows its batch as it measures, as an
+    engine that has served does, rather than admitting everything at once (on a CPU, whose step time
+    grows with the rows, that held every request of the burst until the last).
     """
 
     def __init__(
@@ -271,10 +274,10 @@ class BatchSizer:
         knee = self._knee()
         return knee is None or knee[0] == knee[1]
 
-    def limit(self) -> Optional[int]:
-        """The most rows worth having in flight now (see the class docstring); None: no measure yet."""
+    def limit(self) -> int:
+        """The most rows worth having in flight now (see the class docstring); 0: no measure yet."""
         knee = self._knee()
         if knee is None:
-            return None
+            return 0
         bucket, largest = knee
         return int(2 ** (bucket + (2 if bucket == largest else 1)))

@@ -943,7 +943,8 @@ class _EngineCollector:
             )
         yield GaugeMetricFamily(
             "tiltsmc_row_limit",
-            "Particle rows the engine admits up to now (max_batch_rows, or the learned batch size below it)",
+            "Particle rows the engine admits up to now (max_batch_rows, or the learned batch size below it; "
+            "0 until one is measured: twice the oldest waiting request's rows are let in then)",
             value=stats["row_limit"],
         )
         by_worker = {
