@@ -5,7 +5,8 @@
 # fresh virtual environment; then the whole suite, as the README's test command runs it. A lower bound no
 # longer true fails here (ONNX Runtime 1.17 could not load the demo's models; FastAPI 0.110 let pydantic 1
 # in, which the server cannot use).
-# Usage: scripts/test_lowest_versions.sh [PYTHON]   (default: a Python 3.9 under pyenv, or python3.9)
+# Usage: scripts/test_lowest_versions.sh [PYTHON]   (default: a Python 3.9 under pyenv, or python3.9; Ray
+# needs 3.10, so its tests are skipped there: a Python 3.10 as the argument runs them at Ray's bound too)
 # Without a Python 3.9 on the machine it says so and exits 0 (CI runs it where the image has one).
 set -euo pipefail
 cd "$(dirname "$0")/.."

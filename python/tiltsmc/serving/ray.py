@@ -96,7 +96,7 @@ def build_application(
     except TypeError:  # before Ray 2.56 the ingress needs its app when the class is declared
         raise ImportError(
             f"--ray needs Ray Serve >= 2.56 (its late-bound ingress), got ray {ray.__version__}: "
-            "pip install -U 'ray[serve]>=2.56' (Python >= 3.10)"
+            "pip install -U 'ray[serve]>=2.56.1' (Python >= 3.10)"
         ) from None
     return serve.deployment(**deployment_options)(ingress).bind(options)
 
