@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import socket
 import statistics
 import subprocess
@@ -37,9 +38,8 @@ from typing import Any
 import numpy as np
 from _machine import git_commit, machine_info
 from _plot import table, write_json
+from bench_serve import RESULTS, poisson_offsets
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
 VARIANTS = ("admit-all-cold", "shipped", "fixed-rows")
 REFERENCE = "admit-all-cold"
 
@@ -56,8 +56,8 @@ def send_times(load: dict[str, Any], seed: int) -> np.ndarray:
     """Each request's send offset in seconds: all at once (a burst), or seeded Poisson arrivals."""
     if load["rate"] is None:
         return np.zeros(int(load["count"]))
-    gaps = np.random.default_rng(seed).exponential(1.0 / load["rate"], int(load["rate"] * load["seconds"]))
-    return np.cumsum(gaps) - gaps[0]
+    count = int(load["rate"] * load["seconds"])  # exactly rate x seconds arrivals, however long they take
+    return poisson_offsets(load["rate"], math.inf, count, count, np.random.default_rng(seed))
 
 
 def one_run(variant: str, load: dict[str, Any], seed: int) -> dict[str, Any]:
