@@ -11,6 +11,7 @@ in a subprocess, so that a regression fails the test instead of killing pytest.
 from __future__ import annotations
 
 import math
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -756,3 +757,154 @@ def test_sample_logits_exact_for_any_finite_logits(logits: np.ndarray, temperatu
     eps = np.finfo(np.float64).eps
     error = np.abs(log_prob[representable].astype(np.longdouble) - expected[representable])
     assert np.all(error <= 4 * eps * scale[representable] + 1e-300), (log_prob, expected.astype(np.float64))
+
+
+# --------------------------------------------------------------------------------------------------------
+# A fuzzing pass's findings: what each call was handed, and what it must do with it
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_reorder_in_place_refuses_python_objects_in_a_structured_dtype() -> None:
+    """Objects inside a structured dtype's fields (kind 'V', not 'O') were copied as bytes, without their
+    reference counts: the process crashed once the array was freed. Refused like plain object arrays."""
+    output = run_isolated(
+        """
+        import gc
+        import numpy as np
+        from tiltsmc import core
+        x = np.empty((1, 3), dtype=[("o", object), ("f", np.float64)])
+        x["o"][0] = [object(), [1], "s" * 9]
+        try:
+            core.reorder_in_place([x], np.array([[0, 0, 0]]))
+        except TypeError as error:
+            print(error)
+        del x
+        gc.collect()
+        """
+    )
+    assert output.startswith("arrays[0]: holds Python objects"), output
+
+
+def test_smc_step_refuses_a_byte_swapped_array_it_could_not_reset() -> None:
+    """A byte-swapped ``log_w`` was converted to a native copy by the binding, which was reset instead of
+    the caller's array: refused, and left as it was."""
+    log_w = np.zeros((1, 4), ">f8")
+    log_w[0, 0] = 5.0
+    before = log_w.copy()
+    with pytest.raises(TypeError, match=r"^log_w: expected the machine's byte order"):
+        core.smc_step(log_w, 1.0, rng=0)
+    assert np.array_equal(log_w, before)
+
+
+def test_keep_survivors_never_writes_the_callers_memory() -> None:
+    """A subclass's array, a buffer or another view of the caller's memory is copied before it is
+    rearranged (it was rearranged in place: ``np.asarray`` returns a view of them)."""
+
+    class Tagged(np.ndarray):
+        pass
+
+    raw = np.array([[1, 1, 1, 0]])
+    expected = np.array([[0, 1, 1, 1]])  # slot 0 is childless: particle 1's extra copy fills it
+    for view in (raw.view(Tagged), memoryview(raw), raw[:, :]):
+        arranged = core.keep_survivors(view)
+        assert np.array_equal(arranged, expected) and np.array_equal(raw, [[1, 1, 1, 0]]), type(view)
+
+
+def test_arrays_of_an_equivalent_dtype_are_taken() -> None:
+    """An unpickled array (as multiprocessing or Ray hands one over) has its own dtype object, equal to
+    numpy's: taken, with the same results (it was refused: "expected dtype int64, got int64")."""
+    tokens, lengths = np.zeros((3, 4), np.int64), np.array([0, 1, 3])
+    finished, new = np.array([False, False, True]), np.array([5, 6, 7])
+    copies = [pickle.loads(pickle.dumps(a)) for a in (tokens, lengths, finished, new)]
+    assert copies[1].dtype is not lengths.dtype and copies[1].dtype == lengths.dtype
+    results = [
+        core.append_tokens(*arrays, np.ones(3, bool), np.array([-1]), 4)
+        for arrays in ((tokens, lengths, finished, new), copies)
+    ]
+    assert np.array_equal(results[0][0], results[1][0]) and results[0][1] == results[1][1]
+    assert np.array_equal(tokens, copies[0]) and np.array_equal(lengths, copies[1])
+    mask = np.ones((2, 3), np.int64)
+    plain = core.decode_inputs(mask, np.ones(2, bool), np.ones(2, np.int64), 0)
+    unpickled = core.decode_inputs(
+        pickle.loads(pickle.dumps(mask)), np.ones(2, bool), np.ones(2, np.int64), 0
+    )
+    assert all(np.array_equal(a, b) for a, b in zip(plain, unpickled))
+    ancestors = np.array([[1, 1, 1, 0]])
+    assert np.array_equal(
+        core.keep_survivors(pickle.loads(pickle.dumps(ancestors))), core.keep_survivors(ancestors)
+    )
+
+
+def test_weights_rewritten_by_another_thread_never_give_out_of_range_answers() -> None:
+    """Another thread writing NaN into one weight and back while the kernels read the row (the GIL
+    released: 8 MiB of work): each call refuses (ValueError), or answers as a call on some weights would:
+    ancestors in range, a selected index in range with a finite mean weight, an ESS in [1, N]. When the
+    NaN was gone by the kernel's second look at the row, its figures were left unset: ancestors came
+    back as whatever the output's memory held (heap addresses, -7), 29 calls of 1550."""
+    output = run_isolated(
+        """
+        import threading, time
+        import numpy as np
+        from tiltsmc import core
+        n = 1 << 20
+        x = np.zeros((1, n)); stop = []
+        def toggle():
+            while not stop:
+                x[0, 5] = np.nan; x[0, 5] = 0.0
+        def check(call):
+            np.full(2 * n, -7, np.int64)  # stale bytes where the output will be allocated
+            try:
+                return call()
+            except ValueError:
+                return None
+        thread = threading.Thread(target=toggle); thread.start()
+        bad = calls = 0
+        try:
+            end = time.monotonic() + 2.0
+            while time.monotonic() < end:
+                for scheme in ("systematic", "stratified", "multinomial", "residual"):
+                    a = check(lambda: core.resample(x, scheme, rng=1))
+                    bad += a is not None and not (a.min() >= 0 and a.max() < n)
+                picked = check(lambda: core.pool_select(x, rng=1))
+                bad += picked is not None and not (0 <= picked[0][0] < n and np.isfinite(picked[1][0]))
+                normalised = check(lambda: core.log_normalize(x))
+                bad += normalised is not None and not (1.0 <= normalised[2][0] <= n)
+                calls += 6
+        finally:
+            stop.append(True); thread.join()
+        print(calls, bad)
+        """,
+        timeout=120,
+    )
+    calls, bad = map(int, output.split())
+    assert calls > 0 and bad == 0, output
+
+
+def test_reorder_in_place_keeps_the_unused_columns_of_small_items() -> None:
+    """With ``used`` and ``axes``, an item takes its ancestor's used columns and keeps its own after them,
+    as documented, small items (64 bytes or less) too: they were copied whole."""
+    for width in (4, 64):  # items of 32 and 512 bytes
+        a = np.arange(3.0 * width).reshape(1, 3, width)
+        before = a.copy()
+        core.reorder_in_place([a], np.array([[1, 1, 2]]), used=np.array([[4, 1, 4]]), axes=[2])
+        assert np.array_equal(a[0, 0, :1], before[0, 1, :1]) and np.array_equal(a[0, 0, 1:], before[0, 0, 1:])
+        assert np.array_equal(a[0, 1:], before[0, 1:])
+
+
+@pytest.mark.parametrize("threshold", ["0.5", True, None, [0.5, "x"], 1j])
+def test_ess_threshold_must_be_real_numbers(threshold: Any) -> None:
+    """A string, a bool or None is not a fraction (a string was read as its number, True as 1)."""
+    log_w = np.zeros((2, 4))
+    with pytest.raises(TypeError, match=r"^ess_threshold: expected a fraction"):
+        core.smc_step(log_w, threshold, rng=0)
+    with pytest.raises(TypeError, match=r"^ess_threshold: expected a fraction"):
+        core.smc_reweight(
+            log_w,
+            np.zeros((2, 4)),
+            np.zeros((2, 4)),
+            np.ones((2, 4), bool),
+            np.zeros(2),
+            np.zeros(2),
+            np.zeros(2, bool),
+            threshold,
+        )

@@ -82,7 +82,8 @@ py::list bind_reorder_in_place(const py::list& arrays, const CArray<std::int64_t
         auto array = py::reinterpret_borrow<py::array>(arrays[k]);
         if (array.ndim() < 2 || array.shape(0) != rows || array.shape(1) != n)
             throw py::value_error(name + ": leading axes do not match the ancestors' (B, N)");
-        if (array.dtype().kind() == 'O')
+        // Python objects, alone or in fields of a structured dtype (kind 'V'), cannot be copied as bytes
+        if (array.dtype().kind() == 'O' || (array.dtype().kind() == 'V' && array.dtype().attr("hasobject").cast<bool>()))
             throw py::type_error(name + ": holds Python objects, which gather cannot copy");
         if (!(array.flags() & py::array::c_style) || !array.writeable()) {
             if (skip_unwritable) {
@@ -145,7 +146,7 @@ py::list bind_reorder_in_place(const py::list& arrays, const CArray<std::int64_t
 
 // Survivors keep their slots (see keep_survivors), in place on a C-contiguous int64 (B, N) array.
 void bind_keep_survivors(py::array& ancestors) {
-    if (!ancestors.dtype().is(py::dtype::of<std::int64_t>()) || ancestors.ndim() != 2)
+    if (!has_dtype(ancestors, py::dtype::of<std::int64_t>()) || ancestors.ndim() != 2)
         throw py::type_error("ancestors: expected a 2-D int64 array");
     if (!(ancestors.flags() & py::array::c_style) || !ancestors.writeable())
         throw py::value_error("ancestors: must be C-contiguous and writeable");
@@ -174,7 +175,8 @@ void bind_concatenate_padded(const py::list& parts, const std::vector<std::int64
     if (blocks < 0 || item_bytes < 0) throw py::value_error("blocks, item_bytes: must not be negative");
     if (!(out.flags() & py::array::c_style) || !out.writeable())
         throw py::value_error("out: must be C-contiguous and writeable");
-    if (out.dtype().kind() == 'O') throw py::type_error("out: holds Python objects, which cannot be copied");
+    if (out.dtype().kind() == 'O' || (out.dtype().kind() == 'V' && out.dtype().attr("hasobject").cast<bool>()))
+        throw py::type_error("out: holds Python objects, which cannot be copied");
     if (out.ndim() < 1) throw py::value_error("out: expected at least one axis");
     std::vector<PaddedPart> read(parts.size());
     std::int64_t rows = 0;

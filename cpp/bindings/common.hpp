@@ -69,12 +69,19 @@ inline void check(const Status& status, const char* name) {
 template <typename T>
 using CArray = py::array_t<T, py::array::c_style>;
 
+// Whether `array` holds `dtype`: the same descriptor (the usual case) or an equivalent one (an unpickled
+// array carries its own; a byte-swapped one is not equivalent).
+inline bool has_dtype(const py::array& array, const py::dtype& dtype) {
+    const py::dtype own = array.dtype();
+    return own.is(dtype) || own.equal(dtype);
+}
+
 // `array` as a C-contiguous array of `dtype` (writeable if asked), else a TypeError/ValueError naming it.
 template <typename T>
 py::array checked(const py::handle& object, const char* name, bool writeable = false) {
     if (!py::isinstance<py::array>(object)) throw py::type_error(std::string(name) + ": expected a numpy array");
     auto array = py::reinterpret_borrow<py::array>(object);
-    if (!array.dtype().is(py::dtype::of<T>()))
+    if (!has_dtype(array, py::dtype::of<T>()))
         throw py::type_error(std::string(name) + ": expected dtype " + std::string(py::str(py::dtype::of<T>())) +
                              ", got " + std::string(py::str(array.dtype())));
     if (!(array.flags() & py::array::c_style)) throw py::value_error(std::string(name) + ": must be C-contiguous");

@@ -129,12 +129,13 @@ std::int64_t gather_row_in_place(std::uint8_t* x, std::int64_t n, std::int64_t i
     return -1;
 }
 
-// Row x of n items reordered in place by a: small items through a copy of the row (whole: a prefix of
-// them saves nothing), large ones moving only the items whose ancestor is another item. Returns the
-// position of an ancestor out of range when used, else -1.
+// Row x of n items reordered in place by a: small items without a prefix through a copy of the row, large
+// ones (and any with a prefix, whose columns past the used ones stay as they were) moving only the items
+// whose ancestor is another item. Returns the position of an ancestor out of range when used, else -1.
 std::int64_t reorder_row(std::uint8_t* x, std::int64_t n, std::int64_t item_bytes, const std::int64_t* a,
                          const ItemPrefix& prefix, const std::int64_t* used_row, ReorderScratch& scratch) {
-    if (item_bytes > kSmallItem) return gather_row_in_place(x, n, item_bytes, a, prefix, used_row, scratch);
+    if (item_bytes > kSmallItem || prefix.blocks > 0)
+        return gather_row_in_place(x, n, item_bytes, a, prefix, used_row, scratch);
     scratch.saved.assign(x, x + n * item_bytes);
     return gather_items(scratch.saved.data(), n, a, n, item_bytes, x);
 }

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any, Literal, Optional, Union
 
@@ -176,6 +177,10 @@ def smc_step(
         return _smc_step_device(log_w, ess_threshold, scheme, rng, stream, check)  # type: ignore[no-any-return]
     if not isinstance(log_w, np.ndarray) or log_w.ndim != 2 or log_w.dtype.char not in "fd":
         raise TypeError("log_w: expected a 2-D float32 or float64 numpy array")
+    if not log_w.dtype.isnative:  # the core would reset a converted copy, not log_w
+        raise TypeError(
+            f"log_w: expected the machine's byte order (it is reset in place), got {log_w.dtype.str}"
+        )
     if not log_w.flags.c_contiguous or not log_w.flags.writeable:
         raise ValueError("log_w: must be C-contiguous and writeable (resampled rows are reset in place)")
     if log_w.shape[1] == 0:
@@ -279,6 +284,8 @@ def smc_reweight(
 def _row_thresholds(ess_threshold: Any, rows: int) -> npt.NDArray[np.float64]:
     """Per-row ESS thresholds as a float64 ``(rows,)`` array, each a fraction >= 0."""
     try:
+        if np.asarray(ess_threshold).dtype.kind not in "iuf":  # strings and booleans are not fractions
+            raise TypeError
         thresholds = np.ascontiguousarray(ess_threshold, dtype=np.float64)
     except (TypeError, ValueError):
         raise TypeError(
@@ -306,6 +313,8 @@ def _step_arguments(scheme: object, ess_threshold: float) -> tuple[int, float]:
 
 
 def _threshold(ess_threshold: float) -> float:
+    if isinstance(ess_threshold, (bool, np.bool_)) or not isinstance(ess_threshold, numbers.Real):
+        raise TypeError(f"ess_threshold: expected a fraction >= 0 (a real number), got {ess_threshold!r}")
     threshold = float(ess_threshold)
     if not threshold >= 0.0:
         raise ValueError(f"ess_threshold: expected a fraction >= 0, got {ess_threshold!r}")
@@ -749,7 +758,9 @@ def keep_survivors(ancestors: npt.ArrayLike) -> npt.NDArray[np.int64]:
     instead of nearly all of them. Returns a new array; ``ancestors`` is left as it is.
     """
     index = _ancestor_rows(ancestors)
-    arranged = index.copy() if index is ancestors else index  # a converted array is already a new one
+    # a converted array is already a new one; ancestors itself, or a view of its memory (a subclass's,
+    # a buffer's), is copied
+    arranged = index if index is not ancestors and index.base is None else index.copy()
     _core.keep_survivors(arranged)
     return arranged
 

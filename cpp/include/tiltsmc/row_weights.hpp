@@ -318,7 +318,8 @@ inline void chunk_exp_sums(const T* x, std::int64_t len, double shift, double* w
     chunk_exp_sums_portable<StoreWeights>(x, len, shift, w_out, sum, sum_squares);
 }
 
-// Position of the first NaN or +inf in x[0, len) (slow path, after chunk_max reported one).
+// Position of the first NaN or +inf in x[0, len) (slow path, after chunk_max reported one); none found
+// there any more means another thread rewrote x meanwhile: input_changed.
 template <typename T>
 Status locate_bad(const T* x, std::int64_t len, std::int64_t row) {
     for (std::int64_t i = 0; i < len; ++i) {
@@ -326,7 +327,7 @@ Status locate_bad(const T* x, std::int64_t len, std::int64_t row) {
         if (std::isnan(v)) return {StatusCode::nan_weight, row, i};
         if (!(v < kInf)) return {StatusCode::positive_infinity, row, i};
     }
-    return {};
+    return {StatusCode::input_changed, row, -1};
 }
 
 // The figures of one row that every kernel needs: shift = max, sums of w = exp(x - shift), and the
@@ -409,7 +410,7 @@ void row_weights(const T* x, std::int64_t n, std::int64_t row, double* w, bool s
             if (bad[static_cast<std::size_t>(c)]) {
                 const std::int64_t begin = c * kChunk;
                 rw.status = locate_bad(x + begin, std::min(kChunk, n - begin), row);
-                rw.status.index += begin;
+                if (rw.status.index >= 0) rw.status.index += begin;
                 return;
             }
             rw.shift = std::max(rw.shift, maxes[static_cast<std::size_t>(c)]);
@@ -448,6 +449,9 @@ void row_weights(const T* x, std::int64_t n, std::int64_t row, double* w, bool s
             break;
         }
     }
+    // x is read in several passes: where another thread rewrote it meanwhile the figures can disagree (no
+    // positive weight left, a sum that is not a positive number), and no draw could use them.
+    if (rw.last_positive < 0 || !(rw.sum >= 1.0 && rw.sum < kInf)) rw.status = {StatusCode::input_changed, row, -1};
 }
 
 }  // namespace tiltsmc
