@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import tiltsmc
@@ -88,6 +90,56 @@ def test_bad_arguments(task: MarkovDFATask) -> None:
     )
     assert estimate.method == "sampled"
     assert estimate.to_dict()["method"] == "sampled"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error", "match"),
+    [
+        ({"confidence": "0.5"}, TypeError, "^confidence: expected a number, got '0.5'"),
+        ({"confidence": None}, TypeError, "^confidence: expected a number, got None"),
+        ({"confidence": "abc"}, TypeError, "^confidence: "),
+        ({"confidence": 1.0}, ValueError, r"^confidence: expected a level in \(0, 1\)"),
+        ({"policy": None}, TypeError, "^policy: NoneType does not implement start"),
+        ({"reward": None}, TypeError, "^reward: NoneType does not implement"),
+        ({"max_steps": 0}, ValueError, "^max_steps: must be >= 1, got 0"),
+        ({"max_steps": -2}, ValueError, "^max_steps: must be >= 1"),
+        ({"max_steps": 2.0}, TypeError, "^max_steps: expected an int"),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_rollout(
+    task: MarkovDFATask, arguments: dict[str, Any], error: type, match: str
+) -> None:
+    generator = np.random.default_rng(0)
+    state = generator.bit_generator.state
+    call = {"policy": task.policy(), "reward": task.twist(0.3, rng=1), "num_prefixes": 8, **arguments}
+    with pytest.raises(error, match=match):
+        tiltsmc.diagnostics.bellman_error(rng=generator, **call)
+    assert generator.bit_generator.state == state
+
+
+def test_max_steps_short_of_the_horizon_raises_as_smc_does(task: MarkovDFATask) -> None:
+    policy, twist = task.policy(), task.twist(0.3, rng=1)
+    message = f"^max_steps: trajectories still unfinished after {task.horizon - 1} steps"
+    with pytest.raises(RuntimeError, match=message):
+        tiltsmc.smc(policy, twist, num_particles=8, max_steps=task.horizon - 1, rng=0)
+    with pytest.raises(RuntimeError, match=message):
+        tiltsmc.diagnostics.bellman_error(policy, twist, num_prefixes=8, max_steps=task.horizon - 1, rng=0)
+    whole = tiltsmc.diagnostics.bellman_error(policy, twist, num_prefixes=8, max_steps=task.horizon, rng=0)
+    assert whole.per_step.shape == (task.horizon,) and whole.eps > 0
+
+
+def test_online_reading_of_collapsed_runs_says_they_collapsed() -> None:
+    zero = MarkovDFATask.random(3, 3, 4, zero_reward_fraction=1.0, ensure_positive=False, rng=0)
+    for result in (
+        tiltsmc.smc(zero.policy(), zero.twist(), prompts=[()] * 2, num_particles=4, rng=0),
+        tiltsmc.sp_gsmc(zero.policy(), zero.twist(), pool_size=2, rng=0),
+        tiltsmc.mh(zero.policy(), zero.twist(), pool_size=None, steps=1, rng=0),
+    ):
+        assert result.collapsed.all() and result.log_z_increments.shape[1] > 0
+        line = tiltsmc.diagnostics.online_bellman(result).summary()
+        assert "every prompt collapsed or failed" in line and "takes no guided steps" not in line
+    best = tiltsmc.best_of_n(zero.policy(), zero.twist(), n=2, rng=0)
+    assert "best_of_n takes no guided steps" in tiltsmc.diagnostics.online_bellman(best).summary()
 
 
 def test_result_weight_histogram_and_collapse_warnings(task: MarkovDFATask) -> None:

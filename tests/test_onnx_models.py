@@ -936,6 +936,12 @@ def test_bad_verifier_values(llama: OnnxCausalLM, value: float) -> None:
         tiltsmc.smc(llama, reward, prompts=["ab"], num_particles=4, rng=0)
 
 
+@pytest.mark.parametrize("verifier", [5, "exact", [1.0]])
+def test_a_verifier_that_is_not_callable_is_refused_at_construction(verifier: Any) -> None:
+    with pytest.raises(TypeError, match=r"^verifier: expected a function verifier\(prompt, text\)"):
+        OnnxRewardModel(PRM, kind="logit", verifier=verifier)
+
+
 def test_verifier_gives_terminal_reward(llama: OnnxCausalLM) -> None:
     seen: list[tuple[Any, str]] = []
 
@@ -994,6 +1000,25 @@ def test_text_prompt_without_tokenizer(tmp_path: Path, prm: OnnxRewardModel) -> 
 def test_bad_generation_arguments(arguments: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         OnnxCausalLM(LLAMA, **arguments)
+
+
+@pytest.mark.parametrize(
+    ("step", "error", "match"),
+    [
+        (5, TypeError, "^step: expected 'token', a delimiter text or a collection of token ids, got int"),
+        (None, TypeError, "^step: expected 'token', .* got NoneType"),
+        (b"\n", TypeError, "^step: expected 'token', .* got bytes"),  # not read as the id 10
+        (["a"], TypeError, r"^step: expected token ids \(ints\), got 'a'"),
+        ([1.5], TypeError, r"^step: expected token ids \(ints\), got 1.5"),  # not truncated to 1
+        ([True], TypeError, r"^step: expected token ids \(ints\), got True"),
+        ([-1], ValueError, "^step: expected token ids >= 0, got -1"),
+        ("", ValueError, "^step: expected 'token', a non-empty delimiter text or token ids, got ''"),
+        ([], ValueError, "^step: expected at least one token id"),
+    ],
+)
+def test_a_bad_step_is_refused_naming_step(step: Any, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        OnnxCausalLM(LLAMA, step=step)
 
 
 def test_fractional_top_k_refused() -> None:

@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 import tiltsmc
 from tiltsmc.tasks import MarkovDFATask
+from tiltsmc.tasks.models import MarkovPolicy
 
 SCHEMES = ("multinomial", "stratified", "systematic", "residual")
 Z_SIGMA = 5.0
@@ -826,6 +827,80 @@ def test_optimal_proposal_needs_twist_head(small_task: MarkovDFATask) -> None:
     # the naive proposal only needs a RewardModel
     res = tiltsmc.smc(small_task.policy(), reward_only, prompts=[()] * 2, num_particles=8, rng=0)
     assert res.log_z.shape == (2,)
+
+
+def test_pool_size_none_without_a_twist_head_is_refused_naming_pool_size(small_task: MarkovDFATask) -> None:
+    # neither sp_gsmc nor mh has a proposal argument: the message names the option that asked for it
+    reward_only = RewardOnly(small_task.twist())
+    match = r"^pool_size: None \(the exact form: each token drawn from the optimal proposal.*twist head"
+    with pytest.raises(ValueError, match=match):
+        tiltsmc.sp_gsmc(small_task.policy(), reward_only, pool_size=None)
+    with pytest.raises(ValueError, match=match):
+        tiltsmc.mh(small_task.policy(), reward_only, pool_size=None)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"num_particles": 1, "resample": "bad"}, ValueError, "^resample:"),
+        ({"num_particles": 1, "ess_threshold": 5}, ValueError, "^ess_threshold:"),
+        ({"num_particles": 1, "ess_threshold": "0.5"}, TypeError, "^ess_threshold:"),
+        ({"num_particles": 4, "pool_size": -3}, ValueError, "^pool_size:"),
+        ({"num_particles": 4, "pool_size": 2.5}, TypeError, "^pool_size:"),
+    ],
+)
+def test_mh_checks_every_option_whichever_proposal_it_runs(
+    small_task: MarkovDFATask, kwargs: dict[str, Any], error: type, match: str
+) -> None:
+    generator = np.random.default_rng(0)
+    state = generator.bit_generator.state
+    with pytest.raises(error, match=match):
+        tiltsmc.mh(small_task.policy(), small_task.twist(), steps=1, rng=generator, **kwargs)
+    assert generator.bit_generator.state == state  # refused before any draw
+
+
+def test_every_sampler_refuses_an_empty_prompt_list_and_reads_none_as_one_promptless_run(
+    small_task: MarkovDFATask,
+) -> None:
+    seen: list[Any] = []
+
+    class Recording(MarkovPolicy):
+        def start(self, prompts: Any, num_particles: int) -> Any:
+            seen.append(prompts)
+            return super().start(prompts, num_particles)
+
+    policy, twist = Recording(small_task), small_task.twist()
+    samplers = (tiltsmc.smc, tiltsmc.sp_gsmc, tiltsmc.mh, tiltsmc.best_of_n, tiltsmc.rejection)
+    for sampler in samplers:
+        generator = np.random.default_rng(0)
+        state = generator.bit_generator.state
+        with pytest.raises(ValueError, match=r"^prompts: expected at least one prompt"):
+            sampler(policy, twist, prompts=[], rng=generator)
+        assert generator.bit_generator.state == state and not seen  # refused before the policy starts
+    for sampler in samplers:
+        seen.clear()
+        result = sampler(policy, twist, rng=0)
+        assert result.num_prompts == 1 and seen and all(prompts is None for prompts in seen), sampler
+
+
+def test_a_markov_prompt_that_is_not_an_empty_sequence_is_refused_naming_it(
+    small_task: MarkovDFATask,
+) -> None:
+    policy, twist = small_task.policy(), small_task.twist()
+    with pytest.raises(ValueError, match=r"^prompts: prompt 1: .*expected an empty sequence, got float64"):
+        tiltsmc.smc(policy, twist, prompts=[(), np.float64(2.0)], num_particles=4, rng=0)
+    with pytest.raises(ValueError, match=r"^prompts: prompt 2: .*got 1 tokens"):
+        tiltsmc.smc(policy, twist, prompts=[None, (), [3]], num_particles=4, rng=0)
+    with tiltsmc.Engine(policy, twist) as engine:  # a request's prompt is prompt 0 of its run
+        futures = {p: engine.submit(p, "smc", num_particles=4, rng=1) for p in (5, 1.5, None, ())}
+        for bad in (5, 1.5):
+            with pytest.raises(ValueError, match=r"^prompts: prompt 0: .*expected an empty sequence, got"):
+                futures[bad].result(timeout=30)
+        # a None prompt is the empty prompt, as for the ONNX policies
+        empty, none = futures[()].result(timeout=30), futures[None].result(timeout=30)
+    np.testing.assert_array_equal(none.samples[0], empty.samples[0])
+    offline = [tiltsmc.smc(policy, twist, prompts=[p], num_particles=4, rng=0) for p in (None, ())]
+    np.testing.assert_array_equal(offline[0].samples[0], offline[1].samples[0])
 
 
 def test_non_models_rejected(small_task: MarkovDFATask) -> None:

@@ -35,8 +35,9 @@ import numpy.typing as npt
 
 from .._numeric import logsumexp
 from .._rng import RNGLike, as_generator
+from ..models._config import real_number
 from ..models.protocols import Policy, RewardModel, TokenPolicy, TwistModel
-from ..samplers._engine import check_count
+from ..samplers._engine import check_count, check_models
 
 __all__ = ["BellmanEstimate", "bellman_error"]
 
@@ -133,12 +134,20 @@ def bellman_error(
     ``method="exact"`` sums over the vocabulary with the twist head; ``"sampled"`` averages ``Vh_t`` over
     ``samples_per_prefix`` continuations of each prefix; ``"auto"`` takes the exact one where available.
     ``confidence`` is the joint level of the intervals (Bonferroni over every scored prefix of every step).
-    Prefixes of value zero are skipped.
+    Prefixes of value zero are skipped. As in [`smc`][tiltsmc.smc], rollouts still unfinished after
+    ``max_steps`` steps raise RuntimeError.
+
+    Checked before any rollout: ``policy`` and ``reward`` implement the protocols (TypeError), the counts
+    are ints >= 1, ``confidence`` a number (TypeError) in (0, 1) and ``method`` one of the three
+    (ValueError).
     """
+    check_models(policy, reward)
     num_prefixes = check_count(num_prefixes, "num_prefixes")
-    if not 0.0 < float(confidence) < 1.0:
+    level = real_number(confidence, "confidence")  # "0.5" is refused, not read as 0.5
+    if not 0.0 < level < 1.0:
         raise ValueError(f"confidence: expected a level in (0, 1), got {confidence!r}")
     samples_per_prefix = check_count(samples_per_prefix, "samples_per_prefix")
+    max_steps = check_count(max_steps, "max_steps")
     if method not in ("auto", "exact", "sampled"):
         raise ValueError(f"method: expected 'auto', 'exact' or 'sampled', got {method!r}")
     exact_available = isinstance(policy, TokenPolicy) and isinstance(reward, TwistModel)
@@ -227,9 +236,11 @@ def bellman_error(
         g_high.append(float(positive.max()) if positive.size else 0.0)
         g_low.append(float(positive.min()) if positive.size else 0.0)
         log_v_prev = np.where(live, log_v, log_v_prev)
+    if not particles.finished.all():  # as smc: a truncated rollout would read as a shorter horizon
+        raise RuntimeError(f"max_steps: trajectories still unfinished after {max_steps} steps")
     # Simultaneous intervals: Bonferroni over every scored prefix of every step.
     scored_total = sum(len(step[0]) for step in steps if step is not None)
-    z = NormalDist().inv_cdf(1.0 - (1.0 - confidence) / (2.0 * max(scored_total, 1)))
+    z = NormalDist().inv_cdf(1.0 - (1.0 - level) / (2.0 * max(scored_total, 1)))
     bounds = []  # (sup, lower end, upper end) of |log rho| per step
     for step in steps:
         if step is None:

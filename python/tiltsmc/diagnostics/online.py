@@ -39,11 +39,13 @@ from typing import Any, Optional
 import numpy as np
 import numpy.typing as npt
 
+from ..models._config import real_number
 from ..samplers.result import SamplerResult
 
 __all__ = ["OnlineBellman", "OnlineBellmanWarning", "online_bellman"]
 
 FloatArray = npt.NDArray[np.float64]
+ROLLOUT_SAMPLERS = frozenset({"best_of_n", "rejection"})  # no guided steps: no increments to read
 
 
 class OnlineBellmanWarning(UserWarning):
@@ -157,8 +159,13 @@ class OnlineBellman:
         """One line for a run's summary: the lower bound with where it was read, the point reading, and
         whether it exceeds ``eps``."""
         steps = self.increments.shape[1]
-        if steps == 0 or not self.readable.any():
+        if steps == 0 and set(self.sampler.split("+")) <= ROLLOUT_SAMPLERS:
             return f"Bellman error: no online reading ({self.sampler} takes no guided steps)"
+        if not self.readable.any():  # every increment -inf (every potential 0), or no step at all
+            return (
+                "Bellman error: no online reading (every prompt collapsed or failed: no step has a finite "
+                "log Z increment; see the result's collapsed and errors)"
+            )
         where = self.where()
         at = f" (prompt {where[0]}, step {where[1]})" if where is not None else ""
         line = (
@@ -203,9 +210,9 @@ def online_bellman(
     ``eps``: the Bellman error the user assumes of the reward model; an
     [`OnlineBellmanWarning`][tiltsmc.diagnostics.online.OnlineBellmanWarning] is issued when the reading's
     lower bound exceeds it. ``confidence``: joint level of the lower bounds (Bonferroni over every readable
-    step of every prompt).
+    step of every prompt): a number (TypeError otherwise) in (0, 1) (ValueError otherwise).
     """
-    if not 0.0 < float(confidence) < 1.0:
+    if not 0.0 < real_number(confidence, "confidence") < 1.0:
         raise ValueError(f"confidence: expected a level in (0, 1), got {confidence!r}")
     increments = np.asarray(result.log_z_increments, dtype=np.float64)
     errors = result.log_z_increment_se

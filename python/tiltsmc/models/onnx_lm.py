@@ -270,6 +270,30 @@ def _stop_strings(stop: Optional[Union[str, Sequence[str]]]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(strings))
 
 
+def _step_option(step: Any) -> Union[str, frozenset[int]]:
+    """``step`` checked: ``"token"``, a non-empty delimiter text, or a non-empty collection of token ids
+    (ints >= 0; not bools, floats or strings, nor bytes read as ids). A ``TypeError`` or ``ValueError``
+    naming ``step`` otherwise."""
+    if isinstance(step, str):
+        if not step:
+            raise ValueError("step: expected 'token', a non-empty delimiter text or token ids, got ''")
+        return step
+    if isinstance(step, (bytes, bytearray, memoryview)) or not isinstance(step, Iterable):
+        raise TypeError(
+            f"step: expected 'token', a delimiter text or a collection of token ids, got "
+            f"{type(step).__name__} {step!r:.40}"
+        )
+    ids = list(step)
+    if not ids:
+        raise ValueError("step: expected at least one token id, got none")
+    for value in ids:
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"step: expected token ids (ints), got {value!r:.40} in {step!r:.80}")
+        if value < 0:
+            raise ValueError(f"step: expected token ids >= 0, got {value!r} in {step!r:.80}")
+    return frozenset(int(value) for value in ids)
+
+
 class _InPlaceBinding:
     """A thread's I/O binding of ``OnnxCausalLM._run_in_place``: the caches it binds (``key``: their
     addresses and shapes), weak references to the arrays they were last found to be views of, and, from
@@ -366,6 +390,7 @@ class OnnxCausalLM:
         padding_side: Optional[str] = None,
         cache_in_place: Optional[bool] = None,
     ) -> None:
+        step_option = _step_option(step)  # its ids' range is checked once the vocabulary is known
         self.model_file, model_dir = resolve_model_file(path)
         config = read_json(model_dir / "config.json")
         generation = read_json(model_dir / "generation_config.json")
@@ -492,16 +517,17 @@ class OnnxCausalLM:
 
         self.step_ids: Optional[frozenset[int]] = None
         self.step_text: Optional[str] = None
-        if isinstance(step, str):
-            if step != "token":
+        if isinstance(step_option, str):
+            if step_option != "token":
                 if self.tokenizer is None:
                     raise ValueError("step: a text delimiter needs a tokenizer (or give a set of token ids)")
-                self.step_text = step
+                self.step_text = step_option
         else:
-            ids = frozenset(int(i) for i in step)
-            if not ids or min(ids) < 0 or max(ids) >= self.vocab_size:
-                raise ValueError(f"step: expected token ids in [0, {self.vocab_size}), got {sorted(ids)}")
-            self.step_ids = ids
+            if max(step_option) >= self.vocab_size:
+                raise ValueError(
+                    f"step: expected token ids in [0, {self.vocab_size}), got {sorted(step_option)}"
+                )
+            self.step_ids = step_option
         self.token_level = self.step_text is None and self.step_ids is None
         on_cuda = "CUDAExecutionProvider" in self.session.get_providers()
         if device_cache is not None and not isinstance(device_cache, (bool, np.bool_)):

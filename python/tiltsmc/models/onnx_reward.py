@@ -112,7 +112,8 @@ class OnnxRewardModel:
     demo's PRM). It scores the prompt ids the policy encoded (``Particles.prompt_tokens``), so both see
     the same tokens. ``memory_arena=False`` frees ONNX Runtime's buffers after each run instead of keeping
     them at their peak (a long-running service); ``session_options`` and ``provider_options`` go to ONNX
-    Runtime (``tiltsmc.models._ort.make_session``)."""
+    Runtime (``tiltsmc.models._ort.make_session``). A ``verifier`` that is not callable is refused at
+    construction (TypeError)."""
 
     # Its log-values are finite or -inf (it raises on anything else itself): the samplers need not check.
     log_values_checked = True
@@ -155,6 +156,11 @@ class OnnxRewardModel:
             raise ValueError(f"position: expected 'last' or 'delimiter', got {position!r}")
         if position == "delimiter" and not delimiter_ids:
             raise ValueError("delimiter_ids: position='delimiter' needs the token ids that end a step")
+        if verifier is not None and not callable(verifier):
+            raise TypeError(
+                "verifier: expected a function verifier(prompt, text) -> r >= 0, got "
+                f"{type(verifier).__name__}"
+            )
         self.position = position
         unbounded = np.iinfo(np.int64).max  # checked against the vocabulary once it is known
         delimiters = token_ids(list(delimiter_ids or ()), "delimiter_ids", unbounded)

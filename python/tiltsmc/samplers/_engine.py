@@ -39,19 +39,26 @@ def limited(run: RunT, max_new_tokens: Optional[int]) -> RunT:
     return run
 
 
+def check_models(policy: Any, reward: Any) -> None:
+    """Refuse (TypeError) a ``policy`` that is not a [`Policy`][tiltsmc.models.protocols.Policy] or a
+    ``reward`` that is not a [`RewardModel`][tiltsmc.models.protocols.RewardModel]; a reward model with a
+    ``check_policy`` method checks the policy too (e.g. refuses one with another vocabulary)."""
+    if not isinstance(policy, Policy):
+        raise TypeError(f"policy: {type(policy).__name__} does not implement start() and propose()")
+    if not isinstance(reward, RewardModel):
+        raise TypeError(
+            f"reward: {type(reward).__name__} does not implement initial_log_value() and log_value()"
+        )
+    check_policy = getattr(reward, "check_policy", None)
+    if callable(check_policy):
+        check_policy(policy)  # e.g. refuses a reward model with another vocabulary
+
+
 class Models:
     """The policy and reward model of one run, with every call counted and timed into ``compute``."""
 
     def __init__(self, policy: Policy, reward: RewardModel, compute: Compute) -> None:
-        if not isinstance(policy, Policy):
-            raise TypeError(f"policy: {type(policy).__name__} does not implement start() and propose()")
-        if not isinstance(reward, RewardModel):
-            raise TypeError(
-                f"reward: {type(reward).__name__} does not implement initial_log_value() and log_value()"
-            )
-        check_policy = getattr(reward, "check_policy", None)
-        if callable(check_policy):
-            check_policy(policy)  # e.g. refuses a reward model with another vocabulary
+        check_models(policy, reward)
         self.policy = policy
         self.reward = reward
         self.compute = compute
@@ -151,8 +158,12 @@ class Models:
 
 def prompts_list(prompts: Optional[Sequence[Any]]) -> Optional[list[Any]]:
     """The prompts as a list (None: the policy's one empty prompt); a bare string is refused, not read
-    as one prompt per letter (``check_prompts``)."""
-    return check_prompts(prompts)
+    as one prompt per letter (``check_prompts``), and so is an empty sequence (ValueError: a run samples
+    at least one prompt)."""
+    listed = check_prompts(prompts)
+    if listed is not None and not listed:
+        raise ValueError("prompts: expected at least one prompt, got an empty sequence")
+    return listed
 
 
 def all_finished(particles: Particles) -> bool:

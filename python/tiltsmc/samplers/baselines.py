@@ -75,10 +75,8 @@ def rejection_run(
     num_samples = check_count(num_samples, "num_samples")
     max_tries = check_count(max_tries, "max_tries")
     batch_size = check_count(batch_size, "batch_size")
-    listed = prompts_list(prompts)
-    prompt_list = [()] if listed is None else listed
     run = RejectionRun(
-        prompt_list,
+        prompts_list(prompts),
         bound,
         num_samples,
         max_tries,

@@ -18,7 +18,7 @@ from ._engine import Models, check_count, limited, prompts_list
 from .lane import run_alone
 from .result import Compute, SamplerResult
 from .runs import MHRun
-from .sequential import _check_common
+from .sequential import _check_common, _check_exact_form
 
 __all__ = ["mh"]
 
@@ -44,6 +44,9 @@ def mh(
     ``steps + 1`` independent estimates ``Zh`` (each unbiased for ``Z``); ``acceptance_rate[b]`` the
     fraction of accepted proposals (NaN when ``steps = 0``). For PIMH a run's trajectory is drawn from
     its weighted particles by weight. ``steps=0`` returns the uncorrected draw.
+
+    Every option is checked whichever form the proposals take: ``pool_size`` (an int >= 1, or None) with
+    ``num_particles > 1`` too, ``resample`` and ``ess_threshold`` with ``num_particles=1`` too.
     """
     models = Models(policy, reward, Compute())
     run = mh_run(
@@ -70,12 +73,14 @@ def mh_run(
     """The run of [`mh`][tiltsmc.samplers.correction.mh] with these arguments, checked."""
     steps = check_count(steps, "steps", minimum=0)
     num_particles = check_count(num_particles, "num_particles")
-    if num_particles > 1:
-        _check_common(resample, ess_threshold, "naive", models)
-    elif pool_size is None:
-        _check_common("systematic", 0.0, "optimal", models)
-    else:
+    # Every option is checked, whichever form the proposals take (the pool with one particle, SMC's
+    # resampling options with more).
+    if pool_size is not None:
         pool_size = check_count(pool_size, "pool_size")
+    _check_common(resample, ess_threshold, "naive", models)
+    if num_particles == 1 and pool_size is None:
+        _check_exact_form(models)
+    max_steps = check_count(max_steps, "max_steps")
     run = MHRun(
         prompts_list(prompts),
         pool_size,
@@ -84,6 +89,6 @@ def mh_run(
         resample,
         float(ess_threshold),
         as_generator(rng),
-        check_count(max_steps, "max_steps"),
+        max_steps,
     )
     return limited(run, max_new_tokens)

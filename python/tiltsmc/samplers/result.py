@@ -112,13 +112,26 @@ class SamplerResult:
     def num_prompts(self) -> int:
         return len(self.samples)
 
+    def _prompt_index(self, prompt: Any) -> int:
+        """``prompt`` as an index of a prompt: an int (not a bool) in ``[-B, B)``, negative counting from the
+        end as for a list; TypeError or ValueError, naming ``prompt``, otherwise."""
+        from ._engine import check_count  # _engine imports this module
+
+        count = self.num_prompts
+        index = check_count(prompt, "prompt", minimum=-count)
+        if index >= count:
+            raise ValueError(f"prompt: must be < {count} (the result holds {count} prompt(s)), got {index}")
+        return index
+
     def weights(self, prompt: int) -> npt.NDArray[np.float64]:
-        """Normalised weights of one prompt's samples."""
-        return np.exp(self.log_weights[prompt])
+        """Normalised weights of one prompt's samples (``prompt``: an int index in ``[-B, B)``, checked)."""
+        return np.exp(self.log_weights[self._prompt_index(prompt)])
 
     def best(self, prompt: int) -> Optional[int]:
         """Index of prompt ``prompt``'s highest-weight sample (the first on ties), or None where it has no
-        sample of positive weight (collapsed, failed, or rejection with no acceptance)."""
+        sample of positive weight (collapsed, failed, or rejection with no acceptance). ``prompt``: an int
+        index in ``[-B, B)`` (negative from the end), checked: TypeError or ValueError otherwise."""
+        prompt = self._prompt_index(prompt)
         log_weights = np.asarray(self.log_weights[prompt], dtype=np.float64)
         if log_weights.size == 0 or self.collapsed[prompt] or not np.any(log_weights > -np.inf):
             return None
@@ -141,8 +154,10 @@ class SamplerResult:
         Keys are the decoded texts where there are texts, else the token sequences as tuples (two token
         sequences decoding to one text merge into it). Empty where every weight is zero. For a sampler
         of ``pi`` (``smc``, ``rejection``) this is the particle approximation of ``pi``'s marginal over
-        outputs; ``mh``, ``sp_gsmc`` and ``best_of_n`` give one sample, of probability 1.
+        outputs; ``mh``, ``sp_gsmc`` and ``best_of_n`` give one sample, of probability 1. ``prompt``: an
+        int index in ``[-B, B)`` (negative from the end), checked: TypeError or ValueError otherwise.
         """
+        prompt = self._prompt_index(prompt)
         log_weights = np.asarray(self.log_weights[prompt], dtype=np.float64)
         if log_weights.size == 0 or not np.any(log_weights > -np.inf):
             return {}

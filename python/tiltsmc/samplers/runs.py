@@ -779,7 +779,8 @@ class RejectionRun(Run):
         max_steps: int,
     ) -> None:
         super().__init__(prompts, generator, max_steps)
-        self.prompt_list = list(prompts or [()])
+        # None (one prompt-less prompt) goes to the policy as None, as the other samplers pass it
+        self.prompt_list: list[Any] = [None] if prompts is None else list(prompts)
         self.bound = bound
         self.log_bound = math.log(bound)
         self.num_samples = num_samples
@@ -810,6 +811,8 @@ class RejectionRun(Run):
             return None
         self.count = int(min(self.batch_size, self.max_tries - self.tries[self.waiting].max()))
         self.steps = 0
+        if self.prompts is None:  # the one prompt is waiting
+            return None, self.count
         return [self.prompt_list[b] for b in self.waiting], self.count
 
     def begin(self, log_v0: FloatArray, failed: npt.NDArray[np.bool_], errors: dict[int, str]) -> FloatArray:

@@ -49,6 +49,17 @@ def _check_common(resample: str, ess_threshold: float, proposal: str, models: Mo
         )
 
 
+def _check_exact_form(models: Models) -> None:
+    """``pool_size=None`` (the exact form of SP-gSMC: each token drawn from the optimal proposal
+    ``q ∝ p Vh_t``) needs a token-level policy and a twist head."""
+    if not models.supports_optimal_proposal():
+        raise ValueError(
+            "pool_size: None (the exact form: each token drawn from the optimal proposal q ∝ p Vh_t) needs "
+            "a token-level policy (next_log_probs, append) and a reward model with a twist head "
+            "(next_log_values); give a pool size instead"
+        )
+
+
 def smc(
     policy: Policy,
     reward: RewardModel,
@@ -159,12 +170,16 @@ def sp_gsmc_run(
     max_new_tokens: Optional[int] = None,
 ) -> Run:
     """The run of [`sp_gsmc`][tiltsmc.samplers.sequential.sp_gsmc] with these arguments, checked."""
-    generator = as_generator(rng)
     max_steps = check_count(max_steps, "max_steps")
+    if pool_size is None:
+        _check_exact_form(models)
+    else:
+        pool_size = check_count(pool_size, "pool_size")
+    listed = prompts_list(prompts)
+    generator = as_generator(rng)
     run: Run
     if pool_size is None:
-        _check_common("systematic", 0.0, "optimal", models)
-        run = ExactSPRun(prompts_list(prompts), generator, max_steps)
+        run = ExactSPRun(listed, generator, max_steps)
     else:
-        run = PoolRun(prompts_list(prompts), check_count(pool_size, "pool_size"), generator, max_steps)
+        run = PoolRun(listed, pool_size, generator, max_steps)
     return limited(run, max_new_tokens)

@@ -21,19 +21,33 @@ FloatArray = npt.NDArray[np.float64]
 
 
 def _prompts(prompts: Optional[Sequence[Any]]) -> list[Any]:
+    """The prompts, each an empty sequence: the task starts from an empty prefix (None, or a None prompt, is
+    the empty prompt, as for the ONNX policies). Any other prompt raises ValueError naming it
+    (``prompts: prompt b: ...``; ValueError as for a prompt an ONNX policy cannot encode)."""
     checked = check_prompts(prompts)
     if checked is None:
         return [()]
-    prompts = checked
-    if not prompts:
+    if not checked:
         raise ValueError("prompts: expected at least one prompt, got an empty sequence")
-    for b, prompt in enumerate(prompts):
-        if len(prompt) != 0:
+    out: list[Any] = []
+    for b, prompt in enumerate(checked):
+        if prompt is None:  # no prompt (a lane starting several prompt-less runs at once passes None)
+            out.append(())
+            continue
+        try:
+            length = len(prompt)
+        except TypeError:
             raise ValueError(
-                f"prompts: the Markov test-bed task starts from an empty prefix; prompt {b} has "
-                f"{len(prompt)} tokens (pass empty prompts, one per independent run)"
+                f"prompts: prompt {b}: the Markov test-bed task starts from an empty prefix: expected an "
+                f"empty sequence, got {type(prompt).__name__} {prompt!r:.40}"
+            ) from None
+        if length != 0:
+            raise ValueError(
+                f"prompts: prompt {b}: the Markov test-bed task starts from an empty prefix: got {length} "
+                "tokens (pass empty prompts, one per independent run)"
             )
-    return prompts
+        out.append(prompt)
+    return out
 
 
 class MarkovPolicy:
@@ -54,6 +68,8 @@ class MarkovPolicy:
         self._log_steps = np.stack([first] + [task.log_trans_at(i) for i in range(1, task.horizon)])
 
     def start(self, prompts: Optional[Sequence[Any]], num_particles: int) -> Particles:
+        """``num_particles`` empty trajectories per prompt; a prompt that is not empty (or None) raises
+        ValueError naming it."""
         return Particles.empty(_prompts(prompts), num_particles, self.task.horizon)
 
     def next_log_probs(self, particles: Particles) -> FloatArray:
