@@ -54,6 +54,10 @@ def model_copy(tmp_path: Path, name: str = "llama-tiny") -> Path:
         ("--reward-label", "-1", "--reward-label: expected an integer >= 0, got -1"),
         ("--particles", "x", "--particles: expected an integer >= 1, got 'x'"),
         ("--threads", "100000", "--threads: expected at most 1024 threads"),  # ONNX Runtime ran out of memory
+        # numpy refused the arrays ("Maximum allowed dimension exceeded"), status 1 after the models loaded
+        ("--particles", "99999999999999999999", "--particles: expected at most 1048576 particles, got 9999"),
+        ("--particles", "1048577", "--particles: expected at most 1048576 particles, got 1048577"),
+        ("--pool-size", "99999999999999999999", "--pool-size: expected at most 1048576 particles"),
     ],
 )
 def test_bad_arguments(option: str, value: str, message: str, capfd: pytest.CaptureFixture[str]) -> None:
@@ -107,6 +111,53 @@ def test_corrupt_and_unsupported_model_files(tmp_path: Path, capfd: pytest.Captu
     assert (
         "MatMuX" in (main([*RUN[:2], str(unsupported), *RUN[3:], "--prompt", "hi"]), one_line_error(capfd))[1]
     )
+
+
+def test_every_failed_prompt_is_reported_on_standard_error_even_when_quiet(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A prompt that fails alone (longer than the context) gets a line with its reason, --quiet or not; the
+    others finish and the run succeeds."""
+    out = tmp_path / "out.jsonl"
+    assert main([*RUN, "--prompt", "hi", "--prompt", "x" * 200, "--json", str(out), "--quiet"]) == 0
+    assert capfd.readouterr().err == (
+        "tiltsmc: error: prompt 1: 200 prompt tokens + max_new_tokens 3 exceed the model's context of 128\n"
+    )
+    assert [("error" in json.loads(line)) for line in out.read_text().splitlines()] == [False, True]
+
+
+def test_a_run_whose_every_prompt_fails_says_why_and_keeps_the_old_file(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Every prompt failed: a failed run (status 1), each reason on standard error (--quiet silences
+    progress, not errors), and the old result file left as it was, as after any failed run."""
+    out = tmp_path / "out.jsonl"
+    out.write_text("old\n")
+    assert main([*RUN, "--prompt", "x" * 200, "--prompt", "y" * 150, "--json", str(out), "-q"]) == 1
+    assert capfd.readouterr().err.splitlines() == [
+        "tiltsmc: error: prompt 0: 200 prompt tokens + max_new_tokens 3 exceed the model's context of 128",
+        "tiltsmc: error: prompt 1: 150 prompt tokens + max_new_tokens 3 exceed the model's context of 128",
+        "tiltsmc: all 2 prompt(s) failed; no result file written",
+    ]
+    assert out.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
+
+
+@pytest.mark.parametrize("option", ["--chat", "--messages"])
+def test_chat_prompts_without_a_chat_template_are_refused_before_the_run(
+    option: str, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The Llama fixture's tokenizer has no chat template: every chat prompt would fail, so --chat and
+    --messages are refused once the policy is loaded (status 2), naming the option and the way out."""
+    messages = tmp_path / "chats.jsonl"
+    messages.write_text('[{"role": "user", "content": "hi"}]\n')
+    prompts = ["--chat", "--prompt", "hi"] if option == "--chat" else ["--messages", str(messages)]
+    out = tmp_path / "out.jsonl"
+    assert main([*RUN, *prompts, "--json", str(out)]) == 2
+    error = one_line_error(capfd)
+    assert (
+        error.startswith(f"tiltsmc: {option}: the policy's tokenizer (") and "has no chat template" in error
+    )
+    assert "give one with --chat-template FILE" in error and not out.exists()
 
 
 def test_onnx_runtime_error_during_the_run(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
@@ -172,6 +223,117 @@ def test_a_reader_that_goes_away(tmp_path: Path) -> None:
     assert error == "tiltsmc: --json: standard output was closed by its reader (broken pipe)\n"
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--policy", "/nonexistent"], "--policy: /nonexistent does not exist"),
+        (["--reward", "/nonexistent"], "--reward: /nonexistent does not exist"),
+        (["--reward-output", "nope"], "--reward-output: 'nope' is not an output of model.onnx"),
+        (["--reward-label", "5"], "--reward-label: 5 is not a class of 'logits' (1 classes)"),
+        (["--reward-classes", "0,1"], "--reward-classes: needs --reward-label (the class whose"),
+        (["--reward-position", "delimiter"], "--reward-delimiters: --reward-position delimiter needs the"),
+        (["--reward-kv-cache", "on"], "--reward-kv-cache: model.onnx cannot keep a cache"),
+        (
+            ["--padding-side", "right"],
+            "let --padding-side left out try both sides, or pass --check-batching off",
+        ),
+        (["--cache-in-place", "on"], "--cache-in-place: needs a right-padded policy on the host"),
+        (["--max-new-tokens", "500"], "leaves no room for a prompt with --max-new-tokens 500"),
+        (["--session-option", "nope=1"], "--session-option: 'nope' is not a field of onnxruntime.Session"),
+        (["--provider-option", "Nope:x=1"], "--provider-option: 'Nope' is not a provider ONNX Runtime knows"),
+    ],
+)
+def test_model_load_errors_name_the_options_typed(
+    options: list[str], message: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The library's load errors name its arguments (``path``, ``output``, ``label=``,
+    ``check_batching=False``); the CLI writes the options that set them, so that the line names what the
+    user typed (``path`` as --policy or --reward)."""
+    argv = [*RUN, "--prompt", "hi", *options]
+    if options[0] in ("--policy", "--reward"):  # in place of the fixture
+        argv[argv.index(options[0]) + 1] = options[1]
+        argv = argv[:-2]
+    assert main(argv) == 2
+    assert message in one_line_error(capfd)
+
+
+def test_the_librarys_own_load_errors_keep_its_argument_names() -> None:
+    from tiltsmc.models import OnnxCausalLM, OnnxRewardModel
+
+    with pytest.raises(ValueError, match=r"^output: 'nope' is not an output"):
+        OnnxRewardModel(REWARD, output="nope")
+    with pytest.raises(ValueError, match=r"or pass check_batching=False to run it anyway$"):
+        OnnxCausalLM(POLICY, padding_side="right")
+
+
+def test_a_value_output_error_names_the_options_typed(capfd: pytest.CaptureFixture[str]) -> None:
+    twist = str(FIXTURES / "gpt2-twist-tiny")
+    argv = ["run", "--policy", twist, "--value-output", "twist", "--step", "\\n", "--prompt", "10"]
+    assert main(argv) == 2
+    assert one_line_error(capfd) == (
+        "tiltsmc: --value-output: a twist head scores one-token extensions; "
+        "load the policy with --step token\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("sampler", "option", "value"),
+    [
+        ("sp-gsmc", "--particles", "4"),
+        ("sp-gsmc", "--resample", "multinomial"),
+        ("sp-gsmc", "--ess-threshold", "0.9"),
+        ("sp-gsmc", "--bound", "3"),
+        ("sp-gsmc", "--mh-steps", "4"),
+        ("smc", "--pool-size", "4"),
+        ("best-of-n", "--ess-threshold", "0.5"),
+        ("mh", "--max-tries", "10"),
+        ("rejection", "--mh-steps", "2"),
+    ],
+)
+def test_an_option_the_sampler_does_not_take_is_refused(
+    sampler: str, option: str, value: str, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Given explicitly, an option the chosen sampler does not take is refused before the models load
+    (status 2), as the server refuses it; it used to be dropped silently."""
+    out = tmp_path / "out.jsonl"
+    argv = ["run", "--policy", POLICY, "--reward", REWARD, "--prompt", "hi", "--json", str(out)]
+    assert main([*argv, "--sampler", sampler, option, value]) == 2
+    assert one_line_error(capfd).startswith(
+        f"tiltsmc: {option}: not an option of --sampler {sampler} (it takes"
+    )
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("sampler", "options", "expected"),
+    [
+        ("mh", ["--particles", "3", "--mh-steps", "1", "--resample", "multinomial"], {"num_particles": 3}),
+        ("rejection", ["--particles", "8", "--max-tries", "16"], {"batch_size": 8, "max_tries": 16}),
+    ],
+)
+def test_each_sampler_takes_the_servers_options(
+    sampler: str, options: list[str], expected: dict[str, Any], tmp_path: Path
+) -> None:
+    """mh's --particles sets its number of particles and rejection's its draws per round, as the server's
+    ``particles`` does (SAMPLER_FIELDS): the CLI takes each sampler's server options, and rejection's
+    --num-samples and --max-tries, which the server fixes."""
+    out = tmp_path / "out.jsonl"
+    argv = [*RUN[:5], "--prompt", "hi", "--json", str(out), "--sampler", sampler, *options]
+    assert main(argv) == 0
+    recorded = json.loads(out.read_text())["run"]["options"]
+    assert {name: recorded[name] for name in expected} == expected
+    if sampler == "mh":
+        assert recorded["resample"] == "multinomial"
+    pytest.importorskip("fastapi")
+    from tiltsmc.cli import _RUN_OPTIONS
+    from tiltsmc.serving.server import SAMPLER_FIELDS
+
+    for name, fields in SAMPLER_FIELDS.items():
+        cli_options = _RUN_OPTIONS[name.replace("_", "-")]
+        extra = {"num_samples": "num_samples", "max_tries": "max_tries"} if name == "rejection" else {}
+        assert cli_options == {**fields, **extra}, name
+
+
 def test_a_reward_model_with_another_vocabulary_is_refused_before_the_run(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -213,6 +375,7 @@ def test_serve_on_ray_refuses_bad_options_in_one_line(
         (["--reward-kind", "prob"], "--reward-kind: not an option of the bundled --demo models"),
         (["--session-option", "log_severity_level=3"], "--session-option: not an option of the bundled"),
         (["--session-config", "session.intra_op.allow_spinning=0"], "--session-config: not an option of the"),
+        (["--reward", REWARD], "--reward: not an option of the bundled --demo models"),  # was ignored
     ],
 )
 def test_demo_models_refuse_the_options_they_would_ignore(

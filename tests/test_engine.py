@@ -508,8 +508,68 @@ def test_bad_options_are_refused_at_submit(models: tuple[Any, Any]) -> None:
         assert engine.submit((), "smc", num_particles=4, rng=0).result(timeout=10).samples[0].shape == (4, 6)
     with pytest.raises(ValueError, match="release_memory_after"):
         tiltsmc.Engine(policy, twist, release_memory_after=-1.0)
+    with pytest.raises(ValueError, match="release_memory_after"):
+        tiltsmc.Engine(policy, twist, release_memory_after=float("nan"))
+    for wrong in ("5", True):
+        with pytest.raises(TypeError, match="release_memory_after"):
+            tiltsmc.Engine(policy, twist, release_memory_after=wrong)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="keep_freed_memory"):
         tiltsmc.Engine(policy, twist, keep_freed_memory="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_queue"):
+        tiltsmc.Engine(policy, twist, max_queue=0)  # no request could ever wait for its rows
+
+
+def test_waits_past_what_a_thread_can_wait_mean_no_limit(models: tuple[Any, Any]) -> None:
+    """Seconds over ``threading.TIMEOUT_MAX`` (infinity too) mean no limit: an engine that waits that
+    long before giving memory back keeps serving after its first idle spell (such a wait raised
+    OverflowError inside the worker, which broke the engine), and ``close`` and ``submit`` take them;
+    numpy's numbers are seconds too, and a refused ``close`` leaves the engine open."""
+    policy, twist = models
+    for never in (1e10, float("inf")):
+        with tiltsmc.Engine(policy, twist, release_memory_after=never) as engine:
+            assert engine.release_memory_after is None
+            first = engine.submit((), "smc", num_particles=4, rng=0).result(timeout=10)
+            deadline = time.monotonic() + 10
+            while engine.stats()["in_flight"] or engine.stats()["waiting"]:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            time.sleep(0.1)  # the worker now idle, waiting for work or for the time to give memory back
+            again = engine.submit((), "smc", num_particles=4, rng=0, timeout=np.float32(1e10))
+            assert np.array_equal(again.result(timeout=10).samples[0], first.samples[0])
+            assert engine.stats()["failed"] is None
+            for wrong, kind in (("x", TypeError), (float("nan"), ValueError), (-1, ValueError)):
+                with pytest.raises(kind, match="timeout"):
+                    engine.close(timeout=wrong)
+            with pytest.raises(TypeError, match="drain"):
+                engine.close(drain="yes")  # type: ignore[arg-type]
+            assert not engine.stats()["closed"]
+            assert engine.close(timeout=np.int64(10), wait=1e10)
+
+
+def test_refusals_name_the_option_the_request_set(
+    models: tuple[Any, Any], onnx_models: tuple[OnnxCausalLM, OnnxRewardModel]
+) -> None:
+    """Rows over ``max_batch_rows`` are refused naming the sampler's option that asked for them, and a
+    ``max_new_tokens`` past the policy's limit at ``submit``, as the offline function refuses it."""
+    policy, twist = models
+    with tiltsmc.Engine(policy, twist, max_batch_rows=8) as engine:
+        for sampler, options, option in (
+            ("smc", {"num_particles": 9}, "num_particles"),
+            ("sp_gsmc", {"pool_size": 9}, "pool_size"),
+            ("mh", {"pool_size": 9}, "pool_size"),
+            ("mh", {"num_particles": 9}, "num_particles"),
+            ("best_of_n", {"n": 9}, "n"),
+            ("rejection", {}, "batch_size"),  # its default, 256 draws a round
+        ):
+            with pytest.raises(ValueError, match=rf"^{option}: the request needs \d+ particle rows"):
+                engine.submit((), sampler, rng=0, **options)
+    onnx_policy, onnx_reward = onnx_models
+    with pytest.raises(ValueError, match="max_new_tokens: 7 is more than the policy's limit of 6"):
+        tiltsmc.smc(onnx_policy, onnx_reward, prompts=["hi"], num_particles=2, max_new_tokens=7)
+    with tiltsmc.Engine(onnx_policy, onnx_reward) as engine:
+        with pytest.raises(ValueError, match="max_new_tokens: 7 is more than the policy's limit of 6"):
+            engine.submit("hi", "smc", num_particles=2, max_new_tokens=7)
+        assert engine.stats()["requests"]["submitted"] == 0
 
 
 def test_options_and_defaults_are_the_offline_functions() -> None:
@@ -638,9 +698,6 @@ def test_requests_with_their_own_max_new_tokens(onnx_models: tuple[OnnxCausalLM,
             for k, m in enumerate(limits)
         ]
         results = [f.result(timeout=30) for f in futures]
-        too_long = engine.submit("hello", "smc", num_particles=4, max_new_tokens=7)
-        with pytest.raises(ValueError, match="max_new_tokens: 7 is more than the policy's limit of 6"):
-            too_long.result(timeout=30)
     for k, (limit, result) in enumerate(zip(limits, results)):
         lengths = [len(s) for s in result.samples[0]]
         assert max(lengths) <= limit
@@ -764,6 +821,7 @@ def test_a_failed_worker_ends_every_request_and_the_other_workers(models: tuple[
         held.result(timeout=30)
     with pytest.raises(EngineClosed, match="the engine failed"):
         engine.submit((), "smc", num_particles=4)
+    assert "EngineBug" in engine.stats()["failed"]  # what /health and Ray's health check read
     engine.close()
     assert not any(thread.is_alive() for thread in workers)
 

@@ -51,7 +51,8 @@ def validator() -> jsonschema.protocols.Validator:
 def test_every_line_validates_against_the_shipped_schema(tmp_path: Path, sampler: str, validator) -> None:
     out = tmp_path / "out.jsonl"
     extra = ["--bound", "1.0", "--max-tries", "64"] if sampler == "rejection" else []
-    argv = [*BASE, "--sampler", sampler, "--particles", "4", "--seed", "1", "--json", str(out), *extra]
+    size = ["--pool-size" if sampler == "sp-gsmc" else "--particles", "4"]  # the option the sampler takes
+    argv = [*BASE, "--sampler", sampler, *size, "--seed", "1", "--json", str(out), *extra]
     # a prompt longer than the context: a record with "error", collapsed, log_z null
     assert main([*argv, "--prompt", "hello", "--prompt", "ab", "--prompt", "x" * 200, "-q"]) == 0
     records = _lines(out)
@@ -161,6 +162,26 @@ def test_posterior_merges_duplicate_texts_and_sorts_them() -> None:
     # without texts: token sequences as keys
     result.texts = None
     assert list(result.posterior(0)) == [(1, 1), (2, 2), (0, 0), (3, 3)]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "error", "match"),
+    [
+        (2, ValueError, r"^prompt: must be < 2 \(the result holds 2 prompt\(s\)\), got 2"),
+        (-3, ValueError, "^prompt: must be >= -2, got -3"),
+        (True, TypeError, "^prompt: expected an int, got True"),
+        (1.0, TypeError, "^prompt: expected an int, got 1.0"),
+        ("0", TypeError, "^prompt: expected an int, got '0'"),
+        (None, TypeError, "^prompt: expected an int, got None"),
+    ],
+)
+def test_best_posterior_and_weights_refuse_a_bad_prompt_index(prompt: Any, error: type, match: str) -> None:
+    result = _result([["a", "b"], ["c"]], [[math.log(0.25), math.log(0.75)], [0.0]])
+    for read in (result.best, result.posterior, result.weights):
+        with pytest.raises(error, match=match):
+            read(prompt)
+    # ints of any kind index as a list does, from the end too
+    assert result.best(np.int64(0)) == result.best(-2) == 1 and result.posterior(-1) == {"c": 1.0}
 
 
 def test_posterior_of_a_real_run_is_the_weighted_sample(tmp_path: Path) -> None:

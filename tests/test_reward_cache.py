@@ -304,7 +304,7 @@ def test_cli_one_model_for_both_roles_and_the_kv_cache_option(tmp_path: Path, ca
     assert main([*base, "--reward", str(VALUE), "--value-output", "value"]) == 2
     assert "--value-output" in capfd.readouterr().err
     assert main([*base, "--reward", str(PRM), "--reward-kv-cache", "on"]) == 2
-    assert "kv_cache: " in capfd.readouterr().err
+    assert "--reward-kv-cache: " in capfd.readouterr().err
 
 
 def test_the_demos_joint_graph_gives_the_separate_prms_values_and_samples() -> None:

@@ -474,7 +474,7 @@ def test_the_cli_passes_cache_in_place_to_the_policy() -> None:
         policy, _ = cli._load_models(parser.parse_args([*base, "--policy", str(GQA), *flags]))
         assert policy.cache_in_place is expected
     args = parser.parse_args([*base, "--policy", str(FIXTURES / "gpt2-tiny"), "--cache-in-place", "on"])
-    with pytest.raises(cli.CliError, match="cache_in_place: needs a right-padded policy"):
+    with pytest.raises(cli.CliError, match="--cache-in-place: needs a right-padded policy"):
         cli._load_models_or_fail(args)
 
 

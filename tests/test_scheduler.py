@@ -251,7 +251,7 @@ def test_the_kv_cache_in_flight_stays_under_its_bound() -> None:
     assert [r.cache_bytes for r in later] == [300, 50]
     too_big = _request(9, rows=1)
     too_big.cache_bytes = 1001
-    with pytest.raises(ValueError, match=r"max_cache_bytes: .* 1001 bytes"):
+    with pytest.raises(ValueError, match=r"num_particles: .* 1001 bytes .* max_cache_bytes = 1000"):
         scheduler.enqueue(too_big)
     unbounded = Scheduler(max_queue=8, max_batch_rows=100)
     for number in range(3):

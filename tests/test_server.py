@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -126,7 +127,9 @@ def test_completion_is_the_offline_run(server: Server, offline_models: Any) -> N
     assert detail["log_weights"] == record["log_weights"][0]
     assert detail["ess"] == record["ess"][0]
     assert choice["text"] == offline.texts[0][detail["sample_index"]]  # type: ignore[index]
-    assert choice["finish_reason"] in ("stop", "length")
+    tokens = offline.samples[0][detail["sample_index"]]
+    ended_by_eos = len(tokens) > 0 and int(tokens[-1]) in offline_models[0].eos_token_ids
+    assert choice["finish_reason"] == ("stop" if ended_by_eos else "length")
     usage = body["usage"]
     prompt_tokens = len(offline_models[0].encode_prompt("hello there"))
     assert usage["prompt_tokens"] == prompt_tokens
@@ -196,6 +199,18 @@ def test_concurrent_clients(server: Server) -> None:
         ({"prompt": "hi", "stop": ["\n"]}, "stop", 400),
         ({"prompt": "hi", "model": "gpt-4"}, "model", 404),
         ({"prompt": "word " * 1100}, "prompt", 400),
+        # a field of the wrong JSON type is refused, not read as another type
+        ({"prompt": "hi", "particles": True}, "particles", 400),
+        ({"prompt": "hi", "n": "2"}, "n", 400),
+        ({"prompt": "hi", "n": 2.0}, "n", 400),
+        ({"prompt": "hi", "max_tokens": "4"}, "max_tokens", 400),
+        ({"prompt": "hi", "stream": "yes"}, "stream", 400),
+        ({"prompt": "hi", "seed": False}, "seed", 400),
+        ({"prompt": "hi", "ess_threshold": True}, "ess_threshold", 400),
+        ({"prompt": "hi", "temperature": "1"}, "temperature", 400),
+        ({"prompt": [1, 2, 3]}, "prompt", 400),
+        ({"prompt": "hi", "stop": [1]}, "stop", 400),
+        ({"prompt": "hi", "sampler": "mh", "mh_steps": 65}, "mh_steps", 400),  # --max-mh-steps, 64
     ],
 )
 def test_bad_requests_name_the_field(server: Server, body: dict[str, Any], param: str, status: int) -> None:
@@ -203,6 +218,51 @@ def test_bad_requests_name_the_field(server: Server, body: dict[str, Any], param
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["param"] == param and param in error["message"]
+    assert f"{param}.str" not in error["message"]  # a field of several types is named alone
+
+
+def test_a_field_of_several_types_says_which_it_takes(server: Server) -> None:
+    """A value that none of a field's types takes is refused with the types the field takes, where
+    pydantic would name the first type it tried (``prompt.str: Input should be a valid string``)."""
+    cases = [
+        (
+            "/v1/completions",
+            {"prompt": [1, 2, 3]},
+            "prompt: expected a string or a non-empty list of strings",
+        ),
+        ("/v1/completions", {"prompt": "hi", "stop": [1]}, "stop: expected a string or a list of strings"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]},
+            "messages.0.content: expected a string, a list of text parts",
+        ),
+    ]
+    for path, body, message in cases:
+        response = httpx.post(f"{server.url}{path}", json=body, timeout=60)
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["message"].startswith(message), response.text
+
+
+def test_chat_refusals_name_the_field_the_client_sent(server: Server) -> None:
+    """``max_completion_tokens`` over the limit is named as sent; a user's message needs its text (null
+    content is an assistant's tool call); a huge role is refused by its size before it is rendered and
+    encoded, as a huge content is."""
+    url = f"{server.url}/v1/chat/completions"
+    hello = [{"role": "user", "content": "hello"}]
+    over = httpx.post(url, json={"messages": hello, "max_completion_tokens": 7}, timeout=60)
+    error = over.json()["error"]
+    assert over.status_code == 400 and error["param"] == "max_completion_tokens", over.text
+    assert error["message"].startswith("max_completion_tokens: 7 is more than this server's 6")
+    null = httpx.post(url, json={"messages": [{"role": "user", "content": None}]}, timeout=60)
+    assert null.status_code == 400 and null.json()["error"]["param"] == "messages", null.text
+    assert null.json()["error"]["message"].startswith("messages.0.content: null is only for an assistant")
+    tool_call = [{"role": "system", "content": "s"}, {"role": "assistant", "content": None}]
+    assert httpx.post(url, json={"messages": tool_call, "seed": 1}, timeout=60).status_code == 200
+    began = time.monotonic()
+    huge = httpx.post(url, json={"messages": [{"role": "x" * 3_000_000, "content": "hi"}]}, timeout=60)
+    assert huge.status_code == 400 and huge.json()["error"]["param"] == "messages", huge.text
+    assert re.match(r"messages: 300\d{4} characters, more than", huge.json()["error"]["message"]), huge.text
+    assert time.monotonic() - began < 5  # encoding it took 13.5 s (and 3 GB) on the 2-core VM
 
 
 def test_refused_openai_fields_say_why(server: Server) -> None:
@@ -419,6 +479,94 @@ def test_malformed_json(server: Server) -> None:
     assert response.status_code == 400 and "error" in response.json()
 
 
+def test_failures_after_the_checks_name_the_field(tmp_path: Path) -> None:
+    """What the engine refuses at ``submit`` and what fails once admitted are named by the request's own
+    field: the option that asked for the rows (a 400 counted as refused), the prompt of a list that
+    failed (its index), the sampler that gave no sample (rejection with none of its draws accepted: an
+    empty text is not a sample), in the plain answer and at a stream's end."""
+    demo = Server(tmp_path, "--demo", "--max-batch-rows", "64")
+    problem = arithmetic.make_problems(2, 1, rng=0)[0].prompt
+    try:
+        for sampler, field in (("smc", "particles"), ("sp_gsmc", "pool_size"), ("best_of_n", "particles")):
+            size = {field: 65}
+            refused = demo.post({"prompt": problem, "sampler": sampler, **size})
+            error = refused.json()["error"]
+            assert refused.status_code == 400 and error["param"] == field, refused.text
+            assert error["message"] == (
+                f"{field}: the request needs 65 particle rows, more than the engine's max_batch_rows = 64"
+            )
+        assert demo.metric('tiltsmc_request_seconds_count{outcome="refused"}') == 3
+        failed = demo.post({"prompt": [problem, "no problem"], "seed": 1, "particles": 4})
+        error = failed.json()["error"]
+        assert failed.status_code == 400 and error["param"] == "prompt", failed.text
+        assert error["message"].startswith("prompt[1]: "), error["message"]
+        none = {"prompt": problem, "sampler": "rejection", "max_tokens": 4, "seed": 3, "particles": 4}
+        empty = demo.post(none)
+        error = empty.json()["error"]
+        assert empty.status_code == 400 and error["param"] == "sampler", empty.text
+        assert error["message"].startswith("sampler: rejection accepted none of 64 draws for choice 0")
+        streamed = demo.post({**none, "stream": True}).text.split("\n\n")
+        events = [json.loads(block[len("data: ") :]) for block in streamed if block.startswith("data: ")]
+        assert events == [{"error": error}]  # the stream's status was sent: its last event says why
+        accepted = demo.post({**none, "max_tokens": None})
+        assert accepted.status_code == 200 and accepted.json()["choices"][0]["text"], accepted.text
+    finally:
+        demo.stop()
+
+
+def test_a_client_leaving_while_it_sends_its_body_is_no_error(server: Server) -> None:
+    """A body cut short by the client leaving is not an error of the server (uvicorn logged a traceback
+    for each): logged as a request the client cancelled."""
+    with socket.create_connection(("127.0.0.1", server.port)) as client:
+        client.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n" + b'{"prompt":'
+        )
+    deadline = time.monotonic() + 10
+    while '"status": 499' not in server.log():
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.05)
+    assert "Traceback" not in server.log() and "ClientDisconnect" not in server.log()
+    assert server.post({"prompt": "still here", "particles": 2}).status_code == 200
+
+
+def test_health_says_when_the_engine_has_failed() -> None:
+    """An engine whose worker failed (a bug in the engine itself: every request fails) is not healthy:
+    ``/health`` answers 503 with ``failed`` and the error (it said ``ok``), which load balancers and Ray
+    Serve's health check act on. The app on a real uvicorn server on 127.0.0.1, in this process, to hold
+    the engine."""
+    import uvicorn
+    from test_engine import BuggyForThree
+    from tiltsmc.serving.server import create_app
+
+    task = MarkovDFATask.random(4, 3, 6, rng=0)
+    engine = tiltsmc.Engine(BuggyForThree(task.policy()), task.twist(noise=0.4, rng=1))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="error")
+    )
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.02)
+        url = f"http://127.0.0.1:{port}/health"
+        assert httpx.get(url, timeout=10).json()["status"] == "ok"
+        with pytest.raises(tiltsmc.serving.EngineClosed):
+            engine.submit((), "smc", num_particles=3, rng=0).result(timeout=30)  # breaks the engine
+        failed = httpx.get(url, timeout=10)
+        assert failed.status_code == 503 and failed.json()["status"] == "failed", failed.text
+        assert "EngineBug" in failed.json()["error"]
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        engine.close()
+
+
 def test_prompt_the_policy_cannot_take_fails_alone(server: Server) -> None:
     """A prompt past the model's context with its max_tokens fails with the reason; the others go on."""
     bodies = [
@@ -576,6 +724,21 @@ def test_stop_strings_are_the_policys_own(tmp_path: Path) -> None:
         assert policy.tokenizer is not None
         whole = [policy.tokenizer.decode(tokens) for tokens in offline.samples[0]]
         assert any("5" in text or "e" in text for text in whole)  # some trajectories were cut
+        # a choice cut at a stop string finished by "stop", as one ending at EOS; else by "length"
+        reward = OnnxRewardModel(FIXTURES / "prm-tiny")
+        reasons: list[str] = []
+        for seed in range(8):
+            answer = stopping.post({"prompt": "hello", "seed": seed, "particles": 4}).json()
+            (choice,) = answer["choices"]
+            index = answer["tiltsmc"]["choices"][0]["sample_index"]
+            offline_run = tiltsmc.smc(policy, reward, prompts=["hello"], num_particles=4, rng=seed)
+            tokens = offline_run.samples[0][index]
+            text = policy.tokenizer.decode(tokens)
+            by_eos = int(tokens[-1]) in policy.eos_token_ids
+            by_string = "5" in text or "e" in text
+            assert choice["finish_reason"] == ("stop" if by_eos or by_string else "length"), (answer, text)
+            reasons.append("string" if by_string and not by_eos else choice["finish_reason"])
+        assert "string" in reasons, reasons  # answers cut at a stop string among them
     finally:
         stopping.stop()
 
@@ -633,6 +796,42 @@ def test_api_key(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "TILTSMC_UNSET_KEY is not set" in missing.stderr
 
 
+@pytest.mark.parametrize(
+    ("arguments", "env", "message"),
+    [
+        (
+            ["--api-key-env", "KEY"],
+            {"KEY": "s3cret-k\u00e9y"},
+            "--api-key-env: $KEY: an API key must",
+        ),
+        (["--api-key-env", "KEY"], {"KEY": "two words"}, "--api-key-env: $KEY: an API key must"),
+        (["--port", "99999"], {}, "--port: expected a port number from 0 to 65535"),
+        (["--port", "-1"], {}, "--port: expected a port number from 0 to 65535"),
+        (["--grace", "inf"], {}, "--grace: expected a finite number of seconds"),
+        (["--max-tokens", "-5"], {}, "--max-tokens: expected a positive integer"),
+        (["--max-tokens", "0"], {}, "--max-tokens: expected a positive integer"),
+        (["--max-tokens", "7"], {}, "max_tokens: 7 is not from 1 to the policy's max_new_tokens, 6"),
+        (["--max-mh-steps", "0"], {}, "--max-mh-steps: expected a positive integer"),
+        (["--max-queue", "0"], {}, "--max-queue: expected a positive integer"),
+    ],
+)
+def test_server_options_are_checked_before_it_starts(
+    arguments: list[str], env: dict[str, str], message: str
+) -> None:
+    """Options that could not work are refused at once, naming the option (exit status 2): a key that
+    a client cannot send as it is compared, a port out of range (99999 listened on 34463), a grace
+    period no integer holds, a token limit no request could meet, a queue no request could wait in."""
+    refused = subprocess.run(
+        [sys.executable, "-m", "tiltsmc.cli", "serve", *FIXTURE_MODELS, *arguments],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env},
+    )
+    assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
 # The bundled models with a 16-step problem: a request of 64 particles takes tenths of a second to seconds.
 LONG_REQUEST = {"prompt": arithmetic.make_problems(16, 1, rng=0)[0].prompt, "particles": 64, "seed": 1}
 
@@ -657,6 +856,10 @@ def test_overload_and_disconnect(tmp_path: Path) -> None:
         assert 200 in codes and 429 in codes and set(codes) <= {200, 429}, codes
         rejected = next(r for r in responses if r.status_code == 429)
         assert rejected.headers["retry-after"] == "1" and rejected.json()["error"]["code"] == "overloaded"
+        # more choices than the queue holds could never all wait: a 400, not a 429 to retry for ever
+        never = slow.post({**body, "n": 2})
+        assert never.status_code == 400 and never.json()["error"]["param"] == "n", never.text
+        assert "(1, tiltsmc serve --max-queue)" in never.json()["error"]["message"]
 
         lone = _duration(slow, body)
         with pytest.raises(httpx.ReadTimeout):  # the client goes away mid-request (a quarter of the way)

@@ -452,6 +452,19 @@ def _thread_count(text: str) -> int:
     return value
 
 
+# Particles (or candidates, draws) of one prompt at most: each is a row of every model call, with its own
+# KV cache; 10^20 overflowed numpy's array dimensions ("Maximum allowed dimension exceeded") and 10^9
+# allocated 15 GB of the tiny fixture's caches before failing.
+MAX_PARTICLES = 1 << 20
+
+
+def _particle_count(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_PARTICLES:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_PARTICLES} particles, got {text}")
+    return value
+
+
 def _count(text: str) -> int:
     try:
         value = int(text)
@@ -701,6 +714,71 @@ MODEL_OPTIONS: dict[str, tuple[str, str]] = {
 }
 
 
+def _option_names(class_name: str, path_option: str) -> dict[str, str]:
+    """A model class's argument names (as its errors name them) -> the CLI options that set them."""
+    names = {
+        parameter: f"--{option.replace('_', '-')}"
+        for option, (owner, parameter) in MODEL_OPTIONS.items()
+        if owner == class_name
+    }
+    names.update(
+        path=path_option,
+        intra_op_num_threads="--threads",
+        memory_arena="--memory-arena",
+        session_options="--session-option",
+        provider_options="--provider-option",
+    )
+    return names
+
+
+# The library's argument names in a model's load errors, per model kind, as the options the CLI user typed
+# (_cli_names writes them in): the library's messages name its own arguments.
+POLICY_OPTION_NAMES = {**_option_names("OnnxCausalLM", "--policy"), "chat_template": "--chat-template"}
+REWARD_OPTION_NAMES = {**_option_names("OnnxRewardModel", "--reward"), "reward": "--reward"}
+# PolicyValue / PolicyTwist, the reward read from the policy's value output
+VALUE_OPTION_NAMES = {
+    "kind": "--reward-kind",
+    "policy": "--value-output",
+    "step": "--step",
+    "value_output": "--value-output",
+}
+# ``name=VALUE`` in a message (``pass check_batching=False``, ``position='delimiter'``, ``label=``)
+_ARGUMENT = re.compile(r"(?<![\w-])(?P<name>[a-z_]+)=(?P<value>None or False|'[^']*'|True|False|None|-?\d+)?")
+_ARGUMENT_VALUES = {"True": "on", "False": "off", "None": "left out", "None or False": "left out or off"}
+# the attribute of a load error naming its model kind's argument names (set by _named_options)
+_OPTION_NAMES_ATTRIBUTE = "_tiltsmc_option_names"
+
+
+def _cli_names(message: str, names: dict[str, str], leading: bool = True) -> str:
+    """``message`` with the library's argument names written as the CLI's options: the leading ``name:``
+    (with ``leading``) and each ``name=VALUE`` (``True`` / ``False`` as ``on`` / ``off``)."""
+
+    def argument(match: re.Match[str]) -> str:
+        option = names.get(match["name"])
+        value = match["value"]
+        if option is None:
+            return match[0]
+        return option if value is None else f"{option} {_ARGUMENT_VALUES.get(value, value.strip(chr(39)))}"
+
+    head, colon, rest = message.partition(": ")
+    if leading and colon and head in names:
+        message = f"{names[head]}: {rest}"
+    return _ARGUMENT.sub(argument, message)
+
+
+@contextlib.contextmanager
+def _named_options(names: dict[str, str]) -> Iterator[None]:
+    """While a model loads: an error raised carries ``names``, its model kind's argument names as CLI
+    options, which ``_load_models_or_fail`` writes into its message (the error itself is unchanged)."""
+    try:
+        yield
+    except Exception as error:
+        if not hasattr(error, _OPTION_NAMES_ATTRIBUTE):
+            with contextlib.suppress(AttributeError, TypeError):
+                setattr(error, _OPTION_NAMES_ATTRIBUTE, names)
+        raise
+
+
 def _model_default(option: str) -> Any:
     """A model option's default, read from the model class's signature (True / False as 'on' / 'off')."""
     import inspect
@@ -858,7 +936,7 @@ def _load_models(args: argparse.Namespace) -> tuple[Any, Any]:
         # The bundled models fix their own settings: an option they would ignore is refused, not dropped.
         given = [
             option
-            for option in ("session_option", "session_config", "provider_option", "chat_template")
+            for option in ("reward", "session_option", "session_config", "provider_option", "chat_template")
             if getattr(args, option, None) is not None
         ]
         given += [
@@ -881,49 +959,54 @@ def _load_models(args: argparse.Namespace) -> tuple[Any, Any]:
             "--reward: give a reward model, or --value-output to read the policy's own value head"
         )
     session = _session_arguments(args)
-    policy = OnnxCausalLM(
-        args.policy,
-        max_new_tokens=args.max_new_tokens,
-        step=args.step,  # escapes decoded by _step
-        temperature=args.temperature,
-        providers=providers,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        stop=args.stop,
-        prefill_tokens=args.prefill_tokens,
-        step_rows_below=args.step_rows_below,
-        check_batching=args.check_batching == "on",
-        padding_side=args.padding_side,
-        cache_in_place=None if args.cache_in_place is None else args.cache_in_place == "on",
-        intra_op_num_threads=args.threads,
-        memory_arena=args.memory_arena == "on",
-        value_output=args.value_output,
-        add_special_tokens=args.add_special_tokens == "on",
-        skip_special_tokens=args.skip_special_tokens == "on",
-        chat_template=_chat_template(args),
-        **session,
-    )
+    chat_template = _chat_template(args)
+    with _named_options(POLICY_OPTION_NAMES):
+        policy = OnnxCausalLM(
+            args.policy,
+            max_new_tokens=args.max_new_tokens,
+            step=args.step,  # escapes decoded by _step
+            temperature=args.temperature,
+            providers=providers,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            stop=args.stop,
+            prefill_tokens=args.prefill_tokens,
+            step_rows_below=args.step_rows_below,
+            check_batching=args.check_batching == "on",
+            padding_side=args.padding_side,
+            cache_in_place=None if args.cache_in_place is None else args.cache_in_place == "on",
+            intra_op_num_threads=args.threads,
+            memory_arena=args.memory_arena == "on",
+            value_output=args.value_output,
+            add_special_tokens=args.add_special_tokens == "on",
+            skip_special_tokens=args.skip_special_tokens == "on",
+            chat_template=chat_template,
+            **session,
+        )
     if args.value_output is not None:  # one graph: a value per position, or a twist row per position
-        if policy.twist_head:
-            return policy, PolicyTwist(policy, kind=args.reward_kind)
-        return policy, PolicyValue(policy, kind=args.reward_kind)
-    reward = OnnxRewardModel(
-        args.reward,
-        output=args.reward_output,
-        kind=args.reward_kind,
-        position=args.reward_position,
-        delimiter_ids=args.reward_delimiters,
-        label=args.reward_label,
-        classes=args.reward_classes,
-        providers=providers,
-        intra_op_num_threads=args.threads,
-        memory_arena=args.memory_arena == "on",
-        kv_cache={None: None, "on": True, "off": False}[args.reward_kv_cache],
-        **session,
-    )
+        with _named_options(VALUE_OPTION_NAMES):
+            if policy.twist_head:
+                return policy, PolicyTwist(policy, kind=args.reward_kind)
+            return policy, PolicyValue(policy, kind=args.reward_kind)
+    with _named_options(REWARD_OPTION_NAMES):
+        reward = OnnxRewardModel(
+            args.reward,
+            output=args.reward_output,
+            kind=args.reward_kind,
+            position=args.reward_position,
+            delimiter_ids=args.reward_delimiters,
+            label=args.reward_label,
+            classes=args.reward_classes,
+            providers=providers,
+            intra_op_num_threads=args.threads,
+            memory_arena=args.memory_arena == "on",
+            kv_cache={None: None, "on": True, "off": False}[args.reward_kv_cache],
+            **session,
+        )
     check_policy = getattr(reward, "check_policy", None)  # vocabularies: bad input, found before the run
     if callable(check_policy):
-        check_policy(policy)
+        with _named_options(REWARD_OPTION_NAMES):
+            check_policy(policy)
     return policy, reward
 
 
@@ -935,9 +1018,10 @@ Sample an ONNX decoder LM guided by an ONNX reward model with any sampler. Resul
 per prompt, to standard output or --json PATH (a file is replaced atomically when the run has
 succeeded); their schema ships with tiltsmc (tiltsmc/run.schema.json; tiltsmc.cli.output_schema()).
 Each line records the run's configuration (sampler options, seed, model paths, versions) and the
-prompt's own compute. A progress bar goes to standard error on a terminal; logs go to standard error.
-Exit status: 0 (done), 1 (the run or the output failed, or every prompt failed), 2 (bad arguments,
-prompts or model files)."""
+prompt's own compute. A progress bar goes to standard error on a terminal; logs go to standard error,
+with each failed prompt's reason (also with --quiet). Exit status: 0 (done), 1 (the run or the output
+failed, or every prompt failed: a --json file is then left as it was), 2 (bad arguments, prompts or model
+files)."""
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -1003,29 +1087,34 @@ def build_parser() -> argparse.ArgumentParser:
     # Sampler options left out take the sampler's own defaults (those of tiltsmc.smc and the others, which
     # the engine and the server use too): one set of defaults.
     run.add_argument("--sampler", choices=SAMPLERS, default="smc", help="the sampler")
+    # Each sampler takes the options of _RUN_OPTIONS (those the server takes, SAMPLER_FIELDS); another one
+    # given is refused.
     run.add_argument(
         "--particles",
-        type=_positive_int,
+        type=_particle_count,
         default=None,
-        help=f"smc: particles per prompt (default: {_default('smc', 'num_particles')}); "
-        f"best-of-n: draws per prompt (default: {_default('best_of_n', 'n')})",
+        help=f"smc / mh: particles per prompt (default: {_default('smc', 'num_particles')} / "
+        f"{_default('mh', 'num_particles')}; mh with one is SP-gSMC + MH, with more SMC + MH); best-of-n: "
+        f"draws per prompt (default: {_default('best_of_n', 'n')}); rejection: draws per round (default: "
+        f"{_default('rejection', 'batch_size')}); at most {MAX_PARTICLES}",
     )
     run.add_argument(
         "--resample",
         choices=core.SCHEMES,
         default=None,
-        help=f"smc: resampling scheme (default: {_default('smc', 'resample')})",
+        help=f"smc / mh: resampling scheme (default: {_default('smc', 'resample')} / "
+        f"{_default('mh', 'resample')})",
     )
     run.add_argument(
         "--ess-threshold",
         type=_fraction,
         default=None,
-        help="smc: resample when ESS < this fraction of the particles "
-        f"(default: {_default('smc', 'ess_threshold')})",
+        help="smc / mh: resample when ESS < this fraction of the particles "
+        f"(default: {_default('smc', 'ess_threshold')} / {_default('mh', 'ess_threshold')})",
     )
     run.add_argument(
         "--pool-size",
-        type=_positive_int,
+        type=_particle_count,
         default=None,
         help=f"sp-gsmc / mh: candidates per step (default: {_default('sp_gsmc', 'pool_size')} / "
         f"{_default('mh', 'pool_size')})",
@@ -1171,14 +1260,29 @@ def _read_text_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-# tiltsmc run's sampler options, as the sampler functions' parameters (per sampler)
+# tiltsmc run's sampler options, as the sampler functions' parameters (per sampler): those the server takes
+# (tiltsmc.serving.server.SAMPLER_FIELDS), and rejection's number of samples and draws, which the server
+# fixes itself. Any other sampler option given is refused (_sampler_options).
 _RUN_OPTIONS: dict[str, dict[str, str]] = {
     "smc": {"particles": "num_particles", "resample": "resample", "ess_threshold": "ess_threshold"},
     "sp-gsmc": {"pool_size": "pool_size"},
-    "mh": {"pool_size": "pool_size", "mh_steps": "steps"},
+    "mh": {
+        "particles": "num_particles",
+        "pool_size": "pool_size",
+        "mh_steps": "steps",
+        "resample": "resample",
+        "ess_threshold": "ess_threshold",
+    },
     "best-of-n": {"particles": "n"},
-    "rejection": {"bound": "bound", "num_samples": "num_samples", "max_tries": "max_tries"},
+    "rejection": {
+        "bound": "bound",
+        "particles": "batch_size",
+        "num_samples": "num_samples",
+        "max_tries": "max_tries",
+    },
 }
+# every sampler option of tiltsmc run (each None when not given)
+_SAMPLER_OPTIONS = tuple(dict.fromkeys(option for options in _RUN_OPTIONS.values() for option in options))
 
 
 def _default(sampler: str, option: str) -> Any:
@@ -1195,8 +1299,17 @@ def _prompt_rng(seed: int, index: int) -> np.random.Generator:
 
 
 def _sampler_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The sampler function's options: its defaults, overridden by those given on the command line."""
+    """The sampler function's options: its defaults, overridden by those given on the command line. An
+    option given that the sampler does not take is refused (``CliError``), as the server refuses it."""
     name = args.sampler.replace("-", "_")
+    taken = _RUN_OPTIONS[args.sampler]
+    for option in _SAMPLER_OPTIONS:
+        if getattr(args, option) is not None and option not in taken:
+            accepted = ", ".join(f"--{each.replace('_', '-')}" for each in taken)
+            raise CliError(
+                f"--{option.replace('_', '-')}: not an option of --sampler {args.sampler} "
+                f"(it takes {accepted})"
+            )
     given = {
         parameter: getattr(args, option)
         for option, parameter in _RUN_OPTIONS[args.sampler].items()
@@ -1319,26 +1432,58 @@ def output_schema() -> dict[str, Any]:
 
 
 def _load_models_or_fail(args: argparse.Namespace) -> tuple[Any, Any]:
-    """``_load_models``; bad files or options raise ``CliError`` (status 2)."""
+    """``_load_models``; bad files or options raise ``CliError`` (status 2), whose message names the CLI's
+    options where the library's names its own arguments (``path`` as ``--policy`` or ``--reward``)."""
+
+    def message(error: Exception) -> str:
+        return _cli_names(_one_line(error), getattr(error, _OPTION_NAMES_ATTRIBUTE, {}))
+
     try:
         return _load_models(args)
     except (OSError, ValueError, TypeError) as error:
-        raise CliError(_one_line(error)) from None
+        raise CliError(message(error)) from None
     except RuntimeError as error:  # e.g. a GPU that ONNX Runtime cannot use
-        raise CliError(_one_line(error), 1) from None
+        raise CliError(message(error), 1) from None
     except ImportError as error:  # no ONNX Runtime installed: the message names the extra to install
-        raise CliError(_one_line(error), 1) from None
+        raise CliError(message(error), 1) from None
+
+
+def _check_chat_template(args: argparse.Namespace, policy: Any) -> None:
+    """Chat prompts (``--chat``, ``--messages``) need the policy's tokenizer to have a chat template:
+    refused before the run where it has none (else each prompt would fail alone)."""
+    option = "--messages" if getattr(args, "messages", None) is not None else "--chat"
+    if option == "--chat" and not getattr(args, "chat", False):
+        return
+    tokenizer = getattr(policy, "tokenizer", None)
+    if tokenizer is None:
+        if hasattr(policy, "tokenizer"):  # a policy without one: token ids only
+            raise CliError(f"{option}: chat prompts need a tokenizer, and the policy has none")
+        return  # a policy of another kind: its own rules
+    if getattr(tokenizer, "chat_template", "") is None:
+        raise CliError(
+            f"{option}: the policy's tokenizer ({getattr(tokenizer, 'source', args.policy)}) has no chat "
+            "template (no chat_template in tokenizer_config.json, no chat_template.jinja beside it): give "
+            "one with --chat-template FILE"
+        )
+
+
+def _prompt_error(index: int, error: str) -> str:
+    """A failed prompt's line on standard error: its index in the whole input and the reason, the
+    library's argument names as the CLI's options."""
+    reason = re.sub(r"^prompts? \d+: ", "", error)  # the sampler's own index: 0, a run per prompt
+    return f"prompt {index}: {_cli_names(reason, {**POLICY_OPTION_NAMES, **REWARD_OPTION_NAMES}, False)}"
 
 
 def run(args: argparse.Namespace) -> int:
     prompts = _read_prompts(args)
+    options = _sampler_options(args)  # an option the sampler does not take: refused before anything runs
     output = ResultOutput(args.json_path)
     try:
         output.open()  # refused here, before any model is loaded, if it cannot be written
         if args.threads is not None:
             core.set_num_threads(args.threads)
         policy, reward = _load_models_or_fail(args)
-        options = _sampler_options(args)
+        _check_chat_template(args, policy)
         run_info = run_configuration(args, options)
         models = Models(policy, reward, Compute())
         batch_size = args.batch_size if _batches_together(policy, reward) else 1
@@ -1367,13 +1512,19 @@ def run(args: argparse.Namespace) -> int:
                 for i, (prompt, result) in enumerate(zip(batch, results)):
                     readings.append(online_bellman(result))
                     records.append(_record(result, prompt, start + i, run_info))
-                failed += sum("error" in record for record in records)
+                for record in records:  # each failed prompt's reason, --quiet or not (an error)
+                    if "error" in record:
+                        failed += 1
+                        logger.error("%s", _prompt_error(record["prompt_index"], str(record["error"])))
                 with _cleared_progress(output):
                     output.write([json.dumps(record, allow_nan=False) + "\n" for record in records])
                 raise_if_signalled()
         finally:
             progress.close()
         raise_if_signalled()
+        if failed == len(prompts):  # a failed run: an existing file keeps its old content
+            kept = "; no result file written" if output.stream is None else ""  # a file (not a stream)
+            raise CliError(f"all {len(prompts)} prompt(s) failed{kept}", 1)
         output.commit()
     except BaseException:
         output.discard()
@@ -1385,7 +1536,7 @@ def run(args: argparse.Namespace) -> int:
     logger.info("%s", reading.summary(eps=args.eps))
     for message in reading.warnings(args.eps):
         logger.warning("%s", message)
-    return 1 if failed == len(prompts) else 0
+    return 0
 
 
 def _cleared_progress(output: ResultOutput) -> contextlib.AbstractContextManager[Any]:
@@ -1427,7 +1578,7 @@ def serve(args: argparse.Namespace) -> int:
     policy, reward = _load_models_or_fail(args)
     try:
         return serving_server.serve(args, settings, policy, reward)
-    except ImportError as error:
+    except (ImportError, ValueError) as error:  # ValueError: settings the models cannot meet
         raise CliError(_one_line(error)) from None
 
 

@@ -27,6 +27,7 @@ import functools
 import inspect
 import itertools
 import logging
+import numbers
 import os
 import threading
 import time
@@ -138,6 +139,15 @@ SAMPLERS: dict[str, tuple[Callable[..., SamplerResult], Callable[..., Run]]] = {
     "rejection": (baselines.rejection, baselines.rejection_run),
 }
 _NOT_OPTIONS = ("policy", "reward", "prompts", "rng")
+
+
+def _rows_option(sampler: str, options: dict[str, Any]) -> str:
+    """The option that sets a request's particle rows (named where the engine refuses them)."""
+    if sampler == "mh":
+        return "num_particles" if options["num_particles"] > 1 else "pool_size"
+    return {"smc": "num_particles", "sp_gsmc": "pool_size", "best_of_n": "n", "rejection": "batch_size"}[
+        sampler
+    ]
 
 
 def sampler_defaults(sampler: str) -> dict[str, Any]:
@@ -354,7 +364,7 @@ class Engine:
         if problems:
             raise TypeError("; ".join(problems))
         self.max_batch_rows = check_count(max_batch_rows, "max_batch_rows")
-        self.max_queue = check_count(max_queue, "max_queue", minimum=0)
+        self.max_queue = check_count(max_queue, "max_queue")
         self.default_timeout = _check_timeout(timeout)
         self.max_cache_bytes = _cache_bound(max_cache_bytes, policy)
         self._cache_bytes_per_token = (
@@ -388,11 +398,7 @@ class Engine:
             "rejected": 0,
         }
         self._worked = False  # steps taken since the memory was last released
-        if release_memory_after is not None and not release_memory_after >= 0:
-            raise ValueError(
-                f"release_memory_after: expected seconds >= 0 or None, got {release_memory_after!r}"
-            )
-        self.release_memory_after = release_memory_after
+        self.release_memory_after = _seconds(release_memory_after, "release_memory_after")
         if not isinstance(keep_freed_memory, bool):
             raise TypeError(f"keep_freed_memory: expected a bool, got {type(keep_freed_memory).__name__}")
         if keep_freed_memory:  # freed blocks reused during a burst, given back once idle
@@ -439,9 +445,21 @@ class Engine:
             )
         deadline_after = _check_timeout(timeout) if timeout is not None else self.default_timeout
         run = SAMPLERS[sampler][1](self._models, [prompt], rng=rng, **{**defaults, **options})
+        capacity = getattr(self.policy, "max_new_tokens", None)
+        if isinstance(capacity, int) and run.max_new_tokens is not None and run.max_new_tokens > capacity:
+            raise ValueError(
+                f"max_new_tokens: {run.max_new_tokens} is more than the policy's limit of {capacity}"
+            )
         run.decodes_texts = False  # the future decodes them as they are read
         future: Future[SamplerResult] = _ResultFuture(self.policy)
-        request = Request(next(self._ids), run, future, run.rows_per_prompt, self._cache_bytes(prompt, run))
+        request = Request(
+            next(self._ids),
+            run,
+            future,
+            run.rows_per_prompt,
+            self._cache_bytes(prompt, run),
+            rows_option=_rows_option(sampler, {**defaults, **options}),
+        )
         if deadline_after is not None:
             request.deadline = request.submitted + deadline_after
         with self._wake:
@@ -519,6 +537,7 @@ class Engine:
             "tiltsmc_seconds": max(seconds - policy_seconds - reward_seconds, 0.0),
             "requests": counts,
             "closed": self._closing,
+            "failed": None if self._broken is None else repr(self._broken),
             "workers": workers,
         }
 
@@ -531,12 +550,16 @@ class Engine:
         or at once where called on a worker's own thread (a future's done-callback). A worker stops at the
         end of the step it is in, which ``close`` cannot cut short: with ``wait``, it returns after
         ``wait`` seconds past the drain's ``timeout`` (from now without one), False where a worker is
-        still inside a step (a model call that takes that long), instead of waiting for ever."""
+        still inside a step (a model call that takes that long), instead of waiting for ever. Bad
+        arguments raise before anything is stopped."""
+        if not isinstance(drain, bool):
+            raise TypeError(f"drain: expected a bool, got {type(drain).__name__}")
+        timeout, wait = _seconds(timeout, "timeout"), _seconds(wait, "wait")
         threads = self._stop(drain, timeout)
         if threading.current_thread() in threads:  # from a worker (a future's callback): it must go on
             return False
         if wait is not None and drain and timeout is not None:
-            wait += timeout
+            wait = min(wait + timeout, threading.TIMEOUT_MAX)
         return not _join(threads, wait)
 
     def _cache_bytes(self, prompt: Any, run: Any) -> int:
@@ -777,8 +800,19 @@ def _mean_by_rows(tables: list[dict[int, float]]) -> dict[int, float]:
 
 
 def _check_timeout(timeout: Any) -> Optional[float]:
-    if timeout is None:
+    return _seconds(timeout, "timeout", positive=True)
+
+
+def _seconds(value: Any, name: str, positive: bool = False) -> Optional[float]:
+    """``value`` as seconds to wait: a real number (numpy's too, not a bool) >= 0 (> 0 with
+    ``positive``), or None; infinity, or more than ``threading.TIMEOUT_MAX`` (about 292 years, the most a
+    wait takes), is None: no limit. TypeError / ValueError naming ``name``."""
+    if value is None:
         return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise ValueError(f"timeout: expected a number of seconds > 0 or None, got {timeout!r}")
-    return float(timeout)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a number of seconds or None, got {type(value).__name__}")
+    seconds = float(value)
+    if not (seconds > 0 if positive else seconds >= 0):  # NaN too
+        bound = ">" if positive else ">="
+        raise ValueError(f"{name}: expected a number of seconds {bound} 0 or None, got {value!r}")
+    return None if seconds >= threading.TIMEOUT_MAX else seconds

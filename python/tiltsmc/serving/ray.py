@@ -62,7 +62,10 @@ class TiltsmcReplica:
 
     def check_health(self) -> None:
         """Ray Serve's health check: a replica whose engine has closed or failed is replaced."""
-        if self.engine.stats()["closed"]:
+        stats = self.engine.stats()
+        if stats["failed"] is not None:
+            raise RuntimeError(f"replica {self.instance}: its engine failed: {stats['failed']}")
+        if stats["closed"]:
             raise RuntimeError(f"replica {self.instance}: its engine is closed")
 
 

@@ -31,8 +31,9 @@ class EngineClosed(RuntimeError):
 
 @dataclass(eq=False)
 class Request:
-    """One request: its run, its future, the particle rows it holds in flight (and the bytes of the KV
-    cache they may reach, where the engine bounds them) and its deadline. ``cancelled``: its future was
+    """One request: its run, its future, the particle rows it holds in flight (set by its sampler's
+    ``rows_option``; and the bytes of the KV cache they may reach, where the engine bounds them) and its
+    deadline. ``cancelled``: its future was
     cancelled (set from the future's callback once it is queued: read without taking the future's lock)."""
 
     id: int
@@ -40,6 +41,7 @@ class Request:
     future: Future[Any]
     rows: int
     cache_bytes: int = 0
+    rows_option: str = "num_particles"  # the sampler's option that sets ``rows``, named in refusals
     submitted: float = field(default_factory=time.perf_counter)
     deadline: Optional[float] = None
     admitted: Optional[float] = None
@@ -78,13 +80,14 @@ class Scheduler:
     def enqueue(self, request: Request) -> None:
         if request.rows > self.max_batch_rows:
             raise ValueError(
-                f"num_particles: the request needs {request.rows} particle rows, more than the engine's "
-                f"max_batch_rows = {self.max_batch_rows}"
+                f"{request.rows_option}: the request needs {request.rows} particle rows, more than the "
+                f"engine's max_batch_rows = {self.max_batch_rows}"
             )
         if self.max_cache_bytes is not None and request.cache_bytes > self.max_cache_bytes:
             raise ValueError(
-                f"max_cache_bytes: the request's KV cache may reach {request.cache_bytes} bytes (its "
-                f"particles x (prompt + max_new_tokens) tokens), over the engine's {self.max_cache_bytes}"
+                f"{request.rows_option}: the request's KV cache may reach {request.cache_bytes} bytes (its "
+                f"particles x (prompt + max_new_tokens) tokens), over the engine's max_cache_bytes = "
+                f"{self.max_cache_bytes}"
             )
         with self._lock:
             if len(self._waiting) >= self.max_queue:

@@ -18,9 +18,13 @@ resampling may replace any particle), then ``data: [DONE]``; until then, a ``: k
 every ``STREAM_KEEPALIVE`` seconds. A streamed request is checked and admitted before its status is sent
 (a 400 or 429 as without ``stream``); one that fails later ends its stream with OpenAI's error object.
 ``GET /v1/models`` lists the one model served. ``GET /health`` answers 200 while the engine takes
-requests; ``GET /metrics`` is the Prometheus text format.
+requests (503 closing, or failed); ``GET /metrics`` is the Prometheus text format. A choice's
+``finish_reason`` is ``stop`` where it ended at the policy's EOS or one of its stop strings, else
+``length``.
 
-Bad requests get a 400 whose ``error.param`` names the field; a full queue a 429 with ``Retry-After``;
+Bad requests get a 400 whose ``error.param`` names the field (fields typed strictly: ``"2"`` or ``true``
+is not a number), as do the engine's refusals and a request's own failures once admitted, named by the
+request's fields (``particles``, ``prompt[k]``); a full queue a 429 with ``Retry-After``;
 a request past its timeout a 504; with ``--api-key-env VAR``, ``/v1/*`` and ``/metrics`` need
 ``Authorization: Bearer <key>`` (401 otherwise). One JSON log line per request (logger
 ``tiltsmc.server``), with the request's id (``X-Request-ID``, taken from the client or made here).
@@ -83,6 +87,12 @@ SAMPLER_FIELDS: dict[str, dict[str, str]] = {
     },
     "best_of_n": {"particles": "n"},
     "rejection": {"bound": "bound", "particles": "batch_size"},
+}
+# The request fields of several types, as a refusal describes them
+UNION_FIELDS = {
+    "prompt": "a string or a non-empty list of strings (token ids are not taken: send text)",
+    "stop": "a string or a list of strings",
+    "content": 'a string, a list of text parts ({"type": "text", "text": ...}) or null (an assistant\'s)',
 }
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -164,12 +174,14 @@ def _policy_top_p(policy: Any) -> float:
 @dataclass(frozen=True)
 class Limits:
     """What one request may ask for: prompt tokens, particles (any sampler's particle count, pool or
-    ``n``), new tokens, choices per prompt, prompts per request and the bytes of its body."""
+    ``n``), new tokens, choices per prompt, MH steps (each a further SMC or SP-gSMC run), prompts per
+    request and the bytes of its body."""
 
     max_prompt_tokens: int = 4096
     max_particles: int = 256
     max_tokens: Optional[int] = None  # None: the policy's max_new_tokens
     max_n: int = 16
+    max_mh_steps: int = 64
     max_prompts: int = 64
     # 64 prompts of 4096 tokens, even written as JSON's \uXXXX escapes, take well under this
     max_body_bytes: int = 8 << 20
@@ -226,20 +238,30 @@ def create_app(
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, Info, generate_latest
     from pydantic import BaseModel, ConfigDict, Field, ValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import ClientDisconnect
 
+    if api_key is not None:
+        _check_api_key(api_key, "api_key")
     policy = engine.policy
-    max_tokens_limit = limits.max_tokens or int(getattr(policy, "max_new_tokens", 1 << 30))
+    policy_limit = int(getattr(policy, "max_new_tokens", 1 << 30))
+    if limits.max_tokens is not None and not 1 <= limits.max_tokens <= policy_limit:
+        raise ValueError(
+            f"max_tokens: {limits.max_tokens} is not from 1 to the policy's max_new_tokens, {policy_limit} "
+            f"(tiltsmc serve --max-tokens, --max-new-tokens)"
+        )
+    max_tokens_limit = limits.max_tokens or policy_limit
     longest_token = _longest_token(policy)
 
+    # strict: a field of the wrong JSON type is refused (lax pydantic would read "2" or true as a number)
     class StreamOptions(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+        model_config = ConfigDict(extra="forbid", strict=True)
 
         include_usage: bool = False
 
     class SamplingFields(BaseModel):
         """The fields /v1/completions and /v1/chat/completions share: OpenAI's and tiltsmc's."""
 
-        model_config = ConfigDict(extra="forbid")
+        model_config = ConfigDict(extra="forbid", strict=True)
 
         model: Optional[str] = None
         max_tokens: Optional[int] = Field(default=None, ge=1)
@@ -270,13 +292,13 @@ def create_app(
         best_of: Optional[int] = None
 
     class ContentPart(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+        model_config = ConfigDict(extra="forbid", strict=True)
 
         type: Literal["text"]
         text: str
 
     class ChatMessage(BaseModel):
-        model_config = ConfigDict(extra="allow")  # name, tool calls...: handed to the chat template
+        model_config = ConfigDict(extra="allow", strict=True)  # name, tool calls...: to the chat template
 
         role: str
         content: Union[str, list[ContentPart], None]
@@ -328,6 +350,11 @@ def create_app(
             _error_body(str(error), kind, error.param, error.code), status_code=error.status, headers=headers
         )
 
+    @app.exception_handler(ClientGone)
+    async def gone(request: Request, error: ClientGone) -> JSONResponse:
+        request.state.detail["outcome"] = "cancelled"
+        return _error(499, "the client closed the request", "cancelled_error", "cancelled")
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         # FastAPI's own refusals (an unknown path, a body it cannot parse, one too large) in OpenAI's shape
@@ -344,16 +371,24 @@ def create_app(
         first = error.errors()[0] if error.errors() else {"loc": (), "msg": "invalid request"}
         location = [str(part) for part in first.get("loc", ()) if part != "body"]
         param = location[0] if location else None
-        where = ".".join(location)
         problem = first.get("msg", "invalid")
         if first.get("type") == "extra_forbidden":
             problem = "not a field of this API"
+        for k, part in enumerate(location[:-1]):
+            # a field of several types that none took: pydantic names the first type tried after it
+            # ("prompt.str"), which misleads; the field and the types it takes instead
+            if part in UNION_FIELDS and not location[k + 1].isdigit():
+                location, problem = location[: k + 1], f"expected {UNION_FIELDS[part]}"
+                break
+        where = ".".join(location)
         message = f"{where}: {problem}" if where else str(problem)
         return JSONResponse(_error_body(message, "invalid_request_error", param), status_code=400)
 
     @app.get("/health")
     async def health() -> JSONResponse:
         stats = engine.stats()
+        if stats["failed"] is not None:  # a worker's own error: every request fails (and is logged)
+            return JSONResponse({"status": "failed", "error": stats["failed"]}, status_code=503)
         if stats["closed"]:
             return JSONResponse({"status": "closing"}, status_code=503)
         return JSONResponse({"status": "ok", "model": model_name})
@@ -383,7 +418,11 @@ def create_app(
         machinery, at a cost in the event loop's time that every request paid."""
         await authorised(request)
         try:
-            return model.model_validate_json(await request.body())
+            raw = await request.body()
+        except ClientDisconnect:  # it left while sending its body: nobody to answer
+            raise ClientGone from None
+        try:
+            return model.model_validate_json(raw)
         except ValidationError as error:  # answered as FastAPI's own refusals are (``invalid``)
             raise RequestValidationError(error.errors(include_url=False)) from None
 
@@ -413,13 +452,16 @@ def create_app(
         request_id: str = request.state.request_id
         detail = request.state.detail
         detail.update(sampler=body.sampler, prompts=len(prompts), n=body.n, outcome="failed")
+        futures: list[Any] = []
         try:
-            options = _options(body, prompts, limits, max_tokens_limit, model_name, policy)
+            options = _options(
+                body, prompts, limits, max_tokens_limit, model_name, policy, engine.max_queue, chat
+            )
             param = "messages" if chat else "prompt"
             prompt_tokens, futures = await _submitted(
                 lambda: (
                     _prompt_tokens(policy, prompts, limits, param, longest_token),
-                    _submit(engine, prompts, body, options, timeout),
+                    _submit(engine, prompts, body, options, timeout, chat),
                 )
             )
             if body.stream:  # admitted: the answer streams from here on, kept alive while it is computed
@@ -443,7 +485,8 @@ def create_app(
             raise
         except (TimeoutError, EngineClosed, ValueError, TypeError) as error:
             detail["outcome"], status, kind, code = _failure(error)
-            return _error(status, str(error), kind, code)
+            message, field = _failure_message(error, futures, body, chat)
+            return JSONResponse(_error_body(message, kind, field, code), status_code=status)
         detail["outcome"] = "completed"
         return JSONResponse(
             _response(
@@ -478,7 +521,8 @@ def create_app(
             raise
         except (TimeoutError, EngineClosed, ValueError, TypeError) as error:
             detail["outcome"], _, kind, code = _failure(error)
-            yield _event(_error_body(str(error), kind, None, code))
+            message, param = _failure_message(error, futures, body, chat)
+            yield _event(_error_body(message, kind, param, code))
             return
         detail["outcome"] = "completed"
         answered = _response(
@@ -514,9 +558,17 @@ def _chat_messages(messages: Iterable[Any]) -> list[dict[str, Any]]:
 
 
 def _options(
-    body: Any, prompts: list[Any], limits: Limits, max_tokens_limit: int, model_name: str, policy: Any
+    body: Any,
+    prompts: list[Any],
+    limits: Limits,
+    max_tokens_limit: int,
+    model_name: str,
+    policy: Any,
+    max_queue: int,
+    chat: bool = False,
 ) -> dict[str, Any]:
-    """The engine options of a request, checked against the server's limits (400s naming the field)."""
+    """The engine options of a request, checked against the server's limits and the engine's queue
+    (400s naming the field)."""
     if body.model is not None and body.model != model_name:
         raise RequestError(
             "model", f"model: this server serves {model_name!r}, not {body.model!r}", 404, "model_not_found"
@@ -533,10 +585,31 @@ def _options(
         )
     if body.n > limits.max_n:
         raise RequestError("n", f"n: {body.n} choices, more than this server's {limits.max_n}")
+    if len(prompts) * body.n > max_queue:  # each choice waits in the queue: these could never be let in
+        field = "n" if body.n > 1 else "prompt"
+        raise RequestError(
+            field,
+            f"{field}: {len(prompts)} prompt(s) x n = {body.n} are {len(prompts) * body.n} engine requests, "
+            f"more than this server's queue holds ({max_queue}, tiltsmc serve --max-queue)",
+        )
+    tokens_field = _tokens_field(body, chat)
     if body.max_tokens is not None and body.max_tokens > max_tokens_limit:
         raise RequestError(
-            "max_tokens", f"max_tokens: {body.max_tokens} is more than this server's {max_tokens_limit}"
+            tokens_field,
+            f"{tokens_field}: {body.max_tokens} is more than this server's {max_tokens_limit}",
         )
+    if body.mh_steps is not None and body.mh_steps > limits.max_mh_steps:
+        raise RequestError(
+            "mh_steps", f"mh_steps: {body.mh_steps} steps, more than this server's {limits.max_mh_steps}"
+        )
+    if chat:
+        for i, message in enumerate(body.messages):
+            if message.content is None and message.role != "assistant":
+                raise RequestError(
+                    "messages",
+                    f"messages.{i}.content: null is only for an assistant's message (a tool call); "
+                    f"a {message.role[:40]!r} message needs its text",
+                )
     fields = SAMPLER_FIELDS[body.sampler]
     options: dict[str, Any] = {}
     for field in ("particles", "ess_threshold", "resample", "pool_size", "mh_steps", "bound"):
@@ -598,13 +671,14 @@ def _prompt_tokens(
 
 
 def _characters(prompt: Any) -> int:
-    """The characters of a prompt's text: a string's, or a chat's message contents' (0 for others)."""
+    """The characters of a prompt's text: a string's, or every string of a chat's messages (contents,
+    roles, names, tool calls: what a chat template may write), 0 for others."""
     if isinstance(prompt, str):
         return len(prompt)
+    if isinstance(prompt, dict):
+        return sum(_characters(key) + _characters(value) for key, value in prompt.items())
     if isinstance(prompt, list):
-        return sum(
-            len(m["content"]) for m in prompt if isinstance(m, dict) and isinstance(m.get("content"), str)
-        )
+        return sum(_characters(item) for item in prompt)
     return 0
 
 
@@ -631,21 +705,66 @@ def _failure(error: BaseException) -> tuple[str, int, str, Optional[str]]:
 
 
 def _submit(
-    engine: Engine, prompts: list[Any], body: Any, options: dict[str, Any], timeout: Optional[float]
+    engine: Engine,
+    prompts: list[Any],
+    body: Any,
+    options: dict[str, Any],
+    timeout: Optional[float],
+    chat: bool = False,
 ) -> list[Any]:
     """Every choice of every prompt as one engine request (``seed + i`` for the ``i``-th, prompt-major);
-    where one is refused (``Overloaded``, its arguments), those already submitted are cancelled."""
-    futures = []
+    where one is refused (``Overloaded``; its options, as a 400 naming the request's field), those
+    already submitted are cancelled."""
+    futures: list[Any] = []
     try:
         for j, prompt in enumerate(prompts):
             for k in range(body.n):
                 seed = None if body.seed is None else body.seed + j * body.n + k
                 futures.append(engine.submit(prompt, body.sampler, rng=seed, timeout=timeout, **options))
-    except BaseException:
+    except BaseException as error:
         for future in futures:
             future.cancel()
+        if isinstance(error, (ValueError, TypeError)) and not isinstance(error, RequestError):
+            message, param = _failure_message(error, [], body, chat, len(futures))
+            raise RequestError(param, message) from error
         raise
     return futures
+
+
+def _tokens_field(body: Any, chat: bool) -> str:
+    """The field a request set its token limit with: a chat request's ``max_completion_tokens`` where it
+    sent that, else ``max_tokens``."""
+    return "max_completion_tokens" if chat and body.max_completion_tokens is not None else "max_tokens"
+
+
+def _failure_message(
+    error: BaseException, futures: list[Any], body: Any, chat: bool, index: Optional[int] = None
+) -> tuple[str, Optional[str]]:
+    """A refusal or failure from the engine as the request's words: (message, the field it concerns).
+
+    The library's errors start with the argument at fault (``num_particles: ...``, ``prompt 0: ...``):
+    that becomes the request's field (``particles``, ``prompt[2]`` for the third prompt of a list); others
+    name none. ``index``: the failed choice (prompt-major), else found among ``futures`` by its error."""
+    message = str(error)
+    if not isinstance(error, (ValueError, TypeError)):
+        return message, None
+    name, colon, rest = message.partition(":")
+    if not colon:
+        return message, None
+    name = name.strip()
+    fields = {option: field for field, option in SAMPLER_FIELDS[body.sampler].items()}
+    fields.update(max_new_tokens=_tokens_field(body, chat), sampler="sampler")
+    if name in fields:
+        return f"{fields[name]}:{rest}", fields[name]
+    if re.fullmatch(r"prompts?( \d+)?", name):
+        if chat:
+            return f"messages:{rest}", "messages"
+        if index is None:
+            done = [i for i, f in enumerate(futures) if f.done() and not f.cancelled()]
+            index = next((i for i in done if futures[i].exception() is error), None)
+        where = "prompt" if index is None else f"prompt[{index // body.n}]"
+        return f"{where}:{rest}", "prompt"
+    return message, None
 
 
 async def _submitted(counted_and_submitted: Callable[[], tuple[int, list[Any]]]) -> tuple[int, list[Any]]:
@@ -721,9 +840,17 @@ async def _collect(request: Any, futures: list[Any], body: Any) -> list[tuple[Sa
 
 
 def _picked(results: list[SamplerResult], body: Any) -> list[tuple[SamplerResult, int]]:
-    """Each result with the index of the trajectory its choice returns (drawn with ``[seed + i, 1]``)."""
+    """Each result with the index of the trajectory its choice returns (drawn with ``[seed + i, 1]``).
+    A result with none (rejection sampling that accepted no draw) fails the request: an empty text is
+    not a sample of the target."""
     picked = []
     for i, result in enumerate(results):
+        if not len(result.samples[0]):
+            tries = "" if result.tries is None else f" of {int(result.tries[0])} draws"
+            raise ValueError(
+                f"sampler: {body.sampler} accepted none{tries} for choice {i}; more particles (draws a "
+                f"round), a bound nearer the rewards' largest, or another sampler"
+            )
         seed = None if body.seed is None else [body.seed + i, 1]
         picked.append((result, _pick(result, seed)))
     return picked
@@ -760,13 +887,12 @@ def _response(
         completion_tokens += int(tokens.size)
         texts = result.texts[0] if result.texts else []
         text = texts[index] if index < len(texts) else ""
-        finished_by_eos = tokens.size > 0 and int(tokens[-1]) in eos
         choice: dict[str, Any] = {"index": i}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:
             choice["text"] = text
-        choice.update(logprobs=None, finish_reason="stop" if finished_by_eos else "length")
+        choice.update(logprobs=None, finish_reason=_finish_reason(tokens, policy, eos))
         out_choices.append(choice)
         detail: dict[str, Any] = {"index": i, "prompt_index": i // max(per_prompt, 1), "sample_index": index}
         for key in ("log_z", "log_weights", "ess", "resampled", "collapsed", "acceptance_rate", "tries"):
@@ -788,6 +914,21 @@ def _response(
         },
         "tiltsmc": {"sampler": sampler, "choices": details},
     }
+
+
+def _finish_reason(tokens: np.ndarray, policy: Any, eos: frozenset[int]) -> str:
+    """OpenAI's ``finish_reason`` of a trajectory: ``stop`` where it ended at an EOS token or at one of
+    the policy's stop strings (its text, ``decode``, ends before it), else ``length`` (its token limit,
+    or the sampler's step limit)."""
+    if tokens.size and int(tokens[-1]) in eos:
+        return "stop"
+    stops = tuple(getattr(policy, "stop", ()) or ())
+    tokenizer = getattr(policy, "tokenizer", None)
+    if stops and tokens.size and tokenizer is not None:
+        whole = tokenizer.decode(tokens)  # the first stop string in it ended the trajectory
+        if any(stop in whole for stop in stops):
+            return "stop"
+    return "length"
 
 
 def _chunks(answer: dict[str, Any], chat: bool, include_usage: bool) -> list[dict[str, Any]]:
@@ -1040,6 +1181,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-n", type=int, default=Limits.max_n, help="choices per prompt (n) at most")
     parser.add_argument(
+        "--max-mh-steps",
+        type=int,
+        default=Limits.max_mh_steps,
+        help="mh_steps of one request at most (each a further run of its particles; default: %(default)s)",
+    )
+    parser.add_argument(
         "--max-body-bytes",
         type=int,
         default=Limits.max_body_bytes,
@@ -1053,6 +1200,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"idle seconds after a burst before memory goes back to the system, or 'never' "
         f"(default: {RELEASE_MEMORY_AFTER:g})",
     )
+
+
+def _check_api_key(key: str, name: str) -> None:
+    """An API key must be visible ASCII (``!`` to ``~``): it comes in an HTTP header, whose bytes clients
+    send as ASCII (a non-ASCII key cannot be sent by most, and others encode it differently), and a
+    space or a control character would not survive the header's parsing. ValueError naming ``name``."""
+    if not all("!" <= character <= "~" for character in key):
+        raise ValueError(
+            f"{name}: an API key must be visible ASCII characters only (no spaces, control or non-ASCII "
+            f"characters): it is sent in the Authorization header"
+        )
 
 
 def _cache_bound_option(text: str) -> Union[int, str, None]:
@@ -1101,17 +1259,24 @@ class Settings:
             api_key = os.environ.get(args.api_key_env, "")
             if not api_key:
                 raise ValueError(f"--api-key-env: ${args.api_key_env} is not set or empty")
+            _check_api_key(api_key, f"--api-key-env: ${args.api_key_env}")
         for name in (
             "max_batch_rows", "max_queue", "max_prompt_tokens", "max_request_particles", "max_n", "workers",
-            "max_body_bytes",
+            "max_body_bytes", "max_mh_steps",
         ):  # fmt: skip
             value = getattr(args, name)
-            if value < (0 if name == "max_queue" else 1):
+            if value < 1:
                 raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer")
         if args.workers > MAX_WORKERS:
             raise ValueError(f"--workers: expected at most {MAX_WORKERS} worker threads")
-        if not (args.timeout > 0 and args.grace >= 0):
-            raise ValueError("--timeout and --grace: expected positive numbers of seconds")
+        if not 0 <= args.port <= 65535:
+            raise ValueError(f"--port: expected a port number from 0 to 65535, got {args.port}")
+        if args.max_tokens is not None and args.max_tokens < 1:
+            raise ValueError("--max-tokens: expected a positive integer (or leave it out: the policy's)")
+        if not args.timeout > 0:
+            raise ValueError("--timeout: expected a positive number of seconds")
+        if not 0 <= args.grace < math.inf:
+            raise ValueError("--grace: expected a finite number of seconds >= 0")
         if not 0 < args.stream_keepalive < math.inf:
             raise ValueError("--stream-keepalive: expected a positive number of seconds")
         limits = Limits(
@@ -1119,6 +1284,7 @@ class Settings:
             max_particles=args.max_request_particles,
             max_tokens=args.max_tokens,
             max_n=args.max_n,
+            max_mh_steps=args.max_mh_steps,
             max_body_bytes=args.max_body_bytes,
         )
         return cls(
@@ -1172,9 +1338,14 @@ def serve(args: argparse.Namespace, settings: Settings, policy: Any, reward: Any
             "serve needs the serve extra: pip install 'tiltsmc[serve,cpu]' (or serve,gpu)"
         ) from None
     engine = settings.engine(policy, reward)
+    try:
+        app = settings.app(engine)  # ValueError: settings the policy cannot meet (--max-tokens)
+    except BaseException:
+        engine.close(drain=False)
+        raise
     log_to_stderr()
     config = uvicorn.Config(
-        settings.app(engine),
+        app,
         host=args.host,
         port=args.port,
         log_level="warning",
