@@ -1213,3 +1213,32 @@ def test_decoder_runs_are_deferred_until_needed(prm: OnnxRewardModel) -> None:
     particles.reorder(np.array([[2, 2, 0]]))
     assert order == ["first"] and not particles._pending and not particles.deferred
     np.testing.assert_array_equal(particles.state["x"], [[30.0, 30.0, 10.0]])
+
+
+def test_a_prompt_fits_the_context_with_its_runs_token_limit() -> None:
+    """A prompt counts the new tokens its run may add against the model's context: with ``max_new_tokens``
+    below the policy's own it fits where it would not with the policy's (gpt2-tiny: 128 positions; 123
+    prompt tokens + 6 do not fit, + 4 do), offline and in the engine beside a request at the policy's
+    limit, with the result of a policy whose own limit is the run's (it was refused for the policy's)."""
+    six = OnnxCausalLM(FIXTURES / "gpt2-tiny", max_new_tokens=6)
+    four = OnnxCausalLM(FIXTURES / "gpt2-tiny", max_new_tokens=4)
+    reward = OnnxRewardModel(FIXTURES / "prm-tiny", kind="logit")
+    long_prompt = "ab " * 41
+    assert len(four.encode_prompt(long_prompt)) == 123 and six.max_length == 128
+    with pytest.raises(ValueError, match="123 prompt tokens \\+ max_new_tokens 6 exceed the model's context"):
+        six.encode_prompt(long_prompt)
+    assert len(six.encode_prompt(long_prompt, max_new_tokens=4)) == 123
+    refused = tiltsmc.smc(six, reward, prompts=[long_prompt], num_particles=8, rng=3)
+    assert "max_new_tokens 6 exceed the model's context of 128" in refused.errors[0]
+    limited = tiltsmc.smc(six, reward, prompts=[long_prompt], num_particles=8, rng=3, max_new_tokens=4)
+    own = tiltsmc.smc(four, reward, prompts=[long_prompt], num_particles=8, rng=3)
+    assert not limited.errors and limited.texts == own.texts and np.array_equal(limited.log_z, own.log_z)
+    with tiltsmc.Engine(six, reward) as engine:  # joined in one start with a request at the policy's limit
+        futures = [
+            engine.submit(long_prompt, "smc", num_particles=8, rng=3, max_new_tokens=4),
+            engine.submit("hello", "smc", num_particles=8, rng=5),
+        ]
+        together = [future.result(timeout=60) for future in futures]
+    assert together[0].texts == own.texts and np.array_equal(together[0].log_z, own.log_z)
+    alone = tiltsmc.smc(six, reward, prompts=["hello"], num_particles=8, rng=5)
+    assert together[1].texts == alone.texts and np.array_equal(together[1].log_z, alone.log_z)

@@ -567,6 +567,19 @@ def test_health_says_when_the_engine_has_failed() -> None:
         engine.close()
 
 
+def test_a_prompt_fits_the_context_with_the_requests_max_tokens(server: Server) -> None:
+    """A prompt counts the request's ``max_tokens`` against the model's context, not the server's
+    ``--max-new-tokens`` (123 tokens + 5 fit gpt2-tiny's 128, + 6 do not): OpenAI's rule."""
+    long_prompt = "ab " * 41
+    fits = server.post({"prompt": long_prompt, "max_tokens": 5, "particles": 2, "seed": 0})
+    assert fits.status_code == 200, fits.text
+    assert fits.json()["usage"]["prompt_tokens"] == 123
+    refused = server.post({"prompt": long_prompt, "particles": 2, "seed": 0})
+    error = refused.json()["error"]
+    assert refused.status_code == 400 and error["param"] == "prompt", refused.text
+    assert "123 prompt tokens + max_new_tokens 6 exceed the model's context of 128" in error["message"]
+
+
 def test_prompt_the_policy_cannot_take_fails_alone(server: Server) -> None:
     """A prompt past the model's context with its max_tokens fails with the reason; the others go on."""
     bodies = [

@@ -787,9 +787,11 @@ class OnnxCausalLM:
 
     # -- prompts -----------------------------------------------------------------------------------------
 
-    def encode_prompt(self, prompt: Any) -> npt.NDArray[np.int64]:
+    def encode_prompt(self, prompt: Any, max_new_tokens: Optional[int] = None) -> npt.NDArray[np.int64]:
         """Token ids of one prompt (a string or chat messages with a tokenizer, or a sequence of ids);
-        raises on bad input. An empty prompt is the BOS token alone."""
+        raises on bad input, and where the prompt and its new tokens (``max_new_tokens``, a run's limit,
+        where lower than the policy's own) would not fit the model's context. An empty prompt is the BOS
+        token alone."""
         if prompt is None or (isinstance(prompt, str) and prompt == ""):
             ids = np.zeros(0, dtype=np.int64)
         elif isinstance(prompt, str):
@@ -817,10 +819,13 @@ class OnnxCausalLM:
             if self.bos_token_id is None:
                 raise ValueError("an empty prompt needs a bos_token_id (none in the configs)")
             ids = np.array([self.bos_token_id], dtype=np.int64)
-        if ids.size + self.max_new_tokens > self.max_length:
+        limit = (
+            self.max_new_tokens if max_new_tokens is None else min(int(max_new_tokens), self.max_new_tokens)
+        )
+        if ids.size + limit > self.max_length:
             raise ValueError(
-                f"{ids.size} prompt tokens + max_new_tokens {self.max_new_tokens} exceed the model's context "
-                f"of {self.max_length}"
+                f"{ids.size} prompt tokens + max_new_tokens {limit} exceed the model's context of "
+                f"{self.max_length}"
             )
         return ids
 
@@ -1030,16 +1035,32 @@ class OnnxCausalLM:
 
     # -- the Policy protocol ----------------------------------------------------------------------------
 
-    def start(self, prompts: Optional[Sequence[Any]], num_particles: int) -> Particles:
+    # The samplers hand ``start`` each prompt's run's token limit (``Models.start``): a prompt fits the
+    # context with the tokens its run may add, not the policy's own limit.
+    start_takes_token_limits = True
+
+    def start(
+        self,
+        prompts: Optional[Sequence[Any]],
+        num_particles: int,
+        max_new_tokens: Optional[Sequence[Optional[int]]] = None,
+    ) -> Particles:
+        """The Policy protocol's ``start``; ``max_new_tokens``: each prompt's run's token limit (None: the
+        policy's), which its context check counts (``encode_prompt``)."""
         checked = check_prompts(prompts)
         prompt_list = [None] if checked is None else checked
         if not prompt_list:
             raise ValueError("prompts: expected at least one prompt, got an empty sequence")
+        limits = [None] * len(prompt_list) if max_new_tokens is None else list(max_new_tokens)
+        if len(limits) != len(prompt_list):
+            raise ValueError(
+                f"max_new_tokens: expected one per prompt ({len(prompt_list)}), got {len(limits)}"
+            )
         encoded: list[npt.NDArray[np.int64]] = []
         errors: dict[int, str] = {}
         for b, prompt in enumerate(prompt_list):
             try:
-                encoded.append(self.encode_prompt(prompt))
+                encoded.append(self.encode_prompt(prompt, limits[b]))
             except ImportError:  # a missing package (jinja2 for chat templates) fails every prompt alike
                 raise
             except Exception as error:  # any failure of one prompt (the tokenizer's too) is that prompt's

@@ -70,9 +70,19 @@ class Models:
         token_level = bool(getattr(self.policy, "token_level", True))
         return token_level and isinstance(self.policy, TokenPolicy) and isinstance(self.reward, TwistModel)
 
-    def start(self, prompts: Optional[Sequence[Any]], num_particles: int) -> Particles:
+    def start(
+        self,
+        prompts: Optional[Sequence[Any]],
+        num_particles: int,
+        max_new_tokens: Optional[Sequence[Optional[int]]] = None,
+    ) -> Particles:
+        """The policy's ``start``; each prompt's token limit (``max_new_tokens``, None: the policy's own) is
+        handed to a policy that takes it (``start_takes_token_limits``: its context check counts it)."""
         began = time.perf_counter()
-        particles = self.policy.start(prompts, num_particles)
+        if max_new_tokens is not None and getattr(self.policy, "start_takes_token_limits", False) is True:
+            particles = self.policy.start(prompts, num_particles, max_new_tokens=max_new_tokens)  # type: ignore[call-arg]
+        else:
+            particles = self.policy.start(prompts, num_particles)
         self.compute.policy_seconds += time.perf_counter() - began
         return particles
 

@@ -415,7 +415,10 @@ class Lane:
             prompts = group[0][1]
         else:
             prompts = [prompt for _, run_prompts in group for prompt in (run_prompts or [None])]
-        part: Particles = self._charge(lambda: self.models.start(prompts, count), runs=runs)
+        token_limits = None
+        if any(run.max_new_tokens is not None for run in runs):  # each prompt's: its run's
+            token_limits = [run.max_new_tokens for run, run_prompts in group for _ in run_prompts or [None]]
+        part: Particles = self._charge(lambda: self.models.start(prompts, count, token_limits), runs=runs)
         log_v0 = self._charge(lambda: self.models.initial_log_value(part), runs=runs)
         batches = [part.num_prompts] if len(group) == 1 else [len(p or [None]) for _, p in group]
         capacity = part.tokens.shape[2]

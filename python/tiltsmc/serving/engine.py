@@ -569,7 +569,11 @@ class Engine:
         if self.max_cache_bytes is None:
             return 0
         try:
-            prompt_tokens = len(self.policy.encode_prompt(prompt))  # type: ignore[attr-defined]
+            if getattr(self.policy, "start_takes_token_limits", False) is True:  # its context check counts it
+                encoded = self.policy.encode_prompt(prompt, run.max_new_tokens)  # type: ignore[attr-defined]
+            else:
+                encoded = self.policy.encode_prompt(prompt)  # type: ignore[attr-defined]
+            prompt_tokens = len(encoded)
         except Exception:
             prompt_tokens = 0
         new_tokens = run.max_new_tokens or int(getattr(self.policy, "max_new_tokens", 0))

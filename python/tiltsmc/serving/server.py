@@ -35,6 +35,7 @@ a request past its timeout a 504; with ``--api-key-env VAR``, ``/v1/*`` and ``/m
 import argparse
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import logging
@@ -460,7 +461,9 @@ def create_app(
             param = "messages" if chat else "prompt"
             prompt_tokens, futures = await _submitted(
                 lambda: (
-                    _prompt_tokens(policy, prompts, limits, param, longest_token),
+                    _prompt_tokens(
+                        policy, prompts, limits, param, longest_token, options.get("max_new_tokens")
+                    ),
                     _submit(engine, prompts, body, options, timeout, chat),
                 )
             )
@@ -636,10 +639,17 @@ def _options(
 
 
 def _prompt_tokens(
-    policy: Any, prompts: list[Any], limits: Limits, param: str = "prompt", longest: Optional[int] = None
+    policy: Any,
+    prompts: list[Any],
+    limits: Limits,
+    param: str = "prompt",
+    longest: Optional[int] = None,
+    max_new_tokens: Optional[int] = None,
 ) -> int:
     """The prompts' tokens in all, each checked against the limit (a policy without ``encode_prompt``
-    counts none); errors name ``param`` (``prompt``, or a chat request's ``messages``).
+    counts none) and, with the request's ``max_new_tokens``, against the model's context (a policy that
+    takes it: ``start_takes_token_limits``); errors name ``param`` (``prompt``, or a chat request's
+    ``messages``).
 
     With ``longest`` (``_longest_token``), a prompt of more than ``2 * max_prompt_tokens * longest``
     characters is refused before it is encoded: each token stands for at most ``longest`` of them (twice
@@ -648,6 +658,8 @@ def _prompt_tokens(
     encode = getattr(policy, "encode_prompt", None)
     if not callable(encode):
         return 0
+    if max_new_tokens is not None and getattr(policy, "start_takes_token_limits", False) is True:
+        encode = functools.partial(encode, max_new_tokens=max_new_tokens)
     total = 0
     for k, prompt in enumerate(prompts):
         where = "messages" if param == "messages" else f"prompt[{k}]"
