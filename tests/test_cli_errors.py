@@ -58,6 +58,8 @@ def model_copy(tmp_path: Path, name: str = "llama-tiny") -> Path:
         ("--particles", "99999999999999999999", "--particles: expected at most 1048576 particles, got 9999"),
         ("--particles", "1048577", "--particles: expected at most 1048576 particles, got 1048577"),
         ("--pool-size", "99999999999999999999", "--pool-size: expected at most 1048576 particles"),
+        # overflowed int64 ("Python int too large to convert to C long"), status 1 after the models loaded
+        ("--max-tries", "99999999999999999999", "--max-tries: expected at most 1099511627776 draws"),
     ],
 )
 def test_bad_arguments(option: str, value: str, message: str, capfd: pytest.CaptureFixture[str]) -> None:

@@ -908,3 +908,225 @@ def test_ess_threshold_must_be_real_numbers(threshold: Any) -> None:
             np.zeros(2, bool),
             threshold,
         )
+
+
+def _token_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``append_tokens``' arrays for two trajectories of capacity 4, both active."""
+    return (
+        np.zeros((2, 4), np.int64),
+        np.zeros(2, np.int64),
+        np.zeros(2, bool),
+        np.ones(2, np.int64),
+        np.ones(2, bool),
+        np.array([9]),
+    )
+
+
+def _decode(function: Callable[..., Any], pad: Any) -> Any:
+    return function(np.ones((1, 2), np.int64), np.ones(1, bool), np.ones(1, np.int64), pad)
+
+
+def _prefixes(pad: Any) -> Any:
+    return core.right_padded_prefixes(
+        np.arange(3), np.array([0, 3]), np.zeros((1, 2, 2), np.int64), np.ones((1, 2), np.int64), pad=pad
+    )
+
+
+INTEGER_ARGUMENTS: dict[str, Callable[[Any], Any]] = {
+    "num": lambda value: core.resample(np.zeros(3), num=value, rng=0),
+    "max_length": lambda value: core.append_tokens(*_token_arrays(), value),
+    "pad": lambda value: _decode(core.decode_inputs, value),
+    "pad (right-padded)": lambda value: _decode(core.decode_inputs_right_padded, value),
+    "pad (prefixes)": _prefixes,
+    "rows": lambda value: core.read_log_values(np.zeros(6), value),
+}
+
+
+@pytest.mark.parametrize(
+    ("argument", "value", "error"),
+    [
+        ("num", 2**63, ValueError),
+        ("num", 2**64, ValueError),
+        ("max_length", 2**63, ValueError),
+        ("max_length", True, TypeError),  # was read as 1
+        ("max_length", 2.5, TypeError),
+        ("pad", 2**64, ValueError),
+        ("pad", 2.7, TypeError),  # was truncated to 2
+        ("pad", True, TypeError),
+        ("pad (right-padded)", 2.7, TypeError),
+        ("pad (right-padded)", -(2**63) - 1, ValueError),
+        ("pad (prefixes)", 2**64, ValueError),
+        ("pad (prefixes)", 2.7, TypeError),
+        ("rows", 2.7, TypeError),  # read 2 rows
+        ("rows", True, TypeError),
+        ("rows", 2**64, ValueError),
+        ("rows", 0, ValueError),
+    ],
+)
+def test_integer_arguments_refuse_bools_non_integers_and_values_beyond_int64_naming_themselves(
+    argument: str, value: Any, error: type[Exception]
+) -> None:
+    """An int argument of the core given a float, a bool or an int beyond int64 is refused with its name
+    (pybind11 said "incompatible function arguments" for 2**63 and more; 2.7 and True were truncated)."""
+    name = argument.split()[0]
+    with pytest.raises(error, match=rf"^{name}: "):
+        INTEGER_ARGUMENTS[argument](value)
+
+
+def test_a_refused_max_length_leaves_the_trajectories_as_they_were() -> None:
+    arrays = _token_arrays()
+    before = [a.copy() for a in arrays]
+    with pytest.raises(TypeError, match=r"^max_length: "):
+        core.append_tokens(*arrays, True)
+    assert all(np.array_equal(a, b) for a, b in zip(arrays, before))
+
+
+@pytest.mark.parametrize(
+    ("temperature", "error"),
+    [
+        (np.complex128(1 + 1j), TypeError),
+        (1j, TypeError),
+        pytest.param(10**400, ValueError, id="10**400"),
+        (0, ValueError),
+    ],
+)
+def test_temperature_must_be_a_real_number_a_float_holds(temperature: Any, error: type[Exception]) -> None:
+    """A complex temperature lost its imaginary part silently; an int beyond float64 raised an unnamed
+    OverflowError; and a refused temperature drew from the generator first."""
+    generator = np.random.default_rng(3)
+    state = generator.bit_generator.state
+    with pytest.raises(error, match=r"^temperature: "):
+        core.sample_logits(np.zeros((2, 3)), temperature, generator)
+    assert generator.bit_generator.state == state
+
+
+def test_an_int_threshold_beyond_float64_is_a_fraction_above_one() -> None:
+    """``ess_threshold=10**400`` raised an unnamed OverflowError: it resamples every row, as ``inf`` does;
+    ``-10**400`` is refused as any negative fraction."""
+    log_w = np.zeros((2, 3))
+    log_w[:, 0] = 1.0
+    assert core.smc_step(log_w.copy(), 10**400, rng=0)[1].all()
+    with pytest.raises(ValueError, match=r"^ess_threshold: expected a fraction >= 0"):
+        core.smc_step(log_w, -(10**400), rng=0)
+
+
+@pytest.mark.parametrize(
+    ("key", "error"), [(-1, ValueError), (2**64, ValueError), (1.5, TypeError), (True, TypeError)]
+)
+def test_row_streams_keys_must_be_64_bit_ints(key: Any, error: type[Exception]) -> None:
+    """A key outside ``[0, 2**64)`` raised an unnamed OverflowError at the first call; 1.5 became 1."""
+    with pytest.raises(error, match=r"^keys\[1\]: "):
+        RowStreams([np.random.default_rng(0)] * 2, [0, 1, 2], keys=[7, key])
+    largest: Any = np.uint64(2**64 - 1)  # a numpy integer is taken
+    assert RowStreams([np.random.default_rng(0)], [0, 1], keys=[largest]).keys == (2**64 - 1,)
+
+
+@pytest.mark.parametrize(
+    ("options", "parts", "error", "message"),
+    [
+        ({"axis": 2.0}, None, TypeError, r"^axis: "),
+        ({"axis": 2 + 0j}, None, TypeError, r"^axis: "),
+        ({"axis": True}, None, TypeError, r"^axis: "),  # was read as axis 1
+        ({"axis": 2, "skips": ["1", 0]}, None, TypeError, r"^skips\[0\]: "),
+        ({"axis": 2, "skips": [1.5, 0]}, None, TypeError, r"^skips\[0\]: "),  # was truncated to 1
+        ({"axis": 2, "skips": 5}, None, TypeError, r"^skips: "),
+        ({"axis": 1}, [np.zeros((1, 2), "M8[s]"), np.zeros((1, 3), np.int64)], TypeError, r"^parts: dtypes"),
+        ({"axis": 1}, [np.array([[b"\xff"]]), np.array([["a"]])], ValueError, r"^parts\[0\]: cannot be"),
+    ],
+)
+def test_concatenate_padded_names_a_bad_axis_skips_or_dtypes(
+    options: dict[str, Any], parts: Optional[list[np.ndarray]], error: type[Exception], message: str
+) -> None:
+    out = np.full((3, 2, 5), 7.0) if parts is None else None
+    with pytest.raises(error, match=message):
+        core.concatenate_padded(parts or [np.ones((1, 2, 3)), np.ones((2, 2, 5))], out=out, **options)
+    assert out is None or (out == 7.0).all()
+
+
+class _Shaped:
+    """Not a numpy array, with a shape."""
+
+    def __init__(self, shape: Any) -> None:
+        self.shape = shape
+
+
+@pytest.mark.parametrize(
+    ("entry", "axis", "error", "message"),
+    [
+        (None, 2**70, ValueError, r"^axes\[0\]: "),  # RuntimeError: Unable to cast
+        (None, -(2**70), ValueError, r"^axes\[0\]: "),
+        (_Shaped(("a", "b")), None, TypeError, r"^arrays\[1\]: expected a shape of ints"),  # Unable to cast
+        (_Shaped((1.0, 3.0)), None, TypeError, r"^arrays\[1\]: expected a shape of ints"),
+        (_Shaped((2**70, 3)), None, ValueError, r"^arrays\[1\]: leading axes"),  # Unable to cast
+        (_Shaped(None), None, TypeError, r"^arrays\[1\]: expected an array"),
+        ([[0, 0, 0]], None, TypeError, r"^arrays\[1\]: expected an array"),  # AttributeError
+    ],
+)
+def test_reorder_in_place_names_an_axis_or_shape_it_cannot_read(
+    entry: Any, axis: Optional[int], error: type[Exception], message: str
+) -> None:
+    x = np.arange(24.0).reshape(1, 3, 4, 2)
+    before = x.copy()
+    options: dict[str, Any] = {"skip_unwritable": True}
+    if axis is not None:
+        options.update(used=np.ones((1, 3), np.int64), axes=[axis])
+    with pytest.raises(error, match=message):
+        core.reorder_in_place([x] if entry is None else [x, entry], np.array([[1, 1, 0]]), **options)
+    assert np.array_equal(x, before)
+
+
+def _reweight_arrays(log_total: float, log_z: float) -> dict[str, Any]:
+    return {
+        "log_w": np.zeros((2, 4)),
+        "log_v": np.zeros((2, 4)),
+        "log_v_prev": np.zeros((2, 4)),
+        "live": np.ones((2, 4), bool),
+        "log_total": np.array([math.log(4), log_total]),
+        "log_z": np.array([0.0, log_z]),
+        "collapsed": np.zeros(2, bool),
+    }
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("log_total", math.nan), ("log_total", math.inf), ("log_z", math.nan), ("log_z", math.inf)],
+)
+def test_smc_reweight_refuses_nan_or_plus_inf_in_log_total_or_log_z(name: str, value: float) -> None:
+    """``log_total = NaN`` gave ``log_z = NaN`` and ``+inf`` gave ``-inf``, with no error: refused, naming
+    the row, before anything is written or drawn."""
+    arrays = _reweight_arrays(
+        value if name == "log_total" else math.log(4), value if name == "log_z" else 0.0
+    )
+    before = {key: array.copy() for key, array in arrays.items()}
+    generator = np.random.default_rng(4)
+    state = generator.bit_generator.state
+    with pytest.raises(ValueError, match=rf"^{name}: expected .* got {value} at row 1"):
+        core.smc_reweight(**arrays, ess_threshold=0.5, rng=generator)
+    assert all(np.array_equal(arrays[key], before[key], equal_nan=True) for key in arrays)
+    assert generator.bit_generator.state == state
+
+
+def test_smc_reweight_takes_minus_inf_log_total_and_log_z() -> None:
+    """``-inf`` is a log-quantity (zero: a collapsed row's ``log_z``, a row of zero weight's total)."""
+    arrays = _reweight_arrays(-math.inf, -math.inf)
+    increment = core.smc_reweight(**arrays, ess_threshold=0.5, rng=0)[4]
+    assert increment[0] == 0.0 and increment[1] == -math.inf and arrays["log_z"][1] == -math.inf
+
+
+@pytest.mark.parametrize("kernel", ["pool_select", "sample_logits"])
+def test_row_streams_give_one_dimensional_input_a_scalar_shape_as_a_plain_rng_does(kernel: str) -> None:
+    """1-D input is one row: a plain rng returns shape () for it, a RowStreams returned shape (1,)."""
+    logits = np.array([0.0, 1.0, 2.0])
+
+    def call(x: np.ndarray, rng: Any) -> tuple[np.ndarray, np.ndarray]:
+        if kernel == "pool_select":
+            return core.pool_select(x, rng)
+        return core.sample_logits(x, 1.0, rng)
+
+    streams = RowStreams([np.random.default_rng(5)], [0, 1])
+    index, value = call(logits, streams)
+    plain_index, plain_value = call(logits, np.random.default_rng(5))
+    assert index.shape == value.shape == plain_index.shape == () and index == plain_index
+    assert value == plain_value
+    rows = call(logits[None], RowStreams([np.random.default_rng(5)], [0, 1]))
+    assert rows[0].shape == (1,) and rows[0][0] == index

@@ -72,6 +72,16 @@ def draw_key(rng: RNGLike) -> int:
     return _draw(as_generator(rng))
 
 
+def _key(key: object, g: int) -> int:
+    """A given key of a ``RowStreams``: a Python or numpy integer (not a bool) in ``[0, 2**64)``."""
+    if isinstance(key, (bool, np.bool_)) or not isinstance(key, (int, np.integer)):
+        raise TypeError(f"keys[{g}]: expected a 64-bit key (an int), got {key!r}")
+    value = int(key)
+    if not 0 <= value < 2**64:
+        raise ValueError(f"keys[{g}]: expected a 64-bit key in [0, 2**64), got {value}")
+    return value
+
+
 class RowStreams:
     """The random streams of a batch whose rows belong to independent runs (requests batched together).
 
@@ -105,7 +115,7 @@ class RowStreams:
         self.bounds = tuple(int(b) for b in bounds)
         # every run has exactly one row (requests of one prompt, the usual case)
         self._one_row_each = self.bounds == tuple(range(len(self.bounds)))
-        self.keys = None if keys is None else tuple(int(key) for key in keys)
+        self.keys = None if keys is None else tuple(_key(key, g) for g, key in enumerate(keys))
         self._counters: Optional[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.uint64]]]
         self._counters = None
 

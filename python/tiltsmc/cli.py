@@ -465,6 +465,26 @@ def _particle_count(text: str) -> int:
     return value
 
 
+# Rejection sampling's draws (and so samples) of one prompt at most: counted in int64, which 10^20 overflowed
+# (status 1 after the models loaded, "Python int too large to convert to C long"); no run comes near 2^40.
+MAX_DRAWS = 1 << 40
+
+
+def _draw_count(text: str, what: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_DRAWS:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_DRAWS} {what}, got {text}")
+    return value
+
+
+def _try_count(text: str) -> int:
+    return _draw_count(text, "draws")
+
+
+def _sample_count(text: str) -> int:
+    return _draw_count(text, "samples")
+
+
 def _count(text: str) -> int:
     try:
         value = int(text)
@@ -1133,15 +1153,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--num-samples",
-        type=_positive_int,
+        type=_sample_count,
         default=None,
-        help=f"rejection: samples per prompt (default: {_default('rejection', 'num_samples')})",
+        help=f"rejection: samples per prompt, at most {MAX_DRAWS} "
+        f"(default: {_default('rejection', 'num_samples')})",
     )
     run.add_argument(
         "--max-tries",
-        type=_positive_int,
+        type=_try_count,
         default=None,
-        help=f"rejection: draws per prompt at most (default: {_default('rejection', 'max_tries')})",
+        help=f"rejection: draws per prompt at most, up to {MAX_DRAWS} "
+        f"(default: {_default('rejection', 'max_tries')})",
     )
     run.add_argument(
         "--eps",

@@ -75,6 +75,7 @@ _SCHEME_CODES = {name: code for code, name in enumerate(SCHEMES)}  # the core's 
 FloatArray = npt.NDArray[np.floating]
 # Builtin dtypes are singletons: identity tests are the cheapest checks of the common case.
 _FLOAT64, _FLOAT32, _INT64 = np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.int64)
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1  # the range of the core's integer arguments
 
 
 def _as_log_weights(logw: npt.ArrayLike, name: str = "logw") -> tuple[np.ndarray, bool]:
@@ -233,7 +234,8 @@ def smc_reweight(
     ``sum_i W_i^2 Var_p(G | prefix_i)``, estimated by each particle's one draw against the weighted mean
     (an overestimate by the spread of the ``E_p[G | prefix_i]``). ``inf`` where ``l = -inf`` (every
     potential 0: no reading), 0 in a row without live particles (no potential applied). NaN or ``+inf`` in
-    ``log_w``, or in ``log_v`` / ``log_v_prev`` of a live particle, raises before anything is written.
+    ``log_w``, or in ``log_v`` / ``log_v_prev`` of a live particle, raises before anything is written (and
+    so does NaN or ``+inf`` in ``log_total`` or ``log_z``: log-quantities, ``-inf`` where zero).
 
     Rows of independent runs (requests batched together) step in one call as each run's own call would
     step them: ``ess_threshold`` may be a ``(B,)`` array and ``scheme`` a sequence of ``B`` names (each
@@ -254,6 +256,8 @@ def smc_reweight(
         threshold = _threshold(ess_threshold)  # type: ignore[arg-type]
     else:
         threshold, thresholds = 0.0, _row_thresholds(ess_threshold, rows)
+    _check_log_values(log_total, "log_total", "logsumexp(log_w) of each row")
+    _check_log_values(log_z, "log_z", "each row's log Zh so far")
     keys = counters = None
     key = 0
     if isinstance(rng, RowStreams):
@@ -279,6 +283,22 @@ def smc_reweight(
         schemes,
     )
     return ancestors, resampled, ess, unique, increment
+
+
+def _check_log_values(values: object, name: str, holds: str) -> None:
+    """Refuse NaN and ``+inf`` in a ``(B,)`` float64 array of log-quantities (finite, or ``-inf`` for zero: a
+    collapsed row's), one vectorised pass; its type, dtype and shape are the core's to check."""
+    # the maximum is NaN where one is NaN, +inf where one is +inf (cheaper than an elementwise test)
+    if (
+        isinstance(values, np.ndarray)
+        and values.dtype.kind == "f"
+        and values.size
+        and not values.max() < math.inf
+    ):
+        at = np.flatnonzero(~(values.reshape(-1) < math.inf))[0]
+        raise ValueError(
+            f"{name}: expected {holds}, finite or -inf, got {values.reshape(-1)[at]} at row {at}"
+        )
 
 
 def _row_thresholds(ess_threshold: Any, rows: int) -> npt.NDArray[np.float64]:
@@ -315,7 +335,10 @@ def _step_arguments(scheme: object, ess_threshold: float) -> tuple[int, float]:
 def _threshold(ess_threshold: float) -> float:
     if isinstance(ess_threshold, (bool, np.bool_)) or not isinstance(ess_threshold, numbers.Real):
         raise TypeError(f"ess_threshold: expected a fraction >= 0 (a real number), got {ess_threshold!r}")
-    threshold = float(ess_threshold)
+    try:
+        threshold = float(ess_threshold)
+    except OverflowError:  # an int beyond float64: above 1 (every row), or below 0
+        threshold = math.inf if ess_threshold > 0 else -math.inf
     if not threshold >= 0.0:
         raise ValueError(f"ess_threshold: expected a fraction >= 0, got {ess_threshold!r}")
     return threshold
@@ -351,13 +374,23 @@ def resample(
 def _as_num(num: Optional[int], default: int) -> int:
     if num is None:
         return default
-    if type(num) is not int:
-        if isinstance(num, (bool, np.bool_)) or not isinstance(num, (int, np.integer)):
-            raise TypeError(f"num: expected a positive int, got {num!r}")
-        num = int(num)
-    if num < 1:
-        raise ValueError(f"num: must be >= 1, got {num}")
-    return num
+    return _as_int(num, "num", "a positive int", 1)
+
+
+def _as_int(value: object, name: str, expected: str, minimum: int = _INT64_MIN) -> int:
+    """An integer argument of the core (an int64): a Python or numpy integer, not a bool (nor a float, even
+    an integral one), in ``[minimum, 2**63)``."""
+    if type(value) is int:
+        number = value
+    elif isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: expected {expected}, got {value!r}")
+    else:
+        number = int(value)
+    if not minimum <= number <= _INT64_MAX:
+        if number < minimum and minimum != _INT64_MIN:
+            raise ValueError(f"{name}: must be >= {minimum}, got {number}")
+        raise ValueError(f"{name}: out of the int64 range [-2**63, 2**63), got {number}")
+    return number
 
 
 def pool_select(
@@ -374,8 +407,9 @@ def pool_select(
         return _pool_select_device(logw, rng, stream)  # type: ignore[no-any-return, arg-type]
     rows, one_row = _as_log_weights(logw)
     if isinstance(rng, RowStreams):  # one call: each run's rows from a key of its own, numbered from 0
-        return _core.pool_select(rows, 0, *rng.row_streams(rows.shape[0]))
-    index, log_mean_w = _core.pool_select(rows, draw_key(rng))
+        index, log_mean_w = _core.pool_select(rows, 0, *rng.row_streams(rows.shape[0]))
+    else:
+        index, log_mean_w = _core.pool_select(rows, draw_key(rng))
     if one_row:
         return index[0, ...], log_mean_w[0, ...]
     return index, log_mean_w
@@ -405,11 +439,23 @@ def sample_logits(
     [`pool_select`][tiltsmc.core.pool_select]).
     """
     rows, one_row = _as_log_weights(logits, "logits")
-    if isinstance(temperature, (bool, np.bool_)) or not isinstance(temperature, (int, float, np.number)):
-        raise TypeError(f"temperature: expected a number > 0, got {temperature!r}")
+    if type(temperature) is float:
+        scale = temperature
+    elif isinstance(temperature, (bool, np.bool_)) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature: expected a number > 0 (a real number), got {temperature!r}")
+    else:
+        try:
+            scale = float(temperature)
+        except OverflowError:  # an int beyond float64
+            raise ValueError(
+                "temperature: must be a finite number > 0, got an int too large for a float"
+            ) from None
+    if not 0.0 < scale < math.inf:  # checked before rng draws: a refused call leaves it as it was
+        raise ValueError(f"temperature: must be a finite number > 0, got {temperature!r}")
     if isinstance(rng, RowStreams):
-        return _sample_logits_per_run(rows, float(temperature), rng, where)
-    index, log_prob = _core.sample_logits(rows, float(temperature), draw_key(rng), where)
+        index, log_prob = _sample_logits_per_run(rows, scale, rng, where)
+    else:
+        index, log_prob = _core.sample_logits(rows, scale, draw_key(rng), where)
     if one_row:
         return index[0, ...], log_prob[0, ...]
     return index, log_prob
@@ -613,15 +659,23 @@ def concatenate_padded(
             raise ValueError(f"parts[{k}]: {array.ndim} axes, parts[0] has {arrays[0].ndim}")
     ndim = arrays[0].ndim
     if axis is not None:
+        if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
+            raise TypeError(f"axis: expected None or an axis (an int), got {axis!r}")
         if not -ndim <= axis < ndim or axis % ndim == 0:
             raise ValueError(f"axis: expected an axis of the {ndim} other than the first, got {axis}")
-        axis %= ndim
+        axis = int(axis) % ndim
     if skips is None:
         skips = [0] * len(arrays)
-    elif len(skips) != len(arrays):
-        raise ValueError(f"skips: expected one per part ({len(arrays)}), got {len(skips)}")
-    elif axis is None and any(skips):
-        raise ValueError("skips: need an axis to skip along")
+    else:
+        if not isinstance(skips, (Sequence, np.ndarray)) or isinstance(skips, str):
+            raise TypeError(f"skips: expected one int per part, got {type(skips).__name__}")
+        if len(skips) != len(arrays):
+            raise ValueError(f"skips: expected one per part ({len(arrays)}), got {len(skips)}")
+        for k, skip in enumerate(skips):
+            if isinstance(skip, (bool, np.bool_)) or not isinstance(skip, (int, np.integer)):
+                raise TypeError(f"skips[{k}]: expected an int, got {skip!r}")
+        if axis is None and any(skips):
+            raise ValueError("skips: need an axis to skip along")
     counts = None
     if used is not None:
         if axis is None or padding_side != "right":
@@ -635,7 +689,11 @@ def concatenate_padded(
         if counts.size and int(counts.min()) < 0:
             raise ValueError(f"used: expected counts >= 0, got {int(counts.min())}")
         counts = np.array(counts, dtype=np.int64)  # a copy: never memory the call writes
-    dtype = np.result_type(*arrays)
+    try:
+        dtype = np.result_type(*arrays)
+    except TypeError as error:  # numpy's DTypePromotionError: no dtype holds them all
+        dtypes = ", ".join(str(a.dtype) for a in arrays)
+        raise TypeError(f"parts: dtypes {dtypes} have no common dtype to join them in ({error})") from None
     inner = [list(a.shape[1:]) for a in arrays]
     lengths = [1 if axis is None else a.shape[axis] for a in arrays]
     for k, (array, skip) in enumerate(zip(arrays, skips)):
@@ -668,10 +726,16 @@ def concatenate_padded(
     trailing = shape[1:] if axis is None else shape[axis + 1 :]
     blocks = 1 if axis is None else math.prod(shape[1:axis])
     item_bytes = dtype.itemsize * math.prod(trailing)
-    sources = [
-        a if a.dtype == dtype and a.flags.c_contiguous else np.ascontiguousarray(a, dtype=dtype)
-        for a in arrays
-    ]
+    sources = []
+    for k, a in enumerate(arrays):
+        if a.dtype != dtype or not a.flags.c_contiguous:
+            try:
+                a = np.ascontiguousarray(a, dtype=dtype)
+            except ValueError as error:  # bytes that are not ASCII, as str
+                raise ValueError(
+                    f"parts[{k}]: cannot be converted to the joined dtype {dtype} ({error})"
+                ) from None
+        sources.append(a)
     skipped, right = [int(skip) for skip in skips], padding_side == "right"
     _core.concatenate_padded(sources, lengths, skipped, out, blocks, item_bytes, right, counts)
     return out
@@ -732,6 +796,10 @@ def reorder_in_place(
         arrays = list(arrays)
     if (used is None) != (axes is None):
         raise ValueError("used, axes: give both (the items' lengths, each array's sequence axis) or neither")
+    if skip_unwritable:
+        for k, entry in enumerate(arrays):
+            if not isinstance(entry, np.ndarray):
+                _check_leading_axes(entry, k, index.shape)
     if axes is None:
         return _core.reorder_in_place(arrays, index, bool(skip_unwritable))
     axis_list = list(axes)
@@ -740,12 +808,30 @@ def reorder_in_place(
     for k, axis in enumerate(axis_list):
         if axis is not None and (isinstance(axis, bool) or not isinstance(axis, (int, np.integer))):
             raise TypeError(f"axes[{k}]: expected None or an axis (an int), got {axis!r}")
+        if axis is not None and not 2 <= axis <= _INT64_MAX:  # the core checks it against the array's axes
+            raise ValueError(
+                f"axes[{k}]: expected an axis after the leading (B, N) of arrays[{k}], got {axis}"
+            )
     lengths = np.asarray(used)
     if lengths.dtype.kind not in "iu":
         raise TypeError(f"used: expected integers, got {lengths.dtype}")
     lengths = np.array(lengths, dtype=np.int64, order="C")  # a copy: never memory the call writes
     axis_ints = [None if axis is None else int(axis) for axis in axis_list]
     return _core.reorder_in_place(arrays, index, bool(skip_unwritable), lengths, axis_ints)
+
+
+def _check_leading_axes(entry: object, k: int, expected: tuple[int, ...]) -> None:
+    """An entry of ``reorder_in_place``'s arrays that it leaves alone (``skip_unwritable``): its ``shape``
+    must hold ints and begin with the ancestors' ``(B, N)``."""
+    name = f"arrays[{k}]"
+    try:
+        shape = tuple(entry.shape)  # type: ignore[attr-defined]
+    except (AttributeError, TypeError):
+        raise TypeError(f"{name}: expected an array (with a shape), got {type(entry).__name__}") from None
+    if any(isinstance(d, (bool, np.bool_)) or not isinstance(d, (int, np.integer)) for d in shape):
+        raise TypeError(f"{name}: expected a shape of ints, got {shape!r}")
+    if shape[:2] != expected:
+        raise ValueError(f"{name}: leading axes do not match the ancestors' (B, N)")
 
 
 def keep_survivors(ancestors: npt.ArrayLike) -> npt.NDArray[np.int64]:
@@ -805,7 +891,8 @@ def append_tokens(
     max_length)`` long is an error, raised before anything is written. Returns ``(still, count)``: the
     trajectories active and not finished afterwards (``lengths``' shape) and how many there are.
     """
-    still, count = _core.append_tokens(tokens, lengths, finished, new_tokens, active, stop_ids, max_length)
+    limit = _as_int(max_length, "max_length", "a token count >= 1 (an int)", 1)
+    still, count = _core.append_tokens(tokens, lengths, finished, new_tokens, active, stop_ids, limit)
     return still, int(count)
 
 
@@ -820,7 +907,8 @@ def decode_inputs(
     gains ``still[r]``; its position is the number of ones in ``mask[r]``, so left padding and masked steps
     never shift positions.
     """
-    input_ids, attention_mask, position_ids = _core.decode_inputs(mask, still, new_tokens, int(pad))
+    pad_id = _as_int(pad, "pad", "a token id (an int)")
+    input_ids, attention_mask, position_ids = _core.decode_inputs(mask, still, new_tokens, pad_id)
     return input_ids, attention_mask, position_ids
 
 
@@ -837,7 +925,8 @@ def decode_inputs_right_padded(
     kept after the step (``next_mask``) on its first ``length[r] + still[r]``; the position is
     ``length[r]``.
     """
-    ids, feed_mask, positions, next_mask = _core.decode_inputs_right_padded(mask, still, new_tokens, int(pad))
+    pad_id = _as_int(pad, "pad", "a token id (an int)")
+    ids, feed_mask, positions, next_mask = _core.decode_inputs_right_padded(mask, still, new_tokens, pad_id)
     return ids, feed_mask, positions, next_mask
 
 
@@ -861,8 +950,9 @@ def right_padded_prefixes(
     each row's last token index, and (``with_positions``) position ids ``0 .. length - 1`` continued with
     ``length - 1`` over the padding, else None.
     """
+    pad_id = _as_int(pad, "pad", "a token id (an int)")
     ids, mask, last, positions = _core.right_padded_prefixes(
-        prompt_ids, prompt_offsets, tokens, lengths, selected, int(pad), bool(with_positions)
+        prompt_ids, prompt_offsets, tokens, lengths, selected, pad_id, bool(with_positions)
     )
     return ids, mask, last, positions
 
@@ -883,7 +973,8 @@ def read_log_values(
     code = _SCORE_KIND_CODES.get(kind) if isinstance(kind, str) else None
     if code is None:
         raise ValueError(f"kind: expected one of {', '.join(SCORE_KINDS)}, got {kind!r}")
-    return _core.read_log_values(scores, int(rows), columns, code)
+    count = _as_int(rows, "rows", "a row count >= 1 (an int)", 1)
+    return _core.read_log_values(scores, count, columns, code)
 
 
 _SCORE_KIND_CODES = {name: code for code, name in enumerate(SCORE_KINDS)}
