@@ -41,7 +41,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any, NoReturn, Optional
@@ -442,47 +442,30 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _at_most(limit: int, what: str) -> Callable[[str], int]:
+    """An argparse type: an integer from 1 to ``limit`` (of ``what``, as its refusal says)."""
+
+    def count(text: str) -> int:
+        value = _positive_int(text)
+        if value > limit:
+            raise argparse.ArgumentTypeError(f"expected at most {limit} {what}, got {text}")
+        return value
+
+    return count
+
+
 MAX_THREADS = 1024  # ONNX Runtime starts every thread asked for: 100000 exhausted the memory
-
-
-def _thread_count(text: str) -> int:
-    value = _positive_int(text)
-    if value > MAX_THREADS:
-        raise argparse.ArgumentTypeError(f"expected at most {MAX_THREADS} threads, got {text}")
-    return value
-
-
+_thread_count = _at_most(MAX_THREADS, "threads")
 # Particles (or candidates, draws) of one prompt at most: each is a row of every model call, with its own
 # KV cache; 10^20 overflowed numpy's array dimensions ("Maximum allowed dimension exceeded") and 10^9
 # allocated 15 GB of the tiny fixture's caches before failing.
 MAX_PARTICLES = 1 << 20
-
-
-def _particle_count(text: str) -> int:
-    value = _positive_int(text)
-    if value > MAX_PARTICLES:
-        raise argparse.ArgumentTypeError(f"expected at most {MAX_PARTICLES} particles, got {text}")
-    return value
-
-
+_particle_count = _at_most(MAX_PARTICLES, "particles")
 # Rejection sampling's draws (and so samples) of one prompt at most: counted in int64, which 10^20 overflowed
 # (status 1 after the models loaded, "Python int too large to convert to C long"); no run comes near 2^40.
 MAX_DRAWS = 1 << 40
-
-
-def _draw_count(text: str, what: str) -> int:
-    value = _positive_int(text)
-    if value > MAX_DRAWS:
-        raise argparse.ArgumentTypeError(f"expected at most {MAX_DRAWS} {what}, got {text}")
-    return value
-
-
-def _try_count(text: str) -> int:
-    return _draw_count(text, "draws")
-
-
-def _sample_count(text: str) -> int:
-    return _draw_count(text, "samples")
+_try_count = _at_most(MAX_DRAWS, "draws")
+_sample_count = _at_most(MAX_DRAWS, "samples")
 
 
 def _count(text: str) -> int:
