@@ -853,11 +853,7 @@ def keep_survivors(ancestors: npt.ArrayLike) -> npt.NDArray[np.int64]:
 
 def set_num_threads(num_threads: int) -> None:
     """Set how many threads large kernel calls may use (results never depend on it)."""
-    if isinstance(num_threads, (bool, np.bool_)) or not isinstance(num_threads, (int, np.integer)):
-        raise TypeError(f"num_threads: expected a positive int, got {num_threads!r}")
-    if num_threads < 1:
-        raise ValueError(f"num_threads: must be >= 1, got {num_threads}")
-    _core.set_num_threads(int(num_threads))
+    _core.set_num_threads(_as_int(num_threads, "num_threads", "a positive int", 1))
 
 
 def get_num_threads() -> int:

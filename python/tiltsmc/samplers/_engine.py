@@ -32,10 +32,17 @@ def check_count(value: Any, name: str, minimum: int = 1) -> int:
     return int(value)
 
 
-def limited(run: RunT, max_new_tokens: Optional[int]) -> RunT:
-    """``run`` with its per-trajectory token limit set (None: the policy's own), checked."""
+def limited(run: RunT, max_new_tokens: Optional[int], models: Models) -> RunT:
+    """``run`` with its per-trajectory token limit set (None: the policy's own), checked: an int >= 1, and
+    at most the policy's own ``max_new_tokens`` where it has one, so that the engine's ``submit`` refuses it
+    as the offline call does (a policy without one is checked against its buffer when the run starts)."""
     if max_new_tokens is not None:
         run.max_new_tokens = check_count(max_new_tokens, "max_new_tokens")
+        capacity = getattr(models.policy, "max_new_tokens", None)
+        if isinstance(capacity, int) and run.max_new_tokens > capacity:
+            raise ValueError(
+                f"max_new_tokens: {run.max_new_tokens} is more than the policy's limit of {capacity}"
+            )
     return run
 
 

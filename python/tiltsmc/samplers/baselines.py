@@ -84,7 +84,7 @@ def rejection_run(
         as_generator(rng),
         check_count(max_steps, "max_steps"),
     )
-    return limited(run, max_new_tokens)
+    return limited(run, max_new_tokens, models)
 
 
 def best_of_n(
@@ -121,4 +121,4 @@ def best_of_n_run(
     run = BestOfNRun(
         prompts_list(prompts), check_count(n, "n"), as_generator(rng), check_count(max_steps, "max_steps")
     )
-    return limited(run, max_new_tokens)
+    return limited(run, max_new_tokens, models)

@@ -91,4 +91,4 @@ def mh_run(
         as_generator(rng),
         max_steps,
     )
-    return limited(run, max_new_tokens)
+    return limited(run, max_new_tokens, models)

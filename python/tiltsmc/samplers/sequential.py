@@ -132,7 +132,7 @@ def smc_run(
         bool(record_ancestry),
         final_resample,
     )
-    return limited(run, max_new_tokens)
+    return limited(run, max_new_tokens, models)
 
 
 def sp_gsmc(
@@ -182,4 +182,4 @@ def sp_gsmc_run(
         run = ExactSPRun(listed, generator, max_steps)
     else:
         run = PoolRun(listed, pool_size, generator, max_steps)
-    return limited(run, max_new_tokens)
+    return limited(run, max_new_tokens, models)

@@ -27,7 +27,6 @@ import functools
 import inspect
 import itertools
 import logging
-import numbers
 import os
 import threading
 import time
@@ -36,6 +35,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from typing import Any, Literal, Optional, Union
 
+from ..models._config import real_number
 from ..models.protocols import Policy, RewardModel
 from ..samplers import baselines, correction, sequential
 from ..samplers._engine import Models, check_count
@@ -445,11 +445,6 @@ class Engine:
             )
         deadline_after = _check_timeout(timeout) if timeout is not None else self.default_timeout
         run = SAMPLERS[sampler][1](self._models, [prompt], rng=rng, **{**defaults, **options})
-        capacity = getattr(self.policy, "max_new_tokens", None)
-        if isinstance(capacity, int) and run.max_new_tokens is not None and run.max_new_tokens > capacity:
-            raise ValueError(
-                f"max_new_tokens: {run.max_new_tokens} is more than the policy's limit of {capacity}"
-            )
         run.decodes_texts = False  # the future decodes them as they are read
         future: Future[SamplerResult] = _ResultFuture(self.policy)
         request = Request(
@@ -813,9 +808,7 @@ def _seconds(value: Any, name: str, positive: bool = False) -> Optional[float]:
     wait takes), is None: no limit. TypeError / ValueError naming ``name``."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a number of seconds or None, got {type(value).__name__}")
-    seconds = float(value)
+    seconds = real_number(value, name)
     if not (seconds > 0 if positive else seconds >= 0):  # NaN too
         bound = ">" if positive else ">="
         raise ValueError(f"{name}: expected a number of seconds {bound} 0 or None, got {value!r}")
