@@ -593,6 +593,93 @@ def test_refused_call_leaves_arguments_unchanged(name: str, seed: int) -> None:
         assert snapshot(args) == before, f"refused ({error}) after writing to its arguments"
 
 
+_NAN_ROW = np.array([[0.0, np.nan, 1.0]])
+
+# Calls that draw a key from ``rng`` and are refused for their values (a NaN log-weight): the refusal comes
+# from the core, after the key was drawn.
+_REFUSED_DRAWING: dict[str, Callable[[Any], object]] = {
+    "resample": lambda rng: core.resample(_NAN_ROW, "systematic", rng=rng),
+    "resample multinomial": lambda rng: core.resample(_NAN_ROW, "multinomial", rng=rng),
+    "pool_select": lambda rng: core.pool_select(_NAN_ROW, rng=rng),
+    "sample_logits": lambda rng: core.sample_logits(_NAN_ROW, 1.0, rng=rng),
+    "smc_step": lambda rng: core.smc_step(_NAN_ROW.copy(), 1.0, rng=rng),
+    "mh_accept": lambda rng: core.mh_accept([0.0], [np.nan], rng=rng),
+    "smc_reweight": lambda rng: core.smc_reweight(
+        _NAN_ROW.copy(),
+        np.zeros((1, 3)),
+        np.zeros((1, 3)),
+        np.ones((1, 3), bool),
+        np.zeros(1),
+        np.zeros(1),
+        np.zeros(1, bool),
+        0.5,
+        rng=rng,
+    ),
+    "pool_select, RowStreams": lambda rng: core.pool_select(
+        np.vstack([np.zeros((1, 3)), _NAN_ROW]), rng=RowStreams([rng, rng], [0, 1, 2])
+    ),
+    "sample_logits, RowStreams": lambda rng: core.sample_logits(
+        np.vstack([np.zeros((1, 3)), _NAN_ROW]), 1.0, rng=RowStreams([rng, rng], [0, 1, 2])
+    ),
+    "smc_reweight, RowStreams": lambda rng: core.smc_reweight(
+        np.vstack([np.zeros((1, 3)), _NAN_ROW]),
+        np.zeros((2, 3)),
+        np.zeros((2, 3)),
+        np.ones((2, 3), bool),
+        np.zeros(2),
+        np.zeros(2),
+        np.zeros(2, bool),
+        0.5,
+        rng=RowStreams([rng, rng], [0, 1, 2]),
+    ),
+}
+
+# numpy's default bit generator with a 32-bit half buffered (its state's has_uint32), and the others
+_BIT_GENERATORS: dict[str, Callable[[], np.random.BitGenerator]] = {
+    "PCG64": lambda: np.random.PCG64(7),
+    "PCG64 with a buffered 32-bit half": lambda: _with_half_buffered(np.random.PCG64(7)),
+    "PCG64DXSM": lambda: _with_half_buffered(np.random.PCG64DXSM(7)),
+    "Philox": lambda: _with_half_buffered(np.random.Philox(7)),
+    "SFC64": lambda: np.random.SFC64(7),
+    "MT19937": lambda: np.random.MT19937(7),
+}
+
+
+def _with_half_buffered(bit_generator: np.random.BitGenerator) -> np.random.BitGenerator:
+    np.random.Generator(bit_generator).integers(0, 10, dtype=np.uint32)
+    bit_generator.random_raw(3)  # Philox: a block partly used
+    return bit_generator
+
+
+@pytest.mark.parametrize("bit_generator", sorted(_BIT_GENERATORS))
+@pytest.mark.parametrize("call", sorted(_REFUSED_DRAWING))
+@pytest.mark.parametrize("given_as", ["Generator", "BitGenerator"])
+def test_a_refused_call_leaves_a_callers_generator_where_it_was(
+    call: str, bit_generator: str, given_as: str
+) -> None:
+    """A key drawn for a call the core refuses is undone: the caller's generator (a ``Generator`` or a
+    ``BitGenerator``, of every kind numpy has) is in the state it was, and its next draws are the same."""
+    bits = _BIT_GENERATORS[bit_generator]()
+    rng = np.random.Generator(bits) if given_as == "Generator" else bits
+    before = pickle.dumps(bits.state)  # MT19937's holds an array
+    with pytest.raises(ValueError, match="NaN"):
+        _REFUSED_DRAWING[call](rng)
+    assert pickle.dumps(bits.state) == before
+    untouched = _BIT_GENERATORS[bit_generator]()
+    assert np.array_equal(
+        np.random.Generator(bits).integers(0, 2**32, 5, dtype=np.uint32),
+        np.random.Generator(untouched).integers(0, 2**32, 5, dtype=np.uint32),
+    )
+
+
+def test_an_accepted_call_still_draws_one_key() -> None:
+    """The undo is only for refusals: an accepted call moves the generator by one key, as before."""
+    rng, twin = np.random.default_rng(3), np.random.default_rng(3)
+    core.resample(np.zeros(4), rng=rng)
+    twin.bit_generator.random_raw()
+    assert rng.bit_generator.state == twin.bit_generator.state
+
+
 def test_smc_step_refuses_before_resetting_any_row() -> None:
     """The issue's example: row 1 is resampled (ESS below N), row 0 holds a NaN."""
     log_w = np.array([[np.nan, 0, 0, 0, 0], [0, 0, 0, 0, 3]])

@@ -597,6 +597,8 @@ def test_prompt_the_policy_cannot_take_fails_alone(server: Server) -> None:
 
 def test_health_and_metrics(server: Server) -> None:
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok", "model": "tiltsmc"}
+    head = httpx.head(f"{server.url}/health")  # a probe that reads the status alone (it was a 405)
+    assert (head.status_code, head.content) == (200, b"")
     server.post({"prompt": "hi", "seed": 0, "particles": 4})
     text = server.metrics()
     for name in (
@@ -617,6 +619,12 @@ def test_health_and_metrics(server: Server) -> None:
         assert name in text, name
     assert 'worker="1"' not in text  # one worker unless --workers says more
     assert server.metric('tiltsmc_requests_total{outcome="completed"}') >= 1
+    # the row limit is learned from the steps' times (0 until a batch size has 8 steps measured): the
+    # server's first request alone may not have taken that many
+    for seed in range(1, 20):
+        if server.metric("tiltsmc_row_limit") >= 1:
+            break
+        server.post({"prompt": "hi", "seed": seed, "particles": 4})
     assert 1 <= server.metric("tiltsmc_row_limit") <= 4096  # the default max_batch_rows, or learned below
     lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
     requests = [

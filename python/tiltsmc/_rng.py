@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterator, Sequence
-from typing import Optional, Union
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Optional, TypeVar, Union
 
 import numpy as np
 import numpy.typing as npt
 
+T = TypeVar("T")
 RNGLike = Union[None, int, np.integer, np.random.SeedSequence, np.random.BitGenerator, np.random.Generator]
 
 # Bit generators whose raw output is a full 64-bit word (MT19937's is 32 bits).
@@ -72,6 +73,83 @@ def draw_key(rng: RNGLike) -> int:
     return _draw(as_generator(rng))
 
 
+def _callers_bit_generator(rng: object) -> Optional[np.random.BitGenerator]:
+    """The bit generator a key drawn from ``rng`` advances where it is the caller's own (a ``Generator``'s
+    or a ``BitGenerator``); None for a seed, a ``SeedSequence`` or None (nothing of the caller's moves)."""
+    if isinstance(rng, np.random.Generator):
+        return rng.bit_generator
+    if isinstance(rng, np.random.BitGenerator):
+        return rng
+    return None
+
+
+# Bit generators that ``advance(-1)`` steps back over one raw output exactly (advancing only clears the
+# buffered half of a 32-bit draw, which a raw draw leaves alone and ``_put_back`` keeps): numpy's default,
+# PCG64, and PCG64DXSM. Others are restored from a copy of their state taken before the draw.
+_STEPPED_BACK = (np.random.PCG64, np.random.PCG64DXSM)
+
+_Saved = tuple[np.random.BitGenerator, Optional[Mapping[str, Any]]]
+
+
+def _save(bit_generator: np.random.BitGenerator) -> _Saved:
+    return bit_generator, (None if type(bit_generator) in _STEPPED_BACK else bit_generator.state)
+
+
+def _put_back(saved: _Saved) -> None:
+    """Undo the one key drawn after ``_save``."""
+    bit_generator, state = saved
+    if state is None:
+        kept = dict(bit_generator.state)  # the buffered 32-bit half, which a raw draw leaves alone
+        bit_generator.advance(-1)  # type: ignore[attr-defined]
+        state = {**kept, "state": bit_generator.state["state"]}
+    bit_generator.state = state
+
+
+def keyed(rng: RNGLike, kernel: Callable[[int], T]) -> T:
+    """``kernel(key)`` with one key drawn from ``rng`` (``draw_key``). Where ``kernel`` raises (a refused
+    call), a caller's ``Generator`` or ``BitGenerator`` is put back where it was before the draw: a refused
+    call leaves its inputs as they were."""
+    bit_generator = _callers_bit_generator(rng)
+    if bit_generator is None:  # nothing of the caller's moves
+        return kernel(draw_key(rng))
+    saved = _save(bit_generator)
+    key = draw_key(rng)
+    try:
+        return kernel(key)
+    except Exception:
+        _put_back(saved)
+        raise
+
+
+class KeyDraws:
+    """The keys one call draws (from one generator, or from each run's of a ``RowStreams``), undone
+    together where the call is refused (in reverse order: a generator given twice steps back twice)."""
+
+    __slots__ = ("_saved",)
+
+    def __init__(self) -> None:
+        self._saved: list[_Saved] = []
+
+    def key(self, rng: RNGLike) -> int:
+        """``draw_key(rng)``, recorded to be undone where it moved a caller's generator."""
+        bit_generator = _callers_bit_generator(rng)
+        if bit_generator is None:
+            return draw_key(rng)
+        saved = _save(bit_generator)
+        key = draw_key(rng)
+        self._saved.append(saved)
+        return key
+
+    def call(self, kernel: Callable[..., T], *args: Any) -> T:
+        """``kernel(*args)``; where it raises, the keys drawn so far are undone."""
+        try:
+            return kernel(*args)
+        except Exception:
+            while self._saved:
+                _put_back(self._saved.pop())
+            raise
+
+
 def _key(key: object, g: int) -> int:
     """A given key of a ``RowStreams``: a Python or numpy integer (not a bool) in ``[0, 2**64)``."""
     if isinstance(key, (bool, np.bool_)) or not isinstance(key, (int, np.integer)):
@@ -130,19 +208,29 @@ class RowStreams:
         for g, generator in enumerate(self.generators):
             yield slice(self.bounds[g], self.bounds[g + 1]), generator
 
-    def run_keys(self) -> tuple[int, ...]:
+    def run_keys(self, draws: Optional[KeyDraws] = None) -> tuple[int, ...]:
         """One key per run for a kernel that draws from every run: ``keys`` where given, else one drawn
-        from each generator (as each run's own call would draw it)."""
+        from each generator (as each run's own call would draw it; recorded in ``draws``, if given, to be
+        undone)."""
         if self.keys is not None:
             return self.keys
-        return tuple(draw_key(generator) for generator in self.generators)
+        draw = draw_key if draws is None else draws.key
+        return tuple(draw(generator) for generator in self.generators)
 
-    def row_streams(self, rows: int) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
+    def row_streams(
+        self, rows: int, draws: Optional[KeyDraws] = None
+    ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
         """Each row's stream, ``(keys, counters)``: its run's key (``run_keys``, one drawn per run) and its
         index within the run, after checking that ``rows`` agree."""
         _, sizes, counters = self.row_counters(rows)
-        keys = np.array(self.run_keys(), dtype=np.uint64)
+        keys = np.array(self.run_keys(draws), dtype=np.uint64)
         return (keys if self._one_row_each else np.repeat(keys, sizes)), counters
+
+    def keyed(self, rows: int, kernel: Callable[[npt.NDArray[np.uint64], npt.NDArray[np.uint64]], T]) -> T:
+        """``kernel(keys, counters)`` with the rows' streams (``row_streams``); where ``kernel`` raises (a
+        refused call), the keys drawn for it are undone (see ``keyed``)."""
+        draws = KeyDraws()
+        return draws.call(kernel, *self.row_streams(rows, draws))
 
     def row_counters(
         self, rows: int

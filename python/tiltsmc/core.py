@@ -39,7 +39,7 @@ import numpy.typing as npt
 
 from . import _core, _device
 from ._device import CudaAvailability, DeviceArray, cuda_available
-from ._rng import RNGLike, RowStreams, draw_key
+from ._rng import KeyDraws, RNGLike, RowStreams, keyed
 
 __all__ = [
     "SCHEMES",
@@ -187,7 +187,8 @@ def smc_step(
     if log_w.shape[1] == 0:
         raise ValueError(f"log_w: rows must hold at least one particle, got shape {log_w.shape}")
     code, threshold = _step_arguments(scheme, ess_threshold)
-    return tuple(_core.smc_step(log_w, threshold, code, draw_key(rng), bool(survivors_stay)))  # type: ignore[return-value]
+    stepped = keyed(rng, lambda key: _core.smc_step(log_w, threshold, code, key, bool(survivors_stay)))
+    return tuple(stepped)  # type: ignore[return-value]
 
 
 def smc_reweight(
@@ -258,30 +259,18 @@ def smc_reweight(
         threshold, thresholds = 0.0, _row_thresholds(ess_threshold, rows)
     _check_log_values(log_total, "log_total", "logsumexp(log_w) of each row")
     _check_log_values(log_z, "log_z", "each row's log Zh so far")
-    keys = counters = None
-    key = 0
+
+    def step(key: int, keys: Optional[np.ndarray], counters: Optional[np.ndarray]) -> Any:
+        return _core.smc_reweight(
+            log_w, log_v, log_v_prev, live, log_total, log_z, collapsed, log_n, threshold, code, key,
+            increment_se, keys, counters, thresholds, schemes,
+        )  # fmt: skip
+
     if isinstance(rng, RowStreams):
-        keys, counters = rng.row_streams(rows)
+        stepped = rng.keyed(rows, lambda keys, counters: step(0, keys, counters))
     else:
-        key = draw_key(rng)
-    ancestors, resampled, ess, unique, increment = _core.smc_reweight(
-        log_w,
-        log_v,
-        log_v_prev,
-        live,
-        log_total,
-        log_z,
-        collapsed,
-        log_n,
-        threshold,
-        code,
-        key,
-        increment_se,
-        keys,
-        counters,
-        thresholds,
-        schemes,
-    )
+        stepped = keyed(rng, lambda key: step(key, None, None))
+    ancestors, resampled, ess, unique, increment = stepped
     return ancestors, resampled, ess, unique, increment
 
 
@@ -367,7 +356,7 @@ def resample(
         return _resample_device(logw, code, num, rng, stream)  # type: ignore[no-any-return]
     rows, one_row = _as_log_weights(logw)
     num = _as_num(num, rows.shape[1])
-    ancestors = _core.resample(rows, code, num, draw_key(rng))
+    ancestors = keyed(rng, lambda key: _core.resample(rows, code, num, key))
     return ancestors[0] if one_row else ancestors
 
 
@@ -407,9 +396,11 @@ def pool_select(
         return _pool_select_device(logw, rng, stream)  # type: ignore[no-any-return, arg-type]
     rows, one_row = _as_log_weights(logw)
     if isinstance(rng, RowStreams):  # one call: each run's rows from a key of its own, numbered from 0
-        index, log_mean_w = _core.pool_select(rows, 0, *rng.row_streams(rows.shape[0]))
+        index, log_mean_w = rng.keyed(
+            rows.shape[0], lambda keys, counters: _core.pool_select(rows, 0, keys, counters)
+        )
     else:
-        index, log_mean_w = _core.pool_select(rows, draw_key(rng))
+        index, log_mean_w = keyed(rng, lambda key: _core.pool_select(rows, key))
     if one_row:
         return index[0, ...], log_mean_w[0, ...]
     return index, log_mean_w
@@ -455,7 +446,7 @@ def sample_logits(
     if isinstance(rng, RowStreams):
         index, log_prob = _sample_logits_per_run(rows, scale, rng, where)
     else:
-        index, log_prob = _core.sample_logits(rows, scale, draw_key(rng), where)
+        index, log_prob = keyed(rng, lambda key: _core.sample_logits(rows, scale, key, where))
     if one_row:
         return index[0, ...], log_prob[0, ...]
     return index, log_prob
@@ -483,11 +474,12 @@ def _sample_logits_per_run(
         counted = np.zeros(count + 1, dtype=np.int64)
         np.cumsum(where, out=counted[1:])
         drawing = (counted[starts + sizes] > counted[starts]).tolist()
+    draws = KeyDraws()
     keys = np.repeat(
-        np.array([draw_key(g) if draw else 0 for g, draw in zip(rng.generators, drawing)], dtype=np.uint64),
+        np.array([draws.key(g) if draw else 0 for g, draw in zip(rng.generators, drawing)], dtype=np.uint64),
         sizes,
     )
-    index, log_prob = _core.sample_logits(rows, temperature, 0, where, keys, counters)
+    index, log_prob = draws.call(_core.sample_logits, rows, temperature, 0, where, keys, counters)
     return index, log_prob
 
 
@@ -527,9 +519,9 @@ def mh_accept(
         )
     if current.size == 0:
         raise ValueError("log_z_current: expected at least one row, got an empty array")
-    accept = _core.mh_accept(
-        np.ascontiguousarray(current.reshape(-1)), np.ascontiguousarray(proposed.reshape(-1)), draw_key(rng)
-    )
+    flat_current = np.ascontiguousarray(current.reshape(-1))
+    flat_proposed = np.ascontiguousarray(proposed.reshape(-1))
+    accept = keyed(rng, lambda key: _core.mh_accept(flat_current, flat_proposed, key))
     return accept.reshape(current.shape)
 
 
@@ -1065,22 +1057,25 @@ def _smc_step_device(
     log_mean_w = _device.empty_like_kind(view, (rows,), np.float64, handle)
     ess = _device.empty_like_kind(view, (rows,), np.float64, handle)
     unique = _device.empty_like_kind(view, (rows,), np.int64, handle)
-    cuda.smc_step(
-        view.pointer,
-        rows,
-        n,
-        view.dtype.char == "d",
-        threshold,
-        code,
-        draw_key(rng),
-        _pointer(ancestors),
-        _pointer(resampled),
-        _pointer(log_mean_w),
-        _pointer(ess),
-        _pointer(unique),
-        view.device,
-        handle,
-        bool(check),
+    keyed(
+        rng,
+        lambda key: cuda.smc_step(
+            view.pointer,
+            rows,
+            n,
+            view.dtype.char == "d",
+            threshold,
+            code,
+            key,
+            _pointer(ancestors),
+            _pointer(resampled),
+            _pointer(log_mean_w),
+            _pointer(ess),
+            _pointer(unique),
+            view.device,
+            handle,
+            bool(check),
+        ),
     )
     return ancestors, resampled, log_mean_w, ess, unique
 
@@ -1091,17 +1086,20 @@ def _resample_device(logw: object, code: int, num: Optional[int], rng: RNGLike, 
     cuda = _device.require_cuda()
     handle = _device.stream_handle(stream, view)
     ancestors = _device.empty_like_kind(view, (rows, num), np.int64, handle)
-    cuda.resample(
-        view.pointer,
-        rows,
-        n,
-        view.dtype.char == "d",
-        code,
-        num,
-        draw_key(rng),
-        _pointer(ancestors),
-        view.device,
-        handle,
+    keyed(
+        rng,
+        lambda key: cuda.resample(
+            view.pointer,
+            rows,
+            n,
+            view.dtype.char == "d",
+            code,
+            num,
+            key,
+            _pointer(ancestors),
+            view.device,
+            handle,
+        ),
     )
     return ancestors.reshape(num) if one_row else ancestors
 
@@ -1112,16 +1110,19 @@ def _pool_select_device(logw: object, rng: RNGLike, stream: Any) -> Any:
     handle = _device.stream_handle(stream, view)
     index = _device.empty_like_kind(view, (rows,), np.int64, handle)
     log_mean_w = _device.empty_like_kind(view, (rows,), np.float64, handle)
-    cuda.pool_select(
-        view.pointer,
-        rows,
-        n,
-        view.dtype.char == "d",
-        draw_key(rng),
-        _pointer(index),
-        _pointer(log_mean_w),
-        view.device,
-        handle,
+    keyed(
+        rng,
+        lambda key: cuda.pool_select(
+            view.pointer,
+            rows,
+            n,
+            view.dtype.char == "d",
+            key,
+            _pointer(index),
+            _pointer(log_mean_w),
+            view.device,
+            handle,
+        ),
     )
     if one_row:
         return index.reshape(()), log_mean_w.reshape(())
@@ -1151,7 +1152,12 @@ def _mh_accept_device(log_z_current: object, log_z_proposed: object, rng: RNGLik
     cuda = _device.require_cuda()
     handle = _device.stream_handle(stream, current)
     accept = _device.empty_like_kind(current, current.shape, np.bool_, handle)
-    cuda.mh_accept(current.pointer, proposed.pointer, rows, draw_key(rng), _pointer(accept), device, handle)
+    keyed(
+        rng,
+        lambda key: cuda.mh_accept(
+            current.pointer, proposed.pointer, rows, key, _pointer(accept), device, handle
+        ),
+    )
     return accept
 
 

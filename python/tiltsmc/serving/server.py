@@ -385,7 +385,7 @@ def create_app(
         message = f"{where}: {problem}" if where else str(problem)
         return JSONResponse(_error_body(message, "invalid_request_error", param), status_code=400)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: probes that read the status alone
     async def health() -> JSONResponse:
         stats = engine.stats()
         if stats["failed"] is not None:  # a worker's own error: every request fails (and is logged)
