@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import math
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
 import pytest
 import tiltsmc
+from tiltsmc.diagnostics.bellman import upper_t_quantile
+from tiltsmc.models.particles import Particles
 from tiltsmc.tasks import MarkovDFATask
-from tiltsmc.tasks.models import TableTwist
+from tiltsmc.tasks.models import MarkovPolicy, TableTwist
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +104,12 @@ def test_bad_arguments(task: MarkovDFATask) -> None:
         ({"confidence": None}, TypeError, "^confidence: expected a number, got None"),
         ({"confidence": "abc"}, TypeError, "^confidence: "),
         ({"confidence": 1.0}, ValueError, r"^confidence: expected a level in \(0, 1\)"),
+        # 1 - 1e-17 rounds to 1: a one-sided quantile at it would be -inf (it crashed in NormalDist)
+        (
+            {"confidence": 1e-17},
+            ValueError,
+            r"^confidence: expected a level in \(0, 1\), got 1e-17, too close",
+        ),
         ({"policy": None}, TypeError, "^policy: NoneType does not implement start"),
         ({"reward": None}, TypeError, "^reward: NoneType does not implement"),
         ({"max_steps": 0}, ValueError, "^max_steps: must be >= 1, got 0"),
@@ -183,3 +194,232 @@ def test_average_error_of_a_rescaled_exact_twist_is_the_level_ratio(task: Markov
     np.testing.assert_allclose(estimate.average_per_step, expected, rtol=1e-9)
     assert estimate.average_eps == pytest.approx(expected.max(), rel=1e-9)
     assert estimate.to_dict()["average_per_step"] == list(estimate.average_per_step)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Defects of the fuzzing pass (s33): log-values, intervals, failed prompts, confidence edges, strict JSON
+
+
+class _BrokenTwist:
+    """The noisy twist of ``task``, but ``log Vh`` of prompt 1's prefixes of length 2 is ``bad`` (or the root
+    value of every prompt, with ``root=True``; or the twist head's values, with ``head=True``)."""
+
+    def __init__(self, twist: TableTwist, bad: float, root: bool = False, head: bool = False) -> None:
+        self.twist, self.bad, self.root, self.head = twist, bad, root, head
+
+    def initial_log_value(self, particles: Particles) -> Any:
+        values = np.array(self.twist.initial_log_value(particles), dtype=float)
+        if self.root:
+            values[:] = self.bad
+        return values
+
+    def log_value(self, particles: Particles) -> Any:
+        values = np.array(self.twist.log_value(particles), dtype=float)
+        if not self.root and not self.head:
+            values[1][particles.lengths[1] == 2] = self.bad
+        return values
+
+    def next_log_values(self, particles: Particles) -> Any:
+        values = np.array(self.twist.next_log_values(particles), dtype=float)
+        if self.head:
+            values[1][particles.lengths[1] == 1] = self.bad  # log Vh_2 of every next token
+        return values
+
+
+@pytest.mark.parametrize(
+    ("method", "bad", "where", "what"),
+    [
+        *[(method, math.nan, {}, "log_value returned NaN") for method in ("exact", "sampled")],
+        *[(method, math.inf, {}, r"log_value returned \+inf") for method in ("exact", "sampled")],
+        *[
+            (method, math.nan, {"root": True}, "initial_log_value returned NaN")
+            for method in ("exact", "sampled")
+        ],
+        ("exact", math.nan, {"head": True}, "next_log_values returned NaN"),  # the sampled method has no head
+    ],
+)
+def test_nan_or_infinite_log_values_are_refused_as_the_samplers_refuse_them(
+    task: MarkovDFATask, method: str, bad: float, where: dict[str, bool], what: str
+) -> None:
+    # NaN read as eps = 0 (a NaN root skipped step 1), NaN at step 2 gave eps = nan and +inf eps = inf
+    reward = _BrokenTwist(task.twist(0.3, rng=1), bad, **where)
+    prompt, step = (0, 0) if where.get("root") else (1, 2)
+    checked = rf"^reward: {what} \(log-values must be finite or -inf: r >= 0\)"
+    with pytest.raises(ValueError, match=rf"{checked}, first at prompt {prompt}, step {step}$"):
+        tiltsmc.diagnostics.bellman_error(
+            task.policy(),
+            reward,
+            prompts=[(), ()],
+            num_prefixes=16,
+            samples_per_prefix=4,
+            method=method,
+            rng=0,
+        )  # type: ignore[arg-type]
+    # the samplers' own wording (they do not say where)
+    proposal = "optimal" if where.get("head") else "naive"
+    with pytest.raises(ValueError, match=rf"{checked}$"):
+        tiltsmc.smc(task.policy(), reward, prompts=[(), ()], num_particles=16, proposal=proposal, rng=0)
+
+
+def test_one_continuation_per_prefix_gives_an_infinite_interval(task: MarkovDFATask) -> None:
+    # One value per prefix has no sample sd: the interval of each |log rho| is [0, inf], and so is the
+    # supremum's (it was [1.507, 1.507], zero width, excluding the exact 0.570).
+    tables = task.twist_tables(0.4, rng=5)
+    exact = task.bellman_error(tables)
+    estimate = tiltsmc.diagnostics.bellman_error(
+        task.policy(), TableTwist(task, tables), num_prefixes=200, samples_per_prefix=1, method="sampled",
+        confidence=0.99, rng=0,
+    )  # fmt: skip
+    assert np.all(np.isfinite(estimate.per_step)) and estimate.eps > exact.eps  # the noisy point estimate
+    np.testing.assert_array_equal(estimate.per_step_low, 0.0)
+    np.testing.assert_array_equal(estimate.per_step_high, math.inf)
+    assert estimate.eps_low == 0.0 <= exact.eps <= estimate.eps_high == math.inf
+
+
+def test_sampled_continuations_all_of_value_zero_leave_the_lower_end_finite() -> None:
+    # A prefix whose 3 sampled continuations all have value 0 reads rho = 0 (eps_t = inf, the point), but its
+    # true continuations do not all have value 0: its interval is [0, inf], so the step's lower end comes
+    # from the other prefixes (it was inf, excluding the finite exact eps).
+    task = MarkovDFATask.random(3, 3, 4, rng=4, zero_reward_fraction=0.5)
+    twist = task.twist(0.2, rng=1)
+    exact = task.bellman_error(twist)
+    assert math.isfinite(exact.eps)
+    estimate = tiltsmc.diagnostics.bellman_error(
+        task.policy(), twist, num_prefixes=100, samples_per_prefix=3, method="sampled", rng=0
+    )
+    assert estimate.per_step[-1] == math.inf and estimate.eps == math.inf  # some prefix read rho = 0
+    assert estimate.per_step_high[-1] == math.inf
+    assert np.all(estimate.per_step_low <= exact.per_step + 1e-12)
+    assert math.isfinite(estimate.eps_low) and estimate.eps_low <= exact.eps <= estimate.eps_high
+    # with the exact method the zero is exact: a prefix of positive value whose true continuations all have
+    # value 0 (the unguided twist of a needle) has eps_t = inf at both ends
+    needle = MarkovDFATask.needle(2, 4, rng=0)
+    exact_zero = tiltsmc.diagnostics.bellman_error(needle.policy(), needle.unguided(), num_prefixes=16, rng=0)
+    assert exact_zero.method == "exact" and exact_zero.eps_low == exact_zero.eps == math.inf
+
+
+def _binomial_upper(count: int, rate: float, probability: float = 1e-3) -> int:
+    """The smallest ``k`` with ``P(Binomial(count, rate) > k) <= probability``."""
+    total = 0.0
+    for k in range(count + 1):
+        total += math.comb(count, k) * rate**k * (1 - rate) ** (count - k)
+        if 1.0 - total <= probability:
+            return k
+    return count
+
+
+def test_sampled_intervals_from_two_continuations_cover_the_exact_eps() -> None:
+    # With M = 2 continuations the sd is estimated from two values: the interval uses Student's t with one
+    # degree of freedom. Each run's eps_low <= eps holds with probability >= 95% (if every visited prefix's
+    # interval holds, the visited supremum, which is <= the exact eps, is >= eps_low), so over 60 runs the
+    # misses are at most Binomial(60, 0.05), > 9 with probability < 1e-3. (The normal quantile missed in 25%
+    # of such runs: 15 expected.)
+    runs, misses = 60, 0
+    for seed in range(runs):
+        task = MarkovDFATask.random(3, 3, 4, rng=seed, zero_reward_fraction=0.5 if seed % 2 else 0.0)
+        twist = task.twist(0.3, rng=seed + 1)
+        estimate = tiltsmc.diagnostics.bellman_error(
+            task.policy(), twist, num_prefixes=200, samples_per_prefix=2, method="sampled", rng=seed
+        )
+        misses += estimate.eps_low > task.bellman_error(twist).eps + 1e-12
+    assert misses <= _binomial_upper(runs, 0.05) == 9
+
+
+def test_student_t_quantile_against_closed_forms() -> None:
+    for tail in (0.4, 0.025, 1e-6, 3e-12, 1e-20):
+        # one degree of freedom: Cauchy, t = 1 / tan(pi tail); two: t = (1 - 2p) / sqrt(2 p (1 - p))
+        assert upper_t_quantile(tail, 1) == pytest.approx(1.0 / math.tan(math.pi * tail), rel=1e-10)
+        two = (1.0 - 2.0 * tail) / math.sqrt(2.0 * tail * (1.0 - tail))
+        assert upper_t_quantile(tail, 2) == pytest.approx(two, rel=1e-10)
+        upper = 1.0 - tail  # its tail 1 - upper is tail rounded near 1: compare with that tail's quantile
+        assert upper_t_quantile(upper, 2) == -upper_t_quantile(1.0 - upper, 2)
+        # many degrees of freedom: the normal quantile (the t excess is about (z^3 + z) / (4 df))
+        z = -NormalDist().inv_cdf(tail)
+        assert upper_t_quantile(tail, 10**7) == pytest.approx(z, rel=1e-5)
+    assert upper_t_quantile(0.025, 7) == pytest.approx(2.364624, abs=1e-6)  # the textbook table
+    assert upper_t_quantile(0.5, 3) == 0.0 and upper_t_quantile(0.1, 0) == math.inf
+
+
+class _FailingPolicy(MarkovPolicy):
+    """The task's policy, which cannot start the prompts in ``failing`` (as an ONNX policy refuses a prompt
+    too long for its context: their particles start finished, ``particles.errors`` says why)."""
+
+    def __init__(self, task: MarkovDFATask, failing: tuple[int, ...]) -> None:
+        super().__init__(task)
+        self.failing = failing
+
+    def start(self, prompts: Any, num_particles: int) -> Particles:
+        particles = super().start(prompts, num_particles)
+        for b in self.failing:
+            particles.errors[b] = f"prompt {b}: too long for the context"
+            particles.finished[b] = True
+        return particles
+
+
+@pytest.mark.parametrize("method", ["exact", "sampled"])
+def test_a_prompt_the_policy_could_not_start_is_reported(task: MarkovDFATask, method: str) -> None:
+    twist = task.twist(0.3, rng=1)
+    policy = _FailingPolicy(task, (1,))
+    result = tiltsmc.smc(policy, twist, prompts=[(), ()], num_particles=4, rng=0)
+    assert result.errors == {1: "prompt 1: too long for the context"}  # how a sampler reports it
+    estimate = tiltsmc.diagnostics.bellman_error(
+        policy, twist, prompts=[(), ()], num_prefixes=32, samples_per_prefix=4, method=method, rng=0
+    )
+    assert estimate.errors == result.errors and estimate.eps > 0
+    assert estimate.to_dict()["errors"] == {"1": "prompt 1: too long for the context"}
+    assert "errors" not in tiltsmc.diagnostics.bellman_error(task.policy(), twist, num_prefixes=8).to_dict()
+    with pytest.raises(ValueError, match=r"^prompts: the policy could not start any of the 2 prompt\(s\)"):
+        tiltsmc.diagnostics.bellman_error(
+            _FailingPolicy(task, (0, 1)), twist, prompts=[(), ()], method=method
+        )
+
+
+def test_confidence_levels_next_to_0_and_1(task: MarkovDFATask) -> None:
+    # 1 - 1e-16 is accepted and works everywhere (it crashed in NormalDist after all rollouts, and in
+    # online_bellman's eps_low); the smallest accepted level works with one reading (1e-17 crashed there,
+    # and is now refused up front)
+    policy, twist = task.policy(), task.twist(0.3, rng=1)
+    near_one = 1 - 1e-16
+    for method in ("exact", "sampled"):
+        estimate = tiltsmc.diagnostics.bellman_error(
+            policy, twist, num_prefixes=4, samples_per_prefix=3, method=method, confidence=near_one, rng=0
+        )  # type: ignore[arg-type]
+        assert 0.0 <= estimate.eps_low <= estimate.eps <= estimate.eps_high
+    result = tiltsmc.smc(policy, twist, num_particles=8, rng=0)
+    reading = tiltsmc.diagnostics.online_bellman(result, confidence=near_one)
+    assert 0.0 <= reading.eps_low <= reading.eps_point and math.isfinite(reading.z)
+    one_step = MarkovDFATask.random(3, 3, 1, rng=0)
+    single = tiltsmc.smc(one_step.policy(), one_step.twist(0.3, rng=1), num_particles=8, rng=0)
+    smallest = math.nextafter(2.0**-54, 1.0)
+    assert 1.0 - smallest < 1.0
+    low = tiltsmc.diagnostics.online_bellman(single, confidence=smallest)
+    assert low.z < 0 and math.isfinite(low.z) and "eps >=" in low.summary()
+    for level in (1e-17, 2.0**-54, 0.0, 1.0):
+        with pytest.raises(ValueError, match=r"^confidence: expected a level in \(0, 1\)"):
+            tiltsmc.diagnostics.online_bellman(single, confidence=level)
+        with pytest.raises(ValueError, match=r"^confidence: expected a level in \(0, 1\)"):
+            tiltsmc.diagnostics.OnlineBellman("smc", low.increments, low.standard_errors, confidence=level)
+
+
+def test_online_bellman_refuses_what_is_not_a_result() -> None:
+    with pytest.raises(TypeError, match=r"^result: expected a SamplerResult, got NoneType"):
+        tiltsmc.diagnostics.online_bellman(None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^standard_errors: expected a \(B, steps\) array"):
+        tiltsmc.diagnostics.OnlineBellman("smc", np.zeros((2, 3)), np.zeros((2, 2)))
+
+
+def test_to_dict_is_strict_json_as_a_sampler_result() -> None:
+    # Infinite values were written as Infinity (not JSON) by BellmanEstimate and as "-inf" strings by
+    # OnlineBellman; a SamplerResult writes null.
+    zero = MarkovDFATask.random(3, 3, 3, zero_reward_fraction=1.0, ensure_positive=False, rng=0)
+    estimate = tiltsmc.diagnostics.bellman_error(zero.policy(), zero.unguided(), num_prefixes=8, rng=0)
+    assert estimate.eps == estimate.ratio_bound == math.inf
+    record = json.loads(json.dumps(estimate.to_dict(), allow_nan=False))
+    assert record["eps"] is None and record["ratio_bound"] is None and record["eps_interval"] == [None, None]
+    assert record["per_step"] == [None if math.isinf(v) else v for v in estimate.per_step]
+    result = tiltsmc.smc(zero.policy(), zero.twist(), num_particles=4, rng=0)
+    reading = tiltsmc.diagnostics.online_bellman(result).to_dict()
+    assert json.loads(json.dumps(reading, allow_nan=False)) == reading
+    assert reading["increments"] == result.to_dict()["log_z_increments"] == [[None, None, None]]
+    assert reading["standard_errors"] == result.to_dict()["log_z_increment_se"] == [[None, None, None]]
+    assert reading["per_step_low"] == [[0.0, 0.0, 0.0]] and reading["eps_low"] == 0.0

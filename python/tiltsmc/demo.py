@@ -414,6 +414,8 @@ def render_table(record: dict[str, Any]) -> str:
 
 
 def _number(value: Any) -> str:
+    if value is None:  # strict JSON's null: +inf in a BellmanEstimate's dict
+        return "inf"
     return value if isinstance(value, str) else f"{float(value):.3g}"
 
 

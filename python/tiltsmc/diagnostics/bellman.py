@@ -9,22 +9,56 @@ reward model has ``next_log_values``) or estimated from ``M`` sampled continuati
 ``eps_t`` is the supremum over prefixes of ``max(rho, 1/rho) - 1``
 (``docs/theory/tilted-target.md``); here the supremum runs over the visited prefixes, so it converges
 to the exact value from below as prefixes cover the reachable ones, while noise in sampled ratios pushes it
-up. Confidence intervals: for sampled continuations each ratio gets a normal interval on its mean (delta
-method on the log; the sd of a prefix is floored at the step's pooled within-prefix sd, so agreeing
-continuations give no zero-width interval), at a level corrected for the number of intervals (Bonferroni), and
-the per-step supremum's interval is ``[max of lower ends, max of upper ends]`` of ``|log rho|``. Also
-reported: the gauge-minimised ``eps`` (rescaling level ``t`` by a constant shifts every ``log rho_t`` alike,
-so the best constant leaves ``(max - min) / 2``) and the paper's ratio bound ``L`` (``1/L <= G_t <= L``) of
-the observed potentials ``G_t = Vh_t / Vh_{t-1}``, in the model's gauge and in the one that minimises ``eps``.
+up. Also reported: the gauge-minimised ``eps`` (rescaling level ``t`` by a constant shifts every
+``log rho_t`` alike, so the best constant leaves ``(max - min) / 2``) and the paper's ratio bound ``L``
+(``1/L <= G_t <= L``) of the observed potentials ``G_t = Vh_t / Vh_{t-1}``, in the model's gauge and in the
+one that minimises ``eps``.
+
+Confidence intervals (sampled continuations; the exact method's are points). A prefix's ``M``
+continuations have values ``v_j`` with sample mean ``mh`` and sample sd ``s`` (``ddof=1``), so
+``(mh - E v) / (s / sqrt(M))`` is Student's ``t`` with ``M - 1`` degrees of freedom for normal ``v``; the
+delta method carries this to ``log rho_hat = log mh - log Vh_{t-1}``, whose standard deviation is
+``s / (sqrt(M) mh)``, and
+
+    |log rho| in [max(|log rho_hat| - q s / (sqrt(M) mh), 0), |log rho_hat| + q s / (sqrt(M) mh)],
+
+with ``q`` the upper ``(1 - confidence) / (2n)`` quantile of ``t`` with ``M - 1`` degrees of freedom
+(two-sided, Bonferroni over the ``n`` scored prefixes of every step). The supremum over a step's prefixes
+then lies in ``[max of lower ends, max of upper ends]`` whenever every prefix's interval holds. The sd of a
+prefix is floored at the step's pooled within-prefix sd (root mean square of the sds; it has more degrees
+of freedom, so ``M - 1`` stays conservative), so a prefix whose few continuations happened to agree gets no
+zero-width interval (a step where *every* prefix's continuations agree, as under a deterministic policy
+step, still has width 0). Two cases have no finite standard error, and their interval for ``|log rho|`` is
+``[0, inf]``, the only one valid without a bound on ``Vh``:
+
+* ``M = 1``: one value per prefix says nothing of its spread (the sample sd is undefined; ``t`` with 0
+  degrees of freedom), so the intervals are ``[0, inf]``, ``eps_low = 0`` and ``eps_high = inf``; the
+  point estimate stands.
+* every sampled continuation of a prefix has value 0 (``mh = 0``): the point estimate is ``rho = 0``
+  (``eps_t = inf``), but continuations of positive value may exist that the ``M`` draws missed, with any
+  mean, so the prefix's interval is ``[0, inf]``: it raises the step's upper end to ``inf`` and leaves its
+  lower end to the other prefixes. With the exact method a zero mean is exact and ``eps_t = inf`` at both
+  ends (the *true* continuations all have value 0).
+
+The values are not normal (a 0/1 verifier's are Bernoulli), so this is still an approximation: for the
+mean of a non-negative variable of unknown law no finite-sample interval with an upper end exists
+(Bahadur and Savage, 1956). Measured on ``MarkovDFATask.random(3, 3, 4)`` tasks (``twist(0.3)``, half of
+them with zero rewards; 200 tasks, 200 prefixes, ``confidence=0.95``), ``eps_low`` exceeded the exact
+``eps`` in 0 of 200 runs for each of ``M = 2, 3, 8, 32, 64`` (a 95% upper bound of 1.9% on the rate); the
+normal quantile used before (no correction for estimating the sd) gave 50, 38, 17 and 2 of 200 for
+``M = 2, 3, 8, 32``. The price is width at small ``M``: ``eps_low`` was above 0 in 8, 10, 110, 199 and 200
+of the 200 runs.
 
 Everything is computed in the log domain: the mean of the values of ``M`` continuations is a log-mean-exp,
 ``log (1/M) sum_j exp(log Vh_t^(j))``, and their standard deviation is taken relative to the largest of
 them, so values far below the smallest double (a product of step scores over hundreds of steps) give
-finite, exact answers.
+finite, exact answers. The reward model's log-values are checked as the samplers check them
+(``check_log_values``): NaN or ``+inf`` is refused (ValueError naming the prompt and step).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from statistics import NormalDist
@@ -37,7 +71,8 @@ from .._numeric import logsumexp
 from .._rng import RNGLike, as_generator
 from ..models._config import real_number
 from ..models.protocols import Policy, RewardModel, TokenPolicy, TwistModel
-from ..samplers._engine import check_count, check_models
+from ..samplers._engine import check_count, check_log_values, check_models
+from ..samplers.result import plain
 
 __all__ = ["BellmanEstimate", "bellman_error"]
 
@@ -68,6 +103,9 @@ class BellmanEstimate:
     where the supremum does not (a prefix with ``Vh_{t-1} > 0`` whose continuations all have value ``0``
     gives ``eps_t = inf``: a learned model that never says exactly 0 meets an exact 0/1 verifier).
     Sampled continuations bias it upward by about their relative standard error.
+
+    ``errors[b]`` says why the policy could not start prompt ``b`` (as ``SamplerResult.errors``): such a
+    prompt is not in the estimate, which covers the other prompts only.
     """
 
     eps: float
@@ -86,6 +124,7 @@ class BellmanEstimate:
     average_per_step: FloatArray = field(default_factory=lambda: np.zeros(0))
     positive_ratio_bound: float = 1.0
     gauge_ratio_bound: float = 1.0
+    errors: dict[int, str] = field(default_factory=dict)
 
     @property
     def average_eps(self) -> float:
@@ -93,28 +132,132 @@ class BellmanEstimate:
         return float(self.average_per_step.max()) if self.average_per_step.size else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        def plain(value: Any) -> Any:
-            values = np.asarray(value, dtype=float).tolist()
-            return values
-
-        return {
-            "eps": self.eps,
-            "eps_interval": [self.eps_low, self.eps_high],
+        """Plain Python types only, strict JSON (``json.dumps(..., allow_nan=False)`` works) as
+        [`SamplerResult.to_dict`][tiltsmc.samplers.result.SamplerResult.to_dict] writes it: arrays as lists,
+        and a number that is not finite as None (``null``), which in every field of an estimate stands for
+        ``+inf`` (no field is ``-inf`` or NaN: an error, a bound or an interval end that is infinite, e.g.
+        ``eps`` where a prefix of positive value has continuations of value 0). ``errors`` (prompt index as
+        a string: reason) is there only when a prompt failed, as in ``SamplerResult.to_dict``."""
+        record: dict[str, Any] = {
+            "eps": plain(self.eps),
+            "eps_interval": plain([self.eps_low, self.eps_high]),
             "per_step": plain(self.per_step),
             "per_step_low": plain(self.per_step_low),
             "per_step_high": plain(self.per_step_high),
             "log_per_step": plain(self.log_per_step),
-            "gauge_eps": self.gauge_eps,
+            "gauge_eps": plain(self.gauge_eps),
             "gauge_per_step": plain(self.gauge_per_step),
-            "ratio_bound": self.ratio_bound,
-            "positive_ratio_bound": self.positive_ratio_bound,
-            "gauge_ratio_bound": self.gauge_ratio_bound,
+            "ratio_bound": plain(self.ratio_bound),
+            "positive_ratio_bound": plain(self.positive_ratio_bound),
+            "gauge_ratio_bound": plain(self.gauge_ratio_bound),
             "method": self.method,
             "num_prefixes": self.num_prefixes,
             "samples_per_prefix": self.samples_per_prefix,
-            "average_eps": self.average_eps,
+            "average_eps": plain(self.average_eps),
             "average_per_step": plain(self.average_per_step),
         }
+        if self.errors:
+            record["errors"] = {str(b): message for b, message in self.errors.items()}
+        return record
+
+
+def check_confidence(confidence: Any) -> float:
+    """``confidence`` as a float level in ``(0, 1)`` whose normal quantiles are finite: a number (TypeError
+    otherwise, not a string or a bool), ``0 < confidence < 1`` and ``1 - confidence < 1`` in floating point
+    (ValueError otherwise: below about ``5.6e-17`` the error probability ``1 - confidence`` rounds to 1 and
+    a one-sided quantile at it is ``-inf``). Every level accepted here gives finite quantiles through
+    [`upper_normal_quantile`][tiltsmc.diagnostics.bellman.upper_normal_quantile]: its error probability
+    is at least ``2^-53``, far above the smallest positive double however many intervals share it."""
+    level = real_number(confidence, "confidence")  # "0.5" is refused, not read as 0.5
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"confidence: expected a level in (0, 1), got {confidence!r}")
+    if 1.0 - level == 1.0:
+        raise ValueError(
+            f"confidence: expected a level in (0, 1), got {confidence!r}, too close to 0 (1 - confidence "
+            "rounds to 1, so the bounds' normal quantile would be infinite)"
+        )
+    return level
+
+
+def upper_normal_quantile(tail: float) -> float:
+    """``z`` with ``P(Z > z) = tail`` for a standard normal ``Z`` (``0 < tail < 1``), computed from the tail
+    itself (``-Phi^-1(tail)``), so that a tail far below the spacing of doubles near 1 (a level such as
+    ``1 - 1e-16`` Bonferroni-split over many intervals) stays exact instead of ``Phi^-1(1 - tail)``
+    rounding to ``Phi^-1(1)``."""
+    return -NormalDist().inv_cdf(tail)
+
+
+def upper_t_quantile(tail: float, df: int) -> float:
+    """``t`` with ``P(T > t) = tail`` for Student's ``T`` with ``df`` degrees of freedom: ``inf`` for
+    ``tail <= 0`` or ``df = 0`` (no sample sd: no finite quantile), ``-t`` of ``1 - tail`` above 1/2. From
+    ``P(T > t) = I_x(df/2, 1/2) / 2`` with ``x = df / (df + t^2)`` (``I``: the regularised incomplete beta
+    function, by its continued fraction, in logs), solved for ``log x`` by bisection, so tails far below
+    ``1e-16`` stay exact; ``inf`` where ``t`` is beyond the largest double."""
+    if tail > 0.5:
+        return -upper_t_quantile(1.0 - tail, df)
+    if df == 0 or tail <= 0.0:
+        return math.inf
+    if tail == 0.5:
+        return 0.0
+    a, b, log_tail = 0.5 * df, 0.5, math.log(tail)
+    low, high = -2000.0, 0.0  # log x: I_x(a, b) / 2 is below any tail at the one end, 1/2 at the other
+    for _ in range(80):  # 2000 / 2^80: exact to rounding
+        middle = 0.5 * (low + high)
+        if _log_half_beta_cdf(middle, a, b) < log_tail:
+            low = middle
+        else:
+            high = middle
+    log_x = 0.5 * (low + high)
+    log_t = 0.5 * (math.log(df) + math.log(-math.expm1(log_x)) - log_x)
+    return math.inf if log_t > 709.0 else math.exp(log_t)
+
+
+def _log_half_beta_cdf(log_x: float, a: float, b: float) -> float:
+    """``log(I_x(a, b) / 2)`` for ``x = exp(log_x)`` in ``(0, 1)``: the continued fraction of Numerical
+    Recipes (6.4) on whichever of ``x`` and ``1 - x`` it converges fast for."""
+    x = math.exp(log_x)
+    if x >= 1.0:
+        return math.log(0.5)
+    log_front = a * log_x + b * math.log1p(-x) + math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+    if x < (a + 1.0) / (a + b + 2.0):
+        return log_front + math.log(_beta_fraction(a, b, x) / a) + math.log(0.5)
+    complement = math.exp(log_front) * _beta_fraction(b, a, 1.0 - x) / b  # I_{1-x}(b, a)
+    return math.log(max(1.0 - complement, 0.0) * 0.5) if complement < 1.0 else -math.inf
+
+
+def _beta_fraction(a: float, b: float, x: float) -> float:
+    """The continued fraction of ``I_x(a, b)`` (modified Lentz), for ``x < (a + 1) / (a + b + 2)``."""
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    value = d
+    for m in range(1, 1000):
+        for numerator in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            value *= c * d
+        if abs(c * d - 1.0) < 1e-16:
+            break
+    return value
+
+
+def _checked_log_values(values: Any, name: str, shape: tuple[int, ...], step: int) -> FloatArray:
+    """The reward model's log-values as float64, of the expected ``shape`` and checked as the samplers check
+    them (``check_log_values``: NaN or ``+inf`` refused, with the same message), the message completed with
+    the first prompt and the step (``t`` for ``log Vh_t``, 0 for the prompt's own value) where one is."""
+    array = np.asarray(values, dtype=np.float64)
+    if array.shape != shape:
+        raise ValueError(f"reward: {name} returned shape {array.shape}, expected {shape}")
+    try:
+        return check_log_values(array, name)
+    except ValueError as error:
+        prompt = int(np.argwhere(~(array < np.inf))[0][0])  # the first NaN or +inf
+        raise ValueError(f"{error}, first at prompt {prompt}, step {step}") from None
 
 
 def bellman_error(
@@ -133,19 +276,24 @@ def bellman_error(
 
     ``method="exact"`` sums over the vocabulary with the twist head; ``"sampled"`` averages ``Vh_t`` over
     ``samples_per_prefix`` continuations of each prefix; ``"auto"`` takes the exact one where available.
-    ``confidence`` is the joint level of the intervals (Bonferroni over every scored prefix of every step).
-    Prefixes of value zero are skipped. As in [`smc`][tiltsmc.smc], rollouts still unfinished after
-    ``max_steps`` steps raise RuntimeError.
+    ``confidence`` is the joint level of the intervals (Bonferroni over every scored prefix of every step;
+    see the module docstring: with ``samples_per_prefix=1`` they are ``[0, inf]``). Prefixes of value zero
+    are skipped. As in [`smc`][tiltsmc.smc], rollouts still unfinished after ``max_steps`` steps raise
+    RuntimeError.
 
     Checked before any rollout: ``policy`` and ``reward`` implement the protocols (TypeError), the counts
-    are ints >= 1, ``confidence`` a number (TypeError) in (0, 1) and ``method`` one of the three
-    (ValueError).
+    are ints >= 1, ``confidence`` a number (TypeError) in (0, 1) with ``1 - confidence`` not rounding to 1
+    ([`check_confidence`][tiltsmc.diagnostics.bellman.check_confidence]) and ``method`` one of the three
+    (ValueError). During the rollouts, the reward model's log-values (``initial_log_value``, ``log_value``,
+    ``next_log_values``) are checked as the samplers check them: NaN or ``+inf`` raises ValueError naming
+    the first prompt and the step where it came. A prompt the policy could not start (``particles.errors``,
+    e.g. too long for its context) is left out of the estimate and reported in its ``errors``, as a
+    sampler's result reports it; if no prompt could start there is nothing to estimate, and ValueError
+    (naming ``prompts``) says why.
     """
     check_models(policy, reward)
     num_prefixes = check_count(num_prefixes, "num_prefixes")
-    level = real_number(confidence, "confidence")  # "0.5" is refused, not read as 0.5
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"confidence: expected a level in (0, 1), got {confidence!r}")
+    level = check_confidence(confidence)
     samples_per_prefix = check_count(samples_per_prefix, "samples_per_prefix")
     max_steps = check_count(max_steps, "max_steps")
     if method not in ("auto", "exact", "sampled"):
@@ -157,18 +305,24 @@ def bellman_error(
     generator = as_generator(rng)
     particles = policy.start(prompts, num_prefixes)
     batch = particles.num_prompts
-    log_v_prev = np.repeat(
-        np.asarray(reward.initial_log_value(particles), dtype=float)[:, None], num_prefixes, 1
-    )
-    # Per step: |log rho| and the relative standard error of each scored prefix (None: an infinite step).
-    steps: list[Optional[tuple[FloatArray, FloatArray]]] = []
+    errors = {int(b): str(message) for b, message in sorted(particles.errors.items())}
+    if errors and len(errors) == batch:
+        raise ValueError(
+            f"prompts: the policy could not start any of the {batch} prompt(s), so there is nothing to "
+            f"estimate; {next(iter(errors.values()))}"
+        )
+    log_v0 = _checked_log_values(reward.initial_log_value(particles), "initial_log_value", (batch,), 0)
+    log_v_prev = np.repeat(log_v0[:, None], num_prefixes, 1)
+    # Per step: |log rho| and the relative standard error (sd of log rho_hat) of each scored prefix; inf
+    # where none is known (one continuation, or sampled continuations all of value 0): interval [0, inf].
+    steps: list[tuple[FloatArray, FloatArray]] = []
     gauge: list[float] = []
     shift: list[float] = []  # the gauge's shift of log rho_t (and of log G_t): -(max + min) / 2
     average: list[float] = []  # Vh_{t-1}-weighted mean of |rho_t - 1|
     g_high: list[float] = []  # largest and smallest positive log G_t observed at each step
     g_low: list[float] = []
     zero_potential = False
-    for _ in range(max_steps):
+    for step in range(1, max_steps + 1):
         if particles.finished.all():
             break
         scored = ~particles.finished & (log_v_prev > -np.inf)
@@ -176,9 +330,11 @@ def bellman_error(
         if exact:
             assert isinstance(policy, TokenPolicy) and isinstance(reward, TwistModel)
             log_p = np.asarray(policy.next_log_probs(particles), float)
-            next_log_v = np.asarray(reward.next_log_values(particles), float)
+            next_log_v = _checked_log_values(
+                reward.next_log_values(particles), "next_log_values", log_p.shape, step
+            )
             log_mean = logsumexp(log_p + next_log_v)
-            relative_error = np.zeros_like(log_mean)
+            relative_error = np.zeros_like(log_mean)  # a zero mean is exact: rho = 0, eps_t = inf
             # every next token of positive probability: its potential
             observed_g = next_log_v - prev_safe[..., None]
             observed = scored[..., None] & (log_p > -np.inf)
@@ -186,9 +342,9 @@ def bellman_error(
             repeats = np.repeat(np.arange(num_prefixes), samples_per_prefix)
             continuations = particles.take(np.broadcast_to(repeats, (batch, repeats.size)).copy())
             policy.propose(continuations, generator)
-            log_values = np.asarray(reward.log_value(continuations), float).reshape(
-                batch, num_prefixes, samples_per_prefix
-            )
+            log_values = _checked_log_values(
+                reward.log_value(continuations), "log_value", (batch, repeats.size), step
+            ).reshape(batch, num_prefixes, samples_per_prefix)
             log_mean, log_sd = _log_mean_and_sd(log_values)
             # A prefix whose few continuations happened to agree gets no zero-width interval: its sd is
             # floored at the pooled within-prefix sd of the step (root mean square of the sds, in logs).
@@ -198,10 +354,11 @@ def bellman_error(
                 else -np.inf
             )
             log_standard_error = np.maximum(log_sd, log_pooled) - 0.5 * np.log(samples_per_prefix)
-            # Delta method: sd(log mean) ~ se / mean.
-            finite_mean = log_mean > -np.inf
+            # Delta method: sd(log mean) ~ se / mean. Unknown (inf) with one continuation per prefix (no
+            # sample sd) or a sampled mean of 0 (the draws may have missed continuations of any value).
+            known = (log_mean > -np.inf) & (samples_per_prefix > 1)
             relative_error = np.full_like(log_mean, np.inf)
-            relative_error[finite_mean] = np.exp(log_standard_error[finite_mean] - log_mean[finite_mean])
+            relative_error[known] = np.exp(log_standard_error[known] - log_mean[known])
             observed_g = log_values - prev_safe[..., None]
             observed = np.broadcast_to(scored[..., None], observed_g.shape)
         log_rho = np.where(scored, log_mean - prev_safe, np.nan)
@@ -213,13 +370,12 @@ def bellman_error(
             average.append(float(np.sum(weights[present] * deviation[present]) / np.sum(weights)))
         else:
             average.append(0.0)
+        steps.append((np.abs(log_rho[scored]), relative_error[scored]))
         if np.any(scored & (log_mean == -np.inf)):
-            steps.append(None)
             gauge.append(np.inf)
             shift.append(0.0)
         else:
             values_here = log_rho[scored]
-            steps.append((np.abs(values_here), relative_error[scored]))
             if values_here.size:
                 gauge.append(float((values_here.max() - values_here.min()) / 2))
                 shift.append(-float((values_here.max() + values_here.min()) / 2))
@@ -228,7 +384,7 @@ def bellman_error(
                 shift.append(0.0)
         live = ~particles.finished
         policy.propose(particles, generator)
-        log_v = np.asarray(reward.log_value(particles), float)
+        log_v = _checked_log_values(reward.log_value(particles), "log_value", live.shape, step)
         # the rollout's own step is one more observed transition of each scored prefix
         seen = np.concatenate([observed_g[observed], (log_v - prev_safe)[live & scored]])
         zero_potential |= bool(np.any(seen == -np.inf))
@@ -238,19 +394,22 @@ def bellman_error(
         log_v_prev = np.where(live, log_v, log_v_prev)
     if not particles.finished.all():  # as smc: a truncated rollout would read as a shorter horizon
         raise RuntimeError(f"max_steps: trajectories still unfinished after {max_steps} steps")
-    # Simultaneous intervals: Bonferroni over every scored prefix of every step.
-    scored_total = sum(len(step[0]) for step in steps if step is not None)
-    z = NormalDist().inv_cdf(1.0 - (1.0 - level) / (2.0 * max(scored_total, 1)))
+    # Simultaneous intervals: Bonferroni over every scored prefix of every step, two-sided.
+    # Student's t with M - 1 degrees of freedom (the sd is estimated from M values); exact: no error.
+    scored_total = max(sum(len(magnitude) for magnitude, _ in steps), 1)
+    tail = (1.0 - level) / (2.0 * scored_total)
+    z = upper_normal_quantile(tail) if exact else upper_t_quantile(tail, samples_per_prefix - 1)
     bounds = []  # (sup, lower end, upper end) of |log rho| per step
-    for step in steps:
-        if step is None:
-            bounds.append((np.inf, np.inf, np.inf))
-        elif step[0].size == 0:
+    for magnitude, relative in steps:
+        if magnitude.size == 0:
             bounds.append((0.0, 0.0, 0.0))
-        else:
-            magnitude, half_width = step[0], z * step[1]
-            lower = np.maximum(magnitude - half_width, 0.0)
-            bounds.append((float(magnitude.max()), float(lower.max()), float(np.max(magnitude + half_width))))
+            continue
+        half_width = z * relative  # z > 0: inf stays inf, 0 stays 0
+        unknown = np.isinf(half_width)  # interval [0, inf], whatever the point estimate (inf included)
+        with np.errstate(invalid="ignore"):  # inf - inf where unknown, replaced
+            lower = np.where(unknown, 0.0, np.maximum(magnitude - half_width, 0.0))
+        upper = magnitude + half_width
+        bounds.append((float(magnitude.max()), float(lower.max()), float(upper.max())))
     log_sup, log_low, log_high = (
         (np.array(column, dtype=float) for column in zip(*bounds))
         if bounds
@@ -281,13 +440,15 @@ def bellman_error(
         average_per_step=np.array(average, dtype=float),
         positive_ratio_bound=float(np.exp(log_positive)),
         gauge_ratio_bound=np.inf if zero_potential else float(np.exp(log_gauge)),
+        errors=errors,
     )
 
 
 def _log_mean_and_sd(log_values: FloatArray) -> tuple[FloatArray, FloatArray]:
-    """``log mean_j v_j`` and ``log sd_j v_j`` (``ddof=1``; ``-inf`` for one sample) along the last axis of
-    ``log v``, without leaving the log domain: both are taken on ``v_j / max_j v_j``, then shifted back, so
-    values like ``exp(-1000)`` are exact. An all-zero row gives ``-inf`` for both."""
+    """``log mean_j v_j`` and ``log sd_j v_j`` (``ddof=1``; ``-inf`` for one sample, whose sd the caller
+    reads as unknown) along the last axis of ``log v``, without leaving the log domain: both are taken on
+    ``v_j / max_j v_j``, then shifted back, so values like ``exp(-1000)`` are exact. An all-zero row gives
+    ``-inf`` for both."""
     count = log_values.shape[-1]
     top = np.max(log_values, axis=-1, keepdims=True)
     top = np.where(np.isfinite(top), top, 0.0)
