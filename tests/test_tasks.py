@@ -610,3 +610,317 @@ def test_bad_method_arguments() -> None:
         MarkovDFATask.random(2, 2, 3, concentration=0.0)
     with pytest.raises(ValueError, match="zero_trans_fraction: "):
         MarkovDFATask.random(2, 2, 3, zero_trans_fraction=1.5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the Bellman quantities with zero potentials; the other tasks' argument checks
+
+
+def _tiltsmc() -> Any:
+    """The installed package (its diagnostics, TableTwist and the other tasks), or a skip."""
+    try:
+        return importlib.import_module("tiltsmc")
+    except ImportError as error:
+        pytest.skip(f"tiltsmc (with its compiled core) is not importable: {error}")
+
+
+BELLMAN_FIELDS = ("per_step", "log_per_step", "gauge_per_step")
+BELLMAN_SCALARS = ("eps", "gauge_eps", "ratio_bound", "positive_ratio_bound", "gauge_ratio_bound")
+
+
+def assert_same_bellman(report: Any, expected: Any) -> None:
+    """Every field of a Bellman report equal (to rounding) to another's: the task's exact DP against
+    ``tiltsmc.diagnostics.bellman_error``'s exact method."""
+    for name in BELLMAN_FIELDS:
+        np.testing.assert_allclose(
+            getattr(report, name), getattr(expected, name), rtol=1e-9, atol=1e-12, err_msg=name
+        )
+    for name in BELLMAN_SCALARS:
+        assert getattr(report, name) == pytest.approx(getattr(expected, name), rel=1e-9, abs=1e-12), name
+
+
+def _zeroed(tables: list[Any], fraction: float, seed: int) -> list[Any]:
+    """``tables`` with a ``fraction`` of the entries of levels ``1..T-1`` set to ``-inf`` (zero values)."""
+    gen = np.random.default_rng(seed)
+    out = [tables[0]]
+    for level in tables[1:-1]:
+        out.append(np.where(gen.random(np.shape(level)) < fraction, -np.inf, level))
+    return [*out, tables[-1]]
+
+
+def test_positive_ratio_bound_keeps_the_smallest_positive_potential() -> None:
+    """Potentials 2, 0.25 and 0 at step 2: L = inf, and the positive bound is max(2, 1/0.25) = 4 (the
+    zero must not hide the smallest positive potential)."""
+    uniform = np.full(3, 1 / 3)
+    dfa = np.tile(np.arange(3), (3, 1))  # state = last token
+    task = MarkovDFATask(uniform, np.tile(uniform, (3, 1)), dfa, 0, [2.0, 0.25, 0.0], 2)
+    tables = [0.0, np.zeros((3, 3)), np.tile(task.log_reward, (3, 1))]  # Vh_1 = 1, Vh_2 = r
+    report = task.bellman_error(tables)
+    assert report.positive_ratio_bound == pytest.approx(4.0, rel=1e-12)
+    assert report.ratio_bound == math.inf and report.gauge_ratio_bound == math.inf
+    expected = brute_bellman(task, tables)
+    for name in ("ratio_bound", "positive_ratio_bound", "gauge_ratio_bound"):
+        assert getattr(report, name) == pytest.approx(expected[name], rel=1e-12), name
+
+
+@pytest.mark.parametrize("kind", ["unguided", "zeroed"])
+def test_bellman_error_with_zero_potentials_matches_brute_force(task: Any, kind: str) -> None:
+    """As test_bellman_error_matches_brute_force, for twists whose zeros are not V*'s: the unguided twist
+    (Vh_T = r has zeros where Vh_{T-1} = 1) and perturbed tables with entries set to zero."""
+    T, shape = task.horizon, (task.vocab_size, task.num_states)
+    if kind == "unguided":
+        tables = [0.0] + [np.zeros(shape) for _ in range(T - 1)] + [np.tile(task.log_reward, (shape[0], 1))]
+    else:
+        tables = _zeroed(task.twist_tables(0.3, rng=9), 0.3, seed=T)
+    report = task.bellman_error(tables)
+    expected = brute_bellman(task, tables)
+    np.testing.assert_allclose(report.per_step, expected["per_step"], rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(report.gauge_per_step, expected["gauge"], rtol=1e-9, atol=1e-9)
+    for name in ("ratio_bound", "positive_ratio_bound", "gauge_ratio_bound"):
+        assert getattr(report, name) == pytest.approx(expected[name], rel=1e-9), name
+
+
+# (T, time_varying, seed) of MarkovDFATask.random(3, 3, T, concentration=5, zero_trans_fraction=0.3,
+# zero_reward_fraction=0.4): each has zero transitions and zero rewards, and every reachable summary of a
+# prefix of length 1..T-1 has probability >= 0.02, so 1000 rollouts visit all of them (a miss < 1e-8)
+DIAGNOSTICS_CASES = [(4, True, 0), (4, False, 2), (3, True, 6), (4, False, 8), (3, True, 9), (3, True, 16)]
+
+
+@pytest.mark.parametrize(("T", "time_varying", "seed"), DIAGNOSTICS_CASES)
+def test_bellman_error_equals_the_diagnostics_exact_method(T: int, time_varying: bool, seed: int) -> None:
+    """Every field of MarkovDFATask.bellman_error against tiltsmc.diagnostics.bellman_error (exact method)
+    on random tasks with zero transitions and zero rewards, for twists with zero potentials."""
+    tiltsmc = _tiltsmc()
+    from tiltsmc.tasks.models import TableTwist
+
+    task = MarkovDFATask.random(
+        3, 3, T, rng=seed, time_varying=time_varying, concentration=5.0, zero_trans_fraction=0.3,
+        zero_reward_fraction=0.4,
+    )  # fmt: skip
+    assert (np.asarray(task.trans) == 0).any() and (task.accept_reward == 0).any()
+    reachable = [np.exp(a[a > -np.inf]).min() for a in task.log_forward()[:-1]]
+    assert min(reachable, default=1.0) >= 0.02
+    twists = {
+        "unguided": task.unguided(),
+        "noisy": task.twist(0.4, rng=seed),
+        "zeroed": TableTwist(task, _zeroed(task.twist_tables(0.4, rng=seed), 0.25, seed)),
+        "zeroed V*": TableTwist(task, _zeroed(task.log_v_star(), 0.25, seed + 1)),
+    }
+    for name, twist in twists.items():
+        report = task.bellman_error(twist)
+        estimate = tiltsmc.diagnostics.bellman_error(
+            task.policy(), twist, num_prefixes=1000, rng=seed, method="exact"
+        )
+        try:
+            assert_same_bellman(report, estimate)
+        except AssertionError as error:
+            raise AssertionError(f"twist {name}: {error}") from None
+
+
+def test_bellman_error_of_huge_log_ratios_is_infinite_not_an_overflow() -> None:
+    task = MarkovDFATask.random(3, 3, 4, rng=0)
+    report = task.bellman_error(task.twist_tables(600.0, rng=1))  # |log rho| and |log G| up to 1200
+    assert report.eps == math.inf and report.positive_ratio_bound == math.inf
+    assert np.all(np.isfinite(report.log_per_step))
+
+
+def test_table_twist_checks_its_tables_as_bellman_error_does() -> None:
+    from tiltsmc.tasks.models import TableTwist
+
+    _tiltsmc()
+    task = MarkovDFATask.random(3, 3, 4, rng=11)
+    tables = task.log_v_star()
+    bad: list[tuple[Any, type[Exception], str]] = [
+        ([0.0] + [np.zeros((2, 2))] * 4, ValueError, r"^tables\[1\]: expected shape \(V, Q\)"),
+        (tables[:-1], ValueError, r"^tables: expected T\+1"),
+        ([math.nan, *tables[1:]], ValueError, r"^tables\[0\]: "),
+        ([*tables[:2], np.full((3, 3), math.nan), *tables[3:]], ValueError, r"^tables\[2\]: .*NaN"),
+        ([*tables[:4], np.full((3, 3), math.inf)], ValueError, r"^tables\[4\]: .*\+inf"),
+        ([*tables[:3], np.zeros((3, 3, 1)), tables[4]], ValueError, r"^tables\[3\]: expected shape"),
+        ([*tables[:1], [["a"] * 3] * 3, *tables[2:]], TypeError, r"^tables\[1\]: "),
+        (5, TypeError, "^tables: "),
+    ]
+    for value, error, match in bad:
+        with pytest.raises(error, match=match):
+            TableTwist(task, value)
+    with pytest.raises(TypeError, match=r"^task: "):
+        TableTwist(None, tables)  # type: ignore[arg-type]
+    given = [tables[0], *(np.array(level) for level in tables[1:])]
+    twist = TableTwist(task, given)
+    given[1][:] = 0.0  # the twist holds copies
+    np.testing.assert_array_equal(twist.tables[1], tables[1])
+    assert task.bellman_error(twist).eps <= 1e-9
+
+
+def test_twist_noise_beyond_the_doubles_is_refused() -> None:
+    task = MarkovDFATask.random(3, 3, 4, rng=11)
+    for noise in (1e308, 1.7e308, math.nan):
+        with pytest.raises(ValueError, match=r"^noise: "):
+            task.twist_tables(noise, rng=0)
+    with pytest.raises(ValueError, match=r"^noise: "):
+        task.twist(1e308, rng=0)
+    tables = task.twist_tables(1e300, rng=0)  # the largest allowed: finite log-values
+    assert all(np.all(np.abs(np.asarray(level)[np.asarray(level) > -np.inf]) <= 1e301) for level in tables)
+
+
+def test_random_flags_must_be_bools() -> None:
+    with pytest.raises(TypeError, match=r"^time_varying: expected a bool"):
+        MarkovDFATask.random(3, 2, 3, rng=0, time_varying="no")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^ensure_positive: expected a bool"):
+        MarkovDFATask.random(3, 2, 3, rng=0, ensure_positive=1)  # type: ignore[arg-type]
+    assert MarkovDFATask.random(3, 2, 3, rng=0, time_varying=np.bool_(True)).time_varying
+
+
+def test_hard_instance_refuses_rewards_beyond_the_doubles() -> None:
+    from tiltsmc.tasks import hard_instance
+
+    _tiltsmc()
+    with pytest.raises(ValueError, match=r"^m: .*m <= 1022 for a = 2\b"):
+        hard_instance(2, 1100, rng=0)
+    with pytest.raises(ValueError, match=r"^m: .*m <= 1 for a = 1e\+155"):
+        hard_instance(1e155, 2, rng=0, branching=2)
+    with pytest.raises(ValueError, match=r"^a: "):
+        hard_instance(1e308, 1, rng=0, branching=2)
+    with pytest.raises(ValueError, match=r"^a: "):
+        hard_instance(10**400, 1, rng=0, branching=2)
+    with pytest.raises(ValueError, match=r"^m: "):
+        hard_instance(2, 10**400, rng=0)
+    # a^m = 2^1023 is finite but a^-m = 2^-1023 subnormal: refused; 2^1012 and 2^-1012 are normal
+    with pytest.raises(ValueError, match=r"^m: .*m <= 92 for a = 2048"):
+        hard_instance(2.0**11, 93, rng=0, branching=2)
+    hard = hard_instance(2.0**11, 92, rng=0, branching=2)
+    assert hard.task.accept_reward.min() == 2.0**-1012 and hard.task.accept_reward.max() == 2.0**1012
+
+
+def test_hard_instance_figures_do_not_overflow() -> None:
+    from tiltsmc.tasks import hard_instance
+
+    _tiltsmc()
+    # B = 10 >> a: u's share of the target is about (a/B)^(2m), e^-713.5 (old: OverflowError)
+    m, a, B = 155, 1.001, 10
+    hard = hard_instance(a, m, rng=0, branching=B)
+    x = 2 * m * (math.log(B) - math.log(a)) + math.log1p(-(B ** (-2.0 * m)))
+    assert hard.target_mass == pytest.approx(math.exp(-x), rel=1e-9)
+    assert hard.target_mass > 0.0
+    small = hard_instance(2, 1, rng=0)
+    for bad in ("0.5", None, True):
+        with pytest.raises(TypeError, match=r"^probability: "):
+            small.draws_to_hit(bad)  # type: ignore[arg-type]
+    for bad_value in (0.0, 1.0, math.nan):
+        with pytest.raises(ValueError, match=r"^probability: "):
+            small.draws_to_hit(bad_value)
+    # B^-2m far below the doubles: the count in logs, B^2m ln 2 (finite) or inf
+    assert hard_instance(2, 500, rng=0).draws_to_hit(0.5) == pytest.approx(2.0**1000 * math.log(2), rel=1e-12)
+    assert hard_instance(2, 600, rng=0).draws_to_hit(0.5) == math.inf
+
+
+def test_theorem_bound_beyond_the_doubles_is_infinite() -> None:
+    from tiltsmc.tasks.exact_laws import theorem_5_1_bound
+
+    _tiltsmc()
+    assert theorem_5_1_bound(1e60, 0.0, 2, 10) == math.inf
+    assert theorem_5_1_bound(2.0, 0.5, 600, 10) == math.inf
+    assert theorem_5_1_bound(2.0, 0.5, 2, 10) == pytest.approx(2.0**6 * 2 * 1.5**6 / 20)
+
+
+# arithmetic chains
+
+ARITHMETIC_BAD_CALLS: list[tuple[str, Any, type[Exception], str]] = [
+    ("make_problems", ((3, 1), {"max_value": 150, "start": (100, 140)}), ValueError, r"^max_value: .*\.\.99"),
+    ("make_problems", ((3, 1), {"max_operand": 15}), ValueError, r"^max_operand: .*1\.\.9"),
+    ("make_problems", ((3, 1), {"max_operand": "3"}), TypeError, "^max_operand: "),
+    ("make_problems", ((3, 1), {"max_value": 9.5}), TypeError, "^max_value: "),
+    ("make_problems", ((3, 1), {"start": (5.7, 9.2)}), TypeError, "^start: "),
+    ("make_problems", ((3, 1), {"start": (5,)}), ValueError, "^start: "),
+    ("make_problems", ((3, 1), {"start": 5}), TypeError, "^start: "),
+    ("make_problems", ((3, 1), {"start": (True, 9)}), TypeError, "^start: "),
+    ("make_problems", ((3, 1), {"start": (50, 9)}), ValueError, "^start: "),
+    ("make_problems", ((3, "2"), {}), TypeError, "^count: "),
+    ("make_problems", ((3, 2.0), {}), TypeError, "^count: "),
+    ("make_problems", ((3, 1), {"rng": "seed"}), TypeError, "^rng: "),
+    ("verify", ((None, "x"), {}), TypeError, "^prompt: "),
+    ("verify", (("12 a+3\n", None), {}), TypeError, "^text: "),
+    (
+        "verify",
+        (("10 " + " ".join(f"{c}+1" for c in "abcdefghijklmnopq") + "\n", ""), {}),
+        ValueError,
+        "^prompt: ",
+    ),
+    ("verify", (("1\u00b2 a+1\n", ""), {}), ValueError, "^prompt: "),
+    ("verify", (("12 a+\u00b2\n", ""), {}), ValueError, "^prompt: "),
+    ("parse_answer", ((None,), {}), TypeError, "^text: "),
+    ("format_line", ((16, 10, "+", 1, 11), {}), ValueError, "^index: "),
+]
+
+
+@pytest.mark.parametrize(("function", "arguments", "error", "match"), ARITHMETIC_BAD_CALLS)
+def test_arithmetic_bad_arguments(function: str, arguments: Any, error: type[Exception], match: str) -> None:
+    _tiltsmc()
+    from tiltsmc.tasks import arithmetic
+
+    args, kwargs = arguments
+    with pytest.raises(error, match=match):
+        getattr(arithmetic, function)(*args, **kwargs)
+
+
+def test_arithmetic_unreadable_prompts_fail_alike() -> None:
+    """A prompt of more than MAX_STEPS operations is refused as any other unreadable prompt (ValueError
+    naming ``prompt``; an IndexError before), so a server answers it as it answers ``"hello\\n"``."""
+    _tiltsmc()
+    from tiltsmc.tasks import arithmetic
+
+    long = "10 " + " ".join(f"{label}+1" for label in "abcdefghijklmnopq") + "\n"
+    for prompt in ("hello\n", long):
+        with pytest.raises(ValueError, match=r"^prompt: not an arithmetic-chain prompt"):
+            arithmetic.verify(prompt, "")
+    with pytest.raises(ValueError, match=r"^operations: "):
+        _ = arithmetic.Problem(10, (("+", 1),) * 17).prompt
+
+
+def test_arithmetic_problems_always_verify_with_their_own_answer() -> None:
+    _tiltsmc()
+    from tiltsmc.tasks import arithmetic
+
+    settings: list[dict[str, Any]] = [
+        {},
+        {"start": (0, 99), "max_value": 99, "max_operand": 9},
+        {"start": (np.int64(0), np.int64(9)), "max_value": np.int64(9), "max_operand": np.int64(9)},
+        {"start": [1, 1], "max_value": 1, "max_operand": 1},
+    ]
+    for kwargs in settings:
+        for problem in arithmetic.make_problems(arithmetic.MAX_STEPS, 30, rng=1, **kwargs):
+            assert arithmetic.verify(problem.prompt, problem.solution()) == 1.0
+            assert arithmetic.parse_answer(problem.solution()) == problem.answer
+
+
+def test_chat_arithmetic_bad_arguments() -> None:
+    _tiltsmc()
+    from tiltsmc.tasks import chat_arithmetic as ca
+    from tiltsmc.tasks.arithmetic import Problem
+
+    problem = ca.make_problems(2, 1, rng=0)[0]
+    with pytest.raises(ValueError, match=r"^size: expected one of"):
+        ca.examples(3, "huge")
+    with pytest.raises(ValueError, match=r"^size: expected one of"):
+        ca.messages(problem, "huge")
+    with pytest.raises(TypeError, match=r"^size: "):
+        ca.make_problems(2, 1, size=["small"])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^size: "):
+        ca.examples(2, None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^problem: "):
+        ca.messages(None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^problem: "):
+        ca.user_message("Start with 5.")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^problem: "):
+        ca.user_message(Problem(5, ()))
+    with pytest.raises(TypeError, match=r"^count: "):
+        ca.make_problems(2, "1", size="counting")  # type: ignore[arg-type]
+    for times in (0, 1, 17, 10**9):
+        with pytest.raises(ValueError, match=r"^question: "):
+            ca.problem_of(f"Start with 5. Add 2, {times} times. Write one line per step")
+    chain = ", then ".join(["add 1"] * 17)
+    with pytest.raises(ValueError, match=r"^question: "):
+        ca.problem_of(f"Start with 5. {chain[0].upper()}{chain[1:]}. Work it out")
+    with pytest.raises(ValueError, match=r"^question: "):
+        ca.problem_of("Start with " + "9" * 5000 + ". Add 2, 3 times. Write one")
+    assert ca.problem_of(ca.user_message(Problem(5, (("+", 2),) * 16))) == Problem(5, (("+", 2),) * 16)

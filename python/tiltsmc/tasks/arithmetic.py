@@ -34,7 +34,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LABELS",
+    "MAX_OPERAND",
     "MAX_STEPS",
+    "MAX_VALUE",
     "MODELS_DIR",
     "VOCAB",
     "Problem",
@@ -48,6 +50,8 @@ __all__ = [
 
 MAX_STEPS = 16
 LABELS = "abcdefghijklmnop"  # step t is labelled LABELS[t - 1]
+MAX_VALUE = 99  # running values are written with two digits
+MAX_OPERAND = 9  # operands with one
 # One token per character; <pad> 0, <eos> 1, <unk> 2 (the tokenizer needs one; it never occurs).
 VOCAB: tuple[str, ...] = (
     "<pad>",
@@ -90,6 +94,12 @@ class Problem:
 
     @property
     def prompt(self) -> str:
+        """The bundled task's prompt, ``"57 a+8 b-3 c+9\\n"``: at most ``MAX_STEPS`` labelled operations
+        (ValueError for more: they have no label)."""
+        if len(self.operations) > MAX_STEPS:
+            raise ValueError(
+                f"operations: the prompt labels at most {MAX_STEPS} operations, got {len(self.operations)}"
+            )
         ops = " ".join(f"{LABELS[t]}{sign}{digit}" for t, (sign, digit) in enumerate(self.operations))
         return f"{self.start:02d} {ops}\n"
 
@@ -104,17 +114,30 @@ class Problem:
 
 def format_line(index: int, before: int, sign: str, digit: int, after: int) -> str:
     """Step ``index + 1`` as written by a solver: ``"{label}:{before}{sign}{digit}={after}"``."""
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+        raise TypeError(f"index: expected an int, got {type(index).__name__}")
+    if not 0 <= index < MAX_STEPS:
+        raise ValueError(f"index: expected 0..{MAX_STEPS - 1} (the steps with a label), got {index}")
     return f"{LABELS[index]}:{before:02d}{sign}{digit}={after:02d}"
 
 
+def _check_int(value: Any, name: str, low: int, high: Optional[int] = None) -> int:
+    """An int (Python or NumPy, not a bool) in ``low..high``: TypeError for another type, ValueError for a
+    value out of range, each naming the argument. (This module imports nothing of tiltsmc: the training
+    script loads it by path.)"""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r:.40}")
+    if value < low or (high is not None and value > high):
+        wanted = f"an int >= {low}" if high is None else f"an int in {low}..{high}"
+        raise ValueError(f"{name}: expected {wanted}, got {value!r}")
+    return int(value)
+
+
 def check_problem_count(num_steps: Any, count: Any, max_steps: int) -> None:
-    """Refuse a ``num_steps`` outside ``1..max_steps`` or a ``count`` below 1, naming the argument."""
-    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
-        raise TypeError(f"num_steps: expected an int, got {type(num_steps).__name__}")
-    if not 1 <= num_steps <= max_steps:
-        raise ValueError(f"num_steps: expected 1..{max_steps}, got {num_steps}")
-    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
-        raise ValueError(f"count: expected an int >= 1, got {count!r}")
+    """Refuse a ``num_steps`` outside ``1..max_steps`` or a ``count`` below 1, naming the argument
+    (TypeError for a value that is not an int, ValueError for one out of range)."""
+    _check_int(num_steps, "num_steps", 1, max_steps)
+    _check_int(count, "count", 1)
 
 
 def make_problems(
@@ -131,16 +154,28 @@ def make_problems(
 
     The start value is uniform in ``start`` (inclusive), operands in ``1..max_operand``, and every running
     value stays in ``[0, max_value]`` (the defaults are the bundled task's two-digit chains; smaller ones
-    make easier problems for other models, e.g. ``tiltsmc.tasks.chat_arithmetic``)."""
+    make easier problems for other models, e.g. ``tiltsmc.tasks.chat_arithmetic``). The prompt and the
+    solution write values with two digits and operands with one, so ``max_operand`` is in
+    ``1..MAX_OPERAND`` (9) and ``max_value`` in ``max_operand..MAX_VALUE`` (99): every problem made here is
+    read back by ``verify`` and ``parse_answer``. ``start`` is a pair of ints ``(low, high)`` with
+    ``0 <= low <= high <= max_value``. Each is refused otherwise, naming it (TypeError for a wrong type,
+    ValueError for a wrong value)."""
     check_problem_count(num_steps, count, MAX_STEPS)
-    if isinstance(max_operand, bool) or not isinstance(max_operand, (int, np.integer)) or max_operand < 1:
-        raise ValueError(f"max_operand: expected an int >= 1, got {max_operand!r}")
-    if isinstance(max_value, bool) or not isinstance(max_value, (int, np.integer)) or max_value < max_operand:
-        raise ValueError(f"max_value: expected an int >= max_operand ({max_operand}), got {max_value!r}")
-    low, high = (int(v) for v in start)
+    max_operand = _check_int(max_operand, "max_operand", 1, MAX_OPERAND)
+    max_value = _check_int(max_value, "max_value", max_operand, MAX_VALUE)
+    if isinstance(start, (str, bytes)) or not isinstance(start, (tuple, list)):
+        raise TypeError(f"start: expected a pair of ints (low, high), got {type(start).__name__}")
+    if len(start) != 2:
+        raise ValueError(f"start: expected a pair of ints (low, high), got {len(start)} values {start!r}")
+    if any(isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) for v in start):
+        raise TypeError(f"start: expected a pair of ints (low, high), got {start!r}")
+    low, high = int(start[0]), int(start[1])
     if not 0 <= low <= high <= max_value:
         raise ValueError(f"start: expected 0 <= low <= high <= max_value ({max_value}), got {start!r}")
-    generator = np.random.default_rng(rng)
+    try:
+        generator = np.random.default_rng(rng)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"rng: cannot seed a generator from {rng!r:.40} ({error})") from None
     problems = []
     for _ in range(int(count)):
         value = int(generator.integers(low, high + 1))
@@ -157,23 +192,35 @@ def make_problems(
 
 def parse_answer(text: str) -> Optional[int]:
     """The result of the last complete line of a solution (``...=NN``), or None if there is none."""
+    if not isinstance(text, str):
+        raise TypeError(f"text: expected a str, got {type(text).__name__}")
     lines = [line for line in text.strip("\n").split("\n") if line]
     if not lines:
         return None
     _, equals, result = lines[-1].rpartition("=")
-    if not equals or len(result) != 2 or not result.isdigit():
+    if not equals or not _is_digits(result, 2):
         return None
     return int(result)
 
 
+def _is_digits(text: str, length: int) -> bool:
+    """``text`` is ``length`` ASCII digits (``str.isdigit`` also takes ``"²"``, which ``int`` refuses)."""
+    return len(text) == length and all(c in "0123456789" for c in text)
+
+
 def _problem_from_prompt(prompt: str) -> Problem:
     head, *ops = prompt.strip("\n").split(" ")
-    if len(head) != 2 or not head.isdigit() or not ops:
-        raise ValueError(f"prompt: not an arithmetic-chain prompt: {prompt!r}")
+    if not _is_digits(head, 2) or not ops:
+        raise ValueError(f"prompt: not an arithmetic-chain prompt: {prompt!r:.200}")
+    if len(ops) > MAX_STEPS:
+        raise ValueError(
+            f"prompt: not an arithmetic-chain prompt: {len(ops)} operations (at most {MAX_STEPS}): "
+            f"{prompt!r:.200}"
+        )
     operations = []
     for t, op in enumerate(ops):
-        if len(op) != 3 or op[0] != LABELS[t] or op[1] not in "+-" or not op[2].isdigit():
-            raise ValueError(f"prompt: operation {t + 1} is malformed in {prompt!r}")
+        if len(op) != 3 or op[0] != LABELS[t] or op[1] not in "+-" or not _is_digits(op[2], 1):
+            raise ValueError(f"prompt: operation {t + 1} is malformed in {prompt!r:.200}")
         operations.append((op[1], int(op[2])))
     return Problem(int(head), tuple(operations))
 
@@ -183,7 +230,16 @@ def verify(prompt: Union[str, Problem], text: str) -> float:
 
     The working is checked, not only the answer: two slips that cancel (a forgotten carry, then a
     forgotten borrow) give the right number from a wrong solution, and score 0.
+
+    Raises:
+        TypeError: ``prompt`` is not a str or a ``Problem``, or ``text`` not a str.
+        ValueError: ``prompt`` is not a prompt of this task (``"prompt: ..."``; e.g. more than
+            ``MAX_STEPS`` operations).
     """
+    if not isinstance(prompt, (str, Problem)):
+        raise TypeError(f"prompt: expected a str or a Problem, got {type(prompt).__name__}")
+    if not isinstance(text, str):
+        raise TypeError(f"text: expected a str, got {type(text).__name__}")
     problem = prompt if isinstance(prompt, Problem) else _problem_from_prompt(prompt)
     text = text.removesuffix("<eos>")  # present when decoded with special tokens (skip_special_tokens=False)
     return 1.0 if text.strip("\n") == problem.solution() else 0.0

@@ -33,7 +33,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from .arithmetic import Problem, check_problem_count
+from .arithmetic import MAX_STEPS, Problem, check_problem_count
 from .arithmetic import make_problems as make_chains
 
 __all__ = [
@@ -71,12 +71,25 @@ _END_OF_TURN = ("<|im_end|>", "<|endoftext|>", "</s>", "<eos>")
 _WORDS = {"+": "add", "-": "subtract"}
 
 
+def _check_size(size: Any) -> dict[str, Any]:
+    """``SIZES[size]``; TypeError for a ``size`` that is not a str, ValueError for an unknown one."""
+    if not isinstance(size, str):
+        raise TypeError(f"size: expected a str, one of {', '.join(SIZES)}; got {type(size).__name__}")
+    if size not in SIZES:
+        raise ValueError(f"size: expected one of {', '.join(SIZES)}, got {size!r}")
+    return SIZES[size]
+
+
+def _check_problem(problem: Any) -> Problem:
+    if not isinstance(problem, Problem):
+        raise TypeError(f"problem: expected a tiltsmc.tasks.arithmetic.Problem, got {type(problem).__name__}")
+    return problem
+
+
 def make_problems(num_steps: int, count: int, rng: Any = None, size: str = "small") -> list[Problem]:
     """``count`` random chains of ``num_steps`` operations of a given ``size`` (a key of ``SIZES``);
     ``rng`` is anything ``numpy.random.default_rng`` takes."""
-    if size not in SIZES:
-        raise ValueError(f"size: expected one of {', '.join(SIZES)}, got {size!r}")
-    shape = SIZES[size]
+    shape = _check_size(size)
     if not shape["repeated"]:
         return make_chains(
             num_steps,
@@ -87,7 +100,10 @@ def make_problems(num_steps: int, count: int, rng: Any = None, size: str = "smal
             max_operand=shape["max_operand"],
         )
     check_problem_count(num_steps, count, MAX_COUNTING_STEPS)
-    generator = np.random.default_rng(rng)
+    try:
+        generator = np.random.default_rng(rng)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"rng: cannot seed a generator from {rng!r:.40} ({error})") from None
     low, high = shape["start"]
     problems = []
     for _ in range(int(count)):
@@ -101,9 +117,10 @@ def examples(num_steps: int, size: str = "small") -> list[Problem]:
     """The worked examples shown before a question of ``num_steps`` steps (``SIZES[size]["shots"]`` of
     them): of the same length and size (a chat model copies the examples' number of lines), fixed, with
     different starts and first operations (a model shown one operand twice tends to copy it)."""
+    shots = _check_size(size)["shots"]
     chosen: list[Problem] = []
     seed = _EXAMPLE_SEED
-    while len(chosen) < SIZES[size]["shots"]:
+    while len(chosen) < shots:
         (candidate,) = make_problems(num_steps, 1, seed, size)
         seed += 1
         if all(
@@ -126,7 +143,7 @@ def step_line(before: int, sign: str, digit: int, after: int) -> str:
 
 def solution(problem: Problem) -> str:
     """The right answer: ``T`` lines joined by newlines."""
-    values = problem.values
+    values = _check_problem(problem).values
     return "\n".join(
         step_line(values[t], sign, digit, values[t + 1]) for t, (sign, digit) in enumerate(problem.operations)
     )
@@ -135,6 +152,8 @@ def solution(problem: Problem) -> str:
 def user_message(problem: Problem) -> str:
     """The question in words, with the form of the answer. A chain that repeats one operation is asked
     as "Add d, T times"."""
+    if not _check_problem(problem).operations:
+        raise ValueError("problem: has no operations to ask for")
     operations = set(problem.operations)
     if len(operations) == 1 and problem.num_steps > 1:
         ((sign, digit),) = operations
@@ -153,6 +172,8 @@ def user_message(problem: Problem) -> str:
 def messages(problem: Problem, size: str = "small") -> list[dict[str, str]]:
     """The chat of a problem: the worked example exchanges (``examples`` of the problem's length and
     ``size``), then the question."""
+    _check_problem(problem)
+    _check_size(size)
     chat = []
     for shown in examples(problem.num_steps, size):
         chat += [
@@ -190,8 +211,7 @@ def _strip_end(text: str) -> str:
 
 def check(problem: Problem, text: str) -> Check:
     """Read an answer line by line against the exact running values (see the module docstring)."""
-    if not isinstance(problem, Problem):
-        raise TypeError(f"problem: expected a tiltsmc.tasks.arithmetic.Problem, got {type(problem).__name__}")
+    _check_problem(problem)
     if not isinstance(text, str):
         raise TypeError(f"text: expected a str, got {type(text).__name__}")
     lines = [line for line in _strip_end(text).split("\n") if line.strip()]
@@ -228,13 +248,16 @@ def verify(problem: Union[Problem, Any], text: str) -> float:
     return 1.0 if check(problem, text).complete else 0.0
 
 
-_QUESTION = re.compile(r"^Start with (\d+)\. (.*?)\. (?:Write|Work) ")
-_REPEATED = re.compile(r"^(Add|Subtract) (\d+), (\d+) times$")
-_OPERATION = re.compile(r"^(add|subtract) (\d+)$")
+# numbers of at most 6 digits (the task's are of 1 or 2; int() refuses a string of thousands of digits)
+_QUESTION = re.compile(r"^Start with ([0-9]{1,6})\. (.*?)\. (?:Write|Work) ")
+_REPEATED = re.compile(r"^(Add|Subtract) ([0-9]{1,6}), ([0-9]{1,6}) times$")
+_OPERATION = re.compile(r"^(add|subtract) ([0-9]{1,6})$")
 
 
 def problem_of(question: str) -> Problem:
-    """The problem a question of ``user_message`` poses (its inverse); ValueError for any other text."""
+    """The problem a question of ``user_message`` poses (its inverse); ValueError for any other text,
+    among which a repeated operation asked fewer than 2 or more than ``MAX_STEPS`` times and a chain of
+    more than ``MAX_STEPS`` operations (``user_message`` writes neither)."""
     if not isinstance(question, str):
         raise TypeError(f"question: expected a str, got {type(question).__name__}")
     match = _QUESTION.match(question)
@@ -243,13 +266,19 @@ def problem_of(question: str) -> Problem:
     signs = {"add": "+", "subtract": "-"}
     repeated = _REPEATED.match(match[2])
     if repeated is not None:
+        times = int(repeated[3])
+        if not 2 <= times <= MAX_STEPS:
+            raise ValueError(f"question: expected an operation repeated 2..{MAX_STEPS} times, got {times}")
         operation = (signs[repeated[1].lower()], int(repeated[2]))
-        return Problem(int(match[1]), (operation,) * int(repeated[3]))
+        return Problem(int(match[1]), (operation,) * times)
+    parts = match[2].split(", then ")
+    if len(parts) > MAX_STEPS:
+        raise ValueError(f"question: expected at most {MAX_STEPS} operations, got {len(parts)}")
     operations = []
-    for part in match[2].split(", then "):
+    for part in parts:
         found = _OPERATION.match(part.lower())
         if found is None:
-            raise ValueError(f"question: cannot read the operation {part!r}")
+            raise ValueError(f"question: cannot read the operation {part[:40]!r}")
         operations.append((signs[found[1]], int(found[2])))
     return Problem(int(match[1]), tuple(operations))
 

@@ -121,8 +121,12 @@ def target_law(task: MarkovDFATask) -> dict[tuple[int, ...], float]:
 
 
 def theorem_5_1_bound(L: float, eps: float, T: int, N: int) -> float:
-    """``L^6 T (1+eps)^(6(T-1)) / (2N)``: Theorem 5.1's bound on the TV of the output particle to ``pi``."""
-    return float(L**6 * T * (1 + eps) ** (6 * (T - 1)) / (2 * N))
+    """``L^6 T (1+eps)^(6(T-1)) / (2N)``: Theorem 5.1's bound on the TV of the output particle to ``pi``
+    (``inf`` where it exceeds the doubles)."""
+    try:
+        return float(L**6 * T * (1 + eps) ** (6 * (T - 1)) / (2 * N))
+    except OverflowError:  # a float power beyond the doubles raises (a product gives inf)
+        return math.inf
 
 
 def positive_reward_task(

@@ -30,7 +30,7 @@ and ``2m + 1`` is the dead state (the prefix is not ``u``).
 from __future__ import annotations
 
 import math
-import operator
+import sys
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -38,10 +38,13 @@ import numpy as np
 import numpy.typing as npt
 
 from .._rng import RNGLike, as_generator
-from .markov_dfa import LogTables, MarkovDFATask
+from ..models._config import real_number
+from .markov_dfa import LogTables, MarkovDFATask, _as_index
 from .models import TableTwist
 
 __all__ = ["HardInstance", "hard_instance"]
+
+_LOG_NORMAL = -math.log(sys.float_info.min)  # exp(-x) is a normal double for x up to this (about 708.4)
 
 
 @dataclass(frozen=True, eq=False)
@@ -76,7 +79,8 @@ class HardInstance:
         log_hit = -2 * self.m * math.log(self.branching)
         log_u = log_hit + self.m * math.log(self.a)
         log_rest = math.log1p(-math.exp(log_hit)) - self.m * math.log(self.a)
-        return 1.0 / (1.0 + math.exp(log_rest - log_u))
+        x = log_rest - log_u  # 1 / (1 + e^x), without overflow where B >> a makes x large
+        return 1.0 / (1.0 + math.exp(x)) if x <= 0.0 else math.exp(-x) / (1.0 + math.exp(-x))
 
     @property
     def lower_bound_rate(self) -> float:
@@ -93,11 +97,18 @@ class HardInstance:
     def draws_to_hit(self, probability: float) -> float:
         """Independent uniform prefixes needed to see ``u`` with at least ``probability``:
         ``log(1 - probability) / log(1 - B^-2m)`` (real-valued; about ``B^(2m) ln(1/(1 - probability))``)."""
-        prob = float(probability)
+        prob = real_number(probability, "probability")  # "0.5" is refused, not read as 0.5
         if not 0.0 < prob < 1.0:
             raise ValueError(f"probability: expected a value in (0, 1), got {probability!r}")
-        per_draw = math.log1p(-math.exp(-2 * self.m * math.log(self.branching)))
-        return math.log1p(-prob) / per_draw if per_draw < 0.0 else math.inf
+        log_hit = -2 * self.m * math.log(self.branching)  # log B^-2m
+        if log_hit > -40.0:
+            return math.log1p(-prob) / math.log1p(-math.exp(log_hit))
+        # log1p(-B^-2m) = -B^-2m to double precision (relative error below 1e-17): the quotient in logs, as
+        # B^-2m may be subnormal or 0 and the count beyond the doubles (then inf)
+        try:
+            return math.exp(math.log(-math.log1p(-prob)) - log_hit)
+        except OverflowError:
+            return math.inf
 
 
 def _hard_tables(m: int, a: float, branching: int, task: MarkovDFATask) -> LogTables:
@@ -115,6 +126,17 @@ def _hard_tables(m: int, a: float, branching: int, task: MarkovDFATask) -> LogTa
     return tables
 
 
+def _normal_rewards(a: float, m: int) -> bool:
+    """Whether ``a^m`` and ``a^-m`` are both normal doubles (finite, not subnormal)."""
+    if m > (_LOG_NORMAL + 1.0) / math.log(a):  # far out (an int-float comparison cannot overflow)
+        return False
+    try:
+        high = a**m
+    except OverflowError:
+        return False
+    return high < math.inf and a**-m >= sys.float_info.min
+
+
 def hard_instance(a: Any, m: Any, rng: RNGLike = None, *, branching: Optional[int] = None) -> HardInstance:
     """The paper's hard instance with ratio ``a``, horizon ``T = 3m`` and branching ``B = a``
     (``docs/theory/tilted-target.md``).
@@ -122,7 +144,8 @@ def hard_instance(a: Any, m: Any, rng: RNGLike = None, *, branching: Optional[in
     Args:
         a: the ratio per step after ``2m`` (``L = a``, ``eps = a - 1``); an integer ``>= 2`` unless
             ``branching`` is given, else a finite real ``> 1``.
-        m: ``>= 1``; the horizon is ``3m``.
+        m: ``>= 1``; the horizon is ``3m``. The rewards ``a^m`` and ``a^-m`` must be normal doubles:
+            ``m ln a <= -ln(2.2e-308)``, about 708.4 (``m <= 1022`` for ``a = 2``); beyond that ValueError.
         rng: draws the hidden prefix ``u`` (anything ``numpy.random.default_rng`` accepts).
         branching: ``B``; default ``a`` (the paper's choice). Another ``B`` decouples the cost of finding
             ``u`` (rate ``2 ln B / 3``) from the bound's rate ``2 ln a / 3``.
@@ -130,30 +153,40 @@ def hard_instance(a: Any, m: Any, rng: RNGLike = None, *, branching: Optional[in
     Raises:
         TypeError, ValueError: an argument of the wrong kind or value (the message names it).
     """
-    if isinstance(m, (bool, np.bool_)):
-        raise TypeError("m: expected an integer, got a bool")
-    try:
-        m_int = operator.index(m)
-    except TypeError:
-        raise TypeError(f"m: expected an integer, got {type(m).__name__}") from None
+    m_int = _as_index(m, "m")
     if m_int < 1:
         raise ValueError(f"m: expected m >= 1, got {m_int}")
     if isinstance(a, (bool, np.bool_)) or not isinstance(a, (int, float, np.integer, np.floating)):
         raise TypeError(f"a: expected a real number, got {type(a).__name__}")
-    a_f = float(a)
+    try:
+        a_f = float(a)
+    except OverflowError:
+        raise ValueError("a: expected a finite ratio > 1, got an int beyond the range of doubles") from None
     if not (math.isfinite(a_f) and a_f > 1.0):
         raise ValueError(f"a: expected a finite ratio > 1, got {a!r}")
+    # The rewards a^m and a^-m are the task's (natural-scale) accept_reward: both must be normal doubles
+    # (no overflow to inf, no underflow to a subnormal or 0 that would change the task and its L).
+    if not _normal_rewards(a_f, 1):
+        raise ValueError(
+            f"a: the rewards a^m and a^-m must be normal doubles: expected ln(a) <= {_LOG_NORMAL:.2f}, "
+            f"got a = {a!r}"
+        )
+    if not _normal_rewards(a_f, m_int):
+        largest = math.floor(_LOG_NORMAL / math.log(a_f))
+        while not _normal_rewards(a_f, largest):
+            largest -= 1
+        while _normal_rewards(a_f, largest + 1):
+            largest += 1
+        raise ValueError(
+            f"m: the rewards a^m and a^-m must be normal doubles: expected m * ln(a) <= {_LOG_NORMAL:.2f}, "
+            f"i.e. m <= {largest} for a = {a_f:g}, got m = {m_int}"
+        )
     if branching is None:
         if a_f != round(a_f):
             raise ValueError(f"a: the branching B = a must be an integer (got a = {a!r}); pass branching=")
         branching_int = round(a_f)
     else:
-        if isinstance(branching, (bool, np.bool_)):
-            raise TypeError("branching: expected an integer, got a bool")
-        try:
-            branching_int = operator.index(branching)
-        except TypeError:
-            raise TypeError(f"branching: expected an integer, got {type(branching).__name__}") from None
+        branching_int = _as_index(branching, "branching")
         if branching_int < 2:
             raise ValueError(f"branching: expected B >= 2, got {branching_int}")
     B, T = branching_int, 3 * m_int

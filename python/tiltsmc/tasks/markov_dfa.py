@@ -69,6 +69,7 @@ LogTables = list[Union[float, FloatArray]]
 _PROB_TOL = 1e-9
 _MAX_ENUMERATE = 2**20
 _CHUNK_ELEMENTS = 1 << 21  # bound on the temporaries of the chunked log-sum-exps
+_MAX_NOISE = 1e300  # twist_tables: larger perturbations overflow the arithmetic of the log-values
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -83,6 +84,13 @@ def _as_index(value: Any, name: str) -> int:
         return operator.index(value)
     except TypeError:
         raise TypeError(f"{name}: expected an integer, got {type(value).__name__}") from None
+
+
+def _as_bool(value: Any, name: str) -> bool:
+    """A flag: a bool (Python or NumPy), not a string or a number read as one."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__} {value!r:.40}")
+    return bool(value)
 
 
 def _as_real_array(value: Any, name: str) -> FloatArray:
@@ -134,6 +142,28 @@ def _log(arr: FloatArray) -> FloatArray:
 def _readonly(arr: npt.NDArray[Any]) -> npt.NDArray[Any]:
     arr.setflags(write=False)
     return arr
+
+
+def _exp(x: float) -> float:
+    """``exp(x)``, ``inf`` where it overflows (``math.exp`` raises OverflowError there)."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
+def _potential_range(log_g: FloatArray) -> tuple[float, float, bool]:
+    """``(max, min)`` of the *positive* potentials (``log G > -inf``) and whether some potential is 0.
+
+    The zeros are kept apart: a zero must make ``L`` infinite without hiding the smallest positive
+    potential (which ``positive_ratio_bound`` and ``gauge_ratio_bound`` are made of). ``(-inf, inf)``
+    when no potential is positive, so that ``max >= min`` says some is.
+    """
+    positive = log_g[log_g > -np.inf]
+    zero = bool(positive.size < log_g.size)
+    if not positive.size:
+        return -math.inf, math.inf, zero
+    return float(positive.max()), float(positive.min()), zero
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -466,12 +496,16 @@ class MarkovDFATask:
         [`log_v_star`][tiltsmc.tasks.markov_dfa.MarkovDFATask.log_v_star] and ``rng`` is unused.
 
         Args:
-            noise: finite ``>= 0`` half-width of the perturbation of the log-values.
+            noise: half-width of the perturbation of the log-values, in ``[0, 1e300]`` (beyond that the
+                draw and the differences of the perturbed log-values overflow).
             rng: anything ``numpy.random.default_rng`` accepts (SPEC 7).
         """
         noise_f = _as_real(noise, "noise")
-        if not (math.isfinite(noise_f) and noise_f >= 0):
-            raise ValueError(f"noise: expected a finite value >= 0, got {noise_f!r}")
+        if not 0.0 <= noise_f <= _MAX_NOISE:  # NaN too
+            raise ValueError(
+                f"noise: expected a finite value in [0, {_MAX_NOISE:g}] (larger perturbations overflow the "
+                f"arithmetic of the log-values), got {noise_f!r}"
+            )
         tables = self.log_v_star()
         if noise_f == 0.0:
             return tables
@@ -527,8 +561,8 @@ class MarkovDFATask:
         alpha = self._forward_tables()
         log_eps = np.zeros(T)
         gauge_log = np.zeros(T)
-        # per step: the largest and smallest log G_t over reachable transitions with G_t > 0, and the gauge
-        # shift -(hi + lo) / 2 of log rho_t that minimises eps_t
+        # per step: the largest and smallest log G_t over reachable transitions with G_t > 0 (a zero potential
+        # only sets zero_potential), and the gauge shift -(hi + lo) / 2 of log rho_t that minimises eps_t
         g_high, g_low, shift = np.zeros(T), np.zeros(T), np.zeros(T)
         zero_potential = False
 
@@ -540,18 +574,17 @@ class MarkovDFATask:
                     continue
                 d = np.array([self._backup_root(nxt) - root])
                 children = gathered[self._start][self._log_init_arr > -np.inf]
-                log_g = children - root
+                high, low, zero = _potential_range(children - root)
             else:
                 parent = levels[t - 2]
                 valid = (alpha[t - 2] > -np.inf) & (parent > -np.inf)
                 if not valid.any():
                     continue
                 d = self._backup(t - 1, nxt)[valid] - parent[valid]
-                log_g = self._log_potential_range(t - 1, parent, valid, gathered)
-            zero_potential |= bool(np.any(log_g == -np.inf))
-            positive = log_g[log_g > -np.inf]
-            if positive.size:
-                g_high[t - 1], g_low[t - 1] = float(positive.max()), float(positive.min())
+                high, low, zero = self._log_potential_range(t - 1, parent, valid, gathered)
+            zero_potential |= zero
+            if high >= low:  # some positive potential
+                g_high[t - 1], g_low[t - 1] = high, low
             if not np.isfinite(d).all():  # some rho_t = 0
                 log_eps[t - 1] = gauge_log[t - 1] = np.inf
             else:
@@ -559,8 +592,9 @@ class MarkovDFATask:
                 gauge_log[t - 1] = 0.5 * float(np.max(d) - np.min(d))
                 shift[t - 1] = -0.5 * float(np.max(d) + np.min(d))
 
-        per_step = np.expm1(log_eps)
-        gauge_per_step = np.expm1(gauge_log)
+        with np.errstate(over="ignore"):  # an |log rho| beyond ~709 is an infinite eps, as it should be
+            per_step = np.expm1(log_eps)
+            gauge_per_step = np.expm1(gauge_log)
         log_positive = float(np.max(np.maximum(g_high, -g_low)))
         log_gauge = float(np.max(np.maximum(g_high + shift, -(g_low + shift))))
         return BellmanError(
@@ -569,28 +603,30 @@ class MarkovDFATask:
             log_per_step=_readonly(log_eps),
             gauge_eps=float(np.max(gauge_per_step)),
             gauge_per_step=_readonly(gauge_per_step),
-            ratio_bound=math.inf if zero_potential else math.exp(max(log_positive, 0.0)),
-            positive_ratio_bound=math.exp(max(log_positive, 0.0)),
-            gauge_ratio_bound=math.inf if zero_potential else math.exp(max(log_gauge, 0.0)),
+            ratio_bound=math.inf if zero_potential else _exp(max(log_positive, 0.0)),
+            positive_ratio_bound=_exp(max(log_positive, 0.0)),
+            gauge_ratio_bound=math.inf if zero_potential else _exp(max(log_gauge, 0.0)),
         )
 
     def _log_potential_range(
         self, t: int, parent: FloatArray, valid: BoolArray, gathered: FloatArray
-    ) -> FloatArray:
-        """``[max log G, min log G]`` over the reachable transitions from valid prefixes of length ``t``
-        (``p > 0``); ``min`` is ``-inf`` when some such potential is 0. Empty when there are none."""
+    ) -> tuple[float, float, bool]:
+        """``_potential_range`` of the ``log G`` of every reachable transition (``p > 0``) from the valid
+        prefixes of length ``t``, chunked over ``v``."""
         V, Q = self._V, self._Q
         possible = self._log_trans(t) > -np.inf  # [v, w]
         parent_safe = np.where(valid, parent, 0.0)
-        high, low, seen = -np.inf, np.inf, False
+        high, low, zero = -np.inf, np.inf, False
         step = max(1, _CHUNK_ELEMENTS // (Q * V))
         for v0 in range(0, V, step):
             sl = slice(v0, v0 + step)
             mask = valid[sl, :, None] & possible[sl, None, :]
             if mask.any():
-                diff = (gathered[None, :, :] - parent_safe[sl, :, None])[mask]
-                high, low, seen = max(high, float(diff.max())), min(low, float(diff.min())), True
-        return np.array([high, low]) if seen else np.zeros(0)
+                chunk_high, chunk_low, chunk_zero = _potential_range(
+                    (gathered[None, :, :] - parent_safe[sl, :, None])[mask]
+                )
+                high, low, zero = max(high, chunk_high), min(low, chunk_low), zero or chunk_zero
+        return high, low, zero
 
     # ------------------------------------------------------------------ sampling and enumeration
 
@@ -749,6 +785,8 @@ class MarkovDFATask:
         ``[0.5, 1)`` when none has a positive one, so ``Z > 0``.
         """
         V, Q, T = _as_index(V, "V"), _as_index(Q, "Q"), _as_index(T, "T")
+        varying = _as_bool(time_varying, "time_varying")
+        positive = _as_bool(ensure_positive, "ensure_positive")
         for name, value in (("V", V), ("Q", Q), ("T", T)):
             if value < 1:
                 raise ValueError(f"{name}: expected {name} >= 1, got {value}")
@@ -774,12 +812,12 @@ class MarkovDFATask:
             return np.asarray(probs / probs.sum(axis=-1, keepdims=True), dtype=np.float64)
 
         init = rows(())
-        trans = rows((T, V) if time_varying else (V,))
+        trans = rows((T, V) if varying else (V,))
         dfa = gen.integers(0, Q, size=(Q, V))
         start = int(gen.integers(0, Q))
         reward = gen.random(Q) * (gen.random(Q) >= fractions["zero_reward_fraction"])
         task = cls(init, trans, dfa, start, reward, T)
-        if ensure_positive and task.exact_log_z() == -np.inf:
+        if positive and task.exact_log_z() == -np.inf:
             final = np.flatnonzero((task._forward_tables()[-1] > -np.inf).any(axis=0))
             reward[int(gen.choice(final))] = gen.uniform(0.5, 1.0)
             task = cls(init, trans, dfa, start, reward, T)

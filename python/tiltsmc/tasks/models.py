@@ -97,6 +97,11 @@ class MarkovPolicy:
 class TableTwist:
     """``log Vh_t(prefix) = tables[t][last token, DFA state]`` with ``tables[0] = log Vh_0``.
 
+    ``tables`` has the layout of ``MarkovDFATask.log_v_star``, checked (and copied) at construction as
+    ``MarkovDFATask.bellman_error`` checks it: ``T+1`` levels, ``tables[0]`` a real ``log Vh_0`` (finite or
+    ``-inf``), ``tables[t]`` a ``(V, Q)`` array of log-values, each finite or ``-inf`` (TypeError or
+    ValueError naming ``tables``).
+
     The DFA state of each particle is kept in ``particles.state["dfa"]`` and follows resampling; each
     particle is read at its own length (``supports_engine``).
     """
@@ -104,15 +109,18 @@ class TableTwist:
     supports_engine = True
 
     def __init__(self, task: MarkovDFATask, tables: Sequence[Union[float, npt.ArrayLike]]) -> None:
+        from .markov_dfa import MarkovDFATask
+
+        if not isinstance(task, MarkovDFATask):
+            raise TypeError(f"task: expected a tiltsmc.tasks.MarkovDFATask, got {type(task).__name__}")
+        # the checks of MarkovDFATask.bellman_error: T+1 levels, a real log Vh_0 (finite or -inf), then
+        # (V, Q) arrays of log-values that are finite or -inf (TypeError / ValueError naming ``tables``)
+        root, levels = task._check_tables(tables)
         self.task = task
         self.vocab_size = task.vocab_size
-        self.tables: list[Union[float, FloatArray]] = [float(np.asarray(tables[0]))]
-        self.tables += [np.asarray(t, dtype=np.float64) for t in tables[1:]]
-        if len(self.tables) != task.horizon + 1:
-            raise ValueError(f"tables: expected {task.horizon + 1} levels, got {len(self.tables)}")
-        # (horizon + 1, V, S): level 0 is the constant log Vh_0
-        first = np.full(np.shape(self.tables[1]), self.tables[0])
-        self._levels = np.stack([first, *self.tables[1:]])
+        self.tables: list[Union[float, FloatArray]] = [root, *levels]
+        # (horizon + 1, V, Q): level 0 is the constant log Vh_0
+        self._levels = np.stack([np.full(levels[0].shape, root), *levels])
 
     def _states(self, particles: Particles) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32]]:
         """DFA state after each prefix, advanced over the tokens appended since the last call.
