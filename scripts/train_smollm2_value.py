@@ -34,13 +34,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 from tiltsmc.models import OnnxCausalLM
@@ -256,24 +258,103 @@ def scores(y: np.ndarray, z: np.ndarray) -> dict[str, float]:
     return {"log_loss": loss, "accuracy": float(np.mean((z > 0) == positives)), "auc": float(auc)}
 
 
-def main() -> None:
+MAX_THREADS = 1024  # as tiltsmc's CLI: ONNX Runtime starts every thread asked for
+
+
+def _integer(minimum: int, maximum: Optional[int] = None) -> Callable[[str], int]:
+    """An argparse type: an integer in ``minimum..maximum`` (argparse names the option in its refusal)."""
+    bounds = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer {bounds}, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"expected an integer {bounds}, got {text}")
+        return value
+
+    return parse
+
+
+def _real(minimum: float, open_low: bool) -> Callable[[str], float]:
+    """An argparse type: a finite number > ``minimum`` (``open_low``) or >= ``minimum``."""
+    what = f"a finite number {'>' if open_low else '>='} {minimum:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (open_low and value == minimum):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The script's options, each checked as it is parsed (``check_arguments`` checks the folders)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=default_model_dir(), help="converted model folder")
     parser.add_argument("--out", type=Path, required=True, help="folder for the policy + value graph")
-    parser.add_argument("--levels", type=int, nargs="+", default=[2, 4, 6, 8], help="chain lengths T")
-    parser.add_argument("--problems", type=int, default=24, help="training problems per length")
-    parser.add_argument("--held-out", type=int, default=8, help="held-out problems per length")
-    parser.add_argument("--samples", type=int, default=8, help="rollouts per problem")
-    parser.add_argument("--batch", type=int, default=8, help="problems per batch (x samples rows)")
-    parser.add_argument("--temperature", type=float, default=0.7, help="the policy's sampling temperature")
-    parser.add_argument("--penalties", type=float, nargs="+", default=[0.1, 1.0, 3.0, 10.0, 30.0, 100.0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=1)
-    args = parser.parse_args()
+    parser.add_argument(
+        "--levels",
+        type=_integer(1, task.MAX_COUNTING_STEPS),
+        nargs="+",
+        default=[2, 4, 6, 8],
+        help=f"chain lengths T (1 to {task.MAX_COUNTING_STEPS})",
+    )
+    parser.add_argument("--problems", type=_integer(1), default=24, help="training problems per length")
+    parser.add_argument("--held-out", type=_integer(1), default=8, help="held-out problems per length")
+    parser.add_argument("--samples", type=_integer(1), default=8, help="rollouts per problem")
+    parser.add_argument("--batch", type=_integer(1), default=8, help="problems per batch (x samples rows)")
+    parser.add_argument(
+        "--temperature", type=_real(0.0, True), default=0.7, help="the policy's sampling temperature"
+    )
+    parser.add_argument(
+        "--penalties",
+        type=_real(0.0, False),
+        nargs="+",
+        default=[0.1, 1.0, 3.0, 10.0, 30.0, 100.0],
+        help="L2 penalties the cross-validation chooses from",
+    )
+    parser.add_argument("--threads", type=_integer(1, MAX_THREADS), default=2)
+    parser.add_argument("--seed", type=_integer(0), default=1)
+    return parser
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """The checks argparse's types cannot make, before any work (the rollouts take 10-30 minutes, and the
+    head is written at the end): ``--model`` holds ``model.onnx`` and a ``config.json`` with the hidden
+    size (returned), and ``--out`` can be written and is not ``--model``. Refusals go to ``parser.error``
+    (status 2), naming the option."""
     if not (args.model / "model.onnx").is_file():
         parser.error(f"--model: no model.onnx in {args.model} (scripts/get_smollm2.py --out DIR)")
+    try:
+        width = json.loads((args.model / "config.json").read_text())["hidden_size"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        parser.error(f"--model: cannot read the hidden size from {args.model / 'config.json'}: {error!r}")
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        parser.error(f"--model: config.json's hidden_size must be an integer >= 1, got {width!r}")
+    out = args.out
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out: {out} exists and is not a folder")
+    if out.exists() and out.resolve() == args.model.resolve():
+        parser.error(f"--out: {out} is the --model folder; the head goes to a folder of its own")
+    existing = out
+    while not existing.exists():  # the folder is created at the end, with its missing parents
+        existing = existing.parent if existing.parent != existing else Path(".")
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        parser.error(f"--out: cannot create or write {out} ({existing} is not a writable folder)")
+    return width
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    width = check_arguments(parser, args)
     began = time.perf_counter()
-    width = int(json.loads((args.model / "config.json").read_text())["hidden_size"])
     with tempfile.TemporaryDirectory(prefix="smollm2-hidden-") as scratch:
         hidden_dir = Path(scratch)
         with_head(args.model, hidden_dir, np.zeros(width), 0.0, hidden_output=True)

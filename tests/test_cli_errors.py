@@ -352,21 +352,123 @@ def test_a_reward_model_with_another_vocabulary_is_refused_before_the_run(
     assert not out.exists()
 
 
+def exit_status(argv: list[str]) -> Any:
+    """``main(argv)``'s status, whether returned (a ``CliError``) or raised by argparse (``SystemExit``)."""
+    try:
+        return main(argv)
+    except SystemExit as exit_info:
+        return exit_info.code
+
+
+@pytest.fixture
+def nothing_serves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray, the HTTP server and the models all fail the test if reached: what is refused is refused first."""
+    from tiltsmc import cli
+    from tiltsmc.serving import ray as serving_ray
+    from tiltsmc.serving import server as serving_server
+
+    def reached(what: str) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            raise AssertionError(f"{what} was reached")
+
+        return call
+
+    monkeypatch.setattr(serving_ray, "serve_on_ray", reached("serve_on_ray (Ray)"))
+    monkeypatch.setattr(serving_server, "serve", reached("the HTTP server"))
+    monkeypatch.setattr(cli, "_load_models_or_fail", reached("the models"))
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
         (["--autoscale", "2"], "--autoscale: expected MIN:MAX, got '2'"),
         (["--autoscale", "3:1"], "--autoscale: expected 0 <= MIN <= MAX, MAX >= 1, got 3:1"),
-        (["--replicas", "0"], "--replicas: expected an integer >= 1"),
+        (["--autoscale", "0:0"], "--autoscale: expected 0 <= MIN <= MAX, MAX >= 1, got 0:0"),
+        (["--replicas", "0"], "--replicas: expected an integer >= 1, got 0"),
+        (["--replicas", "two"], "--replicas: expected an integer >= 1, got 'two'"),
+        # "unexpected error: ValueError: cannot convert float NaN to integer" (status 1)
+        (["--replica-cpus", "nan"], "--replica-cpus: expected a finite number >= 0 (0, or at least 0.0001"),
+        (["--replica-cpus", "inf"], "--replica-cpus: expected a finite number >= 0"),
+        # refused by Ray only after Ray and Serve had started, in a message that named no option
+        (["--replica-cpus", "-1"], "--replica-cpus: expected a finite number >= 0"),
+        (
+            ["--replica-cpus", "0.00001"],
+            "--replica-cpus: expected a finite number >= 0 (0, or at least 0.0001",
+        ),
+        (["--replica-gpus", "-1"], "--replica-gpus: expected a finite number >= 0"),
+        (["--replica-gpus", "nan"], "--replica-gpus: expected a finite number >= 0"),
+        (
+            ["--autoscale", "1:2", "--target-ongoing", "0"],
+            "--target-ongoing: expected a finite number > 0, got 0",
+        ),
+        (["--autoscale", "1:2", "--target-ongoing", "inf"], "--target-ongoing: expected a finite number > 0"),
+        (["--autoscale", "1:2", "--target-ongoing", "x"], "--target-ongoing: expected a finite number > 0"),
     ],
 )
 def test_serve_on_ray_refuses_bad_options_in_one_line(
-    options: list[str], message: str, capfd: pytest.CaptureFixture[str]
+    options: list[str], message: str, capfd: pytest.CaptureFixture[str], nothing_serves: None
 ) -> None:
-    """Refused before Ray starts: one line on standard error, status 2 (the library prints nothing)."""
+    """Refused as the options are parsed, before Ray starts: one line on standard error naming the option,
+    status 2 (the library prints nothing)."""
     argv = ["serve", "--policy", POLICY, "--reward", REWARD, "--ray", *options]
-    assert main(argv) == 2
+    assert exit_status(argv) == 2
     assert message in one_line_error(capfd)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--replicas", "2"], "--replicas: an option of --ray (Ray Serve); give --ray too, or leave it out"),
+        (["--replica-cpus", "0.5"], "--replica-cpus: an option of --ray"),
+        (["--replica-gpus", "1"], "--replica-gpus: an option of --ray"),
+        (["--autoscale", "1:2"], "--autoscale: an option of --ray"),
+        (["--target-ongoing", "3"], "--target-ongoing: an option of --ray"),
+        (["--address", "auto"], "--address: an option of --ray"),
+        # given with their defaults too: given, they say something the command would not do
+        (["--replicas", "1", "--replica-cpus", "1"], "--replicas: an option of --ray"),
+        (["--ray", "--target-ongoing", "3"], "--target-ongoing: an option of --autoscale (the ongoing"),
+        (["--ray", "--autoscale", "1:4", "--replicas", "2"], "--replicas: not with --autoscale, which sets"),
+    ],
+)
+def test_serve_refuses_options_it_would_drop(
+    options: list[str], message: str, capfd: pytest.CaptureFixture[str], nothing_serves: None
+) -> None:
+    """Ray options without --ray, --target-ongoing without --autoscale and --replicas with it were dropped
+    silently (the server started without Ray): refused in one line, status 2, as the CLI refuses an
+    option the sampler or the --demo models do not take, before Ray, the models or the server start."""
+    assert main(["serve", "--demo", "--port", "0", *options]) == 2
+    assert one_line_error(capfd).startswith(f"tiltsmc: {message}")
+
+
+def test_ray_options_left_out_take_build_applications_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    """One set of defaults: ``tiltsmc serve --ray`` passes only the options given, so the others are
+    ``build_application``'s (its help shows them), and the replica's CPUs that share out the threads too."""
+    import inspect
+
+    from tiltsmc.cli import build_parser
+    from tiltsmc.serving import ray as serving_ray
+
+    parameters = inspect.signature(serving_ray.build_application).parameters
+    assert parameters["replicas"].default == serving_ray.REPLICAS
+    assert parameters["num_cpus"].default == serving_ray.REPLICA_CPUS
+    assert parameters["num_gpus"].default == serving_ray.REPLICA_GPUS
+    parse = build_parser().parse_args
+    plain = parse(["serve", "--ray", "--demo"])
+    assert serving_ray.application_arguments(plain) == {}
+    assert serving_ray.replica_cpus(plain) == serving_ray.REPLICA_CPUS
+    given = parse(
+        ["serve", "--ray", "--demo", "--replicas", "3", "--replica-cpus", "0.5", "--replica-gpus", "0"]
+    )
+    assert serving_ray.application_arguments(given) == {"replicas": 3, "num_cpus": 0.5, "num_gpus": 0.0}
+    scaled = parse(["serve", "--ray", "--demo", "--autoscale", "0:4", "--target-ongoing", "8"])
+    assert serving_ray.application_arguments(scaled) == {
+        "autoscaling": {"min_replicas": 0, "max_replicas": 4, "target_ongoing_requests": 8.0}
+    }
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"--replicas REPLICAS replicas (default: {serving_ray.REPLICAS})" in help_text
+    assert f"CPUs each replica reserves (default: {serving_ray.REPLICA_CPUS:g})" in help_text
 
 
 @pytest.mark.parametrize(

@@ -246,3 +246,108 @@ def test_a_ray_without_the_late_bound_ingress_is_named(monkeypatch: pytest.Monke
     monkeypatch.setattr(serve, "ingress", old_ingress)
     with pytest.raises(ImportError, match=r"Ray Serve >= 2\.56 .* got ray \d"):
         build_application(ReplicaOptions({}, Settings()))
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error", "match"),
+    [
+        ({"replicas": 0}, ValueError, "^replicas: must be >= 1, got 0"),
+        ({"replicas": True}, TypeError, "^replicas: expected an int, got True"),
+        ({"replicas": 2.0}, TypeError, "^replicas: expected an int, got 2.0"),
+        ({"num_cpus": -1}, ValueError, r"^num_cpus: expected a finite number >= 0 \(0, or at least 0.0001"),
+        ({"num_cpus": math.nan}, ValueError, "^num_cpus: expected a finite number >= 0"),
+        ({"num_cpus": 1e-5}, ValueError, "^num_cpus: expected a finite number >= 0"),
+        ({"num_cpus": "1"}, TypeError, "^num_cpus: expected a number, got"),
+        ({"num_cpus": True}, TypeError, "^num_cpus: expected a number, got"),
+        ({"num_gpus": math.inf}, ValueError, "^num_gpus: expected a finite number >= 0"),
+        ({"num_gpus": None}, TypeError, "^num_gpus: expected a number, got"),
+        # 0 was read as "the default" (max_queue) silently
+        ({"max_ongoing_requests": 0}, ValueError, "^max_ongoing_requests: must be >= 1, got 0"),
+        ({"max_ongoing_requests": -2}, ValueError, "^max_ongoing_requests: must be >= 1, got -2"),
+        ({"max_ongoing_requests": 8.0}, TypeError, "^max_ongoing_requests: expected an int, got 8.0"),
+        ({"autoscaling": "1:4"}, TypeError, "^autoscaling: expected a dict"),
+        (
+            {"autoscaling": {"min_replicas": 3, "max_replicas": 1}},
+            ValueError,
+            r"^autoscaling: min_replicas \(3\)",
+        ),
+        ({"autoscaling": {"max_replicas": 0}}, ValueError, "^autoscaling: max_replicas: must be >= 1, got 0"),
+        ({"autoscaling": {"min_replicas": -1}}, ValueError, "^autoscaling: min_replicas: must be >= 0"),
+        (
+            {"autoscaling": {"target_ongoing_requests": 0}},
+            ValueError,
+            "^autoscaling: target_ongoing_requests: ",
+        ),
+        ({"autoscaling": {"target_ongoing_requests": math.nan}}, ValueError, "^autoscaling: target_ongoing_"),
+        (
+            {"autoscaling": {"target_ongoing_requests": "8"}},
+            TypeError,
+            "^autoscaling: target_ongoing_requests",
+        ),
+    ],
+)
+def test_build_application_checks_its_arguments_before_ray(
+    arguments: dict[str, Any], error: type, match: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each argument is checked by ``build_application`` itself, naming it, before Ray is reached (Ray's own
+    pydantic errors surfaced, and ``max_ongoing_requests=0`` became the engine's ``max_queue``)."""
+    from ray import serve
+    from tiltsmc.serving.ray import ReplicaOptions, build_application
+    from tiltsmc.serving.server import Settings
+
+    def reached(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("Ray Serve was reached")
+
+    monkeypatch.setattr(serve, "ingress", reached)
+    monkeypatch.setattr(serve, "deployment", reached)
+    with pytest.raises(error, match=match):
+        build_application(ReplicaOptions({}, Settings()), **arguments)
+    with pytest.raises(TypeError, match=r"^options: expected a ReplicaOptions, got dict"):
+        build_application({}, **arguments)  # type: ignore[arg-type]
+
+
+def test_build_applications_deployment_options() -> None:
+    """What ``build_application`` deploys: its defaults (those ``tiltsmc serve --ray`` takes), and the
+    arguments given (a zero reservation is Ray's to take)."""
+    import numpy as np
+    from tiltsmc.serving.ray import ReplicaOptions, deployment_options
+    from tiltsmc.serving.server import Settings
+
+    settings = Settings()
+    default = deployment_options(ReplicaOptions({}, settings))
+    assert default["num_replicas"] == 1 and default["max_ongoing_requests"] == settings.max_queue
+    assert default["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.0}
+    autoscaling = {"min_replicas": 0, "max_replicas": 2, "target_ongoing_requests": 4, "upscale_delay_s": 1.0}
+    given = deployment_options(
+        ReplicaOptions({}, settings), num_cpus=np.float32(0.5), num_gpus=0, max_ongoing_requests=np.int64(3),
+        autoscaling=autoscaling,
+    )  # fmt: skip
+    assert autoscaling["target_ongoing_requests"] == 4  # the dict given is left as it was
+    assert given["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 0.0}
+    assert given["max_ongoing_requests"] == 3 and "num_replicas" not in given
+    assert given["autoscaling_config"] == {
+        "min_replicas": 0, "max_replicas": 2, "target_ongoing_requests": 4.0, "upscale_delay_s": 1.0,
+    }  # fmt: skip
+
+
+def test_serve_on_ray_checks_a_namespace_of_its_own_before_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A namespace not from the parser (a caller of serve_on_ray) is checked too, naming the options, before
+    ``ray.init``."""
+    import argparse
+
+    import ray
+    from tiltsmc.serving.ray import ReplicaOptions, serve_on_ray
+    from tiltsmc.serving.server import Settings
+
+    monkeypatch.setattr(ray, "init", lambda **kwargs: pytest.fail("Ray started"))
+    base = {"ray": True, "replicas": None, "autoscale": None, "target_ongoing": None, "address": None,
+            "replica_cpus": None, "replica_gpus": None, "host": "127.0.0.1", "port": 0}  # fmt: skip
+    for changes, message in [
+        ({"replica_cpus": -1.0}, "^--replica-cpus: expected a finite number >= 0"),
+        ({"replicas": 0}, "^--replicas: must be >= 1, got 0"),
+        ({"autoscale": "2"}, "^--autoscale: expected MIN:MAX, got '2'"),
+        ({"autoscale": (1, 2), "target_ongoing": -1.0}, "^--target-ongoing: expected a finite number > 0"),
+        ({"target_ongoing": 3.0}, "^--target-ongoing: an option of --autoscale"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            serve_on_ray(argparse.Namespace(**{**base, **changes}), ReplicaOptions({}, Settings()))

@@ -281,3 +281,52 @@ def test_cli_reads_a_twist_output_as_a_twist(tmp_path: Path) -> None:
     )
     assert record["samples"] == [list(map(int, s)) for s in expected.samples[0]]
     assert math.isclose(record["log_z"], float(expected.log_z[0]), rel_tol=0, abs_tol=1e-9)
+
+
+@pytest.mark.parametrize("bad", [3, "verify", [verifier]])
+def test_a_verifier_that_is_not_callable_is_refused(bad: Any) -> None:
+    """Accepted before (``verifier=3``), then failed at the first finished trajectory without a name."""
+    with pytest.raises(TypeError, match=r"^verifier: expected a function verifier\(prompt, text\) -> r >= 0"):
+        PolicyTwist(twist_policy(), verifier=bad)
+
+
+@pytest.mark.parametrize(
+    ("returned", "error", "match"),
+    [
+        (
+            "1",
+            TypeError,
+            r"^verifier: returned '1' \(a str\); expected a real number r >= 0",
+        ),  # was read as 1
+        (
+            None,
+            TypeError,
+            r"^verifier: returned None \(a NoneType\); expected a real number",
+        ),  # float() failed
+        ([1.0], TypeError, r"^verifier: returned \[1.0\] \(a list\); expected a real number"),
+        (np.array([1.0]), TypeError, r"^verifier: returned array\(\[1.\]\) \(a ndarray\); expected a real"),
+        (-1.0, ValueError, r"^verifier: returned -1.0 for prompt 0; rewards must be finite and >= 0"),
+        (math.nan, ValueError, r"^verifier: returned nan for prompt 0"),
+        (math.inf, ValueError, r"^verifier: returned inf for prompt 0"),
+    ],
+)
+def test_a_verifier_must_return_a_real_number(returned: Any, error: type, match: str) -> None:
+    policy = twist_policy()
+    twist = PolicyTwist(policy, kind="logit", verifier=lambda prompt, text: returned)
+    for proposal in ("optimal", "naive"):  # every ending extension, or the finished trajectories
+        with pytest.raises(error, match=match):
+            tiltsmc.smc(policy, twist, prompts=[PROMPT], num_particles=2, proposal=proposal, rng=0)
+
+
+@pytest.mark.parametrize("returned", [1, np.float32(0.5), np.int64(1), np.array(0.25), True, np.True_, False])
+def test_a_verifiers_real_numbers_and_bools_are_rewards(returned: Any) -> None:
+    """Ints and floats of Python or numpy (a 0-d array too) are rewards; a bool is read as 1 or 0 (a
+    predicate verifier): the run is that of a verifier returning the same float."""
+    policy = twist_policy()
+    results = []
+    for value in (returned, float(returned)):
+        twist = PolicyTwist(policy, kind="logit", verifier=lambda prompt, text, value=value: value)
+        results.append(tiltsmc.smc(policy, twist, prompts=[PROMPT], num_particles=2, proposal="naive", rng=0))
+    given, plain = results
+    assert given.log_z.tolist() == plain.log_z.tolist() and given.texts == plain.texts
+    assert bool(given.collapsed[0]) is (float(returned) == 0.0)

@@ -9,6 +9,7 @@ the policy is checked here on ``gpt2-value-tiny``, whose 64 logits stand in for 
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -59,3 +60,84 @@ def test_the_value_trainer_records_one_hidden_state_per_token_of_every_row(
     trainer.HiddenRecorder(compacting)
     with pytest.raises(RuntimeError, match="step_rows_below=0"):
         _sample(compacting)
+
+
+@pytest.fixture
+def model_folder(tmp_path: Path) -> Path:
+    """A folder that passes the trainer's --model check (the rollouts never run here)."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes(b"not read")
+    (folder / "config.json").write_text('{"hidden_size": 4}')
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        # refused only after the training rollouts (10-30 min), as the held-out ones started
+        (["--held-out", "0"], "argument --held-out: expected an integer >= 1, got 0"),
+        (["--batch", "0"], "argument --batch: expected an integer >= 1, got 0"),  # was "range() arg 3 ..."
+        (["--samples", "0"], "argument --samples: expected an integer >= 1, got 0"),
+        (["--problems", "-1"], "argument --problems: expected an integer >= 1, got -1"),
+        (["--levels", "4", "17"], "argument --levels: expected an integer from 1 to 16, got 17"),
+        (["--levels", "0"], "argument --levels: expected an integer from 1 to 16, got 0"),
+        (["--temperature", "0"], "argument --temperature: expected a finite number > 0, got 0"),
+        (["--temperature", "nan"], "argument --temperature: expected a finite number > 0, got nan"),
+        (["--penalties", "1", "-1"], "argument --penalties: expected a finite number >= 0, got -1"),
+        (["--penalties", "inf"], "argument --penalties: expected a finite number >= 0, got inf"),
+        (["--threads", "0"], "argument --threads: expected an integer from 1 to 1024, got 0"),
+        (["--seed", "-1"], "argument --seed: expected an integer >= 0, got -1"),
+        (["--seed", "x"], "argument --seed: expected an integer >= 0, got 'x'"),
+    ],
+)
+def test_the_value_trainer_checks_every_argument_before_any_work(
+    options: list[str],
+    message: str,
+    model_folder: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    trainer = _trainer()
+
+    def reached(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the trainer started work")
+
+    monkeypatch.setattr(trainer, "with_head", reached)
+    monkeypatch.setattr(trainer, "rollouts", reached)
+    argv = ["--model", str(model_folder), "--out", str(tmp_path / "out"), *options]
+    monkeypatch.setattr(sys, "argv", ["train_smollm2_value.py", *argv])  # as the script reads them
+    with pytest.raises(SystemExit) as exit_info:
+        trainer.main()
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_value_trainer_checks_its_folders_before_any_work(
+    model_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--out is written after the rollouts: a file there, the --model folder itself or a folder that cannot
+    be created are refused first; so is a --model whose config.json has no hidden size."""
+    trainer = _trainer()
+    monkeypatch.setattr(trainer, "with_head", lambda *a, **k: pytest.fail("the trainer started work"))
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model.onnx").write_bytes(b"")
+    (broken / "config.json").write_text('{"hidden": 4}')
+    for argv, message in [
+        (["--out", str(a_file)], f"--out: {a_file} exists and is not a folder"),
+        (["--out", str(a_file / "below")], f"--out: cannot create or write {a_file / 'below'}"),
+        (["--out", str(model_folder)], "--out: " + str(model_folder) + " is the --model folder"),
+        (["--model", str(broken), "--out", str(tmp_path / "out")], "--model: cannot read the hidden size"),
+        (["--model", str(tmp_path), "--out", str(tmp_path / "out")], "--model: no model.onnx in"),
+    ]:
+        if "--model" not in argv:
+            argv = ["--model", str(model_folder), *argv]
+        monkeypatch.setattr(sys, "argv", ["train_smollm2_value.py", *argv])
+        with pytest.raises(SystemExit) as exit_info:
+            trainer.main()
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err, argv

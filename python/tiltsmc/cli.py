@@ -1557,18 +1557,18 @@ def _cleared_progress(output: ResultOutput) -> contextlib.AbstractContextManager
 
 
 def serve(args: argparse.Namespace) -> int:
+    from .serving import ray as serving_ray
     from .serving import server as serving_server
 
-    try:
+    try:  # Ray options without --ray (or --target-ongoing without --autoscale): refused, never dropped
+        serving_ray.check_options(args)
         settings = serving_server.Settings.from_args(args)
     except ValueError as error:
         raise CliError(str(error)) from None
-    # on Ray a replica's workers share the CPUs it reserves, not the machine's
-    replica_cores = max(1, int(args.replica_cpus)) if args.ray else None
+    # on Ray a replica's workers share the CPUs it reserves (finite: checked as parsed), not the machine's
+    replica_cores = max(1, int(serving_ray.replica_cpus(args))) if args.ray else None
     args.threads = serve_threads(args.threads, settings.workers, replica_cores)
     if args.ray:  # the replicas load the models
-        from .serving import ray as serving_ray
-
         options = serving_ray.ReplicaOptions(
             {name: getattr(args, name) for name in _model_option_names()}, settings
         )

@@ -23,7 +23,7 @@ import numpy.typing as npt
 
 from .. import core
 from .onnx_lm import OnnxCausalLM
-from .onnx_reward import verified_log_reward
+from .onnx_reward import check_verifier, verified_log_reward
 from .particles import Particles
 
 __all__ = ["PolicyHead", "PolicyValue"]
@@ -51,6 +51,7 @@ class PolicyHead:
             raise ValueError(f"kind: expected one of {', '.join(core.SCORE_KINDS)}, got {kind!r}")
         self.policy = policy
         self.kind = kind
+        check_verifier(verifier)
         self.verifier = verifier
         self.tokenizer = policy.tokenizer
         self._verified_key = f"head.{next(self._serial_numbers)}.verified"

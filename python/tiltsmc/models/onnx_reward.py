@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import numbers
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -156,11 +157,7 @@ class OnnxRewardModel:
             raise ValueError(f"position: expected 'last' or 'delimiter', got {position!r}")
         if position == "delimiter" and not delimiter_ids:
             raise ValueError("delimiter_ids: position='delimiter' needs the token ids that end a step")
-        if verifier is not None and not callable(verifier):
-            raise TypeError(
-                "verifier: expected a function verifier(prompt, text) -> r >= 0, got "
-                f"{type(verifier).__name__}"
-            )
+        check_verifier(verifier)
         self.position = position
         unbounded = np.iinfo(np.int64).max  # checked against the vocabulary once it is known
         delimiters = token_ids(list(delimiter_ids or ()), "delimiter_ids", unbounded)
@@ -719,7 +716,32 @@ def verified_log_reward(
     negative, NaN or infinite."""
     generated = particles.tokens[b, i, : particles.lengths[b, i]]
     text: Any = tokenizer.decode(generated) if tokenizer is not None else generated
-    reward = float(verifier(particles.prompts[b], text))
+    reward = checked_reward(verifier(particles.prompts[b], text))
     if not (reward >= 0.0) or reward == np.inf:
         raise ValueError(f"verifier: returned {reward!r} for prompt {b}; rewards must be finite and >= 0")
     return float(np.log(reward)) if reward > 0 else -np.inf
+
+
+def check_verifier(verifier: Any) -> None:
+    """Refuse a ``verifier`` that is neither None nor callable (TypeError naming ``verifier``)."""
+    if verifier is not None and not callable(verifier):
+        raise TypeError(
+            f"verifier: expected a function verifier(prompt, text) -> r >= 0, got {type(verifier).__name__}"
+        )
+
+
+def checked_reward(reward: Any) -> float:
+    """A verifier's return as a float, where it is a real number: an int or a float of Python or numpy (a
+    0-d array of one too), a bool read as 1 / 0; TypeError naming ``verifier`` otherwise (a string such as
+    ``"1"``, None, ...), which ``float()`` would have converted or refused without a name. Its range
+    (finite, ``>= 0``) is ``verified_log_reward``'s to check."""
+    value = reward
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "biuf":
+        value = value[()]
+    if isinstance(value, (bool, np.bool_)):
+        return float(value)
+    if not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"verifier: returned {reward!r:.60} (a {type(reward).__name__}); expected a real number r >= 0"
+        )
+    return float(value)

@@ -22,7 +22,10 @@ fetched with the logits in the run that feeds the prefix's last token. ``PolicyT
   ``log_value`` of a finished trajectory is ``log r``,
   and so is ``next_log_values`` at every extension that ends the trajectory (an EOS token; every token at
   the length limit): the optimal proposal then targets ``p(x) r(x)`` exactly. That costs one verifier
-  call per ending extension (``vocab`` calls per particle at the length limit).
+  call per ending extension (``vocab`` calls per particle at the length limit). A ``verifier`` that is not
+  callable is refused (TypeError naming it), and so is a reward that is not a real number (a string, None:
+  TypeError naming ``verifier``; ``True`` / ``False`` read as 1 / 0) or not finite and ``>= 0``
+  (ValueError).
 """
 
 from __future__ import annotations

@@ -68,7 +68,11 @@ class SamplerResult:
     is ``-inf``): an online reading of the reward model's Bellman error, see
     [`tiltsmc.diagnostics.online_bellman`][tiltsmc.diagnostics.online_bellman]. Samplers that take no guided
     steps (best-of-N, rejection) have no steps.
-    ``collapsed[b]`` is True where every weight of prompt ``b`` became zero (then ``log_z[b] = -inf``).
+    ``collapsed[b]`` is True where every weight of prompt ``b`` became zero (then ``log_z[b] = -inf``), and
+    for a prompt that failed (``errors[b]``: the policy could not start it): every sampler then gives each
+    of its samples (if any) the log-weight ``-inf`` (``null`` in ``to_dict``), and ``weights``,
+    ``posterior``, ``best`` and ``weight_histogram`` read such a prompt as one with no sample of positive
+    weight whatever its ``log_weights`` hold.
     ``ancestry`` (``(B, steps, N)``, when recorded) holds each step's ancestor indices.
 
     The samplers without guided steps have diagnostics of their own instead (their per-step arrays are
@@ -123,17 +127,31 @@ class SamplerResult:
             raise ValueError(f"prompt: must be < {count} (the result holds {count} prompt(s)), got {index}")
         return index
 
+    def _has_no_weight(self, prompt: int) -> bool:
+        """Whether prompt ``prompt`` (an index, checked) is collapsed or failed: no sample of positive
+        weight, whatever its ``log_weights`` hold."""
+        return bool(self.collapsed[prompt]) or prompt in self.errors
+
+    def _log_weights_of(self, prompt: int) -> npt.NDArray[np.float64]:
+        """Prompt ``prompt``'s (an index, checked) log-weights as every reader reads them: all ``-inf`` where
+        it is collapsed or failed (``_has_no_weight``)."""
+        log_weights = np.asarray(self.log_weights[prompt], dtype=np.float64)
+        if self._has_no_weight(prompt) and np.any(log_weights > -np.inf):
+            return np.full(log_weights.shape, -np.inf)
+        return log_weights
+
     def weights(self, prompt: int) -> npt.NDArray[np.float64]:
-        """Normalised weights of one prompt's samples (``prompt``: an int index in ``[-B, B)``, checked)."""
-        return np.exp(self.log_weights[self._prompt_index(prompt)])
+        """Normalised weights of one prompt's samples (``prompt``: an int index in ``[-B, B)``, checked);
+        all zero where the prompt is collapsed or failed."""
+        return np.exp(self._log_weights_of(self._prompt_index(prompt)))
 
     def best(self, prompt: int) -> Optional[int]:
         """Index of prompt ``prompt``'s highest-weight sample (the first on ties), or None where it has no
         sample of positive weight (collapsed, failed, or rejection with no acceptance). ``prompt``: an int
         index in ``[-B, B)`` (negative from the end), checked: TypeError or ValueError otherwise."""
         prompt = self._prompt_index(prompt)
-        log_weights = np.asarray(self.log_weights[prompt], dtype=np.float64)
-        if log_weights.size == 0 or self.collapsed[prompt] or not np.any(log_weights > -np.inf):
+        log_weights = self._log_weights_of(prompt)
+        if log_weights.size == 0 or not np.any(log_weights > -np.inf):
             return None
         return int(np.argmax(log_weights))
 
@@ -152,13 +170,15 @@ class SamplerResult:
         probability (first occurrence on ties).
 
         Keys are the decoded texts where there are texts, else the token sequences as tuples (two token
-        sequences decoding to one text merge into it). Empty where every weight is zero. For a sampler
-        of ``pi`` (``smc``, ``rejection``) this is the particle approximation of ``pi``'s marginal over
-        outputs; ``mh``, ``sp_gsmc`` and ``best_of_n`` give one sample, of probability 1. ``prompt``: an
-        int index in ``[-B, B)`` (negative from the end), checked: TypeError or ValueError otherwise.
+        sequences decoding to one text merge into it). Empty where every weight is zero, the prompt
+        collapsed or failed (whichever sampler: as ``best`` is None). For a sampler of ``pi`` (``smc``,
+        ``rejection``) this is the particle approximation of ``pi``'s marginal over outputs; ``mh``,
+        ``sp_gsmc`` and ``best_of_n`` give one sample, of probability 1 (none where the prompt collapsed or
+        failed). ``prompt``: an int index in ``[-B, B)`` (negative from the end), checked: TypeError or
+        ValueError otherwise.
         """
         prompt = self._prompt_index(prompt)
-        log_weights = np.asarray(self.log_weights[prompt], dtype=np.float64)
+        log_weights = self._log_weights_of(prompt)
         if log_weights.size == 0 or not np.any(log_weights > -np.inf):
             return {}
         weights = np.exp(log_weights - np.max(log_weights))
@@ -220,8 +240,15 @@ class SamplerResult:
     def weight_histogram(
         self, prompt: int, bins: int = 20
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
-        """Histogram of one prompt's normalised weights, as ``numpy.histogram`` returns it (counts, edges)."""
-        counts, edges = np.histogram(self.weights(prompt), bins=bins, range=(0.0, 1.0))
+        """Histogram of one prompt's normalised weights (``weights``: all zero where it collapsed or failed)
+        on ``[0, 1]``, as ``numpy.histogram`` returns it (counts, edges). ``prompt``: an int index in
+        ``[-B, B)``; ``bins``: the number of equal bins, an int >= 1 (not a bool); both checked: TypeError or
+        ValueError, naming the argument, otherwise."""
+        from ._engine import check_count  # _engine imports this module
+
+        index = self._prompt_index(prompt)
+        bins = check_count(bins, "bins")
+        counts, edges = np.histogram(np.exp(self._log_weights_of(index)), bins=bins, range=(0.0, 1.0))
         return counts.astype(np.int64), edges
 
     def collapse_warnings(self) -> list[str]:

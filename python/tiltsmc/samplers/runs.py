@@ -688,6 +688,13 @@ class PoolRun(Run):
             self.result = _single_trajectory_result(self, particles, self.log_z, self.collapsed)
 
 
+def one_sample_log_weights(collapsed: npt.NDArray[np.bool_]) -> list[FloatArray]:
+    """The log-weights of a sampler that returns one sample per prompt (``sp_gsmc``, ``mh``, ``best_of_n``):
+    0 (weight 1), or ``-inf`` where the prompt collapsed or failed (no sample of positive weight, as ``smc``
+    reports it)."""
+    return [np.full(1, -np.inf if gone else 0.0) for gone in np.asarray(collapsed, dtype=bool).tolist()]
+
+
 def _single_trajectory_result(
     run: Union[SMCRun, PoolRun], particles: Particles, log_z: FloatArray, collapsed: npt.NDArray[np.bool_]
 ) -> SamplerResult:
@@ -698,7 +705,7 @@ def _single_trajectory_result(
         samples=samples,
         texts=run.texts_of(samples),
         errors=run.errors,
-        log_weights=[np.zeros(1) for _ in range(batch)],
+        log_weights=one_sample_log_weights(collapsed),
         log_z=log_z,
         collapsed=collapsed,
         compute=run.compute,
@@ -736,6 +743,7 @@ class BestOfNRun(Run):
     def end_rollout(self, particles: Particles, log_r: FloatArray) -> None:
         log_r[self.failed] = -np.inf  # prompts the policy could not start draw nothing
         best = np.argmax(log_r, axis=1)
+        collapsed = np.all(log_r == -np.inf, axis=1)  # failed prompts too
         batch = particles.num_prompts
         samples = [
             particles.tokens[b, best[b], : particles.lengths[b, best[b]]][None, :].copy()
@@ -746,9 +754,9 @@ class BestOfNRun(Run):
             samples=samples,
             texts=self.texts_of(samples),
             errors=self.errors,
-            log_weights=[np.zeros(1) for _ in range(batch)],
+            log_weights=one_sample_log_weights(collapsed),
             log_z=logsumexp(log_r) - np.log(self.n),
-            collapsed=np.all(log_r == -np.inf, axis=1),
+            collapsed=collapsed,
             compute=self.compute,
             log_rewards=np.array(log_r, dtype=np.float64),
             **_empty_trace(batch),
@@ -973,19 +981,21 @@ class MHRun(Run):
         samples = [trajectory[None, :] for trajectory in self.state]
         steps = self.mh_steps
         increments, increment_se = _mean_increments(self.increments, batch)
+        # no proposal of positive weight (failed prompts too: their every proposal has Zh = 0)
+        collapsed = self.log_z_state == -np.inf
         self.result = SamplerResult(
             sampler="mh",
             samples=samples,
             texts=self.texts_of(samples),
             errors=self.errors,
-            log_weights=[np.zeros(1) for _ in range(batch)],
+            log_weights=one_sample_log_weights(collapsed),
             log_z=logsumexp(all_estimates) - np.log(all_estimates.shape[1]),
             ess=np.ones((batch, 0)),
             resampled=np.zeros((batch, 0), dtype=bool),
             unique_ancestors=np.zeros((batch, 0), dtype=np.int64),
             log_z_increments=increments,
             log_z_increment_se=increment_se,
-            collapsed=self.log_z_state == -np.inf,
+            collapsed=collapsed,
             compute=self.compute,
             acceptance_rate=self.accepted / steps if steps else np.full(batch, np.nan),
             mh_accepted=np.stack(self.accepts, axis=1) if self.accepts else np.zeros((batch, 0), dtype=bool),
