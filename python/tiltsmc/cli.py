@@ -50,7 +50,7 @@ import numpy as np
 
 from . import core
 from ._files import create_beside
-from ._options import real_option
+from ._options import int_option, positive_int_option, positive_real_option, real_option
 from .diagnostics import OnlineBellman, online_bellman
 from .samplers._engine import Models
 from .samplers.lane import RunFailed, run_together
@@ -432,21 +432,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"tiltsmc: {message} (see {self.prog} --help)\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
-
-
 def _at_most(limit: int, what: str) -> Callable[[str], int]:
     """An argparse type: an integer from 1 to ``limit`` (of ``what``, as its refusal says)."""
 
     def count(text: str) -> int:
-        value = _positive_int(text)
+        value = positive_int_option(text)
         if value > limit:
             raise argparse.ArgumentTypeError(f"expected at most {limit} {what}, got {text}")
         return value
@@ -469,13 +459,7 @@ _sample_count = _at_most(MAX_DRAWS, "samples")
 
 
 def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
-    return value
+    return int_option(text, 0)
 
 
 def _fraction(text: str) -> float:
@@ -484,10 +468,6 @@ def _fraction(text: str) -> float:
 
 def _open_fraction(text: str) -> float:
     return real_option(text, 0.0, 1.0, True, False, "a fraction in (0, 1]")
-
-
-def _positive_real(text: str) -> float:
-    return real_option(text, 0.0, math.inf, True, True, "a finite number > 0")
 
 
 def _non_negative_real(text: str) -> float:
@@ -548,7 +528,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser, demo_models: bool = Fa
     # and the server.
     parser.add_argument(
         "--max-new-tokens",
-        type=_positive_int,
+        type=positive_int_option,
         default=_model_default("max_new_tokens"),
         help="tokens generated per sample at most",
     )
@@ -560,13 +540,13 @@ def _add_model_arguments(parser: argparse.ArgumentParser, demo_models: bool = Fa
     )
     parser.add_argument(
         "--temperature",
-        type=_positive_real,
+        type=positive_real_option,
         default=_model_default("temperature"),
         help="the policy's sampling temperature",
     )
     parser.add_argument(
         "--top-k",
-        type=_positive_int,
+        type=positive_int_option,
         default=_model_default("top_k"),
         help="sample from the k likeliest tokens (default: all)",
     )
@@ -587,7 +567,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser, demo_models: bool = Fa
     )
     parser.add_argument(
         "--prefill-tokens",
-        type=_positive_int,
+        type=positive_int_option,
         default=_model_default("prefill_tokens"),
         help="prompt tokens (rows x longest prompt) run through the policy in one call when prompts start "
         "(bounds the memory of its logits and attention; more take several calls, a longer prompt several "
@@ -1130,7 +1110,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--bound",
-        type=_positive_real,
+        type=positive_real_option,
         default=None,
         help=f"rejection: a bound C >= sup r on the reward (default: {_default('rejection', 'bound')})",
     )
@@ -1150,14 +1130,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--eps",
-        type=_positive_real,
+        type=positive_real_option,
         default=None,
         help="the reward model's Bellman error you assume: warn when the run's online reading exceeds it "
         "(default: no check)",
     )
     run.add_argument(
         "--batch-size",
-        type=_positive_int,
+        type=positive_int_option,
         default=8,
         help="prompts sampled together (one model call per step for all of them)",
     )
@@ -1202,7 +1182,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--levels",
-        type=_positive_int,
+        type=positive_int_option,
         nargs="+",
         default=[4, 8, 12, 16],
         metavar="T",
@@ -1210,13 +1190,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--budgets",
-        type=_positive_int,
+        type=positive_int_option,
         nargs="+",
         default=[2, 4, 8],
         metavar="C",
         help="policy steps per reasoning step: best-of-N's N, SMC's particles, the pool size",
     )
-    demo.add_argument("--problems", type=_positive_int, default=24, help="problems per level")
+    demo.add_argument("--problems", type=positive_int_option, default=24, help="problems per level")
     demo.add_argument(
         "--noise",
         type=_non_negative_real,

@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from .._options import positive_int_option, positive_real_option
 from ..models._config import real_number
 from .server import Settings, log_to_stderr, logger
 
@@ -200,17 +201,6 @@ def build_application(
     return serve.deployment(**deployment)(ingress).bind(options)
 
 
-def _replica_count(text: str) -> int:
-    """``--replicas``: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
-
-
 def autoscale_range(text: str) -> tuple[int, int]:
     """``--autoscale MIN:MAX``: integers with ``0 <= MIN <= MAX`` and ``MAX >= 1``."""
     try:
@@ -220,13 +210,6 @@ def autoscale_range(text: str) -> tuple[int, int]:
     if not 0 <= low <= high or high < 1:
         raise argparse.ArgumentTypeError(f"expected 0 <= MIN <= MAX, MAX >= 1, got {text}")
     return low, high
-
-
-def _target_ongoing(text: str) -> float:
-    """``--target-ongoing``: a finite number > 0 (Ray Serve's ``target_ongoing_requests``)."""
-    from .._options import real_option
-
-    return real_option(text, 0.0, math.inf, True, True, "a finite number > 0")
 
 
 def _replica_resource(text: str) -> float:
@@ -248,7 +231,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("Ray Serve (the ray extra; these options need --ray)")
     group.add_argument("--ray", action="store_true", help="serve replicas of the engine on Ray Serve")
     group.add_argument(
-        "--replicas", type=_replica_count, default=None, help=f"replicas (default: {REPLICAS})"
+        "--replicas", type=positive_int_option, default=None, help=f"replicas (default: {REPLICAS})"
     )
     group.add_argument(
         "--autoscale",
@@ -259,7 +242,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--target-ongoing",
-        type=_target_ongoing,
+        type=positive_real_option,
         default=None,
         help="with --autoscale: ongoing requests per replica it aims at (default: Ray Serve's)",
     )
