@@ -1,5 +1,7 @@
-// Binding of gather: x and out are any C-contiguous arrays, read as rows x n (resp. m) items of
-// item_bytes bytes; their byte sizes are checked against those figures before any pointer is used.
+// Bindings of gather, reorder_in_place, keep_survivors and concatenate_padded. The particle data (gather's x
+// and out, reorder_in_place's arrays, concatenate_padded's parts and out) are any C-contiguous arrays, read
+// as items of item_bytes bytes and copied with memcpy: they need no alignment (common.hpp). Their byte
+// sizes are checked against those figures before any pointer is used.
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -150,6 +152,7 @@ void bind_keep_survivors(py::array& ancestors) {
         throw py::type_error("ancestors: expected a 2-D int64 array");
     if (!(ancestors.flags() & py::array::c_style) || !ancestors.writeable())
         throw py::value_error("ancestors: must be C-contiguous and writeable");
+    require_aligned(ancestors, "ancestors");
     auto* a = static_cast<std::int64_t*>(ancestors.mutable_data());
     const std::int64_t rows = ancestors.shape(0), n = ancestors.shape(1);
     Status status;

@@ -212,8 +212,10 @@ py::array_t<double> bind_read_log_values(const py::handle& scores_object, std::i
         if (size_of(*columns) != rows) throw py::value_error("columns: expected one column per row");
         column_data = static_cast<const std::int64_t*>(columns->data());
     }
-    if (has_dtype(scores, py::dtype::of<float>())) return read_typed<float>(scores, rows, width, column_data, kind);
-    if (has_dtype(scores, py::dtype::of<double>())) return read_typed<double>(scores, rows, width, column_data, kind);
+    if (has_dtype(scores, py::dtype::of<float>()))
+        return read_typed<float>(readable(scores), rows, width, column_data, kind);
+    if (has_dtype(scores, py::dtype::of<double>()))
+        return read_typed<double>(readable(scores), rows, width, column_data, kind);
     throw py::type_error("scores: expected float32 or float64, got " + std::string(py::str(scores.dtype())));
 }
 

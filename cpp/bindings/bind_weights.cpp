@@ -133,6 +133,7 @@ std::tuple<CArray<std::int64_t>, CArray<double>> bind_sample_logits(const CArray
             throw py::type_error("where: expected a C-contiguous bool array");
         if (static_cast<std::int64_t>(active_array.size()) != rows)
             throw py::value_error("where: expected one entry per row of logits");
+        active_array = readable(active_array);  // bool: one byte, always aligned (a flag test)
         active = static_cast<const std::uint8_t*>(active_array.data());
     }
     const RowStreamArrays streams = row_stream_arrays(keys_object, counters_object, rows, "logits");
@@ -163,9 +164,10 @@ CArray<bool> bind_mh_accept(const CArray<double>& current, const CArray<double>&
 }
 
 template <typename T>
-py::tuple bind_smc_step(CArray<T>& log_w, double threshold, int scheme, std::uint64_t key, bool survivors_stay) {
+py::tuple bind_smc_step(InPlaceArray<T>& log_w, double threshold, int scheme, std::uint64_t key, bool survivors_stay) {
     if (log_w.ndim() != 2) throw py::value_error("log_w: expected a 2-D array");
     if (!log_w.writeable()) throw py::value_error("log_w: must be writeable (resampled rows are reset)");
+    require_aligned(log_w, "log_w");
     if (scheme < 0 || scheme > 3) throw py::value_error("scheme: unknown scheme code");
     const std::int64_t rows = log_w.shape(0), n = log_w.shape(1);
     CArray<std::int64_t> ancestors({rows, n}), unique(rows);

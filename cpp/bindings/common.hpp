@@ -5,9 +5,11 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <cstring>
 #include <initializer_list>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "tiltsmc/kernels.hpp"
 
@@ -66,8 +68,49 @@ inline void check(const Status& status, const char* name) {
     if (!status.ok()) raise_status(status, name);
 }
 
+// Alignment. The kernels read and write their arrays through typed pointers (double*, std::int64_t*, ...), whose
+// targets must be aligned to the item's size; numpy allows views that are not
+// (np.zeros(8 * n + 1, np.uint8)[1:].view(np.float64)). Every array argument is taken one of three ways:
+//  - read only: as an aligned copy where it is not aligned. CArray<T> (pybind11's array_t with NPY_ARRAY_ALIGNED
+//    among its flags, which PyArray_FromAny honours by copying an unaligned array; an aligned one passes through
+//    on a flag test), checked<T>(object, name) and readable(array) for arrays taken untyped;
+//  - written (in place, or an output the caller gives): refused where it is not aligned, with a ValueError naming
+//    it (require_aligned, checked<T>(object, name, true), InPlaceArray<T>): a copy would lose the write;
+//  - copied as bytes (the data of gather, reorder_in_place and concatenate_padded, through memcpy): no alignment
+//    needed, taken as it is.
+// An empty array counts as aligned: no item of it is read or written.
+constexpr int kAlignedFlag = py::detail::npy_api::NPY_ARRAY_ALIGNED_;
+
+inline bool is_aligned(const py::array& array) {
+    return (array.flags() & kAlignedFlag) != 0 || array.size() == 0;
+}
+
+// A typed input the kernel only reads, C-contiguous and aligned (an unaligned one arrives as an aligned copy).
 template <typename T>
-using CArray = py::array_t<T, py::array::c_style>;
+using CArray = py::array_t<T, py::array::c_style | kAlignedFlag>;
+
+// A typed array the kernel writes in place: the caster never copies it for alignment (call require_aligned).
+template <typename T>
+using InPlaceArray = py::array_t<T, py::array::c_style>;
+
+// Refuses (ValueError naming it) an array the kernel writes whose items are not aligned to their size.
+inline void require_aligned(const py::array& array, const std::string& name) {
+    if (is_aligned(array)) return;
+    const std::string size = std::to_string(array.itemsize());
+    throw py::value_error(name + ": must be aligned to its item size (" + size +
+                          " bytes), since it is written in place; its data starts at an address that is not a "
+                          "multiple of " + size + " (a view at a byte offset): pass an aligned array, e.g. a copy");
+}
+
+// An aligned copy of a C-contiguous array that is not aligned (so not empty): the rare path of readable.
+[[gnu::noinline, gnu::cold]] inline py::array aligned_copy(const py::array& array) {
+    py::array copy(array.dtype(), std::vector<py::ssize_t>(array.shape(), array.shape() + array.ndim()));
+    std::memcpy(copy.mutable_data(), array.data(), static_cast<std::size_t>(array.nbytes()));
+    return copy;
+}
+
+// A C-contiguous array the kernel only reads: itself where aligned (a flag test), else an aligned copy of it.
+inline py::array readable(const py::array& array) { return is_aligned(array) ? array : aligned_copy(array); }
 
 // Whether `array` holds `dtype`: the same descriptor (the usual case) or an equivalent one (an unpickled
 // array carries its own; a byte-swapped one is not equivalent).
@@ -76,16 +119,20 @@ inline bool has_dtype(const py::array& array, const py::dtype& dtype) {
     return own.is(dtype) || own.equal(dtype);
 }
 
-// `array` as a C-contiguous array of `dtype` (writeable if asked), else a TypeError/ValueError naming it.
+// `object` as a C-contiguous array of `dtype`, else a TypeError/ValueError naming it. One the kernel writes
+// (`written`) must be writeable and aligned; one it only reads comes back as an aligned copy where it is not
+// aligned (see readable).
 template <typename T>
-py::array checked(const py::handle& object, const char* name, bool writeable = false) {
+py::array checked(const py::handle& object, const char* name, bool written = false) {
     if (!py::isinstance<py::array>(object)) throw py::type_error(std::string(name) + ": expected a numpy array");
     auto array = py::reinterpret_borrow<py::array>(object);
     if (!has_dtype(array, py::dtype::of<T>()))
         throw py::type_error(std::string(name) + ": expected dtype " + std::string(py::str(py::dtype::of<T>())) +
                              ", got " + std::string(py::str(array.dtype())));
     if (!(array.flags() & py::array::c_style)) throw py::value_error(std::string(name) + ": must be C-contiguous");
-    if (writeable && !array.writeable()) throw py::value_error(std::string(name) + ": must be writeable");
+    if (!written) return readable(array);
+    if (!array.writeable()) throw py::value_error(std::string(name) + ": must be writeable");
+    require_aligned(array, name);
     return array;
 }
 

@@ -42,9 +42,20 @@ std::int64_t copy_items(const std::uint8_t* source, std::int64_t n, const std::i
 template <std::int64_t Bytes>
 using Fixed = std::integral_constant<std::int64_t, Bytes>;
 
+// The indices of copy_items checked where they are used, for items of no bytes: nothing is copied (the
+// rows may be empty buffers, whose data() may be null, and memcpy from a null pointer is undefined even for
+// zero bytes).
+std::int64_t check_items(std::int64_t n, const std::int64_t* a, std::int64_t m) {
+    std::int64_t bad = -1;
+    for (std::int64_t j = 0; j < m; ++j)
+        if (!in_range(read_once(a + j), n)) bad = j;
+    return bad;
+}
+
 std::int64_t gather_items(const std::uint8_t* source, std::int64_t n, const std::int64_t* a, std::int64_t m,
                           std::int64_t item_bytes, std::uint8_t* target) {
     switch (item_bytes) {
+        case 0: return check_items(n, a, m);
         case 1: return copy_items(source, n, a, m, Fixed<1>{}, target);
         case 2: return copy_items(source, n, a, m, Fixed<2>{}, target);
         case 4: return copy_items(source, n, a, m, Fixed<4>{}, target);
@@ -66,7 +77,7 @@ struct ReorderScratch {
 void copy_item(std::uint8_t* target, const std::uint8_t* source, std::int64_t item_bytes, const ItemPrefix& prefix,
                std::int64_t used) {
     if (prefix.blocks == 0) {
-        std::memcpy(target, source, static_cast<std::size_t>(item_bytes));
+        if (item_bytes > 0) std::memcpy(target, source, static_cast<std::size_t>(item_bytes));  // never from null
         return;
     }
     const std::int64_t block_bytes = prefix.width * prefix.column_bytes;
@@ -314,9 +325,10 @@ Status concatenate_padded(const PaddedPart* parts, std::int64_t count, std::int6
             const PaddedPart& part = checked[static_cast<std::size_t>(k)];
             const std::int64_t local = (row - first_row[static_cast<std::size_t>(k)]) * blocks + t % blocks;
             std::uint8_t* target = out + t * segment_bytes;
+            // Copies and fills of no bytes are skipped: a part or out without items may have a null data pointer.
             if (used != nullptr) {  // the row's own columns only; those after are left as they were
                 const std::int64_t own = std::min(part.length - part.skip, row_used[static_cast<std::size_t>(row)]);
-                if (own > 0)
+                if (own > 0 && item_bytes > 0)
                     std::memcpy(target, part.data + local * part.length * item_bytes,
                                 static_cast<std::size_t>(own * item_bytes));
                 continue;
@@ -324,8 +336,9 @@ Status concatenate_padded(const PaddedPart* parts, std::int64_t count, std::int6
             const std::int64_t kept = part.length - part.skip, pad = width - kept;
             const std::int64_t zeros_at = pad_end ? kept : 0, kept_at = pad_end ? 0 : pad;
             const std::int64_t first = local * part.length + (pad_end ? 0 : part.skip);
-            if (pad > 0) std::memset(target + zeros_at * item_bytes, 0, static_cast<std::size_t>(pad * item_bytes));
-            if (kept > 0)
+            if (pad > 0 && item_bytes > 0)
+                std::memset(target + zeros_at * item_bytes, 0, static_cast<std::size_t>(pad * item_bytes));
+            if (kept > 0 && item_bytes > 0)
                 std::memcpy(target + kept_at * item_bytes, part.data + first * item_bytes,
                             static_cast<std::size_t>(kept * item_bytes));
         }

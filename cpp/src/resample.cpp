@@ -430,20 +430,21 @@ Status smc_reweight(double* log_w, std::int64_t rows, std::int64_t n, const doub
                     double* increment_se, const RowSettings& per_row) {
     if (rows < 0 || n < 1) return {StatusCode::bad_size, -1, -1};
     for (std::int64_t k = 0; k < rows * n; ++k) {  // everything checked before anything is written
-        for (const double value : {log_w[k], live[k] ? log_v[k] : 0.0, live[k] ? log_v_prev[k] : 0.0}) {
+        const bool extended = live[k] != 0;
+        for (const double value : {log_w[k], extended ? log_v[k] : 0.0, extended ? log_v_prev[k] : 0.0}) {
             if (std::isnan(value)) return {StatusCode::nan_weight, k / n, k % n};
             if (value == kInf) return {StatusCode::positive_infinity, k / n, k % n};
         }
         // The updated log-weight too (log_v - log_v_prev may overflow to +inf, and -inf + inf is NaN): the
         // same expression as below, so the same value.
-        if (live[k] && !(log_w[k] + (log_v_prev[k] == -kInf ? -kInf : log_v[k] - log_v_prev[k]) < kInf))
+        if (extended && !(log_w[k] + (log_v_prev[k] == -kInf ? -kInf : log_v[k] - log_v_prev[k]) < kInf))
             return {StatusCode::positive_infinity, k / n, k % n};
     }
     // the log-weights before and after the potentials, for the increments' standard errors
     std::vector<double> before, after;
     if (increment_se != nullptr) before.assign(log_w, log_w + rows * n);
     for (std::int64_t k = 0; k < rows * n; ++k) {
-        if (!live[k]) continue;
+        if (live[k] == 0) continue;
         // log G = log Vh_t - log Vh_{t-1}; a particle with Vh_{t-1} = 0 already has weight zero and keeps it
         log_w[k] += log_v_prev[k] == -kInf ? -kInf : log_v[k] - log_v_prev[k];
         log_v_prev[k] = log_v[k];

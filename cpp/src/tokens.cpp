@@ -20,12 +20,13 @@ Status append_tokens(std::int64_t* tokens, std::int64_t rows, std::int64_t capac
     const std::int64_t limit = std::min(capacity, max_length);
     for (std::int64_t r = 0; r < rows; ++r) {
         const std::int64_t length = read_once(lengths + r);
-        if (read_once(active + r) && !(length >= 0 && length < limit)) return {StatusCode::index_out_of_range, r, length};
+        if (read_once(active + r) != 0 && !(length >= 0 && length < limit))
+            return {StatusCode::index_out_of_range, r, length};
     }
     std::int64_t going = 0;
     for (std::int64_t r = 0; r < rows; ++r) {
         still[r] = 0;
-        if (!read_once(active + r)) continue;
+        if (read_once(active + r) == 0) continue;
         // Read once and checked again where it is used (another thread may have changed it since).
         const std::int64_t length = read_once(lengths + r);
         if (!(length >= 0 && length < limit)) return {StatusCode::input_changed, r, length};
@@ -35,7 +36,7 @@ Status append_tokens(std::int64_t* tokens, std::int64_t rows, std::int64_t capac
         const bool stops =
             length + 1 >= max_length || std::find(stop_ids, stop_ids + num_stop, token) != stop_ids + num_stop;
         if (stops) finished[r] = 1;
-        still[r] = finished[r] ? 0 : 1;
+        still[r] = finished[r] != 0 ? 0 : 1;
         going += still[r];
     }
     *num_still = going;
@@ -48,14 +49,15 @@ void decode_inputs(const std::int64_t* mask, std::int64_t rows, std::int64_t wid
     for (std::int64_t r = 0; r < rows; ++r) {
         const std::int64_t* row = mask + r * width;
         std::int64_t* next = next_mask + r * (width + 1);
-        std::int64_t seen = 0;
+        std::int64_t seen = 0;  // the nonzero entries (a mask of other values than 0/1 cannot overflow it)
         for (std::int64_t j = 0; j < width; ++j) {
             next[j] = row[j];
-            seen += row[j];
+            seen += row[j] != 0;
         }
-        next[width] = still[r] ? 1 : 0;
+        const bool fed = still[r] != 0;
+        next[width] = fed ? 1 : 0;
         positions[r] = seen;
-        input_ids[r] = still[r] ? new_tokens[r] : pad;
+        input_ids[r] = fed ? new_tokens[r] : pad;
     }
 }
 

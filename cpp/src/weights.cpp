@@ -150,7 +150,7 @@ Status sample_logits(const T* logits, std::int64_t rows, std::int64_t n, double 
     if (rows < 0 || n < 1 || !(temperature > 0.0)) return {StatusCode::bad_size, -1, -1};
     const double log_count = std::log(static_cast<double>(n));  // pool_select's log n in log_mean_w
     return for_rows(rows, rows * n, [&](std::int64_t r, RowScratch& scratch) {
-        if (active && !read_once(active + r)) {
+        if (active && read_once(active + r) == 0) {
             index[r] = 0;
             log_prob[r] = 0.0;
             return Status{};

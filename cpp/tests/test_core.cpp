@@ -10,6 +10,7 @@
 #include <chrono>
 #include <random>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "tiltsmc/kernels.hpp"
@@ -760,6 +761,90 @@ void test_token_kernels() {
     }
 }
 
+// Items of no bytes and empty buffers: a pointer to no items may be null (an empty std::vector's data()), and
+// nothing may then reach memcpy/memset (undefined for a null pointer even with a size of zero: UBSan reports it).
+void test_null_pointers_with_no_bytes() {
+    const std::int64_t rows = 2, n = 3;
+    const std::vector<std::int64_t> a = {1, 1, 0, 2, 0, 1}, bad = {0, 3, 0, 0, 0, 0};
+    std::uint8_t* none = nullptr;
+    EXPECT(gather(none, rows, n, 0, a.data(), n, none).ok());  // in place
+    std::vector<std::uint8_t> out;
+    EXPECT(gather(none, rows, n, 0, a.data(), n, out.data()).ok());
+    EXPECT(gather(none, rows, n, 0, bad.data(), n, none).code == StatusCode::index_out_of_range);
+    std::uint8_t* arrays[] = {nullptr, nullptr};
+    const std::int64_t item_bytes[] = {0, 0};
+    EXPECT(reorder_in_place(arrays, item_bytes, 2, rows, n, a.data()).ok());
+    const ItemPrefix prefixes[] = {ItemPrefix{}, ItemPrefix{2, 0, 4}};  // the second: blocks of no columns
+    const std::vector<std::int64_t> used = {1, 2, 3, 0, 5, 1};
+    EXPECT(reorder_in_place(arrays, item_bytes, 2, rows, n, a.data(), prefixes, used.data()).ok());
+    // concatenate_padded: parts of items of no bytes, and of no columns
+    const PaddedPart parts[] = {{nullptr, 2, 3, 1}, {nullptr, 1, 0, 0}};
+    EXPECT(concatenate_padded(parts, 2, 2, 2, 0, none).ok());
+    EXPECT(concatenate_padded(parts, 2, 2, 2, 0, none, true).ok());
+    const std::vector<std::int64_t> row_used = {0, 1, 2};
+    EXPECT(concatenate_padded(parts, 2, 2, 2, 0, none, true, row_used.data()).ok());
+}
+
+// Flags (live, active, still, finished) read as byte != 0: bytes 2, 128 and 255 act as 1.
+void test_flags_of_any_byte_value() {
+    auto as_ones = [](std::vector<std::uint8_t> flags) {
+        for (auto& f : flags) f = f != 0 ? 1 : 0;
+        return flags;
+    };
+    const std::vector<std::uint8_t> odd = {2, 0, 255, 128};
+    // append_tokens: active and finished
+    auto append = [](const std::vector<std::uint8_t>& active, std::vector<std::uint8_t> finished) {
+        std::vector<std::int64_t> tokens(16, -1), lengths = {0, 1, 2, 3};
+        const std::vector<std::int64_t> fresh = {5, 6, 7, 8}, stop = {7};
+        std::vector<std::uint8_t> still(4, 9);
+        std::int64_t going = -1;
+        const Status status = append_tokens(tokens.data(), 4, 4, lengths.data(), finished.data(), fresh.data(),
+                                            active.data(), stop.data(), 1, 4, still.data(), &going);
+        for (auto& f : finished) f = f != 0 ? 1 : 0;
+        return std::make_tuple(status.ok(), tokens, lengths, finished, still, going);
+    };
+    EXPECT(append(odd, {0, 3, 0, 200}) == append(as_ones(odd), {0, 1, 0, 1}));
+    // decode_inputs and decode_inputs_right_padded: still
+    const std::vector<std::int64_t> mask = {0, 1, 1, 1, 1, 1, 0, 0, 1, 1, 0, 0}, fresh = {5, 6, 7, 8};
+    auto decode = [&](const std::vector<std::uint8_t>& still) {
+        std::vector<std::int64_t> ids(4), next(16), positions(4), ids_right(4), feed(16), next_right(16), positions_right(4);
+        decode_inputs(mask.data(), 4, 3, still.data(), fresh.data(), -1, ids.data(), next.data(), positions.data());
+        decode_inputs_right_padded(mask.data(), 4, 3, still.data(), fresh.data(), -1, ids_right.data(), feed.data(),
+                                   next_right.data(), positions_right.data());
+        return std::make_tuple(ids, next, positions, ids_right, feed, next_right, positions_right);
+    };
+    EXPECT(decode(odd) == decode(as_ones(odd)));
+    // sample_logits: active
+    const std::vector<double> logits = {0.1, 0.5, -1.0, 2.0, 0.0, 0.3, 1.0, -0.5, 0.2, 0.0, 0.0, 0.0};
+    auto sample = [&](const std::vector<std::uint8_t>& active) {
+        std::vector<std::int64_t> index(4, -1);
+        std::vector<double> log_prob(4, 1.0);
+        const Status status = sample_logits(logits.data(), 4, 3, 0.7, 99, active.data(), index.data(), log_prob.data());
+        return std::make_tuple(status.ok(), index, log_prob);
+    };
+    EXPECT(sample(odd) == sample(as_ones(odd)));
+    // smc_reweight: live (collapsed is only written)
+    const std::vector<std::uint8_t> live_odd = {2, 0, 255, 1, 64, 0, 0, 0};
+    auto reweight = [](const std::vector<std::uint8_t>& live) {
+        std::vector<double> log_w = {0.1, -0.3, 0.7, 0.0, -1.0, 0.2, 0.4, 0.0}, log_v = {1.0, 0.5, -0.5, 0.3, 2.0, 0.1, 0.0, 0.2};
+        std::vector<double> log_v_prev(8, 0.0), log_total(2), log_z(2, 0.0), ess(2), increment(2), se(2);
+        for (int r = 0; r < 2; ++r) {
+            double total = 0.0;
+            for (int i = 0; i < 4; ++i) total += std::exp(log_w[static_cast<std::size_t>(r * 4 + i)]);
+            log_total[static_cast<std::size_t>(r)] = std::log(total);
+        }
+        std::vector<std::uint8_t> collapsed(2, 0), resampled(2);
+        std::vector<std::int64_t> ancestors(8), unique(2);
+        const Status status = smc_reweight(log_w.data(), 2, 4, log_v.data(), log_v_prev.data(), live.data(), std::log(4.0),
+                                           0.9, Scheme::systematic, 5, log_total.data(), log_z.data(), collapsed.data(),
+                                           ancestors.data(), resampled.data(), ess.data(), unique.data(),
+                                           increment.data(), se.data());
+        return std::make_tuple(status.ok(), log_w, log_v_prev, log_total, log_z, collapsed, ancestors, resampled, ess,
+                               unique, increment, se);
+    };
+    EXPECT(reweight(live_odd) == reweight(as_ones(live_odd)));
+}
+
 void test_random_sizes() {
     // Random shapes and values: kernels either succeed with valid output or report a status.
     std::mt19937_64 engine(17);
@@ -926,6 +1011,8 @@ int main() {
         test_random_sizes();
         test_refused_calls_write_nothing();
         test_sample_logits_exact();
+        test_null_pointers_with_no_bytes();
+        test_flags_of_any_byte_value();
     }
     test_indices_rewritten_during_calls();
     g_avx512_override = -1;

@@ -892,8 +892,8 @@ def decode_inputs(
     1)``, ``(rows, 1)``.
 
     Row ``r`` is fed ``new_tokens[r]`` where ``still[r]``, else ``pad`` (masked: the row sits out); its mask
-    gains ``still[r]``; its position is the number of ones in ``mask[r]``, so left padding and masked steps
-    never shift positions.
+    gains ``still[r]``; its position is the number of ones (nonzero entries) in ``mask[r]``, so left padding
+    and masked steps never shift positions.
     """
     pad_id = _as_int(pad, "pad", "a token id (an int)")
     input_ids, attention_mask, position_ids = _core.decode_inputs(mask, still, new_tokens, pad_id)

@@ -9,6 +9,12 @@
 // (read_once.hpp): another thread rewriting the arguments during the call makes the results meaningless,
 // may leave outputs partly written and is then reported as input_changed, but never makes a kernel read
 // or write out of bounds.
+//
+// Flags (std::uint8_t arrays: live, active, still, finished, collapsed; numpy bool arrays in Python) are read
+// as `byte != 0`, as numpy reads a bool: any byte value is safe and nonzero means set (a uint8 array viewed as
+// bool may hold 2 or 255). Flags a kernel writes are 0 or 1. Typed arrays (double*, std::int64_t*, ...) must
+// be aligned to their item size (the bindings copy or refuse unaligned ones); byte arrays (std::uint8_t* data
+// of gather, reorder_in_place, concatenate_padded) need no alignment. A pointer to no items may be null.
 #pragma once
 
 #include <cstdint>
