@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import re
 import subprocess
 import sys
 import threading
@@ -1142,3 +1143,64 @@ def test_the_kv_cache_in_flight_stays_under_max_cache_bytes() -> None:
     task = MarkovDFATask.random(3, 2, 4, rng=0)
     with pytest.raises(ValueError, match="cache_bytes_per_token"):
         tiltsmc.Engine(task.policy(), task.twist(noise=0.1, rng=0), max_cache_bytes=1000)
+
+
+def _policy_with_bad_logits_after(token: int, value: float, folder: Path) -> Path:
+    """llama-tiny with ``value`` added to every logit at positions whose input token is ``token``: NaN, +inf
+    or -inf logits for the prompts that hold it, the fixture's own for the others."""
+    import shutil
+
+    import onnx
+    from onnx import helper, numpy_helper
+
+    shutil.copytree(FIXTURES / "llama-tiny", folder)
+    model = onnx.load(folder / "model.onnx")
+    graph = model.graph
+    for node in graph.node:
+        node.output[:] = ["logits_raw" if name == "logits" else name for name in node.output]
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array(token, dtype=np.int64), "bad_token"),
+            numpy_helper.from_array(np.array([2], dtype=np.int64), "last_axis"),
+            numpy_helper.from_array(np.array(value, dtype=np.float32), "bad_value"),
+            numpy_helper.from_array(np.array(0, dtype=np.float32), "no_change"),
+        ]
+    )
+    graph.node.extend(
+        [
+            helper.make_node("Equal", ["input_ids", "bad_token"], ["is_bad"]),
+            helper.make_node("Unsqueeze", ["is_bad", "last_axis"], ["is_bad_3d"]),
+            helper.make_node("Where", ["is_bad_3d", "bad_value", "no_change"], ["change"]),
+            helper.make_node("Add", ["logits_raw", "change"], ["logits"]),
+        ]
+    )
+    onnx.save(model, folder / "model.onnx")
+    return folder
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("top_k", [None, 5])
+def test_a_prompt_whose_logits_no_token_can_be_drawn_from_fails_alone(
+    tmp_path: Path, value: float, top_k: Any
+) -> None:
+    """Logits of NaN, +inf or all -inf on one request's rows end that request with its reason (prompt 0:
+    logits ...); the request batched with it gets what it gets alone (it failed with the same error:
+    the policy's draw raised for the whole batch). Offline, the call names the prompt."""
+    policy = OnnxCausalLM(
+        _policy_with_bad_logits_after(7, value, tmp_path / "policy"), max_new_tokens=4, top_k=top_k
+    )
+    reward = OnnxRewardModel(FIXTURES / "prm-tiny")
+    what = {"nan": "NaN", "inf": "+inf", "-inf": "only -inf"}[str(value)]
+    with tiltsmc.Engine(policy, reward) as engine:
+        alone = engine.submit([3, 5], "smc", num_particles=4, rng=11).result(timeout=60)
+        good = engine.submit([3, 5], "smc", num_particles=4, rng=11)
+        bad = engine.submit([3, 7], "smc", num_particles=4, rng=12)
+        with pytest.raises(
+            ValueError, match=re.escape(f"prompt 0: logits: model.onnx returned {what} for this")
+        ):
+            bad.result(timeout=60)
+        result = good.result(timeout=60)
+    assert [s.tolist() for s in result.samples[0]] == [s.tolist() for s in alone.samples[0]]
+    assert result.log_z[0] == pytest.approx(alone.log_z[0], rel=1e-6)
+    with pytest.raises(ValueError, match=re.escape(f"prompt 1: logits: model.onnx returned {what} for this")):
+        tiltsmc.smc(policy, reward, prompts=[[3, 5], [3, 7]], num_particles=4, rng=0)

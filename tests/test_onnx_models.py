@@ -915,7 +915,7 @@ def test_policy_logits_with_nan_are_a_clear_error(
 ) -> None:
     """A real policy session whose first layer norm weights are NaN: every logit is NaN. It is refused
     at load (``check_batching``'s probe reads its logits); loaded without the check, the draw says which
-    model returned them (with or without top-k / top-p filtering)."""
+    model returned them and for which prompt (with or without top-k / top-p filtering)."""
     shutil.copytree(LLAMA, tmp_path / "llama-nan")
     model = tmp_path / "llama-nan" / "model.onnx"
     name = "model.layers.0.input_layernorm.weight"
@@ -925,7 +925,7 @@ def test_policy_logits_with_nan_are_a_clear_error(
     policy = OnnxCausalLM(
         tmp_path / "llama-nan", max_new_tokens=3, eos_token_id=EOS, check_batching=False, **options
     )
-    with pytest.raises(ValueError, match=r"logits: model\.onnx returned bad logits: .*NaN"):
+    with pytest.raises(ValueError, match=r"^prompt 0: logits: model\.onnx returned NaN for this prompt's"):
         tiltsmc.smc(policy, prm, prompts=["ab"], num_particles=2, rng=0)
 
 

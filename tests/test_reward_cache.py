@@ -205,8 +205,8 @@ def test_kv_cache_option() -> None:
     assert not OnnxRewardModel(PRM, kind="logit").kv_cached
     with pytest.raises(ValueError, match=r"kv_cache: .*no past_key_values"):
         OnnxRewardModel(PRM, kind="logit", kv_cache=True)
-    with pytest.raises(ValueError, match=r"kv_cache: .*not one score per position"):
-        OnnxRewardModel(GPT2, kind="logit", output="present.0.key", kv_cache=True)
+    with pytest.raises(ValueError, match=r"output: 'present.0.key' has shape \[.*\]; expected one score"):
+        OnnxRewardModel(GPT2, kind="logit", output="present.0.key", kv_cache=True)  # refused at load
     with pytest.raises(TypeError, match="kv_cache"):
         OnnxRewardModel(GPT2, kind="logit", label=PLUS, kv_cache="yes")  # type: ignore[arg-type]
     cached, encoding = pair(VALUE, {"output": "value", "kind": "logit"})

@@ -4,13 +4,15 @@ what is wrong with it."""
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
-__all__ = ["Source", "positive_int", "real_number", "token_id", "token_ids"]
+__all__ = ["Source", "file_problem", "optional_file", "positive_int", "real_number", "token_id", "token_ids"]
 
 
 class Source:
@@ -69,3 +71,30 @@ def real_number(value: Any, where: str) -> float:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{where}: expected a number, got {value!r}")
     return float(value)
+
+
+def file_problem(path: Path) -> str:
+    """What keeps ``path`` from being read as a file: ``"does not exist"``, ``"is a directory"``, ``"is a
+    broken symbolic link (to X)"``, ``"is not a regular file"`` (a socket, a FIFO, a device); ``""`` for a
+    regular file (symbolic links followed)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        if os.path.islink(path):
+            return f"is a broken symbolic link (to {os.readlink(path)})"
+        return "does not exist" if isinstance(error, FileNotFoundError) else f"cannot be read: {error}"
+    if stat.S_ISREG(mode):
+        return ""
+    return "is a directory" if stat.S_ISDIR(mode) else "is not a regular file"
+
+
+def optional_file(path: Path, where: str) -> bool:
+    """Whether a file a model folder may hold is there: True for a regular file, False where nothing of
+    that name is; ValueError naming ``where`` (``config.json``) where something else is (a directory, a
+    broken symbolic link), which would otherwise be taken silently as no file."""
+    problem = file_problem(path)
+    if not problem:
+        return True
+    if problem == "does not exist":
+        return False
+    raise ValueError(f"{where}: {path} {problem}, not a file")

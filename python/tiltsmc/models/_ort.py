@@ -20,7 +20,12 @@ from typing import Any, Optional
 import numpy as np
 
 __all__ = [
+    "CACHE_INPUT",
+    "FED_INPUTS",
+    "FLOAT_TYPES",
+    "check_cache_input",
     "check_external_data",
+    "check_inputs",
     "cuda_device_usable",
     "external_data_locations",
     "import_onnxruntime",
@@ -383,6 +388,82 @@ _FEED_TYPES = {
     "tensor(double)": np.float64,
     "tensor(bool)": np.bool_,
 }
+
+
+# What tiltsmc feeds a model's inputs, as optimum's exports declare them: name -> (ONNX element type, rank,
+# the shape in words); past_key_values.{i}.key / .value: CACHE_INPUT.
+FED_INPUTS = {
+    "input_ids": ("tensor(int64)", 2, "(batch, sequence)"),
+    "attention_mask": ("tensor(int64)", 2, "(batch, past + sequence)"),
+    "position_ids": ("tensor(int64)", 2, "(batch, sequence)"),
+    "use_cache_branch": ("tensor(bool)", 1, "(1,)"),
+}
+CACHE_INPUT = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+# The float element types numpy holds (ONNX Runtime hands no bfloat16 array to Python): a KV cache's, and
+# the scores tiltsmc reads (logits, a value head's).
+FLOAT_TYPES: dict[str, Any] = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+}
+
+
+def check_cache_input(model_path: Path, node: Any) -> Any:
+    """The numpy dtype of a ``past_key_values.{i}.key / .value`` input (an ``onnxruntime.NodeArg``):
+    ValueError naming the file and the input where it is not a float type numpy holds or not of rank 4,
+    ``(batch, heads, past, head_dim)`` (a rank the graph leaves unknown is not checked)."""
+    dtype = FLOAT_TYPES.get(node.type)
+    if dtype is None:
+        raise ValueError(
+            f"path: {model_path.name}: input {node.name} is {node.type}; tiltsmc keeps a KV cache as "
+            f"{', '.join(FLOAT_TYPES)} (ONNX Runtime returns no other float type to Python)"
+        )
+    if node.shape and len(node.shape) != 4:
+        raise ValueError(
+            f"path: {model_path.name}: input {node.name} has shape {node.shape}; expected a KV cache "
+            "(batch, heads, past, head_dim)"
+        )
+    return dtype
+
+
+def check_inputs(model_path: Path, nodes: Sequence[Any]) -> None:
+    """Refuse a graph with an input tiltsmc does not feed, or feeds with another element type or rank than
+    the graph declares, at load: ValueError naming the file and the input (ONNX Runtime's own error, at
+    the first run, names neither). ``nodes``: ``session.get_inputs()``, each of them required (an input
+    with a default is an initializer, not listed). Fed: ``FED_INPUTS`` (int64 ids, mask and positions, a
+    bool ``use_cache_branch``) and ``past_key_values.{i}.key / .value`` (``check_cache_input``, every
+    layer of the first's type)."""
+    unknown = [
+        node.name for node in nodes if node.name not in FED_INPUTS and not CACHE_INPUT.match(node.name)
+    ]
+    if unknown:
+        raise ValueError(
+            f"path: {model_path.name} has inputs tiltsmc does not feed: {', '.join(unknown)} (it feeds "
+            f"{', '.join(FED_INPUTS)} and past_key_values.{{i}}.key / .value; every input a graph lists is "
+            "required)"
+        )
+    cache_type = None
+    for node in nodes:
+        if CACHE_INPUT.match(node.name):
+            check_cache_input(model_path, node)
+            if cache_type is not None and node.type != cache_type:
+                raise ValueError(
+                    f"path: {model_path.name}: input {node.name} is {node.type}, another layer's is "
+                    f"{cache_type}; tiltsmc keeps every layer's KV cache in one type"
+                )
+            cache_type = node.type
+            continue
+        element, rank, words = FED_INPUTS[node.name]
+        if node.type != element:
+            raise ValueError(
+                f"path: {model_path.name}: input {node.name} is {node.type}, but tiltsmc feeds it "
+                f"{element} (as optimum's exports take it): export the model with {node.name} of that type"
+            )
+        if node.shape and len(node.shape) != rank:
+            raise ValueError(
+                f"path: {model_path.name}: input {node.name} has shape {node.shape}, but tiltsmc feeds it "
+                f"{words}"
+            )
 
 
 def shrink_memory_arena(session: Any) -> bool:

@@ -8,7 +8,8 @@ a sandboxed environment with ``trim_blocks`` and ``lstrip_blocks`` and the ``loo
 given ``messages``, ``add_generation_prompt`` and the special tokens of tokenizer_config.json
 (``bos_token``, ``eos_token``, ...), with the helpers templates call: ``raise_exception(message)``
 (a ValueError here), ``strftime_now(format)`` and a ``tojson`` filter that keeps non-ASCII text as it is.
-``jinja2`` is the ``chat`` extra (``pip install 'tiltsmc[chat]'``), imported only to render.
+``jinja2`` is the ``chat`` extra (``pip install 'tiltsmc[chat]'``), imported only to render, and to compile
+a template given as an argument (``chat_template=``) when the model loads (``check_chat_template``).
 """
 
 from __future__ import annotations
@@ -16,11 +17,15 @@ from __future__ import annotations
 import datetime
 import functools
 import json
+import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["is_chat", "read_tokenizer_config", "render_chat_template"]
+from ._config import optional_file
+
+__all__ = ["check_chat_template", "is_chat", "read_tokenizer_config", "render_chat_template"]
 
 # The special-token fields of tokenizer_config.json, as transformers hands them to templates.
 SPECIAL_TOKEN_FIELDS = (
@@ -51,7 +56,7 @@ def read_tokenizer_config(folder: Optional[Path]) -> tuple[Optional[str], dict[s
         return None, {}
     config: dict[str, Any] = {}
     config_file = folder / "tokenizer_config.json"
-    if config_file.is_file():
+    if optional_file(config_file, "tokenizer_config.json"):
         try:
             with config_file.open(encoding="utf-8") as handle:
                 loaded = json.load(handle)
@@ -69,7 +74,7 @@ def read_tokenizer_config(folder: Optional[Path]) -> tuple[Optional[str], dict[s
     if isinstance(extra, list):
         special["additional_special_tokens"] = [_token_text(t) for t in extra]
     template_file = folder / "chat_template.jinja"
-    if template_file.is_file():
+    if optional_file(template_file, "chat_template.jinja"):
         try:
             return template_file.read_text(encoding="utf-8"), special
         except (OSError, ValueError) as error:
@@ -152,6 +157,37 @@ def _compile(template: str) -> Any:
         raise ValueError(
             f"chat_template: not a valid Jinja template: {error} (line {error.lineno})"
         ) from None
+
+
+# Jinja's markup: an expression, a statement or a comment (tiltsmc's environment has no line statements)
+_JINJA_MARKUP = re.compile(r"\{[{%#]")
+
+
+def check_chat_template(template: Any) -> None:
+    """A ``chat_template=`` argument checked where it is given, not at the first chat prompt: a string
+    with Jinja markup (``{{ }}``, ``{% %}``: a text without any renders every conversation as itself,
+    and a file's path is such a text) that compiles (ValueError naming ``chat_template``). Where jinja2 is
+    not installed, the syntax is left to the first chat prompt, which says which extra brings it."""
+    if not isinstance(template, str):
+        raise TypeError(f"chat_template: expected a Jinja template string, got {type(template).__name__}")
+    if not _JINJA_MARKUP.search(template):
+        text = template.strip()
+        if text and os.path.isfile(text):
+            raise ValueError(
+                f"chat_template: expected the template's text, got the path of a file, {text!r}: read the "
+                "file and pass its text (chat_template=Path(...).read_text()), or use the CLI's "
+                "--chat-template FILE"
+            )
+        looks_like_a_path = "\n" not in text and (text.endswith((".jinja", ".j2", ".json")) or os.sep in text)
+        raise ValueError(
+            f"chat_template: {text!r:.80} has no Jinja markup ({{{{ ... }}}}, {{% ... %}}), so it would "
+            "render every conversation as that same text"
+            + (": a file's path? pass the template's text" if looks_like_a_path else "")
+        )
+    try:
+        _compile(template)
+    except ImportError:  # the first chat prompt says so (and which extra brings jinja2)
+        pass
 
 
 def check_messages(messages: Any) -> list[dict[str, Any]]:

@@ -59,7 +59,6 @@ import functools
 import json
 import mmap
 import os
-import re
 import sys
 import threading
 import weakref
@@ -72,9 +71,26 @@ import numpy.typing as npt
 import tokenizers
 
 from .. import core
-from ._config import Source, first, positive_int, real_number, token_id, token_ids
+from ._config import (
+    Source,
+    file_problem,
+    first,
+    optional_file,
+    positive_int,
+    real_number,
+    token_id,
+    token_ids,
+)
 from ._fed_rows import FedRows
-from ._ort import make_session, runtime_version, shrink_memory_arena
+from ._ort import (
+    CACHE_INPUT,
+    FLOAT_TYPES,
+    check_cache_input,
+    check_inputs,
+    make_session,
+    runtime_version,
+    shrink_memory_arena,
+)
 from .chat import is_chat
 from .device_cache import DeviceKVCache
 from .particles import MAX_NEW_TOKENS, Particles, mask_lengths, padded, widened
@@ -94,9 +110,8 @@ ENCODED_TEXTS = 256
 # about 1e-3; a graph that ignores its padding is far above it (the GroupQueryAttention fixture: 0.9 of its
 # largest logit; dynamic int8 quantisation: 0.08)
 BATCHING_TOLERANCE = 1e-2
-_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+_PAST = CACHE_INPUT
 PADDING_SIDES = ("left", "right")
-_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -108,6 +123,10 @@ def resolve_model_file(path: Union[str, os.PathLike[str]], argument: str = "path
         for name in MODEL_FILES:
             if (location / name).is_file():
                 return location / name, location
+        for name in MODEL_FILES:  # there, but not a file: say what it is
+            problem = file_problem(location / name)
+            if problem != "does not exist":
+                raise ValueError(f"{argument}: {location / name} {problem}, not an ONNX model file")
         found = sorted(p.name for p in location.iterdir())
         raise FileNotFoundError(
             f"{argument}: no {' / '.join(MODEL_FILES)} in {location} (found: {', '.join(found) or 'nothing'})"
@@ -116,11 +135,16 @@ def resolve_model_file(path: Union[str, os.PathLike[str]], argument: str = "path
         if location.suffix != ".onnx":
             raise ValueError(f"{argument}: expected a folder or an .onnx file, got {location}")
         return location, location.parent
-    raise FileNotFoundError(f"{argument}: {location} does not exist")
+    problem = file_problem(location)
+    if problem == "does not exist":
+        raise FileNotFoundError(f"{argument}: {location} does not exist")
+    raise ValueError(f"{argument}: {location} {problem}, not a folder or an .onnx file")
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+    """The JSON object of a model folder's config file; ``{}`` where there is none (ValueError where the
+    name is taken by something else than a file, or the file is not a JSON object)."""
+    if not optional_file(path, path.name):
         return {}
     try:
         with path.open(encoding="utf-8") as handle:
@@ -135,30 +159,48 @@ def read_json(path: Path) -> dict[str, Any]:
 def cache_geometry(past: Any, config: dict[str, Any], model_file: Path) -> tuple[Any, int, int]:
     """``(dtype, KV heads, head size)`` of a ``past_key_values.*`` input ``(batch, heads, past, head_dim)``:
     from the graph's static dimensions, else from config.json (grouped-query ``num_key_value_heads``)."""
+    dtype, heads, head_size, _, _ = cache_geometry_sources(past, config, model_file)
+    return dtype, heads, head_size
+
+
+def cache_geometry_sources(
+    past: Any, config: dict[str, Any], model_file: Path
+) -> tuple[Any, int, int, str, str]:
+    """``cache_geometry`` and where its heads and head size come from, as an error names them: the graph's
+    input (``path: model.onnx: past_key_values.0.key [...]``) or config.json's field
+    (``/path/config.json: num_key_value_heads``)."""
     source = Source(model_file.parent / "config.json", config)
+    dtype = check_cache_input(model_file, past)
+    graph = f"path: {model_file.name}: {getattr(past, 'name', 'past_key_values')} {past.shape}"
 
-    def field(*names: str) -> Optional[int]:  # the first of these fields that is set, checked
+    def field(*names: str) -> tuple[Optional[int], str]:  # the first of these fields that is set, checked
         value, where = first([(source, name) for name in names])
-        return None if value is None else positive_int(value, where)
+        return (None, "") if value is None else (positive_int(value, where), where)
 
-    if isinstance(past.shape[1], int):
-        kv_heads = int(past.shape[1])
+    shape = list(past.shape) if len(past.shape) == 4 else [None] * 4  # a rank left unknown: config.json
+    if isinstance(shape[1], int):
+        kv_heads, heads_from = int(shape[1]), graph
     else:
-        kv_heads = field("num_key_value_heads", "num_attention_heads", "n_head") or 0
-    if isinstance(past.shape[3], int):
-        head_size = int(past.shape[3])
+        heads, heads_from = field("num_key_value_heads", "num_attention_heads", "n_head")
+        kv_heads = heads or 0
+    if isinstance(shape[3], int):
+        head_size, size_from = int(shape[3]), graph
     else:
-        head_dim = field("head_dim")
+        head_dim, size_from = field("head_dim")
         if head_dim is None:
-            hidden, heads = field("hidden_size", "n_embd"), field("num_attention_heads", "n_head")
+            (hidden, hidden_from), (heads, per) = (
+                field("hidden_size", "n_embd"),
+                field("num_attention_heads", "n_head"),
+            )
             head_dim = hidden // heads if hidden and heads else None
+            size_from = f"{hidden_from} / {per.rpartition(': ')[2]}"
         head_size = head_dim or 0
     if kv_heads < 1 or head_size < 1:
         raise ValueError(
             f"path: cannot tell the cache's heads and head size from {model_file.name} "
             f"(shape {past.shape}) or config.json"
         )
-    return _NUMPY_TYPES.get(past.type, np.float32), kv_heads, head_size
+    return dtype, kv_heads, head_size, heads_from, size_from
 
 
 # Operators that make a row's result depend on its padding or its batch, named in a refused graph's message:
@@ -335,10 +377,18 @@ class OnnxCausalLM:
     Prompts: a string (encoded with the special tokens the tokenizer's post-processor adds, as Hugging
     Face does; ``add_special_tokens=False`` leaves them out), token ids (used as given), or chat messages
     ``[{"role": ..., "content": ...}, ...]`` rendered by the tokenizer folder's chat template
-    (``chat_template=`` overrides it; see ``tiltsmc.models.chat``) and encoded without adding special
-    tokens again. Texts are decoded without special tokens (``skip_special_tokens=False`` keeps them).
+    (``chat_template=``, the template's text, overrides it and is compiled at load; see
+    ``tiltsmc.models.chat``) and encoded without adding special tokens again. Every prompt's ids must lie
+    below the logits' width, a tokenizer's too: a prompt whose ids do not fails alone (``particles.errors``).
+    Texts are decoded without special tokens (``skip_special_tokens=False`` keeps them).
     ``session_options`` and ``provider_options`` go to ONNX Runtime
     (``tiltsmc.models._ort.make_session``).
+
+    Checked at load, each error naming the file, the graph's input or output, or config.json's field: the
+    inputs (those tiltsmc feeds, of the types it feeds: ``tiltsmc.models._ort.check_inputs``), float
+    logits ``(batch, sequence, vocabulary)``, the KV cache's heads and head size and config.json's
+    ``vocab_size`` against what the graph returns (from its declared shapes, or one two-token run where it
+    leaves those axes dynamic), the tokenizer's ids against the logits' width.
 
     Batches: prompts of different lengths run together padded, and a row that is not extended at a call
     is fed a padding token, so a row's logits must not depend on its padding or on the other rows.
@@ -465,31 +515,43 @@ class OnnxCausalLM:
             )
         if layers != list(range(len(layers))):
             raise ValueError(f"path: past_key_values layers are not numbered 0..L-1: found {layers}")
+        check_inputs(self.model_file, list(inputs.values()))
         self.num_layers = len(layers)
         self.has_position_ids = "position_ids" in inputs
         self.has_cache_branch = "use_cache_branch" in inputs
-        self.cache_dtype, self.kv_heads, self.head_dim = cache_geometry(
+        self.cache_dtype, self.kv_heads, self.head_dim, heads_from, size_from = cache_geometry_sources(
             inputs["past_key_values.0.key"], config, self.model_file
         )
+        self._cache_names = [
+            (f"past_key_values.{i}.{kind}", f"present.{i}.{kind}", f"lm.cache.{i}.{kind}")
+            for i in range(self.num_layers)
+            for kind in ("key", "value")
+        ]
+        # Built once: every step's session call and token bookkeeping reuse them.
+        self._past_names = [past_name for past_name, _, _ in self._cache_names]
+        self._output_names = ["logits"] + [present_name for _, present_name, _ in self._cache_names]
+        nodes = {node.name: node for node in self.session.get_outputs()}
+        self._check_output_types(nodes, inputs["past_key_values.0.key"].type)
+        asked: Optional[str] = None  # the value output asked for, where the graph has it
+        if isinstance(value_output, str) and value_output in nodes and value_output != "logits":
+            asked = value_output
+        probe, probed = self._output_shapes(asked, nodes)
+        self._check_cache_shapes(probe, probed, nodes, heads_from, size_from)
         config_file = Source(model_dir / "config.json", config)
         generation_file = Source(model_dir / "generation_config.json", generation)
-        vocab = config.get("vocab_size")
-        if vocab is not None:
-            vocab = positive_int(vocab, config_file.name("vocab_size"))
-        logits_node = next(node for node in self.session.get_outputs() if node.name == "logits")
-        if isinstance(logits_node.shape[-1], int):
-            vocab = logits_node.shape[-1]
-        if vocab is None and self.tokenizer is not None:
-            vocab = self.tokenizer.vocab_size
-        if vocab is None:
-            raise ValueError(
-                "path: cannot tell the vocabulary size (no static logits size, config.json or tokenizer)"
-            )
-        self.vocab_size = int(vocab)
-        if self.tokenizer is not None and self.tokenizer.vocab_size > self.vocab_size:
-            raise ValueError(
-                f"tokenizer: {self.tokenizer.vocab_size} tokens but the model has {self.vocab_size} logits"
-            )
+        self.vocab_size = self._logits_width(probe["logits"], probed, nodes["logits"], config_file)
+        if self.tokenizer is not None:
+            if self.tokenizer.vocab_size > self.vocab_size:
+                raise ValueError(
+                    f"tokenizer: {self.tokenizer.vocab_size} tokens but the model has {self.vocab_size} "
+                    "logits"
+                )
+            largest, what = self.tokenizer.largest_id()
+            if largest >= self.vocab_size:
+                raise ValueError(
+                    f"tokenizer: {what} has the id {largest}, but the model has {self.vocab_size} logits "
+                    f"(ids 0 to {self.vocab_size - 1}): a tokenizer of another model?"
+                )
         # An argument first, then generation_config.json, then config.json; each checked, and an error names
         # the argument or the file and field it came from.
         arguments = Source(None, {"max_length": max_length, "eos_token_id": eos_token_id,
@@ -552,15 +614,9 @@ class OnnxCausalLM:
         self.device_cache = bool(device_cache)
         options = self.session.get_provider_options().get("CUDAExecutionProvider", {})
         self.device_id = int(options.get("device_id", 0) or 0)
-        self._cache_names = [
-            (f"past_key_values.{i}.{kind}", f"present.{i}.{kind}", f"lm.cache.{i}.{kind}")
-            for i in range(self.num_layers)
-            for kind in ("key", "value")
-        ]
-        # Built once: every step's session call and token bookkeeping reuse them.
-        self._past_names = [past_name for past_name, _, _ in self._cache_names]
-        self._output_names = ["logits"] + [present_name for _, present_name, _ in self._cache_names]
-        self.value_output = self._check_value_output(value_output, outputs)
+        self.value_output = self._check_value_output(
+            value_output, outputs, None if asked is None else probe.get(asked)
+        )
         if self.value_output is not None:  # fetched last: _run hands it back after the cache
             self._output_names.append(self.value_output)
         self._eos_ids = np.array(sorted(self.eos_token_ids), dtype=np.int64)
@@ -581,6 +637,143 @@ class OnnxCausalLM:
         if self.padding_side == "right" and self.device_cache:  # found at load; the cache was not asked for
             self.device_cache = False
         self.cache_in_place = self._choose_cache_in_place(cache_in_place)
+
+    # -- load checks of the graph's outputs --------------------------------------------------------------
+
+    def _check_output_types(self, nodes: Mapping[str, Any], cache_type: str) -> None:
+        """The outputs' element types and ranks as the graph declares them: float ``logits`` of rank 3,
+        ``(batch, sequence, vocabulary)``, and ``present.*`` of the cache's type and rank 4 (a rank the
+        graph leaves unknown is checked by ``_output_shapes``'s run)."""
+        logits = nodes["logits"]
+        if logits.type not in FLOAT_TYPES:
+            raise ValueError(
+                f"path: {self.model_file.name}: its logits output is {logits.type}; expected float logits "
+                f"({', '.join(FLOAT_TYPES)}), one per token of the vocabulary at every position"
+            )
+        if logits.shape and len(logits.shape) != 3:
+            raise ValueError(
+                f"path: {self.model_file.name}: its logits output has shape {logits.shape}; expected "
+                "(batch, sequence, vocabulary), the logits of every position fed"
+            )
+        for _, present_name, _ in self._cache_names:
+            node = nodes[present_name]
+            if node.type != cache_type:
+                raise ValueError(
+                    f"path: {self.model_file.name}: output {present_name} is {node.type}, its "
+                    f"past_key_values input {cache_type}; tiltsmc feeds a step's present as the next step's "
+                    "past"
+                )
+            if node.shape and len(node.shape) != 4:
+                raise ValueError(
+                    f"path: {self.model_file.name}: output {present_name} has shape {node.shape}; expected a "
+                    "KV cache (batch, heads, length, head_dim)"
+                )
+
+    def _output_shapes(
+        self, value_output: Optional[str], nodes: Mapping[str, Any]
+    ) -> tuple[dict[str, tuple[int, ...]], bool]:
+        """The shapes of the logits, every ``present.*`` (and ``value_output``'s, where given) for one row of
+        two tokens fed an empty KV cache, and whether a session call gave them: ``_check_cache_shapes``,
+        ``_logits_width`` and ``_check_value_output`` check them at load, so that a graph whose outputs are
+        not what tiltsmc reads is refused there, not at the first step. Where the graph declares every axis
+        read (the vocabulary, the cache's heads and head size: optimum's exports do, ONNX Runtime's shape
+        inference checked) and no value output is asked for, its declarations (other axes: 1 row, 2
+        positions); else one small session call (two tokens of id 0). An ONNX Runtime error of that call is
+        a ValueError naming the file and the cache it was fed."""
+        names = list(self._output_names)
+        read: dict[str, tuple[int, ...]] = {name: (1, 3) for name in names[1:]}
+        read["logits"] = (2,)
+        if value_output is None and all(
+            len(nodes[name].shape) == max(axes) + 1
+            and all(isinstance(nodes[name].shape[a], int) for a in axes)
+            for name, axes in read.items()
+        ):
+            return {
+                name: tuple(
+                    d if isinstance(d, int) else 1 if axis == 0 else 2
+                    for axis, d in enumerate(nodes[name].shape)
+                )
+                for name in names
+            }, False
+        if value_output is not None and nodes[value_output].type in FLOAT_TYPES:
+            names.append(value_output)
+        ids = np.zeros((1, 2), dtype=np.int64)
+        feeds = self._feeds(ids, np.ones_like(ids), np.arange(2, dtype=np.int64)[None], None)
+        try:
+            results = self.session.run(names, feeds)
+        except Exception as error:
+            if not type(error).__module__.startswith("onnxruntime"):
+                raise
+            reason = " ".join(str(error).split())
+            raise ValueError(
+                f"path: {self.model_file.name} fails on a 2-token prompt fed an empty KV cache of "
+                f"{self.kv_heads} heads of size {self.head_dim} a layer: {reason}"
+            ) from error
+        return {name: tuple(np.shape(result)) for name, result in zip(names, results)}, True
+
+    def _check_cache_shapes(
+        self,
+        probe: Mapping[str, tuple[int, ...]],
+        probed: bool,
+        nodes: Mapping[str, Any],
+        heads_from: str,
+        size_from: str,
+    ) -> None:
+        """Every ``present.*`` of the probe ``(1, kv_heads, length, head_dim)``, as the cache geometry read
+        from the graph or config.json (``cache_geometry_sources``) says: a KV cache of other heads or head
+        size would be fed back at the first step and fail there (or, reshaped, be read wrongly)."""
+        past_name = self._past_names[0]
+        past_shape = next(node.shape for node in self.session.get_inputs() if node.name == past_name)
+        for _, name, _ in self._cache_names:
+            shape = probe[name]
+            found = f"{self.model_file.name}'s {name} " + (
+                f"has shape {shape} for one 2-token prompt" if probed else f"is declared {nodes[name].shape}"
+            )
+            if len(shape) != 4 or shape[0] != 1:
+                raise ValueError(f"path: {found}; expected a KV cache (batch, heads, length, head_dim)")
+            for axis, expected, where, what, fix in (
+                (1, self.kv_heads, heads_from, "{} heads a layer", "num_key_value_heads"),
+                (3, self.head_dim, size_from, "heads of size {}", "head_dim"),
+            ):
+                if shape[axis] != expected:
+                    hint = (
+                        f"; the graph declares {past_name} {past_shape}: set {fix} to {shape[axis]} in "
+                        "config.json"
+                        if "config.json" in where
+                        else ""
+                    )
+                    raise ValueError(
+                        f"{where} gives the KV cache {what.format(expected)}, but {found} "
+                        f"({what.format(shape[axis])}{hint})"
+                    )
+
+    def _logits_width(self, shape: tuple[int, ...], probed: bool, node: Any, config_file: Source) -> int:
+        """The vocabulary: the probe's logits, ``(1, 2, vocabulary)``, whose width must be the graph's
+        static one and config.json's ``vocab_size`` where they give one."""
+        declared = node.shape
+        if len(shape) != 3 or shape[:2] != (1, 2) or shape[2] < 1:
+            raise ValueError(
+                f"path: {self.model_file.name}'s logits "
+                + (
+                    f"have shape {shape} for one 2-token prompt (declared {declared})"
+                    if probed
+                    else f"are declared {declared}"
+                )
+                + "; expected (batch, sequence, vocabulary), the logits of every position fed"
+            )
+        width = int(shape[2])
+        if len(declared) == 3 and isinstance(declared[2], int) and declared[2] != width:
+            raise ValueError(
+                f"path: {self.model_file.name} declares logits {declared} but returns {shape} for one "
+                "2-token prompt"
+            )
+        vocab = config_file.get("vocab_size")
+        if vocab is not None and positive_int(vocab, config_file.name("vocab_size")) != width:
+            raise ValueError(
+                f"{config_file.name('vocab_size')}: {vocab}, but {self.model_file.name} returns {width} "
+                "logits a position: a config.json of another model?"
+            )
+        return width
 
     @functools.cached_property
     def _names_group_query_attention(self) -> bool:
@@ -609,13 +802,22 @@ class OnnxCausalLM:
                 return side
             tried.append((side, difference, scale))
         found = _operators_named(self.model_file, BATCH_DEPENDENT_OPERATORS)
-        cause = (
-            f"its graph names {', '.join(found)}: "
-            if found
-            else "attention that reads each row's length from the attention mask (ONNX Runtime's "
-            "GroupQueryAttention, as onnxruntime-genai's model builder exports it) run with the other "
-            "padding side, and dynamic int8 quantisation do this; "
-        )
+        if not self.has_position_ids:  # its positions come from the batch's width: a padded row's are shifted
+            cause = (
+                "it has no position_ids input, so it numbers each row's positions itself, and a padded row "
+                "gets other positions than alone (tiltsmc pads prompts of different lengths and the rows "
+                "that sit out a step)"
+                + (f"; its graph also names {', '.join(found)}" if found else "")
+                + ": "
+            )
+        elif found:
+            cause = f"its graph names {', '.join(found)}: "
+        else:
+            cause = (
+                "attention that reads each row's length from the attention mask (ONNX Runtime's "
+                "GroupQueryAttention, as onnxruntime-genai's model builder exports it) run with the other "
+                "padding side, and dynamic int8 quantisation do this; "
+            )
         other = ", let padding_side=None try both sides" if padding_side is not None else ""
         moved = "; ".join(
             f"{side}-padded by up to {difference:.3g} (logits up to {scale:.3g})"
@@ -757,12 +959,16 @@ class OnnxCausalLM:
             return ids, new_mask, positions, new_mask
         return core.decode_inputs_right_padded(mask, still, tokens, self.pad_token_id)
 
-    def _check_value_output(self, value_output: Optional[str], outputs: list[str]) -> Optional[str]:
+    def _check_value_output(
+        self, value_output: Optional[str], outputs: list[str], probe: Optional[tuple[int, ...]]
+    ) -> Optional[str]:
         """A value head in the policy's graph, fetched with the logits at every run: one score per position
         (``(batch, seq)`` or ``(batch, seq, 1)``, read by ``tiltsmc.models.joint.PolicyValue``), or a
         token-level twist head, one score per position and token (``(batch, seq, vocab)`` with a static
-        last dimension equal to the logits', read by ``tiltsmc.models.twist.PolicyTwist``). Sets
-        ``twist_head``."""
+        last dimension equal to the logits', read by ``tiltsmc.models.twist.PolicyTwist``), of a float
+        type. ``probe``: its shape for one 2-token prompt (``_output_shapes``), which must be
+        ``(1, 2)`` / ``(1, 2, 1)``, or ``(1, 2, vocab)`` for a twist head: a pooled score, one a row
+        (``(batch, 1)``), is refused. Sets ``twist_head``."""
         self.twist_head = False
         if value_output is None:
             return None
@@ -776,13 +982,28 @@ class OnnxCausalLM:
                 "value_output: not read with device_cache=True (the KV cache on the GPU): pass False"
             )
         node = next(node for node in self.session.get_outputs() if node.name == value_output)
+        if node.type not in FLOAT_TYPES:
+            raise ValueError(
+                f"value_output: {value_output!r} is {node.type}; expected float scores "
+                f"({', '.join(FLOAT_TYPES)})"
+            )
         static = node.shape[2] if len(node.shape) == 3 and isinstance(node.shape[2], int) else 1
+        expected = "one score per position, (batch, seq) or (batch, seq, 1), or a twist head (batch, seq, "
         if len(node.shape) not in (2, 3) or static not in (1, self.vocab_size):
             raise ValueError(
-                f"value_output: {value_output!r} has shape {node.shape}; expected one score per position, "
-                f"(batch, seq) or (batch, seq, 1), or a twist head (batch, seq, {self.vocab_size})"
+                f"value_output: {value_output!r} has shape {node.shape}; expected "
+                f"{expected}{self.vocab_size})"
             )
         self.twist_head = static == self.vocab_size and static != 1
+        allowed = [(1, 2, self.vocab_size)] if self.twist_head else [(1, 2), (1, 2, 1)]
+        if probe not in allowed:
+            pooled = probe is not None and len(probe) >= 1 and probe[1:] in ((), (1,), (1, 1))
+            raise ValueError(
+                f"value_output: {value_output!r} gives shape {probe} for one 2-token prompt (declared "
+                f"{node.shape}); expected {expected}{self.vocab_size}) with a static last dimension"
+                + ("; a pooled score, one a row, is not read: export the head's score at every position"
+                   if pooled else "")
+            )  # fmt: skip
         return value_output
 
     # -- prompts -----------------------------------------------------------------------------------------
@@ -792,12 +1013,13 @@ class OnnxCausalLM:
         raises on bad input, and where the prompt and its new tokens (``max_new_tokens``, a run's limit,
         where lower than the policy's own) would not fit the model's context. An empty prompt is the BOS
         token alone."""
+        encoded: Optional[Tokenizer] = None  # the tokenizer that wrote the ids, if one did
         if prompt is None or (isinstance(prompt, str) and prompt == ""):
             ids = np.zeros(0, dtype=np.int64)
         elif isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("a text prompt needs a tokenizer: pass tokenizer= or token ids")
-            ids = self._encode_text(prompt, None)
+            ids, encoded = self._encode_text(prompt, None), self.tokenizer
         elif isinstance(prompt, Mapping):
             raise ValueError(
                 "a single message is not a prompt: a chat prompt is a list of messages, e.g. "
@@ -808,13 +1030,24 @@ class OnnxCausalLM:
                 raise ValueError("a chat prompt needs a tokenizer with a chat template")
             # the template writes the special tokens it wants: none added again (Tokenizer.encode_chat)
             ids = self._encode_text(self.tokenizer.apply_chat_template(prompt), False)
+            encoded = self.tokenizer
         else:
             ids = np.asarray(prompt)
             if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
                 raise ValueError(f"expected a string or a 1-D sequence of token ids, got {prompt!r:.80}")
             ids = ids.astype(np.int64)
-            if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-                raise ValueError(f"token ids must lie in [0, {self.vocab_size})")
+        # A tokenizer's ids are checked too: its post-processor or chat template may write ids past the
+        # model's logits, on which the session would fail, and every prompt of the batch with it.
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            bad = int(ids[(ids < 0) | (ids >= self.vocab_size)][0])
+            if encoded is None:
+                raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got {bad}")
+            token = encoded.token_text(bad)
+            raise ValueError(
+                f"the tokenizer encodes this prompt with the token id {bad}"
+                + (f" ({token!r})" if token is not None else "")
+                + f", outside the model's vocabulary [0, {self.vocab_size})"
+            )
         if ids.size == 0:
             if self.bos_token_id is None:
                 raise ValueError("an empty prompt needs a bos_token_id (none in the configs)")
@@ -861,6 +1094,19 @@ class OnnxCausalLM:
         """Logits and the new cache: per-tensor host arrays, or a ``DeviceKVCache`` on the GPU."""
         if self.device_cache:
             return self._run_on_device(input_ids, attention_mask, position_ids, past)
+        feeds = self._feeds(input_ids, attention_mask, position_ids, past)
+        with self._one_call_at_a_time:
+            results = self.session.run(self._output_names, feeds)
+        return results[0], results[1:]  # with value_output, the value scores come last
+
+    def _feeds(
+        self,
+        input_ids: npt.NDArray[np.int64],
+        attention_mask: npt.NDArray[np.int64],
+        position_ids: npt.NDArray[np.int64],
+        past: Optional[Sequence[np.ndarray]],
+    ) -> dict[str, Any]:
+        """A host session call's inputs: the cache tensors ``past``, or an empty cache (prompts)."""
         feeds: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.has_position_ids:
             feeds["position_ids"] = position_ids
@@ -871,9 +1117,7 @@ class OnnxCausalLM:
             feeds.update((name, empty) for name in self._past_names)
         else:
             feeds.update(zip(self._past_names, past))
-        with self._one_call_at_a_time:
-            results = self.session.run(self._output_names, feeds)
-        return results[0], results[1:]  # with value_output, the value scores come last
+        return feeds
 
     def _run_in_place(
         self,
@@ -1212,10 +1456,17 @@ class OnnxCausalLM:
     def next_log_probs(self, particles: Particles) -> FloatArray:
         """``log p(v | prefix)`` of every token, ``(B, N, vocab)``: the sampled law, filters included."""
         particles.flush()
-        logits = particles.state["lm.logits"]
-        if logits.size and not logits.max() < np.inf:  # NaN propagates through max
+        return self._log_probs(particles.state["lm.logits"])
+
+    def _log_probs(self, logits: FloatArray) -> FloatArray:
+        """``next_log_probs`` of these logits (ValueError for NaN or ``+inf`` among them, or a row of
+        ``-inf`` only: no law)."""
+        row_max = logits.max(axis=-1) if logits.size else logits
+        if not (row_max < np.inf).all():  # NaN propagates through max
             what = "NaN" if np.isnan(logits).any() else "+inf"
             raise ValueError(f"logits: {self.model_file.name} returned bad logits: {what} in its output")
+        if not (row_max > -np.inf).all():
+            raise ValueError(f"logits: {self.model_file.name} returned bad logits: a row of -inf only")
         log_probs = log_softmax(logits / self.temperature)
         if self.top_k is not None and self.top_k < self.vocab_size:
             kth = np.partition(log_probs, -self.top_k, axis=-1)[..., -self.top_k][..., None]
@@ -1244,18 +1495,53 @@ class OnnxCausalLM:
         normalised log-probabilities ``s = log p``, so ``log p(v) = s_v``.
         """
         particles.flush()
+        try:
+            return self._draw_active(particles, rng, active)
+        except ValueError:  # NaN, +inf or no token of positive probability: the prompts whose rows hold them
+            if not self._fail_prompts_with_bad_logits(particles, active):
+                raise
+        return self._draw_active(particles, rng, active)  # the others, with the keys drawn before: undone
+
+    def _draw_active(
+        self, particles: Particles, rng: np.random.Generator, active: npt.NDArray[np.bool_]
+    ) -> tuple[npt.NDArray[np.int64], FloatArray]:
         shape = particles.lengths.shape
+        logits = particles.state["lm.logits"].reshape(-1, self.vocab_size)
         if self.top_k is None and self.top_p is None:
-            logits = particles.state["lm.logits"].reshape(-1, self.vocab_size)
             try:
                 index, chosen = core.sample_logits(logits, self.temperature, rng, where=active)
             except ValueError as error:  # NaN or +inf logits
                 raise ValueError(f"logits: {self.model_file.name} returned bad logits: {error}") from error
-        else:  # next_log_probs refuses NaN and +inf logits itself
-            scores = self.next_log_probs(particles).reshape(-1, self.vocab_size)
+        else:  # the rows not drawn are not read (as sample_logits reads them); _log_probs refuses NaN, +inf
+            if not active.all():
+                logits = np.where(active.reshape(-1, 1), logits, 0.0)
+            scores = self._log_probs(logits)
             index, _ = core.pool_select(scores, rng)
             chosen = np.where(active.reshape(-1), scores[np.arange(len(index)), index], 0.0)
         return index.reshape(shape), chosen.reshape(shape)
+
+    def _fail_prompts_with_bad_logits(self, particles: Particles, active: npt.NDArray[np.bool_]) -> bool:
+        """Fail the prompts whose ``active`` rows got logits no token can be drawn from (NaN, ``+inf``, or
+        every logit ``-inf``): each gets its reason in ``particles.errors`` and its particles finish (and
+        leave ``active``), so that the others are drawn as they would be without it (a serving batch's
+        other requests go on). Whether any did; False (the batch fails) for logits on a device."""
+        logits = particles.state["lm.logits"]
+        if type(logits) is not np.ndarray:
+            return False
+        rows = logits.reshape(*particles.lengths.shape, -1)
+        nan = np.asarray(np.isnan(rows).any(axis=-1))
+        positive_infinity = np.asarray(np.isposinf(rows).any(axis=-1))
+        bad = active & (nan | positive_infinity | ~(rows > -np.inf).any(axis=-1))
+        failing = np.flatnonzero(bad.any(axis=1)).tolist()
+        for b in failing:
+            what = "NaN" if nan[b].any() else "+inf" if positive_infinity[b].any() else "only -inf"
+            particles.errors[b] = (
+                f"logits: {self.model_file.name} returned {what} for this prompt's particles (no token can "
+                "be drawn from them)"
+            )
+            particles.finished[b] = True
+            active[b] = False
+        return bool(failing)
 
     def append(self, particles: Particles, tokens: npt.NDArray[np.int64]) -> None:
         """Extend every unfinished particle by one token (``(B, N)``) and run the model one step."""

@@ -10,7 +10,18 @@ last token once the trajectory is finished).
 ``"logit"`` (``Vh = sigmoid(score)``). On finished trajectories the terminal reward ``r`` is the model's
 value unless a ``verifier(prompt, text) -> r >= 0`` is given. Prefixes are scored in one batched call per
 step, and only those that changed since they were last scored (values follow resampling in
-``Particles.state``).
+``Particles.state``). An empty prompt's ``log Vh_0`` is 0 (no token to read it at), as is an empty
+prefix's, and the other prompts of its batch are scored as without it. ``token_map`` translates the
+policy's token ids into the reward model's (padding, ``pad_token_id``, is the reward model's own id).
+
+The output's layout is read at load: from its declared shape where its axes bear the names of
+``input_ids``' (batch, sequence) and its last axis is the sequence or of fixed size, else from its shapes
+for 2 rows of 3 and of 5 tokens (two small runs): an axis after the rows' that follows their width is the
+sequence, one of fixed size a class axis. Refused at load, naming the output: one that fits no layout
+(rank 0 or above 3, rows not first), scores of a type other than float, float16 or double, a class axis
+without ``label=`` (optimum's text-classification ``(batch, 2)`` among them), ``label=`` without a class
+axis, a label or classes beyond it; and inputs it cannot feed (``input_ids``, ``attention_mask`` and
+``position_ids`` are fed int64, as to the policy: ``_ort.check_inputs``).
 
 Classifier heads. With ``label=k`` the output has a class axis last, ``(batch, C)`` or ``(batch, seq, C)``
 (a ``token-classification`` export with C labels, e.g. a two-label PRM whose step score is ``softmax(s)[1]``;
@@ -52,7 +63,7 @@ import numpy.typing as npt
 
 from .. import core
 from ._config import Source, positive_int, token_id, token_ids
-from ._ort import make_session, shrink_memory_arena
+from ._ort import FLOAT_TYPES, check_inputs, make_session, shrink_memory_arena
 from .onnx_lm import (
     _PAST,
     BATCHING_TOLERANCE,
@@ -72,6 +83,13 @@ __all__ = ["OnnxRewardModel"]
 
 FloatArray = npt.NDArray[np.float64]
 KINDS = core.SCORE_KINDS
+# the scores' element types it reads
+_FLOAT_TYPES = tuple(FLOAT_TYPES)
+_LAYOUTS = (
+    "expected one score a row ((batch,) or (batch, 1)) or a position ((batch, seq) or (batch, seq, 1)), "
+    "or pass label= to read a class axis"
+)
+_CLASS_LAYOUTS = "(batch, classes) or (batch, seq, classes)"
 logger = logging.getLogger(__name__)
 
 
@@ -195,6 +213,7 @@ class OnnxRewardModel:
                 f"missing {missing or 'none'}, unexpected {unsupported or 'none'}; inputs found: "
                 f"{', '.join(inputs)}"
             )
+        check_inputs(self.model_file, list(inputs.values()))  # their types and ranks, as the policy's
         self.has_position_ids = "position_ids" in inputs
         self.has_cache_branch = "use_cache_branch" in inputs
         # (name, dtype, KV heads, head size) of each cache input (re-encoding feeds it empty)
@@ -210,7 +229,12 @@ class OnnxRewardModel:
                 f"output: {output!r} is not an output of {self.model_file.name}: found {list(outputs)}"
             )
         self.output = output
-        self.label, self.classes = self._check_classes(label, classes, outputs[output].shape)
+        if outputs[output].type not in _FLOAT_TYPES:
+            raise ValueError(
+                f"output: {output!r} of {self.model_file.name} holds {outputs[output].type}; expected "
+                f"scores of a floating-point type ({', '.join(_FLOAT_TYPES)})"
+            )
+        self.label, self.classes = self._check_classes(label, classes)
         # where the label sits among the classes read, and those classes (None: the whole class axis)
         label_at = self.label or 0
         self._label_at = self.classes.index(label_at) if self.classes else label_at
@@ -225,12 +249,16 @@ class OnnxRewardModel:
         self.token_map = None
         if token_map is not None:
             mapping = np.asarray(token_map)
-            if mapping.ndim != 1 or mapping.dtype.kind not in "iu":
-                raise ValueError(f"token_map: expected a 1-D array of token ids, got shape {mapping.shape}")
+            if mapping.ndim != 1 or mapping.dtype.kind not in "iu" or mapping.size == 0:
+                raise ValueError(
+                    f"token_map: expected a non-empty 1-D array of token ids, got shape {mapping.shape}"
+                )
             upper = self.vocab_size if self.vocab_size is not None else np.iinfo(np.int64).max
             if mapping.size and (mapping.min() < 0 or mapping.max() >= upper):
                 raise ValueError(f"token_map: ids must lie in [0, {upper}) of the reward model's vocabulary")
             self.token_map = mapping.astype(np.int64)
+        # whether the output holds a score (or, with label, a class vector) per position, not per row
+        self.per_position = self._output_layout(outputs[output].shape, inputs["input_ids"].shape)
         self._cached = self._cached_scorer(kv_cache, outputs, f"rm.{serial}")
         if self._cached is not None:
             difference, scale = self.cache_difference()
@@ -267,10 +295,7 @@ class OnnxRewardModel:
             reasons.append(f"it lacks the outputs {', '.join(absent)}")
         if not self.has_position_ids:
             reasons.append("it has no position_ids input")
-        per_position = len(shape) == 3 or (
-            len(shape) == 2 and self.label is None and not isinstance(shape[1], int)
-        )
-        if not per_position:
+        if not self.per_position:
             reasons.append(f"its output {self.output!r} {list(shape)} is not one score per position")
         if reasons:
             if kv_cache:
@@ -320,28 +345,16 @@ class OnnxRewardModel:
         return self._cached is not None
 
     def _check_classes(
-        self, label: Optional[int], classes: Optional[Sequence[int]], shape: Sequence[Any]
+        self, label: Optional[int], classes: Optional[Sequence[int]]
     ) -> tuple[Optional[int], Optional[list[int]]]:
-        """``label`` and ``classes`` checked against each other and against the output's static shape."""
-        static = shape[-1] if shape and isinstance(shape[-1], int) else None
+        """``label`` and ``classes`` checked against each other (against the output's class axis:
+        ``_output_layout``)."""
         if label is None:
             if classes is not None:
                 raise ValueError("classes: needs label= (the class whose probability is Vh)")
-            if len(shape) == 3 and static is not None and static > 1:
-                raise ValueError(
-                    f"output: {self.output!r} has {static} classes per position (shape {list(shape)}); "
-                    "pass label= (and classes=) to read one class's probability as Vh"
-                )
             return None, None
         if isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer)) or label < 0:
             raise ValueError(f"label: expected a class index >= 0, got {label!r}")
-        if shape and len(shape) not in (2, 3):
-            raise ValueError(
-                f"output: {self.output!r} has shape {list(shape)}; with label= expected (batch, classes) or "
-                "(batch, seq, classes)"
-            )
-        if static is not None and label >= static:
-            raise ValueError(f"label: {label} is not a class of {self.output!r} ({static} classes)")
         if classes is None:
             return int(label), None
         if isinstance(classes, (str, bytes)):
@@ -349,11 +362,115 @@ class OnnxRewardModel:
         chosen = [int(c) for c in classes]
         if len(chosen) < 2 or len(set(chosen)) != len(chosen) or min(chosen) < 0:
             raise ValueError(f"classes: expected two or more distinct class indices >= 0, got {chosen}")
-        if static is not None and max(chosen) >= static:
-            raise ValueError(f"classes: {max(chosen)} is not a class of {self.output!r} ({static} classes)")
         if int(label) not in chosen:
             raise ValueError(f"classes: {chosen} must include label {int(label)}")
         return int(label), chosen
+
+    def _output_layout(self, declared: Sequence[Any], ids_shape: Sequence[Any]) -> bool:
+        """Whether the output holds one score (with ``label``, one class vector) per position rather than
+        per row, from its declared shape where that settles it, else from the shapes it gives for 2 rows of
+        3 and of 5 tokens (``_probe_output``); ValueError naming the output where it fits neither, or fits
+        ``label`` / ``classes`` badly. The declared shape settles it where its axes bear the names of
+        ``input_ids``' (batch, sequence) axes, its last a fixed size unless it is the sequence: ``(batch,)``,
+        ``(batch, k)``, ``(batch, sequence)``, ``(batch, sequence, k)``. Else an axis after the rows' is the
+        sequence where it follows the width of the rows fed, and a class axis where its size is fixed."""
+        shape = list(declared)
+        rank = len(shape)
+        if rank >= 4:
+            self._refuse_layout(shape)
+        batch, sequence = [*ids_shape, None, None][:2]
+        if (
+            isinstance(batch, str)
+            and isinstance(sequence, str)
+            and batch != sequence
+            and rank
+            and shape[0] == batch
+        ):
+            last = shape[-1]
+            if rank == 1:
+                return self._layout(shape, 1, False, None)
+            if rank == 2 and isinstance(last, int):
+                return self._layout(shape, 2, False, last)
+            if rank == 2 and last == sequence:
+                return self._layout(shape, 2, True, None)
+            if rank == 3 and shape[1] == sequence and isinstance(last, int):
+                return self._layout(shape, 3, True, last)
+        # an unknown rank ([]), axes named otherwise than input_ids', or one that may be the sequence or
+        # classes: run it
+        shapes = self._probe_output(shape)
+        ranks = {len(s) for s in shapes}
+        first, second = shapes
+        rank = len(first)
+        if len(ranks) == 1 and rank in (1, 2, 3) and first[0] == second[0] == 2:
+            follows = first[1:2] == (3,) and second[1:2] == (5,)  # its second axis is the sequence
+            if rank == 1:
+                return self._layout(first, 1, False, None)
+            if rank == 2 and (follows or first[1] == second[1]):
+                return self._layout(first, 2, follows, None if follows else first[1])
+            if rank == 3 and follows and first[2] == second[2]:
+                return self._layout(first, 3, True, first[2])
+        raise ValueError(
+            f"output: {self.output!r} of {self.model_file.name} (declared {shape}) gave shapes "
+            f"{list(first)} and {list(second)} for 2 rows of 3 and of 5 tokens; "
+            + (_LAYOUTS if self.label is None else f"with label= expected {_CLASS_LAYOUTS}")
+        )
+
+    def _layout(self, shape: Sequence[Any], rank: int, per_position: bool, count: Optional[int]) -> bool:
+        """``per_position`` checked against ``label`` / ``classes``: ``count`` is the size of the last axis
+        after the batch's (and the sequence's, where ``per_position``), None where there is none or it is
+        unknown."""
+        label = self.label
+        has_class_axis = rank == 3 or (rank == 2 and not per_position)
+        if label is None:
+            if has_class_axis and count is not None and count != 1:
+                per = " per position" if per_position else ""
+                raise ValueError(
+                    f"output: {self.output!r} has {count} classes{per} (shape {list(shape)} in "
+                    f"{self.model_file.name}); pass label= (and classes=) to read one class's probability "
+                    "as Vh"
+                )
+            return per_position
+        if not has_class_axis:
+            per = "a position" if per_position else "a row"
+            raise ValueError(
+                f"label: output {self.output!r} has one score {per} (shape {list(shape)} in "
+                f"{self.model_file.name}), no class axis; leave label= (and classes=) out"
+            )
+        if count is not None:
+            highest = max(self.classes or [label])
+            if highest >= count:
+                what = "classes" if self.classes and highest != label else "label"
+                raise ValueError(f"{what}: {highest} is not a class of {self.output!r} ({count} classes)")
+        return per_position
+
+    def _refuse_layout(self, shape: Sequence[Any]) -> None:
+        expected = _LAYOUTS if self.label is None else f"with label= expected {_CLASS_LAYOUTS}"
+        raise ValueError(
+            f"output: {self.output!r} has shape {list(shape)}; {expected} ({self.model_file.name})"
+        )
+
+    def _probe_output(self, declared: Sequence[Any]) -> list[tuple[int, ...]]:
+        """The output's shapes for 2 rows of 3 and of 5 tokens, one session call each (a ValueError naming
+        the file where the graph fails on them)."""
+        size = len(self.token_map) if self.token_map is not None else (self.vocab_size or 64)
+        short, long, token = probe_ids(size)
+        sequence = np.concatenate([long, token, short])
+        shapes: list[tuple[int, ...]] = []
+
+        def shape_of(raw: np.ndarray, shape: tuple[int, int], columns: npt.NDArray[np.int64]) -> FloatArray:
+            shapes.append(tuple(raw.shape))
+            return np.zeros(shape[0])
+
+        for width in (3, 5):
+            try:
+                self._score([sequence[:width], sequence[1 : width + 1]], shape_of)
+            except Exception as error:  # ONNX Runtime's own error types: said of the file
+                raise ValueError(
+                    f"path: {self.model_file.name} failed on 2 rows of {width} tokens, run at load because "
+                    f"the declared shape {list(declared)} of its output {self.output!r} leaves its layout "
+                    f"open: {error}"
+                ) from error
+        return shapes
 
     def check_policy(self, policy: Any) -> None:
         """Refuse a policy whose vocabulary differs from this model's, unless a ``token_map`` is given."""
@@ -423,10 +540,10 @@ class OnnxRewardModel:
         covers past and new columns, ``positions`` go where the graph takes them, and the new tokens are
         translated by ``token_map`` (padding is ``pad_token_id``). Shared by re-encoding and the KV-cached
         path."""
-        fed = mask[:, mask.shape[1] - ids.shape[1] :]
         feeds: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
-        if self.token_map is not None:
-            feeds["input_ids"] = np.where(fed == 1, self.token_map[ids], self.pad_token_id)
+        if self.token_map is not None:  # padding (pad_token_id, the reward model's) is not looked up
+            real = mask[:, mask.shape[1] - ids.shape[1] :] == 1
+            feeds["input_ids"] = np.where(real, self.token_map[np.where(real, ids, 0)], self.pad_token_id)
         if positions is not None:
             feeds["position_ids"] = positions
         if self.has_cache_branch:
@@ -443,30 +560,20 @@ class OnnxRewardModel:
         width, 1)`` (one a position, read at ``columns``) as ``log Vh`` by ``kind``, in one core call; with
         ``label``, ``(rows, C)`` or ``(rows, width, C)`` read by ``_class_log_values``."""
         rows, width = shape
+        per_position = self.per_position
         if self.label is not None:
-            if raw.ndim == 2 and raw.shape[0] == rows:
+            if not per_position and raw.ndim == 2 and raw.shape[0] == rows:
                 vectors = raw
-            elif raw.ndim == 3 and raw.shape[:2] == (rows, width):
+            elif per_position and raw.ndim == 3 and raw.shape[:2] == (rows, width):
                 vectors = raw[np.arange(rows), columns]
             else:
-                raise ValueError(
-                    f"output: {self.output!r} has shape {raw.shape}; with label= expected (batch, classes) "
-                    "or (batch, seq, classes)"
-                )
+                raise self._unexpected(raw.shape, rows, width)
             return self._class_log_values(vectors)
-        if raw.shape in ((rows,), (rows, 1)):
-            read: Optional[npt.NDArray[np.int64]] = None  # one score a row
-        elif raw.shape in ((rows, width), (rows, width, 1)):
+        read: Optional[npt.NDArray[np.int64]] = None  # one score a row
+        if per_position and raw.shape in ((rows, width), (rows, width, 1)):
             read = columns
-        elif raw.ndim == 3 and raw.shape[:2] == (rows, width):
-            raise ValueError(
-                f"output: {self.output!r} has {raw.shape[2]} classes per position; pass label= (and "
-                "classes=) to read one class's probability as Vh"
-            )
-        else:
-            raise ValueError(
-                f"output: {self.output!r} has shape {raw.shape}; expected (batch,) or (batch, seq)"
-            )
+        elif per_position or raw.shape not in ((rows,), (rows, 1)):
+            raise self._unexpected(raw.shape, rows, width)
         if raw.dtype.char not in "fd" or not raw.flags.c_contiguous:
             raw = np.ascontiguousarray(raw, dtype=np.float64)
         try:
@@ -481,9 +588,20 @@ class OnnxRewardModel:
                     raise ValueError(
                         f"reward: {self.model_file.name} returned {what} for {int(bad.sum())} prefix(es)"
                     ) from error
-            raise ValueError(
-                f"reward: kind='prob' but {self.model_file.name} returned values outside [0, 1] ({error})"
-            ) from error
+            if self.kind == "prob":
+                raise ValueError(
+                    f"reward: kind='prob' but {self.model_file.name} returned values outside [0, 1] ({error})"
+                ) from error
+            raise ValueError(f"reward: {self.model_file.name}: {error}") from error
+
+    def _unexpected(self, got: tuple[int, ...], rows: int, width: int) -> ValueError:
+        """The error for an output of another shape than the layout found at load (``_output_layout``)."""
+        what = "a class vector" if self.label is not None else "one score"
+        per = "a position" if self.per_position else "a row"
+        return ValueError(
+            f"output: {self.output!r} of {self.model_file.name} has shape {got} for {rows} rows of {width} "
+            f"tokens; its layout at load was {what} {per}"
+        )
 
     def _class_log_values(self, vectors: np.ndarray) -> FloatArray:
         """``log Vh`` of each row's class scores ``(rows, C)`` by ``kind`` (see the module docstring)."""
@@ -527,10 +645,14 @@ class OnnxRewardModel:
         return particles.prompt_tokens[b]
 
     def initial_log_value(self, particles: Particles) -> FloatArray:
-        """``log Vh_0``: the model's value of each prompt."""
+        """``log Vh_0``: the model's value of each prompt (0 for an empty prompt, the others' unchanged)."""
         sequences = [self._prompt(particles, b) for b in range(particles.num_prompts)]
-        if any(len(s) == 0 for s in sequences):
-            return np.zeros(particles.num_prompts)
+        empty = np.array([len(s) == 0 for s in sequences], dtype=bool)
+        if empty.any():  # an empty prompt's log Vh_0 is 0 (no token to read it at); the others' as alone
+            values = np.zeros(particles.num_prompts)
+            if not empty.all():
+                values[~empty] = self._score([s for s in sequences if len(s)])
+            return values
         if self._cached is not None and not particles.lengths.any():
             # the prompts' cache, ready for the first step (and for joining a serving batch)
             values = self._cached.start(particles, self._read)
@@ -569,18 +691,10 @@ class OnnxRewardModel:
         ``values``; and the lengths the values were scored at."""
         batch, count = particles.lengths.shape
         selected = None if stale is None else np.flatnonzero(stale)
-        cached = self._cached is not None and self._cached.usable(particles)
-        buckets = None if cached else self._length_buckets(particles, selected)
-        if cached:
-            assert self._cached is not None
+        if self._cached is not None and self._cached.usable(particles):
             fresh = _select(self._cached.advance(particles, self._read), selected)
-        elif buckets is None:
-            fresh = self._score_rows(particles, selected)
         else:
-            rows = np.arange(batch * count) if selected is None else selected
-            fresh = np.empty(rows.size)
-            for bucket in buckets:
-                fresh[bucket] = self._score_rows(particles, rows[bucket])
+            fresh = self._encoded(particles, selected)
         if self.verifier is not None:
             for k in np.flatnonzero(_select(particles.finished, selected)):
                 b, i = divmod(int(k if selected is None else selected[k]), count)
@@ -590,6 +704,29 @@ class OnnxRewardModel:
         merged = values.copy()
         merged[stale] = fresh
         return merged, np.where(stale, particles.lengths, scored)
+
+    def _encoded(self, particles: Particles, selected: Optional[npt.NDArray[np.int64]]) -> FloatArray:
+        """``log Vh`` of the prefixes ``selected`` (flat indices; None: all) re-encoded, in buckets of
+        similar lengths (``_length_buckets``); an empty prefix (an empty prompt, nothing generated) is 0,
+        as ``initial_log_value`` gives it, and not run."""
+        rows = np.arange(particles.lengths.size) if selected is None else selected
+        prompt_lengths = np.diff(self._prompt_layout(particles).offsets)
+        if prompt_lengths.size and prompt_lengths.min() == 0:
+            lengths = (
+                np.repeat(prompt_lengths, particles.num_particles)[rows] + particles.lengths.reshape(-1)[rows]
+            )
+            if not lengths.all():
+                fresh = np.zeros(rows.size)
+                if lengths.any():
+                    fresh[lengths > 0] = self._encoded(particles, rows[lengths > 0])
+                return fresh
+        buckets = self._length_buckets(particles, selected)
+        if buckets is None:
+            return self._score_rows(particles, selected)
+        fresh = np.empty(rows.size)
+        for bucket in buckets:
+            fresh[bucket] = self._score_rows(particles, rows[bucket])
+        return fresh
 
     # A call re-encodes whole prefixes: ONNX Runtime's attention holds several ``rows x heads x L x L`` float
     # tensors at once (``L``: the padded length), so memory grows with ``rows x L^2`` (about 150 bytes per

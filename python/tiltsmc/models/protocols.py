@@ -32,7 +32,10 @@ class Policy(Protocol):
         """Draw ``s_t ~ p(. | prefix)`` for every unfinished particle and append it, in place.
 
         Returns ``log p(s_t | prefix)``, shape ``(B, N)``, exactly as sampled (0 for finished particles);
-        sets ``particles.finished`` where the trajectory has ended.
+        sets ``particles.finished`` where the trajectory has ended. A prompt the policy cannot go on with
+        (its model's output unusable for that prompt's particles alone) may fail on its own: its reason in
+        ``particles.errors[b]`` and its particles finished; the samplers then end the run that holds it
+        with ``prompt k: reason``, and the engine's other requests go on.
         """
         ...
 

@@ -19,6 +19,7 @@ import numpy.typing as npt
 import tokenizers
 
 from . import chat
+from ._config import file_problem, optional_file
 
 __all__ = ["Tokenizer", "load_tokenizer"]
 
@@ -102,19 +103,53 @@ class Tokenizer:
 
     def decode(self, ids: npt.ArrayLike, skip_special_tokens: Optional[bool] = None) -> str:
         """The text of ``ids``, special tokens left out unless ``skip_special_tokens`` (default: the
-        tokenizer's setting) is False."""
-        token_ids = np.asarray(ids, dtype=np.int64).reshape(-1).tolist()  # Python ints, in one call
-        return str(self.inner.decode(token_ids, skip_special_tokens=self._skip(skip_special_tokens)))
+        tokenizer's setting) is False. An id the tokenizer does not have decodes to nothing; a negative
+        one is a ValueError."""
+        try:
+            token_ids = np.asarray(ids, dtype=np.int64).reshape(-1).tolist()  # Python ints, in one call
+            return str(self.inner.decode(token_ids, skip_special_tokens=self._skip(skip_special_tokens)))
+        except OverflowError:  # the tokenizers library's ids are unsigned 32-bit
+            raise ValueError(f"decode: expected token ids in [0, 2**32), got {_outside_u32(ids)}") from None
 
     def decode_batch(self, ids: Sequence[list[int]], skip_special_tokens: Optional[bool] = None) -> list[str]:
         """``decode`` of each list of token ids, in one call of the tokenizer where it has one."""
         skip = self._skip(skip_special_tokens)
-        if not isinstance(self.inner, tokenizers.Tokenizer):  # a tokenizer object of the user's own
-            return [str(self.inner.decode(list(each), skip_special_tokens=skip)) for each in ids]
-        return [str(text) for text in self.inner.decode_batch(list(ids), skip_special_tokens=skip)]
+        try:
+            if not isinstance(self.inner, tokenizers.Tokenizer):  # a tokenizer object of the user's own
+                return [str(self.inner.decode(list(each), skip_special_tokens=skip)) for each in ids]
+            return [str(text) for text in self.inner.decode_batch(list(ids), skip_special_tokens=skip)]
+        except OverflowError:
+            found = next((bad for bad in map(_outside_u32, ids) if bad is not None), None)
+            raise ValueError(f"decode: expected token ids in [0, 2**32), got {found}") from None
+
+    def largest_id(self) -> tuple[int, str]:
+        """The largest token id every text is encoded with or may be, and what gives it: a special token the
+        post-processor adds (where ``add_special_tokens``), else the vocabulary's size less one (the
+        ``tokenizers`` library numbers added tokens after the vocabulary; a vocabulary whose ids leave gaps
+        may hold larger ones, which ``OnnxCausalLM.encode_prompt`` refuses prompt by prompt). Read without
+        listing the vocabulary (tens of milliseconds for large ones)."""
+        inner = self.inner
+        largest, what = self.vocab_size - 1, f"its {self.vocab_size} tokens"
+        if not isinstance(inner, tokenizers.Tokenizer):
+            return largest, what
+        if self.add_special_tokens:  # what every text prompt gets (a BOS, ...)
+            encoding = inner.encode("", add_special_tokens=True)
+            for token_id, token in zip(encoding.ids, encoding.tokens):
+                if token_id > largest:
+                    largest, what = int(token_id), f"the special token {token!r} its post-processor adds"
+        return largest, what
 
     def _skip(self, skip_special_tokens: Optional[bool]) -> bool:
         return bool(self.skip_special_tokens if skip_special_tokens is None else skip_special_tokens)
+
+    def token_text(self, token_id: int) -> Optional[str]:
+        """The token of ``token_id`` as the vocabulary writes it (None where it has no such id, or the
+        tokenizer object cannot say)."""
+        to_token = getattr(self.inner, "id_to_token", None)
+        if to_token is None or not 0 <= token_id < 1 << 32:
+            return None
+        value = to_token(int(token_id))
+        return None if value is None else str(value)
 
     def token_id(self, token: str) -> Optional[int]:
         value = self.inner.token_to_id(token)
@@ -144,6 +179,14 @@ class Tokenizer:
         )
 
 
+def _outside_u32(ids: Any) -> Optional[Any]:
+    """The first of ``ids`` (a sequence, nested or not) outside ``[0, 2**32)``, else None."""
+    for value in np.asarray(ids, dtype=object).reshape(-1).tolist():
+        if isinstance(value, (int, np.integer)) and not 0 <= int(value) < 1 << 32:
+            return value
+    return None
+
+
 def _flag(value: Any, name: str) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name}: expected True or False, got {value!r}")
@@ -163,7 +206,11 @@ def load_tokenizer(
     none: prompts must be token ids). The chat template and special tokens come from the tokenizer's
     folder (the model's for a ``tokenizers.Tokenizer``): ``chat_template.jinja``, else
     ``tokenizer_config.json``'s ``chat_template``; ``chat_template=`` overrides them. The options apply to
-    a ``Tokenizer`` too (a copy)."""
+    a ``Tokenizer`` too (a copy). A ``chat_template`` given is checked here (``chat.check_chat_template``):
+    a Jinja syntax error, or a file's path in place of its text, fails at load, not at the first chat
+    prompt."""
+    if chat_template is not None:
+        chat.check_chat_template(chat_template)
     if isinstance(tokenizer, Tokenizer):
         return tokenizer.with_options(add_special_tokens, skip_special_tokens, chat_template)
     options: dict[str, Any] = {
@@ -185,15 +232,18 @@ def load_tokenizer(
             f"tokenizer: expected a path or a tokenizers.Tokenizer, got {type(tokenizer).__name__}"
         )
     if tokenizer is None:
-        if model_dir is None or not (model_dir / "tokenizer.json").is_file():
+        if model_dir is None or not optional_file(model_dir / "tokenizer.json", "tokenizer"):
             return None
         path = model_dir / "tokenizer.json"
     else:
         path = Path(tokenizer)
         if path.is_dir():
             path = path / "tokenizer.json"
-        if not path.is_file():
+        problem = file_problem(path)
+        if problem == "does not exist":
             raise FileNotFoundError(f"tokenizer: no tokenizer file at {path}")
+        if problem:
+            raise ValueError(f"tokenizer: {path} {problem}, not a tokenizer file")
     from tokenizers import Tokenizer as HFTokenizer
 
     try:

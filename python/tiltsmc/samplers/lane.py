@@ -193,7 +193,7 @@ class Lane:
             if id(member) not in together:
                 member.run.before_step(_view(particles, member))
         live = ~particles.finished if groups else None  # the particles this step extends
-        self._charge(lambda: self.models.propose(particles, self._rng()), live=True)
+        self._propose(particles, ended)  # a run it ends leaves the groups (_reweigh_together: _active)
         self._end_at_limits(particles)
         log_v = self._log_values(ended)
         outcomes = {} if live is None else self._reweigh_together(groups, log_v, live)
@@ -304,7 +304,7 @@ class Lane:
 
     def _rollout_step(self, ended: Ended) -> None:
         particles = self._count_step()
-        self._charge(lambda: self.models.propose(particles, self._rng()), live=True)
+        self._propose(particles, ended)
         self._end_at_limits(particles)
         for member in self._active():
             try:
@@ -346,6 +346,22 @@ class Lane:
                 keeps_counts=True,
             )
         self._drop_ended()
+
+    def _propose(self, particles: Particles, ended: Ended) -> None:
+        """The policy's ``propose`` for every row; a run with a prompt the policy failed during the call (a
+        new entry in ``particles.errors``, its particles finished: logits no token can be drawn from)
+        ends with that prompt's reason, and the others go on."""
+        errors_before = len(particles.errors)
+        self._charge(lambda: self.models.propose(particles, self._rng()), live=True)
+        if len(particles.errors) == errors_before:
+            return
+        for member in self._active():
+            known = getattr(member.run, "errors", {})  # the prompts that failed at the start
+            for row in range(member.start, member.stop):
+                prompt, reason = (row - member.start) // member.count, particles.errors.get(row)
+                if reason is not None and prompt not in known:
+                    self._end_alone(member, ValueError(f"prompt {prompt}: {reason}"), ended)
+                    break
 
     def _log_values(self, ended: Ended) -> FloatArray:
         """``log Vh_t`` of every row; where the call fails for the batch, each run is scored alone and
