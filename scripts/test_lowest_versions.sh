@@ -37,7 +37,7 @@ echo "== lowest versions: $("$lowest" --version), requirements at their lower bo
 SKBUILD_CMAKE_DEFINE="TILTSMC_CUDA=OFF" \
     "$lowest" -m uv pip install --quiet --python "$lowest" --resolution lowest-direct ".[test]"
 "$lowest" -c 'import importlib.metadata as m
-names = ["numpy", "tokenizers", "tqdm", "onnxruntime", "fastapi", "pydantic", "uvicorn", "prometheus-client",
+names = ["numpy", "tokenizers", "tqdm", "onnxruntime", "onnx", "fastapi", "pydantic", "uvicorn", "prometheus-client",
          "jinja2", "openai", "httpx", "jsonschema", "pytest", "hypothesis"]
 print("   ", ", ".join(f"{name} {m.version(name)}" for name in names))'
 "$lowest" -m pytest -q -p no:cacheprovider

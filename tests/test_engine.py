@@ -1150,7 +1150,7 @@ def _policy_with_bad_logits_after(token: int, value: float, folder: Path) -> Pat
     or -inf logits for the prompts that hold it, the fixture's own for the others."""
     import shutil
 
-    import onnx
+    onnx = pytest.importorskip("onnx")
     from onnx import helper, numpy_helper
 
     shutil.copytree(FIXTURES / "llama-tiny", folder)
