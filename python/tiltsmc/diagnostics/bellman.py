@@ -166,7 +166,7 @@ def check_confidence(confidence: Any) -> float:
     otherwise, not a string or a bool), ``0 < confidence < 1`` and ``1 - confidence < 1`` in floating point
     (ValueError otherwise: below about ``5.6e-17`` the error probability ``1 - confidence`` rounds to 1 and
     a one-sided quantile at it is ``-inf``). Every level accepted here gives finite quantiles through
-    [`upper_normal_quantile`][tiltsmc.diagnostics.bellman.upper_normal_quantile]: its error probability
+    ``upper_normal_quantile``: its error probability
     is at least ``2^-53``, far above the smallest positive double however many intervals share it."""
     level = real_number(confidence, "confidence")  # "0.5" is refused, not read as 0.5
     if not 0.0 < level < 1.0:
@@ -283,7 +283,7 @@ def bellman_error(
 
     Checked before any rollout: ``policy`` and ``reward`` implement the protocols (TypeError), the counts
     are ints >= 1, ``confidence`` a number (TypeError) in (0, 1) with ``1 - confidence`` not rounding to 1
-    ([`check_confidence`][tiltsmc.diagnostics.bellman.check_confidence]) and ``method`` one of the three
+    (``tiltsmc.diagnostics.bellman.check_confidence``) and ``method`` one of the three
     (ValueError). During the rollouts, the reward model's log-values (``initial_log_value``, ``log_value``,
     ``next_log_values``) are checked as the samplers check them: NaN or ``+inf`` raises ValueError naming
     the first prompt and the step where it came. A prompt the policy could not start (``particles.errors``,

@@ -85,7 +85,7 @@ class OnlineBellman:
         increments: ``(B, steps)`` ``l_t = log sum_i W_{t-1,i} G_{t,i}``; 0 after a prompt finished.
         standard_errors: ``(B, steps)`` Monte Carlo standard errors of ``l_t`` (``inf`` where ``l_t = -inf``).
         confidence: joint level of the lower bounds, checked as
-            [`check_confidence`][tiltsmc.diagnostics.bellman.check_confidence] checks it (in ``(0, 1)``,
+            ``tiltsmc.diagnostics.bellman.check_confidence`` checks it (in ``(0, 1)``,
             ``1 - confidence`` not rounding to 1), so that every bound has a finite quantile.
     """
 
