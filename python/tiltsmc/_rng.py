@@ -112,6 +112,7 @@ def keyed(rng: RNGLike, kernel: Callable[[int], T]) -> T:
     bit_generator = _callers_bit_generator(rng)
     if bit_generator is None:  # nothing of the caller's moves
         return kernel(draw_key(rng))
+    # KeyDraws' key and call written out: going through a KeyDraws costs about 0.5 us more a call
     saved = _save(bit_generator)
     key = draw_key(rng)
     try:
