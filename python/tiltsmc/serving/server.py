@@ -24,7 +24,9 @@ requests (503 closing, or failed); ``GET /metrics`` is the Prometheus text forma
 
 Bad requests get a 400 whose ``error.param`` names the field (fields typed strictly: ``"2"`` or ``true``
 is not a number), as do the engine's refusals and a request's own failures once admitted, named by the
-request's fields (``particles``, ``prompt[k]``); a full queue a 429 with ``Retry-After``;
+request's fields (``particles``, ``prompt[k]``); a body sent as another type than JSON (``Content-Type``
+other than ``application/json``, any charset, or a ``+json`` type; none is read as JSON) a 415;
+a full queue a 429 with ``Retry-After``;
 a request past its timeout a 504; with ``--api-key-env VAR``, ``/v1/*`` and ``/metrics`` need
 ``Authorization: Bearer <key>`` (401 otherwise). One JSON log line per request (logger
 ``tiltsmc.server``), with the request's id (``X-Request-ID``, taken from the client or made here).
@@ -193,13 +195,18 @@ class ClientGone(Exception):
 
 
 class RequestError(ValueError):
-    """A request the server refuses: ``param`` names the field."""
+    """A request the server refuses: ``param`` names the field; ``headers`` go with the answer."""
 
     def __init__(
-        self, param: Optional[str], message: str, status: int = 400, code: Optional[str] = None
+        self,
+        param: Optional[str],
+        message: str,
+        status: int = 400,
+        code: Optional[str] = None,
+        headers: Optional[dict[str, str]] = None,
     ) -> None:
         super().__init__(message)
-        self.param, self.status, self.code = param, status, code
+        self.param, self.status, self.code, self.headers = param, status, code, headers
 
 
 def _error(
@@ -346,7 +353,7 @@ def create_app(
     @app.exception_handler(RequestError)
     async def refused(request: Request, error: RequestError) -> JSONResponse:
         kind = "authentication_error" if error.status == 401 else "invalid_request_error"
-        headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else error.headers
         return JSONResponse(
             _error_body(str(error), kind, error.param, error.code), status_code=error.status, headers=headers
         )
@@ -418,6 +425,7 @@ def create_app(
         where FastAPI's route would parse them in Python and then validate them through its dependency
         machinery, at a cost in the event loop's time that every request paid."""
         await authorised(request)
+        _check_content_type(request.headers.get("content-type"))
         try:
             raw = await request.body()
         except ClientDisconnect:  # it left while sending its body: nobody to answer
@@ -545,6 +553,28 @@ def create_app(
     app.add_middleware(_BodyLimit, limit=limits.max_body_bytes)
     app.add_middleware(_RequestLog, latency=latency, instance=instance)  # outermost: logs the 413s too
     return app
+
+
+def _check_content_type(value: Optional[str]) -> None:
+    """A completion request's body is JSON: sent as ``application/json`` or a ``+json`` type, with any
+    parameters (``charset=utf-8``: JSON is UTF-8 in any case), or with no ``Content-Type`` at all (read as
+    JSON, as FastAPI reads a body model's). Any other type is a 415 naming the header, before the body is
+    read (a form body was refused as invalid JSON, a ``text/plain`` one read as JSON)."""
+    if value is None or not value.strip():
+        return
+    kind, slash, subtype = value.split(";", 1)[0].strip().lower().partition("/")
+    if kind == "application" and slash and (subtype == "json" or subtype.endswith("+json")):
+        return
+    hint = ""
+    if f"{kind}/{subtype}" == "application/x-www-form-urlencoded":
+        hint = " (what curl -d sends unless given -H 'Content-Type: application/json')"
+    raise RequestError(
+        None,
+        f"Content-Type: expected application/json, got {value[:100]!r}{hint}",
+        415,
+        "unsupported_media_type",
+        {"Accept": "application/json"},
+    )
 
 
 def _chat_messages(messages: Iterable[Any]) -> list[dict[str, Any]]:
