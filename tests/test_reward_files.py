@@ -21,6 +21,8 @@ from tiltsmc.models import onnx_reward as onnx_reward_module
 MODELS = Path(__file__).resolve().parent / "fixtures" / "models"
 PRM, VALUE = MODELS / "prm-tiny", MODELS / "gpt2-value-tiny"
 FLOAT, INT32, INT64, BOOL = 1, 6, 7, 9  # onnx.TensorProto's element types
+# the one wording of a float-type refusal (_ort.float_type_error), after "is tensor(<its type>); "
+FLOAT_TYPE = r"expected scores of a float type: tensor\(float\), tensor\(float16\) or tensor\(double\)"
 
 # build(helper, graph, raw, out, const) adds the nodes that compute ``out`` from the fixture's output ``raw``
 Build = Callable[[Any, Any, str, str, Callable[[str, Any], str]], None]
@@ -256,8 +258,8 @@ def test_prm_and_class_heads_load_without_a_session_call(monkeypatch: pytest.Mon
         (op("Unsqueeze"), [1, "batch_size", "sequence_length", 1], FLOAT, r"has shape \[1, 'batch_size'"),
         (op("ReduceMean"), [], FLOAT, r"\(declared \[\]\) gave shapes \[\] and \[\] for 2 rows"),
         (op("Transpose", perm=[1, 0, 2]), ["s", "b", 1], FLOAT, r"gave shapes \[3, 2, 1\] and \[5, 2, 1\]"),
-        (op("Cast", to=INT64), ["batch_size", "sequence_length", 1], INT64, r"holds tensor\(int64\)"),
-        (op("Cast", to=BOOL), ["batch_size", "sequence_length", 1], BOOL, r"holds tensor\(bool\)"),
+        (op("Cast", to=INT64), ["batch_size", "sequence_length", 1], INT64, rf"int64\); {FLOAT_TYPE}"),
+        (op("Cast", to=BOOL), ["batch_size", "sequence_length", 1], BOOL, rf"bool\); {FLOAT_TYPE}"),
     ],
     ids=["rank4", "rank0", "transposed", "int64", "bool"],
 )
@@ -268,6 +270,23 @@ def test_outputs_of_other_ranks_and_types_are_refused_at_load(
     folder = rewritten(tmp_path / "graph", build, shape, elem_type=elem_type)
     with pytest.raises(ValueError, match=r"output: 'logits' .*" + message):
         OnnxRewardModel(folder, kind=kind)  # type: ignore[arg-type]
+
+
+def test_a_float_type_is_checked_in_one_wording() -> None:
+    """The KV cache inputs' and the scores' types are refused in one wording (``_ort.float_type_error``),
+    naming the argument and the input or output."""
+    from tiltsmc.models._ort import check_cache_input
+
+    session = OnnxRewardModel(VALUE, output="value", kind="logit").session
+    inputs = {node.name: node for node in session.get_inputs()}
+    assert check_cache_input(Path("model.onnx"), inputs["past_key_values.0.key"]) is np.float32
+    with pytest.raises(ValueError) as refused:
+        check_cache_input(Path("model.onnx"), inputs["input_ids"])
+    assert str(refused.value) == (
+        "path: model.onnx: input input_ids is tensor(int64); expected a KV cache of a float type: "
+        "tensor(float), tensor(float16) or tensor(double) (ONNX Runtime returns no other float type to "
+        "Python)"
+    )
 
 
 def test_a_value_head_pooled_per_row_keeps_no_cache(tmp_path: Path) -> None:

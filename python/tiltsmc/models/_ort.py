@@ -28,6 +28,7 @@ __all__ = [
     "check_inputs",
     "cuda_device_usable",
     "external_data_locations",
+    "float_type_error",
     "import_onnxruntime",
     "make_session",
     "picks_cuda",
@@ -408,16 +409,24 @@ FLOAT_TYPES: dict[str, Any] = {
 }
 
 
+def float_type_error(found: str, subject: str, what: str) -> ValueError:
+    """The refusal of an input or output whose element type ``found`` is not one of ``FLOAT_TYPES``, in
+    the one wording of this check: ``"{subject} is {found}; expected {what} of a float type: ..."``
+    (``subject`` names the argument and the input or output, ``what`` the values tiltsmc reads there)."""
+    *others, last = FLOAT_TYPES
+    return ValueError(
+        f"{subject} is {found}; expected {what} of a float type: {', '.join(others)} or {last} "
+        "(ONNX Runtime returns no other float type to Python)"
+    )
+
+
 def check_cache_input(model_path: Path, node: Any) -> Any:
     """The numpy dtype of a ``past_key_values.{i}.key / .value`` input (an ``onnxruntime.NodeArg``):
     ValueError naming the file and the input where it is not a float type numpy holds or not of rank 4,
     ``(batch, heads, past, head_dim)`` (a rank the graph leaves unknown is not checked)."""
     dtype = FLOAT_TYPES.get(node.type)
     if dtype is None:
-        raise ValueError(
-            f"path: {model_path.name}: input {node.name} is {node.type}; tiltsmc keeps a KV cache as "
-            f"{', '.join(FLOAT_TYPES)} (ONNX Runtime returns no other float type to Python)"
-        )
+        raise float_type_error(node.type, f"path: {model_path.name}: input {node.name}", "a KV cache")
     if node.shape and len(node.shape) != 4:
         raise ValueError(
             f"path: {model_path.name}: input {node.name} has shape {node.shape}; expected a KV cache "

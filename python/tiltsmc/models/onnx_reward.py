@@ -12,7 +12,8 @@ value unless a ``verifier(prompt, text) -> r >= 0`` is given. Prefixes are score
 step, and only those that changed since they were last scored (values follow resampling in
 ``Particles.state``). An empty prompt's ``log Vh_0`` is 0 (no token to read it at), as is an empty
 prefix's, and the other prompts of its batch are scored as without it. ``token_map`` translates the
-policy's token ids into the reward model's (padding, ``pad_token_id``, is the reward model's own id).
+policy's token ids into the reward model's (padding, ``pad_token_id``, is the reward model's own id, as
+are ``delimiter_ids``: a step is scored where the translated ids hold a delimiter).
 
 The output's layout is read at load: from its declared shape where its axes bear the names of
 ``input_ids``' (batch, sequence) and its last axis is the sequence or of fixed size, else from its shapes
@@ -63,7 +64,7 @@ import numpy.typing as npt
 
 from .. import core
 from ._config import Source, positive_int, token_id, token_ids
-from ._ort import FLOAT_TYPES, check_inputs, make_session, shrink_memory_arena
+from ._ort import FLOAT_TYPES, check_inputs, float_type_error, make_session, shrink_memory_arena
 from .onnx_lm import (
     _PAST,
     BATCHING_TOLERANCE,
@@ -83,8 +84,6 @@ __all__ = ["OnnxRewardModel"]
 
 FloatArray = npt.NDArray[np.float64]
 KINDS = core.SCORE_KINDS
-# the scores' element types it reads
-_FLOAT_TYPES = tuple(FLOAT_TYPES)
 _LAYOUTS = (
     "expected one score a row ((batch,) or (batch, 1)) or a position ((batch, seq) or (batch, seq, 1)), "
     "or pass label= to read a class axis"
@@ -229,11 +228,9 @@ class OnnxRewardModel:
                 f"output: {output!r} is not an output of {self.model_file.name}: found {list(outputs)}"
             )
         self.output = output
-        if outputs[output].type not in _FLOAT_TYPES:
-            raise ValueError(
-                f"output: {output!r} of {self.model_file.name} holds {outputs[output].type}; expected "
-                f"scores of a floating-point type ({', '.join(_FLOAT_TYPES)})"
-            )
+        if outputs[output].type not in FLOAT_TYPES:
+            subject = f"output: {output!r} of {self.model_file.name}"
+            raise float_type_error(outputs[output].type, subject, "scores")
         self.label, self.classes = self._check_classes(label, classes)
         # where the label sits among the classes read, and those classes (None: the whole class axis)
         label_at = self.label or 0
@@ -257,6 +254,19 @@ class OnnxRewardModel:
             if mapping.size and (mapping.min() < 0 or mapping.max() >= upper):
                 raise ValueError(f"token_map: ids must lie in [0, {upper}) of the reward model's vocabulary")
             self.token_map = mapping.astype(np.int64)
+        # delimiter_ids are the reward model's ids, as pad_token_id is (the ids a PRM was trained to score
+        # at, checked against its vocabulary above); prefixes hold the policy's, so they are matched against
+        # the policy's ids that token_map translates into a delimiter
+        self.policy_delimiter_ids = self.delimiter_ids
+        if self.token_map is not None:
+            self.policy_delimiter_ids = np.flatnonzero(np.isin(self.token_map, self.delimiter_ids))
+            if position == "delimiter" and not self.policy_delimiter_ids.size:
+                ends = self.delimiter_ids.tolist()
+                raise ValueError(
+                    f"delimiter_ids: token_map translates no policy token into {ends}, so no step "
+                    "would be scored at its delimiter (delimiter_ids are the reward model's ids, as "
+                    "pad_token_id is)"
+                )
         # whether the output holds a score (or, with label, a class vector) per position, not per row
         self.per_position = self._output_layout(outputs[output].shape, inputs["input_ids"].shape)
         self._cached = self._cached_scorer(kv_cache, outputs, f"rm.{serial}")
@@ -831,7 +841,7 @@ class OnnxRewardModel:
         prompt_lengths = lengths - _select(particles.lengths, selected)
         columns = np.arange(ids.shape[1])
         generated = (columns >= prompt_lengths[:, None]) & (columns < lengths[:, None])
-        is_delimiter = generated & np.isin(ids, self.delimiter_ids)
+        is_delimiter = generated & np.isin(ids, self.policy_delimiter_ids)
         found = np.where(is_delimiter, columns, -1).max(axis=1)
         read_at = np.where(found >= 0, found, np.maximum(prompt_lengths - 1, 0))
         return np.where(_select(particles.finished, selected), last, read_at)

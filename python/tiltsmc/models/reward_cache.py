@@ -178,7 +178,7 @@ class KVCachedScorer:
         at_last = np.where(moved, read(raw, (rows, width), last_column), at_last)
         at_delimiter = state[self.delimiter_key].reshape(rows)
         if self.model.position == "delimiter":
-            is_delimiter = real & np.isin(ids, self.model.delimiter_ids)
+            is_delimiter = real & np.isin(ids, self.model.policy_delimiter_ids)
             found = np.where(is_delimiter, columns[None, :], -1).max(axis=1)
             if (found >= 0).any():
                 scores = read(raw, (rows, width), np.maximum(found, 0))
