@@ -30,6 +30,7 @@ LOWEST_VERSION_TESTS=(
     tests/test_model_options.py tests/test_model_security.py tests/test_tokenization.py
     tests/test_right_padding.py tests/test_twist_head.py tests/test_reward_cache.py
     tests/test_particles_batching.py tests/test_shared_models.py tests/test_reward_memory.py
+    tests/test_reward_token_map.py
     # the server: FastAPI, pydantic, uvicorn, prometheus-client; its clients httpx and openai
     tests/test_server.py tests/test_requests.py
     # the CLI: tqdm's progress bars, its output checked with jsonschema; files, signals, exit statuses

@@ -205,6 +205,33 @@ def test_chat_errors_are_clear() -> None:
         chat_policy(chat_template="{% for %}").encode_prompt([{"role": "user", "content": "a"}])
 
 
+def test_a_folders_template_that_does_not_compile_is_named_at_load(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A chat template of the model's folder that does not compile is a warning at load naming the folder
+    (it was not looked at until the first chat prompt: a server's chat clients were the first to learn of
+    it); the model loads, text prompts run, chat prompts fail with the syntax error; a template given in
+    its place silences it."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(CHAT / name, tmp_path)
+    (tmp_path / "chat_template.jinja").write_text("{% for message in messages %}{{ message['content'] }")
+    with caplog.at_level("WARNING", logger="tiltsmc.models.tokenizer"):
+        policy = OnnxCausalLM(LLAMA, tokenizer=tmp_path, max_new_tokens=2)
+    [record] = [r for r in caplog.records if r.name == "tiltsmc.models.tokenizer"]
+    assert str(tmp_path) in record.getMessage()
+    assert "does not compile" in record.getMessage() and "not a valid Jinja template" in record.getMessage()
+    assert policy.encode_prompt("ab").tolist()[-2:] == ids("ab")
+    with pytest.raises(ValueError, match="not a valid Jinja template"):
+        policy.encode_prompt([{"role": "user", "content": "a"}])
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tiltsmc.models.tokenizer"):
+        replaced = OnnxCausalLM(
+            LLAMA, tokenizer=tmp_path, max_new_tokens=2, chat_template="{{ messages[0]['content'] }}"
+        )
+    assert not [r for r in caplog.records if r.name == "tiltsmc.models.tokenizer"]
+    assert replaced.encode_prompt([{"role": "user", "content": "ab"}]).tolist()[-2:] == ids("ab")
+
+
 def test_chat_without_jinja2_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     """As where jinja2 is not installed: the import fails, and the error says which extra brings it."""
     chat._compile.cache_clear()

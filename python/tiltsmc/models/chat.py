@@ -184,10 +184,9 @@ def check_chat_template(template: Any) -> None:
             "render every conversation as that same text"
             + (": a file's path? pass the template's text" if looks_like_a_path else "")
         )
-    try:
-        _compile(template)
-    except ImportError:  # the first chat prompt says so (and which extra brings jinja2)
-        pass
+    problem = template_problem(template)  # jinja2 not installed: the first chat prompt says which extra
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def check_messages(messages: Any) -> list[dict[str, Any]]:
@@ -206,6 +205,18 @@ def check_messages(messages: Any) -> list[dict[str, Any]]:
             raise ValueError(f"message {k}: no 'content'")
         checked.append(dict(message))
     return checked
+
+
+def template_problem(template: str) -> Optional[str]:
+    """Why ``template`` does not compile (its Jinja syntax error), or None: it compiles, or jinja2 is not
+    installed (the first chat prompt then says which extra brings it)."""
+    try:
+        _compile(template)
+    except ImportError:
+        return None
+    except ValueError as error:
+        return str(error)
+    return None
 
 
 def render_chat_template(

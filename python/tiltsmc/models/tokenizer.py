@@ -9,6 +9,7 @@ be turned off. Chat messages are rendered with the chat template of the tokenize
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,6 +21,8 @@ import tokenizers
 
 from . import chat
 from ._config import file_problem, optional_file
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["Tokenizer", "load_tokenizer"]
 
@@ -223,7 +226,7 @@ def load_tokenizer(
             and hasattr(tokenizer, "decode")
             and hasattr(tokenizer, "get_vocab_size")
         ):
-            template, special = chat.read_tokenizer_config(model_dir)
+            template, special = _folder_template(model_dir, chat_template)
             return Tokenizer(
                 tokenizer, type(tokenizer).__name__, chat_template=chat_template or template,
                 special_tokens=special, **options,
@@ -250,7 +253,25 @@ def load_tokenizer(
         inner = HFTokenizer.from_file(os.fspath(path))
     except Exception as error:
         raise ValueError(f"tokenizer: {path} is not a valid tokenizer.json: {error}") from error
-    template, special = chat.read_tokenizer_config(path.parent)
+    template, special = _folder_template(path.parent, chat_template)
     return Tokenizer(
         inner, os.fspath(path), chat_template=chat_template or template, special_tokens=special, **options
     )
+
+
+def _folder_template(folder: Optional[Path], given: Optional[str]) -> tuple[Optional[str], dict[str, Any]]:
+    """``chat.read_tokenizer_config(folder)``; where its template is the one used (no ``chat_template=``
+    ``given``) and does not compile, a warning says so at load, naming the folder: the model still loads,
+    for text prompts, and each chat prompt fails with the syntax error (a server's chat clients would
+    otherwise be the first to learn of it)."""
+    template, special = chat.read_tokenizer_config(folder)
+    if given is None and template is not None:
+        problem = chat.template_problem(template)
+        if problem is not None:
+            logger.warning(
+                "the chat template of %s (chat_template.jinja or tokenizer_config.json) does not compile, "
+                "so chat prompts will fail: %s; pass chat_template= (--chat-template FILE) to replace it",
+                folder,
+                problem,
+            )
+    return template, special
