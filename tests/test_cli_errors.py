@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -164,7 +165,9 @@ def test_chat_prompts_without_a_chat_template_are_refused_before_the_run(
 
 def test_onnx_runtime_error_during_the_run(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     """A GPT-2 whose config.json claims 1000 positions but whose graph has 128: ONNX Runtime fails in the
-    run (Gather out of bounds). One line, status 1, and the old result file is kept."""
+    run (Gather out of bounds) on the long prompt. That prompt fails alone (its line on standard error, its
+    record with the error) and the others are written; where it is the only prompt, the run fails (status
+    1, "all 1 prompt(s) failed") and the old result file is kept."""
     policy = model_copy(tmp_path, "gpt2-tiny")
     config = json.loads((policy / "config.json").read_text())
     (policy / "config.json").write_text(json.dumps({**config, "n_positions": 1000}))
@@ -173,9 +176,19 @@ def test_onnx_runtime_error_during_the_run(tmp_path: Path, capfd: pytest.Capture
     argv = [*RUN, "--prompt", "x" * 150, "--json", str(out)]
     argv[argv.index("--policy") + 1] = str(policy)
     assert main(argv) == 1
-    error = one_line_error(capfd)
-    assert error.startswith("tiltsmc: run failed on prompt 0: ") and "Gather" in error
+    lines = capfd.readouterr().err.splitlines()
+    assert len(lines) == 2 and "Traceback" not in lines[0], lines
+    assert lines[0].startswith("tiltsmc: error: prompt 0: ") and "Gather" in lines[0]
+    assert lines[1] == "tiltsmc: all 1 prompt(s) failed; no result file written"
     assert out.read_text() == "old\n" and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert main([*argv[:-4], "--prompt", "hi", *argv[-4:], "-q"]) == 0
+    (error,) = capfd.readouterr().err.splitlines()
+    assert error.startswith("tiltsmc: error: prompt 1: ") and "Gather" in error
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt_index"] for r in records] == [0, 1]
+    assert "error" not in records[0] and math.isfinite(records[0]["log_z"])
+    assert records[1]["error"].startswith("prompt 0: ") and "Gather" in records[1]["error"]
+    assert records[1]["collapsed"] is True and records[1]["samples"] == [] and records[1]["log_z"] is None
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")

@@ -1185,7 +1185,9 @@ def test_a_prompt_whose_logits_no_token_can_be_drawn_from_fails_alone(
 ) -> None:
     """Logits of NaN, +inf or all -inf on one request's rows end that request with its reason (prompt 0:
     logits ...); the request batched with it gets what it gets alone (it failed with the same error:
-    the policy's draw raised for the whole batch). Offline, the call names the prompt."""
+    the policy's draw raised for the whole batch). Offline, that prompt fails alone, in the result's
+    errors (the whole call raised, naming it), and a call whose every prompt fails raises, naming the
+    first."""
     policy = OnnxCausalLM(
         _policy_with_bad_logits_after(7, value, tmp_path / "policy"), max_new_tokens=4, top_k=top_k
     )
@@ -1202,5 +1204,10 @@ def test_a_prompt_whose_logits_no_token_can_be_drawn_from_fails_alone(
         result = good.result(timeout=60)
     assert [s.tolist() for s in result.samples[0]] == [s.tolist() for s in alone.samples[0]]
     assert result.log_z[0] == pytest.approx(alone.log_z[0], rel=1e-6)
-    with pytest.raises(ValueError, match=re.escape(f"prompt 1: logits: model.onnx returned {what} for this")):
-        tiltsmc.smc(policy, reward, prompts=[[3, 5], [3, 7]], num_particles=4, rng=0)
+    offline = tiltsmc.smc(policy, reward, prompts=[[3, 5], [3, 7]], num_particles=4, rng=0)
+    assert list(offline.errors) == [1]
+    assert offline.errors[1].startswith(f"prompt 1: logits: model.onnx returned {what} for this")
+    assert offline.collapsed.tolist() == [False, True] and offline.log_z[1] == -np.inf
+    assert np.isfinite(offline.log_z[0]) and offline.weights(0).sum() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match=re.escape(f"prompt 0: logits: model.onnx returned {what} for this")):
+        tiltsmc.smc(policy, reward, prompts=[[3, 7]], num_particles=4, rng=0)

@@ -23,7 +23,11 @@ error is not one or with ``--quiet``; logs go to standard error through the ``ti
 (``--log-level``), the summary lines included.
 Every failure is one line ``tiltsmc: ...`` on standard error with exit status 2 (bad arguments, prompts
 or model files) or 1 (the run or the output failed); the environment variable ``TILTSMC_TRACEBACK=1``
-shows the traceback of an unexpected error instead.
+shows the traceback of an unexpected error instead. A prompt that fails (the policy cannot start it, or a
+model's output for it is unusable during the run, ONNX Runtime's errors included) fails alone: its line
+carries the ``error``, its reason goes to standard error (with its traceback under ``TILTSMC_TRACEBACK=1``,
+where an exception ended it), the other prompts' lines are written, and the run fails (status 1) only
+where every prompt failed.
 """
 
 from __future__ import annotations
@@ -53,8 +57,8 @@ from ._files import create_beside
 from ._options import int_option, positive_int_option, positive_real_option, real_option
 from .diagnostics import OnlineBellman, online_bellman
 from .samplers._engine import Models
-from .samplers.lane import RunFailed, run_together
-from .samplers.result import Compute, SamplerResult, finite_or_none
+from .samplers.lane import run_together
+from .samplers.result import Compute, SamplerResult, failed_result, finite_or_none
 from .serving.engine import SAMPLERS as SAMPLER_FUNCTIONS
 from .serving.engine import sampler_defaults
 
@@ -237,6 +241,13 @@ def signals_deferred() -> Iterator[None]:
         yield
     finally:
         mask(signal.SIG_SETMASK, previous)
+
+
+def _traceback(error: BaseException) -> str:
+    """An exception's traceback, as Python prints it (``TILTSMC_TRACEBACK``)."""
+    import traceback
+
+    return "".join(traceback.format_exception(type(error), error, error.__traceback__))
 
 
 def _one_line(error: BaseException) -> str:
@@ -1319,11 +1330,13 @@ def _sample(
     prompts: list[Any],
     offset: int,
     progress: StepProgress,
-) -> list[SamplerResult]:
+) -> tuple[list[SamplerResult], dict[int, BaseException]]:
     """One run per prompt, batched in one ``tiltsmc.samplers.lane.Lane`` (one model call per step
     for all of them, as the serving engine does), so that each prompt gets its own result, seeded by
     ``_prompt_rng``, and its own share of the compute. A run alone gives exactly the sampler
-    function's result for that prompt and generator."""
+    function's result for that prompt and generator. A run that fails (its model outputs, ONNX Runtime's
+    errors) fails its prompt alone: its result is ``failed_result`` with the error (``prompt 0: ...``), and
+    the exception is returned too, by index in the batch."""
     build = SAMPLER_FUNCTIONS[args.sampler.replace("-", "_")][1]  # one table: the engine's
     runs = [
         build(models, [prompt], rng=_prompt_rng(args.seed, offset + i), **options)
@@ -1338,8 +1351,16 @@ def _sample(
         for i in ended:
             progress.prompt_done(steps[i])
 
-    results: list[SamplerResult] = run_together(models, runs, on_step)
-    return results
+    results: list[SamplerResult] = []
+    failures: dict[int, BaseException] = {}
+    for i, (run, result) in enumerate(zip(runs, run_together(models, runs, on_step, return_errors=True))):
+        if isinstance(result, BaseException):
+            failures[i] = result
+            reason = _one_line(result)
+            message = reason if re.match(r"prompt 0: ", reason) else f"prompt 0: {reason}"
+            result = failed_result(run.sampler, {0: message}, run.compute)
+        results.append(result)
+    return results, failures
 
 
 def _batches_together(policy: Any, reward: Any) -> bool:
@@ -1485,22 +1506,24 @@ def run(args: argparse.Namespace) -> int:
         try:
             for start in range(0, len(prompts), batch_size):
                 batch = prompts[start : start + batch_size]
-                try:
-                    results = _sample(args, models, options, batch, start, progress)
-                except RunFailed as failure:  # ONNX Runtime's own errors, bad model outputs
-                    if os.environ.get("TILTSMC_TRACEBACK"):
-                        raise failure.error from None
-                    raise CliError(
-                        f"run failed on prompt {start + failure.index}: {_one_line(failure.error)}", 1
-                    ) from None
+                # a prompt whose run failed (ONNX Runtime's own errors, bad model outputs) fails alone
+                results, failures = _sample(args, models, options, batch, start, progress)
                 records = []
                 for i, (prompt, result) in enumerate(zip(batch, results)):
                     readings.append(online_bellman(result))
                     records.append(_record(result, prompt, start + i, run_info))
-                for record in records:  # each failed prompt's reason, --quiet or not (an error)
+                for i, record in enumerate(records):  # each failed prompt's reason, --quiet or not (an error)
                     if "error" in record:
                         failed += 1
-                        logger.error("%s", _prompt_error(record["prompt_index"], str(record["error"])))
+                        line = _prompt_error(record["prompt_index"], str(record["error"]))
+                        failure = failures.get(i)
+                        if (
+                            failure is not None
+                            and failure.__traceback__
+                            and os.environ.get("TILTSMC_TRACEBACK")
+                        ):
+                            line += "\n" + _traceback(failure).rstrip()
+                        logger.error("%s", line)
                 with _cleared_progress(output):
                     output.write([json.dumps(record, allow_nan=False) + "\n" for record in records])
                 raise_if_signalled()

@@ -1454,9 +1454,21 @@ class OnnxCausalLM:
         return logits[rows, last], [*cache, value.reshape(value.shape[0], value.shape[1], -1)[rows, last]]
 
     def next_log_probs(self, particles: Particles) -> FloatArray:
-        """``log p(v | prefix)`` of every token, ``(B, N, vocab)``: the sampled law, filters included."""
+        """``log p(v | prefix)`` of every token, ``(B, N, vocab)``: the sampled law, filters included.
+
+        A prompt whose unfinished particles got logits no token can be drawn from (NaN, ``+inf``, every
+        logit ``-inf``) fails alone, as in ``propose``: its reason in ``particles.errors``, its particles
+        finished. Finished particles (never drawn for) read a uniform law whatever their logits."""
         particles.flush()
-        return self._log_probs(particles.state["lm.logits"])
+        logits = particles.state["lm.logits"]
+        try:
+            return self._log_probs(logits)
+        except ValueError:
+            if type(logits) is not np.ndarray:  # on a device: the batch fails
+                raise
+            self._fail_prompts_with_bad_logits(particles, ~particles.finished)
+        finished = particles.finished.reshape(*particles.finished.shape, 1)
+        return self._log_probs(np.where(finished, np.zeros((), dtype=logits.dtype), logits))
 
     def _log_probs(self, logits: FloatArray) -> FloatArray:
         """``next_log_probs`` of these logits (ValueError for NaN or ``+inf`` among them, or a row of

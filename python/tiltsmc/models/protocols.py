@@ -34,8 +34,9 @@ class Policy(Protocol):
         Returns ``log p(s_t | prefix)``, shape ``(B, N)``, exactly as sampled (0 for finished particles);
         sets ``particles.finished`` where the trajectory has ended. A prompt the policy cannot go on with
         (its model's output unusable for that prompt's particles alone) may fail on its own: its reason in
-        ``particles.errors[b]`` and its particles finished; the samplers then end the run that holds it
-        with ``prompt k: reason``, and the engine's other requests go on.
+        ``particles.errors[b]`` and its particles finished; the samplers then report that prompt as failed
+        (``prompt k: reason`` in the result's ``errors``, every weight zero) and the other prompts go on as
+        they would have (a run, or a serving request, whose every prompt fails at once fails with it).
         """
         ...
 
@@ -47,7 +48,8 @@ class TokenPolicy(Policy, Protocol):
     vocab_size: int
 
     def next_log_probs(self, particles: Particles) -> FloatArray:
-        """``log p(v | prefix)`` for every token ``v``: shape ``(B, N, vocab_size)``."""
+        """``log p(v | prefix)`` for every token ``v``: shape ``(B, N, vocab_size)``. A prompt may fail on its
+        own here as in ``propose`` (``particles.errors[b]``, its particles finished)."""
         ...
 
     def append(self, particles: Particles, tokens: npt.NDArray[np.int64]) -> None:
@@ -61,7 +63,9 @@ class RewardModel(Protocol):
 
     Log-values must be finite or ``-inf`` (``Vh >= 0``); the samplers check every ``log_value`` result for
     NaN and ``+inf`` unless the model has a class attribute ``log_values_checked = True``, which promises
-    that it raises on those itself.
+    that it raises on those itself. Where ``initial_log_value`` or ``log_value`` raises for a batch, the
+    samplers call it again on fewer rows (each run's, then each prompt's) to find the prompts at fault,
+    which fail alone.
     """
 
     def initial_log_value(self, particles: Particles) -> FloatArray:

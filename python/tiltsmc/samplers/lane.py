@@ -10,10 +10,18 @@ the policy, and concatenated) and leave when their particles have all finished.
 
 An offline sampler is one run in a lane of its own (``run_alone``); the serving engine keeps a lane
 of each kind with every request in flight.
+
+One bad request or prompt fails alone. Where a model's output is unusable for some prompts only (policy
+logits no token can be drawn from, which the policy reports in ``Particles.errors``; a reward model call
+that raises, made again run by run and then prompt by prompt to find the prompts at fault), those prompts
+fail alone (``Run.fail_prompt``: their particles finished, the run's other prompts untouched), unless the
+call failed for every prompt of a run: then the run fails with the error (a broken model, not a bad
+prompt; a run of one prompt, such as a serving request, fails with it as before).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import operator
@@ -44,7 +52,7 @@ Ended = list[tuple[Run, Optional[BaseException]]]
 class _Member:
     """A run in the lane: its rows, the shape of its batch and its last view of them."""
 
-    __slots__ = ("batch", "count", "run", "slot", "start", "stop", "view", "viewed")
+    __slots__ = ("batch", "count", "run", "skipped", "slot", "start", "stop", "view", "viewed")
 
     def __init__(self, run: Run, batch: int, count: int) -> None:
         self.run, self.batch, self.count = run, batch, count
@@ -52,6 +60,19 @@ class _Member:
         self.slot = -1  # its row of the lane's _Ledger, once it joins
         self.view: Optional[Particles] = None
         self.viewed: tuple[Any, ...] = ()  # what self.view was made from
+        # prompts of its batch that failed in the reward model: their rows are not scored again
+        self.skipped: Optional[set[int]] = None
+
+    def rows(self, prompt: int) -> tuple[int, int]:
+        """The lane rows of prompt ``prompt`` of the run's batch."""
+        first = self.start + prompt * self.count
+        return first, first + self.count
+
+    def scored_rows(self) -> npt.NDArray[np.int64]:
+        """The member's rows but those of its ``skipped`` prompts."""
+        skipped = self.skipped or ()
+        kept = [np.arange(*self.rows(b)) for b in range(self.batch) if b not in skipped]
+        return np.concatenate(kept) if kept else np.zeros(0, dtype=np.int64)
 
 
 def _view(particles: Particles, member: _Member) -> Particles:
@@ -97,9 +118,10 @@ class Lane:
     """Runs of one ``kind`` (``"guided"``, ``"twist"`` or ``"rollout"``) advanced together.
 
     ``step()`` admits the runs waiting for a batch, advances every run by one step and returns the runs
-    that ended (each with None, or the exception that ended it alone). A failure confined to one run
-    (its arguments, its values) ends that run only; a model call that fails for the whole batch ends
-    every run in it. ``compute`` adds up every model call of the lane.
+    that ended (each with None, or the exception that ended it alone). A failure confined to one prompt
+    (its model outputs) fails that prompt only (see the module docstring), one confined to one run (its
+    arguments, its values) ends that run only; a model call that fails for the whole batch ends every run
+    in it. ``compute`` adds up every model call of the lane.
     """
 
     def __init__(self, models: Models, kind: str) -> None:
@@ -125,6 +147,8 @@ class Lane:
         # by particle count: the last shared SMC step, its runs and what carries over from it (cleared by
         # _renumber)
         self._shared: dict[int, SharedStep] = {}
+        self._skipping = 0  # members with prompts the reward model failed on (their rows left unscored)
+        self._failed_rows: list[tuple[int, int]] = []  # rows of the prompts that failed during this step
 
     @property
     def rows(self) -> int:
@@ -158,6 +182,8 @@ class Lane:
 
     def step(self) -> Ended:
         ended: Ended = []
+        if self._failed_rows:
+            self._failed_rows = []
         joined = self._admit(ended)
         try:
             if joined:  # a newcomer may start finished (a prompt that failed); the others were settled
@@ -196,6 +222,9 @@ class Lane:
         self._propose(particles, ended)  # a run it ends leaves the groups (_reweigh_together: _active)
         self._end_at_limits(particles)
         log_v = self._log_values(ended)
+        if live is not None:
+            for start, stop in self._failed_rows:  # prompts that failed: not reweighed
+                live[start:stop] = False
         outcomes = {} if live is None else self._reweigh_together(groups, log_v, live)
         self._update(
             ended,
@@ -271,7 +300,10 @@ class Lane:
         for member in self.members:
             member.run.before_step(_view(particles, member))
         next_log_values = self._charge(lambda: self.models.next_log_values(particles))
+        errors_before = len(particles.errors)
         log_p = self._charge(lambda: self.models.next_log_probs(particles), live=True)
+        if len(particles.errors) != errors_before:  # prompts the policy failed during the call
+            self._policy_failures(particles, ended)
         tokens = np.zeros(particles.lengths.shape, dtype=np.int64)
         for member in self._active():
             rows = slice(member.start, member.stop)
@@ -348,42 +380,130 @@ class Lane:
         self._drop_ended()
 
     def _propose(self, particles: Particles, ended: Ended) -> None:
-        """The policy's ``propose`` for every row; a run with a prompt the policy failed during the call (a
-        new entry in ``particles.errors``, its particles finished: logits no token can be drawn from)
-        ends with that prompt's reason, and the others go on."""
+        """The policy's ``propose`` for every row; a prompt the policy failed during the call (a new entry in
+        ``particles.errors``, its particles finished: logits no token can be drawn from) fails alone
+        (``_policy_failures``), and the others go on."""
         errors_before = len(particles.errors)
         self._charge(lambda: self.models.propose(particles, self._rng()), live=True)
-        if len(particles.errors) == errors_before:
+        if len(particles.errors) != errors_before:
+            self._policy_failures(particles, ended)
+
+    def _policy_failures(self, particles: Particles, ended: Ended) -> None:
+        """The prompts with a new entry in ``particles.errors`` (by row: the policy failed some of their
+        particles, the others' draws unchanged) fail, each run's by ``_fail_prompts``."""
+        failing: dict[int, tuple[_Member, dict[int, str]]] = {}
+        active = {id(member) for member in self._active()}
+        for row, reason in particles.errors.items():
+            k = int(np.searchsorted(self._stops, row, side="right"))
+            if k == len(self.members) or id(self.members[k]) not in active or self.members[k].start > row:
+                continue
+            member = self.members[k]
+            prompt = (row - member.start) // member.count
+            if member.run.has_failed(prompt):  # failed before (at its start, or in an earlier call)
+                continue
+            failing.setdefault(id(member), (member, {}))[1].setdefault(prompt, reason)
+        for member, reasons in failing.values():
+            self._fail_prompts(member, reasons, None, ended)
+
+    def _fail_prompts(
+        self,
+        member: _Member,
+        reasons: dict[int, str],
+        error: Optional[BaseException],
+        ended: Ended,
+        skip: bool = False,
+    ) -> None:
+        """Prompts ``reasons`` of ``member``'s batch (by prompt: why) failed in one model call (``error``, if
+        it raised). Where the call failed for every prompt of the run (none had failed before), the run
+        fails with ``error`` (else ``prompt k: reason`` of the first): the model is at fault, not a prompt.
+        Otherwise each fails alone (``_fail_prompt``); ``skip``: the reward model does not score its rows
+        again (they failed there)."""
+        run = member.run
+        new = sorted(b for b in reasons if run.prompt_index(b) not in run.errors)
+        if not run.errors and len(new) == run.num_prompts:
+            first = new[0]
+            failure = error or ValueError(f"prompt {run.prompt_index(first)}: {reasons[first]}")
+            self._end_alone(member, failure, ended)
             return
-        for member in self._active():
-            known = getattr(member.run, "errors", {})  # the prompts that failed at the start
-            for row in range(member.start, member.stop):
-                prompt, reason = (row - member.start) // member.count, particles.errors.get(row)
-                if reason is not None and prompt not in known:
-                    self._end_alone(member, ValueError(f"prompt {prompt}: {reason}"), ended)
-                    break
+        for prompt, reason in reasons.items():
+            self._fail_prompt(member, prompt, reason, skip)
+
+    def _fail_prompt(self, member: _Member, prompt: int, reason: str, skip: bool) -> None:
+        """Prompt ``prompt`` of ``member``'s batch fails alone: its particles finish (no model call extends
+        them again), and its run reports it (``Run.fail_prompt``)."""
+        start, stop = member.rows(prompt)
+        self._particles().finished[start:stop] = True
+        self._counted = None
+        self._failed_rows.append((start, stop))
+        if skip:
+            if member.skipped is None:
+                member.skipped = set()
+                self._skipping += 1
+            member.skipped.add(prompt)
+        member.run.fail_prompt(prompt, f"prompt {member.run.prompt_index(prompt)}: {reason}")
 
     def _log_values(self, ended: Ended) -> FloatArray:
-        """``log Vh_t`` of every row; where the call fails for the batch, each run is scored alone and
-        the runs whose rows fail end with their own error (a reward model's NaN on one request's rows)."""
+        """``log Vh_t`` of every row. Where the call fails for the batch, each run is scored alone, and a run
+        that fails alone prompt by prompt: the prompts whose rows fail fail alone (``_fail_prompts``: a
+        reward model's NaN on one prompt's prefixes), the run with them where every one of its prompts
+        does. Rows of prompts that failed so are not scored again (``-inf``)."""
         particles = self._particles()
-        try:
-            values: FloatArray = self._charge(lambda: self.models.log_value(particles))
-            return values
-        except Exception as error:
-            if len(self.members) == 1:
-                raise
-            logger.warning("log_value failed for the batch (%s); scoring each run alone", error)
-        values = np.zeros(particles.lengths.shape)
-        self._charge(lambda: self.models.flush(particles))
-        for member in self._active():
-            alone = particles.select(np.arange(member.start, member.stop))
+        error: Optional[BaseException] = None
+        if not self._skipping:  # the usual case: one call for every row
             try:
-                values[member.start : member.stop] = self._charge(
-                    lambda alone=alone: self.models.log_value(alone)  # type: ignore[misc]
-                )
-            except Exception as run_error:
-                self._end_alone(member, run_error, ended)
+                values: FloatArray = self._charge(lambda: self.models.log_value(particles))
+                return values
+            except Exception as batch_error:
+                error = batch_error
+        values = np.full(particles.lengths.shape, -np.inf)
+        self._flush(particles)  # before the copies of rows (Particles.select), as the policy's time
+        if error is None:  # rows left unscored: the others in one call
+            rows = np.concatenate([member.scored_rows() for member in self.members])
+            try:
+                values[rows] = self._scored(particles, rows)
+                return values
+            except Exception as batch_error:
+                error = batch_error
+        if len(self.members) > 1 or self.members[0].batch > 1:
+            logger.warning("log_value failed for the batch (%s); scoring each run alone", error)
+        for member in self._active():
+            if len(self.members) == 1:  # the call was this run's alone
+                run_error = error
+            else:
+                rows = member.scored_rows()
+                try:
+                    values[rows] = self._scored(particles, rows)
+                    continue
+                except Exception as failure:
+                    run_error = failure
+            self._score_prompts(member, run_error, values, ended)
+        return values
+
+    def _score_prompts(self, member: _Member, error: BaseException, values: FloatArray, ended: Ended) -> None:
+        """``member``'s run failed alone in the reward model (``error``): each of its prompts scored alone,
+        into ``values``; those that fail fail (``_fail_prompts``)."""
+        particles = self._particles()
+        reasons: dict[int, str] = {}
+        if member.batch == 1:
+            reasons[0] = str(error)
+        else:
+            for prompt in range(member.batch):
+                if member.skipped is not None and prompt in member.skipped:
+                    continue
+                rows = np.arange(*member.rows(prompt))
+                try:
+                    values[rows] = self._scored(particles, rows)
+                except Exception as failure:
+                    reasons[prompt] = str(failure)
+        if reasons:
+            self._fail_prompts(member, reasons, error, ended, skip=True)
+
+    def _scored(self, particles: Particles, rows: npt.NDArray[np.int64]) -> FloatArray:
+        """``log_value`` of rows ``rows`` alone (a copy of them), ``(len(rows), 1)``; what the model keeps in
+        their state (its cache) written back where the rows' layout allows (``Particles.fill_rows``)."""
+        part = particles.select(rows)
+        values: FloatArray = self._charge(lambda: self.models.log_value(part))
+        particles.fill_rows(rows, part)
         return values
 
     # -- joining and leaving ---------------------------------------------------------------------------
@@ -435,7 +555,12 @@ class Lane:
         if any(run.max_new_tokens is not None for run in runs):  # each prompt's: its run's
             token_limits = [run.max_new_tokens for run, run_prompts in group for _ in run_prompts or [None]]
         part: Particles = self._charge(lambda: self.models.start(prompts, count, token_limits), runs=runs)
-        log_v0 = self._charge(lambda: self.models.initial_log_value(part), runs=runs)
+        try:
+            log_v0 = self._charge(lambda: self.models.initial_log_value(part), runs=runs)
+        except Exception as error:
+            if len(group) > 1 or runs[0].num_prompts == 1:  # several runs: _admit starts each alone
+                raise
+            log_v0 = self._initial_by_prompt(part, runs[0], error)
         batches = [part.num_prompts] if len(group) == 1 else [len(p or [None]) for _, p in group]
         capacity = part.tokens.shape[2]
         limits = np.full(part.lengths.shape, capacity, dtype=np.int64)
@@ -458,6 +583,28 @@ class Lane:
         part.state[MAX_NEW_TOKENS] = limits
         self._joining.extend(members)
         return part.one_per_prompt()
+
+    def _initial_by_prompt(self, part: Particles, run: Run, error: BaseException) -> FloatArray:
+        """``log Vh_0`` of the prompts of ``run``'s batch ``part`` where the reward model failed for the
+        batch (``error``): each prompt scored alone; those that fail then fail as prompts the policy could
+        not start do (``part.errors``, their particles finished), unless every prompt of the run does (the
+        run fails with ``error``)."""
+        values = np.zeros(part.num_prompts)
+        reasons: dict[int, str] = {}
+        for prompt in range(part.num_prompts):
+            if prompt in part.errors:  # the policy could not start it: nothing to score
+                continue
+            alone = functools.partial(self.models.initial_log_value, part.select([prompt]))
+            try:
+                values[prompt] = self._charge(alone, runs=[run])[0]
+            except Exception as failure:
+                reasons[prompt] = str(failure)
+        if not part.errors and not run.errors and len(reasons) == run.num_prompts:
+            raise error
+        for prompt, reason in reasons.items():
+            part.errors[prompt] = f"prompt {run.prompt_index(prompt)}: {reason}"
+            part.finished[prompt] = True
+        return values
 
     def _join(self, parts: list[Particles]) -> None:
         """The newcomers' batches (``parts``, their runs in ``_joining``) into the lane, one of two ways
@@ -645,6 +792,8 @@ class Lane:
             if id(member) in gone:
                 self._ledger.settle(member.slot, member.run.compute)
                 self._holes.append((member.start, member.stop))
+                if member.skipped is not None:
+                    self._skipping -= 1
             else:
                 kept.append(member)
         if not kept:
@@ -915,11 +1064,14 @@ def run_together(
     models: Models,
     runs: Sequence[Run],
     on_step: Optional[Callable[[list[int], list[int]], None]] = None,
+    *,
+    return_errors: bool = False,
 ) -> list[Any]:
     """Advance ``runs`` (of one kind) in one lane, one step each per call of the models, until every one
     has ended; their results in order, each with its own ``compute.total_seconds`` (from the start).
     ``on_step(stepped, ended)``: after each step, the indices of the runs it advanced and of those it
-    ended. The first run to fail raises ``RunFailed`` with its index."""
+    ended. The first run to fail raises ``RunFailed`` with its index; with ``return_errors``, a run that
+    fails has the exception that ended it in place of its result, and the others go on."""
     lane = Lane(models, runs[0].kind)
     for run in runs:
         lane.add(run)
@@ -931,11 +1083,12 @@ def run_together(
         ended = []
         for ended_run, error in lane.step():
             i = index[id(ended_run)]
-            if error is not None:
+            if error is not None and not return_errors:
                 raise RunFailed(i, error)
-            assert ended_run.result is not None
             ended_run.compute.total_seconds = time.perf_counter() - began
-            results[i] = ended_run.result
+            if error is None:
+                assert ended_run.result is not None
+            results[i] = ended_run.result if error is None else error
             ended.append(i)
         if on_step is not None:
             on_step(stepped, ended)

@@ -11,7 +11,7 @@ from typing import Any, Optional
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Compute", "SamplerResult", "finite_or_none", "plain"]
+__all__ = ["Compute", "SamplerResult", "failed_result", "finite_or_none", "plain"]
 
 
 @dataclass
@@ -69,10 +69,10 @@ class SamplerResult:
     [`tiltsmc.diagnostics.online_bellman`][tiltsmc.diagnostics.online_bellman]. Samplers that take no guided
     steps (best-of-N, rejection) have no steps.
     ``collapsed[b]`` is True where every weight of prompt ``b`` became zero (then ``log_z[b] = -inf``), and
-    for a prompt that failed (``errors[b]``: the policy could not start it): every sampler then gives each
-    of its samples (if any) the log-weight ``-inf`` (``null`` in ``to_dict``), and ``weights``,
-    ``posterior``, ``best`` and ``weight_histogram`` read such a prompt as one with no sample of positive
-    weight whatever its ``log_weights`` hold.
+    for a prompt that failed (``errors[b]``: the policy could not start it, or a model's output for it was
+    unusable during the run): every sampler then gives each of its samples (if any) the log-weight ``-inf``
+    (``null`` in ``to_dict``), and ``weights``, ``posterior``, ``best`` and ``weight_histogram`` read such a
+    prompt as one with no sample of positive weight whatever its ``log_weights`` hold.
     ``ancestry`` (``(B, steps, N)``, when recorded) holds each step's ancestor indices.
 
     The samplers without guided steps have diagnostics of their own instead (their per-step arrays are
@@ -292,6 +292,28 @@ class SamplerResult:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), allow_nan=False)
+
+
+def failed_result(sampler: str, errors: dict[int, str], compute: Optional[Compute] = None) -> SamplerResult:
+    """The result of a run that failed as a whole (the exception that ended it, as ``errors[b]`` for each of
+    its prompts ``b``): no sample, ``log_z = -inf``, every prompt collapsed and no step, so that its prompts
+    read as prompts that failed alone do (``tiltsmc run`` writes each one's line with its error)."""
+    batch = len(errors)
+    return SamplerResult(
+        sampler=sampler,
+        samples=[[] for _ in range(batch)],
+        texts=None,
+        errors=dict(errors),
+        log_weights=[np.zeros(0) for _ in range(batch)],
+        log_z=np.full(batch, -np.inf),
+        ess=np.zeros((batch, 0)),
+        resampled=np.zeros((batch, 0), dtype=bool),
+        unique_ancestors=np.zeros((batch, 0), dtype=np.int64),
+        log_z_increments=np.zeros((batch, 0)),
+        log_z_increment_se=np.zeros((batch, 0)),
+        collapsed=np.ones(batch, dtype=bool),
+        compute=Compute() if compute is None else compute,
+    )
 
 
 def plain(value: Any) -> Any:

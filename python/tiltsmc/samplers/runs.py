@@ -16,6 +16,12 @@ in one lane) share this code. A lane calls, in order:
 * ``Run.end`` once its particles have all finished. ``result`` is then set, unless the run wants
   another batch (the MH correction's next proposal, rejection's next round).
 
+A prompt can fail on its own during the run (a model's output for its particles alone is unusable: policy
+logits no token can be drawn from, a reward model that fails on its prefixes): the lane finishes its
+particles and calls ``Run.fail_prompt``, and the run reports it as it reports a prompt the policy could not
+start (in ``errors``, collapsed, every weight zero, ``log Zh = -inf``) while its other prompts go on
+exactly as they would have had its particles ended there with weight zero.
+
 Each run draws from its own generator in the same order as the sampler alone would, so a run with a seed
 gives the same result in a lane of its own or batched with others (the models' arithmetic aside: a
 batched session call may round differently).
@@ -163,11 +169,41 @@ class Run:
         # future decodes them on its first read, on the reader's thread instead of the engine's worker)
         self.decodes_texts = True
         self.max_new_tokens: Optional[int] = None  # None: the policy's own limit
+        self.errors: dict[int, str] = {}  # by the run's prompt: why it failed ("prompt k: reason")
 
     @property
     def rows_per_prompt(self) -> int:
         """The most particles the run holds at once for each of its prompts."""
         raise NotImplementedError
+
+    @property
+    def num_prompts(self) -> int:
+        """The run's prompts (None: the policy's one empty prompt)."""
+        return 1 if self.prompts is None else len(self.prompts)
+
+    def prompt_index(self, prompt: int) -> int:
+        """The run's own index of prompt ``prompt`` of its current batch (the same but for rejection's
+        later rounds, whose batch holds the prompts still waiting)."""
+        return prompt
+
+    def has_failed(self, prompt: int) -> bool:
+        """Whether prompt ``prompt`` of the current batch has failed (at its start, or since)."""
+        return self.prompt_index(prompt) in self.errors
+
+    def fail_prompt(self, prompt: int, message: str) -> None:
+        """Prompt ``prompt`` of the current batch failed during the run (``message``: ``prompt k: reason``,
+        ``k`` the run's own index); the lane has finished its particles. It ends as a prompt the policy could
+        not start does: in ``errors`` (the first reason kept), collapsed, every weight zero, ``log Zh =
+        -inf``, never resampled or drawn again. The run's other prompts are not touched: they get exactly
+        what they would have got had its particles ended there with weight zero."""
+        raise NotImplementedError
+
+    def _stop_live(self, prompt: int) -> None:
+        """Prompt ``prompt``'s particles are not extended by the step under way (``before_step``'s
+        ``live``, in place)."""
+        live = getattr(self, "live", None)
+        if live is not None:
+            live[prompt] = False
 
     def texts_of(self, samples: list[Any]) -> Optional[list[list[str]]]:
         """The result's ``texts`` for ``samples`` (``decode_texts``); None where ``decodes_texts`` is off."""
@@ -287,6 +323,14 @@ class SMCRun(Run):
 
     def smc_reweighing(self) -> Optional[SMCRun]:
         return self
+
+    def fail_prompt(self, prompt: int, message: str) -> None:
+        self.errors.setdefault(prompt, message)
+        # in place: the arrays may be views of a SharedStep's, which the next shared step reads
+        self.collapsed[prompt] = True
+        self.log_w[prompt] = -np.inf
+        self.log_total[prompt] = -np.inf
+        self._stop_live(prompt)
 
     def choose(
         self, particles: Particles, log_p: FloatArray, next_log_values: FloatArray
@@ -647,6 +691,12 @@ class PoolRun(Run):
     def pool_reweighing(self) -> Optional[PoolRun]:
         return self
 
+    def fail_prompt(self, prompt: int, message: str) -> None:
+        self.errors.setdefault(prompt, message)
+        self.collapsed[prompt] = True  # no pool of it is drawn from again
+        self.log_z[prompt] = -np.inf
+        self._stop_live(prompt)
+
     def pool_weights(
         self, log_v: FloatArray, live: npt.NDArray[np.bool_]
     ) -> tuple[FloatArray, npt.NDArray[np.bool_]]:
@@ -737,11 +787,15 @@ class BestOfNRun(Run):
     def begin(self, log_v0: FloatArray, failed: npt.NDArray[np.bool_], errors: dict[int, str]) -> FloatArray:
         self.started = True
         self.errors = dict(errors)
-        self.failed = failed
+        self.failed = failed.copy()
         return np.zeros((len(failed), self.n))
 
+    def fail_prompt(self, prompt: int, message: str) -> None:
+        self.errors.setdefault(prompt, message)
+        self.failed[prompt] = True  # its draws read as reward zero
+
     def end_rollout(self, particles: Particles, log_r: FloatArray) -> None:
-        log_r[self.failed] = -np.inf  # prompts the policy could not start draw nothing
+        log_r[self.failed] = -np.inf  # prompts that failed (at their start, or since) draw nothing
         best = np.argmax(log_r, axis=1)
         collapsed = np.all(log_r == -np.inf, axis=1)  # failed prompts too
         batch = particles.num_prompts
@@ -825,11 +879,18 @@ class RejectionRun(Run):
 
     def begin(self, log_v0: FloatArray, failed: npt.NDArray[np.bool_], errors: dict[int, str]) -> FloatArray:
         self.errors.update({self.waiting[row]: message for row, message in errors.items()})
-        self.failed = failed
+        self.failed = failed.copy()
         return np.zeros((len(failed), self.count))
 
+    def prompt_index(self, prompt: int) -> int:
+        return self.waiting[prompt]
+
+    def fail_prompt(self, prompt: int, message: str) -> None:
+        self.errors.setdefault(self.waiting[prompt], message)  # never drawn for again (wants)
+        self.failed[prompt] = True  # this round's draws read as reward zero: none accepted
+
     def end_rollout(self, particles: Particles, log_r: FloatArray) -> None:
-        log_r[self.failed] = -np.inf  # prompts the policy could not start draw nothing
+        log_r[self.failed] = -np.inf  # prompts that failed (at their start, or since) draw nothing
         over = log_r > self.log_bound + 1e-12
         if over.any():
             worst = float(np.exp(log_r[over].max() - self.log_bound))
@@ -848,16 +909,20 @@ class RejectionRun(Run):
     def _finish(self) -> None:
         accepted = self.accepted
         samples = [_stack(found) for found in accepted]
+        # a prompt that failed in a later round keeps the draws it had accepted, each of weight zero
+        failed = np.zeros(len(accepted), dtype=bool)
+        failed[list(self.errors)] = True
         self.result = SamplerResult(
             sampler="rejection",
             samples=samples,
             texts=self.texts_of(samples),
             errors=self.errors,
             log_weights=[
-                np.full(len(found), -np.log(len(found))) if found else np.zeros(0) for found in accepted
+                np.full(len(found), -np.inf if gone else -np.log(len(found))) if found else np.zeros(0)
+                for found, gone in zip(accepted, failed.tolist())
             ],
-            log_z=self.log_r_sums - np.log(np.maximum(self.tries, 1)),
-            collapsed=np.array([not found for found in accepted]),
+            log_z=np.where(failed, -np.inf, self.log_r_sums - np.log(np.maximum(self.tries, 1))),
+            collapsed=np.array([not found for found in accepted]) | failed,
             compute=self.compute,
             tries=self.tries,
             acceptance_rate=np.where(self.tries > 0, self.hits / np.maximum(self.tries, 1), np.nan),
@@ -924,7 +989,18 @@ class MHRun(Run):
 
     def begin(self, log_v0: FloatArray, failed: npt.NDArray[np.bool_], errors: dict[int, str]) -> FloatArray:
         self.current.policy = self.policy
+        for prompt, message in errors.items():
+            self.errors.setdefault(prompt, message)
         return self.current.begin(log_v0, failed, errors)
+
+    def has_failed(self, prompt: int) -> bool:
+        return self.current.has_failed(prompt)  # in the current proposal (a new batch for each)
+
+    def fail_prompt(self, prompt: int, message: str) -> None:
+        """The prompt fails in the current proposal and for good: every proposal's ``Zh`` of it reads 0
+        (one that failed in a later proposal drops the state an earlier one gave it)."""
+        self.errors.setdefault(prompt, message)
+        self.current.fail_prompt(prompt, message)
 
     def before_step(self, particles: Particles) -> None:
         self.current.before_step(particles)
@@ -959,8 +1035,11 @@ class MHRun(Run):
         trajectories = [
             particles.tokens[b, pick[b], : particles.lengths[b, pick[b]]].copy() for b in range(batch)
         ]
-        self.errors.update(proposal.errors)
-        log_z = proposal.log_z
+        for prompt, message in proposal.errors.items():
+            self.errors.setdefault(prompt, message)
+        failed = np.zeros(batch, dtype=bool)
+        failed[list(self.errors)] = True
+        log_z = np.where(failed, -np.inf, proposal.log_z)
         self.estimates.append(log_z)
         trace = proposal.trace.stacked(batch)
         self.increments.append((trace["log_z_increments"], trace["log_z_increment_se"]))
@@ -977,12 +1056,13 @@ class MHRun(Run):
         if len(self.estimates) <= self.mh_steps:
             self.current = self._proposal()
             return
-        all_estimates = np.stack(self.estimates, axis=1)
+        # a prompt that failed in a later proposal reads Zh = 0 in the earlier ones too
+        all_estimates = np.where(failed[:, None], -np.inf, np.stack(self.estimates, axis=1))
         samples = [trajectory[None, :] for trajectory in self.state]
         steps = self.mh_steps
         increments, increment_se = _mean_increments(self.increments, batch)
-        # no proposal of positive weight (failed prompts too: their every proposal has Zh = 0)
-        collapsed = self.log_z_state == -np.inf
+        # no proposal of positive weight, or a prompt that failed (in any proposal)
+        collapsed = (self.log_z_state == -np.inf) | failed
         self.result = SamplerResult(
             sampler="mh",
             samples=samples,
