@@ -130,8 +130,8 @@ def _cast(to: Any) -> Callable[[Any, Any, str], None]:
         ),
         ("rank 2, undeclared", r"logits have shape \(1, 64\) for one 2-token prompt.*expected \(batch, seq"),
         ("rank 4", r"its logits output has shape \['batch_size', 1, 'sequence_length', 64\]; expected"),
-        ("int64", r"path: model\.onnx: its logits output is tensor\(int64\); expected float logits"),
-        ("bool", r"its logits output is tensor\(bool\); expected float logits"),
+        ("int64", r"path: model\.onnx: its logits output is tensor\(int64\); expected logits of a float"),
+        ("bool", r"its logits output is tensor\(bool\); expected logits of a float type"),
     ],
     ids=["rank-2", "rank-2-undeclared", "rank-4", "int64", "bool"],
 )

@@ -138,3 +138,15 @@ def test_weight_histogram_refuses_bad_bins(bins: Any, error: type, match: str) -
     assert result.weight_histogram(-1)[0].sum() == 2  # the default, 20 bins
     with pytest.raises(TypeError, match=r"^prompt: expected an int, got True"):
         result.weight_histogram(True)
+
+
+def test_prompt_error_parts_reads_the_one_prefix() -> None:
+    """The prefix the CLI renumbers and the server names a field from: ``prompt k: ...`` and the prompts
+    argument's ``prompt: ...`` / ``prompts: ...``; nothing else."""
+    from tiltsmc.samplers.result import prompt_error_parts
+
+    assert prompt_error_parts("prompt 12: logits: NaN") == (12, "logits: NaN")
+    assert prompt_error_parts("prompts: expected a list") == (None, "expected a list")
+    assert prompt_error_parts("prompt: empty") == (None, "empty")
+    for other in ("num_particles: must be >= 1", "prompt_tokens: 3", "prompt 1 failed", "a prompt 1: x"):
+        assert prompt_error_parts(other) is None

@@ -58,7 +58,7 @@ from ._options import int_option, positive_int_option, positive_real_option, rea
 from .diagnostics import OnlineBellman, online_bellman
 from .samplers._engine import Models
 from .samplers.lane import run_together
-from .samplers.result import Compute, SamplerResult, failed_result, finite_or_none
+from .samplers.result import Compute, SamplerResult, failed_result, finite_or_none, prompt_error_parts
 from .serving.engine import SAMPLERS as SAMPLER_FUNCTIONS
 from .serving.engine import sampler_defaults
 
@@ -1357,7 +1357,8 @@ def _sample(
         if isinstance(result, BaseException):
             failures[i] = result
             reason = _one_line(result)
-            message = reason if re.match(r"prompt 0: ", reason) else f"prompt 0: {reason}"
+            parts = prompt_error_parts(reason)
+            message = reason if parts is not None and parts[0] is not None else f"prompt 0: {reason}"
             result = failed_result(run.sampler, {0: message}, run.compute)
         results.append(result)
     return results, failures
@@ -1476,7 +1477,8 @@ def _check_chat_template(args: argparse.Namespace, policy: Any) -> None:
 def _prompt_error(index: int, error: str) -> str:
     """A failed prompt's line on standard error: its index in the whole input and the reason, the
     library's argument names as the CLI's options."""
-    reason = re.sub(r"^prompts? \d+: ", "", error)  # the sampler's own index: 0, a run per prompt
+    parts = prompt_error_parts(error)  # the sampler's own index: 0, a run per prompt
+    reason = parts[1] if parts is not None and parts[0] is not None else error
     return f"prompt {index}: {_cli_names(reason, {**POLICY_OPTION_NAMES, **REWARD_OPTION_NAMES}, False)}"
 
 

@@ -87,6 +87,7 @@ from ._ort import (
     FLOAT_TYPES,
     check_cache_input,
     check_inputs,
+    float_type_error,
     make_session,
     runtime_version,
     shrink_memory_arena,
@@ -646,10 +647,7 @@ class OnnxCausalLM:
         graph leaves unknown is checked by ``_output_shapes``'s run)."""
         logits = nodes["logits"]
         if logits.type not in FLOAT_TYPES:
-            raise ValueError(
-                f"path: {self.model_file.name}: its logits output is {logits.type}; expected float logits "
-                f"({', '.join(FLOAT_TYPES)}), one per token of the vocabulary at every position"
-            )
+            raise float_type_error(logits.type, f"path: {self.model_file.name}: its logits output", "logits")
         if logits.shape and len(logits.shape) != 3:
             raise ValueError(
                 f"path: {self.model_file.name}: its logits output has shape {logits.shape}; expected "
@@ -983,10 +981,7 @@ class OnnxCausalLM:
             )
         node = next(node for node in self.session.get_outputs() if node.name == value_output)
         if node.type not in FLOAT_TYPES:
-            raise ValueError(
-                f"value_output: {value_output!r} is {node.type}; expected float scores "
-                f"({', '.join(FLOAT_TYPES)})"
-            )
+            raise float_type_error(node.type, f"value_output: {value_output!r}", "scores")
         static = node.shape[2] if len(node.shape) == 3 and isinstance(node.shape[2], int) else 1
         expected = "one score per position, (batch, seq) or (batch, seq, 1), or a twist head (batch, seq, "
         if len(node.shape) not in (2, 3) or static not in (1, self.vocab_size):

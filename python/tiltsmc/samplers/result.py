@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -11,7 +12,7 @@ from typing import Any, Optional
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Compute", "SamplerResult", "failed_result", "finite_or_none", "plain"]
+__all__ = ["Compute", "SamplerResult", "failed_result", "finite_or_none", "plain", "prompt_error_parts"]
 
 
 @dataclass
@@ -292,6 +293,22 @@ class SamplerResult:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), allow_nan=False)
+
+
+# "prompt k: reason" (a prompt that failed; errors[k]), "prompts: ..." (the prompts argument)
+_PROMPT_ERROR = re.compile(r"(prompts?)(?: (\d+))?:")
+
+
+def prompt_error_parts(message: str) -> Optional[tuple[Optional[int], str]]:
+    """A message of the samplers that concerns a prompt, ``prompt k: reason`` (as ``errors[k]`` holds them)
+    or ``prompt: ...`` / ``prompts: ...`` (the argument): ``(k, reason)``, ``k`` None where it names no
+    prompt; None for any other message. The one reading of that prefix (the CLI renumbers it, the server
+    names the request's field from it)."""
+    match = _PROMPT_ERROR.match(message)
+    if match is None:
+        return None
+    index = match.group(2)
+    return (None if index is None else int(index)), message[match.end() :].lstrip()
 
 
 def failed_result(sampler: str, errors: dict[int, str], compute: Optional[Compute] = None) -> SamplerResult:

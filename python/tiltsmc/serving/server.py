@@ -55,7 +55,7 @@ import numpy as np
 
 from .. import core
 from .._options import real_option
-from ..samplers.result import SamplerResult, plain
+from ..samplers.result import SamplerResult, plain, prompt_error_parts
 from .engine import (
     ADAPTIVE_ROWS,
     MAX_BATCH_ROWS,
@@ -798,14 +798,16 @@ def _failure_message(
     fields.update(max_new_tokens=_tokens_field(body, chat), sampler="sampler")
     if name in fields:
         return f"{fields[name]}:{rest}", fields[name]
-    if re.fullmatch(r"prompts?( \d+)?", name):
+    prompt_error = prompt_error_parts(message)
+    if prompt_error is not None:
+        reason = prompt_error[1]
         if chat:
-            return f"messages:{rest}", "messages"
+            return f"messages: {reason}", "messages"
         if index is None:
             done = [i for i, f in enumerate(futures) if f.done() and not f.cancelled()]
             index = next((i for i in done if futures[i].exception() is error), None)
         where = "prompt" if index is None else f"prompt[{index // body.n}]"
-        return f"{where}:{rest}", "prompt"
+        return f"{where}: {reason}", "prompt"
     return message, None
 
 
