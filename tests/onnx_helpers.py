@@ -3,6 +3,8 @@ check that cached decoding gives them, and host copies of ``Particles.state`` en
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -100,3 +102,37 @@ def assert_cache_matches_recompute(
         )
         checked += 1
     return checked
+
+
+def policy_with_logits_added_after(fixture: Path, token: int, value: float, folder: Path) -> Path:
+    """A copy of the decoder ``fixture`` in ``folder`` with ``value`` added to every logit at the positions
+    whose input token is ``token`` (NaN, +inf or -inf logits for the prompts that hold or draw it, the
+    fixture's own for the others); edited with onnx (skipped without it)."""
+    import pytest
+
+    onnx = pytest.importorskip("onnx")
+    from onnx import helper, numpy_helper
+
+    shutil.copytree(fixture, folder)
+    model = onnx.load(folder / "model.onnx")
+    graph = model.graph
+    for node in graph.node:
+        node.output[:] = ["logits_raw" if name == "logits" else name for name in node.output]
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array(token, dtype=np.int64), "bad_token"),
+            numpy_helper.from_array(np.array([2], dtype=np.int64), "last_axis"),
+            numpy_helper.from_array(np.array(value, dtype=np.float32), "bad_value"),
+            numpy_helper.from_array(np.array(0, dtype=np.float32), "no_change"),
+        ]
+    )
+    graph.node.extend(
+        [
+            helper.make_node("Equal", ["input_ids", "bad_token"], ["is_bad"]),
+            helper.make_node("Unsqueeze", ["is_bad", "last_axis"], ["is_bad_3d"]),
+            helper.make_node("Where", ["is_bad_3d", "bad_value", "no_change"], ["change"]),
+            helper.make_node("Add", ["logits_raw", "change"], ["logits"]),
+        ]
+    )
+    onnx.save(model, folder / "model.onnx")
+    return folder

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 import tiltsmc
+from onnx_helpers import policy_with_logits_added_after
 from stuck_policy import SCRIPT_HEAD
 from test_samplers import _assert_replicates_match, _replicate_estimates, assert_unbiased, tilted
 from tiltsmc.models import OnnxCausalLM, OnnxRewardModel, Particles
@@ -1145,39 +1146,6 @@ def test_the_kv_cache_in_flight_stays_under_max_cache_bytes() -> None:
         tiltsmc.Engine(task.policy(), task.twist(noise=0.1, rng=0), max_cache_bytes=1000)
 
 
-def _policy_with_bad_logits_after(token: int, value: float, folder: Path) -> Path:
-    """llama-tiny with ``value`` added to every logit at positions whose input token is ``token``: NaN, +inf
-    or -inf logits for the prompts that hold it, the fixture's own for the others."""
-    import shutil
-
-    onnx = pytest.importorskip("onnx")
-    from onnx import helper, numpy_helper
-
-    shutil.copytree(FIXTURES / "llama-tiny", folder)
-    model = onnx.load(folder / "model.onnx")
-    graph = model.graph
-    for node in graph.node:
-        node.output[:] = ["logits_raw" if name == "logits" else name for name in node.output]
-    graph.initializer.extend(
-        [
-            numpy_helper.from_array(np.array(token, dtype=np.int64), "bad_token"),
-            numpy_helper.from_array(np.array([2], dtype=np.int64), "last_axis"),
-            numpy_helper.from_array(np.array(value, dtype=np.float32), "bad_value"),
-            numpy_helper.from_array(np.array(0, dtype=np.float32), "no_change"),
-        ]
-    )
-    graph.node.extend(
-        [
-            helper.make_node("Equal", ["input_ids", "bad_token"], ["is_bad"]),
-            helper.make_node("Unsqueeze", ["is_bad", "last_axis"], ["is_bad_3d"]),
-            helper.make_node("Where", ["is_bad_3d", "bad_value", "no_change"], ["change"]),
-            helper.make_node("Add", ["logits_raw", "change"], ["logits"]),
-        ]
-    )
-    onnx.save(model, folder / "model.onnx")
-    return folder
-
-
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("top_k", [None, 5])
 def test_a_prompt_whose_logits_no_token_can_be_drawn_from_fails_alone(
@@ -1189,7 +1157,9 @@ def test_a_prompt_whose_logits_no_token_can_be_drawn_from_fails_alone(
     errors (the whole call raised, naming it), and a call whose every prompt fails raises, naming the
     first."""
     policy = OnnxCausalLM(
-        _policy_with_bad_logits_after(7, value, tmp_path / "policy"), max_new_tokens=4, top_k=top_k
+        policy_with_logits_added_after(FIXTURES / "llama-tiny", 7, value, tmp_path / "policy"),
+        max_new_tokens=4,
+        top_k=top_k,
     )
     reward = OnnxRewardModel(FIXTURES / "prm-tiny")
     what = {"nan": "NaN", "inf": "+inf", "-inf": "only -inf"}[str(value)]

@@ -26,6 +26,7 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 import tiltsmc
+from onnx_helpers import policy_with_logits_added_after
 from tiltsmc.cli import main, output_schema
 from tiltsmc.models import OnnxCausalLM, OnnxRewardModel, PolicyTwist
 from tiltsmc.samplers.result import SamplerResult
@@ -104,32 +105,7 @@ def _bad_from_length(name: str, folder: Path, output: str, value: float = math.n
 def _bad_after_token(token: int, folder: Path) -> Path:
     """llama-tiny with NaN logits at the positions whose input token is ``token`` (as
     tests/test_engine.py makes them): a particle that draws it fails its prompt at its next draw."""
-    onnx = pytest.importorskip("onnx")
-    from onnx import helper, numpy_helper
-
-    shutil.copytree(FIXTURES / "llama-tiny", folder)
-    model = onnx.load(folder / "model.onnx")
-    graph = model.graph
-    for node in graph.node:
-        node.output[:] = ["logits_before_edit" if each == "logits" else each for each in node.output]
-    graph.initializer.extend(
-        [
-            numpy_helper.from_array(np.array(token, dtype=np.int64), "edit_token"),
-            numpy_helper.from_array(np.array([2], dtype=np.int64), "edit_axis"),
-            numpy_helper.from_array(np.array(math.nan, dtype=np.float32), "edit_value"),
-            numpy_helper.from_array(np.array(0, dtype=np.float32), "edit_none"),
-        ]
-    )
-    graph.node.extend(
-        [
-            helper.make_node("Equal", ["input_ids", "edit_token"], ["edit_at"]),
-            helper.make_node("Unsqueeze", ["edit_at", "edit_axis"], ["edit_at_3d"]),
-            helper.make_node("Where", ["edit_at_3d", "edit_value", "edit_none"], ["edit_added"]),
-            helper.make_node("Add", ["logits_before_edit", "edit_added"], ["logits"]),
-        ]
-    )
-    onnx.save(model, folder / "model.onnx")
-    return folder
+    return policy_with_logits_added_after(FIXTURES / "llama-tiny", token, math.nan, folder)
 
 
 @pytest.fixture(scope="module")
