@@ -30,6 +30,8 @@ from onnx_helpers import policy_with_logits_added_after
 from tiltsmc.cli import main, output_schema
 from tiltsmc.models import OnnxCausalLM, OnnxRewardModel, PolicyTwist
 from tiltsmc.samplers.result import SamplerResult
+from tiltsmc.tasks import MarkovDFATask
+from tiltsmc.tasks.models import MarkovPolicy
 
 FIXTURES = Path(__file__).parent / "fixtures" / "models"
 MAX_NEW = 4
@@ -121,6 +123,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "reward": OnnxRewardModel(FIXTURES / "prm-tiny", kind="logit"),
         "bad reward": OnnxRewardModel(_bad_from_length("prm-tiny", folder / "prm", "logits"), kind="logit"),
         "twist folder": _bad_from_length("gpt2-twist-tiny", folder / "twist", "logits"),
+        "twist values folder": _bad_from_length("gpt2-twist-tiny", folder / "twist-values", "twist"),
     }
 
 
@@ -151,15 +154,18 @@ _PER_PROMPT = (
 )
 
 
-def _assert_same_prompt(result: SamplerResult, reference: SamplerResult, b: int) -> None:
-    """Prompt ``b`` of ``result`` is prompt ``b`` of ``reference``, bit for bit."""
+def _assert_same_prompt(result: SamplerResult, reference: SamplerResult, b: int, texts: bool = True) -> None:
+    """Prompt ``b`` of ``result`` is prompt ``b`` of ``reference``, bit for bit (``texts``: both have texts,
+    as a policy with a tokenizer gives them)."""
     samples, expected = result.samples[b], reference.samples[b]
     assert len(samples) == len(expected)
     for got, want in zip(samples, expected):
         np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(result.log_weights[b], reference.log_weights[b])
     assert result.log_z[b] == reference.log_z[b] and result.collapsed[b] == reference.collapsed[b]
-    assert result.texts is not None and reference.texts is not None and result.texts[b] == reference.texts[b]
+    if texts:
+        assert result.texts is not None and reference.texts is not None
+        assert result.texts[b] == reference.texts[b]
     for name in _PER_PROMPT:
         got_field, want_field = getattr(result, name), getattr(reference, name)
         assert (got_field is None) == (want_field is None), name
@@ -249,6 +255,82 @@ def test_bad_logits_in_the_optimal_proposal_fail_the_prompt_alone(
     _assert_no_weight(result, 2)
     for b in (0, 1):
         _assert_same_prompt(result, reference, b)
+
+
+@pytest.mark.parametrize("sampler", sorted(TWIST_SAMPLERS))
+def test_bad_twist_values_in_the_optimal_proposal_fail_the_prompt_alone(
+    models: dict[str, Any], sampler: str
+) -> None:
+    """The optimal proposal reads the reward model's ``next_log_values`` (here the policy's twist head): a
+    prompt whose values become NaN fails alone, its rows not scored again, and the others get what the
+    healthy model gives them (before: the call raised for the whole batch)."""
+    run = TWIST_SAMPLERS[sampler]
+    healthy = OnnxCausalLM(
+        FIXTURES / "gpt2-twist-tiny", max_new_tokens=MAX_NEW, eos_token_id=[], value_output="twist"
+    )
+    broken = OnnxCausalLM(
+        models["twist values folder"], max_new_tokens=MAX_NEW, eos_token_id=[], value_output="twist"
+    )
+    reference = run(healthy, PROMPTS)
+    assert not reference.errors
+    result = run(broken, PROMPTS)
+    assert list(result.errors) == [2], result.errors
+    assert result.errors[2].startswith("prompt 2: reward: model.onnx's twist head: scores: NaN"), result
+    _assert_no_weight(result, 2)
+    for b in (0, 1):
+        _assert_same_prompt(result, reference, b)
+    with pytest.raises(ValueError, match=r"^reward: model\.onnx's twist head: scores: NaN"):
+        run(broken, PROMPTS[2:])  # the call's every prompt at once: the call fails
+
+
+class _PolicyGoingBadForOnePrompt(MarkovPolicy):
+    """A user's token policy, in Python (no ``log_probs_checked``): the test-bed task's law, but NaN (or
+    ``value``) for every token once prompt ``bad``'s particles hold ``after`` tokens (which prompt a row is
+    rides in ``particles.state``, following resampling)."""
+
+    log_probs_checked = False
+
+    def __init__(self, task: MarkovDFATask, bad: int, after: int, value: float = math.nan) -> None:
+        super().__init__(task)
+        self.bad, self.after, self.value = bad, after, value
+
+    def start(self, prompts: Any, num_particles: int) -> Any:
+        particles = super().start(prompts, num_particles)
+        poisoned = np.zeros(particles.lengths.shape, dtype=bool)
+        poisoned[self.bad] = True
+        particles.state["test.poisoned"] = poisoned
+        return particles
+
+    def next_log_probs(self, particles: Any) -> Any:
+        log_p = np.array(super().next_log_probs(particles))
+        log_p[particles.state["test.poisoned"] & (particles.lengths >= self.after)] = self.value
+        return log_p
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_a_python_token_policys_bad_law_fails_its_prompt_alone(value: float) -> None:
+    """The optimal proposal with a Python token policy: where its ``next_log_probs`` gives one prompt's
+    particles NaN, ``+inf`` or only ``-inf``, the samplers fail that prompt alone (``Models`` reads the law
+    of a policy that does not promise ``log_probs_checked``), and the others get what the healthy policy
+    gives them (before: the draw raised for the whole call)."""
+    task = MarkovDFATask.random(4, 3, 5, rng=1)
+    twist = task.twist(noise=0.3, rng=2)
+    prompts: list[Any] = [()] * 4
+    what = {"nan": "NaN", "inf": "+inf", "-inf": "only -inf"}[str(value)]
+    for run in (
+        lambda policy: tiltsmc.smc(policy, twist, prompts, num_particles=6, proposal="optimal", rng=4),
+        lambda policy: tiltsmc.sp_gsmc(policy, twist, prompts, pool_size=None, rng=4),
+    ):
+        reference = run(task.policy())
+        assert not reference.errors
+        result = run(_PolicyGoingBadForOnePrompt(task, 2, 2, value))
+        assert result.errors == {
+            2: f"prompt 2: policy: next_log_probs returned {what} for this prompt's particles (no token can "
+            "be drawn from them)"
+        }
+        _assert_no_weight(result, 2)
+        for b in (0, 1, 3):  # the prompt after it too: the draws are numbered by row, failed or not
+            _assert_same_prompt(result, reference, b, texts=False)
 
 
 def test_bad_logits_in_the_engines_optimal_proposal_fail_that_request_alone(models: dict[str, Any]) -> None:

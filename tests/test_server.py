@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import gzip
 import json
 import math
 import os
@@ -505,7 +506,8 @@ def test_malformed_json(server: Server) -> None:
 def test_a_body_sent_as_another_type_than_json_is_a_415(server: Server) -> None:
     """A completion body whose Content-Type is not JSON is refused with a 415 in OpenAI's shape, naming
     the header, with ``Accept: application/json`` (it was read as JSON whatever its type: ``text/plain``
-    was served, a form body refused as invalid JSON); JSON with any charset, a ``+json`` type, or no
+    was served, a form body refused as invalid JSON), and so is a compressed one (``Content-Encoding``:
+    the server does not decompress; it was "Invalid JSON"); JSON with any charset, a ``+json`` type, or no
     Content-Type at all is read, the same answer."""
     bodies = {
         "/v1/completions": {"prompt": "hi", "seed": 1, "particles": 2},
@@ -528,6 +530,13 @@ def test_a_body_sent_as_another_type_than_json_is_a_415(server: Server) -> None:
                     "param": None,
                     "code": "unsupported_media_type",
                 }
+        gzipped = httpx.post(
+            url, content=gzip.compress(content), headers={"content-encoding": "gzip"}, timeout=60
+        )
+        assert gzipped.status_code == 415 and gzipped.headers["accept-encoding"] == "identity"
+        assert gzipped.json()["error"]["message"] == (
+            "Content-Encoding: 'gzip' is not supported: send the body uncompressed"
+        )
         form = httpx.post(url, data={"prompt": "hi"}, timeout=60)  # what curl -d sends without -H
         assert form.status_code == 415, form.text
         assert "curl -d" in form.json()["error"]["message"], form.text
@@ -539,10 +548,11 @@ def test_a_body_sent_as_another_type_than_json_is_a_415(server: Server) -> None:
                 {"content-type": "Application/JSON;charset=UTF-8"},
                 {"content-type": "application/vnd.tiltsmc+json"},
                 {},  # httpx sends no Content-Type with content= alone
+                {"content-type": "application/json", "content-encoding": "identity"},
             )
         ]
-        assert "content-type" not in answers[-1].request.headers
-        assert [a.status_code for a in answers] == [200] * 5, [a.text for a in answers]
+        assert "content-type" not in answers[-2].request.headers
+        assert [a.status_code for a in answers] == [200] * 6, [a.text for a in answers]
         assert all(a.json()["choices"] == answers[0].json()["choices"] for a in answers)
 
 

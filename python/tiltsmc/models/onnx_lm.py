@@ -1277,6 +1277,8 @@ class OnnxCausalLM:
     # The samplers hand ``start`` each prompt's run's token limit (``Models.start``): a prompt fits the
     # context with the tokens its run may add, not the policy's own limit.
     start_takes_token_limits = True
+    # next_log_probs fails a prompt whose logits no token can be drawn from itself (Models reads it so)
+    log_probs_checked = True
 
     def start(
         self,

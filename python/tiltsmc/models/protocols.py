@@ -49,7 +49,9 @@ class TokenPolicy(Policy, Protocol):
 
     def next_log_probs(self, particles: Particles) -> FloatArray:
         """``log p(v | prefix)`` for every token ``v``: shape ``(B, N, vocab_size)``. A prompt may fail on its
-        own here as in ``propose`` (``particles.errors[b]``, its particles finished)."""
+        own here as in ``propose`` (``particles.errors[b]``, its particles finished); the samplers fail a
+        prompt so where an unfinished particle's row holds NaN, ``+inf`` or only ``-inf``, unless the policy
+        has a class attribute ``log_probs_checked = True``, which promises that it never returns one."""
         ...
 
     def append(self, particles: Particles, tokens: npt.NDArray[np.int64]) -> None:

@@ -72,6 +72,8 @@ class Models:
         # A reward model that guarantees finite or -inf log-values (raising itself otherwise) is not checked
         # again at every step.
         self._check_log_values = getattr(reward, "log_values_checked", False) is not True
+        # likewise a token policy whose next_log_probs never returns a row no token can be drawn from
+        self._check_log_probs = getattr(policy, "log_probs_checked", False) is not True
 
     def supports_optimal_proposal(self) -> bool:
         token_level = bool(getattr(self.policy, "token_level", True))
@@ -130,6 +132,8 @@ class Models:
         self.compute.policy_seconds += time.perf_counter() - began
         self.compute.policy_calls += 1
         self.compute.policy_steps += int(np.count_nonzero(~particles.finished))
+        if self._check_log_probs:
+            log_p = fail_prompts_with_bad_log_probs(particles, log_p)
         return log_p
 
     def append(self, particles: Particles, tokens: npt.NDArray[np.int64]) -> None:
@@ -195,6 +199,38 @@ def failed_prompts(particles: Particles) -> npt.NDArray[np.bool_]:
     if particles.errors:
         failed[list(particles.errors)] = True
     return failed
+
+
+def fail_prompts_with_bad_log_probs(particles: Particles, log_p: FloatArray) -> FloatArray:
+    """A token policy's ``next_log_probs`` (``(B, N, vocab)``) read for the prompts it cannot go on with: an
+    unfinished particle whose row holds NaN or ``+inf``, or only ``-inf`` (no token can be drawn), fails its
+    prompt as ``OnnxCausalLM`` fails one (its reason in ``particles.errors``, its particles finished), so
+    that the samplers fail that prompt alone. Returns ``log_p``, its rows of no usable law (then all of
+    finished particles, never drawn for) read as a uniform law; one reduction over ``log_p`` where every row
+    is usable (NaN propagates through max)."""
+    if log_p.ndim != 3 or log_p.shape[:2] != particles.lengths.shape:
+        raise ValueError(
+            f"policy: next_log_probs returned shape {log_p.shape}, expected (B, N, vocab) with (B, N) = "
+            f"{particles.lengths.shape}"
+        )
+    if not log_p.size:
+        return log_p
+    row_max = log_p.max(axis=-1)
+    unusable = ~np.isfinite(row_max)
+    if not unusable.any():
+        return log_p
+    bad = unusable & ~particles.finished
+    for b in np.flatnonzero(bad.any(axis=1)).tolist():
+        rows = row_max[b][bad[b]]
+        what = "NaN" if np.isnan(rows).any() else "+inf" if (rows == np.inf).any() else "only -inf"
+        particles.errors[b] = (
+            f"policy: next_log_probs returned {what} for this prompt's particles (no token can be drawn "
+            "from them)"
+        )
+        particles.finished[b] = True
+    log_p = log_p.copy()  # not the policy's own array
+    log_p[unusable] = 0.0  # rows of finished particles only, now
+    return log_p
 
 
 def check_log_values(value: FloatArray, name: str) -> FloatArray:

@@ -34,6 +34,7 @@ import numpy.typing as npt
 
 from .._rng import RowStreams
 from ..models.particles import MAX_NEW_TOKENS, Particles
+from ..models.protocols import TokenPolicy
 from ._engine import FloatArray, Models, failed_prompts
 from .runs import LOG_V_PREV, PoolRun, Run, SharedStep, SMCRun, pool_together, reweigh_together
 
@@ -299,7 +300,7 @@ class Lane:
         groups = self._shared_steps()
         for member in self.members:
             member.run.before_step(_view(particles, member))
-        next_log_values = self._charge(lambda: self.models.next_log_values(particles))
+        next_log_values = self._reward_values(ended, "next_log_values")
         errors_before = len(particles.errors)
         log_p = self._charge(lambda: self.models.next_log_probs(particles), live=True)
         if len(particles.errors) != errors_before:  # prompts the policy failed during the call
@@ -443,45 +444,62 @@ class Lane:
         member.run.fail_prompt(prompt, f"prompt {member.run.prompt_index(prompt)}: {reason}")
 
     def _log_values(self, ended: Ended) -> FloatArray:
-        """``log Vh_t`` of every row. Where the call fails for the batch, each run is scored alone, and a run
-        that fails alone prompt by prompt: the prompts whose rows fail fail alone (``_fail_prompts``: a
-        reward model's NaN on one prompt's prefixes), the run with them where every one of its prompts
-        does. Rows of prompts that failed so are not scored again (``-inf``)."""
+        """``log Vh_t`` of every row (``_reward_values`` of ``log_value``)."""
+        return self._reward_values(ended, "log_value")
+
+    def _reward_values(self, ended: Ended, method: str) -> FloatArray:
+        """The reward model's ``method`` (``log_value``: ``log Vh_t`` a row; ``next_log_values``: ``log Vh``
+        of every one-token extension, the optimal proposal's) of every row. Where the call fails for the
+        batch, each run is scored alone, and a run that fails alone prompt by prompt: the prompts whose rows
+        fail fail alone (``_fail_prompts``: a reward model's NaN on one prompt's prefixes), the run with them
+        where every one of its prompts does. Rows of prompts that failed so are not scored again (``-inf``).
+        """
         particles = self._particles()
+        score: Callable[[Particles], FloatArray] = getattr(self.models, method)
         error: Optional[BaseException] = None
         if not self._skipping:  # the usual case: one call for every row
             try:
-                values: FloatArray = self._charge(lambda: self.models.log_value(particles))
+                values: FloatArray = self._charge(lambda: score(particles))
                 return values
             except Exception as batch_error:
                 error = batch_error
-        values = np.full(particles.lengths.shape, -np.inf)
+        shape = particles.lengths.shape
+        if method == "next_log_values":  # a lane of the optimal proposal: a token policy's vocabulary
+            shape = (*shape, cast(TokenPolicy, self.models.policy).vocab_size)
+        values = np.full(shape, -np.inf)
         self._flush(particles)  # before the copies of rows (Particles.select), as the policy's time
         if error is None:  # rows left unscored: the others in one call
             rows = np.concatenate([member.scored_rows() for member in self.members])
             try:
-                values[rows] = self._scored(particles, rows)
+                values[rows] = self._scored(particles, rows, score)
                 return values
             except Exception as batch_error:
                 error = batch_error
         if len(self.members) > 1 or self.members[0].batch > 1:
-            logger.warning("log_value failed for the batch (%s); scoring each run alone", error)
+            logger.warning("%s failed for the batch (%s); scoring each run alone", method, error)
         for member in self._active():
             if len(self.members) == 1:  # the call was this run's alone
                 run_error = error
             else:
                 rows = member.scored_rows()
                 try:
-                    values[rows] = self._scored(particles, rows)
+                    values[rows] = self._scored(particles, rows, score)
                     continue
                 except Exception as failure:
                     run_error = failure
-            self._score_prompts(member, run_error, values, ended)
+            self._score_prompts(member, run_error, values, ended, score)
         return values
 
-    def _score_prompts(self, member: _Member, error: BaseException, values: FloatArray, ended: Ended) -> None:
-        """``member``'s run failed alone in the reward model (``error``): each of its prompts scored alone,
-        into ``values``; those that fail fail (``_fail_prompts``)."""
+    def _score_prompts(
+        self,
+        member: _Member,
+        error: BaseException,
+        values: FloatArray,
+        ended: Ended,
+        score: Callable[[Particles], FloatArray],
+    ) -> None:
+        """``member``'s run failed alone in the reward model's ``score`` (``error``): each of its prompts
+        scored alone, into ``values``; those that fail fail (``_fail_prompts``)."""
         particles = self._particles()
         reasons: dict[int, str] = {}
         if member.batch == 1:
@@ -492,17 +510,19 @@ class Lane:
                     continue
                 rows = np.arange(*member.rows(prompt))
                 try:
-                    values[rows] = self._scored(particles, rows)
+                    values[rows] = self._scored(particles, rows, score)
                 except Exception as failure:
                     reasons[prompt] = str(failure)
         if reasons:
             self._fail_prompts(member, reasons, error, ended, skip=True)
 
-    def _scored(self, particles: Particles, rows: npt.NDArray[np.int64]) -> FloatArray:
-        """``log_value`` of rows ``rows`` alone (a copy of them), ``(len(rows), 1)``; what the model keeps in
+    def _scored(
+        self, particles: Particles, rows: npt.NDArray[np.int64], score: Callable[[Particles], FloatArray]
+    ) -> FloatArray:
+        """``score`` of rows ``rows`` alone (a copy of them), ``(len(rows), 1, ...)``; what the model keeps in
         their state (its cache) written back where the rows' layout allows (``Particles.fill_rows``)."""
         part = particles.select(rows)
-        values: FloatArray = self._charge(lambda: self.models.log_value(part))
+        values: FloatArray = self._charge(lambda: score(part))
         particles.fill_rows(rows, part)
         return values
 

@@ -425,7 +425,7 @@ def create_app(
         where FastAPI's route would parse them in Python and then validate them through its dependency
         machinery, at a cost in the event loop's time that every request paid."""
         await authorised(request)
-        _check_content_type(request.headers.get("content-type"))
+        _check_content_type(request.headers.get("content-type"), request.headers.get("content-encoding"))
         try:
             raw = await request.body()
         except ClientDisconnect:  # it left while sending its body: nobody to answer
@@ -555,11 +555,21 @@ def create_app(
     return app
 
 
-def _check_content_type(value: Optional[str]) -> None:
+def _check_content_type(value: Optional[str], encoding: Optional[str] = None) -> None:
     """A completion request's body is JSON: sent as ``application/json`` or a ``+json`` type, with any
     parameters (``charset=utf-8``: JSON is UTF-8 in any case), or with no ``Content-Type`` at all (read as
-    JSON, as FastAPI reads a body model's). Any other type is a 415 naming the header, before the body is
-    read (a form body was refused as invalid JSON, a ``text/plain`` one read as JSON)."""
+    JSON, as FastAPI reads a body model's), and not compressed (a ``Content-Encoding`` other than
+    ``identity``: the server does not decompress bodies). Anything else is a 415 naming the header, before
+    the body is read (a form body was refused as invalid JSON, a ``text/plain`` one read as JSON, a gzipped
+    one "Invalid JSON")."""
+    if encoding is not None and encoding.strip().lower() not in ("", "identity"):
+        raise RequestError(
+            None,
+            f"Content-Encoding: {encoding[:100]!r} is not supported: send the body uncompressed",
+            415,
+            "unsupported_media_type",
+            {"Accept-Encoding": "identity"},
+        )
     if value is None or not value.strip():
         return
     kind, slash, subtype = value.split(";", 1)[0].strip().lower().partition("/")

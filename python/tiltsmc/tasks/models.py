@@ -59,6 +59,7 @@ class MarkovPolicy:
 
     token_level = True  # a step is one token
     supports_engine = True
+    log_probs_checked = True  # the task's laws are checked distributions: a token can always be drawn
 
     def __init__(self, task: MarkovDFATask) -> None:
         self.task = task
