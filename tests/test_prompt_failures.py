@@ -236,51 +236,35 @@ def test_a_prompt_that_fails_in_a_later_mh_proposal_only_reads_as_failed(
 
 
 @pytest.mark.parametrize("sampler", sorted(TWIST_SAMPLERS))
-def test_bad_logits_in_the_optimal_proposal_fail_the_prompt_alone(
-    models: dict[str, Any], sampler: str
+@pytest.mark.parametrize(
+    ("folder", "error"),
+    [
+        ("twist folder", LOGITS),
+        ("twist values folder", "prompt 2: reward: model.onnx's twist head: scores: NaN"),
+    ],
+    ids=["logits", "twist values"],
+)
+def test_a_bad_prompt_in_the_optimal_proposal_fails_alone(
+    models: dict[str, Any], sampler: str, folder: str, error: str
 ) -> None:
-    """The optimal proposal and exact SP-gSMC read ``next_log_probs``: a prompt whose logits become NaN fails
-    alone there too (before: the call raised for the whole batch)."""
+    """The optimal proposal and exact SP-gSMC read the policy's ``next_log_probs`` and the reward model's
+    ``next_log_values`` (here the policy's twist head): a prompt whose logits, or values, become NaN fails
+    alone there too, and the others get what the healthy model gives them (before: the call raised for the
+    whole batch); a call whose every prompt goes bad at once raises."""
     run = TWIST_SAMPLERS[sampler]
     healthy = OnnxCausalLM(
         FIXTURES / "gpt2-twist-tiny", max_new_tokens=MAX_NEW, eos_token_id=[], value_output="twist"
     )
-    broken = OnnxCausalLM(
-        models["twist folder"], max_new_tokens=MAX_NEW, eos_token_id=[], value_output="twist"
-    )
+    broken = OnnxCausalLM(models[folder], max_new_tokens=MAX_NEW, eos_token_id=[], value_output="twist")
     reference = run(healthy, PROMPTS)
     assert not reference.errors
     result = run(broken, PROMPTS)
-    assert list(result.errors) == [2] and result.errors[2].startswith(LOGITS), result.errors
+    assert list(result.errors) == [2] and result.errors[2].startswith(error), result.errors
     _assert_no_weight(result, 2)
     for b in (0, 1):
         _assert_same_prompt(result, reference, b)
-
-
-@pytest.mark.parametrize("sampler", sorted(TWIST_SAMPLERS))
-def test_bad_twist_values_in_the_optimal_proposal_fail_the_prompt_alone(
-    models: dict[str, Any], sampler: str
-) -> None:
-    """The optimal proposal reads the reward model's ``next_log_values`` (here the policy's twist head): a
-    prompt whose values become NaN fails alone, its rows not scored again, and the others get what the
-    healthy model gives them (before: the call raised for the whole batch)."""
-    run = TWIST_SAMPLERS[sampler]
-    healthy = OnnxCausalLM(
-        FIXTURES / "gpt2-twist-tiny", max_new_tokens=MAX_NEW, eos_token_id=[], value_output="twist"
-    )
-    broken = OnnxCausalLM(
-        models["twist values folder"], max_new_tokens=MAX_NEW, eos_token_id=[], value_output="twist"
-    )
-    reference = run(healthy, PROMPTS)
-    assert not reference.errors
-    result = run(broken, PROMPTS)
-    assert list(result.errors) == [2], result.errors
-    assert result.errors[2].startswith("prompt 2: reward: model.onnx's twist head: scores: NaN"), result
-    _assert_no_weight(result, 2)
-    for b in (0, 1):
-        _assert_same_prompt(result, reference, b)
-    with pytest.raises(ValueError, match=r"^reward: model\.onnx's twist head: scores: NaN"):
-        run(broken, PROMPTS[2:])  # the call's every prompt at once: the call fails
+    with pytest.raises(ValueError, match=re.escape(error.replace("prompt 2: ", ""))):
+        run(broken, PROMPTS[2:])  # the policy's reason names the prompt (0), the reward model's error not
 
 
 class _PolicyGoingBadForOnePrompt(MarkovPolicy):
