@@ -356,6 +356,35 @@ def test_the_finished_counts_kept_between_model_calls_are_always_the_rows_counts
     assert ended == added and len(reads) > 20
 
 
+def test_runs_whose_resampling_finishes_every_row_end_at_that_step_batched_as_alone() -> None:
+    """A pool's chosen candidate fills the pool, and resampling copies a finished particle over unfinished
+    ones: a run whose rows have all finished so ends at that step, batched as alone. The lane kept its
+    finished counts across the reorder, so a run batched with another (whose counts the shared step had
+    read) took one more step with no live row, drawing an extra key: an MH request's result then differed
+    from the same request alone (seed 0 of this test: another text and log Z)."""
+    from pathlib import Path
+
+    from tiltsmc.models import OnnxCausalLM, OnnxRewardModel
+    from tiltsmc.samplers.lane import run_together
+
+    fixtures = Path(__file__).parent / "fixtures" / "models"
+    policy = OnnxCausalLM(fixtures / "llama-tiny", tokenizer=fixtures / "chat-tiny", max_new_tokens=6,
+                          eos_token_id=[0, 63])  # fmt: skip
+    reward = OnnxRewardModel(fixtures / "prm-tiny", tokenizer=fixtures / "chat-tiny")
+    models = Models(policy, reward, Compute())
+    for seed in (0, 12, 18):
+
+        def made(rng: int) -> Run:
+            return mh_run(models, [[5, 6, 7]], 3, 2, 1, rng, resample="systematic", ess_threshold=0.5,
+                          max_steps=100)  # fmt: skip
+
+        alone = run_alone(models, made(seed))
+        together = run_together(models, [made(1000 + seed), made(seed)])[1]
+        assert together.texts == alone.texts, seed
+        np.testing.assert_array_equal(together.log_z, alone.log_z)
+        np.testing.assert_array_equal(together.proposal_log_z, alone.proposal_log_z)
+
+
 def test_a_run_whose_weights_overflow_fails_alone_when_runs_reweigh_together() -> None:
     """One core call for three runs, the second's update overflowing (log Vh_t - log Vh_{t-1} = +inf): the
     call is refused, and each run then steps alone with the key it drew: the second fails (its weights as

@@ -373,11 +373,9 @@ class Lane:
             offsets = member.start + np.arange(member.batch, dtype=np.int64)[:, None] * member.count
             ancestors[member.start : member.stop] = (offsets + local).reshape(-1)
         if ancestors is not None:
-            # within each run's rows: its finished rows stay as many
-            self._charge(
-                lambda: self.models.reorder(particles, ancestors[None, :], across_prompts=True),
-                keeps_counts=True,
-            )
+            # counted again: a finished particle's offspring may replace unfinished ones (a pool's chosen
+            # candidate fills it), and a run whose rows have all finished so ends at this step
+            self._charge(lambda: self.models.reorder(particles, ancestors[None, :], across_prompts=True))
         self._drop_ended()
 
     def _propose(self, particles: Particles, ended: Ended) -> None:
@@ -844,12 +842,11 @@ class Lane:
         call: Callable[[], Any],
         live: bool = False,
         runs: Optional[list[Run]] = None,
-        keeps_counts: bool = False,
     ) -> Any:
         """Make one model call for every run, and charge each run its share (by rows, or live rows: those
         not finished before the call), in the lane's ledger until the run leaves. With ``runs`` (a group
         starting, not in the lane yet), the call is theirs, charged to them at once in equal shares.
-        ``keeps_counts``: the call leaves each member as many finished rows (else they are counted again)."""
+        Every call may finish rows: they are counted again after it."""
         members = self.members
         weights = None
         if runs is None and live and len(members) > 1:
@@ -860,8 +857,7 @@ class Lane:
         try:
             return call()
         finally:
-            if not keeps_counts:
-                self._counted = None
+            self._counted = None
             deltas = [after - b for after, b in zip(_read_fields(compute), before)]
             if any(deltas):
                 if runs is None:
