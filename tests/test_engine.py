@@ -1181,3 +1181,30 @@ def test_a_prompt_whose_logits_no_token_can_be_drawn_from_fails_alone(
     assert np.isfinite(offline.log_z[0]) and offline.weights(0).sum() == pytest.approx(1.0)
     with pytest.raises(ValueError, match=re.escape(f"prompt 0: logits: model.onnx returned {what} for this")):
         tiltsmc.smc(policy, reward, prompts=[[3, 7]], num_particles=4, rng=0)
+
+
+@pytest.mark.parametrize("raised", [KeyboardInterrupt, SystemExit])
+def test_a_done_callback_raising_a_base_exception_leaves_the_engine_serving(
+    raised: type[BaseException], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Done-callbacks run on the worker: one that raises ``KeyboardInterrupt`` or ``SystemExit`` (which
+    ``concurrent.futures`` does not catch) is logged, and the other requests and later ones are served (it
+    reached the worker's last resort: every request ended with EngineClosed, and submit refused)."""
+    task = MarkovDFATask.random(3, 2, 4, rng=0)
+
+    def callback(_: Any) -> None:
+        raise raised
+
+    with caplog.at_level("ERROR", logger="tiltsmc.engine"):
+        with tiltsmc.Engine(task.policy(), task.twist(noise=0.1, rng=0), max_batch_rows=8) as engine:
+            first = engine.submit((), "smc", num_particles=4, rng=0)
+            first.add_done_callback(callback)
+            others = [engine.submit((), "smc", num_particles=4, rng=k) for k in range(1, 4)]
+            for k, future in enumerate(others, start=1):
+                expected = tiltsmc.smc(task.policy(), task.twist(noise=0.1, rng=0), [()], 4, rng=k)
+                assert future.result(timeout=60).log_z.tolist() == expected.log_z.tolist()
+            assert first.result(timeout=60).log_z.size == 1
+            assert engine.submit((), "smc", num_particles=4, rng=9).result(timeout=60).log_z.size == 1
+            stats = engine.stats()
+            assert stats["failed"] is None and stats["requests"]["completed"] == 5
+    assert any("done-callback" in record.getMessage() for record in caplog.records)

@@ -761,6 +761,10 @@ class Engine:
         self._settle(request, None, result)
 
     def _settle(self, request: Request, error: Optional[BaseException], result: Any = None) -> None:
+        """The request's future gets its result or ``error``. Its done-callbacks run here, on the worker:
+        ``concurrent.futures`` logs an ``Exception`` they raise, and a ``BaseException`` (a callback's
+        ``sys.exit()`` or ``KeyboardInterrupt``) is logged here too, so that a caller's callback cannot end
+        the worker and every other request with it."""
         try:
             if error is not None:
                 request.future.set_exception(error)
@@ -768,6 +772,8 @@ class Engine:
                 request.future.set_result(result)
         except InvalidStateError:  # cancelled by its caller in the meantime
             pass
+        except BaseException:  # a caller's done-callback, not the engine
+            logger.exception("a done-callback of a request raised; the engine goes on")
 
     def _end_all(self, worker: _Worker, error: BaseException) -> None:
         """End the waiting requests and ``worker``'s in flight with ``error``."""
