@@ -451,3 +451,27 @@ def test_a_prompt_that_goes_bad_in_the_cli_fails_alone(
     monkeypatch.setenv("TILTSMC_TRACEBACK", "1")  # the error was made, not raised: no traceback to show
     assert main([*argv, "--policy", str(policy), "--json", str(out)]) == 0
     assert len(capfd.readouterr().err.splitlines()) == 1
+
+
+def test_a_run_started_with_others_names_its_own_prompt(models: dict[str, Any]) -> None:
+    """Runs started together in one policy call (the engine's requests joining at one step): a prompt the
+    policy cannot start is named by its run's own index, as the run alone names it (it was named by its
+    place in the joint start: ``prompt 3`` for a request of one prompt)."""
+    from tiltsmc.samplers._engine import Models
+    from tiltsmc.samplers.lane import run_alone, run_together
+    from tiltsmc.samplers.result import Compute
+    from tiltsmc.samplers.sequential import smc_run
+
+    shared = Models(models["policy"], models["reward"], Compute())
+
+    def made(prompts: list[Any]) -> Any:
+        return smc_run(
+            shared, prompts, 2, "systematic", 0.5, "naive", 0, record_ancestry=False, max_steps=100
+        )
+
+    batches = [[[1, 2]], [[3]], [[5], [1000]], [[1000]]]
+    together = run_together(shared, [made(p) for p in batches])
+    alone = [run_alone(shared, made(p)) for p in batches]
+    message = "token ids must lie in [0, 64), got 1000"
+    assert [r.errors for r in together] == [{}, {}, {1: f"prompt 1: {message}"}, {0: f"prompt 0: {message}"}]
+    assert [r.errors for r in alone] == [r.errors for r in together]

@@ -36,6 +36,7 @@ from .._rng import RowStreams
 from ..models.particles import MAX_NEW_TOKENS, Particles
 from ..models.protocols import TokenPolicy
 from ._engine import FloatArray, Models, failed_prompts
+from .result import prompt_error_parts
 from .runs import LOG_V_PREV, PoolRun, Run, SharedStep, SMCRun, pool_together, reweigh_together
 
 __all__ = ["KINDS", "Lane", "RunFailed", "run_alone", "run_together"]
@@ -594,7 +595,12 @@ class Lane:
         log_v_prev = np.zeros(part.lengths.shape)
         members = []
         for run, start, stop in zip(runs, offsets[:-1], offsets[1:]):
-            errors = {b - start: m for b, m in part.errors.items() if start <= b < stop}
+            # "prompt k: ..." by the run's own index (the policy numbered the group's prompts)
+            errors = {
+                b - start: _renumbered(m, run.prompt_index(b - start))
+                for b, m in part.errors.items()
+                if start <= b < stop
+            }
             log_v_prev[start:stop] = run.begin(log_v0[start:stop], failed[start:stop], errors)
             members.append(_Member(run, stop - start, count))
         part.state[LOG_V_PREV] = log_v_prev
@@ -886,6 +892,13 @@ class Lane:
     def _end_at_limits(self, particles: Particles) -> None:
         _end_at_limits(particles)
         self._counted = None
+
+
+def _renumbered(message: str, index: int) -> str:
+    """A prompt's error as ``prompt {index}: reason`` (its ``prompt k:`` prefix, if any, replaced)."""
+    parts = prompt_error_parts(message)
+    reason = parts[1] if parts is not None and parts[0] is not None else message
+    return f"prompt {index}: {reason}"
 
 
 def _rows_of(part: Particles, start: int, stop: int) -> Particles:
