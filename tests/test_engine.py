@@ -1208,3 +1208,19 @@ def test_a_done_callback_raising_a_base_exception_leaves_the_engine_serving(
             stats = engine.stats()
             assert stats["failed"] is None and stats["requests"]["completed"] == 5
     assert any("done-callback" in record.getMessage() for record in caplog.records)
+
+
+def test_final_resample_draws_count_as_the_requests_rows() -> None:
+    """``final_resample = M`` draws ``M`` trajectories at the end, held at once as rows of tokens: a request
+    whose ``M`` is more than the engine's ``max_batch_rows`` is refused at submit naming it (it was taken,
+    and ``M = 10**7`` held 888 MB on the worker; ``2**63`` failed after the run naming ``num``), and ``M``
+    up to the limit is served as offline."""
+    task = MarkovDFATask.random(3, 2, 4, rng=0)
+    policy, twist = task.policy(), task.twist(noise=0.1, rng=0)
+    with tiltsmc.Engine(policy, twist, max_batch_rows=8) as engine:
+        for draws in (9, 10**7, 2**63):
+            with pytest.raises(ValueError, match=f"^final_resample: the request needs {draws} particle rows"):
+                engine.submit((), "smc", num_particles=4, final_resample=draws, rng=0)
+        served = engine.submit((), "smc", num_particles=4, final_resample=8, rng=0).result(timeout=60)
+    offline = tiltsmc.smc(policy, twist, [()], num_particles=4, final_resample=8, rng=0)
+    assert [s.tolist() for s in served.samples[0]] == [s.tolist() for s in offline.samples[0]]

@@ -300,7 +300,8 @@ class SMCRun(Run):
 
     @property
     def rows_per_prompt(self) -> int:
-        return self.num_particles
+        # final_resample = M draws M trajectories by weight at the end: M rows of tokens held at once
+        return max(self.num_particles, self.final_resample or 0)
 
     def wants(self) -> Optional[tuple[Optional[list[Any]], int]]:
         return None if self.started else (self.prompts, self.num_particles)

@@ -145,6 +145,8 @@ def _rows_option(sampler: str, options: dict[str, Any]) -> str:
     """The option that sets a request's particle rows (named where the engine refuses them)."""
     if sampler == "mh":
         return "num_particles" if options["num_particles"] > 1 else "pool_size"
+    if sampler == "smc" and (options.get("final_resample") or 0) > options["num_particles"]:
+        return "final_resample"  # its draws at the end are the most rows the request holds
     return {"smc": "num_particles", "sp_gsmc": "pool_size", "best_of_n": "n", "rejection": "batch_size"}[
         sampler
     ]
