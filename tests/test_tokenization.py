@@ -5,6 +5,7 @@ fixture decoders."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -230,6 +231,44 @@ def test_a_folders_template_that_does_not_compile_is_named_at_load(
         )
     assert not [r for r in caplog.records if r.name == "tiltsmc.models.tokenizer"]
     assert replaced.encode_prompt([{"role": "user", "content": "ab"}]).tolist()[-2:] == ids("ab")
+
+
+def test_a_templates_own_failures_are_value_errors_and_nothing_is_evaluated_at_load(tmp_path: Path) -> None:
+    """What a template's expressions raise as it renders (1/0, the sandbox's range limit, a macro calling
+    itself) is a ValueError that says the chat template failed (they escaped as ZeroDivisionError,
+    OverflowError, RecursionError); constant expressions wait for a render (Jinja evaluated them while it
+    compiled: ``'x' * 10**9`` took seconds and gigabytes at load, ``10 ** 100000`` was refused there without
+    naming chat_template); tokenizer_config.json's template lists are read strictly."""
+    messages = [{"role": "user", "content": "a"}]
+    for template, raised in [
+        ("{{ 1/0 }}", "ZeroDivisionError"),
+        ("{% for i in range(200000) %}{% endfor %}", "OverflowError"),
+        ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", "RecursionError"),
+        ("{{ 10 ** 100000 }}", "ValueError: Exceeds the limit"),
+    ]:
+        chat.check_chat_template(template)  # compiles: nothing evaluated
+        with pytest.raises(ValueError, match=f"^chat template failed on these messages: {raised}"):
+            chat.render_chat_template(template, messages, {})
+    assert chat.render_chat_template("{{ 'ab' * 2 }}{{ 2 ** 3 }}", messages, {}) == "abab8"
+    shutil.copy(CHAT / "tokenizer.json", tmp_path)
+    config = json.loads((CHAT / "tokenizer_config.json").read_text())
+    for templates, message in [
+        ([], "a list of templates with no named template, and none named 'default'"),
+        (
+            [{"name": ["default"], "template": "{{ 1 }}"}],
+            "a list of templates with no named template, and none",
+        ),
+        (
+            [{"name": "tool_use", "template": "{{ 1 }}"}],
+            "a list of templates with templates named 'tool_use', and none named 'default'",
+        ),
+    ]:
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": templates}))
+        with pytest.raises(ValueError, match=re.escape(f"tokenizer_config.json: chat_template: {message}")):
+            load_tokenizer(tmp_path, None)
+    (tmp_path / "tokenizer_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=r"^tokenizer_config\.json: cannot read .*: RecursionError"):
+        load_tokenizer(tmp_path, None)
 
 
 def test_chat_without_jinja2_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

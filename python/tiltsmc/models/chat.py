@@ -60,8 +60,10 @@ def read_tokenizer_config(folder: Optional[Path]) -> tuple[Optional[str], dict[s
         try:
             with config_file.open(encoding="utf-8") as handle:
                 loaded = json.load(handle)
-        except (OSError, ValueError) as error:
-            raise ValueError(f"tokenizer_config.json: cannot read {config_file}: {error}") from error
+        except (OSError, ValueError, RecursionError) as error:  # RecursionError: JSON nested too deep
+            raise ValueError(
+                f"tokenizer_config.json: cannot read {config_file}: {type(error).__name__}: {error}"
+            ) from None
         if not isinstance(loaded, dict):
             raise ValueError(f"tokenizer_config.json: expected a JSON object in {config_file}")
         config = loaded
@@ -82,9 +84,14 @@ def read_tokenizer_config(folder: Optional[Path]) -> tuple[Optional[str], dict[s
     template = config.get("chat_template")
     where = f"{config_file}: chat_template"
     if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, Mapping)}
+        named = {
+            t["name"]: t.get("template")
+            for t in template
+            if isinstance(t, Mapping) and isinstance(t.get("name"), str)
+        }
         if "default" not in named:
-            raise ValueError(f"{where}: several templates ({', '.join(map(str, named))}) and no 'default'")
+            found = f"templates named {', '.join(map(repr, named))}" if named else "no named template"
+            raise ValueError(f"{where}: a list of templates with {found}, and none named 'default'")
         template = named["default"]
     if template is not None and not isinstance(template, str):
         raise ValueError(f"{where}: expected a Jinja template string, got {type(template).__name__}")
@@ -145,9 +152,17 @@ def _compile(template: str) -> Any:
     def strftime_now(format: str) -> str:
         return datetime.datetime.now().strftime(format)
 
+    # Jinja evaluates constant expressions while it compiles (its optimizer, and its code generator for
+    # output), so a template's {{ 'x' * 10**9 }} took seconds and gigabytes at load: with the optimizer off
+    # and * and ** intercepted (which a sandbox does not fold), they wait for a render, as other
+    # expressions do; the rendered text is the same either way
     environment = jinja2.sandbox.ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_generation_extension(), "jinja2.ext.loopcontrols"]
+        trim_blocks=True,
+        lstrip_blocks=True,
+        extensions=[_generation_extension(), "jinja2.ext.loopcontrols"],
+        optimized=False,
     )
+    environment.intercepted_binops = frozenset({"*", "**"})
     environment.filters["tojson"] = tojson
     environment.globals["raise_exception"] = raise_exception
     environment.globals["strftime_now"] = strftime_now
@@ -157,7 +172,15 @@ def _compile(template: str) -> Any:
         raise ValueError(
             f"chat_template: not a valid Jinja template: {error} (line {error.lineno})"
         ) from None
+    except (RecursionError, MemoryError) as error:  # nested past what the compiler takes
+        raise ValueError(f"chat_template: Jinja cannot compile it: {type(error).__name__}") from None
 
+
+# what a template's own expressions raise as it renders (1/0, the sandbox's range limit, a macro calling
+# itself), besides Jinja's errors
+_RENDER_ERRORS: tuple[type[Exception], ...] = (
+    ArithmeticError, LookupError, TypeError, ValueError, RecursionError,
+)  # fmt: skip
 
 # Jinja's markup: an expression, a statement or a comment (tiltsmc's environment has no line statements)
 _JINJA_MARKUP = re.compile(r"\{[{%#]")
@@ -237,5 +260,5 @@ def render_chat_template(
         )
     except _TemplateRaised as error:
         raise ValueError(f"chat template: {error}") from None
-    except (jinja2.TemplateError, TypeError, KeyError, IndexError) as error:
+    except (*_RENDER_ERRORS, jinja2.TemplateError) as error:
         raise ValueError(f"chat template failed on these messages: {type(error).__name__}: {error}") from None
