@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import copy
 import re
 import subprocess
 import sys
@@ -1224,3 +1225,23 @@ def test_final_resample_draws_count_as_the_requests_rows() -> None:
         served = engine.submit((), "smc", num_particles=4, final_resample=8, rng=0).result(timeout=60)
     offline = tiltsmc.smc(policy, twist, [()], num_particles=4, final_resample=8, rng=0)
     assert [s.tolist() for s in served.samples[0]] == [s.tolist() for s in offline.samples[0]]
+
+
+def test_a_prompt_changed_after_submit_runs_as_submitted() -> None:
+    """The engine runs what was submitted: a list or array of ids, or chat messages, that the caller changes
+    while the request waits (behind a request that holds every row) runs as it was (it ran as changed, its
+    KV cache counted on the old prompt)."""
+    policy = OnnxCausalLM(FIXTURES / "llama-tiny", tokenizer=FIXTURES / "chat-tiny", max_new_tokens=4)
+    reward = OnnxRewardModel(FIXTURES / "prm-tiny", tokenizer=FIXTURES / "chat-tiny")
+    for prompt, changed in [
+        ([5, 6, 7], lambda p: p.__setitem__(slice(None), [9] * 20)),
+        (np.array([5, 6, 7]), lambda p: p.__setitem__(slice(None), 9)),
+        ([{"role": "user", "content": "ab"}], lambda p: p[0].__setitem__("content", "zz zz")),
+    ]:
+        alone = tiltsmc.smc(policy, reward, [copy.deepcopy(prompt)], num_particles=2, rng=0)
+        with tiltsmc.Engine(policy, reward, max_batch_rows=2) as engine:
+            engine.submit([1, 2], "smc", num_particles=2, rng=0)  # holds every row: the next one waits
+            future = engine.submit(prompt, "smc", num_particles=2, rng=0)
+            changed(prompt)
+            result = future.result(timeout=60)
+        assert [s.tolist() for s in result.samples[0]] == [s.tolist() for s in alone.samples[0]]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import copy
 import functools
 import inspect
 import itertools
@@ -31,9 +32,11 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, InvalidStateError
 from typing import Any, Literal, Optional, Union
+
+import numpy as np
 
 from ..models._config import real_number
 from ..models.protocols import Policy, RewardModel
@@ -139,6 +142,19 @@ SAMPLERS: dict[str, tuple[Callable[..., SamplerResult], Callable[..., Run]]] = {
     "rejection": (baselines.rejection, baselines.rejection_run),
 }
 _NOT_OPTIONS = ("policy", "reward", "prompts", "rng")
+
+
+def _as_submitted(prompt: Any) -> Any:
+    """The prompt as it was at ``submit``: a copy of a list or array the caller may change or reuse while
+    the request waits (the request is run, and its KV cache counted, on what was submitted); a string as
+    it is."""
+    if isinstance(prompt, np.ndarray):
+        return prompt.copy()
+    if isinstance(prompt, (list, tuple)):
+        if any(isinstance(item, (Mapping, list, tuple, np.ndarray)) for item in prompt):
+            return copy.deepcopy(prompt)  # chat messages (their contents may be lists of parts)
+        return list(prompt) if isinstance(prompt, list) else prompt  # token ids
+    return prompt
 
 
 def _rows_option(sampler: str, options: dict[str, Any]) -> str:
@@ -446,6 +462,7 @@ class Engine:
                 f"{', '.join(unknown)}: not an option of {sampler} (options: {', '.join(defaults)})"
             )
         deadline_after = _check_timeout(timeout) if timeout is not None else self.default_timeout
+        prompt = _as_submitted(prompt)
         run = SAMPLERS[sampler][1](self._models, [prompt], rng=rng, **{**defaults, **options})
         run.decodes_texts = False  # the future decodes them as they are read
         future: Future[SamplerResult] = _ResultFuture(self.policy)
