@@ -1245,3 +1245,37 @@ def test_a_prompt_changed_after_submit_runs_as_submitted() -> None:
             changed(prompt)
             result = future.result(timeout=60)
         assert [s.tolist() for s in result.samples[0]] == [s.tolist() for s in alone.samples[0]]
+
+
+def test_options_past_their_types_range_are_refused_at_submit_naming_them(models: tuple[Any, Any]) -> None:
+    """Values the option's checks did not foresee (found by fuzzing): ints past the range of doubles (an
+    unnamed OverflowError), a count past int64 (taken, then failing inside the run), a sampler that is not
+    a string (TypeError: unhashable), a flag that is a string (read as true); numpy's bools are bools. A
+    timeout past the range of doubles means no limit, as one past TIMEOUT_MAX does."""
+    with tiltsmc.Engine(*models) as engine:
+        refused: list[tuple[Callable[[], Any], type[Exception], str]] = [
+            (
+                lambda: engine.submit((), "smc", ess_threshold=10**400),
+                ValueError,
+                "^ess_threshold: expected a",
+            ),
+            (lambda: engine.submit((), "rejection", bound=10**400), ValueError, r"^bound: .*, got 1000"),
+            (
+                lambda: engine.submit((), "rejection", max_tries=2**63),
+                ValueError,
+                r"^max_tries: must be <= 2?",
+            ),
+            (lambda: engine.submit((), ["smc"]), ValueError, r"^sampler: expected one of .*, got \['smc'\]"),
+            (
+                lambda: engine.submit((), "smc", record_ancestry="False"),
+                TypeError,
+                "^record_ancestry: expected",
+            ),
+        ]
+        for call, kind, message in refused:
+            with pytest.raises(kind, match=message):
+                call()
+        served = engine.submit((), "smc", num_particles=2, record_ancestry=np.True_, timeout=10**400, rng=0)
+        assert served.result(timeout=60).ancestry is not None
+    engine = tiltsmc.Engine(*models, adaptive_rows=np.False_, keep_freed_memory=np.False_)
+    assert engine.close(drain=np.True_, timeout=10**400)

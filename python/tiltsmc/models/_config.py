@@ -4,6 +4,7 @@ what is wrong with it."""
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 from collections.abc import Mapping
@@ -67,10 +68,27 @@ def positive_int(value: Any, where: str) -> int:
 
 
 def real_number(value: Any, where: str) -> float:
-    """A real number (an int or a float, not a bool or a string that looks like one)."""
+    """A real number (an int or a float, not a bool or a string that looks like one), as a float
+    (``as_float``)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{where}: expected a number, got {value!r}")
-    return float(value)
+    return as_float(value)
+
+
+def as_float(value: Any) -> float:
+    """``float(value)``, an int past the range of doubles read as ``+inf`` or ``-inf`` (``float`` raises
+    OverflowError, which named no argument), so that the caller's range check names it."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
+def flag(value: Any, where: str) -> bool:
+    """A bool (numpy's too), not any object Python would read as true or false."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{where}: expected True or False, got {value!r}")
+    return bool(value)
 
 
 def file_problem(path: Path) -> str:

@@ -20,7 +20,7 @@ import numpy.typing as npt
 import tokenizers
 
 from . import chat
-from ._config import file_problem, optional_file
+from ._config import file_problem, flag, optional_file
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +49,8 @@ class Tokenizer:
     ) -> None:
         self.inner = inner
         self.source = source
-        self.add_special_tokens = _flag(add_special_tokens, "add_special_tokens")
-        self.skip_special_tokens = _flag(skip_special_tokens, "skip_special_tokens")
+        self.add_special_tokens = flag(add_special_tokens, "add_special_tokens")
+        self.skip_special_tokens = flag(skip_special_tokens, "skip_special_tokens")
         if chat_template is not None and not isinstance(chat_template, str):
             raise TypeError(
                 f"chat_template: expected a Jinja template string, got {type(chat_template).__name__}"
@@ -188,12 +188,6 @@ def _outside_u32(ids: Any) -> Optional[Any]:
         if isinstance(value, (int, np.integer)) and not 0 <= int(value) < 1 << 32:
             return value
     return None
-
-
-def _flag(value: Any, name: str) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name}: expected True or False, got {value!r}")
-    return bool(value)
 
 
 def load_tokenizer(

@@ -9,6 +9,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .._rng import RNGLike, as_generator
+from ..models._config import as_float
 from ..models.protocols import Policy, RewardModel
 from ._engine import Models, check_count, limited, prompts_list
 from .lane import run_alone
@@ -69,11 +70,11 @@ def rejection_run(
     """The run of [`rejection`][tiltsmc.samplers.baselines.rejection] with these arguments, checked."""
     if isinstance(bound, (bool, np.bool_)) or not isinstance(bound, (int, float, np.number)):
         raise TypeError(f"bound: expected a finite bound C > 0 on the reward, got {bound!r}")
-    bound = float(bound)
+    given, bound = bound, as_float(bound)
     if not (math.isfinite(bound) and bound > 0.0):
-        raise ValueError(f"bound: expected a finite bound C > 0 on the reward, got {bound!r}")
+        raise ValueError(f"bound: expected a finite bound C > 0 on the reward, got {given!r}")
     num_samples = check_count(num_samples, "num_samples")
-    max_tries = check_count(max_tries, "max_tries")
+    max_tries = check_count(max_tries, "max_tries", maximum=np.iinfo(np.int64).max)  # counted in int64
     batch_size = check_count(batch_size, "batch_size")
     run = RejectionRun(
         prompts_list(prompts),

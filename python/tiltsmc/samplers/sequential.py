@@ -21,6 +21,7 @@ import numpy as np
 
 from .. import core
 from .._rng import RNGLike, as_generator
+from ..models._config import as_float, flag
 from ..models.protocols import Policy, RewardModel
 from ._engine import Models, check_count, limited, prompts_list
 from .lane import run_alone
@@ -39,7 +40,7 @@ def _check_common(resample: str, ess_threshold: float, proposal: str, models: Mo
         raise ValueError(f"proposal: expected 'naive' or 'optimal', got {proposal!r}")
     if isinstance(ess_threshold, (bool, np.bool_)) or not isinstance(ess_threshold, (int, float, np.number)):
         raise TypeError(f"ess_threshold: expected a fraction in [0, 1], got {ess_threshold!r}")
-    threshold = float(ess_threshold)
+    threshold = as_float(ess_threshold)
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"ess_threshold: expected a fraction in [0, 1], got {ess_threshold!r}")
     if proposal == "optimal" and not models.supports_optimal_proposal():
@@ -129,7 +130,7 @@ def smc_run(
         proposal,
         as_generator(rng),
         check_count(max_steps, "max_steps"),
-        bool(record_ancestry),
+        flag(record_ancestry, "record_ancestry"),
         final_resample,
     )
     return limited(run, max_new_tokens, models)

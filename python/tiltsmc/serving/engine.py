@@ -38,7 +38,7 @@ from typing import Any, Literal, Optional, Union
 
 import numpy as np
 
-from ..models._config import real_number
+from ..models._config import flag, real_number
 from ..models.protocols import Policy, RewardModel
 from ..samplers import baselines, correction, sequential
 from ..samplers._engine import Models, check_count
@@ -170,7 +170,7 @@ def _rows_option(sampler: str, options: dict[str, Any]) -> str:
 
 def sampler_defaults(sampler: str) -> dict[str, Any]:
     """The options of a sampler and their defaults, read from its offline function's signature."""
-    if sampler not in SAMPLERS:
+    if not isinstance(sampler, str) or sampler not in SAMPLERS:
         raise ValueError(f"sampler: expected one of {', '.join(SAMPLERS)}, got {sampler!r}")
     return dict(_signature_defaults(sampler))
 
@@ -389,9 +389,7 @@ class Engine:
             0 if self.max_cache_bytes is None else int(policy.cache_bytes_per_token)  # type: ignore[attr-defined]
         )
         self._scheduler = Scheduler(self.max_queue, self.max_batch_rows, self.max_cache_bytes)
-        if not isinstance(adaptive_rows, bool):
-            raise TypeError(f"adaptive_rows: expected a bool, got {type(adaptive_rows).__name__}")
-        self.adaptive_rows = adaptive_rows
+        self.adaptive_rows = flag(adaptive_rows, "adaptive_rows")
         self.workers = check_count(workers, "workers")
         if self.workers > MAX_WORKERS:
             raise ValueError(f"workers: expected at most {MAX_WORKERS} worker threads, got {self.workers}")
@@ -417,9 +415,8 @@ class Engine:
         }
         self._worked = False  # steps taken since the memory was last released
         self.release_memory_after = _seconds(release_memory_after, "release_memory_after")
-        if not isinstance(keep_freed_memory, bool):
-            raise TypeError(f"keep_freed_memory: expected a bool, got {type(keep_freed_memory).__name__}")
-        if keep_freed_memory:  # freed blocks reused during a burst, given back once idle
+        # freed blocks reused during a burst, given back once idle
+        if flag(keep_freed_memory, "keep_freed_memory"):
             reuse_freed_memory()
         _OPEN_ENGINES.add(self)
         for worker in self._workers:
@@ -566,8 +563,7 @@ class Engine:
         ``wait`` seconds past the drain's ``timeout`` (from now without one), False where a worker is
         still inside a step (a model call that takes that long), instead of waiting for ever. Bad
         arguments raise before anything is stopped."""
-        if not isinstance(drain, bool):
-            raise TypeError(f"drain: expected a bool, got {type(drain).__name__}")
+        drain = flag(drain, "drain")
         timeout, wait = _seconds(timeout, "timeout"), _seconds(wait, "wait")
         threads = self._stop(drain, timeout)
         if threading.current_thread() in threads:  # from a worker (a future's callback): it must go on
