@@ -5,6 +5,7 @@ fixture decoders."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import sys
@@ -269,6 +270,21 @@ def test_a_templates_own_failures_are_value_errors_and_nothing_is_evaluated_at_l
     (tmp_path / "tokenizer_config.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(ValueError, match=r"^tokenizer_config\.json: cannot read .*: RecursionError"):
         load_tokenizer(tmp_path, None)
+
+
+def test_decode_and_encode_take_what_they_say() -> None:
+    """Ids are integers (floats and bools were truncated to ints and decoded), text a string (None raised an
+    AttributeError), and the flag a bool ('no' read as true)."""
+    tokenizer = load_tokenizer(CHAT, None)
+    assert tokenizer is not None
+    assert tokenizer.decode([]) == "" and tokenizer.decode(np.array(ids("ab"), dtype=np.uint8)) == "ab"
+    for bad in ([3.9, 4.2], [True], [math.inf]):
+        with pytest.raises(ValueError, match=r"^decode: expected integer token ids"):
+            tokenizer.decode(bad)
+    with pytest.raises(TypeError, match=r"^encode: expected a string, got NoneType"):
+        tokenizer.encode(None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^skip_special_tokens: expected True or False, got 'no'"):
+        tokenizer.decode(ids("ab"), skip_special_tokens="no")  # type: ignore[arg-type]
 
 
 def test_chat_without_jinja2_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

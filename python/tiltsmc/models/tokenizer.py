@@ -89,6 +89,8 @@ class Tokenizer:
 
         ValueError for text that is not valid Unicode (a lone surrogate, as ``json.loads`` gives for a
         client's ``"\\ud800"``), which the tokenizer would refuse with a TypeError that does not say why."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode: expected a string, got {type(text).__name__}")
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as error:
@@ -108,8 +110,11 @@ class Tokenizer:
         """The text of ``ids``, special tokens left out unless ``skip_special_tokens`` (default: the
         tokenizer's setting) is False. An id the tokenizer does not have decodes to nothing; a negative
         one is a ValueError."""
+        given = np.asarray(ids)
+        if given.size and given.dtype.kind not in "iu":  # a float (or bool) id was truncated to an int
+            raise ValueError(f"decode: expected integer token ids, got {given.dtype} ones")
         try:
-            token_ids = np.asarray(ids, dtype=np.int64).reshape(-1).tolist()  # Python ints, in one call
+            token_ids = given.astype(np.int64).reshape(-1).tolist()  # Python ints, in one call
             return str(self.inner.decode(token_ids, skip_special_tokens=self._skip(skip_special_tokens)))
         except OverflowError:  # the tokenizers library's ids are unsigned 32-bit
             raise ValueError(f"decode: expected token ids in [0, 2**32), got {_outside_u32(ids)}") from None
@@ -143,7 +148,9 @@ class Tokenizer:
         return largest, what
 
     def _skip(self, skip_special_tokens: Optional[bool]) -> bool:
-        return bool(self.skip_special_tokens if skip_special_tokens is None else skip_special_tokens)
+        if skip_special_tokens is None:
+            return self.skip_special_tokens
+        return flag(skip_special_tokens, "skip_special_tokens")
 
     def token_text(self, token_id: int) -> Optional[str]:
         """The token of ``token_id`` as the vocabulary writes it (None where it has no such id, or the
