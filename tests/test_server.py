@@ -913,6 +913,8 @@ def test_api_key(tmp_path: Path) -> None:
         (["--max-tokens", "7"], {}, "max_tokens: 7 is not from 1 to the policy's max_new_tokens, 6"),
         (["--max-mh-steps", "0"], {}, "--max-mh-steps: expected a positive integer"),
         (["--max-queue", "0"], {}, "--max-queue: expected a positive integer"),
+        (["--host", ""], {}, "--host: expected an address to bind (0.0.0.0 for every interface), got ''"),
+        (["--workers=--"], {}, "argument --workers: invalid int value: '--'"),
     ],
 )
 def test_server_options_are_checked_before_it_starts(
@@ -930,6 +932,45 @@ def test_server_options_are_checked_before_it_starts(
     )
     assert refused.returncode == 2 and message in refused.stderr, refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_a_port_it_cannot_listen_on_is_refused_before_it_says_it_listens(server: Server) -> None:
+    """The socket is bound before the "listening" line: a port in use, or a host that does not resolve,
+    is one line naming the option, exit status 2 (uvicorn logged its own error after a "listening" line
+    and exited with status 3); with --port 0 the line gives the port the system chose (it said 0)."""
+    for arguments, message in [
+        (["--port", str(server.port)], f"tiltsmc: --port: cannot listen on 127.0.0.1:{server.port}: "),
+        (["--host", "no-such-host.invalid", "--port", "0"], "tiltsmc: --host: cannot listen on "),
+    ]:
+        refused = subprocess.run(
+            [sys.executable, "-m", "tiltsmc.cli", "serve", *FIXTURE_MODELS, *arguments],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert refused.returncode == 2 and refused.stderr.startswith(message), refused.stderr
+        assert "listening" not in refused.stderr and "Traceback" not in refused.stderr
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tiltsmc.cli", "serve", *FIXTURE_MODELS, "--port", "0"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stderr is not None
+        listening = json.loads(process.stderr.readline())
+        assert listening["event"] == "listening" and listening["port"] > 0
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{listening['port']}/health", timeout=1)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        assert health.status_code == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=30)
 
 
 # The bundled models with a 16-step problem: a request of 64 particles takes tenths of a second to seconds.

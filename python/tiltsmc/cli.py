@@ -442,6 +442,16 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"tiltsmc: {message} (see {self.prog} --help)\n")
 
+    def _get_values(self, action: argparse.Action, arg_strings: list[str]) -> Any:
+        # "--option=--": the value "--", which argparse before Python 3.12 drops as the end of options,
+        # handing the option [] past its type's check (--particles=-- reached the sampler as []); read as
+        # the value it is, as later Pythons read it
+        if arg_strings == ["--"] and action.nargs in (None, argparse.OPTIONAL):
+            value = self._get_value(action, "--")
+            self._check_value(action, value)
+            return value
+        return super()._get_values(action, arg_strings)
+
 
 def _at_most(limit: int, what: str) -> Callable[[str], int]:
     """An argparse type: an integer from 1 to ``limit`` (of ``what``, as its refusal says)."""

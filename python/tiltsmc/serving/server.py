@@ -44,6 +44,7 @@ import logging
 import math
 import os
 import re
+import socket
 import sys
 import time
 import uuid
@@ -1325,6 +1326,8 @@ class Settings:
             raise ValueError(f"--workers: expected at most {MAX_WORKERS} worker threads")
         if not 0 <= args.port <= 65535:
             raise ValueError(f"--port: expected a port number from 0 to 65535, got {args.port}")
+        if not args.host.strip():  # uvicorn listens on every interface for ""
+            raise ValueError("--host: expected an address to bind (0.0.0.0 for every interface), got ''")
         if args.max_tokens is not None and args.max_tokens < 1:
             raise ValueError("--max-tokens: expected a positive integer (or leave it out: the policy's)")
         if not args.timeout > 0:
@@ -1398,6 +1401,11 @@ def serve(args: argparse.Namespace, settings: Settings, policy: Any, reward: Any
         engine.close(drain=False)
         raise
     log_to_stderr()
+    try:
+        listener = listening_socket(args.host, args.port)
+    except BaseException:
+        engine.close(drain=False)
+        raise
     config = uvicorn.Config(
         app,
         host=args.host,
@@ -1409,18 +1417,41 @@ def serve(args: argparse.Namespace, settings: Settings, policy: Any, reward: Any
     listening = {
         "event": "listening",
         "host": args.host,
-        "port": args.port,
+        "port": listener.getsockname()[1],  # the port bound (one the system chose for --port 0)
         "model": settings.model_name,
         "workers": settings.workers,
         "threads": args.threads,
     }
     logger.info(json.dumps(listening))
-    uvicorn.Server(config).run()  # on a signal, re-raises it once shut down: the process ends there
+    # on a signal, re-raises it once shut down: the process ends there
+    uvicorn.Server(config).run(sockets=[listener])
     if not engine.close(drain=False, timeout=None, wait=SHUTDOWN_WAIT):
         _log_stuck_step(settings.grace)
         logging.shutdown()
         os._exit(1)  # the interpreter's exit would abort when the stuck model call returns (see Engine)
     return 0
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (``port`` 0: one the system chooses), as uvicorn binds one
+    (``SO_REUSEADDR``), bound before the server says it listens: an address in use or a host that does not
+    resolve is a ValueError naming the option (uvicorn logged it after a "listening" line and exited with
+    status 3)."""
+    try:
+        (family, kind, proto, _, address), *_ = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as error:
+        raise ValueError(f"--host: cannot listen on {host!r}: {error.strerror or error}") from None
+    listener = socket.socket(family, kind, proto)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+    except OSError as error:
+        listener.close()
+        raise ValueError(f"--port: cannot listen on {host}:{port}: {error.strerror or error}") from None
+    listener.set_inheritable(True)
+    return listener
 
 
 def _log_stuck_step(grace: float) -> None:
