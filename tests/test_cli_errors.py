@@ -163,6 +163,31 @@ def test_chat_prompts_without_a_chat_template_are_refused_before_the_run(
     assert "give one with --chat-template FILE" in error and not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        ('[{"role": "user", "content": "hi", "meta": NaN}]', "NaN is not a JSON number"),
+        ('[{"role": "user", "content": "hi", "meta": -Infinity}]', "-Infinity is not a JSON number"),
+        ('[{"role": "user", "content": "hi", "meta": 1e400}]', "1e400 is past the range of double-precision"),
+        ("[" * 100_000 + "]" * 100_000, "JSON nested too deep"),
+    ],
+    ids=["nan", "infinity", "1e400", "nested"],
+)
+def test_a_messages_line_json_cannot_write_back_is_refused_before_the_run(
+    line: str, reason: str, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A --messages line that the output (strict JSON, echoing the prompt) could not write is refused up
+    front naming the line (NaN, Infinity and 1e400 were read, and the run failed after sampling, losing
+    that batch and every later one; nesting past the reader's depth was an unexpected RecursionError)."""
+    messages = tmp_path / "chats.jsonl"
+    messages.write_text('[{"role": "user", "content": "hi"}]\n' + line + "\n")
+    out = tmp_path / "out.jsonl"
+    assert main([*RUN, "--messages", str(messages), "--json", str(out)]) == 2
+    error = one_line_error(capfd)
+    assert error.startswith(f"tiltsmc: --messages: {messages} line 2: {reason}"), error
+    assert not out.exists()
+
+
 def test_onnx_runtime_error_during_the_run(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     """A GPT-2 whose config.json claims 1000 positions but whose graph has 128: ONNX Runtime fails in the
     run (Gather out of bounds) on the long prompt. That prompt fails alone (its line on standard error, its
@@ -626,3 +651,50 @@ def test_serve_takes_its_body_limit() -> None:
             assert settings.max_cache_bytes == "auto"
             assert isinstance(engine.max_cache_bytes, int) and engine.max_cache_bytes > 0
             assert engine.stats()["max_cache_bytes"] == engine.max_cache_bytes
+
+
+@pytest.mark.skipif(os.name != "posix", reason="closes a POSIX file descriptor for the child")
+def test_closed_standard_streams_and_the_traceback_switch() -> None:
+    """Started with standard error closed (``2>&-``) a run writes its results and nothing else to standard
+    output (the error line went there, after an unexpected AttributeError); with standard output closed
+    and no --json it is refused before the models load (an AssertionError after the run)."""
+    command = [sys.executable, "-m", "tiltsmc.cli", *RUN, "--prompt", "hi"]
+
+    def started(closed: int) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            command,
+            stdout=subprocess.DEVNULL if closed == 1 else subprocess.PIPE,
+            stderr=subprocess.STDOUT if closed == 2 else subprocess.PIPE,
+            text=True, timeout=120, preexec_fn=lambda: os.close(closed),
+        )  # fmt: skip
+
+    no_stderr = started(2)
+    assert no_stderr.returncode == 0 and [
+        json.loads(line)["prompt"] for line in no_stderr.stdout.splitlines()
+    ] == ["hi"]
+    no_stdout = started(1)
+    assert no_stdout.returncode == 2
+    assert no_stdout.stderr == "tiltsmc: --json: standard output is closed: give --json FILE\n"
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"), [("1", True), ("yes", True), ("0", False), ("off", False), ("", False)]
+)
+def test_the_traceback_switch_reads_its_value(
+    value: str,
+    shown: bool,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """TILTSMC_TRACEBACK adds a failed prompt's traceback where set to anything but empty, 0, false, no or
+    off (TILTSMC_TRACEBACK=0 showed it: any value did)."""
+    policy = model_copy(tmp_path, "gpt2-tiny")  # its config.json claims positions its graph does not have
+    config = json.loads((policy / "config.json").read_text())
+    (policy / "config.json").write_text(json.dumps({**config, "n_positions": 1000}))
+    argv = [*RUN, "--prompt", "x" * 150, "--prompt", "hi", "-q"]
+    argv[argv.index("--policy") + 1] = str(policy)
+    monkeypatch.setenv("TILTSMC_TRACEBACK", value)
+    assert main(argv) == 0
+    err = capfd.readouterr().err
+    assert err.startswith("tiltsmc: error: prompt 0: ") and ("Traceback" in err) == shown, err

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -98,6 +99,35 @@ def test_a_failed_run_keeps_the_old_file(tmp_path: Path, capfd: pytest.CaptureFi
     assert main([*RUN[:2], str(bad), *RUN[3:], "--prompt", "hi", "--json", str(out)]) == 2
     assert out.read_text() == "old\n" and leftovers(tmp_path) == []
     assert capfd.readouterr().err.count("\n") == 1
+
+
+@posix_only
+def test_a_file_the_run_reads_is_refused_as_its_output(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """``--json`` naming the prompts file, the chat template, or a file of a model's folder (by another path,
+    or a hard link) is refused before anything is loaded, the file as it was (the results replaced it:
+    status 0, the model folder broken)."""
+    policy = tmp_path / "policy"
+    shutil.copytree(POLICY, policy)
+    prompts, template = tmp_path / "prompts.txt", tmp_path / "template.jinja"
+    prompts.write_text("hi\n")
+    template.write_text((FIXTURES / "chat-tiny" / "chat_template.jinja").read_text())
+    os.link(policy / "tokenizer.json", tmp_path / "tokenizer-link.json")
+    chat = ["--chat", "--chat-template", str(template)]
+    for source, output, option in [
+        (["--prompts", str(prompts)], prompts, "--prompts"),
+        (["--prompts", str(prompts), *chat], template, "--chat-template"),
+        (["--prompt", "hi"], policy / "model.onnx", "--policy"),
+        (["--prompt", "hi"], tmp_path / "policy" / ".." / "policy" / "config.json", "--policy"),
+        (["--prompt", "hi"], tmp_path / "tokenizer-link.json", "--policy"),
+    ]:
+        before = output.read_bytes()
+        command = ["run", "--policy", str(policy), *RUN[3:], *source, "--json", str(output)]
+        assert main(command) == 2
+        err = capfd.readouterr().err
+        assert err.startswith(f"tiltsmc: --json: {output} is a file {option} reads ("), err
+        assert output.read_bytes() == before and leftovers(output.parent) == []
 
 
 @posix_only

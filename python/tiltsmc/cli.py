@@ -243,6 +243,11 @@ def signals_deferred() -> Iterator[None]:
         mask(signal.SIG_SETMASK, previous)
 
 
+def _tracebacks_wanted() -> bool:
+    """``TILTSMC_TRACEBACK`` set to something other than empty, 0, false, no or off."""
+    return os.environ.get("TILTSMC_TRACEBACK", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
 def _traceback(error: BaseException) -> str:
     """An exception's traceback, as Python prints it (``TILTSMC_TRACEBACK``)."""
     import traceback
@@ -281,6 +286,8 @@ class ResultOutput:
         """Check the location and open it (a temporary file beside a regular file)."""
         spec = self.spec
         if spec is None or spec == "-":
+            if sys.stdout is None:  # started with it closed (>&-): the results would go nowhere
+                raise CliError("--json: standard output is closed: give --json FILE")
             self._stream = sys.stdout
             return
         if not spec:
@@ -913,12 +920,30 @@ def _read_messages(path_text: str) -> list[Any]:
         if not line.strip():
             continue
         try:
-            conversations.append(check_messages(json.loads(line)))
+            loaded = json.loads(line, parse_constant=_no_constant, parse_float=_finite_float)
+            conversations.append(check_messages(loaded))
+        except RecursionError:
+            raise CliError(f"--messages: {path} line {number}: JSON nested too deep") from None
         except ValueError as error:
             raise CliError(f"--messages: {path} line {number}: {_one_line(error)}") from None
     if not conversations:
         raise CliError(f"--messages: {path} holds no conversation")
     return conversations
+
+
+def _no_constant(name: str) -> Any:
+    """``json.loads``' ``parse_constant``: NaN and Infinity are not JSON (Python's reader takes them, and
+    the run's output line, which echoes the prompt, is strict JSON: the run failed after sampling)."""
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    """``json.loads``' ``parse_float``: a number past the range of doubles (``1e400``) reads as infinity,
+    which the output cannot write either."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is past the range of double-precision numbers")
+    return value
 
 
 def _chat_prompts(args: argparse.Namespace, texts: list[str]) -> list[Any]:
@@ -1492,9 +1517,39 @@ def _prompt_error(index: int, error: str) -> str:
     return f"prompt {index}: {_cli_names(reason, {**POLICY_OPTION_NAMES, **REWARD_OPTION_NAMES}, False)}"
 
 
+def _check_output_is_no_input(args: argparse.Namespace) -> None:
+    """``--json`` naming a file the run reads (its prompts, its chat template, a file of a model's folder)
+    is refused: the results would replace it (a model.onnx, a prompts file was overwritten, status 0)."""
+    spec = args.json_path
+    if not spec or spec == "-" or spec in _STD_ALIAS or _FD_ALIAS.match(spec):
+        return
+    try:
+        target = os.stat(spec)
+    except OSError:  # a new file (or one the output's checks refuse)
+        return
+    inputs = [(f"--{name.replace('_', '-')}", getattr(args, name, None)) for name in ("prompts", "messages")]
+    inputs.append(("--chat-template", getattr(args, "chat_template", None)))
+    for name in ("policy", "reward"):  # a model's folder (or the folder of its .onnx file) is read
+        given = getattr(args, name, None)
+        if given:
+            folder = Path(given) if Path(given).is_dir() else Path(given).parent
+            with contextlib.suppress(OSError):
+                inputs.extend((f"--{name}", entry.path) for entry in os.scandir(folder))
+    for option, path in inputs:
+        if not path:
+            continue
+        try:
+            same = os.path.samestat(target, os.stat(path))
+        except OSError:
+            continue
+        if same:
+            raise CliError(f"--json: {spec} is a file {option} reads ({path}): the results would replace it")
+
+
 def run(args: argparse.Namespace) -> int:
     prompts = _read_prompts(args)
     options = _sampler_options(args)  # an option the sampler does not take: refused before anything runs
+    _check_output_is_no_input(args)
     output = ResultOutput(args.json_path)
     try:
         output.open()  # refused here, before any model is loaded, if it cannot be written
@@ -1529,11 +1584,7 @@ def run(args: argparse.Namespace) -> int:
                         failed += 1
                         line = _prompt_error(record["prompt_index"], str(record["error"]))
                         failure = failures.get(i)
-                        if (
-                            failure is not None
-                            and failure.__traceback__
-                            and os.environ.get("TILTSMC_TRACEBACK")
-                        ):
+                        if failure is not None and failure.__traceback__ and _tracebacks_wanted():
                             line += "\n" + _traceback(failure).rstrip()
                         logger.error("%s", line)
                 with _cleared_progress(output):
@@ -1694,6 +1745,8 @@ def _quiet_stdout() -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The ``tiltsmc`` command: returns the exit status (see the module docstring)."""
+    if sys.stderr is None:  # started with standard error closed (2>&-): its lines go nowhere, not to stdout
+        sys.stderr = open(os.devnull, "w")  # for the rest of the process
     args = build_parser().parse_args(argv)
     try:
         if args.command == "serve":  # a server: its own signal handling, no result file
@@ -1720,7 +1773,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("tiltsmc: standard output was closed by its reader (broken pipe)", file=sys.stderr)
         return 1
     except Exception as error:  # never a traceback, unless asked for
-        if os.environ.get("TILTSMC_TRACEBACK"):
+        if _tracebacks_wanted():
             raise
         print(f"tiltsmc: unexpected error: {type(error).__name__}: {_one_line(error)}", file=sys.stderr)
         return 1
