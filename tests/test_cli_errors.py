@@ -698,3 +698,22 @@ def test_the_traceback_switch_reads_its_value(
     assert main(argv) == 0
     err = capfd.readouterr().err
     assert err.startswith("tiltsmc: error: prompt 0: ") and ("Traceback" in err) == shown, err
+
+
+def test_chat_options_that_would_be_ignored_are_refused(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Options are refused, never dropped: --chat-template without chat prompts, --chat with --messages
+    (both were taken and ignored)."""
+    messages = tmp_path / "chats.jsonl"
+    messages.write_text('[{"role": "user", "content": "hi"}]\n')
+    template = str(FIXTURES / "chat-tiny" / "chat_template.jinja")
+    for extra, error in [
+        (["--prompt", "hi", "--chat-template", template], "--chat-template: only chat prompts use it"),
+        (
+            ["--messages", str(messages), "--chat"],
+            "--chat: makes each --prompt / --prompts line a user message",
+        ),
+    ]:
+        assert main([*RUN, *extra]) == 2
+        assert one_line_error(capfd).startswith(f"tiltsmc: {error}")

@@ -1259,6 +1259,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _read_prompts(args: argparse.Namespace) -> list[Any]:
     """``--prompt`` values, or the non-blank lines of the ``--prompts`` file (UTF-8, lines end at LF), as
     user messages with ``--chat``; or the conversations of a ``--messages`` file."""
+    chat = getattr(args, "messages", None) is not None or getattr(args, "chat", False)
+    if getattr(args, "messages", None) is not None and getattr(args, "chat", False):
+        raise CliError(
+            "--chat: makes each --prompt / --prompts line a user message; --messages lines are chats"
+        )
+    if getattr(args, "chat_template", None) is not None and not chat:  # refused, never dropped
+        raise CliError("--chat-template: only chat prompts use it (--chat, --messages)")
     if getattr(args, "messages", None) is not None:
         return _read_messages(args.messages)
     return _chat_prompts(args, _read_text_prompts(args))
