@@ -19,6 +19,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from ._config import flag
+
 __all__ = [
     "CACHE_INPUT",
     "FED_INPUTS",
@@ -318,9 +320,7 @@ def make_session(
     # The policy and reward sessions run in turn: one's pool threads spinning after its run would take
     # the cores from the other (on 2 cores, steps of the fixtures were 20-40% slower with the spin).
     options.add_session_config_entry("session.force_spinning_stop", "1")
-    if not isinstance(memory_arena, (bool, np.bool_)):
-        raise TypeError(f"memory_arena: expected True or False, got {memory_arena!r}")
-    options.enable_cpu_mem_arena = bool(memory_arena)
+    options.enable_cpu_mem_arena = flag(memory_arena, "memory_arena")
     for name, threads in (
         ("intra_op_num_threads", intra_op_num_threads),
         ("inter_op_num_threads", inter_op_num_threads),

@@ -75,6 +75,7 @@ from ._config import (
     Source,
     file_problem,
     first,
+    flag,
     optional_file,
     positive_int,
     real_number,
@@ -96,6 +97,7 @@ from .chat import is_chat
 from .device_cache import DeviceKVCache
 from .particles import MAX_NEW_TOKENS, Particles, mask_lengths, padded, widened
 from .prompts import check_prompts
+from .sampling import fail_prompts_without_a_law
 from .tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["OnnxCausalLM"]
@@ -473,8 +475,7 @@ class OnnxCausalLM:
         if not 0.0 <= step_rows_below <= 1.0:
             raise ValueError(f"step_rows_below: expected a fraction in [0, 1], got {step_rows_below!r}")
         self.step_rows_below = float(step_rows_below)
-        if not isinstance(check_batching, (bool, np.bool_)):
-            raise TypeError(f"check_batching: expected True or False, got {check_batching!r}")
+        check_batching = flag(check_batching, "check_batching")
         if cache_in_place is not None and not isinstance(cache_in_place, (bool, np.bool_)):
             raise TypeError(f"cache_in_place: expected None, True or False, got {cache_in_place!r}")
         if padding_side is not None and padding_side not in PADDING_SIDES:
@@ -634,7 +635,7 @@ class OnnxCausalLM:
         self._in_place_bindings = threading.local()  # see _run_in_place
         self._one_call_at_a_time = session_call_guard(self.model_file)
         self._stop_window = 4 * max((len(stop) for stop in self.stop), default=0)
-        self.padding_side = self._choose_padding_side(padding_side, bool(check_batching))
+        self.padding_side = self._choose_padding_side(padding_side, check_batching)
         if self.padding_side == "right" and self.device_cache:  # found at load; the cache was not asked for
             self.device_cache = False
         self.cache_in_place = self._choose_cache_in_place(cache_in_place)
@@ -1537,19 +1538,11 @@ class OnnxCausalLM:
         logits = particles.state["lm.logits"]
         if type(logits) is not np.ndarray:
             return False
-        rows = logits.reshape(*particles.lengths.shape, -1)
-        nan = np.asarray(np.isnan(rows).any(axis=-1))
-        positive_infinity = np.asarray(np.isposinf(rows).any(axis=-1))
-        bad = active & (nan | positive_infinity | ~(rows > -np.inf).any(axis=-1))
-        failing = np.flatnonzero(bad.any(axis=1)).tolist()
-        for b in failing:
-            what = "NaN" if nan[b].any() else "+inf" if positive_infinity[b].any() else "only -inf"
-            particles.errors[b] = (
-                f"logits: {self.model_file.name} returned {what} for this prompt's particles (no token can "
-                "be drawn from them)"
-            )
-            particles.finished[b] = True
-            active[b] = False
+        row_max = logits.reshape(*particles.lengths.shape, -1).max(axis=-1)
+        failing = fail_prompts_without_a_law(
+            particles, row_max, active, f"logits: {self.model_file.name} returned"
+        )
+        active[failing] = False
         return bool(failing)
 
     def append(self, particles: Particles, tokens: npt.NDArray[np.int64]) -> None:

@@ -12,6 +12,7 @@ import numpy.typing as npt
 from ..models.particles import Particles
 from ..models.prompts import check_prompts
 from ..models.protocols import Policy, RewardModel, TokenPolicy, TwistModel
+from ..models.sampling import fail_prompts_without_a_law
 from .result import Compute
 
 FloatArray = npt.NDArray[np.float64]
@@ -221,15 +222,7 @@ def fail_prompts_with_bad_log_probs(particles: Particles, log_p: FloatArray) -> 
     unusable = ~np.isfinite(row_max)
     if not unusable.any():
         return log_p
-    bad = unusable & ~particles.finished
-    for b in np.flatnonzero(bad.any(axis=1)).tolist():
-        rows = row_max[b][bad[b]]
-        what = "NaN" if np.isnan(rows).any() else "+inf" if (rows == np.inf).any() else "only -inf"
-        particles.errors[b] = (
-            f"policy: next_log_probs returned {what} for this prompt's particles (no token can be drawn "
-            "from them)"
-        )
-        particles.finished[b] = True
+    fail_prompts_without_a_law(particles, row_max, ~particles.finished, "policy: next_log_probs returned")
     log_p = log_p.copy()  # not the policy's own array
     log_p[unusable] = 0.0  # rows of finished particles only, now
     return log_p
