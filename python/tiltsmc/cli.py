@@ -58,7 +58,14 @@ from ._options import int_option, positive_int_option, positive_real_option, rea
 from .diagnostics import OnlineBellman, online_bellman
 from .samplers._engine import Models
 from .samplers.lane import run_together
-from .samplers.result import Compute, SamplerResult, failed_result, finite_or_none, prompt_error_parts
+from .samplers.result import (
+    Compute,
+    SamplerResult,
+    failed_result,
+    finite_or_none,
+    prompt_error,
+    prompt_reason,
+)
 from .serving.engine import SAMPLERS as SAMPLER_FUNCTIONS
 from .serving.engine import sampler_defaults
 
@@ -271,10 +278,12 @@ class ResultOutput:
     """Where ``--json`` results go (see the module docstring): ``open`` it, ``write`` lines, then
     ``commit`` after a successful run or ``discard`` after a failed one (also after a failed
     ``open``). Opened before the run, so that a bad location is refused before any model is loaded.
-    Bad locations raise ``CliError`` with status 2, write errors with status 1."""
+    Bad locations raise ``CliError`` with status 2, write errors with status 1; so does a file the run reads
+    (``reads``: ``(option, path)`` pairs, ``_files_read``), which the results would replace."""
 
-    def __init__(self, spec: Optional[str]) -> None:
+    def __init__(self, spec: Optional[str], reads: Sequence[tuple[str, str]] = ()) -> None:
         self.spec = spec
+        self.reads = reads
         self.name = "standard output" if spec in (None, "-") else str(spec)
         self._stream: Optional[IO[str]] = None  # written batch by batch
         self._owned = False  # the stream is ours to close
@@ -304,6 +313,8 @@ class ResultOutput:
             info = None
         except OSError as error:
             raise CliError(f"--json: cannot write {spec}: {error.strerror or error}") from None
+        if info is not None:
+            self._check_not_read(info)
         if info is None:
             # new (or the target of a dangling symbolic link): created atomically in its folder
             target = Path(os.path.realpath(path))
@@ -328,6 +339,19 @@ class ResultOutput:
             except OSError as error:
                 raise CliError(f"--json: cannot open {spec}: {error.strerror or error}") from None
             self._owned = True
+
+    def _check_not_read(self, info: os.stat_result) -> None:
+        """The location (``info``: its status) is none of the files the run reads (a model.onnx, a prompts
+        file was overwritten, status 0)."""
+        for option, path in self.reads:
+            try:
+                same = os.path.samestat(info, os.stat(path))
+            except OSError:
+                continue
+            if same:
+                raise CliError(
+                    f"--json: {self.spec} is a file {option} reads ({path}): the results would replace it"
+                )
 
     @staticmethod
     def _check_folder(folder: Path, spec: str) -> None:
@@ -1398,9 +1422,7 @@ def _sample(
     for i, (run, result) in enumerate(zip(runs, run_together(models, runs, on_step, return_errors=True))):
         if isinstance(result, BaseException):
             failures[i] = result
-            reason = _one_line(result)
-            parts = prompt_error_parts(reason)
-            message = reason if parts is not None and parts[0] is not None else f"prompt 0: {reason}"
+            message = prompt_error(0, _one_line(result))  # a run per prompt
             result = failed_result(run.sampler, {0: message}, run.compute)
         results.append(result)
     return results, failures
@@ -1519,45 +1541,31 @@ def _check_chat_template(args: argparse.Namespace, policy: Any) -> None:
 def _prompt_error(index: int, error: str) -> str:
     """A failed prompt's line on standard error: its index in the whole input and the reason, the
     library's argument names as the CLI's options."""
-    parts = prompt_error_parts(error)  # the sampler's own index: 0, a run per prompt
-    reason = parts[1] if parts is not None and parts[0] is not None else error
+    reason = prompt_reason(error)  # its prefix is the sampler's own index: 0, a run per prompt
     return f"prompt {index}: {_cli_names(reason, {**POLICY_OPTION_NAMES, **REWARD_OPTION_NAMES}, False)}"
 
 
-def _check_output_is_no_input(args: argparse.Namespace) -> None:
-    """``--json`` naming a file the run reads (its prompts, its chat template, a file of a model's folder)
-    is refused: the results would replace it (a model.onnx, a prompts file was overwritten, status 0)."""
-    spec = args.json_path
-    if not spec or spec == "-" or spec in _STD_ALIAS or _FD_ALIAS.match(spec):
-        return
-    try:
-        target = os.stat(spec)
-    except OSError:  # a new file (or one the output's checks refuse)
-        return
-    inputs = [(f"--{name.replace('_', '-')}", getattr(args, name, None)) for name in ("prompts", "messages")]
-    inputs.append(("--chat-template", getattr(args, "chat_template", None)))
-    for name in ("policy", "reward"):  # a model's folder (or the folder of its .onnx file) is read
+def _files_read(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """``(option, path)`` of the files a run reads: its prompts, its chat template, the files of a model's
+    folder (or of the folder of its .onnx file)."""
+    files = [
+        (f"--{name.replace('_', '-')}", getattr(args, name))
+        for name in ("prompts", "messages", "chat_template")
+        if getattr(args, name, None)
+    ]
+    for name in ("policy", "reward"):
         given = getattr(args, name, None)
         if given:
             folder = Path(given) if Path(given).is_dir() else Path(given).parent
             with contextlib.suppress(OSError):
-                inputs.extend((f"--{name}", entry.path) for entry in os.scandir(folder))
-    for option, path in inputs:
-        if not path:
-            continue
-        try:
-            same = os.path.samestat(target, os.stat(path))
-        except OSError:
-            continue
-        if same:
-            raise CliError(f"--json: {spec} is a file {option} reads ({path}): the results would replace it")
+                files.extend((f"--{name}", entry.path) for entry in os.scandir(folder))
+    return files
 
 
 def run(args: argparse.Namespace) -> int:
     prompts = _read_prompts(args)
     options = _sampler_options(args)  # an option the sampler does not take: refused before anything runs
-    _check_output_is_no_input(args)
-    output = ResultOutput(args.json_path)
+    output = ResultOutput(args.json_path, _files_read(args))
     try:
         output.open()  # refused here, before any model is loaded, if it cannot be written
         if args.threads is not None:

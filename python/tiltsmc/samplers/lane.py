@@ -36,7 +36,7 @@ from .._rng import RowStreams
 from ..models.particles import MAX_NEW_TOKENS, Particles
 from ..models.protocols import TokenPolicy
 from ._engine import FloatArray, Models, failed_prompts
-from .result import prompt_error_parts
+from .result import prompt_error
 from .runs import LOG_V_PREV, PoolRun, Run, SharedStep, SMCRun, pool_together, reweigh_together
 
 __all__ = ["KINDS", "Lane", "RunFailed", "run_alone", "run_together"]
@@ -302,10 +302,7 @@ class Lane:
         for member in self.members:
             member.run.before_step(_view(particles, member))
         next_log_values = self._reward_values(ended, "next_log_values")
-        errors_before = len(particles.errors)
-        log_p = self._charge(lambda: self.models.next_log_probs(particles), live=True)
-        if len(particles.errors) != errors_before:  # prompts the policy failed during the call
-            self._policy_failures(particles, ended)
+        log_p: FloatArray = self._policy_call(particles, lambda: self.models.next_log_probs(particles), ended)
         tokens = np.zeros(particles.lengths.shape, dtype=np.int64)
         for member in self._active():
             rows = slice(member.start, member.stop)
@@ -380,13 +377,18 @@ class Lane:
         self._drop_ended()
 
     def _propose(self, particles: Particles, ended: Ended) -> None:
-        """The policy's ``propose`` for every row; a prompt the policy failed during the call (a new entry in
-        ``particles.errors``, its particles finished: logits no token can be drawn from) fails alone
-        (``_policy_failures``), and the others go on."""
+        """The policy's ``propose`` for every row (``_policy_call``)."""
+        self._policy_call(particles, lambda: self.models.propose(particles, self._rng()), ended)
+
+    def _policy_call(self, particles: Particles, call: Callable[[], Any], ended: Ended) -> Any:
+        """A policy call for every row (``propose``, ``next_log_probs``), charged by live rows; a prompt the
+        policy failed during the call (a new entry in ``particles.errors``, its particles finished: logits
+        no token can be drawn from) fails alone (``_policy_failures``), and the others go on."""
         errors_before = len(particles.errors)
-        self._charge(lambda: self.models.propose(particles, self._rng()), live=True)
+        result = self._charge(call, live=True)
         if len(particles.errors) != errors_before:
             self._policy_failures(particles, ended)
+        return result
 
     def _policy_failures(self, particles: Particles, ended: Ended) -> None:
         """The prompts with a new entry in ``particles.errors`` (by row: the policy failed some of their
@@ -422,7 +424,7 @@ class Lane:
         new = sorted(b for b in reasons if run.prompt_index(b) not in run.errors)
         if not run.errors and len(new) == run.num_prompts:
             first = new[0]
-            failure = error or ValueError(f"prompt {run.prompt_index(first)}: {reasons[first]}")
+            failure = error or ValueError(prompt_error(run.prompt_index(first), reasons[first]))
             self._end_alone(member, failure, ended)
             return
         for prompt, reason in reasons.items():
@@ -440,7 +442,7 @@ class Lane:
                 member.skipped = set()
                 self._skipping += 1
             member.skipped.add(prompt)
-        member.run.fail_prompt(prompt, f"prompt {member.run.prompt_index(prompt)}: {reason}")
+        member.run.fail_prompt(prompt, prompt_error(member.run.prompt_index(prompt), reason))
 
     def _log_values(self, ended: Ended) -> FloatArray:
         """``log Vh_t`` of every row (``_reward_values`` of ``log_value``)."""
@@ -597,7 +599,7 @@ class Lane:
         for run, start, stop in zip(runs, offsets[:-1], offsets[1:]):
             # "prompt k: ..." by the run's own index (the policy numbered the group's prompts)
             errors = {
-                b - start: _renumbered(m, run.prompt_index(b - start))
+                b - start: prompt_error(run.prompt_index(b - start), m)
                 for b, m in part.errors.items()
                 if start <= b < stop
             }
@@ -626,7 +628,7 @@ class Lane:
         if not part.errors and not run.errors and len(reasons) == run.num_prompts:
             raise error
         for prompt, reason in reasons.items():
-            part.errors[prompt] = f"prompt {run.prompt_index(prompt)}: {reason}"
+            part.errors[prompt] = reason  # numbered as the run's own below (_start_group)
             part.finished[prompt] = True
         return values
 
@@ -892,13 +894,6 @@ class Lane:
     def _end_at_limits(self, particles: Particles) -> None:
         _end_at_limits(particles)
         self._counted = None
-
-
-def _renumbered(message: str, index: int) -> str:
-    """A prompt's error as ``prompt {index}: reason`` (its ``prompt k:`` prefix, if any, replaced)."""
-    parts = prompt_error_parts(message)
-    reason = parts[1] if parts is not None and parts[0] is not None else message
-    return f"prompt {index}: {reason}"
 
 
 def _rows_of(part: Particles, start: int, stop: int) -> Particles:

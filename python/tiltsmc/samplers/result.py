@@ -12,7 +12,16 @@ from typing import Any, Optional
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Compute", "SamplerResult", "failed_result", "finite_or_none", "plain", "prompt_error_parts"]
+__all__ = [
+    "Compute",
+    "SamplerResult",
+    "failed_result",
+    "finite_or_none",
+    "plain",
+    "prompt_error",
+    "prompt_error_parts",
+    "prompt_reason",
+]
 
 
 @dataclass
@@ -309,6 +318,18 @@ def prompt_error_parts(message: str) -> Optional[tuple[Optional[int], str]]:
         return None
     index = match.group(2)
     return (None if index is None else int(index)), message[match.end() :].lstrip()
+
+
+def prompt_error(index: int, message: str) -> str:
+    """``message`` as prompt ``index``'s error, ``prompt {index}: reason``: a ``prompt k:`` prefix it has
+    (another batch's numbering of the prompt) replaced, a ``prompts:`` one kept as part of the reason."""
+    return f"prompt {index}: {prompt_reason(message)}"
+
+
+def prompt_reason(message: str) -> str:
+    """``message`` without its ``prompt k:`` prefix, where it has one."""
+    parts = prompt_error_parts(message)
+    return parts[1] if parts is not None and parts[0] is not None else message
 
 
 def failed_result(sampler: str, errors: dict[int, str], compute: Optional[Compute] = None) -> SamplerResult:
