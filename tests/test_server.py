@@ -98,7 +98,7 @@ CHAT_TEMPLATE = FIXTURES / "chat-tiny" / "chat_template.jinja"  # ChatML
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     running = Server(
         tmp_path_factory.mktemp("serve"), *FIXTURE_MODELS, "--max-request-particles", "64",
-        "--chat-template", str(CHAT_TEMPLATE),
+        "--max-prompts", "8", "--chat-template", str(CHAT_TEMPLATE),
     )  # fmt: skip
     yield running
     running.stop()
@@ -235,6 +235,9 @@ def test_concurrent_clients(server: Server) -> None:
         ({"prompt": [1, 2, 3]}, "prompt", 400),
         ({"prompt": "hi", "stop": [1]}, "stop", 400),
         ({"prompt": "hi", "sampler": "mh", "mh_steps": 65}, "mh_steps", 400),  # --max-mh-steps, 64
+        ({"prompt": ["hi"] * 9}, "prompt", 400),  # --max-prompts 8
+        # rejection's particles left out count at its default, 256 draws a round (one set of defaults)
+        ({"prompt": "hi", "sampler": "rejection"}, "particles", 400),
     ],
 )
 def test_bad_requests_name_the_field(server: Server, body: dict[str, Any], param: str, status: int) -> None:
@@ -912,6 +915,7 @@ def test_api_key(tmp_path: Path) -> None:
         (["--max-tokens", "0"], {}, "--max-tokens: expected a positive integer"),
         (["--max-tokens", "7"], {}, "max_tokens: 7 is not from 1 to the policy's max_new_tokens, 6"),
         (["--max-mh-steps", "0"], {}, "--max-mh-steps: expected a positive integer"),
+        (["--max-prompts", "0"], {}, "--max-prompts: expected a positive integer"),
         (["--max-queue", "0"], {}, "--max-queue: expected a positive integer"),
         (["--host", ""], {}, "--host: expected an address to bind (0.0.0.0 for every interface), got ''"),
         (["--workers=--"], {}, "argument --workers: invalid int value: '--'"),

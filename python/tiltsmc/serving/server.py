@@ -672,7 +672,7 @@ def _options(
                 field, f"{field}: {count} particles, more than this server's {limits.max_particles}"
             )
     if body.sampler == "rejection":  # one sample per choice, from at most 16 rounds of draws
-        options.setdefault("batch_size", min(defaults["batch_size"], limits.max_particles))
+        options.setdefault("batch_size", defaults["batch_size"])  # within the limit: checked above
         options.update(num_samples=1, max_tries=16 * options["batch_size"])
     if body.max_tokens is not None:
         options["max_new_tokens"] = body.max_tokens
@@ -1236,6 +1236,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-n", type=int, default=Limits.max_n, help="choices per prompt (n) at most")
     parser.add_argument(
+        "--max-prompts",
+        type=int,
+        default=Limits.max_prompts,
+        help="prompts in one request's list at most (then 400; default: %(default)s)",
+    )
+    parser.add_argument(
         "--max-mh-steps",
         type=int,
         default=Limits.max_mh_steps,
@@ -1317,7 +1323,7 @@ class Settings:
             _check_api_key(api_key, f"--api-key-env: ${args.api_key_env}")
         for name in (
             "max_batch_rows", "max_queue", "max_prompt_tokens", "max_request_particles", "max_n", "workers",
-            "max_body_bytes", "max_mh_steps",
+            "max_body_bytes", "max_mh_steps", "max_prompts",
         ):  # fmt: skip
             value = getattr(args, name)
             if value < 1:
@@ -1342,6 +1348,7 @@ class Settings:
             max_tokens=args.max_tokens,
             max_n=args.max_n,
             max_mh_steps=args.max_mh_steps,
+            max_prompts=args.max_prompts,
             max_body_bytes=args.max_body_bytes,
         )
         return cls(
