@@ -61,6 +61,9 @@ def model_copy(tmp_path: Path, name: str = "llama-tiny") -> Path:
         ("--pool-size", "99999999999999999999", "--pool-size: expected at most 1048576 particles"),
         # overflowed int64 ("Python int too large to convert to C long"), status 1 after the models loaded
         ("--max-tries", "99999999999999999999", "--max-tries: expected at most 1099511627776 draws"),
+        # ran until killed (tiltsmc.mh takes any count)
+        ("--mh-steps", "99999999999999999999", "--mh-steps: expected at most 1048576 steps, got 9999"),
+        ("--mh-steps", "1048577", "--mh-steps: expected at most 1048576 steps, got 1048577"),
     ],
 )
 def test_bad_arguments(option: str, value: str, message: str, capfd: pytest.CaptureFixture[str]) -> None:
@@ -68,6 +71,40 @@ def test_bad_arguments(option: str, value: str, message: str, capfd: pytest.Capt
         main([*RUN, "--prompt", "hi", f"{option}={value}"])
     assert exit_info.value.code == 2
     assert message in one_line_error(capfd)
+
+
+def test_the_mh_step_bound_takes_zero_and_the_bound() -> None:
+    from tiltsmc.cli import MAX_MH_STEPS, build_parser
+
+    for steps in (0, MAX_MH_STEPS):
+        parsed = build_parser().parse_args([*RUN, "--prompt", "hi", "--sampler", "mh", f"--mh-steps={steps}"])
+        assert parsed.mh_steps == steps
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "shown"),
+    [
+        (
+            "--session-config",
+            b"session.intra_op.allow_spinning=\xff",
+            "'session.intra_op.allow_spinning=\\xff'",
+        ),
+        ("--session-config", b"na\xefve=1", "'na\\xefve=1'"),
+        ("--session-option", b"log_severity_level=\xe93", "'log_severity_level=\\xe93'"),
+        ("--provider-option", b"CPUExecutionProvider:x=\xff", "'CPUExecutionProvider:x=\\xff'"),
+    ],
+)
+def test_onnx_runtime_options_that_are_not_utf8_are_refused(
+    option: str, value: bytes, shown: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """An argument whose bytes are not UTF-8 reaches Python with surrogates in place of the bad bytes
+    (``os.fsdecode``); ONNX Runtime's binding refused it with a raw "incompatible function arguments" line
+    naming no option. Refused as parsed, naming the option and the byte, status 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([*RUN, "--prompt", "hi", option, os.fsdecode(value)])
+    assert exit_info.value.code == 2
+    byte = next(b for b in value if b >= 0x80)
+    assert f"{option}: {shown} is not UTF-8 text (byte 0x{byte:02x})" in one_line_error(capfd)
 
 
 def test_step_escapes() -> None:
@@ -94,6 +131,33 @@ def test_prompts_files(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> Non
     out = tmp_path / "out.jsonl"
     assert main([*RUN, "--prompts", str(windows), "--json", str(out)]) == 0
     assert [json.loads(line)["prompt"] for line in out.read_text().splitlines()] == ["one", "two\u2028half"]
+
+
+def test_a_prompt_line_past_the_bound_is_refused_without_reading_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A line of more than MAX_LINE_BYTES (64 MiB; 1000 here) is refused as it is read, naming the option,
+    the file and the line: --prompts /dev/zero was read until the memory ran out."""
+    from tiltsmc import cli
+
+    monkeypatch.setattr(cli, "MAX_LINE_BYTES", 1000)
+    long = tmp_path / "long.txt"
+    long.write_bytes(b"first\n" + b"x" * 1001 + b"\nthird\n")
+    assert main([*RUN, "--prompts", str(long)]) == 2
+    assert one_line_error(capfd) == (
+        f"tiltsmc: --prompts: {long} line 2 is longer than 1000 bytes, past any model's context: "
+        "not a prompt\n"
+    )
+    messages = tmp_path / "chats.jsonl"
+    messages.write_text('[{"role": "user", "content": "' + "x" * 1000 + '"}]\n')
+    assert main([*RUN, "--messages", str(messages)]) == 2
+    assert f"--messages: {messages} line 1 is longer than 1000 bytes" in one_line_error(capfd)
+    if os.path.exists("/dev/zero"):
+        assert main([*RUN, "--prompts", "/dev/zero"]) == 2
+        assert "--prompts: /dev/zero line 1 is longer than 1000 bytes" in one_line_error(capfd)
+    exact = tmp_path / "exact.txt"  # the bound itself, its line end and CR aside
+    exact.write_bytes(b"y" * 1000 + b"\n" + b"z" * 999 + b"\r\n")
+    assert cli._read_lines("--prompts", exact) == ["y" * 1000, "z" * 999]
 
 
 def test_corrupt_and_unsupported_model_files(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
@@ -372,6 +436,116 @@ def test_each_sampler_takes_the_servers_options(
         cli_options = _RUN_OPTIONS[name.replace("_", "-")]
         extra = {"num_samples": "num_samples", "max_tries": "max_tries"} if name == "rejection" else {}
         assert cli_options == {**fields, **extra}, name
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            ["--reward-delimiters", "39"],
+            "--reward-delimiters: read only with --reward-position delimiter (the reward is read at the last "
+            "token here); give that too, or leave them out",
+        ),
+        (
+            ["--reward-position", "last", "--reward-delimiters", "39"],
+            "--reward-delimiters: read only with --reward-position delimiter",
+        ),
+        (
+            ["--provider-option", "TensorrtExecutionProvider:trt_fp16_enable=1"],
+            "--provider-option: the models run on CPUExecutionProvider, not on TensorrtExecutionProvider: "
+            "its options would have no effect",
+        ),
+        (
+            ["--cpu", "--provider-option", "CUDAExecutionProvider:device_id=1"],
+            "--provider-option: the models run on CPUExecutionProvider (--cpu), not on CUDAExecutionProvider",
+        ),
+    ],
+)
+def test_options_that_would_have_no_effect_are_refused(
+    options: list[str], message: str, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """--reward-delimiters with the reward read at the last token, and a provider's options where the models
+    do not run on it, were taken and dropped: refused naming the option and why, status 2, no output."""
+    if "Tensorrt" in options[-1] and "CUDAExecutionProvider" in _providers_used():
+        pytest.skip("the models run on CUDA here")
+    out = tmp_path / "out.jsonl"
+    assert main([*RUN, "--prompt", "hi", "--json", str(out), *options]) == 2
+    assert one_line_error(capfd).startswith(f"tiltsmc: {message}")
+    assert not out.exists()
+
+
+def _providers_used() -> list[str]:
+    from tiltsmc.models import OnnxCausalLM
+
+    providers: list[str] = OnnxCausalLM(POLICY).session.get_providers()
+    return providers
+
+
+def test_cuda_options_where_the_models_fell_back_to_the_cpu_are_a_warning(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Without --cpu the models run on CUDA where a GPU is usable and on the CPU otherwise (documented), so
+    that one command line serves both: CUDA's options on a machine without a GPU only warn."""
+    if "CUDAExecutionProvider" in _providers_used():
+        pytest.skip("the models run on CUDA here")
+    out = tmp_path / "out.jsonl"
+    assert (
+        main(
+            [
+                *RUN,
+                "--prompt",
+                "hi",
+                "--json",
+                str(out),
+                "--provider-option",
+                "CUDAExecutionProvider:device_id=0",
+                "-q",
+            ]
+        )
+        == 0
+    )
+    assert capfd.readouterr().err == (
+        "tiltsmc: warning: --provider-option: the models run on CPUExecutionProvider here (CUDA only where a "
+        "GPU is usable), so the options of CUDAExecutionProvider have no effect\n"
+    )
+    assert prompts_of_file(out) == ["hi"]
+
+
+def prompts_of_file(path: Path) -> list[Any]:
+    return [json.loads(line)["prompt"] for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--reward-label", "1"],
+        ["--reward-output", "logits"],
+        ["--reward-position", "delimiter", "--reward-delimiters", "39"],
+        ["--reward-kv-cache", "off"],
+    ],
+)
+def test_reward_model_options_with_the_policys_own_value_head_are_refused(
+    options: list[str], capfd: pytest.CaptureFixture[str]
+) -> None:
+    """With --value-output no reward model is loaded (the policy's head is read): the options of one were
+    taken and dropped."""
+    value = str(FIXTURES / "gpt2-value-tiny")
+    argv = ["run", "--policy", value, "--value-output", "value", "--prompt", "hi", *options]
+    assert main(argv) == 2
+    assert one_line_error(capfd) == (
+        f"tiltsmc: {options[0]}: an option of the reward model --reward loads; with --value-output the "
+        "policy's own head is read (as --reward-kind says)\n"
+    )
+
+
+def test_serve_refuses_reward_delimiters_it_would_drop(
+    capfd: pytest.CaptureFixture[str], nothing_serves: None
+) -> None:
+    argv = ["serve", "--policy", POLICY, "--reward", REWARD, "--port", "0", "--reward-delimiters", "39"]
+    assert main(argv) == 2
+    assert one_line_error(capfd).startswith("tiltsmc: --reward-delimiters: read only with --reward-position")
+    assert main([*argv, "--ray"]) == 2  # before Ray starts, whose replicas load the models
+    assert one_line_error(capfd).startswith("tiltsmc: --reward-delimiters: read only with --reward-position")
 
 
 def test_a_reward_model_with_another_vocabulary_is_refused_before_the_run(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -168,6 +169,100 @@ def test_standard_output(spec: str, capfd: pytest.CaptureFixture[str]) -> None:
         pytest.skip(f"no {spec}")
     assert main([*RUN, "--prompt", "hi", "--prompt", "ab", "--json", spec]) == 0
     assert prompts_of(capfd.readouterr().out) == ["hi", "ab"]
+
+
+@posix_only
+@pytest.mark.parametrize("spec", ["/dev/fd/0", "/proc/self/fd/0", "/dev/stdin"])
+def test_standard_input_open_for_reading_is_refused_as_the_output(spec: str, tmp_path: Path) -> None:
+    """``--json /dev/fd/0`` (standard input, opened for reading: here a file): refused before any model is
+    loaded, status 2 (its first write failed with "Bad file descriptor", status 1, after the run);
+    ``/dev/stdin`` likewise (it replaced the file given as standard input)."""
+    if not Path(spec).exists():
+        pytest.skip(f"no {spec}")
+    given = tmp_path / "given.txt"
+    given.write_text("keep\n")
+    argv = [*RUN, "--prompt", "hi", "--json", spec]
+    with given.open("rb") as stdin:
+        completed = subprocess.run(
+            [sys.executable, "-m", "tiltsmc.cli", *argv],
+            stdin=stdin,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert completed.returncode == 2, completed.stderr
+    assert completed.stderr == f"tiltsmc: --json: {spec} is standard input, which is not open for writing\n"
+    assert given.read_text() == "keep\n" and completed.stdout == ""
+
+
+def interrupted_at_batch(monkeypatch: pytest.MonkeyPatch, batch: int) -> None:
+    """``tiltsmc run``'s batch ``batch`` (from 0) is interrupted by Ctrl-C; the ones before run."""
+    sample = cli._sample
+    started = []
+
+    def sample_until(*args: object, **kwargs: object) -> object:
+        started.append(True)
+        if len(started) > batch:
+            raise KeyboardInterrupt
+        return sample(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cli, "_sample", sample_until)
+
+
+@pytest.mark.parametrize("batch", [0, 1, 2])
+def test_an_interrupted_run_says_what_it_left_on_standard_output(
+    batch: int, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Results streamed to standard output before Ctrl-C stay there, and the last line says so (it said
+    "no result file written" whatever had been written)."""
+    interrupted_at_batch(monkeypatch, batch)
+    argv = [*RUN, "--prompt", "a", "--prompt", "b", "--prompt", "c", "--batch-size", "1", "-q"]
+    assert main(argv) == 130
+    out, err = capfd.readouterr()
+    assert prompts_of(out) == ["a", "b", "c"][:batch]
+    left = f"{batch} result line(s) already written" if batch else "nothing written"
+    assert err == f"tiltsmc: interrupted; {left} to standard output\n"
+
+
+def test_an_interrupted_run_writes_no_result_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    interrupted_at_batch(monkeypatch, 1)
+    out = tmp_path / "out.jsonl"
+    out.write_text("old\n")
+    argv = [*RUN, "--prompt", "a", "--prompt", "b", "--batch-size", "1", "-q", "--json", str(out)]
+    assert main(argv) == 130
+    assert capfd.readouterr().err == "tiltsmc: interrupted; no result file written\n"
+    assert out.read_text() == "old\n" and leftovers(tmp_path) == []
+
+
+@posix_only
+def test_a_signal_after_lines_were_streamed_says_so(tmp_path: Path) -> None:
+    """SIGTERM after some result lines went to standard output: the last line counts them."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"prompt {k}\n" for k in range(400)))
+    command = [sys.executable, "-m", "tiltsmc.cli", *RUN, "--prompts", str(prompts), "--batch-size", "1"]
+    process = subprocess.Popen(
+        [*command, "--max-new-tokens", "40"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout is not None
+        first = process.stdout.readline()
+        process.send_signal(signal.SIGTERM)
+        rest, error = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == -signal.SIGTERM
+    lines = [line for line in (first + rest).split("\n") if line.endswith("}")]  # whole lines
+    assert prompts_of("\n".join(lines))[:1] == ["prompt 0"]
+    last = re.fullmatch(
+        r"tiltsmc: stopped by SIGTERM; (\d+) result line\(s\) already written to standard output",
+        error.splitlines()[-1],
+    )
+    assert last is not None, error
+    assert 1 <= int(last[1]) <= len(lines), error
 
 
 def test_a_directory_is_refused_before_any_model_is_loaded(

@@ -173,7 +173,14 @@ def test_accuracy_is_the_weighted_share_of_right_solutions() -> None:
         ("problems", 0, "problems"),
         ("noise", -1.0, "noise"),
         ("noise", float("nan"), "noise"),
+        # its ratios overflowed in the Bellman estimate (RuntimeWarnings), its log-values rounded the
+        # learned model's away (accuracies off, above 1 at 1e300)
+        ("noise", 1e6, r"^noise: expected a finite sd in \[0, 32\], got 1000000.0$"),
+        ("noise", 32.5, "noise"),
         ("bellman_samples", 0, "bellman_samples"),
+        # run and tabled twice
+        ("levels", (4, 8, 4), r"^levels: expected distinct values, got \(4, 8, 4\) \(4 twice\)$"),
+        ("budgets", (2, 2), r"^budgets: expected distinct values, got \(2, 2\) \(2 twice\)$"),
     ],
 )
 def test_demo_config_bad_values(field: str, value: object, message: str) -> None:
@@ -248,6 +255,48 @@ def test_cli_demo_refuses_bad_options(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "out: cannot write" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["demo", "--problems", "0"])
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            ["--out", ""],
+            "tiltsmc: demo: --out: expected a folder name, got ''\n",
+        ),  # wrote to the current folder
+        (
+            ["--levels", "4", "4"],
+            "tiltsmc: demo: --levels: expected distinct values, got (4, 4) (4 twice)\n",  # ran twice
+        ),
+        (["--budgets", "2", "4", "2"], "tiltsmc: demo: --budgets: expected distinct values, got (2, 4, 2)"),
+        (["--noise", "1e6"], "tiltsmc: demo: --noise: expected a finite sd in [0, 32], got 1000000.0\n"),
+    ],
+)
+def test_cli_demo_refuses_options_before_it_runs(
+    options: list[str],
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def reached(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the demo ran")
+
+    monkeypatch.setattr(demo_module, "run_demo", reached)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["demo", *options]) == 2
+    assert capsys.readouterr().err.startswith(message)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_noise_bound_keeps_the_degraded_models_ratios_within_doubles() -> None:
+    """MAX_NOISE's reason: NoisyReward's z lies within the normal quantiles of its hash's extreme uniforms,
+    and exp(MAX_NOISE (z_max - z_min)) leaves room below the largest double for the learned model's ratio."""
+    from statistics import NormalDist
+
+    low, high = NormalDist().inv_cdf(0.5 / 2.0**64), NormalDist().inv_cdf(1.0 - 2.0**-53)
+    headroom = np.log(np.finfo(np.float64).max) - demo_module.MAX_NOISE * (high - low)
+    assert 100.0 < headroom < 200.0
 
 
 def test_cli_demo_interrupted_leaves_no_files(

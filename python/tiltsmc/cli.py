@@ -13,7 +13,8 @@ timings), written to standard output (no ``--json``, or ``--json -``) or to ``--
 * a regular file with several hard links (or in a folder tiltsmc cannot write) is rewritten in place at
   the end of a successful run, so every link sees the new results;
 * a FIFO, a character device (``/dev/null``, a terminal) or ``/dev/stdout`` / ``/dev/stderr`` /
-  ``/dev/fd/N`` is written as a stream, batch by batch.
+  ``/dev/fd/N`` is written as a stream, batch by batch (a descriptor not open for writing, such as
+  standard input, is refused).
 
 A directory, a missing or unwritable folder and an unwritable file are refused before any model is loaded.
 Each line follows the JSON Schema shipped as ``tiltsmc/run.schema.json`` (``output_schema``): strict
@@ -271,7 +272,21 @@ def _one_line(error: BaseException) -> str:
 # -- --json: where results go ---------------------------------------------------------------------------
 
 _FD_ALIAS = re.compile(r"^/(?:dev/fd|proc/self/fd)/(\d+)$")
-_STD_ALIAS = {"/dev/stdout": 1, "/dev/stderr": 2}
+_STD_ALIAS = {"/dev/stdin": 0, "/dev/stdout": 1, "/dev/stderr": 2}
+_STD_NAMES = {0: "standard input", 1: "standard output", 2: "standard error"}
+
+
+def _open_for_writing(descriptor: int) -> bool:
+    """Whether an open file descriptor takes writes (its access mode, where ``fcntl`` can read it)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: the first write reports it
+        return True
+    try:
+        flags = fcntl.fcntl(descriptor, fcntl.F_GETFL)
+    except OSError:  # pragma: no cover - the first write reports it
+        return True
+    return bool(flags & (os.O_WRONLY | os.O_RDWR))
 
 
 class ResultOutput:
@@ -290,6 +305,7 @@ class ResultOutput:
         self._temporary: Optional[Path] = None  # atomic: the temporary file renamed over _target at the end
         self._target: Optional[Path] = None  # atomic or in place: the file finally written
         self._spool: Optional[IO[str]] = None  # in place: the lines, copied into _target at the end
+        self._streamed = 0  # lines written to a stream (batch by batch) so far
 
     def open(self) -> None:
         """Check the location and open it (a temporary file beside a regular file)."""
@@ -361,10 +377,17 @@ class ResultOutput:
             raise CliError(f"--json: cannot create {spec}: folder {folder} is not writable")
 
     def _open_descriptor(self, descriptor: int) -> None:
+        """A stream on a copy of ``descriptor`` (``/dev/fd/N``, ``/dev/stdout``), refused where it is not open
+        for writing (``/dev/fd/0``, standard input: its first write failed, status 1 after the run)."""
         try:
-            self._stream = os.fdopen(os.dup(descriptor), "w", encoding="utf-8")
+            duplicate = os.dup(descriptor)
         except OSError as error:
             raise CliError(f"--json: cannot write {self.name}: {error.strerror or error}") from None
+        if not _open_for_writing(duplicate):
+            os.close(duplicate)
+            which = _STD_NAMES.get(descriptor, f"descriptor {descriptor}")
+            raise CliError(f"--json: {self.name} is {which}, which is not open for writing")
+        self._stream = os.fdopen(duplicate, "w", encoding="utf-8")
         self._owned = True
 
     def _open_atomic(self, target: Path, existing: Optional[os.stat_result]) -> None:
@@ -409,6 +432,7 @@ class ResultOutput:
             handle.writelines(lines)
             if handle is not self._spool and self._temporary is None:
                 handle.flush()
+                self._streamed += len(lines)
         except OSError as error:
             raise self._failed(error) from None
 
@@ -463,6 +487,15 @@ class ResultOutput:
     def where(self) -> str:
         return "" if self._stream is sys.stdout else f" to {self.name}"
 
+    def left(self) -> str:
+        """What a run that ends before ``commit`` leaves, for its last line: a file is not written (an
+        existing one keeps its content); a stream has the lines already written to it, or none."""
+        if self.stream is None:
+            return "no result file written"
+        if self._streamed:
+            return f"{self._streamed} result line(s) already written to {self.name}"
+        return f"nothing written to {self.name}"
+
 
 # -- arguments --------------------------------------------------------------------------------------------
 
@@ -484,11 +517,11 @@ class _Parser(argparse.ArgumentParser):
         return super()._get_values(action, arg_strings)
 
 
-def _at_most(limit: int, what: str) -> Callable[[str], int]:
-    """An argparse type: an integer from 1 to ``limit`` (of ``what``, as its refusal says)."""
+def _at_most(limit: int, what: str, minimum: int = 1) -> Callable[[str], int]:
+    """An argparse type: an integer from ``minimum`` to ``limit`` (of ``what``, as its refusal says)."""
 
     def count(text: str) -> int:
-        value = positive_int_option(text)
+        value = int_option(text, minimum)
         if value > limit:
             raise argparse.ArgumentTypeError(f"expected at most {limit} {what}, got {text}")
         return value
@@ -508,6 +541,12 @@ _particle_count = _at_most(MAX_PARTICLES, "particles")
 MAX_DRAWS = 1 << 40
 _try_count = _at_most(MAX_DRAWS, "draws")
 _sample_count = _at_most(MAX_DRAWS, "samples")
+# MH steps of one prompt at most (tiltsmc.mh takes any count >= 0): each is a further run of its particles
+# whose estimate, log Z trace and decision stay in memory to the end and go into the prompt's line (its
+# proposal_log_z and mh_accepted hold one entry a step), so steps are bounded as particles are; 10^20 ran
+# until killed.
+MAX_MH_STEPS = MAX_PARTICLES
+_mh_step_count = _at_most(MAX_MH_STEPS, "steps", minimum=0)
 
 
 def _count(text: str) -> int:
@@ -827,9 +866,24 @@ def _model_default(option: str) -> Any:
     return value
 
 
+def _utf8_text(text: str) -> str:
+    """``text``, where it is UTF-8 text: an argument whose bytes are not reaches Python with each bad byte
+    as a lone surrogate, which ONNX Runtime's binding refuses with a raw "incompatible function arguments"
+    error; refused here (``ArgumentTypeError``) naming the first bad byte, as ``--prompts`` names one."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError as error:
+        code = ord(text[error.start])
+    # Python keeps an undecodable byte b as the surrogate U+DC00 + b (PEP 383): written back as \xNN
+    shown = "".join(f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else c for c in text)
+    bad = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"character U+{code:04X}"
+    raise argparse.ArgumentTypeError(f"'{shown}' is not UTF-8 text ({bad})")
+
+
 def _session_option(text: str) -> tuple[str, Any]:
     """``NAME=VALUE`` of ``--session-option``: the value as an int, a bool (true / false), or the text."""
-    name, equals, value = text.partition("=")
+    name, equals, value = _utf8_text(text).partition("=")
     if not equals or not name.strip():
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
     parsed: Any = value
@@ -843,7 +897,7 @@ def _session_option(text: str) -> tuple[str, Any]:
 
 def _session_config(text: str) -> tuple[str, str]:
     """``NAME=VALUE`` of ``--session-config``: a session config entry (ONNX Runtime takes text)."""
-    name, equals, value = text.partition("=")
+    name, equals, value = _utf8_text(text).partition("=")
     if not equals or not name.strip():
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
     return name.strip(), value
@@ -851,7 +905,7 @@ def _session_config(text: str) -> tuple[str, str]:
 
 def _provider_option(text: str) -> tuple[str, str, str]:
     """``PROVIDER:NAME=VALUE`` of ``--provider-option``."""
-    provider, colon, rest = text.partition(":")
+    provider, colon, rest = _utf8_text(text).partition(":")
     name, equals, value = rest.partition("=")
     if not colon or not equals or not provider or not name:
         raise argparse.ArgumentTypeError(f"expected PROVIDER:NAME=VALUE, got {text!r}")
@@ -930,15 +984,53 @@ def _chat_template(args: argparse.Namespace) -> Optional[str]:
         raise ValueError(f"--chat-template: cannot read {path}: {error}") from None
 
 
+# The longest line of a --prompts or --messages file, in bytes: 64 MiB is over 16 million tokens at the 4
+# bytes a token of English text (more where tokens are shorter), past the longest context of today's
+# decoders (10 million tokens, Llama 4 Scout's), so a longer line could never be a prompt; reading on
+# (--prompts /dev/zero, a file with no line end) took the memory until the system ran out.
+MAX_LINE_BYTES = 64 << 20
+
+
+def _read_lines(option: str, path: Path) -> list[str]:
+    """The lines of a file of prompts (``--prompts``, ``--messages``): UTF-8 text, without a leading
+    byte-order mark, lines ending at LF (a CR before it dropped; not at ``\\x0b``, ``\\x1c`` or U+2028, where
+    ``str.splitlines`` would also split). Read a line at a time, at most ``MAX_LINE_BYTES`` each; a file
+    that cannot be read, is not UTF-8 or holds a longer line raises ``CliError`` naming ``option``."""
+    lines: list[str] = []
+    try:
+        with open(path, "rb") as handle:
+            while data := handle.readline(MAX_LINE_BYTES + 1):
+                number = len(lines) + 1
+                if len(data.rstrip(b"\n")) > MAX_LINE_BYTES:
+                    raise CliError(
+                        f"{option}: {path} line {number} is longer than {MAX_LINE_BYTES} bytes, past any "
+                        "model's context: not a prompt"
+                    )
+                try:
+                    line = data.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    bad = data[error.start]
+                    raise CliError(
+                        f"{option}: {path} is not UTF-8 text (byte 0x{bad:02x} on line {number})"
+                    ) from None
+                lines.append(line.removesuffix("\n").removesuffix("\r"))
+    except IsADirectoryError:
+        raise CliError(f"{option}: {path} is a directory, not a file of prompts") from None
+    except FileNotFoundError:
+        raise CliError(f"{option}: no such file: {path}") from None
+    except OSError as error:
+        raise CliError(f"{option}: cannot read {path}: {error.strerror or error}") from None
+    if lines:
+        lines[0] = lines[0].removeprefix("\ufeff")
+    return lines
+
+
 def _read_messages(path_text: str) -> list[Any]:
     """The conversations of a ``--messages`` file: one JSON list of messages per non-blank line."""
     from .models.chat import check_messages
 
     path = Path(path_text)
-    try:
-        lines = path.read_text(encoding="utf-8-sig").split("\n")  # a BOM is not JSON
-    except (OSError, UnicodeDecodeError) as error:
-        raise CliError(f"--messages: cannot read {path}: {error}") from None
+    lines = _read_lines("--messages", path)
     conversations = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -983,33 +1075,12 @@ def _load_models(args: argparse.Namespace) -> tuple[Any, Any]:
     from .models import OnnxCausalLM, OnnxRewardModel, PolicyTwist, PolicyValue
 
     providers = ["CPUExecutionProvider"] if args.cpu else None
+    _check_model_options(args)
     if getattr(args, "demo", False):
         from .tasks import arithmetic
 
-        # The bundled models fix their own settings: an option they would ignore is refused, not dropped.
-        given = [
-            option
-            for option in ("reward", "session_option", "session_config", "provider_option", "chat_template")
-            if getattr(args, option, None) is not None
-        ]
-        given += [
-            option
-            for option in MODEL_OPTIONS
-            if option not in ("threads", "memory_arena")
-            and getattr(args, option, _model_default(option)) != _model_default(option)
-        ]
-        if given:
-            raise ValueError(
-                f"--{given[0].replace('_', '-')}: not an option of the bundled --demo models (they fix their "
-                "own; load the models with --policy / --reward to set it)"
-            )
-
         return arithmetic.load_models(
             intra_op_num_threads=args.threads, providers=providers, memory_arena=args.memory_arena == "on"
-        )
-    if (args.reward is None) == (args.value_output is None):
-        raise ValueError(
-            "--reward: give a reward model, or --value-output to read the policy's own value head"
         )
     session = _session_arguments(args)
     chat_template = _chat_template(args)
@@ -1037,6 +1108,7 @@ def _load_models(args: argparse.Namespace) -> tuple[Any, Any]:
             **session,
         )
     if args.value_output is not None:  # one graph: a value per position, or a twist row per position
+        _check_providers_used(args, [policy])
         with _named_options(VALUE_OPTION_NAMES):
             if policy.twist_head:
                 return policy, PolicyTwist(policy, kind=args.reward_kind)
@@ -1060,7 +1132,92 @@ def _load_models(args: argparse.Namespace) -> tuple[Any, Any]:
     if callable(check_policy):
         with _named_options(REWARD_OPTION_NAMES):
             check_policy(policy)
+    _check_providers_used(args, [policy, reward])
     return policy, reward
+
+
+# The options of the reward model loaded by --reward: with --value-output there is none (the policy's own
+# head is read, as --reward-kind says), and each would be dropped.
+_REWARD_MODEL_OPTIONS = tuple(
+    option
+    for option, (owner, parameter) in MODEL_OPTIONS.items()
+    if owner == "OnnxRewardModel" and parameter != "kind"
+)
+
+
+def _given(args: argparse.Namespace, options: Sequence[str]) -> list[str]:
+    """Those of ``options`` (``MODEL_OPTIONS``, or others whose default is None) that ``args`` sets to
+    other than their default, as ``--option`` names."""
+    given = []
+    for option in options:
+        default = _model_default(option) if option in MODEL_OPTIONS else None
+        if getattr(args, option, default) != default:
+            given.append(f"--{option.replace('_', '-')}")
+    return given
+
+
+def _check_model_options(args: argparse.Namespace) -> None:
+    """Refuse (ValueError naming the option, before any model loads) the model options that would have no
+    effect: options are refused, never dropped."""
+    if getattr(args, "demo", False):  # the bundled models fix their own settings
+        fixed = [option for option in MODEL_OPTIONS if option not in ("threads", "memory_arena")]
+        given = _given(
+            args, ("reward", "session_option", "session_config", "provider_option", "chat_template", *fixed)
+        )
+        if given:
+            raise ValueError(
+                f"{given[0]}: not an option of the bundled --demo models (they fix their own; load the "
+                "models with --policy / --reward to set it)"
+            )
+        return
+    if (args.reward is None) == (args.value_output is None):
+        raise ValueError(
+            "--reward: give a reward model, or --value-output to read the policy's own value head"
+        )
+    unused = _given(args, _REWARD_MODEL_OPTIONS) if args.value_output is not None else []
+    if unused:
+        raise ValueError(
+            f"{unused[0]}: an option of the reward model --reward loads; with --value-output the policy's "
+            "own head is read (as --reward-kind says)"
+        )
+    if args.reward_delimiters is not None and args.reward_position != "delimiter":
+        raise ValueError(
+            "--reward-delimiters: read only with --reward-position delimiter (the reward is read at the "
+            f"{args.reward_position} token here); give that too, or leave them out"
+        )
+
+
+def _check_providers_used(args: argparse.Namespace, models: Sequence[Any]) -> None:
+    """``--provider-option`` for a provider none of the loaded ``models`` runs on would have no effect:
+    refused (ValueError naming the option). Except CUDA's without ``--cpu``: the models run on CUDA where a
+    GPU is usable and on the CPU otherwise, so that one command line serves both kinds of machine; where
+    they fell back, a warning says that its options are not used."""
+    given = dict.fromkeys(provider for provider, _, _ in getattr(args, "provider_option", None) or ())
+    used = {
+        name
+        for model in models
+        if getattr(model, "session", None) is not None
+        for name in model.session.get_providers()
+    }
+    if not used:  # models of another kind: their own rules
+        return
+    for provider in given:
+        if provider in used:
+            continue
+        runs_on = ", ".join(sorted(used))
+        if provider == "CUDAExecutionProvider" and not args.cpu:
+            logger.warning(
+                "--provider-option: the models run on %s here (CUDA only where a GPU is usable), so the "
+                "options of %s have no effect",
+                runs_on,
+                provider,
+            )
+            continue
+        why = " (--cpu)" if args.cpu else ""
+        raise ValueError(
+            f"--provider-option: the models run on {runs_on}{why}, not on {provider}: its options would "
+            "have no effect"
+        )
 
 
 DESCRIPTION = "Sequential Monte Carlo sampling of reward-tilted language-model distributions."
@@ -1127,12 +1284,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prompts = run.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    prompts.add_argument("--prompts", help="a file of prompts, one per line (UTF-8; blank lines skipped)")
+    prompts.add_argument(
+        "--prompts",
+        help=f"a file of prompts, one per line (UTF-8; blank lines skipped; a line of {MAX_LINE_BYTES} bytes "
+        f"at most: {MAX_LINE_BYTES >> 20} MiB, over 16 million tokens, past any model's context)",
+    )
     prompts.add_argument(
         "--messages",
         metavar="FILE",
         help="a JSON-lines file of chat prompts, each line a list of messages "
-        '[{"role": "user", "content": "..."}] rendered by the chat template',
+        '[{"role": "user", "content": "..."}] rendered by the chat template (a line of '
+        f"{MAX_LINE_BYTES} bytes at most)",
     )
     run.add_argument(
         "--chat", action="store_true", help="each --prompt / --prompts line is a user message (chat template)"
@@ -1174,9 +1336,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--mh-steps",
-        type=_count,
+        type=_mh_step_count,
         default=None,
-        help=f"mh: moves of the Metropolis-Hastings chain (default: {_default('mh', 'steps')})",
+        help=f"mh: moves of the Metropolis-Hastings chain, at most {MAX_MH_STEPS} "
+        f"(default: {_default('mh', 'steps')})",
     )
     run.add_argument(
         "--bound",
@@ -1242,6 +1405,8 @@ def build_parser() -> argparse.ArgumentParser:
     serving_server.add_arguments(serve)
     serving_ray.add_arguments(serve)
 
+    from .demo import MAX_NOISE
+
     demo = commands.add_parser(
         "demo",
         formatter_class=_HelpFormatter,
@@ -1256,7 +1421,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=[4, 8, 12, 16],
         metavar="T",
-        help="numbers of reasoning steps (1..16)",
+        help="numbers of reasoning steps (1..16, each once)",
     )
     demo.add_argument(
         "--budgets",
@@ -1264,14 +1429,15 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=[2, 4, 8],
         metavar="C",
-        help="policy steps per reasoning step: best-of-N's N, SMC's particles, the pool size",
+        help="policy steps per reasoning step: best-of-N's N, SMC's particles, the pool size (each once)",
     )
     demo.add_argument("--problems", type=positive_int_option, default=24, help="problems per level")
     demo.add_argument(
         "--noise",
         type=_non_negative_real,
         default=2.0,
-        help="sd of the degraded reward model's log-value noise",
+        help=f"sd of the degraded reward model's log-value noise, at most {MAX_NOISE:g} (its values' ratios "
+        "stay within double precision)",
     )
     demo.add_argument("--seed", type=_count, default=0, help="seed of the problems and the samplers")
     demo.add_argument("--threads", type=_thread_count, default=None, help="ONNX Runtime threads (default: 1)")
@@ -1299,24 +1465,7 @@ def _read_text_prompts(args: argparse.Namespace) -> list[str]:
     if args.prompt is not None:
         return list(args.prompt)
     path = Path(args.prompts)
-    try:
-        data = path.read_bytes()
-    except IsADirectoryError:
-        raise CliError(f"--prompts: {path} is a directory, not a file of prompts") from None
-    except FileNotFoundError:
-        raise CliError(f"--prompts: no such file: {path}") from None
-    except OSError as error:
-        raise CliError(f"--prompts: cannot read {path}: {error.strerror or error}") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = data.count(b"\n", 0, error.start) + 1
-        raise CliError(
-            f"--prompts: {path} is not UTF-8 text (byte 0x{data[error.start]:02x} on line {line})"
-        ) from None
-    # Lines end at \n only: str.splitlines would also split a prompt at \x0b, \x1c or U+2028.
-    lines = [line[:-1] if line.endswith("\r") else line for line in text.removeprefix("\ufeff").split("\n")]
-    prompts = [line for line in lines if line.strip()]
+    prompts = [line for line in _read_lines("--prompts", path) if line.strip()]
     if not prompts:
         raise CliError(f"--prompts: {path} holds no prompt")
     return prompts
@@ -1609,10 +1758,11 @@ def run(args: argparse.Namespace) -> int:
             progress.close()
         raise_if_signalled()
         if failed == len(prompts):  # a failed run: an existing file keeps its old content
-            kept = "; no result file written" if output.stream is None else ""  # a file (not a stream)
-            raise CliError(f"all {len(prompts)} prompt(s) failed{kept}", 1)
+            raise CliError(f"all {len(prompts)} prompt(s) failed; {output.left()}", 1)
         output.commit()
-    except BaseException:
+    except BaseException as error:
+        if isinstance(error, (KeyboardInterrupt, Signalled)):  # main's last line says what is left
+            setattr(error, _LEFT_ATTRIBUTE, output.left())
         output.discard()
         raise
     logger.info(
@@ -1643,6 +1793,7 @@ def serve(args: argparse.Namespace) -> int:
 
     try:  # Ray options without --ray (or --target-ongoing without --autoscale): refused, never dropped
         serving_ray.check_options(args)
+        _check_model_options(args)  # before Ray starts: its replicas load the models
         settings = serving_server.Settings.from_args(args)
     except ValueError as error:
         raise CliError(str(error)) from None
@@ -1661,7 +1812,8 @@ def serve(args: argparse.Namespace) -> int:
             raise CliError(_one_line(error), 1) from None
     if args.threads is not None:
         core.set_num_threads(args.threads)
-    policy, reward = _load_models_or_fail(args)
+    with _logging_to_stderr(args):  # the models' warnings as they load (the server logs its own)
+        policy, reward = _load_models_or_fail(args)
     try:
         return serving_server.serve(args, settings, policy, reward)
     except (ImportError, ValueError) as error:  # ValueError: settings the models cannot meet
@@ -1701,6 +1853,8 @@ def demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     try:
         config.validate()
+        if not args.out:  # Path("") is the current folder
+            raise ValueError("out: expected a folder name, got ''")
         demo_module.check_output_folder(out)
     except ValueError as error:
         raise CliError(f"demo: --{error}") from None
@@ -1749,6 +1903,17 @@ def _demo_progress(args: argparse.Namespace, every: float = 10.0) -> Iterator[An
         bar.close()
 
 
+# the attribute of an interruption (KeyboardInterrupt, Signalled) saying what the run left (ResultOutput.left)
+_LEFT_ATTRIBUTE = "_tiltsmc_left"
+
+
+def _left(interruption: BaseException) -> str:
+    """What an interrupted command left: ``tiltsmc run``'s output says (``ResultOutput.left``); otherwise
+    (before its output was opened, ``tiltsmc demo``, whose files are written at the end) no result file."""
+    left: str = getattr(interruption, _LEFT_ATTRIBUTE, "no result file written")
+    return left
+
+
 def _quiet_stdout() -> None:
     """Standard output's reader has gone: point it at /dev/null, so that Python's final flush does not
     report the broken pipe again."""
@@ -1773,12 +1938,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             _quiet_stdout()
         print(f"tiltsmc: {error}", file=sys.stderr)
         return error.code
-    except KeyboardInterrupt:
-        print("tiltsmc: interrupted; no result file written", file=sys.stderr)
+    except KeyboardInterrupt as interrupted:
+        print(f"tiltsmc: interrupted; {_left(interrupted)}", file=sys.stderr)
         return 130
     except Signalled as signalled:
         name = signal.Signals(signalled.signum).name
-        print(f"tiltsmc: stopped by {name}; no result file written", file=sys.stderr)
+        print(f"tiltsmc: stopped by {name}; {_left(signalled)}", file=sys.stderr)
         if threading.current_thread() is threading.main_thread():  # end by the same signal, as expected
             signal.signal(signalled.signum, signal.SIG_DFL)
             os.kill(os.getpid(), signalled.signum)

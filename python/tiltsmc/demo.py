@@ -72,6 +72,13 @@ SAMPLERS = ("best-of-n", "smc", "sp-gsmc", "sp-gsmc+mh")
 DEFAULT_THREADS = 1
 DEGRADED_SAMPLERS = ("smc", "sp-gsmc")
 MH_STEPS = 3
+# The degraded model's noise sd at most. NoisyReward's z(x) lies in [-9.16, 8.21] (the normal quantiles of
+# its hash's smallest and largest uniform), so a ratio exp(noise * (z_t - z_{t-1})) of two of its values,
+# which the Bellman estimate takes, is at most exp(17.37 noise): at 32, exp(556), leaving a factor exp(154)
+# for the learned model's own ratio below the largest double, exp(709.78). Larger sds overflowed there
+# (numpy's RuntimeWarnings, from about 300) and, further on, rounded the learned log-values away (the
+# degraded SMC's accuracy was off by 1e-3 at 1e15, above 1 at 1e300).
+MAX_NOISE = 32.0
 FloatArray = npt.NDArray[np.float64]
 
 
@@ -99,10 +106,15 @@ class DemoConfig:
             raise ValueError(f"levels: expected step counts in 1..{arithmetic.MAX_STEPS}, got {self.levels}")
         if not self.budgets or any(c < 1 or c > 4096 for c in self.budgets):
             raise ValueError(f"budgets: expected budgets in 1..4096, got {self.budgets}")
+        for name in ("levels", "budgets"):  # each would be run (and tabled) once more
+            values = getattr(self, name)
+            twice = sorted({value for value in values if values.count(value) > 1})
+            if twice:
+                raise ValueError(f"{name}: expected distinct values, got {values} ({twice[0]} twice)")
         if not 1 <= self.problems <= 100_000:
             raise ValueError(f"problems: expected 1..100000, got {self.problems}")
-        if not (np.isfinite(self.noise) and self.noise >= 0):
-            raise ValueError(f"noise: expected a finite sd >= 0, got {self.noise}")
+        if not (np.isfinite(self.noise) and 0 <= self.noise <= MAX_NOISE):
+            raise ValueError(f"noise: expected a finite sd in [0, {MAX_NOISE:g}], got {self.noise}")
         for name in ("bellman_prompts", "bellman_prefixes", "bellman_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {getattr(self, name)}")
