@@ -47,13 +47,13 @@ import onnxruntime as ort
 from _machine import machine_info
 from _plot import RESULTS, write_json
 from serve_baseline import FIXTURE_MAX_NEW_TOKENS, FIXTURES, load_models
+from tiltsmc._memory import reuse_freed_memory
 from tiltsmc.models import OnnxCausalLM, PolicyValue
 from tiltsmc.models.particles import Particles
 from tiltsmc.samplers._engine import Models
 from tiltsmc.samplers.lane import Lane
 from tiltsmc.samplers.result import Compute
 from tiltsmc.samplers.sequential import smc_run
-from tiltsmc.serving._memory import reuse_freed_memory
 from tiltsmc.tasks import arithmetic
 
 MODEL_CALLS = ("start", "propose", "log_value", "initial_log_value", "next_log_probs", "next_log_values")

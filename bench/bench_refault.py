@@ -1,7 +1,7 @@
 """What memory given back costs when it is taken again (issue #15: the engine's idle release).
 
 After a burst the serving engine gives its freed heap back to the system (``malloc_trim``, in
-``tiltsmc.serving._memory``); the next burst then faults every page in again. This benchmark times that
+``tiltsmc._memory``); the next burst then faults every page in again. This benchmark times that
 first touch, in the engine's own heap mode (``reuse_freed_memory``: large arrays from the C heap), for
 memory kept in the heap (the reference) against memory given back, each after the same idle time:
 
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 from _plot import RESULTS, header, write_json
-from tiltsmc.serving._memory import release_free_memory, reuse_freed_memory
+from tiltsmc._memory import release_free_memory, reuse_freed_memory
 
 PAGE = 4096
 

@@ -86,7 +86,7 @@ REUSE_SCRIPT = textwrap.dedent(
     """
     import resource, sys
     import numpy as np
-    from tiltsmc.serving._memory import reuse_freed_memory
+    from tiltsmc._memory import reuse_freed_memory
 
     if sys.argv[1] == "reuse":
         assert reuse_freed_memory()
@@ -124,7 +124,7 @@ def test_freed_memory_is_reused_instead_of_mapped_afresh() -> None:
 def test_available_memory_reads_the_system_and_the_cgroup(tmp_path: Path) -> None:
     """``available_memory``: MemAvailable (in bytes), capped by a cgroup's limit less its usage; a cgroup
     without a limit (v2 ``max``, v1's huge number) caps nothing."""
-    from tiltsmc.serving import _memory
+    from tiltsmc import _memory
 
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:   20000000 kB\n")

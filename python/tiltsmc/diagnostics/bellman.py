@@ -70,9 +70,16 @@ import numpy.typing as npt
 from .._numeric import logsumexp
 from .._rng import RNGLike, as_generator
 from ..models._config import real_number
+from ..models.particles import Particles
 from ..models.protocols import Policy, RewardModel, TokenPolicy, TwistModel
-from ..samplers._engine import check_count, check_log_values, check_models
-from ..samplers.result import plain
+from ..samplers._engine import (
+    check_count,
+    check_log_values,
+    check_models,
+    fail_prompts_with_bad_log_probs,
+    model_output,
+)
+from ..samplers.result import plain, prompt_error
 
 __all__ = ["BellmanEstimate", "bellman_error"]
 
@@ -104,8 +111,9 @@ class BellmanEstimate:
     gives ``eps_t = inf``: a learned model that never says exactly 0 meets an exact 0/1 verifier).
     Sampled continuations bias it upward by about their relative standard error.
 
-    ``errors[b]`` says why the policy could not start prompt ``b`` (as ``SamplerResult.errors``): such a
-    prompt is not in the estimate, which covers the other prompts only.
+    ``errors[b]`` says why the policy could not start prompt ``b``, or go on with it during the rollouts
+    (as ``SamplerResult.errors``): such a prompt is not in the estimate from then on (the prefixes it
+    visited before are), which covers the other prompts only.
     """
 
     eps: float
@@ -249,8 +257,10 @@ def _beta_fraction(a: float, b: float, x: float) -> float:
 def _checked_log_values(values: Any, name: str, shape: tuple[int, ...], step: int) -> FloatArray:
     """The reward model's log-values as float64, of the expected ``shape`` and checked as the samplers check
     them (``check_log_values``: NaN or ``+inf`` refused, with the same message), the message completed with
-    the first prompt and the step (``t`` for ``log Vh_t``, 0 for the prompt's own value) where one is."""
-    array = np.asarray(values, dtype=np.float64)
+    the first prompt and the step (``t`` for ``log Vh_t``, 0 for the prompt's own value) where one is. An
+    array that is not of real numbers (strings, which ``float`` would parse, complex numbers, bools,
+    objects) is refused (ValueError) rather than converted."""
+    array = model_output(values, f"reward: {name}")
     if array.shape != shape:
         raise ValueError(f"reward: {name} returned shape {array.shape}, expected {shape}")
     try:
@@ -258,6 +268,42 @@ def _checked_log_values(values: Any, name: str, shape: tuple[int, ...], step: in
     except ValueError as error:
         prompt = int(np.argwhere(~(array < np.inf))[0][0])  # the first NaN or +inf
         raise ValueError(f"{error}, first at prompt {prompt}, step {step}") from None
+
+
+def _checked_log_probs(policy: TokenPolicy, particles: Particles) -> FloatArray:
+    """The policy's ``next_log_probs`` as the samplers read them (``fail_prompts_with_bad_log_probs``, unless
+    the policy promises ``log_probs_checked``): ``(B, N, vocab)`` (ValueError naming the policy otherwise),
+    a prompt with an unfinished particle whose row holds NaN, ``+inf`` or only ``-inf`` failed on its own
+    (``particles.errors``). The last axis must be the policy's ``vocab_size`` (where it is an int), so that a
+    mismatch is not blamed on the reward model's twist head."""
+    log_p = model_output(policy.next_log_probs(particles), "policy: next_log_probs")
+    if getattr(policy, "log_probs_checked", False) is not True:
+        log_p = fail_prompts_with_bad_log_probs(particles, log_p)
+    vocab = getattr(policy, "vocab_size", None)
+    expected = (*particles.lengths.shape, vocab)
+    if isinstance(vocab, int) and log_p.shape != expected:
+        raise ValueError(
+            f"policy: next_log_probs returned shape {log_p.shape}, expected (B, N, vocab_size) = {expected}"
+        )
+    return log_p
+
+
+def _fail_new_prompts(
+    particles: Particles, errors: dict[int, str], source: Optional[Particles] = None
+) -> npt.NDArray[np.bool_]:
+    """Prompts the policy failed during the rollouts (``errors`` of ``particles``, or of ``source``, its
+    continuations, that ``errors`` does not hold yet): added to ``errors`` (as ``prompt b: reason``, as the
+    samplers report them) and to ``particles.errors``, their particles finished (never scored again).
+    Returns the ``(B,)`` mask of those prompts."""
+    found = particles.errors if source is None else source.errors
+    failed = np.zeros(particles.num_prompts, dtype=bool)
+    for b, message in sorted(found.items()):
+        if int(b) not in errors:
+            errors[int(b)] = prompt_error(int(b), str(message))
+            particles.errors.setdefault(b, message)
+            particles.finished[b] = True
+            failed[b] = True
+    return failed
 
 
 def bellman_error(
@@ -289,7 +335,12 @@ def bellman_error(
     the first prompt and the step where it came. A prompt the policy could not start (``particles.errors``,
     e.g. too long for its context) is left out of the estimate and reported in its ``errors``, as a
     sampler's result reports it; if no prompt could start there is nothing to estimate, and ValueError
-    (naming ``prompts``) says why.
+    (naming ``prompts``) says why. A prompt the policy fails during the rollouts (its ``propose`` or
+    ``next_log_probs`` sets ``particles.errors``, or ``next_log_probs`` gives an unfinished particle a row
+    of NaN, ``+inf`` or only ``-inf``, as the samplers read it) is reported so too and left out from that
+    step on (its earlier prefixes stay in); if every prompt fails, the later steps were never observed, and
+    ValueError (naming ``prompts``) says so. The policy's ``next_log_probs`` must have the shape
+    ``(B, N, vocab_size)`` (ValueError naming ``policy``).
     """
     check_models(policy, reward)
     num_prefixes = check_count(num_prefixes, "num_prefixes")
@@ -305,7 +356,7 @@ def bellman_error(
     generator = as_generator(rng)
     particles = policy.start(prompts, num_prefixes)
     batch = particles.num_prompts
-    errors = {int(b): str(message) for b, message in sorted(particles.errors.items())}
+    errors = {int(b): prompt_error(int(b), str(message)) for b, message in sorted(particles.errors.items())}
     if errors and len(errors) == batch:
         raise ValueError(
             f"prompts: the policy could not start any of the {batch} prompt(s), so there is nothing to "
@@ -329,19 +380,26 @@ def bellman_error(
         prev_safe = np.where(scored, log_v_prev, 0.0)  # never -inf - -inf
         if exact:
             assert isinstance(policy, TokenPolicy) and isinstance(reward, TwistModel)
-            log_p = np.asarray(policy.next_log_probs(particles), float)
+            log_p = _checked_log_probs(policy, particles)
+            _fail_new_prompts(particles, errors)
+            scored &= ~particles.finished  # a prompt failed here: left out from this step on
+            prev_safe = np.where(scored, log_v_prev, 0.0)
             next_log_v = _checked_log_values(
                 reward.next_log_values(particles), "next_log_values", log_p.shape, step
             )
             log_mean = logsumexp(log_p + next_log_v)
             relative_error = np.zeros_like(log_mean)  # a zero mean is exact: rho = 0, eps_t = inf
             # every next token of positive probability: its potential
-            observed_g = next_log_v - prev_safe[..., None]
+            with np.errstate(over="ignore"):  # beyond the doubles: an infinite potential or 0, as it is
+                observed_g = next_log_v - prev_safe[..., None]
             observed = scored[..., None] & (log_p > -np.inf)
         else:
             repeats = np.repeat(np.arange(num_prefixes), samples_per_prefix)
             continuations = particles.take(np.broadcast_to(repeats, (batch, repeats.size)).copy())
             policy.propose(continuations, generator)
+            # a prompt failed in its continuations: they did not take their step (rho would read 1)
+            scored &= ~_fail_new_prompts(particles, errors, continuations)[:, None]
+            prev_safe = np.where(scored, log_v_prev, 0.0)
             log_values = _checked_log_values(
                 reward.log_value(continuations), "log_value", (batch, repeats.size), step
             ).reshape(batch, num_prefixes, samples_per_prefix)
@@ -358,10 +416,12 @@ def bellman_error(
             # sample sd) or a sampled mean of 0 (the draws may have missed continuations of any value).
             known = (log_mean > -np.inf) & (samples_per_prefix > 1)
             relative_error = np.full_like(log_mean, np.inf)
-            relative_error[known] = np.exp(log_standard_error[known] - log_mean[known])
-            observed_g = log_values - prev_safe[..., None]
+            with np.errstate(over="ignore"):  # differences beyond the doubles: infinite, as they are
+                relative_error[known] = np.exp(log_standard_error[known] - log_mean[known])
+                observed_g = log_values - prev_safe[..., None]
             observed = np.broadcast_to(scored[..., None], observed_g.shape)
-        log_rho = np.where(scored, log_mean - prev_safe, np.nan)
+        with np.errstate(over="ignore"):  # |log rho| beyond the doubles is infinite (eps_t = inf), as it is
+            log_rho = np.where(scored, log_mean - prev_safe, np.nan)
         if scored.any():
             weights = np.exp(log_v_prev[scored] - log_v_prev[scored].max())
             with np.errstate(over="ignore"):
@@ -371,11 +431,13 @@ def bellman_error(
         else:
             average.append(0.0)
         steps.append((np.abs(log_rho[scored]), relative_error[scored]))
-        if np.any(scored & (log_mean == -np.inf)):
+        values_here = log_rho[scored]
+        # rho = 0 (a mean of 0), or |log rho| beyond the doubles (log-values near +-1.8e308 whose difference
+        # overflows; eps_t is infinite then, and the gauge cannot be read from infinities: inf - inf)
+        if not np.isfinite(values_here).all():
             gauge.append(np.inf)
             shift.append(0.0)
         else:
-            values_here = log_rho[scored]
             if values_here.size:
                 gauge.append(float((values_here.max() - values_here.min()) / 2))
                 shift.append(-float((values_here.max() + values_here.min()) / 2))
@@ -384,9 +446,11 @@ def bellman_error(
                 shift.append(0.0)
         live = ~particles.finished
         policy.propose(particles, generator)
+        live &= ~_fail_new_prompts(particles, errors)[:, None]  # a failed prompt's particles took no step
         log_v = _checked_log_values(reward.log_value(particles), "log_value", live.shape, step)
         # the rollout's own step is one more observed transition of each scored prefix
-        seen = np.concatenate([observed_g[observed], (log_v - prev_safe)[live & scored]])
+        with np.errstate(over="ignore"):
+            seen = np.concatenate([observed_g[observed], (log_v - prev_safe)[live & scored]])
         zero_potential |= bool(np.any(seen == -np.inf))
         positive = seen[seen > -np.inf]
         g_high.append(float(positive.max()) if positive.size else 0.0)
@@ -394,6 +458,11 @@ def bellman_error(
         log_v_prev = np.where(live, log_v, log_v_prev)
     if not particles.finished.all():  # as smc: a truncated rollout would read as a shorter horizon
         raise RuntimeError(f"max_steps: trajectories still unfinished after {max_steps} steps")
+    if len(errors) == batch:  # likewise: the steps after the last failure were never observed
+        raise ValueError(
+            f"prompts: the policy failed every one of the {batch} prompt(s) during the rollouts, so the "
+            f"later steps were never observed; {next(iter(errors.values()))}"
+        )
     # Simultaneous intervals: Bonferroni over every scored prefix of every step, two-sided.
     # Student's t with M - 1 degrees of freedom (the sd is estimated from M values); exact: no error.
     scored_total = max(sum(len(magnitude) for magnitude, _ in steps), 1)
@@ -416,13 +485,14 @@ def bellman_error(
         else (np.zeros(0), np.zeros(0), np.zeros(0))
     )
     log_per_step = np.array(log_sup)
-    per_step = np.expm1(log_per_step)
-    with np.errstate(over="ignore"):  # a huge interval end is +inf, as it should be
+    with np.errstate(over="ignore"):  # a huge error, interval end or bound is +inf, as it should be
+        per_step = np.expm1(log_per_step)
         per_step_low, per_step_high = np.expm1(np.array(log_low)), np.expm1(np.array(log_high))
-    gauge_per_step = np.expm1(np.array(gauge))
-    high, low, moved = np.array(g_high), np.array(g_low), np.array(shift)
-    log_positive = float(np.max(np.maximum(high, -low), initial=0.0))
-    log_gauge = float(np.max(np.maximum(high + moved, -(low + moved)), initial=0.0))
+        gauge_per_step = np.expm1(np.array(gauge))
+        high, low, moved = np.array(g_high), np.array(g_low), np.array(shift)
+        log_positive = float(np.max(np.maximum(high, -low), initial=0.0))
+        log_gauge = float(np.max(np.maximum(high + moved, -(low + moved)), initial=0.0))
+        positive_ratio_bound, gauge_ratio_bound = float(np.exp(log_positive)), float(np.exp(log_gauge))
     return BellmanEstimate(
         eps=float(per_step.max()) if per_step.size else 0.0,
         eps_low=float(per_step_low.max()) if per_step.size else 0.0,
@@ -433,14 +503,14 @@ def bellman_error(
         log_per_step=log_per_step,
         gauge_eps=float(gauge_per_step.max()) if per_step.size else 0.0,
         gauge_per_step=gauge_per_step,
-        ratio_bound=np.inf if zero_potential else float(np.exp(log_positive)),
+        ratio_bound=np.inf if zero_potential else positive_ratio_bound,
         method="exact" if exact else "sampled",
         num_prefixes=num_prefixes,
         samples_per_prefix=0 if exact else samples_per_prefix,
         average_per_step=np.array(average, dtype=float),
-        positive_ratio_bound=float(np.exp(log_positive)),
-        gauge_ratio_bound=np.inf if zero_potential else float(np.exp(log_gauge)),
-        errors=errors,
+        positive_ratio_bound=positive_ratio_bound,
+        gauge_ratio_bound=np.inf if zero_potential else gauge_ratio_bound,
+        errors=dict(sorted(errors.items())),
     )
 
 

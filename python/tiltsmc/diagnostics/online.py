@@ -56,13 +56,14 @@ a pool of 8 it is a point reading with a rough margin.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
 import numpy.typing as npt
 
+from ..models._config import real_number
 from ..samplers.result import SamplerResult, plain
 from .bellman import check_confidence, upper_normal_quantile
 
@@ -87,6 +88,12 @@ class OnlineBellman:
         confidence: joint level of the lower bounds, checked as
             ``tiltsmc.diagnostics.bellman.check_confidence`` checks it (in ``(0, 1)``,
             ``1 - confidence`` not rounding to 1), so that every bound has a finite quantile.
+
+    Checked at construction (``check_reading``), each error naming the field: ``sampler`` a str
+    (TypeError), ``increments`` and ``standard_errors`` arrays of real numbers (TypeError otherwise: not
+    bools or strings), ``(B, steps)`` and of one shape, the increments finite or ``-inf`` and the standard
+    errors ``>= 0`` or ``inf`` (ValueError: a NaN or ``+inf`` increment, or a negative or NaN standard error,
+    would give a bound computed from nonsense). The reading holds float64 copies of the two arrays.
     """
 
     sampler: str
@@ -96,17 +103,25 @@ class OnlineBellman:
 
     def __post_init__(self) -> None:
         check_confidence(self.confidence)
-        increments, errors = np.shape(self.increments), np.shape(self.standard_errors)
-        if len(increments) != 2 or errors != increments:
-            raise ValueError(
-                "standard_errors: expected a (B, steps) array of the shape of increments, got "
-                f"{errors} and {increments}"
-            )
+        if not isinstance(self.sampler, str):
+            raise TypeError(f"sampler: expected the sampler's name (a str), got {self.sampler!r:.60}")
+        increments, errors = check_reading(self.increments, self.standard_errors)
+        object.__setattr__(self, "increments", increments)  # frozen: the checked copies
+        object.__setattr__(self, "standard_errors", errors)
 
     @classmethod
-    def combine(cls, readings: Sequence[OnlineBellman]) -> OnlineBellman:
-        """The readings of several batches as one (prompts stacked, shorter runs padded with exact 0s);
-        the lower bounds are then simultaneous over all of them."""
+    def combine(cls, readings: Iterable[OnlineBellman]) -> OnlineBellman:
+        """The readings of several batches (any iterable of ``OnlineBellman``; TypeError naming
+        ``readings[i]`` for anything else) as one (prompts stacked, shorter runs padded with exact 0s); the
+        lower bounds are then simultaneous over all of them."""
+        if isinstance(readings, (str, bytes)) or not isinstance(readings, Iterable):
+            raise TypeError(
+                f"readings: expected a sequence of OnlineBellman readings, got {type(readings).__name__}"
+            )
+        readings = list(readings)
+        for i, reading in enumerate(readings):
+            if not isinstance(reading, OnlineBellman):
+                raise TypeError(f"readings[{i}]: expected an OnlineBellman, got {type(reading).__name__}")
         if not readings:
             raise ValueError("readings: expected at least one reading")
         steps = max(r.increments.shape[1] for r in readings)
@@ -231,12 +246,56 @@ class OnlineBellman:
 
 
 def _check_eps(eps: Any) -> float:
-    if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, (int, float, np.integer, np.floating)):
-        raise TypeError(f"eps: expected a number >= 0, got {eps!r}")
-    value = float(eps)
+    """``eps`` as a float ``>= 0``: a number (``real_number``: not a bool or a string; an int beyond the
+    doubles reads as infinite), TypeError otherwise; ValueError for a negative one or NaN. ``-0.0`` reads
+    as ``0.0``."""
+    try:
+        value = real_number(eps, "eps")
+    except TypeError:
+        raise TypeError(f"eps: expected a number >= 0, got {eps!r:.60}") from None
     if not value >= 0.0:
-        raise ValueError(f"eps: expected a number >= 0, got {eps!r}")
-    return value
+        raise ValueError(f"eps: expected a number >= 0, got {eps!r:.60}")
+    return value + 0.0  # -0.0 + 0.0 is 0.0
+
+
+def check_reading(
+    increments: Any, standard_errors: Any, fields: tuple[str, str] = ("increments", "standard_errors")
+) -> tuple[FloatArray, FloatArray]:
+    """Float64 copies of a reading's log Z ``increments`` and their ``standard_errors``, checked: arrays of
+    real numbers (TypeError otherwise: bools, strings, objects), ``increments`` ``(B, steps)`` and
+    ``standard_errors`` of its shape, every increment finite or ``-inf`` (no reading) and every standard
+    error ``>= 0`` or ``inf`` (unknown) (ValueError otherwise, saying where: ``(prompt b, step t)``, ``t``
+    1-based). ``fields`` names the two in the messages (``online_bellman`` names the result's fields)."""
+    arrays = []
+    for name, value in zip(fields, (increments, standard_errors)):
+        array = np.asarray(value)
+        if array.dtype.kind not in "iuf":
+            raise TypeError(f"{name}: expected an array of real numbers, got dtype {array.dtype}")
+        arrays.append(np.array(array, dtype=np.float64))
+    values, errors = arrays
+    if values.ndim != 2:
+        raise ValueError(f"{fields[0]}: expected a (B, steps) array, got shape {values.shape}")
+    if errors.shape != values.shape:
+        raise ValueError(
+            f"{fields[1]}: expected a (B, steps) array of the shape of {fields[0].split(': ')[-1]}, got "
+            f"{errors.shape} and {values.shape}"
+        )
+    bad = np.isnan(values) | (values == np.inf)
+    if bad.any():
+        b, t = np.argwhere(bad)[0]
+        what = "NaN" if np.isnan(values[b, t]) else "+inf"
+        raise ValueError(
+            f"{fields[0]}: expected log Z increments that are finite or -inf, got {what} at (prompt {b}, "
+            f"step {t + 1})"
+        )
+    bad = ~(errors >= 0.0)  # NaN too
+    if bad.any():
+        b, t = np.argwhere(bad)[0]
+        raise ValueError(
+            f"{fields[1]}: expected standard errors >= 0 (inf where unknown), got {float(errors[b, t])!r} at "
+            f"(prompt {b}, step {t + 1})"
+        )
+    return values, errors
 
 
 def online_bellman(
@@ -249,23 +308,25 @@ def online_bellman(
     lower bound exceeds it. ``confidence``: joint level of the lower bounds (Bonferroni over every readable
     step of every prompt): a number (TypeError otherwise) in (0, 1), not so close to 0 that
     ``1 - confidence`` rounds to 1 (ValueError otherwise). ``result``: a
-    [`SamplerResult`][tiltsmc.SamplerResult] (TypeError otherwise). Everything is checked before the
-    reading is made.
+    [`SamplerResult`][tiltsmc.SamplerResult] (TypeError otherwise), whose ``log_z_increments`` and
+    ``log_z_increment_se`` are checked as [`OnlineBellman`][tiltsmc.diagnostics.online.OnlineBellman]
+    checks its arrays (the message names the field: ``result: log_z_increments: ...``). Everything is
+    checked before the reading is made.
     """
     if not isinstance(result, SamplerResult):
         raise TypeError(f"result: expected a SamplerResult, got {type(result).__name__}")
     level = check_confidence(confidence)
     if eps is not None:
         _check_eps(eps)
-    increments = np.asarray(result.log_z_increments, dtype=np.float64)
     errors = result.log_z_increment_se
     if errors is None:  # a result built without them: no Monte Carlo error known
-        errors = np.full_like(increments, np.inf)
+        errors = np.full(np.shape(result.log_z_increments), np.inf)
+    # checked here to name the result's fields (OnlineBellman would name its own)
+    increments, errors = check_reading(
+        result.log_z_increments, errors, ("result: log_z_increments", "result: log_z_increment_se")
+    )
     reading = OnlineBellman(
-        sampler=result.sampler,
-        increments=increments,
-        standard_errors=np.asarray(errors, dtype=np.float64),
-        confidence=level,
+        sampler=result.sampler, increments=increments, standard_errors=errors, confidence=level
     )
     if eps is not None:
         for message in reading.warnings(eps):

@@ -284,7 +284,7 @@ def make_session(
     ``memory_arena=False`` turns ONNX Runtime's CPU memory arena off: each run's buffers are freed to the
     C heap when it ends, instead of staying in the arena at their peak size for the life of the session
     (a long-running service then returns to its idle size after a burst; see
-    ``tiltsmc.serving._memory.release_free_memory``).
+    ``tiltsmc._memory.release_free_memory``).
     """
     ort = import_onnxruntime()
 

@@ -131,7 +131,7 @@ class Models:
     def next_log_probs(self, particles: Particles) -> FloatArray:
         assert isinstance(self.policy, TokenPolicy)
         began = time.perf_counter()
-        log_p = np.asarray(self.policy.next_log_probs(particles), dtype=np.float64)
+        log_p = model_output(self.policy.next_log_probs(particles), "policy: next_log_probs")
         self.compute.policy_seconds += time.perf_counter() - began
         self.compute.policy_calls += 1
         self.compute.policy_steps += int(np.count_nonzero(~particles.finished))
@@ -149,7 +149,7 @@ class Models:
 
     def initial_log_value(self, particles: Particles) -> FloatArray:
         began = time.perf_counter()
-        value = np.asarray(self.reward.initial_log_value(particles), dtype=np.float64)
+        value = model_output(self.reward.initial_log_value(particles), "reward: initial_log_value")
         self.compute.reward_seconds += time.perf_counter() - began
         if value.shape != (particles.num_prompts,):
             raise ValueError(
@@ -159,7 +159,7 @@ class Models:
 
     def log_value(self, particles: Particles) -> FloatArray:
         began = time.perf_counter()
-        value = np.ascontiguousarray(self.reward.log_value(particles), dtype=np.float64)
+        value = np.ascontiguousarray(model_output(self.reward.log_value(particles), "reward: log_value"))
         self.compute.reward_seconds += time.perf_counter() - began
         self.compute.reward_calls += 1
         self.compute.reward_evaluations += value.size
@@ -173,7 +173,7 @@ class Models:
     def next_log_values(self, particles: Particles) -> FloatArray:
         assert isinstance(self.reward, TwistModel)
         began = time.perf_counter()
-        value = np.asarray(self.reward.next_log_values(particles), dtype=np.float64)
+        value = model_output(self.reward.next_log_values(particles), "reward: next_log_values")
         self.compute.reward_seconds += time.perf_counter() - began
         self.compute.reward_calls += 1
         self.compute.reward_evaluations += value.size
@@ -226,6 +226,17 @@ def fail_prompts_with_bad_log_probs(particles: Particles, log_p: FloatArray) -> 
     log_p = log_p.copy()  # not the policy's own array
     log_p[unusable] = 0.0  # rows of finished particles only, now
     return log_p
+
+
+def model_output(output: Any, what: str) -> FloatArray:
+    """A model's numbers (``what``: ``"reward: log_value"``, ``"policy: next_log_probs"``) as a float64
+    array; an array of other than real numbers is refused (ValueError naming ``what``), not converted:
+    numpy would parse strings as numbers, drop complex numbers' imaginary parts and read bools as 0 and
+    1."""
+    array = np.asarray(output)
+    if array.dtype.kind not in "iuf":
+        raise ValueError(f"{what} returned an array of dtype {array.dtype}, expected real numbers")
+    return np.asarray(array, dtype=np.float64)
 
 
 def check_log_values(value: FloatArray, name: str) -> FloatArray:

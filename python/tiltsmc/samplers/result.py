@@ -12,6 +12,8 @@ from typing import Any, Optional
 import numpy as np
 import numpy.typing as npt
 
+from .. import _memory
+
 __all__ = [
     "Compute",
     "SamplerResult",
@@ -252,12 +254,19 @@ class SamplerResult:
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
         """Histogram of one prompt's normalised weights (``weights``: all zero where it collapsed or failed)
         on ``[0, 1]``, as ``numpy.histogram`` returns it (counts, edges). ``prompt``: an int index in
-        ``[-B, B)``; ``bins``: the number of equal bins, an int >= 1 (not a bool); both checked: TypeError or
+        ``[-B, B)``; ``bins``: the number of equal bins, an int >= 1 (not a bool), whose histogram fits in the
+        memory available (``numpy.histogram`` takes about 32 bytes a bin); both checked: TypeError or
         ValueError, naming the argument, otherwise."""
         from ._engine import check_count  # _engine imports this module
 
         index = self._prompt_index(prompt)
         bins = check_count(bins, "bins")
+        need, available = 32 * (bins + 1), _memory.available_memory()  # measured: 32 bytes a bin, at the peak
+        if available is not None and need > available:
+            raise ValueError(
+                f"bins: {bins} bins need about {need:.2g} bytes of memory, more than the {available:.2g} "
+                "available"
+            )
         counts, edges = np.histogram(np.exp(self._log_weights_of(index)), bins=bins, range=(0.0, 1.0))
         return counts.astype(np.int64), edges
 
@@ -382,7 +391,7 @@ def finite_or_none(value: Any) -> Any:
     """Strict JSON has no infinities or NaN: a float that is not finite becomes None (``null``), in lists
     and dict values too; numbers stay numbers.
 
-    What ``null`` stands for is fixed by the field (the output schema, ``tiltsmc/schema/run.schema.json``,
+    What ``null`` stands for is fixed by the field (the output schema, ``tiltsmc/run.schema.json``,
     says it for each): ``-inf`` in log-quantities (``log_z``, ``log_weights``, ``log_z_increments``,
     ``proposal_log_z``, ``log_rewards``: a weight, estimate or reward of zero), ``+inf`` in standard errors
     (``log_z_increment_se``: no reading) and NaN in rates (``acceptance_rate`` with no move: undefined).

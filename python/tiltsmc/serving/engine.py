@@ -38,6 +38,7 @@ from typing import Any, Literal, Optional, Union
 
 import numpy as np
 
+from .._memory import available_memory, release_free_memory, reuse_freed_memory
 from ..models._config import flag, real_number
 from ..models.protocols import Policy, RewardModel
 from ..samplers import baselines, correction, sequential
@@ -45,7 +46,6 @@ from ..samplers._engine import Models, check_count
 from ..samplers.lane import KINDS, Lane
 from ..samplers.result import Compute, SamplerResult
 from ..samplers.runs import Run, decode_texts
-from ._memory import available_memory, release_free_memory, reuse_freed_memory
 from .scheduler import BatchSizer, EngineClosed, Overloaded, Request, Scheduler, another_should_take
 
 __all__ = ["SAMPLERS", "Engine", "EngineClosed", "Overloaded", "sampler_defaults"]
@@ -359,7 +359,7 @@ class Engine:
     engine's) keeps freed memory in the C heap for the next arrays instead of every large array being
     mapped afresh, whose page faults cost about ten times the copy that fills it (a join's KV cache, a
     step's logits); the idle release gives it back. It changes malloc for the whole process
-    (``tiltsmc.serving._memory.reuse_freed_memory``: ``mallopt`` thresholds, and one malloc arena for the
+    (``tiltsmc._memory.reuse_freed_memory``: ``mallopt`` thresholds, and one malloc arena for the
     threads started from then on), so a library engine leaves it off unless asked.
     """
 

@@ -37,6 +37,7 @@ from typing import Any, Optional
 import numpy as np
 import numpy.typing as npt
 
+from .. import _memory
 from .._rng import RNGLike, as_generator
 from ..models._config import real_number
 from .markov_dfa import LogTables, MarkovDFATask, _as_index
@@ -137,6 +138,36 @@ def _normal_rewards(a: float, m: int) -> bool:
     return high < math.inf and a**-m >= sys.float_info.min
 
 
+def _memory_needed(m: int, branching: int) -> tuple[int, int]:
+    """Bytes that building the hard instance takes at its peak (measured: within about 20% below it), as
+    ``(transitions, tables)``: the ``(T, B, B)`` transitions (stacked, the task's copy and its logs, and the
+    checks' temporaries: four arrays of float64) and the twist's ``T + 1`` levels of ``(B, 2m + 2)``
+    log-values (built, checked and stacked: three copies), ``T = 3m``."""
+    horizon = 3 * m
+    return 8 * 4 * horizon * branching**2, 8 * 3 * (horizon + 1) * branching * (2 * m + 2)
+
+
+def _check_memory(m: int, branching: int, name_of_branching: str) -> None:
+    """ValueError where the memory that building the instance needs (``_memory_needed``) is more than this
+    process has (``tiltsmc._memory.available_memory``; not checked where that cannot be read),
+    naming ``m`` or the argument that sets ``B`` (``name_of_branching``), whichever makes most of it."""
+    transitions, tables = _memory_needed(m, branching)
+    available = _memory.available_memory()
+    if available is None or transitions + tables <= available:
+        return
+    name = name_of_branching if transitions >= tables else "m"
+    raise ValueError(
+        f"{name}: the hard instance with m = {m} and branching {branching} needs about "
+        f"{_approximate(transitions + tables)} bytes of memory to build, more than the {available:.2g} "
+        "available (its transitions are T x B x B and its twist T + 1 levels of B x (2m + 2), T = 3m)"
+    )
+
+
+def _approximate(count: int) -> str:
+    """``count`` in two significant digits (``1.2e+15``), or its power of ten beyond the doubles."""
+    return f"{count:.2g}" if count < 10**300 else f"1e+{int(count.bit_length() * math.log10(2))}"
+
+
 def hard_instance(a: Any, m: Any, rng: RNGLike = None, *, branching: Optional[int] = None) -> HardInstance:
     """The paper's hard instance with ratio ``a``, horizon ``T = 3m`` and branching ``B = a``
     (``docs/theory/tilted-target.md``).
@@ -151,7 +182,10 @@ def hard_instance(a: Any, m: Any, rng: RNGLike = None, *, branching: Optional[in
             ``u`` (rate ``2 ln B / 3``) from the bound's rate ``2 ln a / 3``.
 
     Raises:
-        TypeError, ValueError: an argument of the wrong kind or value (the message names it).
+        TypeError, ValueError: an argument of the wrong kind or value (the message names it). Building the
+            instance takes about ``8 (12 m B^2 + 6 (3m + 1) B (m + 1))`` bytes (the transitions and the
+            twist's tables); where that is more than the memory available, ValueError names ``m`` or the
+            argument that sets ``B`` (``branching``, else ``a``), before ``rng`` is drawn from.
     """
     m_int = _as_index(m, "m")
     if m_int < 1:
@@ -189,6 +223,7 @@ def hard_instance(a: Any, m: Any, rng: RNGLike = None, *, branching: Optional[in
         branching_int = _as_index(branching, "branching")
         if branching_int < 2:
             raise ValueError(f"branching: expected B >= 2, got {branching_int}")
+    _check_memory(m_int, branching_int, "a" if branching is None else "branching")
     B, T = branching_int, 3 * m_int
     u = as_generator(rng).integers(0, B, size=2 * m_int).astype(np.int64)
     matched, dead = 2 * m_int, 2 * m_int + 1
