@@ -299,6 +299,26 @@ def test_the_noise_bound_keeps_the_degraded_models_ratios_within_doubles() -> No
     assert 100.0 < headroom < 200.0
 
 
+def test_noisy_reward_takes_the_hashes_that_round_to_one(models, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The top 2^10 of the 2^64 hashes made a uniform of exactly 1.0, which NormalDist.inv_cdf refuses
+    (StatisticsError, about once in 2^54 prefixes): they read as the largest double below 1."""
+    import hashlib
+
+    blake2b = hashlib.blake2b
+
+    class Highest:
+        def __init__(self, data: bytes, key: bytes) -> None:
+            self.real = blake2b(data, key=key)
+
+        def digest(self) -> bytes:
+            return b"\xff" * 8 + self.real.digest()[8:]
+
+    noisy = demo_module.NoisyReward(models[1], 1.0, seed=7)
+    monkeypatch.setattr(demo_module.hashlib, "blake2b", Highest)
+    z = noisy._z(np.arange(3))
+    assert z == pytest.approx(8.2095, abs=1e-4)  # the quantile of 1 - 2^-53
+
+
 def test_cli_demo_interrupted_leaves_no_files(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -166,7 +166,8 @@ class NoisyReward:
     def _z(self, tokens: npt.NDArray[np.int64]) -> float:
         digest = hashlib.blake2b(np.ascontiguousarray(tokens, dtype=np.int64).tobytes(), key=self.key)
         uniform = (int.from_bytes(digest.digest()[:8], "little") + 0.5) / 2.0**64
-        return self._normal.inv_cdf(uniform)
+        # the top 2^10 of the 2^64 draws round to 1.0, which inv_cdf refuses: the largest double below 1
+        return self._normal.inv_cdf(min(uniform, 1.0 - 2.0**-53))
 
     def initial_log_value(self, particles: Particles) -> FloatArray:
         values = np.asarray(self.reward.initial_log_value(particles), dtype=np.float64).copy()
