@@ -76,8 +76,11 @@ from ..samplers._engine import (
     check_count,
     check_log_values,
     check_models,
+    check_started,
+    check_vocabulary_axis,
     fail_prompts_with_bad_log_probs,
     model_output,
+    prompts_list,
 )
 from ..samplers.result import plain, prompt_error
 
@@ -277,14 +280,9 @@ def _checked_log_probs(policy: TokenPolicy, particles: Particles) -> FloatArray:
     (``particles.errors``). The last axis must be the policy's ``vocab_size`` (where it is an int), so that a
     mismatch is not blamed on the reward model's twist head."""
     log_p = model_output(policy.next_log_probs(particles), "policy: next_log_probs")
+    check_vocabulary_axis(log_p, particles, policy, "policy: next_log_probs")
     if getattr(policy, "log_probs_checked", False) is not True:
         log_p = fail_prompts_with_bad_log_probs(particles, log_p)
-    vocab = getattr(policy, "vocab_size", None)
-    expected = (*particles.lengths.shape, vocab)
-    if isinstance(vocab, int) and log_p.shape != expected:
-        raise ValueError(
-            f"policy: next_log_probs returned shape {log_p.shape}, expected (B, N, vocab_size) = {expected}"
-        )
     return log_p
 
 
@@ -354,7 +352,9 @@ def bellman_error(
         raise ValueError("method: 'exact' needs a token policy and a reward model with a twist head")
     exact = method == "exact" or (method == "auto" and exact_available)
     generator = as_generator(rng)
+    prompts = prompts_list(prompts)
     particles = policy.start(prompts, num_prefixes)
+    check_started(particles, 1 if prompts is None else len(prompts), num_prefixes)
     batch = particles.num_prompts
     errors = {int(b): prompt_error(int(b), str(message)) for b, message in sorted(particles.errors.items())}
     if errors and len(errors) == batch:

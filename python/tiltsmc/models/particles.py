@@ -532,17 +532,21 @@ class Particles:
         self.flush()
         total, each = self.lengths.size, self.num_particles
 
-        def view(array: Any) -> Any:
+        def view(array: Any, name: str) -> Any:
             if not isinstance(array, np.ndarray):
-                raise TypeError(f"{type(array).__name__} in Particles.state cannot be reshaped")
+                raise TypeError(f"{name}: {type(array).__name__} cannot be reshaped")
+            if array.shape[:2] != self.lengths.shape:
+                raise ValueError(
+                    f"{name}: leading axes {array.shape[:2]} are not (B, N) = {self.lengths.shape}"
+                )
             return np.ascontiguousarray(array).reshape(total, 1, *array.shape[2:])
 
         return Particles(
             prompts=[prompt for prompt in self.prompts for _ in range(each)],
-            tokens=view(self.tokens),
-            lengths=view(self.lengths),
-            finished=view(self.finished),
-            state={key: view(array) for key, array in self.state.items()},
+            tokens=view(self.tokens, "Particles.tokens"),
+            lengths=view(self.lengths, "Particles.lengths"),
+            finished=view(self.finished, "Particles.finished"),
+            state={key: view(array, f"Particles.state[{key!r}]") for key, array in self.state.items()},
             prompt_tokens=(
                 None
                 if self.prompt_tokens is None

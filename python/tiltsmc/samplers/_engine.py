@@ -96,15 +96,25 @@ class Models:
         else:
             particles = self.policy.start(prompts, num_particles)
         self.compute.policy_seconds += time.perf_counter() - began
+        check_started(particles, 1 if prompts is None else len(prompts), num_particles)
         return particles
 
     def propose(self, particles: Particles, rng: np.random.Generator) -> FloatArray:
         live = particles.finished.size - int(np.count_nonzero(particles.finished))
         one_token = getattr(self.policy, "token_level", False) is True  # then a step is one token
         tokens_before = 0 if one_token else int(particles.lengths.sum())
+        shape = particles.lengths.shape
         began = time.perf_counter()
-        log_p = np.asarray(self.policy.propose(particles, rng), dtype=np.float64)
+        proposed = self.policy.propose(particles, rng)
         self.compute.policy_seconds += time.perf_counter() - began
+        check_layout(particles, shape, "policy: propose left")
+        try:
+            log_p = np.asarray(proposed, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"policy: propose returned {type(proposed).__name__} {proposed!r:.60}, expected the "
+                "log-probabilities of the steps drawn, shape (B, N)"
+            ) from None
         self.compute.policy_calls += 1
         self.compute.policy_steps += live
         self.compute.policy_tokens += live if one_token else int(particles.lengths.sum()) - tokens_before
@@ -135,6 +145,7 @@ class Models:
         self.compute.policy_seconds += time.perf_counter() - began
         self.compute.policy_calls += 1
         self.compute.policy_steps += int(np.count_nonzero(~particles.finished))
+        check_vocabulary_axis(log_p, particles, self.policy, "policy: next_log_probs")
         if self._check_log_probs:
             log_p = fail_prompts_with_bad_log_probs(particles, log_p)
         return log_p
@@ -142,9 +153,11 @@ class Models:
     def append(self, particles: Particles, tokens: npt.NDArray[np.int64]) -> None:
         assert isinstance(self.policy, TokenPolicy)
         tokens_before = int(particles.lengths.sum())
+        shape = particles.lengths.shape
         began = time.perf_counter()
         self.policy.append(particles, tokens)
         self.compute.policy_seconds += time.perf_counter() - began
+        check_layout(particles, shape, "policy: append left")
         self.compute.policy_tokens += int(particles.lengths.sum()) - tokens_before
 
     def initial_log_value(self, particles: Particles) -> FloatArray:
@@ -177,7 +190,102 @@ class Models:
         self.compute.reward_seconds += time.perf_counter() - began
         self.compute.reward_calls += 1
         self.compute.reward_evaluations += value.size
+        check_vocabulary_axis(value, particles, self.policy, "reward: next_log_values")
         return check_log_values(value, "next_log_values")
+
+
+def _describe(array: Any) -> str:
+    """An array's dtype and shape (or the type of what is not an array), for the messages below."""
+    if isinstance(array, np.ndarray):
+        return f"{array.dtype} of shape {array.shape}"
+    return type(array).__name__
+
+
+def check_layout(particles: Particles, shape: tuple[int, ...], what: str) -> None:
+    """After a policy call (``what``: ``"policy: propose left"``), ``particles.tokens``, ``lengths`` and
+    ``finished`` are still arrays of the batch's ``(B, N)`` = ``shape``: integer ``(B, N, capacity)``, integer
+    and bool ``(B, N)`` (a policy that replaced one by another kind of array is named, instead of the kernel
+    that would read it). A few attribute reads: every step calls it."""
+    tokens, lengths, finished = particles.tokens, particles.lengths, particles.finished
+    if (
+        isinstance(finished, np.ndarray)
+        and finished.dtype == np.bool_
+        and finished.shape == shape
+        and isinstance(lengths, np.ndarray)
+        and lengths.dtype.kind in "iu"
+        and lengths.shape == shape
+        and isinstance(tokens, np.ndarray)
+        and tokens.dtype.kind in "iu"
+        and tokens.shape[:2] == shape
+        and tokens.ndim == 3
+    ):
+        return
+    for name, array, kinds, expected in (
+        ("tokens", tokens, "iu", f"integers of shape (B, N, capacity) with (B, N) = {shape}"),
+        ("lengths", lengths, "iu", f"integers of shape (B, N) = {shape}"),
+        ("finished", finished, "b", f"bools of shape (B, N) = {shape}"),
+    ):
+        ndim = 3 if name == "tokens" else 2
+        if not (
+            isinstance(array, np.ndarray)
+            and array.dtype.kind in kinds
+            and array.ndim == ndim
+            and array.shape[:2] == shape
+        ):
+            raise ValueError(f"{what} Particles.{name} {_describe(array)}, expected {expected}")
+
+
+def check_started(particles: Any, num_prompts: int, num_particles: int) -> None:
+    """What a policy's ``start`` returned, checked before any run reads it (TypeError / ValueError naming
+    ``policy: start``): a ``Particles`` of ``num_prompts`` x ``num_particles`` (``check_layout``), one entry
+    of ``prompts`` (and of ``prompt_tokens``, where set) a prompt, every length in ``[0, capacity]`` and
+    below it where the particle is unfinished (room for its next step), ``errors`` keyed by prompt index.
+    Once per batch started, not per step."""
+    what = "policy: start"
+    if not isinstance(particles, Particles):
+        raise TypeError(f"{what} returned {type(particles).__name__}, expected Particles")
+    check_layout(particles, (num_prompts, num_particles), f"{what} returned")
+    for name, listed in (("prompts", particles.prompts), ("prompt_tokens", particles.prompt_tokens)):
+        if listed is not None and (not isinstance(listed, list) or len(listed) != num_prompts):
+            got = f"{len(listed)} entries" if isinstance(listed, list) else type(listed).__name__
+            raise ValueError(f"{what} returned Particles.{name} of {got}, expected a list of {num_prompts}")
+    capacity = particles.tokens.shape[2]
+    lengths, finished = particles.lengths, particles.finished
+    if lengths.size and (int(lengths.min()) < 0 or int(lengths.max()) > capacity):
+        raise ValueError(
+            f"{what} returned Particles.lengths from {int(lengths.min())} to {int(lengths.max())}, expected "
+            f"each in [0, {capacity}] (the token buffer's capacity)"
+        )
+    if bool((lengths[~finished] >= capacity).any()):
+        raise ValueError(
+            f"{what} returned unfinished particles whose token buffer (capacity {capacity}) is full: no room "
+            "for their next step"
+        )
+    for prompt in particles.errors:
+        if isinstance(prompt, (bool, np.bool_)) or not isinstance(prompt, (int, np.integer)):
+            raise ValueError(f"{what} returned Particles.errors keyed by {prompt!r}, expected prompt indices")
+        if not 0 <= prompt < num_prompts:
+            raise ValueError(
+                f"{what} returned Particles.errors for prompt {prompt}, expected prompts in "
+                f"[0, {num_prompts})"
+            )
+
+
+def check_vocabulary_axis(values: FloatArray, particles: Particles, policy: Any, what: str) -> None:
+    """A per-token output (``what``: ``"policy: next_log_probs"``, ``"reward: next_log_values"``) has shape
+    ``(B, N, vocab_size)``, the policy's ``vocab_size`` (where it is an int): ValueError naming ``what``
+    instead of a broadcasting error where the two are added."""
+    vocab = getattr(policy, "vocab_size", None)
+    batch = particles.lengths.shape
+    if isinstance(vocab, (int, np.integer)) and not isinstance(vocab, (bool, np.bool_)):
+        expected: tuple[Any, ...] = (*batch, int(vocab))
+        if values.shape == expected:
+            return
+    elif values.ndim == 3 and values.shape[:2] == batch:
+        return
+    else:
+        expected = (*batch, "vocab_size")
+    raise ValueError(f"{what} returned shape {values.shape}, expected (B, N, vocab_size) = {expected}")
 
 
 def prompts_list(prompts: Optional[Sequence[Any]]) -> Optional[list[Any]]:

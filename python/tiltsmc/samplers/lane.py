@@ -607,8 +607,9 @@ class Lane:
             members.append(_Member(run, stop - start, count))
         part.state[LOG_V_PREV] = log_v_prev
         part.state[MAX_NEW_TOKENS] = limits
+        joined = part.one_per_prompt()  # may raise (the policy's deferred work): the runs have not joined
         self._joining.extend(members)
-        return part.one_per_prompt()
+        return joined
 
     def _initial_by_prompt(self, part: Particles, run: Run, error: BaseException) -> FloatArray:
         """``log Vh_0`` of the prompts of ``run``'s batch ``part`` where the reward model failed for the

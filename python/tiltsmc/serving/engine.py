@@ -93,15 +93,26 @@ def _cache_bound(bound: Any, policy: Any) -> Optional[int]:
 
 def _uncountable_cache(policy: Any) -> Optional[str]:
     """Why the engine cannot count what a request's KV cache may reach with this policy (None: it can):
-    it needs the policy's ``cache_bytes_per_token`` and ``encode_prompt``."""
+    it needs the policy's ``cache_bytes_per_token`` (an int >= 0, numpy's too), ``encode_prompt`` and
+    ``max_new_tokens`` (an int >= 1: the tokens a request adds where it sets no limit of its own)."""
     size = getattr(policy, "cache_bytes_per_token", None)
-    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+    try:
+        check_count(size, "cache_bytes_per_token", minimum=0)
+    except (TypeError, ValueError):
         return (
             "the policy does not say what its KV cache takes a token (cache_bytes_per_token), so its "
             f"cache cannot be bounded: got {size!r}"
         )
     if not callable(getattr(policy, "encode_prompt", None)):
         return "the policy cannot count a prompt's tokens (encode_prompt)"
+    limit = getattr(policy, "max_new_tokens", None)
+    try:
+        check_count(limit, "max_new_tokens")
+    except (TypeError, ValueError):
+        return (
+            "the policy does not say how many tokens a request may add (max_new_tokens, an int >= 1), so "
+            f"its cache cannot be bounded: got {limit!r}"
+        )
     return None
 
 

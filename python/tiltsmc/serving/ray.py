@@ -63,6 +63,20 @@ class ReplicaOptions:
     model_args: dict[str, Any]
     settings: Settings
 
+    def __post_init__(self) -> None:
+        """Checked as it is made, not in a replica once Ray has started: ``model_args`` a dict of option
+        names (the command line's destinations), ``settings`` a ``Settings``; TypeError naming the field."""
+        args = self.model_args
+        if not isinstance(args, Mapping) or not all(isinstance(name, str) for name in args):
+            raise TypeError(
+                "model_args: expected a dict of tiltsmc serve's model options by name, got "
+                f"{type(args).__name__} {args!r:.60}"
+            )
+        if not isinstance(self.settings, Settings):
+            raise TypeError(
+                f"settings: expected a tiltsmc.serving.server.Settings, got {type(self.settings).__name__}"
+            )
+
 
 class TiltsmcReplica:
     """One replica: the models, an engine and the HTTP app (Ray Serve builds the app after ``__init__``
@@ -123,8 +137,8 @@ def check_autoscaling(autoscaling: Any) -> dict[str, Any]:
     low, high = config.get("min_replicas"), config.get("max_replicas")
     if low is not None and high is not None and low > high:
         raise ValueError(f"autoscaling: min_replicas ({low}) must be <= max_replicas ({high})")
-    target = config.get("target_ongoing_requests")
-    if target is not None:
+    if "target_ongoing_requests" in config:  # None too: Ray Serve's field is a number
+        target = config["target_ongoing_requests"]
         what = "a finite number > 0"
         value = real_number(target, "autoscaling: target_ongoing_requests")
         if not (math.isfinite(value) and value > 0):
@@ -147,18 +161,29 @@ def deployment_options(
     if not isinstance(options, ReplicaOptions):
         raise TypeError(f"options: expected a ReplicaOptions, got {type(options).__name__}")
     replicas = _count(replicas, "replicas", 1)
+    if autoscaling is not None and replicas != REPLICAS:  # the default: not told apart from one left out
+        raise ValueError(
+            f"replicas: not with autoscaling, which sets the replicas between its min_replicas and "
+            f"max_replicas; give one of them (got replicas={replicas})"
+        )
     config = None if autoscaling is None else check_autoscaling(autoscaling)
+    settings = options.settings
+    grace = real_number(settings.grace, "options: settings.grace")
+    if not (math.isfinite(grace) and grace >= 0):
+        raise ValueError(f"options: settings.grace: expected a finite number of seconds >= 0, got {grace!r}")
     actor_options = {
         "num_cpus": check_resource(num_cpus, "num_cpus"),
         "num_gpus": check_resource(num_gpus, "num_gpus"),
     }
     if max_ongoing_requests is None:  # only None: 0 is refused, not read as the default
-        max_ongoing_requests = options.settings.max_queue
+        ongoing = _count(settings.max_queue, "options: settings.max_queue", 1)
+    else:
+        ongoing = _count(max_ongoing_requests, "max_ongoing_requests", 1)
     deployment: dict[str, Any] = {
         "name": "tiltsmc",
         "ray_actor_options": actor_options,
-        "max_ongoing_requests": _count(max_ongoing_requests, "max_ongoing_requests", 1),
-        "graceful_shutdown_timeout_s": options.settings.grace,
+        "max_ongoing_requests": ongoing,
+        "graceful_shutdown_timeout_s": grace,
     }
     if config is not None:
         deployment["autoscaling_config"] = config
@@ -176,12 +201,13 @@ def build_application(
     num_gpus: float = REPLICA_GPUS,
     max_ongoing_requests: Optional[int] = None,
 ) -> Any:
-    """The Ray Serve application: ``replicas`` replicas (or Ray Serve's ``autoscaling_config``), each
-    with ``num_cpus`` / ``num_gpus`` and up to ``max_ongoing_requests`` requests (default: the engine's
-    ``max_queue``).
+    """The Ray Serve application: ``replicas`` replicas (or Ray Serve's ``autoscaling_config``, with which
+    another number of replicas than the default is refused), each with ``num_cpus`` / ``num_gpus`` and up
+    to ``max_ongoing_requests`` requests (default: the engine's ``max_queue``).
 
-    Every argument is checked before Ray is imported: ``options`` a ``ReplicaOptions``, ``replicas`` an
-    int >= 1, ``autoscaling`` None or a dict (see ``check_autoscaling``), ``num_cpus`` / ``num_gpus``
+    Every argument is checked before Ray is imported: ``options`` a ``ReplicaOptions`` (its settings'
+    ``grace`` and ``max_queue`` too), ``replicas`` an int >= 1,
+    ``autoscaling`` None or a dict (see ``check_autoscaling``), ``num_cpus`` / ``num_gpus``
     finite numbers >= 0 (see ``check_resource``), ``max_ongoing_requests`` None or an int >= 1 (0 is
     refused, not read as the default); TypeError or ValueError naming the argument otherwise."""
     deployment = deployment_options(
@@ -271,12 +297,14 @@ def check_options(args: argparse.Namespace) -> None:
             option = "--" + given[0].replace("_", "-")
             raise ValueError(f"{option}: an option of --ray (Ray Serve); give --ray too, or leave it out")
         return
-    if args.target_ongoing is not None and args.autoscale is None:
+    # a namespace built otherwise than by the parser may lack the options left out
+    target_ongoing, autoscale = getattr(args, "target_ongoing", None), getattr(args, "autoscale", None)
+    if target_ongoing is not None and autoscale is None:
         raise ValueError(
             "--target-ongoing: an option of --autoscale (the ongoing requests per replica it aims at); give "
             "--autoscale MIN:MAX too, or leave it out"
         )
-    if args.replicas is not None and args.autoscale is not None:
+    if getattr(args, "replicas", None) is not None and autoscale is not None:
         raise ValueError(
             "--replicas: not with --autoscale, which sets the replicas between MIN and MAX; give one of them"
         )
@@ -294,23 +322,26 @@ def application_arguments(args: argparse.Namespace) -> dict[str, Any]:
     that the others take ``build_application``'s defaults."""
     check_options(args)
     arguments: dict[str, Any] = {}
-    if args.autoscale is not None:
-        autoscale = args.autoscale
+    autoscale = getattr(args, "autoscale", None)
+    if autoscale is not None:
         if isinstance(autoscale, str):
             try:
                 autoscale = autoscale_range(autoscale)
             except argparse.ArgumentTypeError as error:
                 raise ValueError(f"--autoscale: {error}") from None
+        if not isinstance(autoscale, (tuple, list)) or len(autoscale) != 2:
+            raise ValueError(f"--autoscale: expected MIN:MAX (or a pair of ints), got {autoscale!r}")
         low, high = autoscale
         arguments["autoscaling"] = {"min_replicas": low, "max_replicas": high}
-        if args.target_ongoing is not None:
-            arguments["autoscaling"]["target_ongoing_requests"] = args.target_ongoing
+        target_ongoing = getattr(args, "target_ongoing", None)
+        if target_ongoing is not None:
+            arguments["autoscaling"]["target_ongoing_requests"] = target_ongoing
     for option, argument in (
         ("replicas", "replicas"),
         ("replica_cpus", "num_cpus"),
         ("replica_gpus", "num_gpus"),
     ):
-        if getattr(args, option) is not None:
+        if getattr(args, option, None) is not None:
             arguments[argument] = getattr(args, option)
     return arguments
 
@@ -359,6 +390,7 @@ _OPTION_OF = {
     "num_cpus": "--replica-cpus",
     "num_gpus": "--replica-gpus",
     "autoscaling: target_ongoing_requests": "--target-ongoing",
+    "autoscaling": "--autoscale",  # its replica bounds (after --target-ongoing's, the longer name)
 }
 
 

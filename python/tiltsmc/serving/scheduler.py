@@ -15,6 +15,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from ..models._config import real_number
+from ..samplers._engine import check_count
 from ..samplers.runs import Run
 
 __all__ = ["BatchSizer", "EngineClosed", "Overloaded", "Request", "Scheduler", "another_should_take"]
@@ -222,13 +224,19 @@ class BatchSizer:
     def __init__(
         self, tolerance: float = 0.1, min_steps: int = 8, smoothing: float = 0.125, memory: int = 2000
     ) -> None:
+        given = (tolerance, smoothing)
+        tolerance, smoothing = real_number(tolerance, "tolerance"), real_number(smoothing, "smoothing")
         if not tolerance >= 0:
-            raise ValueError(f"tolerance: expected a fraction >= 0, got {tolerance!r}")
+            raise ValueError(f"tolerance: expected a fraction >= 0, got {given[0]!r}")
         if not 0 < smoothing <= 1:
-            raise ValueError(f"smoothing: expected a weight in (0, 1], got {smoothing!r}")
+            raise ValueError(f"smoothing: expected a weight in (0, 1], got {given[1]!r}")
+        counts = []
         for name, count in (("min_steps", min_steps), ("memory", memory)):
-            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-                raise ValueError(f"{name}: expected a whole number of steps >= 1, got {count!r}")
+            try:
+                counts.append(check_count(count, name))  # numpy's ints too
+            except (TypeError, ValueError):
+                raise ValueError(f"{name}: expected a whole number of steps >= 1, got {count!r}") from None
+        min_steps, memory = counts
         self.tolerance, self.min_steps, self.smoothing, self.memory = tolerance, min_steps, smoothing, memory
         self._cost: dict[int, float] = {}  # bucket -> seconds per row (exponentially weighted)
         self._steps: dict[int, int] = {}  # bucket -> steps seen
