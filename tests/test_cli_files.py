@@ -4,6 +4,7 @@ model is loaded, and no temporary file left behind by a failure or a signal."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -257,12 +258,42 @@ def test_a_signal_after_lines_were_streamed_says_so(tmp_path: Path) -> None:
     assert process.returncode == -signal.SIGTERM
     lines = [line for line in (first + rest).split("\n") if line.endswith("}")]  # whole lines
     assert prompts_of("\n".join(lines))[:1] == ["prompt 0"]
+    # the count, or its range where the signal came while a batch was being written (the reader may have
+    # got it in part): the reader got a whole line before the signal, and the count covers what it got
     last = re.fullmatch(
-        r"tiltsmc: stopped by SIGTERM; (\d+) result line\(s\) already written to standard output",
+        r"tiltsmc: stopped by SIGTERM; (\d+)(?: to (\d+))? result line\(s\) (?:already )?written to "
+        r"standard output(?: \(stopped while writing a batch\))?",
         error.splitlines()[-1],
     )
     assert last is not None, error
-    assert 1 <= int(last[1]) <= len(lines), error
+    low, high = int(last[1]), int(last[2] or last[1])
+    assert high >= 1 and low <= len(lines) <= high, error
+
+
+def test_an_interruption_while_a_batch_is_written_gives_the_range(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C inside the flush of the second batch: the reader may have got none, part or all of it, and
+    the last line says so (it counted a batch only once its flush had returned, so a signal right after
+    the flush said one line fewer than the reader had: "nothing written" after a whole line)."""
+
+    class InterruptedFlush(io.StringIO):
+        flushes = 0
+
+        def flush(self) -> None:
+            self.flushes += 1
+            if self.flushes == 2:
+                raise KeyboardInterrupt
+
+    stdout = InterruptedFlush()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    argv = [*RUN, "--prompt", "a", "--prompt", "b", "--prompt", "c", "--batch-size", "1", "-q"]
+    assert main(argv) == 130
+    assert capsys.readouterr().err == (
+        "tiltsmc: interrupted; 1 to 2 result line(s) written to standard output (stopped while writing a "
+        "batch)\n"
+    )
+    assert prompts_of(stdout.getvalue()) == ["a", "b"]
 
 
 def test_a_directory_is_refused_before_any_model_is_loaded(

@@ -305,7 +305,9 @@ class ResultOutput:
         self._temporary: Optional[Path] = None  # atomic: the temporary file renamed over _target at the end
         self._target: Optional[Path] = None  # atomic or in place: the file finally written
         self._spool: Optional[IO[str]] = None  # in place: the lines, copied into _target at the end
-        self._streamed = 0  # lines written to a stream (batch by batch) so far
+        # on a stream (batch by batch): lines written, and lines of the batch being written (one store each,
+        # so that a signal raised between any two bytecodes finds one state or the other)
+        self._lines = (0, 0)
 
     def open(self) -> None:
         """Check the location and open it (a temporary file beside a regular file)."""
@@ -428,11 +430,15 @@ class ResultOutput:
         """Write one batch's lines (streams are flushed, so a reader sees each batch as it ends)."""
         handle = self._spool if self._spool is not None else self._stream
         assert handle is not None
+        streaming = handle is not self._spool and self._temporary is None
+        done = self._lines[0]
         try:
+            if streaming:
+                self._lines = (done, len(lines))
             handle.writelines(lines)
-            if handle is not self._spool and self._temporary is None:
+            if streaming:
                 handle.flush()
-                self._streamed += len(lines)
+                self._lines = (done + len(lines), 0)
         except OSError as error:
             raise self._failed(error) from None
 
@@ -489,11 +495,18 @@ class ResultOutput:
 
     def left(self) -> str:
         """What a run that ends before ``commit`` leaves, for its last line: a file is not written (an
-        existing one keeps its content); a stream has the lines already written to it, or none."""
+        existing one keeps its content); a stream has the lines already written to it, or none, or, where it
+        stopped while writing a batch (whose lines the reader may have got in part), their range."""
         if self.stream is None:
             return "no result file written"
-        if self._streamed:
-            return f"{self._streamed} result line(s) already written to {self.name}"
+        done, writing = self._lines
+        if writing:
+            return (
+                f"{done} to {done + writing} result line(s) written to {self.name} (stopped while writing a "
+                "batch)"
+            )
+        if done:
+            return f"{done} result line(s) already written to {self.name}"
         return f"nothing written to {self.name}"
 
 
