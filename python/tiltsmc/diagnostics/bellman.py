@@ -77,8 +77,7 @@ from ..samplers._engine import (
     check_log_values,
     check_models,
     check_started,
-    check_vocabulary_axis,
-    fail_prompts_with_bad_log_probs,
+    checked_log_probs,
     model_output,
     prompts_list,
 )
@@ -273,19 +272,6 @@ def _checked_log_values(values: Any, name: str, shape: tuple[int, ...], step: in
         raise ValueError(f"{error}, first at prompt {prompt}, step {step}") from None
 
 
-def _checked_log_probs(policy: TokenPolicy, particles: Particles) -> FloatArray:
-    """The policy's ``next_log_probs`` as the samplers read them (``fail_prompts_with_bad_log_probs``, unless
-    the policy promises ``log_probs_checked``): ``(B, N, vocab)`` (ValueError naming the policy otherwise),
-    a prompt with an unfinished particle whose row holds NaN, ``+inf`` or only ``-inf`` failed on its own
-    (``particles.errors``). The last axis must be the policy's ``vocab_size`` (where it is an int), so that a
-    mismatch is not blamed on the reward model's twist head."""
-    log_p = model_output(policy.next_log_probs(particles), "policy: next_log_probs")
-    check_vocabulary_axis(log_p, particles, policy, "policy: next_log_probs")
-    if getattr(policy, "log_probs_checked", False) is not True:
-        log_p = fail_prompts_with_bad_log_probs(particles, log_p)
-    return log_p
-
-
 def _fail_new_prompts(
     particles: Particles, errors: dict[int, str], source: Optional[Particles] = None
 ) -> npt.NDArray[np.bool_]:
@@ -380,7 +366,9 @@ def bellman_error(
         prev_safe = np.where(scored, log_v_prev, 0.0)  # never -inf - -inf
         if exact:
             assert isinstance(policy, TokenPolicy) and isinstance(reward, TwistModel)
-            log_p = _checked_log_probs(policy, particles)
+            log_p = checked_log_probs(
+                model_output(policy.next_log_probs(particles), "policy: next_log_probs"), particles, policy
+            )
             _fail_new_prompts(particles, errors)
             scored &= ~particles.finished  # a prompt failed here: left out from this step on
             prev_safe = np.where(scored, log_v_prev, 0.0)

@@ -75,8 +75,6 @@ class Models:
         # A reward model that guarantees finite or -inf log-values (raising itself otherwise) is not checked
         # again at every step.
         self._check_log_values = getattr(reward, "log_values_checked", False) is not True
-        # likewise a token policy whose next_log_probs never returns a row no token can be drawn from
-        self._check_log_probs = getattr(policy, "log_probs_checked", False) is not True
 
     def supports_optimal_proposal(self) -> bool:
         token_level = bool(getattr(self.policy, "token_level", True))
@@ -145,10 +143,7 @@ class Models:
         self.compute.policy_seconds += time.perf_counter() - began
         self.compute.policy_calls += 1
         self.compute.policy_steps += int(np.count_nonzero(~particles.finished))
-        check_vocabulary_axis(log_p, particles, self.policy, "policy: next_log_probs")
-        if self._check_log_probs:
-            log_p = fail_prompts_with_bad_log_probs(particles, log_p)
-        return log_p
+        return checked_log_probs(log_p, particles, self.policy)
 
     def append(self, particles: Particles, tokens: npt.NDArray[np.int64]) -> None:
         assert isinstance(self.policy, TokenPolicy)
@@ -206,33 +201,22 @@ def check_layout(particles: Particles, shape: tuple[int, ...], what: str) -> Non
     ``finished`` are still arrays of the batch's ``(B, N)`` = ``shape``: integer ``(B, N, capacity)``, integer
     and bool ``(B, N)`` (a policy that replaced one by another kind of array is named, instead of the kernel
     that would read it). A few attribute reads: every step calls it."""
-    tokens, lengths, finished = particles.tokens, particles.lengths, particles.finished
-    if (
-        isinstance(finished, np.ndarray)
-        and finished.dtype == np.bool_
-        and finished.shape == shape
-        and isinstance(lengths, np.ndarray)
-        and lengths.dtype.kind in "iu"
-        and lengths.shape == shape
-        and isinstance(tokens, np.ndarray)
-        and tokens.dtype.kind in "iu"
-        and tokens.shape[:2] == shape
-        and tokens.ndim == 3
+    for name, array, kinds, ndim in (
+        ("tokens", particles.tokens, "iu", 3),
+        ("lengths", particles.lengths, "iu", 2),
+        ("finished", particles.finished, "b", 2),
     ):
-        return
-    for name, array, kinds, expected in (
-        ("tokens", tokens, "iu", f"integers of shape (B, N, capacity) with (B, N) = {shape}"),
-        ("lengths", lengths, "iu", f"integers of shape (B, N) = {shape}"),
-        ("finished", finished, "b", f"bools of shape (B, N) = {shape}"),
-    ):
-        ndim = 3 if name == "tokens" else 2
         if not (
             isinstance(array, np.ndarray)
             and array.dtype.kind in kinds
             and array.ndim == ndim
             and array.shape[:2] == shape
         ):
-            raise ValueError(f"{what} Particles.{name} {_describe(array)}, expected {expected}")
+            kind = "bools" if kinds == "b" else "integers"
+            axes = "(B, N, capacity) with (B, N)" if ndim == 3 else "(B, N)"
+            raise ValueError(
+                f"{what} Particles.{name} {_describe(array)}, expected {kind} of shape {axes} = {shape}"
+            )
 
 
 def check_started(particles: Any, num_prompts: int, num_particles: int) -> None:
@@ -312,18 +296,24 @@ def failed_prompts(particles: Particles) -> npt.NDArray[np.bool_]:
     return failed
 
 
+def checked_log_probs(log_p: FloatArray, particles: Particles, policy: Any) -> FloatArray:
+    """A token policy's ``next_log_probs`` (``model_output``) as the samplers and ``bellman_error`` read
+    them: of shape ``(B, N, vocab_size)`` (``check_vocabulary_axis``), and the prompts it cannot go on with
+    failed (``fail_prompts_with_bad_log_probs``), unless the policy says ``log_probs_checked``: its
+    ``next_log_probs`` never returns a row no token can be drawn from (it fails such prompts itself)."""
+    check_vocabulary_axis(log_p, particles, policy, "policy: next_log_probs")
+    if getattr(policy, "log_probs_checked", False) is True:
+        return log_p
+    return fail_prompts_with_bad_log_probs(particles, log_p)
+
+
 def fail_prompts_with_bad_log_probs(particles: Particles, log_p: FloatArray) -> FloatArray:
-    """A token policy's ``next_log_probs`` (``(B, N, vocab)``) read for the prompts it cannot go on with: an
-    unfinished particle whose row holds NaN or ``+inf``, or only ``-inf`` (no token can be drawn), fails its
-    prompt as ``OnnxCausalLM`` fails one (its reason in ``particles.errors``, its particles finished), so
-    that the samplers fail that prompt alone. Returns ``log_p``, its rows of no usable law (then all of
-    finished particles, never drawn for) read as a uniform law; one reduction over ``log_p`` where every row
-    is usable (NaN propagates through max)."""
-    if log_p.ndim != 3 or log_p.shape[:2] != particles.lengths.shape:
-        raise ValueError(
-            f"policy: next_log_probs returned shape {log_p.shape}, expected (B, N, vocab) with (B, N) = "
-            f"{particles.lengths.shape}"
-        )
+    """A token policy's ``next_log_probs`` (``(B, N, vocab)``, ``checked_log_probs``) read for the prompts it
+    cannot go on with: an unfinished particle whose row holds NaN or ``+inf``, or only ``-inf`` (no token can
+    be drawn), fails its prompt as ``OnnxCausalLM`` fails one (its reason in ``particles.errors``, its
+    particles finished), so that the samplers fail that prompt alone. Returns ``log_p``, its rows of no
+    usable law (then all of finished particles, never drawn for) read as a uniform law; one reduction over
+    ``log_p`` where every row is usable (NaN propagates through max)."""
     if not log_p.size:
         return log_p
     row_max = log_p.max(axis=-1)
