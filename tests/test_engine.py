@@ -687,7 +687,141 @@ def test_a_failing_model_call_ends_its_batch_and_the_engine_goes_on(
             engine.submit((), "smc", num_particles=8, rng=0).result(timeout=30)
         after = engine.submit((), "smc", num_particles=8, rng=1).result(timeout=30)
         assert engine.stats()["requests"]["failed"] == 1
+        assert engine.stats()["retried_alone"] == 0  # its call was its own: the error is its own
     assert same_result(after, tiltsmc.smc(policy, twist, prompts=[()], num_particles=8, rng=1))
+
+
+class RefusesPoison:
+    """A real policy whose ``propose`` raises for a batch holding a :class:`Poison` prompt (a user model's
+    error that one request causes and that fails the whole batched call)."""
+
+    token_level = True
+    supports_engine = True
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.vocab_size = inner.vocab_size
+
+    def start(self, prompts: Any, num_particles: int) -> Particles:
+        particles: Particles = self.inner.start(prompts, num_particles)
+        return particles
+
+    def propose(self, particles: Particles, rng: Any) -> Any:
+        if any(isinstance(prompt, Poison) for prompt in particles.prompts):
+            raise RuntimeError("this policy cannot take a poisoned prompt")
+        return self.inner.propose(particles, rng)
+
+
+class FailsOverRows(RefusesPoison):
+    """A real policy whose ``propose`` raises for a batch of more than ``limit`` rows (memory that a
+    smaller call finds)."""
+
+    def __init__(self, inner: Any, limit: int) -> None:
+        super().__init__(inner)
+        self.limit = limit
+
+    def propose(self, particles: Particles, rng: Any) -> Any:
+        if particles.lengths.size > self.limit:
+            raise RuntimeError(f"out of memory for {particles.lengths.size} rows")
+        return self.inner.propose(particles, rng)
+
+
+def test_a_request_that_fails_its_batch_call_fails_alone(models: tuple[Any, Any]) -> None:
+    """A policy call that raises for a batch of several requests (one of them the cause) does not end them
+    all with its error: each runs again alone from its start, the one that causes it fails with the
+    policy's error, and the others get exactly their offline results (their generators as at submit)."""
+    policy, twist = models
+    gated = Gated(RefusesPoison(policy))
+    gated.gate.clear()
+    with tiltsmc.Engine(gated, twist, adaptive_rows=False) as engine:
+        futures = [engine.submit((), "smc", num_particles=8, rng=0)]
+        assert gated.entered.wait(10)  # the first request inside its first step: the others join at the next
+        futures += [engine.submit((), "smc", num_particles=8, rng=k) for k in (1, 2)]
+        poisoned = engine.submit(Poison(), "smc", num_particles=8, rng=7)
+        gated.gate.set()
+        with pytest.raises(RuntimeError, match="cannot take a poisoned prompt"):
+            poisoned.result(timeout=30)
+        results = [future.result(timeout=30) for future in futures]
+        follow_up = engine.submit((), "sp_gsmc", rng=5).result(timeout=30)
+        stats = engine.stats()
+    assert stats["retried_alone"] == 4  # every request of the batch that failed, once
+    assert stats["requests"]["completed"] == 4 and stats["requests"]["failed"] == 1
+    for k, result in enumerate(results):
+        assert same_result(result, tiltsmc.smc(policy, twist, prompts=[()], num_particles=8, rng=k))
+    assert same_result(follow_up, tiltsmc.sp_gsmc(policy, twist, prompts=[()], rng=5))
+
+
+@pytest.mark.parametrize("rng", [3, "generator"])
+def test_a_batch_too_large_for_the_model_is_served_request_by_request(
+    models: tuple[Any, Any], rng: Any
+) -> None:
+    """A policy call that fails for the batch's size: every request of it runs again alone and completes
+    with its offline result; a caller's generator is not set back (the retry draws from a copy of it as
+    it was at submit)."""
+    policy, twist = models
+    gated = Gated(FailsOverRows(policy, limit=8))
+    gated.gate.clear()
+    generators = [np.random.default_rng(3 + k) if rng == "generator" else 3 + k for k in range(3)]
+    with tiltsmc.Engine(gated, twist, adaptive_rows=False) as engine:
+        futures = [engine.submit((), "smc", num_particles=8, rng=generators[0])]
+        assert gated.entered.wait(10)
+        futures += [engine.submit((), "smc", num_particles=8, rng=g) for g in generators[1:]]
+        gated.gate.set()
+        results = [future.result(timeout=30) for future in futures]
+        assert engine.stats()["retried_alone"] == 3
+        assert engine.stats()["requests"]["completed"] == 3
+    for k, result in enumerate(results):
+        assert same_result(result, tiltsmc.smc(policy, twist, prompts=[()], num_particles=8, rng=3 + k))
+    if rng == "generator":  # advanced by the run that failed, not set back, nor advanced by the retry
+        whole = np.random.default_rng(3)
+        tiltsmc.smc(policy, twist, prompts=[()], num_particles=8, rng=whole)
+        states = [np.random.default_rng(3).bit_generator.state, whole.bit_generator.state]
+        assert generators[0].bit_generator.state not in states
+
+
+class HoldsAlone(FailsOverRows):
+    """``FailsOverRows`` whose ``propose`` waits for ``gate`` once the batch has failed (its requests then
+    run alone)."""
+
+    def __init__(self, inner: Any, limit: int) -> None:
+        super().__init__(inner, limit)
+        self.failed = False
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def propose(self, particles: Particles, rng: Any) -> Any:
+        if particles.lengths.size > self.limit:
+            self.failed = True
+        elif self.failed:
+            self.entered.set()
+            assert self.gate.wait(20), "the test never opened the gate"
+        return super().propose(particles, rng)
+
+
+def test_a_request_running_again_alone_can_be_cancelled(models: tuple[Any, Any]) -> None:
+    """A request cancelled while it runs again alone leaves at the next step, its rows freed; the other
+    completes."""
+    policy, twist = models
+    holds = HoldsAlone(policy, limit=8)
+    gated = Gated(holds)
+    gated.gate.clear()
+    with tiltsmc.Engine(gated, twist, adaptive_rows=False) as engine:
+        first = engine.submit((), "smc", num_particles=8, rng=0)
+        assert gated.entered.wait(10)
+        second = engine.submit((), "smc", num_particles=8, rng=1)
+        gated.gate.set()
+        assert holds.entered.wait(10)  # the first runs alone, the second waits in its own lane
+        assert engine.stats()["retried_alone"] == 2
+        assert second.cancel()
+        holds.gate.set()
+        result = first.result(timeout=30)
+        deadline = time.monotonic() + 10
+        while engine.stats()["in_flight"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stats = engine.stats()
+    assert same_result(result, tiltsmc.smc(policy, twist, prompts=[()], num_particles=8, rng=0))
+    assert (stats["in_flight"], stats["rows_in_flight"]) == (0, 0)
+    assert stats["requests"]["cancelled"] == 1 and stats["requests"]["completed"] == 1
 
 
 def test_requests_with_their_own_max_new_tokens(onnx_models: tuple[OnnxCausalLM, OnnxRewardModel]) -> None:

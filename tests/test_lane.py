@@ -13,7 +13,7 @@ from tiltsmc.models.particles import Particles
 from tiltsmc.samplers._engine import Models
 from tiltsmc.samplers.baselines import best_of_n_run, rejection_run
 from tiltsmc.samplers.correction import mh_run
-from tiltsmc.samplers.lane import Lane, _Ledger, _packing, run_alone
+from tiltsmc.samplers.lane import Lane, _Ledger, _packing, run_alone, run_together
 from tiltsmc.samplers.result import Compute, SamplerResult
 from tiltsmc.samplers.runs import Run, SharedStep, SMCRun, Trace, reweigh_together
 from tiltsmc.samplers.sequential import smc_run, sp_gsmc_run
@@ -561,3 +561,64 @@ def test_newcomers_that_do_not_fit_the_free_rows_join_behind_in_blocks_of_their_
         assert each.result is not None
         assert [s.tolist() for s in alone.samples] == [s.tolist() for s in each.result.samples]
         np.testing.assert_array_equal(alone.log_z, each.result.log_z)
+
+
+class _Poison(tuple):  # type: ignore[type-arg]
+    """An empty prompt that the policy below cannot take."""
+
+
+class _RefusesPoison:
+    """A real policy whose ``propose`` raises for a batch holding a ``_Poison`` prompt: a user model's error
+    that one run causes and that fails the batched call of every run."""
+
+    token_level = True
+    supports_engine = True
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.vocab_size = inner.vocab_size
+
+    def start(self, prompts: Any, num_particles: int) -> Particles:
+        particles: Particles = self.inner.start(prompts, num_particles)
+        return particles
+
+    def propose(self, particles: Particles, rng: Any) -> Any:
+        if any(isinstance(prompt, _Poison) for prompt in particles.prompts):
+            raise RuntimeError("this policy cannot take a poisoned prompt")
+        return self.inner.propose(particles, rng)
+
+
+def test_runs_a_batch_call_failed_for_run_again_alone_and_only_the_cause_fails() -> None:
+    """``run_together(again=...)``, the CLI's batches: a policy call that raises for the batch ends its
+    runs with ``failed_together`` set; each runs again alone from its start (``again``), so the run that
+    causes it fails with the policy's error and the others give exactly their results alone. Without
+    ``again`` (as before) every run of the batch ends with the error; a lone run's failure is its own."""
+    task = MarkovDFATask.random(4, 3, 6, rng=0)
+    models = Models(_RefusesPoison(task.policy()), task.twist(noise=0.4, rng=1), Compute())
+    prompts: list[Any] = [(), _Poison(), ()]
+
+    def build(i: int) -> Run:
+        return smc_run(
+            models, [prompts[i]], 4, "systematic", 0.5, "naive", 10 + i, record_ancestry=False, max_steps=100
+        )
+
+    built: list[int] = []
+
+    def again(i: int) -> Run:
+        built.append(i)
+        return build(i)
+
+    results = run_together(models, [build(i) for i in range(3)], return_errors=True, again=again)
+    assert built == [0, 1, 2]  # every run of the failed batch, once
+    assert isinstance(results[1], RuntimeError) and "poisoned" in str(results[1])
+    for i in (0, 2):
+        alone = run_alone(models, build(i))
+        assert isinstance(results[i], SamplerResult) and isinstance(alone, SamplerResult)
+        assert [s.tolist() for s in results[i].samples] == [s.tolist() for s in alone.samples]
+        np.testing.assert_array_equal(results[i].log_z, alone.log_z)
+    without = run_together(models, [build(i) for i in range(3)], return_errors=True)
+    assert all(isinstance(r, RuntimeError) for r in without)
+    lane = Lane(models, "guided")
+    lane.add(build(1))
+    assert [type(error) for _, error in lane.step()] == [RuntimeError]
+    assert lane.failed_together == frozenset()

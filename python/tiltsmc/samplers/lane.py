@@ -123,7 +123,9 @@ class Lane:
     that ended (each with None, or the exception that ended it alone). A failure confined to one prompt
     (its model outputs) fails that prompt only (see the module docstring), one confined to one run (its
     arguments, its values) ends that run only; a model call that fails for the whole batch ends every run
-    in it. ``compute`` adds up every model call of the lane.
+    in it, and where these were several, ``failed_together`` holds them (by ``id``) until the next step:
+    the call cannot tell whose rows made it fail, so a caller may run each again alone (the serving
+    engine does). ``compute`` adds up every model call of the lane.
     """
 
     def __init__(self, models: Models, kind: str) -> None:
@@ -151,6 +153,7 @@ class Lane:
         self._shared: dict[int, SharedStep] = {}
         self._skipping = 0  # members with prompts the reward model failed on (their rows left unscored)
         self._failed_rows: list[tuple[int, int]] = []  # rows of the prompts that failed during this step
+        self.failed_together: frozenset[int] = frozenset()  # runs a failure of the last step's batch ended
 
     @property
     def rows(self) -> int:
@@ -186,6 +189,7 @@ class Lane:
         ended: Ended = []
         if self._failed_rows:
             self._failed_rows = []
+        self.failed_together = frozenset()
         joined = self._admit(ended)
         try:
             if joined:  # a newcomer may start finished (a prompt that failed); the others were settled
@@ -200,9 +204,11 @@ class Lane:
                     self._rollout_step(ended)
                 self._settle(ended)
         except Exception as error:  # a failure of the whole batch: every run in it ends with it
-            if len(self.members) > 1:
-                logger.exception("a model call failed for a batch of %d runs", len(self.members))
-            ended.extend((member.run, error) for member in self._active())
+            active = self._active()
+            if len(active) > 1:
+                logger.exception("a model call failed for a batch of %d runs", len(active))
+                self.failed_together = frozenset(id(member.run) for member in active)
+            ended.extend((member.run, error) for member in active)
             self._ended = []
             self._drop(list(self.members))
         return ended
@@ -1091,30 +1097,44 @@ def run_together(
     on_step: Optional[Callable[[list[int], list[int]], None]] = None,
     *,
     return_errors: bool = False,
+    again: Optional[Callable[[int], Run]] = None,
 ) -> list[Any]:
     """Advance ``runs`` (of one kind) in one lane, one step each per call of the models, until every one
     has ended; their results in order, each with its own ``compute.total_seconds`` (from the start).
     ``on_step(stepped, ended)``: after each step, the indices of the runs it advanced and of those it
     ended. The first run to fail raises ``RunFailed`` with its index; with ``return_errors``, a run that
-    fails has the exception that ended it in place of its result, and the others go on."""
-    lane = Lane(models, runs[0].kind)
+    fails has the exception that ended it in place of its result, and the others go on. ``again(i)``: a
+    fresh run ``i`` from its start; given, the runs that a model call failing for their batch ended
+    (``Lane.failed_together``) run again, each in a lane of its own, once: what fails then is their own."""
+    lanes = [Lane(models, runs[0].kind)]
     for run in runs:
-        lane.add(run)
+        lanes[0].add(run)
     index = {id(run): i for i, run in enumerate(runs)}
+    retried: set[int] = set()
     results: dict[int, Any] = {}
     began = time.perf_counter()
     while len(results) < len(runs):
-        stepped = [index[id(run)] for run in lane.runs()]
+        stepped = [index[id(run)] for lane in lanes for run in lane.runs()]
         ended = []
-        for ended_run, error in lane.step():
-            i = index[id(ended_run)]
-            if error is not None and not return_errors:
-                raise RunFailed(i, error)
-            ended_run.compute.total_seconds = time.perf_counter() - began
-            if error is None:
-                assert ended_run.result is not None
-            results[i] = ended_run.result if error is None else error
-            ended.append(i)
+        for lane in list(lanes):
+            for ended_run, error in lane.step():
+                i = index.pop(id(ended_run))
+                if error is not None and again is not None and i not in retried:
+                    if id(ended_run) in lane.failed_together:
+                        retried.add(i)
+                        fresh = again(i)
+                        index[id(fresh)] = i
+                        lanes.append(Lane(models, fresh.kind))
+                        lanes[-1].add(fresh)
+                        continue
+                if error is not None and not return_errors:
+                    raise RunFailed(i, error)
+                ended_run.compute.total_seconds = time.perf_counter() - began
+                if error is None:
+                    assert ended_run.result is not None
+                results[i] = ended_run.result if error is None else error
+                ended.append(i)
+        lanes = [lane for lane in lanes if len(lane)]
         if on_step is not None:
             on_step(stepped, ended)
     return [results[i] for i in range(len(runs))]

@@ -39,6 +39,7 @@ from typing import Any, Literal, Optional, Union
 import numpy as np
 
 from .._memory import available_memory, release_free_memory, reuse_freed_memory
+from .._rng import as_generator
 from ..models._config import flag, real_number
 from ..models.protocols import Policy, RewardModel
 from ..samplers import baselines, correction, sequential
@@ -281,6 +282,9 @@ class _Worker:
         self.index = index
         self.models = Models(policy, reward, Compute())
         self.lanes = {kind: Lane(self.models, kind) for kind in KINDS}
+        # lanes of one request each: requests run again alone after a model call failed for their batch
+        self.alone: list[Lane] = []
+        self.alone_calls = self.alone_rows = 0  # the policy calls of alone lanes gone, and their rows
         # by id(run): changed by this worker only, under the engine's lock (other threads read it)
         self.in_flight: dict[int, Request] = {}
         self.sizer = BatchSizer() if adaptive else None
@@ -314,8 +318,22 @@ class _Worker:
 
     def policy_rows(self) -> tuple[int, int]:
         """Policy calls made by its lanes, and the rows they served."""
-        lanes = self.lanes.values()
-        return sum(lane.policy_calls for lane in lanes), sum(lane.policy_rows for lane in lanes)
+        lanes = self.all_lanes()
+        calls = self.alone_calls + sum(lane.policy_calls for lane in lanes)
+        return calls, self.alone_rows + sum(lane.policy_rows for lane in lanes)
+
+    def all_lanes(self) -> list[Lane]:
+        """Its lanes by kind, then those of requests running again alone."""
+        return [*self.lanes.values(), *self.alone]
+
+    def prune_alone(self) -> None:
+        """Alone lanes whose request has ended go (their policy calls kept in the counts)."""
+        if any(not len(lane) for lane in self.alone):
+            for lane in self.alone:
+                if not len(lane):
+                    self.alone_calls += lane.policy_calls
+                    self.alone_rows += lane.policy_rows
+            self.alone = [lane for lane in self.alone if len(lane)]
 
 
 class Engine:
@@ -424,6 +442,7 @@ class Engine:
             "timed_out": 0,
             "rejected": 0,
         }
+        self._retried = 0  # requests run again alone after a model call failed for their batch
         self._worked = False  # steps taken since the memory was last released
         self.release_memory_after = _seconds(release_memory_after, "release_memory_after")
         # freed blocks reused during a burst, given back once idle
@@ -471,7 +490,10 @@ class Engine:
             )
         deadline_after = _check_timeout(timeout) if timeout is not None else self.default_timeout
         prompt = _as_submitted(prompt)
-        run = SAMPLERS[sampler][1](self._models, [prompt], rng=rng, **{**defaults, **options})
+        generator = as_generator(rng)
+        start = _generator_state(generator)
+        factory, settings = SAMPLERS[sampler][1], {**defaults, **options}
+        run = factory(self._models, [prompt], rng=generator, **settings)
         run.decodes_texts = False  # the future decodes them as they are read
         future: Future[SamplerResult] = _ResultFuture(self.policy)
         request = Request(
@@ -480,7 +502,10 @@ class Engine:
             future,
             run.rows_per_prompt,
             self._cache_bytes(prompt, run),
-            rows_option=_rows_option(sampler, {**defaults, **options}),
+            rows_option=_rows_option(sampler, settings),
+            restart=None
+            if start is None
+            else functools.partial(self._restart, factory, prompt, generator, start, settings),
         )
         if deadline_after is not None:
             request.deadline = request.submitted + deadline_after
@@ -515,11 +540,13 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         """Requests waiting and in flight, particle rows in flight, counts by outcome, and the time of
         the steps so far split into the policy's, the reward model's and tiltsmc's own (summed over the
-        workers; each worker's own figures in ``"workers"``). The split, the model calls and the rows per
-        policy call are added up at the end of each step: two reads always cover the same whole steps
-        in every part (a step in progress is in none)."""
+        workers; each worker's own figures in ``"workers"``); ``"retried_alone"``: the requests run again
+        alone from their start after a model call raised for their batch (``_again``). The split, the
+        model calls and the rows per policy call are added up at the end of each step: two reads always
+        cover the same whole steps in every part (a step in progress is in none)."""
         with self._wake:
             counts = dict(self._counts)
+            retried = self._retried
             workers: list[dict[str, Any]] = [
                 {
                     "in_flight": len(w.in_flight),
@@ -558,6 +585,7 @@ class Engine:
             "reward_seconds": reward_seconds,
             "tiltsmc_seconds": max(seconds - policy_seconds - reward_seconds, 0.0),
             "requests": counts,
+            "retried_alone": retried,
             "closed": self._closing,
             "failed": None if self._broken is None else repr(self._broken),
             "workers": workers,
@@ -688,7 +716,7 @@ class Engine:
         before = (compute.policy_seconds, compute.reward_seconds, compute.policy_calls, compute.reward_calls)
         began = time.perf_counter()
         calls_before, rows_before = worker.policy_rows()
-        for lane in worker.lanes.values():
+        for lane in worker.all_lanes():
             if len(lane):
                 try:
                     ended = lane.step()
@@ -697,7 +725,9 @@ class Engine:
                     ended = [(run, failure) for run in lane.runs()]
                     lane.remove(lane.runs())
                 for run, error in ended:
-                    self._finish(worker, run, error)
+                    if error is None or id(run) not in lane.failed_together or not self._again(worker, run):
+                        self._finish(worker, run, error)
+        worker.prune_alone()
         seconds = time.perf_counter() - began
         calls_after, rows_after = worker.policy_rows()
         if worker.sizer is not None:  # the rows the step's policy calls served, and what the step took
@@ -744,6 +774,8 @@ class Engine:
             return
         for kind, lane in worker.lanes.items():  # one compaction of each lane's particles
             lane.remove([r.run for r in gone if r.run.kind == kind])
+        for lane in worker.alone:
+            lane.remove([r.run for r in gone])
         with self._wake:
             for request in gone:
                 self._take(worker, request)
@@ -765,6 +797,46 @@ class Engine:
         self._count("timed_out")
         waited = now - request.submitted
         self._settle(request, TimeoutError(f"timeout: the request took more than {waited:.3g} s"))
+
+    def _restart(
+        self, factory: Callable[..., Run], prompt: Any, generator: Any, start: Any, settings: dict[str, Any]
+    ) -> Run:
+        """A request's run afresh, drawing from a copy of its generator as it was at ``submit`` (``start``):
+        a caller's generator is left to the draws of the run that failed, and never set back under another
+        request that was handed the same one."""
+        generator = copy.deepcopy(generator)
+        generator.bit_generator.state = start
+        run = factory(self._models, [prompt], rng=generator, **settings)
+        run.decodes_texts = False
+        return run
+
+    def _again(self, worker: _Worker, run: Run) -> bool:
+        """``run`` ended as a model call failed for its batch (``Lane.failed_together``): whether its
+        request runs again from its start, in a lane of its own, instead of ending with the error. Once a
+        request: alone, what fails is its own (a prompt, options or draws the model cannot take), and a
+        batch that failed for another cause (a fault of the model's, memory that a smaller call finds)
+        costs its requests their steps so far, not their result. A request with a seed so gives what it
+        gives alone, exactly the offline function's result."""
+        with self._wake:
+            request = worker.in_flight.get(id(run))
+            if request is None or request.restart is None or request.future.cancelled():
+                return False
+            restart, request.restart = request.restart, None
+        try:
+            fresh = restart()
+        except Exception:  # its generator cannot be set back: the request ends with the batch's error
+            logger.exception("request %d cannot run again alone", request.id)
+            return False
+        with self._wake:
+            del worker.in_flight[id(run)]
+            worker.in_flight[id(fresh)] = request
+            request.run = fresh
+            self._retried += 1
+        lane = Lane(worker.models, fresh.kind)
+        lane.add(fresh)
+        worker.alone.append(lane)
+        logger.warning("request %d runs again alone: a model call failed for its batch", request.id)
+        return True
 
     def _finish(self, worker: _Worker, run: Run, error: Optional[BaseException]) -> None:
         result = run.result
@@ -813,13 +885,21 @@ class Engine:
         for request in in_flight:
             self._count("failed")
             self._settle(request, error)
-        for lane in worker.lanes.values():
+        for lane in worker.all_lanes():
             with contextlib.suppress(Exception):  # after a failure of the worker its lanes may be broken
                 lane.remove(lane.runs())
 
     def _count(self, outcome: str) -> None:
         with self._wake:
             self._counts[outcome] += 1
+
+
+def _generator_state(generator: np.random.Generator) -> Any:
+    """The state of ``generator``'s bit generator, to set it back to (None where it has none to give)."""
+    try:
+        return copy.deepcopy(generator.bit_generator.state)
+    except Exception:
+        return None
 
 
 def _mean_by_rows(tables: list[dict[int, float]]) -> dict[int, float]:

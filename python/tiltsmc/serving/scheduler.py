@@ -36,7 +36,8 @@ class Request:
     """One request: its run, its future, the particle rows it holds in flight (set by its sampler's
     ``rows_option``; and the bytes of the KV cache they may reach, where the engine bounds them) and its
     deadline. ``cancelled``: its future was
-    cancelled (set from the future's callback once it is queued: read without taking the future's lock)."""
+    cancelled (set from the future's callback once it is queued: read without taking the future's lock).
+    ``restart``: where set, a fresh run of the request from its start."""
 
     id: int
     run: Run
@@ -49,6 +50,9 @@ class Request:
     admitted: Optional[float] = None
     cancelled: bool = False
     waiting: bool = field(default=False, repr=False)  # in the scheduler's queue
+    # a fresh run of the request, from its start (its generator as at submit), for one run again alone
+    # after a model call failed for its batch; None once taken
+    restart: Optional[Callable[[], Run]] = field(default=None, repr=False)
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline

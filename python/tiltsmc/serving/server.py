@@ -1117,6 +1117,11 @@ class _EngineCollector:
         for outcome, count in stats["requests"].items():
             requests.add_metric([outcome], count)
         yield requests
+        yield CounterMetricFamily(
+            "tiltsmc_requests_retried_alone",
+            "Requests run again alone from their start after a model call failed for their batch",
+            value=stats["retried_alone"],
+        )
         yield GaugeMetricFamily(
             "tiltsmc_queue_depth", "Requests waiting for particle rows", value=stats["waiting"]
         )
