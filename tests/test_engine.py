@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import tiltsmc
 from onnx_helpers import policy_with_logits_added_after
+from poisoned_policy import Poison, RefusesPoison
 from stuck_policy import SCRIPT_HEAD
 from test_samplers import _assert_replicates_match, _replicate_estimates, assert_unbiased, tilted
 from tiltsmc.models import OnnxCausalLM, OnnxRewardModel, Particles
@@ -599,12 +600,8 @@ def test_models_without_engine_support_are_refused(models: tuple[Any, Any]) -> N
     assert tiltsmc.smc(Plain(policy), twist, num_particles=4, rng=0).samples[0].shape == (4, 6)
 
 
-class Poison(tuple):  # type: ignore[type-arg]
-    """An empty prompt that the reward model below scores NaN."""
-
-
 class PoisonedReward:
-    """A real twist whose values are NaN on the particles of prompts that are :class:`Poison`."""
+    """A real twist whose values are NaN on the particles of prompts that are ``Poison``."""
 
     supports_engine = True
 
@@ -689,27 +686,6 @@ def test_a_failing_model_call_ends_its_batch_and_the_engine_goes_on(
         assert engine.stats()["requests"]["failed"] == 1
         assert engine.stats()["retried_alone"] == 0  # its call was its own: the error is its own
     assert same_result(after, tiltsmc.smc(policy, twist, prompts=[()], num_particles=8, rng=1))
-
-
-class RefusesPoison:
-    """A real policy whose ``propose`` raises for a batch holding a :class:`Poison` prompt (a user model's
-    error that one request causes and that fails the whole batched call)."""
-
-    token_level = True
-    supports_engine = True
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.vocab_size = inner.vocab_size
-
-    def start(self, prompts: Any, num_particles: int) -> Particles:
-        particles: Particles = self.inner.start(prompts, num_particles)
-        return particles
-
-    def propose(self, particles: Particles, rng: Any) -> Any:
-        if any(isinstance(prompt, Poison) for prompt in particles.prompts):
-            raise RuntimeError("this policy cannot take a poisoned prompt")
-        return self.inner.propose(particles, rng)
 
 
 class FailsOverRows(RefusesPoison):

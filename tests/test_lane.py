@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import numpy as np
 import pytest
+from poisoned_policy import Poison, RefusesPoison
 from tiltsmc import core
 from tiltsmc._rng import RowStreams
 from tiltsmc.models.particles import Particles
@@ -563,39 +564,14 @@ def test_newcomers_that_do_not_fit_the_free_rows_join_behind_in_blocks_of_their_
         np.testing.assert_array_equal(alone.log_z, each.result.log_z)
 
 
-class _Poison(tuple):  # type: ignore[type-arg]
-    """An empty prompt that the policy below cannot take."""
-
-
-class _RefusesPoison:
-    """A real policy whose ``propose`` raises for a batch holding a ``_Poison`` prompt: a user model's error
-    that one run causes and that fails the batched call of every run."""
-
-    token_level = True
-    supports_engine = True
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.vocab_size = inner.vocab_size
-
-    def start(self, prompts: Any, num_particles: int) -> Particles:
-        particles: Particles = self.inner.start(prompts, num_particles)
-        return particles
-
-    def propose(self, particles: Particles, rng: Any) -> Any:
-        if any(isinstance(prompt, _Poison) for prompt in particles.prompts):
-            raise RuntimeError("this policy cannot take a poisoned prompt")
-        return self.inner.propose(particles, rng)
-
-
 def test_runs_a_batch_call_failed_for_run_again_alone_and_only_the_cause_fails() -> None:
     """``run_together(again=...)``, the CLI's batches: a policy call that raises for the batch ends its
     runs with ``failed_together`` set; each runs again alone from its start (``again``), so the run that
     causes it fails with the policy's error and the others give exactly their results alone. Without
     ``again`` (as before) every run of the batch ends with the error; a lone run's failure is its own."""
     task = MarkovDFATask.random(4, 3, 6, rng=0)
-    models = Models(_RefusesPoison(task.policy()), task.twist(noise=0.4, rng=1), Compute())
-    prompts: list[Any] = [(), _Poison(), ()]
+    models = Models(RefusesPoison(task.policy()), task.twist(noise=0.4, rng=1), Compute())
+    prompts: list[Any] = [(), Poison(), ()]
 
     def build(i: int) -> Run:
         return smc_run(

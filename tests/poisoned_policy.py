@@ -1,0 +1,34 @@
+"""A real policy that cannot take one kind of prompt, for the tests of a model call that raises for a
+batch of several requests or prompts (one of them the cause): ``RefusesPoison`` wraps a policy and raises
+for a batch holding a ``Poison`` prompt."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tiltsmc.models.particles import Particles
+
+
+class Poison(tuple):  # type: ignore[type-arg]
+    """An empty prompt (the exact tasks' one prompt) that the models wrapped here treat as bad."""
+
+
+class RefusesPoison:
+    """A real policy whose ``propose`` raises for a batch holding a :class:`Poison` prompt (a user model's
+    error that one request causes and that fails the whole batched call)."""
+
+    token_level = True
+    supports_engine = True
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.vocab_size = inner.vocab_size
+
+    def start(self, prompts: Any, num_particles: int) -> Particles:
+        particles: Particles = self.inner.start(prompts, num_particles)
+        return particles
+
+    def propose(self, particles: Particles, rng: Any) -> Any:
+        if any(isinstance(prompt, Poison) for prompt in particles.prompts):
+            raise RuntimeError("this policy cannot take a poisoned prompt")
+        return self.inner.propose(particles, rng)
