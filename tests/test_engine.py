@@ -684,7 +684,7 @@ def test_a_failing_model_call_ends_its_batch_and_the_engine_goes_on(
             engine.submit((), "smc", num_particles=8, rng=0).result(timeout=30)
         after = engine.submit((), "smc", num_particles=8, rng=1).result(timeout=30)
         assert engine.stats()["requests"]["failed"] == 1
-        assert engine.stats()["retried_alone"] == 0  # its call was its own: the error is its own
+        assert engine.stats()["restarts"] == 0  # its call was its own: the error is its own
     assert same_result(after, tiltsmc.smc(policy, twist, prompts=[()], num_particles=8, rng=1))
 
 
@@ -704,8 +704,9 @@ class FailsOverRows(RefusesPoison):
 
 def test_a_request_that_fails_its_batch_call_fails_alone(models: tuple[Any, Any]) -> None:
     """A policy call that raises for a batch of several requests (one of them the cause) does not end them
-    all with its error: each runs again alone from its start, the one that causes it fails with the
-    policy's error, and the others get exactly their offline results (their generators as at submit)."""
+    all with its error: they run again from their start in halves, and a half that fails again in halves
+    of it, so the one that causes it fails alone with the policy's error and the others get exactly
+    their offline results (their generators as at submit)."""
     policy, twist = models
     gated = Gated(RefusesPoison(policy))
     gated.gate.clear()
@@ -720,7 +721,7 @@ def test_a_request_that_fails_its_batch_call_fails_alone(models: tuple[Any, Any]
         results = [future.result(timeout=30) for future in futures]
         follow_up = engine.submit((), "sp_gsmc", rng=5).result(timeout=30)
         stats = engine.stats()
-    assert stats["retried_alone"] == 4  # every request of the batch that failed, once
+    assert stats["restarts"] == 4 + 2  # the batch, then the half with the poisoned request
     assert stats["requests"]["completed"] == 4 and stats["requests"]["failed"] == 1
     for k, result in enumerate(results):
         assert same_result(result, tiltsmc.smc(policy, twist, prompts=[()], num_particles=8, rng=k))
@@ -731,9 +732,10 @@ def test_a_request_that_fails_its_batch_call_fails_alone(models: tuple[Any, Any]
 def test_a_batch_too_large_for_the_model_is_served_request_by_request(
     models: tuple[Any, Any], rng: Any
 ) -> None:
-    """A policy call that fails for the batch's size: every request of it runs again alone and completes
-    with its offline result; a caller's generator is not set back (the retry draws from a copy of it as
-    it was at submit)."""
+    """A policy call that fails for the batch's size: its requests run again in halves until a half fits
+    (3 requests of 8 rows, at most 8 rows a call: 2 + 1, then 1 + 1) and each completes with its offline
+    result; a caller's generator is not set back (a retry draws from a copy of it as it was at
+    submit)."""
     policy, twist = models
     gated = Gated(FailsOverRows(policy, limit=8))
     gated.gate.clear()
@@ -744,7 +746,7 @@ def test_a_batch_too_large_for_the_model_is_served_request_by_request(
         futures += [engine.submit((), "smc", num_particles=8, rng=g) for g in generators[1:]]
         gated.gate.set()
         results = [future.result(timeout=30) for future in futures]
-        assert engine.stats()["retried_alone"] == 3
+        assert engine.stats()["restarts"] == 3 + 2
         assert engine.stats()["requests"]["completed"] == 3
     for k, result in enumerate(results):
         assert same_result(result, tiltsmc.smc(policy, twist, prompts=[()], num_particles=8, rng=3 + k))
@@ -775,8 +777,8 @@ class HoldsAlone(FailsOverRows):
 
 
 def test_a_request_running_again_alone_can_be_cancelled(models: tuple[Any, Any]) -> None:
-    """A request cancelled while it runs again alone leaves at the next step, its rows freed; the other
-    completes."""
+    """A request cancelled while it runs again (alone: a batch of two halved) leaves at the next step, its
+    rows freed; the other completes."""
     policy, twist = models
     holds = HoldsAlone(policy, limit=8)
     gated = Gated(holds)
@@ -787,7 +789,7 @@ def test_a_request_running_again_alone_can_be_cancelled(models: tuple[Any, Any])
         second = engine.submit((), "smc", num_particles=8, rng=1)
         gated.gate.set()
         assert holds.entered.wait(10)  # the first runs alone, the second waits in its own lane
-        assert engine.stats()["retried_alone"] == 2
+        assert engine.stats()["restarts"] == 2
         assert second.cancel()
         holds.gate.set()
         result = first.result(timeout=30)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Callable
 
@@ -14,7 +15,7 @@ from tiltsmc.models.particles import Particles
 from tiltsmc.samplers._engine import Models
 from tiltsmc.samplers.baselines import best_of_n_run, rejection_run
 from tiltsmc.samplers.correction import mh_run
-from tiltsmc.samplers.lane import Lane, _Ledger, _packing, run_alone, run_together
+from tiltsmc.samplers.lane import Lane, _Ledger, _packing, halves, run_alone, run_together
 from tiltsmc.samplers.result import Compute, SamplerResult
 from tiltsmc.samplers.runs import Run, SharedStep, SMCRun, Trace, reweigh_together
 from tiltsmc.samplers.sequential import smc_run, sp_gsmc_run
@@ -564,11 +565,12 @@ def test_newcomers_that_do_not_fit_the_free_rows_join_behind_in_blocks_of_their_
         np.testing.assert_array_equal(alone.log_z, each.result.log_z)
 
 
-def test_runs_a_batch_call_failed_for_run_again_alone_and_only_the_cause_fails() -> None:
+def test_runs_a_batch_call_failed_for_run_again_in_halves_and_only_the_cause_fails() -> None:
     """``run_together(again=...)``, the CLI's batches: a policy call that raises for the batch ends its
-    runs with ``failed_together`` set; each runs again alone from its start (``again``), so the run that
-    causes it fails with the policy's error and the others give exactly their results alone. Without
-    ``again`` (as before) every run of the batch ends with the error; a lone run's failure is its own."""
+    runs with ``failed_together`` set; they run again from their start (``again``) in halves, and a half
+    that fails again in halves of it, so the run that causes it fails alone with the policy's error and
+    the others give exactly their results alone. Without ``again`` every run of the batch ends with the
+    error; a lone run's failure is its own."""
     task = MarkovDFATask.random(4, 3, 6, rng=0)
     models = Models(RefusesPoison(task.policy()), task.twist(noise=0.4, rng=1), Compute())
     prompts: list[Any] = [(), Poison(), ()]
@@ -585,7 +587,7 @@ def test_runs_a_batch_call_failed_for_run_again_alone_and_only_the_cause_fails()
         return build(i)
 
     results = run_together(models, [build(i) for i in range(3)], return_errors=True, again=again)
-    assert built == [0, 1, 2]  # every run of the failed batch, once
+    assert built == [0, 1, 2, 0, 1]  # the batch in halves [0, 1] and [2], then [0, 1] in halves
     assert isinstance(results[1], RuntimeError) and "poisoned" in str(results[1])
     for i in (0, 2):
         alone = run_alone(models, build(i))
@@ -598,3 +600,17 @@ def test_runs_a_batch_call_failed_for_run_again_alone_and_only_the_cause_fails()
     lane.add(build(1))
     assert [type(error) for _, error in lane.step()] == [RuntimeError]
     assert lane.failed_together == frozenset()
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 8, 9])
+def test_halves_split_in_order_down_to_one(n: int) -> None:
+    """Halving a failed batch again and again ends at single runs in ceil(log2(n)) rounds, every run in
+    exactly one part at each round, in order."""
+    parts = [list(range(n))] if n else []
+    rounds = 0
+    while any(len(part) > 1 for part in parts):
+        parts = [half for part in parts for half in (halves(part) if len(part) > 1 else [part])]
+        rounds += 1
+        assert [i for part in parts for i in part] == list(range(n))
+    assert rounds == (math.ceil(math.log2(n)) if n > 1 else 0)
+    assert halves([7]) == [[7]] and halves([]) == []

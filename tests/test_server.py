@@ -695,10 +695,10 @@ def test_health_and_metrics(server: Server) -> None:
         'tiltsmc_worker_row_limit{worker="0"}',
         "tiltsmc_cache_bytes_in_flight",
         "tiltsmc_max_cache_bytes",  # auto, the default: the fixtures' policy says its cache's size
-        "tiltsmc_requests_retried_alone_total",
+        "tiltsmc_request_restarts_total",
     ):
         assert name in text, name
-    assert server.metric("tiltsmc_requests_retried_alone_total") == 0
+    assert server.metric("tiltsmc_request_restarts_total") == 0
     assert 'worker="1"' not in text  # one worker unless --workers says more
     assert server.metric('tiltsmc_requests_total{outcome="completed"}') >= 1
     # the row limit is learned from the steps' times (0 until a batch size has 8 steps measured): the

@@ -26,7 +26,7 @@ Every failure is one line ``tiltsmc: ...`` on standard error with exit status 2 
 or model files) or 1 (the run or the output failed); the environment variable ``TILTSMC_TRACEBACK=1``
 shows the traceback of an unexpected error instead. A prompt that fails (the policy cannot start it, or a
 model's output for it is unusable during the run, ONNX Runtime's errors included: a model call that
-raises for a batch runs each of its prompts again alone, to find whose it is) fails alone: its line
+raises for a batch runs its prompts again in halves, to find whose it is) fails alone: its line
 carries the ``error``, its reason goes to standard error (with its traceback under ``TILTSMC_TRACEBACK=1``,
 where an exception ended it), the other prompts' lines are written, and the run fails (status 1) only
 where every prompt failed.
@@ -1566,9 +1566,9 @@ def _sample(
     ``_prompt_rng``, and its own share of the compute. A run alone gives exactly the sampler
     function's result for that prompt and generator. A run that fails (its model outputs, ONNX Runtime's
     errors) fails its prompt alone: its result is ``failed_result`` with the error (``prompt 0: ...``), and
-    the exception is returned too, by index in the batch. Where a model call raises for the batch, each of
-    its prompts runs again alone from its start (``run_together``'s ``again``), so that the one that makes
-    it fail fails alone."""
+    the exception is returned too, by index in the batch. Where a model call raises for the batch, its
+    prompts run again from their start in halves (``run_together``'s ``again``), so that the one that
+    makes it fail fails alone."""
     build = SAMPLER_FUNCTIONS[args.sampler.replace("-", "_")][1]  # one table: the engine's
     runs = [
         build(models, [prompt], rng=_prompt_rng(args.seed, offset + i), **options)
@@ -1586,7 +1586,7 @@ def _sample(
     results: list[SamplerResult] = []
     failures: dict[int, BaseException] = {}
 
-    def again(i: int) -> Run:  # a prompt whose batch's model call failed, afresh: it runs alone
+    def again(i: int) -> Run:  # a prompt whose batch's model call failed, afresh
         return build(models, [prompts[i]], rng=_prompt_rng(args.seed, offset + i), **options)
 
     together = run_together(models, runs, on_step, return_errors=True, again=again)

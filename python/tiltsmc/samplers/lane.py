@@ -27,7 +27,7 @@ import logging
 import operator
 import time
 from collections.abc import Sequence
-from typing import Any, Callable, Optional, cast
+from typing import Any, Callable, Optional, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -39,7 +39,7 @@ from ._engine import FloatArray, Models, failed_prompts
 from .result import prompt_error
 from .runs import LOG_V_PREV, PoolRun, Run, SharedStep, SMCRun, pool_together, reweigh_together
 
-__all__ = ["KINDS", "Lane", "RunFailed", "run_alone", "run_together"]
+__all__ = ["KINDS", "Lane", "RunFailed", "halves", "run_alone", "run_together"]
 
 KINDS = ("guided", "twist", "rollout")
 # The padding columns no row of the batch uses any more (its longest runs left) are dropped once they are
@@ -124,8 +124,9 @@ class Lane:
     (its model outputs) fails that prompt only (see the module docstring), one confined to one run (its
     arguments, its values) ends that run only; a model call that fails for the whole batch ends every run
     in it, and where these were several, ``failed_together`` holds them (by ``id``) until the next step:
-    the call cannot tell whose rows made it fail, so a caller may run each again alone (the serving
-    engine does). ``compute`` adds up every model call of the lane.
+    the call cannot tell whose rows made it fail, so a caller may run them again in ``halves``, and
+    those of a half that fails again in halves of it, to find whose it is (the serving engine and
+    ``run_together`` do). ``compute`` adds up every model call of the lane.
     """
 
     def __init__(self, models: Models, kind: str) -> None:
@@ -1091,6 +1092,19 @@ class RunFailed(Exception):
         self.index, self.error = index, error
 
 
+T = TypeVar("T")
+
+
+def halves(items: Sequence[T]) -> list[list[T]]:
+    """``items`` in two halves, in order (the first the larger; one item: itself alone): how the runs of a
+    batch whose model call failed run again (``Lane.failed_together``). A half that fails again is
+    halved in turn, so a run that fails every call it is in is found after at most ``ceil(log2(n))``
+    rounds, and the runs with it lose their steps that often at most; where the batch's size was the
+    cause, the halves find a size the model takes."""
+    middle = (len(items) + 1) // 2
+    return [list(part) for part in (items[:middle], items[middle:]) if part]
+
+
 def run_together(
     models: Models,
     runs: Sequence[Run],
@@ -1105,28 +1119,24 @@ def run_together(
     ended. The first run to fail raises ``RunFailed`` with its index; with ``return_errors``, a run that
     fails has the exception that ended it in place of its result, and the others go on. ``again(i)``: a
     fresh run ``i`` from its start; given, the runs that a model call failing for their batch ended
-    (``Lane.failed_together``) run again, each in a lane of its own, once: what fails then is their own."""
+    (``Lane.failed_together``) run again, in ``halves`` (each in a lane of its own), until what fails
+    is a run alone: its own failure."""
     lanes = [Lane(models, runs[0].kind)]
     for run in runs:
         lanes[0].add(run)
     index = {id(run): i for i, run in enumerate(runs)}
-    retried: set[int] = set()
     results: dict[int, Any] = {}
     began = time.perf_counter()
     while len(results) < len(runs):
         stepped = [index[id(run)] for lane in lanes for run in lane.runs()]
         ended = []
         for lane in list(lanes):
+            failed: list[int] = []
             for ended_run, error in lane.step():
                 i = index.pop(id(ended_run))
-                if error is not None and again is not None and i not in retried:
-                    if id(ended_run) in lane.failed_together:
-                        retried.add(i)
-                        fresh = again(i)
-                        index[id(fresh)] = i
-                        lanes.append(Lane(models, fresh.kind))
-                        lanes[-1].add(fresh)
-                        continue
+                if again is not None and id(ended_run) in lane.failed_together:
+                    failed.append(i)
+                    continue
                 if error is not None and not return_errors:
                     raise RunFailed(i, error)
                 ended_run.compute.total_seconds = time.perf_counter() - began
@@ -1134,6 +1144,13 @@ def run_together(
                     assert ended_run.result is not None
                 results[i] = ended_run.result if error is None else error
                 ended.append(i)
+            for half in halves(failed):
+                assert again is not None  # runs fail together only where it is given
+                lanes.append(Lane(models, runs[0].kind))
+                for i in half:
+                    fresh = again(i)
+                    index[id(fresh)] = i
+                    lanes[-1].add(fresh)
         lanes = [lane for lane in lanes if len(lane)]
         if on_step is not None:
             on_step(stepped, ended)

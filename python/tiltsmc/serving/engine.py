@@ -44,7 +44,7 @@ from ..models._config import flag, real_number
 from ..models.protocols import Policy, RewardModel
 from ..samplers import baselines, correction, sequential
 from ..samplers._engine import Models, check_count
-from ..samplers.lane import KINDS, Lane
+from ..samplers.lane import KINDS, Lane, halves
 from ..samplers.result import Compute, SamplerResult
 from ..samplers.runs import Run, decode_texts
 from .scheduler import BatchSizer, EngineClosed, Overloaded, Request, Scheduler, another_should_take
@@ -282,9 +282,9 @@ class _Worker:
         self.index = index
         self.models = Models(policy, reward, Compute())
         self.lanes = {kind: Lane(self.models, kind) for kind in KINDS}
-        # lanes of one request each: requests run again alone after a model call failed for their batch
-        self.alone: list[Lane] = []
-        self.alone_calls = self.alone_rows = 0  # the policy calls of alone lanes gone, and their rows
+        # lanes of requests that run again from their start, a half of a batch whose model call failed each
+        self.retrying: list[Lane] = []
+        self.retried_calls = self.retried_rows = 0  # the policy calls of retrying lanes gone, and their rows
         # by id(run): changed by this worker only, under the engine's lock (other threads read it)
         self.in_flight: dict[int, Request] = {}
         self.sizer = BatchSizer() if adaptive else None
@@ -319,21 +319,21 @@ class _Worker:
     def policy_rows(self) -> tuple[int, int]:
         """Policy calls made by its lanes, and the rows they served."""
         lanes = self.all_lanes()
-        calls = self.alone_calls + sum(lane.policy_calls for lane in lanes)
-        return calls, self.alone_rows + sum(lane.policy_rows for lane in lanes)
+        calls = self.retried_calls + sum(lane.policy_calls for lane in lanes)
+        return calls, self.retried_rows + sum(lane.policy_rows for lane in lanes)
 
     def all_lanes(self) -> list[Lane]:
-        """Its lanes by kind, then those of requests running again alone."""
-        return [*self.lanes.values(), *self.alone]
+        """Its lanes by kind, then those of requests that run again (``retrying``)."""
+        return [*self.lanes.values(), *self.retrying]
 
-    def prune_alone(self) -> None:
-        """Alone lanes whose request has ended go (their policy calls kept in the counts)."""
-        if any(not len(lane) for lane in self.alone):
-            for lane in self.alone:
+    def prune_retrying(self) -> None:
+        """Retrying lanes whose requests have all ended go (their policy calls kept in the counts)."""
+        if any(not len(lane) for lane in self.retrying):
+            for lane in self.retrying:
                 if not len(lane):
-                    self.alone_calls += lane.policy_calls
-                    self.alone_rows += lane.policy_rows
-            self.alone = [lane for lane in self.alone if len(lane)]
+                    self.retried_calls += lane.policy_calls
+                    self.retried_rows += lane.policy_rows
+            self.retrying = [lane for lane in self.retrying if len(lane)]
 
 
 class Engine:
@@ -442,7 +442,7 @@ class Engine:
             "timed_out": 0,
             "rejected": 0,
         }
-        self._retried = 0  # requests run again alone after a model call failed for their batch
+        self._restarts = 0  # requests run again from their start after a model call failed for their batch
         self._worked = False  # steps taken since the memory was last released
         self.release_memory_after = _seconds(release_memory_after, "release_memory_after")
         # freed blocks reused during a burst, given back once idle
@@ -540,13 +540,13 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         """Requests waiting and in flight, particle rows in flight, counts by outcome, and the time of
         the steps so far split into the policy's, the reward model's and tiltsmc's own (summed over the
-        workers; each worker's own figures in ``"workers"``); ``"retried_alone"``: the requests run again
-        alone from their start after a model call raised for their batch (``_again``). The split, the
+        workers; each worker's own figures in ``"workers"``); ``"restarts"``: the times requests ran again
+        from their start after a model call raised for their batch (``_restart_halves``). The split, the
         model calls and the rows per policy call are added up at the end of each step: two reads always
         cover the same whole steps in every part (a step in progress is in none)."""
         with self._wake:
             counts = dict(self._counts)
-            retried = self._retried
+            restarts = self._restarts
             workers: list[dict[str, Any]] = [
                 {
                     "in_flight": len(w.in_flight),
@@ -585,7 +585,7 @@ class Engine:
             "reward_seconds": reward_seconds,
             "tiltsmc_seconds": max(seconds - policy_seconds - reward_seconds, 0.0),
             "requests": counts,
-            "retried_alone": retried,
+            "restarts": restarts,
             "closed": self._closing,
             "failed": None if self._broken is None else repr(self._broken),
             "workers": workers,
@@ -724,10 +724,13 @@ class Engine:
                     logger.exception("a lane step failed")
                     ended = [(run, failure) for run in lane.runs()]
                     lane.remove(lane.runs())
+                failed = [(run, error) for run, error in ended if id(run) in lane.failed_together]
                 for run, error in ended:
-                    if error is None or id(run) not in lane.failed_together or not self._again(worker, run):
+                    if id(run) not in lane.failed_together:
                         self._finish(worker, run, error)
-        worker.prune_alone()
+                if failed:
+                    self._restart_halves(worker, failed)
+        worker.prune_retrying()
         seconds = time.perf_counter() - began
         calls_after, rows_after = worker.policy_rows()
         if worker.sizer is not None:  # the rows the step's policy calls served, and what the step took
@@ -774,7 +777,7 @@ class Engine:
             return
         for kind, lane in worker.lanes.items():  # one compaction of each lane's particles
             lane.remove([r.run for r in gone if r.run.kind == kind])
-        for lane in worker.alone:
+        for lane in worker.retrying:
             lane.remove([r.run for r in gone])
         with self._wake:
             for request in gone:
@@ -810,33 +813,44 @@ class Engine:
         run.decodes_texts = False
         return run
 
-    def _again(self, worker: _Worker, run: Run) -> bool:
-        """``run`` ended as a model call failed for its batch (``Lane.failed_together``): whether its
-        request runs again from its start, in a lane of its own, instead of ending with the error. Once a
-        request: alone, what fails is its own (a prompt, options or draws the model cannot take), and a
-        batch that failed for another cause (a fault of the model's, memory that a smaller call finds)
-        costs its requests their steps so far, not their result. A request with a seed so gives what it
-        gives alone, exactly the offline function's result."""
-        with self._wake:
-            request = worker.in_flight.get(id(run))
+    def _restart_halves(self, worker: _Worker, failed: list[tuple[Run, Optional[BaseException]]]) -> None:
+        """Runs that a model call failing for their batch ended (``Lane.failed_together``, each with the
+        error): their requests run again from their start, in two lanes of half the batch each
+        (``halves``), instead of ending with the error. A half that fails so again is halved in turn,
+        down to a request alone, whose failure is its own (a prompt, options or draws the model cannot
+        take): one request failing every call it is in costs the others their steps so far, each at most
+        ``log2`` of the batch's requests times, and a batch that failed for another cause (memory that a
+        smaller call finds) its requests their steps so far, not their results. A request with a seed so
+        gives what it gives in any batch, alone exactly the offline function's result."""
+        restarted: list[Run] = []
+        for run, error in failed:
+            with self._wake:
+                request = worker.in_flight.get(id(run))
             if request is None or request.restart is None or request.future.cancelled():
-                return False
-            restart, request.restart = request.restart, None
-        try:
-            fresh = restart()
-        except Exception:  # its generator cannot be set back: the request ends with the batch's error
-            logger.exception("request %d cannot run again alone", request.id)
-            return False
-        with self._wake:
-            del worker.in_flight[id(run)]
-            worker.in_flight[id(fresh)] = request
-            request.run = fresh
-            self._retried += 1
-        lane = Lane(worker.models, fresh.kind)
-        lane.add(fresh)
-        worker.alone.append(lane)
-        logger.warning("request %d runs again alone: a model call failed for its batch", request.id)
-        return True
+                self._finish(worker, run, error)  # cancelled: counted so
+                continue
+            try:
+                fresh = request.restart()
+            except Exception:  # its generator cannot be set back: the request ends with the batch's error
+                logger.exception("request %d cannot run again", request.id)
+                self._finish(worker, run, error)
+                continue
+            with self._wake:
+                del worker.in_flight[id(run)]
+                worker.in_flight[id(fresh)] = request
+                request.run = fresh
+                self._restarts += 1
+            restarted.append(fresh)
+        if restarted:
+            logger.warning(
+                "a model call failed for a batch of %d requests: they run again from their start, in "
+                "halves of %s", len(failed), " and ".join(str(len(half)) for half in halves(restarted)),
+            )  # fmt: skip
+        for half in halves(restarted):
+            lane = Lane(worker.models, half[0].kind)
+            for fresh in half:
+                lane.add(fresh)
+            worker.retrying.append(lane)
 
     def _finish(self, worker: _Worker, run: Run, error: Optional[BaseException]) -> None:
         result = run.result

@@ -1118,9 +1118,9 @@ class _EngineCollector:
             requests.add_metric([outcome], count)
         yield requests
         yield CounterMetricFamily(
-            "tiltsmc_requests_retried_alone",
-            "Requests run again alone from their start after a model call failed for their batch",
-            value=stats["retried_alone"],
+            "tiltsmc_request_restarts",
+            "Times requests ran again from their start after a model call failed for their batch",
+            value=stats["restarts"],
         )
         yield GaugeMetricFamily(
             "tiltsmc_queue_depth", "Requests waiting for particle rows", value=stats["waiting"]
