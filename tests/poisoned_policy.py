@@ -14,11 +14,13 @@ class Poison(tuple):  # type: ignore[type-arg]
 
 
 class RefusesPoison:
-    """A real policy whose ``propose`` raises for a batch holding a :class:`Poison` prompt (a user model's
-    error that one request causes and that fails the whole batched call)."""
+    """A real token policy (the exact tasks') whose ``propose`` and ``next_log_probs`` raise for a batch
+    holding a :class:`Poison` prompt (a user model's error that one request causes and that fails the
+    whole batched call)."""
 
     token_level = True
     supports_engine = True
+    log_probs_checked = True
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
@@ -28,7 +30,17 @@ class RefusesPoison:
         particles: Particles = self.inner.start(prompts, num_particles)
         return particles
 
-    def propose(self, particles: Particles, rng: Any) -> Any:
+    def refuse(self, particles: Particles) -> None:
         if any(isinstance(prompt, Poison) for prompt in particles.prompts):
             raise RuntimeError("this policy cannot take a poisoned prompt")
+
+    def propose(self, particles: Particles, rng: Any) -> Any:
+        self.refuse(particles)
         return self.inner.propose(particles, rng)
+
+    def next_log_probs(self, particles: Particles) -> Any:
+        self.refuse(particles)
+        return self.inner.next_log_probs(particles)
+
+    def append(self, particles: Particles, tokens: Any) -> None:
+        self.inner.append(particles, tokens)

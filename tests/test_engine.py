@@ -688,6 +688,55 @@ def test_a_failing_model_call_ends_its_batch_and_the_engine_goes_on(
     assert same_result(after, tiltsmc.smc(policy, twist, prompts=[()], num_particles=8, rng=1))
 
 
+class Held(tuple):  # type: ignore[type-arg]
+    """An empty prompt whose steps wait for ``HeldRefusesPoison.gate``."""
+
+
+class HeldRefusesPoison(RefusesPoison):
+    """``RefusesPoison`` whose ``propose`` waits for ``gate`` on a batch holding a :class:`Held` prompt
+    (to hold the worker inside a step while requests queue)."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def propose(self, particles: Particles, rng: Any) -> Any:
+        if any(isinstance(prompt, Held) for prompt in particles.prompts):
+            self.entered.set()
+            assert self.gate.wait(20), "the test never opened the gate"
+        return super().propose(particles, rng)
+
+
+@pytest.mark.parametrize(("sampler", "options"), MARKOV_REQUESTS)
+def test_every_sampler_finds_the_request_its_batch_call_fails_for(
+    models: tuple[Any, Any], sampler: str, options: dict[str, Any]
+) -> None:
+    """Every sampler's requests, batched with one whose prompt the policy refuses (its ``propose`` or, in
+    the optimal proposal's and exact SP-gSMC's lanes, ``next_log_probs`` raising for the batch): that
+    request fails alone with the policy's error, and the others (and the request holding the worker
+    while they queued) get exactly their offline results."""
+    policy, twist = models
+    held = HeldRefusesPoison(policy)
+    with tiltsmc.Engine(held, twist, adaptive_rows=False) as engine:
+        holder = engine.submit(Held(), "smc", num_particles=4, rng=99)
+        assert held.entered.wait(10)  # the worker inside the holder's first step: the others queue
+        futures = {seed: engine.submit((), sampler, rng=seed, **options) for seed in (1, 2, 3)}
+        poisoned = engine.submit(Poison(), sampler, rng=4, **options)
+        held.gate.set()
+        with pytest.raises(RuntimeError, match="cannot take a poisoned prompt"):
+            poisoned.result(timeout=60)
+        results = {seed: future.result(timeout=60) for seed, future in futures.items()}
+        assert same_result(
+            holder.result(timeout=60), tiltsmc.smc(policy, twist, prompts=[()], num_particles=4, rng=99)
+        )
+        stats = engine.stats()
+    assert stats["restarts"] >= 2  # at least the poisoned request's last half
+    assert stats["requests"]["failed"] == 1 and stats["requests"]["completed"] == 4
+    for seed, result in results.items():
+        assert same_result(result, OFFLINE[sampler](policy, twist, prompts=[()], rng=seed, **options))
+
+
 class FailsOverRows(RefusesPoison):
     """A real policy whose ``propose`` raises for a batch of more than ``limit`` rows (memory that a
     smaller call finds)."""
