@@ -5,6 +5,7 @@ tiltsmc.serving.ray's checks that need no running Ray)."""
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import threading
 from typing import Any, Callable, Optional
@@ -378,8 +379,11 @@ def test_deployment_options_refuse_what_ray_would_drop_or_refuse_after_it_starte
     options = ReplicaOptions({}, Settings())
     autoscaling = {"min_replicas": 1, "max_replicas": 2}
     # replicas was dropped silently with autoscaling (tiltsmc serve refuses --replicas with --autoscale)
-    with pytest.raises(ValueError, match=r"^replicas: not with autoscaling"):
-        deployment_options(options, replicas=3, autoscaling=autoscaling)
+    for replicas in (3, 1):  # 1, the default, was taken as left out
+        with pytest.raises(ValueError, match=r"^replicas: not with autoscaling"):
+            deployment_options(options, replicas=replicas, autoscaling=autoscaling)
+    resources = deployment_options(options, num_cpus=-0.0, num_gpus=-0.0)["ray_actor_options"]
+    assert [math.copysign(1.0, resources[name]) for name in ("num_cpus", "num_gpus")] == [1.0, 1.0]
     assert "num_replicas" not in deployment_options(options, autoscaling=autoscaling)
     assert deployment_options(options)["num_replicas"] == 1
     assert deployment_options(options, replicas=np.int64(2))["num_replicas"] == 2  # type: ignore[arg-type]

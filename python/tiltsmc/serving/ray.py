@@ -119,7 +119,7 @@ def check_resource(value: Any, name: str) -> float:
     quantity = real_number(value, name)
     if not math.isfinite(quantity) or quantity < 0 or 0 < quantity < RESOURCE_UNIT:
         raise ValueError(f"{name}: expected {what}, got {value!r}")
-    return quantity
+    return quantity + 0.0  # -0.0 as 0.0
 
 
 def check_autoscaling(autoscaling: Any) -> dict[str, Any]:
@@ -150,7 +150,7 @@ def check_autoscaling(autoscaling: Any) -> dict[str, Any]:
 def deployment_options(
     options: ReplicaOptions,
     *,
-    replicas: int = REPLICAS,
+    replicas: Optional[int] = None,
     autoscaling: Optional[dict[str, Any]] = None,
     num_cpus: float = REPLICA_CPUS,
     num_gpus: float = REPLICA_GPUS,
@@ -160,12 +160,12 @@ def deployment_options(
     no Ray): see ``build_application``."""
     if not isinstance(options, ReplicaOptions):
         raise TypeError(f"options: expected a ReplicaOptions, got {type(options).__name__}")
-    replicas = _count(replicas, "replicas", 1)
-    if autoscaling is not None and replicas != REPLICAS:  # the default: not told apart from one left out
+    if autoscaling is not None and replicas is not None:
         raise ValueError(
             f"replicas: not with autoscaling, which sets the replicas between its min_replicas and "
-            f"max_replicas; give one of them (got replicas={replicas})"
+            f"max_replicas; give one of them (got replicas={replicas!r})"
         )
+    replicas = REPLICAS if replicas is None else _count(replicas, "replicas", 1)
     config = None if autoscaling is None else check_autoscaling(autoscaling)
     settings = options.settings
     grace = real_number(settings.grace, "options: settings.grace")
@@ -195,18 +195,18 @@ def deployment_options(
 def build_application(
     options: ReplicaOptions,
     *,
-    replicas: int = REPLICAS,
+    replicas: Optional[int] = None,
     autoscaling: Optional[dict[str, Any]] = None,
     num_cpus: float = REPLICA_CPUS,
     num_gpus: float = REPLICA_GPUS,
     max_ongoing_requests: Optional[int] = None,
 ) -> Any:
-    """The Ray Serve application: ``replicas`` replicas (or Ray Serve's ``autoscaling_config``, with which
-    another number of replicas than the default is refused), each with ``num_cpus`` / ``num_gpus`` and up
-    to ``max_ongoing_requests`` requests (default: the engine's ``max_queue``).
+    """The Ray Serve application: ``replicas`` replicas (None: ``REPLICAS``), or Ray Serve's
+    ``autoscaling_config`` (with which ``replicas`` is refused), each with ``num_cpus`` / ``num_gpus`` and
+    up to ``max_ongoing_requests`` requests (default: the engine's ``max_queue``).
 
     Every argument is checked before Ray is imported: ``options`` a ``ReplicaOptions`` (its settings'
-    ``grace`` and ``max_queue`` too), ``replicas`` an int >= 1,
+    ``grace`` and ``max_queue`` too), ``replicas`` None or an int >= 1,
     ``autoscaling`` None or a dict (see ``check_autoscaling``), ``num_cpus`` / ``num_gpus``
     finite numbers >= 0 (see ``check_resource``), ``max_ongoing_requests`` None or an int >= 1 (0 is
     refused, not read as the default); TypeError or ValueError naming the argument otherwise."""
