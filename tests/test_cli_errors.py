@@ -661,7 +661,11 @@ def test_ray_options_left_out_take_build_applications_defaults(capsys: pytest.Ca
     from tiltsmc.serving import ray as serving_ray
 
     parameters = inspect.signature(serving_ray.build_application).parameters
-    assert parameters["replicas"].default == serving_ray.REPLICAS
+    assert parameters["replicas"].default is None  # REPLICAS, told apart from one given (autoscaling)
+    assert (
+        serving_ray.deployment_options(serving_ray.ReplicaOptions({}, serving_ray.Settings()))["num_replicas"]
+        == serving_ray.REPLICAS
+    )
     assert parameters["num_cpus"].default == serving_ray.REPLICA_CPUS
     assert parameters["num_gpus"].default == serving_ray.REPLICA_GPUS
     parse = build_parser().parse_args
