@@ -17,6 +17,8 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 import tiltsmc
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx_helpers import policy_with_logits_added_after
 from poisoned_policy import Poison, RefusesPoison
 from stuck_policy import SCRIPT_HEAD
@@ -1440,3 +1442,75 @@ def test_options_past_their_types_range_are_refused_at_submit_naming_them(models
         assert served.result(timeout=60).ancestry is not None
     engine = tiltsmc.Engine(*models, adaptive_rows=np.False_, keep_freed_memory=np.False_)
     assert engine.close(drain=np.True_, timeout=10**400)
+
+
+class Faulty(HeldRefusesPoison):
+    """``HeldRefusesPoison`` that also raises for a batch of more than ``limit`` rows (memory that a smaller
+    call finds)."""
+
+    def __init__(self, inner: Any, limit: int) -> None:
+        super().__init__(inner)
+        self.limit = limit
+
+    def refuse(self, particles: Particles) -> None:
+        if particles.lengths.size > self.limit:
+            raise RuntimeError(f"out of memory for {particles.lengths.size} rows")
+        super().refuse(particles)
+
+
+@settings(max_examples=20, deadline=None, derandomize=True, database=None)
+@given(
+    jobs=st.lists(
+        st.tuples(
+            st.integers(0, len(MARKOV_REQUESTS) - 1), st.booleans(), st.sampled_from(["keep", "cancel"])
+        ),
+        min_size=1,
+        max_size=10,
+    ),
+    limit=st.sampled_from([16, 40, 10**6]),
+    workers=st.integers(1, 2),
+)
+def test_failing_batches_cancellations_and_workers_never_lose_or_mix_a_request(
+    jobs: list[tuple[int, bool, str]], limit: int, workers: int
+) -> None:
+    """Requests of every sampler queued together (behind a request holding the worker), some with a
+    prompt the policy refuses, some cancelled at once, to a policy that also fails for batches over
+    ``limit`` rows, on one or two workers: every future ends; a refused prompt's request fails with the
+    policy's error, every other request that was not cancelled gets exactly its offline result; the
+    counts add up and the rows are freed."""
+    task = MarkovDFATask.random(4, 3, 6, rng=0)
+    policy, twist = task.policy(), task.twist(noise=0.4, rng=1)
+    faulty = Faulty(policy, limit)
+    futures = []
+    with tiltsmc.Engine(faulty, twist, workers=workers, adaptive_rows=False) as engine:
+        holder = engine.submit(Held(), "smc", num_particles=4, rng=99)
+        assert faulty.entered.wait(10)
+        for seed, (which, poisoned, fate) in enumerate(jobs):
+            sampler, options = MARKOV_REQUESTS[which]
+            future = engine.submit(Poison() if poisoned else (), sampler, rng=seed, **options)
+            cancelled = fate == "cancel" and future.cancel()
+            futures.append((seed, sampler, options, poisoned, cancelled, future))
+        faulty.gate.set()
+        expected = tiltsmc.smc(policy, twist, prompts=[()], num_particles=4, rng=99)
+        assert same_result(holder.result(timeout=60), expected)
+        for seed, sampler, options, poisoned, cancelled, future in futures:
+            if cancelled:
+                assert future.cancelled()
+            elif poisoned:
+                with pytest.raises(RuntimeError, match="cannot take a poisoned prompt"):
+                    future.result(timeout=60)
+            else:
+                expected = OFFLINE[sampler](policy, twist, prompts=[()], rng=seed, **options)
+                assert same_result(future.result(timeout=60), expected)
+        deadline = time.monotonic() + 10  # a request cancelled while it waits is counted once it is seen
+        while True:
+            stats = engine.stats()
+            counts = stats["requests"]
+            if counts["completed"] + counts["failed"] + counts["cancelled"] == len(jobs) + 1:
+                break
+            assert time.monotonic() < deadline, f"requests never ended: {stats}"
+            time.sleep(0.01)
+    assert counts["submitted"] == len(jobs) + 1  # and the holder
+    assert counts["cancelled"] == sum(cancelled for *_, cancelled, _ in futures)
+    assert counts["failed"] == sum(poisoned and not cancelled for *_, poisoned, cancelled, _ in futures)
+    assert (stats["in_flight"], stats["rows_in_flight"], stats["waiting"]) == (0, 0, 0)
