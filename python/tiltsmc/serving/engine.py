@@ -909,9 +909,11 @@ class Engine:
 
 
 def _generator_state(generator: np.random.Generator) -> Any:
-    """The state of ``generator``'s bit generator, to set it back to (None where it has none to give)."""
+    """The state of ``generator``'s bit generator, to set it back to (None where it has none to give).
+    numpy's bit generators build it afresh at each read (their arrays included): a copy, which the
+    generator's later draws leave as it is."""
     try:
-        return copy.deepcopy(generator.bit_generator.state)
+        return generator.bit_generator.state
     except Exception:
         return None
 
