@@ -1570,10 +1570,11 @@ def _sample(
     prompts run again from their start in halves (``run_together``'s ``again``), so that the one that
     makes it fail fails alone."""
     build = SAMPLER_FUNCTIONS[args.sampler.replace("-", "_")][1]  # one table: the engine's
-    runs = [
-        build(models, [prompt], rng=_prompt_rng(args.seed, offset + i), **options)
-        for i, prompt in enumerate(prompts)
-    ]
+
+    def prompt_run(i: int) -> Run:  # prompt i's run from its start (again where its batch's call failed)
+        return build(models, [prompts[i]], rng=_prompt_rng(args.seed, offset + i), **options)
+
+    runs = [prompt_run(i) for i in range(len(prompts))]
     steps = [0] * len(runs)
 
     def on_step(stepped: list[int], ended: list[int]) -> None:
@@ -1585,11 +1586,7 @@ def _sample(
 
     results: list[SamplerResult] = []
     failures: dict[int, BaseException] = {}
-
-    def again(i: int) -> Run:  # a prompt whose batch's model call failed, afresh
-        return build(models, [prompts[i]], rng=_prompt_rng(args.seed, offset + i), **options)
-
-    together = run_together(models, runs, on_step, return_errors=True, again=again)
+    together = run_together(models, runs, on_step, return_errors=True, again=prompt_run)
     for i, (run, result) in enumerate(zip(runs, together)):
         if isinstance(result, BaseException):
             failures[i] = result

@@ -39,7 +39,7 @@ from ._engine import FloatArray, Models, failed_prompts
 from .result import prompt_error
 from .runs import LOG_V_PREV, PoolRun, Run, SharedStep, SMCRun, pool_together, reweigh_together
 
-__all__ = ["KINDS", "Lane", "RunFailed", "halves", "run_alone", "run_together"]
+__all__ = ["KINDS", "Lane", "RunFailed", "halves", "lanes_in_halves", "run_alone", "run_together"]
 
 KINDS = ("guided", "twist", "rollout")
 # The padding columns no row of the batch uses any more (its longest runs left) are dropped once they are
@@ -1105,6 +1105,18 @@ def halves(items: Sequence[T]) -> list[list[T]]:
     return [list(part) for part in (items[:middle], items[middle:]) if part]
 
 
+def lanes_in_halves(models: Models, runs: Sequence[Run]) -> list[Lane]:
+    """A lane for each of the ``halves`` of ``runs`` (fresh runs of one kind, in order): the lanes in which
+    the runs of a batch whose model call failed run again."""
+    lanes = []
+    for half in halves(runs):
+        lane = Lane(models, half[0].kind)
+        for run in half:
+            lane.add(run)
+        lanes.append(lane)
+    return lanes
+
+
 def run_together(
     models: Models,
     runs: Sequence[Run],
@@ -1144,13 +1156,11 @@ def run_together(
                     assert ended_run.result is not None
                 results[i] = ended_run.result if error is None else error
                 ended.append(i)
-            for half in halves(failed):
+            if failed:
                 assert again is not None  # runs fail together only where it is given
-                lanes.append(Lane(models, runs[0].kind))
-                for i in half:
-                    fresh = again(i)
-                    index[id(fresh)] = i
-                    lanes[-1].add(fresh)
+                fresh = [again(i) for i in failed]
+                index.update((id(run), i) for run, i in zip(fresh, failed))
+                lanes.extend(lanes_in_halves(models, fresh))
         lanes = [lane for lane in lanes if len(lane)]
         if on_step is not None:
             on_step(stepped, ended)

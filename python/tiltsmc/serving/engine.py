@@ -44,7 +44,7 @@ from ..models._config import flag, real_number
 from ..models.protocols import Policy, RewardModel
 from ..samplers import baselines, correction, sequential
 from ..samplers._engine import Models, check_count
-from ..samplers.lane import KINDS, Lane, halves
+from ..samplers.lane import KINDS, Lane, lanes_in_halves
 from ..samplers.result import Compute, SamplerResult
 from ..samplers.runs import Run, decode_texts
 from .scheduler import BatchSizer, EngineClosed, Overloaded, Request, Scheduler, another_should_take
@@ -724,9 +724,11 @@ class Engine:
                     logger.exception("a lane step failed")
                     ended = [(run, failure) for run in lane.runs()]
                     lane.remove(lane.runs())
-                failed = [(run, error) for run, error in ended if id(run) in lane.failed_together]
+                failed: list[tuple[Run, Optional[BaseException]]] = []
                 for run, error in ended:
-                    if id(run) not in lane.failed_together:
+                    if id(run) in lane.failed_together:
+                        failed.append((run, error))
+                    else:
                         self._finish(worker, run, error)
                 if failed:
                     self._restart_halves(worker, failed)
@@ -816,7 +818,7 @@ class Engine:
     def _restart_halves(self, worker: _Worker, failed: list[tuple[Run, Optional[BaseException]]]) -> None:
         """Runs that a model call failing for their batch ended (``Lane.failed_together``, each with the
         error): their requests run again from their start, in two lanes of half the batch each
-        (``halves``), instead of ending with the error. A half that fails so again is halved in turn,
+        (``lanes_in_halves``), instead of ending with the error. A half that fails so again is halved in turn,
         down to a request alone, whose failure is its own (a prompt, options or draws the model cannot
         take): one request failing every call it is in costs the others their steps so far, each at most
         ``log2`` of the batch's requests times, and a batch that failed for another cause (memory that a
@@ -842,15 +844,12 @@ class Engine:
                 self._restarts += 1
             restarted.append(fresh)
         if restarted:
+            lanes = lanes_in_halves(worker.models, restarted)
             logger.warning(
                 "a model call failed for a batch of %d requests: they run again from their start, in "
-                "halves of %s", len(failed), " and ".join(str(len(half)) for half in halves(restarted)),
+                "halves of %s", len(failed), " and ".join(str(len(lane)) for lane in lanes),
             )  # fmt: skip
-        for half in halves(restarted):
-            lane = Lane(worker.models, half[0].kind)
-            for fresh in half:
-                lane.add(fresh)
-            worker.retrying.append(lane)
+            worker.retrying.extend(lanes)
 
     def _finish(self, worker: _Worker, run: Run, error: Optional[BaseException]) -> None:
         result = run.result
