@@ -363,7 +363,6 @@ def bellman_error(
         if particles.finished.all():
             break
         scored = ~particles.finished & (log_v_prev > -np.inf)
-        prev_safe = np.where(scored, log_v_prev, 0.0)  # never -inf - -inf
         if exact:
             assert isinstance(policy, TokenPolicy) and isinstance(reward, TwistModel)
             log_p = checked_log_probs(
@@ -371,7 +370,7 @@ def bellman_error(
             )
             _fail_new_prompts(particles, errors)
             scored &= ~particles.finished  # a prompt failed here: left out from this step on
-            prev_safe = np.where(scored, log_v_prev, 0.0)
+            prev_safe = np.where(scored, log_v_prev, 0.0)  # never -inf - -inf
             next_log_v = _checked_log_values(
                 reward.next_log_values(particles), "next_log_values", log_p.shape, step
             )
@@ -387,7 +386,7 @@ def bellman_error(
             policy.propose(continuations, generator)
             # a prompt failed in its continuations: they did not take their step (rho would read 1)
             scored &= ~_fail_new_prompts(particles, errors, continuations)[:, None]
-            prev_safe = np.where(scored, log_v_prev, 0.0)
+            prev_safe = np.where(scored, log_v_prev, 0.0)  # never -inf - -inf
             log_values = _checked_log_values(
                 reward.log_value(continuations), "log_value", (batch, repeats.size), step
             ).reshape(batch, num_prefixes, samples_per_prefix)
