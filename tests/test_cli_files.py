@@ -4,6 +4,7 @@ model is loaded, and no temporary file left behind by a failure or a signal."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -16,6 +17,7 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,18 @@ not_root = pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="p
 
 def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if ".tiltsmc-" in p.name)
+
+
+@contextlib.contextmanager
+def reaped(process: subprocess.Popen[str]) -> Iterator[subprocess.Popen[str]]:
+    """``process``, killed and waited for on the way out where it is still running (after a failed
+    assertion, a test leaves no run behind)."""
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def prompts_of(text: str) -> list[str]:
@@ -243,18 +257,15 @@ def test_a_signal_after_lines_were_streamed_says_so(tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"prompt {k}\n" for k in range(400)))
     command = [sys.executable, "-m", "tiltsmc.cli", *RUN, "--prompts", str(prompts), "--batch-size", "1"]
-    process = subprocess.Popen(
-        [*command, "--max-new-tokens", "40"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
+    with reaped(
+        subprocess.Popen(
+            [*command, "--max-new-tokens", "40"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+    ) as process:
         assert process.stdout is not None
         first = process.stdout.readline()
         process.send_signal(signal.SIGTERM)
         rest, error = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
     assert process.returncode == -signal.SIGTERM
     lines = [line for line in (first + rest).split("\n") if line.endswith("}")]  # whole lines
     assert prompts_of("\n".join(lines))[:1] == ["prompt 0"]
@@ -347,13 +358,14 @@ def test_a_signal_mid_run_leaves_the_old_file_and_no_temporary_file(tmp_path: Pa
     out = tmp_path / "out.jsonl"
     out.write_text("old\n")
     command = [sys.executable, "-m", "tiltsmc.cli", *RUN, "--prompts", str(prompts), "--batch-size", "1"]
-    process = subprocess.Popen(
-        [*command, "--max-new-tokens", "40", "--json", str(out)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    with reaped(
+        subprocess.Popen(
+            [*command, "--max-new-tokens", "40", "--json", str(out)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    ) as process:
         deadline = time.monotonic() + 60
         while not leftovers(tmp_path) and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -362,10 +374,6 @@ def test_a_signal_mid_run_leaves_the_old_file_and_no_temporary_file(tmp_path: Pa
         assert process.poll() is None, "the run ended before the signal"
         process.send_signal(signum)
         _, error = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
     assert process.returncode == -signum  # ended by the signal, as the shell expects
     assert error == f"tiltsmc: stopped by {signal.Signals(signum).name}; no result file written\n"
     assert out.read_text() == "old\n" and leftovers(tmp_path) == []
@@ -381,22 +389,19 @@ NOHUP = (
 def test_an_ignored_sighup_stays_ignored(tmp_path: Path) -> None:
     """Under ``nohup`` (SIGHUP ignored) the run goes on to write its results."""
     out = tmp_path / "out.jsonl"
-    process = subprocess.Popen(
-        [sys.executable, "-c", NOHUP, *RUN, "--prompt", "hi", "--json", str(out)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    with reaped(
+        subprocess.Popen(
+            [sys.executable, "-c", NOHUP, *RUN, "--prompt", "hi", "--json", str(out)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    ) as process:
         deadline = time.monotonic() + 60
         while not leftovers(tmp_path) and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
         process.send_signal(signal.SIGHUP)
         _, error = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
     assert process.returncode == 0, error
     assert prompts_of(out.read_text()) == ["hi"] and leftovers(tmp_path) == []
 
