@@ -360,36 +360,48 @@ def test_cli_chat_prompts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 
 def test_encoding_lets_other_threads_run() -> None:
     """``Tokenizer.encode`` gives the ids ``tokenizers``' own ``encode`` gives, but another Python thread
-    goes on while it works (a server's event loop, an engine's worker): measured as the rate at which a
-    thread counts during each, in the same run, ours at least 4x the GIL-holding one's (9 - 20x seen)."""
+    goes on while it works (a server's event loop, an engine's worker). Measured as the longest time a
+    watching thread is stalled during each encode, in the same run: the GIL-holding one stalls it for
+    most of its run, ours for at most a quarter as long (20 - 40x shorter seen, with one or two busy
+    processes beside it on 2 cores). A stall, not a count rate: the rate a thread counts at also falls
+    when the machine is busy, and a busy CI machine failed the rate's 4x at 3.4x."""
     import threading
     import time
 
     tokenizer = load_tokenizer(None, CHAT)
     assert tokenizer is not None
-    text = "the quick brown fox jumps over the lazy dog. " * 4000
-    count, stop = [0], threading.Event()
+    text = "the quick brown fox jumps over the lazy dog. " * 12_000  # about half a second to encode
+    stalls: list[tuple[float, float]] = []  # (last seen running, next seen running), where over 1 ms
+    stop = threading.Event()
 
-    def counting() -> None:
+    def watching() -> None:
+        last = time.perf_counter()
         while not stop.is_set():
-            count[0] += 1
+            now = time.perf_counter()
+            if now - last > 1e-3:
+                stalls.append((last, now))
+            last = now
 
-    def rate(encode: Any) -> tuple[float, list[int]]:
+    def longest_stall(encode: Any) -> tuple[float, float, list[int]]:
+        """The longest stall of the watching thread within ``encode``'s run, the run's length, the ids."""
         time.sleep(0.02)
-        before, began = count[0], time.perf_counter()
+        began = time.perf_counter()
         encoded = encode()
-        return (count[0] - before) / (time.perf_counter() - began), list(encoded)
+        ended = time.perf_counter()
+        within = [min(end, ended) - max(start, began) for start, end in list(stalls)]
+        return max(within, default=0.0), ended - began, list(encoded)
 
-    thread = threading.Thread(target=counting, daemon=True)
+    thread = threading.Thread(target=watching, daemon=True)
     thread.start()
     try:
-        held, held_ids = rate(lambda: tokenizer.inner.encode(text).ids)
-        ours, our_ids = rate(lambda: tokenizer.encode(text))
+        held, held_seconds, held_ids = longest_stall(lambda: tokenizer.inner.encode(text).ids)
+        ours, _, our_ids = longest_stall(lambda: tokenizer.encode(text))
     finally:
         stop.set()
         thread.join()
     assert our_ids == held_ids and len(our_ids) > 10_000
-    assert ours >= 4 * held, (ours, held)
+    assert held >= 0.5 * held_seconds, (held, held_seconds)  # the measure sees a GIL-holding encode
+    assert ours <= held / 4, (ours, held)
 
 
 def test_a_prompt_is_encoded_once_while_it_is_among_the_last_texts(monkeypatch: pytest.MonkeyPatch) -> None:
