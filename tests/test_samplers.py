@@ -829,6 +829,61 @@ def test_optimal_proposal_needs_twist_head(small_task: MarkovDFATask) -> None:
     assert res.log_z.shape == (2,)
 
 
+class Forwarding:
+    """A user's wrapper (logging, say) that forwards every member to the model it wraps through
+    ``__getattr__``: it implements whatever that model implements."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize(
+    "sampler", [("smc", {"proposal": "optimal"}), ("smc", {}), ("sp_gsmc", {"pool_size": None})]
+)
+def test_a_wrapper_that_forwards_through_getattr_is_the_model_it_wraps(
+    small_task: MarkovDFATask, sampler: tuple[str, dict[str, Any]]
+) -> None:
+    """On every Python: from 3.12 on, ``isinstance`` against a runtime-checkable protocol misses members a
+    wrapper forwards (it looks them up statically), and the samplers refused such a policy and reward
+    model that Python 3.11 accepted. The result is the wrapped models' own, bitwise."""
+    name, options = sampler
+    run = getattr(tiltsmc, name)
+    wrapped = run(Forwarding(small_task.policy()), Forwarding(small_task.twist()), rng=5, **options)
+    direct = run(small_task.policy(), small_task.twist(), rng=5, **options)
+    np.testing.assert_array_equal(wrapped.log_z, direct.log_z)
+    np.testing.assert_array_equal(wrapped.samples[0], direct.samples[0])
+    np.testing.assert_array_equal(wrapped.log_weights[0], direct.log_weights[0])
+    with pytest.raises(ValueError, match="optimal"):  # what the wrapped reward model lacks, it lacks too
+        tiltsmc.smc(
+            Forwarding(small_task.policy()), Forwarding(RewardOnly(small_task.twist())), proposal="optimal"
+        )
+
+
+@pytest.mark.parametrize("protocol", ["Policy", "TokenPolicy", "RewardModel", "TwistModel"])
+def test_each_protocol_check_asks_for_the_protocols_members(protocol: str) -> None:
+    """``is_policy`` and the other checks the samplers use in place of ``isinstance`` ask for exactly the
+    members the protocol declares: a class with all of them passes both, one without any one fails both."""
+    from tiltsmc.models import protocols
+
+    cls = getattr(protocols, protocol)
+    check = getattr(protocols, "is_" + "".join("_" + c.lower() if c.isupper() else c for c in protocol)[1:])
+    methods = {name for name in dir(cls) if not name.startswith("_") and callable(getattr(cls, name))}
+    attributes = {name for base in cls.__mro__ for name in getattr(base, "__annotations__", {})}
+    assert methods and methods.isdisjoint(attributes)
+
+    def made(leaving_out: str = "") -> Any:
+        members: dict[str, Any] = {name: (lambda self, *args: None) for name in methods - {leaving_out}}
+        members.update({name: 0 for name in attributes - {leaving_out}})
+        return type("Made", (), members)()
+
+    assert check(made()) and isinstance(made(), cls)
+    for name in sorted(methods | attributes):
+        assert not check(made(name)) and not isinstance(made(name), cls), name
+
+
 def test_pool_size_none_without_a_twist_head_is_refused_naming_pool_size(small_task: MarkovDFATask) -> None:
     # neither sp_gsmc nor mh has a proposal argument: the message names the option that asked for it
     reward_only = RewardOnly(small_task.twist())

@@ -71,7 +71,7 @@ from .._numeric import logsumexp
 from .._rng import RNGLike, as_generator
 from ..models._config import real_number
 from ..models.particles import Particles
-from ..models.protocols import Policy, RewardModel, TokenPolicy, TwistModel
+from ..models.protocols import Policy, RewardModel, is_token_policy, is_twist_model
 from ..samplers._engine import (
     check_count,
     check_log_values,
@@ -333,7 +333,7 @@ def bellman_error(
     max_steps = check_count(max_steps, "max_steps")
     if method not in ("auto", "exact", "sampled"):
         raise ValueError(f"method: expected 'auto', 'exact' or 'sampled', got {method!r}")
-    exact_available = isinstance(policy, TokenPolicy) and isinstance(reward, TwistModel)
+    exact_available = is_token_policy(policy) and is_twist_model(reward)
     if method == "exact" and not exact_available:
         raise ValueError("method: 'exact' needs a token policy and a reward model with a twist head")
     exact = method == "exact" or (method == "auto" and exact_available)
@@ -364,7 +364,7 @@ def bellman_error(
             break
         scored = ~particles.finished & (log_v_prev > -np.inf)
         if exact:
-            assert isinstance(policy, TokenPolicy) and isinstance(reward, TwistModel)
+            assert is_token_policy(policy) and is_twist_model(reward)
             log_p = checked_log_probs(
                 model_output(policy.next_log_probs(particles), "policy: next_log_probs"), particles, policy
             )

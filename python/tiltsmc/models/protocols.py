@@ -3,17 +3,26 @@
 A policy grows a [`Particles`][tiltsmc.models.particles.Particles] batch one step at a time; a reward model
 scores its prefixes. Samplers only ever call these methods, so an ONNX model, an exact test-bed task or a
 user's own object can stand behind them. Neither resamples: samplers call ``Particles.reorder``.
+
+The samplers tell which protocol an object implements with ``is_policy``, ``is_token_policy``,
+``is_reward_model`` and ``is_twist_model``, not ``isinstance``: these find members as a call does
+(``getattr``, so a wrapper that forwards them through ``__getattr__`` implements what it wraps), the same
+on every Python. ``isinstance`` against a runtime-checkable protocol looks members up statically from
+Python 3.12 on, and refused such a wrapper there that Python 3.11 accepted.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Optional, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Optional, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
 
 from .particles import Particles
+
+if TYPE_CHECKING:  # typing has TypeGuard from Python 3.10 on; the annotations are never evaluated
+    from typing import TypeGuard
 
 __all__ = ["Policy", "RewardModel", "TokenPolicy", "TwistModel"]
 
@@ -86,3 +95,37 @@ class TwistModel(RewardModel, Protocol):
     def next_log_values(self, particles: Particles) -> FloatArray:
         """``log Vh_{t+1}(prefix + v)`` for every token ``v``: shape ``(B, N, vocab_size)``."""
         ...
+
+
+POLICY_METHODS = ("start", "propose")
+TOKEN_POLICY_METHODS = (*POLICY_METHODS, "next_log_probs", "append")
+TOKEN_POLICY_ATTRIBUTES = ("vocab_size",)
+REWARD_MODEL_METHODS = ("initial_log_value", "log_value")
+TWIST_MODEL_METHODS = (*REWARD_MODEL_METHODS, "next_log_values")
+
+
+def _has_members(obj: Any, methods: Sequence[str], attributes: Sequence[str] = ()) -> bool:
+    """Whether ``obj`` has each of ``methods``, callable, and each of ``attributes``, found by ``getattr``."""
+    return all(callable(getattr(obj, name, None)) for name in methods) and all(
+        hasattr(obj, name) for name in attributes
+    )
+
+
+def is_policy(obj: Any) -> TypeGuard[Policy]:
+    """Whether ``obj`` implements [`Policy`][tiltsmc.models.protocols.Policy] (see the module's docstring)."""
+    return _has_members(obj, POLICY_METHODS)
+
+
+def is_token_policy(obj: Any) -> TypeGuard[TokenPolicy]:
+    """Whether ``obj`` implements [`TokenPolicy`][tiltsmc.models.protocols.TokenPolicy]."""
+    return _has_members(obj, TOKEN_POLICY_METHODS, TOKEN_POLICY_ATTRIBUTES)
+
+
+def is_reward_model(obj: Any) -> TypeGuard[RewardModel]:
+    """Whether ``obj`` implements [`RewardModel`][tiltsmc.models.protocols.RewardModel]."""
+    return _has_members(obj, REWARD_MODEL_METHODS)
+
+
+def is_twist_model(obj: Any) -> TypeGuard[TwistModel]:
+    """Whether ``obj`` implements [`TwistModel`][tiltsmc.models.protocols.TwistModel]."""
+    return _has_members(obj, TWIST_MODEL_METHODS)

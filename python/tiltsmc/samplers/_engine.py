@@ -11,7 +11,14 @@ import numpy.typing as npt
 
 from ..models.particles import Particles
 from ..models.prompts import check_prompts
-from ..models.protocols import Policy, RewardModel, TokenPolicy, TwistModel
+from ..models.protocols import (
+    Policy,
+    RewardModel,
+    is_policy,
+    is_reward_model,
+    is_token_policy,
+    is_twist_model,
+)
 from ..models.sampling import fail_prompts_without_a_law
 from .result import Compute
 
@@ -53,9 +60,9 @@ def check_models(policy: Any, reward: Any) -> None:
     """Refuse (TypeError) a ``policy`` that is not a [`Policy`][tiltsmc.models.protocols.Policy] or a
     ``reward`` that is not a [`RewardModel`][tiltsmc.models.protocols.RewardModel]; a reward model with a
     ``check_policy`` method checks the policy too (e.g. refuses one with another vocabulary)."""
-    if not isinstance(policy, Policy):
+    if not is_policy(policy):
         raise TypeError(f"policy: {type(policy).__name__} does not implement start() and propose()")
-    if not isinstance(reward, RewardModel):
+    if not is_reward_model(reward):
         raise TypeError(
             f"reward: {type(reward).__name__} does not implement initial_log_value() and log_value()"
         )
@@ -78,7 +85,7 @@ class Models:
 
     def supports_optimal_proposal(self) -> bool:
         token_level = bool(getattr(self.policy, "token_level", True))
-        return token_level and isinstance(self.policy, TokenPolicy) and isinstance(self.reward, TwistModel)
+        return token_level and is_token_policy(self.policy) and is_twist_model(self.reward)
 
     def start(
         self,
@@ -137,7 +144,7 @@ class Models:
         self.compute.policy_seconds += time.perf_counter() - began
 
     def next_log_probs(self, particles: Particles) -> FloatArray:
-        assert isinstance(self.policy, TokenPolicy)
+        assert is_token_policy(self.policy)
         began = time.perf_counter()
         log_p = model_output(self.policy.next_log_probs(particles), "policy: next_log_probs")
         self.compute.policy_seconds += time.perf_counter() - began
@@ -146,7 +153,7 @@ class Models:
         return checked_log_probs(log_p, particles, self.policy)
 
     def append(self, particles: Particles, tokens: npt.NDArray[np.int64]) -> None:
-        assert isinstance(self.policy, TokenPolicy)
+        assert is_token_policy(self.policy)
         tokens_before = int(particles.lengths.sum())
         shape = particles.lengths.shape
         began = time.perf_counter()
@@ -179,7 +186,7 @@ class Models:
         return check_log_values(value, "log_value") if self._check_log_values else value
 
     def next_log_values(self, particles: Particles) -> FloatArray:
-        assert isinstance(self.reward, TwistModel)
+        assert is_twist_model(self.reward)
         began = time.perf_counter()
         value = model_output(self.reward.next_log_values(particles), "reward: next_log_values")
         self.compute.reward_seconds += time.perf_counter() - began
