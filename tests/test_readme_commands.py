@@ -34,6 +34,7 @@ BY_CI = {
     "cmake -S . -B build/tsan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DTILTSMC_BUILD_TESTS=ON -DTILTSMC_TSAN=ON",
     "cmake --build build/tsan --target tiltsmc_core_tests && build/tsan/tiltsmc_core_tests",
     "scripts/test_lowest_versions.sh",
+    "scripts/test_newest_python.sh",
 }
 
 # Commands run here, as written, from a folder whose tests/ is the repository's.
