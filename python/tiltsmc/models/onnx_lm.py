@@ -60,6 +60,7 @@ import json
 import mmap
 import os
 import sys
+import sysconfig
 import threading
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
@@ -278,12 +279,18 @@ class _StartBuffers:
     first write (about 0.2-0.3 ms per fixture array on the test VM, 1.3 ms a run): a small pool keeps them.
     A buffer is handed out again only when the pool holds the sole reference to it (CPython's reference
     count; views count too), so particles still alive never share memory; at most ``max_bytes`` are kept.
+    Where the reference count cannot say so (another Python implementation, a free-threaded build), no
+    buffer is reused.
     """
 
     max_bytes = 32 << 20
 
     def __init__(self) -> None:
-        self._free_check = sys.implementation.name == "cpython"  # elsewhere: no reuse
+        self._free_check = sys.implementation.name == "cpython" and not sysconfig.get_config_var(
+            "Py_GIL_DISABLED"
+        )
+        # Held by this attribute alone: the reference count of a buffer that nothing but its pool holds.
+        self._sentinel = np.empty(0)
         self._buffers: dict[tuple[Any, ...], list[np.ndarray]] = {}
         self._bytes = 0
         # Threads sharing the policy: between finding a free buffer and holding it, another thread could
@@ -295,8 +302,15 @@ class _StartBuffers:
         shape = (a.shape[0], count, *a.shape[1:])
         with self._lock:
             pool = self._buffers.setdefault((shape, a.dtype.str), [])
-            buffer = next((b for b in pool if self._free_check and sys.getrefcount(b) <= 3), None)
-            if buffer is None:  # 3: the pool's list, the generator's name, getrefcount's argument
+            buffer = None
+            if self._free_check and pool:
+                # A buffer is free where its count is the sentinel's, read by the same loop: what else
+                # a count includes (the loop's own reference, getrefcount's argument) is not fixed:
+                # Python 3.14 borrows some of these, and a constant (3) then took a buffer that particles
+                # still held for a free one.
+                counts = [sys.getrefcount(b) for b in (self._sentinel, *pool)]
+                buffer = next((b for b, count in zip(pool, counts[1:]) if count <= counts[0]), None)
+            if buffer is None:
                 buffer = np.empty(shape, dtype=a.dtype)
                 if self._free_check and self._bytes + buffer.nbytes <= self.max_bytes:
                     pool.append(buffer)
