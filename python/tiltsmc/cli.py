@@ -95,6 +95,17 @@ def _bar_size() -> dict[str, Any]:
     return {"ncols": size.columns or 80, "nrows": size.lines or 24}
 
 
+def _tqdm() -> Any:
+    """``tqdm``'s bar class, its write lock a thread lock where none is set yet: tiltsmc's bars live in
+    one process, and tqdm's own lock also takes a multiprocessing one, whose semaphore starts a resource
+    tracker process (Python 3.14's reports it as leaked on standard error when a signal stops the run)."""
+    from tqdm import tqdm
+
+    if not hasattr(tqdm, "_lock"):
+        tqdm.set_lock(threading.RLock())
+    return tqdm
+
+
 class StepProgress:
     """Per-step progress of a run on standard error (a ``tqdm`` bar, off where disabled).
 
@@ -105,10 +116,8 @@ class StepProgress:
     """
 
     def __init__(self, prompts: int, budget: Optional[int], label: str, enabled: bool) -> None:
-        from tqdm import tqdm
-
         self.budget = budget
-        self.bar = tqdm(
+        self.bar = _tqdm()(
             total=None if budget is None else prompts * budget,
             desc=label,
             unit="step",
@@ -135,9 +144,7 @@ class _ProgressSafeHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """A log handler that clears a progress bar on its stream before writing a line (no garbled lines)."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        from tqdm import tqdm
-
-        with tqdm.external_write_mode(file=self.stream):
+        with _tqdm().external_write_mode(file=self.stream):
             super().emit(record)
 
 
@@ -1797,11 +1804,9 @@ def run(args: argparse.Namespace) -> int:
 def _cleared_progress(output: ResultOutput) -> contextlib.AbstractContextManager[Any]:
     """Lines written to a terminal (standard output, or a character device) clear the progress bar first,
     so that results and the bar never share a line."""
-    from tqdm import tqdm
-
     stream = output.stream
     if stream is not None and stream.isatty():
-        cleared: contextlib.AbstractContextManager[Any] = tqdm.external_write_mode(file=stream)
+        cleared: contextlib.AbstractContextManager[Any] = _tqdm().external_write_mode(file=stream)
         return cleared
     return contextlib.nullcontext()
 
@@ -1895,9 +1900,7 @@ def demo(args: argparse.Namespace) -> int:
 def _demo_progress(args: argparse.Namespace, every: float = 10.0) -> Iterator[Any]:
     """The demo's progress (sampler runs done of all): a ``tqdm`` bar on a terminal; otherwise (piped,
     in a log file) an INFO line at most every ``every`` seconds and at the end, with the ETA."""
-    from tqdm import tqdm
-
-    bar = tqdm(
+    bar = _tqdm()(
         desc="tiltsmc demo", unit="run", file=sys.stderr, disable=not _progress_enabled(args), **_bar_size()
     )
     began = time.perf_counter()
