@@ -791,9 +791,11 @@ def test_a_batch_too_large_for_the_model_is_served_request_by_request(
     models: tuple[Any, Any], bits: Any
 ) -> None:
     """A policy call that fails for the batch's size: its requests run again in halves until a half fits
-    (3 requests of 8 rows, at most 8 rows a call: 2 + 1, then 1 + 1) and each completes with its offline
-    result, seeded by an int or a caller's generator of each of numpy's bit generators; a caller's
-    generator is not set back (a restart draws from a copy of it as it was at submit)."""
+    (3 requests of 8 rows, at most 8 rows a call: 2 + 1, then 1 + 1) and each completes. Seeded by an int,
+    each gives its offline result (a restart draws from the seed's generator as it was at submit). Given
+    a caller's generator of each of numpy's bit generators, a restart goes on drawing from it where the
+    run that failed left it, as a call made again would: the caller's generator ends past where the
+    first run left it, never set back."""
     policy, twist = models
     gated = Gated(FailsOverRows(policy, limit=8))
     gated.gate.clear()
@@ -810,12 +812,41 @@ def test_a_batch_too_large_for_the_model_is_served_request_by_request(
         results = [future.result(timeout=30) for future in futures]
         assert engine.stats()["restarts"] == 3 + 2
         assert engine.stats()["requests"]["completed"] == 3
-    for k, result in enumerate(results):
-        assert same_result(result, tiltsmc.smc(policy, twist, prompts=[()], num_particles=8, rng=seed(k)))
-    if bits is not None:  # advanced by the run that failed, not set back, nor advanced by the restarts
-        whole = seed(0)
+    alone = [tiltsmc.smc(policy, twist, prompts=[()], num_particles=8, rng=seed(k)) for k in range(3)]
+    if bits is None:
+        assert all(same_result(result, offline) for result, offline in zip(results, alone))
+    else:  # the first request drew in its first step, alone: its restart drew on from there
+        assert not same_result(results[0], alone[0])
+        whole = seed(0)  # its draws: past a whole run's
         tiltsmc.smc(policy, twist, prompts=[()], num_particles=8, rng=whole)
         assert _state_text(generators[0]) not in (_state_text(seed(0)), _state_text(whole))
+
+
+@pytest.mark.parametrize("kind", ["Generator", "BitGenerator"])
+def test_requests_handed_one_generator_draw_apart_after_a_restart(models: tuple[Any, Any], kind: str) -> None:
+    """Requests handed one caller's generator (or bit generator) draw from it as one stream, also when a
+    poisoned request in their batch makes them run again: their samples differ, as without the restart
+    (a restart drawing from a copy of the generator as it was at submit gave every one the same
+    samples: none of them had drawn yet at submit)."""
+    policy, twist = models
+
+    def samples(poisoned: bool) -> tuple[list[str], int]:
+        held = HeldRefusesPoison(policy)
+        shared: Any = np.random.default_rng(5) if kind == "Generator" else np.random.PCG64(5)
+        with tiltsmc.Engine(held, twist, adaptive_rows=False) as engine:
+            futures = [engine.submit(Held(), "smc", num_particles=4, rng=shared)]
+            assert held.entered.wait(10)
+            futures += [engine.submit((), "smc", num_particles=4, rng=shared) for _ in range(3)]
+            if poisoned:
+                futures.append(engine.submit(Poison(), "smc", num_particles=4, rng=shared))
+            held.gate.set()
+            drawn = [json.dumps(f.result(timeout=30).to_dict()["samples"]) for f in futures[:4]]
+            return drawn, engine.stats()["restarts"]
+
+    drawn, restarts = samples(poisoned=False)
+    assert restarts == 0 and len(set(drawn)) == 4
+    drawn, restarts = samples(poisoned=True)
+    assert restarts > 0 and len(set(drawn)) == 4, (restarts, drawn)
 
 
 class HoldsAlone(FailsOverRows):

@@ -491,7 +491,11 @@ class Engine:
         deadline_after = _check_timeout(timeout) if timeout is not None else self.default_timeout
         prompt = _as_submitted(prompt)
         generator = as_generator(rng)
-        start = _generator_state(generator)
+        # A seed's generator is the request's own: a restart draws from its state at submit again, as the
+        # offline function with that seed does. A caller's Generator or BitGenerator is one stream, maybe
+        # handed to other requests or drawn from after: a restart goes on drawing from it.
+        own = not isinstance(rng, (np.random.Generator, np.random.BitGenerator))
+        start = _generator_state(generator) if own else None
         factory, settings = SAMPLERS[sampler][1], {**defaults, **options}
         run = factory(self._models, [prompt], rng=generator, **settings)
         run.decodes_texts = False  # the future decodes them as they are read
@@ -503,9 +507,7 @@ class Engine:
             run.rows_per_prompt,
             self._cache_bytes(prompt, run),
             rows_option=_rows_option(sampler, settings),
-            restart=None
-            if start is None
-            else functools.partial(self._restart, factory, prompt, generator, start, settings),
+            restart=functools.partial(self._restart, factory, prompt, generator, start, settings),
         )
         if deadline_after is not None:
             request.deadline = request.submitted + deadline_after
@@ -804,13 +806,21 @@ class Engine:
         self._settle(request, TimeoutError(f"timeout: the request took more than {waited:.3g} s"))
 
     def _restart(
-        self, factory: Callable[..., Run], prompt: Any, generator: Any, start: Any, settings: dict[str, Any]
+        self,
+        factory: Callable[..., Run],
+        prompt: Any,
+        generator: np.random.Generator,
+        start: Any,
+        settings: dict[str, Any],
     ) -> Run:
-        """A request's run afresh, drawing from a copy of its generator as it was at ``submit`` (``start``):
-        a caller's generator is left to the draws of the run that failed, and never set back under another
-        request that was handed the same one."""
-        generator = copy.deepcopy(generator)
-        generator.bit_generator.state = start
+        """A request's run afresh. With ``start`` (the state at ``submit`` of the generator a seed made), it
+        draws from a copy of that generator set back to it: what the offline function gives for the
+        seed. Without (a caller's generator), it draws from the caller's generator where the run that
+        failed left it, as a call made again would: never set back, so two requests handed one generator,
+        or the caller's own later draws, never reuse each other's numbers."""
+        if start is not None:
+            generator = copy.deepcopy(generator)
+            generator.bit_generator.state = start
         run = factory(self._models, [prompt], rng=generator, **settings)
         run.decodes_texts = False
         return run
@@ -823,7 +833,7 @@ class Engine:
         take): one request failing every call it is in costs the others their steps so far, each at most
         ``log2`` of the batch's requests times, and a batch that failed for another cause (memory that a
         smaller call finds) its requests their steps so far, not their results. A request with a seed so
-        gives what it gives in any batch, alone exactly the offline function's result."""
+        gives what it gives in any batch, alone exactly the offline function's result (``_restart``)."""
         restarted: list[Run] = []
         for run, error in failed:
             with self._wake:
@@ -833,7 +843,7 @@ class Engine:
                 continue
             try:
                 fresh = request.restart()
-            except Exception:  # its generator cannot be set back: the request ends with the batch's error
+            except Exception:  # it cannot be built again: the request ends with the batch's error
                 logger.exception("request %d cannot run again", request.id)
                 self._finish(worker, run, error)
                 continue
