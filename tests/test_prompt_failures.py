@@ -453,6 +453,71 @@ def test_a_prompt_that_goes_bad_in_the_cli_fails_alone(
     assert len(capfd.readouterr().err.splitlines()) == 1
 
 
+class RefusesText:
+    """A real policy whose ``propose`` and ``next_log_probs`` raise for any batch holding the prompt
+    ``text`` (a user's model that cannot take one prompt), forwarding everything else."""
+
+    def __init__(self, inner: Any, text: str) -> None:
+        self.inner, self.text = inner, text
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def refuse(self, particles: Any) -> None:
+        if self.text in particles.prompts:
+            raise RuntimeError(f"cannot take {self.text}")
+
+    def propose(self, particles: Any, rng: Any) -> Any:
+        self.refuse(particles)
+        return self.inner.propose(particles, rng)
+
+    def next_log_probs(self, particles: Any) -> Any:
+        self.refuse(particles)
+        return self.inner.next_log_probs(particles)
+
+
+@pytest.mark.parametrize("sampler", ["smc", "sp-gsmc"])
+def test_a_prompt_the_policy_raises_for_in_the_cli_fails_alone(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, sampler: str
+) -> None:
+    """``tiltsmc run``: a policy call that raises for the batch holding one prompt runs the batch's prompts
+    again in halves (a warning each time, naming the error) until that prompt is alone; its line has the
+    policy's error and the compute of its last run (its first run's, restarted, was left at 0 s); the
+    others' lines are what they are one prompt a batch."""
+    import tiltsmc.cli as cli
+
+    load = cli._load_models
+    monkeypatch.setattr(
+        cli, "_load_models", lambda args: (RefusesText(load(args)[0], "abcde"), load(args)[1])
+    )
+    argv = ["run", "--policy", str(FIXTURES / "llama-tiny"), "--reward", str(FIXTURES / "prm-tiny")]
+    argv += ["--max-new-tokens", "4", "--seed", "11", "--sampler", sampler, "-q"]
+    for prompt in ("ab", "cd", "abcde", "ef", "gh"):
+        argv += ["--prompt", prompt]
+    together, alone = tmp_path / "together.jsonl", tmp_path / "alone.jsonl"
+    capfd.readouterr()
+    assert main([*argv, "--json", str(together)]) == 0
+    *warnings, error = capfd.readouterr().err.splitlines()
+    assert error == "tiltsmc: error: prompt 2: cannot take abcde"
+    assert warnings and all(
+        re.fullmatch(
+            r"tiltsmc: warning: a model call failed for a batch of \d runs \(RuntimeError: cannot take "
+            r"abcde\): they run again from their start, in halves of \d and \d",
+            line,
+        )
+        for line in warnings
+    ), warnings
+    assert main([*argv, "--batch-size", "1", "--json", str(alone)]) == 0
+    records = [json.loads(line) for line in together.read_text().splitlines()]
+    expected = [json.loads(line) for line in alone.read_text().splitlines()]
+    assert records[2]["error"] == expected[2]["error"] == "prompt 0: cannot take abcde"
+    assert records[2]["compute"]["total_seconds"] > 0
+    for record, one in zip(records, expected):
+        for key in set(record) | set(one):
+            if key not in ("compute", "run"):
+                assert record[key] == one[key], (record["prompt_index"], key)
+
+
 def test_a_run_started_with_others_names_its_own_prompt(models: dict[str, Any]) -> None:
     """Runs started together in one policy call (the engine's requests joining at one step): a prompt the
     policy cannot start is named by its run's own index, as the run alone names it (it was named by its

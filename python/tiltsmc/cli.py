@@ -1578,8 +1578,11 @@ def _sample(
     makes it fail fails alone."""
     build = SAMPLER_FUNCTIONS[args.sampler.replace("-", "_")][1]  # one table: the engine's
 
+    latest: dict[int, Run] = {}  # prompt i's last run: a failed prompt's compute is that run's
+
     def prompt_run(i: int) -> Run:  # prompt i's run from its start (again where its batch's call failed)
-        return build(models, [prompts[i]], rng=_prompt_rng(args.seed, offset + i), **options)
+        latest[i] = build(models, [prompts[i]], rng=_prompt_rng(args.seed, offset + i), **options)
+        return latest[i]
 
     runs = [prompt_run(i) for i in range(len(prompts))]
     steps = [0] * len(runs)
@@ -1594,11 +1597,11 @@ def _sample(
     results: list[SamplerResult] = []
     failures: dict[int, BaseException] = {}
     together = run_together(models, runs, on_step, return_errors=True, again=prompt_run)
-    for i, (run, result) in enumerate(zip(runs, together)):
+    for i, result in enumerate(together):
         if isinstance(result, BaseException):
             failures[i] = result
             message = prompt_error(0, _one_line(result))  # a run per prompt
-            result = failed_result(run.sampler, {0: message}, run.compute)
+            result = failed_result(latest[i].sampler, {0: message}, latest[i].compute)
         results.append(result)
     return results, failures
 

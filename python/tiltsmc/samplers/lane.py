@@ -39,7 +39,16 @@ from ._engine import FloatArray, Models, failed_prompts
 from .result import prompt_error
 from .runs import LOG_V_PREV, PoolRun, Run, SharedStep, SMCRun, pool_together, reweigh_together
 
-__all__ = ["KINDS", "Lane", "RunFailed", "halves", "lanes_in_halves", "run_alone", "run_together"]
+__all__ = [
+    "KINDS",
+    "Lane",
+    "RunFailed",
+    "halves",
+    "lanes_in_halves",
+    "log_restart",
+    "run_alone",
+    "run_together",
+]
 
 KINDS = ("guided", "twist", "rollout")
 # The padding columns no row of the batch uses any more (its longest runs left) are dropped once they are
@@ -206,8 +215,8 @@ class Lane:
                 self._settle(ended)
         except Exception as error:  # a failure of the whole batch: every run in it ends with it
             active = self._active()
-            if len(active) > 1:
-                logger.exception("a model call failed for a batch of %d runs", len(active))
+            if len(active) > 1:  # the caller runs them again or ends them: it says which (log_restart)
+                logger.debug("a model call failed for a batch of %d runs", len(active), exc_info=True)
                 self.failed_together = frozenset(id(member.run) for member in active)
             ended.extend((member.run, error) for member in active)
             self._ended = []
@@ -1105,6 +1114,19 @@ def halves(items: Sequence[T]) -> list[list[T]]:
     return [list(part) for part in (items[:middle], items[middle:]) if part]
 
 
+def log_restart(
+    failed: Sequence[tuple[Any, Optional[BaseException]]], lanes: Sequence[Lane], what: str
+) -> None:
+    """The warning that the ``failed`` runs (with the error that ended them; ``what`` they are: runs,
+    requests) run again from their start in ``lanes`` (``lanes_in_halves``)."""
+    error = next((error for _, error in failed if error is not None), None)
+    logger.warning(
+        "a model call failed for a batch of %d %s (%s): they run again from their start, in halves of %s",
+        len(failed), what, f"{type(error).__name__}: {error}" if error is not None else "no error",
+        " and ".join(str(len(lane)) for lane in lanes),
+    )  # fmt: skip
+
+
 def lanes_in_halves(models: Models, runs: Sequence[Run]) -> list[Lane]:
     """A lane for each of the ``halves`` of ``runs`` (fresh runs of one kind, in order): the lanes in which
     the runs of a batch whose model call failed run again."""
@@ -1143,11 +1165,11 @@ def run_together(
         stepped = [index[id(run)] for lane in lanes for run in lane.runs()]
         ended = []
         for lane in list(lanes):
-            failed: list[int] = []
+            failed: list[tuple[int, Optional[BaseException]]] = []
             for ended_run, error in lane.step():
                 i = index.pop(id(ended_run))
                 if again is not None and id(ended_run) in lane.failed_together:
-                    failed.append(i)
+                    failed.append((i, error))
                     continue
                 if error is not None and not return_errors:
                     raise RunFailed(i, error)
@@ -1158,9 +1180,11 @@ def run_together(
                 ended.append(i)
             if failed:
                 assert again is not None  # runs fail together only where it is given
-                fresh = [again(i) for i in failed]
-                index.update((id(run), i) for run, i in zip(fresh, failed))
-                lanes.extend(lanes_in_halves(models, fresh))
+                fresh = [again(i) for i, _ in failed]
+                index.update((id(run), i) for run, (i, _) in zip(fresh, failed))
+                halved = lanes_in_halves(models, fresh)
+                log_restart(failed, halved, "runs")
+                lanes.extend(halved)
         lanes = [lane for lane in lanes if len(lane)]
         if on_step is not None:
             on_step(stepped, ended)

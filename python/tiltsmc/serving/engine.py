@@ -44,7 +44,7 @@ from ..models._config import flag, real_number
 from ..models.protocols import Policy, RewardModel
 from ..samplers import baselines, correction, sequential
 from ..samplers._engine import Models, check_count
-from ..samplers.lane import KINDS, Lane, lanes_in_halves
+from ..samplers.lane import KINDS, Lane, lanes_in_halves, log_restart
 from ..samplers.result import Compute, SamplerResult
 from ..samplers.runs import Run, decode_texts
 from .scheduler import BatchSizer, EngineClosed, Overloaded, Request, Scheduler, another_should_take
@@ -855,10 +855,7 @@ class Engine:
             restarted.append(fresh)
         if restarted:
             lanes = lanes_in_halves(worker.models, restarted)
-            logger.warning(
-                "a model call failed for a batch of %d requests: they run again from their start, in "
-                "halves of %s", len(failed), " and ".join(str(len(lane)) for lane in lanes),
-            )  # fmt: skip
+            log_restart(failed, lanes, "requests")
             worker.retrying.extend(lanes)
 
     def _finish(self, worker: _Worker, run: Run, error: Optional[BaseException]) -> None:
