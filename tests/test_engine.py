@@ -784,6 +784,48 @@ def _state_text(generator: np.random.Generator) -> str:
     return json.dumps(generator.bit_generator.state, default=lambda array: array.tolist(), sort_keys=True)
 
 
+class DefersWork(Gated):
+    """``Gated`` whose ``propose`` leaves work deferred to the next flush (as a decoder's session run on
+    the tokens it appended), work that raises once ``failing`` is set: with no resampling, the next flush
+    is the join of a newcomer (``Lane._join``)."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.failing = False
+
+    def propose(self, particles: Particles, rng: Any) -> Any:
+        proposed = super().propose(particles, rng)
+
+        def work() -> None:
+            if self.failing:
+                raise RuntimeError("the deferred session run failed")
+
+        particles.defer(work)
+        return proposed
+
+
+def test_a_join_that_fails_ends_or_restarts_every_request_it_concerns(models: tuple[Any, Any]) -> None:
+    """A failure while newcomers join the batch (the policy's deferred work, run at the join, raising)
+    is the batch's: the requests in it and the newcomer run again in halves, and each completes with its
+    offline result (the newcomer was lost: its future never ended, its rows stayed counted)."""
+    policy, twist = models
+    deferring = DefersWork(policy)
+    deferring.gate.clear()
+    with tiltsmc.Engine(deferring, twist, adaptive_rows=False) as engine:
+        first = engine.submit((), "smc", num_particles=4, rng=1, ess_threshold=0.0)
+        assert deferring.entered.wait(10)
+        deferring.failing = True
+        second = engine.submit((), "smc", num_particles=4, rng=2, ess_threshold=0.0)
+        deferring.gate.set()
+        results = [future.result(timeout=30) for future in (first, second)]
+        stats = engine.stats()
+    assert stats["restarts"] == 2 and stats["requests"]["completed"] == 2
+    assert stats["in_flight"] == 0 and stats["rows_in_flight"] == 0
+    for seed, result in zip((1, 2), results):  # alone, no flush: the deferred work never runs
+        offline = tiltsmc.smc(policy, twist, prompts=[()], num_particles=4, rng=seed, ess_threshold=0.0)
+        assert same_result(result, offline)
+
+
 @pytest.mark.parametrize(
     "bits", [None, np.random.PCG64, np.random.MT19937, np.random.Philox, np.random.SFC64]
 )

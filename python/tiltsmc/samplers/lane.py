@@ -200,9 +200,12 @@ class Lane:
         if self._failed_rows:
             self._failed_rows = []
         self.failed_together = frozenset()
-        joined = self._admit(ended)
+        members = list(self.members)
+        runs = [*(member.run for member in members), *self.waiting]  # each ends or goes on, whatever fails
         try:
-            if joined:  # a newcomer may start finished (a prompt that failed); the others were settled
+            if self._admit(
+                ended
+            ):  # a newcomer may start finished (a prompt that failed); others were settled
                 self._settle(ended)
             if self.members:
                 self._pack()  # no model call runs on the rows of a run that left
@@ -214,14 +217,30 @@ class Lane:
                     self._rollout_step(ended)
                 self._settle(ended)
         except Exception as error:  # a failure of the whole batch: every run in it ends with it
-            active = self._active()
-            if len(active) > 1:  # the caller runs them again or ends them: it says which (log_restart)
-                logger.debug("a model call failed for a batch of %d runs", len(active), exc_info=True)
-                self.failed_together = frozenset(id(member.run) for member in active)
-            ended.extend((member.run, error) for member in active)
-            self._ended = []
-            self._drop(list(self.members))
+            self._fail_together(error, ended, runs, members)
         return ended
+
+    def _fail_together(
+        self, error: BaseException, ended: Ended, runs: list[Run], members: list[_Member]
+    ) -> None:
+        """A failure of the batch (a model call, or a join of newcomers): every run of ``runs`` (the lane's
+        at the step's start, newcomers included) that has not ended yet ends with ``error``, and the lane
+        is left empty; where these are several, ``failed_together`` names them. Every member's share of
+        the model calls so far goes to its run (``members``: those at the step's start; newcomers that
+        took a share, in ``_joining``)."""
+        done = {id(run) for run, _ in ended}
+        failing = [run for run in runs if id(run) not in done]
+        if len(failing) > 1:  # the caller runs them again or ends them: it says which (log_restart)
+            logger.debug("a model call failed for a batch of %d runs", len(failing), exc_info=True)
+            self.failed_together = frozenset(id(run) for run in failing)
+        ended.extend((run, error) for run in failing)
+        for member in {id(m): m for m in (*members, *self.members, *self._joining)}.values():
+            if member.slot >= 0:
+                self._ledger.settle(member.slot, member.run.compute)
+                member.slot = -1
+        self.members, self.particles, self._holes, self._joining, self._ended = [], None, [], [], []
+        self._skipping = 0
+        self._renumber()
 
     def _count_step(self) -> Particles:
         particles = self._particles()
@@ -658,7 +677,7 @@ class Lane:
         runs have left where they fit (``Particles.fill_rows``: the batch not copied; the runs started
         together in one write where all fit), the rows still free are packed out, and the other newcomers
         join behind the batch's rows (into the spare rows of a KV cache written in place)."""
-        joining, self._joining = self._joining, []
+        joining = self._joining  # emptied once they are members (on a failure, _fail_together settles them)
         for member in joining:
             member.slot = self._ledger.take()
         placed: list[tuple[Particles, list[tuple[_Member, int]]]] = []  # each part, its runs' first rows
@@ -698,6 +717,7 @@ class Lane:
                     member.start, first = first, first + member.batch * member.count
                     member.stop = first
                     self.members.append(member)
+        self._joining = []
         self._renumber()
 
     def _fill_holes(
@@ -834,6 +854,7 @@ class Lane:
         for member in self.members:
             if id(member) in gone:
                 self._ledger.settle(member.slot, member.run.compute)
+                member.slot = -1
                 self._holes.append((member.start, member.stop))
                 if member.skipped is not None:
                     self._skipping -= 1
