@@ -1,6 +1,7 @@
 """A real policy that cannot take one kind of prompt, for the tests of a model call that raises for a
 batch of several requests or prompts (one of them the cause): ``RefusesPoison`` wraps a policy and raises
-for a batch holding a ``Poison`` prompt."""
+for a batch holding a ``Poison`` prompt; ``RefusesText`` wraps an ONNX policy and raises for a batch
+holding one text prompt."""
 
 from __future__ import annotations
 
@@ -44,3 +45,19 @@ class RefusesPoison:
 
     def append(self, particles: Particles, tokens: Any) -> None:
         self.inner.append(particles, tokens)
+
+
+class RefusesText(RefusesPoison):
+    """``RefusesPoison`` for a real policy of text prompts (an ``OnnxCausalLM``): it raises for a batch
+    holding the prompt ``text``, and forwards everything else to the policy (as a user's wrapper would)."""
+
+    def __init__(self, inner: Any, text: str) -> None:
+        super().__init__(inner)
+        self.text = text
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def refuse(self, particles: Particles) -> None:
+        if self.text in particles.prompts:
+            raise RuntimeError(f"cannot take {self.text}")

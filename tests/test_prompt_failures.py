@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 import tiltsmc
 from onnx_helpers import policy_with_logits_added_after
+from poisoned_policy import RefusesText
 from tiltsmc.cli import main, output_schema
 from tiltsmc.models import OnnxCausalLM, OnnxRewardModel, PolicyTwist
 from tiltsmc.samplers.result import SamplerResult
@@ -451,29 +452,6 @@ def test_a_prompt_that_goes_bad_in_the_cli_fails_alone(
     monkeypatch.setenv("TILTSMC_TRACEBACK", "1")  # the error was made, not raised: no traceback to show
     assert main([*argv, "--policy", str(policy), "--json", str(out)]) == 0
     assert len(capfd.readouterr().err.splitlines()) == 1
-
-
-class RefusesText:
-    """A real policy whose ``propose`` and ``next_log_probs`` raise for any batch holding the prompt
-    ``text`` (a user's model that cannot take one prompt), forwarding everything else."""
-
-    def __init__(self, inner: Any, text: str) -> None:
-        self.inner, self.text = inner, text
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    def refuse(self, particles: Any) -> None:
-        if self.text in particles.prompts:
-            raise RuntimeError(f"cannot take {self.text}")
-
-    def propose(self, particles: Any, rng: Any) -> Any:
-        self.refuse(particles)
-        return self.inner.propose(particles, rng)
-
-    def next_log_probs(self, particles: Any) -> Any:
-        self.refuse(particles)
-        return self.inner.next_log_probs(particles)
 
 
 @pytest.mark.parametrize("sampler", ["smc", "sp-gsmc"])
