@@ -602,6 +602,69 @@ def test_runs_a_batch_call_failed_for_run_again_in_halves_and_only_the_cause_fai
     assert lane.failed_together == frozenset()
 
 
+class StartsPoisonFinished(RefusesPoison):
+    """``RefusesPoison`` whose ``Poison`` prompts start finished (as a prompt the policy could not start)
+    and whose ``propose`` raises for any batch once ``failing`` is set."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.failing = False
+
+    def start(self, prompts: Any, num_particles: int) -> Particles:
+        particles = super().start(prompts, num_particles)
+        particles.finished[[isinstance(prompt, Poison) for prompt in particles.prompts]] = True
+        return particles
+
+    def propose(self, particles: Particles, rng: Any) -> Any:
+        if self.failing:
+            raise RuntimeError("the batch's call failed")
+        return super().propose(particles, rng)
+
+
+def test_a_run_back_to_waiting_is_not_in_the_batch_call_that_fails() -> None:
+    """A rejection run whose rows start finished ends its round as it joins and goes back to waiting for
+    another; the batch's call that then fails was the other run's alone: that one fails alone (not in
+    ``failed_together``), and the waiting run goes on at the next step, ending once (it ended with the
+    error and ran again: ``run_together`` then failed on a run it had counted out, a KeyError)."""
+    task = MarkovDFATask.random(4, 3, 6, rng=0)
+    policy = StartsPoisonFinished(task.policy())
+    models = Models(policy, task.twist(noise=0.4, rng=1), Compute())
+
+    def build(prompt: Any, seed: int) -> Run:
+        return rejection_run(models, [prompt], 1.0, 2, 8, seed, batch_size=3, max_steps=100)
+
+    lane = Lane(models, "rollout")
+    running, back = build((), 1), build(Poison(), 2)
+    lane.add(running)
+    assert lane.step() == []
+    lane.add(back)
+    policy.failing = True
+    ended = lane.step()
+    assert [(run, type(error)) for run, error in ended] == [(running, RuntimeError)]
+    assert lane.failed_together == frozenset() and lane.waiting == [back]
+    policy.failing = False
+    while len(lane):
+        ended += lane.step()
+    assert [run for run, _ in ended] == [running, back] and ended[1][1] is None
+    flaky = {"calls": 0}
+
+    def fails_once(particles: Particles, rng: Any) -> Any:
+        flaky["calls"] += 1
+        if flaky["calls"] == 1:
+            raise RuntimeError("the batch's call failed once")
+        return RefusesPoison.propose(policy, particles, rng)
+
+    policy.propose = fails_once  # type: ignore[method-assign]
+    prompts = [(), Poison()]
+    results = run_together(
+        models,
+        [build(p, k) for k, p in enumerate(prompts)],
+        return_errors=True,
+        again=lambda k: build(prompts[k], k),
+    )
+    assert isinstance(results[0], RuntimeError) and isinstance(results[1], SamplerResult)
+
+
 @pytest.mark.parametrize("n", [0, 1, 2, 3, 8, 9])
 def test_halves_split_in_order_down_to_one(n: int) -> None:
     """Halving a failed batch again and again ends at single runs in ceil(log2(n)) rounds, every run in

@@ -224,11 +224,12 @@ class Lane:
         self, error: BaseException, ended: Ended, runs: list[Run], members: list[_Member]
     ) -> None:
         """A failure of the batch (a model call, or a join of newcomers): every run of ``runs`` (the lane's
-        at the step's start, newcomers included) that has not ended yet ends with ``error``, and the lane
-        is left empty; where these are several, ``failed_together`` names them. Every member's share of
-        the model calls so far goes to its run (``members``: those at the step's start; newcomers that
-        took a share, in ``_joining``)."""
-        done = {id(run) for run, _ in ended}
+        at the step's start, newcomers included) that has not ended yet, nor gone back to waiting for
+        another batch during the step (its rows were in no call since), ends with ``error``, and the lane
+        is left empty but for those waiting; where the runs ending are several, ``failed_together`` names
+        them. Every member's share of the model calls so far goes to its run (``members``: those at the
+        step's start; newcomers that took a share, in ``_joining``)."""
+        done = {id(run) for run, _ in ended} | {id(run) for run in self.waiting}  # _admit emptied waiting
         failing = [run for run in runs if id(run) not in done]
         if len(failing) > 1:  # the caller runs them again or ends them: it says which (log_restart)
             logger.debug("a model call failed for a batch of %d runs", len(failing), exc_info=True)
