@@ -1027,9 +1027,15 @@ def test_sigterm_lets_requests_in_flight_finish(tmp_path: Path) -> None:
         lone = _duration(draining, LONG_REQUEST)
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             in_flight = [pool.submit(draining.post, LONG_REQUEST) for _ in range(2)]
-            time.sleep(lone / 4)  # both still in flight: together they take longer than one alone
-            # one in each worker's batch (a request goes to the worker with fewer rows)
-            rows = [draining.metric(f'tiltsmc_worker_rows_in_flight{{worker="{k}"}}') for k in (0, 1)]
+            # one in each worker's batch (a request goes to the worker with fewer rows), both in flight
+            # at once: read until both are seen (not after a fixed share of one's time: on a busy machine
+            # the second was once not admitted yet), or one has ended
+            deadline = time.monotonic() + 30 + 4 * lone
+            while True:
+                rows = [draining.metric(f'tiltsmc_worker_rows_in_flight{{worker="{k}"}}') for k in (0, 1)]
+                if min(rows) > 0 or any(f.done() for f in in_flight) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
             assert rows[0] == rows[1] > 0, rows
             began = time.monotonic()
             draining.process.send_signal(signal.SIGTERM)
