@@ -200,12 +200,10 @@ class Lane:
         if self._failed_rows:
             self._failed_rows = []
         self.failed_together = frozenset()
-        members = list(self.members)
-        runs = [*(member.run for member in members), *self.waiting]  # each ends or goes on, whatever fails
+        members, waiting = list(self.members), list(self.waiting)  # each ends or goes on, whatever fails
         try:
-            if self._admit(
-                ended
-            ):  # a newcomer may start finished (a prompt that failed); others were settled
+            joined = self._admit(ended)
+            if joined:  # a newcomer may start finished (a prompt that failed); the others were settled
                 self._settle(ended)
             if self.members:
                 self._pack()  # no model call runs on the rows of a run that left
@@ -217,20 +215,20 @@ class Lane:
                     self._rollout_step(ended)
                 self._settle(ended)
         except Exception as error:  # a failure of the whole batch: every run in it ends with it
-            self._fail_together(error, ended, runs, members)
+            self._fail_together(error, ended, members, waiting)
         return ended
 
     def _fail_together(
-        self, error: BaseException, ended: Ended, runs: list[Run], members: list[_Member]
+        self, error: BaseException, ended: Ended, members: list[_Member], waiting: list[Run]
     ) -> None:
-        """A failure of the batch (a model call, or a join of newcomers): every run of ``runs`` (the lane's
-        at the step's start, newcomers included) that has not ended yet, nor gone back to waiting for
-        another batch during the step (its rows were in no call since), ends with ``error``, and the lane
-        is left empty but for those waiting; where the runs ending are several, ``failed_together`` names
-        them. Every member's share of the model calls so far goes to its run (``members``: those at the
-        step's start; newcomers that took a share, in ``_joining``)."""
+        """A failure of the batch (a model call, or a join of newcomers): every run of the lane at the
+        step's start (``members``' and the newcomers', ``waiting``) that has not ended yet, nor gone back
+        to waiting for another batch during the step (its rows were in no call since), ends with
+        ``error``, and the lane is left empty but for those waiting; where the runs ending are several,
+        ``failed_together`` names them. Every member's share of the model calls so far goes to its run
+        (``members``; newcomers that took a share, in ``_joining``)."""
         done = {id(run) for run, _ in ended} | {id(run) for run in self.waiting}  # _admit emptied waiting
-        failing = [run for run in runs if id(run) not in done]
+        failing = [run for run in (*(member.run for member in members), *waiting) if id(run) not in done]
         if len(failing) > 1:  # the caller runs them again or ends them: it says which (log_restart)
             logger.debug("a model call failed for a batch of %d runs", len(failing), exc_info=True)
             self.failed_together = frozenset(id(run) for run in failing)

@@ -50,8 +50,8 @@ class Request:
     admitted: Optional[float] = None
     cancelled: bool = False
     waiting: bool = field(default=False, repr=False)  # in the scheduler's queue
-    # a fresh run of the request, from its start (its generator as at submit), to run again after a model
-    # call failed for its batch (None: it cannot)
+    # a fresh run of the request, from its start (a seed's generator as at submit, a caller's where the
+    # run left it: Engine._restart), to run again after a model call failed for its batch (None: it cannot)
     restart: Optional[Callable[[], Run]] = field(default=None, repr=False)
 
     def expired(self, now: float) -> bool:
