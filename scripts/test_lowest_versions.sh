@@ -42,14 +42,9 @@ LOWEST_VERSION_TESTS=(
 python="${1:-}"
 shift || true
 if [ -z "$python" ]; then
-    pyenv_root="$(pyenv root 2>/dev/null || echo "${PYENV_ROOT:-$HOME/.pyenv}")"
-    # pyenv's shim for python3.9 exists, and fails, where another version is selected: try each
-    for candidate in "$pyenv_root"/versions/3.9.*/bin/python3.9 python3.9; do
-        if "$candidate" -c "" >/dev/null 2>&1; then
-            python="$candidate"
-            break
-        fi
-    done
+    # shellcheck source=scripts/find_python.sh
+    . scripts/find_python.sh
+    python="$(find_python 3.9)"
 fi
 if [ -z "$python" ]; then
     echo "test_lowest_versions: no Python 3.9 here (pass one as the argument): skipped"

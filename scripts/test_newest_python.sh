@@ -23,17 +23,13 @@ python="${1:-}"
 shift || true
 if [ -z "$python" ]; then
     machine="$(python3 -c 'import sys; print(sys.version_info[1])')"
-    pyenv_root="$(pyenv root 2>/dev/null || echo "${PYENV_ROOT:-$HOME/.pyenv}")"
+    # shellcheck source=scripts/find_python.sh
+    . scripts/find_python.sh
     missing=()
     for minor in "${supported[@]}"; do
         [ "$minor" -gt "$machine" ] || break
-        # pyenv's shim for python3.X exists, and fails, where another version is selected: try each
-        for candidate in "$pyenv_root"/versions/3."$minor".*/bin/python3."$minor" python3."$minor"; do
-            if "$candidate" -c "" >/dev/null 2>&1; then
-                python="$candidate"
-                break 2
-            fi
-        done
+        python="$(find_python 3."$minor")"
+        [ -z "$python" ] || break
         missing+=("3.$minor")
     done
     if [ "${#missing[@]}" -gt 0 ]; then
