@@ -362,7 +362,7 @@ def test_encoding_lets_other_threads_run() -> None:
     """``Tokenizer.encode`` gives the ids ``tokenizers``' own ``encode`` gives, but another Python thread
     goes on while it works (a server's event loop, an engine's worker). Measured as the longest time a
     watching thread is stalled during each encode, in the same run: the GIL-holding one stalls it for
-    most of its run, ours for at most a quarter as long (20 - 40x shorter seen, with one or two busy
+    most of its run, ours for at most a quarter as long (16 - 43x shorter seen, with one or two busy
     processes beside it on 2 cores). A stall, not a count rate: the rate a thread counts at also falls
     when the machine is busy, and a busy CI machine failed the rate's 4x at 3.4x."""
     import threading
