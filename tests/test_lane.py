@@ -677,3 +677,61 @@ def test_halves_split_in_order_down_to_one(n: int) -> None:
         assert [i for part in parts for i in part] == list(range(n))
     assert rounds == (math.ceil(math.log2(n)) if n > 1 else 0)
     assert halves([7]) == [[7]] and halves([]) == []
+
+
+class InterruptsAtFlush:
+    """A real token policy whose ``propose`` leaves work deferred to the next flush (as a decoder's
+    session run on the tokens it appended), work that raises ``KeyboardInterrupt`` once ``interrupt`` is
+    set: with no resampling, the next flush is a newcomer's join."""
+
+    token_level = True
+    supports_engine = True
+    log_probs_checked = True
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.vocab_size = inner.vocab_size
+        self.interrupt = False
+
+    def start(self, prompts: Any, num_particles: int) -> Particles:
+        particles: Particles = self.inner.start(prompts, num_particles)
+        return particles
+
+    def propose(self, particles: Particles, rng: Any) -> Any:
+        proposed = self.inner.propose(particles, rng)
+
+        def work() -> None:
+            if self.interrupt:
+                self.interrupt = False
+                raise KeyboardInterrupt
+
+        particles.defer(work)
+        return proposed
+
+
+def test_an_interrupt_during_a_join_leaves_the_lane_empty_and_usable() -> None:
+    """A ``KeyboardInterrupt`` raised while a newcomer joins propagates and leaves the lane as a failure
+    does: no runs in it and no newcomer half-joined, so a run added afterwards gives exactly its result
+    alone (the interrupted newcomer stayed listed as joining, and the next join placed the next run's
+    rows as its)."""
+    task = MarkovDFATask.random(4, 3, 6, rng=0)
+    policy = InterruptsAtFlush(task.policy())
+    models = Models(policy, task.twist(noise=0.4, rng=1), Compute())
+    lane = Lane(models, "guided")
+    lane.add(_run(models, 1, 5, ess_threshold=0.0))
+    lane.step()
+    lane.add(_run(models, 2, 5, ess_threshold=0.0))
+    policy.interrupt = True
+    with pytest.raises(KeyboardInterrupt):
+        lane.step()
+    assert len(lane) == 0 and lane.rows == 0 and lane.particles is None
+    later = _run(models, 3, 5, ess_threshold=0.0)
+    lane.add(later)
+    ended: list[Any] = []
+    while len(lane):
+        ended += lane.step()
+    assert ended == [(later, None)]
+    alone = run_alone(models, _run(models, 3, 5, ess_threshold=0.0))
+    assert isinstance(alone, SamplerResult) and later.result is not None
+    assert [s.tolist() for s in alone.samples] == [s.tolist() for s in later.result.samples]
+    np.testing.assert_array_equal(alone.log_z, later.result.log_z)

@@ -135,7 +135,9 @@ class Lane:
     in it, and where these were several, ``failed_together`` holds them (by ``id``) until the next step:
     the call cannot tell whose rows made it fail, so a caller may run them again in ``halves``, and
     those of a half that fails again in halves of it, to find whose it is (the serving engine and
-    ``run_together`` do). ``compute`` adds up every model call of the lane.
+    ``run_together`` do). An exception that is not an ``Exception`` (``KeyboardInterrupt``) leaves the
+    lane as such a failure does, empty but for the runs waiting, and propagates: the runs it held are the
+    caller's to end. ``compute`` adds up every model call of the lane.
     """
 
     def __init__(self, models: Models, kind: str) -> None:
@@ -214,8 +216,10 @@ class Lane:
                 else:
                     self._rollout_step(ended)
                 self._settle(ended)
-        except Exception as error:  # a failure of the whole batch: every run in it ends with it
+        except BaseException as error:  # a failure of the whole batch: every run in it ends with it
             self._fail_together(error, ended, members, waiting)
+            if not isinstance(error, Exception):  # KeyboardInterrupt: the lane is left empty, not half-joined
+                raise
         return ended
 
     def _fail_together(
