@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 from pathlib import Path
@@ -494,6 +495,43 @@ def test_a_prompt_the_policy_raises_for_in_the_cli_fails_alone(
         for key in set(record) | set(one):
             if key not in ("compute", "run"):
                 assert record[key] == one[key], (record["prompt_index"], key)
+
+
+def test_the_progress_bar_counts_the_steps_of_prompts_that_run_again_as_work_to_do(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``tiltsmc run``'s step bar where a batch's call fails and its prompts run again from their start:
+    the steps they had taken stay counted and the total grows by as much, so the count never passes the
+    total and ends equal to it (the total stayed that of one run per prompt: the bar showed more steps
+    done than there were to do)."""
+    import tiltsmc.cli as cli
+
+    shown: list[tuple[int, int]] = []
+
+    class Recorded(cli.StepProgress):
+        def __init__(self, prompts: int, budget: Any, label: str, enabled: bool) -> None:
+            super().__init__(prompts, budget, label, True)
+
+        def advance(self, steps: int) -> None:
+            super().advance(steps)
+            shown.append((self.bar.n, self.bar.total))
+
+        def close(self) -> None:
+            shown.append((self.bar.n, self.bar.total))
+            super().close()
+
+    load = cli._load_models
+    monkeypatch.setattr(cli, "StepProgress", Recorded)
+    monkeypatch.setattr(
+        cli, "_load_models", lambda args: (RefusesText(load(args)[0], "abcde"), load(args)[1])
+    )
+    argv = ["run", "--policy", str(FIXTURES / "llama-tiny"), "--reward", str(FIXTURES / "prm-tiny")]
+    argv += ["--max-new-tokens", "4", "--seed", "11", "-q", "--json", os.devnull]
+    for prompt in ("ab", "cd", "abcde", "ef", "gh"):
+        argv += ["--prompt", prompt]
+    assert main(argv) == 0
+    assert len(shown) > 5 and all(n <= total for n, total in shown), shown
+    assert shown[-1][0] == shown[-1][1] > 5 * 4  # more steps than one run per prompt: some ran again
 
 
 def test_a_run_started_with_others_names_its_own_prompt(models: dict[str, Any]) -> None:

@@ -111,8 +111,9 @@ class StepProgress:
 
     It counts steps of every prompt: a lane step of ``k`` prompts counts ``k``. The total is each prompt's
     most steps (``max_new_tokens`` per pass of the sampler), lowered by what a prompt leaves unused when it
-    ends early, so the rate is real steps per second and the ETA an upper bound that tightens; unknown
-    (no ETA) for rejection sampling, whose number of rounds is random.
+    ends early, and raised by the steps a prompt had taken where it runs again from its start (they
+    were work done), so the rate is real steps per second and the ETA an upper bound that tightens;
+    unknown (no ETA) for rejection sampling, whose number of rounds is random.
     """
 
     def __init__(self, prompts: int, budget: Optional[int], label: str, enabled: bool) -> None:
@@ -134,6 +135,13 @@ class StepProgress:
         """A prompt ended after ``steps_taken`` steps: its unused budget leaves the total."""
         if self.budget is not None and self.bar.total is not None and not self.bar.disable:
             self.bar.total = max(self.bar.total - max(self.budget - steps_taken, 0), self.bar.n)
+            self.bar.refresh()
+
+    def restarted(self, steps_lost: int) -> None:
+        """A prompt runs again from its start (its batch's model call failed) after ``steps_lost`` steps:
+        they were taken and stay counted, so the work to do grows by as much."""
+        if self.budget is not None and self.bar.total is not None and not self.bar.disable:
+            self.bar.total += steps_lost
             self.bar.refresh()
 
     def close(self) -> None:
@@ -1580,17 +1588,25 @@ def _sample(
 
     latest: dict[int, Run] = {}  # prompt i's last run: a failed prompt's compute is that run's
 
+    steps = [0] * len(prompts)  # prompt i's steps in its latest run
+    again: list[int] = []  # prompts run again from their start at the step not yet counted
+
     def prompt_run(i: int) -> Run:  # prompt i's run from its start (again where its batch's call failed)
+        if i in latest:
+            again.append(i)
         latest[i] = build(models, [prompts[i]], rng=_prompt_rng(args.seed, offset + i), **options)
         return latest[i]
 
     runs = [prompt_run(i) for i in range(len(prompts))]
-    steps = [0] * len(runs)
 
     def on_step(stepped: list[int], ended: list[int]) -> None:
         for i in stepped:
             steps[i] += 1
         progress.advance(len(stepped))
+        for i in again:  # the failed step included
+            progress.restarted(steps[i])
+            steps[i] = 0
+        again.clear()
         for i in ended:
             progress.prompt_done(steps[i])
 
