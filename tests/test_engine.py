@@ -1597,3 +1597,55 @@ def test_failing_batches_cancellations_and_workers_never_lose_or_mix_a_request(
     assert counts["cancelled"] == sum(cancelled for *_, cancelled, _ in futures)
     assert counts["failed"] == sum(poisoned and not cancelled for *_, poisoned, cancelled, _ in futures)
     assert (stats["in_flight"], stats["rows_in_flight"], stats["waiting"]) == (0, 0, 0)
+
+
+class PoisonWaits(HeldRefusesPoison):
+    """``HeldRefusesPoison`` whose ``propose`` also waits for ``poison_gate`` on a batch holding a
+    :class:`Poison` prompt, before it raises for it (to cancel a request inside the failing step)."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.poison_gate = threading.Event()
+        self.poison_entered = threading.Event()
+
+    def propose(self, particles: Particles, rng: Any) -> Any:
+        if any(isinstance(prompt, Poison) for prompt in particles.prompts):
+            self.poison_entered.set()
+            assert self.poison_gate.wait(20), "the test never opened the poison's gate"
+        return super().propose(particles, rng)
+
+
+def test_the_restart_warning_counts_only_the_requests_that_run_again(
+    models: tuple[Any, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request cancelled during the step whose batch call fails does not run again, and the warning
+    says how many of the batch do (it said "they run again" of all 4, and halves of 2 and 1 followed)."""
+    policy, twist = models
+    held = PoisonWaits(policy)
+    with (
+        caplog.at_level("WARNING", logger="tiltsmc.lane"),
+        tiltsmc.Engine(held, twist, adaptive_rows=False) as engine,
+    ):
+        holder = engine.submit(Held(), "smc", num_particles=4, rng=99)
+        assert held.entered.wait(10)  # the worker inside the holder's first step: the others queue
+        cancelled, kept = (engine.submit((), "smc", num_particles=4, rng=k) for k in (1, 2))
+        poisoned = engine.submit(Poison(), "smc", num_particles=4, rng=3)
+        held.gate.set()
+        assert held.poison_entered.wait(10)  # all four in the step whose call fails
+        assert cancelled.cancel()
+        held.poison_gate.set()
+        with pytest.raises(RuntimeError, match="cannot take a poisoned prompt"):
+            poisoned.result(timeout=30)
+        assert same_result(
+            kept.result(timeout=30), tiltsmc.smc(policy, twist, prompts=[()], num_particles=4, rng=2)
+        )
+        holder.result(timeout=30)
+        stats = engine.stats()
+    assert stats["requests"]["cancelled"] == 1 and stats["requests"]["completed"] == 2
+    warnings = [
+        record.getMessage() for record in caplog.records if "failed for a batch" in record.getMessage()
+    ]
+    assert warnings[0] == (
+        "a model call failed for a batch of 4 requests (RuntimeError: this policy cannot take a poisoned "
+        "prompt): 3 of them run again from their start, in halves of 2 and 1"
+    ), warnings

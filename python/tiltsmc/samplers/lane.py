@@ -1142,11 +1142,14 @@ def log_restart(
     failed: Sequence[tuple[Any, Optional[BaseException]]], lanes: Sequence[Lane], what: str
 ) -> None:
     """The warning that the ``failed`` runs (with the error that ended them; ``what`` they are: runs,
-    requests) run again from their start in ``lanes`` (``lanes_in_halves``)."""
+    requests) run again from their start in ``lanes`` (``lanes_in_halves``): all of them, or those still
+    wanted (the engine's requests not cancelled meanwhile)."""
     error = next((error for _, error in failed if error is not None), None)
+    again = sum(len(lane) for lane in lanes)
+    who = "they" if again == len(failed) else f"{again} of them"
     logger.warning(
-        "a model call failed for a batch of %d %s (%s): they run again from their start, in halves of %s",
-        len(failed), what, f"{type(error).__name__}: {error}" if error is not None else "no error",
+        "a model call failed for a batch of %d %s (%s): %s run again from their start, in halves of %s",
+        len(failed), what, f"{type(error).__name__}: {error}" if error is not None else "no error", who,
         " and ".join(str(len(lane)) for lane in lanes),
     )  # fmt: skip
 
