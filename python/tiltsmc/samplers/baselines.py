@@ -37,7 +37,9 @@ def rejection(
     ``bound`` must satisfy ``bound >= sup r``: an observed ``r > bound`` raises (the sampler would be
     wrong). Draws go in batches of ``batch_size`` per prompt until ``num_samples`` are accepted or
     ``max_tries`` draws are spent; ``tries[b]`` counts the draws, ``samples[b]`` holds at most
-    ``num_samples`` (fewer when tries ran out), and ``log_z[b]`` is ``log`` of the mean ``r`` over all draws.
+    ``num_samples`` (fewer when tries ran out), and ``log_z[b]`` is ``log`` of the mean ``r`` over the draws
+    of every batch but the last (of the one batch where there was one), unbiased for ``Z`` before the log:
+    the last batch's acceptances decide the stop, and the mean over every draw is biased up.
     """
     models = Models(policy, reward, Compute())
     run = rejection_run(

@@ -853,6 +853,9 @@ class RejectionRun(Run):
         self.accepted: list[list[np.ndarray]] = [[] for _ in range(batch)]
         self.tries = np.zeros(batch, dtype=np.int64)
         self.log_r_sums = np.full(batch, -np.inf)
+        # the sums before each prompt's latest round, for log_z (_finish)
+        self.log_r_sums_before = np.full(batch, -np.inf)
+        self.tries_before = np.zeros(batch, dtype=np.int64)
         self.hits = np.zeros(batch, dtype=np.int64)  # accepted draws, counting those past num_samples
         self.errors: dict[int, str] = {}
         self.waiting: list[int] = []
@@ -901,11 +904,26 @@ class RejectionRun(Run):
             )
         keep = np.log1p(-self.generator.random(log_r.shape)) < log_r - self.log_bound
         for row, b in enumerate(self.waiting):
+            self.tries_before[b], self.log_r_sums_before[b] = self.tries[b], self.log_r_sums[b]
             self.tries[b] += self.count
             self.log_r_sums[b] = np.logaddexp(self.log_r_sums[b], logsumexp(log_r[row]))
             self.hits[b] += int(np.count_nonzero(keep[row]))
             for i in np.flatnonzero(keep[row])[: self.num_samples - len(self.accepted[b])]:
                 self.accepted[b].append(particles.tokens[row, i, : particles.lengths[row, i]].copy())
+
+    def _log_z(self) -> FloatArray:
+        """``log Z^`` of each prompt: the log of the mean reward over the draws of every round but its
+        last, or of its one round. Unbiased for ``Z`` before the log, although the rounds stop on what they
+        draw: the mean over the first round, a fixed number of draws, is unbiased, and given the number
+        of rounds ``k >= 2`` and what they drew, the first is equally likely any of the first ``k - 1``,
+        all full and exchangeable, since the stop after round ``k`` asks only that those together fell short
+        of ``num_samples`` (the mean over all rounds, which the last one's acceptances end, is biased up:
+        5x for one draw a round where ``Z = 1/200``)."""
+        several = self.tries_before > 0
+        log_sums = np.where(several, self.log_r_sums_before, self.log_r_sums)
+        draws = np.where(several, self.tries_before, self.tries)
+        log_z: FloatArray = log_sums - np.log(np.maximum(draws, 1))
+        return log_z
 
     def _finish(self) -> None:
         accepted = self.accepted
@@ -922,7 +940,7 @@ class RejectionRun(Run):
                 np.full(len(found), -np.inf if gone else -np.log(len(found))) if found else np.zeros(0)
                 for found, gone in zip(accepted, failed.tolist())
             ],
-            log_z=np.where(failed, -np.inf, self.log_r_sums - np.log(np.maximum(self.tries, 1))),
+            log_z=np.where(failed, -np.inf, self._log_z()),
             collapsed=np.array([not found for found in accepted]) | failed,
             compute=self.compute,
             tries=self.tries,
