@@ -1217,3 +1217,141 @@ def test_row_streams_give_one_dimensional_input_a_scalar_shape_as_a_plain_rng_do
     assert value == plain_value
     rows = call(logits[None], RowStreams([np.random.default_rng(5)], [0, 1]))
     assert rows[0].shape == (1,) and rows[0][0] == index
+
+
+# --------------------------------------------------------------------------------------------------------
+# Found by review (session 38): lists emptied by another thread, an error path's read, sizes that wrap
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_arrays_dropped_from_their_list_during_a_call_stay_alive_until_it_returns() -> None:
+    """``reorder_in_place`` (the caller's own list) and ``concatenate_padded`` (a list handed to the core)
+    keep each array alive while the kernel copies with the GIL released (64 MiB each): another thread
+    that empties the list meanwhile frees nothing under the kernel, whose results are whole. The binding
+    kept raw pointers only: the process died (segmentation fault) on every run."""
+    output = run_isolated(
+        """
+        import threading
+        import numpy as np
+        from tiltsmc import _core, core
+
+        def during(call, items):
+            started = threading.Event()
+            def drop():
+                started.wait()
+                items.clear()  # runs once the call has released the GIL
+            thread = threading.Thread(target=drop); thread.start()
+            started.set()
+            result = call()
+            thread.join()
+            return result
+
+        n, item = 64, 1 << 20
+        ancestors = np.arange(n, dtype=np.int64)[::-1].copy().reshape(1, n)
+        kv = np.arange(n, dtype=np.uint8).repeat(item).reshape(1, n, item)
+        arrays = [kv]
+        reversed_first = kv[0, ::-1, :1].copy()
+        watched = [kv]  # a view of the result, taken after the call: the list holds the only other reference
+        del kv
+        during(lambda: core.reorder_in_place(arrays, ancestors), arrays)
+        print("reorder", bool((watched[0][0, :, :1] == reversed_first).all()))
+        rows, length = 64, 1 << 20
+        parts = [np.full((rows, length), 1, np.uint8), np.full((rows, length), 2, np.uint8)]
+        out = np.zeros((2 * rows, length), np.uint8)
+        during(lambda: _core.concatenate_padded(parts, [1, 1], [0, 0], out, 1, length, False), parts)
+        print("concatenate", bool((out[:rows] == 1).all() and (out[rows:] == 2).all()))
+        """,
+        timeout=120,
+    )
+    assert output.split() == ["reorder", "True", "concatenate", "True"], output
+
+
+def test_smc_reweight_names_weights_changed_meanwhile_without_reading_before_its_arrays() -> None:
+    """``smc_reweight`` with another thread flipping a row's scheme code to an unknown one and back while
+    the kernel runs (the GIL released): a call that meets the unknown code says its input changed
+    meanwhile, naming ``log_w``. That failure has no index, and the binding read ``log_w[-1]`` and
+    ``log_v[-1]`` to find which input held a bad value: with a 0 there, it said "not a log-weight ... at
+    row 0, index -1"."""
+    output = run_isolated(
+        """
+        import threading, time
+        import numpy as np
+        from tiltsmc import _core
+
+        rows, n = 2, 300_000  # rows * n * 33 bytes > 8 MiB: the GIL is released
+        schemes = np.zeros(rows, np.uint8); stop = []
+        def flip():
+            while not stop:
+                schemes[0] = 9; schemes[0] = 0  # 9 is no scheme's code
+        def after_a_zero(fill):  # the float64 before the array is 0.0, a finite log-weight
+            memory = np.zeros(rows * n + 1); memory[1:] = fill
+            return memory[1:].reshape(rows, n)
+        thread = threading.Thread(target=flip); thread.start()
+        changed = wrong = 0
+        end = time.monotonic() + 20
+        try:
+            while time.monotonic() < end and changed + wrong < 3:
+                try:
+                    _core.smc_reweight(
+                        after_a_zero(0.0), after_a_zero(0.0), after_a_zero(0.0), np.ones((rows, n), bool),
+                        np.full(rows, np.log(n)), np.zeros(rows), np.zeros(rows, bool), float(np.log(n)), 1.0,
+                        0, 7, None, None, None, None, schemes,
+                    )
+                except ValueError as error:
+                    message = str(error)
+                    if message.startswith("log_w: changed by another thread during the call"):
+                        changed += 1
+                    elif not message.startswith("scheme"):  # checked before the kernel, GIL held
+                        wrong += 1
+                        print(message)
+        finally:
+            stop.append(True); thread.join()
+        print(changed, wrong)
+        """,
+        timeout=120,
+    )
+    changed, wrong = map(int, output.splitlines()[-1].split())
+    assert wrong == 0 and changed > 0, output
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        "_core.gather(np.zeros(1), np.array([2**36], np.int64), np.zeros(1), 1, 2**61 + 1, 8)",
+        "_core.gather(np.zeros(1), np.array([1], np.int64), np.zeros(1), 1, 2**61 + 1, 8)",
+        "_core.concatenate_padded([np.zeros((1, 8), np.uint8)], [1], [0], np.zeros((1, 8), np.uint8), "
+        "2**61 + 1, 8, False)",
+        "_core.concatenate_padded([np.zeros((1, 0), np.uint8)], [0], [0], np.zeros((1, 8), np.uint8), "
+        "2**61 + 1, 8, False)",  # no item to read: the padding written over 2**61 + 1 blocks
+    ],
+)
+def test_sizes_whose_product_wraps_around_are_refused(call: str) -> None:
+    """The core's byte-size checks on figures Python hands it (rows x particles x item size, and the
+    like) are refused where the product does not fit in int64: it wrapped around to the arrays' 8 bytes
+    and passed, and the kernel read or wrote far outside them (a segmentation fault, or 8 bytes past the
+    array read silently)."""
+    output = run_isolated(
+        f"""
+        import numpy as np
+        from tiltsmc import _core
+        try:
+            {call}
+        except ValueError as error:
+            print(error)
+        """
+    )
+    assert "byte size" in output, output
+
+
+def test_smc_reweight_refuses_rows_without_particles_before_any_warning() -> None:
+    """``N = 0``: the core's own error, with no numpy warning first (``log 0``, an error of its own
+    where warnings are errors)."""
+    import warnings
+
+    empty = np.zeros((2, 0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=r"log_w: expected shape \(B, N\) with N >= 1"):
+            core.smc_reweight(
+                empty, empty, empty, np.ones((2, 0), bool), np.zeros(2), np.zeros(2), np.zeros(2, bool), 0.5
+            )

@@ -157,11 +157,13 @@ void bind_gather(std::uintptr_t x, std::int64_t rows, std::int64_t n, std::int64
     // unless it is x). Byte ranges of the C-contiguous arrays these sizes describe.
     const auto* x_begin = as_pointer<const void>(x);
     const auto* out_begin = as_pointer<const void>(out);
-    const std::int64_t x_bytes = rows * n * item_bytes, out_bytes = rows * m * item_bytes;
+    const auto x_size = checked_product({rows, n, item_bytes}), out_size = checked_product({rows, m, item_bytes});
+    const auto ancestors_size = checked_product({rows, m, static_cast<std::int64_t>(sizeof(std::int64_t))});
+    if (!x_size || !out_size || !ancestors_size) throw py::value_error("x: rows x particles x item size overflows");
+    const std::int64_t x_bytes = *x_size, out_bytes = *out_size;
     if (x != out && share_memory(x_begin, x_bytes, out_begin, out_bytes))
         throw py::value_error("out: overlaps x without being x itself");
-    if (share_memory(as_pointer<const void>(ancestors), rows * m * static_cast<std::int64_t>(sizeof(std::int64_t)),
-                     out_begin, out_bytes))
+    if (share_memory(as_pointer<const void>(ancestors), *ancestors_size, out_begin, out_bytes))
         throw py::value_error(x == out ? "ancestors: shares memory with x, which is reordered in place (pass a copy)"
                                        : "out: shares memory with ancestors (pass separate arrays)");
     run_checked(device, stream, true, "tiltsmc._cuda.gather", "ancestors", m, [&](auto* record, cudaStream_t s) {

@@ -23,9 +23,10 @@ void bind_gather(const py::array& x, const CArray<std::int64_t>& ancestors, py::
     const std::int64_t total = static_cast<std::int64_t>(ancestors.size());
     const std::int64_t m = rows == 0 ? 0 : total / rows;
     if (m * rows != total) throw py::value_error("ancestors: size is not a multiple of the rows of x");
-    if (static_cast<std::int64_t>(x.nbytes()) != rows * n * item_bytes)
+    const auto x_bytes = checked_product({rows, n, item_bytes}), out_bytes = checked_product({rows, m, item_bytes});
+    if (!x_bytes || static_cast<std::int64_t>(x.nbytes()) != *x_bytes)
         throw py::value_error("x: byte size does not match rows x particles x item size");
-    if (static_cast<std::int64_t>(out.nbytes()) != rows * m * item_bytes)
+    if (!out_bytes || static_cast<std::int64_t>(out.nbytes()) != *out_bytes)
         throw py::value_error("out: byte size does not match rows x ancestors x item size");
     const auto* source = static_cast<const std::uint8_t*>(x.data());
     auto* target = static_cast<std::uint8_t*>(out.mutable_data());
@@ -65,6 +66,7 @@ py::list bind_reorder_in_place(const py::list& arrays, const CArray<std::int64_t
         for (const py::handle axis : py::list(axes_object)) axes.push_back(py::reinterpret_borrow<py::object>(axis));
         if (axes.size() != arrays.size()) throw py::value_error("axes: expected one per array (None or an axis)");
     }
+    std::vector<py::array> held;  // the arrays written: alive until the kernel returns, whatever the list does
     std::vector<std::uint8_t*> data;
     std::vector<std::int64_t> item_bytes;
     std::vector<ItemPrefix> prefixes;
@@ -126,6 +128,7 @@ py::list bind_reorder_in_place(const py::list& arrays, const CArray<std::int64_t
             for (py::ssize_t d = axis + 1; d < array.ndim(); ++d) prefix.column_bytes *= array.shape(d);
             if (prefix.blocks * prefix.width * prefix.column_bytes == 0) prefix = ItemPrefix{};  // empty items
         }
+        held.push_back(array);
         data.push_back(begin);
         item_bytes.push_back(bytes);
         prefixes.push_back(prefix);
@@ -182,6 +185,7 @@ void bind_concatenate_padded(const py::list& parts, const std::vector<std::int64
         throw py::type_error("out: holds Python objects, which cannot be copied");
     if (out.ndim() < 1) throw py::value_error("out: expected at least one axis");
     std::vector<PaddedPart> read(parts.size());
+    std::vector<py::array> held(parts.size());  // the parts read: alive until the kernel returns, whatever the list does
     std::int64_t rows = 0;
     for (std::size_t k = 0; k < parts.size(); ++k) {
         const std::string name = "parts[" + std::to_string(k) + "]";
@@ -194,10 +198,12 @@ void bind_concatenate_padded(const py::list& parts, const std::vector<std::int64
         if (length < 0 || skip < 0 || skip > length)
             throw py::value_error(name + ": needs 0 <= skip <= length, got skip " + std::to_string(skip) +
                                   ", length " + std::to_string(length));
-        if (static_cast<std::int64_t>(part.nbytes()) != part_rows * blocks * length * item_bytes)
+        const auto part_bytes = checked_product({part_rows, blocks, length, item_bytes});
+        if (!part_bytes || static_cast<std::int64_t>(part.nbytes()) != *part_bytes)
             throw py::value_error(name + ": byte size does not match rows x blocks x length x item size");
         if (share_memory(part, out)) throw py::value_error("out: overlaps " + name);
         read[k] = {static_cast<const std::uint8_t*>(part.data()), part_rows, length, skip};
+        held[k] = part;
         rows += part_rows;
     }
     if (out.shape(0) != rows) throw py::value_error("out: its first axis is not the parts' rows in all");
@@ -214,13 +220,14 @@ void bind_concatenate_padded(const py::list& parts, const std::vector<std::int64
                 throw py::value_error("used: expected counts >= 0, got " + std::to_string(used[static_cast<std::size_t>(r)]) +
                                       " at row " + std::to_string(r));
     }
-    const std::int64_t row_bytes = blocks * item_bytes;
-    if (rows == 0 || row_bytes == 0) {  // nothing to copy
+    const auto all_rows_bytes = checked_product({rows, blocks, item_bytes});  // out's bytes a column
+    if (!all_rows_bytes) throw py::value_error("out: byte size is not rows x blocks x a width x item size");
+    if (*all_rows_bytes == 0) {  // nothing to copy
         if (out.nbytes() != 0) throw py::value_error("out: expected no items for parts without any");
         return;
     }
-    const std::int64_t width = static_cast<std::int64_t>(out.nbytes()) / (rows * row_bytes);
-    if (width * rows * row_bytes != static_cast<std::int64_t>(out.nbytes()))
+    const std::int64_t width = static_cast<std::int64_t>(out.nbytes()) / *all_rows_bytes;
+    if (width * *all_rows_bytes != static_cast<std::int64_t>(out.nbytes()))
         throw py::value_error("out: byte size is not rows x blocks x a width x item size");
     for (std::size_t k = 0; k < read.size(); ++k)
         if (read[k].length - read[k].skip > width)

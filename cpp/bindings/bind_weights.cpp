@@ -269,7 +269,9 @@ py::tuple bind_smc_reweight(const py::handle& log_w_object, const py::handle& lo
                               static_cast<std::uint8_t*>(collapsed.mutable_data()), ancestors.mutable_data(), flags.data(),
                               ess.mutable_data(), unique.mutable_data(), increment.mutable_data(), se, per_row);
     }
-    if (!status.ok() && status.row >= 0) {
+    // a value the kernel refused: which of the three inputs made it (an input changed meanwhile has no index)
+    const bool refused_value = status.code == StatusCode::nan_weight || status.code == StatusCode::positive_infinity;
+    if (refused_value && status.row >= 0 && status.row < rows && status.index >= 0 && status.index < n) {
         const std::int64_t k = status.row * n + status.index;
         auto bad = [](double value) { return std::isnan(value) || value == std::numeric_limits<double>::infinity(); };
         if (!bad(w[k]) && !bad(v[k]) && !bad(v_prev[k]))

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
+#include <limits>
 #include <optional>
 #include <string>
 #include <vector>
@@ -137,6 +138,19 @@ py::array checked(const py::handle& object, const char* name, bool written = fal
 }
 
 inline std::int64_t size_of(const py::array& array) { return static_cast<std::int64_t>(array.size()); }
+
+// The product of `factors` (each >= 0), or nullopt where it does not fit in int64: a size computed from
+// figures Python hands over must not wrap around and so pass a check against an array's byte size.
+inline std::optional<std::int64_t> checked_product(std::initializer_list<std::int64_t> factors) {
+    for (const std::int64_t factor : factors)
+        if (factor == 0) return 0;
+    std::int64_t product = 1;
+    for (const std::int64_t factor : factors) {
+        if (factor < 0 || product > std::numeric_limits<std::int64_t>::max() / factor) return std::nullopt;
+        product *= factor;
+    }
+    return product;
+}
 
 // Whether two C-contiguous arrays share memory: their byte ranges overlap (exact for contiguous arrays, as
 // numpy.shares_memory; empty arrays share nothing).
