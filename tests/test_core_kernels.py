@@ -661,6 +661,8 @@ def test_set_num_threads_validation(restore_num_threads: Callable[[int], None]) 
         core.set_num_threads(1.5)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="num_threads"):
         core.set_num_threads(True)
+    with pytest.raises(ValueError, match=r"num_threads: must be < 2\*\*31, got 1099511627776"):
+        core.set_num_threads(2**40)  # the core's count is an int (pybind11's own TypeError named no argument)
     assert core.get_num_threads() == 1
 
 

@@ -76,6 +76,7 @@ FloatArray = npt.NDArray[np.floating]
 # Builtin dtypes are singletons: identity tests are the cheapest checks of the common case.
 _FLOAT64, _FLOAT32, _INT64 = np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.int64)
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1  # the range of the core's integer arguments
+_INT32_MAX = 2**31 - 1  # the range of the core's thread count
 
 
 def _as_log_weights(logw: npt.ArrayLike, name: str = "logw") -> tuple[np.ndarray, bool]:
@@ -244,7 +245,8 @@ def smc_reweight(
     numbered from 0, as in [`pool_select`][tiltsmc.core.pool_select]; or from the keys it was given).
     """
     rows = log_w.shape[0] if isinstance(log_w, np.ndarray) and log_w.ndim == 2 else 0
-    log_n = _log_count(log_w.shape[1]) if isinstance(log_w, np.ndarray) and log_w.ndim == 2 else 0.0
+    n = log_w.shape[1] if isinstance(log_w, np.ndarray) and log_w.ndim == 2 else 0
+    log_n = _log_count(n) if n > 0 else 0.0  # no particles: the core refuses the rows
     schemes: Optional[npt.NDArray[np.uint8]] = None
     if isinstance(scheme, str) or not isinstance(scheme, Sequence):
         code = _scheme_code(scheme)
@@ -845,7 +847,10 @@ def keep_survivors(ancestors: npt.ArrayLike) -> npt.NDArray[np.int64]:
 
 def set_num_threads(num_threads: int) -> None:
     """Set how many threads large kernel calls may use (results never depend on it)."""
-    _core.set_num_threads(_as_int(num_threads, "num_threads", "a positive int", 1))
+    threads = _as_int(num_threads, "num_threads", "a positive int", 1)
+    if threads > _INT32_MAX:  # the core counts threads in an int
+        raise ValueError(f"num_threads: must be < 2**31, got {threads}")
+    _core.set_num_threads(threads)
 
 
 def get_num_threads() -> int:
