@@ -390,3 +390,80 @@ def test_token_map_does_not_look_up_the_padding_id(fixture: Path, options: dict[
             mapped.initial_log_value(policy_ids), plain.initial_log_value(reward_ids)
         )
         np.testing.assert_array_equal(mapped.log_value(policy_ids), plain.log_value(reward_ids))
+
+
+# -- position='delimiter' needs a score per position ------------------------------------------------------
+
+
+def summed(helper: Any, graph: Any, raw: str, out: str, const: Callable[[str, Any], str]) -> None:
+    """(batch, seq, 1) -> (batch, 1): the scores summed over the positions, one score a row."""
+    axes = const("axes_1", np.array([1], dtype=np.int64))
+    graph.node.append(helper.make_node("ReduceSum", [raw, axes], [out], keepdims=0))
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "per_row"),
+    [("summed", {}, "one score a row"), ("pooled", {"label": 0}, "one class vector a row")],
+)
+def test_position_delimiter_is_refused_for_one_score_a_row(
+    graphs: dict[str, Path], tmp_path: Path, name: str, options: dict[str, Any], per_row: str
+) -> None:
+    """An output that scores each prefix whole has no delimiter's position to read: position='delimiter'
+    is refused at load, naming position and the output (it was accepted, and every prefix scored whole)."""
+    folder = rewritten(tmp_path / name, summed, ["batch_size", 1]) if name == "summed" else graphs[name]
+    assert not OnnxRewardModel(folder, kind="logit", **options).per_position  # position='last' loads
+    declared = r"\['batch_size', 1\]" if name == "summed" else r"\['batch_size', 2\]"
+    with pytest.raises(
+        ValueError,
+        match=r"^position: 'delimiter' reads a prefix's score at its last step delimiter, but output "
+        rf"'logits' of model\.onnx has {per_row} \(declared {declared}\), a score of the whole prefix; use "
+        r"position='last'",
+    ):
+        OnnxRewardModel(folder, kind="logit", position="delimiter", delimiter_ids=[39], **options)
+
+
+# -- delimiter_ids of any sequence or array of ints -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "given", [np.array([9, 5]), np.array([9, 5], dtype=np.int32), (9, 5), [9, 5], range(5, 10, 4)]
+)
+def test_delimiter_ids_may_be_any_sequence_or_array_of_ints(given: Any) -> None:
+    """An array of ids is read as a list of them is (numpy's error on its truth value before); an empty
+    one is refused as an empty list is."""
+    reward = OnnxRewardModel(PRM, position="delimiter", delimiter_ids=given)
+    np.testing.assert_array_equal(reward.delimiter_ids, [5, 9])
+    with pytest.raises(ValueError, match=r"^delimiter_ids: position='delimiter' needs the token ids"):
+        OnnxRewardModel(PRM, position="delimiter", delimiter_ids=np.array([], dtype=np.int64))
+
+
+# -- the verifier's text ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_the_verifier_is_given_the_text_the_result_reports(joint: bool) -> None:
+    """With stop strings a trajectory's text ends before its stop string (``OnnxCausalLM.decode``: the
+    result's ``texts``); the verifier of a reward model, and of the policy's own value head, is given that
+    text (it was given the tokens' whole decode: the stop string, and what follows it in the last token)."""
+    import tiltsmc
+    from tiltsmc.models import OnnxCausalLM, PolicyValue
+
+    seen: set[str] = set()
+
+    def verifier(prompt: Any, text: str) -> float:
+        seen.add(text)
+        return 1.0
+
+    stop = ["5", "e"]
+    if joint:
+        policy = OnnxCausalLM(VALUE, max_new_tokens=6, stop=stop, value_output="value")
+        reward: Any = PolicyValue(policy, kind="logit", verifier=verifier)
+    else:
+        policy = OnnxCausalLM(MODELS / "gpt2-tiny", max_new_tokens=6, stop=stop)
+        reward = OnnxRewardModel(PRM, kind="logit", verifier=verifier)
+    result = tiltsmc.smc(policy, reward, prompts=["ab", "c"], num_particles=16, rng=0)
+    assert result.texts is not None and policy.tokenizer is not None
+    samples = [sample for per_prompt in result.samples for sample in per_prompt]
+    assert any(policy.tokenizer.decode(s) != policy.decode(s) for s in samples)  # some stopped
+    assert {text for texts in result.texts for text in texts} <= seen
+    assert not any(stop[0] in text or stop[1] in text for text in seen)

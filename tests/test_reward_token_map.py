@@ -5,12 +5,15 @@ matched against the policy's ids. Real fixture models, re-encoded and with the K
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import pytest
-from tiltsmc.models import OnnxRewardModel, Particles
+import tiltsmc
+from tiltsmc.models import OnnxCausalLM, OnnxRewardModel, Particles
 
 MODELS = Path(__file__).resolve().parent / "fixtures" / "models"
 PRM, VALUE = MODELS / "prm-tiny", MODELS / "gpt2-value-tiny"
@@ -73,3 +76,42 @@ def test_a_delimiter_no_policy_token_translates_into_is_refused() -> None:
         OnnxRewardModel(PRM, position="delimiter", delimiter_ids=[SPACE], token_map=no_space)
     reads_last = OnnxRewardModel(PRM, delimiter_ids=[SPACE], token_map=no_space)  # position='last'
     assert reads_last.position == "last"
+
+
+def test_the_verifier_is_given_the_policys_text_through_a_token_map(tmp_path: Path) -> None:
+    """With a token_map the verifier is given the policy's text, the result's, not the policy's ids decoded
+    by the reward model's tokenizer (here one whose ids of 'a' and 'b' are swapped: it read 'aab' as 'bba').
+    Before a policy is checked (the samplers check theirs) there is no text to give it: refused."""
+    folder = tmp_path / "prm-swapped"
+    shutil.copytree(PRM, folder)
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    a, b = vocab["a"], vocab["b"]
+    vocab["a"], vocab["b"] = b, a
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    swap = np.arange(VOCAB)
+    swap[[a, b]] = [b, a]
+    seen: set[str] = set()
+
+    def verifier(prompt: Any, text: str) -> float:
+        seen.add(text)
+        return 1.0
+
+    reward = OnnxRewardModel(folder, kind="logit", token_map=swap, verifier=verifier)
+    policy = OnnxCausalLM(MODELS / "gpt2-tiny", max_new_tokens=4)
+    result = tiltsmc.smc(policy, reward, prompts=["ab", "ba"], num_particles=16, rng=0)
+    assert result.texts is not None
+    texts = {text for per_prompt in result.texts for text in per_prompt}
+    assert any("a" in text or "b" in text for text in texts)  # where the two tokenizers differ
+    assert texts <= seen
+    finished = particles_of([[a]], [[[a, a, b]]])
+    finished.lengths[:], finished.finished[:] = 3, True
+    unchecked = OnnxRewardModel(folder, kind="logit", token_map=swap, verifier=verifier)
+    with pytest.raises(
+        ValueError, match=r"^verifier: with token_map= the verifier is given the policy's text"
+    ):
+        unchecked.log_value(finished)
+    unchecked.check_policy(policy)
+    seen.clear()
+    unchecked.log_value(finished)
+    assert seen == {"aab"}

@@ -330,3 +330,21 @@ def test_a_verifiers_real_numbers_and_bools_are_rewards(returned: Any) -> None:
     given, plain = results
     assert given.log_z.tolist() == plain.log_z.tolist() and given.texts == plain.texts
     assert bool(given.collapsed[0]) is (float(returned) == 0.0)
+
+
+def test_the_verifier_is_given_the_text_the_results_report_for_every_extension() -> None:
+    """The verifier's ``text`` is the policy's as the results report it, ending before its stop strings,
+    for the extensions the optimal proposal scores at the length limit (``next_log_values``) as for the
+    finished trajectories: a prefix's value then equals its parent's entry for its token. The extensions
+    were decoded by the tokenizer alone, the stop string and what follows it included."""
+    seen: list[str] = []
+
+    def recording(prompt: Any, text: str) -> float:
+        seen.append(text)
+        return 1.0
+
+    policy = twist_policy(stop=["5"], top_k=None)
+    twist = PolicyTwist(policy, kind="logit", verifier=recording)
+    result = tiltsmc.smc(policy, twist, prompts=[PROMPT], num_particles=8, proposal="optimal", rng=3)
+    assert result.texts[0] and seen
+    assert not [text for text in seen if "5" in text]

@@ -8,7 +8,8 @@ run that feeds a particle's new token gives both the next-token law ``p(. | pref
 state (``Particles.state["lm.value"]``) without a second model: one trunk per step. ``kind`` reads ``s``
 as with ``tiltsmc.models.onnx_reward.OnnxRewardModel``: ``log Vh = s`` (``"log_value"``),
 ``log s`` (``"prob"``) or ``log sigmoid(s)`` (``"logit"``), at the prefix's last token; on finished
-trajectories a ``verifier(prompt, text) -> r >= 0`` gives the terminal reward where one is given. The
+trajectories a ``verifier(prompt, text) -> r >= 0`` gives the terminal reward where one is given (``text``:
+the policy's ``decode``, as the results report it, ending before its stop strings). The
 values equal those of the same graph loaded as an ``OnnxRewardModel(path, output=...)`` (tested).
 """
 
@@ -23,7 +24,7 @@ import numpy.typing as npt
 
 from .. import core
 from .onnx_lm import OnnxCausalLM
-from .onnx_reward import check_verifier, verified_log_reward
+from .onnx_reward import TextDecoder, check_verifier, verified_log_reward
 from .particles import Particles
 
 __all__ = ["PolicyHead", "PolicyValue"]
@@ -34,7 +35,8 @@ FloatArray = npt.NDArray[np.float64]
 class PolicyHead:
     """What ``PolicyValue`` and ``tiltsmc.models.twist.PolicyTwist`` share: a reward read from an output of
     the policy's own graph (``head``: what that output is, for messages), ``kind`` as in
-    ``OnnxRewardModel``, and the verifier's ``log r`` on finished trajectories, each verified once."""
+    ``OnnxRewardModel``, and the verifier's ``log r`` on finished trajectories, each verified once (of the
+    policy's text, ``OnnxCausalLM.decode``; its token ids where it has no tokenizer)."""
 
     log_values_checked = True  # read_log_values refuses NaN and +inf
     supports_engine = True  # its state is the policy's, which the engine joins and trims
@@ -54,6 +56,8 @@ class PolicyHead:
         check_verifier(verifier)
         self.verifier = verifier
         self.tokenizer = policy.tokenizer
+        # the verifier's text is the one results report: the policy's decode, cut before its stop strings
+        self.text_decoder: Optional[TextDecoder] = policy if policy.tokenizer is not None else None
         self._verified_key = f"head.{next(self._serial_numbers)}.verified"
 
     def check_policy(self, policy: Any) -> None:
@@ -80,7 +84,7 @@ class PolicyHead:
         if verified is None:
             verified = particles.state[self._verified_key] = np.full(particles.lengths.shape, np.nan)
         for b, i in zip(*np.nonzero(ended & np.isnan(verified))):
-            verified[b, i] = verified_log_reward(self.verifier, self.tokenizer, particles, int(b), int(i))
+            verified[b, i] = verified_log_reward(self.verifier, self.text_decoder, particles, int(b), int(i))
         return np.where(ended, verified, values)
 
 

@@ -4,11 +4,12 @@ The graph takes ``input_ids`` and ``attention_mask`` (and ``position_ids`` where
 the prefix prompt + generated steps, and returns one score per row (``(batch,)`` or ``(batch, 1)``) or per
 position (``(batch, seq)`` or ``(batch, seq, 1)``), read at the last real token (``position="last"``) or,
 for a process reward model scoring steps at their delimiter, at the last step delimiter of the generated
-text (``position="delimiter"`` with ``delimiter_ids``; the last prompt token before the first delimiter, the
-last token once the trajectory is finished).
+text (``position="delimiter"`` with ``delimiter_ids``, for an output with a score per position; the last
+prompt token before the first delimiter, the last token once the trajectory is finished).
 ``kind`` says what the score is: ``"log_value"`` (``log Vh`` itself), ``"prob"`` (``Vh`` in [0, 1]) or
 ``"logit"`` (``Vh = sigmoid(score)``). On finished trajectories the terminal reward ``r`` is the model's
-value unless a ``verifier(prompt, text) -> r >= 0`` is given. Prefixes are scored in one batched call per
+value unless a ``verifier(prompt, text) -> r >= 0`` is given (``text``: the policy's, as the results report
+it: ``OnnxRewardModel.check_policy``). Prefixes are scored in one batched call per
 step, and only those that changed since they were last scored (values follow resampling in
 ``Particles.state``). An empty prompt's ``log Vh_0`` is 0 (no token to read it at), as is an empty
 prefix's, and the other prompts of its batch are scored as without it. ``token_map`` translates the
@@ -57,7 +58,7 @@ import numbers
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Protocol, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -90,6 +91,13 @@ _LAYOUTS = (
 )
 _CLASS_LAYOUTS = "(batch, classes) or (batch, seq, classes)"
 logger = logging.getLogger(__name__)
+
+
+class TextDecoder(Protocol):
+    """What decodes a trajectory's token ids for a verifier: a policy (``OnnxCausalLM.decode``, whose text
+    ends before its stop strings) or a tokenizer."""
+
+    def decode(self, ids: npt.ArrayLike) -> str: ...
 
 
 def _select(array: np.ndarray, selected: Optional[npt.NDArray[np.int64]]) -> np.ndarray:
@@ -131,7 +139,7 @@ class OnnxRewardModel:
     the same tokens. ``memory_arena=False`` frees ONNX Runtime's buffers after each run instead of keeping
     them at their peak (a long-running service); ``session_options`` and ``provider_options`` go to ONNX
     Runtime (``tiltsmc.models._ort.make_session``). A ``verifier`` that is not callable is refused at
-    construction (TypeError)."""
+    construction (TypeError); the text it is given is the policy's (``check_policy``)."""
 
     # Its log-values are finite or -inf (it raises on anything else itself): the samplers need not check.
     log_values_checked = True
@@ -160,7 +168,7 @@ class OnnxRewardModel:
         inter_op_num_threads: Optional[int] = None,
         require_gpu: bool = False,
         pad_token_id: int = 0,
-        delimiter_ids: Optional[Sequence[int]] = None,
+        delimiter_ids: Optional[Union[Sequence[int], npt.NDArray[np.integer[Any]]]] = None,
         label: Optional[int] = None,
         classes: Optional[Sequence[int]] = None,
         memory_arena: bool = True,
@@ -172,18 +180,23 @@ class OnnxRewardModel:
             raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
         if position not in ("last", "delimiter"):
             raise ValueError(f"position: expected 'last' or 'delimiter', got {position!r}")
-        if position == "delimiter" and not delimiter_ids:
+        unbounded = np.iinfo(np.int64).max  # checked against the vocabulary once it is known
+        # any sequence or 1-D array of ints (an array has no truth value to test for emptiness)
+        given = () if delimiter_ids is None else delimiter_ids
+        delimiters = token_ids(
+            given if isinstance(given, np.ndarray) else list(given), "delimiter_ids", unbounded
+        )
+        if position == "delimiter" and not delimiters:
             raise ValueError("delimiter_ids: position='delimiter' needs the token ids that end a step")
         check_verifier(verifier)
         self.position = position
-        unbounded = np.iinfo(np.int64).max  # checked against the vocabulary once it is known
-        delimiters = token_ids(list(delimiter_ids or ()), "delimiter_ids", unbounded)
         self.delimiter_ids = np.array(sorted(delimiters), dtype=np.int64)
         self.kind = kind
         self.model_file, model_dir = resolve_model_file(path)
         self.config = read_json(model_dir / "config.json")
         self.tokenizer: Optional[Tokenizer] = load_tokenizer(tokenizer, model_dir)
         self.verifier = verifier
+        self._policy: Any = None  # the policy last passed to check_policy: its text is the verifier's
         self._prompts: Optional[_Prompts] = None  # the last batch's prompts, see _prompt_layout
         # Its scores in Particles.state are its own: another reward model scoring the same particles
         # keeps its values under other names.
@@ -269,6 +282,14 @@ class OnnxRewardModel:
                 )
         # whether the output holds a score (or, with label, a class vector) per position, not per row
         self.per_position = self._output_layout(outputs[output].shape, inputs["input_ids"].shape)
+        if position == "delimiter" and not self.per_position:
+            per_row = "one class vector a row" if self.label is not None else "one score a row"
+            declared = list(outputs[output].shape)
+            raise ValueError(
+                f"position: 'delimiter' reads a prefix's score at its last step delimiter, but output "
+                f"{output!r} of {self.model_file.name} has {per_row} (declared {declared}), a score of the "
+                "whole prefix; use position='last', or an output with a score per position"
+            )
         self._cached = self._cached_scorer(kv_cache, outputs, f"rm.{serial}")
         if self._cached is not None:
             difference, scale = self.cache_difference()
@@ -483,10 +504,12 @@ class OnnxRewardModel:
         return shapes
 
     def check_policy(self, policy: Any) -> None:
-        """Refuse a policy whose vocabulary differs from this model's, unless a ``token_map`` is given."""
+        """Refuse a policy whose vocabulary differs from this model's, unless a ``token_map`` is given; keep
+        one that passes: the verifier is given its text (``_verifier_decoder``; the samplers pass theirs)."""
         if self.token_map is not None:
             if self.token_map.ndim != 1 or self.token_map.size < int(getattr(policy, "vocab_size", 0)):
                 raise ValueError("token_map: expected one reward-model id per policy token id")
+            self._policy = policy
             return
         theirs = getattr(policy, "tokenizer", None)
         if self.tokenizer is not None and theirs is not None:
@@ -503,6 +526,7 @@ class OnnxRewardModel:
                 f"reward: vocabulary size {self.vocab_size} differs from the policy's {policy.vocab_size}; "
                 "pass token_map= to translate ids"
             )
+        self._policy = policy
 
     # -- scoring --------------------------------------------------------------------------------------------
 
@@ -848,21 +872,40 @@ class OnnxRewardModel:
 
     def _verify(self, particles: Particles, b: int, i: int) -> float:
         assert self.verifier is not None
-        return verified_log_reward(self.verifier, self.tokenizer, particles, b, i)
+        return verified_log_reward(self.verifier, self._verifier_decoder(), particles, b, i)
+
+    def _verifier_decoder(self) -> Optional[TextDecoder]:
+        """What decodes a finished trajectory for the verifier: the policy passed to ``check_policy`` where it
+        decodes texts (its ``decode``, which gives the results' texts: they end before its stop strings); else
+        this model's tokenizer where it reads the policy's ids (no ``token_map``); else None (the verifier is
+        given the policy's token ids). ValueError with a ``token_map`` while no policy was checked."""
+        policy = self._policy
+        if getattr(policy, "tokenizer", None) is not None and callable(getattr(policy, "decode", None)):
+            decoder: TextDecoder = policy  # texts decoded as the samplers' decode_texts decodes them
+            return decoder
+        if self.token_map is None:
+            return self.tokenizer
+        if policy is None:
+            raise ValueError(
+                "verifier: with token_map= the verifier is given the policy's text, which this model's "
+                "tokenizer cannot decode (other ids); pass the policy to check_policy() first, as the "
+                "samplers do"
+            )
+        return None
 
 
 def verified_log_reward(
     verifier: Callable[[Any, Any], float],
-    tokenizer: Optional[Tokenizer],
+    decoder: Optional[TextDecoder],
     particles: Particles,
     b: int,
     i: int,
 ) -> float:
     """``log r`` of particle ``(b, i)``'s finished trajectory by ``verifier(prompt, text) -> r >= 0`` (the
-    generated tokens decoded, or the token ids without a tokenizer); ValueError for a reward that is
-    negative, NaN or infinite."""
+    generated tokens decoded by ``decoder``: the policy's ``decode`` gives the text the results report; the
+    token ids where ``decoder`` is None); ValueError for a reward that is negative, NaN or infinite."""
     generated = particles.tokens[b, i, : particles.lengths[b, i]]
-    text: Any = tokenizer.decode(generated) if tokenizer is not None else generated
+    text: Any = decoder.decode(generated) if decoder is not None else generated
     reward = checked_reward(verifier(particles.prompts[b], text))
     if not (reward >= 0.0) or reward == np.inf:
         raise ValueError(f"verifier: returned {reward!r} for prompt {b}; rewards must be finite and >= 0")
