@@ -193,3 +193,45 @@ def test_cuda_asked_for_without_a_usable_device_falls_back_quietly(capfd: pytest
     if not usable:
         with pytest.raises(RuntimeError, match=r"require_gpu: model\.onnx runs on .*not on CUDA"):
             OnnxCausalLM(POLICY, providers=["CUDAExecutionProvider"], require_gpu=True)
+
+
+def test_genai_config_gives_the_ids_and_context_the_other_configs_do_not(tmp_path: Path) -> None:
+    """onnxruntime-genai's model builder writes model.onnx, the tokenizer files and genai_config.json (the
+    EOS, BOS and padding ids and ``context_length`` in its ``model`` object), no config.json nor
+    generation_config.json: those are read there (the policy had no EOS, no BOS and no context limit),
+    after config.json's and generation_config.json's, and checked, the errors naming the field."""
+    folder = tmp_path / "genai-out"
+    shutil.copytree(FIXTURES / "demo-policy-gqa", folder)
+    config, generation = (folder / "config.json").read_text(), (folder / "generation_config.json").read_text()
+    (folder / "config.json").unlink()
+    (folder / "generation_config.json").unlink()
+    genai = folder / "genai_config.json"
+    model = {"bos_token_id": 2, "eos_token_id": [3, 4], "pad_token_id": 5, "context_length": 100}
+    model.update({"vocab_size": 35, "type": "llama", "decoder": {"filename": "model.onnx"}})
+    genai.write_text(json.dumps({"model": model, "search": {"max_length": 100}}))
+    policy = OnnxCausalLM(folder)
+    assert policy.eos_token_ids == {3, 4} and policy.bos_token_id == 2
+    assert policy.pad_token_id == 5 and policy.max_length == 100
+    genai.write_text(json.dumps({"model": {**model, "eos_token_id": 6}}))
+    assert OnnxCausalLM(folder).eos_token_ids == {6}
+    (folder / "config.json").write_text(config)  # the Hugging Face configs come first
+    (folder / "generation_config.json").write_text(generation)
+    policy = OnnxCausalLM(folder)
+    assert policy.eos_token_ids == {1} and policy.bos_token_id == 1
+    assert policy.pad_token_id == 0 and policy.max_length == 256
+    (folder / "config.json").unlink()
+    (folder / "generation_config.json").unlink()
+    for fields, message in [
+        ({"eos_token_id": [3, 35]}, "model.eos_token_id: expected a token id in [0, 35), got 35"),
+        ({"bos_token_id": "2"}, "model.bos_token_id: expected a token id in [0, 35), got '2'"),
+        ({"context_length": 0}, "model.context_length: expected an integer >= 1, got 0"),
+        ({"context_length": 64}, "model.context_length: a context of 64 tokens leaves no room"),
+    ]:
+        genai.write_text(json.dumps({"model": {**model, **fields}}))
+        with pytest.raises(ValueError, match="^" + re.escape(f"{genai}: {message}")):
+            OnnxCausalLM(folder)
+    genai.write_text(json.dumps({"model": [model]}))
+    with pytest.raises(
+        ValueError, match="^" + re.escape(f"{genai}: model: expected a JSON object, got list")
+    ):
+        OnnxCausalLM(folder)

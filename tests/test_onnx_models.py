@@ -1242,3 +1242,83 @@ def test_a_prompt_fits_the_context_with_its_runs_token_limit() -> None:
     assert together[0].texts == own.texts and np.array_equal(together[0].log_z, own.log_z)
     alone = tiltsmc.smc(six, reward, prompts=["hello"], num_particles=8, rng=5)
     assert together[1].texts == alone.texts and np.array_equal(together[1].log_z, alone.log_z)
+
+
+def particles_snapshot(particles: Particles) -> dict[str, Any]:
+    """Copies of a batch's tokens, lengths, finished flags and state, to compare with after a call."""
+    state = {key: np.array(value, copy=True) for key, value in particles.state.items()}
+    return {
+        "tokens": particles.tokens.copy(),
+        "lengths": particles.lengths.copy(),
+        "finished": particles.finished.copy(),
+        "state": state,
+        "deferred": particles.deferred,
+    }
+
+
+def assert_unchanged(particles: Particles, before: dict[str, Any]) -> None:
+    after = particles_snapshot(particles)
+    for name in ("tokens", "lengths", "finished"):
+        np.testing.assert_array_equal(after[name], before[name])
+    assert after["deferred"] == before["deferred"] and list(after["state"]) == list(before["state"])
+    for key, value in before["state"].items():
+        np.testing.assert_array_equal(after["state"][key], value)
+
+
+@pytest.mark.parametrize("path", [GPT2, FIXTURES / "gqa-tiny"], ids=["gpt2-tiny", "gqa-tiny"])
+def test_append_refuses_tokens_that_are_not_the_batchs_token_ids(path: Path) -> None:
+    """``append``'s ``tokens``: integer ids, shaped ``(B, N)`` like ``lengths``, each unfinished particle's
+    below ``vocab_size``; else TypeError / ValueError naming ``tokens``, before anything is written (a -1
+    was read by the graph's Gather as the last embedding; the vocabulary's size made the deferred session
+    run fail at the next read; a transposed array or floats were taken)."""
+    policy = OnnxCausalLM(path, max_new_tokens=8)
+    particles = policy.start(["abc"], 2)
+    policy.next_log_probs(particles)
+    before = particles_snapshot(particles)
+    refused: list[tuple[Any, type[Exception], str]] = [
+        (np.array([[5, -1]]), ValueError, rf"must lie in \[0, {VOCAB}\), got -1"),
+        (np.array([[VOCAB, 5]]), ValueError, rf"must lie in \[0, {VOCAB}\), got {VOCAB}"),
+        (np.array([[5], [6]]), ValueError, r"expected shape \(B, N\) = \(1, 2\), got \(2, 1\)"),
+        (np.array([5, 6]), ValueError, r"expected shape \(B, N\) = \(1, 2\), got \(2,\)"),
+        (np.array([[1.5, 2.0]]), TypeError, "expected integer token ids, got an array of float64"),
+        (np.array([[True, False]]), TypeError, "expected integer token ids, got an array of bool"),
+    ]
+    for tokens, error, message in refused:
+        with pytest.raises(error, match="^tokens: .*" + message):
+            policy.append(particles, tokens)
+        assert_unchanged(particles, before)
+    policy.next_log_probs(particles)  # still usable
+    particles.finished[0, 1] = True  # a finished particle's entry is not read
+    policy.append(particles, np.array([[5, -1]], dtype=np.int32))
+    assert particles.lengths.tolist() == [[1, 0]] and particles.tokens[0, 0, 0] == 5
+    assert np.isfinite(policy.next_log_probs(particles)[0, 0]).all()
+
+
+def test_a_failed_deferred_session_run_leaves_the_particles_unusable() -> None:
+    """The deferred session run of an append that fails (here ONNX Runtime's Gather on an id past the
+    vocabulary, fed past ``append``'s check) raises at the next read, and every later read, copy or
+    reorder raises too, from that error: the tokens and mask were written but not the logits and caches,
+    which were read silently as they stood before the append."""
+    policy = OnnxCausalLM(GPT2, max_new_tokens=8)
+    particles = policy.start(["abc"], 2)
+    policy.next_log_probs(particles)
+    policy._advance(particles, np.array([[5, VOCAB]]), ~particles.finished)
+    with pytest.raises(Exception, match="Gather") as failed:
+        policy.next_log_probs(particles)
+    later = [
+        lambda: policy.next_log_probs(particles),
+        lambda: policy.append(particles, np.array([[6, 6]])),
+        lambda: policy.propose(particles, np.random.default_rng(0)),
+        lambda: particles.reorder(np.array([[1, 0]])),
+        lambda: particles.select([0]),
+        lambda: particles.view_rows(0, 1),
+        lambda: Particles.concatenate([particles, policy.start(["de"], 2)]),
+        lambda: copy.deepcopy(particles),
+    ]
+    for read in later:
+        with pytest.raises(
+            RuntimeError, match=r"^particles: unusable after deferred model work failed"
+        ) as raised:
+            read()
+        assert raised.value.__cause__ is failed.value
+    assert particles.deferred and particles.lengths.tolist() == [[1, 1]]  # nothing more was written

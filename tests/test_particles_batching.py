@@ -477,3 +477,27 @@ def test_trim_padding_drops_unused_columns_by_cost() -> None:
     assert copied.state["cache"].shape[2] == 8
     copied.trim_padding(0.75)
     assert copied.state["cache"].shape[2] == 2 and copied.state["mask"].shape[2] == 2
+
+
+def test_select_keeps_each_prompts_error_at_every_position(policy: OnnxCausalLM) -> None:
+    """A failed prompt's error follows it to every position ``select`` puts it at: by a negative index
+    (counted from the end) and each time it is selected (it was lost, or kept at the last copy only)."""
+    particles = policy.start(["a", [999], "bc"], 2)  # prompt 1: an id outside the vocabulary
+    message = particles.errors[1]
+    assert list(particles.errors) == [1] and particles.finished[1].all()
+    cases = [
+        ([1], {0: message}),
+        ([-2], {0: message}),
+        ([1, 1], {0: message, 1: message}),
+        ([-2, 0, 1], {0: message, 2: message}),
+        ([2, -1, 0], {}),
+    ]
+    for index, errors in cases:
+        chosen = particles.select(index)
+        assert chosen.errors == errors, index
+        assert chosen.prompts == [particles.prompts[b] for b in index]
+        np.testing.assert_array_equal(chosen.finished, particles.finished[index])
+    with pytest.raises(IndexError, match=r"^prompts: indices must lie in \[-3, 3\), got \[3\]"):
+        particles.select([3])
+    with pytest.raises(IndexError, match=r"^prompts: indices must lie in \[-3, 3\), got \[-4\]"):
+        particles.select([-4])

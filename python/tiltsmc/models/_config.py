@@ -1,6 +1,6 @@
-"""Values read from a model's config.json / generation_config.json or given as arguments, checked at load:
-every error names where the value came from (``/path/config.json: bos_token_id`` or ``bos_token_id``) and
-what is wrong with it."""
+"""Values read from a model's config.json / generation_config.json (or onnxruntime-genai's
+genai_config.json) or given as arguments, checked at load: every error names where the value came from
+(``/path/config.json: bos_token_id`` or ``bos_token_id``) and what is wrong with it."""
 
 from __future__ import annotations
 
@@ -13,22 +13,45 @@ from typing import Any, Optional
 
 import numpy as np
 
-__all__ = ["Source", "file_problem", "optional_file", "positive_int", "real_number", "token_id", "token_ids"]
+__all__ = [
+    "Source",
+    "file_problem",
+    "optional_file",
+    "positive_int",
+    "real_number",
+    "section",
+    "token_id",
+    "token_ids",
+]
 
 
 class Source:
-    """Where a value comes from: a JSON file (its path) or an argument (None)."""
+    """Where a value comes from: a JSON file (its path) or an argument (None). ``prefix``: where ``values``
+    lie in the file (``"model."``: its ``model`` object), written before a field's name."""
 
-    def __init__(self, path: Optional[Path], values: Mapping[str, Any]) -> None:
+    def __init__(self, path: Optional[Path], values: Mapping[str, Any], prefix: str = "") -> None:
         self.path = path
         self.values = values
+        self.prefix = prefix
 
     def get(self, field: str) -> Any:
         """The field's value; None where it is missing or ``null`` (as the Hugging Face configs write it)."""
         return self.values.get(field)
 
     def name(self, field: str) -> str:
-        return field if self.path is None else f"{self.path}: {field}"
+        return field if self.path is None else f"{self.path}: {self.prefix}{field}"
+
+
+def section(path: Path, values: Mapping[str, Any], key: str) -> Source:
+    """The JSON object ``values[key]`` of the file at ``path`` as a Source whose fields are named
+    ``key.field`` (onnxruntime-genai's genai_config.json keeps the model's under ``model``): empty where
+    ``key`` is missing or ``null``; ValueError naming the file and key where it is not an object."""
+    inner = values.get(key)
+    if inner is None:
+        inner = {}
+    elif not isinstance(inner, Mapping):
+        raise ValueError(f"{path}: {key}: expected a JSON object, got {type(inner).__name__}")
+    return Source(path, inner, prefix=f"{key}.")
 
 
 def first(sources: list[tuple[Source, str]]) -> tuple[Any, str]:

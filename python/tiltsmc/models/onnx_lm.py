@@ -80,6 +80,7 @@ from ._config import (
     optional_file,
     positive_int,
     real_number,
+    section,
     token_id,
     token_ids,
 )
@@ -378,9 +379,11 @@ class _InPlaceBinding:
 class OnnxCausalLM:
     """Base policy from an ONNX decoder with KV cache (see the module docstring for the exact law).
 
-    ``path``: a folder (model.onnx, optionally config.json, generation_config.json, tokenizer.json) or an
-    .onnx file. ``tokenizer``: a tokenizer.json path or a ``tokenizers.Tokenizer`` (default: the folder's
-    tokenizer.json, if any; without one, prompts must be token-id sequences). ``eos_token_id`` (default from
+    ``path``: a folder (model.onnx, optionally config.json, generation_config.json, tokenizer.json, and
+    onnxruntime-genai's genai_config.json, whose ``model`` object's EOS, BOS and padding ids and
+    ``context_length`` count where the other two give none) or an .onnx file. ``tokenizer``: a
+    tokenizer.json path or a ``tokenizers.Tokenizer`` (default: the folder's tokenizer.json, if any;
+    without one, prompts must be token-id sequences). ``eos_token_id`` (default from
     the configs) ends a trajectory, as do ``max_new_tokens`` and any of the ``stop`` strings (text the
     trajectory's tokens complete; see the module docstring). Prompts start ``prefill_tokens // width``
     rows a session call (at least one; ``width`` the longest prompt's tokens), and a prompt longer than
@@ -461,6 +464,8 @@ class OnnxCausalLM:
         self.model_file, model_dir = resolve_model_file(path)
         config = read_json(model_dir / "config.json")
         generation = read_json(model_dir / "generation_config.json")
+        genai_path = model_dir / "genai_config.json"
+        genai_file = section(genai_path, read_json(genai_path), "model")
         self.tokenizer: Optional[Tokenizer] = load_tokenizer(
             tokenizer, model_dir, add_special_tokens=add_special_tokens,
             skip_special_tokens=skip_special_tokens, chat_template=chat_template,
@@ -568,12 +573,13 @@ class OnnxCausalLM:
                     f"tokenizer: {what} has the id {largest}, but the model has {self.vocab_size} logits "
                     f"(ids 0 to {self.vocab_size - 1}): a tokenizer of another model?"
                 )
-        # An argument first, then generation_config.json, then config.json; each checked, and an error names
-        # the argument or the file and field it came from.
+        # An argument first, then generation_config.json, then config.json, then genai_config.json's model
+        # object (onnxruntime-genai's model builder writes no other); each checked, and an error names the
+        # argument or the file and field it came from.
         arguments = Source(None, {"max_length": max_length, "eos_token_id": eos_token_id,
                                   "bos_token_id": bos_token_id, "pad_token_id": pad_token_id})  # fmt: skip
         length, where = first([(arguments, "max_length"), (config_file, "max_position_embeddings"),
-                               (config_file, "n_positions")])  # fmt: skip
+                               (config_file, "n_positions"), (genai_file, "context_length")])  # fmt: skip
         self.max_length = 1 << 30 if length is None else positive_int(length, where)
         if self.max_length <= self.max_new_tokens:
             raise ValueError(
@@ -581,12 +587,13 @@ class OnnxCausalLM:
                 f"max_new_tokens={self.max_new_tokens}"
             )
         eos, where = first([(arguments, "eos_token_id"), (generation_file, "eos_token_id"),
-                            (config_file, "eos_token_id")])  # fmt: skip
+                            (config_file, "eos_token_id"), (genai_file, "eos_token_id")])  # fmt: skip
         self.eos_token_ids = frozenset() if eos is None else token_ids(eos, where, self.vocab_size)
         bos, where = first([(arguments, "bos_token_id"), (generation_file, "bos_token_id"),
-                            (config_file, "bos_token_id")])  # fmt: skip
+                            (config_file, "bos_token_id"), (genai_file, "bos_token_id")])  # fmt: skip
         self.bos_token_id = None if bos is None else token_id(bos, where, self.vocab_size)
-        pad, where = first([(arguments, "pad_token_id"), (config_file, "pad_token_id")])
+        pad, where = first([(arguments, "pad_token_id"), (config_file, "pad_token_id"),
+                            (genai_file, "pad_token_id")])  # fmt: skip
         self.pad_token_id = (
             token_id(pad, where, self.vocab_size)
             if pad is not None
@@ -1560,8 +1567,31 @@ class OnnxCausalLM:
         return bool(failing)
 
     def append(self, particles: Particles, tokens: npt.NDArray[np.int64]) -> None:
-        """Extend every unfinished particle by one token (``(B, N)``) and run the model one step."""
-        self._advance(particles, np.ascontiguousarray(tokens, dtype=np.int64), ~particles.finished)
+        """Extend every unfinished particle by one token (``(B, N)``) and run the model one step.
+
+        ``tokens`` must be integer token ids of shape ``(B, N)`` (``particles.lengths.shape``), each
+        unfinished particle's in ``[0, vocab_size)`` (finished particles' entries are not read): TypeError
+        or ValueError naming ``tokens`` otherwise, raised before anything is written."""
+        active = ~particles.finished
+        self._advance(particles, self._checked_tokens(tokens, active), active)
+
+    def _checked_tokens(self, tokens: Any, active: npt.NDArray[np.bool_]) -> npt.NDArray[np.int64]:
+        """``append``'s ``tokens`` as a C-contiguous int64 array, once checked: an integer array of
+        ``active``'s shape whose ``active`` entries are token ids in ``[0, vocab_size)``."""
+        array = np.asarray(tokens)
+        if array.dtype.kind not in "iu":
+            raise TypeError(f"tokens: expected integer token ids, got an array of {array.dtype}")
+        if array.shape != active.shape:
+            raise ValueError(f"tokens: expected shape (B, N) = {active.shape}, got {array.shape}")
+        if array.size and (array.min() < 0 or array.max() >= self.vocab_size):
+            chosen = array[active]  # a finished particle's entry may hold anything
+            outside = chosen[(chosen < 0) | (chosen >= self.vocab_size)]
+            if outside.size:
+                raise ValueError(
+                    f"tokens: token ids of unfinished particles must lie in [0, {self.vocab_size}), got "
+                    f"{int(outside[0])}"
+                )
+        return np.ascontiguousarray(array, dtype=np.int64)
 
     def _advance(
         self,

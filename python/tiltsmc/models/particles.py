@@ -67,6 +67,7 @@ class Particles:
     right_padded: set[str] = field(default_factory=set)
     in_place: set[str] = field(default_factory=set)
     _pending: list[Callable[[], None]] = field(default_factory=list, init=False, repr=False, compare=False)
+    _failure: Optional[BaseException] = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def empty(cls, prompts: Sequence[Any], num_particles: int, capacity: int) -> Particles:
@@ -98,13 +99,29 @@ class Particles:
 
     @property
     def deferred(self) -> bool:
-        """Whether deferred work waits for the next ``flush``."""
-        return bool(self._pending)
+        """Whether deferred work waits for the next ``flush`` (or failed: the next ``flush`` raises)."""
+        return bool(self._pending) or self._failure is not None
 
     def flush(self) -> None:
-        """Run the deferred work (see [`defer`][tiltsmc.models.particles.Particles.defer])."""
+        """Run the deferred work (see [`defer`][tiltsmc.models.particles.Particles.defer]).
+
+        Where a work raises, its error propagates and the batch is unusable: the state the work would
+        have written (a decoder's logits and caches) is stale beside the tokens already appended, so this
+        and every later ``flush`` (every read of the state, every copy or reorder of the batch) raise a
+        RuntimeError saying so, from the work's error. Discard the batch."""
+        if self._failure is not None:
+            raise RuntimeError(
+                "particles: unusable after deferred model work failed "
+                f"({type(self._failure).__name__}: {self._failure}); discard them"
+            ) from self._failure
         while self._pending:
-            self._pending.pop(0)()
+            work = self._pending.pop(0)
+            try:
+                work()
+            except BaseException as error:
+                self._failure = error
+                self._pending.clear()
+                raise
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Particles:
         """A deep copy of the state with the deferred work done (it refers to the models, which are not
@@ -283,14 +300,17 @@ class Particles:
         )
 
     def select(self, prompts: npt.ArrayLike) -> Particles:
-        """A new batch of the given prompts (indices along the prompt axis, in that order), every array
-        copied; ``aligned`` entries lose the columns on their padding side that are padding in every
-        selected row."""
+        """A new batch of the given prompts (indices along the prompt axis, in that order, negative ones
+        counted from the end; a prompt may be selected more than once), every array copied; each selected
+        prompt keeps its error (``errors``) at every position it is selected at. ``aligned`` entries lose
+        the columns on their padding side that are padding in every selected row."""
         self.flush()
         index = np.asarray(prompts, dtype=np.int64).reshape(-1)
         if index.size and (index.min() < -self.num_prompts or index.max() >= self.num_prompts):
-            raise IndexError(f"prompts: indices must lie in [0, {self.num_prompts}), got {index.tolist()}")
-        position = {int(b): k for k, b in enumerate(index)}
+            count = self.num_prompts
+            raise IndexError(f"prompts: indices must lie in [-{count}, {count}), got {index.tolist()}")
+        index = np.where(index < 0, index + self.num_prompts, index)
+        errors = {k: self.errors[b] for k, b in enumerate(index.tolist()) if b in self.errors}
         return Particles(
             prompts=[self.prompts[b] for b in index],
             tokens=self.tokens[index],
@@ -298,7 +318,7 @@ class Particles:
             finished=self.finished[index],
             state=self._state_rows(index, trim_from=0.0),
             prompt_tokens=None if self.prompt_tokens is None else [self.prompt_tokens[b] for b in index],
-            errors={position[b]: m for b, m in self.errors.items() if b in position},
+            errors=errors,
             aligned=dict(self.aligned),
             right_padded=set(self.right_padded),
             in_place=set(self.in_place),
