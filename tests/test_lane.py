@@ -735,3 +735,54 @@ def test_an_interrupt_during_a_join_leaves_the_lane_empty_and_usable() -> None:
     assert isinstance(alone, SamplerResult) and later.result is not None
     assert [s.tolist() for s in alone.samples] == [s.tolist() for s in later.result.samples]
     np.testing.assert_array_equal(alone.log_z, later.result.log_z)
+
+
+class CoinFlips:
+    """A policy of fair bits whose prompt is its horizon (an int): prompts of different horizons finish
+    at different steps, each at its own."""
+
+    def start(self, prompts: Any, num_particles: int) -> Particles:
+        particles = Particles.empty(list(prompts), num_particles, max(prompts))
+        particles.state["horizon"] = np.repeat(np.array(prompts, dtype=np.int64)[:, None], num_particles, 1)
+        return particles
+
+    def propose(self, particles: Particles, rng: np.random.Generator) -> Any:
+        live = ~particles.finished
+        b, i = np.nonzero(live)
+        bits = (rng.random(particles.lengths.shape) < 0.5).astype(np.int64)  # rng: a RowStreams in a lane
+        particles.tokens[b, i, particles.lengths[b, i]] = bits[b, i]
+        particles.lengths[b, i] += 1
+        particles.finished |= particles.lengths >= particles.state["horizon"]
+        return np.where(live, math.log(0.5), 0.0)
+
+
+class OnesDoubled:
+    """``log Vh = (ones so far) log 2``: the target ``pi(x) ∝ 2^(ones in x)`` on fair bits."""
+
+    def initial_log_value(self, particles: Particles) -> Any:
+        return np.zeros(particles.num_prompts)
+
+    def log_value(self, particles: Particles) -> Any:
+        written = np.arange(particles.tokens.shape[2]) < particles.lengths[..., None]
+        return (particles.tokens * written).sum(-1) * math.log(2.0)
+
+
+@pytest.mark.parametrize("together", [False, True])
+def test_a_prompt_never_resamples_after_its_last_step_while_others_of_its_run_go_on(together: bool) -> None:
+    """A run of prompts of horizons 3 and 12 (``ess_threshold=1``: a resampling at every step it may):
+    the first prompt resamples at none of the steps after its own last, alone and with another run in a
+    shared step (``reweigh_together``), so its final sample stays weighted as alone. It resampled at
+    every later step of the other prompt (pure drift: its weighted sample degenerated)."""
+    models = Models(CoinFlips(), OnesDoubled(), Compute())
+
+    def run(seed: int) -> SMCRun:
+        return smc_run(
+            models, [3, 12], 8, "multinomial", 1.0, "naive", seed, record_ancestry=False, max_steps=100
+        )
+
+    runs = [run(1), run(2)] if together else [run(1)]
+    results = run_together(models, runs)
+    for result in results:
+        assert result.resampled is not None
+        assert result.resampled[0][2:].sum() == 0 and result.resampled[1][2:11].all()
+        assert result.resampled[0][:2].all()  # up to its last step it resampled as the other did

@@ -318,8 +318,11 @@ class Lane:
             else:
                 runs = cast("list[SMCRun]", [m.run.smc_reweighing() for m in group])
                 prev = _group_rows(log_v_prev, index, count)
+                rows_done = None  # by prompt, where a run has several: a prompt's last step is its own
+                if any(member.batch > 1 for member in group):
+                    rows_done = _group_rows(particles.finished, index, count).all(axis=1)
                 results = reweigh_together(
-                    runs, group_log_v, prev, group_live, flags, self._shared_step(count, runs)
+                    runs, group_log_v, prev, group_live, flags, self._shared_step(count, runs), rows_done
                 )
                 if index is not None:  # written back: the core updated a copy
                     log_v_prev.reshape(-1)[index] = prev.reshape(-1)

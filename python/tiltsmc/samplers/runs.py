@@ -366,10 +366,13 @@ class SMCRun(Run):
     ) -> Ancestors:
         # One core call: the potentials, ESS, the adaptive decision, resampling (survivors stay in their
         # slots, so that the in-place reorder moves only the dead), the reset of resampled rows' weights
-        # and log Zh += log sum_i W_{t-1,i} G_{t,i}; never resampling after the last step: the final sample
-        # stays weighted.
+        # and log Zh += log sum_i W_{t-1,i} G_{t,i}; never resampling a prompt after its last step: its final
+        # sample stays weighted.
         done = all_finished(particles)
-        return self._step(log_v, particles.state[LOG_V_PREV], reweighted, done, self.generator)
+        rows_done: Optional[npt.NDArray[np.bool_]] = None
+        if not done and len(self.log_z) > 1:
+            rows_done = np.all(particles.finished, axis=1)
+        return self._step(log_v, particles.state[LOG_V_PREV], reweighted, done, self.generator, rows_done)
 
     def _step(
         self,
@@ -378,9 +381,13 @@ class SMCRun(Run):
         reweighted: npt.NDArray[np.bool_],
         done: bool,
         rng: Union[np.random.Generator, RowStreams],
+        rows_done: Optional[npt.NDArray[np.bool_]] = None,
     ) -> Ancestors:
-        """``_reweigh`` on the run's arrays, ``done`` saying whether every trajectory has finished."""
-        threshold = 0.0 if done else self.ess_threshold
+        """``_reweigh`` on the run's arrays, ``done`` saying whether every trajectory has finished and
+        ``rows_done`` (where given) whether each prompt's have."""
+        threshold: Any = 0.0 if done else self.ess_threshold
+        if rows_done is not None and not done and rows_done.any():
+            threshold = np.where(rows_done, 0.0, self.ess_threshold)
         # the increment's standard error from the core too (0 where no potential was applied: the optimal
         # proposal's increment log sum_i W_i E_p[G | prefix_i] is exact given the prefixes)
         increment_se = np.empty(len(self.log_z))
@@ -527,16 +534,19 @@ def reweigh_together(
     live: npt.NDArray[np.bool_],
     done: list[bool],
     shared: Optional[SharedStep] = None,
+    rows_done: Optional[npt.NDArray[np.bool_]] = None,
 ) -> list[Union[Ancestors, Exception]]:
     """``SMCRun.reweigh`` of several runs with the same particle count ``N`` in one core call.
 
     ``log_v``, ``log_v_prev`` (updated in place) and ``live`` hold the runs' ``(B_k, N)`` rows one after the
-    other; ``done[k]``: run ``k``'s trajectories have all finished. Each run keeps its own scheme, ESS
-    threshold and generator (one key drawn from it, its prompts numbered from 0: a ``RowStreams``), so each
-    steps exactly as its own call would. Per run, what ``reweigh`` returns, or the exception it raises: where
-    the call is refused (one run's overflow, which the core reports before writing anything), each run steps
-    alone with the key it drew, and only the runs at fault fail. ``shared``: a ``SharedStep`` of these
-    runs, kept for runs stepped together at every step (its streams' keys are drawn here).
+    other; ``done[k]``: run ``k``'s trajectories have all finished; ``rows_done`` (needed only where a run
+    has several prompts): whether each row's have (such a row never resamples again). Each run keeps its
+    own scheme, ESS threshold and generator (one key drawn from it, its prompts numbered from 0: a
+    ``RowStreams``), so each steps exactly as its own call would. Per run, what ``reweigh`` returns, or the
+    exception it raises: where the call is refused (one run's overflow, which the core reports before
+    writing anything), each run steps alone with the key it drew, and only the runs at fault fail.
+    ``shared``: a ``SharedStep`` of these runs, kept for runs stepped together at every step (its streams'
+    keys are drawn here).
     """
     if shared is None:
         shared = SharedStep(runs)
@@ -550,7 +560,9 @@ def reweigh_together(
     log_w, log_total, log_z, collapsed = arrays
     # a run whose trajectories have all finished never resamples (its final sample stays weighted)
     thresholds = shared.thresholds
-    if any(done):
+    if rows_done is not None and rows_done.any():
+        thresholds = np.where(rows_done, 0.0, np.repeat(shared.by_run, sizes))
+    elif any(done):
         thresholds = _per_row([0.0 if d else t for t, d in zip(shared.by_run, done)], sizes)
     increment_se = np.empty(len(log_z))
     try:  # the schemes are names the samplers' arguments checked
@@ -559,7 +571,9 @@ def reweigh_together(
             increment_se=increment_se,
         )  # fmt: skip
     except ValueError:
-        return [_alone(run, k, streams, log_v, log_v_prev, live, done[k]) for k, run in enumerate(runs)]
+        return [
+            _alone(run, k, streams, log_v, log_v_prev, live, done[k], rows_done) for k, run in enumerate(runs)
+        ]
     shared.hand_out(arrays)
     outputs = (*stepped, increment_se)
     # whether any prompt of each run resampled (reduceat reads a run of no prompts as its next row's)
@@ -587,12 +601,14 @@ def _alone(
     log_v_prev: FloatArray,
     live: npt.NDArray[np.bool_],
     done: bool,
+    rows_done: Optional[npt.NDArray[np.bool_]],
 ) -> Union[Ancestors, Exception]:
     """Run ``k`` of a refused ``reweigh_together`` stepped alone, with the key it drew."""
     rows = slice(streams.bounds[k], streams.bounds[k + 1])
     alone = RowStreams([run.generator], [0, rows.stop - rows.start], [streams.run_keys()[k]])
-    try:
-        return run._step(log_v[rows], log_v_prev[rows], live[rows], done, alone)  # views: updated in place
+    own = None if rows_done is None else rows_done[rows]
+    try:  # views: updated in place
+        return run._step(log_v[rows], log_v_prev[rows], live[rows], done, alone, own)
     except Exception as error:
         return error
 
