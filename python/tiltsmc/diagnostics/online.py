@@ -12,7 +12,8 @@ estimates ``log m_t`` with standard error ``se_t`` (``tiltsmc.samplers.runs.incr
 
     eps >= exp(|l_t| - z se_t) - 1
 
-for every step, at a joint confidence ``confidence`` with ``z`` Bonferroni-corrected over the readings:
+for every step, at a joint confidence ``confidence`` with ``z`` Bonferroni-corrected over the readings and
+two-sided (a step's statement fails where ``l_t`` strays from ``log m_t`` by more than ``z se_t`` either way):
 a *lower* bound on the reward model's ``eps`` (in its own gauge: a model rescaled per level reads
 differently) along the paths the run actually took, free with every run. It cannot show that ``eps`` is
 small: ratios above and below 1 at one step average out in ``m_t``, and so do the finished particles of a
@@ -39,18 +40,17 @@ make small runs read too high:
 * SP-gSMC with a pool reads each ``rho_t`` from the ``K`` candidates of a single prefix, where SMC averages
   ``N`` particles spread over many prefixes.
 
-Measured on ``MarkovDFATask.random(3, 3, 5)`` tasks with ``twist(0.5)`` (200 tasks x 10 runs of 4 prompts,
-``confidence=0.95``; Wilson 95% intervals), the share of runs whose ``eps_low`` exceeds the twist's exact
-``eps``: SP-gSMC with a pool of 4: 42.1% [40.0, 44.3]; 8: 19.0% [17.3, 20.8] (in 48% of those the
-offending reading had ``se = 0``); 32: 4.7% [3.9, 5.7]; 64: 1.8% [1.3, 2.4]; 256: 0.2% [0.1, 0.7] (1000
-runs). SMC (multinomial resampling at every step) with 8 particles: 7.2% [6.2, 8.5]; 32: 1.3% [0.9, 1.9];
-64: 0.6% [0.3, 1.0]. A Student-t quantile with ``K - 1`` degrees of freedom does not repair it (pool of 8:
-16.5% [14.9, 18.2]), and the number of draws behind a reading is not in a ``SamplerResult`` anyway. These
-runs also had slack: ``eps`` is a supremum over prefixes, larger than most ``|log m_t|``. The per-step
-statement ``|log m_t| >= |l_t| - z se_t`` behind the bound failed (for some step of the run) in 76% of the
-SP-gSMC runs with a pool of 8, 34% with 32 and 9.8% with 256, against the 5% stated. Read ``eps_low`` as a
-lower bound at roughly the stated level only for runs of a few dozen particles (or candidates) or more; from
-a pool of 8 it is a point reading with a rough margin.
+Measured by ``bench/exp_online_coverage.py`` on ``MarkovDFATask.random(3, 3, 5)`` tasks with
+``twist(0.5)`` (200 tasks x 10 runs of 4 prompts, ``confidence=0.95``; Wilson 95% intervals), the share of
+runs whose ``eps_low`` exceeds the twist's exact ``eps``: SP-gSMC with a pool of 4: 39.6% [37.5, 41.8]; 8:
+17.3% [15.7, 19.0] (in 173 of those 346 runs the offending reading had ``se = 0``); 32: 3.9% [3.1, 4.8];
+64: 1.6% [1.1, 2.2]; 256: 0.4% [0.2, 0.8]. SMC (multinomial resampling at every step) with 8 particles:
+6.6% [5.5, 7.7]; 32: 0.9% [0.6, 1.5]; 64: 0.4% [0.2, 0.8]. These twists leave slack: ``eps`` is a supremum
+over prefixes, larger than most ``|log m_t|``. With none, the exact twist ``V*`` (``eps = 0``, so any
+``eps_low > 0`` is false), runs of 256 read too high in 7.8% [6.7, 9.1] (SMC) and 12.0% [10.7, 13.5]
+(SP-gSMC, a pool of 256): these tasks' zero rewards make the potentials heavy-tailed. Read ``eps_low`` as a
+lower bound at roughly the stated level for runs of a few dozen particles (or candidates) or more on a
+reward model that is not exact; from a pool of 8 it is a point reading with a rough margin.
 """
 
 from __future__ import annotations
@@ -144,9 +144,11 @@ class OnlineBellman:
 
     @property
     def z(self) -> float:
-        """Normal quantile of the one-sided lower bounds, Bonferroni over every readable step."""
+        """Normal quantile of the bounds, Bonferroni over every readable step: two-sided, since a step's
+        bound ``|log m_t| >= |l_t| - z se_t`` fails where ``l_t`` strays from ``log m_t`` by more than
+        ``z se_t`` either way (both ways are such a failure where ``m_t = 1``, an exact twist's)."""
         count = max(int(np.count_nonzero(self.readable & (self.standard_errors > 0))), 1)
-        return upper_normal_quantile((1.0 - self.confidence) / count)
+        return upper_normal_quantile((1.0 - self.confidence) / (2 * count))
 
     @property
     def per_step(self) -> FloatArray:
