@@ -10,12 +10,15 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 try:
     from tiltsmc.tasks.markov_dfa import BellmanError, MarkovDFATask
@@ -924,3 +927,317 @@ def test_chat_arithmetic_bad_arguments() -> None:
     with pytest.raises(ValueError, match=r"^question: "):
         ca.problem_of("Start with " + "9" * 5000 + ". Add 2, 3 times. Write one")
     assert ca.problem_of(ca.user_message(Problem(5, (("+", 2),) * 16))) == Problem(5, (("+", 2),) * 16)
+
+
+def test_arithmetic_verify_names_prompt_for_a_problem_of_too_many_operations() -> None:
+    """A ``Problem`` of more than MAX_STEPS operations is refused as a prompt string of as many is
+    (ValueError naming ``prompt``, the argument passed; ``index: ...`` of a helper before)."""
+    _tiltsmc()
+    from tiltsmc.tasks import arithmetic
+
+    with pytest.raises(ValueError, match=r"^prompt: .*17 operations \(at most 16"):
+        arithmetic.verify(arithmetic.Problem(50, (("+", 1),) * 17), "x")
+    longest = arithmetic.Problem(50, (("+", 1),) * arithmetic.MAX_STEPS)
+    assert arithmetic.verify(longest, longest.solution()) == 1.0
+    assert arithmetic.verify(longest, "x") == 0.0
+
+
+# chat arithmetic: a line is right when it is the line solution() writes, up to spaces
+
+CHAT_PROBLEM_SIZES = ("small", "two-digit", "counting")
+# check as it read lines before they were compared as text: each number converted with int()
+_LINE_READ_AS_INTS = re.compile(r"^\s*(\d+)\s*([+-])\s*(\d+)\s*=\s*(-?\d+)\s*$")
+
+
+def _check_reading_ints(problem: Any, text: str) -> tuple[int, bool]:
+    """``(right_steps, complete)`` of ``chat_arithmetic.check`` as it was when it read each number with
+    ``int`` (and gave no operand a ``-``). On an answer whose numbers are all written as ``str`` writes
+    an int, to a problem whose running values are all >= 0 (every problem ``make_problems`` makes), the
+    reading as text must give the same verdict."""
+    from tiltsmc.tasks import chat_arithmetic as ca
+
+    lines = [line for line in ca._strip_end(text).split("\n") if line.strip()]
+    values = problem.values
+    right = 0
+    for t, (sign, digit) in enumerate(problem.operations):
+        if t >= len(lines):
+            break
+        match = _LINE_READ_AS_INTS.match(lines[t])
+        if match is None:
+            break
+        if (int(match[1]), match[2], int(match[3]), int(match[4])) != (values[t], sign, digit, values[t + 1]):
+            break
+        right += 1
+    return right, right == problem.num_steps and len(lines) == problem.num_steps
+
+
+def _chat_verdict(problem: Any, text: str) -> tuple[int, bool]:
+    from tiltsmc.tasks import chat_arithmetic as ca
+
+    checked = ca.check(problem, text)
+    assert ca.verify(problem, text) == float(checked.complete)
+    return checked.right_steps, checked.complete
+
+
+# the ways a line of a well-formed answer is written: spaces around its parts vary, numbers are plain ints
+CHAT_LINE_LAYOUTS = ("{} {} {} = {}", "{}{}{}={}", "  {} {}  {} =  {}  ", "{}\t{} {}= {}\r")
+
+
+def _corrupted_answers(problem: Any) -> list[str]:
+    """Well-formed answers to ``problem``: its solution, written with other spacing, blank lines and end
+    tokens, and with one line corrupted (every number off by one or replaced, the sign flipped), dropped,
+    repeated, cut short, or followed by text. Every number is written as ``str`` writes an int."""
+    from tiltsmc.tasks import chat_arithmetic as ca
+
+    values = problem.values
+    steps = [(values[t], sign, digit, values[t + 1]) for t, (sign, digit) in enumerate(problem.operations)]
+    lines = [ca.step_line(*step) for step in steps]
+    answers = ["\n".join(lines), "\n".join(lines) + "\n", "\n\n" + "\n\n".join(lines) + "\n<|im_end|>"]
+    answers += ["\n".join(layout.format(*step) for step in steps) for layout in CHAT_LINE_LAYOUTS]
+    answers += ["\n".join(lines) + end for end in ("<|im_end|>", "<eos>\n", "\nThe answer is 71", " 71")]
+    for t, (before, sign, digit, after) in enumerate(steps):
+        flipped = "-" if sign == "+" else "+"
+        wrong_lines = [
+            ca.step_line(before + 1, sign, digit, after),
+            ca.step_line(before, sign, digit + 1, after),
+            ca.step_line(before, sign, digit, after - 1),
+            ca.step_line(before, flipped, digit, after),
+            ca.step_line(-before, sign, digit, after),
+            ca.step_line(before, sign, digit, -after),
+            ca.step_line(10**40 + before, sign, digit, after),
+            ca.step_line(before, sign, digit, 10**40 + after),
+            f"{before} {sign} {digit} =",
+            f"{before} {sign} {digit} = {after}.",
+            f"{before} {sign} {digit} = {after} {after}",
+        ]
+        for wrong in wrong_lines:
+            answers.append("\n".join([*lines[:t], wrong, *lines[t + 1 :]]))
+        answers.append("\n".join(lines[:t] + lines[t + 1 :]))
+        answers.append("\n".join([*lines[: t + 1], lines[t], *lines[t + 1 :]]))
+        answers.append("\n".join(lines[: t + 1]))
+    return answers
+
+
+def test_chat_arithmetic_verdicts_on_well_formed_answers_are_unchanged() -> None:
+    """Every problem ``make_problems`` makes (each size, 1..16 steps): its solution and its corrupted
+    solutions get the verdict of reading the numbers as ints, so comparing the lines as text changed
+    no well-formed answer's reward."""
+    _tiltsmc()
+    from tiltsmc.tasks import chat_arithmetic as ca
+
+    for size in CHAT_PROBLEM_SIZES:
+        for num_steps in range(1, 17):
+            for problem in ca.make_problems(num_steps, 3, rng=[num_steps, 7], size=size):
+                assert _chat_verdict(problem, ca.solution(problem)) == (num_steps, True)
+                for answer in _corrupted_answers(problem):
+                    assert _chat_verdict(problem, answer) == _check_reading_ints(problem, answer), answer
+
+
+@st.composite
+def _chat_problem_and_well_formed_answer(draw: Any) -> tuple[Any, str]:
+    """A problem of ``make_problems`` and an answer of lines ``a ± d = c`` (or other text) whose numbers
+    are near the right ones or anywhere, each written as ``str`` writes an int."""
+    from tiltsmc.tasks import chat_arithmetic as ca
+
+    size = draw(st.sampled_from(CHAT_PROBLEM_SIZES))
+    num_steps = draw(st.integers(1, 16))
+    (problem,) = ca.make_problems(num_steps, 1, rng=draw(st.integers(0, 2**32 - 1)), size=size)
+    values = problem.values
+
+    def number(right: int) -> int:
+        """Mostly the right number, else one off it, its negative, or any int."""
+        if draw(st.integers(0, 39)) > 0:
+            return right
+        return draw(st.one_of(st.sampled_from((right + 1, right - 1, -right)), st.integers()))
+
+    lines = []
+    length = num_steps if draw(st.booleans()) else draw(st.integers(0, num_steps + 2))
+    for t in range(length):
+        if t < num_steps and draw(st.integers(0, 39)) > 0:
+            sign, digit = problem.operations[t]
+            before, after = values[t], values[t + 1]
+        else:
+            sign, digit, before, after = draw(st.sampled_from("+-")), 1, 0, 0
+        layout = draw(st.sampled_from(CHAT_LINE_LAYOUTS))
+        sign = sign if draw(st.integers(0, 39)) > 0 else draw(st.sampled_from("+-"))
+        line = layout.format(number(before), sign, number(digit), number(after))
+        lines.append(line if draw(st.integers(0, 39)) > 0 else draw(st.text(max_size=8)))
+    end = draw(st.sampled_from(("", "\n", "<|im_end|>", "\n\n<eos>", "\nDone.")))
+    return problem, "\n".join(lines) + end
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(_chat_problem_and_well_formed_answer())
+def test_chat_arithmetic_verdicts_on_random_well_formed_answers_are_unchanged(drawn: tuple[Any, str]) -> None:
+    _tiltsmc()
+    problem, answer = drawn
+    assert _chat_verdict(problem, answer) == _check_reading_ints(problem, answer)
+
+
+def test_chat_arithmetic_verifier_never_raises_on_long_numbers() -> None:
+    """A number of thousands of digits in an answer (past ``int``'s 4300-digit limit for a str) is a wrong
+    line, read as text: a verifier returns 0 for a wrong answer, never raises (it ran ``int`` on it)."""
+    _tiltsmc()
+    from tiltsmc.tasks import chat_arithmetic as ca
+    from tiltsmc.tasks.arithmetic import Problem
+
+    problem = Problem(57, (("+", 8), ("-", 3)))
+    long = "6" * 5000
+    for answer in (
+        long + " + 8 = 65\n65 - 3 = 62",
+        "57 + " + long + " = 65\n65 - 3 = 62",
+        "57 + 8 = " + long,
+        "57 + 8 = 65\n65 - 3 = -" + long,
+        "57 + 8 = 65\n-" + long + " - 3 = 62",
+    ):
+        assert ca.verify(problem, answer) == 0.0
+        assert ca.right_so_far(problem, answer) == 0.0
+        assert ca.right_so_far(problem, answer, ended=True) == 0.0
+        assert ca.verify_chat(ca.messages(problem), answer) == 0.0
+    assert ca.check(problem, "57 + 8 = 65\n65 - 3 = " + long).right_steps == 1
+
+
+def _chat_answers() -> Any:
+    """Answers of up to 6 lines, each a right line, any text, or a line ``a ± d = c`` whose numbers are
+    right ones, near ones, runs of digits (ASCII or other scripts', some past ``int``'s 4300-digit limit)
+    or any text; then an end (an end token, text)."""
+    runs = st.builds(
+        lambda sign, digit, count: sign + digit * count,
+        st.sampled_from(("", "", "-")),
+        st.sampled_from("109\u0665\uff15"),
+        st.one_of(st.integers(1, 6), st.integers(4290, 6000)),
+    )
+    symbols = "0123456789+-= \n\t\r\u00a0\u0665\uff15\u00b2"
+    numbers = st.one_of(
+        st.sampled_from(("57", "8", "65", "3", "62", "2", "5", "-3", "1", "-2", "0", "-0", "057")),
+        runs,
+        st.text(alphabet=symbols, max_size=6),
+    )
+    step_lines = st.builds("{} {} {} = {}".format, numbers, st.sampled_from("+-"), numbers, numbers)
+    right_lines = st.sampled_from(("57 + 8 = 65", "65 - 3 = 62", "2 - 5 = -3", "-3 + 1 = -2"))
+    lines = st.one_of(step_lines, right_lines, st.text(alphabet=symbols, max_size=30), st.text(max_size=30))
+    ends = st.one_of(st.sampled_from(("", "\n", "<|im_end|>", "\n<eos>")), st.text(max_size=8))
+    return st.builds(lambda body, end: "\n".join(body) + end, st.lists(lines, max_size=6), ends)
+
+
+@settings(max_examples=400, deadline=None, derandomize=True, database=None)
+@given(_chat_answers(), st.booleans())
+def test_chat_arithmetic_verifier_never_raises_on_any_text(text: str, below_zero: bool) -> None:
+    """No str makes the verifier (or ``check``, ``right_so_far``, ``verify_chat``) raise: each returns a
+    verdict."""
+    _tiltsmc()
+    from tiltsmc.tasks import chat_arithmetic as ca
+    from tiltsmc.tasks.arithmetic import Problem
+
+    problem = Problem(2, (("-", 5), ("+", 1))) if below_zero else Problem(57, (("+", 8), ("-", 3)))
+    checked = ca.check(problem, text)
+    assert 0 <= checked.right_steps <= problem.num_steps
+    assert ca.verify(problem, text) in (0.0, 1.0)
+    assert ca.right_so_far(problem, text) in (0.0, 1.0)
+    assert ca.right_so_far(problem, text, ended=True) in (0.0, 1.0)
+    assert ca.verify_chat(ca.messages(problem), text) == ca.verify(problem, text)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(st.text(), st.booleans())
+def test_chat_arithmetic_verifier_returns_a_verdict_for_arbitrary_text(text: str, below_zero: bool) -> None:
+    """Any text at all (hypothesis' ``text``) gets a verdict of 0.0 or 1.0."""
+    _tiltsmc()
+    from tiltsmc.tasks import chat_arithmetic as ca
+    from tiltsmc.tasks.arithmetic import Problem
+
+    problem = Problem(2, (("-", 5), ("+", 1))) if below_zero else Problem(57, (("+", 8), ("-", 3)))
+    assert ca.verify(problem, text) in (0.0, 1.0)
+    assert ca.right_so_far(problem, text) in (0.0, 1.0)
+
+
+def test_chat_arithmetic_refuses_numbers_solution_does_not_write() -> None:
+    """A line is right only with its numbers written as ``solution`` writes them (ASCII digits, as
+    ``tiltsmc.tasks.arithmetic`` reads them; no leading zeros; no ``-0``), up to spaces."""
+    _tiltsmc()
+    from tiltsmc.tasks import chat_arithmetic as ca
+    from tiltsmc.tasks.arithmetic import Problem
+
+    problem = Problem(57, (("+", 8), ("-", 3), ("+", 9)))
+    rest = "\n65 - 3 = 62\n62 + 9 = 71"
+    assert ca.verify(problem, "57 + 8 = 65" + rest) == 1.0
+    assert ca.verify(problem, " 57+8 =65 " + rest) == 1.0
+    for first_line in (
+        "057 + 8 = 65",
+        "57 + 08 = 65",
+        "57 + 8 = 065",
+        "057 + 08 = 065",
+        "\uff15\uff17 + 8 = 65",  # fullwidth digits
+        "\u0665\u0667 + 8 = 65",  # Arabic-Indic digits
+        "57 + \u0668 = 65",
+        "57 + 8 = \u0666\u0665",
+        "+57 + 8 = 65",
+        "57 + +8 = 65",
+        "57 + -8 = 49",
+    ):
+        assert ca.verify(problem, first_line + rest) == 0.0, first_line
+        assert ca.check(problem, first_line + rest).right_steps == 0, first_line
+    to_zero = Problem(5, (("-", 5), ("+", 3)))
+    assert ca.verify(to_zero, "5 - 5 = 0\n0 + 3 = 3") == 1.0
+    assert ca.verify(to_zero, "5 - 5 = -0\n0 + 3 = 3") == 0.0
+    assert ca.check(to_zero, "5 - 5 = 0\n-0 + 3 = 3").right_steps == 1
+    assert ca.check(to_zero, "5 - 5 = 0\n00 + 3 = 3").right_steps == 1
+
+
+def test_chat_arithmetic_chains_below_zero_verify() -> None:
+    """A chain whose running value goes below 0 (``problem_of`` reads such a question; ``make_problems``
+    makes none) verifies with its own solution: a line's first operand may be negative."""
+    _tiltsmc()
+    from tiltsmc.tasks import chat_arithmetic as ca
+    from tiltsmc.tasks.arithmetic import Problem
+
+    problem = Problem(2, (("-", 5), ("+", 1), ("-", 4)))
+    assert ca.problem_of(ca.user_message(problem)) == problem
+    answer = ca.solution(problem)
+    assert answer == "2 - 5 = -3\n-3 + 1 = -2\n-2 - 4 = -6"
+    assert ca.verify(problem, answer) == 1.0
+    assert ca.verify(problem, " -3 +1 = -2 ".join(["2 - 5 = -3\n", "\n-2 - 4 = -6"])) == 1.0
+    assert ca.verify_chat(ca.messages(problem), answer) == 1.0
+    assert ca.right_so_far(problem, "2 - 5 = -3\n-3 + 1 = -2\n") == 1.0
+    assert ca.check(problem, "2 - 5 = -3\n3 + 1 = -2").right_steps == 1  # the "-" of -3 dropped
+    assert ca.check(problem, "2 - 5 = 3\n").right_steps == 0
+    assert ca.check(problem, "2 - 5 = -3\n-3 + 1 = -2\n-2 - 4 = 6").right_steps == 2
+
+
+# the Markov test-bed's models
+
+
+def test_markov_policy_reads_a_batch_mixing_finished_and_unfinished_trajectories() -> None:
+    """The serving engine joins batches started at different times (``supports_engine``): a batch with
+    finished full-horizon trajectories beside unfinished ones gets each unfinished one's next law and
+    extends only those; an unfinished trajectory of the full horizon is still refused."""
+    _tiltsmc()
+    from tiltsmc.models.particles import Particles
+
+    task = MarkovDFATask.random(3, 2, 3, rng=0)
+    policy = task.policy()
+    rng = np.random.default_rng(0)
+    done = Particles.empty([(), ()], 2, task.horizon)
+    for _ in range(task.horizon):
+        policy.propose(done, rng)
+    started = Particles.empty([()], 2, task.horizon)
+    policy.propose(started, rng)
+    joined = Particles(
+        prompts=[(), ()],
+        tokens=np.concatenate([done.tokens[:1], started.tokens]),
+        lengths=np.concatenate([done.lengths[:1], started.lengths]),
+        finished=np.concatenate([done.finished[:1], started.finished]),
+    )
+    log_probs = policy.next_log_probs(joined)
+    assert log_probs.shape == (2, 2, task.vocab_size)
+    for i in range(2):
+        previous = joined.tokens[1, i, 0]
+        np.testing.assert_allclose(log_probs[1, i], task.log_trans_at(1)[previous])
+    policy.propose(joined, rng)
+    assert joined.lengths.tolist() == [[3, 3], [2, 2]]
+    np.testing.assert_array_equal(joined.tokens[0], done.tokens[0])
+
+    overfull = Particles.empty([()], 2, task.horizon)
+    overfull.lengths[:] = [[task.horizon, 1]]
+    with pytest.raises(ValueError, match=r"^particles: .*full horizon"):
+        policy.next_log_probs(overfull)

@@ -234,12 +234,17 @@ def verify(prompt: Union[str, Problem], text: str) -> float:
     Raises:
         TypeError: ``prompt`` is not a str or a ``Problem``, or ``text`` not a str.
         ValueError: ``prompt`` is not a prompt of this task (``"prompt: ..."``; e.g. more than
-            ``MAX_STEPS`` operations).
+            ``MAX_STEPS`` operations, given as a str or as a ``Problem``).
     """
     if not isinstance(prompt, (str, Problem)):
         raise TypeError(f"prompt: expected a str or a Problem, got {type(prompt).__name__}")
     if not isinstance(text, str):
         raise TypeError(f"text: expected a str, got {type(text).__name__}")
+    if isinstance(prompt, Problem) and len(prompt.operations) > MAX_STEPS:
+        raise ValueError(
+            f"prompt: not a problem of this task: {len(prompt.operations)} operations (at most {MAX_STEPS}, "
+            "the steps with a label)"
+        )
     problem = prompt if isinstance(prompt, Problem) else _problem_from_prompt(prompt)
     text = text.removesuffix("<eos>")  # present when decoded with special tokens (skip_special_tokens=False)
     return 1.0 if text.strip("\n") == problem.solution() else 0.0

@@ -13,8 +13,11 @@ Line ``t`` is the ``t``-th *reasoning step*: ``a_{t-1} ± d_t = a_t``. With the 
 ``"\n"`` a sampler's step is a line. ``check`` reads an answer line by line: the number of leading
 right lines ``k`` (step ``t`` is right when its line is exactly ``a_{t-1} ± d_t = a_t``, the operand being
 the true running value, up to spaces), and whether the answer is complete (``T`` right lines and nothing
-but blank lines after). ``verify`` is the exact terminal reward ``r``: 1 for a complete, right
-answer, else 0.
+but blank lines after). A number must be written as ``solution`` writes it: ASCII decimal digits (as in
+``tiltsmc.tasks.arithmetic``: fullwidth or Arabic-Indic digits make a wrong line), no leading zeros, and
+a ``-`` only before a running value below 0 (so ``"057"`` and ``"-0"`` are wrong). Lines are compared as
+text, never converted to ints, so no answer, however long its numbers, makes ``check`` raise. ``verify``
+is the exact terminal reward ``r``: 1 for a complete, right answer, else 0.
 
 Error rates measured from samples of ``p`` (``bench/real_model.py``): the *per-step* error rate at step
 ``t`` is the hazard ``P(line t wrong | lines 1..t-1 right)`` (the first wrong line is ``t``), and the
@@ -66,7 +69,9 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 MAX_COUNTING_STEPS = 16  # the largest start plus 16 steps of 5 stays within two digits
 _EXAMPLE_SEED = 20_241_204  # the worked examples are fixed: prompts of one size and T differ in the question
-_LINE = re.compile(r"^\s*(\d+)\s*([+-])\s*(\d+)\s*=\s*(-?\d+)\s*$")
+# a step line "a ± d = c", spaces allowed around each part: the running values may be negative, the operand
+# not; ASCII digits only (\d would take any script's), compared as text with the numbers solution() writes
+_LINE = re.compile(r"^\s*(-?[0-9]+)\s*([+-])\s*([0-9]+)\s*=\s*(-?[0-9]+)\s*$")
 _END_OF_TURN = ("<|im_end|>", "<|endoftext|>", "</s>", "<eos>")
 _WORDS = {"+": "add", "-": "subtract"}
 
@@ -210,7 +215,9 @@ def _strip_end(text: str) -> str:
 
 
 def check(problem: Problem, text: str) -> Check:
-    """Read an answer line by line against the exact running values (see the module docstring)."""
+    """Read an answer line by line against the exact running values (see the module docstring): a line
+    is right when it is ``step_line``'s up to spaces. Any str is read (TypeError only for a ``text``
+    that is not a str, or a ``problem`` that is not a ``Problem``)."""
     _check_problem(problem)
     if not isinstance(text, str):
         raise TypeError(f"text: expected a str, got {type(text).__name__}")
@@ -221,12 +228,9 @@ def check(problem: Problem, text: str) -> Check:
         if t >= len(lines):
             break
         match = _LINE.match(lines[t])
-        if match is None or (int(match[1]), match[2], int(match[3]), int(match[4])) != (
-            values[t],
-            sign,
-            digit,
-            values[t + 1],
-        ):
+        # as text: the numbers as solution() writes them (no leading zeros, no "-0", ASCII digits), and
+        # no int() of a number of thousands of digits (which raises)
+        if match is None or match.groups() != (str(values[t]), sign, str(digit), str(values[t + 1])):
             break
         right += 1
     return Check(problem.num_steps, right, right == problem.num_steps and len(lines) == problem.num_steps)
@@ -244,7 +248,7 @@ def right_so_far(problem: Problem, text: str, ended: bool = False) -> float:
 
 def verify(problem: Union[Problem, Any], text: str) -> float:
     """The exact terminal reward ``r``: 1.0 for a complete, right answer (every line right, nothing
-    else), else 0.0."""
+    else), else 0.0, for any str ``text`` (TypeError only for a ``text`` that is not a str)."""
     return 1.0 if check(problem, text).complete else 0.0
 
 

@@ -74,9 +74,16 @@ class MarkovPolicy:
         return Particles.empty(_prompts(prompts), num_particles, self.task.horizon)
 
     def next_log_probs(self, particles: Particles) -> FloatArray:
+        """The law of each particle's next token, ``(B, N, V)``, read at the particle's own length. A
+        finished particle gets an arbitrary law (never drawn from), so a batch may mix finished and
+        unfinished trajectories; ValueError (naming ``particles``) for an unfinished one that already
+        has ``horizon`` tokens."""
         t = particles.lengths
-        if t.size and t.max() >= self.task.horizon and not particles.finished.all():
-            raise ValueError("particles: a trajectory already has the full horizon")
+        if ((t >= self.task.horizon) & ~particles.finished).any():
+            raise ValueError(
+                "particles: an unfinished trajectory already has the full horizon "
+                f"({self.task.horizon} tokens): there is no next token to draw"
+            )
         t = np.minimum(t, self.task.horizon - 1)  # finished particles: any law (never drawn from)
         previous = np.take_along_axis(particles.tokens, np.maximum(t - 1, 0)[..., None], axis=-1)[..., 0]
         log_probs: FloatArray = self._log_steps[t, previous]
