@@ -444,3 +444,24 @@ def test_the_online_lower_bound_holds_at_its_stated_confidence_for_an_exact_twis
         false_claims += tiltsmc.diagnostics.online_bellman(result).eps_low > 0
     stated, z_sigma = 0.05, 5.0
     assert false_claims / runs <= stated + z_sigma * math.sqrt(stated * (1 - stated) / runs), false_claims
+
+
+def test_sampled_intervals_do_not_depend_on_the_scale_of_a_branchs_values() -> None:
+    """Two absorbing branches chosen by the first token, the second's reward 1, 1e-2 or 1e-6 times the
+    first's, and the same noisy twist: ``log rho`` is the same at every step after the first, so are its
+    sampled intervals (the same draws), and the exact ``eps`` lies in each. The sd floor was in the values'
+    units: the small branch's prefixes got margins 10^2 - 10^6 times too wide (``eps_high`` 117 and inf)."""
+    dfa = np.array([[1, 2], [1, 1], [2, 2]])
+    highs = []
+    for low in (1.0, 1e-2, 1e-6):
+        task = MarkovDFATask([0.5, 0.5], [[0.5, 0.5], [0.5, 0.5]], dfa, 0, [0.0, 1.0, low], 4)
+        tables = task.twist_tables(0.3, rng=0)
+        exact = task.bellman_error(tables).eps
+        estimate = tiltsmc.diagnostics.bellman_error(
+            task.policy(), TableTwist(task, tables), num_prefixes=200, samples_per_prefix=64,
+            method="sampled", rng=1,
+        )  # fmt: skip
+        assert estimate.eps_low <= exact <= estimate.eps_high < np.inf, (low, estimate)
+        highs.append(estimate.per_step_high[1:])
+    np.testing.assert_allclose(highs[1], highs[0], rtol=1e-9)
+    np.testing.assert_allclose(highs[2], highs[0], rtol=1e-9)

@@ -24,12 +24,15 @@ delta method carries this to ``log rho_hat = log mh - log Vh_{t-1}``, whose stan
 
 with ``q`` the upper ``(1 - confidence) / (2n)`` quantile of ``t`` with ``M - 1`` degrees of freedom
 (two-sided, Bonferroni over the ``n`` scored prefixes of every step). The supremum over a step's prefixes
-then lies in ``[max of lower ends, max of upper ends]`` whenever every prefix's interval holds. The sd of a
-prefix is floored at the step's pooled within-prefix sd (root mean square of the sds; it has more degrees
-of freedom, so ``M - 1`` stays conservative), so a prefix whose few continuations happened to agree gets no
-zero-width interval (a step where *every* prefix's continuations agree, as under a deterministic policy
-step, still has width 0). Two cases have no finite standard error, and their interval for ``|log rho|`` is
-``[0, inf]``, the only one valid without a bound on ``Vh``:
+then lies in ``[max of lower ends, max of upper ends]`` whenever every prefix's interval holds. The
+relative sd ``s / mh`` of a prefix is floored at the step's pooled one (root mean square of the prefixes'
+``s / mh``; it has more degrees of freedom, so ``M - 1`` stays conservative), so a prefix whose few
+continuations happened to agree gets no zero-width interval (a step where *every* prefix's continuations
+agree, as under a deterministic policy step, still has width 0). It is relative, as ``log rho`` is free of
+scale: a floor of the sds themselves, in the values' units, gave a prefix whose values are ``k`` times
+smaller than the others' a margin ``k`` times too wide (an infinite upper end for ``k = 10^6``). Two
+cases have no finite standard error, and their interval for ``|log rho|`` is ``[0, inf]``, the only one
+valid without a bound on ``Vh``:
 
 * ``M = 1``: one value per prefix says nothing of its spread (the sample sd is undefined; ``t`` with 0
   degrees of freedom), so the intervals are ``[0, inf]``, ``eps_low = 0`` and ``eps_high = inf``; the
@@ -391,20 +394,23 @@ def bellman_error(
                 reward.log_value(continuations), "log_value", (batch, repeats.size), step
             ).reshape(batch, num_prefixes, samples_per_prefix)
             log_mean, log_sd = _log_mean_and_sd(log_values)
-            # A prefix whose few continuations happened to agree gets no zero-width interval: its sd is
-            # floored at the pooled within-prefix sd of the step (root mean square of the sds, in logs).
+            # Delta method: sd(log mean) ~ sd / (sqrt(M) mean). Unknown (inf) with one continuation per
+            # prefix (no sample sd) or a sampled mean of 0 (the draws may have missed continuations of any
+            # value). A prefix whose few continuations happened to agree gets no zero-width interval: its
+            # relative sd is floored at the step's pooled one (root mean square, in logs).
+            known = (log_mean > -np.inf) & (samples_per_prefix > 1)
+            log_relative_sd = np.where(known, log_sd - np.where(known, log_mean, 0.0), np.inf)
+            pooled = known & scored
             log_pooled = (
-                0.5 * float(logsumexp(2.0 * log_sd[scored]) - np.log(np.count_nonzero(scored)))
-                if scored.any()
+                0.5 * float(logsumexp(2.0 * log_relative_sd[pooled]) - np.log(np.count_nonzero(pooled)))
+                if pooled.any()
                 else -np.inf
             )
-            log_standard_error = np.maximum(log_sd, log_pooled) - 0.5 * np.log(samples_per_prefix)
-            # Delta method: sd(log mean) ~ se / mean. Unknown (inf) with one continuation per prefix (no
-            # sample sd) or a sampled mean of 0 (the draws may have missed continuations of any value).
-            known = (log_mean > -np.inf) & (samples_per_prefix > 1)
             relative_error = np.full_like(log_mean, np.inf)
-            with np.errstate(over="ignore"):  # differences beyond the doubles: infinite, as they are
-                relative_error[known] = np.exp(log_standard_error[known] - log_mean[known])
+            with np.errstate(over="ignore"):  # beyond the doubles: infinite, as they are
+                relative_error[known] = np.exp(
+                    np.maximum(log_relative_sd[known], log_pooled) - 0.5 * np.log(samples_per_prefix)
+                )
                 observed_g = log_values - prev_safe[..., None]
             observed = np.broadcast_to(scored[..., None], observed_g.shape)
         with np.errstate(over="ignore"):  # |log rho| beyond the doubles is infinite (eps_t = inf), as it is
