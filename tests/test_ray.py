@@ -7,6 +7,7 @@ import concurrent.futures
 import json
 import math
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -197,8 +199,8 @@ def test_a_killed_replica_is_replaced_and_the_other_keeps_serving(ray_server: Ra
 def test_a_failed_take_down_does_not_hide_why_serving_ended(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The deployment's own error is raised though ``serve.shutdown`` then fails too (logged), and the
-    local Ray instance is still shut down."""
+    """The deployment's own error (here Serve's proxy failing to start) is raised though ``serve.shutdown``
+    then fails too (logged), and the local Ray instance is still shut down."""
     import ray
     from ray import serve
     from tiltsmc.cli import build_parser
@@ -215,14 +217,15 @@ def test_a_failed_take_down_does_not_hide_why_serving_ended(
         return call
 
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append("ray.init"))
-    monkeypatch.setattr(serve, "start", lambda **kwargs: calls.append("serve.start"))
-    monkeypatch.setattr(serve, "run", fail("serve.run", RuntimeError("a replica could not load its models")))
+    monkeypatch.setattr(serve, "start", fail("serve.start", RuntimeError("the proxy could not start")))
     monkeypatch.setattr(serve, "shutdown", fail("serve.shutdown", ValueError("the proxy actor died")))
     monkeypatch.setattr(ray, "shutdown", lambda: calls.append("ray.shutdown"))
-    args = build_parser().parse_args(["serve", "--ray", "--demo", "--replicas", "1"])
-    with pytest.raises(DeployFailed, match="a replica could not load its models"):
+    args = build_parser().parse_args(
+        ["serve", "--ray", "--demo", "--replicas", "1", "--port", str(free_port())]
+    )
+    with pytest.raises(DeployFailed, match="the proxy could not start"):
         serve_on_ray(args, ReplicaOptions({}, Settings()))
-    assert calls == ["ray.init", "serve.start", "serve.run", "serve.shutdown", "ray.shutdown"]
+    assert calls == ["ray.init", "serve.start", "serve.shutdown", "ray.shutdown"]
     logged = [json.loads(line) for line in capsys.readouterr().err.splitlines() if "take_down" in line]
     assert logged == [
         {
@@ -351,3 +354,333 @@ def test_serve_on_ray_checks_a_namespace_of_its_own_before_ray(monkeypatch: pyte
     ]:
         with pytest.raises(ValueError, match=message):
             serve_on_ray(argparse.Namespace(**{**base, **changes}), ReplicaOptions({}, Settings()))
+
+
+# -- taking down, other clusters, signals while deploying, errors -------------------------------------------
+
+
+def test_sigterm_lets_the_requests_in_flight_finish(ray_server: RayServer) -> None:
+    """SIGTERM deletes the application first, its replicas finishing their requests in flight while Ray
+    Serve's proxy still answers, and only then stops Serve (``serve.shutdown`` at once killed the proxy:
+    "Server disconnected without sending a response"). The last test of the shared server: it stops it."""
+
+    def finished(body: Any) -> tuple[Any, float]:
+        try:
+            outcome: Any = ray_server.post(body)
+        except httpx.TransportError as error:
+            outcome = repr(error)
+        return outcome, time.monotonic()
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        in_flight = [pool.submit(finished, LONG) for _ in range(6)]  # ~3 s each, 3 per replica
+        time.sleep(0.5)
+        signalled = time.monotonic()
+        ray_server.process.send_signal(signal.SIGTERM)
+        outcomes = [f.result() for f in in_flight]
+    assert [getattr(outcome, "status_code", outcome) for outcome, _ in outcomes] == [200] * 6
+    assert all(at > signalled for _, at in outcomes)  # they were in flight when SIGTERM came
+    assert ray_server.process.wait(120) == 0, ray_server.log()
+    assert '"event": "stopping"' in ray_server.log()
+
+
+class ServeCommand:
+    """``tiltsmc serve --ray --demo ARGUMENTS`` in a session of its own (the processes of the Ray instance
+    it starts die with it), its output in ``log_path``; killed with its session on leaving, if still
+    running."""
+
+    def __init__(self, arguments: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.log_path = log_path
+        self._log = log_path.open("w")
+        command = [sys.executable, "-m", "tiltsmc.cli", "serve", "--ray", "--demo", *arguments]
+        environment = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
+        self.process = subprocess.Popen(
+            command, stdout=self._log, stderr=subprocess.STDOUT, env=environment, start_new_session=True
+        )
+
+    def __enter__(self) -> ServeCommand:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self._log.close()
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()
+
+    def record(self, event: str) -> dict[str, Any] | None:
+        """The first JSON log record of ``event``, or None."""
+        for line in self.log().splitlines():
+            if line.startswith("{") and f'"event": "{event}"' in line:
+                return dict(json.loads(line))
+        return None
+
+    def wait_for(self, event: str, within: float) -> dict[str, Any] | None:
+        """The first record of ``event`` once logged, or None where the command exits first."""
+        deadline = time.monotonic() + within
+        while (record := self.record(event)) is None:
+            if self.process.poll() is not None:
+                return self.record(event)
+            assert time.monotonic() < deadline, f"no {event!r} within {within} s: {self.log()}"
+            time.sleep(0.5)
+        return record
+
+    def stop(self, signum: int = signal.SIGTERM, within: float = 120) -> int:
+        """Send ``signum`` and wait for the command's exit status (``within`` seconds at most)."""
+        self.process.send_signal(signum)
+        try:
+            return self.process.wait(within)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running {within} s after signal {signum}: {self.log()}") from None
+
+    def session_left(self) -> bool:
+        """Whether a process of the command's session (its Ray instance's) still runs."""
+        try:
+            os.killpg(self.process.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+# A Ray cluster of another owner: its own Serve on a port given, with an application "other" at /other.
+HOLDER_SCRIPT = """
+import json, sys
+import ray
+from ray import serve
+
+ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+serve.start(http_options={"host": "127.0.0.1", "port": int(sys.argv[1])})
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+def other(request):
+    return "other"
+
+serve.run(other.bind(), name="other", route_prefix="/other")
+print(json.dumps({"address": ray.get_runtime_context().gcs_address}), flush=True)
+sys.stdin.read()  # until the test closes it
+serve.shutdown()
+ray.shutdown()
+"""
+
+
+class OtherCluster:
+    def __init__(self, log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._log = log_path.open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", HOLDER_SCRIPT, str(self.port)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
+            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}, start_new_session=True,
+        )  # fmt: skip
+        assert self.process.stdout is not None
+        ready, _, _ = select.select([self.process.stdout], [], [], 240)
+        line = self.process.stdout.readline() if ready else ""
+        if not line:
+            self.close()
+            raise AssertionError(f"the other cluster did not start: {log_path.read_text()}")
+        self.address = str(json.loads(line)["address"])
+        # what a driver given its address needs to join it: Ray's token authentication, on by default for a
+        # local instance (its token in ~/.ray/auth_token), is used with an address only when asked
+        self.env = {"RAY_AUTH_MODE": "token"}
+
+    def other_answers(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/other", timeout=30).text == "other"
+        except httpx.TransportError:
+            return False
+
+    def close(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.close()  # the script shuts its Serve and Ray down
+        try:
+            self.process.wait(120)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        assert self.process.stdout is not None
+        self.process.stdout.close()
+        self._log.close()
+
+
+@pytest.fixture(scope="module")
+def other_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OtherCluster]:
+    cluster = OtherCluster(tmp_path_factory.mktemp("other") / "other-cluster.log")
+    yield cluster
+    cluster.close()
+
+
+def test_a_port_other_than_the_one_serve_listens_on_in_a_joined_cluster_is_refused(
+    other_cluster: OtherCluster, tmp_path: Path
+) -> None:
+    """Ray Serve already running on the cluster of ``--address`` keeps its port (Ray only warns): the command
+    refused, before deploying, instead of saying it listened on ``--port``."""
+    port = free_port()
+    arguments = ["--address", other_cluster.address, "--replica-cpus", "0.5", "--port", str(port)]
+    with ServeCommand(arguments, tmp_path / "serve.log", other_cluster.env) as command:
+        assert command.wait_for("listening", within=240) is None, command.log()
+        assert command.process.returncode == 2
+        assert command.log().splitlines()[-1] == (
+            f"tiltsmc: --port: Ray Serve already runs on the cluster at --address {other_cluster.address}, "
+            f"listening on port {other_cluster.port}, and keeps it: give --port {other_cluster.port}"
+        )
+    assert other_cluster.other_answers()
+
+
+def test_on_a_joined_cluster_only_its_own_application_is_taken_down(
+    other_cluster: OtherCluster, tmp_path: Path
+) -> None:
+    """With ``--address`` the command deploys beside the cluster's other applications, and on SIGTERM deletes
+    its own only: Serve and the others keep running."""
+    arguments = [
+        "--address",
+        other_cluster.address,
+        "--replica-cpus",
+        "0.5",
+        "--port",
+        str(other_cluster.port),
+    ]
+    with ServeCommand(arguments, tmp_path / "serve.log", other_cluster.env) as command:
+        listening = command.wait_for("listening", within=240)
+        assert listening is not None and listening["port"] == other_cluster.port, command.log()
+        models = httpx.get(f"{other_cluster.url}/v1/models", timeout=30)
+        assert models.status_code == 200 and models.json()["data"][0]["id"] == "tiltsmc"
+        assert command.stop() == 0, command.log()
+    assert other_cluster.other_answers()
+    assert httpx.get(f"{other_cluster.url}/v1/models", timeout=30).status_code == 404  # its app is gone
+
+
+def test_without_address_a_ray_instance_of_its_own_is_started(
+    other_cluster: OtherCluster, tmp_path: Path
+) -> None:
+    """Without ``--address`` the command starts a Ray instance of its own even where another is in reach
+    (``RAY_ADDRESS``, as in a Ray job): ``ray.init()`` joined it, served on the other's Serve port while
+    saying ``--port``, and on SIGTERM shut down the other's Serve and every application on it."""
+    port = free_port()
+    env = {**other_cluster.env, "RAY_ADDRESS": other_cluster.address}
+    with ServeCommand(["--replica-cpus", "0.5", "--port", str(port)], tmp_path / "serve.log", env) as command:
+        listening = command.wait_for("listening", within=240)
+        assert listening is not None and listening["port"] == port, command.log()
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=30).status_code == 200
+        elsewhere = httpx.get(f"{other_cluster.url}/v1/models", timeout=30)
+        assert elsewhere.status_code == 404  # not deployed on the other cluster
+        assert command.stop() == 0, command.log()
+    assert other_cluster.other_answers()
+
+
+def test_a_replica_that_cannot_be_placed_is_reported_and_a_signal_still_stops_the_command(
+    tmp_path: Path,
+) -> None:
+    """Replicas Ray cannot place (more CPUs than any node has): the command says so while it waits, and
+    SIGINT (SIGTERM alike) stops it there, within the grace period, its Ray instance gone with it (the
+    signal was only read once ``serve.run`` returned, which it never did)."""
+    arguments = ["--replica-cpus", "64", "--port", str(free_port()), "--grace", "20"]
+    with ServeCommand(arguments, tmp_path / "serve.log") as command:
+        waiting = command.wait_for("waiting_for_replicas", within=180)
+        assert waiting is not None, command.log()
+        assert waiting["running"] == 0 and waiting["replicas"] == 1
+        assert waiting["message"].startswith(
+            "waiting for 1 of 1 replicas: Ray cannot place a replica with 64 CPUs and 0 GPUs "
+            "(--replica-cpus, --replica-gpus): no node of the cluster has as many"
+        ), waiting
+        signalled = time.monotonic()
+        assert command.stop(signal.SIGINT, within=60) == 0, command.log()
+        assert time.monotonic() - signalled < 20, command.log()
+        assert command.record("listening") is None and command.record("stopping") is not None
+        deadline = time.monotonic() + 10
+        while command.session_left():  # Ray's processes end with the command
+            assert time.monotonic() < deadline, subprocess.run(
+                ["ps", "-o", "pid,cmd", "-s", str(command.process.pid)], capture_output=True, text=True
+            ).stdout
+            time.sleep(0.5)
+
+
+def test_a_port_in_use_is_refused_as_tiltsmc_serve_refuses_it_before_ray_starts() -> None:
+    """``--port`` taken by another process: the same one-line refusal and status 2 as ``tiltsmc serve``,
+    before Ray starts (Ray's proxy failed to bind once it had: a coloured traceback on one line, status 1)."""
+    command = [sys.executable, "-m", "tiltsmc.cli", "serve", "--demo"]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        on_ray = subprocess.run(
+            [*command, "--ray", "--port", port], capture_output=True, text=True, env=env, timeout=180
+        )
+        plain = subprocess.run(
+            [*command, "--port", port], capture_output=True, text=True, env=env, timeout=180
+        )
+    assert (on_ray.returncode, plain.returncode) == (2, 2), (on_ray.stderr, plain.stderr)
+    assert on_ray.stderr.startswith(f"tiltsmc: --port: cannot listen on 127.0.0.1:{port}: "), on_ray.stderr
+    assert on_ray.stderr.splitlines() == plain.stderr.splitlines()[-1:]  # one line: Ray never started
+
+
+RAY_ERROR = (
+    "\x1b[36mray::ProxyActor.ready()\x1b[39m (pid=10690, ip=192.0.2.2, actor_id=5683a7d5)\n"
+    '  File "/venv/lib/python3.11/site-packages/ray/serve/_private/proxy.py", line 1810, in ready\n'
+    "    raise e from None\n"
+    "RuntimeError: Failed to bind to address '127.0.0.1:8000'.\n"
+)
+REPLICA_ERROR = (
+    "The deployment failed to start 3 times in a row. See controller logs for details. Error:\n"
+    "\x1b[36mray::ServeReplica:tiltsmc:tiltsmc.initialize_and_get_metadata()\x1b[39m (pid=1)\n"
+    "  ...\n"
+    "FileNotFoundError: [Errno 2] No such file or directory: 'policy/model.onnx'"
+)
+
+
+@pytest.mark.parametrize(
+    ("failing", "expected"),
+    [
+        ("serve.start", "RuntimeError: Failed to bind to address '127.0.0.1:8000'."),
+        ("replicas", "FileNotFoundError: [Errno 2] No such file or directory: 'policy/model.onnx'"),
+    ],
+    ids=["proxy", "replicas"],
+)
+def test_a_deploy_error_is_its_last_line_without_colours(
+    failing: str, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray's error (its remote traceback, coloured) reduced to the line that says what failed: Serve's
+    proxy failing to start, or replicas failing to (Ray Serve's status ``DEPLOY_FAILED``). The signal
+    handlers are those of before."""
+    import ray
+    import ray.serve.context
+    from ray import serve
+    from tiltsmc.cli import build_parser
+    from tiltsmc.serving.ray import DeployFailed, ReplicaOptions, serve_on_ray
+    from tiltsmc.serving.server import Settings
+
+    def refused(error: Exception) -> Any:
+        def call(*args: Any, **kwargs: Any) -> None:
+            raise error
+
+        return call
+
+    def serve_started(**kwargs: Any) -> None:
+        if failing == "serve.start":
+            raise RuntimeError(RAY_ERROR)
+
+    port = free_port()
+    serve_client = SimpleNamespace(http_config=SimpleNamespace(host="127.0.0.1", port=port))
+    failed = SimpleNamespace(status="DEPLOY_FAILED", message=REPLICA_ERROR, deployments={})
+    monkeypatch.setattr(ray, "init", lambda **kwargs: None)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setattr(serve, "start", serve_started)
+    monkeypatch.setattr(ray.serve.context, "_get_global_client", lambda: serve_client)
+    monkeypatch.setattr(serve, "run_many", lambda *args, **kwargs: None)
+    monkeypatch.setattr(serve, "status", lambda: SimpleNamespace(applications={"tiltsmc": failed}))
+    # as Ray Serve's own wait for the replicas (serve.run) reports them
+    monkeypatch.setattr(
+        serve, "run", refused(RuntimeError(f"Deploying application tiltsmc failed: {REPLICA_ERROR}"))
+    )
+    monkeypatch.setattr(serve, "delete", lambda *args, **kwargs: None)
+    monkeypatch.setattr(serve, "shutdown", lambda: None)
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    args = build_parser().parse_args(["serve", "--ray", "--demo", "--port", str(port)])
+    with pytest.raises(DeployFailed) as raised:
+        serve_on_ray(args, ReplicaOptions({}, Settings()))
+    assert str(raised.value) == f"Ray Serve could not deploy: {expected}"
+    assert {signum: signal.getsignal(signum) for signum in handlers} == handlers

@@ -10,8 +10,8 @@ queue, and Ray queues the rest), starts a new replica when one dies (its request
 a request is idempotent given its seed, so a client may retry it), and with ``autoscaling`` adds and removes
 replicas on the ongoing requests.
 
-``tiltsmc serve --ray --replicas K ...`` starts a local Ray instance (or joins ``--address``), deploys,
-and serves until SIGTERM or SIGINT.
+``tiltsmc serve --ray --replicas K ...`` starts a Ray instance of its own (or joins ``--address``),
+deploys, and serves until SIGTERM or SIGINT (see [`serve_on_ray`][tiltsmc.serving.ray.serve_on_ray]).
 """
 
 from __future__ import annotations
@@ -21,15 +21,18 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any, Optional
 
 from .._options import positive_int_option, positive_real_option
 from ..models._config import real_number
-from .server import Settings, log_to_stderr, logger
+from .server import Settings, listening_socket, log_to_stderr, logger
 
 __all__ = [
     "ReplicaOptions",
@@ -53,6 +56,16 @@ REPLICA_GPUS = 0.0
 RESOURCE_UNIT = 1e-4
 # `tiltsmc serve`'s Ray options (their destinations): refused without --ray.
 RAY_OPTIONS = ("replicas", "autoscale", "target_ongoing", "address", "replica_cpus", "replica_gpus")
+# The signals that stop `tiltsmc serve --ray` (a second one while the application drains: at once).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# Seconds between two looks at the application's status while it starts or is deleted (and at the signals).
+POLL_INTERVAL_S = 0.5
+# Seconds the replicas may take to start before the command says what it waits for, and again each time.
+WAITING_REPORT_S = 10.0
+# Seconds past the grace period the command waits for Ray Serve to delete the application on exit.
+TAKE_DOWN_MARGIN_S = 30.0
+# ANSI escape sequences (colours): Ray colours the remote tracebacks in its errors.
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
 
 
 @dataclass(frozen=True)
@@ -351,10 +364,21 @@ class DeployFailed(RuntimeError):
 
 
 def serve_on_ray(args: argparse.Namespace, options: ReplicaOptions) -> int:
-    """Deploy on Ray Serve and serve until SIGTERM / SIGINT; then take the application down (and the
-    local Ray instance, where this command started it). Bad options raise ValueError (before Ray starts),
-    a missing ray extra ImportError, a failed deployment
-    [`DeployFailed`][tiltsmc.serving.ray.DeployFailed]."""
+    """Deploy on Ray Serve and serve until SIGTERM / SIGINT; then take the application down, its replicas
+    finishing their requests in flight within the grace period while the proxy still answers (and Serve and
+    the Ray instance, where this command started them).
+
+    Without ``--address`` the command starts a Ray instance of its own (never joining ``RAY_ADDRESS`` or a
+    cluster started on the machine), after checking that ``--host`` / ``--port`` can be listened on
+    (``--port 0`` is refused: Ray Serve would not say which port it took). With
+    ``--address`` it joins that cluster, refuses a ``--port`` other than the one Serve already listens on
+    there, and on exit deletes its own application only, leaving Serve and the cluster's other applications
+    running. A signal while the replicas start stops the command too; the wait for them is reported every
+    so often with what holds them back (``waiting_for_replicas``).
+
+    Bad options raise ValueError naming the option (before Ray starts, or before deploying for a Serve that
+    listens elsewhere), a missing ray extra ImportError, a failed deployment
+    [`DeployFailed`][tiltsmc.serving.ray.DeployFailed] with the last line of Ray's error."""
     arguments = application_arguments(args)
     _check_application_arguments(options, arguments)
     try:
@@ -362,26 +386,151 @@ def serve_on_ray(args: argparse.Namespace, options: ReplicaOptions) -> int:
         from ray import serve
     except ImportError:
         raise ImportError("--ray needs the ray extra: pip install 'tiltsmc[ray,cpu]' (or ray,gpu)") from None
-    started_here = args.address is None
+    if args.port == 0:  # Ray Serve's proxy would take a port of its own choosing and not say which
+        raise ValueError("--port: 0 (a port the system picks) is not taken with --ray; give a port")
+    local = args.address is None
+    if local:  # refused here, not in a Ray traceback once Ray has started
+        listening_socket(args.host, args.port).close()
     log_to_stderr()
-    ray.init(
-        address=args.address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False
-    )
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs handlers of its own
-        signal.signal(signum, lambda *_: stop.set())
+    stop, hurry = threading.Event(), threading.Event()
+
+    def on_signal(signum: int, frame: Optional[FrameType]) -> None:
+        (hurry if stop.is_set() else stop).set()  # a second signal cuts the take-down's wait short
+
+    previous_handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    serve_started = deployed = served = False
     try:
-        serve.start(http_options={"host": args.host, "port": args.port})
-        application = build_application(options, **arguments)
-        serve.run(application, name=APP_NAME, route_prefix="/")
-        logger.info(json.dumps({"event": "listening", "host": args.host, "port": args.port, "ray": True}))
-        stop.wait()
+        _handle_signals(on_signal)
+        ray.init(  # "local": a new instance, even where RAY_ADDRESS or a running cluster is in reach
+            address="local" if local else args.address,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+        )
+        _handle_signals(on_signal)  # again: ray.init installs a SIGTERM handler of its own
+        if not stop.is_set():
+            serve_started = True  # from here on Serve may run: shut down on exit, on the instance started
+            serve.start(http_options={"host": args.host, "port": args.port})
+            host, port = _serve_http_address(args.host, args.port)
+            if port != args.port:
+                raise ValueError(
+                    f"--port: Ray Serve already runs on the cluster at --address {args.address}, listening "
+                    f"on port {port}, and keeps it: give --port {port}"
+                )
+            application = build_application(options, **arguments)
+            deployed = True  # from here on the application may exist on the cluster: taken down on exit
+            serve.run_many(
+                [serve.RunTarget(application, name=APP_NAME, route_prefix="/")],
+                wait_for_applications_running=False,
+            )
+            served = _wait_for_replicas(ray, serve, deployment_options(options, **arguments), stop)
+            if served:
+                logger.info(json.dumps({"event": "listening", "host": host, "port": port, "ray": True}))
+                stop.wait()
         logger.info(json.dumps({"event": "stopping", "ray": True}))
-    except RuntimeError as error:  # a replica that could not start (its models, its options)
-        raise DeployFailed(f"Ray Serve could not deploy: {error}") from None
+    except DeployFailed:
+        raise
+    except (RuntimeError, TimeoutError, ray.exceptions.RayError) as error:  # a replica, the proxy, ...
+        message = _last_line(str(error), type(error).__name__)
+        raise DeployFailed(f"Ray Serve could not deploy: {message}") from None
     finally:
-        _take_down(ray, serve, started_here)
+        drain_within = options.settings.grace + TAKE_DOWN_MARGIN_S
+        _take_down(
+            ray, serve, local=local, serve_started=serve_started, deployed=deployed, served=served,
+            drain_within=drain_within, hurry=hurry,
+        )  # fmt: skip
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
     return 0
+
+
+def _handle_signals(handler: Callable[[int, Optional[FrameType]], None]) -> None:
+    """``handler`` for SIGTERM and SIGINT."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, handler)
+
+
+def _serve_http_address(host: str, port: int) -> tuple[str, int]:
+    """The host and port Ray Serve's proxies listen on: a Serve instance already running on a cluster keeps
+    its own, whatever ``serve.start`` asked (Ray only warns); ``host`` and ``port`` where this Ray does not
+    say."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        client = _get_global_client()
+        if client is not None:
+            return str(client.http_config.host), int(client.http_config.port)
+    except (ImportError, AttributeError):  # pragma: no cover - a Ray that moved it
+        pass
+    return host, port
+
+
+def _wait_for_replicas(ray: Any, serve: Any, deployment: dict[str, Any], stop: threading.Event) -> bool:
+    """Wait until the application runs (True) or SIGTERM / SIGINT arrives (False), checking its status
+    every ``POLL_INTERVAL_S``; DeployFailed with the last line of Ray Serve's message where it gave up.
+    After ``WAITING_REPORT_S`` seconds, and every ``WAITING_REPORT_S`` more, logs a ``waiting_for_replicas``
+    line saying what holds the replicas back."""
+    started = time.monotonic()
+    report_at = started + WAITING_REPORT_S
+    while True:
+        application = serve.status().applications.get(APP_NAME)
+        status = "NOT_STARTED" if application is None else application.status  # a str Enum
+        if status == "RUNNING":
+            return True
+        if status == "DEPLOY_FAILED":
+            message = _last_line(application.message, "its status is DEPLOY_FAILED")
+            raise DeployFailed(f"Ray Serve could not deploy: {message}")
+        now = time.monotonic()
+        if now >= report_at:
+            logger.warning(json.dumps(_waiting_report(ray, application, deployment, now - started)))
+            report_at = now + WAITING_REPORT_S
+        if stop.wait(POLL_INTERVAL_S):
+            return False
+
+
+def _waiting_report(ray: Any, application: Any, deployment: dict[str, Any], waited: float) -> dict[str, Any]:
+    """The ``waiting_for_replicas`` log record: the replicas running and wanted, and why the others are not
+    running yet (a replica no node can hold; else Ray Serve's word; else starting)."""
+    autoscaling = deployment.get("autoscaling_config")
+    wanted = deployment["num_replicas"] if autoscaling is None else autoscaling.get("min_replicas", 1)
+    states: Any = None if application is None else application.deployments.get(deployment["name"])
+    running = 0 if not states else int(states.replica_states.get("RUNNING", 0))
+    reason = _placement_problem(ray, deployment["ray_actor_options"])
+    if reason is None and states and states.message:
+        reason = "Ray Serve: " + " ".join(states.message.split())
+    if reason is None:
+        reason = "the replicas are starting (loading the models)"
+    return {
+        "event": "waiting_for_replicas",
+        "ray": True,
+        "running": running,
+        "replicas": wanted,
+        "seconds": round(waited),
+        "message": f"waiting for {max(wanted - running, 0)} of {wanted} replicas: {reason}",
+    }
+
+
+def _placement_problem(ray: Any, actor_options: dict[str, float]) -> Optional[str]:
+    """Why Ray cannot place a replica on any node of the cluster as it is (its CPUs and GPUs), or None
+    where a node has what a replica reserves."""
+    cpus, gpus = actor_options["num_cpus"], actor_options["num_gpus"]
+    nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
+    if any(node.get("CPU", 0.0) >= cpus and node.get("GPU", 0.0) >= gpus for node in nodes):
+        return None
+    most_cpus = max((node.get("CPU", 0.0) for node in nodes), default=0.0)
+    most_gpus = max((node.get("GPU", 0.0) for node in nodes), default=0.0)
+    return (
+        f"Ray cannot place a replica with {cpus:g} CPUs and {gpus:g} GPUs (--replica-cpus, --replica-gpus): "
+        f"no node of the cluster has as many (at most {most_cpus:g} CPUs, {most_gpus:g} GPUs); give less, "
+        "or add a node that has them"
+    )
+
+
+def _last_line(message: str, default: str) -> str:
+    """The last line of an error message without its ANSI colour codes (Ray's carry the remote traceback,
+    coloured, before the line that says what failed); ``default`` for an empty one."""
+    lines = [line.strip() for line in _ANSI_ESCAPE.sub("", message).splitlines() if line.strip()]
+    return lines[-1] if lines else default
 
 
 # build_application's arguments as `tiltsmc serve --ray` names them
@@ -408,18 +557,55 @@ def _check_application_arguments(options: ReplicaOptions, arguments: dict[str, A
         raise ValueError(message) from None
 
 
-def _take_down(ray: Any, serve: Any, started_here: bool) -> None:
-    """Take the application down, and the local Ray instance where this command started it. A step that
-    fails is logged and the next one still runs: raised here, its error would replace the one that ended
-    serving (seen on a loaded machine: a deployment's failure reported as the proxy that ``serve.shutdown``
-    had just killed)."""
-    steps: list[tuple[str, Callable[[], Any]]] = (
-        [("serve.shutdown", serve.shutdown), ("ray.shutdown", ray.shutdown)]
-        if started_here
-        else [("serve.delete", lambda: serve.delete(APP_NAME))]
-    )
+def _take_down(
+    ray: Any,
+    serve: Any,
+    *,
+    local: bool,
+    serve_started: bool,
+    deployed: bool,
+    served: bool,
+    drain_within: float,
+    hurry: threading.Event,
+) -> None:
+    """Take down what the command started. An application that served (``served``: announced as listening)
+    is deleted first, its replicas finishing their requests in flight (up to the grace period) while the
+    proxy still routes their answers; then, on the Ray instance the command started (``local``), Serve
+    (where ``serve.start`` was called: ``serve.shutdown`` would start Ray to look for it otherwise) and
+    Ray. On a cluster joined (``--address``) the command deletes its own application only (one that never
+    ran without waiting: nothing is in flight) and disconnects, leaving Serve and the cluster's other
+    applications running. On its own instance an application that never ran goes with Ray: Serve stops a
+    replica still starting only after its grace period, ``serve.delete`` and ``serve.shutdown`` alike.
+
+    A step that fails is logged and the next one still runs: raised here, its error would replace the one
+    that ended serving (seen on a loaded machine: a deployment's failure reported as the proxy that
+    ``serve.shutdown`` had just killed)."""
+    starting = deployed and not served  # replicas may still be starting
+    steps: list[tuple[str, Callable[[], Any]]] = []
+    if deployed and not (local and starting):
+        wait = drain_within if served else 0.0
+        steps.append(("serve.delete", lambda: _delete_application(serve, wait, hurry)))
+    if local and serve_started and not starting:
+        steps.append(("serve.shutdown", serve.shutdown))
+    steps.append(("ray.shutdown", ray.shutdown))  # on a cluster joined: this process's connection only
     for name, step in steps:
         try:
             step()
         except Exception as error:
             logger.warning(json.dumps({"event": "ray_take_down_failed", "step": name, "error": repr(error)}))
+
+
+def _delete_application(serve: Any, within: float, hurry: threading.Event) -> None:
+    """Delete tiltsmc's application and wait until Ray Serve has stopped its replicas (each after its
+    requests in flight, within ``graceful_shutdown_timeout_s``: the grace period), ``within`` seconds at
+    most (0: not at all), then TimeoutError; a second SIGTERM / SIGINT (``hurry``) stops the wait. Not
+    ``serve.delete``'s own wait, which gives up after 60 s whatever the grace period."""
+    serve.delete(APP_NAME, _blocking=False)
+    if within <= 0:
+        return
+    deadline = time.monotonic() + within
+    while APP_NAME in serve.status().applications:
+        if hurry.wait(POLL_INTERVAL_S):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Ray Serve did not delete the application {APP_NAME!r} within {within:g} s")
