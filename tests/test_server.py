@@ -39,9 +39,13 @@ FIXTURE_MODELS = [
 
 
 class Server:
-    """``tiltsmc serve`` in a subprocess on a free port of 127.0.0.1; stderr (its log) kept in a file."""
+    """``tiltsmc serve`` in a subprocess on a free port of 127.0.0.1; stderr (its log) kept in a file. With
+    ``script`` (``_serving_script``: models the command line cannot load), that script instead, given the
+    port."""
 
-    def __init__(self, tmp_path: Path, *args: str, env: Optional[dict[str, str]] = None) -> None:
+    def __init__(
+        self, tmp_path: Path, *args: str, env: Optional[dict[str, str]] = None, script: Optional[str] = None
+    ) -> None:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
@@ -49,6 +53,10 @@ class Server:
         self.log_path = tmp_path / f"server-{self.port}.log"
         self._log = self.log_path.open("w")
         command = [sys.executable, "-m", "tiltsmc.cli", "serve", *args, "--port", str(self.port)]
+        if script is not None:
+            script_path = tmp_path / f"server-{self.port}.py"
+            script_path.write_text(script)
+            command = [sys.executable, str(script_path), str(self.port), *args]
         self.process = subprocess.Popen(
             command, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
         )
@@ -1196,3 +1204,261 @@ def test_a_servers_answer_has_each_fields_part_as_to_dict_writes_it() -> None:
     assert detail["log_z"] is None and detail["log_weights"][1] is None and detail["collapsed"] is True
     assert detail["compute"] == record["compute"]
     json.dumps(answer, allow_nan=False)
+
+
+def _serving_script(models: str, settings: str = "") -> str:
+    """A script for ``Server(script=...)``: ``server.serve`` with ``Settings(<settings>)`` on the port given,
+    serving the ``policy`` and ``reward`` that the code ``models`` makes (this folder's modules importable:
+    ``Stuck``, ``TASK`` imported), its log lines led by their level (``INFO {...}``, ``ERROR {...}``)."""
+    return (
+        SCRIPT_HEAD
+        + f"""
+import argparse
+import logging
+
+import tiltsmc.serving.server as server
+
+handler = logging.StreamHandler(sys.stderr)
+handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+server.logger.addHandler(handler)
+server.logger.setLevel(logging.INFO)
+server.logger.propagate = False
+{models}
+args = argparse.Namespace(host="127.0.0.1", port=int(sys.argv[1]), threads=None)
+sys.exit(server.serve(args, server.Settings({settings}), policy, reward))
+"""
+    )
+
+
+def _completion_lines(server: Server, count: int) -> list[dict[str, Any]]:
+    """The log lines of a ``_serving_script`` server's completion requests, JSON decoded, once there are
+    ``count`` (a line is written once its answer is sent)."""
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [line for line in _request_lines(server.log()) if line["path"] == "/v1/completions"]
+        if len(lines) >= count or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)
+
+
+def _request_lines(log: str) -> list[dict[str, Any]]:
+    """The request log lines of a ``_serving_script`` server's log, JSON decoded."""
+    return [
+        json.loads(line[len("INFO ") :])
+        for line in log.splitlines()
+        if line.startswith('INFO {"event": "request"')
+    ]
+
+
+def test_a_field_left_out_counts_at_its_default_within_the_limits(tmp_path: Path) -> None:
+    """``--max-tokens 3`` below the policy's ``--max-new-tokens 6``, ``--max-mh-steps 4`` below MH's 8 steps:
+    a request that leaves ``max_tokens`` (``max_completion_tokens``) or ``mh_steps`` out runs at the limit,
+    as the same request sending it (it ran 6 tokens and 8 steps: only the fields sent were checked), since
+    OpenAI's ``max_tokens`` is an upper bound that clients leave out; one that asks for more is refused."""
+    limited = Server(
+        tmp_path,
+        *FIXTURE_MODELS,
+        "--max-tokens",
+        "3",
+        "--max-mh-steps",
+        "4",
+        "--chat-template",
+        str(CHAT_TEMPLATE),
+    )
+    try:
+        body = {"prompt": "hi", "particles": 4, "n": 4, "seed": 0}
+        left_out, sent = limited.post(body), limited.post({**body, "max_tokens": 3})
+        assert left_out.status_code == sent.status_code == 200, left_out.text
+        assert left_out.json()["choices"] == sent.json()["choices"]
+        assert _results(left_out.json()["tiltsmc"]["choices"]) == _results(sent.json()["tiltsmc"]["choices"])
+        assert left_out.json()["usage"]["completion_tokens"] <= 4 * 3
+        chat = {"messages": [{"role": "user", "content": "hi"}], "particles": 4, "n": 2, "seed": 1}
+        chat_answers = [
+            httpx.post(f"{limited.url}/v1/chat/completions", json=request, timeout=60).json()
+            for request in (chat, {**chat, "max_completion_tokens": 3})
+        ]
+        assert chat_answers[0]["choices"] == chat_answers[1]["choices"]
+        assert _results(chat_answers[0]["tiltsmc"]["choices"]) == _results(
+            chat_answers[1]["tiltsmc"]["choices"]
+        )
+
+        mh = {"prompt": "hi", "sampler": "mh", "pool_size": 2, "seed": 0}
+        mh_left_out, mh_sent = limited.post(mh), limited.post({**mh, "mh_steps": 4})
+        assert mh_left_out.status_code == mh_sent.status_code == 200, mh_left_out.text
+        left_detail, sent_detail = (
+            mh_left_out.json()["tiltsmc"]["choices"][0],
+            mh_sent.json()["tiltsmc"]["choices"][0],
+        )
+        assert _results([left_detail]) == _results([sent_detail])
+        assert left_detail["compute"]["policy_steps"] == sent_detail["compute"]["policy_steps"]
+
+        for more, field, message in (
+            ({"max_tokens": 4}, "max_tokens", "max_tokens: 4 is more than this server's 3"),
+            ({"sampler": "mh", "mh_steps": 5}, "mh_steps", "mh_steps: 5 steps, more than this server's 4"),
+        ):
+            refused = limited.post({"prompt": "hi", **more})
+            error = refused.json()["error"]
+            assert refused.status_code == 400 and (error["param"], error["message"]) == (field, message)
+    finally:
+        limited.stop()
+
+
+REFUSES_ONE_PROMPT = f"""
+from poisoned_policy import RefusesText
+from tiltsmc.models import OnnxCausalLM, OnnxRewardModel
+
+policy = RefusesText(OnnxCausalLM({str(FIXTURES / "gpt2-tiny")!r}, max_new_tokens=4), "abcde")
+reward = OnnxRewardModel({str(FIXTURES / "prm-tiny")!r}, kind="logit")
+"""
+
+
+def test_a_request_failing_with_the_servers_own_error_is_a_500_in_openais_shape(tmp_path: Path) -> None:
+    """A model call that raises a RuntimeError for one request alone (not a refusal of its values: the
+    server's error): a 500 of OpenAI's ``server_error`` naming the error in a line, no traceback (it was
+    Starlette's plain-text "Internal Server Error", logged as status 499); a stream ends with that error
+    as its last event, without ``[DONE]`` (it was cut short); each logged once at ERROR with its
+    traceback, the request's line with status 500 (a stream's 200: sent before) and outcome failed."""
+    failing = Server(tmp_path, script=_serving_script(REFUSES_ONE_PROMPT))
+    try:
+        expected = {
+            "message": "the server failed to answer the request: RuntimeError: cannot take abcde",
+            "type": "server_error",
+            "param": None,
+            "code": None,
+        }
+        for prompt in ("abcde", ["fine", "abcde"]):  # alone, and beside a prompt that succeeds
+            failed = failing.post({"prompt": prompt, "particles": 2, "seed": 1})
+            assert failed.status_code == 500 and failed.headers["content-type"] == "application/json"
+            assert failed.json() == {"error": expected}, failed.text
+        streamed = failing.post({"prompt": "abcde", "particles": 2, "seed": 1, "stream": True})
+        assert streamed.status_code == 200, streamed.text
+        blocks = [block for block in streamed.text.split("\n\n") if block]
+        assert blocks == [f"data: {json.dumps({'error': expected}, separators=(',', ':'))}"], streamed.text
+        assert failing.post({"prompt": "fine", "particles": 2, "seed": 1}).status_code == 200
+        completions = _completion_lines(failing, 4)
+        log = failing.log()
+        assert [(line["status"], line["outcome"]) for line in completions] == [
+            (500, "failed"), (500, "failed"), (200, "failed"), (200, "completed"),
+        ]  # fmt: skip
+        failures = [line for line in log.splitlines() if line.startswith('ERROR {"event": "request_failed"')]
+        assert len(failures) == 3 and log.count("Traceback (most recent call last)") == 3, log
+        assert all(
+            json.loads(line[len("ERROR ") :])["error"] == "RuntimeError: cannot take abcde"
+            for line in failures
+        )
+        assert "Exception in ASGI application" not in log
+    finally:
+        failing.stop()
+
+
+def test_a_model_call_past_the_timeout_is_a_504_all_the_same(tmp_path: Path) -> None:
+    """A model call that never returns (``Stuck``): the engine checks a request's timeout between its
+    steps, so the server answers the 504 itself ``TIMEOUT_MARGIN`` (1 s) past ``timeout`` (there was no
+    answer at all), and a stream ends with the timeout's error event, both logged as timed out."""
+    stuck = Server(
+        tmp_path,
+        script=_serving_script("policy, reward = Stuck(), TASK.twist(noise=0.4, rng=1)", "timeout=1.0"),
+    )
+    try:
+        body = {"prompt": "x", "particles": 2}
+        began = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            # waiting less than a keep-alive's 15 s: without the server's own timer, neither is answered
+            plain = pool.submit(stuck.post, body, timeout=8)
+            streaming = pool.submit(stuck.post, {**body, "stream": True}, timeout=8)
+            answered, streamed = plain.result(), streaming.result()
+        assert time.monotonic() - began < 8
+        error = answered.json()["error"]
+        assert answered.status_code == 504 and (error["type"], error["code"]) == ("timeout_error", "timeout")
+        assert error["message"] == "timeout: the request took more than 1 s (a model call ran past it)"
+        assert streamed.status_code == 200, streamed.text
+        blocks = [block for block in streamed.text.split("\n\n") if block.startswith("data: ")]
+        assert [json.loads(block[len("data: ") :]) for block in blocks] == [{"error": error}], streamed.text
+        lines = _completion_lines(stuck, 2)
+        assert sorted((line["status"], line["outcome"]) for line in lines) == [
+            (200, "timed_out"),
+            (504, "timed_out"),
+        ]
+    finally:
+        stuck.process.kill()
+        stuck.stop()
+
+
+def test_settings_the_command_line_refuses_are_refused_by_create_app_and_settings() -> None:
+    """``create_app`` and ``Settings`` (what Ray's replicas are built from) check their settings as the
+    command line does (it alone did): an empty API key (it let any ``Authorization: Bearer`` through), a
+    timeout <= 0 (every request a 400 blaming the client), a keep-alive of 0 (a stream's loop without
+    pause), a drain time < 0 (or an infinite grace: uvicorn's is whole seconds), limits < 1; TypeError /
+    ValueError naming the setting. The command line's own messages, naming its options, are as they
+    were."""
+    import argparse
+
+    import numpy as np
+    from tiltsmc.serving.server import Limits, Settings, add_arguments, create_app
+
+    task = MarkovDFATask.random(4, 3, 6, rng=0)
+    engine = tiltsmc.Engine(task.policy(), task.twist(noise=0.4, rng=1))
+    refused: list[tuple[dict[str, Any], type[Exception], str]] = [
+        ({"api_key": ""}, ValueError, r"^api_key: expected a non-empty key, or None for none$"),
+        ({"api_key": b"key"}, TypeError, r"^api_key: expected a string or None, got bytes$"),
+        ({"api_key": "two words"}, ValueError, r"^api_key: an API key must be visible ASCII"),
+        (
+            {"timeout": -1.0},
+            ValueError,
+            r"^timeout: expected a positive number of seconds or None, got -1.0$",
+        ),
+        ({"timeout": 0}, ValueError, r"^timeout: expected a positive number of seconds or None, got 0$"),
+        ({"timeout": math.nan}, ValueError, r"^timeout: expected a positive number of seconds or None"),
+        ({"timeout": "5"}, TypeError, r"^timeout: expected a number, got '5'$"),
+        ({"stream_keepalive": 0.0}, ValueError, r"^stream_keepalive: expected a positive finite number"),
+        (
+            {"stream_keepalive": math.inf},
+            ValueError,
+            r"^stream_keepalive: expected a positive finite number",
+        ),
+        (
+            {"limits": {"max_n": 2}},
+            TypeError,
+            r"^limits: expected a tiltsmc.serving.server.Limits, got dict$",
+        ),
+    ]
+    try:
+        for settings, error, message in refused:
+            with pytest.raises(error, match=message):
+                create_app(engine, **settings)
+            with pytest.raises(error, match=message):
+                Settings(**settings)
+        for close_timeout in (-1.0, math.nan):
+            with pytest.raises(ValueError, match=r"^close_timeout: expected a number of seconds >= 0, got"):
+                create_app(engine, close_timeout=close_timeout)
+        with pytest.raises(ValueError, match=r"^grace: expected a finite number of seconds >= 0, got inf$"):
+            Settings(grace=math.inf).app(engine)
+        for name in (
+            "max_prompt_tokens", "max_particles", "max_tokens", "max_n", "max_mh_steps", "max_prompts",
+            "max_body_bytes",
+        ):  # fmt: skip
+            with pytest.raises(ValueError, match=rf"^{name}: expected a positive integer, got 0$"):
+                Limits(**{name: 0})
+            with pytest.raises(TypeError, match=rf"^{name}: expected a positive integer, got True$"):
+                Limits(**{name: True})
+        create_app(engine, api_key="k3y", timeout=None, close_timeout=0.0, stream_keepalive=0.5)
+        create_app(engine, timeout=math.inf, close_timeout=math.inf)  # no limit
+        Settings(api_key="k3y", timeout=math.inf, limits=Limits(max_tokens=np.int64(3)))  # type: ignore[arg-type]
+
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        for arguments, message in [
+            (["--timeout", "0"], "--timeout: expected a positive number of seconds"),
+            (["--stream-keepalive", "0"], "--stream-keepalive: expected a positive number of seconds"),
+            (["--grace", "-1"], "--grace: expected a finite number of seconds >= 0"),
+            (["--max-n", "0"], "--max-n: expected a positive integer"),
+            (
+                ["--max-tokens", "0"],
+                "--max-tokens: expected a positive integer (or leave it out: the policy's)",
+            ),
+        ]:
+            with pytest.raises(ValueError) as cli_refused:
+                Settings.from_args(parser.parse_args(arguments))
+            assert str(cli_refused.value) == message
+    finally:
+        engine.close()

@@ -22,12 +22,20 @@ requests (503 closing, or failed); ``GET /metrics`` is the Prometheus text forma
 ``finish_reason`` is ``stop`` where it ended at the policy's EOS or one of its stop strings, else
 ``length``.
 
+A request is held to the server's ``Limits`` (``tiltsmc serve --max-*``), a field it leaves out at the
+default that would run: ``max_tokens`` (``max_completion_tokens``) left out is the policy's
+``max_new_tokens`` and ``mh_steps`` MH's default, each lowered to the server's limit where past it (a
+request that asks for more is refused).
+
 Bad requests get a 400 whose ``error.param`` names the field (fields typed strictly: ``"2"`` or ``true``
 is not a number), as do the engine's refusals and a request's own failures once admitted, named by the
 request's fields (``particles``, ``prompt[k]``); a body sent as another type than JSON (``Content-Type``
 other than ``application/json``, any charset, or a ``+json`` type; none is read as JSON) a 415;
 a full queue a 429 with ``Retry-After``;
-a request past its timeout a 504; with ``--api-key-env VAR``, ``/v1/*`` and ``/metrics`` need
+a request past its timeout a 504 (or its stream's last event: at most ``TIMEOUT_MARGIN`` seconds late,
+inside a model call that overruns); a request that fails for none of these reasons, the server's own
+(a model call that raised for it alone, memory), a 500 of type ``server_error`` naming the error, logged
+with its traceback; with ``--api-key-env VAR``, ``/v1/*`` and ``/metrics`` need
 ``Authorization: Bearer <key>`` (401 otherwise). One JSON log line per request (logger
 ``tiltsmc.server``), with the request's id (``X-Request-ID``, taken from the client or made here).
 """
@@ -37,6 +45,7 @@ a request past its timeout a 504; with ``--api-key-env VAR``, ``/v1/*`` and ``/m
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import hmac
 import json
@@ -56,6 +65,7 @@ import numpy as np
 
 from .. import core
 from .._options import real_option
+from ..models._config import real_number
 from ..samplers.result import SamplerResult, plain, prompt_error_parts
 from .engine import (
     ADAPTIVE_ROWS,
@@ -108,6 +118,11 @@ SHUTDOWN_WAIT = 10.0
 # and load balancers close a connection idle for 30 - 60 s by default, and an SMC answer comes whole at
 # the end.
 STREAM_KEEPALIVE = 15.0
+
+# Seconds past a request's timeout that its answer waits for the engine, which checks the timeout between
+# its steps, before the server answers the 504 itself (a model call that overruns cannot be cut short: its
+# requests are cancelled, their rows freed once it returns).
+TIMEOUT_MARGIN = 1.0
 _LAW = "the law the reward tilts is the policy's, set when the server starts"
 # OpenAI's fields that would change the law sampled or ask for what this server does not return: each is
 # taken at the value that changes nothing (what clients send by default) and refused otherwise, with the
@@ -179,7 +194,10 @@ def _policy_top_p(policy: Any) -> float:
 class Limits:
     """What one request may ask for: prompt tokens, particles (any sampler's particle count, pool or
     ``n``), new tokens, choices per prompt, MH steps (each a further SMC or SP-gSMC run), prompts per
-    request and the bytes of its body."""
+    request and the bytes of its body. A request that leaves a field out counts at the default that would
+    run: its sampler's particle count (refused past ``max_particles``); the policy's ``max_new_tokens``
+    and MH's default steps, each lowered to ``max_tokens`` or ``max_mh_steps`` where past it. Each field
+    is a positive integer (``max_tokens`` None too): TypeError / ValueError naming it."""
 
     max_prompt_tokens: int = 4096
     max_particles: int = 256
@@ -189,6 +207,16 @@ class Limits:
     max_prompts: int = 64
     # 64 prompts of 4096 tokens, even written as JSON's \uXXXX escapes, take well under this
     max_body_bytes: int = 8 << 20
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            name, value = field.name, getattr(self, field.name)
+            if name == "max_tokens" and value is None:
+                continue
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+                raise TypeError(f"{name}: expected a positive integer, got {value!r}")
+            if value < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
 
 
 class ClientGone(Exception):
@@ -249,10 +277,10 @@ def create_app(
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.requests import ClientDisconnect
 
-    if api_key is not None:
-        _check_api_key(api_key, "api_key")
+    _check_app_settings(api_key, limits, timeout, stream_keepalive)
+    _check_grace(close_timeout, "close_timeout", finite=False)
     policy = engine.policy
-    policy_limit = int(getattr(policy, "max_new_tokens", 1 << 30))
+    policy_limit = _policy_token_limit(policy)
     if limits.max_tokens is not None and not 1 <= limits.max_tokens <= policy_limit:
         raise ValueError(
             f"max_tokens: {limits.max_tokens} is not from 1 to the policy's max_new_tokens, {policy_limit} "
@@ -482,7 +510,7 @@ def create_app(
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache"},
                 )
-            choices = await _collect(request, futures, body)
+            choices = await _collect(request, futures, body, timeout)
         except RequestError:
             detail["outcome"] = "refused"
             raise
@@ -499,6 +527,9 @@ def create_app(
             detail["outcome"], status, kind, code = _failure(error)
             message, field = _failure_message(error, futures, body, chat)
             return JSONResponse(_error_body(message, kind, field, code), status_code=status)
+        except Exception as error:  # the server's own failure (a model call that raised for it, memory)
+            detail["outcome"] = "failed"
+            return JSONResponse(_server_error(error, request_id), status_code=500)
         detail["outcome"] = "completed"
         return JSONResponse(
             _response(
@@ -511,10 +542,11 @@ def create_app(
     ) -> AsyncIterator[str]:
         """A streamed answer: ``: keep-alive`` comment lines while the engine works, then the answer's
         chunks and ``data: [DONE]``; a request that fails now (its timeout, the server closing, its own
-        error) ends with OpenAI's error object as the last event, since its status (200) is sent."""
+        error, the server's: ``_server_error``) ends with OpenAI's error object as the last event, since
+        its status (200) is sent."""
         detail = request.state.detail
         try:
-            waiting = _waiting(request, futures, stream_keepalive)
+            waiting = _waiting(request, futures, stream_keepalive, timeout)
             final: Optional[list[SamplerResult]] = None
             try:  # closed in any case, so that its requests are cancelled (contextlib.aclosing: 3.10+)
                 async for results in waiting:
@@ -535,6 +567,10 @@ def create_app(
             detail["outcome"], _, kind, code = _failure(error)
             message, param = _failure_message(error, futures, body, chat)
             yield _event(_error_body(message, kind, param, code))
+            return
+        except Exception as error:
+            detail["outcome"] = "failed"
+            yield _event(_server_error(error, request.state.request_id))
             return
         detail["outcome"] = "completed"
         answered = _response(
@@ -612,7 +648,10 @@ def _options(
     chat: bool = False,
 ) -> dict[str, Any]:
     """The engine options of a request, checked against the server's limits and the engine's queue
-    (400s naming the field)."""
+    (400s naming the field). A field left out counts at the default that would run: a particle count past
+    ``max_particles`` is refused, the policy's ``max_new_tokens`` past ``max_tokens_limit`` and MH's steps
+    past ``limits.max_mh_steps`` are lowered to the limit (``max_tokens`` is OpenAI's upper bound, left out
+    by clients that take what the server gives; a request that asks for more is refused)."""
     if body.model is not None and body.model != model_name:
         raise RequestError(
             "model", f"model: this server serves {model_name!r}, not {body.model!r}", 404, "model_not_found"
@@ -676,7 +715,17 @@ def _options(
         options.update(num_samples=1, max_tries=16 * options["batch_size"])
     if body.max_tokens is not None:
         options["max_new_tokens"] = body.max_tokens
+    elif _policy_token_limit(policy) > max_tokens_limit:
+        options["max_new_tokens"] = max_tokens_limit
+    if body.sampler == "mh" and "steps" not in options and defaults["steps"] > limits.max_mh_steps:
+        options["steps"] = limits.max_mh_steps
     return options
+
+
+def _policy_token_limit(policy: Any) -> int:
+    """The new tokens the policy generates at most when a request leaves ``max_tokens`` out (its
+    ``max_new_tokens``; 2**30 for a policy without one)."""
+    return int(getattr(policy, "max_new_tokens", 1 << 30))
 
 
 def _prompt_tokens(
@@ -749,12 +798,25 @@ def _longest_token(policy: Any) -> Optional[int]:
 def _failure(error: BaseException) -> tuple[str, int, str, Optional[str]]:
     """A request that failed once admitted, as (outcome, HTTP status, OpenAI error type, code): past its
     timeout (504), the engine closing (503), or its own prompt or values (400: it failed alone). The
-    plain answer sends it as the status and error body, a stream as its last event."""
+    plain answer sends it as the status and error body, a stream as its last event. Any other error is
+    the server's (``_server_error``)."""
     if isinstance(error, TimeoutError):
         return "timed_out", 504, "timeout_error", "timeout"
     if isinstance(error, EngineClosed):
         return "closed", 503, "unavailable_error", "closed"
     return "failed", 400, "invalid_request_error", None
+
+
+def _server_error(error: BaseException, request_id: str) -> dict[str, Any]:
+    """The answer's body for a request that failed with an error neither its own nor foreseen (a model
+    call that raised for it alone, memory, the runtime's own errors): OpenAI's ``server_error``, whose
+    message names the error in a line (its type and the start of its text, no traceback); the error is
+    logged here, once, at ERROR with its traceback and the request's id."""
+    text = str(error).strip().splitlines()
+    summary = type(error).__name__ + (f": {text[0][:200]}" if text else "")
+    record = {"event": "request_failed", "id": request_id, "error": summary}
+    logger.error(json.dumps(record), exc_info=(type(error), error, error.__traceback__))
+    return _error_body(f"the server failed to answer the request: {summary}", "server_error")
 
 
 def _submit(
@@ -843,25 +905,35 @@ async def _submitted(counted_and_submitted: Callable[[], tuple[int, list[Any]]])
 
 
 async def _waiting(
-    request: Any, futures: list[Any], every: float
+    request: Any, futures: list[Any], every: float, timeout: Optional[float] = None
 ) -> AsyncGenerator[Optional[list[SamplerResult]], None]:
     """The requests' results, once all are in (the first failure raised), after a ``None`` every
     ``every`` seconds until then. A client that disconnects (``ClientGone``), a failure, or the caller
-    leaving early cancels the requests still running (their rows are freed at the next step)."""
+    leaving early cancels the requests still running (their rows are freed at the next step).
+
+    ``timeout``: the requests' own (the engine's, which it checks between its steps); ``TIMEOUT_MARGIN``
+    seconds past it, ``TimeoutError`` is raised here (and the requests cancelled) even where the engine
+    has not answered, inside a model call that overruns."""
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None or math.isinf(timeout) else loop.time() + timeout + TIMEOUT_MARGIN
     waiting = asyncio.ensure_future(asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
     gone = asyncio.ensure_future(_client_gone(request))
     try:
         while True:
-            done, _ = await asyncio.wait(
-                {waiting, gone},
-                timeout=None if math.isinf(every) else every,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
+            wait = None if math.isinf(every) else every
+            if deadline is not None:
+                left = max(deadline - loop.time(), 0.0)
+                wait = left if wait is None else min(wait, left)
+            done, _ = await asyncio.wait({waiting, gone}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
             if waiting in done:
                 break
             if gone in done:
                 gone.exception()  # retrieved: a receive that failed is a client gone too
                 raise ClientGone
+            if deadline is not None and loop.time() >= deadline:
+                raise TimeoutError(
+                    f"timeout: the request took more than {timeout:.3g} s (a model call ran past it)"
+                )
             yield None
         yield waiting.result()
     finally:
@@ -882,9 +954,12 @@ async def _client_gone(request: Any) -> None:
         pass
 
 
-async def _collect(request: Any, futures: list[Any], body: Any) -> list[tuple[SamplerResult, int]]:
-    """The requests' results (see ``_waiting``), each with the index of the trajectory it returns."""
-    waiting = _waiting(request, futures, math.inf)
+async def _collect(
+    request: Any, futures: list[Any], body: Any, timeout: Optional[float] = None
+) -> list[tuple[SamplerResult, int]]:
+    """The requests' results (see ``_waiting``, ``timeout`` included), each with the index of the
+    trajectory it returns."""
+    waiting = _waiting(request, futures, math.inf, timeout)
     try:  # closed in any case, so that its requests are cancelled (contextlib.aclosing: 3.10+)
         async for results in waiting:
             if results is not None:
@@ -1237,7 +1312,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="particles, pool size or n of one request at most (then 400)",
     )
     parser.add_argument(
-        "--max-tokens", type=int, default=None, help="max_tokens at most (default: the policy's)"
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="max_tokens at most (then 400), and what a request without max_tokens gets (default: the "
+        "policy's --max-new-tokens)",
     )
     parser.add_argument("--max-n", type=int, default=Limits.max_n, help="choices per prompt (n) at most")
     parser.add_argument(
@@ -1250,7 +1329,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-mh-steps",
         type=int,
         default=Limits.max_mh_steps,
-        help="mh_steps of one request at most (each a further run of its particles; default: %(default)s)",
+        help="mh_steps of one request at most (each a further run of its particles; then 400); a request "
+        f"without mh_steps runs MH's default of {sampler_defaults('mh')['steps']} steps, or this many if "
+        "fewer (default: %(default)s)",
     )
     parser.add_argument(
         "--max-body-bytes",
@@ -1279,6 +1360,39 @@ def _check_api_key(key: str, name: str) -> None:
         )
 
 
+def _check_app_settings(
+    api_key: Optional[str], limits: Any, timeout: Optional[float], stream_keepalive: float
+) -> None:
+    """The app's settings that ``create_app`` and ``Settings`` take (and so ``tiltsmc serve`` and Ray's
+    replicas), checked alike: TypeError / ValueError naming the setting. ``api_key``: None or a non-empty
+    key (``_check_api_key``; an empty one let any ``Authorization: Bearer`` through); ``limits``: a
+    ``Limits``; ``timeout``: None or seconds > 0 (one <= 0 failed every request with a 400 that blamed the
+    client); ``stream_keepalive``: finite seconds > 0 (0 sent keep-alive lines without pause)."""
+    if api_key is not None:
+        if not isinstance(api_key, str):
+            raise TypeError(f"api_key: expected a string or None, got {type(api_key).__name__}")
+        if not api_key:
+            raise ValueError("api_key: expected a non-empty key, or None for none")
+        _check_api_key(api_key, "api_key")
+    if not isinstance(limits, Limits):
+        raise TypeError(f"limits: expected a tiltsmc.serving.server.Limits, got {type(limits).__name__}")
+    if timeout is not None and not real_number(timeout, "timeout") > 0:  # NaN too
+        raise ValueError(f"timeout: expected a positive number of seconds or None, got {timeout!r}")
+    if not 0 < real_number(stream_keepalive, "stream_keepalive") < math.inf:
+        raise ValueError(
+            f"stream_keepalive: expected a positive finite number of seconds, got {stream_keepalive!r}"
+        )
+
+
+def _check_grace(seconds: Any, name: str, finite: bool = True) -> None:
+    """``name``, the seconds a closing server lets the requests in flight finish: a number >= 0, finite
+    with ``finite`` (uvicorn's graceful shutdown takes whole seconds); TypeError / ValueError naming it."""
+    value = real_number(seconds, name)
+    if not (0 <= value < math.inf if finite else value >= 0):  # NaN too
+        bound = "a finite number of seconds >= 0" if finite else "a number of seconds >= 0"
+        raise ValueError(f"{name}: expected {bound}, got {seconds!r}")
+
+
 def _cache_bound_option(text: str) -> Union[int, str, None]:
     """``--max-cache-bytes``: ``auto``, ``none`` or a positive integer (of bytes)."""
     word = text.strip().lower()
@@ -1302,7 +1416,10 @@ def _seconds_or_never(text: str) -> Optional[float]:
 @dataclass(frozen=True)
 class Settings:
     """What ``tiltsmc serve`` configures besides the models: the engine's admission limits and the app's
-    settings (one replica's, on Ray Serve)."""
+    settings (one replica's, on Ray Serve). The app's settings are checked as it is made, as
+    ``create_app`` checks them (``api_key``, ``limits``, ``timeout``, ``stream_keepalive``: TypeError /
+    ValueError naming the field); ``grace`` when the app is made (``app``), or by Ray's
+    ``deployment_options`` before Ray starts; the engine's when the engine is made (``engine``)."""
 
     model_name: str = "tiltsmc"
     api_key: Optional[str] = None
@@ -1316,6 +1433,9 @@ class Settings:
     workers: int = WORKERS
     max_cache_bytes: Union[int, Literal["auto"], None] = MAX_CACHE_BYTES
     stream_keepalive: float = STREAM_KEEPALIVE
+
+    def __post_init__(self) -> None:
+        _check_app_settings(self.api_key, self.limits, self.timeout, self.stream_keepalive)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Settings":
@@ -1386,6 +1506,9 @@ class Settings:
         )
 
     def app(self, engine: Engine, instance: Optional[str] = None) -> Any:
+        """The app serving ``engine`` with these settings (``create_app``); ``grace`` is its
+        ``close_timeout`` (ValueError naming ``grace``: a finite number of seconds >= 0)."""
+        _check_grace(self.grace, "grace")
         return create_app(
             engine,
             model_name=self.model_name,
