@@ -895,3 +895,78 @@ def test_chat_options_that_would_be_ignored_are_refused(
     ]:
         assert main([*RUN, *extra]) == 2
         assert one_line_error(capfd).startswith(f"tiltsmc: {error}")
+
+
+# -- text options that are not UTF-8; mh options of the other proposal form --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--stop", b"\xe9", "'\\xe9' is not UTF-8 text (byte 0xe9)"),
+        ("--stop", b"ok\\n\xff", "'ok\\n\\xff' is not UTF-8 text (byte 0xff)"),
+        ("--step", b"\xe9", "'\\xe9' is not UTF-8 text (byte 0xe9)"),
+        ("--prompt", b"\xff", "'\\xff' is not UTF-8 text (byte 0xff)"),
+        (
+            "--prompt",
+            b"a" * 100 + b"\xfe" + b"b" * 100,
+            f"'...{'a' * 30}\\xfe{'b' * 29}...' is not UTF-8 text (byte 0xfe at byte 100)",
+        ),
+    ],
+)
+def test_text_options_that_are_not_utf8_are_refused(
+    option: str, value: bytes, message: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A stop text or a step delimiter with bytes that are not UTF-8 could never match the generated text,
+    and were taken silently; such a prompt failed alone with a message naming no byte, its line holding a
+    lone surrogate that strict JSON readers refuse. Refused as parsed, naming the option and the byte (and
+    where it is in a long prompt), status 2, as --session-option and --prompts files are."""
+    argv = [*RUN, option, os.fsdecode(value)]
+    if option != "--prompt":
+        argv += ["--prompt", "hi"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert f"argument {option}: {message}" in one_line_error(capfd)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            ["--particles", "4", "--pool-size", "2"],
+            "--pool-size: not used by --sampler mh with --particles 4 (its proposals are SMC runs, which "
+            "take --resample and --ess-threshold",
+        ),
+        (["--resample", "multinomial"], "--resample: not used by --sampler mh with one particle"),
+        (["--particles", "1", "--ess-threshold", "1"], "--ess-threshold: not used by --sampler mh with one"),
+        (["--resample", "systematic", "--pool-size", "4"], "--resample: not used by --sampler mh with one"),
+    ],
+)
+def test_mh_options_of_the_other_proposal_form_are_refused(
+    options: list[str], message: str, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """mh's proposals are SP-gSMC runs (one particle: --pool-size) or SMC runs (more: --resample,
+    --ess-threshold); an option of the other form had no effect, yet was taken and recorded in the run's
+    options as used. Refused naming it, status 2, before the models load."""
+    out = tmp_path / "out.jsonl"
+    argv = ["run", "--policy", "/nonexistent", "--reward", REWARD, "--prompt", "hi", "--json", str(out)]
+    assert main([*argv, "--sampler", "mh", *options]) == 2
+    assert one_line_error(capfd).startswith(f"tiltsmc: {message}")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "recorded"),
+    [
+        (["--pool-size", "3"], {"num_particles": 1, "pool_size": 3}),
+        (["--particles", "3", "--ess-threshold", "1"], {"num_particles": 3, "ess_threshold": 1.0}),
+    ],
+)
+def test_mh_takes_the_options_of_its_proposal_form(
+    options: list[str], recorded: dict[str, Any], tmp_path: Path
+) -> None:
+    out = tmp_path / "out.jsonl"
+    assert main([*RUN[:5], "--prompt", "hi", "-q", "--json", str(out), "--sampler", "mh", *options]) == 0
+    taken = json.loads(out.read_text())["run"]["options"]
+    assert {name: taken[name] for name in recorded} == recorded

@@ -345,3 +345,95 @@ def test_write_outputs_interrupted_midway_leaves_no_files(tmp_path: Path, monkey
     with pytest.raises(KeyboardInterrupt):
         demo_module.write_outputs(record, tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- files and signals at the end
+
+
+@pytest.fixture(scope="module")
+def small_record(models) -> dict:
+    """A demo record of one level, one budget and one problem (what ``run_demo`` returns)."""
+    config = demo_module.DemoConfig(
+        levels=(1,), budgets=(1,), problems=1, bellman_prompts=1, bellman_prefixes=1, bellman_samples=1
+    )
+    return demo_module.run_demo(config, models=models)
+
+
+def test_the_bellman_estimate_records_and_prints_the_problems_it_used(models) -> None:
+    """With fewer problems than ``bellman_prompts`` the estimate takes them all: the record and the table
+    say how many (they said the 4 asked where 2 were used)."""
+    config = demo_module.DemoConfig(
+        levels=(1,), budgets=(1,), problems=2, bellman_prompts=4, bellman_prefixes=1, bellman_samples=1
+    )
+    record = demo_module.run_demo(config, models=models)
+    assert record["config"]["bellman_prompts"] == 2 and record["config"]["problems"] == 2
+    assert "(sampled: 2 problems x 1 rollouts x 1 continuations per step)" in demo_module.render_table(record)
+
+
+@pytest.mark.parametrize("name", ["demo.json", "demo.txt", "demo.png"])
+def test_cli_demo_refuses_an_output_file_that_is_not_a_regular_file_before_it_runs(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A folder where the demo writes one of its files: refused before the run, status 2, naming it (after
+    the run, the files before it in the list were replaced and the rest not, the error naming the
+    folder)."""
+    ran = []
+    monkeypatch.setattr(demo_module, "run_demo", lambda *args, **kwargs: ran.append(True))
+    out = tmp_path / "out"
+    (out / name).mkdir(parents=True)
+    (out / "demo.json").touch()
+    assert cli.main(["demo", "-q", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"tiltsmc: demo: --out: {out / name} is a folder, which the demo's results cannot replace\n"
+    )
+    assert ran == [] and sorted(p.name for p in out.iterdir()) == sorted({name, "demo.json"})
+
+
+def test_cli_demo_write_error_names_the_file(
+    small_record: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file that cannot be written (demo.txt made a folder during the run): the error names it, and the
+    files replaced before it (it named the folder)."""
+    out = tmp_path / "out"
+
+    def run_demo(*args: object, **kwargs: object) -> dict:
+        (out / "demo.txt").mkdir()
+        return small_record
+
+    monkeypatch.setattr(demo_module, "run_demo", run_demo)
+    assert cli.main(["demo", "-q", "--out", str(out)]) == 1
+    assert capsys.readouterr().err == (
+        f"tiltsmc: demo: cannot write {out / 'demo.txt'}: Is a directory ({out / 'demo.json'} replaced "
+        "before)\n"
+    )
+    assert not [p for p in out.iterdir() if ".tiltsmc-" in p.name]
+
+
+def test_cli_demo_interrupted_after_writing_its_files_says_so(
+    small_record: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C once the files were written (as the table is printed): the last line names them (it said
+    "no result file written")."""
+    monkeypatch.setattr(demo_module, "run_demo", lambda *args, **kwargs: small_record)
+    render_table = demo_module.render_table
+    tables = []
+
+    def rendered_once(record: dict) -> str:  # for demo.txt; the second, the table printed, is interrupted
+        tables.append(True)
+        if len(tables) > 1:
+            raise KeyboardInterrupt
+        return render_table(record)
+
+    monkeypatch.setattr(demo_module, "render_table", rendered_once)
+    out = tmp_path / "out"
+    assert cli.main(["demo", "-q", "--out", str(out)]) == 130
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["demo.json", "demo.png", "demo.txt"] or files == ["demo.json", "demo.txt"]
+    wrote = ", ".join(str(out / name) for name in ("demo.json", "demo.txt", "demo.png") if name in files)
+    assert capsys.readouterr().err == f"tiltsmc: interrupted; the demo was done: wrote {wrote}\n"
+
+
+def test_write_outputs_lists_each_file_once_in_place(small_record: dict, tmp_path: Path) -> None:
+    written: list[Path] = []
+    returned = demo_module.write_outputs(small_record, tmp_path, written=written)
+    assert written == returned and {p.name for p in written} >= {"demo.json", "demo.txt"}

@@ -11,12 +11,16 @@ timings), written to standard output (no ``--json``, or ``--json -``) or to ``--
   keeps its permission bits (and, where allowed, its owner and group), a new one gets ``0666`` less the
   umask, and a symbolic link stays a link: the file it points to is replaced;
 * a regular file with several hard links (or in a folder tiltsmc cannot write) is rewritten in place at
-  the end of a successful run, so every link sees the new results;
+  the end of a successful run, so every link sees the new results; its space is reserved first
+  (``posix_fallocate``), so that a full disk leaves it as it was, and where that cannot be done (a file
+  system without it), a write that fails says that the file was partly rewritten;
 * a FIFO, a character device (``/dev/null``, a terminal) or ``/dev/stdout`` / ``/dev/stderr`` /
   ``/dev/fd/N`` is written as a stream, batch by batch (a descriptor not open for writing, such as
   standard input, is refused).
 
-A directory, a missing or unwritable folder and an unwritable file are refused before any model is loaded.
+A directory, a path ending in ``/``, a missing or unwritable folder and an unwritable file are refused
+before any model is loaded. A signal that comes once the results are written (while the summary is logged)
+still ends the process as it would, its last line saying that the run was done and where its results are.
 Each line follows the JSON Schema shipped as ``tiltsmc/run.schema.json`` (``output_schema``): strict
 JSON (a value that is not finite is ``null``), the run's configuration in every line, the prompt's own
 compute. A per-step progress bar (``tqdm``) goes to standard error on a terminal, none when standard
@@ -55,7 +59,7 @@ from typing import IO, Any, NoReturn, Optional
 import numpy as np
 
 from . import core
-from ._files import create_beside
+from ._files import TERMINATING_SIGNALS, create_beside, reserve_space, signals_deferred
 from ._options import int_option, positive_int_option, positive_real_option, real_option
 from .diagnostics import OnlineBellman, online_bellman
 from .samplers._engine import Models
@@ -211,7 +215,6 @@ class Signalled(BaseException):
         self.signum = signum
 
 
-TERMINATING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 # The terminating signals received inside signals_raise: a handler's exception can be lost (raised while a
 # finalizer or a __del__ runs, Python prints it and goes on), so the run checks before it writes results.
 _RECEIVED: list[int] = []
@@ -252,22 +255,6 @@ def signals_raise() -> Iterator[None]:
             signal.signal(signum, action)
 
 
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-    """Hold SIGINT, SIGTERM and SIGHUP back while inside (a few system calls that must not be parted), so
-    that their handlers run after it; a no-op where ``pthread_sigmask`` is missing or off the main thread."""
-    mask = getattr(signal, "pthread_sigmask", None)
-    if mask is None or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    held = {signal.SIGINT, *TERMINATING_SIGNALS}
-    previous = mask(signal.SIG_BLOCK, held)
-    try:
-        yield
-    finally:
-        mask(signal.SIG_SETMASK, previous)
-
-
 def _tracebacks_wanted() -> bool:
     """``TILTSMC_TRACEBACK`` set to something other than empty, 0, false, no or off."""
     return os.environ.get("TILTSMC_TRACEBACK", "").strip().lower() not in ("", "0", "false", "no", "off")
@@ -291,6 +278,8 @@ def _one_line(error: BaseException) -> str:
 _FD_ALIAS = re.compile(r"^/(?:dev/fd|proc/self/fd)/(\d+)$")
 _STD_ALIAS = {"/dev/stdin": 0, "/dev/stdout": 1, "/dev/stderr": 2}
 _STD_NAMES = {0: "standard input", 1: "standard output", 2: "standard error"}
+# what an interrupted command leaves before it has written anything (ResultOutput.left, _left)
+_NOTHING_LEFT = "no result file written"
 
 
 def _open_for_writing(descriptor: int) -> bool:
@@ -325,6 +314,8 @@ class ResultOutput:
         # on a stream (batch by batch): lines written, and lines of the batch being written (one store each,
         # so that a signal raised between any two bytecodes finds one state or the other)
         self._lines = (0, 0)
+        self._count = 0  # lines handed to write, whatever the location
+        self._committed = False  # commit has made the lines the location's content
 
     def open(self) -> None:
         """Check the location and open it (a temporary file beside a regular file)."""
@@ -341,6 +332,8 @@ class ResultOutput:
         if alias is not None or match is not None:
             self._open_descriptor(alias if alias is not None else int(match.group(1)) if match else 1)
             return
+        if spec.endswith("/") or spec.endswith(os.sep):  # Path drops the slash: a file would be made there
+            raise CliError(f"--json: {spec} names a folder; give a file name")
         path = Path(spec)
         try:
             info: Optional[os.stat_result] = path.stat()  # through symbolic links
@@ -410,8 +403,9 @@ class ResultOutput:
         self._owned = True
 
     def _open_atomic(self, target: Path, existing: Optional[os.stat_result]) -> None:
-        """A new temporary file ``.NAME.tiltsmc-XXXXXXXX`` beside ``target``, with ``target``'s mode (a new
-        file: ``0666`` less the umask, as the kernel applies it), its owner and group where allowed."""
+        """A new temporary file ``.NAME.tiltsmc-XXXXXXXX`` beside ``target`` (``NAME`` cut where the file
+        system would refuse so long a name: ``create_beside``), with ``target``'s mode (a new file: ``0666``
+        less the umask, as the kernel applies it), its owner and group where allowed."""
         try:
             with signals_deferred():  # no signal between creating the file and recording its name
                 descriptor, candidate = create_beside(target, 0o600 if existing is not None else 0o666)
@@ -456,6 +450,7 @@ class ResultOutput:
             if streaming:
                 handle.flush()
                 self._lines = (done + len(lines), 0)
+            self._count += len(lines)
         except OSError as error:
             raise self._failed(error) from None
 
@@ -463,15 +458,7 @@ class ResultOutput:
         """The run succeeded: make its lines the file's content (rename, or copy in place)."""
         try:
             if self._spool is not None:
-                assert self._target is not None
-                self._spool.seek(0)
-                # signals held back: an interruption would leave the file half rewritten
-                with signals_deferred(), open(self._target, "r+", encoding="utf-8") as handle:
-                    handle.truncate(0)
-                    while chunk := self._spool.read(1 << 20):
-                        handle.write(chunk)
-                self._spool.close()
-                self._spool = None
+                self._rewrite_in_place()
                 return
             assert self._stream is not None
             self._stream.flush()
@@ -481,12 +468,47 @@ class ResultOutput:
                 self._stream.close()
             if self._temporary is not None:
                 assert self._target is not None
-                with signals_deferred():
+                with signals_deferred():  # a signal right after the rename finds it recorded
                     os.replace(self._temporary, self._target)
                     self._temporary = None
+                    self._committed = True
+            else:
+                self._committed = True
         except OSError as error:
             self.discard()
             raise self._failed(error) from None
+
+    def _rewrite_in_place(self) -> None:
+        """Copy the spooled lines over the target's content (hard links: every link sees them), signals held
+        back. The space is reserved first (``reserve_space``), so that a full disk, a quota or a size limit
+        fails before the file is touched (``OSError``: it keeps its old content); where it cannot be reserved
+        so, a write that fails midway raises ``CliError`` (status 1) saying the file was partly rewritten."""
+        assert self._spool is not None and self._target is not None
+        self._spool.flush()
+        size = os.fstat(self._spool.fileno()).st_size
+        # unbuffered: a write that fails raises where it is made, not again as the file closes
+        with signals_deferred(), open(self._target, "r+b", buffering=0) as handle:
+            reserved = reserve_space(handle.fileno(), size)  # OSError: the file as it was
+            try:
+                # over the old content from its start, then cut at the new end: a truncation first would
+                # give the reserved space back
+                with open(self._spool.fileno(), "rb", closefd=False) as lines:
+                    lines.seek(0)
+                    while chunk := lines.read(1 << 20):
+                        rest = memoryview(chunk)
+                        while rest:  # a write may take part of it
+                            rest = rest[handle.write(rest) :]
+                handle.truncate(size)
+            except OSError as error:
+                why = "" if reserved else " (its space could not be reserved beforehand)"
+                raise CliError(
+                    f"--json: cannot write {self.name}: {error.strerror or error}; the file was partly "
+                    f"rewritten{why}: its old content is lost",
+                    1,
+                ) from None
+            self._committed = True
+        self._spool.close()
+        self._spool = None
 
     def discard(self) -> None:
         """The run failed: remove the temporary file (the target keeps its old content); close streams."""
@@ -494,7 +516,8 @@ class ResultOutput:
             with contextlib.suppress(OSError):
                 self._stream.close()
         if self._spool is not None:
-            self._spool.close()
+            with contextlib.suppress(OSError):  # its last lines cannot be flushed (a full disk): dropped
+                self._spool.close()
             self._spool = None
         if self._temporary is not None:
             with contextlib.suppress(FileNotFoundError):
@@ -511,11 +534,15 @@ class ResultOutput:
         return "" if self._stream is sys.stdout else f" to {self.name}"
 
     def left(self) -> str:
-        """What a run that ends before ``commit`` leaves, for its last line: a file is not written (an
-        existing one keeps its content); a stream has the lines already written to it, or none, or, where it
-        stopped while writing a batch (whose lines the reader may have got in part), their range."""
-        if self.stream is None:
-            return "no result file written"
+        """What the run leaves, for its last line where it ends early: once ``commit`` has made the lines
+        the location's content (a signal that comes while the summary is logged), all of them; before, a
+        file is not written (an existing one keeps its content); a stream has the lines already written to
+        it, or none, or, where it stopped while writing a batch (whose lines the reader may have got in
+        part), their range."""
+        if self._committed:
+            return f"the run was done: {self._count} result line(s) written to {self.name}"
+        if self._target is not None or self._stream is None:  # a file, or nothing opened yet
+            return _NOTHING_LEFT
         done, writing = self._lines
         if writing:
             return (
@@ -607,18 +634,19 @@ def _id_list(text: str) -> list[int]:
 
 def _step(text: str) -> str:
     r"""``token``, or a delimiter with backslash escapes (``\n``, ``\t``, ``\x0a``, ``\u00e9``, ``\\``)
-    decoded; other characters are kept as they are (``é`` stays ``é``)."""
+    decoded; other characters are kept as they are (``é`` stays ``é``). Bytes that are not UTF-8 (which no
+    generated text could match) are refused, naming the first (``_utf8_text``)."""
     if text == "token":
         return text
-    delimiter = _unescaped(text)
+    delimiter = _unescaped(_utf8_text(text))
     if not delimiter:
         raise argparse.ArgumentTypeError("expected 'token' or a non-empty delimiter, got ''")
     return delimiter
 
 
 def _stop_text(text: str) -> str:
-    """A stop string, backslash escapes decoded as ``--step``'s."""
-    stop = _unescaped(text)
+    """A stop string, backslash escapes decoded and bytes that are not UTF-8 refused as ``--step``'s."""
+    stop = _unescaped(_utf8_text(text))
     if not stop:
         raise argparse.ArgumentTypeError("expected a non-empty text, got ''")
     return stop
@@ -896,18 +924,31 @@ def _model_default(option: str) -> Any:
     return value
 
 
+# The characters of an argument shown in its refusal at most (a --prompt can be long): those around the
+# first bad byte beyond it.
+_SHOWN_CHARACTERS = 60
+
+
 def _utf8_text(text: str) -> str:
     """``text``, where it is UTF-8 text: an argument whose bytes are not reaches Python with each bad byte
     as a lone surrogate, which ONNX Runtime's binding refuses with a raw "incompatible function arguments"
-    error; refused here (``ArgumentTypeError``) naming the first bad byte, as ``--prompts`` names one."""
+    error, a prompt fails with, and JSON writes as an escape strict readers refuse; refused here
+    (``ArgumentTypeError``) naming the first bad byte, as ``--prompts`` names one (and, in a text longer
+    than ``_SHOWN_CHARACTERS``, its offset in bytes, the text shown around it)."""
     try:
         text.encode("utf-8")
         return text
     except UnicodeEncodeError as error:
-        code = ord(text[error.start])
-    # Python keeps an undecodable byte b as the surrogate U+DC00 + b (PEP 383): written back as \xNN
-    shown = "".join(f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else c for c in text)
+        start = error.start
+    code = ord(text[start])
     bad = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"character U+{code:04X}"
+    shown = text
+    if len(text) > _SHOWN_CHARACTERS:
+        first, last = max(start - _SHOWN_CHARACTERS // 2, 0), start + _SHOWN_CHARACTERS // 2
+        shown = f"{'...' if first else ''}{text[first:last]}{'...' if last < len(text) else ''}"
+        bad += f" at byte {len(text[:start].encode('utf-8'))}"
+    # Python keeps an undecodable byte b as the surrogate U+DC00 + b (PEP 383): written back as \xNN
+    shown = "".join(f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else c for c in shown)
     raise argparse.ArgumentTypeError(f"'{shown}' is not UTF-8 text ({bad})")
 
 
@@ -1260,8 +1301,9 @@ succeeded); their schema ships with tiltsmc (tiltsmc/run.schema.json; tiltsmc.cl
 Each line records the run's configuration (sampler options, seed, model paths, versions) and the
 prompt's own compute. A progress bar goes to standard error on a terminal; logs go to standard error,
 with each failed prompt's reason (also with --quiet). Exit status: 0 (done), 1 (the run or the output
-failed, or every prompt failed: a --json file is then left as it was), 2 (bad arguments, prompts or model
-files)."""
+failed, or every prompt failed: a --json file is then left as it was, unless the error says it was partly
+rewritten), 2 (bad arguments, prompts or model files). Ctrl-C, SIGTERM and SIGHUP end the run as they
+would; its last line says what it left (the results, where they were written before the signal came)."""
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -1313,7 +1355,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     prompts = run.add_mutually_exclusive_group(required=True)
-    prompts.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    prompts.add_argument(
+        "--prompt", type=_utf8_text, action="append", help="a prompt (repeatable; UTF-8 text)"
+    )
     prompts.add_argument(
         "--prompts",
         help=f"a file of prompts, one per line (UTF-8; blank lines skipped; a line of {MAX_LINE_BYTES} bytes "
@@ -1556,7 +1600,29 @@ def _sampler_options(args: argparse.Namespace) -> dict[str, Any]:
         for option, parameter in _RUN_OPTIONS[args.sampler].items()
         if getattr(args, option) is not None
     }
-    return {**sampler_defaults(name), **given}
+    options = {**sampler_defaults(name), **given}
+    if args.sampler == "mh":
+        _check_mh_form(args, options["num_particles"])
+    return options
+
+
+def _check_mh_form(args: argparse.Namespace, particles: int) -> None:
+    """mh's proposals are SP-gSMC runs with one particle, which read ``--pool-size``, and SMC runs with
+    more, which read ``--resample`` and ``--ess-threshold`` (``tiltsmc.mh``): an option of the other form,
+    given, would have no effect, and is refused (``CliError``), as options are, never dropped."""
+    if particles > 1 and args.pool_size is not None:
+        raise CliError(
+            f"--pool-size: not used by --sampler mh with --particles {particles} (its proposals are SMC "
+            "runs, which take --resample and --ess-threshold; the pool is SP-gSMC's, with one particle)"
+        )
+    if particles == 1:
+        for option in ("resample", "ess_threshold"):
+            if getattr(args, option) is not None:
+                raise CliError(
+                    f"--{option.replace('_', '-')}: not used by --sampler mh with one particle (its "
+                    "proposals are SP-gSMC runs, which take --pool-size; SMC's resampling options need "
+                    "--particles 2 or more)"
+                )
 
 
 def _step_budget(args: argparse.Namespace, options: dict[str, Any], policy: Any) -> Optional[int]:
@@ -1760,6 +1826,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = _read_prompts(args)
     options = _sampler_options(args)  # an option the sampler does not take: refused before anything runs
     output = ResultOutput(args.json_path, _files_read(args))
+    _LEFT[:] = [output.left]  # an interruption from here on (the summary's logging too) says what it holds
     try:
         output.open()  # refused here, before any model is loaded, if it cannot be written
         if args.threads is not None:
@@ -1805,9 +1872,7 @@ def run(args: argparse.Namespace) -> int:
         if failed == len(prompts):  # a failed run: an existing file keeps its old content
             raise CliError(f"all {len(prompts)} prompt(s) failed; {output.left()}", 1)
         output.commit()
-    except BaseException as error:
-        if isinstance(error, (KeyboardInterrupt, Signalled)):  # main's last line says what is left
-            setattr(error, _LEFT_ATTRIBUTE, output.left())
+    except BaseException:
         output.discard()
         raise
     logger.info(
@@ -1906,10 +1971,19 @@ def demo(args: argparse.Namespace) -> int:
     with _demo_progress(args) as report:
         record = demo_module.run_demo(config, progress=report)
     raise_if_signalled()
+    written: list[Path] = []  # each file as it is in place
+
+    def left() -> str:  # a signal from here on (the table and the summary's logging too) says which
+        return f"the demo was done: wrote {', '.join(map(str, written))}" if written else _NOTHING_LEFT
+
+    _LEFT[:] = [left]
     try:
-        written = demo_module.write_outputs(record, out)
-    except OSError as error:
-        raise CliError(f"demo: cannot write to {out}: {error.strerror or error}", 1) from None
+        demo_module.write_outputs(record, out, written=written)
+    except OSError as error:  # the file it names (a folder's error: the folder), and those replaced before
+        replaced = f" ({', '.join(map(str, written))} replaced before)" if written else ""
+        raise CliError(
+            f"demo: cannot write {error.filename or out}: {error.strerror or error}{replaced}", 1
+        ) from None
     print(demo_module.render_table(record))
     logger.info("demo: %.0fs; wrote %s", record["seconds"], ", ".join(str(p) for p in written))
     return 0
@@ -1944,15 +2018,16 @@ def _demo_progress(args: argparse.Namespace, every: float = 10.0) -> Iterator[An
         bar.close()
 
 
-# the attribute of an interruption (KeyboardInterrupt, Signalled) saying what the run left (ResultOutput.left)
-_LEFT_ATTRIBUTE = "_tiltsmc_left"
+# Says what the command that main runs has left so far, for the last line of an interruption (Ctrl-C, a
+# terminating signal), which can come at any point, after the results were written too (while the summary
+# is logged): tiltsmc run's ResultOutput.left once its output exists, tiltsmc demo's files once written.
+# Emptied by main as a command starts.
+_LEFT: list[Callable[[], str]] = []
 
 
-def _left(interruption: BaseException) -> str:
-    """What an interrupted command left: ``tiltsmc run``'s output says (``ResultOutput.left``); otherwise
-    (before its output was opened, ``tiltsmc demo``, whose files are written at the end) no result file."""
-    left: str = getattr(interruption, _LEFT_ATTRIBUTE, "no result file written")
-    return left
+def _left() -> str:
+    """What the interrupted command left (``_LEFT``): no result file, before it says otherwise."""
+    return _LEFT[-1]() if _LEFT else _NOTHING_LEFT
 
 
 def _quiet_stdout() -> None:
@@ -1969,6 +2044,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if sys.stderr is None:  # started with standard error closed (2>&-): its lines go nowhere, not to stdout
         sys.stderr = open(os.devnull, "w")  # for the rest of the process
     args = build_parser().parse_args(argv)
+    _LEFT.clear()
     try:
         if args.command == "serve":  # a server: its own signal handling, no result file
             return serve(args)
@@ -1979,12 +2055,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             _quiet_stdout()
         print(f"tiltsmc: {error}", file=sys.stderr)
         return error.code
-    except KeyboardInterrupt as interrupted:
-        print(f"tiltsmc: interrupted; {_left(interrupted)}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"tiltsmc: interrupted; {_left()}", file=sys.stderr)
         return 130
     except Signalled as signalled:
         name = signal.Signals(signalled.signum).name
-        print(f"tiltsmc: stopped by {name}; {_left(signalled)}", file=sys.stderr)
+        print(f"tiltsmc: stopped by {name}; {_left()}", file=sys.stderr)
         if threading.current_thread() is threading.main_thread():  # end by the same signal, as expected
             signal.signal(signalled.signum, signal.SIG_DFL)
             os.kill(os.getpid(), signalled.signum)

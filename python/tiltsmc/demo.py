@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import platform
+import stat
 import tempfile
 import time
 from collections.abc import Sequence
@@ -42,7 +43,7 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 import numpy.typing as npt
 
-from ._files import create_beside
+from ._files import create_beside, signals_deferred
 from .diagnostics import bellman_error
 from .models.particles import Particles
 from .models.protocols import RewardModel
@@ -66,6 +67,8 @@ __all__ = [
 ]
 
 SAMPLERS = ("best-of-n", "smc", "sp-gsmc", "sp-gsmc+mh")
+# the files write_outputs writes in its folder (demo.png where matplotlib is installed)
+OUTPUT_FILES = ("demo.json", "demo.txt", "demo.png")
 # ONNX Runtime's and the core's threads when none are asked for. The models are tiny (a step is a few
 # milliseconds of small matrix products), so a second thread mostly waits at each operator's barrier,
 # and on a core shared with other work it waits for a descheduled thread: one thread was faster.
@@ -87,8 +90,9 @@ class DemoConfig:
     """What the demo runs: ``problems`` per difficulty in ``levels`` (``T``), each sampler at every
     ``budgets`` value ``C`` (policy steps per reasoning step), the degraded model's ``noise`` (sd of its
     log-value perturbation) and the Bellman-error estimate's ``bellman_prompts`` x ``bellman_prefixes``
-    rollouts with ``bellman_samples`` continuations each; ``threads``: ONNX Runtime's intra-op threads
-    (None: ``DEFAULT_THREADS``, one)."""
+    rollouts with ``bellman_samples`` continuations each (the first ``bellman_prompts`` problems of a
+    level, all of them where there are fewer: ``run_demo`` records the number used); ``threads``: ONNX
+    Runtime's intra-op threads (None: ``DEFAULT_THREADS``, one)."""
 
     levels: tuple[int, ...] = (4, 8, 12, 16)
     budgets: tuple[int, ...] = (2, 4, 8)
@@ -240,9 +244,11 @@ def run_demo(
     task: DemoTask = ARITHMETIC,
 ) -> dict[str, Any]:
     """Run every sampler on every level and budget, and the Bellman-error estimates; returns the record
-    that ``write_outputs`` saves (plain JSON types). ``models``: the policy and reward model, or a
-    function of ``T`` giving them (e.g. a policy whose length limit fits ``T`` lines); the bundled ones by
-    default. ``task``: the problems (the bundled arithmetic chains by default)."""
+    that ``write_outputs`` saves (plain JSON types): its ``config`` is ``config``'s fields, with
+    ``bellman_prompts`` the number of problems the Bellman estimates used (at most ``problems``).
+    ``models``: the policy and reward model, or a function of ``T`` giving them (e.g. a policy whose length
+    limit fits ``T`` lines); the bundled ones by default. ``task``: the problems (the bundled arithmetic
+    chains by default)."""
     config.validate()
     began = time.perf_counter()
     threads = DEFAULT_THREADS if config.threads is None else config.threads
@@ -260,6 +266,7 @@ def run_demo(
 
     rows: list[dict[str, Any]] = []
     bellman: dict[str, Any] = {}
+    bellman_used = 0  # problems of a level in the Bellman estimates (fewer than asked where it has fewer)
     base_rates: dict[str, Any] = {}
     for level in config.levels:
         policy, reward = models_for(level)
@@ -310,6 +317,7 @@ def run_demo(
         base_rates[str(level)] = float(z)
         bellman[str(level)] = {}
         bellman_prompts = prompts[: config.bellman_prompts]
+        bellman_used = max(bellman_used, len(bellman_prompts))
         for guide, model in (("learned", reward), ("degraded", degraded)):
             estimate = bellman_error(
                 policy,
@@ -325,7 +333,7 @@ def run_demo(
             advance()
     return {
         "task": task.name,
-        "config": asdict(config),
+        "config": {**asdict(config), "bellman_prompts": bellman_used},
         "machine": _machine(),
         "seconds": time.perf_counter() - began,
         "single_sample_accuracy": base_rates,
@@ -522,18 +530,35 @@ def plot(record: dict[str, Any], path: Path) -> None:
 
 
 def check_output_folder(out: Path) -> None:
-    """Create ``out`` if needed and make sure a file can be written there (raise ValueError if not)."""
+    """Create ``out`` if needed and make sure a file can be written there, and that none of ``OUTPUT_FILES``
+    there is other than a regular file (a folder, a FIFO): the results could not be renamed over it, and
+    after the run the files before it would have been replaced, the others not (raise ValueError if so)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".tiltsmc-write-test-"):
             pass
     except OSError as error:
         raise ValueError(f"out: cannot write to {out}: {error.strerror or error}") from None
+    for name in OUTPUT_FILES:
+        path = out / name
+        try:
+            info = path.stat()  # through a symbolic link: the file it names
+        except FileNotFoundError:  # (a dangling link too: replaced by the file)
+            continue
+        except OSError as error:
+            raise ValueError(f"out: cannot replace {path}: {error.strerror or error}") from None
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+            raise ValueError(f"out: {path} is {kind}, which the demo's results cannot replace")
 
 
-def write_outputs(record: dict[str, Any], out: Path) -> list[Path]:
+def write_outputs(record: dict[str, Any], out: Path, written: Optional[list[Path]] = None) -> list[Path]:
     """``demo.json``, ``demo.txt`` (the table) and ``demo.png`` (when matplotlib is installed) in ``out``,
-    each written to a temporary file first and renamed, so an interruption leaves no half-written file."""
+    each written to a temporary file first, then all renamed with signals held back: an interruption leaves
+    no half-written file, and the files all old or all new (a rename that fails, over a folder made since
+    ``check_output_folder``, leaves those before it replaced). Returns their paths, also appended to
+    ``written`` (where given) each as it is in place, for a caller that a signal stops right after. An
+    OSError names the file it could not write (``filename``; the folder for a folder's error)."""
     out.mkdir(parents=True, exist_ok=True)
     contents: dict[str, Callable[[Path], object]] = {
         "demo.json": lambda p: p.write_text(
@@ -548,15 +573,23 @@ def write_outputs(record: dict[str, Any], out: Path) -> list[Path]:
     except ImportError:
         logger.warning("demo: matplotlib is not installed, so no plot (pip install 'tiltsmc[demo]')")
     staged: list[tuple[Path, Path]] = []
+    final = out
     try:
         for name, write in contents.items():
+            final = out / name
             # 0666 less the umask, as a new file; the suffix tells matplotlib the format
-            descriptor, temporary = create_beside(out / name, suffix=Path(name).suffix)
-            os.close(descriptor)
-            staged.append((temporary, out / name))
+            with signals_deferred():  # no signal between creating the file and recording its name
+                descriptor, temporary = create_beside(final, suffix=Path(name).suffix)
+                staged.append((temporary, final))
+                os.close(descriptor)
             write(temporary)
-        for staged_file, final in staged:
-            os.replace(staged_file, final)
+        with signals_deferred():
+            for staged_file, final in staged:
+                os.replace(staged_file, final)
+                if written is not None:
+                    written.append(final)
+    except OSError as error:
+        raise OSError(error.errno, error.strerror or str(error), str(final)) from error
     finally:
         for staged_file, _ in staged:
             if staged_file.exists():
