@@ -243,6 +243,10 @@ def test_concurrent_clients(server: Server) -> None:
         ({"prompt": [1, 2, 3]}, "prompt", 400),
         ({"prompt": "hi", "stop": [1]}, "stop", 400),
         ({"prompt": "hi", "sampler": "mh", "mh_steps": 65}, "mh_steps", 400),  # --max-mh-steps, 64
+        # an option of the MH form the request does not run (it would change nothing), as the CLI refuses it
+        ({"prompt": "hi", "sampler": "mh", "particles": 4, "pool_size": 2}, "pool_size", 400),
+        ({"prompt": "hi", "sampler": "mh", "resample": "multinomial"}, "resample", 400),
+        ({"prompt": "hi", "sampler": "mh", "particles": 1, "ess_threshold": 0.5}, "ess_threshold", 400),
         ({"prompt": ["hi"] * 9}, "prompt", 400),  # --max-prompts 8
         # rejection's particles left out count at its default, 256 draws a round (one set of defaults)
         ({"prompt": "hi", "sampler": "rejection"}, "particles", 400),

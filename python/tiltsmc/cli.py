@@ -63,6 +63,7 @@ from ._files import TERMINATING_SIGNALS, create_beside, reserve_space, signals_d
 from ._options import int_option, positive_int_option, positive_real_option, real_option
 from .diagnostics import OnlineBellman, online_bellman
 from .samplers._engine import Models
+from .samplers.correction import options_not_read
 from .samplers.lane import run_together
 from .samplers.result import (
     Compute,
@@ -1608,21 +1609,21 @@ def _sampler_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def _check_mh_form(args: argparse.Namespace, particles: int) -> None:
     """mh's proposals are SP-gSMC runs with one particle, which read ``--pool-size``, and SMC runs with
-    more, which read ``--resample`` and ``--ess-threshold`` (``tiltsmc.mh``): an option of the other form,
-    given, would have no effect, and is refused (``CliError``), as options are, never dropped."""
-    if particles > 1 and args.pool_size is not None:
+    more, which read ``--resample`` and ``--ess-threshold`` (``samplers.correction.options_not_read``): an
+    option of the other form, given, would have no effect, and is refused (``CliError``), as options are,
+    never dropped."""
+    given = [name for name in ("pool_size", "resample", "ess_threshold") if getattr(args, name) is not None]
+    for option in options_not_read(given, particles):
+        if option == "pool_size":
+            raise CliError(
+                f"--pool-size: not used by --sampler mh with --particles {particles} (its proposals are SMC "
+                "runs, which take --resample and --ess-threshold; the pool is SP-gSMC's, with one particle)"
+            )
         raise CliError(
-            f"--pool-size: not used by --sampler mh with --particles {particles} (its proposals are SMC "
-            "runs, which take --resample and --ess-threshold; the pool is SP-gSMC's, with one particle)"
+            f"--{option.replace('_', '-')}: not used by --sampler mh with one particle (its "
+            "proposals are SP-gSMC runs, which take --pool-size; SMC's resampling options need "
+            "--particles 2 or more)"
         )
-    if particles == 1:
-        for option in ("resample", "ess_threshold"):
-            if getattr(args, option) is not None:
-                raise CliError(
-                    f"--{option.replace('_', '-')}: not used by --sampler mh with one particle (its "
-                    "proposals are SP-gSMC runs, which take --pool-size; SMC's resampling options need "
-                    "--particles 2 or more)"
-                )
 
 
 def _step_budget(args: argparse.Namespace, options: dict[str, Any], policy: Any) -> Optional[int]:

@@ -9,7 +9,7 @@ number of steps ``H``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Optional
 
 from .._rng import RNGLike, as_generator
@@ -20,7 +20,21 @@ from .result import Compute, SamplerResult
 from .runs import MHRun
 from .sequential import _check_common, _check_exact_form
 
-__all__ = ["mh"]
+__all__ = ["mh", "options_not_read"]
+
+# The options that the proposals of each form read, besides num_particles and steps: SP-gSMC runs (one
+# particle) their pool, SMC runs (several) their resampling.
+POOL_OPTIONS = ("pool_size",)
+SMC_OPTIONS = ("resample", "ess_threshold")
+
+
+def options_not_read(given: Iterable[str], num_particles: int) -> list[str]:
+    """Which of the options ``given`` (``mh``'s names) the proposals of ``num_particles`` particles do not
+    read: ``pool_size`` with more than one particle (SMC runs), ``resample`` and ``ess_threshold`` with
+    one (SP-gSMC runs). The front ends refuse such an option given explicitly, as it would change
+    nothing."""
+    unread = SMC_OPTIONS if num_particles == 1 else POOL_OPTIONS
+    return [name for name in given if name in unread]
 
 
 def mh(

@@ -66,6 +66,7 @@ import numpy as np
 from .. import core
 from .._options import real_option
 from ..models._config import real_number
+from ..samplers.correction import options_not_read
 from ..samplers.result import SamplerResult, plain, prompt_error_parts
 from .engine import (
     ADAPTIVE_ROWS,
@@ -703,6 +704,19 @@ def _options(
             raise RequestError(field, f"{field}: not an option of sampler {body.sampler!r}")
         options[fields[field]] = value
     defaults = sampler_defaults(body.sampler)
+    if body.sampler == "mh":  # an option of the proposal form it does not run would change nothing
+        particles = options.get("num_particles", defaults["num_particles"])
+        for option in options_not_read(options, particles):
+            field = next(name for name, target in fields.items() if target == option)
+            form = (
+                "SMC runs (they take resample and ess_threshold)"
+                if particles > 1
+                else ("SP-gSMC runs (they take pool_size; resample and ess_threshold need particles >= 2)")
+            )
+            raise RequestError(
+                field,
+                f"{field}: not used by sampler 'mh' with {particles} particle(s): its proposals are {form}",
+            )
     for option in ("num_particles", "pool_size", "n", "batch_size"):
         count = options.get(option, defaults.get(option) if option in fields.values() else None)
         if isinstance(count, int) and count > limits.max_particles:
