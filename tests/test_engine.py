@@ -1649,3 +1649,409 @@ def test_the_restart_warning_counts_only_the_requests_that_run_again(
         "a model call failed for a batch of 4 requests (RuntimeError: this policy cannot take a poisoned "
         "prompt): 3 of them run again from their start, in halves of 2 and 1"
     ), warnings
+
+
+# ----------------------------------------------------------------------------------------------------------
+# futures, wake-ups, closing and counts
+
+
+class DecodeFails(Gated):
+    """A gated policy with a tokenizer whose ``decode`` raises (bytes that are not UTF-8)."""
+
+    tokenizer = object()
+
+    def decode(self, tokens: Any) -> str:
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+
+
+def test_a_decode_that_raises_fails_the_read_and_the_await(models: tuple[Any, Any]) -> None:
+    """The texts are decoded at the first read of a request's result: where the policy's ``decode``
+    raises, ``result()`` raises its error at every read, ``exception()`` returns the same error, and
+    ``await engine.generate()`` raises it too (asyncio copies a future's outcome by ``exception()``, then
+    ``result()`` inside a callback of its loop: the await never returned, the request long done)."""
+    policy, twist = models
+    with tiltsmc.Engine(DecodeFails(policy), twist) as engine:
+
+        async def awaited() -> tiltsmc.SamplerResult:
+            return await asyncio.wait_for(engine.generate((), "smc", num_particles=4, rng=0), 20)
+
+        with pytest.raises(UnicodeDecodeError):
+            asyncio.run(awaited())
+        future = engine.submit((), "smc", num_particles=4, rng=0)
+        with pytest.raises(UnicodeDecodeError) as raised:
+            future.result(timeout=30)
+        assert future.exception() is raised.value
+        with pytest.raises(UnicodeDecodeError) as again:
+            future.result()
+        assert again.value is raised.value
+        assert engine.stats()["requests"]["completed"] == 2  # the engine served both
+
+
+class HeldStepByStep(Gated):
+    """A gated policy whose every step of a batch holding a :class:`Held` prompt waits for one release of
+    ``steps`` (a semaphore); other batches run freely."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.steps = threading.Semaphore(0)
+
+    def propose(self, particles: Particles, rng: Any) -> Any:
+        if any(isinstance(prompt, Held) for prompt in particles.prompts):
+            self.entered.set()
+            assert self.steps.acquire(timeout=30), "the test never let the step go"
+        return self.inner.propose(particles, rng)
+
+
+@pytest.mark.parametrize("leaves_by", ["cancel", "timeout"])
+def test_an_idle_worker_takes_what_the_head_leaving_the_queue_lets_fit(
+    models: tuple[Any, Any], leaves_by: str
+) -> None:
+    """Two workers, one holding a 6-row request (of 8 rows in all) step by step, the other idle; a 4-row
+    request waits at the head of the queue (6 + 4 > 8), a 2-row one behind it. Once the head leaves
+    (cancelled, or past its deadline), the 2-row request fits: the busy worker, which takes the head out
+    at its next step, leaves it to the idle one (fewer rows), and wakes it. The idle worker slept on,
+    and the 2-row request waited until the busy worker's request had ended."""
+    policy, twist = models
+    held = HeldStepByStep(policy)
+    with tiltsmc.Engine(held, twist, max_batch_rows=8, adaptive_rows=False, workers=2) as engine:
+        holder = engine.submit(Held(), "smc", num_particles=6, rng=0)
+        try:
+            assert held.entered.wait(10)  # one worker inside the holder's first step
+            head = engine.submit(
+                (), "smc", num_particles=4, rng=1, timeout=0.2 if leaves_by == "timeout" else None
+            )
+            behind = engine.submit((), "smc", num_particles=2, rng=2)
+            time.sleep(0.3)  # the idle worker has looked at the queue (and the head's deadline passed)
+            if leaves_by == "cancel":
+                assert head.cancel()
+            held.steps.release()  # one step: the holder's worker takes the head out, then steps again
+            served = behind.result(timeout=15)  # while the holder's worker waits inside its next step
+        finally:
+            for _ in range(100):  # the holder's other steps
+                held.steps.release()
+        assert same_result(served, tiltsmc.smc(policy, twist, prompts=[()], num_particles=2, rng=2))
+        assert same_result(
+            holder.result(timeout=30), tiltsmc.smc(policy, twist, prompts=[()], num_particles=6, rng=0)
+        )
+        if leaves_by == "cancel":
+            assert head.cancelled()
+        else:
+            with pytest.raises(TimeoutError, match="timeout"):
+                head.result(timeout=10)
+
+
+@pytest.mark.parametrize(
+    "first", [{"drain": False}, {"drain": True, "timeout": 0.05}], ids=["no-drain", "short-drain"]
+)
+def test_a_later_close_never_gives_the_requests_longer(
+    models: tuple[Any, Any], first: dict[str, Any]
+) -> None:
+    """``close(drain=False)``, or with a short ``timeout``, returning at once (``wait=0``) while a step is
+    in progress, then ``close()`` (what leaving a ``with`` block does): the requests end with
+    ``EngineClosed`` once the step ends, as after the first close alone (the second close set its own 30 s
+    drain, and they completed). A later close that ends the drain sooner brings it forward."""
+    policy, twist = models
+    gated = Gated(policy)
+    gated.gate.clear()
+    engine = tiltsmc.Engine(gated, twist)
+    futures = [engine.submit((), "smc", num_particles=4, rng=k) for k in range(3)]
+    assert gated.entered.wait(10)
+    assert engine.close(**first, wait=0) is False  # the worker is inside a step
+    time.sleep(0.1)  # past the short drain's end
+    opener = threading.Timer(0.2, gated.gate.set)
+    opener.start()
+    try:
+        assert engine.close() is True
+    finally:
+        opener.join()
+    for future in futures:
+        with pytest.raises(EngineClosed, match="closed before the request finished"):
+            future.result(timeout=10)
+
+    gated = Gated(policy)
+    gated.gate.clear()
+    engine = tiltsmc.Engine(gated, twist)
+    future = engine.submit((), "smc", num_particles=4, rng=0)
+    assert gated.entered.wait(10)
+    assert engine.close(drain=True, timeout=None, wait=0) is False
+    opener = threading.Timer(0.2, gated.gate.set)
+    opener.start()
+    try:
+        assert engine.close(drain=False) is True
+    finally:
+        opener.join()
+    with pytest.raises(EngineClosed, match="closed before the request finished"):
+        future.result(timeout=10)
+
+
+def test_the_counts_add_up_at_every_read_while_requests_end_every_way(models: tuple[Any, Any]) -> None:
+    """``stats()`` read over and over from a thread of its own while two workers serve requests that
+    complete, time out (waiting and in flight), are cancelled (waiting and in flight) and end at a close
+    that does not drain, many with slow done-callbacks: at every read ``submitted`` is the sum of the
+    outcomes, ``waiting`` and ``in_flight``. Requests were taken out of the queue or a worker's batch
+    before they were counted, one by one between their callbacks, and ``waiting`` was read after the
+    lock was let go: reads in between found requests nowhere."""
+    policy, twist = models
+    gated = Gated(policy)
+    gated.gate.clear()
+    engine = tiltsmc.Engine(gated, twist, max_batch_rows=16, workers=2, adaptive_rows=False)
+    unaccounted: list[dict[str, Any]] = []
+    reads = 0
+    stop = threading.Event()
+
+    def read() -> None:
+        nonlocal reads
+        while not stop.is_set():
+            stats = engine.stats()
+            counts = stats["requests"]
+            ended = sum(counts[outcome] for outcome in ("completed", "failed", "cancelled", "timed_out"))
+            if counts["submitted"] != ended + stats["waiting"] + stats["in_flight"]:
+                unaccounted.append(stats)
+            reads += 1
+
+    def slowly(_: Any) -> None:
+        time.sleep(0.02)  # a slow done-callback: what kept a request out of the counts for longer
+
+    def submit(rows: int, seed: int, timeout: Any = None, callback: Any = slowly) -> Any:
+        future = engine.submit((), "smc", num_particles=rows, rng=seed, timeout=timeout)
+        if callback is not None:
+            future.add_done_callback(callback)
+        return future
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        held = [submit(8, 0, timeout=0.3), submit(8, 1)]  # a worker each, inside their first steps
+        assert _wait_for(lambda: engine.stats()["in_flight"] == 2)
+        timing_out = [submit(4, 2 + k, timeout=0.3) for k in range(6)]  # they time out waiting
+        cancelled = [submit(4, 10 + k) for k in range(3)]
+        assert all(future.cancel() for future in cancelled)
+        time.sleep(0.4)  # past the deadlines
+        assert held[1].cancel()  # in flight
+        gated.gate.set()
+        for future in [held[0], *timing_out]:
+            with pytest.raises(TimeoutError, match="timeout"):
+                future.result(timeout=30)
+
+        def client(seed: int) -> None:  # load: requests completing, timing out and cancelled
+            rng = np.random.default_rng(seed)
+            for k in range(25):
+                timeout = [None, None, 0.005, 0.05][int(rng.integers(4))]
+                future = submit(int(rng.integers(2, 9)), 100 * seed + k, timeout, callback=None)
+                if rng.random() < 0.25:
+                    time.sleep(float(rng.random()) * 0.01)
+                    future.cancel()
+
+        clients = [threading.Thread(target=client, args=(seed,)) for seed in range(3)]
+        for thread in clients:
+            thread.start()
+        for thread in clients:
+            thread.join()
+        assert _wait_for(lambda: engine.stats()["in_flight"] + engine.stats()["waiting"] == 0, 60)
+
+        gated.gate.clear()
+        gated.entered.clear()
+        last = [submit(8, 1000), submit(8, 1001)]
+        assert gated.entered.wait(10)
+        queued = [submit(4, 1002 + k) for k in range(4)]
+        opener = threading.Timer(0.2, gated.gate.set)
+        opener.start()
+        engine.close(drain=False)  # ends those in flight and those queued with EngineClosed
+        opener.join()
+        for future in [*last, *queued]:
+            with pytest.raises(EngineClosed):
+                future.result(timeout=10)
+    finally:
+        stop.set()
+        reader.join()
+        gated.gate.set()
+        engine.close()
+    assert reads > 100 and not unaccounted, unaccounted[:3]
+    counts = engine.stats()["requests"]
+    assert counts["submitted"] == sum(counts[o] for o in ("completed", "failed", "cancelled", "timed_out"))
+    assert counts["failed"] == 6 and counts["timed_out"] >= 7 and counts["cancelled"] >= 4
+
+
+class ReleaseFails(Gated):
+    """A gated policy whose ``release_memory()`` raises (its calls counted)."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.tries = 0
+
+    def release_memory(self) -> bool:
+        self.tries += 1
+        raise RuntimeError("the arena could not shrink")
+
+
+def test_a_release_memory_that_raises_is_logged_once_and_the_engine_serves_on(
+    models: tuple[Any, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A model's ``release_memory()`` raising at each idle release keeps its memory: the engine serves on
+    (it broke for good, every later request refused), and the warning is logged once, not at every idle
+    period (the later ones at debug level)."""
+    policy, twist = models
+    releasing = ReleaseFails(policy)
+    with (
+        caplog.at_level("DEBUG", logger="tiltsmc.engine"),
+        tiltsmc.Engine(releasing, twist, release_memory_after=0.05) as engine,
+    ):
+        for k in range(3):  # three bursts, each followed by an idle release that raises
+            served = engine.submit((), "smc", num_particles=4, rng=k).result(timeout=30)
+            assert same_result(served, tiltsmc.smc(policy, twist, prompts=[()], num_particles=4, rng=k))
+            assert _wait_for(lambda: releasing.tries > k)  # noqa: B023
+        stats = engine.stats()
+    assert stats["failed"] is None and stats["requests"]["completed"] == 3
+    logged = [record for record in caplog.records if "could not shrink" in record.getMessage()]
+    assert [record.levelname for record in logged] == ["WARNING", "DEBUG", "DEBUG"], logged
+    assert "the policy's release_memory()" in logged[0].getMessage()
+
+
+class ReleaseWaits(Gated):
+    """A gated policy whose ``release_memory()`` waits for ``release_gate``, and which notes a ``propose``
+    made while a release is in progress."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.release_gate = threading.Event()
+        self.releasing = threading.Event()
+        self.stepped_while_releasing = False
+
+    def release_memory(self) -> bool:
+        self.releasing.set()
+        assert self.release_gate.wait(20), "the test never let the release go"
+        self.releasing.clear()
+        return True
+
+    def propose(self, particles: Particles, rng: Any) -> Any:
+        if self.releasing.is_set():
+            self.stepped_while_releasing = True
+        return super().propose(particles, rng)
+
+
+def test_stats_and_submit_do_not_wait_for_memory_being_given_back(models: tuple[Any, Any]) -> None:
+    """While a worker gives memory back (a model's ``release_memory()`` in progress), ``stats()`` and
+    ``submit()`` return at once (they waited for it: the engine's lock was held), and no step runs beside
+    it: a request submitted meanwhile, with an idle worker to take it, waits until it is done, then is
+    served."""
+    policy, twist = models
+    slow = ReleaseWaits(policy)
+    with tiltsmc.Engine(slow, twist, workers=2, release_memory_after=0.05) as engine:
+        engine.submit((), "smc", num_particles=4, rng=0).result(timeout=30)
+        assert slow.releasing.wait(10)
+        answered: list[Any] = []
+
+        def ask() -> None:
+            answered.append(engine.stats())
+            answered.append(engine.submit((), "smc", num_particles=4, rng=1))
+
+        asking = threading.Thread(target=ask)
+        asking.start()
+        try:
+            asking.join(10)
+            assert len(answered) == 2, "stats() or submit() waited for the release"
+            time.sleep(0.2)
+            assert not answered[1].done()  # no worker admits while the release runs
+        finally:
+            slow.release_gate.set()
+            asking.join()
+        served = answered[1].result(timeout=30)
+    assert same_result(served, tiltsmc.smc(policy, twist, prompts=[()], num_particles=4, rng=1))
+    assert not slow.stepped_while_releasing
+
+
+def test_a_cancel_whose_done_callback_raises_a_base_exception_still_tells_the_waiters(
+    models: tuple[Any, Any],
+) -> None:
+    """``future.cancel()`` runs the done-callbacks; where one raises ``KeyboardInterrupt`` it comes out
+    of ``cancel()``, and the waiters of ``concurrent.futures.wait`` and ``as_completed`` are told all the
+    same (the future stayed cancelled but not notified, and they waited for ever); the engine counts it
+    cancelled and serves on."""
+    policy, twist = models
+    gated = Gated(policy)
+    gated.gate.clear()
+    with tiltsmc.Engine(gated, twist) as engine:
+        holder = engine.submit((), "smc", num_particles=4, rng=0)
+        assert gated.entered.wait(10)
+        waiting = engine.submit((), "smc", num_particles=4, rng=1)
+
+        def interrupt(_: Any) -> None:
+            raise KeyboardInterrupt
+
+        waiting.add_done_callback(interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            waiting.cancel()
+        assert waiting.cancelled()
+        assert concurrent.futures.wait([waiting], timeout=5).done == {waiting}
+        assert list(concurrent.futures.as_completed([waiting], timeout=5)) == [waiting]
+        assert waiting.cancel()  # again: nothing more happens
+        gated.gate.set()
+        assert same_result(
+            holder.result(timeout=30), tiltsmc.smc(policy, twist, prompts=[()], num_particles=4, rng=0)
+        )
+        assert engine.stats()["requests"]["cancelled"] == 1
+
+
+def test_cancelled_waiting_requests_leave_their_places_in_the_queue_at_once(models: tuple[Any, Any]) -> None:
+    """A full queue (``max_queue``) whose waiting requests are cancelled takes as many new ones at once,
+    while the worker is still inside its step (they kept their places until its next step); ``stats()``
+    counts them cancelled, no longer waiting, from the cancel on."""
+    policy, twist = models
+    gated = Gated(policy)
+    gated.gate.clear()
+    with tiltsmc.Engine(gated, twist, max_batch_rows=4, max_queue=2) as engine:
+        holder = engine.submit((), "smc", num_particles=4, rng=0)
+        assert gated.entered.wait(10)
+        cancelled = [engine.submit((), "smc", num_particles=4, rng=k) for k in (1, 2)]
+        with pytest.raises(Overloaded, match="max_queue = 2"):
+            engine.submit((), "smc", num_particles=4, rng=3)
+        assert all(future.cancel() for future in cancelled)
+        stats = engine.stats()
+        assert (stats["waiting"], stats["requests"]["cancelled"]) == (0, 2)
+        later = [engine.submit((), "smc", num_particles=4, rng=k) for k in (3, 4)]
+        with pytest.raises(Overloaded, match="2 requests are waiting"):
+            engine.submit((), "smc", num_particles=4, rng=5)
+        assert engine.stats()["waiting"] == 2
+        gated.gate.set()
+        results = [future.result(timeout=30) for future in (holder, *later)]
+        stats = engine.stats()
+    for result, seed in zip(results, (0, 3, 4)):
+        assert same_result(result, tiltsmc.smc(policy, twist, prompts=[()], num_particles=4, rng=seed))
+    assert stats["requests"] == {
+        "submitted": 5,
+        "completed": 3,
+        "failed": 0,
+        "cancelled": 2,
+        "timed_out": 0,
+        "rejected": 2,
+    }
+
+
+def test_requests_cancelled_before_a_close_that_ends_them_count_as_cancelled(models: tuple[Any, Any]) -> None:
+    """A close without draining ends the requests waiting and in flight with ``EngineClosed``, counted
+    ``failed``; those their caller had cancelled (in flight, or waiting) count as ``cancelled``, as they
+    would have at the next step (they counted as failed)."""
+    policy, twist = models
+    gated = Gated(policy)
+    gated.gate.clear()
+    engine = tiltsmc.Engine(gated, twist, max_batch_rows=8)
+    in_flight = engine.submit((), "smc", num_particles=4, rng=0)
+    assert gated.entered.wait(10)
+    waiting = [engine.submit((), "smc", num_particles=4, rng=k) for k in (1, 2)]
+    assert in_flight.cancel() and waiting[0].cancel()
+    opener = threading.Timer(0.2, gated.gate.set)
+    opener.start()
+    try:
+        assert engine.close(drain=False) is True
+    finally:
+        opener.join()
+    with pytest.raises(EngineClosed, match="closed before the request finished"):
+        waiting[1].result(timeout=10)
+    assert engine.stats()["requests"] == {
+        "submitted": 3,
+        "completed": 0,
+        "failed": 1,
+        "cancelled": 2,
+        "timed_out": 0,
+        "rejected": 0,
+    }

@@ -12,7 +12,7 @@ from typing import Callable
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tiltsmc.serving.scheduler import BatchSizer, Request, Scheduler, another_should_take
+from tiltsmc.serving.scheduler import BatchSizer, Overloaded, Request, Scheduler, another_should_take
 
 
 def _request(number: int, rows: int) -> Request:
@@ -353,3 +353,92 @@ def test_deadlines_of_waiting_requests_survive_dropping_those_admitted() -> None
     assert len(scheduler.admit(0, row_limit=90)) == 90
     assert scheduler.take_expired(0.0) == []  # drops the 90 admitted ones' entries
     assert scheduler.take_expired(200.0) == requests[90:]
+
+
+def test_cancelled_waiting_requests_leave_room_in_the_queue() -> None:
+    """A waiting request whose future is cancelled counts neither against ``max_queue`` nor in ``len()``
+    from then on, though it stays queued until it is taken out: a queue full with cancelled requests
+    takes new ones, taking the cancelled out to make room (returned in order, for the engine to count),
+    so it never holds more than ``max_queue``; one cancelled then taken out (``take_expired``,
+    ``admit``, ``take_all``) is counted out once."""
+    scheduler = Scheduler(max_queue=2, max_batch_rows=100)
+    requests = [_request(number, rows=1) for number in range(6)]
+    scheduler.enqueue(requests[0])
+    scheduler.enqueue(requests[1])
+    with pytest.raises(Overloaded, match="2 requests are waiting"):
+        scheduler.enqueue(requests[2])
+    assert requests[1].future.cancel()
+    assert len(scheduler) == 1
+    assert scheduler.enqueue(requests[2]) == [requests[1]]  # full: the cancelled one made room
+    assert len(scheduler) == 2 and scheduler.waiting_and_cancelled() == (2, 0)
+    assert requests[0].future.cancel() and requests[2].future.cancel()
+    assert len(scheduler) == 0 and scheduler.waiting_and_cancelled() == (0, 2)
+    assert scheduler.take_expired(0.0) == [requests[0], requests[2]]
+    assert scheduler.waiting_and_cancelled() == (0, 0)
+    assert scheduler.enqueue(requests[3]) == [] and scheduler.enqueue(requests[4]) == []
+    with pytest.raises(Overloaded):
+        scheduler.enqueue(requests[5])
+    assert requests[3].future.cancel()
+    assert scheduler.waiting_and_cancelled() == (1, 1)
+    assert scheduler.admit(0, row_limit=1) == [requests[3]]  # admitted as it is: the engine drops it
+    assert scheduler.waiting_and_cancelled() == (1, 0)
+    assert requests[4].future.cancel() and scheduler.waiting_and_cancelled() == (0, 1)
+    assert scheduler.enqueue(requests[5]) == []  # room without taking the cancelled one out
+    assert scheduler.waiting_and_cancelled() == (1, 1)
+    assert scheduler.take_all() == [requests[4], requests[5]] and scheduler.waiting_and_cancelled() == (0, 0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    max_queue=st.integers(1, 5),
+    script=st.lists(
+        st.tuples(st.sampled_from(("enqueue", "admit", "cancel", "expire", "all")), st.integers(0, 60)),
+        max_size=120,
+    ),
+)
+def test_the_queue_counts_only_requests_not_cancelled(max_queue: int, script: list[tuple[str, int]]) -> None:
+    """Any mix of requests queued, admitted, cancelled (waiting or in flight), past their deadline and
+    taken out: ``len()`` is the waiting requests not cancelled, ``waiting_and_cancelled()`` those and the
+    cancelled still queued; ``enqueue`` refuses exactly when ``max_queue`` requests not cancelled wait,
+    and the queue never holds more than ``max_queue``; every request leaves the queue once, in order."""
+    scheduler = Scheduler(max_queue=max_queue, max_batch_rows=10**6)
+    waiting: list[Request] = []  # the reference: the queue, in order
+    made: list[Request] = []
+    left: list[Request] = []
+    now = 0.0
+    for number, (action, value) in enumerate(script):
+        live = [r for r in waiting if not r.future.cancelled()]
+        if action == "enqueue":
+            request = _request(number, rows=1)
+            request.deadline = None if value % 3 == 0 else now + value / 10
+            if len(live) >= max_queue:
+                with pytest.raises(Overloaded):
+                    scheduler.enqueue(request)
+                continue
+            made_room = [r for r in waiting if r.future.cancelled()] if len(waiting) >= max_queue else []
+            assert scheduler.enqueue(request) == made_room
+            waiting = [r for r in waiting if r not in made_room] + [request]
+            left.extend(made_room)
+            made.append(request)
+        elif action == "admit":
+            admitted = scheduler.admit(0, row_limit=value % 4 + 1)
+            assert admitted == waiting[: len(admitted)]
+            del waiting[: len(admitted)]
+            left.extend(admitted)
+        elif action == "cancel" and made:
+            made[value % len(made)].future.cancel()
+        elif action == "expire":
+            now += value / 20
+            expected = [r for r in waiting if r.future.cancelled() or r.expired(now)]
+            assert scheduler.take_expired(now) == expected
+            waiting = [r for r in waiting if r not in expected]
+            left.extend(expected)
+        elif action == "all":
+            assert scheduler.take_all() == waiting
+            left.extend(waiting)
+            waiting = []
+        cancelled = sum(r.future.cancelled() for r in waiting)
+        assert len(waiting) <= max_queue
+        assert len(scheduler) == len(waiting) - cancelled
+        assert scheduler.waiting_and_cancelled() == (len(waiting) - cancelled, cancelled)
+    assert sorted(r.id for r in left + waiting) == [r.id for r in made]

@@ -237,38 +237,63 @@ def _oversubscribed(models: tuple[Any, ...], workers: int) -> Optional[str]:
 
 
 class _ResultFuture(Future[SamplerResult]):
-    """A request's future, whose result's texts are decoded at its first read (``result()``), on the reading
-    thread: the engine's worker leaves them to it (``Run.decodes_texts`` off), so that decoding the
-    requests that end does not hold up the step of every request in flight. An ``await`` of
-    ``Engine.generate`` reads it on the event loop's thread. Cancelled, it tells the waiters of
-    ``concurrent.futures.wait`` and ``as_completed`` at once, as an executor does when it takes a cancelled
-    future (``set_running_or_notify_cancel``): no executor takes these, and they waited for ever."""
+    """A request's future, whose result's texts are decoded at its first read (``result()`` or
+    ``exception()``), on the reading thread: the engine's worker leaves them to it (``Run.decodes_texts``
+    off), so that decoding the requests that end does not hold up the step of every request in flight. An
+    ``await`` of ``Engine.generate`` reads it on the event loop's thread. Where decoding raises (a policy's
+    ``decode``), every read after gets that error: ``result()`` raises it and ``exception()`` returns it, as
+    for a request that failed; asyncio copies a future's outcome by ``exception()`` then ``result()`` inside
+    a callback of its loop, and an ``await`` whose ``result()`` raised there never returned. Cancelled, it
+    tells the waiters of ``concurrent.futures.wait`` and ``as_completed`` at once, as an executor does when
+    it takes a cancelled future (``set_running_or_notify_cancel``; even where a done-callback raised a
+    ``BaseException`` out of ``cancel()``): no executor takes these, and they waited for ever."""
 
     def __init__(self, policy: Any) -> None:
         super().__init__()
         self._policy = policy
         self._decoding = threading.Lock()
         self._decoded = False
+        self._decode_error: Optional[Exception] = None  # what decoding the texts raised
         self._notified = False  # set_running_or_notify_cancel called (once: again, it raises)
 
     def cancel(self) -> bool:
-        if not super().cancel():
-            return False
-        with self._condition:  # reentrant: set_running_or_notify_cancel takes it too
-            if not self._notified:
-                self._notified = True
-                self.set_running_or_notify_cancel()
-        return True
+        try:
+            return super().cancel()  # runs the done-callbacks, which may raise past it
+        finally:
+            with self._condition:  # reentrant: set_running_or_notify_cancel takes it too
+                if not self._notified and self.cancelled():
+                    self._notified = True
+                    self.set_running_or_notify_cancel()
 
     def result(self, timeout: Optional[float] = None) -> SamplerResult:
         result = super().result(timeout)
+        error = self._decode(result)
+        if error is None:
+            return result
+        try:
+            raise error
+        finally:
+            del self, error  # the traceback holds this frame: no cycle through the future (as Future's own)
+
+    def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
+        error = super().exception(timeout)
+        if error is not None:
+            return error
+        return self._decode(super().result(0))
+
+    def _decode(self, result: SamplerResult) -> Optional[Exception]:
+        """The texts of ``result`` decoded, once (by the first reader; the others wait for it); what that
+        raised, None where it did not."""
         if not self._decoded:
             with self._decoding:
                 if not self._decoded:
                     if result.texts is None:
-                        result.texts = decode_texts(self._policy, result.samples)
+                        try:
+                            result.texts = decode_texts(self._policy, result.samples)
+                        except Exception as error:
+                            self._decode_error = error
                     self._decoded = True
-        return result
+        return self._decode_error
 
 
 class _Worker:
@@ -378,11 +403,13 @@ class Engine:
     ``release_memory_after``: once the engine has been idle that many seconds after work, the models' memory
     pools shrink (their ``release_memory()``, where they have one: ONNX Runtime's arena for the ONNX models)
     and the freed heap goes back to the system (``release_free_memory``), so a long-running service returns to
-    about its idle size after a burst (None: never). Memory given back is not free to take again: the next
-    burst faults every page in afresh, and on a virtual machine whose host reclaims the pages its guest
-    frees (a balloon with free page reporting) each page is also the host's to fault in again, tens of
-    times the cost of touching memory kept (``bench/bench_refault.py``); so the default waits
-    ``RELEASE_MEMORY_AFTER`` (30 s): traffic that pauses for less keeps its memory.
+    about its idle size after a burst (None: never); ``submit`` and ``stats`` do not wait for it, the
+    requests submitted meanwhile wait in the queue until it is done, and a ``release_memory()`` that raises
+    is logged (a warning the first time) while the engine serves on. Memory given back is not free to take
+    again: the next burst faults every page in afresh, and on a virtual machine whose host reclaims the
+    pages its guest frees (a balloon with free page reporting) each page is also the host's to fault in
+    again, tens of times the cost of touching memory kept (``bench/bench_refault.py``); so the default
+    waits ``RELEASE_MEMORY_AFTER`` (30 s): traffic that pauses for less keeps its memory.
 
     ``keep_freed_memory=True`` (glibc; what ``tiltsmc serve`` and its Ray replicas do, whose process is the
     engine's) keeps freed memory in the C heap for the next arrays instead of every large array being
@@ -444,6 +471,8 @@ class Engine:
         }
         self._restarts = 0  # requests run again from their start after a model call failed for their batch
         self._worked = False  # steps taken since the memory was last released
+        self._releasing = False  # a worker is giving memory back (outside the lock): no worker admits
+        self._release_failures: set[tuple[str, type]] = set()  # (what, error type) logged as a warning
         self.release_memory_after = _seconds(release_memory_after, "release_memory_after")
         # freed blocks reused during a burst, given back once idle
         if flag(keep_freed_memory, "keep_freed_memory"):
@@ -517,10 +546,11 @@ class Engine:
                     "the engine is closed" if self._broken is None else f"the engine failed: {self._broken!r}"
                 )
             try:
-                self._scheduler.enqueue(request)
+                made_room = self._scheduler.enqueue(request)  # cancelled requests taken out for it
             except Overloaded:
                 self._counts["rejected"] += 1
                 raise
+            self._counts["cancelled"] += len(made_room)
             self._counts["submitted"] += 1
             self._events += 1
             self._wake.notify_all()
@@ -545,9 +575,15 @@ class Engine:
         workers; each worker's own figures in ``"workers"``); ``"restarts"``: the times requests ran again
         from their start after a model call raised for their batch (``_restart_halves``). The split, the
         model calls and the rows per policy call are added up at the end of each step: two reads always
-        cover the same whole steps in every part (a step in progress is in none)."""
+        cover the same whole steps in every part (a step in progress is in none). The counts add up at
+        every read: ``submitted`` is the sum of the outcomes (``completed``, ``failed``, ``cancelled``,
+        ``timed_out``; ``rejected`` requests are not submitted), ``waiting`` and ``in_flight``. A request
+        cancelled while it waits is ``cancelled`` at once (no longer ``waiting``); one cancelled in flight,
+        or past its deadline, once its worker takes it out, at its next step."""
         with self._wake:
             counts = dict(self._counts)
+            waiting, cancelled_waiting = self._scheduler.waiting_and_cancelled()
+            counts["cancelled"] += cancelled_waiting
             restarts = self._restarts
             workers: list[dict[str, Any]] = [
                 {
@@ -570,7 +606,7 @@ class Engine:
             rows = sum(w.rows_served for w in self._workers)
         seconds = sum(float(w["step_seconds"]) for w in workers)
         return {
-            "waiting": len(self._scheduler),
+            "waiting": waiting,
             "in_flight": sum(int(w["in_flight"]) for w in workers),
             "rows_in_flight": sum(int(w["rows_in_flight"]) for w in workers),
             "max_batch_rows": self.max_batch_rows,
@@ -599,11 +635,12 @@ class Engine:
         """Stop taking requests; with ``drain``, finish those queued and in flight for up to ``timeout``
         seconds (None: as long as they take); then end the rest with
         [`EngineClosed`][tiltsmc.serving.engine.EngineClosed]. Returns once the workers have stopped (True),
-        or at once where called on a worker's own thread (a future's done-callback). A worker stops at the
-        end of the step it is in, which ``close`` cannot cut short: with ``wait``, it returns after
-        ``wait`` seconds past the drain's ``timeout`` (from now without one), False where a worker is
-        still inside a step (a model call that takes that long), instead of waiting for ever. Bad
-        arguments raise before anything is stopped."""
+        or at once where called on a worker's own thread (a future's done-callback). Called again, it never
+        gives the requests longer than an earlier call did (the drain ends then, or sooner where this call's
+        ``timeout`` ends first). A worker stops at the end of the step it is in, which ``close`` cannot cut
+        short: with ``wait``, it returns after ``wait`` seconds past the drain's ``timeout`` (from now
+        without one), False where a worker is still inside a step (a model call that takes that long),
+        instead of waiting for ever. Bad arguments raise before anything is stopped."""
         drain = flag(drain, "drain")
         timeout, wait = _seconds(timeout, "timeout"), _seconds(wait, "wait")
         threads = self._stop(drain, timeout)
@@ -631,11 +668,17 @@ class Engine:
         return int(run.rows_per_prompt * (prompt_tokens + new_tokens) * self._cache_bytes_per_token)
 
     def _stop(self, drain: bool, timeout: Optional[float]) -> list[threading.Thread]:
-        """``close`` without waiting: the workers are told to stop; returns their threads."""
+        """``close`` without waiting: the workers are told to stop; returns their threads. A close after
+        another keeps the earlier end of the drain where it comes first (a ``with`` block's exit after
+        ``close(drain=False)`` does not let the requests drain again), and brings it forward otherwise."""
         with self._wake:
-            self._closing = True
             now = time.perf_counter()
-            self._drain_deadline = now if not drain else (None if timeout is None else now + timeout)
+            deadline = now if not drain else (None if timeout is None else now + timeout)
+            if not self._closing or (
+                deadline is not None and (self._drain_deadline is None or deadline < self._drain_deadline)
+            ):
+                self._drain_deadline = deadline
+            self._closing = True
             self._wake.notify_all()
         _OPEN_ENGINES.discard(self)
         return [worker.thread for worker in self._workers if worker.thread is not None]
@@ -665,6 +708,8 @@ class Engine:
         has not looked at (the queue empty, or unchanged since it found nothing that fits)."""
         if self._broken is not None or worker.in_flight:
             return False
+        if self._releasing:
+            return True  # no step while a worker gives memory back (another worker's is idle too)
         if self._closing and (
             not len(self._scheduler) or (self._drain_deadline is not None and now >= self._drain_deadline)
         ):
@@ -679,6 +724,8 @@ class Engine:
                 wait = self.release_memory_after if self._worked and not self._closing else None
                 if self._closing and self._drain_deadline is not None:
                     wait = max(self._drain_deadline - time.perf_counter(), 0.0)
+                if self._releasing:
+                    wait = None  # told when it is done
                 if not self._wake.wait(wait) and self._worked and self._all_idle():
                     # idle that long after work: the burst is over; the models' arenas and the freed heap
                     # go back to the system (not at once: traffic that pauses briefly keeps its memory);
@@ -694,21 +741,24 @@ class Engine:
         if closing and deadline is not None and now >= deadline:
             self._end_all(worker, EngineClosed("the engine closed before the request finished"))
             return False
-        for request in self._scheduler.take_expired(now):
-            self._end_waiting(request, now)
-        self._drop_cancelled(worker, now)
+        gone = self._out_of_lanes(worker, now)
         with self._wake:  # under the lock: the workers' rows in flight cannot change meanwhile
-            admitted = self._scheduler.admit(
-                worker.rows,
-                worker.row_limit,
-                worker.exploring,
-                engine_rows=sum(w.rows for w in self._workers),
-                cache_bytes=sum(w.cache_bytes for w in self._workers),
-                defer=None if self.workers == 1 else lambda rows, head: self._defers(worker, rows, head),
-            )
+            timed_out = self._take_ended(worker, gone, now)
+            admitted: list[Request] = []
+            if not self._releasing:  # else it left the wait before another worker began giving memory back
+                admitted = self._scheduler.admit(
+                    worker.rows,
+                    worker.row_limit,
+                    worker.exploring,
+                    engine_rows=sum(w.rows for w in self._workers),
+                    cache_bytes=sum(w.cache_bytes for w in self._workers),
+                    defer=None if self.workers == 1 else lambda rows, head: self._defers(worker, rows, head),
+                )
             for request in admitted:
                 request.admitted = now
                 worker.in_flight[id(request.run)] = request
+        for request, timeout_error in timed_out:  # outside the lock: their futures' callbacks run here
+            self._settle(request, timeout_error)
         for request in admitted:
             worker.lanes[request.run.kind].add(request.run)
         if not worker.in_flight:
@@ -769,25 +819,57 @@ class Engine:
         return not len(self._scheduler) and not any(w.in_flight for w in self._workers)
 
     def _release_memory(self) -> None:
-        for model in (self._models.policy, self._models.reward):
-            shrink = getattr(model, "release_memory", None)
-            if callable(shrink):
-                shrink()
-        release_free_memory()
+        """Give memory back (``_give_memory_back``), called under the lock by the worker that found every
+        worker idle: the lock is let go meanwhile, so that ``submit`` and ``stats`` do not wait for it (the
+        freed heap's trim can take a while), and no worker admits until it is done, so that no step runs
+        beside the models' shrinking (their ``release_memory()`` is called with nothing in flight, as ever);
+        requests submitted meanwhile wait in the queue."""
+        self._releasing = True
+        self._wake.release()  # held once: by _iterate
+        try:
+            self._give_memory_back()
+        finally:
+            self._wake.acquire()
+            self._releasing = False
+            self._wake.notify_all()
 
-    def _drop_cancelled(self, worker: _Worker, now: float) -> None:
+    def _give_memory_back(self) -> None:
+        """The models' memory pools shrink (their ``release_memory()``, where they have one) and the freed
+        heap goes back to the system (``release_free_memory``). One of them that raises leaves its memory
+        kept, and the engine goes on serving: it is logged as a warning the first time it raises that type
+        of error, at debug level after (not at every idle period)."""
+        releases: list[tuple[str, Any]] = [
+            (f"the {role}'s release_memory()", getattr(model, "release_memory", None))
+            for role, model in (("policy", self._models.policy), ("reward model", self._models.reward))
+        ]
+        releases.append(("release_free_memory()", release_free_memory))
+        for what, release in releases:
+            if not callable(release):
+                continue
+            try:
+                release()
+            except Exception as error:
+                cause = (what, type(error))
+                seen = cause in self._release_failures
+                self._release_failures.add(cause)
+                logger.log(
+                    logging.DEBUG if seen else logging.WARNING,
+                    "giving memory back while idle: %s raised %r; its memory is kept and the engine goes on"
+                    + ("" if seen else " (this error of it is logged at debug level from now on)"),
+                    what,
+                    error,
+                )
+
+    def _out_of_lanes(self, worker: _Worker, now: float) -> list[Request]:
+        """``worker``'s requests in flight cancelled or past their deadline, taken out of its lanes (one
+        compaction of each lane's particles); still in flight until ``_take_ended`` takes and counts them."""
         gone = [r for r in worker.in_flight.values() if r.cancelled or r.expired(now)]
-        if not gone:
-            return
-        for kind, lane in worker.lanes.items():  # one compaction of each lane's particles
-            lane.remove([r.run for r in gone if r.run.kind == kind])
-        for lane in worker.retrying:
-            lane.remove([r.run for r in gone])
-        with self._wake:
-            for request in gone:
-                self._take(worker, request)
-        for request in gone:
-            self._end_waiting(request, now)
+        if gone:
+            for kind, lane in worker.lanes.items():
+                lane.remove([r.run for r in gone if r.run.kind == kind])
+            for lane in worker.retrying:
+                lane.remove([r.run for r in gone])
+        return gone
 
     def _take(self, worker: _Worker, request: Request) -> None:
         """Out of ``worker``'s requests in flight (under the lock): its rows are free for any worker."""
@@ -796,14 +878,35 @@ class Engine:
         if self.workers > 1:
             self._wake.notify_all()
 
-    def _end_waiting(self, request: Request, now: float) -> None:
-        """A request cancelled by its caller, or past its deadline."""
-        if request.future.cancelled():
-            self._count("cancelled")
-            return
-        self._count("timed_out")
-        waited = now - request.submitted
-        self._settle(request, TimeoutError(f"timeout: the request took more than {waited:.3g} s"))
+    def _take_ended(
+        self, worker: _Worker, gone: list[Request], now: float
+    ) -> list[tuple[Request, BaseException]]:
+        """Under the lock: the waiting requests cancelled or past their deadline taken out of the queue, and
+        ``gone`` (``worker``'s in flight so, out of its lanes) out of its requests, each counted as it
+        leaves (``stats()`` never sees a request that is neither waiting, in flight nor counted); returns
+        those past their deadline, each with the ``TimeoutError`` its future is to get once the lock is let
+        go. A waiting request taken out wakes the idle workers: the one behind it may fit now, and the
+        worker it fits goes to may be another (``_defers``)."""
+        expired = self._scheduler.take_expired(now)
+        if not expired and not gone:
+            return []
+        if expired:
+            self._events += 1
+            if self.workers > 1:
+                self._wake.notify_all()
+        for request in gone:
+            self._take(worker, request)
+        timed_out: list[tuple[Request, BaseException]] = []
+        for request in (*expired, *gone):
+            if request.future.cancelled():
+                self._counts["cancelled"] += 1
+            else:
+                self._counts["timed_out"] += 1
+                waited = now - request.submitted
+                timed_out.append(
+                    (request, TimeoutError(f"timeout: the request took more than {waited:.3g} s"))
+                )
+        return timed_out
 
     def _restart(
         self,
@@ -894,24 +997,25 @@ class Engine:
             logger.exception("a done-callback of a request raised; the engine goes on")
 
     def _end_all(self, worker: _Worker, error: BaseException) -> None:
-        """End the waiting requests and ``worker``'s in flight with ``error``."""
-        for request in self._scheduler.take_all():
-            self._count("failed")
-            self._settle(request, error)
+        """End the waiting requests and ``worker``'s in flight with ``error``: taken out and counted under
+        the lock (``failed``; ``cancelled`` where their caller cancelled them), their futures settled
+        after."""
         with self._wake:
             in_flight = list(worker.in_flight.values())
             for request in in_flight:
                 self._take(worker, request)
-        for request in in_flight:
-            self._count("failed")
+            failed = []
+            for request in (*self._scheduler.take_all(), *in_flight):
+                if request.future.cancelled():
+                    self._counts["cancelled"] += 1
+                else:
+                    self._counts["failed"] += 1
+                    failed.append(request)
+        for request in failed:
             self._settle(request, error)
         for lane in worker.all_lanes():
             with contextlib.suppress(Exception):  # after a failure of the worker its lanes may be broken
                 lane.remove(lane.runs())
-
-    def _count(self, outcome: str) -> None:
-        with self._wake:
-            self._counts[outcome] += 1
 
 
 def _generator_state(generator: np.random.Generator) -> Any:

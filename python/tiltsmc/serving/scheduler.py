@@ -36,7 +36,8 @@ class Request:
     """One request: its run, its future, the particle rows it holds in flight (set by its sampler's
     ``rows_option``; and the bytes of the KV cache they may reach, where the engine bounds them) and its
     deadline. ``cancelled``: its future was
-    cancelled (set from the future's callback once it is queued: read without taking the future's lock).
+    cancelled (set from the future's callback once it is queued, under the scheduler's lock: read without
+    taking the future's lock).
     ``restart``: where set, a fresh run of the request from its start."""
 
     id: int
@@ -62,7 +63,9 @@ class Scheduler:
     """Requests wait in arrival order; the oldest is admitted as soon as its rows fit under
     ``max_batch_rows`` with the rows already in flight (first come, first served: a large request at the
     head is not overtaken, so it never starves). ``enqueue`` refuses with
-    [`Overloaded`][tiltsmc.serving.scheduler.Overloaded] past ``max_queue`` waiting requests. Thread-safe:
+    [`Overloaded`][tiltsmc.serving.scheduler.Overloaded] past ``max_queue`` waiting requests; those whose
+    future was cancelled count neither there nor in ``len()``, though they stay in the queue until
+    ``take_expired`` (or ``enqueue``, to make room, or ``admit``) takes them out. Thread-safe:
     ``enqueue`` runs on the callers' threads, the rest on the engine's worker. Finding the waiting
     requests cancelled or past their deadline costs nothing per step where there are none, however long
     the queue: cancellations are noted by the futures' callbacks, deadlines kept in a heap.
@@ -78,12 +81,27 @@ class Scheduler:
         self._deadlines: list[tuple[float, int, Request]] = []
         self._arrivals = itertools.count()
         self._cancelled: list[Request] = []  # requests whose future was cancelled since take_expired
+        self._cancelled_waiting = 0  # the requests in _waiting whose future was cancelled
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return len(self._waiting)
+        """The requests waiting whose future was not cancelled. Read without the lock: exact where the queue
+        does not change meanwhile (the engine reads it under its own lock, which every change but a
+        cancellation takes), else possibly one off for that moment; ``waiting_and_cancelled`` is exact."""
+        return len(self._waiting) - self._cancelled_waiting
 
-    def enqueue(self, request: Request) -> None:
+    def waiting_and_cancelled(self) -> tuple[int, int]:
+        """The requests waiting (``len()``) and those in the queue whose future was cancelled, read together
+        (a cancellation moves a request from the one to the other)."""
+        with self._lock:
+            return len(self._waiting) - self._cancelled_waiting, self._cancelled_waiting
+
+    def enqueue(self, request: Request) -> list[Request]:
+        """Queue ``request``; ``Overloaded`` where ``max_queue`` requests wait already (those cancelled not
+        counted), ``ValueError`` where it could never be admitted. Returns the cancelled requests taken out
+        of the queue to make room (in its order; only where it holds ``max_queue`` requests, some of them
+        cancelled), for the caller to count as ``take_expired``'s: the queue never holds more than
+        ``max_queue`` requests, however many are cancelled before a worker takes them out."""
         if request.rows > self.max_batch_rows:
             raise ValueError(
                 f"{request.rows_option}: the request needs {request.rows} particle rows, more than the "
@@ -96,8 +114,10 @@ class Scheduler:
                 f"{self.max_cache_bytes}"
             )
         with self._lock:
-            if len(self._waiting) >= self.max_queue:
-                raise Overloaded(f"{len(self._waiting)} requests are waiting (max_queue = {self.max_queue})")
+            waiting = len(self._waiting) - self._cancelled_waiting
+            if waiting >= self.max_queue:
+                raise Overloaded(f"{waiting} requests are waiting (max_queue = {self.max_queue})")
+            taken = self._take_cancelled() if len(self._waiting) >= self.max_queue else []
             self._waiting.append(request)
             request.waiting = True
             if request.deadline is not None:
@@ -106,14 +126,33 @@ class Scheduler:
         # request and its future hold no cycle (they are freed as soon as the engine and the caller let go)
         held = weakref.ref(request)
         request.future.add_done_callback(lambda future: self._done(held, future))
+        return taken
 
     def _done(self, held: weakref.ref[Request], future: Future[Any]) -> None:
-        """The future's callback (on the thread that ended it): a cancellation noted for the engine."""
+        """The future's callback (on the thread that ended it): a cancellation noted for the engine, and the
+        request's place in the queue, if it waits, no longer counted."""
         request = held()
         if request is not None and future.cancelled():
-            request.cancelled = True
             with self._lock:
+                request.cancelled = True
                 self._cancelled.append(request)
+                if request.waiting:
+                    self._cancelled_waiting += 1
+
+    def _left(self, request: Request) -> None:
+        """``request`` is out of the queue (under the lock)."""
+        request.waiting = False
+        if request.cancelled:
+            self._cancelled_waiting -= 1
+
+    def _take_cancelled(self) -> list[Request]:
+        """The waiting requests whose future was cancelled, taken out of the queue (under the lock)."""
+        taken = [r for r in self._waiting if r.cancelled]
+        if taken:
+            self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
+            for request in taken:
+                self._left(request)
+        return taken
 
     def admit(
         self,
@@ -155,6 +194,8 @@ class Scheduler:
                     break
                 request = self._waiting.popleft()
                 request.waiting = False
+                if request.cancelled:  # cancelled since take_expired: the engine drops it at its next step
+                    self._cancelled_waiting -= 1
                 rows_in_flight += request.rows
                 total += request.rows
                 cache_bytes += request.cache_bytes
@@ -180,15 +221,16 @@ class Scheduler:
             taken = [r for r in self._waiting if id(r) in gone]
             self._waiting = collections.deque(r for r in self._waiting if id(r) not in gone)
             for request in taken:
-                request.waiting = False
+                self._left(request)
         return taken
 
     def take_all(self) -> list[Request]:
+        """Every waiting request (cancelled or not), taken out of the queue in its order."""
         with self._lock:
             waiting, self._waiting = list(self._waiting), collections.deque()
             self._deadlines, self._cancelled = [], []
             for request in waiting:
-                request.waiting = False
+                self._left(request)
         return waiting
 
 
