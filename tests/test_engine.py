@@ -696,16 +696,17 @@ class Held(tuple):  # type: ignore[type-arg]
 
 
 class HeldRefusesPoison(RefusesPoison):
-    """``RefusesPoison`` whose ``propose`` waits for ``gate`` on a batch holding a :class:`Held` prompt
-    (to hold the worker inside a step while requests queue)."""
+    """``RefusesPoison`` whose ``propose`` waits for ``gate`` on a batch holding a prompt of type ``held``
+    (:class:`Held` by default: to hold the worker inside a step while requests queue)."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, held: type = Held) -> None:
         super().__init__(inner)
+        self.held = held
         self.gate = threading.Event()
         self.entered = threading.Event()
 
     def propose(self, particles: Particles, rng: Any) -> Any:
-        if any(isinstance(prompt, Held) for prompt in particles.prompts):
+        if any(isinstance(prompt, self.held) for prompt in particles.prompts):
             self.entered.set()
             assert self.gate.wait(20), "the test never opened the gate"
         return super().propose(particles, rng)
@@ -1599,41 +1600,26 @@ def test_failing_batches_cancellations_and_workers_never_lose_or_mix_a_request(
     assert (stats["in_flight"], stats["rows_in_flight"], stats["waiting"]) == (0, 0, 0)
 
 
-class PoisonWaits(HeldRefusesPoison):
-    """``HeldRefusesPoison`` whose ``propose`` also waits for ``poison_gate`` on a batch holding a
-    :class:`Poison` prompt, before it raises for it (to cancel a request inside the failing step)."""
-
-    def __init__(self, inner: Any) -> None:
-        super().__init__(inner)
-        self.poison_gate = threading.Event()
-        self.poison_entered = threading.Event()
-
-    def propose(self, particles: Particles, rng: Any) -> Any:
-        if any(isinstance(prompt, Poison) for prompt in particles.prompts):
-            self.poison_entered.set()
-            assert self.poison_gate.wait(20), "the test never opened the poison's gate"
-        return super().propose(particles, rng)
-
-
 def test_the_restart_warning_counts_only_the_requests_that_run_again(
     models: tuple[Any, Any], caplog: pytest.LogCaptureFixture
 ) -> None:
     """A request cancelled during the step whose batch call fails does not run again, and the warning
     says how many of the batch do (it said "they run again" of all 4, and halves of 2 and 1 followed)."""
     policy, twist = models
-    held = PoisonWaits(policy)
+    held = HeldRefusesPoison(policy)
+    poisoned_waits = HeldRefusesPoison(held, held=Poison)  # waits inside the step that raises for Poison
     with (
         caplog.at_level("WARNING", logger="tiltsmc.lane"),
-        tiltsmc.Engine(held, twist, adaptive_rows=False) as engine,
+        tiltsmc.Engine(poisoned_waits, twist, adaptive_rows=False) as engine,
     ):
         holder = engine.submit(Held(), "smc", num_particles=4, rng=99)
         assert held.entered.wait(10)  # the worker inside the holder's first step: the others queue
         cancelled, kept = (engine.submit((), "smc", num_particles=4, rng=k) for k in (1, 2))
         poisoned = engine.submit(Poison(), "smc", num_particles=4, rng=3)
         held.gate.set()
-        assert held.poison_entered.wait(10)  # all four in the step whose call fails
+        assert poisoned_waits.entered.wait(10)  # all four in the step whose call fails
         assert cancelled.cancel()
-        held.poison_gate.set()
+        poisoned_waits.gate.set()
         with pytest.raises(RuntimeError, match="cannot take a poisoned prompt"):
             poisoned.result(timeout=30)
         assert same_result(
@@ -1872,15 +1858,11 @@ def test_the_counts_add_up_at_every_read_while_requests_end_every_way(models: tu
     assert counts["failed"] == 6 and counts["timed_out"] >= 7 and counts["cancelled"] >= 4
 
 
-class ReleaseFails(Gated):
-    """A gated policy whose ``release_memory()`` raises (its calls counted)."""
-
-    def __init__(self, inner: Any) -> None:
-        super().__init__(inner)
-        self.tries = 0
+class ReleaseFails(Releasing):
+    """A gated policy whose ``release_memory()`` raises (its calls counted in ``released``)."""
 
     def release_memory(self) -> bool:
-        self.tries += 1
+        super().release_memory()
         raise RuntimeError("the arena could not shrink")
 
 
@@ -1899,7 +1881,7 @@ def test_a_release_memory_that_raises_is_logged_once_and_the_engine_serves_on(
         for k in range(3):  # three bursts, each followed by an idle release that raises
             served = engine.submit((), "smc", num_particles=4, rng=k).result(timeout=30)
             assert same_result(served, tiltsmc.smc(policy, twist, prompts=[()], num_particles=4, rng=k))
-            assert _wait_for(lambda: releasing.tries > k)  # noqa: B023
+            assert _wait_for(lambda: releasing.released > k)  # noqa: B023
         stats = engine.stats()
     assert stats["failed"] is None and stats["requests"]["completed"] == 3
     logged = [record for record in caplog.records if "could not shrink" in record.getMessage()]

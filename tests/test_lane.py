@@ -679,26 +679,18 @@ def test_halves_split_in_order_down_to_one(n: int) -> None:
     assert halves([7]) == [[7]] and halves([]) == []
 
 
-class InterruptsAtFlush:
-    """A real token policy whose ``propose`` leaves work deferred to the next flush (as a decoder's
-    session run on the tokens it appended), work that raises ``KeyboardInterrupt`` once ``interrupt`` is
-    set: with no resampling, the next flush is a newcomer's join."""
-
-    token_level = True
-    supports_engine = True
-    log_probs_checked = True
+class InterruptsAtFlush(RefusesPoison):
+    """A real token policy (``RefusesPoison``'s, given no poisoned prompt) whose ``propose`` leaves work
+    deferred to the next flush (as a decoder's session run on the tokens it appended), work that raises
+    ``KeyboardInterrupt`` once ``interrupt`` is set: with no resampling, the next flush is a newcomer's
+    join."""
 
     def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.vocab_size = inner.vocab_size
+        super().__init__(inner)
         self.interrupt = False
 
-    def start(self, prompts: Any, num_particles: int) -> Particles:
-        particles: Particles = self.inner.start(prompts, num_particles)
-        return particles
-
     def propose(self, particles: Particles, rng: Any) -> Any:
-        proposed = self.inner.propose(particles, rng)
+        proposed = super().propose(particles, rng)
 
         def work() -> None:
             if self.interrupt:
