@@ -1355,3 +1355,36 @@ def test_smc_reweight_refuses_rows_without_particles_before_any_warning() -> Non
             core.smc_reweight(
                 empty, empty, empty, np.ones((2, 0), bool), np.zeros(2), np.zeros(2), np.zeros(2, bool), 0.5
             )
+
+
+def test_reorder_in_place_reads_a_copy_of_the_list_it_is_given() -> None:
+    """An entry's ``shape`` (read for a skipped entry, inside the core's loop) that appends arrays to the
+    caller's list changes nothing the call reads: it reorders what the list held when called. The loop
+    read the caller's list, and indexed the axes (counted before it) past their end: a segmentation
+    fault."""
+    output = run_isolated(
+        """
+        import numpy as np
+        from tiltsmc import core
+
+        arrays = []
+
+        class GrowsTheList:
+            reads = 0
+
+            @property
+            def shape(self):
+                GrowsTheList.reads += 1
+                if GrowsTheList.reads == 2:  # the core's read (the first is core.py's own check)
+                    arrays.extend(np.zeros((1, 2, 4)) for _ in range(64))
+                return (1, 2, 4)
+
+        kept = np.arange(8.0).reshape(1, 2, 4)
+        arrays += [GrowsTheList(), kept]
+        skipped = core.reorder_in_place(
+            arrays, np.array([[1, 0]]), skip_unwritable=True, used=np.full((1, 2), 4), axes=[None, 2]
+        )
+        print(skipped, len(arrays), kept[0, 0].tolist())
+        """
+    )
+    assert output.strip() == "[0] 66 [4.0, 5.0, 6.0, 7.0]", output

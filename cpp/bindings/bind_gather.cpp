@@ -51,8 +51,13 @@ void bind_gather(const py::array& x, const CArray<std::int64_t>& ancestors, py::
 // array given twice (the same memory) is reordered once; arrays that otherwise overlap are refused. With
 // `axes` (one per array: None, or the axis >= 2 of a right-padded sequence) and `used` ((rows, n) int64,
 // each item's length along it), an array with an axis copies only the columns its ancestors use.
-py::list bind_reorder_in_place(const py::list& arrays, const CArray<std::int64_t>& ancestors, bool skip_unwritable,
+py::list bind_reorder_in_place(const py::list& given, const CArray<std::int64_t>& ancestors, bool skip_unwritable,
                                const py::object& used_object, const py::object& axes_object) {
+    // A copy of the list: Python code runs inside the loop below (a skipped entry's shape, another thread
+    // taking the GIL), and the caller's list may change meanwhile, past the axes counted against it.
+    PyObject* copied = PySequence_List(given.ptr());
+    if (copied == nullptr) throw py::error_already_set();
+    const auto arrays = py::reinterpret_steal<py::list>(copied);
     if (ancestors.ndim() != 2) throw py::value_error("ancestors: expected shape (B, N)");
     const std::int64_t rows = ancestors.shape(0), n = ancestors.shape(1);
     if (n < 1) throw py::value_error("ancestors: rows must hold at least one particle");
