@@ -467,3 +467,27 @@ def test_the_verifier_is_given_the_text_the_result_reports(joint: bool) -> None:
     assert any(policy.tokenizer.decode(s) != policy.decode(s) for s in samples)  # some stopped
     assert {text for texts in result.texts for text in texts} <= seen
     assert not any(stop[0] in text or stop[1] in text for text in seen)
+
+
+def test_a_reward_model_shared_by_two_policies_gives_each_verifier_call_its_own_policys_text() -> None:
+    """Two engines with their own policies (one with stop strings) share one reward model: each
+    trajectory is verified on the text its own policy reports (``Particles.text_decoder``). The reward
+    model kept the policy last checked, so the first engine's texts were cut at the second's stop strings."""
+    import tiltsmc
+    from tiltsmc.models import OnnxCausalLM
+
+    seen: set[str] = set()
+
+    def verifier(prompt: Any, text: str) -> float:
+        seen.add(text)
+        return 1.0
+
+    plain = OnnxCausalLM(MODELS / "gpt2-tiny", max_new_tokens=6)
+    stopping = OnnxCausalLM(MODELS / "gpt2-tiny", max_new_tokens=6, stop=["5", "e"])
+    reward = OnnxRewardModel(PRM, kind="logit", verifier=verifier)
+    with tiltsmc.Engine(plain, reward) as first, tiltsmc.Engine(stopping, reward):
+        result = first.submit("ab", "smc", num_particles=16, rng=0).result(timeout=60)
+    assert result.texts is not None
+    texts = set(result.texts[0])
+    assert any("5" in text or "e" in text for text in texts)  # what the other policy would have cut
+    assert texts <= seen

@@ -106,12 +106,15 @@ def test_the_verifier_is_given_the_policys_text_through_a_token_map(tmp_path: Pa
     assert texts <= seen
     finished = particles_of([[a]], [[[a, a, b]]])
     finished.lengths[:], finished.finished[:] = 3, True
-    unchecked = OnnxRewardModel(folder, kind="logit", token_map=swap, verifier=verifier)
-    with pytest.raises(
-        ValueError, match=r"^verifier: with token_map= the verifier is given the policy's text"
-    ):
-        unchecked.log_value(finished)
-    unchecked.check_policy(policy)
+    ids: list[Any] = []
+    by_ids = OnnxRewardModel(
+        folder, kind="logit", token_map=swap, verifier=lambda _, text: ids.append(text) or 1.0
+    )
+    by_ids.log_value(
+        finished
+    )  # particles without a decoder: the policy's ids, which its tokenizer cannot read
+    assert [list(map(int, text)) for text in ids] == [[a, a, b]]
+    finished.text_decoder = policy  # as the policy's start sets it
     seen.clear()
-    unchecked.log_value(finished)
+    reward.log_value(finished)
     assert seen == {"aab"}

@@ -1333,6 +1333,7 @@ class OnnxCausalLM:
         batch = input_ids.shape[0]
         logits, present = self._prefill(input_ids, mask, positions)
         particles = Particles.empty(prompt_list, num_particles, self.max_new_tokens)
+        particles.text_decoder = self if self.tokenizer is not None else None  # the verifier's text
         if self.value_output is not None:  # each prompt's value (or twist row) at its last token
             *present, value = present
             scores = np.asarray(value, dtype=np.float64).reshape(batch, -1)

@@ -9,7 +9,8 @@ prompt token before the first delimiter, the last token once the trajectory is f
 ``kind`` says what the score is: ``"log_value"`` (``log Vh`` itself), ``"prob"`` (``Vh`` in [0, 1]) or
 ``"logit"`` (``Vh = sigmoid(score)``). On finished trajectories the terminal reward ``r`` is the model's
 value unless a ``verifier(prompt, text) -> r >= 0`` is given (``text``: the policy's, as the results report
-it: ``OnnxRewardModel.check_policy``). Prefixes are scored in one batched call per
+it, from ``Particles.text_decoder``; the token ids where the particles carry no decoder and this model
+reads other ids, a ``token_map``'s). Prefixes are scored in one batched call per
 step, and only those that changed since they were last scored (values follow resampling in
 ``Particles.state``). An empty prompt's ``log Vh_0`` is 0 (no token to read it at), as is an empty
 prefix's, and the other prompts of its batch are scored as without it. ``token_map`` translates the
@@ -139,7 +140,7 @@ class OnnxRewardModel:
     the same tokens. ``memory_arena=False`` frees ONNX Runtime's buffers after each run instead of keeping
     them at their peak (a long-running service); ``session_options`` and ``provider_options`` go to ONNX
     Runtime (``tiltsmc.models._ort.make_session``). A ``verifier`` that is not callable is refused at
-    construction (TypeError); the text it is given is the policy's (``check_policy``)."""
+    construction (TypeError); the text it is given is the policy's (``Particles.text_decoder``)."""
 
     # Its log-values are finite or -inf (it raises on anything else itself): the samplers need not check.
     log_values_checked = True
@@ -196,7 +197,6 @@ class OnnxRewardModel:
         self.config = read_json(model_dir / "config.json")
         self.tokenizer: Optional[Tokenizer] = load_tokenizer(tokenizer, model_dir)
         self.verifier = verifier
-        self._policy: Any = None  # the policy last passed to check_policy: its text is the verifier's
         self._prompts: Optional[_Prompts] = None  # the last batch's prompts, see _prompt_layout
         # Its scores in Particles.state are its own: another reward model scoring the same particles
         # keeps its values under other names.
@@ -504,12 +504,10 @@ class OnnxRewardModel:
         return shapes
 
     def check_policy(self, policy: Any) -> None:
-        """Refuse a policy whose vocabulary differs from this model's, unless a ``token_map`` is given; keep
-        one that passes: the verifier is given its text (``_verifier_decoder``; the samplers pass theirs)."""
+        """Refuse a policy whose vocabulary differs from this model's, unless a ``token_map`` is given."""
         if self.token_map is not None:
             if self.token_map.ndim != 1 or self.token_map.size < int(getattr(policy, "vocab_size", 0)):
                 raise ValueError("token_map: expected one reward-model id per policy token id")
-            self._policy = policy
             return
         theirs = getattr(policy, "tokenizer", None)
         if self.tokenizer is not None and theirs is not None:
@@ -526,7 +524,6 @@ class OnnxRewardModel:
                 f"reward: vocabulary size {self.vocab_size} differs from the policy's {policy.vocab_size}; "
                 "pass token_map= to translate ids"
             )
-        self._policy = policy
 
     # -- scoring --------------------------------------------------------------------------------------------
 
@@ -872,26 +869,18 @@ class OnnxRewardModel:
 
     def _verify(self, particles: Particles, b: int, i: int) -> float:
         assert self.verifier is not None
-        return verified_log_reward(self.verifier, self._verifier_decoder(), particles, b, i)
+        return verified_log_reward(self.verifier, self._verifier_decoder(particles), particles, b, i)
 
-    def _verifier_decoder(self) -> Optional[TextDecoder]:
-        """What decodes a finished trajectory for the verifier: the policy passed to ``check_policy`` where it
-        decodes texts (its ``decode``, which gives the results' texts: they end before its stop strings); else
-        this model's tokenizer where it reads the policy's ids (no ``token_map``); else None (the verifier is
-        given the policy's token ids). ValueError with a ``token_map`` while no policy was checked."""
-        policy = self._policy
-        if getattr(policy, "tokenizer", None) is not None and callable(getattr(policy, "decode", None)):
-            decoder: TextDecoder = policy  # texts decoded as the samplers' decode_texts decodes them
+    def _verifier_decoder(self, particles: Particles) -> Optional[TextDecoder]:
+        """What decodes ``particles``' finished trajectories for the verifier: the policy that started them
+        (``Particles.text_decoder``: its ``decode`` gives the results' texts, which end before its stop
+        strings), carried by the particles, not this model, which several policies may share; else this
+        model's tokenizer where it reads the policy's ids (no ``token_map``); else None (the verifier is
+        given the policy's token ids)."""
+        decoder: Optional[TextDecoder] = particles.text_decoder
+        if decoder is not None:
             return decoder
-        if self.token_map is None:
-            return self.tokenizer
-        if policy is None:
-            raise ValueError(
-                "verifier: with token_map= the verifier is given the policy's text, which this model's "
-                "tokenizer cannot decode (other ids); pass the policy to check_policy() first, as the "
-                "samplers do"
-            )
-        return None
+        return self.tokenizer if self.token_map is None else None
 
 
 def verified_log_reward(

@@ -66,6 +66,9 @@ class Particles:
     aligned: dict[str, tuple[int, str]] = field(default_factory=dict)
     right_padded: set[str] = field(default_factory=set)
     in_place: set[str] = field(default_factory=set)
+    # what decodes these particles' tokens into the texts the results report (the policy that started
+    # them, OnnxCausalLM.start: its decode ends a text before its stop strings); None: their token ids
+    text_decoder: Any = field(default=None, repr=False, compare=False)
     _pending: list[Callable[[], None]] = field(default_factory=list, init=False, repr=False, compare=False)
     _failure: Optional[BaseException] = field(default=None, init=False, repr=False, compare=False)
 
@@ -130,7 +133,8 @@ class Particles:
         copied = type(self).__new__(type(self))
         memo[id(self)] = copied
         for item in dataclasses.fields(self):
-            setattr(copied, item.name, copy.deepcopy(getattr(self, item.name), memo))
+            value = getattr(self, item.name)  # the decoder is a model: shared, not copied
+            setattr(copied, item.name, value if item.name == "text_decoder" else copy.deepcopy(value, memo))
         return copied
 
     def reorder(self, ancestors: npt.NDArray[np.int64], *, across_prompts: bool = False) -> None:
@@ -192,6 +196,7 @@ class Particles:
             aligned=dict(self.aligned),
             right_padded=set(self.right_padded),
             in_place=set(self.in_place),
+            text_decoder=self.text_decoder,
         )
 
     @classmethod
@@ -297,6 +302,8 @@ class Particles:
             aligned=aligned,
             right_padded=right_padded,
             in_place=in_place,
+            # the parts of one batch come from one policy: the first part's decoder is theirs
+            text_decoder=next((part.text_decoder for part in parts if part.text_decoder is not None), None),
         )
 
     def select(self, prompts: npt.ArrayLike) -> Particles:
@@ -322,6 +329,7 @@ class Particles:
             aligned=dict(self.aligned),
             right_padded=set(self.right_padded),
             in_place=set(self.in_place),
+            text_decoder=self.text_decoder,
         )
 
     def view_rows(self, start: int, stop: int) -> Particles:
@@ -347,6 +355,7 @@ class Particles:
             aligned=dict(self.aligned),
             right_padded=set(self.right_padded),
             in_place=set(self.in_place),
+            text_decoder=self.text_decoder,
         )
 
     def fill_rows(self, rows: Union[int, npt.ArrayLike], part: Particles) -> bool:
@@ -581,6 +590,7 @@ class Particles:
             aligned=dict(self.aligned),
             right_padded=set(self.right_padded),
             in_place=set(self.in_place),
+            text_decoder=self.text_decoder,
         )
 
     def sequences(self, prompt: int) -> list[npt.NDArray[np.int64]]:

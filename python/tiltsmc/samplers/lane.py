@@ -120,6 +120,7 @@ def _view(particles: Particles, member: _Member) -> Particles:
         finished=rows(particles.finished),
         state={LOG_V_PREV: rows(state[LOG_V_PREV])},
         prompt_tokens=None if particles.prompt_tokens is None else particles.prompt_tokens[start:stop:count],
+        text_decoder=particles.text_decoder,
     )
     member.view, member.viewed = view, made_from
     return view
