@@ -39,7 +39,10 @@ def rejection(
     ``max_tries`` draws are spent; ``tries[b]`` counts the draws, ``samples[b]`` holds at most
     ``num_samples`` (fewer when tries ran out), and ``log_z[b]`` is ``log`` of the mean ``r`` over the draws
     of every batch but the last (of the one batch where there was one), unbiased for ``Z`` before the log:
-    the last batch's acceptances decide the stop, and the mean over every draw is biased up.
+    the last batch's acceptances decide the stop, and the mean over every draw is biased up. With a 0/1
+    reward (a verifier) every draw before the last batch was rejected, so a run that needed several
+    batches reads ``log_z = -inf`` (the estimate 0) although it found its samples (``collapsed`` False):
+    unbiased across runs (average ``exp(log_z)``), not a reading of one run; larger batches make it rarer.
     """
     models = Models(policy, reward, Compute())
     run = rejection_run(

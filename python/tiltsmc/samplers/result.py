@@ -95,8 +95,9 @@ class SamplerResult:
       (``(B, steps + 1)``: each proposal's ``log Zh``, whose ratios set the acceptance probabilities
       ``min(1, Zh' / Zh)``);
     * ``rejection``: ``tries[b]`` (draws from ``p``) and ``acceptance_rate[b]`` (draws that passed the test,
-      those past ``num_samples`` included, / ``tries``: an unbiased estimate of ``Z / C``; NaN with no
-      draw);
+      those past ``num_samples`` included, / ``tries``: the fraction accepted, biased up as an estimate of
+      ``Z / C`` where several batches ran, since the last batch's acceptances stop the draws; ``log_z`` is
+      the unbiased estimate; NaN with no draw);
     * ``best_of_n``: ``log_rewards`` (``(B, n)``: ``log r`` of every draw; the returned sample is the
       argmax, and the spread of the rewards says how much the choice mattered).
 
