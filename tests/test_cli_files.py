@@ -645,3 +645,63 @@ def test_signals_are_held_back_while_deferred_though_other_threads_run() -> None
         idle.set()
         other.join()
     assert steps == ["held back"]
+
+
+def _run_python(code: str) -> str:
+    """Run ``code`` in a fresh interpreter (signals sent to it alone); its standard output."""
+    completed = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert completed.returncode == 0, completed.stderr
+    return completed.stdout
+
+
+@posix_only
+def test_an_event_loops_signal_handler_hears_a_deferred_signal_once() -> None:
+    """Under asyncio's ``add_signal_handler`` (its wakeup descriptor), a SIGTERM sent while signals are
+    held back reaches the loop's handler once, after the block: the C handler told the loop at once and
+    the signal raised again told it a second time (2 calls)."""
+    output = _run_python(
+        "import asyncio, os, signal\n"
+        "from tiltsmc._files import signals_deferred\n"
+        "async def main():\n"
+        "    calls = []\n"
+        "    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, lambda: calls.append(1))\n"
+        "    with signals_deferred():\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    await asyncio.sleep(0.3)\n"
+        "    print(len(calls))\n"
+        "asyncio.run(main())\n"
+    )
+    assert output.strip() == "1"
+
+
+@posix_only
+def test_every_handler_is_put_back_though_a_signal_interrupts_their_restoring() -> None:
+    """A Ctrl-C that arrives just as SIGINT's own handler is put back raises KeyboardInterrupt out of the
+    block; SIGTERM's handler is put back all the same and the SIGTERM held back is delivered (it stayed
+    the recorder, and later SIGTERMs were swallowed)."""
+    output = _run_python(
+        "import os, signal, time\n"
+        "from tiltsmc._files import signals_deferred\n"
+        "seen = []\n"
+        "signal.signal(signal.SIGTERM, lambda s, f: seen.append('TERM'))\n"
+        "real = signal.signal\n"
+        "def then_ctrl_c(signum, handler):\n"
+        "    previous = real(signum, handler)\n"
+        "    if signum == signal.SIGINT and handler is signal.default_int_handler:\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "    return previous\n"
+        "signal.signal = then_ctrl_c\n"
+        "try:\n"
+        "    with signals_deferred():\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "except KeyboardInterrupt:\n"
+        "    seen.append('INT')\n"
+        "finally:\n"
+        "    signal.signal = real\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(0.1)\n"
+        "print(seen)\n"
+    )
+    assert output.strip() == "['TERM', 'INT', 'TERM']", output

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any, Optional
@@ -31,7 +32,10 @@ def signals_deferred() -> Iterator[None]:
     Runtime's): the kernel gives the signal to one of those, and Python runs its handler in the main
     thread all the same, at once. So Python-level handlers (``signals_raise``'s, Ctrl-C's
     ``KeyboardInterrupt``) are replaced by one that records the signal, raised again on the way out; those
-    of the operating system (``SIG_DFL``, ``SIG_IGN``) stay, the signals only blocked."""
+    of the operating system (``SIG_DFL``, ``SIG_IGN``) stay, the signals only blocked. An event loop's
+    wakeup descriptor (``signal.set_wakeup_fd``: asyncio's signal handlers) is off meanwhile, so that the
+    loop hears each signal once, when it is raised again. Every handler is put back even where one
+    raises on the way (a signal's handler run as another is restored): the first error is raised after."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -44,7 +48,9 @@ def signals_deferred() -> Iterator[None]:
     mask = getattr(signal, "pthread_sigmask", None)
     replaced: dict[int, Any] = {}  # signal -> its handler before
     previous_mask: Optional[set[signal.Signals]] = None
+    wakeup = -1
     try:
+        wakeup = signal.set_wakeup_fd(-1)  # else the C handler tells the loop now, and again when raised
         for signum in signums:
             if callable(signal.getsignal(signum)):
                 replaced[signum] = signal.signal(signum, record)
@@ -52,12 +58,21 @@ def signals_deferred() -> Iterator[None]:
             previous_mask = mask(signal.SIG_BLOCK, signums)
         yield
     finally:
+        failure: Optional[BaseException] = None
+        steps: list[Callable[[], Any]] = []
         if mask is not None and previous_mask is not None:
-            mask(signal.SIG_SETMASK, previous_mask)  # those pending come now, to record
-        for signum, handler in replaced.items():
-            signal.signal(signum, handler)
+            steps.append(lambda: mask(signal.SIG_SETMASK, previous_mask))  # those pending come now, to record
+        steps += [functools.partial(signal.signal, signum, handler) for signum, handler in replaced.items()]
+        steps.append(lambda: signal.set_wakeup_fd(wakeup))
+        for step in steps:
+            try:
+                step()
+            except BaseException as error:  # a handler run meanwhile (KeyboardInterrupt): restore the rest
+                failure = failure or error
         for signum in dict.fromkeys(received):  # to the handlers they would have had
             signal.raise_signal(signum)
+        if failure is not None:
+            raise failure
 
 
 def _name_limit(folder: Path) -> int:
