@@ -371,7 +371,7 @@ def test_the_bellman_estimate_records_and_prints_the_problems_it_used(models) ->
 
 
 @pytest.mark.parametrize("name", ["demo.json", "demo.txt", "demo.png"])
-def test_cli_demo_refuses_an_output_file_that_is_not_a_regular_file_before_it_runs(
+def test_cli_demo_refuses_an_output_entry_that_is_a_folder_before_it_runs(
     name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A folder where the demo writes one of its files: refused before the run, status 2, naming it (after
@@ -437,3 +437,19 @@ def test_write_outputs_lists_each_file_once_in_place(small_record: dict, tmp_pat
     written: list[Path] = []
     returned = demo_module.write_outputs(small_record, tmp_path, written=written)
     assert written == returned and {p.name for p in written} >= {"demo.json", "demo.txt"}
+
+
+def test_the_demo_replaces_a_symbolic_link_whatever_it_names(small_record: dict, tmp_path: Path) -> None:
+    """A link where the demo writes a file is replaced by the file (a rename replaces the link itself),
+    whether it names a device or a folder: the check refused both, as if the rename would fail."""
+    out = tmp_path / "out"
+    out.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (out / "demo.txt").symlink_to(elsewhere)
+    (out / "demo.json").symlink_to("/dev/null")
+    demo_module.check_output_folder(out)
+    demo_module.write_outputs(small_record, out)
+    for name in ("demo.txt", "demo.json"):
+        assert (out / name).is_file() and not (out / name).is_symlink()
+    assert list(elsewhere.iterdir()) == []

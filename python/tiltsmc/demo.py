@@ -531,8 +531,9 @@ def plot(record: dict[str, Any], path: Path) -> None:
 
 def check_output_folder(out: Path) -> None:
     """Create ``out`` if needed and make sure a file can be written there, and that none of ``OUTPUT_FILES``
-    there is other than a regular file (a folder, a FIFO): the results could not be renamed over it, and
-    after the run the files before it would have been replaced, the others not (raise ValueError if so)."""
+    there is a folder: the results could not be renamed over it, and after the run the files before it
+    would have been replaced, the others not (raise ValueError if so). Anything else there, a symbolic link
+    included (whatever it names), is replaced by the rename."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".tiltsmc-write-test-"):
@@ -542,14 +543,13 @@ def check_output_folder(out: Path) -> None:
     for name in OUTPUT_FILES:
         path = out / name
         try:
-            info = path.stat()  # through a symbolic link: the file it names
-        except FileNotFoundError:  # (a dangling link too: replaced by the file)
+            info = path.lstat()  # the entry itself: rename replaces a link, not what it names
+        except FileNotFoundError:
             continue
         except OSError as error:
             raise ValueError(f"out: cannot replace {path}: {error.strerror or error}") from None
-        if not stat.S_ISREG(info.st_mode):
-            kind = "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file"
-            raise ValueError(f"out: {path} is {kind}, which the demo's results cannot replace")
+        if stat.S_ISDIR(info.st_mode):
+            raise ValueError(f"out: {path} is a folder, which the demo's results cannot replace")
 
 
 def write_outputs(record: dict[str, Any], out: Path, written: Optional[list[Path]] = None) -> list[Path]:
