@@ -906,6 +906,9 @@ def test_chat_options_that_would_be_ignored_are_refused(
         ("--stop", b"\xe9", "'\\xe9' is not UTF-8 text (byte 0xe9)"),
         ("--stop", b"ok\\n\xff", "'ok\\n\\xff' is not UTF-8 text (byte 0xff)"),
         ("--step", b"\xe9", "'\\xe9' is not UTF-8 text (byte 0xe9)"),
+        # an escape that makes a lone surrogate is no text either (it was taken, and could never match)
+        ("--stop", b"ok\\udcff", "malformed escape in 'ok\\\\udcff': it makes U+DCFF, a lone surrogate"),
+        ("--step", b"\\ud800", "malformed escape in '\\\\ud800': it makes U+D800, a lone surrogate"),
         ("--prompt", b"\xff", "'\\xff' is not UTF-8 text (byte 0xff)"),
         (
             "--prompt",

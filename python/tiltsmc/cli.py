@@ -654,11 +654,21 @@ def _stop_text(text: str) -> str:
 
 
 def _unescaped(text: str) -> str:
+    """``text`` with its backslash escapes decoded; an escape that makes what no text holds (a lone
+    surrogate, ``\\udcff``: no generated text could match it) is refused as a malformed one."""
     try:
         # non-Latin-1 characters become \uXXXX escapes first, so that unicode_escape gives them back
-        return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+        decoded = text.encode("latin-1", "backslashreplace").decode("unicode_escape")
     except UnicodeDecodeError as error:
         raise argparse.ArgumentTypeError(f"malformed escape in {text!r}: {error.reason}") from None
+    try:
+        decoded.encode("utf-8")
+    except UnicodeEncodeError as error:
+        character = f"U+{ord(decoded[error.start]):04X}"
+        raise argparse.ArgumentTypeError(
+            f"malformed escape in {text!r}: it makes {character}, a lone surrogate, which no text holds"
+        ) from None
+    return decoded
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser, demo_models: bool = False) -> None:
