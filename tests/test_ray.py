@@ -58,6 +58,7 @@ class RayServer:
             sys.executable, "-m", "tiltsmc.cli", "serve", "--ray", "--demo", "--replicas", "2",
             "--replica-cpus", "0.5", "--port", str(self.port), "--max-request-particles", "256",
             "--workers", "2",
+            "--grace", "300",  # the SIGTERM test's long requests drain whole on a loaded machine
         ]  # fmt: skip
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)

@@ -1466,3 +1466,28 @@ def test_settings_the_command_line_refuses_are_refused_by_create_app_and_setting
             assert str(cli_refused.value) == message
     finally:
         engine.close()
+
+
+CANNOT_DECODE = f"""
+from tiltsmc.models import OnnxCausalLM, OnnxRewardModel
+
+class CannotDecode(OnnxCausalLM):
+    def decode(self, ids):
+        raise UnicodeDecodeError("utf-8", b"\\xff", 0, 1, "invalid start byte")
+
+policy = CannotDecode({str(FIXTURES / "gpt2-tiny")!r}, max_new_tokens=4)
+reward = OnnxRewardModel({str(FIXTURES / "prm-tiny")!r}, kind="logit")
+"""
+
+
+def test_a_policy_that_cannot_decode_its_tokens_is_the_servers_failure(tmp_path: Path) -> None:
+    """The policy's decode raising UnicodeDecodeError (a ValueError) for the texts of a finished request
+    is the server's failure, a 500 ``server_error``, not a 400 blaming the request."""
+    failing = Server(tmp_path, script=_serving_script(CANNOT_DECODE))
+    try:
+        answer = failing.post({"prompt": "ab", "particles": 2, "seed": 1})
+        assert answer.status_code == 500, answer.text
+        assert answer.json()["error"]["type"] == "server_error"
+        assert "UnicodeDecodeError" in answer.json()["error"]["message"]
+    finally:
+        failing.stop()

@@ -524,6 +524,9 @@ def create_app(
         except asyncio.CancelledError:
             detail["outcome"] = "cancelled"
             raise
+        except UnicodeDecodeError as error:  # the policy's decode of its own tokens: the server's failure
+            detail["outcome"] = "failed"
+            return JSONResponse(_server_error(error, request_id), status_code=500)
         except (TimeoutError, EngineClosed, ValueError, TypeError) as error:
             detail["outcome"], status, kind, code = _failure(error)
             message, field = _failure_message(error, futures, body, chat)
@@ -564,6 +567,10 @@ def create_app(
         except asyncio.CancelledError:
             detail["outcome"] = "cancelled"
             raise
+        except UnicodeDecodeError as error:  # the policy's decode of its own tokens: the server's failure
+            detail["outcome"] = "failed"
+            yield _event(_server_error(error, request.state.request_id))
+            return
         except (TimeoutError, EngineClosed, ValueError, TypeError) as error:
             detail["outcome"], _, kind, code = _failure(error)
             message, param = _failure_message(error, futures, body, chat)
