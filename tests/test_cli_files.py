@@ -686,6 +686,7 @@ def test_every_handler_is_put_back_though_a_signal_interrupts_their_restoring() 
         "from tiltsmc._files import signals_deferred\n"
         "seen = []\n"
         "signal.signal(signal.SIGTERM, lambda s, f: seen.append('TERM'))\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C's, whatever an import set\n"
         "real = signal.signal\n"
         "def then_ctrl_c(signum, handler):\n"
         "    previous = real(signum, handler)\n"
