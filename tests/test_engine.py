@@ -273,6 +273,17 @@ class Gated:
         return self.inner.propose(particles, rng)
 
 
+def _close_as_the_gate_opens(engine: tiltsmc.Engine, gated: Gated, **options: Any) -> bool:
+    """``engine.close(**options)`` while ``gated``'s gate opens 0.2 s later, letting the worker held in a
+    step finish it; what ``close`` returns."""
+    opener = threading.Timer(0.2, gated.gate.set)
+    opener.start()
+    try:
+        return engine.close(**options)
+    finally:
+        opener.join()
+
+
 def test_overload_and_row_budget(models: tuple[Any, Any]) -> None:
     policy, twist = models
     gated = Gated(policy)
@@ -1744,12 +1755,7 @@ def test_a_later_close_never_gives_the_requests_longer(
     assert gated.entered.wait(10)
     assert engine.close(**first, wait=0) is False  # the worker is inside a step
     time.sleep(0.1)  # past the short drain's end
-    opener = threading.Timer(0.2, gated.gate.set)
-    opener.start()
-    try:
-        assert engine.close() is True
-    finally:
-        opener.join()
+    assert _close_as_the_gate_opens(engine, gated) is True
     for future in futures:
         with pytest.raises(EngineClosed, match="closed before the request finished"):
             future.result(timeout=10)
@@ -1760,12 +1766,7 @@ def test_a_later_close_never_gives_the_requests_longer(
     future = engine.submit((), "smc", num_particles=4, rng=0)
     assert gated.entered.wait(10)
     assert engine.close(drain=True, timeout=None, wait=0) is False
-    opener = threading.Timer(0.2, gated.gate.set)
-    opener.start()
-    try:
-        assert engine.close(drain=False) is True
-    finally:
-        opener.join()
+    assert _close_as_the_gate_opens(engine, gated, drain=False) is True
     with pytest.raises(EngineClosed, match="closed before the request finished"):
         future.result(timeout=10)
 
@@ -1840,10 +1841,7 @@ def test_the_counts_add_up_at_every_read_while_requests_end_every_way(models: tu
         last = [submit(8, 1000), submit(8, 1001)]
         assert gated.entered.wait(10)
         queued = [submit(4, 1002 + k) for k in range(4)]
-        opener = threading.Timer(0.2, gated.gate.set)
-        opener.start()
-        engine.close(drain=False)  # ends those in flight and those queued with EngineClosed
-        opener.join()
+        _close_as_the_gate_opens(engine, gated, drain=False)  # ends those in flight and those queued
         for future in [*last, *queued]:
             with pytest.raises(EngineClosed):
                 future.result(timeout=10)
@@ -2021,12 +2019,7 @@ def test_requests_cancelled_before_a_close_that_ends_them_count_as_cancelled(mod
     assert gated.entered.wait(10)
     waiting = [engine.submit((), "smc", num_particles=4, rng=k) for k in (1, 2)]
     assert in_flight.cancel() and waiting[0].cancel()
-    opener = threading.Timer(0.2, gated.gate.set)
-    opener.start()
-    try:
-        assert engine.close(drain=False) is True
-    finally:
-        opener.join()
+    assert _close_as_the_gate_opens(engine, gated, drain=False) is True
     with pytest.raises(EngineClosed, match="closed before the request finished"):
         waiting[1].result(timeout=10)
     assert engine.stats()["requests"] == {
