@@ -24,7 +24,7 @@ import numpy.typing as npt
 
 from .. import core
 from .onnx_lm import OnnxCausalLM
-from .onnx_reward import TextDecoder, check_verifier, verified_log_reward
+from .onnx_reward import check_verifier, verified_log_reward
 from .particles import Particles
 
 __all__ = ["PolicyHead", "PolicyValue"]
@@ -36,7 +36,8 @@ class PolicyHead:
     """What ``PolicyValue`` and ``tiltsmc.models.twist.PolicyTwist`` share: a reward read from an output of
     the policy's own graph (``head``: what that output is, for messages), ``kind`` as in
     ``OnnxRewardModel``, and the verifier's ``log r`` on finished trajectories, each verified once (of the
-    policy's text, ``OnnxCausalLM.decode``; its token ids where it has no tokenizer)."""
+    policy's text, which the particles carry as ``Particles.text_decoder``; their token ids where it has no
+    tokenizer)."""
 
     log_values_checked = True  # read_log_values refuses NaN and +inf
     supports_engine = True  # its state is the policy's, which the engine joins and trims
@@ -56,8 +57,6 @@ class PolicyHead:
         check_verifier(verifier)
         self.verifier = verifier
         self.tokenizer = policy.tokenizer
-        # the verifier's text is the one results report: the policy's decode, cut before its stop strings
-        self.text_decoder: Optional[TextDecoder] = policy if policy.tokenizer is not None else None
         self._verified_key = f"head.{next(self._serial_numbers)}.verified"
 
     def check_policy(self, policy: Any) -> None:
@@ -84,7 +83,9 @@ class PolicyHead:
         if verified is None:
             verified = particles.state[self._verified_key] = np.full(particles.lengths.shape, np.nan)
         for b, i in zip(*np.nonzero(ended & np.isnan(verified))):
-            verified[b, i] = verified_log_reward(self.verifier, self.text_decoder, particles, int(b), int(i))
+            verified[b, i] = verified_log_reward(
+                self.verifier, particles.text_decoder, particles, int(b), int(i)
+            )
         return np.where(ended, verified, values)
 
 

@@ -119,7 +119,7 @@ class PolicyTwist(PolicyHead):
         particles.tokens[b, i, length] = token
         particles.lengths[b, i] = length + 1
         try:
-            return verified_log_reward(self.verifier, self.text_decoder, particles, b, i)
+            return verified_log_reward(self.verifier, particles.text_decoder, particles, b, i)
         finally:
             particles.tokens[b, i, length] = slot
             particles.lengths[b, i] = length
