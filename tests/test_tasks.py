@@ -942,6 +942,30 @@ def test_arithmetic_verify_names_prompt_for_a_problem_of_too_many_operations() -
     assert arithmetic.verify(longest, "x") == 0.0
 
 
+def test_arithmetic_verify_refuses_a_problem_its_prompt_cannot_write() -> None:
+    """A ``Problem`` is verified only when it is one of the task's prompts, as a str prompt is: no
+    operations (whose empty solution scored an empty answer 1.0, whatever the start), a start outside
+    0..99, or an operation that is not ``+``/``-`` a digit are refused (ValueError naming ``prompt``)."""
+    _tiltsmc()
+    from tiltsmc.tasks import arithmetic
+
+    with pytest.raises(ValueError, match=r"^prompt: .*no operations"):
+        arithmetic.verify(arithmetic.Problem(5, ()), "")
+    with pytest.raises(ValueError, match=r"^prompt: "):
+        arithmetic.verify("05\n", "")
+    for problem in (
+        arithmetic.Problem(100, (("+", 1),)),
+        arithmetic.Problem(-1, (("+", 1),)),
+        arithmetic.Problem(5, (("*", 1),)),
+        arithmetic.Problem(5, (("+", 10),)),
+    ):
+        with pytest.raises(ValueError, match=r"^prompt: not a problem of this task"):
+            arithmetic.verify(problem, problem.solution())
+    smallest = arithmetic.Problem(0, (("-", 0),))
+    assert arithmetic.verify(smallest, smallest.solution()) == 1.0
+    assert arithmetic.verify(smallest, "") == 0.0
+
+
 # chat arithmetic: a line is right when it is the line solution() writes, up to spaces
 
 CHAT_PROBLEM_SIZES = ("small", "two-digit", "counting")
@@ -1149,6 +1173,24 @@ def test_chat_arithmetic_verifier_returns_a_verdict_for_arbitrary_text(text: str
     problem = Problem(2, (("-", 5), ("+", 1))) if below_zero else Problem(57, (("+", 8), ("-", 3)))
     assert ca.verify(problem, text) in (0.0, 1.0)
     assert ca.right_so_far(problem, text) in (0.0, 1.0)
+
+
+def test_chat_arithmetic_spaces_are_ascii_spaces_tabs_and_carriage_returns() -> None:
+    """ "Up to spaces" means ASCII space, tab and carriage return (a ``"\\r\\n"`` line end), around a
+    line's parts, in blank lines and at the end; a no-break, ideographic or other Unicode space makes a
+    line wrong (``\\s`` took them) and the answer incomplete."""
+    _tiltsmc()
+    from tiltsmc.tasks import chat_arithmetic as ca
+    from tiltsmc.tasks.arithmetic import Problem
+
+    problem = Problem(57, (("+", 8), ("-", 3)))
+    assert ca.verify(problem, "57\t+ 8 =\t65\r\n \t\r\n65 - 3 = 62\r\n\t") == 1.0
+    for space in ("\u00a0", "\u3000", "\u2003", "\x0b", "\x0c", "\x1c", "\u0085"):
+        assert ca.verify(problem, f"57{space}+ 8 = 65\n65 - 3 = 62") == 0.0, repr(space)
+        assert ca.check(problem, f"57 + 8 = 65\n65 - 3 = 62{space}").right_steps == 1, repr(space)
+        assert ca.verify(problem, f"57 + 8 = 65\n{space}\n65 - 3 = 62") == 0.0, repr(space)
+        assert ca.verify(problem, f"57 + 8 = 65\n65 - 3 = 62\n{space}") == 0.0, repr(space)
+        assert ca.right_so_far(problem, f"57 + 8 = 65\n{space}") == 0.0, repr(space)
 
 
 def test_chat_arithmetic_refuses_numbers_solution_does_not_write() -> None:

@@ -225,6 +225,13 @@ def _problem_from_prompt(prompt: str) -> Problem:
     return Problem(int(head), tuple(operations))
 
 
+def _problem_from_prompt_or_none(prompt: str) -> Optional[Problem]:
+    try:
+        return _problem_from_prompt(prompt)
+    except ValueError:
+        return None
+
+
 def verify(prompt: Union[str, Problem], text: str) -> float:
     """The terminal reward ``r``: 1.0 when every line is a right step and so the answer is right, else 0.0.
 
@@ -233,19 +240,30 @@ def verify(prompt: Union[str, Problem], text: str) -> float:
 
     Raises:
         TypeError: ``prompt`` is not a str or a ``Problem``, or ``text`` not a str.
-        ValueError: ``prompt`` is not a prompt of this task (``"prompt: ..."``; e.g. more than
-            ``MAX_STEPS`` operations, given as a str or as a ``Problem``).
+        ValueError: ``prompt`` is not a prompt of this task (``"prompt: ..."``; e.g. no operations or more
+            than ``MAX_STEPS``, a start outside 0 to 99, given as a str or as a ``Problem``).
     """
     if not isinstance(prompt, (str, Problem)):
         raise TypeError(f"prompt: expected a str or a Problem, got {type(prompt).__name__}")
     if not isinstance(text, str):
         raise TypeError(f"text: expected a str, got {type(text).__name__}")
-    if isinstance(prompt, Problem) and len(prompt.operations) > MAX_STEPS:
-        raise ValueError(
-            f"prompt: not a problem of this task: {len(prompt.operations)} operations (at most {MAX_STEPS}, "
-            "the steps with a label)"
-        )
-    problem = prompt if isinstance(prompt, Problem) else _problem_from_prompt(prompt)
+    if isinstance(prompt, Problem):
+        problem = prompt
+        # the same rule as for a str: a Problem is one of this task's when its prompt reads back as it
+        if not problem.operations:
+            raise ValueError("prompt: not a problem of this task: no operations (at least 1)")
+        if len(problem.operations) > MAX_STEPS:
+            raise ValueError(
+                f"prompt: not a problem of this task: {len(problem.operations)} operations "
+                f"(at most {MAX_STEPS}, the steps with a label)"
+            )
+        if _problem_from_prompt_or_none(problem.prompt) != problem:
+            raise ValueError(
+                f"prompt: not a problem of this task: {problem!r:.200} (a start of 0 to 99 and operations "
+                "('+' or '-', 0 to 9))"
+            )
+    else:
+        problem = _problem_from_prompt(prompt)
     text = text.removesuffix("<eos>")  # present when decoded with special tokens (skip_special_tokens=False)
     return 1.0 if text.strip("\n") == problem.solution() else 0.0
 

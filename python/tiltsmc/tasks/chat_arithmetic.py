@@ -10,14 +10,15 @@ example exchange that shows the form of an answer (a chat model's own way of lea
                62 + 9 = 71
 
 Line ``t`` is the ``t``-th *reasoning step*: ``a_{t-1} ± d_t = a_t``. With the policy's step delimiter
-``"\n"`` a sampler's step is a line. ``check`` reads an answer line by line: the number of leading
-right lines ``k`` (step ``t`` is right when its line is exactly ``a_{t-1} ± d_t = a_t``, the operand being
-the true running value, up to spaces), and whether the answer is complete (``T`` right lines and nothing
-but blank lines after). A number must be written as ``solution`` writes it: ASCII decimal digits (as in
-``tiltsmc.tasks.arithmetic``: fullwidth or Arabic-Indic digits make a wrong line), no leading zeros, and
-a ``-`` only before a running value below 0 (so ``"057"`` and ``"-0"`` are wrong). Lines are compared as
-text, never converted to ints, so no answer, however long its numbers, makes ``check`` raise. ``verify``
-is the exact terminal reward ``r``: 1 for a complete, right answer, else 0.
+``"\n"`` a sampler's step is a line. ``check`` reads an answer line by line: the number of leading right lines
+``k`` (step ``t`` is right when its line is exactly ``a_{t-1} ± d_t = a_t``, the operand being the true
+running value, up to spaces: ASCII spaces, tabs and carriage returns, no other Unicode space), and whether the
+answer is complete (``T`` right lines and nothing but blank lines after). A number must be written as
+``solution`` writes it: ASCII decimal digits (as in ``tiltsmc.tasks.arithmetic``: fullwidth or Arabic-Indic
+digits make a wrong line), no leading zeros, and a ``-`` only before a running value below 0 (so ``"057"`` and
+``"-0"`` are wrong). Lines are compared as text, never converted to ints, so no answer, however long its
+numbers, makes ``check`` raise. ``verify`` is
+the exact terminal reward ``r``: 1 for a complete, right answer, else 0.
 
 Error rates measured from samples of ``p`` (``bench/real_model.py``): the *per-step* error rate at step
 ``t`` is the hazard ``P(line t wrong | lines 1..t-1 right)`` (the first wrong line is ``t``), and the
@@ -69,9 +70,13 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 MAX_COUNTING_STEPS = 16  # the largest start plus 16 steps of 5 stays within two digits
 _EXAMPLE_SEED = 20_241_204  # the worked examples are fixed: prompts of one size and T differ in the question
+# The spaces a line may have around its parts, and all a blank line may hold: ASCII space, tab and carriage
+# return (a "\r\n" line end); \s and str.strip() would also take a no-break, ideographic or other space.
+_SPACES = " \t\r"
 # a step line "a ± d = c", spaces allowed around each part: the running values may be negative, the operand
 # not; ASCII digits only (\d would take any script's), compared as text with the numbers solution() writes
-_LINE = re.compile(r"^\s*(-?[0-9]+)\s*([+-])\s*([0-9]+)\s*=\s*(-?[0-9]+)\s*$")
+_S = r"[ \t\r]*"
+_LINE = re.compile(rf"^{_S}(-?[0-9]+){_S}([+-]){_S}([0-9]+){_S}={_S}(-?[0-9]+){_S}$")
 _END_OF_TURN = ("<|im_end|>", "<|endoftext|>", "</s>", "<eos>")
 _WORDS = {"+": "add", "-": "subtract"}
 
@@ -207,7 +212,7 @@ class Check:
 def _strip_end(text: str) -> str:
     """``text`` without a trailing end-of-turn token (decoded with special tokens, a finished answer ends
     with one)."""
-    text = text.rstrip()
+    text = text.rstrip(_SPACES + "\n")
     for token in _END_OF_TURN:
         if text.endswith(token):
             return text[: -len(token)]
@@ -221,7 +226,7 @@ def check(problem: Problem, text: str) -> Check:
     _check_problem(problem)
     if not isinstance(text, str):
         raise TypeError(f"text: expected a str, got {type(text).__name__}")
-    lines = [line for line in _strip_end(text).split("\n") if line.strip()]
+    lines = [line for line in _strip_end(text).split("\n") if line.strip(_SPACES)]
     values = problem.values
     right = 0
     for t, (sign, digit) in enumerate(problem.operations):
@@ -242,7 +247,7 @@ def right_so_far(problem: Problem, text: str, ended: bool = False) -> float:
     if ended:
         return verify(problem, text)
     checked = check(problem, text)
-    lines = [line for line in _strip_end(text).split("\n") if line.strip()]
+    lines = [line for line in _strip_end(text).split("\n") if line.strip(_SPACES)]
     return float(len(lines) <= problem.num_steps and checked.right_steps == len(lines))
 
 
