@@ -88,7 +88,8 @@ class SamplerResult:
     ``ancestry`` (``(B, steps, N)``, when recorded) holds each step's ancestor indices.
 
     The samplers without guided steps have diagnostics of their own instead (their per-step arrays are
-    ``(B, 0)``):
+    ``(B, 0)``, but for ``mh``'s ``log_z_increments`` and ``log_z_increment_se``, ``(B, T)``: the mean over
+    its proposals' runs, read by ``online_bellman`` as any SMC run's):
 
     * ``mh``: ``acceptance_rate[b]`` (accepted moves / ``steps``; NaN when ``steps = 0``),
       ``mh_accepted`` (``(B, steps)``: whether move ``h`` was accepted) and ``proposal_log_z``
