@@ -2030,3 +2030,127 @@ def test_requests_cancelled_before_a_close_that_ends_them_count_as_cancelled(mod
         "timed_out": 0,
         "rejected": 0,
     }
+
+
+def _counts_add_up(engine: tiltsmc.Engine) -> dict[str, int]:
+    """``stats()["requests"]``, checked to add up: ``submitted`` is the outcomes, ``waiting`` and
+    ``in_flight``."""
+    stats = engine.stats()
+    counts: dict[str, int] = stats["requests"]
+    ended = sum(counts[outcome] for outcome in ("completed", "failed", "cancelled", "timed_out"))
+    assert counts["submitted"] == ended + stats["waiting"] + stats["in_flight"], stats
+    return counts
+
+
+def test_requests_cancelled_past_their_deadline_count_as_timed_out(models: tuple[Any, Any]) -> None:
+    """A request whose future is cancelled at or past its deadline (the HTTP server's own 504, for a model
+    call that overran it) counts as ``timed_out``, wherever the engine counts it: waiting (at once),
+    taken out to make room in a full queue, in flight at the next step; one cancelled before its deadline
+    still counts as ``cancelled`` (they all counted as cancelled, and the engine's timeouts missed every
+    one the server answered)."""
+    policy, twist = models
+    gated = Gated(policy)
+    gated.gate.clear()
+    with tiltsmc.Engine(gated, twist, max_batch_rows=4, max_queue=2, adaptive_rows=False) as engine:
+        in_flight = engine.submit((), "smc", num_particles=4, rng=0, timeout=0.2)
+        assert gated.entered.wait(10)
+        waiting = engine.submit((), "smc", num_particles=4, rng=1, timeout=0.2)
+        early = engine.submit((), "smc", num_particles=4, rng=2, timeout=60)
+        try:
+            time.sleep(0.3)  # past the deadlines, the worker inside its step: the server's timer cancels them
+            assert in_flight.cancel() and waiting.cancel() and early.cancel()
+            counts = _counts_add_up(engine)
+            assert (counts["timed_out"], counts["cancelled"]) == (1, 1)  # the waiting ones, at once
+            later = engine.submit((), "smc", num_particles=4, rng=3)  # the two cancelled make room for it
+            counts = _counts_add_up(engine)
+            assert (counts["timed_out"], counts["cancelled"]) == (1, 1)
+        finally:
+            gated.gate.set()
+        assert same_result(
+            later.result(timeout=30), tiltsmc.smc(policy, twist, prompts=[()], num_particles=4, rng=3)
+        )
+        assert _wait_for(lambda: engine.stats()["in_flight"] == 0)
+        assert _counts_add_up(engine) == {
+            "submitted": 4,
+            "completed": 1,
+            "failed": 0,
+            "cancelled": 1,
+            "timed_out": 2,
+            "rejected": 0,
+        }
+
+
+class GatedFails(Gated):
+    """A gated policy whose ``propose`` raises, once the gate opens, while ``fails`` is set."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.fails = threading.Event()
+
+    def propose(self, particles: Particles, rng: Any) -> Any:
+        proposed = super().propose(particles, rng)
+        if self.fails.is_set():
+            raise RuntimeError("session failed")
+        return proposed
+
+
+def test_requests_cancelled_past_their_deadline_count_as_timed_out_as_their_step_or_a_close_ends_them(
+    models: tuple[Any, Any],
+) -> None:
+    """A request cancelled past its deadline during the step that ends it (here its model call failing)
+    counts as ``timed_out``, as do those a close without draining ends (waiting and in flight); the
+    waiting one counts so from its cancel on."""
+    policy, twist = models
+    gated = GatedFails(policy)
+    gated.gate.clear()
+    gated.fails.set()
+    engine = tiltsmc.Engine(gated, twist, max_batch_rows=4, adaptive_rows=False)
+    try:
+        failing = engine.submit((), "smc", num_particles=4, rng=0, timeout=0.2)
+        assert gated.entered.wait(10)
+        time.sleep(0.3)
+        assert failing.cancel()
+        gated.gate.set()  # its step ends it with the model call's error: it was cancelled past its deadline
+        assert _wait_for(lambda: engine.stats()["in_flight"] == 0)
+        assert _counts_add_up(engine)["timed_out"] == 1
+
+        gated.fails.clear()
+        gated.gate.clear()
+        gated.entered.clear()
+        in_flight = engine.submit((), "smc", num_particles=4, rng=1, timeout=0.2)
+        assert gated.entered.wait(10)
+        waiting = engine.submit((), "smc", num_particles=4, rng=2, timeout=0.2)
+        time.sleep(0.3)
+        assert in_flight.cancel() and waiting.cancel()
+        assert _counts_add_up(engine)["timed_out"] == 2
+        assert _close_as_the_gate_opens(engine, gated, drain=False) is True
+    finally:
+        gated.gate.set()
+        engine.close()
+    assert _counts_add_up(engine) == {
+        "submitted": 3,
+        "completed": 0,
+        "failed": 0,
+        "cancelled": 0,
+        "timed_out": 3,
+        "rejected": 0,
+    }
+
+
+def test_a_future_notes_when_a_cancel_cancelled_it(models: tuple[Any, Any]) -> None:
+    """``cancelled_at`` is the time of the cancel that cancelled the future (on the deadlines' clock),
+    kept by a later cancel; a cancel that cannot cancel (the request ended) notes nothing."""
+    policy, twist = models
+    gated = Gated(policy)
+    gated.gate.clear()
+    with tiltsmc.Engine(gated, twist) as engine:
+        cancelled = engine.submit((), "smc", num_particles=4, rng=0)
+        before = time.perf_counter()
+        assert cancelled.cancel()
+        at = getattr(cancelled, "cancelled_at", None)
+        assert at is not None and before <= at <= time.perf_counter()
+        assert cancelled.cancel() and getattr(cancelled, "cancelled_at", None) == at
+        gated.gate.set()
+        done = engine.submit((), "smc", num_particles=4, rng=1)
+        done.result(timeout=30)
+        assert not done.cancel() and getattr(done, "cancelled_at", 0.0) is None

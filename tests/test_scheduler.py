@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import math
+import threading
 import weakref
 from concurrent.futures import Future
 from typing import Callable
@@ -442,3 +443,99 @@ def test_the_queue_counts_only_requests_not_cancelled(max_queue: int, script: li
         assert len(scheduler) == len(waiting) - cancelled
         assert scheduler.waiting_and_cancelled() == (len(waiting) - cancelled, cancelled)
     assert sorted(r.id for r in left + waiting) == [r.id for r in made]
+
+
+def _cancel_at(request: Request, when: float) -> None:
+    """Cancel ``request``'s future as the engine's futures do, noting ``when`` as its ``cancelled_at``."""
+    request.future.cancelled_at = when  # type: ignore[attr-defined]
+    assert request.future.cancel()
+
+
+def test_requests_cancelled_past_their_deadline_count_as_timed_out() -> None:
+    """A request whose future was cancelled at or past its deadline (``cancelled_at``) is timed out, one
+    cancelled before it (or without a deadline, or a future that does not say when) cancelled;
+    ``waiting_and_ended()`` counts those still queued by that outcome, and each stops counting as it is
+    taken out (``take_expired``, ``enqueue``, ``admit``, ``take_all``)."""
+    scheduler = Scheduler(max_queue=4, max_batch_rows=100)
+    requests = [_request(number, rows=1) for number in range(7)]
+    for request in requests[:4]:
+        request.deadline = 5.0
+        scheduler.enqueue(request)
+    _cancel_at(requests[0], 5.0)  # at its deadline
+    _cancel_at(requests[1], 4.0)  # before it
+    _cancel_at(requests[2], 9.0)  # past it
+    assert [r.cancelled_outcome() for r in requests[:3]] == ["timed_out", "cancelled", "timed_out"]
+    assert scheduler.waiting_and_ended() == (1, {"cancelled": 1, "timed_out": 2})
+    assert scheduler.waiting_and_cancelled() == (1, 3)
+    assert scheduler.take_expired(1.0) == requests[:3]
+    assert scheduler.waiting_and_ended() == (1, {"cancelled": 0, "timed_out": 0})
+
+    for request in requests[4:]:
+        scheduler.enqueue(request)  # deadline None
+    _cancel_at(requests[4], 9.0)  # no deadline: cancelled
+    assert requests[5].future.cancel()  # a future that does not note when: cancelled
+    requests[6].deadline = 1.0
+    _cancel_at(requests[6], 2.0)
+    assert scheduler.waiting_and_ended() == (1, {"cancelled": 2, "timed_out": 1})
+    assert scheduler.admit(0, row_limit=2) == requests[3:5]
+    assert scheduler.waiting_and_ended() == (0, {"cancelled": 1, "timed_out": 1})
+    refill = [_request(number, rows=1) for number in range(7, 10)]
+    refill[0].deadline = 1.0
+    assert [scheduler.enqueue(request) for request in refill[:2]] == [[], []]
+    assert scheduler.enqueue(refill[2]) == requests[5:7]  # full: the cancelled make room
+    assert scheduler.waiting_and_ended() == (3, {"cancelled": 0, "timed_out": 0})
+    _cancel_at(refill[0], 1.5)
+    assert scheduler.waiting_and_ended() == (2, {"cancelled": 0, "timed_out": 1})
+    assert scheduler.take_all() == refill
+    assert scheduler.waiting_and_ended() == (0, {"cancelled": 0, "timed_out": 0})
+
+
+@pytest.mark.parametrize("taking", ["take_all", "take_expired", "admit"])
+def test_len_read_while_requests_are_taken_out_is_never_short(taking: str) -> None:
+    """``len()`` read from another thread while a worker takes requests out of the queue (the engine's
+    worker reads it so, without the engine's lock, while another worker may take some out) is the queue
+    before or after, never in between: a request left the queue before its cancellation stopped counting,
+    so a read in between counted too few, and below 0 ``len()`` raised ``ValueError`` (in a worker: the
+    engine failed)."""
+    scheduler = Scheduler(max_queue=8, max_batch_rows=100)
+    requests = [_request(number, rows=1) for number in range(4)]
+    for request in requests:
+        scheduler.enqueue(request)
+    for request in requests[:2]:
+        assert request.future.cancel()
+    expected = {"take_all": 0, "take_expired": 2, "admit": 1}[taking]
+    inside, go_on = threading.Event(), threading.Event()
+    left = scheduler._left
+
+    def slow_left(request: Request) -> None:  # the worker paused as a request leaves
+        inside.set()
+        assert go_on.wait(10)
+        left(request)
+
+    scheduler._left = slow_left  # type: ignore[method-assign]
+    take = {
+        "take_all": scheduler.take_all,
+        "take_expired": lambda: scheduler.take_expired(0.0),
+        "admit": lambda: scheduler.admit(0, row_limit=3),
+    }[taking]
+    taker = threading.Thread(target=take)
+    taker.start()
+    seen: list[object] = []
+
+    def read() -> None:
+        try:
+            seen.append(len(scheduler))
+        except ValueError as error:
+            seen.append(error)
+
+    reader = threading.Thread(target=read)
+    try:
+        assert inside.wait(10)
+        reader.start()
+        reader.join(0.2)  # it waits for the take to end
+    finally:
+        go_on.set()
+        taker.join(10)
+    reader.join(10)
+    assert seen == [expected]
+    assert len(scheduler) == expected

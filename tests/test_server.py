@@ -1388,6 +1388,123 @@ def test_a_model_call_past_the_timeout_is_a_504_all_the_same(tmp_path: Path) -> 
         stuck.stop()
 
 
+def _slow_models(seconds: float) -> str:
+    """The code of a ``_serving_script``'s models: ``Stuck``'s policy, but each ``propose`` returns after
+    ``seconds`` (a model call that takes that long, then goes on)."""
+    return f"""
+import time
+
+
+class Slow(Stuck):
+    def propose(self, particles, rng):
+        time.sleep({seconds!r})
+        return self.policy.propose(particles, rng)
+
+
+policy, reward = Slow(), TASK.twist(noise=0.4, rng=1)
+"""
+
+
+def _wait_for_metrics(server: Server, condition: Any, seconds: float = 30.0) -> None:
+    """Until ``condition(server)`` holds (its metrics read afresh each time)."""
+    deadline = time.monotonic() + seconds
+    while not condition(server):
+        assert time.monotonic() < deadline, server.metrics()
+        time.sleep(0.05)
+
+
+def test_a_504_the_server_answers_itself_counts_as_timed_out(tmp_path: Path) -> None:
+    """A model call that overruns the timeout, then returns (3 s against ``timeout=1.0``): the server
+    answers the 504 itself ``TIMEOUT_MARGIN`` past it, cancelling the engine's requests, which the
+    engine then counts, and ``tiltsmc_requests_total`` shows, as ``timed_out`` (they counted as
+    cancelled: the metric missed every timeout of a model call that overran); a client that leaves
+    before the timeout still counts as ``cancelled``."""
+    slow = Server(tmp_path, script=_serving_script(_slow_models(3.0), "timeout=1.0"))
+    try:
+        body = {"prompt": "x", "particles": 2}
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            plain = pool.submit(slow.post, body, timeout=8)
+            streaming = pool.submit(slow.post, {**body, "stream": True}, timeout=8)
+            leaving = pool.submit(slow.post, body, timeout=0.3)  # gone well before its timeout
+            answered, streamed = plain.result(), streaming.result()
+            with pytest.raises(httpx.ReadTimeout):
+                leaving.result()
+        assert answered.status_code == 504 and answered.json()["error"]["code"] == "timeout", answered.text
+        assert streamed.status_code == 200 and '"code":"timeout"' in streamed.text, streamed.text
+        _wait_for_metrics(  # once the model call has returned, the engine takes them out
+            slow, lambda s: s.metric("tiltsmc_requests_in_flight") + s.metric("tiltsmc_queue_depth") == 0
+        )
+        assert slow.metric('tiltsmc_requests_total{outcome="timed_out"}') == 2, slow.metrics()
+        assert slow.metric('tiltsmc_requests_total{outcome="cancelled"}') == 1, slow.metrics()
+        assert slow.metric('tiltsmc_requests_total{outcome="submitted"}') == 3
+        assert slow.metric('tiltsmc_request_seconds_count{outcome="timed_out"}') == 2
+    finally:
+        slow.stop()
+
+
+def _gated_models(gate: Path) -> str:
+    """The code of a ``_serving_script``'s models: ``Stuck``'s policy, but each ``propose`` waits while the
+    file ``gate`` exists, then goes on (the test holds the engine inside a step)."""
+    return f"""
+import os
+import time
+
+
+class Gated(Stuck):
+    def propose(self, particles, rng):
+        while os.path.exists({str(gate)!r}):
+            time.sleep(0.01)
+        return self.policy.propose(particles, rng)
+
+
+policy, reward = Gated(), TASK.twist(noise=0.4, rng=1)
+"""
+
+
+def test_choices_the_queue_has_no_room_for_are_a_429_and_free_what_was_queued(tmp_path: Path) -> None:
+    """``n = 2`` with room in the queue for one choice: a 429, the choice already queued cancelled at
+    once (out of the queue's depth, counted ``cancelled``, the refused one ``rejected``), and the queue
+    whole again for the next requests: a request of ``n = 2`` that fills it waits and is served."""
+    gate = tmp_path / "gate"
+    gate.touch()
+    held = Server(
+        tmp_path,
+        script=_serving_script(_gated_models(gate), "max_batch_rows=2, max_queue=2, adaptive_rows=False"),
+    )
+    try:
+        body = {"prompt": "x", "particles": 2}  # all the rows: one request in flight at a time
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            first = pool.submit(held.post, body)
+            _wait_for_metrics(held, lambda s: s.metric("tiltsmc_requests_in_flight") == 1)
+            second = pool.submit(held.post, body)
+            _wait_for_metrics(held, lambda s: s.metric("tiltsmc_queue_depth") == 1)
+            refused = held.post({**body, "n": 2})
+            assert refused.status_code == 429 and refused.json()["error"]["code"] == "overloaded"
+            assert held.metric("tiltsmc_queue_depth") == 1
+            assert held.metric('tiltsmc_requests_total{outcome="cancelled"}') == 1
+            assert held.metric('tiltsmc_requests_total{outcome="rejected"}') == 1
+            gate.unlink()
+            assert [first.result().status_code, second.result().status_code] == [200, 200]
+        gate.touch()
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            holder = pool.submit(held.post, body)
+            _wait_for_metrics(held, lambda s: s.metric("tiltsmc_requests_in_flight") == 1)
+            both = pool.submit(held.post, {**body, "n": 2})  # the queue's two places
+            _wait_for_metrics(held, lambda s: s.metric("tiltsmc_queue_depth") == 2)
+            gate.unlink()
+            assert holder.result().status_code == 200
+            assert both.result().status_code == 200 and len(both.result().json()["choices"]) == 2
+        _wait_for_metrics(
+            held, lambda s: s.metric("tiltsmc_requests_in_flight") + s.metric("tiltsmc_queue_depth") == 0
+        )
+        for outcome, count in (("submitted", 6), ("completed", 5), ("cancelled", 1), ("rejected", 1)):
+            assert held.metric(f'tiltsmc_requests_total{{outcome="{outcome}"}}') == count, held.metrics()
+        assert held.metric("tiltsmc_rows_in_flight") == 0
+    finally:
+        gate.unlink(missing_ok=True)
+        held.stop()
+
+
 def test_settings_the_command_line_refuses_are_refused_by_create_app_and_settings() -> None:
     """``create_app`` and ``Settings`` (what Ray's replicas are built from) check their settings as the
     command line does (it alone did): an empty API key (it let any ``Authorization: Bearer`` through), a

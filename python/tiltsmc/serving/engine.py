@@ -246,7 +246,10 @@ class _ResultFuture(Future[SamplerResult]):
     a callback of its loop, and an ``await`` whose ``result()`` raised there never returned. Cancelled, it
     tells the waiters of ``concurrent.futures.wait`` and ``as_completed`` at once, as an executor does when
     it takes a cancelled future (``set_running_or_notify_cancel``; even where a done-callback raised a
-    ``BaseException`` out of ``cancel()``): no executor takes these, and they waited for ever."""
+    ``BaseException`` out of ``cancel()``): no executor takes these, and they waited for ever.
+    ``cancelled_at``: the ``time.perf_counter()`` (the clock of ``Request.deadline``) of the cancel that
+    cancelled it, noted before it turns cancelled (so whoever sees it cancelled sees when): a request
+    cancelled past its deadline counts as timed out (``Request.cancelled_outcome``)."""
 
     def __init__(self, policy: Any) -> None:
         super().__init__()
@@ -255,8 +258,12 @@ class _ResultFuture(Future[SamplerResult]):
         self._decoded = False
         self._decode_error: Optional[Exception] = None  # what decoding the texts raised
         self._notified = False  # set_running_or_notify_cancel called (once: again, it raises)
+        self.cancelled_at: Optional[float] = None
 
     def cancel(self) -> bool:
+        with self._condition:  # not across super().cancel(): its done-callbacks run without the lock
+            if self.cancelled_at is None and not self.done():  # the first cancel that may succeed
+                self.cancelled_at = time.perf_counter()
         try:
             return super().cancel()  # runs the done-callbacks, which may raise past it
         finally:
@@ -550,7 +557,8 @@ class Engine:
             except Overloaded:
                 self._counts["rejected"] += 1
                 raise
-            self._counts["cancelled"] += len(made_room)
+            for cancelled in made_room:
+                self._counts[cancelled.cancelled_outcome()] += 1
             self._counts["submitted"] += 1
             self._events += 1
             self._wake.notify_all()
@@ -579,11 +587,14 @@ class Engine:
         every read: ``submitted`` is the sum of the outcomes (``completed``, ``failed``, ``cancelled``,
         ``timed_out``; ``rejected`` requests are not submitted), ``waiting`` and ``in_flight``. A request
         cancelled while it waits is ``cancelled`` at once (no longer ``waiting``); one cancelled in flight,
-        or past its deadline, once its worker takes it out, at its next step."""
+        or past its deadline, once its worker takes it out, at its next step. A request cancelled at or past
+        its deadline counts as ``timed_out`` (``Request.cancelled_outcome``: the HTTP server's own 504,
+        for a model call that overran the deadline)."""
         with self._wake:
             counts = dict(self._counts)
-            waiting, cancelled_waiting = self._scheduler.waiting_and_cancelled()
-            counts["cancelled"] += cancelled_waiting
+            waiting, ended_waiting = self._scheduler.waiting_and_ended()
+            for outcome, count in ended_waiting.items():
+                counts[outcome] += count
             restarts = self._restarts
             workers: list[dict[str, Any]] = [
                 {
@@ -883,10 +894,11 @@ class Engine:
     ) -> list[tuple[Request, BaseException]]:
         """Under the lock: the waiting requests cancelled or past their deadline taken out of the queue, and
         ``gone`` (``worker``'s in flight so, out of its lanes) out of its requests, each counted as it
-        leaves (``stats()`` never sees a request that is neither waiting, in flight nor counted); returns
-        those past their deadline, each with the ``TimeoutError`` its future is to get once the lock is let
-        go. A waiting request taken out wakes the idle workers: the one behind it may fit now, and the
-        worker it fits goes to may be another (``_defers``)."""
+        leaves (``stats()`` never sees a request that is neither waiting, in flight nor counted; one
+        cancelled as ``Request.cancelled_outcome`` says); returns those past their deadline and not
+        cancelled, each with the ``TimeoutError`` its future is to get once the lock is let go. A waiting
+        request taken out wakes the idle workers: the one behind it may fit now, and the worker it fits
+        goes to may be another (``_defers``)."""
         expired = self._scheduler.take_expired(now)
         if not expired and not gone:
             return []
@@ -899,7 +911,7 @@ class Engine:
         timed_out: list[tuple[Request, BaseException]] = []
         for request in (*expired, *gone):
             if request.future.cancelled():
-                self._counts["cancelled"] += 1
+                self._counts[request.cancelled_outcome()] += 1
             else:
                 self._counts["timed_out"] += 1
                 waited = now - request.submitted
@@ -970,8 +982,11 @@ class Engine:
             if request is None:
                 return
             self._take(worker, request)
-            cancelled = request.future.cancelled()  # by its caller during this step
-            self._counts["cancelled" if cancelled else "failed" if error is not None else "completed"] += 1
+            cancelled = request.future.cancelled()  # by its caller during this step (or the server's timer)
+            if cancelled:
+                self._counts[request.cancelled_outcome()] += 1
+            else:
+                self._counts["failed" if error is not None else "completed"] += 1
         if cancelled:
             return
         if error is not None:
@@ -998,8 +1013,8 @@ class Engine:
 
     def _end_all(self, worker: _Worker, error: BaseException) -> None:
         """End the waiting requests and ``worker``'s in flight with ``error``: taken out and counted under
-        the lock (``failed``; ``cancelled`` where their caller cancelled them), their futures settled
-        after."""
+        the lock (``failed``; where their future was cancelled, as ``Request.cancelled_outcome`` says),
+        their futures settled after."""
         with self._wake:
             in_flight = list(worker.in_flight.values())
             for request in in_flight:
@@ -1007,7 +1022,7 @@ class Engine:
             failed = []
             for request in (*self._scheduler.take_all(), *in_flight):
                 if request.future.cancelled():
-                    self._counts["cancelled"] += 1
+                    self._counts[request.cancelled_outcome()] += 1
                 else:
                     self._counts["failed"] += 1
                     failed.append(request)

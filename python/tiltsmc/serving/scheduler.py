@@ -37,7 +37,7 @@ class Request:
     ``rows_option``; and the bytes of the KV cache they may reach, where the engine bounds them) and its
     deadline. ``cancelled``: its future was
     cancelled (set from the future's callback once it is queued, under the scheduler's lock: read without
-    taking the future's lock).
+    taking the future's lock); what the engine counts it as then is ``cancelled_outcome()``.
     ``restart``: where set, a fresh run of the request from its start."""
 
     id: int
@@ -57,6 +57,19 @@ class Request:
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
+
+    def cancelled_outcome(self) -> str:
+        """The outcome a request whose future was cancelled counts as: ``"timed_out"`` where it was cancelled
+        at or past its deadline, else ``"cancelled"``. A model call that overruns the deadline holds the
+        engine, which checks deadlines between its steps: the HTTP server then answers the 504 itself and
+        cancels the request (``TIMEOUT_MARGIN`` past it), a timeout all the same; a request cancelled
+        before its deadline (its caller, a client gone) is cancelled. The time is the future's
+        ``cancelled_at`` (the engine's futures note it before they turn cancelled, on ``deadline``'s clock,
+        ``time.perf_counter``); a future without one counts as cancelled. The one rule for every count of
+        the engine and the scheduler: it gives the same answer at every call once the future is cancelled,
+        so a request is counted alike wherever it leaves from."""
+        cancelled_at = getattr(self.future, "cancelled_at", None)
+        return "timed_out" if cancelled_at is not None and self.expired(cancelled_at) else "cancelled"
 
 
 class Scheduler:
@@ -82,19 +95,30 @@ class Scheduler:
         self._arrivals = itertools.count()
         self._cancelled: list[Request] = []  # requests whose future was cancelled since take_expired
         self._cancelled_waiting = 0  # the requests in _waiting whose future was cancelled
+        self._timed_out_waiting = 0  # those of them cancelled past their deadline (cancelled_outcome)
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        """The requests waiting whose future was not cancelled. Read without the lock: exact where the queue
-        does not change meanwhile (the engine reads it under its own lock, which every change but a
-        cancellation takes), else possibly one off for that moment; ``waiting_and_cancelled`` is exact."""
-        return len(self._waiting) - self._cancelled_waiting
+        """The requests waiting whose future was not cancelled. Read under the lock: a request taken out of
+        the queue leaves it before its cancellation stops counting (``_left``), so a read in between, by
+        a worker that does not hold the engine's lock while another takes requests out, counted too few
+        (fewer than 0 after ``take_all``: ``len()`` raised ``ValueError``)."""
+        with self._lock:
+            return len(self._waiting) - self._cancelled_waiting
 
     def waiting_and_cancelled(self) -> tuple[int, int]:
         """The requests waiting (``len()``) and those in the queue whose future was cancelled, read together
         (a cancellation moves a request from the one to the other)."""
         with self._lock:
             return len(self._waiting) - self._cancelled_waiting, self._cancelled_waiting
+
+    def waiting_and_ended(self) -> tuple[int, dict[str, int]]:
+        """``waiting_and_cancelled`` with the requests cancelled in the queue by the outcome the engine
+        counts them as (``Request.cancelled_outcome``): ``{"cancelled": ..., "timed_out": ...}``."""
+        with self._lock:
+            ended = {"cancelled": self._cancelled_waiting - self._timed_out_waiting}
+            ended["timed_out"] = self._timed_out_waiting
+            return len(self._waiting) - self._cancelled_waiting, ended
 
     def enqueue(self, request: Request) -> list[Request]:
         """Queue ``request``; ``Overloaded`` where ``max_queue`` requests wait already (those cancelled not
@@ -138,12 +162,16 @@ class Scheduler:
                 self._cancelled.append(request)
                 if request.waiting:
                     self._cancelled_waiting += 1
+                    if request.cancelled_outcome() == "timed_out":
+                        self._timed_out_waiting += 1
 
     def _left(self, request: Request) -> None:
         """``request`` is out of the queue (under the lock)."""
         request.waiting = False
         if request.cancelled:
             self._cancelled_waiting -= 1
+            if request.cancelled_outcome() == "timed_out":
+                self._timed_out_waiting -= 1
 
     def _take_cancelled(self) -> list[Request]:
         """The waiting requests whose future was cancelled, taken out of the queue (under the lock)."""
@@ -193,9 +221,7 @@ class Scheduler:
                 if defer is not None and defer(rows_in_flight, head):
                     break
                 request = self._waiting.popleft()
-                request.waiting = False
-                if request.cancelled:  # cancelled since take_expired: the engine drops it at its next step
-                    self._cancelled_waiting -= 1
+                self._left(request)  # cancelled since take_expired: the engine drops it at its next step
                 rows_in_flight += request.rows
                 total += request.rows
                 cache_bytes += request.cache_bytes
