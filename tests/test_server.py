@@ -813,6 +813,63 @@ def test_openai_chat_client(server: Server) -> None:
     assert usage is not None and usage.total_tokens == completion.usage.total_tokens
 
 
+@pytest.mark.parametrize(
+    ("fields", "param", "message"),
+    [
+        ({"sampler": "sp_gsmc", "pool_size": "exact"}, "pool_size", "pool_size: 'exact' needs a token-level"),
+        ({"sampler": "mh", "pool_size": "exact"}, "pool_size", "pool_size: 'exact' needs a token-level"),
+        ({"sampler": "smc", "proposal": "optimal"}, "proposal", "proposal: 'optimal' needs a token-level"),
+        ({"sampler": "smc", "pool_size": "exact"}, "pool_size", "pool_size: not an option of sampler 'smc'"),
+        ({"sampler": "sp_gsmc", "proposal": "naive"}, "proposal", "proposal: not an option of sampler"),
+        ({"sampler": "mh", "pool_size": "exact", "particles": 2}, "pool_size", "pool_size: not used by"),
+        ({"sampler": "sp_gsmc", "pool_size": "8"}, "pool_size", 'pool_size: expected an integer >= 1 or "exact"'),
+        ({"sampler": "sp_gsmc", "pool_size": 0}, "pool_size", 'pool_size: expected an integer >= 1 or "exact"'),
+        ({"sampler": "smc", "proposal": "best"}, "proposal", "proposal: "),
+    ],
+)  # fmt: skip
+def test_the_optimal_forms_are_refused_without_a_twist_head_and_checked(
+    server: Server, fields: dict[str, Any], param: str, message: str
+) -> None:
+    """``pool_size: "exact"`` and ``proposal: "optimal"`` need a twist head, which the fixture's reward
+    model has not: a 400 naming the field, as for any option a request's sampler cannot take."""
+    response = server.post({"prompt": "hi", "max_tokens": 2, **fields})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["message"].startswith(message), error
+    if "needs" in message:
+        assert "twist head (next_log_values)" in error["message"]
+
+
+def test_the_optimal_proposal_and_exact_sp_gsmc_are_the_offline_runs(tmp_path: Path) -> None:
+    """On a policy with a twist head (``--value-output twist``), ``pool_size: "exact"`` runs SP-gSMC's
+    exact form and MH's proposals so, ``proposal: "optimal"`` SMC's optimal proposal: each choice the
+    offline function's result for its seed (the API's ``pool_size=None``, ``proposal="optimal"``)."""
+    from tiltsmc.models import PolicyTwist
+
+    twist_model = FIXTURES / "gpt2-twist-tiny"
+    serving = Server(
+        tmp_path, "--policy", str(twist_model), "--value-output", "twist", "--reward-kind", "logit",
+        "--max-new-tokens", "3", "--top-k", "3",
+    )  # fmt: skip
+    try:
+        policy = OnnxCausalLM(twist_model, value_output="twist", max_new_tokens=3, top_k=3)
+        twist = PolicyTwist(policy, kind="logit")
+        for fields, sampler, options in (
+            ({"sampler": "sp_gsmc", "pool_size": "exact"}, tiltsmc.sp_gsmc, {"pool_size": None}),
+            ({"sampler": "mh", "pool_size": "exact", "mh_steps": 2}, tiltsmc.mh, {"pool_size": None, "steps": 2}),
+            ({"sampler": "smc", "proposal": "optimal", "particles": 4}, tiltsmc.smc,
+             {"proposal": "optimal", "num_particles": 4}),
+        ):  # fmt: skip
+            response = serving.post({"prompt": "10", "seed": 5, **fields})
+            assert response.status_code == 200, response.text
+            detail = response.json()["tiltsmc"]["choices"][0]
+            offline = sampler(policy, twist, ["10"], rng=5, **options).to_dict()
+            assert detail["log_z"] == offline["log_z"][0], fields
+            assert detail["log_weights"] == offline["log_weights"][0], fields
+    finally:
+        serving.stop()
+
+
 def test_stop_strings_are_the_policys_own(tmp_path: Path) -> None:
     """``tiltsmc serve --stop``: every answer ends before the policy's stop strings, as the offline run's;
     a request's ``stop`` is taken where it names the same strings and refused, saying which, otherwise."""

@@ -283,6 +283,95 @@ def test_cli_reads_a_twist_output_as_a_twist(tmp_path: Path) -> None:
     assert math.isclose(record["log_z"], float(expected.log_z[0]), rel_tol=0, abs_tol=1e-9)
 
 
+@pytest.mark.parametrize(
+    ("options", "sampler", "expected_options"),
+    [
+        (["--sampler", "sp-gsmc", "--pool-size", "exact"], tiltsmc.sp_gsmc, {"pool_size": None}),
+        (["--sampler", "smc", "--proposal", "optimal", "--particles", "4"], tiltsmc.smc,
+         {"proposal": "optimal", "num_particles": 4}),
+        (["--sampler", "mh", "--pool-size", "exact", "--mh-steps", "2"], tiltsmc.mh,
+         {"pool_size": None, "steps": 2}),
+    ],
+)  # fmt: skip
+def test_the_cli_runs_the_optimal_proposal_and_exact_sp_gsmc(
+    tmp_path: Path, options: list[str], sampler: Callable[..., Any], expected_options: dict[str, Any]
+) -> None:
+    """``--pool-size exact`` (SP-gSMC's exact form, MH's SP-gSMC proposals) and ``--proposal optimal``
+    (SMC): the API's ``pool_size=None`` and ``proposal="optimal"``, with the same samples and log Z for the
+    prompt's seed stream, recorded as those options (the help promised exact SP-gSMC, which no option
+    gave: ``--pool-size`` took only counts)."""
+    from tiltsmc.cli import main
+
+    out = tmp_path / "out.jsonl"
+    argv = ["run", "--policy", str(TWIST), "--value-output", "twist", "--reward-kind", "logit",
+            "--max-new-tokens", "3", "--top-k", "3", "--seed", "7", "--prompt", "10", "--json", str(out),
+            "-q", *options]  # fmt: skip
+    assert main(argv) == 0
+    record = json.loads(out.read_text())
+    policy = OnnxCausalLM(TWIST, value_output="twist", max_new_tokens=3, top_k=3)
+    expected = sampler(
+        policy,
+        PolicyTwist(policy, kind="logit"),
+        ["10"],
+        rng=np.random.default_rng(np.random.SeedSequence(7, spawn_key=(0,))),
+        **expected_options,
+    )
+    assert record["samples"] == [list(map(int, s)) for s in expected.samples[0]]
+    assert math.isclose(record["log_z"], float(expected.log_z[0]), rel_tol=0, abs_tol=1e-9)
+    assert {k: record["run"]["options"][k] for k in expected_options} == expected_options
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--sampler", "sp-gsmc", "--pool-size", "exact"], "--pool-size: exact needs a token-level policy"),
+        (["--sampler", "mh", "--pool-size", "exact"], "--pool-size: exact needs a token-level policy"),
+        (["--sampler", "smc", "--proposal", "optimal"], "--proposal: optimal needs a token-level policy"),
+    ],
+)
+def test_the_optimal_proposal_without_a_twist_head_is_refused_before_any_prompt_runs(
+    tmp_path: Path, options: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A value head (one score per position) has no next-token values: the optimal forms are refused
+    once the models are loaded, with status 2 and one line naming the option, no prompt run or written."""
+    from tiltsmc.cli import main
+
+    out = tmp_path / "out.jsonl"
+    argv = ["run", "--policy", str(VALUE), "--value-output", "value", "--max-new-tokens", "3",
+            "--prompt", "10", "--prompt", "11", "--json", str(out), "-q", *options]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"tiltsmc: {message}"), err
+    assert "twist head (next_log_values)" in err and len(err.splitlines()) == 1, err
+    assert not out.exists() or out.read_text() == ""
+
+
+@pytest.mark.parametrize("value", ["0", "exactly", "Exact", "-1"])
+def test_pool_size_takes_a_count_or_exact(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Anything else is refused by argparse (status 2), naming the option and both forms."""
+    from tiltsmc.cli import main
+
+    argv = ["run", "--policy", str(TWIST), "--value-output", "twist", "--prompt", "10", "-q",
+            "--sampler", "sp-gsmc", "--pool-size", value]  # fmt: skip
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2
+    assert "argument --pool-size: expected an integer >= 1" in err and "(or exact)" in err, err
+
+
+def test_pool_size_exact_is_refused_where_the_sampler_has_no_pool(capsys: pytest.CaptureFixture[str]) -> None:
+    from tiltsmc.cli import main
+
+    argv = ["run", "--policy", str(TWIST), "--value-output", "twist", "--prompt", "10", "-q",
+            "--sampler", "smc", "--pool-size", "exact"]  # fmt: skip
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (
+        "tiltsmc: --pool-size: not an option of --sampler smc (it takes --particles, --resample, "
+        "--ess-threshold, --proposal)\n"
+    )
+
+
 @pytest.mark.parametrize("bad", [3, "verify", [verifier]])
 def test_a_verifier_that_is_not_callable_is_refused(bad: Any) -> None:
     """Accepted before (``verifier=3``), then failed at the first finished trajectory without a name."""

@@ -54,7 +54,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any, NoReturn, Optional
+from typing import IO, Any, NoReturn, Optional, Union
 
 import numpy as np
 
@@ -74,6 +74,7 @@ from .samplers.result import (
     prompt_reason,
 )
 from .samplers.runs import Run
+from .samplers.sequential import OPTIMAL_FORM_NEEDS, PROPOSALS, optimal_form_option
 from .serving.engine import SAMPLERS as SAMPLER_FUNCTIONS
 from .serving.engine import sampler_defaults
 
@@ -594,6 +595,20 @@ _thread_count = _at_most(MAX_THREADS, "threads")
 # allocated 15 GB of the tiny fixture's caches before failing.
 MAX_PARTICLES = 1 << 20
 _particle_count = _at_most(MAX_PARTICLES, "particles")
+EXACT = "exact"  # --pool-size exact: SP-gSMC's exact form (pool_size=None), each token drawn from q ∝ p Vh_t
+
+
+def _pool_size(text: str) -> Union[int, str]:
+    """``--pool-size``: a number of candidates (``_particle_count``) or ``exact``, the sampler's
+    ``pool_size=None`` (kept as the text until the options are read, so that it counts as given)."""
+    if text == EXACT:
+        return EXACT
+    try:
+        return _particle_count(text)
+    except argparse.ArgumentTypeError as error:
+        raise argparse.ArgumentTypeError(f"{error} (or {EXACT})") from None
+
+
 # Rejection sampling's draws (and so samples) of one prompt at most: counted in int64, which 10^20 overflowed
 # (status 1 after the models loaded, "Python int too large to convert to C long"); no run comes near 2^40.
 MAX_DRAWS = 1 << 40
@@ -779,7 +794,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser, demo_models: bool = Fa
         default=_model_default("value_output"),
         help="the policy graph's value output, read as the reward: one model for both roles, one run a step "
         "(one score per position: PolicyValue; a row of vocabulary size per position, a token-level twist: "
-        "PolicyTwist, which also serves sp-gsmc exactly)",
+        f"PolicyTwist, which also serves --pool-size {EXACT} and --proposal optimal)",
     )
     parser.add_argument(
         "--reward-kv-cache",
@@ -1414,10 +1429,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--pool-size",
-        type=_particle_count,
+        type=_pool_size,
         default=None,
         help=f"sp-gsmc / mh: candidates per step (default: {_default('sp_gsmc', 'pool_size')} / "
-        f"{_default('mh', 'pool_size')})",
+        f"{_default('mh', 'pool_size')}), or {EXACT}: each token drawn from the optimal proposal "
+        "q ∝ p Vh_t, with no pool (needs a token-level policy and a twist head: --value-output of a "
+        "twist, or a reward model with next-token values)",
+    )
+    run.add_argument(
+        "--proposal",
+        choices=PROPOSALS,
+        default=None,
+        help=f"smc: draw each step from the policy (naive) or each token from the optimal proposal "
+        f"q ∝ p Vh_t (optimal; needs a twist head, as --pool-size {EXACT}) (default: "
+        f"{_default('smc', 'proposal')})",
     )
     run.add_argument(
         "--mh-steps",
@@ -1560,7 +1585,12 @@ def _read_text_prompts(args: argparse.Namespace) -> list[str]:
 # (tiltsmc.serving.server.SAMPLER_FIELDS), and rejection's number of samples and draws, which the server
 # fixes itself. Any other sampler option given is refused (_sampler_options).
 _RUN_OPTIONS: dict[str, dict[str, str]] = {
-    "smc": {"particles": "num_particles", "resample": "resample", "ess_threshold": "ess_threshold"},
+    "smc": {
+        "particles": "num_particles",
+        "resample": "resample",
+        "ess_threshold": "ess_threshold",
+        "proposal": "proposal",
+    },
     "sp-gsmc": {"pool_size": "pool_size"},
     "mh": {
         "particles": "num_particles",
@@ -1607,7 +1637,7 @@ def _sampler_options(args: argparse.Namespace) -> dict[str, Any]:
                 f"(it takes {accepted})"
             )
     given = {
-        parameter: getattr(args, option)
+        parameter: None if option == "pool_size" and getattr(args, option) == EXACT else getattr(args, option)
         for option, parameter in _RUN_OPTIONS[args.sampler].items()
         if getattr(args, option) is not None
     }
@@ -1634,6 +1664,16 @@ def _check_mh_form(args: argparse.Namespace, particles: int) -> None:
             "proposals are SP-gSMC runs, which take --pool-size; SMC's resampling options need "
             "--particles 2 or more)"
         )
+
+
+def _check_optimal_form(args: argparse.Namespace, options: dict[str, Any], models: Models) -> None:
+    """``--pool-size exact`` or ``--proposal optimal`` with models that cannot draw from the optimal
+    proposal: refused (``CliError``) once the models are loaded, before any prompt runs (the sampler would
+    fail every prompt alike)."""
+    option = optimal_form_option(options)
+    if option is not None and not models.supports_optimal_proposal():
+        flag, value = ("--pool-size", EXACT) if option == "pool_size" else ("--proposal", "optimal")
+        raise CliError(f"{flag}: {value} needs {OPTIMAL_FORM_NEEDS}")
 
 
 def _step_budget(args: argparse.Namespace, options: dict[str, Any], policy: Any) -> Optional[int]:
@@ -1846,6 +1886,7 @@ def run(args: argparse.Namespace) -> int:
         _check_chat_template(args, policy)
         run_info = run_configuration(args, options)
         models = Models(policy, reward, Compute())
+        _check_optimal_form(args, options, models)
         batch_size = args.batch_size if _batches_together(policy, reward) else 1
         logger.debug("run configuration: %s", json.dumps(run_info))
         progress = StepProgress(

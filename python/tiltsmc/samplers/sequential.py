@@ -14,7 +14,7 @@ step they finish their potential is ``r / Vh_{t-1}``, afterwards 1.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Optional
 
 import numpy as np
@@ -31,6 +31,23 @@ from .runs import ExactSPRun, PoolRun, Run, SMCRun
 __all__ = ["smc", "sp_gsmc"]
 
 PROPOSALS = ("naive", "optimal")
+# what the optimal proposal q ∝ p Vh_t (SMC's proposal="optimal", SP-gSMC's exact form) needs of the models
+OPTIMAL_FORM_NEEDS = (
+    "a token-level policy (next_log_probs, append) and a reward model with a twist head (next_log_values)"
+)
+
+
+def optimal_form_option(options: Mapping[str, Any]) -> Optional[str]:
+    """Which of a sampler's ``options`` (its function's keyword arguments) asks for the optimal proposal
+    ``q ∝ p Vh_t``, which needs ``OPTIMAL_FORM_NEEDS``: ``"proposal"`` for ``proposal="optimal"`` (SMC),
+    ``"pool_size"`` for ``pool_size=None`` (exact SP-gSMC, and MH's SP-gSMC proposals, with one particle);
+    None where neither does. The command line and the server check it against their models
+    (``Models.supports_optimal_proposal``) before anything runs, naming their own option."""
+    if options.get("proposal") == "optimal":
+        return "proposal"
+    if "pool_size" in options and options["pool_size"] is None and options.get("num_particles", 1) == 1:
+        return "pool_size"
+    return None
 
 
 def _check_common(resample: str, ess_threshold: float, proposal: str, models: Models) -> None:
@@ -44,10 +61,7 @@ def _check_common(resample: str, ess_threshold: float, proposal: str, models: Mo
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"ess_threshold: expected a fraction in [0, 1], got {ess_threshold!r}")
     if proposal == "optimal" and not models.supports_optimal_proposal():
-        raise ValueError(
-            "proposal: 'optimal' needs a token-level policy (next_log_probs, append) and a reward model "
-            "with a twist head (next_log_values)"
-        )
+        raise ValueError(f"proposal: 'optimal' needs {OPTIMAL_FORM_NEEDS}")
 
 
 def _check_exact_form(models: Models) -> None:
@@ -56,8 +70,7 @@ def _check_exact_form(models: Models) -> None:
     if not models.supports_optimal_proposal():
         raise ValueError(
             "pool_size: None (the exact form: each token drawn from the optimal proposal q ∝ p Vh_t) needs "
-            "a token-level policy (next_log_probs, append) and a reward model with a twist head "
-            "(next_log_values); give a pool size instead"
+            f"{OPTIMAL_FORM_NEEDS}; give a pool size instead"
         )
 
 

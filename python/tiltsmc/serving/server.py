@@ -6,10 +6,11 @@ answers each choice as an assistant ``message``. ``POST /v1/completions`` takes 
 request (``model``, ``prompt`` as a string or a list, ``max_tokens``, ``n``, ``seed``, ``stream``;
 ``stop`` and OpenAI's sampling fields only at the values that leave the served law as it is, see
 ``NEUTRAL_FIELDS``: the policy's own stop strings, temperature and top-p) plus tiltsmc's fields
-(``sampler``, ``particles``, ``ess_threshold``, ``resample``, ``pool_size``, ``mh_steps``, ``bound``),
-and answers in the OpenAI shape (``choices`` with ``text`` and
-``finish_reason``, ``usage``) with a ``tiltsmc`` object per choice: the log Z estimate, the normalised
-weights, the ESS trace, the compute. Each choice is one request to the engine, seeded ``seed + i`` for
+(``sampler``, ``particles``, ``ess_threshold``, ``resample``, ``proposal``, ``pool_size`` (a count, or
+``"exact"``), ``mh_steps``, ``bound``), and answers in the OpenAI shape (``choices`` with ``text`` and
+``finish_reason``, ``usage``) with one ``tiltsmc`` object: the sampler, and per choice (its ``index``,
+``prompt_index`` and ``sample_index``) the log Z estimate, the normalised weights, the ESS trace, the
+compute. Each choice is one request to the engine, seeded ``seed + i`` for
 the ``i``-th choice (prompt-major), so ``seed = s`` for one prompt and one choice gives the result of
 ``tiltsmc.smc(..., rng=s)``; an SMC choice's text is one particle drawn by weight from its final
 weighted particles. With ``stream: true`` the same answer comes as server-sent events, one chunk per
@@ -59,15 +60,17 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Union
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Literal, Optional, Union
 
 import numpy as np
 
 from .. import core
 from .._options import real_option
 from ..models._config import real_number
+from ..samplers._engine import Models
 from ..samplers.correction import options_not_read
-from ..samplers.result import SamplerResult, plain, prompt_error_parts
+from ..samplers.result import Compute, SamplerResult, plain, prompt_error_parts
+from ..samplers.sequential import OPTIMAL_FORM_NEEDS, optimal_form_option
 from .engine import (
     ADAPTIVE_ROWS,
     MAX_BATCH_ROWS,
@@ -91,7 +94,12 @@ logger = logging.getLogger("tiltsmc.server")
 
 # tiltsmc's request fields, as the options of each sampler they set
 SAMPLER_FIELDS: dict[str, dict[str, str]] = {
-    "smc": {"particles": "num_particles", "ess_threshold": "ess_threshold", "resample": "resample"},
+    "smc": {
+        "particles": "num_particles",
+        "ess_threshold": "ess_threshold",
+        "resample": "resample",
+        "proposal": "proposal",
+    },
     "sp_gsmc": {"pool_size": "pool_size"},
     "mh": {
         "particles": "num_particles",
@@ -108,7 +116,10 @@ UNION_FIELDS = {
     "prompt": "a string or a non-empty list of strings (token ids are not taken: send text)",
     "stop": "a string or a list of strings",
     "content": 'a string, a list of text parts ({"type": "text", "text": ...}) or null (an assistant\'s)',
+    "pool_size": 'an integer >= 1 or "exact" (each token drawn from the optimal proposal, with no pool)',
 }
+# pool_size "exact": the samplers' pool_size=None, SP-gSMC's exact form (and MH's proposals so)
+EXACT = "exact"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 # Seconds a closing server waits past its grace period for a step still in progress (a model call cannot
@@ -289,6 +300,7 @@ def create_app(
         )
     max_tokens_limit = limits.max_tokens or policy_limit
     longest_token = _longest_token(policy)
+    optimal_proposal = Models(policy, engine.reward, Compute()).supports_optimal_proposal()
 
     # strict: a field of the wrong JSON type is refused (lax pydantic would read "2" or true as a number)
     class StreamOptions(BaseModel):
@@ -318,7 +330,8 @@ def create_app(
         particles: Optional[int] = Field(default=None, ge=1)
         ess_threshold: Optional[float] = Field(default=None, ge=0.0, le=1.0)
         resample: Optional[Literal["multinomial", "stratified", "systematic", "residual"]] = None
-        pool_size: Optional[int] = Field(default=None, ge=1)
+        pool_size: Optional[Union[Annotated[int, Field(ge=1)], Literal["exact"]]] = None
+        proposal: Optional[Literal["naive", "optimal"]] = None
         mh_steps: Optional[int] = Field(default=None, ge=0)
         bound: Optional[float] = Field(default=None, gt=0.0)
 
@@ -494,8 +507,9 @@ def create_app(
         futures: list[Any] = []
         try:
             options = _options(
-                body, prompts, limits, max_tokens_limit, model_name, policy, engine.max_queue, chat
-            )
+                body, prompts, limits, max_tokens_limit, model_name, policy, engine.max_queue, chat,
+                optimal_proposal,
+            )  # fmt: skip
             param = "messages" if chat else "prompt"
             prompt_tokens, futures = await _submitted(
                 lambda: (
@@ -654,12 +668,15 @@ def _options(
     policy: Any,
     max_queue: int,
     chat: bool = False,
+    optimal_proposal: bool = False,
 ) -> dict[str, Any]:
-    """The engine options of a request, checked against the server's limits and the engine's queue
-    (400s naming the field). A field left out counts at the default that would run: a particle count past
-    ``max_particles`` is refused, the policy's ``max_new_tokens`` past ``max_tokens_limit`` and MH's steps
-    past ``limits.max_mh_steps`` are lowered to the limit (``max_tokens`` is OpenAI's upper bound, left out
-    by clients that take what the server gives; a request that asks for more is refused)."""
+    """The engine options of a request, checked against the server's limits and the engine's queue (400s
+    naming the field); ``proposal: "optimal"`` and ``pool_size: "exact"`` only where the models can draw
+    from the optimal proposal (``optimal_proposal``: a token-level policy and a twist head). A field left
+    out counts at the default that would run: a particle count past ``max_particles`` is refused, the policy's
+    ``max_new_tokens`` past ``max_tokens_limit`` and MH's steps past ``limits.max_mh_steps`` are lowered
+    to the limit (``max_tokens`` is OpenAI's upper bound, left out by clients that take what the server
+    gives; a request that asks for more is refused)."""
     if body.model is not None and body.model != model_name:
         raise RequestError(
             "model", f"model: this server serves {model_name!r}, not {body.model!r}", 404, "model_not_found"
@@ -703,13 +720,13 @@ def _options(
                 )
     fields = SAMPLER_FIELDS[body.sampler]
     options: dict[str, Any] = {}
-    for field in ("particles", "ess_threshold", "resample", "pool_size", "mh_steps", "bound"):
+    for field in ("particles", "ess_threshold", "resample", "pool_size", "proposal", "mh_steps", "bound"):
         value = getattr(body, field)
         if value is None:
             continue
         if field not in fields:
             raise RequestError(field, f"{field}: not an option of sampler {body.sampler!r}")
-        options[fields[field]] = value
+        options[fields[field]] = None if field == "pool_size" and value == EXACT else value
     defaults = sampler_defaults(body.sampler)
     if body.sampler == "mh":  # an option of the proposal form it does not run would change nothing
         particles = options.get("num_particles", defaults["num_particles"])
@@ -724,6 +741,12 @@ def _options(
                 field,
                 f"{field}: not used by sampler 'mh' with {particles} particle(s): its proposals are {form}",
             )
+    asked = optimal_form_option(options)
+    if asked is not None and not optimal_proposal:
+        value = EXACT if asked == "pool_size" else "optimal"
+        raise RequestError(
+            asked, f"{asked}: {value!r} needs {OPTIMAL_FORM_NEEDS}; this server's models have no twist head"
+        )
     for option in ("num_particles", "pool_size", "n", "batch_size"):
         count = options.get(option, defaults.get(option) if option in fields.values() else None)
         if isinstance(count, int) and count > limits.max_particles:
