@@ -48,6 +48,49 @@ def free_port() -> int:
             return port
 
 
+def session_processes(session: int) -> list[int]:
+    """The processes of session ``session`` still running (zombies left out): Linux's ``/proc``, the session
+    being the sixth field of ``/proc/PID/stat`` (after the command's name in parentheses, which may hold
+    anything)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path("/proc", entry, "stat").read_text()
+        except OSError:  # ended meanwhile
+            continue
+        fields = stat.rpartition(")")[2].split()  # state, ppid, pgrp, session, ...
+        if int(fields[3]) == session and fields[0] != "Z":
+            found.append(int(entry))
+    return found
+
+
+def end_session(process: subprocess.Popen[Any], within: float = 120) -> int:
+    """Stop a command started in a session of its own (``start_new_session``) and what it started: SIGTERM,
+    ``within`` seconds for it to exit, then SIGKILL to every process of its session still running (a hung
+    command's, and those of the Ray instance it started, whatever their process group: Ray's workers
+    each have one of their own). Only those: never ``ray stop``, which stops every Ray instance of the
+    user on the machine, those of other tests and processes included. Returns the command's exit
+    status."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(within)
+        except subprocess.TimeoutExpired:
+            pass
+    deadline = time.monotonic() + 30
+    while left := session_processes(process.pid):  # a hung command's, or a Ray left behind by one
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        assert time.monotonic() < deadline, f"processes of session {process.pid} still running: {left}"
+        time.sleep(0.1)
+    return process.wait()
+
+
 class RayServer:
     def __init__(self, tmp_path: Path) -> None:
         self.port = free_port()
@@ -61,7 +104,9 @@ class RayServer:
             "--grace", "300",  # the SIGTERM test's long requests drain whole on a loaded machine
         ]  # fmt: skip
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.process = subprocess.Popen(  # a session of its own: its Ray instance's processes, see stop
+            command, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             assert self.process.poll() is None, f"the command exited: {self.log()}"
@@ -102,17 +147,11 @@ class RayServer:
         return self.log_path.read_text()
 
     def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(120)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-                ray_command = Path(sys.executable).with_name("ray")  # a Ray left behind by a hung command
-                subprocess.run([str(ray_command), "stop", "--force"], check=False, capture_output=True)
+        """SIGTERM, and the command's exit status; a command hung past 120 s is killed with its Ray instance
+        (``end_session``)."""
+        status = end_session(self.process, within=120)
         self._log.close()
-        return int(self.process.returncode)
+        return status
 
 
 @pytest.fixture(scope="module")
@@ -386,8 +425,7 @@ def test_sigterm_lets_the_requests_in_flight_finish(ray_server: RayServer) -> No
 
 class ServeCommand:
     """``tiltsmc serve --ray --demo ARGUMENTS`` in a session of its own (the processes of the Ray instance
-    it starts die with it), its output in ``log_path``; killed with its session on leaving, if still
-    running."""
+    it starts die with it), its output in ``log_path``; what is left of its session killed on leaving."""
 
     def __init__(self, arguments: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
         self.log_path = log_path
@@ -402,9 +440,7 @@ class ServeCommand:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        end_session(self.process, within=0)  # SIGKILL to what is left of its session, Ray's workers included
         self._log.close()
 
     def log(self) -> str:
@@ -443,6 +479,54 @@ class ServeCommand:
         except ProcessLookupError:
             return False
         return True
+
+
+# A command hung (SIGTERM ignored) with a child in a process group of its own, as Ray's workers are: the
+# child says its pid once it has one.
+HUNG_SCRIPT = """
+import signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+child = (
+    "import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); os.setpgrp(); "
+    "print(os.getpid(), flush=True); time.sleep(600)"
+)
+subprocess.Popen([sys.executable, "-c", child])
+time.sleep(600)
+"""
+
+
+def test_a_hung_command_is_killed_with_its_session_and_nothing_else(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test's way to stop a command past its SIGTERM (``RayServer.stop``, ``ServeCommand``) kills every
+    process of the command's session, in any process group, and nothing else: it fell back to ``ray stop
+    --force`` (here recorded, not run), which stops every Ray instance of the user on the machine, other
+    tests' included, and left the command's own processes in a group of their own running."""
+    run: list[Any] = []
+    monkeypatch.setattr(subprocess, "run", lambda command, *args, **kwargs: run.append(command))
+    sleep = [sys.executable, "-c", "import time; time.sleep(600)"]
+    bystander = subprocess.Popen(sleep, start_new_session=True)  # another test's processes
+    command = subprocess.Popen(
+        [sys.executable, "-c", HUNG_SCRIPT], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        assert command.stdout is not None
+        ready, _, _ = select.select([command.stdout], [], [], 60)
+        assert ready, "the hung command's child did not start"
+        child = int(command.stdout.readline())
+        assert os.getsid(child) == command.pid and os.getpgid(child) == child  # a group of its own
+        started = time.monotonic()
+        assert end_session(command, within=1) == -signal.SIGKILL
+        assert time.monotonic() - started < 30
+        assert session_processes(command.pid) == []  # the child too
+        assert bystander.poll() is None  # left running
+        assert not any("stop" in map(str, ran) for ran in run), run  # no `ray stop`
+    finally:
+        for pid in session_processes(command.pid):
+            os.kill(pid, signal.SIGKILL)
+        command.wait()
+        bystander.kill()
+        bystander.wait()
+        if command.stdout is not None:
+            command.stdout.close()
 
 
 # A Ray cluster of another owner: its own Serve on a port given, with an application "other" at /other.
@@ -554,6 +638,37 @@ def test_on_a_joined_cluster_only_its_own_application_is_taken_down(
     assert httpx.get(f"{other_cluster.url}/v1/models", timeout=30).status_code == 404  # its app is gone
 
 
+def test_a_second_command_on_a_cluster_where_tiltsmc_runs_is_refused_and_the_first_keeps_serving(
+    other_cluster: OtherCluster, tmp_path: Path
+) -> None:
+    """A second ``tiltsmc serve --ray --address`` on a cluster where tiltsmc's application already runs:
+    refused before deploying, naming the application and ``--address`` (``serve.run_many`` replaced the
+    first command's application silently, and the second command's exit deleted it); the first keeps
+    serving, from the same replica, and takes its application down on SIGTERM as before."""
+    address = other_cluster.address
+    arguments = ["--address", address, "--replica-cpus", "0.5", "--port", str(other_cluster.port)]
+    body = {"prompt": PROMPT, "particles": 2, "seed": 0}
+    with ServeCommand(arguments, tmp_path / "first.log", other_cluster.env) as first:
+        assert first.wait_for("listening", within=240) is not None, first.log()
+        before = httpx.post(f"{other_cluster.url}/v1/completions", json=body, timeout=60)
+        assert before.status_code == 200, before.text
+        with ServeCommand(arguments, tmp_path / "second.log", other_cluster.env) as second:
+            assert second.wait_for("listening", within=240) is None, second.log()
+            assert second.process.returncode == 2, second.log()
+            assert second.log().splitlines()[-1] == (
+                f"tiltsmc: --address {address}: Ray Serve on this cluster already has an application named "
+                "'tiltsmc' (status RUNNING: another tiltsmc serve --ray?), which deploying would replace; "
+                "stop it first, or deploy on another cluster"
+            )
+        after = httpx.post(f"{other_cluster.url}/v1/completions", json=body, timeout=60)
+        assert after.status_code == 200 and after.json()["choices"] == before.json()["choices"], after.text
+        assert after.headers["x-tiltsmc-instance"] == before.headers["x-tiltsmc-instance"]  # not redeployed
+        assert first.process.poll() is None, first.log()
+        assert first.stop() == 0, first.log()
+    assert other_cluster.other_answers()
+    assert httpx.get(f"{other_cluster.url}/v1/models", timeout=30).status_code == 404  # its app is gone
+
+
 def test_without_address_a_ray_instance_of_its_own_is_started(
     other_cluster: OtherCluster, tmp_path: Path
 ) -> None:
@@ -617,6 +732,50 @@ def test_a_port_in_use_is_refused_as_tiltsmc_serve_refuses_it_before_ray_starts(
     assert (on_ray.returncode, plain.returncode) == (2, 2), (on_ray.stderr, plain.stderr)
     assert on_ray.stderr.startswith(f"tiltsmc: --port: cannot listen on 127.0.0.1:{port}: "), on_ray.stderr
     assert on_ray.stderr.splitlines() == plain.stderr.splitlines()[-1:]  # one line: Ray never started
+
+
+def test_an_address_where_no_ray_cluster_is_is_refused_at_once() -> None:
+    """``--address`` where nothing listens: one line naming it, status 2, before Ray is reached and within
+    seconds (``ray.init`` tried it for about 14 minutes, 20 tries of 41 s with Ray 2.60's defaults, its
+    warnings on standard error, and a ConnectionError then ended the command as an unexpected error)."""
+    closed = f"127.0.0.1:{free_port()}"  # free: nothing listens there
+    command = [sys.executable, "-m", "tiltsmc.cli", "serve", "--ray", "--demo", "--address", closed,
+               "--port", str(free_port())]  # fmt: skip
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    started = time.monotonic()
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert time.monotonic() - started < 60, result.stderr
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        f"tiltsmc: --address {closed}: no Ray cluster there (cannot connect to {closed}: Connection "
+        "refused); give the address of a running cluster's head, or leave --address out to start a Ray "
+        "instance"
+    ]
+
+
+def test_an_address_ray_cannot_join_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ray.init``'s ConnectionError for ``--address`` (``auto`` where no cluster runs, or a port that
+    accepts but is not Ray's): a ValueError naming ``--address`` with Ray's reason, before Serve is reached
+    (it ended the command as an unexpected error)."""
+    import ray
+    from ray import serve
+    from tiltsmc.cli import build_parser
+    from tiltsmc.serving.ray import ReplicaOptions, serve_on_ray
+    from tiltsmc.serving.server import Settings
+
+    def refused(**kwargs: Any) -> None:
+        raise ConnectionError("Could not find any running Ray instance. Please give its address.")
+
+    monkeypatch.setattr(ray, "init", refused)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setattr(serve, "start", lambda **kwargs: pytest.fail("Serve started"))
+    args = build_parser().parse_args(["serve", "--ray", "--demo", "--address", "auto", "--port", "8000"])
+    with pytest.raises(ValueError) as raised:
+        serve_on_ray(args, ReplicaOptions({}, Settings()))
+    assert str(raised.value) == (
+        "--address auto: cannot join a Ray cluster there: Could not find any running Ray instance. Please "
+        "give its address."
+    )
 
 
 RAY_ERROR = (

@@ -23,6 +23,7 @@ import math
 import os
 import re
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -64,6 +65,8 @@ POLL_INTERVAL_S = 0.5
 WAITING_REPORT_S = 10.0
 # Seconds past the grace period the command waits for Ray Serve to delete the application on exit.
 TAKE_DOWN_MARGIN_S = 30.0
+# Seconds the command waits for a connection to --address before Ray is reached (see _check_address).
+ADDRESS_TIMEOUT_S = 10.0
 # ANSI escape sequences (colours): Ray colours the remote tracebacks in its errors.
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
 
@@ -376,6 +379,10 @@ def serve_on_ray(args: argparse.Namespace, options: ReplicaOptions) -> int:
     running. A signal while the replicas start stops the command too; the wait for them is reported every
     so often with what holds them back (``waiting_for_replicas``).
 
+    On a cluster joined, an ``--address`` where no Ray cluster answers, and an application named
+    ``tiltsmc`` already there (another ``tiltsmc serve --ray``, which deploying would replace and the exit
+    delete), are refused before deploying, that application left running.
+
     Bad options raise ValueError naming the option (before Ray starts, or before deploying for a Serve that
     listens elsewhere), a missing ray extra ImportError, a failed deployment
     [`DeployFailed`][tiltsmc.serving.ray.DeployFailed] with the last line of Ray's error."""
@@ -391,6 +398,8 @@ def serve_on_ray(args: argparse.Namespace, options: ReplicaOptions) -> int:
     local = args.address is None
     if local:  # refused here, not in a Ray traceback once Ray has started
         listening_socket(args.host, args.port).close()
+    else:  # refused here, not after Ray's minutes of retries
+        _check_address(args.address)
     log_to_stderr()
     stop, hurry = threading.Event(), threading.Event()
 
@@ -401,12 +410,20 @@ def serve_on_ray(args: argparse.Namespace, options: ReplicaOptions) -> int:
     serve_started = deployed = served = False
     try:
         _handle_signals(on_signal)
-        ray.init(  # "local": a new instance, even where RAY_ADDRESS or a running cluster is in reach
-            address="local" if local else args.address,
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-            log_to_driver=False,
-        )
+        try:
+            ray.init(  # "local": a new instance, even where RAY_ADDRESS or a running cluster is in reach
+                address="local" if local else args.address,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+                log_to_driver=False,
+            )
+        except ConnectionError as error:  # --address: no cluster found (auto), or none answered as Ray
+            if local:
+                raise
+            message = _last_line(str(error), "no Ray cluster answered")
+            raise ValueError(
+                f"--address {args.address}: cannot join a Ray cluster there: {message}"
+            ) from None
         _handle_signals(on_signal)  # again: ray.init installs a SIGTERM handler of its own
         if not stop.is_set():
             serve_started = True  # from here on Serve may run: shut down on exit, on the instance started
@@ -417,6 +434,8 @@ def serve_on_ray(args: argparse.Namespace, options: ReplicaOptions) -> int:
                     f"--port: Ray Serve already runs on the cluster at --address {args.address}, listening "
                     f"on port {port}, and keeps it: give --port {port}"
                 )
+            if not local:
+                _refuse_a_running_application(serve, args.address)
             application = build_application(options, **arguments)
             deployed = True  # from here on the application may exist on the cluster: taken down on exit
             serve.run_many(
@@ -442,6 +461,46 @@ def serve_on_ray(args: argparse.Namespace, options: ReplicaOptions) -> int:
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)
     return 0
+
+
+def _check_address(address: str) -> None:
+    """Refuse (ValueError naming ``--address``) an address ``HOST:PORT`` (or ``ray://HOST:PORT``) where
+    nothing accepts a connection within ``ADDRESS_TIMEOUT_S``, before Ray is reached: ``ray.init`` tries such
+    an address for minutes (20 tries of about 41 s each with Ray 2.60's defaults, its warnings filling
+    standard error) and then fails with a ConnectionError. Another form of address (``auto``) is Ray's to
+    resolve; a port that accepts but is not Ray's is found out by ``ray.init``, after its tries."""
+    target = address.split("://", 1)[-1]
+    host, colon, port_text = target.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")  # an IPv6 address, [::1]:6379
+    if not colon or not host or not port_text.isdigit():
+        return
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise ValueError(f"--address {address}: {port} is not a port (1 to 65535)")
+    try:
+        socket.create_connection((host, port), timeout=ADDRESS_TIMEOUT_S).close()
+    except OSError as error:  # refused, unreachable, a host unknown, a timeout (whose strerror is None)
+        reason = error.strerror or str(error) or type(error).__name__
+        raise ValueError(
+            f"--address {address}: no Ray cluster there (cannot connect to {host}:{port}: {reason}); give "
+            "the address of a running cluster's head, or leave --address out to start a Ray instance"
+        ) from None
+
+
+def _refuse_a_running_application(serve: Any, address: str) -> None:
+    """Refuse (ValueError naming ``--address`` and the application) a cluster joined where Ray Serve already
+    has an application named ``APP_NAME``: most likely another ``tiltsmc serve --ray --address``, which
+    deploying would replace silently (``serve.run_many`` redeploys an application of the same name), and
+    which this command would then delete on exit. Checked before deploying, so that it is left running.
+    (Two commands started at the same instant may both find none: Ray Serve has no "deploy unless there".)"""
+    application = serve.status().applications.get(APP_NAME)
+    if application is not None:
+        status = getattr(application.status, "value", application.status)  # a str Enum
+        raise ValueError(
+            f"--address {address}: Ray Serve on this cluster already has an application named {APP_NAME!r} "
+            f"(status {status}: another tiltsmc serve --ray?), which deploying would replace; stop it "
+            "first, or deploy on another cluster"
+        )
 
 
 def _handle_signals(handler: Callable[[int, Optional[FrameType]], None]) -> None:
