@@ -261,31 +261,10 @@ def test_twist_head_in_the_engine_and_bad_options() -> None:
         tiltsmc.smc(twist_policy(), twist, prompts=[PROMPT], proposal="optimal")
 
 
-def test_cli_reads_a_twist_output_as_a_twist(tmp_path: Path) -> None:
-    """``tiltsmc run --value-output twist`` on a twist-head graph runs PolicyTwist: the same samples and
-    log Z as the API with the prompt's seed stream (prompt 0: ``SeedSequence(seed, spawn_key=(0,))``)."""
-    from tiltsmc.cli import main
-
-    out = tmp_path / "out.jsonl"
-    argv = ["run", "--policy", str(TWIST), "--value-output", "twist", "--reward-kind", "logit",
-            "--sampler", "sp-gsmc", "--max-new-tokens", "3", "--top-k", "3", "--seed", "7",
-            "--prompt", "10", "--json", str(out), "-q"]  # fmt: skip
-    assert main(argv) == 0
-    record = json.loads(out.read_text())
-    policy = OnnxCausalLM(TWIST, value_output="twist", max_new_tokens=3, top_k=3)
-    expected = tiltsmc.sp_gsmc(
-        policy,
-        PolicyTwist(policy, kind="logit"),
-        ["10"],
-        rng=np.random.default_rng(np.random.SeedSequence(7, spawn_key=(0,))),
-    )
-    assert record["samples"] == [list(map(int, s)) for s in expected.samples[0]]
-    assert math.isclose(record["log_z"], float(expected.log_z[0]), rel_tol=0, abs_tol=1e-9)
-
-
 @pytest.mark.parametrize(
     ("options", "sampler", "expected_options"),
     [
+        (["--sampler", "sp-gsmc"], tiltsmc.sp_gsmc, {"pool_size": 16}),
         (["--sampler", "sp-gsmc", "--pool-size", "exact"], tiltsmc.sp_gsmc, {"pool_size": None}),
         (["--sampler", "smc", "--proposal", "optimal", "--particles", "4"], tiltsmc.smc,
          {"proposal": "optimal", "num_particles": 4}),
@@ -293,13 +272,14 @@ def test_cli_reads_a_twist_output_as_a_twist(tmp_path: Path) -> None:
          {"pool_size": None, "steps": 2}),
     ],
 )  # fmt: skip
-def test_the_cli_runs_the_optimal_proposal_and_exact_sp_gsmc(
+def test_cli_reads_a_twist_output_as_a_twist(
     tmp_path: Path, options: list[str], sampler: Callable[..., Any], expected_options: dict[str, Any]
 ) -> None:
-    """``--pool-size exact`` (SP-gSMC's exact form, MH's SP-gSMC proposals) and ``--proposal optimal``
-    (SMC): the API's ``pool_size=None`` and ``proposal="optimal"``, with the same samples and log Z for the
-    prompt's seed stream, recorded as those options (the help promised exact SP-gSMC, which no option
-    gave: ``--pool-size`` took only counts)."""
+    """``tiltsmc run --value-output twist`` on a twist-head graph runs PolicyTwist: the same samples and
+    log Z as the API with the prompt's seed stream (prompt 0: ``SeedSequence(seed, spawn_key=(0,))``),
+    recorded with the options given. ``--pool-size exact`` (SP-gSMC's exact form, MH's SP-gSMC proposals)
+    and ``--proposal optimal`` (SMC) are the API's ``pool_size=None`` and ``proposal="optimal"`` (the help
+    promised exact SP-gSMC, which no option gave: ``--pool-size`` took only counts)."""
     from tiltsmc.cli import main
 
     out = tmp_path / "out.jsonl"
