@@ -6,8 +6,9 @@ the rows are independent replicates) and compares empirical means with their exp
 Tolerances. A sample mean of ``R`` iid replicates with variance at most ``v`` has standard error at most
 ``se = sqrt(v / R)``; we require ``|mean - expected| < 5 se``. For a Gaussian sample mean (``R >= 20000``
 and mean counts of at least a few hundred per check, so the normal approximation is good) a 5-sigma
-deviation has probability 5.7e-7. The file makes about 300 such checks, so the family-wise false-alarm
-probability is about 2e-4, and every seed is fixed, so the outcome is deterministic anyway. For scale: at
+deviation has probability 5.7e-7. The file makes about 400 such checks (88 of them count variances, each
+~1.1e-6: see ``variance_band``), so the family-wise false-alarm probability is about 3e-4, and every seed
+is fixed, so the outcome is deterministic anyway. For scale: at
 M = N the dominant particle (w = 0.31, M w = 3.7) has se = 0.011, so a bias of 2% of M w_i is caught there.
 """
 
@@ -129,16 +130,99 @@ def test_multinomial_count_law() -> None:
         assert abs(pearson.mean() - (k - 1)) < Z_BOUND * pearson.std(ddof=1) / math.sqrt(R), f"M={m}"
 
 
-def test_low_variance_schemes_beat_multinomial() -> None:
-    """Systematic, stratified and residual counts vary less than multinomial ones (summed over i)."""
-    total = {}
-    for scheme in SCHEMES:
-        counts = counts_per_row(core.resample(np.tile(LOGW, (R, 1)), scheme, rng=21), N)
-        total[scheme] = counts.var(axis=0).sum()
-    multinomial_total = N * (1 - (W**2).sum())  # sum_i M w_i (1 - w_i) with M = N
-    assert total["multinomial"] == pytest.approx(multinomial_total, rel=0.05)
-    for scheme in ("stratified", "systematic", "residual"):
-        assert total[scheme] < 0.8 * total["multinomial"], scheme
+def count_laws(scheme: str, m: int) -> np.ndarray:
+    """``laws[i, c] = P(particle i has c children)`` for ``m`` draws from ``W`` with ``scheme``, exactly, as
+    ``core.resample`` draws them (docstring of ``core.resample``; ``cpp/src/resample.cpp``):
+
+    * multinomial: ``Binomial(m, w_i)``;
+    * systematic: one ``u`` for the points ``(j + u) / m``: ``floor(m w_i)`` plus ``Bernoulli(frac(m w_i))``;
+    * stratified: point ``j`` is ``(j + u_j) / m`` with independent ``u_j``; with ``x = m C_{i-1}``,
+      ``y = m C_i`` (``C`` the cumulative weights, ``y = m`` from the last positive particle on), the count is
+      ``1{x - k <= u_k < y - k}`` when both lie in stratum ``k = floor(x) = floor(y)``, else
+      ``floor(y) - floor(x) + Bernoulli(frac(y)) - Bernoulli(frac(x))``, the two independent;
+    * residual: ``floor(m w_i)`` plus ``Binomial(r, f_i / sum_j f_j)``, ``f = frac(m W)``,
+      ``r = m - sum_j floor(m w_j)``.
+    """
+    n = W.size
+    laws = np.zeros((n, m + 1))
+    base = np.floor(m * W).astype(np.int64)
+    frac = m * W - base
+
+    def binomial(k: int, p: float) -> np.ndarray:
+        return np.array([math.comb(k, c) * p**c * (1 - p) ** (k - c) for c in range(k + 1)])
+
+    if scheme == "multinomial":
+        for i in range(n):
+            laws[i] = binomial(m, W[i])
+    elif scheme == "systematic":
+        laws[np.arange(n), base] = 1 - frac
+        laws[np.arange(n), np.minimum(base + 1, m)] += frac
+    elif scheme == "residual":
+        r = int(m - base.sum())
+        for i in range(n):
+            laws[i, base[i] : base[i] + r + 1] = binomial(r, frac[i] / frac.sum())
+    else:
+        cumulative = m * np.cumsum(W)
+        last = int(np.flatnonzero(W > 0)[-1])
+        cumulative[last:] = m
+        for i in range(n):
+            x, y = (cumulative[i - 1] if i else 0.0), cumulative[i]
+            kx, ky = math.floor(x), math.floor(y)
+            if W[i] == 0:
+                laws[i, 0] = 1.0
+            elif kx == ky:
+                laws[i, 0], laws[i, 1] = 1 - (y - x), y - x
+            else:
+                fx, fy = x - kx, (y - ky if ky < m else 0.0)
+                for bx, px in ((0, 1 - fx), (1, fx)):
+                    for by, py in ((0, 1 - fy), (1, fy)):
+                        laws[i, ky - kx + by - bx] += px * py
+    np.testing.assert_allclose(laws.sum(axis=1), 1.0, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(laws @ np.arange(m + 1), m * W, rtol=0, atol=1e-9)  # unbiased, every scheme
+    return laws
+
+
+def variance_band(laws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exact variance of each index's count, and the tolerance for the sample variance ``s^2`` of ``R`` iid
+    counts (false alarm ~1.1e-6 per index).
+
+    ``s^2 - var = R / (R - 1) D + var / (R - 1) - R / (R - 1) (X̄ - mu)^2`` with ``D`` the mean of the
+    ``R`` iid ``(X - mu)^2 - var``, whose sd is ``sqrt((m4 - var^2) / R)`` (``m4`` the exact fourth central
+    moment: the "se from the fourth moment"). ``|D| < 5 sd`` and ``(X̄ - mu)^2 < 25 var / R`` each fail with
+    probability 5.7e-7 (normal means of R = 20000 bounded draws), so the tolerance is
+    ``R / (R - 1) (5 sd_D + 25 var / R) + var / (R - 1)``. The second-order terms matter only near a
+    Bernoulli(1/2) count, whose ``D`` vanishes (``(X - mu)^2 = 1/4`` always)."""
+    support = np.arange(laws.shape[1])
+    mu = laws @ support
+    centred = support[None, :] - mu[:, None]
+    var = (laws * centred**2).sum(axis=1)
+    m4 = (laws * centred**4).sum(axis=1)
+    sd_d = np.sqrt(np.maximum(m4 - var**2, 0.0) / R)
+    tolerance = R / (R - 1) * (Z_BOUND * sd_d + Z_BOUND**2 * var / R) + var / (R - 1)
+    return var, tolerance
+
+
+def test_every_scheme_has_its_exact_count_variance(children: tuple[str, int, np.ndarray]) -> None:
+    """Each index's sample count variance against its exact value for the scheme (``count_laws``), within
+    ``variance_band``'s tolerance (the 11 positive indices of the 8 cases: ~1e-4 in all).
+
+    Power, checked on the exact values: every other scheme's variance differs from this one's by more than
+    the sum of both tolerances at some index, so a scheme that drew like another would fail; and the three
+    low-variance schemes' total variance is below multinomial's (at M = N: systematic 0.17, stratified 0.30,
+    residual 0.44 of it)."""
+    scheme, m, counts = children
+    var, tolerance = variance_band(count_laws(scheme, m))
+    s2 = counts.var(axis=0, ddof=1)
+    bad = np.abs(s2 - var) > tolerance
+    assert not bad.any(), (
+        f"{scheme}, M={m}: indices {np.flatnonzero(bad)}: {s2[bad]} vs {var[bad]} +- {tolerance[bad]}"
+    )
+    for other in SCHEMES:
+        if other != scheme:
+            other_var, other_tolerance = variance_band(count_laws(other, m))
+            assert np.max(np.abs(other_var - var) - tolerance - other_tolerance) > 0, (scheme, other)
+    if scheme != "multinomial":
+        assert var.sum() < 0.5 * variance_band(count_laws("multinomial", m))[0].sum()
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
