@@ -813,6 +813,9 @@ def test_openai_chat_client(server: Server) -> None:
     assert usage is not None and usage.total_tokens == completion.usage.total_tokens
 
 
+POOL_SIZE_TYPES = 'pool_size: expected an integer >= 1 or "exact"'
+
+
 @pytest.mark.parametrize(
     ("fields", "param", "message"),
     [
@@ -822,8 +825,8 @@ def test_openai_chat_client(server: Server) -> None:
         ({"sampler": "smc", "pool_size": "exact"}, "pool_size", "pool_size: not an option of sampler 'smc'"),
         ({"sampler": "sp_gsmc", "proposal": "naive"}, "proposal", "proposal: not an option of sampler"),
         ({"sampler": "mh", "pool_size": "exact", "particles": 2}, "pool_size", "pool_size: not used by"),
-        ({"sampler": "sp_gsmc", "pool_size": "8"}, "pool_size", 'pool_size: expected an integer >= 1 or "exact"'),
-        ({"sampler": "sp_gsmc", "pool_size": 0}, "pool_size", 'pool_size: expected an integer >= 1 or "exact"'),
+        ({"sampler": "sp_gsmc", "pool_size": "8"}, "pool_size", POOL_SIZE_TYPES),
+        ({"sampler": "sp_gsmc", "pool_size": 0}, "pool_size", POOL_SIZE_TYPES),
         ({"sampler": "smc", "proposal": "best"}, "proposal", "proposal: "),
     ],
 )  # fmt: skip
@@ -856,7 +859,8 @@ def test_the_optimal_proposal_and_exact_sp_gsmc_are_the_offline_runs(tmp_path: P
         twist = PolicyTwist(policy, kind="logit")
         for fields, sampler, options in (
             ({"sampler": "sp_gsmc", "pool_size": "exact"}, tiltsmc.sp_gsmc, {"pool_size": None}),
-            ({"sampler": "mh", "pool_size": "exact", "mh_steps": 2}, tiltsmc.mh, {"pool_size": None, "steps": 2}),
+            ({"sampler": "mh", "pool_size": "exact", "mh_steps": 2}, tiltsmc.mh,
+             {"pool_size": None, "steps": 2}),
             ({"sampler": "smc", "proposal": "optimal", "particles": 4}, tiltsmc.smc,
              {"proposal": "optimal", "num_particles": 4}),
         ):  # fmt: skip

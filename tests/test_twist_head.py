@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tiltsmc
+from exact_counts import assert_counts_match
 from tiltsmc.models import OnnxCausalLM, PolicyTwist, PolicyValue
 
 MODELS = Path(__file__).parent / "fixtures" / "models"
@@ -149,15 +150,6 @@ def assert_measure_matches(res: Any, target: Enumerated, label: str) -> None:
     assert abs(ratio.mean() - 1.0) <= Z_SIGMA * ratio_se, (
         f"{label}: mean Zh / Z {ratio.mean():.4f} +- {ratio_se:.4f}"
     )
-
-
-def assert_counts_match(counts: np.ndarray, probs: np.ndarray, label: str) -> None:
-    """Per-cell binomial check of a histogram of ``n`` independent draws of ``probs``."""
-    n = int(counts.sum())
-    expected = n * probs
-    tolerance = Z_SIGMA * np.sqrt(n * probs * (1.0 - probs)) + 1.0
-    bad = np.abs(counts - expected) > tolerance
-    assert not bad.any(), f"{label}: cells {np.flatnonzero(bad)}: {counts[bad]} vs {expected[bad]}"
 
 
 def verifier(prompt: Any, text: str) -> float:
