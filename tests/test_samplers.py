@@ -645,8 +645,13 @@ def mh_setup() -> dict[str, Any]:
 def test_pool_enumeration_is_consistent(mh_setup: dict[str, Any]) -> None:
     """Self-check of the reference: the pool run is a proper law, ``E[Zh] = Z`` and the law tilted by
     ``Zh / Z`` (the stationary law of independent MH) has ``x``-marginal exactly ``pi``."""
-    task, pi = mh_setup["task"], mh_setup["pi"]
-    index, log_zh, prob = mh_setup["atoms"]
+    assert_proper_and_tilted_to_pi(mh_setup["atoms"], mh_setup["task"], mh_setup["pi"])
+
+
+def assert_proper_and_tilted_to_pi(atoms: Any, task: MarkovDFATask, pi: np.ndarray) -> None:
+    """An enumerated law of ``(x, log Zh)`` atoms is a proper law, ``E[Zh] = Z``, and tilted by ``Zh / Z``
+    its ``x``-marginal is exactly ``pi``."""
+    index, log_zh, prob = atoms
     assert math.isclose(prob.sum(), 1.0, rel_tol=1e-12)
     z_ratio = np.exp(log_zh - task.exact_log_z())
     assert math.isclose(float(np.sum(prob * z_ratio)), 1.0, rel_tol=1e-10)
@@ -755,12 +760,7 @@ def test_smc_enumeration_is_consistent(mh_setup: dict[str, Any], pimh_setup: dic
     """Self-check of the PIMH reference, as for the pool: a proper law, ``E[Zh] = Z``, the ``Zh / Z``-tilted
     ``x``-marginal exactly ``pi`` (PIMH's stationary law); and the runs resample at some steps and not at
     others (the systematic scheme and the adaptive decision are both in the law)."""
-    task, pi = mh_setup["task"], mh_setup["pi"]
-    index, log_zh, prob = pimh_setup["atoms"]
-    assert math.isclose(prob.sum(), 1.0, rel_tol=1e-12)
-    z_ratio = np.exp(log_zh - task.exact_log_z())
-    assert math.isclose(float(np.sum(prob * z_ratio)), 1.0, rel_tol=1e-10)
-    np.testing.assert_allclose(x_marginal(index, prob * z_ratio, 16), pi, rtol=0, atol=1e-10)
+    assert_proper_and_tilted_to_pi(pimh_setup["atoms"], mh_setup["task"], mh_setup["pi"])
     resampled = pimh_setup["resampled"]  # P(a run resamples at step t), t = 1..T-1
     assert resampled.max() > 0.2 and resampled.min() < 0.8, resampled
 
