@@ -74,7 +74,7 @@ from .samplers.result import (
     prompt_reason,
 )
 from .samplers.runs import Run
-from .samplers.sequential import OPTIMAL_FORM_NEEDS, PROPOSALS, optimal_form_option
+from .samplers.sequential import EXACT_FORM, OPTIMAL_FORM_NEEDS, PROPOSALS, optimal_form_option
 from .serving.engine import SAMPLERS as SAMPLER_FUNCTIONS
 from .serving.engine import sampler_defaults
 
@@ -595,18 +595,17 @@ _thread_count = _at_most(MAX_THREADS, "threads")
 # allocated 15 GB of the tiny fixture's caches before failing.
 MAX_PARTICLES = 1 << 20
 _particle_count = _at_most(MAX_PARTICLES, "particles")
-EXACT = "exact"  # --pool-size exact: SP-gSMC's exact form (pool_size=None), each token drawn from q ∝ p Vh_t
 
 
 def _pool_size(text: str) -> Union[int, str]:
     """``--pool-size``: a number of candidates (``_particle_count``) or ``exact``, the sampler's
     ``pool_size=None`` (kept as the text until the options are read, so that it counts as given)."""
-    if text == EXACT:
-        return EXACT
+    if text == EXACT_FORM:
+        return EXACT_FORM
     try:
         return _particle_count(text)
     except argparse.ArgumentTypeError as error:
-        raise argparse.ArgumentTypeError(f"{error} (or {EXACT})") from None
+        raise argparse.ArgumentTypeError(f"{error} (or {EXACT_FORM})") from None
 
 
 # Rejection sampling's draws (and so samples) of one prompt at most: counted in int64, which 10^20 overflowed
@@ -794,7 +793,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser, demo_models: bool = Fa
         default=_model_default("value_output"),
         help="the policy graph's value output, read as the reward: one model for both roles, one run a step "
         "(one score per position: PolicyValue; a row of vocabulary size per position, a token-level twist: "
-        f"PolicyTwist, which also serves --pool-size {EXACT} and --proposal optimal)",
+        f"PolicyTwist, which also serves --pool-size {EXACT_FORM} and --proposal optimal)",
     )
     parser.add_argument(
         "--reward-kv-cache",
@@ -1432,7 +1431,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_pool_size,
         default=None,
         help=f"sp-gsmc / mh: candidates per step (default: {_default('sp_gsmc', 'pool_size')} / "
-        f"{_default('mh', 'pool_size')}), or {EXACT}: each token drawn from the optimal proposal "
+        f"{_default('mh', 'pool_size')}), or {EXACT_FORM}: each token drawn from the optimal proposal "
         "q ∝ p Vh_t, with no pool (needs a token-level policy and a twist head: --value-output of a "
         "twist, or a reward model with next-token values)",
     )
@@ -1441,7 +1440,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=PROPOSALS,
         default=None,
         help=f"smc: draw each step from the policy (naive) or each token from the optimal proposal "
-        f"q ∝ p Vh_t (optimal; needs a twist head, as --pool-size {EXACT}) (default: "
+        f"q ∝ p Vh_t (optimal; needs a twist head, as --pool-size {EXACT_FORM}) (default: "
         f"{_default('smc', 'proposal')})",
     )
     run.add_argument(
@@ -1637,10 +1636,12 @@ def _sampler_options(args: argparse.Namespace) -> dict[str, Any]:
                 f"(it takes {accepted})"
             )
     given = {
-        parameter: None if option == "pool_size" and getattr(args, option) == EXACT else getattr(args, option)
+        parameter: getattr(args, option)
         for option, parameter in _RUN_OPTIONS[args.sampler].items()
         if getattr(args, option) is not None
     }
+    if given.get("pool_size") == EXACT_FORM:
+        given["pool_size"] = None
     options = {**sampler_defaults(name), **given}
     if args.sampler == "mh":
         _check_mh_form(args, options["num_particles"])
@@ -1666,13 +1667,13 @@ def _check_mh_form(args: argparse.Namespace, particles: int) -> None:
         )
 
 
-def _check_optimal_form(args: argparse.Namespace, options: dict[str, Any], models: Models) -> None:
+def _check_optimal_form(options: dict[str, Any], models: Models) -> None:
     """``--pool-size exact`` or ``--proposal optimal`` with models that cannot draw from the optimal
     proposal: refused (``CliError``) once the models are loaded, before any prompt runs (the sampler would
     fail every prompt alike)."""
     option = optimal_form_option(options)
     if option is not None and not models.supports_optimal_proposal():
-        flag, value = ("--pool-size", EXACT) if option == "pool_size" else ("--proposal", "optimal")
+        flag, value = ("--pool-size", EXACT_FORM) if option == "pool_size" else ("--proposal", "optimal")
         raise CliError(f"{flag}: {value} needs {OPTIMAL_FORM_NEEDS}")
 
 
@@ -1886,7 +1887,7 @@ def run(args: argparse.Namespace) -> int:
         _check_chat_template(args, policy)
         run_info = run_configuration(args, options)
         models = Models(policy, reward, Compute())
-        _check_optimal_form(args, options, models)
+        _check_optimal_form(options, models)
         batch_size = args.batch_size if _batches_together(policy, reward) else 1
         logger.debug("run configuration: %s", json.dumps(run_info))
         progress = StepProgress(

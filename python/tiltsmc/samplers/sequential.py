@@ -31,6 +31,8 @@ from .runs import ExactSPRun, PoolRun, Run, SMCRun
 __all__ = ["smc", "sp_gsmc"]
 
 PROPOSALS = ("naive", "optimal")
+# the command line's and the server's spelling of pool_size=None, SP-gSMC's exact form (--pool-size exact)
+EXACT_FORM = "exact"
 # what the optimal proposal q ∝ p Vh_t (SMC's proposal="optimal", SP-gSMC's exact form) needs of the models
 OPTIMAL_FORM_NEEDS = (
     "a token-level policy (next_log_probs, append) and a reward model with a twist head (next_log_values)"

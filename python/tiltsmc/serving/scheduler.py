@@ -109,8 +109,8 @@ class Scheduler:
     def waiting_and_cancelled(self) -> tuple[int, int]:
         """The requests waiting (``len()``) and those in the queue whose future was cancelled, read together
         (a cancellation moves a request from the one to the other)."""
-        with self._lock:
-            return len(self._waiting) - self._cancelled_waiting, self._cancelled_waiting
+        waiting, ended = self.waiting_and_ended()
+        return waiting, sum(ended.values())
 
     def waiting_and_ended(self) -> tuple[int, dict[str, int]]:
         """``waiting_and_cancelled`` with the requests cancelled in the queue by the outcome the engine

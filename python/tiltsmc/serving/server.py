@@ -70,7 +70,7 @@ from ..models._config import real_number
 from ..samplers._engine import Models
 from ..samplers.correction import options_not_read
 from ..samplers.result import Compute, SamplerResult, plain, prompt_error_parts
-from ..samplers.sequential import OPTIMAL_FORM_NEEDS, optimal_form_option
+from ..samplers.sequential import EXACT_FORM, OPTIMAL_FORM_NEEDS, optimal_form_option
 from .engine import (
     ADAPTIVE_ROWS,
     MAX_BATCH_ROWS,
@@ -118,8 +118,6 @@ UNION_FIELDS = {
     "content": 'a string, a list of text parts ({"type": "text", "text": ...}) or null (an assistant\'s)',
     "pool_size": 'an integer >= 1 or "exact" (each token drawn from the optimal proposal, with no pool)',
 }
-# pool_size "exact": the samplers' pool_size=None, SP-gSMC's exact form (and MH's proposals so)
-EXACT = "exact"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 # Seconds a closing server waits past its grace period for a step still in progress (a model call cannot
@@ -726,7 +724,7 @@ def _options(
             continue
         if field not in fields:
             raise RequestError(field, f"{field}: not an option of sampler {body.sampler!r}")
-        options[fields[field]] = None if field == "pool_size" and value == EXACT else value
+        options[fields[field]] = None if field == "pool_size" and value == EXACT_FORM else value
     defaults = sampler_defaults(body.sampler)
     if body.sampler == "mh":  # an option of the proposal form it does not run would change nothing
         particles = options.get("num_particles", defaults["num_particles"])
@@ -743,7 +741,7 @@ def _options(
             )
     asked = optimal_form_option(options)
     if asked is not None and not optimal_proposal:
-        value = EXACT if asked == "pool_size" else "optimal"
+        value = EXACT_FORM if asked == "pool_size" else "optimal"
         raise RequestError(
             asked, f"{asked}: {value!r} needs {OPTIMAL_FORM_NEEDS}; this server's models have no twist head"
         )
