@@ -27,6 +27,9 @@ import tiltsmc  # noqa: E402
 from tiltsmc.tasks import arithmetic  # noqa: E402
 
 PROMPT = arithmetic.make_problems(4, 1, rng=3)[0].prompt
+# The shared server's API key (tiltsmc serve --api-key-env), which its replicas are handed as a digest
+API_KEY = "ray-test-key-7d41"
+AUTHORISED = {"Authorization": f"Bearer {API_KEY}"}
 # 256 particles: about as long as 64 took with the separate policy and PRM
 LONG = {"prompt": arithmetic.make_problems(16, 1, rng=0)[0].prompt, "particles": 256, "seed": 1}
 
@@ -102,8 +105,9 @@ class RayServer:
             "--replica-cpus", "0.5", "--port", str(self.port), "--max-request-particles", "256",
             "--workers", "2",
             "--grace", "300",  # the SIGTERM test's long requests drain whole on a loaded machine
+            "--api-key-env", "TILTSMC_TEST_KEY",
         ]  # fmt: skip
-        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "TILTSMC_TEST_KEY": API_KEY}
         self.process = subprocess.Popen(  # a session of its own: its Ray instance's processes, see stop
             command, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
@@ -115,8 +119,14 @@ class RayServer:
             time.sleep(1)
         raise AssertionError(f"two replicas did not come up: {self.log()}")
 
-    def post(self, body: Any, timeout: float = 120) -> Any:
-        return httpx.post(f"{self.url}/v1/completions", json=body, timeout=timeout)
+    def post(self, body: Any, timeout: float = 120, stream: bool = False) -> Any:
+        return httpx.post(
+            f"{self.url}/v1/completions", json={**body, "stream": True} if stream else body,
+            headers=AUTHORISED, timeout=timeout,
+        )  # fmt: skip
+
+    def get(self, path: str) -> Any:
+        return httpx.get(f"{self.url}{path}", headers=AUTHORISED, timeout=30)
 
     def instances(self, tries: int) -> set[str]:
         """The replicas that answered ``tries`` small requests, sent four at a time: Ray Serve routes a
@@ -176,12 +186,18 @@ def test_requests_spread_over_replicas_and_match_the_offline_run(ray_server: Ray
         weights = [-math.inf if w is None else w for w in detail["log_weights"]]  # null: a zero weight
         offline_weights = [-math.inf if w is None else w for w in offline["log_weights"][0]]
         assert weights == pytest.approx(offline_weights, rel=1e-6, abs=1e-9)
-    metrics = httpx.get(f"{ray_server.url}/metrics", timeout=30).text
+    metrics = ray_server.get("/metrics").text
     assert "tiltsmc_instance_info{instance=" in metrics and "tiltsmc_requests_total" in metrics
     assert 'tiltsmc_worker_rows_in_flight{worker="1"}' in metrics  # each replica's engine has two workers
 
 
 def test_bad_request_is_the_same_4xx_as_tiltsmc_serve(ray_server: RayServer) -> None:
+    """A bad request's 400, and the API key's 401, through Ray Serve's proxy (the replicas hold the key's
+    digest only: the right key is let in, see the other tests)."""
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Bearer {API_KEY}x"}):
+        refused = httpx.post(f"{ray_server.url}/v1/completions", json={"prompt": PROMPT}, headers=headers)
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{ray_server.url}/metrics", timeout=30).status_code == 401
     response = ray_server.post({"prompt": PROMPT, "particles": 0})
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "particles"
@@ -193,12 +209,12 @@ def test_streaming_and_the_model_list_come_through_the_ingress(ray_server: RaySe
     """Server-sent events pass Ray Serve's proxy whole: the streamed choice is the plain answer's."""
     body = {"prompt": PROMPT, "seed": 4, "particles": 4}
     plain = ray_server.post(body).json()
-    streamed = httpx.post(f"{ray_server.url}/v1/completions", json={**body, "stream": True}, timeout=120)
+    streamed = ray_server.post(body, stream=True)
     assert streamed.status_code == 200 and streamed.headers["content-type"].startswith("text/event-stream")
     events = [block.removeprefix("data: ") for block in streamed.text.split("\n\n") if block]
     assert events[-1] == "[DONE]" and len(events) == 2, streamed.text
     assert json.loads(events[0])["choices"] == plain["choices"]
-    models = httpx.get(f"{ray_server.url}/v1/models", timeout=30).json()
+    models = ray_server.get("/v1/models").json()
     assert [card["id"] for card in models["data"]] == ["tiltsmc"]
 
 
@@ -371,6 +387,27 @@ def test_build_applications_deployment_options() -> None:
     assert given["autoscaling_config"] == {
         "min_replicas": 0, "max_replicas": 2, "target_ongoing_requests": 4.0, "upscale_delay_s": 1.0,
     }  # fmt: skip
+
+
+def test_the_replicas_are_handed_the_api_keys_digest_not_the_key() -> None:
+    """Ray keeps a deployment's arguments with the application, where whoever reaches the cluster can
+    read them: the application ``build_application`` makes holds the key's SHA-256 digest, never the key
+    (it held the ``Settings`` as given), and the options given are left as they were."""
+    import hashlib
+
+    from ray import cloudpickle
+    from tiltsmc.serving.ray import ReplicaOptions, build_application
+    from tiltsmc.serving.server import ApiKeyDigest, Settings
+
+    key = "tiltsmc-test-key-9f3b2c"
+    options = ReplicaOptions({}, Settings(api_key=key))
+    held = cloudpickle.dumps(build_application(options))
+    assert key.encode() not in held
+    assert hashlib.sha256(key.encode()).digest() in held
+    assert options.settings.api_key == key
+    digest = ApiKeyDigest.of(key)
+    assert digest.sha256 in cloudpickle.dumps(build_application(ReplicaOptions({}, Settings(api_key=digest))))
+    assert key not in repr(options) and key not in str(Settings(api_key=key))
 
 
 def test_serve_on_ray_checks_a_namespace_of_its_own_before_ray(monkeypatch: pytest.MonkeyPatch) -> None:

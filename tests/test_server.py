@@ -1576,13 +1576,13 @@ def test_settings_the_command_line_refuses_are_refused_by_create_app_and_setting
     import argparse
 
     import numpy as np
-    from tiltsmc.serving.server import Limits, Settings, add_arguments, create_app
+    from tiltsmc.serving.server import ApiKeyDigest, Limits, Settings, add_arguments, create_app
 
     task = MarkovDFATask.random(4, 3, 6, rng=0)
     engine = tiltsmc.Engine(task.policy(), task.twist(noise=0.4, rng=1))
     refused: list[tuple[dict[str, Any], type[Exception], str]] = [
         ({"api_key": ""}, ValueError, r"^api_key: expected a non-empty key, or None for none$"),
-        ({"api_key": b"key"}, TypeError, r"^api_key: expected a string or None, got bytes$"),
+        ({"api_key": b"key"}, TypeError, r"^api_key: expected a string, an ApiKeyDigest or None, got bytes$"),
         ({"api_key": "two words"}, ValueError, r"^api_key: an API key must be visible ASCII"),
         (
             {"timeout": -1.0},
@@ -1624,6 +1624,10 @@ def test_settings_the_command_line_refuses_are_refused_by_create_app_and_setting
             with pytest.raises(TypeError, match=rf"^{name}: expected a positive integer, got True$"):
                 Limits(**{name: True})
         create_app(engine, api_key="k3y", timeout=None, close_timeout=0.0, stream_keepalive=0.5)
+        create_app(engine, api_key=ApiKeyDigest.of("k3y"))  # what a replica on Ray is handed
+        for digest in (b"", b"k3y", "00" * 32):
+            with pytest.raises(ValueError, match=r"^sha256: expected the 32 bytes of an API key's SHA-256"):
+                ApiKeyDigest(digest)  # type: ignore[arg-type]
         create_app(engine, timeout=math.inf, close_timeout=math.inf)  # no limit
         Settings(api_key="k3y", timeout=math.inf, limits=Limits(max_tokens=np.int64(3)))  # type: ignore[arg-type]
 

@@ -17,6 +17,7 @@ deploys, and serves until SIGTERM or SIGINT (see [`serve_on_ray`][tiltsmc.servin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -33,7 +34,7 @@ from typing import Any, Optional
 
 from .._options import positive_int_option, positive_real_option
 from ..models._config import real_number
-from .server import Settings, listening_socket, log_to_stderr, logger
+from .server import ApiKeyDigest, Settings, listening_socket, log_to_stderr, logger
 
 __all__ = [
     "ReplicaOptions",
@@ -225,11 +226,19 @@ def build_application(
     ``grace`` and ``max_queue`` too), ``replicas`` None or an int >= 1,
     ``autoscaling`` None or a dict (see ``check_autoscaling``), ``num_cpus`` / ``num_gpus``
     finite numbers >= 0 (see ``check_resource``), ``max_ongoing_requests`` None or an int >= 1 (0 is
-    refused, not read as the default); TypeError or ValueError naming the argument otherwise."""
+    refused, not read as the default); TypeError or ValueError naming the argument otherwise.
+
+    The replicas are handed the settings' API key as its digest only (``ApiKeyDigest``): Ray keeps a
+    deployment's arguments with the application, readable by whoever can reach the cluster."""
     deployment = deployment_options(
         options, replicas=replicas, autoscaling=autoscaling, num_cpus=num_cpus, num_gpus=num_gpus,
         max_ongoing_requests=max_ongoing_requests,
     )  # fmt: skip
+    key = options.settings.api_key
+    if isinstance(key, str):
+        options = ReplicaOptions(
+            options.model_args, dataclasses.replace(options.settings, api_key=ApiKeyDigest.of(key))
+        )
     import ray
     from ray import serve
 

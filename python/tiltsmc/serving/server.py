@@ -48,6 +48,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import hmac
 import json
 import logging
@@ -88,7 +89,7 @@ from .engine import (
 if TYPE_CHECKING:
     from fastapi.responses import JSONResponse
 
-__all__ = ["Limits", "Settings", "add_arguments", "create_app", "serve"]
+__all__ = ["ApiKeyDigest", "Limits", "Settings", "add_arguments", "create_app", "serve"]
 
 logger = logging.getLogger("tiltsmc.server")
 
@@ -262,11 +263,49 @@ def _error_body(
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+@dataclass(frozen=True)
+class ApiKeyDigest:
+    """An API key kept as its SHA-256 digest only: a request is let in where the digest of its bearer
+    token equals ``sha256`` (compared in constant time). What a replica on Ray Serve is handed in place of
+    the key (``build_application``): Ray stores a deployment's arguments with the application, where
+    whoever can reach the cluster can read them. A key is a secret of high entropy (a password would want
+    a slow hash), so one SHA-256 is enough to keep it from being read back."""
+
+    sha256: bytes = dataclasses.field(repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sha256, bytes) or len(self.sha256) != hashlib.sha256().digest_size:
+            raise ValueError("sha256: expected the 32 bytes of an API key's SHA-256 digest")
+
+    @classmethod
+    def of(cls, key: str, name: str = "api_key") -> "ApiKeyDigest":
+        """The digest of ``key``, checked as an API key (``_check_api_key``; ValueError naming ``name``)."""
+        if not key:
+            raise ValueError(f"{name}: expected a non-empty key, or None for none")
+        _check_api_key(key, name)
+        return cls(hashlib.sha256(key.encode("ascii")).digest())
+
+    def admits(self, token: str) -> bool:
+        """Whether ``token`` (an ``Authorization: Bearer`` header's) is the key."""
+        return hmac.compare_digest(hashlib.sha256(token.encode()).digest(), self.sha256)
+
+
+def _check_api_key(key: str, name: str) -> None:
+    """An API key must be visible ASCII (``!`` to ``~``): it comes in an HTTP header, whose bytes clients
+    send as ASCII (a non-ASCII key cannot be sent by most, and others encode it differently), and a
+    space or a control character would not survive the header's parsing. ValueError naming ``name``."""
+    if not all("!" <= character <= "~" for character in key):
+        raise ValueError(
+            f"{name}: an API key must be visible ASCII characters only (no spaces, control or non-ASCII "
+            f"characters): it is sent in the Authorization header"
+        )
+
+
 def create_app(
     engine: Engine,
     *,
     model_name: str = "tiltsmc",
-    api_key: Optional[str] = None,
+    api_key: Union[str, ApiKeyDigest, None] = None,
     limits: Limits = Limits(),
     timeout: Optional[float] = 60.0,
     close_timeout: float = 30.0,
@@ -381,12 +420,14 @@ def create_app(
 
     app = FastAPI(title="tiltsmc", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
+    key = api_key if not isinstance(api_key, str) else ApiKeyDigest.of(api_key)
+
     async def authorised(request: Request) -> None:
-        if api_key is None:
+        if key is None:
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        if scheme.lower() != "bearer" or not key.admits(token.strip()):
             raise RequestError(
                 None, "a valid API key is needed: Authorization: Bearer <key>", 401, "invalid_api_key"
             )
@@ -1391,31 +1432,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _check_api_key(key: str, name: str) -> None:
-    """An API key must be visible ASCII (``!`` to ``~``): it comes in an HTTP header, whose bytes clients
-    send as ASCII (a non-ASCII key cannot be sent by most, and others encode it differently), and a
-    space or a control character would not survive the header's parsing. ValueError naming ``name``."""
-    if not all("!" <= character <= "~" for character in key):
-        raise ValueError(
-            f"{name}: an API key must be visible ASCII characters only (no spaces, control or non-ASCII "
-            f"characters): it is sent in the Authorization header"
-        )
-
-
 def _check_app_settings(
-    api_key: Optional[str], limits: Any, timeout: Optional[float], stream_keepalive: float
+    api_key: Union[str, ApiKeyDigest, None], limits: Any, timeout: Optional[float], stream_keepalive: float
 ) -> None:
     """The app's settings that ``create_app`` and ``Settings`` take (and so ``tiltsmc serve`` and Ray's
-    replicas), checked alike: TypeError / ValueError naming the setting. ``api_key``: None or a non-empty
-    key (``_check_api_key``; an empty one let any ``Authorization: Bearer`` through); ``limits``: a
+    replicas), checked alike: TypeError / ValueError naming the setting. ``api_key``: None, a non-empty
+    key (``_check_api_key``; an empty one let any ``Authorization: Bearer`` through) or an
+    ``ApiKeyDigest``; ``limits``: a
     ``Limits``; ``timeout``: None or seconds > 0 (one <= 0 failed every request with a 400 that blamed the
     client); ``stream_keepalive``: finite seconds > 0 (0 sent keep-alive lines without pause)."""
-    if api_key is not None:
+    if api_key is not None and not isinstance(api_key, ApiKeyDigest):
         if not isinstance(api_key, str):
-            raise TypeError(f"api_key: expected a string or None, got {type(api_key).__name__}")
-        if not api_key:
-            raise ValueError("api_key: expected a non-empty key, or None for none")
-        _check_api_key(api_key, "api_key")
+            raise TypeError(
+                f"api_key: expected a string, an ApiKeyDigest or None, got {type(api_key).__name__}"
+            )
+        ApiKeyDigest.of(api_key)
     if not isinstance(limits, Limits):
         raise TypeError(f"limits: expected a tiltsmc.serving.server.Limits, got {type(limits).__name__}")
     if timeout is not None and not real_number(timeout, "timeout") > 0:  # NaN too
@@ -1464,7 +1495,7 @@ class Settings:
     ``deployment_options`` before Ray starts; the engine's when the engine is made (``engine``)."""
 
     model_name: str = "tiltsmc"
-    api_key: Optional[str] = None
+    api_key: Union[str, ApiKeyDigest, None] = dataclasses.field(default=None, repr=False)
     limits: Limits = Limits()
     timeout: Optional[float] = 60.0
     grace: float = 30.0
