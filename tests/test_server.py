@@ -282,6 +282,26 @@ def test_a_field_of_several_types_says_which_it_takes(server: Server) -> None:
         assert response.json()["error"]["message"].startswith(message), response.text
 
 
+def test_a_field_named_body_is_named_as_any_other(server: Server) -> None:
+    """A refused field is named whatever its name, ``body`` too: FastAPI's own ``body`` element (the
+    request's body) was taken out of every error's location, so that a field ``body`` became "not a field
+    of this API" with no ``param``, and a key ``body`` inside a field went unnamed."""
+    cases = [
+        ({"prompt": "hi", "body": 1}, "body", "body: not a field of this API"),
+        (
+            {"prompt": "hi", "stream": True, "stream_options": {"body": True}},
+            "stream_options",
+            "stream_options.body: not a field of this API",
+        ),
+        ({"prompt": "hi", "logit_bias": {"body": "x"}}, "logit_bias", "logit_bias.body: Input should be a"),
+    ]
+    for body, param, message in cases:
+        response = server.post(body)
+        error = response.json()["error"]
+        assert response.status_code == 400 and error["param"] == param, response.text
+        assert error["message"].startswith(message), response.text
+
+
 def test_chat_refusals_name_the_field_the_client_sent(server: Server) -> None:
     """``max_completion_tokens`` over the limit is named as sent; a user's message needs its text (null
     content is an assistant's tool call); a huge role is refused by its size before it is rendered and
@@ -575,7 +595,10 @@ def test_failures_after_the_checks_name_the_field(tmp_path: Path) -> None:
     """What the engine refuses at ``submit`` and what fails once admitted are named by the request's own
     field: the option that asked for the rows (a 400 counted as refused), the prompt of a list that
     failed (its index), the sampler that gave no sample (rejection with none of its draws accepted: an
-    empty text is not a sample), in the plain answer and at a stream's end."""
+    empty text is not a sample), in the plain answer and at a stream's end. The latency histogram counts
+    each of these, and the requests refused before their checks (a body not valid, or not JSON), as
+    ``refused``, as their log lines say (they were ``http_400``, ``http_415``, and ``failed`` once admitted,
+    the label of the server's own failures)."""
     demo = Server(tmp_path, "--demo", "--max-batch-rows", "64")
     problem = arithmetic.make_problems(2, 1, rng=0)[0].prompt
     try:
@@ -602,6 +625,25 @@ def test_failures_after_the_checks_name_the_field(tmp_path: Path) -> None:
         assert events == [{"error": error}]  # the stream's status was sent: its last event says why
         accepted = demo.post({**none, "max_tokens": None})
         assert accepted.status_code == 200 and accepted.json()["choices"][0]["text"], accepted.text
+        assert demo.post({"prompt": 3}).status_code == 400
+        not_json = httpx.post(
+            f"{demo.url}/v1/completions", content=b"hi", headers={"content-type": "text/plain"}, timeout=60
+        )
+        assert not_json.status_code == 415
+
+        def counts(server: Server) -> dict[str, float]:
+            pattern = r'^tiltsmc_request_seconds_count\{outcome="(\w+)"\} (\S+)$'
+            return {outcome: float(n) for outcome, n in re.findall(pattern, server.metrics(), re.MULTILINE)}
+
+        # a request is counted (and logged) once its answer has gone out: the last one may be a moment late
+        _wait_for_metrics(demo, lambda s: sum(counts(s).values()) >= 9)
+        # 3 refused at submit, the failed prompt, the rejection's (plain and streamed), the two bodies
+        assert counts(demo) == {"refused": 8, "completed": 1}
+        lines = [
+            json.loads(line) for line in demo.log().splitlines() if line.startswith('{"event": "request"')
+        ]
+        completions = [line["outcome"] for line in lines if line["path"] == "/v1/completions"]
+        assert sorted(completions) == ["completed"] + ["refused"] * 8, completions
     finally:
         demo.stop()
 
@@ -1171,7 +1213,7 @@ def test_sigterm_exits_past_the_grace_period_even_inside_a_long_step(tmp_path: P
                 time.sleep(0.05)
             began = time.monotonic()
             process.send_signal(signal.SIGTERM)
-            process.wait(30)  # grace 1 s (uvicorn's), drain 1 s, SHUTDOWN_WAIT 1 s
+            process.wait(30)  # the drain, begun at SIGTERM: grace 1 s, then SHUTDOWN_WAIT 1 s
             assert time.monotonic() - began < 20
         assert process.returncode in (1, -signal.SIGTERM), log.read_text()
         assert '"stuck_step": true' in log.read_text()
@@ -1368,25 +1410,52 @@ def test_a_field_left_out_counts_at_its_default_within_the_limits(tmp_path: Path
         limited.stop()
 
 
-REFUSES_ONE_PROMPT = f"""
+def _raises_for_one_prompt(raising: str) -> str:
+    """The code of a ``_serving_script``'s models: the fixtures' policy, whose calls for a batch holding
+    the prompt ``abcde`` run the statement ``raising`` (``RefusesText``)."""
+    return f"""
+import numpy as np
 from poisoned_policy import RefusesText
 from tiltsmc.models import OnnxCausalLM, OnnxRewardModel
 
-policy = RefusesText(OnnxCausalLM({str(FIXTURES / "gpt2-tiny")!r}, max_new_tokens=4), "abcde")
+
+class Raises(RefusesText):
+    def refuse(self, particles):
+        if self.text in particles.prompts:
+            {raising}
+
+
+policy = Raises(OnnxCausalLM({str(FIXTURES / "gpt2-tiny")!r}, max_new_tokens=4), "abcde")
 reward = OnnxRewardModel({str(FIXTURES / "prm-tiny")!r}, kind="logit")
 """
 
 
-def test_a_request_failing_with_the_servers_own_error_is_a_500_in_openais_shape(tmp_path: Path) -> None:
-    """A model call that raises a RuntimeError for one request alone (not a refusal of its values: the
-    server's error): a 500 of OpenAI's ``server_error`` naming the error in a line, no traceback (it was
-    Starlette's plain-text "Internal Server Error", logged as status 499); a stream ends with that error
-    as its last event, without ``[DONE]`` (it was cut short); each logged once at ERROR with its
-    traceback, the request's line with status 500 (a stream's 200: sent before) and outcome failed."""
-    failing = Server(tmp_path, script=_serving_script(REFUSES_ONE_PROMPT))
+@pytest.mark.parametrize(
+    ("raising", "summary"),
+    [
+        ('raise RuntimeError("cannot take abcde")', "RuntimeError: cannot take abcde"),
+        (  # a model wrapper's bug
+            "np.ones((2, 7)) + np.ones((2, 8))",
+            "ValueError: operands could not be broadcast together with shapes (2,7) (2,8)",
+        ),
+        ("len(None)", "TypeError: object of type 'NoneType' has no len()"),
+    ],
+    ids=["RuntimeError", "ValueError", "TypeError"],
+)
+def test_a_request_failing_with_the_servers_own_error_is_a_500_in_openais_shape(
+    tmp_path: Path, raising: str, summary: str
+) -> None:
+    """A model call that raises for one request alone, whatever the error's type (not a refusal of the
+    request's values, which names what the request set: the server's error): a 500 of OpenAI's
+    ``server_error`` naming the error in a line, no traceback (a RuntimeError was Starlette's plain-text
+    "Internal Server Error", logged as status 499; a ValueError or a TypeError a 400
+    ``invalid_request_error`` blaming the request, not logged); a stream ends with that error as its last
+    event, without ``[DONE]`` (it was cut short); each logged once at ERROR with its traceback, the
+    request's line with status 500 (a stream's 200: sent before) and outcome failed."""
+    failing = Server(tmp_path, script=_serving_script(_raises_for_one_prompt(raising)))
     try:
         expected = {
-            "message": "the server failed to answer the request: RuntimeError: cannot take abcde",
+            "message": f"the server failed to answer the request: {summary}",
             "type": "server_error",
             "param": None,
             "code": None,
@@ -1407,10 +1476,7 @@ def test_a_request_failing_with_the_servers_own_error_is_a_500_in_openais_shape(
         ]  # fmt: skip
         failures = [line for line in log.splitlines() if line.startswith('ERROR {"event": "request_failed"')]
         assert len(failures) == 3 and log.count("Traceback (most recent call last)") == 3, log
-        assert all(
-            json.loads(line[len("ERROR ") :])["error"] == "RuntimeError: cannot take abcde"
-            for line in failures
-        )
+        assert all(json.loads(line[len("ERROR ") :])["error"] == summary for line in failures)
         assert "Exception in ASGI application" not in log
     finally:
         failing.stop()
@@ -1566,13 +1632,112 @@ def test_choices_the_queue_has_no_room_for_are_a_429_and_free_what_was_queued(tm
         held.stop()
 
 
+def test_sigterm_answers_what_the_grace_period_leaves_unfinished_as_closing(tmp_path: Path) -> None:
+    """SIGTERM with two requests, one streamed, held inside a model call past the grace period: the
+    engine's drain begins with the shutdown, and ``TIMEOUT_MARGIN`` past the grace period (the model call
+    still running) the plain request gets the 503 ``closed`` in OpenAI's shape, the stream that error as
+    its last event, whole; each logged as sent, with outcome ``closed``. uvicorn's own wait, shorter than
+    the drain (which began only after it), cancelled them first: a plain-text 500 logged as 499
+    ``cancelled``, a stream cut short."""
+    from tiltsmc.serving.server import TIMEOUT_MARGIN
+
+    grace = 1.0
+    gate = tmp_path / "gate"
+    gate.touch()
+    # the step never ends: the drain waits for it 1 s past the grace period (SHUTDOWN_WAIT), not 10
+    models = _gated_models(gate) + "server.SHUTDOWN_WAIT = 1.0\n"
+    closing = Server(tmp_path, script=_serving_script(models, f"grace={grace}, stream_keepalive=0.2"))
+    try:
+        body = {"prompt": "x", "particles": 2}
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            plain = pool.submit(closing.post, body)
+            streaming = pool.submit(closing.post, {**body, "stream": True})
+            _wait_for_metrics(  # one inside the model call, the other queued behind it
+                closing,
+                lambda s: s.metric("tiltsmc_requests_in_flight") + s.metric("tiltsmc_queue_depth") == 2,
+            )
+            began = time.monotonic()
+            closing.process.send_signal(signal.SIGTERM)
+            answered, streamed = plain.result(), streaming.result()
+        assert time.monotonic() - began >= grace + TIMEOUT_MARGIN  # no answer before then: there was time
+        closing.process.wait(30)
+        assert answered.status_code == 503, answered.text
+        assert answered.headers["content-type"] == "application/json"
+        error = answered.json()["error"]
+        assert (error["type"], error["code"], error["param"]) == ("unavailable_error", "closed", None)
+        assert error["message"] == (
+            "the server closed before the request finished: a model call ran past the grace period (1 s)"
+        )
+        assert streamed.status_code == 200 and streamed.text.startswith(": keep-alive"), streamed.text
+        blocks = [block for block in streamed.text.split("\n\n") if block.startswith("data: ")]
+        assert [json.loads(block[len("data: ") :]) for block in blocks] == [{"error": error}], streamed.text
+        lines = _completion_lines(closing, 2)
+        assert sorted((line["status"], line["outcome"]) for line in lines) == [
+            (200, "closed"),
+            (503, "closed"),
+        ]
+        log = closing.log()
+        assert "Exception in ASGI application" not in log and "timeout graceful shutdown" not in log, log
+    finally:
+        gate.unlink(missing_ok=True)
+        closing.stop()
+
+
+def test_sigterm_lets_a_request_finish_within_a_fractional_grace_period(tmp_path: Path) -> None:
+    """``grace=2.99``: a request held inside a model call until 2.2 s after SIGTERM finishes within the
+    grace period and is answered 200 (uvicorn waited the grace period's whole seconds alone, 2 s, then
+    cancelled the handler: a plain-text 500)."""
+    grace = 2.99  # the most time to finish after the gate opens (0.79 s) that old uvicorn wait still cuts
+    gate = tmp_path / "gate"
+    gate.touch()
+    held = Server(tmp_path, script=_serving_script(_gated_models(gate), f"grace={grace}"))
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(held.post, {"prompt": "x", "particles": 2})
+            _wait_for_metrics(held, lambda s: s.metric("tiltsmc_requests_in_flight") == 1)
+            held.process.send_signal(signal.SIGTERM)
+            time.sleep(math.floor(grace) + 0.2)
+            gate.unlink()
+            answered = answer.result()
+        assert answered.status_code == 200 and len(answered.json()["choices"]) == 1, answered.text
+        held.process.wait(30)
+        lines = _completion_lines(held, 1)
+        assert [(line["status"], line["outcome"]) for line in lines] == [(200, "completed")]
+    finally:
+        gate.unlink(missing_ok=True)
+        held.stop()
+
+
+def test_a_chat_request_to_a_server_without_a_chat_template_names_the_option_that_gives_one(
+    tmp_path: Path,
+) -> None:
+    """The demo's tokenizer has no chat template: a chat request, streamed or not, is a 400 naming
+    ``messages`` that says the server has none and names ``tiltsmc serve --chat-template`` (it named the
+    tokenizer's path on the server and the library's ``chat_template=``)."""
+    demo = Server(tmp_path, "--demo")
+    try:
+        for stream in (False, True):
+            body = {"messages": [{"role": "user", "content": "57 a+8"}], "stream": stream}
+            refused = httpx.post(f"{demo.url}/v1/chat/completions", json=body, timeout=60)
+            error = refused.json()["error"]
+            assert refused.status_code == 400 and error["param"] == "messages", refused.text
+            assert error["message"] == (
+                "messages: this server has no chat template (its policy's tokenizer has none): it takes "
+                "chat requests once started with one, tiltsmc serve --chat-template FILE; send text "
+                "prompts to /v1/completions"
+            )
+        assert demo.post({"prompt": "57 a+8 b-3\n", "particles": 2}).status_code == 200
+    finally:
+        demo.stop()
+
+
 def test_settings_the_command_line_refuses_are_refused_by_create_app_and_settings() -> None:
     """``create_app`` and ``Settings`` (what Ray's replicas are built from) check their settings as the
     command line does (it alone did): an empty API key (it let any ``Authorization: Bearer`` through), a
     timeout <= 0 (every request a 400 blaming the client), a keep-alive of 0 (a stream's loop without
-    pause), a drain time < 0 (or an infinite grace: uvicorn's is whole seconds), limits < 1; TypeError /
-    ValueError naming the setting. The command line's own messages, naming its options, are as they
-    were."""
+    pause), a drain time < 0 (or an infinite grace: uvicorn waits whole seconds past it), limits < 1;
+    TypeError / ValueError naming the setting. The command line's own messages, naming its options, are as
+    they were."""
     import argparse
 
     import numpy as np

@@ -474,6 +474,7 @@ class Engine:
             "failed": 0,
             "cancelled": 0,
             "timed_out": 0,
+            "closed": 0,
             "rejected": 0,
         }
         self._restarts = 0  # requests run again from their start after a model call failed for their batch
@@ -585,7 +586,9 @@ class Engine:
         model calls and the rows per policy call are added up at the end of each step: two reads always
         cover the same whole steps in every part (a step in progress is in none). The counts add up at
         every read: ``submitted`` is the sum of the outcomes (``completed``, ``failed``, ``cancelled``,
-        ``timed_out``; ``rejected`` requests are not submitted), ``waiting`` and ``in_flight``. A request
+        ``timed_out``, ``closed``: ended unfinished by ``close`` at the end of its grace period, or cancelled
+        then, see ``_cancelled_outcome``; ``rejected`` requests are not submitted), ``waiting`` and
+        ``in_flight``. A request
         cancelled while it waits is ``cancelled`` at once (no longer ``waiting``); one cancelled in flight,
         or past its deadline, once its worker takes it out, at its next step. A request cancelled at or past
         its deadline counts as ``timed_out`` (``Request.cancelled_outcome``: the HTTP server's own 504,
@@ -750,7 +753,7 @@ class Engine:
             self._end_all(worker, EngineClosed(f"the engine failed: {broken!r}"))
             return False
         if closing and deadline is not None and now >= deadline:
-            self._end_all(worker, EngineClosed("the engine closed before the request finished"))
+            self._end_all(worker, EngineClosed("the engine closed before the request finished"), "closed")
             return False
         gone = self._out_of_lanes(worker, now)
         with self._wake:  # under the lock: the workers' rows in flight cannot change meanwhile
@@ -911,7 +914,7 @@ class Engine:
         timed_out: list[tuple[Request, BaseException]] = []
         for request in (*expired, *gone):
             if request.future.cancelled():
-                self._counts[request.cancelled_outcome()] += 1
+                self._counts[self._cancelled_outcome(request)] += 1
             else:
                 self._counts["timed_out"] += 1
                 waited = now - request.submitted
@@ -984,7 +987,7 @@ class Engine:
             self._take(worker, request)
             cancelled = request.future.cancelled()  # by its caller during this step (or the server's timer)
             if cancelled:
-                self._counts[request.cancelled_outcome()] += 1
+                self._counts[self._cancelled_outcome(request)] += 1
             else:
                 self._counts["failed" if error is not None else "completed"] += 1
         if cancelled:
@@ -1011,10 +1014,23 @@ class Engine:
         except BaseException:  # a caller's done-callback, not the engine
             logger.exception("a done-callback of a request raised; the engine goes on")
 
-    def _end_all(self, worker: _Worker, error: BaseException) -> None:
+    def _cancelled_outcome(self, request: Request) -> str:
+        """Under the lock: what a request whose future was cancelled counts as: ``closed`` where it was
+        cancelled before its own deadline but at or past the end of the engine's grace period, as the HTTP
+        server does to a request still inside a model call by then (its 503); else as
+        ``Request.cancelled_outcome`` says."""
+        outcome = request.cancelled_outcome()
+        cancelled_at = getattr(request.future, "cancelled_at", None)
+        deadline = self._drain_deadline
+        if outcome == "cancelled" and self._closing and deadline is not None and cancelled_at is not None:
+            return "closed" if cancelled_at >= deadline else outcome
+        return outcome
+
+    def _end_all(self, worker: _Worker, error: BaseException, outcome: str = "failed") -> None:
         """End the waiting requests and ``worker``'s in flight with ``error``: taken out and counted under
-        the lock (``failed``; where their future was cancelled, as ``Request.cancelled_outcome`` says),
-        their futures settled after."""
+        the lock (as ``outcome``: ``failed`` where the engine failed, ``closed`` where its grace period
+        ended; where their future was cancelled, as ``_cancelled_outcome`` says), their futures settled
+        after."""
         with self._wake:
             in_flight = list(worker.in_flight.values())
             for request in in_flight:
@@ -1022,9 +1038,9 @@ class Engine:
             failed = []
             for request in (*self._scheduler.take_all(), *in_flight):
                 if request.future.cancelled():
-                    self._counts[request.cancelled_outcome()] += 1
+                    self._counts[self._cancelled_outcome(request)] += 1
                 else:
-                    self._counts["failed"] += 1
+                    self._counts[outcome] += 1
                     failed.append(request)
         for request in failed:
             self._settle(request, error)

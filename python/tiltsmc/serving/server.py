@@ -34,11 +34,19 @@ request's fields (``particles``, ``prompt[k]``); a body sent as another type tha
 other than ``application/json``, any charset, or a ``+json`` type; none is read as JSON) a 415;
 a full queue a 429 with ``Retry-After``;
 a request past its timeout a 504 (or its stream's last event: at most ``TIMEOUT_MARGIN`` seconds late,
-inside a model call that overruns); a request that fails for none of these reasons, the server's own
-(a model call that raised for it alone, memory), a 500 of type ``server_error`` naming the error, logged
-with its traceback; with ``--api-key-env VAR``, ``/v1/*`` and ``/metrics`` need
-``Authorization: Bearer <key>`` (401 otherwise). One JSON log line per request (logger
-``tiltsmc.server``), with the request's id (``X-Request-ID``, taken from the client or made here).
+inside a model call that overruns); a request the server cannot take or finish because it is closing a
+503 with ``"code": "closed"`` (or its stream's last event); a request that fails for none of these
+reasons, the server's own (a model call that raised for it alone, whatever the error's type, memory), a
+500 of type ``server_error`` naming the error, logged with its traceback; with ``--api-key-env VAR``,
+``/v1/*`` and ``/metrics`` need ``Authorization: Bearer <key>`` (401 otherwise). One JSON log line per
+request (logger ``tiltsmc.server``), with the request's id (``X-Request-ID``, taken from the client or made
+here) and, for a completion request, its outcome (``OUTCOMES``), as the ``tiltsmc_request_seconds``
+histogram counts it.
+
+On SIGTERM (``serve``) the server stops taking connections and the engine's drain begins at once: the
+requests queued and in flight have the grace period (``--grace``) to finish; those it leaves unfinished
+get the 503 ``closed`` (a stream its error event), at most ``TIMEOUT_MARGIN`` seconds past it even inside
+a model call that overruns, before uvicorn's own wait (``SEND_MARGIN`` longer) would cut them.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads the handlers' annotations as objects, and
@@ -57,6 +65,7 @@ import os
 import re
 import socket
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable
@@ -125,6 +134,11 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 # be cut short) before it exits without it.
 SHUTDOWN_WAIT = 10.0
 
+# Seconds that uvicorn's graceful shutdown (``serve``) waits for the handlers past the grace period and
+# ``TIMEOUT_MARGIN``, by when the server has answered every request it could not finish: time for those
+# answers to go out before uvicorn cancels what still runs (its plain-text 500, a stream cut short).
+SEND_MARGIN = 2.0
+
 # Seconds between the comment lines (``: keep-alive``) a stream sends while its answer is computed: proxies
 # and load balancers close a connection idle for 30 - 60 s by default, and an SMC answer comes whole at
 # the end.
@@ -134,6 +148,19 @@ STREAM_KEEPALIVE = 15.0
 # its steps, before the server answers the 504 itself (a model call that overruns cannot be cut short: its
 # requests are cancelled, their rows freed once it returns).
 TIMEOUT_MARGIN = 1.0
+
+# A completion request's outcomes, by what its client was sent (a stream's by its last event): its log
+# line's ``outcome`` and the ``tiltsmc_request_seconds`` histogram's label.
+OUTCOMES = {
+    "completed": "answered (200)",
+    "refused": "the request's own fault, a 4xx other than 429: a bad or out-of-limit field, a prompt that "
+    "failed once admitted, an unknown model, no API key, a body too large or not JSON",
+    "rejected": "the queue full (429)",
+    "timed_out": "past its timeout (504)",
+    "closed": "the server closing (503)",
+    "cancelled": "the client left before its answer",
+    "failed": "the server's own failure (500)",
+}
 _LAW = "the law the reward tilts is the policy's, set when the server starts"
 # OpenAI's fields that would change the law sampled or ask for what this server does not return: each is
 # taken at the value that changes nothing (what clients send by default) and refused otherwise, with the
@@ -312,9 +339,12 @@ def create_app(
     instance: Optional[str] = None,
     stream_keepalive: float = STREAM_KEEPALIVE,
 ) -> Any:
-    """A FastAPI app serving ``engine`` (see the module docstring). On shutdown it closes the engine,
-    finishing what is in flight for up to ``close_timeout`` seconds, and waits ``SHUTDOWN_WAIT`` seconds
-    more at most for a step still in progress (then logs it and lets the shutdown go on). ``instance``
+    """A FastAPI app serving ``engine`` (see the module docstring). On shutdown (its lifespan's end) it
+    closes the engine, finishing what is in flight for up to ``close_timeout`` seconds, and waits
+    ``SHUTDOWN_WAIT`` seconds more at most for a step still in progress (then logs it and lets the shutdown
+    go on); a server that waits for its handlers before the lifespan ends begins that drain itself as its
+    shutdown begins (``app.state.drain``, a ``_Drain``: ``serve`` does), so that the requests left
+    unfinished are answered as the server closing (503) before it gives up on them. ``instance``
     (a replica's name, where several serve one endpoint) is sent in every answer's
     ``X-Tiltsmc-Instance`` header and in the ``tiltsmc_instance_info`` metric. A stream sends a comment
     line every ``stream_keepalive`` seconds until its answer is ready."""
@@ -337,6 +367,8 @@ def create_app(
         )
     max_tokens_limit = limits.max_tokens or policy_limit
     longest_token = _longest_token(policy)
+    # a tokenizer without a chat template fails every chat prompt (the CLI's chat prompts are refused so)
+    chat_template = getattr(getattr(policy, "tokenizer", None), "chat_template", "") is not None
     optimal_proposal = Models(policy, engine.reward, Compute()).supports_optimal_proposal()
 
     # strict: a field of the wrong JSON type is refused (lax pydantic would read "2" or true as a number)
@@ -401,7 +433,8 @@ def create_app(
     registry = CollectorRegistry()
     latency = Histogram(
         "tiltsmc_request_seconds",
-        "Latency of completion requests (seconds), by outcome",
+        "Latency of completion requests (seconds), by outcome: "
+        + "; ".join(f"{outcome}, {meaning}" for outcome, meaning in OUTCOMES.items()),
         ["outcome"],
         buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
         registry=registry,
@@ -412,13 +445,16 @@ def create_app(
             {"instance": instance}
         )
 
+    drain = _Drain(engine, close_timeout)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
         yield
-        if not await asyncio.to_thread(lambda: engine.close(True, close_timeout, wait=SHUTDOWN_WAIT)):
+        if not await drain.finished():  # begun here unless the server began it as its shutdown began
             _log_stuck_step(close_timeout)
 
     app = FastAPI(title="tiltsmc", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.drain = drain
 
     key = api_key if not isinstance(api_key, str) else ApiKeyDigest.of(api_key)
 
@@ -459,7 +495,11 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
         first = error.errors()[0] if error.errors() else {"loc": (), "msg": "invalid request"}
-        location = [str(part) for part in first.get("loc", ()) if part != "body"]
+        location = [str(part) for part in first.get("loc", ())]
+        # the body's own element, which FastAPI's locations and ``validated``'s start with (a field may be
+        # named "body" too)
+        if location[:1] == ["body"]:
+            location = location[1:]
         param = location[0] if location else None
         problem = first.get("msg", "invalid")
         if first.get("type") == "extra_forbidden":
@@ -515,7 +555,8 @@ def create_app(
         try:
             return model.model_validate_json(raw)
         except ValidationError as error:  # answered as FastAPI's own refusals are (``invalid``)
-            raise RequestValidationError(error.errors(include_url=False)) from None
+            errors = [{**e, "loc": ("body", *e["loc"])} for e in error.errors(include_url=False)]
+            raise RequestValidationError(errors) from None
 
     async def completions(request: Request) -> Response:
         body: CompletionRequest = await validated(request, CompletionRequest)
@@ -527,6 +568,14 @@ def create_app(
 
     async def chat_completions(request: Request) -> Response:
         body: ChatCompletionRequest = await validated(request, ChatCompletionRequest)
+        if not chat_template:
+            request.state.detail.update(sampler=body.sampler, prompts=1, n=body.n, outcome="refused")
+            raise RequestError(
+                "messages",
+                "messages: this server has no chat template (its policy's tokenizer has none): it takes chat "
+                "requests once started with one, tiltsmc serve --chat-template FILE; send text prompts to "
+                "/v1/completions",
+            )
         if body.max_completion_tokens is not None:
             if body.max_tokens is not None and body.max_tokens != body.max_completion_tokens:
                 request.state.detail.update(sampler=body.sampler, prompts=1, n=body.n, outcome="refused")
@@ -564,7 +613,7 @@ def create_app(
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache"},
                 )
-            choices = await _collect(request, futures, body, timeout)
+            choices = await _collect(request, futures, body, timeout, drain)
         except RequestError:
             detail["outcome"] = "refused"
             raise
@@ -577,16 +626,13 @@ def create_app(
         except asyncio.CancelledError:
             detail["outcome"] = "cancelled"
             raise
-        except UnicodeDecodeError as error:  # the policy's decode of its own tokens: the server's failure
-            detail["outcome"] = "failed"
-            return JSONResponse(_server_error(error, request_id), status_code=500)
-        except (TimeoutError, EngineClosed, ValueError, TypeError) as error:
-            detail["outcome"], status, kind, code = _failure(error)
-            message, field = _failure_message(error, futures, body, chat)
-            return JSONResponse(_error_body(message, kind, field, code), status_code=status)
-        except Exception as error:  # the server's own failure (a model call that raised for it, memory)
-            detail["outcome"] = "failed"
-            return JSONResponse(_server_error(error, request_id), status_code=500)
+        except Exception as error:
+            failure = _failure(error, futures, body, chat)
+            if failure is None:  # the server's own failure (a model call that raised for it, memory)
+                detail["outcome"] = "failed"
+                return JSONResponse(_server_error(error, request_id), status_code=500)
+            detail["outcome"], status, error_body = failure
+            return JSONResponse(error_body, status_code=status)
         detail["outcome"] = "completed"
         return JSONResponse(
             _response(
@@ -599,11 +645,11 @@ def create_app(
     ) -> AsyncIterator[str]:
         """A streamed answer: ``: keep-alive`` comment lines while the engine works, then the answer's
         chunks and ``data: [DONE]``; a request that fails now (its timeout, the server closing, its own
-        error, the server's: ``_server_error``) ends with OpenAI's error object as the last event, since
-        its status (200) is sent."""
+        fault, the server's failure: ``_failure``, ``_server_error``) ends with OpenAI's error object as the
+        last event, since its status (200) is sent."""
         detail = request.state.detail
         try:
-            waiting = _waiting(request, futures, stream_keepalive, timeout)
+            waiting = _waiting(request, futures, stream_keepalive, timeout, drain)
             final: Optional[list[SamplerResult]] = None
             try:  # closed in any case, so that its requests are cancelled (contextlib.aclosing: 3.10+)
                 async for results in waiting:
@@ -620,18 +666,14 @@ def create_app(
         except asyncio.CancelledError:
             detail["outcome"] = "cancelled"
             raise
-        except UnicodeDecodeError as error:  # the policy's decode of its own tokens: the server's failure
-            detail["outcome"] = "failed"
-            yield _event(_server_error(error, request.state.request_id))
-            return
-        except (TimeoutError, EngineClosed, ValueError, TypeError) as error:
-            detail["outcome"], _, kind, code = _failure(error)
-            message, param = _failure_message(error, futures, body, chat)
-            yield _event(_error_body(message, kind, param, code))
-            return
         except Exception as error:
-            detail["outcome"] = "failed"
-            yield _event(_server_error(error, request.state.request_id))
+            failure = _failure(error, futures, body, chat)
+            if failure is None:
+                detail["outcome"] = "failed"
+                yield _event(_server_error(error, request.state.request_id))
+            else:
+                detail["outcome"], _, error_body = failure
+                yield _event(error_body)
             return
         detail["outcome"] = "completed"
         answered = _response(
@@ -878,16 +920,26 @@ def _longest_token(policy: Any) -> Optional[int]:
     return max(1, max((len(entry) for entry in entries), default=1))
 
 
-def _failure(error: BaseException) -> tuple[str, int, str, Optional[str]]:
-    """A request that failed once admitted, as (outcome, HTTP status, OpenAI error type, code): past its
-    timeout (504), the engine closing (503), or its own prompt or values (400: it failed alone). The
-    plain answer sends it as the status and error body, a stream as its last event. Any other error is
-    the server's (``_server_error``)."""
+def _failure(
+    error: BaseException, futures: list[Any], body: Any, chat: bool
+) -> Optional[tuple[str, int, dict[str, Any]]]:
+    """A request that failed once admitted, as (outcome, HTTP status, OpenAI error body): past its timeout
+    (504), the engine or the server closing (503), or the request's own fault (400, ``refused``): an
+    error of the engine or the samplers that names what the request set (``_failure_message``: an option
+    such as ``num_particles``, its prompt ``prompt k``, the sampler that gave no sample). None for any
+    other error, the server's own (``_server_error``): a model call that raised for the request alone,
+    whatever its type (numpy's ``ValueError`` for shapes that do not broadcast, a ``TypeError``), the
+    policy's decode of its own tokens. The plain answer sends it as the status and error body, a stream as
+    its last event."""
     if isinstance(error, TimeoutError):
-        return "timed_out", 504, "timeout_error", "timeout"
+        return "timed_out", 504, _error_body(str(error), "timeout_error", None, "timeout")
     if isinstance(error, EngineClosed):
-        return "closed", 503, "unavailable_error", "closed"
-    return "failed", 400, "invalid_request_error", None
+        return "closed", 503, _error_body(str(error), "unavailable_error", None, "closed")
+    if isinstance(error, (ValueError, TypeError)) and not isinstance(error, UnicodeError):
+        message, field = _failure_message(error, futures, body, chat)
+        if field is not None:
+            return "refused", 400, _error_body(message, "invalid_request_error", field)
+    return None
 
 
 def _server_error(error: BaseException, request_id: str) -> dict[str, Any]:
@@ -987,8 +1039,83 @@ async def _submitted(counted_and_submitted: Callable[[], tuple[int, list[Any]]])
         raise
 
 
+class _Drain:
+    """The engine's drain as the server closes: ``begin`` closes the engine in a thread of its own (the
+    event loop goes on answering), letting the requests queued and in flight finish for ``grace`` seconds
+    and waiting ``SHUTDOWN_WAIT`` seconds more at most for a step still in progress (``Engine.close``), and
+    sets ``deadline``, the event loop's time ``TIMEOUT_MARGIN`` past the grace period: a request still
+    waiting then ends with ``EngineClosed`` (``_waiting``), where the engine has not ended it (inside a
+    model call that overruns). The app's lifespan awaits the drain (``finished``), beginning it where the
+    server did not (one that waits for the handlers first, such as Ray Serve's replicas). Used from the
+    app's event loop only."""
+
+    def __init__(self, engine: Engine, grace: float) -> None:
+        self.engine, self.grace = engine, grace
+        self.deadline: Optional[float] = None  # once begun: the loop's time the unanswered requests end at
+        self._began: Optional[asyncio.Future[None]] = None  # done once begun (``began``)
+        self._closed: Optional[asyncio.Future[bool]] = None  # Engine.close's answer
+
+    def begin(self) -> None:
+        """Begins the drain (once: a later call changes nothing), without waiting for it."""
+        if self._closed is not None:
+            return
+        loop = asyncio.get_running_loop()
+        if math.isfinite(self.grace):
+            self.deadline = loop.time() + self.grace + TIMEOUT_MARGIN
+        closed = self._closed = loop.create_future()
+        grace, wait = self.grace, SHUTDOWN_WAIT
+
+        def answer(outcome: Any, error: Optional[BaseException]) -> None:
+            if not closed.done():
+                if error is None:
+                    closed.set_result(outcome)
+                else:
+                    closed.set_exception(error)
+
+        def close() -> None:
+            outcome, error = None, None
+            try:
+                outcome = self.engine.close(True, grace, wait=wait)
+            except Exception as failure:  # handed to the lifespan, which raises it
+                error = failure
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+                loop.call_soon_threadsafe(answer, outcome, error)
+
+        # a daemon thread, not the loop's executor: a loop that ends (a forced exit) does not wait for it
+        threading.Thread(target=close, name="tiltsmc-drain", daemon=True).start()
+        began = self.began()
+        if not began.done():
+            began.set_result(None)
+
+    def began(self) -> asyncio.Future[None]:
+        """A future done once the drain has begun (``deadline`` set)."""
+        if self._began is None:
+            self._began = asyncio.get_running_loop().create_future()
+            if self._closed is not None:
+                self._began.set_result(None)
+        return self._began
+
+    async def finished(self) -> bool:
+        """Begins the drain where it has not begun; ``Engine.close``'s answer once it is over: False where
+        a step was still in progress ``SHUTDOWN_WAIT`` seconds past the grace period."""
+        self.begin()
+        assert self._closed is not None
+        return bool(await asyncio.shield(self._closed))
+
+    def unfinished(self) -> EngineClosed:
+        """The error of a request still unanswered at ``deadline``."""
+        return EngineClosed(
+            f"the server closed before the request finished: a model call ran past the grace period "
+            f"({self.grace:g} s)"
+        )
+
+
 async def _waiting(
-    request: Any, futures: list[Any], every: float, timeout: Optional[float] = None
+    request: Any,
+    futures: list[Any],
+    every: float,
+    timeout: Optional[float] = None,
+    drain: Optional[_Drain] = None,
 ) -> AsyncGenerator[Optional[list[SamplerResult]], None]:
     """The requests' results, once all are in (the first failure raised), after a ``None`` every
     ``every`` seconds until then. A client that disconnects (``ClientGone``), a failure, or the caller
@@ -996,27 +1123,37 @@ async def _waiting(
 
     ``timeout``: the requests' own (the engine's, which it checks between its steps); ``TIMEOUT_MARGIN``
     seconds past it, ``TimeoutError`` is raised here (and the requests cancelled) even where the engine
-    has not answered, inside a model call that overruns."""
+    has not answered, inside a model call that overruns. ``drain``: the app's; once it has begun, at its
+    ``deadline`` (``TIMEOUT_MARGIN`` past the grace period), ``EngineClosed`` is raised here so."""
     loop = asyncio.get_running_loop()
     deadline = None if timeout is None or math.isinf(timeout) else loop.time() + timeout + TIMEOUT_MARGIN
     waiting = asyncio.ensure_future(asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
     gone = asyncio.ensure_future(_client_gone(request))
+    began = None if drain is None else drain.began()
     try:
         while True:
+            closes_at = None if drain is None else drain.deadline
             wait = None if math.isinf(every) else every
-            if deadline is not None:
-                left = max(deadline - loop.time(), 0.0)
-                wait = left if wait is None else min(wait, left)
-            done, _ = await asyncio.wait({waiting, gone}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            for end in (deadline, closes_at):
+                if end is not None:
+                    left = max(end - loop.time(), 0.0)
+                    wait = left if wait is None else min(wait, left)
+            watched = {waiting, gone} if began is None or began.done() else {waiting, gone, began}
+            done, _ = await asyncio.wait(watched, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
             if waiting in done:
                 break
             if gone in done:
                 gone.exception()  # retrieved: a receive that failed is a client gone too
                 raise ClientGone
-            if deadline is not None and loop.time() >= deadline:
+            now = loop.time()
+            if deadline is not None and now >= deadline:
                 raise TimeoutError(
                     f"timeout: the request took more than {timeout:.3g} s (a model call ran past it)"
                 )
+            if drain is not None and closes_at is not None and now >= closes_at:
+                raise drain.unfinished()
+            if began is not None and began in done:
+                continue  # the drain has begun: its deadline is waited for from now on
             yield None
         yield waiting.result()
     finally:
@@ -1038,11 +1175,15 @@ async def _client_gone(request: Any) -> None:
 
 
 async def _collect(
-    request: Any, futures: list[Any], body: Any, timeout: Optional[float] = None
+    request: Any,
+    futures: list[Any],
+    body: Any,
+    timeout: Optional[float] = None,
+    drain: Optional[_Drain] = None,
 ) -> list[tuple[SamplerResult, int]]:
-    """The requests' results (see ``_waiting``, ``timeout`` included), each with the index of the
-    trajectory it returns."""
-    waiting = _waiting(request, futures, math.inf, timeout)
+    """The requests' results (see ``_waiting``, ``timeout`` and ``drain`` included), each with the index
+    of the trajectory it returns."""
+    waiting = _waiting(request, futures, math.inf, timeout, drain)
     try:  # closed in any case, so that its requests are cancelled (contextlib.aclosing: 3.10+)
         async for results in waiting:
             if results is not None:
@@ -1222,7 +1363,9 @@ class _BodyLimit:
 class _RequestLog:
     """ASGI middleware: gives every request an id (``X-Request-ID``: the client's if well-formed, else a
     new one), echoes it in the response, and logs one JSON line per request (what the handler put in
-    ``request.state.detail`` included); completion latencies go to the histogram by outcome."""
+    ``request.state.detail`` included); a completion request's latency goes to the histogram by its
+    outcome (``OUTCOMES``: the handler's, else the status sent's, ``_status_outcome``), which its line
+    names too."""
 
     def __init__(self, app: Any, latency: Any, instance: Optional[str] = None) -> None:
         self.app, self.latency = app, latency
@@ -1255,10 +1398,23 @@ class _RequestLog:
         finally:
             seconds = time.perf_counter() - began
             if scope["path"] in ("/v1/completions", "/v1/chat/completions"):
-                self.latency.labels(detail.get("outcome") or f"http_{status[0]}").observe(seconds)
+                detail["outcome"] = detail.get("outcome") or _status_outcome(status[0])
+                self.latency.labels(detail["outcome"]).observe(seconds)
             record = {"event": "request", "id": request_id, "method": scope["method"], "path": scope["path"]}
             record.update(status=status[0], ms=round(1000 * seconds, 3), **detail)
             logger.info(json.dumps(record))
+
+
+def _status_outcome(status: int) -> str:
+    """The outcome (``OUTCOMES``) of a completion request whose handler named none, by the status sent: a
+    request refused before its handler ran (a body too large, not JSON or not valid, no API key: 4xx), or
+    one not answered (499: the client left)."""
+    named = {429: "rejected", 499: "cancelled", 503: "closed", 504: "timed_out"}
+    if status in named:
+        return named[status]
+    if status < 400:
+        return "completed"
+    return "refused" if status < 500 else "failed"
 
 
 class _EngineCollector:
@@ -1459,7 +1615,8 @@ def _check_app_settings(
 
 def _check_grace(seconds: Any, name: str, finite: bool = True) -> None:
     """``name``, the seconds a closing server lets the requests in flight finish: a number >= 0, finite
-    with ``finite`` (uvicorn's graceful shutdown takes whole seconds); TypeError / ValueError naming it."""
+    with ``finite`` (``serve`` has uvicorn wait for the handlers as long, and more); TypeError / ValueError
+    naming it."""
     value = real_number(seconds, name)
     if not (0 <= value < math.inf if finite else value >= 0):  # NaN too
         bound = "a finite number of seconds >= 0" if finite else "a number of seconds >= 0"
@@ -1595,7 +1752,11 @@ class Settings:
 
 
 def serve(args: argparse.Namespace, settings: Settings, policy: Any, reward: Any) -> int:
-    """Run the server until SIGTERM / SIGINT (uvicorn's graceful shutdown, then the engine drains)."""
+    """Run the server until SIGTERM / SIGINT: uvicorn's graceful shutdown, whose start begins the engine's
+    drain (``_Drain``: the requests in flight have ``settings.grace`` seconds to finish, then end as the
+    server closing, a 503 ``closed``), and which waits for the handlers ``TIMEOUT_MARGIN + SEND_MARGIN``
+    seconds past the grace period (rounded up to whole seconds: uvicorn's), so that every answer goes out
+    before it cancels what still runs."""
     try:
         import uvicorn
     except ImportError:
@@ -1620,8 +1781,18 @@ def serve(args: argparse.Namespace, settings: Settings, policy: Any, reward: Any
         port=args.port,
         log_level="warning",
         access_log=False,
-        timeout_graceful_shutdown=int(max(settings.grace, 1)),
+        timeout_graceful_shutdown=math.ceil(settings.grace + TIMEOUT_MARGIN + SEND_MARGIN),
     )
+    drain: _Drain = app.state.drain
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn's server, whose shutdown begins the engine's drain before it waits for the handlers
+        (the app's lifespan, which would begin it, runs once they are done or cancelled)."""
+
+        async def shutdown(self, sockets: Optional[list[socket.socket]] = None) -> None:
+            drain.begin()
+            await super().shutdown(sockets)
+
     listening = {
         "event": "listening",
         "host": args.host,
@@ -1631,12 +1802,18 @@ def serve(args: argparse.Namespace, settings: Settings, policy: Any, reward: Any
         "threads": args.threads,
     }
     logger.info(json.dumps(listening))
-    # on a signal, re-raises it once shut down: the process ends there
-    uvicorn.Server(config).run(sockets=[listener])
-    if not engine.close(drain=False, timeout=None, wait=SHUTDOWN_WAIT):
-        _log_stuck_step(settings.grace)
-        logging.shutdown()
-        os._exit(1)  # the interpreter's exit would abort when the stuck model call returns (see Engine)
+    try:
+        # on a signal, re-raises it once shut down: the process ends there (SIGINT's KeyboardInterrupt
+        # passes the finally below)
+        DrainingServer(config).run(sockets=[listener])
+    finally:
+        # the workers stopped here where the drain has not (a second SIGINT forces the shutdown past its
+        # end): once closed, the engine is no longer one that the interpreter's exit stops, and a worker
+        # still inside a model call at exit aborts the process as the call returns (see Engine)
+        if not engine.close(drain=False, timeout=None, wait=SHUTDOWN_WAIT):
+            _log_stuck_step(settings.grace)
+            logging.shutdown()
+            os._exit(1)
     return 0
 
 
