@@ -665,7 +665,8 @@ def test_bad_prompt_fails_only_its_request(onnx_models: tuple[OnnxCausalLM, Onnx
             futures[1].result(timeout=30)
         good = [futures[0].result(timeout=30), futures[2].result(timeout=30)]
         assert engine.stats()["requests"] == {
-            "submitted": 3, "completed": 2, "failed": 1, "cancelled": 0, "timed_out": 0, "rejected": 0,
+            "submitted": 3, "completed": 2, "failed": 1, "cancelled": 0, "timed_out": 0, "closed": 0,
+            "rejected": 0,
         }  # fmt: skip
     assert [r.texts is not None and len(r.texts[0]) == 4 for r in good] == [True, True]
 
@@ -1482,9 +1483,13 @@ def test_final_resample_draws_count_as_the_requests_rows() -> None:
     task = MarkovDFATask.random(3, 2, 4, rng=0)
     policy, twist = task.policy(), task.twist(noise=0.1, rng=0)
     with tiltsmc.Engine(policy, twist, max_batch_rows=8) as engine:
-        for draws in (9, 10**7, 2**63):
+        for draws in (9, 10**7):
             with pytest.raises(ValueError, match=f"^final_resample: the request needs {draws} particle rows"):
                 engine.submit((), "smc", num_particles=4, final_resample=draws, rng=0)
+        # more than any memory: refused as the offline call refuses it, when the run is made
+        refused = rf"^final_resample: 1 prompt\(s\) x {2**63} samples \(16 bytes each\) need at least"
+        with pytest.raises(ValueError, match=refused):
+            engine.submit((), "smc", num_particles=4, final_resample=2**63, rng=0)
         served = engine.submit((), "smc", num_particles=4, final_resample=8, rng=0).result(timeout=60)
     offline = tiltsmc.smc(policy, twist, [()], num_particles=4, final_resample=8, rng=0)
     assert [s.tolist() for s in served.samples[0]] == [s.tolist() for s in offline.samples[0]]
@@ -1796,7 +1801,9 @@ def test_the_counts_add_up_at_every_read_while_requests_end_every_way(models: tu
         while not stop.is_set():
             stats = engine.stats()
             counts = stats["requests"]
-            ended = sum(counts[outcome] for outcome in ("completed", "failed", "cancelled", "timed_out"))
+            ended = sum(
+                counts[outcome] for outcome in ("completed", "failed", "cancelled", "timed_out", "closed")
+            )
             if counts["submitted"] != ended + stats["waiting"] + stats["in_flight"]:
                 unaccounted.append(stats)
             reads += 1
@@ -1857,8 +1864,11 @@ def test_the_counts_add_up_at_every_read_while_requests_end_every_way(models: tu
         engine.close()
     assert reads > 100 and not unaccounted, unaccounted[:3]
     counts = engine.stats()["requests"]
-    assert counts["submitted"] == sum(counts[o] for o in ("completed", "failed", "cancelled", "timed_out"))
-    assert counts["failed"] == 6 and counts["timed_out"] >= 7 and counts["cancelled"] >= 4
+    assert counts["submitted"] == sum(
+        counts[o] for o in ("completed", "failed", "cancelled", "timed_out", "closed")
+    )
+    assert counts["closed"] == 6 and counts["timed_out"] >= 7 and counts["cancelled"] >= 4
+    assert counts["failed"] == 0
 
 
 class ReleaseFails(Releasing):
@@ -2008,14 +2018,16 @@ def test_cancelled_waiting_requests_leave_their_places_in_the_queue_at_once(mode
         "failed": 0,
         "cancelled": 2,
         "timed_out": 0,
+        "closed": 0,
         "rejected": 2,
     }
 
 
 def test_requests_cancelled_before_a_close_that_ends_them_count_as_cancelled(models: tuple[Any, Any]) -> None:
     """A close without draining ends the requests waiting and in flight with ``EngineClosed``, counted
-    ``failed``; those their caller had cancelled (in flight, or waiting) count as ``cancelled``, as they
-    would have at the next step (they counted as failed)."""
+    ``closed`` (they counted as failed, as the engine's own failures do); those their caller had cancelled
+    (in flight, or waiting) count as ``cancelled``, as they would have at the next step (they counted as
+    failed)."""
     policy, twist = models
     gated = Gated(policy)
     gated.gate.clear()
@@ -2030,11 +2042,35 @@ def test_requests_cancelled_before_a_close_that_ends_them_count_as_cancelled(mod
     assert engine.stats()["requests"] == {
         "submitted": 3,
         "completed": 0,
-        "failed": 1,
+        "failed": 0,
         "cancelled": 2,
         "timed_out": 0,
+        "closed": 1,
         "rejected": 0,
     }
+
+
+def test_a_request_cancelled_past_the_grace_period_counts_as_closed(models: tuple[Any, Any]) -> None:
+    """A request still inside a model call when the close's grace period ends, cancelled then (as the HTTP
+    server does, answering it 503 ``closed``), counts as ``closed``, as one the engine ends at that point;
+    one cancelled before the grace period ends is ``cancelled``. Both counted ``cancelled`` before."""
+    policy, twist = models
+    for cancel_late in (True, False):
+        gated = Gated(policy)
+        gated.gate.clear()
+        engine = tiltsmc.Engine(gated, twist)
+        future = engine.submit((), "smc", num_particles=4, rng=0)
+        assert gated.entered.wait(10)
+        grace = 0.05 if cancel_late else 60.0
+        closer = threading.Thread(target=engine.close, kwargs={"drain": True, "timeout": grace})
+        closer.start()
+        time.sleep(grace + 0.1 if cancel_late else 0.1)  # past the grace period's end, or well inside it
+        assert future.cancel()
+        gated.gate.set()  # the step in progress ends
+        closer.join(30)
+        assert not closer.is_alive()
+        counts = _counts_add_up(engine)
+        assert (counts["closed"], counts["cancelled"]) == ((1, 0) if cancel_late else (0, 1)), counts
 
 
 def _counts_add_up(engine: tiltsmc.Engine) -> dict[str, int]:
@@ -2042,7 +2078,7 @@ def _counts_add_up(engine: tiltsmc.Engine) -> dict[str, int]:
     ``in_flight``."""
     stats = engine.stats()
     counts: dict[str, int] = stats["requests"]
-    ended = sum(counts[outcome] for outcome in ("completed", "failed", "cancelled", "timed_out"))
+    ended = sum(counts[outcome] for outcome in ("completed", "failed", "cancelled", "timed_out", "closed"))
     assert counts["submitted"] == ended + stats["waiting"] + stats["in_flight"], stats
     return counts
 
@@ -2081,6 +2117,7 @@ def test_requests_cancelled_past_their_deadline_count_as_timed_out(models: tuple
             "failed": 0,
             "cancelled": 1,
             "timed_out": 2,
+            "closed": 0,
             "rejected": 0,
         }
 
@@ -2138,6 +2175,7 @@ def test_requests_cancelled_past_their_deadline_count_as_timed_out_as_their_step
         "failed": 0,
         "cancelled": 0,
         "timed_out": 3,
+        "closed": 0,
         "rejected": 0,
     }
 
