@@ -64,6 +64,10 @@ def model_copy(tmp_path: Path, name: str = "llama-tiny") -> Path:
         # ran until killed (tiltsmc.mh takes any count)
         ("--mh-steps", "99999999999999999999", "--mh-steps: expected at most 1048576 steps, got 9999"),
         ("--mh-steps", "1048577", "--mh-steps: expected at most 1048576 steps, got 1048577"),
+        # online_bellman's eps range (diagnostics.online.check_eps): a number >= 0
+        ("--eps", "-1", "--eps: expected a number >= 0, got -1"),
+        ("--eps", "nan", "--eps: expected a number >= 0, got nan"),
+        ("--eps", "x", "--eps: expected a number >= 0, got 'x'"),
     ],
 )
 def test_bad_arguments(option: str, value: str, message: str, capfd: pytest.CaptureFixture[str]) -> None:
@@ -71,6 +75,19 @@ def test_bad_arguments(option: str, value: str, message: str, capfd: pytest.Capt
         main([*RUN, "--prompt", "hi", f"{option}={value}"])
     assert exit_info.value.code == 2
     assert message in one_line_error(capfd)
+
+
+def test_eps_takes_what_online_bellman_takes(capfd: pytest.CaptureFixture[str]) -> None:
+    """``--eps`` reads the range of ``online_bellman``'s ``eps`` (``check_eps``): 0 (an exact twist, which
+    the API took and the CLI refused as "expected a finite number > 0") and inf (never warns) included."""
+    from tiltsmc.cli import build_parser
+    from tiltsmc.diagnostics.online import check_eps
+
+    for value in ("0", "-0", "1e-9", "2.5", "inf", "1e400"):
+        parsed = build_parser().parse_args([*RUN, "--prompt", "hi", "--eps", value])
+        assert parsed.eps == check_eps(float(value)) and math.copysign(1.0, parsed.eps) == 1.0, value
+    assert main([*RUN, "--prompt", "hi", "--eps", "0", "--quiet"]) == 0
+    assert "Traceback" not in capfd.readouterr().err
 
 
 def test_the_mh_step_bound_takes_zero_and_the_bound() -> None:

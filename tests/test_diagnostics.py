@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from statistics import NormalDist
 from typing import Any
 
@@ -115,6 +117,33 @@ def test_bad_arguments(task: MarkovDFATask) -> None:
         ({"max_steps": 0}, ValueError, "^max_steps: must be >= 1, got 0"),
         ({"max_steps": -2}, ValueError, "^max_steps: must be >= 1"),
         ({"max_steps": 2.0}, TypeError, "^max_steps: expected an int"),
+        # an array's `in` asked for its truth value ("truth value of an array ... is ambiguous")
+        (
+            {"method": np.array(["exact", "sampled"])},
+            TypeError,
+            r"^method: expected 'auto', 'exact' or 'sampled', got array\(\['exact', 'sampled'\]",
+        ),
+        (
+            {"method": ["exact"]},
+            TypeError,
+            r"^method: expected 'auto', 'exact' or 'sampled', got \['exact'\]",
+        ),
+        # numpy's allocator: a MemoryError naming nothing (2**40) or "array is too big" (2**62)
+        (
+            {"num_prefixes": 2**40},
+            ValueError,
+            r"^num_prefixes: 1 prompt\(s\) x 1099511627776 prefixes \(16 bytes each\) need at least "
+            r"1\.8e\+13 bytes of memory, more than ",
+        ),
+        ({"num_prefixes": 2**62}, ValueError, r"^num_prefixes: 1 prompt\(s\) x 4611686018427387904 prefixes"),
+        # 2**31 to 2**40 a MemoryError naming nothing; 2**62 crashed the interpreter (below)
+        (
+            {"method": "sampled", "samples_per_prefix": 2**36},
+            ValueError,
+            r"^samples_per_prefix: 1 prompt\(s\) x 8 prefixes x 68719476736 continuations "
+            r"\(16 bytes each\) need at least 8\.8e\+12 bytes of memory, more than ",
+        ),
+        ({"method": "sampled", "samples_per_prefix": 2**40}, ValueError, "^samples_per_prefix: "),
     ],
 )
 def test_bad_arguments_are_refused_before_any_rollout(
@@ -126,6 +155,41 @@ def test_bad_arguments_are_refused_before_any_rollout(
     with pytest.raises(error, match=match):
         tiltsmc.diagnostics.bellman_error(rng=generator, **call)
     assert generator.bit_generator.state == state
+
+
+def test_continuations_past_numpys_largest_array_are_refused_not_a_crash() -> None:
+    """``samples_per_prefix=2**62`` (4 prefixes) reached ``np.repeat``, which crashed the interpreter
+    (SIGSEGV): run in a child process, so that a crash fails this test alone. Refused naming the argument,
+    whether or not the memory available can be read."""
+    code = """
+import numpy as np
+from tiltsmc import _memory
+from tiltsmc.diagnostics import bellman_error
+from tiltsmc.tasks import MarkovDFATask
+task = MarkovDFATask.random(3, 3, 4, rng=0)
+policy, twist = task.policy(), task.twist(noise=0.3, rng=1)
+for available in (_memory.available_memory, lambda: None):
+    _memory.available_memory = available
+    generator = np.random.default_rng(0)
+    state = generator.bit_generator.state
+    try:
+        bellman_error(
+            policy, twist, num_prefixes=4, samples_per_prefix=2**62, method="sampled", rng=generator
+        )
+    except ValueError as error:
+        print(error)
+    assert generator.bit_generator.state == state
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2, done.stdout
+    for line in lines:
+        assert line.startswith(
+            "samples_per_prefix: 1 prompt(s) x 4 prefixes x 4611686018427387904 continuations "
+            "(16 bytes each) need at least 3e+20 bytes of memory, more than "
+        ), line
+    assert lines[1].endswith("more than any array can hold (9.2e+18)")
 
 
 def test_max_steps_short_of_the_horizon_raises_as_smc_does(task: MarkovDFATask) -> None:
@@ -426,6 +490,7 @@ def test_to_dict_is_strict_json_as_a_sampler_result() -> None:
     assert reading["per_step_low"] == [[0.0, 0.0, 0.0]] and reading["eps_low"] == 0.0
 
 
+@pytest.mark.slow
 def test_the_online_lower_bound_holds_at_its_stated_confidence_for_an_exact_twist() -> None:
     """With ``V*`` as the twist (``eps = 0``), ``eps_low > 0`` is a false claim. Over 2000 runs of 4
     prompts x 4 steps x 256 particles its share stays within 5 binomial standard deviations of

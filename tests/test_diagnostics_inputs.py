@@ -69,6 +69,11 @@ def test_negative_zero_eps_reads_as_zero(result: SamplerResult) -> None:
         ([[0.5]], [[True]], TypeError, r"^standard_errors: expected an array of real numbers, got dtype b"),
         ([[0.5]], None, TypeError, r"^standard_errors: expected an array of real numbers, got dtype object"),
         ([0.5, 0.2], [0.1, 0.1], ValueError, r"^increments: expected a \(B, steps\) array, got shape \(2,\)"),
+        # ragged rows: numpy's "setting an array element with a sequence", naming no field
+        ([[0.1, 0.2], [0.1]], [[0.1, 0.1], [0.1]], ValueError,
+         r"^increments: expected a \(B, steps\) array, got a ragged sequence \(rows of different lengths\)$"),
+        ([[0.1, 0.2], [0.1, 0.3]], [[0.1], [0.1, 0.1]], ValueError,
+         r"^standard_errors: expected a \(B, steps\) array, got a ragged sequence"),
         ([[1, 2]], [[0.1, 0.2]], None, ""),  # ints are real numbers
     ],
 )  # fmt: skip

@@ -169,11 +169,14 @@ def test_cache_geometry_from_config_fields() -> None:
             cache_geometry(past, {**config, field: value}, model)
 
 
-@pytest.mark.parametrize("threads", [-1, "2", 1.5, True])
-def test_thread_counts(threads: object) -> None:
-    with pytest.raises(ValueError, match="intra_op_num_threads: expected an integer >= 0"):
+@pytest.mark.parametrize(
+    ("threads", "error"), [(-1, ValueError), ("2", TypeError), (1.5, TypeError), (True, TypeError)]
+)
+def test_thread_counts(threads: object, error: type) -> None:
+    """A negative count is a wrong value (ValueError), a string, float or bool a wrong type (TypeError)."""
+    with pytest.raises(error, match=r"^intra_op_num_threads: expected an integer >= 0"):
         OnnxCausalLM(POLICY, intra_op_num_threads=threads)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="inter_op_num_threads: expected an integer >= 0"):
+    with pytest.raises(error, match=r"^inter_op_num_threads: expected an integer >= 0"):
         OnnxRewardModel(REWARD, inter_op_num_threads=threads)  # type: ignore[arg-type]
 
 

@@ -8,10 +8,12 @@ import inspect
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import tiltsmc
 from tiltsmc import cli
 from tiltsmc.models import OnnxCausalLM, OnnxRewardModel
+from tiltsmc.models._ort import MAX_THREADS
 from tiltsmc.serving.engine import SAMPLERS, sampler_defaults
 
 FIXTURES = Path(__file__).parent / "fixtures" / "models"
@@ -149,6 +151,39 @@ def test_session_options_object_is_used_as_it_is() -> None:
 def test_bad_session_options_are_named(options: Any, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         OnnxCausalLM(LLAMA, session_options=options)
+
+
+# -- require_gpu and the thread counts are checked --------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["false", "no", "True", 0.0, 1, 0, None, [], float("nan")])
+def test_require_gpu_is_true_or_false(value: Any) -> None:
+    """``require_gpu`` is a flag like the others: ``"false"`` and nan were read as True (a GPU demanded),
+    None, 0 and [] as False."""
+    for model, path in ((OnnxCausalLM, LLAMA), (OnnxRewardModel, PRM)):
+        with pytest.raises(TypeError, match=r"^require_gpu: expected True or False, got "):
+            model(path, require_gpu=value)
+    assert OnnxRewardModel(PRM, require_gpu=np.False_).session.get_providers()  # numpy's bool is one
+
+
+@pytest.mark.parametrize("parameter", ["intra_op_num_threads", "inter_op_num_threads"])
+@pytest.mark.parametrize("threads", [MAX_THREADS + 1, 2**31, 2**70, np.uint64(2**64 - 1)])
+def test_thread_counts_past_the_bound_are_refused(parameter: str, threads: Any) -> None:
+    """One bound (``models._ort.MAX_THREADS``) for the models' thread counts and the CLI's ``--threads``:
+    ONNX Runtime starts every thread asked for (5000 did not finish loading, 2**31 reached its binding as
+    a TypeError naming nothing)."""
+    for model, path in ((OnnxCausalLM, LLAMA), (OnnxRewardModel, PRM)):
+        with pytest.raises(ValueError, match=rf"^{parameter}: expected at most {MAX_THREADS} threads, got "):
+            model(path, **{parameter: threads})
+        with pytest.raises(
+            ValueError, match=rf"^session_options: {parameter}: expected at most {MAX_THREADS}"
+        ):
+            model(path, session_options={parameter: threads})
+    assert cli.MAX_THREADS is MAX_THREADS
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(
+            ["run", "--policy", "p", "--reward", "r", "--threads", str(MAX_THREADS + 1)]
+        )
 
 
 def test_provider_options() -> None:

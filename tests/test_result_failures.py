@@ -116,6 +116,18 @@ def test_readers_check_collapsed_and_errors_whatever_the_log_weights(collapsed: 
     assert result.log_weights[0].tolist() == [0.0] and result.to_dict()["log_weights"] == [[0.0]]
 
 
+@pytest.mark.parametrize(("collapsed", "errors"), [(True, {}), (False, {0: "prompt: too long"})])
+def test_readers_read_a_negative_prompt_index_as_its_prompt(collapsed: bool, errors: Any) -> None:
+    """``-1`` is the last prompt for every reader, ``errors`` (keyed 0 .. B - 1) included: a failed prompt
+    read from the end had its log-weight 0 read as a weight of 1."""
+    result = _hand_made([0.0], collapsed, errors)
+    assert result.best(-1) is None and result.posterior(-1) == {}
+    assert result.weights(-1).tolist() == [0.0]
+    assert result.weight_histogram(-1, bins=2)[0].tolist() == [1, 0]
+    with pytest.raises(ValueError, match=r"^prompt: must be >= -1, got -2"):
+        result.best(-2)
+
+
 @pytest.mark.parametrize(
     ("bins", "error", "match"),
     [

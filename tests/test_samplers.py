@@ -348,6 +348,7 @@ def sparse_task() -> MarkovDFATask:
 ADAPTIVE_NAIVE, ADAPTIVE_OPTIMAL = 0.9, 0.95
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("scheme", "threshold"),
     [("systematic", 0.0)] + [(scheme, t) for scheme in SCHEMES for t in (ADAPTIVE_NAIVE, 1.0)],
@@ -370,6 +371,7 @@ def test_smc_naive_log_z_unbiased(
     assert_unbiased(res.log_z, task.exact_log_z(), f"smc {which} {scheme} {threshold}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("threshold", [0.0, ADAPTIVE_OPTIMAL, 1.0])
 @pytest.mark.parametrize("which", ["dense", "sparse"])
 def test_smc_optimal_proposal_log_z_unbiased(
@@ -398,6 +400,7 @@ def test_smc_unguided_log_z_unbiased(
     assert_unbiased(res.log_z, task.exact_log_z(), f"smc unguided {which}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reward", ["noisy", "unguided"])
 @pytest.mark.parametrize("which", ["dense", "sparse"])
 def test_sp_gsmc_pool_log_z_unbiased(
@@ -409,6 +412,7 @@ def test_sp_gsmc_pool_log_z_unbiased(
     assert_unbiased(res.log_z, task.exact_log_z(), f"sp_gsmc {which} {reward}")
 
 
+@pytest.mark.slow
 def test_mh_log_z_is_mean_of_unbiased_estimates(dense_task: MarkovDFATask) -> None:
     """``mh``'s log_z is the log-mean of its ``steps + 1`` independent, unbiased run estimates: the identity
     with the proposals' own estimates (to rounding), then the unbiasedness of the mean."""
@@ -457,6 +461,7 @@ def _assert_replicates_match(estimates: np.ndarray, exact: np.ndarray, particles
     assert not bad.any(), f"{label}: {mean[bad]} vs exact {exact[bad]} (se {se[bad]})"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("reward", "proposal", "scheme", "threshold"),
     [
@@ -673,6 +678,7 @@ def test_sp_gsmc_pool_joint_law_of_sample_and_estimate(mh_setup: dict[str, Any])
     assert_counts_match(np.bincount(which, minlength=index.size), prob, "sp_gsmc pool joint law")
 
 
+@pytest.mark.slow
 def test_mh_corrects_pool_bias(mh_setup: dict[str, Any]) -> None:
     task, twist, pi = mh_setup["task"], mh_setup["twist"], mh_setup["pi"]
     B = 20000
@@ -765,6 +771,7 @@ def test_smc_enumeration_is_consistent(mh_setup: dict[str, Any], pimh_setup: dic
     assert resampled.max() > 0.2 and resampled.min() < 0.8, resampled
 
 
+@pytest.mark.slow
 def test_pimh_corrects_smc_bias(mh_setup: dict[str, Any], pimh_setup: dict[str, Any]) -> None:
     """PIMH with 2-particle SMC proposals (pool_size ignored): the joint law of the returned trajectory and
     the chain's ``Zh`` after 0 and ``PIMH_STEPS`` moves, per atom and per sequence, against the enumerated
@@ -880,6 +887,7 @@ def test_rejection_batched_prompts_and_max_tries() -> None:
     assert res.collapsed[0] and res.log_z[0] == -np.inf
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("task", "batch_size"), [("needle", 2), ("needle", 8), ("tilted", 1)])
 def test_rejection_log_z_is_unbiased_when_rounds_stop_on_what_they_draw(task: str, batch_size: int) -> None:
     """``exp(log_z)`` averages to ``Z`` over many prompts (independent runs) with rounds of a few draws,
@@ -913,6 +921,23 @@ def test_rejection_bound_too_small_raises() -> None:
     assert 20000 * mass > 50
     with pytest.raises(ValueError, match="bound"):
         tiltsmc.rejection(task.policy(), task.unguided(), bound=bound, num_samples=20000, rng=33)
+
+
+def test_rejection_bound_far_below_the_rewards_is_reported_without_overflow() -> None:
+    """A reward more than 1e308 times the bound is reported in log space: the ratio overflowed to "inf x
+    the bound", with numpy's RuntimeWarning (an error under this suite's warning filter)."""
+    task = MarkovDFATask.random(3, 3, 4, rng=0)
+    policy, twist = task.policy(), task.twist(noise=0.3, rng=1)
+    with pytest.raises(
+        ValueError,
+        match=r"^bound: observed a reward exp\(7\d\d\.\d+\) x the bound C = 9\.99989e-321; rejection "
+        r"sampling needs C >= sup r$",
+    ):
+        tiltsmc.rejection(policy, twist, bound=1e-320, max_tries=64, rng=0)
+    with pytest.raises(
+        ValueError, match=r"^bound: observed a reward \d(\.\d+)?e\+\d+ x the bound C = 1e-300;"
+    ):
+        tiltsmc.rejection(policy, twist, bound=1e-300, max_tries=64, rng=0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1268,6 +1293,51 @@ def test_other_samplers_reject_bad_arguments(small_task: MarkovDFATask) -> None:
         tiltsmc.smc(policy, twist, prompts=[])
     with pytest.raises(ValueError, match="prompts"):
         tiltsmc.smc(policy, twist, prompts=[(1, 2)])
+
+
+# numpy's allocator met these: "array is too big" (2**62) or a MemoryError naming nothing (2**40), at the
+# policy's start or, for final_resample, after the whole run
+HUGE_SIZES = [
+    ("smc", {"num_particles": 2**40}, "num_particles", "particles"),
+    ("smc", {"num_particles": 2**62}, "num_particles", "particles"),
+    ("smc", {"num_particles": 4, "final_resample": 2**62}, "final_resample", "samples"),
+    ("sp_gsmc", {"pool_size": 2**62}, "pool_size", "candidates"),
+    ("mh", {"pool_size": 2**62, "steps": 1}, "pool_size", "candidates"),
+    ("mh", {"num_particles": 2**62, "steps": 1}, "num_particles", "particles"),
+    ("best_of_n", {"n": 2**62}, "n", "draws"),
+    ("rejection", {"bound": 1.0, "batch_size": 2**40, "max_tries": 2**41}, "batch_size", "draws a round"),
+    ("rejection", {"bound": 1.0, "batch_size": 2**41, "max_tries": 2**40}, "max_tries", "draws a round"),
+]
+
+
+@pytest.mark.parametrize(("sampler", "kwargs", "name", "rows"), HUGE_SIZES)
+def test_sizes_that_cannot_be_allocated_are_refused_before_any_draw(
+    small_task: MarkovDFATask, sampler: str, kwargs: dict[str, Any], name: str, rows: str
+) -> None:
+    generator = np.random.default_rng(0)
+    state = generator.bit_generator.state
+    match = rf"^{name}: 2 prompt\(s\) x \d+ {rows} \(16 bytes each\) need at least \S+ bytes of memory, more "
+    with pytest.raises(ValueError, match=match):
+        getattr(tiltsmc, sampler)(
+            small_task.policy(), small_task.twist(), prompts=[(), ()], rng=generator, **kwargs
+        )
+    assert generator.bit_generator.state == state
+
+
+def test_the_size_bound_is_the_memory_available(small_task: MarkovDFATask, monkeypatch: Any) -> None:
+    """Refused where the rows' least memory (16 bytes each) is more than ``available_memory`` reads, or than
+    numpy's largest array where that cannot be read; smaller sizes run."""
+    from tiltsmc import _memory
+
+    policy, twist = small_task.policy(), small_task.twist()
+    monkeypatch.setattr(_memory, "available_memory", lambda: 2**20)
+    refused = r"^num_particles: 2 prompt\(s\) x 65536 particles .* 2\.1e\+06 bytes of memory, more than the "
+    with pytest.raises(ValueError, match=refused + r"1e\+06 available$"):
+        tiltsmc.smc(policy, twist, prompts=[(), ()], num_particles=2**16, rng=0)
+    assert tiltsmc.smc(policy, twist, prompts=[(), ()], num_particles=8, rng=0).log_z.shape == (2,)
+    monkeypatch.setattr(_memory, "available_memory", lambda: None)
+    with pytest.raises(ValueError, match=r"^n: .* more than any array can hold \(9\.2e\+18\)$"):
+        tiltsmc.best_of_n(policy, twist, n=2**62, rng=0)
 
 
 # ----------------------------------------------------------------------------------------------------------

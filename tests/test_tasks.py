@@ -568,6 +568,46 @@ def test_bad_arguments(name: str, value: Any, error: type[Exception], match: str
         MarkovDFATask(**{**GOOD, name: value})
 
 
+def test_sizes_that_cannot_be_held_in_memory_are_refused_before_any_draw(monkeypatch: Any) -> None:
+    """numpy's MemoryError naming nothing: needle(10**7, 2) and random(10**7, 2, 2) (728 TiB of transitions),
+    random(2, 2, 10**12) (an empty one, after the generator was drawn from: ensure_positive's exact tables),
+    sample_exact(10**13); and the exact tables of a task built with a horizon they cannot fit."""
+    from tiltsmc import _memory
+
+    task = MarkovDFATask.random(3, 3, 4, rng=0)
+    message = "need at least [^ ]+ bytes of memory, more than "
+    cases = [
+        (lambda g: MarkovDFATask.needle(10**7, 2, rng=g), r"^V: the arrays of a task with V = 10000000, "
+         r"Q = 4 and T = 2 need at least 1\.6e\+15 bytes of memory, more than the [^ ]+ available$"),
+        (lambda g: MarkovDFATask.needle(2, 10**12, rng=g), rf"^T: the arrays of a task with .*{message}"),
+        (lambda g: MarkovDFATask.random(10**7, 2, 2, rng=g), rf"^V: .* {message}"),
+        (lambda g: MarkovDFATask.random(2, 10**12, 2, rng=g), rf"^Q: .* {message}"),
+        (lambda g: MarkovDFATask.random(2, 2, 10**12, rng=g), r"^T: the arrays of a task with V = 2, "
+         rf"Q = 2 and T = 1000000000000 {message}"),
+        (lambda g: task.sample_exact(10**13, rng=g), r"^num: 10000000000000 draws of T = 4 tokens \(V = 3\) "
+         rf"{message}"),
+    ]  # fmt: skip
+    for call, match in cases:
+        generator = np.random.default_rng(0)
+        state = generator.bit_generator.state
+        with pytest.raises(ValueError, match=match):
+            call(generator)
+        assert generator.bit_generator.state == state
+    long = MarkovDFATask(**{**GOOD, "horizon": 10**12})  # its arrays are small: built
+    tables = r"^horizon: the exact tables \(T \+ 1 levels of V x Q = 2 x 2, T = 1000000000000\) need at least"
+    for reader in (long.exact_log_z, long.log_forward, long.log_v_star):
+        with pytest.raises(ValueError, match=tables):
+            reader()
+    # the bound is the memory available (numpy's largest array where that cannot be read)
+    monkeypatch.setattr(_memory, "available_memory", lambda: 2**20)
+    with pytest.raises(ValueError, match=r"^V: .* more than the 1e\+06 available$"):
+        MarkovDFATask.needle(300, 2, rng=0)  # two 300 x 300 tables of float64: 1.4 MB
+    assert MarkovDFATask.needle(100, 2, rng=0).vocab_size == 100
+    monkeypatch.setattr(_memory, "available_memory", lambda: None)
+    with pytest.raises(ValueError, match=r"^V: .* more than any array can hold"):
+        MarkovDFATask.random(2**31, 2, 2, rng=0)
+
+
 def test_bad_method_arguments() -> None:
     task = MarkovDFATask(**GOOD)
     tables = task.log_v_star()

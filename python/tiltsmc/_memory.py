@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import os
 import sys
 from typing import Any, Optional
 
-__all__ = ["available_memory", "release_free_memory", "reuse_freed_memory"]
+__all__ = ["available_memory", "check_fits", "release_free_memory", "reuse_freed_memory"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -125,3 +126,27 @@ def _cgroup_room(root: str = "/sys/fs/cgroup") -> Optional[int]:
             return None
         return max(0, limit - usage)
     return None
+
+
+def check_fits(name: str, needed: int, what: str) -> None:
+    """Refuse (ValueError naming the argument ``name``) a size whose memory cannot possibly be allocated:
+    ``needed``, a lower bound of the bytes the call would take (a Python int, computed from the sizes
+    without overflow), more than the memory available (``available_memory``) or than numpy's largest array
+    (``sys.maxsize`` bytes, checked also where the memory available cannot be read). ``what`` says what
+    needs them, as the subject of the message: ``"{name}: {what} need at least N bytes of memory, more than
+    the M available"`` (``what``: ``"1 prompt(s) x 1099511627776 particles (16 bytes each)"``)."""
+    available = available_memory()
+    limit = sys.maxsize if available is None else min(available, sys.maxsize)
+    if needed <= limit:
+        return
+    room = (
+        f"more than the {available:.2g} available"
+        if available is not None and available <= sys.maxsize
+        else f"more than any array can hold ({sys.maxsize:.2g})"
+    )
+    raise ValueError(f"{name}: {what} need at least {_approximate(needed)} bytes of memory, {room}")
+
+
+def _approximate(count: int) -> str:
+    """``count`` in two significant digits (``1.2e+15``), or its power of ten beyond the doubles."""
+    return f"{count:.2g}" if count < 10**300 else f"1e+{int(count.bit_length() * math.log10(2))}"

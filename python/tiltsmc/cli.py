@@ -62,6 +62,8 @@ from . import core
 from ._files import TERMINATING_SIGNALS, create_beside, reserve_space, signals_deferred
 from ._options import int_option, positive_int_option, positive_real_option, real_option
 from .diagnostics import OnlineBellman, online_bellman
+from .diagnostics.online import check_eps
+from .models._ort import MAX_THREADS
 from .samplers._engine import Models
 from .samplers.correction import options_not_read
 from .samplers.lane import run_together
@@ -588,13 +590,26 @@ def _at_most(limit: int, what: str, minimum: int = 1) -> Callable[[str], int]:
     return count
 
 
-MAX_THREADS = 1024  # ONNX Runtime starts every thread asked for: 100000 exhausted the memory
+# --threads: ONNX Runtime's threads (and the core's), the models' bound (models._ort.MAX_THREADS)
 _thread_count = _at_most(MAX_THREADS, "threads")
 # Particles (or candidates, draws) of one prompt at most: each is a row of every model call, with its own
 # KV cache; 10^20 overflowed numpy's array dimensions ("Maximum allowed dimension exceeded") and 10^9
 # allocated 15 GB of the tiny fixture's caches before failing.
 MAX_PARTICLES = 1 << 20
 _particle_count = _at_most(MAX_PARTICLES, "particles")
+
+
+def _eps_option(text: str) -> float:
+    """``--eps``: a number as ``online_bellman`` takes its ``eps`` (``diagnostics.online.check_eps``: >= 0,
+    0 for an exact twist, ``inf`` never warns)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    try:
+        return check_eps(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}") from None
 
 
 def _pool_size(text: str) -> Union[int, str]:
@@ -1472,10 +1487,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--eps",
-        type=positive_real_option,
+        type=_eps_option,
         default=None,
-        help="the reward model's Bellman error you assume: warn when the run's online reading exceeds it "
-        "(default: no check)",
+        help="the reward model's Bellman error you assume, a number >= 0 (0: an exact twist): warn when the "
+        "run's online reading exceeds it (default: no check)",
     )
     run.add_argument(
         "--batch-size",

@@ -79,6 +79,7 @@ from ..samplers._engine import (
     check_count,
     check_log_values,
     check_models,
+    check_rows,
     check_started,
     checked_log_probs,
     model_output,
@@ -334,14 +335,24 @@ def bellman_error(
     level = check_confidence(confidence)
     samples_per_prefix = check_count(samples_per_prefix, "samples_per_prefix")
     max_steps = check_count(max_steps, "max_steps")
+    if not isinstance(method, str):  # an array's `in` would ask for its truth value
+        raise TypeError(f"method: expected 'auto', 'exact' or 'sampled', got {method!r}")
     if method not in ("auto", "exact", "sampled"):
         raise ValueError(f"method: expected 'auto', 'exact' or 'sampled', got {method!r}")
     exact_available = is_token_policy(policy) and is_twist_model(reward)
     if method == "exact" and not exact_available:
         raise ValueError("method: 'exact' needs a token policy and a reward model with a twist head")
     exact = method == "exact" or (method == "auto" and exact_available)
-    generator = as_generator(rng)
     prompts = prompts_list(prompts)
+    check_rows("num_prefixes", num_prefixes, prompts, f"{num_prefixes} prefixes")
+    if not exact:  # every prefix's continuations at once: np.repeat crashed the interpreter on 4 x 2**62
+        check_rows(
+            "samples_per_prefix",
+            num_prefixes * samples_per_prefix,
+            prompts,
+            f"{num_prefixes} prefixes x {samples_per_prefix} continuations",
+        )
+    generator = as_generator(rng)
     particles = policy.start(prompts, num_prefixes)
     check_started(particles, 1 if prompts is None else len(prompts), num_prefixes)
     batch = particles.num_prompts

@@ -91,9 +91,10 @@ class OnlineBellman:
 
     Checked at construction (``check_reading``), each error naming the field: ``sampler`` a str
     (TypeError), ``increments`` and ``standard_errors`` arrays of real numbers (TypeError otherwise: not
-    bools or strings), ``(B, steps)`` and of one shape, the increments finite or ``-inf`` and the standard
-    errors ``>= 0`` or ``inf`` (ValueError: a NaN or ``+inf`` increment, or a negative or NaN standard error,
-    would give a bound computed from nonsense). The reading holds float64 copies of the two arrays.
+    bools or strings), ``(B, steps)`` (ValueError for another shape or a ragged sequence) and of one shape,
+    the increments finite or ``-inf`` and the standard errors ``>= 0`` or ``inf`` (ValueError: a NaN or
+    ``+inf`` increment, or a negative or NaN standard error, would give a bound computed from nonsense). The
+    reading holds float64 copies of the two arrays.
     """
 
     sampler: str
@@ -189,13 +190,13 @@ class OnlineBellman:
 
     def exceeds(self, eps: float) -> bool:
         """Whether the reading shows the Bellman error above ``eps`` (its lower bound is larger)."""
-        return self.eps_low > _check_eps(eps)
+        return self.eps_low > check_eps(eps)
 
     def warnings(self, eps: Optional[float]) -> list[str]:
         """One message per prompt whose lower bound exceeds ``eps`` (none when ``eps`` is None)."""
         if eps is None:
             return []
-        eps = _check_eps(eps)
+        eps = check_eps(eps)
         low = self.per_step_low
         out = []
         for b in np.flatnonzero(low.max(axis=1) > eps) if low.size else []:
@@ -227,7 +228,7 @@ class OnlineBellman:
         )
         if eps is not None:
             verdict = "EXCEEDS" if self.exceeds(eps) else "within"
-            line += f"; {verdict} eps = {_check_eps(eps):g}"
+            line += f"; {verdict} eps = {check_eps(eps):g}"
         return line
 
     def to_dict(self) -> dict[str, Any]:
@@ -247,10 +248,12 @@ class OnlineBellman:
         }
 
 
-def _check_eps(eps: Any) -> float:
+def check_eps(eps: Any) -> float:
     """``eps`` as a float ``>= 0``: a number (``real_number``: not a bool or a string; an int beyond the
     doubles reads as infinite), TypeError otherwise; ValueError for a negative one or NaN. ``-0.0`` reads
-    as ``0.0``."""
+    as ``0.0``. The range of the ``eps`` that ``online_bellman`` and the readings' ``warnings``,
+    ``exceeds`` and ``summary`` take, and of ``tiltsmc run --eps``: 0 assumes an exact twist (``V*``, any
+    ``eps_low > 0`` warns), ``inf`` never warns."""
     try:
         value = real_number(eps, "eps")
     except TypeError:
@@ -267,10 +270,16 @@ def check_reading(
     real numbers (TypeError otherwise: bools, strings, objects), ``increments`` ``(B, steps)`` and
     ``standard_errors`` of its shape, every increment finite or ``-inf`` (no reading) and every standard
     error ``>= 0`` or ``inf`` (unknown) (ValueError otherwise, saying where: ``(prompt b, step t)``, ``t``
-    1-based). ``fields`` names the two in the messages (``online_bellman`` names the result's fields)."""
+    1-based; a ragged sequence, rows of different lengths, is no ``(B, steps)`` array either). ``fields``
+    names the two in the messages (``online_bellman`` names the result's fields)."""
     arrays = []
     for name, value in zip(fields, (increments, standard_errors)):
-        array = np.asarray(value)
+        try:
+            array = np.asarray(value)
+        except ValueError:  # numpy's "setting an array element with a sequence"
+            raise ValueError(
+                f"{name}: expected a (B, steps) array, got a ragged sequence (rows of different lengths)"
+            ) from None
         if array.dtype.kind not in "iuf":
             raise TypeError(f"{name}: expected an array of real numbers, got dtype {array.dtype}")
         arrays.append(np.array(array, dtype=np.float64))
@@ -319,7 +328,7 @@ def online_bellman(
         raise TypeError(f"result: expected a SamplerResult, got {type(result).__name__}")
     level = check_confidence(confidence)
     if eps is not None:
-        _check_eps(eps)
+        check_eps(eps)
     errors = result.log_z_increment_se
     if errors is None:  # a result built without them: no Monte Carlo error known
         errors = np.full(np.shape(result.log_z_increments), np.inf)

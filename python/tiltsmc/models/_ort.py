@@ -25,6 +25,7 @@ __all__ = [
     "CACHE_INPUT",
     "FED_INPUTS",
     "FLOAT_TYPES",
+    "MAX_THREADS",
     "check_cache_input",
     "check_external_data",
     "check_inputs",
@@ -37,6 +38,32 @@ __all__ = [
     "runtime_version",
     "shrink_memory_arena",
 ]
+
+# ONNX Runtime threads of a session at most (intra_op_num_threads, inter_op_num_threads, the CLI's --threads):
+# ONNX Runtime starts every thread asked for at load: 5000 did not finish loading the tiny fixture, 100000
+# exhausted the memory, and 2**31 reached its binding as a TypeError naming no argument.
+MAX_THREADS = 1024
+_THREAD_FIELDS = ("intra_op_num_threads", "inter_op_num_threads")
+
+
+def thread_count(value: Any, name: str) -> Optional[int]:
+    """A session's thread count ``value`` (``name``: the argument): None (ONNX Runtime's choice) or an int
+    (not a bool) from 0 (ONNX Runtime's default) to ``MAX_THREADS``; TypeError for another type, ValueError
+    for an int out of that range, both naming ``name``."""
+    if value is None:
+        return None
+    wanted = f"expected an integer >= 0 (0: ONNX Runtime's default), got {value!r}"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: {wanted}")
+    if value < 0:
+        raise ValueError(f"{name}: {wanted}")
+    if value > MAX_THREADS:
+        raise ValueError(
+            f"{name}: expected at most {MAX_THREADS} threads, got {value} (ONNX Runtime starts every thread "
+            "asked for when it loads the model)"
+        )
+    return int(value)
+
 
 # What to install when no ONNX Runtime is: the extras of pyproject.toml, as optimum names them.
 MISSING_RUNTIME = (
@@ -224,7 +251,7 @@ def _session_option_value(ort: Any, name: str, value: Any) -> Any:
 def _apply_session_options(ort: Any, options: Any, session_options: Mapping[str, Any]) -> None:
     """Set each ``{field: value}`` on ``options`` (an ``ort.SessionOptions``); ``config`` is a dict of
     session config entries (``add_session_config_entry``). ValueError naming a field it does not have or
-    a value it refuses."""
+    a value it refuses, and a thread count past ``MAX_THREADS``."""
     for name, value in session_options.items():
         if name == "config":
             if not isinstance(value, Mapping):
@@ -240,6 +267,8 @@ def _apply_session_options(ort: Any, options: Any, session_options: Mapping[str,
                 f"session_options: {name!r} is not a field of onnxruntime.SessionOptions (fields: "
                 f"{', '.join(fields)}; 'config' for config entries)"
             )
+        if name in _THREAD_FIELDS and isinstance(value, (int, np.integer)) and value > MAX_THREADS:
+            thread_count(value, f"session_options: {name}")  # raises; another type is left to ONNX Runtime
         try:
             setattr(options, name, _session_option_value(ort, name, value))
         except (TypeError, ValueError, RuntimeError) as error:
@@ -285,7 +314,17 @@ def make_session(
     C heap when it ends, instead of staying in the arena at their peak size for the life of the session
     (a long-running service then returns to its idle size after a burst; see
     ``tiltsmc._memory.release_free_memory``).
+
+    ``intra_op_num_threads`` and ``inter_op_num_threads`` (``thread_count``: None or an int from 0 to
+    ``MAX_THREADS``), ``require_gpu`` and ``memory_arena`` (True or False) are checked before anything is
+    loaded: TypeError for a wrong type, ValueError for a value out of range, naming the argument.
     """
+    require_gpu = flag(require_gpu, "require_gpu")
+    memory_arena = flag(memory_arena, "memory_arena")
+    threads = {
+        name: thread_count(value, name)
+        for name, value in zip(_THREAD_FIELDS, (intra_op_num_threads, inter_op_num_threads))
+    }
     ort = import_onnxruntime()
 
     _warn_if_both_runtimes_installed()
@@ -298,9 +337,8 @@ def make_session(
     check_external_data(model_path)
     provider_options = _checked_provider_options(provider_options, ort)
     if session_options is not None and isinstance(session_options, ort.SessionOptions):
-        given = [name for name, value in (("intra_op_num_threads", intra_op_num_threads),
-                 ("inter_op_num_threads", inter_op_num_threads)) if value is not None]  # fmt: skip
-        if memory_arena is not True:
+        given = [name for name, value in threads.items() if value is not None]
+        if not memory_arena:
             given.append("memory_arena")
         if given:
             raise ValueError(
@@ -320,16 +358,10 @@ def make_session(
     # The policy and reward sessions run in turn: one's pool threads spinning after its run would take
     # the cores from the other (on 2 cores, steps of the fixtures were 20-40% slower with the spin).
     options.add_session_config_entry("session.force_spinning_stop", "1")
-    options.enable_cpu_mem_arena = flag(memory_arena, "memory_arena")
-    for name, threads in (
-        ("intra_op_num_threads", intra_op_num_threads),
-        ("inter_op_num_threads", inter_op_num_threads),
-    ):
-        if threads is None:
-            continue
-        if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 0:
-            raise ValueError(f"{name}: expected an integer >= 0 (0: ONNX Runtime's default), got {threads!r}")
-        setattr(options, name, int(threads))
+    options.enable_cpu_mem_arena = memory_arena
+    for name, count in threads.items():
+        if count is not None:
+            setattr(options, name, count)
     if session_options:
         _apply_session_options(ort, options, session_options)
     return _make(ort, model_path, options, providers, require_gpu, provider_options)

@@ -9,6 +9,7 @@ from typing import Any, Optional, Protocol, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from .. import _memory
 from ..models.particles import Particles
 from ..models.prompts import check_prompts
 from ..models.protocols import (
@@ -40,6 +41,22 @@ def check_count(value: Any, name: str, minimum: int = 1, maximum: Optional[int] 
     if maximum is not None and value > maximum:
         raise ValueError(f"{name}: must be <= {maximum}, got {value}")
     return int(value)
+
+
+# Bytes a row of a run (a particle, a candidate, a draw, a returned sample) takes at the least: its length in
+# Particles.lengths (int64) and its log-weight or log-value (float64); its tokens, state and KV caches come on
+# top. A count whose rows cannot have even this much is refused before the run starts (check_rows).
+ROW_BYTES = 16
+
+
+def check_rows(name: str, rows: int, prompts: Optional[Sequence[Any]], what: str) -> None:
+    """Refuse ``rows`` rows per prompt (``what``: ``"1024 particles"``) for ``prompts`` (as ``prompts_list``
+    returns them: None is one prompt) where their ``ROW_BYTES`` each cannot possibly be allocated
+    (``tiltsmc._memory.check_fits``: more than the memory available, or than numpy's largest array):
+    ValueError naming the argument ``name``, before the policy's ``start`` allocates them (numpy's
+    MemoryError, or "array is too big", named nothing) and before any draw."""
+    batch = 1 if prompts is None else len(prompts)
+    _memory.check_fits(name, batch * rows * ROW_BYTES, f"{batch} prompt(s) x {what} ({ROW_BYTES} bytes each)")
 
 
 def limited(run: RunT, max_new_tokens: Optional[int], models: Models) -> RunT:

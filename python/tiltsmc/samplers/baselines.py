@@ -11,7 +11,7 @@ import numpy as np
 from .._rng import RNGLike, as_generator
 from ..models._config import as_float
 from ..models.protocols import Policy, RewardModel
-from ._engine import Models, check_count, limited, prompts_list
+from ._engine import Models, check_count, check_rows, limited, prompts_list
 from .lane import run_alone
 from .result import Compute, SamplerResult
 from .runs import BestOfNRun, RejectionRun
@@ -81,8 +81,12 @@ def rejection_run(
     num_samples = check_count(num_samples, "num_samples")
     max_tries = check_count(max_tries, "max_tries", maximum=np.iinfo(np.int64).max)  # counted in int64
     batch_size = check_count(batch_size, "batch_size")
+    listed = prompts_list(prompts)
+    # a round draws batch_size per waiting prompt, max_tries at most
+    draws, name = (batch_size, "batch_size") if batch_size <= max_tries else (max_tries, "max_tries")
+    check_rows(name, draws, listed, f"{draws} draws a round")
     run = RejectionRun(
-        prompts_list(prompts),
+        listed,
         bound,
         num_samples,
         max_tries,
@@ -124,7 +128,8 @@ def best_of_n_run(
     max_new_tokens: Optional[int] = None,
 ) -> BestOfNRun:
     """The run of [`best_of_n`][tiltsmc.samplers.baselines.best_of_n] with these arguments, checked."""
-    run = BestOfNRun(
-        prompts_list(prompts), check_count(n, "n"), as_generator(rng), check_count(max_steps, "max_steps")
-    )
+    listed, n = prompts_list(prompts), check_count(n, "n")
+    generator, max_steps = as_generator(rng), check_count(max_steps, "max_steps")
+    check_rows("n", n, listed, f"{n} draws")
+    run = BestOfNRun(listed, n, generator, max_steps)
     return limited(run, max_new_tokens, models)

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from .._rng import RNGLike, as_generator
 from ..models.protocols import Policy, RewardModel
-from ._engine import Models, check_count, limited, prompts_list
+from ._engine import Models, check_count, check_rows, limited, prompts_list
 from .lane import run_alone
 from .result import Compute, SamplerResult
 from .runs import MHRun
@@ -95,8 +95,12 @@ def mh_run(
     if num_particles == 1 and pool_size is None:
         _check_exact_form(models)
     max_steps = check_count(max_steps, "max_steps")
+    listed = prompts_list(prompts)
+    check_rows("num_particles", num_particles, listed, f"{num_particles} particles")
+    if num_particles == 1 and pool_size is not None:  # the pool's candidates (SMC proposals have none)
+        check_rows("pool_size", pool_size, listed, f"{pool_size} candidates")
     run = MHRun(
-        prompts_list(prompts),
+        listed,
         pool_size,
         steps,
         num_particles,

@@ -131,15 +131,16 @@ class SamplerResult:
         return len(self.samples)
 
     def _prompt_index(self, prompt: Any) -> int:
-        """``prompt`` as an index of a prompt: an int (not a bool) in ``[-B, B)``, negative counting from the
-        end as for a list; TypeError or ValueError, naming ``prompt``, otherwise."""
+        """``prompt`` as the index of a prompt in ``[0, B)``: an int (not a bool) in ``[-B, B)``, negative
+        counting from the end as for a list (normalised here, so that ``errors``, keyed by ``[0, B)``, is
+        read for it); TypeError or ValueError, naming ``prompt``, otherwise."""
         from ._engine import check_count  # _engine imports this module
 
         count = self.num_prompts
         index = check_count(prompt, "prompt", minimum=-count)
         if index >= count:
             raise ValueError(f"prompt: must be < {count} (the result holds {count} prompt(s)), got {index}")
-        return index
+        return index + count if index < 0 else index
 
     def _has_no_weight(self, prompt: int) -> bool:
         """Whether prompt ``prompt`` (an index, checked) is collapsed or failed: no sample of positive

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 from typing import Any, ClassVar, Optional, Union
 
 import numpy as np
@@ -45,6 +46,7 @@ from ._engine import FloatArray, all_finished
 from .result import Compute, SamplerResult
 
 LOG_V_PREV = "smc.log_value"  # Particles.state key of each particle's log Vh_{t-1}
+_LOG_DOUBLE_MAX = math.log(sys.float_info.max)  # exp of anything below is a finite double
 
 Ancestors = Optional[npt.NDArray[np.int64]]
 
@@ -913,9 +915,11 @@ class RejectionRun(Run):
         log_r[self.failed] = -np.inf  # prompts that failed (at their start, or since) draw nothing
         over = log_r > self.log_bound + 1e-12
         if over.any():
-            worst = float(np.exp(log_r[over].max() - self.log_bound))
+            log_ratio = float(log_r[over].max() - self.log_bound)
+            # a ratio beyond the doubles (a bound near the smallest ones) in log space: exp would overflow
+            worst = f"{math.exp(log_ratio):.6g}" if log_ratio < _LOG_DOUBLE_MAX else f"exp({log_ratio:.6g})"
             raise ValueError(
-                f"bound: observed a reward {worst:.6g} x the bound C = {self.bound:g}; rejection sampling "
+                f"bound: observed a reward {worst} x the bound C = {self.bound:g}; rejection sampling "
                 "needs C >= sup r"
             )
         keep = np.log1p(-self.generator.random(log_r.shape)) < log_r - self.log_bound

@@ -23,7 +23,7 @@ from .. import core
 from .._rng import RNGLike, as_generator
 from ..models._config import as_float, flag
 from ..models.protocols import Policy, RewardModel
-from ._engine import Models, check_count, limited, prompts_list
+from ._engine import Models, check_count, check_rows, limited, prompts_list
 from .lane import run_alone
 from .result import Compute, SamplerResult
 from .runs import ExactSPRun, PoolRun, Run, SMCRun
@@ -137,8 +137,12 @@ def smc_run(
     if final_resample is not None:
         final_resample = check_count(final_resample, "final_resample")
     _check_common(resample, ess_threshold, proposal, models)
+    listed = prompts_list(prompts)
+    check_rows("num_particles", num_particles, listed, f"{num_particles} particles")
+    if final_resample is not None:
+        check_rows("final_resample", final_resample, listed, f"{final_resample} samples")
     run = SMCRun(
-        prompts_list(prompts),
+        listed,
         num_particles,
         resample,
         float(ess_threshold),
@@ -192,6 +196,8 @@ def sp_gsmc_run(
     else:
         pool_size = check_count(pool_size, "pool_size")
     listed = prompts_list(prompts)
+    if pool_size is not None:
+        check_rows("pool_size", pool_size, listed, f"{pool_size} candidates")
     generator = as_generator(rng)
     run: Run
     if pool_size is None:

@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any, Union
 import numpy as np
 import numpy.typing as npt
 
+from .. import _memory
 from .._numeric import logsumexp
 from .._rng import RNGLike, as_generator
 
@@ -112,6 +113,24 @@ def _as_real(value: Any, name: str) -> float:
     if arr.size != 1:
         raise ValueError(f"{name}: expected a scalar, got shape {arr.shape}")
     return float(arr.reshape(()))
+
+
+def _table_bytes(V: int, Q: int, T: int) -> int:
+    """Bytes the exact tables of a task take at the least: ``T + 1`` levels of ``V x Q`` float64 (``log V*``,
+    ``log alpha``), each in a slot of a list."""
+    return 8 * (T + 1) * (V * Q + 1)
+
+
+def _check_task_fits(
+    V: int, Q: int, T: int, trans_size: int, tables: bool, arguments: dict[str, int]
+) -> None:
+    """Refuse (ValueError, ``tiltsmc._memory.check_fits``) to build a task whose own arrays cannot possibly be
+    allocated: its transitions (``trans_size`` values) and their logs (float64), its ``Q x V`` automaton
+    (int64), and with ``tables`` its exact tables (``_table_bytes``: ``exact_log_z``). The message names the
+    largest of ``arguments`` (the constructor's size arguments, by name)."""
+    needed = 8 * (2 * trans_size + Q * V) + (_table_bytes(V, Q, T) if tables else 0)
+    name = max(arguments, key=lambda argument: arguments[argument])
+    _memory.check_fits(name, needed, f"the arrays of a task with V = {V}, Q = {Q} and T = {T}")
 
 
 def _check_probabilities(arr: FloatArray, name: str) -> None:
@@ -410,8 +429,17 @@ class MarkovDFATask:
             out[v0 : v0 + step] = logsumexp(log_p[v0 : v0 + step, None, :] + gathered[None, :, :])
         return out
 
+    def _check_tables_fit(self) -> None:
+        """Refuse (ValueError naming ``horizon``) exact tables that cannot possibly be allocated: ``T + 1``
+        levels of ``V x Q`` (``_table_bytes``; a list of 10^12 levels raised an empty MemoryError)."""
+        V, Q, T = self._V, self._Q, self._T
+        _memory.check_fits(
+            "horizon", _table_bytes(V, Q, T), f"the exact tables (T + 1 levels of V x Q = {V} x {Q}, T = {T})"
+        )
+
     def _vstar_tables(self) -> LogTables:
         if self._vstar is None:
+            self._check_tables_fit()
             V, T = self._V, self._T
             tables: LogTables = [0.0] * (T + 1)
             level = _readonly(np.array(np.broadcast_to(self._log_reward_arr, (V, self._Q))))
@@ -426,6 +454,7 @@ class MarkovDFATask:
     def _forward_tables(self) -> list[FloatArray]:
         """``[alpha_1, ..., alpha_T]``: ``alpha_t[v, q] = log P_p(x_{t-1} = v, q_t = q)``."""
         if self._forward is None:
+            self._check_tables_fit()
             V, Q = self._V, self._Q
             w_index = np.tile(np.arange(V), Q)  # matches the (Q, V) ravel order of dfa
             alpha = np.full((V, Q), -np.inf)
@@ -659,11 +688,17 @@ class MarkovDFATask:
         Gumbel-max trick on the unnormalised log-probabilities, so zero-probability tokens are never drawn).
 
         Raises:
-            ValueError: if ``num < 0`` or ``Z = 0``.
+            ValueError: if ``num < 0`` or ``Z = 0``, or the draws cannot possibly be held in memory (their
+                ``(num, T)`` tokens and a step's ``(num, V)`` noise, 8 bytes each: more than the memory
+                available), naming ``num``, before anything is drawn.
         """
         n = _as_index(num, "num")
         if n < 0:
             raise ValueError(f"num: expected num >= 0, got {n}")
+        # the (num, T) draws and a step's (num, V) Gumbel noise, int64 and float64
+        _memory.check_fits(
+            "num", 8 * n * (self._T + self._V), f"{n} draws of T = {self._T} tokens (V = {self._V})"
+        )
         if self.exact_log_z() == -np.inf:
             raise ValueError("cannot sample the target: Z = E_p[r] = 0")
         gen = as_generator(rng)
@@ -742,6 +777,10 @@ class MarkovDFATask:
         The target is drawn uniformly from ``rng``. The automaton has ``T + 2`` states: ``k = 0..T`` is "the
         first ``k`` tokens match the target" and ``T + 1`` is a dead state; ``accept_reward`` is ``reward`` on
         state ``T`` and 0 elsewhere. Unguided sampling needs about ``V**T`` draws to see a positive reward.
+
+        A size whose arrays cannot possibly be held in memory (its ``V x V`` transitions and their logs, its
+        ``(T + 2) x V`` automaton: more than the memory available) is refused (ValueError naming ``V`` or
+        ``T``, the larger) before anything is drawn.
         """
         V = _as_index(V, "V")
         T = _as_index(T, "T")
@@ -752,6 +791,7 @@ class MarkovDFATask:
         reward_f = _as_real(reward, "reward")
         if not (math.isfinite(reward_f) and reward_f >= 0):
             raise ValueError(f"reward: expected a finite value >= 0, got {reward_f!r}")
+        _check_task_fits(V, T + 2, T, V * V, False, {"V": V, "T": T})
         target = as_generator(rng).integers(0, V, size=T)
         dead = T + 1
         dfa = np.full((T + 2, V), dead, dtype=np.int64)
@@ -783,6 +823,11 @@ class MarkovDFATask:
         (table and start state). Rewards are uniform on ``[0, 1)``, each zeroed with probability
         ``zero_reward_fraction``; with ``ensure_positive`` one reachable final state is given a reward in
         ``[0.5, 1)`` when none has a positive one, so ``Z > 0``.
+
+        A size whose arrays cannot possibly be held in memory (the transitions and their logs, the automaton,
+        and with ``ensure_positive`` the ``T + 1`` exact tables of ``V x Q`` that ``exact_log_z`` builds:
+        more than the memory available) is refused (ValueError naming the largest of ``V``, ``Q`` and ``T``)
+        before anything is drawn.
         """
         V, Q, T = _as_index(V, "V"), _as_index(Q, "Q"), _as_index(T, "T")
         varying = _as_bool(time_varying, "time_varying")
@@ -802,6 +847,8 @@ class MarkovDFATask:
             if not 0.0 <= f <= 1.0:
                 raise ValueError(f"{name}: expected a value in [0, 1], got {f!r}")
             fractions[name] = f
+        trans_size = (T if varying else 1) * V * V
+        _check_task_fits(V, Q, T, trans_size, positive, {"V": V, "Q": Q, "T": T})
         gen = as_generator(rng)
 
         def rows(shape: tuple[int, ...]) -> FloatArray:
