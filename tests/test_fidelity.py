@@ -62,6 +62,7 @@ def _coin(horizon: int) -> MarkovDFATask:
     return MarkovDFATask([0.5, 0.5], [[0.5, 0.5], [0.5, 0.5]], [[0, 0]], 0, [1.0], horizon)
 
 
+@pytest.mark.slow
 def test_sampled_estimator_is_finite_and_right_on_the_needle_at_T_1200() -> None:
     # issue 17, item 1: with the exact V*, eps = 0; the linear-domain mean underflowed to eps = inf, and
     # -inf - -inf raised a RuntimeWarning (item 2; pytest runs with warnings as errors). With 64
@@ -96,6 +97,7 @@ def _law_of_sampled_sup(log_q: float, log_c: float, prefixes: int, draws: int) -
 _TINY_CASES = (math.log((1 + math.exp(-2.0)) / 2), math.log(0.5))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("log_c", _TINY_CASES)
 def test_sampled_estimator_reads_the_exact_eps_of_tiny_values(log_c: float) -> None:
     T, log_q, prefixes, draws = 1000, -2.0, 8, 48
@@ -400,6 +402,7 @@ def test_theorem_4_3_exact_sp_gsmc_is_within_2_t_eps_of_pi_t(
     assert broken
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("seed", "noise"), [(0, 0.05), (1, 0.2), (2, 0.5), (3, 1.0)])
 def test_exact_sp_gsmc_draws_its_enumerated_law(seed: int, noise: float) -> None:
     # The sampler draws from q_T (the enumerated law of the theorem above, here also with twists too far

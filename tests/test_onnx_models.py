@@ -200,6 +200,7 @@ def x1_of_cells(cells: list[tuple[int, ...]], values: np.ndarray) -> np.ndarray:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("resample", "ess_threshold", "seed", "replicates"),
     [("systematic", 0.5, 2024, 400), ("multinomial", 1.0, 7, 800)],

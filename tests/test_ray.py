@@ -635,6 +635,7 @@ def other_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OtherClu
     cluster.close()
 
 
+@pytest.mark.ray_cluster
 def test_a_port_other_than_the_one_serve_listens_on_in_a_joined_cluster_is_refused(
     other_cluster: OtherCluster, tmp_path: Path
 ) -> None:
@@ -652,6 +653,7 @@ def test_a_port_other_than_the_one_serve_listens_on_in_a_joined_cluster_is_refus
     assert other_cluster.other_answers()
 
 
+@pytest.mark.ray_cluster
 def test_on_a_joined_cluster_only_its_own_application_is_taken_down(
     other_cluster: OtherCluster, tmp_path: Path
 ) -> None:
@@ -675,6 +677,7 @@ def test_on_a_joined_cluster_only_its_own_application_is_taken_down(
     assert httpx.get(f"{other_cluster.url}/v1/models", timeout=30).status_code == 404  # its app is gone
 
 
+@pytest.mark.ray_cluster
 def test_a_second_command_on_a_cluster_where_tiltsmc_runs_is_refused_and_the_first_keeps_serving(
     other_cluster: OtherCluster, tmp_path: Path
 ) -> None:
@@ -706,6 +709,7 @@ def test_a_second_command_on_a_cluster_where_tiltsmc_runs_is_refused_and_the_fir
     assert httpx.get(f"{other_cluster.url}/v1/models", timeout=30).status_code == 404  # its app is gone
 
 
+@pytest.mark.ray_cluster
 def test_without_address_a_ray_instance_of_its_own_is_started(
     other_cluster: OtherCluster, tmp_path: Path
 ) -> None:
@@ -724,6 +728,7 @@ def test_without_address_a_ray_instance_of_its_own_is_started(
     assert other_cluster.other_answers()
 
 
+@pytest.mark.ray_cluster
 def test_a_replica_that_cannot_be_placed_is_reported_and_a_signal_still_stops_the_command(
     tmp_path: Path,
 ) -> None:

@@ -157,6 +157,7 @@ def verifier(prompt: Any, text: str) -> float:
     return 0.0 if not text else 0.1 + (sum(map(ord, text)) % 7) / 7.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reward_from", ["twist", "verifier", "verifier, sampler's limit"])
 def test_optimal_proposal_and_exact_sp_gsmc_against_the_enumerated_target(reward_from: str) -> None:
     """The target ``pi ∝ p r`` with ``r`` the twist at the last token or a verifier's; the length limit
