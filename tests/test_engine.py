@@ -2051,26 +2051,31 @@ def test_requests_cancelled_before_a_close_that_ends_them_count_as_cancelled(mod
 
 
 def test_a_request_cancelled_past_the_grace_period_counts_as_closed(models: tuple[Any, Any]) -> None:
-    """A request still inside a model call when the close's grace period ends, cancelled then (as the HTTP
-    server does, answering it 503 ``closed``), counts as ``closed``, as one the engine ends at that point;
-    one cancelled before the grace period ends is ``cancelled``. Both counted ``cancelled`` before."""
+    """Requests still in flight (inside a model call) or waiting when the close's grace period ends,
+    cancelled then (as the HTTP server does, answering them 503 ``closed``), count as ``closed``, as those
+    the engine ends at that point; those cancelled before the grace period ends are ``cancelled``. Counted
+    ``cancelled`` before; and a waiting one counted ``cancelled`` while queued, then ``closed`` once taken
+    out, took a counter down (Prometheus reads that as a reset): each count only ever grows."""
     policy, twist = models
     for cancel_late in (True, False):
         gated = Gated(policy)
         gated.gate.clear()
-        engine = tiltsmc.Engine(gated, twist)
-        future = engine.submit((), "smc", num_particles=4, rng=0)
+        engine = tiltsmc.Engine(gated, twist, max_batch_rows=4, adaptive_rows=False)
+        in_flight = engine.submit((), "smc", num_particles=4, rng=0)
         assert gated.entered.wait(10)
+        waiting = engine.submit((), "smc", num_particles=4, rng=1)  # no rows left: it waits
         grace = 0.05 if cancel_late else 60.0
         closer = threading.Thread(target=engine.close, kwargs={"drain": True, "timeout": grace})
         closer.start()
         time.sleep(grace + 0.1 if cancel_late else 0.1)  # past the grace period's end, or well inside it
-        assert future.cancel()
+        assert in_flight.cancel() and waiting.cancel()
+        while_held = _counts_add_up(engine)
         gated.gate.set()  # the step in progress ends
         closer.join(30)
         assert not closer.is_alive()
         counts = _counts_add_up(engine)
-        assert (counts["closed"], counts["cancelled"]) == ((1, 0) if cancel_late else (0, 1)), counts
+        assert all(counts[outcome] >= while_held[outcome] for outcome in counts), (while_held, counts)
+        assert (counts["closed"], counts["cancelled"]) == ((2, 0) if cancel_late else (0, 2)), counts
 
 
 def _counts_add_up(engine: tiltsmc.Engine) -> dict[str, int]:

@@ -465,10 +465,10 @@ def test_requests_cancelled_past_their_deadline_count_as_timed_out() -> None:
     _cancel_at(requests[1], 4.0)  # before it
     _cancel_at(requests[2], 9.0)  # past it
     assert [r.cancelled_outcome() for r in requests[:3]] == ["timed_out", "cancelled", "timed_out"]
-    assert scheduler.waiting_and_ended() == (1, {"cancelled": 1, "timed_out": 2})
+    assert scheduler.waiting_and_ended() == (1, {"cancelled": 1, "timed_out": 2, "closed": 0})
     assert scheduler.waiting_and_cancelled() == (1, 3)
     assert scheduler.take_expired(1.0) == requests[:3]
-    assert scheduler.waiting_and_ended() == (1, {"cancelled": 0, "timed_out": 0})
+    assert scheduler.waiting_and_ended() == (1, {"cancelled": 0, "timed_out": 0, "closed": 0})
 
     for request in requests[4:]:
         scheduler.enqueue(request)  # deadline None
@@ -476,18 +476,18 @@ def test_requests_cancelled_past_their_deadline_count_as_timed_out() -> None:
     assert requests[5].future.cancel()  # a future that does not note when: cancelled
     requests[6].deadline = 1.0
     _cancel_at(requests[6], 2.0)
-    assert scheduler.waiting_and_ended() == (1, {"cancelled": 2, "timed_out": 1})
+    assert scheduler.waiting_and_ended() == (1, {"cancelled": 2, "timed_out": 1, "closed": 0})
     assert scheduler.admit(0, row_limit=2) == requests[3:5]
-    assert scheduler.waiting_and_ended() == (0, {"cancelled": 1, "timed_out": 1})
+    assert scheduler.waiting_and_ended() == (0, {"cancelled": 1, "timed_out": 1, "closed": 0})
     refill = [_request(number, rows=1) for number in range(7, 10)]
     refill[0].deadline = 1.0
     assert [scheduler.enqueue(request) for request in refill[:2]] == [[], []]
     assert scheduler.enqueue(refill[2]) == requests[5:7]  # full: the cancelled make room
-    assert scheduler.waiting_and_ended() == (3, {"cancelled": 0, "timed_out": 0})
+    assert scheduler.waiting_and_ended() == (3, {"cancelled": 0, "timed_out": 0, "closed": 0})
     _cancel_at(refill[0], 1.5)
-    assert scheduler.waiting_and_ended() == (2, {"cancelled": 0, "timed_out": 1})
+    assert scheduler.waiting_and_ended() == (2, {"cancelled": 0, "timed_out": 1, "closed": 0})
     assert scheduler.take_all() == refill
-    assert scheduler.waiting_and_ended() == (0, {"cancelled": 0, "timed_out": 0})
+    assert scheduler.waiting_and_ended() == (0, {"cancelled": 0, "timed_out": 0, "closed": 0})
 
 
 @pytest.mark.parametrize("taking", ["take_all", "take_expired", "admit"])

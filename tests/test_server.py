@@ -1183,9 +1183,11 @@ sys.exit(server.serve(args, settings, Stuck(announce=True), TASK.twist(noise=0.4
 )
 
 
-def test_sigterm_exits_past_the_grace_period_even_inside_a_long_step(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_exits_past_the_grace_period_even_inside_a_long_step(tmp_path: Path, signum: int) -> None:
     """A step that outlasts the grace period (a model call cannot be cut short): the server still exits,
-    ``SHUTDOWN_WAIT`` after the drain, and logs why (it waited for the step for ever)."""
+    ``SHUTDOWN_WAIT`` after the drain, and logs why once (it waited for the step for ever; on SIGINT it
+    then waited ``SHUTDOWN_WAIT`` again and logged it twice)."""
     script = tmp_path / "stuck_server.py"
     script.write_text(SERVE_A_STEP_THAT_NEVER_ENDS)
     with socket.socket() as probe:
@@ -1212,11 +1214,11 @@ def test_sigterm_exits_past_the_grace_period_even_inside_a_long_step(tmp_path: P
                 assert time.monotonic() < deadline, log.read_text()
                 time.sleep(0.05)
             began = time.monotonic()
-            process.send_signal(signal.SIGTERM)
-            process.wait(30)  # the drain, begun at SIGTERM: grace 1 s, then SHUTDOWN_WAIT 1 s
+            process.send_signal(signum)
+            process.wait(30)  # the drain, begun at the signal: grace 1 s, then SHUTDOWN_WAIT 1 s
             assert time.monotonic() - began < 20
-        assert process.returncode in (1, -signal.SIGTERM), log.read_text()
-        assert '"stuck_step": true' in log.read_text()
+        assert process.returncode in (1, -signum), log.read_text()
+        assert log.read_text().count('"stuck_step": true') == 1, log.read_text()
         assert "terminate called" not in log.read_text()
     finally:
         if process.poll() is None:
@@ -1827,14 +1829,53 @@ reward = OnnxRewardModel({str(FIXTURES / "prm-tiny")!r}, kind="logit")
 """
 
 
-def test_a_policy_that_cannot_decode_its_tokens_is_the_servers_failure(tmp_path: Path) -> None:
-    """The policy's decode raising UnicodeDecodeError (a ValueError) for the texts of a finished request
-    is the server's failure, a 500 ``server_error``, not a 400 blaming the request."""
-    failing = Server(tmp_path, script=_serving_script(CANNOT_DECODE))
+# The texts decode, but the tokenizer's decode of a whole trajectory, which the answer's finish_reason reads
+# where the policy has stop strings, raises.
+CANNOT_DECODE_FOR_THE_FINISH_REASON = f"""
+from tiltsmc.models import OnnxCausalLM, OnnxRewardModel
+
+class Undecodable:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+    def decode(self, ids):
+        raise UnicodeDecodeError("utf-8", b"\\xff", 0, 1, "invalid start byte")
+
+class DecodesItsTexts(OnnxCausalLM):
+    def decode(self, ids):
+        return self.tokenizer.tokenizer.decode(ids)
+
+policy = DecodesItsTexts({str(FIXTURES / "gpt2-tiny")!r}, max_new_tokens=4, stop=["zzz"])
+policy.tokenizer = Undecodable(policy.tokenizer)
+reward = OnnxRewardModel({str(FIXTURES / "prm-tiny")!r}, kind="logit")
+"""
+
+
+@pytest.mark.parametrize(
+    "models", [CANNOT_DECODE, CANNOT_DECODE_FOR_THE_FINISH_REASON], ids=["texts", "finish"]
+)
+def test_a_policy_that_cannot_decode_its_tokens_is_the_servers_failure(tmp_path: Path, models: str) -> None:
+    """The policy's decode raising UnicodeDecodeError (a ValueError) for the texts of a finished request,
+    or for the finish reason of its answer, is the server's failure, a 500 ``server_error`` (a stream's last
+    event), not a 400 blaming the request, logged as ``failed`` (the finish reason's: Starlette's plain
+    500, or a cut stream, logged as ``completed``)."""
+    failing = Server(tmp_path, script=_serving_script(models))
     try:
-        answer = failing.post({"prompt": "ab", "particles": 2, "seed": 1})
-        assert answer.status_code == 500, answer.text
-        assert answer.json()["error"]["type"] == "server_error"
-        assert "UnicodeDecodeError" in answer.json()["error"]["message"]
+        for stream in (False, True):
+            answer = failing.post({"prompt": "ab", "particles": 2, "seed": 1, "stream": stream})
+            if stream:
+                assert answer.status_code == 200, answer.text
+                blocks = [block for block in answer.text.split("\n\n") if block.startswith("data: ")]
+                assert len(blocks) == 1, answer.text
+                error = json.loads(blocks[0][len("data: ") :])["error"]
+            else:
+                assert answer.status_code == 500, answer.text
+                error = answer.json()["error"]
+            assert error["type"] == "server_error" and "UnicodeDecodeError" in error["message"], error
+        lines = _completion_lines(failing, 2)
+        assert [(line["status"], line["outcome"]) for line in lines] == [(500, "failed"), (200, "failed")]
     finally:
         failing.stop()

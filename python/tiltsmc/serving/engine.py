@@ -587,12 +587,12 @@ class Engine:
         cover the same whole steps in every part (a step in progress is in none). The counts add up at
         every read: ``submitted`` is the sum of the outcomes (``completed``, ``failed``, ``cancelled``,
         ``timed_out``, ``closed``: ended unfinished by ``close`` at the end of its grace period, or cancelled
-        then, see ``_cancelled_outcome``; ``rejected`` requests are not submitted), ``waiting`` and
-        ``in_flight``. A request
-        cancelled while it waits is ``cancelled`` at once (no longer ``waiting``); one cancelled in flight,
-        or past its deadline, once its worker takes it out, at its next step. A request cancelled at or past
-        its deadline counts as ``timed_out`` (``Request.cancelled_outcome``: the HTTP server's own 504,
-        for a model call that overran the deadline)."""
+        past its end, see ``Request.cancelled_outcome``; ``rejected`` requests are not submitted),
+        ``waiting`` and ``in_flight``. A request cancelled while it waits is ``cancelled`` at once (no
+        longer ``waiting``); one cancelled in flight, or past its deadline, once its worker takes it out, at
+        its next step. A request cancelled at or past its deadline counts as ``timed_out``
+        (``Request.cancelled_outcome``: the HTTP server's own 504, for a model call that overran the
+        deadline), at or past the end of a close's grace period as ``closed`` (its 503)."""
         with self._wake:
             counts = dict(self._counts)
             waiting, ended_waiting = self._scheduler.waiting_and_ended()
@@ -692,6 +692,11 @@ class Engine:
                 deadline is not None and (self._drain_deadline is None or deadline < self._drain_deadline)
             ):
                 self._drain_deadline = deadline
+                if deadline is not None:  # what a request cancelled from then on counts as (closed)
+                    self._scheduler.close_at(deadline)
+                    for worker in self._workers:
+                        for request in worker.in_flight.values():
+                            request.closes_at = deadline
             self._closing = True
             self._wake.notify_all()
         _OPEN_ENGINES.discard(self)
@@ -914,7 +919,7 @@ class Engine:
         timed_out: list[tuple[Request, BaseException]] = []
         for request in (*expired, *gone):
             if request.future.cancelled():
-                self._counts[self._cancelled_outcome(request)] += 1
+                self._counts[request.cancelled_outcome()] += 1
             else:
                 self._counts["timed_out"] += 1
                 waited = now - request.submitted
@@ -987,7 +992,7 @@ class Engine:
             self._take(worker, request)
             cancelled = request.future.cancelled()  # by its caller during this step (or the server's timer)
             if cancelled:
-                self._counts[self._cancelled_outcome(request)] += 1
+                self._counts[request.cancelled_outcome()] += 1
             else:
                 self._counts["failed" if error is not None else "completed"] += 1
         if cancelled:
@@ -1014,23 +1019,11 @@ class Engine:
         except BaseException:  # a caller's done-callback, not the engine
             logger.exception("a done-callback of a request raised; the engine goes on")
 
-    def _cancelled_outcome(self, request: Request) -> str:
-        """Under the lock: what a request whose future was cancelled counts as: ``closed`` where it was
-        cancelled before its own deadline but at or past the end of the engine's grace period, as the HTTP
-        server does to a request still inside a model call by then (its 503); else as
-        ``Request.cancelled_outcome`` says."""
-        outcome = request.cancelled_outcome()
-        cancelled_at = getattr(request.future, "cancelled_at", None)
-        deadline = self._drain_deadline
-        if outcome == "cancelled" and self._closing and deadline is not None and cancelled_at is not None:
-            return "closed" if cancelled_at >= deadline else outcome
-        return outcome
-
     def _end_all(self, worker: _Worker, error: BaseException, outcome: str = "failed") -> None:
         """End the waiting requests and ``worker``'s in flight with ``error``: taken out and counted under
         the lock (as ``outcome``: ``failed`` where the engine failed, ``closed`` where its grace period
-        ended; where their future was cancelled, as ``_cancelled_outcome`` says), their futures settled
-        after."""
+        ended; where their future was cancelled, as ``Request.cancelled_outcome`` says), their futures
+        settled after."""
         with self._wake:
             in_flight = list(worker.in_flight.values())
             for request in in_flight:
@@ -1038,7 +1031,7 @@ class Engine:
             failed = []
             for request in (*self._scheduler.take_all(), *in_flight):
                 if request.future.cancelled():
-                    self._counts[self._cancelled_outcome(request)] += 1
+                    self._counts[request.cancelled_outcome()] += 1
                 else:
                     self._counts[outcome] += 1
                     failed.append(request)

@@ -22,6 +22,10 @@ from ..samplers.runs import Run
 __all__ = ["BatchSizer", "EngineClosed", "Overloaded", "Request", "Scheduler", "another_should_take"]
 
 
+# What a request whose future was cancelled counts as (Request.cancelled_outcome)
+CANCELLED_OUTCOMES = ("cancelled", "timed_out", "closed")
+
+
 class Overloaded(RuntimeError):
     """The engine's queue of waiting requests is full: the request was refused at once (retry later)."""
 
@@ -51,6 +55,10 @@ class Request:
     admitted: Optional[float] = None
     cancelled: bool = False
     waiting: bool = field(default=False, repr=False)  # in the scheduler's queue
+    # the end of the engine's grace period, once it closes (Engine.close; a later close may bring it forward)
+    closes_at: Optional[float] = None
+    # what it counts as once cancelled, fixed by the future's callback (Scheduler._done): cancelled_outcome
+    ended_as: Optional[str] = field(default=None, repr=False)
     # a fresh run of the request, from its start (a seed's generator as at submit, a caller's where the
     # run left it: Engine._restart), to run again after a model call failed for its batch (None: it cannot)
     restart: Optional[Callable[[], Run]] = field(default=None, repr=False)
@@ -60,16 +68,26 @@ class Request:
 
     def cancelled_outcome(self) -> str:
         """The outcome a request whose future was cancelled counts as: ``"timed_out"`` where it was cancelled
-        at or past its deadline, else ``"cancelled"``. A model call that overruns the deadline holds the
-        engine, which checks deadlines between its steps: the HTTP server then answers the 504 itself and
-        cancels the request (``TIMEOUT_MARGIN`` past it), a timeout all the same; a request cancelled
-        before its deadline (its caller, a client gone) is cancelled. The time is the future's
+        at or past its deadline, ``"closed"`` where at or past ``closes_at`` (the end of the engine's grace
+        period), else ``"cancelled"``. A model call that overruns the deadline, or the grace period, holds
+        the engine, which checks them between its steps: the HTTP server then answers the 504 (the 503) itself
+        and cancels the request (``TIMEOUT_MARGIN`` past it), a timeout (the engine's close) all the same; a
+        request cancelled before (its caller, a client gone) is cancelled. The time is the future's
         ``cancelled_at`` (the engine's futures note it before they turn cancelled, on ``deadline``'s clock,
         ``time.perf_counter``); a future without one counts as cancelled. The one rule for every count of
-        the engine and the scheduler: it gives the same answer at every call once the future is cancelled,
-        so a request is counted alike wherever it leaves from."""
+        the engine and the scheduler: once the future's callback has fixed it (``ended_as``), it gives the
+        same answer at every call, whatever a later close does to ``closes_at``, so a request is counted
+        alike wherever it leaves from (a counter never goes down)."""
+        if self.ended_as is not None:
+            return self.ended_as
         cancelled_at = getattr(self.future, "cancelled_at", None)
-        return "timed_out" if cancelled_at is not None and self.expired(cancelled_at) else "cancelled"
+        if cancelled_at is None:
+            return "cancelled"
+        if self.expired(cancelled_at):
+            return "timed_out"
+        if self.closes_at is not None and cancelled_at >= self.closes_at:
+            return "closed"
+        return "cancelled"
 
 
 class Scheduler:
@@ -95,7 +113,8 @@ class Scheduler:
         self._arrivals = itertools.count()
         self._cancelled: list[Request] = []  # requests whose future was cancelled since take_expired
         self._cancelled_waiting = 0  # the requests in _waiting whose future was cancelled
-        self._timed_out_waiting = 0  # those of them cancelled past their deadline (cancelled_outcome)
+        # those of them by the outcome they count as (Request.cancelled_outcome)
+        self._ended_waiting = dict.fromkeys(CANCELLED_OUTCOMES, 0)
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -114,11 +133,16 @@ class Scheduler:
 
     def waiting_and_ended(self) -> tuple[int, dict[str, int]]:
         """``waiting_and_cancelled`` with the requests cancelled in the queue by the outcome the engine
-        counts them as (``Request.cancelled_outcome``): ``{"cancelled": ..., "timed_out": ...}``."""
+        counts them as (``Request.cancelled_outcome``): ``{"cancelled": ..., "timed_out": ...,
+        "closed": ...}``."""
         with self._lock:
-            ended = {"cancelled": self._cancelled_waiting - self._timed_out_waiting}
-            ended["timed_out"] = self._timed_out_waiting
-            return len(self._waiting) - self._cancelled_waiting, ended
+            return len(self._waiting) - self._cancelled_waiting, dict(self._ended_waiting)
+
+    def close_at(self, closes_at: float) -> None:
+        """The engine closes: ``closes_at`` (the end of its grace period) set on every waiting request."""
+        with self._lock:
+            for request in self._waiting:
+                request.closes_at = closes_at
 
     def enqueue(self, request: Request) -> list[Request]:
         """Queue ``request``; ``Overloaded`` where ``max_queue`` requests wait already (those cancelled not
@@ -159,19 +183,18 @@ class Scheduler:
         if request is not None and future.cancelled():
             with self._lock:
                 request.cancelled = True
+                request.ended_as = request.cancelled_outcome()
                 self._cancelled.append(request)
                 if request.waiting:
                     self._cancelled_waiting += 1
-                    if request.cancelled_outcome() == "timed_out":
-                        self._timed_out_waiting += 1
+                    self._ended_waiting[request.ended_as] += 1
 
     def _left(self, request: Request) -> None:
         """``request`` is out of the queue (under the lock)."""
         request.waiting = False
         if request.cancelled:
             self._cancelled_waiting -= 1
-            if request.cancelled_outcome() == "timed_out":
-                self._timed_out_waiting -= 1
+            self._ended_waiting[request.cancelled_outcome()] -= 1
 
     def _take_cancelled(self) -> list[Request]:
         """The waiting requests whose future was cancelled, taken out of the queue (under the lock)."""

@@ -614,6 +614,10 @@ def create_app(
                     headers={"Cache-Control": "no-cache"},
                 )
             choices = await _collect(request, futures, body, timeout, drain)
+            # in the try: the answer's finish reasons decode tokens, which may fail as its texts may
+            answered = _response(
+                request_id, model_name, body.sampler, len(prompts), prompt_tokens, choices, policy, chat
+            )
         except RequestError:
             detail["outcome"] = "refused"
             raise
@@ -634,11 +638,7 @@ def create_app(
             detail["outcome"], status, error_body = failure
             return JSONResponse(error_body, status_code=status)
         detail["outcome"] = "completed"
-        return JSONResponse(
-            _response(
-                request_id, model_name, body.sampler, len(prompts), prompt_tokens, choices, policy, chat
-            )
-        )
+        return JSONResponse(answered)
 
     async def stream(
         body: Any, request: Request, futures: list[Any], num_prompts: int, prompt_tokens: int, chat: bool
@@ -659,7 +659,16 @@ def create_app(
             finally:
                 await waiting.aclose()
             assert final is not None
-            choices = _picked(final, body)
+            answered = _response(
+                request.state.request_id,
+                model_name,
+                body.sampler,
+                num_prompts,
+                prompt_tokens,
+                _picked(final, body),
+                policy,
+                chat,
+            )
         except ClientGone:
             detail["outcome"] = "cancelled"
             return
@@ -676,16 +685,6 @@ def create_app(
                 yield _event(error_body)
             return
         detail["outcome"] = "completed"
-        answered = _response(
-            request.state.request_id,
-            model_name,
-            body.sampler,
-            num_prompts,
-            prompt_tokens,
-            choices,
-            policy,
-            chat,
-        )
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         for event in _events(_chunks(answered, chat, include_usage)):
             yield event
@@ -1054,6 +1053,7 @@ class _Drain:
         self.deadline: Optional[float] = None  # once begun: the loop's time the unanswered requests end at
         self._began: Optional[asyncio.Future[None]] = None  # done once begun (``began``)
         self._closed: Optional[asyncio.Future[bool]] = None  # Engine.close's answer
+        self.stuck = False  # a step still in progress SHUTDOWN_WAIT past the grace period (``finished``)
 
     def begin(self) -> None:
         """Begins the drain (once: a later call changes nothing), without waiting for it."""
@@ -1097,10 +1097,12 @@ class _Drain:
 
     async def finished(self) -> bool:
         """Begins the drain where it has not begun; ``Engine.close``'s answer once it is over: False where
-        a step was still in progress ``SHUTDOWN_WAIT`` seconds past the grace period."""
+        a step was still in progress ``SHUTDOWN_WAIT`` seconds past the grace period (``stuck`` then)."""
         self.begin()
         assert self._closed is not None
-        return bool(await asyncio.shield(self._closed))
+        closed = bool(await asyncio.shield(self._closed))
+        self.stuck = not closed
+        return closed
 
     def unfinished(self) -> EngineClosed:
         """The error of a request still unanswered at ``deadline``."""
@@ -1809,7 +1811,11 @@ def serve(args: argparse.Namespace, settings: Settings, policy: Any, reward: Any
     finally:
         # the workers stopped here where the drain has not (a second SIGINT forces the shutdown past its
         # end): once closed, the engine is no longer one that the interpreter's exit stops, and a worker
-        # still inside a model call at exit aborts the process as the call returns (see Engine)
+        # still inside a model call at exit aborts the process as the call returns (see Engine). Where the
+        # drain found a step stuck, it has waited for it and logged it already.
+        if drain.stuck:
+            logging.shutdown()
+            os._exit(1)
         if not engine.close(drain=False, timeout=None, wait=SHUTDOWN_WAIT):
             _log_stuck_step(settings.grace)
             logging.shutdown()
