@@ -143,7 +143,7 @@ def test_session_options_object_is_used_as_it_is() -> None:
             "'intra_op_threads' is not a field of onnxruntime.SessionOptions",
         ),
         ({"graph_optimization_level": "fastest"}, ValueError, "graph_optimization_level: expected one of"),
-        ({"intra_op_num_threads": "two"}, ValueError, "intra_op_num_threads: cannot set 'two'"),
+        ({"intra_op_num_threads": "two"}, TypeError, "^session_options: intra_op_num_threads: expected"),
         ({"config": 3}, TypeError, "config: expected a dict"),
         ([("intra_op_num_threads", 1)], TypeError, "session_options: expected an onnxruntime.SessionOptions"),
     ],
@@ -151,6 +151,31 @@ def test_session_options_object_is_used_as_it_is() -> None:
 def test_bad_session_options_are_named(options: Any, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         OnnxCausalLM(LLAMA, session_options=options)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({1: 2}, TypeError, r"^session_options: expected onnxruntime.SessionOptions field names \(strings\)"),
+        ({"intra_op_num_threads": -3}, ValueError, r"^session_options: intra_op_num_threads: expected an"),
+        ({"inter_op_num_threads": True}, TypeError, r"^session_options: inter_op_num_threads: expected an"),
+        ({"intra_op_num_threads": 2.0}, TypeError, r"^session_options: intra_op_num_threads: expected an"),
+        (
+            {"graph_optimization_level": 7},
+            ValueError,
+            r"^session_options: graph_optimization_level: expected one of disable_all, basic, extended, "
+            r"layout, all \(or the enum\), got 7$",
+        ),
+    ],
+)
+def test_session_options_are_checked_as_the_arguments_are(options: Any, error: type, match: str) -> None:
+    """A key that is not a string is named (AttributeError on ``startswith`` before); a thread field is
+    checked in full as ``intra_op_num_threads=`` is (-3 and True were set); an enum field's message names it
+    once (it was wrapped in its own "cannot set")."""
+    for model, path in ((OnnxCausalLM, LLAMA), (OnnxRewardModel, PRM)):
+        with pytest.raises(error, match=match):
+            model(path, session_options=options)
+    assert OnnxRewardModel(PRM, session_options={"intra_op_num_threads": np.int64(1)}).session
 
 
 # -- require_gpu and the thread counts are checked --------------------------------------------------------

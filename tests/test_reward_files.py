@@ -20,6 +20,7 @@ from tiltsmc.models import onnx_reward as onnx_reward_module
 
 MODELS = Path(__file__).resolve().parent / "fixtures" / "models"
 PRM, VALUE = MODELS / "prm-tiny", MODELS / "gpt2-value-tiny"
+GPT2 = MODELS / "gpt2-tiny"
 FLOAT, INT32, INT64, BOOL = 1, 6, 7, 9  # onnx.TensorProto's element types
 # the one wording of a float-type refusal (_ort.float_type_error), after "is tensor(<its type>); "
 FLOAT_TYPE = r"expected scores of a float type: tensor\(float\), tensor\(float16\) or tensor\(double\)"
@@ -435,6 +436,48 @@ def test_delimiter_ids_may_be_any_sequence_or_array_of_ints(given: Any) -> None:
     np.testing.assert_array_equal(reward.delimiter_ids, [5, 9])
     with pytest.raises(ValueError, match=r"^delimiter_ids: position='delimiter' needs the token ids"):
         OnnxRewardModel(PRM, position="delimiter", delimiter_ids=np.array([], dtype=np.int64))
+
+
+def test_a_bare_delimiter_id_is_one_id() -> None:
+    """``delimiter_ids=5`` is the one id 5 (the policy's ``eos_token_id`` takes one id or a list too): it
+    raised "'int' object is not iterable"; a value of another type is refused naming delimiter_ids."""
+    reward = OnnxRewardModel(PRM, position="delimiter", delimiter_ids=5)
+    np.testing.assert_array_equal(reward.delimiter_ids, [5])
+    np.testing.assert_array_equal(
+        OnnxRewardModel(PRM, position="delimiter", delimiter_ids=np.int64(5)).delimiter_ids, [5]
+    )
+    for bad in (5.0, "5", None, True, [5, None]):
+        with pytest.raises(ValueError, match=r"^delimiter_ids: expected a token id in "):
+            OnnxRewardModel(PRM, position="delimiter", delimiter_ids=[bad] if bad is None else bad)
+
+
+@pytest.mark.parametrize(
+    ("classes", "error", "match"),
+    [
+        ([47, 46.9], ValueError, r"^classes: expected class indices >= 0 \(integers\), got 46.9 in"),
+        (["47", "46"], ValueError, r"^classes: expected class indices >= 0 \(integers\), got '47' in"),
+        ([47, True], ValueError, r"^classes: expected class indices >= 0 \(integers\), got True in"),
+        ([47, None], ValueError, r"^classes: expected class indices >= 0 \(integers\), got None in"),
+        ([47, [46]], ValueError, r"^classes: expected class indices >= 0 \(integers\), got \[46\] in"),
+        (5, TypeError, r"^classes: expected a sequence of class indices, got 5$"),
+        (np.array([[47, 46]]), TypeError, r"^classes: expected a sequence of class indices"),
+    ],
+)
+def test_each_class_is_checked_as_label_is(classes: Any, error: type, match: str) -> None:
+    """A class index is an int, as ``label`` is: 46.9 was read as 46, "46" and True as 46 and 1, None
+    failed inside int(), a bare int as "'int' object is not iterable"."""
+    with pytest.raises(error, match=match):
+        OnnxRewardModel(GPT2, kind="logit", label=47, classes=classes)
+    for given in ([47, 46], (47, np.int64(46)), np.array([46, 47])):
+        assert OnnxRewardModel(GPT2, kind="logit", label=47, classes=given).classes == [int(c) for c in given]
+
+
+def test_output_is_a_name() -> None:
+    """``output`` is the name of one of the graph's outputs: a list raised "unhashable type: 'list'"."""
+    for output in (["logits"], 0, b"logits"):
+        with pytest.raises(TypeError, match=r"^output: expected the name of an output of model.onnx \(a str"):
+            OnnxRewardModel(PRM, output=output)  # type: ignore[arg-type]
+    assert OnnxRewardModel(PRM, output="logits").output == "logits"
 
 
 # -- the verifier's text ------------------------------------------------------------------------------------

@@ -81,7 +81,8 @@ def test_a_delimiter_no_policy_token_translates_into_is_refused() -> None:
 def test_the_verifier_is_given_the_policys_text_through_a_token_map(tmp_path: Path) -> None:
     """With a token_map the verifier is given the policy's text, the result's, not the policy's ids decoded
     by the reward model's tokenizer (here one whose ids of 'a' and 'b' are swapped: it read 'aab' as 'bba').
-    Before a policy is checked (the samplers check theirs) there is no text to give it: refused."""
+    Particles that carry no policy to decode them (built by hand, not by a policy's start) give the verifier
+    the policy's token ids, which the reward model's tokenizer cannot read."""
     folder = tmp_path / "prm-swapped"
     shutil.copytree(PRM, folder)
     tokenizer = json.loads((folder / "tokenizer.json").read_text())

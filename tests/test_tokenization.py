@@ -4,11 +4,14 @@ fixture decoders."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
 import shutil
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -270,6 +273,75 @@ def test_a_templates_own_failures_are_value_errors_and_nothing_is_evaluated_at_l
     (tmp_path / "tokenizer_config.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(ValueError, match=r"^tokenizer_config\.json: cannot read .*: RecursionError"):
         load_tokenizer(tmp_path, None)
+
+
+@contextlib.contextmanager
+def _at_most(seconds: float) -> Iterator[None]:
+    """A render still running after ``seconds`` raises TimeoutError (a failure, not a hang)."""
+
+    def expired(*_: Any) -> None:
+        raise TimeoutError(f"still rendering after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="SIGALRM: POSIX")
+def test_a_hostile_templates_render_is_bounded() -> None:
+    """A render is bounded (its loops' items, the size of ``*`` and ``**`` results, the characters it
+    renders): two nested loops of 99,999 ran for hours, stalling every chat prompt (a server's too), and
+    ``content * 10**13`` ran out of memory, a MemoryError that escaped as such (the prompt's error read
+    'prompt 0: '); each is a ValueError naming the chat template and the bound, at once. A render that runs
+    out of memory all the same is a template failure."""
+    messages = [{"role": "user", "content": "ab"}]
+    bound = r"^chat template: stopped, a bound on its work: "
+    nested = "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}{{ messages }}"
+    deep = (
+        "{% for i in range(2) recursive %}{% if loop.depth < 4 %}{{ loop(range(99999)) }}{% endif %}"
+        "{% endfor %}"
+    )
+    text = "messages[0]['content'] * 1000"
+    characters = f"{{% for c in {text} %}}{{% for d in {text} %}}{{% endfor %}}{{% endfor %}}"
+    cases = [
+        (nested, rf"{bound}its loops went past {chat.MAX_LOOP_ITEMS:,} items in one render"),
+        (deep, rf"{bound}its loops went past {chat.MAX_LOOP_ITEMS:,} items"),
+        (characters, rf"{bound}its loops went past {chat.MAX_LOOP_ITEMS:,} items"),
+        ("{{ messages[0]['content'] * 10**13 }}", rf"{bound}'\*' would repeat a str to 20,000,000,000,000"),
+        ("{{ [1, 2] * 10**13 }}", rf"{bound}'\*' would repeat a list to 20,000,000,000,000 items"),
+        ("{{ 3 ** 1000000000 }}", rf"{bound}'\*\*' would make an integer of more than"),
+        ("{{ (10 ** 300000) * (10 ** 300000) }}", rf"{bound}'\*' would make an integer of more than"),
+        (
+            "{% for i in range(100) %}{{ 'x' * 1000000 }}{% endfor %}",
+            rf"{bound}it rendered more than {chat.MAX_RENDERED_CHARS:,} characters",
+        ),
+        ("{{ 'x' | center(2**62) }}", r"^chat template failed on these messages: MemoryError$"),
+    ]
+    for template, match in cases:
+        chat.check_chat_template(template)
+        with _at_most(5.0), pytest.raises(ValueError, match=match):
+            chat.render_chat_template(template, messages, {})
+    policy = chat_policy(chat_template="{{ messages[0]['content'] * 10**13 }}")
+    parts = policy.start([messages], 1)
+    assert re.match(r"prompt 0: chat template: stopped, a bound on its work: '\*' would", parts.errors[0])
+    # what real templates do with loops, ranges and * renders as before
+    looped = (
+        "{% for m in messages if m['role'] != 'system' %}{{ loop.index }}/{{ loop.length }}"
+        "{% if loop.last %}.{% endif %}{% else %}none{% endfor %}"
+        "{% for i in range(messages | length) | reverse %}{{ i }}{% endfor %}"
+        "{% for k, v in messages[0] | dictsort %}{{ k }}={{ v }};{% endfor %}{{ '-' * 3 }}{{ 2 ** 10 }}"
+        "{% for x in [[1, [2]], [3]] recursive %}{% if x is iterable %}{{ loop(x) }}{% else %}{{ x }}"
+        "{% endif %}{% endfor %}"
+    )
+    chat_messages = [{"role": "system", "content": "s"}, *messages, {"role": "assistant", "content": "c"}]
+    assert chat.render_chat_template(looped, chat_messages, {}) == (
+        "1/2" + "2/2." + "210" + "content=s;role=system;" + "---1024" + "123"
+    )
+    assert chat.render_chat_template("{% for m in [] %}{% else %}none{% endfor %}", messages, {}) == "none"
 
 
 def test_decode_and_encode_take_what_they_say() -> None:

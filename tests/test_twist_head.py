@@ -394,19 +394,32 @@ def test_a_verifiers_real_numbers_and_bools_are_rewards(returned: Any) -> None:
     assert bool(given.collapsed[0]) is (float(returned) == 0.0)
 
 
-def test_the_verifier_is_given_the_text_the_results_report_for_every_extension() -> None:
-    """The verifier's ``text`` is the policy's as the results report it, ending before its stop strings,
-    for the extensions the optimal proposal scores at the length limit (``next_log_values``) as for the
-    finished trajectories: a prefix's value then equals its parent's entry for its token. The extensions
-    were decoded by the tokenizer alone, the stop string and what follows it included."""
+def test_a_verifier_with_stop_strings_is_refused_and_without_one_the_twist_is_the_terminal_reward() -> None:
+    """A token that completes a stop string ends the trajectory, as an EOS does: with a verifier,
+    ``next_log_values`` kept the twist at that token where ``log_value`` of the extended trajectory gave the
+    verifier's ``log r`` (the optimal proposal and exact SP-gSMC then targeted another law). Telling which
+    tokens complete one would decode the whole vocabulary at every step, so the pair is refused; without a
+    verifier the twist is the terminal reward and the two agree. The verifier's text at the length limit is
+    the results' text."""
+    with pytest.raises(ValueError, match=r"^verifier: a PolicyTwist with a verifier .* stop strings \['a'\]"):
+        PolicyTwist(twist_policy(stop=["a"]), kind="logit", verifier=lambda prompt, text: 0.5)
+    policy = twist_policy(stop=["a"], max_new_tokens=8)
+    twist = PolicyTwist(policy, kind="logit")
+    particles = policy.start(["hello"], 1)
+    a = policy.tokenizer.token_id("a")
+    expected = twist.next_log_values(particles)[0, 0, a]
+    policy.append(particles, np.array([[a]]))
+    assert bool(particles.finished[0, 0])
+    assert twist.log_value(particles)[0, 0] == expected
+
     seen: list[str] = []
 
     def recording(prompt: Any, text: str) -> float:
         seen.append(text)
         return 1.0
 
-    policy = twist_policy(stop=["5"], top_k=None)
+    policy = twist_policy(top_k=None)
     twist = PolicyTwist(policy, kind="logit", verifier=recording)
     result = tiltsmc.smc(policy, twist, prompts=[PROMPT], num_particles=8, proposal="optimal", rng=3)
-    assert result.texts[0] and seen
-    assert not [text for text in seen if "5" in text]
+    assert result.texts is not None and result.texts[0] and seen
+    assert set(result.texts[0]) <= set(seen)

@@ -251,8 +251,14 @@ def _session_option_value(ort: Any, name: str, value: Any) -> Any:
 def _apply_session_options(ort: Any, options: Any, session_options: Mapping[str, Any]) -> None:
     """Set each ``{field: value}`` on ``options`` (an ``ort.SessionOptions``); ``config`` is a dict of
     session config entries (``add_session_config_entry``). ValueError naming a field it does not have or
-    a value it refuses, and a thread count past ``MAX_THREADS``."""
+    a value it refuses, TypeError for a key that is not a string; a thread field is checked as the thread
+    arguments are (``thread_count``)."""
     for name, value in session_options.items():
+        if not isinstance(name, str):
+            raise TypeError(
+                f"session_options: expected onnxruntime.SessionOptions field names (strings) as keys, got "
+                f"{name!r:.60} (a {type(name).__name__})"
+            )
         if name == "config":
             if not isinstance(value, Mapping):
                 raise TypeError(f"session_options: config: expected a dict of config entries, got {value!r}")
@@ -267,10 +273,12 @@ def _apply_session_options(ort: Any, options: Any, session_options: Mapping[str,
                 f"session_options: {name!r} is not a field of onnxruntime.SessionOptions (fields: "
                 f"{', '.join(fields)}; 'config' for config entries)"
             )
-        if name in _THREAD_FIELDS and isinstance(value, (int, np.integer)) and value > MAX_THREADS:
-            thread_count(value, f"session_options: {name}")  # raises; another type is left to ONNX Runtime
+        if name in _THREAD_FIELDS:
+            # an int from 0 to MAX_THREADS (TypeError, ValueError); ONNX Runtime refuses None itself
+            value = value if value is None else thread_count(value, f"session_options: {name}")
+        value = _session_option_value(ort, name, value)  # its ValueError names the field
         try:
-            setattr(options, name, _session_option_value(ort, name, value))
+            setattr(options, name, value)
         except (TypeError, ValueError, RuntimeError) as error:
             raise ValueError(f"session_options: {name}: cannot set {value!r}: {error}") from None
 

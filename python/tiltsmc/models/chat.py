@@ -10,16 +10,28 @@ given ``messages``, ``add_generation_prompt`` and the special tokens of tokenize
 (a ValueError here), ``strftime_now(format)`` and a ``tojson`` filter that keeps non-ASCII text as it is.
 ``jinja2`` is the ``chat`` extra (``pip install 'tiltsmc[chat]'``), imported only to render, and to compile
 a template given as an argument (``chat_template=``) when the model loads (``check_chat_template``).
+
+A render is bounded, so that a template that loops for hours or builds a string of terabytes fails within
+a fraction of a second (ValueError naming the chat template and the bound) instead of stalling every
+prompt: its loops take at most ``MAX_LOOP_ITEMS`` (250,000) items in all (the items of every ``{% for %}``
+and recursive ``loop(...)``, and the length of every ``range`` it makes), ``*`` makes a string or list of
+at most ``MAX_REPEAT_ITEMS`` (2**20) items and an integer of at most ``MAX_INT_BITS`` (2**20) bits, as
+``**`` does, and the text it renders is at most ``MAX_RENDERED_CHARS`` (2**26) characters. Real chat
+templates loop over the messages (and their parts, and the tools) a few times, far within these. A render
+that runs out of memory all the same is a ValueError too. (The bounds are not a sandbox of CPU time:
+filters on large values, ``~`` joins, ... are not counted.)
 """
 
 from __future__ import annotations
 
+import contextvars
 import datetime
 import functools
 import json
+import operator
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -113,6 +125,86 @@ class _TemplateRaised(Exception):
     """The template called ``raise_exception``."""
 
 
+# The bounds of one render (see the module docstring).
+MAX_LOOP_ITEMS = 250_000
+MAX_REPEAT_ITEMS = 1 << 20
+MAX_INT_BITS = 1 << 20
+MAX_RENDERED_CHARS = 1 << 26
+
+
+class _BoundHit(Exception):
+    """A render went past one of its bounds (the message says which)."""
+
+
+class _Budget:
+    """The loop items left to one render."""
+
+    def __init__(self) -> None:
+        self.left = MAX_LOOP_ITEMS
+
+    def charge(self, items: int) -> None:
+        self.left -= items
+        if self.left < 0:
+            raise _BoundHit(
+                f"its loops went past {MAX_LOOP_ITEMS:,} items in one render (the items of every for loop "
+                "and the length of every range it makes)"
+            )
+
+
+# the budget of the render under way in this thread (None outside render_chat_template: unbounded)
+_RENDER_BUDGET: contextvars.ContextVar[Optional[_Budget]] = contextvars.ContextVar(
+    "tiltsmc_chat_render_budget", default=None
+)
+
+# the filter every {% for %}'s iterable is passed through (a name no template gives a filter of its own)
+_LOOP_FILTER = "tiltsmc.loop_items"
+
+
+def _loop_items(iterable: Iterable[Any]) -> Iterator[Any]:
+    """``iterable``'s items, each charged to the render's budget."""
+    budget = _RENDER_BUDGET.get()
+    if budget is None:
+        yield from iterable
+        return
+    for item in iterable:
+        budget.charge(1)
+        yield item
+
+
+def _bounded_range(*args: Any) -> range:
+    """The sandbox's ``range`` (at most 100,000 items), its length charged to the render's budget."""
+    import jinja2.sandbox
+
+    made = jinja2.sandbox.safe_range(*args)
+    budget = _RENDER_BUDGET.get()
+    if budget is not None:
+        budget.charge(len(made))
+    return made
+
+
+def _bounded_binop(operator_name: str, left: Any, right: Any) -> Any:
+    """``left * right`` or ``left ** right``, refused where the result would be past ``MAX_REPEAT_ITEMS``
+    items (a string or a sequence repeated) or ``MAX_INT_BITS`` bits (an integer)."""
+    ints = all(isinstance(x, int) for x in (left, right))
+    if operator_name == "*":
+        if ints:
+            if left.bit_length() + right.bit_length() > MAX_INT_BITS:
+                raise _BoundHit(f"'*' would make an integer of more than {MAX_INT_BITS:,} bits")
+        else:
+            for sequence, count in ((left, right), (right, left)):
+                if isinstance(count, int) and hasattr(sequence, "__len__"):
+                    items = len(sequence) * max(count, 0)
+                    if items > MAX_REPEAT_ITEMS:
+                        raise _BoundHit(
+                            f"'*' would repeat a {type(sequence).__name__} to {items:,} items, past "
+                            f"{MAX_REPEAT_ITEMS:,}"
+                        )
+        return operator.mul(left, right)
+    if ints and right > 0 and abs(left) > 1 and (abs(left).bit_length() - 1) * right > MAX_INT_BITS:
+        raise _BoundHit(f"'**' would make an integer of more than {MAX_INT_BITS:,} bits")
+    return operator.pow(left, right)
+
+
 @functools.lru_cache(maxsize=1)
 def _generation_extension() -> Any:
     """The ``{% generation %}...{% endgeneration %}`` tag some templates use to mark the assistant's text
@@ -156,7 +248,15 @@ def _compile(template: str) -> Any:
     # output), so a template's {{ 'x' * 10**9 }} took seconds and gigabytes at load: with the optimizer off
     # and * and ** intercepted (which a sandbox does not fold), they wait for a render, as other
     # expressions do; the rendered text is the same either way
-    environment = jinja2.sandbox.ImmutableSandboxedEnvironment(
+    # (the bounds of a render: * and ** go through _bounded_binop, range is _bounded_range and every for
+    # loop's iterable is passed through _loop_items, a filter put in the parsed template)
+    sandboxed: Any = jinja2.sandbox.ImmutableSandboxedEnvironment
+
+    class Environment(sandboxed):  # type: ignore[misc]
+        def call_binop(self, context: Any, operator_name: str, left: Any, right: Any) -> Any:
+            return _bounded_binop(operator_name, left, right)
+
+    environment = Environment(
         trim_blocks=True,
         lstrip_blocks=True,
         extensions=[_generation_extension(), "jinja2.ext.loopcontrols"],
@@ -164,10 +264,19 @@ def _compile(template: str) -> Any:
     )
     environment.intercepted_binops = frozenset({"*", "**"})
     environment.filters["tojson"] = tojson
+    environment.filters[_LOOP_FILTER] = _loop_items
     environment.globals["raise_exception"] = raise_exception
     environment.globals["strftime_now"] = strftime_now
+    environment.globals["range"] = _bounded_range
     try:
-        return environment.from_string(template)
+        parsed = environment.parse(template)
+        for loop in parsed.find_all(jinja2.nodes.For):
+            loop.iter = jinja2.nodes.Filter(loop.iter, _LOOP_FILTER, [], [], None, None, lineno=loop.lineno)
+        for call in parsed.find_all(jinja2.nodes.Call):  # a recursive loop's loop(items), items charged too
+            if isinstance(call.node, jinja2.nodes.Name) and call.node.name == "loop" and len(call.args) == 1:
+                items, line = call.args[0], call.lineno
+                call.args[0] = jinja2.nodes.Filter(items, _LOOP_FILTER, [], [], None, None, lineno=line)
+        return environment.from_string(parsed)
     except jinja2.TemplateSyntaxError as error:
         raise ValueError(
             f"chat_template: not a valid Jinja template: {error} (line {error.lineno})"
@@ -254,11 +363,23 @@ def render_chat_template(
     checked = check_messages(messages)
     compiled = _compile(template)
     jinja2 = _import_jinja2()
+    budget = _RENDER_BUDGET.set(_Budget())
     try:
-        return str(
-            compiled.render(messages=checked, add_generation_prompt=add_generation_prompt, **special_tokens)
-        )
+        chunks, size = [], 0
+        for chunk in compiled.generate(
+            messages=checked, add_generation_prompt=add_generation_prompt, **special_tokens
+        ):
+            size += len(chunk)
+            if size > MAX_RENDERED_CHARS:
+                raise _BoundHit(f"it rendered more than {MAX_RENDERED_CHARS:,} characters")
+            chunks.append(chunk)
+        return "".join(chunks)
     except _TemplateRaised as error:
         raise ValueError(f"chat template: {error}") from None
-    except (*_RENDER_ERRORS, jinja2.TemplateError) as error:
-        raise ValueError(f"chat template failed on these messages: {type(error).__name__}: {error}") from None
+    except _BoundHit as error:
+        raise ValueError(f"chat template: stopped, a bound on its work: {error}") from None
+    except (*_RENDER_ERRORS, MemoryError, jinja2.TemplateError) as error:
+        reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        raise ValueError(f"chat template failed on these messages: {reason}") from None
+    finally:
+        _RENDER_BUDGET.reset(budget)

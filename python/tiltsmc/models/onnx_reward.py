@@ -57,7 +57,7 @@ import itertools
 import logging
 import numbers
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Protocol, Union
 
@@ -182,11 +182,12 @@ class OnnxRewardModel:
         if position not in ("last", "delimiter"):
             raise ValueError(f"position: expected 'last' or 'delimiter', got {position!r}")
         unbounded = np.iinfo(np.int64).max  # checked against the vocabulary once it is known
-        # any sequence or 1-D array of ints (an array has no truth value to test for emptiness)
-        given = () if delimiter_ids is None else delimiter_ids
-        delimiters = token_ids(
-            given if isinstance(given, np.ndarray) else list(given), "delimiter_ids", unbounded
-        )
+        # one id, or any sequence or 1-D array of ints (an array has no truth value to test for emptiness);
+        # anything else is given to token_ids as it is, which refuses it naming delimiter_ids
+        given: Any = () if delimiter_ids is None else delimiter_ids
+        if isinstance(given, Iterable) and not isinstance(given, (np.ndarray, str, bytes)):
+            given = list(given)
+        delimiters = token_ids(given, "delimiter_ids", unbounded)
         if position == "delimiter" and not delimiters:
             raise ValueError("delimiter_ids: position='delimiter' needs the token ids that end a step")
         check_verifier(verifier)
@@ -236,6 +237,11 @@ class OnnxRewardModel:
         ]
         if output is None:
             output = next(iter(outputs))
+        elif not isinstance(output, str):
+            raise TypeError(
+                f"output: expected the name of an output of {self.model_file.name} (a string), got "
+                f"{output!r:.60}; its outputs: {list(outputs)}"
+            )
         elif output not in outputs:
             raise ValueError(
                 f"output: {output!r} is not an output of {self.model_file.name}: found {list(outputs)}"
@@ -390,6 +396,13 @@ class OnnxRewardModel:
             return int(label), None
         if isinstance(classes, (str, bytes)):
             raise ValueError(f"classes: expected a sequence of class indices, got {classes!r}")
+        if not isinstance(classes, Sequence) and not (isinstance(classes, np.ndarray) and classes.ndim == 1):
+            raise TypeError(f"classes: expected a sequence of class indices, got {classes!r:.60}")
+        for c in classes:  # each an int, as label is (not a float, a string, a bool, None)
+            if isinstance(c, (bool, np.bool_)) or not isinstance(c, (int, np.integer)):
+                raise ValueError(
+                    f"classes: expected class indices >= 0 (integers), got {c!r} in {classes!r:.60}"
+                )
         chosen = [int(c) for c in classes]
         if len(chosen) < 2 or len(set(chosen)) != len(chosen) or min(chosen) < 0:
             raise ValueError(f"classes: expected two or more distinct class indices >= 0, got {chosen}")

@@ -22,7 +22,11 @@ fetched with the logits in the run that feeds the prefix's last token. ``PolicyT
   ``log_value`` of a finished trajectory is ``log r``,
   and so is ``next_log_values`` at every extension that ends the trajectory (an EOS token; every token at
   the length limit): the optimal proposal then targets ``p(x) r(x)`` exactly. That costs one verifier
-  call per ending extension (``vocab`` calls per particle at the length limit). A ``verifier`` that is not
+  call per ending extension (``vocab`` calls per particle at the length limit). A policy with ``stop``
+  strings is refused with a verifier (ValueError): a token that completes a stop string ends the
+  trajectory too, and telling which tokens do would decode every token of the vocabulary after every
+  particle's text at every step (about 0.2 s a particle for a vocabulary of 49,152), so its extension
+  would keep the twist where ``log_value`` gives ``log r``. A ``verifier`` that is not
   callable is refused (TypeError naming it), and so is a reward that is not a real number (a string, None:
   TypeError naming ``verifier``; ``True`` / ``False`` read as 1 / 0) or not finite and ``>= 0``
   (ValueError).
@@ -70,6 +74,14 @@ class PolicyTwist(PolicyHead):
                 "policy: a twist head scores one-token extensions; load the policy with step='token'"
             )
         super().__init__(policy, kind, verifier)
+        if verifier is not None and policy.stop:
+            raise ValueError(
+                "verifier: a PolicyTwist with a verifier scores each extension that ends a trajectory by "
+                f"it, and a token completing one of the policy's stop strings {list(policy.stop)} would end "
+                "it too, which only decoding every token of the vocabulary at every step would tell: load "
+                "the policy without stop= (its trajectories then end at an EOS token), or drop the verifier "
+                "(the twist is then the terminal reward)"
+            )
         self.vocab_size = policy.vocab_size
 
     def next_log_values(self, particles: Particles) -> FloatArray:
