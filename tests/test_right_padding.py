@@ -224,6 +224,35 @@ def test_device_cache_is_refused_right_padded() -> None:
         OnnxCausalLM(GQA, max_new_tokens=4, padding_side="right", device_cache=True)
 
 
+def _no_device_cache() -> str:
+    """Why ``device_cache=True`` cannot be asked for here ("" where it can)."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "this ONNX Runtime has no CUDA provider"
+    from tiltsmc import core
+    from tiltsmc.models._ort import cuda_device_usable
+
+    usable, reason = cuda_device_usable()
+    if not usable:
+        return f"no usable CUDA device: {reason}"
+    availability = core.cuda_available()
+    return "" if availability else f"tiltsmc's CUDA kernels are not usable: {availability.reason}"
+
+
+@pytest.mark.skipif(bool(_no_device_cache()), reason=_no_device_cache() or "runs on a GPU")
+def test_device_cache_asked_for_is_refused_where_right_padding_is_found() -> None:
+    """``device_cache=True`` with ``padding_side=None``: the graph is found right-padded at load (here by
+    its GroupQueryAttention, without the batching check), and the cache asked for is refused as with
+    ``padding_side="right"``, not dropped silently (only the default, None, falls back to the host)."""
+    with pytest.raises(ValueError, match="device_cache: not available with padding_side='right'"):
+        OnnxCausalLM(
+            GQA,
+            max_new_tokens=4,
+            providers=["CUDAExecutionProvider"],
+            device_cache=True,
+            check_batching=False,
+        )
+
+
 def test_a_value_head_is_read_at_each_rows_last_token() -> None:
     """The policy's own value head, right-padded: after the prompts and after every step, each particle's
     value is the head's at the last token of its sequence run alone (finished rows keep their last), and

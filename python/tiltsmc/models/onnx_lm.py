@@ -49,7 +49,9 @@ next step's ``past_key_values.*`` from it by pointer, and resampling reorders it
 [`tiltsmc.core.gather`][tiltsmc.core.gather] for every layer. Per step only the new tokens, mask and positions
 go to the device and the new logits come back. Elsewhere (CPU provider, or a build without the CUDA kernels)
 the cache lives in host memory, and on a GPU ONNX Runtime copies it to the device and back at every step:
-correct, but slower; ``device_cache=False`` asks for that explicitly.
+correct, but slower; ``device_cache=False`` asks for that explicitly. A right-padded policy keeps its cache
+on the host: there ``device_cache=True`` is refused, whether ``padding_side="right"`` is given or found at
+load.
 """
 
 from __future__ import annotations
@@ -330,6 +332,13 @@ def _stop_strings(stop: Optional[Union[str, Sequence[str]]]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(strings))
 
 
+def _device_cache_right_padded(found: str = "") -> ValueError:
+    """The error of ``device_cache=True`` with a right-padded policy, asked for or ``found`` at load."""
+    return ValueError(
+        f"device_cache: not available with padding_side='right' yet{found}; pass device_cache=False"
+    )
+
+
 def _step_option(step: Any) -> Union[str, frozenset[int]]:
     """``step`` checked: ``"token"``, a non-empty delimiter text, or a non-empty collection of token ids
     (ints >= 0; not bools, floats or strings, nor bytes read as ids). A ``TypeError`` or ``ValueError``
@@ -398,8 +407,10 @@ class OnnxCausalLM:
     Face does; ``add_special_tokens=False`` leaves them out), token ids (used as given), or chat messages
     ``[{"role": ..., "content": ...}, ...]`` rendered by the tokenizer folder's chat template
     (``chat_template=``, the template's text, overrides it and is compiled at load; see
-    ``tiltsmc.models.chat``) and encoded without adding special tokens again. Every prompt's ids must lie
-    below the logits' width, a tokenizer's too: a prompt whose ids do not fails alone (``particles.errors``).
+    ``tiltsmc.models.chat``) and encoded without adding special tokens again. A non-empty text the
+    tokenizer encodes to no tokens fails alone (the empty prompt is the BOS token alone). Every prompt's
+    ids must lie below the logits' width, a tokenizer's too: a prompt whose ids do not fails alone
+    (``particles.errors``).
     Texts are decoded without special tokens (``skip_special_tokens=False`` keeps them).
     ``session_options`` and ``provider_options`` go to ONNX Runtime
     (``tiltsmc.models._ort.make_session``).
@@ -522,21 +533,24 @@ class OnnxCausalLM:
             missing.append("past_key_values.{i}.key/.value")
         if "logits" not in outputs:
             missing.append("logits (output)")
-        absent_present = [
-            f"present.{i}.{kind}"
+        # every layer's past key and value (a layer named by one of them lacks the other) and present ones
+        absent_cache = [
+            name
             for i in layers
             for kind in ("key", "value")
-            if f"present.{i}.{kind}" not in outputs
+            for name, found in ((f"past_key_values.{i}.{kind}", inputs), (f"present.{i}.{kind}", outputs))
+            if name not in found
         ]
-        if missing or absent_present:
+        if missing or absent_cache:
             raise ValueError(
                 f"path: {self.model_file} is not a decoder with KV cache in the optimum layout: missing "
-                f"{', '.join(missing + absent_present)}; inputs found: {', '.join(inputs)}; outputs found: "
+                f"{', '.join(missing + absent_cache)}; inputs found: {', '.join(inputs)}; outputs found: "
                 f"{', '.join(outputs)}"
             )
         if layers != list(range(len(layers))):
             raise ValueError(f"path: past_key_values layers are not numbered 0..L-1: found {layers}")
         check_inputs(self.model_file, list(inputs.values()))
+        self._check_dynamic_axes(list(inputs.values()))
         self.num_layers = len(layers)
         self.has_position_ids = "position_ids" in inputs
         self.has_cache_branch = "use_cache_branch" in inputs
@@ -617,10 +631,9 @@ class OnnxCausalLM:
         on_cuda = "CUDAExecutionProvider" in self.session.get_providers()
         if device_cache is not None and not isinstance(device_cache, (bool, np.bool_)):
             raise TypeError(f"device_cache: expected None, True or False, got {device_cache!r}")
+        device_cache_asked = bool(device_cache)  # True, not the default None: refused where right-padded
         if device_cache and padding_side == "right":
-            raise ValueError(
-                "device_cache: not available with padding_side='right' yet; pass device_cache=False"
-            )
+            raise _device_cache_right_padded()
         if device_cache is None:  # a value head's output is read on the host cache path only
             device_cache = on_cuda and value_output is None and bool(core.cuda_available())
         elif device_cache:
@@ -656,12 +669,38 @@ class OnnxCausalLM:
         self._in_place_bindings = threading.local()  # see _run_in_place
         self._one_call_at_a_time = session_call_guard(self.model_file)
         self._stop_window = 4 * max((len(stop) for stop in self.stop), default=0)
+        # Per token id: 1 if it decodes alone to some text, 0 if to none (a special token left out), -1 not
+        # seen yet (see _stopped).
+        self._has_text = np.full(self.vocab_size if self.stop else 0, -1, dtype=np.int8)
         self.padding_side = self._choose_padding_side(padding_side, check_batching)
-        if self.padding_side == "right" and self.device_cache:  # found at load; the cache was not asked for
-            self.device_cache = False
+        if self.padding_side == "right" and self.device_cache:  # found at load
+            if device_cache_asked:
+                raise _device_cache_right_padded(f" ({self.model_file.name} was found to take right padding)")
+            self.device_cache = False  # the default: the host cache
         self.cache_in_place = self._choose_cache_in_place(cache_in_place)
 
-    # -- load checks of the graph's outputs --------------------------------------------------------------
+    # -- load checks of the graph's inputs and outputs ---------------------------------------------------
+
+    def _check_dynamic_axes(self, nodes: Sequence[Any]) -> None:
+        """Refuse, naming the file and the input, a graph that declares a fixed size on an axis tiltsmc
+        varies from call to call: the batch (axis 0 of every input but ``use_cache_branch``), the tokens fed
+        (axis 1 of ``input_ids`` and ``position_ids``), the tokens seen (axis 1 of ``attention_mask``) and
+        the cached ones (axis 2 of ``past_key_values.*``). ONNX Runtime's own error, at the first call that
+        feeds another size, names neither."""
+        axes = {"input_ids": (0, 1), "attention_mask": (0, 1), "position_ids": (0, 1)}
+        what = {0: "batch (the rows run at once)", 1: "sequence (the tokens fed or seen)",
+                2: "past length (the tokens already cached)"}  # fmt: skip
+        for node in nodes:
+            varied = (0, 2) if _PAST.match(node.name) else axes.get(node.name, ())
+            shape = list(node.shape or ())
+            for axis in varied:
+                if axis < len(shape) and isinstance(shape[axis], int):
+                    name = what[1 if node.name == "attention_mask" and axis == 1 else axis]
+                    raise ValueError(
+                        f"path: {self.model_file.name}: input {node.name} has shape {node.shape}, a fixed "
+                        f"size {shape[axis]} on axis {axis}, its {name}; tiltsmc varies that axis from call "
+                        "to call: export the model with that axis dynamic (optimum's exports have it so)"
+                    )
 
     def _check_output_types(self, nodes: Mapping[str, Any], cache_type: str) -> None:
         """The outputs' element types and ranks as the graph declares them: float ``logits`` of rank 3,
@@ -929,7 +968,24 @@ class OnnxCausalLM:
         token run alone. A graph that honours its attention mask gives the same logits to float rounding
         (the optimum exports tried give them bitwise here, left-padded; the GroupQueryAttention fixture to
         1e-6, right-padded).
+
+        An ONNX Runtime error of these calls is a ValueError naming the file and the batches it was fed.
         """
+        try:
+            return self._batching_difference()
+        except Exception as error:
+            if not type(error).__module__.startswith("onnxruntime"):
+                raise
+            short, long, _ = probe_ids(self.vocab_size)
+            reason = " ".join(str(error).split())
+            raise ValueError(
+                f"path: {self.model_file.name} fails on the batching check (padding_side="
+                f"{self.padding_side!r}: two prompts of token ids {', '.join(map(str, short))} and "
+                f"{', '.join(map(str, long))} in one batch, then two steps of one token a row, each with its "
+                f"KV cache; and the first prompt alone): {reason}"
+            ) from error
+
+    def _batching_difference(self) -> tuple[float, float]:
         short, long, token = probe_ids(self.vocab_size)
         cache = self._cache_of
 
@@ -1029,7 +1085,7 @@ class OnnxCausalLM:
         """Token ids of one prompt (a string or chat messages with a tokenizer, or a sequence of ids);
         raises on bad input, and where the prompt and its new tokens (``max_new_tokens``, a run's limit,
         where lower than the policy's own) would not fit the model's context. An empty prompt is the BOS
-        token alone."""
+        token alone; a text or chat prompt the tokenizer encodes to no tokens is refused."""
         encoded: Optional[Tokenizer] = None  # the tokenizer that wrote the ids, if one did
         if prompt is None or (isinstance(prompt, str) and prompt == ""):
             ids = np.zeros(0, dtype=np.int64)
@@ -1064,6 +1120,12 @@ class OnnxCausalLM:
                 f"the tokenizer encodes this prompt with the token id {bad}"
                 + (f" ({token!r})" if token is not None else "")
                 + f", outside the model's vocabulary [0, {self.vocab_size})"
+            )
+        if ids.size == 0 and encoded is not None:  # not the empty prompt: it would run unconditioned
+            what = "text prompt" if isinstance(prompt, str) else "chat prompt (its template's text)"
+            raise ValueError(
+                f"the tokenizer gave no tokens for the {what} {prompt!r:.80}: it drops every character of "
+                "it (no unk_token?); only the empty prompt, '', runs as the BOS token alone"
             )
         if ids.size == 0:
             if self.bos_token_id is None:
@@ -1499,7 +1561,7 @@ class OnnxCausalLM:
             raise ValueError(f"logits: {self.model_file.name} returned bad logits: {what} in its output")
         if not (row_max > -np.inf).all():
             raise ValueError(f"logits: {self.model_file.name} returned bad logits: a row of -inf only")
-        log_probs = log_softmax(logits / self.temperature)
+        log_probs = log_softmax(self._scaled(logits, row_max))
         if self.top_k is not None and self.top_k < self.vocab_size:
             kth = np.partition(log_probs, -self.top_k, axis=-1)[..., -self.top_k][..., None]
             log_probs = np.where(log_probs >= kth, log_probs, -np.inf)
@@ -1513,6 +1575,23 @@ class OnnxCausalLM:
             np.put_along_axis(keep, order, keep_sorted, axis=-1)
             log_probs = log_softmax(np.where(keep, log_probs, -np.inf))
         return log_probs
+
+    def _scaled(self, logits: np.ndarray, row_max: np.ndarray) -> np.ndarray:
+        """``logits / temperature`` (in the logits' type), whose rows' largest ``row_max`` are finite; where
+        that overflows (a temperature far below 1, whose quotients pass the type's range) or the type holds
+        the temperature only roughly (below its smallest normal number, or not at all),
+        ``(logits - row_max) / temperature`` in float64, the same law (as ``tiltsmc.core.sample_logits``
+        draws it): a zero in every row, never NaN or ``+inf``, so a temperature that tends to 0 gives its
+        limit, the most likely tokens."""
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            scaled = logits / self.temperature
+        largest = scaled.max(axis=-1) if scaled.size else row_max
+        normal = scaled.dtype.kind != "f" or self.temperature >= np.finfo(scaled.dtype).tiny
+        if normal and np.isfinite(largest).all():
+            return scaled
+        shifted = np.asarray(logits, dtype=np.float64) - np.asarray(row_max, dtype=np.float64)[..., None]
+        with np.errstate(over="ignore"):
+            return shifted / self.temperature
 
     def _draw(
         self, particles: Particles, rng: np.random.Generator, active: npt.NDArray[np.bool_]
@@ -1720,21 +1799,71 @@ class OnnxCausalLM:
 
     def _stopped(self, particles: Particles, rows: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
         """Which of ``rows`` have just completed a stop string with their newest token: the text of their
-        last ``_stop_window`` tokens holds one (an earlier one would have ended the row earlier). The window
-        covers the longest stop string however it is split (a token is at least one byte of text, a
-        character at most four); where its tokens are whole characters it also holds the token before
-        the stop string, which matters where a decoder drops a text's leading space (SentencePiece).
+        last ``_stop_window`` tokens that have text of their own holds one (an earlier one would have ended
+        the row earlier), with the tokens without text among and after them (``_has_text``: special tokens
+        where ``decode`` leaves them out, however many split the stop string). The window covers the
+        longest stop string however it is split (a token with text is at least one byte of it, a character
+        at most four); where its tokens are whole characters it also holds the token before the stop
+        string, which matters where a decoder drops a text's leading space (SentencePiece). A row whose
+        last ``_stop_window`` tokens all have text (most rows) decodes just those, as before.
         """
         assert self.tokenizer is not None
         index = np.nonzero(rows)
         lengths = particles.lengths[index]
         starts = np.maximum(lengths - self._stop_window, 0)
         tokens = particles.tokens[index]
+        textless = self._textless(tokens, starts, lengths)
+        for r in np.nonzero(textless)[0].tolist():  # widened to _stop_window tokens with text
+            starts[r] = self._window_start(tokens[r], int(lengths[r]))
         windows = [row[start:length].tolist() for row, start, length in zip(tokens, starts, lengths)]
         texts = self.tokenizer.decode_batch(windows)
         stopped = np.zeros(rows.shape, dtype=bool)
         stopped[index] = [any(stop in text for stop in self.stop) for text in texts]
         return stopped
+
+    def _textless(
+        self, tokens: npt.NDArray[np.int64], starts: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64]
+    ) -> npt.NDArray[np.bool_]:
+        """Whether each row's tokens ``tokens[r, starts[r]:lengths[r]]`` include one that decodes alone to
+        no text (learned per token id on first sight, in ``_has_text``)."""
+        table = self._has_text
+        width = int((lengths - starts).max(initial=0))
+        if width == 0:
+            return np.zeros(len(lengths), dtype=bool)
+        columns = starts[:, None] + np.arange(width)
+        inside = columns < lengths[:, None]
+        ids = np.clip(np.take_along_axis(tokens, np.minimum(columns, tokens.shape[1] - 1), axis=1), 0,
+                      self.vocab_size - 1)  # fmt: skip
+        known = table[ids]
+        unknown = inside & (known < 0)
+        if unknown.any():
+            self._learn_text(np.unique(ids[unknown]))
+            known = table[ids]
+        textless: npt.NDArray[np.bool_] = (inside & (known == 0)).any(axis=1)
+        return textless
+
+    def _window_start(self, tokens: npt.NDArray[np.int64], length: int) -> int:
+        """Where ``_stopped``'s window of a row of ``tokens`` (its first ``length``) starts: at its
+        ``_stop_window``-th last token with text, or at its first token where it has fewer."""
+        table, need, start = self._has_text, self._stop_window, length
+        while start > 0 and need > 0:  # each pass reads at least the tokens with text still needed
+            begin = max(start - need, 0)
+            ids = np.clip(tokens[begin:start], 0, self.vocab_size - 1)
+            if (table[ids] < 0).any():
+                self._learn_text(np.unique(ids[table[ids] < 0]))
+            has_text = table[ids] > 0
+            if int(np.count_nonzero(has_text)) >= need:  # the need-th from the end among them
+                return begin + int(np.nonzero(has_text)[0][-need])
+            need -= int(np.count_nonzero(has_text))
+            start = begin
+        return start
+
+    def _learn_text(self, ids: npt.NDArray[np.int64]) -> None:
+        """Note in ``_has_text`` whether each of ``ids`` decodes alone to some text (as ``decode`` would:
+        a special token left out has none)."""
+        assert self.tokenizer is not None
+        texts = self.tokenizer.decode_batch([[token] for token in ids.tolist()])
+        self._has_text[ids] = [text != "" for text in texts]
 
     def _could_end_step(self, tokens: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
         """Whether each token could be the one that makes a step's text end with ``step_text`` (it did
