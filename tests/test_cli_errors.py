@@ -251,8 +251,10 @@ def test_chat_prompts_without_a_chat_template_are_refused_before_the_run(
         ('[{"role": "user", "content": "hi", "meta": -Infinity}]', "-Infinity is not a JSON number"),
         ('[{"role": "user", "content": "hi", "meta": 1e400}]', "1e400 is past the range of double-precision"),
         ("[" * 100_000 + "]" * 100_000, "JSON nested too deep"),
+        ('[{"role": "user", "content": "a\\udcffb"}]', "\\udcff is a lone surrogate escape, not a character"),
+        ('[{"role": "user", "content": "hi", "\\ud800": 1}]', "\\ud800 is a lone surrogate escape"),
     ],
-    ids=["nan", "infinity", "1e400", "nested"],
+    ids=["nan", "infinity", "1e400", "nested", "surrogate", "surrogate-key"],
 )
 def test_a_messages_line_json_cannot_write_back_is_refused_before_the_run(
     line: str, reason: str, tmp_path: Path, capfd: pytest.CaptureFixture[str]
@@ -341,7 +343,8 @@ def test_a_reader_that_goes_away(tmp_path: Path) -> None:
     process.wait(timeout=120)
     assert json.loads(first)["prompt"] == "prompt 0"
     assert process.returncode == 1
-    assert error == "tiltsmc: --json: standard output was closed by its reader (broken pipe)\n"
+    # no --json given: the line does not name it
+    assert error == "tiltsmc: standard output was closed by its reader (broken pipe)\n"
 
 
 @pytest.mark.parametrize(
@@ -352,6 +355,15 @@ def test_a_reader_that_goes_away(tmp_path: Path) -> None:
         (["--reward-output", "nope"], "--reward-output: 'nope' is not an output of model.onnx"),
         (["--reward-label", "5"], "--reward-label: 5 is not a class of 'logits' (1 classes)"),
         (["--reward-classes", "0,1"], "--reward-classes: needs --reward-label (the class whose"),
+        (
+            ["--reward-label", "0", "--reward-classes", "0,99999999999999999999"],
+            "--reward-classes: class index 99999999999999999999 is too large (the largest is "
+            "9223372036854775807)",
+        ),
+        (
+            ["--reward-label", "99999999999999999999"],
+            "--reward-label: class index 99999999999999999999 is too",
+        ),
         (["--reward-position", "delimiter"], "--reward-delimiters: --reward-position delimiter needs the"),
         (["--reward-kv-cache", "on"], "--reward-kv-cache: model.onnx cannot keep a cache"),
         (
@@ -376,6 +388,38 @@ def test_model_load_errors_name_the_options_typed(
         argv = argv[:-2]
     assert main(argv) == 2
     assert message in one_line_error(capfd)
+
+
+def non_utf8_folder(tmp_path: Path) -> Path:
+    """A copy of the policy fixture in a folder whose name is not UTF-8 (skips where the file system
+    refuses such a name)."""
+    if os.name != "posix" or sys.platform == "darwin":
+        pytest.skip("file names of any bytes are POSIX (not macOS)")
+    folder = tmp_path / os.fsdecode(b"p\xff")
+    try:
+        shutil.copytree(FIXTURES / "llama-tiny", folder)
+    except OSError as error:
+        pytest.skip(f"the file system refuses a name that is not UTF-8: {error}")
+    return folder
+
+
+@pytest.mark.parametrize("onnx_file", [False, True])
+def test_a_model_path_that_is_not_utf8_is_refused_naming_the_option(
+    onnx_file: bool, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """ONNX Runtime's binding refused it with a raw "incompatible constructor arguments" error."""
+    from tiltsmc.models import OnnxCausalLM
+
+    folder = non_utf8_folder(tmp_path)
+    policy = folder / "model.onnx" if onnx_file else folder
+    with pytest.raises(ValueError, match=r"^path: .*p\\xff/model.onnx is not UTF-8 text \(byte 0xff\)"):
+        OnnxCausalLM(policy)
+    argv = [*RUN, "--prompt", "hi"]
+    argv[argv.index("--policy") + 1] = str(policy)
+    assert main(argv) == 2
+    assert one_line_error(capfd).endswith(
+        "p\\xff/model.onnx is not UTF-8 text (byte 0xff), which ONNX Runtime cannot open: rename it\n"
+    )
 
 
 def test_the_librarys_own_load_errors_keep_its_argument_names() -> None:
@@ -421,6 +465,21 @@ def test_an_option_the_sampler_does_not_take_is_refused(
     assert main([*argv, "--sampler", sampler, option, value]) == 2
     assert one_line_error(capfd).startswith(
         f"tiltsmc: {option}: not an option of --sampler {sampler} (it takes"
+    )
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("sampler", ["best-of-n", "rejection"])
+def test_eps_is_refused_by_a_sampler_without_a_bellman_reading(
+    sampler: str, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """best-of-n and rejection take no guided steps, so no online Bellman reading: --eps was ignored."""
+    out = tmp_path / "out.jsonl"
+    argv = ["run", "--policy", POLICY, "--reward", REWARD, "--prompt", "hi", "--json", str(out)]
+    assert main([*argv, "--sampler", sampler, "--eps", "0"]) == 2
+    assert one_line_error(capfd) == (
+        f"tiltsmc: --eps: --sampler {sampler} takes no guided steps, so it gives no online Bellman reading "
+        "to check --eps against (smc, sp-gsmc and mh do)\n"
     )
     assert not out.exists()
 
@@ -990,3 +1049,39 @@ def test_mh_takes_the_options_of_its_proposal_form(
     assert main([*RUN[:5], "--prompt", "hi", "-q", "--json", str(out), "--sampler", "mh", *options]) == 0
     taken = json.loads(out.read_text())["run"]["options"]
     assert {name: taken[name] for name in recorded} == recorded
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a pipe whose reader has gone (SIGPIPE ignored by Python)")
+def test_a_demo_whose_reader_left_says_what_it_wrote(tmp_path: Path) -> None:
+    """The demo wrote its files, then its table met a closed pipe: the line said only "broken pipe"."""
+    out = tmp_path / "demo"
+    read, write = os.pipe()
+    argv = ["demo", "--out", str(out), "--levels", "2", "--budgets", "2", "--problems", "1", "-q"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tiltsmc.cli", *argv], stdout=write, stderr=subprocess.PIPE, text=True
+    )
+    os.close(write)
+    os.close(read)
+    _, error = process.communicate(timeout=300)
+    assert process.returncode == 1
+    assert error.startswith(
+        "tiltsmc: standard output was closed by its reader (broken pipe); the demo was done: wrote "
+    ), error
+    assert f"{out / 'demo.json'}" in error and error.count("\n") == 1
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize(("json_option", "prefix"), [([], ""), (["--json", "-"], "--json: ")])
+def test_a_full_standard_output_names_json_only_where_it_was_given(
+    json_option: list[str], prefix: str
+) -> None:
+    with open("/dev/full", "w") as full:
+        completed = subprocess.run(
+            [sys.executable, "-m", "tiltsmc.cli", *RUN, "--prompt", "hi", "-q", *json_option],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    assert completed.returncode == 1
+    assert completed.stderr == f"tiltsmc: {prefix}cannot write standard output: No space left on device\n"

@@ -93,6 +93,32 @@ def test_a_file_with_hard_links_is_rewritten_in_place(tmp_path: Path) -> None:
     assert stat.S_IMODE(out.stat().st_mode) == 0o604 and leftovers(tmp_path) == []
 
 
+@contextlib.contextmanager
+def bind_mounted(source: Path, target: Path) -> Iterator[None]:
+    """``source`` bind-mounted over ``target`` (Docker's ``-v host.jsonl:/out.jsonl``); skips where that
+    cannot be done (not root, no ``mount``, a container without the right)."""
+    if os.name != "posix" or os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("a bind mount needs root and mount")
+    done = subprocess.run(["mount", "--bind", str(source), str(target)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"mount --bind failed: {done.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", str(target)], check=True)
+
+
+def test_a_bind_mounted_file_is_rewritten_in_place(tmp_path: Path) -> None:
+    # rename over a mount point fails (EBUSY): the lines are copied over its content instead
+    host, out = tmp_path / "host.jsonl", tmp_path / "out.jsonl"
+    host.write_text("old content, longer than nothing\n" * 50)
+    out.write_text("old\n")
+    with bind_mounted(host, out):
+        assert main([*RUN, "--prompt", "hi", "--json", str(out)]) == 0
+        assert prompts_of(out.read_text()) == ["hi"] and leftovers(tmp_path) == []
+    assert prompts_of(host.read_text()) == ["hi"] and out.read_text() == "old\n"
+
+
 @posix_only
 def test_a_symbolic_link_stays_a_link_to_the_new_results(tmp_path: Path) -> None:
     (tmp_path / "real").mkdir()

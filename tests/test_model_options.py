@@ -135,6 +135,60 @@ def test_session_options_object_is_used_as_it_is() -> None:
 
 
 @pytest.mark.parametrize(
+    ("arguments", "options", "match"),
+    [
+        (
+            {"intra_op_num_threads": 1},
+            {"intra_op_num_threads": 2},
+            r"^session_options: 'intra_op_num_threads' is also set by intra_op_num_threads=1: set the "
+            "threads",
+        ),
+        (
+            {"inter_op_num_threads": 1},
+            {"inter_op_num_threads": 1},
+            r"^session_options: 'inter_op_num_threads' is also set by inter_op_num_threads=1",
+        ),
+        (
+            {"memory_arena": False},
+            {"enable_cpu_mem_arena": True},
+            r"^session_options: 'enable_cpu_mem_arena' is also set by memory_arena=False: set the arena",
+        ),
+    ],
+)
+def test_a_field_set_both_ways_is_refused(
+    arguments: dict[str, Any], options: dict[str, Any], match: str
+) -> None:
+    """The dict's value silently won over the explicit argument (which a run's record gave)."""
+    with pytest.raises(ValueError, match=match):
+        OnnxCausalLM(LLAMA, session_options=options, **arguments)
+    with pytest.raises(ValueError, match=match):
+        OnnxRewardModel(PRM, session_options=options, **arguments)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--threads", "1", "--session-option", "intra_op_num_threads=2"],
+            "tiltsmc: --session-option: 'intra_op_num_threads' is also set by --threads 1: set the threads "
+            "one way",
+        ),
+        (
+            ["--memory-arena", "off", "--session-option", "enable_cpu_mem_arena=true"],
+            "tiltsmc: --session-option: 'enable_cpu_mem_arena' is also set by --memory-arena off: set the "
+            "arena one way",
+        ),
+    ],
+)
+def test_the_cli_refuses_a_session_option_an_option_also_sets(
+    argv: list[str], message: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    base = ["run", "--policy", str(LLAMA), "--reward", str(PRM), "--max-new-tokens", "2", "--prompt", "hi"]
+    assert cli.main([*base, "--particles", "2", "-q", *argv]) == 2
+    assert capfd.readouterr().err == message + "\n"
+
+
+@pytest.mark.parametrize(
     ("options", "error", "match"),
     [
         (

@@ -70,6 +70,29 @@ def test_every_line_validates_against_the_shipped_schema(tmp_path: Path, sampler
         assert specific in records[0]
 
 
+def test_value_output_lines_validate_against_the_shipped_schema(tmp_path: Path, validator) -> None:
+    # --value-output has no reward model: run.models.reward is null, which the schema allows
+    out = tmp_path / "out.jsonl"
+    argv = ["run", "--policy", str(FIXTURES / "gpt2-value-tiny"), "--value-output", "value", "--prompt", "hi"]
+    assert main([*argv, "--max-new-tokens", "4", "--particles", "4", "-q", "--json", str(out)]) == 0
+    (record,) = _lines(out)
+    assert record["run"]["models"]["reward"] is None
+    validator.validate(record)
+
+
+def test_rejection_with_no_acceptance_is_collapsed_with_a_finite_log_z(tmp_path: Path, validator) -> None:
+    """The schema said collapsed meant every weight zero "(then log_z is null)"; rejection with no draw
+    accepted is collapsed with its finite estimate: the description says so."""
+    out = tmp_path / "out.jsonl"
+    argv = [*BASE, "--sampler", "rejection", "--max-tries", "1", "--particles", "1", "--seed", "0"]
+    assert main([*argv, "--prompt", "hi", "-q", "--json", str(out)]) == 0
+    (record,) = _lines(out)
+    validator.validate(record)
+    assert record["collapsed"] and record["samples"] == [] and math.isfinite(record["log_z"])
+    described = cli.output_schema()["properties"]["collapsed"]["description"]
+    assert "rejection" in described and "no draw was accepted" in described
+
+
 def test_each_line_records_the_run_that_made_it(tmp_path: Path) -> None:
     import onnxruntime
 

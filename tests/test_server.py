@@ -1036,6 +1036,9 @@ def test_api_key(tmp_path: Path) -> None:
         (["--max-queue", "0"], {}, "--max-queue: expected a positive integer"),
         (["--host", ""], {}, "--host: expected an address to bind (0.0.0.0 for every interface), got ''"),
         (["--workers=--"], {}, "argument --workers: invalid int value: '--'"),
+        # not UTF-8 (POSIX arguments are bytes): every response failed (500); the idna codec's error
+        (["--model-name", os.fsdecode(b"m\xff")], {}, "--model-name: 'm\\xff' is not UTF-8 text (byte 0xff)"),
+        (["--host", os.fsdecode(b"h\xff")], {}, "--host: 'h\\xff' is not UTF-8 text (byte 0xff)"),
     ],
 )
 def test_server_options_are_checked_before_it_starts(

@@ -510,3 +510,20 @@ def test_a_prompt_is_encoded_once_while_it_is_among_the_last_texts(monkeypatch: 
         policy.encode_prompt("\ud800")
     particles = policy.start(["hello world", messages], 2)  # the batch still starts from copies
     assert particles.prompt_tokens is not None and list(particles.prompt_tokens[0]) == list(first[0])
+
+
+def test_a_tokenizer_in_a_folder_that_is_not_utf8_loads(tmp_path: Path) -> None:
+    """tokenizers' from_file takes the path as UTF-8 text: a valid tokenizer.json there was called invalid."""
+    import os
+
+    if os.name != "posix" or sys.platform == "darwin":
+        pytest.skip("file names of any bytes are POSIX (not macOS)")
+    folder = tmp_path / os.fsdecode(b"t\xff")
+    try:
+        folder.mkdir()
+    except OSError as error:
+        pytest.skip(f"the file system refuses a name that is not UTF-8: {error}")
+    shutil.copy(LLAMA / "tokenizer.json", folder / "tokenizer.json")
+    tokenizer, reference = load_tokenizer(folder, None), load_tokenizer(LLAMA, None)
+    assert tokenizer is not None and reference is not None
+    assert tokenizer.encode("hello world").tolist() == reference.encode("hello world").tolist()

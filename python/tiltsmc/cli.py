@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import errno
 import json
 import logging
 import math
@@ -284,6 +285,9 @@ _STD_ALIAS = {"/dev/stdin": 0, "/dev/stdout": 1, "/dev/stderr": 2}
 _STD_NAMES = {0: "standard input", 1: "standard output", 2: "standard error"}
 # what an interrupted command leaves before it has written anything (ResultOutput.left, _left)
 _NOTHING_LEFT = "no result file written"
+# os.replace over the target fails so where the target is a mount point (a bind-mounted file) or on another
+# file system: the lines are then copied over its content
+_CANNOT_RENAME = {errno.EBUSY, errno.EXDEV}
 
 
 def _open_for_writing(descriptor: int) -> bool:
@@ -310,6 +314,7 @@ class ResultOutput:
         self.spec = spec
         self.reads = reads
         self.name = "standard output" if spec in (None, "-") else str(spec)
+        self._option = "" if spec is None else "--json: "  # write errors name --json where it was given
         self._stream: Optional[IO[str]] = None  # written batch by batch
         self._owned = False  # the stream is ours to close
         self._temporary: Optional[Path] = None  # atomic: the temporary file renamed over _target at the end
@@ -398,7 +403,7 @@ class ResultOutput:
         try:
             duplicate = os.dup(descriptor)
         except OSError as error:
-            raise CliError(f"--json: cannot write {self.name}: {error.strerror or error}") from None
+            raise CliError(f"{self._option}cannot write {self.name}: {error.strerror or error}") from None
         if not _open_for_writing(duplicate):
             os.close(duplicate)
             which = _STD_NAMES.get(descriptor, f"descriptor {descriptor}")
@@ -417,7 +422,7 @@ class ResultOutput:
         except FileExistsError:
             raise CliError(f"--json: cannot create a temporary file beside {target}") from None
         except OSError as error:
-            raise CliError(f"--json: cannot write {self.name}: {error.strerror or error}") from None
+            raise CliError(f"{self._option}cannot write {self.name}: {error.strerror or error}") from None
         try:
             if existing is not None and hasattr(os, "fchown"):  # POSIX
                 with contextlib.suppress(OSError):  # only root may give a file away; a group, its members
@@ -432,14 +437,14 @@ class ResultOutput:
             os.close(descriptor)
             self.discard()
             if isinstance(error, OSError):
-                raise CliError(f"--json: cannot write {self.name}: {error.strerror or error}") from None
+                raise CliError(f"{self._option}cannot write {self.name}: {error.strerror or error}") from None
             raise
         self._owned = True
 
     def _failed(self, error: OSError) -> CliError:
         if isinstance(error, BrokenPipeError):
-            return CliError(f"--json: {self.name} was closed by its reader (broken pipe)", 1)
-        return CliError(f"--json: cannot write {self.name}: {error.strerror or error}", 1)
+            return CliError(f"{self._option}{self.name} was closed by its reader (broken pipe)", 1)
+        return CliError(f"{self._option}cannot write {self.name}: {error.strerror or error}", 1)
 
     def write(self, lines: Sequence[str]) -> None:
         """Write one batch's lines (streams are flushed, so a reader sees each batch as it ends)."""
@@ -473,7 +478,13 @@ class ResultOutput:
             if self._temporary is not None:
                 assert self._target is not None
                 with signals_deferred():  # a signal right after the rename finds it recorded
-                    os.replace(self._temporary, self._target)
+                    try:
+                        os.replace(self._temporary, self._target)
+                    except OSError as error:
+                        if error.errno not in _CANNOT_RENAME:
+                            raise
+                        self._copy_temporary_in_place()
+                        return
                     self._temporary = None
                     self._committed = True
             else:
@@ -481,6 +492,17 @@ class ResultOutput:
         except OSError as error:
             self.discard()
             raise self._failed(error) from None
+
+    def _copy_temporary_in_place(self) -> None:
+        """The target cannot be renamed over (a bind mount, Docker's ``-v host.jsonl:/out.jsonl``: EBUSY;
+        another file system: EXDEV): copy the temporary file's lines over the target's content instead
+        (``_rewrite_in_place``), then remove the temporary file."""
+        assert self._temporary is not None
+        self._spool = open(self._temporary, encoding="utf-8")  # closed by _rewrite_in_place
+        try:
+            self._rewrite_in_place()
+        finally:
+            self.discard()  # the temporary file (and the spool, where the copy failed)
 
     def _rewrite_in_place(self) -> None:
         """Copy the spooled lines over the target's content (hard links: every link sees them), signals held
@@ -506,7 +528,7 @@ class ResultOutput:
             except OSError as error:
                 why = "" if reserved else " (its space could not be reserved beforehand)"
                 raise CliError(
-                    f"--json: cannot write {self.name}: {error.strerror or error}; the file was partly "
+                    f"{self._option}cannot write {self.name}: {error.strerror or error}; the file was partly "
                     f"rewritten{why}: its old content is lost",
                     1,
                 ) from None
@@ -1148,6 +1170,7 @@ def _read_messages(path_text: str) -> list[Any]:
             continue
         try:
             loaded = json.loads(line, parse_constant=_no_constant, parse_float=_finite_float)
+            _check_no_surrogate(loaded)
             conversations.append(check_messages(loaded))
         except RecursionError:
             raise CliError(f"--messages: {path} line {number}: JSON nested too deep") from None
@@ -1156,6 +1179,26 @@ def _read_messages(path_text: str) -> list[Any]:
     if not conversations:
         raise CliError(f"--messages: {path} holds no conversation")
     return conversations
+
+
+def _check_no_surrogate(value: Any) -> None:
+    """ValueError where a string of ``value`` (a loaded JSON value: keys too) holds a lone surrogate, which a
+    ``\\udXXX`` escape gives and no UTF-8 text holds (the prompt failed after the run, or the output line
+    carried it as an escape strict readers refuse)."""
+    strings = [value] if isinstance(value, str) else []
+    if isinstance(value, dict):
+        strings = list(value)
+        for item in value.values():
+            _check_no_surrogate(item)
+    elif isinstance(value, list):
+        for item in value:
+            _check_no_surrogate(item)
+    for text in strings:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            code = ord(text[error.start])
+            raise ValueError(f"\\u{code:04x} is a lone surrogate escape, not a character of text") from None
 
 
 def _no_constant(name: str) -> Any:
@@ -1621,6 +1664,8 @@ _RUN_OPTIONS: dict[str, dict[str, str]] = {
         "max_tries": "max_tries",
     },
 }
+# the samplers without guided steps: no log Z increments, so no online Bellman reading (--eps is refused)
+_UNGUIDED = ("best-of-n", "rejection")
 # every sampler option of tiltsmc run (each None when not given)
 _SAMPLER_OPTIONS = tuple(dict.fromkeys(option for options in _RUN_OPTIONS.values() for option in options))
 
@@ -1650,6 +1695,11 @@ def _sampler_options(args: argparse.Namespace) -> dict[str, Any]:
                 f"--{option.replace('_', '-')}: not an option of --sampler {args.sampler} "
                 f"(it takes {accepted})"
             )
+    if getattr(args, "eps", None) is not None and args.sampler in _UNGUIDED:
+        raise CliError(
+            f"--eps: --sampler {args.sampler} takes no guided steps, so it gives no online Bellman reading "
+            "to check --eps against (smc, sp-gsmc and mh do)"
+        )
     given = {
         parameter: getattr(args, option)
         for option, parameter in _RUN_OPTIONS[args.sampler].items()
@@ -2135,7 +2185,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 128 + signalled.signum
     except BrokenPipeError:
         _quiet_stdout()
-        print("tiltsmc: standard output was closed by its reader (broken pipe)", file=sys.stderr)
+        # what was written, as after a signal (a demo that had written its files before the table)
+        print(f"tiltsmc: standard output was closed by its reader (broken pipe); {_left()}", file=sys.stderr)
         return 1
     except Exception as error:  # never a traceback, unless asked for
         if _tracebacks_wanted():

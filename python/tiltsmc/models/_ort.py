@@ -283,6 +283,39 @@ def _apply_session_options(ort: Any, options: Any, session_options: Mapping[str,
             raise ValueError(f"session_options: {name}: cannot set {value!r}: {error}") from None
 
 
+def _check_utf8_path(model_path: Path) -> None:
+    """ValueError naming ``path`` where ``model_path`` is not UTF-8 text (bytes that Python keeps as lone
+    surrogates, PEP 383): ONNX Runtime's binding takes the path as UTF-8 text, and refuses it with a raw
+    "incompatible constructor arguments" error."""
+    text = os.fspath(model_path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        code = ord(text[error.start])
+        bad = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"character U+{code:04X}"
+        shown = "".join(f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else c for c in text)
+        raise ValueError(
+            f"path: {shown} is not UTF-8 text ({bad}), which ONNX Runtime cannot open: rename it"
+        ) from None
+
+
+def _check_set_once(
+    session_options: Mapping[Any, Any], threads: Mapping[str, Optional[int]], memory_arena: bool
+) -> None:
+    """ValueError where a ``session_options`` field is also set by an explicit argument (its value would
+    silently win over the argument's): a thread count given both ways, or ``enable_cpu_mem_arena`` with
+    ``memory_arena=False``."""
+    for name, count in threads.items():
+        if count is not None and name in session_options:
+            raise ValueError(
+                f"session_options: {name!r} is also set by {name}={count}: set the threads one way"
+            )
+    if not memory_arena and "enable_cpu_mem_arena" in session_options:
+        raise ValueError(
+            "session_options: 'enable_cpu_mem_arena' is also set by memory_arena=False: set the arena one way"
+        )
+
+
 def make_session(
     model_path: Path,
     providers: Optional[Sequence[Any]] = None,
@@ -326,13 +359,19 @@ def make_session(
     ``intra_op_num_threads`` and ``inter_op_num_threads`` (``thread_count``: None or an int from 0 to
     ``MAX_THREADS``), ``require_gpu`` and ``memory_arena`` (True or False) are checked before anything is
     loaded: TypeError for a wrong type, ValueError for a value out of range, naming the argument.
+    A ``session_options`` dict that sets a field an explicit argument also sets (``intra_op_num_threads``
+    or ``inter_op_num_threads`` given both ways, ``enable_cpu_mem_arena`` with ``memory_arena=False``) is
+    refused (ValueError naming both), as its value would silently win.
     """
     require_gpu = flag(require_gpu, "require_gpu")
     memory_arena = flag(memory_arena, "memory_arena")
+    _check_utf8_path(model_path)
     threads = {
         name: thread_count(value, name)
         for name, value in zip(_THREAD_FIELDS, (intra_op_num_threads, inter_op_num_threads))
     }
+    if isinstance(session_options, Mapping):
+        _check_set_once(session_options, threads, memory_arena)
     ort = import_onnxruntime()
 
     _warn_if_both_runtimes_installed()

@@ -392,6 +392,9 @@ class OnnxRewardModel:
             return None, None
         if isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer)) or label < 0:
             raise ValueError(f"label: expected a class index >= 0, got {label!r}")
+        largest = int(np.iinfo(np.int64).max)  # class indices are read as int64
+        if label > largest:
+            raise ValueError(f"label: class index {label} is too large (the largest is {largest})")
         if classes is None:
             return int(label), None
         if isinstance(classes, (str, bytes)):
@@ -406,6 +409,8 @@ class OnnxRewardModel:
         chosen = [int(c) for c in classes]
         if len(chosen) < 2 or len(set(chosen)) != len(chosen) or min(chosen) < 0:
             raise ValueError(f"classes: expected two or more distinct class indices >= 0, got {chosen}")
+        if max(chosen) > largest:
+            raise ValueError(f"classes: class index {max(chosen)} is too large (the largest is {largest})")
         if int(label) not in chosen:
             raise ValueError(f"classes: {chosen} must include label {int(label)}")
         return int(label), chosen

@@ -251,7 +251,10 @@ def load_tokenizer(
     from tokenizers import Tokenizer as HFTokenizer
 
     try:
-        inner = HFTokenizer.from_file(os.fspath(path))
+        # from its bytes: from_file takes the path as UTF-8 text, which a path of other bytes is not
+        inner = HFTokenizer.from_buffer(path.read_bytes())
+    except OSError as error:
+        raise ValueError(f"tokenizer: cannot read {path}: {error.strerror or error}") from error
     except Exception as error:
         raise ValueError(f"tokenizer: {path} is not a valid tokenizer.json: {error}") from error
     template, special = _folder_template(path.parent, chat_template)

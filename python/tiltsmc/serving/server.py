@@ -1494,9 +1494,17 @@ class _EngineCollector:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``tiltsmc serve`` beyond the models'."""
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1 only)")
+    from ..cli import _utf8_text  # here: the CLI imports this module (a cycle at import time)
+
+    # UTF-8 text, as the CLI's other text options: a name of other bytes made every response fail (500), a
+    # host the address lookup's idna codec refused without naming --host
+    parser.add_argument(
+        "--host", type=_utf8_text, default="127.0.0.1", help="address to bind (default: 127.0.0.1 only)"
+    )
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
-    parser.add_argument("--model-name", default="tiltsmc", help="the model name clients send")
+    parser.add_argument(
+        "--model-name", type=_utf8_text, default="tiltsmc", help="the model name clients send"
+    )
     parser.add_argument(
         "--api-key-env", default=None, metavar="VAR", help="require Bearer $VAR on /v1 and /metrics"
     )
