@@ -384,6 +384,17 @@ def _events(response: Any) -> list[Any]:
     return [json.loads(payload) for payload in payloads[:-1]]
 
 
+def _stream_error(response: Any) -> dict[str, Any]:
+    """The error object that ends a stream which failed once its status (200) was sent: its one ``data:``
+    event, ``{"error": ...}`` (no ``[DONE]``)."""
+    assert response.status_code == 200, response.text
+    blocks = [block for block in response.text.split("\n\n") if block.startswith("data: ")]
+    assert len(blocks) == 1, response.text
+    event = json.loads(blocks[0][len("data: ") :])
+    assert list(event) == ["error"], response.text
+    return dict(event["error"])
+
+
 def test_stream_sends_the_answer_as_events(server: Server) -> None:
     """``stream: true``: one chunk per choice carrying what the plain answer has, then the usage when
     asked, then [DONE]; the same for chat, whose chunks carry an assistant delta."""
@@ -1237,10 +1248,7 @@ def test_timeout_is_a_504(tmp_path: Path) -> None:
         response = hurried.post({"prompt": "57 a+8 b-3", "particles": 8})
         assert response.status_code == 504 and response.json()["error"]["code"] == "timeout"
         streamed = hurried.post({"prompt": "57 a+8 b-3", "particles": 8, "stream": True})
-        assert streamed.status_code == 200, streamed.text
-        blocks = [block for block in streamed.text.split("\n\n") if block.startswith("data: ")]
-        assert len(blocks) == 1, streamed.text
-        error = json.loads(blocks[0][len("data: ") :])["error"]
+        error = _stream_error(streamed)
         assert error["code"] == "timeout" and error["type"] == "timeout_error"
         assert hurried.metric('tiltsmc_request_seconds_count{outcome="timed_out"}') == 2
         openai = pytest.importorskip("openai")
@@ -1507,9 +1515,7 @@ def test_a_model_call_past_the_timeout_is_a_504_all_the_same(tmp_path: Path) -> 
         error = answered.json()["error"]
         assert answered.status_code == 504 and (error["type"], error["code"]) == ("timeout_error", "timeout")
         assert error["message"] == "timeout: the request took more than 1 s (a model call ran past it)"
-        assert streamed.status_code == 200, streamed.text
-        blocks = [block for block in streamed.text.split("\n\n") if block.startswith("data: ")]
-        assert [json.loads(block[len("data: ") :]) for block in blocks] == [{"error": error}], streamed.text
+        assert _stream_error(streamed) == error
         lines = _completion_lines(stuck, 2)
         assert sorted((line["status"], line["outcome"]) for line in lines) == [
             (200, "timed_out"),
@@ -1673,9 +1679,8 @@ def test_sigterm_answers_what_the_grace_period_leaves_unfinished_as_closing(tmp_
         assert error["message"] == (
             "the server closed before the request finished: a model call ran past the grace period (1 s)"
         )
-        assert streamed.status_code == 200 and streamed.text.startswith(": keep-alive"), streamed.text
-        blocks = [block for block in streamed.text.split("\n\n") if block.startswith("data: ")]
-        assert [json.loads(block[len("data: ") :]) for block in blocks] == [{"error": error}], streamed.text
+        assert streamed.text.startswith(": keep-alive"), streamed.text
+        assert _stream_error(streamed) == error
         lines = _completion_lines(closing, 2)
         assert sorted((line["status"], line["outcome"]) for line in lines) == [
             (200, "closed"),
@@ -1870,10 +1875,7 @@ def test_a_policy_that_cannot_decode_its_tokens_is_the_servers_failure(tmp_path:
         for stream in (False, True):
             answer = failing.post({"prompt": "ab", "particles": 2, "seed": 1, "stream": stream})
             if stream:
-                assert answer.status_code == 200, answer.text
-                blocks = [block for block in answer.text.split("\n\n") if block.startswith("data: ")]
-                assert len(blocks) == 1, answer.text
-                error = json.loads(blocks[0][len("data: ") :])["error"]
+                error = _stream_error(answer)
             else:
                 assert answer.status_code == 500, answer.text
                 error = answer.json()["error"]

@@ -62,6 +62,7 @@ import numpy as np
 from . import core
 from ._files import TERMINATING_SIGNALS, create_beside, reserve_space, signals_deferred
 from ._options import int_option, positive_int_option, positive_real_option, real_option
+from ._text import not_utf8, shown_as_bytes
 from .diagnostics import OnlineBellman, online_bellman
 from .diagnostics.online import check_eps
 from .models._ort import MAX_THREADS
@@ -997,21 +998,16 @@ def _utf8_text(text: str) -> str:
     error, a prompt fails with, and JSON writes as an escape strict readers refuse; refused here
     (``ArgumentTypeError``) naming the first bad byte, as ``--prompts`` names one (and, in a text longer
     than ``_SHOWN_CHARACTERS``, its offset in bytes, the text shown around it)."""
-    try:
-        text.encode("utf-8")
+    found = not_utf8(text)
+    if found is None:
         return text
-    except UnicodeEncodeError as error:
-        start = error.start
-    code = ord(text[start])
-    bad = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"character U+{code:04X}"
+    start, bad = found
     shown = text
     if len(text) > _SHOWN_CHARACTERS:
         first, last = max(start - _SHOWN_CHARACTERS // 2, 0), start + _SHOWN_CHARACTERS // 2
         shown = f"{'...' if first else ''}{text[first:last]}{'...' if last < len(text) else ''}"
         bad += f" at byte {len(text[:start].encode('utf-8'))}"
-    # Python keeps an undecodable byte b as the surrogate U+DC00 + b (PEP 383): written back as \xNN
-    shown = "".join(f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else c for c in shown)
-    raise argparse.ArgumentTypeError(f"'{shown}' is not UTF-8 text ({bad})")
+    raise argparse.ArgumentTypeError(f"'{shown_as_bytes(shown)}' is not UTF-8 text ({bad})")
 
 
 def _session_option(text: str) -> tuple[str, Any]:
@@ -1194,11 +1190,10 @@ def _check_no_surrogate(value: Any) -> None:
         for item in value:
             _check_no_surrogate(item)
     for text in strings:
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as error:
-            code = ord(text[error.start])
-            raise ValueError(f"\\u{code:04x} is a lone surrogate escape, not a character of text") from None
+        found = not_utf8(text)
+        if found is not None:
+            code = ord(text[found[0]])
+            raise ValueError(f"\\u{code:04x} is a lone surrogate escape, not a character of text")
 
 
 def _no_constant(name: str) -> Any:

@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from .._text import not_utf8, shown_as_bytes
 from ._config import flag
 
 __all__ = [
@@ -288,15 +289,12 @@ def _check_utf8_path(model_path: Path) -> None:
     surrogates, PEP 383): ONNX Runtime's binding takes the path as UTF-8 text, and refuses it with a raw
     "incompatible constructor arguments" error."""
     text = os.fspath(model_path)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as error:
-        code = ord(text[error.start])
-        bad = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"character U+{code:04X}"
-        shown = "".join(f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else c for c in text)
+    found = not_utf8(text)
+    if found is not None:
         raise ValueError(
-            f"path: {shown} is not UTF-8 text ({bad}), which ONNX Runtime cannot open: rename it"
-        ) from None
+            f"path: {shown_as_bytes(text)} is not UTF-8 text ({found[1]}), which ONNX Runtime cannot open: "
+            "rename it"
+        )
 
 
 def _check_set_once(

@@ -112,8 +112,8 @@ class Scheduler:
         self._deadlines: list[tuple[float, int, Request]] = []
         self._arrivals = itertools.count()
         self._cancelled: list[Request] = []  # requests whose future was cancelled since take_expired
-        self._cancelled_waiting = 0  # the requests in _waiting whose future was cancelled
-        # those of them by the outcome they count as (Request.cancelled_outcome)
+        # the requests in _waiting whose future was cancelled, by the outcome they count as
+        # (Request.cancelled_outcome)
         self._ended_waiting = dict.fromkeys(CANCELLED_OUTCOMES, 0)
         self._lock = threading.Lock()
 
@@ -123,7 +123,11 @@ class Scheduler:
         a worker that does not hold the engine's lock while another takes requests out, counted too few
         (fewer than 0 after ``take_all``: ``len()`` raised ``ValueError``)."""
         with self._lock:
-            return len(self._waiting) - self._cancelled_waiting
+            return self._uncancelled()
+
+    def _uncancelled(self) -> int:
+        """The requests waiting whose future was not cancelled (under the lock)."""
+        return len(self._waiting) - sum(self._ended_waiting.values())
 
     def waiting_and_cancelled(self) -> tuple[int, int]:
         """The requests waiting (``len()``) and those in the queue whose future was cancelled, read together
@@ -136,7 +140,7 @@ class Scheduler:
         counts them as (``Request.cancelled_outcome``): ``{"cancelled": ..., "timed_out": ...,
         "closed": ...}``."""
         with self._lock:
-            return len(self._waiting) - self._cancelled_waiting, dict(self._ended_waiting)
+            return self._uncancelled(), dict(self._ended_waiting)
 
     def close_at(self, closes_at: float) -> None:
         """The engine closes: ``closes_at`` (the end of its grace period) set on every waiting request."""
@@ -162,7 +166,7 @@ class Scheduler:
                 f"{self.max_cache_bytes}"
             )
         with self._lock:
-            waiting = len(self._waiting) - self._cancelled_waiting
+            waiting = self._uncancelled()
             if waiting >= self.max_queue:
                 raise Overloaded(f"{waiting} requests are waiting (max_queue = {self.max_queue})")
             taken = self._take_cancelled() if len(self._waiting) >= self.max_queue else []
@@ -186,14 +190,12 @@ class Scheduler:
                 request.ended_as = request.cancelled_outcome()
                 self._cancelled.append(request)
                 if request.waiting:
-                    self._cancelled_waiting += 1
                     self._ended_waiting[request.ended_as] += 1
 
     def _left(self, request: Request) -> None:
         """``request`` is out of the queue (under the lock)."""
         request.waiting = False
         if request.cancelled:
-            self._cancelled_waiting -= 1
             self._ended_waiting[request.cancelled_outcome()] -= 1
 
     def _take_cancelled(self) -> list[Request]:
