@@ -1089,3 +1089,64 @@ def test_a_full_standard_output_names_json_only_where_it_was_given(
         )
     assert completed.returncode == 1
     assert completed.stderr == f"tiltsmc: {prefix}cannot write standard output: No space left on device\n"
+
+
+def test_prompts_from_standard_input(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """``--prompts -`` and ``--messages -`` read standard input, as a file of prompts is read (a byte-order
+    mark and CRs dropped); errors name it; with standard input closed, the option says so."""
+    import io
+
+    from tiltsmc import cli
+
+    def stdin(data: bytes) -> None:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
+
+    stdin("\ufeffone\r\n\ntwo\n".encode())
+    out = tmp_path / "out.jsonl"
+    assert main([*RUN, "--prompts", "-", "--json", str(out)]) == 0
+    assert [json.loads(line)["prompt"] for line in out.read_text().splitlines()] == ["one", "two"]
+    capfd.readouterr()
+    stdin(b"d\xe9j\xe0 vu\n")
+    assert main([*RUN, "--prompts", "-"]) == 2
+    assert "--prompts: standard input is not UTF-8 text (byte 0xe9 on line 1)" in one_line_error(capfd)
+    stdin(b"\n \n")
+    assert main([*RUN, "--prompts", "-"]) == 2
+    assert "--prompts: standard input holds no prompt" in one_line_error(capfd)
+    stdin(b'[{"role": "user", "content": "hi"}]\nnot json\n')
+    assert main([*RUN, "--messages", "-"]) == 2
+    assert "--messages: standard input line 2: " in one_line_error(capfd)
+    monkeypatch.setattr(sys, "stdin", None)
+    assert main([*RUN, "--prompts", "-"]) == 2
+    assert "--prompts: -: standard input is closed" in one_line_error(capfd)
+    dash = tmp_path / "-"  # a file named - in a folder is a file
+    dash.write_text("from the file\n")
+    assert cli._read_lines("--prompts", dash) == ["from the file"]
+
+
+def test_a_chat_template_file_loses_its_byte_order_mark_and_is_read_within_the_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--chat-template`` is read as UTF-8 text without a leading byte-order mark (an editor's, which the
+    template would otherwise write at the head of every prompt), and at most MAX_LINE_BYTES of it (1000
+    here): --chat-template /dev/zero read until the memory ran out."""
+    import argparse
+
+    from tiltsmc import cli
+
+    template = tmp_path / "template.jinja"
+    template.write_bytes("\ufeff{{ messages[0]['content'] }}\ufeff".encode())
+    assert cli._chat_template(argparse.Namespace(chat_template=str(template))) == (
+        "{{ messages[0]['content'] }}\ufeff"
+    )
+    monkeypatch.setattr(cli, "MAX_LINE_BYTES", 1000)
+    template.write_bytes(b"x" * 1001)
+    with pytest.raises(ValueError, match=f"--chat-template: cannot read {template}: longer than 1000 bytes"):
+        cli._chat_template(argparse.Namespace(chat_template=str(template)))
+    if os.path.exists("/dev/zero"):
+        with pytest.raises(ValueError, match="longer than 1000 bytes: not a chat template"):
+            cli._chat_template(argparse.Namespace(chat_template="/dev/zero"))
+    template.write_bytes(b"\xff{{ x }}")
+    with pytest.raises(ValueError, match=r"--chat-template: cannot read .*can't decode byte 0xff"):
+        cli._chat_template(argparse.Namespace(chat_template=str(template)))

@@ -434,9 +434,9 @@ def test_encoding_lets_other_threads_run() -> None:
     """``Tokenizer.encode`` gives the ids ``tokenizers``' own ``encode`` gives, but another Python thread
     goes on while it works (a server's event loop, an engine's worker). Measured as the longest time a
     watching thread is stalled during each encode, in the same run: the GIL-holding one stalls it for
-    most of its run, ours for at most a quarter as long (16 - 43x shorter seen, with one or two busy
-    processes beside it on 2 cores). A stall, not a count rate: the rate a thread counts at also falls
-    when the machine is busy, and a busy CI machine failed the rate's 4x at 3.4x."""
+    most of its run, ours for at most a quarter as long in one of three tries (16 - 43x shorter seen, with
+    one or two busy processes beside it on 2 cores). A stall, not a count rate: the rate a thread counts at
+    also falls when the machine is busy, and a busy CI machine failed the rate's 4x at 3.4x."""
     import threading
     import time
 
@@ -465,15 +465,22 @@ def test_encoding_lets_other_threads_run() -> None:
 
     thread = threading.Thread(target=watching, daemon=True)
     thread.start()
+    tries = []
     try:
-        held, held_seconds, held_ids = longest_stall(lambda: tokenizer.inner.encode(text).ids)
-        ours, _, our_ids = longest_stall(lambda: tokenizer.encode(text))
+        # Up to three tries: on a loaded machine the system may also take the watching thread off its core
+        # for a while, a stall no encode causes; a GIL-holding encode stalls it in every try.
+        for _ in range(3):
+            held, held_seconds, held_ids = longest_stall(lambda: tokenizer.inner.encode(text).ids)
+            ours, _, our_ids = longest_stall(lambda: tokenizer.encode(text))
+            assert our_ids == held_ids and len(our_ids) > 10_000
+            assert held >= 0.5 * held_seconds, (held, held_seconds)  # the measure sees a GIL-holding encode
+            tries.append((ours, held))
+            if ours <= held / 4:
+                break
     finally:
         stop.set()
         thread.join()
-    assert our_ids == held_ids and len(our_ids) > 10_000
-    assert held >= 0.5 * held_seconds, (held, held_seconds)  # the measure sees a GIL-holding encode
-    assert ours <= held / 4, (ours, held)
+    assert any(ours <= held / 4 for ours, held in tries), tries
 
 
 def test_a_prompt_is_encoded_once_while_it_is_among_the_last_texts(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1108,8 +1108,12 @@ def _chat_template(args: argparse.Namespace) -> Optional[str]:
     if path is None:
         return None
     try:
-        return Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_LINE_BYTES + 1)  # (a FIFO or /dev/zero: never read without end)
+        if len(data) > MAX_LINE_BYTES:
+            raise ValueError(f"longer than {MAX_LINE_BYTES} bytes: not a chat template")
+        return data.decode("utf-8").removeprefix("\ufeff")  # a leading byte-order mark is not template text
+    except (OSError, UnicodeDecodeError, ValueError) as error:
         raise ValueError(f"--chat-template: cannot read {path}: {error}") from None
 
 
@@ -1120,19 +1124,35 @@ def _chat_template(args: argparse.Namespace) -> Optional[str]:
 MAX_LINE_BYTES = 64 << 20
 
 
+def _open_lines(option: str, path: Path) -> contextlib.AbstractContextManager[IO[bytes]]:
+    """A file of prompts opened for reading bytes; ``-`` is standard input (left open afterwards)."""
+    if str(path) == "-":
+        if sys.stdin is None:  # started with it closed (<&-)
+            raise CliError(f"{option}: -: standard input is closed")
+        return contextlib.nullcontext(sys.stdin.buffer)
+    return open(path, "rb")
+
+
+def _file_name(path: Path) -> str:
+    """How messages name a file of prompts."""
+    return "standard input" if str(path) == "-" else str(path)
+
+
 def _read_lines(option: str, path: Path) -> list[str]:
-    """The lines of a file of prompts (``--prompts``, ``--messages``): UTF-8 text, without a leading
-    byte-order mark, lines ending at LF (a CR before it dropped; not at ``\\x0b``, ``\\x1c`` or U+2028, where
-    ``str.splitlines`` would also split). Read a line at a time, at most ``MAX_LINE_BYTES`` each; a file
-    that cannot be read, is not UTF-8 or holds a longer line raises ``CliError`` naming ``option``."""
+    """The lines of a file of prompts (``--prompts``, ``--messages``; ``-`` reads standard input): UTF-8
+    text, without a leading byte-order mark, lines ending at LF (a CR before it dropped; not at ``\\x0b``,
+    ``\\x1c`` or U+2028, where ``str.splitlines`` would also split). Read a line at a time, at most
+    ``MAX_LINE_BYTES`` each; a file that cannot be read, is not UTF-8 or holds a longer line raises
+    ``CliError`` naming ``option``."""
     lines: list[str] = []
+    name = _file_name(path)
     try:
-        with open(path, "rb") as handle:
+        with _open_lines(option, path) as handle:
             while data := handle.readline(MAX_LINE_BYTES + 1):
                 number = len(lines) + 1
                 if len(data.rstrip(b"\n")) > MAX_LINE_BYTES:
                     raise CliError(
-                        f"{option}: {path} line {number} is longer than {MAX_LINE_BYTES} bytes, past any "
+                        f"{option}: {name} line {number} is longer than {MAX_LINE_BYTES} bytes, past any "
                         "model's context: not a prompt"
                     )
                 try:
@@ -1140,15 +1160,15 @@ def _read_lines(option: str, path: Path) -> list[str]:
                 except UnicodeDecodeError as error:
                     bad = data[error.start]
                     raise CliError(
-                        f"{option}: {path} is not UTF-8 text (byte 0x{bad:02x} on line {number})"
+                        f"{option}: {name} is not UTF-8 text (byte 0x{bad:02x} on line {number})"
                     ) from None
                 lines.append(line.removesuffix("\n").removesuffix("\r"))
     except IsADirectoryError:
-        raise CliError(f"{option}: {path} is a directory, not a file of prompts") from None
+        raise CliError(f"{option}: {name} is a directory, not a file of prompts") from None
     except FileNotFoundError:
-        raise CliError(f"{option}: no such file: {path}") from None
+        raise CliError(f"{option}: no such file: {name}") from None
     except OSError as error:
-        raise CliError(f"{option}: cannot read {path}: {error.strerror or error}") from None
+        raise CliError(f"{option}: cannot read {name}: {error.strerror or error}") from None
     if lines:
         lines[0] = lines[0].removeprefix("\ufeff")
     return lines
@@ -1160,6 +1180,7 @@ def _read_messages(path_text: str) -> list[Any]:
 
     path = Path(path_text)
     lines = _read_lines("--messages", path)
+    name = _file_name(path)
     conversations = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -1169,11 +1190,11 @@ def _read_messages(path_text: str) -> list[Any]:
             _check_no_surrogate(loaded)
             conversations.append(check_messages(loaded))
         except RecursionError:
-            raise CliError(f"--messages: {path} line {number}: JSON nested too deep") from None
+            raise CliError(f"--messages: {name} line {number}: JSON nested too deep") from None
         except ValueError as error:
-            raise CliError(f"--messages: {path} line {number}: {_one_line(error)}") from None
+            raise CliError(f"--messages: {name} line {number}: {_one_line(error)}") from None
     if not conversations:
-        raise CliError(f"--messages: {path} holds no conversation")
+        raise CliError(f"--messages: {name} holds no conversation")
     return conversations
 
 
@@ -1438,13 +1459,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prompts.add_argument(
         "--prompts",
-        help=f"a file of prompts, one per line (UTF-8; blank lines skipped; a line of {MAX_LINE_BYTES} bytes "
+        help=f"a file of prompts, one per line, - for standard input (UTF-8; blank lines skipped; a line of "
+        f"{MAX_LINE_BYTES} bytes "
         f"at most: {MAX_LINE_BYTES >> 20} MiB, over 16 million tokens, past any model's context)",
     )
     prompts.add_argument(
         "--messages",
         metavar="FILE",
-        help="a JSON-lines file of chat prompts, each line a list of messages "
+        help="a JSON-lines file of chat prompts (- for standard input), each line a list of messages "
         '[{"role": "user", "content": "..."}] rendered by the chat template (a line of '
         f"{MAX_LINE_BYTES} bytes at most)",
     )
@@ -1629,7 +1651,7 @@ def _read_text_prompts(args: argparse.Namespace) -> list[str]:
     path = Path(args.prompts)
     prompts = [line for line in _read_lines("--prompts", path) if line.strip()]
     if not prompts:
-        raise CliError(f"--prompts: {path} holds no prompt")
+        raise CliError(f"--prompts: {_file_name(path)} holds no prompt")
     return prompts
 
 
