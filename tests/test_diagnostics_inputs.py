@@ -350,3 +350,14 @@ def test_weight_histogram_with_more_bins_than_memory_is_refused(
             result.weight_histogram(0, bins=bins)
     counts, edges = result.weight_histogram(0, bins=1000)
     assert counts.sum() == 8 and edges.shape == (1001,)
+
+
+def test_reading_keeps_its_confidence_as_a_plain_float() -> None:
+    """A numpy level is checked and kept as a float: ``to_dict`` promises plain Python types (a float32
+    level failed ``json.dumps``, and ``z`` was computed in float32)."""
+    import json
+
+    reading = OnlineBellman("smc", np.zeros((1, 2)), np.zeros((1, 2)), confidence=np.float32(0.95))
+    assert type(reading.confidence) is float
+    assert json.loads(json.dumps(reading.to_dict(), allow_nan=False))["confidence"] == reading.confidence
+    assert type(OnlineBellman.combine([reading, reading]).confidence) is float

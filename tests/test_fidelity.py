@@ -366,6 +366,37 @@ def test_online_reading_warns_above_the_users_eps() -> None:
     assert result.to_dict()["log_z_increment_se"][0][0] == pytest.approx(result.log_z_increment_se[0, 0])
 
 
+def test_mh_reading_of_an_exact_twist_does_not_grow_false_with_its_proposals() -> None:
+    """``V*`` has ``eps = 0``: every ``eps_low > 0`` is false. MH's increments are its proposals' mean, each
+    biased low by about ``se^2 / 2`` (a log of a mean of 4 candidates' potentials); with the mean's own
+    standard error (``/ sqrt(65)`` proposals) the margin fell below that bias, and 22 of 40 such runs
+    claimed an error (11 expected of 20). With one proposal's margin the stated rate holds: at a true 5%,
+    6 or more false readings in 20 runs have probability 2.6e-3 (binomial)."""
+    task = MarkovDFATask.random(3, 3, 4, rng=11, zero_reward_fraction=0.0)
+    false = sum(
+        tiltsmc.diagnostics.online_bellman(
+            tiltsmc.mh(task.policy(), task.twist(), prompts=[()] * 4, pool_size=4, steps=64, rng=seed)
+        ).eps_low
+        > 0.0
+        for seed in range(20)
+    )
+    assert false <= 5, false
+
+
+def test_rounding_is_no_reading() -> None:
+    """An exact twist's pool of equal potentials gives ``se = 0`` and an increment of a few ulps (8.9e-16
+    here): no bound, no warning at ``eps = 0``; a reading past ``ROUNDING`` still counts."""
+    task = MarkovDFATask.random(3, 3, 4, rng=11, zero_reward_fraction=0.0)
+    result = tiltsmc.sp_gsmc(task.policy(), task.twist(), prompts=[()] * 4, pool_size=64, rng=0)
+    assert np.any((result.log_z_increments != 0) & (result.log_z_increment_se == 0))
+    reading = tiltsmc.diagnostics.online_bellman(result, eps=0.0)  # warnings are errors here
+    assert reading.eps_low == 0.0 and reading.where() is None
+    rounding = tiltsmc.diagnostics.online.ROUNDING
+    for increment, low in ((8.9e-16, 0.0), (-rounding, 0.0), (3 * rounding, 2 * rounding)):
+        direct = tiltsmc.diagnostics.OnlineBellman("smc", np.array([[increment]]), np.zeros((1, 1)))
+        assert direct.eps_low == pytest.approx(low, rel=1e-6, abs=0.0)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 5. the theorems by enumeration: Theorem 4.3 (exact SP-gSMC) and Theorem 5.1 (naive SMC, one output)
 

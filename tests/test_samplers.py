@@ -1543,3 +1543,14 @@ def test_keep_survivors_keeps_offspring_counts() -> None:
             np.testing.assert_array_equal(after[survivors], survivors)
             dead = np.setdiff1d(np.arange(n), survivors)
             assert np.all(np.diff(after[dead]) >= 0)  # extra copies in ascending parent order
+
+
+@pytest.mark.parametrize("value", [np.complex128(0.5 + 1j), np.complex64(0.5)])
+def test_complex_numbers_are_not_real_options(value: Any) -> None:
+    """``rejection``'s ``bound`` and SMC's ``ess_threshold`` refuse a numpy complex (its imaginary part was
+    dropped with a ComplexWarning, the run went on)."""
+    task = MarkovDFATask.random(2, 2, 2, rng=0)
+    with pytest.raises(TypeError, match="bound: expected a finite bound"):
+        tiltsmc.rejection(task.policy(), task.twist(), bound=value, rng=0)
+    with pytest.raises(TypeError, match="ess_threshold: expected a fraction"):
+        tiltsmc.smc(task.policy(), task.twist(), ess_threshold=value, rng=0)

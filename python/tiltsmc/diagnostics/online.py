@@ -10,17 +10,20 @@ every reachable prefix, then ``|log m_t| <= log(1+eps)``. The increment ``l_t = 
 estimates ``log m_t`` with standard error ``se_t`` (``tiltsmc.samplers.runs.increment_standard_error``;
 0 where the increment is exact given the prefixes: the optimal proposal, exact SP-gSMC). So
 
-    eps >= exp(|l_t| - z se_t) - 1
+    eps >= exp(|l_t| - z se_t - 10^-9) - 1
 
 for every step, at a joint confidence ``confidence`` with ``z`` Bonferroni-corrected over the readings and
 two-sided (a step's statement fails where ``l_t`` strays from ``log m_t`` by more than ``z se_t`` either way):
 a *lower* bound on the reward model's ``eps`` (in its own gauge: a model rescaled per level reads
-differently) along the paths the run actually took, free with every run. It cannot show that ``eps`` is
-small: ratios above and below 1 at one step average out in ``m_t``, and so do the finished particles of a
-run whose trajectories end at different steps (their potential is 1: the bound stays valid, only weaker).
-SP-gSMC with a pool reads ``rho_t`` of the single kept prefix from its ``K`` candidates; the MH correction
-reports the mean of its proposals' increments. Best-of-N and rejection take no guided steps and give no
-reading.
+differently) along the paths the run actually took, free with every run (``10^-9``, ``ROUNDING``: what
+rounding alone gives). It cannot show that ``eps`` is small: ratios above and below 1 at one step average
+out in ``m_t``, and so do the finished particles of a run whose trajectories end at different steps (their
+potential is 1: the bound stays valid, only weaker). SP-gSMC with a pool reads ``rho_t`` of the single kept
+prefix from its ``K`` candidates; the MH correction reports the mean of its proposals' increments with the
+root mean square of their standard errors, not the mean's own (smaller by the square root of the number of
+proposals): each increment, the log of a mean, is biased low by about ``se^2 / 2``, a bias that averaging
+over proposals does not shrink, so a margin that shrank with them read an exact twist as in error (5 of 10
+runs of 1000 proposals of 16 candidates). Best-of-N and rejection take no guided steps and give no reading.
 
 A step whose every potential was 0 (increment ``-inf``) gives no reading here; it is a collapse, reported
 by ``SamplerResult.collapse_warnings``.
@@ -40,14 +43,15 @@ make small runs read too high:
 * SP-gSMC with a pool reads each ``rho_t`` from the ``K`` candidates of a single prefix, where SMC averages
   ``N`` particles spread over many prefixes.
 
-Measured by ``bench/exp_online_coverage.py`` on ``MarkovDFATask.random(3, 3, 5)`` tasks with
+Measured by ``bench/exp_online_coverage.py`` (``bench/results/exp_online_coverage.json``) on
+``MarkovDFATask.random(3, 3, 5)`` tasks with
 ``twist(0.5)`` (200 tasks x 10 runs of 4 prompts, ``confidence=0.95``; Wilson 95% intervals), the share of
 runs whose ``eps_low`` exceeds the twist's exact ``eps``: SP-gSMC with a pool of 4: 39.6% [37.5, 41.8]; 8:
 17.3% [15.7, 19.0] (in 173 of those 346 runs the offending reading had ``se = 0``); 32: 3.9% [3.1, 4.8];
 64: 1.6% [1.1, 2.2]; 256: 0.4% [0.2, 0.8]. SMC (multinomial resampling at every step) with 8 particles:
 6.6% [5.5, 7.7]; 32: 0.9% [0.6, 1.5]; 64: 0.4% [0.2, 0.8]. These twists leave slack: ``eps`` is a supremum
 over prefixes, larger than most ``|log m_t|``. With none, the exact twist ``V*`` (``eps = 0``, so any
-``eps_low > 0`` is false), runs of 256 read too high in 7.8% [6.7, 9.1] (SMC) and 12.0% [10.7, 13.5]
+``eps_low > 0`` is false), runs of 256 read too high in 7.3% [6.2, 8.5] (SMC) and 10.9% [9.6, 12.3]
 (SP-gSMC, a pool of 256): these tasks' zero rewards make the potentials heavy-tailed. Read ``eps_low`` as a
 lower bound at roughly the stated level for runs of a few dozen particles (or candidates) or more on a
 reward model that is not exact; from a pool of 8 it is a point reading with a rough margin.
@@ -71,6 +75,10 @@ __all__ = ["OnlineBellman", "OnlineBellmanWarning", "online_bellman"]
 
 FloatArray = npt.NDArray[np.float64]
 ROLLOUT_SAMPLERS = frozenset({"best_of_n", "rejection"})  # no guided steps: no increments to read
+# |l_t| within this of 0 is rounding, not a reading: an increment is a difference of log-values, and
+# float64 log-values of magnitude up to about 10^6 carry errors below 10^-10 (an exact twist read 8.9e-16
+# where every candidate's potential was the same, se = 0, and warned at eps = 0).
+ROUNDING = 1e-9
 
 
 class OnlineBellmanWarning(UserWarning):
@@ -103,7 +111,7 @@ class OnlineBellman:
     confidence: float = 0.95
 
     def __post_init__(self) -> None:
-        check_confidence(self.confidence)
+        object.__setattr__(self, "confidence", check_confidence(self.confidence))  # a plain float
         if not isinstance(self.sampler, str):
             raise TypeError(f"sampler: expected the sampler's name (a str), got {self.sampler!r:.60}")
         increments, errors = check_reading(self.increments, self.standard_errors)
@@ -159,11 +167,14 @@ class OnlineBellman:
 
     @property
     def per_step_low(self) -> FloatArray:
-        """``(B, steps)`` lower bounds ``exp(max(|l_t| - z se_t, 0)) - 1`` on ``eps`` (0 where unreadable)."""
+        """``(B, steps)`` lower bounds ``exp(max(|l_t| - z se_t - ROUNDING, 0)) - 1`` on ``eps`` (0 where
+        unreadable; ``ROUNDING = 1e-9`` leaves out what rounding alone gives)."""
         readable = self.readable
         margin = np.zeros_like(self.increments)
         errors = np.where(readable, self.standard_errors, 0.0)
-        margin[readable] = np.maximum(np.abs(self.increments[readable]) - self.z * errors[readable], 0.0)
+        margin[readable] = np.maximum(
+            np.abs(self.increments[readable]) - self.z * errors[readable] - ROUNDING, 0.0
+        )
         with np.errstate(over="ignore"):
             return np.asarray(np.expm1(margin), dtype=np.float64)
 

@@ -40,9 +40,10 @@ def rejection(
     ``num_samples`` (fewer when tries ran out), and ``log_z[b]`` is ``log`` of the mean ``r`` over the draws
     of every batch but the last (of the one batch where there was one), unbiased for ``Z`` before the log:
     the last batch's acceptances decide the stop, and the mean over every draw is biased up. With a 0/1
-    reward (a verifier) every draw before the last batch was rejected, so a run that needed several
-    batches reads ``log_z = -inf`` (the estimate 0) although it found its samples (``collapsed`` False):
-    unbiased across runs (average ``exp(log_z)``), not a reading of one run; larger batches make it rarer.
+    reward (a verifier), ``bound = 1`` and ``num_samples = 1``, the first draw of reward 1 is accepted and
+    ends the run, so every draw before the last batch had reward 0 and a run that needed several batches
+    reads ``log_z = -inf`` (the estimate 0) although it found its sample (``collapsed`` False): unbiased
+    across runs (average ``exp(log_z)``), not a reading of one run; larger batches make it rarer.
     """
     models = Models(policy, reward, Compute())
     run = rejection_run(
@@ -73,7 +74,7 @@ def rejection_run(
     max_new_tokens: Optional[int] = None,
 ) -> RejectionRun:
     """The run of [`rejection`][tiltsmc.samplers.baselines.rejection] with these arguments, checked."""
-    if isinstance(bound, (bool, np.bool_)) or not isinstance(bound, (int, float, np.number)):
+    if isinstance(bound, (bool, np.bool_)) or not isinstance(bound, (int, float, np.integer, np.floating)):
         raise TypeError(f"bound: expected a finite bound C > 0 on the reward, got {bound!r}")
     given, bound = bound, as_float(bound)
     if not (math.isfinite(bound) and bound > 0.0):

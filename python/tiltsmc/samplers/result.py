@@ -77,7 +77,8 @@ class SamplerResult:
     Per step (arrays ``(B, steps)``): ``ess``, ``resampled``, ``unique_ancestors``, ``log_z_increments``
     (``log sum_i W_{t-1,i} G_{t,i}``; for ``mh`` the mean over its proposals) and ``log_z_increment_se``
     (their Monte Carlo standard errors, 0 where the increment is exact given the prefixes, ``inf`` where it
-    is ``-inf``): an online reading of the reward model's Bellman error, see
+    is ``-inf``; for ``mh`` the root mean square of its proposals'): an online reading of the reward
+    model's Bellman error, see
     [`tiltsmc.diagnostics.online_bellman`][tiltsmc.diagnostics.online_bellman]. Samplers that take no guided
     steps (best-of-N, rejection) have no steps.
     ``collapsed[b]`` is True where every weight of prompt ``b`` became zero (then ``log_z[b] = -inf``), and

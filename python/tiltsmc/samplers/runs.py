@@ -1127,8 +1127,10 @@ def _mean_increments(
 ) -> tuple[FloatArray, FloatArray]:
     """The MH result's per-step log Z increments: at each step the mean over the proposals whose increment
     is finite there (a proposal that finished earlier reads 0, as a finished particle's potential is 1),
-    with the standard error of that mean (``sqrt(sum se^2) / count``); ``-inf`` and ``inf`` where every
-    proposal collapsed."""
+    with the root mean square of their standard errors (``sqrt(sum se^2 / count)``, one proposal's, not
+    the mean's ``sqrt(sum se^2) / count``: each increment, a log of a mean, is biased low by about
+    ``se^2 / 2``, which the mean keeps however many proposals it averages, so a margin shrinking with
+    them read an exact twist as in error); ``-inf`` and ``inf`` where every proposal collapsed."""
     steps = max((values.shape[1] for values, _ in increments), default=0)
     values = np.zeros((len(increments), batch, steps))
     errors = np.zeros((len(increments), batch, steps))
@@ -1142,5 +1144,5 @@ def _mean_increments(
     se = np.full((batch, steps), np.inf)
     mean[some] = np.where(finite, values, 0.0).sum(axis=0)[some] / count[some]
     variance = np.where(finite, np.square(errors), 0.0).sum(axis=0)
-    se[some] = np.sqrt(variance[some]) / count[some]
+    se[some] = np.sqrt(variance[some] / count[some])
     return mean, se

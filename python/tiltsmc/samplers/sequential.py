@@ -57,7 +57,8 @@ def _check_common(resample: str, ess_threshold: float, proposal: str, models: Mo
         raise ValueError(f"resample: expected one of {', '.join(core.SCHEMES)}, got {resample!r}")
     if not isinstance(proposal, str) or proposal not in PROPOSALS:
         raise ValueError(f"proposal: expected 'naive' or 'optimal', got {proposal!r}")
-    if isinstance(ess_threshold, (bool, np.bool_)) or not isinstance(ess_threshold, (int, float, np.number)):
+    real = (int, float, np.integer, np.floating)  # not complex: its imaginary part would be dropped
+    if isinstance(ess_threshold, (bool, np.bool_)) or not isinstance(ess_threshold, real):
         raise TypeError(f"ess_threshold: expected a fraction in [0, 1], got {ess_threshold!r}")
     threshold = as_float(ess_threshold)
     if not 0.0 <= threshold <= 1.0:
