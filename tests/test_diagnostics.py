@@ -7,11 +7,12 @@ import math
 import subprocess
 import sys
 from statistics import NormalDist
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import pytest
 import tiltsmc
+from tiltsmc._numeric import logsumexp
 from tiltsmc.diagnostics.bellman import upper_t_quantile
 from tiltsmc.models.particles import Particles
 from tiltsmc.tasks import MarkovDFATask
@@ -521,7 +522,10 @@ def test_sampled_intervals_do_not_depend_on_the_scale_of_a_branchs_values() -> N
     """Two absorbing branches chosen by the first token, the second's reward 1, 1e-2 or 1e-6 times the
     first's, and the same noisy twist: ``log rho`` is the same at every step after the first, so are its
     sampled intervals (the same draws), and the exact ``eps`` lies in each. The sd floor was in the values'
-    units: the small branch's prefixes got margins 10^2 - 10^6 times too wide (``eps_high`` 117 and inf)."""
+    units: the small branch's prefixes got margins 10^2 - 10^6 times too wide (``eps_high`` 117 and inf).
+    At the last step every continuation of a prefix has its branch's reward (the automaton's states are
+    absorbing): no spread to read, so that step's interval is ``[0, inf]`` (it was a point, which only this
+    twist's constant values made right), and the others stay finite."""
     dfa = np.array([[1, 2], [1, 1], [2, 2]])
     highs = []
     for low in (1.0, 1e-2, 1e-6):
@@ -532,7 +536,173 @@ def test_sampled_intervals_do_not_depend_on_the_scale_of_a_branchs_values() -> N
             task.policy(), TableTwist(task, tables), num_prefixes=200, samples_per_prefix=64,
             method="sampled", rng=1,
         )  # fmt: skip
-        assert estimate.eps_low <= exact <= estimate.eps_high < np.inf, (low, estimate)
+        assert estimate.eps_low <= exact <= estimate.eps_high, (low, estimate)
+        assert np.all(np.isfinite(estimate.per_step_high[:-1])) and estimate.per_step_high[-1] == np.inf
         highs.append(estimate.per_step_high[1:])
     np.testing.assert_allclose(highs[1], highs[0], rtol=1e-9)
     np.testing.assert_allclose(highs[2], highs[0], rtol=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Review of the estimator (s34): steps with no spread to read, and prompts weighted or gauged together
+
+
+def test_a_step_whose_sampled_continuations_all_agree_has_no_finite_interval() -> None:
+    """At the last step the 2 continuations of each of the 4 prefixes agreed, so the step's pooled relative
+    sd was 0 and its interval the point 2.10: ``eps_low = 2.10`` against the exact ``eps = 0.49``. Draws that
+    agree cannot tell a step whose values are constant from one whose spread they missed: the step has no
+    finite standard error, its interval is ``[0, inf]``, as with one continuation, the point estimate
+    standing. Over 100 tasks (1 and 4 prefixes, ``M = 2``) a run's ``eps_low`` exceeds the exact ``eps``
+    only if one of its simultaneous 95% intervals misses (the visited supremum is at most ``eps``): at most
+    Binomial(100, 0.05) runs, > 13 with probability < 1e-3 (with the zero-width steps: 33 runs; now 0)."""
+    task = MarkovDFATask.random(3, 3, 4, rng=2, zero_reward_fraction=0.0)
+    twist = task.twist(0.3, rng=3)
+    exact = task.bellman_error(twist)
+    estimate = tiltsmc.diagnostics.bellman_error(
+        task.policy(), twist, num_prefixes=4, samples_per_prefix=2, method="sampled", rng=2
+    )
+    assert estimate.per_step[-1] > 2.0 > exact.per_step[-1]  # the noisy point estimate, as it was
+    assert estimate.per_step_low[-1] == 0.0 and estimate.per_step_high[-1] == math.inf
+    assert np.all(estimate.per_step_low <= exact.per_step + 1e-12)
+    assert estimate.eps_low <= exact.eps <= estimate.eps_high
+    runs, misses = 100, 0
+    for seed in range(runs):
+        task = MarkovDFATask.random(3, 3, 4, rng=seed, zero_reward_fraction=0.5 if seed % 2 else 0.0)
+        twist = task.twist(0.3, rng=seed + 1)
+        estimate = tiltsmc.diagnostics.bellman_error(
+            task.policy(), twist, num_prefixes=1 + 3 * (seed % 4 >= 2), samples_per_prefix=2,
+            method="sampled", rng=seed,
+        )  # fmt: skip
+        misses += estimate.eps_low > task.bellman_error(twist).eps + 1e-12
+    assert misses <= _binomial_upper(runs, 0.05) == 13, misses
+
+
+class _PerPrompt:
+    """Prompt 0 read by ``first``, prompt 1 by ``second`` (two reward models of one task, twist heads
+    included): how a model may scale its prompts' values differently."""
+
+    def __init__(self, first: TableTwist, second: TableTwist) -> None:
+        self.first, self.second = first, second
+
+    def _mixed(self, name: str, particles: Particles) -> Any:
+        values = np.array(getattr(self.first, name)(particles), dtype=float)
+        values[1] = np.array(getattr(self.second, name)(particles), dtype=float)[1]
+        return values
+
+    def initial_log_value(self, particles: Particles) -> Any:
+        return self._mixed("initial_log_value", particles)
+
+    def log_value(self, particles: Particles) -> Any:
+        return self._mixed("log_value", particles)
+
+    def next_log_values(self, particles: Particles) -> Any:
+        return self._mixed("next_log_values", particles)
+
+
+def _rescaled(task: MarkovDFATask, tables: Any, log_scale: Any) -> TableTwist:
+    """The twist ``log Vh_t = tables[t] + log_scale[t]``, ``t = 0..T``: each level rescaled by a constant."""
+    return TableTwist(task, [np.asarray(tables[t]) + log_scale[t] for t in range(task.horizon + 1)])
+
+
+class _Recorder(MarkovPolicy):
+    """The task's policy, recording at each step of the rollouts (the particles ``start`` returned) the
+    scored prefixes (unfinished, ``Vh_{t-1} > 0``), their ``log Vh_{t-1}`` and their exact ``log rho_t``
+    (from the twist head): what ``bellman_error``'s exact method reads."""
+
+    def __init__(self, task: MarkovDFATask, reward: Any) -> None:
+        super().__init__(task)
+        self.reward = reward
+        self.rollouts: Optional[Particles] = None
+        self.steps: list[tuple[Any, Any, Any]] = []
+
+    def start(self, prompts: Any, num_particles: int) -> Particles:
+        self.rollouts, self.steps = super().start(prompts, num_particles), []
+        return self.rollouts
+
+    def propose(self, particles: Particles, rng: Any) -> None:
+        if particles is self.rollouts:
+            if particles.lengths.max() == 0:
+                log_prev = np.asarray(self.reward.initial_log_value(particles), float)[:, None]
+                log_prev = np.repeat(log_prev, particles.lengths.shape[1], axis=1)
+            else:
+                log_prev = np.asarray(self.reward.log_value(particles), float)
+            log_mean = logsumexp(self.next_log_probs(particles) + self.reward.next_log_values(particles))
+            scored = ~particles.finished & (log_prev > -np.inf)
+            self.steps.append(
+                (scored, log_prev, np.where(scored, log_mean - np.where(scored, log_prev, 0), 0))
+            )
+        super().propose(particles, rng)
+
+
+def test_average_error_weighs_each_prompt_alike_whatever_its_scale() -> None:
+    """Rescaling one prompt's ``Vh`` by a constant changes no ``rho`` and no sampler's output, so it leaves
+    ``average_per_step`` as it is: per prompt, the ``Vh_{t-1}``-weighted mean of ``|rho_t - 1|`` over its
+    prefixes (the twisted prefix law is one per prompt), then the mean over the prompts. The weights were
+    normalised over all prompts together: ``average_eps`` 0.30, 0.033 and 0.69 for prompt 1 scaled by
+    ``e^0``, ``e^-20`` and ``e^20`` (the prompt of larger values took all the weight)."""
+    task = MarkovDFATask.random(3, 3, 4, rng=11, zero_reward_fraction=0.0)
+    star, noisy = task.log_v_star(), task.twist_tables(0.8, rng=3)
+    ones = np.ones(task.horizon + 1)
+    averages = []
+    for method in ("sampled", "exact"):
+        for shift in (0.0, -20.0, 20.0):
+            reward = _PerPrompt(TableTwist(task, star), _rescaled(task, noisy, shift * ones))
+            policy = _Recorder(task, reward)
+            estimate = tiltsmc.diagnostics.bellman_error(
+                policy, reward, prompts=[(), ()], num_prefixes=100, samples_per_prefix=8, method=method,
+                rng=0,
+            )  # type: ignore[arg-type]  # fmt: skip
+            averages.append(estimate.average_per_step)
+            if method == "exact":  # the definition, from the recorded prefixes
+                expected = []
+                for scored, log_prev, log_rho in policy.steps:
+                    per_prompt = []
+                    for b in range(2):
+                        weights = np.exp(log_prev[b][scored[b]] - log_prev[b][scored[b]].max())
+                        deviation = np.abs(np.exp(log_rho[b][scored[b]]) - 1.0)
+                        per_prompt.append(np.sum(weights * deviation) / np.sum(weights))
+                    expected.append(np.mean(per_prompt))
+                np.testing.assert_allclose(estimate.average_per_step, expected, rtol=1e-12, atol=1e-14)
+    for sampled in averages[1:3]:
+        np.testing.assert_allclose(sampled, averages[0], rtol=1e-12, atol=1e-14)
+    for exact in averages[4:]:
+        np.testing.assert_allclose(exact, averages[3], rtol=1e-12, atol=1e-14)
+    assert np.all(averages[3] > 0.01)  # prompt 1's noise shows at every step
+    # one prompt: the Vh_{t-1}-weighted mean over its prefixes, as before
+    reward = TableTwist(task, noisy)
+    policy = _Recorder(task, reward)
+    estimate = tiltsmc.diagnostics.bellman_error(policy, reward, num_prefixes=100, method="exact", rng=1)
+    expected = []
+    for scored, log_prev, log_rho in policy.steps:
+        weights = np.exp(log_prev[scored] - log_prev[scored].max())
+        expected.append(np.sum(weights * np.abs(np.exp(log_rho[scored]) - 1.0)) / np.sum(weights))
+    np.testing.assert_allclose(estimate.average_per_step, expected, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("method", ["exact", "sampled"])
+def test_the_gauge_is_chosen_per_prompt(method: str) -> None:
+    """Each prompt's particles are weighted among themselves, so rescaling a prompt's level ``t`` alone
+    changes no sampler's output: the gauge's shift of ``log rho_t`` is per prompt. Prompt 0 read by ``V*``,
+    prompt 1 by ``V*`` rescaled per level: each is gauge-exact, and so is the pair (``gauge_eps`` 0, it was
+    0.649 with one shift for both prompts); with sampled continuations the pair reads as ``V*`` on both
+    prompts (the same draws: prompt 1's ``log rho_t`` moved by a constant). Prompt 1's shifted potentials
+    are ``V*``'s, so ``gauge_ratio_bound`` is ``V*``'s too."""
+    task = MarkovDFATask.random(3, 3, 4, rng=11, zero_reward_fraction=0.0)
+    star = task.log_v_star()
+    levels = [0.0, 0.5, -0.5, 0.5, 0.0]  # log c_t, t = 0..T: Vh_T = r stays exact
+    estimates = {}
+    for name, second in (("star", TableTwist(task, star)), ("scaled", _rescaled(task, star, levels))):
+        estimates[name] = tiltsmc.diagnostics.bellman_error(
+            task.policy(), _PerPrompt(TableTwist(task, star), second), prompts=[(), ()], num_prefixes=64,
+            samples_per_prefix=8, method=method, rng=0,
+        )  # type: ignore[arg-type]  # fmt: skip
+    together, alone = estimates["scaled"], estimates["star"]
+    assert together.eps > 0.6  # e^0.5 - 1: prompt 1's levels are off by constants
+    np.testing.assert_allclose(together.gauge_per_step, alone.gauge_per_step, rtol=1e-9, atol=1e-9)
+    assert together.gauge_ratio_bound == pytest.approx(alone.gauge_ratio_bound, rel=1e-9)
+    if method == "exact":
+        assert alone.eps < 1e-9 and together.gauge_eps < 1e-9
+        # V*'s own gauge is the identity (its log rho are all 0): L in the gauge is V*'s own
+        assert together.gauge_ratio_bound == pytest.approx(alone.positive_ratio_bound, rel=1e-9)
+    else:
+        assert together.gauge_eps == pytest.approx(alone.gauge_eps, rel=1e-9) and alone.gauge_eps > 0

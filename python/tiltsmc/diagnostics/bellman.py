@@ -9,10 +9,14 @@ reward model has ``next_log_values``) or estimated from ``M`` sampled continuati
 ``eps_t`` is the supremum over prefixes of ``max(rho, 1/rho) - 1``
 (``docs/theory/tilted-target.md``); here the supremum runs over the visited prefixes, so it converges
 to the exact value from below as prefixes cover the reachable ones, while noise in sampled ratios pushes it
-up. Also reported: the gauge-minimised ``eps`` (rescaling level ``t`` by a constant shifts every
-``log rho_t`` alike, so the best constant leaves ``(max - min) / 2``) and the paper's ratio bound ``L``
-(``1/L <= G_t <= L``) of the observed potentials ``G_t = Vh_t / Vh_{t-1}``, in the model's gauge and in the
-one that minimises ``eps``.
+up. Also reported: the gauge-minimised ``eps``, per prompt (each prompt's particles are weighted among
+themselves, so rescaling one prompt's level ``t`` by a constant changes no sampler's output; it shifts every
+``log rho_t`` of that prompt alike, and the best constant leaves half its range: with ``hi_b`` and ``lo_b``
+the largest and smallest ``log rho_t`` over prompt ``b``'s prefixes, ``log(1 + gauge_eps_t)`` is the
+largest over prompts of ``(hi_b - lo_b) / 2``, reached by the shift ``-(hi_b + lo_b) / 2``), the paper's
+ratio bound ``L`` (``1/L <= G_t <= L``) of the observed potentials ``G_t = Vh_t / Vh_{t-1}``, in the model's
+gauge and in the one that minimises ``eps``, and the typical error ``average_per_step`` (per prompt the
+``Vh_{t-1}``-weighted mean of ``|rho_t - 1|``, then the mean over the prompts).
 
 Confidence intervals (sampled continuations; the exact method's are points). A prefix's ``M``
 continuations have values ``v_j`` with sample mean ``mh`` and sample sd ``s`` (``ddof=1``), so
@@ -27,16 +31,22 @@ with ``q`` the upper ``(1 - confidence) / (2n)`` quantile of ``t`` with ``M - 1`
 then lies in ``[max of lower ends, max of upper ends]`` whenever every prefix's interval holds. The
 relative sd ``s / mh`` of a prefix is floored at the step's pooled one (root mean square of the prefixes'
 ``s / mh``; it has more degrees of freedom, so ``M - 1`` stays conservative), so a prefix whose few
-continuations happened to agree gets no zero-width interval (a step where *every* prefix's continuations
-agree, as under a deterministic policy step, still has width 0). It is relative, as ``log rho`` is free of
+continuations happened to agree gets no zero-width interval. It is relative, as ``log rho`` is free of
 scale: a floor of the sds themselves, in the values' units, gave a prefix whose values are ``k`` times
-smaller than the others' a margin ``k`` times too wide (an infinite upper end for ``k = 10^6``). Two
+smaller than the others' a margin ``k`` times too wide (an infinite upper end for ``k = 10^6``). Three
 cases have no finite standard error, and their interval for ``|log rho|`` is ``[0, inf]``, the only one
 valid without a bound on ``Vh``:
 
 * ``M = 1``: one value per prefix says nothing of its spread (the sample sd is undefined; ``t`` with 0
   degrees of freedom), so the intervals are ``[0, inf]``, ``eps_low = 0`` and ``eps_high = inf``; the
   point estimate stands.
+* a step with no spread to read: every scored prefix's continuations agree, so the pooled relative sd is
+  0. Sampled continuations cannot tell a step whose values the prefix fixes (a forced token, a reward
+  already decided) from draws that happened to agree, with any spread they missed, so every prefix of the
+  step gets ``[0, inf]``, as with ``M = 1``: ``per_step_low = 0`` and ``per_step_high = inf`` there (the
+  point estimate stands). A width of 0 there read as exact, and with few prefixes such steps are common:
+  on the tasks measured below, with 1 prefix and ``M = 2``, it made ``eps_low`` exceed the exact ``eps``
+  in 84 of 200 runs. The exact method reads such steps.
 * every sampled continuation of a prefix has value 0 (``mh = 0``): the point estimate is ``rho = 0``
   (``eps_t = inf``), but continuations of positive value may exist that the ``M`` draws missed, with any
   mean, so the prefix's interval is ``[0, inf]``: it raises the step's upper end to ``inf`` and leaves its
@@ -47,10 +57,11 @@ The values are not normal (a 0/1 verifier's are Bernoulli), so this is still an 
 mean of a non-negative variable of unknown law no finite-sample interval with an upper end exists
 (Bahadur and Savage, 1956). Measured on ``MarkovDFATask.random(3, 3, 4)`` tasks (``twist(0.3)``, half of
 them with zero rewards; 200 tasks, 200 prefixes, ``confidence=0.95``), ``eps_low`` exceeded the exact
-``eps`` in 0 of 200 runs for each of ``M = 2, 3, 8, 32, 64`` (a 95% upper bound of 1.9% on the rate); the
-normal quantile used before (no correction for estimating the sd) gave 50, 38, 17 and 2 of 200 for
-``M = 2, 3, 8, 32``. The price is width at small ``M``: ``eps_low`` was above 0 in 8, 10, 110, 199 and 200
-of the 200 runs.
+``eps`` in 0, 0, 3, 2 and 0 of 200 runs for ``M = 2, 3, 8, 32, 64`` (within the 5% stated); a normal
+quantile in place of ``t`` (no correction for estimating the sd) gave 53, 44, 17 and 6 of 200 for
+``M = 2, 3, 8, 32``. The price is width at small ``M``: ``eps_low`` was above 0 in 0, 1, 100, 188 and 197
+of the 200 runs. With few prefixes (1 and 4, ``M = 2`` and ``3``) it exceeded ``eps`` in 0, 2, 1 and 0 of
+200 runs.
 
 Everything is computed in the log domain: the mean of the values of ``M`` continuations is a log-mean-exp,
 ``log (1/M) sum_j exp(log Vh_t^(j))``, and their standard deviation is taken relative to the largest of
@@ -97,8 +108,9 @@ class BellmanEstimate:
     """Estimated Bellman error: ``eps`` (sup over steps) with its interval, and per-step profiles.
 
     ``log_per_step[t-1]`` is the largest ``|log rho_t|`` over visited prefixes, ``per_step = exp(.) - 1``;
-    ``per_step_low`` / ``per_step_high`` bound it (equal for the exact method); ``gauge_per_step`` is
-    ``exp((max - min) / 2) - 1`` of ``log rho_t``.
+    ``per_step_low`` / ``per_step_high`` bound it (equal for the exact method); ``gauge_per_step[t-1]`` is
+    ``exp(max_b (hi_b - lo_b) / 2) - 1``, with ``hi_b`` and ``lo_b`` the largest and smallest ``log rho_t``
+    over prompt ``b``'s visited prefixes: the gauge rescales each prompt's levels on their own.
 
     ``ratio_bound`` is the paper's ``L`` (Assumption 3.1, ``1/L <= G_t <= L`` on reachable paths) over the
     potentials ``G_t = Vh_t / Vh_{t-1}`` observed from visited prefixes of positive value (every next token
@@ -106,13 +118,16 @@ class BellmanEstimate:
     otherwise): ``inf`` as soon as one of them is 0 (a 0/1 verifier). ``positive_ratio_bound`` is the
     largest ``max(G, 1/G)`` over the positive ones only (finite; not the paper's ``L``), and
     ``gauge_ratio_bound`` is ``L`` in the gauge of ``gauge_eps`` (each ``log G_t`` shifted by
-    ``-(max + min) / 2`` of ``log rho_t``), so that ``(gauge_ratio_bound, gauge_eps)`` belong to one
-    rescaled model, as a bound such as Theorem 5.1's needs. All three grow towards the exact values from
-    below as the prefixes and continuations cover the reachable ones.
+    ``-(hi_b + lo_b) / 2`` of its own prompt's ``log rho_t``), so that ``(gauge_ratio_bound, gauge_eps)``
+    belong to one rescaled model, as a bound such as Theorem 5.1's needs. All three grow towards the exact
+    values from below as the prefixes and continuations cover the reachable ones.
 
-    ``average_per_step[t-1]`` is the typical rather than the worst error: the mean of ``|rho_t - 1|`` over
-    the visited prefixes weighted by ``Vh_{t-1}``, i.e. under the twisted path law ``p Vh_{t-1}`` that
-    guided particles follow, which equals ``E_p|E_p[Vh_t | .] - Vh_{t-1}| / E_p[Vh_{t-1}]``. It stays finite
+    ``average_per_step[t-1]`` is the typical rather than the worst error: per prompt, the mean of
+    ``|rho_t - 1|`` over its visited prefixes weighted by ``Vh_{t-1}``, i.e. under the twisted path law
+    ``p Vh_{t-1}`` that its guided particles follow, which equals
+    ``E_p|E_p[Vh_t | .] - Vh_{t-1}| / E_p[Vh_{t-1}]``; then the mean over the prompts with a visited prefix
+    at that step, each alike (the weights are normalised within a prompt: a prompt whose ``Vh`` is scaled
+    by a constant, which changes no sampler's output, neither dominates nor vanishes). It stays finite
     where the supremum does not (a prefix with ``Vh_{t-1} > 0`` whose continuations all have value ``0``
     gives ``eps_t = inf``: a learned model that never says exactly 0 meets an exact 0/1 verifier).
     Sampled continuations bias it upward by about their relative standard error.
@@ -365,13 +380,17 @@ def bellman_error(
     log_v0 = _checked_log_values(reward.initial_log_value(particles), "initial_log_value", (batch,), 0)
     log_v_prev = np.repeat(log_v0[:, None], num_prefixes, 1)
     # Per step: |log rho| and the relative standard error (sd of log rho_hat) of each scored prefix; inf
-    # where none is known (one continuation, or sampled continuations all of value 0): interval [0, inf].
+    # where none is known (one continuation, sampled continuations all of value 0, or a step where every
+    # prefix's continuations agreed): interval [0, inf].
     steps: list[tuple[FloatArray, FloatArray]] = []
-    gauge: list[float] = []
-    shift: list[float] = []  # the gauge's shift of log rho_t (and of log G_t): -(max + min) / 2
-    average: list[float] = []  # Vh_{t-1}-weighted mean of |rho_t - 1|
-    g_high: list[float] = []  # largest and smallest positive log G_t observed at each step
-    g_low: list[float] = []
+    # Per step and prompt (B,): the gauge's half-range of log rho_t and its shift of log rho_t (and of log
+    # G_t), -(hi_b + lo_b) / 2 (see _gauge); the largest and smallest positive log G_t observed (-inf / inf:
+    # none)
+    gauge: list[FloatArray] = []
+    shift: list[FloatArray] = []
+    g_high: list[FloatArray] = []
+    g_low: list[FloatArray] = []
+    average: list[float] = []  # per prompt the Vh_{t-1}-weighted mean of |rho_t - 1|, then over prompts
     zero_potential = False
     for step in range(1, max_steps + 1):
         if particles.finished.all():
@@ -417,6 +436,10 @@ def bellman_error(
                 if pooled.any()
                 else -np.inf
             )
+            # A pooled sd of 0 (every prefix's continuations agreed) has no spread to read: sampled draws
+            # cannot tell a step the policy forces from draws that happened to agree, so no standard error
+            # is known there, as with M = 1.
+            known &= log_pooled > -np.inf
             relative_error = np.full_like(log_mean, np.inf)
             with np.errstate(over="ignore"):  # beyond the doubles: infinite, as they are
                 relative_error[known] = np.exp(
@@ -426,39 +449,24 @@ def bellman_error(
             observed = np.broadcast_to(scored[..., None], observed_g.shape)
         with np.errstate(over="ignore"):  # |log rho| beyond the doubles is infinite (eps_t = inf), as it is
             log_rho = np.where(scored, log_mean - prev_safe, np.nan)
-        if scored.any():
-            weights = np.exp(log_v_prev[scored] - log_v_prev[scored].max())
-            with np.errstate(over="ignore"):
-                deviation = np.abs(np.exp(log_rho[scored]) - 1.0)
-            present = weights > 0  # a weight that underflowed contributes 0, even against rho = inf
-            average.append(float(np.sum(weights[present] * deviation[present]) / np.sum(weights)))
-        else:
-            average.append(0.0)
+        average.append(_average_deviation(log_rho, log_v_prev, scored))
         steps.append((np.abs(log_rho[scored]), relative_error[scored]))
-        values_here = log_rho[scored]
-        # rho = 0 (a mean of 0), or |log rho| beyond the doubles (log-values near +-1.8e308 whose difference
-        # overflows; eps_t is infinite then, and the gauge cannot be read from infinities: inf - inf)
-        if not np.isfinite(values_here).all():
-            gauge.append(np.inf)
-            shift.append(0.0)
-        else:
-            if values_here.size:
-                gauge.append(float((values_here.max() - values_here.min()) / 2))
-                shift.append(-float((values_here.max() + values_here.min()) / 2))
-            else:
-                gauge.append(0.0)
-                shift.append(0.0)
+        half_range, moved = _gauge(log_rho, scored)
+        gauge.append(half_range)
+        shift.append(moved)
         live = ~particles.finished
         policy.propose(particles, generator)
         live &= ~_fail_new_prompts(particles, errors)[:, None]  # a failed prompt's particles took no step
         log_v = _checked_log_values(reward.log_value(particles), "log_value", live.shape, step)
         # the rollout's own step is one more observed transition of each scored prefix
         with np.errstate(over="ignore"):
-            seen = np.concatenate([observed_g[observed], (log_v - prev_safe)[live & scored]])
-        zero_potential |= bool(np.any(seen == -np.inf))
-        positive = seen[seen > -np.inf]
-        g_high.append(float(positive.max()) if positive.size else 0.0)
-        g_low.append(float(positive.min()) if positive.size else 0.0)
+            own_g = log_v - prev_safe
+        seen = np.concatenate([observed.reshape(batch, -1), (live & scored).reshape(batch, -1)], axis=1)
+        seen_g = np.concatenate([observed_g.reshape(batch, -1), own_g.reshape(batch, -1)], axis=1)
+        zero_potential |= bool(np.any(seen & (seen_g == -np.inf)))
+        positive = seen & (seen_g > -np.inf)
+        g_high.append(np.max(np.where(positive, seen_g, -np.inf), axis=1))
+        g_low.append(np.min(np.where(positive, seen_g, np.inf), axis=1))
         log_v_prev = np.where(live, log_v, log_v_prev)
     if not particles.finished.all():  # as smc: a truncated rollout would read as a shorter horizon
         raise RuntimeError(f"max_steps: trajectories still unfinished after {max_steps} steps")
@@ -492,7 +500,9 @@ def bellman_error(
     with np.errstate(over="ignore"):  # a huge error, interval end or bound is +inf, as it should be
         per_step = np.expm1(log_per_step)
         per_step_low, per_step_high = np.expm1(np.array(log_low)), np.expm1(np.array(log_high))
-        gauge_per_step = np.expm1(np.array(gauge))
+        # the gauge is chosen per prompt: the step's error is its worst prompt's
+        gauge_per_step = np.expm1(np.array([float(half_range.max()) for half_range in gauge]))
+        # (T, B): -inf / inf where a prompt observed no positive potential, which the maxima pass over
         high, low, moved = np.array(g_high), np.array(g_low), np.array(shift)
         log_positive = float(np.max(np.maximum(high, -low), initial=0.0))
         log_gauge = float(np.max(np.maximum(high + moved, -(low + moved)), initial=0.0))
@@ -531,3 +541,44 @@ def _log_mean_and_sd(log_values: FloatArray) -> tuple[FloatArray, FloatArray]:
     spread = scaled.std(axis=-1, ddof=1) if count > 1 else np.zeros_like(mean)
     with np.errstate(divide="ignore"):
         return np.log(mean) + top[..., 0], np.log(spread) + top[..., 0]
+
+
+def _average_deviation(log_rho: FloatArray, log_v_prev: FloatArray, scored: npt.NDArray[np.bool_]) -> float:
+    """``average_per_step`` at one step: per prompt ``b`` the mean of ``|rho_t - 1|`` over its scored
+    prefixes ``i`` weighted by ``Vh_{t-1}``,
+
+        A_b = sum_i Vh_{t-1}(i) |rho_t(i) - 1| / sum_i Vh_{t-1}(i),
+
+    its weights self-normalised within the prompt (taken as ``exp(log Vh_{t-1} - max_b log Vh_{t-1})``), as
+    the twisted prefix law ``p Vh_{t-1}`` is one per prompt; then the plain mean of ``A_b`` over the prompts
+    with a scored prefix (0 with none). Rescaling one prompt's ``Vh`` by a constant, which changes no
+    ``rho`` and no sampler's output, leaves it as it is. ``|rho - 1|`` is ``|expm1(log rho)|``; a weight
+    that underflows to 0 contributes 0, even against ``rho = inf``."""
+    has: npt.NDArray[np.bool_] = np.any(scored, axis=1)
+    if not has.any():
+        return 0.0
+    top = np.max(np.where(scored, log_v_prev, -np.inf), axis=1, keepdims=True)  # finite where `has`
+    weights = np.where(scored, np.exp(log_v_prev - np.where(has[:, None], top, 0.0)), 0.0)
+    present = weights > 0.0
+    with np.errstate(over="ignore"):  # rho = inf: an infinite deviation, as it is
+        deviation = np.abs(np.expm1(np.where(present, log_rho, 0.0)))
+    per_prompt = (
+        np.sum(np.where(present, weights * deviation, 0.0), axis=1)[has] / np.sum(weights, axis=1)[has]
+    )
+    return float(per_prompt.mean())
+
+
+def _gauge(log_rho: FloatArray, scored: npt.NDArray[np.bool_]) -> tuple[FloatArray, FloatArray]:
+    """Per prompt ``b``, the best constant shift of its ``log rho_t`` (rescaling its level ``t`` alone, which
+    changes no sampler's output: each prompt's particles are weighted among themselves) and what it leaves:
+    the half-range ``(hi_b - lo_b) / 2`` of ``log rho_t`` over ``b``'s scored prefixes (largest ``hi_b``,
+    smallest ``lo_b``) and the shift ``-(hi_b + lo_b) / 2``, both ``(B,)``. A prompt with no scored prefix
+    has 0 and 0; one with an infinite ``log rho`` (``rho = 0``, a mean of 0, or ``|log rho|`` beyond the
+    doubles) has ``inf`` and shift 0: the gauge cannot be read from infinities (``inf - inf``)."""
+    finite = np.all(~scored | np.isfinite(log_rho), axis=1)
+    has = scored.any(axis=1) & finite
+    top = np.max(np.where(scored, log_rho, -np.inf), axis=1)
+    bottom = np.min(np.where(scored, log_rho, np.inf), axis=1)
+    half_range = np.where(has, 0.5 * (np.where(has, top, 0.0) - np.where(has, bottom, 0.0)), 0.0)
+    shift = np.where(has, -0.5 * (np.where(has, top, 0.0) + np.where(has, bottom, 0.0)), 0.0)
+    return np.where(finite, half_range, np.inf), shift
