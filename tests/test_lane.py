@@ -121,6 +121,30 @@ def test_a_trace_stacks_each_fields_rows_of_the_run_step_by_step(start: int, sto
     assert Trace().stacked(2)["ess"].shape == (2, 0)
 
 
+@pytest.mark.parametrize("start, stop", [(2, 3), (1, 4)])
+def test_a_long_trace_reads_its_rows_out_and_lets_the_shared_arrays_go(start: int, stop: int) -> None:
+    """Past ``CHUNK`` steps the run's rows are read out and the calls' whole outputs (all the runs stepped
+    together's rows) are no longer held: a long run kept every step's arrays alive. ``stacked`` is the same."""
+    import gc
+    import weakref
+
+    rng = np.random.default_rng(1)
+    trace, calls, watched = Trace(), [], []
+    for _ in range(2 * Trace.CHUNK + 5):
+        outputs = tuple(rng.normal(size=300).astype(dtype) for _, dtype in Trace.FIELDS)
+        calls.append(tuple(output[start:stop].copy() for output in outputs))
+        watched.append(weakref.ref(outputs[0]))
+        trace.record(outputs, start, stop)
+        del outputs
+    gc.collect()
+    assert sum(ref() is not None for ref in watched) == 5  # the steps since the last read-out
+    stacked = trace.stacked(stop - start)
+    for k, (name, dtype) in enumerate(Trace.FIELDS):
+        want = np.stack([rows[k] for rows in calls], axis=1)
+        assert stacked[name].dtype == dtype and stacked[name].flags.c_contiguous
+        np.testing.assert_array_equal(stacked[name], want)
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_the_ledger_charges_each_member_what_a_call_by_call_split_would(seed: int) -> None:
     """Members join and leave between calls made to every member or to some (a lane joining newcomers),
@@ -778,3 +802,55 @@ def test_a_prompt_never_resamples_after_its_last_step_while_others_of_its_run_go
         assert result.resampled is not None
         assert result.resampled[0][2:].sum() == 0 and result.resampled[1][2:11].all()
         assert result.resampled[0][:2].all()  # up to its last step it resampled as the other did
+
+
+class _FinishedOnly:
+    """The task's twist as an outcome reward: it scores finished trajectories only (a verifier would refuse
+    a partial one) and counts the rows it is asked to score."""
+
+    supports_engine = True
+
+    def __init__(self, twist: Any) -> None:
+        self.twist, self.rows = twist, 0
+
+    def initial_log_value(self, particles: Particles) -> Any:
+        return self.twist.initial_log_value(particles)
+
+    def log_value(self, particles: Particles) -> Any:
+        self.rows += particles.finished.size
+        if not particles.finished.all():
+            raise ValueError("reward: cannot score an unfinished trajectory")
+        return self.twist.log_value(particles)
+
+
+@pytest.mark.parametrize("sampler", ["best_of_n", "rejection"])
+def test_a_rollout_lane_scores_the_runs_that_finished_and_no_others(sampler: str) -> None:
+    """Rollout runs are scored once, at their end: with runs joining a step apart (each finishing a step
+    after the one before), the reward model scores each run's rows when it finishes, never the partial
+    trajectories of the runs still going (they were scored, and an outcome reward that refuses them failed
+    every run but the last), and each run's result is the one it gets alone."""
+    task = MarkovDFATask.random(3, 3, 4, rng=0)
+    reward = _FinishedOnly(task.twist(noise=0.4, rng=1))
+    models = Models(task.policy(), reward, Compute())
+
+    def make(seed: int, on: Models) -> Run:
+        if sampler == "best_of_n":
+            return best_of_n_run(on, [()], 4, seed, max_steps=100)
+        return rejection_run(on, [()], 2.0, 1, 64, seed, batch_size=4, max_steps=100)
+
+    runs = [make(seed, models) for seed in range(6)]
+    lane = Lane(models, "rollout")
+    waiting, done = list(runs), {}
+    while len(done) < len(runs):
+        if waiting:
+            lane.add(waiting.pop(0))
+        for run, error in lane.step():
+            assert error is None, error
+            done[id(run)] = run
+    assert reward.rows == sum(int(run.compute.reward_evaluations) for run in runs)
+    for seed, run in enumerate(runs):
+        alone = _FinishedOnly(task.twist(noise=0.4, rng=1))
+        expected = run_alone(Models(task.policy(), alone, Compute()), make(seed, Models(task.policy(), alone, Compute())))
+        assert run.result is not None
+        assert np.array_equal(run.result.log_weights[0], expected.log_weights[0])
+        assert np.array_equal(run.result.samples[0], expected.samples[0])

@@ -486,21 +486,26 @@ class Lane:
             member.skipped.add(prompt)
         member.run.fail_prompt(prompt, prompt_error(member.run.prompt_index(prompt), reason))
 
-    def _log_values(self, ended: Ended) -> FloatArray:
-        """``log Vh_t`` of every row (``_reward_values`` of ``log_value``)."""
-        return self._reward_values(ended, "log_value")
+    def _log_values(self, ended: Ended, members: Optional[list[_Member]] = None) -> FloatArray:
+        """``log Vh_t`` of every row, or of ``members``' rows (``_reward_values`` of ``log_value``)."""
+        return self._reward_values(ended, "log_value", members)
 
-    def _reward_values(self, ended: Ended, method: str) -> FloatArray:
+    def _reward_values(
+        self, ended: Ended, method: str, members: Optional[list[_Member]] = None
+    ) -> FloatArray:
         """The reward model's ``method`` (``log_value``: ``log Vh_t`` a row; ``next_log_values``: ``log Vh``
-        of every one-token extension, the optimal proposal's) of every row. Where the call fails for the
-        batch, each run is scored alone, and a run that fails alone prompt by prompt: the prompts whose rows
-        fail fail alone (``_fail_prompts``: a reward model's NaN on one prompt's prefixes), the run with them
-        where every one of its prompts does. Rows of prompts that failed so are not scored again (``-inf``).
+        of every one-token extension, the optimal proposal's) of every row, or of ``members``' rows alone
+        (the others ``-inf``; the call charged to them: a rollout lane scores the runs that finished, not
+        the others' partial trajectories). Where the call fails for the batch, each run is scored alone,
+        and a run that fails alone prompt by prompt: the prompts whose rows fail fail alone
+        (``_fail_prompts``: a reward model's NaN on one prompt's prefixes), the run with them where every
+        one of its prompts does. Rows of prompts that failed so are not scored again (``-inf``).
         """
         particles = self._particles()
         score: Callable[[Particles], FloatArray] = getattr(self.models, method)
         error: Optional[BaseException] = None
-        if not self._skipping:  # the usual case: one call for every row
+        chosen = self.members if members is None or len(members) == len(self.members) else members
+        if not self._skipping and chosen is self.members:  # the usual case: one call for every row
             try:
                 values: FloatArray = self._charge(lambda: score(particles))
                 return values
@@ -511,22 +516,22 @@ class Lane:
             shape = (*shape, cast(TokenPolicy, self.models.policy).vocab_size)
         values = np.full(shape, -np.inf)
         self._flush(particles)  # before the copies of rows (Particles.select), as the policy's time
-        if error is None:  # rows left unscored: the others in one call
-            rows = np.concatenate([member.scored_rows() for member in self.members])
+        if error is None:  # rows left unscored, or the chosen runs': the others in one call
+            rows = np.concatenate([member.scored_rows() for member in chosen])
             try:
-                values[rows] = self._scored(particles, rows, score)
+                values[rows] = self._scored(particles, rows, score, chosen)
                 return values
             except Exception as batch_error:
                 error = batch_error
-        if len(self.members) > 1 or self.members[0].batch > 1:
+        if len(chosen) > 1 or chosen[0].batch > 1:
             logger.warning("%s failed for the batch (%s); scoring each run alone", method, error)
-        for member in self._active():
-            if len(self.members) == 1:  # the call was this run's alone
+        for member in self._active(chosen):
+            if len(chosen) == 1:  # the call was this run's alone
                 run_error = error
             else:
                 rows = member.scored_rows()
                 try:
-                    values[rows] = self._scored(particles, rows, score)
+                    values[rows] = self._scored(particles, rows, score, [member])
                     continue
                 except Exception as failure:
                     run_error = failure
@@ -553,19 +558,24 @@ class Lane:
                     continue
                 rows = np.arange(*member.rows(prompt))
                 try:
-                    values[rows] = self._scored(particles, rows, score)
+                    values[rows] = self._scored(particles, rows, score, [member])
                 except Exception as failure:
                     reasons[prompt] = str(failure)
         if reasons:
             self._fail_prompts(member, reasons, error, ended, skip=True)
 
     def _scored(
-        self, particles: Particles, rows: npt.NDArray[np.int64], score: Callable[[Particles], FloatArray]
+        self,
+        particles: Particles,
+        rows: npt.NDArray[np.int64],
+        score: Callable[[Particles], FloatArray],
+        members: Sequence[_Member],
     ) -> FloatArray:
-        """``score`` of rows ``rows`` alone (a copy of them), ``(len(rows), 1, ...)``; what the model keeps in
-        their state (its cache) written back where the rows' layout allows (``Particles.fill_rows``)."""
+        """``score`` of rows ``rows`` (``members``' rows, charged to them) alone (a copy of them),
+        ``(len(rows), 1, ...)``; what the model keeps in their state (its cache) written back where the rows'
+        layout allows (``Particles.fill_rows``)."""
         part = particles.select(rows)
-        values: FloatArray = self._charge(lambda: score(part))
+        values: FloatArray = self._charge(lambda: score(part), members=members)
         particles.fill_rows(rows, part)
         return values
 
@@ -816,9 +826,10 @@ class Lane:
         if not full.any():  # most steps: no run has ended
             return
         done = [member for member, ended in zip(self.members, full.tolist()) if ended]
-        if self.kind == "rollout":
-            log_r = self._log_values(ended)
-        for member in self._active(done):
+        ending = self._active(done)
+        if self.kind == "rollout" and ending:  # the finished runs' rows alone: the others' are partial
+            log_r = self._log_values(ended, ending)
+        for member in ending:
             view = _view(particles, member)
             try:
                 if self.kind == "rollout":
@@ -895,14 +906,21 @@ class Lane:
         call: Callable[[], Any],
         live: bool = False,
         runs: Optional[list[Run]] = None,
+        members: Optional[Sequence[_Member]] = None,
     ) -> Any:
         """Make one model call for every run, and charge each run its share (by rows, or live rows: those
-        not finished before the call), in the lane's ledger until the run leaves. With ``runs`` (a group
-        starting, not in the lane yet), the call is theirs, charged to them at once in equal shares.
-        Every call may finish rows: they are counted again after it."""
-        members = self.members
+        not finished before the call), in the lane's ledger until the run leaves; with ``members``, a call
+        on their rows alone, charged to them by rows. With ``runs`` (a group starting, not in the lane yet),
+        the call is theirs, charged to them at once in equal shares. Every call may finish rows: they are
+        counted again after it."""
+        members_now = self.members
         weights = None
-        if runs is None and live and len(members) > 1:
+        if runs is None and members is not None and len(members) < len(members_now):
+            paying = {id(member) for member in members}
+            weights = np.array(
+                [m.stop - m.start if id(m) in paying else 0 for m in members_now], dtype=np.int64
+            )
+        elif runs is None and live and len(members_now) > 1:
             finished_rows, rows = self._finished_rows()
             weights = rows - finished_rows
         compute = self.compute
@@ -915,8 +933,8 @@ class Lane:
             if any(deltas):
                 if runs is None:
                     slots = self._slots
-                    if len(slots) != len(members):  # members joined since _renumber (their slots last)
-                        slots = tuple(member.slot for member in members)
+                    if len(slots) != len(members_now):  # members joined since _renumber (their slots last)
+                        slots = tuple(member.slot for member in members_now)
                     self._ledger.record(slots, deltas, weights)
                 else:
                     self._ledger.settle_now(deltas, [run.compute for run in runs])

@@ -119,7 +119,9 @@ class Trace:
     """Per-step diagnostics: for each step, the arrays of the call that stepped the run (``ess``,
     ``resampled``, ``unique_ancestors``, ``log_z_increments``, ``log_z_increment_se``, each ``(rows,)``) and
     the run's rows of them. A call that steps several runs at once (``reweigh_together``) is recorded by
-    reference, one entry a run; the run's rows are read out once, by ``stacked``."""
+    reference, one entry a run; the run's rows are read out every ``CHUNK`` steps (a long run in a busy
+    engine otherwise kept every step's arrays of all the runs beside it alive: 165 times its own rows'
+    worth with 200 in flight) and at the end, by ``stacked``."""
 
     FIELDS = (
         ("ess", np.float64),
@@ -128,27 +130,42 @@ class Trace:
         ("log_z_increments", np.float64),
         ("log_z_increment_se", np.float64),
     )
+    CHUNK = 64  # steps held by reference before the run's rows of them are read out
 
     def __init__(self) -> None:
-        self.steps: list[tuple[tuple[np.ndarray, ...], int, int]] = []
+        self.steps: list[tuple[tuple[np.ndarray, ...], int, int]] = []  # held by reference
+        self._read: list[list[np.ndarray]] = []  # per read-out, each field's (steps, rows) array
         self.ancestry: list[npt.NDArray[np.int64]] = []
 
     def record(self, outputs: tuple[np.ndarray, ...], start: int, stop: int) -> None:
         """A step: ``outputs`` by ``FIELDS`` (never written afterwards), the run's rows ``start:stop``."""
         self.steps.append((outputs, start, stop))
+        if len(self.steps) >= self.CHUNK:
+            self._read.append(self._read_out())
+            self.steps = []
+
+    def _read_out(self) -> list[np.ndarray]:
+        """Each field's ``(steps, rows)`` array of the steps held by reference."""
+        steps = self.steps
+        if all(stop - start == 1 for _, start, stop in steps):  # one row: its entries, half the time
+            return [
+                np.array([outputs[k][start] for outputs, start, _ in steps], dtype)[:, None]
+                for k, (_, dtype) in enumerate(self.FIELDS)
+            ]
+        return [
+            np.array([outputs[k][start:stop] for outputs, start, stop in steps], dtype=dtype)
+            for k, (_, dtype) in enumerate(self.FIELDS)
+        ]
 
     def stacked(self, batch: int) -> dict[str, Any]:
         """Each of ``FIELDS`` as a ``(batch, steps)`` array."""
-        if not self.steps:
+        parts = self._read + ([self._read_out()] if self.steps else [])
+        if not parts:
             return {name: np.zeros((batch, 0), dtype=dtype) for name, dtype in self.FIELDS}
         stacked: dict[str, np.ndarray] = {}
-        one_row = batch == 1 and all(stop - start == 1 for _, start, stop in self.steps)
-        for k, (name, dtype) in enumerate(self.FIELDS):
-            if one_row:  # a request of one prompt: its entries, half the time of its rows stacked
-                stacked[name] = np.array([outputs[k][start] for outputs, start, _ in self.steps], dtype)[None]
-            else:  # (steps, B) transposed: a quarter of np.stack's time for these short rows
-                rows = [outputs[k][start:stop] for outputs, start, stop in self.steps]
-                stacked[name] = np.ascontiguousarray(np.array(rows, dtype=dtype).T)
+        for k, (name, _) in enumerate(self.FIELDS):
+            rows = parts[0][k] if len(parts) == 1 else np.concatenate([part[k] for part in parts])
+            stacked[name] = np.ascontiguousarray(rows.T)  # (steps, B) transposed
         return stacked
 
 
