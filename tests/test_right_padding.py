@@ -238,6 +238,7 @@ def _no_device_cache() -> str:
     return "" if availability else f"tiltsmc's CUDA kernels are not usable: {availability.reason}"
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(bool(_no_device_cache()), reason=_no_device_cache() or "runs on a GPU")
 def test_device_cache_asked_for_is_refused_where_right_padding_is_found() -> None:
     """``device_cache=True`` with ``padding_side=None``: the graph is found right-padded at load (here by

@@ -33,6 +33,10 @@ _ORT_DTYPES = {
     "tensor(uint16)": "<u2",
     "tensor(uint8)": "|u1",
     "tensor(bool)": "|b1",
+    "tensor(float8e4m3fn)": "|V1",
+    "tensor(float8e4m3fnuz)": "|V1",
+    "tensor(float8e5m2)": "|V1",
+    "tensor(float8e5m2fnuz)": "|V1",
 }
 
 _cuda_module: Optional[ModuleType] = None
@@ -117,10 +121,25 @@ def _module_kind(x: Any) -> str:
     return root if root in ("cupy", "torch") else "other"
 
 
+def ort_dtype(element_type: str, name: str) -> np.dtype:
+    """The NumPy dtype of an OrtValue's element type (``"tensor(float)"``): one of ``_ORT_DTYPES`` (types
+    NumPy lacks, bfloat16 and float8, as raw bytes of their width). Any other type is refused, TypeError
+    naming it, before anything reads the memory: a width guessed wrong would copy the wrong number of bytes
+    (packed 4-bit types such as ``tensor(int4)`` hold two elements a byte; complex64 takes eight)."""
+    typestr = _ORT_DTYPES.get(element_type)
+    if typestr is None:
+        supported = ", ".join(sorted(_ORT_DTYPES))
+        raise TypeError(
+            f"{name}: an OrtValue of element type {element_type} is not supported on the device "
+            f"(supported: {supported})"
+        )
+    return np.dtype(typestr)
+
+
 def device_view(x: Any, name: str) -> DeviceView:
     """Read a device array's pointer, shape, dtype and device; refuse what the kernels cannot take."""
     if type(x).__name__ == "OrtValue":
-        dtype = np.dtype(_ORT_DTYPES.get(str(x.data_type()), "V1"))
+        dtype = ort_dtype(str(x.data_type()), name)
         shape = tuple(int(d) for d in x.shape())
         pointer = int(x.data_ptr())
         return DeviceView(pointer, shape, dtype, _device_of(x, pointer, "other"), False, "other", x)
