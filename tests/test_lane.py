@@ -124,7 +124,8 @@ def test_a_trace_stacks_each_fields_rows_of_the_run_step_by_step(start: int, sto
 @pytest.mark.parametrize("start, stop", [(2, 3), (1, 4)])
 def test_a_long_trace_reads_its_rows_out_and_lets_the_shared_arrays_go(start: int, stop: int) -> None:
     """Past ``CHUNK`` steps the run's rows are read out and the calls' whole outputs (all the runs stepped
-    together's rows) are no longer held: a long run kept every step's arrays alive. ``stacked`` is the same."""
+    together's rows) are no longer held: a long run kept every step's arrays alive. ``stacked`` is the
+    same."""
     import gc
     import weakref
 
@@ -850,7 +851,9 @@ def test_a_rollout_lane_scores_the_runs_that_finished_and_no_others(sampler: str
     assert reward.rows == sum(int(run.compute.reward_evaluations) for run in runs)
     for seed, run in enumerate(runs):
         alone = _FinishedOnly(task.twist(noise=0.4, rng=1))
-        expected = run_alone(Models(task.policy(), alone, Compute()), make(seed, Models(task.policy(), alone, Compute())))
+        expected = run_alone(
+            Models(task.policy(), alone, Compute()), make(seed, Models(task.policy(), alone, Compute()))
+        )
         assert run.result is not None
         assert np.array_equal(run.result.log_weights[0], expected.log_weights[0])
         assert np.array_equal(run.result.samples[0], expected.samples[0])
