@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +33,10 @@ API_KEY = "ray-test-key-7d41"
 AUTHORISED = {"Authorization": f"Bearer {API_KEY}"}
 # 256 particles: about as long as 64 took with the separate policy and PRM
 LONG = {"prompt": arithmetic.make_problems(16, 1, rng=0)[0].prompt, "particles": 256, "seed": 1}
+# The shared server's --max-queue and --max-batch-rows: small, so that an overload is reached with a few
+# dozen requests (two of LONG's run at once)
+SHARED_QUEUE = 8
+SHARED_ROWS = 512
 
 
 # Ports Ray's own processes listen on by default (GCS, dashboard, client server, dashboard agent, and its
@@ -103,7 +108,8 @@ class RayServer:
         command = [
             sys.executable, "-m", "tiltsmc.cli", "serve", "--ray", "--demo", "--replicas", "2",
             "--replica-cpus", "0.5", "--port", str(self.port), "--max-request-particles", "256",
-            "--workers", "2",
+            "--workers", "2", "--max-queue", str(SHARED_QUEUE),
+            "--max-batch-rows", str(SHARED_ROWS),
             "--grace", "300",  # the SIGTERM test's long requests drain whole on a loaded machine
             "--api-key-env", "TILTSMC_TEST_KEY",
         ]  # fmt: skip
@@ -156,6 +162,13 @@ class RayServer:
         self._log.flush()
         return self.log_path.read_text()
 
+    def record(self, event: str) -> dict[str, Any]:
+        """The command's first JSON log record of ``event``."""
+        for line in self.log().splitlines():
+            if line.startswith("{") and f'"event": "{event}"' in line:
+                return dict(json.loads(line))
+        raise AssertionError(f"no {event!r} record: {self.log()}")
+
     def stop(self) -> int:
         """SIGTERM, and the command's exit status; a command hung past 120 s is killed with its Ray instance
         (``end_session``)."""
@@ -203,6 +216,80 @@ def test_bad_request_is_the_same_4xx_as_tiltsmc_serve(ray_server: RayServer) -> 
     assert response.json()["error"]["param"] == "particles"
     response = ray_server.post({"prompt": PROMPT, "pool_size": 3})
     assert response.status_code == 400 and response.json()["error"]["message"].startswith("pool_size:")
+
+
+def test_an_overload_is_the_engines_429_at_once_and_health_answers_meanwhile(ray_server: RayServer) -> None:
+    """More requests than the replicas' engines hold: those past their queues get the engine's 429 (with
+    ``Retry-After``) at once, as from ``tiltsmc serve``, the others are served, and ``/health`` and
+    ``/metrics`` answer at once meanwhile (Ray Serve's ``max_ongoing_requests`` was the engine's
+    ``max_queue``: a replica never let its engine's queue fill, so nothing was refused, the rest waited in
+    Ray's unbounded queue, past ``--timeout`` into 504s, and ``/health`` waited behind them)."""
+    body = {**LONG, "particles": 64}
+    count = 2 * (SHARED_QUEUE + SHARED_ROWS // 64) + 8  # past both engines' queues and what they run at once
+
+    def post(seed: int) -> tuple[Any, float]:
+        began = time.monotonic()
+        response = ray_server.post({**body, "seed": seed})
+        return response, time.monotonic() - began
+
+    with concurrent.futures.ThreadPoolExecutor(count) as pool:
+        posted = [pool.submit(post, seed) for seed in range(count)]
+        time.sleep(1.0)
+        for path in ("/health", "/metrics"):
+            began = time.monotonic()
+            assert ray_server.get(path).status_code == 200
+            assert time.monotonic() - began < 5, path
+        outcomes = [future.result() for future in posted]
+    codes = [response.status_code for response, _ in outcomes]
+    assert set(codes) == {200, 429}, codes
+    for response, seconds in outcomes:
+        if response.status_code == 429:  # the engine's (Ray's own has a text body)
+            assert response.text.startswith('{"error"'), response.text
+            assert response.json()["error"]["code"] == "overloaded" and response.headers["retry-after"] == "1"
+            assert seconds < 10, seconds  # refused as it came, not after a wait
+
+
+def test_one_request_id_names_the_request_and_its_log_line(ray_server: RayServer) -> None:
+    """An answer through Ray Serve has one ``X-Request-ID`` (Ray's proxy added its own to tiltsmc's), the
+    completion's id; and the replica logs the request's JSON line, as ``tiltsmc serve`` does, on its
+    standard error in Ray's log folder (``worker-*-PID.err``, the folder named by the ``listening`` line),
+    where it was lost."""
+    for sent in ({"X-Request-ID": "ray-test-id-1"}, {}):
+        response = httpx.post(
+            f"{ray_server.url}/v1/completions", json={"prompt": PROMPT, "particles": 2, "seed": 0},
+            headers={**AUTHORISED, **sent}, timeout=60,
+        )  # fmt: skip
+        assert response.status_code == 200, response.text
+        ids = response.headers.get_list("x-request-id")
+        assert len(ids) == 1 and response.json()["id"] == f"cmpl-{ids[0]}", ids
+        if sent:
+            assert ids == ["ray-test-id-1"]
+    folder = Path(ray_server.record("listening")["ray_logs"])
+    pid = int(response.headers["x-tiltsmc-instance"].split("@")[1])
+    deadline = time.monotonic() + 30
+    while True:
+        logged = [
+            json.loads(line)
+            for path in folder.glob(f"worker-*-{pid}.err")
+            for line in path.read_text().splitlines()
+            if line.startswith('{"event": "request"')
+        ]
+        if any(record["id"] == ids[0] for record in logged):
+            break
+        assert time.monotonic() < deadline, (list(folder.glob(f"worker-*-{pid}.err")), logged[-3:])
+        time.sleep(0.5)
+    record = next(record for record in logged if record["id"] == ids[0])
+    assert record["status"] == 200 and record["outcome"] == "completed"
+
+
+def test_the_api_key_is_not_in_the_environment_of_the_replicas(ray_server: RayServer) -> None:
+    """``--api-key-env``'s variable is read, then left out of the environment the Ray instance's processes
+    inherit (every replica's held the key)."""
+    instances = ray_server.both_instances()
+    for instance in instances:
+        environ = Path(f"/proc/{instance.split('@')[1]}/environ").read_bytes().split(b"\0")
+        assert not any(entry.startswith(b"TILTSMC_TEST_KEY=") for entry in environ), instance
+        assert not any(API_KEY.encode() in entry for entry in environ), instance
 
 
 def test_streaming_and_the_model_list_come_through_the_ingress(ray_server: RayServer) -> None:
@@ -369,12 +456,18 @@ def test_build_applications_deployment_options() -> None:
     """What ``build_application`` deploys: its defaults (those ``tiltsmc serve --ray`` takes), and the
     arguments given (a zero reservation is Ray's to take)."""
     import numpy as np
-    from tiltsmc.serving.ray import ReplicaOptions, deployment_options
-    from tiltsmc.serving.server import Settings
+    from tiltsmc.serving.ray import DRAIN_POLL_S, ONGOING_HEADROOM, ReplicaOptions, deployment_options
+    from tiltsmc.serving.server import SEND_MARGIN, TIMEOUT_MARGIN, Settings
 
     settings = Settings()
     default = deployment_options(ReplicaOptions({}, settings))
-    assert default["num_replicas"] == 1 and default["max_ongoing_requests"] == settings.max_queue
+    # the engine's admission decides (its queue and its rows), with room for /health and /metrics; Ray queues
+    # as many more at most (it queued without bound)
+    holds = settings.max_queue + settings.max_batch_rows
+    assert default["num_replicas"] == 1 and default["max_ongoing_requests"] == holds + ONGOING_HEADROOM
+    assert default["max_queued_requests"] == holds + ONGOING_HEADROOM
+    margins = TIMEOUT_MARGIN + SEND_MARGIN + DRAIN_POLL_S  # as uvicorn waits, and a look at the status
+    assert default["graceful_shutdown_timeout_s"] == settings.grace + margins
     assert default["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.0}
     autoscaling = {"min_replicas": 0, "max_replicas": 2, "target_ongoing_requests": 4, "upscale_delay_s": 1.0}
     given = deployment_options(
@@ -383,7 +476,7 @@ def test_build_applications_deployment_options() -> None:
     )  # fmt: skip
     assert autoscaling["target_ongoing_requests"] == 4  # the dict given is left as it was
     assert given["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 0.0}
-    assert given["max_ongoing_requests"] == 3 and "num_replicas" not in given
+    assert given["max_ongoing_requests"] == given["max_queued_requests"] == 3 and "num_replicas" not in given
     assert given["autoscaling_config"] == {
         "min_replicas": 0, "max_replicas": 2, "target_ongoing_requests": 4.0, "upscale_delay_s": 1.0,
     }  # fmt: skip
@@ -756,6 +849,30 @@ def test_a_replica_that_cannot_be_placed_is_reported_and_a_signal_still_stops_th
             time.sleep(0.5)
 
 
+@pytest.mark.ray_cluster
+def test_a_request_still_running_at_the_end_of_the_grace_period_gets_the_503_closed(tmp_path: Path) -> None:
+    """SIGTERM: a request the grace period does not let finish gets ``tiltsmc serve``'s 503 ``closed`` (the
+    replica begins its engine's drain as its application is deleted), not Ray's bare-text 500 when Ray Serve
+    stopped the replica at its ``graceful_shutdown_timeout_s``; the command exits 0."""
+    port = free_port()
+    arguments = ["--grace", "1", "--timeout", "300", "--max-request-particles", "2048", "--max-n", "4",
+                 "--replica-cpus", "0.5", "--port", str(port)]  # fmt: skip
+    body = {**LONG, "particles": 2048, "n": 4}  # four runs of 2048 rows: far longer than the grace period
+    with ServeCommand(arguments, tmp_path / "serve.log") as command:
+        assert command.wait_for("listening", within=240) is not None, command.log()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            url = f"http://127.0.0.1:{port}/v1/completions"
+            posted = pool.submit(httpx.post, url, json=body, timeout=120)
+            time.sleep(2)
+            assert not posted.done(), posted.result().text
+            signalled = time.monotonic()
+            assert command.stop(within=120) == 0, command.log()
+            response = posted.result()
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["code"] == "closed"
+        assert time.monotonic() - signalled < 60
+
+
 def test_a_port_in_use_is_refused_as_tiltsmc_serve_refuses_it_before_ray_starts() -> None:
     """``--port`` taken by another process: the same one-line refusal and status 2 as ``tiltsmc serve``,
     before Ray starts (Ray's proxy failed to bind once it had: a coloured traceback on one line, status 1)."""
@@ -867,7 +984,13 @@ def test_a_deploy_error_is_its_last_line_without_colours(
 
     port = free_port()
     serve_client = SimpleNamespace(http_config=SimpleNamespace(host="127.0.0.1", port=port))
-    failed = SimpleNamespace(status="DEPLOY_FAILED", message=REPLICA_ERROR, deployments={})
+    # as Ray Serve 2.60 reports a replica's failure: the replicas' error in the deployment's message, the
+    # application's saying only that it failed (which was all the command said)
+    deployment = SimpleNamespace(status="DEPLOY_FAILED", message=REPLICA_ERROR, replica_states={})
+    failed = SimpleNamespace(
+        status="DEPLOY_FAILED", message="Failed to update the deployments ['tiltsmc'].",
+        deployments={"tiltsmc": deployment},
+    )  # fmt: skip
     monkeypatch.setattr(ray, "init", lambda **kwargs: None)
     monkeypatch.setattr(ray, "shutdown", lambda: None)
     monkeypatch.setattr(serve, "start", serve_started)
@@ -886,3 +1009,219 @@ def test_a_deploy_error_is_its_last_line_without_colours(
         serve_on_ray(args, ReplicaOptions({}, Settings()))
     assert str(raised.value) == f"Ray Serve could not deploy: {expected}"
     assert {signum: signal.getsignal(signum) for signum in handlers} == handlers
+
+
+def mock_serve(
+    monkeypatch: pytest.MonkeyPatch,
+    applications: dict[str, Any],
+    *,
+    serve_host: str = "127.0.0.1",
+    serve_port: int | None = None,
+    stop: bool = False,
+) -> dict[str, Any]:
+    """Ray and Ray Serve mocked for ``serve_on_ray``: ``serve.status()`` answers ``applications``, Serve
+    listens on ``serve_host`` / ``serve_port`` (None: the port asked); with ``stop``, a SIGTERM soon after
+    deploying (the command's handler installed by then). What the command asked is recorded in the dict
+    returned (``http_options``, ``environ_at_init``)."""
+    import ray
+    import ray.serve.context
+    import tiltsmc.serving.ray as serving_ray
+    from ray import serve
+
+    seen: dict[str, Any] = {}
+
+    def init(**kwargs: Any) -> None:
+        seen["environ_at_init"] = dict(os.environ)
+
+    def start(http_options: dict[str, Any]) -> None:
+        seen["http_options"] = http_options
+        port = http_options["port"] if serve_port is None else serve_port
+        seen["client"] = SimpleNamespace(http_config=SimpleNamespace(host=serve_host, port=port))
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setattr(serve, "start", start)
+    monkeypatch.setattr(ray.serve.context, "_get_global_client", lambda: seen.get("client"))
+
+    def run_many(*args: Any, **kwargs: Any) -> None:
+        if stop:
+            seen["stopper"] = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM))
+            seen["stopper"].start()
+
+    monkeypatch.setattr(serve, "run_many", run_many)
+    monkeypatch.setattr(serve, "status", lambda: SimpleNamespace(applications=applications))
+    monkeypatch.setattr(serve, "delete", lambda name, **kwargs: applications.pop(name, None))
+    monkeypatch.setattr(serve, "shutdown", lambda: None)
+    monkeypatch.setattr(serving_ray, "_check_address", lambda address: None)
+    return seen
+
+
+def test_a_setting_the_replicas_refuse_is_named_with_status_2_as_tiltsmc_serve_names_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A replica's ValueError (a setting its models cannot meet, as ``tiltsmc serve`` refuses it with status
+    2): a ValueError with its message, not "Ray Serve could not deploy: Failed to update the deployments"
+    (status 1)."""
+    from tiltsmc.cli import build_parser
+    from tiltsmc.serving.ray import ReplicaOptions, serve_on_ray
+    from tiltsmc.serving.server import Settings
+
+    refusal = "max_tokens: 100000 is not from 1 to the policy's max_new_tokens, 162 (tiltsmc serve ...)"
+    message = REPLICA_ERROR.rpartition("\n")[0] + f"\nValueError: {refusal}"
+    deployment = SimpleNamespace(status="DEPLOY_FAILED", message=message, replica_states={})
+    failed = SimpleNamespace(
+        status="DEPLOY_FAILED", message="Failed to update the deployments ['tiltsmc'].",
+        deployments={"tiltsmc": deployment},
+    )  # fmt: skip
+    mock_serve(monkeypatch, {"tiltsmc": failed})
+    args = build_parser().parse_args(["serve", "--ray", "--demo", "--port", str(free_port())])
+    with pytest.raises(ValueError) as raised:
+        serve_on_ray(args, ReplicaOptions({}, Settings()))
+    assert str(raised.value) == refusal
+
+
+@pytest.mark.ray_cluster
+def test_a_setting_the_replicas_refuse_ends_the_command_as_it_ends_tiltsmc_serve(tmp_path: Path) -> None:
+    """``--max-tokens`` past the demo policy's: refused by the replicas as the plain server refuses it, the
+    same last line and status 2 (it was status 1 and "Ray Serve could not deploy: Failed to update the
+    deployments ['tiltsmc']")."""
+    command = [sys.executable, "-m", "tiltsmc.cli", "serve", "--demo", "--max-tokens", "100000"]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    plain = subprocess.run(
+        [*command, "--port", str(free_port())], capture_output=True, text=True, env=env, timeout=180
+    )
+    arguments = ["--max-tokens", "100000", "--port", str(free_port())]
+    with ServeCommand(arguments, tmp_path / "serve.log") as on_ray:
+        try:
+            status = on_ray.process.wait(300)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the command still runs: {on_ray.log()}") from None
+        assert (status, plain.returncode) == (2, 2), (on_ray.log(), plain.stderr)
+        assert on_ray.log().splitlines()[-1] == plain.stderr.splitlines()[-1], on_ray.log()
+        assert plain.stderr.splitlines()[-1].startswith("tiltsmc: max_tokens: 100000 ")
+
+
+def test_the_proxy_times_requests_out_past_timeout_and_its_margins(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray Serve's proxy ends a request ``TIMEOUT_MARGIN + SEND_MARGIN`` past ``--timeout`` (by when a
+    replica has answered its 504), as uvicorn waits for the plain server's: it had no timeout, a request
+    waiting in Ray's queue waited for ever; none for ``--timeout inf``."""
+    from tiltsmc.cli import build_parser
+    from tiltsmc.serving.ray import ReplicaOptions, serve_on_ray
+    from tiltsmc.serving.server import SEND_MARGIN, TIMEOUT_MARGIN, Settings
+
+    running = SimpleNamespace(status="RUNNING", message="", deployments={})
+    for timeout, expected in (("5", 5 + TIMEOUT_MARGIN + SEND_MARGIN), ("inf", None)):
+        seen = mock_serve(monkeypatch, {"tiltsmc": running}, stop=True)  # deleted on SIGTERM
+        args = build_parser().parse_args(
+            ["serve", "--ray", "--demo", "--port", str(free_port()), "--timeout", timeout]
+        )
+        assert serve_on_ray(args, ReplicaOptions({}, Settings.from_args(args))) == 0
+        seen["stopper"].join()
+        assert seen["http_options"].get("request_timeout_s") == expected
+
+
+def test_the_api_key_variable_is_gone_from_the_environment_before_ray_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``--api-key-env``'s variable, once read, is left out of the environment that ``ray.init``'s local
+    instance hands every process it starts (each replica held the key)."""
+    from tiltsmc.cli import build_parser
+    from tiltsmc.serving.ray import ReplicaOptions, serve_on_ray
+    from tiltsmc.serving.server import Settings
+
+    monkeypatch.setenv("TILTSMC_RAY_TEST_KEY", "a-key-for-the-test-1")
+    failed = SimpleNamespace(status="DEPLOY_FAILED", message="no replicas", deployments={})
+    seen = mock_serve(monkeypatch, {"tiltsmc": failed})
+    args = build_parser().parse_args(
+        ["serve", "--ray", "--demo", "--port", str(free_port()), "--api-key-env", "TILTSMC_RAY_TEST_KEY"]
+    )
+    settings = Settings.from_args(args)
+    assert settings.api_key == "a-key-for-the-test-1"
+    with pytest.raises(RuntimeError, match="no replicas"):
+        serve_on_ray(args, ReplicaOptions({}, settings))
+    assert "TILTSMC_RAY_TEST_KEY" not in seen["environ_at_init"]
+    assert not any("a-key-for-the-test-1" in value for value in seen["environ_at_init"].values())
+
+
+def test_a_host_other_than_the_one_serve_listens_on_in_a_joined_cluster_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ray Serve already running on a cluster joined keeps its host as it keeps its port: a differing
+    ``--host`` refused, naming it, before deploying (it was dropped silently)."""
+    from tiltsmc.cli import build_parser
+    from tiltsmc.serving.ray import ReplicaOptions, serve_on_ray
+    from tiltsmc.serving.server import Settings
+
+    mock_serve(monkeypatch, {}, serve_host="0.0.0.0")
+    monkeypatch.setattr("ray.serve.run_many", lambda *args, **kwargs: pytest.fail("deployed"))
+    port = str(free_port())
+    args = build_parser().parse_args(
+        ["serve", "--ray", "--demo", "--address", "192.0.2.1:6379", "--port", port, "--host", "127.0.0.1"]
+    )
+    with pytest.raises(ValueError) as raised:
+        serve_on_ray(args, ReplicaOptions({}, Settings()))
+    assert str(raised.value) == (
+        "--host: Ray Serve already runs on the cluster at --address 192.0.2.1:6379, listening on host "
+        "0.0.0.0, and keeps it: give --host 0.0.0.0"
+    )
+
+
+def test_provider_options_for_a_gpu_are_refused_where_the_replicas_reserve_none(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A replica that reserves no GPU runs its models on the CPU: ``--provider-option`` for another provider
+    is refused before Ray starts, naming ``--replica-gpus``, as options that would have no effect."""
+    import ray
+    from tiltsmc.cli import build_parser
+    from tiltsmc.serving.ray import ReplicaOptions, serve_on_ray
+    from tiltsmc.serving.server import Settings
+
+    monkeypatch.setattr(ray, "init", lambda **kwargs: pytest.fail("Ray started"))
+    args = build_parser().parse_args(["serve", "--ray", "--policy", "p", "--reward", "r", "--port", "8000"])
+    cuda = {"provider_option": [("CUDAExecutionProvider", "device_id", "1")]}
+    refused = r"^--provider-option: a replica that reserves no GPU \(--replica-gpus 0, the default\) runs"
+    with pytest.raises(ValueError, match=refused):
+        serve_on_ray(args, ReplicaOptions(cuda, Settings()))
+
+
+def test_a_replica_without_a_gpu_runs_on_the_cpu_with_its_cpus_as_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A replica reserving no GPU loads its models on the CPU (they picked CUDA where a GPU was usable,
+    outside Ray's accounting); ``--threads`` sets its core's and ONNX Runtime's threads (it set neither
+    in a replica), and without it the CPUs it reserves, rounded up, shared between its workers."""
+    import argparse
+
+    import tiltsmc.cli
+    from ray import serve
+    from tiltsmc import core
+    from tiltsmc.serving.ray import ReplicaOptions, TiltsmcReplica, build_application, replica_model_args
+    from tiltsmc.serving.server import Settings
+
+    settings = Settings()
+    given = {"threads": None, "cpu": False, "demo": True}
+    on_cpus = replica_model_args(ReplicaOptions(given, settings), 1.5, 0.0)
+    assert on_cpus == {**given, "cpu": True, "threads": 2}
+    assert replica_model_args(ReplicaOptions(given, settings), 0.0, 1.0) == {**given, "threads": 1}
+    four_workers = ReplicaOptions(given, Settings(workers=4))
+    assert replica_model_args(four_workers, 8.0, 0.5) == {**given, "threads": 2}
+    assert replica_model_args(ReplicaOptions({**given, "threads": 3}, settings), 8.0, 0.0)["threads"] == 3
+
+    loaded: list[argparse.Namespace] = []
+    threads: list[int] = []
+
+    class Loaded(Exception):
+        pass
+
+    def load(args: argparse.Namespace) -> Any:
+        loaded.append(args)
+        raise Loaded
+
+    monkeypatch.setattr(tiltsmc.cli, "_load_models_or_fail", load)
+    monkeypatch.setattr(core, "set_num_threads", threads.append)
+    monkeypatch.setattr(serve, "get_replica_context", lambda: pytest.fail("not reached"))
+    application = build_application(ReplicaOptions(given, settings), num_cpus=1.5)
+    handed = application._bound_deployment.init_args[0]  # what each replica is handed
+    with pytest.raises(Loaded):
+        TiltsmcReplica(handed)
+    assert loaded[0].cpu is True and loaded[0].threads == 2 and threads == [2]

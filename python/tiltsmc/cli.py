@@ -2041,7 +2041,7 @@ def serve(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise CliError(str(error)) from None
     # on Ray a replica's workers share the CPUs it reserves (finite: checked as parsed), not the machine's
-    replica_cores = max(1, int(serving_ray.replica_cpus(args))) if args.ray else None
+    replica_cores = max(1, math.ceil(serving_ray.replica_cpus(args))) if args.ray else None
     args.threads = serve_threads(args.threads, settings.workers, replica_cores)
     if args.ray:  # the replicas load the models
         options = serving_ray.ReplicaOptions(

@@ -4,11 +4,31 @@ Each replica is a Ray actor that loads the models once, holds one [`Engine`][til
 same FastAPI app as ``tiltsmc serve``
 ([`tiltsmc.serving.server.create_app`][tiltsmc.serving.server.create_app]) through Ray Serve's ingress, so the
 HTTP API, its errors and its metrics are the same; every answer names its replica in the
-``X-Tiltsmc-Instance`` header. Ray Serve routes each request to a replica with few requests ongoing, up to
-``max_ongoing_requests`` each (by default the engine's ``max_queue``: a replica takes what its engine can
-queue, and Ray queues the rest), starts a new replica when one dies (its requests in flight end with an error;
-a request is idempotent given its seed, so a client may retry it), and with ``autoscaling`` adds and removes
-replicas on the ongoing requests.
+``X-Tiltsmc-Instance`` header.
+
+Ray Serve routes each request to a replica with few requests ongoing, up to ``max_ongoing_requests`` each:
+by default what its engine can hold (``max_queue`` waiting, ``max_batch_rows`` running) and
+``ONGOING_HEADROOM`` more, so that the engine's own admission decides (a full queue answered with its 429,
+as by ``tiltsmc serve``) and ``/health`` and ``/metrics`` are never held behind long requests. Ray queues as
+many more at most (``max_queued_requests``, in each of its proxies), where every replica is full or none
+runs yet, and refuses the rest itself (see ``backpressure_options``); every request counts in that queue
+until Ray has picked its replica, so a tighter bound refused bursts the engines had room for. Ray's proxy
+ends a request ``TIMEOUT_MARGIN + SEND_MARGIN`` seconds past ``--timeout``, its wait in that queue
+included (``proxy_request_timeout``), by when a replica has answered its 504. Ray Serve starts a new
+replica when one dies (its requests in flight end with an error; a request is idempotent given its seed,
+so a client may retry it), and with ``autoscaling`` adds and removes replicas on the ongoing requests.
+
+Each replica runs its models on the CPU where it reserves no GPU (``--replica-gpus 0``: a GPU it did not
+reserve is Ray's to give to another), with ``--threads`` threads (the core's and ONNX Runtime's), by
+default its reserved CPUs shared out between its engine's workers (rounded up, at least one). It logs one
+JSON line per request as ``tiltsmc serve`` does, on its standard error, which Ray keeps in its log folder
+on the replica's node (``worker-*-PID.err``, PID the ``X-Tiltsmc-Instance`` header's end; the folder is in
+the command's ``listening`` line as ``ray_logs``). An answer has one ``X-Request-ID``, Ray's proxy's: the
+client's as sent, else one Ray made, by which the replica names the request (a client's id that tiltsmc
+refuses is echoed as sent, the replica naming the request by one of its own). As its application is deleted
+(SIGTERM) a replica begins its engine's drain, as ``tiltsmc serve`` does: the requests the grace period
+does not let finish get the 503 ``closed``; a replica stopped alone (autoscaling down) still ends those
+still running at ``graceful_shutdown_timeout_s`` with Ray's plain-text 500.
 
 ``tiltsmc serve --ray --replicas K ...`` starts a Ray instance of its own (or joins ``--address``),
 deploys, and serves until SIGTERM or SIGINT (see [`serve_on_ray`][tiltsmc.serving.ray.serve_on_ray]).
@@ -17,6 +37,7 @@ deploys, and serves until SIGTERM or SIGINT (see [`serve_on_ray`][tiltsmc.servin
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import json
 import logging
@@ -34,7 +55,15 @@ from typing import Any, Optional
 
 from .._options import positive_int_option, positive_real_option
 from ..models._config import real_number
-from .server import ApiKeyDigest, Settings, listening_socket, log_to_stderr, logger
+from .server import (
+    SEND_MARGIN,
+    TIMEOUT_MARGIN,
+    ApiKeyDigest,
+    Settings,
+    listening_socket,
+    log_to_stderr,
+    logger,
+)
 
 __all__ = [
     "ReplicaOptions",
@@ -68,6 +97,15 @@ WAITING_REPORT_S = 10.0
 TAKE_DOWN_MARGIN_S = 30.0
 # Seconds the command waits for a connection to --address before Ray is reached (see _check_address).
 ADDRESS_TIMEOUT_S = 10.0
+# Requests a replica takes past what its engine can hold (max_queue waiting, max_batch_rows running): room for
+# /health, /metrics, /v1/models and the refusals answered while its engine is full.
+ONGOING_HEADROOM = 64
+# Seconds a client is told to wait (Retry-After) where Ray Serve refuses a request itself (see
+# backpressure_options): as the engine's 429 says.
+RETRY_AFTER_S = 1
+# Seconds between a replica's looks at its application's status, to begin its engine's drain once the
+# application is being deleted (see _RayReplica); Ray Serve's grace period for a replica is this longer.
+DRAIN_POLL_S = 1.0
 # ANSI escape sequences (colours): Ray colours the remote tracebacks in its errors.
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
 
@@ -97,18 +135,36 @@ class ReplicaOptions:
 
 class TiltsmcReplica:
     """One replica: the models, an engine and the HTTP app (Ray Serve builds the app after ``__init__``
-    through ``__serve_build_asgi_app__``)."""
+    through ``__serve_build_asgi_app__``). Models that cannot load, and settings they cannot meet, raise a
+    ValueError with ``tiltsmc serve``'s message (its status 2; RuntimeError for its status 1), which the
+    command reports as such (see ``_raise_deploy_failed``)."""
 
     def __init__(self, options: ReplicaOptions) -> None:
         from ray import serve
 
-        from ..cli import _load_models
+        from .. import core
+        from ..cli import CliError, _load_models_or_fail
 
-        policy, reward = _load_models(argparse.Namespace(**options.model_args))
+        log_to_stderr()  # one JSON line per request, as tiltsmc serve logs them: the replica's stderr
+        args = argparse.Namespace(**options.model_args)
+        # refused as tiltsmc serve refuses them (its status 2): a ValueError, the CLI's message its last line
+        try:
+            if getattr(args, "threads", None) is not None:
+                core.set_num_threads(args.threads)
+            policy, reward = _load_models_or_fail(args)
+        except CliError as error:
+            raise (ValueError if error.code == 2 else RuntimeError)(str(error)) from None
         self.engine = options.settings.engine(policy, reward)
         replica = serve.get_replica_context().replica_id.unique_id
         self.instance = f"{replica}@{os.getpid()}"
-        self.http_app = options.settings.app(self.engine, self.instance)  # not .app: the ingress has one
+        try:
+            app = options.settings.app(self.engine, self.instance)
+        except ValueError as error:  # settings the models cannot meet (--max-tokens)
+            self.engine.close(drain=False)
+            raise ValueError(" ".join(str(error).split())) from None
+        context = serve.get_replica_context()
+        app.add_middleware(_RayReplica, drain=app.state.drain, application=context.app_name)  # outermost
+        self.http_app = app  # not .app: the ingress has one
 
     def __serve_build_asgi_app__(self) -> Any:
         return self.http_app
@@ -120,6 +176,96 @@ class TiltsmcReplica:
             raise RuntimeError(f"replica {self.instance}: its engine failed: {stats['failed']}")
         if stats["closed"]:
             raise RuntimeError(f"replica {self.instance}: its engine is closed")
+
+
+class _RayReplica:
+    """ASGI middleware of a replica (the outermost).
+
+    It leaves out the ``X-Request-ID`` header of tiltsmc's answer, since Ray Serve's proxy adds its own, the
+    request's (the client's, else one it made and handed to the replica, which names the request by it), so
+    that an answer has one. A client's id that tiltsmc refuses (not 1 to 64 of ``A-Z a-z 0-9 . _ -``) is
+    echoed by Ray as sent, while the replica names the request (its completion's id, its log line) by one of
+    its own.
+
+    From its first request on, it watches (every ``DRAIN_POLL_S``) for its application being deleted (the
+    command's take-down), and then begins the engine's drain (``app.state.drain``), as ``tiltsmc serve``
+    does on SIGTERM: Ray Serve waits for a replica's requests before its ASGI lifespan ends, where the drain
+    would begin, and cuts those still running at ``graceful_shutdown_timeout_s`` (its bare 500), where the
+    drain answers them the 503 ``closed`` at the end of the grace period."""
+
+    def __init__(self, app: Any, drain: Any = None, application: Optional[str] = None) -> None:
+        self.app, self.drain, self.application = app, drain, application
+        self.watching: Optional[asyncio.Task[None]] = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.watching is None and self.drain is not None and self.application is not None:
+            self.watching = asyncio.get_running_loop().create_task(self._watch(self.application))
+
+        async def send_once(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                headers = message.get("headers") or []
+                message["headers"] = [(k, v) for k, v in headers if k.lower() != b"x-request-id"]
+            await send(message)
+
+        await self.app(scope, receive, send_once)
+
+    async def _watch(self, name: str) -> None:
+        """Begin the drain once the application ``name`` is being deleted (or gone)."""
+        from ray import serve
+
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(DRAIN_POLL_S)
+            try:
+                status = await loop.run_in_executor(None, serve.status)
+            except Exception:  # the controller out of reach for now: asked again
+                continue
+            application = status.applications.get(name)
+            if application is None or application.status == "DELETING":
+                self.drain.begin()
+                return
+
+
+def replica_model_args(
+    options: ReplicaOptions, num_cpus: float = REPLICA_CPUS, num_gpus: float = REPLICA_GPUS
+) -> dict[str, Any]:
+    """The model options a replica loads its models with: ``options.model_args`` where a replica reserves
+    a GPU; with none (``num_gpus`` 0), ``cpu`` set, so that its models run on the CPU (a GPU it did not
+    reserve is outside Ray's accounting). ``threads`` left out (None) is the CPUs it reserves, rounded up
+    (at least 1), shared out between its engine's workers (at least one each)."""
+    args = dict(options.model_args)
+    if num_gpus == 0:
+        args["cpu"] = True
+    if args.get("threads") is None:
+        workers = max(1, int(options.settings.workers))
+        args["threads"] = max(1, max(1, math.ceil(num_cpus)) // workers)
+    return args
+
+
+def backpressure_options() -> dict[str, Any]:
+    """Ray Serve's answer to a request it refuses itself, its queue full (``max_queued_requests``: every
+    replica full, or none running yet): a 429 with ``Retry-After: RETRY_AFTER_S`` from Ray 2.58
+    (``backpressure_config``); before, Ray's 503 with no ``Retry-After``. Either way its body is Ray's
+    plain text ("Request dropped due to backpressure ..."), not OpenAI's error object."""
+    try:
+        from ray.serve.config import BackpressureConfig  # noqa: F401  # Ray >= 2.58
+    except ImportError:
+        return {}
+    return {"backpressure_config": {"status_code": 429, "retry_after_s": RETRY_AFTER_S}}
+
+
+def proxy_request_timeout(settings: Settings) -> Optional[float]:
+    """Seconds Ray Serve's proxy lets a request take, from its arrival (its wait in Ray's queue included):
+    ``TIMEOUT_MARGIN + SEND_MARGIN`` past the requests' ``timeout``, by when a replica has answered its 504
+    (as ``tiltsmc serve``'s uvicorn waits); past it the proxy answers its own 408 in plain text. None for
+    no timeout."""
+    timeout = settings.timeout
+    if timeout is None or not math.isfinite(timeout):
+        return None
+    return float(timeout) + TIMEOUT_MARGIN + SEND_MARGIN
 
 
 def _count(value: Any, name: str, minimum: int) -> int:
@@ -192,15 +338,19 @@ def deployment_options(
         "num_cpus": check_resource(num_cpus, "num_cpus"),
         "num_gpus": check_resource(num_gpus, "num_gpus"),
     }
+    queue = _count(settings.max_queue, "options: settings.max_queue", 1)
+    rows = _count(settings.max_batch_rows, "options: settings.max_batch_rows", 1)
     if max_ongoing_requests is None:  # only None: 0 is refused, not read as the default
-        ongoing = _count(settings.max_queue, "options: settings.max_queue", 1)
+        ongoing = queue + rows + ONGOING_HEADROOM
     else:
         ongoing = _count(max_ongoing_requests, "max_ongoing_requests", 1)
     deployment: dict[str, Any] = {
         "name": "tiltsmc",
         "ray_actor_options": actor_options,
         "max_ongoing_requests": ongoing,
-        "graceful_shutdown_timeout_s": grace,
+        "max_queued_requests": ongoing,  # see the module's docstring
+        # as tiltsmc serve's uvicorn waits for its handlers, and the replica's look at the status
+        "graceful_shutdown_timeout_s": grace + TIMEOUT_MARGIN + SEND_MARGIN + DRAIN_POLL_S,
     }
     if config is not None:
         deployment["autoscaling_config"] = config
@@ -220,7 +370,10 @@ def build_application(
 ) -> Any:
     """The Ray Serve application: ``replicas`` replicas (None: ``REPLICAS``), or Ray Serve's
     ``autoscaling_config`` (with which ``replicas`` is refused), each with ``num_cpus`` / ``num_gpus`` and
-    up to ``max_ongoing_requests`` requests (default: the engine's ``max_queue``).
+    up to ``max_ongoing_requests`` requests (default: what its engine holds, ``max_queue`` waiting and
+    ``max_batch_rows`` running, plus ``ONGOING_HEADROOM``), Ray queueing as many more at most
+    (``max_queued_requests``; see the module's docstring and ``backpressure_options``); each replica's
+    models loaded with ``replica_model_args`` (on the CPU where it reserves no GPU).
 
     Every argument is checked before Ray is imported: ``options`` a ``ReplicaOptions`` (its settings'
     ``grace`` and ``max_queue`` too), ``replicas`` None or an int >= 1,
@@ -234,11 +387,14 @@ def build_application(
         options, replicas=replicas, autoscaling=autoscaling, num_cpus=num_cpus, num_gpus=num_gpus,
         max_ongoing_requests=max_ongoing_requests,
     )  # fmt: skip
-    key = options.settings.api_key
+    settings = options.settings
+    key = settings.api_key
     if isinstance(key, str):
-        options = ReplicaOptions(
-            options.model_args, dataclasses.replace(options.settings, api_key=ApiKeyDigest.of(key))
-        )
+        settings = dataclasses.replace(settings, api_key=ApiKeyDigest.of(key))
+    model_args = replica_model_args(
+        options, deployment["ray_actor_options"]["num_cpus"], deployment["ray_actor_options"]["num_gpus"]
+    )
+    options = ReplicaOptions(model_args, settings)
     import ray
     from ray import serve
 
@@ -249,7 +405,7 @@ def build_application(
             f"--ray needs Ray Serve >= 2.56 (its late-bound ingress), got ray {ray.__version__}: "
             "pip install -U 'ray[serve]>=2.56.1' (Python >= 3.10)"
         ) from None
-    return serve.deployment(**deployment)(ingress).bind(options)
+    return serve.deployment(**deployment, **backpressure_options())(ingress).bind(options)
 
 
 def autoscale_range(text: str) -> tuple[int, int]:
@@ -377,24 +533,31 @@ class DeployFailed(RuntimeError):
 
 def serve_on_ray(args: argparse.Namespace, options: ReplicaOptions) -> int:
     """Deploy on Ray Serve and serve until SIGTERM / SIGINT; then take the application down, its replicas
-    finishing their requests in flight within the grace period while the proxy still answers (and Serve and
-    the Ray instance, where this command started them).
+    finishing their requests in flight within the grace period while the proxy still answers, those left
+    unfinished getting the 503 ``closed`` as from ``tiltsmc serve`` (and Serve and the Ray instance, where
+    this command started them).
 
     Without ``--address`` the command starts a Ray instance of its own (never joining ``RAY_ADDRESS`` or a
     cluster started on the machine), after checking that ``--host`` / ``--port`` can be listened on
-    (``--port 0`` is refused: Ray Serve would not say which port it took). With
-    ``--address`` it joins that cluster, refuses a ``--port`` other than the one Serve already listens on
-    there, and on exit deletes its own application only, leaving Serve and the cluster's other applications
-    running. A signal while the replicas start stops the command too; the wait for them is reported every
-    so often with what holds them back (``waiting_for_replicas``).
+    (``--port 0`` is refused: Ray Serve would not say which port it took), its proxy ending a request
+    ``TIMEOUT_MARGIN + SEND_MARGIN`` seconds past ``--timeout`` (``proxy_request_timeout``). With
+    ``--address`` it joins that cluster, refuses a ``--port`` or ``--host`` other than those Serve already
+    listens on there (and keeps that Serve's own request timeout, if any), and on exit deletes its own
+    application only, leaving Serve and the cluster's other applications running. The variable of
+    ``--api-key-env`` (read already, into ``options``) is taken out of the environment before Ray starts,
+    so that the processes of a Ray instance started here do not inherit the key. A signal while the
+    replicas start stops the command too; the wait for them is reported every so often with what holds them
+    back (``waiting_for_replicas``).
 
     On a cluster joined, an ``--address`` where no Ray cluster answers, and an application named
     ``tiltsmc`` already there (another ``tiltsmc serve --ray``, which deploying would replace and the exit
     delete), are refused before deploying, that application left running.
 
     Bad options raise ValueError naming the option (before Ray starts, or before deploying for a Serve that
-    listens elsewhere), a missing ray extra ImportError, a failed deployment
-    [`DeployFailed`][tiltsmc.serving.ray.DeployFailed] with the last line of Ray's error."""
+    listens elsewhere; a setting or model the replicas refuse, with their message, as ``tiltsmc serve``
+    refuses it), a missing ray extra ImportError, a failed deployment
+    [`DeployFailed`][tiltsmc.serving.ray.DeployFailed] with the last line of Ray's error (the deployment's,
+    where the replicas failed)."""
     arguments = application_arguments(args)
     _check_application_arguments(options, arguments)
     try:
@@ -410,6 +573,9 @@ def serve_on_ray(args: argparse.Namespace, options: ReplicaOptions) -> int:
     else:  # refused here, not after Ray's minutes of retries
         _check_address(args.address)
     log_to_stderr()
+    key_variable = getattr(args, "api_key_env", None)
+    if key_variable is not None:  # read (Settings); not handed to the processes of the Ray instance started
+        os.environ.pop(key_variable, None)
     stop, hurry = threading.Event(), threading.Event()
 
     def on_signal(signum: int, frame: Optional[FrameType]) -> None:
@@ -436,12 +602,21 @@ def serve_on_ray(args: argparse.Namespace, options: ReplicaOptions) -> int:
         _handle_signals(on_signal)  # again: ray.init installs a SIGTERM handler of its own
         if not stop.is_set():
             serve_started = True  # from here on Serve may run: shut down on exit, on the instance started
-            serve.start(http_options={"host": args.host, "port": args.port})
+            http_options: dict[str, Any] = {"host": args.host, "port": args.port}
+            request_timeout = proxy_request_timeout(options.settings)
+            if request_timeout is not None:
+                http_options["request_timeout_s"] = request_timeout
+            serve.start(http_options=http_options)
             host, port = _serve_http_address(args.host, args.port)
             if port != args.port:
                 raise ValueError(
                     f"--port: Ray Serve already runs on the cluster at --address {args.address}, listening "
                     f"on port {port}, and keeps it: give --port {port}"
+                )
+            if host != args.host:
+                raise ValueError(
+                    f"--host: Ray Serve already runs on the cluster at --address {args.address}, listening "
+                    f"on host {host}, and keeps it: give --host {host}"
                 )
             if not local:
                 _refuse_a_running_application(serve, args.address)
@@ -453,7 +628,9 @@ def serve_on_ray(args: argparse.Namespace, options: ReplicaOptions) -> int:
             )
             served = _wait_for_replicas(ray, serve, deployment_options(options, **arguments), stop)
             if served:
-                logger.info(json.dumps({"event": "listening", "host": host, "port": port, "ray": True}))
+                listening = {"event": "listening", "host": host, "port": port, "ray": True}
+                listening["ray_logs"] = _logs_folder(ray)
+                logger.info(json.dumps(listening))
                 stop.wait()
         logger.info(json.dumps({"event": "stopping", "ray": True}))
     except DeployFailed:
@@ -546,14 +723,38 @@ def _wait_for_replicas(ray: Any, serve: Any, deployment: dict[str, Any], stop: t
         if status == "RUNNING":
             return True
         if status == "DEPLOY_FAILED":
-            message = _last_line(application.message, "its status is DEPLOY_FAILED")
-            raise DeployFailed(f"Ray Serve could not deploy: {message}")
+            _raise_deploy_failed(application, deployment["name"])
         now = time.monotonic()
         if now >= report_at:
             logger.warning(json.dumps(_waiting_report(ray, application, deployment, now - started)))
             report_at = now + WAITING_REPORT_S
         if stop.wait(POLL_INTERVAL_S):
             return False
+
+
+def _raise_deploy_failed(application: Any, name: str) -> None:
+    """Raise why the application failed to deploy: the last line of its deployment's message (its replicas'
+    error; the application's own says only "Failed to update the deployments"), else the application's. A
+    replica's ValueError (settings or models it refuses, as ``tiltsmc serve`` refuses them with status 2)
+    is a ValueError with its message; anything else DeployFailed."""
+    states = getattr(application, "deployments", {}).get(name)
+    message = _last_line(getattr(states, "message", "") or "", "")
+    if not message:
+        message = _last_line(getattr(application, "message", "") or "", "its status is DEPLOY_FAILED")
+    kind, colon, text = message.partition(": ")
+    if colon and kind.rsplit(".", 1)[-1] == "ValueError" and text:
+        raise ValueError(text)
+    raise DeployFailed(f"Ray Serve could not deploy: {message}")
+
+
+def _logs_folder(ray: Any) -> Optional[str]:
+    """The folder of this node's Ray logs (where a replica here writes its standard error), or None where
+    this Ray does not say."""
+    try:
+        node = ray._private.worker._global_node
+        return None if node is None else str(node.get_logs_dir_path())
+    except AttributeError:  # pragma: no cover - a Ray that moved it
+        return None
 
 
 def _waiting_report(ray: Any, application: Any, deployment: dict[str, Any], waited: float) -> dict[str, Any]:
@@ -615,7 +816,7 @@ def _check_application_arguments(options: ReplicaOptions, arguments: dict[str, A
     """``build_application``'s checks of ``arguments`` before Ray starts: ValueError naming the option
     (``tiltsmc serve``'s parser checked them already; a namespace built otherwise may hold anything)."""
     try:
-        deployment_options(options, **arguments)
+        deployment = deployment_options(options, **arguments)
     except (TypeError, ValueError) as error:
         message = str(error)
         for argument, option in _OPTION_OF.items():
@@ -623,6 +824,14 @@ def _check_application_arguments(options: ReplicaOptions, arguments: dict[str, A
                 message = option + message[len(argument) :]
                 break
         raise ValueError(message) from None
+    if deployment["ray_actor_options"]["num_gpus"] == 0:  # its models run on the CPU (replica_model_args)
+        for provider, *_ in options.model_args.get("provider_option") or ():
+            if provider != "CPUExecutionProvider":
+                raise ValueError(
+                    f"--provider-option: a replica that reserves no GPU (--replica-gpus 0, the default) runs "
+                    f"its models on the CPU, not on {provider}: its options would have no effect; give "
+                    "--replica-gpus, or leave the option out"
+                )
 
 
 def _take_down(
