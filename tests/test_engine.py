@@ -971,8 +971,12 @@ def test_requests_with_their_own_max_new_tokens(onnx_models: tuple[OnnxCausalLM,
         offline = tiltsmc.smc(policy, reward, prompts=["hello"], num_particles=4, rng=k, max_new_tokens=limit)
         assert result.texts == offline.texts
     task = MarkovDFATask.random(3, 2, 6, rng=4)
-    short = tiltsmc.smc(task.policy(), task.twist(), num_particles=4, rng=0, max_new_tokens=3)
+    short = tiltsmc.smc(
+        task.policy(allow_token_limits=True), task.twist(), num_particles=4, rng=0, max_new_tokens=3
+    )
     assert short.samples[0].shape == (4, 3)
+    with pytest.raises(ValueError, match="max_new_tokens: the Markov test-bed task's trajectories"):
+        tiltsmc.smc(task.policy(), task.twist(), num_particles=4, max_new_tokens=3)  # cut short: refused
     with pytest.raises(ValueError, match="max_new_tokens"):
         tiltsmc.smc(task.policy(), task.twist(), num_particles=4, max_new_tokens=0)
 

@@ -24,7 +24,8 @@ from tiltsmc.tasks import MarkovDFATask
 
 def _models() -> Models:
     task = MarkovDFATask.random(4, 3, 6, rng=0)
-    return Models(task.policy(), task.twist(noise=0.4, rng=1), Compute())
+    # runs of different lengths: cut short, each scored by the twist where it stops
+    return Models(task.policy(allow_token_limits=True), task.twist(noise=0.4, rng=1), Compute())
 
 
 def _run(models: Models, seed: int, max_new_tokens: int, ess_threshold: float = 0.5) -> SMCRun:

@@ -1323,3 +1323,243 @@ def test_markov_policy_reads_a_batch_mixing_finished_and_unfinished_trajectories
     overfull.lengths[:] = [[task.horizon, 1]]
     with pytest.raises(ValueError, match=r"^particles: .*full horizon"):
         policy.next_log_probs(overfull)
+
+
+def test_markov_policy_refuses_token_limits_other_than_the_horizon() -> None:
+    """A sampler's ``max_new_tokens`` below the horizon ended the trajectories there and scored them with
+    the twist's level at that length as if it were the reward: rejection on ``needle(2, 4)`` with the
+    unguided twist returned 2-token prefixes and ``log Z = 0`` (exactly ``-4 ln 2``). The policy takes the
+    samplers' token limits and refuses any other than the horizon (ValueError naming ``max_new_tokens``)
+    before anything is drawn; the horizon itself (or None) is the run without a limit, bitwise."""
+    tiltsmc = _tiltsmc()
+    task = MarkovDFATask.needle(2, 4, rng=0)
+    policy, unguided, twist = task.policy(), task.unguided(), task.twist()
+    calls: dict[str, Any] = {
+        "smc": lambda **kw: tiltsmc.smc(policy, twist, num_particles=8, rng=0, **kw),
+        "rejection": lambda **kw: tiltsmc.rejection(policy, unguided, bound=1.0, num_samples=2, rng=0, **kw),
+        "best_of_n": lambda **kw: tiltsmc.best_of_n(policy, twist, n=4, rng=0, **kw),
+        "sp_gsmc": lambda **kw: tiltsmc.sp_gsmc(policy, twist, pool_size=4, rng=0, **kw),
+    }
+    for name, call in calls.items():
+        for limit in (1, 2, 3, 5):
+            with pytest.raises(
+                ValueError, match=rf"^max_new_tokens: .*horizon = 4 tokens.*got a limit of {limit}"
+            ):
+                call(max_new_tokens=limit)
+        full, plain = call(max_new_tokens=4), call()
+        np.testing.assert_array_equal(full.log_z, plain.log_z, err_msg=name)
+        np.testing.assert_array_equal(full.samples[0], plain.samples[0], err_msg=name)
+        assert np.shape(plain.samples[0])[-1] == 4
+    with tiltsmc.Engine(policy, twist) as engine:
+        short = engine.submit((), "smc", num_particles=4, rng=0, max_new_tokens=2)
+        whole = engine.submit((), "smc", num_particles=4, rng=0, max_new_tokens=4)
+        with pytest.raises(ValueError, match=r"^max_new_tokens: "):
+            short.result(timeout=30)
+        assert np.shape(whole.result(timeout=30).samples[0]) == (4, 4)
+    # the policy's own start: one limit per prompt, each None or the horizon
+    assert policy.start_takes_token_limits is True
+    assert policy.start([(), None], 3, max_new_tokens=[None, 4]).tokens.shape == (2, 3, 4)
+    for limits, match in (
+        ([2], "got a limit of 2"),
+        ([4, 4], r"one per prompt \(1\), got 2"),
+        ([True], "True"),
+    ):
+        with pytest.raises(ValueError, match=rf"^max_new_tokens: .*{match}"):
+            policy.start([()], 3, max_new_tokens=limits)
+    # the opt-in for tests of the engine's mechanics: the trajectories end at the limit
+    short = tiltsmc.smc(task.policy(allow_token_limits=True), twist, num_particles=4, rng=0, max_new_tokens=2)
+    assert np.shape(short.samples[0]) == (4, 2)
+    with pytest.raises(TypeError, match=r"^allow_token_limits: expected a bool"):
+        task.policy(allow_token_limits=1)  # type: ignore[arg-type]
+
+
+def test_table_twist_refuses_a_policy_of_another_chain() -> None:
+    """A twist of one task with another task's policy gave a wrong ``log Z`` without a word (horizons 3 and
+    5), or numpy's IndexError (another vocabulary). The samplers' ``check_policy`` hook refuses a policy of
+    another Markov chain (ValueError naming ``reward``); a task with the same chain and another reward, or
+    a time-varying copy of a homogeneous chain, is the same chain, and a wrapper that says neither its task
+    nor its vocabulary is taken as it comes."""
+    tiltsmc = _tiltsmc()
+    a = MarkovDFATask.random(2, 2, 3, rng=1, zero_reward_fraction=0)
+    longer = MarkovDFATask(a.init, a.trans, a.dfa, a.start, a.accept_reward * 0 + 0.5, 5)
+    wider = MarkovDFATask.random(3, 2, 3, rng=1)
+    other_init = MarkovDFATask([0.25, 0.75], a.trans, a.dfa, a.start, a.accept_reward, 3)
+    other_trans = MarkovDFATask(a.init, a.trans[::-1], a.dfa, a.start, a.accept_reward, 3)
+    cases = [
+        (a.policy(), longer.twist(), "horizon 3, not 5"),
+        (a.policy(), wider.twist(), "vocab_size 2, not 3"),
+        (MarkovDFATask.random(3, 2, 5, rng=1).policy(), a.twist(), "vocab_size 3, not 2"),
+        (other_init.policy(), a.twist(), "another init"),
+        (other_trans.policy(), a.twist(), "other transitions"),
+    ]
+    for policy, twist, difference in cases:
+        with pytest.raises(
+            ValueError, match=rf"^reward: the twist is of .*another Markov chain \({difference}\)"
+        ):
+            tiltsmc.smc(policy, twist, num_particles=10, rng=0)
+        with pytest.raises(ValueError, match=r"^reward: "):
+            twist.check_policy(policy)
+    same_chain = MarkovDFATask(a.init, a.trans, a.dfa, a.start, a.accept_reward * 2.0, 3)
+    tiled = MarkovDFATask(a.init, np.tile(a.trans, (3, 1, 1)), a.dfa, a.start, a.accept_reward, 3)
+    assert tiled.time_varying
+    for policy in (a.policy(), same_chain.policy(), tiled.policy()):
+        a.twist().check_policy(policy)
+    result = tiltsmc.smc(same_chain.policy(), a.twist(), num_particles=10, rng=0)
+    np.testing.assert_array_equal(
+        result.log_z, tiltsmc.smc(a.policy(), a.twist(), num_particles=10, rng=0).log_z
+    )
+
+    class Wrapper:  # a user's wrapper of the task's policy that tells neither its task nor its vocabulary
+        token_level = True
+
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def start(self, prompts: Any, num_particles: int) -> Any:
+            return self.inner.start(prompts, num_particles)
+
+        def propose(self, particles: Any, rng: Any) -> Any:
+            return self.inner.propose(particles, rng)
+
+    a.twist().check_policy(Wrapper(a.policy()))
+    told = Wrapper(wider.policy())
+    told.vocab_size = 3  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match=r"^reward: this twist's task has vocab_size 2, the policy 3"):
+        a.twist().check_policy(told)
+    with pytest.raises(ValueError, match=r"^reward: "):
+        tiltsmc.smc(told, a.twist(), num_particles=4, rng=0)
+
+
+def test_policy_and_unguided_allocate_nothing_per_position_or_refuse_the_horizon(monkeypatch: Any) -> None:
+    """``policy()`` stacked T copies of the transitions (a horizon of 10**10 grew to 8.5 GB;
+    ``needle(2000, 2000).policy()`` raised numpy's MemoryError for a (2000, 2000, 2000) array): it reads
+    the task's own arrays now, the laws bitwise the same. ``unguided()`` built its T + 1 levels without the
+    memory check the exact tables have: ValueError naming ``horizon`` now, before any is built."""
+    import tracemalloc
+
+    from tiltsmc import _memory
+
+    _tiltsmc()
+    from tiltsmc.models.particles import Particles
+
+    homogeneous = MarkovDFATask([0.5, 0.5], [[0.5, 0.5], [0.5, 0.5]], [[0, 0]], 0, [1.0], 10**5)
+    varying = MarkovDFATask.random(20, 2, 400, rng=0, time_varying=True)  # 400 x 20 x 20 transitions
+    for task in (homogeneous, varying):
+        tracemalloc.start()
+        try:
+            task.policy()
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 100_000, (task, peak)
+    # the laws are the task's, bitwise, at every position (time-varying and homogeneous, T = 1 too)
+    single = MarkovDFATask.random(3, 2, 1, rng=2, time_varying=True)
+    for task in (
+        MarkovDFATask.random(3, 2, 5, rng=2),
+        MarkovDFATask.random(3, 2, 5, rng=2, time_varying=True),
+        single,
+    ):
+        policy, T = task.policy(), task.horizon
+        particles = Particles.empty([(), ()], 6, T)
+        rng = np.random.default_rng(3)
+        particles.tokens[:] = rng.integers(0, 3, size=particles.tokens.shape)
+        particles.lengths[:] = rng.integers(0, T, size=particles.lengths.shape)
+        particles.lengths[0, 0] = 0
+        log_probs = policy.next_log_probs(particles)
+        for b, i in itertools.product(range(2), range(6)):
+            t = int(particles.lengths[b, i])
+            expected = task.log_init if t == 0 else task.log_trans_at(t)[particles.tokens[b, i, t - 1]]
+            np.testing.assert_array_equal(log_probs[b, i], expected)
+    # unguided's T + 1 levels of V x Q = 2 x 1 for T = 10**5: 2.4 MB, more than the 1 MB "available"
+    monkeypatch.setattr(_memory, "available_memory", lambda: 2**20)
+    with pytest.raises(ValueError, match=r"^horizon: the exact tables .*T = 100000\) need at least"):
+        homogeneous.unguided()
+    homogeneous.policy()  # nothing to refuse
+    monkeypatch.undo()
+    small = MarkovDFATask.random(2, 2, 3, rng=0)
+    assert small.unguided().tables[0] == 0.0
+
+
+def test_table_twist_tables_are_read_only_views_of_what_the_samplers_read() -> None:
+    """``TableTwist.tables`` was a writable list while the samplers read a private stacked copy: editing it
+    changed ``bellman_error(twist)`` and not ``smc``. It is now a tuple of read-only views of that one
+    array (the hard instance's twist too)."""
+    tiltsmc = _tiltsmc()
+    from tiltsmc.tasks import hard_instance
+
+    task = MarkovDFATask.random(2, 2, 3, rng=1, zero_reward_fraction=0)
+    for twist in (task.twist(), task.unguided(), hard_instance(2, 2, rng=0).twist):
+        assert isinstance(twist.tables, tuple)
+        assert len(twist.tables) == twist.task.horizon + 1
+        for t, level in enumerate(twist.tables[1:], start=1):
+            assert isinstance(level, np.ndarray)
+            assert not level.flags.writeable
+            assert np.shares_memory(level, twist._levels)
+            np.testing.assert_array_equal(level, twist._levels[t])
+            with pytest.raises(ValueError, match="read-only"):
+                level[...] = 0.0
+            with pytest.raises(ValueError):
+                level.setflags(write=True)
+    twist = task.twist()
+    again = type(twist)(task, twist.tables)
+    assert_same_bellman(task.bellman_error(twist), task.bellman_error(again))
+    np.testing.assert_array_equal(
+        tiltsmc.smc(task.policy(), twist, num_particles=64, rng=0).log_z,
+        tiltsmc.smc(task.policy(), again, num_particles=64, rng=0).log_z,
+    )
+
+
+def test_arithmetic_parse_answer_drops_a_trailing_eos_as_verify_does() -> None:
+    """``verify`` dropped a trailing ``<eos>`` (text decoded with special tokens) and ``parse_answer`` did
+    not: a solution that verified parsed as None."""
+    _tiltsmc()
+    from tiltsmc.tasks import arithmetic
+
+    problem = arithmetic.make_problems(2, 1, rng=0)[0]
+    solution = problem.solution()
+    for text in (solution, solution + "<eos>", solution + "\n<eos>", solution + "\n", "\n\n" + solution):
+        assert arithmetic.verify(problem.prompt, text) == 1.0
+        assert arithmetic.parse_answer(text) == problem.answer, text
+    assert arithmetic.parse_answer("<eos>") is None
+    assert arithmetic.parse_answer("a:10+1=11<eos><eos>") is None  # one end token, as verify drops one
+    assert arithmetic.verify(problem.prompt, solution + "<eos><eos>") == 0.0
+
+
+def test_arithmetic_verify_refuses_running_values_outside_the_task() -> None:
+    """A problem whose running value leaves 0..99 is not one of this task's (its solutions write two
+    digits): ``Problem(95, (("+", 9),))`` verified ``"a:95+9=104"`` as 1.0. ValueError naming ``prompt``,
+    for a ``Problem`` and for a str prompt alike."""
+    _tiltsmc()
+    from tiltsmc.tasks import arithmetic
+
+    cases: list[tuple[Any, str, str]] = [
+        (arithmetic.Problem(95, (("+", 9),)), "a:95+9=104", "after operation 1 is 104"),
+        ("95 a+9\n", "a:95+9=104", "after operation 1 is 104"),
+        (arithmetic.Problem(3, (("-", 5),)), "a:03-5=-2", "after operation 1 is -2"),
+        ("50 a+9 b+9 c+9 d+9 e+9 f+9\n", "", "after operation 6 is 104"),
+    ]
+    for prompt, text, match in cases:
+        with pytest.raises(
+            ValueError, match=rf"^prompt: not a problem of this task: .*{match}, outside 0\.\.99"
+        ):
+            arithmetic.verify(prompt, text)
+    edge = arithmetic.Problem(90, (("+", 9), ("-", 9), ("-", 9)))
+    assert arithmetic.verify(edge, edge.solution()) == 1.0
+    assert arithmetic.verify("00 a+9\n", "a:00+9=09") == 1.0
+
+
+def test_arithmetic_make_problems_count_is_bounded() -> None:
+    """``make_problems`` took any count (10**9 problems ran for hours): it is bounded by ``MAX_PROBLEMS``
+    (100,000, the demo's cap), ValueError naming ``count``; ``chat_arithmetic.make_problems`` shares the
+    check."""
+    _tiltsmc()
+    from tiltsmc.tasks import arithmetic
+    from tiltsmc.tasks import chat_arithmetic as ca
+
+    for count in (100_001, 10**9):
+        with pytest.raises(ValueError, match=rf"^count: expected an int in 1\.\.100000, got {count}"):
+            arithmetic.make_problems(1, count, rng=0)
+        with pytest.raises(ValueError, match=r"^count: "):
+            ca.make_problems(1, count, rng=0)
+    assert arithmetic.MAX_PROBLEMS == 100_000
+    assert len(arithmetic.make_problems(1, 3, rng=0)) == 3

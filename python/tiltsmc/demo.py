@@ -426,8 +426,9 @@ def render_table(record: dict[str, Any]) -> str:
             f"{cells[5]:>8}"
         )
     lines.append(
-        "mean / max step: Vh-weighted mean of |E_p[Vh_t] / Vh_{t-1} - 1| (averaged over steps / worst step);"
+        "mean / max step: Vh-weighted mean of |E_p[Vh_t] / Vh_{t-1} - 1| per problem, then over problems"
     )
+    lines.append("(averaged over steps / worst step);")
     lines.append(
         "sup: the worst visited prefix (inf where a prefix the model still rates > 0 cannot be completed)."
     )

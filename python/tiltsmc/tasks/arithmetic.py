@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = [
     "LABELS",
     "MAX_OPERAND",
+    "MAX_PROBLEMS",
     "MAX_STEPS",
     "MAX_VALUE",
     "MODELS_DIR",
@@ -52,6 +53,7 @@ MAX_STEPS = 16
 LABELS = "abcdefghijklmnop"  # step t is labelled LABELS[t - 1]
 MAX_VALUE = 99  # running values are written with two digits
 MAX_OPERAND = 9  # operands with one
+MAX_PROBLEMS = 100_000  # make_problems' largest count (the demo's --problems cap)
 # One token per character; <pad> 0, <eos> 1, <unk> 2 (the tokenizer needs one; it never occurs).
 VOCAB: tuple[str, ...] = (
     "<pad>",
@@ -134,10 +136,11 @@ def _check_int(value: Any, name: str, low: int, high: Optional[int] = None) -> i
 
 
 def check_problem_count(num_steps: Any, count: Any, max_steps: int) -> None:
-    """Refuse a ``num_steps`` outside ``1..max_steps`` or a ``count`` below 1, naming the argument
-    (TypeError for a value that is not an int, ValueError for one out of range)."""
+    """Refuse a ``num_steps`` outside ``1..max_steps`` or a ``count`` outside ``1..MAX_PROBLEMS``
+    (100,000, the demo's cap), naming the argument (TypeError for a value that is not an int, ValueError
+    for one out of range)."""
     _check_int(num_steps, "num_steps", 1, max_steps)
-    _check_int(count, "count", 1)
+    _check_int(count, "count", 1, MAX_PROBLEMS)
 
 
 def make_problems(
@@ -150,7 +153,8 @@ def make_problems(
     max_operand: int = 9,
 ) -> list[Problem]:
     """``count`` random problems of ``num_steps`` operations (uniform over the allowed ones at each step);
-    ``rng`` is anything ``numpy.random.default_rng`` takes.
+    ``rng`` is anything ``numpy.random.default_rng`` takes. ``count`` is in ``1..MAX_PROBLEMS``
+    (100,000) and ``num_steps`` in ``1..MAX_STEPS``.
 
     The start value is uniform in ``start`` (inclusive), operands in ``1..max_operand``, and every running
     value stays in ``[0, max_value]`` (the defaults are the bundled task's two-digit chains; smaller ones
@@ -191,9 +195,11 @@ def make_problems(
 
 
 def parse_answer(text: str) -> Optional[int]:
-    """The result of the last complete line of a solution (``...=NN``), or None if there is none."""
+    """The result of the last complete line of a solution (``...=NN``), or None if there is none. A
+    trailing ``<eos>`` (text decoded with special tokens) is dropped first, as ``verify`` drops it."""
     if not isinstance(text, str):
         raise TypeError(f"text: expected a str, got {type(text).__name__}")
+    text = text.removesuffix("<eos>")
     lines = [line for line in text.strip("\n").split("\n") if line]
     if not lines:
         return None
@@ -209,6 +215,15 @@ def _is_digits(text: str, length: int) -> bool:
 
 
 def _problem_from_prompt(prompt: str) -> Problem:
+    """The problem of a prompt of this task: its form read (``_parse_prompt``) and its running values
+    checked (``_check_values``); ValueError naming ``prompt`` otherwise."""
+    problem = _parse_prompt(prompt)
+    _check_values(problem)
+    return problem
+
+
+def _parse_prompt(prompt: str) -> Problem:
+    """The problem a prompt writes (its form only: a two-digit start, labelled one-digit operations)."""
     head, *ops = prompt.strip("\n").split(" ")
     if not _is_digits(head, 2) or not ops:
         raise ValueError(f"prompt: not an arithmetic-chain prompt: {prompt!r:.200}")
@@ -225,9 +240,21 @@ def _problem_from_prompt(prompt: str) -> Problem:
     return Problem(int(head), tuple(operations))
 
 
-def _problem_from_prompt_or_none(prompt: str) -> Optional[Problem]:
+def _check_values(problem: Problem) -> None:
+    """Refuse (ValueError naming ``prompt``) a problem whose running values leave ``0..MAX_VALUE``: this
+    task's solutions write each with two digits, and ``make_problems`` keeps every one in range."""
+    for t, value in enumerate(problem.values):
+        if not 0 <= value <= MAX_VALUE:
+            where = "the start" if t == 0 else f"the running value after operation {t}"
+            raise ValueError(
+                f"prompt: not a problem of this task: {where} is {value}, outside 0..{MAX_VALUE} "
+                f"(every running value has two digits): {problem.prompt!r:.200}"
+            )
+
+
+def _parsed_or_none(prompt: str) -> Optional[Problem]:
     try:
-        return _problem_from_prompt(prompt)
+        return _parse_prompt(prompt)
     except ValueError:
         return None
 
@@ -241,7 +268,8 @@ def verify(prompt: Union[str, Problem], text: str) -> float:
     Raises:
         TypeError: ``prompt`` is not a str or a ``Problem``, or ``text`` not a str.
         ValueError: ``prompt`` is not a prompt of this task (``"prompt: ..."``; e.g. no operations or more
-            than ``MAX_STEPS``, a start outside 0 to 99, given as a str or as a ``Problem``).
+            than ``MAX_STEPS``, a start or a running value outside 0 to ``MAX_VALUE`` (99), given as a str
+            or as a ``Problem``).
     """
     if not isinstance(prompt, (str, Problem)):
         raise TypeError(f"prompt: expected a str or a Problem, got {type(prompt).__name__}")
@@ -257,11 +285,12 @@ def verify(prompt: Union[str, Problem], text: str) -> float:
                 f"prompt: not a problem of this task: {len(problem.operations)} operations "
                 f"(at most {MAX_STEPS}, the steps with a label)"
             )
-        if _problem_from_prompt_or_none(problem.prompt) != problem:
+        if _parsed_or_none(problem.prompt) != problem:
             raise ValueError(
                 f"prompt: not a problem of this task: {problem!r:.200} (a start of 0 to 99 and operations "
                 "('+' or '-', 0 to 9))"
             )
+        _check_values(problem)
     else:
         problem = _problem_from_prompt(prompt)
     text = text.removesuffix("<eos>")  # present when decoded with special tokens (skip_special_tokens=False)

@@ -659,11 +659,15 @@ class MarkovDFATask:
 
     # ------------------------------------------------------------------ sampling and enumeration
 
-    def policy(self) -> MarkovPolicy:
-        """The base Markov chain as a token policy for the samplers."""
+    def policy(self, *, allow_token_limits: bool = False) -> MarkovPolicy:
+        """The base Markov chain as a token policy for the samplers: it reads this task's own arrays
+        (nothing is allocated per position, whatever the horizon), and its trajectories have exactly
+        ``horizon`` tokens: a sampler's ``max_new_tokens`` other than the horizon is refused, unless
+        ``allow_token_limits`` (for tests of the engine's mechanics: the sampler then targets another law
+        than the task's; see [`MarkovPolicy`][tiltsmc.tasks.models.MarkovPolicy])."""
         from .models import MarkovPolicy
 
-        return MarkovPolicy(self)
+        return MarkovPolicy(self, allow_token_limits=allow_token_limits)
 
     def twist(self, noise: float = 0.0, rng: RNGLike = None) -> TableTwist:
         """A twist model: exact ``V*`` at ``noise = 0``, else
@@ -673,9 +677,13 @@ class MarkovDFATask:
         return TableTwist(self, self.twist_tables(noise, rng))
 
     def unguided(self) -> TableTwist:
-        """No guidance: ``Vh_t = 1`` for ``t < T`` and ``Vh_T = r`` (plain importance weighting by ``r``)."""
+        """No guidance: ``Vh_t = 1`` for ``t < T`` and ``Vh_T = r`` (plain importance weighting by ``r``).
+
+        Its tables are ``T + 1`` levels of ``V x Q``: where they cannot possibly be allocated, ValueError
+        naming ``horizon`` (as for the exact tables), before any is built."""
         from .models import TableTwist
 
+        self._check_tables_fit()
         shape = (self.vocab_size, self.num_states)
         levels: LogTables = [0.0] + [np.zeros(shape) for _ in range(self.horizon - 1)]
         levels.append(np.broadcast_to(self.log_reward, shape).copy())
