@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """Benchmark of the ``tiltsmc.core`` kernels against numpy references, ``particles`` and ``numpy.copy``.
 
+The numpy reference of the gathers is the strongest plain numpy form (fancy indexing or one flat ``np.take``
+out of place; in place, only the rows that move); ``np.take_along_axis`` is timed beside it.
+
 Run ``python bench/bench_core.py [--quick] [--threads N] [--out PATH] [--check]``; see bench/README.md.
 Every figure is the median (and min) wall time per call over repeats chosen to fill ~0.2 s.
 """
@@ -46,8 +49,11 @@ SCHEMES = ("systematic", "stratified", "multinomial", "residual")
 BLOCK = (64, 16, 4096)  # gather bar: float32 block (B, N, D)
 LOGIT_SHAPES = [(256, 64), (64, 32768)]  # sample_logits: (rows, vocabulary)
 CACHE = (4, 64, 2, 40, 16)  # reorder_in_place: one KV cache tensor (B, N, heads, positions, head size)
-IMPLS = ["tiltsmc", "numpy", "particles", "particles_W", "copy"]
-HEADERS = ["tiltsmc", "numpy", "particles", "particles(W)", "copy"]
+IMPLS = ["tiltsmc", "numpy", "take_along_axis", "particles", "particles_W", "copy"]
+HEADERS = ["tiltsmc", "numpy", "take_along_axis", "particles", "particles(W)", "copy"]
+# Out-of-place gathers time both plain numpy forms; the row's "numpy" is the faster (named in "numpy_is").
+GATHER_CANDIDATES = ("numpy_fancy", "numpy_flat_take")
+MOVED_ONLY = "moved rows only, in place"  # b, m = nonzero(a != arange(N)); x[b, m] = x[b, a[b, m]]
 
 
 # ---------------------------------------------------------------- timing
@@ -173,7 +179,9 @@ def cases(rng: np.random.Generator) -> list[Case]:
                         name,
                         {
                             "tiltsmc": use_ts and p(ts.gather, logw, ancestors),
-                            "numpy": p(ref.gather, logw, ancestors),
+                            "numpy_fancy": p(ref.gather, logw, ancestors),
+                            "numpy_flat_take": p(ref.gather_flat_take, logw, ancestors),
+                            "take_along_axis": p(ref.gather_take_along_axis, logw, ancestors),
                             "copy": copy,
                         },
                     )
@@ -201,8 +209,9 @@ def cases(rng: np.random.Generator) -> list[Case]:
             "float32",
             {
                 "tiltsmc": use_ts and p(ts.gather, block, ancestors),
-                "numpy": p(ref.gather, block, ancestors),
-                "numpy_fancy": p(block.__getitem__, (np.arange(BLOCK[0])[:, None], ancestors)),
+                "numpy_fancy": p(ref.gather, block, ancestors),
+                "numpy_flat_take": p(ref.gather_flat_take, block, ancestors),
+                "take_along_axis": p(ref.gather_take_along_axis, block, ancestors),
                 "copy": p(np.copy, block),
             },
         )
@@ -224,7 +233,9 @@ def cases(rng: np.random.Generator) -> list[Case]:
         )
     # KV caches following resampling: 4 float32 arrays (B, N, heads, positions, head size), the
     # ancestors of a systematic step with survivors kept in their slots (only dead particles' slots move).
+    # numpy moves only those slots' rows, in its own copies of the caches.
     caches = [rng.standard_normal(CACHE).astype(np.float32) for _ in range(4)]
+    numpy_caches = [c.copy() for c in caches]
     survivors = ref.resample(rng.standard_normal(CACHE[:2]) * 1.5, "systematic", CACHE[1], rng)
     if use_ts:
         survivors = ts.keep_survivors(survivors)
@@ -235,13 +246,14 @@ def cases(rng: np.random.Generator) -> list[Case]:
             "float32",
             {
                 "tiltsmc": use_ts and p(ts.reorder_in_place, caches, survivors),
-                "numpy": lambda: [ref.gather(c, survivors) for c in caches],
+                "numpy": p(ref.reorder_in_place, numpy_caches, survivors),
+                "take_along_axis": lambda: [ref.gather_take_along_axis(c, survivors) for c in caches],
                 "copy": lambda: [np.copy(c) for c in caches],
             },
         )
     )
     near = mostly_identity(BLOCK[0], BLOCK[1], 2, rng)
-    in_place = block.copy()
+    in_place, numpy_in_place = block.copy(), block.copy()
     out.append(
         (
             "gather:in-place,2/16 moved",
@@ -249,7 +261,8 @@ def cases(rng: np.random.Generator) -> list[Case]:
             "float32",
             {
                 "tiltsmc": use_ts and p(ts.gather, in_place, near, out=in_place),
-                "numpy": p(ref.gather, block, near),
+                "numpy": p(ref.gather_in_place, numpy_in_place, near),
+                "take_along_axis": p(ref.gather_take_along_axis, block, near),
                 "copy": p(np.copy, block),
             },
         )
@@ -268,11 +281,26 @@ def median(row: dict, impl: str) -> float | None:
     return row["times"][impl]["median"] if impl in row["times"] else None
 
 
-def bar(text: str, numerator: float | None, denominator: float | None, op: str, threshold: float) -> dict:
-    """A bar on ``numerator / denominator``; SKIP when a figure is missing."""
-    value = None if numerator is None or denominator is None else numerator / denominator
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return None if numerator is None or denominator is None else numerator / denominator
+
+
+def bar(
+    text: str,
+    numerator: float | None,
+    denominator: float | None,
+    op: str,
+    threshold: float,
+    beside: tuple[str, float | None, float | None] | None = None,
+) -> dict:
+    """A bar on ``numerator / denominator``; SKIP when a figure is missing. ``beside``: ``(label, numerator,
+    denominator)`` of a ratio reported next to the bar (no threshold on it)."""
+    value = ratio(numerator, denominator)
     ok = None if value is None else (value >= threshold if op == ">=" else value <= threshold)
-    return {"bar": text, "value": value, "op": op, "threshold": threshold, "pass": ok}
+    out = {"bar": text, "value": value, "op": op, "threshold": threshold, "pass": ok}
+    if beside is not None:
+        out["beside"] = {"ratio": beside[0], "value": ratio(beside[1], beside[2])}
+    return out
 
 
 def bars(rows: list[dict]) -> list[dict]:
@@ -322,20 +350,31 @@ def bars(rows: list[dict]) -> list[dict]:
                     1,
                 )
             )
+    # The gather bars were set against take_along_axis; the strongest numpy reference is reported beside.
     out += [
         bar(
             f"{BLOCK} float32 gather: take_along_axis / tiltsmc",
-            median(block, "numpy"),
+            median(block, "take_along_axis"),
             median(block, "tiltsmc"),
             ">=",
             1,
+            beside=(
+                f"strongest numpy ({block.get('numpy_is', 'numpy')}) / tiltsmc",
+                median(block, "numpy"),
+                median(block, "tiltsmc"),
+            ),
         ),
         bar(
             f"{BLOCK} float32 gather out=x, 2/16 moved: take_along_axis / tiltsmc",
-            median(block_ip, "numpy"),
+            median(block_ip, "take_along_axis"),
             median(block_ip, "tiltsmc"),
             ">=",
             3,
+            beside=(
+                "strongest numpy (moved rows only, in place) / tiltsmc",
+                median(block_ip, "numpy"),
+                median(block_ip, "tiltsmc"),
+            ),
         ),
     ]
     return out
@@ -356,7 +395,17 @@ def fmt_ratio(num: float | None, den: float | None) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    head = ["kernel", "shape", "dtype", *[f"{h} us" for h in HEADERS], "np/ts", "pt/ts", "ptW/ts", "ts/copy"]
+    head = [
+        "kernel",
+        "shape",
+        "dtype",
+        *[f"{h} us" for h in HEADERS],
+        "np/ts",
+        "tak/ts",
+        "pt/ts",
+        "ptW/ts",
+        "ts/copy",
+    ]
     lines = []
     for r in rows:
         m = {impl: median(r, impl) for impl in IMPLS}
@@ -367,6 +416,7 @@ def print_table(rows: list[dict]) -> None:
                 r["dtype"],
                 *[fmt_us(m[i]) for i in IMPLS],
                 fmt_ratio(m["numpy"], m["tiltsmc"]),
+                fmt_ratio(m["take_along_axis"], m["tiltsmc"]),
                 fmt_ratio(m["particles"], m["tiltsmc"]),
                 fmt_ratio(m["particles_W"], m["tiltsmc"]),
                 fmt_ratio(m["tiltsmc"], m["copy"]),
@@ -377,6 +427,24 @@ def print_table(rows: list[dict]) -> None:
         print("  ".join(c.ljust(w) if j < 3 else c.rjust(w) for j, (c, w) in enumerate(zip(line, widths))))
         if i == 0:
             print("  ".join("-" * w for w in widths))
+
+
+def print_gather_references(rows: list[dict]) -> None:
+    """Both ratios for the gathers: the strongest numpy reference and take_along_axis, over tiltsmc."""
+    print("\ngathers, reference / tiltsmc (medians; above 1: tiltsmc is faster):")
+    for r in rows:
+        if "numpy_is" not in r:
+            continue
+        t = median(r, "tiltsmc")
+        others = [
+            n for n in (*GATHER_CANDIDATES, "take_along_axis") if n in r["times"] and n != r["numpy_is"]
+        ]
+        print(
+            f"  {r['kernel']} {'x'.join(map(str, r['shape']))} {r['dtype']}: tiltsmc {fmt_us(t)} us; "
+            f"strongest numpy = {r['numpy_is']}: {fmt_us(median(r, 'numpy'))} us, "
+            f"{fmt_ratio(median(r, 'numpy'), t)}x; "
+            + "; ".join(f"{n}: {fmt_us(median(r, n))} us, {fmt_ratio(median(r, n), t)}x" for n in others)
+        )
 
 
 def check() -> bool:
@@ -426,9 +494,7 @@ def check() -> bool:
         abs(rate - 0.3) < 0.01 and edge.tolist() == [True, True, False],
         f"(rate {rate:.4f} for 0.3)",
     )
-    if ts is None:
-        print(TS_MISSING)
-        return ok
+    gathers = []  # (shape, dtype, ancestors' kind, x, ancestors, take_along_axis's result)
     for shape, dtype in [((64, 16, 4096), np.float32), ((3, 7), np.float64), ((5, 9, 2, 3), np.int16)]:
         x = (rng.standard_normal(shape) * 100).astype(dtype)
         for name, anc in [
@@ -437,10 +503,41 @@ def check() -> bool:
             ("2 moved", mostly_identity(shape[0], shape[1], 2, rng)),
         ]:
             expected = np.take_along_axis(x, anc.reshape(anc.shape + (1,) * (x.ndim - 2)), axis=1)
-            y = x.copy()
-            ts.gather(y, anc, out=y)
-            good = np.array_equal(ts.gather(x, anc), expected) and np.array_equal(y, expected)
-            report(f"tiltsmc gather == take_along_axis {shape} {np.dtype(dtype).name} {name}", good)
+            gathers.append((shape, np.dtype(dtype).name, name, x, anc, expected))
+            moved = ref.gather_in_place(x.copy(), anc)
+            good = all(
+                np.array_equal(y, expected)
+                for y in (
+                    ref.gather(x, anc),
+                    ref.gather_flat_take(x, anc),
+                    ref.gather_take_along_axis(x, anc),
+                    moved,
+                )
+            )
+            report(f"reference gathers (fancy, flat take, in place moved only) == take_along_axis {shape} "
+                   f"{np.dtype(dtype).name} {name}", good)  # fmt: skip
+    caches = [rng.standard_normal(CACHE).astype(np.float32) for _ in range(4)]
+    survivors = ref.resample(rng.standard_normal(CACHE[:2]) * 1.5, "systematic", CACHE[1], rng)
+    if ts is not None:  # the benchmark's ancestors: survivors kept in their slots
+        survivors = ts.keep_survivors(survivors)
+    expected = [ref.gather_take_along_axis(c, survivors) for c in caches]
+    moved = [c.copy() for c in caches]
+    ref.reorder_in_place(moved, survivors)
+    same = all(map(np.array_equal, moved, expected))
+    report(f"reference reorder_in_place (moved rows only) == take_along_axis per array {CACHE}", same)
+    if ts is None:
+        print(TS_MISSING)
+        return ok
+    for shape, dtype, name, x, anc, expected in gathers:
+        y, z = x.copy(), x.copy()
+        ts.gather(y, anc, out=y)
+        ref.gather_in_place(z, anc)
+        good = np.array_equal(ts.gather(x, anc), expected) and np.array_equal(y, expected)
+        report(f"tiltsmc gather == take_along_axis, out=x == numpy moved rows only {shape} {dtype} {name}",
+               good and np.array_equal(y, z))  # fmt: skip
+    ts.reorder_in_place(caches, survivors)
+    same = all(map(np.array_equal, caches, moved))
+    report(f"tiltsmc reorder_in_place == numpy moved rows only per array {CACHE}, survivors kept", same)
     logits = (rng.standard_normal((300, 50)) * 3).astype(np.float32)
     index, log_p = ts.sample_logits(logits, 0.8, rng=5)
     same_index, _ = ts.pool_select(logits.astype(np.float64) / 0.8, rng=5)
@@ -450,10 +547,12 @@ def check() -> bool:
     report("tiltsmc sample_logits == pool_select on logits / T, log p = s_v - logsumexp(s)", good)
     caches = [rng.standard_normal((3, 9, 2, 5)).astype(np.float32), rng.integers(0, 9, (3, 9))]
     anc = ts.keep_survivors(rng.integers(0, 9, (3, 9)))
-    expected = [ref.gather(c, anc) for c in caches]
+    expected = [ref.gather_take_along_axis(c, anc) for c in caches]
+    moved = [c.copy() for c in caches]
+    ref.reorder_in_place(moved, anc)
     ts.reorder_in_place(caches, anc)
-    same = all(map(np.array_equal, caches, expected))
-    report("tiltsmc reorder_in_place == take_along_axis per array", same)
+    same = all(map(np.array_equal, caches, expected)) and all(map(np.array_equal, caches, moved))
+    report("tiltsmc reorder_in_place == take_along_axis == numpy moved rows only, per array", same)
     return ok
 
 
@@ -486,20 +585,28 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for kernel, shape, dtype, impls in cases(np.random.default_rng(SEED)):
         times = {name: measure(fn, budget) for name, fn in impls.items() if fn}
-        rows.append({"kernel": kernel, "shape": list(shape), "dtype": dtype, "times": times})
+        row = {"kernel": kernel, "shape": list(shape), "dtype": dtype, "times": times}
+        candidates = [name for name in GATHER_CANDIDATES if name in times]
+        if candidates:  # out-of-place gather: the faster plain numpy form is the reference
+            row["numpy_is"] = min(candidates, key=lambda name: times[name]["median"])
+            times["numpy"] = dict(times[row["numpy_is"]])
+        elif kernel in ("gather:in-place,2/16 moved", "reorder_in_place:4 caches"):
+            row["numpy_is"] = MOVED_ONLY
+        rows.append(row)
     print_table(rows)
-    fancy = find(rows, "gather", BLOCK, "float32")
-    fancy_s = median(fancy, "numpy_fancy")
-    print(
-        f"\nnote: gather {BLOCK} float32 by numpy fancy indexing x[arange(B)[:, None], a]: "
-        f"{fmt_us(fancy_s)} us (fancy/tiltsmc = {fmt_ratio(fancy_s, median(fancy, 'tiltsmc'))})"
-    )
+    print_gather_references(rows)
     results = bars(rows)
     print("\nbars (medians):")
     for b in results:
         verdict = {True: "PASS", False: "FAIL", None: "SKIP"}[b["pass"]]
         value = "n/a" if b["value"] is None else f"{b['value']:.3g}"
-        print(f"  {verdict}  {b['bar']} = {value} (need {b['op']} {b['threshold']:g})")
+        beside = ""
+        if "beside" in b:
+            other = b["beside"]["value"]
+            beside = (
+                f"; beside it, {b['beside']['ratio']} = {'n/a' if other is None else f'{other:.3g}'} (no bar)"
+            )
+        print(f"  {verdict}  {b['bar']} = {value} (need {b['op']} {b['threshold']:g}){beside}")
     host = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "machine"
     out = args.out or Path(__file__).resolve().parent / "results" / f"core_{host}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

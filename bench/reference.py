@@ -1,8 +1,10 @@
 """Plain numpy reference implementations of the ``tiltsmc.core`` kernels, for the benchmark.
 
-They favour clarity over speed but are vectorised over rows (no Python loop over the batch), as a
-numpy user would write them. Log-weights ``logw`` have shape ``(B, N)``; randomness comes from a
-:class:`numpy.random.Generator`. Rows are assumed to hold at least one finite log-weight.
+They are vectorised over rows (no Python loop over the batch), as a numpy user would write them. The
+gathers are the strongest plain numpy forms: fancy indexing or one flat ``np.take`` out of place, and in
+place only the rows that move (``np.take_along_axis`` is kept as a secondary reference). Log-weights
+``logw`` have shape ``(B, N)``; randomness comes from a :class:`numpy.random.Generator`. Rows are assumed
+to hold at least one finite log-weight.
 """
 
 from __future__ import annotations
@@ -95,6 +97,44 @@ def mh_accept(log_z_current: np.ndarray, log_z_proposed: np.ndarray, rng: np.ran
 
 
 def gather(x: np.ndarray, ancestors: np.ndarray) -> np.ndarray:
-    """``out[b, m] = x[b, ancestors[b, m]]`` for ``x`` of shape ``(B, N, ...)``."""
+    """``out[b, m] = x[b, ancestors[b, m]]`` for ``x`` of shape ``(B, N, ...)``, by fancy indexing
+    ``x[arange(B)[:, None], ancestors]``: the plain numpy way, and about as fast as numpy gets for blocks."""
+    return x[np.arange(x.shape[0])[:, None], ancestors]
+
+
+def gather_flat_take(x: np.ndarray, ancestors: np.ndarray) -> np.ndarray:
+    """The same by one ``np.take`` along the first axis of the ``(B * N, ...)`` view, at flat indices
+    ``ancestors[b, m] + N * b``: faster than fancy indexing on large ``(B, N)`` rows, slower on tiny ones."""
+    batch, n = x.shape[:2]
+    flat = (ancestors + n * np.arange(batch)[:, None]).ravel()
+    out = np.take(x.reshape((batch * n, *x.shape[2:])), flat, axis=0)
+    return out.reshape(ancestors.shape + x.shape[2:])
+
+
+def gather_take_along_axis(x: np.ndarray, ancestors: np.ndarray) -> np.ndarray:
+    """The same with ``np.take_along_axis`` (the secondary reference: much slower on ``(B, N, D)`` blocks)."""
     index = ancestors.reshape(ancestors.shape + (1,) * (x.ndim - 2))
     return np.take_along_axis(x, index, axis=1)
+
+
+def _moved(ancestors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(b, m, ancestors[b, m])`` for the slots whose ancestor is not the slot itself."""
+    batch_index, slot = np.nonzero(ancestors != np.arange(ancestors.shape[1]))
+    return batch_index, slot, ancestors[batch_index, slot]
+
+
+def gather_in_place(x: np.ndarray, ancestors: np.ndarray) -> np.ndarray:
+    """``x[b, m] = x_old[b, ancestors[b, m]]`` in place (``ancestors`` of shape ``(B, N)``), moving only
+    the rows whose ancestor is not themselves: ``x[b, dst] = x[b, src]`` reads every source (a copy of the
+    moved rows) before it writes, so any ancestors are safe. Finding the moved rows is part of the call."""
+    batch_index, slot, source = _moved(ancestors)
+    x[batch_index, slot] = x[batch_index, source]
+    return x
+
+
+def reorder_in_place(arrays: list[np.ndarray], ancestors: np.ndarray) -> None:
+    """:func:`gather_in_place` of every ``(B, N, ...)`` array with the same ancestors, the moved rows found
+    once."""
+    batch_index, slot, source = _moved(ancestors)
+    for x in arrays:
+        x[batch_index, slot] = x[batch_index, source]
