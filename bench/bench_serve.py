@@ -27,25 +27,41 @@ For each configuration and particle count:
 2. **Lone requests over HTTP** to each server (interleaved); the baseline's median ``L`` is the reference
    of the p99 target, ``p99 <= --target-factor x L`` (default 5x; one target for both systems), and
    sets the ladder of offered rates, ``--rates`` multiples of ``1 / L``.
-3. **Load levels**: at each offered rate, Poisson arrivals (seeded; the same schedule and requests for
-   both systems) over ``--duration`` seconds, at least ``--min-requests`` and at most
-   ``--max-requests`` requests. Each request's send time is fixed in advance and never waits for earlier
+3. **Load levels**: at each offered (nominal) rate, Poisson arrivals for ``--duration`` seconds (6),
+   whatever the rate: a level's requests are not capped short of ``--level-cap`` (5000, a bound on the
+   client's and the servers' memory and connections; a rate that would send more ends the ladders, and
+   its sustained rates are then lower bounds). Every level of one particle count, both systems', ladder
+   and refinement, scales one set of seeded standard exponential gaps to its rate (common random
+   numbers): a higher rate's schedule is a lower one's compressed in time, with more arrivals, so the
+   schedules rise with the nominal rate and both systems meet the same bursts; request ``k`` is the
+   same at every level. Each request's send time is fixed in advance and never waits for earlier
    responses (open loop); its latency runs from that scheduled time to its response, so a client that
-   falls behind counts against the server, not in its favour. A system's ladder stops after two levels
-   in a row over the target (saturated). Per level: throughput (completed requests / time from the first
-   scheduled send to the last response), p50 / p90 / p99 latency (interpolated percentiles of at most
-   ``--max-requests`` latencies: with fewer than 100, p99 is close to the slowest), errors, and for the
-   engine, from ``/metrics``, rows per policy call and tiltsmc's share of a step's time; for the
-   baseline, the same from the responses' ``compute`` (each call's own time, which includes waiting for
-   the GIL and the cores while other calls run).
-4. **Sustained rate**: the highest offered rate with no errors and p99 within the target. The ladder's
-   rungs are 25 - 100% apart, too coarse to compare two systems by: after it, each system's sustained
-   rate is bisected (``--refine`` levels each, default 3, the systems in turn) between its highest rate
-   within the target and the next rate it ran, at geometric middles: three levels narrow a rung to an
-   eighth of its ratio. The systems' refinement levels of one step share their arrivals, scaled to each
-   one's rate (the same seeded standard exponential gaps), so both meet the same bursts. Near the knee
-   a level's p99 depends on its bursts (a queue that builds up drains slowly when a step's cost grows
-   with its rows), so the bisection locates the knee of these schedules, not a guaranteed rate.
+   falls behind counts against the server, not in its favour. Per level: the offered rate sent ((n - 1)
+   / the window from its first scheduled send to its last), the completed rate ((responses - 1) / the
+   time from the first response to the last: the same count over the responses), throughput (completed
+   requests / time from the first scheduled send to the last response, for the rate-by-rate
+   comparison), p50 / p90 / p99 latency over every request of the level (interpolated percentiles; no
+   warm-up discarded: the servers are warm from untimed requests and the levels before, and a burst in
+   the first second is load like any other), errors, and for the engine, from ``/metrics``, rows per
+   policy call and tiltsmc's share of a step's time; for the baseline, the same from the responses'
+   ``compute`` (each call's own time, which includes waiting for the GIL and the cores while other
+   calls run). A level **passes** where it has no errors, p99 within the target and a completed rate of
+   at least 0.95x the rate sent (it kept up; the idle start and the drain bias that ratio low by about
+   (last response's latency - first's) / the window, 0 - 2% at 6 s). A system's ladder stops after two
+   levels in a row failed (saturated).
+4. **Sustained rate**: the highest nominal rate such that it and every lower level, ladder and
+   refinement together, passed: the first failure ends it, and a pass above a failure does not count.
+   Where no level failed it is a lower bound (``sustained_is_lower_bound``), and a ratio with a lower
+   bound on one side is marked so (``>=``, ``<=``); a bar is then met or missed only where the bound
+   settles it, else left open. The ladder's rungs are 25 - 100% apart, too coarse to compare two
+   systems by: after it, each system's sustained rate is bisected (``--refine`` levels each, default 3,
+   the systems in turn) between its ladder's first failure and the rate below it, at geometric middles:
+   three levels narrow a rung to an eighth of its ratio. Near the knee a level's p99 depends on its
+   bursts (a queue that builds up drains slowly when a step's cost grows with its rows), so the
+   bisection locates the knee of this schedule, not a guaranteed rate. The offered rate sent at the
+   sustained level is recorded beside the nominal one. ``--recompute FILE...`` runs nothing: it judges
+   the levels recorded in results files, older versions' too, by these rules and prints the sustained
+   rates and ratios beside the recorded ones (``recompute``).
 5. **The engine at saturation over HTTP**: Poisson arrivals at ``--saturation-factor`` (1.5) times the
    most it completed (in any level, or in process at saturation: a ladder stopped by its p99 target can
    leave the engine far below its capacity), for ``--saturation-seconds``; its counters read a third of
@@ -63,10 +79,13 @@ offered load (throughput >= 0.95x and p99 <= 1.1x the baseline's at every rate b
 noise); lone requests within 10% of a direct call; tiltsmc's share of a step at saturation (step 5's
 window) <= 5%. Prints a table, writes ``bench/results/serve_<host>.json`` and a PNG of
 latency against offered load. Not a test. The client runs on the same cores as the servers (the same
-cost for both). On 2 cores a run took about 5 minutes with ``--models demo``, 3.5 with the fixtures.
+cost for both). On 2 cores a run took about 5 minutes with ``--models demo``, 3.5 with the fixtures,
+while a level stopped at 120 requests (1 - 3 s at the engine's high rates); with every level lasting
+``--duration``, expect a minute or two more (not yet timed).
 
     python bench/bench_serve.py                 # both configurations, 4 and 16 particles
     python bench/bench_serve.py --quick         # smoke run: demo, 4 particles, short levels
+    python bench/bench_serve.py --recompute bench/results/serve_vm.json   # old results, these rules
 """
 
 from __future__ import annotations
@@ -102,6 +121,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 SYSTEMS = ("baseline", "engine")
 NEVER_BELOW_MARGINS = {"throughput": 0.95, "p99": 1.10}
+BOUND_WORDS = {
+    "lower": "a lower bound (no engine level failed)",
+    "upper": "an upper bound (no baseline level failed)",
+    "unknown": "no level of either system failed",
+}
+KEEP_UP = 0.95  # a level passes only where its completed rate is at least this x the offered rate sent
 
 
 # -- servers ------------------------------------------------------------------------------------------
@@ -294,7 +319,9 @@ def poisson_offsets(
     rate: float, seconds: float, fewest: int, most: int, rng: np.random.Generator
 ) -> np.ndarray:
     """Poisson arrival times (seconds from the start, the first at once): those within ``seconds``, at
-    least ``fewest`` (the window then runs longer) and at most ``most``."""
+    least ``fewest`` (the window then runs longer) and at most ``most``. (The schedules of
+    ``bench_overload.py``, ``bench_serve_threads.py`` and ``bench_cold_start.py``, and of this script's
+    saturation reading; its load levels use ``unit_gaps`` and ``level_offsets``.)"""
     gaps = rng.exponential(1.0 / rate, size=most)
     offsets = np.cumsum(gaps) - gaps[0]
     count = int(np.searchsorted(offsets, seconds))
@@ -302,9 +329,27 @@ def poisson_offsets(
 
 
 def arrival_offsets(rate: float, args: argparse.Namespace, rng: np.random.Generator) -> np.ndarray:
-    """A level's arrivals (``poisson_offsets``): within ``--duration``, at least ``--min-requests`` and
-    at most ``--max-requests``."""
+    """A level of ``bench_overload.py`` or ``bench_serve_threads.py`` (``poisson_offsets``): within
+    ``--duration``, at least ``--min-requests`` and at most ``--max-requests``."""
     return poisson_offsets(rate, args.duration, args.min_requests, args.max_requests, rng)
+
+
+def unit_gaps(seed: int, particles: int, cap: int) -> np.ndarray:
+    """The standard exponential gaps (mean 1) that every load level of one particle count shares, both
+    systems', ladder and refinement alike (common random numbers): ``level_offsets`` scales them to a
+    level's rate, so a higher rate's schedule is the lower one's compressed in time, with more arrivals.
+    ``cap`` (``--level-cap``) of them: the most arrivals a level can have (a bound on the client's and
+    the servers' memory, not a level's length)."""
+    return np.random.default_rng([seed, particles, 3000]).standard_exponential(cap)
+
+
+def level_offsets(rate: float, seconds: float, gaps: np.ndarray) -> tuple[np.ndarray, bool]:
+    """A level's arrival times at ``rate`` (Poisson): ``gaps`` / ``rate`` added up, the first at once,
+    those before ``seconds`` (the same arrival window at every rate). Also whether ``gaps`` ran out
+    first (the level would need more than ``--level-cap`` arrivals: it is then not run)."""
+    offsets = (np.cumsum(gaps) - gaps[0]) / rate
+    count = int(np.searchsorted(offsets, seconds))
+    return offsets[: max(count, 1)], count >= len(gaps)
 
 
 def request_body(prompt: str, seed: int, particles: int, models: str) -> dict[str, Any]:
@@ -382,14 +427,18 @@ def summarise(records: list[dict[str, Any]], offsets: np.ndarray, rate: float) -
     failed = [r for r in records if r["status"] != 200]
     latencies = np.array([r["latency"] for r in ok])
     last = max((r["done"] for r in ok), default=float("nan"))
+    window = float(offsets[-1] - offsets[0]) if len(offsets) else 0.0
     out: dict[str, Any] = {
         "offered_rate": rate,
         "requests": len(records),
-        "arrival_window_seconds": float(offsets[-1]) if len(offsets) else 0.0,
+        "arrival_window_seconds": window,
+        # the schedule actually sent (the nominal rate's Poisson draw): (n - 1) / its window
+        "offered_rate_sent": (len(offsets) - 1) / window if window > 0 else float("nan"),
         "completed": len(ok),
         "errors": len(records) - len(ok),
         "error_examples": sorted({f"{r['status']}: {r.get('error', '')[:120]}" for r in failed})[:3],
         "throughput": len(ok) / last if ok and last > 0 else 0.0,
+        "completed_rate": completed_rate([r["done"] for r in ok]),
         "max_send_lag_seconds": max(r["send_lag"] for r in records),
     }
     for q in (50, 90, 99):
@@ -397,6 +446,31 @@ def summarise(records: list[dict[str, Any]], offsets: np.ndarray, rate: float) -
     out["mean"] = float(latencies.mean()) if len(ok) else float("inf")
     out["latencies"] = [round(float(x), 4) for x in latencies]
     return out
+
+
+def completed_rate(done: Sequence[float]) -> float:
+    """Responses per second as the offered rate is counted over the arrivals: (responses - 1) / the time
+    from the first response to the last (nan with fewer than two). A server that keeps up answers at
+    the rate it is sent; the idle start and the drain after the last arrival shift both ends of the
+    window by a latency, and bias it low by about (the last response's latency - the first's) / the
+    arrival window (0 - 2% in the committed runs' 6 s levels); one that falls behind answers at its
+    capacity."""
+    if len(done) < 2 or max(done) <= min(done):
+        return float("nan")
+    return (len(done) - 1) / (max(done) - min(done))
+
+
+def judge(level: dict[str, Any], target_seconds: float) -> dict[str, Any]:
+    """A level's verdict, in place: ``within_target`` (no errors and p99 <= the target), ``keeps_up``
+    (completed rate >= ``KEEP_UP`` x the offered rate sent) and ``passed`` (both)."""
+    level["within_target"] = bool(level["errors"] == 0 and level["p99"] <= target_seconds)
+    sent, done = level["offered_rate_sent"], level["completed_rate"]
+    if math.isfinite(sent) and math.isfinite(done):
+        level["keeps_up"] = bool(done >= KEEP_UP * sent)
+    else:  # one request, or one answered: no rate to compare
+        level["keeps_up"] = level["completed"] == level["requests"]
+    level["passed"] = level["within_target"] and level["keeps_up"]
+    return level
 
 
 def lone_over_http(base: str, bodies: list[dict[str, Any]]) -> list[float]:
@@ -634,19 +708,32 @@ def run_config(
                 flush=True,
             )
 
+            # one set of arrival gaps for every level of these requests, scaled to each level's rate
+            gaps = unit_gaps(args.seed, particles, args.level_cap)
             fails = dict.fromkeys(SYSTEMS, 0)
             for index, rate in enumerate(plan["rates"]):
+                offsets, capped = level_offsets(rate, args.duration, gaps)
+                if capped:  # a level's length never shrinks to fit the cap: the ladder ends here
+                    print(
+                        f"    {rate:.2f} req/s would send more than --level-cap {args.level_cap} requests "
+                        f"in {args.duration:g} s: the ladders end here",
+                        flush=True,
+                    )
+                    for system in SYSTEMS:
+                        out[system][particles]["ladder_capped_at"] = rate
+                    break
                 for system in SYSTEMS if index % 2 == 0 else SYSTEMS[::-1]:
                     if fails[system] >= 2:
                         continue
                     level = judged_level(  # the same schedule for both systems
-                        servers[system], rate, [index], particles, models, prompts, plan, args
+                        servers[system], rate, offsets, particles, models, prompts, plan, args
                     )
-                    fails[system] = 0 if level["within_target"] else fails[system] + 1
+                    fails[system] = 0 if level["passed"] else fails[system] + 1
                     out[system][particles]["levels"].append(level)
                 if min(fails.values()) >= 2:
                     break
-            # each system's sustained rate between its ladder's rungs: bisection, the systems in turn
+            # each system's sustained rate between its last pass below its first failure and that failure:
+            # bisection, the systems in turn
             spans = {system: bracket(out[system][particles]["levels"]) for system in SYSTEMS}
             for step in range(args.refine):
                 for system in SYSTEMS if step % 2 == 0 else SYSTEMS[::-1]:
@@ -657,12 +744,13 @@ def run_config(
                     rate = round(math.sqrt(low * high), 2)  # the rungs are ratios apart: a geometric middle
                     if not low < rate < high:
                         continue
-                    # the same arrivals for both systems, scaled to each one's rate (their bursts alike)
-                    key = [1000 + step]
-                    level = judged_level(servers[system], rate, key, particles, models, prompts, plan, args)
+                    offsets, _ = level_offsets(rate, args.duration, gaps)  # fewer than at ``high``
+                    level = judged_level(
+                        servers[system], rate, offsets, particles, models, prompts, plan, args
+                    )
                     level["refinement"] = step + 1
                     out[system][particles]["refined"].append(level)
-                    spans[system] = (rate, high) if level["within_target"] else (low, rate)
+                    spans[system] = (rate, high) if level["passed"] else (low, rate)
             engine_levels = out["engine"][particles]["levels"] + out["engine"][particles]["refined"]
             if args.saturation_seconds > 0 and engine_levels:
                 # offered past the most the engine completed, in a level or in process at saturation (a
@@ -678,32 +766,32 @@ def run_config(
 def judged_level(
     server: Server,
     rate: float,
-    key: list[int],
+    offsets: np.ndarray,
     particles: int,
     models: str,
     prompts: list[str],
     plan: dict[str, Any],
     args: argparse.Namespace,
 ) -> dict[str, Any]:
-    """One load level on ``server`` (its arrival schedule seeded by ``key``), judged against the target."""
-    offsets = arrival_offsets(rate, args, np.random.default_rng([args.seed, particles, *key]))
+    """One load level on ``server`` (arrivals at ``offsets``, request ``k`` the same at every level),
+    judged (``judge``)."""
     bodies = [request_body(prompts[k], k, particles, models) for k in range(len(offsets))]
     level = run_one_level(server.system, server.base, server.pid, bodies, offsets, rate, args)
-    level["within_target"] = level["errors"] == 0 and level["p99"] <= plan["target_seconds"]
+    judge(level, plan["target_seconds"])
     print("    " + level_line(server.system, particles, level), flush=True)
     time.sleep(args.pause)
     return level
 
 
 def bracket(levels: list[dict[str, Any]]) -> Optional[tuple[float, float]]:
-    """The highest ladder rate within the target and the next rate the ladder ran above it (over the
-    target): the sustained rate lies between them. None when no level was within the target or the
-    highest was the ladder's last (nothing above to bisect towards)."""
-    passed = [lv["offered_rate"] for lv in levels if lv["within_target"]]
-    if not passed:
-        return None
-    above = [lv["offered_rate"] for lv in levels if lv["offered_rate"] > max(passed)]
-    return (max(passed), min(above)) if above else None
+    """The ladder's first failed rate and the rate run below it (passed), between which the sustained
+    rate lies: the bisection refines there and nowhere else (a pass above a failure does not count).
+    None when no level failed (the sustained rate is then a lower bound) or the lowest rate failed."""
+    ordered = sorted(levels, key=lambda lv: lv["offered_rate"])
+    for index, level in enumerate(ordered):
+        if not level["passed"]:
+            return (ordered[index - 1]["offered_rate"], level["offered_rate"]) if index else None
+    return None
 
 
 def process_counters(pid: int) -> tuple[float, float]:
@@ -757,13 +845,80 @@ def level_line(system: str, particles: int, level: dict[str, Any]) -> str:
         + (f", tiltsmc {100 * share:4.1f}%" if share is not None else "")
         + f", cores: server {level['server_cpu_cores']:.2f} client {level['client_cpu_cores']:.2f}"
         + f", faults {level['server_page_faults']:.0f}"
-        + ("" if level["within_target"] else "  (over target)")
+        + verdict_mark(level)
     )
 
 
+def verdict_mark(level: dict[str, Any]) -> str:
+    """Why a level failed, in a few words (empty where it passed, or where nothing judged it)."""
+    marks = [] if level["within_target"] else ["over target"]
+    if not level.get("keeps_up", True):
+        marks.append(
+            f"fell behind: {level['completed_rate']:.2f} done of {level['offered_rate_sent']:.2f} sent req/s"
+        )
+    return f"  ({'; '.join(marks)})" if marks else ""
+
+
+def sustained_level(
+    levels: list[dict[str, Any]],
+) -> tuple[Optional[dict[str, Any]], bool, Optional[dict[str, Any]]]:
+    """The sustained level: the highest such that it and every level below it (by nominal rate, ladder
+    and refinement together) passed (``judge``); the first failure ends the search, whatever passed
+    above it. Returns it (None if the lowest level failed), whether its rate is only a lower bound (no
+    level failed: the system was not taken to its limit), and the first failed level."""
+    best = None
+    for level in sorted(levels, key=lambda lv: lv["offered_rate"]):
+        if not level["passed"]:
+            return best, False, level
+        best = level
+    return best, best is not None, None
+
+
 def sustained(levels: list[dict[str, Any]]) -> float:
-    """The highest offered rate run with no errors and p99 within the target (0.0 if none)."""
-    return max((lv["offered_rate"] for lv in levels if lv["within_target"]), default=0.0)
+    """The sustained rate (``sustained_level``'s nominal rate; 0.0 if the lowest level failed)."""
+    return float(sustained_summary(levels)["sustained_rate"])
+
+
+def sustained_summary(levels: list[dict[str, Any]]) -> dict[str, Any]:
+    """``sustained_level`` as the JSON records it: the nominal rate, the rate its schedule sent, whether
+    it is a lower bound, and the first failure's nominal rate."""
+    best, lower_bound, failure = sustained_level(levels)
+    return {
+        "sustained_rate": best["offered_rate"] if best else 0.0,
+        "sustained_offered_rate_sent": best["offered_rate_sent"] if best else 0.0,
+        "sustained_is_lower_bound": lower_bound,
+        "first_failure_rate": failure["offered_rate"] if failure else None,
+    }
+
+
+def sustained_ratio(engine: dict[str, Any], baseline: dict[str, Any]) -> tuple[Optional[float], str]:
+    """Engine / baseline sustained rates (``sustained_summary``s) and what the ratio is: ``exact``,
+    ``lower`` (a lower bound: the engine's rate is one), ``upper`` (the baseline's is) or ``unknown``
+    (both are)."""
+    e, b = engine["sustained_rate"], baseline["sustained_rate"]
+    ratio = e / b if b > 0 else (None if e == 0 else float("inf"))
+    lower_e, lower_b = engine["sustained_is_lower_bound"], baseline["sustained_is_lower_bound"]
+    bound = "unknown" if lower_e and lower_b else "lower" if lower_e else "upper" if lower_b else "exact"
+    return ratio, bound
+
+
+def ratio_text(ratio: Optional[float], bound: str) -> str:
+    """A ratio with its kind: ``>= 4.52x`` for a lower bound, ``<= 0.80x`` an upper, ``?`` unknown."""
+    sign = {"exact": "", "lower": ">= ", "upper": "<= ", "unknown": "? "}[bound]
+    if ratio is not None and math.isinf(ratio):
+        return f"{sign}inf (the baseline's sustained rate 0)"
+    return f"{sign}{fmt(ratio, '.2f')}x"
+
+
+def ratio_verdict(ratio: Optional[float], bound: str, bar: float) -> Optional[bool]:
+    """Whether a sustained ratio meets ``bar``: None (undecided) where one side's rate is a lower bound
+    and the ratio's bound points away from the verdict (a lower bound under the bar, an upper bound
+    over it, or both rates lower bounds)."""
+    if ratio is None:
+        return False
+    if ratio >= bar:
+        return True if bound in ("exact", "lower") else None
+    return False if bound in ("exact", "upper") else None
 
 
 def compare(baseline: dict[str, Any], engine: dict[str, Any]) -> dict[str, Any]:
@@ -822,23 +977,26 @@ def print_table(result: dict[str, Any]) -> None:
             f"baseline {1e3 * block['baseline']['lone_http_median']:.1f} ms, engine "
             f"{1e3 * block['engine']['lone_http_median']:.1f} ms; p99 target {block['target_seconds']:.3f} s"
         )
-        columns = f"{'done':>7} {'err':>3} {'req/s':>6} {'p50':>6} {'p90':>6} {'p99':>7} "
+        columns = f"{'done':>9} {'err':>3} {'req/s':>6} {'p50':>6} {'p90':>6} {'p99':>7} "
         columns += f"{'rows':>5} {'tsmc':>5} {'cpu':>4}"
-        print(f"{'':>8} | {'baseline':<{len(columns)}} | {'engine':<{len(columns)}} | engine/baseline")
-        print(f"{'offered':>8} | {columns} | {columns} | {'req/s':>6} {'p50':>5} {'p99':>5}")
+        print(
+            f"{'':>8} {'':>7} | {'baseline':<{len(columns)}} | {'engine':<{len(columns)}} | engine/baseline"
+        )
+        print(f"{'offered':>8} {'sent':>7} | {columns} | {columns} | {'req/s':>6} {'p50':>5} {'p99':>5}")
         b_levels = {lv["offered_rate"]: lv for lv in block["baseline"]["levels"]}
         e_levels = {lv["offered_rate"]: lv for lv in block["engine"]["levels"]}
         for row in block["comparison"]["by_rate"]:
             rate = row["offered_rate"]
-            cells = [f"{rate:8.2f}"]
+            sent = (b_levels.get(rate) or e_levels.get(rate) or {}).get("offered_rate_sent")
+            cells = [f"{rate:8.2f} {fmt(sent, '7.2f')}"]  # the same schedule for both systems
             for lv in (b_levels.get(rate), e_levels.get(rate)):
                 if lv is None:
                     cells.append(f"{'(saturated before: not run)':<{len(columns)}}")
                     continue
                 share = lv.get("tiltsmc_share")
                 cells.append(
-                    f"{lv['completed']:>3}/{lv['requests']:<3} {lv['errors']:>3} {lv['throughput']:6.2f} "
-                    f"{lv['p50']:6.3f} {lv['p90']:6.3f} {lv['p99']:6.3f}{'' if lv['within_target'] else '*'} "
+                    f"{lv['completed']:>4}/{lv['requests']:<4} {lv['errors']:>3} {lv['throughput']:6.2f} "
+                    f"{lv['p50']:6.3f} {lv['p90']:6.3f} {lv['p99']:6.3f}{'' if lv['passed'] else '*'} "
                     f"{fmt(lv.get('rows_per_policy_call'), '5.1f')} "
                     f"{fmt(None if share is None else 100 * share, '4.1f')}% "
                     f"{fmt(lv.get('server_cpu_cores'), '4.2f')}"
@@ -852,25 +1010,35 @@ def print_table(result: dict[str, Any]) -> None:
             refined = block[system]["refined"]
             if refined:
                 steps = ", ".join(
-                    f"{lv['offered_rate']:.2f} (p99 {lv['p99']:.3f}{'' if lv['within_target'] else '*'})"
+                    f"{lv['offered_rate']:.2f} (p99 {lv['p99']:.3f}{'' if lv['passed'] else '*'})"
                     for lv in refined
                 )
                 print(f"{'':>8}   {system} refined: {steps}")
-        at_least = {  # a ladder that ended within the target: its sustained rate is a lower bound
-            system: ">= " if block[system]["levels"] and block[system]["levels"][-1]["within_target"] else ""
-            for system in SYSTEMS
-        }
+        parts = []
+        for system in SYSTEMS:
+            figures = block[system]
+            parts.append(
+                f"{system} {'>= ' if figures['sustained_is_lower_bound'] else ''}"
+                f"{figures['sustained_rate']:.2f} req/s ({figures['sustained_offered_rate_sent']:.2f} sent"
+                + (
+                    f"; first failure {figures['first_failure_rate']:.2f}"
+                    if figures["first_failure_rate"] is not None
+                    else "; none failed: a lower bound"
+                )
+                + ")"
+            )
         print(
-            f"{'':>8}   sustained (p99 <= {block['target_seconds']:.3f} s, no errors): baseline "
-            f"{at_least['baseline']}{block['baseline']['sustained_rate']:.2f} req/s, engine "
-            f"{at_least['engine']}{block['engine']['sustained_rate']:.2f} req/s "
-            f"({fmt(block['sustained_ratio'], '.2f')}x); "
-            "* = over the target; rows = rows per policy call; tsmc = tiltsmc's share of a step; "
-            "cpu = cores the server used"
+            f"{'':>8}   sustained (every level up to it: p99 <= {block['target_seconds']:.3f} s, no errors, "
+            f"completed >= {KEEP_UP}x sent): {', '.join(parts)}; engine / baseline "
+            f"{ratio_text(block['sustained_ratio'], block['sustained_ratio_bound'])} "
+            f"({fmt(block.get('sustained_ratio_sent'), '.2f')}x of the rates sent)\n"
+            f"{'':>8}   * = failed (over the target, or completed < {KEEP_UP}x sent); rows = rows per policy "
+            "call; tsmc = tiltsmc's share of a step; cpu = cores the server used"
         )
     print()
     for bar in result["bars"]:
-        print(f"{'PASS' if bar['pass'] else 'FAIL'}  {bar['what']}: {bar['measured']} (bar {bar['bar']})")
+        verdict = {True: "PASS", False: "FAIL", None: "OPEN"}[bar["pass"]]
+        print(f"{verdict}  {bar['what']}: {bar['measured']} (bar {bar['bar']})")
 
 
 def bars(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -880,15 +1048,21 @@ def bars(result: dict[str, Any]) -> list[dict[str, Any]]:
         name = f"{block['models']}, {block['particles']} particles"
         if block["models"] == "demo" and block["particles"] in minimum:
             bar = minimum[block["particles"]]
-            ratio = block["sustained_ratio"]
+            ratio, bound = block["sustained_ratio"], block["sustained_ratio_bound"]
+            rates = " vs ".join(
+                f"{'>= ' if block[s]['sustained_is_lower_bound'] else ''}{block[s]['sustained_rate']:.2f}"
+                for s in ("engine", "baseline")
+            )
+            verdict = ratio_verdict(ratio, bound, bar)
             out.append(
                 {
                     "what": f"{name}: sustained rate engine / baseline at p99 <= "
                     f"{block['target_seconds']:.3f} s",
-                    "measured": f"{fmt(ratio, '.2f')}x ({block['engine']['sustained_rate']:.2f} vs "
-                    f"{block['baseline']['sustained_rate']:.2f} req/s)",
+                    "measured": f"{ratio_text(ratio, bound)} ({rates} req/s)"
+                    + ("" if bound == "exact" else f"; {BOUND_WORDS[bound]}")
+                    + ("" if verdict is not None else ": undecided"),
                     "bar": f">= {bar}x",
-                    "pass": ratio is not None and ratio >= bar,
+                    "pass": verdict,
                 }
             )
         worst = [r for r in block["comparison"]["by_rate"] if not r["engine_not_below"]]
@@ -997,11 +1171,169 @@ def plot(result: dict[str, Any], path: Path) -> None:
     print(f"wrote {path}")
 
 
-def add_load_arguments(parser: argparse.ArgumentParser) -> None:
-    """The open-loop load's options (levels, target, lone requests), shared with bench_serve_ray.py."""
+# -- results recorded before: the same rules applied -------------------------------------------------
+
+
+def rejudged(level: dict[str, Any], block: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a recorded level judged by ``judge``. A results file from before the levels recorded
+    ``offered_rate_sent`` and ``completed_rate`` (each level then its own Poisson draw, at most
+    --max-requests arrivals): the rate sent from its requests and arrival window; the completed rate from
+    its arrival times, drawn again as that version drew them (``poisson_offsets`` seeded ``[seed,
+    particles, ladder index]``, or ``1000 + step`` for a refinement), kept only where the draw gives the
+    recorded requests and window, plus its latencies (all answered, in order). Where it cannot be drawn
+    again (or a request failed), the recorded throughput stands in for it (biased low by the drain after
+    the last arrival: it counts from the first send to the last response); ``completed_rate_source``
+    says which."""
+    level = dict(level)
+    if "offered_rate_sent" not in level:
+        window, count = level["arrival_window_seconds"], level["requests"]
+        level["offered_rate_sent"] = (count - 1) / window if window > 0 else float("nan")
+    if "completed_rate" not in level:
+        level["completed_rate"], level["completed_rate_source"] = level["throughput"], "throughput"
+        if "refinement" in level:
+            key = 1000 + level["refinement"] - 1
+        else:
+            key = block["rates"].index(level["offered_rate"])
+        if "min_requests" in args and "max_requests" in args:
+            rng = np.random.default_rng([args["seed"], block["particles"], key])
+            offsets = poisson_offsets(
+                level["offered_rate"], args["duration"], args["min_requests"], args["max_requests"], rng
+            )
+            drawn = (
+                len(offsets) == level["requests"]
+                and abs(float(offsets[-1]) - level["arrival_window_seconds"]) < 1e-6
+            )
+            latencies = level.get("latencies", [])
+            if drawn and level["errors"] == 0 and len(latencies) == len(offsets):
+                done = offsets + np.asarray(latencies)  # latencies rounded to 0.1 ms
+                level["completed_rate"] = completed_rate(done.tolist())
+                level["completed_rate_source"] = "schedule drawn again"
+    else:
+        level.setdefault("completed_rate_source", "recorded")
+    for key in ("offered_rate_sent", "completed_rate", "p99"):
+        if isinstance(level[key], str):  # write_json's "inf" / "nan"
+            level[key] = float(level[key])
+    return judge(level, block["target_seconds"])
+
+
+def short_window(level: dict[str, Any], args: dict[str, Any]) -> bool:
+    """Whether a recorded level stopped at --max-requests well before --duration (the versions that had
+    that cap): its p99 is that of a shorter window, where a growing queue has less time to show."""
+    most = args.get("max_requests")
+    return bool(
+        most is not None
+        and level["requests"] >= most
+        and level["arrival_window_seconds"] < 0.9 * args["duration"]
+    )
+
+
+def recompute(path: Path) -> list[dict[str, Any]]:
+    """The sustained rates and ratios of a results file (``bench_serve.py``'s JSON, any version) by this
+    version's rules (``rejudged``, ``sustained_summary``, ``sustained_ratio``) from its recorded levels,
+    printed beside the ratios it recorded; returned as rows. It judges the levels that ran: it cannot
+    lengthen a level that stopped at --max-requests (at high rates 1 - 3 s rather than --duration),
+    give the levels common arrivals, or run the bisection the new rule would have run (between the
+    first failure and the rate below it): there, the new sustained rate is the highest level that ran
+    below the first failure."""
+    import json
+
+    result = json.loads(Path(path).read_text())
+    args = result["args"]
+    rows = []
+    print(f"\n{path} ({result.get('command', '')})")
+    print(
+        f"  {'models':<8} {'p':>2} | {'recorded: baseline':>18} {'engine':>7} {'ratio':>6} | "
+        f"{'now: baseline (sent)':>22} {'engine (sent)':>24} {'ratio':>9} {'of sent':>7} | "
+        f"{'whole windows: baseline':>22} {'engine':>24} {'ratio':>9} | first failure b / e; levels judged "
+        "otherwise; completed rate from"
+    )
+    for block in result["runs"]:
+        new: dict[str, Any] = {}
+        full: dict[str, Any] = {}  # the levels that ran the whole window only
+        changed, sources = [], set()
+        for system in SYSTEMS:
+            levels = [
+                rejudged(lv, block, args) for lv in block[system]["levels"] + block[system].get("refined", [])
+            ]
+            new[system] = sustained_summary(levels)
+            ordered = sorted(levels, key=lambda lv: lv["offered_rate"])
+            short = [lv["offered_rate"] for lv in ordered if short_window(lv, args)]
+            full[system] = sustained_summary(
+                [lv for lv in ordered if not short or lv["offered_rate"] < short[0]]
+            )
+            if short and full[system]["first_failure_rate"] is None:  # the levels from the first short
+                full[system]["sustained_is_lower_bound"] = True  # one on do not count: a lower bound
+            full[system]["first_short_rate"] = short[0] if short else None
+            for level, recorded in zip(levels, block[system]["levels"] + block[system].get("refined", [])):
+                sources.add(level["completed_rate_source"])
+                if level["passed"] != recorded.get("passed", recorded["within_target"]):
+                    changed.append(
+                        f"{system[0]} {level['offered_rate']:.2f}{verdict_mark(level) or ' passed'}"
+                    )
+        ratio, bound = sustained_ratio(new["engine"], new["baseline"])
+        full_ratio, full_bound = sustained_ratio(full["engine"], full["baseline"])
+        b_sent, e_sent = (new[system]["sustained_offered_rate_sent"] for system in SYSTEMS)
+        row = {
+            "file": str(path),
+            "models": block["models"],
+            "particles": block["particles"],
+            "recorded": {
+                "baseline": block["baseline"]["sustained_rate"],
+                "engine": block["engine"]["sustained_rate"],
+                "ratio": block["sustained_ratio"],
+            },
+            "now": {
+                **{system: new[system] for system in SYSTEMS},
+                "ratio": ratio,
+                "ratio_bound": bound,
+                "ratio_sent": e_sent / b_sent if b_sent > 0 else None,
+            },
+            "full_window_only": {
+                **{system: full[system] for system in SYSTEMS},
+                "ratio": full_ratio,
+                "ratio_bound": full_bound,
+            },
+            "levels_judged_otherwise": changed,
+            "completed_rate_from": sorted(sources),
+        }
+        rows.append(row)
+
+        def rate(figures: dict[str, Any]) -> str:
+            low = ">=" if figures["sustained_is_lower_bound"] else "  "
+            return f"{low}{figures['sustained_rate']:7.2f} ({figures['sustained_offered_rate_sent']:6.2f})"
+
+        failures = " / ".join(fmt(new[system]["first_failure_rate"], ".2f").strip() for system in SYSTEMS)
+        recorded_ratio = block["sustained_ratio"]
+        recorded_ratio = float(recorded_ratio) if recorded_ratio is not None else None
+        print(
+            f"  {block['models']:<8} {block['particles']:>2} | {block['baseline']['sustained_rate']:18.2f} "
+            f"{block['engine']['sustained_rate']:7.2f} {fmt(recorded_ratio, '5.2f')}x | "
+            f"{rate(new['baseline']):>22} {rate(new['engine']):>24} {ratio_text(ratio, bound):>9} "
+            f"{fmt(row['now']['ratio_sent'], '6.2f')}x | {rate(full['baseline']):>22} "
+            f"{rate(full['engine']):>24} {ratio_text(full_ratio, full_bound):>9} | {failures}; "
+            f"{'; '.join(changed) if changed else 'none'}; {', '.join(sorted(sources))}"
+        )
+    return rows
+
+
+def add_load_arguments(parser: argparse.ArgumentParser, fixed_duration: bool = False) -> None:
+    """The open-loop load's options (levels, target, lone requests), shared with bench_serve_ray.py and
+    bench_overload.py. ``fixed_duration`` (this script's and bench_serve_ray.py's levels: ``unit_gaps``,
+    ``level_offsets``): every level lasts ``--duration``, up to ``--level-cap`` arrivals; else
+    (bench_overload.py's, ``arrival_offsets``) ``--min-requests`` and ``--max-requests`` bound them."""
     parser.add_argument("--duration", type=float, default=6.0, help="arrival window of a level (s)")
-    parser.add_argument("--min-requests", type=int, default=40)
-    parser.add_argument("--max-requests", type=int, default=120)
+    if fixed_duration:
+        parser.add_argument(
+            "--level-cap",
+            type=int,
+            default=5000,
+            help="the most requests a level may send (a bound on memory and connections, not on its "
+            "length: a rate that needs more within --duration ends the ladder, its sustained rate then "
+            "a lower bound)",
+        )
+    else:
+        parser.add_argument("--min-requests", type=int, default=40)
+        parser.add_argument("--max-requests", type=int, default=120)
     parser.add_argument("--target-factor", type=float, default=5.0, help="p99 target / lone latency")
     parser.add_argument("--lone-repeats", type=int, default=15)
     parser.add_argument("--request-timeout", type=float, default=120.0)
@@ -1017,7 +1349,7 @@ def main() -> None:
         default="0.25,0.5,0.75,1,1.25,1.5,2,2.5,3,4,5,6,8",
         help="offered rates, multiples of 1 / (the baseline's median lone-request latency over HTTP)",
     )
-    add_load_arguments(parser)
+    add_load_arguments(parser, fixed_duration=True)
     parser.add_argument("--pause", type=float, default=0.5, help="seconds between levels")
     parser.add_argument(
         "--refine", type=int, default=3, help="bisection levels per system between its ladder's rungs"
@@ -1074,10 +1406,22 @@ def main() -> None:
     parser.add_argument(
         "--out", type=Path, default=None, help="JSON path (default bench/results/serve_<host>)"
     )
+    parser.add_argument(
+        "--recompute",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="run nothing: judge the levels recorded in these results files (older formats too) by this "
+        "version's rules and print their sustained rates and ratios beside the recorded ones",
+    )
     args = parser.parse_args()
+    if args.recompute:
+        for path in args.recompute:
+            recompute(path)
+        return
     if args.quick:
         args.models, args.particles, args.rates = "demo", "4", "1,3"
-        args.duration, args.min_requests, args.max_requests, args.lone_repeats = 2.0, 6, 20, 3
+        args.duration, args.lone_repeats = 2.0, 3
         args.refine, args.saturation_seconds = 1, min(args.saturation_seconds, 3.0)
     sys.path.insert(0, str(HERE))
     from tiltsmc.tasks import arithmetic
@@ -1085,7 +1429,7 @@ def main() -> None:
     models_list = [m for m in args.models.split(",") if m]
     particles_list = [int(p) for p in args.particles.split(",")]
     multipliers = [float(m) for m in args.rates.split(",")]
-    count = max(args.max_requests, args.lone_repeats + 2)
+    count = max(args.level_cap, args.lone_repeats + 2)
     prompts = [p.prompt for p in arithmetic.make_problems(args.horizon, count, rng=args.seed)]
     began = time.perf_counter()
     load_before = os.getloadavg()
@@ -1130,9 +1474,11 @@ def main() -> None:
                 for system in SYSTEMS:
                     block[system] = systems[system][particles]
                     levels = block[system]["levels"] + block[system]["refined"]
-                    block[system]["sustained_rate"] = sustained(levels)
-                b, e = block["baseline"]["sustained_rate"], block["engine"]["sustained_rate"]
-                block["sustained_ratio"] = e / b if b > 0 else (None if e == 0 else float("inf"))
+                    block[system].update(sustained_summary(levels))
+                ratio, bound = sustained_ratio(block["engine"], block["baseline"])
+                block["sustained_ratio"], block["sustained_ratio_bound"] = ratio, bound
+                b, e = (block[system]["sustained_offered_rate_sent"] for system in SYSTEMS)
+                block["sustained_ratio_sent"] = e / b if b > 0 else None  # of the rates the schedules sent
                 block["comparison"] = compare(block["baseline"], block["engine"])
                 runs.append(block)
     import onnxruntime
@@ -1148,17 +1494,36 @@ def main() -> None:
         "definitions": {
             "p99_target": f"p99 <= {args.target_factor} x the baseline's median lone-request latency over "
             "HTTP (same configuration and particles; one target for both systems)",
-            "sustained_rate": "the highest offered rate with no errors and p99 within the target, over the "
-            "ladder and the refinement",
+            "level": f"--duration ({args.duration:g} s) of Poisson arrivals at every rate (no cap on a "
+            f"level's requests short of --level-cap ({args.level_cap}), a bound on memory: a rate needing "
+            "more ends the ladders, ladder_capped_at); one set of seeded standard exponential gaps per "
+            "particle count, scaled to each level's rate, for both systems, ladder and refinement (common "
+            "random numbers: a higher rate's schedule is a lower one's compressed, with more arrivals); "
+            "request k the same at every level",
+            "offered_rate": "a level's nominal rate (the Poisson intensity); offered_rate_sent: (n - 1) / "
+            "the window from its first scheduled send to its last, of the schedule actually sent",
+            "completed_rate": "(responses - 1) / the time from the first response to the last",
+            "passed": "no errors, p99 <= the target (within_target) and completed_rate >= "
+            f"{KEEP_UP} x offered_rate_sent (keeps_up); every request's latency counts (no warm-up "
+            "discarded)",
+            "sustained_rate": "the highest nominal rate such that it and every lower level (ladder and "
+            "refinement, by nominal rate) passed: the first failure ends it, a pass above a failure "
+            "does not count; sustained_offered_rate_sent: that level's offered_rate_sent; 0 if the lowest "
+            "level failed",
+            "sustained_is_lower_bound": "no level failed (the ladder ran out of rates or reached "
+            "--level-cap): the system's sustained rate is at least sustained_rate",
+            "sustained_ratio": "engine / baseline sustained_rate (nominal); sustained_ratio_bound: exact, "
+            "lower (the engine's rate a lower bound), upper (the baseline's) or unknown (both); a bar is "
+            "met or missed only where the bound allows it, else undecided (pass null); "
+            "sustained_ratio_sent: the same of sustained_offered_rate_sent",
             "server_page_faults": "the server process's minor + major page faults during a level",
-            "refinement": "--refine levels per system bisecting (geometric middles) between the highest "
-            "ladder rate within the target and the next rate run above it; at each step both systems' "
-            "arrivals are the same gaps scaled to their rates; the levels enter the sustained rate, not "
-            "the rate-by-rate comparison",
+            "refinement": "--refine levels per system bisecting (geometric middles) between its ladder's "
+            "first failure and the rate below it (passed), and nowhere else; the levels enter the "
+            "sustained rate, not the rate-by-rate comparison",
             "throughput": "completed requests / seconds from the first scheduled send to the last response",
             "latency": "from a request's scheduled send time (fixed in advance, open loop) to its response",
             "rates": "multiples (--rates) of 1 / the baseline's median lone-request latency over HTTP",
-            "ladder": "a system's levels stop after two in a row over the target (saturated)",
+            "ladder": "a system's levels stop after two in a row failed (saturated)",
             "never_below": "at every rate both ran: engine throughput >= "
             f"{NEVER_BELOW_MARGINS['throughput']}x and p99 <= {NEVER_BELOW_MARGINS['p99']}x the "
             "baseline's, errors no more",

@@ -4,12 +4,17 @@ requests and statistics it uses).
 
 For each replica count K: a local Ray instance started by the command (``--replica-cpus`` each), lone
 requests over HTTP, then levels of increasing offered rate (multiples of 1 / the one-replica lone latency
-L) until two levels in a row are over the p99 target (``--target-factor`` x L, one target for both). The
-sustained rate is the highest offered rate with no errors and p99 within the target; its ratio K = 2 over
-K = 1 is the scaling, and the sustained rate per replica the sizing rule. On this 2-core machine the two
-replicas share the two cores with each other, with ONNX Runtime's threads and with the client: the
-scaling is bounded by the cores, not by the engine. Prints a table, writes
-``bench/results/serve_ray_<host>.json``. Not a test. A run takes about 3 - 5 minutes on 2 cores.
+L) until two levels in a row fail. Every level lasts ``--duration`` seconds whatever its rate, its arrivals
+one set of seeded standard exponential gaps scaled to the rate (the same for every level and both K), and
+passes where it has no errors, p99 within the target (``--target-factor`` x L, one target for both) and
+its completed rate at least 0.95x the rate its schedule sent (``bench_serve.judge``). The sustained rate
+is the highest offered rate such that it and every lower level passed (``bench_serve.sustained_level``;
+a lower bound where no level failed, and the scaling then a bound too); its ratio K = 2 over K = 1 is the
+scaling, and the sustained rate per replica the sizing rule. On this 2-core machine the two replicas
+share the two cores with each other, with ONNX Runtime's threads and with the client: the scaling is
+bounded by the cores, not by the engine. Prints a table, writes ``bench/results/serve_ray_<host>.json``.
+Not a test. A run took about 3 - 5 minutes on 2 cores when a level stopped at 120 requests; its levels
+at high rates now last the whole ``--duration``.
 
     python bench/bench_serve_ray.py                  # the demo's models, 4 particles per request
     python bench/bench_serve_ray.py --particles 16
@@ -33,13 +38,18 @@ from bench_serve import (
     RESULTS,
     Server,
     add_load_arguments,
-    arrival_offsets,
     free_port,
+    judge,
+    level_offsets,
     lone_over_http,
+    ratio_text,
     request_body,
     run_level,
     summarise,
-    sustained,
+    sustained_ratio,
+    sustained_summary,
+    unit_gaps,
+    verdict_mark,
 )
 
 
@@ -88,14 +98,15 @@ def main() -> None:
     parser.add_argument(
         "--rates", default="0.5,1,1.5,2,3,4,6,8,12,16", help="offered rates, multiples of 1 / lone latency"
     )
-    add_load_arguments(parser)
+    add_load_arguments(parser, fixed_duration=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     from tiltsmc.tasks import arithmetic
 
     began = time.perf_counter()
-    prompts = [p.prompt for p in arithmetic.make_problems(args.horizon, args.max_requests + 1, rng=args.seed)]
+    prompts = [p.prompt for p in arithmetic.make_problems(args.horizon, args.level_cap + 1, rng=args.seed)]
+    gaps = unit_gaps(args.seed, args.particles, args.level_cap)  # every level's arrivals, scaled to its rate
     log_dir = Path(tempfile.mkdtemp(prefix="tiltsmc-serve-ray-"))  # the servers' logs
     runs: dict[int, dict[str, Any]] = {}
     target = rates = None
@@ -115,38 +126,43 @@ def main() -> None:
                     f"  lone {1e3 * reference:.1f} ms; p99 target {target:.3f} s; rates {rates}", flush=True
                 )
             levels, over = [], 0
-            for index, rate in enumerate(rates or []):
-                rng = np.random.default_rng([args.seed, args.particles, index])
-                offsets = arrival_offsets(rate, args, rng)
+            for rate in rates or []:
+                offsets, capped = level_offsets(rate, args.duration, gaps)
+                if capped:
+                    print(f"  {rate:7.2f} req/s: more than --level-cap requests, the ladder ends", flush=True)
+                    break
                 level_bodies = [
                     request_body(prompts[k], k, args.particles, "demo") for k in range(len(offsets))
                 ]
                 level = summarise(
                     run_level(level_bodies, offsets, server.base, args.request_timeout), offsets, rate
                 )
-                level["within_target"] = level["errors"] == 0 and level["p99"] <= target
+                judge(level, target)
                 levels.append(level)
                 print(
                     f"  {rate:7.2f} req/s offered: {level['completed']}/{level['requests']} done, "
                     f"{level['throughput']:6.2f} req/s, p50 {level['p50']:.3f} p99 {level['p99']:.3f} s"
-                    + ("" if level["within_target"] else "  (over target)"),
+                    + verdict_mark(level),
                     flush=True,
                 )
-                over = 0 if level["within_target"] else over + 1
+                over = 0 if level["passed"] else over + 1
                 if over >= 2:
                     break
             runs[replicas] = {
                 "lone_http_seconds": lone,
                 "lone_http_median": float(np.median(lone)),
                 "levels": levels,
-                "sustained": sustained(levels),
+                **sustained_summary(levels),
             }
+            runs[replicas]["sustained"] = runs[replicas]["sustained_rate"]
     one, two = runs[1]["sustained"], runs[2]["sustained"]
-    scaling = two / one if one else float("nan")
+    # a ladder with no failed level gives a lower bound: on one side, the scaling is a bound too
+    scaling, bound = sustained_ratio(runs[2], runs[1])
+    lower = {k: ">= " if runs[k]["sustained_is_lower_bound"] else "" for k in (1, 2)}
     print(
         f"\nsustained at p99 <= {target:.3f} s ({args.particles} particles, demo's models): "
-        f"1 replica {one:.2f} req/s, 2 replicas {two:.2f} req/s ({scaling:.2f}x); "
-        f"per replica: {one:.2f} and {two / 2:.2f} req/s"
+        f"1 replica {lower[1]}{one:.2f} req/s, 2 replicas {lower[2]}{two:.2f} req/s "
+        f"({ratio_text(scaling, bound)}); per replica: {one:.2f} and {two / 2:.2f} req/s"
     )
     record = {
         "machine": machine_info(),
@@ -156,6 +172,7 @@ def main() -> None:
         "runs": {str(k): v for k, v in runs.items()},
         "sustained_per_replica": {"1": one, "2": two / 2},
         "scaling_2_over_1": scaling,
+        "scaling_bound": bound,
         "seconds": time.perf_counter() - began,
     }
     path = args.out / f"serve_ray_{record['machine'].get('hostname', 'host')}_{args.particles}p.json"
