@@ -664,7 +664,7 @@ class MarkovDFATask:
         (nothing is allocated per position, whatever the horizon), and its trajectories have exactly
         ``horizon`` tokens: a sampler's ``max_new_tokens`` other than the horizon is refused, unless
         ``allow_token_limits`` (for tests of the engine's mechanics: the sampler then targets another law
-        than the task's; see [`MarkovPolicy`][tiltsmc.tasks.models.MarkovPolicy])."""
+        than the task's; see ``tiltsmc.tasks.models.MarkovPolicy``)."""
         from .models import MarkovPolicy
 
         return MarkovPolicy(self, allow_token_limits=allow_token_limits)

@@ -84,7 +84,7 @@ class MarkovPolicy:
     table for a homogeneous chain, whatever the horizon): building the policy allocates nothing more.
 
     A trajectory has exactly ``horizon`` tokens: the task's reward (and a
-    [`TableTwist`][tiltsmc.tasks.models.TableTwist]'s last level) is read there. The samplers hand
+    ``TableTwist``'s last level) is read there. The samplers hand
     ``start`` each run's ``max_new_tokens`` (``start_takes_token_limits``), and a limit other than the
     horizon is refused (ValueError naming ``max_new_tokens``) before anything is drawn: cut short, the
     trajectories would be scored with the twist's level at that length in place of the reward, and the
@@ -236,7 +236,7 @@ class TableTwist:
 
     def check_policy(self, policy: Any) -> None:
         """Refuse (ValueError naming ``reward``) a policy of another Markov chain than this twist's task's:
-        a [`MarkovPolicy`][tiltsmc.tasks.models.MarkovPolicy] (or a model whose ``task`` is a
+        a ``tiltsmc.tasks.models.MarkovPolicy`` (or a model whose ``task`` is a
         ``MarkovDFATask``) of a task with another ``vocab_size``, ``horizon``, ``init`` or transitions
         (the same task, or one with the same chain and another automaton or reward, is accepted); any
         other policy whose ``vocab_size`` differs from the task's. A policy that says neither (a wrapper
