@@ -1238,6 +1238,9 @@ def recompute(path: Path) -> list[dict[str, Any]]:
     import json
 
     result = json.loads(Path(path).read_text())
+    if not isinstance(result.get("runs"), list) or "args" not in result:  # bench_serve_ray.py's, say
+        print(f"\n{path} ({result.get('command', '')}): not a bench_serve.py results file, left out")
+        return []
     args = result["args"]
     rows = []
     print(f"\n{path} ({result.get('command', '')})")
