@@ -381,13 +381,6 @@ def test_refused_step_on_the_cpu_leaves_its_input_unchanged() -> None:
 
 
 @on_gpu
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="known: a refused GPU smc_step has already reset the other rows' log_w in place (smc_step_rows in "
-    "cpp/cuda/resample.cu checks and resets each row in one pass; run_checked in bind_cuda.cpp reads the "
-    "error record after the kernel), unlike the CPU, which checks every row before it writes",
-)
 def test_refused_step_on_the_gpu_leaves_its_input_unchanged() -> None:
     logw = random_log_weights(np.random.default_rng(8), (16, 64), np.float64)
     logw[3, 5] = np.nan

@@ -20,6 +20,12 @@ __device__ inline void record_error(ErrorRecord* record, std::int64_t position, 
         atomicMin(record, (static_cast<ErrorRecord>(position) << 2) | static_cast<ErrorRecord>(code));
 }
 
+// Whether no error has been recorded (by a check kernel launched before on the stream): kernels that write
+// in place test it first and write nothing otherwise.
+__device__ inline bool record_clear(const ErrorRecord* record) {
+    return record == nullptr || *static_cast<const volatile ErrorRecord*>(record) == kNoError;
+}
+
 // exp(x) for x <= 0 (including -inf), the CPU's algorithm (row_weights.hpp) step for step, so that
 // weights are the same numbers on both: x = k ln2 + r, a degree-13 Taylor polynomial, the scale 2^k
 // built in the exponent bits; results below exp(-708) are flushed to zero.

@@ -20,10 +20,6 @@ __global__ void check_ancestors(const std::int64_t* ancestors, std::int64_t tota
     }
 }
 
-__device__ inline bool record_clear(const ErrorRecord* record) {
-    return record == nullptr || *static_cast<const volatile ErrorRecord*>(record) == kNoError;
-}
-
 // One `Unit` (1, 2, 4, 8 or 16 bytes) per thread and step; units_per_item units per item.
 template <typename Unit>
 __global__ void copy_items(const Unit* x, const std::int64_t* ancestors, std::int64_t rows, std::int64_t n,
@@ -148,15 +144,12 @@ __global__ void __launch_bounds__(kCopyThreads)
 
 namespace {
 
+using detail::blocks_for;
 using detail::check_launch;
 using detail::grid_size;
 
 // Items of at least this many units take one block per chunk of kChunkUnits units.
 constexpr std::int64_t kBigItemUnits = 256;
-
-std::int64_t blocks_for(std::int64_t work) {
-    return std::max<std::int64_t>(1, std::min<std::int64_t>((work + 255) / 256, 8192));
-}
 
 // The widest unit that divides the item size and the alignment of every pointer.
 int unit_bytes(std::int64_t item_bytes, const void* a, const void* b) {

@@ -1,6 +1,7 @@
 // Host-side launch helpers: which thread layout a row length gets, the grid for it, error checks.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <utility>
 
@@ -66,6 +67,11 @@ inline unsigned grid_size(std::int64_t blocks) {
 }
 
 inline void check_launch(const char* kernel) { check_cuda(cudaGetLastError(), kernel); }
+
+// Blocks of 256 threads for a grid-stride loop over `work` elements (at least one, at most 8192).
+inline std::int64_t blocks_for(std::int64_t work) {
+    return std::max<std::int64_t>(1, std::min<std::int64_t>((work + 255) / 256, 8192));
+}
 
 // Device scratch memory from the stream-ordered pool, given back on the same stream.
 class Scratch {

@@ -181,6 +181,18 @@ __global__ void __launch_bounds__(detail::GroupLayout<Group>::kBlockThreads)
              ancestors + row * m);
 }
 
+// Every weight of x[0, total) checked for NaN and +inf, each recorded at its position: the record keeps the
+// lowest, the error row_figures would record first. smc_step launches it before smc_step_rows, which resets
+// rows in place, so that a refused step writes no row.
+template <typename T>
+__global__ void check_weights(const T* x, std::int64_t total, ErrorRecord* record) {
+    for (std::int64_t e = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; e < total;
+         e += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+        const double v = load(x, e);
+        if (!(v < kInf)) record_error(record, e, isnan(v) ? nan_weight : positive_infinity);
+    }
+}
+
 template <typename Group, typename T>
 __global__ void __launch_bounds__(detail::GroupLayout<Group>::kBlockThreads)
     smc_step_rows(T* log_w, std::int64_t rows, std::int64_t n, double threshold, Scheme scheme, std::uint64_t key,
@@ -189,7 +201,7 @@ __global__ void __launch_bounds__(detail::GroupLayout<Group>::kBlockThreads)
     __shared__ std::int64_t shared_stops[detail::GroupLayout<Group>::kBlockThreads];
     const Group g;
     const std::int64_t row = detail::GroupLayout<Group>::row();
-    if (row >= rows) return;
+    if (row >= rows || !record_clear(record)) return;  // check_weights found a bad weight: nothing written
     T* x = log_w + row * n;
     std::int64_t* a = ancestors + row * n;
     const RowFigures f = row_figures(g, x, n, row, record, false);  // zero rows are reported, not errors
@@ -348,6 +360,10 @@ void smc_step(T* log_w, std::int64_t rows, std::int64_t n, double threshold, Sch
               std::int64_t* unique, ErrorRecord* record, cudaStream_t stream) {
     if (rows < 0 || n < 1) throw std::invalid_argument("smc_step: bad sizes");
     if (rows == 0) return;
+    if (record != nullptr) {  // every row checked before any is reset
+        device::check_weights<T><<<grid_size(detail::blocks_for(rows * n)), 256, 0, stream>>>(log_w, rows * n, record);
+        check_launch("tiltsmc::cuda::check_weights (smc_step)");
+    }
     detail::Scratch scratch(sizeof(double) * rows * device::scratch_words(scheme, n), stream);
     detail::launch_rows(detail::choose_layout(n, false), rows, [&](auto group, std::int64_t blocks, int threads) {
         using Group = decltype(group);

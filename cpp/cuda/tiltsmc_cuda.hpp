@@ -67,7 +67,9 @@ void resample(const T* logw, std::int64_t rows, std::int64_t n, Scheme scheme, s
 
 // As tiltsmc::smc_step, in one launch per call (plus the scratch allocation for multinomial and
 // residual). A row with a NaN or +inf log-weight is recorded, gets log_mean_w = ess = NaN, the identity
-// and no reset, so that with record == nullptr bad input still shows in the outputs.
+// and no reset, so that with record == nullptr bad input still shows in the outputs. With a record, every
+// weight is checked first (one more launch) and a bad one anywhere leaves every row of log_w unwritten, as
+// the CPU's refusal does (the outputs are then not written either).
 template <typename T>
 void smc_step(T* log_w, std::int64_t rows, std::int64_t n, double threshold, Scheme scheme, std::uint64_t key,
               std::int64_t* ancestors, std::uint8_t* resampled, double* log_mean_w, double* ess,
