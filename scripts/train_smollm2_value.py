@@ -8,7 +8,8 @@ one line a step. What it does:
    MatMul, after the last norm) as one more output, loaded as the policy; a hook on its session keeps
    ``h`` at every token the session is fed.
 2. **Rollouts.** Plain sampling of ``p`` (``--temperature``, steps = lines) on ``--problems`` problems of
-   each length in ``--levels`` x ``--samples`` answers. A particle's prefix is scored where a step ends
+   each length in ``--levels`` x ``--samples`` answers, and on ``--held-out`` other problems of each length
+   (all of them distinct: ``split_problems``). A particle's prefix is scored where a step ends
    (the token that ends a line) and at its last token (end of turn, or the length limit).
 3. **Targets.** Each scored prefix gets its verified label ``y``: 1 when every line so far is exactly
    the right line of the chain (and, at the end, when the answer is complete: ``verify``), else 0. ``y``
@@ -16,8 +17,9 @@ one line a step. What it does:
    so far) x P(the rest right | right so far)``, and the second factor is (nearly) one constant per step,
    a gauge that SMC's normalised weights do not see; at the end ``y = r`` exactly.
 4. **Head.** Logistic regression ``P(y = 1 | h) = sigmoid(h w + c)`` fitted by Newton's method with an
-   L2 penalty chosen on held-out problems (split by problem, never by prefix); reported: held-out log loss,
-   accuracy and AUC against the constant predictor.
+   L2 penalty chosen by cross-validation over the training problems (split by problem, never by prefix:
+   ``cross_validation_folds``); reported: the held-out problems' log loss, accuracy and AUC against the
+   constant predictor.
 5. **Export.** ``model.onnx`` plus one output ``value`` ``(batch, seq, 1) = h w + c`` (a logit: read it
    with ``kind="logit"``), in ``--out`` with the tokenizer and config files: one folder for both roles,
    ``OnnxCausalLM(out, value_output="value")`` and ``tiltsmc.models.PolicyValue`` (one trunk per step).
@@ -150,16 +152,64 @@ def recording_policy(
     return policy, HiddenRecorder(policy)
 
 
-def rollouts(args: argparse.Namespace, hidden_dir: Path, seed: int, levels: list[int]) -> dict[str, Any]:
-    """Features ``X``, labels ``y``, the problem index and step of each scored prefix."""
+# A counting chain is its start and its operand (added T times): the distinct chains of one length.
+_START, _END = task.SIZES["counting"]["start"]
+COUNTING_CHAINS = (_END - _START + 1) * task.SIZES["counting"]["max_operand"]
+FOLDS = 4  # the cross-validation's
+
+
+def distinct_problems(num_steps: int, count: int, seed: int) -> list[task.Problem]:
+    """The first ``count`` distinct counting chains of ``num_steps`` steps in the stream of chains seeded by
+    ``(seed, num_steps)`` (a chain drawn again is skipped); ``count`` is at most ``COUNTING_CHAINS``."""
+    if not 1 <= count <= COUNTING_CHAINS:
+        raise ValueError(f"count: expected 1..{COUNTING_CHAINS} distinct chains of a length, got {count}")
+    draws = 4 * count
+    while True:  # the stream's first draws are the same whatever its length
+        stream = task.make_problems(num_steps, draws, rng=[seed, num_steps], size="counting")
+        found = list(dict.fromkeys(stream))
+        if len(found) >= count:
+            return found[:count]
+        draws *= 2
+
+
+def split_problems(
+    levels: list[int], problems: int, held_out: int, seed: int
+) -> tuple[dict[int, list[task.Problem]], dict[int, list[task.Problem]]]:
+    """For each ``T`` in ``levels``, ``problems`` training and ``held_out`` held-out counting chains: all
+    distinct, none in both (the first distinct chains of one stream, training first)."""
+    train, held = {}, {}
+    for num_steps in levels:
+        chains = distinct_problems(num_steps, problems + held_out, seed)
+        train[num_steps], held[num_steps] = chains[:problems], chains[problems:]
+    return train, held
+
+
+def cross_validation_folds(
+    problems: list[task.Problem], groups: np.ndarray, folds: int = FOLDS
+) -> np.ndarray:
+    """The fold of each prefix, ``groups[i]`` being the index of its problem in ``problems``: the ``k``-th
+    distinct problem is in fold ``k % folds``, and a problem's prefixes all in its fold, whatever its
+    index."""
+    fold_of: dict[task.Problem, int] = {}
+    for problem in problems:
+        fold_of.setdefault(problem, len(fold_of) % folds)
+    return np.array([fold_of[problems[g]] for g in groups], dtype=np.int64)
+
+
+def rollouts(
+    args: argparse.Namespace, hidden_dir: Path, problems_by_level: dict[int, list[task.Problem]], stream: int
+) -> dict[str, Any]:
+    """Features ``X``, labels ``y``, the problem index (in ``problems_by_level``'s problems, level after
+    level: ``problems``) and step of each scored prefix; the samples are seeded by ``(args.seed, T,
+    stream)``."""
+    levels = list(problems_by_level)
     policy, recorder = recording_policy(hidden_dir, 12 * max(levels) + 8, args.temperature, args.threads)
     assert policy.tokenizer is not None
     features, labels, groups, steps = [], [], [], []
     answers: dict[int, list[int]] = {}  # by T: answers sampled, answers right (plain sampling's Z)
     group = 0
-    for num_steps in levels:
-        problems = task.make_problems(num_steps, args.problems, rng=[seed, num_steps], size="counting")
-        rng = np.random.default_rng([seed, num_steps, 1])
+    for num_steps, problems in problems_by_level.items():
+        rng = np.random.default_rng([args.seed, num_steps, stream])
         for first in range(0, len(problems), args.batch):
             began = time.perf_counter()
             batch = problems[first : first + args.batch]
@@ -209,6 +259,7 @@ def rollouts(args: argparse.Namespace, hidden_dir: Path, seed: int, levels: list
         "y": np.array(labels),
         "group": np.array(groups),
         "step": np.array(steps),
+        "problems": [problem for problems in problems_by_level.values() for problem in problems],
         "answers": {t: {"answers": n, "right": r, "rate": r / n} for t, (n, r) in answers.items()},
     }
 
@@ -327,8 +378,13 @@ def build_parser() -> argparse.ArgumentParser:
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """The checks argparse's types cannot make, before any work (the rollouts take 10-30 minutes, and the
     head is written at the end): ``--model`` holds ``model.onnx`` and a ``config.json`` with the hidden
-    size (returned), and ``--out`` can be written and is not ``--model``. Refusals go to ``parser.error``
-    (status 2), naming the option."""
+    size (returned), ``--out`` can be written and is not ``--model``, and ``--problems`` plus ``--held-out``
+    distinct chains of a length exist. Refusals go to ``parser.error`` (status 2), naming the option."""
+    if args.problems + args.held_out > COUNTING_CHAINS:
+        parser.error(
+            f"--problems, --held-out: {args.problems} + {args.held_out} distinct problems of a length asked "
+            f"for, there are {COUNTING_CHAINS} counting chains of each length"
+        )
     if not (args.model / "model.onnx").is_file():
         parser.error(f"--model: no model.onnx in {args.model} (scripts/get_smollm2.py --out DIR)")
     try:
@@ -358,19 +414,18 @@ def main(argv: Optional[list[str]] = None) -> None:
     with tempfile.TemporaryDirectory(prefix="smollm2-hidden-") as scratch:
         hidden_dir = Path(scratch)
         with_head(args.model, hidden_dir, np.zeros(width), 0.0, hidden_output=True)
-        train = rollouts(args, hidden_dir, args.seed, args.levels)
-        held_args = argparse.Namespace(**{**vars(args), "problems": args.held_out})
-        held = rollouts(held_args, hidden_dir, args.seed + 1000, args.levels)
+        train_problems, held_problems = split_problems(args.levels, args.problems, args.held_out, args.seed)
+        train = rollouts(args, hidden_dir, train_problems, 1)
+        held = rollouts(args, hidden_dir, held_problems, 2)
     ones = np.ones((len(train["y"]), 1))
     mean, sd = train["X"].mean(0), train["X"].std(0) + 1e-6
     X = np.hstack([(train["X"] - mean) / sd, ones])
     X_held = np.hstack([(held["X"] - mean) / sd, np.ones((len(held["y"]), 1))])
-    # The penalty chosen by cross-validation over training problems (4 folds, split by problem).
-    folds = train["group"] % 4
+    folds = cross_validation_folds(train["problems"], train["group"])
     chosen, best = args.penalties[0], np.inf
     for penalty in args.penalties:
         loss = 0.0
-        for k in range(4):
+        for k in range(FOLDS):
             if not np.any(folds == k):
                 continue
             theta = fit_logistic(X[folds != k], train["y"][folds != k], penalty)
@@ -403,11 +458,12 @@ def main(argv: Optional[list[str]] = None) -> None:
             "answers_by_T": train["answers"],
             "prefixes": len(train["y"]),
             "right": float(train["y"].mean()),
-            "problems": int(train["group"].max() + 1),
+            "problems": len(set(train["problems"])),
         },
         "held_out": {
             "answers_by_T": held["answers"],
             "prefixes": len(held["y"]),
+            "problems": len(set(held["problems"])),
             "right": float(held["y"].mean()),
             **held_scores,
             "constant": constant,

@@ -181,12 +181,80 @@ def test_accuracy_is_the_weighted_share_of_right_solutions() -> None:
         # run and tabled twice
         ("levels", (4, 8, 4), r"^levels: expected distinct values, got \(4, 8, 4\) \(4 twice\)$"),
         ("budgets", (2, 2), r"^budgets: expected distinct values, got \(2, 2\) \(2 twice\)$"),
+        # accepted, then refused later naming the samplers' arguments (rng, num_steps, count,
+        # samples_per_prefix), some only after the sampler runs
+        ("seed", -1, r"^seed: expected an int >= 0, got -1$"),
+        ("seed", 1.5, r"^seed: expected an int >= 0, got 1.5$"),
+        ("seed", True, r"^seed: expected an int >= 0, got True$"),
+        (
+            "levels",
+            (2.5,),
+            r"^levels: expected a non-empty sequence of ints in 1\.\.16, got 2.5 in \(2.5,\)$",
+        ),
+        ("levels", (True,), r"^levels: expected a non-empty sequence of ints in 1\.\.16, got True in"),
+        ("levels", 4, r"^levels: expected a non-empty sequence of ints in 1\.\.16, got 4$"),
+        ("levels", "48", r"^levels: expected a non-empty sequence of ints in 1\.\.16, got '48'$"),
+        ("levels", np.array([2]), r"^levels: expected a non-empty sequence of ints in 1\.\.16, got array"),
+        ("budgets", (True,), r"^budgets: expected a non-empty sequence of ints in 1\.\.4096, got True in"),
+        ("budgets", (2.0,), r"^budgets: expected a non-empty sequence of ints in 1\.\.4096, got 2.0 in"),
+        ("problems", 2.5, r"^problems: expected an int in 1\.\.100000, got 2.5$"),
+        ("problems", True, r"^problems: expected an int in 1\.\.100000, got True$"),
+        ("problems", "3", r"^problems: expected an int in 1\.\.100000, got '3'$"),
+        ("bellman_samples", 2.5, r"^bellman_samples: expected an int >= 1, got 2.5$"),
+        ("bellman_prompts", True, r"^bellman_prompts: expected an int >= 1, got True$"),
+        ("bellman_prefixes", None, r"^bellman_prefixes: expected an int >= 1, got None$"),
+        ("threads", 1.5, r"^threads: expected an int in 1\.\.1024, got 1.5$"),
+        ("threads", True, r"^threads: expected an int in 1\.\.1024, got True$"),
+        ("threads", 1025, r"^threads: expected an int in 1\.\.1024, got 1025$"),  # as ONNX Runtime's bound
+        ("noise", True, r"^noise: expected a finite sd in \[0, 32\], got True$"),
+        ("noise", "2", r"^noise: expected a finite sd in \[0, 32\], got '2'$"),
+        pytest.param(
+            "noise", 10**400, r"^noise: expected a finite sd in \[0, 32\], got 1000", id="noise-10**400"
+        ),
     ],
 )
 def test_demo_config_bad_values(field: str, value: object, message: str) -> None:
     config = demo_module.DemoConfig(**{field: value})  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=message):
         config.validate()
+
+
+def test_run_demo_refuses_a_bad_config_before_any_work() -> None:
+    """``bellman_samples=2.5`` was refused by the Bellman estimate, naming ``samples_per_prefix``, after
+    every sampler run of the first level."""
+    config = demo_module.DemoConfig(levels=(2,), budgets=(2,), problems=2, bellman_samples=2.5)  # type: ignore[arg-type]
+
+    def models_for(level: int) -> tuple[object, object]:
+        raise AssertionError("the demo started work")
+
+    with pytest.raises(ValueError, match=r"^bellman_samples: expected an int >= 1, got 2.5$"):
+        demo_module.run_demo(config, models=models_for)
+
+
+def test_a_demo_config_of_numpy_numbers_runs_as_the_same_python_numbers(models, tmp_path: Path) -> None:
+    """numpy integers (and a float32 noise) are taken as the ints (float) they are: the same run, and a
+    demo.json of plain numbers (its encoder refused the record's numpy integers, after every run)."""
+    plain = {"levels": (2,), "budgets": (2,), "problems": 2, "seed": 3, "noise": 2.0, "threads": 1}
+    plain.update(bellman_prompts=1, bellman_prefixes=2, bellman_samples=2)
+    numpy_numbers = {
+        name: tuple(np.int64(v) for v in value)
+        if isinstance(value, tuple)
+        else np.float32(value)
+        if name == "noise"
+        else np.int32(value)
+        for name, value in plain.items()
+    }
+    records = [
+        demo_module.run_demo(demo_module.DemoConfig(**config), models=models)  # type: ignore[arg-type]
+        for config in (plain, numpy_numbers)
+    ]
+    accuracies = [
+        [(r["sampler"], r["reward_model"], r["accuracy"]) for r in rec["results"]] for rec in records
+    ]
+    assert accuracies[0] == accuracies[1]
+    demo_module.write_outputs(records[1], tmp_path / "out")
+    written = json.loads((tmp_path / "out" / "demo.json").read_text())["config"]
+    assert written == {**plain, "levels": [2], "budgets": [2]}
 
 
 def test_a_small_demo_run_records_every_sampler(models, tmp_path: Path) -> None:

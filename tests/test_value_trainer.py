@@ -9,6 +9,7 @@ the policy is checked here on ``gpt2-value-tiny``, whose 64 logits stand in for 
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -89,6 +90,8 @@ def model_folder(tmp_path: Path) -> Path:
         (["--threads", "0"], "argument --threads: expected an integer from 1 to 1024, got 0"),
         (["--seed", "-1"], "argument --seed: expected an integer >= 0, got -1"),
         (["--seed", "x"], "argument --seed: expected an integer >= 0, got 'x'"),
+        # only 75 counting chains of a length: problems would repeat, or the held-out ones be trained on
+        (["--problems", "70"], "--problems, --held-out: 70 + 8 distinct problems of a length asked for"),
     ],
 )
 def test_the_value_trainer_checks_every_argument_before_any_work(
@@ -141,3 +144,75 @@ def test_the_value_trainer_checks_its_folders_before_any_work(
             trainer.main()
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err, argv
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 7])
+def test_the_value_trainer_holds_out_problems_it_never_trains_on(seed: int) -> None:
+    """With the default sizes, every T's training problems are distinct, and none is held out too (with
+    seed 1, 9 of the 32 held-out problems were trained on, and 11 training problems were repeats); the
+    split is the same for a seed."""
+    trainer = _trainer()
+    args = trainer.build_parser().parse_args(["--out", "unused"])
+    train, held = trainer.split_problems(args.levels, args.problems, args.held_out, seed)
+    assert list(train) == list(held) == args.levels
+    for num_steps in args.levels:
+        assert len(set(train[num_steps])) == len(train[num_steps]) == args.problems
+        assert len(set(held[num_steps])) == len(held[num_steps]) == args.held_out
+        assert not set(train[num_steps]) & set(held[num_steps])
+        assert all(p.num_steps == num_steps for p in train[num_steps] + held[num_steps])
+    assert (train, held) == trainer.split_problems(args.levels, args.problems, args.held_out, seed)
+    other = trainer.split_problems(args.levels, args.problems, args.held_out, seed + 1)
+    assert other != (train, held)
+
+
+def test_the_value_trainer_folds_by_problem() -> None:
+    """Every prefix of a problem is in the problem's fold, one problem listed twice included; the distinct
+    problems are spread evenly over the folds."""
+    trainer = _trainer()
+    train, _ = trainer.split_problems([2, 4], 6, 1, seed=3)
+    problems = train[2] + train[4]
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(len(problems)), rng.integers(1, 6, len(problems)))
+    folds = trainer.cross_validation_folds(problems, groups)
+    assert folds.shape == groups.shape
+    fold_of = {problems[g]: f for g, f in zip(groups.tolist(), folds.tolist())}
+    assert all(fold_of[problems[g]] == f for g, f in zip(groups.tolist(), folds.tolist()))
+    assert sorted(fold_of.values()) == sorted([0, 1, 2, 3] * 3)
+    twice = [*problems, problems[5]]  # index 12 is problem 5 again
+    folds = trainer.cross_validation_folds(twice, np.array([5, 12, 0]))
+    assert folds[0] == folds[1] == 1 and folds[2] == 0
+
+
+def test_the_value_trainer_rolls_out_disjoint_problem_sets(
+    model_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trainer samples its training and held-out rollouts on the split's problems (the rollouts and the
+    graphs replaced by stand-ins), and reports the distinct problems of each."""
+    trainer = _trainer()
+    seen: list[dict[int, list[object]]] = []
+
+    def fake_rollouts(args: object, hidden_dir: Path, problems_by_level: dict, stream: int) -> dict:
+        seen.append(problems_by_level)
+        problems = [p for level in problems_by_level.values() for p in level]
+        groups = np.repeat(np.arange(len(problems)), 3)
+        rng = np.random.default_rng(stream)
+        return {
+            "X": rng.normal(size=(groups.size, 4)),
+            "y": (np.arange(groups.size) % 2).astype(float),
+            "group": groups,
+            "step": np.tile([0, 1, 2], len(problems)),
+            "problems": problems,
+            "answers": {},
+        }
+
+    monkeypatch.setattr(trainer, "with_head", lambda source, dest, *a, **k: dest.mkdir(exist_ok=True))
+    monkeypatch.setattr(trainer, "rollouts", fake_rollouts)
+    out = tmp_path / "out"
+    trainer.main(["--model", str(model_folder), "--out", str(out), "--levels", "2", "4", "--seed", "1"])
+    train, held = seen
+    assert list(train) == list(held) == [2, 4]
+    for num_steps in (2, 4):
+        assert len(set(train[num_steps])) == 24 and len(set(held[num_steps])) == 8
+        assert not set(train[num_steps]) & set(held[num_steps])
+    report = json.loads((out / "value_head.json").read_text())
+    assert report["train"]["problems"] == 48 and report["held_out"]["problems"] == 16

@@ -35,7 +35,7 @@ import stat
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from statistics import NormalDist
 from typing import Any, Callable, Optional, Union
@@ -45,6 +45,7 @@ import numpy.typing as npt
 
 from ._files import create_beside, signals_deferred
 from .diagnostics import bellman_error
+from .models._ort import MAX_THREADS
 from .models.particles import Particles
 from .models.protocols import RewardModel
 from .samplers import SamplerResult, best_of_n, mh, smc, sp_gsmc
@@ -105,25 +106,63 @@ class DemoConfig:
     threads: Optional[int] = None
 
     def validate(self) -> None:
-        """Raise ValueError naming the option and the problem."""
-        if not self.levels or any(not 1 <= t <= arithmetic.MAX_STEPS for t in self.levels):
-            raise ValueError(f"levels: expected step counts in 1..{arithmetic.MAX_STEPS}, got {self.levels}")
-        if not self.budgets or any(c < 1 or c > 4096 for c in self.budgets):
-            raise ValueError(f"budgets: expected budgets in 1..4096, got {self.budgets}")
-        for name in ("levels", "budgets"):  # each would be run (and tabled) once more
+        """Raise ValueError naming the option and the problem: ``levels`` (1..16 steps) and ``budgets``
+        (1..4096) non-empty sequences of distinct ints, ``problems`` an int in 1..100000, ``seed`` an
+        int >= 0, the ``bellman_*`` counts ints >= 1, ``threads`` None or an int in 1..1024 and ``noise`` a
+        finite number in [0, 32]. An int may be a numpy integer, not a bool (nor a float, even a whole
+        one)."""
+        for name, high in (("levels", arithmetic.MAX_STEPS), ("budgets", 4096)):
             values = getattr(self, name)
+            wanted = f"{name}: expected a non-empty sequence of ints in 1..{high}"
+            if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) == 0:
+                raise ValueError(f"{wanted}, got {values!r}")
+            for value in values:
+                if not _is_int(value) or not 1 <= value <= high:
+                    raise ValueError(f"{wanted}, got {value!r} in {values!r}")
+            # each would be run (and tabled) once more
             twice = sorted({value for value in values if values.count(value) > 1})
             if twice:
                 raise ValueError(f"{name}: expected distinct values, got {values} ({twice[0]} twice)")
-        if not 1 <= self.problems <= 100_000:
-            raise ValueError(f"problems: expected 1..100000, got {self.problems}")
-        if not (np.isfinite(self.noise) and 0 <= self.noise <= MAX_NOISE):
-            raise ValueError(f"noise: expected a finite sd in [0, {MAX_NOISE:g}], got {self.noise}")
+        _check_int("problems", self.problems, 1, arithmetic.MAX_PROBLEMS)
+        _check_int("seed", self.seed, 0)
+        if (
+            isinstance(self.noise, (bool, np.bool_))
+            or not isinstance(self.noise, (int, float, np.integer, np.floating))
+            or not 0 <= self.noise <= MAX_NOISE  # NaN fails the comparison, an int past the doubles too
+        ):
+            raise ValueError(f"noise: expected a finite sd in [0, {MAX_NOISE:g}], got {self.noise!r}")
         for name in ("bellman_prompts", "bellman_prefixes", "bellman_samples"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {getattr(self, name)}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads: expected an int >= 1, got {self.threads}")
+            _check_int(name, getattr(self, name), 1)
+        if self.threads is not None:
+            _check_int("threads", self.threads, 1, MAX_THREADS)
+
+
+def _plain(config: DemoConfig) -> DemoConfig:
+    """A valid ``config`` with Python numbers for numpy ones: they go to the record, and demo.json's
+    encoder takes no numpy integer (nor a float32)."""
+    return replace(
+        config,
+        levels=tuple(int(t) for t in config.levels),
+        budgets=tuple(int(c) for c in config.budgets),
+        problems=int(config.problems),
+        seed=int(config.seed),
+        noise=float(config.noise),
+        bellman_prompts=int(config.bellman_prompts),
+        bellman_prefixes=int(config.bellman_prefixes),
+        bellman_samples=int(config.bellman_samples),
+        threads=None if config.threads is None else int(config.threads),
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_int(name: str, value: Any, low: int, high: Optional[int] = None) -> None:
+    """ValueError naming ``name`` unless ``value`` is an int (not a bool) in ``low..high``."""
+    if not _is_int(value) or value < low or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in {low}..{high}"
+        raise ValueError(f"{name}: expected an int {bounds}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -250,6 +289,7 @@ def run_demo(
     limit fits ``T`` lines); the bundled ones by default. ``task``: the problems (the bundled arithmetic
     chains by default)."""
     config.validate()
+    config = _plain(config)
     began = time.perf_counter()
     threads = DEFAULT_THREADS if config.threads is None else config.threads
     if models is None:
