@@ -318,7 +318,12 @@ def test_a_hostile_templates_render_is_bounded() -> None:
             "{% for i in range(100) %}{{ 'x' * 1000000 }}{% endfor %}",
             rf"{bound}it rendered more than {chat.MAX_RENDERED_CHARS:,} characters",
         ),
-        ("{{ 'x' | center(2**62) }}", r"^chat template failed on these messages: MemoryError$"),
+        ("{{ 'x' | center(2**62) }}", rf"{bound}the filter 'center' would make more than"),
+        # a width that no bound sees before str.format runs (the item of a list)
+        (
+            "{{ '{0:>{1[0]}}'.format('x', [2**62]) }}",
+            r"^chat template failed on these messages: MemoryError$",
+        ),
     ]
     for template, match in cases:
         chat.check_chat_template(template)
