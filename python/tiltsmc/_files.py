@@ -35,7 +35,9 @@ def signals_deferred() -> Iterator[None]:
     of the operating system (``SIG_DFL``, ``SIG_IGN``) stay, the signals only blocked. An event loop's
     wakeup descriptor (``signal.set_wakeup_fd``: asyncio's signal handlers) is off meanwhile, so that the
     loop hears each signal once, when it is raised again. Every handler is put back even where one
-    raises on the way (a signal's handler run as another is restored): the first error is raised after."""
+    raises on the way (a signal's handler run as another is restored), and every signal received is raised
+    again even where the handler of one before it raises (``KeyboardInterrupt``): the first error is raised
+    after."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -70,7 +72,10 @@ def signals_deferred() -> Iterator[None]:
             except BaseException as error:  # a handler run meanwhile (KeyboardInterrupt): restore the rest
                 failure = failure or error
         for signum in dict.fromkeys(received):  # to the handlers they would have had
-            signal.raise_signal(signum)
+            try:
+                signal.raise_signal(signum)
+            except BaseException as error:  # KeyboardInterrupt from SIGINT's: the signals after it still come
+                failure = failure or error
         if failure is not None:
             raise failure
 

@@ -83,8 +83,8 @@ def release_free_memory() -> bool:
 def available_memory() -> Optional[int]:
     """Bytes of memory this process could still take, or None where that cannot be read: the system's
     available memory (Linux: ``MemAvailable`` in ``/proc/meminfo``, which counts the page cache that can be
-    dropped; elsewhere the physical memory), and no more than its cgroup's limit less the cgroup's usage
-    where one is set (a container's)."""
+    dropped; elsewhere the physical memory), and no more than what its memory cgroups leave it where one
+    sets a limit (a container's: ``_cgroup_room``)."""
     available = _meminfo_available()
     if available is None:
         try:
@@ -106,26 +106,93 @@ def _meminfo_available(path: str = "/proc/meminfo") -> Optional[int]:
     return None
 
 
-def _cgroup_room(root: str = "/sys/fs/cgroup") -> Optional[int]:
-    """The cgroup's memory limit less its usage (v2, then v1), None where there is no limit."""
-    for limit_file, usage_file in (
-        (f"{root}/memory.max", f"{root}/memory.current"),
-        (f"{root}/memory/memory.limit_in_bytes", f"{root}/memory/memory.usage_in_bytes"),
-    ):
-        try:
-            with open(limit_file, encoding="ascii") as f:
-                limit_text = f.read().strip()
-            if limit_text == "max":
-                return None
-            with open(usage_file, encoding="ascii") as f:
-                usage = int(f.read().strip())
-            limit = int(limit_text)
-        except (OSError, ValueError):
-            continue
-        if limit >= 1 << 60:  # v1's "no limit" is a page-rounded 2**63 - 1
-            return None
-        return max(0, limit - usage)
+# Each cgroup layout: where its memory controller is mounted (under the cgroup root), and the files of a
+# cgroup's limit, usage and statistics, with the statistic of the page cache it would drop first (counted
+# over its descendants too, as its usage is).
+_CGROUP_LAYOUTS = (
+    ("v2", "", "memory.max", "memory.current", "inactive_file"),
+    ("v1", "memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
+)
+
+
+def _cgroup_room(root: str = "/sys/fs/cgroup", membership: str = "/proc/self/cgroup") -> Optional[int]:
+    """Bytes the memory cgroups of this process leave it, None where none sets a limit: the least, over
+    its own cgroup and that cgroup's ancestors up to the mount's top, of a limit less that cgroup's working
+    set (its usage less its inactive page cache, which the kernel reclaims before it runs out: usage
+    counts the page cache, ``inactive_file`` the part of it not recently used, as kubelet reads them).
+    v2 (``root``), then v1 (``root/memory``). The process's own cgroup is the one ``membership`` names
+    (v2: its ``0::/path`` line; v1: the line of the ``memory`` controller), where its folder is there;
+    else the mount's top is read as its own (a container's cgroup mounted at ``root``; a cgroup
+    namespace, whose membership says ``/``)."""
+    paths = _cgroup_paths(membership)
+    for layout, mount, limit_file, usage_file, inactive_key in _CGROUP_LAYOUTS:
+        top = os.path.join(root, mount) if mount else root
+        found, least = False, None
+        for folder in _cgroup_folders(top, paths.get(layout, "/")):
+            limit = _read_int(os.path.join(folder, limit_file))
+            if limit is None:  # no such file (v2's root cgroup has none): no limit here
+                continue
+            found = True
+            usage = _read_int(os.path.join(folder, usage_file))
+            if limit < 0 or limit >= 1 << 60 or usage is None:  # "max" (v2), v1's page-rounded 2**63 - 1
+                continue
+            inactive = _memory_stat(os.path.join(folder, "memory.stat"), inactive_key)
+            room = max(0, limit - max(0, usage - inactive))
+            least = room if least is None else min(least, room)
+        if found:
+            return least
     return None
+
+
+def _cgroup_paths(membership: str) -> dict[str, str]:
+    """The process's cgroup paths in ``membership`` (``/proc/self/cgroup``): ``"v2"``'s (its ``0::path``
+    line) and ``"v1"``'s memory controller's (its ``id:...,memory,...:path`` line), where there."""
+    paths: dict[str, str] = {}
+    try:
+        with open(membership, encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                fields = line.rstrip("\n").split(":", 2)
+                if len(fields) != 3:
+                    continue
+                if fields[0] == "0" and not fields[1]:
+                    paths["v2"] = fields[2]
+                elif "memory" in fields[1].split(","):
+                    paths["v1"] = fields[2]
+    except OSError:
+        pass
+    return paths
+
+
+def _cgroup_folders(top: str, path: str) -> list[str]:
+    """The folders of the cgroup at ``path`` under the mount ``top`` and of its ancestors, up to ``top``;
+    ``[top]`` where that cgroup's folder is not there (another mount, a path outside a namespace: ``/..``)."""
+    parts = [part for part in path.split("/") if part]
+    if ".." in parts or not os.path.isdir(os.path.join(top, *parts)):
+        parts = []
+    return [os.path.join(top, *parts[:depth]) for depth in range(len(parts), -1, -1)]
+
+
+def _read_int(path: str) -> Optional[int]:
+    """The integer a cgroup file holds, -1 for ``max``; None where it cannot be read as one."""
+    try:
+        with open(path, encoding="ascii") as f:
+            text = f.read().strip()
+        return -1 if text == "max" else int(text)
+    except (OSError, ValueError):
+        return None
+
+
+def _memory_stat(path: str, key: str) -> int:
+    """The value of ``key`` in a cgroup's ``memory.stat`` (lines ``key value``); 0 where it is not there."""
+    try:
+        with open(path, encoding="ascii") as f:
+            for line in f:
+                name, _, value = line.partition(" ")
+                if name == key:
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def check_fits(name: str, needed: int, what: str) -> None:

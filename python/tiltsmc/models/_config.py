@@ -116,10 +116,12 @@ def flag(value: Any, where: str) -> bool:
 
 def file_problem(path: Path) -> str:
     """What keeps ``path`` from being read as a file: ``"does not exist"``, ``"is a directory"``, ``"is a
-    broken symbolic link (to X)"``, ``"is not a regular file"`` (a socket, a FIFO, a device); ``""`` for a
-    regular file (symbolic links followed)."""
+    broken symbolic link (to X)"``, ``"is not a regular file"`` (a socket, a FIFO, a device), ``"is not a
+    valid path (a NUL byte)"``; ``""`` for a regular file (symbolic links followed)."""
     try:
         mode = os.stat(path).st_mode
+    except ValueError:  # os.stat's "embedded null byte", which named no path
+        return "is not a valid path (a NUL byte)"
     except OSError as error:
         if os.path.islink(path):
             return f"is a broken symbolic link (to {os.readlink(path)})"

@@ -13,9 +13,25 @@ __all__ = ["fail_prompts_without_a_law", "sample_categorical"]
 
 
 def sample_categorical(log_probs: npt.ArrayLike, rng: np.random.Generator) -> npt.NDArray[np.int64]:
-    """One draw per row of the last axis from ``softmax(log_probs)`` by inversion of the CDF."""
+    """One draw per row of the last axis from ``softmax(log_probs)`` by inversion of the CDF, an int64
+    array of the leading axes' shape. A row no token can be drawn from (holding NaN or ``+inf``, or only
+    ``-inf``), or a last axis of no entries, is refused (ValueError naming ``log_probs`` and the first such
+    row) before ``rng`` is drawn from."""
     logits = np.asarray(log_probs, dtype=np.float64)
+    if logits.ndim == 0:
+        raise ValueError("log_probs: expected rows along a last axis, got a scalar")
+    if logits.shape[-1] == 0:
+        if 0 in logits.shape[:-1]:  # no rows: nothing to draw
+            return np.zeros(logits.shape[:-1], dtype=np.int64)
+        raise ValueError(f"log_probs: expected at least one entry per row, got shape {logits.shape}")
     shift = np.max(logits, axis=-1, keepdims=True)
+    unusable = ~np.isfinite(shift[..., 0])  # NaN propagates through max
+    if unusable.any():
+        row = tuple(int(k) for k in np.argwhere(unusable)[0])
+        largest = shift[row][0]
+        what = "NaN" if np.isnan(largest) else "+inf" if largest > 0 else "only -inf"
+        where = "log_probs" if not row else f"log_probs[{', '.join(map(str, row))}]"
+        raise ValueError(f"{where}: the row holds {what} (no token can be drawn from it)")
     weights = np.exp(logits - shift)
     cumulative = np.cumsum(weights, axis=-1)
     u = rng.random((*logits.shape[:-1], 1)) * cumulative[..., -1:]

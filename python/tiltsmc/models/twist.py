@@ -89,38 +89,63 @@ class PolicyTwist(PolicyHead):
         with a verifier, ``log r(x v)`` where ``x v`` ends the trajectory."""
         particles.flush()
         values = self._log_values(particles.state["lm.value"])
-        if self.verifier is None:
-            return values
-        eos = np.array(sorted(self.policy.eos_token_ids), dtype=np.int64)
-        limit = self.policy.max_new_tokens
-        extra = particles.state.get(MAX_NEW_TOKENS)
-        for b, i in zip(*np.nonzero(~particles.finished)):
-            length = int(particles.lengths[b, i])
-            at_limit = length + 1 >= limit or (
-                extra is not None and length + 1 >= int(np.asarray(extra)[b, i])
-            )
-            ending = np.arange(self.vocab_size) if at_limit else eos
-            for v in ending:
-                values[b, i, v] = self._verify_extension(particles, int(b), int(i), int(v))
+        if self.verifier is not None:
+            for b, i in zip(*np.nonzero(~particles.finished)):
+                ending, log_r = self._ending_log_rewards(particles, int(b), int(i))
+                values[b, i, ending] = log_r
         return values
 
     def initial_log_value(self, particles: Particles) -> FloatArray:
-        """``log Vh_0 = log sum_v p(v | prompt) Vh(prompt v)`` at each prompt, ``(B,)``."""
-        log_p = np.asarray(self.policy.next_log_probs(particles), dtype=np.float64)[:, 0]
-        values = self.next_log_values(particles)[:, 0]
-        return logsumexp(log_p + values)
+        """``log Vh_0 = log sum_v p(v | prompt) Vh(prompt v)`` at each prompt, ``(B,)``: read at its first
+        particle (all of a prompt's particles start alike), so a verifier runs for one particle a prompt."""
+        particles.flush()
+        prompts = np.arange(particles.num_prompts)
+        return self._first_log_values(particles, prompts, np.zeros_like(prompts))
 
     def log_value(self, particles: Particles) -> FloatArray:
         """``log Vh`` of every prefix: its parent's twist row at its last token (``log Vh_0`` for an
-        empty one), or the verifier's ``log r`` once finished."""
+        empty one, read at the prompt's first empty particle), or the verifier's ``log r`` once finished."""
         particles.flush()
         chosen = particles.state["lm.value.chosen"]
         empty = particles.lengths == 0
         scores = np.where(empty, 0.0, chosen)
         values = self._log_values(scores)
-        if empty.any():
-            values = np.where(empty, self.initial_log_value(particles)[:, None], values)
+        prompts = np.flatnonzero(empty.any(axis=1))
+        if prompts.size:  # only those prompts: a verifier runs for no other
+            first = self._first_log_values(particles, prompts, np.argmax(empty[prompts], axis=1))
+            values[prompts] = np.where(empty[prompts], first[:, None], values[prompts])
         return self._verified(particles, values, particles.finished & ~empty)
+
+    def _first_log_values(
+        self, particles: Particles, prompts: npt.NDArray[np.int64], columns: npt.NDArray[np.int64]
+    ) -> FloatArray:
+        """``log Vh_0`` of particle ``(prompts[k], columns[k])`` as an empty prefix, ``(K,)``: what
+        ``next_log_values`` gives at it (the verifier run for it alone), summed under the policy's law."""
+        log_p = np.asarray(self.policy.next_log_probs(particles), dtype=np.float64)[prompts, columns]
+        values = self._log_values(particles.state["lm.value"][prompts, columns])
+        if self.verifier is not None:
+            for k in np.flatnonzero(~particles.finished[prompts, columns]):
+                ending, log_r = self._ending_log_rewards(particles, int(prompts[k]), int(columns[k]))
+                values[k, ending] = log_r
+        return logsumexp(log_p + values)
+
+    def _ending_log_rewards(
+        self, particles: Particles, b: int, i: int
+    ) -> tuple[npt.NDArray[np.int64], FloatArray]:
+        """The tokens whose extension ends unfinished particle ``(b, i)`` (an EOS token; every token at its
+        length limit) and the verifier's ``log r`` of each extension."""
+        length = int(particles.lengths[b, i])
+        extra = particles.state.get(MAX_NEW_TOKENS)
+        at_limit = length + 1 >= self.policy.max_new_tokens or (
+            extra is not None and length + 1 >= int(np.asarray(extra)[b, i])
+        )
+        ending = (
+            np.arange(self.vocab_size)
+            if at_limit
+            else np.array(sorted(self.policy.eos_token_ids), dtype=np.int64)
+        )
+        log_r = np.array([self._verify_extension(particles, b, i, int(v)) for v in ending], dtype=np.float64)
+        return ending, log_r
 
     def _verify_extension(self, particles: Particles, b: int, i: int, token: int) -> float:
         """``log r`` of particle ``(b, i)`` extended by ``token``: written into its next slot, verified,
