@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import re
 import subprocess
 import sys
 import textwrap
@@ -1420,3 +1421,182 @@ def test_reorder_in_place_reads_a_copy_of_the_list_it_is_given() -> None:
         """
     )
     assert output.strip() == "[0] 66 [4.0, 5.0, 6.0, 7.0]", output
+
+
+# --------------------------------------------------------------------------------------------------------
+# The bindings called directly (tiltsmc._core): the checks that tiltsmc.core makes first are made there too
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_core_gather_refuses_python_objects_in_x_or_out() -> None:
+    """``_core.gather`` copied object arrays (and structured dtypes holding objects) as bytes: pointers
+    without references of their own, a use after free once the source was freed. Refused naming the
+    argument, as ``reorder_in_place`` and ``concatenate_padded`` refuse them; ``out`` left as it was."""
+    output = run_isolated(
+        """
+        import sys
+        import numpy as np
+        from tiltsmc import _core
+
+        ancestors = np.zeros((1, 3), np.int64)
+        plain = np.zeros((1, 3, 1))
+        for dtype in (object, [("o", object), ("f", np.float64)]):
+            x = np.empty((1, 3), dtype=dtype)
+            x[0, 0] = (object(), 1.0) if x.dtype.names else object()
+            item = x[0, 0][0] if x.dtype.names else x[0, 0]
+            count = sys.getrefcount(item)
+            out = np.empty_like(x)  # None where it holds objects
+            for args, name in (((x, out), "x"), ((x, plain), "x"), ((plain, out), "out")):
+                try:
+                    _core.gather(args[0], ancestors, args[1], 1, 3, x.dtype.itemsize)
+                    print("accepted")
+                except TypeError as error:
+                    print(str(error).startswith(name + ": holds Python objects"))
+            empty = out[0, 1][0] if out.dtype.names else out[0, 1]
+            print(sys.getrefcount(item) == count, empty is None)
+        """
+    )
+    assert output.split() == ["True"] * 10, output
+
+
+@pytest.mark.parametrize(
+    "make, error",
+    [
+        (lambda a: np.asfortranarray(a), ValueError),
+        (lambda a: a.astype(a.dtype.newbyteorder()), TypeError),
+        (lambda a: a.astype(np.int64), TypeError),
+        (lambda a: a.astype(np.float16), TypeError),
+    ],
+    ids=["fortran-order", "byte-swapped", "int64", "float16"],
+)
+def test_core_smc_step_never_resets_a_converted_copy_of_log_w(
+    make: Callable[[np.ndarray], np.ndarray], error: type[Exception]
+) -> None:
+    """``_core.smc_step`` took ``log_w`` through a converting caster: an array it had to convert (another
+    order, byte order or dtype) became a copy, which was reset, while the caller's array was left as it
+    was and its rows reported resampled. Refused, naming ``log_w``, and left as it was."""
+    log_w = make(np.full((3, 4), -50.0) + np.eye(3, 4) * 50.0)  # every row degenerate: all resampled
+    before = log_w.copy()
+    with pytest.raises(error, match=r"^log_w: "):
+        _core.smc_step(log_w, 1.0, 2, 123, False)
+    assert np.array_equal(log_w, before) and log_w.dtype == before.dtype
+
+
+def test_core_smc_step_resets_the_callers_array() -> None:
+    """The arrays ``_core.smc_step`` takes (C-contiguous, native float32 / float64) are reset in place."""
+    for dtype in (np.float64, np.float32):
+        log_w = (np.full((3, 4), -50.0) + np.eye(3, 4) * 50.0).astype(dtype)
+        resampled = _core.smc_step(log_w, 1.0, 2, 123, False)[1]
+        assert resampled.all() and not log_w.any()
+
+
+def test_used_beyond_int64_is_refused_not_wrapped_around() -> None:
+    """uint64 ``used`` values from 2**63 were cast to negative int64 ones: ``reorder_in_place`` then copied
+    no column at all, and ``concatenate_padded`` reported a negative count the caller never gave."""
+    huge = 2**64 - 1
+    kv = np.arange(24, dtype=np.float32).reshape(1, 3, 1, 4, 2)
+    before = kv.copy()
+    with pytest.raises(ValueError, match=f"^used: expected values that fit in int64, got {huge}$"):
+        core.reorder_in_place([kv], [[2, 2, 0]], used=np.full((1, 3), huge, np.uint64), axes=[3])
+    assert np.array_equal(kv, before)
+    out = np.zeros((2, 2))
+    with pytest.raises(ValueError, match=f"^used: expected values that fit in int64, got {huge}$"):
+        core.concatenate_padded(
+            [np.ones((1, 2)), np.ones((1, 1))],
+            axis=1,
+            padding_side="right",
+            used=np.array([huge, 1], np.uint64),
+            out=out,
+        )
+    assert not out.any()
+    # the largest int64 is a count like any other (clamped to the width)
+    core.reorder_in_place([kv], [[2, 2, 0]], used=np.full((1, 3), 2**63 - 1, np.uint64), axes=[3])
+    assert np.array_equal(kv, before[:, [2, 2, 0]])
+
+
+def test_reorder_in_place_takes_no_pointer_before_the_python_code_it_runs() -> None:
+    """With ``skip_unwritable``, the binding read a skipped entry's ``shape`` (Python code) after taking the
+    data pointers of the arrays before it: a property that replaced such an array's buffer (``__setstate__``
+    frees it) left the kernel writing freed memory, and the array itself not reordered. Every Python-level
+    read is now made before any pointer is taken: the array's new buffer is reordered, nothing else
+    written."""
+    output = run_isolated(
+        """
+        import numpy as np
+        from tiltsmc import _core
+
+        B, N, W = 4, 8, 1 << 16
+        big = np.random.default_rng(0).random((B, N, W))  # its own 16 MiB buffer
+        fresh = np.random.default_rng(1).random((B, N, W))
+        junk = []
+
+        class ReplacesBig:
+            @property
+            def shape(self):
+                big.__setstate__(fresh.__reduce__()[2])  # a new buffer, the old one freed
+                junk.append(np.ones(B * N * W))  # may take the freed memory
+                return (B, N, 1)
+
+        ancestors = np.tile(np.arange(N)[::-1], (B, 1)).astype(np.int64)
+        print(_core.reorder_in_place([big, ReplacesBig()], ancestors, True))
+        print(np.array_equal(big, fresh[:, ::-1]), bool((junk[0] == 1).all()))
+
+        class ShrinksBig:
+            @property
+            def shape(self):
+                big.__setstate__(np.ones(3).__reduce__()[2])  # now (3,): no longer (B, N, ...)
+                return (B, N, 1)
+
+        big = np.zeros((B, N, W))
+        try:
+            _core.reorder_in_place([big, ShrinksBig()], ancestors, True)
+        except ValueError as error:
+            print(error)
+        """
+    )
+    assert output.splitlines() == [
+        "[1]",
+        "True True",
+        "arrays[0]: leading axes do not match the ancestors' (B, N)",
+    ], output
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: _core.read_log_values(np.zeros((2, 0)), 2, None, 0), "scores: no score per row (width 0)"),
+        (lambda: _core.read_log_values(np.zeros(4), 0, None, 0), "rows: expected at least one row, got 0"),
+        (lambda: _core.log_normalize(np.zeros((2, 0)), False), "logw: rows must hold at least one particle"),
+        (lambda: _core.row_statistics(np.zeros((2, 0))), "logw: rows must hold at least one particle"),
+        (lambda: _core.resample(np.zeros((2, 0)), 0, 1, 0), "logw: rows must hold at least one particle"),
+        (lambda: _core.pool_select(np.zeros((2, 0)), 0), "logw: rows must hold at least one particle"),
+        (
+            lambda: _core.sample_logits(np.zeros((2, 0)), 1.0, 0, None),
+            "logits: rows must hold at least one logit",
+        ),
+        (
+            lambda: _core.smc_step(np.zeros((2, 0)), 1.0, 0, 0, False),
+            "log_w: rows must hold at least one particle",
+        ),
+        (
+            lambda: _core.keep_survivors(np.zeros((2, 0), np.int64)),
+            "ancestors: rows must hold at least one particle",
+        ),
+    ],
+    ids=[
+        "read_log_values-width",
+        "read_log_values-rows",
+        "log_normalize",
+        "row_statistics",
+        "resample",
+        "pool_select",
+        "sample_logits",
+        "smc_step",
+        "keep_survivors",
+    ],
+)
+def test_core_refuses_rows_of_nothing_saying_so(call: Callable[[], Any], message: str) -> None:
+    """Rows holding no item reached the kernels, whose refusal read "inconsistent sizes"; the bindings
+    now say which argument and what is wrong with it."""
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+        call()

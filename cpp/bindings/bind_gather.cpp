@@ -14,9 +14,18 @@
 namespace tiltsmc::bindings {
 namespace {
 
+// Whether `array` holds Python objects, alone or in fields of a structured dtype (kind 'V'): they cannot be
+// copied as bytes (the copies would hold no references of their own).
+bool holds_objects(const py::array& array) {
+    const py::dtype dtype = array.dtype();
+    return dtype.kind() == 'O' || (dtype.kind() == 'V' && dtype.attr("hasobject").cast<bool>());
+}
+
 void bind_gather(const py::array& x, const CArray<std::int64_t>& ancestors, py::array& out, std::int64_t rows,
                  std::int64_t n, std::int64_t item_bytes) {
     if (rows < 0 || n < 1 || item_bytes < 0) throw py::value_error("x: invalid rows, particles or item size");
+    if (holds_objects(x)) throw py::type_error("x: holds Python objects, which gather cannot copy");
+    if (holds_objects(out)) throw py::type_error("out: holds Python objects, which gather cannot copy");
     if (!(x.flags() & py::array::c_style)) throw py::value_error("x: must be C-contiguous");
     if (!(out.flags() & py::array::c_style) || !out.writeable())
         throw py::value_error("out: must be C-contiguous and writeable");
@@ -53,7 +62,7 @@ void bind_gather(const py::array& x, const CArray<std::int64_t>& ancestors, py::
 // each item's length along it), an array with an axis copies only the columns its ancestors use.
 py::list bind_reorder_in_place(const py::list& given, const CArray<std::int64_t>& ancestors, bool skip_unwritable,
                                const py::object& used_object, const py::object& axes_object) {
-    // A copy of the list: Python code runs inside the loop below (a skipped entry's shape, another thread
+    // A copy of the list: Python code runs in the first pass below (a skipped entry's shape, another thread
     // taking the GIL), and the caller's list may change meanwhile, past the axes counted against it.
     PyObject* copied = PySequence_List(given.ptr());
     if (copied == nullptr) throw py::error_already_set();
@@ -71,12 +80,24 @@ py::list bind_reorder_in_place(const py::list& given, const CArray<std::int64_t>
         for (const py::handle axis : py::list(axes_object)) axes.push_back(py::reinterpret_borrow<py::object>(axis));
         if (axes.size() != arrays.size()) throw py::value_error("axes: expected one per array (None or an axis)");
     }
-    std::vector<py::array> held;  // the arrays written: alive until the kernel returns, whatever the list does
-    std::vector<std::uint8_t*> data;
-    std::vector<std::int64_t> item_bytes;
-    std::vector<ItemPrefix> prefixes;
-    std::vector<std::size_t> position;  // of data[j] in arrays
-    py::list skipped;
+    // First pass: everything that may run Python code (a skipped entry's shape, an axis' __index__, a dtype's
+    // attribute). That code can change any array (a property can free its buffer with __setstate__), so no
+    // data pointer is taken before it is all done, and the second pass checks the arrays afresh.
+    std::vector<std::optional<py::array>> entries(arrays.size());  // nullopt: a skipped non-array
+    std::vector<py::object> dtypes(arrays.size());                 // each array's dtype, as checked
+    std::vector<std::optional<py::ssize_t>> axis_of(arrays.size());
+    // The checks of an array's layout, made in both passes: the first refuses the first bad entry in order, the
+    // second the arrays as the kernel gets them. skipped_after_checks: whether the array is left alone
+    // (skip_unwritable, and not C-contiguous and writeable).
+    const auto check_axes = [&](const py::array& array, const std::string& name) {
+        if (array.ndim() < 2 || array.shape(0) != rows || array.shape(1) != n)
+            throw py::value_error(name + ": leading axes do not match the ancestors' (B, N)");
+    };
+    const auto skipped_after_checks = [&](const py::array& array, const std::string& name) {
+        if ((array.flags() & py::array::c_style) && array.writeable()) return false;
+        if (skip_unwritable) return true;
+        throw py::value_error(name + ": must be C-contiguous and writeable to reorder in place");
+    };
     for (std::size_t k = 0; k < arrays.size(); ++k) {
         const std::string name = "arrays[" + std::to_string(k) + "]";
         if (!py::isinstance<py::array>(arrays[k])) {
@@ -85,21 +106,38 @@ py::list bind_reorder_in_place(const py::list& given, const CArray<std::int64_t>
             const py::tuple shape(arrays[k].attr("shape"));
             if (shape.size() < 2 || shape[0].cast<std::int64_t>() != rows || shape[1].cast<std::int64_t>() != n)
                 throw py::value_error(name + ": leading axes do not match the ancestors' (B, N)");
-            skipped.append(k);
             continue;
         }
         auto array = py::reinterpret_borrow<py::array>(arrays[k]);
-        if (array.ndim() < 2 || array.shape(0) != rows || array.shape(1) != n)
-            throw py::value_error(name + ": leading axes do not match the ancestors' (B, N)");
-        // Python objects, alone or in fields of a structured dtype (kind 'V'), cannot be copied as bytes
-        if (array.dtype().kind() == 'O' || (array.dtype().kind() == 'V' && array.dtype().attr("hasobject").cast<bool>()))
-            throw py::type_error(name + ": holds Python objects, which gather cannot copy");
-        if (!(array.flags() & py::array::c_style) || !array.writeable()) {
-            if (skip_unwritable) {
-                skipped.append(k);
-                continue;
-            }
-            throw py::value_error(name + ": must be C-contiguous and writeable to reorder in place");
+        check_axes(array, name);
+        if (holds_objects(array)) throw py::type_error(name + ": holds Python objects, which gather cannot copy");
+        skipped_after_checks(array, name);
+        dtypes[k] = array.dtype();
+        if (!axes.empty() && !axes[k].is_none()) axis_of[k] = axes[k].cast<py::ssize_t>();
+        entries[k] = std::move(array);
+    }
+    // Second pass, with no Python code run: the checks on the arrays as they are now, then their pointers.
+    if (ancestors.ndim() != 2 || ancestors.shape(0) != rows || ancestors.shape(1) != n ||
+        (used && (used->ndim() != 2 || used->shape(0) != rows || used->shape(1) != n)))
+        throw py::value_error("ancestors: its shape or used's changed during the call");
+    std::vector<py::array> held;  // the arrays written: alive until the kernel returns, whatever the list does
+    std::vector<std::uint8_t*> data;
+    std::vector<std::int64_t> item_bytes;
+    std::vector<ItemPrefix> prefixes;
+    std::vector<std::size_t> position;  // of data[j] in arrays
+    py::list skipped;
+    for (std::size_t k = 0; k < arrays.size(); ++k) {
+        const std::string name = "arrays[" + std::to_string(k) + "]";
+        if (!entries[k]) {
+            skipped.append(k);
+            continue;
+        }
+        py::array& array = *entries[k];
+        if (!array.dtype().is(dtypes[k])) throw py::value_error(name + ": its dtype changed during the call");
+        check_axes(array, name);
+        if (skipped_after_checks(array, name)) {
+            skipped.append(k);
+            continue;
         }
         const std::int64_t count = rows * n;
         auto* begin = static_cast<std::uint8_t*>(array.mutable_data());
@@ -121,8 +159,8 @@ py::list bind_reorder_in_place(const py::list& given, const CArray<std::int64_t>
         if (used && share_memory(begin, bytes * count, used->data(), static_cast<std::int64_t>(used->nbytes())))
             throw py::value_error("used: shares memory with " + name + ", which is reordered in place (pass a copy)");
         ItemPrefix prefix;
-        if (!axes.empty() && !axes[k].is_none()) {
-            const auto axis = axes[k].cast<py::ssize_t>();
+        if (axis_of[k]) {
+            const py::ssize_t axis = *axis_of[k];
             if (axis < 2 || axis >= array.ndim())
                 throw py::value_error("axes[" + std::to_string(k) + "]: expected an axis after the leading (B, N) of " +
                                       name + "'s " + std::to_string(array.ndim()));
@@ -161,8 +199,11 @@ void bind_keep_survivors(py::array& ancestors) {
     if (!(ancestors.flags() & py::array::c_style) || !ancestors.writeable())
         throw py::value_error("ancestors: must be C-contiguous and writeable");
     require_aligned(ancestors, "ancestors");
-    auto* a = static_cast<std::int64_t*>(ancestors.mutable_data());
     const std::int64_t rows = ancestors.shape(0), n = ancestors.shape(1);
+    if (n < 1)
+        throw py::value_error("ancestors: rows must hold at least one particle, got shape (" + std::to_string(rows) +
+                              ", 0)");
+    auto* a = static_cast<std::int64_t*>(ancestors.mutable_data());
     Status status;
     {
         GilReleasedFor release(rows * n * 16);
@@ -186,7 +227,7 @@ void bind_concatenate_padded(const py::list& parts, const std::vector<std::int64
     if (blocks < 0 || item_bytes < 0) throw py::value_error("blocks, item_bytes: must not be negative");
     if (!(out.flags() & py::array::c_style) || !out.writeable())
         throw py::value_error("out: must be C-contiguous and writeable");
-    if (out.dtype().kind() == 'O' || (out.dtype().kind() == 'V' && out.dtype().attr("hasobject").cast<bool>()))
+    if (holds_objects(out))
         throw py::type_error("out: holds Python objects, which cannot be copied");
     if (out.ndim() < 1) throw py::value_error("out: expected at least one axis");
     std::vector<PaddedPart> read(parts.size());

@@ -203,8 +203,14 @@ py::array_t<double> bind_read_log_values(const py::handle& scores_object, std::i
     auto scores = py::reinterpret_borrow<py::array>(scores_object);
     if (!(scores.flags() & py::array::c_style)) throw py::value_error("scores: must be C-contiguous");
     if (kind < 0 || kind > 2) throw py::value_error("kind: expected 0 (log_value), 1 (prob) or 2 (logit)");
-    if (rows < 1 || size_of(scores) % rows != 0) throw py::value_error("scores: expected rows x width scores");
+    if (rows < 1) throw py::value_error("rows: expected at least one row, got " + std::to_string(rows));
+    if (size_of(scores) % rows != 0)
+        throw py::value_error("scores: expected rows x width scores, got " + std::to_string(size_of(scores)) +
+                              " scores for " + std::to_string(rows) + " rows");
     const std::int64_t width = size_of(scores) / rows;
+    if (width < 1)
+        throw py::value_error("scores: no score per row (width 0): expected at least one score for each of the " +
+                              std::to_string(rows) + " rows");
     std::optional<py::array> columns;
     const std::int64_t* column_data = nullptr;
     if (!columns_object.is_none()) {

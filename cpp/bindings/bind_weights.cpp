@@ -1,4 +1,5 @@
-// Bindings of log_normalize, resample, pool_select, sample_logits and mh_accept.
+// Bindings of log_normalize, row_statistics, resample, pool_select, sample_logits, mh_accept, smc_step and
+// smc_reweight.
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -11,10 +12,18 @@
 namespace tiltsmc::bindings {
 namespace {
 
+// Refuses (ValueError naming it) a (B, N) array whose rows hold nothing (N = 0): the kernels need N >= 1.
+void require_columns(const py::array& array, const char* name, const char* item) {
+    if (array.shape(1) >= 1) return;
+    throw py::value_error(std::string(name) + ": rows must hold at least one " + item + ", got shape (" +
+                          std::to_string(array.shape(0)) + ", 0)");
+}
+
 template <typename T>
 std::tuple<CArray<T>, CArray<double>, CArray<double>> bind_log_normalize(const CArray<T>& logw,
                                                                            bool allow_zero_rows) {
     if (logw.ndim() != 2) throw py::value_error("logw: expected a 2-D array");
+    require_columns(logw, "logw", "particle");
     const std::int64_t rows = logw.shape(0), n = logw.shape(1);
     CArray<T> normalised({rows, n});
     CArray<double> log_mean_w(rows), ess(rows);
@@ -35,6 +44,7 @@ std::tuple<CArray<T>, CArray<double>, CArray<double>> bind_log_normalize(const C
 template <typename T>
 std::tuple<CArray<double>, CArray<double>> bind_row_statistics(const CArray<T>& logw) {
     if (logw.ndim() != 2) throw py::value_error("logw: expected a 2-D array");
+    require_columns(logw, "logw", "particle");
     const std::int64_t rows = logw.shape(0), n = logw.shape(1);
     CArray<double> log_mean_w(rows), ess(rows);
     const T* in = logw.data();
@@ -52,6 +62,7 @@ std::tuple<CArray<double>, CArray<double>> bind_row_statistics(const CArray<T>& 
 template <typename T>
 CArray<std::int64_t> bind_resample(const CArray<T>& logw, int scheme, std::int64_t num, std::uint64_t key) {
     if (logw.ndim() != 2) throw py::value_error("logw: expected a 2-D array");
+    require_columns(logw, "logw", "particle");
     if (scheme < 0 || scheme > 3) throw py::value_error("scheme: unknown scheme code");
     if (num < 1) throw py::value_error("num: must be >= 1");
     const std::int64_t rows = logw.shape(0), n = logw.shape(1);
@@ -94,6 +105,7 @@ std::tuple<CArray<std::int64_t>, CArray<double>> bind_pool_select(const CArray<T
                                                                   const py::object& keys_object,
                                                                   const py::object& counters_object) {
     if (logw.ndim() != 2) throw py::value_error("logw: expected a 2-D array");
+    require_columns(logw, "logw", "particle");
     const std::int64_t rows = logw.shape(0), n = logw.shape(1);
     const RowStreamArrays streams = row_stream_arrays(keys_object, counters_object, rows, "logw");
     CArray<std::int64_t> index(rows);
@@ -116,6 +128,7 @@ std::tuple<CArray<std::int64_t>, CArray<double>> bind_sample_logits(const CArray
                                                                     const py::object& keys_object,
                                                                     const py::object& counters_object) {
     if (logits.ndim() != 2) throw py::value_error("logits: expected a 2-D array");
+    require_columns(logits, "logits", "logit");
     if (!(temperature > 0.0) || !std::isfinite(temperature))
         throw py::value_error("temperature: must be a finite number > 0");
     const std::int64_t rows = logits.shape(0), n = logits.shape(1);
@@ -164,17 +177,13 @@ CArray<bool> bind_mh_accept(const CArray<double>& current, const CArray<double>&
 }
 
 template <typename T>
-py::tuple bind_smc_step(InPlaceArray<T>& log_w, double threshold, int scheme, std::uint64_t key, bool survivors_stay) {
-    if (log_w.ndim() != 2) throw py::value_error("log_w: expected a 2-D array");
-    if (!log_w.writeable()) throw py::value_error("log_w: must be writeable (resampled rows are reset)");
-    require_aligned(log_w, "log_w");
-    if (scheme < 0 || scheme > 3) throw py::value_error("scheme: unknown scheme code");
+py::tuple smc_step_typed(py::array& log_w, double threshold, int scheme, std::uint64_t key, bool survivors_stay) {
     const std::int64_t rows = log_w.shape(0), n = log_w.shape(1);
     CArray<std::int64_t> ancestors({rows, n}), unique(rows);
     CArray<bool> resampled(rows);
     CArray<double> log_mean_w(rows), ess(rows);
     std::vector<std::uint8_t> flags(static_cast<std::size_t>(rows));
-    T* x = log_w.mutable_data();
+    T* x = static_cast<T*>(log_w.mutable_data());
     std::int64_t* a = ancestors.mutable_data();
     std::int64_t* u = unique.mutable_data();
     double* lm = log_mean_w.mutable_data();
@@ -189,6 +198,31 @@ py::tuple bind_smc_step(InPlaceArray<T>& log_w, double threshold, int scheme, st
     bool* r = resampled.mutable_data();
     for (std::int64_t k = 0; k < rows; ++k) r[k] = flags[static_cast<std::size_t>(k)] != 0;
     return py::make_tuple(ancestors, resampled, log_mean_w, ess, unique);
+}
+
+// log_w (B, N) float32 or float64 is reset in place where a row is resampled, so it is taken as it is, never
+// converted: a converted copy would be reset instead, and the caller's array left as it was.
+py::tuple bind_smc_step(const py::handle& log_w_object, double threshold, int scheme, std::uint64_t key,
+                        bool survivors_stay) {
+    if (!py::isinstance<py::array>(log_w_object)) throw py::type_error("log_w: expected a numpy array");
+    auto log_w = py::reinterpret_borrow<py::array>(log_w_object);
+    const bool is_double = has_dtype(log_w, py::dtype::of<double>());
+    if (!is_double && !has_dtype(log_w, py::dtype::of<float>())) {
+        const py::dtype dtype = log_w.dtype();
+        const bool swapped = !dtype.attr("isnative").cast<bool>();
+        throw py::type_error("log_w: expected float32 or float64 in the machine's byte order (it is reset in place, "
+                             "never converted), got " + std::string(py::str(dtype.attr("name"))) +
+                             (swapped ? " in the other byte order (" + std::string(py::str(dtype.attr("str"))) + ")" : ""));
+    }
+    if (log_w.ndim() != 2) throw py::value_error("log_w: expected a 2-D array");
+    if (!(log_w.flags() & py::array::c_style))
+        throw py::value_error("log_w: must be C-contiguous (it is reset in place, never copied)");
+    if (!log_w.writeable()) throw py::value_error("log_w: must be writeable (resampled rows are reset)");
+    require_aligned(log_w, "log_w");
+    require_columns(log_w, "log_w", "particle");
+    if (scheme < 0 || scheme > 3) throw py::value_error("scheme: unknown scheme code");
+    return is_double ? smc_step_typed<double>(log_w, threshold, scheme, key, survivors_stay)
+                     : smc_step_typed<float>(log_w, threshold, scheme, key, survivors_stay);
 }
 
 // An optional (B,) per-row setting of smc_reweight (None: absent), checked: its dtype, C order and size.
@@ -289,8 +323,6 @@ template <typename T>
 void register_dtype(py::module_& m) {
     m.def("log_normalize", &bind_log_normalize<T>, py::arg("logw"), py::arg("allow_zero_rows"));
     m.def("row_statistics", &bind_row_statistics<T>, py::arg("logw"));
-    m.def("smc_step", &bind_smc_step<T>, py::arg("log_w"), py::arg("threshold"), py::arg("scheme"), py::arg("key"),
-          py::arg("survivors_stay"));
     m.def("resample", &bind_resample<T>, py::arg("logw"), py::arg("scheme"), py::arg("num"), py::arg("key"));
     m.def("pool_select", &bind_pool_select<T>, py::arg("logw"), py::arg("key"), py::arg("keys") = py::none(),
           py::arg("counters") = py::none());
@@ -306,6 +338,8 @@ void register_weights(py::module_& m) {
           py::arg("threshold"), py::arg("scheme"), py::arg("key"), py::arg("increment_se") = py::none(),
           py::arg("keys") = py::none(), py::arg("counters") = py::none(), py::arg("thresholds") = py::none(),
           py::arg("schemes") = py::none());
+    m.def("smc_step", &bind_smc_step, py::arg("log_w"), py::arg("threshold"), py::arg("scheme"), py::arg("key"),
+          py::arg("survivors_stay"));
     register_dtype<double>(m);
     register_dtype<float>(m);
     m.def("mh_accept", &bind_mh_accept, py::arg("log_z_current"), py::arg("log_z_proposed"), py::arg("key"));

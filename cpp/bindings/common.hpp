@@ -76,7 +76,7 @@ inline void check(const Status& status, const char* name) {
 //    among its flags, which PyArray_FromAny honours by copying an unaligned array; an aligned one passes through
 //    on a flag test), checked<T>(object, name) and readable(array) for arrays taken untyped;
 //  - written (in place, or an output the caller gives): refused where it is not aligned, with a ValueError naming
-//    it (require_aligned, checked<T>(object, name, true), InPlaceArray<T>): a copy would lose the write;
+//    it (require_aligned, checked<T>(object, name, true)): a copy would lose the write;
 //  - copied as bytes (the data of gather, reorder_in_place and concatenate_padded, through memcpy): no alignment
 //    needed, taken as it is.
 // An empty array counts as aligned: no item of it is read or written.
@@ -89,10 +89,6 @@ inline bool is_aligned(const py::array& array) {
 // A typed input the kernel only reads, C-contiguous and aligned (an unaligned one arrives as an aligned copy).
 template <typename T>
 using CArray = py::array_t<T, py::array::c_style | kAlignedFlag>;
-
-// A typed array the kernel writes in place: the caster never copies it for alignment (call require_aligned).
-template <typename T>
-using InPlaceArray = py::array_t<T, py::array::c_style>;
 
 // Refuses (ValueError naming it) an array the kernel writes whose items are not aligned to their size.
 inline void require_aligned(const py::array& array, const std::string& name) {

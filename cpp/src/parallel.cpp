@@ -64,10 +64,10 @@ public:
                 workers_.back().detach();  // never joined: they wait for work until exit
             }
             part_ = &part;
-            parts_.store(parts, std::memory_order_relaxed);
+            parts_ = parts;
             errors_.assign(static_cast<std::size_t>(parts), nullptr);
             pending_.store(parts - 1, std::memory_order_relaxed);
-            generation_.fetch_add(1, std::memory_order_release);  // publishes the fields above
+            generation_.fetch_add(1, std::memory_order_release);
         }
         wake_.notify_all();
         try {
@@ -81,7 +81,8 @@ public:
             done_.wait(lock, finished);
         }
         std::unique_lock<std::mutex> lock(mutex_);
-        part_ = nullptr;
+        part_ = nullptr;  // no worker may start a part of this call any more
+        parts_ = 0;
         for (auto& error : errors_)
             if (error && !first_error) first_error = error;
         lock.unlock();
@@ -99,9 +100,18 @@ private:
                 std::unique_lock<std::mutex> lock(mutex_);
                 wake_.wait(lock, published);
             }
-            seen = generation_.load(std::memory_order_acquire);
-            if (index >= parts_.load(std::memory_order_relaxed)) continue;
-            const std::function<void(int)>* part = part_;
+            // The generation, its parts and its function, read together under the mutex (run publishes and
+            // retires them under it): read one by one, they could belong to two calls, and a worker run a
+            // part of the newer call twice (once as its own, once for the older generation), or call a
+            // retired function. The part is run once for the generation seen; a call that needs this worker
+            // cannot end, so cannot be replaced, before the worker has seen it.
+            const std::function<void(int)>* part = nullptr;
+            {
+                std::lock_guard<std::mutex> lock(mutex_);
+                seen = generation_.load(std::memory_order_relaxed);
+                if (index < parts_) part = part_;
+            }
+            if (part == nullptr) continue;
             std::exception_ptr error;
             try {
                 (*part)(index);
@@ -123,8 +133,10 @@ private:
     std::condition_variable wake_;
     std::condition_variable done_;
     std::vector<std::thread> workers_;
+    // The current call: its function and number of parts (nullptr and 0 between calls), and its generation,
+    // all written under mutex_; generation_ is also read without it, by workers spinning for a new call.
     const std::function<void(int)>* part_ = nullptr;
-    std::atomic<int> parts_{0};
+    int parts_ = 0;
     std::atomic<int> pending_{0};
     std::atomic<std::uint64_t> generation_{0};
     std::vector<std::exception_ptr> errors_;

@@ -1,6 +1,8 @@
 // Unit tests of the C++ core on its own (no Python), run under AddressSanitizer and
 // UndefinedBehaviorSanitizer in CI: every kernel on edge sizes, bad input, chunk boundaries, threads.
 #include <algorithm>
+#include <array>
+#include <functional>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -992,6 +994,40 @@ void test_indices_rewritten_during_calls() {
            }) > 0);
 }
 
+// Every part of a pool call runs exactly once, and before the call returns, whatever the part counts of
+// the calls before it. More workers than cores, so that workers are preempted between reading one call
+// and the next; calls alternate between part counts, so that a worker a call leaves out (index >= parts)
+// may be preempted there while the next call, which needs it, is published. The functions and counters
+// are kept for the whole test, so that a part run late or twice is counted rather than a crash.
+void test_pool_runs_each_part_once() {
+    constexpr int kCalls = 3000, kMaxParts = 8;
+    const int part_counts[] = {2, kMaxParts, 3, 6};
+    std::vector<std::array<std::atomic<int>, kMaxParts>> runs(kCalls);
+    std::vector<std::function<void(int)>> functions(kCalls);
+    std::vector<int> parts_of(kCalls, 0);
+    int early = 0;
+    for (int k = 0; k < kCalls; ++k) {
+        const int parts = part_counts[k % 4];
+        for (auto& count : runs[static_cast<std::size_t>(k)]) count.store(0);
+        functions[static_cast<std::size_t>(k)] = [&runs, k](int t) {
+            runs[static_cast<std::size_t>(k)][static_cast<std::size_t>(t)].fetch_add(1);
+        };
+        if (!run_on_pool(parts, functions[static_cast<std::size_t>(k)])) continue;
+        parts_of[static_cast<std::size_t>(k)] = parts;
+        for (int t = 0; t < parts; ++t)
+            early += runs[static_cast<std::size_t>(k)][static_cast<std::size_t>(t)].load() != 1;
+    }
+    EXPECT(early == 0);
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));  // time for any part run late
+    int wrong = 0;
+    for (int k = 0; k < kCalls; ++k)
+        for (int t = 0; t < kMaxParts; ++t)
+            wrong += runs[static_cast<std::size_t>(k)][static_cast<std::size_t>(t)].load() !=
+                     (t < parts_of[static_cast<std::size_t>(k)] ? 1 : 0);
+    EXPECT(wrong == 0);
+    if (early || wrong) std::fprintf(stderr, "pool: %d parts unfinished at return, %d run other than once\n", early, wrong);
+}
+
 int main() {
     test_philox_known_answer();
     test_exponentials_from_uniforms();
@@ -1015,6 +1051,7 @@ int main() {
         test_flags_of_any_byte_value();
     }
     test_indices_rewritten_during_calls();
+    test_pool_runs_each_part_once();
     g_avx512_override = -1;
     if (failures) {
         std::fprintf(stderr, "%d check(s) failed\n", failures);

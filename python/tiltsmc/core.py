@@ -682,6 +682,7 @@ def concatenate_padded(
             raise ValueError(f"used: expected shape ({rows},) (a count per row), got {counts.shape}")
         if counts.size and int(counts.min()) < 0:
             raise ValueError(f"used: expected counts >= 0, got {int(counts.min())}")
+        _check_int64_range(counts, "used")
         counts = np.array(counts, dtype=np.int64)  # a copy: never memory the call writes
     try:
         dtype = np.result_type(*arrays)
@@ -733,6 +734,13 @@ def concatenate_padded(
     skipped, right = [int(skip) for skip in skips], padding_side == "right"
     _core.concatenate_padded(sources, lengths, skipped, out, blocks, item_bytes, right, counts)
     return out
+
+
+def _check_int64_range(values: np.ndarray, name: str) -> None:
+    """Refuse integers the core's int64 cannot hold (uint64 values from 2**63), which a cast would wrap
+    around to negative ones."""
+    if values.dtype.kind == "u" and values.size and int(values.max()) > _INT64_MAX:
+        raise ValueError(f"{name}: expected values that fit in int64, got {int(values.max())}")
 
 
 def _as_ancestors(ancestors: npt.ArrayLike) -> npt.NDArray[np.int64]:
@@ -809,6 +817,7 @@ def reorder_in_place(
     lengths = np.asarray(used)
     if lengths.dtype.kind not in "iu":
         raise TypeError(f"used: expected integers, got {lengths.dtype}")
+    _check_int64_range(lengths, "used")
     lengths = np.array(lengths, dtype=np.int64, order="C")  # a copy: never memory the call writes
     axis_ints = [None if axis is None else int(axis) for axis in axis_list]
     return _core.reorder_in_place(arrays, index, bool(skip_unwritable), lengths, axis_ints)
