@@ -212,3 +212,47 @@ def test_special_tokens_map_json_is_read_and_wins(tmp_path: Path) -> None:
 def test_a_malformed_special_tokens_map_json_is_named(tmp_path: Path, text: str, problem: str) -> None:
     with pytest.raises(ValueError, match=rf"^special_tokens_map\.json: {problem}"):
         load_tokenizer(_folder(tmp_path, text), None)
+
+
+def test_text_parts_are_joined_into_the_content_the_template_is_given() -> None:
+    """OpenAI's list of text parts is one string for the template (as the server joined it): rendered,
+    the same text as the joined string's (it was the list's Python repr through the API and the CLI); a
+    None content (an assistant's tool call) stays None; the message's other fields are kept."""
+    parts = [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+            "name": "u",
+        },
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]},
+        {"role": "user", "content": []},
+    ]
+    assert chat.check_messages(parts) == [
+        {"role": "user", "content": "ab", "name": "u"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]},
+        {"role": "user", "content": ""},
+    ]
+    assert parts[0]["content"] == [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]  # a copy
+    template = "{% for m in messages %}[{{ m.content }}]{% endfor %}"
+    joined = chat.render_chat_template(template, parts[:1], {})
+    assert joined == chat.render_chat_template(template, [{"role": "user", "content": "ab"}], {}) == "[ab]"
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ([{"type": "image_url", "image_url": {"url": "x"}}], r"content part 0: expected a text part"),
+        ([{"type": "text", "text": "a"}, {"type": "text"}], r"content part 1: expected a text part"),
+        ([{"type": "text", "text": 5}], r"content part 0: expected a text part"),
+        ([{"type": "text", "text": "a", "extra": 1}], r"content part 0: expected a text part"),
+        (["a"], r"content part 0: expected a text part"),
+        (5, r"content: expected a string, a list of text parts .* or None \(an assistant's\), got int"),
+        ({"type": "text", "text": "a"}, r"content: expected a string, a list of text parts"),
+    ],
+)
+def test_content_other_than_text_is_refused_naming_the_message(content: Any, problem: str) -> None:
+    """Parts other than text (an image), and content of another type, are refused as the server refuses
+    them, naming the message and the part."""
+    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": content}]
+    with pytest.raises(ValueError, match=rf"^message 1: {problem}"):
+        chat.check_messages(messages)

@@ -174,7 +174,6 @@ def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
 def test_reward_class_head_options(tmp_path: Path, capfd) -> None:
     """--reward-label / --reward-classes / --reward-position / --reward-delimiters reach the reward model:
     the run equals the same SMC run through the Python API; bad options are refused with exit code 2."""
-    import numpy as np
     import tiltsmc
     from tiltsmc.models import OnnxCausalLM, OnnxRewardModel
 
@@ -189,8 +188,7 @@ def test_reward_class_head_options(tmp_path: Path, capfd) -> None:
         decoder, kind="logit", position="delimiter", delimiter_ids=[39], label=47, classes=[47, 46]
     )
     policy = OnnxCausalLM(POLICY, max_new_tokens=4)
-    seed = np.random.SeedSequence(2, spawn_key=(0,))  # prompt 0's stream of --seed 2
-    expected = tiltsmc.smc(policy, reward, ["ab"], rng=seed)  # smc's own defaults
+    expected = tiltsmc.smc(policy, reward, ["ab"], rng=2)  # smc's own defaults; prompt 0 of --seed 2: 2
     assert record["log_z"] == float(expected.log_z[0]) and record["texts"] == expected.texts[0]
     capfd.readouterr()
     assert main([*argv, "--reward-label", "47", "--reward-classes", "46,45", "--prompt", "ab"]) == 2
@@ -207,7 +205,6 @@ def test_reward_class_head_options(tmp_path: Path, capfd) -> None:
 def test_run_uses_the_samplers_own_defaults(tmp_path: Path, sampler: str, function: str, capfd) -> None:
     """Options left out are the sampler function's defaults (one set for the API, the CLI and the server);
     the summary gives the online reading of the reward model's Bellman error, and --eps warns past it."""
-    import numpy as np
     import tiltsmc
     from tiltsmc.models import OnnxCausalLM, OnnxRewardModel
 
@@ -217,8 +214,7 @@ def test_run_uses_the_samplers_own_defaults(tmp_path: Path, sampler: str, functi
     (record,) = [json.loads(line) for line in out.read_text().splitlines()]
     policy = OnnxCausalLM(POLICY, max_new_tokens=4)
     reward = OnnxRewardModel(REWARD, kind="logit")
-    seed = np.random.SeedSequence(3, spawn_key=(0,))  # prompt 0's stream of --seed 3
-    expected = getattr(tiltsmc, function)(policy, reward, ["ab"], rng=seed)
+    expected = getattr(tiltsmc, function)(policy, reward, ["ab"], rng=3)  # prompt 0 of --seed 3: 3
     assert record["texts"] == expected.texts[0] and record["log_z"] == float(expected.log_z[0])
     assert "log_z_increments" in record and "log_z_increment_se" in record
     err = capfd.readouterr().err
@@ -228,3 +224,56 @@ def test_run_uses_the_samplers_own_defaults(tmp_path: Path, sampler: str, functi
     assert "Bellman error along the sampled paths" in err and "warning" not in err
     assert main([*argv, "--prompt", "ab", "--seed", "3", "--reward-kind", "logit", "--eps", "1e-9"]) == 0
     assert "warning:" in capfd.readouterr().err
+
+
+def test_a_seed_is_the_apis_and_the_servers_prompt_i_drawing_from_seed_plus_i(tmp_path: Path) -> None:
+    """``--seed s``: prompt i draws from ``seed + i``, the server's rule for its choices
+    (``choice_seed``), so that one prompt seeded s is ``tiltsmc.smc(..., rng=s)`` and the server's answer
+    to ``seed: s``, as the README says (prompt i drew from ``SeedSequence(s, spawn_key=(i,))``, a result
+    neither gave)."""
+    import tiltsmc
+    from tiltsmc.models import OnnxCausalLM, OnnxRewardModel
+
+    code, records = run(tmp_path, "--prompt", "ab", "--prompt", "hi", "--particles", "4", "--seed", "5",
+                        "--batch-size", "1")  # fmt: skip
+    assert code == 0
+    policy, reward = OnnxCausalLM(POLICY, max_new_tokens=4), OnnxRewardModel(REWARD, kind="logit")
+    for i, (record, prompt) in enumerate(zip(records, ["ab", "hi"])):
+        expected = tiltsmc.smc(policy, reward, [prompt], num_particles=4, rng=5 + i)
+        assert record["log_z"] == float(expected.log_z[0]) and record["texts"] == expected.texts[0]
+        assert record["samples"] == [list(map(int, sample)) for sample in expected.samples[0]]
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+    from tiltsmc.serving.server import Settings
+
+    settings = Settings()
+    with TestClient(settings.app(settings.engine(policy, reward))) as client:
+        answer = client.post("/v1/completions", json={"prompt": ["ab", "hi"], "particles": 4, "seed": 5})
+    assert answer.status_code == 200, answer.text
+    assert [choice["log_z"] for choice in answer.json()["tiltsmc"]["choices"]] == [
+        r["log_z"] for r in records
+    ]
+
+
+def test_messages_of_text_parts_are_the_joined_prompt(tmp_path: Path) -> None:
+    """``--messages`` lines with OpenAI's text parts are the prompt of their joined text, as the server and
+    the API take them (the CLI rendered the list's Python repr: another prompt, another result)."""
+    pytest.importorskip("jinja2")
+    import tiltsmc
+    from tiltsmc.models import OnnxCausalLM, OnnxRewardModel
+
+    template = FIXTURES / "chat-tiny" / "chat_template.jinja"
+    parts = [{"role": "user", "content": [{"type": "text", "text": "he"}, {"type": "text", "text": "y"}]}]
+    results = []
+    for name, messages in (("parts", parts), ("plain", [{"role": "user", "content": "hey"}])):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(json.dumps(messages) + "\n")
+        code, records = run(tmp_path, "--messages", str(path), "--chat-template", str(template),
+                            "--particles", "4", "--seed", "2")  # fmt: skip
+        assert code == 0
+        results.append({key: records[0][key] for key in ("log_z", "texts", "samples")})
+    assert results[0] == results[1]
+    policy = OnnxCausalLM(POLICY, max_new_tokens=4, chat_template=template.read_text())
+    expected = tiltsmc.smc(policy, OnnxRewardModel(REWARD, kind="logit"), [parts], num_particles=4, rng=2)
+    assert results[0]["log_z"] == float(expected.log_z[0]) and results[0]["texts"] == expected.texts[0]

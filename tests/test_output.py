@@ -85,7 +85,8 @@ def test_rejection_with_no_acceptance_is_collapsed_with_a_finite_log_z(tmp_path:
     """The schema said collapsed meant every weight zero "(then log_z is null)"; rejection with no draw
     accepted is collapsed with its finite estimate: the description says so."""
     out = tmp_path / "out.jsonl"
-    argv = [*BASE, "--sampler", "rejection", "--max-tries", "1", "--particles", "1", "--seed", "0"]
+    # a seed whose one draw is rejected (prompt 0 of --seed 1 draws from rng=1)
+    argv = [*BASE, "--sampler", "rejection", "--max-tries", "1", "--particles", "1", "--seed", "1"]
     assert main([*argv, "--prompt", "hi", "-q", "--json", str(out)]) == 0
     (record,) = _lines(out)
     validator.validate(record)
@@ -113,7 +114,7 @@ def test_each_line_records_the_run_that_made_it(tmp_path: Path) -> None:
 
 
 def test_a_prompt_has_its_own_compute_and_result_whatever_the_batch(tmp_path: Path) -> None:
-    """Prompt i draws from SeedSequence(seed, spawn_key=(i,)): its result does not depend on --batch-size,
+    """Prompt i draws from seed + i: its result does not depend on --batch-size,
     and its compute is its own (the batch's was copied onto every line, so sums overcounted)."""
     prompts = ["--prompt", "hello", "--prompt", "ab", "--prompt", "abc"]
     runs = []
@@ -131,9 +132,7 @@ def test_a_prompt_has_its_own_compute_and_result_whatever_the_batch(tmp_path: Pa
         assert a["compute"]["reward_evaluations"] == t["compute"]["reward_evaluations"]
     # alone, a prompt's run is exactly the sampler function's with that prompt's stream
     policy, reward = OnnxCausalLM(POLICY, max_new_tokens=4), OnnxRewardModel(REWARD, kind="logit")
-    expected = tiltsmc.smc(
-        policy, reward, ["ab"], num_particles=4, rng=np.random.SeedSequence(2, spawn_key=(1,))
-    )
+    expected = tiltsmc.smc(policy, reward, ["ab"], num_particles=4, rng=2 + 1)
     assert alone[1]["texts"] == expected.texts[0] and alone[1]["log_z"] == float(expected.log_z[0])
     assert alone[1]["compute"]["policy_steps"] == expected.compute.policy_steps
 

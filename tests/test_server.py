@@ -1884,3 +1884,99 @@ def test_a_policy_that_cannot_decode_its_tokens_is_the_servers_failure(tmp_path:
         assert [(line["status"], line["outcome"]) for line in lines] == [(500, "failed"), (200, "failed")]
     finally:
         failing.stop()
+
+
+@contextlib.contextmanager
+def _in_process(
+    chat: bool = False, **settings: Any
+) -> Iterator[tuple[Any, OnnxCausalLM, OnnxRewardModel, Any]]:
+    """The app of ``Settings(**settings)`` in this process (FastAPI's ``TestClient``, its lifespan run: the
+    engine closed at the end), serving the fixture's models as ``server`` does (``chat``: with its chat
+    template); the client, the models and the engine."""
+    from fastapi.testclient import TestClient
+    from tiltsmc.serving.server import Settings
+
+    template = CHAT_TEMPLATE.read_text() if chat else None
+    policy = OnnxCausalLM(FIXTURES / "gpt2-tiny", max_new_tokens=6, chat_template=template)
+    reward = OnnxRewardModel(FIXTURES / "prm-tiny", kind="logit")
+    configured = Settings(**settings)
+    engine = configured.engine(policy, reward)
+    with TestClient(configured.app(engine)) as client:
+        yield client, policy, reward, engine
+
+
+def test_mh_with_several_particles_is_held_to_the_limit_on_the_rows_it_runs() -> None:
+    """``--max-request-particles 8``: a request is held to the limit on the option that sets the rows it
+    would run (the engine's ``_rows_option``): MH with particles >= 2 runs SMC proposals, whose pool is not
+    used, so its default pool of 16 is not counted (every PIMH request was refused, blaming a pool_size
+    the client could not even send); MH with one particle is held to its pool, the other samplers to
+    their own counts, sent or at their defaults."""
+    from tiltsmc.serving.server import Limits
+
+    with _in_process(limits=Limits(max_particles=8)) as (client, policy, reward, _):
+        pimh = {"prompt": "ab", "sampler": "mh", "particles": 2, "mh_steps": 1, "seed": 3}
+        answer = client.post("/v1/completions", json=pimh)
+        assert answer.status_code == 200, answer.text
+        offline = tiltsmc.mh(policy, reward, ["ab"], num_particles=2, steps=1, rng=3)
+        assert answer.json()["tiltsmc"]["choices"][0]["log_z"] == offline.to_dict()["log_z"][0]
+        assert client.post("/v1/completions", json={**pimh, "particles": 8}).status_code == 200
+        refused = [
+            ({**pimh, "particles": 9}, "particles", 9),
+            ({"prompt": "ab", "sampler": "mh", "mh_steps": 1}, "pool_size", 16),  # one particle: its pool
+            ({"prompt": "ab", "sampler": "sp_gsmc"}, "pool_size", 16),
+            ({"prompt": "ab"}, "particles", 64),
+            ({"prompt": "ab", "sampler": "best_of_n"}, "particles", 16),
+            ({"prompt": "ab", "sampler": "rejection"}, "particles", 256),
+        ]
+        for body, param, count in refused:
+            response = client.post("/v1/completions", json=body)
+            error = response.json()["error"]
+            assert response.status_code == 400, response.text
+            assert (error["param"], error["message"]) == (
+                param,
+                f"{param}: {count} particles, more than this server's 8",
+            )
+        one = {"prompt": "ab", "sampler": "mh", "mh_steps": 1, "pool_size": 8, "seed": 0}
+        assert client.post("/v1/completions", json=one).status_code == 200
+
+
+def test_nan_and_infinity_are_refused_as_not_numbers_of_the_fields_range() -> None:
+    """A NaN ``ess_threshold`` was refused as "Input should be less than or equal to 1"; NaN and infinity
+    are named as such, with the range the field takes."""
+    with _in_process() as (client, *_):
+        cases = [
+            ({"ess_threshold": float("nan")}, "ess_threshold: expected a number in [0, 1], got NaN"),
+            ({"ess_threshold": float("inf")}, "ess_threshold: expected a number in [0, 1], got Infinity"),
+            (
+                {"sampler": "rejection", "bound": float("nan")},
+                "bound: expected a finite number > 0 (a bound C >= sup r on the reward), got NaN",
+            ),
+        ]
+        for fields, message in cases:
+            body = json.dumps({"prompt": "ab", "particles": 2, **fields})  # NaN as Python's JSON writes it
+            response = client.post(
+                "/v1/completions", content=body, headers={"Content-Type": "application/json"}
+            )
+            assert response.status_code == 400, response.text
+            assert response.json()["error"]["message"] == message
+            assert response.json()["error"]["param"] == message.partition(":")[0]
+
+
+def test_chat_text_parts_are_the_same_prompt_through_the_api_and_the_server() -> None:
+    """OpenAI's text parts (``[{"type": "text", "text": ...}]``) are one prompt whichever front end takes
+    them: the server joined them, the API (``Engine.submit``, ``tiltsmc.smc``) rendered the list's Python
+    repr, a different prompt. Now one check joins them for all (``models.chat.check_messages``): the same
+    tokens, and with the same seed the same run."""
+    pytest.importorskip("jinja2")
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hel"}, {"type": "text", "text": "lo"}]}]
+    plain = [{"role": "user", "content": "hello"}]
+    with _in_process(chat=True) as (client, policy, reward, engine):
+        assert list(policy.encode_prompt(parts)) == list(policy.encode_prompt(plain))
+        request = {"messages": parts, "particles": 4, "seed": 5}
+        answer = client.post("/v1/chat/completions", json=request)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["usage"]["prompt_tokens"] == len(policy.encode_prompt(parts))
+        offline = tiltsmc.smc(policy, reward, [parts], num_particles=4, rng=5)
+        assert answer.json()["tiltsmc"]["choices"][0]["log_z"] == offline.to_dict()["log_z"][0]
+        submitted = engine.submit(parts, num_particles=4, rng=5).result(60)
+        assert submitted.to_dict()["log_z"] == offline.to_dict()["log_z"]

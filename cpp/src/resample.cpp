@@ -32,11 +32,11 @@ void walk_points(const double* w, std::int64_t last_positive, std::int64_t count
 // Lane k gets the maximum of lanes 0..k of v (an in-register scan; `fill` is shifted in, e.g. -inf or 0).
 template <typename V>
 __attribute__((always_inline)) inline V lanes_running_max(V v, V fill) {
-    V earlier = __builtin_shufflevector(v, fill, 8, 0, 1, 2, 3, 4, 5, 6);
+    V earlier = TILTSMC_SHUFFLE8(v, fill, 8, 0, 1, 2, 3, 4, 5, 6);
     v = v > earlier ? v : earlier;
-    earlier = __builtin_shufflevector(v, fill, 8, 8, 0, 1, 2, 3, 4, 5);
+    earlier = TILTSMC_SHUFFLE8(v, fill, 8, 8, 0, 1, 2, 3, 4, 5);
     v = v > earlier ? v : earlier;
-    earlier = __builtin_shufflevector(v, fill, 8, 8, 8, 8, 0, 1, 2, 3);
+    earlier = TILTSMC_SHUFFLE8(v, fill, 8, 8, 8, 8, 0, 1, 2, 3);
     return v > earlier ? v : earlier;
 }
 
@@ -63,9 +63,9 @@ TILTSMC_SIMD_CLONES void points_below_block(double* w, std::int64_t count, doubl
     for (; i + kLanes <= count; i += kLanes) {
         const Vec8 weights = load8(w + i);
         Vec8 s = weights;
-        s += __builtin_shufflevector(s, zero, 8, 0, 1, 2, 3, 4, 5, 6);
-        s += __builtin_shufflevector(s, zero, 8, 8, 0, 1, 2, 3, 4, 5);
-        s += __builtin_shufflevector(s, zero, 8, 8, 8, 8, 0, 1, 2, 3);
+        s += TILTSMC_SHUFFLE8(s, zero, 8, 0, 1, 2, 3, 4, 5, 6);
+        s += TILTSMC_SHUFFLE8(s, zero, 8, 8, 0, 1, 2, 3, 4, 5);
+        s += TILTSMC_SHUFFLE8(s, zero, 8, 8, 8, 8, 0, 1, 2, 3);
         // The running total is the only dependency between iterations: keep it a scalar add (its
         // broadcast and the clamp to chunk_end are off that chain; clamping later changes nothing, as
         // the totals only grow).
@@ -123,7 +123,7 @@ TILTSMC_SIMD_CLONES void write_children(const double* __restrict w, std::int64_t
         std::memcpy(&v, out + j, sizeof v);
         v = lanes_running_max(v, none);
         // Only the maximum is carried from one block to the next (its broadcast is off that chain).
-        const Mask8 top = __builtin_shufflevector(v, v, 7, 7, 7, 7, 7, 7, 7, 7);
+        const Mask8 top = TILTSMC_SHUFFLE8(v, v, 7, 7, 7, 7, 7, 7, 7, 7);
         v = v > running ? v : running;
         running = top > running ? top : running;
         std::memcpy(out + j, &v, sizeof v);

@@ -81,8 +81,10 @@ from .samplers.runs import Run
 from .samplers.sequential import EXACT_FORM, OPTIMAL_FORM_NEEDS, PROPOSALS, optimal_form_option
 from .serving.engine import SAMPLERS as SAMPLER_FUNCTIONS
 from .serving.engine import sampler_defaults
+from .serving.server import DEFAULT_SAMPLER, choice_seed
 
-SAMPLERS = ("smc", "sp-gsmc", "mh", "best-of-n", "rejection")
+# the engine's samplers (SAMPLER_FUNCTIONS: the server's names), as the command line writes them
+SAMPLERS = tuple(name.replace("_", "-") for name in SAMPLER_FUNCTIONS)
 
 
 logger = logging.getLogger("tiltsmc.cli")
@@ -863,9 +865,16 @@ def _add_model_arguments(parser: argparse.ArgumentParser, demo_models: bool = Fa
         default=_model_default("reward_classes"),
         help="comma-separated classes the label's probability is normalised over (default: all)",
     )
+    # None: each its own default, stated (the help shows no default for None)
+    several = (
+        "; with several --workers, the cores shared out between them; on Ray, a replica's CPUs so shared"
+        if demo_models
+        else ""
+    )
     parser.add_argument(
         "--threads", type=_thread_count, default=_model_default("threads"),
-        help="threads for ONNX Runtime and the core",
+        help="threads for ONNX Runtime and the core (default: ONNX Runtime's choice, one a core, and the "
+        f"core's, the machine's hardware threads{several})",
     )  # fmt: skip
     parser.add_argument("--cpu", action="store_true", help="use the CPU even where a GPU is usable")
     parser.add_argument(
@@ -1475,7 +1484,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # Sampler options left out take the sampler's own defaults (those of tiltsmc.smc and the others, which
     # the engine and the server use too): one set of defaults.
-    run.add_argument("--sampler", choices=SAMPLERS, default="smc", help="the sampler")
+    run.add_argument(
+        "--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER.replace("_", "-"), help="the sampler"
+    )
     # Each sampler takes the options of _RUN_OPTIONS (those the server takes, SAMPLER_FIELDS); another one
     # given is refused.
     run.add_argument(
@@ -1563,7 +1574,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed",
         type=_count,
         default=0,
-        help="seed of the run: prompt i draws from numpy's SeedSequence(seed, spawn_key=(i,))",
+        help="seed of the run: prompt i (from 0) draws from seed + i, as the server's choice i does (one "
+        "prompt with --seed s is the sampler function's run with rng=s)",
     )
     run.add_argument(
         "--json",
@@ -1589,7 +1601,7 @@ def build_parser() -> argparse.ArgumentParser:
     serving_server.add_arguments(serve)
     serving_ray.add_arguments(serve)
 
-    from .demo import MAX_NOISE
+    from .demo import DEFAULT_THREADS, MAX_NOISE, DemoConfig
 
     demo = commands.add_parser(
         "demo",
@@ -1599,11 +1611,12 @@ def build_parser() -> argparse.ArgumentParser:
         "bundled arithmetic-chain task, guided by its learned process reward model and by a degraded one, "
         "and the reward models' Bellman error. Writes demo.txt, demo.json and demo.png to --out.",
     )
+    defaults = DemoConfig()  # the demo's defaults: one set, the Python API's
     demo.add_argument(
         "--levels",
         type=positive_int_option,
         nargs="+",
-        default=[4, 8, 12, 16],
+        default=list(defaults.levels),
         metavar="T",
         help="numbers of reasoning steps (1..16, each once)",
     )
@@ -1611,20 +1624,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--budgets",
         type=positive_int_option,
         nargs="+",
-        default=[2, 4, 8],
+        default=list(defaults.budgets),
         metavar="C",
         help="policy steps per reasoning step: best-of-N's N, SMC's particles, the pool size (each once)",
     )
-    demo.add_argument("--problems", type=positive_int_option, default=24, help="problems per level")
+    demo.add_argument(
+        "--problems", type=positive_int_option, default=defaults.problems, help="problems per level"
+    )
     demo.add_argument(
         "--noise",
         type=_non_negative_real,
-        default=2.0,
+        default=defaults.noise,
         help=f"sd of the degraded reward model's log-value noise, at most {MAX_NOISE:g} (its values' ratios "
         "stay within double precision)",
     )
-    demo.add_argument("--seed", type=_count, default=0, help="seed of the problems and the samplers")
-    demo.add_argument("--threads", type=_thread_count, default=None, help="ONNX Runtime threads (default: 1)")
+    demo.add_argument(
+        "--seed", type=_count, default=defaults.seed, help="seed of the problems and the samplers"
+    )
+    demo.add_argument(
+        "--threads",
+        type=_thread_count,
+        default=defaults.threads,
+        help=f"ONNX Runtime threads (default: {DEFAULT_THREADS})",
+    )
     demo.add_argument("--out", default="tiltsmc-demo", help="output folder (created if needed)")
     _add_output_options(demo)
     return parser
@@ -1694,10 +1716,11 @@ def _default(sampler: str, option: str) -> Any:
 
 def _prompt_rng(seed: int, index: int) -> np.random.Generator:
     """Prompt ``index``'s generator (``index`` counts from 0 across the whole input):
-    ``default_rng(SeedSequence(seed, spawn_key=(index,)))``, numpy's independent child streams, so that a
-    prompt's result depends on the seed and its place only, not on ``--batch-size`` or the other prompts
-    (the models' arithmetic aside: a batched session call may round differently)."""
-    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index,)))
+    ``default_rng(seed + index)``, the server's rule for its choices (``choice_seed``), so that one prompt
+    seeded ``s`` is the sampler function's run with ``rng=s``, and a prompt's result depends on the seed and
+    its place only, not on ``--batch-size`` or the other prompts (the models' arithmetic aside: a batched
+    session call may round differently)."""
+    return np.random.default_rng(choice_seed(seed, index))
 
 
 def _sampler_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -2075,11 +2098,18 @@ def serve_threads(threads: Optional[int], workers: int, cores: Optional[int] = N
     return max(1, (usable_cores() if cores is None else cores) // workers)
 
 
-def _model_option_names() -> list[str]:
-    """The destinations of ``tiltsmc serve``'s model options (what a replica needs to load the models)."""
+def serve_model_defaults() -> dict[str, Any]:
+    """``tiltsmc serve``'s model options by destination (what a replica needs to load the models), each at
+    its default as the command line has it (the model classes' own, ``MODEL_OPTIONS``): what a Ray
+    replica's ``ReplicaOptions`` takes for the options it is not given."""
     parser = argparse.ArgumentParser(add_help=False)
     _add_model_arguments(parser, demo_models=True)
-    return [action.dest for action in parser._actions]
+    return {action.dest: action.default for action in parser._actions}
+
+
+def _model_option_names() -> list[str]:
+    """The destinations of ``tiltsmc serve``'s model options (what a replica needs to load the models)."""
+    return list(serve_model_defaults())
 
 
 def demo(args: argparse.Namespace) -> int:

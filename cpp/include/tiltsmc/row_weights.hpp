@@ -27,6 +27,14 @@ typedef double Vec8 __attribute__((vector_size(64)));
 typedef std::int64_t Mask8 __attribute__((vector_size(64)));
 constexpr int kLanes = 8;
 
+// The lanes of two 8-lane vectors a, b picked by index (0-7: a's, 8-15: b's). GCC before 12 has no
+// __builtin_shufflevector; its __builtin_shuffle takes the indices as a vector.
+#if defined(__clang__) || __GNUC__ >= 12
+#define TILTSMC_SHUFFLE8(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define TILTSMC_SHUFFLE8(a, b, ...) __builtin_shuffle(a, b, Mask8{__VA_ARGS__})
+#endif
+
 // The bits of `from` read as a `To` of the same size. A memcpy, not a reinterpret_cast: reading a Vec8
 // through a Mask8 reference breaks the aliasing rules; compilers turn this into a register move.
 template <typename To, typename From>

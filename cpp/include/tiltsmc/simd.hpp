@@ -7,9 +7,10 @@
 #include <atomic>
 #include <cstdlib>
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64)) && !defined(__clang__) && \
+#if defined(__GNUC__) && __GNUC__ >= 12 && (defined(__x86_64__) || defined(_M_X64)) && !defined(__clang__) && \
     !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__) && !defined(TILTSMC_NO_MULTIVERSION)
-// (Not under ThreadSanitizer either: the loader runs the clones' resolvers before its runtime starts.)
+// (Not under ThreadSanitizer either: the loader runs the clones' resolvers before its runtime starts; nor
+// with GCC before 12, which has no dispatcher for the x86-64-v3/v4 clones: baseline code there.)
 // Compiled for AVX-512, AVX2+FMA and baseline x86-64; the loader picks the best the CPU supports.
 #define TILTSMC_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else

@@ -586,8 +586,16 @@ def check_chat_template(template: Any) -> None:
         raise ValueError(problem)
 
 
+# A message's content as a refusal describes what it takes (the server's request model takes the same)
+_CONTENT = "a string, a list of text parts [{'type': 'text', 'text': ...}] or None (an assistant's)"
+
+
 def check_messages(messages: Any) -> list[dict[str, Any]]:
-    """``messages`` as a list of dicts, each with a string ``role`` (ValueError naming the message)."""
+    """``messages`` as a list of dicts, each with a string ``role`` and a ``content`` as the chat template
+    takes it (ValueError naming the message): a string, None (an assistant's tool call), or OpenAI's list
+    of text parts (``[{"type": "text", "text": ...}]``, each part exactly those two keys), joined into one
+    string. The one check of every chat prompt (the API's, ``tiltsmc run --messages``', the server's): the
+    same messages are the same prompt through each; any other part (an image) or content is refused."""
     if not is_chat(messages):
         raise ValueError(
             "a chat prompt is a non-empty list of messages {'role': ..., 'content': ...}, got "
@@ -600,8 +608,30 @@ def check_messages(messages: Any) -> list[dict[str, Any]]:
             raise ValueError(f"message {k}: expected a 'role' string, got {role!r}")
         if "content" not in message:
             raise ValueError(f"message {k}: no 'content'")
-        checked.append(dict(message))
+        checked.append({**message, "content": _content(message["content"], k)})
     return checked
+
+
+def _content(content: Any, k: int) -> Optional[str]:
+    """Message ``k``'s content as a string (its text parts joined) or None; ValueError naming it."""
+    if content is None or isinstance(content, str):
+        return content
+    if not isinstance(content, (list, tuple)):
+        raise ValueError(f"message {k}: content: expected {_CONTENT}, got {type(content).__name__}")
+    texts = []
+    for j, part in enumerate(content):
+        if (
+            not isinstance(part, Mapping)
+            or set(part) != {"type", "text"}
+            or part["type"] != "text"
+            or not isinstance(part["text"], str)
+        ):
+            raise ValueError(
+                f"message {k}: content part {j}: expected a text part {{'type': 'text', 'text': ...}} "
+                f"(only text is taken), got {part!r:.80}"
+            )
+        texts.append(part["text"])
+    return "".join(texts)
 
 
 def template_problem(template: str) -> Optional[str]:

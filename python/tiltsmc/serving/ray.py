@@ -112,25 +112,44 @@ _ANSI_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
 
 @dataclass(frozen=True)
 class ReplicaOptions:
-    """What a replica needs: the model options of the command line (``tiltsmc serve``'s, as a dict) and
-    the server's settings."""
+    """What a replica needs: the model options of the command line (``tiltsmc serve``'s, as a dict by
+    destination: ``{"policy": ..., "reward": ...}``; those left out the replica takes at the command
+    line's defaults, ``cli.serve_model_defaults``) and the server's settings."""
 
     model_args: dict[str, Any]
     settings: Settings
 
     def __post_init__(self) -> None:
-        """Checked as it is made, not in a replica once Ray has started: ``model_args`` a dict of option
-        names (the command line's destinations), ``settings`` a ``Settings``; TypeError naming the field."""
+        """Checked as it is made, not in a replica once Ray has started: ``model_args`` a dict of
+        ``tiltsmc serve``'s model options by name (the command line's destinations, those of
+        ``cli.serve_model_defaults``: another is refused, never dropped), ``settings`` a ``Settings``;
+        TypeError naming the field (and the unknown options)."""
+        from ..cli import serve_model_defaults  # here: the CLI imports this module
+
         args = self.model_args
         if not isinstance(args, Mapping) or not all(isinstance(name, str) for name in args):
             raise TypeError(
                 "model_args: expected a dict of tiltsmc serve's model options by name, got "
                 f"{type(args).__name__} {args!r:.60}"
             )
+        defaults = serve_model_defaults()
+        unknown = [name for name in args if name not in defaults]
+        if unknown:
+            raise TypeError(
+                f"model_args: {', '.join(map(repr, unknown))}: not a model option of tiltsmc serve (its "
+                f"options by destination: {', '.join(defaults)})"
+            )
         if not isinstance(self.settings, Settings):
             raise TypeError(
                 f"settings: expected a tiltsmc.serving.server.Settings, got {type(self.settings).__name__}"
             )
+
+    def namespace(self) -> argparse.Namespace:
+        """The model options as ``tiltsmc serve``'s parsed command line: ``model_args``, the options left
+        out at the command line's defaults (``cli.serve_model_defaults``)."""
+        from ..cli import serve_model_defaults  # here: the CLI imports this module
+
+        return argparse.Namespace(**{**serve_model_defaults(), **self.model_args})
 
 
 class TiltsmcReplica:
@@ -146,7 +165,7 @@ class TiltsmcReplica:
         from ..cli import CliError, _load_models_or_fail
 
         log_to_stderr()  # one JSON line per request, as tiltsmc serve logs them: the replica's stderr
-        args = argparse.Namespace(**options.model_args)
+        args = options.namespace()  # the options left out at their defaults
         # refused as tiltsmc serve refuses them (its status 2): a ValueError, the CLI's message its last line
         try:
             if getattr(args, "threads", None) is not None:

@@ -58,6 +58,7 @@ import dataclasses
 import functools
 import hashlib
 import hmac
+import inspect
 import json
 import logging
 import math
@@ -80,7 +81,7 @@ from ..models._config import real_number
 from ..samplers._engine import Models
 from ..samplers.correction import options_not_read
 from ..samplers.result import Compute, SamplerResult, plain, prompt_error_parts
-from ..samplers.sequential import EXACT_FORM, OPTIMAL_FORM_NEEDS, optimal_form_option
+from ..samplers.sequential import EXACT_FORM, OPTIMAL_FORM_NEEDS, PROPOSALS, optimal_form_option
 from .engine import (
     ADAPTIVE_ROWS,
     MAX_BATCH_ROWS,
@@ -88,10 +89,12 @@ from .engine import (
     MAX_QUEUE,
     MAX_WORKERS,
     RELEASE_MEMORY_AFTER,
+    SAMPLERS,
     WORKERS,
     Engine,
     EngineClosed,
     Overloaded,
+    _rows_option,
     sampler_defaults,
 )
 
@@ -101,6 +104,15 @@ if TYPE_CHECKING:
 __all__ = ["ApiKeyDigest", "Limits", "Settings", "add_arguments", "create_app", "serve"]
 
 logger = logging.getLogger("tiltsmc.server")
+
+# The settings' defaults, for ``create_app``, ``Settings`` and ``tiltsmc serve`` alike (one set): the model
+# name clients send, the seconds a request may take, and the seconds a closing server lets the requests in
+# flight finish, which are the engine's own for ``Engine.close`` (read from its signature).
+MODEL_NAME = "tiltsmc"
+TIMEOUT = 60.0
+GRACE: float = inspect.signature(Engine.close).parameters["timeout"].default
+# The sampler a request that names none runs: the engine's (``Engine.submit``), the CLI's too.
+DEFAULT_SAMPLER: str = inspect.signature(Engine.submit).parameters["sampler"].default
 
 # tiltsmc's request fields, as the options of each sampler they set
 SAMPLER_FIELDS: dict[str, dict[str, str]] = {
@@ -121,12 +133,30 @@ SAMPLER_FIELDS: dict[str, dict[str, str]] = {
     "best_of_n": {"particles": "n"},
     "rejection": {"bound": "bound", "particles": "batch_size"},
 }
+# The choices of the request's fields, as the tuples the samplers check against (one list each); pydantic
+# reads the Literal types at run time, mypy the strings they are.
+if TYPE_CHECKING:
+    SamplerName = str
+    ResampleScheme = str
+    ProposalName = str
+    ExactForm = str
+else:
+    SamplerName = Literal[tuple(SAMPLERS)]
+    ResampleScheme = Literal[core.SCHEMES]
+    ProposalName = Literal[PROPOSALS]
+    ExactForm = Literal[EXACT_FORM]
 # The request fields of several types, as a refusal describes them
 UNION_FIELDS = {
     "prompt": "a string or a non-empty list of strings (token ids are not taken: send text)",
     "stop": "a string or a list of strings",
     "content": 'a string, a list of text parts ({"type": "text", "text": ...}) or null (an assistant\'s)',
-    "pool_size": 'an integer >= 1 or "exact" (each token drawn from the optimal proposal, with no pool)',
+    "pool_size": f'an integer >= 1 or "{EXACT_FORM}" (each token drawn from the optimal proposal, '
+    "with no pool)",
+}
+# The request's number fields, as a refusal of NaN or infinity describes them
+NUMBER_FIELDS = {
+    "ess_threshold": "a number in [0, 1]",
+    "bound": "a finite number > 0 (a bound C >= sup r on the reward)",
 }
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -331,11 +361,11 @@ def _check_api_key(key: str, name: str) -> None:
 def create_app(
     engine: Engine,
     *,
-    model_name: str = "tiltsmc",
+    model_name: str = MODEL_NAME,
     api_key: Union[str, ApiKeyDigest, None] = None,
     limits: Limits = Limits(),
-    timeout: Optional[float] = 60.0,
-    close_timeout: float = 30.0,
+    timeout: Optional[float] = TIMEOUT,
+    close_timeout: float = GRACE,
     instance: Optional[str] = None,
     stream_keepalive: float = STREAM_KEEPALIVE,
 ) -> Any:
@@ -395,14 +425,15 @@ def create_app(
         frequency_penalty: Optional[float] = None
         presence_penalty: Optional[float] = None
         logit_bias: Optional[dict[str, float]] = None
-        sampler: Literal["smc", "sp_gsmc", "mh", "best_of_n", "rejection"] = "smc"
+        sampler: SamplerName = DEFAULT_SAMPLER
         particles: Optional[int] = Field(default=None, ge=1)
-        ess_threshold: Optional[float] = Field(default=None, ge=0.0, le=1.0)
-        resample: Optional[Literal["multinomial", "stratified", "systematic", "residual"]] = None
-        pool_size: Optional[Union[Annotated[int, Field(ge=1)], Literal["exact"]]] = None
-        proposal: Optional[Literal["naive", "optimal"]] = None
+        # NaN and infinity refused as such (NUMBER_FIELDS), not as out of the range
+        ess_threshold: Optional[float] = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)
+        resample: Optional[ResampleScheme] = None
+        pool_size: Optional[Union[Annotated[int, Field(ge=1)], ExactForm]] = None
+        proposal: Optional[ProposalName] = None
         mh_steps: Optional[int] = Field(default=None, ge=0)
-        bound: Optional[float] = Field(default=None, gt=0.0)
+        bound: Optional[float] = Field(default=None, gt=0.0, allow_inf_nan=False)
 
     class CompletionRequest(SamplingFields):
         prompt: Union[str, list[str]]
@@ -504,6 +535,8 @@ def create_app(
         problem = first.get("msg", "invalid")
         if first.get("type") == "extra_forbidden":
             problem = "not a field of this API"
+        if first.get("type") == "finite_number" and location == [param] and param in NUMBER_FIELDS:
+            problem = f"expected {NUMBER_FIELDS[param]}, got {json.dumps(first.get('input'))}"  # NaN
         for k, part in enumerate(location[:-1]):
             # a field of several types that none took: pydantic names the first type tried after it
             # ("prompt.str"), which misleads; the field and the types it takes instead
@@ -727,16 +760,16 @@ def _check_content_type(value: Optional[str], encoding: Optional[str] = None) ->
 
 
 def _chat_messages(messages: Iterable[Any]) -> list[dict[str, Any]]:
-    """A chat request's messages as the chat template takes them: dicts, text parts joined into one
-    ``content`` string (a ``None`` content, as an assistant's tool call has, stays None)."""
-    rendered = []
-    for message in messages:
-        fields = message.model_dump(exclude_none=False)
-        content = message.content
-        if isinstance(content, list):
-            fields["content"] = "".join(part.text for part in content)
-        rendered.append(fields)
-    return rendered
+    """A chat request's messages as the chat template takes them: dicts, checked and normalised as every
+    chat prompt is, through the API and the CLI too (``models.chat.check_messages``: text parts joined
+    into one ``content`` string; a ``None`` content, as an assistant's tool call has, stays None); a
+    refusal is a 400 naming ``messages``."""
+    from ..models.chat import check_messages
+
+    try:
+        return check_messages([message.model_dump(exclude_none=False) for message in messages])
+    except ValueError as error:
+        raise RequestError("messages", f"messages: {error}") from None
 
 
 def _options(
@@ -827,13 +860,14 @@ def _options(
         raise RequestError(
             asked, f"{asked}: {value!r} needs {OPTIMAL_FORM_NEEDS}; this server's models have no twist head"
         )
-    for option in ("num_particles", "pool_size", "n", "batch_size"):
-        count = options.get(option, defaults.get(option) if option in fields.values() else None)
-        if isinstance(count, int) and count > limits.max_particles:
-            field = next(name for name, target in fields.items() if target == option)
-            raise RequestError(
-                field, f"{field}: {count} particles, more than this server's {limits.max_particles}"
-            )
+    # the rows that would run, as the engine counts them (MH's pool only where it runs: one particle)
+    rows = _rows_option(body.sampler, {**defaults, **options})
+    count = options.get(rows, defaults.get(rows))
+    if isinstance(count, int) and count > limits.max_particles:
+        field = next((name for name, target in fields.items() if target == rows), rows)
+        raise RequestError(
+            field, f"{field}: {count} particles, more than this server's {limits.max_particles}"
+        )
     if body.sampler == "rejection":  # one sample per choice, from at most 16 rounds of draws
         options.setdefault("batch_size", defaults["batch_size"])  # within the limit: checked above
         options.update(num_samples=1, max_tries=16 * options["batch_size"])
@@ -961,14 +995,14 @@ def _submit(
     timeout: Optional[float],
     chat: bool = False,
 ) -> list[Any]:
-    """Every choice of every prompt as one engine request (``seed + i`` for the ``i``-th, prompt-major);
-    where one is refused (``Overloaded``; its options, as a 400 naming the request's field), those
-    already submitted are cancelled."""
+    """Every choice of every prompt as one engine request (``choice_seed``: ``seed + i`` for the ``i``-th,
+    prompt-major); where one is refused (``Overloaded``; its options, as a 400 naming the request's field),
+    those already submitted are cancelled."""
     futures: list[Any] = []
     try:
         for j, prompt in enumerate(prompts):
             for k in range(body.n):
-                seed = None if body.seed is None else body.seed + j * body.n + k
+                seed = None if body.seed is None else choice_seed(body.seed, j * body.n + k)
                 futures.append(engine.submit(prompt, body.sampler, rng=seed, timeout=timeout, **options))
     except BaseException as error:
         for future in futures:
@@ -978,6 +1012,13 @@ def _submit(
             raise RequestError(param, message) from error
         raise
     return futures
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """The seed of the ``index``-th run (counted from 0) of a request or command seeded ``seed``: ``seed +
+    index``, the server's for its choices (prompt-major) and ``tiltsmc run``'s for its prompts, so that one
+    run seeded ``s`` is the sampler function's with ``rng=s`` whichever front end runs it."""
+    return seed + index
 
 
 def _tokens_field(body: Any, chat: bool) -> str:
@@ -1503,7 +1544,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     parser.add_argument(
-        "--model-name", type=_utf8_text, default="tiltsmc", help="the model name clients send"
+        "--model-name", type=_utf8_text, default=MODEL_NAME, help="the model name clients send"
     )
     parser.add_argument(
         "--api-key-env", default=None, metavar="VAR", help="require Bearer $VAR on /v1 and /metrics"
@@ -1538,8 +1579,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(the default): a quarter of the memory available once the models are loaded; 'none': no bound, "
         "particle rows only",
     )
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds a request may take (then 504)")
-    parser.add_argument("--grace", type=float, default=30.0, help="seconds to finish requests on SIGTERM")
+    parser.add_argument(
+        "--timeout", type=float, default=TIMEOUT, help="seconds a request may take (then 504; inf: no limit)"
+    )
+    parser.add_argument("--grace", type=float, default=GRACE, help="seconds to finish requests on SIGTERM")
     parser.add_argument(
         "--stream-keepalive",
         type=float,
@@ -1661,11 +1704,11 @@ class Settings:
     ValueError naming the field); ``grace`` when the app is made (``app``), or by Ray's
     ``deployment_options`` before Ray starts; the engine's when the engine is made (``engine``)."""
 
-    model_name: str = "tiltsmc"
+    model_name: str = MODEL_NAME
     api_key: Union[str, ApiKeyDigest, None] = dataclasses.field(default=None, repr=False)
     limits: Limits = Limits()
-    timeout: Optional[float] = 60.0
-    grace: float = 30.0
+    timeout: Optional[float] = TIMEOUT
+    grace: float = GRACE
     max_batch_rows: int = MAX_BATCH_ROWS
     max_queue: int = MAX_QUEUE
     release_memory_after: Optional[float] = RELEASE_MEMORY_AFTER
