@@ -165,6 +165,20 @@ def test_readme_images_work_on_the_package_index() -> None:
         assert (ROOT / link[len(prefix) :]).is_file(), link
 
 
+def test_readme_links_work_on_the_package_index() -> None:
+    """Links to the repository's files are absolute too (a relative one is broken on PyPI), to files that
+    exist; links within the page (``#...``) stay."""
+    text = README.read_text(encoding="utf-8")
+    links = re.findall(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)", text)
+    assert links
+    prefix = "https://github.com/tiltsmc/tiltsmc/blob/main/"
+    for link in links:
+        if link.startswith("#") or (link.startswith("https://") and not link.startswith(prefix)):
+            continue
+        assert link.startswith(prefix), link
+        assert (ROOT / link[len(prefix) :].split("#")[0]).exists(), link
+
+
 def test_readme_extras_exist_and_the_demo_output_is_ignored() -> None:
     """The install commands in the README's text name extras the package has (``tiltsmc[serve,gpu]``,
     ``".[test]"``), and git ignores the folder the quick start writes."""
