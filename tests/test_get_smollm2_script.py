@@ -8,7 +8,6 @@ script's own parser.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import zipfile
 from pathlib import Path
@@ -16,17 +15,13 @@ from types import ModuleType
 from typing import Any, Optional
 
 import pytest
+from script_modules import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script() -> ModuleType:
-    path = ROOT / "scripts" / "get_smollm2.py"
-    spec = importlib.util.spec_from_file_location("get_smollm2", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("get_smollm2")
 
 
 def _inner_variants(options: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:

@@ -8,7 +8,6 @@ the policy is checked here on ``gpt2-value-tiny``, whose 64 logits stand in for 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from types import ModuleType
 
 import numpy as np
 import pytest
+from script_modules import load_script
 from tiltsmc.models import OnnxCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,12 +23,7 @@ FIXTURE = ROOT / "tests" / "fixtures" / "models" / "gpt2-value-tiny"
 
 
 def _trainer() -> ModuleType:
-    path = ROOT / "scripts" / "train_smollm2_value.py"
-    spec = importlib.util.spec_from_file_location("train_smollm2_value", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train_smollm2_value")
 
 
 def _sample(policy: OnnxCausalLM) -> np.ndarray:
