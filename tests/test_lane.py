@@ -858,3 +858,68 @@ def test_a_rollout_lane_scores_the_runs_that_finished_and_no_others(sampler: str
         assert run.result is not None
         assert np.array_equal(run.result.log_weights[0], expected.log_weights[0])
         assert np.array_equal(run.result.samples[0], expected.samples[0])
+
+
+class _NaNPrompt(tuple):  # type: ignore[type-arg]
+    """A prompt of the exact task on whose rows ``_NaNFor`` returns NaN."""
+
+
+class _NaNFor:
+    """The twist, NaN on the rows of ``_NaNPrompt`` prompts (a reward model failing one request)."""
+
+    def __init__(self, twist: Any) -> None:
+        self.twist = twist
+
+    def initial_log_value(self, particles: Particles) -> Any:
+        return self.twist.initial_log_value(particles)
+
+    def log_value(self, particles: Particles) -> Any:
+        values = np.array(self.twist.log_value(particles), dtype=np.float64)
+        values[[isinstance(prompt, _NaNPrompt) for prompt in particles.prompts]] = np.nan
+        return values
+
+
+@pytest.mark.parametrize("sampler", ["best_of_n", "rejection"])
+def test_a_rollout_run_whose_reward_is_nan_ends_once_and_leaves_the_lane(sampler: str) -> None:
+    """A rollout run whose finished rows the reward scores NaN fails alone, once, and leaves the lane: it
+    was handled again as if scored (a rejection run went back to waiting, stepped on with no request
+    behind it, past the engine's row limit; a best-of-N run was reported ended twice, and
+    ``run_together`` raised a KeyError). The other runs get what they get alone."""
+    task = MarkovDFATask.random(4, 3, 6, rng=0)
+
+    def models() -> Models:
+        return Models(task.policy(), _NaNFor(task.twist(noise=0.4, rng=1)), Compute())
+
+    def make(prompt: Any, seed: int, on: Models) -> Run:
+        if sampler == "best_of_n":
+            return best_of_n_run(on, [prompt], 4, seed, max_steps=100)
+        return rejection_run(on, [prompt], 2.0, 1, 10**6, seed, batch_size=4, max_steps=100)
+
+    prompts: list[Any] = [(), _NaNPrompt(), (), ()]
+    shared = models()
+    lane = Lane(shared, "rollout")
+    runs = [make(prompt, seed, shared) for seed, prompt in enumerate(prompts)]
+    for run in runs:
+        lane.add(run)
+    ends: dict[int, list[Any]] = {}
+    for _ in range(200):
+        for run, error in lane.step():
+            ends.setdefault(id(run), []).append(error)
+        if len(ends) == len(runs) and not len(lane):
+            break
+    assert len(lane) == 0 and lane.rows == 0, "a run is still in the lane"
+    assert all(len(errors) == 1 for errors in ends.values()), ends
+    assert "NaN" in str(ends[id(runs[1])][0])
+    for seed, (prompt, run) in enumerate(zip(prompts, runs)):
+        if seed == 1:
+            continue
+        assert ends[id(run)] == [None]
+        expected = run_alone(models(), make(prompt, seed, models()))
+        assert run.result is not None
+        assert np.array_equal(run.result.log_weights[0], expected.log_weights[0])
+    fresh = models()
+    together = run_together(
+        fresh, [make(prompt, seed, fresh) for seed, prompt in enumerate(prompts)], return_errors=True
+    )
+    assert isinstance(together[1], ValueError) and "NaN" in str(together[1])
+    assert all(isinstance(result, SamplerResult) for k, result in enumerate(together) if k != 1)

@@ -829,6 +829,7 @@ class Lane:
         ending = self._active(done)
         if self.kind == "rollout" and ending:  # the finished runs' rows alone: the others' are partial
             log_r = self._log_values(ended, ending)
+            ending = self._active(ending)  # not those the scoring ended (a NaN reward): they have ended
         for member in ending:
             view = _view(particles, member)
             try:
@@ -853,7 +854,10 @@ class Lane:
         return [m for m in (self.members if members is None else members) if m not in self._ended]
 
     def _end_alone(self, member: _Member, error: BaseException, ended: Ended) -> None:
-        """A run fails on its own; its rows leave at the end of the update (others' views stay valid)."""
+        """A run fails on its own; its rows leave at the end of the update (others' views stay valid). A
+        run ends once: one that has ended already is left as it is."""
+        if member in self._ended:
+            return
         ended.append((member.run, error))
         self._ended.append(member)
 
