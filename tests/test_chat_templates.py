@@ -4,12 +4,10 @@ special_tokens_map.json, as transformers renders templates."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import shutil
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ import jinja2.sandbox
 import pytest
 from tiltsmc.models import chat
 from tiltsmc.models.tokenizer import load_tokenizer
+from time_limits import at_most
 
 CHAT = Path(__file__).parent / "fixtures" / "models" / "chat-tiny"
 MESSAGES = [{"role": "user", "content": "ab"}]
@@ -26,24 +25,8 @@ BOUND = r"^chat template: stopped, a bound on its work: "
 pytestmark = pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="SIGALRM: POSIX")
 
 
-@contextlib.contextmanager
-def _at_most(seconds: float) -> Iterator[None]:
-    """A render still running after ``seconds`` raises TimeoutError (a failure, not a hang)."""
-
-    def expired(*_: Any) -> None:
-        raise TimeoutError(f"still rendering after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 def _refused(template: str, match: str) -> None:
-    with _at_most(5.0), pytest.raises(ValueError, match=match):
+    with at_most(5.0), pytest.raises(ValueError, match=match):
         chat.render_chat_template(template, MESSAGES, {})
 
 
@@ -58,7 +41,7 @@ def test_a_macro_recursion_is_stopped_by_the_call_bound(monkeypatch: pytest.Monk
     # the default call bound, the time bound out of the way (a loaded machine may take 5 s to make the
     # calls); a failure rather than a hang past 120 s
     monkeypatch.setattr(chat, "MAX_RENDER_SECONDS", 600.0)
-    with _at_most(120.0), pytest.raises(ValueError, match=rf"{BOUND}it made more than 250,000 calls"):
+    with at_most(120.0), pytest.raises(ValueError, match=rf"{BOUND}it made more than 250,000 calls"):
         chat.render_chat_template(EXPONENTIAL, MESSAGES, {})
 
 
@@ -138,7 +121,7 @@ def test_filters_on_constants_wait_for_a_render() -> None:
     """Jinja ran a filter on constants while it compiled an output: ``'x' | center(1000000000)`` made a
     gigabyte when the model loaded (``check_chat_template``), outside the render's bounds."""
     template = "{{ 'x' | center(1000000000) }}"
-    with _at_most(5.0):
+    with at_most(5.0):
         chat.check_chat_template(template)
     _refused(template, rf"{BOUND}the filter 'center' would make more than")
 
@@ -236,6 +219,23 @@ def test_text_parts_are_joined_into_the_content_the_template_is_given() -> None:
     template = "{% for m in messages %}[{{ m.content }}]{% endfor %}"
     joined = chat.render_chat_template(template, parts[:1], {})
     assert joined == chat.render_chat_template(template, [{"role": "user", "content": "ab"}], {}) == "[ab]"
+
+
+@pytest.mark.parametrize("role", ["user", "system", "tool"])
+def test_a_null_content_is_an_assistants_only(role: str) -> None:
+    """A None content is an assistant's (its tool call), as the server had it: another role's was
+    rendered as the string "None" through the API and the CLI; refused by the one check, naming the
+    message, so that every front end refuses it alike."""
+    messages = [{"role": "system", "content": "s"}, {"role": role, "content": None}]
+    problem = (
+        rf"^message 1: content: None \(JSON null\) is only for an assistant's message .* a '{role}' message"
+    )
+    with pytest.raises(ValueError, match=problem):
+        chat.check_messages(messages)
+    with pytest.raises(ValueError, match=problem):
+        chat.render_chat_template("{% for m in messages %}[{{ m.content }}]{% endfor %}", messages, {})
+    tool_call = [*messages[:1], {"role": "assistant", "content": None}]
+    assert chat.check_messages(tool_call) == tool_call
 
 
 @pytest.mark.parametrize(

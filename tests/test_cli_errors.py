@@ -244,6 +244,45 @@ def test_chat_prompts_without_a_chat_template_are_refused_before_the_run(
     assert "give one with --chat-template FILE" in error and not out.exists()
 
 
+@pytest.mark.parametrize("option", ["--chat", "--messages"])
+def test_chat_prompts_without_jinja2_are_refused_before_the_models_load(
+    option: str, tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without jinja2 (the chat extra) every chat prompt failed alone, after both models had loaded: one
+    line naming the extra, status 1 (a missing dependency, as ONNX Runtime's), before the models load."""
+    from tiltsmc import cli
+
+    def loaded(args: Any) -> Any:
+        raise AssertionError("the models were loaded")
+
+    monkeypatch.setitem(sys.modules, "jinja2", None)  # import jinja2 now fails
+    monkeypatch.setattr(cli, "_load_models_or_fail", loaded)
+    messages = tmp_path / "chats.jsonl"
+    messages.write_text('[{"role": "user", "content": "hi"}]\n')
+    prompts = ["--chat", "--prompt", "hi"] if option == "--chat" else ["--messages", str(messages)]
+    out = tmp_path / "out.jsonl"
+    assert main([*RUN, *prompts, "--json", str(out)]) == 1
+    assert one_line_error(capfd) == (
+        f"tiltsmc: {option}: chat prompts need jinja2 to render the chat template: pip install "
+        "'tiltsmc[chat]'\n"
+    )
+    assert not out.exists()
+
+
+def test_a_messages_line_with_a_null_users_content_is_refused_before_the_run(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A null content is an assistant's (a tool call): another role's was rendered as "None"; refused as
+    the file is read, naming the line and the message, as the server refuses it."""
+    messages = tmp_path / "chats.jsonl"
+    messages.write_text('[{"role": "system", "content": "s"}, {"role": "user", "content": null}]\n')
+    assert main([*RUN, "--messages", str(messages)]) == 2
+    assert one_line_error(capfd) == (
+        f"tiltsmc: --messages: {messages} line 1: message 1: content: None (JSON null) is only for an "
+        "assistant's message (a tool call); a 'user' message needs its text\n"
+    )
+
+
 @pytest.mark.parametrize(
     ("line", "reason"),
     [
@@ -701,6 +740,39 @@ def test_serve_on_ray_refuses_bad_options_in_one_line(
     argv = ["serve", "--policy", POLICY, "--reward", REWARD, "--ray", *options]
     assert exit_status(argv) == 2
     assert message in one_line_error(capfd)
+
+
+@pytest.mark.parametrize(
+    ("version", "message"),
+    [
+        (
+            (3, 9, 18, "final", 0),
+            "--ray needs Ray Serve >= 2.56, which needs Python >= 3.10 (this is Python 3.9,",
+        ),
+        ((3, 11, 7, "final", 0), "--ray needs the ray extra: pip install 'tiltsmc[ray,cpu]' (or ray,gpu)"),
+    ],
+    ids=["python-3.9", "python-3.11"],
+)
+def test_serve_on_ray_without_ray_says_what_would_bring_it(
+    version: tuple[object, ...],
+    message: str,
+    capfd: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without Ray, ``tiltsmc serve --ray`` named the ray extra on every Python; on 3.9 that extra installs
+    no Ray (Ray Serve >= 2.56 needs 3.10), so it says which Python Ray Serve needs instead."""
+    from tiltsmc import cli
+
+    def loaded(args: Any) -> Any:
+        raise AssertionError("the models were loaded")
+
+    monkeypatch.setattr(cli, "_load_models_or_fail", loaded)
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray now fails
+    monkeypatch.setattr(sys, "version_info", version)
+    status = exit_status(["serve", "--policy", POLICY, "--reward", REWARD, "--ray", "--port", "8765"])
+    monkeypatch.undo()
+    assert status == 2
+    assert one_line_error(capfd).startswith(f"tiltsmc: {message}")
 
 
 @pytest.mark.parametrize(

@@ -314,7 +314,10 @@ def test_chat_refusals_name_the_field_the_client_sent(server: Server) -> None:
     assert error["message"].startswith("max_completion_tokens: 7 is more than this server's 6")
     null = httpx.post(url, json={"messages": [{"role": "user", "content": None}]}, timeout=60)
     assert null.status_code == 400 and null.json()["error"]["param"] == "messages", null.text
-    assert null.json()["error"]["message"].startswith("messages.0.content: null is only for an assistant")
+    assert null.json()["error"]["message"].startswith(
+        "messages: message 0: content: None (JSON null) is only for an assistant's message (a tool call); "
+        "a 'user' message needs its text"
+    )
     tool_call = [{"role": "system", "content": "s"}, {"role": "assistant", "content": None}]
     assert httpx.post(url, json={"messages": tool_call, "seed": 1}, timeout=60).status_code == 200
     began = time.monotonic()

@@ -4,14 +4,12 @@ fixture decoders."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import re
 import shutil
 import signal
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ from tiltsmc.cli import output_schema
 from tiltsmc.models import OnnxCausalLM, OnnxRewardModel, chat
 from tiltsmc.models.tokenizer import load_tokenizer
 from tiltsmc.tasks import arithmetic
+from time_limits import at_most
 
 FIXTURES = Path(__file__).parent / "fixtures" / "models"
 LLAMA, PRM, CHAT = FIXTURES / "llama-tiny", FIXTURES / "prm-tiny", FIXTURES / "chat-tiny"
@@ -274,22 +273,6 @@ def test_a_templates_own_failures_are_value_errors_and_nothing_is_evaluated_at_l
         load_tokenizer(tmp_path, None)
 
 
-@contextlib.contextmanager
-def _at_most(seconds: float) -> Iterator[None]:
-    """A render still running after ``seconds`` raises TimeoutError (a failure, not a hang)."""
-
-    def expired(*_: Any) -> None:
-        raise TimeoutError(f"still rendering after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 @pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="SIGALRM: POSIX")
 def test_a_hostile_templates_render_is_bounded() -> None:
     """A render is bounded (its loops' items, the size of ``*`` and ``**`` results, the characters it
@@ -327,7 +310,7 @@ def test_a_hostile_templates_render_is_bounded() -> None:
     ]
     for template, match in cases:
         chat.check_chat_template(template)
-        with _at_most(5.0), pytest.raises(ValueError, match=match):
+        with at_most(5.0), pytest.raises(ValueError, match=match):
             chat.render_chat_template(template, messages, {})
     policy = chat_policy(chat_template="{{ messages[0]['content'] * 10**13 }}")
     parts = policy.start([messages], 1)

@@ -1936,6 +1936,28 @@ def _load_models_or_fail(args: argparse.Namespace) -> tuple[Any, Any]:
         raise CliError(message(error), 1) from None
 
 
+def _chat_option(args: argparse.Namespace) -> Optional[str]:
+    """The option that asks for chat prompts (``--messages``, ``--chat``), or None: text prompts."""
+    if getattr(args, "messages", None) is not None:
+        return "--messages"
+    return "--chat" if getattr(args, "chat", False) else None
+
+
+def _check_chat_renderer(args: argparse.Namespace) -> None:
+    """Chat prompts are rendered with jinja2 (the chat extra): where it cannot be imported, refused before
+    the models load (status 1, a missing dependency as ONNX Runtime's is), else each prompt would fail
+    alone."""
+    from .models.chat import _import_jinja2
+
+    option = _chat_option(args)
+    if option is None:
+        return
+    try:
+        _import_jinja2()
+    except ImportError as error:
+        raise CliError(f"{option}: {_one_line(error)}", 1) from None
+
+
 def _check_chat_template(args: argparse.Namespace, policy: Any) -> None:
     """Chat prompts (``--chat``, ``--messages``) need the policy's tokenizer to have a chat template:
     refused before the run where it has none (else each prompt would fail alone)."""
@@ -1982,6 +2004,7 @@ def _files_read(args: argparse.Namespace) -> list[tuple[str, str]]:
 def run(args: argparse.Namespace) -> int:
     prompts = _read_prompts(args)
     options = _sampler_options(args)  # an option the sampler does not take: refused before anything runs
+    _check_chat_renderer(args)
     output = ResultOutput(args.json_path, _files_read(args))
     _LEFT[:] = [output.left]  # an interruption from here on (the summary's logging too) says what it holds
     try:
@@ -2076,6 +2099,10 @@ def serve(args: argparse.Namespace) -> int:
             raise CliError(_one_line(error)) from None
         except serving_ray.DeployFailed as error:
             raise CliError(_one_line(error), 1) from None
+    try:  # before the models load: a server that cannot start loads nothing
+        serving_server.require_serve_extra()
+    except ImportError as error:
+        raise CliError(_one_line(error)) from None
     if args.threads is not None:
         core.set_num_threads(args.threads)
     with _logging_to_stderr(args):  # the models' warnings as they load (the server logs its own)
@@ -2128,6 +2155,7 @@ def demo(args: argparse.Namespace) -> int:
         config.validate()
         if not args.out:  # Path("") is the current folder
             raise ValueError("out: expected a folder name, got ''")
+        _check_demo_runtime()  # before the output folder is made
         demo_module.check_output_folder(out)
     except ValueError as error:
         raise CliError(f"demo: --{error}") from None
@@ -2152,6 +2180,21 @@ def demo(args: argparse.Namespace) -> int:
     print(demo_module.render_table(record))
     logger.info("demo: %.0fs; wrote %s", record["seconds"], ", ".join(str(p) for p in written))
     return 0
+
+
+def _check_demo_runtime() -> None:
+    """The demo runs its models on ONNX Runtime, which its extra brings: where none is installed, refused
+    before it starts (status 1, as ``tiltsmc run`` refuses it), naming the demo's extra."""
+    from .models._ort import import_onnxruntime
+
+    try:
+        import_onnxruntime()
+    except ImportError as error:
+        if error.name != "onnxruntime":  # pragma: no cover - one installed that fails to import: its error
+            raise
+        raise CliError(
+            "demo needs ONNX Runtime and none is installed: pip install 'tiltsmc[demo]'", 1
+        ) from None
 
 
 @contextlib.contextmanager

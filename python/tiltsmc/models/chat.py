@@ -592,7 +592,8 @@ _CONTENT = "a string, a list of text parts [{'type': 'text', 'text': ...}] or No
 
 def check_messages(messages: Any) -> list[dict[str, Any]]:
     """``messages`` as a list of dicts, each with a string ``role`` and a ``content`` as the chat template
-    takes it (ValueError naming the message): a string, None (an assistant's tool call), or OpenAI's list
+    takes it (ValueError naming the message): a string, None (JSON's null: an assistant's message only, as
+    its tool call has; another role's needs its text, else the template renders "None"), or OpenAI's list
     of text parts (``[{"type": "text", "text": ...}]``, each part exactly those two keys), joined into one
     string. The one check of every chat prompt (the API's, ``tiltsmc run --messages``', the server's): the
     same messages are the same prompt through each; any other part (an image) or content is refused."""
@@ -608,6 +609,11 @@ def check_messages(messages: Any) -> list[dict[str, Any]]:
             raise ValueError(f"message {k}: expected a 'role' string, got {role!r}")
         if "content" not in message:
             raise ValueError(f"message {k}: no 'content'")
+        if message["content"] is None and role != "assistant":
+            raise ValueError(
+                f"message {k}: content: None (JSON null) is only for an assistant's message (a tool call); "
+                f"a {role[:40]!r} message needs its text"
+            )
         checked.append({**message, "content": _content(message["content"], k)})
     return checked
 

@@ -46,6 +46,7 @@ import os
 import re
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -401,7 +402,8 @@ def build_application(
     refused, not read as the default); TypeError or ValueError naming the argument otherwise.
 
     The replicas are handed the settings' API key as its digest only (``ApiKeyDigest``): Ray keeps a
-    deployment's arguments with the application, readable by whoever can reach the cluster."""
+    deployment's arguments with the application, readable by whoever can reach the cluster. Without Ray
+    Serve (the ray extra; it needs Python >= 3.10), an ImportError that says how to get it."""
     deployment = deployment_options(
         options, replicas=replicas, autoscaling=autoscaling, num_cpus=num_cpus, num_gpus=num_gpus,
         max_ongoing_requests=max_ongoing_requests,
@@ -414,8 +416,11 @@ def build_application(
         options, deployment["ray_actor_options"]["num_cpus"], deployment["ray_actor_options"]["num_gpus"]
     )
     options = ReplicaOptions(model_args, settings)
-    import ray
-    from ray import serve
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        raise ImportError(_missing_ray("build_application")) from None
 
     try:  # late-bound: each replica builds its app around its own engine (__serve_build_asgi_app__)
         ingress = serve.ingress()(TiltsmcReplica)
@@ -425,6 +430,20 @@ def build_application(
             "pip install -U 'ray[serve]>=2.56.1' (Python >= 3.10)"
         ) from None
     return serve.deployment(**deployment, **backpressure_options())(ingress).bind(options)
+
+
+def _missing_ray(what: str, version: Optional[tuple[int, ...]] = None) -> str:
+    """The message of an ImportError where ``what`` (``--ray``, ``build_application``) finds no Ray Serve,
+    on Python ``version`` (default: this one's): the ray extra to install, as ``tiltsmc serve`` names its
+    own; before Python 3.10, where that extra installs no Ray (the Ray Serve it needs, >= 2.56, has no
+    release there), that Ray Serve needs a newer Python."""
+    major, minor = (sys.version_info if version is None else version)[:2]
+    if (major, minor) < (3, 10):
+        return (
+            f"{what} needs Ray Serve >= 2.56, which needs Python >= 3.10 (this is Python {major}.{minor}, "
+            "where the ray extra installs no Ray): run it with Python 3.10 or newer"
+        )
+    return f"{what} needs the ray extra: pip install 'tiltsmc[ray,cpu]' (or ray,gpu)"
 
 
 def autoscale_range(text: str) -> tuple[int, int]:
@@ -583,7 +602,7 @@ def serve_on_ray(args: argparse.Namespace, options: ReplicaOptions) -> int:
         import ray
         from ray import serve
     except ImportError:
-        raise ImportError("--ray needs the ray extra: pip install 'tiltsmc[ray,cpu]' (or ray,gpu)") from None
+        raise ImportError(_missing_ray("--ray")) from None
     if args.port == 0:  # Ray Serve's proxy would take a port of its own choosing and not say which
         raise ValueError("--port: 0 (a port the system picks) is not taken with --ray; give a port")
     local = args.address is None

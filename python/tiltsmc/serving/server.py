@@ -358,6 +358,24 @@ def _check_api_key(key: str, name: str) -> None:
         )
 
 
+def _missing_serve_extra(what: str) -> str:
+    """The message of an ImportError where ``what`` (``tiltsmc serve``, ``create_app``) finds no serve
+    extra installed: the install command, as ``tiltsmc serve`` says it."""
+    return f"{what} needs the serve extra: pip install 'tiltsmc[serve,cpu]' (or serve,gpu)"
+
+
+def require_serve_extra(what: str = "serve") -> None:
+    """ImportError naming the serve extra (``_missing_serve_extra``) where one of its packages cannot be
+    imported: checked before the models load, so a server that cannot start loads nothing."""
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import pydantic  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise ImportError(_missing_serve_extra(what)) from None
+
+
 def create_app(
     engine: Engine,
     *,
@@ -377,14 +395,18 @@ def create_app(
     unfinished are answered as the server closing (503) before it gives up on them. ``instance``
     (a replica's name, where several serve one endpoint) is sent in every answer's
     ``X-Tiltsmc-Instance`` header and in the ``tiltsmc_instance_info`` metric. A stream sends a comment
-    line every ``stream_keepalive`` seconds until its answer is ready."""
-    from fastapi import Depends, FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response, StreamingResponse
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, Info, generate_latest
-    from pydantic import BaseModel, ConfigDict, Field, ValidationError
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-    from starlette.requests import ClientDisconnect
+    line every ``stream_keepalive`` seconds until its answer is ready. Without the serve extra (FastAPI and
+    the rest), an ImportError that says how to install it."""
+    try:
+        from fastapi import Depends, FastAPI, Request
+        from fastapi.exceptions import RequestValidationError
+        from fastapi.responses import JSONResponse, Response, StreamingResponse
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, Info, generate_latest
+        from pydantic import BaseModel, ConfigDict, Field, ValidationError
+        from starlette.exceptions import HTTPException as StarletteHTTPException
+        from starlette.requests import ClientDisconnect
+    except ImportError:
+        raise ImportError(_missing_serve_extra("create_app")) from None
 
     _check_app_settings(api_key, limits, timeout, stream_keepalive)
     _check_grace(close_timeout, "close_timeout", finite=False)
@@ -762,8 +784,8 @@ def _check_content_type(value: Optional[str], encoding: Optional[str] = None) ->
 def _chat_messages(messages: Iterable[Any]) -> list[dict[str, Any]]:
     """A chat request's messages as the chat template takes them: dicts, checked and normalised as every
     chat prompt is, through the API and the CLI too (``models.chat.check_messages``: text parts joined
-    into one ``content`` string; a ``None`` content, as an assistant's tool call has, stays None); a
-    refusal is a 400 naming ``messages``."""
+    into one ``content`` string; a ``None`` content, as an assistant's tool call has, stays None, another
+    role's is refused); a refusal is a 400 naming ``messages``."""
     from ..models.chat import check_messages
 
     try:
@@ -823,14 +845,6 @@ def _options(
         raise RequestError(
             "mh_steps", f"mh_steps: {body.mh_steps} steps, more than this server's {limits.max_mh_steps}"
         )
-    if chat:
-        for i, message in enumerate(body.messages):
-            if message.content is None and message.role != "assistant":
-                raise RequestError(
-                    "messages",
-                    f"messages.{i}.content: null is only for an assistant's message (a tool call); "
-                    f"a {message.role[:40]!r} message needs its text",
-                )
     fields = SAMPLER_FIELDS[body.sampler]
     options: dict[str, Any] = {}
     for field in ("particles", "ess_threshold", "resample", "pool_size", "proposal", "mh_steps", "bound"):
@@ -1810,12 +1824,9 @@ def serve(args: argparse.Namespace, settings: Settings, policy: Any, reward: Any
     server closing, a 503 ``closed``), and which waits for the handlers ``TIMEOUT_MARGIN + SEND_MARGIN``
     seconds past the grace period (rounded up to whole seconds: uvicorn's), so that every answer goes out
     before it cancels what still runs."""
-    try:
-        import uvicorn
-    except ImportError:
-        raise ImportError(
-            "serve needs the serve extra: pip install 'tiltsmc[serve,cpu]' (or serve,gpu)"
-        ) from None
+    require_serve_extra()
+    import uvicorn
+
     engine = settings.engine(policy, reward)
     try:
         app = settings.app(engine)  # ValueError: settings the policy cannot meet (--max-tokens)
