@@ -31,7 +31,8 @@ request that asks for more is refused).
 Bad requests get a 400 whose ``error.param`` names the field (fields typed strictly: ``"2"`` or ``true``
 is not a number), as do the engine's refusals and a request's own failures once admitted, named by the
 request's fields (``particles``, ``prompt[k]``); a body sent as another type than JSON (``Content-Type``
-other than ``application/json``, any charset, or a ``+json`` type; none is read as JSON) a 415;
+other than ``application/json``, any charset, or a ``+json`` type; none is read as JSON) a 415; a body
+not received ``--body-timeout`` seconds after its headers a 408 (``"code": "body_timeout"``);
 a full queue a 429 with ``Retry-After``;
 a request past its timeout a 504 (or its stream's last event: at most ``TIMEOUT_MARGIN`` seconds late,
 inside a model call that overruns); a request the server cannot take or finish because it is closing a
@@ -169,6 +170,16 @@ SHUTDOWN_WAIT = 10.0
 # answers to go out before uvicorn cancels what still runs (its plain-text 500, a stream cut short).
 SEND_MARGIN = 2.0
 
+# Seconds a client has to send a request's body once its headers are in (``--body-timeout``), then a 408:
+# a body sent slowly (a byte at a time) held its connection and handler for as long as it liked; the
+# largest body (``Limits.max_body_bytes``, 8 MiB) needs a client sending a few hundred kB/s.
+BODY_TIMEOUT = 30.0
+
+# Connections beyond what the engine can hold that ``serve`` lets uvicorn serve at once (its
+# ``limit_concurrency``: ``max_queue + max_batch_rows + CONNECTION_HEADROOM``): room for ``/health``,
+# ``/metrics``, ``/v1/models``, the requests being refused and clients' idle keep-alive connections.
+CONNECTION_HEADROOM = 64
+
 # Seconds between the comment lines (``: keep-alive``) a stream sends while its answer is computed: proxies
 # and load balancers close a connection idle for 30 - 60 s by default, and an SMC answer comes whole at
 # the end.
@@ -184,7 +195,8 @@ TIMEOUT_MARGIN = 1.0
 OUTCOMES = {
     "completed": "answered (200)",
     "refused": "the request's own fault, a 4xx other than 429: a bad or out-of-limit field, a prompt that "
-    "failed once admitted, an unknown model, no API key, a body too large or not JSON",
+    "failed once admitted, an unknown model, no API key, a body too large, not JSON or not sent in time "
+    "(408)",
     "rejected": "the queue full (429)",
     "timed_out": "past its timeout (504)",
     "closed": "the server closing (503)",
@@ -386,6 +398,7 @@ def create_app(
     close_timeout: float = GRACE,
     instance: Optional[str] = None,
     stream_keepalive: float = STREAM_KEEPALIVE,
+    body_timeout: float = BODY_TIMEOUT,
 ) -> Any:
     """A FastAPI app serving ``engine`` (see the module docstring). On shutdown (its lifespan's end) it
     closes the engine, finishing what is in flight for up to ``close_timeout`` seconds, and waits
@@ -395,7 +408,9 @@ def create_app(
     unfinished are answered as the server closing (503) before it gives up on them. ``instance``
     (a replica's name, where several serve one endpoint) is sent in every answer's
     ``X-Tiltsmc-Instance`` header and in the ``tiltsmc_instance_info`` metric. A stream sends a comment
-    line every ``stream_keepalive`` seconds until its answer is ready. Without the serve extra (FastAPI and
+    line every ``stream_keepalive`` seconds until its answer is ready. A completion request's body must be
+    in ``body_timeout`` seconds after its headers (``inf``: no limit), else a 408 (``_read_body``; once the
+    server is closing, at the drain's deadline, the 503 ``closed``). Without the serve extra (FastAPI and
     the rest), an ImportError that says how to install it."""
     try:
         from fastapi import Depends, FastAPI, Request
@@ -408,7 +423,7 @@ def create_app(
     except ImportError:
         raise ImportError(_missing_serve_extra("create_app")) from None
 
-    _check_app_settings(api_key, limits, timeout, stream_keepalive)
+    _check_app_settings(api_key, limits, timeout, stream_keepalive, body_timeout)
     _check_grace(close_timeout, "close_timeout", finite=False)
     policy = engine.policy
     policy_limit = _policy_token_limit(policy)
@@ -506,7 +521,16 @@ def create_app(
         if not await drain.finished():  # begun here unless the server began it as its shutdown began
             _log_stuck_step(close_timeout)
 
-    app = FastAPI(title="tiltsmc", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # redirect_slashes off: a path with a trailing slash (/v1/completions/) is the JSON 404 (Starlette
+    # answered a 307 built from the Host header, with an empty body, before the API key was checked)
+    app = FastAPI(
+        title="tiltsmc",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        redirect_slashes=False,
+    )
     app.state.drain = drain
 
     key = api_key if not isinstance(api_key, str) else ApiKeyDigest.of(api_key)
@@ -528,6 +552,12 @@ def create_app(
         return JSONResponse(
             _error_body(str(error), kind, error.param, error.code), status_code=error.status, headers=headers
         )
+
+    @app.exception_handler(EngineClosed)
+    async def closing(request: Request, error: EngineClosed) -> JSONResponse:
+        # a body still coming at the drain's deadline (``_read_body``): the server closing
+        request.state.detail["outcome"] = "closed"
+        return _error(503, str(error), "unavailable_error", "closed", {"Connection": "close"})
 
     @app.exception_handler(ClientGone)
     async def gone(request: Request, error: ClientGone) -> JSONResponse:
@@ -604,7 +634,7 @@ def create_app(
         await authorised(request)
         _check_content_type(request.headers.get("content-type"), request.headers.get("content-encoding"))
         try:
-            raw = await request.body()
+            raw = await _read_body(request, body_timeout, drain)
         except ClientDisconnect:  # it left while sending its body: nobody to answer
             raise ClientGone from None
         try:
@@ -1223,6 +1253,51 @@ async def _waiting(
                 await asyncio.shield(waiting)  # retrieved, so asyncio does not log it as never retrieved
 
 
+async def _read_body(request: Any, seconds: float, drain: Optional[_Drain] = None) -> bytes:
+    """The request's body, read within ``seconds`` of now (``inf``: no limit), else a 408 (``RequestError``,
+    code ``body_timeout``: a body sent slowly held its handler and connection for as long as it liked);
+    once ``drain`` has begun, at its ``deadline`` (``TIMEOUT_MARGIN`` past the grace period) the server
+    closing instead (``EngineClosed``, the 503 ``closed``): a body still coming then held the exit until
+    uvicorn cancelled its handler (a plain-text 500). Each answered with ``Connection: close``, the rest
+    of the body unread. ``ClientDisconnect`` and the body limit's 413 go through as they come."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds if math.isfinite(seconds) else None
+    reading = asyncio.ensure_future(request.body())
+    began = None if drain is None else drain.began()
+    try:
+        while True:
+            closes_at = None if drain is None else drain.deadline
+            wait = None
+            for end in (deadline, closes_at):
+                if end is not None:
+                    left = max(end - loop.time(), 0.0)
+                    wait = left if wait is None else min(wait, left)
+            watched = {reading} if began is None or began.done() else {reading, began}
+            done, _ = await asyncio.wait(watched, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            if reading in done:
+                return bytes(reading.result())
+            now = loop.time()
+            if drain is not None and closes_at is not None and now >= closes_at:
+                raise EngineClosed(
+                    f"the server closed before the request's body was received (grace period "
+                    f"{drain.grace:g} s)"
+                )
+            if deadline is not None and now >= deadline:
+                raise RequestError(
+                    None,
+                    f"the request's body was not received within {seconds:g} s of its headers "
+                    f"(tiltsmc serve --body-timeout)",
+                    408,
+                    "body_timeout",
+                    {"Connection": "close"},
+                )
+    finally:
+        if not reading.done():
+            reading.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(reading)  # retrieved, so asyncio does not log it as never retrieved
+
+
 async def _client_gone(request: Any) -> None:
     """Returns once the client has disconnected (ASGI's ``http.disconnect``; the body has been read): a
     wait on the connection, where polling every waiting request cost the event loop about 15 us a poll
@@ -1422,7 +1497,10 @@ class _RequestLog:
     new one), echoes it in the response, and logs one JSON line per request (what the handler put in
     ``request.state.detail`` included); a completion request's latency goes to the histogram by its
     outcome (``OUTCOMES``: the handler's, else the status sent's, ``_status_outcome``), which its line
-    names too."""
+    names too. An error that no handler answered (the app's own bug) is answered here, before any
+    response was started, as the server's failure: the 500 ``server_error`` in OpenAI's shape, logged with
+    its traceback (``_server_error``), the request's line with status 500, outcome ``failed`` (it went on
+    to Starlette's plain-text 500, outside this middleware, and was logged as 499 ``cancelled``)."""
 
     def __init__(self, app: Any, latency: Any, instance: Optional[str] = None) -> None:
         self.app, self.latency = app, latency
@@ -1439,11 +1517,12 @@ class _RequestLog:
         detail: dict[str, Any] = {}
         scope.setdefault("state", {}).update(request_id=request_id, detail=detail)
         status = [499]  # no response sent: the client went away
+        started = [False]
         began = time.perf_counter()
 
         async def send_with_id(message: Any) -> None:
             if message["type"] == "http.response.start":
-                status[0] = message["status"]
+                status[0], started[0] = message["status"], True
                 headers = message.setdefault("headers", [])
                 headers.append((b"x-request-id", request_id.encode()))
                 if self.instance is not None:
@@ -1452,6 +1531,14 @@ class _RequestLog:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception as error:
+            detail["outcome"] = "failed"
+            if started[0]:  # too late to answer: uvicorn cuts the response short
+                raise
+            from fastapi.responses import JSONResponse
+
+            failed = JSONResponse(_server_error(error, request_id), status_code=500)
+            await failed(scope, receive, send_with_id)
         finally:
             seconds = time.perf_counter() - began
             if scope["path"] in ("/v1/completions", "/v1/chat/completions"):
@@ -1646,6 +1733,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="bytes of a request's body at most (then 413; default: %(default)s)",
     )
     parser.add_argument(
+        "--body-timeout",
+        type=float,
+        default=BODY_TIMEOUT,
+        metavar="SECONDS",
+        help="seconds a client has to send a request's body once its headers are in (then 408; inf: no "
+        "limit; default: %(default)s)",
+    )
+    parser.add_argument(
         "--release-memory-after",
         type=_seconds_or_never,
         default=RELEASE_MEMORY_AFTER,
@@ -1656,14 +1751,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_app_settings(
-    api_key: Union[str, ApiKeyDigest, None], limits: Any, timeout: Optional[float], stream_keepalive: float
+    api_key: Union[str, ApiKeyDigest, None],
+    limits: Any,
+    timeout: Optional[float],
+    stream_keepalive: float,
+    body_timeout: float = BODY_TIMEOUT,
 ) -> None:
     """The app's settings that ``create_app`` and ``Settings`` take (and so ``tiltsmc serve`` and Ray's
     replicas), checked alike: TypeError / ValueError naming the setting. ``api_key``: None, a non-empty
     key (``_check_api_key``; an empty one let any ``Authorization: Bearer`` through) or an
     ``ApiKeyDigest``; ``limits``: a
     ``Limits``; ``timeout``: None or seconds > 0 (one <= 0 failed every request with a 400 that blamed the
-    client); ``stream_keepalive``: finite seconds > 0 (0 sent keep-alive lines without pause)."""
+    client); ``stream_keepalive``: finite seconds > 0 (0 sent keep-alive lines without pause);
+    ``body_timeout``: seconds > 0 (``inf``: no limit)."""
     if api_key is not None and not isinstance(api_key, ApiKeyDigest):
         if not isinstance(api_key, str):
             raise TypeError(
@@ -1677,6 +1777,10 @@ def _check_app_settings(
     if not 0 < real_number(stream_keepalive, "stream_keepalive") < math.inf:
         raise ValueError(
             f"stream_keepalive: expected a positive finite number of seconds, got {stream_keepalive!r}"
+        )
+    if not real_number(body_timeout, "body_timeout") > 0:  # NaN too
+        raise ValueError(
+            f"body_timeout: expected a positive number of seconds (inf: none), got {body_timeout!r}"
         )
 
 
@@ -1714,9 +1818,10 @@ def _seconds_or_never(text: str) -> Optional[float]:
 class Settings:
     """What ``tiltsmc serve`` configures besides the models: the engine's admission limits and the app's
     settings (one replica's, on Ray Serve). The app's settings are checked as it is made, as
-    ``create_app`` checks them (``api_key``, ``limits``, ``timeout``, ``stream_keepalive``: TypeError /
-    ValueError naming the field); ``grace`` when the app is made (``app``), or by Ray's
-    ``deployment_options`` before Ray starts; the engine's when the engine is made (``engine``)."""
+    ``create_app`` checks them (``api_key``, ``limits``, ``timeout``, ``stream_keepalive``,
+    ``body_timeout``: TypeError / ValueError naming the field); ``grace`` when the app is made (``app``),
+    or by Ray's ``deployment_options`` before Ray starts; the engine's when the engine is made
+    (``engine``)."""
 
     model_name: str = MODEL_NAME
     api_key: Union[str, ApiKeyDigest, None] = dataclasses.field(default=None, repr=False)
@@ -1730,9 +1835,10 @@ class Settings:
     workers: int = WORKERS
     max_cache_bytes: Union[int, Literal["auto"], None] = MAX_CACHE_BYTES
     stream_keepalive: float = STREAM_KEEPALIVE
+    body_timeout: float = BODY_TIMEOUT
 
     def __post_init__(self) -> None:
-        _check_app_settings(self.api_key, self.limits, self.timeout, self.stream_keepalive)
+        _check_app_settings(self.api_key, self.limits, self.timeout, self.stream_keepalive, self.body_timeout)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Settings":
@@ -1764,6 +1870,8 @@ class Settings:
             raise ValueError("--grace: expected a finite number of seconds >= 0")
         if not 0 < args.stream_keepalive < math.inf:
             raise ValueError("--stream-keepalive: expected a positive number of seconds")
+        if not args.body_timeout > 0:  # NaN too
+            raise ValueError("--body-timeout: expected a positive number of seconds (inf: no limit)")
         limits = Limits(
             max_prompt_tokens=args.max_prompt_tokens,
             max_particles=args.max_request_particles,
@@ -1786,6 +1894,7 @@ class Settings:
             args.workers,
             args.max_cache_bytes,
             args.stream_keepalive,
+            args.body_timeout,
         )
 
     def engine(self, policy: Any, reward: Any) -> Engine:
@@ -1815,6 +1924,7 @@ class Settings:
             close_timeout=self.grace,
             instance=instance,
             stream_keepalive=self.stream_keepalive,
+            body_timeout=self.body_timeout,
         )
 
 
@@ -1823,7 +1933,13 @@ def serve(args: argparse.Namespace, settings: Settings, policy: Any, reward: Any
     drain (``_Drain``: the requests in flight have ``settings.grace`` seconds to finish, then end as the
     server closing, a 503 ``closed``), and which waits for the handlers ``TIMEOUT_MARGIN + SEND_MARGIN``
     seconds past the grace period (rounded up to whole seconds: uvicorn's), so that every answer goes out
-    before it cancels what still runs."""
+    before it cancels what still runs.
+
+    uvicorn serves ``connection_limit(settings)`` connections at once (its ``limit_concurrency``): a
+    request that comes while as many connections are open, or as many requests run, gets uvicorn's own
+    503 (plain text, ``Connection: close``; not logged here). It counts the connections it has accepted,
+    idle ones included, but does not stop accepting them, nor time out one that has sent no request yet or
+    only part of its headers, nor bound its headers' size (httptools): those are a reverse proxy's work."""
     require_serve_extra()
     import uvicorn
 
@@ -1846,6 +1962,7 @@ def serve(args: argparse.Namespace, settings: Settings, policy: Any, reward: Any
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=math.ceil(settings.grace + TIMEOUT_MARGIN + SEND_MARGIN),
+        limit_concurrency=connection_limit(settings),
     )
     drain: _Drain = app.state.drain
 
@@ -1883,6 +2000,15 @@ def serve(args: argparse.Namespace, settings: Settings, policy: Any, reward: Any
             logging.shutdown()
             os._exit(1)
     return 0
+
+
+def connection_limit(settings: Settings) -> int:
+    """The connections ``serve`` lets uvicorn serve at once: the requests the engine can hold (each
+    request in flight holds a row at least, ``max_batch_rows``, and ``max_queue`` more wait) and
+    ``CONNECTION_HEADROOM`` (``/health``, ``/metrics``, the requests being refused a 429, clients' idle
+    keep-alive connections), so that a full queue is still the 429 (the JSON one, logged) for clients
+    within that many."""
+    return int(settings.max_queue) + int(settings.max_batch_rows) + CONNECTION_HEADROOM
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
