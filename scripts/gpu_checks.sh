@@ -4,7 +4,8 @@
 #   1. machine: nvidia-smi, nvcc, the Python and its packages (for the record);
 #   2. wheels (with --wheels DIR): install the wheels there (no dependencies, no index) into a folder of
 #      its own put first on PYTHONPATH, before the build, so that they can also supply build dependencies
-#      (test dependencies the machine lacks: jsonschema and its own, say);
+#      (what the machine lacks: tiltsmc's own run-time dependency tokenizers, about 3 MB, where the image
+#      has no transformers; test dependencies such as jsonschema and its own);
 #   3. build: tiltsmc with its CUDA module (TILTSMC_CUDA=ON) into the Python at hand, without a package
 #      index or build isolation (nvcc, CMake, pybind11 and scikit-build-core already installed), in
 #      build/gpu-checks/<wheel tag> (ignored by git and kept on the machine between calls, so that a
@@ -240,7 +241,12 @@ sys.exit(0 if state else 3)"
         125) ;;  # skipped for want of time: said so
         *)
             reason="$(grep -a '^not usable: ' "$work/step.log" | tail -n 1 | sed 's/^not usable: //')"
-            note "no usable GPU: ${reason:-tiltsmc.core.cuda_available() could not be read (see checks.log)}"
+            if [ -z "$reason" ]; then  # tiltsmc itself did not import: the error's last line says why
+                failed="$(grep -a -E '^[A-Za-z_.]*(Error|Exception)' "$work/step.log" | tail -n 1)"
+                reason="tiltsmc.core.cuda_available() could not be read: ${failed:-see checks.log}"
+                reason="$reason (a run-time dependency missing here, such as tokenizers, goes in with --wheels)"
+            fi
+            note "no usable GPU: $reason"
             ;;
     esac
     if [ "$usable" -eq 0 ]; then
