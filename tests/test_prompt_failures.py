@@ -556,3 +556,31 @@ def test_a_run_started_with_others_names_its_own_prompt(models: dict[str, Any]) 
     message = "token ids must lie in [0, 64), got 1000"
     assert [r.errors for r in together] == [{}, {}, {1: f"prompt 1: {message}"}, {0: f"prompt 0: {message}"}]
     assert [r.errors for r in alone] == [r.errors for r in together]
+
+
+def test_a_rejection_prompt_the_policy_cannot_start_drew_nothing(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Rejection sampling: a prompt the policy could not start (too long for its context) draws nothing,
+    so its ``tries`` is 0 and its ``acceptance_rate`` NaN (``null`` in ``tiltsmc run``'s line, as the
+    schema says where there was no draw); it read ``tries = batch_size`` and rate 0. The other prompts'
+    counts are as before."""
+    jsonschema = pytest.importorskip("jsonschema")
+    policy = OnnxCausalLM(FIXTURES / "llama-tiny", max_new_tokens=3)
+    reward = OnnxRewardModel(FIXTURES / "prm-tiny", kind="logit")
+    long = "x" * 300  # 300 tokens: past the fixture's context of 128
+    result = tiltsmc.rejection(policy, reward, [long, "ab"], bound=1.0, max_tries=8, batch_size=4, rng=0)
+    assert list(result.errors) == [0]
+    assert result.tries is not None and result.acceptance_rate is not None
+    assert result.tries.tolist() == [0, 4]
+    assert math.isnan(result.acceptance_rate[0]) and not math.isnan(result.acceptance_rate[1])
+    out = tmp_path / "out.jsonl"
+    argv = ["run", "--policy", str(FIXTURES / "llama-tiny"), "--reward", str(FIXTURES / "prm-tiny")]
+    argv += ["--sampler", "rejection", "--particles", "4", "--max-tries", "8", "--max-new-tokens", "3"]
+    assert main([*argv, "--prompt", "ab", "--prompt", long, "-q", "--json", str(out)]) == 0
+    capfd.readouterr()
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    validator = jsonschema.Draft202012Validator(output_schema())
+    for record in records:
+        validator.validate(record)
+    assert [(r["tries"], r["acceptance_rate"] is None) for r in records] == [(4, False), (0, True)]

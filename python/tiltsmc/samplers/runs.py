@@ -919,6 +919,9 @@ class RejectionRun(Run):
     def begin(self, log_v0: FloatArray, failed: npt.NDArray[np.bool_], errors: dict[int, str]) -> FloatArray:
         self.errors.update({self.waiting[row]: message for row, message in errors.items()})
         self.failed = failed.copy()
+        # prompts the policy could not start: this round draws nothing for them (no try counted)
+        self.not_started = np.zeros(len(failed), dtype=bool)
+        self.not_started[list(errors)] = True
         return np.zeros((len(failed), self.count))
 
     def prompt_index(self, prompt: int) -> int:
@@ -941,6 +944,8 @@ class RejectionRun(Run):
             )
         keep = np.log1p(-self.generator.random(log_r.shape)) < log_r - self.log_bound
         for row, b in enumerate(self.waiting):
+            if self.not_started[row]:  # never drawn from: its tries stay 0, its acceptance rate NaN
+                continue
             self.tries_before[b], self.log_r_sums_before[b] = self.tries[b], self.log_r_sums[b]
             self.tries[b] += self.count
             self.log_r_sums[b] = np.logaddexp(self.log_r_sums[b], logsumexp(log_r[row]))
