@@ -1945,7 +1945,16 @@ def test_mh_with_several_particles_is_held_to_the_limit_on_the_rows_it_runs() ->
 
 def test_nan_and_infinity_are_refused_as_not_numbers_of_the_fields_range() -> None:
     """A NaN ``ess_threshold`` was refused as "Input should be less than or equal to 1"; NaN and infinity
-    are named as such, with the range the field takes."""
+    are named as such, with the range the field takes. (A pydantic whose JSON parser takes no ``NaN`` token,
+    2.0 at the lowest versions, refuses the body as invalid JSON instead: a 400 all the same.)"""
+    import pydantic
+
+    try:
+        pydantic.TypeAdapter(float).validate_json("NaN")
+    except pydantic.ValidationError:
+        parses_nan = False
+    else:
+        parses_nan = True
     with _in_process() as (client, *_):
         cases = [
             ({"ess_threshold": float("nan")}, "ess_threshold: expected a number in [0, 1], got NaN"),
@@ -1961,6 +1970,9 @@ def test_nan_and_infinity_are_refused_as_not_numbers_of_the_fields_range() -> No
                 "/v1/completions", content=body, headers={"Content-Type": "application/json"}
             )
             assert response.status_code == 400, response.text
+            if not parses_nan:
+                assert response.json()["error"]["message"].startswith("Invalid JSON"), response.text
+                continue
             assert response.json()["error"]["message"] == message
             assert response.json()["error"]["param"] == message.partition(":")[0]
 
