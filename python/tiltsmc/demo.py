@@ -45,6 +45,7 @@ import numpy.typing as npt
 
 from ._files import create_beside, signals_deferred
 from .diagnostics import bellman_error
+from .models._config import _is_int
 from .models._ort import MAX_THREADS
 from .models.particles import Particles
 from .models.protocols import RewardModel
@@ -152,10 +153,6 @@ def _plain(config: DemoConfig) -> DemoConfig:
         bellman_samples=int(config.bellman_samples),
         threads=None if config.threads is None else int(config.threads),
     )
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def _check_int(name: str, value: Any, low: int, high: Optional[int] = None) -> None:

@@ -918,10 +918,9 @@ class RejectionRun(Run):
 
     def begin(self, log_v0: FloatArray, failed: npt.NDArray[np.bool_], errors: dict[int, str]) -> FloatArray:
         self.errors.update({self.waiting[row]: message for row, message in errors.items()})
-        self.failed = failed.copy()
-        # prompts the policy could not start: this round draws nothing for them (no try counted)
-        self.not_started = np.zeros(len(failed), dtype=bool)
-        self.not_started[list(errors)] = True
+        self.failed = failed.copy()  # grows as prompts fail during the round (fail_prompt)
+        # prompts that failed before the round started: it draws nothing for them (no try counted)
+        self.not_started = failed.copy()
         return np.zeros((len(failed), self.count))
 
     def prompt_index(self, prompt: int) -> int:

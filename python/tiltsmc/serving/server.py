@@ -1220,11 +1220,7 @@ async def _waiting(
     try:
         while True:
             closes_at = None if drain is None else drain.deadline
-            wait = None if math.isinf(every) else every
-            for end in (deadline, closes_at):
-                if end is not None:
-                    left = max(end - loop.time(), 0.0)
-                    wait = left if wait is None else min(wait, left)
+            wait = _seconds_to_first(loop, deadline, closes_at, every=every)
             watched = {waiting, gone} if began is None or began.done() else {waiting, gone, began}
             done, _ = await asyncio.wait(watched, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
             if waiting in done:
@@ -1253,6 +1249,19 @@ async def _waiting(
                 await asyncio.shield(waiting)  # retrieved, so asyncio does not log it as never retrieved
 
 
+def _seconds_to_first(
+    loop: asyncio.AbstractEventLoop, *ends: Optional[float], every: float = math.inf
+) -> Optional[float]:
+    """Seconds from now to the first of ``ends`` (the loop's times; None: none), at most ``every``; None
+    where there is neither (wait without a limit)."""
+    wait = None if math.isinf(every) else every
+    for end in ends:
+        if end is not None:
+            left = max(end - loop.time(), 0.0)
+            wait = left if wait is None else min(wait, left)
+    return wait
+
+
 async def _read_body(request: Any, seconds: float, drain: Optional[_Drain] = None) -> bytes:
     """The request's body, read within ``seconds`` of now (``inf``: no limit), else a 408 (``RequestError``,
     code ``body_timeout``: a body sent slowly held its handler and connection for as long as it liked);
@@ -1267,11 +1276,7 @@ async def _read_body(request: Any, seconds: float, drain: Optional[_Drain] = Non
     try:
         while True:
             closes_at = None if drain is None else drain.deadline
-            wait = None
-            for end in (deadline, closes_at):
-                if end is not None:
-                    left = max(end - loop.time(), 0.0)
-                    wait = left if wait is None else min(wait, left)
+            wait = _seconds_to_first(loop, deadline, closes_at)
             watched = {reading} if began is None or began.done() else {reading, began}
             done, _ = await asyncio.wait(watched, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
             if reading in done:
