@@ -1961,8 +1961,8 @@ def _check_chat_renderer(args: argparse.Namespace) -> None:
 def _check_chat_template(args: argparse.Namespace, policy: Any) -> None:
     """Chat prompts (``--chat``, ``--messages``) need the policy's tokenizer to have a chat template:
     refused before the run where it has none (else each prompt would fail alone)."""
-    option = "--messages" if getattr(args, "messages", None) is not None else "--chat"
-    if option == "--chat" and not getattr(args, "chat", False):
+    option = _chat_option(args)
+    if option is None:
         return
     tokenizer = getattr(policy, "tokenizer", None)
     if tokenizer is None:
