@@ -771,7 +771,7 @@ def test_serve_on_ray_without_ray_says_what_would_bring_it(
     monkeypatch.setattr(sys, "version_info", version)
     status = exit_status(["serve", "--policy", POLICY, "--reward", REWARD, "--ray", "--port", "8765"])
     monkeypatch.undo()
-    assert status == 2
+    assert status == 1
     assert one_line_error(capfd).startswith(f"tiltsmc: {message}")
 
 

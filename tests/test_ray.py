@@ -532,23 +532,37 @@ def test_serve_on_ray_checks_a_namespace_of_its_own_before_ray(monkeypatch: pyte
 def test_sigterm_lets_the_requests_in_flight_finish(ray_server: RayServer) -> None:
     """SIGTERM deletes the application first, its replicas finishing their requests in flight while Ray
     Serve's proxy still answers, and only then stops Serve (``serve.shutdown`` at once killed the proxy:
-    "Server disconnected without sending a response"). The last test of the shared server: it stops it."""
+    "Server disconnected without sending a response"). The requests stream, so that SIGTERM is sent once
+    each is in flight: a streamed answer's headers come once a replica's engine has admitted it (sent
+    0.5 s after they were, two of six had not reached the proxy on a busy CI machine, and got its 404 for
+    an application being deleted). The last test of the shared server: it stops it."""
+    admitted = threading.Semaphore(0)
 
-    def finished(body: Any) -> tuple[Any, float]:
+    def streamed(body: Any) -> tuple[Any, str, float]:
         try:
-            outcome: Any = ray_server.post(body)
+            with httpx.stream(
+                "POST", f"{ray_server.url}/v1/completions", json={**body, "stream": True},
+                headers=AUTHORISED, timeout=120,
+            ) as response:  # fmt: skip
+                admitted.release()
+                text = response.read().decode()
+            return response.status_code, text, time.monotonic()
         except httpx.TransportError as error:
-            outcome = repr(error)
-        return outcome, time.monotonic()
+            admitted.release()
+            return repr(error), "", time.monotonic()
 
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
-        in_flight = [pool.submit(finished, LONG) for _ in range(6)]  # ~3 s each, 3 per replica
-        time.sleep(0.5)
+        in_flight = [pool.submit(streamed, LONG) for _ in range(6)]  # ~3 s each, 3 per replica
+        for _ in in_flight:
+            assert admitted.acquire(timeout=120), ray_server.log()
         signalled = time.monotonic()
         ray_server.process.send_signal(signal.SIGTERM)
         outcomes = [f.result() for f in in_flight]
-    assert [getattr(outcome, "status_code", outcome) for outcome, _ in outcomes] == [200] * 6
-    assert all(at > signalled for _, at in outcomes)  # they were in flight when SIGTERM came
+    assert [status for status, _, _ in outcomes] == [200] * 6
+    for _, text, _ in outcomes:  # each answer whole: its choice, then the end of the stream
+        events = [block.removeprefix("data: ") for block in text.split("\n\n") if block.strip()]
+        assert events[-1] == "[DONE]" and "choices" in json.loads(events[-2]), text
+    assert all(at > signalled for _, _, at in outcomes)  # they were in flight when SIGTERM came
     assert ray_server.process.wait(120) == 0, ray_server.log()
     assert '"event": "stopping"' in ray_server.log()
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import collections
 import os
 import signal
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -46,6 +47,28 @@ def recorded_signals() -> Iterator[list[int]]:
             signal.signal(signum, handler)
 
 
+def arrived(
+    seen: list[int],
+    expected: Sequence[int],
+    raised: tuple[type[BaseException], ...] = (),
+    within: float = 10.0,
+) -> collections.Counter[int]:
+    """The signals ``seen``, once each of ``expected`` has been (``within`` seconds at most). A signal this
+    process sends itself while its main thread blocks it goes to another thread (pytest's runs ONNX
+    Runtime's), whose C handler may run after the block has ended on a busy machine (seen in CI: SIGTERM
+    a few milliseconds late); Python then runs the handler put back, once, all the same (its error, one of
+    ``raised``, comes out of the wait here). The tests also wait a moment inside the block, so that a
+    SIGINT's KeyboardInterrupt comes out of it."""
+    deadline = time.monotonic() + within
+    wanted = collections.Counter(expected)
+    while any(seen.count(signum) < count for signum, count in wanted.items()) and time.monotonic() < deadline:
+        try:
+            time.sleep(0.01)
+        except raised:
+            pass
+    return collections.Counter(seen)
+
+
 @posix_signals
 @pytest.mark.parametrize(
     "sent",
@@ -61,9 +84,10 @@ def test_every_signal_held_back_is_raised_though_sigint_raises(
         with signals_deferred():
             for name in sent:
                 os.kill(os.getpid(), getattr(signal, name))
+            time.sleep(0.1)  # their handlers run meanwhile, where the block did not hold them back
             assert recorded_signals == []  # held back
     others = [getattr(signal, name) for name in sent if name != "SIGINT"]
-    assert collections.Counter(recorded_signals) == collections.Counter(others)
+    assert arrived(recorded_signals, others) == collections.Counter(others)
 
 
 @posix_signals
@@ -85,7 +109,9 @@ def test_every_signal_held_back_is_raised_though_each_handler_raises(recorded_si
         with signals_deferred():
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 os.kill(os.getpid(), signum)
-    assert sorted(recorded_signals) == sorted([signal.SIGTERM, signal.SIGHUP])
+            time.sleep(0.1)
+    expected = [signal.SIGTERM, signal.SIGHUP]
+    assert arrived(recorded_signals, expected, raised=(Stop,)) == collections.Counter(expected)
 
 
 @pytest.mark.parametrize("model", [OnnxCausalLM, OnnxRewardModel])

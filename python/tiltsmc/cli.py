@@ -2095,21 +2095,25 @@ def serve(args: argparse.Namespace) -> int:
         )
         try:
             return serving_ray.serve_on_ray(args, options)
-        except (ImportError, ValueError) as error:
+        except ImportError as error:  # no Ray: a missing dependency, status 1 as in run and demo
+            raise CliError(_one_line(error), 1) from None
+        except ValueError as error:
             raise CliError(_one_line(error)) from None
         except serving_ray.DeployFailed as error:
             raise CliError(_one_line(error), 1) from None
     try:  # before the models load: a server that cannot start loads nothing
         serving_server.require_serve_extra()
     except ImportError as error:
-        raise CliError(_one_line(error)) from None
+        raise CliError(_one_line(error), 1) from None
     if args.threads is not None:
         core.set_num_threads(args.threads)
     with _logging_to_stderr(args):  # the models' warnings as they load (the server logs its own)
         policy, reward = _load_models_or_fail(args)
     try:
         return serving_server.serve(args, settings, policy, reward)
-    except (ImportError, ValueError) as error:  # ValueError: settings the models cannot meet
+    except ImportError as error:
+        raise CliError(_one_line(error), 1) from None
+    except ValueError as error:  # settings the models cannot meet
         raise CliError(_one_line(error)) from None
 
 
