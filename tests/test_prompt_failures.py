@@ -11,7 +11,9 @@ That is exact where the call takes as many steps either way and the failed promp
 run's keys are drawn once a step (the run's length sets the draws after it, and whether the last step
 resamples), and the kernels that draw for live prompts only (the pools, the MH and ``final_resample``
 picks) number them in order, so a prompt after the failed one would draw another stream. The policies
-here have no EOS (``eos_token_id=[]``): every trajectory runs ``MAX_NEW`` tokens.
+here have no EOS (``eos_token_id=[]``): every trajectory runs ``MAX_NEW`` tokens. An engine's request
+batched with a failing one is compared with the same request alone instead: the same draws, its
+``log Z`` up to the rounding of a batch of another size (a relative 1e-6).
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ For prefixes ``s_{1:t-1}`` visited by rollouts of the base policy, the local rat
 
     rho_t(s_{1:t-1}) = E_{s_t ~ p}[Vh_t(s_{1:t})] / Vh_{t-1}(s_{1:t-1})
 
-is computed exactly from a twist head (``sum_v p(v|.) Vh_t(., v)``, when the policy is token-level and the
+is computed exactly from a twist head (``sum_v p(v|.) Vh_t(., v)``, when the policy is a token policy
+whose step is one token, its ``token_level`` not False, as the samplers' optimal proposal needs, and the
 reward model has ``next_log_values``) or estimated from ``M`` sampled continuations. The Bellman error
 ``eps_t`` is the supremum over prefixes of ``max(rho, 1/rho) - 1``
 (``docs/theory/tilted-target.md``); here the supremum runs over the visited prefixes, so it converges
@@ -18,35 +19,49 @@ ratio bound ``L`` (``1/L <= G_t <= L``) of the observed potentials ``G_t = Vh_t 
 gauge and in the one that minimises ``eps``, and the typical error ``average_per_step`` (per prompt the
 ``Vh_{t-1}``-weighted mean of ``|rho_t - 1|``, then the mean over the prompts).
 
-Confidence intervals (sampled continuations; the exact method's are points). A prefix's ``M``
+Confidence intervals (sampled continuations; the exact method's are points, less rounding). A prefix's ``M``
 continuations have values ``v_j`` with sample mean ``mh`` and sample sd ``s`` (``ddof=1``), so
 ``(mh - E v) / (s / sqrt(M))`` is Student's ``t`` with ``M - 1`` degrees of freedom for normal ``v``; the
 delta method carries this to ``log rho_hat = log mh - log Vh_{t-1}``, whose standard deviation is
 ``s / (sqrt(M) mh)``, and
 
-    |log rho| in [max(|log rho_hat| - q s / (sqrt(M) mh), 0), |log rho_hat| + q s / (sqrt(M) mh)],
+    |log rho| in [max(|log rho_hat| - q s / (sqrt(M) mh) - ROUNDING, 0), |log rho_hat| + q s / (sqrt(M) mh)],
 
 with ``q`` the upper ``(1 - confidence) / (2n)`` quantile of ``t`` with ``M - 1`` degrees of freedom
-(two-sided, Bonferroni over the ``n`` scored prefixes of every step). The supremum over a step's prefixes
-then lies in ``[max of lower ends, max of upper ends]`` whenever every prefix's interval holds. The
-relative sd ``s / mh`` of a prefix is floored at the step's pooled one (root mean square of the prefixes'
-``s / mh``; it has more degrees of freedom, so ``M - 1`` stays conservative), so a prefix whose few
-continuations happened to agree gets no zero-width interval. It is relative, as ``log rho`` is free of
-scale: a floor of the sds themselves, in the values' units, gave a prefix whose values are ``k`` times
-smaller than the others' a margin ``k`` times too wide (an infinite upper end for ``k = 10^6``). Three
-cases have no finite standard error, and their interval for ``|log rho|`` is ``[0, inf]``, the only one
-valid without a bound on ``Vh``:
+(two-sided, Bonferroni over the ``n`` scored prefixes of every step, of every prompt) and ``ROUNDING =
+1e-9`` (``tiltsmc.diagnostics.online.ROUNDING``): ``|log rho_hat|`` is a difference of log-values, and
+values that are equal mathematically (``V*``'s, whose ``eps`` is 0) differ in their last bits, which must
+not read as an error. The exact method's interval is so ``[max(|log rho| - ROUNDING, 0), |log rho|]``.
+The supremum over a step's *visited* prefixes then lies in ``[max of lower ends, max of upper ends]``
+whenever every prefix's interval holds: ``eps_low`` and ``eps_high`` bracket the supremum over the
+prefixes the rollouts visited, not the ``eps`` over every reachable prefix, which can lie above both (with
+the exact method, a point below the true ``eps`` where the worst prefix was missed). The relative sd
+``s / mh`` of a prefix is floored at its prompt's pooled one at that step (root mean square of ``s / mh``
+over that prompt's scored prefixes; it has more degrees of freedom, so ``M - 1`` stays conservative), so a
+prefix whose few continuations happened to agree gets no zero-width interval. It is per prompt, as
+everything else here: pooled over the batch, a prompt's intervals depended on which other prompts were in
+it (a prompt whose continuations all agreed borrowed another's spread and read as a narrow interval); only
+the Bonferroni count ``n`` is shared. It is relative, as ``log rho`` is free of scale: a floor of the sds
+themselves, in the values' units, gave a prefix whose values are ``k`` times smaller than the others' a
+margin ``k`` times too wide (an infinite upper end for ``k = 10^6``). A relative sd below ``ROUNDING`` is
+rounding, read as 0. Three cases have no finite standard error, and their interval for ``|log rho|`` is
+``[0, inf]``, the only one valid without a bound on ``Vh``:
 
 * ``M = 1``: one value per prefix says nothing of its spread (the sample sd is undefined; ``t`` with 0
   degrees of freedom), so the intervals are ``[0, inf]``, ``eps_low = 0`` and ``eps_high = inf``; the
   point estimate stands.
-* a step with no spread to read: every scored prefix's continuations agree, so the pooled relative sd is
-  0. Sampled continuations cannot tell a step whose values the prefix fixes (a forced token, a reward
-  already decided) from draws that happened to agree, with any spread they missed, so every prefix of the
+* a step with no spread to read in a prompt: the continuations of each of the prompt's scored prefixes
+  agree (to within rounding: a relative sd below ``ROUNDING``), so its pooled relative sd is 0. Sampled
+  continuations cannot tell a step whose values the prefix fixes (a forced token, a reward already decided)
+  from draws that happened to agree, with any spread they missed, so every prefix of that prompt at the
   step gets ``[0, inf]``, as with ``M = 1``: ``per_step_low = 0`` and ``per_step_high = inf`` there (the
   point estimate stands). A width of 0 there read as exact, and with few prefixes such steps are common:
   on the tasks measured below, with 1 prefix and ``M = 2``, it made ``eps_low`` exceed the exact ``eps``
-  in 84 of 200 runs. The exact method reads such steps.
+  in 84 of 200 runs. Rounding read as spread made the rule miss where values are equal mathematically: on
+  ``MarkovDFATask.random(3, 3, 5, zero_reward_fraction=0)`` tasks with ``V*`` as the twist (``eps = 0``;
+  200 tasks, 200 prefixes, ``M = 32``) ``eps_low`` was above 0 in 18 runs, 7 of them from rounding alone
+  (a ``|log rho|`` of ``4e-16`` with intervals ``1e-16`` wide); with ``ROUNDING``, in 11. The exact
+  method reads such steps.
 * every sampled continuation of a prefix has value 0 (``mh = 0``): the point estimate is ``rho = 0``
   (``eps_t = inf``), but continuations of positive value may exist that the ``M`` draws missed, with any
   mean, so the prefix's interval is ``[0, inf]``: it raises the step's upper end to ``inf`` and leaves its
@@ -108,7 +123,10 @@ class BellmanEstimate:
     """Estimated Bellman error: ``eps`` (sup over steps) with its interval, and per-step profiles.
 
     ``log_per_step[t-1]`` is the largest ``|log rho_t|`` over visited prefixes, ``per_step = exp(.) - 1``;
-    ``per_step_low`` / ``per_step_high`` bound it (equal for the exact method); ``gauge_per_step[t-1]`` is
+    ``per_step_low`` / ``per_step_high`` bound it (simultaneous intervals for the supremum over the *visited*
+    prefixes, not over every reachable one; for the exact method ``per_step_high = per_step`` and
+    ``per_step_low`` is ``ROUNDING = 1e-9`` below it in log, 0 at least, so that rounding reads as no
+    error); ``gauge_per_step[t-1]`` is
     ``exp(max_b (hi_b - lo_b) / 2) - 1``, with ``hi_b`` and ``lo_b`` the largest and smallest ``log rho_t``
     over prompt ``b``'s visited prefixes: the gauge rescales each prompt's levels on their own.
 
@@ -119,8 +137,16 @@ class BellmanEstimate:
     largest ``max(G, 1/G)`` over the positive ones only (finite; not the paper's ``L``), and
     ``gauge_ratio_bound`` is ``L`` in the gauge of ``gauge_eps`` (each ``log G_t`` shifted by
     ``-(hi_b + lo_b) / 2`` of its own prompt's ``log rho_t``), so that ``(gauge_ratio_bound, gauge_eps)``
-    belong to one rescaled model, as a bound such as Theorem 5.1's needs. All three grow towards the exact
-    values from below as the prefixes and continuations cover the reachable ones.
+    belong to one rescaled model, as a bound such as Theorem 5.1's needs. ``ratio_bound`` and
+    ``positive_ratio_bound`` are maxima over potentials of reachable paths (sampled ones included: no noise
+    there), so they never exceed the exact values and grow towards them as the prefixes and continuations
+    cover the reachable ones. ``gauge_ratio_bound`` has no such order: its shifts are fitted to the visited
+    prefixes' ``log rho_t`` (noisy ones with sampled continuations), the exact value's to every reachable
+    prefix's, so a visited potential moved by them can lie further from 1 than every reachable one in the
+    exact gauge. It can exceed the exact value as well as fall short of it (the exact method on
+    ``MarkovDFATask.random(3, 3, 5)`` tasks with ``twist(0.3)`` and 1 - 32 prefixes: above it in 13 of 180
+    runs, e.g. 21.4 against 18.1), and equals it once the visited prefixes cover the reachable ones (exact
+    method).
 
     ``average_per_step[t-1]`` is the typical rather than the worst error: per prompt, the mean of
     ``|rho_t - 1|`` over its visited prefixes weighted by ``Vh_{t-1}``, i.e. under the twisted path law
@@ -324,11 +350,15 @@ def bellman_error(
     """Estimate the Bellman error of ``reward`` under ``policy`` from ``num_prefixes`` rollouts per prompt.
 
     ``method="exact"`` sums over the vocabulary with the twist head; ``"sampled"`` averages ``Vh_t`` over
-    ``samples_per_prefix`` continuations of each prefix; ``"auto"`` takes the exact one where available.
-    ``confidence`` is the joint level of the intervals (Bonferroni over every scored prefix of every step;
-    see the module docstring: with ``samples_per_prefix=1`` they are ``[0, inf]``). Prefixes of value zero
-    are skipped. As in [`smc`][tiltsmc.smc], rollouts still unfinished after ``max_steps`` steps raise
-    RuntimeError.
+    ``samples_per_prefix`` continuations of each prefix; ``"auto"`` takes the exact one where available: a
+    token policy whose step is one token (its ``token_level`` not False, as the samplers' optimal proposal
+    reads it) and a reward model with a twist head. For a policy whose step is several tokens the sum over
+    one next token is not the step the rollouts take: ``"exact"`` is refused (ValueError naming ``method``)
+    and ``"auto"`` samples. ``confidence`` is the joint level of the intervals, which bracket the supremum
+    over the *visited* prefixes (Bonferroni over every scored prefix of every step and prompt, the spread
+    read per prompt, each lower end ``ROUNDING`` lower; see the module docstring: with
+    ``samples_per_prefix=1`` they are ``[0, inf]``). Prefixes of value zero are skipped. As in
+    [`smc`][tiltsmc.smc], rollouts still unfinished after ``max_steps`` steps raise RuntimeError.
 
     Checked before any rollout: ``policy`` and ``reward`` implement the protocols (TypeError), the counts
     are ints >= 1, ``confidence`` a number (TypeError) in (0, 1) with ``1 - confidence`` not rounding to 1
@@ -345,6 +375,8 @@ def bellman_error(
     ValueError (naming ``prompts``) says so. The policy's ``next_log_probs`` must have the shape
     ``(B, N, vocab_size)`` (ValueError naming ``policy``).
     """
+    from .online import ROUNDING  # here: online imports this module
+
     check_models(policy, reward)
     num_prefixes = check_count(num_prefixes, "num_prefixes")
     level = check_confidence(confidence)
@@ -354,9 +386,20 @@ def bellman_error(
         raise TypeError(f"method: expected 'auto', 'exact' or 'sampled', got {method!r}")
     if method not in ("auto", "exact", "sampled"):
         raise ValueError(f"method: expected 'auto', 'exact' or 'sampled', got {method!r}")
-    exact_available = is_token_policy(policy) and is_twist_model(reward)
-    if method == "exact" and not exact_available:
+    # The twist head sums over one next token, so a step must be one token, as for the samplers' optimal
+    # proposal (`Models.supports_optimal_proposal`): a policy whose step is several tokens (token_level
+    # False) would append several while the sum covers one.
+    has_twist_head = is_token_policy(policy) and is_twist_model(reward)
+    token_level = bool(getattr(policy, "token_level", True))
+    exact_available = has_twist_head and token_level
+    if method == "exact" and not has_twist_head:
         raise ValueError("method: 'exact' needs a token policy and a reward model with a twist head")
+    if method == "exact" and not exact_available:
+        raise ValueError(
+            "method: 'exact' sums the twist head over one next token, but a step of this policy is several "
+            "tokens (its token_level is False), so the sum would not be over the steps the rollouts take; "
+            "use method='sampled' (or 'auto', which falls back to it)"
+        )
     exact = method == "exact" or (method == "auto" and exact_available)
     prompts = prompts_list(prompts)
     check_rows("num_prefixes", num_prefixes, prompts, f"{num_prefixes} prefixes")
@@ -381,7 +424,7 @@ def bellman_error(
     log_v_prev = np.repeat(log_v0[:, None], num_prefixes, 1)
     # Per step: |log rho| and the relative standard error (sd of log rho_hat) of each scored prefix; inf
     # where none is known (one continuation, sampled continuations all of value 0, or a step where every
-    # prefix's continuations agreed): interval [0, inf].
+    # continuation of each of the prompt's prefixes agreed, to within rounding): interval [0, inf].
     steps: list[tuple[FloatArray, FloatArray]] = []
     # Per step and prompt (B,): the gauge's half-range of log rho_t and its shift of log rho_t (and of log
     # G_t), -(hi_b + lo_b) / 2 (see _gauge); the largest and smallest positive log G_t observed (-inf / inf:
@@ -427,23 +470,26 @@ def bellman_error(
             # Delta method: sd(log mean) ~ sd / (sqrt(M) mean). Unknown (inf) with one continuation per
             # prefix (no sample sd) or a sampled mean of 0 (the draws may have missed continuations of any
             # value). A prefix whose few continuations happened to agree gets no zero-width interval: its
-            # relative sd is floored at the step's pooled one (root mean square, in logs).
+            # relative sd is floored at its prompt's pooled one at this step (root mean square, in logs).
             known = (log_mean > -np.inf) & (samples_per_prefix > 1)
             log_relative_sd = np.where(known, log_sd - np.where(known, log_mean, 0.0), np.inf)
+            # A relative spread below ROUNDING is rounding, not spread: continuations of mathematically
+            # equal value (V*'s, say) differ in their last bits.
+            log_relative_sd = np.where(known & (log_relative_sd < np.log(ROUNDING)), -np.inf, log_relative_sd)
+            # Pooled per prompt, over that prompt's scored prefixes (each prompt is read on its own, as
+            # everywhere else here): -inf where it has none, or none with any spread.
             pooled = known & scored
-            log_pooled = (
-                0.5 * float(logsumexp(2.0 * log_relative_sd[pooled]) - np.log(np.count_nonzero(pooled)))
-                if pooled.any()
-                else -np.inf
-            )
-            # A pooled sd of 0 (every prefix's continuations agreed) has no spread to read: sampled draws
-            # cannot tell a step the policy forces from draws that happened to agree, so no standard error
-            # is known there, as with M = 1.
+            count = np.maximum(np.count_nonzero(pooled, axis=1), 1)  # none: the sum is 0 (-inf) anyway
+            log_sum_square = logsumexp(np.where(pooled, 2.0 * log_relative_sd, -np.inf), axis=1)
+            log_pooled = 0.5 * (log_sum_square - np.log(count))[:, None]  # (B, 1)
+            # A pooled sd of 0 (every continuation of every prefix of the prompt agreed) has no spread to
+            # read: sampled draws cannot tell a step the policy forces from draws that happened to agree,
+            # so no standard error is known for that prompt there, as with M = 1.
             known &= log_pooled > -np.inf
             relative_error = np.full_like(log_mean, np.inf)
             with np.errstate(over="ignore"):  # beyond the doubles: infinite, as they are
                 relative_error[known] = np.exp(
-                    np.maximum(log_relative_sd[known], log_pooled) - 0.5 * np.log(samples_per_prefix)
+                    np.maximum(log_relative_sd, log_pooled)[known] - 0.5 * np.log(samples_per_prefix)
                 )
                 observed_g = log_values - prev_safe[..., None]
             observed = np.broadcast_to(scored[..., None], observed_g.shape)
@@ -488,7 +534,8 @@ def bellman_error(
         half_width = z * relative  # z > 0: inf stays inf, 0 stays 0
         unknown = np.isinf(half_width)  # interval [0, inf], whatever the point estimate (inf included)
         with np.errstate(invalid="ignore"):  # inf - inf where unknown, replaced
-            lower = np.where(unknown, 0.0, np.maximum(magnitude - half_width, 0.0))
+            # less ROUNDING: a |log rho| that rounding alone gives (V*'s, exactly 0) is no evidence
+            lower = np.where(unknown, 0.0, np.maximum(magnitude - half_width - ROUNDING, 0.0))
         upper = magnitude + half_width
         bounds.append((float(magnitude.max()), float(lower.max()), float(upper.max())))
     log_sup, log_low, log_high = (
