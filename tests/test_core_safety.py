@@ -525,16 +525,19 @@ class _DevicePointer:
 
 
 class _FakeCuda:
-    """Stands in for tiltsmc._cuda: every pointer on device 0, and gather calls counted."""
+    """Stands in for tiltsmc._cuda: every pointer on device 0, and gather calls counted (with whether each
+    was in place)."""
 
     def __init__(self) -> None:
         self.gathers = 0
+        self.in_place: list[bool] = []
 
     def pointer_device(self, pointer: int) -> int:
         return 0
 
     def gather(self, *args: Any) -> None:
         self.gathers += 1
+        self.in_place.append(args[7])
 
 
 def test_device_gather_refuses_ancestors_overlapping_its_output(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -557,6 +560,31 @@ def test_device_gather_refuses_ancestors_overlapping_its_output(monkeypatch: pyt
     core.gather(x, apart, out=x)  # no overlap: handed to the kernel
     core.gather(x, apart, out=_DevicePointer(base + 8192, (1, 64, 2), "<f8"))
     assert fake.gathers == 2
+    assert fake.in_place == [True, False]
+
+
+def test_device_gather_of_an_empty_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty batch on the device gathers to an empty result, as on the host, though an empty x and its
+    fresh output both report address 0 (as CuPy and PyTorch arrays of no bytes do). Through the real
+    tiltsmc._cuda, which needs no device for it; the output is allocated by a stand-in."""
+    from tiltsmc import _device
+
+    cuda = pytest.importorskip("tiltsmc._cuda")
+    monkeypatch.setattr(_device, "require_cuda", lambda: cuda)
+    monkeypatch.setattr(
+        _device,
+        "empty_like_kind",
+        lambda view, shape, dtype, stream: _DevicePointer(0, tuple(shape), np.dtype(dtype).str),
+    )
+    x = _DevicePointer(0, (0, 5, 3), "<f8")
+    fewer = _DevicePointer(0, (0, 2), "<i8")
+    assert core.gather(np.zeros((0, 5, 3)), np.zeros((0, 2), dtype=np.int64)).shape == (0, 2, 3)
+    assert core.gather(x, fewer).__cuda_array_interface__["shape"] == (0, 2, 3)
+    out = _DevicePointer(0, (0, 2, 3), "<f8")
+    assert core.gather(x, fewer, out=out) is out
+    assert core.gather(x, _DevicePointer(0, (0, 5), "<i8"), out=x) is x
+    with pytest.raises(ValueError, match="out: in-place gather needs as many ancestors as particles"):
+        core.gather(x, fewer, out=x)
 
 
 def test_cuda_module_gather_refuses_overlaps_before_touching_the_device() -> None:
@@ -571,7 +599,22 @@ def test_cuda_module_gather_refuses_overlaps_before_touching_the_device() -> Non
     }
     for (x, ancestors, out), message in cases.items():
         with pytest.raises(ValueError, match=message):
-            cuda.gather(x, rows, n, item, ancestors, n, out, 0, 0)
+            cuda.gather(x, rows, n, item, ancestors, n, out, x == out, 0, 0)
+    with pytest.raises(ValueError, match="out: in-place gather needs out to be x"):
+        cuda.gather(base, rows, n, item, base + 4096, n, base + 8192, True, 0, 0)
+    with pytest.raises(ValueError, match="out: in-place gather needs as many ancestors as particles"):
+        cuda.gather(base, rows, n, item, base + 4096, n - 1, base, True, 0, 0)
+
+
+def test_cuda_module_gather_of_nothing_is_no_device_work() -> None:
+    """No rows, or no ancestors per row: nothing to check or write, so tiltsmc._cuda.gather returns before
+    any CUDA call (here, without a driver, a CUDA call would raise). Empty arrays may all sit at address 0:
+    whether the gather is in place is the in_place argument, not x == out, so an empty x and its fresh
+    output at 0 are not taken for an in-place gather with fewer ancestors than particles."""
+    cuda = pytest.importorskip("tiltsmc._cuda")
+    assert cuda.gather(0, 0, 5, 24, 12345, 2, 0, False, 0, 0) is None  # (0, 5, 3) float64 -> (0, 2, 3)
+    assert cuda.gather(0, 0, 5, 24, 12345, 5, 0, True, 0, 0) is None  # in place
+    assert cuda.gather(1 << 20, 3, 5, 24, 0, 0, 0, False, 0, 0) is None  # (3, 0) ancestors
 
 
 # --------------------------------------------------------------------------------------------------------

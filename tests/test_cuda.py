@@ -7,9 +7,11 @@ CUDA module, and the argument checks that come before any device work (on stand-
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 import textwrap
+import types
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -17,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 from tiltsmc import _device, core
+from tiltsmc._rng import RowStreams
 
 SCHEMES = ("multinomial", "stratified", "systematic", "residual")
 FLOATS = (np.float32, np.float64)
@@ -155,6 +158,134 @@ def test_device_checks_before_any_device_work() -> None:
         core.mh_accept(StandIn((3,), "<f4"), StandIn((3,), "<f4"))
     with pytest.raises(TypeError, match="log_w: expected a 2-D float32 or float64"):
         core.smc_step(StandIn((6,)), 0.5)  # type: ignore[arg-type]
+
+
+class RecordingCuda:
+    """Stands in for tiltsmc._cuda with no device behind it: buffers at made-up addresses, and the stream
+    and device of every call recorded (nothing is dereferenced)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+        module = self
+
+        class DeviceBuffer:
+            next_pointer = 1 << 20
+
+            def __init__(self, nbytes: int, device: int, stream: int) -> None:
+                self.ptr, self.nbytes = DeviceBuffer.next_pointer, nbytes
+                self.device, self.stream = device, stream
+                DeviceBuffer.next_pointer += max(nbytes, 1) + 256
+                module.calls.append(("DeviceBuffer", device, stream))
+
+        self.DeviceBuffer = DeviceBuffer
+
+    def pointer_device(self, pointer: int) -> int:
+        return 0
+
+    def stream_device(self, stream: int) -> int:
+        return 0
+
+    def copy_device(self, target: int, source: int, nbytes: int, device: int, stream: int) -> None:
+        self.calls.append(("copy_device", device, stream))
+
+    def resample(self, *args: Any) -> None:
+        self.calls.append(("resample", args[-2], args[-1]))
+
+    def pool_select(self, *args: Any) -> None:
+        self.calls.append(("pool_select", args[-2], args[-1]))
+
+
+@pytest.fixture
+def recording_cuda(monkeypatch: pytest.MonkeyPatch) -> RecordingCuda:
+    fake = RecordingCuda()
+    monkeypatch.setattr(_device, "require_cuda", lambda: fake)
+    return fake
+
+
+def test_device_pool_select_refuses_row_streams_before_any_work(recording_cuda: RecordingCuda) -> None:
+    """The device kernel has one key for all rows: a RowStreams (each run's rows from its own generator) is
+    refused, naming rng, before a key is drawn or anything is allocated or launched."""
+    generators = [np.random.default_rng(1), np.random.default_rng(2)]
+    states = [g.bit_generator.state for g in generators]
+    streams = RowStreams(generators, [0, 1, 2])
+    with pytest.raises(ValueError, match="rng: RowStreams are for host arrays"):
+        core.pool_select(StandIn((2, 6)), rng=streams)
+    assert recording_cuda.calls == []
+    assert [g.bit_generator.state for g in generators] == states
+    assert len(core.pool_select(np.zeros((2, 6)), rng=streams)[0]) == 2  # host arrays take it
+
+
+def test_device_array_copies_and_exports_on_its_own_stream(recording_cuda: RecordingCuda) -> None:
+    """A DeviceArray made on stream S (the outputs of a call with stream=S) is copied on S, after the work
+    that writes it, and its CUDA array interface names S for consumers to wait on; the legacy default stream
+    (handle 0) is 1 there (0 is not allowed)."""
+    stream = 0x7F00_0000
+    array = core.DeviceArray((2, 3), np.float64, 0, stream)
+    recording_cuda.calls.clear()
+    twins = [array.copy(), copy.deepcopy(array)]
+    assert recording_cuda.calls == [("DeviceBuffer", 0, stream), ("copy_device", 0, stream)] * 2
+    for shared in (array, array.reshape(3, 2), *twins):
+        assert shared.__cuda_array_interface__["stream"] == stream
+    assert core.DeviceArray((4,), np.float32, 0).__cuda_array_interface__["stream"] == 1
+    assert core.DeviceArray((4,), np.float32, 0, 1).__cuda_array_interface__["stream"] == 1
+    assert core.DeviceArray((4,), np.float32, 0, 2).__cuda_array_interface__["stream"] == 2
+    recording_cuda.calls.clear()
+    core.DeviceArray((0, 3), np.float64, 0, stream).copy()  # nothing to copy
+    assert recording_cuda.calls == [("DeviceBuffer", 0, stream)] * 2
+
+
+class FakeCupyArray:
+    """Stands in for a CuPy array (its type's module is cupy) on a given device, at address 0."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: Any, device: int) -> None:
+        self.device = types.SimpleNamespace(id=device)
+        self.__cuda_array_interface__ = {
+            "shape": shape,
+            "typestr": np.dtype(dtype).str,
+            "data": (0, False),
+            "strides": None,
+            "version": 3,
+        }
+
+
+FakeCupyArray.__module__ = "cupy._core.core"
+
+
+def fake_cupy() -> types.ModuleType:
+    """A stand-in for the cupy module: a current device, and a current stream per device (handle
+    0x1000 + device), as CuPy keeps them."""
+    cupy = types.ModuleType("cupy")
+    current = [0]
+
+    class Device:
+        def __init__(self, device: int) -> None:
+            self.id = device
+
+        def __enter__(self) -> Device:
+            self.previous, current[0] = current[0], self.id
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            current[0] = self.previous
+
+    stream_of_current = lambda: types.SimpleNamespace(ptr=0x1000 + current[0])  # noqa: E731
+    cupy.cuda = types.SimpleNamespace(Device=Device, get_current_stream=stream_of_current)  # type: ignore[attr-defined]
+    cupy.empty = lambda shape, dtype: FakeCupyArray(tuple(shape), dtype, current[0])  # type: ignore[attr-defined]
+    return cupy
+
+
+def test_default_stream_of_a_cupy_array_is_its_devices(
+    recording_cuda: RecordingCuda, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With stream=None a CuPy array runs on CuPy's current stream of the array's device, not of the
+    current device (a stream of another device fails the launch)."""
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy())
+    for device in (0, 1, 3):
+        recording_cuda.calls.clear()
+        core.resample(FakeCupyArray((2, 5), np.float64, device), rng=1)
+        core.pool_select(FakeCupyArray((2, 5), np.float64, device), rng=1)
+        stream = 0x1000 + device
+        assert recording_cuda.calls == [("resample", device, stream), ("pool_select", device, stream)]
 
 
 @pytest.mark.skipif(bool(AVAILABILITY), reason="a usable device is present")
@@ -460,6 +591,91 @@ def test_gather_bad_ancestors_raise_and_write_nothing() -> None:
     )
 
 
+# Items of 256 units or more are copied one block per chunk of 1024 units (16 KiB of 16-byte units); these
+# take several chunks per item, the last one short, and not a whole number of 256-unit loads.
+@on_gpu
+@pytest.mark.parametrize(
+    "x_shape",
+    [
+        (2, 8, 5, 64, 65),  # float16 items of 41600 bytes: 16-byte units, chunks of 1024, 1024 and 552
+        (3, 6, 3, 37, 101),  # 22422 bytes: 2-byte units (11211), ten chunks of 1024 and one of 971
+    ],
+)
+def test_gather_of_items_of_several_chunks(x_shape: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(16)
+    x = (rng.normal(size=x_shape) * 100).astype(np.float16)
+    rows, n = x_shape[:2]
+    candidates = {
+        "random": rng.integers(0, n, (rows, n)),
+        "sorted": np.sort(rng.integers(0, n, (rows, n)), axis=1),
+        "identity": np.tile(np.arange(n), (rows, 1)),
+        "cycle": np.tile(np.roll(np.arange(n), 1), (rows, 1)),  # every item saved before it is overwritten
+        "one": np.zeros((rows, n), dtype=np.int64),
+    }
+    for name, a in candidates.items():
+        expected = reference_gather(x, a)
+        np.testing.assert_array_equal(host(core.gather(dev(x), dev(a))), expected, err_msg=name)
+        in_place = dev(x)
+        assert core.gather(in_place, dev(a), out=in_place) is in_place
+        np.testing.assert_array_equal(host(in_place), expected, err_msg=f"{name}, in place")
+    fewer = rng.integers(0, n, (rows, n // 2 + 1))
+    np.testing.assert_array_equal(host(core.gather(dev(x), dev(fewer))), reference_gather(x, fewer))
+
+
+@on_gpu
+def test_gather_of_empty_batches_and_items() -> None:
+    """Empty arrays report address 0 (CuPy, PyTorch, DeviceArray): an empty batch gathers to an empty
+    result as on the host, and items of no bytes still have their ancestors checked."""
+    x = np.zeros((0, 5, 3))
+    for wrap in (lambda a: a, Foreign):
+        got = core.gather(wrap(dev(x)), wrap(dev(np.zeros((0, 2), dtype=np.int64))))
+        assert host(got).shape == (0, 2, 3) == core.gather(x, np.zeros((0, 2), dtype=np.int64)).shape
+    empty = dev(x)
+    assert core.gather(empty, dev(np.zeros((0, 5), dtype=np.int64)), out=empty) is empty
+    out = cupy.empty((0, 2, 3))
+    assert core.gather(dev(x), dev(np.zeros((0, 2), dtype=np.int64)), out=out) is out
+    flat = np.zeros((2, 5, 0), dtype=np.float32)
+    good = np.array([[0, 4], [1, 1]], dtype=np.int64)
+    assert host(core.gather(dev(flat), dev(good))).shape == (2, 2, 0)
+    bad = np.array([[0, 4], [1, 5]], dtype=np.int64)
+    with pytest.raises(ValueError, match="ancestors: index out of range at row 1, index 1"):
+        core.gather(flat, bad)  # the host's rule
+    with pytest.raises(ValueError, match="ancestors: index out of range at row 1, index 1"):
+        core.gather(dev(flat), dev(bad))
+    bad_in_place = np.tile(np.arange(5), (2, 1))
+    bad_in_place[1, 1] = -1
+    gpu_flat = dev(flat)
+    with pytest.raises(ValueError, match="ancestors: index out of range at row 1, index 1"):
+        core.gather(gpu_flat, dev(bad_in_place), out=gpu_flat)
+
+
+@on_gpu
+def test_device_arrays_of_a_stream_copy_and_export_on_it() -> None:
+    """Outputs of a call on a non-blocking stream S, not waited for (check=False): DeviceArray.copy and
+    deepcopy copy them after the kernel (on S), and consumers of the CUDA array interface wait on S."""
+    logw = random_log_weights(np.random.default_rng(17), (4096, 256), np.float64)
+    expected = core.smc_step(logw.copy(), 1.0, "systematic", rng=5)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    takes = (
+        lambda a: a.copy().get(),
+        lambda a: copy.deepcopy(a).get(),
+        lambda a: cupy.asnumpy(cupy.asarray(a)),  # CuPy waits on the interface's stream
+    )
+    for take in takes:
+        gpu_w = dev(logw)
+        cupy.cuda.get_current_stream().synchronize()
+        outputs = core.smc_step(Foreign(gpu_w), 1.0, "systematic", rng=5, stream=stream, check=False)
+        assert all(isinstance(o, core.DeviceArray) for o in outputs)
+        assert outputs[0].__cuda_array_interface__["stream"] == stream.ptr
+        ancestors, _, log_mean_w, *_ = (take(o) for o in outputs)
+        assert np.mean(ancestors == expected[0]) >= 0.999
+        np.testing.assert_allclose(log_mean_w, expected[2], rtol=1e-12)
+        stream.synchronize()
+    on_default = core.resample(Foreign(dev(logw[:3])), rng=1)
+    assert on_default.__cuda_array_interface__["stream"] == 1  # the legacy default stream
+    np.testing.assert_array_equal(cupy.asnumpy(cupy.asarray(on_default.copy())), on_default.get())
+
+
 @on_gpu
 def test_bad_device_input_raises_clear_errors() -> None:
     logw = random_log_weights(np.random.default_rng(12), (4, 10), np.float64)
@@ -472,6 +688,9 @@ def test_bad_device_input_raises_clear_errors() -> None:
         core.resample(dev(inf), rng=1)
     with pytest.raises(ValueError, match="logw: NaN at row 2, index 7"):
         core.pool_select(dev(nan), rng=1)
+    runs = RowStreams([np.random.default_rng(1), np.random.default_rng(2)], [0, 2, 4])
+    with pytest.raises(ValueError, match="rng: RowStreams are for host arrays"):
+        core.pool_select(dev(logw), rng=runs)
     zero = logw.copy()
     zero[3] = NINF
     with pytest.raises(ValueError, match="logw: every weight of row 3 is zero"):
@@ -567,6 +786,15 @@ def test_arrays_and_streams_of_another_device() -> None:
         core.gather(x, other)
     with pytest.raises(ValueError, match="stream: belongs to CUDA device 1"):
         core.resample(dev(np.zeros((2, 5))), stream=other_stream)
+    # stream=None: CuPy's current stream of the array's device, not that of the current device (0, whose
+    # current stream here is one of its own: launched on device 1, it would fail)
+    logw = random_log_weights(np.random.default_rng(18), (3, 40), np.float64)
+    with cupy.cuda.Device(1):
+        on_one = cupy.asarray(logw)
+    with cupy.cuda.Stream(non_blocking=True):
+        got = core.resample(on_one, "stratified", rng=2)
+    assert got.device.id == 1
+    np.testing.assert_array_equal(host(got), core.resample(logw, "stratified", rng=2))
 
 
 @on_gpu

@@ -149,10 +149,13 @@ void bind_mh_accept(std::uintptr_t current, std::uintptr_t proposed, std::int64_
     }
 }
 
+// in_place: out is x (the caller knows; equal pointers do not say so, as arrays of no bytes may all be at 0).
 void bind_gather(std::uintptr_t x, std::int64_t rows, std::int64_t n, std::int64_t item_bytes,
-                 std::uintptr_t ancestors, std::int64_t m, std::uintptr_t out, int device, std::uintptr_t stream) {
+                 std::uintptr_t ancestors, std::int64_t m, std::uintptr_t out, bool in_place, int device,
+                 std::uintptr_t stream) {
     if (rows < 0 || n < 1 || m < 0 || item_bytes < 0) throw py::value_error("x: invalid rows, particles or item size");
-    if (x == out && m != n) throw py::value_error("out: in-place gather needs as many ancestors as particles");
+    if (in_place && x != out) throw py::value_error("out: in-place gather needs out to be x");
+    if (in_place && m != n) throw py::value_error("out: in-place gather needs as many ancestors as particles");
     // The ancestors are checked on the device, then read again by the copy: out must not overlap them (nor x,
     // unless it is x). Byte ranges of the C-contiguous arrays these sizes describe.
     const auto* x_begin = as_pointer<const void>(x);
@@ -161,14 +164,15 @@ void bind_gather(std::uintptr_t x, std::int64_t rows, std::int64_t n, std::int64
     const auto ancestors_size = checked_product({rows, m, static_cast<std::int64_t>(sizeof(std::int64_t))});
     if (!x_size || !out_size || !ancestors_size) throw py::value_error("x: rows x particles x item size overflows");
     const std::int64_t x_bytes = *x_size, out_bytes = *out_size;
-    if (x != out && share_memory(x_begin, x_bytes, out_begin, out_bytes))
+    if (!in_place && share_memory(x_begin, x_bytes, out_begin, out_bytes))
         throw py::value_error("out: overlaps x without being x itself");
     if (share_memory(as_pointer<const void>(ancestors), *ancestors_size, out_begin, out_bytes))
-        throw py::value_error(x == out ? "ancestors: shares memory with x, which is reordered in place (pass a copy)"
+        throw py::value_error(in_place ? "ancestors: shares memory with x, which is reordered in place (pass a copy)"
                                        : "out: shares memory with ancestors (pass separate arrays)");
+    if (rows == 0 || m == 0) return;  // no ancestors to check, nothing to write: no device work
     run_checked(device, stream, true, "tiltsmc._cuda.gather", "ancestors", m, [&](auto* record, cudaStream_t s) {
         cu::gather(as_pointer<const std::uint8_t>(x), rows, n, item_bytes, as_pointer<const std::int64_t>(ancestors),
-                   m, as_pointer<std::uint8_t>(out), record, s);
+                   m, as_pointer<std::uint8_t>(out), in_place, record, s);
     });
 }
 
@@ -273,7 +277,8 @@ PYBIND11_MODULE(_cuda, m) {
     m.def("mh_accept", &tb::bind_mh_accept, py::arg("log_z_current"), py::arg("log_z_proposed"), py::arg("rows"),
           py::arg("key"), py::arg("accept"), py::arg("device"), py::arg("stream"));
     m.def("gather", &tb::bind_gather, py::arg("x"), py::arg("rows"), py::arg("n"), py::arg("item_bytes"),
-          py::arg("ancestors"), py::arg("m"), py::arg("out"), py::arg("device"), py::arg("stream"));
+          py::arg("ancestors"), py::arg("m"), py::arg("out"), py::arg("in_place"), py::arg("device"),
+          py::arg("stream"));
     m.def("copy_bytes", &tb::copy_bytes, py::arg("target"), py::arg("source"), py::arg("nbytes"), py::arg("to_host"),
           py::arg("device"), py::arg("stream"));
     m.def("copy_device", &tb::copy_device, py::arg("target"), py::arg("source"), py::arg("nbytes"), py::arg("device"),

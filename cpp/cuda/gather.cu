@@ -174,13 +174,14 @@ void with_unit(int width, Launch&& launch) {
 }  // namespace
 
 void gather(const std::uint8_t* x, std::int64_t rows, std::int64_t n, std::int64_t item_bytes,
-            const std::int64_t* ancestors, std::int64_t m, std::uint8_t* out, ErrorRecord* record,
+            const std::int64_t* ancestors, std::int64_t m, std::uint8_t* out, bool in_place, ErrorRecord* record,
             cudaStream_t stream) {
     if (rows < 0 || n < 1 || m < 0 || item_bytes < 0) throw std::invalid_argument("gather: bad sizes");
-    const bool in_place = out == x;
+    if (in_place && out != x) throw std::invalid_argument("gather: in place needs out == x");
     if (in_place && m != n) throw std::invalid_argument("gather: in place needs as many ancestors as particles");
     const std::int64_t items = rows * m;
     if (items == 0) return;
+    if (!in_place && out == x && item_bytes > 0) throw std::invalid_argument("gather: out of place, out is x");
     const int width = unit_bytes(item_bytes, x, out);
     const std::int64_t units_per_item = item_bytes / width;
     if (!in_place) {

@@ -86,11 +86,12 @@ void mh_accept(const double* log_z_current, const double* log_z_proposed, std::i
 
 // As tiltsmc::gather. Every ancestor is checked on the device before anything is written: with a bad
 // ancestor the record says where and out is left untouched. Out of place (out must not overlap x) it
-// only enqueues. In place (out == x, m == n) it copies only the items whose ancestor is not themselves,
-// saving first those that are also read by another item; sizing that buffer makes it wait for the
-// stream once (record must not be nullptr there).
+// only enqueues. In place (in_place: out == x, m == n) it copies only the items whose ancestor is not
+// themselves, saving first those that are also read by another item; sizing that buffer makes it wait
+// for the stream once (record must not be nullptr there). The caller says which (in_place), as pointer
+// equality cannot: arrays of no bytes may all have address 0.
 void gather(const std::uint8_t* x, std::int64_t rows, std::int64_t n, std::int64_t item_bytes,
-            const std::int64_t* ancestors, std::int64_t m, std::uint8_t* out, ErrorRecord* record,
+            const std::int64_t* ancestors, std::int64_t m, std::uint8_t* out, bool in_place, ErrorRecord* record,
             cudaStream_t stream);
 
 // Whether the kernels can run: a driver, a device, and code for its architecture; if not, why.

@@ -73,7 +73,16 @@ def mh_accept(
     log_z_current: int, log_z_proposed: int, rows: int, key: int, accept: int, device: int, stream: int
 ) -> None: ...
 def gather(
-    x: int, rows: int, n: int, item_bytes: int, ancestors: int, m: int, out: int, device: int, stream: int
+    x: int,
+    rows: int,
+    n: int,
+    item_bytes: int,
+    ancestors: int,
+    m: int,
+    out: int,
+    in_place: bool,
+    device: int,
+    stream: int,
 ) -> None: ...
 def copy_bytes(target: int, source: int, nbytes: int, to_host: bool, device: int, stream: int) -> None: ...
 def copy_device(target: int, source: int, nbytes: int, device: int, stream: int) -> None: ...

@@ -195,8 +195,10 @@ def stream_handle(stream: Any, view: DeviceView) -> int:
     object with ``__cuda_stream__``. A stream of another device than the arrays' is refused."""
     module = require_cuda()
     if stream is None:
-        if view.kind == "cupy":
-            return int(sys.modules["cupy"].cuda.get_current_stream().ptr)
+        if view.kind == "cupy":  # CuPy's current stream is per device: the arrays' device's
+            cupy = sys.modules["cupy"]
+            with cupy.cuda.Device(view.device):
+                return int(cupy.cuda.get_current_stream().ptr)
         if view.kind == "torch":
             return int(sys.modules["torch"].cuda.current_stream(view.device).cuda_stream)
         return 0
@@ -231,7 +233,9 @@ class DeviceArray:
     It exposes ``__cuda_array_interface__``, so ``cupy.asarray``, ``torch.as_tensor`` and Numba take it
     without a copy, and [`get`][tiltsmc._device.DeviceArray.get] copies it to a NumPy array. Its memory comes
     from the device's stream-ordered pool on the stream of the call that made it, and is given back on that
-    stream.
+    stream. That stream is the interface's ``"stream"`` (version 3: consumers synchronise on it before
+    reading; ``1``, the legacy default stream, for handle 0), and [`copy`][tiltsmc._device.DeviceArray.copy]
+    and ``get`` run on it, after the work that writes the array.
     """
 
     __slots__ = ("__weakref__", "_buffer", "_offset", "dtype", "shape")
@@ -270,11 +274,15 @@ class DeviceArray:
 
     @property
     def __cuda_array_interface__(self) -> dict[str, Any]:
+        # "stream": where consumers synchronise before reading (the spec disallows 0 for the legacy default
+        # stream, which is 1 there; 2, the per-thread default stream, and real handles are as they are).
+        handle = int(self._buffer.stream)
         return {
             "shape": self.shape,
             "typestr": self.dtype.str,
             "data": (self.ptr if self.size else 0, False),
             "strides": None,
+            "stream": handle if handle else 1,
             "version": 3,
         }
 
@@ -292,10 +300,12 @@ class DeviceArray:
         return view
 
     def copy(self) -> DeviceArray:
-        """A new array on the same device with the same contents (waits for the copy)."""
-        result = DeviceArray(self.shape, self.dtype, self.device)
+        """A new array on the same device and stream with the same contents: copied on that stream, after
+        the work queued there that writes this array (waits for the copy)."""
+        stream = int(self._buffer.stream)
+        result = DeviceArray(self.shape, self.dtype, self.device, stream)
         if self.nbytes:
-            require_cuda().copy_device(result.ptr, self.ptr, self.nbytes, self.device, 0)
+            require_cuda().copy_device(result.ptr, self.ptr, self.nbytes, self.device, stream)
         return result
 
     def __deepcopy__(self, memo: dict[int, Any]) -> DeviceArray:

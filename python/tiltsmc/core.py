@@ -392,10 +392,17 @@ def pool_select(
     This is the resampling-pool step of single-particle guided SMC: all ``K`` offspring go to one
     ancestor drawn by weight, and the estimate of ``Z`` is multiplied by the mean pool weight.
     With a ``RowStreams`` as ``rng`` (rows of independent runs batched together), each
-    run's rows are drawn with a key from its own generator, as they would be alone.
+    run's rows are drawn with a key from its own generator, as they would be alone. That is for host
+    arrays only: the device kernel draws every row from one key, so a device ``logw`` with a
+    ``RowStreams`` raises ``ValueError`` before anything is drawn or launched (call it once per run).
     """
     if type(logw) is not np.ndarray and _device.is_device_array(logw):
-        return _pool_select_device(logw, rng, stream)  # type: ignore[no-any-return, arg-type]
+        if isinstance(rng, RowStreams):
+            raise ValueError(
+                "rng: RowStreams are for host arrays; the device kernel draws every row from one key "
+                "(pass an int or a Generator, or call pool_select once per run)"
+            )
+        return _pool_select_device(logw, rng, stream)  # type: ignore[no-any-return]
     rows, one_row = _as_log_weights(logw)
     if isinstance(rng, RowStreams):  # one call: each run's rows from a key of its own, numbered from 0
         index, log_mean_w = rng.keyed(
@@ -1255,7 +1262,17 @@ def _gather_device(x: object, ancestors: object, out: object, stream: Any) -> An
             if in_place
             else "out: shares memory with ancestors (pass separate arrays)"
         )
+    # in_place said outright: an empty x and its fresh output may both report address 0
     cuda.gather(
-        source.pointer, batch, num_particles, row_bytes, index.pointer, num, target_pointer, device, handle
+        source.pointer,
+        batch,
+        num_particles,
+        row_bytes,
+        index.pointer,
+        num,
+        target_pointer,
+        in_place,
+        device,
+        handle,
     )
     return result
